@@ -1,0 +1,113 @@
+# ds4 build. `make` builds the CPU programs into the repo root; `make test`
+# builds and runs every test that needs no model and no GPU; `make cuda`
+# adds the CUDA backend when nvcc is present. Objects live under build/.
+# Sources are discovered by directory, so a new file needs no edit here.
+
+CC       ?= cc
+NVCC     ?= nvcc
+CUDA_ARCH ?= sm_90a
+OPT      ?= -O2
+# -ffp-contract=off: the quantizers must not fuse multiply-adds (byte-exact
+# output against ggml/gguf-py), and the CPU reference stays plain IEEE.
+CFLAGS   += -std=c11 $(OPT) -g -Wall -Wextra -fPIC -ffp-contract=off \
+            -D_GNU_SOURCE -Isrc -MMD -MP
+ifeq ($(CI),true)
+CFLAGS   += -Werror
+endif
+LDLIBS   += -lpcre2-8 -ljansson -lmicrohttpd -ledit -lcrypto -lpthread -lm
+SAN      := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+
+LIB_SRC  := $(sort $(wildcard src/*.c src/util/*.c src/cpu/*.c))
+LIB_OBJ  := $(LIB_SRC:%.c=build/%.o)
+ASAN_OBJ := $(LIB_SRC:%.c=build/asan/%.o)
+
+# program name -> its sources (a program is built only when it has sources)
+SRC_ds4         := $(wildcard cli/*.c)
+SRC_ds4-gguf    := $(wildcard tools/gguf_dump.c)
+SRC_ds4-convert := $(wildcard tools/convert/*.c)
+SRC_ds4-server  := $(wildcard server/*.c)
+SRC_ds4-bench   := $(wildcard tools/bench.c)
+PROGRAMS := $(foreach p,ds4 ds4-gguf ds4-convert ds4-server ds4-bench,$(if $(SRC_$(p)),$(p)))
+
+TEST_SRC := tests/runner.c $(sort $(wildcard tests/unit/*.c))
+TEST_OBJ := $(TEST_SRC:%.c=build/asan/%.o)
+FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=build/fuzz/%)
+DEV_SRC  := $(sort $(wildcard dev/*.c))
+DEV_BIN  := $(DEV_SRC:dev/%.c=build/dev/%)
+
+CUDA_SRC := $(sort $(wildcard src/cuda/*.cu))
+CUDA_OBJ := $(CUDA_SRC:%.cu=build/%.o)
+
+.PHONY: all deps test test-c test-py fuzz cuda clean check-includes dev
+all: deps $(PROGRAMS) build/libds4.so
+
+# Installs the Debian -dev packages the build links against when missing.
+deps: build/.deps-ok
+build/.deps-ok: tools/install_deps.sh
+	@mkdir -p build
+	@bash tools/install_deps.sh
+	@touch $@
+
+build/libds4.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+build/libds4.so: $(LIB_OBJ)
+	$(CC) -shared -o $@ $^ $(LDLIBS)
+
+build/%.o: %.c | build/.deps-ok
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+define PROGRAM_RULE
+$(1): $$(SRC_$(1):%.c=build/%.o) build/libds4.a
+	$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDFLAGS) $$(LDLIBS)
+endef
+$(foreach p,$(PROGRAMS),$(eval $(call PROGRAM_RULE,$(p))))
+
+# Unit tests run under AddressSanitizer and UndefinedBehaviorSanitizer.
+build/asan/%.o: %.c | build/.deps-ok
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(SAN) -Itests -c $< -o $@
+build/ds4-test: $(TEST_OBJ) $(ASAN_OBJ)
+	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)
+
+test: all build/ds4-test $(DEV_BIN)
+	@bash tools/test_env.sh
+	@.venv/bin/python tests/run.py
+
+# Fuzz targets (libFuzzer, clang). `make fuzz FUZZ_SECONDS=600` runs each.
+FUZZ_SECONDS ?= 60
+FUZZ_CC ?= clang
+build/fuzz/%: tests/fuzz/%.c $(LIB_SRC) | build/.deps-ok
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -std=c11 -O1 -g -D_GNU_SOURCE -Isrc -Itests -ffp-contract=off \
+	  -fsanitize=fuzzer,address,undefined -o $@ $< $(LIB_SRC) $(LDLIBS)
+fuzz: $(FUZZ_BIN)
+	@for f in $(FUZZ_BIN); do n=$$(basename $$f); mkdir -p fuzz-out/$$n; \
+	  seeds=tests/fuzz/corpus/$$n; [ -d $$seeds ] || seeds=; \
+	  echo "== $$n for $(FUZZ_SECONDS) s"; \
+	  $$f -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 fuzz-out/$$n $$seeds || exit 1; done
+
+# Scratch harnesses (CPU benchmarks and the like); built by `make dev`.
+dev: $(DEV_BIN)
+build/dev/%: dev/%.c build/libds4.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+# CUDA backend: compiled only with `make cuda` (needs nvcc).
+build/src/cuda/%.o: src/cuda/%.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Isrc -Xcompiler -fPIC -c $< -o $@
+cuda:
+	@command -v $(NVCC) >/dev/null || { echo "make cuda: nvcc not found"; exit 1; }
+	@if [ -z "$(CUDA_SRC)" ]; then echo "make cuda: no CUDA backend sources yet (src/cuda/*.cu)"; \
+	 else $(MAKE) all CFLAGS_EXTRA=-DDS4_WITH_CUDA LIB_OBJ="$(LIB_OBJ) $(CUDA_OBJ)" LDLIBS="$(LDLIBS) -lcudart -lcublas -lstdc++"; fi
+
+check-includes:
+	@bash tools/check_includes.sh
+
+clean:
+	rm -rf build $(PROGRAMS) fuzz-out
+
+-include $(shell find build -name '*.d' 2>/dev/null)

@@ -1,0 +1,162 @@
+/* ds4.h - the public engine API: the only engine header that cli/, server/
+ * and tools/bench include. No tensor, buffer or backend type appears here.
+ *
+ * Model: an engine is the loaded model (weights, tokenizer, backend); it never
+ * changes after ds4_engine_open and may be shared by threads for read-only
+ * queries (tokenize, token text, metadata). A session is one timeline of
+ * tokens that owns its KV state; a session is used by one thread at a time.
+ * Callers hand a session the full token prefix they want evaluated
+ * (ds4_session_sync) and the engine reuses, extends or rebuilds the state.
+ *
+ * Errors: functions returning int give 0 on success or a negative DS4_E*
+ * code (util/err.h) and fill *err when it is non-NULL. Nothing here exits.
+ */
+#ifndef DS4_H
+#define DS4_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util/err.h"
+
+typedef struct ds4_engine ds4_engine;
+typedef struct ds4_session ds4_session;
+
+typedef enum {
+    DS4_BACKEND_AUTO = 0, /* CUDA when built with it and a GPU is present, else CPU */
+    DS4_BACKEND_CPU,
+    DS4_BACKEND_CUDA,
+} ds4_backend_kind;
+
+typedef struct ds4_engine_opts {
+    const char *model_path;   /* main GGUF (required) */
+    const char *mtp_path;     /* optional MTP GGUF, NULL for none */
+    ds4_backend_kind backend;
+    int n_threads;            /* CPU worker threads; 0 = number of cores */
+    /* Diagnostic (not a user mode): turn off every rounding of MODEL.md §E
+     * (FP8 KV rows, Hadamard+FP4 indexer, cache storage precision) so the
+     * engine can be compared with implementations that do not round. */
+    bool plain_numerics;
+    /* Load only the metadata and the tokenizer (no weights, no backend):
+     * for --dump-tokens and tokenizer-only GGUFs. Session calls then fail. */
+    bool vocab_only;
+} ds4_engine_opts;
+
+/* Progress of long operations (model load, prefill): done of total units.
+ * Return non-zero to cancel (the operation then fails with DS4_E_CANCEL). */
+typedef int (*ds4_progress_fn)(void *user, const char *what, int64_t done, int64_t total);
+
+/* Opens a model. On success *out owns the mapping and backend resources.
+ * Fails with DS4_E_IO / DS4_E_FORMAT / DS4_E_MODEL and a message naming the
+ * offending key or tensor. Not thread-safe with respect to the same opts. */
+int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err);
+void ds4_engine_close(ds4_engine *e);
+
+/* Model facts (valid for the engine's lifetime). */
+int ds4_engine_n_vocab(const ds4_engine *e);   /* logits width */
+int ds4_engine_n_layer(const ds4_engine *e);
+const char *ds4_engine_backend_name(const ds4_engine *e);
+/* One-paragraph human-readable summary for --inspect; static storage owned by e. */
+const char *ds4_engine_describe(const ds4_engine *e);
+
+/* ---- Tokenizer (thread-safe) -------------------------------------------- */
+
+typedef enum {
+    DS4_TOK_BOS = 0,
+    DS4_TOK_EOS,
+    DS4_TOK_USER,
+    DS4_TOK_ASSISTANT,
+    DS4_TOK_THINK_OPEN,
+    DS4_TOK_THINK_CLOSE,
+    DS4_TOK_DSML,
+    DS4_TOK__COUNT
+} ds4_special_token;
+
+/* True when the model carries a tokenizer (a GGUF without one runs on ids). */
+bool ds4_has_tokenizer(const ds4_engine *e);
+/* Id of one of the seven marker tokens, looked up by string at load; -1 if
+ * the model has no tokenizer. */
+int32_t ds4_token_special(const ds4_engine *e, ds4_special_token which);
+
+/* Tokenizes text[0..len). rendered=true recognizes the seven marker strings
+ * (TEXT.md A.2 "rendered"); false is plain BPE. Writes up to cap ids to out
+ * and returns the total number of ids (may exceed cap: call again with a
+ * bigger buffer), or a negative code. */
+int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendered,
+                 int32_t *out, int cap, ds4_err *err);
+
+/* Raw bytes a token decodes to (byte-level symbols mapped back); *len set.
+ * The pointer is owned by the engine. NULL for an invalid id. */
+const char *ds4_token_bytes(const ds4_engine *e, int32_t id, size_t *len);
+/* The vocabulary string as stored (byte-level form, e.g. "Ġworld"). */
+const char *ds4_token_text(const ds4_engine *e, int32_t id);
+
+/* ---- Sessions ------------------------------------------------------------ */
+
+typedef struct ds4_session_opts {
+    int n_ctx;           /* maximum tokens the session can hold */
+    int prefill_chunk;   /* tokens per batched prefill step; 0 = engine default */
+} ds4_session_opts;
+
+/* Creates a session with room for n_ctx tokens. Memory sized by n_ctx is
+ * allocated here; failure is DS4_E_NOMEM, not an abort. */
+int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **out,
+                    ds4_err *err);
+void ds4_session_free(ds4_session *s);
+
+int ds4_session_n_ctx(const ds4_session *s);
+/* Tokens currently evaluated in the session (its timeline). */
+int ds4_session_n_tokens(const ds4_session *s);
+const int32_t *ds4_session_tokens(const ds4_session *s);
+
+typedef struct ds4_sync_info {
+    int n_reused;     /* prefix tokens whose state was kept */
+    int n_evaluated;  /* tokens evaluated by this call */
+} ds4_sync_info;
+
+/* Makes the session hold exactly tokens[0..n): keeps the longest common
+ * prefix it already has (rewinding if needed) and evaluates the rest in
+ * batched prefill. After success, ds4_session_logits gives the logits after
+ * the last token. n must be >= 1 and <= n_ctx (else DS4_E_RANGE).
+ * progress may be NULL. On failure the session is left empty (invalid). */
+int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info *info,
+                     ds4_progress_fn progress, void *progress_user, ds4_err *err);
+
+/* How ds4_session_extend evaluates a batch: one prefill, token-by-token
+ * decode, or prefill in chunks of `chunk` tokens. All three must agree. */
+typedef enum {
+    DS4_EVAL_PREFILL = 0,
+    DS4_EVAL_DECODE,
+    DS4_EVAL_CHUNKED,
+} ds4_eval_mode;
+
+/* Appends tokens[0..n) to the session. If all_logits is non-NULL it receives
+ * (n, n_vocab) float logits, the logits after each appended position. */
+int ds4_session_extend(ds4_session *s, const int32_t *tokens, int n, ds4_eval_mode mode,
+                       int chunk, float *all_logits, ds4_err *err);
+
+/* Appends one token (a decode step). */
+int ds4_session_eval(ds4_session *s, int32_t token, ds4_err *err);
+
+/* Logits after the last evaluated token, (n_vocab). Owned by the session,
+ * valid until the next call that changes it. NULL when the session is empty. */
+const float *ds4_session_logits(const ds4_session *s);
+
+/* Drops tokens so that n_tokens remain (n_tokens <= current count). The
+ * engine may have to recompute from an earlier point; the result equals a
+ * session that only ever saw the kept prefix. */
+int ds4_session_rewind(ds4_session *s, int n_tokens, ds4_err *err);
+
+/* Serializes the session (tokens, KV and compressor state, logits) into a
+ * versioned payload fingerprinted to the model. *out is malloc'ed, caller
+ * frees. Loading checks version, fingerprint and sizes; a payload that does
+ * not match is rejected with DS4_E_FORMAT and the session left empty. */
+int ds4_session_save(const ds4_session *s, void **out, size_t *out_bytes, ds4_err *err);
+int ds4_session_load(ds4_session *s, const void *buf, size_t n_bytes, ds4_err *err);
+
+/* 32-byte fingerprint of the loaded model (hash of metadata and tensor
+ * table), used to key disk caches. */
+void ds4_engine_fingerprint(const ds4_engine *e, uint8_t out[32]);
+
+#endif
