@@ -1,0 +1,208 @@
+/* main.c - ds4 command line: option parsing and mode dispatch.
+ *
+ * Usage errors exit 2, runtime errors 1 (SERVING.md §A.1). Every mode is a
+ * function of cli.h in its own file; this file only parses and dispatches.
+ */
+#include "cli.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void usage(FILE *f) {
+    fprintf(f,
+        "usage: ds4 [options]\n"
+        "  -m, --model FILE        main GGUF (default ds4flash.gguf)\n"
+        "  --mtp FILE              optional MTP draft GGUF\n"
+        "  --cpu | --cuda          backend (default: CUDA if built and present, else CPU)\n"
+        "  -t, --threads N         CPU threads (default: all cores)\n"
+        "  -c, --ctx N             context size (default 32768)\n"
+        "  -p, --prompt TEXT       one-shot prompt\n"
+        "  --prompt-file FILE      one-shot prompt read from FILE\n"
+        "  --prompt-tokens-file F  token ids (whitespace-separated) instead of text\n"
+        "  -sys, --system TEXT     system prompt (\"\" disables)\n"
+        "  -n, --tokens N          max generated tokens (default 50000)\n"
+        "  --temp F --top-p F --top-k N --min-p F --seed N   sampling\n"
+        "  --think | --think-max | --nothink   thinking mode (default --think)\n"
+        "  --dump-tokens           print the tokenization of the prompt and exit\n"
+        "  --dump-logits OUT.f32   write float32 logits after every prompt position\n"
+        "  --eval prefill|decode|chunk:N   how --dump-logits evaluates the prompt\n"
+        "  --dump-logprobs FILE    greedy continuation with top-k logprobs as JSON\n"
+        "  --logprobs-top-k N      (default 20, max 128)\n"
+        "  --perplexity-file FILE  teacher-forced scoring of raw text\n"
+        "  --inspect               load the model, print a summary, exit\n"
+        "  -h, --help              this help;  --help-debug: diagnostic switches\n");
+}
+
+static void usage_debug(void) {
+    printf("diagnostic switches (not user modes):\n"
+           "  --plain-numerics   turn off every rounding of MODEL.md §E (FP8 KV, FP4 indexer,\n"
+           "                     cache storage precision) to compare with transformers\n");
+}
+
+static int parse_int(const char *opt, const char *s, long lo, long hi, long *out) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) {
+        fprintf(stderr, "ds4: %s: expected an integer in %ld..%ld, got '%s'\n", opt, lo, hi, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_float(const char *opt, const char *s, double lo, double hi, float *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "ds4: %s: expected a number in %g..%g, got '%s'\n", opt, lo, hi, s);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
+char *ds4_cli_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "ds4: cannot open %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (!buf) break;
+        n += fread(buf + n, 1, cap - n - 1, f);
+        if (n < cap - 1) break;
+        char *nb = realloc(buf, cap * 2);
+        if (!nb) { free(buf); buf = NULL; break; }
+        buf = nb;
+        cap *= 2;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) {
+        fprintf(stderr, "ds4: cannot read %s\n", path);
+        free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    if (len) *len = n;
+    return buf;
+}
+
+ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
+    ds4_engine_opts eo = {
+        .model_path = o->model_path,
+        .mtp_path = o->mtp_path,
+        .backend = o->backend,
+        .n_threads = o->n_threads,
+        .plain_numerics = o->plain_numerics,
+        .vocab_only = vocab_only,
+    };
+    ds4_engine *e = NULL;
+    ds4_err err = {0};
+    if (ds4_engine_open(&e, &eo, &err) != 0) {
+        fprintf(stderr, "ds4: %s\n", err.msg);
+        return NULL;
+    }
+    return e;
+}
+
+int ds4_cli_inspect(const ds4_cli_opts *o) {
+    ds4_engine *e = ds4_cli_open_engine(o, false);
+    if (!e) return 1;
+    printf("%s\n", ds4_engine_describe(e));
+    ds4_engine_close(e);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    ds4_cli_opts o = {
+        .model_path = "ds4flash.gguf",
+        .n_ctx = 32768,
+        .system = "You are a helpful assistant",
+        .n_predict = 50000,
+        .temp = 1.0f,
+        .top_p = 1.0f,
+        .min_p = 0.05f,
+        .think = 1,
+        .logprobs_top_k = 20,
+    };
+    long v;
+#define NEED_ARG()                                                              \
+    do { if (i + 1 >= argc) {                                                   \
+        fprintf(stderr, "ds4: %s needs an argument\n", a); return 2; } } while (0)
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        else if (!strcmp(a, "--help-debug")) { usage_debug(); return 0; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEED_ARG(); o.model_path = argv[++i]; }
+        else if (!strcmp(a, "--mtp")) { NEED_ARG(); o.mtp_path = argv[++i]; }
+        else if (!strcmp(a, "--cpu")) o.backend = DS4_BACKEND_CPU;
+        else if (!strcmp(a, "--cuda")) o.backend = DS4_BACKEND_CUDA;
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 1, 1024, &v)) return 2; o.n_threads = (int)v;
+        } else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 1, 1 << 20, &v)) return 2; o.n_ctx = (int)v;
+        } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) { NEED_ARG(); o.prompt = argv[++i]; }
+        else if (!strcmp(a, "--prompt-file")) { NEED_ARG(); o.prompt_file = argv[++i]; }
+        else if (!strcmp(a, "--prompt-tokens-file")) { NEED_ARG(); o.prompt_tokens_file = argv[++i]; }
+        else if (!strcmp(a, "-sys") || !strcmp(a, "--system")) { NEED_ARG(); o.system = argv[++i]; }
+        else if (!strcmp(a, "-n") || !strcmp(a, "--tokens")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 30, &v)) return 2; o.n_predict = (int)v;
+        } else if (!strcmp(a, "--temp")) { NEED_ARG(); if (parse_float(a, argv[++i], 0, 100, &o.temp)) return 2; }
+        else if (!strcmp(a, "--top-p")) { NEED_ARG(); if (parse_float(a, argv[++i], 0, 1, &o.top_p)) return 2; }
+        else if (!strcmp(a, "--min-p")) { NEED_ARG(); if (parse_float(a, argv[++i], 0, 1, &o.min_p)) return 2; }
+        else if (!strcmp(a, "--top-k")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 20, &v)) return 2; o.top_k = (int)v;
+        } else if (!strcmp(a, "--seed")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 1, 0x7fffffffL, &v)) return 2; o.seed = (uint64_t)v;
+        } else if (!strcmp(a, "--think")) o.think = 1;
+        else if (!strcmp(a, "--think-max")) o.think = 2;
+        else if (!strcmp(a, "--nothink")) o.think = 0;
+        else if (!strcmp(a, "--dump-tokens")) o.dump_tokens = true;
+        else if (!strcmp(a, "--dump-logits")) { NEED_ARG(); o.dump_logits = argv[++i]; }
+        else if (!strcmp(a, "--eval")) {
+            NEED_ARG();
+            const char *m = argv[++i];
+            if (!strcmp(m, "prefill")) o.eval_mode = DS4_EVAL_PREFILL;
+            else if (!strcmp(m, "decode")) o.eval_mode = DS4_EVAL_DECODE;
+            else if (!strncmp(m, "chunk:", 6)) {
+                if (parse_int(a, m + 6, 1, 1 << 20, &v)) return 2;
+                o.eval_mode = DS4_EVAL_CHUNKED;
+                o.eval_chunk = (int)v;
+            } else {
+                fprintf(stderr, "ds4: --eval: expected prefill, decode or chunk:N, got '%s'\n", m);
+                return 2;
+            }
+        } else if (!strcmp(a, "--plain-numerics")) o.plain_numerics = true;
+        else if (!strcmp(a, "--dump-logprobs")) { NEED_ARG(); o.dump_logprobs = argv[++i]; }
+        else if (!strcmp(a, "--logprobs-top-k")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 1, 128, &v)) return 2; o.logprobs_top_k = (int)v;
+        } else if (!strcmp(a, "--perplexity-file")) { NEED_ARG(); o.perplexity_file = argv[++i]; }
+        else if (!strcmp(a, "--inspect")) o.inspect = true;
+        else if (!strcmp(a, "--server")) {
+            fprintf(stderr, "ds4: the server is a separate program: use ds4-server\n");
+            return 2;
+        } else {
+            fprintf(stderr, "ds4: unknown option '%s' (see --help)\n", a);
+            return 2;
+        }
+    }
+#undef NEED_ARG
+    if (o.prompt && o.prompt_file) {
+        fprintf(stderr, "ds4: give only one of -p and --prompt-file\n");
+        return 2;
+    }
+    if (o.dump_tokens) return ds4_cli_dump_tokens(&o);
+    if (o.inspect) return ds4_cli_inspect(&o);
+    if (o.dump_logits) return ds4_cli_dump_logits(&o);
+    if (o.dump_logprobs) return ds4_cli_dump_logprobs(&o);
+    if (o.perplexity_file) return ds4_cli_perplexity(&o);
+    if (o.prompt || o.prompt_file || o.prompt_tokens_file) return ds4_cli_generate(&o);
+    return ds4_cli_repl(&o);
+}
