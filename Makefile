@@ -39,7 +39,7 @@ DEV_BIN  := $(DEV_SRC:dev/%.c=build/dev/%)
 CUDA_SRC := $(sort $(wildcard src/cuda/*.cu))
 CUDA_OBJ := $(CUDA_SRC:%.cu=build/%.o)
 
-.PHONY: all deps test test-c test-py fuzz cuda clean check-includes dev
+.PHONY: all deps test fuzz cuda clean check-includes dev fmt
 all: deps $(PROGRAMS) build/libds4.so
 
 # Installs the Debian -dev packages the build links against when missing.
@@ -106,6 +106,9 @@ cuda:
 
 check-includes:
 	@bash tools/check_includes.sh
+
+fmt:
+	clang-format -i $$(git ls-files '*.c' '*.h' '*.cu' '*.cuh')
 
 clean:
 	rm -rf build $(PROGRAMS) fuzz-out
