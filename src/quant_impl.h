@@ -1,0 +1,58 @@
+/* quant_impl.h - internals shared by the quant_*.c files (not a public API).
+ *
+ * quant.c owns the scalar kernels, the type dispatch and the SIMD choice;
+ * quant_avx2.c provides AVX2/FMA kernels with the same contracts;
+ * quant_ref.c holds the reference quantizers. Scalar helpers that every
+ * path must compute identically (f16 decode, nearest_int) live here as
+ * static inline functions so there is exactly one definition of each.
+ */
+#ifndef DS4_QUANT_IMPL_H
+#define DS4_QUANT_IMPL_H
+
+#include <string.h>
+
+#include "quant.h"
+
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+               "quant formats are little-endian; big-endian hosts are not supported");
+
+static inline uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float bits_f32(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round-half-to-even for |v| <= 4194303 (FORMATS.md C.0): the sum with
+ * 1.5*2^23 puts the integer part in the low mantissa bits. */
+static inline int nearest_int(float v) {
+    float val = v + 12582912.f;
+    return (int)(f32_bits(val) & 0x007fffff) - 0x00400000;
+}
+
+/* Aborts with a message: a programmer error (bad type id or row length). */
+_Noreturn void ds4_quant_fatal(const char *fmt, ...)
+    __attribute__((format(printf, 1, 2)));
+
+/* Scalar activation quantizers (round-half-to-even, see quant.c). */
+void ds4_quant_act_q8_0_scalar(const float *x, void *dst, int64_t n);
+void ds4_quant_act_q8_k_scalar(const float *x, void *dst, int64_t n);
+
+/* AVX2 kernel table, one entry per supported type, in any order; n = 0
+ * when the build has no x86 AVX2 code. quant.c fills any NULL member of an
+ * entry from the scalar table. */
+extern const ds4_quant_kernels ds4_quant_avx2_table[];
+extern const int ds4_quant_avx2_n;
+
+/* Reference quantizers (quant_ref.c); one row each, n % block == 0. */
+void ds4_quant_ref_q8_0(const float *x, void *dst, int64_t n);
+void ds4_quant_ref_q4_k(const float *x, void *dst, int64_t n, const float *qw);
+void ds4_quant_ref_q2_k(const float *x, void *dst, int64_t n, const float *qw);
+void ds4_quant_ref_iq2_xxs(const float *x, void *dst, int64_t n, const float *qw);
+
+#endif
