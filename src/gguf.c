@@ -694,20 +694,20 @@ int ds4_gguf_open_memory(ds4_gguf **out, const void *data, size_t n, ds4_err *er
 int ds4_gguf_open(ds4_gguf **out, const char *path, ds4_err *err) {
     *out = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return ds4_err_set(err, DS4_E_IO, "cannot open %s: %s", path, strerror(errno));
+    if (fd < 0) return ds4_err_set(err, DS4_E_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
         close(fd);
-        return ds4_err_set(err, DS4_E_IO, "cannot stat %s: %s", path, strerror(e));
+        return ds4_err_set(err, DS4_E_IO, "%s: cannot stat: %s", path, strerror(e));
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
-        return ds4_err_set(err, DS4_E_IO, "%s is not a regular file", path);
+        return ds4_err_set(err, DS4_E_IO, "%s: not a regular file", path);
     }
     if ((uint64_t)st.st_size > SIZE_MAX) {
         close(fd);
-        return ds4_err_set(err, DS4_E_IO, "%s is too large to map", path);
+        return ds4_err_set(err, DS4_E_IO, "%s: too large to map", path);
     }
     ds4_gguf *g = xcalloc(1, sizeof *g);
     static const uint8_t empty[1];
@@ -719,7 +719,7 @@ int ds4_gguf_open(ds4_gguf **out, const char *path, ds4_err *err) {
             int e = errno;
             close(fd);
             free(g);
-            return ds4_err_set(err, DS4_E_IO, "cannot mmap %s: %s", path, strerror(e));
+            return ds4_err_set(err, DS4_E_IO, "%s: cannot mmap: %s", path, strerror(e));
         }
         g->map = m;
         g->map_size = (size_t)st.st_size;
