@@ -93,7 +93,7 @@ fuzz: $(FUZZ_BIN)
 dev: $(DEV_BIN)
 build/dev/%: dev/%.c build/libds4.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< build/libds4.a $(LDLIBS)
 
 # CUDA backend: compiled only with `make cuda` (needs nvcc).
 build/src/cuda/%.o: src/cuda/%.cu
