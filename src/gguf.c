@@ -465,15 +465,15 @@ static int parse_tensor(cursor *c, tensor_rec *t, int64_t idx, uint32_t alignmen
     }
     if (p->ne[0] % ti->block_elems) {
         return ds4_err_set(c->err, DS4_E_FORMAT,
-                           "tensor '%s': ne[0] = %lld is not a multiple of the %s block size %u",
-                           t->name, (long long)p->ne[0], ti->name, ti->block_elems);
+                           "tensor '%s' (info at byte %llu): ne[0] = %lld is not a multiple of the %s block size %u",
+                           t->name, at, (long long)p->ne[0], ti->name, ti->block_elems);
     }
     uint64_t nb = (uint64_t)(p->ne[0] / ti->block_elems) * ti->block_bytes; /* ne0 < 2^63, bytes <= 292 */
     bool ovf = __builtin_mul_overflow(nb, (uint64_t)p->ne[1], &nb);
     ovf = ovf || __builtin_mul_overflow(nb, (uint64_t)p->ne[2], &nb);
     ovf = ovf || __builtin_mul_overflow(nb, (uint64_t)p->ne[3], &nb);
     if ((uint64_t)(p->ne[0] / ti->block_elems) > UINT64_MAX / ti->block_bytes || ovf) {
-        return ds4_err_set(c->err, DS4_E_FORMAT, "tensor '%s': byte size overflows 64 bits", t->name);
+        return ds4_err_set(c->err, DS4_E_FORMAT, "tensor '%s' (info at byte %llu): byte size overflows 64 bits", t->name, at);
     }
     p->n_bytes = nb;
     uint64_t oat = c->pos;
