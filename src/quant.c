@@ -37,10 +37,10 @@ static const ds4_type_traits TRAITS[] = {
     {DS4_TYPE_F32, "f32", 1, 4, -1, 1},
     {DS4_TYPE_F16, "f16", 1, 2, -1, 1},
     {DS4_TYPE_Q8_0, "q8_0", DS4_QK8_0, sizeof(ds4_block_q8_0), DS4_TYPE_Q8_0, 1},
-    {DS4_TYPE_Q2_K, "q2_K", DS4_QK_K, sizeof(ds4_block_q2_k), DS4_TYPE_Q8_K, 0},
-    {DS4_TYPE_Q4_K, "q4_K", DS4_QK_K, sizeof(ds4_block_q4_k), DS4_TYPE_Q8_K, 0},
+    {DS4_TYPE_Q2_K, "q2_K", DS4_QK_K, sizeof(ds4_block_q2_k), DS4_TYPE_Q8_K, 1},
+    {DS4_TYPE_Q4_K, "q4_K", DS4_QK_K, sizeof(ds4_block_q4_k), DS4_TYPE_Q8_K, 1},
     {DS4_TYPE_Q8_K, "q8_K", DS4_QK_K, sizeof(ds4_block_q8_k), -1, 0},
-    {DS4_TYPE_IQ2_XXS, "iq2_xxs", DS4_QK_K, sizeof(ds4_block_iq2_xxs), DS4_TYPE_Q8_K, 0},
+    {DS4_TYPE_IQ2_XXS, "iq2_xxs", DS4_QK_K, sizeof(ds4_block_iq2_xxs), DS4_TYPE_Q8_K, 1},
     {DS4_TYPE_I32, "i32", 1, 4, -1, 0},
     {DS4_TYPE_BF16, "bf16", 1, 2, -1, 1},
 };
@@ -552,7 +552,15 @@ size_t ds4_quantize_row(int type, const float *src, void *dst, int64_t n, const 
     const ds4_type_traits *t = ds4_type_get(type);
     if (!t || !t->can_quantize || !ds4_type_row_ok(type, n)) return 0;
     uint8_t *o = dst;
-    (void)imatrix; /* used by the K-quant and IQ2_XXS quantizers */
+    if (type == DS4_TYPE_IQ2_XXS && !imatrix) return 0;
+    if (type != DS4_TYPE_F32 && type != DS4_TYPE_F16 && type != DS4_TYPE_BF16) {
+        /* the block quantizers' searches assume finite values */
+        for (int64_t i = 0; i < n; i++)
+            if (!isfinite(src[i])) return 0;
+        if (imatrix && type != DS4_TYPE_Q8_0)
+            for (int64_t i = 0; i < n; i++)
+                if (!isfinite(imatrix[i]) || imatrix[i] < 0) return 0;
+    }
     switch (type) {
     case DS4_TYPE_F32:
         memcpy(dst, src, (size_t)n * 4);
@@ -571,6 +579,15 @@ size_t ds4_quantize_row(int type, const float *src, void *dst, int64_t n, const 
         break;
     case DS4_TYPE_Q8_0:
         ds4_quant_ref_q8_0(src, dst, n);
+        break;
+    case DS4_TYPE_Q4_K:
+        ds4_quant_ref_q4_k(src, dst, n, imatrix);
+        break;
+    case DS4_TYPE_Q2_K:
+        ds4_quant_ref_q2_k(src, dst, n, imatrix);
+        break;
+    case DS4_TYPE_IQ2_XXS:
+        ds4_quant_ref_iq2_xxs(src, dst, n, imatrix);
         break;
     default:
         return 0;
@@ -596,8 +613,14 @@ int ds4_quantize_rows(int type, const float *src, void *dst, int64_t n_rows, int
             for (int64_t c = 0; c < n_cols; c++) imp[c] += src[r * n_cols + c] * src[r * n_cols + c];
         imatrix = imp;
     }
-    for (int64_t r = 0; r < n_rows; r++)
-        ds4_quantize_row(type, src + r * n_cols, (uint8_t *)dst + (size_t)r * row_bytes, n_cols, imatrix);
+    for (int64_t r = 0; r < n_rows; r++) {
+        if (n_cols > 0 &&
+            !ds4_quantize_row(type, src + r * n_cols, (uint8_t *)dst + (size_t)r * row_bytes, n_cols, imatrix)) {
+            free(imp);
+            return ds4_err_set(err, DS4_E_ARG, "quantize %s: row %lld has a non-finite value or importance",
+                               t->name, (long long)r);
+        }
+    }
     free(imp);
     return 0;
 }

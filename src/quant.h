@@ -143,9 +143,11 @@ float ds4_dot_row_q(int type, const void *row, const void *xq, int64_t n);
  * count. imatrix: n importance values (one per column) or NULL. Q8_0, F16,
  * BF16, F32 ignore it; Q4_K/Q2_K use the weighted path when given; IQ2_XXS
  * requires it (returns 0 and writes nothing when NULL: use ds4_quantize_rows,
- * which builds the synthetic importance of §C.6). Returns 0 for a type it
- * cannot produce. Scalar, byte-exact with ggml's reference quantizers when
- * built with -ffp-contract=off. Thread-safe. */
+ * which builds the synthetic importance of §C.6). Returns 0 (and writes
+ * nothing) for a type it cannot produce, a bad n, a non-finite value in a
+ * block type's row, or a negative/non-finite importance. Scalar, byte-exact
+ * with ggml's reference quantizers when built with -ffp-contract=off.
+ * Thread-safe. For IQ2_XXS the first call builds its search tables (~0.1 s). */
 size_t ds4_quantize_row(int type, const float *src, void *dst, int64_t n,
                         const float *imatrix);
 
@@ -153,7 +155,8 @@ size_t ds4_quantize_row(int type, const float *src, void *dst, int64_t n,
  * (n_rows * ds4_type_row_bytes(type, n_cols) bytes). imatrix: n_cols values
  * or NULL; for IQ2_XXS, NULL means the synthetic importance
  * imp[c] = sum_r src[r][c]^2 over this matrix (§C.6; allocated here).
- * Returns 0, DS4_E_ARG (bad type/shape), or DS4_E_NOMEM; fills err. */
+ * Returns 0, DS4_E_ARG (bad type/shape, non-finite input), or DS4_E_NOMEM;
+ * fills err. Thread-safe. */
 int ds4_quantize_rows(int type, const float *src, void *dst, int64_t n_rows,
                       int64_t n_cols, const float *imatrix, ds4_err *err);
 

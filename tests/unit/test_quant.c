@@ -1,0 +1,628 @@
+/* test_quant.c - the quant formats: tables, FP8/FP4/f16/bf16 conversions,
+ * dequantization of hand-built blocks, dots against dequantize-then-dot,
+ * SIMD vs scalar agreement, quantizer error bounds and quirks.
+ *
+ * Expected values come from the format text of FORMATS.md (hand-built
+ * blocks decoded with independent arithmetic in this file), from the data
+ * tables in tests/data/tables, or from the compiler's own _Float16.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quant.h"
+#include "test.h"
+
+/* ---- helpers ------------------------------------------------------------- */
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static void rng_seed(uint64_t s) { rng_state = s * 0x9E3779B97F4A7C15ull + 1; }
+static uint64_t rng_u64(void) {
+    uint64_t x = rng_state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return rng_state = x;
+}
+static float rng_unit(void) { return (float)((rng_u64() >> 40) + 0.5) / 16777216.0f; } /* (0,1) */
+static float rng_gauss(void) {
+    float u = rng_unit(), v = rng_unit();
+    return sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * v);
+}
+/* Heavy-tailed: Laplace with 1% outliers 8-20x larger. */
+static float rng_heavy(void) {
+    float u = rng_unit() - 0.5f;
+    float v = (u < 0 ? 1 : -1) * logf(1 - 2 * fabsf(u));
+    if (rng_unit() < 0.01f) v *= 8 + 12 * rng_unit();
+    return v;
+}
+
+static float bits_f32_from_u64(uint64_t u) {
+    uint32_t v = (uint32_t)u;
+    float f;
+    memcpy(&f, &v, 4);
+    return f;
+}
+
+static uint32_t fbits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* Reads a table file (one value a line) into out[]; returns count. */
+static int read_table(const char *name, uint64_t *out, int max, int hex) {
+    char rel[128];
+    snprintf(rel, sizeof rel, "tables/%s", name);
+    FILE *f = fopen(ds4_test_path(rel), "r");
+    if (!f) return -1;
+    char line[128];
+    int n = 0;
+    while (n < max && fgets(line, sizeof line, f)) {
+        if (line[0] == '\n') continue;
+        out[n++] = strtoull(line, NULL, hex ? 16 : 10);
+    }
+    fclose(f);
+    return n;
+}
+
+/* A random f16 with a finite exponent in 5..20 (|v| ~ 2^-10 .. 2^5). */
+static uint16_t rand_f16_scale(void) {
+    uint16_t e = (uint16_t)(5 + rng_u64() % 16), m = (uint16_t)(rng_u64() & 0x3ff);
+    return (uint16_t)(((rng_u64() & 1) << 15) | (e << 10) | m);
+}
+
+/* n values' worth of random blocks of `type` with sane scale fields. */
+static void *rand_row(int type, int64_t n) {
+    size_t bytes = ds4_type_row_bytes(type, n);
+    uint8_t *p = malloc(bytes);
+    for (size_t i = 0; i < bytes; i++) p[i] = (uint8_t)rng_u64();
+    const ds4_type_traits *t = ds4_type_get(type);
+    for (int64_t b = 0; b < n / t->block_elems; b++) {
+        uint8_t *blk = p + b * t->block_bytes;
+        uint16_t s1 = rand_f16_scale(), s2 = rand_f16_scale();
+        switch (type) {
+        case DS4_TYPE_Q8_0:
+        case DS4_TYPE_IQ2_XXS:
+            memcpy(blk, &s1, 2);
+            break;
+        case DS4_TYPE_Q4_K:
+            memcpy(blk, &s1, 2);
+            memcpy(blk + 2, &s2, 2);
+            break;
+        case DS4_TYPE_Q2_K:
+            memcpy(blk + 80, &s1, 2);
+            memcpy(blk + 82, &s2, 2);
+            break;
+        case DS4_TYPE_F16:
+            memcpy(blk, &s1, 2);
+            break;
+        case DS4_TYPE_BF16: {
+            uint16_t h = ds4_f32_to_bf16(rng_gauss());
+            memcpy(blk, &h, 2);
+            break;
+        }
+        case DS4_TYPE_F32: {
+            float f = rng_gauss();
+            memcpy(blk, &f, 4);
+            break;
+        }
+        }
+    }
+    return p;
+}
+
+static const int DOT_TYPES[] = {DS4_TYPE_F32, DS4_TYPE_F16, DS4_TYPE_BF16, DS4_TYPE_Q8_0,
+                                DS4_TYPE_Q4_K, DS4_TYPE_Q2_K, DS4_TYPE_IQ2_XXS};
+enum { N_DOT_TYPES = sizeof DOT_TYPES / sizeof DOT_TYPES[0] };
+
+/* ---- tables and traits ----------------------------------------------------- */
+
+DS4_TEST(quant_tables_equal_txt_files) {
+    static uint64_t v[256];
+    CHECK_EQ_INT(read_table("iq2xxs_grid.txt", v, 256, 1), 256);
+    for (int i = 0; i < 256; i++) CHECK_MSG(ds4_iq2xxs_grid[i] == v[i], "iq2xxs_grid[%d]", i);
+    CHECK_EQ_INT(read_table("iq2xxs_kgrid.txt", v, 256, 0), 256);
+    for (int i = 0; i < 256; i++) CHECK_MSG(ds4_iq2xxs_kgrid[i] == v[i], "iq2xxs_kgrid[%d]", i);
+    CHECK_EQ_INT(read_table("ksigns_iq2xs.txt", v, 256, 0), 128);
+    for (int i = 0; i < 128; i++) CHECK_MSG(ds4_ksigns_iq2xs[i] == v[i], "ksigns[%d]", i);
+    CHECK_EQ_INT(read_table("kmask_iq2xs.txt", v, 256, 0), 8);
+    for (int i = 0; i < 8; i++) CHECK_MSG(ds4_kmask_iq2xs[i] == v[i], "kmask[%d]", i);
+    CHECK_EQ_INT(read_table("e4m3fn_to_f32.txt", v, 256, 1), 256);
+    for (int i = 0; i < 256; i++) CHECK_MSG(ds4_e4m3fn_bits[i] == v[i], "e4m3fn_bits[%d]", i);
+    /* fp4 file holds decimal floats */
+    FILE *f = fopen(ds4_test_path("tables/fp4_e2m1.txt"), "r");
+    CHECK(f != NULL);
+    for (int i = 0; i < 16; i++) {
+        float x;
+        CHECK(fscanf(f, "%f", &x) == 1);
+        CHECK_MSG(fbits(ds4_fp4_e2m1_values[i]) == fbits(x), "fp4 value %d", i);
+    }
+    fclose(f);
+    /* the two grid forms describe the same points (FORMATS.md §0) */
+    static const uint8_t level_byte[3] = {0x08, 0x19, 0x2b};
+    for (int k = 0; k < 256; k++)
+        for (int j = 0; j < 8; j++)
+            CHECK(((ds4_iq2xxs_grid[k] >> (8 * j)) & 0xff) == level_byte[(ds4_iq2xxs_kgrid[k] >> (2 * j)) & 3]);
+}
+
+DS4_TEST(quant_traits_and_block_sizes) {
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_Q8_0, 4096), 128 * 34);
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_Q4_K, 4096), 16 * 144);
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_Q2_K, 2048), 8 * 84);
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_IQ2_XXS, 2048), 8 * 66);
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_F16, 7), 14);
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_BF16, 3), 6);
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_I32, 5), 20);
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_Q4_K, 100), 0); /* not whole blocks */
+    CHECK_EQ_INT(ds4_type_row_bytes(DS4_TYPE_Q8_0, -32), 0);
+    CHECK(ds4_type_get(11) == NULL); /* Q3_K: valid ggml id, not supported */
+    CHECK(ds4_type_get(-1) == NULL && ds4_type_get(1000) == NULL);
+    CHECK_STR(ds4_type_name(11), "q3_K");
+    CHECK_STR(ds4_type_name(4), "?");
+    CHECK_EQ_INT(ds4_type_act(DS4_TYPE_Q8_0), DS4_TYPE_Q8_0);
+    CHECK_EQ_INT(ds4_type_act(DS4_TYPE_IQ2_XXS), DS4_TYPE_Q8_K);
+    CHECK_EQ_INT(ds4_type_act(DS4_TYPE_F16), -1);
+    CHECK(ds4_quant_kernels_get(DS4_TYPE_Q4_K, DS4_SIMD_SCALAR) != NULL);
+    CHECK(ds4_quant_kernels_get(12345, DS4_SIMD_SCALAR) == NULL);
+}
+
+/* ---- FP8 / FP4 / UE8M0 ---------------------------------------------------- */
+
+DS4_TEST(quant_fp8_e4m3_decode_matches_table_all_codes) {
+    static uint64_t v[256];
+    CHECK_EQ_INT(read_table("e4m3fn_to_f32.txt", v, 256, 1), 256);
+    for (int c = 0; c < 256; c++)
+        CHECK_MSG(fbits(ds4_fp8_e4m3_to_f32((uint8_t)c)) == v[c], "code %#x: %08x vs %08llx", c,
+                  fbits(ds4_fp8_e4m3_to_f32((uint8_t)c)), (unsigned long long)v[c]);
+}
+
+DS4_TEST(quant_fp4_e2m1_decode_matches_table_all_codes) {
+    FILE *f = fopen(ds4_test_path("tables/fp4_e2m1.txt"), "r");
+    CHECK(f != NULL);
+    for (int c = 0; c < 16; c++) {
+        float x;
+        CHECK(fscanf(f, "%f", &x) == 1);
+        CHECK_MSG(fbits(ds4_fp4_e2m1_to_f32((uint8_t)c)) == fbits(x), "code %d", c);
+        CHECK(fbits(ds4_fp4_e2m1_to_f32((uint8_t)(c | 0xf0))) == fbits(x)); /* high bits ignored */
+    }
+    fclose(f);
+}
+
+DS4_TEST(quant_ue8m0_decode) {
+    CHECK(fbits(ds4_ue8m0_to_f32(0)) == 0x00400000u);
+    CHECK(ds4_ue8m0_to_f32(127) == 1.0f);
+    CHECK(ds4_ue8m0_to_f32(128) == 2.0f);
+    CHECK(ds4_ue8m0_to_f32(120) == 0x1p-7f);
+    CHECK(ds4_ue8m0_to_f32(254) == 0x1p127f);
+    CHECK(isnan(ds4_ue8m0_to_f32(255)));
+    for (int s = 1; s < 255; s++) CHECK(ds4_ue8m0_to_f32((uint8_t)s) == ldexpf(1.0f, s - 127));
+}
+
+DS4_TEST(quant_fp8_rows_use_128_tiles_and_fp4_rows_use_32_blocks) {
+    enum { N = 300 }; /* not a multiple of 128: a partial last tile */
+    uint8_t w[N], sc[3], packed[N / 2], sc4[N / 32 + 1];
+    float y[N];
+    rng_seed(7);
+    for (int i = 0; i < N; i++) w[i] = (uint8_t)rng_u64();
+    for (int i = 0; i < N; i++)
+        if ((w[i] & 0x7f) == 0x7f) w[i] ^= 1; /* no NaN codes */
+    sc[0] = 120, sc[1] = 127, sc[2] = 131;
+    ds4_fp8_dequant_row(w, sc, y, N);
+    for (int i = 0; i < N; i++) {
+        float want = bits_f32_from_u64(ds4_e4m3fn_bits[w[i]]) * ldexpf(1.0f, sc[i / 128] - 127);
+        CHECK_MSG(fbits(y[i]) == fbits(want), "fp8 element %d", i);
+    }
+    /* FP4: 288 values = 9 blocks of 32; element 2j is the low nibble */
+    for (int i = 0; i < 144; i++) packed[i] = (uint8_t)rng_u64();
+    for (int b = 0; b < 9; b++) sc4[b] = (uint8_t)(110 + b * 3);
+    ds4_fp4_dequant_row(packed, sc4, y, 288);
+    for (int i = 0; i < 288; i++) {
+        int code = (i & 1) ? packed[i / 2] >> 4 : packed[i / 2] & 15;
+        float want = ds4_fp4_e2m1_values[code] * ldexpf(1.0f, sc4[i / 32] - 127);
+        CHECK_MSG(fbits(y[i]) == fbits(want), "fp4 element %d", i);
+    }
+}
+
+/* ---- f16 / bf16 ------------------------------------------------------------ */
+
+DS4_TEST(quant_f16_conversion_matches_compiler_float16) {
+    /* decode: every code; encode: the compiler's RNE conversion */
+    for (uint32_t h = 0; h < 65536; h++) {
+        _Float16 hf;
+        uint16_t hh = (uint16_t)h;
+        memcpy(&hf, &hh, 2);
+        float want = (float)hf, got = ds4_f16_to_f32(hh);
+        if (isnan(want)) {
+            CHECK(isnan(got));
+            continue;
+        }
+        CHECK_MSG(fbits(got) == fbits(want), "f16 %#x", h);
+        CHECK_MSG(ds4_f32_to_f16(got) == hh, "f16 round trip %#x", h);
+    }
+    rng_seed(11);
+    for (int i = 0; i < 2000000; i++) {
+        uint32_t u = (uint32_t)rng_u64();
+        if (i & 1) u = (u & 0x87ffffffu) | 0x30000000u; /* near the f16 range */
+        float f;
+        memcpy(&f, &u, 4);
+        if (isnan(f)) {
+            CHECK((ds4_f32_to_f16(f) & 0x7fff) == 0x7e00);
+            continue;
+        }
+        _Float16 hf = (_Float16)f;
+        uint16_t want;
+        memcpy(&want, &hf, 2);
+        CHECK_MSG(ds4_f32_to_f16(f) == want, "f32 %08x -> %04x, want %04x", u, ds4_f32_to_f16(f), want);
+    }
+    CHECK(ds4_f32_to_f16(65504.0f) == 0x7bff);
+    CHECK(ds4_f32_to_f16(65519.99f) == 0x7bff);
+    CHECK(ds4_f32_to_f16(65520.0f) == 0x7c00);
+    CHECK(ds4_f32_to_f16(-0x1p-25f) == 0x8000);
+    CHECK(ds4_f32_to_f16(0x1.000002p-25f) == 0x0001);
+}
+
+DS4_TEST(quant_bf16_conversion_rounds_to_nearest_even) {
+    CHECK(ds4_f32_to_bf16(1.0f) == 0x3f80);
+    CHECK(ds4_f32_to_bf16(1.0f + 0x1p-8f) == 0x3f80);        /* tie -> even */
+    CHECK(ds4_f32_to_bf16(1.0f + 3 * 0x1p-8f) == 0x3f82);    /* tie -> even (up) */
+    CHECK(ds4_f32_to_bf16(1.0f + 0x1p-8f + 0x1p-20f) == 0x3f81);
+    CHECK(ds4_f32_to_bf16(-2.0f) == 0xc000);
+    CHECK(ds4_f32_to_bf16(INFINITY) == 0x7f80);
+    CHECK(ds4_f32_to_bf16(0x1.fffffep127f) == 0x7f80); /* rounds up to inf */
+    float qnan = NAN, snan;
+    uint32_t sn = 0x7f800001u;
+    memcpy(&snan, &sn, 4);
+    CHECK(ds4_f32_to_bf16(qnan) == 0x7fc0);
+    CHECK(ds4_f32_to_bf16(snan) == 0x7fc0); /* quieted: bit 6 set */
+    /* against double arithmetic: bf16 keeps 8 significant bits */
+    rng_seed(12);
+    for (int i = 0; i < 200000; i++) {
+        float f = rng_gauss() * ldexpf(1.0f, (int)(rng_u64() % 60) - 30);
+        float back = ds4_bf16_to_f32(ds4_f32_to_bf16(f));
+        int e;
+        frexp((double)f, &e);
+        double ulp = ldexp(1.0, e - 8);
+        CHECK_MSG(fabs((double)back - (double)f) <= ulp / 2, "bf16 of %a", (double)f);
+    }
+}
+
+/* ---- dequantization of hand-built blocks ---------------------------------- */
+
+DS4_TEST(quant_dequant_q8_0_hand_built) {
+    ds4_block_q8_0 b[2];
+    b[0].d = 0x3800; /* 0.5 */
+    b[1].d = 0xc400; /* -4 */
+    for (int i = 0; i < 32; i++) b[0].qs[i] = (int8_t)(i - 16), b[1].qs[i] = (int8_t)(127 - 8 * i);
+    float y[64];
+    ds4_dequant_row(DS4_TYPE_Q8_0, b, y, 64);
+    for (int i = 0; i < 32; i++) {
+        CHECK(y[i] == 0.5f * (i - 16));
+        CHECK(y[32 + i] == -4.0f * (127 - 8 * i));
+    }
+}
+
+DS4_TEST(quant_dequant_q4_k_hand_built) {
+    ds4_block_q4_k b;
+    memset(&b, 0, sizeof b);
+    b.d = 0x3c00;    /* 1.0 */
+    b.dmin = 0x3400; /* 0.25 */
+    int sc[8] = {1, 7, 13, 63, 40, 17, 33, 62}, m[8] = {0, 5, 63, 2, 48, 31, 16, 9};
+    /* pack per FORMATS.md B.3, bit by bit */
+    for (int j = 0; j < 8; j++) {
+        if (j < 4) {
+            b.scales[j] |= (uint8_t)sc[j];
+            b.scales[j + 4] |= (uint8_t)m[j];
+        } else {
+            b.scales[j + 4] |= (uint8_t)((sc[j] & 15) | ((m[j] & 15) << 4));
+            b.scales[j - 4] |= (uint8_t)((sc[j] >> 4) << 6);
+            b.scales[j] |= (uint8_t)((m[j] >> 4) << 6);
+        }
+    }
+    int q[256];
+    for (int i = 0; i < 256; i++) q[i] = (i * 7 + 3) % 16;
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) b.qs[32 * c + l] = (uint8_t)(q[64 * c + l] | (q[64 * c + 32 + l] << 4));
+    float y[256];
+    ds4_dequant_row(DS4_TYPE_Q4_K, &b, y, 256);
+    for (int i = 0; i < 256; i++) {
+        int j = i / 32;
+        float want = (1.0f * sc[j]) * q[i] - 0.25f * m[j];
+        CHECK_MSG(y[i] == want, "q4_K value %d: %g vs %g", i, y[i], want);
+    }
+}
+
+DS4_TEST(quant_dequant_q2_k_hand_built) {
+    ds4_block_q2_k b;
+    memset(&b, 0, sizeof b);
+    b.d = 0x4000;    /* 2.0 */
+    b.dmin = 0x3800; /* 0.5 */
+    int q[256];
+    for (int j = 0; j < 16; j++) b.scales[j] = (uint8_t)((j % 16) | (((15 - j) % 16) << 4));
+    for (int i = 0; i < 256; i++) q[i] = (i / 3) % 4;
+    for (int i = 0; i < 256; i++) {
+        int h = i / 128, r = i % 128;
+        b.qs[32 * h + r % 32] |= (uint8_t)(q[i] << (2 * (r / 32)));
+    }
+    float y[256];
+    ds4_dequant_row(DS4_TYPE_Q2_K, &b, y, 256);
+    for (int i = 0; i < 256; i++) {
+        int j = i / 16;
+        float want = (2.0f * j) * q[i] - 0.5f * (15 - j);
+        CHECK_MSG(y[i] == want, "q2_K value %d", i);
+    }
+}
+
+DS4_TEST(quant_dequant_iq2_xxs_hand_built) {
+    ds4_block_iq2_xxs b;
+    memset(&b, 0, sizeof b);
+    b.d = 0x3c00; /* 1.0 */
+    /* group 3: grid indices 5, 77, 200, 255; sign indices 0, 1, 64, 127; ls = 9 */
+    int g[4] = {5, 77, 200, 255}, s[4] = {0, 1, 64, 127}, ls = 9;
+    uint32_t a0 = 0, a1 = (uint32_t)ls << 28;
+    for (int k = 0; k < 4; k++) a0 |= (uint32_t)g[k] << (8 * k), a1 |= (uint32_t)s[k] << (7 * k);
+    memcpy(&b.qs[12], &a0, 4);
+    memcpy(&b.qs[14], &a1, 4);
+    float y[256];
+    ds4_dequant_row(DS4_TYPE_IQ2_XXS, &b, y, 256);
+    float db = 1.0f * (0.5f + ls) * 0.25f;
+    for (int k = 0; k < 4; k++)
+        for (int j = 0; j < 8; j++) {
+            int mag = (int)((ds4_iq2xxs_grid[g[k]] >> (8 * j)) & 0xff);
+            /* sign j: stored bit j for j < 7; bit 7 makes the count even */
+            int neg = j < 7 ? (s[k] >> j) & 1 : __builtin_popcount(s[k]) & 1;
+            float want = db * mag * (neg ? -1 : 1);
+            CHECK_MSG(y[96 + 8 * k + j] == want, "iq2 group 3 sub %d elem %d", k, j);
+        }
+    /* groups with all-zero words decode to d * 0.125 * 8 = d (the quirk) */
+    for (int i = 0; i < 96; i++) CHECK(y[i] == 1.0f);
+}
+
+DS4_TEST(quant_dequant_f16_bf16_i32_rows) {
+    uint16_t h[3] = {0x3c00, 0xc000, 0x7bff};
+    float y[3];
+    ds4_dequant_row(DS4_TYPE_F16, h, y, 3);
+    CHECK(y[0] == 1.0f && y[1] == -2.0f && y[2] == 65504.0f);
+    uint16_t bf[2] = {0x3f80, 0xc0a0};
+    ds4_dequant_row(DS4_TYPE_BF16, bf, y, 2);
+    CHECK(y[0] == 1.0f && y[1] == -5.0f);
+    int32_t iv[3] = {-7, 0, 255};
+    ds4_dequant_row(DS4_TYPE_I32, iv, y, 3);
+    CHECK(y[0] == -7.0f && y[1] == 0.0f && y[2] == 255.0f);
+}
+
+/* ---- dots ------------------------------------------------------------------ */
+
+/* Every SIMD path: dot_f32 == sum of dequant * x (double reference) within
+ * float rounding; dequant bit-identical across paths. */
+DS4_TEST(quant_dot_f32_equals_dequant_then_dot_all_paths) {
+    enum { N = 4096 };
+    float *x = malloc(N * 4), *y = malloc(N * 4), *y2 = malloc(N * 4);
+    rng_seed(21);
+    for (int i = 0; i < N; i++) x[i] = rng_gauss();
+    for (int ti = 0; ti < N_DOT_TYPES; ti++) {
+        int type = DOT_TYPES[ti];
+        void *row = rand_row(type, N);
+        const ds4_quant_kernels *ks = ds4_quant_kernels_get(type, DS4_SIMD_SCALAR);
+        ks->dequant(row, y, N);
+        double ref = 0, mag = 0;
+        for (int i = 0; i < N; i++) ref += (double)y[i] * x[i], mag += fabs((double)y[i] * x[i]);
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AVX2; simd++) {
+            const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
+            if (!k) continue; /* this CPU lacks the path */
+            k->dequant(row, y2, N);
+            CHECK_MSG(memcmp(y, y2, N * 4) == 0, "%s dequant differs on simd %d", ds4_type_name(type), simd);
+            float d = k->dot_f32(row, x, N);
+            CHECK_MSG(fabs(d - ref) <= 1e-5 * mag, "%s simd %d: dot %.9g vs %.9g (mag %g)",
+                      ds4_type_name(type), simd, d, ref, mag);
+        }
+        free(row);
+    }
+    free(x), free(y), free(y2);
+}
+
+/* dequantized activation of Q8_0 / Q8_K blocks */
+static void dequant_act(int act, const void *xq, float *y, int64_t n) {
+    if (act == DS4_TYPE_Q8_0) {
+        ds4_dequant_row(DS4_TYPE_Q8_0, xq, y, n);
+        return;
+    }
+    const ds4_block_q8_k *b = xq;
+    for (int64_t i = 0; i < n; i++) y[i] = b[i / 256].d * b[i / 256].qs[i % 256];
+}
+
+/* dot_q == exact dot of the dequantized weight and dequantized activation
+ * (only the per-block float combination rounds), on every path; the
+ * activation quantizers agree bit for bit across paths; bsums are right. */
+DS4_TEST(quant_dot_q_equals_dot_of_dequantized_operands) {
+    enum { N = 4096 };
+    float *x = malloc(N * 4), *y = malloc(N * 4), *xa = malloc(N * 4);
+    uint8_t *xq = malloc(N / 256 * sizeof(ds4_block_q8_k)), *xq2 = malloc(N / 256 * sizeof(ds4_block_q8_k));
+    rng_seed(22);
+    for (int i = 0; i < N; i++) x[i] = (i % 3) ? rng_gauss() : rng_heavy();
+    for (int ti = 0; ti < N_DOT_TYPES; ti++) {
+        int type = DOT_TYPES[ti], act = ds4_type_act(type);
+        if (act < 0) continue;
+        void *row = rand_row(type, N);
+        ds4_dequant_row(type, row, y, N);
+        size_t act_bytes = ds4_type_row_bytes(act, N);
+        ds4_quant_kernels_get(type, DS4_SIMD_SCALAR)->quantize_act(x, xq, N);
+        dequant_act(act, xq, xa, N);
+        double ref = 0, mag = 0;
+        for (int i = 0; i < N; i++) ref += (double)y[i] * xa[i], mag += fabs((double)y[i] * xa[i]);
+        if (act == DS4_TYPE_Q8_K) {
+            const ds4_block_q8_k *b = (const ds4_block_q8_k *)xq;
+            for (int k = 0; k < 16; k++) {
+                int s = 0;
+                for (int i = 0; i < 16; i++) s += b[3].qs[16 * k + i];
+                CHECK(b[3].bsums[k] == s);
+            }
+        }
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AVX2; simd++) {
+            const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
+            if (!k) continue;
+            k->quantize_act(x, xq2, N);
+            CHECK_MSG(memcmp(xq, xq2, act_bytes) == 0, "%s act quant differs on simd %d", ds4_type_name(type), simd);
+            float d = k->dot_q(row, xq, N);
+            CHECK_MSG(fabs(d - ref) <= 2e-6 * mag, "%s simd %d: dot_q %.9g vs %.9g", ds4_type_name(type), simd, d, ref);
+        }
+        /* and the int8 path is close to the f32 path */
+        float df = ds4_dot_row_f32(type, row, x, N), dq = ds4_dot_row_q(type, row, xq, N);
+        double magf = 0;
+        for (int i = 0; i < N; i++) magf += fabs((double)y[i] * x[i]);
+        CHECK_MSG(fabs(dq - df) <= 0.01 * magf, "%s: int8 dot %g vs f32 dot %g (mag %g)", ds4_type_name(type), dq, df, magf);
+        free(row);
+    }
+    free(x), free(y), free(xa), free(xq), free(xq2);
+}
+
+/* ---- quantizers ------------------------------------------------------------ */
+
+static double rel_rmse(const float *x, const float *y, int n, const float *w) {
+    double e = 0, s = 0;
+    for (int i = 0; i < n; i++) {
+        double wi = w ? w[i] : 1.0;
+        e += wi * (x[i] - y[i]) * (x[i] - y[i]);
+        s += wi * x[i] * x[i];
+    }
+    return sqrt(e / s);
+}
+
+/* quantize -> dequantize error bounds on Gaussian rows (relative RMSE). */
+DS4_TEST(quant_quantize_dequantize_rmse_bounds) {
+    enum { N = 4096 };
+    static const struct { int type; double bound; } cases[] = {
+        {DS4_TYPE_F32, 0.0}, {DS4_TYPE_F16, 0.0005}, {DS4_TYPE_BF16, 0.004},
+        {DS4_TYPE_Q8_0, 0.01}, {DS4_TYPE_Q4_K, 0.11}, {DS4_TYPE_Q2_K, 0.45},
+        {DS4_TYPE_IQ2_XXS, 0.45},
+    };
+    float *x = malloc(N * 4), *y = malloc(N * 4), *imp = malloc(N * 4);
+    uint8_t *q = malloc(N * 4);
+    rng_seed(31);
+    for (int i = 0; i < N; i++) x[i] = rng_gauss(), imp[i] = 1.0f;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        int type = cases[c].type;
+        size_t bytes = ds4_quantize_row(type, x, q, N, type == DS4_TYPE_IQ2_XXS ? imp : NULL);
+        CHECK_EQ_INT(bytes, ds4_type_row_bytes(type, N));
+        ds4_dequant_row(type, q, y, N);
+        double r = rel_rmse(x, y, N, NULL);
+        CHECK_MSG(r <= cases[c].bound, "%s: relative rmse %.4f > %.4f", ds4_type_name(type), r, cases[c].bound);
+    }
+    /* refusals: IQ2_XXS needs importance; non-finite values; bad length */
+    CHECK_EQ_INT(ds4_quantize_row(DS4_TYPE_IQ2_XXS, x, q, N, NULL), 0);
+    CHECK_EQ_INT(ds4_quantize_row(DS4_TYPE_Q4_K, x, q, 100, NULL), 0);
+    CHECK_EQ_INT(ds4_quantize_row(DS4_TYPE_I32, x, q, 256, NULL), 0);
+    x[5] = NAN;
+    CHECK_EQ_INT(ds4_quantize_row(DS4_TYPE_Q2_K, x, q, N, NULL), 0);
+    ds4_err err;
+    CHECK_EQ_INT(ds4_quantize_rows(DS4_TYPE_Q4_K, x, q, 1, N, NULL, &err), DS4_E_ARG);
+    CHECK(strstr(err.msg, "non-finite") != NULL);
+    CHECK_EQ_INT(ds4_quantize_rows(DS4_TYPE_Q4_K, x, q, 2, 300, NULL, &err), DS4_E_ARG);
+    free(x), free(y), free(imp), free(q);
+}
+
+/* Q8_0 uses roundf: ties go away from zero; the scale is amax/127 in f16. */
+DS4_TEST(quant_q8_0_rounding_ties_away_from_zero) {
+    float x[32] = {0};
+    x[0] = 127.0f; /* d = 1 exactly, so x[i] are the scaled values */
+    x[1] = 2.5f, x[2] = -2.5f, x[3] = 0.5f, x[4] = -0.5f, x[5] = 3.5f, x[6] = -127.0f;
+    ds4_block_q8_0 b;
+    CHECK_EQ_INT(ds4_quantize_row(DS4_TYPE_Q8_0, x, &b, 32, NULL), 34);
+    CHECK(b.d == 0x3c00);
+    CHECK(b.qs[0] == 127 && b.qs[1] == 3 && b.qs[2] == -3 && b.qs[3] == 1 && b.qs[4] == -1);
+    CHECK(b.qs[5] == 4 && b.qs[6] == -127 && b.qs[7] == 0);
+    memset(x, 0, sizeof x);
+    CHECK_EQ_INT(ds4_quantize_row(DS4_TYPE_Q8_0, x, &b, 32, NULL), 34);
+    CHECK(b.d == 0);
+    for (int i = 0; i < 32; i++) CHECK(b.qs[i] == 0);
+}
+
+/* IQ2_XXS: an all-zero group is encoded as grid 0 / signs 0 / ls 0 and so
+ * decodes to d for every element; an all-zero block has d = 0. Signs: at most
+ * one element per 8 has a flipped sign (the even-parity fix-up). */
+DS4_TEST(quant_iq2_xxs_zero_group_quirk_and_sign_parity) {
+    float x[512], imp[512], y[512];
+    ds4_block_iq2_xxs b[2];
+    rng_seed(41);
+    for (int i = 0; i < 512; i++) x[i] = rng_gauss(), imp[i] = 0.5f + rng_unit();
+    for (int i = 64; i < 96; i++) x[i] = 0.0f; /* block 0, group 2 */
+    for (int i = 256; i < 512; i++) x[i] = 0.0f; /* block 1 all zero */
+    CHECK_EQ_INT(ds4_quantize_row(DS4_TYPE_IQ2_XXS, x, b, 512, imp), 132);
+    uint32_t a0, a1;
+    memcpy(&a0, &b[0].qs[8], 4);
+    memcpy(&a1, &b[0].qs[10], 4);
+    CHECK(a0 == 0 && a1 == 0);
+    CHECK(b[0].d != 0);
+    ds4_dequant_row(DS4_TYPE_IQ2_XXS, b, y, 512);
+    for (int i = 64; i < 96; i++) CHECK(y[i] == ds4_f16_to_f32(b[0].d));
+    CHECK(b[1].d == 0);
+    for (int i = 0; i < 32; i++) CHECK(b[1].qs[i] == 0);
+    for (int i = 256; i < 512; i++) CHECK(y[i] == 0.0f);
+    for (int k = 0; k < 32; k++) {
+        if (k >= 8 && k < 12) continue; /* the zero group */
+        int flips = 0;
+        for (int j = 0; j < 8; j++) flips += (x[8 * k + j] < 0) != (y[8 * k + j] < 0);
+        CHECK_MSG(flips <= 1, "sub-group %d has %d sign flips", k, flips);
+    }
+}
+
+/* Structural checks on quantizer output: 6-bit / 4-bit scales in range and
+ * K-quant levels reproduce the sub-block minimum sign convention. */
+DS4_TEST(quant_k_quant_structure) {
+    enum { N = 2048 };
+    float x[N], imp[N];
+    uint8_t q[N];
+    rng_seed(51);
+    for (int i = 0; i < N; i++) x[i] = rng_heavy(), imp[i] = rng_unit();
+    for (int wi = 0; wi < 2; wi++) {
+        CHECK(ds4_quantize_row(DS4_TYPE_Q4_K, x, q, N, wi ? imp : NULL) > 0);
+        for (int b = 0; b < N / 256; b++) {
+            ds4_block_q4_k blk;
+            memcpy(&blk, q + b * sizeof blk, sizeof blk);
+            CHECK(!(ds4_f16_to_f32(blk.d) < 0) && !(ds4_f16_to_f32(blk.dmin) < 0));
+        }
+        CHECK(ds4_quantize_row(DS4_TYPE_Q2_K, x, q, N, wi ? imp : NULL) > 0);
+        for (int b = 0; b < N / 256; b++) {
+            ds4_block_q2_k blk;
+            memcpy(&blk, q + b * sizeof blk, sizeof blk);
+            CHECK(!(ds4_f16_to_f32(blk.d) < 0) && !(ds4_f16_to_f32(blk.dmin) < 0));
+        }
+    }
+}
+
+/* With an importance vector, the importance-weighted error is lower than
+ * without (Q4_K / Q2_K: reference path; IQ2_XXS: synthetic importance of
+ * C.6), on Gaussian and heavy-tailed rows. */
+DS4_TEST(quant_importance_weights_lower_weighted_error) {
+    enum { R = 16, N = 2048 };
+    float *x = malloc(R * N * 4), *y = malloc(N * 4), *imp = malloc(N * 4);
+    uint8_t *q = malloc(R * N), *q2 = malloc(R * N);
+    for (int dist = 0; dist < 2; dist++) {
+        rng_seed(61 + dist);
+        for (int i = 0; i < R * N; i++) x[i] = dist ? rng_heavy() : rng_gauss();
+        for (int c = 0; c < N; c++) {
+            float u = rng_unit();
+            imp[c] = expf(6.0f * u * u) - 0.9f; /* positive, heavy spread */
+        }
+        static const int types[] = {DS4_TYPE_Q4_K, DS4_TYPE_Q2_K, DS4_TYPE_IQ2_XXS};
+        for (int ti = 0; ti < 3; ti++) {
+            int type = types[ti];
+            size_t rb = ds4_type_row_bytes(type, N);
+            CHECK_EQ_INT(ds4_quantize_rows(type, x, q, R, N, NULL, NULL), 0);
+            CHECK_EQ_INT(ds4_quantize_rows(type, x, q2, R, N, imp, NULL), 0);
+            double e0 = 0, e1 = 0, s = 0;
+            for (int r = 0; r < R; r++) {
+                const float *xr = x + r * N;
+                ds4_dequant_row(type, q + r * rb, y, N);
+                for (int i = 0; i < N; i++) e0 += imp[i] * (xr[i] - y[i]) * (xr[i] - y[i]), s += imp[i] * xr[i] * xr[i];
+                ds4_dequant_row(type, q2 + r * rb, y, N);
+                for (int i = 0; i < N; i++) e1 += imp[i] * (xr[i] - y[i]) * (xr[i] - y[i]);
+            }
+            CHECK_MSG(e1 < e0, "%s dist %d: weighted rmse with imatrix %.4f >= without %.4f",
+                      ds4_type_name(type), dist, sqrt(e1 / s), sqrt(e0 / s));
+        }
+    }
+    free(x), free(y), free(imp), free(q), free(q2);
+}
