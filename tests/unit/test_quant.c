@@ -626,3 +626,58 @@ DS4_TEST(quant_importance_weights_lower_weighted_error) {
     }
     free(x), free(y), free(imp), free(q), free(q2);
 }
+
+/* ---- byte-exactness against ggml ------------------------------------------ */
+
+static void *read_file(const char *rel, size_t *len) {
+    char path[256];
+    snprintf(path, sizeof path, "quant_golden/%s", rel);
+    FILE *f = fopen(ds4_test_path(path), "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    void *p = malloc((size_t)n);
+    if (fread(p, 1, (size_t)n, f) != (size_t)n) {
+        free(p);
+        p = NULL;
+    }
+    fclose(f);
+    *len = (size_t)n;
+    return p;
+}
+
+/* Our quantizers reproduce ggml's bytes (tests/data/quant_golden/README.txt). */
+DS4_TEST(quant_quantizers_match_ggml_golden_bytes) {
+    enum { R = 4, N = 1024 };
+    static const struct { int type; const char *name; } types[] = {
+        {DS4_TYPE_Q8_0, "q8_0"}, {DS4_TYPE_Q4_K, "q4_K"}, {DS4_TYPE_Q2_K, "q2_K"}, {DS4_TYPE_IQ2_XXS, "iq2_xxs"}};
+    static const char *dists[] = {"gauss", "heavy"};
+    uint8_t *q = malloc(R * N * 2);
+    for (int d = 0; d < 2; d++) {
+        char name[128];
+        size_t nx, ni;
+        snprintf(name, sizeof name, "%s_input.f32", dists[d]);
+        float *x = read_file(name, &nx);
+        snprintf(name, sizeof name, "%s_imatrix.f32", dists[d]);
+        float *imp = read_file(name, &ni);
+        CHECK(x && imp && nx == R * N * 4 && ni == N * 4);
+        for (int ti = 0; ti < 4; ti++)
+            for (int w = 0; w < 2; w++) {
+                if (types[ti].type == DS4_TYPE_IQ2_XXS && !w) continue;
+                size_t ng;
+                snprintf(name, sizeof name, "%s_%s_%s.bin", dists[d], types[ti].name, w ? "imatrix" : "plain");
+                uint8_t *golden = read_file(name, &ng);
+                CHECK_MSG(golden != NULL, "missing %s", name);
+                CHECK_EQ_INT(ng, R * ds4_type_row_bytes(types[ti].type, N));
+                CHECK_EQ_INT(ds4_quantize_rows(types[ti].type, x, q, R, N, w ? imp : NULL, NULL), 0);
+                size_t first = 0;
+                while (first < ng && q[first] == golden[first]) first++;
+                CHECK_MSG(first == ng, "%s: first differing byte at %zu", name, first);
+                free(golden);
+            }
+        free(x);
+        free(imp);
+    }
+    free(q);
+}
