@@ -8,10 +8,14 @@
 #ifndef DS4_CLI_H
 #define DS4_CLI_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 
+#include "chat.h"
 #include "ds4.h"
+#include "sampler.h"
 
 typedef struct ds4_cli_opts {
     const char *model_path;        /* -m */
@@ -51,5 +55,101 @@ int ds4_cli_repl(const ds4_cli_opts *o);          /* repl.c */
 int ds4_cli_dump_logprobs(const ds4_cli_opts *o); /* logprobs.c */
 int ds4_cli_perplexity(const ds4_cli_opts *o);    /* logprobs.c */
 int ds4_cli_inspect(const ds4_cli_opts *o);       /* main.c */
+
+/* ---- Shared by the generating modes (generate.c) ------------------------ */
+
+/* Set by SIGINT (Ctrl+C) once ds4_cli_install_sigint ran; the generating
+ * loops poll it and the prefill progress callback returns it (cancel). A
+ * second Ctrl+C while it is still set kills the process as usual. */
+extern volatile sig_atomic_t ds4_cli_interrupted;
+void ds4_cli_install_sigint(void);
+
+/* A growable token list. push returns 0 or DS4_E_NOMEM. */
+typedef struct ds4_cli_toks {
+    int32_t *v; /* (n) */
+    int n, cap;
+} ds4_cli_toks;
+int ds4_cli_toks_push(ds4_cli_toks *t, const int32_t *ids, int n);
+void ds4_cli_toks_free(ds4_cli_toks *t);
+
+/* Appends the tokens of prompt segments (chat.h B.6 builders) to *out. A
+ * SPECIAL segment must be exactly one token. Prints the error; returns 0/-1. */
+int ds4_cli_tokenize_segs(ds4_engine *e, const ds4_segs *segs, ds4_cli_toks *out);
+
+/* Prefill progress for ds4_session_sync: a bar on a TTY stderr, plain
+ * "processing N input tokens: done/N (P%)" lines otherwise. Returns
+ * ds4_cli_interrupted (non-zero cancels). user is a ds4_cli_progress. */
+typedef struct ds4_cli_progress {
+    bool tty;
+    double t0;
+    int last_pct;
+} ds4_cli_progress;
+void ds4_cli_progress_init(ds4_cli_progress *p);
+int ds4_cli_progress_cb(void *user, const char *what, int64_t done, int64_t total);
+/* Ends a bar line (TTY) if one was drawn. */
+void ds4_cli_progress_end(ds4_cli_progress *p);
+
+/* Streams generated tokens to a FILE: UTF-8-safe (a character split across
+ * tokens is held back until complete), <think>/</think> tokens removed,
+ * reasoning grey (ESC[90m) when the stream is a terminal, a newline at the
+ * end of the reasoning and at the end of the output. */
+typedef struct ds4_cli_printer {
+    FILE *out;
+    const ds4_engine *e;
+    bool color;         /* out is a terminal */
+    bool in_reasoning;  /* between <think> (or the prompt's) and </think> */
+    int32_t think_open, think_close;
+    unsigned char carry[8]; /* incomplete UTF-8 tail */
+    int n_carry;
+    int last_byte;      /* last byte written, -1 before any */
+} ds4_cli_printer;
+void ds4_cli_printer_init(ds4_cli_printer *p, const ds4_engine *e, FILE *out, bool reasoning);
+void ds4_cli_printer_token(ds4_cli_printer *p, int32_t id);
+/* Flushes the carry, resets the colour, ensures a final newline. */
+void ds4_cli_printer_finish(ds4_cli_printer *p);
+
+/* Sampler parameters from the options (seed: --seed or entropy). */
+ds4_sampler_params ds4_cli_sampler_params(const ds4_cli_opts *o);
+/* The requested thinking mode after the Think-Max context gate; prints the
+ * warning of B.2 when max falls back to high. */
+ds4_think ds4_cli_think_mode(int think, int n_ctx, bool warn);
+/* Monotonic seconds. */
+double ds4_cli_now(void);
+
+/* One-shot prompt tokens (A.3 step 1, TEXT.md B.6), or the ids of
+ * --prompt-tokens-file. *reasoning: generation starts inside <think>.
+ * Prints errors; returns 0 or -1. */
+int ds4_cli_build_prompt(ds4_engine *e, const ds4_cli_opts *o, ds4_think mode, ds4_cli_toks *out,
+                         bool *reasoning);
+/* Opens the engine (a load message on a TTY) and a session of n_ctx tokens.
+ * Prints errors; returns 0 or -1. */
+int ds4_cli_open_session(const ds4_cli_opts *o, int n_ctx, ds4_engine **e, ds4_session **s);
+/* ds4_session_sync with the progress display; *secs gets the wall time.
+ * Prints errors; returns 0, DS4_E_CANCEL (Ctrl+C) or another code. */
+int ds4_cli_prefill(ds4_session *s, const ds4_cli_toks *prompt, ds4_sync_info *info, double *secs);
+
+/* The decode loop shared by one-shot and REPL turns: sample from the
+ * session's logits, stop at EOS (not printed or kept), at max_new or on
+ * Ctrl+C; print and record each token; evaluate each token except the last. */
+typedef struct ds4_cli_gen_args {
+    const ds4_engine *e;
+    ds4_session *s;
+    ds4_sampler *sampler;
+    ds4_sampler_params params;
+    ds4_rng *rng;
+    ds4_cli_printer *printer;  /* may be NULL */
+    ds4_cli_toks *transcript;  /* sampled tokens appended; may be NULL */
+    int max_new;
+} ds4_cli_gen_args;
+typedef struct ds4_cli_gen_result {
+    int n_generated;  /* tokens sampled and printed (EOS excluded) */
+    int n_evaluated;  /* decode steps run */
+    bool eos, interrupted, failed;
+    double secs;
+} ds4_cli_gen_result;
+int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r);
+/* The two final stderr lines (tokens: ...; prefill: X t/s, generation: Y t/s). */
+void ds4_cli_print_stats(int n_prompt, const ds4_sync_info *info, double prefill_s,
+                         const ds4_cli_gen_result *r);
 
 #endif

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -95,6 +96,12 @@ char *ds4_cli_read_file(const char *path, size_t *len) {
 }
 
 ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
+    /* A clear message for the commonest mistake before the loader's own. */
+    if (access(o->model_path, R_OK) != 0) {
+        fprintf(stderr, "ds4: cannot open model file %s: %s (give one with -m FILE)\n",
+                o->model_path, strerror(errno));
+        return NULL;
+    }
     ds4_engine_opts eo = {
         .model_path = o->model_path,
         .mtp_path = o->mtp_path,
@@ -196,6 +203,14 @@ int main(int argc, char **argv) {
 #undef NEED_ARG
     if (o.prompt && o.prompt_file) {
         fprintf(stderr, "ds4: give only one of -p and --prompt-file\n");
+        return 2;
+    }
+    if (o.perplexity_file && (o.prompt || o.prompt_file || o.prompt_tokens_file)) {
+        fprintf(stderr, "ds4: --perplexity-file cannot be combined with a prompt\n");
+        return 2;
+    }
+    if (o.dump_logprobs && !(o.prompt || o.prompt_file || o.prompt_tokens_file)) {
+        fprintf(stderr, "ds4: --dump-logprobs needs a prompt (-p or --prompt-file)\n");
         return 2;
     }
     if (o.dump_tokens) return ds4_cli_dump_tokens(&o);
