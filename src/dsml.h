@@ -94,7 +94,7 @@ typedef struct ds4_dsml_result {
     size_t content_len;
     ds4_tool_call *calls;    /* (n_calls); ids are NULL (the caller assigns) */
     int n_calls;             /* arguments: internal form {"k": v, "k2": v2} */
-    char *raw_dsml;          /* exact block incl. a leading "\n\n" if matched; NULL if no calls */
+    char *raw_dsml;          /* exact block incl. a leading "\n\n" if matched; NULL unless parsed */
     size_t raw_dsml_len;
     int block_seen;          /* a block start needle was found (C.6 step 2) */
     int parse_failed;        /* block seen but malformed: content = whole text */
