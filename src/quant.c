@@ -488,7 +488,8 @@ static void simd_init(void) {
     }
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
         simd_best = DS4_SIMD_AVX2;
 #endif
 }

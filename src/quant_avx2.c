@@ -1,5 +1,472 @@
-/* quant_avx2.c - AVX2/FMA kernels (filled in by the next commit). */
+/* quant_avx2.c - AVX2/FMA/F16C kernels for dequantization, dots and
+ * activation quantization, selected at run time by quant.c (the functions
+ * carry a target attribute, so the default build stays portable).
+ *
+ * Contracts (the same as the scalar kernels in quant.c, checked by
+ * tests/unit/test_quant.c):
+ * - dequant: bit-identical to scalar (same per-value multiply and subtract,
+ *   no FMA; F16C conversion is exact).
+ * - dot_q: integer sums are exact whatever the order, and each block's
+ *   float combination is the scalar one, so results are bit-identical.
+ * - quantize_act: identical bytes (round-to-nearest-even, same scale math).
+ * - dot_f32: FMA accumulation in 8 lanes; differs from the scalar sum only
+ *   by float rounding (~1e-6 relative to sum |y*x|).
+ */
 #include "quant_impl.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+#include <immintrin.h>
+#include <math.h>
+
+#define TGT __attribute__((target("avx2,fma,f16c")))
+
+/* ---- small helpers ---------------------------------------------------------- */
+
+static inline TGT float hsum_f32(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline TGT int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return ds4_f16_to_f32(h);
+}
+
+/* 8 unsigned bytes -> 8 floats */
+static inline TGT __m256 u8x8_to_ps(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* 8 signed bytes -> 8 floats */
+static inline TGT __m256 i8x8_to_ps(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* Sum of 32 products of unsigned bytes u (<= 127 in use) and signed bytes s,
+ * as 8 int32 lanes (pairs summed in int16: fits for |u*s| <= 43*127*2). */
+static inline TGT __m256i dot_u8_i8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* ---- plain types -------------------------------------------------------- */
+
+static TGT void dq_f16(const void *src, float *y, int64_t n) {
+    const uint8_t *p = src;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * i))));
+    for (; i < n; i++) y[i] = f16_at(p + 2 * i);
+}
+
+static TGT void dq_bf16(const void *src, float *y, int64_t n) {
+    const uint8_t *p = src;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 2 * i)));
+        _mm256_storeu_ps(y + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    }
+    for (; i < n; i++) y[i] = ds4_bf16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+}
+
+/* Plain dots: 4 accumulators of 8 lanes, then the scalar tail. */
+#define PLAIN_DOT(NAME, LOAD8, SCALAR_AT)                                        \
+    static TGT float NAME(const void *row, const float *x, int64_t n) {          \
+        const uint8_t *p = row;                                                  \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;              \
+        int64_t i = 0;                                                           \
+        for (; i + 32 <= n; i += 32) {                                           \
+            a0 = _mm256_fmadd_ps(LOAD8(p, i), _mm256_loadu_ps(x + i), a0);       \
+            a1 = _mm256_fmadd_ps(LOAD8(p, i + 8), _mm256_loadu_ps(x + i + 8), a1); \
+            a2 = _mm256_fmadd_ps(LOAD8(p, i + 16), _mm256_loadu_ps(x + i + 16), a2); \
+            a3 = _mm256_fmadd_ps(LOAD8(p, i + 24), _mm256_loadu_ps(x + i + 24), a3); \
+        }                                                                        \
+        for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(LOAD8(p, i), _mm256_loadu_ps(x + i), a0); \
+        float s = hsum_f32(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))); \
+        for (; i < n; i++) s += SCALAR_AT(p, i) * x[i];                          \
+        return s;                                                                \
+    }
+
+#define LOAD_F32(p, i) _mm256_loadu_ps((const float *)(p) + (i))
+#define LOAD_F16(p, i) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((p) + 2 * (i))))
+#define LOAD_BF16(p, i) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((p) + 2 * (i)))), 16))
+static inline float f32_at(const uint8_t *p, int64_t i) {
+    float f;
+    memcpy(&f, p + 4 * i, 4);
+    return f;
+}
+static inline float f16_idx(const uint8_t *p, int64_t i) { return f16_at(p + 2 * i); }
+static inline float bf16_idx(const uint8_t *p, int64_t i) {
+    return ds4_bf16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+}
+
+PLAIN_DOT(dot_f32_f32, LOAD_F32, f32_at)
+PLAIN_DOT(dot_f16_f32, LOAD_F16, f16_idx)
+PLAIN_DOT(dot_bf16_f32, LOAD_BF16, bf16_idx)
+
+/* ---- Q8_0 ------------------------------------------------------------------ */
+
+static TGT void dq_q8_0(const void *src, float *y, int64_t n) {
+    const uint8_t *p = src;
+    for (int64_t b = 0; b < n / 32; b++, p += sizeof(ds4_block_q8_0), y += 32) {
+        __m256 d = _mm256_set1_ps(f16_at(p));
+        const int8_t *q = (const int8_t *)(p + 2);
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(d, i8x8_to_ps(q + 8 * k)));
+    }
+}
+
+static TGT float dot_q8_0_f32(const void *row, const float *x, int64_t n) {
+    const uint8_t *p = row;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / 32; b++, p += sizeof(ds4_block_q8_0), x += 32) {
+        __m256 d = _mm256_set1_ps(f16_at(p));
+        const int8_t *q = (const int8_t *)(p + 2);
+        __m256 s = _mm256_mul_ps(i8x8_to_ps(q), _mm256_loadu_ps(x));
+        s = _mm256_fmadd_ps(i8x8_to_ps(q + 8), _mm256_loadu_ps(x + 8), s);
+        s = _mm256_fmadd_ps(i8x8_to_ps(q + 16), _mm256_loadu_ps(x + 16), s);
+        s = _mm256_fmadd_ps(i8x8_to_ps(q + 24), _mm256_loadu_ps(x + 24), s);
+        acc = _mm256_fmadd_ps(d, s, acc);
+    }
+    return hsum_f32(acc);
+}
+
+static TGT float dotq_q8_0(const void *row, const void *xq, int64_t n) {
+    const uint8_t *p = row, *a = xq;
+    float sum = 0.0f;
+    for (int64_t b = 0; b < n / 32; b++, p += 34, a += 34) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(p + 2));
+        __m256i v = _mm256_loadu_si256((const __m256i *)(a + 2));
+        /* |w| * (v with w's sign): unsigned x signed, as maddubs needs */
+        int isum = hsum_i32(dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w)));
+        sum += (f16_at(p) * f16_at(a)) * (float)isum;
+    }
+    return sum;
+}
+
+/* ---- Q4_K ------------------------------------------------------------------ */
+
+static inline void q4k_sm(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* y = d*q - dm for 32 nibble values (lo or hi half of 32 bytes) */
+static inline TGT void q4k_store32(float *y, const uint8_t *q, int hi, float dsc, float dm) {
+    __m256i bytes = _mm256_loadu_si256((const __m256i *)q);
+    __m256i nib = hi ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(15))
+                     : _mm256_and_si256(bytes, _mm256_set1_epi8(15));
+    uint8_t tmp[32];
+    _mm256_storeu_si256((__m256i *)tmp, nib);
+    __m256 vd = _mm256_set1_ps(dsc), vm = _mm256_set1_ps(dm);
+    for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + 8 * k, _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(tmp + 8 * k)), vm));
+}
+
+static TGT void dq_q4_k(const void *src, float *y, int64_t n) {
+    const uint8_t *p = src;
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q4_k), y += 256) {
+        float d = f16_at(p), dmin = f16_at(p + 2);
+        for (int c = 0; c < 4; c++) {
+            int sc0, m0, sc1, m1;
+            q4k_sm(p + 4, 2 * c, &sc0, &m0);
+            q4k_sm(p + 4, 2 * c + 1, &sc1, &m1);
+            q4k_store32(y + 64 * c, p + 16 + 32 * c, 0, d * (float)sc0, dmin * (float)m0);
+            q4k_store32(y + 64 * c + 32, p + 16 + 32 * c, 1, d * (float)sc1, dmin * (float)m1);
+        }
+    }
+}
+
+static TGT float dot_q4_k_f32(const void *row, const float *x, int64_t n) {
+    const uint8_t *p = row;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q4_k), x += 256) {
+        float d = f16_at(p), dmin = f16_at(p + 2);
+        for (int c = 0; c < 4; c++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
+            uint8_t nib[64];
+            _mm256_storeu_si256((__m256i *)nib, _mm256_and_si256(bytes, _mm256_set1_epi8(15)));
+            _mm256_storeu_si256((__m256i *)(nib + 32), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(15)));
+            for (int h = 0; h < 2; h++) {
+                int sc, m;
+                q4k_sm(p + 4, 2 * c + h, &sc, &m);
+                __m256 vd = _mm256_set1_ps(d * (float)sc), vm = _mm256_set1_ps(dmin * (float)m);
+                const float *xs = x + 64 * c + 32 * h;
+                for (int k = 0; k < 4; k++) {
+                    __m256 yv = _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(nib + 32 * h + 8 * k)), vm);
+                    acc = _mm256_fmadd_ps(yv, _mm256_loadu_ps(xs + 8 * k), acc);
+                }
+            }
+        }
+    }
+    return hsum_f32(acc);
+}
+
+static TGT float dotq_q4_k(const void *row, const void *xq, int64_t n) {
+    const ds4_block_q8_k *a = xq;
+    const uint8_t *p = row;
+    float sum = 0.0f;
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q4_k)) {
+        __m256i acc = _mm256_setzero_si256();
+        int msum = 0;
+        for (int c = 0; c < 4; c++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
+            __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi8(15));
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(15));
+            int sc0, m0, sc1, m1;
+            q4k_sm(p + 4, 2 * c, &sc0, &m0);
+            q4k_sm(p + 4, 2 * c + 1, &sc1, &m1);
+            __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(a[b].qs + 64 * c)));
+            __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a[b].qs + 64 * c + 32)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p0, _mm256_set1_epi16((int16_t)sc0)));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p1, _mm256_set1_epi16((int16_t)sc1)));
+            msum += m0 * (a[b].bsums[4 * c] + a[b].bsums[4 * c + 1]) + m1 * (a[b].bsums[4 * c + 2] + a[b].bsums[4 * c + 3]);
+        }
+        int isum = hsum_i32(acc);
+        sum += a[b].d * (f16_at(p) * (float)isum - f16_at(p + 2) * (float)msum);
+    }
+    return sum;
+}
+
+/* ---- Q2_K ------------------------------------------------------------------ */
+
+/* 2-bit levels of half h, shift k (values 128h+32k .. +31) as 32 bytes */
+static inline TGT __m256i q2k_levels(const uint8_t *qs, int h, int k) {
+    __m256i bytes = _mm256_loadu_si256((const __m256i *)(qs + 32 * h));
+    return _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), _mm256_set1_epi8(3));
+}
+
+static TGT void dq_q2_k(const void *src, float *y, int64_t n) {
+    const uint8_t *p = src;
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q2_k), y += 256) {
+        float d = f16_at(p + 80), dmin = f16_at(p + 82);
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                uint8_t lv[32];
+                _mm256_storeu_si256((__m256i *)lv, q2k_levels(p + 16, h, k));
+                for (int s = 0; s < 2; s++) {
+                    int sc = p[8 * h + 2 * k + s];
+                    __m256 vd = _mm256_set1_ps(d * (float)(sc & 15)), vm = _mm256_set1_ps(dmin * (float)(sc >> 4));
+                    float *yo = y + 128 * h + 32 * k + 16 * s;
+                    _mm256_storeu_ps(yo, _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(lv + 16 * s)), vm));
+                    _mm256_storeu_ps(yo + 8, _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(lv + 16 * s + 8)), vm));
+                }
+            }
+    }
+}
+
+static TGT float dot_q2_k_f32(const void *row, const float *x, int64_t n) {
+    const uint8_t *p = row;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q2_k), x += 256) {
+        float d = f16_at(p + 80), dmin = f16_at(p + 82);
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                uint8_t lv[32];
+                _mm256_storeu_si256((__m256i *)lv, q2k_levels(p + 16, h, k));
+                for (int s = 0; s < 2; s++) {
+                    int sc = p[8 * h + 2 * k + s];
+                    __m256 vd = _mm256_set1_ps(d * (float)(sc & 15)), vm = _mm256_set1_ps(dmin * (float)(sc >> 4));
+                    const float *xs = x + 128 * h + 32 * k + 16 * s;
+                    __m256 y0 = _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(lv + 16 * s)), vm);
+                    __m256 y1 = _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(lv + 16 * s + 8)), vm);
+                    acc = _mm256_fmadd_ps(y0, _mm256_loadu_ps(xs), acc);
+                    acc = _mm256_fmadd_ps(y1, _mm256_loadu_ps(xs + 8), acc);
+                }
+            }
+    }
+    return hsum_f32(acc);
+}
+
+static TGT float dotq_q2_k(const void *row, const void *xq, int64_t n) {
+    const ds4_block_q8_k *a = xq;
+    const uint8_t *p = row;
+    float sum = 0.0f;
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q2_k)) {
+        __m256i acc = _mm256_setzero_si256();
+        int msum = 0;
+        for (int j = 0; j < 16; j++) msum += (p[j] >> 4) * a[b].bsums[j];
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                int j = 8 * h + 2 * k; /* sub-blocks j (first 16 values), j+1 */
+                __m256i prod = _mm256_maddubs_epi16(q2k_levels(p + 16, h, k),
+                                                    _mm256_loadu_si256((const __m256i *)(a[b].qs + 128 * h + 32 * k)));
+                __m256i scl = _mm256_setr_m128i(_mm_set1_epi16((int16_t)(p[j] & 15)), _mm_set1_epi16((int16_t)(p[j + 1] & 15)));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, scl));
+            }
+        int isum = hsum_i32(acc);
+        sum += a[b].d * (f16_at(p + 80) * (float)isum - f16_at(p + 82) * (float)msum);
+    }
+    return sum;
+}
+
+/* ---- IQ2_XXS ---------------------------------------------------------------- */
+
+/* 32 bytes of 0xFF where the value of this group is negative, else 0. */
+static inline TGT __m256i iq2_signmask(uint32_t a1) {
+    __m256i s = _mm256_setr_epi64x((int64_t)(0x0101010101010101ull * ds4_ksigns_iq2xs[a1 & 127]),
+                                   (int64_t)(0x0101010101010101ull * ds4_ksigns_iq2xs[(a1 >> 7) & 127]),
+                                   (int64_t)(0x0101010101010101ull * ds4_ksigns_iq2xs[(a1 >> 14) & 127]),
+                                   (int64_t)(0x0101010101010101ull * ds4_ksigns_iq2xs[(a1 >> 21) & 127]));
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ull);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(s, bit), bit);
+}
+
+static inline TGT __m256i iq2_mags(uint32_t a0) {
+    return _mm256_setr_epi64x((int64_t)ds4_iq2xxs_grid[a0 & 255], (int64_t)ds4_iq2xxs_grid[(a0 >> 8) & 255],
+                              (int64_t)ds4_iq2xxs_grid[(a0 >> 16) & 255], (int64_t)ds4_iq2xxs_grid[a0 >> 24]);
+}
+
+/* the 32 dequantized values of one group: db*mag, sign applied by XOR */
+static inline TGT void iq2_group32(float db, uint32_t a0, uint32_t a1, __m256 out[4]) {
+    uint8_t mag[32], neg[32];
+    _mm256_storeu_si256((__m256i *)mag, iq2_mags(a0));
+    _mm256_storeu_si256((__m256i *)neg, iq2_signmask(a1));
+    __m256 vdb = _mm256_set1_ps(db);
+    for (int k = 0; k < 4; k++) {
+        __m256 v = _mm256_mul_ps(vdb, u8x8_to_ps(mag + 8 * k));
+        __m256i sm = _mm256_slli_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(neg + 8 * k))), 31);
+        out[k] = _mm256_xor_ps(v, _mm256_castsi256_ps(sm));
+    }
+}
+
+static TGT void dq_iq2_xxs(const void *src, float *y, int64_t n) {
+    const uint8_t *p = src;
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_iq2_xxs), y += 256) {
+        float d = f16_at(p);
+        for (int g = 0; g < 8; g++) {
+            uint32_t a0, a1;
+            memcpy(&a0, p + 2 + 8 * g, 4);
+            memcpy(&a1, p + 6 + 8 * g, 4);
+            __m256 v[4];
+            iq2_group32(d * (0.5f + (float)(a1 >> 28)) * 0.25f, a0, a1, v);
+            for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + 32 * g + 8 * k, v[k]);
+        }
+    }
+}
+
+static TGT float dot_iq2_xxs_f32(const void *row, const float *x, int64_t n) {
+    const uint8_t *p = row;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_iq2_xxs), x += 256) {
+        float d = f16_at(p);
+        for (int g = 0; g < 8; g++) {
+            uint32_t a0, a1;
+            memcpy(&a0, p + 2 + 8 * g, 4);
+            memcpy(&a1, p + 6 + 8 * g, 4);
+            __m256 v[4];
+            iq2_group32(d * (0.5f + (float)(a1 >> 28)) * 0.25f, a0, a1, v);
+            for (int k = 0; k < 4; k++) acc = _mm256_fmadd_ps(v[k], _mm256_loadu_ps(x + 32 * g + 8 * k), acc);
+        }
+    }
+    return hsum_f32(acc);
+}
+
+static TGT float dotq_iq2_xxs(const void *row, const void *xq, int64_t n) {
+    const ds4_block_q8_k *a = xq;
+    const uint8_t *p = row;
+    float sum = 0.0f;
+    for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_iq2_xxs)) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            uint32_t a0, a1;
+            memcpy(&a0, p + 2 + 8 * g, 4);
+            memcpy(&a1, p + 6 + 8 * g, 4);
+            __m256i av = _mm256_loadu_si256((const __m256i *)(a[b].qs + 32 * g));
+            /* negate the activation where the weight is negative */
+            __m256i m = iq2_signmask(a1);
+            av = _mm256_sub_epi8(_mm256_xor_si256(av, m), m);
+            __m256i prod = _mm256_maddubs_epi16(iq2_mags(a0), av);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, _mm256_set1_epi16((int16_t)(2 * (a1 >> 28) + 1))));
+        }
+        int bsum = hsum_i32(acc);
+        sum += a[b].d * (f16_at(p) * 0.125f * (float)bsum);
+    }
+    return sum;
+}
+
+/* ---- activation quantization ------------------------------------------------ */
+
+static inline TGT float amax_ps(const float *x, int n) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + i), absmask));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* q[i] = clamp(rne(x[i] * iscale), -127, 127) for 32 values */
+static inline TGT void quant32(const float *x, float iscale, int8_t *q) {
+    __m256 vs = _mm256_set1_ps(iscale);
+    __m256i v[4];
+    for (int k = 0; k < 4; k++) {
+        __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+        v[k] = _mm256_cvtps_epi32(r);
+    }
+    /* packs work within 128-bit lanes; the permute restores the order */
+    __m256i p16a = _mm256_packs_epi32(v[0], v[1]), p16b = _mm256_packs_epi32(v[2], v[3]);
+    __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+    p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, p8);
+}
+
+static TGT void act_q8_0(const float *x, void *dst, int64_t n) {
+    uint8_t *o = dst;
+    for (int64_t b = 0; b < n / 32; b++, x += 32, o += 34) {
+        float amax = amax_ps(x, 32);
+        float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+        uint16_t d = ds4_f32_to_f16(amax / 127.0f);
+        memcpy(o, &d, 2);
+        quant32(x, iscale, (int8_t *)(o + 2));
+    }
+}
+
+static TGT void act_q8_k(const float *x, void *dst, int64_t n) {
+    ds4_block_q8_k *o = dst;
+    for (int64_t b = 0; b < n / 256; b++, x += 256) {
+        float amax = amax_ps(x, 256);
+        float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+        o[b].d = amax / 127.0f;
+        for (int k = 0; k < 8; k++) quant32(x + 32 * k, iscale, o[b].qs + 32 * k);
+        for (int k = 0; k < 16; k++) {
+            /* sum of 16 int8 via sign-extension to int16 */
+            __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(o[b].qs + 16 * k)));
+            __m256i s = _mm256_madd_epi16(v, _mm256_set1_epi16(1));
+            o[b].bsums[k] = (int16_t)hsum_i32(s);
+        }
+    }
+}
+
+const ds4_quant_kernels ds4_quant_avx2_table[] = {
+    {DS4_TYPE_F32, -1, NULL, dot_f32_f32, NULL, NULL},
+    {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL},
+    {DS4_TYPE_BF16, -1, dq_bf16, dot_bf16_f32, NULL, NULL},
+    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, dq_q8_0, dot_q8_0_f32, dotq_q8_0, act_q8_0},
+    {DS4_TYPE_Q4_K, DS4_TYPE_Q8_K, dq_q4_k, dot_q4_k_f32, dotq_q4_k, act_q8_k},
+    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, dq_q2_k, dot_q2_k_f32, dotq_q2_k, act_q8_k},
+    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, dq_iq2_xxs, dot_iq2_xxs_f32, dotq_iq2_xxs, act_q8_k},
+};
+const int ds4_quant_avx2_n = sizeof ds4_quant_avx2_table / sizeof ds4_quant_avx2_table[0];
+
+#else /* no x86 AVX2 code in this build */
 
 const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL}};
 const int ds4_quant_avx2_n = 0;
+
+#endif

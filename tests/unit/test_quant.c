@@ -467,6 +467,10 @@ DS4_TEST(quant_dot_q_equals_dot_of_dequantized_operands) {
             CHECK_MSG(memcmp(xq, xq2, act_bytes) == 0, "%s act quant differs on simd %d", ds4_type_name(type), simd);
             float d = k->dot_q(row, xq, N);
             CHECK_MSG(fabs(d - ref) <= 2e-6 * mag, "%s simd %d: dot_q %.9g vs %.9g", ds4_type_name(type), simd, d, ref);
+            /* exact integer sums + the same block combination: bit-identical */
+            float d_scalar = ds4_quant_kernels_get(type, DS4_SIMD_SCALAR)->dot_q(row, xq, N);
+            CHECK_MSG(fbits(d) == fbits(d_scalar), "%s simd %d: dot_q %.9g != scalar %.9g", ds4_type_name(type), simd,
+                      d, d_scalar);
         }
         /* and the int8 path is close to the f32 path */
         float df = ds4_dot_row_f32(type, row, x, N), dq = ds4_dot_row_q(type, row, xq, N);
