@@ -131,6 +131,7 @@ int ds4_cli_progress_cb(void *user, const char *what, int64_t done, int64_t tota
     if (total <= 0) return ds4_cli_interrupted;
     int pct = (int)(100 * done / total);
     if (p->tty) {
+        /* Redraw the bar in place when the percentage moves. */
         if (pct != p->last_pct || done == total) {
             enum { W = 30 };
             int fill = (int)(W * done / total);
@@ -141,12 +142,17 @@ int ds4_cli_progress_cb(void *user, const char *what, int64_t done, int64_t tota
             fprintf(stderr, "\rprefill [%s] %3d%% %lld/%lld tokens  %.1f t/s  ", bar, pct,
                     (long long)done, (long long)total, dt > 0 ? (double)done / dt : 0.0);
             fflush(stderr);
+            p->last_pct = pct;
         }
-    } else if (pct != p->last_pct) {
-        fprintf(stderr, "processing %lld input tokens: %lld/%lld (%d%%)\n", (long long)total,
-                (long long)done, (long long)total, pct);
+    } else {
+        /* Plain lines (logs, pipes): at most one per 10%, and the last one. */
+        int decile = done == total ? 10 : pct / 10;
+        if (decile > p->last_pct) {
+            fprintf(stderr, "processing %lld input tokens: %lld/%lld (%d%%)\n", (long long)total,
+                    (long long)done, (long long)total, pct);
+            p->last_pct = decile;
+        }
     }
-    p->last_pct = pct;
     return ds4_cli_interrupted;
 }
 

@@ -1,0 +1,283 @@
+"""End-to-end tests of the `ds4` CLI (SERVING.md A) on the demo model.
+
+The demo model (build/demo.gguf, `make demo-model`) has random weights and
+the real DeepSeek tokenizer: its text is meaningless, so these tests check
+mechanics (determinism, formats, KV reuse, exit codes), never wording.
+
+Independent cross-checks: the greedy tokens of one-shot generation and of
+--dump-logprobs are compared with the argmax of the full-sequence logits
+that `--dump-logits` computes in one batched prefill (a different code path:
+prefill instead of token-by-token decode), and logprobs with a NumPy
+log-softmax of those logits.
+
+DS4_TEST_CLI / DS4_TEST_MODEL override the binary and model (development).
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+DS4 = os.environ.get("DS4_TEST_CLI") or str(ROOT / "ds4")
+MODEL = os.environ.get("DS4_TEST_MODEL") or str(ROOT / "build" / "demo.gguf")
+PROMPT = "Tell me about the river Adda."
+STATS_RE = re.compile(r"ds4: tokens: prompt (\d+) \(reused (\d+), evaluated (\d+)\), generated (\d+)")
+SPEED_RE = re.compile(r"ds4: prefill: [0-9.]+ t/s, generation: [0-9.]+ t/s")
+
+
+def need_binary():
+    if not os.path.exists(DS4):
+        pytest.fail("ds4 is not built (run make)")
+
+
+@pytest.fixture(scope="module")
+def model():
+    need_binary()
+    if not os.path.exists(MODEL):
+        r = subprocess.run(["make", "-s", "demo-model"], cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.exists(MODEL):
+            pytest.skip("demo model not available (make demo-model failed): " + r.stderr[-300:])
+    return MODEL
+
+
+def run(args, timeout=300, **kw):
+    return subprocess.run([DS4] + args, capture_output=True, timeout=timeout, **kw)
+
+
+def base(model, *extra):
+    return ["-m", model, "--cpu", "--ctx", "1024", "-t", "2"] + list(extra)
+
+
+# ---- usage and runtime errors (no model needed) -------------------------------
+
+@pytest.mark.parametrize("args,needle", [
+    (["--bogus"], "unknown option"),
+    (["-p", "a", "--prompt-file", "b"], "only one of"),
+    (["--temp", "hot"], "--temp"),
+    (["--temp", "101"], "--temp"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--ctx", "0"], "--ctx"),
+    (["-n"], "needs an argument"),
+    (["--seed", "0"], "--seed"),
+    (["--logprobs-top-k", "129"], "--logprobs-top-k"),
+    (["--perplexity-file", "x.txt", "-p", "hi"], "cannot be combined"),
+    (["--dump-logprobs", "out.json"], "needs a prompt"),
+    (["--server"], "ds4-server"),
+])
+def test_cli_usage_error_exits_2_with_message(args, needle):
+    need_binary()
+    r = run(args)
+    assert r.returncode == 2, (args, r.returncode, r.stderr)
+    assert needle.encode() in r.stderr, r.stderr
+    assert r.stdout == b""
+
+
+def test_cli_missing_model_exits_1_with_clear_message(tmp_path):
+    need_binary()
+    missing = str(tmp_path / "nope.gguf")
+    r = run(["-m", missing, "-p", "hi"])
+    assert r.returncode == 1
+    assert b"cannot open model file" in r.stderr and missing.encode() in r.stderr, r.stderr
+    assert r.stdout == b""
+
+
+def test_cli_help_exits_0():
+    need_binary()
+    r = run(["--help"])
+    assert r.returncode == 0 and b"--dump-logprobs" in r.stdout
+
+
+# ---- helpers using the model ------------------------------------------------------
+
+def dump_logprobs(model, tmp_path, n, *extra, name="lp.json"):
+    out = tmp_path / name
+    r = run(base(model, "--nothink", "-n", str(n), "--dump-logprobs", str(out), "-p", PROMPT, *extra))
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    return out.read_bytes()
+
+
+def prompt_ids(model, tmp_path, system="You are a helpful assistant"):
+    """Ids of the one-shot prompt (TEXT.md B.6, mode none), from --dump-tokens on
+    the equivalent rendered text (markers split BPE, so segments agree)."""
+    text = ("<｜begin▁of▁sentence｜>" + system + "<｜User｜>" + PROMPT +
+            "<｜Assistant｜></think>")
+    r = run(["-m", model, "--dump-tokens", "-p", text])
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.decode().splitlines()[0])
+
+
+def full_logits(model, tmp_path, ids):
+    """Logits after every position of ids, by one batched prefill (--dump-logits)."""
+    f = tmp_path / "ids.txt"
+    f.write_text(" ".join(map(str, ids)))
+    out = tmp_path / "logits.f32"
+    r = run(["-m", model, "--cpu", "-t", "2", "--prompt-tokens-file", str(f), "--dump-logits", str(out)])
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    a = np.fromfile(out, dtype="<f4")
+    return a.reshape(len(ids), -1)
+
+
+# ---- --dump-logprobs --------------------------------------------------------------
+
+def test_cli_dump_logprobs_exact_layout_and_consistency(model, tmp_path):
+    raw = dump_logprobs(model, tmp_path, 6, "--logprobs-top-k", "5")
+    lines = raw.decode().split("\n")
+    assert lines[0] == "{"
+    assert lines[1] == '  "source":"ds4",'
+    assert re.fullmatch(r'  "prompt_tokens":\d+,', lines[2])
+    assert lines[3] == '  "ctx":1024,'
+    assert lines[4] == '  "top_k":5,'
+    assert lines[5] == '  "steps":['
+    assert lines[-3:] == ["  ]", "}", ""]
+    step_lines = lines[6:-3]
+    assert 1 <= len(step_lines) <= 6
+    for i, l in enumerate(step_lines):
+        assert l.startswith('    {"step":%d,"selected":{"id":' % i), l[:60]
+        assert l.endswith("]}," if i + 1 < len(step_lines) else "]}")
+    doc = json.loads(raw)
+    assert list(doc) == ["source", "prompt_tokens", "ctx", "top_k", "steps"]
+    for i, st in enumerate(doc["steps"]):
+        assert list(st) == ["step", "selected", "top_logprobs"] and st["step"] == i
+        top = st["top_logprobs"]
+        assert len(top) == 5
+        assert top[0]["token"] == st["selected"], "selected is the argmax"
+        for e in top:
+            assert list(e) == ["token", "logit", "logprob"]
+            assert list(e["token"]) == ["id", "text", "bytes"]
+            b = bytes(e["token"]["bytes"])
+            try:
+                assert e["token"]["text"] == b.decode("utf-8")
+            except UnicodeDecodeError:  # invalid UTF-8: bytes >= 0x80 as \u00XX
+                assert e["token"]["text"] == "".join(chr(c) for c in b)
+            assert e["logprob"] <= 0
+        # sorted by logit, ties by lower id; logprob differences equal logit differences
+        keys = [(-e["logit"], e["token"]["id"]) for e in top]
+        assert keys == sorted(keys)
+        for e in top:
+            assert abs((e["logprob"] - top[0]["logprob"]) - (e["logit"] - top[0]["logit"])) < 1e-4
+        assert sum(math.exp(e["logprob"]) for e in top) <= 1 + 1e-6
+
+
+def test_cli_dump_logprobs_match_numpy_log_softmax_of_prefill_logits(model, tmp_path):
+    doc = json.loads(dump_logprobs(model, tmp_path, 5))
+    ids = prompt_ids(model, tmp_path)
+    assert len(ids) == doc["prompt_tokens"]
+    sel = [s["selected"]["id"] for s in doc["steps"]]
+    L = full_logits(model, tmp_path, ids + sel[:-1])
+    p = len(ids)
+    for i, st in enumerate(doc["steps"]):
+        row = L[p - 1 + i].astype(np.float64)
+        m = row.max()
+        lse = m + math.log(np.exp(row - m).sum())
+        for e in st["top_logprobs"]:
+            tid = e["token"]["id"]
+            assert abs(e["logit"] - row[tid]) < 2e-3 * max(1.0, abs(row[tid])), (i, tid)
+            assert abs(e["logprob"] - (row[tid] - lse)) < 5e-3, (i, tid)
+
+
+# ---- one-shot greedy -------------------------------------------------------------
+
+def test_cli_oneshot_greedy_deterministic_and_equals_prefill_argmax(model, tmp_path):
+    n = 12
+    args = base(model, "--nothink", "--temp", "0", "-n", str(n), "-p", PROMPT)
+    r1, r2 = run(args), run(args)
+    assert r1.returncode == 0, r1.stderr.decode(errors="replace")
+    assert r1.stdout == r2.stdout, "greedy output is deterministic"
+    assert SPEED_RE.search(r1.stderr.decode()), r1.stderr
+    m = STATS_RE.search(r1.stderr.decode())
+    assert m, r1.stderr
+    n_prompt, n_gen = int(m.group(1)), int(m.group(4))
+
+    # Independent greedy: argmax of the batched-prefill logits, extended one
+    # token at a time (teacher-forcing its own choices).
+    ids = prompt_ids(model, tmp_path)
+    assert len(ids) == n_prompt
+    doc = json.loads(dump_logprobs(model, tmp_path, n))
+    eos = None
+    sel = [s["selected"]["id"] for s in doc["steps"]]
+    L = full_logits(model, tmp_path, ids + sel[:-1])
+    for i, t in enumerate(sel):
+        row = L[len(ids) - 1 + i]
+        top2 = np.sort(row)[-2:]
+        if top2[1] - top2[0] > 1e-3:  # skip near-ties, where rounding may flip the argmax
+            assert int(np.argmax(row)) == t, "step %d" % i
+    # The one-shot output is exactly those tokens' bytes (no EOS, no think markers).
+    text = b""
+    for s in doc["steps"]:
+        t = s["selected"]
+        if t["text"] in ("<｜end▁of▁sentence｜>",):
+            eos = t["id"]
+            break
+        if t["text"] in ("<think>", "</think>"):
+            continue
+        text += bytes(t["bytes"])
+    gen = r1.stdout
+    assert gen.endswith(b"\n")
+    if not text.endswith(b"\n"):
+        gen = gen[:-1]
+    assert gen == text
+    assert n_gen == (len(sel) if eos is None else sel.index(eos))
+
+
+def test_cli_oneshot_seeded_sampling_reproducible(model):
+    def gen(seed):
+        r = run(base(model, "--nothink", "--temp", "1", "--min-p", "0", "--seed", str(seed),
+                     "-n", "16", "-p", PROMPT))
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+    a, b, c = gen(42), gen(42), gen(43)
+    assert a == b
+    assert a != c
+
+
+def test_cli_oneshot_prompt_longer_than_context_is_an_error(model):
+    r = run(["-m", model, "--cpu", "--ctx", "8", "-p", PROMPT * 3])
+    assert r.returncode == 1
+    assert b"context holds 8" in r.stderr
+
+
+def test_cli_oneshot_thinking_output_has_no_think_markers(model):
+    r = run(base(model, "--think", "--temp", "0", "-n", "24", "-p", PROMPT))
+    assert r.returncode == 0, r.stderr
+    assert b"<think>" not in r.stdout and b"</think>" not in r.stdout
+    assert b"\x1b[" not in r.stdout, "no colour when stdout is not a terminal"
+
+
+# ---- --perplexity-file -------------------------------------------------------------
+
+def test_cli_perplexity_matches_numpy_nll_of_prefill_logits(model, tmp_path):
+    text = (ROOT / "tests" / "data" / "promessi_sposi.txt").read_bytes()[:1500]
+    f = tmp_path / "ppl.txt"
+    f.write_bytes(text)
+    r = run(["-m", model, "--cpu", "-t", "2", "--ctx", "512", "-n", "40", "--perplexity-file", str(f)])
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    m = re.fullmatch(rb"tokens=(\d+) scored=(\d+) nll=([0-9.]+) avg_nll=([0-9.]+) ppl=([0-9.]+)\n", r.stdout)
+    assert m, r.stdout
+    T, S = int(m.group(1)), int(m.group(2))
+    nll, avg, ppl = (float(m.group(i)) for i in (3, 4, 5))
+    assert S == min(40, T - 32)
+    assert abs(avg - nll / S) < 1e-6 and abs(ppl - math.exp(avg)) < 1e-5 * ppl
+    # plain tokenization of the raw text (no markers in it: dump-tokens agrees)
+    d = run(["-m", model, "--dump-tokens", "--prompt-file", str(f)])
+    ids = json.loads(d.stdout.decode().splitlines()[0])
+    assert len(ids) == T
+    L = full_logits(model, tmp_path, ids[:32 + S - 1]).astype(np.float64)
+    want = 0.0
+    for i in range(S):
+        row = L[31 + i]
+        mx = row.max()
+        want -= row[ids[32 + i]] - (mx + math.log(np.exp(row - mx).sum()))
+    assert abs(nll - want) < 1e-3 * max(1.0, want)
+
+
+def test_cli_perplexity_needs_more_than_32_tokens(model, tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("only a few words")
+    r = run(["-m", model, "--cpu", "--perplexity-file", str(f)])
+    assert r.returncode == 1 and b"more than 32" in r.stderr
