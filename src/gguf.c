@@ -1051,6 +1051,9 @@ static int kv_begin(ds4_gguf_writer *w, const char *key, uint32_t type) {
         unsigned char ch = (unsigned char)key[i];
         if (ch < 0x21 || ch > 0x7e) return wfail(w, "key '%.200s': keys are printable ASCII without spaces", key);
     }
+    if (type != DS4_GGUF_U32 && strcmp(key, "general.alignment") == 0) {
+        return wfail(w, "key '%s' must be UINT32 (add it with ds4_gguf_writer_add_u32)", key);
+    }
     for (int64_t i = 0; i < w->n_kv; i++) {
         if (strcmp(w->keys[i], key) == 0) return wfail(w, "duplicate key '%.200s'", key);
     }

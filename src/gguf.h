@@ -10,7 +10,9 @@
  * section) and overlap. Every error names the problem, the byte offset and
  * the key or tensor. After a successful open every accessor below is total:
  * no accessor can read outside the mapping. A ds4_gguf is immutable after
- * open, so concurrent readers on one handle are safe.
+ * open, so concurrent readers on one handle are safe. (As with any mmap, a
+ * file truncated by another process while mapped faults on access: do not
+ * rewrite a GGUF in place while it is open; our writer renames a new file.)
  *
  * Strings in the mapping are not NUL-terminated: they come back as
  * ds4_gguf_str {ptr, len}. Keys and tensor names are exceptions: the reader

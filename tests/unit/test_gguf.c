@@ -301,6 +301,7 @@ DS4_TEST(gguf_writer_rejects_bad_input) {
     CHECK_EQ_INT(ds4_gguf_writer_add_i32(w, "", 2), DS4_E_ARG);         /* empty */
     CHECK_EQ_INT(ds4_gguf_writer_add_i32(w, "sp ace", 2), DS4_E_ARG);   /* not printable w/o space */
     CHECK_EQ_INT(ds4_gguf_writer_add_u32(w, "general.alignment", 48), DS4_E_ARG);
+    CHECK_EQ_INT(ds4_gguf_writer_add_u64(w, "general.alignment", 64), DS4_E_ARG);
     CHECK_EQ_INT(ds4_gguf_writer_add_arr(w, "nest", DS4_GGUF_ARR, arr_u8, 1), DS4_E_ARG);
     CHECK_EQ_INT(ds4_gguf_writer_add_arr(w, "badbool", DS4_GGUF_BOOL, (uint8_t[]){2}, 1), DS4_E_ARG);
     uint8_t d[64] = {0};
