@@ -98,6 +98,7 @@ typedef struct ds4_cli_printer {
     const ds4_engine *e;
     bool color;         /* out is a terminal */
     bool in_reasoning;  /* between <think> (or the prompt's) and </think> */
+    bool grey;          /* the grey colour is switched on */
     int32_t think_open, think_close;
     unsigned char carry[8]; /* incomplete UTF-8 tail */
     int n_carry;

@@ -175,7 +175,7 @@ void ds4_cli_printer_init(ds4_cli_printer *p, const ds4_engine *e, FILE *out, bo
     p->think_close = ds4_token_special(e, DS4_TOK_THINK_CLOSE);
     p->last_byte = -1;
     p->in_reasoning = reasoning;
-    if (reasoning && p->color) fputs(GREY, out);
+    if (reasoning && p->color) { fputs(GREY, out); p->grey = true; }
 }
 
 static void emit(ds4_cli_printer *p, const void *b, size_t n) {
@@ -200,14 +200,15 @@ static size_t utf8_complete_prefix(const unsigned char *b, size_t n) {
 
 void ds4_cli_printer_token(ds4_cli_printer *p, int32_t id) {
     if (id == p->think_open && id >= 0) {
-        if (!p->in_reasoning && p->color) fputs(GREY, p->out);
+        if (!p->in_reasoning && p->color) { fputs(GREY, p->out); p->grey = true; }
         p->in_reasoning = true;
         return;
     }
     if (id == p->think_close && id >= 0) {
         if (p->n_carry) { emit(p, p->carry, (size_t)p->n_carry); p->n_carry = 0; }
         if (p->in_reasoning) {
-            if (p->color) fputs(RESET, p->out);
+            if (p->grey) fputs(RESET, p->out);
+            p->grey = false;
             if (p->last_byte >= 0 && p->last_byte != '\n') emit(p, "\n", 1);
         }
         p->in_reasoning = false;
@@ -238,7 +239,8 @@ void ds4_cli_printer_token(ds4_cli_printer *p, int32_t id) {
 void ds4_cli_printer_finish(ds4_cli_printer *p) {
     if (p->n_carry) emit(p, p->carry, (size_t)p->n_carry);
     p->n_carry = 0;
-    if (p->color) fputs(RESET, p->out);
+    if (p->grey) fputs(RESET, p->out);
+    p->grey = false;
     if (p->last_byte >= 0 && p->last_byte != '\n') emit(p, "\n", 1);
     fflush(p->out);
 }

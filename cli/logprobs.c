@@ -189,6 +189,10 @@ int ds4_cli_perplexity(const ds4_cli_opts *o) {
     int S = T - PPL_CONTEXT;
     if (S > o->n_predict) S = o->n_predict;
     if (S > o->n_ctx - PPL_CONTEXT) S = o->n_ctx - PPL_CONTEXT;
+    if (S < 1) {
+        fprintf(stderr, "ds4: nothing to score (-n is 0)\n");
+        goto out;
+    }
     smp = ds4_sampler_new(n_vocab, &err);
     all = malloc((size_t)PPL_CHUNK * (size_t)n_vocab * sizeof *all);
     lp = malloc((size_t)n_vocab * sizeof *lp);
