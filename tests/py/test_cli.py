@@ -281,3 +281,24 @@ def test_cli_perplexity_needs_more_than_32_tokens(model, tmp_path):
     f.write_text("only a few words")
     r = run(["-m", model, "--cpu", "--perplexity-file", str(f)])
     assert r.returncode == 1 and b"more than 32" in r.stderr
+
+
+def test_cli_oneshot_sigint_stops_generation_cleanly(model):
+    import signal
+    import time
+    p = subprocess.Popen([DS4] + base(model, "--nothink", "-n", "100000", "--ctx", "4096", "-p", PROMPT),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = p.stdout.read(1)  # generation has started (stdout is flushed per token)
+        assert first, p.stderr.read()
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert b"ds4: interrupted" in err
+    m = STATS_RE.search(err.decode(errors="replace"))
+    assert m and 0 < int(m.group(4)) < 4000
+    assert SPEED_RE.search(err.decode())
