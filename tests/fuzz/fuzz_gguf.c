@@ -4,7 +4,9 @@
  * ASan sees any read past the end) and, when it opens, walks every
  * accessor: each kv (scalar value or every array element, through every
  * typed helper), the typed getters by key, and every tensor (lookup by
- * name, first and last data byte). Seeds: tests/fuzz/corpus/fuzz_gguf/.
+ * name, first and last data byte). Seeds (tests/fuzz/corpus/fuzz_gguf/):
+ * files written by gguf-py and by our writer (tests/py/test_gguf_py.py
+ * helpers) and a few of tests/data/gguf-bad.
  */
 #include <stdint.h>
 #include <stdlib.h>
