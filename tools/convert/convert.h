@@ -1,0 +1,186 @@
+/* convert.h - ds4-convert internals shared between its source files.
+ *
+ * tokenizer_json.c: tokenizer.json (Hugging Face) -> GGUF tokenizer keys.
+ * safetensors.c: read-only views of *.safetensors; hf.c: config.json, the
+ * tensor plan, HF name mapping and the streaming tensor writer; demo.c: the
+ * random-weight demo model; main.c: the command line.
+ */
+#ifndef DS4_CONVERT_H
+#define DS4_CONVERT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gguf.h"
+#include "util/err.h"
+
+/* ---- tokenizer (tokenizer_json.c) --------------------------------------- */
+
+/* Vocabulary width of the published DeepSeek V4 Flash files: the token
+ * table is padded to this many entries with "[PADn]" tokens. */
+#define DS4_CONVERT_V4_N_VOCAB 129280
+
+/* A byte-level BPE tokenizer read from a tokenizer.json, laid out as the
+ * GGUF keys want it. All arrays have n_tokens (resp. n_merges) entries and
+ * are owned by the struct. */
+typedef struct ds4_tokjson {
+    int n_tokens;
+    char **tokens;          /* byte-level strings; markers literal; "[PADn]" gaps */
+    size_t *token_lens;
+    int32_t *token_type;    /* 1 normal, 3 control, 4 user-defined, 5 unused */
+    int n_merges;
+    char **merges;          /* "left right", rank = index */
+    size_t *merge_lens;
+    int32_t bos_id, eos_id, pad_id; /* -1 when the string is absent */
+} ds4_tokjson;
+
+/* Reads a Hugging Face tokenizer.json of type BPE (model.vocab, model.merges
+ * as "a b" strings or ["a","b"] pairs, added_tokens). Adds the DeepSeek V4
+ * tokens <think>, </think> and ｜DSML｜ when absent (TEXT.md A.8: at ids
+ * 128821, 128822, 128825 when those are free, else after the last id), and
+ * pads the table with "[PADn]" (type unused) up to pad_to entries (never
+ * truncates; 0 = no padding). Returns 0, or DS4_E_IO / DS4_E_FORMAT (not a
+ * BPE tokenizer.json, duplicate or out-of-range ids; the message names the
+ * entry) / DS4_E_NOMEM. On failure *tj is left empty. */
+int ds4_tokjson_load(ds4_tokjson *tj, const char *path, int pad_to, ds4_err *err);
+void ds4_tokjson_free(ds4_tokjson *tj);
+
+/* Loads tokenizer_json_path (padded to DS4_CONVERT_V4_N_VOCAB) and adds the
+ * tokenizer keys of the published GGUFs to w: tokenizer.ggml.model "gpt2",
+ * .pre "joyai-llm", .tokens, .token_type, .merges, .bos_token_id,
+ * .eos_token_id, .padding_token_id (when present), .add_bos_token true,
+ * .add_eos_token false. Returns 0 or the error of ds4_tokjson_load / the
+ * writer. */
+int ds4_convert_add_tokenizer(ds4_gguf_writer *w, const char *tokenizer_json_path, ds4_err *err);
+
+/* ---- safetensors (safetensors.c) ----------------------------------------- */
+
+enum {
+    DS4_ST_F32, DS4_ST_F16, DS4_ST_BF16, DS4_ST_I64, DS4_ST_I32, DS4_ST_F64, DS4_ST_I8, DS4_ST_U8,
+    DS4_ST_I16, DS4_ST_BOOL, DS4_ST_F8_E4M3, DS4_ST_F8_E8M0, DS4_ST_F8_E5M2,
+};
+#define DS4_ST_MAX_DIMS 8
+
+/* One tensor of a safetensors file: a zero-copy view into its mapping. */
+typedef struct ds4_st_tensor {
+    char *name;                     /* owned */
+    int dtype;                      /* DS4_ST_* */
+    int n_dims;
+    int64_t shape[DS4_ST_MAX_DIMS]; /* row-major (C order), shape[n_dims-1] fastest */
+    int64_t n_elems;
+    const uint8_t *data;            /* little-endian, possibly unaligned */
+    uint64_t n_bytes;
+    int file;                       /* index into ds4_st.files */
+} ds4_st_tensor;
+
+/* The tensors of a model directory, sorted by name. */
+typedef struct ds4_st {
+    struct ds4_st_file { void *map; size_t size; char *path; } *files;
+    int n_files;
+    ds4_st_tensor *t;
+    int n, cap;
+} ds4_st;
+
+/* Opens the *.safetensors of dir (through model.safetensors.index.json when
+ * present) and validates every header (see safetensors.c). Returns 0, or
+ * DS4_E_IO / DS4_E_FORMAT / DS4_E_NOMEM with a message naming the file and
+ * the tensor; on failure st is empty. Free with ds4_st_close. */
+int ds4_st_open_dir(ds4_st *st, const char *dir, ds4_err *err);
+void ds4_st_close(ds4_st *st);
+/* The tensor called name, or NULL. O(log n). */
+const ds4_st_tensor *ds4_st_find(const ds4_st *st, const char *name);
+const char *ds4_st_dtype_name(int dtype);
+int ds4_st_dtype_size(int dtype);   /* bytes per element, 0 when unknown */
+
+/* ---- model description and tensor plan (hf.c) ---------------------------- */
+
+/* Hyperparameters of a DeepSeek V4 model as the GGUF metadata states them
+ * (MODEL.md §A; names follow the deepseek4.* keys). */
+typedef struct ds4_conv_hparams {
+    int n_layer, n_embd, n_vocab, n_head, head_dim, n_rot;
+    int q_lora, o_lora, o_groups;
+    int n_expert, n_expert_used, n_ff, n_hash;
+    int window, idx_heads, idx_dim, idx_topk;
+    int n_hc, sinkhorn_iters, nextn;
+    double hc_eps, rms_eps, routed_scale, swiglu_limit;
+    double rope_base, compress_rope_base;
+    bool yarn;                       /* YaRN on compressed layers, else plain RoPE */
+    double yarn_factor, yarn_beta_fast, yarn_beta_slow;
+    uint64_t yarn_orig_ctx, context_length;
+    int *ratio;                      /* (n_layer) compress ratio: 0, 4 (CSA) or another R > 0 (HCA); owned */
+} ds4_conv_hparams;
+
+void ds4_conv_hparams_free(ds4_conv_hparams *hp);
+
+/* Reads a Hugging Face config.json (transformers' DeepseekV4Config fields or
+ * the official checkpoint's, FORMATS.md E.5). Returns 0, or DS4_E_IO /
+ * DS4_E_FORMAT naming the missing or invalid key. */
+int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err);
+
+/* Output type recipes of --outtype. */
+typedef enum { DS4_OUT_F32, DS4_OUT_F16, DS4_OUT_Q8_0 } ds4_conv_outtype;
+
+/* Where the bytes of one planned GGUF tensor come from. */
+typedef enum {
+    DS4_SRC_NONE = 0,   /* not bound yet */
+    DS4_SRC_PLAIN,      /* one source tensor, same element order (stacked experts included) */
+    DS4_SRC_EXPERTS,    /* one source tensor per matrix (per-expert checkpoints) */
+    DS4_SRC_FUSED_LO,   /* matrix m = rows [0, n_out) of source slab m of 2*n_out rows (gate of gate_up) */
+    DS4_SRC_FUSED_HI,   /* rows [n_out, 2*n_out) of slab m (up of gate_up) */
+    DS4_SRC_RANDOM,     /* generated (demo model) */
+} ds4_conv_src_kind;
+
+typedef enum { DS4_RAND_NORMAL, DS4_RAND_UNIFORM, DS4_RAND_EXPERT_ID } ds4_conv_rand_kind;
+
+typedef struct ds4_conv_tensor {
+    char name[64];          /* GGUF name */
+    uint32_t type;          /* output ggml type */
+    int n_dims;
+    int64_t ne[3];          /* GGUF dims: n_in, n_out, n_mat */
+    bool optional;          /* may be left unbound (then not written) */
+    ds4_conv_src_kind src;
+    const ds4_st_tensor *st;        /* PLAIN, FUSED_* */
+    const ds4_st_tensor **experts;  /* EXPERTS: ne[2] entries, owned array */
+    ds4_conv_rand_kind rand;        /* RANDOM */
+    double ra, rb;                  /* RANDOM: normal (mean, std) or uniform [ra, rb) */
+    uint64_t seed;                  /* RANDOM */
+} ds4_conv_tensor;
+
+typedef struct ds4_conv_plan {
+    ds4_conv_tensor *t;
+    int n;
+} ds4_conv_plan;
+
+/* Lays out every tensor of the published GGUF layout (MODEL.md B.2-B.3) for
+ * hp, with output types chosen by outtype; sources unbound. */
+int ds4_conv_plan_layout(ds4_conv_plan *plan, const ds4_conv_hparams *hp, ds4_conv_outtype outtype,
+                         ds4_err *err);
+void ds4_conv_plan_free(ds4_conv_plan *plan);
+ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *plan, const char *name);
+
+/* Binds every planned tensor to the tensors of a model directory (accepting
+ * save_pretrained's, the in-memory module names and the official
+ * checkpoint's, ORACLE.md §4 / FORMATS.md E.4), checking shapes and dtypes.
+ * Fails with DS4_E_MODEL naming a tensor it cannot map, a shape mismatch, or
+ * the tensors that are missing. */
+int ds4_conv_bind_hf(ds4_conv_plan *plan, const ds4_conv_hparams *hp, const ds4_st *st, ds4_err *err);
+
+/* Adds the deepseek4.* and general.* metadata for hp (FORMATS.md D.4). */
+int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const char *name,
+                          ds4_conv_outtype outtype, ds4_err *err);
+
+/* Adds every bound tensor of plan to w with a streaming producer (one row at
+ * a time, converted to the output type at write time). plan must outlive
+ * the write. */
+int ds4_conv_add_tensors(ds4_gguf_writer *w, ds4_conv_plan *plan, ds4_err *err);
+
+/* ---- demo model (demo.c) ------------------------------------------------- */
+
+/* Fills hp with the demo model's shape (hidden 256, 6 layers with sliding,
+ * CSA, HCA and hash layers; vocab n_vocab) and binds every tensor of plan to
+ * seeded random values. */
+void ds4_conv_demo_hparams(ds4_conv_hparams *hp, int n_vocab);
+void ds4_conv_demo_bind(ds4_conv_plan *plan, const ds4_conv_hparams *hp, uint64_t seed);
+
+#endif

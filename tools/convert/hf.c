@@ -1,0 +1,906 @@
+/* hf.c - Hugging Face DeepSeek V4 model directory -> GGUF in the published
+ * ds4 layout (MODEL.md §A-B, FORMATS.md §D-E).
+ *
+ * Four steps, each a function below:
+ *   1. ds4_conv_read_config: config.json -> ds4_conv_hparams. Accepts
+ *      transformers' DeepseekV4Config fields (layer_types, compress_rates,
+ *      mlp_layer_types, partial_rotary_factor, rope_parameters flat or nested)
+ *      and the official checkpoint's (compress_ratios, num_hash_layers,
+ *      qk_rope_head_dim, rope_scaling). Missing or invalid keys are errors
+ *      naming the key.
+ *   2. ds4_conv_plan_layout: the list of GGUF tensors (names, dims, output
+ *      types) that hp implies, in a fixed order: token_embd, blk.0 .. blk.L-1,
+ *      the head.
+ *   3. ds4_conv_bind_hf: every safetensors tensor is mapped to a planned
+ *      tensor (three spellings accepted), its shape and dtype checked. Any
+ *      unmappable tensor, shape mismatch or missing tensor is an error that
+ *      names it.
+ *   4. ds4_conv_add_tensors: each planned tensor is added to the GGUF writer
+ *      with a producer that streams it row by row from the mmap'ed source
+ *      (or from the seeded generator of the demo model) into the output type.
+ *      Memory stays O(row), never O(model).
+ *
+ * Element order never changes (MODEL.md B.6): GGUF ne is the reversed
+ * PyTorch shape; expert stacks are experts concatenated, expert 0 first;
+ * transformers' fused gate_up_proj [E, 2F, D] holds gate rows first.
+ */
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "convert.h"
+#include "quant.h"
+
+/* ------------------------------------------------------------ config.json */
+
+void ds4_conv_hparams_free(ds4_conv_hparams *hp) {
+    free(hp->ratio);
+    hp->ratio = NULL;
+}
+
+/* First of the given keys present in root, or NULL. */
+static json_t *get_any(json_t *root, const char *const *keys, const char **found) {
+    for (; *keys; keys++) {
+        json_t *v = json_object_get(root, *keys);
+        if (v && !json_is_null(v)) {
+            if (found) *found = *keys;
+            return v;
+        }
+    }
+    return NULL;
+}
+
+/* Integer key (first present of a NULL-terminated alias list) in [lo, hi]. */
+static int cfg_int(json_t *root, const char *const *keys, bool required, int64_t def, int64_t lo, int64_t hi,
+                   int64_t *out, ds4_err *err) {
+    const char *k = keys[0];
+    json_t *v = get_any(root, keys, &k);
+    if (!v) {
+        if (required) return ds4_err_set(err, DS4_E_FORMAT, "config.json: missing key '%s'", keys[0]);
+        *out = def;
+        return 0;
+    }
+    double d = json_is_integer(v) ? (double)json_integer_value(v) : json_is_real(v) ? json_real_value(v) : NAN;
+    if (!(d == floor(d)) || d < (double)lo || d > (double)hi)
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: key '%s' must be an integer in [%lld, %lld]", k,
+                           (long long)lo, (long long)hi);
+    *out = (int64_t)d;
+    return 0;
+}
+
+static int cfg_num(json_t *root, const char *const *keys, bool required, double def, double *out, ds4_err *err) {
+    const char *k = keys[0];
+    json_t *v = get_any(root, keys, &k);
+    if (!v) {
+        if (required) return ds4_err_set(err, DS4_E_FORMAT, "config.json: missing key '%s'", keys[0]);
+        *out = def;
+        return 0;
+    }
+    if (!json_is_number(v) || !isfinite(json_number_value(v)))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: key '%s' must be a number", k);
+    *out = json_number_value(v);
+    return 0;
+}
+
+#define KEYS(...) ((const char *const[]){__VA_ARGS__, NULL})
+#define INT_KEY(field, req, def, lo, hi, ...) \
+    do { int64_t v_; if ((rc = cfg_int(root, KEYS(__VA_ARGS__), req, def, lo, hi, &v_, err))) goto done; \
+         hp->field = (int)v_; } while (0)
+
+/* A boolean/string key that must have one value when present. */
+static int cfg_expect(json_t *root, const char *key, const char *want_str, int want_bool, ds4_err *err) {
+    json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) return 0;
+    if (want_str && (!json_is_string(v) || strcmp(json_string_value(v), want_str)))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: '%s' must be \"%s\" (unsupported otherwise)", key,
+                           want_str);
+    if (want_bool >= 0 && (!json_is_boolean(v) || json_is_true(v) != want_bool))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: '%s' must be %s (unsupported otherwise)", key,
+                           want_bool ? "true" : "false");
+    return 0;
+}
+
+/* RoPE of compressed layers from one dictionary: yarn or default. */
+static int rope_from_dict(ds4_conv_hparams *hp, json_t *d, const char *where, ds4_err *err) {
+    json_t *t = json_object_get(d, "rope_type");
+    if (!t) t = json_object_get(d, "type");
+    const char *type = json_is_string(t) ? json_string_value(t) : "default";
+    int rc;
+    double th;
+    if ((rc = cfg_num(d, KEYS("rope_theta"), false, hp->compress_rope_base, &th, err))) return rc;
+    hp->compress_rope_base = th;
+    if (!strcmp(type, "default") || !strcmp(type, "none")) {
+        hp->yarn = false;
+        return 0;
+    }
+    if (strcmp(type, "yarn"))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: %s rope type '%s' is not supported (yarn or default)",
+                           where, type);
+    hp->yarn = true;
+    int64_t orig;
+    double af;
+    if ((rc = cfg_num(d, KEYS("factor"), true, 0, &hp->yarn_factor, err))) return ds4_err_prefix(err, "%s: ", where);
+    if ((rc = cfg_int(d, KEYS("original_max_position_embeddings"), true, 0, 1, INT64_MAX, &orig, err)))
+        return ds4_err_prefix(err, "%s: ", where);
+    hp->yarn_orig_ctx = (uint64_t)orig;
+    if ((rc = cfg_num(d, KEYS("beta_fast"), false, 32.0, &hp->yarn_beta_fast, err))) return rc;
+    if ((rc = cfg_num(d, KEYS("beta_slow"), false, 1.0, &hp->yarn_beta_slow, err))) return rc;
+    if ((rc = cfg_num(d, KEYS("attention_factor"), false, 1.0, &af, err))) return rc;
+    if (af != 1.0)
+        return ds4_err_set(err, DS4_E_FORMAT,
+                           "config.json: %s attention_factor = %g is not supported (DeepSeek V4 applies no YaRN "
+                           "magnitude scaling, MODEL.md C.4)", where, af);
+    if (!(hp->yarn_factor > 0) || !(hp->yarn_beta_fast > 0) || !(hp->yarn_beta_slow > 0))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: %s YaRN parameters must be positive", where);
+    return 0;
+}
+
+static int read_rope(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
+    json_t *rp = json_object_get(root, "rope_parameters");
+    if (json_is_object(rp)) {
+        json_t *main = json_object_get(rp, "main"), *comp = json_object_get(rp, "compress");
+        if (json_is_object(main) && json_is_object(comp)) {
+            json_t *mt = json_object_get(main, "rope_type");
+            if (json_is_string(mt) && strcmp(json_string_value(mt), "default"))
+                return ds4_err_set(err, DS4_E_FORMAT,
+                                   "config.json: rope_parameters.main.rope_type '%s' is not supported (default)",
+                                   json_string_value(mt));
+            int rc;
+            if ((rc = cfg_num(main, KEYS("rope_theta"), false, hp->rope_base, &hp->rope_base, err))) return rc;
+            return rope_from_dict(hp, comp, "rope_parameters.compress", err);
+        }
+        return rope_from_dict(hp, rp, "rope_parameters", err);     /* flat form: applies to compressed layers */
+    }
+    json_t *rs = json_object_get(root, "rope_scaling");
+    if (json_is_object(rs)) return rope_from_dict(hp, rs, "rope_scaling", err);
+    hp->yarn = false;
+    return 0;
+}
+
+static int read_schedule(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
+    hp->ratio = calloc((size_t)hp->n_layer, sizeof(int));
+    if (!hp->ratio) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    json_t *lt = json_object_get(root, "layer_types"), *cr = json_object_get(root, "compress_ratios");
+    if (json_is_array(lt)) {
+        int64_t csa = 4, hca = 128;
+        json_t *rates = json_object_get(root, "compress_rates");
+        int rc;
+        if (json_is_object(rates)) {
+            if ((rc = cfg_int(rates, KEYS("compressed_sparse_attention"), false, 4, 1, 1 << 20, &csa, err)) ||
+                (rc = cfg_int(rates, KEYS("heavily_compressed_attention"), false, 128, 1, 1 << 20, &hca, err)))
+                return ds4_err_prefix(err, "compress_rates: ");
+        }
+        if ((rc = cfg_int(root, KEYS("compress_rate_csa"), false, csa, 1, 1 << 20, &csa, err)) ||
+            (rc = cfg_int(root, KEYS("compress_rate_hca"), false, hca, 1, 1 << 20, &hca, err)))
+            return rc;
+        if (csa != 4)
+            return ds4_err_set(err, DS4_E_FORMAT,
+                               "config.json: the CSA compress rate is %lld; only 4 is supported (the overlapping "
+                               "compressor and the indexer are tied to ratio 4, MODEL.md G.1)", (long long)csa);
+        if (hca == 4)
+            return ds4_err_set(err, DS4_E_FORMAT, "config.json: the HCA compress rate must differ from 4");
+        if ((int)json_array_size(lt) < hp->n_layer)
+            return ds4_err_set(err, DS4_E_FORMAT, "config.json: layer_types has %zu entries, expected %d",
+                               json_array_size(lt), hp->n_layer);
+        for (int il = 0; il < hp->n_layer; il++) {
+            const char *s = json_string_value(json_array_get(lt, (size_t)il));
+            if (!s) return ds4_err_set(err, DS4_E_FORMAT, "config.json: layer_types[%d] is not a string", il);
+            if (!strcmp(s, "sliding_attention")) hp->ratio[il] = 0;
+            else if (!strcmp(s, "compressed_sparse_attention")) hp->ratio[il] = (int)csa;
+            else if (!strcmp(s, "heavily_compressed_attention")) hp->ratio[il] = (int)hca;
+            else return ds4_err_set(err, DS4_E_FORMAT, "config.json: layer_types[%d] = '%s' is unknown", il, s);
+        }
+        return 0;
+    }
+    if (json_is_array(cr)) {
+        if ((int)json_array_size(cr) < hp->n_layer)
+            return ds4_err_set(err, DS4_E_FORMAT, "config.json: compress_ratios has %zu entries, expected >= %d",
+                               json_array_size(cr), hp->n_layer);
+        for (int il = 0; il < hp->n_layer; il++) {
+            json_t *v = json_array_get(cr, (size_t)il);
+            if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > (1 << 20))
+                return ds4_err_set(err, DS4_E_FORMAT, "config.json: compress_ratios[%d] is not a ratio >= 0", il);
+            hp->ratio[il] = (int)json_integer_value(v);
+        }
+        return 0;
+    }
+    return ds4_err_set(err, DS4_E_FORMAT,
+                       "config.json: missing key 'layer_types' (or the official 'compress_ratios'); transformers' "
+                       "default schedule is V4-Pro's, not Flash's (MODEL.md F.11)");
+}
+
+static int read_hash_layers(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
+    json_t *mt = json_object_get(root, "mlp_layer_types");
+    if (json_is_array(mt)) {
+        if ((int)json_array_size(mt) < hp->n_layer)
+            return ds4_err_set(err, DS4_E_FORMAT, "config.json: mlp_layer_types has %zu entries, expected %d",
+                               json_array_size(mt), hp->n_layer);
+        int n = 0;
+        for (int il = 0; il < hp->n_layer; il++) {
+            const char *s = json_string_value(json_array_get(mt, (size_t)il));
+            bool hash = s && !strcmp(s, "hash_moe");
+            if (!s || (!hash && strcmp(s, "moe")))
+                return ds4_err_set(err, DS4_E_FORMAT, "config.json: mlp_layer_types[%d] must be hash_moe or moe",
+                                   il);
+            if (hash && n != il)
+                return ds4_err_set(err, DS4_E_FORMAT,
+                                   "config.json: mlp_layer_types: hash_moe layers must come first (layer %d)", il);
+            n += hash;
+        }
+        hp->n_hash = n;
+        return 0;
+    }
+    int64_t n;
+    int rc = cfg_int(root, KEYS("num_hash_layers"), false, 3, 0, hp->n_layer, &n, err);
+    if (!rc) hp->n_hash = (int)(n < hp->n_layer ? n : hp->n_layer);
+    return rc;
+}
+
+int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err) {
+    memset(hp, 0, sizeof *hp);
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    if (!root) return ds4_err_set(err, DS4_E_FORMAT, "%s: %s (line %d)", path, je.text, je.line);
+    int rc = 0;
+    if (!json_is_object(root)) {
+        rc = ds4_err_set(err, DS4_E_FORMAT, "%s: not a JSON object", path);
+        goto done;
+    }
+    const int64_t BIG = 1 << 24;
+    INT_KEY(n_vocab, true, 0, 1, BIG, "vocab_size");
+    INT_KEY(n_embd, true, 0, 1, BIG, "hidden_size");
+    INT_KEY(n_layer, true, 0, 1, 4096, "num_hidden_layers");
+    INT_KEY(n_head, true, 0, 1, 65536, "num_attention_heads");
+    INT_KEY(head_dim, true, 0, 1, 65536, "head_dim");
+    INT_KEY(q_lora, true, 0, 1, BIG, "q_lora_rank");
+    INT_KEY(o_lora, true, 0, 1, BIG, "o_lora_rank");
+    INT_KEY(o_groups, true, 0, 1, 65536, "o_groups");
+    INT_KEY(n_expert, true, 0, 1, 65536, "n_routed_experts", "num_local_experts");
+    INT_KEY(n_expert_used, true, 0, 1, 65536, "num_experts_per_tok");
+    INT_KEY(n_ff, true, 0, 1, BIG, "moe_intermediate_size", "intermediate_size");
+    INT_KEY(window, true, 0, 1, BIG, "sliding_window");
+    INT_KEY(idx_heads, true, 0, 1, 65536, "index_n_heads");
+    INT_KEY(idx_dim, true, 0, 1, 65536, "index_head_dim");
+    INT_KEY(idx_topk, true, 0, 1, BIG, "index_topk");
+    INT_KEY(n_hc, true, 0, 1, 64, "hc_mult");
+    INT_KEY(sinkhorn_iters, true, 0, 1, 1000, "hc_sinkhorn_iters");
+    INT_KEY(nextn, false, 0, 0, 64, "num_nextn_predict_layers");
+    int kvh, n_shared;
+    int64_t v;
+    if ((rc = cfg_int(root, KEYS("num_key_value_heads"), false, 1, 1, 1, &v, err))) goto done;
+    kvh = (int)v;
+    if ((rc = cfg_int(root, KEYS("n_shared_experts"), false, 1, 1, 1, &v, err))) goto done;
+    n_shared = (int)v;
+    (void)kvh;
+    (void)n_shared;
+    if ((rc = cfg_int(root, KEYS("max_position_embeddings"), false, 0, 0, INT64_MAX, &v, err))) goto done;
+    hp->context_length = (uint64_t)v;
+    if ((rc = cfg_num(root, KEYS("hc_eps"), true, 0, &hp->hc_eps, err))) goto done;
+    if ((rc = cfg_num(root, KEYS("rms_norm_eps"), true, 0, &hp->rms_eps, err))) goto done;
+    if ((rc = cfg_num(root, KEYS("routed_scaling_factor"), true, 0, &hp->routed_scale, err))) goto done;
+    if ((rc = cfg_num(root, KEYS("swiglu_limit"), true, 0, &hp->swiglu_limit, err))) goto done;
+    if ((rc = cfg_num(root, KEYS("rope_theta"), true, 0, &hp->rope_base, err))) goto done;
+    if ((rc = cfg_num(root, KEYS("compress_rope_theta"), true, 0, &hp->compress_rope_base, err))) goto done;
+    /* RoPE dims: the official qk_rope_head_dim, else head_dim * partial_rotary_factor */
+    if (json_object_get(root, "qk_rope_head_dim")) {
+        INT_KEY(n_rot, true, 0, 0, 65536, "qk_rope_head_dim");
+    } else {
+        double prf;
+        if ((rc = cfg_num(root, KEYS("partial_rotary_factor"), true, 0, &prf, err))) goto done;
+        hp->n_rot = (int)(hp->head_dim * prf);
+    }
+    if ((rc = cfg_expect(root, "scoring_func", "sqrtsoftplus", -1, err)) ||
+        (rc = cfg_expect(root, "hidden_act", "silu", -1, err)) ||
+        (rc = cfg_expect(root, "norm_topk_prob", NULL, 1, err)) ||
+        (rc = cfg_expect(root, "attention_bias", NULL, 0, err)) ||
+        (rc = cfg_expect(root, "mlp_bias", NULL, 0, err)) ||
+        (rc = cfg_expect(root, "tie_word_embeddings", NULL, 0, err)))
+        goto done;
+    if ((rc = read_rope(hp, root, err))) goto done;
+    if ((rc = read_schedule(hp, root, err))) goto done;
+    if ((rc = read_hash_layers(hp, root, err))) goto done;
+
+#define REQUIRE(cond, ...) do { if (!(cond)) { rc = ds4_err_set(err, DS4_E_FORMAT, __VA_ARGS__); goto done; } } while (0)
+    REQUIRE(hp->n_head % hp->o_groups == 0, "config.json: num_attention_heads %d is not a multiple of o_groups %d",
+            hp->n_head, hp->o_groups);
+    REQUIRE(hp->n_expert_used <= hp->n_expert, "config.json: num_experts_per_tok %d exceeds n_routed_experts %d",
+            hp->n_expert_used, hp->n_expert);
+    REQUIRE(hp->n_rot % 2 == 0 && hp->n_rot <= hp->head_dim && hp->n_rot <= hp->idx_dim,
+            "config.json: RoPE dims %d must be even and <= head_dim (%d) and index_head_dim (%d)", hp->n_rot,
+            hp->head_dim, hp->idx_dim);
+    REQUIRE(hp->rope_base > 1 && hp->compress_rope_base > 1, "config.json: RoPE bases must be > 1");
+    REQUIRE(hp->swiglu_limit > 0, "config.json: swiglu_limit must be positive");
+    REQUIRE(hp->rms_eps >= 0 && hp->hc_eps >= 0, "config.json: epsilons must be >= 0");
+#undef REQUIRE
+done:
+    json_decref(root);
+    if (rc) {
+        ds4_conv_hparams_free(hp);
+        ds4_err_prefix(err, "%s: ", path);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------ plan */
+
+/* Tensor classes of the published recipe (MODEL.md B.5, FORMATS.md D.2). */
+enum { CLS_VEC, CLS_I32, CLS_PROJ, CLS_F16 };
+
+static uint32_t out_type(int cls, ds4_conv_outtype ot, int64_t n_in) {
+    if (cls == CLS_VEC) return DS4_GGML_F32;           /* norms, HC scale/base, sinks, router bias */
+    if (cls == CLS_I32) return DS4_GGML_I32;           /* tid2eid */
+    if (ot == DS4_OUT_F32) return DS4_GGML_F32;
+    if (ot == DS4_OUT_F16 || cls == CLS_F16) return DS4_GGML_F16;
+    /* q8_0: projections, shared and routed experts, output head; a row that
+     * is not a whole number of 32-blocks stays F16 */
+    return n_in % 32 == 0 ? DS4_GGML_Q8_0 : DS4_GGML_F16;
+}
+
+static int plan_add(ds4_conv_plan *p, int *cap, const char *name, int cls, ds4_conv_outtype ot, int n_dims,
+                    int64_t n0, int64_t n1, int64_t n2, bool optional, ds4_err *err) {
+    if (p->n == *cap) {
+        *cap = *cap ? *cap * 2 : 64;
+        ds4_conv_tensor *nt = realloc(p->t, (size_t)*cap * sizeof *nt);
+        if (!nt) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        p->t = nt;
+    }
+    ds4_conv_tensor *t = &p->t[p->n++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->n_dims = n_dims;
+    t->ne[0] = n0;
+    t->ne[1] = n_dims > 1 ? n1 : 1;
+    t->ne[2] = n_dims > 2 ? n2 : 1;
+    t->type = out_type(cls, ot, n0);
+    t->optional = optional;
+    return 0;
+}
+
+int ds4_conv_plan_layout(ds4_conv_plan *p, const ds4_conv_hparams *hp, ds4_conv_outtype ot, ds4_err *err) {
+    memset(p, 0, sizeof *p);
+    int cap = 0, rc = 0;
+    const int64_t D = hp->n_embd, V = hp->n_vocab, hc = hp->n_hc, mix = (2 + hc) * hc, dh = hp->head_dim;
+    const int64_t H = hp->n_head, G = hp->o_groups, E = hp->n_expert, F = hp->n_ff;
+    char nm[64];
+#define ADD(cls, nd, a, b, c, opt, ...) \
+    do { snprintf(nm, sizeof nm, __VA_ARGS__); \
+         if ((rc = plan_add(p, &cap, nm, cls, ot, nd, a, b, c, opt, err))) goto fail; } while (0)
+    ADD(CLS_F16, 2, D, V, 1, false, "token_embd.weight");
+    for (int il = 0; il < hp->n_layer; il++) {
+        const int R = hp->ratio[il];
+        ADD(CLS_F16, 2, hc * D, mix, 1, false, "blk.%d.hc_attn_fn.weight", il);
+        ADD(CLS_VEC, 1, 3, 1, 1, false, "blk.%d.hc_attn_scale.weight", il);
+        ADD(CLS_VEC, 1, mix, 1, 1, false, "blk.%d.hc_attn_base.weight", il);
+        ADD(CLS_VEC, 1, D, 1, 1, false, "blk.%d.attn_norm.weight", il);
+        ADD(CLS_PROJ, 2, D, hp->q_lora, 1, false, "blk.%d.attn_q_a.weight", il);
+        ADD(CLS_VEC, 1, hp->q_lora, 1, 1, false, "blk.%d.attn_q_a_norm.weight", il);
+        ADD(CLS_PROJ, 2, hp->q_lora, H * dh, 1, false, "blk.%d.attn_q_b.weight", il);
+        ADD(CLS_PROJ, 2, D, dh, 1, false, "blk.%d.attn_kv.weight", il);
+        ADD(CLS_VEC, 1, dh, 1, 1, false, "blk.%d.attn_kv_a_norm.weight", il);
+        ADD(CLS_VEC, 1, H, 1, 1, false, "blk.%d.attn_sinks.weight", il);
+        ADD(CLS_PROJ, 2, H * dh / G, G * hp->o_lora, 1, false, "blk.%d.attn_output_a.weight", il);
+        ADD(CLS_PROJ, 2, G * hp->o_lora, D, 1, false, "blk.%d.attn_output_b.weight", il);
+        if (R != 0) {
+            const int64_t w = (R == 4 ? 2 : 1) * dh;
+            ADD(CLS_F16, 2, w, R, 1, false, "blk.%d.attn_compressor_ape.weight", il);
+            ADD(CLS_F16, 2, D, w, 1, false, "blk.%d.attn_compressor_kv.weight", il);
+            ADD(CLS_F16, 2, D, w, 1, false, "blk.%d.attn_compressor_gate.weight", il);
+            ADD(CLS_VEC, 1, dh, 1, 1, false, "blk.%d.attn_compressor_norm.weight", il);
+        }
+        if (R == 4) {
+            const int64_t iw = 2 * (int64_t)hp->idx_dim;
+            ADD(CLS_F16, 2, hp->q_lora, (int64_t)hp->idx_heads * hp->idx_dim, 1, false,
+                "blk.%d.indexer.attn_q_b.weight", il);
+            ADD(CLS_F16, 2, D, hp->idx_heads, 1, false, "blk.%d.indexer.proj.weight", il);
+            ADD(CLS_F16, 2, iw, 4, 1, false, "blk.%d.indexer_compressor_ape.weight", il);
+            ADD(CLS_F16, 2, D, iw, 1, false, "blk.%d.indexer_compressor_kv.weight", il);
+            ADD(CLS_F16, 2, D, iw, 1, false, "blk.%d.indexer_compressor_gate.weight", il);
+            ADD(CLS_VEC, 1, hp->idx_dim, 1, 1, false, "blk.%d.indexer_compressor_norm.weight", il);
+        }
+        ADD(CLS_F16, 2, hc * D, mix, 1, false, "blk.%d.hc_ffn_fn.weight", il);
+        ADD(CLS_VEC, 1, 3, 1, 1, false, "blk.%d.hc_ffn_scale.weight", il);
+        ADD(CLS_VEC, 1, mix, 1, 1, false, "blk.%d.hc_ffn_base.weight", il);
+        ADD(CLS_VEC, 1, D, 1, 1, false, "blk.%d.ffn_norm.weight", il);
+        ADD(CLS_F16, 2, D, E, 1, false, "blk.%d.ffn_gate_inp.weight", il);
+        /* the selection bias: official hash layers have none; optional everywhere */
+        ADD(CLS_VEC, 1, E, 1, 1, true, "blk.%d.exp_probs_b.bias", il);
+        if (il < hp->n_hash) {
+            ADD(CLS_I32, 2, hp->n_expert_used, V, 1, false, "blk.%d.ffn_gate_tid2eid.weight", il);
+            p->t[p->n - 1].rb = (double)E;              /* ids must lie in 0..E-1 */
+        }
+        ADD(CLS_PROJ, 3, D, F, E, false, "blk.%d.ffn_gate_exps.weight", il);
+        ADD(CLS_PROJ, 3, D, F, E, false, "blk.%d.ffn_up_exps.weight", il);
+        ADD(CLS_PROJ, 3, F, D, E, false, "blk.%d.ffn_down_exps.weight", il);
+        ADD(CLS_PROJ, 2, D, F, 1, false, "blk.%d.ffn_gate_shexp.weight", il);
+        ADD(CLS_PROJ, 2, D, F, 1, false, "blk.%d.ffn_up_shexp.weight", il);
+        ADD(CLS_PROJ, 2, F, D, 1, false, "blk.%d.ffn_down_shexp.weight", il);
+    }
+    ADD(CLS_F16, 2, hc * D, hc, 1, false, "output_hc_fn.weight");
+    ADD(CLS_VEC, 1, hc, 1, 1, false, "output_hc_base.weight");
+    ADD(CLS_VEC, 1, 1, 1, 1, false, "output_hc_scale.weight");
+    ADD(CLS_VEC, 1, D, 1, 1, false, "output_norm.weight");
+    ADD(CLS_PROJ, 2, D, V, 1, false, "output.weight");
+#undef ADD
+    return 0;
+fail:
+    ds4_conv_plan_free(p);
+    return rc;
+}
+
+void ds4_conv_plan_free(ds4_conv_plan *p) {
+    for (int i = 0; i < p->n; i++) free(p->t[i].experts);
+    free(p->t);
+    memset(p, 0, sizeof *p);
+}
+
+ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *p, const char *name) {
+    for (int i = 0; i < p->n; i++)
+        if (!strcmp(p->t[i].name, name)) return &p->t[i];
+    return NULL;
+}
+
+/* ------------------------------------------------------------ name mapping */
+
+/* GGUF name (after "blk.N.") <- accepted source suffixes (after "layers.N."):
+ * official / save_pretrained spelling first, then transformers' module
+ * names (MODEL.md B.3, ORACLE.md §4). */
+static const struct { const char *gguf; const char *src[4]; } layer_map[] = {
+    {"hc_attn_fn.weight", {"hc_attn_fn", "attn_hc.fn"}},
+    {"hc_attn_scale.weight", {"hc_attn_scale", "attn_hc.scale"}},
+    {"hc_attn_base.weight", {"hc_attn_base", "attn_hc.base"}},
+    {"attn_norm.weight", {"attn_norm.weight", "input_layernorm.weight"}},
+    {"attn_q_a.weight", {"attn.wq_a.weight", "self_attn.q_a_proj.weight"}},
+    {"attn_q_a_norm.weight", {"attn.q_norm.weight", "self_attn.q_a_norm.weight"}},
+    {"attn_q_b.weight", {"attn.wq_b.weight", "self_attn.q_b_proj.weight"}},
+    {"attn_kv.weight", {"attn.wkv.weight", "self_attn.kv_proj.weight"}},
+    {"attn_kv_a_norm.weight", {"attn.kv_norm.weight", "attn.norm.weight", "self_attn.kv_norm.weight"}},
+    {"attn_sinks.weight", {"attn.attn_sink", "self_attn.sinks"}},
+    {"attn_output_a.weight", {"attn.wo_a.weight", "self_attn.o_a_proj.weight"}},
+    {"attn_output_b.weight", {"attn.wo_b.weight", "self_attn.o_b_proj.weight"}},
+    {"attn_compressor_ape.weight", {"attn.compressor.ape", "self_attn.compressor.position_bias"}},
+    {"attn_compressor_kv.weight", {"attn.compressor.wkv.weight", "self_attn.compressor.kv_proj.weight"}},
+    {"attn_compressor_gate.weight", {"attn.compressor.wgate.weight", "self_attn.compressor.gate_proj.weight"}},
+    {"attn_compressor_norm.weight", {"attn.compressor.norm.weight", "self_attn.compressor.kv_norm.weight"}},
+    {"indexer.attn_q_b.weight", {"attn.indexer.wq_b.weight", "self_attn.compressor.indexer.q_b_proj.weight"}},
+    {"indexer.proj.weight",
+     {"attn.indexer.weights_proj.weight", "self_attn.compressor.indexer.scorer.weights_proj.weight",
+      "self_attn.compressor.indexer.weights_proj.weight"}},
+    {"indexer_compressor_ape.weight", {"attn.indexer.compressor.ape", "self_attn.compressor.indexer.position_bias"}},
+    {"indexer_compressor_kv.weight",
+     {"attn.indexer.compressor.wkv.weight", "self_attn.compressor.indexer.kv_proj.weight"}},
+    {"indexer_compressor_gate.weight",
+     {"attn.indexer.compressor.wgate.weight", "self_attn.compressor.indexer.gate_proj.weight"}},
+    {"indexer_compressor_norm.weight",
+     {"attn.indexer.compressor.norm.weight", "self_attn.compressor.indexer.kv_norm.weight"}},
+    {"hc_ffn_fn.weight", {"hc_ffn_fn", "ffn_hc.fn"}},
+    {"hc_ffn_scale.weight", {"hc_ffn_scale", "ffn_hc.scale"}},
+    {"hc_ffn_base.weight", {"hc_ffn_base", "ffn_hc.base"}},
+    {"ffn_norm.weight", {"ffn_norm.weight", "post_attention_layernorm.weight"}},
+    {"ffn_gate_inp.weight", {"ffn.gate.weight", "mlp.gate.weight"}},
+    {"exp_probs_b.bias", {"ffn.gate.bias", "mlp.gate.e_score_correction_bias"}},
+    {"ffn_gate_tid2eid.weight", {"ffn.gate.tid2eid", "mlp.gate.tid2eid"}},
+    {"ffn_gate_shexp.weight", {"ffn.shared_experts.w1.weight", "mlp.shared_experts.gate_proj.weight"}},
+    {"ffn_up_shexp.weight", {"ffn.shared_experts.w3.weight", "mlp.shared_experts.up_proj.weight"}},
+    {"ffn_down_shexp.weight", {"ffn.shared_experts.w2.weight", "mlp.shared_experts.down_proj.weight"}},
+    {"ffn_down_exps.weight", {"mlp.experts.down_proj"}},           /* transformers' stacked [E, D, F] */
+};
+
+static const struct { const char *gguf; const char *src[3]; } global_map[] = {
+    {"token_embd.weight", {"embed.weight", "embed_tokens.weight"}},
+    {"output.weight", {"head.weight", "lm_head.weight"}},
+    {"output_norm.weight", {"norm.weight"}},
+    {"output_hc_fn.weight", {"hc_head_fn", "hc_head.hc_fn"}},
+    {"output_hc_base.weight", {"hc_head_base", "hc_head.hc_base"}},
+    {"output_hc_scale.weight", {"hc_head_scale", "hc_head.hc_scale"}},
+};
+
+/* Per-expert projections: source word -> GGUF stack. */
+static const struct { const char *src; const char *gguf; } expert_map[] = {
+    {"w1", "ffn_gate_exps.weight"}, {"w3", "ffn_up_exps.weight"}, {"w2", "ffn_down_exps.weight"},
+    {"gate_proj", "ffn_gate_exps.weight"}, {"up_proj", "ffn_up_exps.weight"},
+    {"down_proj", "ffn_down_exps.weight"},
+};
+
+static void fmt_shape(char *buf, size_t cap, int n, const int64_t *s) {
+    size_t o = (size_t)snprintf(buf, cap, "[");
+    for (int i = 0; i < n && o < cap; i++) o += (size_t)snprintf(buf + o, cap - o, "%s%lld", i ? ", " : "", (long long)s[i]);
+    if (o < cap) snprintf(buf + o, cap - o, "]");
+}
+
+/* Checks that source tensor s has the given row-major shape. */
+static int check_src_shape(const ds4_st_tensor *s, const char *gguf, int n, const int64_t *want, ds4_err *err) {
+    bool ok = s->n_dims == n;
+    for (int i = 0; ok && i < n; i++) ok = s->shape[i] == want[i];
+    if (ok) return 0;
+    char got[96], exp[96];
+    fmt_shape(got, sizeof got, s->n_dims, s->shape);
+    fmt_shape(exp, sizeof exp, n, want);
+    return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' (-> %s) has shape %s, expected %s", s->name, gguf, got, exp);
+}
+
+static int check_src_dtype(const ds4_st_tensor *s, const ds4_conv_tensor *t, ds4_err *err) {
+    if (t->type == DS4_GGML_I32) {
+        if (s->dtype == DS4_ST_I64 || s->dtype == DS4_ST_I32) return 0;
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has dtype %s, expected I64 or I32 (expert ids)", s->name,
+                           ds4_st_dtype_name(s->dtype));
+    }
+    if (s->dtype == DS4_ST_F32 || s->dtype == DS4_ST_F16 || s->dtype == DS4_ST_BF16) return 0;
+    if (s->dtype == DS4_ST_F8_E4M3 || s->dtype == DS4_ST_F8_E8M0 || s->dtype == DS4_ST_I8)
+        return ds4_err_set(err, DS4_E_MODEL,
+                           "tensor '%s' has dtype %s: FP8/FP4 checkpoints are not supported yet (F32, BF16, F16)",
+                           s->name, ds4_st_dtype_name(s->dtype));
+    return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has unsupported dtype %s (F32, BF16 or F16 expected)", s->name,
+                       ds4_st_dtype_name(s->dtype));
+}
+
+/* Binds s as the whole of planned tensor t (kind PLAIN or FUSED_*). */
+static int bind_whole(ds4_conv_tensor *t, const ds4_st_tensor *s, ds4_conv_src_kind kind, ds4_err *err) {
+    if (t->src != DS4_SRC_NONE)
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' maps to '%s', which another tensor%s%s already provides",
+                           s->name, t->name, t->st ? " " : "", t->st ? t->st->name : "");
+    int rc = check_src_dtype(s, t, err);
+    if (rc) return rc;
+    int64_t want[3];
+    int n = t->n_dims;
+    for (int i = 0; i < n; i++) want[i] = t->ne[n - 1 - i];
+    if (kind == DS4_SRC_FUSED_LO || kind == DS4_SRC_FUSED_HI) want[1] *= 2;   /* [E, 2F, D] */
+    if ((rc = check_src_shape(s, t->name, n, want, err))) return rc;
+    t->src = kind;
+    t->st = s;
+    return 0;
+}
+
+/* Binds s as matrix e of the expert stack t. */
+static int bind_expert(ds4_conv_tensor *t, const ds4_st_tensor *s, int64_t e, ds4_err *err) {
+    if (t->src != DS4_SRC_NONE && t->src != DS4_SRC_EXPERTS)
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' maps to expert %lld of '%s', which '%s' already provides",
+                           s->name, (long long)e, t->name, t->st ? t->st->name : "?");
+    if (e < 0 || e >= t->ne[2])
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': expert %lld out of range (n_routed_experts = %lld)",
+                           s->name, (long long)e, (long long)t->ne[2]);
+    int rc = check_src_dtype(s, t, err);
+    if (rc) return rc;
+    int64_t want[2] = {t->ne[1], t->ne[0]};
+    if ((rc = check_src_shape(s, t->name, 2, want, err))) return rc;
+    if (!t->experts) {
+        t->experts = calloc((size_t)t->ne[2], sizeof *t->experts);
+        if (!t->experts) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    }
+    if (t->experts[e])
+        return ds4_err_set(err, DS4_E_MODEL, "tensors '%s' and '%s' are both expert %lld of '%s'", t->experts[e]->name,
+                           s->name, (long long)e, t->name);
+    t->src = DS4_SRC_EXPERTS;
+    t->experts[e] = s;
+    return 0;
+}
+
+static int no_target(const ds4_st_tensor *s, const char *gguf, int il, const ds4_conv_hparams *hp, ds4_err *err) {
+    if (il < 0) return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' maps to '%s', which this model does not have", s->name, gguf);
+    return ds4_err_set(err, DS4_E_MODEL,
+                       "tensor '%s' maps to 'blk.%d.%s', which layer %d (compress ratio %d, %s MoE) does not have",
+                       s->name, il, gguf, il, hp->ratio[il], il < hp->n_hash ? "hash" : "top-k");
+}
+
+/* Maps one source tensor name onto the plan. *skipped = 1 for tensors that
+ * have no GGUF counterpart in the main file (MTP block, RoPE buffers). */
+static int map_one(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st_tensor *s, int *skipped, ds4_err *err) {
+    const char *n = s->name;
+    char g[96];
+    *skipped = 0;
+    if (!strncmp(n, "model.", 6)) n += 6;
+    if (!strncmp(n, "mtp.", 4) || strstr(n, "inv_freq")) {
+        *skipped = 1;
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof global_map / sizeof global_map[0]; i++)
+        for (int j = 0; j < 3 && global_map[i].src[j]; j++)
+            if (!strcmp(n, global_map[i].src[j])) {
+                ds4_conv_tensor *t = ds4_conv_plan_find(p, global_map[i].gguf);
+                if (!t) return no_target(s, global_map[i].gguf, -1, hp, err);
+                return bind_whole(t, s, DS4_SRC_PLAIN, err);
+            }
+    int il, off = 0;
+    if (sscanf(n, "layers.%d.%n", &il, &off) == 1 && off > 0) {
+        const char *suf = n + off;
+        if (il < 0 || il >= hp->n_layer)
+            return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': layer %d out of range (num_hidden_layers = %d)",
+                               s->name, il, hp->n_layer);
+        /* per-expert matrices: {ffn,mlp}.experts.E.{w1,w2,w3,gate_proj,up_proj,down_proj}.weight */
+        int e, eoff = 0;
+        char word[16];
+        if ((sscanf(suf, "ffn.experts.%d.%15[a-z_0-9].weight%n", &e, word, &eoff) == 2 ||
+             sscanf(suf, "mlp.experts.%d.%15[a-z_0-9].weight%n", &e, word, &eoff) == 2) && eoff > 0 && !suf[eoff]) {
+            for (size_t i = 0; i < sizeof expert_map / sizeof expert_map[0]; i++)
+                if (!strcmp(word, expert_map[i].src)) {
+                    snprintf(g, sizeof g, "blk.%d.%s", il, expert_map[i].gguf);
+                    ds4_conv_tensor *t = ds4_conv_plan_find(p, g);
+                    if (!t) return no_target(s, expert_map[i].gguf, il, hp, err);
+                    return bind_expert(t, s, e, err);
+                }
+        }
+        if (!strcmp(suf, "mlp.experts.gate_up_proj")) {     /* transformers' fused [E, 2F, D], gate first */
+            snprintf(g, sizeof g, "blk.%d.ffn_gate_exps.weight", il);
+            int rc = bind_whole(ds4_conv_plan_find(p, g), s, DS4_SRC_FUSED_LO, err);
+            if (rc) return rc;
+            snprintf(g, sizeof g, "blk.%d.ffn_up_exps.weight", il);
+            return bind_whole(ds4_conv_plan_find(p, g), s, DS4_SRC_FUSED_HI, err);
+        }
+        for (size_t i = 0; i < sizeof layer_map / sizeof layer_map[0]; i++)
+            for (int j = 0; j < 4 && layer_map[i].src[j]; j++)
+                if (!strcmp(suf, layer_map[i].src[j])) {
+                    snprintf(g, sizeof g, "blk.%d.%s", il, layer_map[i].gguf);
+                    ds4_conv_tensor *t = ds4_conv_plan_find(p, g);
+                    if (!t) return no_target(s, layer_map[i].gguf, il, hp, err);
+                    return bind_whole(t, s, DS4_SRC_PLAIN, err);
+                }
+    }
+    if (s->dtype == DS4_ST_F8_E8M0)
+        return ds4_err_set(err, DS4_E_MODEL,
+                           "tensor '%s' is an FP8/FP4 block scale: the official FP8/FP4 checkpoint is not supported "
+                           "yet", s->name);
+    return ds4_err_set(err, DS4_E_MODEL, "cannot map tensor '%s' to a GGUF tensor", s->name);
+}
+
+int ds4_conv_bind_hf(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *st, ds4_err *err) {
+    int n_skipped = 0;
+    for (int i = 0; i < st->n; i++) {
+        int skipped, rc = map_one(p, hp, &st->t[i], &skipped, err);
+        if (rc) return rc;
+        n_skipped += skipped;
+    }
+    if (n_skipped) fprintf(stderr, "ds4-convert: skipped %d tensors with no main-GGUF counterpart (mtp.*)\n", n_skipped);
+    /* every non-optional tensor, and every expert of a per-expert stack */
+    char list[400] = "";
+    int n_missing = 0;
+    for (int i = 0; i < p->n; i++) {
+        ds4_conv_tensor *t = &p->t[i];
+        char item[96] = "";
+        if (t->src == DS4_SRC_NONE && !t->optional) snprintf(item, sizeof item, "%s", t->name);
+        if (t->src == DS4_SRC_EXPERTS)
+            for (int64_t e = 0; e < t->ne[2]; e++)
+                if (!t->experts[e]) {
+                    snprintf(item, sizeof item, "%s (expert %lld)", t->name, (long long)e);
+                    break;
+                }
+        if (!item[0]) continue;
+        if (n_missing++ < 4)
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", n_missing > 1 ? ", " : "", item);
+    }
+    if (n_missing)
+        return ds4_err_set(err, DS4_E_MODEL, "%d GGUF tensor%s without a source: %s%s", n_missing,
+                           n_missing > 1 ? "s" : "", list, n_missing > 4 ? ", ..." : "");
+    return 0;
+}
+
+/* ------------------------------------------------------------ metadata */
+
+int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const char *name,
+                          ds4_conv_outtype ot, ds4_err *err) {
+#define K(s) "deepseek4." s
+#define U32(k, v) ds4_gguf_writer_add_u32(w, k, (uint32_t)(v))
+#define F32(k, v) ds4_gguf_writer_add_f32(w, k, (float)(v))
+    ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);
+    ds4_gguf_writer_add_str(w, "general.type", "model", 5);
+    ds4_gguf_writer_add_str(w, "general.name", name, strlen(name));
+    U32("general.file_type", ot == DS4_OUT_F32 ? 0 : ot == DS4_OUT_F16 ? 1 : 7);  /* llama.cpp ftype ids */
+    U32("general.quantization_version", 2);
+    if (hp->context_length) {
+        if (hp->context_length <= UINT32_MAX) U32(K("context_length"), hp->context_length);
+        else ds4_gguf_writer_add_u64(w, K("context_length"), hp->context_length);
+    }
+    U32(K("block_count"), hp->n_layer);
+    U32(K("embedding_length"), hp->n_embd);
+    U32(K("vocab_size"), hp->n_vocab);
+    U32(K("attention.head_count"), hp->n_head);
+    U32(K("attention.head_count_kv"), 1);
+    U32(K("attention.key_length"), hp->head_dim);
+    U32(K("attention.value_length"), hp->head_dim);
+    U32(K("rope.dimension_count"), hp->n_rot);
+    U32(K("attention.q_lora_rank"), hp->q_lora);
+    U32(K("attention.output_lora_rank"), hp->o_lora);
+    U32(K("attention.output_group_count"), hp->o_groups);
+    U32(K("expert_count"), hp->n_expert);
+    U32(K("expert_used_count"), hp->n_expert_used);
+    U32(K("expert_feed_forward_length"), hp->n_ff);
+    U32(K("expert_shared_count"), 1);
+    U32(K("hash_layer_count"), hp->n_hash);
+    U32(K("attention.sliding_window"), hp->window);
+    U32(K("attention.indexer.head_count"), hp->idx_heads);
+    U32(K("attention.indexer.key_length"), hp->idx_dim);
+    U32(K("attention.indexer.top_k"), hp->idx_topk);
+    U32(K("hyper_connection.count"), hp->n_hc);
+    U32(K("hyper_connection.sinkhorn_iterations"), hp->sinkhorn_iters);
+    F32(K("hyper_connection.epsilon"), hp->hc_eps);
+    F32(K("attention.layer_norm_rms_epsilon"), hp->rms_eps);
+    F32(K("rope.freq_base"), hp->rope_base);
+    F32(K("attention.compress_rope_freq_base"), hp->compress_rope_base);
+    if (hp->yarn) {
+        ds4_gguf_writer_add_str(w, K("rope.scaling.type"), "yarn", 4);
+        F32(K("rope.scaling.factor"), hp->yarn_factor);
+        if (hp->yarn_orig_ctx <= UINT32_MAX) U32(K("rope.scaling.original_context_length"), hp->yarn_orig_ctx);
+        else ds4_gguf_writer_add_u64(w, K("rope.scaling.original_context_length"), hp->yarn_orig_ctx);
+        F32(K("rope.scaling.yarn_beta_fast"), hp->yarn_beta_fast);
+        F32(K("rope.scaling.yarn_beta_slow"), hp->yarn_beta_slow);
+    } else {
+        ds4_gguf_writer_add_str(w, K("rope.scaling.type"), "none", 4);   /* plain RoPE on compressed layers */
+    }
+    F32(K("expert_weights_scale"), hp->routed_scale);
+    ds4_gguf_writer_add_bool(w, K("expert_weights_norm"), true);
+    U32(K("expert_gating_func"), 4);                                      /* sqrtsoftplus */
+    if (hp->nextn) U32(K("nextn_predict_layers"), hp->nextn);
+    int32_t *ratios = malloc((size_t)hp->n_layer * sizeof *ratios);
+    float *clamp = malloc((size_t)hp->n_layer * sizeof *clamp);
+    if (!ratios || !clamp) {
+        free(ratios);
+        free(clamp);
+        return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    }
+    for (int il = 0; il < hp->n_layer; il++) {
+        ratios[il] = hp->ratio[il];
+        clamp[il] = (float)hp->swiglu_limit;
+    }
+    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)hp->n_layer);
+    int rc = ds4_gguf_writer_add_arr(w, K("swiglu_clamp_exp"), DS4_GGUF_F32, clamp, (uint64_t)hp->n_layer);
+    free(ratios);
+    free(clamp);
+    /* an earlier add failure is kept by the writer and reported by its write call */
+    if (rc) return ds4_err_set(err, rc, "adding metadata failed (duplicate key?)");
+    return 0;
+#undef K
+#undef U32
+#undef F32
+}
+
+/* ------------------------------------------------------------ streaming tensor data */
+
+/* Seeded generator of the demo model: splitmix64 per row, so every row is
+ * reproducible independently of the order in which rows are produced. */
+static uint64_t splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static double rand_unit(uint64_t *s) { return (double)(splitmix64(s) >> 11) * (1.0 / 9007199254740992.0); }
+
+static void random_row(const ds4_conv_tensor *t, int64_t row_index, float *dst, int64_t n) {
+    uint64_t s = t->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(row_index + 1));
+    for (int64_t i = 0; i < n; i++) {
+        if (t->rand == DS4_RAND_UNIFORM) {
+            dst[i] = (float)(t->ra + (t->rb - t->ra) * rand_unit(&s));
+        } else {
+            double u1 = rand_unit(&s), u2 = rand_unit(&s);
+            if (u1 < 1e-300) u1 = 1e-300;
+            dst[i] = (float)(t->ra + t->rb * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+        }
+    }
+}
+
+/* n source elements from element index `first` on, as float. */
+static void load_floats(const ds4_st_tensor *s, uint64_t first, float *dst, int64_t n) {
+    const uint8_t *p = s->data + first * (uint64_t)ds4_st_dtype_size(s->dtype);
+    for (int64_t i = 0; i < n; i++) {
+        if (s->dtype == DS4_ST_F32) {
+            memcpy(&dst[i], p + 4 * i, 4);
+        } else {
+            uint16_t h = (uint16_t)(p[2 * i] | p[2 * i + 1] << 8);
+            dst[i] = s->dtype == DS4_ST_F16 ? ds4_f16_to_f32(h) : ds4_bf16_to_f32(h);
+        }
+    }
+}
+
+/* Row r of matrix m of t as float (n = ne[0] values). */
+static void source_row(const ds4_conv_tensor *t, int64_t m, int64_t r, float *dst) {
+    const int64_t n_in = t->ne[0], n_out = t->ne[1];
+    switch (t->src) {
+    case DS4_SRC_PLAIN: load_floats(t->st, (uint64_t)((m * n_out + r) * n_in), dst, n_in); break;
+    case DS4_SRC_EXPERTS: load_floats(t->experts[m], (uint64_t)(r * n_in), dst, n_in); break;
+    case DS4_SRC_FUSED_LO: load_floats(t->st, (uint64_t)((m * 2 * n_out + r) * n_in), dst, n_in); break;
+    case DS4_SRC_FUSED_HI: load_floats(t->st, (uint64_t)((m * 2 * n_out + n_out + r) * n_in), dst, n_in); break;
+    case DS4_SRC_RANDOM: random_row(t, m * n_out + r, dst, n_in); break;
+    case DS4_SRC_NONE: break;
+    }
+}
+
+typedef struct {
+    ds4_gguf_sink *sink;
+    uint8_t *buf;
+    size_t n, cap;
+} outbuf;
+
+static int outbuf_flush(outbuf *o, ds4_err *err) {
+    int rc = o->n ? ds4_gguf_sink_write(o->sink, o->buf, o->n, err) : 0;
+    o->n = 0;
+    return rc;
+}
+
+/* Producer of one planned tensor (ds4_gguf_produce_fn). */
+static int produce(void *user, int64_t index, ds4_gguf_sink *sink, ds4_err *err) {
+    (void)index;
+    const ds4_conv_tensor *t = user;
+    const int64_t n_in = t->ne[0];
+    const size_t row_bytes = t->type == DS4_GGML_I32 ? (size_t)n_in * 4 : ds4_type_row_bytes((int)t->type, n_in);
+    float *row = malloc((size_t)n_in * sizeof(float));
+    outbuf o = {sink, NULL, 0, row_bytes > (1u << 20) ? row_bytes : (1u << 20)};
+    o.buf = malloc(o.cap);
+    int rc = 0;
+    if (!row || !o.buf || row_bytes == 0) {
+        rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory converting '%s'", t->name);
+        goto done;
+    }
+    for (int64_t m = 0; m < t->ne[2] && !rc; m++)
+        for (int64_t r = 0; r < t->ne[1] && !rc; r++) {
+            if (o.n + row_bytes > o.cap && (rc = outbuf_flush(&o, err))) break;
+            uint8_t *dst = o.buf + o.n;
+            if (t->type == DS4_GGML_I32) {              /* expert ids: int64/int32 source, checked range */
+                int32_t *ids = (int32_t *)(void *)row;   /* row has room for n_in floats = n_in int32 */
+                for (int64_t i = 0; i < n_in; i++) {
+                    int64_t v;
+                    if (t->src == DS4_SRC_RANDOM) {             /* with replacement: repeats allowed */
+                        uint64_t s = t->seed ^ (0xA0761D6478BD642Full * (uint64_t)(r * n_in + i + 1));
+                        v = (int64_t)(splitmix64(&s) % (uint64_t)t->rb);
+                    } else if (t->st->dtype == DS4_ST_I64) {
+                        memcpy(&v, t->st->data + 8 * (uint64_t)(r * n_in + i), 8);
+                    } else {
+                        int32_t v32;
+                        memcpy(&v32, t->st->data + 4 * (uint64_t)(r * n_in + i), 4);
+                        v = v32;
+                    }
+                    if (v < 0 || v >= (int64_t)t->rb) {
+                        rc = ds4_err_set(err, DS4_E_MODEL, "tensor '%s': token %lld slot %lld has expert id %lld, "
+                                         "expected 0..%lld", t->name, (long long)r, (long long)i, (long long)v,
+                                         (long long)t->rb - 1);
+                        break;
+                    }
+                    ids[i] = (int32_t)v;
+                }
+                memcpy(dst, ids, row_bytes);
+            } else {
+                source_row(t, m, r, row);
+                for (int64_t i = 0; i < n_in; i++)
+                    if (!isfinite(row[i])) {
+                        rc = ds4_err_set(err, DS4_E_MODEL, "tensor '%s' (matrix %lld, row %lld) has a non-finite "
+                                         "value at column %lld", t->name, (long long)m, (long long)r, (long long)i);
+                        break;
+                    }
+                if (rc) break;
+                if (t->type == DS4_GGML_F32) {
+                    memcpy(dst, row, row_bytes);
+                } else if (t->type == DS4_GGML_F16) {
+                    for (int64_t i = 0; i < n_in; i++) {
+                        uint16_t h = ds4_f32_to_f16(row[i]);
+                        if ((h & 0x7c00) == 0x7c00) {
+                            rc = ds4_err_set(err, DS4_E_MODEL, "tensor '%s' (row %lld): %g overflows F16", t->name,
+                                             (long long)r, (double)row[i]);
+                            break;
+                        }
+                        memcpy(dst + 2 * i, &h, 2);
+                    }
+                } else if (ds4_quantize_row((int)t->type, row, dst, n_in, NULL) != row_bytes) {
+                    rc = ds4_err_set(err, DS4_E_INTERNAL, "tensor '%s': %s quantization of row %lld failed",
+                                     t->name, ds4_ggml_type_name(t->type), (long long)r);
+                }
+            }
+            o.n += row_bytes;
+        }
+    if (!rc) rc = outbuf_flush(&o, err);
+done:
+    free(row);
+    free(o.buf);
+    return rc;
+}
+
+int ds4_conv_add_tensors(ds4_gguf_writer *w, ds4_conv_plan *p, ds4_err *err) {
+    for (int i = 0; i < p->n; i++) {
+        ds4_conv_tensor *t = &p->t[i];
+        if (t->src == DS4_SRC_NONE) continue;          /* optional and absent */
+        int64_t ne[3] = {t->ne[0], t->ne[1], t->ne[2]};
+        if (ds4_gguf_writer_add_tensor_cb(w, t->name, t->type, (uint32_t)t->n_dims, ne, produce, t) < 0)
+            return ds4_err_set(err, DS4_E_ARG, "cannot add tensor '%s' (%s, ne[0] = %lld) to the GGUF writer",
+                               t->name, ds4_ggml_type_name(t->type), (long long)t->ne[0]);
+    }
+    return 0;
+}
