@@ -249,11 +249,16 @@ static void dq_q2_k(const void *src, float *y, int64_t n) {
         LOAD_BLOCK(ds4_block_q2_k, x, src, b);
         float d = ds4_f16_to_f32(x.d), dmin = ds4_f16_to_f32(x.dmin);
         float *yb = y + b * DS4_QK_K;
-        for (int i = 0; i < DS4_QK_K; i++) {
-            int h = i / 128, r = i % 128, sc = x.scales[i / 16];
-            int q = (x.qs[32 * h + r % 32] >> (2 * (r / 32))) & 3;
-            yb[i] = (d * (float)(sc & 15)) * (float)q - dmin * (float)(sc >> 4);
-        }
+        /* value 128h + 32k + l sits in bits 2k..2k+1 of qs[32h + l] */
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int s = 0; s < 2; s++) {
+                    int sc = x.scales[8 * h + 2 * k + s];
+                    float dl = d * (float)(sc & 15), ml = dmin * (float)(sc >> 4);
+                    const uint8_t *q = x.qs + 32 * h + 16 * s;
+                    float *yo = yb + 128 * h + 32 * k + 16 * s;
+                    for (int l = 0; l < 16; l++) yo[l] = dl * (float)((q[l] >> (2 * k)) & 3) - ml;
+                }
     }
 }
 

@@ -43,11 +43,6 @@ static inline float f16_at(const uint8_t *p) {
     return ds4_f16_to_f32(h);
 }
 
-/* 8 unsigned bytes -> 8 floats */
-static inline TGT __m256 u8x8_to_ps(const uint8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
 /* 8 signed bytes -> 8 floats */
 static inline TGT __m256 i8x8_to_ps(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
@@ -57,6 +52,15 @@ static inline TGT __m256 i8x8_to_ps(const int8_t *p) {
  * as 8 int32 lanes (pairs summed in int16: fits for |u*s| <= 43*127*2). */
 static inline TGT __m256i dot_u8_i8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* 32 bytes -> 4 x 8 floats, in registers */
+static inline TGT void u8x32_to_ps(__m256i v, __m256 f[4]) {
+    __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+    f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 
 /* ---- plain types -------------------------------------------------------- */
@@ -166,14 +170,19 @@ static inline void q4k_sm(const uint8_t *s, int j, int *sc, int *m) {
 }
 
 /* y = d*q - dm for 32 nibble values (lo or hi half of 32 bytes) */
-static inline TGT void q4k_store32(float *y, const uint8_t *q, int hi, float dsc, float dm) {
+static inline TGT void q4k_values32(const uint8_t *q, int hi, float dsc, float dm, __m256 out[4]) {
     __m256i bytes = _mm256_loadu_si256((const __m256i *)q);
     __m256i nib = hi ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(15))
                      : _mm256_and_si256(bytes, _mm256_set1_epi8(15));
-    uint8_t tmp[32];
-    _mm256_storeu_si256((__m256i *)tmp, nib);
-    __m256 vd = _mm256_set1_ps(dsc), vm = _mm256_set1_ps(dm);
-    for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + 8 * k, _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(tmp + 8 * k)), vm));
+    __m256 lv[4], vd = _mm256_set1_ps(dsc), vm = _mm256_set1_ps(dm);
+    u8x32_to_ps(nib, lv);
+    for (int k = 0; k < 4; k++) out[k] = _mm256_sub_ps(_mm256_mul_ps(vd, lv[k]), vm);
+}
+
+static inline TGT void q4k_store32(float *y, const uint8_t *q, int hi, float dsc, float dm) {
+    __m256 v[4];
+    q4k_values32(q, hi, dsc, dm, v);
+    for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + 8 * k, v[k]);
 }
 
 static TGT void dq_q4_k(const void *src, float *y, int64_t n) {
@@ -195,22 +204,15 @@ static TGT float dot_q4_k_f32(const void *row, const float *x, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q4_k), x += 256) {
         float d = f16_at(p), dmin = f16_at(p + 2);
-        for (int c = 0; c < 4; c++) {
-            __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
-            uint8_t nib[64];
-            _mm256_storeu_si256((__m256i *)nib, _mm256_and_si256(bytes, _mm256_set1_epi8(15)));
-            _mm256_storeu_si256((__m256i *)(nib + 32), _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(15)));
+        for (int c = 0; c < 4; c++)
             for (int h = 0; h < 2; h++) {
                 int sc, m;
                 q4k_sm(p + 4, 2 * c + h, &sc, &m);
-                __m256 vd = _mm256_set1_ps(d * (float)sc), vm = _mm256_set1_ps(dmin * (float)m);
+                __m256 v[4];
+                q4k_values32(p + 16 + 32 * c, h, d * (float)sc, dmin * (float)m, v);
                 const float *xs = x + 64 * c + 32 * h;
-                for (int k = 0; k < 4; k++) {
-                    __m256 yv = _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(nib + 32 * h + 8 * k)), vm);
-                    acc = _mm256_fmadd_ps(yv, _mm256_loadu_ps(xs + 8 * k), acc);
-                }
+                for (int k = 0; k < 4; k++) acc = _mm256_fmadd_ps(v[k], _mm256_loadu_ps(xs + 8 * k), acc);
             }
-        }
     }
     return hsum_f32(acc);
 }
@@ -249,21 +251,27 @@ static inline TGT __m256i q2k_levels(const uint8_t *qs, int h, int k) {
     return _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), _mm256_set1_epi8(3));
 }
 
+/* the 32 values of half h, shift k of a Q2_K block (sub-blocks j, j+1) */
+static inline TGT void q2k_values32(const uint8_t *p, float d, float dmin, int h, int k, __m256 out[4]) {
+    __m256 lv[4];
+    u8x32_to_ps(q2k_levels(p + 16, h, k), lv);
+    for (int s = 0; s < 2; s++) {
+        int sc = p[8 * h + 2 * k + s];
+        __m256 vd = _mm256_set1_ps(d * (float)(sc & 15)), vm = _mm256_set1_ps(dmin * (float)(sc >> 4));
+        out[2 * s] = _mm256_sub_ps(_mm256_mul_ps(vd, lv[2 * s]), vm);
+        out[2 * s + 1] = _mm256_sub_ps(_mm256_mul_ps(vd, lv[2 * s + 1]), vm);
+    }
+}
+
 static TGT void dq_q2_k(const void *src, float *y, int64_t n) {
     const uint8_t *p = src;
     for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q2_k), y += 256) {
         float d = f16_at(p + 80), dmin = f16_at(p + 82);
         for (int h = 0; h < 2; h++)
             for (int k = 0; k < 4; k++) {
-                uint8_t lv[32];
-                _mm256_storeu_si256((__m256i *)lv, q2k_levels(p + 16, h, k));
-                for (int s = 0; s < 2; s++) {
-                    int sc = p[8 * h + 2 * k + s];
-                    __m256 vd = _mm256_set1_ps(d * (float)(sc & 15)), vm = _mm256_set1_ps(dmin * (float)(sc >> 4));
-                    float *yo = y + 128 * h + 32 * k + 16 * s;
-                    _mm256_storeu_ps(yo, _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(lv + 16 * s)), vm));
-                    _mm256_storeu_ps(yo + 8, _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(lv + 16 * s + 8)), vm));
-                }
+                __m256 v[4];
+                q2k_values32(p, d, dmin, h, k, v);
+                for (int i = 0; i < 4; i++) _mm256_storeu_ps(y + 128 * h + 32 * k + 8 * i, v[i]);
             }
     }
 }
@@ -275,17 +283,10 @@ static TGT float dot_q2_k_f32(const void *row, const float *x, int64_t n) {
         float d = f16_at(p + 80), dmin = f16_at(p + 82);
         for (int h = 0; h < 2; h++)
             for (int k = 0; k < 4; k++) {
-                uint8_t lv[32];
-                _mm256_storeu_si256((__m256i *)lv, q2k_levels(p + 16, h, k));
-                for (int s = 0; s < 2; s++) {
-                    int sc = p[8 * h + 2 * k + s];
-                    __m256 vd = _mm256_set1_ps(d * (float)(sc & 15)), vm = _mm256_set1_ps(dmin * (float)(sc >> 4));
-                    const float *xs = x + 128 * h + 32 * k + 16 * s;
-                    __m256 y0 = _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(lv + 16 * s)), vm);
-                    __m256 y1 = _mm256_sub_ps(_mm256_mul_ps(vd, u8x8_to_ps(lv + 16 * s + 8)), vm);
-                    acc = _mm256_fmadd_ps(y0, _mm256_loadu_ps(xs), acc);
-                    acc = _mm256_fmadd_ps(y1, _mm256_loadu_ps(xs + 8), acc);
-                }
+                __m256 v[4];
+                q2k_values32(p, d, dmin, h, k, v);
+                const float *xs = x + 128 * h + 32 * k;
+                for (int i = 0; i < 4; i++) acc = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xs + 8 * i), acc);
             }
     }
     return hsum_f32(acc);
@@ -330,17 +331,20 @@ static inline TGT __m256i iq2_mags(uint32_t a0) {
                               (int64_t)ds4_iq2xxs_grid[(a0 >> 16) & 255], (int64_t)ds4_iq2xxs_grid[a0 >> 24]);
 }
 
-/* the 32 dequantized values of one group: db*mag, sign applied by XOR */
+/* 8 dequantized values of one sub-group: db*mag, sign applied by XOR of the
+ * sign bit (exactly -v), all in registers. */
+static inline TGT __m256 iq2_sub8(__m256 vdb, uint8_t g, uint8_t signs7) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i mag = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)ds4_iq2xxs_grid[g]));
+    __m256i sg = _mm256_set1_epi32(ds4_ksigns_iq2xs[signs7 & 127]);
+    __m256i neg = _mm256_slli_epi32(_mm256_cmpeq_epi32(_mm256_and_si256(sg, bit), bit), 31);
+    return _mm256_xor_ps(_mm256_mul_ps(vdb, _mm256_cvtepi32_ps(mag)), _mm256_castsi256_ps(neg));
+}
+
+/* the 32 dequantized values of one group */
 static inline TGT void iq2_group32(float db, uint32_t a0, uint32_t a1, __m256 out[4]) {
-    uint8_t mag[32], neg[32];
-    _mm256_storeu_si256((__m256i *)mag, iq2_mags(a0));
-    _mm256_storeu_si256((__m256i *)neg, iq2_signmask(a1));
     __m256 vdb = _mm256_set1_ps(db);
-    for (int k = 0; k < 4; k++) {
-        __m256 v = _mm256_mul_ps(vdb, u8x8_to_ps(mag + 8 * k));
-        __m256i sm = _mm256_slli_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(neg + 8 * k))), 31);
-        out[k] = _mm256_xor_ps(v, _mm256_castsi256_ps(sm));
-    }
+    for (int k = 0; k < 4; k++) out[k] = iq2_sub8(vdb, (uint8_t)(a0 >> (8 * k)), (uint8_t)(a1 >> (7 * k)));
 }
 
 static TGT void dq_iq2_xxs(const void *src, float *y, int64_t n) {
