@@ -1,0 +1,297 @@
+/* cpu_backend.c - the CPU reference backend: context, thread pool, scratch,
+ * memory ops, the shared matmul/norm/RoPE helpers and the vtable.
+ */
+#include "cpu/cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "quant.h"
+
+/* ------------------------------------------------------------ pool */
+
+typedef struct worker_arg {
+    cpu_ctx *c;
+    int tid;
+} worker_arg;
+
+static void run_range(cpu_ctx *c, int tid) {
+    int n = c->n_items, T = c->n_threads;
+    int i0 = (int)((int64_t)n * tid / T), i1 = (int)((int64_t)n * (tid + 1) / T);
+    if (i1 > i0) c->fn(c->arg, i0, i1, tid);
+}
+
+static void *worker_main(void *p) {
+    worker_arg *wa = p;
+    cpu_ctx *c = wa->c;
+    int tid = wa->tid;
+    free(wa);
+    uint64_t seen = 0;
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        while (!c->quit && c->generation == seen) pthread_cond_wait(&c->cv_start, &c->mu);
+        if (c->quit) break;
+        seen = c->generation;
+        pthread_mutex_unlock(&c->mu);
+        run_range(c, tid);
+        pthread_mutex_lock(&c->mu);
+        if (--c->n_pending == 0) pthread_cond_signal(&c->cv_done);
+    }
+    pthread_mutex_unlock(&c->mu);
+    return NULL;
+}
+
+void cpu_run(cpu_ctx *c, int n_items, cpu_task_fn fn, void *arg) {
+    if (n_items <= 0) return;
+    if (c->n_threads == 1 || n_items == 1) {
+        fn(arg, 0, n_items, 0);
+        return;
+    }
+    pthread_mutex_lock(&c->mu);
+    c->fn = fn;
+    c->arg = arg;
+    c->n_items = n_items;
+    c->n_pending = c->n_threads - 1;
+    c->generation++;
+    pthread_cond_broadcast(&c->cv_start);
+    pthread_mutex_unlock(&c->mu);
+    run_range(c, 0);
+    pthread_mutex_lock(&c->mu);
+    while (c->n_pending > 0) pthread_cond_wait(&c->cv_done, &c->mu);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* ------------------------------------------------------------ scratch */
+
+static void *grow(void **p, size_t *have, size_t bytes) {
+    if (bytes <= *have && *p) return *p;
+    size_t nb = bytes < 64 ? 64 : bytes + bytes / 4;
+    void *q = realloc(*p, nb);
+    if (!q) return NULL;
+    *p = q;
+    *have = nb;
+    return q;
+}
+
+void *cpu_scratch(cpu_ctx *c, int slot, size_t bytes) {
+    void *p = grow(&c->scratch[slot], &c->scratch_bytes[slot], bytes);
+    if (!p) c->err = DS4_E_NOMEM;
+    return p;
+}
+
+void *cpu_tscratch(cpu_ctx *c, int tid, int slot, size_t bytes) {
+    void *p = grow(&c->tscratch[tid][slot], &c->tscratch_bytes[tid][slot], bytes);
+    if (!p) c->err = DS4_E_NOMEM; /* benign race: any thread may set the same code */
+    return p;
+}
+
+/* ------------------------------------------------------------ helpers */
+
+void cpu_rmsnorm(float *out, const float *x, int n, const float *w, float eps) {
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * (double)x[i];
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) {
+        float v = x[i] * r;
+        out[i] = w ? w[i] * v : v;
+    }
+}
+
+void cpu_rope(float *z, int n_rot, const float *inv_freq, int pos, bool inverse) {
+    for (int i = 0; i < n_rot / 2; i++) {
+        float th = (float)pos * inv_freq[i];
+        float c = cosf(th), s = sinf(th);
+        if (inverse) s = -s;
+        float x0 = z[2 * i], x1 = z[2 * i + 1];
+        z[2 * i] = x0 * c - x1 * s;
+        z[2 * i + 1] = x1 * c + x0 * s;
+    }
+}
+
+typedef struct mm_job {
+    const ds4_quant_kernels *k;
+    const unsigned char *base;   /* first row of the matrix */
+    size_t row_bytes;
+    int64_t row0;
+    const float *x;
+    int64_t ldx;
+    const unsigned char *xq;     /* quantized activations or NULL */
+    size_t xq_bytes;             /* bytes per quantized row */
+    const int32_t *xidx;
+    int n, n_in;
+    float *y;
+    int64_t ldy;
+} mm_job;
+
+static void mm_task(void *p, int r0, int r1, int tid) {
+    (void)tid;
+    const mm_job *j = p;
+    enum { RB = 16 };
+    for (int rb = r0; rb < r1; rb += RB) {
+        int re = rb + RB < r1 ? rb + RB : r1;
+        for (int t = 0; t < j->n; t++) {
+            int64_t xr = j->xidx ? j->xidx[t] : t;
+            float *yt = j->y + (int64_t)t * j->ldy;
+            if (j->xq) {
+                const void *xq = j->xq + (size_t)xr * j->xq_bytes;
+                for (int r = rb; r < re; r++)
+                    yt[r] = j->k->dot_q(j->base + (size_t)(j->row0 + r) * j->row_bytes, xq, j->n_in);
+            } else {
+                const float *xt = j->x + xr * j->ldx;
+                for (int r = rb; r < re; r++)
+                    yt[r] = j->k->dot_f32(j->base + (size_t)(j->row0 + r) * j->row_bytes, xt, j->n_in);
+            }
+        }
+    }
+}
+
+int cpu_matmul(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, int64_t n_rows,
+               const float *x, int64_t ldx, const int32_t *xidx, int n, float *y, int64_t ldy,
+               bool act_quant) {
+    if (n <= 0 || n_rows <= 0) return 0;
+    mm_job j = {0};
+    j.k = ds4_quant_kernels_get(w->type, DS4_SIMD_AUTO);
+    if (!j.k || !j.k->dot_f32) return c->err = DS4_E_INTERNAL;
+    j.base = (const unsigned char *)w->data + (size_t)mat * w->mat_bytes;
+    j.row_bytes = w->row_bytes;
+    j.row0 = row0;
+    j.x = x;
+    j.ldx = ldx;
+    j.xidx = xidx;
+    j.n = n;
+    j.n_in = (int)w->n_in;
+    j.y = y; /* items are rows relative to row0 */
+    j.ldy = ldy;
+    if (act_quant && j.k->act_type >= 0 && j.k->dot_q) {
+        /* Quantize the distinct x rows once (E.1), rows indexed like x. */
+        int64_t n_x = 0;
+        for (int t = 0; t < n; t++) {
+            int64_t xr = xidx ? xidx[t] : t;
+            if (xr + 1 > n_x) n_x = xr + 1;
+        }
+        j.xq_bytes = ds4_type_row_bytes(j.k->act_type, w->n_in);
+        unsigned char *xq = cpu_scratch(c, 7, (size_t)n_x * j.xq_bytes);
+        if (!xq) return DS4_E_NOMEM;
+        for (int64_t r = 0; r < n_x; r++)
+            ds4_quantize_act(j.k->act_type, x + r * ldx, xq + (size_t)r * j.xq_bytes, w->n_in);
+        j.xq = xq;
+    }
+    cpu_run(c, (int)n_rows, mm_task, &j);
+    return 0;
+}
+
+/* ------------------------------------------------------------ vtable */
+
+static void cpu_destroy(void *ctx) {
+    cpu_ctx *c = ctx;
+    if (!c) return;
+    pthread_mutex_lock(&c->mu);
+    c->quit = true;
+    pthread_cond_broadcast(&c->cv_start);
+    pthread_mutex_unlock(&c->mu);
+    for (int i = 1; i < c->n_threads; i++) pthread_join(c->threads[i], NULL);
+    pthread_mutex_destroy(&c->mu);
+    pthread_cond_destroy(&c->cv_start);
+    pthread_cond_destroy(&c->cv_done);
+    for (int i = 0; i < 8; i++) free(c->scratch[i]);
+    for (int t = 0; t < CPU_MAX_THREADS; t++)
+        for (int s = 0; s < CPU_TSLOTS; s++) free(c->tscratch[t][s]);
+    free(c);
+}
+
+static int cpu_check_model(void *ctx, const ds4_model *m, ds4_err *err) {
+    (void)ctx;
+    if (m->hp.n_hc > 64)
+        return ds4_err_set(err, DS4_E_MODEL, "cpu backend: hyper_connection.count %d exceeds 64", m->hp.n_hc);
+    /* Every type bound by model.c has scalar kernels in quant.c. */
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        const ds4_layer *l = &m->layers[il];
+        if ((l->kind == DS4_ATTN_CSA ? 2 : 1) * l->ratio > 256)
+            return ds4_err_set(err, DS4_E_MODEL, "cpu backend: layer %d compress ratio %d exceeds 256", il, l->ratio);
+        const ds4_weight *ws[] = {&l->q_a, &l->q_b, &l->kv, &l->o_a, &l->o_b, &l->gate_inp,
+                                  &l->gate_exps, &l->up_exps, &l->down_exps, &l->gate_sh,
+                                  &l->up_sh, &l->down_sh};
+        for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++)
+            if (!ds4_quant_kernels_get(ws[i]->type, DS4_SIMD_AUTO))
+                return ds4_err_set(err, DS4_E_MODEL, "cpu backend: no kernels for tensor '%s' (%s)",
+                                   ws[i]->name, ds4_type_name(ws[i]->type));
+    }
+    return 0;
+}
+
+static void *cpu_alloc(void *ctx, size_t bytes) {
+    (void)ctx;
+    return calloc(1, bytes ? bytes : 1);
+}
+static void cpu_free(void *ctx, void *p) {
+    (void)ctx;
+    free(p);
+}
+static void cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
+    (void)ctx;
+    if (bytes) memmove(dst, src, bytes);
+}
+static void cpu_step_begin(void *ctx) {
+    ((cpu_ctx *)ctx)->err = 0;
+}
+static int cpu_step_end(void *ctx, ds4_err *err) {
+    cpu_ctx *c = ctx;
+    int e = c->err;
+    c->err = 0;
+    if (e) return ds4_err_set(err, e, "cpu backend: %s", e == DS4_E_NOMEM ? "out of memory" : "internal error");
+    return 0;
+}
+
+static const ds4_backend_ops cpu_ops = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .check_model = cpu_check_model,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .step_begin = cpu_step_begin,
+    .step_end = cpu_step_end,
+    .embed = cpu_embed,
+    .hc_pre = cpu_hc_pre,
+    .attn_project = cpu_attn_project,
+    .compress_update = cpu_compress_update,
+    .indexer_select = cpu_indexer_select,
+    .attention = cpu_attention,
+    .kv_store = cpu_kv_store,
+    .hc_post = cpu_hc_post,
+    .moe_route = cpu_moe_route,
+    .moe_experts = cpu_moe_experts,
+    .head = cpu_head,
+};
+
+int ds4_cpu_backend_new(int n_threads, ds4_backend *out, ds4_err *err) {
+    if (n_threads <= 0) {
+        long nc = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = nc > 0 ? (int)nc : 1;
+    }
+    if (n_threads > CPU_MAX_THREADS) n_threads = CPU_MAX_THREADS;
+    cpu_ctx *c = calloc(1, sizeof *c);
+    if (!c) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    c->n_threads = 1;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv_start, NULL);
+    pthread_cond_init(&c->cv_done, NULL);
+    for (int i = 1; i < n_threads; i++) {
+        worker_arg *wa = malloc(sizeof *wa);
+        if (!wa) { cpu_destroy(c); return ds4_err_set(err, DS4_E_NOMEM, "out of memory"); }
+        wa->c = c;
+        wa->tid = i;
+        if (pthread_create(&c->threads[i], NULL, worker_main, wa) != 0) {
+            free(wa);
+            cpu_destroy(c);
+            return ds4_err_set(err, DS4_E_INTERNAL, "cpu backend: cannot create worker thread %d", i);
+        }
+        c->n_threads = i + 1;
+    }
+    out->ops = &cpu_ops;
+    out->ctx = c;
+    return 0;
+}

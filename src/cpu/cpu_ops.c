@@ -1,0 +1,553 @@
+/* cpu_ops.c - the stages of the CPU reference backend (MODEL.md §C).
+ *
+ * Each function computes one stage for a batch of n tokens. Per-token
+ * results never depend on n or on the thread count: the same kernel call
+ * computes each element, and sums always run in the order written here
+ * (rows by position, then compressed rows ascending; slots in order). The
+ * orders follow transformers where that is free, to stay close to the
+ * oracle in plain-numerics mode.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/cpu.h"
+#include "numerics.h"
+#include "quant.h"
+
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* ------------------------------------------------------------ embed */
+
+int cpu_embed(void *ctx, const ds4_embed_args *a) {
+    (void)ctx;
+    const ds4_hparams *hp = &a->m->hp;
+    const int D = hp->n_embd, hc = hp->n_hc;
+    const ds4_weight *w = &a->m->tok_embd;
+    for (int t = 0; t < a->n; t++) {
+        float *X = a->X + (size_t)t * hc * D;
+        ds4_dequant_row(w->type, (const char *)w->data + (size_t)a->tokens[t] * w->row_bytes, X, D);
+        for (int s = 1; s < hc; s++) memcpy(X + (size_t)s * D, X, (size_t)D * sizeof(float));
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ HC */
+
+typedef struct hc_job {
+    cpu_ctx *c;
+    const ds4_hc_pre_args *a;
+} hc_job;
+
+static void hc_pre_task(void *p, int t0, int t1, int tid) {
+    const hc_job *j = p;
+    const ds4_hc_pre_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const int D = hp->n_embd, hc = hp->n_hc, nflat = hc * D, nmix = (2 + hc) * hc;
+    const ds4_quant_kernels *k = ds4_quant_kernels_get(a->fn->type, DS4_SIMD_AUTO);
+    float *phi = cpu_tscratch(j->c, tid, 0, (size_t)nflat * sizeof(float));
+    float *mix = cpu_tscratch(j->c, tid, 1, (size_t)(nmix + D) * sizeof(float));
+    if (!phi || !mix) return;
+    float *x = mix + nmix;
+    for (int t = t0; t < t1; t++) {
+        const float *X = a->X + (size_t)t * nflat;
+        /* 1-3: m = fn . RMSNorm(vec X) */
+        cpu_rmsnorm(phi, X, nflat, NULL, hp->rms_eps);
+        for (int o = 0; o < nmix; o++)
+            mix[o] = k->dot_f32((const char *)a->fn->data + (size_t)o * a->fn->row_bytes, phi, nflat);
+        float pre[64], C[64 * 64];
+        float *post = a->post + (size_t)t * hc, *comb = a->comb + (size_t)t * hc * hc;
+        for (int s = 0; s < hc; s++) {
+            pre[s] = sigmoidf(mix[s] * a->scale[0] + a->base[s]) + hp->hc_eps;
+            post[s] = 2.0f * sigmoidf(mix[hc + s] * a->scale[1] + a->base[hc + s]);
+        }
+        /* 6: comb = Sinkhorn(softmax over b of Z[a][b]) */
+        for (int r = 0; r < hc; r++) {
+            float *Cr = C + r * hc, mx = -INFINITY, sum = 0;
+            for (int b = 0; b < hc; b++) {
+                Cr[b] = mix[2 * hc + r * hc + b] * a->scale[2] + a->base[2 * hc + r * hc + b];
+                mx = fmaxf(mx, Cr[b]);
+            }
+            for (int b = 0; b < hc; b++) { Cr[b] = expf(Cr[b] - mx); sum += Cr[b]; }
+            for (int b = 0; b < hc; b++) Cr[b] = Cr[b] / sum + hp->hc_eps;
+        }
+        for (int it = 0; it < hp->sinkhorn_iters; it++) {
+            if (it > 0) /* row normalisation (the softmax was the first) */
+                for (int r = 0; r < hc; r++) {
+                    float s = 0;
+                    for (int b = 0; b < hc; b++) s += C[r * hc + b];
+                    for (int b = 0; b < hc; b++) C[r * hc + b] /= (s + hp->hc_eps);
+                }
+            for (int b = 0; b < hc; b++) { /* column normalisation */
+                float s = 0;
+                for (int r = 0; r < hc; r++) s += C[r * hc + b];
+                for (int r = 0; r < hc; r++) C[r * hc + b] /= (s + hp->hc_eps);
+            }
+        }
+        memcpy(comb, C, (size_t)hc * hc * sizeof(float));
+        /* 7: x = sum_s pre_s X_s, then the sublayer norm */
+        for (int d = 0; d < D; d++) {
+            float acc = 0;
+            for (int s = 0; s < hc; s++) acc += pre[s] * X[(size_t)s * D + d];
+            x[d] = acc;
+        }
+        cpu_rmsnorm(a->out + (size_t)t * D, x, D, a->norm_w, hp->rms_eps);
+    }
+}
+
+int cpu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
+    cpu_ctx *c = ctx;
+    if (a->m->hp.n_hc > 64) return c->err = DS4_E_INTERNAL;
+    hc_job j = {c, a};
+    cpu_run(c, a->n, hc_pre_task, &j);
+    return c->err;
+}
+
+typedef struct hc_post_job {
+    cpu_ctx *c;
+    const ds4_hc_post_args *a;
+} hc_post_job;
+
+static void hc_post_task(void *p, int t0, int t1, int tid) {
+    const hc_post_job *j = p;
+    const ds4_hc_post_args *a = j->a;
+    const int D = a->m->hp.n_embd, hc = a->m->hp.n_hc;
+    float *old = cpu_tscratch(j->c, tid, 0, (size_t)hc * D * sizeof(float));
+    if (!old) return;
+    for (int t = t0; t < t1; t++) {
+        float *X = a->X + (size_t)t * hc * D;
+        const float *y = a->y + (size_t)t * D, *post = a->post + (size_t)t * hc;
+        const float *comb = a->comb + (size_t)t * hc * hc;
+        memcpy(old, X, (size_t)hc * D * sizeof(float));
+        for (int b = 0; b < hc; b++)
+            for (int d = 0; d < D; d++) {
+                float acc = 0;
+                for (int s = 0; s < hc; s++) acc += comb[s * hc + b] * old[(size_t)s * D + d];
+                X[(size_t)b * D + d] = post[b] * y[d] + acc;
+            }
+    }
+}
+
+int cpu_hc_post(void *ctx, const ds4_hc_post_args *a) {
+    cpu_ctx *c = ctx;
+    hc_post_job j = {c, a};
+    cpu_run(c, a->n, hc_post_task, &j);
+    return c->err;
+}
+
+/* ------------------------------------------------------------ q / kv */
+
+static void kv_row_finish(float *kv, const ds4_hparams *hp, const float *inv_freq, int pos,
+                          const float *norm_w, ds4_numerics num) {
+    const int dh = hp->head_dim, nope = dh - hp->n_rot;
+    cpu_rmsnorm(kv, kv, dh, norm_w, hp->rms_eps);
+    cpu_rope(kv + nope, hp->n_rot, inv_freq, pos, false);
+    if (num.fp8_kv) ds4_num_fp8_round(kv, nope, 64);
+    if (num.f16_cache) ds4_num_f16_round(kv, dh);
+}
+
+int cpu_attn_project(void *ctx, const ds4_attn_project_args *a) {
+    cpu_ctx *c = ctx;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int D = hp->n_embd, dh = hp->head_dim, H = hp->n_head, ql = hp->q_lora;
+    int rc;
+    if ((rc = cpu_matmul(c, &l->q_a, 0, 0, ql, a->u, D, NULL, a->n, a->cq, ql, a->num.act_quant))) return rc;
+    for (int t = 0; t < a->n; t++) cpu_rmsnorm(a->cq + (size_t)t * ql, a->cq + (size_t)t * ql, ql, l->q_a_norm, hp->rms_eps);
+    if ((rc = cpu_matmul(c, &l->q_b, 0, 0, (int64_t)H * dh, a->cq, ql, NULL, a->n, a->q, (int64_t)H * dh,
+                         a->num.act_quant))) return rc;
+    for (int t = 0; t < a->n; t++)
+        for (int h = 0; h < H; h++) {
+            float *qh = a->q + ((size_t)t * H + h) * dh;
+            cpu_rmsnorm(qh, qh, dh, NULL, hp->rms_eps);
+            cpu_rope(qh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
+        }
+    if ((rc = cpu_matmul(c, &l->kv, 0, 0, dh, a->u, D, NULL, a->n, a->kv, dh, a->num.act_quant))) return rc;
+    for (int t = 0; t < a->n; t++)
+        kv_row_finish(a->kv + (size_t)t * dh, hp, a->rope->inv_freq, a->pos0 + t, l->kv_norm, a->num);
+    return c->err;
+}
+
+int cpu_kv_store(void *ctx, const ds4_kv_store_args *a) {
+    (void)ctx;
+    const int W = a->m->hp.window, dh = a->m->hp.head_dim;
+    int t0 = a->n > W ? a->n - W : 0;
+    for (int t = t0; t < a->n; t++)
+        memcpy(a->raw + (size_t)((a->pos0 + t) % W) * dh, a->kv + (size_t)t * dh, (size_t)dh * sizeof(float));
+    return 0;
+}
+
+/* ------------------------------------------------------------ compressor */
+
+/* Emits compressed row k from the frontier ring (MODEL.md C.5). */
+static void compress_emit(const ds4_compress_args *a, int k, float *pooled) {
+    const ds4_hparams *hp = &a->m->hp;
+    const int R = a->ratio, d = a->d, c = a->overlap ? 2 : 1, w = c * d, ring = c * R;
+    for (int ch = 0; ch < d; ch++) {
+        float mx = -INFINITY, sum = 0, acc = 0;
+        int nc = 0;
+        /* candidates in transformers' slot order: previous window's first
+         * halves (R = 4 only, absent for k = 0), then the current window.
+         * At most c*R <= 256 (checked by cpu_check_model). */
+        float G[256], A[256];
+        if (a->overlap && k > 0)
+            for (int r = 0; r < R; r++) {
+                int slot = (R * (k - 1) + r) % ring;
+                G[nc] = a->fg[(size_t)slot * w + ch];
+                A[nc++] = a->fa[(size_t)slot * w + ch];
+            }
+        for (int r = 0; r < R; r++) {
+            int slot = (R * k + r) % ring, off = a->overlap ? d : 0;
+            G[nc] = a->fg[(size_t)slot * w + off + ch];
+            A[nc++] = a->fa[(size_t)slot * w + off + ch];
+        }
+        for (int i = 0; i < nc; i++) mx = fmaxf(mx, G[i]);
+        for (int i = 0; i < nc; i++) { G[i] = expf(G[i] - mx); sum += G[i]; }
+        for (int i = 0; i < nc; i++) acc += A[i] * (G[i] / sum);
+        pooled[ch] = acc;
+    }
+    float *row = a->rows + (size_t)k * d;
+    cpu_rmsnorm(row, pooled, d, a->norm_w, hp->rms_eps);
+    cpu_rope(row + d - hp->n_rot, hp->n_rot, a->rope->inv_freq, k * R, false);
+    if (a->indexer) {
+        if (a->num.fp4_indexer) {
+            ds4_num_hadamard(row, d);
+            ds4_num_fp4_round(row, d);
+        }
+    } else if (a->num.fp8_kv) {
+        ds4_num_fp8_round(row, d - hp->n_rot, 64);
+    }
+    if (a->num.f16_cache) ds4_num_f16_round(row, d);
+}
+
+int cpu_compress_update(void *ctx, const ds4_compress_args *a) {
+    cpu_ctx *c = ctx;
+    const ds4_hparams *hp = &a->m->hp;
+    const int D = hp->n_embd, R = a->ratio, cw = a->overlap ? 2 : 1, w = cw * a->d, ring = cw * R;
+    if (ring > 256) return c->err = DS4_E_INTERNAL; /* compress_emit's stack arrays; refused at open */
+    float *A = cpu_scratch(c, 0, (size_t)a->n * w * sizeof(float));
+    float *G = cpu_scratch(c, 1, (size_t)a->n * w * sizeof(float));
+    float *ape = cpu_scratch(c, 2, (size_t)R * w * sizeof(float));
+    float *pooled = cpu_scratch(c, 3, (size_t)a->d * sizeof(float));
+    if (!A || !G || !ape || !pooled) return DS4_E_NOMEM;
+    int rc;
+    if ((rc = cpu_matmul(c, a->wkv, 0, 0, w, a->u, D, NULL, a->n, A, w, a->num.act_quant))) return rc;
+    if ((rc = cpu_matmul(c, a->wgate, 0, 0, w, a->u, D, NULL, a->n, G, w, a->num.act_quant))) return rc;
+    for (int r = 0; r < R; r++)
+        ds4_dequant_row(a->ape->type, (const char *)a->ape->data + (size_t)r * a->ape->row_bytes, ape + (size_t)r * w, w);
+    for (int t = 0; t < a->n; t++) {
+        int p = a->pos0 + t, j = p % R, slot = p % ring;
+        memcpy(a->fa + (size_t)slot * w, A + (size_t)t * w, (size_t)w * sizeof(float));
+        for (int i = 0; i < w; i++) a->fg[(size_t)slot * w + i] = G[(size_t)t * w + i] + ape[(size_t)j * w + i];
+        if ((p + 1) % R == 0) {
+            int k = (p + 1) / R - 1;
+            if (k >= a->cap) return c->err = DS4_E_RANGE;
+            compress_emit(a, k, pooled);
+        }
+    }
+    return c->err;
+}
+
+/* ------------------------------------------------------------ indexer */
+
+typedef struct idx_job {
+    cpu_ctx *c;
+    const ds4_indexer_args *a;
+    float *qi, *wt;
+} idx_job;
+
+typedef struct scored {
+    float s;
+    int32_t i;
+} scored;
+
+static int cmp_scored(const void *x, const void *y) {
+    const scored *a = x, *b = y;
+    if (a->s > b->s) return -1;
+    if (a->s < b->s) return 1;
+    return a->i < b->i ? -1 : a->i > b->i; /* ties: lower index first */
+}
+
+static int cmp_i32(const void *x, const void *y) {
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
+static void idx_task(void *p, int t0, int t1, int tid) {
+    const idx_job *j = p;
+    const ds4_indexer_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const int IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
+    const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
+    for (int t = t0; t < t1; t++) {
+        int P = a->pos0 + t, Nc = (P + 1) / 4;
+        int32_t *sel = a->sel + (size_t)t * K;
+        if (Nc <= K) {
+            for (int i = 0; i < Nc; i++) sel[i] = i;
+            a->n_sel[t] = Nc;
+            continue;
+        }
+        float *q = j->qi + (size_t)t * IH * ID;
+        for (int h = 0; h < IH; h++) {
+            float *qh = q + (size_t)h * ID;
+            cpu_rope(qh + ID - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, false);
+            if (a->num.fp4_indexer) {
+                ds4_num_hadamard(qh, ID);
+                ds4_num_fp4_round(qh, ID);
+            }
+        }
+        scored *sc = cpu_tscratch(j->c, tid, 0, (size_t)Nc * sizeof(scored));
+        if (!sc) return;
+        const float *wt = j->wt + (size_t)t * IH;
+        for (int r = 0; r < Nc; r++) {
+            const float *kr = a->idx_rows + (size_t)r * ID;
+            float tot = 0;
+            for (int h = 0; h < IH; h++) {
+                const float *qh = q + (size_t)h * ID;
+                float dot = 0;
+                for (int i = 0; i < ID; i++) dot += qh[i] * kr[i];
+                float s = (dot > 0 ? dot : 0) * sm_scale;
+                tot += s * (wt[h] * w_scale);
+            }
+            sc[r].s = tot;
+            sc[r].i = r;
+        }
+        qsort(sc, (size_t)Nc, sizeof(scored), cmp_scored);
+        for (int i = 0; i < K; i++) sel[i] = sc[i].i;
+        qsort(sel, (size_t)K, sizeof(int32_t), cmp_i32);
+        a->n_sel[t] = K;
+    }
+}
+
+int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
+    cpu_ctx *c = ctx;
+    const ds4_hparams *hp = &a->m->hp;
+    const int D = hp->n_embd, IH = hp->idx_heads, ID = hp->idx_dim;
+    idx_job j = {c, a, NULL, NULL};
+    if ((a->pos0 + a->n) / 4 > hp->idx_topk) {
+        /* some token has more rows than top_k: score them */
+        j.qi = cpu_scratch(c, 4, (size_t)a->n * IH * ID * sizeof(float));
+        j.wt = cpu_scratch(c, 5, (size_t)a->n * IH * sizeof(float));
+        if (!j.qi || !j.wt) return DS4_E_NOMEM;
+        int rc;
+        if ((rc = cpu_matmul(c, &a->l->idx_q_b, 0, 0, (int64_t)IH * ID, a->cq, hp->q_lora, NULL, a->n, j.qi,
+                             (int64_t)IH * ID, a->num.act_quant))) return rc;
+        if ((rc = cpu_matmul(c, &a->l->idx_proj, 0, 0, IH, a->u, D, NULL, a->n, j.wt, IH, a->num.act_quant)))
+            return rc;
+    }
+    cpu_run(c, a->n, idx_task, &j);
+    return c->err;
+}
+
+/* ------------------------------------------------------------ attention */
+
+typedef struct attn_job {
+    cpu_ctx *c;
+    const ds4_attention_args *a;
+    float *o; /* (n, H, dh) */
+} attn_job;
+
+static void attn_task(void *p, int i0, int i1, int tid) {
+    const attn_job *j = p;
+    const ds4_attention_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int H = hp->n_head, dh = hp->head_dim, W = hp->window;
+    const float scale = 1.0f / sqrtf((float)dh);
+    for (int it = i0; it < i1; it++) {
+        int t = it / H, h = it % H, P = a->pos0 + t;
+        const float *qh = a->q + ((size_t)t * H + h) * dh;
+        int lo = P - W + 1 > 0 ? P - W + 1 : 0;
+        int n_raw = P - lo + 1, n_comp = 0;
+        const int32_t *sel = NULL;
+        if (l->kind == DS4_ATTN_HCA) n_comp = (P + 1) / l->ratio;
+        else if (l->kind == DS4_ATTN_CSA) {
+            n_comp = a->n_sel[t];
+            sel = a->sel + (size_t)t * hp->idx_topk;
+        }
+        int nr = n_raw + n_comp;
+        float *sc = cpu_tscratch(j->c, tid, 1, (size_t)nr * sizeof(float));
+        const float **rows = cpu_tscratch(j->c, tid, 2, (size_t)nr * sizeof(float *));
+        if (!sc || !rows) return;
+        for (int r = 0; r < n_raw; r++) {
+            int pos = lo + r;
+            rows[r] = pos >= a->pos0 ? a->kv + (size_t)(pos - a->pos0) * dh : a->raw + (size_t)(pos % W) * dh;
+        }
+        for (int r = 0; r < n_comp; r++) rows[n_raw + r] = a->comp + (size_t)(sel ? sel[r] : r) * dh;
+        float mx = l->sinks[h];
+        for (int r = 0; r < nr; r++) {
+            float dot = 0;
+            for (int i = 0; i < dh; i++) dot += qh[i] * rows[r][i];
+            sc[r] = dot * scale;
+            mx = fmaxf(mx, sc[r]);
+        }
+        float den = 0;
+        for (int r = 0; r < nr; r++) { sc[r] = expf(sc[r] - mx); den += sc[r]; }
+        den += expf(l->sinks[h] - mx);
+        float *oh = j->o + ((size_t)t * H + h) * dh;
+        memset(oh, 0, (size_t)dh * sizeof(float));
+        for (int r = 0; r < nr; r++) {
+            float pr = sc[r] / den;
+            const float *v = rows[r];
+            for (int i = 0; i < dh; i++) oh[i] += pr * v[i];
+        }
+        cpu_rope(oh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, true);
+    }
+}
+
+int cpu_attention(void *ctx, const ds4_attention_args *a) {
+    cpu_ctx *c = ctx;
+    const ds4_hparams *hp = &a->m->hp;
+    const int H = hp->n_head, dh = hp->head_dim, G = hp->o_groups, ol = hp->o_lora;
+    const int64_t gd = (int64_t)(H / G) * dh;
+    attn_job j = {c, a, cpu_scratch(c, 0, (size_t)a->n * H * dh * sizeof(float))};
+    float *z = cpu_scratch(c, 1, (size_t)a->n * G * ol * sizeof(float));
+    if (!j.o || !z) return DS4_E_NOMEM;
+    cpu_run(c, a->n * H, attn_task, &j);
+    if (c->err) return c->err;
+    int rc;
+    /* grouped output projection: z_g = W_oa[g] . (heads of group g) */
+    for (int g = 0; g < G; g++)
+        if ((rc = cpu_matmul(c, &a->l->o_a, 0, (int64_t)g * ol, ol, j.o + g * gd, (int64_t)H * dh, NULL, a->n,
+                             z + (size_t)g * ol, (int64_t)G * ol, a->num.act_quant))) return rc;
+    if ((rc = cpu_matmul(c, &a->l->o_b, 0, 0, hp->n_embd, z, (int64_t)G * ol, NULL, a->n, a->y, hp->n_embd,
+                         a->num.act_quant))) return rc;
+    return c->err;
+}
+
+/* ------------------------------------------------------------ MoE */
+
+static float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+int cpu_moe_route(void *ctx, const ds4_moe_route_args *a) {
+    cpu_ctx *c = ctx;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int E = hp->n_expert, K = hp->n_expert_used;
+    float *lg = cpu_scratch(c, 0, (size_t)a->n * E * sizeof(float));
+    if (!lg) return DS4_E_NOMEM;
+    int rc = cpu_matmul(c, &l->gate_inp, 0, 0, E, a->v, hp->n_embd, NULL, a->n, lg, E, false);
+    if (rc) return rc;
+    for (int t = 0; t < a->n; t++) {
+        float *s = lg + (size_t)t * E;
+        int32_t *ids = a->ids + (size_t)t * K;
+        float *w = a->w + (size_t)t * K;
+        for (int e = 0; e < E; e++) s[e] = sqrtf(softplusf(s[e]));
+        if (l->hash) {
+            for (int i = 0; i < K; i++) ids[i] = l->tid2eid[(size_t)a->tokens[t] * K + i];
+        } else {
+            /* biased top-k; strict '>' keeps the lower index on ties */
+            for (int i = 0; i < K; i++) {
+                int best = -1;
+                float bv = 0;
+                for (int e = 0; e < E; e++) {
+                    bool taken = false;
+                    for (int q = 0; q < i; q++) taken |= ids[q] == e;
+                    if (taken) continue;
+                    float v = s[e] + l->exp_bias[e];
+                    if (best < 0 || v > bv) { best = e; bv = v; }
+                }
+                ids[i] = best;
+            }
+        }
+        float sum = 0;
+        for (int i = 0; i < K; i++) sum += s[ids[i]];
+        for (int i = 0; i < K; i++) {
+            float g = hp->expert_weights_norm ? s[ids[i]] / (sum + 1e-20f) : s[ids[i]];
+            w[i] = g * hp->expert_weights_scale;
+        }
+    }
+    return 0;
+}
+
+/* h = silu(min(g, lim)) * clamp(u, -lim, lim) * wt (C.8) */
+static void swiglu(float *h, const float *g, const float *u, int F, float lim, float wt) {
+    for (int i = 0; i < F; i++) {
+        float gv = g[i] < lim ? g[i] : lim;
+        float uv = u[i] < -lim ? -lim : (u[i] > lim ? lim : u[i]);
+        float si = gv / (1.0f + expf(-gv));
+        h[i] = si * uv * wt;
+    }
+}
+
+int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
+    cpu_ctx *c = ctx;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int D = hp->n_embd, F = hp->n_ff_exp, E = hp->n_expert, K = hp->n_expert_used, n = a->n;
+    const int NI = n * K;
+    const float lim = hp->swiglu_clamp[l - a->m->layers];
+    const bool aq = a->num.act_quant;
+    float *gb = cpu_scratch(c, 0, (size_t)(NI > n ? NI : n) * F * sizeof(float));
+    float *ub = cpu_scratch(c, 1, (size_t)(NI > n ? NI : n) * F * sizeof(float));
+    float *db = cpu_scratch(c, 2, (size_t)(NI > n ? NI : n) * D * sizeof(float));
+    float *out = cpu_scratch(c, 3, (size_t)NI * D * sizeof(float));
+    int32_t *cnt = cpu_scratch(c, 4, (size_t)(E + 1) * sizeof(int32_t));
+    int32_t *items = cpu_scratch(c, 5, (size_t)NI * 2 * sizeof(int32_t));
+    if (!gb || !ub || !db || !out || !cnt || !items) return DS4_E_NOMEM;
+    int32_t *tok = items + NI;
+    /* group (token, slot) items by expert, items in increasing order */
+    memset(cnt, 0, (size_t)(E + 1) * sizeof(int32_t));
+    for (int i = 0; i < NI; i++) cnt[a->ids[i] + 1]++;
+    for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
+    int rc;
+    for (int e = 0; e < E; e++) {
+        int b = cnt[e], ne = cnt[e + 1] - b;
+        if (ne == 0) continue;
+        int q = b;
+        for (int i = 0; i < NI; i++)
+            if (a->ids[i] == e) { items[q] = i; tok[q] = i / K; q++; }
+        if ((rc = cpu_matmul(c, &l->gate_exps, e, 0, F, a->v, D, tok + b, ne, gb, F, aq))) return rc;
+        if ((rc = cpu_matmul(c, &l->up_exps, e, 0, F, a->v, D, tok + b, ne, ub, F, aq))) return rc;
+        for (int r = 0; r < ne; r++)
+            swiglu(gb + (size_t)r * F, gb + (size_t)r * F, ub + (size_t)r * F, F, lim, a->w[items[b + r]]);
+        if ((rc = cpu_matmul(c, &l->down_exps, e, 0, D, gb, F, NULL, ne, db, D, aq))) return rc;
+        for (int r = 0; r < ne; r++)
+            memcpy(out + (size_t)items[b + r] * D, db + (size_t)r * D, (size_t)D * sizeof(float));
+    }
+    /* shared expert */
+    if ((rc = cpu_matmul(c, &l->gate_sh, 0, 0, F, a->v, D, NULL, n, gb, F, aq))) return rc;
+    if ((rc = cpu_matmul(c, &l->up_sh, 0, 0, F, a->v, D, NULL, n, ub, F, aq))) return rc;
+    for (int t = 0; t < n; t++) swiglu(gb + (size_t)t * F, gb + (size_t)t * F, ub + (size_t)t * F, F, lim, 1.0f);
+    if ((rc = cpu_matmul(c, &l->down_sh, 0, 0, D, gb, F, NULL, n, db, D, aq))) return rc;
+    for (int t = 0; t < n; t++) {
+        float *y = a->y + (size_t)t * D;
+        for (int d = 0; d < D; d++) {
+            float acc = 0;
+            for (int k = 0; k < K; k++) acc += out[((size_t)t * K + k) * D + d];
+            y[d] = acc + db[(size_t)t * D + d];
+        }
+    }
+    return c->err;
+}
+
+/* ------------------------------------------------------------ head */
+
+int cpu_head(void *ctx, const ds4_head_args *a) {
+    cpu_ctx *c = ctx;
+    const ds4_model *m = a->m;
+    const ds4_hparams *hp = &m->hp;
+    const int D = hp->n_embd, hc = hp->n_hc, nflat = hc * D;
+    float *hn = cpu_scratch(c, 0, (size_t)a->n * D * sizeof(float));
+    float *phi = cpu_scratch(c, 1, (size_t)(nflat + D) * sizeof(float));
+    if (!hn || !phi) return DS4_E_NOMEM;
+    float *h = phi + nflat;
+    const ds4_quant_kernels *k = ds4_quant_kernels_get(m->out_hc_fn.type, DS4_SIMD_AUTO);
+    for (int t = 0; t < a->n; t++) {
+        const float *X = a->X + (size_t)t * nflat;
+        cpu_rmsnorm(phi, X, nflat, NULL, hp->rms_eps);
+        float ws[64];
+        for (int s = 0; s < hc && s < 64; s++) {
+            float mv = k->dot_f32((const char *)m->out_hc_fn.data + (size_t)s * m->out_hc_fn.row_bytes, phi, nflat);
+            ws[s] = sigmoidf(mv * m->out_hc_scale[0] + m->out_hc_base[s]) + hp->hc_eps;
+        }
+        for (int d = 0; d < D; d++) {
+            float acc = 0;
+            for (int s = 0; s < hc; s++) acc += ws[s] * X[(size_t)s * D + d];
+            h[d] = acc;
+        }
+        cpu_rmsnorm(hn + (size_t)t * D, h, D, m->out_norm, hp->rms_eps);
+    }
+    return cpu_matmul(c, &m->output, 0, 0, hp->n_vocab, hn, D, NULL, a->n, a->logits, hp->n_vocab,
+                      a->num.act_quant);
+}

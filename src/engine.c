@@ -1,0 +1,441 @@
+/* engine.c - ds4.h: engine open/close, tokenizer wrappers, sessions (prefix
+ * sync, extend in three evaluation modes, rewind), session snapshots and the
+ * model fingerprint.
+ *
+ * Invariants: an engine is immutable after open. A session's tokens[0..n)
+ * always describe exactly the state held by its ds4_fwd (position n), and
+ * `logits` holds the logits after tokens[n-1] whenever n > 0. Any failure
+ * while evaluating leaves the session empty (n = 0), never half-updated.
+ * Rewind recomputes from the start (correctness first; MODEL.md §D has no
+ * cheaper exact way to drop compressed rows' contributions from frontiers).
+ */
+#include "ds4.h"
+
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "forward.h"
+#include "gguf.h"
+#include "model.h"
+#include "quant.h"
+#include "tokenizer.h"
+#include "util/xalloc.h"
+
+#define DEFAULT_PREFILL_CHUNK 128
+
+struct ds4_engine {
+    ds4_gguf *g;
+    ds4_model m;
+    ds4_hparams hp;        /* vocab-only opens: hyperparameters if present */
+    bool have_hp;
+    bool vocab_only;
+    ds4_tokenizer *tok;
+    ds4_backend be;
+    bool have_be;
+    ds4_numerics num;
+    uint8_t fp[32];
+    char describe[2048];
+};
+
+struct ds4_session {
+    ds4_engine *e;
+    int n_ctx, n_batch;
+    int32_t *tokens;       /* (n_ctx) */
+    int n_tokens;
+    float *logits;         /* (n_vocab) after the last token */
+    ds4_fwd *f;
+};
+
+/* ------------------------------------------------------------ engine */
+
+static int fingerprint(ds4_engine *e, ds4_err *err) {
+    /* SHA-256 of the header, metadata and tensor table (everything before
+     * the data section): it names the model without hashing the weights. */
+    unsigned int len = 0;
+    if (!EVP_Digest(ds4_gguf_base(e->g), (size_t)ds4_gguf_data_offset(e->g), e->fp, &len, EVP_sha256(), NULL) ||
+        len != 32)
+        return ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
+    return 0;
+}
+
+static void build_describe(ds4_engine *e, const char *path) {
+    const ds4_hparams *hp = &e->hp;
+    size_t o = 0, cap = sizeof e->describe;
+    o += (size_t)snprintf(e->describe + o, cap - o, "model %s", path);
+    if (e->have_hp) {
+        int ns = 0, ncsa = 0, nhca = 0;
+        for (int il = 0; il < hp->n_layer; il++) {
+            int r = hp->compress_ratio[il];
+            if (r == 0) ns++; else if (r == 4) ncsa++; else nhca++;
+        }
+        o += (size_t)snprintf(e->describe + o, cap - o,
+                              ": DeepSeek V4, %d layers (%d sliding, %d CSA, %d HCA), hidden %d, vocab %d, "
+                              "%d heads x %d (rope %d), q_lora %d, o %dx%d, %d experts (%d used, ffn %d, %d hash layers), "
+                              "window %d, indexer %dx%d top %d, hc %d, compressed RoPE %s",
+                              hp->n_layer, ns, ncsa, nhca, hp->n_embd, hp->n_vocab, hp->n_head, hp->head_dim, hp->n_rot,
+                              hp->q_lora, hp->o_groups, hp->o_lora, hp->n_expert, hp->n_expert_used, hp->n_ff_exp,
+                              hp->n_hash, hp->window, hp->idx_heads, hp->idx_dim, hp->idx_topk, hp->n_hc,
+                              hp->yarn ? "YaRN" : "plain");
+        if (o < cap && e->m.weights_loaded) {
+            const ds4_layer *l = &e->m.layers[hp->n_layer - 1];
+            o += (size_t)snprintf(e->describe + o, cap - o, "; experts %s/%s/%s (last layer), attention %s",
+                                  ds4_type_name(l->gate_exps.type), ds4_type_name(l->up_exps.type),
+                                  ds4_type_name(l->down_exps.type), ds4_type_name(l->q_a.type));
+        }
+    }
+    if (o < cap)
+        o += (size_t)snprintf(e->describe + o, cap - o, "; tokenizer: %s; backend: %s; numerics: %s",
+                              e->tok ? "yes" : "none", e->have_be ? e->be.ops->name : "none",
+                              e->num.fp8_kv ? "release (FP8 KV, FP4 indexer, f16 cache)" : "plain f32");
+}
+
+int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err) {
+    *out = NULL;
+    if (!opts || !opts->model_path) return ds4_err_set(err, DS4_E_ARG, "no model path given");
+    ds4_engine *e = calloc(1, sizeof *e);
+    if (!e) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    int rc = ds4_gguf_open(&e->g, opts->model_path, err);
+    if (rc) goto fail;
+    e->vocab_only = opts->vocab_only;
+    bool plain = opts->plain_numerics;
+    e->num = (ds4_numerics){.fp8_kv = !plain, .fp4_indexer = !plain, .f16_cache = !plain, .act_quant = !plain};
+    if ((rc = ds4_tokenizer_from_gguf(e->g, &e->tok, err))) goto fail;
+    if (opts->vocab_only) {
+        /* hyperparameters are optional here (a tokenizer-only GGUF) */
+        ds4_err tmp = {0};
+        e->have_hp = ds4_gguf_find_key(e->g, "deepseek4.block_count") >= 0 &&
+                     ds4_model_read_hparams(&e->hp, e->g, &tmp) == 0;
+    } else {
+        if (opts->mtp_path) {
+            rc = ds4_err_set(err, DS4_E_ARG, "MTP draft models are not supported yet (--mtp)");
+            goto fail;
+        }
+        if ((rc = ds4_model_load(&e->m, e->g, err))) goto fail;
+        e->hp = e->m.hp; /* shallow view; freed with the model */
+        e->have_hp = true;
+        if (e->tok && ds4_tokenizer_n_vocab(e->tok) > e->hp.n_vocab) {
+            rc = ds4_err_set(err, DS4_E_MODEL, "tokenizer has %d tokens but the model's vocab_size is %d",
+                             ds4_tokenizer_n_vocab(e->tok), e->hp.n_vocab);
+            goto fail;
+        }
+        if (opts->backend == DS4_BACKEND_CUDA) {
+            rc = ds4_err_set(err, DS4_E_ARG, "this build has no CUDA backend (use --cpu)");
+            goto fail;
+        }
+        if ((rc = ds4_cpu_backend_new(opts->n_threads, &e->be, err))) goto fail;
+        e->have_be = true;
+        if ((rc = e->be.ops->check_model(e->be.ctx, &e->m, err))) goto fail;
+    }
+    if ((rc = fingerprint(e, err))) goto fail;
+    build_describe(e, opts->model_path);
+    *out = e;
+    return 0;
+fail:
+    ds4_err_prefix(err, "%s", opts->model_path);
+    ds4_engine_close(e);
+    return rc;
+}
+
+void ds4_engine_close(ds4_engine *e) {
+    if (!e) return;
+    if (e->have_be) e->be.ops->destroy(e->be.ctx);
+    if (e->m.weights_loaded) ds4_model_free(&e->m);
+    else if (e->have_hp) ds4_hparams_free(&e->hp);
+    ds4_tokenizer_free(e->tok);
+    ds4_gguf_close(e->g);
+    free(e);
+}
+
+int ds4_engine_n_vocab(const ds4_engine *e) {
+    if (e->have_hp) return e->hp.n_vocab;
+    return e->tok ? ds4_tokenizer_n_vocab(e->tok) : 0;
+}
+int ds4_engine_n_layer(const ds4_engine *e) { return e->have_hp ? e->hp.n_layer : 0; }
+const char *ds4_engine_backend_name(const ds4_engine *e) { return e->have_be ? e->be.ops->name : "none"; }
+const char *ds4_engine_describe(const ds4_engine *e) { return e->describe; }
+void ds4_engine_fingerprint(const ds4_engine *e, uint8_t out[32]) { memcpy(out, e->fp, 32); }
+
+/* ------------------------------------------------------------ tokenizer */
+
+bool ds4_has_tokenizer(const ds4_engine *e) { return e->tok != NULL; }
+
+int32_t ds4_token_special(const ds4_engine *e, ds4_special_token which) {
+    return e->tok ? ds4_tokenizer_special(e->tok, (int)which) : -1;
+}
+
+int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendered, int32_t *out, int cap,
+                 ds4_err *err) {
+    if (!e->tok) return ds4_err_set(err, DS4_E_ARG, "the model has no tokenizer (use token ids)");
+    return ds4_tokenizer_encode(e->tok, text, len, rendered, out, cap, err);
+}
+
+const char *ds4_token_bytes(const ds4_engine *e, int32_t id, size_t *len) {
+    if (!e->tok) {
+        if (len) *len = 0;
+        return NULL;
+    }
+    return ds4_tokenizer_token_bytes(e->tok, id, len);
+}
+
+const char *ds4_token_text(const ds4_engine *e, int32_t id) {
+    return e->tok ? ds4_tokenizer_token_text(e->tok, id) : NULL;
+}
+
+/* ------------------------------------------------------------ sessions */
+
+int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **out, ds4_err *err) {
+    *out = NULL;
+    if (!e->have_be) return ds4_err_set(err, DS4_E_ARG, "the engine was opened vocab-only: no sessions");
+    if (!opts || opts->n_ctx < 1 || opts->n_ctx > (1 << 28))
+        return ds4_err_set(err, DS4_E_RANGE, "n_ctx must be in 1..%d", 1 << 28);
+    ds4_session *s = calloc(1, sizeof *s);
+    if (!s) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    s->e = e;
+    s->n_ctx = opts->n_ctx;
+    s->n_batch = opts->prefill_chunk > 0 ? opts->prefill_chunk : DEFAULT_PREFILL_CHUNK;
+    if (s->n_batch > s->n_ctx) s->n_batch = s->n_ctx;
+    s->tokens = malloc((size_t)s->n_ctx * sizeof(int32_t));
+    s->logits = malloc((size_t)e->hp.n_vocab * sizeof(float));
+    int rc = 0;
+    if (!s->tokens || !s->logits) rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    else rc = ds4_fwd_new(&e->m, &e->be, e->num, s->n_ctx, s->n_batch, &s->f, err);
+    if (rc) {
+        ds4_session_free(s);
+        return rc;
+    }
+    *out = s;
+    return 0;
+}
+
+void ds4_session_free(ds4_session *s) {
+    if (!s) return;
+    ds4_fwd_free(s->f);
+    free(s->tokens);
+    free(s->logits);
+    free(s);
+}
+
+int ds4_session_n_ctx(const ds4_session *s) { return s->n_ctx; }
+int ds4_session_n_tokens(const ds4_session *s) { return s->n_tokens; }
+const int32_t *ds4_session_tokens(const ds4_session *s) { return s->tokens; }
+const float *ds4_session_logits(const ds4_session *s) { return s->n_tokens > 0 ? s->logits : NULL; }
+
+static void session_clear(ds4_session *s) {
+    s->n_tokens = 0;
+    ds4_fwd_reset(s->f);
+}
+
+static int check_tokens(const ds4_session *s, const int32_t *tokens, int n, ds4_err *err) {
+    if (n < 0 || (n > 0 && !tokens)) return ds4_err_set(err, DS4_E_ARG, "bad token array");
+    if ((int64_t)s->n_tokens + n > s->n_ctx)
+        return ds4_err_set(err, DS4_E_RANGE, "%d + %d tokens exceed the context of %d", s->n_tokens, n, s->n_ctx);
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= s->e->hp.n_vocab)
+            return ds4_err_set(err, DS4_E_ARG, "token id %d at index %d is out of range 0..%d", tokens[i], i,
+                               s->e->hp.n_vocab - 1);
+    return 0;
+}
+
+/* Evaluates tokens in batches of `chunk` (<= n_batch), appending them to the
+ * timeline. On failure the session is cleared. */
+static int eval_chunks(ds4_session *s, const int32_t *tokens, int n, int chunk, float *all_logits,
+                       ds4_progress_fn progress, void *user, ds4_err *err) {
+    const size_t V = (size_t)s->e->hp.n_vocab;
+    if (chunk < 1 || chunk > s->n_batch) chunk = s->n_batch;
+    for (int i = 0; i < n; i += chunk) {
+        int nb = n - i < chunk ? n - i : chunk;
+        int rc;
+        if (all_logits) {
+            rc = ds4_fwd_eval(s->f, tokens + i, nb, all_logits + (size_t)i * V, true, err);
+            if (!rc) memcpy(s->logits, all_logits + (size_t)(i + nb - 1) * V, V * sizeof(float));
+        } else {
+            rc = ds4_fwd_eval(s->f, tokens + i, nb, s->logits, false, err);
+        }
+        if (rc) {
+            session_clear(s);
+            return rc;
+        }
+        memmove(s->tokens + s->n_tokens, tokens + i, (size_t)nb * sizeof(int32_t));
+        s->n_tokens += nb;
+        if (progress && progress(user, "prefill", i + nb, n)) {
+            session_clear(s);
+            return ds4_err_set(err, DS4_E_CANCEL, "cancelled");
+        }
+    }
+    return 0;
+}
+
+int ds4_session_extend(ds4_session *s, const int32_t *tokens, int n, ds4_eval_mode mode, int chunk,
+                       float *all_logits, ds4_err *err) {
+    int rc = check_tokens(s, tokens, n, err);
+    if (rc) return rc;
+    int c;
+    switch (mode) {
+    case DS4_EVAL_PREFILL: c = s->n_batch; break;
+    case DS4_EVAL_DECODE: c = 1; break;
+    case DS4_EVAL_CHUNKED:
+        if (chunk < 1) return ds4_err_set(err, DS4_E_ARG, "chunk size must be >= 1");
+        c = chunk < s->n_batch ? chunk : s->n_batch;
+        break;
+    default: return ds4_err_set(err, DS4_E_ARG, "unknown evaluation mode %d", (int)mode);
+    }
+    return eval_chunks(s, tokens, n, c, all_logits, NULL, NULL, err);
+}
+
+int ds4_session_eval(ds4_session *s, int32_t token, ds4_err *err) {
+    return ds4_session_extend(s, &token, 1, DS4_EVAL_DECODE, 1, NULL, err);
+}
+
+int ds4_session_rewind(ds4_session *s, int n_tokens, ds4_err *err) {
+    if (n_tokens < 0 || n_tokens > s->n_tokens)
+        return ds4_err_set(err, DS4_E_RANGE, "cannot rewind to %d tokens (session has %d)", n_tokens, s->n_tokens);
+    if (n_tokens == s->n_tokens) return 0;
+    /* Recompute the kept prefix from scratch: the result is exactly the
+     * state of a session that only ever saw it. tokens[] is reused as the
+     * source while being rewritten in place, which is safe (same values). */
+    int keep = n_tokens;
+    session_clear(s);
+    return eval_chunks(s, s->tokens, keep, s->n_batch, NULL, NULL, NULL, err);
+}
+
+int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info *info,
+                     ds4_progress_fn progress, void *progress_user, ds4_err *err) {
+    ds4_sync_info dummy;
+    if (!info) info = &dummy;
+    info->n_reused = info->n_evaluated = 0;
+    if (n < 1 || n > s->n_ctx) {
+        session_clear(s);
+        return ds4_err_set(err, DS4_E_RANGE, "sync needs 1..%d tokens, got %d", s->n_ctx, n);
+    }
+    int lcp = 0;
+    while (lcp < n && lcp < s->n_tokens && s->tokens[lcp] == tokens[lcp]) lcp++;
+    if (lcp == n && n == s->n_tokens) { /* nothing to do: logits are current */
+        info->n_reused = n;
+        return 0;
+    }
+    int saved = s->n_tokens;
+    s->n_tokens = 0;
+    int rc = check_tokens(s, tokens, n, err);
+    s->n_tokens = saved;
+    if (rc) {
+        session_clear(s);
+        return rc;
+    }
+    if (lcp == s->n_tokens && lcp < n) {
+        /* pure extension: keep the whole state */
+        info->n_reused = lcp;
+        info->n_evaluated = n - lcp;
+        return eval_chunks(s, tokens + lcp, n - lcp, s->n_batch, NULL, progress, progress_user, err);
+    }
+    /* the timeline diverges (or shrinks): rebuild from the start */
+    session_clear(s);
+    info->n_evaluated = n;
+    return eval_chunks(s, tokens, n, s->n_batch, NULL, progress, progress_user, err);
+}
+
+/* ------------------------------------------------------------ snapshots */
+
+/* Payload (little-endian):
+ *   "DS4SESS\0" | u32 version | u32 flags (bit 0: plain numerics) |
+ *   fingerprint[32] | u32 n_vocab | u32 n_layer | u32 n_tokens |
+ *   tokens (n_tokens * i32) | logits (n_vocab * f32, when n_tokens > 0) |
+ *   u64 state_bytes | state (forward.c layout) | SHA-256 of all the above. */
+#define SNAP_MAGIC "DS4SESS"
+#define SNAP_VERSION 1u
+#define SNAP_HDR (8 + 4 + 4 + 32 + 4 + 4 + 4)
+
+static void put32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+int ds4_session_save(const ds4_session *s, void **out, size_t *out_bytes, ds4_err *err) {
+    const ds4_engine *e = s->e;
+    const size_t V = (size_t)e->hp.n_vocab, T = (size_t)s->n_tokens;
+    size_t st = ds4_fwd_state_bytes(s->f, s->n_tokens);
+    size_t total = SNAP_HDR + T * 4 + (T ? V * 4 : 0) + 8 + st + 32;
+    unsigned char *b = malloc(total);
+    if (!b) return ds4_err_set(err, DS4_E_NOMEM, "out of memory (%zu bytes)", total);
+    size_t o = 0;
+    memcpy(b, SNAP_MAGIC, 8); o += 8;
+    put32(b + o, SNAP_VERSION); o += 4;
+    put32(b + o, e->num.fp8_kv ? 0u : 1u); o += 4;
+    memcpy(b + o, e->fp, 32); o += 32;
+    put32(b + o, (uint32_t)V); o += 4;
+    put32(b + o, (uint32_t)e->hp.n_layer); o += 4;
+    put32(b + o, (uint32_t)T); o += 4;
+    memcpy(b + o, s->tokens, T * 4); o += T * 4;
+    if (T) { memcpy(b + o, s->logits, V * 4); o += V * 4; }
+    uint64_t st64 = st;
+    memcpy(b + o, &st64, 8); o += 8;
+    ds4_fwd_state_save(s->f, b + o); o += st;
+    unsigned int len = 0;
+    if (!EVP_Digest(b, o, b + o, &len, EVP_sha256(), NULL)) {
+        free(b);
+        return ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
+    }
+    o += 32;
+    *out = b;
+    *out_bytes = o;
+    return 0;
+}
+
+int ds4_session_load(ds4_session *s, const void *buf, size_t n_bytes, ds4_err *err) {
+    const ds4_engine *e = s->e;
+    const unsigned char *b = buf;
+    const size_t V = (size_t)e->hp.n_vocab;
+    int rc;
+    session_clear(s);
+#define BAD(...) do { rc = ds4_err_set(err, DS4_E_FORMAT, "session payload: " __VA_ARGS__); goto fail; } while (0)
+    if (!b || n_bytes < SNAP_HDR + 8 + 32) BAD("truncated (%zu bytes)", n_bytes);
+    if (memcmp(b, SNAP_MAGIC, 8) != 0) BAD("bad magic");
+    if (get32(b + 8) != SNAP_VERSION) BAD("version %u, expected %u", get32(b + 8), SNAP_VERSION);
+    {
+        unsigned char md[32];
+        unsigned int len = 0;
+        if (!EVP_Digest(b, n_bytes - 32, md, &len, EVP_sha256(), NULL)) BAD("hash failed");
+        if (memcmp(md, b + n_bytes - 32, 32) != 0) BAD("checksum mismatch (corrupted or truncated)");
+    }
+    if (get32(b + 12) != (e->num.fp8_kv ? 0u : 1u)) BAD("saved with other numerics (--plain-numerics differs)");
+    if (memcmp(b + 16, e->fp, 32) != 0) BAD("made by another model (fingerprint mismatch)");
+    if (get32(b + 48) != V || get32(b + 52) != (uint32_t)e->hp.n_layer) BAD("model shape mismatch");
+    uint32_t T = get32(b + 56);
+    if (T > (uint32_t)s->n_ctx) BAD("%u tokens do not fit the session context %d", T, s->n_ctx);
+    size_t o = SNAP_HDR;
+    size_t need = o + (size_t)T * 4 + (T ? V * 4 : 0) + 8 + 32;
+    if (n_bytes < need) BAD("truncated");
+    const unsigned char *tok = b + o; o += (size_t)T * 4;
+    const unsigned char *lg = b + o; o += T ? V * 4 : 0;
+    uint64_t st;
+    memcpy(&st, b + o, 8); o += 8;
+    if (st != ds4_fwd_state_bytes(s->f, (int)T) || o + st + 32 != n_bytes) BAD("state size mismatch");
+    for (uint32_t i = 0; i < T; i++) {
+        int32_t id;
+        memcpy(&id, tok + 4 * (size_t)i, 4);
+        if (id < 0 || (size_t)id >= V) BAD("token %d out of range", id);
+        s->tokens[i] = id;
+    }
+    if ((rc = ds4_fwd_state_load(s->f, (int)T, b + o, (size_t)st, err))) goto fail;
+    if (T) memcpy(s->logits, lg, V * 4);
+    s->n_tokens = (int)T;
+    return 0;
+#undef BAD
+fail:
+    session_clear(s);
+    return rc;
+}
+
+/* ------------------------------------------------------------ debug */
+
+#include "ds4_debug.h"
+
+void ds4_debug_set_numerics(ds4_engine *e, const ds4_debug_numerics *n) {
+    e->num = (ds4_numerics){.fp8_kv = n->fp8_kv, .fp4_indexer = n->fp4_indexer, .f16_cache = n->f16_cache,
+                            .act_quant = n->act_quant};
+}
+
+void ds4_debug_get_numerics(const ds4_engine *e, ds4_debug_numerics *n) {
+    *n = (ds4_debug_numerics){.fp8_kv = e->num.fp8_kv, .fp4_indexer = e->num.fp4_indexer,
+                              .f16_cache = e->num.f16_cache, .act_quant = e->num.act_quant};
+}

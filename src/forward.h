@@ -1,0 +1,47 @@
+/* forward.h - the one layer loop (forward.c) and the per-session state it
+ * owns. Internal to the engine: engine.c is its only user.
+ *
+ * A ds4_fwd holds the KV state of one timeline (MODEL.md §D: raw windows,
+ * compressed rows, indexer keys, compressor frontiers) plus the activation
+ * buffers of one batch, all in backend memory, sized at creation by n_ctx
+ * and n_batch. Evaluation never allocates state; the backend's scratch grows
+ * only to the largest batch seen. Not thread-safe: one thread at a time.
+ */
+#ifndef DS4_FORWARD_H
+#define DS4_FORWARD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "model.h"
+
+typedef struct ds4_fwd ds4_fwd;
+
+/* Allocates state for n_ctx positions and batches of up to n_batch tokens.
+ * DS4_E_NOMEM on failure (*out = NULL). m and be must outlive the result. */
+int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int n_ctx, int n_batch,
+                ds4_fwd **out, ds4_err *err);
+void ds4_fwd_free(ds4_fwd *f);
+
+/* Forgets every token (position 0). */
+void ds4_fwd_reset(ds4_fwd *f);
+int ds4_fwd_pos(const ds4_fwd *f);
+int ds4_fwd_n_batch(const ds4_fwd *f);
+
+/* Evaluates tokens[0..n) (valid ids, 1 <= n <= n_batch, pos + n <= n_ctx)
+ * at positions pos..pos+n-1 and advances pos. logits (host memory): when
+ * all, (n, n_vocab) rows after each token; else (n_vocab) after the last.
+ * On failure the state is undefined (reset it). */
+int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool all, ds4_err *err);
+
+/* The state at the current position, serialized (bytes are a pure function
+ * of the state's meaningful part; layout documented in forward.c). */
+size_t ds4_fwd_state_bytes(const ds4_fwd *f, int pos);
+void ds4_fwd_state_save(const ds4_fwd *f, void *dst);
+/* Restores a state of position pos from src (bytes must equal
+ * ds4_fwd_state_bytes(f, pos), else DS4_E_FORMAT). */
+int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_err *err);
+
+#endif

@@ -1,0 +1,546 @@
+/* model.c - hyperparameters from GGUF metadata, per-layer kinds, and the
+ * name -> typed-weight table with shape/type validation (MODEL.md §A-§B).
+ *
+ * Invariants after a successful ds4_model_load: every ds4_weight points
+ * inside the mapping with exactly n_mat*n_out*row_bytes bytes, its type is
+ * supported by quant.h for its row length, every owned vector has the
+ * expected length, tid2eid entries are valid expert ids, and the layer kinds
+ * agree with compress_ratios.
+ */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "quant.h"
+
+/* ------------------------------------------------------------ metadata */
+
+static int find_kv(const ds4_gguf *g, const char *key, bool required, int64_t *kv,
+                   ds4_err *err) {
+    *kv = ds4_gguf_find_key(g, key);
+    if (*kv < 0 && required)
+        return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is missing", key);
+    return 0;
+}
+
+/* Integer key of any integer type (ds4 writes UINT32; UINT64 and signed
+ * forms are accepted when the value fits). Range-checked to [lo, hi]. */
+static int get_int(const ds4_gguf *g, const char *key, bool required, int64_t lo, int64_t hi,
+                   int64_t dflt, int64_t *out, ds4_err *err) {
+    int64_t kv;
+    int rc = find_kv(g, key, required, &kv, err);
+    if (rc) return rc;
+    if (kv < 0) { *out = dflt; return 0; }
+    ds4_gguf_value v;
+    uint32_t t = ds4_gguf_kv_type(g, kv);
+    if (t == DS4_GGUF_ARR || ds4_gguf_kv_value(g, kv, &v) != 0)
+        return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' has type %s, expected an integer",
+                           key, ds4_gguf_vtype_name(t));
+    int64_t x;
+    switch (t) {
+    case DS4_GGUF_U8: case DS4_GGUF_U16: case DS4_GGUF_U32: case DS4_GGUF_U64:
+        if (v.v.u64 > (uint64_t)INT64_MAX) goto range;
+        x = (int64_t)v.v.u64; break;
+    case DS4_GGUF_I8: case DS4_GGUF_I16: case DS4_GGUF_I32: case DS4_GGUF_I64:
+        x = v.v.i64; break;
+    default:
+        return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' has type %s, expected an integer",
+                           key, ds4_gguf_vtype_name(t));
+    }
+    if (x < lo || x > hi) goto range;
+    *out = x;
+    return 0;
+range:
+    return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' = %lld is out of range %lld..%lld",
+                       key, (long long)(t == DS4_GGUF_U64 ? (long long)v.v.u64 : (long long)v.v.i64),
+                       (long long)lo, (long long)hi);
+}
+
+static int get_dim(const ds4_gguf *g, const char *key, int lo, int hi, int *out, ds4_err *err) {
+    int64_t x;
+    int rc = get_int(g, key, true, lo, hi, 0, &x, err);
+    if (!rc) *out = (int)x;
+    return rc;
+}
+
+/* Float key: F32/F64 or an integer type (as ds4 accepts). */
+static int get_float(const ds4_gguf *g, const char *key, bool required, double dflt, float *out,
+                     ds4_err *err) {
+    int64_t kv;
+    int rc = find_kv(g, key, required, &kv, err);
+    if (rc) return rc;
+    if (kv < 0) { *out = (float)dflt; return 0; }
+    ds4_gguf_value v;
+    uint32_t t = ds4_gguf_kv_type(g, kv);
+    if (t == DS4_GGUF_ARR || ds4_gguf_kv_value(g, kv, &v) != 0) goto bad;
+    double x;
+    switch (t) {
+    case DS4_GGUF_F32: case DS4_GGUF_F64: x = v.v.f64; break;
+    case DS4_GGUF_U8: case DS4_GGUF_U16: case DS4_GGUF_U32: case DS4_GGUF_U64: x = (double)v.v.u64; break;
+    case DS4_GGUF_I8: case DS4_GGUF_I16: case DS4_GGUF_I32: case DS4_GGUF_I64: x = (double)v.v.i64; break;
+    default: goto bad;
+    }
+    if (!isfinite(x))
+        return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is not finite", key);
+    *out = (float)x;
+    return 0;
+bad:
+    return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' has type %s, expected a number", key,
+                       ds4_gguf_vtype_name(t));
+}
+
+static int get_bool(const ds4_gguf *g, const char *key, bool required, bool dflt, bool *out,
+                    ds4_err *err) {
+    int64_t kv;
+    int rc = find_kv(g, key, required, &kv, err);
+    if (rc) return rc;
+    if (kv < 0) { *out = dflt; return 0; }
+    ds4_gguf_value v;
+    uint32_t t = ds4_gguf_kv_type(g, kv);
+    if (t != DS4_GGUF_BOOL || ds4_gguf_kv_value(g, kv, &v) != 0)
+        return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' has type %s, expected BOOL", key,
+                           ds4_gguf_vtype_name(t));
+    *out = v.v.u64 != 0;
+    return 0;
+}
+
+/* Per-layer array (length >= n, only the first n entries used). */
+static int get_layer_array(const ds4_gguf *g, const char *key, int n, bool is_float, int *iout,
+                           float *fout, ds4_err *err) {
+    int64_t kv;
+    int rc = find_kv(g, key, true, &kv, err);
+    if (rc) return rc;
+    if (ds4_gguf_kv_type(g, kv) != DS4_GGUF_ARR)
+        return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' has type %s, expected an array", key,
+                           ds4_gguf_vtype_name(ds4_gguf_kv_type(g, kv)));
+    uint64_t len = ds4_gguf_arr_n(g, kv);
+    if (len < (uint64_t)n)
+        return ds4_err_set(err, DS4_E_MODEL,
+                           "metadata key '%s' has %llu entries, expected at least block_count = %d",
+                           key, (unsigned long long)len, n);
+    for (int i = 0; i < n; i++) {
+        if (is_float) {
+            double d;
+            if (ds4_gguf_arr_f64(g, kv, (uint64_t)i, &d) != 0 || !isfinite(d))
+                return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s'[%d] is not a finite number", key, i);
+            fout[i] = (float)d;
+        } else {
+            int64_t x;
+            uint32_t et = ds4_gguf_arr_type(g, kv);
+            if (et == DS4_GGUF_F32 || et == DS4_GGUF_F64 || et == DS4_GGUF_STR ||
+                ds4_gguf_arr_i64(g, kv, (uint64_t)i, &x) != 0)
+                return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' must be an integer array", key);
+            if (x < 0 || x > (1 << 20))
+                return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s'[%d] = %lld is out of range",
+                                   key, i, (long long)x);
+            iout[i] = (int)x;
+        }
+    }
+    return 0;
+}
+
+#define K(s) "deepseek4." s
+
+void ds4_hparams_free(ds4_hparams *hp) {
+    free(hp->compress_ratio);
+    free(hp->swiglu_clamp);
+    hp->compress_ratio = NULL;
+    hp->swiglu_clamp = NULL;
+}
+
+static bool is_pow2(int x) { return x > 0 && (x & (x - 1)) == 0; }
+
+int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
+    memset(hp, 0, sizeof *hp);
+    int rc;
+    const int BIG = 1 << 24;
+    ds4_gguf_str arch;
+    int64_t akv = ds4_gguf_find_key(g, "general.architecture");
+    if (akv >= 0) {
+        if (ds4_gguf_get_str(g, "general.architecture", &arch, err) != 0) return DS4_E_MODEL;
+        if (arch.len != 9 || memcmp(arch.ptr, "deepseek4", 9) != 0)
+            return ds4_err_set(err, DS4_E_MODEL,
+                               "general.architecture is '%.*s', expected 'deepseek4'",
+                               (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
+    }
+#define DIM(key, lo, hi, field) \
+    if ((rc = get_dim(g, K(key), lo, hi, &hp->field, err))) goto fail
+    DIM("block_count", 1, 4096, n_layer);
+    DIM("embedding_length", 1, BIG, n_embd);
+    DIM("vocab_size", 1, BIG, n_vocab);
+    DIM("attention.head_count", 1, 65536, n_head);
+    DIM("attention.head_count_kv", 1, 65536, n_head_kv);
+    DIM("attention.key_length", 1, 65536, head_dim);
+    int vlen;
+    if ((rc = get_dim(g, K("attention.value_length"), 1, 65536, &vlen, err))) goto fail;
+    DIM("rope.dimension_count", 0, 65536, n_rot);
+    DIM("attention.q_lora_rank", 1, BIG, q_lora);
+    DIM("attention.output_lora_rank", 1, BIG, o_lora);
+    DIM("attention.output_group_count", 1, 65536, o_groups);
+    DIM("expert_count", 1, 65536, n_expert);
+    DIM("expert_used_count", 1, 65536, n_expert_used);
+    DIM("expert_feed_forward_length", 1, BIG, n_ff_exp);
+    DIM("expert_shared_count", 0, 16, n_expert_shared);
+    DIM("hash_layer_count", 0, 4096, n_hash);
+    DIM("attention.sliding_window", 1, BIG, window);
+    DIM("attention.indexer.head_count", 1, 65536, idx_heads);
+    DIM("attention.indexer.key_length", 1, 65536, idx_dim);
+    DIM("attention.indexer.top_k", 1, BIG, idx_topk);
+    DIM("hyper_connection.count", 1, 64, n_hc);
+    DIM("hyper_connection.sinkhorn_iterations", 1, 1000, sinkhorn_iters);
+#undef DIM
+    if ((rc = get_float(g, K("hyper_connection.epsilon"), true, 0, &hp->hc_eps, err))) goto fail;
+    if ((rc = get_float(g, K("attention.layer_norm_rms_epsilon"), true, 0, &hp->rms_eps, err))) goto fail;
+    if ((rc = get_float(g, K("expert_weights_scale"), true, 0, &hp->expert_weights_scale, err))) goto fail;
+    if ((rc = get_bool(g, K("expert_weights_norm"), true, true, &hp->expert_weights_norm, err))) goto fail;
+    if ((rc = get_float(g, K("rope.freq_base"), true, 0, &hp->rope_base, err))) goto fail;
+    if ((rc = get_float(g, K("attention.compress_rope_freq_base"), true, 0, &hp->compress_rope_base, err)))
+        goto fail;
+    int64_t ctx;
+    if ((rc = get_int(g, K("context_length"), false, 0, INT64_MAX, 0, &ctx, err))) goto fail;
+    hp->context_length = (uint64_t)ctx;
+    int64_t groups, groups_used;
+    if ((rc = get_int(g, K("expert_group_count"), false, 0, 0, 0, &groups, err))) goto fail;
+    if ((rc = get_int(g, K("expert_group_used_count"), false, 0, 0, 0, &groups_used, err))) goto fail;
+
+    /* RoPE of compressed layers: YaRN or plain, from the file (ORACLE.md §2).
+     * rope.scaling.type decides when present; otherwise YaRN iff
+     * rope.scaling.factor is present. */
+    int64_t tkv = ds4_gguf_find_key(g, K("rope.scaling.type"));
+    bool yarn = ds4_gguf_find_key(g, K("rope.scaling.factor")) >= 0;
+    if (tkv >= 0) {
+        ds4_gguf_str s;
+        if ((rc = ds4_gguf_get_str(g, K("rope.scaling.type"), &s, err))) { rc = DS4_E_MODEL; goto fail; }
+        if (s.len == 4 && !memcmp(s.ptr, "yarn", 4)) yarn = true;
+        else if ((s.len == 4 && !memcmp(s.ptr, "none", 4)) || s.len == 0) yarn = false;
+        else {
+            rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' = '%.*s' is not supported (yarn or none)",
+                             K("rope.scaling.type"), (int)(s.len > 32 ? 32 : s.len), s.ptr);
+            goto fail;
+        }
+    }
+    hp->yarn = yarn;
+    if (yarn) {
+        int64_t orig;
+        if ((rc = get_float(g, K("rope.scaling.factor"), true, 0, &hp->yarn_factor, err))) goto fail;
+        if ((rc = get_int(g, K("rope.scaling.original_context_length"), true, 1, INT64_MAX, 0, &orig, err)))
+            goto fail;
+        hp->yarn_orig_ctx = (uint64_t)orig;
+        if ((rc = get_float(g, K("rope.scaling.yarn_beta_fast"), false, 32.0, &hp->yarn_beta_fast, err))) goto fail;
+        if ((rc = get_float(g, K("rope.scaling.yarn_beta_slow"), false, 1.0, &hp->yarn_beta_slow, err))) goto fail;
+        if (!(hp->yarn_factor > 0) || !(hp->yarn_beta_fast > 0) || !(hp->yarn_beta_slow > 0)) {
+            rc = ds4_err_set(err, DS4_E_MODEL, "YaRN parameters must be positive (rope.scaling.*)");
+            goto fail;
+        }
+    }
+
+    hp->compress_ratio = calloc((size_t)hp->n_layer, sizeof(int));
+    hp->swiglu_clamp = calloc((size_t)hp->n_layer, sizeof(float));
+    if (!hp->compress_ratio || !hp->swiglu_clamp) { rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory"); goto fail; }
+    if ((rc = get_layer_array(g, K("attention.compress_ratios"), hp->n_layer, false, hp->compress_ratio, NULL, err)))
+        goto fail;
+    if ((rc = get_layer_array(g, K("swiglu_clamp_exp"), hp->n_layer, true, NULL, hp->swiglu_clamp, err)))
+        goto fail;
+
+    /* Consistency between keys (MODEL.md G.2). */
+#define REQUIRE(cond, ...) do { if (!(cond)) { rc = ds4_err_set(err, DS4_E_MODEL, __VA_ARGS__); goto fail; } } while (0)
+    REQUIRE(hp->n_head_kv == 1, "attention.head_count_kv = %d, expected 1 (one shared KV head)", hp->n_head_kv);
+    REQUIRE(vlen == hp->head_dim, "attention.value_length = %d differs from attention.key_length = %d",
+            vlen, hp->head_dim);
+    REQUIRE(hp->n_rot % 2 == 0 && hp->n_rot <= hp->head_dim && hp->n_rot <= hp->idx_dim,
+            "rope.dimension_count = %d must be even and <= key_length (%d) and indexer.key_length (%d)",
+            hp->n_rot, hp->head_dim, hp->idx_dim);
+    REQUIRE(hp->n_head % hp->o_groups == 0, "attention.head_count = %d is not a multiple of output_group_count = %d",
+            hp->n_head, hp->o_groups);
+    REQUIRE(hp->n_expert_used <= hp->n_expert, "expert_used_count = %d exceeds expert_count = %d",
+            hp->n_expert_used, hp->n_expert);
+    REQUIRE(hp->n_hash <= hp->n_layer, "hash_layer_count = %d exceeds block_count = %d", hp->n_hash, hp->n_layer);
+    REQUIRE(hp->n_expert_shared == 1, "expert_shared_count = %d, expected 1", hp->n_expert_shared);
+    REQUIRE(is_pow2(hp->idx_dim) && hp->idx_dim % 32 == 0,
+            "attention.indexer.key_length = %d must be a power of two >= 32 (Hadamard + FP4 blocks)", hp->idx_dim);
+    REQUIRE(hp->rms_eps >= 0 && hp->hc_eps >= 0, "epsilons must be non-negative");
+    REQUIRE(hp->rope_base > 1 && hp->compress_rope_base > 1, "RoPE bases must be > 1");
+    for (int il = 0; il < hp->n_layer; il++)
+        REQUIRE(hp->swiglu_clamp[il] > 0, "swiglu_clamp_exp[%d] = %g must be positive", il,
+                (double)hp->swiglu_clamp[il]);
+#undef REQUIRE
+    return 0;
+fail:
+    ds4_hparams_free(hp);
+    return rc;
+}
+
+/* ------------------------------------------------------------ RoPE */
+
+/* Inverse frequencies as PyTorch computes them in float32 (MODEL.md C.4):
+ * base^(2i/n) with a float32 exponent, then YaRN's ramp mix in float32;
+ * correction range in double (Python math), floored/ceiled. */
+static int rope_init(ds4_rope *r, const ds4_hparams *hp, float base, bool yarn, ds4_err *err) {
+    int half = hp->n_rot / 2;
+    r->base = base;
+    r->yarn = yarn;
+    r->inv_freq = calloc((size_t)(half > 0 ? half : 1), sizeof(float));
+    if (!r->inv_freq) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    double lo = 0, hi = 0;
+    if (yarn) {
+        double dim = hp->n_rot, L = (double)hp->yarn_orig_ctx;
+        double corr_fast = dim * log(L / (hp->yarn_beta_fast * 2 * M_PI)) / (2 * log(base));
+        double corr_slow = dim * log(L / (hp->yarn_beta_slow * 2 * M_PI)) / (2 * log(base));
+        lo = floor(corr_fast);
+        hi = ceil(corr_slow);
+        if (lo < 0) lo = 0;
+        if (hi > dim - 1) hi = dim - 1;
+        if (lo == hi) hi += 0.001;
+    }
+    for (int i = 0; i < half; i++) {
+        float e = (float)(2 * i) / (float)hp->n_rot;
+        float pf = powf(base, e);
+        float ext = 1.0f / pf;
+        if (!yarn) { r->inv_freq[i] = ext; continue; }
+        float inter = 1.0f / (hp->yarn_factor * pf);
+        float ramp = ((float)i - (float)lo) / (float)(hi - lo);
+        if (ramp < 0) ramp = 0;
+        if (ramp > 1) ramp = 1;
+        float ef = 1.0f - ramp; /* extrapolation factor */
+        r->inv_freq[i] = inter * (1.0f - ef) + ext * ef;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ tensors */
+
+static int is_matrix_type(int type) {
+    switch (type) {
+    case DS4_TYPE_F32: case DS4_TYPE_F16: case DS4_TYPE_BF16: case DS4_TYPE_Q8_0:
+    case DS4_TYPE_Q2_K: case DS4_TYPE_Q4_K: case DS4_TYPE_IQ2_XXS:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static const ds4_gguf_tensor *find_tensor(const ds4_gguf *g, const char *name, bool required, ds4_err *err) {
+    int64_t i = ds4_gguf_find_tensor(g, name);
+    if (i < 0) {
+        if (required) ds4_err_set(err, DS4_E_MODEL, "tensor '%s' is missing", name);
+        return NULL;
+    }
+    return ds4_gguf_tensor_at(g, i);
+}
+
+static void fmt_dims(char *buf, size_t cap, int n, const int64_t *ne) {
+    size_t o = 0;
+    o += (size_t)snprintf(buf + o, cap - o, "[");
+    for (int i = 0; i < n && o < cap; i++)
+        o += (size_t)snprintf(buf + o, cap - o, "%s%lld", i ? ", " : "", (long long)ne[i]);
+    if (o < cap) snprintf(buf + o, cap - o, "]");
+}
+
+static int check_shape(const ds4_gguf_tensor *t, int n_dims, const int64_t *ne, ds4_err *err) {
+    bool ok = (int)t->n_dims == n_dims;
+    for (int i = 0; ok && i < n_dims; i++) ok = t->ne[i] == ne[i];
+    if (ok) return 0;
+    char got[96], want[96];
+    fmt_dims(got, sizeof got, (int)t->n_dims, t->ne);
+    fmt_dims(want, sizeof want, n_dims, ne);
+    return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has shape %s, expected %s", t->name, got, want);
+}
+
+/* Binds a matrix / expert stack ne = [n_in, n_out(, n_mat)]. */
+static int bind_mat(ds4_weight *w, const ds4_gguf *g, const char *name, int64_t n_in, int64_t n_out,
+                    int64_t n_mat, bool required, ds4_err *err) {
+    memset(w, 0, sizeof *w);
+    const ds4_gguf_tensor *t = find_tensor(g, name, required, err);
+    if (!t) return required ? DS4_E_MODEL : 0;
+    int64_t ne[3] = {n_in, n_out, n_mat};
+    int rc = check_shape(t, n_mat > 1 ? 3 : 2, ne, err);
+    if (rc) {
+        /* A 2-D matrix with one output row may be written as 1-D. */
+        if (!(n_mat == 1 && n_out == 1 && t->n_dims == 1 && t->ne[0] == n_in)) return rc;
+        ds4_err_clear(err);
+    }
+    if (!is_matrix_type((int)t->type))
+        return ds4_err_set(err, DS4_E_MODEL,
+                           "tensor '%s' has type %s, expected one of F32, F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS",
+                           name, ds4_ggml_type_name(t->type));
+    if (!ds4_type_row_ok((int)t->type, n_in))
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has type %s, whose block size does not divide its row length %lld",
+                           name, ds4_ggml_type_name(t->type), (long long)n_in);
+    w->name = t->name;
+    w->type = (int)t->type;
+    w->n_in = n_in;
+    w->n_out = n_out;
+    w->n_mat = n_mat;
+    w->row_bytes = ds4_type_row_bytes(w->type, n_in);
+    w->mat_bytes = w->row_bytes * (size_t)n_out;
+    w->data = t->data;
+    if ((uint64_t)w->mat_bytes * (uint64_t)n_mat != t->n_bytes)
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' holds %llu bytes, expected %llu", name,
+                           (unsigned long long)t->n_bytes, (unsigned long long)(w->mat_bytes * (size_t)n_mat));
+    return 0;
+}
+
+/* Binds a 1-D vector of n values (F32; F16/BF16 accepted) into an owned
+ * float array. */
+static int bind_vec(float **out, const ds4_gguf *g, const char *name, int64_t n, bool required, ds4_err *err) {
+    *out = NULL;
+    const ds4_gguf_tensor *t = find_tensor(g, name, required, err);
+    if (!t) return required ? DS4_E_MODEL : 0;
+    int rc = check_shape(t, 1, &n, err);
+    if (rc) return rc;
+    if (t->type != DS4_TYPE_F32 && t->type != DS4_TYPE_F16 && t->type != DS4_TYPE_BF16)
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has type %s, expected F32", name,
+                           ds4_ggml_type_name(t->type));
+    float *v = malloc((size_t)n * sizeof(float));
+    if (!v) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    ds4_dequant_row((int)t->type, t->data, v, n);
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(v[i])) {
+            free(v);
+            return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has a non-finite value at %lld", name, (long long)i);
+        }
+    *out = v;
+    return 0;
+}
+
+static void layer_free(ds4_layer *l) {
+    float **v[] = {&l->hc_attn_scale, &l->hc_attn_base, &l->hc_ffn_scale, &l->hc_ffn_base,
+                   &l->attn_norm, &l->q_a_norm, &l->kv_norm, &l->sinks, &l->comp_norm,
+                   &l->icomp_norm, &l->ffn_norm, &l->exp_bias};
+    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) { free(*v[i]); *v[i] = NULL; }
+    free(l->tid2eid);
+    l->tid2eid = NULL;
+}
+
+static int bind_layer(ds4_model *m, const ds4_gguf *g, int il, ds4_err *err) {
+    const ds4_hparams *hp = &m->hp;
+    ds4_layer *l = &m->layers[il];
+    char nm[128];
+    int rc;
+    const int64_t D = hp->n_embd, hc = hp->n_hc, mix = (2 + hp->n_hc) * hp->n_hc;
+    const int64_t dh = hp->head_dim, H = hp->n_head, G = hp->o_groups;
+#define N(suffix) (snprintf(nm, sizeof nm, "blk.%d." suffix, il), nm)
+#define MAT(field, suffix, nin, nout) \
+    if ((rc = bind_mat(&l->field, g, N(suffix), nin, nout, 1, true, err))) return rc
+#define VEC(field, suffix, n) \
+    if ((rc = bind_vec(&l->field, g, N(suffix), n, true, err))) return rc
+    l->ratio = hp->compress_ratio[il];
+    l->kind = l->ratio == 0 ? DS4_ATTN_SLIDING : l->ratio == 4 ? DS4_ATTN_CSA : DS4_ATTN_HCA;
+    l->hash = il < hp->n_hash;
+
+    MAT(hc_attn_fn, "hc_attn_fn.weight", hc * D, mix);
+    VEC(hc_attn_scale, "hc_attn_scale.weight", 3);
+    VEC(hc_attn_base, "hc_attn_base.weight", mix);
+    VEC(attn_norm, "attn_norm.weight", D);
+    MAT(q_a, "attn_q_a.weight", D, hp->q_lora);
+    VEC(q_a_norm, "attn_q_a_norm.weight", hp->q_lora);
+    MAT(q_b, "attn_q_b.weight", hp->q_lora, H * dh);
+    MAT(kv, "attn_kv.weight", D, dh);
+    VEC(kv_norm, "attn_kv_a_norm.weight", dh);
+    VEC(sinks, "attn_sinks.weight", H);
+    MAT(o_a, "attn_output_a.weight", H * dh / G, G * hp->o_lora);
+    MAT(o_b, "attn_output_b.weight", G * hp->o_lora, D);
+    if (l->kind != DS4_ATTN_SLIDING) {
+        int64_t w = l->kind == DS4_ATTN_CSA ? 2 * dh : dh;
+        MAT(comp_ape, "attn_compressor_ape.weight", w, l->ratio);
+        MAT(comp_kv, "attn_compressor_kv.weight", D, w);
+        MAT(comp_gate, "attn_compressor_gate.weight", D, w);
+        VEC(comp_norm, "attn_compressor_norm.weight", dh);
+    }
+    if (l->kind == DS4_ATTN_CSA) {
+        int64_t iw = 2 * (int64_t)hp->idx_dim;
+        MAT(idx_q_b, "indexer.attn_q_b.weight", hp->q_lora, (int64_t)hp->idx_heads * hp->idx_dim);
+        MAT(idx_proj, "indexer.proj.weight", D, hp->idx_heads);
+        MAT(icomp_ape, "indexer_compressor_ape.weight", iw, 4);
+        MAT(icomp_kv, "indexer_compressor_kv.weight", D, iw);
+        MAT(icomp_gate, "indexer_compressor_gate.weight", D, iw);
+        VEC(icomp_norm, "indexer_compressor_norm.weight", hp->idx_dim);
+    }
+    MAT(hc_ffn_fn, "hc_ffn_fn.weight", hc * D, mix);
+    VEC(hc_ffn_scale, "hc_ffn_scale.weight", 3);
+    VEC(hc_ffn_base, "hc_ffn_base.weight", mix);
+    VEC(ffn_norm, "ffn_norm.weight", D);
+    MAT(gate_inp, "ffn_gate_inp.weight", D, hp->n_expert);
+    /* The selection bias is optional everywhere and used only by non-hash
+     * layers (MODEL.md B.3 notes); absent means zeros. */
+    if ((rc = bind_vec(&l->exp_bias, g, N("exp_probs_b.bias"), hp->n_expert, false, err))) return rc;
+    if (!l->exp_bias) {
+        l->exp_bias = calloc((size_t)hp->n_expert, sizeof(float));
+        if (!l->exp_bias) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    }
+    if (l->hash) {
+        const ds4_gguf_tensor *t = find_tensor(g, N("ffn_gate_tid2eid.weight"), true, err);
+        if (!t) return DS4_E_MODEL;
+        int64_t ne[2] = {hp->n_expert_used, hp->n_vocab};
+        if ((rc = check_shape(t, 2, ne, err))) return rc;
+        if (t->type != DS4_TYPE_I32)
+            return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has type %s, expected I32", nm,
+                               ds4_ggml_type_name(t->type));
+        const unsigned char *p = t->data;
+        int32_t *ids = malloc((size_t)(ne[0] * ne[1]) * sizeof(int32_t));
+        if (!ids) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        memcpy(ids, p, (size_t)(ne[0] * ne[1]) * sizeof(int32_t));
+        l->tid2eid = ids;
+        for (int64_t i = 0; i < ne[0] * ne[1]; i++) {
+            int32_t e = ids[i];
+            if (e < 0 || e >= hp->n_expert)
+                return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': token %lld slot %lld has expert id %d, expected 0..%d",
+                                   nm, (long long)(i / ne[0]), (long long)(i % ne[0]), e, hp->n_expert - 1);
+        }
+    }
+    if ((rc = bind_mat(&l->gate_exps, g, N("ffn_gate_exps.weight"), D, hp->n_ff_exp, hp->n_expert, true, err))) return rc;
+    if ((rc = bind_mat(&l->up_exps, g, N("ffn_up_exps.weight"), D, hp->n_ff_exp, hp->n_expert, true, err))) return rc;
+    if ((rc = bind_mat(&l->down_exps, g, N("ffn_down_exps.weight"), hp->n_ff_exp, D, hp->n_expert, true, err))) return rc;
+    if (l->gate_exps.type != l->up_exps.type)
+        return ds4_err_set(err, DS4_E_MODEL, "tensors 'blk.%d.ffn_gate_exps.weight' (%s) and 'blk.%d.ffn_up_exps.weight' (%s) must share a type",
+                           il, ds4_type_name(l->gate_exps.type), il, ds4_type_name(l->up_exps.type));
+    MAT(gate_sh, "ffn_gate_shexp.weight", D, hp->n_ff_exp);
+    MAT(up_sh, "ffn_up_shexp.weight", D, hp->n_ff_exp);
+    MAT(down_sh, "ffn_down_shexp.weight", hp->n_ff_exp, D);
+#undef N
+#undef MAT
+#undef VEC
+    return 0;
+}
+
+void ds4_model_free(ds4_model *m) {
+    if (m->layers)
+        for (int il = 0; il < m->hp.n_layer; il++) layer_free(&m->layers[il]);
+    free(m->layers);
+    free(m->out_hc_base);
+    free(m->out_hc_scale);
+    free(m->out_norm);
+    free(m->rope_main.inv_freq);
+    free(m->rope_compress.inv_freq);
+    free(m->arch_name);
+    ds4_hparams_free(&m->hp);
+    memset(m, 0, sizeof *m);
+}
+
+int ds4_model_load(ds4_model *m, const ds4_gguf *g, ds4_err *err) {
+    memset(m, 0, sizeof *m);
+    int rc = ds4_model_read_hparams(&m->hp, g, err);
+    if (rc) return rc;
+    const ds4_hparams *hp = &m->hp;
+    if ((rc = rope_init(&m->rope_main, hp, hp->rope_base, false, err))) goto fail;
+    if ((rc = rope_init(&m->rope_compress, hp, hp->compress_rope_base, hp->yarn, err))) goto fail;
+    const int64_t D = hp->n_embd;
+    if ((rc = bind_mat(&m->tok_embd, g, "token_embd.weight", D, hp->n_vocab, 1, true, err))) goto fail;
+    if ((rc = bind_mat(&m->out_hc_fn, g, "output_hc_fn.weight", hp->n_hc * D, hp->n_hc, 1, true, err))) goto fail;
+    if ((rc = bind_vec(&m->out_hc_base, g, "output_hc_base.weight", hp->n_hc, true, err))) goto fail;
+    if ((rc = bind_vec(&m->out_hc_scale, g, "output_hc_scale.weight", 1, true, err))) goto fail;
+    if ((rc = bind_vec(&m->out_norm, g, "output_norm.weight", D, true, err))) goto fail;
+    if ((rc = bind_mat(&m->output, g, "output.weight", D, hp->n_vocab, 1, true, err))) goto fail;
+    m->layers = calloc((size_t)hp->n_layer, sizeof(ds4_layer));
+    if (!m->layers) { rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory"); goto fail; }
+    for (int il = 0; il < hp->n_layer; il++)
+        if ((rc = bind_layer(m, g, il, err))) goto fail;
+    m->weights_loaded = true;
+    return 0;
+fail:
+    ds4_model_free(m);
+    return rc;
+}

@@ -1,0 +1,145 @@
+/* model.h - the DeepSeek V4 model description: hyperparameters read from the
+ * GGUF metadata, the per-layer kinds, and the GGUF-name -> typed-weight table.
+ *
+ * Nothing about Flash's size is hard-coded: every dimension comes from the
+ * `deepseek4.*` keys (MODEL.md §A, FORMATS.md §D.4) and every tensor is bound
+ * by name and checked for shape and type against those dimensions (MODEL.md
+ * §B). Any mismatch fails the load with DS4_E_MODEL and a message naming the
+ * key or tensor (expected vs actual). Per layer: compress ratio 0 = sliding
+ * window only, 4 = CSA (overlapping compressor + lightning indexer), any other
+ * R > 0 = HCA (non-overlapping compressor); the first hash_layer_count layers
+ * route by the tid2eid table.
+ *
+ * A ds4_model borrows the ds4_gguf it was loaded from (weights are zero-copy
+ * views into the mapping): the gguf must outlive the model. Small vectors
+ * (norm weights, HC scales/bases, sinks, router bias) are converted to owned
+ * float32 arrays at load. A loaded model is immutable and may be read by any
+ * number of threads.
+ */
+#ifndef DS4_MODEL_H
+#define DS4_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "gguf.h"
+#include "util/err.h"
+
+/* One matrix or expert stack bound from the file: a typed handle. Rows are
+ * n_in values (ne[0]) of `type`; n_out rows per matrix (ne[1]); n_mat
+ * matrices (ne[2], experts) of mat_bytes each. */
+typedef struct ds4_weight {
+    const char *name;   /* GGUF tensor name (owned by the gguf handle) */
+    int type;           /* ggml type id (quant.h DS4_TYPE_*) */
+    int64_t n_in;       /* values per row */
+    int64_t n_out;      /* rows per matrix */
+    int64_t n_mat;      /* matrices (1 unless an expert stack) */
+    size_t row_bytes;   /* bytes of one row */
+    size_t mat_bytes;   /* bytes of one matrix (n_out * row_bytes) */
+    const void *data;   /* first byte (zero-copy view into the mapping) */
+} ds4_weight;
+
+typedef enum {
+    DS4_ATTN_SLIDING = 0, /* R = 0: raw window only */
+    DS4_ATTN_CSA = 1,     /* R = 4: overlapping compressor + indexer */
+    DS4_ATTN_HCA = 2,     /* other R > 0: non-overlapping compressor */
+} ds4_attn_kind;
+
+/* RoPE frequencies of one rope family ("main" for sliding layers,
+ * "compress" for CSA/HCA layers, MODEL.md C.4). */
+typedef struct ds4_rope {
+    float base;
+    bool yarn;
+    float *inv_freq;    /* (n_rot/2) angular frequency per pair, float32 */
+} ds4_rope;
+
+typedef struct ds4_hparams {
+    int n_layer, n_embd, n_vocab;
+    int n_head, n_head_kv, head_dim, n_rot;   /* n_rot: trailing RoPE dims */
+    int q_lora, o_lora, o_groups;
+    int n_expert, n_expert_used, n_ff_exp, n_expert_shared, n_hash;
+    int window;                               /* raw sliding window (incl. current) */
+    int idx_heads, idx_dim, idx_topk;
+    int n_hc, sinkhorn_iters;
+    float hc_eps, rms_eps;
+    float expert_weights_scale;
+    bool expert_weights_norm;
+    float rope_base, compress_rope_base;
+    bool yarn;                                /* YaRN on compressed layers */
+    float yarn_factor, yarn_beta_fast, yarn_beta_slow;
+    uint64_t yarn_orig_ctx;
+    int *compress_ratio;                      /* (n_layer) */
+    float *swiglu_clamp;                      /* (n_layer) */
+    uint64_t context_length;                  /* display only; 0 if absent */
+} ds4_hparams;
+
+typedef struct ds4_layer {
+    ds4_attn_kind kind;
+    int ratio;                /* R (0 for sliding) */
+    bool hash;                /* hash-routed MoE */
+    /* hyper-connections: fn (n_hc*D -> (2+n_hc)*n_hc), scale (3), base */
+    ds4_weight hc_attn_fn, hc_ffn_fn;
+    float *hc_attn_scale, *hc_attn_base, *hc_ffn_scale, *hc_ffn_base;
+    /* attention */
+    float *attn_norm;         /* (D) */
+    ds4_weight q_a;           /* D -> q_lora */
+    float *q_a_norm;          /* (q_lora) */
+    ds4_weight q_b;           /* q_lora -> H*head_dim */
+    ds4_weight kv;            /* D -> head_dim */
+    float *kv_norm;           /* (head_dim) */
+    float *sinks;             /* (H) */
+    ds4_weight o_a;           /* H*head_dim/G -> G*o_lora (group g: rows g*o_lora..) */
+    ds4_weight o_b;           /* G*o_lora -> D */
+    /* compressor (R != 0): width w = c*head_dim, c = 2 for CSA, 1 for HCA */
+    ds4_weight comp_ape;      /* (R rows of w): added to the gate by slot */
+    ds4_weight comp_kv, comp_gate; /* D -> w */
+    float *comp_norm;         /* (head_dim) */
+    /* indexer (CSA) */
+    ds4_weight idx_q_b;       /* q_lora -> idx_heads*idx_dim */
+    ds4_weight idx_proj;      /* D -> idx_heads */
+    ds4_weight icomp_ape;     /* (4 rows of 2*idx_dim) */
+    ds4_weight icomp_kv, icomp_gate; /* D -> 2*idx_dim */
+    float *icomp_norm;        /* (idx_dim) */
+    /* FFN */
+    float *ffn_norm;          /* (D) */
+    ds4_weight gate_inp;      /* D -> n_expert (router) */
+    float *exp_bias;          /* (n_expert) selection bias, zeros if absent */
+    int32_t *tid2eid;         /* (n_vocab, n_expert_used) owned copy, hash layers; checked in range */
+    ds4_weight gate_exps, up_exps; /* D -> F, n_expert matrices */
+    ds4_weight down_exps;     /* F -> D, n_expert matrices */
+    ds4_weight gate_sh, up_sh, down_sh; /* shared expert */
+} ds4_layer;
+
+typedef struct ds4_model {
+    ds4_hparams hp;
+    ds4_rope rope_main, rope_compress;
+    ds4_weight tok_embd;      /* rows of D per token */
+    ds4_weight out_hc_fn;     /* n_hc*D -> n_hc */
+    float *out_hc_base;       /* (n_hc) */
+    float *out_hc_scale;      /* (1) */
+    float *out_norm;          /* (D) */
+    ds4_weight output;        /* D -> n_vocab */
+    ds4_layer *layers;        /* (n_layer) */
+    bool weights_loaded;
+    char *arch_name;          /* general.name or NULL */
+} ds4_model;
+
+/* Reads hyperparameters only (no tensors): for vocab-only opens and for
+ * describing a file. Fails with DS4_E_MODEL naming the key. */
+int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err);
+void ds4_hparams_free(ds4_hparams *hp);
+
+/* Loads hyperparameters and binds + validates every tensor. On failure the
+ * model is left freed (ds4_model_free is still safe) and err names the
+ * key/tensor. */
+int ds4_model_load(ds4_model *m, const ds4_gguf *g, ds4_err *err);
+void ds4_model_free(ds4_model *m);
+
+/* Head-major helpers derived from hp. */
+static inline int ds4_model_comp_width(const ds4_model *m, int il) {
+    const ds4_layer *l = &m->layers[il];
+    return l->kind == DS4_ATTN_CSA ? 2 * m->hp.head_dim : m->hp.head_dim;
+}
+
+#endif
