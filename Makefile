@@ -39,7 +39,7 @@ DEV_BIN  := $(DEV_SRC:dev/%.c=build/dev/%)
 CUDA_SRC := $(sort $(wildcard src/cuda/*.cu))
 CUDA_OBJ := $(CUDA_SRC:%.cu=build/%.o)
 
-.PHONY: all deps test fuzz cuda clean check-includes dev fmt
+.PHONY: all deps test fuzz cuda clean check-includes dev fmt demo-model
 all: deps $(PROGRAMS) build/libds4.so
 
 # Installs the Debian -dev packages the build links against when missing.
@@ -103,6 +103,12 @@ cuda:
 	@command -v $(NVCC) >/dev/null || { echo "make cuda: nvcc not found"; exit 1; }
 	@if [ -z "$(CUDA_SRC)" ]; then echo "make cuda: no CUDA backend sources yet (src/cuda/*.cu)"; \
 	 else $(MAKE) all CFLAGS_EXTRA=-DDS4_WITH_CUDA LIB_OBJ="$(LIB_OBJ) $(CUDA_OBJ)" LDLIBS="$(LDLIBS) -lcudart -lcublas -lstdc++"; fi
+
+# Demo model (issue 5): a small random-weight DeepSeek V4 with the full tokenizer,
+# for trying the text path on a CPU in seconds. Its text is meaningless.
+demo-model: build/demo.gguf
+build/demo.gguf: ds4-convert tests/data/deepseek-v3-tokenizer.json
+	./ds4-convert --demo -o $@ --tokenizer tests/data/deepseek-v3-tokenizer.json
 
 check-includes:
 	@bash tools/check_includes.sh
