@@ -164,6 +164,12 @@ void ds4_fp8_dequant_row(const uint8_t *w, const uint8_t *scales, float *dst, in
     }
 }
 
+void ds4_fp8_dequant_matrix(const uint8_t *w, const uint8_t *scales, float *dst, int64_t n_rows, int64_t n_cols) {
+    int64_t n_tiles = (n_cols + 127) / 128;
+    for (int64_t r = 0; r < n_rows; r++)
+        ds4_fp8_dequant_row(w + r * n_cols, scales + (r / 128) * n_tiles, dst + r * n_cols, n_cols);
+}
+
 void ds4_fp4_dequant_row(const uint8_t *packed, const uint8_t *scales, float *dst, int64_t n) {
     if (n % 32) ds4_quant_fatal("fp4 row length %lld is not a multiple of 32", (long long)n);
     for (int64_t b = 0; b < n / 32; b++) {

@@ -193,6 +193,12 @@ float ds4_ue8m0_to_f32(uint8_t s);     /* 2^(s-127); 255 -> NaN */
 void ds4_fp8_dequant_row(const uint8_t *w, const uint8_t *scales, float *dst,
                          int64_t n);
 
+/* A whole FP8 matrix w (n_rows, n_cols) with scales (ceil(n_rows/128),
+ * ceil(n_cols/128)) into dst (n_rows, n_cols); rows/cols need not be
+ * multiples of 128. The caller checks the scale tensor's shape. */
+void ds4_fp8_dequant_matrix(const uint8_t *w, const uint8_t *scales, float *dst,
+                            int64_t n_rows, int64_t n_cols);
+
 /* One row of FP4 E2M1 weights, two codes per byte (element 2j = low nibble
  * of byte j), one ue8m0 scale per 32 elements:
  * dst[i] = e2m1(code_i) * ue8m0(scales[i / 32]). n must be a multiple of 32

@@ -367,59 +367,59 @@ static int iq2_map[IQ2_MAP_SIZE];
 static uint16_t *iq2_neighbours;
 static pthread_once_t iq2_once = PTHREAD_ONCE_INIT;
 
-static int cmp_dist(const void *a, const void *b) {
-    const int *x = a, *y = b;
-    if (x[0] != y[0]) return x[0] < y[0] ? -1 : 1;
-    return x[1] < y[1] ? -1 : x[1] > y[1];
-}
-
-/* Distances from point u to every grid point, sorted; returns the length of
- * the first two shells (entries dist2[0..2*len)). */
-static int iq2_shells(int u, int dist2[512]) {
+/* Fills nb[] with the grid points of the two smallest distinct squared
+ * distances from point u (coordinates 2l+1), ordered by distance, then by
+ * grid index; returns how many. Distances are small integers, so two scans
+ * replace the sort of the reference (same order). */
+static int iq2_shells(int u, uint16_t nb[256]) {
+    int d2[256], m1 = 1 << 30, m2 = 1 << 30, len = 0;
     for (int k = 0; k < 256; k++) {
-        int d2 = 0;
+        int d = 0;
         for (int j = 0; j < 8; j++) {
             int p = 2 * ((u >> (2 * j)) & 3) + 1, g = (int)((iq2_grid[k] >> (8 * j)) & 0xff);
-            d2 += (g - p) * (g - p);
+            d += (g - p) * (g - p);
         }
-        dist2[2 * k] = d2;
-        dist2[2 * k + 1] = k;
+        d2[k] = d;
+        if (d < m1) m2 = m1, m1 = d;
+        else if (d > m1 && d < m2) m2 = d;
     }
-    qsort(dist2, 256, 2 * sizeof(int), cmp_dist);
-    int len = 0, nhave = 1, d2 = dist2[0];
-    for (int k = 0; k < 256; k++) {
-        if (dist2[2 * k] > d2) {
-            if (nhave == 2) break;
-            d2 = dist2[2 * k];
-            nhave++;
-        }
-        len++;
-    }
+    for (int k = 0; k < 256; k++)
+        if (d2[k] == m1) nb[len++] = (uint16_t)k;
+    for (int k = 0; k < 256; k++)
+        if (d2[k] == m2) nb[len++] = (uint16_t)k;
     return len;
 }
 
+/* Builds the tables. Only points with every level in 0..2 get neighbour
+ * lists: the search clamps levels to 0..2, so no other index is looked up
+ * (their map entry stays IQ2_UNREACHABLE). */
+#define IQ2_UNREACHABLE (-0x7fffffff)
 static void iq2_init(void) {
-    int dist2[512];
+    uint16_t nb[256];
     for (int k = 0; k < 256; k++) {
         uint64_t g = 0;
         for (int j = 0; j < 8; j++) g |= (uint64_t)(2 * ((ds4_iq2xxs_kgrid[k] >> (2 * j)) & 3) + 1) << (8 * j);
         iq2_grid[k] = g;
     }
-    for (int u = 0; u < IQ2_MAP_SIZE; u++) iq2_map[u] = -1;
+    for (int u = 0; u < IQ2_MAP_SIZE; u++) iq2_map[u] = IQ2_UNREACHABLE;
     for (int k = 0; k < 256; k++) iq2_map[ds4_iq2xxs_kgrid[k]] = k;
-    size_t total = 0;
-    for (int u = 0; u < IQ2_MAP_SIZE; u++)
-        if (iq2_map[u] < 0) total += 1 + (size_t)iq2_shells(u, dist2);
-    iq2_neighbours = malloc(total * sizeof *iq2_neighbours);
-    if (!iq2_neighbours) ds4_quant_fatal("iq2_xxs: no memory for %zu neighbour entries", total);
+    /* 6561 points with levels 0..2, each list at most 1 + 256 entries */
+    enum { N_POINTS = 6561 };
+    iq2_neighbours = malloc((size_t)N_POINTS * 257 * sizeof *iq2_neighbours);
+    if (!iq2_neighbours) ds4_quant_fatal("iq2_xxs: no memory for the neighbour table");
     int pos = 0;
-    for (int u = 0; u < IQ2_MAP_SIZE; u++) {
+    for (int t = 0; t < N_POINTS; t++) {
+        int u = 0;
+        for (int j = 0, v = t; j < 8; j++, v /= 3) u |= (v % 3) << (2 * j);
         if (iq2_map[u] >= 0) continue;
-        int len = iq2_shells(u, dist2);
+        int len = iq2_shells(u, nb);
         iq2_map[u] = -(pos + 1);
         iq2_neighbours[pos++] = (uint16_t)len;
-        for (int k = 0; k < len; k++) iq2_neighbours[pos++] = (uint16_t)dist2[2 * k + 1];
+        memcpy(iq2_neighbours + pos, nb, (size_t)len * sizeof nb[0]);
+        pos += len;
     }
+    uint16_t *shrunk = realloc(iq2_neighbours, (size_t)pos * sizeof *iq2_neighbours);
+    if (shrunk) iq2_neighbours = shrunk;
 }
 
 /* Projects levels L[0..8) (0..2) onto the grid: returns the grid index and,
@@ -430,6 +430,7 @@ static int iq2_project(int8_t *L, const float *xval, const float *waux, float sc
     for (int i = 0; i < 8; i++) u |= L[i] << (2 * i);
     int gi = iq2_map[u];
     if (gi >= 0) return gi;
+    if (gi == IQ2_UNREACHABLE) ds4_quant_fatal("iq2_xxs: level index %#x out of range", (unsigned)u);
     const uint16_t *nb = iq2_neighbours - iq2_map[u] - 1;
     float best_d2 = FLT_MAX;
     gi = -1;

@@ -215,6 +215,20 @@ DS4_TEST(quant_fp8_rows_use_128_tiles_and_fp4_rows_use_32_blocks) {
         float want = bits_f32_from_u64(ds4_e4m3fn_bits[w[i]]) * ldexpf(1.0f, sc[i / 128] - 127);
         CHECK_MSG(fbits(y[i]) == fbits(want), "fp8 element %d", i);
     }
+    /* a 260 x 300 matrix: 3 x 3 tiles, the last ones partial */
+    enum { NR = 260 };
+    uint8_t *wm = malloc(NR * N), msc[9];
+    float *ym = malloc(NR * N * sizeof(float));
+    for (int i = 0; i < NR * N; i++) wm[i] = (uint8_t)(rng_u64() & 0x7e);
+    for (int i = 0; i < 9; i++) msc[i] = (uint8_t)(118 + 2 * i);
+    ds4_fp8_dequant_matrix(wm, msc, ym, NR, N);
+    for (int r = 0; r < NR; r += 7)
+        for (int c = 0; c < N; c += 3) {
+            float want = bits_f32_from_u64(ds4_e4m3fn_bits[wm[r * N + c]]) * ldexpf(1.0f, msc[(r / 128) * 3 + c / 128] - 127);
+            CHECK_MSG(fbits(ym[r * N + c]) == fbits(want), "fp8 matrix (%d, %d)", r, c);
+        }
+    free(wm);
+    free(ym);
     /* FP4: 288 values = 9 blocks of 32; element 2j is the low nibble */
     for (int i = 0; i < 144; i++) packed[i] = (uint8_t)rng_u64();
     for (int b = 0; b < 9; b++) sc4[b] = (uint8_t)(110 + b * 3);
