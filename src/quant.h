@@ -28,6 +28,14 @@
 
 #include "util/err.h"
 
+/* Also included by the CUDA backend's C++ (.cu) files. */
+#ifdef __cplusplus
+#define DS4_QUANT_STATIC_ASSERT static_assert
+extern "C" {
+#else
+#define DS4_QUANT_STATIC_ASSERT _Static_assert
+#endif
+
 /* ggml type ids (FORMATS.md §B.0). Only these are supported by ds4. */
 enum {
     DS4_TYPE_F32 = 0,
@@ -84,11 +92,11 @@ typedef struct ds4_block_q8_k {
     int16_t bsums[DS4_QK_K / 16];
 } ds4_block_q8_k;
 
-_Static_assert(sizeof(ds4_block_q8_0) == 34, "Q8_0 block is 34 bytes");
-_Static_assert(sizeof(ds4_block_q4_k) == 144, "Q4_K block is 144 bytes");
-_Static_assert(sizeof(ds4_block_q2_k) == 84, "Q2_K block is 84 bytes");
-_Static_assert(sizeof(ds4_block_iq2_xxs) == 66, "IQ2_XXS block is 66 bytes");
-_Static_assert(sizeof(ds4_block_q8_k) == 292, "Q8_K block is 292 bytes");
+DS4_QUANT_STATIC_ASSERT(sizeof(ds4_block_q8_0) == 34, "Q8_0 block is 34 bytes");
+DS4_QUANT_STATIC_ASSERT(sizeof(ds4_block_q4_k) == 144, "Q4_K block is 144 bytes");
+DS4_QUANT_STATIC_ASSERT(sizeof(ds4_block_q2_k) == 84, "Q2_K block is 84 bytes");
+DS4_QUANT_STATIC_ASSERT(sizeof(ds4_block_iq2_xxs) == 66, "IQ2_XXS block is 66 bytes");
+DS4_QUANT_STATIC_ASSERT(sizeof(ds4_block_q8_k) == 292, "Q8_K block is 292 bytes");
 
 /* ---- type traits -------------------------------------------------------- */
 
@@ -214,5 +222,9 @@ extern const uint8_t ds4_ksigns_iq2xs[128];   /* 7 sign bits + parity bit */
 extern const uint8_t ds4_kmask_iq2xs[8];      /* 1 << j */
 extern const uint32_t ds4_e4m3fn_bits[256];   /* f32 bit pattern per FP8 code */
 extern const float ds4_fp4_e2m1_values[16];   /* value per FP4 code */
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
