@@ -1008,6 +1008,8 @@ struct ds4_dsml_stream {
     int st;
     const family *f;     /* family of the open block */
     size_t flush_from;   /* content resumes here if the block fails */
+    size_t scan;         /* ST_CONTENT / ST_PARAM_UNTYPED: bytes before scan are examined */
+    size_t ws_start;     /* ST_CONTENT: start of the trailing whitespace run of [pos, scan), or SIZE_MAX */
     int n_calls, cap_calls;
     char **ids, **names; /* (n_calls) announced calls */
     int n_params;        /* parameters emitted in the current call */
@@ -1031,6 +1033,7 @@ ds4_dsml_stream *ds4_dsml_stream_new(const ds4_dsml_stream_opts *opts) {
     s->o.id_prefix = s->id_prefix;
     s->st = s->o.thinking ? ST_THINK_START : ST_CONTENT;
     s->id_rng = s->o.id_seed;
+    s->ws_start = SIZE_MAX;
     ds4_dsml_tracker_init(&s->trk);
     return s;
 }
@@ -1132,6 +1135,17 @@ static size_t emit_text(ds4_dsml_stream *s, int type, const char *rem, size_t n,
     return k;
 }
 
+/* A tag is complete when its '>' shows within its first TAG_MAX bytes:
+ * returns 0 (complete), 1 (wait for more bytes) or -1 (too long: the
+ * projection stops; the final parse still decides). Bounding the wait keeps
+ * the rescans linear, and depends only on the bytes, not on the chunking. */
+#define TAG_MAX 4096
+static int tag_wait(const char *rem, size_t rn) {
+    size_t lim = rn < TAG_MAX ? rn : TAG_MAX;
+    if (memchr(rem, '>', lim)) return 0;
+    return rn >= TAG_MAX ? -1 : 1;
+}
+
 /* One step of the state machine. Returns 1 if it made progress, 0 if it
  * needs more bytes, negative on no memory. */
 static int step(ds4_dsml_stream *s, int final) {
@@ -1151,6 +1165,7 @@ static int step(ds4_dsml_stream *s, int final) {
             emit(s, DS4_DSML_EV_REASONING, 0, rem, k);
             s->pos += k + strlen(DS4_THINK_CLOSE);
             s->st = ST_CONTENT;
+            s->scan = s->pos;
             return 1;
         }
         size_t hold = final ? 0 : partial_suffix(rem, rn, DS4_THINK_CLOSE);
@@ -1162,39 +1177,47 @@ static int step(ds4_dsml_stream *s, int final) {
             s->pos += emit_text(s, DS4_DSML_EV_CONTENT, rem, rn, final);
             return 0;
         }
+        /* Work is linear in the input: a start tag can only begin at or
+         * after `scan` (earlier bytes were not a partial tag when seen),
+         * and the trailing whitespace run is tracked incrementally. */
+        size_t from = s->scan > s->pos ? s->scan : s->pos;
         size_t best = SIZE_MAX;
         int fam = -1;
         for (int j = 0; j < 3; j++) {
-            size_t k = find(rem, rn, 0, FAMS[j].open);
+            size_t k = find(t, n, from, FAMS[j].open);
             if (k < best) best = k, fam = j;
         }
         if (fam >= 0) {
             size_t ce = best;
-            while (ce > 0 && is_ws((unsigned char)rem[ce - 1])) ce--;
-            emit(s, DS4_DSML_EV_CONTENT, 0, rem, ce);
-            s->flush_from = s->pos + ce;
+            while (ce > s->pos && is_ws((unsigned char)t[ce - 1])) ce--;
+            emit(s, DS4_DSML_EV_CONTENT, 0, rem, ce - s->pos);
+            s->flush_from = ce;
             s->f = &FAMS[fam];
-            s->pos += best + strlen(s->f->open);
+            s->pos = best + strlen(s->f->open);
             s->st = ST_BLOCK;
             s->block_started = 1;
             emit(s, DS4_DSML_EV_BLOCK_START, 0, NULL, 0);
             return 1;
         }
-        size_t ce = rn;
-        if (!final) {
-            /* hold a possible start tag and the whitespace before it */
-            for (size_t j = rn > 24 ? rn - 24 : 0; j < rn; j++) {
-                if (rem[j] != '<') continue;
-                int part = 0;
-                for (int q = 0; q < 3; q++) part |= is_partial(rem + j, rn - j, FAMS[q].open);
-                if (part) {
-                    ce = j;
-                    break;
-                }
+        /* hold a possible start tag and the whitespace before it */
+        size_t hold = n;
+        for (size_t j = n - from > 24 ? n - 24 : from; j < n; j++) {
+            if (t[j] != '<') continue;
+            int part = 0;
+            for (int q = 0; q < 3; q++) part |= is_partial(t + j, n - j, FAMS[q].open);
+            if (part) {
+                hold = j;
+                break;
             }
-            while (ce > 0 && is_ws((unsigned char)rem[ce - 1])) ce--;
         }
-        s->pos += emit_text(s, DS4_DSML_EV_CONTENT, rem, ce, final);
+        for (size_t i = from; i < hold; i++) {
+            if (!is_ws((unsigned char)t[i])) s->ws_start = SIZE_MAX;
+            else if (s->ws_start == SIZE_MAX || s->ws_start < s->pos) s->ws_start = i;
+        }
+        s->scan = hold;
+        size_t ce = s->ws_start != SIZE_MAX && s->ws_start >= s->pos ? s->ws_start : hold;
+        if (final) ce = n;
+        s->pos += emit_text(s, DS4_DSML_EV_CONTENT, rem, ce - s->pos, final);
         return 0;
     }
     case ST_BLOCK:
@@ -1215,8 +1238,9 @@ static int step(ds4_dsml_stream *s, int final) {
             }
             if (has_prefix(rem, rn, f->invoke)) {
                 tag_info ti;
+                int w = tag_wait(rem, rn);
+                if (w) return w > 0 ? 0 : (fail(s, "tool call tag too long"), 1);
                 if (read_tag(rem, rn, 0, f->invoke, &ti)) {
-                    if (find(rem, rn, 0, ">") == SIZE_MAX) return 0; /* tag incomplete */
                     fail(s, "tool call without a name");
                     return 1;
                 }
@@ -1238,8 +1262,9 @@ static int step(ds4_dsml_stream *s, int final) {
         }
         if (has_prefix(rem, rn, f->param)) {
             tag_info ti;
+            int w = tag_wait(rem, rn);
+            if (w) return w > 0 ? 0 : (fail(s, "parameter tag too long"), 1);
             if (read_tag(rem, rn, 0, f->param, &ti)) {
-                if (find(rem, rn, 0, ">") == SIZE_MAX) return 0;
                 fail(s, "parameter without a name");
                 return 1;
             }
@@ -1255,6 +1280,7 @@ static int step(ds4_dsml_stream *s, int final) {
             if (oom || !ds4_buf_ok(&s->ev)) return DS4_E_NOMEM;
             emit(s, DS4_DSML_EV_CALL_ARGS, s->n_calls - 1, s->ev.data, s->ev.len);
             s->pos += ti.end;
+            s->scan = s->pos;
             s->st = ti.str_true ? ST_VALUE_STR : ti.has_str ? ST_VALUE_JSON : ST_PARAM_UNTYPED;
             s->json_in_str = s->json_esc = 0;
             return 1;
@@ -1266,8 +1292,9 @@ static int step(ds4_dsml_stream *s, int final) {
     case ST_PARAM_UNTYPED: {
         /* The final parser reads a nested object when another parameter tag
          * follows, else a string: decide once the first non-space shows. */
-        size_t w = 0;
+        size_t w = s->scan > s->pos ? s->scan - s->pos : 0;
         while (w < rn && is_ws((unsigned char)rem[w])) w++;
+        s->scan = s->pos + w;
         if (w == rn && !final) return 0;
         const family *f = s->f;
         if (w < rn && rem[w] == '<') {

@@ -648,6 +648,7 @@ DS4_TEST(dsml_stream_same_events_for_every_split) {
 }
 
 #define FEED(str) ds4_dsml_stream_feed(s, str, strlen(str), log_ev, &l)
+#define FEED_S(st, str) ds4_dsml_stream_feed(st, str, strlen(str), log_ev, &l)
 
 DS4_TEST(dsml_stream_never_emits_partial_markers) {
     /* a chunk ending inside a marker must not leak it as text */
@@ -1034,4 +1035,37 @@ DS4_TEST(dsml_replay_load_rejects_corrupted_bytes) {
         CHECK(ds4_dsml_replay_count(m) <= 3 && used <= full);
         ds4_dsml_replay_free(m);
     }
+}
+
+DS4_TEST(dsml_stream_long_whitespace_runs_stay_linear) {
+    /* 1 MiB of spaces fed 3 bytes at a time (a degenerate generation): the
+     * held run is tracked incrementally, not rescanned per feed */
+    ds4_dsml_stream_opts o = {.thinking = 0, .tools = 1, .id_seed = 1};
+    ds4_dsml_stream *s = ds4_dsml_stream_new(&o);
+    evlog l;
+    memset(&l, 0, sizeof l);
+    l.last_type = -1;
+    FEED_S(s, "text");
+    static const char sp[3] = {' ', '\n', ' '};
+    for (int i = 0; i < (1 << 20) / 3; i++) ds4_dsml_stream_feed(s, sp, 3, log_ev, &l);
+    CHECK_STR(l.b.data, "\n2/0:text");
+    FEED_S(s, "<" M "tool_calls><" M "invoke name=\"f\"></" M "invoke></" M "tool_calls>");
+    CHECK(ds4_dsml_stream_block_ended(s));
+    ds4_dsml_result r;
+    CHECK_EQ_INT(ds4_dsml_stream_finish(s, log_ev, &l, &r, NULL), 0);
+    CHECK_STR(r.content, "text");
+    CHECK_EQ_INT(r.n_calls, 1);
+    ds4_dsml_result_free(&r);
+    ds4_dsml_stream_free(s);
+    ds4_buf_free(&l.b);
+
+    /* a huge tag: projection stops after 4 KiB without '>' */
+    s = ds4_dsml_stream_new(&o);
+    memset(&l, 0, sizeof l);
+    FEED_S(s, "<" M "tool_calls><" M "invoke name=\"");
+    for (int i = 0; i < 3000; i++) FEED_S(s, "aa");
+    CHECK_EQ_INT(l.n_errors, 1);
+    CHECK(strstr(l.b.data, "too long") != NULL);
+    ds4_dsml_stream_free(s);
+    ds4_buf_free(&l.b);
 }
