@@ -1,0 +1,360 @@
+/* api_anthropic.c - Anthropic Messages (/v1/messages): request parsing
+ * (SERVING.md B.4), the message object (B.6) and the message event stream
+ * (B.8) with thinking, text and tool_use blocks (input_json_delta).
+ *
+ * Stream invariant: at most one content block is open at a time (tracked in
+ * job->open_block); every block that was started is stopped exactly once,
+ * and block indexes are consecutive from 0.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server.h"
+#include "util/xalloc.h"
+
+enum { BLOCK_NONE = 0, BLOCK_THINKING, BLOCK_TEXT, BLOCK_TOOL };
+
+/* system: string, or array of strings / {"text":…}; joined with '\n' unless
+ * the previous part already ends with one; "x-anthropic-" parts dropped. */
+static int parse_system(json_t *v, srv_request *rq, srv_error *e) {
+    if (!v || json_is_null(v)) return 0;
+    if (json_is_string(v)) return srv_chat_add(rq, DS4_ROLE_SYSTEM, json_string_value(v), e) < 0;
+    if (!json_is_array(v)) return srv_invalid(e);
+    ds4_buf b = DS4_BUF_INIT;
+    size_t i;
+    json_t *p;
+    json_array_foreach(v, i, p) {
+        const char *s = json_is_string(p) ? json_string_value(p)
+                                          : json_string_value(json_object_get(p, "text"));
+        if (!s || !strncmp(s, "x-anthropic-", 12)) continue;
+        if (b.len && b.data[b.len - 1] != '\n') ds4_buf_putc(&b, '\n');
+        ds4_buf_puts(&b, s);
+    }
+    int rc = srv_chat_add(rq, DS4_ROLE_SYSTEM, b.data ? b.data : "", e) < 0 ? -1 : 0;
+    ds4_buf_free(&b);
+    return rc;
+}
+
+
+static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
+    if (!json_is_object(m)) return srv_invalid(e);
+    char *role = NULL;
+    if (srv_get_string(m, "role", &role, e)) return -1;
+    ds4_role r = ds4_chat_role_from_name(role ? role : "user");
+    free(role);
+    json_t *content = json_object_get(m, "content");
+    if (content && !json_is_null(content) && !json_is_string(content) && !json_is_array(content))
+        return srv_invalid(e);
+    ds4_buf text = DS4_BUF_INIT, reasoning = DS4_BUF_INIT;
+    int rc = -1;
+    int idx = -1;
+    char *result_id = NULL;
+    if (json_is_string(content)) ds4_buf_puts(&text, json_string_value(content));
+    /* calls are attached after the message exists; collect them first */
+    json_t *calls = json_array();
+    if (json_is_array(content)) {
+        size_t i;
+        json_t *bl;
+        json_array_foreach(content, i, bl) {
+            if (json_is_string(bl)) {
+                ds4_buf_puts(&text, json_string_value(bl));
+                continue;
+            }
+            if (!json_is_object(bl)) continue;
+            const char *type = json_string_value(json_object_get(bl, "type"));
+            const char *t = json_string_value(json_object_get(bl, "text"));
+            const char *th = json_string_value(json_object_get(bl, "thinking"));
+            if (type && !strcmp(type, "tool_use")) {
+                json_array_append(calls, bl);
+            } else if (type && !strcmp(type, "tool_result")) {
+                const char *id = json_string_value(json_object_get(bl, "tool_use_id"));
+                if (!id) {
+                    srv_invalid(e);
+                    goto out;
+                }
+                if (!srv_chat_call_known(rq->chat, id)) {
+                    srv_fail(e, 400,
+                             "Anthropic continuation state is not available for tool_use_id %s; "
+                             "retry by replaying the full messages history",
+                             id);
+                    goto out;
+                }
+                char *rt = NULL;
+                if (srv_text_of(json_object_get(bl, "content"), NULL, &rt, e)) goto out;
+                ds4_dsml_tool_result(&text, rt, strlen(rt));
+                free(rt);
+                free(result_id);
+                result_id = xstrdup(id);
+            } else {
+                if (t) ds4_buf_puts(&text, t); /* text and unknown blocks with text */
+                if (th) ds4_buf_puts(&reasoning, th);
+            }
+        }
+    }
+    if (!ds4_buf_ok(&text) || !ds4_buf_ok(&reasoning)) {
+        srv_fail(e, 500, "out of memory");
+        goto out;
+    }
+    idx = srv_chat_add(rq, r, text.data ? text.data : "", e);
+    if (idx < 0) goto out;
+    ds4_err err;
+    if (reasoning.len && ds4_chat_add_reasoning(rq->chat, idx, reasoning.data, reasoning.len, &err)) {
+        srv_fail(e, 500, "%s", err.msg);
+        goto out;
+    }
+    if (result_id && ds4_chat_set_tool_call_id(rq->chat, idx, result_id, &err)) {
+        srv_fail(e, 500, "%s", err.msg);
+        goto out;
+    }
+    size_t i;
+    json_t *c;
+    json_array_foreach(calls, i, c) {
+        const char *name = json_string_value(json_object_get(c, "name"));
+        const char *id = json_string_value(json_object_get(c, "id"));
+        json_t *in = json_object_get(c, "input");
+        if (!name) continue;
+        char *args = in ? srv_json_text(in) : xstrdup("{}");
+        int k = ds4_chat_add_call(rq->chat, idx, id, name, args, strlen(args), &err);
+        free(args);
+        if (k < 0) {
+            srv_fail(e, 500, "%s", err.msg);
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    json_decref(calls);
+    free(result_id);
+    ds4_buf_free(&text);
+    ds4_buf_free(&reasoning);
+    return rc;
+}
+
+static int parse_tool_choice(json_t *tc, srv_request *rq, srv_error *e) {
+    if (!tc || json_is_null(tc)) return 0;
+    if (!json_is_object(tc)) return srv_invalid(e);
+    const char *type = json_string_value(json_object_get(tc, "type"));
+    if (!type) return 0;
+    if (!strcmp(type, "none")) rq->tool_choice = SRV_TOOL_NONE;
+    else if (!strcmp(type, "any")) rq->tool_choice = SRV_TOOL_REQUIRED;
+    else if (!strcmp(type, "tool")) {
+        const char *name = json_string_value(json_object_get(tc, "name"));
+        if (!name) return srv_invalid(e);
+        rq->tool_choice = SRV_TOOL_NAMED;
+        rq->tool_choice_name = xstrdup(name);
+    }
+    return 0;
+}
+
+int srv_parse_anthropic(const char *body, size_t n, srv_request *rq, srv_error *e) {
+    srv_request_init(rq, SRV_API_ANTHROPIC);
+    json_t *root = srv_load_object(body, n, e);
+    if (!root) return -1;
+    int rc = -1;
+    rq->chat = ds4_chat_new();
+    if (!rq->chat) {
+        srv_fail(e, 500, "out of memory");
+        goto out;
+    }
+    if (srv_parse_sampling(root, rq, e)) goto out;
+    const char *effort = NULL;
+    json_t *oc = json_object_get(root, "output_config");
+    json_t *ev = json_object_get(root, "reasoning_effort");
+    if (oc && !json_is_null(oc)) {
+        if (!json_is_object(oc)) {
+            srv_invalid(e);
+            goto out;
+        }
+        json_t *v = json_object_get(oc, "effort");
+        if (v && !json_is_null(v) && !json_is_string(v)) {
+            srv_invalid(e);
+            goto out;
+        }
+        if (v) effort = json_string_value(v);
+    }
+    if (ev && !json_is_null(ev)) {
+        if (!json_is_string(ev)) {
+            srv_invalid(e);
+            goto out;
+        }
+        effort = json_string_value(ev);
+    }
+    if (srv_parse_thinking(root, rq, effort, effort != NULL, e)) goto out;
+    if (parse_system(json_object_get(root, "system"), rq, e)) goto out;
+    json_t *msgs = json_object_get(root, "messages");
+    if (!msgs || json_is_null(msgs)) {
+        srv_fail(e, 400, "missing messages");
+        goto out;
+    }
+    if (!json_is_array(msgs)) {
+        srv_invalid(e);
+        goto out;
+    }
+    size_t i;
+    json_t *m;
+    json_array_foreach(msgs, i, m) {
+        if (parse_message(m, rq, e)) goto out;
+    }
+    if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) goto out;
+    if (parse_tool_choice(json_object_get(root, "tool_choice"), rq, e)) goto out;
+    rc = 0;
+out:
+    json_decref(root);
+    return rc;
+}
+
+/* ---- responses ------------------------------------------------------------ */
+
+static json_t *usage_anthropic(const srv_usage *u, bool start) {
+    int p = u->prompt < 0 ? 0 : u->prompt;
+    int k = u->cached < 0 ? 0 : u->cached > p ? p : u->cached;
+    return json_pack("{s:i, s:i, s:i, s:i}", "input_tokens", 0, "output_tokens",
+                     start ? 0 : u->completion, "cache_read_input_tokens", k,
+                     "cache_creation_input_tokens", p - k);
+}
+
+static const char *stop_reason(srv_finish f) {
+    return f == SRV_FINISH_TOOL_CALLS ? "tool_use" : f == SRV_FINISH_LENGTH ? "max_tokens" : "end_turn";
+}
+
+static json_t *tool_input(const ds4_tool_call *c) {
+    char *args = srv_args_compact(c);
+    json_t *v = json_loads(args, 0, NULL);
+    free(args);
+    return v && json_is_object(v) ? v : (json_decref(v), json_object());
+}
+
+static char *messages_body(srv_job *j, const srv_result *r) {
+    json_t *content = json_array();
+    const ds4_dsml_result *p = &r->parsed;
+    if (p->reasoning && p->reasoning_len)
+        json_array_append_new(content, json_pack("{s:s, s:o, s:s}", "type", "thinking", "thinking",
+                                                 srv_jstr(p->reasoning, p->reasoning_len),
+                                                 "signature", j->id));
+    if (p->content_len)
+        json_array_append_new(content, json_pack("{s:s, s:o}", "type", "text", "text",
+                                                 srv_jstr(p->content, p->content_len)));
+    for (int i = 0; i < p->n_calls; i++)
+        json_array_append_new(content,
+                              json_pack("{s:s, s:s, s:o, s:o}", "type", "tool_use", "id",
+                                        p->calls[i].id ? p->calls[i].id : "", "name",
+                                        srv_jstr(p->calls[i].name, strlen(p->calls[i].name)),
+                                        "input", tool_input(&p->calls[i])));
+    size_t nb = json_array_size(content);
+    if (nb == 0 || (nb == 1 && p->reasoning_len))
+        json_array_append_new(content, json_pack("{s:s, s:s}", "type", "text", "text", ""));
+    json_t *root = json_pack("{s:s, s:s, s:s, s:s, s:o, s:s, s:n, s:o}", "id", j->id, "type",
+                             "message", "role", "assistant", "model", j->rq.model, "content",
+                             content, "stop_reason", stop_reason(r->finish), "stop_sequence",
+                             "usage", usage_anthropic(&r->usage, false));
+    char *s = srv_json_text(root);
+    json_decref(root);
+    return s;
+}
+
+static void event(srv_job *j, const char *name, json_t *v) { srv_sse_json(j, name, v); }
+
+static void block_stop(srv_job *j) {
+    if (j->open_block == BLOCK_NONE) return;
+    if (j->open_block == BLOCK_THINKING)
+        event(j, "content_block_delta",
+              json_pack("{s:s, s:i, s:{s:s, s:s}}", "type", "content_block_delta", "index",
+                        j->block_index, "delta", "type", "signature_delta", "signature", j->id));
+    event(j, "content_block_stop",
+          json_pack("{s:s, s:i}", "type", "content_block_stop", "index", j->block_index));
+    j->open_block = BLOCK_NONE;
+    j->block_index++;
+}
+
+static void block_start(srv_job *j, int kind, json_t *cb) {
+    block_stop(j);
+    j->open_block = kind;
+    event(j, "content_block_start",
+          json_pack("{s:s, s:i, s:o}", "type", "content_block_start", "index", j->block_index,
+                    "content_block", cb));
+}
+
+static void msg_begin(srv_job *j) {
+    j->open_block = BLOCK_NONE;
+    j->block_index = 0;
+    event(j, "message_start",
+          json_pack("{s:s, s:{s:s, s:s, s:s, s:s, s:[], s:n, s:n, s:o}}", "type", "message_start",
+                    "message", "id", j->id, "type", "message", "role", "assistant", "model",
+                    j->rq.model, "content", "stop_reason", "stop_sequence", "usage",
+                    usage_anthropic(&j->usage, true)));
+}
+
+static void msg_reasoning(srv_job *j, const char *s, size_t n) {
+    if (j->open_block != BLOCK_THINKING)
+        block_start(j, BLOCK_THINKING,
+                    json_pack("{s:s, s:s, s:s}", "type", "thinking", "thinking", "", "signature", ""));
+    j->sent_reasoning = true;
+    event(j, "content_block_delta",
+          json_pack("{s:s, s:i, s:{s:s, s:o}}", "type", "content_block_delta", "index",
+                    j->block_index, "delta", "type", "thinking_delta", "thinking", srv_jstr(s, n)));
+}
+
+static void msg_content(srv_job *j, const char *s, size_t n) {
+    if (j->open_block != BLOCK_TEXT)
+        block_start(j, BLOCK_TEXT, json_pack("{s:s, s:s}", "type", "text", "text", ""));
+    j->sent_text = true;
+    event(j, "content_block_delta",
+          json_pack("{s:s, s:i, s:{s:s, s:o}}", "type", "content_block_delta", "index",
+                    j->block_index, "delta", "type", "text_delta", "text", srv_jstr(s, n)));
+}
+
+static void msg_tool_begin(srv_job *j, int index, const char *id, const char *name) {
+    (void)index;
+    block_start(j, BLOCK_TOOL,
+                json_pack("{s:s, s:s, s:o, s:{}}", "type", "tool_use", "id", id, "name",
+                          srv_jstr(name, strlen(name)), "input"));
+}
+
+static void msg_tool_args(srv_job *j, int index, const char *s, size_t n) {
+    (void)index;
+    if (j->open_block != BLOCK_TOOL) return;
+    event(j, "content_block_delta",
+          json_pack("{s:s, s:i, s:{s:s, s:o}}", "type", "content_block_delta", "index",
+                    j->block_index, "delta", "type", "input_json_delta", "partial_json",
+                    srv_jstr(s, n)));
+}
+
+static void msg_tool_end(srv_job *j, int index) {
+    (void)index;
+    if (j->open_block == BLOCK_TOOL) block_stop(j);
+}
+
+static void msg_finish(srv_job *j, const srv_result *r) {
+    block_stop(j);
+    const ds4_dsml_result *p = &r->parsed;
+    /* calls not streamed live: start + one full delta + stop */
+    for (int i = j->n_tool_started; i < p->n_calls; i++) {
+        const ds4_tool_call *c = &p->calls[i];
+        msg_tool_begin(j, i, c->id ? c->id : "", c->name);
+        char *args = srv_args_compact(c);
+        msg_tool_args(j, i, args, strlen(args));
+        free(args);
+        block_stop(j);
+    }
+    if (j->sent_reasoning && !j->sent_text && p->n_calls == 0) {
+        block_start(j, BLOCK_TEXT, json_pack("{s:s, s:s}", "type", "text", "text", ""));
+        block_stop(j);
+    }
+    event(j, "message_delta",
+          json_pack("{s:s, s:{s:s, s:n}, s:{s:i}}", "type", "message_delta", "delta",
+                    "stop_reason", stop_reason(r->finish), "stop_sequence", "usage",
+                    "output_tokens", r->usage.completion));
+    event(j, "message_stop", json_pack("{s:s}", "type", "message_stop"));
+}
+
+const srv_emitter srv_emitter_anthropic = {
+    .begin = msg_begin,
+    .reasoning = msg_reasoning,
+    .content = msg_content,
+    .tool_begin = msg_tool_begin,
+    .tool_args = msg_tool_args,
+    .tool_end = msg_tool_end,
+    .finish = msg_finish,
+    .body = messages_body,
+};

@@ -1,0 +1,313 @@
+/* cache_policy.c - when the server reuses, saves and restores KV state
+ * (SERVING.md C.2-C.4). The engine decides *what* a session payload holds,
+ * kvstore keeps the bytes on disk; this file picks the moments.
+ *
+ * Reuse decision for a request with prompt tokens `req` and text `text`,
+ * against the live session holding tokens `live` (length L):
+ *   5. live is a token prefix of req            -> E = req
+ *   7. the token text of live is a byte prefix of text
+ *                                               -> E = live + tokenize(rest)
+ *   8. otherwise, with the disk cache on: save the live session (reason
+ *      evict) when L >= min, then restore the longest stored checkpoint whose
+ *      key text is a byte prefix of text -> E = stored + tokenize(rest)
+ *   9. otherwise E = req (cold), with a cold save of the chat anchor or an
+ *      aligned prefix when min <= |E| <= cold_max.
+ * Suffixes are tokenized from the exact byte boundary, never taken from req
+ * (full-prompt BPE may merge across it). K reported to clients is the number
+ * of tokens the engine kept (ds4_sync_info.n_reused), P = |E|.
+ * Rules 1-4 and 6 (protocol bindings for visible-only replays) are not
+ * implemented: such requests fall through to 7-9.
+ *
+ * Thread-safety: worker thread only (the kvstore has its own lock).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvstore.h"
+#include "server.h"
+#include "util/xalloc.h"
+
+struct srv_cache {
+    ds4_kvstore *kv;       /* NULL when the disk cache is off */
+    int last_frontier;     /* last stored/loaded length (continued saves) */
+    int step;              /* continued-save spacing in tokens (0 = off) */
+};
+
+static void kv_log(void *user, const char *line) {
+    (void)user;
+    srv_log("kv cache: %s", line);
+}
+
+int srv_cache_open(srv_server *s, ds4_err *err) {
+    struct srv_cache *c = xcalloc(1, sizeof *c);
+    s->cache = c;
+    const srv_config *cfg = &s->cfg;
+    if (cfg->kv_continued_interval > 0) {
+        int a = cfg->kv_boundary_align > 0 ? cfg->kv_boundary_align : 1;
+        c->step = (cfg->kv_continued_interval + a - 1) / a * a;
+    }
+    if (!cfg->kv_disk_dir) return 0;
+    ds4_kvstore_opts o = {0};
+    o.dir = cfg->kv_disk_dir;
+    o.budget_bytes = cfg->kv_disk_space_mb << 20;
+    ds4_engine_fingerprint(s->engine, o.fingerprint);
+    o.log = kv_log;
+    ds4_err e2 = {0};
+    if (ds4_kvstore_open(&c->kv, &o, &e2)) {
+        /* the cache is an optimization: run without it (C.4 table) */
+        srv_log("kv cache: disabled: %s", e2.msg);
+        c->kv = NULL;
+    } else {
+        srv_log("kv cache: %s (%.1f MiB used of %llu MiB)", cfg->kv_disk_dir,
+                ds4_kvstore_total_bytes(c->kv) / 1048576.0, (unsigned long long)cfg->kv_disk_space_mb);
+    }
+    (void)err;
+    return 0;
+}
+
+void srv_cache_close(srv_server *s) {
+    if (!s->cache) return;
+    if (s->cache->kv) ds4_kvstore_close(s->cache->kv);
+    free(s->cache);
+    s->cache = NULL;
+}
+
+/* Concatenated decodings of tokens[0..n) (TEXT A.7), malloc'ed. */
+static char *token_text(ds4_engine *e, const int32_t *tokens, int n, size_t *len) {
+    ds4_buf b = DS4_BUF_INIT;
+    for (int i = 0; i < n; i++) {
+        size_t k = 0;
+        const char *p = ds4_token_bytes(e, tokens[i], &k);
+        if (p) ds4_buf_append(&b, p, k);
+    }
+    if (!ds4_buf_ok(&b)) {
+        ds4_buf_free(&b);
+        return NULL;
+    }
+    return ds4_buf_detach(&b, len);
+}
+
+/* E = prefix tokens + tokenize(text[off..len)). */
+static int extend_with_text(ds4_engine *e, const int32_t *prefix, int n_prefix, const char *text,
+                            size_t off, size_t len, int32_t **out, int *n_out, ds4_err *err) {
+    int32_t *tail = NULL;
+    int n_tail = 0;
+    if (off < len) {
+        int rc = srv_tokenize(e, text + off, len - off, &tail, &n_tail, err);
+        if (rc) return rc;
+    }
+    int32_t *all = malloc(((size_t)n_prefix + (size_t)n_tail + 1) * sizeof *all);
+    if (!all) {
+        free(tail);
+        return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    }
+    memcpy(all, prefix, (size_t)n_prefix * sizeof *all);
+    if (n_tail) memcpy(all + n_prefix, tail, (size_t)n_tail * sizeof *all);
+    free(tail);
+    *out = all;
+    *n_out = n_prefix + n_tail;
+    return 0;
+}
+
+/* Saves the whole live session with the given reason. */
+static void save_live(srv_server *s, int reason) {
+    struct srv_cache *c = s->cache;
+    if (!c->kv) return;
+    int n = ds4_session_n_tokens(s->session);
+    if (n < s->cfg.kv_min_tokens || n <= 0) return;
+    const int32_t *toks = ds4_session_tokens(s->session);
+    size_t klen = 0;
+    char *key = token_text(s->engine, toks, n, &klen);
+    void *payload = NULL;
+    size_t pbytes = 0;
+    ds4_err err = {0};
+    if (!key || ds4_session_save(s->session, &payload, &pbytes, &err)) {
+        srv_log("kv cache: save failed: %s", key ? err.msg : "out of memory");
+        free(key);
+        return;
+    }
+    ds4_buf trailer = DS4_BUF_INIT;
+    if (s->replay && !s->cfg.disable_exact_dsml_replay) {
+        pthread_mutex_lock(&s->replay_mu);
+        ds4_dsml_replay_save(s->replay, key, klen, &trailer);
+        pthread_mutex_unlock(&s->replay_mu);
+    }
+    ds4_kvstore_put_args a = {0};
+    a.tokens = toks;
+    a.n_tokens = (uint32_t)n;
+    a.key_text = key;
+    a.key_text_bytes = klen;
+    a.payload = payload;
+    a.payload_bytes = pbytes;
+    a.trailer = trailer.len ? trailer.data : NULL;
+    a.trailer_bytes = trailer.len;
+    a.ctx_size = (uint32_t)s->cfg.n_ctx;
+    a.quant_bits = 4; /* informative only: the engine API does not expose it */
+    a.reason = (uint8_t)reason;
+    a.ext_flags = trailer.len ? DS4_KV_EXT_TOOL_MAP : 0;
+    char name[DS4_KV_NAME_MAX];
+    static const char *const why[] = {"unknown", "cold", "continued", "evict", "shutdown"};
+    if (ds4_kvstore_put(c->kv, &a, name, &err))
+        srv_log("kv cache: store failed (%s): %s", why[reason], err.msg);
+    else {
+        srv_log("kv cache stored tokens=%d reason=%s file=%s bytes=%zu", n, why[reason], name, pbytes);
+        c->last_frontier = n;
+    }
+    free(payload);
+    free(key);
+    ds4_buf_free(&trailer);
+}
+
+/* Stored prefix length of a cold save (C.4 "cold"). */
+static int cold_store_len(srv_server *s, const int32_t *E, int n) {
+    const srv_config *cfg = &s->cfg;
+    int32_t user = ds4_token_special(s->engine, DS4_TOK_USER);
+    int32_t asst = ds4_token_special(s->engine, DS4_TOK_ASSISTANT);
+    int first_asst = -1, anchor = -1;
+    for (int i = 0; i < n; i++)
+        if (E[i] == asst) {
+            first_asst = i;
+            break;
+        }
+    for (int i = (first_asst < 0 ? n : first_asst) - 1; i >= 0; i--)
+        if (E[i] == user) {
+            anchor = i;
+            break;
+        }
+    if (anchor >= cfg->kv_min_tokens) return anchor;
+    if (n > cfg->kv_min_tokens + cfg->kv_boundary_trim) {
+        int st = n - cfg->kv_boundary_trim;
+        if (cfg->kv_boundary_align > 0) st = st / cfg->kv_boundary_align * cfg->kv_boundary_align;
+        if (st >= cfg->kv_min_tokens) return st;
+    }
+    return n;
+}
+
+/* Tries a disk restore for text; on success the session holds the stored
+ * checkpoint and E, nE hold the effective prompt. */
+static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
+    struct srv_cache *c = s->cache;
+    srv_request *rq = &j->rq;
+    ds4_kvstore_filter f = {0};
+    f.max_ctx = (uint32_t)s->cfg.n_ctx;
+    f.min_tokens = (uint32_t)s->cfg.kv_min_tokens;
+    ds4_kvstore_entry ent;
+    if (!ds4_kvstore_find_text(c->kv, rq->text, rq->text_len, &f, &ent)) return false;
+    ds4_kvstore_item it = {0};
+    ds4_err err = {0};
+    if (ds4_kvstore_load(c->kv, ent.name, &it, &err)) {
+        srv_log("kv cache: rejected %s: %s", ent.name, err.msg);
+        return false;
+    }
+    bool ok = false;
+    if (it.meta.key_text_bytes > rq->text_len ||
+        memcmp(it.key_text, rq->text, it.meta.key_text_bytes) != 0) {
+        srv_log("kv cache: %s key is not a prefix of the prompt; not used", ent.name);
+    } else if (ds4_session_load(s->session, it.payload, it.meta.payload_bytes, &err)) {
+        srv_log("kv cache: payload of %s rejected: %s", ent.name, err.msg);
+    } else if (ds4_session_n_tokens(s->session) != (int)it.meta.n_tokens) {
+        srv_log("kv cache: %s holds %d tokens, header says %u: discarded corrupt", ent.name,
+                ds4_session_n_tokens(s->session), it.meta.n_tokens);
+        ds4_kvstore_remove(c->kv, ent.name, NULL);
+        ds4_session_rewind(s->session, 0, NULL);
+    } else if (!extend_with_text(s->engine, it.tokens, (int)it.meta.n_tokens, rq->text,
+                                 it.meta.key_text_bytes, rq->text_len, E, nE, &err)) {
+        if (it.trailer && s->replay) {
+            pthread_mutex_lock(&s->replay_mu);
+            ds4_dsml_replay_load(s->replay, it.trailer, it.meta.trailer_bytes, NULL, 0, NULL, NULL);
+            pthread_mutex_unlock(&s->replay_mu);
+        }
+        srv_log("kv cache hit text tokens=%u key=%s", it.meta.n_tokens, ent.name);
+        c->last_frontier = (int)it.meta.n_tokens;
+        if ((int)it.meta.n_tokens > s->cfg.kv_cold_max_tokens && s->cfg.kv_cold_max_tokens > 0)
+            ds4_kvstore_remove(c->kv, ent.name, NULL); /* consumed: the live session owns it */
+        ok = true;
+    }
+    ds4_kvstore_item_free(&it);
+    return ok;
+}
+
+int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
+                      ds4_progress_fn progress, void *pu, ds4_err *err) {
+    struct srv_cache *c = s->cache;
+    srv_request *rq = &j->rq;
+    int L = ds4_session_n_tokens(s->session);
+    const int32_t *live = ds4_session_tokens(s->session);
+    int32_t *E = NULL;
+    int nE = 0;
+    const char *rule = "cold";
+    bool cold = false, token_prefix = false;
+    if (L > 0 && L <= rq->n_tokens && !memcmp(live, rq->tokens, (size_t)L * sizeof *live)) {
+        rule = "token-prefix"; /* rule 5 */
+        token_prefix = true;
+    } else if (L > 0) {
+        size_t tl = 0;
+        char *lt = token_text(s->engine, live, L, &tl);
+        if (lt && tl <= rq->text_len && !memcmp(lt, rq->text, tl)) {
+            int rc = extend_with_text(s->engine, live, L, rq->text, tl, rq->text_len, &E, &nE, err);
+            free(lt);
+            if (rc) return rc;
+            rule = "text-prefix"; /* rule 7 */
+        } else {
+            free(lt);
+        }
+    }
+    if (!E && !token_prefix) {
+        if (L > 0) srv_log("live kv cache miss (live=%d prompt=%d) reason=token-mismatch", L, rq->n_tokens);
+        if (c->kv) {
+            save_live(s, DS4_KV_REASON_EVICT);
+            if (disk_restore(s, j, &E, &nE)) rule = "disk";
+        }
+        if (!E) {
+            cold = true;
+            c->last_frontier = 0;
+        }
+    }
+    if (!E) {
+        E = malloc((size_t)rq->n_tokens * sizeof *E);
+        if (!E) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        memcpy(E, rq->tokens, (size_t)rq->n_tokens * sizeof *E);
+        nE = rq->n_tokens;
+    }
+    if (nE >= s->cfg.n_ctx) {
+        free(E);
+        return ds4_err_set(err, DS4_E_RANGE, "prompt exceeds context");
+    }
+    ds4_sync_info info = {0};
+    int rc = 0;
+    /* cold save: sync to the stored prefix first, save, then extend */
+    if (cold && c->kv && nE >= s->cfg.kv_min_tokens &&
+        (s->cfg.kv_cold_max_tokens == 0 ? false : nE <= s->cfg.kv_cold_max_tokens)) {
+        int sl = cold_store_len(s, E, nE);
+        rc = ds4_session_sync(s->session, E, sl, &info, progress, pu, err);
+        if (!rc) save_live(s, DS4_KV_REASON_COLD);
+    }
+    ds4_sync_info info2 = {0};
+    if (!rc) rc = ds4_session_sync(s->session, E, nE, &info2, progress, pu, err);
+    free(E);
+    if (rc) return rc;
+    int reused = cold && info.n_evaluated + info.n_reused > 0 ? info.n_reused : info2.n_reused;
+    *cached = reused;
+    *n_prompt = nE;
+    srv_log("kv reuse %s: cached %d..%d:%d", rule, reused, nE, nE - reused);
+    return 0;
+}
+
+void srv_cache_step(srv_server *s, bool in_tool_call) {
+    struct srv_cache *c = s->cache;
+    if (!c->kv || c->step <= 0 || in_tool_call) return;
+    int n = ds4_session_n_tokens(s->session);
+    if (n > 0 && n % c->step == 0 && n >= s->cfg.kv_min_tokens && n > c->last_frontier)
+        save_live(s, DS4_KV_REASON_CONTINUED);
+}
+
+void srv_cache_invalidate(srv_server *s) {
+    /* The engine's session holds exactly the tokens it evaluated, so a token
+     * prefix match stays exact; only the continued-save frontier restarts. */
+    s->cache->last_frontier = ds4_session_n_tokens(s->session);
+}
+
+void srv_cache_shutdown(srv_server *s) {
+    if (s->cache && s->cache->kv) save_live(s, DS4_KV_REASON_SHUTDOWN);
+}

@@ -1,0 +1,388 @@
+/* forced.c - constrained decoding for a forced tool call (OpenAI
+ * tool_choice "required" or a named function, Anthropic "any" or "tool").
+ *
+ * ds4 treats every tool_choice as auto; clients that force a call rely on
+ * getting one, so the server constrains the DSML structure while the model
+ * still picks the tool (among the allowed ones), the parameters (among the
+ * schema's properties) and writes the string values itself:
+ *
+ *   [reasoning ... </think>]          free; </think> forced on EOS or budget
+ *   \n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="      literal
+ *   NAME">\n                          choice among the allowed tool names
+ *   ( <｜DSML｜parameter name="P" string="true|false">   choice among unused
+ *       VALUE                         properties, or the close once every
+ *     </｜DSML｜parameter>\n )*        required property is present
+ *   </｜DSML｜invoke>\n</｜DSML｜tool_calls>               literal
+ *
+ * String values are sampled freely from tokens without '<'; the value ends
+ * when the model picks a token with '<' (or EOS), after 64 tokens, or when
+ * the budget left only fits the closing tags. Non-string values are a choice
+ * among JSON literals of the property's type. A "choice" step masks the
+ * logits to tokens whose bytes continue some candidate string and samples
+ * greedily (structure is greedy, TEXT C.9); once one candidate is left its
+ * rest is written with the longest fitting tokens. The output is therefore always a
+ * well-formed block that the normal DSML parser reads as one call, provided
+ * max_tokens leaves room for the tags (about 40 tokens).
+ *
+ * Worker thread only; one srv_forced per generation.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sampler.h"
+#include "server.h"
+#include "util/xalloc.h"
+
+#define DSML DS4_DSML_MARK
+#define RESERVE_TOKENS 32 /* enough for "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" */
+#define MAX_VALUE_TOKENS 64
+
+enum { PH_THINK, PH_HEADER, PH_NAME, PH_PARAMS, PH_VALUE_STR, PH_VALUE_LIT, PH_CLOSE_VALUE, PH_DONE };
+
+typedef struct cand {
+    char *text;
+    int action; /* what completing it means (phase-specific) */
+} cand;
+
+struct srv_forced {
+    ds4_engine *e;
+    int n_vocab;
+    int32_t eos;
+    float *scratch;          /* (n_vocab) masked logits */
+    int phase;
+    /* choice state */
+    cand *cands;             /* (n_cands) */
+    int n_cands;
+    size_t pos;              /* bytes of the current choice already emitted */
+    bool think_literal;      /* forcing "</think>" inside PH_THINK */
+    char win[16];            /* last bytes (for "</think>" detection) */
+    size_t win_len;
+    /* tool schema */
+    json_t *tools;           /* borrowed: array of schema objects */
+    const char *forced_name; /* named tool or NULL */
+    json_t *props;           /* properties of the chosen tool (borrowed) */
+    json_t *required;        /* required array (borrowed) */
+    char **used;             /* (n_used) property names already written */
+    int n_used;
+    int value_tokens;
+};
+
+static void cands_clear(srv_forced *f) {
+    for (int i = 0; i < f->n_cands; i++) free(f->cands[i].text);
+    free(f->cands);
+    f->cands = NULL;
+    f->n_cands = 0;
+    f->pos = 0;
+}
+
+static void cand_add(srv_forced *f, const char *text, int action) {
+    f->cands = xrealloc(f->cands, sizeof *f->cands * (size_t)(f->n_cands + 1));
+    f->cands[f->n_cands].text = xstrdup(text);
+    f->cands[f->n_cands].action = action;
+    f->n_cands++;
+}
+
+static const char *schema_name(json_t *t) {
+    const char *n = json_string_value(json_object_get(t, "name"));
+    return n;
+}
+
+static json_t *schema_params(json_t *t) {
+    json_t *p = json_object_get(t, "parameters");
+    if (!p) p = json_object_get(t, "input_schema");
+    return json_is_object(p) ? p : NULL;
+}
+
+srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) {
+    if (rq->api == SRV_API_COMPLETIONS || !srv_tools_active(rq)) return NULL;
+    if (rq->tool_choice != SRV_TOOL_REQUIRED && rq->tool_choice != SRV_TOOL_NAMED) return NULL;
+    srv_forced *f = xcalloc(1, sizeof *f);
+    f->e = e;
+    f->n_vocab = ds4_engine_n_vocab(e);
+    f->eos = ds4_token_special(e, DS4_TOK_EOS);
+    f->scratch = malloc((size_t)f->n_vocab * sizeof *f->scratch);
+    if (!f->scratch) {
+        free(f);
+        return NULL;
+    }
+    f->tools = rq->tools_json;
+    f->forced_name = rq->tool_choice == SRV_TOOL_NAMED ? rq->tool_choice_name : NULL;
+    f->phase = thinking ? PH_THINK : PH_HEADER;
+    if (!thinking) cand_add(f, "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\"", 0);
+    return f;
+}
+
+void srv_forced_free(srv_forced *f) {
+    if (!f) return;
+    cands_clear(f);
+    for (int i = 0; i < f->n_used; i++) free(f->used[i]);
+    free(f->used);
+    free(f->scratch);
+    free(f);
+}
+
+bool srv_forced_done(const srv_forced *f) { return f && f->phase == PH_DONE; }
+
+/* Candidates for the tool name. */
+static void name_cands(srv_forced *f) {
+    char buf[600];
+    if (f->forced_name) {
+        snprintf(buf, sizeof buf, "%s\">\n", f->forced_name);
+        cand_add(f, buf, 0);
+        return;
+    }
+    size_t i;
+    json_t *t;
+    json_array_foreach(f->tools, i, t) {
+        const char *n = schema_name(t);
+        if (!n || strlen(n) > 500) continue;
+        snprintf(buf, sizeof buf, "%s\">\n", n);
+        cand_add(f, buf, (int)i);
+    }
+    if (!f->n_cands) cand_add(f, "tool\">\n", -1);
+}
+
+static bool used(const srv_forced *f, const char *name) {
+    for (int i = 0; i < f->n_used; i++)
+        if (!strcmp(f->used[i], name)) return true;
+    return false;
+}
+
+#define CLOSE_CALL "</" DSML "invoke>\n</" DSML "tool_calls>"
+#define CLOSE_PARAM "</" DSML "parameter>\n"
+
+/* Candidates after the invoke header or a parameter: another property, or
+ * the close when every required property is present (or budget is short). */
+static void param_cands(srv_forced *f, bool short_budget) {
+    bool missing_required = false;
+    size_t i;
+    json_t *r;
+    json_array_foreach(f->required, i, r) {
+        if (json_is_string(r) && !used(f, json_string_value(r))) missing_required = true;
+    }
+    if (!short_budget) {
+        const char *key;
+        json_t *v;
+        json_object_foreach(f->props, key, v) {
+            if (used(f, key) || strlen(key) > 400 || strchr(key, '"')) continue;
+            const char *type = json_string_value(json_object_get(v, "type"));
+            bool is_str = !type || !strcmp(type, "string");
+            char buf[600];
+            snprintf(buf, sizeof buf, "<" DSML "parameter name=\"%s\" string=\"%s\">", key,
+                     is_str ? "true" : "false");
+            cand_add(f, buf, 1);
+        }
+    }
+    if (!missing_required || short_budget || f->n_cands == 0) cand_add(f, CLOSE_CALL, 2);
+}
+
+/* Candidates for a non-string value of the property's type. */
+static void literal_cands(srv_forced *f, const char *type) {
+    if (type && !strcmp(type, "boolean")) {
+        cand_add(f, "true" CLOSE_PARAM, 0);
+        cand_add(f, "false" CLOSE_PARAM, 0);
+    } else if (type && (!strcmp(type, "integer") || !strcmp(type, "number"))) {
+        for (char d = '0'; d <= '9'; d++) {
+            char b[64];
+            snprintf(b, sizeof b, "%c" CLOSE_PARAM, d);
+            cand_add(f, b, 0);
+        }
+    } else if (type && !strcmp(type, "array")) {
+        cand_add(f, "[]" CLOSE_PARAM, 0);
+    } else if (type && !strcmp(type, "object")) {
+        cand_add(f, "{}" CLOSE_PARAM, 0);
+    } else {
+        cand_add(f, "null" CLOSE_PARAM, 0);
+    }
+}
+
+/* Token t continues some candidate from f->pos. */
+static bool token_fits(srv_forced *f, int32_t t) {
+    size_t n = 0;
+    const char *b = ds4_token_bytes(f->e, t, &n);
+    if (!b || n == 0 || t == f->eos) return false;
+    for (int i = 0; i < f->n_cands; i++) {
+        const char *c = f->cands[i].text + f->pos;
+        size_t rem = strlen(c);
+        if (n <= rem && !memcmp(c, b, n)) return true;
+    }
+    return false;
+}
+
+static int32_t pick_choice(srv_forced *f, const float *logits, ds4_sampler *smp, ds4_rng *rng) {
+    if (f->n_cands == 1) {
+        /* no choice left: the longest token that continues the literal, so
+         * the tags cost as few tokens as their usual tokenization */
+        int32_t best = -1;
+        size_t best_len = 0;
+        for (int t = 0; t < f->n_vocab; t++) {
+            size_t n = 0;
+            if (!token_fits(f, t)) continue;
+            ds4_token_bytes(f->e, t, &n);
+            if (n > best_len) best = t, best_len = n;
+        }
+        return best;
+    }
+    for (int t = 0; t < f->n_vocab; t++) f->scratch[t] = token_fits(f, t) ? logits[t] : -INFINITY;
+    ds4_sampler_params p = ds4_sampler_defaults();
+    p.temperature = 0; /* structure is greedy (TEXT C.9) */
+    int32_t tok = ds4_sampler_sample(smp, f->scratch, &p, rng);
+    if (!isfinite(f->scratch[tok])) return -1; /* no token fits: cannot happen with a byte vocab */
+    return tok;
+}
+
+static bool has_lt(srv_forced *f, int32_t t) {
+    size_t n = 0;
+    const char *b = ds4_token_bytes(f->e, t, &n);
+    return !b || n == 0 || memchr(b, '<', n) != NULL;
+}
+
+int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
+                        const ds4_sampler_params *p, ds4_rng *rng, int remaining) {
+    bool short_budget = remaining <= RESERVE_TOKENS;
+    if (f->phase == PH_THINK && !f->think_literal) {
+        /* leave room for the header, one short value and the closing tags */
+        int32_t tok = remaining <= 3 * RESERVE_TOKENS ? f->eos : ds4_sampler_sample(smp, logits, p, rng);
+        if (tok != f->eos) return tok;
+        f->think_literal = true; /* close the reasoning instead of ending */
+        cand_add(f, "</think>", 0);
+    }
+    if (f->phase == PH_VALUE_STR) {
+        int32_t tok = short_budget || f->value_tokens >= MAX_VALUE_TOKENS
+                          ? f->eos
+                          : ds4_sampler_sample(smp, logits, p, rng);
+        if (tok != f->eos && !has_lt(f, tok)) {
+            f->value_tokens++;
+            return tok;
+        }
+        f->phase = PH_CLOSE_VALUE;
+        cand_add(f, CLOSE_PARAM, 0);
+    }
+    if (f->phase == PH_PARAMS && short_budget) {
+        /* only the close is left; a parameter tag already begun is finished
+         * and its value then closes at once */
+        bool has_close = false;
+        for (int i = 0; i < f->n_cands; i++)
+            if (f->cands[i].action == 2) has_close = true;
+        if (f->pos == 0) {
+            cands_clear(f);
+            cand_add(f, CLOSE_CALL, 2);
+        } else if (has_close) {
+            int keep = 0;
+            for (int i = 0; i < f->n_cands; i++) {
+                if (f->cands[i].action == 2) f->cands[keep++] = f->cands[i];
+                else free(f->cands[i].text);
+            }
+            f->n_cands = keep;
+        }
+    }
+    return pick_choice(f, logits, smp, rng);
+}
+
+/* Called when the only remaining candidate text is complete. */
+static void choice_done(srv_forced *f, const cand *c) {
+    int action = c->action;
+    char *text = xstrdup(c->text);
+    cands_clear(f);
+    switch (f->phase) {
+    case PH_THINK:
+        f->phase = PH_HEADER;
+        cand_add(f, "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\"", 0);
+        break;
+    case PH_HEADER:
+        f->phase = PH_NAME;
+        name_cands(f);
+        break;
+    case PH_NAME: {
+        json_t *schema = action >= 0 ? json_array_get(f->tools, (size_t)action) : NULL;
+        if (f->forced_name) {
+            size_t i;
+            json_t *t;
+            json_array_foreach(f->tools, i, t) {
+                const char *n = schema_name(t);
+                if (n && !strcmp(n, f->forced_name)) schema = t;
+            }
+        }
+        json_t *params = schema ? schema_params(schema) : NULL;
+        f->props = params ? json_object_get(params, "properties") : NULL;
+        if (!json_is_object(f->props)) f->props = NULL;
+        f->required = params ? json_object_get(params, "required") : NULL;
+        if (!json_is_array(f->required)) f->required = NULL;
+        f->phase = PH_PARAMS;
+        param_cands(f, false);
+        break;
+    }
+    case PH_PARAMS:
+        if (action == 2) {
+            f->phase = PH_DONE;
+            break;
+        }
+        {
+            /* text = <｜DSML｜parameter name="KEY" string="X"> */
+            const char *k = strstr(text, "name=\"") + 6;
+            const char *q = strchr(k, '"');
+            char *key = xmalloc((size_t)(q - k) + 1);
+            memcpy(key, k, (size_t)(q - k));
+            key[q - k] = 0;
+            f->used = xrealloc(f->used, sizeof *f->used * (size_t)(f->n_used + 1));
+            f->used[f->n_used++] = key;
+            bool is_str = strstr(text, "string=\"true\"") != NULL;
+            f->value_tokens = 0;
+            if (is_str) {
+                f->phase = PH_VALUE_STR;
+            } else {
+                f->phase = PH_VALUE_LIT;
+                json_t *pv = f->props ? json_object_get(f->props, key) : NULL;
+                literal_cands(f, json_string_value(json_object_get(pv, "type")));
+            }
+        }
+        break;
+    case PH_VALUE_LIT:
+    case PH_CLOSE_VALUE:
+        f->phase = PH_PARAMS;
+        param_cands(f, false);
+        break;
+    default: break;
+    }
+    free(text);
+}
+
+void srv_forced_feed(srv_forced *f, const char *bytes, size_t n) {
+    if (!f || f->phase == PH_DONE) return;
+    if (f->phase == PH_THINK && !f->think_literal) {
+        /* free reasoning: watch for the model's own </think> */
+        for (size_t i = 0; i < n; i++) {
+            if (f->win_len == sizeof f->win) {
+                memmove(f->win, f->win + 1, sizeof f->win - 1);
+                f->win_len--;
+            }
+            f->win[f->win_len++] = bytes[i];
+            if (f->win_len >= 8 && !memcmp(f->win + f->win_len - 8, "</think>", 8)) {
+                cand t = {(char *)"</think>", 0};
+                choice_done(f, &t);
+                return;
+            }
+        }
+        return;
+    }
+    if (f->phase == PH_VALUE_STR) return;
+    if (!f->n_cands) return;
+    /* advance the choice and drop candidates that no longer match */
+    int keep = 0;
+    for (int i = 0; i < f->n_cands; i++) {
+        const char *c = f->cands[i].text + f->pos;
+        if (strlen(c) >= n && !memcmp(c, bytes, n)) f->cands[keep++] = f->cands[i];
+        else free(f->cands[i].text);
+    }
+    f->n_cands = keep;
+    f->pos += n;
+    for (int i = 0; i < f->n_cands; i++) {
+        if (strlen(f->cands[i].text) == f->pos) {
+            cand c = f->cands[i];
+            choice_done(f, &c);
+            return;
+        }
+    }
+}

@@ -1,0 +1,341 @@
+/* http.c - the HTTP layer on libmicrohttpd: one thread per connection,
+ * routing (SERVING.md B.3), body limits, CORS, the optional API key, JSON
+ * error replies (B.10), SSE responses and client-gone detection.
+ *
+ * Every response carries "Connection: close" (one request per connection,
+ * B.2). Request bodies are accumulated here up to SRV_MAX_BODY_BYTES; a
+ * larger body is drained and answered 413. While a connection thread waits
+ * for its job it polls the socket, so a client that hangs up cancels its
+ * job (queued jobs are skipped, running ones stop at the next token).
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <microhttpd.h>
+
+#include "server.h"
+#include "util/xalloc.h"
+
+/* Per-connection state (owned by libmicrohttpd's con_cls slot). */
+typedef struct conn_ctx {
+    ds4_buf body;
+    bool too_large;
+    srv_job *job;     /* reference held by this connection */
+    srv_server *s;
+} conn_ctx;
+
+static int conn_fd(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    return ci ? ci->connect_fd : -1;
+}
+
+/* True when the peer closed its side (EOF or error). */
+static bool peer_closed(int fd) {
+    if (fd < 0) return false;
+    struct pollfd p = {.fd = fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&p, 1, 0) <= 0) return false;
+    if (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) return true;
+    if (p.revents & POLLIN) {
+        char b;
+        ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n == 0) return true;
+    }
+    return false;
+}
+
+static void add_common(srv_server *s, struct MHD_Response *r) {
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+    if (s->cfg.cors) {
+        MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
+        MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers", "*");
+    }
+}
+
+/* Queues body (malloc'ed, taken over) as a JSON response. */
+static enum MHD_Result reply_json(srv_server *s, struct MHD_Connection *c, unsigned status,
+                                  char *body, bool newline) {
+    size_t n = strlen(body);
+    if (newline) {
+        char *b2 = realloc(body, n + 2);
+        if (b2) {
+            body = b2;
+            body[n++] = '\n';
+            body[n] = 0;
+        }
+    }
+    struct MHD_Response *r = MHD_create_response_from_buffer(n, body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    add_common(s, r);
+    enum MHD_Result ok = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    return ok;
+}
+
+static enum MHD_Result reply_error(srv_server *s, struct MHD_Connection *c, srv_api api,
+                                   const srv_error *e) {
+    return reply_json(s, c, (unsigned)e->status, srv_error_body(api, e), true);
+}
+
+static enum MHD_Result reply_simple_error(srv_server *s, struct MHD_Connection *c, unsigned status,
+                                          const char *msg) {
+    srv_error e = {0};
+    srv_fail(&e, (int)status, "%s", msg);
+    return reply_error(s, c, SRV_API_CHAT, &e);
+}
+
+static char *model_json(srv_server *s) {
+    int ctx = s->cfg.n_ctx;
+    int maxc = s->cfg.default_tokens < ctx ? s->cfg.default_tokens : ctx;
+    json_t *m = json_pack(
+        "{s:s, s:s, s:i, s:s, s:s, s:i, s:{s:i, s:i, s:b}, s:[s,s,s,s,s,s,s,s,s,s,s]}", "id",
+        SRV_MODEL_ID, "object", "model", "created", SRV_MODEL_CREATED, "owned_by", "ds4.c", "name",
+        "DeepSeek V4 Flash", "context_length", ctx, "top_provider", "context_length", ctx,
+        "max_completion_tokens", maxc, "is_moderated", 0, "supported_parameters", "tools",
+        "tool_choice", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed",
+        "stream", "reasoning_effort");
+    char *t = srv_json_text(m);
+    json_decref(m);
+    return t;
+}
+
+/* ---- SSE body --------------------------------------------------------------- */
+
+typedef struct sse_src {
+    srv_job *job;
+    srv_server *s;
+    int fd;
+} sse_src;
+
+static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max) {
+    sse_src *x = cls;
+    srv_stream *st = &x->job->st;
+    (void)pos;
+    pthread_mutex_lock(&st->mu);
+    for (;;) {
+        if (st->pending.len) {
+            size_t n = st->pending.len < max ? st->pending.len : max;
+            memcpy(buf, st->pending.data, n);
+            memmove(st->pending.data, st->pending.data + n, st->pending.len - n);
+            ds4_buf_truncate(&st->pending, st->pending.len - n);
+            st->last_drain = srv_now_mono();
+            pthread_mutex_unlock(&st->mu);
+            return (ssize_t)n;
+        }
+        if (st->done) {
+            pthread_mutex_unlock(&st->mu);
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        }
+        if (st->client_gone) {
+            pthread_mutex_unlock(&st->mu);
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 200 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&st->cv, &st->mu, &ts);
+        if (!st->pending.len && !st->done && peer_closed(x->fd)) st->client_gone = true;
+    }
+}
+
+static void sse_free(void *cls) {
+    sse_src *x = cls;
+    srv_job_cancel(x->job); /* no-op when it already finished */
+    srv_job_release(x->s, x->job);
+    free(x);
+}
+
+/* Waits until the job has decided its headers (streaming) or finished.
+ * Polls the socket meanwhile; returns false when the client went away. */
+static bool wait_job(srv_job *j, int fd, bool streaming) {
+    srv_stream *st = &j->st;
+    pthread_mutex_lock(&st->mu);
+    while (!st->done && !(streaming && st->headers)) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 200 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&st->cv, &st->mu, &ts);
+        if (!st->done && peer_closed(fd)) {
+            st->client_gone = true;
+            pthread_cond_broadcast(&st->cv);
+            pthread_mutex_unlock(&st->mu);
+            return false;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    return true;
+}
+
+static enum MHD_Result run_post(srv_server *s, struct MHD_Connection *c, conn_ctx *cx, srv_api api) {
+    srv_error e = {0};
+    if (cx->too_large) {
+        srv_fail(&e, 413, "request body too large (limit %u bytes)", SRV_MAX_BODY_BYTES);
+        return reply_error(s, c, api, &e);
+    }
+    srv_job *j = srv_submit(s, api, cx->body.data ? cx->body.data : "", cx->body.len, &e);
+    ds4_buf_free(&cx->body);
+    if (!j) return reply_error(s, c, api, &e);
+    cx->job = j;
+    /* queued: no idle timeout while it waits and streams */
+    MHD_set_connection_option(c, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
+    int fd = conn_fd(c);
+    bool streaming = j->rq.stream;
+    if (!wait_job(j, fd, streaming)) return MHD_NO; /* client gone: close */
+    if (streaming && j->st.headers) {
+        sse_src *x = xcalloc(1, sizeof *x);
+        x->job = j;
+        x->s = s;
+        x->fd = fd;
+        pthread_mutex_lock(&s->mu);
+        j->refs++;
+        pthread_mutex_unlock(&s->mu);
+        struct MHD_Response *r =
+            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 32 * 1024, sse_read, x, sse_free);
+        if (!r) {
+            sse_free(x);
+            return MHD_NO;
+        }
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+        add_common(s, r);
+        enum MHD_Result ok = MHD_queue_response(c, MHD_HTTP_OK, r);
+        MHD_destroy_response(r);
+        return ok;
+    }
+    if (j->status != 200 || !j->body) {
+        if (j->status == 200) srv_fail(&j->err, 500, "generation produced no response");
+        return reply_error(s, c, api, &j->err);
+    }
+    char *body = j->body;
+    j->body = NULL;
+    /* the Responses object is the one JSON body without a final newline */
+    return reply_json(s, c, MHD_HTTP_OK, body, api != SRV_API_RESPONSES);
+}
+
+static bool api_key_ok(srv_server *s, struct MHD_Connection *c) {
+    const char *key = s->cfg.api_key;
+    if (!key || !key[0]) return true;
+    const char *xk = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "x-api-key");
+    if (xk && !strcmp(xk, key)) return true;
+    const char *au = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+    return au && !strncasecmp(au, "Bearer ", 7) && !strcmp(au + 7, key);
+}
+
+static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
+                               const char *method, const char *version, const char *upload_data,
+                               size_t *upload_data_size, void **con_cls) {
+    srv_server *s = cls;
+    (void)version;
+    conn_ctx *cx = *con_cls;
+    if (!cx) {
+        cx = xcalloc(1, sizeof *cx);
+        cx->s = s;
+        *con_cls = cx;
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        if (cl && strtoull(cl, NULL, 10) > SRV_MAX_BODY_BYTES) cx->too_large = true;
+        return MHD_YES;
+    }
+    if (*upload_data_size) {
+        if (!cx->too_large) {
+            if (cx->body.len + *upload_data_size > SRV_MAX_BODY_BYTES) {
+                cx->too_large = true;
+                ds4_buf_free(&cx->body);
+            } else if (ds4_buf_append(&cx->body, upload_data, *upload_data_size)) {
+                cx->too_large = true; /* could not hold it */
+                ds4_buf_free(&cx->body);
+            }
+        }
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (!strcmp(method, "OPTIONS")) {
+        struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+        add_common(s, r);
+        enum MHD_Result ok = MHD_queue_response(c, MHD_HTTP_NO_CONTENT, r);
+        MHD_destroy_response(r);
+        return ok;
+    }
+    if (!api_key_ok(s, c)) return reply_simple_error(s, c, MHD_HTTP_UNAUTHORIZED, "invalid API key");
+    if (!strcmp(method, "GET")) {
+        if (!strcmp(url, "/v1/models")) {
+            char *m = model_json(s);
+            size_t n = strlen(m) + 64;
+            char *b = xmalloc(n);
+            snprintf(b, n, "{\"object\":\"list\",\"data\":[%s]}", m);
+            free(m);
+            return reply_json(s, c, MHD_HTTP_OK, b, true);
+        }
+        if (!strcmp(url, "/v1/models/" SRV_MODEL_ID))
+            return reply_json(s, c, MHD_HTTP_OK, model_json(s), true);
+    }
+    if (!strcmp(method, "POST")) {
+        static const struct {
+            const char *path;
+            srv_api api;
+        } routes[] = {{"/v1/chat/completions", SRV_API_CHAT},
+                      {"/v1/completions", SRV_API_COMPLETIONS},
+                      {"/v1/responses", SRV_API_RESPONSES},
+                      {"/v1/messages", SRV_API_ANTHROPIC}};
+        for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
+            if (!strcmp(url, routes[i].path)) return run_post(s, c, cx, routes[i].api);
+    }
+    return reply_simple_error(s, c, MHD_HTTP_NOT_FOUND, "unknown endpoint");
+}
+
+static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                      enum MHD_RequestTerminationCode toe) {
+    srv_server *s = cls;
+    (void)c;
+    conn_ctx *cx = *con_cls;
+    if (!cx) return;
+    if (cx->job) {
+        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK) srv_job_cancel(cx->job);
+        srv_job_release(s, cx->job);
+    }
+    ds4_buf_free(&cx->body);
+    free(cx);
+    *con_cls = NULL;
+}
+
+int srv_http_start(srv_server *s, ds4_err *err) {
+    struct sockaddr_in addr = {0};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)s->cfg.port);
+    const char *host = s->cfg.host;
+    if (!strcmp(host, "localhost")) host = "127.0.0.1";
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1)
+        return ds4_err_set(err, DS4_E_ARG, "--host %s: not an IPv4 address", s->cfg.host);
+    struct MHD_Daemon *d = MHD_start_daemon(
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
+            MHD_USE_ERROR_LOG,
+        (uint16_t)s->cfg.port, NULL, NULL, handler, s, MHD_OPTION_SOCK_ADDR, &addr,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
+        MHD_OPTION_CONNECTION_LIMIT, 512u, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        (size_t)(128 * 1024), MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_END);
+    if (!d)
+        return ds4_err_set(err, DS4_E_IO, "cannot listen on %s:%d: %s", s->cfg.host, s->cfg.port,
+                           strerror(errno));
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    if (di && di->port) s->cfg.port = di->port;
+    s->http = d;
+    return 0;
+}
+
+void srv_http_stop(srv_server *s) {
+    if (s->http) MHD_stop_daemon(s->http);
+    s->http = NULL;
+}

@@ -1,0 +1,256 @@
+/* main.c - ds4-server: options (SERVING.md B.1), engine and session setup,
+ * signals, startup and orderly shutdown.
+ *
+ * Shutdown: the first SIGINT/SIGTERM stops accepting (new requests get 503),
+ * makes running and queued generations end with finish "error", waits for
+ * the worker, saves the live session to the disk cache (reason shutdown)
+ * and exits 0. A second signal exits at once with status 130.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "server.h"
+#include "util/xalloc.h"
+
+static volatile sig_atomic_t g_signals;
+static void on_signal(int sig) {
+    (void)sig;
+    if (++g_signals >= 2) _exit(130);
+}
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: ds4-server -m MODEL.gguf [options]\n"
+            "  -m, --model FILE            model GGUF (required)\n"
+            "      --mtp FILE              MTP GGUF (optional)\n"
+            "      --cpu | --cuda          backend (default: CUDA when built with it and a GPU is present)\n"
+            "  -t, --threads N             CPU threads (default: all cores)\n"
+            "  -c, --ctx N                 context size (default 32768)\n"
+            "  -n, --tokens N              default max output tokens (default 393216)\n"
+            "      --chdir DIR             chdir before loading\n"
+            "      --host HOST             IPv4 address or localhost (default 127.0.0.1)\n"
+            "      --port N                port (default 8000; 0 = any free port)\n"
+            "      --cors                  add CORS headers\n"
+            "      --api-key KEY           require 'Authorization: Bearer KEY' or 'x-api-key: KEY'\n"
+            "      --trace FILE            human-readable per-request trace\n"
+            "      --queue N               max queued requests before 429 (default 16)\n"
+            "      --kv-disk-dir DIR       enable the disk KV cache\n"
+            "      --kv-disk-space-mb N    disk budget (default 4096)\n"
+            "      --kv-cache-min-tokens N (default 512)\n"
+            "      --kv-cache-cold-max-tokens N (default 30000; 0 disables cold saves)\n"
+            "      --kv-cache-continued-interval-tokens N (default 10000; 0 disables)\n"
+            "      --kv-cache-boundary-trim-tokens N (default 32)\n"
+            "      --kv-cache-boundary-align-tokens N (default 2048; 0 disables)\n"
+            "      --kv-cache-reject-different-quant\n"
+            "      --disable-exact-dsml-tool-replay\n"
+            "      --tool-memory-max-ids N (default 100000)\n");
+}
+
+static int parse_int(const char *opt, const char *v, long lo, long hi, long *out) {
+    char *end;
+    errno = 0;
+    long x = v ? strtol(v, &end, 10) : 0;
+    if (!v || errno || *end || x < lo || x > hi) {
+        fprintf(stderr, "ds4-server: %s needs an integer in [%ld, %ld]\n", opt, lo, hi);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_to) {
+    memset(c, 0, sizeof *c);
+    c->backend = DS4_BACKEND_AUTO;
+    c->n_ctx = 32768;
+    c->default_tokens = 393216;
+    c->host = "127.0.0.1";
+    c->port = 8000;
+    c->queue_max = 16;
+    c->kv_disk_space_mb = 4096;
+    c->kv_min_tokens = 512;
+    c->kv_cold_max_tokens = 30000;
+    c->kv_continued_interval = 10000;
+    c->kv_boundary_trim = 32;
+    c->kv_boundary_align = 2048;
+    c->tool_memory_max_ids = 100000;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        long x;
+#define INTOPT(name, lo, hi, field)                                    \
+    if (!strcmp(a, name)) {                                            \
+        if (parse_int(a, v, lo, hi, &x)) return -1;                    \
+        c->field = x;                                                  \
+        i++;                                                           \
+        continue;                                                      \
+    }
+#define STROPT(name, field)                                            \
+    if (!strcmp(a, name)) {                                            \
+        if (!v) {                                                      \
+            fprintf(stderr, "ds4-server: %s needs a value\n", a);      \
+            return -1;                                                 \
+        }                                                              \
+        c->field = v;                                                  \
+        i++;                                                           \
+        continue;                                                      \
+    }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            exit(0);
+        }
+        if (!strcmp(a, "--cpu")) { c->backend = DS4_BACKEND_CPU; continue; }
+        if (!strcmp(a, "--cuda")) { c->backend = DS4_BACKEND_CUDA; continue; }
+        if (!strcmp(a, "--cors")) { c->cors = true; continue; }
+        if (!strcmp(a, "--kv-cache-reject-different-quant")) { c->kv_reject_different_quant = true; continue; }
+        if (!strcmp(a, "--disable-exact-dsml-tool-replay")) { c->disable_exact_dsml_replay = true; continue; }
+        if (!strcmp(a, "--chdir")) {
+            if (!v) return -1;
+            *chdir_to = v;
+            i++;
+            continue;
+        }
+        STROPT("-m", model_path)
+        STROPT("--model", model_path)
+        STROPT("--mtp", mtp_path)
+        STROPT("--host", host)
+        STROPT("--api-key", api_key)
+        STROPT("--trace", trace_path)
+        STROPT("--kv-disk-dir", kv_disk_dir)
+        INTOPT("-t", 0, 4096, n_threads)
+        INTOPT("--threads", 0, 4096, n_threads)
+        INTOPT("-c", 16, INT_MAX, n_ctx)
+        INTOPT("--ctx", 16, INT_MAX, n_ctx)
+        INTOPT("-n", 0, INT_MAX, default_tokens)
+        INTOPT("--tokens", 0, INT_MAX, default_tokens)
+        INTOPT("--port", 0, 65535, port)
+        INTOPT("--queue", 1, 100000, queue_max)
+        INTOPT("--kv-disk-space-mb", 1, LONG_MAX / 2, kv_disk_space_mb)
+        INTOPT("--kv-cache-min-tokens", 1, INT_MAX, kv_min_tokens)
+        INTOPT("--kv-cache-cold-max-tokens", 0, INT_MAX, kv_cold_max_tokens)
+        INTOPT("--kv-cache-continued-interval-tokens", 0, INT_MAX, kv_continued_interval)
+        INTOPT("--kv-cache-boundary-trim-tokens", 0, INT_MAX, kv_boundary_trim)
+        INTOPT("--kv-cache-boundary-align-tokens", 0, INT_MAX, kv_boundary_align)
+        INTOPT("--tool-memory-max-ids", 1, INT_MAX, tool_memory_max_ids)
+        fprintf(stderr, "ds4-server: unknown option %s (see --help)\n", a);
+        return -1;
+#undef INTOPT
+#undef STROPT
+    }
+    if (!c->model_path) {
+        fprintf(stderr, "ds4-server: -m MODEL.gguf is required\n");
+        return -1;
+    }
+    if (c->kv_cold_max_tokens != 0 && c->kv_cold_max_tokens < c->kv_min_tokens) {
+        fprintf(stderr, "ds4-server: --kv-cache-cold-max-tokens must be 0 or >= --kv-cache-min-tokens\n");
+        return -1;
+    }
+    return 0;
+}
+
+static int load_progress(void *user, const char *what, int64_t done, int64_t total) {
+    (void)user;
+    (void)what;
+    (void)done;
+    (void)total;
+    return g_signals ? 1 : 0;
+}
+
+int main(int argc, char **argv) {
+    srv_server s;
+    memset(&s, 0, sizeof s);
+    const char *chdir_to = NULL;
+    if (parse_args(argc, argv, &s.cfg, &chdir_to)) return 2;
+    if (chdir_to && chdir(chdir_to)) {
+        fprintf(stderr, "ds4-server: chdir %s: %s\n", chdir_to, strerror(errno));
+        return 1;
+    }
+    (void)load_progress;
+    pthread_mutex_init(&s.mu, NULL);
+    pthread_cond_init(&s.cv, NULL);
+    pthread_mutex_init(&s.replay_mu, NULL);
+    pthread_mutex_init(&s.trace_mu, NULL);
+
+    /* Signals are taken synchronously by the main thread (sigwait); every
+     * thread started later inherits the blocked mask. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    ds4_err err = {0};
+    ds4_engine_opts eo = {0};
+    eo.model_path = s.cfg.model_path;
+    eo.mtp_path = s.cfg.mtp_path;
+    eo.backend = s.cfg.backend;
+    eo.n_threads = s.cfg.n_threads;
+    if (ds4_engine_open(&s.engine, &eo, &err)) {
+        fprintf(stderr, "ds4-server: %s\n", err.msg);
+        return 1;
+    }
+    if (!ds4_has_tokenizer(s.engine)) {
+        fprintf(stderr, "ds4-server: %s has no tokenizer\n", s.cfg.model_path);
+        ds4_engine_close(s.engine);
+        return 1;
+    }
+    ds4_session_opts so = {0};
+    so.n_ctx = s.cfg.n_ctx;
+    if (ds4_session_new(s.engine, &so, &s.session, &err)) {
+        fprintf(stderr, "ds4-server: %s\n", err.msg);
+        ds4_engine_close(s.engine);
+        return 1;
+    }
+    s.replay = ds4_dsml_replay_new((size_t)s.cfg.tool_memory_max_ids, 0);
+    if (s.cfg.trace_path) {
+        s.trace = fopen(s.cfg.trace_path, "a");
+        if (!s.trace) {
+            fprintf(stderr, "ds4-server: --trace %s: %s\n", s.cfg.trace_path, strerror(errno));
+            return 1;
+        }
+    }
+    int rc = 1;
+    if (srv_cache_open(&s, &err) || srv_worker_start(&s, &err) || srv_http_start(&s, &err)) {
+        fprintf(stderr, "ds4-server: %s\n", err.msg);
+        goto out;
+    }
+    srv_log("ds4-server: backend %s, context %d, model %s", ds4_engine_backend_name(s.engine),
+            s.cfg.n_ctx, s.cfg.model_path);
+    srv_log("ds4-server: listening on http://%s:%d", s.cfg.host, s.cfg.port);
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    g_signals = 1;
+    /* a second signal exits at once */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    pthread_sigmask(SIG_UNBLOCK, &sigs, NULL);
+    srv_log("ds4-server: shutting down (signal %d)", sig);
+    s.shutdown_flag = 1;
+    pthread_mutex_lock(&s.mu);
+    s.stopping = true; /* new requests: 503 */
+    pthread_mutex_unlock(&s.mu);
+    srv_worker_stop(&s);
+    srv_http_stop(&s);
+    srv_cache_shutdown(&s);
+    rc = 0;
+out:
+    srv_http_stop(&s);
+    if (s.worker_started) srv_worker_stop(&s);
+    srv_cache_close(&s);
+    ds4_dsml_replay_free(s.replay);
+    if (s.trace) fclose(s.trace);
+    ds4_session_free(s.session);
+    ds4_engine_close(s.engine);
+    return rc;
+}

@@ -1,0 +1,491 @@
+/* request.c - the wire-independent request record and the JSON field readers
+ * shared by the four API parsers.
+ *
+ * Invariants: after a successful parse every srv_msg has a non-NULL content;
+ * strings are NUL-terminated copies owned by the request (jansson rejects
+ * invalid UTF-8 and NUL bytes, so they hold valid UTF-8 without NULs);
+ * stops holds only non-empty strings. A recognized field with the wrong JSON
+ * type makes the request invalid (400 "invalid JSON request", SERVING.md B.4);
+ * unknown fields are ignored. Nothing here touches the engine or a socket.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server.h"
+#include "util/xalloc.h"
+
+void srv_request_init(srv_request *rq, srv_api api) {
+    memset(rq, 0, sizeof *rq);
+    rq->api = api;
+    rq->max_tokens = -1;
+    /* API defaults of TEXT D.1 */
+    rq->temperature = 1.0f;
+    rq->top_p = 1.0f;
+    rq->min_p = 0.05f;
+    rq->think = DS4_THINK_HIGH;
+}
+
+void srv_request_free(srv_request *rq) {
+    free(rq->model);
+    for (int i = 0; i < rq->n_stops; i++) free(rq->stops[i]);
+    free(rq->stops);
+    for (int i = 0; i < rq->n_live_ids; i++) free(rq->live_ids[i]);
+    free(rq->live_ids);
+    ds4_chat_free(rq->chat);
+    free(rq->prompt);
+    free(rq->tools_text);
+    json_decref(rq->tools_json);
+    free(rq->tool_choice_name);
+    for (int i = 0; i < rq->n_aliases; i++) {
+        free(rq->aliases[i].rendered);
+        free(rq->aliases[i].name);
+        free(rq->aliases[i].ns);
+    }
+    free(rq->aliases);
+    free(rq->text);
+    free(rq->tokens);
+    free(rq->raw_body);
+    memset(rq, 0, sizeof *rq);
+}
+
+void srv_result_free(srv_result *r) {
+    ds4_dsml_result_free(&r->parsed);
+    free(r->text);
+    memset(r, 0, sizeof *r);
+}
+
+bool srv_tools_active(const srv_request *rq) {
+    return rq->tools_text && rq->tools_text[0] && rq->tool_choice != SRV_TOOL_NONE;
+}
+
+int srv_fail(srv_error *e, int status, const char *fmt, ...) {
+    if (!e) return -1;
+    e->status = status;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static int bad_type(srv_error *e) { return srv_fail(e, 400, "invalid JSON request"); }
+
+int srv_invalid(srv_error *e) { return bad_type(e); }
+
+bool srv_chat_call_known(const ds4_chat *c, const char *id) {
+    for (int i = 0; i < c->n_msgs; i++)
+        for (int k = 0; k < c->msgs[i].n_calls; k++)
+            if (c->msgs[i].calls[k].id && !strcmp(c->msgs[i].calls[k].id, id)) return true;
+    return false;
+}
+
+int srv_get_string(json_t *obj, const char *key, char **out, srv_error *e) {
+    json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_string(v)) return bad_type(e);
+    free(*out);
+    *out = xstrdup(json_string_value(v));
+    return 0;
+}
+
+int srv_get_bool(json_t *obj, const char *key, bool *out, srv_error *e) {
+    json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_boolean(v)) return bad_type(e);
+    *out = json_is_true(v);
+    return 0;
+}
+
+/* Integers are read as doubles and truncated; negatives become 0 (B.4). */
+int srv_get_int(json_t *obj, const char *key, int *out, srv_error *e) {
+    json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v)) return bad_type(e);
+    double d = json_number_value(v);
+    if (!(d > 0)) d = 0; /* also NaN */
+    if (d > 2147483647.0) d = 2147483647.0;
+    *out = (int)d;
+    return 0;
+}
+
+int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e) {
+    json_t *v = json_object_get(obj, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v)) return bad_type(e);
+    double d = json_number_value(v);
+    if (!isfinite(d)) return bad_type(e);
+    *out = (float)d;
+    return 0;
+}
+
+int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e) {
+    ds4_buf b = DS4_BUF_INIT;
+    if (!v || json_is_null(v)) {
+        *out = xstrdup("");
+        return 0;
+    }
+    if (json_is_string(v)) {
+        *out = xstrdup(json_string_value(v));
+        return 0;
+    }
+    if (!json_is_array(v)) return bad_type(e);
+    size_t i;
+    json_t *p;
+    int n = 0;
+    json_array_foreach(v, i, p) {
+        const char *s = NULL;
+        if (json_is_string(p))
+            s = json_string_value(p);
+        else if (json_is_object(p) && json_is_string(json_object_get(p, "text")))
+            s = json_string_value(json_object_get(p, "text"));
+        if (!s) continue; /* images and other parts are dropped */
+        if (sep && n > 0) ds4_buf_puts(&b, sep);
+        ds4_buf_puts(&b, s);
+        n++;
+    }
+    if (!ds4_buf_ok(&b)) {
+        ds4_buf_free(&b);
+        return srv_fail(e, 500, "out of memory");
+    }
+    *out = ds4_buf_detach(&b, NULL);
+    return 0;
+}
+
+char *srv_json_text(json_t *v) {
+    char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER);
+    return s ? s : xstrdup("{}");
+}
+
+int srv_chat_add(srv_request *rq, ds4_role role, const char *content, srv_error *e) {
+    ds4_err err;
+    int i = ds4_chat_add(rq->chat, role, content, strlen(content), &err);
+    if (i < 0) srv_fail(e, 500, "%s", err.msg);
+    return i;
+}
+
+int srv_effort(const char *s, bool *think_off, bool *max) {
+    *think_off = *max = false;
+    if (!strcmp(s, "max")) *max = true;
+    else if (!strcmp(s, "none")) *think_off = true;
+    else if (strcmp(s, "xhigh") && strcmp(s, "high") && strcmp(s, "medium") && strcmp(s, "low") &&
+             strcmp(s, "minimal"))
+        return -1;
+    return 0;
+}
+
+/* SERVING.md B.5: thinking / think / effort / model aliases. effort is the
+ * API's effort string (NULL when absent or null). */
+int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool effort_set,
+                       srv_error *e) {
+    bool enabled = true, explicit_ctl = false, max = false;
+    json_t *t = json_object_get(root, "thinking");
+    if (t && !json_is_null(t)) {
+        if (json_is_boolean(t)) {
+            enabled = json_is_true(t);
+            explicit_ctl = true;
+        } else if (json_is_object(t)) {
+            json_t *ty = json_object_get(t, "type");
+            if (ty && !json_is_null(ty) && !json_is_string(ty)) return bad_type(e);
+            const char *s = json_string_value(ty);
+            if (s && !strcmp(s, "enabled")) enabled = true, explicit_ctl = true;
+            else if (s && !strcmp(s, "disabled")) enabled = false, explicit_ctl = true;
+        } else {
+            return bad_type(e);
+        }
+    }
+    if (rq->api != SRV_API_RESPONSES) {
+        json_t *k = json_object_get(root, "think");
+        if (k && !json_is_null(k)) {
+            if (!json_is_boolean(k)) return bad_type(e);
+            enabled = json_is_true(k);
+            explicit_ctl = true;
+        }
+    }
+    if (effort) {
+        bool off, mx;
+        if (srv_effort(effort, &off, &mx) < 0) return srv_fail(e, 400, "invalid JSON request");
+        if (off) enabled = false;
+        if (mx) max = true;
+        if (rq->api == SRV_API_RESPONSES) explicit_ctl = true;
+    }
+    (void)effort_set;
+    if (!explicit_ctl && rq->model) {
+        if (!strcmp(rq->model, "deepseek-chat")) enabled = false;
+        else if (!strcmp(rq->model, "deepseek-reasoner")) enabled = true;
+    }
+    rq->think = !enabled ? DS4_THINK_NONE : max ? DS4_THINK_MAX : DS4_THINK_HIGH;
+    return 0;
+}
+
+static int push_stop(srv_request *rq, const char *s) {
+    if (!s[0]) return 0; /* empty strings are ignored */
+    rq->stops = xrealloc(rq->stops, sizeof *rq->stops * (size_t)(rq->n_stops + 1));
+    rq->stops[rq->n_stops++] = xstrdup(s);
+    return 0;
+}
+
+static int parse_stops(json_t *v, srv_request *rq, srv_error *e) {
+    if (!v || json_is_null(v)) return 0;
+    if (json_is_string(v)) return push_stop(rq, json_string_value(v));
+    if (!json_is_array(v)) return bad_type(e);
+    size_t i;
+    json_t *p;
+    json_array_foreach(v, i, p) {
+        if (json_is_string(p)) push_stop(rq, json_string_value(p)); /* others skipped */
+    }
+    return 0;
+}
+
+/* model, stream, max tokens, sampling knobs and stops (per the B.4 table). */
+int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
+    srv_api api = rq->api;
+    if (srv_get_string(root, "model", &rq->model, e)) return -1;
+    if (!rq->model) rq->model = xstrdup(SRV_MODEL_ID);
+    if (srv_get_bool(root, "stream", &rq->stream, e)) return -1;
+    if (srv_get_int(root, "max_tokens", &rq->max_tokens, e)) return -1;
+    if (api == SRV_API_CHAT && srv_get_int(root, "max_completion_tokens", &rq->max_tokens, e))
+        return -1;
+    if (api == SRV_API_RESPONSES && srv_get_int(root, "max_output_tokens", &rq->max_tokens, e))
+        return -1;
+    if (srv_get_float(root, "temperature", &rq->temperature, e)) return -1;
+    if (srv_get_float(root, "top_p", &rq->top_p, e)) return -1;
+    if (api != SRV_API_RESPONSES && srv_get_int(root, "top_k", &rq->top_k, e)) return -1;
+    if (api == SRV_API_CHAT || api == SRV_API_COMPLETIONS) {
+        if (srv_get_float(root, "min_p", &rq->min_p, e)) return -1;
+        int seed = 0;
+        if (srv_get_int(root, "seed", &seed, e)) return -1;
+        rq->seed = (uint64_t)seed;
+        json_t *so = json_object_get(root, "stream_options");
+        if (so && !json_is_null(so)) {
+            if (!json_is_object(so)) return bad_type(e);
+            if (srv_get_bool(so, "include_usage", &rq->include_usage, e)) return -1;
+        }
+        if (parse_stops(json_object_get(root, "stop"), rq, e)) return -1;
+    }
+    if (api == SRV_API_ANTHROPIC && parse_stops(json_object_get(root, "stop_sequences"), rq, e))
+        return -1;
+    if (rq->top_k > 1024) rq->top_k = 1024;
+    return 0;
+}
+
+static void add_alias(srv_request *rq, const char *rendered, const char *name, const char *ns) {
+    rq->aliases = xrealloc(rq->aliases, sizeof *rq->aliases * (size_t)(rq->n_aliases + 1));
+    srv_tool_alias *a = &rq->aliases[rq->n_aliases++];
+    a->rendered = xstrdup(rendered);
+    a->name = xstrdup(name);
+    a->ns = xstrdup(ns);
+}
+
+/* Appends one schema line (TEXT C.1) and records the schema object. The line
+ * is the compact re-serialization of the client's JSON (jansson keeps member
+ * order; whitespace of the original bytes is not kept). */
+static void add_schema(srv_request *rq, ds4_buf *lines, json_t *schema) {
+    char *s = srv_json_text(schema);
+    if (lines->len) ds4_buf_putc(lines, '\n');
+    ds4_buf_puts(lines, s);
+    free(s);
+    json_array_append(rq->tools_json, schema);
+}
+
+static json_t *empty_params(void) {
+    return json_pack("{s:s, s:{}}", "type", "object", "properties");
+}
+
+int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
+    if (!tools || json_is_null(tools)) return 0;
+    if (!json_is_array(tools)) return bad_type(e);
+    if (!rq->tools_json) rq->tools_json = json_array();
+    ds4_buf lines = DS4_BUF_INIT;
+    if (rq->tools_text) ds4_buf_puts(&lines, rq->tools_text);
+    size_t i;
+    json_t *t;
+    json_array_foreach(tools, i, t) {
+        if (!json_is_object(t)) {
+            ds4_buf_free(&lines);
+            return bad_type(e);
+        }
+        json_t *fn = json_object_get(t, "function");
+        const char *type = json_string_value(json_object_get(t, "type"));
+        if (fn && json_is_object(fn)) {
+            add_schema(rq, &lines, fn);
+        } else if (type && !strcmp(type, "namespace")) {
+            const char *ns = json_string_value(json_object_get(t, "name"));
+            json_t *inner = json_object_get(t, "tools");
+            if (!ns || !json_is_array(inner)) {
+                ds4_buf_free(&lines);
+                return bad_type(e);
+            }
+            size_t k;
+            json_t *it;
+            json_array_foreach(inner, k, it) {
+                const char *nm = json_string_value(json_object_get(it, "name"));
+                if (!json_is_object(it) || !nm) continue;
+                json_t *desc = json_object_get(it, "description");
+                json_t *par = json_object_get(it, "parameters");
+                if (!par) par = json_object_get(it, "input_schema");
+                char *full = malloc(strlen(ns) + strlen(nm) + 1);
+                if (!full) {
+                    ds4_buf_free(&lines);
+                    return srv_fail(e, 500, "out of memory");
+                }
+                strcpy(full, ns);
+                strcat(full, nm);
+                json_t *syn = json_pack("{s:s, s:o, s:o}", "name", full, "description",
+                                        json_is_string(desc) ? json_incref(desc) : json_string(""),
+                                        "parameters", par ? json_incref(par) : empty_params());
+                if (syn) add_schema(rq, &lines, syn);
+                json_decref(syn);
+                add_alias(rq, full, nm, ns);
+                free(full);
+            }
+        } else if (type && !strcmp(type, "tool_search")) {
+            json_t *desc = json_object_get(t, "description");
+            json_t *par = json_object_get(t, "parameters");
+            json_t *syn = json_pack(
+                "{s:s, s:o, s:o}", "name", "tool_search", "description",
+                json_is_string(desc) ? json_incref(desc) : json_string("Search available tools."),
+                "parameters", par ? json_incref(par) : empty_params());
+            if (syn) add_schema(rq, &lines, syn);
+            json_decref(syn);
+        } else {
+            add_schema(rq, &lines, t);
+        }
+    }
+    free(rq->tools_text);
+    rq->tools_text = lines.len ? ds4_buf_detach(&lines, NULL) : NULL;
+    ds4_buf_free(&lines);
+    return 0;
+}
+
+int srv_render(srv_request *rq, int n_ctx, ds4_dsml_replay *replay, srv_error *e) {
+    ds4_buf out = DS4_BUF_INIT;
+    ds4_err err = {0};
+    int rc;
+    if (rq->api == SRV_API_COMPLETIONS) {
+        rc = ds4_chat_render_completion(&out, rq->prompt, strlen(rq->prompt),
+                                        ds4_chat_effective_think(rq->think, n_ctx));
+    } else {
+        ds4_chat_set_think(rq->chat, rq->think, n_ctx);
+        rc = 0;
+        if (srv_tools_active(rq))
+            rc = ds4_chat_set_tools(rq->chat, rq->tools_text, strlen(rq->tools_text), &err);
+        if (!rc) rc = ds4_chat_render(rq->chat, replay, &out, &err);
+    }
+    if (rc || !ds4_buf_ok(&out)) {
+        ds4_buf_free(&out);
+        return srv_fail(e, 500, "rendering failed: %s", err.msg[0] ? err.msg : "out of memory");
+    }
+    rq->text = ds4_buf_detach(&out, &rq->text_len);
+    return 0;
+}
+
+int srv_parse_request(srv_api api, const char *body, size_t n, srv_request *rq, srv_error *e) {
+    switch (api) {
+    case SRV_API_CHAT: return srv_parse_chat(body, n, rq, e);
+    case SRV_API_COMPLETIONS: return srv_parse_completions(body, n, rq, e);
+    case SRV_API_RESPONSES: return srv_parse_responses(body, n, rq, e);
+    case SRV_API_ANTHROPIC: return srv_parse_anthropic(body, n, rq, e);
+    }
+    return srv_fail(e, 500, "unknown api");
+}
+
+/* ---- shared response pieces ---------------------------------------------- */
+
+json_t *srv_usage_openai(const srv_usage *u) {
+    int p = u->prompt < 0 ? 0 : u->prompt;
+    int k = u->cached < 0 ? 0 : u->cached > p ? p : u->cached;
+    int g = u->completion < 0 ? 0 : u->completion;
+    return json_pack("{s:i, s:i, s:i, s:{s:i, s:i}}", "prompt_tokens", p, "completion_tokens", g,
+                     "total_tokens", p + g, "prompt_tokens_details", "cached_tokens", k,
+                     "cache_write_tokens", p - k);
+}
+
+const char *srv_finish_openai(srv_finish f) {
+    switch (f) {
+    case SRV_FINISH_STOP: return "stop";
+    case SRV_FINISH_LENGTH: return "length";
+    case SRV_FINISH_TOOL_CALLS: return "tool_calls";
+    case SRV_FINISH_ERROR: return "error";
+    }
+    return "stop";
+}
+
+char *srv_error_body(srv_api api, const srv_error *e) {
+    json_t *err;
+    if (api == SRV_API_ANTHROPIC) {
+        err = json_pack("{s:s, s:s}", "type", "invalid_request_error", "message", e->msg);
+        if (e->context) {
+            json_object_set_new(err, "n_prompt_tokens", json_integer(e->n_prompt));
+            json_object_set_new(err, "n_ctx", json_integer(e->n_ctx));
+        }
+        json_t *root = json_pack("{s:s, s:o}", "type", "error", "error", err);
+        char *s = srv_json_text(root);
+        json_decref(root);
+        return s;
+    }
+    err = json_pack("{s:s, s:s}", "message", e->msg, "type", "invalid_request_error");
+    if (e->context) {
+        json_object_set_new(err, "param", json_string(e->param ? e->param : "messages"));
+        json_object_set_new(err, "code", json_string("context_length_exceeded"));
+        json_object_set_new(err, "n_prompt_tokens", json_integer(e->n_prompt));
+        json_object_set_new(err, "n_ctx", json_integer(e->n_ctx));
+    }
+    json_t *root = json_pack("{s:o}", "error", err);
+    char *s = srv_json_text(root);
+    json_decref(root);
+    return s;
+}
+
+/* Length of a valid UTF-8 sequence at s[0..n), or 0 when invalid (overlongs,
+ * surrogates and code points above U+10FFFF are invalid, as in jansson). */
+static size_t utf8_seq(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    size_t len;
+    unsigned cp;
+    if (c < 0x80) return 1;
+    if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1F;
+    else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0F;
+    else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
+    else return 0;
+    if (n < len) return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) return 0;
+    if (cp >= 0xD800 && cp <= 0xDFFF) return 0;
+    return len;
+}
+
+json_t *srv_jstr(const char *s, size_t n) {
+    if (!s) return json_string("");
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i = 0;
+    bool clean = true;
+    while (i < n) {
+        size_t k = u[i] ? utf8_seq(u + i, n - i) : 0; /* NUL is not allowed by jansson */
+        if (!k) {
+            clean = false;
+            break;
+        }
+        i += k;
+    }
+    if (clean) return json_stringn(s, n);
+    ds4_buf b = DS4_BUF_INIT;
+    for (i = 0; i < n;) {
+        size_t k = u[i] ? utf8_seq(u + i, n - i) : 0;
+        if (k) {
+            ds4_buf_append(&b, s + i, k);
+            i += k;
+        } else {
+            ds4_buf_puts(&b, "\xEF\xBF\xBD");
+            i++;
+        }
+    }
+    json_t *v = b.data ? json_stringn(b.data, b.len) : json_string("");
+    ds4_buf_free(&b);
+    return v ? v : json_string("");
+}

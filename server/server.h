@@ -1,0 +1,368 @@
+/* server.h - internal interfaces of ds4-server (not installed, not a library
+ * API). The server is split by concern:
+ *
+ *   main.c          options, engine open, signals, startup/shutdown
+ *   http.c          libmicrohttpd glue: routing, body limits, CORS, API key,
+ *                   JSON error replies, SSE byte streams, client-gone checks
+ *   request.c       wire-independent request record + shared JSON field readers
+ *   api_openai.c    /v1/chat/completions, /v1/completions: parse + responses
+ *   api_responses.c /v1/responses: parse + responses/events
+ *   api_anthropic.c /v1/messages: parse + responses/events
+ *   emit.c          generated text -> reasoning/content/tool events (holdback
+ *                   rules of SERVING.md B.8) feeding an API's emitter
+ *   worker.c        the single inference thread, bounded FIFO queue,
+ *                   generation loop, stop sequences, cancellation
+ *   cache_policy.c  when to reuse/save/restore KV (SERVING.md C.2-C.4)
+ *
+ * Threads: libmicrohttpd runs one thread per connection; those threads parse,
+ * render and tokenize (read-only engine calls) and enqueue a srv_job. One
+ * worker thread owns the engine session, the disk cache and the live bindings.
+ * A job's output travels through its srv_stream (mutex + condvar), which the
+ * connection thread drains; the worker never blocks on a client.
+ */
+#ifndef DS4_SERVER_H
+#define DS4_SERVER_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include "chat.h"
+#include "ds4.h"
+#include "dsml.h"
+#include "util/buf.h"
+#include "util/err.h"
+
+#define SRV_MODEL_ID "deepseek-v4-flash"
+#define SRV_MODEL_CREATED 1767225600
+#define SRV_MAX_BODY_BYTES (64u << 20) /* 64 MiB (SERVING.md B.2) */
+
+/* ---- request record (request.c) ----------------------------------------- */
+
+typedef enum { SRV_API_CHAT = 0, SRV_API_COMPLETIONS, SRV_API_RESPONSES, SRV_API_ANTHROPIC } srv_api;
+
+/* Error produced while parsing a request: HTTP status and message. param is
+ * set for context errors (messages/prompt/input). */
+typedef struct srv_error {
+    int status;
+    char msg[512];
+    const char *param;
+    int n_prompt;   /* context errors: prompt tokens */
+    int n_ctx;      /* context errors: configured context */
+    bool context;   /* context_length_exceeded shape */
+} srv_error;
+
+/* Tool choice as given by the client. */
+typedef enum { SRV_TOOL_AUTO = 0, SRV_TOOL_NONE, SRV_TOOL_REQUIRED, SRV_TOOL_NAMED } srv_tool_choice;
+
+/* Client-facing name of a namespaced Responses tool (TEXT C.1). */
+typedef struct srv_tool_alias {
+    char *rendered;  /* namespace + name as the model sees it */
+    char *name;      /* client-facing name */
+    char *ns;        /* namespace */
+} srv_tool_alias;
+
+typedef struct srv_request {
+    srv_api api;
+    char *model;           /* echoed back (default SRV_MODEL_ID) */
+    bool stream;
+    bool include_usage;    /* stream_options.include_usage */
+    int max_tokens;        /* -1: server default */
+    float temperature, top_p, min_p;
+    int top_k;
+    uint64_t seed;         /* 0: random */
+    char **stops;          /* (n_stops) non-empty stop strings */
+    int n_stops;
+    ds4_think think;       /* requested mode after aliases (gate applied at render) */
+    bool reasoning_summary; /* Responses: client opted in to reasoning */
+    bool requires_live;    /* a tool output relies only on the live binding (B.4) */
+    char **live_ids;       /* (n_live_ids) tool-output ids answered by this request */
+    int n_live_ids;
+
+    ds4_chat *chat;        /* chat-type conversation (NULL for completions) */
+    char *prompt;          /* completions prompt text */
+
+    char *tools_text;      /* joined schema lines (TEXT C.1), NULL if none */
+    json_t *tools_json;    /* array of tool schema objects (names, properties) */
+    srv_tool_choice tool_choice;
+    char *tool_choice_name; /* SRV_TOOL_NAMED */
+    srv_tool_alias *aliases; /* (n_aliases) Responses namespaced tools */
+    int n_aliases;
+
+    /* Produced after parsing (worker.c srv_prepare): */
+    char *text;            /* rendered prompt text */
+    size_t text_len;
+    int32_t *tokens;       /* (n_tokens) rendered-chat tokenization */
+    int n_tokens;
+    char *raw_body;        /* request JSON (for --trace) */
+} srv_request;
+
+void srv_request_init(srv_request *rq, srv_api api);
+void srv_request_free(srv_request *rq);
+bool srv_tools_active(const srv_request *rq);
+
+/* 400 "invalid JSON request"; returns -1. */
+int srv_invalid(srv_error *e);
+/* True if an assistant message of c already has a call with this id. */
+bool srv_chat_call_known(const ds4_chat *c, const char *id);
+/* Sets e and returns -1 (for `return srv_fail(e, 400, "...")`). */
+int srv_fail(srv_error *e, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* Shared field readers: each returns 0 when the field is absent or valid,
+ * -1 (with e set to 400 "invalid JSON request") on a wrong type. */
+int srv_get_string(json_t *obj, const char *key, char **out, srv_error *e);
+int srv_get_bool(json_t *obj, const char *key, bool *out, srv_error *e);
+int srv_get_int(json_t *obj, const char *key, int *out, srv_error *e);
+int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e);
+/* String, or array of strings/{"text":..} concatenated with sep (NULL: none);
+ * null -> "". Anything else -> error. */
+int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e);
+/* Thinking controls (SERVING.md B.5) common to chat/completions/anthropic. */
+int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e);
+int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool effort_set,
+                       srv_error *e);
+/* Maps an effort string; returns -1 for unknown values. *think_off set for
+ * "none"; *max set for "max". */
+int srv_effort(const char *s, bool *think_off, bool *max);
+/* Collects tool schemas (TEXT C.1) from a "tools" array into rq. */
+int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e);
+/* ds4_chat_add that turns an allocation failure into e (500). */
+int srv_chat_add(srv_request *rq, ds4_role role, const char *content, srv_error *e);
+/* Compact JSON text of v (object keys in order); malloc'ed. */
+char *srv_json_text(json_t *v);
+
+/* Parsers: JSON body -> request. 0 or -1 with e filled. Pure (no engine, no
+ * socket): fuzz targets call them directly. */
+int srv_parse_chat(const char *body, size_t n, srv_request *rq, srv_error *e);
+int srv_parse_completions(const char *body, size_t n, srv_request *rq, srv_error *e);
+int srv_parse_responses(const char *body, size_t n, srv_request *rq, srv_error *e);
+int srv_parse_anthropic(const char *body, size_t n, srv_request *rq, srv_error *e);
+int srv_parse_request(srv_api api, const char *body, size_t n, srv_request *rq, srv_error *e);
+
+/* Renders the request into rq->text (TEXT B.4 / B.6). replay may be NULL
+ * (the caller holds its lock). Pure text. */
+int srv_render(srv_request *rq, int n_ctx, ds4_dsml_replay *replay, srv_error *e);
+
+/* ---- generation result and emitters ------------------------------------- */
+
+typedef enum { SRV_FINISH_STOP = 0, SRV_FINISH_LENGTH, SRV_FINISH_TOOL_CALLS, SRV_FINISH_ERROR } srv_finish;
+
+typedef struct srv_usage {
+    int prompt;     /* P: effective prompt tokens */
+    int cached;     /* K: reused tokens */
+    int completion; /* G: generated tokens */
+} srv_usage;
+
+/* Final result of one generation. */
+typedef struct srv_result {
+    srv_finish finish;
+    ds4_dsml_result parsed; /* chat-type: TEXT C.6 parse, ids assigned */
+    char *text;             /* completions: raw generated text (else NULL) */
+    size_t text_len;
+    bool think_closed;      /* </think> was generated */
+    srv_usage usage;
+    char error_msg[512];    /* finish error reason */
+} srv_result;
+
+void srv_result_free(srv_result *r);
+
+/* Streaming event sink implemented by each API (api_*.c). The worker calls
+ * these from its thread through emit.c; implementations append SSE bytes to
+ * the job's stream. Every callback may be absent (NULL). */
+typedef struct srv_job srv_job;
+typedef struct srv_emitter {
+    void (*begin)(srv_job *j);                              /* after prefill */
+    void (*reasoning)(srv_job *j, const char *s, size_t n);
+    void (*content)(srv_job *j, const char *s, size_t n);
+    void (*tool_begin)(srv_job *j, int index, const char *id, const char *name);
+    void (*tool_args)(srv_job *j, int index, const char *s, size_t n);
+    void (*tool_end)(srv_job *j, int index);
+    void (*reasoning_end)(srv_job *j);
+    void (*finish)(srv_job *j, const srv_result *r);        /* last event */
+    /* Non-streaming body (NUL-terminated, malloc'ed). */
+    char *(*body)(srv_job *j, const srv_result *r);
+} srv_emitter;
+
+const srv_emitter *srv_emitter_for(srv_api api);
+
+/* ---- SSE byte stream between worker and connection thread (http.c) ------ */
+
+typedef struct srv_stream {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    ds4_buf pending;       /* bytes produced, not yet handed to the socket */
+    bool headers;          /* worker decided: send SSE headers now */
+    bool done;             /* no more bytes will come */
+    bool client_gone;      /* connection closed or stalled */
+    double last_drain;     /* monotonic seconds of the last drain */
+} srv_stream;
+
+/* ---- jobs and the worker (worker.c) ------------------------------------- */
+
+typedef enum { SRV_JOB_QUEUED = 0, SRV_JOB_RUNNING, SRV_JOB_DONE } srv_job_state;
+
+struct srv_job {
+    srv_request rq;
+    uint64_t serial;       /* per-process counter (ids chatcmpl-N) */
+    char id[64];           /* response id */
+    int64_t created;       /* unix seconds */
+    srv_stream st;
+    srv_job_state state;
+    /* Set by the worker when done (non-streaming and errors before headers): */
+    int status;            /* HTTP status; 200 when the body is a result */
+    char *body;            /* malloc'ed response body */
+    srv_error err;
+    srv_usage usage;       /* known after prefill (Anthropic message_start) */
+    /* Per-API streaming state (owned by the API emitter). */
+    int seq;               /* Responses sequence_number */
+    int block_index;       /* Anthropic content block counter */
+    int open_block;        /* Anthropic: kind of the open block (0 none) */
+    bool sent_reasoning, sent_text;
+    int n_tool_started;    /* tool calls announced while streaming */
+    char item_reason_id[40], item_msg_id[40]; /* Responses item ids */
+    char **fc_ids;         /* (n_fc_ids) Responses function_call item ids */
+    int n_fc_ids;
+    ds4_buf acc_reasoning, acc_content; /* Responses: streamed texts */
+    int out_index;         /* Responses output index counter */
+    int msg_index, rs_index;
+    srv_job *next;
+    int refs;              /* connection thread + worker */
+};
+
+typedef struct srv_config {
+    const char *model_path;
+    const char *mtp_path;
+    ds4_backend_kind backend;
+    int n_threads;
+    int n_ctx;
+    int default_tokens;
+    const char *host;
+    int port;
+    bool cors;
+    const char *api_key;
+    const char *trace_path;
+    int queue_max;              /* jobs waiting (not counting the running one) */
+    const char *kv_disk_dir;
+    uint64_t kv_disk_space_mb;
+    int kv_min_tokens;
+    int kv_cold_max_tokens;
+    int kv_continued_interval;
+    int kv_boundary_trim;
+    int kv_boundary_align;
+    bool kv_reject_different_quant;
+    bool disable_exact_dsml_replay;
+    int tool_memory_max_ids;
+} srv_config;
+
+typedef struct srv_server srv_server;
+
+/* Worker lifecycle. srv_worker_start opens nothing itself: the engine is
+ * opened by main.c and owned by the server. */
+int srv_worker_start(srv_server *s, ds4_err *err);
+void srv_worker_stop(srv_server *s);   /* drains, joins */
+
+/* Rendered-chat tokenization into a malloc'ed array (*out, *n). */
+int srv_tokenize(ds4_engine *e, const char *text, size_t len, int32_t **out, int *n, ds4_err *err);
+
+/* Parses, renders, tokenizes and enqueues. Returns the job (with one
+ * reference for the caller) or NULL with e filled (status 4xx/429/503). */
+srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_error *e);
+void srv_job_release(srv_server *s, srv_job *j);
+/* Connection thread: marks the job's client as gone (cancels it). */
+void srv_job_cancel(srv_job *j);
+
+/* Stream helpers used by emitters (worker thread). */
+void srv_stream_write(srv_job *j, const char *s, size_t n);
+void srv_stream_printf(srv_job *j, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Writes "data: <compact json>\n\n" (and "event: NAME\n" first when name is
+ * non-NULL); steals the reference to v. */
+void srv_sse_json(srv_job *j, const char *event, json_t *v);
+void srv_stream_headers(srv_job *j);
+void srv_stream_close(srv_job *j);
+double srv_now_mono(void);
+
+/* Error body for status/error (OpenAI or Anthropic shape); malloc'ed. */
+char *srv_error_body(srv_api api, const srv_error *e);
+
+/* Response JSON helpers shared by the emitters. */
+/* JSON string from bytes; invalid UTF-8 sequences become U+FFFD, so model
+ * output of any kind serializes (NULL s gives ""). New reference. */
+json_t *srv_jstr(const char *s, size_t n);
+/* Loads body as one JSON object, or NULL with e = 400 invalid JSON request. */
+json_t *srv_load_object(const char *body, size_t n, srv_error *e);
+/* Client form of a call's internal arguments (B.6); malloc'ed. */
+char *srv_args_compact(const ds4_tool_call *c);
+extern const srv_emitter srv_emitter_chat, srv_emitter_completions, srv_emitter_responses,
+    srv_emitter_anthropic;
+json_t *srv_usage_openai(const srv_usage *u);
+const char *srv_finish_openai(srv_finish f);
+/* Fresh random hex id: prefix + 2*n_bytes hex chars. */
+void srv_random_id(char *out, size_t cap, const char *prefix, int n_bytes);
+
+/* ---- the server object -------------------------------------------------- */
+
+struct srv_server {
+    srv_config cfg;
+    ds4_engine *engine;
+    ds4_session *session;
+    void *http;             /* struct MHD_Daemon * */
+    /* queue */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    srv_job *head, *tail;
+    int n_queued;
+    bool stopping;
+    pthread_t worker;
+    bool worker_started;
+    uint64_t serial;
+    /* cache policy state (worker thread only) */
+    struct srv_cache *cache;
+    struct ds4_sampler *sampler;  /* worker thread only */
+    ds4_dsml_replay *replay;      /* exact DSML replay map (TEXT C.8), under replay_mu */
+    pthread_mutex_t replay_mu;
+    FILE *trace;
+    pthread_mutex_t trace_mu;
+    volatile int shutdown_flag;
+};
+
+/* HTTP (http.c). */
+int srv_http_start(srv_server *s, ds4_err *err);
+void srv_http_stop(srv_server *s);
+
+/* Logging to stderr with the "MMDD HH:MM:SS" prefix (thread-safe). */
+void srv_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Forced tool calls (forced.c), worker thread only. srv_forced_new returns
+ * NULL when the request does not force a call. */
+typedef struct srv_forced srv_forced;
+struct ds4_sampler_params;
+struct ds4_rng;
+srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking);
+void srv_forced_free(srv_forced *f);
+bool srv_forced_done(const srv_forced *f);
+/* Next token under the constraint (remaining = tokens left in the budget);
+ * -1 when no token fits. */
+int32_t srv_forced_pick(srv_forced *f, struct ds4_sampler *smp, const float *logits,
+                        const struct ds4_sampler_params *p, struct ds4_rng *rng, int remaining);
+/* Bytes of the token just evaluated. */
+void srv_forced_feed(srv_forced *f, const char *bytes, size_t n);
+
+/* Cache policy (cache_policy.c), worker thread only. */
+struct srv_cache;
+int srv_cache_open(srv_server *s, ds4_err *err);
+void srv_cache_close(srv_server *s);
+/* Decides the effective prompt for rq and brings the session to it.
+ * Returns 0 with *cached = K and *n_prompt = P, or a negative code. */
+int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
+                      ds4_progress_fn progress, void *pu, ds4_err *err);
+/* Called before each decode step (continued saves). */
+void srv_cache_step(srv_server *s, bool in_tool_call);
+/* Stop-sequence cut etc.: the live session is no longer trusted. */
+void srv_cache_invalidate(srv_server *s);
+/* Clean shutdown save. */
+void srv_cache_shutdown(srv_server *s);
+
+#endif

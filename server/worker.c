@@ -1,0 +1,531 @@
+/* worker.c - request preparation (client threads), the bounded FIFO queue,
+ * and the single inference worker: prefill through the cache policy, the
+ * sampling loop, stop sequences, the DSML event pipeline into the API
+ * emitters, and cancellation.
+ *
+ * Ownership: a srv_job is reference counted (the connection thread and the
+ * queue/worker); the last srv_job_release frees it. Only the worker thread
+ * touches the engine session, the sampler and the cache policy. Client
+ * threads use the engine read-only (tokenizer) and the replay map under
+ * replay_mu.
+ *
+ * Text pipeline of one generation (SERVING.md B.7/B.8):
+ *   sampled token -> bytes -> gen (whole text) -> stop-sequence holdback
+ *   -> ds4_dsml_stream (thinking split, UTF-8/marker holdback, tool events)
+ *   -> srv_emitter callbacks (SSE bytes into the job's stream)
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "sampler.h"
+#include "server.h"
+#include "util/xalloc.h"
+
+/* ---- job lifetime ---------------------------------------------------------- */
+
+static srv_job *job_new(void) {
+    srv_job *j = xcalloc(1, sizeof *j);
+    pthread_mutex_init(&j->st.mu, NULL);
+    pthread_cond_init(&j->st.cv, NULL);
+    j->st.last_drain = srv_now_mono();
+    j->refs = 1;
+    j->status = 200;
+    j->msg_index = j->rs_index = -1;
+    return j;
+}
+
+static void job_free(srv_job *j) {
+    srv_request_free(&j->rq);
+    ds4_buf_free(&j->st.pending);
+    pthread_mutex_destroy(&j->st.mu);
+    pthread_cond_destroy(&j->st.cv);
+    free(j->body);
+    for (int i = 0; i < j->n_fc_ids; i++) free(j->fc_ids[i]);
+    free(j->fc_ids);
+    ds4_buf_free(&j->acc_reasoning);
+    ds4_buf_free(&j->acc_content);
+    free(j);
+}
+
+void srv_job_release(srv_server *s, srv_job *j) {
+    pthread_mutex_lock(&s->mu);
+    int left = --j->refs;
+    pthread_mutex_unlock(&s->mu);
+    if (left == 0) job_free(j);
+}
+
+void srv_job_cancel(srv_job *j) {
+    pthread_mutex_lock(&j->st.mu);
+    j->st.client_gone = true;
+    pthread_cond_broadcast(&j->st.cv);
+    pthread_mutex_unlock(&j->st.mu);
+}
+
+static bool job_gone(srv_job *j) {
+    pthread_mutex_lock(&j->st.mu);
+    /* A client that has not drained pending bytes for 10 s is stalled: its
+     * generation is abandoned so it never holds the worker (B.2 uses 2 s;
+     * 10 s leaves room for a loaded 2-core machine). */
+    if (!j->st.client_gone && j->st.pending.len && srv_now_mono() - j->st.last_drain > 10.0)
+        j->st.client_gone = true;
+    bool g = j->st.client_gone;
+    pthread_mutex_unlock(&j->st.mu);
+    return g;
+}
+
+/* ---- preparation in the client thread -------------------------------------- */
+
+/* Tokenizes text with the rendered-chat tokenizer into a malloc'ed array. */
+int srv_tokenize(ds4_engine *e, const char *text, size_t len, int32_t **out, int *n,
+                 ds4_err *err) {
+    size_t cap = len + 16;
+    if (cap > (size_t)1 << 30) return ds4_err_set(err, DS4_E_RANGE, "prompt too large");
+    int32_t *ids = malloc(cap * sizeof *ids);
+    if (!ids) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    int r = ds4_tokenize(e, text, len, true, ids, (int)cap, err);
+    if (r > (int)cap) { /* cannot happen (a token covers >= 1 byte), but be safe */
+        int32_t *big = realloc(ids, (size_t)r * sizeof *ids);
+        if (!big) {
+            free(ids);
+            return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        }
+        ids = big;
+        r = ds4_tokenize(e, text, len, true, ids, r, err);
+    }
+    if (r < 0) {
+        free(ids);
+        return r;
+    }
+    *out = ids;
+    *n = r;
+    return 0;
+}
+
+srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_error *e) {
+    srv_job *j = job_new();
+    if (srv_parse_request(api, body, n, &j->rq, e)) goto fail;
+    if (s->trace) {
+        j->rq.raw_body = malloc(n + 1);
+        if (j->rq.raw_body) {
+            memcpy(j->rq.raw_body, body, n);
+            j->rq.raw_body[n] = 0;
+        }
+    }
+    int n_ctx = s->cfg.n_ctx;
+    pthread_mutex_lock(&s->replay_mu);
+    int rc = srv_render(&j->rq, n_ctx, s->cfg.disable_exact_dsml_replay ? NULL : s->replay, e);
+    pthread_mutex_unlock(&s->replay_mu);
+    if (rc) goto fail;
+    ds4_err err = {0};
+    if (srv_tokenize(s->engine, j->rq.text, j->rq.text_len, &j->rq.tokens, &j->rq.n_tokens, &err)) {
+        srv_fail(e, 500, "tokenization failed: %s", err.msg);
+        goto fail;
+    }
+    if (j->rq.n_tokens >= n_ctx) {
+        srv_fail(e, 400, "Prompt has %d tokens, but the configured context size is %d tokens",
+                 j->rq.n_tokens, n_ctx);
+        e->context = true;
+        e->n_prompt = j->rq.n_tokens;
+        e->n_ctx = n_ctx;
+        e->param = api == SRV_API_COMPLETIONS ? "prompt" : api == SRV_API_RESPONSES ? "input"
+                                                                                  : "messages";
+        goto fail;
+    }
+    j->created = (int64_t)time(NULL);
+    pthread_mutex_lock(&s->mu);
+    if (s->stopping) {
+        pthread_mutex_unlock(&s->mu);
+        srv_fail(e, 503, "server shutting down");
+        goto fail;
+    }
+    if (s->n_queued >= s->cfg.queue_max) {
+        pthread_mutex_unlock(&s->mu);
+        srv_fail(e, 429, "server busy: %d requests already queued; retry later", s->cfg.queue_max);
+        goto fail;
+    }
+    j->serial = ++s->serial;
+    if (api == SRV_API_RESPONSES) srv_random_id(j->id, sizeof j->id, "resp_", 12);
+    else snprintf(j->id, sizeof j->id, "%s-%llu", api == SRV_API_COMPLETIONS ? "cmpl" : "chatcmpl",
+                  (unsigned long long)j->serial);
+    j->refs = 2; /* the caller and the queue */
+    if (s->tail) s->tail->next = j;
+    else s->head = j;
+    s->tail = j;
+    s->n_queued++;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return j;
+fail:
+    job_free(j);
+    return NULL;
+}
+
+/* ---- generation ------------------------------------------------------------- */
+
+typedef struct gen_ctx {
+    srv_server *s;
+    srv_job *j;
+    const srv_emitter *em;
+    bool streaming;
+    bool thinking;
+    ds4_dsml_stream *ds;
+    ds4_buf gen;         /* whole generated text (cut at a stop) */
+    size_t fed;          /* bytes of gen handed to ds */
+    size_t max_stop;     /* longest stop string */
+    bool in_reasoning;   /* last text event was reasoning */
+    double last_keepalive;
+} gen_ctx;
+
+/* DSML stream events -> emitter callbacks (streaming only). */
+static int on_event(void *ud, const ds4_dsml_event *ev) {
+    gen_ctx *g = ud;
+    srv_job *j = g->j;
+    const srv_emitter *em = g->em;
+    if (!g->streaming) return 0;
+    if (ev->type != DS4_DSML_EV_REASONING && g->in_reasoning) {
+        g->in_reasoning = false;
+        if (em->reasoning_end) em->reasoning_end(j);
+    }
+    switch (ev->type) {
+    case DS4_DSML_EV_REASONING:
+        g->in_reasoning = true;
+        if (em->reasoning && ev->len) em->reasoning(j, ev->text, ev->len);
+        break;
+    case DS4_DSML_EV_CONTENT:
+        if (em->content && ev->len) em->content(j, ev->text, ev->len);
+        break;
+    case DS4_DSML_EV_CALL_START:
+        if (em->tool_begin) {
+            em->tool_begin(j, ev->index, ev->id ? ev->id : "", ev->name ? ev->name : "");
+            j->n_tool_started = ev->index + 1;
+        }
+        break;
+    case DS4_DSML_EV_CALL_ARGS:
+        if (em->tool_args && ev->len) em->tool_args(j, ev->index, ev->text, ev->len);
+        break;
+    case DS4_DSML_EV_CALL_END:
+        if (em->tool_end) em->tool_end(j, ev->index);
+        break;
+    case DS4_DSML_EV_ERROR:
+        srv_log("tool: stream projection stopped: %.*s", (int)ev->len, ev->text ? ev->text : "");
+        break;
+    default: break;
+    }
+    return 0;
+}
+
+/* Feeds gen[fed..upto) to the DSML stream. */
+static int feed_to(gen_ctx *g, size_t upto) {
+    if (upto <= g->fed) return 0;
+    int rc = ds4_dsml_stream_feed(g->ds, g->gen.data + g->fed, upto - g->fed, on_event, g);
+    g->fed = upto;
+    return rc;
+}
+
+/* Searches the stop strings in gen from the bytes that may contain a new
+ * match; returns the earliest match start or -1. */
+static long find_stop(gen_ctx *g, size_t from) {
+    srv_request *rq = &g->j->rq;
+    long best = -1;
+    for (int i = 0; i < rq->n_stops; i++) {
+        const char *hit = memmem(g->gen.data + from, g->gen.len - from, rq->stops[i],
+                                 strlen(rq->stops[i]));
+        if (hit && (best < 0 || hit - g->gen.data < best)) best = hit - g->gen.data;
+    }
+    return best;
+}
+
+typedef struct prefill_cb {
+    gen_ctx *g;
+} prefill_cb;
+
+/* Prefill progress: SSE headers at the first event, then ": prefill"
+ * keepalives every >= 5 s; cancels when the client is gone. */
+static int on_progress(void *user, const char *what, int64_t done, int64_t total) {
+    gen_ctx *g = user;
+    (void)what;
+    (void)done;
+    (void)total;
+    if (job_gone(g->j) || g->s->shutdown_flag) return 1;
+    if (!g->streaming) return 0;
+    double now = srv_now_mono();
+    if (!g->j->st.headers) {
+        srv_stream_headers(g->j);
+        g->last_keepalive = now;
+    } else if (now - g->last_keepalive >= 5.0) {
+        srv_stream_write(g->j, ": prefill\n\n", 11);
+        g->last_keepalive = now;
+    }
+    return 0;
+}
+
+static void trace_job(srv_server *s, srv_job *j, const srv_result *r) {
+    if (!s->trace) return;
+    pthread_mutex_lock(&s->trace_mu);
+    FILE *f = s->trace;
+    fprintf(f, "=== request %s api=%d model=%s stream=%d tools=%d think=%d prompt=%d cached=%d\n",
+            j->id, (int)j->rq.api, j->rq.model, j->rq.stream, srv_tools_active(&j->rq),
+            (int)j->rq.think, r->usage.prompt, r->usage.cached);
+    fprintf(f, "--- raw request\n%s\n--- rendered prompt\n%.*s\n", j->rq.raw_body ? j->rq.raw_body : "",
+            (int)j->rq.text_len, j->rq.text);
+    fprintf(f, "--- finish=%s completion_tokens=%d\n", srv_finish_openai(r->finish),
+            r->usage.completion);
+    if (r->parsed.reasoning) fprintf(f, "--- reasoning\n%s\n", r->parsed.reasoning);
+    if (r->parsed.content) fprintf(f, "--- content\n%s\n", r->parsed.content);
+    if (r->text) fprintf(f, "--- text\n%s\n", r->text);
+    for (int i = 0; i < r->parsed.n_calls; i++)
+        fprintf(f, "--- tool call %s %s %s\n", r->parsed.calls[i].id ? r->parsed.calls[i].id : "",
+                r->parsed.calls[i].name, r->parsed.calls[i].arguments);
+    fflush(f);
+    pthread_mutex_unlock(&s->trace_mu);
+}
+
+/* Fails a job before any SSE bytes: HTTP status + error body. */
+static void fail_job(srv_job *j, int status, const char *msg) {
+    srv_error e = {0};
+    srv_fail(&e, status, "%s", msg);
+    j->status = status;
+    j->err = e;
+}
+
+static void run_job(srv_server *s, srv_job *j) {
+    srv_request *rq = &j->rq;
+    gen_ctx g = {0};
+    g.s = s;
+    g.j = j;
+    g.em = srv_emitter_for(rq->api);
+    g.streaming = rq->stream;
+    ds4_think eff = ds4_chat_effective_think(rq->think, s->cfg.n_ctx);
+    g.thinking = rq->api != SRV_API_COMPLETIONS && eff != DS4_THINK_NONE;
+    bool tools = rq->api != SRV_API_COMPLETIONS && srv_tools_active(rq);
+    srv_result r = {0};
+    ds4_err err = {0};
+    double t0 = srv_now_mono();
+
+    /* 1. prefill through the cache policy */
+    int cached = 0, n_prompt = 0;
+    int rc = srv_cache_prepare(s, j, &cached, &n_prompt, on_progress, &g, &err);
+    if (rc) {
+        if (job_gone(j)) {
+            srv_log("request %s: client went away during prefill", j->id);
+        } else if (g.streaming && j->st.headers) {
+            json_t *ev = rq->api == SRV_API_ANTHROPIC
+                             ? json_pack("{s:s, s:{s:s, s:s}}", "type", "error", "error", "type",
+                                         "api_error", "message", err.msg)
+                             : json_pack("{s:{s:s, s:s}}", "error", "message", err.msg, "type",
+                                         "server_error");
+            srv_sse_json(j, "error", ev);
+        } else {
+            fail_job(j, s->shutdown_flag ? 503 : 500, s->shutdown_flag ? "server shutting down" : err.msg);
+        }
+        return;
+    }
+    double t_prefill = srv_now_mono() - t0;
+    r.usage.prompt = n_prompt;
+    r.usage.cached = cached;
+    j->usage = r.usage;
+    srv_log("prefill %s: prompt=%d cached=%d (%.2f s)", j->id, n_prompt, cached, t_prefill);
+
+    /* 2. generation */
+    ds4_dsml_stream_opts so = {0};
+    so.thinking = g.thinking;
+    so.tools = tools;
+    so.id_prefix = rq->api == SRV_API_ANTHROPIC ? "toolu_" : "call_";
+    g.ds = ds4_dsml_stream_new(&so);
+    if (!g.ds) {
+        fail_job(j, 500, "out of memory");
+        return;
+    }
+    ds4_dsml_tracker trk;
+    ds4_dsml_tracker_init(&trk);
+    for (int i = 0; i < rq->n_stops; i++)
+        if (strlen(rq->stops[i]) > g.max_stop) g.max_stop = strlen(rq->stops[i]);
+    if (g.streaming) {
+        srv_stream_headers(j);
+        if (g.em->begin) g.em->begin(j);
+    }
+    int n_ctx = s->cfg.n_ctx;
+    int max_tokens = rq->max_tokens >= 0 ? rq->max_tokens : s->cfg.default_tokens;
+    int room = n_ctx - ds4_session_n_tokens(s->session);
+    if (max_tokens > room) max_tokens = room;
+    ds4_sampler_params cp = ds4_sampler_defaults();
+    cp.temperature = rq->temperature;
+    cp.top_k = rq->top_k;
+    cp.top_p = rq->top_p;
+    cp.min_p = rq->min_p;
+    cp.seed = rq->seed;
+    ds4_rng rng;
+    ds4_rng_seed(&rng, rq->seed ? rq->seed : ds4_rng_entropy_seed() ^ (j->serial << 1));
+    int32_t eos = ds4_token_special(s->engine, DS4_TOK_EOS);
+    srv_forced *fz = srv_forced_new(s->engine, rq, g.thinking);
+    srv_finish finish = SRV_FINISH_LENGTH;
+    int n_gen = 0;
+    bool stop_hit = false;
+    while (n_gen < max_tokens) {
+        if (job_gone(j)) {
+            finish = SRV_FINISH_ERROR;
+            snprintf(r.error_msg, sizeof r.error_msg, "client stream write failed");
+            break;
+        }
+        if (s->shutdown_flag) {
+            finish = SRV_FINISH_ERROR;
+            snprintf(r.error_msg, sizeof r.error_msg, "shutdown requested");
+            break;
+        }
+        srv_cache_step(s, tools && ds4_dsml_stream_block_started(g.ds) &&
+                              !ds4_dsml_stream_block_ended(g.ds));
+        const float *logits = ds4_session_logits(s->session);
+        if (!logits) {
+            finish = SRV_FINISH_ERROR;
+            snprintf(r.error_msg, sizeof r.error_msg, "no logits");
+            break;
+        }
+        int greedy = tools && ds4_dsml_class_is_greedy(ds4_dsml_tracker_class(&trk));
+        ds4_sampler_params p = ds4_sampler_effective(&cp, g.thinking, greedy);
+        int32_t tok = fz && !srv_forced_done(fz)
+                          ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
+                          : ds4_sampler_sample(s->sampler, logits, &p, &rng);
+        if (tok < 0) {
+            finish = SRV_FINISH_ERROR;
+            snprintf(r.error_msg, sizeof r.error_msg, "forced tool call: no token fits");
+            break;
+        }
+        if (tok == eos) {
+            finish = SRV_FINISH_STOP;
+            break;
+        }
+        if (ds4_session_eval(s->session, tok, &err)) {
+            finish = SRV_FINISH_ERROR;
+            snprintf(r.error_msg, sizeof r.error_msg, "%s", err.msg);
+            break;
+        }
+        n_gen++;
+        size_t blen = 0;
+        const char *bytes = ds4_token_bytes(s->engine, tok, &blen);
+        if (!bytes) blen = 0;
+        size_t old = g.gen.len;
+        ds4_buf_append(&g.gen, bytes ? bytes : "", blen);
+        ds4_dsml_tracker_feed(&trk, bytes ? bytes : "", blen);
+        srv_forced_feed(fz, bytes ? bytes : "", blen);
+        size_t safe = g.gen.len;
+        if (rq->n_stops) {
+            size_t from = old > g.max_stop - 1 ? old - (g.max_stop - 1) : 0;
+            long hit = find_stop(&g, from);
+            if (hit >= 0) {
+                ds4_buf_truncate(&g.gen, (size_t)hit);
+                feed_to(&g, g.gen.len);
+                finish = SRV_FINISH_STOP;
+                stop_hit = true;
+                break;
+            }
+            safe = g.gen.len > g.max_stop - 1 ? g.gen.len - (g.max_stop - 1) : 0;
+        }
+        feed_to(&g, safe);
+        if (tools && ds4_dsml_stream_block_ended(g.ds)) {
+            finish = SRV_FINISH_TOOL_CALLS;
+            break;
+        }
+    }
+    feed_to(&g, g.gen.len);
+    if (stop_hit) srv_cache_invalidate(s); /* tokens past the stop are not trusted */
+
+    /* 3. final parse */
+    ds4_err perr = {0};
+    bool block_open = tools && ds4_dsml_stream_block_started(g.ds) && !ds4_dsml_stream_block_ended(g.ds);
+    ds4_dsml_stream_finish(g.ds, g.streaming ? on_event : NULL, &g, &r.parsed, &perr);
+    if (g.in_reasoning && g.em->reasoning_end && g.streaming) g.em->reasoning_end(j);
+    r.think_closed = g.gen.data && memmem(g.gen.data, g.gen.len, DS4_THINK_CLOSE, 8) != NULL;
+    if (rq->api == SRV_API_COMPLETIONS) {
+        r.text = ds4_buf_detach(&g.gen, &r.text_len);
+        ds4_dsml_result_free(&r.parsed);
+        memset(&r.parsed, 0, sizeof r.parsed);
+    }
+    if (block_open && finish != SRV_FINISH_ERROR) {
+        finish = SRV_FINISH_ERROR;
+        snprintf(r.error_msg, sizeof r.error_msg, "unterminated tool call");
+    }
+    if (r.parsed.n_calls && finish != SRV_FINISH_ERROR) finish = SRV_FINISH_TOOL_CALLS;
+    if (finish == SRV_FINISH_TOOL_CALLS && !r.parsed.n_calls) finish = SRV_FINISH_STOP;
+    if (r.parsed.parse_failed) srv_log("tool: DSML block did not parse; returned as text");
+    r.finish = finish;
+    r.usage.completion = n_gen;
+
+    /* exact replay memory (TEXT C.8) */
+    if (r.parsed.n_calls && r.parsed.raw_dsml && !s->cfg.disable_exact_dsml_replay) {
+        const char *ids[64];
+        int n_ids = 0;
+        for (int i = 0; i < r.parsed.n_calls && n_ids < 64; i++)
+            if (r.parsed.calls[i].id) ids[n_ids++] = r.parsed.calls[i].id;
+        pthread_mutex_lock(&s->replay_mu);
+        ds4_dsml_replay_put(s->replay, ids, n_ids, r.parsed.raw_dsml, r.parsed.raw_dsml_len, NULL);
+        pthread_mutex_unlock(&s->replay_mu);
+    }
+    double t_gen = srv_now_mono() - t0 - t_prefill;
+    srv_log("generated %s: %d tokens (%.2f tok/s) finish=%s%s%s", j->id, n_gen,
+            t_gen > 0 ? n_gen / t_gen : 0.0, srv_finish_openai(finish), r.error_msg[0] ? " " : "",
+            r.error_msg);
+    if (g.streaming) {
+        if (g.em->finish) g.em->finish(j, &r);
+    } else {
+        j->body = g.em->body(j, &r);
+        j->status = 200;
+    }
+    trace_job(s, j, &r);
+    srv_result_free(&r);
+    ds4_dsml_stream_free(g.ds);
+    ds4_buf_free(&g.gen);
+    srv_forced_free(fz);
+}
+
+static void *worker_main(void *arg) {
+    srv_server *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->mu);
+        while (!s->head && !s->stopping) pthread_cond_wait(&s->cv, &s->mu);
+        srv_job *j = s->head;
+        if (!j) { /* stopping and drained */
+            pthread_mutex_unlock(&s->mu);
+            break;
+        }
+        s->head = j->next;
+        if (!s->head) s->tail = NULL;
+        s->n_queued--;
+        j->state = SRV_JOB_RUNNING;
+        pthread_mutex_unlock(&s->mu);
+        if (job_gone(j)) {
+            srv_log("request %s: client gone before it ran; skipped", j->id);
+        } else if (s->shutdown_flag) {
+            fail_job(j, 503, "server shutting down");
+        } else {
+            run_job(s, j);
+        }
+        srv_stream_close(j);
+        srv_job_release(s, j);
+    }
+    return NULL;
+}
+
+int srv_worker_start(srv_server *s, ds4_err *err) {
+    s->sampler = ds4_sampler_new(ds4_engine_n_vocab(s->engine), err);
+    if (!s->sampler) return err ? err->code : DS4_E_NOMEM;
+    if (pthread_create(&s->worker, NULL, worker_main, s))
+        return ds4_err_set(err, DS4_E_INTERNAL, "cannot start the worker thread");
+    s->worker_started = true;
+    return 0;
+}
+
+void srv_worker_stop(srv_server *s) {
+    pthread_mutex_lock(&s->mu);
+    s->stopping = true;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (s->worker_started) pthread_join(s->worker, NULL);
+    s->worker_started = false;
+    ds4_sampler_free(s->sampler);
+    s->sampler = NULL;
+}

@@ -1,0 +1,450 @@
+"""ds4-server end to end, with the official openai and anthropic SDKs as real
+clients, on the demo model (random weights, real DeepSeek tokenizer: its
+text is meaningless; these tests check protocol shapes, KV reuse and error
+handling, never the quality of the text).
+
+Each test starts its own server on a free loopback port (--port 0, the
+server logs the port it bound) and stops it. Clients are created with
+_strict_response_validation=True so every response and stream event is
+validated against the SDK's own types.
+"""
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, prog
+
+DEMO = ROOT / "build" / "demo.gguf"
+NO_THINK = {"think": False}
+T0 = {"temperature": 0}  # the anthropic SDK's create() no longer takes temperature
+
+
+def demo_model():
+    """Path of the demo model, building it once with `make demo-model`."""
+    if not DEMO.exists():
+        subprocess.run(["make", "-s", "demo-model"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    if not DEMO.exists():
+        pytest.skip("demo model not available (make demo-model failed)")
+    return str(DEMO)
+
+
+class Server:
+    """A ds4-server child process on 127.0.0.1:<free port>; its stderr log is
+    collected line by line in self.log."""
+
+    def __init__(self, *args, ctx=4096, wait=120):
+        self.log = []
+        self.cond = threading.Condition()
+        self.port = None
+        cmd = [prog("ds4-server"), "-m", demo_model(), "--cpu", "--port", "0",
+               "--ctx", str(ctx)] + [str(a) for a in args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, errors="replace")
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        deadline = time.time() + wait
+        with self.cond:
+            while self.port is None and self.proc.poll() is None and time.time() < deadline:
+                self.cond.wait(0.2)
+        if self.port is None:
+            self.stop()
+            raise RuntimeError("ds4-server did not start:\n" + "\n".join(self.log[-30:]))
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def _read(self):
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            with self.cond:
+                self.log.append(line)
+                m = re.search(r"listening on http://[\d.]+:(\d+)", line)
+                if m:
+                    self.port = int(m.group(1))
+                self.cond.notify_all()
+
+    def log_text(self):
+        with self.cond:
+            return "\n".join(self.log)
+
+    def wait_log(self, pattern, timeout=30):
+        deadline = time.time() + timeout
+        with self.cond:
+            while time.time() < deadline:
+                if re.search(pattern, "\n".join(self.log)):
+                    return True
+                self.cond.wait(0.2)
+        return False
+
+    def stop(self, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reader.join(5)
+        return self.proc.returncode
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def openai(self, **kw):
+        import openai
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0,
+                             timeout=300, _strict_response_validation=True, **kw)
+
+    def anthropic(self):
+        import anthropic
+        return anthropic.Anthropic(base_url=self.url, api_key="none", max_retries=0,
+                                   timeout=300, _strict_response_validation=True)
+
+    def raw(self, method, path, body=None, headers=None, timeout=120):
+        """One raw HTTP request; returns (status, headers dict, body bytes)."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        h = {"Content-Type": "application/json"}
+        h.update(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+        elif isinstance(body, str):
+            body = body.encode()
+        c.request(method, path, body=body, headers=h)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        return r.status, dict(r.getheaders()), data
+
+
+BASH_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "bash",
+        "description": "Run a shell command",
+        "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
+                       "required": ["command"]},
+    },
+}
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+# ---- OpenAI SDK -----------------------------------------------------------------
+
+def test_server_models_openai_sdk():
+    with Server() as s:
+        c = s.openai()
+        models = c.models.list()
+        ids = [m.id for m in models.data]
+        assert ids == ["deepseek-v4-flash"]
+        m = c.models.retrieve("deepseek-v4-flash")
+        assert m.id == "deepseek-v4-flash" and m.owned_by == "ds4.c"
+        assert m.model_extra["context_length"] == 4096
+
+
+def test_server_chat_openai_sdk_plain_and_stream_give_same_greedy_text():
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    with Server() as s:
+        c = s.openai()
+        r = c.chat.completions.create(model="deepseek-v4-flash", messages=user("Hello there"),
+                                      max_tokens=12, temperature=0, extra_body=NO_THINK)
+        assert isinstance(r, ChatCompletion)
+        ChatCompletion.model_validate(r.to_dict())
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.prompt_tokens > 0
+        assert r.usage.completion_tokens <= 12
+        chunks = list(c.chat.completions.create(
+            model="deepseek-v4-flash", messages=user("Hello there"), max_tokens=12, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body=NO_THINK))
+        assert all(isinstance(k, ChatCompletionChunk) for k in chunks)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(k.choices[0].delta.content or "" for k in chunks if k.choices)
+        assert text == r.choices[0].message.content
+        finals = [k for k in chunks if k.choices and k.choices[0].finish_reason]
+        assert len(finals) == 1 and finals[0].choices[0].finish_reason == r.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+        # the live session holds prompt + output, which is not a prefix of the
+        # same prompt again: no partial rewind (SERVING.md C.1), a cold prefill
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_server_chat_forced_tool_call_openai_sdk():
+    with Server() as s:
+        c = s.openai()
+        r = c.chat.completions.create(
+            model="deepseek-v4-flash", messages=user("List the files"), tools=[BASH_TOOL],
+            tool_choice={"type": "function", "function": {"name": "bash"}}, max_tokens=80,
+            temperature=0, extra_body=NO_THINK)
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls", msg
+        assert len(msg.tool_calls) == 1
+        call = msg.tool_calls[0]
+        assert call.type == "function" and call.function.name == "bash"
+        assert re.fullmatch(r"call_[0-9a-f]{32}", call.id)
+        args = json.loads(call.function.arguments)
+        assert isinstance(args, dict) and isinstance(args.get("command"), str)
+        # thinking mode: the reasoning is closed, then the call follows
+        r2 = c.chat.completions.create(model="deepseek-v4-flash", messages=user("List the files"),
+                                       tools=[BASH_TOOL], tool_choice="required", max_tokens=120)
+        assert r2.choices[0].finish_reason == "tool_calls"
+        assert r2.choices[0].message.tool_calls[0].function.name == "bash"
+
+
+def test_server_chat_stream_tool_call_deltas_openai_sdk():
+    with Server() as s:
+        c = s.openai()
+        stream = c.chat.completions.create(
+            model="deepseek-v4-flash", messages=user("List the files"), tools=[BASH_TOOL],
+            tool_choice="required", max_tokens=80, temperature=0, stream=True,
+            extra_body=NO_THINK)
+        starts, frags, finish = [], [], None
+        for k in stream:
+            if not k.choices:
+                continue
+            ch = k.choices[0]
+            for tc in ch.delta.tool_calls or []:
+                if tc.id:
+                    starts.append((tc.index, tc.id, tc.function.name))
+                if tc.function and tc.function.arguments:
+                    frags.append(tc.function.arguments)
+            finish = ch.finish_reason or finish
+        assert finish == "tool_calls"
+        assert len(starts) == 1 and starts[0][0] == 0 and starts[0][2] == "bash"
+        assert len(frags) >= 2, "arguments should arrive in several deltas"
+        args = json.loads("".join(frags))
+        assert isinstance(args["command"], str)
+
+
+def test_server_completions_openai_sdk():
+    from openai.types import Completion
+    with Server() as s:
+        c = s.openai()
+        r = c.completions.create(model="deepseek-v4-flash", prompt="Once upon a time",
+                                 max_tokens=8, temperature=0, extra_body=NO_THINK)
+        assert isinstance(r, Completion) and r.object == "text_completion"
+        assert 0 < r.usage.prompt_tokens and r.usage.completion_tokens <= 8
+        # The SDK's Completion type declares finish_reason non-null, while
+        # streamed chunks carry null until the last one (as OpenAI's own API
+        # does), so the stream is read with a non-strict client.
+        import openai
+        loose = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        parts = list(loose.completions.create(model="deepseek-v4-flash", prompt="Once upon a time",
+                                          max_tokens=8, temperature=0, stream=True,
+                                          extra_body=NO_THINK))
+        assert all(isinstance(p, Completion) for p in parts)
+        assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
+        assert parts[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_server_responses_stream_events_openai_sdk():
+    from openai.types.responses import Response
+    with Server() as s:
+        c = s.openai()
+        r = c.responses.create(model="deepseek-v4-flash", input="Say hi", max_output_tokens=10,
+                               reasoning={"effort": "none"}, temperature=0)
+        assert isinstance(r, Response) and r.status in ("completed", "incomplete")
+        events = list(c.responses.create(model="deepseek-v4-flash", input="Say hi",
+                                          max_output_tokens=10, reasoning={"effort": "none"},
+                                          temperature=0, stream=True))
+        types = [e.type for e in events]
+        assert types[0] == "response.created"
+        assert types[-1] in ("response.completed", "response.incomplete")
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        final = events[-1].response
+        assert final.output_text == text == r.output_text
+        if text:
+            assert "response.output_item.added" in types and "response.output_text.done" in types
+
+
+def test_server_messages_anthropic_sdk_plain_stream_and_tool_use():
+    from anthropic.types import Message
+    with Server() as s:
+        c = s.anthropic()
+        m = c.messages.create(model="deepseek-v4-flash", max_tokens=10, extra_body=T0,
+                              messages=user("Hello"), thinking={"type": "disabled"})
+        assert isinstance(m, Message) and m.stop_reason in ("end_turn", "max_tokens")
+        with c.messages.stream(model="deepseek-v4-flash", max_tokens=10, extra_body=T0,
+                               messages=user("Hello"), thinking={"type": "disabled"}) as st:
+            final = st.get_final_message()
+        assert [b.type for b in final.content] == [b.type for b in m.content]
+        assert final.content[0].text == m.content[0].text
+        assert final.usage.cache_creation_input_tokens == m.usage.cache_creation_input_tokens > 0
+        tool = {"name": "Bash", "description": "Run a command",
+                "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
+                                 "required": ["command"]}}
+        kinds = []
+        with c.messages.stream(model="deepseek-v4-flash", max_tokens=80, extra_body=T0,
+                               messages=user("List files"), tools=[tool],
+                               tool_choice={"type": "tool", "name": "Bash"},
+                               thinking={"type": "disabled"}) as st:
+            for ev in st:
+                if ev.type == "content_block_delta":
+                    kinds.append(ev.delta.type)
+            final = st.get_final_message()
+        assert "input_json_delta" in kinds
+        assert final.stop_reason == "tool_use"
+        uses = [b for b in final.content if b.type == "tool_use"]
+        assert len(uses) == 1 and uses[0].name == "Bash"
+        assert re.fullmatch(r"toolu_[0-9a-f]{32}", uses[0].id)
+        assert isinstance(uses[0].input["command"], str)
+
+
+# ---- KV reuse -----------------------------------------------------------------------
+
+def test_server_prefix_reuse_reports_cached_tokens_and_same_greedy_tokens():
+    first = [{"role": "system", "content": "You are a test system prompt. " * 8},
+             {"role": "user", "content": "First question about the weather"}]
+    kw = dict(model="deepseek-v4-flash", max_tokens=10, temperature=0, extra_body=NO_THINK)
+    with Server() as s:
+        c = s.openai()
+        a = c.chat.completions.create(messages=first, **kw)
+        second = first + [{"role": "assistant", "content": a.choices[0].message.content},
+                          {"role": "user", "content": "And tomorrow?"}]
+        b = c.chat.completions.create(messages=second, **kw)
+        cached = b.usage.prompt_tokens_details.cached_tokens
+        assert cached >= a.usage.prompt_tokens - 2, (cached, a.usage.prompt_tokens)
+        assert b.usage.prompt_tokens_details.cache_write_tokens == b.usage.prompt_tokens - cached
+    with Server() as s:  # cold
+        cold = s.openai().chat.completions.create(messages=second, **kw)
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == b.choices[0].message.content
+    assert cold.usage.completion_tokens == b.usage.completion_tokens
+
+
+def test_server_greedy_completion_equals_cli():
+    prompt = "The quick brown fox"
+    rendered = ("<｜begin▁of▁sentence｜>You are a helpful assistant<｜User｜>" + prompt +
+                "<｜Assistant｜></think>")
+    with Server() as s:
+        r = s.openai().completions.create(model="x", prompt=prompt, max_tokens=10, temperature=0,
+                                          extra_body=NO_THINK)
+    cli = subprocess.run([prog("ds4"), "-m", demo_model(), "--cpu", "-p", rendered, "-n", "10",
+                          "--temp", "0"], cwd=ROOT, capture_output=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr.decode(errors="replace")
+    m = re.search(r"generated (\d+)", cli.stderr.decode(errors="replace"))
+    assert m and int(m.group(1)) == r.usage.completion_tokens
+    if "<think>" not in r.choices[0].text and "</think>" not in r.choices[0].text:
+        out = cli.stdout.decode("utf-8", errors="replace")
+        assert out == r.choices[0].text or out == r.choices[0].text + "\n"
+
+
+# ---- errors, limits, concurrency ---------------------------------------------------
+
+def err_of(data):
+    return json.loads(data)["error"]
+
+
+def test_server_bad_input_gets_documented_status_and_server_stays_up():
+    with Server("--cors", ctx=256) as s:
+        cases = [
+            ("POST", "/v1/chat/completions", b"{not json", 400, "invalid JSON request"),
+            ("POST", "/v1/chat/completions", {"messages": user("x"), "stream": "true"}, 400,
+             "invalid JSON request"),
+            ("POST", "/v1/chat/completions", {"messages": user("x"), "max_tokens": "5"}, 400,
+             "invalid JSON request"),
+            ("POST", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"\xff"}]}',
+             400, "invalid JSON request"),
+            ("POST", "/v1/chat/completions", {"model": "x"}, 400, "missing messages"),
+            ("POST", "/v1/completions", {"max_tokens": 2}, 400, "missing prompt"),
+            ("POST", "/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 400,
+             "previous_response_id is not supported; replay full input instead"),
+            ("POST", "/v1/chat/completions", {"messages": user("x"), "reasoning_effort": "huge"},
+             400, "invalid JSON request"),
+            ("GET", "/v1/nothing", None, 404, "unknown endpoint"),
+            ("DELETE", "/v1/models", None, 404, "unknown endpoint"),
+        ]
+        for method, path, body, status, msg in cases:
+            st, hdr, data = s.raw(method, path, body)
+            assert st == status, (path, body, st, data)
+            assert err_of(data)["message"] == msg
+            assert err_of(data)["type"] == "invalid_request_error"
+            assert hdr.get("Access-Control-Allow-Origin") == "*"
+        # Anthropic error shape
+        st, _, data = s.raw("POST", "/v1/messages", {"max_tokens": 3})
+        assert st == 400 and json.loads(data) == {
+            "type": "error", "error": {"type": "invalid_request_error", "message": "missing messages"}}
+        # unknown fields are ignored
+        st, _, data = s.raw("POST", "/v1/chat/completions",
+                            {"messages": user("x"), "max_tokens": 1, "frobnicate": {"a": [1]},
+                             "think": False})
+        assert st == 200, data
+        # context overflow
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user("hello " * 400)})
+        e = err_of(data)
+        assert st == 400 and e["code"] == "context_length_exceeded" and e["n_ctx"] == 256
+        assert e["param"] == "messages" and e["n_prompt_tokens"] >= 256
+        # a body over 64 MiB
+        st, _, data = s.raw("POST", "/v1/chat/completions", b" " * (64 * 1024 * 1024 + 10))
+        assert st == 413 and "too large" in err_of(data)["message"]
+        # OPTIONS preflight
+        st, hdr, data = s.raw("OPTIONS", "/v1/chat/completions")
+        assert st == 204 and data == b""
+        assert s.alive()
+        st, _, _ = s.raw("GET", "/v1/models")
+        assert st == 200
+
+
+def test_server_api_key_required_when_set():
+    with Server("--api-key", "sekrit") as s:
+        st, _, data = s.raw("GET", "/v1/models")
+        assert st == 401 and err_of(data)["message"] == "invalid API key"
+        assert s.raw("GET", "/v1/models", headers={"Authorization": "Bearer sekrit"})[0] == 200
+        assert s.raw("GET", "/v1/models", headers={"x-api-key": "sekrit"})[0] == 200
+
+
+def test_server_queue_full_gets_429_and_server_stays_up():
+    with Server("--queue", "1") as s:
+        body = {"messages": user("Tell me a long story"), "max_tokens": 200, "temperature": 0,
+                "think": False}
+        results = []
+
+        def one():
+            results.append(s.raw("POST", "/v1/chat/completions", body, timeout=600))
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        codes = sorted(r[0] for r in results)
+        assert codes.count(200) >= 2, codes
+        assert codes.count(429) >= 1, codes
+        for st, _, data in results:
+            if st == 429:
+                assert "busy" in err_of(data)["message"]
+        assert s.alive() and s.raw("GET", "/v1/models")[0] == 200
+
+
+def test_server_client_disconnect_cancels_generation():
+    with Server() as s:
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        body = json.dumps({"messages": user("Write forever"), "max_tokens": 3000,
+                           "stream": True, "think": False}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        got = b""
+        while b"data:" not in got:
+            got += sock.recv(4096)
+        sock.close()
+        assert s.wait_log(r"finish=error client stream write failed", timeout=60), s.log_text()
+        # the worker is free again
+        r = s.openai().chat.completions.create(model="m", messages=user("hi"), max_tokens=2,
+                                               extra_body=NO_THINK)
+        assert r.usage.completion_tokens <= 2

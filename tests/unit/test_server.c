@@ -1,0 +1,420 @@
+/* test_server.c - ds4-server request parsers, error bodies, rendering of
+ * parsed requests and the SSE shapes of every API, without a model or a
+ * socket. The server sources are compiled into this test directly (they are
+ * a program, not part of libds4): only the files without engine or HTTP
+ * state are included.
+ */
+#include "../../server/api_anthropic.c"
+#include "../../server/api_openai.c"
+#include "../../server/api_responses.c"
+#include "../../server/common.c"
+#include "../../server/request.c"
+#include "test.h"
+
+/* ---- helpers ----------------------------------------------------------- */
+
+static int parse(srv_api api, const char *body, srv_request *rq, srv_error *e) {
+    memset(e, 0, sizeof *e);
+    return srv_parse_request(api, body, strlen(body), rq, e);
+}
+
+/* Expects a parse failure with status and message. */
+static int fails_with(srv_api api, const char *body, int status, const char *msg) {
+    srv_request rq;
+    srv_error e;
+    int rc = parse(api, body, &rq, &e);
+    srv_request_free(&rq);
+    if (rc == 0) return 0;
+    return e.status == status && !strcmp(e.msg, msg);
+}
+
+static char *render(srv_api api, const char *body, int n_ctx) {
+    srv_request rq;
+    srv_error e;
+    if (parse(api, body, &rq, &e)) {
+        srv_request_free(&rq);
+        return NULL;
+    }
+    char *t = NULL;
+    if (!srv_render(&rq, n_ctx, NULL, &e)) {
+        t = rq.text;
+        rq.text = NULL;
+    }
+    srv_request_free(&rq);
+    return t;
+}
+
+#define BOS DS4_BOS
+#define USER DS4_USER
+#define ASST DS4_ASSISTANT
+
+/* ---- parsing ------------------------------------------------------------ */
+
+DS4_TEST(server_parse_chat_fields) {
+    srv_request rq;
+    srv_error e;
+    const char *b = "{\"model\":\"m1\",\"stream\":true,\"max_tokens\":7.9,\"temperature\":0,"
+                    "\"top_k\":5000,\"stop\":[\"\",\"END\",3],\"stream_options\":{\"include_usage\":true},"
+                    "\"unknown_field\":{\"deep\":[1,2]},"
+                    "\"messages\":[{\"role\":\"system\",\"content\":\"S\"},"
+                    "{\"content\":[{\"type\":\"text\",\"text\":\"a\"},{\"type\":\"image_url\"},\"b\"]},"
+                    "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"call_1\","
+                    "\"function\":{\"name\":\"f\",\"arguments\":{\"x\":1}}},{\"function\":{}}]},"
+                    "{\"role\":\"tool\",\"tool_call_id\":\"call_1\",\"content\":\"ok\"}]}";
+    CHECK_EQ_INT(parse(SRV_API_CHAT, b, &rq, &e), 0);
+    CHECK_STR(rq.model, "m1");
+    CHECK(rq.stream && rq.include_usage);
+    CHECK_EQ_INT(rq.max_tokens, 7);
+    CHECK_EQ_INT(rq.top_k, 1024);
+    CHECK_EQ_INT(rq.n_stops, 1);
+    CHECK_STR(rq.stops[0], "END");
+    CHECK_EQ_INT(rq.chat->n_msgs, 4);
+    CHECK_STR(rq.chat->msgs[1].content, "ab");
+    CHECK_EQ_INT(rq.chat->msgs[2].n_calls, 1);
+    CHECK_STR(rq.chat->msgs[2].calls[0].arguments, "{\"x\":1}");
+    CHECK_STR(rq.chat->msgs[3].tool_call_id, "call_1");
+    CHECK_EQ_INT(rq.think, DS4_THINK_HIGH);
+    srv_request_free(&rq);
+}
+
+DS4_TEST(server_parse_errors_documented) {
+    const char *inv = "invalid JSON request";
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "[1,2]", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"stream\":\"true\"}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"max_tokens\":\"5\"}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":{}}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[\"hi\"]}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"reasoning_effort\":\"bogus\"}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"model\":\"x\"}", 400, "missing messages"));
+    CHECK(fails_with(SRV_API_COMPLETIONS, "{}", 400, "missing prompt"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{}", 400, "missing input"));
+    CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5}", 400, "missing messages"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"previous_response_id\":\"r\"}", 400,
+                     "previous_response_id is not supported; replay full input instead"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"tool_choice\":\"required\"}", 400,
+                     "tool_choice=required not supported"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"tool_choice\":{\"type\":\"function\"}}",
+                     400, "forced tool_choice not supported"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"mystery\"}]}", 400, inv));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"message\",\"status\":\"in_progress\"}]}",
+                     400, inv));
+    CHECK(fails_with(SRV_API_RESPONSES,
+                     "{\"input\":[{\"type\":\"function_call_output\",\"call_id\":\"call_9\",\"output\":\"x\"}]}",
+                     400,
+                     "Responses continuation state is not available for call_id call_9; retry by "
+                     "replaying the full input history"));
+    CHECK(fails_with(SRV_API_ANTHROPIC,
+                     "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"tool_result\","
+                     "\"tool_use_id\":\"toolu_1\",\"content\":\"x\"}]}]}",
+                     400,
+                     "Anthropic continuation state is not available for tool_use_id toolu_1; retry "
+                     "by replaying the full messages history"));
+}
+
+DS4_TEST(server_parse_thinking_controls) {
+    srv_request rq;
+    srv_error e;
+    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"model\":\"deepseek-chat\",\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_NONE);
+    srv_request_free(&rq);
+    /* an explicit control beats the alias */
+    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"model\":\"deepseek-chat\",\"think\":true,\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_HIGH);
+    srv_request_free(&rq);
+    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"reasoning_effort\":\"max\",\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_MAX);
+    srv_request_free(&rq);
+    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"thinking\":{\"type\":\"disabled\"},\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_NONE);
+    srv_request_free(&rq);
+    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"output_config\":{\"effort\":\"none\"},\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_NONE);
+    srv_request_free(&rq);
+    CHECK_EQ_INT(parse(SRV_API_RESPONSES, "{\"input\":\"x\",\"reasoning\":{\"effort\":\"low\",\"summary\":\"auto\"}}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_HIGH);
+    CHECK(rq.reasoning_summary);
+    srv_request_free(&rq);
+}
+
+DS4_TEST(server_parse_tool_choice) {
+    srv_request rq;
+    srv_error e;
+    const char *b = "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":\"function\","
+                    "\"function\":{\"name\":\"bash\",\"parameters\":{\"type\":\"object\"}}}],"
+                    "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"bash\"}}}";
+    CHECK_EQ_INT(parse(SRV_API_CHAT, b, &rq, &e), 0);
+    CHECK_EQ_INT(rq.tool_choice, SRV_TOOL_NAMED);
+    CHECK_STR(rq.tool_choice_name, "bash");
+    CHECK_STR(rq.tools_text, "{\"name\":\"bash\",\"parameters\":{\"type\":\"object\"}}");
+    CHECK(srv_tools_active(&rq));
+    srv_request_free(&rq);
+    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"messages\":[],\"tools\":[{\"name\":\"a\"}],\"tool_choice\":\"none\"}", &rq, &e), 0);
+    CHECK(!srv_tools_active(&rq));
+    srv_request_free(&rq);
+    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"messages\":[],\"tools\":[{\"name\":\"a\",\"input_schema\":{}}],"
+                                          "\"tool_choice\":{\"type\":\"any\"}}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.tool_choice, SRV_TOOL_REQUIRED);
+    srv_request_free(&rq);
+    /* Responses namespace tools: rendered name = namespace + name */
+    CHECK_EQ_INT(parse(SRV_API_RESPONSES, "{\"input\":\"x\",\"tools\":[{\"type\":\"namespace\",\"name\":\"fs.\","
+                                          "\"tools\":[{\"name\":\"read\",\"description\":\"d\"}]}]}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.n_aliases, 1);
+    CHECK_STR(rq.aliases[0].rendered, "fs.read");
+    CHECK_STR(rq.tools_text, "{\"name\":\"fs.read\",\"description\":\"d\",\"parameters\":{\"type\":\"object\",\"properties\":{}}}");
+    srv_request_free(&rq);
+}
+
+/* ---- rendering (TEXT.md B.5 examples) ---------------------------------- */
+
+DS4_TEST(server_render_matches_text_b5) {
+    char *txt = render(SRV_API_CHAT, "{\"think\":false,\"messages\":[{\"role\":\"system\",\"content\":\"You are terse.\"},"
+                                   "{\"role\":\"user\",\"content\":\"Hello\"}]}", 32768);
+    CHECK_STR(txt, BOS "You are terse." USER "Hello" ASST "</think>");
+    free(txt);
+    txt = render(SRV_API_CHAT, "{\"messages\":[{\"role\":\"system\",\"content\":\"You are terse.\"},"
+                             "{\"role\":\"user\",\"content\":\"Hello\"}]}", 32768);
+    CHECK_STR(txt, BOS "You are terse." USER "Hello" ASST "<think>");
+    free(txt);
+    /* max gated to high below 393216 tokens of context */
+    txt = render(SRV_API_CHAT, "{\"reasoning_effort\":\"max\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}", 32768);
+    CHECK_STR(txt, BOS USER "Hello" ASST "<think>");
+    free(txt);
+    txt = render(SRV_API_ANTHROPIC, "{\"system\":[{\"text\":\"A\"},{\"text\":\"x-anthropic-billing\"},\"B\"],"
+                                  "\"thinking\":{\"type\":\"disabled\"},"
+                                  "\"messages\":[{\"content\":\"first\",\"role\":\"user\"},"
+                                  "{\"role\":\"assistant\",\"content\":[{\"type\":\"text\",\"text\":\"ans\"}]},"
+                                  "{\"role\":\"user\",\"content\":\"second\"}]}", 32768);
+    CHECK_STR(txt, BOS "A\nB" USER "first" ASST "</think>ans" DS4_EOS USER "second" ASST "</think>");
+    free(txt);
+    txt = render(SRV_API_COMPLETIONS, "{\"prompt\":[\"Hi\",\"ignored\"],\"think\":false}", 32768);
+    CHECK_STR(txt, BOS "You are a helpful assistant" USER "Hi" ASST "</think>");
+    free(txt);
+    txt = render(SRV_API_RESPONSES, "{\"instructions\":\"I\",\"input\":[{\"role\":\"user\",\"content\":"
+                                  "[{\"type\":\"input_text\",\"text\":\"Q\"}]}],\"reasoning\":{\"effort\":\"none\"}}", 32768);
+    CHECK_STR(txt, BOS "I" USER "Q" ASST "</think>");
+    free(txt);
+}
+
+/* ---- error bodies -------------------------------------------------------- */
+
+DS4_TEST(server_error_bodies) {
+    srv_error e = {0};
+    srv_fail(&e, 400, "missing messages");
+    char *s = srv_error_body(SRV_API_CHAT, &e);
+    CHECK_STR(s, "{\"error\":{\"message\":\"missing messages\",\"type\":\"invalid_request_error\"}}");
+    free(s);
+    s = srv_error_body(SRV_API_ANTHROPIC, &e);
+    CHECK_STR(s, "{\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"missing messages\"}}");
+    free(s);
+    srv_fail(&e, 400, "Prompt has 40000 tokens, but the configured context size is 32768 tokens");
+    e.context = true;
+    e.n_prompt = 40000;
+    e.n_ctx = 32768;
+    e.param = "messages";
+    s = srv_error_body(SRV_API_CHAT, &e);
+    CHECK_STR(s, "{\"error\":{\"message\":\"Prompt has 40000 tokens, but the configured context size is 32768 tokens\","
+                 "\"type\":\"invalid_request_error\",\"param\":\"messages\",\"code\":\"context_length_exceeded\","
+                 "\"n_prompt_tokens\":40000,\"n_ctx\":32768}}");
+    free(s);
+}
+
+DS4_TEST(server_jstr_replaces_invalid_utf8) {
+    json_t *v = srv_jstr("a\xff" "b\xe2\x82", 5);
+    CHECK(v != NULL);
+    CHECK_STR(json_string_value(v), "a\xEF\xBF\xBD" "b\xEF\xBF\xBD\xEF\xBF\xBD");
+    json_decref(v);
+    v = srv_jstr("\xe2\x82\xac", 3); /* the euro sign is kept */
+    CHECK_STR(json_string_value(v), "\xe2\x82\xac");
+    json_decref(v);
+}
+
+/* ---- SSE shapes ------------------------------------------------------------ */
+
+static srv_job *fake_job(srv_api api, bool summary) {
+    srv_job *j = calloc(1, sizeof *j);
+    pthread_mutex_init(&j->st.mu, NULL);
+    pthread_cond_init(&j->st.cv, NULL);
+    srv_request_init(&j->rq, api);
+    j->rq.model = strdup("deepseek-v4-flash");
+    j->rq.include_usage = true;
+    j->rq.reasoning_summary = summary;
+    j->created = 1767225600;
+    j->msg_index = j->rs_index = -1;
+    snprintf(j->id, sizeof j->id, api == SRV_API_RESPONSES ? "resp_x" : "chatcmpl-7");
+    return j;
+}
+
+static void fake_free(srv_job *j) {
+    srv_request_free(&j->rq);
+    ds4_buf_free(&j->st.pending);
+    ds4_buf_free(&j->acc_content);
+    ds4_buf_free(&j->acc_reasoning);
+    for (int i = 0; i < j->n_fc_ids; i++) free(j->fc_ids[i]);
+    free(j->fc_ids);
+    free(j);
+}
+
+/* A result with one call bash {"command":"ls"}. */
+static void fake_result(srv_result *r, srv_finish f) {
+    memset(r, 0, sizeof *r);
+    r->finish = f;
+    r->parsed.content = strdup("Let me check.");
+    r->parsed.content_len = strlen(r->parsed.content);
+    r->parsed.reasoning = strdup("Need a tool.");
+    r->parsed.reasoning_len = strlen(r->parsed.reasoning);
+    r->parsed.n_calls = 1;
+    r->parsed.calls = calloc(1, sizeof *r->parsed.calls);
+    r->parsed.calls[0].id = strdup("call_0123456789abcdef0123456789abcdef");
+    r->parsed.calls[0].name = strdup("bash");
+    r->parsed.calls[0].arguments = strdup("{\"command\": \"ls\"}");
+    r->parsed.calls[0].arguments_len = strlen(r->parsed.calls[0].arguments);
+    r->think_closed = true;
+    r->usage.prompt = 42;
+    r->usage.cached = 40;
+    r->usage.completion = 9;
+}
+
+/* Splits "data: …" lines of an SSE body into parsed JSON values. */
+static int sse_events(const char *s, json_t **out, int cap, char names[][48]) {
+    int n = 0;
+    const char *p = s;
+    char pending_name[48] = "";
+    while (*p && n < cap) {
+        const char *e = strchr(p, '\n');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len > 7 && !strncmp(p, "event: ", 7)) {
+            snprintf(pending_name, sizeof pending_name, "%.*s", (int)(len - 7), p + 7);
+        } else if (len > 6 && !strncmp(p, "data: ", 6)) {
+            if (len == 12 && !strncmp(p + 6, "[DONE]", 6)) {
+                out[n] = json_string("[DONE]");
+            } else {
+                out[n] = json_loadb(p + 6, len - 6, 0, NULL);
+            }
+            if (names) snprintf(names[n], 48, "%s", pending_name);
+            pending_name[0] = 0;
+            n++;
+        }
+        p = e ? e + 1 : p + len;
+    }
+    return n;
+}
+
+DS4_TEST(server_sse_openai_chat_tool_stream) {
+    srv_job *j = fake_job(SRV_API_CHAT, false);
+    const srv_emitter *em = srv_emitter_for(SRV_API_CHAT);
+    em->begin(j);
+    em->reasoning(j, "Need", 4);
+    em->content(j, "Let me check.", 13);
+    em->tool_begin(j, 0, "call_0123456789abcdef0123456789abcdef", "bash");
+    j->n_tool_started = 1;
+    em->tool_args(j, 0, "{", 1);
+    em->tool_args(j, 0, "\"command\":\"", 11);
+    em->tool_args(j, 0, "ls", 2);
+    em->tool_args(j, 0, "\"}", 2);
+    srv_result r;
+    fake_result(&r, SRV_FINISH_TOOL_CALLS);
+    em->finish(j, &r);
+    json_t *ev[32];
+    int n = sse_events(j->st.pending.data, ev, 32, NULL);
+    CHECK_EQ_INT(n, 11);
+    CHECK_STR(json_string_value(json_object_get(ev[0], "object")), "chat.completion.chunk");
+    json_t *d0 = json_object_get(json_array_get(json_object_get(ev[0], "choices"), 0), "delta");
+    CHECK_STR(json_string_value(json_object_get(d0, "role")), "assistant");
+    /* concatenated argument fragments form the arguments JSON */
+    char args[128] = "";
+    for (int i = 0; i < n; i++) {
+        json_t *d = json_object_get(json_array_get(json_object_get(ev[i], "choices"), 0), "delta");
+        json_t *tc = json_array_get(json_object_get(d, "tool_calls"), 0);
+        const char *a = json_string_value(json_object_get(json_object_get(tc, "function"), "arguments"));
+        if (a) strcat(args, a);
+    }
+    CHECK_STR(args, "{\"command\":\"ls\"}");
+    json_t *fin = json_array_get(json_object_get(ev[8], "choices"), 0);
+    CHECK_STR(json_string_value(json_object_get(fin, "finish_reason")), "tool_calls");
+    json_t *u = json_object_get(ev[9], "usage");
+    CHECK_EQ_INT(json_integer_value(json_object_get(json_object_get(u, "prompt_tokens_details"), "cached_tokens")), 40);
+    CHECK_EQ_INT(json_integer_value(json_object_get(u, "total_tokens")), 51);
+    CHECK_STR(json_string_value(ev[10]), "[DONE]");
+    for (int i = 0; i < n; i++) json_decref(ev[i]);
+    srv_result_free(&r);
+    fake_free(j);
+}
+
+DS4_TEST(server_sse_anthropic_blocks) {
+    srv_job *j = fake_job(SRV_API_ANTHROPIC, false);
+    const srv_emitter *em = srv_emitter_for(SRV_API_ANTHROPIC);
+    j->usage.prompt = 42;
+    j->usage.cached = 40;
+    em->begin(j);
+    em->reasoning(j, "Need a tool.", 12);
+    em->content(j, "Before.", 7);
+    em->tool_begin(j, 0, "toolu_01", "bash");
+    j->n_tool_started = 1;
+    em->tool_args(j, 0, "{\"command\":\"ls\"}", 16);
+    em->tool_end(j, 0);
+    srv_result r;
+    fake_result(&r, SRV_FINISH_TOOL_CALLS);
+    em->finish(j, &r);
+    json_t *ev[32];
+    char names[32][48];
+    int n = sse_events(j->st.pending.data, ev, 32, names);
+    static const char *const want[] = {"message_start", "content_block_start", "content_block_delta",
+                                       "content_block_delta", "content_block_stop", "content_block_start",
+                                       "content_block_delta", "content_block_stop", "content_block_start",
+                                       "content_block_delta", "content_block_stop", "message_delta",
+                                       "message_stop"};
+    CHECK_EQ_INT(n, 13);
+    for (int i = 0; i < n; i++) {
+        CHECK_STR(names[i], want[i]);
+        CHECK_STR(json_string_value(json_object_get(ev[i], "type")), want[i]);
+    }
+    json_t *usage = json_object_get(json_object_get(ev[0], "message"), "usage");
+    CHECK_EQ_INT(json_integer_value(json_object_get(usage, "cache_read_input_tokens")), 40);
+    CHECK_EQ_INT(json_integer_value(json_object_get(usage, "cache_creation_input_tokens")), 2);
+    CHECK_STR(json_string_value(json_object_get(json_object_get(ev[3], "delta"), "type")), "signature_delta");
+    CHECK_EQ_INT(json_integer_value(json_object_get(ev[8], "index")), 2);
+    CHECK_STR(json_string_value(json_object_get(json_object_get(ev[9], "delta"), "type")), "input_json_delta");
+    CHECK_STR(json_string_value(json_object_get(json_object_get(ev[11], "delta"), "stop_reason")), "tool_use");
+    for (int i = 0; i < n; i++) json_decref(ev[i]);
+    /* the non-streaming message carries the compact input object */
+    char *body = em->body(j, &r);
+    json_t *m = json_loads(body, 0, NULL);
+    json_t *c = json_object_get(m, "content");
+    CHECK_EQ_INT(json_array_size(c), 3);
+    CHECK_STR(json_string_value(json_object_get(json_object_get(json_array_get(c, 2), "input"), "command")), "ls");
+    json_decref(m);
+    free(body);
+    srv_result_free(&r);
+    fake_free(j);
+}
+
+DS4_TEST(server_sse_responses_sequence) {
+    srv_job *j = fake_job(SRV_API_RESPONSES, true);
+    const srv_emitter *em = srv_emitter_for(SRV_API_RESPONSES);
+    em->begin(j);
+    em->reasoning(j, "Need a tool.", 12);
+    em->content(j, "Let me check.", 13);
+    srv_result r;
+    fake_result(&r, SRV_FINISH_TOOL_CALLS);
+    em->finish(j, &r);
+    json_t *ev[64];
+    int n = sse_events(j->st.pending.data, ev, 64, NULL);
+    CHECK(n >= 14);
+    for (int i = 0; i < n; i++) {
+        /* "type" first, then "sequence_number" = i */
+        void *it = json_object_iter(ev[i]);
+        CHECK_STR(json_object_iter_key(it), "type");
+        CHECK_STR(json_object_iter_key(json_object_iter_next(ev[i], it)), "sequence_number");
+        CHECK_EQ_INT(json_integer_value(json_object_get(ev[i], "sequence_number")), i);
+    }
+    CHECK_STR(json_string_value(json_object_get(ev[0], "type")), "response.created");
+    CHECK_STR(json_string_value(json_object_get(ev[n - 1], "type")), "response.completed");
+    json_t *out = json_object_get(json_object_get(ev[n - 1], "response"), "output");
+    CHECK_EQ_INT(json_array_size(out), 3);
+    CHECK_STR(json_string_value(json_object_get(json_array_get(out, 2), "arguments")), "{\"command\":\"ls\"}");
+    for (int i = 0; i < n; i++) json_decref(ev[i]);
+    srv_result_free(&r);
+    fake_free(j);
+}
