@@ -162,14 +162,6 @@ static int select_top_k(const float *lg, int n, int k, int32_t *ids) {
     return m;
 }
 
-/* qsort_r comparator: descending logit (ties in unspecified order, as ds4's
- * unstable sort, TEXT.md E.5). */
-static int cmp_desc(const void *a, const void *b, void *ctx) {
-    const float *lg = ctx;
-    float la = lg[*(const int32_t *)a], lb = lg[*(const int32_t *)b];
-    return (la < lb) - (la > lb);
-}
-
 /* D.3 steps 2-4 over candidates ids[0..m) sorted best first. */
 static int32_t sample_sorted(ds4_sampler *s, const float *lg, int m, float temp, float top_p,
                              float min_p, ds4_rng *rng) {
@@ -217,11 +209,12 @@ int32_t ds4_sampler_sample(ds4_sampler *s, const float *lg, const ds4_sampler_pa
         return sample_sorted(s, lg, m, temp, top_p, min_p, rng);
     }
     if (top_p < 1.0f) {
-        int m = 0;
-        for (int i = 0; i < n; i++)
-            if (isfinite(lg[i])) s->ids[m++] = i;
+        /* Full sort by descending logit. ds4 uses an unstable sort (order of
+         * exact ties unspecified, TEXT.md E.5); we break ties by lower id,
+         * with the same in-place heap as top_k: no allocation (qsort may
+         * allocate). */
+        int m = select_top_k(lg, n, n, s->ids);
         if (m == 0) return ds4_argmax(lg, n);
-        qsort_r(s->ids, (size_t)m, sizeof *s->ids, cmp_desc, (void *)lg);
         return sample_sorted(s, lg, m, temp, top_p, min_p, rng);
     }
 

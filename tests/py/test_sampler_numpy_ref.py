@@ -127,8 +127,8 @@ def test_sampler_matches_numpy_reference_on_random_cases(lib):
         top_p = rnd.choice([1.0, 1.0, 0.5, 0.9, 0.99, 1.5, -1.0])
         min_p = rnd.choice([0.05, 0.0, 0.2, -0.5])
         seed = rnd.getrandbits(64) | 1
-        if top_k == 0 and 0 < top_p < 1 and len(set(lg.tolist())) < n:
-            continue  # ds4's unstable sort orders exact ties arbitrarily (TEXT.md E.5)
+        # exact ties on the top_p path: ds4's order is unspecified (TEXT.md
+        # E.5); ours is by lower id, like the reference
         s = lib.ds4_sampler_new(n, None)
         prm = Params(T, top_k, top_p, min_p, 0)
         state = ctypes.c_uint64(seed)
