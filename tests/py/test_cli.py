@@ -202,11 +202,14 @@ def test_cli_oneshot_greedy_deterministic_and_equals_prefill_argmax(model, tmp_p
     eos = None
     sel = [s["selected"]["id"] for s in doc["steps"]]
     L = full_logits(model, tmp_path, ids + sel[:-1])
+    checked = 0
     for i, t in enumerate(sel):
         row = L[len(ids) - 1 + i]
         top2 = np.sort(row)[-2:]
         if top2[1] - top2[0] > 1e-3:  # skip near-ties, where rounding may flip the argmax
             assert int(np.argmax(row)) == t, "step %d" % i
+            checked += 1
+    assert checked >= len(sel) - 2, "too many near-ties to compare (%d of %d)" % (checked, len(sel))
     # The one-shot output is exactly those tokens' bytes (no EOS, no think markers).
     text = b""
     for s in doc["steps"]:
