@@ -437,6 +437,34 @@ DS4_TEST(quant_dot_f32_equals_dequant_then_dot_all_paths) {
     free(x), free(y), free(y2);
 }
 
+/* Plain types take any row length: odd lengths exercise the SIMD tails. */
+DS4_TEST(quant_plain_types_odd_lengths_all_paths) {
+    enum { N = 1001 };
+    static const int types[] = {DS4_TYPE_F32, DS4_TYPE_F16, DS4_TYPE_BF16};
+    float x[N], y[N], y2[N];
+    rng_seed(23);
+    for (int i = 0; i < N; i++) x[i] = rng_gauss();
+    for (int ti = 0; ti < 3; ti++) {
+        int type = types[ti];
+        void *row = rand_row(type, N);
+        ds4_quant_kernels_get(type, DS4_SIMD_SCALAR)->dequant(row, y, N);
+        double ref = 0, mag = 0;
+        for (int i = 0; i < N; i++) ref += (double)y[i] * x[i], mag += fabs((double)y[i] * x[i]);
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AVX2; simd++) {
+            const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
+            if (!k) continue;
+            for (int n = N - 7; n <= N; n++) {
+                memset(y2, 0, sizeof y2);
+                k->dequant(row, y2, n);
+                CHECK_MSG(memcmp(y, y2, (size_t)n * 4) == 0 && y2[n - 1] == y[n - 1], "%s n=%d simd %d",
+                          ds4_type_name(type), n, simd);
+            }
+            CHECK_NEAR(k->dot_f32(row, x, N), ref, 1e-5 * mag);
+        }
+        free(row);
+    }
+}
+
 /* dequantized activation of Q8_0 / Q8_K blocks */
 static void dequant_act(int act, const void *xq, float *y, int64_t n) {
     if (act == DS4_TYPE_Q8_0) {
