@@ -305,3 +305,23 @@ def test_cli_oneshot_sigint_stops_generation_cleanly(model):
     m = STATS_RE.search(err.decode(errors="replace"))
     assert m and 0 < int(m.group(4)) < 4000
     assert SPEED_RE.search(err.decode())
+
+
+@pytest.mark.parametrize("flags,system,gen_prefix", [
+    (["--nothink"], "You are a helpful assistant", "</think>"),
+    (["--think"], "You are a helpful assistant", "<think>"),
+    (["--nothink", "-sys", ""], "", "</think>"),
+    (["--think-max"], "You are a helpful assistant", "<think>"),  # ctx 1024 < 393216: high
+])
+def test_cli_oneshot_prompt_template_per_mode_and_system(model, tmp_path, flags, system, gen_prefix):
+    """Prompt length of the B.6 one-shot template, checked against --dump-tokens of
+    the equivalent rendered text; the Think-Max gate falls back with a warning."""
+    out = tmp_path / "lp.json"
+    r = run(base(model, *flags, "-n", "1", "--dump-logprobs", str(out), "-p", PROMPT))
+    assert r.returncode == 0, r.stderr
+    if "--think-max" in flags:
+        assert b"warning: --think-max needs --ctx >= 393216" in r.stderr
+    text = ("<｜begin▁of▁sentence｜>" + system + "<｜User｜>" + PROMPT + "<｜Assistant｜>" + gen_prefix)
+    d = run(["-m", model, "--dump-tokens", "-p", text])
+    ids = json.loads(d.stdout.decode().splitlines()[0])
+    assert json.loads(out.read_bytes())["prompt_tokens"] == len(ids)
