@@ -325,3 +325,13 @@ def test_cli_oneshot_prompt_template_per_mode_and_system(model, tmp_path, flags,
     d = run(["-m", model, "--dump-tokens", "-p", text])
     ids = json.loads(d.stdout.decode().splitlines()[0])
     assert json.loads(out.read_bytes())["prompt_tokens"] == len(ids)
+
+
+def test_cli_oneshot_prerendered_prompt_used_as_is(model, tmp_path):
+    text = "<｜begin▁of▁sentence｜>sys<｜User｜>" + PROMPT + "<｜Assistant｜><think>"
+    out = tmp_path / "lp.json"
+    r = run(base(model, "--nothink", "-n", "1", "--dump-logprobs", str(out), "-p", text))
+    assert r.returncode == 0, r.stderr
+    d = run(["-m", model, "--dump-tokens", "-p", text])
+    ids = json.loads(d.stdout.decode().splitlines()[0])
+    assert json.loads(out.read_bytes())["prompt_tokens"] == len(ids)
