@@ -1,0 +1,83 @@
+"""ds4-server disk KV cache (--kv-disk-dir) on the demo model: a prompt saved
+by one server process is restored by the next one instead of being
+recomputed, gives the same greedy output as a cold run, and damaged cache
+files are rejected, removed and logged, never loaded.
+"""
+import os
+import re
+
+from test_server import NO_THINK, Server
+
+SYSTEM = ("You are the demo assistant of the ds4 test suite. Answer briefly and never "
+          "invent facts. ") * 12
+KW = dict(model="deepseek-v4-flash", max_tokens=8, temperature=0, extra_body=NO_THINK)
+
+
+def cache_args(d):
+    # small thresholds so the demo prompt (~300 tokens) is worth saving
+    return ["--kv-disk-dir", d, "--kv-cache-min-tokens", "32",
+            "--kv-cache-boundary-align-tokens", "0", "--kv-cache-boundary-trim-tokens", "4"]
+
+
+def messages(q):
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+
+
+def kv_files(d):
+    return sorted(f for f in os.listdir(d) if re.fullmatch(r"[0-9a-f]{40}\.kv", f))
+
+
+def test_server_disk_cache_restores_prefix_after_restart(tmp_path):
+    d = str(tmp_path / "kv")
+    with Server(*cache_args(d)) as s:
+        a = s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+        assert a.usage.prompt_tokens_details.cached_tokens == 0
+        assert s.wait_log(r"kv cache stored tokens=\d+ reason=cold")
+    # the clean shutdown saved the live session too
+    assert re.search(r"kv cache stored tokens=\d+ reason=shutdown", s.log_text())
+    assert len(kv_files(d)) >= 1
+    with Server(*cache_args(d)) as s:
+        b = s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+        log = s.log_text()
+    assert re.search(r"kv cache hit text tokens=\d+", log), log
+    assert "kv reuse disk" in log
+    # restored, not recomputed: most of the prompt is reported as cached
+    assert b.usage.prompt_tokens_details.cached_tokens >= b.usage.prompt_tokens // 2
+    assert b.choices[0].message.content == a.choices[0].message.content
+    assert b.usage.completion_tokens == a.usage.completion_tokens
+
+
+def test_server_disk_cache_rejects_corrupt_and_truncated_files(tmp_path):
+    d = str(tmp_path / "kv")
+    with Server(*cache_args(d)) as s:
+        a = s.openai().chat.completions.create(messages=messages("Hello"), **KW)
+    log = s.log_text()
+    cold = re.search(r"reason=cold file=([0-9a-f]{40}\.kv)", log).group(1)
+    down = re.search(r"reason=shutdown file=([0-9a-f]{40}\.kv)", log).group(1)
+    assert cold != down and set(kv_files(d)) == {cold, down}
+    # the shutdown checkpoint is truncated (caught when the store opens), the
+    # cold one, whose key matches the next prompt, gets one flipped payload
+    # byte (caught by its digest when it is loaded)
+    p = os.path.join(d, down)
+    os.truncate(p, os.path.getsize(p) // 2)
+    p = os.path.join(d, cold)
+    size = os.path.getsize(p)
+    with open(p, "r+b") as fh:
+        fh.seek(size * 3 // 4)
+        byte = fh.read(1)
+        fh.seek(size * 3 // 4)
+        fh.write(bytes([byte[0] ^ 0x5A]))
+    damaged = {f: open(os.path.join(d, f), "rb").read() for f in (cold, down)}
+    with Server(*cache_args(d)) as s:
+        b = s.openai().chat.completions.create(messages=messages("Hello"), **KW)
+        log = s.log_text()
+        assert s.alive()
+    assert "kv cache hit" not in log
+    assert b.usage.prompt_tokens_details.cached_tokens == 0
+    assert b.choices[0].message.content == a.choices[0].message.content
+    for f in (cold, down):
+        assert re.search(r"kv cache: .*removed.*" + f[:40], log), "no log line names " + f
+        # the damaged bytes are gone (the server may have stored a fresh,
+        # valid checkpoint under the same name since)
+        p = os.path.join(d, f)
+        assert not os.path.exists(p) or open(p, "rb").read() != damaged[f], f + " was kept"
