@@ -15,8 +15,11 @@
 
 struct ds4_sampler {
     int n_vocab;
-    float *p;      /* (n_vocab) probabilities / scratch values */
-    int32_t *ids;  /* (n_vocab) candidate ids (heap or sort order) */
+    float *p;       /* (n_vocab) probabilities / scratch values */
+    int32_t *ids;   /* (n_vocab) candidate ids (heap or sort order) */
+    int32_t *ids2;  /* (n_vocab) radix sort ping-pong buffer */
+    uint32_t *key;  /* (n_vocab) radix keys */
+    uint32_t *key2; /* (n_vocab) */
 };
 
 ds4_sampler_params ds4_sampler_defaults(void) {
@@ -76,8 +79,11 @@ ds4_sampler *ds4_sampler_new(int n_vocab, ds4_err *err) {
         s->n_vocab = n_vocab;
         s->p = malloc((size_t)n_vocab * sizeof *s->p);
         s->ids = malloc((size_t)n_vocab * sizeof *s->ids);
+        s->ids2 = malloc((size_t)n_vocab * sizeof *s->ids2);
+        s->key = malloc((size_t)n_vocab * sizeof *s->key);
+        s->key2 = malloc((size_t)n_vocab * sizeof *s->key2);
     }
-    if (!s || !s->p || !s->ids) {
+    if (!s || !s->p || !s->ids || !s->ids2 || !s->key || !s->key2) {
         ds4_sampler_free(s);
         ds4_err_set(err, DS4_E_NOMEM, "sampler: no memory for %d logits", n_vocab);
         return NULL;
@@ -89,6 +95,9 @@ void ds4_sampler_free(ds4_sampler *s) {
     if (!s) return;
     free(s->p);
     free(s->ids);
+    free(s->ids2);
+    free(s->key);
+    free(s->key2);
     free(s);
 }
 
@@ -162,6 +171,44 @@ static int select_top_k(const float *lg, int n, int k, int32_t *ids) {
     return m;
 }
 
+/* All finite logits into s->ids[0..ret), by descending logit, ties by
+ * lower id: a stable LSD radix sort (3 passes of 11 bits) on keys that
+ * order floats descending. Linear time, no allocation. */
+static int sort_all(ds4_sampler *s, const float *lg) {
+    int m = 0;
+    for (int i = 0; i < s->n_vocab; i++) {
+        if (!isfinite(lg[i])) continue;
+        uint32_t u;
+        memcpy(&u, &lg[i], 4);
+        u = (u & 0x80000000u) ? ~u : (u | 0x80000000u); /* ascending order */
+        s->key[m] = ~u;                                   /* descending */
+        s->ids[m] = i;
+        m++;
+    }
+    uint32_t *k0 = s->key, *k1 = s->key2;
+    int32_t *i0 = s->ids, *i1 = s->ids2;
+    for (int shift = 0; shift < 33; shift += 11) {
+        uint32_t cnt[2048] = {0};
+        for (int j = 0; j < m; j++) cnt[(k0[j] >> shift) & 2047]++;
+        uint32_t sum = 0;
+        for (int b = 0; b < 2048; b++) {
+            uint32_t c = cnt[b];
+            cnt[b] = sum;
+            sum += c;
+        }
+        for (int j = 0; j < m; j++) {
+            uint32_t d = cnt[(k0[j] >> shift) & 2047]++;
+            k1[d] = k0[j];
+            i1[d] = i0[j];
+        }
+        uint32_t *kt = k0; k0 = k1; k1 = kt;
+        int32_t *it = i0; i0 = i1; i1 = it;
+    }
+    /* three passes: the result is in the second buffers */
+    memcpy(s->ids, i0, (size_t)m * sizeof *s->ids);
+    return m;
+}
+
 /* D.3 steps 2-4 over candidates ids[0..m) sorted best first. */
 static int32_t sample_sorted(ds4_sampler *s, const float *lg, int m, float temp, float top_p,
                              float min_p, ds4_rng *rng) {
@@ -210,10 +257,9 @@ int32_t ds4_sampler_sample(ds4_sampler *s, const float *lg, const ds4_sampler_pa
     }
     if (top_p < 1.0f) {
         /* Full sort by descending logit. ds4 uses an unstable sort (order of
-         * exact ties unspecified, TEXT.md E.5); we break ties by lower id,
-         * with the same in-place heap as top_k: no allocation (qsort may
-         * allocate). */
-        int m = select_top_k(lg, n, n, s->ids);
+         * exact ties unspecified, TEXT.md E.5); we break ties by lower id
+         * with a stable radix sort (qsort could allocate). */
+        int m = sort_all(s, lg);
         if (m == 0) return ds4_argmax(lg, n);
         return sample_sorted(s, lg, m, temp, top_p, min_p, rng);
     }
