@@ -194,7 +194,11 @@ void ds4_dsml_stream_free(ds4_dsml_stream *s);
  * marker, partial entity, partial UTF-8 character or trailing whitespace
  * before a possible block is held back, never emitted as text. The event
  * sequence, with consecutive deltas of one kind merged, is the same for
- * every split of the same text. Returns 0, DS4_E_NOMEM or DS4_E_CANCEL. */
+ * every split of the same text. Work is linear in the bytes fed. The
+ * projection stops (one ERROR event; the bytes are then held for finish)
+ * on markup it cannot stream: a malformed block, a nested parameter object
+ * (C.6 recovery form), or a tag with no '>' within 4 KiB.
+ * Returns 0, DS4_E_NOMEM or DS4_E_CANCEL. */
 int ds4_dsml_stream_feed(ds4_dsml_stream *s, const char *bytes, size_t n,
                          ds4_dsml_event_fn fn, void *ud);
 
@@ -261,7 +265,9 @@ int ds4_dsml_replay_load(ds4_dsml_replay *m, const uint8_t *bytes, size_t n,
                          const char *const *only_ids, int n_only, size_t *consumed,
                          ds4_err *err);
 
-/* 1 if id's entry came from a trailer, 0 if from put, -1 if unknown. */
+/* 1 if id's entry came from a trailer, 0 if from put, -1 if unknown. Does
+ * not touch recency, so it also serves as a membership test (e.g. to
+ * regenerate a fresh call id that collides with a remembered one, C.8). */
 int ds4_dsml_replay_from_disk(const ds4_dsml_replay *m, const char *id);
 
 #endif
