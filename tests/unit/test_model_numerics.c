@@ -42,7 +42,7 @@ DS4_TEST(model_numerics_e2m1_round_ties_even) {
                   want[i]);
     float x[32] = {12.0f, 1.0f, 2.9f}; /* amax 12 -> scale 2 */
     ds4_num_fp4_round(x, 32);
-    CHECK(x[0] == 12.0f && x[1] == 0.0f && x[2] == 3.0f); /* 0.5 -> tie 0|0.5? no: 0.5 exact -> 1.0 */
+    CHECK(x[0] == 12.0f && x[1] == 1.0f && x[2] == 3.0f); /* 1/2 = 0.5 exact; 2.9/2 = 1.45 -> 1.5 */
 }
 
 DS4_TEST(model_numerics_hadamard_orthonormal) {
