@@ -13,6 +13,9 @@
  */
 #include "quant.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -499,8 +502,11 @@ static void simd_init(void) {
     }
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
+    /* F16C via cpuid leaf 1 (ECX bit 29): clang's __builtin_cpu_supports
+     * does not know "f16c". */
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+    if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
         simd_best = DS4_SIMD_AVX2;
 #endif
 }
