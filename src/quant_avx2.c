@@ -316,14 +316,18 @@ static TGT float dotq_q2_k(const void *row, const void *xq, int64_t n) {
 
 /* ---- IQ2_XXS ---------------------------------------------------------------- */
 
-/* 32 bytes of 0xFF where the value of this group is negative, else 0. */
+/* 32 bytes of 0xFF where the value of this group is negative, else 0.
+ * The sign word has bit 8k+j = sign of value 8k+j (ksigns_iq2xs of
+ * sub-group k: its 7 stored bits plus their parity); one byte shuffle
+ * spreads byte k over bytes 8k..8k+7. */
 static inline TGT __m256i iq2_signmask(uint32_t a1) {
-    __m256i s = _mm256_setr_epi64x((int64_t)(0x0101010101010101ull * ds4_ksigns_iq2xs[a1 & 127]),
-                                   (int64_t)(0x0101010101010101ull * ds4_ksigns_iq2xs[(a1 >> 7) & 127]),
-                                   (int64_t)(0x0101010101010101ull * ds4_ksigns_iq2xs[(a1 >> 14) & 127]),
-                                   (int64_t)(0x0101010101010101ull * ds4_ksigns_iq2xs[(a1 >> 21) & 127]));
+    uint32_t w = (uint32_t)ds4_ksigns_iq2xs[a1 & 127] | (uint32_t)ds4_ksigns_iq2xs[(a1 >> 7) & 127] << 8 |
+                 (uint32_t)ds4_ksigns_iq2xs[(a1 >> 14) & 127] << 16 | (uint32_t)ds4_ksigns_iq2xs[(a1 >> 21) & 127] << 24;
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ull);
-    return _mm256_cmpeq_epi8(_mm256_and_si256(s, bit), bit);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
 }
 
 static inline TGT __m256i iq2_mags(uint32_t a0) {
