@@ -19,6 +19,10 @@
  * const data (src/quant_tables.c, generated from tests/data/tables); the
  * IQ2_XXS quantizer's neighbour tables and the SIMD selection are built once
  * on first use under pthread_once.
+ *
+ * Files: quant.c (traits, conversions, scalar kernels, dispatch), quant_ref.c
+ * (reference quantizers), quant_avx2.c (AVX2/FMA/F16C kernels chosen at run
+ * time), quant_tables.c (generated tables), quant_impl.h (internal).
  */
 #ifndef DS4_QUANT_H
 #define DS4_QUANT_H
@@ -127,15 +131,17 @@ uint16_t ds4_f32_to_f16(float f);   /* overflow -> inf, NaN -> 0x7E00|sign */
 float ds4_bf16_to_f32(uint16_t h);
 uint16_t ds4_f32_to_bf16(float f);  /* NaN -> top 16 bits | 0x40 */
 
-/* ---- row operations (all thread-safe, no allocation) -------------------- */
+/* ---- row operations (thread-safe; no per-call allocation) ---------------- */
 
 /* dst[0..n) = dequantized src (a row of `type`: F32, F16, BF16, Q8_0, Q2_K,
  * Q4_K, IQ2_XXS; I32 converts the integers to float). Bit-identical to
- * gguf-py's dequantize for every type it knows, on every SIMD path. */
+ * gguf-py's dequantize for every type it knows, on every SIMD path (NaN
+ * payloads aside: F16C quiets signalling NaNs). */
 void ds4_dequant_row(int type, const void *src, float *dst, int64_t n);
 
 /* sum_i dequant(row)[i] * x[i] for a row of n values (types as above except
- * I32). SIMD paths may sum in a different order (tolerance ~1e-6 relative). */
+ * I32). SIMD paths sum in another order: results differ by float rounding
+ * only (tests bound it by 1e-5 * sum_i |y_i * x_i|). */
 float ds4_dot_row_f32(int type, const void *row, const float *x, int64_t n);
 
 /* Quantizes activations x[0..n) to act_type (DS4_TYPE_Q8_0 or DS4_TYPE_Q8_K;
