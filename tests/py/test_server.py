@@ -452,3 +452,21 @@ def test_server_client_disconnect_cancels_generation():
         r = s.openai().chat.completions.create(model="m", messages=user("hi"), max_tokens=2,
                                                extra_body=NO_THINK)
         assert r.usage.completion_tokens <= 2
+
+
+def test_server_stop_sequences_cut_output_streaming_and_not():
+    kw = dict(model="m", messages=user("Count with me"), max_tokens=16, temperature=0,
+              extra_body=NO_THINK)
+    with Server() as s:
+        c = s.openai()
+        full = c.chat.completions.create(**kw).choices[0].message.content
+        assert len(full) >= 6, full
+        stop = full[3:6]
+        want = full[:full.index(stop)]
+        r = c.chat.completions.create(stop=[stop, "zzqq-never-zzqq"], **kw)
+        assert r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.content == want
+        parts = list(c.chat.completions.create(stop=stop, stream=True, **kw))
+        assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == want
+        z = c.chat.completions.create(**dict(kw, max_tokens=0))
+        assert z.choices[0].finish_reason == "length" and z.usage.completion_tokens == 0

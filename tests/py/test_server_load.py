@@ -94,8 +94,16 @@ def run_load(server, clients=32, seconds=15.0, max_tokens=16):
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
+    # RSS every ~10% of the run: growth that plateaus is allocator warm-up,
+    # growth that continues is a leak
+    series = []
+    while any(t.is_alive() for t in threads):
+        time.sleep(max(1.0, seconds / 10))
+        if server.alive():
+            series.append(rss_kib(server.proc.pid))
     for t in threads:
         t.join()
+    stats["rss_series_kib"] = series
     stats["rss_before_kib"] = rss_before
     stats["rss_after_kib"] = rss_kib(server.proc.pid)
     stats["alive"] = server.alive()
@@ -126,6 +134,7 @@ def main():
           "server alive %s, exit %s" % (a.clients, el, st["done"], st["errors"],
                                        st["rss_before_kib"] / 1024, st["rss_after_kib"] / 1024,
                                        st["alive"], s.proc.returncode))
+    print("RSS during the run (MiB):", " ".join("%.0f" % (k / 1024) for k in st["rss_series_kib"]))
     for e in st["error_samples"]:
         print("  error:", e)
     return 1 if st["errors"] or not st["alive"] else 0
