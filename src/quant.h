@@ -160,8 +160,9 @@ float ds4_dot_row_q(int type, const void *row, const void *xq, int64_t n);
  * which builds the synthetic importance of §C.6). Returns 0 (and writes
  * nothing) for a type it cannot produce, a bad n, a non-finite value in a
  * block type's row, or a negative/non-finite importance. Scalar, byte-exact
- * with ggml's reference quantizers when built with -ffp-contract=off.
- * Thread-safe. For IQ2_XXS the first call builds its search tables (~0.1 s). */
+ * with ggml's reference quantizers when built with -ffp-contract=off
+ * (checked against tests/data/quant_golden).
+ * Thread-safe. For IQ2_XXS the first call builds its search tables (a few ms). */
 size_t ds4_quantize_row(int type, const float *src, void *dst, int64_t n,
                         const float *imatrix);
 
