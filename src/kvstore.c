@@ -34,6 +34,13 @@
  * scan trust tokens and key without reading payloads; the payload and trailer
  * digests are checked when they are read.
  *
+ * Deviations from antirez/ds4 (SERVING.md C.4/C.5), deliberate: names hash
+ * the token prefix (plus fingerprint and key text) instead of SHA-1 of the
+ * key text, so token-prefix lookups work without rendering text; text-keyed
+ * lookups (C.2 rule 8, visible keys of C.3) use ds4_kvstore_find_text on the
+ * stored key text. Any file that fails validation is removed (C.4 keeps some),
+ * since a digest mismatch can only mean damage.
+ *
  * Invariants: the in-memory index holds exactly the files of this model that
  * passed the header-region validation; total_bytes is the sum of their sizes.
  * Index mutations and renames/unlinks happen under mu; bulk reads and writes
