@@ -17,6 +17,19 @@
 
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+/* Dot product of float32 vectors with 8 partial sums (vectorizable without
+ * reassociation by the compiler). The order is fixed, so every caller gets
+ * the same result for the same inputs whatever the batch. */
+static float dot8(const float *a, const float *b, int n) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* ------------------------------------------------------------ embed */
 
 int cpu_embed(void *ctx, const ds4_embed_args *a) {
@@ -304,8 +317,7 @@ static void idx_task(void *p, int t0, int t1, int tid) {
             float tot = 0;
             for (int h = 0; h < IH; h++) {
                 const float *qh = q + (size_t)h * ID;
-                float dot = 0;
-                for (int i = 0; i < ID; i++) dot += qh[i] * kr[i];
+                float dot = dot8(qh, kr, ID);
                 float s = (dot > 0 ? dot : 0) * sm_scale;
                 tot += s * (wt[h] * w_scale);
             }
@@ -376,9 +388,7 @@ static void attn_task(void *p, int i0, int i1, int tid) {
         for (int r = 0; r < n_comp; r++) rows[n_raw + r] = a->comp + (size_t)(sel ? sel[r] : r) * dh;
         float mx = l->sinks[h];
         for (int r = 0; r < nr; r++) {
-            float dot = 0;
-            for (int i = 0; i < dh; i++) dot += qh[i] * rows[r][i];
-            sc[r] = dot * scale;
+            sc[r] = dot8(qh, rows[r], dh) * scale;
             mx = fmaxf(mx, sc[r]);
         }
         float den = 0;

@@ -1,0 +1,43 @@
+/* dev/make_test_model.c - writes a random-weight DeepSeek V4 GGUF of a chosen
+ * size with the unit tests' builder (for speed measurements).
+ * usage: make_test_model OUT.gguf D layers experts ffn vocab mat_type exp_type
+ *   types: f32 | q8_0 | q4_K (experts) ; layers use the 0,0,4,8,4,8,... schedule
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../tests/unit/test_model_build.c"
+
+static int type_of(const char *s) {
+    if (!strcmp(s, "q8_0")) return DS4_TYPE_Q8_0;
+    if (!strcmp(s, "q4_K")) return DS4_TYPE_Q4_K;
+    if (!strcmp(s, "q2_K")) return DS4_TYPE_Q2_K;
+    if (!strcmp(s, "iq2_xxs")) return DS4_TYPE_IQ2_XXS;
+    if (!strcmp(s, "f16")) return DS4_TYPE_F16;
+    return DS4_TYPE_F32;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 9) { fprintf(stderr, "usage: see source\n"); return 2; }
+    tm_cfg c = tm_default();
+    c.D = atoi(argv[2]);
+    c.n_layer = atoi(argv[3]);
+    c.E = atoi(argv[4]);
+    c.K = c.E < 6 ? c.E : 6;
+    c.F = atoi(argv[5]);
+    c.V = atoi(argv[6]);
+    c.type_mat = type_of(argv[7]);
+    c.type_gate = c.type_down = type_of(argv[8]);
+    c.type_small = DS4_TYPE_F16;
+    c.H = 16;
+    c.dh = 512;
+    c.G = 4;
+    c.q_lora = 256;
+    c.o_lora = 256;
+    c.window = 128;
+    c.IH = 16;
+    c.topk = 64;
+    for (int i = 0; i < c.n_layer && i < 64; i++) c.ratios[i] = i < 2 ? 0 : (i % 2 ? 128 : 4);
+    return tm_build(&c, argv[1]) ? 1 : 0;
+}
