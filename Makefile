@@ -72,7 +72,7 @@ build/asan/%.o: %.c | build/.deps-ok
 build/ds4-test: $(TEST_OBJ) $(ASAN_OBJ)
 	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)
 
-test: all build/ds4-test $(DEV_BIN)
+test: all build/ds4-test $(DEV_BIN) build/demo.gguf
 	@bash tools/test_env.sh
 	@.venv/bin/python tests/run.py
 
