@@ -6,8 +6,9 @@
  * always describe exactly the state held by its ds4_fwd (position n), and
  * `logits` holds the logits after tokens[n-1] whenever n > 0. Any failure
  * while evaluating leaves the session empty (n = 0), never half-updated.
- * Rewind recomputes from the start (correctness first; MODEL.md §D has no
- * cheaper exact way to drop compressed rows' contributions from frontiers).
+ * Rewind and diverging syncs restore the latest light checkpoint inside the
+ * kept prefix (or start over) and re-evaluate the rest; because prefill and
+ * decode are bit-identical on the CPU the result equals a fresh run.
  */
 #include "ds4.h"
 
@@ -40,6 +41,18 @@ struct ds4_engine {
     char describe[2048];
 };
 
+/* A light checkpoint (forward.h): the state at `pos` for the timeline that
+ * currently starts with tokens[0..pos). Taken at the end of multi-token
+ * evaluations; rewind and sync restore the latest one at or before the point
+ * they keep, instead of recomputing from the start. */
+#define N_CKPT 4
+typedef struct ckpt {
+    int pos;               /* 0 = unused */
+    uint64_t seq;          /* age, for replacement */
+    void *state;           /* ds4_fwd_ckpt_bytes */
+    float *logits;         /* (n_vocab) after tokens[pos-1] */
+} ckpt;
+
 struct ds4_session {
     ds4_engine *e;
     int n_ctx, n_batch;
@@ -47,6 +60,8 @@ struct ds4_session {
     int n_tokens;
     float *logits;         /* (n_vocab) after the last token */
     ds4_fwd *f;
+    ckpt ck[N_CKPT];
+    uint64_t ck_seq;
 };
 
 /* ------------------------------------------------------------ engine */
@@ -212,6 +227,10 @@ int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **o
 
 void ds4_session_free(ds4_session *s) {
     if (!s) return;
+    for (int i = 0; i < N_CKPT; i++) {
+        free(s->ck[i].state);
+        free(s->ck[i].logits);
+    }
     ds4_fwd_free(s->f);
     free(s->tokens);
     free(s->logits);
@@ -223,9 +242,59 @@ int ds4_session_n_tokens(const ds4_session *s) { return s->n_tokens; }
 const int32_t *ds4_session_tokens(const ds4_session *s) { return s->tokens; }
 const float *ds4_session_logits(const ds4_session *s) { return s->n_tokens > 0 ? s->logits : NULL; }
 
+/* Drops checkpoints past position k (their tokens are being replaced). */
+static void ckpt_drop_after(ds4_session *s, int k) {
+    for (int i = 0; i < N_CKPT; i++)
+        if (s->ck[i].pos > k) s->ck[i].pos = 0;
+}
+
 static void session_clear(ds4_session *s) {
     s->n_tokens = 0;
     ds4_fwd_reset(s->f);
+    ckpt_drop_after(s, 0);
+}
+
+/* Checkpoints the current state (best effort: skipped when out of memory). */
+static void ckpt_take(ds4_session *s) {
+    int pos = s->n_tokens;
+    if (pos == 0) return;
+    ckpt *slot = NULL;
+    for (int i = 0; i < N_CKPT; i++) {
+        if (s->ck[i].pos == pos) return; /* same prefix, same state */
+        if (!slot || s->ck[i].pos == 0 || (slot->pos != 0 && s->ck[i].seq < slot->seq)) slot = &s->ck[i];
+    }
+    if (!slot->state) {
+        slot->state = malloc(ds4_fwd_ckpt_bytes(s->f));
+        slot->logits = malloc((size_t)s->e->hp.n_vocab * sizeof(float));
+        if (!slot->state || !slot->logits) {
+            free(slot->state);
+            free(slot->logits);
+            slot->state = NULL;
+            slot->logits = NULL;
+            return;
+        }
+    }
+    ds4_fwd_ckpt_save(s->f, slot->state);
+    memcpy(slot->logits, s->logits, (size_t)s->e->hp.n_vocab * sizeof(float));
+    slot->pos = pos;
+    slot->seq = ++s->ck_seq;
+}
+
+/* Restores the latest checkpoint at or before k (tokens[0..k) must be
+ * unchanged); returns its position, or 0 after a reset when none. */
+static int ckpt_restore_upto(ds4_session *s, int k) {
+    ckpt *best = NULL;
+    for (int i = 0; i < N_CKPT; i++)
+        if (s->ck[i].pos > 0 && s->ck[i].pos <= k && (!best || s->ck[i].pos > best->pos)) best = &s->ck[i];
+    if (!best) {
+        s->n_tokens = 0;
+        ds4_fwd_reset(s->f);
+        return 0;
+    }
+    ds4_fwd_ckpt_restore(s->f, best->pos, best->state);
+    memcpy(s->logits, best->logits, (size_t)s->e->hp.n_vocab * sizeof(float));
+    s->n_tokens = best->pos;
+    return best->pos;
 }
 
 static int check_tokens(const ds4_session *s, const int32_t *tokens, int n, ds4_err *err) {
@@ -282,7 +351,9 @@ int ds4_session_extend(ds4_session *s, const int32_t *tokens, int n, ds4_eval_mo
         break;
     default: return ds4_err_set(err, DS4_E_ARG, "unknown evaluation mode %d", (int)mode);
     }
-    return eval_chunks(s, tokens, n, c, all_logits, NULL, NULL, err);
+    rc = eval_chunks(s, tokens, n, c, all_logits, NULL, NULL, err);
+    if (!rc && n > 1) ckpt_take(s);
+    return rc;
 }
 
 int ds4_session_eval(ds4_session *s, int32_t token, ds4_err *err) {
@@ -293,12 +364,18 @@ int ds4_session_rewind(ds4_session *s, int n_tokens, ds4_err *err) {
     if (n_tokens < 0 || n_tokens > s->n_tokens)
         return ds4_err_set(err, DS4_E_RANGE, "cannot rewind to %d tokens (session has %d)", n_tokens, s->n_tokens);
     if (n_tokens == s->n_tokens) return 0;
-    /* Recompute the kept prefix from scratch: the result is exactly the
-     * state of a session that only ever saw it. tokens[] is reused as the
-     * source while being rewritten in place, which is safe (same values). */
+    /* Restore the latest checkpoint at or before the kept prefix (or start
+     * over) and re-evaluate the rest: the result is exactly the state of a
+     * session that only ever saw the prefix (prefill == decode bitwise).
+     * tokens[] is reused as the source while being rewritten in place with
+     * the same values. */
     int keep = n_tokens;
-    session_clear(s);
-    return eval_chunks(s, s->tokens, keep, s->n_batch, NULL, NULL, NULL, err);
+    ckpt_drop_after(s, keep);
+    int c = ckpt_restore_upto(s, keep);
+    if (c == keep) return 0;
+    int rc = eval_chunks(s, s->tokens + c, keep - c, s->n_batch, NULL, NULL, NULL, err);
+    if (!rc && keep - c > 1) ckpt_take(s);
+    return rc;
 }
 
 int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info *info,
@@ -324,16 +401,19 @@ int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info
         session_clear(s);
         return rc;
     }
-    if (lcp == s->n_tokens && lcp < n) {
-        /* pure extension: keep the whole state */
-        info->n_reused = lcp;
-        info->n_evaluated = n - lcp;
-        return eval_chunks(s, tokens + lcp, n - lcp, s->n_batch, NULL, progress, progress_user, err);
+    int c = lcp;
+    if (lcp < s->n_tokens) {
+        /* the timeline diverges (or shrinks): back to the latest checkpoint
+         * inside the common prefix, or to the start */
+        ckpt_drop_after(s, lcp);
+        c = ckpt_restore_upto(s, lcp);
     }
-    /* the timeline diverges (or shrinks): rebuild from the start */
-    session_clear(s);
-    info->n_evaluated = n;
-    return eval_chunks(s, tokens, n, s->n_batch, NULL, progress, progress_user, err);
+    info->n_reused = c;
+    info->n_evaluated = n - c;
+    if (c == n) return 0; /* restored exactly the requested prefix */
+    rc = eval_chunks(s, tokens + c, n - c, s->n_batch, NULL, progress, progress_user, err);
+    if (!rc) ckpt_take(s);
+    return rc;
 }
 
 /* ------------------------------------------------------------ snapshots */
@@ -386,7 +466,7 @@ int ds4_session_load(ds4_session *s, const void *buf, size_t n_bytes, ds4_err *e
     const unsigned char *b = buf;
     const size_t V = (size_t)e->hp.n_vocab;
     int rc;
-    session_clear(s);
+    session_clear(s); /* also drops the checkpoints of the old timeline */
 #define BAD(...) do { rc = ds4_err_set(err, DS4_E_FORMAT, "session payload: " __VA_ARGS__); goto fail; } while (0)
     if (!b || n_bytes < SNAP_HDR + 8 + 32) BAD("truncated (%zu bytes)", n_bytes);
     if (memcmp(b, SNAP_MAGIC, 8) != 0) BAD("bad magic");

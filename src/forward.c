@@ -35,6 +35,7 @@ struct ds4_fwd {
     int32_t *ids;          /* (n_batch, k) */
     float *w;              /* (n_batch, k) */
     float *logits;         /* (n_batch, n_vocab) */
+    size_t ckpt_bytes;     /* cached ds4_fwd_ckpt_bytes */
 };
 
 static void *balloc(ds4_fwd *f, size_t bytes, int *fail) {
@@ -288,4 +289,52 @@ int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_e
     state_io(f, pos, (unsigned char *)(uintptr_t)src, false);
     f->pos = pos;
     return 0;
+}
+
+/* ------------------------------------------------------------ checkpoints */
+
+static void ckpt_io(const ds4_fwd *f, unsigned char *buf, bool save) {
+    const ds4_model *m = f->m;
+    const ds4_hparams *hp = &m->hp;
+    const ds4_backend_ops *ops = f->be->ops;
+    void *ctx = f->be->ctx;
+    size_t off = 0;
+#define IO(ptr, bytes)                                                              \
+    do {                                                                            \
+        size_t b_ = (bytes);                                                        \
+        if (buf) {                                                                  \
+            if (save) ops->download(ctx, buf + off, (ptr), b_);                     \
+            else ops->upload(ctx, (ptr), buf + off, b_);                            \
+        }                                                                           \
+        off += b_;                                                                  \
+    } while (0)
+    for (int il = 0; il < hp->n_layer; il++) {
+        const ds4_layer *l = &m->layers[il];
+        ds4_layer_state *s = &f->ls[il];
+        IO(s->raw, (size_t)hp->window * hp->head_dim * sizeof(float));
+        if (l->kind != DS4_ATTN_SLIDING) {
+            size_t fr = (size_t)frontier_rows(l) * ds4_model_comp_width(m, il) * sizeof(float);
+            IO(s->comp_a, fr);
+            IO(s->comp_g, fr);
+        }
+        if (l->kind == DS4_ATTN_CSA) {
+            size_t fr = 8 * 2 * (size_t)hp->idx_dim * sizeof(float);
+            IO(s->icomp_a, fr);
+            IO(s->icomp_g, fr);
+        }
+    }
+#undef IO
+    if (!buf) ((ds4_fwd *)f)->ckpt_bytes = off;
+}
+
+size_t ds4_fwd_ckpt_bytes(const ds4_fwd *f) {
+    ckpt_io(f, NULL, true);
+    return f->ckpt_bytes;
+}
+
+void ds4_fwd_ckpt_save(const ds4_fwd *f, void *dst) { ckpt_io(f, dst, true); }
+
+void ds4_fwd_ckpt_restore(ds4_fwd *f, int pos, const void *src) {
+    ckpt_io(f, (unsigned char *)(uintptr_t)src, false);
+    f->pos = pos;
 }

@@ -44,4 +44,14 @@ void ds4_fwd_state_save(const ds4_fwd *f, void *dst);
  * ds4_fwd_state_bytes(f, pos), else DS4_E_FORMAT). */
 int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_err *err);
 
+/* Light checkpoints for rewind. Compressed and indexer rows are
+ * append-only and final, so the state at position c is fully described by
+ * c, the raw window rings and the compressor frontiers (MODEL.md D.2): a
+ * checkpoint saves only those (fixed size, independent of c). Restoring it
+ * is valid while the timeline still starts with the same c tokens; rows
+ * emitted after c are simply overwritten by the re-evaluation. */
+size_t ds4_fwd_ckpt_bytes(const ds4_fwd *f);
+void ds4_fwd_ckpt_save(const ds4_fwd *f, void *dst);
+void ds4_fwd_ckpt_restore(ds4_fwd *f, int pos, const void *src);
+
 #endif

@@ -198,7 +198,10 @@ DS4_TEST(engine_rewind_and_sync_equal_fresh_runs) {
     ds4_session *s = NULL;
     ds4_err err = {0};
     CHECK(ds4_session_new(e, &so, &s, &err) == 0);
-    CHECK(ds4_session_extend(s, a, 30, DS4_EVAL_PREFILL, 0, NULL, &err) == 0);
+    /* two extends leave checkpoints at 12 and 30; rewinding to 17 restores
+     * the one at 12 and re-evaluates 5 tokens */
+    CHECK(ds4_session_extend(s, a, 12, DS4_EVAL_PREFILL, 0, NULL, &err) == 0);
+    CHECK(ds4_session_extend(s, a + 12, 18, DS4_EVAL_DECODE, 0, NULL, &err) == 0);
     CHECK(ds4_session_rewind(s, 17, &err) == 0);
     CHECK_EQ_INT(ds4_session_n_tokens(s), 17);
     CHECK(memcmp(ds4_session_logits(s), fresh + 16 * V, V * sizeof(float)) == 0);
@@ -217,6 +220,23 @@ DS4_TEST(engine_rewind_and_sync_equal_fresh_runs) {
     CHECK(ds4_session_sync(s, mix, 27, &info, NULL, NULL, &err) == 0);
     CHECK_EQ_INT(info.n_reused, 27);
     CHECK_EQ_INT(info.n_evaluated, 0);
+    /* divergence after 22 tokens: back to the checkpoint at 20 */
+    int32_t div[30];
+    memcpy(div, mix, 22 * sizeof(int32_t));
+    tokens(div + 22, 8, V, 77);
+    float *fdiv = run(e, div, 30, DS4_EVAL_PREFILL, 0);
+    CHECK(fdiv);
+    CHECK(ds4_session_sync(s, div, 30, &info, NULL, NULL, &err) == 0);
+    CHECK_EQ_INT(info.n_reused, 20);
+    CHECK_EQ_INT(info.n_evaluated, 10);
+    CHECK(memcmp(ds4_session_logits(s), fdiv + 29 * V, V * sizeof(float)) == 0);
+    /* shrinking to a checkpointed prefix restores it without evaluating */
+    CHECK(ds4_session_sync(s, div, 20, &info, NULL, NULL, &err) == 0);
+    CHECK_EQ_INT(info.n_evaluated, 0);
+    CHECK(memcmp(ds4_session_logits(s), fdiv + 19 * V, V * sizeof(float)) == 0);
+    CHECK(ds4_session_sync(s, div, 25, &info, NULL, NULL, &err) == 0);
+    CHECK(memcmp(ds4_session_logits(s), fdiv + 24 * V, V * sizeof(float)) == 0);
+    free(fdiv);
     CHECK(ds4_session_rewind(s, 0, &err) == 0);
     CHECK(ds4_session_logits(s) == NULL);
     /* errors */
