@@ -58,6 +58,15 @@ int cpu_matmul(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, int64
                const float *x, int64_t ldx, const int32_t *xidx, int n, float *y, int64_t ldy,
                bool act_quant);
 
+/* Quantizes x rows [0, n) (stride ldx) to act_type into c's scratch slot
+ * `slot` (not 7) and returns it; NULL when out of memory. */
+void *cpu_quantize_rows(cpu_ctx *c, int slot, int act_type, const float *x, int64_t ldx, int n, int64_t n_in);
+
+/* cpu_matmul on activations already quantized to the weight's activation
+ * type (rows of ds4_type_row_bytes(act_type, n_in) bytes, indexed by xidx). */
+int cpu_matmul_pre(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, int64_t n_rows, const void *xq,
+                   const int32_t *xidx, int n, float *y, int64_t ldy);
+
 /* RMSNorm of x[0..n) into out (sum of squares in double, as ds4), times w
  * when w != NULL. out may equal x. */
 void cpu_rmsnorm(float *out, const float *x, int n, const float *w, float eps);

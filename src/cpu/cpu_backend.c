@@ -182,6 +182,34 @@ int cpu_matmul(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, int64
     return 0;
 }
 
+void *cpu_quantize_rows(cpu_ctx *c, int slot, int act_type, const float *x, int64_t ldx, int n, int64_t n_in) {
+    size_t rb = ds4_type_row_bytes(act_type, n_in);
+    unsigned char *xq = cpu_scratch(c, slot, (size_t)n * rb);
+    if (!xq) return NULL;
+    for (int r = 0; r < n; r++) ds4_quantize_act(act_type, x + r * ldx, xq + (size_t)r * rb, n_in);
+    return xq;
+}
+
+int cpu_matmul_pre(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, int64_t n_rows, const void *xq,
+                   const int32_t *xidx, int n, float *y, int64_t ldy) {
+    if (n <= 0 || n_rows <= 0) return 0;
+    mm_job j = {0};
+    j.k = ds4_quant_kernels_get(w->type, DS4_SIMD_AUTO);
+    if (!j.k || !j.k->dot_q || j.k->act_type < 0) return c->err = DS4_E_INTERNAL;
+    j.base = (const unsigned char *)w->data + (size_t)mat * w->mat_bytes;
+    j.row_bytes = w->row_bytes;
+    j.row0 = row0;
+    j.xidx = xidx;
+    j.n = n;
+    j.n_in = (int)w->n_in;
+    j.y = y;
+    j.ldy = ldy;
+    j.xq = xq;
+    j.xq_bytes = ds4_type_row_bytes(j.k->act_type, w->n_in);
+    cpu_run(c, (int)n_rows, mm_task, &j);
+    return 0;
+}
+
 /* ------------------------------------------------------------ vtable */
 
 static void cpu_destroy(void *ctx) {

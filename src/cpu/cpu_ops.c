@@ -496,6 +496,9 @@ int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     int32_t *items = cpu_scratch(c, 5, (size_t)NI * 2 * sizeof(int32_t));
     if (!gb || !ub || !db || !out || !cnt || !items) return DS4_E_NOMEM;
     int32_t *tok = items + NI;
+    const void *vq = NULL;
+    int gate_act = ds4_type_act(l->gate_exps.type);
+    if (aq && gate_act >= 0 && !(vq = cpu_quantize_rows(c, 6, gate_act, a->v, D, n, D))) return DS4_E_NOMEM;
     /* group (token, slot) items by expert, items in increasing order */
     memset(cnt, 0, (size_t)(E + 1) * sizeof(int32_t));
     for (int i = 0; i < NI; i++) cnt[a->ids[i] + 1]++;
@@ -507,8 +510,13 @@ int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
         int q = b;
         for (int i = 0; i < NI; i++)
             if (a->ids[i] == e) { items[q] = i; tok[q] = i / K; q++; }
-        if ((rc = cpu_matmul(c, &l->gate_exps, e, 0, F, a->v, D, tok + b, ne, gb, F, aq))) return rc;
-        if ((rc = cpu_matmul(c, &l->up_exps, e, 0, F, a->v, D, tok + b, ne, ub, F, aq))) return rc;
+        if (vq) { /* v quantized once for every expert (E.1) */
+            if ((rc = cpu_matmul_pre(c, &l->gate_exps, e, 0, F, vq, tok + b, ne, gb, F))) return rc;
+            if ((rc = cpu_matmul_pre(c, &l->up_exps, e, 0, F, vq, tok + b, ne, ub, F))) return rc;
+        } else {
+            if ((rc = cpu_matmul(c, &l->gate_exps, e, 0, F, a->v, D, tok + b, ne, gb, F, false))) return rc;
+            if ((rc = cpu_matmul(c, &l->up_exps, e, 0, F, a->v, D, tok + b, ne, ub, F, false))) return rc;
+        }
         for (int r = 0; r < ne; r++)
             swiglu(gb + (size_t)r * F, gb + (size_t)r * F, ub + (size_t)r * F, F, lim, a->w[items[b + r]]);
         if ((rc = cpu_matmul(c, &l->down_exps, e, 0, D, gb, F, NULL, ne, db, D, aq))) return rc;
