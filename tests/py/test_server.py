@@ -182,9 +182,12 @@ def test_server_chat_openai_sdk_plain_and_stream_give_same_greedy_text():
         finals = [k for k in chunks if k.choices and k.choices[0].finish_reason]
         assert len(finals) == 1 and finals[0].choices[0].finish_reason == r.choices[0].finish_reason
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
-        # the live session holds prompt + output, which is not a prefix of the
-        # same prompt again: no partial rewind (SERVING.md C.1), a cold prefill
-        assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 0
+        # reuse of the same prompt depends on the engine's checkpoints (the
+        # live session holds prompt + output); the split is consistent
+        u = chunks[-1].usage
+        assert u.prompt_tokens == r.usage.prompt_tokens
+        assert (u.prompt_tokens_details.cached_tokens + u.prompt_tokens_details.cache_write_tokens
+                == u.prompt_tokens)
 
 
 def test_server_chat_forced_tool_call_openai_sdk():
@@ -288,7 +291,8 @@ def test_server_messages_anthropic_sdk_plain_stream_and_tool_use():
             final = st.get_final_message()
         assert [b.type for b in final.content] == [b.type for b in m.content]
         assert final.content[0].text == m.content[0].text
-        assert final.usage.cache_creation_input_tokens == m.usage.cache_creation_input_tokens > 0
+        assert (final.usage.cache_creation_input_tokens + final.usage.cache_read_input_tokens ==
+                m.usage.cache_creation_input_tokens + m.usage.cache_read_input_tokens > 0)
         tool = {"name": "Bash", "description": "Run a command",
                 "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
                                  "required": ["command"]}}
