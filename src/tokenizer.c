@@ -426,6 +426,17 @@ typedef struct heap_ent {
     int32_t right_id;
 } heap_ent;
 
+/* Per-call cache of short pieces -> ids, direct-mapped (a colliding piece
+ * replaces the entry). BPE is deterministic, so a hit gives exactly what
+ * BPE would; it only saves the merge-table lookups of repeated words. */
+#define PCACHE_MAX 24 /* longest cached piece, bytes (so at most 24 ids) */
+typedef struct pcache_ent {
+    uint8_t len;      /* piece bytes; 0 = empty */
+    uint8_t n_ids;
+    char bytes[PCACHE_MAX];
+    int32_t ids[PCACHE_MAX];
+} pcache_ent;
+
 /* Per-call encoder state (never shared). */
 typedef struct enc_ctx {
     const ds4_tokenizer *t;
@@ -438,6 +449,8 @@ typedef struct enc_ctx {
     int32_t *prv;
     heap_ent *heap;
     size_t scratch_cap;
+    pcache_ent *cache; /* (cache_mask + 1), NULL for short texts */
+    uint32_t cache_mask;
     ds4_err *err;
 } enc_ctx;
 
@@ -469,8 +482,9 @@ static inline int32_t pair_rank(const ds4_tokenizer *t, int32_t a, int32_t b) {
 }
 
 /* Short pieces: arrays with cached pair ranks; each step scans for the
- * lowest rank (leftmost on ties), merges, and re-ranks the two new pairs. */
-static void bpe_short(enc_ctx *c, const unsigned char *p, int n) {
+ * lowest rank (leftmost on ties), merges, and re-ranks the two new pairs.
+ * Leaves the ids in c->sym and returns their count. */
+static int bpe_short(enc_ctx *c, const unsigned char *p, int n) {
     const ds4_tokenizer *t = c->t;
     int32_t *sym = c->sym, *rank = c->aux;
     for (int i = 0; i < n; i++) sym[i] = t->byte_id[p[i]];
@@ -488,7 +502,7 @@ static void bpe_short(enc_ctx *c, const unsigned char *p, int n) {
         if (best > 0) rank[best - 1] = pair_rank(t, sym[best - 1], sym[best]);
         if (best + 1 < n) rank[best] = pair_rank(t, sym[best], sym[best + 1]);
     }
-    for (int i = 0; i < n; i++) emit(c, sym[i]);
+    return n;
 }
 
 static inline int heap_less(const heap_ent *a, const heap_ent *b) {
@@ -531,7 +545,7 @@ static void push_pair(const ds4_tokenizer *t, heap_ent *h, int *nh, const int32_
  * by (rank, position), so the same merge order as bpe_short in O(n log n).
  * An entry is stale when either symbol has changed since it was pushed
  * (symbols only grow, so an id never comes back at the same place). */
-static void bpe_long(enc_ctx *c, const unsigned char *p, int n) {
+static int bpe_long(enc_ctx *c, const unsigned char *p, int n) {
     const ds4_tokenizer *t = c->t;
     int32_t *sym = c->sym, *nxt = c->aux, *prv = c->prv;
     heap_ent *h = c->heap;
@@ -553,7 +567,10 @@ static void bpe_long(enc_ctx *c, const unsigned char *p, int n) {
         if (prv[l] >= 0) push_pair(t, h, &nh, sym, prv[l], l);
         if (nxt[l] >= 0) push_pair(t, h, &nh, sym, l, nxt[l]);
     }
-    for (int i = 0; i >= 0; i = nxt[i]) emit(c, sym[i]);
+    /* compact the surviving symbols to sym[0..m) (i only moves forward) */
+    int m = 0;
+    for (int i = 0; i >= 0; i = nxt[i]) sym[m++] = sym[i];
+    return m;
 }
 
 #define BPE_SHORT_MAX 48
@@ -561,17 +578,27 @@ static void bpe_long(enc_ctx *c, const unsigned char *p, int n) {
 static int bpe_piece(void *user, const char *s, size_t n) {
     enc_ctx *c = user;
     const unsigned char *p = (const unsigned char *)s;
+    pcache_ent *ce = NULL;
     if (n == 1) {
         emit(c, c->t->byte_id[p[0]]);
+    } else if (c->cache && n <= PCACHE_MAX &&
+               (ce = &c->cache[hash_bytes(s, n) & c->cache_mask])->len == n &&
+               memcmp(ce->bytes, s, n) == 0) {
+        for (int i = 0; i < ce->n_ids; i++) emit(c, ce->ids[i]);
     } else {
+
         if (n > INT32_MAX / 4)
             return ds4_err_set(c->err, DS4_E_ARG, "tokenizer: piece of %zu bytes too long", n);
         int rc = grow_scratch(c, n);
         if (rc) return rc;
-        if (n <= BPE_SHORT_MAX)
-            bpe_short(c, p, (int)n);
-        else
-            bpe_long(c, p, (int)n);
+        int m = n <= BPE_SHORT_MAX ? bpe_short(c, p, (int)n) : bpe_long(c, p, (int)n);
+        for (int i = 0; i < m; i++) emit(c, c->sym[i]);
+        if (ce) {
+            ce->len = (uint8_t)n;
+            ce->n_ids = (uint8_t)m;
+            memcpy(ce->bytes, s, n);
+            memcpy(ce->ids, c->sym, sizeof(int32_t) * (size_t)m);
+        }
     }
     if (c->n > INT_MAX)
         return ds4_err_set(c->err, DS4_E_RANGE, "tokenizer: more than INT_MAX tokens");
@@ -615,11 +642,21 @@ int ds4_tokenizer_encode(const ds4_tokenizer *t, const char *text, size_t len, b
     if (len > (size_t)INT32_MAX)
         return ds4_err_set(err, DS4_E_ARG, "tokenizer: text of %zu bytes is over 2 GiB", len);
     enc_ctx c = {.t = t, .out = out, .cap = cap, .err = err};
+    /* the cache pays for itself on longer texts (one slot per 32 bytes, 128
+     * bytes each, 1K..32K slots; zero pages until touched); results are the
+     * same without it */
+    if (len >= 4096) {
+        uint32_t slots = pow2_at_least(len / 32);
+        if (slots > 32768) slots = 32768;
+        c.cache = calloc(slots, sizeof(pcache_ent));
+        c.cache_mask = slots - 1;
+    }
     int rc = rendered ? encode_rendered(&c, text, len) : encode_plain(&c, text, len);
     free(c.sym);
     free(c.aux);
     free(c.prv);
     free(c.heap);
+    free(c.cache);
     return rc ? rc : (int)c.n;
 }
 

@@ -100,10 +100,11 @@ def hf(vocab):
 @pytest.fixture(scope="module", autouse=True)
 def report(request):
     yield
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line("tokenizer vs HF tokenizers: %d texts, %d ids compared, all identical"
-                      % (STATS["texts"], STATS["ids"]))
+    # printed past pytest's output capture, so `make test` shows it
+    cm = request.config.pluginmanager.get_plugin("capturemanager")
+    with cm.global_and_fixture_disabled():
+        print("\ntokenizer vs HF tokenizers: %d texts, %d ids compared, all identical"
+              % (STATS["texts"], STATS["ids"]))
 
 
 # ------------------------------------------------------------------ running ds4
@@ -244,7 +245,7 @@ def all_codepoint_texts(keep):
         if 0xD800 <= c <= 0xDFFF or not keep(c):
             continue
         ch = chr(c)
-        buf.append("a" + ch + "b " + ch + ch + " 1" + ch + "\n" + ch + "  " + ch + "." + ch)
+        buf.append("a" + ch + "b " + ch + ch + " 1" + ch + "\n" + ch + "." + ch)
         if len(buf) == 512:
             out.append("".join(buf))
             buf = []
@@ -282,8 +283,9 @@ def test_tokenizer_hf_unicode_fuzz(tok_gguf, vocab, hf, tmp_path):
 
 
 def test_tokenizer_hf_every_codepoint_class(tok_gguf, vocab, hf, tmp_path):
-    # every code point of the BMP, every 5th above it
-    texts = all_codepoint_texts(lambda c: c < 0x10000 or c % 5 == 0)
+    # every code point of the BMP, every 9th above it (the full range was
+    # checked once: dev/gen_pretok_unicode.py probes all code points)
+    texts = all_codepoint_texts(lambda c: c < 0x10000 or c % 9 == 0)
     compare_plain(tok_gguf, vocab, hf, tmp_path, texts)
 
 

@@ -552,3 +552,47 @@ DS4_TEST(tokenizer_json_loader_errors) {
         CHECK_MSG(ds4_tokjson_load(&tj, path, 0, &err) == DS4_E_FORMAT, "case %zu: %s", i, err.msg);
     }
 }
+
+/* Texts of 4 KiB and more use a per-call piece cache: the ids must equal
+ * those of short texts (no cache). Segments of the novel joined by BOS are
+ * tokenized independently in rendered mode, so whole == concatenation. */
+DS4_TEST(tokenizer_v3_piece_cache_exact) {
+    ds4_err err = {0};
+    ds4_tokenizer *tk = load_v3(&err);
+    CHECK_MSG(tk, "load: %s", err.msg);
+    FILE *f = fopen(ds4_test_path("promessi_sposi.txt"), "rb");
+    CHECK(f);
+    static char novel[200000];
+    size_t n_novel = fread(novel, 1, sizeof novel, f);
+    fclose(f);
+    CHECK(n_novel == sizeof novel);
+    size_t bl = strlen(BOS);
+    char *joined = malloc(sizeof novel * 2);
+    int32_t *whole = malloc(sizeof(int32_t) * sizeof novel), *parts = malloc(sizeof(int32_t) * sizeof novel);
+    size_t jl = 0, pos = 0;
+    int np = 0;
+    uint64_t rng = 99;
+    while (pos < n_novel) {
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        size_t seg = 1 + (rng >> 33) % 3000; /* < 4096: no cache */
+        if (seg > n_novel - pos) seg = n_novel - pos;
+        /* cut at a character boundary */
+        while (pos + seg < n_novel && ((unsigned char)novel[pos + seg] & 0xc0) == 0x80) seg++;
+        memcpy(joined + jl, novel + pos, seg);
+        jl += seg;
+        memcpy(joined + jl, BOS, bl);
+        jl += bl;
+        int k = ds4_tokenizer_encode(tk, novel + pos, seg, false, parts + np, (int)(sizeof novel) - np, &err);
+        CHECK(k >= 0);
+        np += k;
+        parts[np++] = 0; /* BOS */
+        pos += seg;
+    }
+    int nw = ds4_tokenizer_encode(tk, joined, jl, true, whole, (int)sizeof novel, &err);
+    int same = nw == np && memcmp(whole, parts, sizeof(int32_t) * (size_t)np) == 0;
+    free(joined);
+    free(whole);
+    free(parts);
+    ds4_tokenizer_free(tk);
+    CHECK_MSG(same, "whole %d ids, parts %d ids", nw, np);
+}
