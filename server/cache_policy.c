@@ -192,6 +192,7 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
     ds4_kvstore_filter f = {0};
     f.max_ctx = (uint32_t)s->cfg.n_ctx;
     f.min_tokens = (uint32_t)s->cfg.kv_min_tokens;
+    if (s->cfg.kv_reject_different_quant) f.quant_bits = 4; /* what save_live writes */
     ds4_kvstore_entry ent;
     if (!ds4_kvstore_find_text(c->kv, rq->text, rq->text_len, &f, &ent)) return false;
     ds4_kvstore_item it = {0};

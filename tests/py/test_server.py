@@ -150,8 +150,9 @@ def user(text):
 
 # ---- OpenAI SDK -----------------------------------------------------------------
 
-def test_server_models_openai_sdk():
-    with Server() as s:
+def test_server_models_openai_sdk_and_trace_file(tmp_path):
+    trace = tmp_path / "trace.txt"
+    with Server("--trace", trace) as s:
         c = s.openai()
         models = c.models.list()
         ids = [m.id for m in models.data]
@@ -159,6 +160,12 @@ def test_server_models_openai_sdk():
         m = c.models.retrieve("deepseek-v4-flash")
         assert m.id == "deepseek-v4-flash" and m.owned_by == "ds4.c"
         assert m.model_extra["context_length"] == 4096
+        c.chat.completions.create(model="x", messages=user("trace me"), max_tokens=2,
+                                  extra_body=NO_THINK)
+    t = trace.read_text(errors="replace")
+    assert '"trace me"' in t  # raw request
+    assert "<｜User｜>trace me<｜Assistant｜></think>" in t  # rendered prompt
+    assert re.search(r"--- finish=(stop|length) completion_tokens=\d", t)
 
 
 def test_server_chat_openai_sdk_plain_and_stream_give_same_greedy_text():
@@ -474,3 +481,26 @@ def test_server_stop_sequences_cut_output_streaming_and_not():
         assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == want
         z = c.chat.completions.create(**dict(kw, max_tokens=0))
         assert z.choices[0].finish_reason == "length" and z.usage.completion_tokens == 0
+
+
+def test_server_tool_loop_reuses_live_kv_with_exact_dsml_replay():
+    """Agent loop: the client sends back the call it got plus a tool result;
+    the exact sampled DSML is replayed (TEXT C.8), so the new prompt extends
+    the live KV instead of being prefilled again."""
+    kw = dict(model="deepseek-v4-flash", tools=[BASH_TOOL], max_tokens=80, temperature=0,
+              extra_body=NO_THINK)
+    with Server() as s:
+        c = s.openai()
+        msgs = user("List the files")
+        a = c.chat.completions.create(messages=msgs, tool_choice="required", **kw)
+        call = a.choices[0].message.tool_calls[0]
+        msgs = msgs + [
+            {"role": "assistant", "content": a.choices[0].message.content or "",
+             "tool_calls": [{"id": call.id, "type": "function",
+                             "function": {"name": "bash", "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": "a.txt\nb.txt\n"}]
+        b = c.chat.completions.create(messages=msgs, max_tokens=4, model="m", tools=[BASH_TOOL],
+                                      temperature=0, extra_body=NO_THINK)
+        live = a.usage.prompt_tokens + a.usage.completion_tokens
+        assert b.usage.prompt_tokens_details.cached_tokens >= live - 1, (b.usage, live)
+        assert "kv reuse text-prefix" in s.log_text() or "kv reuse token-prefix" in s.log_text()
