@@ -66,16 +66,11 @@ static uint32_t byte_to_cp(int b) {
     return 0x100u + (uint32_t)k;
 }
 
-/* Inverse map: code point -> byte, or -1. */
-static int cp_to_byte(uint32_t cp) {
-    static int16_t inv[0x144];
-    static int ready; /* benign race: every thread writes the same values */
-    if (!ready) {
-        for (int i = 0; i < 0x144; i++) inv[i] = -1;
-        for (int b = 0; b < 256; b++) inv[byte_to_cp(b)] = (int16_t)b;
-        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
-    }
-    return cp < 0x144 ? inv[cp] : -1;
+/* Inverse map: code point (< 0x144) -> byte, or -1. */
+#define N_INV 0x144
+static void build_inverse(int16_t inv[N_INV]) {
+    for (int i = 0; i < N_INV; i++) inv[i] = -1;
+    for (int b = 0; b < 256; b++) inv[byte_to_cp(b)] = (int16_t)b;
 }
 
 static size_t put_utf8(char *o, uint32_t cp) {
@@ -114,7 +109,7 @@ static size_t get_utf8(const unsigned char *s, size_t n, uint32_t *cp) {
 }
 
 /* Decoded bytes of a stored token string (A.7) into o (>= n bytes). */
-static size_t decode_token(const char *s, size_t n, char *o) {
+static size_t decode_token(const char *s, size_t n, char *o, const int16_t inv[N_INV]) {
     if (n >= 3 && memmem(s, n, "\xef\xbd\x9c", 3)) {
         memcpy(o, s, n);
         return n;
@@ -123,7 +118,7 @@ static size_t decode_token(const char *s, size_t n, char *o) {
     for (size_t i = 0; i < n;) {
         uint32_t cp;
         i += get_utf8((const unsigned char *)s + i, n - i, &cp);
-        int b = cp_to_byte(cp);
+        int b = cp < N_INV ? inv[cp] : -1;
         if (b >= 0) o[m++] = (char)b;
     }
     return m;
@@ -217,6 +212,8 @@ static int load_vocab(ds4_tokenizer *t, const char *const *tokens, const size_t 
         return ds4_err_set(err, DS4_E_NOMEM, "tokenizer: out of memory (%d tokens)", n);
     t->str_mask = cap - 1;
     memset(t->str_slot, 0xff, sizeof(int32_t) * cap);
+    int16_t inv[N_INV];
+    build_inverse(inv);
     uint32_t to = 0, bo = 0;
     for (int i = 0; i < n; i++) {
         size_t l = lens ? lens[i] : strlen(tokens[i]);
@@ -225,7 +222,7 @@ static int load_vocab(ds4_tokenizer *t, const char *const *tokens, const size_t 
         t->text[to + l] = '\0';
         to += (uint32_t)l + 1;
         t->bytes_off[i] = bo;
-        size_t m = decode_token(tokens[i], l, t->bytes + bo);
+        size_t m = decode_token(tokens[i], l, t->bytes + bo, inv);
         bo += (uint32_t)m;
         if (m > t->max_bytes) t->max_bytes = m;
     }
