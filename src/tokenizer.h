@@ -49,8 +49,8 @@ int ds4_tokenizer_from_arrays(ds4_tokenizer **out, const char *const *tokens,
                               const char *const *merges, const size_t *merge_lens,
                               int n_merges, ds4_err *err);
 
-/* Reads tokenizer.ggml.tokens and tokenizer.ggml.merges from g (which must
- * outlive nothing: strings are copied). A GGUF without tokenizer.ggml.tokens
+/* Reads tokenizer.ggml.tokens and tokenizer.ggml.merges from g. The strings
+ * are copied: g may be closed right after. A GGUF without tokenizer.ggml.tokens
  * has no tokenizer: *out = NULL and 0 is returned. Fails with DS4_E_MODEL
  * when the keys have the wrong types, tokenizer.ggml.model is present and
  * not "gpt2", or one of the seven marker strings is missing. */
