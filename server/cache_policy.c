@@ -15,8 +15,12 @@
  * Suffixes are tokenized from the exact byte boundary, never taken from req
  * (full-prompt BPE may merge across it). K reported to clients is the number
  * of tokens the engine kept (ds4_sync_info.n_reused), P = |E|.
- * Rules 1-4 and 6 (protocol bindings for visible-only replays) are not
- * implemented: such requests fall through to 7-9.
+ * Before rule 5, the live bindings of C.3 (rules 1 and 6): if the prompt
+ * text starts with the visible text bound at the live position, E = live +
+ * EOS + tokenize(rest). The EOS is appended deliberately (C.3 "quirk": ds4
+ * resumes without it, leaving the previous turn unterminated in the KV).
+ * Rules 2-4 (tool-output ids answering the live binding without a replayed
+ * call) are not implemented: the parsers require the call in the request.
  *
  * Thread-safety: worker thread only (the kvstore has its own lock).
  */
@@ -30,6 +34,10 @@
 
 struct srv_cache {
     ds4_kvstore *kv;       /* NULL when the disk cache is off */
+    int bind_kind;         /* SRV_BIND_* */
+    int bind_pos;          /* live length the binding belongs to */
+    char *bind_text;       /* (bind_len) visible text */
+    size_t bind_len;
     int last_frontier;     /* last stored/loaded length (continued saves) */
     int step;              /* continued-save spacing in tokens (0 = off) */
 };
@@ -69,6 +77,7 @@ int srv_cache_open(srv_server *s, ds4_err *err) {
 void srv_cache_close(srv_server *s) {
     if (!s->cache) return;
     if (s->cache->kv) ds4_kvstore_close(s->cache->kv);
+    free(s->cache->bind_text);
     free(s->cache);
     s->cache = NULL;
 }
@@ -239,7 +248,22 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
     int nE = 0;
     const char *rule = "cold";
     bool cold = false, token_prefix = false;
-    if (L > 0 && L <= rq->n_tokens && !memcmp(live, rq->tokens, (size_t)L * sizeof *live)) {
+    int want_bind = rq->api == SRV_API_RESPONSES ? SRV_BIND_RESPONSES
+                    : rq->api == SRV_API_COMPLETIONS ? SRV_BIND_NONE
+                                                     : SRV_BIND_THINKING;
+    if (L > 0 && c->bind_kind && c->bind_kind == want_bind && c->bind_pos == L &&
+        rq->text_len > c->bind_len && !memcmp(rq->text, c->bind_text, c->bind_len)) {
+        /* rules 1 and 6: live + EOS + the text after the visible prefix */
+        int32_t *with_eos = malloc(((size_t)L + 1) * sizeof *with_eos);
+        if (!with_eos) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        memcpy(with_eos, live, (size_t)L * sizeof *live);
+        with_eos[L] = ds4_token_special(s->engine, DS4_TOK_EOS);
+        int rc = extend_with_text(s->engine, with_eos, L + 1, rq->text, c->bind_len, rq->text_len,
+                                  &E, &nE, err);
+        free(with_eos);
+        if (rc) return rc;
+        rule = "visible-prefix";
+    } else if (L > 0 && L <= rq->n_tokens && !memcmp(live, rq->tokens, (size_t)L * sizeof *live)) {
         rule = "token-prefix"; /* rule 5 */
         token_prefix = true;
     } else if (L > 0) {
@@ -254,6 +278,8 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
             free(lt);
         }
     }
+    /* bindings not used by this request are cleared (C.2) */
+    c->bind_kind = SRV_BIND_NONE;
     if (!E && !token_prefix) {
         if (L > 0) srv_log("live kv cache miss (live=%d prompt=%d) reason=token-mismatch", L, rq->n_tokens);
         if (c->kv) {
@@ -307,6 +333,58 @@ void srv_cache_invalidate(srv_server *s) {
     /* The engine's session holds exactly the tokens it evaluated, so a token
      * prefix match stays exact; only the continued-save frontier restarts. */
     s->cache->last_frontier = ds4_session_n_tokens(s->session);
+}
+
+int srv_binding_kind(const srv_request *rq, const srv_result *r, int n_ctx, bool stop_hit) {
+    if (stop_hit) return SRV_BIND_NONE;
+    bool thinking = ds4_chat_effective_think(rq->think, n_ctx) != DS4_THINK_NONE;
+    if (rq->api == SRV_API_RESPONSES)
+        return r->finish == SRV_FINISH_STOP || r->finish == SRV_FINISH_TOOL_CALLS
+                   ? SRV_BIND_RESPONSES
+                   : SRV_BIND_NONE;
+    if (rq->api == SRV_API_COMPLETIONS || !thinking || !rq->chat) return SRV_BIND_NONE;
+    if (srv_tools_active(rq) || ds4_chat_tool_context(rq->chat) || r->parsed.n_calls ||
+        r->finish != SRV_FINISH_STOP || !r->think_closed)
+        return SRV_BIND_NONE;
+    return SRV_BIND_THINKING;
+}
+
+char *srv_visible_text(const srv_request *rq, const srv_result *r, int kind, int n_ctx,
+                       size_t *len) {
+    ds4_buf b = DS4_BUF_INIT;
+    const ds4_dsml_result *p = &r->parsed;
+    bool thinking = ds4_chat_effective_think(rq->think, n_ctx) != DS4_THINK_NONE;
+    size_t tl = rq->text_len;
+    if (kind == SRV_BIND_THINKING) {
+        if (tl >= 7 && !memcmp(rq->text + tl - 7, DS4_THINK_OPEN, 7)) tl -= 7;
+        ds4_buf_append(&b, rq->text, tl);
+        ds4_buf_puts(&b, DS4_THINK_CLOSE);
+        ds4_buf_append(&b, p->content, p->content_len);
+    } else {
+        ds4_buf_append(&b, rq->text, tl);
+        if (thinking && rq->reasoning_summary && p->n_calls && p->reasoning)
+            ds4_buf_append(&b, p->reasoning, p->reasoning_len);
+        if (thinking) ds4_buf_puts(&b, DS4_THINK_CLOSE);
+        ds4_buf_append(&b, p->content, p->content_len);
+        if (p->n_calls && p->raw_dsml) ds4_buf_append(&b, p->raw_dsml, p->raw_dsml_len);
+    }
+    ds4_buf_puts(&b, DS4_EOS);
+    if (!ds4_buf_ok(&b)) {
+        ds4_buf_free(&b);
+        return NULL;
+    }
+    return ds4_buf_detach(&b, len);
+}
+
+void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hit) {
+    struct srv_cache *c = s->cache;
+    free(c->bind_text);
+    c->bind_text = NULL;
+    c->bind_kind = srv_binding_kind(&j->rq, r, s->cfg.n_ctx, stop_hit);
+    if (!c->bind_kind) return;
+    c->bind_text = srv_visible_text(&j->rq, r, c->bind_kind, s->cfg.n_ctx, &c->bind_len);
+    if (!c->bind_text) c->bind_kind = SRV_BIND_NONE;
+    c->bind_pos = ds4_session_n_tokens(s->session);
 }
 
 void srv_cache_shutdown(srv_server *s) {

@@ -360,6 +360,22 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
                       ds4_progress_fn progress, void *pu, ds4_err *err);
 /* Called before each decode step (continued saves). */
 void srv_cache_step(srv_server *s, bool in_tool_call);
+/* Live protocol bindings (SERVING.md C.3): after a turn, the text a client
+ * replaying only what it saw will render next, bound to the live position.
+ * Kinds: */
+enum { SRV_BIND_NONE = 0, SRV_BIND_THINKING, SRV_BIND_RESPONSES };
+/* Which binding a finished turn sets (SRV_BIND_NONE when none applies). */
+int srv_binding_kind(const srv_request *rq, const srv_result *r, int n_ctx, bool stop_hit);
+/* The visible text of that binding (malloc'ed, *len set); pure:
+ *   thinking:  prompt text without its final "<think>" + "</think>" +
+ *              content + EOS (old reasoning is dropped by the renderer);
+ *   responses: prompt text + [reasoning if the client opted in and the turn
+ *              had calls] + ["</think>" in thinking mode] + content +
+ *              exact DSML block + EOS. */
+char *srv_visible_text(const srv_request *rq, const srv_result *r, int kind, int n_ctx,
+                       size_t *len);
+/* Records the binding of a finished turn (worker thread). */
+void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hit);
 /* Stop-sequence cut etc.: the live session is no longer trusted. */
 void srv_cache_invalidate(srv_server *s);
 /* Clean shutdown save. */

@@ -475,6 +475,7 @@ static void run_job(srv_server *s, srv_job *j) {
         j->body = g.em->body(j, &r);
         j->status = 200;
     }
+    srv_cache_bind(s, j, &r, stop_hit);
     trace_job(s, j, &r);
     srv_result_free(&r);
     ds4_dsml_stream_free(g.ds);

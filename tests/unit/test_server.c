@@ -2,13 +2,16 @@
  * parsed requests and the SSE shapes of every API, without a model or a
  * socket. The server sources are compiled into this test directly (they are
  * a program, not part of libds4): only the files without engine or HTTP
- * state are included.
+ * state are included (not http.c and main.c).
  */
 #include "../../server/api_anthropic.c"
 #include "../../server/api_openai.c"
 #include "../../server/api_responses.c"
+#include "../../server/cache_policy.c"
 #include "../../server/common.c"
+#include "../../server/forced.c"
 #include "../../server/request.c"
+#include "../../server/worker.c"
 #include "test.h"
 
 /* ---- helpers ----------------------------------------------------------- */
@@ -417,4 +420,85 @@ DS4_TEST(server_sse_responses_sequence) {
     for (int i = 0; i < n; i++) json_decref(ev[i]);
     srv_result_free(&r);
     fake_free(j);
+}
+
+/* ---- live bindings (SERVING.md C.3): the visible text of a turn must be a
+ * prefix of what the renderer produces for the client's next request ------ */
+
+static char *render_rq(srv_api api, const char *body, ds4_dsml_replay *replay, srv_request *rq) {
+    srv_error e;
+    if (parse(api, body, rq, &e) || srv_render(rq, 32768, replay, &e)) return NULL;
+    return rq->text;
+}
+
+DS4_TEST(server_thinking_binding_visible_text_prefixes_next_turn) {
+    srv_request rq1, rq2;
+    CHECK(render_rq(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"first\"}]}", NULL, &rq1));
+    srv_result r = {0};
+    r.finish = SRV_FINISH_STOP;
+    r.think_closed = true;
+    r.parsed.content = strdup("answer");
+    r.parsed.content_len = 6;
+    r.parsed.reasoning = strdup("thought");
+    r.parsed.reasoning_len = 7;
+    CHECK_EQ_INT(srv_binding_kind(&rq1, &r, 32768, false), SRV_BIND_THINKING);
+    CHECK_EQ_INT(srv_binding_kind(&rq1, &r, 32768, true), SRV_BIND_NONE); /* stop-sequence cut */
+    size_t vl = 0;
+    char *vis = srv_visible_text(&rq1, &r, SRV_BIND_THINKING, 32768, &vl);
+    CHECK_STR(vis, BOS USER "first" ASST "</think>answer" DS4_EOS);
+    const char *t2 = render_rq(SRV_API_CHAT,
+                               "{\"messages\":[{\"role\":\"user\",\"content\":\"first\"},"
+                               "{\"role\":\"assistant\",\"content\":\"answer\",\"reasoning_content\":\"thought\"},"
+                               "{\"role\":\"user\",\"content\":\"second\"}]}", NULL, &rq2);
+    CHECK(t2 && strlen(t2) > vl && !memcmp(t2, vis, vl));
+    /* a turn cut by length, or with tools, sets no thinking binding */
+    r.finish = SRV_FINISH_LENGTH;
+    CHECK_EQ_INT(srv_binding_kind(&rq1, &r, 32768, false), SRV_BIND_NONE);
+    free(vis);
+    srv_result_free(&r);
+    srv_request_free(&rq1);
+    srv_request_free(&rq2);
+}
+
+DS4_TEST(server_responses_binding_visible_text_prefixes_tool_output_turn) {
+    static const char *const efforts[] = {"none", "high"};
+    for (int k = 0; k < 2; k++) {
+        char b1[512], b2[1024];
+        const char *tools = "[{\"type\":\"function\",\"name\":\"bash\",\"parameters\":{\"type\":\"object\"}}]";
+        snprintf(b1, sizeof b1, "{\"input\":\"list\",\"tools\":%s,\"reasoning\":{\"effort\":\"%s\"}}", tools, efforts[k]);
+        srv_request rq1, rq2;
+        CHECK(render_rq(SRV_API_RESPONSES, b1, NULL, &rq1));
+        srv_result r = {0};
+        r.finish = SRV_FINISH_TOOL_CALLS;
+        r.parsed.content = strdup("");
+        r.parsed.n_calls = 1;
+        r.parsed.calls = calloc(1, sizeof *r.parsed.calls);
+        r.parsed.calls[0].id = strdup("call_00000000000000000000000000000001");
+        r.parsed.calls[0].name = strdup("bash");
+        r.parsed.calls[0].arguments = strdup("{\"command\": \"ls\"}");
+        r.parsed.calls[0].arguments_len = strlen(r.parsed.calls[0].arguments);
+        ds4_buf blk = DS4_BUF_INIT;
+        CHECK_EQ_INT(ds4_dsml_render_calls(&blk, r.parsed.calls, 1), 0);
+        r.parsed.raw_dsml = ds4_buf_detach(&blk, &r.parsed.raw_dsml_len);
+        CHECK_EQ_INT(srv_binding_kind(&rq1, &r, 32768, false), SRV_BIND_RESPONSES);
+        size_t vl = 0;
+        char *vis = srv_visible_text(&rq1, &r, SRV_BIND_RESPONSES, 32768, &vl);
+        ds4_dsml_replay *rp = ds4_dsml_replay_new(0, 0);
+        const char *ids[1] = {r.parsed.calls[0].id};
+        CHECK_EQ_INT(ds4_dsml_replay_put(rp, ids, 1, r.parsed.raw_dsml, r.parsed.raw_dsml_len, NULL), 0);
+        snprintf(b2, sizeof b2,
+                 "{\"input\":[{\"role\":\"user\",\"content\":\"list\"},"
+                 "{\"type\":\"function_call\",\"call_id\":\"%s\",\"name\":\"bash\",\"arguments\":\"{\\\"command\\\":\\\"ls\\\"}\"},"
+                 "{\"type\":\"function_call_output\",\"call_id\":\"%s\",\"output\":\"a.txt\"}],"
+                 "\"tools\":%s,\"reasoning\":{\"effort\":\"%s\"}}",
+                 ids[0], ids[0], tools, efforts[k]);
+        const char *t2 = render_rq(SRV_API_RESPONSES, b2, rp, &rq2);
+        CHECK_MSG(t2 && strlen(t2) > vl && !memcmp(t2, vis, vl), "effort %s:\nvisible %s\nnext    %s",
+                  efforts[k], vis, t2 ? t2 : "(null)");
+        free(vis);
+        ds4_dsml_replay_free(rp);
+        srv_result_free(&r);
+        srv_request_free(&rq1);
+        srv_request_free(&rq2);
+    }
 }
