@@ -278,6 +278,14 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
             free(lt);
         }
     }
+    if (E && nE >= s->cfg.n_ctx) {
+        /* the kept hidden state (e.g. old reasoning) would overflow the
+         * context: start over from the request's own tokens */
+        free(E);
+        E = NULL;
+        nE = 0;
+        rule = "cold";
+    }
     /* bindings not used by this request are cleared (C.2) */
     c->bind_kind = SRV_BIND_NONE;
     if (!E && !token_prefix) {

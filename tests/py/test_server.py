@@ -504,3 +504,40 @@ def test_server_tool_loop_reuses_live_kv_with_exact_dsml_replay():
         live = a.usage.prompt_tokens + a.usage.completion_tokens
         assert b.usage.prompt_tokens_details.cached_tokens >= live - 1, (b.usage, live)
         assert "kv reuse text-prefix" in s.log_text() or "kv reuse token-prefix" in s.log_text()
+
+
+def test_server_sse_headers_and_keepalive_during_long_prefill():
+    """A streaming request with a long prompt gets its SSE headers at the
+    first prefill progress event and ': prefill' comments every >= 5 s, so
+    clients do not time out before the first token."""
+    with Server(ctx=8192) as s:
+        body = json.dumps({"messages": user("word " * 3800), "max_tokens": 2, "stream": True,
+                           "think": False}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        t0 = time.time()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        buf, t_headers, t_data = b"", None, None
+        while True:
+            d = sock.recv(65536)
+            if not d:
+                break
+            buf += d
+            now = time.time() - t0
+            if t_headers is None and b"\r\n\r\n" in buf:
+                t_headers = now
+            if t_data is None and b"data: " in buf:
+                t_data = now
+        sock.close()
+        head = buf.split(b"\r\n\r\n", 1)[0].decode()
+        assert head.startswith("HTTP/1.1 200") and "text/event-stream" in head
+        assert "no-cache" in head
+        m = re.search(r"prefill chatcmpl-1: prompt=(\d+) cached=0 \(([\d.]+) s\)", s.log_text())
+        assert m and int(m.group(1)) > 3000
+        prefill_s = float(m.group(2))
+        assert t_headers < t_data
+        if prefill_s > 1.0:
+            assert t_headers < prefill_s / 2, (t_headers, prefill_s)
+        if prefill_s >= 6.0:
+            assert b": prefill\n\n" in buf
+        assert buf.rstrip().endswith(b"data: [DONE]") or b"data: [DONE]" in buf
