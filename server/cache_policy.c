@@ -395,6 +395,49 @@ void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hi
     c->bind_pos = ds4_session_n_tokens(s->session);
 }
 
+void srv_cache_restore_tool_memory(srv_server *s, const srv_request *rq) {
+    struct srv_cache *c = s->cache;
+    if (!c || !c->kv || !s->replay || s->cfg.disable_exact_dsml_replay || !rq->chat) return;
+    /* ids of replayed calls the in-memory map does not know */
+    const char **ids = NULL;
+    int n_ids = 0;
+    pthread_mutex_lock(&s->replay_mu);
+    for (int i = 0; i < rq->chat->n_msgs; i++) {
+        const ds4_chat_msg *m = &rq->chat->msgs[i];
+        for (int k = 0; k < m->n_calls; k++) {
+            const char *id = m->calls[k].id;
+            size_t len;
+            if (!id || ds4_dsml_replay_get(s->replay, id, &len)) continue;
+            ids = xrealloc(ids, sizeof *ids * (size_t)(n_ids + 1));
+            ids[n_ids++] = id;
+        }
+    }
+    pthread_mutex_unlock(&s->replay_mu);
+    if (!n_ids) return;
+    ds4_kvstore_entry *ents = NULL;
+    int n = ds4_kvstore_list(c->kv, &ents);
+    for (int i = 0; i < n; i++) {
+        if (!(ents[i].ext_flags & DS4_KV_EXT_TOOL_MAP)) continue;
+        void *tr = NULL;
+        size_t tb = 0;
+        if (ds4_kvstore_read_trailer(c->kv, ents[i].name, &tr, &tb, NULL) || !tr) continue;
+        pthread_mutex_lock(&s->replay_mu);
+        ds4_dsml_replay_load(s->replay, tr, tb, ids, n_ids, NULL, NULL);
+        pthread_mutex_unlock(&s->replay_mu);
+        free(tr);
+    }
+    free(ents);
+    int found = 0;
+    pthread_mutex_lock(&s->replay_mu);
+    for (int i = 0; i < n_ids; i++) {
+        size_t len;
+        if (ds4_dsml_replay_get(s->replay, ids[i], &len)) found++;
+    }
+    pthread_mutex_unlock(&s->replay_mu);
+    if (found) srv_log("tool memory: restored %d of %d ids from disk", found, n_ids);
+    free(ids);
+}
+
 void srv_cache_shutdown(srv_server *s) {
     if (s->cache && s->cache->kv) save_live(s, DS4_KV_REASON_SHUTDOWN);
 }

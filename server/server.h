@@ -374,6 +374,10 @@ int srv_binding_kind(const srv_request *rq, const srv_result *r, int n_ctx, bool
  *              exact DSML block + EOS. */
 char *srv_visible_text(const srv_request *rq, const srv_result *r, int kind, int n_ctx,
                        size_t *len);
+/* Client thread, before rendering: loads from the disk cache's tool-map
+ * trailers the exact DSML of replayed call ids the memory map lacks
+ * (SERVING.md C.4 "Tool-memory restore from disk"). */
+void srv_cache_restore_tool_memory(srv_server *s, const srv_request *rq);
 /* Records the binding of a finished turn (worker thread). */
 void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hit);
 /* Stop-sequence cut etc.: the live session is no longer trusted. */

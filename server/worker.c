@@ -117,6 +117,7 @@ srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_
         }
     }
     int n_ctx = s->cfg.n_ctx;
+    srv_cache_restore_tool_memory(s, &j->rq);
     pthread_mutex_lock(&s->replay_mu);
     int rc = srv_render(&j->rq, n_ctx, s->cfg.disable_exact_dsml_replay ? NULL : s->replay, e);
     pthread_mutex_unlock(&s->replay_mu);

@@ -81,3 +81,26 @@ def test_server_disk_cache_rejects_corrupt_and_truncated_files(tmp_path):
         # valid checkpoint under the same name since)
         p = os.path.join(d, f)
         assert not os.path.exists(p) or open(p, "rb").read() != damaged[f], f + " was kept"
+
+
+def test_server_disk_cache_tool_loop_after_restart_restores_exact_dsml(tmp_path):
+    from test_server import BASH_TOOL
+    d = str(tmp_path / "kv")
+    kw = dict(model="m", tools=[BASH_TOOL], temperature=0, extra_body=NO_THINK)
+    msgs = messages("List the files")
+    with Server(*cache_args(d)) as s:
+        a = s.openai().chat.completions.create(messages=msgs, tool_choice="required",
+                                               max_tokens=80, **kw)
+    call = a.choices[0].message.tool_calls[0]
+    msgs = msgs + [
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"id": call.id, "type": "function",
+                         "function": {"name": "bash", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "a.txt\n"}]
+    with Server(*cache_args(d)) as s:
+        b = s.openai().chat.completions.create(messages=msgs, max_tokens=2, **kw)
+        log = s.log_text()
+    assert "tool memory: restored 1 of 1 ids from disk" in log, log
+    assert re.search(r"kv cache hit text tokens=\d+", log), log
+    live = a.usage.prompt_tokens + a.usage.completion_tokens
+    assert b.usage.prompt_tokens_details.cached_tokens >= live - 1, (b.usage, live)
