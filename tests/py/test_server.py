@@ -541,3 +541,30 @@ def test_server_sse_headers_and_keepalive_during_long_prefill():
         if prefill_s >= 6.0:
             assert b": prefill\n\n" in buf
         assert buf.rstrip().endswith(b"data: [DONE]") or b"data: [DONE]" in buf
+
+
+def test_server_anthropic_tool_loop_reuses_live_kv_and_thinking_precedes_tool_use():
+    tool = {"name": "Bash", "description": "Run a command",
+            "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
+                             "required": ["command"]}}
+    with Server() as s:
+        c = s.anthropic()
+        msgs = user("List files")
+        a = c.messages.create(model="m", max_tokens=80, messages=msgs, tools=[tool],
+                              tool_choice={"type": "any"}, thinking={"type": "disabled"},
+                              extra_body=T0)
+        use = [b for b in a.content if b.type == "tool_use"][0]
+        msgs = msgs + [{"role": "assistant", "content": [b.to_dict() for b in a.content]},
+                       {"role": "user", "content": [{"type": "tool_result",
+                                                     "tool_use_id": use.id, "content": "a.txt"}]}]
+        b = c.messages.create(model="m", max_tokens=2, messages=msgs, tools=[tool],
+                              thinking={"type": "disabled"}, extra_body=T0)
+        live = a.usage.cache_read_input_tokens + a.usage.cache_creation_input_tokens + \
+            a.usage.output_tokens
+        assert b.usage.cache_read_input_tokens >= live - 1, (b.usage, live)
+        # thinking on: the reasoning block comes first, then the forced call
+        t = c.messages.create(model="m", max_tokens=160, messages=user("List files"),
+                              tools=[tool], tool_choice={"type": "tool", "name": "Bash"})
+        kinds = [blk.type for blk in t.content]
+        assert kinds[0] == "thinking" and kinds[-1] == "tool_use", kinds
+        assert t.content[0].signature == t.id and t.stop_reason == "tool_use"
