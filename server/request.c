@@ -181,7 +181,8 @@ int srv_effort(const char *s, bool *think_off, bool *max) {
 int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool effort_set,
                        srv_error *e) {
     bool enabled = true, explicit_ctl = false, max = false;
-    json_t *t = json_object_get(root, "thinking");
+    /* Responses has no thinking/think fields (B.4): only reasoning.effort */
+    json_t *t = rq->api == SRV_API_RESPONSES ? NULL : json_object_get(root, "thinking");
     if (t && !json_is_null(t)) {
         if (json_is_boolean(t)) {
             enabled = json_is_true(t);

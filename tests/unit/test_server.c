@@ -139,6 +139,17 @@ DS4_TEST(server_parse_thinking_controls) {
     CHECK_EQ_INT(rq.think, DS4_THINK_HIGH);
     CHECK(rq.reasoning_summary);
     srv_request_free(&rq);
+    /* Responses: "thinking" is not a field there; the alias applies unless
+     * reasoning.effort is given */
+    CHECK_EQ_INT(parse(SRV_API_RESPONSES, "{\"input\":\"x\",\"thinking\":false}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_HIGH);
+    srv_request_free(&rq);
+    CHECK_EQ_INT(parse(SRV_API_RESPONSES, "{\"input\":\"x\",\"model\":\"deepseek-chat\"}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_NONE);
+    srv_request_free(&rq);
+    CHECK_EQ_INT(parse(SRV_API_RESPONSES, "{\"input\":\"x\",\"model\":\"deepseek-chat\",\"reasoning\":{\"effort\":\"high\"}}", &rq, &e), 0);
+    CHECK_EQ_INT(rq.think, DS4_THINK_HIGH);
+    srv_request_free(&rq);
 }
 
 DS4_TEST(server_parse_tool_choice) {
