@@ -49,7 +49,10 @@ class Server:
         self.log = []
         self.cond = threading.Condition()
         self.port = None
-        cmd = [prog("ds4-server"), "-m", demo_model(), "--cpu", "--port", "0",
+        # DS4_TEST_SERVER_BIN runs the suite against another build (e.g. one
+        # with AddressSanitizer)
+        binary = os.environ.get("DS4_TEST_SERVER_BIN") or prog("ds4-server")
+        cmd = [binary, "-m", demo_model(), "--cpu", "--port", "0",
                "--ctx", str(ctx)] + [str(a) for a in args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, errors="replace")
