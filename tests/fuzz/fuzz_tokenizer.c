@@ -39,14 +39,21 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     return 0;
 }
 
+/* Strict UTF-8 check (Unicode Table 3-7: no overlongs, no surrogates). */
 static int utf8_ok(const char *s, size_t n) {
     for (size_t i = 0; i < n;) {
         unsigned c = (unsigned char)s[i];
         int k = c < 0x80 ? 1 : c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3
               : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
         if (!k || i + (size_t)k > n) return 0;
-        for (int j = 1; j < k; j++)
-            if (((unsigned char)s[i + j] & 0xc0) != 0x80) return 0;
+        for (int j = 1; j < k; j++) {
+            unsigned b = (unsigned char)s[i + j], lo = 0x80, hi = 0xbf;
+            if (j == 1 && c == 0xe0) lo = 0xa0;
+            if (j == 1 && c == 0xed) hi = 0x9f;
+            if (j == 1 && c == 0xf0) lo = 0x90;
+            if (j == 1 && c == 0xf4) hi = 0x8f;
+            if (b < lo || b > hi) return 0;
+        }
         i += (size_t)k;
     }
     return 1;
