@@ -1,7 +1,9 @@
 /* dev/make_test_model.c - writes a random-weight DeepSeek V4 GGUF of a chosen
  * size with the unit tests' builder (for speed measurements).
  * usage: make_test_model OUT.gguf D layers experts ffn vocab mat_type exp_type
- *   types: f32 | q8_0 | q4_K (experts) ; layers use the 0,0,4,8,4,8,... schedule
+ *   types: f32 | q8_0 | q4_K (experts) ; layers use the 0,0,4,128,4,128,... schedule
+ *   optional 9th argument "flash": Flash's per-layer dims (64 heads x 512, q_lora 1024, 8 x 1024 output
+ *   groups, 64 indexer heads, window 128), with D/layers/experts/ffn/vocab from the command line.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +40,14 @@ int main(int argc, char **argv) {
     c.window = 128;
     c.IH = 16;
     c.topk = 64;
+    if (argc > 9 && !strcmp(argv[9], "flash")) {
+        c.H = 64;
+        c.q_lora = 1024;
+        c.G = 8;
+        c.o_lora = 1024;
+        c.IH = 64;
+        c.topk = 16;
+    }
     for (int i = 0; i < c.n_layer && i < 64; i++) c.ratios[i] = i < 2 ? 0 : (i % 2 ? 128 : 4);
     return tm_build(&c, argv[1]) ? 1 : 0;
 }
