@@ -571,3 +571,29 @@ def test_server_anthropic_tool_loop_reuses_live_kv_and_thinking_precedes_tool_us
         kinds = [blk.type for blk in t.content]
         assert kinds[0] == "thinking" and kinds[-1] == "tool_use", kinds
         assert t.content[0].signature == t.id and t.stop_reason == "tool_use"
+
+
+def test_server_sigterm_ends_streams_with_error_finish_and_exits_0():
+    s = Server()
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        body = json.dumps({"messages": user("Write forever"), "max_tokens": 3000,
+                           "stream": True, "think": False}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        got = b""
+        while got.count(b"data:") < 3:
+            got += sock.recv(4096)
+        s.proc.send_signal(signal.SIGTERM)
+        sock.settimeout(60)
+        while True:
+            d = sock.recv(65536)
+            if not d:
+                break
+            got += d
+        sock.close()
+        assert b'"finish_reason":"error"' in got and b"data: [DONE]" in got
+        assert s.proc.wait(60) == 0
+        assert "shutdown requested" in s.log_text()
+    finally:
+        s.stop()
