@@ -43,6 +43,10 @@ typedef struct cpu_ctx {
 /* Runs fn over [0, n_items) split in n_threads contiguous ranges; the caller
  * is thread 0. Returns when all ranges are done. */
 void cpu_run(cpu_ctx *c, int n_items, cpu_task_fn fn, void *arg);
+/* Same, but runs inline on the caller when n_items * work_per_item (rough
+ * multiply-adds) is too small to pay for waking the workers. Results are
+ * identical either way (each item is computed the same way). */
+void cpu_run_w(cpu_ctx *c, int n_items, double work_per_item, cpu_task_fn fn, void *arg);
 
 /* Main-thread scratch slot (0..7) of at least `bytes`; NULL (and c->err set)
  * when out of memory. Contents are not preserved across growth. */

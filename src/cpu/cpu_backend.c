@@ -63,6 +63,14 @@ void cpu_run(cpu_ctx *c, int n_items, cpu_task_fn fn, void *arg) {
     pthread_mutex_unlock(&c->mu);
 }
 
+void cpu_run_w(cpu_ctx *c, int n_items, double work_per_item, cpu_task_fn fn, void *arg) {
+    if (n_items > 0 && (double)n_items * work_per_item < 262144.0) {
+        fn(arg, 0, n_items, 0);
+        return;
+    }
+    cpu_run(c, n_items, fn, arg);
+}
+
 /* ------------------------------------------------------------ scratch */
 
 static void *grow(void **p, size_t *have, size_t bytes) {
@@ -178,7 +186,7 @@ int cpu_matmul(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, int64
             ds4_quantize_act(j.k->act_type, x + r * ldx, xq + (size_t)r * j.xq_bytes, w->n_in);
         j.xq = xq;
     }
-    cpu_run(c, (int)n_rows, mm_task, &j);
+    cpu_run_w(c, (int)n_rows, (double)n * (double)w->n_in, mm_task, &j);
     return 0;
 }
 
@@ -206,7 +214,7 @@ int cpu_matmul_pre(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, i
     j.ldy = ldy;
     j.xq = xq;
     j.xq_bytes = ds4_type_row_bytes(j.k->act_type, w->n_in);
-    cpu_run(c, (int)n_rows, mm_task, &j);
+    cpu_run_w(c, (int)n_rows, (double)n * (double)w->n_in, mm_task, &j);
     return 0;
 }
 

@@ -130,7 +130,8 @@ int cpu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
     cpu_ctx *c = ctx;
     if (a->m->hp.n_hc > 64) return c->err = DS4_E_INTERNAL;
     hc_job j = {c, a};
-    cpu_run(c, a->n, hc_pre_task, &j);
+    const ds4_hparams *hp = &a->m->hp;
+    cpu_run_w(c, a->n, (double)hp->n_hc * hp->n_embd * ((2 + hp->n_hc) * hp->n_hc + 2), hc_pre_task, &j);
     return c->err;
 }
 
@@ -162,7 +163,7 @@ static void hc_post_task(void *p, int t0, int t1, int tid) {
 int cpu_hc_post(void *ctx, const ds4_hc_post_args *a) {
     cpu_ctx *c = ctx;
     hc_post_job j = {c, a};
-    cpu_run(c, a->n, hc_post_task, &j);
+    cpu_run_w(c, a->n, (double)a->m->hp.n_hc * a->m->hp.n_hc * a->m->hp.n_embd, hc_post_task, &j);
     return c->err;
 }
 
@@ -365,7 +366,7 @@ int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
         if ((rc = cpu_matmul(c, &a->l->idx_proj, 0, 0, IH, a->u, D, NULL, a->n, j.wt, IH, a->num.act_quant)))
             return rc;
     }
-    cpu_run(c, a->n, idx_task, &j);
+    cpu_run_w(c, a->n, j.qi ? (double)((a->pos0 + a->n) / 4) * IH * ID : 1.0, idx_task, &j);
     return c->err;
 }
 
@@ -431,7 +432,7 @@ int cpu_attention(void *ctx, const ds4_attention_args *a) {
     attn_job j = {c, a, cpu_scratch(c, 0, (size_t)a->n * H * dh * sizeof(float))};
     float *z = cpu_scratch(c, 1, (size_t)a->n * G * ol * sizeof(float));
     if (!j.o || !z) return DS4_E_NOMEM;
-    cpu_run(c, a->n * H, attn_task, &j);
+    cpu_run_w(c, a->n * H, (double)dh * (hp->window + (a->l->ratio ? (a->pos0 + a->n) / a->l->ratio : 0)) * 2, attn_task, &j);
     if (c->err) return c->err;
     int rc;
     /* grouped output projection: z_g = W_oa[g] . (heads of group g) */
