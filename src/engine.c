@@ -419,13 +419,19 @@ int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info
 /* ------------------------------------------------------------ snapshots */
 
 /* Payload (little-endian):
- *   "DS4SESS\0" | u32 version | u32 flags (bit 0: plain numerics) |
+ *   "DS4SESS\0" | u32 version | u32 numerics flags (bits: 0 no FP8 KV, 1 no FP4
+ *   indexer, 2 no f16 cache, 3 no activation quantisation) |
  *   fingerprint[32] | u32 n_vocab | u32 n_layer | u32 n_tokens |
  *   tokens (n_tokens * i32) | logits (n_vocab * f32, when n_tokens > 0) |
  *   u64 state_bytes | state (forward.c layout) | SHA-256 of all the above. */
 #define SNAP_MAGIC "DS4SESS"
 #define SNAP_VERSION 1u
 #define SNAP_HDR (8 + 4 + 4 + 32 + 4 + 4 + 4)
+
+/* Numerics as payload flags: 0 is the release path, 15 --plain-numerics. */
+static uint32_t numerics_flags(const ds4_numerics *n) {
+    return (n->fp8_kv ? 0u : 1u) | (n->fp4_indexer ? 0u : 2u) | (n->f16_cache ? 0u : 4u) | (n->act_quant ? 0u : 8u);
+}
 
 static void put32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
 static uint32_t get32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -440,7 +446,7 @@ int ds4_session_save(const ds4_session *s, void **out, size_t *out_bytes, ds4_er
     size_t o = 0;
     memcpy(b, SNAP_MAGIC, 8); o += 8;
     put32(b + o, SNAP_VERSION); o += 4;
-    put32(b + o, e->num.fp8_kv ? 0u : 1u); o += 4;
+    put32(b + o, numerics_flags(&e->num)); o += 4;
     memcpy(b + o, e->fp, 32); o += 32;
     put32(b + o, (uint32_t)V); o += 4;
     put32(b + o, (uint32_t)e->hp.n_layer); o += 4;
@@ -477,7 +483,7 @@ int ds4_session_load(ds4_session *s, const void *buf, size_t n_bytes, ds4_err *e
         if (!EVP_Digest(b, n_bytes - 32, md, &len, EVP_sha256(), NULL)) BAD("hash failed");
         if (memcmp(md, b + n_bytes - 32, 32) != 0) BAD("checksum mismatch (corrupted or truncated)");
     }
-    if (get32(b + 12) != (e->num.fp8_kv ? 0u : 1u)) BAD("saved with other numerics (--plain-numerics differs)");
+    if (get32(b + 12) != numerics_flags(&e->num)) BAD("saved with other numerics (--plain-numerics differs)");
     if (memcmp(b + 16, e->fp, 32) != 0) BAD("made by another model (fingerprint mismatch)");
     if (get32(b + 48) != V || get32(b + 52) != (uint32_t)e->hp.n_layer) BAD("model shape mismatch");
     uint32_t T = get32(b + 56);
