@@ -334,3 +334,18 @@ DS4_TEST(engine_vocab_only_has_no_sessions) {
     CHECK_EQ_INT(ds4_session_new(e, &so, &s, &err), DS4_E_ARG);
     ds4_engine_close(e);
 }
+
+DS4_TEST(engine_expert_types_differ_per_layer) {
+    tm_cfg c = tm_default();
+    c.D = 256;
+    c.F = 256;
+    c.type_gate = c.type_down = DS4_TYPE_IQ2_XXS;
+    c.type_mat = DS4_TYPE_Q8_0;
+    c.mixed_last = true;
+    ds4_engine *e = open_tm(&c, "mixed", false, 2);
+    CHECK(e);
+    CHECK_MSG(strstr(ds4_engine_describe(e), "experts q4_K/q4_K/q2_K (last layer)") != NULL, "%s",
+              ds4_engine_describe(e));
+    check_modes(t, e, 21);
+    ds4_engine_close(e);
+}

@@ -194,9 +194,10 @@ int tm_build(const tm_cfg *c, const char *path) {
                 ds4_gguf_writer_add_tensor(w, N("ffn_gate_tid2eid.weight"), DS4_TYPE_I32, 2, ne, ids,
                                            (uint64_t)c->V * c->K * 4);
         }
-        add(&t, N("ffn_gate_exps.weight"), c->type_gate, 3, D, c->F, c->E, 0, sd);
-        add(&t, N("ffn_up_exps.weight"), c->type_gate, 3, D, c->F, c->E, 0, sd);
-        add(&t, N("ffn_down_exps.weight"), c->type_down, 3, c->F, D, c->E, 0, sd);
+        bool mx = c->mixed_last && il == c->n_layer - 1;
+        add(&t, N("ffn_gate_exps.weight"), mx ? DS4_TYPE_Q4_K : c->type_gate, 3, D, c->F, c->E, 0, sd);
+        add(&t, N("ffn_up_exps.weight"), mx ? DS4_TYPE_Q4_K : c->type_gate, 3, D, c->F, c->E, 0, sd);
+        add(&t, N("ffn_down_exps.weight"), mx ? DS4_TYPE_Q2_K : c->type_down, 3, c->F, D, c->E, 0, sd);
         add(&t, N("ffn_gate_shexp.weight"), TM, 2, D, c->F, 1, 0, sd);
         add(&t, N("ffn_up_shexp.weight"), TM, 2, D, c->F, 1, 0, sd);
         add(&t, N("ffn_down_shexp.weight"), TM, 2, c->F, D, 1, 0, sd);

@@ -15,6 +15,7 @@ typedef struct tm_cfg {
     int type_down;   /* routed down */
     int type_small;  /* embedding, HC fns, router, compressor, indexer */
     uint64_t seed;
+    bool mixed_last;     /* last layer: Q4_K gate/up + Q2_K down (needs D, F multiples of 256) */
     /* defects */
     const char *skip_tensor, *bad_shape_tensor, *bad_type_tensor, *drop_key;
     int head_count_kv;   /* 0 = 1 */
