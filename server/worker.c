@@ -245,14 +245,18 @@ typedef struct prefill_cb {
     gen_ctx *g;
 } prefill_cb;
 
-/* Prefill progress: SSE headers at the first event, then ": prefill"
- * keepalives every >= 5 s; cancels when the client is gone. */
+/* Prefill progress (after each prefill chunk): continued disk saves, SSE
+ * headers at the first event, then ": prefill" keepalives every >= 5 s;
+ * cancels when the client is gone. */
 static int on_progress(void *user, const char *what, int64_t done, int64_t total) {
     gen_ctx *g = user;
     (void)what;
     (void)done;
     (void)total;
     if (job_gone(g->j) || g->s->shutdown_flag) return 1;
+    /* continued saves also happen mid-prefill (C.4): the session holds the
+     * prefix evaluated so far, with the logits of its last row */
+    srv_cache_step(g->s, false);
     if (!g->streaming) return 0;
     double now = srv_now_mono();
     if (!g->j->st.headers) {

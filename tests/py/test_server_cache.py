@@ -104,3 +104,20 @@ def test_server_disk_cache_tool_loop_after_restart_restores_exact_dsml(tmp_path)
     assert re.search(r"kv cache hit text tokens=\d+", log), log
     live = a.usage.prompt_tokens + a.usage.completion_tokens
     assert b.usage.prompt_tokens_details.cached_tokens >= live - 1, (b.usage, live)
+
+
+def test_server_disk_cache_continued_saves_during_prefill_and_decode(tmp_path):
+    d = str(tmp_path / "kv")
+    args = ["--kv-disk-dir", d, "--kv-cache-min-tokens", "32", "--kv-cache-cold-max-tokens", "0",
+            "--kv-cache-continued-interval-tokens", "128", "--kv-cache-boundary-align-tokens", "0"]
+    with Server(*args) as s:
+        r = s.openai().chat.completions.create(messages=messages("x " * 150), model="m",
+                                               max_tokens=130, temperature=0, extra_body=NO_THINK)
+        n_prompt = r.usage.prompt_tokens
+        log = s.log_text()
+    saved = sorted(int(m) for m in re.findall(r"kv cache stored tokens=(\d+) reason=continued", log))
+    # every multiple of 128 the session passed, once, during prefill and decode
+    want = list(range(128, n_prompt + r.usage.completion_tokens + 1, 128))
+    assert saved == want, (saved, n_prompt)
+    assert any(t <= n_prompt for t in saved) and any(t > n_prompt for t in saved)
+    assert "reason=cold" not in log
