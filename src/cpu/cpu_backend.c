@@ -4,6 +4,7 @@
 #include "cpu/cpu.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -315,18 +316,30 @@ int ds4_cpu_backend_new(int n_threads, ds4_backend *out, ds4_err *err) {
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv_start, NULL);
     pthread_cond_init(&c->cv_done, NULL);
+    /* Workers block every signal (they inherit the mask at creation), so
+     * asynchronous signals such as SIGINT reach the application's threads:
+     * a REPL waiting in read() must be interrupted, not a pool worker. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     for (int i = 1; i < n_threads; i++) {
         worker_arg *wa = malloc(sizeof *wa);
-        if (!wa) { cpu_destroy(c); return ds4_err_set(err, DS4_E_NOMEM, "out of memory"); }
+        if (!wa) {
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            cpu_destroy(c);
+            return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        }
         wa->c = c;
         wa->tid = i;
         if (pthread_create(&c->threads[i], NULL, worker_main, wa) != 0) {
             free(wa);
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
             cpu_destroy(c);
             return ds4_err_set(err, DS4_E_INTERNAL, "cpu backend: cannot create worker thread %d", i);
         }
         c->n_threads = i + 1;
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     out->ops = &cpu_ops;
     out->ctx = c;
     return 0;
