@@ -5,7 +5,6 @@
  * fails that one test. A FILTER is a substring of the test name. The last
  * line printed is "N passed, N failed, N skipped".
  */
-#define _GNU_SOURCE
 #include "test.h"
 
 #include <ftw.h>
