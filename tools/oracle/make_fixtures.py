@@ -121,10 +121,12 @@ COMMON_CFG = dict(num_key_value_heads=1, n_shared_experts=1, scoring_func="sqrts
 # Release fixtures: the rounding steps of §E amplify float32 noise (a 1e-7 difference before an f16 or FP8
 # rounding occasionally moves a value to the next representable number, and such flips cascade through the
 # later layers). transformers' own cached decode differs from its full-sequence forward by up to 1.2 on some
-# token sequences of tiny_yarn with the rounding on (by ~3e-6 without it). The token seeds of the release
-# fixtures are chosen so that transformers is self-consistent on them (decode vs full <= 1e-3 at every
-# position; `write_all` asserts it and meta.json records the spread per position); an engine can still hit
-# a flip where transformers did not, which test_oracle.py reports as such.
+# token sequences of tiny_yarn with the rounding on (by ~3e-6 without it), and an engine's float32 noise is
+# one more such realisation. A release fixture therefore uses the first token seed (from the one given) on
+# which transformers agrees with itself across evaluation orders (full forward, token-by-token decode,
+# chunked prefills of 2, 3, 5, 7 tokens) within STABILITY_TOL at every position; meta.json records the seed
+# and the spread per position. Such a sequence has no rounding decision close enough to its boundary for
+# float32 noise to flip it, so an engine computing the same rounding should match it.
 FIXTURES = {
     "tiny_yarn_48": ("tiny_yarn", 48, 101, False,
                      "G.4 main test: window eviction, 12 CSA rows of which the indexer keeps 3 (exact ties at the "
@@ -132,7 +134,7 @@ FIXTURES = {
     "tiny_yarn_37": ("tiny_yarn", 37, 102, False,
                      "prompt ends inside both compressors' windows (37 mod 4 = 1, 37 mod 8 = 5)"),
     "tiny_yarn_2": ("tiny_yarn", 2, 103, False, "2 tokens: no compressed rows at all"),
-    "tiny_yarn_48_release": ("tiny_yarn", 48, 109, True,
+    "tiny_yarn_48_release": ("tiny_yarn", 48, 191, True,
                              "tiny_yarn model, 48 other tokens, with the official rounding (FP8 KV, Hadamard+FP4 "
                              "indexer, f16 caches)"),
     "tiny_plain_37": ("tiny_plain", 37, 201, False,
@@ -404,15 +406,16 @@ def margins_of(values, k):
             "exact_tie": gap == 0.0, "selected": sorted(int(i) for i in idx[:k])}
 
 
-def reference_forward(model, ids, release):
-    """Full-sequence float32 forward, use_cache=False, inside the stable top-k patch (and the release numerics)."""
+def reference_forward(model, ids, release, record=True):
+    """Full-sequence float32 forward, use_cache=False, inside the stable top-k patch (and the release numerics).
+    record: also collect the indexer and router decision margins (hooks on the scorer and router modules)."""
     cfg = model.config
     idx_records, router_records = [], []
     hooks = []
     csa_rate = cfg.compress_rates[CSA]
     n_tok = ids.shape[0]
 
-    for il, layer in enumerate(model.model.layers):
+    for il, layer in enumerate(model.model.layers if record else []):
         comp = layer.self_attn.compressor
         if isinstance(comp, mdl.DeepseekV4CSACompressor):
             def idx_hook(m, args, out, il=il):
@@ -469,6 +472,33 @@ def cached_decode_logits(model, ids, release):
     return torch.stack(out).float()
 
 
+def chunked_logits(model, ids, release, chunk):
+    """Prefill in chunks of `chunk` tokens with transformers' cache, inside the same patches."""
+    from transformers import DynamicCache
+    out = []
+    with torch.no_grad(), stable_topk(), (release_numerics(model) if release else contextlib.nullcontext()):
+        cache = DynamicCache(config=model.config)
+        for t0 in range(0, ids.shape[0], chunk):
+            r = model(input_ids=ids[None, t0:t0 + chunk], past_key_values=cache, use_cache=True)
+            out.append(r.logits[0])
+    return torch.cat(out).float()
+
+
+# Evaluation orders whose agreement a release fixture must show (see FIXTURES): token-by-token decode and
+# chunked prefills whose chunks split the compressor windows.
+STABILITY_CHUNKS = (2, 3, 5, 7)
+STABILITY_TOL = 2e-4
+MAX_SEED_TRIES = 40
+
+
+def release_spread(model, ids, full):
+    """Per position, the largest |logit difference| between the full forward and any other evaluation order."""
+    spread = (cached_decode_logits(model, ids, True) - full).abs().amax(dim=-1)
+    for c in STABILITY_CHUNKS:
+        spread = torch.maximum(spread, (chunked_logits(model, ids, True, c) - full).abs().amax(dim=-1))
+    return spread
+
+
 def repeated_experts(model, ids):
     """Positions and layers where a hash layer routes a token to the same expert more than once."""
     reps = []
@@ -486,9 +516,9 @@ def repeated_experts(model, ids):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def tokens_for(fixture):
-    _, n, seed, _, _ = FIXTURES[fixture]
-    g = torch.Generator().manual_seed(seed)
+def tokens_for(fixture, seed=None):
+    _, n, seed0, _, _ = FIXTURES[fixture]
+    g = torch.Generator().manual_seed(seed0 if seed is None else seed)
     return torch.randint(0, 256, (n,), generator=g)
 
 
@@ -513,13 +543,19 @@ def write_all(out):
             save.save_pretrained(mdir)
             (mdir / "generation_config.json").unlink(missing_ok=True)
         model = models[mname]
-        ids = tokens_for(fx)
-        logits, idx_rec, rt_rec = reference_forward(model, ids, release)
-        dec = cached_decode_logits(model, ids, release)
-        spread = (dec - logits).abs().amax(dim=-1)
+        seed = FIXTURES[fx][2]
+        for _ in range(MAX_SEED_TRIES if release else 1):
+            ids = tokens_for(fx, seed)
+            logits, idx_rec, rt_rec = reference_forward(model, ids, release)
+            spread = release_spread(model, ids, logits) if release else \
+                (cached_decode_logits(model, ids, False) - logits).abs().amax(dim=-1)
+            if not release or float(spread.max()) <= STABILITY_TOL:
+                break
+            print(f"{fx}: token seed {seed} not stable under the rounding (spread {float(spread.max()):.1e})")
+            seed += 1
+        else:
+            raise SystemExit(f"{fx}: no stable token sequence in {MAX_SEED_TRIES} seeds")
         self_diff = float(spread.max())
-        if release:
-            assert self_diff <= 1e-3, f"{fx}: transformers is not self-consistent on these tokens ({self_diff})"
         fdir = out / fx
         fdir.mkdir(parents=True, exist_ok=True)
         (fdir / "tokens.txt").write_text(" ".join(str(int(t)) for t in ids) + "\n")
@@ -529,8 +565,10 @@ def write_all(out):
             "model": mname, "n_tokens": n, "n_vocab": model.config.vocab_size, "release": release,
             "covers": covers, "storage_dtype": MODELS[mname]["dtype"],
             "transformers": transformers.__version__, "torch": torch.__version__,
+            "token_seed": seed,
             "hf_cached_decode_vs_full_max_abs": self_diff,
             "hf_cached_decode_vs_full_per_pos": [float(x) for x in spread],
+            "hf_spread_orders": ["decode"] + ([f"chunk:{c}" for c in STABILITY_CHUNKS] if release else []),
             "logit_abs_max": float(logits.abs().max()),
             "summary": summarise(idx_rec, rt_rec),
             "repeated_experts": reps,
@@ -556,7 +594,7 @@ def check_all(out, tol=1e-5):
         model = DeepseekV4ForCausalLM.from_pretrained(mdir, dtype=torch.float32, attn_implementation="eager").eval()
         check_rope(model)
         ids = torch.tensor([int(t) for t in (out / fx / "tokens.txt").read_text().split()])
-        logits, _, _ = reference_forward(model, ids, release)
+        logits, _, _ = reference_forward(model, ids, release, record=False)
         ref = torch.from_numpy(np.fromfile(out / fx / "logits.f32", dtype="<f4").reshape(n, -1))
         d = float((logits - ref).abs().max())
         worst = max(worst, d)
