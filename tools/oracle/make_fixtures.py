@@ -42,6 +42,7 @@ so the saved file reproduces the reference exactly after conversion to f32.
 
 Usage:
   make_fixtures.py [--out tests/data/oracle]            write every fixture
+  make_fixtures.py --only FX [FX ...]                    write only these fixtures (and their models)
   make_fixtures.py --check [--out tests/data/oracle]    reload each committed model with from_pretrained, rerun the
                                                          reference forward and compare with the committed logits
                                                          (max |diff| <= 1e-5); prints versions and the diffs
@@ -107,6 +108,27 @@ MODELS = {
                  mlp_layer_types=["hash_moe", "moe"],
                  index_n_heads=2, index_head_dim=128, index_topk=3,
                  rope_parameters=dict(YARN_FLAT))),
+    # Quantization acceptance (issue 3: "a q8_0 GGUF keeps the f32 top-1 token at >= 98% of positions"). The models
+    # above have near-uniform outputs (median top-1 probability ~0.02-0.05, median top-1/top-2 logit gap 0.12-0.20),
+    # so q8_0's weight rounding (~0.4% per weight, which also flips ~5-15% of the close indexer / router top-k
+    # decisions) changes their top-1 at 2-6% of positions. Scaling the head alone would not help: argmax is
+    # invariant to a scale. A trained LM's residual stream carries the current token strongly and its head reads a
+    # confident next token from it; this model imitates that with two changes after the G.3 draw (`sharpen()`):
+    # the token embedding is multiplied by `embed_scale` (2.5) and the head gains a bigram readout, row pi(t) +=
+    # `bigram_head` (2.5) * embed[t] / |embed[t]| for a fixed random permutation pi. The result (meta.json
+    # "output_margins"): median top-1/top-2 gap of a few logits, the bigram successor is top-1 at ~90% of
+    # positions and the context decides the rest. G.1-like layer mix at hidden 256 (sliding + hash MoE, CSA with
+    # indexer top-8, HCA-8 with biased router), kept <= ~2 MB by a 32-wide expert FFN, 4 experts and 3 layers.
+    "h256_sharp": dict(
+        seed=41, dtype="bf16", embed_scale=2.5, bigram_head=2.5,
+        cfg=dict(vocab_size=256, hidden_size=256, moe_intermediate_size=32, num_hidden_layers=3,
+                 num_attention_heads=2, head_dim=128, partial_rotary_factor=0.5, q_lora_rank=32, o_groups=2,
+                 o_lora_rank=32, n_routed_experts=4, num_experts_per_tok=2, swiglu_limit=1.0, sliding_window=8,
+                 layer_types=[S, CSA, HCA],
+                 compress_rates={CSA: 4, HCA: 8},
+                 mlp_layer_types=["hash_moe", "moe", "moe"],
+                 index_n_heads=2, index_head_dim=128, index_topk=8,
+                 rope_parameters=dict(YARN_FLAT))),
 }
 
 COMMON_CFG = dict(num_key_value_heads=1, n_shared_experts=1, scoring_func="sqrtsoftplus", norm_topk_prob=True,
@@ -146,6 +168,18 @@ FIXTURES = {
                 "hidden 256 / expert FFN 256 (K-quant-able), CSA layer 0 with hash MoE, HCA-8 layer 1, "
                 "f16 safetensors"),
     "h256_40_release": ("h256", 40, 301, True, "as h256_40 with the official rounding"),
+    "h256_sharp_96": ("h256_sharp", 96, 401, False,
+                      "quantization acceptance: output as sharp as a trained LM's (see MODELS['h256_sharp']), "
+                      "so q8_0 must keep the f32 top-1 at >= 98% of positions; 24 CSA rows, indexer top-8"),
+}
+
+# models whose fixtures exist for a purpose beyond the numerical comparison (written into meta.json "why")
+MODEL_WHY = {
+    "h256_sharp": "quantization acceptance (issue 3): the other fixtures' random models have near-uniform outputs "
+                  "(median top-1/top-2 gap ~0.1-0.2 logit) on which q8_0 weight rounding moves the top-1 at 2-6% of "
+                  "positions; this one has a trained-LM-like sharp output (embedding x2.5 plus a bigram readout "
+                  "in the head, see make_fixtures.py MODELS['h256_sharp'] and output_margins), so q8_0 must keep "
+                  "the f32 top-1 at >= 98% of positions",
 }
 
 STORE_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -382,12 +416,29 @@ def randomise(model, seed, store_dtype):
             p.copy_(p.to(sd).to(torch.float32))
 
 
+def sharpen(model, spec):
+    """Quantization-acceptance models (MODELS['h256_sharp']): token embedding x embed_scale, and a bigram readout
+    added to the head: row perm[t] += bigram_head * embed[t] / |embed[t]| (perm: a permutation of the vocabulary
+    drawn with its own generator, seed + 7). Returns perm; the touched tensors are rounded to the storage dtype."""
+    g = torch.Generator().manual_seed(spec["seed"] + 7)
+    perm = torch.randperm(model.config.vocab_size, generator=g)
+    with torch.no_grad():
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb.mul_(spec["embed_scale"])
+        head[perm] += spec["bigram_head"] * emb / emb.norm(dim=1, keepdim=True)
+        sd = STORE_DTYPES[spec["dtype"]]
+        for p in (emb, head):
+            p.copy_(p.to(sd).to(torch.float32))
+    return perm
+
+
 def make_model(name):
     spec = MODELS[name]
     torch.manual_seed(spec["seed"])
     cfg = build_config(spec)
     model = DeepseekV4ForCausalLM(cfg).to(torch.float32).eval()
     randomise(model, spec["seed"], spec["dtype"])
+    model.bigram_perm = sharpen(model, spec) if "bigram_head" in spec else None
     check_rope(model)
     return model
 
@@ -532,9 +583,25 @@ def summarise(idx_records, router_records):
     return {"indexer": closest(idx_records), "router": closest(router_records)}
 
 
-def write_all(out):
+def output_margins(logits, ids, perm):
+    """Sharpness of the reference output per position: top-1 minus top-2 logit, top-1 probability, and (sharpened
+    models) how often the top-1 is the bigram successor perm[current token]."""
+    s = logits.sort(dim=1, descending=True).values
+    gap = (s[:, 0] - s[:, 1]).numpy()
+    p1 = torch.softmax(logits.double(), dim=1).max(dim=1).values.numpy()
+    r = {"top1_top2_gap": {"median": float(np.median(gap)), "p10": float(np.percentile(gap, 10)),
+                           "min": float(gap.min()), "max": float(gap.max())},
+         "top1_prob": {"median": float(np.median(p1)), "p10": float(np.percentile(p1, 10))}}
+    if perm is not None:
+        r["top1_is_bigram_successor"] = float((logits.argmax(dim=1) == perm[ids]).float().mean())
+    return r
+
+
+def write_all(out, only=None):
     models = {}
     for fx, (mname, n, _, release, covers) in FIXTURES.items():
+        if only and fx not in only:
+            continue
         if mname not in models:
             models[mname] = make_model(mname)
             mdir = out / "models" / mname
@@ -565,11 +632,13 @@ def write_all(out):
             "model": mname, "n_tokens": n, "n_vocab": model.config.vocab_size, "release": release,
             "covers": covers, "storage_dtype": MODELS[mname]["dtype"],
             "transformers": transformers.__version__, "torch": torch.__version__,
+            **({"why": MODEL_WHY[mname]} if mname in MODEL_WHY else {}),
             "token_seed": seed,
             "hf_cached_decode_vs_full_max_abs": self_diff,
             "hf_cached_decode_vs_full_per_pos": [float(x) for x in spread],
             "hf_spread_orders": ["decode"] + ([f"chunk:{c}" for c in STABILITY_CHUNKS] if release else []),
             "logit_abs_max": float(logits.abs().max()),
+            "output_margins": output_margins(logits, ids, model.bigram_perm),
             "summary": summarise(idx_rec, rt_rec),
             "repeated_experts": reps,
             "indexer_margins": [{k: r[k] for k in ("layer", "pos", "rows", "rel_gap", "exact_tie", "selected")}
@@ -608,13 +677,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "tests" / "data" / "oracle"))
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--only", nargs="+", metavar="FIXTURE", help="write only these fixtures (and their models)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
     torch.backends.cuda.matmul.allow_tf32 = False
     out = pathlib.Path(a.out)
     if a.check:
         sys.exit(0 if check_all(out) else 1)
-    write_all(out)
+    write_all(out, a.only)
 
 
 if __name__ == "__main__":
