@@ -12,14 +12,33 @@
  *
  * Line editing and history (~/.ds4_history, 512 entries) come from libedit
  * when stdin is a terminal; otherwise lines are read plainly (pipes, tests).
+ *
+ * Ctrl+C: during a turn the SIGINT handler (generate.c) only sets
+ * ds4_cli_interrupted, which the prefill/decode loops poll. At the prompt
+ * libedit reads keys through repl_getc (rl_getc_function): it waits with
+ * pselect() while SIGINT is blocked everywhere else in it, so a Ctrl+C that
+ * arrives before, during or after the wait is seen (no lost wake-up) and
+ * ends the read with EOF; read_line then discards the partial line and
+ * reports the interrupt (a fresh prompt follows, like a shell). With
+ * libedit's own reader a SIGINT that missed its read() (or that read()
+ * retried) was swallowed: readline later returned a line with the flag still
+ * set, so the next Ctrl+D was taken for an interrupt (the REPL did not
+ * leave) and the next Ctrl+C killed the process. Now the flag is cleared
+ * after every prompt. Nothing but the flag is touched in signal context.
  */
 #include "cli.h"
 
 #include <editline/readline.h>
 #include <errno.h>
+#include <langinfo.h>
+#include <limits.h>
+#include <locale.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/select.h>
 #include <unistd.h>
+#include <wchar.h>
 
 #define HISTORY_MAX 512
 
@@ -219,16 +238,83 @@ static int handle_line(repl *r, char *line) {
     return 0;
 }
 
+/* One byte of stdin, or -1 at end of input, on a read error, or when Ctrl+C
+ * is pending. SIGINT stays blocked except inside pselect(), so the flag test
+ * and the wait are atomic: a SIGINT that came earlier is pending and
+ * interrupts pselect at once. */
+static int repl_read_byte(void) {
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    sigprocmask(SIG_BLOCK, &block, &old);
+    sigset_t wait_mask = old;
+    sigdelset(&wait_mask, SIGINT);
+    int c = -1;
+    for (;;) {
+        if (ds4_cli_interrupted) break;
+        fd_set rd;
+        FD_ZERO(&rd);
+        FD_SET(STDIN_FILENO, &rd);
+        int n = pselect(STDIN_FILENO + 1, &rd, NULL, NULL, NULL, &wait_mask);
+        if (n < 0) {
+            if (errno == EINTR) continue; /* SIGINT (flag set) or another signal */
+            break;
+        }
+        unsigned char b;
+        ssize_t got = read(STDIN_FILENO, &b, 1);
+        if (got == 1) { c = b; break; }
+        if (got < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+        break; /* 0: end of input; <0: error */
+    }
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    return c;
+}
+
+/* libedit's key reader (rl_getc_function): one character, decoded from the
+ * locale's multibyte encoding as libedit's own reader does (an invalid
+ * sequence yields its first byte), or -1 (EOF) at end of input, on an error
+ * or on Ctrl+C. The FILE argument is ignored (libedit versions pass stdin or
+ * NULL). */
+static int repl_getc(FILE *unused) {
+    (void)unused;
+    char buf[MB_LEN_MAX];
+    size_t n = 0;
+    for (;;) {
+        int b = repl_read_byte();
+        if (b < 0) return -1;
+        buf[n++] = (char)b;
+        mbstate_t st;
+        memset(&st, 0, sizeof st);
+        wchar_t wc;
+        size_t k = mbrtowc(&wc, buf, n, &st);
+        if (k == (size_t)-2 && n < sizeof buf) continue; /* incomplete sequence */
+        if (k == (size_t)-1 || k == (size_t)-2) return (unsigned char)buf[0];
+        return (int)wc; /* k == 0 is a NUL byte: wc == 0 */
+    }
+}
+
+/* libedit converts keys to wide characters and back with the LC_CTYPE
+ * locale; in the default "C" locale every non-ASCII character typed is
+ * dropped. Takes the user's locale, and when that is not a UTF-8 one (unset,
+ * "C", "POSIX" or not installed) a UTF-8 one, since the model reads UTF-8.
+ * Only LC_CTYPE changes; nothing else in ds4 depends on it. */
+static void repl_utf8_ctype(void) {
+    if (setlocale(LC_CTYPE, "") && !strcmp(nl_langinfo(CODESET), "UTF-8")) return;
+    if (setlocale(LC_CTYPE, "C.UTF-8") || setlocale(LC_CTYPE, "UTF-8")) return;
+    setlocale(LC_CTYPE, "C");
+}
+
 /* Reads one line: libedit on a terminal, getline otherwise. NULL at EOF.
  * *interrupted is set when Ctrl+C ended the read (not an EOF). */
 static char *read_line(repl *r, bool *interrupted) {
     *interrupted = false;
     if (r->tty) {
-        errno = 0;
         char *l = readline("ds4> ");
-        if (!l && ds4_cli_interrupted) {
+        if (ds4_cli_interrupted) { /* Ctrl+C: the partial line (if any) is dropped */
+            free(l);
             ds4_cli_interrupted = 0;
             *interrupted = true;
+            return NULL;
         }
         return l;
     }
@@ -259,6 +345,10 @@ int ds4_cli_repl(const ds4_cli_opts *o) {
     if (repl_init(&r)) goto out;
     ds4_cli_install_sigint();
     if (r.tty) {
+        /* before libedit initializes: it installs the reader only if set */
+        rl_getc_function = repl_getc;
+        repl_utf8_ctype();
+        rl_initialize();
         const char *home = getenv("HOME"); /* the history location is user environment, not configuration */
         if (home) {
             snprintf(r.history_path, sizeof r.history_path, "%s/.ds4_history", home);
