@@ -91,17 +91,7 @@ int ds4_type_act(int type) {
 
 /* ---- scalar conversions ------------------------------------------------- */
 
-float ds4_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    if (exp == 0x1f) return bits_f32(sign | 0x7f800000 | (man << 13)); /* inf/NaN */
-    if (exp == 0) {
-        /* zero or subnormal: man * 2^-24, exact in binary32 */
-        float v = (float)man * 0x1p-24f;
-        return sign ? -v : v;
-    }
-    return bits_f32(sign | ((exp + 112) << 23) | (man << 13));
-}
+float ds4_f16_to_f32(uint16_t h) { return f16_to_f32_inl(h); }
 
 uint16_t ds4_f32_to_f16(float f) {
     uint32_t x = f32_bits(f);
@@ -201,7 +191,7 @@ static void dq_i32(const void *src, float *y, int64_t n) {
 
 static void dq_f16(const void *src, float *y, int64_t n) {
     const uint8_t *p = src;
-    for (int64_t i = 0; i < n; i++) y[i] = ds4_f16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+    for (int64_t i = 0; i < n; i++) y[i] = f16_to_f32_inl((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
 }
 
 static void dq_bf16(const void *src, float *y, int64_t n) {
@@ -217,7 +207,7 @@ static void dq_q8_0(const void *src, float *y, int64_t n) {
     for (int64_t b = 0; b < n / DS4_QK8_0; b++) {
         ds4_block_q8_0 x;
         LOAD_BLOCK(ds4_block_q8_0, x, src, b);
-        float d = ds4_f16_to_f32(x.d);
+        float d = f16_to_f32_inl(x.d);
         for (int i = 0; i < DS4_QK8_0; i++) y[b * DS4_QK8_0 + i] = d * (float)x.qs[i];
     }
 }
@@ -237,7 +227,7 @@ static void dq_q4_k(const void *src, float *y, int64_t n) {
     for (int64_t b = 0; b < n / DS4_QK_K; b++) {
         ds4_block_q4_k x;
         LOAD_BLOCK(ds4_block_q4_k, x, src, b);
-        float d = ds4_f16_to_f32(x.d), dmin = ds4_f16_to_f32(x.dmin);
+        float d = f16_to_f32_inl(x.d), dmin = f16_to_f32_inl(x.dmin);
         float *yb = y + b * DS4_QK_K;
         for (int c = 0; c < 4; c++) {
             int sc0, m0, sc1, m1;
@@ -256,7 +246,7 @@ static void dq_q2_k(const void *src, float *y, int64_t n) {
     for (int64_t b = 0; b < n / DS4_QK_K; b++) {
         ds4_block_q2_k x;
         LOAD_BLOCK(ds4_block_q2_k, x, src, b);
-        float d = ds4_f16_to_f32(x.d), dmin = ds4_f16_to_f32(x.dmin);
+        float d = f16_to_f32_inl(x.d), dmin = f16_to_f32_inl(x.dmin);
         float *yb = y + b * DS4_QK_K;
         /* value 128h + 32k + l sits in bits 2k..2k+1 of qs[32h + l] */
         for (int h = 0; h < 2; h++)
@@ -285,7 +275,7 @@ static void dq_iq2_xxs(const void *src, float *y, int64_t n) {
     for (int64_t b = 0; b < n / DS4_QK_K; b++) {
         ds4_block_iq2_xxs x;
         LOAD_BLOCK(ds4_block_iq2_xxs, x, src, b);
-        float d = ds4_f16_to_f32(x.d);
+        float d = f16_to_f32_inl(x.d);
         for (int g = 0; g < 8; g++) {
             uint32_t a0, a1;
             memcpy(&a0, &x.qs[4 * g], 4);
@@ -392,7 +382,7 @@ static float dotq_q8_0(const void *row, const void *xq, int64_t n) {
         LOAD_BLOCK(ds4_block_q8_0, a, xq, b);
         int isum = 0;
         for (int i = 0; i < DS4_QK8_0; i++) isum += w.qs[i] * a.qs[i];
-        sum += (ds4_f16_to_f32(w.d) * ds4_f16_to_f32(a.d)) * (float)isum;
+        sum += (f16_to_f32_inl(w.d) * f16_to_f32_inl(a.d)) * (float)isum;
     }
     return sum;
 }
@@ -413,7 +403,7 @@ static float dotq_q4_k(const void *row, const void *xq, int64_t n) {
             isum += sc * s;
             msum += m * (a[b].bsums[2 * j] + a[b].bsums[2 * j + 1]);
         }
-        sum += a[b].d * (ds4_f16_to_f32(w.d) * (float)isum - ds4_f16_to_f32(w.dmin) * (float)msum);
+        sum += a[b].d * (f16_to_f32_inl(w.d) * (float)isum - f16_to_f32_inl(w.dmin) * (float)msum);
     }
     return sum;
 }
@@ -434,7 +424,7 @@ static float dotq_q2_k(const void *row, const void *xq, int64_t n) {
             isum += (w.scales[j] & 15) * s;
             msum += (w.scales[j] >> 4) * a[b].bsums[j];
         }
-        sum += a[b].d * (ds4_f16_to_f32(w.d) * (float)isum - ds4_f16_to_f32(w.dmin) * (float)msum);
+        sum += a[b].d * (f16_to_f32_inl(w.d) * (float)isum - f16_to_f32_inl(w.dmin) * (float)msum);
     }
     return sum;
 }
@@ -463,7 +453,7 @@ static float dotq_iq2_xxs(const void *row, const void *xq, int64_t n) {
             }
             bsum += (2 * (int)(a1 >> 28) + 1) * gsum;
         }
-        sum += a[b].d * (ds4_f16_to_f32(w.d) * 0.125f * (float)bsum);
+        sum += a[b].d * (f16_to_f32_inl(w.d) * 0.125f * (float)bsum);
     }
     return sum;
 }

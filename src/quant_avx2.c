@@ -37,10 +37,21 @@ static inline TGT int hsum_i32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
+/* f16 at p, the scalar conversion (keeps signalling-NaN bits): used where
+ * the value is stored as is */
 static inline float f16_at(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
-    return ds4_f16_to_f32(h);
+    return f16_to_f32_inl(h);
+}
+
+/* f16 block scale at p through F16C: equal to f16_to_f32_inl for every
+ * input except that a signalling NaN comes back quiet; scales only enter
+ * float arithmetic, which quiets NaNs anyway, so results are identical. */
+static inline TGT float scale_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
 }
 
 /* 8 signed bytes -> 8 floats */
@@ -123,7 +134,7 @@ PLAIN_DOT(dot_bf16_f32, LOAD_BF16, bf16_idx)
 static TGT void dq_q8_0(const void *src, float *y, int64_t n) {
     const uint8_t *p = src;
     for (int64_t b = 0; b < n / 32; b++, p += sizeof(ds4_block_q8_0), y += 32) {
-        __m256 d = _mm256_set1_ps(f16_at(p));
+        __m256 d = _mm256_set1_ps(scale_at(p));
         const int8_t *q = (const int8_t *)(p + 2);
         for (int k = 0; k < 4; k++) _mm256_storeu_ps(y + 8 * k, _mm256_mul_ps(d, i8x8_to_ps(q + 8 * k)));
     }
@@ -133,7 +144,7 @@ static TGT float dot_q8_0_f32(const void *row, const float *x, int64_t n) {
     const uint8_t *p = row;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / 32; b++, p += sizeof(ds4_block_q8_0), x += 32) {
-        __m256 d = _mm256_set1_ps(f16_at(p));
+        __m256 d = _mm256_set1_ps(scale_at(p));
         const int8_t *q = (const int8_t *)(p + 2);
         __m256 s = _mm256_mul_ps(i8x8_to_ps(q), _mm256_loadu_ps(x));
         s = _mm256_fmadd_ps(i8x8_to_ps(q + 8), _mm256_loadu_ps(x + 8), s);
@@ -152,7 +163,7 @@ static TGT float dotq_q8_0(const void *row, const void *xq, int64_t n) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(a + 2));
         /* |w| * (v with w's sign): unsigned x signed, as maddubs needs */
         int isum = hsum_i32(dot_u8_i8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w)));
-        sum += (f16_at(p) * f16_at(a)) * (float)isum;
+        sum += (scale_at(p) * scale_at(a)) * (float)isum;
     }
     return sum;
 }
@@ -188,7 +199,7 @@ static inline TGT void q4k_store32(float *y, const uint8_t *q, int hi, float dsc
 static TGT void dq_q4_k(const void *src, float *y, int64_t n) {
     const uint8_t *p = src;
     for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q4_k), y += 256) {
-        float d = f16_at(p), dmin = f16_at(p + 2);
+        float d = scale_at(p), dmin = scale_at(p + 2);
         for (int c = 0; c < 4; c++) {
             int sc0, m0, sc1, m1;
             q4k_sm(p + 4, 2 * c, &sc0, &m0);
@@ -203,7 +214,7 @@ static TGT float dot_q4_k_f32(const void *row, const float *x, int64_t n) {
     const uint8_t *p = row;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q4_k), x += 256) {
-        float d = f16_at(p), dmin = f16_at(p + 2);
+        float d = scale_at(p), dmin = scale_at(p + 2);
         for (int c = 0; c < 4; c++)
             for (int h = 0; h < 2; h++) {
                 int sc, m;
@@ -238,7 +249,7 @@ static TGT float dotq_q4_k(const void *row, const void *xq, int64_t n) {
             msum += m0 * (a[b].bsums[4 * c] + a[b].bsums[4 * c + 1]) + m1 * (a[b].bsums[4 * c + 2] + a[b].bsums[4 * c + 3]);
         }
         int isum = hsum_i32(acc);
-        sum += a[b].d * (f16_at(p) * (float)isum - f16_at(p + 2) * (float)msum);
+        sum += a[b].d * (scale_at(p) * (float)isum - scale_at(p + 2) * (float)msum);
     }
     return sum;
 }
@@ -266,7 +277,7 @@ static inline TGT void q2k_values32(const uint8_t *p, float d, float dmin, int h
 static TGT void dq_q2_k(const void *src, float *y, int64_t n) {
     const uint8_t *p = src;
     for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q2_k), y += 256) {
-        float d = f16_at(p + 80), dmin = f16_at(p + 82);
+        float d = scale_at(p + 80), dmin = scale_at(p + 82);
         for (int h = 0; h < 2; h++)
             for (int k = 0; k < 4; k++) {
                 __m256 v[4];
@@ -280,7 +291,7 @@ static TGT float dot_q2_k_f32(const void *row, const float *x, int64_t n) {
     const uint8_t *p = row;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_q2_k), x += 256) {
-        float d = f16_at(p + 80), dmin = f16_at(p + 82);
+        float d = scale_at(p + 80), dmin = scale_at(p + 82);
         for (int h = 0; h < 2; h++)
             for (int k = 0; k < 4; k++) {
                 __m256 v[4];
@@ -309,7 +320,7 @@ static TGT float dotq_q2_k(const void *row, const void *xq, int64_t n) {
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, scl));
             }
         int isum = hsum_i32(acc);
-        sum += a[b].d * (f16_at(p + 80) * (float)isum - f16_at(p + 82) * (float)msum);
+        sum += a[b].d * (scale_at(p + 80) * (float)isum - scale_at(p + 82) * (float)msum);
     }
     return sum;
 }
@@ -354,7 +365,7 @@ static inline TGT void iq2_group32(float db, uint32_t a0, uint32_t a1, __m256 ou
 static TGT void dq_iq2_xxs(const void *src, float *y, int64_t n) {
     const uint8_t *p = src;
     for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_iq2_xxs), y += 256) {
-        float d = f16_at(p);
+        float d = scale_at(p);
         for (int g = 0; g < 8; g++) {
             uint32_t a0, a1;
             memcpy(&a0, p + 2 + 8 * g, 4);
@@ -370,7 +381,7 @@ static TGT float dot_iq2_xxs_f32(const void *row, const float *x, int64_t n) {
     const uint8_t *p = row;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / 256; b++, p += sizeof(ds4_block_iq2_xxs), x += 256) {
-        float d = f16_at(p);
+        float d = scale_at(p);
         for (int g = 0; g < 8; g++) {
             uint32_t a0, a1;
             memcpy(&a0, p + 2 + 8 * g, 4);
@@ -401,7 +412,7 @@ static TGT float dotq_iq2_xxs(const void *row, const void *xq, int64_t n) {
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, _mm256_set1_epi16((int16_t)(2 * (a1 >> 28) + 1))));
         }
         int bsum = hsum_i32(acc);
-        sum += a[b].d * (f16_at(p) * 0.125f * (float)bsum);
+        sum += a[b].d * (scale_at(p) * 0.125f * (float)bsum);
     }
     return sum;
 }

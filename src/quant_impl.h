@@ -28,6 +28,21 @@ static inline float bits_f32(uint32_t u) {
     return f;
 }
 
+/* IEEE binary16 -> binary32, exact (subnormals and NaN payloads kept);
+ * inline so the hot dot/dequant kernels do not pay a call per block scale.
+ * ds4_f16_to_f32 (quant.c) is this function. */
+static inline float f16_to_f32_inl(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) return bits_f32(sign | 0x7f800000 | (man << 13)); /* inf/NaN */
+    if (exp == 0) {
+        /* zero or subnormal: man * 2^-24, exact in binary32 */
+        float v = (float)man * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    return bits_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
 /* Round-half-to-even for |v| <= 4194303 (FORMATS.md C.0): the sum with
  * 1.5*2^23 puts the integer part in the low mantissa bits. */
 static inline int nearest_int(float v) {
