@@ -73,13 +73,9 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
                     srv_invalid(e);
                     goto out;
                 }
-                if (!srv_chat_call_known(rq->chat, id)) {
-                    srv_fail(e, 400,
-                             "Anthropic continuation state is not available for tool_use_id %s; "
-                             "retry by replaying the full messages history",
-                             id);
-                    goto out;
-                }
+                /* no call in the request: must answer the live binding
+                 * (checked before queueing, srv_submit) */
+                if (!srv_chat_call_known(rq->chat, id)) srv_note_live_id(rq, id);
                 char *rt = NULL;
                 if (srv_text_of(json_object_get(bl, "content"), NULL, &rt, e)) goto out;
                 ds4_dsml_tool_result(&text, rt, strlen(rt));

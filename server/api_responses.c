@@ -109,11 +109,9 @@ static int add_call_item(items_ctx *x, const char *id, const char *name, json_t 
 
 static int add_output_item(items_ctx *x, const char *id, char *text, srv_error *e) {
     if (flush_pending(x, e)) return -1;
-    if (id && !srv_chat_call_known(x->rq->chat, id))
-        return srv_fail(e, 400,
-                        "Responses continuation state is not available for call_id %s; retry by "
-                        "replaying the full input history",
-                        id);
+    /* no call in the request: it must answer the live binding (checked
+     * before queueing, srv_submit) */
+    if (id && !srv_chat_call_known(x->rq->chat, id)) srv_note_live_id(x->rq, id);
     int i = srv_chat_add(x->rq, DS4_ROLE_TOOL, text, e);
     if (i < 0) return -1;
     x->last_assistant = -1;

@@ -19,11 +19,19 @@
  * text starts with the visible text bound at the live position, E = live +
  * EOS + tokenize(rest). The EOS is appended deliberately (C.3 "quirk": ds4
  * resumes without it, leaving the previous turn unterminated in the KV).
- * Rules 2-4 (tool-output ids answering the live binding without a replayed
- * call) are not implemented: the parsers require the call in the request.
+ * Rules 2-3 (tool outputs): the live tool binding (the call ids of the last
+ * Responses turn that ended with stop/tool_calls, or Anthropic turn with tool
+ * calls, at the live position) equals, as a set, the ids of the request's
+ * trailing tool outputs -> E = live + tokenize(EOS + tail rendered alone),
+ * whether or not the client replayed the calls. Rule 4: a request whose
+ * outputs have no call in it (requires_live) and matched none of 1-3 gets
+ * SRV_CACHE_CONFLICT (409) without touching the session or the bindings.
  *
- * Thread-safety: worker thread only (the kvstore has its own lock).
+ * Thread-safety: worker thread only (the kvstore has its own lock), except
+ * the tool binding's ids, which client threads read under tool_mu
+ * (srv_cache_live_call) and only the worker writes.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,7 +48,53 @@ struct srv_cache {
     size_t bind_len;
     int last_frontier;     /* last stored/loaded length (continued saves) */
     int step;              /* continued-save spacing in tokens (0 = off) */
+    /* live tool binding (C.3); ids written by the worker under tool_mu */
+    pthread_mutex_t tool_mu;
+    int tool_api;          /* srv_api of the turn, -1 when none */
+    int tool_pos;          /* live length it belongs to */
+    char **tool_ids;       /* (n_tool_ids) call ids of the turn */
+    int n_tool_ids;
 };
+
+/* Forgets the tool binding (worker thread). */
+static void tool_clear(struct srv_cache *c) {
+    pthread_mutex_lock(&c->tool_mu);
+    for (int i = 0; i < c->n_tool_ids; i++) free(c->tool_ids[i]);
+    free(c->tool_ids);
+    c->tool_ids = NULL;
+    c->n_tool_ids = 0;
+    c->tool_api = -1;
+    pthread_mutex_unlock(&c->tool_mu);
+}
+
+bool srv_cache_live_call(srv_server *s, srv_api api, const char *id) {
+    struct srv_cache *c = s->cache;
+    if (!c || !id) return false;
+    bool hit = false;
+    pthread_mutex_lock(&c->tool_mu);
+    if (c->tool_api == (int)api)
+        for (int i = 0; i < c->n_tool_ids && !hit; i++) hit = !strcmp(c->tool_ids[i], id);
+    pthread_mutex_unlock(&c->tool_mu);
+    return hit;
+}
+
+/* Rules 2-3: the request's trailing tool-output ids equal the binding's id
+ * set at live length L (worker thread: no lock needed for reads). */
+static bool tool_binding_matches(const struct srv_cache *c, const srv_request *rq, int L) {
+    if (!rq->tail_text || c->tool_api != (int)rq->api || c->tool_pos != L || !c->n_tool_ids)
+        return false;
+    for (int i = 0; i < rq->n_tail_ids; i++) {
+        bool in = false;
+        for (int k = 0; k < c->n_tool_ids && !in; k++) in = !strcmp(rq->tail_ids[i], c->tool_ids[k]);
+        if (!in) return false;
+    }
+    for (int k = 0; k < c->n_tool_ids; k++) {
+        bool in = false;
+        for (int i = 0; i < rq->n_tail_ids && !in; i++) in = !strcmp(rq->tail_ids[i], c->tool_ids[k]);
+        if (!in) return false;
+    }
+    return true;
+}
 
 static void kv_log(void *user, const char *line) {
     (void)user;
@@ -50,6 +104,8 @@ static void kv_log(void *user, const char *line) {
 int srv_cache_open(srv_server *s, ds4_err *err) {
     struct srv_cache *c = xcalloc(1, sizeof *c);
     s->cache = c;
+    pthread_mutex_init(&c->tool_mu, NULL);
+    c->tool_api = -1;
     const srv_config *cfg = &s->cfg;
     if (cfg->kv_continued_interval > 0) {
         int a = cfg->kv_boundary_align > 0 ? cfg->kv_boundary_align : 1;
@@ -78,6 +134,8 @@ void srv_cache_close(srv_server *s) {
     if (!s->cache) return;
     if (s->cache->kv) ds4_kvstore_close(s->cache->kv);
     free(s->cache->bind_text);
+    tool_clear(s->cache);
+    pthread_mutex_destroy(&s->cache->tool_mu);
     free(s->cache);
     s->cache = NULL;
 }
@@ -263,6 +321,14 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
         free(with_eos);
         if (rc) return rc;
         rule = "visible-prefix";
+    } else if (L > 0 && tool_binding_matches(c, rq, L)) {
+        /* rules 2 and 3: live + tokenize(EOS + tool outputs + ... + prefix) */
+        int rc = extend_with_text(s->engine, live, L, rq->tail_text, 0, rq->tail_len, &E, &nE, err);
+        if (rc) return rc;
+        rule = "tool-output";
+    } else if (rq->requires_live) {
+        srv_log("live tool binding gone (live=%d): continuation state not available", L);
+        return SRV_CACHE_CONFLICT; /* rule 4 */
     } else if (L > 0 && L <= rq->n_tokens && !memcmp(live, rq->tokens, (size_t)L * sizeof *live)) {
         rule = "token-prefix"; /* rule 5 */
         token_prefix = true;
@@ -278,6 +344,10 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
             free(lt);
         }
     }
+    if (E && nE >= s->cfg.n_ctx && rq->requires_live) {
+        free(E); /* the request cannot be served without the live state */
+        return ds4_err_set(err, DS4_E_RANGE, "prompt exceeds context");
+    }
     if (E && nE >= s->cfg.n_ctx) {
         /* the kept hidden state (e.g. old reasoning) would overflow the
          * context: start over from the request's own tokens */
@@ -286,8 +356,6 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
         nE = 0;
         rule = "cold";
     }
-    /* bindings not used by this request are cleared (C.2) */
-    c->bind_kind = SRV_BIND_NONE;
     if (!E && !token_prefix) {
         if (L > 0) srv_log("live kv cache miss (live=%d prompt=%d) reason=token-mismatch", L, rq->n_tokens);
         if (c->kv) {
@@ -321,6 +389,12 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
     ds4_sync_info info2 = {0};
     if (!rc) rc = ds4_session_sync(s->session, E, nE, &info2, progress, pu, err);
     free(E);
+    /* after a successful prefill, bindings not used by this request are
+     * cleared (C.2; after a failed one the live state is not trusted
+     * either); until then a queued request may still validate its tool
+     * outputs against them (and get 409 when it runs, rule 4) */
+    c->bind_kind = SRV_BIND_NONE;
+    tool_clear(c);
     if (rc) return rc;
     int reused = cold && info.n_evaluated + info.n_reused > 0 ? info.n_reused : info2.n_reused;
     *cached = reused;
@@ -389,6 +463,23 @@ void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hi
     free(c->bind_text);
     c->bind_text = NULL;
     c->bind_kind = srv_binding_kind(&j->rq, r, s->cfg.n_ctx, stop_hit);
+    tool_clear(c);
+    bool tool_turn = !stop_hit && r->parsed.n_calls &&
+                     ((j->rq.api == SRV_API_RESPONSES &&
+                       (r->finish == SRV_FINISH_STOP || r->finish == SRV_FINISH_TOOL_CALLS)) ||
+                      (j->rq.api == SRV_API_ANTHROPIC && r->finish == SRV_FINISH_TOOL_CALLS));
+    if (tool_turn) {
+        char **ids = xcalloc((size_t)r->parsed.n_calls, sizeof *ids);
+        int n = 0;
+        for (int i = 0; i < r->parsed.n_calls; i++)
+            if (r->parsed.calls[i].id) ids[n++] = xstrdup(r->parsed.calls[i].id);
+        pthread_mutex_lock(&c->tool_mu);
+        c->tool_ids = ids;
+        c->n_tool_ids = n;
+        c->tool_api = (int)j->rq.api;
+        c->tool_pos = ds4_session_n_tokens(s->session);
+        pthread_mutex_unlock(&c->tool_mu);
+    }
     if (!c->bind_kind) return;
     c->bind_text = srv_visible_text(&j->rq, r, c->bind_kind, s->cfg.n_ctx, &c->bind_len);
     if (!c->bind_text) c->bind_kind = SRV_BIND_NONE;

@@ -34,6 +34,9 @@ void srv_request_free(srv_request *rq) {
     free(rq->stops);
     for (int i = 0; i < rq->n_live_ids; i++) free(rq->live_ids[i]);
     free(rq->live_ids);
+    free(rq->tail_text);
+    for (int i = 0; i < rq->n_tail_ids; i++) free(rq->tail_ids[i]);
+    free(rq->tail_ids);
     ds4_chat_free(rq->chat);
     free(rq->prompt);
     free(rq->tools_text);
@@ -74,6 +77,11 @@ int srv_fail(srv_error *e, int status, const char *fmt, ...) {
 static int bad_type(srv_error *e) { return srv_fail(e, 400, "invalid JSON request"); }
 
 int srv_invalid(srv_error *e) { return bad_type(e); }
+
+void srv_note_live_id(srv_request *rq, const char *id) {
+    rq->live_ids = xrealloc(rq->live_ids, sizeof *rq->live_ids * (size_t)(rq->n_live_ids + 1));
+    rq->live_ids[rq->n_live_ids++] = xstrdup(id);
+}
 
 bool srv_chat_call_known(const ds4_chat *c, const char *id) {
     for (int i = 0; i < c->n_msgs; i++)
@@ -380,6 +388,65 @@ int srv_render(srv_request *rq, int n_ctx, ds4_dsml_replay *replay, srv_error *e
         return srv_fail(e, 500, "rendering failed: %s", err.msg[0] ? err.msg : "out of memory");
     }
     rq->text = ds4_buf_detach(&out, &rq->text_len);
+    return 0;
+}
+
+/* A tool output of the request's API: Responses tool/function messages,
+ * Anthropic user messages carrying a tool_result id. */
+static bool is_tool_output(srv_api api, const ds4_chat_msg *m) {
+    if (!m->tool_call_id) return false;
+    if (api == SRV_API_RESPONSES) return m->role == DS4_ROLE_TOOL || m->role == DS4_ROLE_FUNCTION;
+    return m->role == DS4_ROLE_USER;
+}
+
+int srv_render_tail(srv_request *rq, int n_ctx, srv_error *e) {
+    if ((rq->api != SRV_API_RESPONSES && rq->api != SRV_API_ANTHROPIC) || !rq->chat) return 0;
+    const ds4_chat *c = rq->chat;
+    /* the last tool output, with no assistant message after it (system
+     * messages are rendered in the system block, not in the tail) */
+    int last = -1;
+    for (int i = c->n_msgs - 1; i >= 0; i--) {
+        if (is_tool_output(rq->api, &c->msgs[i])) {
+            last = i;
+            break;
+        }
+        if (c->msgs[i].role == DS4_ROLE_ASSISTANT) return 0;
+    }
+    if (last < 0) return 0;
+    int first = last;
+    while (first > 0 && is_tool_output(rq->api, &c->msgs[first - 1])) first--;
+    /* the tail rendered alone: BOS [+ Think-Max prefix] + USER ... + prefix */
+    ds4_chat *sub = ds4_chat_new();
+    ds4_buf out = DS4_BUF_INIT;
+    ds4_err err = {0};
+    int rc = sub ? 0 : DS4_E_NOMEM;
+    if (!rc) ds4_chat_set_think(sub, c->think, n_ctx);
+    for (int i = first; !rc && i < c->n_msgs; i++) {
+        const ds4_chat_msg *m = &c->msgs[i];
+        if (m->role == DS4_ROLE_SYSTEM || m->role == DS4_ROLE_DEVELOPER) continue;
+        int k = ds4_chat_add(sub, m->role, m->content, m->content_len, &err);
+        if (k < 0) rc = k;
+        else if (m->tool_call_id) rc = ds4_chat_set_tool_call_id(sub, k, m->tool_call_id, &err);
+    }
+    if (!rc) rc = ds4_chat_render(sub, NULL, &out, &err);
+    ds4_chat_free(sub);
+    const char *body = NULL;
+    if (!rc && ds4_buf_ok(&out) && out.len) body = memmem(out.data, out.len, DS4_USER, strlen(DS4_USER));
+    if (!body) {
+        ds4_buf_free(&out);
+        return srv_fail(e, 500, "rendering failed: %s", err.msg[0] ? err.msg : "no tool-output tail");
+    }
+    ds4_buf t = DS4_BUF_INIT;
+    ds4_buf_puts(&t, DS4_EOS);
+    ds4_buf_append(&t, body, out.len - (size_t)(body - out.data));
+    ds4_buf_free(&out);
+    if (!ds4_buf_ok(&t)) {
+        ds4_buf_free(&t);
+        return srv_fail(e, 500, "out of memory");
+    }
+    rq->tail_text = ds4_buf_detach(&t, &rq->tail_len);
+    rq->tail_ids = xcalloc((size_t)(last - first + 1), sizeof *rq->tail_ids);
+    for (int i = first; i <= last; i++) rq->tail_ids[rq->n_tail_ids++] = xstrdup(c->msgs[i].tool_call_id);
     return 0;
 }
 

@@ -79,8 +79,16 @@ typedef struct srv_request {
     ds4_think think;       /* requested mode after aliases (gate applied at render) */
     bool reasoning_summary; /* Responses: client opted in to reasoning */
     bool requires_live;    /* a tool output relies only on the live binding (B.4) */
-    char **live_ids;       /* (n_live_ids) tool-output ids answered by this request */
+    char **live_ids;       /* (n_live_ids) tool-output ids with no call in the
+                            * request (must answer the live binding, B.4) */
     int n_live_ids;
+    /* Trailing tool outputs (SERVING.md C.2 rules 2-3), set by srv_render_tail:
+     * tail_text = EOS + the outputs and anything after them rendered alone
+     * (TEXT B.4) + generation prefix; NULL when the request has none. */
+    char *tail_text;
+    size_t tail_len;
+    char **tail_ids;       /* (n_tail_ids) ids those outputs answer */
+    int n_tail_ids;
 
     ds4_chat *chat;        /* chat-type conversation (NULL for completions) */
     char *prompt;          /* completions prompt text */
@@ -106,6 +114,9 @@ bool srv_tools_active(const srv_request *rq);
 
 /* 400 "invalid JSON request"; returns -1. */
 int srv_invalid(srv_error *e);
+/* Records a tool-output id whose call is not in the request (parsers; the
+ * client thread validates it against the live binding before queueing). */
+void srv_note_live_id(srv_request *rq, const char *id);
 /* True if an assistant message of c already has a call with this id. */
 bool srv_chat_call_known(const ds4_chat *c, const char *id);
 /* Sets e and returns -1 (for `return srv_fail(e, 400, "...")`). */
@@ -145,6 +156,10 @@ int srv_parse_request(srv_api api, const char *body, size_t n, srv_request *rq, 
 /* Renders the request into rq->text (TEXT B.4 / B.6). replay may be NULL
  * (the caller holds its lock). Pure text. */
 int srv_render(srv_request *rq, int n_ctx, ds4_dsml_replay *replay, srv_error *e);
+/* Responses/Anthropic: locates the trailing tool outputs (C.2 rules 2-3) and
+ * renders rq->tail_text / rq->tail_ids; no-op when there are none. Call after
+ * srv_render. 0 or -1 with e set (500). Pure text. */
+int srv_render_tail(srv_request *rq, int n_ctx, srv_error *e);
 
 /* ---- generation result and emitters ------------------------------------- */
 
@@ -355,7 +370,10 @@ struct srv_cache;
 int srv_cache_open(srv_server *s, ds4_err *err);
 void srv_cache_close(srv_server *s);
 /* Decides the effective prompt for rq and brings the session to it.
- * Returns 0 with *cached = K and *n_prompt = P, or a negative code. */
+ * Returns 0 with *cached = K and *n_prompt = P, a negative code, or
+ * SRV_CACHE_CONFLICT when the request requires the live tool binding and it
+ * no longer matches (C.2 rule 4: the caller answers 409). */
+#define SRV_CACHE_CONFLICT 1
 int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
                       ds4_progress_fn progress, void *pu, ds4_err *err);
 /* Called before each decode step (continued saves). */
@@ -378,6 +396,9 @@ char *srv_visible_text(const srv_request *rq, const srv_result *r, int kind, int
  * trailers the exact DSML of replayed call ids the memory map lacks
  * (SERVING.md C.4 "Tool-memory restore from disk"). */
 void srv_cache_restore_tool_memory(srv_server *s, const srv_request *rq);
+/* Client thread: true if id is a call id of the live tool binding of api
+ * (Responses or Anthropic turn with tool calls, C.3). Thread-safe. */
+bool srv_cache_live_call(srv_server *s, srv_api api, const char *id);
 /* Records the binding of a finished turn (worker thread). */
 void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hit);
 /* Stop-sequence cut etc.: the live session is no longer trusted. */

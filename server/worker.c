@@ -117,11 +117,29 @@ srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_
         }
     }
     int n_ctx = s->cfg.n_ctx;
+    /* B.4 tool-output validation: an output whose call is not in the request
+     * must answer the live tool binding; such a request requires live state
+     * (C.2 rule 4: 409 if the binding is gone when the worker runs it) */
+    for (int i = 0; i < j->rq.n_live_ids; i++) {
+        if (srv_cache_live_call(s, api, j->rq.live_ids[i])) continue;
+        if (api == SRV_API_ANTHROPIC)
+            srv_fail(e, 400,
+                     "Anthropic continuation state is not available for tool_use_id %s; retry by "
+                     "replaying the full messages history",
+                     j->rq.live_ids[i]);
+        else
+            srv_fail(e, 400,
+                     "Responses continuation state is not available for call_id %s; retry by "
+                     "replaying the full input history",
+                     j->rq.live_ids[i]);
+        goto fail;
+    }
+    j->rq.requires_live = j->rq.n_live_ids > 0;
     srv_cache_restore_tool_memory(s, &j->rq);
     pthread_mutex_lock(&s->replay_mu);
     int rc = srv_render(&j->rq, n_ctx, s->cfg.disable_exact_dsml_replay ? NULL : s->replay, e);
     pthread_mutex_unlock(&s->replay_mu);
-    if (rc) goto fail;
+    if (rc || srv_render_tail(&j->rq, n_ctx, e)) goto fail;
     ds4_err err = {0};
     if (srv_tokenize(s->engine, j->rq.text, j->rq.text_len, &j->rq.tokens, &j->rq.n_tokens, &err)) {
         srv_fail(e, 500, "tokenization failed: %s", err.msg);
@@ -307,7 +325,17 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
     ds4_err err = {0};
     double t0 = srv_now_mono();
     int cached = 0, n_prompt = 0;
-    if (srv_cache_prepare(s, j, &cached, &n_prompt, on_progress, g, &err)) {
+    int prc = srv_cache_prepare(s, j, &cached, &n_prompt, on_progress, g, &err);
+    if (prc == SRV_CACHE_CONFLICT) { /* decided before any prefill or SSE byte */
+        fail_job(j, 409,
+                 j->rq.api == SRV_API_ANTHROPIC
+                     ? "Anthropic continuation state is not available; retry by replaying the full "
+                       "messages history"
+                     : "Responses continuation state is not available; retry by replaying the full "
+                       "input history");
+        return false;
+    }
+    if (prc) {
         if (job_gone(j)) {
             srv_log("request %s: client went away during prefill", j->id);
         } else if (g->streaming && j->st.headers) {

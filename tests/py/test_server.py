@@ -597,3 +597,121 @@ def test_server_sigterm_ends_streams_with_error_finish_and_exits_0():
         assert "shutdown requested" in s.log_text()
     finally:
         s.stop()
+
+
+ANTH_BASH = {"name": "Bash", "description": "Run a command",
+             "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
+                              "required": ["command"]}}
+NO_THINK_ANTH = dict(thinking={"type": "disabled"}, extra_body=T0)
+
+
+def anthropic_tool_turn(c, text="List files"):
+    """One forced greedy tool turn; returns (message, tool_use block)."""
+    a = c.messages.create(model="m", max_tokens=80, messages=user(text), tools=[ANTH_BASH],
+                          tool_choice={"type": "any"}, **NO_THINK_ANTH)
+    assert a.stop_reason == "tool_use", a
+    return a, [b for b in a.content if b.type == "tool_use"][0]
+
+
+def tool_result(use_id, content):
+    return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use_id,
+                                         "content": content}]}
+
+
+def test_server_anthropic_tool_output_only_continues_live_binding_like_full_replay():
+    """SERVING.md C.2 rule 3: a follow-up carrying only the tool_result for the
+    live binding's call (the assistant turn not replayed) continues from the
+    live KV (cached = live length) and gives the same greedy continuation as
+    the request that replays the whole history."""
+    with Server() as s:
+        c = s.anthropic()
+        a, use = anthropic_tool_turn(c)
+        live = a.usage.cache_read_input_tokens + a.usage.cache_creation_input_tokens + \
+            a.usage.output_tokens
+        short = user("List files") + [tool_result(use.id, "a.txt\nb.txt\n")]
+        b = c.messages.create(model="m", max_tokens=12, messages=short, tools=[ANTH_BASH],
+                              **NO_THINK_ANTH)
+        assert b.usage.cache_read_input_tokens == live, (b.usage, live)
+        assert "kv reuse tool-output: cached %d.." % live in s.log_text()
+        # the same turn again (greedy: same call, fresh id), then the full replay
+        a2, use2 = anthropic_tool_turn(c)
+        assert use2.input == use.input and use2.id != use.id
+        full = user("List files") + [
+            {"role": "assistant", "content": [blk.to_dict() for blk in a2.content]},
+            tool_result(use2.id, "a.txt\nb.txt\n")]
+        f = c.messages.create(model="m", max_tokens=12, messages=full, tools=[ANTH_BASH],
+                              **NO_THINK_ANTH)
+        # thinking off: the live KV holds exactly what the full replay renders
+        # (exact DSML replay, TEXT C.8), so both continue from the same tokens
+        assert f.usage.cache_read_input_tokens == live, (f.usage, live)
+        assert f.usage.cache_creation_input_tokens == b.usage.cache_creation_input_tokens
+        assert [x.to_dict() for x in f.content] == [x.to_dict() for x in b.content]
+        assert f.usage.output_tokens == b.usage.output_tokens and f.stop_reason == b.stop_reason
+
+
+def test_server_tool_output_without_call_or_live_binding_gets_400():
+    """B.4: an output whose call is neither in the request nor in the live
+    binding is a 400 naming the id (Anthropic and Responses); a binding of
+    the other API does not count."""
+    import anthropic
+    import openai
+    with Server() as s:
+        c = s.anthropic()
+        _, use = anthropic_tool_turn(c)
+        with pytest.raises(anthropic.BadRequestError) as ei:
+            c.messages.create(model="m", max_tokens=4, messages=user("x") + [
+                tool_result("toolu_nope", "r")], **NO_THINK_ANTH)
+        assert ei.value.response.json()["error"]["message"] == (
+            "Anthropic continuation state is not available for tool_use_id toolu_nope; "
+            "retry by replaying the full messages history")
+        o = s.openai()
+        with pytest.raises(openai.BadRequestError) as ei:
+            o.responses.create(model="m", max_output_tokens=4, input=[
+                {"role": "user", "content": "x"},
+                {"type": "function_call_output", "call_id": use.id, "output": "r"}])
+        assert ei.value.response.json()["error"] == {
+            "message": "Responses continuation state is not available for call_id %s; retry by "
+                       "replaying the full input history" % use.id,
+            "type": "invalid_request_error"}
+        # the binding survived the rejected requests
+        b = c.messages.create(model="m", max_tokens=4, messages=user("List files") + [
+            tool_result(use.id, "ok")], **NO_THINK_ANTH)
+        assert b.usage.cache_read_input_tokens > 0
+
+
+def test_server_tool_output_for_binding_gone_at_execution_gets_409_and_server_stays_up():
+    """C.2 rule 4: a request whose tool output relies only on the live binding
+    is accepted while the binding exists, but when another request has moved
+    the live session by the time it runs, it gets 409 with a JSON error."""
+    import anthropic
+    with Server() as s:
+        c = s.anthropic()
+        a, use = anthropic_tool_turn(c)
+        # B1 answers the binding with a long output (> one 2048-token prefill
+        # chunk): its SSE headers arrive after the first chunk, while the
+        # binding is still in place (cleared after a successful prefill)
+        big = "".join("file_%04d.txt\n" % i for i in range(560))
+        body = {"model": "m", "max_tokens": 2, "stream": True, "temperature": 0,
+                "thinking": {"type": "disabled"},
+                "messages": user("List files") + [tool_result(use.id, big)]}
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=300)
+        conn.request("POST", "/v1/messages", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        r1 = conn.getresponse()
+        assert r1.status == 200
+        # B2 (only the tool output) is validated now, runs after B1 -> 409
+        with pytest.raises(anthropic.ConflictError) as ei:
+            c.messages.create(model="m", max_tokens=4, messages=user("List files") + [
+                tool_result(use.id, "small")], **NO_THINK_ANTH)
+        stream1 = r1.read().decode()
+        conn.close()
+        assert "message_stop" in stream1
+        assert ei.value.status_code == 409
+        assert ei.value.response.json() == {"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": "Anthropic continuation state is not available; retry by replaying the "
+                       "full messages history"}}
+        assert "kv reuse tool-output" in s.log_text()
+        # B1 used the binding: the server is up and a plain request works
+        ok = c.messages.create(model="m", max_tokens=3, messages=user("hi"), **NO_THINK_ANTH)
+        assert ok.usage.output_tokens > 0 and s.alive()
