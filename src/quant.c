@@ -191,7 +191,7 @@ static void dq_i32(const void *src, float *y, int64_t n) {
 
 static void dq_f16(const void *src, float *y, int64_t n) {
     const uint8_t *p = src;
-    for (int64_t i = 0; i < n; i++) y[i] = f16_to_f32_inl((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+    for (int64_t i = 0; i < n; i++) y[i] = ds4_f16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
 }
 
 static void dq_bf16(const void *src, float *y, int64_t n) {
