@@ -127,20 +127,7 @@ int srv_parse_chat(const char *body, size_t n, srv_request *rq, srv_error *e) {
     if (srv_parse_sampling(root, rq, e)) goto out;
     if (parse_effort_field(root, "reasoning_effort", &effort, e)) goto out;
     if (srv_parse_thinking(root, rq, effort, effort != NULL, e)) goto out;
-    json_t *msgs = json_object_get(root, "messages");
-    if (!msgs || json_is_null(msgs)) {
-        srv_fail(e, 400, "missing messages");
-        goto out;
-    }
-    if (!json_is_array(msgs)) {
-        srv_invalid(e);
-        goto out;
-    }
-    size_t i;
-    json_t *m;
-    json_array_foreach(msgs, i, m) {
-        if (parse_chat_message(m, rq, e)) goto out;
-    }
+    if (srv_parse_messages(root, rq, e, parse_chat_message)) goto out;
     if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) goto out;
     if (parse_tool_choice_openai(json_object_get(root, "tool_choice"), rq, e)) goto out;
     rc = 0;

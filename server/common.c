@@ -104,3 +104,16 @@ const srv_emitter *srv_emitter_for(srv_api api) {
     return &srv_emitter_chat;
 }
 
+
+int srv_parse_messages(json_t *root, srv_request *rq, srv_error *e,
+                       int (*parse_one)(json_t *m, srv_request *rq, srv_error *e)) {
+    json_t *msgs = json_object_get(root, "messages");
+    if (!msgs || json_is_null(msgs)) return srv_fail(e, 400, "missing messages");
+    if (!json_is_array(msgs)) return srv_invalid(e);
+    size_t i;
+    json_t *m;
+    json_array_foreach(msgs, i, m) {
+        if (parse_one(m, rq, e)) return -1;
+    }
+    return 0;
+}

@@ -140,6 +140,10 @@ int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool e
 int srv_effort(const char *s, bool *think_off, bool *max);
 /* Collects tool schemas (TEXT C.1) from a "tools" array into rq. */
 int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e);
+/* Parses root.messages (required array) with one call of parse_one per
+ * element; 400 "missing messages" or invalid_request on a wrong type. */
+int srv_parse_messages(json_t *root, srv_request *rq, srv_error *e,
+                       int (*parse_one)(json_t *m, srv_request *rq, srv_error *e));
 /* ds4_chat_add that turns an allocation failure into e (500). */
 int srv_chat_add(srv_request *rq, ds4_role role, const char *content, srv_error *e);
 /* Compact JSON text of v (object keys in order); malloc'ed. */
