@@ -37,6 +37,8 @@ typedef struct ds4_cli_opts {
     ds4_eval_mode eval_mode;       /* --eval prefill|decode|chunk:N */
     int eval_chunk;
     bool plain_numerics;           /* --plain-numerics (diagnostic) */
+    bool cuda_sync_debug;          /* --cuda-sync-debug (diagnostic) */
+    bool no_graphs;                /* --no-graphs (diagnostic) */
     const char *dump_logprobs;     /* --dump-logprobs FILE */
     int logprobs_top_k;            /* --logprobs-top-k */
     const char *perplexity_file;   /* --perplexity-file */

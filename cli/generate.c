@@ -377,9 +377,19 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
     double t0 = ds4_cli_now();
     for (int i = 0; i < g->max_new; i++) {
         if (ds4_cli_interrupted) { r->interrupted = true; break; }
-        const float *logits = ds4_session_logits(g->s);
-        if (!logits) { fprintf(stderr, "ds4: session has no logits\n"); r->failed = true; break; }
-        int32_t tok = ds4_sampler_sample(g->sampler, logits, &g->params, g->rng);
+        int32_t tok;
+        if (!(g->params.temperature > 0.0f)) {
+            /* greedy: the backend picks the id, the logits stay where they are */
+            if (ds4_session_argmax(g->s, &tok, &err) != 0) {
+                fprintf(stderr, "ds4: %s\n", err.msg);
+                r->failed = true;
+                break;
+            }
+        } else {
+            const float *logits = ds4_session_logits(g->s);
+            if (!logits) { fprintf(stderr, "ds4: session has no logits\n"); r->failed = true; break; }
+            tok = ds4_sampler_sample(g->sampler, logits, &g->params, g->rng);
+        }
         if (tok < 0 || tok >= n_vocab) { fprintf(stderr, "ds4: sampler returned %d\n", tok); r->failed = true; break; }
         if (tok == eos) { r->eos = true; break; }
         if (g->printer) ds4_cli_printer_token(g->printer, tok);

@@ -39,7 +39,11 @@ static void usage(FILE *f) {
 static void usage_debug(void) {
     printf("diagnostic switches (not user modes):\n"
            "  --plain-numerics   turn off every rounding of MODEL.md §E (FP8 KV, FP4 indexer,\n"
-           "                     cache storage precision) to compare with transformers\n");
+           "                     cache storage precision) to compare with transformers\n"
+           "  --strict-backend   CPU math behind the backend-contract checker (every stage\n"
+           "                     pointer must be backend memory; tests)\n"
+           "  --cuda-sync-debug  CUDA: synchronise and check after every kernel launch\n"
+           "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n");
 }
 
 static int parse_int(const char *opt, const char *s, long lo, long hi, long *out) {
@@ -95,6 +99,31 @@ char *ds4_cli_read_file(const char *path, size_t *len) {
     return buf;
 }
 
+/* Weight upload progress: a bar on a TTY, nothing otherwise (the final
+ * line with time and GB/s is printed after the open). */
+typedef struct load_bar {
+    bool tty, shown;
+    double t0;
+    int64_t total;
+    int last_pct;
+} load_bar;
+
+static int load_progress(void *user, const char *what, int64_t done, int64_t total) {
+    load_bar *lb = user;
+    (void)what;
+    lb->total = total;
+    if (!lb->tty || total <= 0) return 0;
+    int pct = (int)(100 * done / total);
+    if (lb->shown && pct == lb->last_pct && done != total) return 0;
+    double dt = ds4_cli_now() - lb->t0;
+    fprintf(stderr, "\rloading weights %3d%%  %.1f / %.1f GiB  %.1f GB/s  ", pct, (double)done / (1 << 30),
+            (double)total / (1 << 30), dt > 0 ? (double)done / dt / 1e9 : 0.0);
+    fflush(stderr);
+    lb->shown = true;
+    lb->last_pct = pct;
+    return 0;
+}
+
 ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
     /* A clear message for the commonest mistake before the loader's own. */
     if (access(o->model_path, R_OK) != 0) {
@@ -102,6 +131,7 @@ ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
                 o->model_path, strerror(errno));
         return NULL;
     }
+    load_bar lb = {.tty = isatty(STDERR_FILENO), .t0 = ds4_cli_now()};
     ds4_engine_opts eo = {
         .model_path = o->model_path,
         .mtp_path = o->mtp_path,
@@ -109,12 +139,23 @@ ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
         .n_threads = o->n_threads,
         .plain_numerics = o->plain_numerics,
         .vocab_only = vocab_only,
+        .progress = load_progress,
+        .progress_user = &lb,
+        .cuda_sync_debug = o->cuda_sync_debug,
+        .cuda_no_graphs = o->no_graphs,
     };
     ds4_engine *e = NULL;
     ds4_err err = {0};
-    if (ds4_engine_open(&e, &eo, &err) != 0) {
+    int rc = ds4_engine_open(&e, &eo, &err);
+    if (lb.tty && lb.shown) fputc('\n', stderr);
+    if (rc != 0) {
         fprintf(stderr, "ds4: %s\n", err.msg);
         return NULL;
+    }
+    if (lb.total > 0) {
+        double dt = ds4_cli_now() - lb.t0;
+        fprintf(stderr, "ds4: weights uploaded to %s: %.2f GiB in %.1f s (%.1f GB/s)\n", ds4_engine_backend_name(e),
+                (double)lb.total / (1 << 30), dt, dt > 0 ? (double)lb.total / dt / 1e9 : 0.0);
     }
     return e;
 }
@@ -151,6 +192,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--mtp")) { NEED_ARG(); o.mtp_path = argv[++i]; }
         else if (!strcmp(a, "--cpu")) o.backend = DS4_BACKEND_CPU;
         else if (!strcmp(a, "--cuda")) o.backend = DS4_BACKEND_CUDA;
+        else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;
+        else if (!strcmp(a, "--cuda-sync-debug")) o.cuda_sync_debug = true;
+        else if (!strcmp(a, "--no-graphs")) o.no_graphs = true;
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 1, 1024, &v)) return 2; o.n_threads = (int)v;
         } else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) {

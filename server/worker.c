@@ -395,13 +395,19 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools, bool *st
         if (s->shutdown_flag) FAIL("shutdown requested")
         srv_cache_step(s, tools && ds4_dsml_stream_block_started(g->ds) &&
                               !ds4_dsml_stream_block_ended(g->ds));
-        const float *logits = ds4_session_logits(s->session);
-        if (!logits) FAIL("no logits")
         int greedy = tools && ds4_dsml_class_is_greedy(ds4_dsml_tracker_class(&trk));
         ds4_sampler_params p = ds4_sampler_effective(&cp, g->thinking, greedy);
-        int32_t tok = fz && !srv_forced_done(fz)
-                          ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
-                          : ds4_sampler_sample(s->sampler, logits, &p, &rng);
+        bool forced = fz && !srv_forced_done(fz);
+        int32_t tok;
+        if (!forced && !(p.temperature > 0.0f)) {
+            /* greedy: the backend picks the id (no logits copy from a GPU) */
+            if (ds4_session_argmax(s->session, &tok, &err)) FAIL("%s", err.msg)
+        } else {
+            const float *logits = ds4_session_logits(s->session);
+            if (!logits) FAIL("no logits")
+            tok = forced ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
+                         : ds4_sampler_sample(s->sampler, logits, &p, &rng);
+        }
         if (tok < 0) FAIL("forced tool call: no token fits")
         if (tok == eos) { /* EOS is neither evaluated nor output */
             finish = SRV_FINISH_STOP;

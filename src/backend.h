@@ -1,25 +1,48 @@
-/* backend.h - the backend vtable and one argument struct per stage.
+/* backend.h - the backend contract: a vtable of memory, transfer and step
+ * ops plus one argument struct per model stage.
  *
  * forward.c owns the one layer loop and calls these stages in order; a
- * backend (src/cpu/ now, src/cuda/ later) implements the math of each stage
- * and never re-implements the loop, so cache layout and ordering cannot drift
- * between backends. Stages are shaped like DeepSeek V4 itself (MODEL.md §C):
+ * backend (src/cpu/, src/cuda/) implements the math of each stage and never
+ * re-implements the loop, so cache layout and ordering cannot drift between
+ * backends. Stages are shaped like DeepSeek V4 itself (MODEL.md §C):
  * hc_pre, attn_project, compress_update, indexer_select, attention, kv_store,
  * hc_post, moe_route, moe_experts, head.
  *
- * Memory: every float pointer in an argument struct is backend memory
- * obtained from ops->alloc (host memory on the CPU, device memory on CUDA);
- * token ids and the ds4_model/ds4_layer descriptions are host memory.
- * Shapes are written (rows, cols), row-major, n = tokens in the batch,
+ * Memory. A backend owns every byte a stage touches:
+ *  - Weights are bound once, at engine open: ops->bind_model returns the
+ *    backend's copy of the model description (host structs) in which every
+ *    data pointer (ds4_weight.data, norm/HC/sink/bias vectors, tid2eid, RoPE
+ *    frequencies) is backend memory. The layout behind a bound weight's
+ *    `data` is the backend's own (the CUDA backend repacks Q8_0/IQ2_XXS into
+ *    aligned planes); only that backend's stages read it. Host-side
+ *    descriptions (hp, names, ratios, clamp values, types and shapes) stay
+ *    host memory and may be read anywhere.
+ *  - Sessions (forward.c) allocate their KV state and batch activations with
+ *    ops->alloc up front, sized by n_ctx and the largest batch; cached rows
+ *    are stored in the backend's row type (ops->kv_row_type: F32, or F16 when
+ *    the f16 cache rounding is on and the backend wants half storage).
+ *  - Scratch: ops->reserve is told the largest batch and context before any
+ *    step, so stages never allocate (a captured step stays valid).
+ *  - Token ids, positions and counts of a step live in a ds4_step in backend
+ *    memory, uploaded once per step. Stage args also carry host copies of n
+ *    and pos0 for eager backends; a backend that replays captured steps
+ *    (graph_key) must read positions only from the step, never from the host
+ *    pos0, and must take position-dependent decisions (emit a compressed row,
+ *    score the indexer) on the device.
+ *  A strict test backend (src/cpu/strict.c) checks that every pointer a stage
+ *  receives lies in memory it allocated or bound.
+ *
+ * Shapes are written (rows, cols), row-major; n = tokens in the batch,
  * pos0 = absolute position of the batch's first token.
  *
- * Batches: a stage processes n consecutive tokens. Every per-token result is
- * computed by exactly the same operations in the same order whatever n is, so
- * on the CPU a prefill of N tokens is bit-identical to N decode steps.
+ * Batches: a stage processes n consecutive tokens of one session. Every
+ * per-token result is computed by the same operations whatever n is on the
+ * CPU, so a CPU prefill of N tokens is bit-identical to N decode steps.
+ * (Batched serving will extend ds4_step with per-row sessions/positions.)
  *
- * Errors: stages return 0 or a negative DS4_E* (the first error is kept by
- * the backend and reported at the next stage boundary). Unsupported shapes
- * are refused by ops->check_model at open, never mid-request.
+ * Errors: ops return 0 or a negative DS4_E*; stages may defer errors (the
+ * first one is kept by the backend and reported by step_end). Unsupported
+ * shapes are refused by ops->check_model at open, never mid-request.
  */
 #ifndef DS4_BACKEND_H
 #define DS4_BACKEND_H
@@ -42,30 +65,46 @@ typedef struct ds4_numerics {
     bool act_quant;   /* E.1: Q8_0 / Q8_K activations for quantized weights */
 } ds4_numerics;
 
+/* One evaluation step, in backend memory (ops->alloc), written by forward.c
+ * with one upload before step_begin. tokens[] follows the header. */
+typedef struct ds4_step {
+    int32_t pos0;    /* absolute position of tokens[0] */
+    int32_t n;       /* tokens in this step, 1..n_cap */
+    int32_t n_cap;   /* capacity of tokens[] (the session's largest batch) */
+    int32_t pad;
+} ds4_step;
+#define DS4_STEP_TOKENS(st) ((int32_t *)((ds4_step *)(st) + 1))
+#define DS4_STEP_BYTES(n_cap) (sizeof(ds4_step) + (size_t)(n_cap) * sizeof(int32_t))
+
 /* KV state of one layer (MODEL.md §D.1), in backend memory; forward.c
- * decides the layout and the capacities. */
+ * decides the capacities, the backend the row type of raw/comp/idx. */
 typedef struct ds4_layer_state {
-    float *raw;       /* (window, head_dim) ring: position p at row p % window */
-    float *comp;      /* (comp_cap, head_dim) compressed rows, append-only (R != 0) */
+    void *raw;        /* (window, head_dim) ring: position p at row p % window */
+    void *comp;       /* (comp_cap, head_dim) compressed rows, append-only (R != 0) */
     float *comp_a;    /* (c*R, c*head_dim) compressor frontier ring: token p at */
     float *comp_g;    /*   row p % (c*R); g includes ape (R != 0) */
-    float *idx;       /* (idx_cap, idx_dim) indexer key rows (CSA) */
+    void *idx;        /* (idx_cap, idx_dim) indexer key rows (CSA) */
     float *icomp_a;   /* (8, 2*idx_dim) indexer compressor frontier (CSA) */
     float *icomp_g;
     int comp_cap, idx_cap;
 } ds4_layer_state;
 
+/* Every stage receives the step (backend memory) and host copies of n and
+ * pos0 (see the memory notes above). */
+#define DS4_STAGE_COMMON \
+    const ds4_model *m;  /* the bound model */ \
+    const ds4_step *step; \
+    int n, pos0
+
 typedef struct ds4_embed_args {
-    const ds4_model *m;
-    int n;
-    const int32_t *tokens;   /* (n) host, validated ids */
+    DS4_STAGE_COMMON;
+    const int32_t *tokens;   /* (n) backend memory: DS4_STEP_TOKENS(step) */
     float *X;                /* out (n, n_hc, D): every stream = the embedding */
 } ds4_embed_args;
 
 /* HC-pre (MODEL.md C.2) + the sublayer's RMSNorm. */
 typedef struct ds4_hc_pre_args {
-    const ds4_model *m;
-    int n;
+    DS4_STAGE_COMMON;
     const ds4_weight *fn;    /* n_hc*D -> (2+n_hc)*n_hc */
     const float *scale;      /* (3) */
     const float *base;       /* ((2+n_hc)*n_hc) */
@@ -78,11 +117,10 @@ typedef struct ds4_hc_pre_args {
 
 /* q and kv paths (C.3 steps 1-7 without the store). */
 typedef struct ds4_attn_project_args {
-    const ds4_model *m;
+    DS4_STAGE_COMMON;
     const ds4_layer *l;
     const ds4_rope *rope;
     ds4_numerics num;
-    int n, pos0;
     const float *u;          /* (n, D) attention input */
     float *cq;               /* out (n, q_lora): normalised query latent */
     float *q;                /* out (n, H, head_dim): per-head norm, RoPE */
@@ -93,7 +131,7 @@ typedef struct ds4_attn_project_args {
  * the indexer compressor (d = idx_dim) of a layer. Appends the rows of every
  * window completed by the batch. */
 typedef struct ds4_compress_args {
-    const ds4_model *m;
+    DS4_STAGE_COMMON;
     const ds4_rope *rope;
     ds4_numerics num;
     bool indexer;            /* indexer instance: Hadamard+FP4; else FP8 */
@@ -103,10 +141,10 @@ typedef struct ds4_compress_args {
     const ds4_weight *ape;   /* (R rows of c*d) */
     const ds4_weight *wkv, *wgate;  /* D -> c*d */
     const float *norm_w;     /* (d) */
-    int n, pos0;
     const float *u;          /* (n, D) */
     float *fa, *fg;          /* frontier rings (c*R, c*d) */
-    float *rows;             /* (cap, d): row k = window k */
+    void *rows;              /* (cap, d) in row_type: row k = window k */
+    int row_type;            /* DS4_TYPE_F32 or DS4_TYPE_F16 */
     int cap;
 } ds4_compress_args;
 
@@ -114,14 +152,14 @@ typedef struct ds4_compress_args {
  * compressed rows (all when there are <= top_k, else the top_k best scores,
  * ties to the lower index), ascending. */
 typedef struct ds4_indexer_args {
-    const ds4_model *m;
+    DS4_STAGE_COMMON;
     const ds4_layer *l;
     const ds4_rope *rope;
     ds4_numerics num;
-    int n, pos0;
     const float *cq;         /* (n, q_lora) */
     const float *u;          /* (n, D) */
-    const float *idx_rows;   /* (>= (pos0+n)/4, idx_dim) */
+    const void *idx_rows;    /* (>= (pos0+n)/4, idx_dim) in row_type */
+    int row_type;
     int32_t *sel;            /* out (n, top_k) row ids, ascending */
     int32_t *n_sel;          /* out (n) */
 } ds4_indexer_args;
@@ -130,15 +168,15 @@ typedef struct ds4_indexer_args {
  * (C.7). Raw rows of positions < pos0 come from the ring, the others from
  * the batch's kv. */
 typedef struct ds4_attention_args {
-    const ds4_model *m;
+    DS4_STAGE_COMMON;
     const ds4_layer *l;
     const ds4_rope *rope;
     ds4_numerics num;
-    int n, pos0;
     const float *q;          /* (n, H, head_dim) */
     const float *kv;         /* (n, head_dim) this batch's raw rows */
-    const float *raw;        /* ring (window, head_dim) holding positions < pos0 */
-    const float *comp;       /* (rows, head_dim) compressed rows or NULL */
+    const void *raw;         /* ring (window, head_dim) holding positions < pos0, row_type */
+    const void *comp;        /* (rows, head_dim) compressed rows or NULL, row_type */
+    int row_type;
     const int32_t *sel;      /* CSA: (n, top_k) from indexer_select; else NULL */
     const int32_t *n_sel;
     float *y;                /* out (n, D) */
@@ -146,16 +184,15 @@ typedef struct ds4_attention_args {
 
 /* Pushes the batch's raw rows into the ring (after attention read them). */
 typedef struct ds4_kv_store_args {
-    const ds4_model *m;
-    int n, pos0;
+    DS4_STAGE_COMMON;
     const float *kv;         /* (n, head_dim) */
-    float *raw;              /* ring (window, head_dim) */
+    void *raw;               /* ring (window, head_dim), row_type */
+    int row_type;
 } ds4_kv_store_args;
 
 /* HC-post (C.2): X_b <- post_b * y + sum_a comb[a][b] X_a. */
 typedef struct ds4_hc_post_args {
-    const ds4_model *m;
-    int n;
+    DS4_STAGE_COMMON;
     const float *y;          /* (n, D) */
     const float *post;       /* (n, n_hc) */
     const float *comb;       /* (n, n_hc, n_hc) */
@@ -164,10 +201,9 @@ typedef struct ds4_hc_post_args {
 
 /* Router (C.8): hash table or biased top-k, weights from sqrt(softplus). */
 typedef struct ds4_moe_route_args {
-    const ds4_model *m;
+    DS4_STAGE_COMMON;
     const ds4_layer *l;
-    int n;
-    const int32_t *tokens;   /* (n) host */
+    const int32_t *tokens;   /* (n) backend memory: DS4_STEP_TOKENS(step) */
     const float *v;          /* (n, D) */
     int32_t *ids;            /* out (n, k) */
     float *w;                /* out (n, k) */
@@ -175,37 +211,82 @@ typedef struct ds4_moe_route_args {
 
 /* Routed experts (each (token, slot) applied once, in slot order) + shared. */
 typedef struct ds4_moe_experts_args {
-    const ds4_model *m;
+    DS4_STAGE_COMMON;
     const ds4_layer *l;
+    int il;                  /* layer index (clamp: m->hp.swiglu_clamp[il]) */
     ds4_numerics num;
-    int n;
     const float *v;          /* (n, D) */
     const int32_t *ids;      /* (n, k) */
     const float *w;          /* (n, k) */
     float *y;                /* out (n, D) */
 } ds4_moe_experts_args;
 
-/* Output head (C.9) on n states. */
+/* Output head (C.9) on n_out states; X points at the first of them. */
 typedef struct ds4_head_args {
-    const ds4_model *m;
+    DS4_STAGE_COMMON;        /* n here = the states given (1 or the batch) */
     ds4_numerics num;
-    int n;
     const float *X;          /* (n, n_hc, D) */
     float *logits;           /* out (n, n_vocab) */
 } ds4_head_args;
+
+/* How a model is bound. synthetic: weights whose data is NULL in the host
+ * description are filled by the backend with ds4_synth values (no file). */
+typedef struct ds4_bind_opts {
+    bool synthetic;
+    uint64_t seed;
+    /* Progress (bytes done of total); may be NULL. Non-zero return cancels. */
+    int (*progress)(void *user, int64_t done, int64_t total);
+    void *progress_user;
+} ds4_bind_opts;
+
+typedef struct ds4_step_info {
+    const ds4_step *step;    /* backend memory, uploaded */
+    int n, pos0;             /* host copies */
+    /* Non-zero when every stage call of this step (pointers, n and every
+     * other argument except pos0 and the step's contents) is identical for
+     * all steps with this key: the backend may capture the stages once and
+     * replay them. 0 = run eagerly. */
+    uint64_t graph_key;
+} ds4_step_info;
 
 typedef struct ds4_backend_ops {
     const char *name;
     void (*destroy)(void *ctx);
     /* Refuses a model the backend cannot run (types, shapes). */
     int (*check_model)(void *ctx, const ds4_model *m, ds4_err *err);
+    /* Binds a loaded model: *bound is the backend's description of it (see
+     * the memory notes). For the CPU it may be `host` itself. The host model
+     * (and its mapping) must outlive the binding. */
+    int (*bind_model)(void *ctx, const ds4_model *host, const ds4_bind_opts *o, ds4_model **bound,
+                      ds4_err *err);
+    void (*unbind_model)(void *ctx, ds4_model *bound);
+    /* Row type of cached KV rows for these numerics (DS4_TYPE_F32 / F16). */
+    int (*kv_row_type)(void *ctx, ds4_numerics num);
+    /* Grows the backend's scratch for batches of n_batch tokens and contexts
+     * of n_ctx positions. Called when a session is created, never inside a
+     * step. */
+    int (*reserve)(void *ctx, const ds4_model *bound, int n_batch, int n_ctx, ds4_err *err);
     /* Zero-filled backend memory, NULL when out of memory. */
     void *(*alloc)(void *ctx, size_t bytes);
     void (*free)(void *ctx, void *p);
-    void (*upload)(void *ctx, void *dst, const void *src, size_t bytes);   /* host -> backend */
-    void (*download)(void *ctx, void *dst, const void *src, size_t bytes); /* backend -> host */
-    void (*step_begin)(void *ctx);
+    /* host -> backend: src may be reused when the call returns; ordered
+     * before every later stage. */
+    int (*upload)(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err);
+    /* backend -> host: complete on return (after every earlier stage). */
+    int (*download)(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err);
+    /* backend -> backend copy, ordered with the stages. */
+    int (*copy)(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err);
+    /* Starts a step. Returns 1 when the backend replayed a captured step for
+     * si->graph_key (the caller then issues no stages and calls step_end),
+     * 0 when the stages must be issued, or a negative error. */
+    int (*step_begin)(void *ctx, const ds4_step_info *si, ds4_err *err);
     int (*step_end)(void *ctx, ds4_err *err);
+    /* Forgets any step captured under graph_key (its buffers are going away). */
+    void (*forget)(void *ctx, uint64_t graph_key);
+    /* ids[r] = argmax of logits row r (n_vocab floats, backend memory): the
+     * lowest index of the largest finite value, 0 when none is finite.
+     * ids is host memory; complete on return. */
+    int (*argmax)(void *ctx, const float *logits, int n_rows, int n_vocab, int32_t *ids, ds4_err *err);
 
     int (*embed)(void *ctx, const ds4_embed_args *a);
     int (*hc_pre)(void *ctx, const ds4_hc_pre_args *a);
@@ -228,5 +309,21 @@ typedef struct ds4_backend {
 /* The CPU reference backend with n_threads workers (0 = online cores).
  * Fails with DS4_E_NOMEM or DS4_E_INTERNAL (thread creation). */
 int ds4_cpu_backend_new(int n_threads, ds4_backend *out, ds4_err *err);
+
+/* The strict test backend: the CPU reference's math behind a contract
+ * checker. It copies the bound weights into its own arena and fails any
+ * stage (DS4_E_INTERNAL, naming the stage and argument) that receives a
+ * pointer it did not allocate or bind. For tests and --strict-backend. */
+int ds4_strict_backend_new(int n_threads, ds4_backend *out, ds4_err *err);
+
+/* The CUDA backend on device `device` (built with `make cuda`). Fails with
+ * DS4_E_BACKEND when no device is usable, naming the CUDA error. */
+typedef struct ds4_cuda_opts {
+    int device;
+    bool sync_debug;   /* synchronise and check after every launch */
+    bool no_graphs;    /* never capture decode steps */
+    bool profile;      /* per-stage event timing (ds4_debug) */
+} ds4_cuda_opts;
+int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds4_err *err);
 
 #endif

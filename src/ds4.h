@@ -27,7 +27,12 @@ typedef enum {
     DS4_BACKEND_AUTO = 0, /* CUDA when built with it and a GPU is present, else CPU */
     DS4_BACKEND_CPU,
     DS4_BACKEND_CUDA,
+    DS4_BACKEND_STRICT,   /* diagnostic: CPU math behind the contract checker */
 } ds4_backend_kind;
+
+/* Progress of long operations (model load, prefill): done of total units.
+ * Return non-zero to cancel (the operation then fails with DS4_E_CANCEL). */
+typedef int (*ds4_progress_fn)(void *user, const char *what, int64_t done, int64_t total);
 
 typedef struct ds4_engine_opts {
     const char *model_path;   /* main GGUF (required) */
@@ -41,11 +46,20 @@ typedef struct ds4_engine_opts {
     /* Load only the metadata and the tokenizer (no weights, no backend):
      * for --dump-tokens and tokenizer-only GGUFs. Session calls then fail. */
     bool vocab_only;
+    /* Benchmarks: build the DeepSeek V4 Flash shapes without a file, "q2" or
+     * "q4" (the published tensor types), weights from a seeded generator
+     * filled by the backend (on the GPU for CUDA). model_path is then
+     * ignored and the engine has no tokenizer. */
+    const char *synthetic;
+    uint64_t synthetic_seed;
+    /* Weight upload progress ("load", bytes done, bytes total); may be NULL. */
+    ds4_progress_fn progress;
+    void *progress_user;
+    /* Diagnostics (--help-debug). */
+    int cuda_device;          /* CUDA device ordinal */
+    bool cuda_sync_debug;     /* synchronise and check after every launch */
+    bool cuda_no_graphs;      /* never capture decode steps into graphs */
 } ds4_engine_opts;
-
-/* Progress of long operations (model load, prefill): done of total units.
- * Return non-zero to cancel (the operation then fails with DS4_E_CANCEL). */
-typedef int (*ds4_progress_fn)(void *user, const char *what, int64_t done, int64_t total);
 
 /* Opens a model. On success *out owns the mapping and backend resources.
  * Fails with DS4_E_IO / DS4_E_FORMAT / DS4_E_MODEL and a message naming the
@@ -140,8 +154,16 @@ int ds4_session_extend(ds4_session *s, const int32_t *tokens, int n, ds4_eval_mo
 int ds4_session_eval(ds4_session *s, int32_t token, ds4_err *err);
 
 /* Logits after the last evaluated token, (n_vocab). Owned by the session,
- * valid until the next call that changes it. NULL when the session is empty. */
+ * valid until the next call that changes it. NULL when the session is empty
+ * or when they cannot be read back from the backend. On a GPU this copies
+ * the row from device memory the first time it is asked for after a step:
+ * greedy loops should use ds4_session_argmax instead. */
 const float *ds4_session_logits(const ds4_session *s);
+
+/* The greedy token after the last evaluated token: the lowest id of the
+ * largest finite logit (0 when none is finite), computed where the logits
+ * are (only the id crosses to the host). DS4_E_ARG on an empty session. */
+int ds4_session_argmax(ds4_session *s, int32_t *id, ds4_err *err);
 
 /* Drops tokens so that n_tokens remain (n_tokens <= current count). The
  * engine may have to recompute from an earlier point; the result equals a

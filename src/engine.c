@@ -12,6 +12,7 @@
  */
 #include "ds4.h"
 
+#include <math.h>
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,8 +29,9 @@
 #define DEFAULT_PREFILL_CHUNK 128
 
 struct ds4_engine {
-    ds4_gguf *g;
-    ds4_model m;
+    ds4_gguf *g;           /* NULL for a synthetic model */
+    ds4_model m;           /* host description (weights in the mapping) */
+    ds4_model *bm;         /* the backend's binding of m (stages read this) */
     ds4_hparams hp;        /* vocab-only opens: hyperparameters if present */
     bool have_hp;
     bool vocab_only;
@@ -58,7 +60,8 @@ struct ds4_session {
     int n_ctx, n_batch;
     int32_t *tokens;       /* (n_ctx) */
     int n_tokens;
-    float *logits;         /* (n_vocab) after the last token */
+    float *logits;         /* (n_vocab) after the last token, when logits_host */
+    bool logits_host;      /* logits[] is current; else they are only in the backend */
     ds4_fwd *f;
     ckpt ck[N_CKPT];
     uint64_t ck_seq;
@@ -66,12 +69,22 @@ struct ds4_session {
 
 /* ------------------------------------------------------------ engine */
 
-static int fingerprint(ds4_engine *e, ds4_err *err) {
+static int fingerprint(ds4_engine *e, const ds4_engine_opts *o, ds4_err *err) {
     /* SHA-256 of the header, metadata and tensor table (everything before
-     * the data section): it names the model without hashing the weights. */
+     * the data section): it names the model without hashing the weights.
+     * A synthetic model is named by its recipe and seed. */
     unsigned int len = 0;
-    if (!EVP_Digest(ds4_gguf_base(e->g), (size_t)ds4_gguf_data_offset(e->g), e->fp, &len, EVP_sha256(), NULL) ||
-        len != 32)
+    char syn[96];
+    const void *p = syn;
+    size_t n;
+    if (e->g) {
+        p = ds4_gguf_base(e->g);
+        n = (size_t)ds4_gguf_data_offset(e->g);
+    } else {
+        n = (size_t)snprintf(syn, sizeof syn, "ds4 synthetic %s seed %llu", o->synthetic,
+                             (unsigned long long)o->synthetic_seed);
+    }
+    if (!EVP_Digest(p, n, e->fp, &len, EVP_sha256(), NULL) || len != 32)
         return ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
     return 0;
 }
@@ -107,17 +120,58 @@ static void build_describe(ds4_engine *e, const char *path) {
                               e->num.fp8_kv ? "release (FP8 KV, FP4 indexer, f16 cache)" : "plain f32");
 }
 
+/* Creates the backend the options ask for. AUTO takes CUDA when this build
+ * has it and a device answers, else the CPU. */
+static int backend_new(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *err) {
+    ds4_backend_kind k = opts->backend;
+    if (k == DS4_BACKEND_STRICT) return ds4_strict_backend_new(opts->n_threads, &e->be, err);
+#ifdef DS4_WITH_CUDA
+    if (k == DS4_BACKEND_CUDA || k == DS4_BACKEND_AUTO) {
+        ds4_cuda_opts co = {.device = opts->cuda_device, .sync_debug = opts->cuda_sync_debug,
+                            .no_graphs = opts->cuda_no_graphs};
+        ds4_err cerr = {0};
+        int rc = ds4_cuda_backend_new(&co, &e->be, &cerr);
+        if (rc == 0) return 0;
+        if (k == DS4_BACKEND_CUDA) {
+            if (err) *err = cerr;
+            return rc;
+        }
+    }
+#else
+    if (k == DS4_BACKEND_CUDA) return ds4_err_set(err, DS4_E_ARG, "this build has no CUDA backend (build with `make cuda`, or use --cpu)");
+#endif
+    return ds4_cpu_backend_new(opts->n_threads, &e->be, err);
+}
+
+typedef struct load_progress {
+    const ds4_engine_opts *o;
+} load_progress;
+
+static int bind_progress(void *user, int64_t done, int64_t total) {
+    const load_progress *lp = user;
+    return lp->o->progress ? lp->o->progress(lp->o->progress_user, "load", done, total) : 0;
+}
+
 int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err) {
     *out = NULL;
-    if (!opts || !opts->model_path) return ds4_err_set(err, DS4_E_ARG, "no model path given");
+    if (!opts || (!opts->model_path && !opts->synthetic)) return ds4_err_set(err, DS4_E_ARG, "no model path given");
+    const char *what = opts->synthetic ? "synthetic model" : opts->model_path;
     ds4_engine *e = calloc(1, sizeof *e);
     if (!e) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
-    int rc = ds4_gguf_open(&e->g, opts->model_path, err);
-    if (rc) goto fail;
-    e->vocab_only = opts->vocab_only;
+    int rc = 0;
     bool plain = opts->plain_numerics;
     e->num = (ds4_numerics){.fp8_kv = !plain, .fp4_indexer = !plain, .f16_cache = !plain, .act_quant = !plain};
-    if ((rc = ds4_tokenizer_from_gguf(e->g, &e->tok, err))) goto fail;
+    if (opts->synthetic) {
+        if (opts->vocab_only || opts->mtp_path) {
+            rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model has no vocabulary file and no MTP");
+            goto fail;
+        }
+        if ((rc = ds4_model_synth(&e->m, opts->synthetic, opts->synthetic_seed, err))) goto fail;
+    } else {
+        if ((rc = ds4_gguf_open(&e->g, opts->model_path, err))) goto fail;
+        if ((rc = ds4_tokenizer_from_gguf(e->g, &e->tok, err))) goto fail;
+    }
+    e->vocab_only = opts->vocab_only;
     if (opts->vocab_only) {
         /* hyperparameters are optional here (a tokenizer-only GGUF) */
         ds4_err tmp = {0};
@@ -128,7 +182,7 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
             rc = ds4_err_set(err, DS4_E_ARG, "MTP draft models are not supported yet (--mtp)");
             goto fail;
         }
-        if ((rc = ds4_model_load(&e->m, e->g, err))) goto fail;
+        if (!opts->synthetic && (rc = ds4_model_load(&e->m, e->g, err))) goto fail;
         e->hp = e->m.hp; /* shallow view; freed with the model */
         e->have_hp = true;
         if (e->tok && ds4_tokenizer_n_vocab(e->tok) > e->hp.n_vocab) {
@@ -136,26 +190,27 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
                              ds4_tokenizer_n_vocab(e->tok), e->hp.n_vocab);
             goto fail;
         }
-        if (opts->backend == DS4_BACKEND_CUDA) {
-            rc = ds4_err_set(err, DS4_E_ARG, "this build has no CUDA backend (use --cpu)");
-            goto fail;
-        }
-        if ((rc = ds4_cpu_backend_new(opts->n_threads, &e->be, err))) goto fail;
+        if ((rc = backend_new(e, opts, err))) goto fail;
         e->have_be = true;
         if ((rc = e->be.ops->check_model(e->be.ctx, &e->m, err))) goto fail;
+        load_progress lp = {opts};
+        ds4_bind_opts bo = {.synthetic = opts->synthetic != NULL, .seed = opts->synthetic_seed,
+                            .progress = opts->progress ? bind_progress : NULL, .progress_user = &lp};
+        if ((rc = e->be.ops->bind_model(e->be.ctx, &e->m, &bo, &e->bm, err))) goto fail;
     }
-    if ((rc = fingerprint(e, err))) goto fail;
-    build_describe(e, opts->model_path);
+    if ((rc = fingerprint(e, opts, err))) goto fail;
+    build_describe(e, what);
     *out = e;
     return 0;
 fail:
-    ds4_err_prefix(err, "%s", opts->model_path);
+    ds4_err_prefix(err, "%s", what);
     ds4_engine_close(e);
     return rc;
 }
 
 void ds4_engine_close(ds4_engine *e) {
     if (!e) return;
+    if (e->bm) e->be.ops->unbind_model(e->be.ctx, e->bm);
     if (e->have_be) e->be.ops->destroy(e->be.ctx);
     if (e->m.weights_loaded) ds4_model_free(&e->m);
     else if (e->have_hp) ds4_hparams_free(&e->hp);
@@ -216,7 +271,7 @@ int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **o
     s->logits = malloc((size_t)e->hp.n_vocab * sizeof(float));
     int rc = 0;
     if (!s->tokens || !s->logits) rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
-    else rc = ds4_fwd_new(&e->m, &e->be, e->num, s->n_ctx, s->n_batch, &s->f, err);
+    else rc = ds4_fwd_new(e->bm, &e->be, e->num, s->n_ctx, s->n_batch, &s->f, err);
     if (rc) {
         ds4_session_free(s);
         return rc;
@@ -240,7 +295,38 @@ void ds4_session_free(ds4_session *s) {
 int ds4_session_n_ctx(const ds4_session *s) { return s->n_ctx; }
 int ds4_session_n_tokens(const ds4_session *s) { return s->n_tokens; }
 const int32_t *ds4_session_tokens(const ds4_session *s) { return s->tokens; }
-const float *ds4_session_logits(const ds4_session *s) { return s->n_tokens > 0 ? s->logits : NULL; }
+
+/* Makes s->logits current (copies the row from the backend if needed). */
+static int logits_to_host(ds4_session *s, ds4_err *err) {
+    if (s->logits_host) return 0;
+    int rc = ds4_fwd_logits(s->f, s->logits, err);
+    if (!rc) s->logits_host = true;
+    return rc;
+}
+
+const float *ds4_session_logits(const ds4_session *s) {
+    if (s->n_tokens <= 0) return NULL;
+    /* logically const: the row is only fetched lazily */
+    return logits_to_host((ds4_session *)(uintptr_t)s, NULL) ? NULL : s->logits;
+}
+
+int ds4_session_argmax(ds4_session *s, int32_t *id, ds4_err *err) {
+    if (s->n_tokens <= 0) return ds4_err_set(err, DS4_E_ARG, "the session is empty: no logits");
+    if (s->logits_host) {
+        /* same rule as the backends (ds4_argmax) */
+        const float *l = s->logits;
+        int32_t best = -1;
+        float bv = 0.0f;
+        for (int i = 0; i < s->e->hp.n_vocab; i++)
+            if (isfinite(l[i]) && (best < 0 || l[i] > bv)) {
+                best = i;
+                bv = l[i];
+            }
+        *id = best < 0 ? 0 : best;
+        return 0;
+    }
+    return ds4_fwd_argmax(s->f, id, err);
+}
 
 /* Drops checkpoints past position k (their tokens are being replaced). */
 static void ckpt_drop_after(ds4_session *s, int k) {
@@ -250,6 +336,7 @@ static void ckpt_drop_after(ds4_session *s, int k) {
 
 static void session_clear(ds4_session *s) {
     s->n_tokens = 0;
+    s->logits_host = false;
     ds4_fwd_reset(s->f);
     ckpt_drop_after(s, 0);
 }
@@ -274,7 +361,10 @@ static void ckpt_take(ds4_session *s) {
             return;
         }
     }
-    ds4_fwd_ckpt_save(s->f, slot->state);
+    if (logits_to_host(s, NULL) || ds4_fwd_ckpt_save(s->f, slot->state, NULL)) {
+        slot->pos = 0;
+        return;
+    }
     memcpy(slot->logits, s->logits, (size_t)s->e->hp.n_vocab * sizeof(float));
     slot->pos = pos;
     slot->seq = ++s->ck_seq;
@@ -286,13 +376,14 @@ static int ckpt_restore_upto(ds4_session *s, int k) {
     ckpt *best = NULL;
     for (int i = 0; i < N_CKPT; i++)
         if (s->ck[i].pos > 0 && s->ck[i].pos <= k && (!best || s->ck[i].pos > best->pos)) best = &s->ck[i];
-    if (!best) {
+    if (!best || ds4_fwd_ckpt_restore(s->f, best->pos, best->state, NULL)) {
         s->n_tokens = 0;
+        s->logits_host = false;
         ds4_fwd_reset(s->f);
         return 0;
     }
-    ds4_fwd_ckpt_restore(s->f, best->pos, best->state);
     memcpy(s->logits, best->logits, (size_t)s->e->hp.n_vocab * sizeof(float));
+    s->logits_host = true;
     s->n_tokens = best->pos;
     return best->pos;
 }
@@ -320,8 +411,10 @@ static int eval_chunks(ds4_session *s, const int32_t *tokens, int n, int chunk, 
         if (all_logits) {
             rc = ds4_fwd_eval(s->f, tokens + i, nb, all_logits + (size_t)i * V, true, err);
             if (!rc) memcpy(s->logits, all_logits + (size_t)(i + nb - 1) * V, V * sizeof(float));
+            s->logits_host = !rc;
         } else {
-            rc = ds4_fwd_eval(s->f, tokens + i, nb, s->logits, false, err);
+            rc = ds4_fwd_eval(s->f, tokens + i, nb, NULL, false, err);
+            s->logits_host = false; /* fetched when asked for */
         }
         if (rc) {
             session_clear(s);
@@ -425,7 +518,7 @@ int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info
  *   tokens (n_tokens * i32) | logits (n_vocab * f32, when n_tokens > 0) |
  *   u64 state_bytes | state (forward.c layout) | SHA-256 of all the above. */
 #define SNAP_MAGIC "DS4SESS"
-#define SNAP_VERSION 1u
+#define SNAP_VERSION 2u /* 2: cached rows stored as half with the f16 cache */
 #define SNAP_HDR (8 + 4 + 4 + 32 + 4 + 4 + 4)
 
 /* Numerics as payload flags: 0 is the release path, 15 --plain-numerics. */
@@ -452,10 +545,23 @@ int ds4_session_save(const ds4_session *s, void **out, size_t *out_bytes, ds4_er
     put32(b + o, (uint32_t)e->hp.n_layer); o += 4;
     put32(b + o, (uint32_t)T); o += 4;
     memcpy(b + o, s->tokens, T * 4); o += T * 4;
-    if (T) { memcpy(b + o, s->logits, V * 4); o += V * 4; }
+    if (T) {
+        int rc = logits_to_host((ds4_session *)(uintptr_t)s, err);
+        if (rc) {
+            free(b);
+            return rc;
+        }
+        memcpy(b + o, s->logits, V * 4);
+        o += V * 4;
+    }
     uint64_t st64 = st;
     memcpy(b + o, &st64, 8); o += 8;
-    ds4_fwd_state_save(s->f, b + o); o += st;
+    int rc = ds4_fwd_state_save(s->f, b + o, err);
+    if (rc) {
+        free(b);
+        return rc;
+    }
+    o += st;
     unsigned int len = 0;
     if (!EVP_Digest(b, o, b + o, &len, EVP_sha256(), NULL)) {
         free(b);
@@ -504,6 +610,7 @@ int ds4_session_load(ds4_session *s, const void *buf, size_t n_bytes, ds4_err *e
     }
     if ((rc = ds4_fwd_state_load(s->f, (int)T, b + o, (size_t)st, err))) goto fail;
     if (T) memcpy(s->logits, lg, V * 4);
+    s->logits_host = T > 0;
     s->n_tokens = (int)T;
     return 0;
 #undef BAD

@@ -8,21 +8,35 @@
  * (raw rows < pos0 from the ring, the batch's own rows from kv), then the
  * batch's raw rows are pushed into the ring, HC-post, FFN.
  *
- * State layout per layer (capacities from n_ctx): raw ring of `window` rows;
- * compressed rows n_ctx/R + 1; indexer rows n_ctx/4 + 1; frontier rings of
- * c*R token slots (token p in slot p % (c*R)), a and g (with ape).
+ * State layout per layer (capacities from n_ctx), all backend memory: raw
+ * ring of `window` rows; compressed rows n_ctx/R + 1; indexer rows n_ctx/4
+ * + 1 (these three in the backend's row type); frontier rings of c*R token
+ * slots (token p in slot p % (c*R)), a and g (with ape), float32.
+ *
+ * A step: the tokens and pos0 go to the backend in one upload (ds4_step);
+ * decode steps of one session (n = 1, last-row logits) carry a graph key so
+ * a backend can capture them once and replay. Logits stay in backend memory
+ * until asked for (ds4_fwd_logits / ds4_fwd_argmax).
  */
 #include "forward.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "quant.h"
+
 struct ds4_fwd {
-    const ds4_model *m;
+    const ds4_model *m;    /* the bound model */
     const ds4_backend *be;
     ds4_numerics num;
     int n_ctx, n_batch, pos;
+    int row_type;          /* backend row type of raw/comp/idx rows */
+    size_t row_elem;       /* its bytes per value */
+    uint64_t key;          /* graph key of this session's decode steps */
     ds4_layer_state *ls;   /* (n_layer) */
+    ds4_step *step;        /* backend memory, DS4_STEP_BYTES(n_batch) */
+    ds4_step *step_host;   /* host staging of the same */
     /* batch activations, backend memory */
     float *X;              /* (n_batch, n_hc, D) */
     float *u;              /* (n_batch, D) sublayer input after norm */
@@ -35,8 +49,13 @@ struct ds4_fwd {
     int32_t *ids;          /* (n_batch, k) */
     float *w;              /* (n_batch, k) */
     float *logits;         /* (n_batch, n_vocab) */
+    int n_logits;          /* rows of `logits` written by the last eval */
+    unsigned char *stage;  /* host staging for state I/O (row conversion) */
+    size_t stage_bytes;
     size_t ckpt_bytes;     /* cached ds4_fwd_ckpt_bytes */
 };
+
+static atomic_uint_fast64_t next_key = 1;
 
 static void *balloc(ds4_fwd *f, size_t bytes, int *fail) {
     void *p = f->be->ops->alloc(f->be->ctx, bytes);
@@ -51,6 +70,8 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
     *out = NULL;
     const ds4_hparams *hp = &m->hp;
     if (n_ctx < 1 || n_batch < 1) return ds4_err_set(err, DS4_E_ARG, "n_ctx and n_batch must be >= 1");
+    int rc = be->ops->reserve(be->ctx, m, n_batch, n_ctx, err);
+    if (rc) return rc;
     ds4_fwd *f = calloc(1, sizeof *f);
     if (!f) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     f->m = m;
@@ -58,31 +79,36 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
     f->num = num;
     f->n_ctx = n_ctx;
     f->n_batch = n_batch;
+    f->row_type = be->ops->kv_row_type(be->ctx, num);
+    f->row_elem = f->row_type == DS4_TYPE_F16 ? 2 : 4;
+    f->key = atomic_fetch_add(&next_key, 1);
     int fail = 0;
-    const size_t F = sizeof(float), nb = (size_t)n_batch;
+    const size_t F = sizeof(float), nb = (size_t)n_batch, E = f->row_elem;
     const size_t D = (size_t)hp->n_embd, dh = (size_t)hp->head_dim;
     f->ls = calloc((size_t)hp->n_layer, sizeof(ds4_layer_state));
-    if (!f->ls) fail = 1;
+    f->step_host = calloc(1, DS4_STEP_BYTES(n_batch));
+    if (!f->ls || !f->step_host) fail = 1;
     for (int il = 0; !fail && il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
-        s->raw = balloc(f, (size_t)hp->window * dh * F, &fail);
+        s->raw = balloc(f, (size_t)hp->window * dh * E, &fail);
         if (l->kind != DS4_ATTN_SLIDING) {
             size_t w = (size_t)ds4_model_comp_width(m, il);
             s->comp_cap = n_ctx / l->ratio + 1;
-            s->comp = balloc(f, (size_t)s->comp_cap * dh * F, &fail);
+            s->comp = balloc(f, (size_t)s->comp_cap * dh * E, &fail);
             s->comp_a = balloc(f, (size_t)frontier_rows(l) * w * F, &fail);
             s->comp_g = balloc(f, (size_t)frontier_rows(l) * w * F, &fail);
         }
         if (l->kind == DS4_ATTN_CSA) {
             size_t iw = 2 * (size_t)hp->idx_dim;
             s->idx_cap = n_ctx / 4 + 1;
-            s->idx = balloc(f, (size_t)s->idx_cap * hp->idx_dim * F, &fail);
+            s->idx = balloc(f, (size_t)s->idx_cap * hp->idx_dim * E, &fail);
             s->icomp_a = balloc(f, 8 * iw * F, &fail);
             s->icomp_g = balloc(f, 8 * iw * F, &fail);
         }
     }
     if (!fail) {
+        f->step = balloc(f, DS4_STEP_BYTES(n_batch), &fail);
         f->X = balloc(f, nb * hp->n_hc * D * F, &fail);
         f->u = balloc(f, nb * D * F, &fail);
         f->post = balloc(f, nb * hp->n_hc * F, &fail);
@@ -99,8 +125,8 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
     }
     if (fail) {
         ds4_fwd_free(f);
-        return ds4_err_set(err, DS4_E_NOMEM, "out of memory allocating the session state (n_ctx %d, batch %d)",
-                           n_ctx, n_batch);
+        return ds4_err_set(err, DS4_E_NOMEM, "out of %s memory allocating the session state (n_ctx %d, batch %d)",
+                           be->ops->name, n_ctx, n_batch);
     }
     *out = f;
     return 0;
@@ -108,6 +134,7 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
 
 void ds4_fwd_free(ds4_fwd *f) {
     if (!f) return;
+    f->be->ops->forget(f->be->ctx, f->key);
     void (*fr)(void *, void *) = f->be->ops->free;
     void *c = f->be->ctx;
     if (f->ls)
@@ -118,34 +145,40 @@ void ds4_fwd_free(ds4_fwd *f) {
                 if (ps[i]) fr(c, ps[i]);
         }
     free(f->ls);
-    void *bs[] = {f->X, f->u, f->post, f->comb, f->cq, f->q, f->kv, f->y, f->sel, f->n_sel, f->ids, f->w, f->logits};
+    void *bs[] = {f->step, f->X, f->u, f->post, f->comb, f->cq, f->q, f->kv, f->y, f->sel, f->n_sel, f->ids, f->w,
+                  f->logits};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++)
         if (bs[i]) fr(c, bs[i]);
+    free(f->step_host);
+    free(f->stage);
     free(f);
 }
 
-void ds4_fwd_reset(ds4_fwd *f) { f->pos = 0; }
+void ds4_fwd_reset(ds4_fwd *f) {
+    f->pos = 0;
+    f->n_logits = 0;
+}
 int ds4_fwd_pos(const ds4_fwd *f) { return f->pos; }
 int ds4_fwd_n_batch(const ds4_fwd *f) { return f->n_batch; }
+int ds4_fwd_row_type(const ds4_fwd *f) { return f->row_type; }
 
 #define STAGE(op, args)                                   \
     do {                                                  \
         int rc_ = ops->op(ctx, &(args));                  \
-        if (rc_) goto fail;                               \
+        if (rc_) return rc_;                              \
     } while (0)
 
-int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool all, ds4_err *err) {
+/* The stages of one step (everything between step_begin and step_end).
+ * Returns the first stage's error (the backend also keeps it for step_end). */
+static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
     const ds4_model *m = f->m;
     const ds4_hparams *hp = &m->hp;
     const ds4_backend_ops *ops = f->be->ops;
     void *ctx = f->be->ctx;
-    if (n < 1 || n > f->n_batch || f->pos + n > f->n_ctx)
-        return ds4_err_set(err, DS4_E_RANGE, "batch of %d tokens at position %d exceeds the session (ctx %d, batch %d)",
-                           n, f->pos, f->n_ctx, f->n_batch);
-    const int pos0 = f->pos;
-    ops->step_begin(ctx);
-
-    ds4_embed_args ea = {.m = m, .n = n, .tokens = tokens, .X = f->X};
+    const ds4_step *st = f->step;
+    const int32_t *tokens = DS4_STEP_TOKENS(f->step);
+#define C .m = m, .step = st, .n = n, .pos0 = pos0
+    ds4_embed_args ea = {C, .tokens = tokens, .X = f->X};
     STAGE(embed, ea);
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
@@ -153,71 +186,106 @@ int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool a
         const ds4_rope *rope = l->kind == DS4_ATTN_SLIDING ? &m->rope_main : &m->rope_compress;
 
         /* ---- attention sublayer */
-        ds4_hc_pre_args hpa = {.m = m, .n = n, .fn = &l->hc_attn_fn, .scale = l->hc_attn_scale,
-                               .base = l->hc_attn_base, .norm_w = l->attn_norm, .X = f->X,
-                               .out = f->u, .post = f->post, .comb = f->comb};
+        ds4_hc_pre_args hpa = {C, .fn = &l->hc_attn_fn, .scale = l->hc_attn_scale, .base = l->hc_attn_base,
+                               .norm_w = l->attn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb};
         STAGE(hc_pre, hpa);
-        ds4_attn_project_args pa = {.m = m, .l = l, .rope = rope, .num = f->num, .n = n, .pos0 = pos0,
-                                    .u = f->u, .cq = f->cq, .q = f->q, .kv = f->kv};
+        ds4_attn_project_args pa = {C, .l = l, .rope = rope, .num = f->num, .u = f->u, .cq = f->cq, .q = f->q,
+                                    .kv = f->kv};
         STAGE(attn_project, pa);
         if (l->kind != DS4_ATTN_SLIDING) {
-            ds4_compress_args ca = {.m = m, .rope = rope, .num = f->num, .indexer = false, .ratio = l->ratio,
+            ds4_compress_args ca = {C, .rope = rope, .num = f->num, .indexer = false, .ratio = l->ratio,
                                     .overlap = l->kind == DS4_ATTN_CSA, .d = hp->head_dim, .ape = &l->comp_ape,
                                     .wkv = &l->comp_kv, .wgate = &l->comp_gate, .norm_w = l->comp_norm,
-                                    .n = n, .pos0 = pos0, .u = f->u, .fa = s->comp_a, .fg = s->comp_g,
-                                    .rows = s->comp, .cap = s->comp_cap};
+                                    .u = f->u, .fa = s->comp_a, .fg = s->comp_g, .rows = s->comp,
+                                    .row_type = f->row_type, .cap = s->comp_cap};
             STAGE(compress_update, ca);
         }
         if (l->kind == DS4_ATTN_CSA) {
-            ds4_compress_args ia = {.m = m, .rope = rope, .num = f->num, .indexer = true, .ratio = 4,
-                                    .overlap = true, .d = hp->idx_dim, .ape = &l->icomp_ape,
-                                    .wkv = &l->icomp_kv, .wgate = &l->icomp_gate, .norm_w = l->icomp_norm,
-                                    .n = n, .pos0 = pos0, .u = f->u, .fa = s->icomp_a, .fg = s->icomp_g,
-                                    .rows = s->idx, .cap = s->idx_cap};
+            ds4_compress_args ia = {C, .rope = rope, .num = f->num, .indexer = true, .ratio = 4, .overlap = true,
+                                    .d = hp->idx_dim, .ape = &l->icomp_ape, .wkv = &l->icomp_kv,
+                                    .wgate = &l->icomp_gate, .norm_w = l->icomp_norm, .u = f->u,
+                                    .fa = s->icomp_a, .fg = s->icomp_g, .rows = s->idx, .row_type = f->row_type,
+                                    .cap = s->idx_cap};
             STAGE(compress_update, ia);
-            ds4_indexer_args xa = {.m = m, .l = l, .rope = rope, .num = f->num, .n = n, .pos0 = pos0,
-                                   .cq = f->cq, .u = f->u, .idx_rows = s->idx, .sel = f->sel, .n_sel = f->n_sel};
+            ds4_indexer_args xa = {C, .l = l, .rope = rope, .num = f->num, .cq = f->cq, .u = f->u,
+                                   .idx_rows = s->idx, .row_type = f->row_type, .sel = f->sel, .n_sel = f->n_sel};
             STAGE(indexer_select, xa);
         }
-        ds4_attention_args aa = {.m = m, .l = l, .rope = rope, .num = f->num, .n = n, .pos0 = pos0,
-                                 .q = f->q, .kv = f->kv, .raw = s->raw, .comp = s->comp,
+        ds4_attention_args aa = {C, .l = l, .rope = rope, .num = f->num, .q = f->q, .kv = f->kv, .raw = s->raw,
+                                 .comp = s->comp, .row_type = f->row_type,
                                  .sel = l->kind == DS4_ATTN_CSA ? f->sel : NULL,
                                  .n_sel = l->kind == DS4_ATTN_CSA ? f->n_sel : NULL, .y = f->y};
         STAGE(attention, aa);
-        ds4_kv_store_args ka = {.m = m, .n = n, .pos0 = pos0, .kv = f->kv, .raw = s->raw};
+        ds4_kv_store_args ka = {C, .kv = f->kv, .raw = s->raw, .row_type = f->row_type};
         STAGE(kv_store, ka);
-        ds4_hc_post_args po = {.m = m, .n = n, .y = f->y, .post = f->post, .comb = f->comb, .X = f->X};
+        ds4_hc_post_args po = {C, .y = f->y, .post = f->post, .comb = f->comb, .X = f->X};
         STAGE(hc_post, po);
 
         /* ---- FFN sublayer */
-        ds4_hc_pre_args hfa = {.m = m, .n = n, .fn = &l->hc_ffn_fn, .scale = l->hc_ffn_scale,
-                               .base = l->hc_ffn_base, .norm_w = l->ffn_norm, .X = f->X,
-                               .out = f->u, .post = f->post, .comb = f->comb};
+        ds4_hc_pre_args hfa = {C, .fn = &l->hc_ffn_fn, .scale = l->hc_ffn_scale, .base = l->hc_ffn_base,
+                               .norm_w = l->ffn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb};
         STAGE(hc_pre, hfa);
-        ds4_moe_route_args ra = {.m = m, .l = l, .n = n, .tokens = tokens, .v = f->u, .ids = f->ids, .w = f->w};
+        ds4_moe_route_args ra = {C, .l = l, .tokens = tokens, .v = f->u, .ids = f->ids, .w = f->w};
         STAGE(moe_route, ra);
-        ds4_moe_experts_args xa2 = {.m = m, .l = l, .num = f->num, .n = n, .v = f->u, .ids = f->ids,
-                                    .w = f->w, .y = f->y};
+        ds4_moe_experts_args xa2 = {C, .l = l, .il = il, .num = f->num, .v = f->u, .ids = f->ids, .w = f->w,
+                                    .y = f->y};
         STAGE(moe_experts, xa2);
         STAGE(hc_post, po);
     }
     {
-        const size_t V = (size_t)hp->n_vocab, nflat = (size_t)hp->n_hc * hp->n_embd;
+        const size_t nflat = (size_t)hp->n_hc * hp->n_embd;
         int nh = all ? n : 1;
-        ds4_head_args ha = {.m = m, .num = f->num, .n = nh, .X = f->X + (all ? 0 : (size_t)(n - 1) * nflat),
-                            .logits = f->logits};
+        ds4_head_args ha = {.m = m, .step = st, .n = nh, .pos0 = pos0, .num = f->num,
+                            .X = f->X + (all ? 0 : (size_t)(n - 1) * nflat), .logits = f->logits};
         STAGE(head, ha);
-        int rc = ops->step_end(ctx, err);
+    }
+#undef C
+    return 0;
+}
+
+int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool all, ds4_err *err) {
+    const ds4_hparams *hp = &f->m->hp;
+    const ds4_backend_ops *ops = f->be->ops;
+    void *ctx = f->be->ctx;
+    if (n < 1 || n > f->n_batch || f->pos + n > f->n_ctx)
+        return ds4_err_set(err, DS4_E_RANGE, "batch of %d tokens at position %d exceeds the session (ctx %d, batch %d)",
+                           n, f->pos, f->n_ctx, f->n_batch);
+    const int pos0 = f->pos;
+    f->n_logits = 0;
+    /* the step: one upload of pos0, n and the tokens */
+    f->step_host->pos0 = pos0;
+    f->step_host->n = n;
+    f->step_host->n_cap = f->n_batch;
+    memcpy(DS4_STEP_TOKENS(f->step_host), tokens, (size_t)n * sizeof(int32_t));
+    int rc = ops->upload(ctx, f->step, f->step_host, DS4_STEP_BYTES(n), err);
+    if (rc) return rc;
+    ds4_step_info si = {.step = f->step, .n = n, .pos0 = pos0, .graph_key = (n == 1 && !all) ? f->key : 0};
+    rc = ops->step_begin(ctx, &si, err);
+    if (rc < 0) return rc;
+    int src = rc == 0 ? issue_stages(f, n, pos0, all) : 0;
+    rc = ops->step_end(ctx, err);
+    if (rc) return rc;
+    if (src) return ds4_err_set(err, src < 0 ? src : DS4_E_INTERNAL, "%s backend: a stage failed", ops->name);
+    f->n_logits = all ? n : 1;
+    if (logits) {
+        rc = ops->download(ctx, logits, f->logits, (size_t)f->n_logits * hp->n_vocab * sizeof(float), err);
         if (rc) return rc;
-        ops->download(ctx, logits, f->logits, (size_t)nh * V * sizeof(float));
     }
     f->pos += n;
     return 0;
-fail:
-    {
-        int rc = ops->step_end(ctx, err);
-        return rc ? rc : ds4_err_set(err, DS4_E_INTERNAL, "backend stage failed");
-    }
+}
+
+int ds4_fwd_logits(ds4_fwd *f, float *dst, ds4_err *err) {
+    const size_t V = (size_t)f->m->hp.n_vocab;
+    if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
+    return f->be->ops->download(f->be->ctx, dst, f->logits + (size_t)(f->n_logits - 1) * V, V * sizeof(float),
+                                err);
+}
+
+int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err) {
+    const size_t V = (size_t)f->m->hp.n_vocab;
+    if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
+    return f->be->ops->argmax(f->be->ctx, f->logits + (size_t)(f->n_logits - 1) * V, 1, (int)V, id, err);
 }
 
 /* ------------------------------------------------------------ state I/O */
@@ -225,60 +293,140 @@ fail:
 /* Serialized state at position T, per layer in order: raw rows of positions
  * max(0, T-window) .. T-1 (ascending); compressed rows 0 .. T/R-1; the
  * compressor frontier rings a then g; indexer rows 0 .. T/4-1; indexer
- * frontier rings a then g. All float32. */
+ * frontier rings a then g. Cached rows (raw, compressed, indexer) are IEEE
+ * half when the f16 cache rounding is on (they hold half values exactly)
+ * and float32 otherwise; frontiers are float32. */
+static size_t payload_elem(const ds4_fwd *f) { return f->num.f16_cache ? 2 : 4; }
+
 size_t ds4_fwd_state_bytes(const ds4_fwd *f, int T) {
     const ds4_model *m = f->m;
     const ds4_hparams *hp = &m->hp;
-    size_t floats = 0;
+    size_t rows = 0, floats = 0;
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
         int nraw = T < hp->window ? T : hp->window;
-        floats += (size_t)nraw * hp->head_dim;
-        if (l->kind != DS4_ATTN_SLIDING)
-            floats += (size_t)(T / l->ratio) * hp->head_dim +
-                      2 * (size_t)frontier_rows(l) * ds4_model_comp_width(m, il);
-        if (l->kind == DS4_ATTN_CSA)
-            floats += (size_t)(T / 4) * hp->idx_dim + 2 * 8 * 2 * (size_t)hp->idx_dim;
+        rows += (size_t)nraw * hp->head_dim;
+        if (l->kind != DS4_ATTN_SLIDING) {
+            rows += (size_t)(T / l->ratio) * hp->head_dim;
+            floats += 2 * (size_t)frontier_rows(l) * ds4_model_comp_width(m, il);
+        }
+        if (l->kind == DS4_ATTN_CSA) {
+            rows += (size_t)(T / 4) * hp->idx_dim;
+            floats += 2 * 8 * 2 * (size_t)hp->idx_dim;
+        }
     }
-    return floats * sizeof(float);
+    return rows * payload_elem(f) + floats * sizeof(float);
 }
 
-static void state_io(const ds4_fwd *f, int T, unsigned char *buf, bool save) {
-    const ds4_model *m = f->m;
-    const ds4_hparams *hp = &m->hp;
+static int stage_grow(ds4_fwd *f, size_t bytes, ds4_err *err) {
+    if (bytes <= f->stage_bytes) return 0;
+    unsigned char *p = realloc(f->stage, bytes);
+    if (!p) return ds4_err_set(err, DS4_E_NOMEM, "out of memory (%zu bytes of state staging)", bytes);
+    f->stage = p;
+    f->stage_bytes = bytes;
+    return 0;
+}
+
+/* Moves n_vals cached values between backend rows (row type) and the
+ * payload (payload type), converting through the staging buffer when the
+ * two differ. */
+static int rows_io(ds4_fwd *f, unsigned char *buf, void *dev, size_t n_vals, bool save, ds4_err *err) {
     const ds4_backend_ops *ops = f->be->ops;
     void *ctx = f->be->ctx;
+    size_t pe = payload_elem(f), re = f->row_elem;
+    if (n_vals == 0) return 0;
+    if (pe == re)
+        return save ? ops->download(ctx, buf, dev, n_vals * re, err) : ops->upload(ctx, dev, buf, n_vals * re, err);
+    int rc = stage_grow(f, n_vals * re, err);
+    if (rc) return rc;
+    if (save) {
+        if ((rc = ops->download(ctx, f->stage, dev, n_vals * re, err))) return rc;
+        if (re == 4) { /* backend f32 -> payload f16 (values are half-exact) */
+            const float *s = (const float *)f->stage;
+            for (size_t i = 0; i < n_vals; i++) {
+                uint16_t h = ds4_f32_to_f16(s[i]);
+                memcpy(buf + 2 * i, &h, 2);
+            }
+        } else { /* backend f16 -> payload f32 */
+            for (size_t i = 0; i < n_vals; i++) {
+                uint16_t h;
+                memcpy(&h, f->stage + 2 * i, 2);
+                float v = ds4_f16_to_f32(h);
+                memcpy(buf + 4 * i, &v, 4);
+            }
+        }
+        return 0;
+    }
+    if (re == 4) {
+        float *d = (float *)f->stage;
+        for (size_t i = 0; i < n_vals; i++) {
+            uint16_t h;
+            memcpy(&h, buf + 2 * i, 2);
+            d[i] = ds4_f16_to_f32(h);
+        }
+    } else {
+        uint16_t *d = (uint16_t *)f->stage;
+        for (size_t i = 0; i < n_vals; i++) {
+            float v;
+            memcpy(&v, buf + 4 * i, 4);
+            d[i] = ds4_f32_to_f16(v);
+        }
+    }
+    return ops->upload(ctx, dev, f->stage, n_vals * re, err);
+}
+
+static int floats_io(ds4_fwd *f, unsigned char *buf, float *dev, size_t n, bool save, ds4_err *err) {
+    const ds4_backend_ops *ops = f->be->ops;
+    return save ? ops->download(f->be->ctx, buf, dev, n * sizeof(float), err)
+                : ops->upload(f->be->ctx, dev, buf, n * sizeof(float), err);
+}
+
+static int state_io(ds4_fwd *f, int T, unsigned char *buf, bool save, ds4_err *err) {
+    const ds4_model *m = f->m;
+    const ds4_hparams *hp = &m->hp;
+    const size_t dh = (size_t)hp->head_dim, pe = payload_elem(f), W = (size_t)hp->window;
     size_t off = 0;
-#define IO(ptr, bytes)                                                              \
-    do {                                                                            \
-        size_t b_ = (bytes);                                                        \
-        if (save) ops->download(ctx, buf + off, (ptr), b_);                         \
-        else ops->upload(ctx, (ptr), buf + off, b_);                                \
-        off += b_;                                                                  \
+    int rc;
+#define ROWS(dev, n_vals)                                                              \
+    do {                                                                               \
+        size_t nv_ = (n_vals);                                                         \
+        if ((rc = rows_io(f, buf + off, (dev), nv_, save, err))) return rc;            \
+        off += nv_ * pe;                                                               \
     } while (0)
-    const size_t dh = (size_t)hp->head_dim * sizeof(float);
+#define FLOATS(dev, n_vals)                                                            \
+    do {                                                                               \
+        size_t nv_ = (n_vals);                                                         \
+        if ((rc = floats_io(f, buf + off, (dev), nv_, save, err))) return rc;          \
+        off += nv_ * sizeof(float);                                                    \
+    } while (0)
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
-        int lo = T > hp->window ? T - hp->window : 0;
-        for (int p = lo; p < T; p++) IO((char *)s->raw + (size_t)(p % hp->window) * dh, dh);
+        /* raw rows of positions lo..T-1: ring slots lo%W.. wrap at most once */
+        size_t lo = (size_t)T > W ? (size_t)T - W : 0, nraw = (size_t)T - lo;
+        size_t first = lo % W, seg1 = nraw < W - first ? nraw : W - first;
+        unsigned char *raw = s->raw;
+        ROWS(raw + first * dh * f->row_elem, seg1 * dh);
+        ROWS(raw, (nraw - seg1) * dh);
         if (l->kind != DS4_ATTN_SLIDING) {
-            size_t fr = (size_t)frontier_rows(l) * ds4_model_comp_width(m, il) * sizeof(float);
-            IO(s->comp, (size_t)(T / l->ratio) * dh);
-            IO(s->comp_a, fr);
-            IO(s->comp_g, fr);
+            size_t fr = (size_t)frontier_rows(l) * ds4_model_comp_width(m, il);
+            ROWS(s->comp, (size_t)(T / l->ratio) * dh);
+            FLOATS(s->comp_a, fr);
+            FLOATS(s->comp_g, fr);
         }
         if (l->kind == DS4_ATTN_CSA) {
-            size_t fr = 8 * 2 * (size_t)hp->idx_dim * sizeof(float);
-            IO(s->idx, (size_t)(T / 4) * hp->idx_dim * sizeof(float));
-            IO(s->icomp_a, fr);
-            IO(s->icomp_g, fr);
+            size_t fr = 8 * 2 * (size_t)hp->idx_dim;
+            ROWS(s->idx, (size_t)(T / 4) * hp->idx_dim);
+            FLOATS(s->icomp_a, fr);
+            FLOATS(s->icomp_g, fr);
         }
     }
-#undef IO
+#undef ROWS
+#undef FLOATS
+    return 0;
 }
 
-void ds4_fwd_state_save(const ds4_fwd *f, void *dst) { state_io(f, f->pos, dst, true); }
+int ds4_fwd_state_save(ds4_fwd *f, void *dst, ds4_err *err) { return state_io(f, f->pos, dst, true, err); }
 
 int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_err *err) {
     if (pos < 0 || pos > f->n_ctx)
@@ -286,32 +434,36 @@ int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_e
     if (bytes != ds4_fwd_state_bytes(f, pos))
         return ds4_err_set(err, DS4_E_FORMAT, "state has %zu bytes, expected %zu for %d tokens", bytes,
                            ds4_fwd_state_bytes(f, pos), pos);
-    state_io(f, pos, (unsigned char *)(uintptr_t)src, false);
+    f->n_logits = 0;
+    int rc = state_io(f, pos, (unsigned char *)(uintptr_t)src, false, err);
+    if (rc) return rc;
     f->pos = pos;
     return 0;
 }
 
 /* ------------------------------------------------------------ checkpoints */
 
-static void ckpt_io(const ds4_fwd *f, unsigned char *buf, bool save) {
+/* Light checkpoint: raw rings (row type) and the frontiers, as stored. */
+static int ckpt_io(ds4_fwd *f, unsigned char *buf, bool save, size_t *bytes, ds4_err *err) {
     const ds4_model *m = f->m;
     const ds4_hparams *hp = &m->hp;
     const ds4_backend_ops *ops = f->be->ops;
     void *ctx = f->be->ctx;
     size_t off = 0;
-#define IO(ptr, bytes)                                                              \
-    do {                                                                            \
-        size_t b_ = (bytes);                                                        \
-        if (buf) {                                                                  \
-            if (save) ops->download(ctx, buf + off, (ptr), b_);                     \
-            else ops->upload(ctx, (ptr), buf + off, b_);                            \
-        }                                                                           \
-        off += b_;                                                                  \
+#define IO(ptr, n_bytes)                                                                          \
+    do {                                                                                          \
+        size_t b_ = (n_bytes);                                                                    \
+        if (buf) {                                                                                \
+            int rc_ = save ? ops->download(ctx, buf + off, (ptr), b_, err)                         \
+                           : ops->upload(ctx, (ptr), buf + off, b_, err);                          \
+            if (rc_) return rc_;                                                                  \
+        }                                                                                         \
+        off += b_;                                                                                \
     } while (0)
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
-        IO(s->raw, (size_t)hp->window * hp->head_dim * sizeof(float));
+        IO(s->raw, (size_t)hp->window * hp->head_dim * f->row_elem);
         if (l->kind != DS4_ATTN_SLIDING) {
             size_t fr = (size_t)frontier_rows(l) * ds4_model_comp_width(m, il) * sizeof(float);
             IO(s->comp_a, fr);
@@ -324,17 +476,21 @@ static void ckpt_io(const ds4_fwd *f, unsigned char *buf, bool save) {
         }
     }
 #undef IO
-    if (!buf) ((ds4_fwd *)f)->ckpt_bytes = off;
+    if (bytes) *bytes = off;
+    return 0;
 }
 
-size_t ds4_fwd_ckpt_bytes(const ds4_fwd *f) {
-    ckpt_io(f, NULL, true);
+size_t ds4_fwd_ckpt_bytes(ds4_fwd *f) {
+    if (!f->ckpt_bytes) ckpt_io(f, NULL, true, &f->ckpt_bytes, NULL);
     return f->ckpt_bytes;
 }
 
-void ds4_fwd_ckpt_save(const ds4_fwd *f, void *dst) { ckpt_io(f, dst, true); }
+int ds4_fwd_ckpt_save(ds4_fwd *f, void *dst, ds4_err *err) { return ckpt_io(f, dst, true, NULL, err); }
 
-void ds4_fwd_ckpt_restore(ds4_fwd *f, int pos, const void *src) {
-    ckpt_io(f, (unsigned char *)(uintptr_t)src, false);
+int ds4_fwd_ckpt_restore(ds4_fwd *f, int pos, const void *src, ds4_err *err) {
+    f->n_logits = 0;
+    int rc = ckpt_io(f, (unsigned char *)(uintptr_t)src, false, NULL, err);
+    if (rc) return rc;
     f->pos = pos;
+    return 0;
 }

@@ -30,16 +30,27 @@ void ds4_fwd_reset(ds4_fwd *f);
 int ds4_fwd_pos(const ds4_fwd *f);
 int ds4_fwd_n_batch(const ds4_fwd *f);
 
+/* Backend row type of the session's cached rows (DS4_TYPE_F32 / F16). */
+int ds4_fwd_row_type(const ds4_fwd *f);
+
 /* Evaluates tokens[0..n) (valid ids, 1 <= n <= n_batch, pos + n <= n_ctx)
- * at positions pos..pos+n-1 and advances pos. logits (host memory): when
- * all, (n, n_vocab) rows after each token; else (n_vocab) after the last.
+ * at positions pos..pos+n-1 and advances pos. The logits stay in backend
+ * memory: when all, (n, n_vocab) rows after each token, else the row after
+ * the last; when `logits` (host) is non-NULL they are also copied there.
  * On failure the state is undefined (reset it). */
 int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool all, ds4_err *err);
+
+/* The logits row after the last evaluated token, copied to dst (n_vocab
+ * floats, host). DS4_E_ARG when the last eval's logits are gone (reset,
+ * load, restore). */
+int ds4_fwd_logits(ds4_fwd *f, float *dst, ds4_err *err);
+/* Greedy token of that row, computed by the backend (ds4_argmax rules). */
+int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err);
 
 /* The state at the current position, serialized (bytes are a pure function
  * of the state's meaningful part; layout documented in forward.c). */
 size_t ds4_fwd_state_bytes(const ds4_fwd *f, int pos);
-void ds4_fwd_state_save(const ds4_fwd *f, void *dst);
+int ds4_fwd_state_save(ds4_fwd *f, void *dst, ds4_err *err);
 /* Restores a state of position pos from src (bytes must equal
  * ds4_fwd_state_bytes(f, pos), else DS4_E_FORMAT). */
 int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_err *err);
@@ -50,8 +61,8 @@ int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_e
  * checkpoint saves only those (fixed size, independent of c). Restoring it
  * is valid while the timeline still starts with the same c tokens; rows
  * emitted after c are simply overwritten by the re-evaluation. */
-size_t ds4_fwd_ckpt_bytes(const ds4_fwd *f);
-void ds4_fwd_ckpt_save(const ds4_fwd *f, void *dst);
-void ds4_fwd_ckpt_restore(ds4_fwd *f, int pos, const void *src);
+size_t ds4_fwd_ckpt_bytes(ds4_fwd *f);
+int ds4_fwd_ckpt_save(ds4_fwd *f, void *dst, ds4_err *err);
+int ds4_fwd_ckpt_restore(ds4_fwd *f, int pos, const void *src, ds4_err *err);
 
 #endif

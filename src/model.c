@@ -516,6 +516,7 @@ void ds4_model_free(ds4_model *m) {
     free(m->rope_main.inv_freq);
     free(m->rope_compress.inv_freq);
     free(m->arch_name);
+    free(m->owned_names);
     ds4_hparams_free(&m->hp);
     memset(m, 0, sizeof *m);
 }
@@ -543,4 +544,233 @@ int ds4_model_load(ds4_model *m, const ds4_gguf *g, ds4_err *err) {
 fail:
     ds4_model_free(m);
     return rc;
+}
+
+/* ------------------------------------------------------------ synthetic */
+
+/* Weight descriptor without data (the backend fills it, synth.h). */
+static void synth_mat(ds4_weight *w, const char *name, int type, int64_t n_in, int64_t n_out, int64_t n_mat) {
+    memset(w, 0, sizeof *w);
+    w->name = name;
+    w->type = type;
+    w->n_in = n_in;
+    w->n_out = n_out;
+    w->n_mat = n_mat;
+    w->row_bytes = ds4_type_row_bytes(type, n_in);
+    w->mat_bytes = w->row_bytes * (size_t)n_out;
+}
+
+static float synth_uniform(uint64_t *s) {
+    *s = *s * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)(*s >> 40) * (1.0f / 16777216.0f);
+}
+
+static float *synth_vec(int64_t n, float base, float spread, uint64_t *s) {
+    float *v = malloc((size_t)n * sizeof(float));
+    if (v)
+        for (int64_t i = 0; i < n; i++) v[i] = base + spread * (2.0f * synth_uniform(s) - 1.0f);
+    return v;
+}
+
+/* Names of the synthetic model live in m->owned_names (no GGUF owns them). */
+#define SYNTH_NAMES 4096
+#define SYNTH_NAME_LEN 48
+static const char *synth_name(ds4_model *m, int il, const char *suffix) {
+    if (m->n_owned_names >= SYNTH_NAMES) return "synthetic";
+    char *p = m->owned_names + (size_t)m->n_owned_names++ * SYNTH_NAME_LEN;
+    if (il < 0) snprintf(p, SYNTH_NAME_LEN, "%s", suffix);
+    else snprintf(p, SYNTH_NAME_LEN, "blk.%d.%s", il, suffix);
+    return p;
+}
+
+int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *err) {
+    memset(m, 0, sizeof *m);
+    bool q2 = recipe && !strcmp(recipe, "q2"), q4 = recipe && !strcmp(recipe, "q4");
+    if (!q2 && !q4) return ds4_err_set(err, DS4_E_ARG, "synthetic recipe '%s': expected q2 or q4", recipe ? recipe : "");
+    ds4_hparams *hp = &m->hp;
+    *hp = (ds4_hparams){.n_layer = 43, .n_embd = 4096, .n_vocab = 129280, .n_head = 64, .n_head_kv = 1,
+                        .head_dim = 512, .n_rot = 64, .q_lora = 1024, .o_lora = 1024, .o_groups = 8,
+                        .n_expert = 256, .n_expert_used = 6, .n_ff_exp = 2048, .n_expert_shared = 1,
+                        .n_hash = 3, .window = 128, .idx_heads = 64, .idx_dim = 128, .idx_topk = 512,
+                        .n_hc = 4, .sinkhorn_iters = 20, .hc_eps = 1e-6f, .rms_eps = 1e-6f,
+                        .expert_weights_scale = 1.5f, .expert_weights_norm = true, .rope_base = 10000.0f,
+                        .compress_rope_base = 160000.0f, .yarn = true, .yarn_factor = 16.0f,
+                        .yarn_beta_fast = 32.0f, .yarn_beta_slow = 1.0f, .yarn_orig_ctx = 65536,
+                        .context_length = 1048576};
+    int rc = 0;
+    uint64_t s = seed ^ 0x5eedull;
+    m->owned_names = malloc((size_t)SYNTH_NAMES * SYNTH_NAME_LEN);
+    if (!m->owned_names) goto oom;
+    hp->compress_ratio = calloc((size_t)hp->n_layer, sizeof(int));
+    hp->swiglu_clamp = calloc((size_t)hp->n_layer, sizeof(float));
+    m->layers = calloc((size_t)hp->n_layer, sizeof(ds4_layer));
+    if (!hp->compress_ratio || !hp->swiglu_clamp || !m->layers) goto oom;
+    for (int il = 0; il < hp->n_layer; il++) {
+        hp->compress_ratio[il] = il < 2 ? 0 : (il % 2 == 0 ? 4 : 128);
+        hp->swiglu_clamp[il] = 10.0f;
+    }
+    if ((rc = rope_init(&m->rope_main, hp, hp->rope_base, false, err))) goto fail;
+    if ((rc = rope_init(&m->rope_compress, hp, hp->compress_rope_base, true, err))) goto fail;
+    const int64_t D = hp->n_embd, V = hp->n_vocab, H = hp->n_head, dh = hp->head_dim, E = hp->n_expert;
+    const int64_t mix = (2 + hp->n_hc) * hp->n_hc, hcD = hp->n_hc * D, F = hp->n_ff_exp;
+    const int gate_t = q2 ? DS4_TYPE_IQ2_XXS : DS4_TYPE_Q4_K, down_t = q2 ? DS4_TYPE_Q2_K : DS4_TYPE_Q4_K;
+    synth_mat(&m->tok_embd, synth_name(m, -1, "token_embd.weight"), DS4_TYPE_F16, D, V, 1);
+    synth_mat(&m->out_hc_fn, synth_name(m, -1, "output_hc_fn.weight"), DS4_TYPE_F16, hcD, hp->n_hc, 1);
+    synth_mat(&m->output, synth_name(m, -1, "output.weight"), DS4_TYPE_Q8_0, D, V, 1);
+    if (!(m->out_hc_base = synth_vec(hp->n_hc, 0.0f, 0.2f, &s))) goto oom;
+    if (!(m->out_hc_scale = synth_vec(1, 0.5f, 0.0f, &s))) goto oom;
+    if (!(m->out_norm = synth_vec(D, 1.0f, 0.1f, &s))) goto oom;
+    for (int il = 0; il < hp->n_layer; il++) {
+        ds4_layer *l = &m->layers[il];
+        l->ratio = hp->compress_ratio[il];
+        l->kind = l->ratio == 0 ? DS4_ATTN_SLIDING : l->ratio == 4 ? DS4_ATTN_CSA : DS4_ATTN_HCA;
+        l->hash = il < hp->n_hash;
+#define SM(field, suffix, type, nin, nout, nmat) synth_mat(&l->field, synth_name(m, il, suffix), type, nin, nout, nmat)
+#define SV(field, n, base, spread) if (!(l->field = synth_vec(n, base, spread, &s))) goto oom
+        SM(hc_attn_fn, "hc_attn_fn.weight", DS4_TYPE_F16, hcD, mix, 1);
+        SM(hc_ffn_fn, "hc_ffn_fn.weight", DS4_TYPE_F16, hcD, mix, 1);
+        /* HC: pre ~ 0.5, post ~ 1, comb near the identity (diagonal bias) */
+        SV(hc_attn_scale, 3, 0.5f, 0.1f);
+        SV(hc_ffn_scale, 3, 0.5f, 0.1f);
+        SV(hc_attn_base, mix, 0.0f, 0.2f);
+        SV(hc_ffn_base, mix, 0.0f, 0.2f);
+        for (int a = 0; a < hp->n_hc; a++) {
+            l->hc_attn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
+            l->hc_ffn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
+        }
+        SV(attn_norm, D, 1.0f, 0.1f);
+        SM(q_a, "attn_q_a.weight", DS4_TYPE_Q8_0, D, hp->q_lora, 1);
+        SV(q_a_norm, hp->q_lora, 1.0f, 0.1f);
+        SM(q_b, "attn_q_b.weight", DS4_TYPE_Q8_0, hp->q_lora, H * dh, 1);
+        SM(kv, "attn_kv.weight", DS4_TYPE_Q8_0, D, dh, 1);
+        SV(kv_norm, dh, 1.0f, 0.1f);
+        SV(sinks, H, 0.0f, 1.0f);
+        SM(o_a, "attn_output_a.weight", DS4_TYPE_Q8_0, H * dh / hp->o_groups, hp->o_groups * hp->o_lora, 1);
+        SM(o_b, "attn_output_b.weight", DS4_TYPE_Q8_0, hp->o_groups * hp->o_lora, D, 1);
+        if (l->kind != DS4_ATTN_SLIDING) {
+            int64_t w = l->kind == DS4_ATTN_CSA ? 2 * dh : dh;
+            SM(comp_ape, "attn_compressor_ape.weight", DS4_TYPE_F16, w, l->ratio, 1);
+            SM(comp_kv, "attn_compressor_kv.weight", DS4_TYPE_F16, D, w, 1);
+            SM(comp_gate, "attn_compressor_gate.weight", DS4_TYPE_F16, D, w, 1);
+            SV(comp_norm, dh, 1.0f, 0.1f);
+        }
+        if (l->kind == DS4_ATTN_CSA) {
+            int64_t iw = 2 * (int64_t)hp->idx_dim;
+            SM(idx_q_b, "indexer.attn_q_b.weight", DS4_TYPE_F16, hp->q_lora, (int64_t)hp->idx_heads * hp->idx_dim, 1);
+            SM(idx_proj, "indexer.proj.weight", DS4_TYPE_F16, D, hp->idx_heads, 1);
+            SM(icomp_ape, "indexer_compressor_ape.weight", DS4_TYPE_F16, iw, 4, 1);
+            SM(icomp_kv, "indexer_compressor_kv.weight", DS4_TYPE_F16, D, iw, 1);
+            SM(icomp_gate, "indexer_compressor_gate.weight", DS4_TYPE_F16, D, iw, 1);
+            SV(icomp_norm, hp->idx_dim, 1.0f, 0.1f);
+        }
+        SV(ffn_norm, D, 1.0f, 0.1f);
+        SM(gate_inp, "ffn_gate_inp.weight", DS4_TYPE_F16, D, E, 1);
+        if (l->hash) {
+            if (!(l->exp_bias = calloc((size_t)E, sizeof(float)))) goto oom;
+            l->tid2eid = malloc((size_t)(V * hp->n_expert_used) * sizeof(int32_t));
+            if (!l->tid2eid) goto oom;
+            for (int64_t t = 0; t < V; t++) /* distinct experts per token */
+                for (int k = 0; k < hp->n_expert_used; k++) {
+                    int32_t e;
+                    bool dup;
+                    do {
+                        e = (int32_t)(synth_uniform(&s) * (float)E) % (int32_t)E;
+                        dup = false;
+                        for (int q = 0; q < k; q++) dup |= l->tid2eid[t * hp->n_expert_used + q] == e;
+                    } while (dup);
+                    l->tid2eid[t * hp->n_expert_used + k] = e;
+                }
+        } else {
+            SV(exp_bias, E, 0.0f, 0.05f);
+        }
+        SM(gate_exps, "ffn_gate_exps.weight", gate_t, D, F, E);
+        SM(up_exps, "ffn_up_exps.weight", gate_t, D, F, E);
+        SM(down_exps, "ffn_down_exps.weight", down_t, F, D, E);
+        SM(gate_sh, "ffn_gate_shexp.weight", DS4_TYPE_Q8_0, D, F, 1);
+        SM(up_sh, "ffn_up_shexp.weight", DS4_TYPE_Q8_0, D, F, 1);
+        SM(down_sh, "ffn_down_shexp.weight", DS4_TYPE_Q8_0, F, D, 1);
+#undef SM
+#undef SV
+    }
+    m->weights_loaded = true;
+    return 0;
+oom:
+    rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory building the synthetic model");
+fail:
+    ds4_model_free(m);
+    return rc;
+}
+
+/* Standard deviation synthetic weights get: ~1/sqrt(fan-in), the output
+ * projections of each sublayer smaller so the residual streams stay bounded
+ * over the layers; gates of the compressors small (softmax pooling). */
+float ds4_model_synth_std(const ds4_weight *w) {
+    const char *n = w->name ? w->name : "";
+    float s = 1.0f / sqrtf((float)w->n_in);
+    if (strstr(n, "token_embd")) return 1.0f;
+    if (strstr(n, "_ape")) return 0.1f;
+    if (strstr(n, "output_b") || strstr(n, "down_")) return 0.3f * s;
+    return s;
+}
+
+/* ------------------------------------------------------------ mirrors */
+
+ds4_model *ds4_model_mirror(const ds4_model *m) {
+    ds4_model *mm = malloc(sizeof *mm);
+    if (!mm) return NULL;
+    *mm = *m;
+    mm->layers = malloc((size_t)m->hp.n_layer * sizeof(ds4_layer));
+    if (!mm->layers) {
+        free(mm);
+        return NULL;
+    }
+    memcpy(mm->layers, m->layers, (size_t)m->hp.n_layer * sizeof(ds4_layer));
+    mm->owned_names = NULL; /* names stay owned by the host model */
+    mm->arch_name = NULL;
+    return mm;
+}
+
+void ds4_model_mirror_free(ds4_model *mm) {
+    if (!mm) return;
+    free(mm->layers);
+    free(mm);
+}
+
+int ds4_model_visit_all(ds4_model *m, const ds4_model_visit *v) {
+    const ds4_hparams *hp = &m->hp;
+    const size_t F = sizeof(float), mix = (size_t)(2 + hp->n_hc) * hp->n_hc;
+    int rc;
+#define W(x) if ((x).n_in > 0 && (rc = v->weight(v->user, &(x)))) return rc
+#define VEC(p, n) if ((p) && (rc = v->vec(v->user, (void **)&(p), (size_t)(n)))) return rc
+    W(m->tok_embd);
+    W(m->out_hc_fn);
+    W(m->output);
+    VEC(m->out_hc_base, (size_t)hp->n_hc * F);
+    VEC(m->out_hc_scale, F);
+    VEC(m->out_norm, (size_t)hp->n_embd * F);
+    VEC(m->rope_main.inv_freq, (size_t)(hp->n_rot / 2 > 0 ? hp->n_rot / 2 : 1) * F);
+    VEC(m->rope_compress.inv_freq, (size_t)(hp->n_rot / 2 > 0 ? hp->n_rot / 2 : 1) * F);
+    for (int il = 0; il < hp->n_layer; il++) {
+        ds4_layer *l = &m->layers[il];
+        W(l->hc_attn_fn); W(l->hc_ffn_fn); W(l->q_a); W(l->q_b); W(l->kv); W(l->o_a); W(l->o_b);
+        W(l->comp_ape); W(l->comp_kv); W(l->comp_gate);
+        W(l->idx_q_b); W(l->idx_proj); W(l->icomp_ape); W(l->icomp_kv); W(l->icomp_gate);
+        W(l->gate_inp); W(l->gate_exps); W(l->up_exps); W(l->down_exps); W(l->gate_sh); W(l->up_sh); W(l->down_sh);
+        VEC(l->hc_attn_scale, 3 * F);
+        VEC(l->hc_attn_base, mix * F);
+        VEC(l->hc_ffn_scale, 3 * F);
+        VEC(l->hc_ffn_base, mix * F);
+        VEC(l->attn_norm, (size_t)hp->n_embd * F);
+        VEC(l->q_a_norm, (size_t)hp->q_lora * F);
+        VEC(l->kv_norm, (size_t)hp->head_dim * F);
+        VEC(l->sinks, (size_t)hp->n_head * F);
+        VEC(l->comp_norm, (size_t)hp->head_dim * F);
+        VEC(l->icomp_norm, (size_t)hp->idx_dim * F);
+        VEC(l->ffn_norm, (size_t)hp->n_embd * F);
+        VEC(l->exp_bias, (size_t)hp->n_expert * F);
+        VEC(l->tid2eid, (size_t)hp->n_vocab * hp->n_expert_used * sizeof(int32_t));
+    }
+#undef W
+#undef VEC
+    return 0;
 }

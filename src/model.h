@@ -123,6 +123,8 @@ typedef struct ds4_model {
     ds4_layer *layers;        /* (n_layer) */
     bool weights_loaded;
     char *arch_name;          /* general.name or NULL */
+    char *owned_names;        /* tensor names of a synthetic model, else NULL */
+    int n_owned_names;
 } ds4_model;
 
 /* Reads hyperparameters only (no tensors): for vocab-only opens and for
@@ -135,6 +137,33 @@ void ds4_hparams_free(ds4_hparams *hp);
  * key/tensor. */
 int ds4_model_load(ds4_model *m, const ds4_gguf *g, ds4_err *err);
 void ds4_model_free(ds4_model *m);
+
+/* Builds the DeepSeek V4 Flash description without a file (ds4-bench
+ * --synthetic): recipe "q2" or "q4" sets the published tensor types; every
+ * ds4_weight has data = NULL (the backend fills it, synth.h) and the small
+ * vectors (norms, HC scale/base, sinks, biases, tid2eid) are generated here
+ * from seed. Names are static storage. DS4_E_ARG for another recipe. */
+int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *err);
+/* The value spread synthetic filling uses for weight w. */
+float ds4_model_synth_std(const ds4_weight *w);
+
+/* A backend's copy of a model description: the struct and its layers array
+ * are new (host memory), every pointer still points where m's do until the
+ * backend rewrites it (ds4_model_visit_all). hp's arrays and the tensor
+ * names stay owned by m. ds4_model_mirror_free frees only the copy. */
+ds4_model *ds4_model_mirror(const ds4_model *m);
+void ds4_model_mirror_free(ds4_model *mm);
+
+/* Calls weight() for every bound weight (n_in > 0) and vec() for every data
+ * vector (norms, HC scale/base, sinks, biases, tid2eid, RoPE frequencies)
+ * with its size in bytes; a callback may replace the pointer. Stops at the
+ * first non-zero return and returns it. */
+typedef struct ds4_model_visit {
+    int (*weight)(void *user, ds4_weight *w);
+    int (*vec)(void *user, void **p, size_t bytes);
+    void *user;
+} ds4_model_visit;
+int ds4_model_visit_all(ds4_model *m, const ds4_model_visit *v);
 
 /* Head-major helpers derived from hp. */
 static inline int ds4_model_comp_width(const ds4_model *m, int il) {

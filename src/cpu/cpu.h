@@ -38,6 +38,8 @@ typedef struct cpu_ctx {
     void *tscratch[CPU_MAX_THREADS][CPU_TSLOTS];
     size_t tscratch_bytes[CPU_MAX_THREADS][CPU_TSLOTS];
     int err; /* first error (sticky until step_end) */
+    void **synth_owned; /* weights filled for a synthetic model */
+    int n_synth_owned;
 } cpu_ctx;
 
 /* Runs fn over [0, n_items) split in n_threads contiguous ranges; the caller

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "quant.h"
+#include "synth.h"
 
 /* ------------------------------------------------------------ pool */
 
@@ -266,12 +267,30 @@ static void cpu_free(void *ctx, void *p) {
     (void)ctx;
     free(p);
 }
-static void cpu_copy(void *ctx, void *dst, const void *src, size_t bytes) {
+static int cpu_copy(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
     (void)ctx;
+    (void)err;
     if (bytes) memmove(dst, src, bytes);
+    return 0;
 }
-static void cpu_step_begin(void *ctx) {
+static int cpu_kv_row_type(void *ctx, ds4_numerics num) {
+    (void)ctx;
+    (void)num;
+    return DS4_TYPE_F32;
+}
+static int cpu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4_err *err) {
+    (void)ctx; /* scratch grows on first use (no captured steps on the CPU) */
+    (void)m;
+    (void)n_batch;
+    (void)n_ctx;
+    (void)err;
+    return 0;
+}
+static int cpu_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
+    (void)si;
+    (void)err;
     ((cpu_ctx *)ctx)->err = 0;
+    return 0; /* always issue the stages */
 }
 static int cpu_step_end(void *ctx, ds4_err *err) {
     cpu_ctx *c = ctx;
@@ -280,17 +299,139 @@ static int cpu_step_end(void *ctx, ds4_err *err) {
     if (e) return ds4_err_set(err, e, "cpu backend: %s", e == DS4_E_NOMEM ? "out of memory" : "internal error");
     return 0;
 }
+static void cpu_forget(void *ctx, uint64_t key) {
+    (void)ctx;
+    (void)key;
+}
+/* The lowest index of the largest finite value; 0 when none is finite (the
+ * sampler's ds4_argmax rule). */
+static int32_t argmax_row(const float *x, int n) {
+    int32_t best = -1;
+    float bv = 0.0f;
+    for (int i = 0; i < n; i++)
+        if (isfinite(x[i]) && (best < 0 || x[i] > bv)) {
+            best = i;
+            bv = x[i];
+        }
+    return best < 0 ? 0 : best;
+}
+static int cpu_argmax(void *ctx, const float *logits, int n_rows, int n_vocab, int32_t *ids, ds4_err *err) {
+    (void)ctx;
+    (void)err;
+    for (int r = 0; r < n_rows; r++) ids[r] = argmax_row(logits + (size_t)r * n_vocab, n_vocab);
+    return 0;
+}
+
+/* Binding: the CPU reads the mapping in place (the bound model is the host
+ * model), except for synthetic models, whose weights are filled here. */
+typedef struct synth_fill {
+    void **owned;
+    int n_owned, cap;
+    uint64_t seed;
+    int64_t done, total;
+    const ds4_bind_opts *o;
+} synth_fill;
+
+static int synth_weight(void *user, ds4_weight *w) {
+    synth_fill *sf = user;
+    if (w->data) return 0;
+    size_t bytes = w->mat_bytes * (size_t)w->n_mat;
+    uint8_t *p = malloc(bytes ? bytes : 1);
+    if (!p) return DS4_E_NOMEM;
+    if (sf->n_owned == sf->cap) {
+        int nc = sf->cap ? 2 * sf->cap : 256;
+        void **no = realloc(sf->owned, (size_t)nc * sizeof(void *));
+        if (!no) {
+            free(p);
+            return DS4_E_NOMEM;
+        }
+        sf->owned = no;
+        sf->cap = nc;
+    }
+    sf->owned[sf->n_owned++] = p;
+    int be = ds4_synth_block_bytes(w->type);
+    size_t nb = bytes / (size_t)be;
+    uint64_t key = ds4_synth_key(sf->seed, w->name);
+    float std = ds4_model_synth_std(w);
+    for (size_t b = 0; b < nb; b++) ds4_synth_block(w->type, key, b, std, p + b * (size_t)be);
+    w->data = p;
+    sf->done += (int64_t)bytes;
+    if (sf->o->progress && sf->o->progress(sf->o->progress_user, sf->done, sf->total)) return DS4_E_CANCEL;
+    return 0;
+}
+static int synth_count(void *user, ds4_weight *w) {
+    synth_fill *sf = user;
+    if (!w->data) sf->total += (int64_t)(w->mat_bytes * (size_t)w->n_mat);
+    return 0;
+}
+static int vec_keep(void *user, void **p, size_t bytes) {
+    (void)user;
+    (void)p;
+    (void)bytes;
+    return 0;
+}
+
+typedef struct cpu_binding {
+    ds4_model *mirror;
+    void **owned;
+    int n_owned;
+} cpu_binding;
+
+static int cpu_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts *o, ds4_model **bound,
+                          ds4_err *err) {
+    cpu_ctx *c = ctx;
+    if (!o->synthetic) {
+        *bound = (ds4_model *)host;
+        return 0;
+    }
+    ds4_model *mm = ds4_model_mirror(host);
+    if (!mm) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    synth_fill sf = {.seed = o->seed, .o = o};
+    ds4_model_visit cnt = {.weight = synth_count, .vec = vec_keep, .user = &sf};
+    ds4_model_visit_all(mm, &cnt);
+    ds4_model_visit v = {.weight = synth_weight, .vec = vec_keep, .user = &sf};
+    int rc = ds4_model_visit_all(mm, &v);
+    if (rc) {
+        for (int i = 0; i < sf.n_owned; i++) free(sf.owned[i]);
+        free(sf.owned);
+        ds4_model_mirror_free(mm);
+        return ds4_err_set(err, rc, rc == DS4_E_CANCEL ? "cancelled"
+                                                       : "cpu backend: out of memory filling %.1f GiB of synthetic weights",
+                           (double)sf.total / (1 << 30));
+    }
+    c->synth_owned = sf.owned;
+    c->n_synth_owned = sf.n_owned;
+    *bound = mm;
+    return 0;
+}
+
+static void cpu_unbind_model(void *ctx, ds4_model *bound) {
+    cpu_ctx *c = ctx;
+    if (!c->synth_owned) return; /* the host model itself */
+    for (int i = 0; i < c->n_synth_owned; i++) free(c->synth_owned[i]);
+    free(c->synth_owned);
+    c->synth_owned = NULL;
+    c->n_synth_owned = 0;
+    ds4_model_mirror_free(bound);
+}
 
 static const ds4_backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
     .check_model = cpu_check_model,
+    .bind_model = cpu_bind_model,
+    .unbind_model = cpu_unbind_model,
+    .kv_row_type = cpu_kv_row_type,
+    .reserve = cpu_reserve,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .upload = cpu_copy,
     .download = cpu_copy,
+    .copy = cpu_copy,
     .step_begin = cpu_step_begin,
     .step_end = cpu_step_end,
+    .forget = cpu_forget,
+    .argmax = cpu_argmax,
     .embed = cpu_embed,
     .hc_pre = cpu_hc_pre,
     .attn_project = cpu_attn_project,

@@ -205,7 +205,7 @@ int cpu_kv_store(void *ctx, const ds4_kv_store_args *a) {
     const int W = a->m->hp.window, dh = a->m->hp.head_dim;
     int t0 = a->n > W ? a->n - W : 0;
     for (int t = t0; t < a->n; t++)
-        memcpy(a->raw + (size_t)((a->pos0 + t) % W) * dh, a->kv + (size_t)t * dh, (size_t)dh * sizeof(float));
+        memcpy((float *)a->raw + (size_t)((a->pos0 + t) % W) * dh, a->kv + (size_t)t * dh, (size_t)dh * sizeof(float));
     return 0;
 }
 
@@ -238,7 +238,7 @@ static void compress_emit(const ds4_compress_args *a, int k, float *pooled) {
         for (int i = 0; i < nc; i++) acc += A[i] * (G[i] / sum);
         pooled[ch] = acc;
     }
-    float *row = a->rows + (size_t)k * d;
+    float *row = (float *)a->rows + (size_t)k * d;
     cpu_rmsnorm(row, pooled, d, a->norm_w, hp->rms_eps);
     cpu_rope(row + d - hp->n_rot, hp->n_rot, a->rope->inv_freq, k * R, false);
     if (a->indexer) {
@@ -257,6 +257,7 @@ int cpu_compress_update(void *ctx, const ds4_compress_args *a) {
     const ds4_hparams *hp = &a->m->hp;
     const int D = hp->n_embd, R = a->ratio, cw = a->overlap ? 2 : 1, w = cw * a->d, ring = cw * R;
     if (ring > 256) return c->err = DS4_E_INTERNAL; /* compress_emit's stack arrays; refused at open */
+    if (a->row_type != DS4_TYPE_F32) return c->err = DS4_E_INTERNAL; /* kv_row_type is F32 */
     float *A = cpu_scratch(c, 0, (size_t)a->n * w * sizeof(float));
     float *G = cpu_scratch(c, 1, (size_t)a->n * w * sizeof(float));
     float *ape = cpu_scratch(c, 2, (size_t)R * w * sizeof(float));
@@ -332,7 +333,7 @@ static void idx_task(void *p, int t0, int t1, int tid) {
         if (!sc) return;
         const float *wt = j->wt + (size_t)t * IH;
         for (int r = 0; r < Nc; r++) {
-            const float *kr = a->idx_rows + (size_t)r * ID;
+            const float *kr = (const float *)a->idx_rows + (size_t)r * ID;
             float tot = 0;
             for (int h = 0; h < IH; h++) {
                 const float *qh = q + (size_t)h * ID;
@@ -402,9 +403,9 @@ static void attn_task(void *p, int i0, int i1, int tid) {
         if (!sc || !rows) return;
         for (int r = 0; r < n_raw; r++) {
             int pos = lo + r;
-            rows[r] = pos >= a->pos0 ? a->kv + (size_t)(pos - a->pos0) * dh : a->raw + (size_t)(pos % W) * dh;
+            rows[r] = pos >= a->pos0 ? a->kv + (size_t)(pos - a->pos0) * dh : (const float *)a->raw + (size_t)(pos % W) * dh;
         }
-        for (int r = 0; r < n_comp; r++) rows[n_raw + r] = a->comp + (size_t)(sel ? sel[r] : r) * dh;
+        for (int r = 0; r < n_comp; r++) rows[n_raw + r] = (const float *)a->comp + (size_t)(sel ? sel[r] : r) * dh;
         float mx = l->sinks[h];
         for (int r = 0; r < nr; r++) {
             sc[r] = dot8(qh, rows[r], dh) * scale;
@@ -429,6 +430,7 @@ int cpu_attention(void *ctx, const ds4_attention_args *a) {
     const ds4_hparams *hp = &a->m->hp;
     const int H = hp->n_head, dh = hp->head_dim, G = hp->o_groups, ol = hp->o_lora;
     const int64_t gd = (int64_t)(H / G) * dh;
+    if (a->row_type != DS4_TYPE_F32) return c->err = DS4_E_INTERNAL; /* kv_row_type is F32 */
     attn_job j = {c, a, cpu_scratch(c, 0, (size_t)a->n * H * dh * sizeof(float))};
     float *z = cpu_scratch(c, 1, (size_t)a->n * G * ol * sizeof(float));
     if (!j.o || !z) return DS4_E_NOMEM;
@@ -505,7 +507,7 @@ int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     const ds4_layer *l = a->l;
     const int D = hp->n_embd, F = hp->n_ff_exp, E = hp->n_expert, K = hp->n_expert_used, n = a->n;
     const int NI = n * K;
-    const float lim = hp->swiglu_clamp[l - a->m->layers];
+    const float lim = hp->swiglu_clamp[a->il];
     const bool aq = a->num.act_quant;
     float *gb = cpu_scratch(c, 0, (size_t)(NI > n ? NI : n) * F * sizeof(float));
     float *ub = cpu_scratch(c, 1, (size_t)(NI > n ? NI : n) * F * sizeof(float));

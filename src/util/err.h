@@ -20,6 +20,7 @@ enum {
     DS4_E_RANGE = -6,    /* request exceeds a limit (context, batch) */
     DS4_E_CANCEL = -7,   /* cancelled by the caller */
     DS4_E_INTERNAL = -8, /* a bug: an invariant did not hold */
+    DS4_E_BACKEND = -9,  /* the device failed: no GPU, device memory, a kernel fault */
 };
 
 typedef struct ds4_err {

@@ -47,8 +47,8 @@ def ggufs(tmp_path_factory):
     return get
 
 
-def run_ds4(model, fx, out, release, eval_mode=None, check=True):
-    cmd = [prog("ds4"), "-m", str(model), "--cpu", "--prompt-tokens-file", str(ORACLE / fx / "tokens.txt"),
+def run_ds4(model, fx, out, release, eval_mode=None, check=True, backend="--cpu"):
+    cmd = [prog("ds4"), "-m", str(model), backend, "--prompt-tokens-file", str(ORACLE / fx / "tokens.txt"),
            "--dump-logits", str(out)]
     if not release:
         cmd.append("--plain-numerics")
@@ -119,6 +119,19 @@ def test_oracle_decode_and_chunked_prefill_equal_prefill(fx, ggufs, tmp_path):
     print(f"\n{fx}: max |dlogit| vs one prefill: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     bad = {k: v for k, v in worst.items() if v > 1e-4}
     assert not bad, f"{fx}: eval modes differ from prefill by more than 1e-4: {bad}"
+
+
+@pytest.mark.parametrize("fx", FIXTURES)
+def test_strict_backend_runs_every_fixture_equal_to_cpu(fx, ggufs, tmp_path):
+    """The backend contract (src/backend.h): the strict test backend copies the weights into its own arena and
+    fails any stage that receives a pointer it did not allocate or bind. Every fixture runs through it, in one
+    prefill and token by token, and gives the CPU's logits bit for bit (same math, only the memory differs)."""
+    m = meta(fx)
+    model = ggufs(m["model"])
+    for mode in ("prefill", "decode", "chunk:5"):
+        cpu = run_ds4(model, fx, tmp_path / "cpu.f32", m["release"], mode)
+        strict = run_ds4(model, fx, tmp_path / "strict.f32", m["release"], mode, backend="--strict-backend")
+        assert np.array_equal(cpu.view(np.uint32), strict.view(np.uint32)), f"{fx} {mode}: strict != cpu"
 
 
 def _log_softmax(x):
