@@ -1,11 +1,14 @@
 # ds4 build. `make` builds the CPU programs into the repo root; `make test`
 # builds and runs every test that needs no model and no GPU; `make cuda`
-# adds the CUDA backend when nvcc is present. Objects live under build/.
-# Sources are discovered by directory, so a new file needs no edit here.
+# builds the same programs with the CUDA backend (objects in build/cuda/,
+# needs nvcc) and `make test-cuda` runs the GPU tests. Objects live under
+# $(BUILD) (build/ by default). Sources are discovered by directory, so a
+# new file needs no edit here.
 
 CC       ?= cc
 NVCC     ?= nvcc
 CUDA_ARCH ?= sm_90a
+BUILD    ?= build
 OPT      ?= -O2
 # -ffp-contract=off: the quantizers must not fuse multiply-adds (byte-exact
 # output against ggml/gguf-py), and the CPU reference stays plain IEEE.
@@ -18,8 +21,16 @@ LDLIBS   += -lpcre2-8 -ljansson -lmicrohttpd -ledit -lcrypto -lpthread -lm
 SAN      := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 LIB_SRC  := $(sort $(wildcard src/*.c src/util/*.c src/cpu/*.c))
-LIB_OBJ  := $(LIB_SRC:%.c=build/%.o)
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/%.o)
 ASAN_OBJ := $(LIB_SRC:%.c=build/asan/%.o)
+CUDA_SRC := $(sort $(wildcard src/cuda/*.cu))
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC) 2>/dev/null))
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
+ifeq ($(WITH_CUDA),1)
+CFLAGS   += -DDS4_WITH_CUDA
+LIB_OBJ  += $(CUDA_SRC:%.cu=$(BUILD)/%.o)
+LDLIBS   += $(CUDA_LIBS)
+endif
 
 # program name -> its sources (a program is built only when it has sources)
 SRC_ds4         := $(wildcard cli/*.c)
@@ -34,13 +45,11 @@ TEST_OBJ := $(TEST_SRC:%.c=build/asan/%.o)
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_BIN := $(FUZZ_SRC:tests/fuzz/%.c=build/fuzz/%)
 DEV_SRC  := $(sort $(wildcard dev/*.c))
-DEV_BIN  := $(DEV_SRC:dev/%.c=build/dev/%)
+DEV_BIN  := $(DEV_SRC:dev/%.c=$(BUILD)/dev/%)
 
-CUDA_SRC := $(sort $(wildcard src/cuda/*.cu))
-CUDA_OBJ := $(CUDA_SRC:%.cu=build/%.o)
 
-.PHONY: all deps test fuzz cuda clean check-includes dev fmt demo-model
-all: deps $(PROGRAMS) build/libds4.so
+.PHONY: all deps test test-cuda fuzz cuda clean check-includes dev fmt demo-model
+all: deps $(PROGRAMS) $(BUILD)/libds4.so
 
 # Installs the Debian -dev packages the build links against when missing.
 deps: build/.deps-ok
@@ -49,18 +58,18 @@ build/.deps-ok: tools/install_deps.sh
 	@bash tools/install_deps.sh
 	@touch $@
 
-build/libds4.a: $(LIB_OBJ)
+$(BUILD)/libds4.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
-build/libds4.so: $(LIB_OBJ)
+$(BUILD)/libds4.so: $(LIB_OBJ)
 	$(CC) -shared -o $@ $^ $(LDLIBS)
 
-build/%.o: %.c | build/.deps-ok
+$(BUILD)/%.o: %.c | build/.deps-ok
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
 define PROGRAM_RULE
-$(1): $$(SRC_$(1):%.c=build/%.o) build/libds4.a
+$(1): $$(SRC_$(1):%.c=$(BUILD)/%.o) $(BUILD)/libds4.a
 	$$(CC) $$(CFLAGS) -o $$@ $$^ $$(LDFLAGS) $$(LDLIBS)
 endef
 $(foreach p,$(PROGRAMS),$(eval $(call PROGRAM_RULE,$(p))))
@@ -91,18 +100,31 @@ fuzz: $(FUZZ_BIN)
 
 # Scratch harnesses (CPU benchmarks and the like); built by `make dev`.
 dev: $(DEV_BIN)
-build/dev/%: dev/%.c build/libds4.a
+$(BUILD)/dev/%: dev/%.c $(BUILD)/libds4.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< build/libds4.a $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libds4.a $(LDLIBS)
 
-# CUDA backend: compiled only with `make cuda` (needs nvcc).
-build/src/cuda/%.o: src/cuda/%.cu
+# CUDA backend: `make cuda` rebuilds the programs with it (objects in
+# build/cuda/; the CPU-only objects of build/ are untouched). -gencode with
+# sm_90a: wgmma/setmaxnreg need the "a" target (HOPPER.md).
+NVFLAGS ?= -O3 -std=c++17 -gencode=arch=compute_$(subst sm_,,$(CUDA_ARCH)),code=$(CUDA_ARCH) -Isrc \
+           -Xcompiler -fPIC -Xcompiler -Wall -lineinfo
+$(BUILD)/src/cuda/%.o: src/cuda/%.cu $(wildcard src/cuda/*.cuh) src/backend.h src/model.h src/quant.h src/synth.h
 	@mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 -arch=$(CUDA_ARCH) -Isrc -Xcompiler -fPIC -c $< -o $@
+	$(NVCC) $(NVFLAGS) -c $< -o $@
 cuda:
 	@command -v $(NVCC) >/dev/null || { echo "make cuda: nvcc not found"; exit 1; }
-	@if [ -z "$(CUDA_SRC)" ]; then echo "make cuda: no CUDA backend sources yet (src/cuda/*.cu)"; \
-	 else $(MAKE) all CFLAGS_EXTRA=-DDS4_WITH_CUDA LIB_OBJ="$(LIB_OBJ) $(CUDA_OBJ)" LDLIBS="$(LDLIBS) -lcudart -lcublas -lstdc++"; fi
+	$(MAKE) BUILD=build/cuda WITH_CUDA=1 all
+
+# GPU tests (needs a CUDA device): oracle fixtures through the CUDA
+# backend, CUDA vs CPU on quantized models, graphs, determinism; ends with
+# "N passed, N failed".
+test-cuda: cuda build/demo.gguf build/cuda/test_stages
+	@$(if $(wildcard .venv/bin/python),.venv/bin/python,python3) tests/cuda/run_cuda_tests.py
+build/cuda/test_stages: tests/cuda/test_stages.c tests/unit/test_model_build.c $(CUDA_SRC) $(LIB_SRC)
+	$(MAKE) cuda
+	$(CC) $(CFLAGS) -DDS4_WITH_CUDA -Itests -o $@ $< build/cuda/libds4.a $(LDLIBS) $(CUDA_LIBS)
+
 
 # Demo model (issue 5): a small random-weight DeepSeek V4 with the full tokenizer,
 # for trying the text path on a CPU in seconds. Its text is meaningless.

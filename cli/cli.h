@@ -36,6 +36,7 @@ typedef struct ds4_cli_opts {
     const char *dump_logits;       /* --dump-logits OUT.f32 */
     ds4_eval_mode eval_mode;       /* --eval prefill|decode|chunk:N */
     int eval_chunk;
+    int dump_greedy;               /* --dump-greedy N (with --dump-logits) */
     bool plain_numerics;           /* --plain-numerics (diagnostic) */
     bool cuda_sync_debug;          /* --cuda-sync-debug (diagnostic) */
     bool no_graphs;                /* --no-graphs (diagnostic) */

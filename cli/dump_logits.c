@@ -72,8 +72,9 @@ int ds4_cli_dump_logits(const ds4_cli_opts *o) {
                     o->prompt_tokens_file, ids[i], i, V);
             goto out_engine;
         }
-    ds4_session_opts so = {.n_ctx = n > o->n_ctx ? n : o->n_ctx, .prefill_chunk = 0};
-    if (so.n_ctx > n && so.n_ctx > 4096) so.n_ctx = n; /* size the state to the prompt */
+    const int ng = o->dump_greedy;
+    ds4_session_opts so = {.n_ctx = n + ng > o->n_ctx ? n + ng : o->n_ctx, .prefill_chunk = 0};
+    if (so.n_ctx > n + ng && so.n_ctx > 4096) so.n_ctx = n + ng; /* size the state to the prompt */
     if (o->eval_mode == DS4_EVAL_CHUNKED && o->eval_chunk > 0) so.prefill_chunk = o->eval_chunk;
     ds4_session *s = NULL;
     ds4_err err = {0};
@@ -99,6 +100,20 @@ int ds4_cli_dump_logits(const ds4_cli_opts *o) {
     if (fclose(f) != 0 || w != (size_t)n * V) {
         fprintf(stderr, "ds4: cannot write %s\n", o->dump_logits);
         goto out_logits;
+    }
+    /* --dump-greedy N: N greedy decode steps after the prompt (argmax on the
+     * backend, one token per step), ids printed on one stdout line */
+    if (ng > 0) {
+        printf("greedy:");
+        for (int i = 0; i < ng; i++) {
+            int32_t id;
+            if (ds4_session_argmax(s, &id, &err) != 0 || (i + 1 < ng && ds4_session_eval(s, id, &err) != 0)) {
+                fprintf(stderr, "ds4: %s\n", err.msg);
+                goto out_logits;
+            }
+            printf(" %d", id);
+        }
+        printf("\n");
     }
     rc = 0;
 out_logits:

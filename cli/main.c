@@ -43,7 +43,8 @@ static void usage_debug(void) {
            "  --strict-backend   CPU math behind the backend-contract checker (every stage\n"
            "                     pointer must be backend memory; tests)\n"
            "  --cuda-sync-debug  CUDA: synchronise and check after every kernel launch\n"
-           "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n");
+           "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n"
+           "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n");
 }
 
 static int parse_int(const char *opt, const char *s, long lo, long hi, long *out) {
@@ -195,6 +196,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;
         else if (!strcmp(a, "--cuda-sync-debug")) o.cuda_sync_debug = true;
         else if (!strcmp(a, "--no-graphs")) o.no_graphs = true;
+        else if (!strcmp(a, "--dump-greedy")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 20, &v)) return 2; o.dump_greedy = (int)v;
+        }
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 1, 1024, &v)) return 2; o.n_threads = (int)v;
         } else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) {

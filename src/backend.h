@@ -175,7 +175,8 @@ typedef struct ds4_attention_args {
     const float *q;          /* (n, H, head_dim) */
     const float *kv;         /* (n, head_dim) this batch's raw rows */
     const void *raw;         /* ring (window, head_dim) holding positions < pos0, row_type */
-    const void *comp;        /* (rows, head_dim) compressed rows or NULL, row_type */
+    const void *comp;        /* (comp_cap, head_dim) compressed rows or NULL, row_type */
+    int comp_cap;            /* rows allocated in comp (bounds what any step may read) */
     int row_type;
     const int32_t *sel;      /* CSA: (n, top_k) from indexer_select; else NULL */
     const int32_t *n_sel;

@@ -212,7 +212,7 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
             STAGE(indexer_select, xa);
         }
         ds4_attention_args aa = {C, .l = l, .rope = rope, .num = f->num, .q = f->q, .kv = f->kv, .raw = s->raw,
-                                 .comp = s->comp, .row_type = f->row_type,
+                                 .comp = s->comp, .comp_cap = s->comp_cap, .row_type = f->row_type,
                                  .sel = l->kind == DS4_ATTN_CSA ? f->sel : NULL,
                                  .n_sel = l->kind == DS4_ATTN_CSA ? f->n_sel : NULL, .y = f->y};
         STAGE(attention, aa);

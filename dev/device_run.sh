@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# dev/device_run.sh - what one call of the device tool runs on the GPU machine:
+# unpack the build dependencies carried in build/device-deps (fetched here
+# with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
+# then the steps named on the command line (bench, ...). Logs go to $OUT.
+# usage: bash dev/device_run.sh [tests] [bench ARGS...]
+set -uo pipefail
+OUT=${OUT:-/tmp/ds4-out}
+mkdir -p "$OUT"
+p=/opt/ds4-deps
+mkdir -p $p
+for f in build/device-deps/*.deb; do dpkg -x "$f" $p; done
+inc=$p/usr/include:$p/usr/include/x86_64-linux-gnu
+lib=$p/usr/lib/x86_64-linux-gnu:$p/lib/x86_64-linux-gnu
+export C_INCLUDE_PATH=$inc CPLUS_INCLUDE_PATH=$inc LIBRARY_PATH=$lib
+export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+command -v cc >/dev/null || export CC=gcc
+mkdir -p build && touch build/.deps-ok
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader
+t0=$(date +%s)
+if ! make -j16 cuda > "$OUT/build.log" 2>&1; then tail -40 "$OUT/build.log"; exit 1; fi
+make -j16 build/demo.gguf build/cuda/test_stages >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+while [ $# -gt 0 ]; do
+    step=$1; shift
+    case $step in
+    tests)
+        t0=$(date +%s)
+        PYTHONUNBUFFERED=1 timeout 420 make test-cuda > "$OUT/test-cuda.log" 2>&1
+        echo "test-cuda: exit $?, $(( $(date +%s) - t0 )) s"
+        grep -E "^(FAIL|== )|passed|failed|Error|error" "$OUT/test-cuda.log" | tail -60 ;;
+    stages)
+        timeout 300 build/cuda/test_stages /tmp > "$OUT/stages.log" 2>&1; echo "stages: exit $?"
+        grep -E "^FAIL|passed|==|failed" "$OUT/stages.log" | tail -60 ;;
+    bench)
+        args=()
+        while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+        [ $# -gt 0 ] && shift
+        timeout 400 ./ds4-bench "${args[@]}" > "$OUT/bench.log" 2>&1; echo "bench: exit $?"
+        tail -40 "$OUT/bench.log" ;;
+    esac
+done

@@ -1,0 +1,214 @@
+/* cuda.cuh - internals shared by the CUDA backend's .cu files: the context,
+ * error handling, the scratch layout, the weight layout on the device and
+ * the launchers each op file provides.
+ *
+ * One context = one device, one stream: every kernel and copy of the
+ * backend is ordered on ctx->st, so stages never need events between them.
+ * The first error (a CUDA call, a launch, or a device-side range check) is
+ * kept in the context and reported by step_end; after it every stage is a
+ * no-op until step_end clears it.
+ *
+ * Device weight layout (what a bound ds4_weight.data points to): F32, F16,
+ * BF16, Q2_K and Q4_K keep the GGUF bytes; Q8_0 and IQ2_XXS are repacked
+ * into two planes so that every row's payload is 16-byte aligned: first the
+ * payload plane (Q8_0: 32 quant bytes per block; IQ2_XXS: the 64 qs bytes),
+ * rows of all matrices in order, then, at a 256-byte aligned offset, the
+ * plane of f16 block scales. The repack is lossless (same values).
+ */
+#ifndef DS4_CUDA_CUH
+#define DS4_CUDA_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+extern "C" {
+#include "backend.h"
+#include "quant.h"
+}
+
+/* ---------------------------------------------------------------- errors */
+
+struct cu_ctx;
+/* Records the first error (code + message) in the context. */
+void cu_fail(cu_ctx *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Checks a CUDA call; on failure records "what: cudaGetErrorString". */
+bool cu_ok(cu_ctx *c, cudaError_t e, const char *what);
+/* Checks the launch just made (and synchronises in sync_debug mode). */
+bool cu_launched(cu_ctx *c, const char *kernel);
+
+#define CU_LAUNCH(c, name) cu_launched((c), name)
+
+/* Device-side status bits (ctx->dstatus), set by kernels, read at step_end. */
+enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2 };
+
+/* ---------------------------------------------------------------- scratch */
+
+/* An int8 activation buffer: quants, per-block scales (Q8_0: one per 32,
+ * Q8_K: one per 256, f32) and Q8_K group sums (one int per 16). Rows of
+ * `ld` values. */
+struct cu_act {
+    int8_t *q;
+    float *d;
+    int32_t *bs;
+    size_t cap;  /* values */
+};
+
+struct cu_scratch {
+    size_t n_batch, n_ctx;     /* what it was sized for */
+    cu_act a1, a2, a3;         /* a1: any row activation; a2: second quantisation of v; a3: expert hidden */
+    float *o;                  /* (B, H*dh) attention output */
+    float *z;                  /* (B, G*o_lora) */
+    float *ca, *cg;            /* (B, 2*dh) compressor projections */
+    float *qi;                 /* (B, IH*ID) indexer queries */
+    float *wt;                 /* (B, IH) indexer head weights */
+    float *scores;             /* (score_rows, n_ctx/4 + 1) indexer scores */
+    int score_rows;            /* tokens scored per pass */
+    float *hcp;                /* (B, n_split, 32) HC partial dots */
+    double *hcs;               /* (B, n_split) HC partial sums of squares */
+    float *mix;                /* (B, 32) HC mixes (or head weights) */
+    float *hn;                 /* (B, D) head input */
+    float *rl;                 /* (B, E) router logits */
+    int32_t *items;            /* (B*K) expert-major item ids */
+    int32_t *off;              /* (E+1) expert offsets */
+    int32_t *act;              /* (E) active experts, then n_act at [E] */
+    float *gu;                 /* (B*K, F) routed hidden, expert-major rows */
+    float *out;                /* (B*K, D) routed outputs, item order */
+    float *sg, *su;            /* (B, F) shared gate / up (then hidden) */
+    float *sd;                 /* (B, D) shared down */
+    float *tmp;                /* (B, max(D, q_lora)) */
+};
+
+/* ---------------------------------------------------------------- context */
+
+#define CU_MAX_GRAPHS 16
+
+struct cu_graph {
+    uint64_t key;
+    cudaGraphExec_t exec;
+    uint64_t used;
+};
+
+struct cu_ctx {
+    int device;
+    int n_sm;
+    char dev_name[128];
+    cudaStream_t st;
+    bool sync_debug, no_graphs, profile;
+    int err;               /* first error, sticky until step_end */
+    char msg[480];
+    /* device status word (kernels OR bits into it) and its pinned mirror */
+    int *dstatus;
+    int *hstatus;
+    int32_t *hids;         /* pinned argmax results */
+    int32_t *dids;
+    /* scratch, reserved up front */
+    void *scratch_mem;
+    size_t scratch_bytes;
+    cu_scratch s;
+    int hc_split;          /* splits of the HC flat dot */
+    /* graphs */
+    cu_graph graphs[CU_MAX_GRAPHS];
+    uint64_t graph_clock;
+    bool capturing;
+    uint64_t cap_key;
+    /* bound model allocations */
+    void **allocs;
+    int n_allocs, cap_allocs;
+    void **pinned;
+    int n_pinned, cap_pinned;
+    size_t bytes_device, bytes_host;
+    /* device copies of the IQ2_XXS tables */
+    const uint64_t *grid;   /* (256) */
+    const uint8_t *ksigns;  /* (128) */
+};
+
+/* ---------------------------------------------------------------- weights */
+
+/* Device view of one weight: payload/scale planes and their row strides. */
+struct cu_w {
+    const uint8_t *q;      /* payload of row 0 of matrix 0 */
+    const uint8_t *s;      /* scales of row 0 (Q8_0 / IQ2_XXS), else NULL */
+    int type;
+    int n_in;
+    size_t q_row;          /* payload bytes per row */
+    size_t s_row;          /* scale bytes per row */
+    int64_t rows_per_mat;  /* n_out */
+};
+
+/* True for the types repacked into planes. */
+static inline bool cu_planar(int type) { return type == DS4_TYPE_Q8_0 || type == DS4_TYPE_IQ2_XXS; }
+/* Payload bytes per block of a type in the device layout. */
+static inline size_t cu_payload_block(int type) {
+    return type == DS4_TYPE_Q8_0 ? 32 : type == DS4_TYPE_IQ2_XXS ? 64 : (size_t)ds4_type_get(type)->block_bytes;
+}
+/* Device bytes of a weight (both planes). */
+size_t cu_weight_bytes(const ds4_weight *w);
+/* Byte offset of the scale plane. */
+size_t cu_scale_offset(const ds4_weight *w);
+cu_w cu_weight_view(const ds4_weight *w);
+/* A view of rows [row0, ...) of matrix mat. */
+cu_w cu_weight_rows(const ds4_weight *w, int64_t mat, int64_t row0);
+
+/* ---------------------------------------------------------------- ops */
+
+/* matvec.cu */
+struct cu_seg {            /* one output segment of a matvec launch */
+    cu_w w;                /* rows start at w.q / w.s */
+    int rows;
+    float *y;              /* y[t*ldy + r] */
+    int64_t ldy;
+    int64_t xoff;          /* offset of this segment's input inside an x row */
+};
+#define CU_MAX_SEGS 8
+
+/* y_seg[t][r] = W_seg[r] . x[t] for every segment, t in [0, n). Activations
+ * are f32 rows x (ld ldx) or, when aq != NULL, int8 rows of aq (ld ldx,
+ * quantized to the weights' activation type by cu_quantize). All segments
+ * share one weight type and n_in. skip_le > 0: the kernel does nothing when
+ * (pos0 + n) / 4 <= skip_le (indexer projections below top-k). */
+void cu_matvec(cu_ctx *c, const cu_seg *segs, int n_seg, int n, const float *x, int64_t ldx, const cu_act *aq,
+               const ds4_step *step, int skip_le);
+/* Runs w1 (and w2 when non-NULL) on the same n input rows x (ld ldx):
+ * y1 (ld ld1), y2 (ld ld2). With act_quant and quantized weights the input
+ * is quantized into buf once per activation type; w1 and w2 share one
+ * launch when they share type and row length. */
+void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const ds4_weight *w2, float *y2, int64_t ld2,
+                const float *x, int64_t ldx, int n, bool act_quant, cu_act *buf, const ds4_step *step, int skip_le);
+/* Quantizes n rows of n_in values of x (ld ldx) into a (ld n_in) as act_type
+ * (DS4_TYPE_Q8_0 or DS4_TYPE_Q8_K), byte-exact with ds4_quantize_act. */
+void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *a);
+/* Dequantizes rows ids[t] (device, n of them; NULL = rows 0..n-1) of w into
+ * y (ld ldy), repeating each row `rep` times at stride rep_stride floats. */
+void cu_dequant_rows(cu_ctx *c, const ds4_weight *w, const int32_t *ids, int n, float *y, int64_t ldy, int rep,
+                     int64_t rep_stride);
+
+/* ops_attn.cu */
+int cu_embed(void *ctx, const ds4_embed_args *a);
+int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a);
+int cu_hc_post(void *ctx, const ds4_hc_post_args *a);
+int cu_attn_project(void *ctx, const ds4_attn_project_args *a);
+int cu_attention(void *ctx, const ds4_attention_args *a);
+int cu_kv_store(void *ctx, const ds4_kv_store_args *a);
+int cu_head(void *ctx, const ds4_head_args *a);
+/* ops_compress.cu */
+int cu_compress_update(void *ctx, const ds4_compress_args *a);
+int cu_indexer_select(void *ctx, const ds4_indexer_args *a);
+/* ops_moe.cu */
+int cu_moe_route(void *ctx, const ds4_moe_route_args *a);
+int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a);
+/* argmax (ops_attn.cu): ids_dev[r] for n_rows rows */
+void cu_argmax_rows(cu_ctx *c, const float *logits, int n_rows, int n_vocab, int32_t *ids_dev);
+
+/* ---------------------------------------------------------------- helpers */
+
+static inline int cu_div_up(int64_t a, int64_t b) { return (int)((a + b - 1) / b); }
+
+/* Activation type used with a weight type (ds4_type_act), -1 for none. */
+static inline int cu_act_type(int wtype) {
+    return wtype == DS4_TYPE_Q8_0 ? DS4_TYPE_Q8_0
+           : (wtype == DS4_TYPE_Q2_K || wtype == DS4_TYPE_Q4_K || wtype == DS4_TYPE_IQ2_XXS) ? DS4_TYPE_Q8_K
+                                                                                              : -1;
+}
+
+#endif

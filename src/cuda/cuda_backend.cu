@@ -1,0 +1,780 @@
+/* cuda_backend.cu - the CUDA backend's context and everything that is not a
+ * model stage: errors, device memory, transfers, binding the model (upload
+ * with the Q8_0/IQ2_XXS repack, or synthetic fill on the device), scratch
+ * reservation, steps with CUDA-graph capture and replay, argmax, and the
+ * vtable (backend.h). Stages live in ops_*.cu.
+ *
+ * Steps and graphs: decode steps of a session carry a graph key
+ * (forward.c). The first step with a key is captured from the stream while
+ * it is issued, instantiated and launched; later steps with the key launch
+ * the instantiated graph and issue nothing. This is valid because every
+ * stage kernel reads positions and counts from the device step
+ * (ds4_step) and takes every position-dependent decision on the device, and
+ * all scratch is reserved before any step (reserve). Growing the scratch
+ * drops every graph.
+ */
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda/cuda.cuh"
+#include "cuda/quant.cuh"
+
+#include "synth.h"
+
+/* ---------------------------------------------------------------- errors */
+
+void cu_fail(cu_ctx *c, int code, const char *fmt, ...) {
+    if (c->err) return;
+    c->err = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->msg, sizeof c->msg, fmt, ap);
+    va_end(ap);
+}
+
+bool cu_ok(cu_ctx *c, cudaError_t e, const char *what) {
+    if (e == cudaSuccess) return true;
+    cu_fail(c, e == cudaErrorMemoryAllocation ? DS4_E_NOMEM : DS4_E_BACKEND, "cuda: %s: %s", what,
+            cudaGetErrorString(e));
+    return false;
+}
+
+bool cu_launched(cu_ctx *c, const char *kernel) {
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return cu_ok(c, e, kernel);
+    if (c->sync_debug && !c->capturing) return cu_ok(c, cudaStreamSynchronize(c->st), kernel);
+    return true;
+}
+
+/* ---------------------------------------------------------------- weights */
+
+static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+size_t cu_scale_offset(const ds4_weight *w) {
+    size_t rows = (size_t)w->n_out * (size_t)w->n_mat;
+    size_t nb = (size_t)w->n_in / (size_t)ds4_type_get(w->type)->block_elems;
+    return align256(rows * nb * cu_payload_block(w->type));
+}
+
+size_t cu_weight_bytes(const ds4_weight *w) {
+    if (!cu_planar(w->type)) return w->mat_bytes * (size_t)w->n_mat;
+    size_t rows = (size_t)w->n_out * (size_t)w->n_mat;
+    size_t nb = (size_t)w->n_in / (size_t)ds4_type_get(w->type)->block_elems;
+    return cu_scale_offset(w) + rows * nb * 2;
+}
+
+cu_w cu_weight_view(const ds4_weight *w) {
+    cu_w v;
+    const ds4_type_traits *t = ds4_type_get(w->type);
+    size_t nb = (size_t)w->n_in / (size_t)t->block_elems;
+    v.type = w->type;
+    v.n_in = (int)w->n_in;
+    v.rows_per_mat = w->n_out;
+    v.q = (const uint8_t *)w->data;
+    if (cu_planar(w->type)) {
+        v.q_row = nb * cu_payload_block(w->type);
+        v.s = (const uint8_t *)w->data + cu_scale_offset(w);
+        v.s_row = nb * 2;
+    } else {
+        v.q_row = w->row_bytes;
+        v.s = nullptr;
+        v.s_row = 0;
+    }
+    return v;
+}
+
+cu_w cu_weight_rows(const ds4_weight *w, int64_t mat, int64_t row0) {
+    cu_w v = cu_weight_view(w);
+    int64_t r = mat * w->n_out + row0;
+    v.q += (size_t)r * v.q_row;
+    if (v.s) v.s += (size_t)r * v.s_row;
+    return v;
+}
+
+/* ---------------------------------------------------------------- memory */
+
+static void *cu_alloc_op(void *ctx, size_t bytes) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    void *p = nullptr;
+    if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
+        cudaGetLastError();
+        return nullptr;
+    }
+    if (cudaMemsetAsync(p, 0, bytes ? bytes : 1, c->st) != cudaSuccess || cudaStreamSynchronize(c->st) != cudaSuccess) {
+        cudaGetLastError();
+        cudaFree(p);
+        return nullptr;
+    }
+    return p;
+}
+
+static void cu_free_op(void *ctx, void *p) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (!p) return;
+    cudaStreamSynchronize(c->st);
+    cudaFree(p);
+}
+
+static int report(cu_ctx *c, ds4_err *err) {
+    int e = c->err;
+    c->err = 0;
+    return ds4_err_set(err, e, "%s", c->msg);
+}
+
+static int cu_upload_op(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (!bytes) return 0;
+    if (!cu_ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->st), "upload")) return report(c, err);
+    return 0;
+}
+
+static int cu_download_op(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (!bytes) return 0;
+    if (!cu_ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->st), "download") ||
+        !cu_ok(c, cudaStreamSynchronize(c->st), "download"))
+        return report(c, err);
+    return 0;
+}
+
+static int cu_copy_op(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (!bytes) return 0;
+    if (!cu_ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->st), "copy")) return report(c, err);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- binding */
+
+static bool track(void ***arr, int *n, int *cap, void *p) {
+    if (*n == *cap) {
+        int nc = *cap ? 2 * *cap : 1024;
+        void **na = (void **)realloc(*arr, (size_t)nc * sizeof(void *));
+        if (!na) return false;
+        *arr = na;
+        *cap = nc;
+    }
+    (*arr)[(*n)++] = p;
+    return true;
+}
+
+/* Repacks `nblk` raw blocks (GGUF bytes, blk bytes each) of a planar type
+ * starting at block index b0 of the tensor into its two planes. */
+__global__ void k_repack(const uint8_t *raw, int64_t nblk, int blk, int pay, uint8_t *q, uint8_t *s, int64_t b0) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nblk) return;
+    const uint8_t *r = raw + i * blk;
+    uint8_t *qd = q + (b0 + i) * pay;
+    uint8_t *sd = s + (b0 + i) * 2;
+    sd[0] = r[0];
+    sd[1] = r[1];
+    for (int k = 0; k < pay; k++) qd[k] = r[2 + k];
+}
+
+/* Fills blocks [0, nblk) of a weight with synth.h values in the device
+ * layout. */
+__global__ void k_synth(int type, uint64_t key, float std, int64_t nblk, int blk, uint8_t *q, uint8_t *s, bool planar,
+                        int pay) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nblk) return;
+    uint8_t b[160];
+    ds4_synth_block(type, key, (uint64_t)i, std, b);
+    if (planar) {
+        s[2 * i] = b[0];
+        s[2 * i + 1] = b[1];
+        for (int k = 0; k < pay; k++) q[i * pay + k] = b[2 + k];
+    } else {
+        for (int k = 0; k < blk; k++) q[i * blk + k] = b[k];
+    }
+}
+
+/* Upload pipeline: workers copy chunks of the mapping into pinned staging
+ * buffers and send them to the device on their own streams; chunks of
+ * planar tensors land in a per-worker device buffer and are repacked. */
+#define UP_WORKERS 8
+#define UP_CHUNK ((size_t)32 << 20)
+
+struct up_job {
+    const uint8_t *src;     /* host bytes */
+    size_t bytes;
+    uint8_t *dst;           /* raw types: device destination */
+    const ds4_weight *w;    /* planar types: the weight and its first block */
+    int64_t b0, nblk;
+    uint8_t *host_dst;      /* spilled (host-resident) raw weights: memcpy only */
+};
+
+struct up_state {
+    cu_ctx *c;
+    pthread_mutex_t mu;
+    up_job *jobs;
+    int n_jobs, next;
+    int64_t done, total;
+    int err;
+    char msg[256];
+    int (*progress)(void *, int64_t, int64_t);
+    void *progress_user;
+    bool cancel;
+};
+
+static void *up_worker(void *arg) {
+    up_state *u = (up_state *)arg;
+    cudaSetDevice(u->c->device);
+    cudaStream_t st;
+    void *pin[2] = {nullptr, nullptr};
+    uint8_t *dtmp = nullptr;
+    cudaEvent_t ev[2];
+    bool ok = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking) == cudaSuccess &&
+              cudaHostAlloc(&pin[0], UP_CHUNK, cudaHostAllocDefault) == cudaSuccess &&
+              cudaHostAlloc(&pin[1], UP_CHUNK, cudaHostAllocDefault) == cudaSuccess &&
+              cudaMalloc((void **)&dtmp, UP_CHUNK) == cudaSuccess && cudaEventCreate(&ev[0]) == cudaSuccess &&
+              cudaEventCreate(&ev[1]) == cudaSuccess;
+    int k = 0;
+    for (bool first[2] = {true, true}; ok;) {
+        pthread_mutex_lock(&u->mu);
+        int j = u->err || u->cancel ? u->n_jobs : u->next++;
+        pthread_mutex_unlock(&u->mu);
+        if (j >= u->n_jobs) break;
+        up_job *jb = &u->jobs[j];
+        if (jb->host_dst) {
+            memcpy(jb->host_dst, jb->src, jb->bytes);
+        } else {
+            if (!first[k]) ok = cudaEventSynchronize(ev[k]) == cudaSuccess;
+            first[k] = false;
+            memcpy(pin[k], jb->src, jb->bytes);
+            if (jb->w) {
+                const ds4_weight *w = jb->w;
+                int blk = ds4_type_get(w->type)->block_bytes, pay = (int)cu_payload_block(w->type);
+                uint8_t *q = (uint8_t *)w->data, *s = q + cu_scale_offset(w);
+                ok = ok && cudaMemcpyAsync(dtmp, pin[k], jb->bytes, cudaMemcpyHostToDevice, st) == cudaSuccess;
+                if (ok) {
+                    k_repack<<<cu_div_up(jb->nblk, 256), 256, 0, st>>>(dtmp, jb->nblk, blk, pay, q, s, jb->b0);
+                    ok = cudaGetLastError() == cudaSuccess;
+                }
+            } else {
+                ok = ok && cudaMemcpyAsync(jb->dst, pin[k], jb->bytes, cudaMemcpyHostToDevice, st) == cudaSuccess;
+            }
+            ok = ok && cudaEventRecord(ev[k], st) == cudaSuccess;
+            k ^= 1;
+        }
+        pthread_mutex_lock(&u->mu);
+        u->done += (int64_t)jb->bytes;
+        if (u->progress && u->progress(u->progress_user, u->done, u->total)) u->cancel = true;
+        pthread_mutex_unlock(&u->mu);
+    }
+    if (ok) ok = cudaStreamSynchronize(st) == cudaSuccess;
+    if (!ok) {
+        cudaError_t e = cudaGetLastError();
+        pthread_mutex_lock(&u->mu);
+        if (!u->err) {
+            u->err = e == cudaErrorMemoryAllocation ? DS4_E_NOMEM : DS4_E_BACKEND;
+            snprintf(u->msg, sizeof u->msg, "uploading weights: %s", cudaGetErrorString(e));
+        }
+        pthread_mutex_unlock(&u->mu);
+    }
+    cudaFreeHost(pin[0]);
+    cudaFreeHost(pin[1]);
+    cudaFree(dtmp);
+    cudaStreamDestroy(st);
+    return nullptr;
+}
+
+struct bind_state {
+    cu_ctx *c;
+    const ds4_bind_opts *o;
+    up_state *u;
+    int cap_jobs;
+    size_t spill_keep;     /* device bytes to keep free when deciding to spill */
+    char msg[256];
+    int err;
+};
+
+static bool add_job(bind_state *b, const up_job &j) {
+    up_state *u = b->u;
+    if (u->n_jobs == b->cap_jobs) {
+        int nc = b->cap_jobs ? 2 * b->cap_jobs : 4096;
+        up_job *nj = (up_job *)realloc(u->jobs, (size_t)nc * sizeof(up_job));
+        if (!nj) return false;
+        u->jobs = nj;
+        b->cap_jobs = nc;
+    }
+    u->jobs[u->n_jobs++] = j;
+    u->total += (int64_t)j.bytes;
+    return true;
+}
+
+static int bind_weight(void *user, ds4_weight *w) {
+    bind_state *b = (bind_state *)user;
+    cu_ctx *c = b->c;
+    size_t bytes = cu_weight_bytes(w);
+    const uint8_t *src = (const uint8_t *)w->data;
+    bool expert = w->n_mat > 1;
+    void *p = nullptr;
+    bool host = false;
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    if (!(expert && free_b < bytes + b->spill_keep) && cudaMalloc(&p, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        p = nullptr;
+    }
+    if (!p) {
+        /* Routed experts that do not fit stay in pinned host memory, read
+         * by the kernels over the bus (raw layouts only). */
+        if (!expert || cu_planar(w->type) || !src) {
+            b->err = DS4_E_NOMEM;
+            snprintf(b->msg, sizeof b->msg, "cuda: out of device memory for tensor '%s' (%.2f GiB; %.2f GiB free)",
+                     w->name ? w->name : "?", (double)bytes / (1 << 30), (double)free_b / (1 << 30));
+            return DS4_E_NOMEM;
+        }
+        void *hp = nullptr;
+        if (cudaHostAlloc(&hp, bytes, cudaHostAllocMapped) != cudaSuccess ||
+            cudaHostGetDevicePointer(&p, hp, 0) != cudaSuccess) {
+            cudaGetLastError();
+            b->err = DS4_E_NOMEM;
+            snprintf(b->msg, sizeof b->msg, "cuda: cannot pin %.2f GiB of host memory for tensor '%s'",
+                     (double)bytes / (1 << 30), w->name ? w->name : "?");
+            if (hp) cudaFreeHost(hp);
+            return DS4_E_NOMEM;
+        }
+        host = true;
+        if (!track(&c->pinned, &c->n_pinned, &c->cap_pinned, hp)) return DS4_E_NOMEM;
+        c->bytes_host += bytes;
+        if (!add_job(b, up_job{src, bytes, nullptr, nullptr, 0, 0, (uint8_t *)hp})) return DS4_E_NOMEM;
+        w->data = p;
+        return 0;
+    }
+    if (!track(&c->allocs, &c->n_allocs, &c->cap_allocs, p)) {
+        cudaFree(p);
+        return DS4_E_NOMEM;
+    }
+    c->bytes_device += bytes;
+    (void)host;
+    w->data = p;
+    if (!src) { /* synthetic */
+        int type = w->type;
+        int blk = ds4_synth_block_bytes(type), ne = ds4_synth_block_elems(type);
+        int64_t nblk = (int64_t)w->n_in / ne * w->n_out * w->n_mat;
+        bool planar = cu_planar(type);
+        uint8_t *q = (uint8_t *)p, *s = planar ? q + cu_scale_offset(w) : nullptr;
+        k_synth<<<cu_div_up(nblk, 256), 256, 0, c->st>>>(type, ds4_synth_key(b->o->seed, w->name),
+                                                          ds4_model_synth_std(w), nblk, blk, q, s, planar,
+                                                          (int)cu_payload_block(type));
+        if (!cu_launched(c, "synthetic fill")) return c->err;
+        b->u->total += (int64_t)bytes;
+        b->u->done += (int64_t)bytes;
+        return 0;
+    }
+    if (cu_planar(w->type)) {
+        int blk = ds4_type_get(w->type)->block_bytes;
+        int64_t nblk = (int64_t)(w->mat_bytes * (size_t)w->n_mat / (size_t)blk);
+        int64_t per = (int64_t)(UP_CHUNK / (size_t)blk);
+        for (int64_t b0 = 0; b0 < nblk; b0 += per) {
+            int64_t nb = nblk - b0 < per ? nblk - b0 : per;
+            if (!add_job(b, up_job{src + b0 * blk, (size_t)(nb * blk), nullptr, w, b0, nb, nullptr})) return DS4_E_NOMEM;
+        }
+    } else {
+        for (size_t o = 0; o < bytes; o += UP_CHUNK) {
+            size_t nb = bytes - o < UP_CHUNK ? bytes - o : UP_CHUNK;
+            if (!add_job(b, up_job{src + o, nb, (uint8_t *)p + o, nullptr, 0, 0, nullptr})) return DS4_E_NOMEM;
+        }
+    }
+    return 0;
+}
+
+static int bind_vec(void *user, void **pp, size_t bytes) {
+    bind_state *b = (bind_state *)user;
+    cu_ctx *c = b->c;
+    void *p = nullptr;
+    if (!cu_ok(c, cudaMalloc(&p, bytes), "allocating a model vector")) return c->err;
+    if (!track(&c->allocs, &c->n_allocs, &c->cap_allocs, p)) return DS4_E_NOMEM;
+    if (!cu_ok(c, cudaMemcpy(p, *pp, bytes, cudaMemcpyHostToDevice), "uploading a model vector")) return c->err;
+    c->bytes_device += bytes;
+    *pp = p;
+    return 0;
+}
+
+static void free_binding(cu_ctx *c) {
+    cudaDeviceSynchronize();
+    for (int i = 0; i < c->n_allocs; i++) cudaFree(c->allocs[i]);
+    for (int i = 0; i < c->n_pinned; i++) cudaFreeHost(c->pinned[i]);
+    free(c->allocs);
+    free(c->pinned);
+    c->allocs = nullptr;
+    c->pinned = nullptr;
+    c->n_allocs = c->cap_allocs = c->n_pinned = c->cap_pinned = 0;
+    c->bytes_device = c->bytes_host = 0;
+}
+
+static int cu_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts *o, ds4_model **bound, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    ds4_model *mm = ds4_model_mirror(host);
+    if (!mm) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    up_state u;
+    memset(&u, 0, sizeof u);
+    u.c = c;
+    pthread_mutex_init(&u.mu, nullptr);
+    u.progress = o->progress;
+    u.progress_user = o->progress_user;
+    bind_state b;
+    memset(&b, 0, sizeof b);
+    b.c = c;
+    b.o = o;
+    b.u = &u;
+    b.spill_keep = (size_t)8 << 30;
+    ds4_model_visit v = {bind_weight, bind_vec, &b};
+    int rc = ds4_model_visit_all(mm, &v);
+    if (!rc && u.n_jobs) {
+        pthread_t th[UP_WORKERS];
+        int nw = 0;
+        for (int i = 0; i < UP_WORKERS; i++)
+            if (pthread_create(&th[i], nullptr, up_worker, &u) == 0) nw++;
+        for (int i = 0; i < nw; i++) pthread_join(th[i], nullptr);
+        if (!nw) rc = ds4_err_set(err, DS4_E_INTERNAL, "cuda: cannot start upload threads");
+        else if (u.err) rc = ds4_err_set(err, u.err, "cuda: %s", u.msg);
+        else if (u.cancel) rc = ds4_err_set(err, DS4_E_CANCEL, "cancelled");
+    } else if (!rc && o->progress) {
+        o->progress(o->progress_user, u.total, u.total);
+    }
+    if (!rc && !cu_ok(c, cudaStreamSynchronize(c->st), "binding the model")) rc = report(c, err);
+    if (rc && !err->code) {
+        if (b.err) rc = ds4_err_set(err, b.err, "%s", b.msg);
+        else if (c->err) rc = report(c, err);
+        else rc = ds4_err_set(err, rc, "cuda: binding the model failed");
+    }
+    free(u.jobs);
+    pthread_mutex_destroy(&u.mu);
+    if (rc) {
+        free_binding(c);
+        ds4_model_mirror_free(mm);
+        return rc;
+    }
+    *bound = mm;
+    return 0;
+}
+
+static void cu_unbind_model(void *ctx, ds4_model *bound) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    free_binding(c);
+    ds4_model_mirror_free(bound);
+}
+
+/* ---------------------------------------------------------------- checks */
+
+static int cu_check_model(void *ctx, const ds4_model *m, ds4_err *err) {
+    (void)ctx;
+    const ds4_hparams *hp = &m->hp;
+    if (hp->n_hc > 8) return ds4_err_set(err, DS4_E_MODEL, "cuda backend: hyper_connection.count %d exceeds 8", hp->n_hc);
+    if (hp->head_dim % 32 || hp->head_dim > 1024)
+        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: key_length %d must be a multiple of 32 up to 1024", hp->head_dim);
+    if (hp->n_embd % 32 || hp->q_lora % 32 || hp->o_lora % 32 || hp->n_ff_exp % 32 || hp->idx_dim > 1024)
+        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: dimensions must be multiples of 32");
+    if (hp->n_expert > 1024 || hp->n_expert_used > 16)
+        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: at most 1024 experts and 16 per token");
+    if (hp->n_rot > 128) return ds4_err_set(err, DS4_E_MODEL, "cuda backend: rope.dimension_count > 128");
+    if (hp->idx_dim > 256 || hp->n_hc > 4)
+        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: indexer key_length > 256 or more than 4 HC streams");
+    const ds4_weight *plain[] = {&m->out_hc_fn};
+    for (size_t i = 0; i < 1; i++)
+        if (plain[i]->type != DS4_TYPE_F32 && plain[i]->type != DS4_TYPE_F16 && plain[i]->type != DS4_TYPE_BF16)
+            return ds4_err_set(err, DS4_E_MODEL, "cuda backend: tensor '%s' must be F32, F16 or BF16", plain[i]->name);
+    if ((hp->n_head / hp->o_groups) * hp->head_dim % 32)
+        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: output groups must cover multiples of 32 values");
+    for (int il = 0; il < hp->n_layer; il++) {
+        const ds4_layer *l = &m->layers[il];
+        if ((l->kind == DS4_ATTN_CSA ? 2 : 1) * l->ratio > 1024)
+            return ds4_err_set(err, DS4_E_MODEL, "cuda backend: layer %d compress ratio %d is too large", il, l->ratio);
+        const ds4_weight *ws[] = {&l->q_a, &l->q_b, &l->kv, &l->o_a, &l->o_b, &l->gate_inp, &l->gate_exps,
+                                  &l->up_exps, &l->down_exps, &l->gate_sh, &l->up_sh, &l->down_sh, &l->hc_attn_fn,
+                                  &l->comp_kv, &l->comp_gate, &l->idx_q_b, &l->idx_proj, &l->icomp_kv, &l->icomp_gate};
+        const ds4_weight *pl[] = {&l->hc_attn_fn, &l->hc_ffn_fn, &l->comp_ape, &l->icomp_ape};
+        for (size_t i = 0; i < sizeof pl / sizeof pl[0]; i++)
+            if (pl[i]->n_in > 0 && pl[i]->type != DS4_TYPE_F32 && pl[i]->type != DS4_TYPE_F16 && pl[i]->type != DS4_TYPE_BF16)
+                return ds4_err_set(err, DS4_E_MODEL, "cuda backend: tensor '%s' must be F32, F16 or BF16", pl[i]->name);
+        for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++)
+            if (ws[i]->n_in > 0 && ws[i]->n_in % 32)
+                return ds4_err_set(err, DS4_E_MODEL, "cuda backend: tensor '%s' rows of %lld values (need multiples of 32)",
+                                   ws[i]->name, (long long)ws[i]->n_in);
+    }
+    return 0;
+}
+
+static int cu_kv_row_type(void *ctx, ds4_numerics num) {
+    (void)ctx;
+    return num.f16_cache ? DS4_TYPE_F16 : DS4_TYPE_F32;
+}
+
+/* ---------------------------------------------------------------- scratch */
+
+static void drop_graphs(cu_ctx *c) {
+    for (int i = 0; i < CU_MAX_GRAPHS; i++)
+        if (c->graphs[i].key) {
+            cudaGraphExecDestroy(c->graphs[i].exec);
+            c->graphs[i].key = 0;
+        }
+}
+
+/* Carves the scratch buffers for batch B and context C out of one
+ * allocation (sizes: cuda.cuh cu_scratch). */
+static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, char *base, cu_scratch *s) {
+    const ds4_hparams *hp = &m->hp;
+    const size_t D = hp->n_embd, H = hp->n_head, dh = hp->head_dim, G = hp->o_groups, K = hp->n_expert_used;
+    const size_t F = hp->n_ff_exp, E = hp->n_expert, IH = hp->idx_heads, ID = hp->idx_dim;
+    size_t off = 0;
+    auto take = [&](size_t bytes) -> char * {
+        char *p = base ? base + off : nullptr;
+        off += align256(bytes ? bytes : 1);
+        return p;
+    };
+    size_t row_max = D;
+    size_t dims[] = {(size_t)hp->q_lora, H * dh, G * hp->o_lora, F, (size_t)hp->n_hc * D};
+    for (size_t d : dims) row_max = d > row_max ? d : row_max;
+    auto act = [&](cu_act *a, size_t vals) {
+        a->cap = vals;
+        a->q = (int8_t *)take(vals);
+        a->d = (float *)take(vals / 32 * sizeof(float) + 64);
+        a->bs = (int32_t *)take(vals / 16 * sizeof(int32_t) + 64);
+    };
+    act(&s->a1, B * row_max);
+    act(&s->a2, B * D);
+    act(&s->a3, B * K * (F > D ? F : D));
+    s->o = (float *)take(B * H * dh * 4);
+    s->z = (float *)take(B * G * hp->o_lora * 4);
+    s->ca = (float *)take(B * 2 * dh * 4);
+    s->cg = (float *)take(B * 2 * dh * 4);
+    s->qi = (float *)take(B * IH * ID * 4);
+    s->wt = (float *)take(B * IH * 4);
+    s->score_rows = (int)(B < 64 ? B : 64);
+    s->scores = (float *)take((size_t)s->score_rows * (C / 4 + 1) * 4);
+    s->hcp = (float *)take(B * c->hc_split * 32 * 4);
+    s->hcs = (double *)take(B * c->hc_split * 8);
+    s->mix = (float *)take(B * 32 * 4);
+    s->hn = (float *)take(B * D * 4);
+    s->rl = (float *)take(B * E * 4);
+    s->items = (int32_t *)take(B * K * 4);
+    s->off = (int32_t *)take((E + 1) * 4);
+    s->act = (int32_t *)take((E + 1) * 4);
+    s->gu = (float *)take(B * K * F * 4);
+    s->out = (float *)take(B * K * D * 4);
+    s->sg = (float *)take(B * F * 4);
+    s->su = (float *)take(B * F * 4);
+    s->sd = (float *)take(B * D * 4);
+    s->tmp = (float *)take(B * (D > (size_t)hp->q_lora ? D : hp->q_lora) * 4);
+    s->n_batch = B;
+    s->n_ctx = C;
+    return off;
+}
+
+static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    size_t B = (size_t)n_batch, C = (size_t)n_ctx;
+    if (c->scratch_mem && B <= c->s.n_batch && C <= c->s.n_ctx) return 0;
+    if (c->scratch_mem) { /* grow to cover both the old and the new request */
+        B = B > c->s.n_batch ? B : c->s.n_batch;
+        C = C > c->s.n_ctx ? C : c->s.n_ctx;
+    }
+    cu_scratch s;
+    memset(&s, 0, sizeof s);
+    size_t bytes = layout_scratch(c, m, B, C, nullptr, &s);
+    void *p = nullptr;
+    cudaStreamSynchronize(c->st);
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        return ds4_err_set(err, DS4_E_NOMEM, "cuda: out of device memory for %.2f GiB of scratch (batch %zu, context %zu)",
+                           (double)bytes / (1 << 30), B, C);
+    }
+    drop_graphs(c);
+    if (c->scratch_mem) cudaFree(c->scratch_mem);
+    c->scratch_mem = p;
+    c->scratch_bytes = bytes;
+    layout_scratch(c, m, B, C, (char *)p, &c->s);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- steps */
+
+static int cu_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    c->err = 0;
+    c->capturing = false;
+    if (c->no_graphs || !si->graph_key) return 0;
+    for (int i = 0; i < CU_MAX_GRAPHS; i++)
+        if (c->graphs[i].key == si->graph_key) {
+            c->graphs[i].used = ++c->graph_clock;
+            if (!cu_ok(c, cudaGraphLaunch(c->graphs[i].exec, c->st), "graph launch")) return report(c, err);
+            return 1;
+        }
+    if (!cu_ok(c, cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal), "begin capture"))
+        return report(c, err);
+    c->capturing = true;
+    c->cap_key = si->graph_key;
+    return 0;
+}
+
+static void finish_capture(cu_ctx *c) {
+    cudaGraph_t g = nullptr;
+    cudaError_t e = cudaStreamEndCapture(c->st, &g);
+    c->capturing = false;
+    if (c->err) { /* a stage failed while capturing: run nothing */
+        if (g) cudaGraphDestroy(g);
+        return;
+    }
+    if (!cu_ok(c, e, "end capture")) return;
+    cudaGraphExec_t exec;
+    e = cudaGraphInstantiate(&exec, g, 0);
+    cudaGraphDestroy(g);
+    if (!cu_ok(c, e, "graph instantiate")) return;
+    int slot = 0;
+    for (int i = 0; i < CU_MAX_GRAPHS; i++) {
+        if (!c->graphs[i].key) {
+            slot = i;
+            break;
+        }
+        if (c->graphs[i].used < c->graphs[slot].used) slot = i;
+    }
+    if (c->graphs[slot].key) cudaGraphExecDestroy(c->graphs[slot].exec);
+    c->graphs[slot] = cu_graph{c->cap_key, exec, ++c->graph_clock};
+    cu_ok(c, cudaGraphLaunch(exec, c->st), "graph launch");
+}
+
+static int cu_step_end(void *ctx, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->capturing) finish_capture(c);
+    cu_ok(c, cudaMemcpyAsync(c->hstatus, c->dstatus, sizeof(int), cudaMemcpyDeviceToHost, c->st), "status");
+    cu_ok(c, cudaStreamSynchronize(c->st), "step");
+    if (!c->err && *c->hstatus) {
+        int st = *c->hstatus;
+        cudaMemsetAsync(c->dstatus, 0, sizeof(int), c->st);
+        cu_fail(c, DS4_E_RANGE, "cuda: %s", st & CU_ST_COMP_RANGE ? "compressed rows exceed the session capacity"
+                                                                   : "indexer rows exceed the session capacity");
+    }
+    if (c->err) return report(c, err);
+    return 0;
+}
+
+static void cu_forget(void *ctx, uint64_t key) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    for (int i = 0; i < CU_MAX_GRAPHS; i++)
+        if (c->graphs[i].key == key) {
+            cudaStreamSynchronize(c->st);
+            cudaGraphExecDestroy(c->graphs[i].exec);
+            c->graphs[i].key = 0;
+        }
+}
+
+static int cu_argmax(void *ctx, const float *logits, int n_rows, int n_vocab, int32_t *ids, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    c->err = 0;
+    for (int r0 = 0; r0 < n_rows; r0 += 64) {
+        int nr = n_rows - r0 < 64 ? n_rows - r0 : 64;
+        cu_argmax_rows(c, logits + (size_t)r0 * n_vocab, nr, n_vocab, c->dids);
+        cu_ok(c, cudaMemcpyAsync(c->hids, c->dids, (size_t)nr * 4, cudaMemcpyDeviceToHost, c->st), "argmax");
+        cu_ok(c, cudaStreamSynchronize(c->st), "argmax");
+        if (c->err) return report(c, err);
+        memcpy(ids + r0, c->hids, (size_t)nr * 4);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- vtable */
+
+static void cu_destroy(void *ctx) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (!c) return;
+    cudaSetDevice(c->device);
+    cudaStreamSynchronize(c->st);
+    drop_graphs(c);
+    free_binding(c);
+    if (c->scratch_mem) cudaFree(c->scratch_mem);
+    if (c->dstatus) cudaFree(c->dstatus);
+    if (c->dids) cudaFree(c->dids);
+    if (c->hstatus) cudaFreeHost(c->hstatus);
+    if (c->hids) cudaFreeHost(c->hids);
+    if (c->grid) cudaFree((void *)c->grid);
+    if (c->ksigns) cudaFree((void *)c->ksigns);
+    if (c->st) cudaStreamDestroy(c->st);
+    free(c);
+}
+
+static const ds4_backend_ops cuda_ops = {
+    "cuda",
+    cu_destroy,
+    cu_check_model,
+    cu_bind_model,
+    cu_unbind_model,
+    cu_kv_row_type,
+    cu_reserve,
+    cu_alloc_op,
+    cu_free_op,
+    cu_upload_op,
+    cu_download_op,
+    cu_copy_op,
+    cu_step_begin,
+    cu_step_end,
+    cu_forget,
+    cu_argmax,
+    cu_embed,
+    cu_hc_pre,
+    cu_attn_project,
+    cu_compress_update,
+    cu_indexer_select,
+    cu_attention,
+    cu_kv_store,
+    cu_hc_post,
+    cu_moe_route,
+    cu_moe_experts,
+    cu_head,
+};
+
+extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds4_err *err) {
+    int n_dev = 0;
+    cudaError_t e = cudaGetDeviceCount(&n_dev);
+    if (e != cudaSuccess || n_dev == 0) {
+        cudaGetLastError();
+        return ds4_err_set(err, DS4_E_BACKEND, "cuda: no usable GPU (%s)",
+                           e != cudaSuccess ? cudaGetErrorString(e) : "no devices");
+    }
+    int dev = o ? o->device : 0;
+    if (dev < 0 || dev >= n_dev) return ds4_err_set(err, DS4_E_ARG, "cuda: device %d does not exist (%d present)", dev, n_dev);
+    cu_ctx *c = (cu_ctx *)calloc(1, sizeof *c);
+    if (!c) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    c->device = dev;
+    c->sync_debug = o && o->sync_debug;
+    c->no_graphs = o && o->no_graphs;
+    c->profile = o && o->profile;
+    cudaDeviceProp prop;
+    bool ok = cu_ok(c, cudaSetDevice(dev), "set device") && cu_ok(c, cudaGetDeviceProperties(&prop, dev), "properties");
+    if (ok) {
+        c->n_sm = prop.multiProcessorCount;
+        snprintf(c->dev_name, sizeof c->dev_name, "%s", prop.name);
+        c->hc_split = 16;
+        ok = cu_ok(c, cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking), "stream") &&
+             cu_ok(c, cudaMalloc((void **)&c->dstatus, sizeof(int)), "status") &&
+             cu_ok(c, cudaMemset(c->dstatus, 0, sizeof(int)), "status") &&
+             cu_ok(c, cudaHostAlloc((void **)&c->hstatus, sizeof(int), cudaHostAllocDefault), "status") &&
+             cu_ok(c, cudaMalloc((void **)&c->dids, 64 * sizeof(int32_t)), "argmax") &&
+             cu_ok(c, cudaHostAlloc((void **)&c->hids, 64 * sizeof(int32_t), cudaHostAllocDefault), "argmax") &&
+             cu_ok(c, cudaMalloc((void **)&c->grid, 256 * sizeof(uint64_t)), "tables") &&
+             cu_ok(c, cudaMalloc((void **)&c->ksigns, 128), "tables") &&
+             cu_ok(c, cudaMemcpy((void *)c->grid, ds4_iq2xxs_grid, 256 * sizeof(uint64_t), cudaMemcpyHostToDevice),
+                   "tables") &&
+             cu_ok(c, cudaMemcpy((void *)c->ksigns, ds4_ksigns_iq2xs, 128, cudaMemcpyHostToDevice), "tables");
+    }
+    if (!ok) {
+        int rc = ds4_err_set(err, c->err ? c->err : DS4_E_BACKEND, "%s", c->msg);
+        cu_destroy(c);
+        return rc;
+    }
+    out->ops = &cuda_ops;
+    out->ctx = c;
+    return 0;
+}
+
+/* Facts for ds4-bench and tests (ds4_debug). */
+extern "C" int ds4_cuda_describe(void *ctx, char *buf, size_t cap) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    return snprintf(buf, cap, "%s, %d SMs, weights %.2f GiB on the device, %.2f GiB in pinned host memory, scratch %.2f GiB",
+                    c->dev_name, c->n_sm, (double)c->bytes_device / (1 << 30), (double)c->bytes_host / (1 << 30),
+                    (double)c->scratch_bytes / (1 << 30));
+}

@@ -1,0 +1,275 @@
+/* matvec.cu - the generic quantized matrix x token-rows product of the CUDA
+ * backend, the int8 activation quantizers, and row dequantization.
+ *
+ * k_matvec: one warp per output row, 8 rows per 256-thread block; each lane
+ * takes the row's chunks lane, lane+32, ... and dots them against NT token
+ * rows at a time, so every weight byte is read once per NT tokens (the
+ * "share-warp" idea: decode NT = 1, batches NT = 8). The warp reduction has
+ * a fixed shape, so results are deterministic. Rows of up to CU_MAX_SEGS
+ * segments (different weights of one type and n_in, different outputs, each
+ * with its own input offset) run in one launch: q_a with kv, the 8 output
+ * groups of o_a, shared gate with up.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "cuda/cuda.cuh"
+#include "cuda/quant.cuh"
+
+/* ---------------------------------------------------------------- quantize */
+
+/* Q8_0 activations: one warp per 32-value block, lane i holds value i.
+ * d = f16(amax/127), q = rne(x * (127/amax)) clamped (quant.c). */
+__global__ void k_quant_q8_0(const float *x, int64_t ldx, int n, int n_in, int8_t *q, float *d) {
+    const int nb = n_in / 32;
+    const int64_t blk = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (blk >= (int64_t)n * nb) return;
+    const int t = (int)(blk / nb), b = (int)(blk % nb), lane = threadIdx.x & 31;
+    float v = x[t * ldx + (int64_t)b * 32 + lane];
+    float amax = cu_warp_max(fabsf(v));
+    float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int qi = __float2int_rn(v * iscale);
+    qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
+    q[(int64_t)t * n_in + (int64_t)b * 32 + lane] = (int8_t)qi;
+    if (lane == 0) d[(int64_t)t * nb + b] = __half2float(__float2half_rn(amax / 127.0f));
+}
+
+/* Q8_K activations: one warp per 256-value block, lane i holds values
+ * 8i..8i+7; d = amax/127 (f32); group sums of 16 values. */
+__global__ void k_quant_q8_k(const float *x, int64_t ldx, int n, int n_in, int8_t *q, float *d, int32_t *bs) {
+    const int nb = n_in / 256;
+    const int64_t blk = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (blk >= (int64_t)n * nb) return;
+    const int t = (int)(blk / nb), b = (int)(blk % nb), lane = threadIdx.x & 31;
+    const float *xp = x + t * ldx + (int64_t)b * 256 + 8 * lane;
+    float v[8], amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        v[i] = xp[i];
+        amax = fmaxf(amax, fabsf(v[i]));
+    }
+    amax = cu_warp_max(amax);
+    float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int s = 0;
+    int8_t *qp = q + (int64_t)t * n_in + (int64_t)b * 256 + 8 * lane;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int qi = __float2int_rn(v[i] * iscale);
+        qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
+        qp[i] = (int8_t)qi;
+        s += qi;
+    }
+    s += __shfl_down_sync(0xffffffffu, s, 1);
+    if ((lane & 1) == 0) bs[(int64_t)t * (n_in / 16) + (int64_t)b * 16 + lane / 2] = s;
+    if (lane == 0) d[(int64_t)t * nb + b] = amax / 127.0f;
+}
+
+void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *a) {
+    if (c->err || n <= 0) return;
+    if ((size_t)n * n_in > a->cap) {
+        cu_fail(c, DS4_E_INTERNAL, "cuda: activation buffer too small (%d x %d > %zu)", n, n_in, a->cap);
+        return;
+    }
+    if (act_type == DS4_TYPE_Q8_0) {
+        int64_t blocks = (int64_t)n * (n_in / 32);
+        k_quant_q8_0<<<cu_div_up(blocks, 8), 256, 0, c->st>>>(x, ldx, n, n_in, a->q, a->d);
+        CU_LAUNCH(c, "quant_q8_0");
+    } else {
+        int64_t blocks = (int64_t)n * (n_in / 256);
+        k_quant_q8_k<<<cu_div_up(blocks, 8), 256, 0, c->st>>>(x, ldx, n, n_in, a->q, a->d, a->bs);
+        CU_LAUNCH(c, "quant_q8_k");
+    }
+}
+
+/* ---------------------------------------------------------------- matvec */
+
+struct mv_params {
+    cu_seg seg[CU_MAX_SEGS];
+    int seg_end[CU_MAX_SEGS]; /* cumulative rows */
+    int n_seg;
+    int n, nch;
+    const float *x;
+    int64_t ldx;
+    const int8_t *aq;
+    const float *ad;
+    const int32_t *abs;
+    int64_t ldq;
+    const ds4_step *step;
+    int skip_le;
+    const uint64_t *grid;
+    const uint8_t *ksigns;
+};
+
+template <int WT, bool AQ, int NT>
+__global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
+    __shared__ cu_iq2_tab tab;
+    if constexpr (WT == DS4_TYPE_IQ2_XXS) {
+        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+        __syncthreads();
+    }
+    if (p.skip_le > 0 && (p.step->pos0 + p.step->n) / 4 <= p.skip_le) return;
+    const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
+    int s = 0;
+    while (s < p.n_seg && row >= p.seg_end[s]) s++;
+    if (s >= p.n_seg) return;
+    const cu_seg &g = p.seg[s];
+    const int r = row - (s ? p.seg_end[s - 1] : 0);
+    const uint8_t *qrow = g.w.q + (size_t)r * g.w.q_row;
+    const uint8_t *srow = g.w.s ? g.w.s + (size_t)r * g.w.s_row : nullptr;
+    for (int t0 = 0; t0 < p.n; t0 += NT) {
+        const int nt = p.n - t0 < NT ? p.n - t0 : NT;
+        float acc[NT];
+        int64_t xo[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            acc[t] = 0.0f;
+            xo[t] = (int64_t)(t0 + t) * (AQ ? p.ldq : p.ldx) + g.xoff;
+        }
+        cu_row_dot<WT, AQ, NT>(qrow, srow, p.nch, nt, p.x, p.aq, p.ad, p.abs, xo, acc, &tab);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float v = cu_warp_sum(acc[t]);
+            if (lane == 0 && t < nt) g.y[(int64_t)(t0 + t) * g.ldy + r] = v;
+        }
+    }
+}
+
+template <int WT, bool AQ>
+static void launch_mv(cu_ctx *c, mv_params &p, int rows) {
+    dim3 grid(cu_div_up(rows, 8));
+    if (p.n == 1) k_matvec<WT, AQ, 1><<<grid, 256, 0, c->st>>>(p);
+    else if (p.n <= 4) k_matvec<WT, AQ, 4><<<grid, 256, 0, c->st>>>(p);
+    else k_matvec<WT, AQ, 8><<<grid, 256, 0, c->st>>>(p);
+    CU_LAUNCH(c, "matvec");
+}
+
+void cu_matvec(cu_ctx *c, const cu_seg *segs, int n_seg, int n, const float *x, int64_t ldx, const cu_act *aq,
+               const ds4_step *step, int skip_le) {
+    if (c->err || n <= 0 || n_seg <= 0) return;
+    if (n_seg > CU_MAX_SEGS) {
+        cu_fail(c, DS4_E_INTERNAL, "cuda: %d matvec segments", n_seg);
+        return;
+    }
+    mv_params p;
+    memset(&p, 0, sizeof p);
+    int rows = 0;
+    for (int i = 0; i < n_seg; i++) {
+        p.seg[i] = segs[i];
+        rows += segs[i].rows;
+        p.seg_end[i] = rows;
+    }
+    const int type = segs[0].w.type;
+    p.n_seg = n_seg;
+    p.n = n;
+    p.nch = segs[0].w.n_in / 32;
+    p.x = x;
+    p.ldx = ldx;
+    p.step = step;
+    p.skip_le = skip_le;
+    p.grid = c->grid;
+    p.ksigns = c->ksigns;
+    if (aq) { /* int8 rows of ldx values (quantized by cu_quantize) */
+        p.aq = aq->q;
+        p.ad = aq->d;
+        p.abs = aq->bs;
+        p.ldq = ldx;
+    }
+    switch (type) {
+    case DS4_TYPE_F32: launch_mv<DS4_TYPE_F32, false>(c, p, rows); break;
+    case DS4_TYPE_F16: launch_mv<DS4_TYPE_F16, false>(c, p, rows); break;
+    case DS4_TYPE_BF16: launch_mv<DS4_TYPE_BF16, false>(c, p, rows); break;
+    case DS4_TYPE_Q8_0:
+        if (aq) launch_mv<DS4_TYPE_Q8_0, true>(c, p, rows);
+        else launch_mv<DS4_TYPE_Q8_0, false>(c, p, rows);
+        break;
+    case DS4_TYPE_Q4_K:
+        if (aq) launch_mv<DS4_TYPE_Q4_K, true>(c, p, rows);
+        else launch_mv<DS4_TYPE_Q4_K, false>(c, p, rows);
+        break;
+    case DS4_TYPE_Q2_K:
+        if (aq) launch_mv<DS4_TYPE_Q2_K, true>(c, p, rows);
+        else launch_mv<DS4_TYPE_Q2_K, false>(c, p, rows);
+        break;
+    case DS4_TYPE_IQ2_XXS:
+        if (aq) launch_mv<DS4_TYPE_IQ2_XXS, true>(c, p, rows);
+        else launch_mv<DS4_TYPE_IQ2_XXS, false>(c, p, rows);
+        break;
+    default: cu_fail(c, DS4_E_INTERNAL, "cuda: matvec of type %s", ds4_type_name(type));
+    }
+}
+
+/* ---------------------------------------------------------------- dequant */
+
+/* One warp per (row, 32-value chunk): y[t][32c..] = row ids[t] chunk c,
+ * written rep times (HC streams). */
+template <int WT>
+__global__ void k_dequant_rows(cu_w w, const int32_t *ids, int n, float *y, int64_t ldy, int rep, int64_t rep_stride,
+                               const uint64_t *grid, const uint8_t *ksigns) {
+    __shared__ cu_iq2_tab tab;
+    if constexpr (WT == DS4_TYPE_IQ2_XXS) {
+        cu_iq2_tab_load(&tab, grid, ksigns);
+        __syncthreads();
+    }
+    const int nch = w.n_in / 32;
+    const int64_t item = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (item >= (int64_t)n * nch) return;
+    const int t = (int)(item / nch), c = (int)(item % nch);
+    const int64_t r = ids ? ids[t] : t;
+    float v[32];
+    cu_dq_chunk<WT>(w.q + (size_t)r * w.q_row, w.s ? w.s + (size_t)r * w.s_row : nullptr, c, v, &tab);
+    for (int k = 0; k < rep; k++) {
+        float4 *o = (float4 *)(y + t * ldy + k * rep_stride + (int64_t)c * 32);
+#pragma unroll
+        for (int i = 0; i < 8; i++) o[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+    }
+}
+
+void cu_dequant_rows(cu_ctx *c, const ds4_weight *w, const int32_t *ids, int n, float *y, int64_t ldy, int rep,
+                     int64_t rep_stride) {
+    if (c->err || n <= 0) return;
+    cu_w v = cu_weight_view(w);
+    int64_t items = (int64_t)n * (w->n_in / 32);
+    dim3 grid(cu_div_up(items, 128));
+#define DQ(T) k_dequant_rows<T><<<grid, 128, 0, c->st>>>(v, ids, n, y, ldy, rep, rep_stride, c->grid, c->ksigns)
+    switch (w->type) {
+    case DS4_TYPE_F32: DQ(DS4_TYPE_F32); break;
+    case DS4_TYPE_F16: DQ(DS4_TYPE_F16); break;
+    case DS4_TYPE_BF16: DQ(DS4_TYPE_BF16); break;
+    case DS4_TYPE_Q8_0: DQ(DS4_TYPE_Q8_0); break;
+    case DS4_TYPE_Q4_K: DQ(DS4_TYPE_Q4_K); break;
+    case DS4_TYPE_Q2_K: DQ(DS4_TYPE_Q2_K); break;
+    case DS4_TYPE_IQ2_XXS: DQ(DS4_TYPE_IQ2_XXS); break;
+    default: cu_fail(c, DS4_E_INTERNAL, "cuda: dequant of type %s", ds4_type_name(w->type)); return;
+    }
+#undef DQ
+    CU_LAUNCH(c, "dequant_rows");
+}
+
+/* ---------------------------------------------------------------- pairs */
+
+/* Runs W1 (and W2 when given) on the same input rows: one launch when the
+ * two share a type and row length, with the input quantized once. */
+void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const ds4_weight *w2, float *y2,
+                    int64_t ld2, const float *x, int64_t ldx, int n, bool act_quant, cu_act *buf,
+                    const ds4_step *step, int skip_le) {
+    const ds4_weight *ws[2] = {w1, w2};
+    float *ys[2] = {y1, y2};
+    int64_t lds[2] = {ld1, ld2};
+    int nw = w2 ? 2 : 1;
+    bool fuse = nw == 2 && w1->type == w2->type && w1->n_in == w2->n_in;
+    int quantized_for = -1;
+    for (int i = 0; i < nw; i++) {
+        int at = act_quant ? cu_act_type(ws[i]->type) : -1;
+        if (at >= 0 && at != quantized_for) {
+            cu_quantize(c, at, x, ldx, n, (int)ws[i]->n_in, buf);
+            quantized_for = at;
+        }
+        cu_seg seg[2];
+        int ns = 0;
+        seg[ns++] = cu_seg{cu_weight_view(ws[i]), (int)ws[i]->n_out, ys[i], lds[i], 0};
+        if (fuse) seg[ns++] = cu_seg{cu_weight_view(ws[1]), (int)ws[1]->n_out, ys[1], lds[1], 0};
+        cu_matvec(c, seg, ns, n, x, at >= 0 ? ws[i]->n_in : ldx, at >= 0 ? buf : nullptr, step, skip_le);
+        if (fuse) break;
+    }
+}
+

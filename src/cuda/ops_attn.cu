@@ -1,0 +1,593 @@
+/* ops_attn.cu - CUDA stages of the residual stream and the attention path:
+ * embed, HC-pre / HC-post (MODEL.md C.2), the q/kv projections (C.3), the
+ * attention core with sinks and the grouped output projection (C.7), the
+ * raw-ring store, the output head (C.9), and greedy argmax.
+ *
+ * Positions come from the device step (ds4_step.pos0), never from the
+ * host copy in the stage arguments, so a decode step can be replayed from a
+ * captured graph (cuda_backend.cu).
+ */
+#include "cuda/cuda.cuh"
+#include "cuda/rowops.cuh"
+
+/* ---------------------------------------------------------------- embed */
+
+int cu_embed(void *ctx, const ds4_embed_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    const ds4_hparams *hp = &a->m->hp;
+    const int64_t D = hp->n_embd;
+    cu_dequant_rows(c, &a->m->tok_embd, a->tokens, a->n, a->X, hp->n_hc * D, hp->n_hc, D);
+    return c->err;
+}
+
+/* ---------------------------------------------------------------- HC */
+
+#define HC_MAX_MIX 32
+
+/* Partial HC products: block (s, t) takes slice s of the flat (n_hc*D)
+ * state of token t and writes its sum of squares (double) and its dot with
+ * each of the n_mix rows of fn (F32/F16/BF16) to hcs[t][s], hcp[t][s][o].
+ * 256 threads; shared: 8 warps x 33 partials. */
+template <int WT>
+__global__ void __launch_bounds__(256) k_hc_partial(const float *X, int nflat, const uint8_t *fn, int n_mix,
+                                                    int n_split, float *hcp, double *hcs) {
+    const int s = blockIdx.x, t = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
+    const float *x = X + (int64_t)t * nflat;
+    float dot[HC_MAX_MIX];
+#pragma unroll
+    for (int o = 0; o < HC_MAX_MIX; o++) dot[o] = 0.0f;
+    double ss = 0.0;
+    for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
+        float v = x[e];
+        ss += (double)v * (double)v;
+#pragma unroll
+        for (int o = 0; o < HC_MAX_MIX; o++) {
+            if (o >= n_mix) break;
+            float wv;
+            if constexpr (WT == DS4_TYPE_F32) wv = ((const float *)fn)[(int64_t)o * nflat + e];
+            else if constexpr (WT == DS4_TYPE_F16) wv = cu_h2f(((const uint16_t *)fn)[(int64_t)o * nflat + e]);
+            else wv = __uint_as_float((uint32_t)((const uint16_t *)fn)[(int64_t)o * nflat + e] << 16);
+            dot[o] = fmaf(wv, v, dot[o]);
+        }
+    }
+    __shared__ float red[8][HC_MAX_MIX + 1];
+    __shared__ double redd[8];
+#pragma unroll
+    for (int o = 0; o < HC_MAX_MIX; o++) {
+        if (o >= n_mix) break;
+        float v = cu_warp_sum(dot[o]);
+        if (lane == 0) red[w][o] = v;
+    }
+    ss = cu_warp_sumd(ss);
+    if (lane == 0) redd[w] = ss;
+    __syncthreads();
+    if (threadIdx.x < n_mix) {
+        float v = 0.0f;
+        for (int k = 0; k < 8; k++) v += red[k][threadIdx.x];
+        hcp[((int64_t)t * n_split + s) * HC_MAX_MIX + threadIdx.x] = v;
+    }
+    if (threadIdx.x == 0) {
+        double v = 0.0;
+        for (int k = 0; k < 8; k++) v += redd[k];
+        hcs[(int64_t)t * n_split + s] = v;
+    }
+}
+
+static __device__ float cu_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* x*a + b rounded twice, as the CPU (no fused multiply-add) */
+static __device__ float cu_lin(float x, float a, float b) { return __fadd_rn(__fmul_rn(x, a), b); }
+
+struct hc_fin {
+    const float *X;          /* (n, n_hc, D) */
+    const float *hcp;
+    const double *hcs;
+    int n_split, n_hc, D, sinkhorn;
+    float rms_eps, hc_eps;
+    const float *scale, *base, *norm_w;
+    float *out;              /* (n, D) */
+    float *post, *comb;      /* HC-pre outputs (NULL for the head) */
+    bool head;
+};
+
+/* Finishes HC-pre (mixer split, Sinkhorn, weighted sum, RMSNorm) or the
+ * head's stream weighting for token blockIdx.x. The small mixer math runs
+ * on thread 0 with exactly cpu_ops.c's expressions. Dynamic shared: D floats. */
+__global__ void __launch_bounds__(256) k_hc_finish(const __grid_constant__ hc_fin p) {
+    extern __shared__ float xs[];
+    __shared__ double red[32];
+    __shared__ float mix[HC_MAX_MIX], pre[8];
+    const int t = blockIdx.x, hc = p.n_hc, D = p.D, nflat = hc * D;
+    const int n_mix = p.head ? hc : (2 + hc) * hc;
+    if (threadIdx.x == 0) {
+        double ss = 0.0;
+        for (int s = 0; s < p.n_split; s++) ss += p.hcs[(int64_t)t * p.n_split + s];
+        float r = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
+        for (int o = 0; o < n_mix; o++) {
+            float v = 0.0f;
+            for (int s = 0; s < p.n_split; s++) v += p.hcp[((int64_t)t * p.n_split + s) * HC_MAX_MIX + o];
+            mix[o] = __fmul_rn(v, r);
+        }
+        if (p.head) {
+            for (int s = 0; s < hc; s++) pre[s] = cu_sigmoid(cu_lin(mix[s], p.scale[0], p.base[s])) + p.hc_eps;
+        } else {
+            float C[64];
+            float *post = p.post + (int64_t)t * hc, *comb = p.comb + (int64_t)t * hc * hc;
+            for (int s = 0; s < hc; s++) {
+                pre[s] = cu_sigmoid(cu_lin(mix[s], p.scale[0], p.base[s])) + p.hc_eps;
+                post[s] = 2.0f * cu_sigmoid(cu_lin(mix[hc + s], p.scale[1], p.base[hc + s]));
+            }
+            for (int r2 = 0; r2 < hc; r2++) {
+                float *Cr = C + r2 * hc, mx = -INFINITY, sum = 0.0f;
+                for (int b = 0; b < hc; b++) {
+                    Cr[b] = cu_lin(mix[2 * hc + r2 * hc + b], p.scale[2], p.base[2 * hc + r2 * hc + b]);
+                    mx = fmaxf(mx, Cr[b]);
+                }
+                for (int b = 0; b < hc; b++) {
+                    Cr[b] = expf(Cr[b] - mx);
+                    sum += Cr[b];
+                }
+                for (int b = 0; b < hc; b++) Cr[b] = Cr[b] / sum + p.hc_eps;
+            }
+            for (int it = 0; it < p.sinkhorn; it++) {
+                if (it > 0)
+                    for (int r2 = 0; r2 < hc; r2++) {
+                        float s = 0.0f;
+                        for (int b = 0; b < hc; b++) s += C[r2 * hc + b];
+                        for (int b = 0; b < hc; b++) C[r2 * hc + b] /= (s + p.hc_eps);
+                    }
+                for (int b = 0; b < hc; b++) {
+                    float s = 0.0f;
+                    for (int r2 = 0; r2 < hc; r2++) s += C[r2 * hc + b];
+                    for (int r2 = 0; r2 < hc; r2++) C[r2 * hc + b] /= (s + p.hc_eps);
+                }
+            }
+            for (int i = 0; i < hc * hc; i++) comb[i] = C[i];
+        }
+    }
+    __syncthreads();
+    const float *X = p.X + (int64_t)t * nflat;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(pre[s], X[(int64_t)s * D + d]));
+        xs[d] = acc;
+    }
+    __syncthreads();
+    cu_row_rmsnorm(xs, D, p.norm_w, p.rms_eps, red);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) p.out[(int64_t)t * D + d] = xs[d];
+}
+
+/* hc_pre and the head's first half: partial products + finish. */
+static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mix, const float *X, int n,
+                   const float *scale, const float *base, const float *norm_w, float *out, float *post, float *comb,
+                   bool head) {
+    const ds4_hparams *hp = &m->hp;
+    const int nflat = hp->n_hc * hp->n_embd;
+    int split = c->hc_split;
+    if (nflat / split < 256) split = nflat / 256 > 0 ? nflat / 256 : 1;
+    dim3 g1(split, n);
+    switch (fn->type) {
+    case DS4_TYPE_F32:
+        k_hc_partial<DS4_TYPE_F32><<<g1, 256, 0, c->st>>>(X, nflat, (const uint8_t *)fn->data, n_mix, split, c->s.hcp, c->s.hcs);
+        break;
+    case DS4_TYPE_F16:
+        k_hc_partial<DS4_TYPE_F16><<<g1, 256, 0, c->st>>>(X, nflat, (const uint8_t *)fn->data, n_mix, split, c->s.hcp, c->s.hcs);
+        break;
+    case DS4_TYPE_BF16:
+        k_hc_partial<DS4_TYPE_BF16><<<g1, 256, 0, c->st>>>(X, nflat, (const uint8_t *)fn->data, n_mix, split, c->s.hcp, c->s.hcs);
+        break;
+    default: cu_fail(c, DS4_E_INTERNAL, "cuda: HC weight '%s' of type %s", fn->name, ds4_type_name(fn->type)); return;
+    }
+    if (!CU_LAUNCH(c, "hc_partial")) return;
+    hc_fin p;
+    p.X = X;
+    p.hcp = c->s.hcp;
+    p.hcs = c->s.hcs;
+    p.n_split = split;
+    p.n_hc = hp->n_hc;
+    p.D = hp->n_embd;
+    p.sinkhorn = hp->sinkhorn_iters;
+    p.rms_eps = hp->rms_eps;
+    p.hc_eps = hp->hc_eps;
+    p.scale = scale;
+    p.base = base;
+    p.norm_w = norm_w;
+    p.out = out;
+    p.post = post;
+    p.comb = comb;
+    p.head = head;
+    k_hc_finish<<<n, 256, (size_t)hp->n_embd * sizeof(float), c->st>>>(p);
+    CU_LAUNCH(c, "hc_finish");
+}
+
+int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const int hc = a->m->hp.n_hc;
+    hc_mix(c, a->m, a->fn, (2 + hc) * hc, a->X, a->n, a->scale, a->base, a->norm_w, a->out, a->post, a->comb, false);
+    return c->err;
+}
+
+/* X_b <- post_b * y + sum_a comb[a][b] X_a for one (t, d) per thread. */
+__global__ void k_hc_post(const float *y, const float *post, const float *comb, float *X, int n, int D, int hc) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)n * D) return;
+    const int t = (int)(i / D), d = (int)(i % D);
+    float old[8];
+    float *Xt = X + (int64_t)t * hc * D;
+    for (int s = 0; s < hc; s++) old[s] = Xt[(int64_t)s * D + d];
+    const float *cm = comb + (int64_t)t * hc * hc;
+    const float yv = y[i];
+    for (int b = 0; b < hc; b++) {
+        float acc = 0.0f;
+        for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(cm[s * hc + b], old[s]));
+        Xt[(int64_t)b * D + d] = __fadd_rn(__fmul_rn(post[(int64_t)t * hc + b], yv), acc);
+    }
+}
+
+int cu_hc_post(void *ctx, const ds4_hc_post_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    int64_t items = (int64_t)a->n * hp->n_embd;
+    k_hc_post<<<cu_div_up(items, 256), 256, 0, c->st>>>(a->y, a->post, a->comb, a->X, a->n, hp->n_embd, hp->n_hc);
+    CU_LAUNCH(c, "hc_post");
+    return c->err;
+}
+
+/* ---------------------------------------------------------------- q / kv */
+
+/* RMSNorm of rows of n values in place (one block per row). */
+__global__ void __launch_bounds__(256) k_rows_rmsnorm(float *x, int64_t ld, int n, const float *w, float eps) {
+    extern __shared__ float row[];
+    __shared__ double red[32];
+    float *xr = x + (int64_t)blockIdx.x * ld;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = xr[i];
+    __syncthreads();
+    cu_row_rmsnorm(row, n, w, eps, red);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = row[i];
+}
+
+/* Per-head query finish: unweighted RMSNorm + RoPE on the last n_rot dims
+ * at position pos0 + t. One warp per (t, h); dh <= 1024. */
+__global__ void k_q_heads(float *q, int n, int H, int dh, int n_rot, const float *inv_freq, float eps,
+                          const ds4_step *step) {
+    const int64_t wid = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x & 31;
+    if (wid >= (int64_t)n * H) return;
+    const int t = (int)(wid / H);
+    float *qh = q + wid * dh;
+    double ss = 0.0;
+    for (int i = lane; i < dh; i += 32) ss += (double)qh[i] * (double)qh[i];
+    ss = cu_warp_sumd(ss);
+    float r = 1.0f / sqrtf((float)(ss / dh) + eps);
+    for (int i = lane; i < dh; i += 32) qh[i] = __fmul_rn(qh[i], r);
+    __syncwarp();
+    const int pos = step->pos0 + t;
+    for (int i = lane; i < n_rot / 2; i += 32) cu_rope_pair(qh + dh - n_rot, i, inv_freq, pos, false);
+}
+
+/* KV row finish (cpu kv_row_finish): RMSNorm_w, RoPE at pos0 + t, FP8 of
+ * the nope dims, half rounding. One block per token; shared: 2*dh floats. */
+__global__ void __launch_bounds__(256) k_kv_finish(float *kv, int dh, int n_rot, const float *norm_w, float eps,
+                                                   const float *inv_freq, bool fp8, bool f16, const ds4_step *step) {
+    extern __shared__ float sm[];
+    __shared__ double red[32];
+    float *row = sm, *fred = sm + dh;
+    const int t = blockIdx.x;
+    float *x = kv + (int64_t)t * dh;
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) row[i] = x[i];
+    __syncthreads();
+    cu_row_rmsnorm(row, dh, norm_w, eps, red);
+    cu_row_rope(row + dh - n_rot, n_rot, inv_freq, step->pos0 + t, false);
+    if (fp8) cu_row_fp8(row, dh - n_rot, 64, fred);
+    if (f16) cu_row_f16(row, dh);
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) x[i] = row[i];
+}
+
+int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int n = a->n, D = hp->n_embd, dh = hp->head_dim, H = hp->n_head, ql = hp->q_lora;
+    const bool aq = a->num.act_quant;
+    /* q_a and kv read the same normed input */
+    cu_mv_pair(c, &l->q_a, a->cq, ql, &l->kv, a->kv, dh, a->u, D, n, aq, &c->s.a1, a->step, 0);
+    k_rows_rmsnorm<<<n, 256, (size_t)ql * sizeof(float), c->st>>>(a->cq, ql, ql, l->q_a_norm, hp->rms_eps);
+    CU_LAUNCH(c, "q_a_norm");
+    cu_mv_pair(c, &l->q_b, a->q, (int64_t)H * dh, nullptr, nullptr, 0, a->cq, ql, n, aq, &c->s.a1, a->step, 0);
+    int64_t warps = (int64_t)n * H;
+    k_q_heads<<<cu_div_up(warps * 32, 256), 256, 0, c->st>>>(a->q, n, H, dh, hp->n_rot, a->rope->inv_freq, hp->rms_eps,
+                                                             a->step);
+    CU_LAUNCH(c, "q_heads");
+    k_kv_finish<<<n, 256, (size_t)2 * dh * sizeof(float), c->st>>>(a->kv, dh, hp->n_rot, l->kv_norm, hp->rms_eps,
+                                                                    a->rope->inv_freq, a->num.fp8_kv,
+                                                                    a->num.f16_cache, a->step);
+    CU_LAUNCH(c, "kv_finish");
+    return c->err;
+}
+
+/* ---------------------------------------------------------------- kv store */
+
+template <typename T>
+__global__ void k_kv_store(const float *kv, T *raw, int n, int dh, int W, const ds4_step *step) {
+    const int t0 = n > W ? n - W : 0;
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)(n - t0) * dh) return;
+    const int t = t0 + (int)(i / dh), e = (int)(i % dh);
+    raw[(int64_t)((step->pos0 + t) % W) * dh + e] = cu_to_row<T>(kv[(int64_t)t * dh + e]);
+}
+
+int cu_kv_store(void *ctx, const ds4_kv_store_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    const int n = a->n, W = hp->window, dh = hp->head_dim, nt = n > W ? W : n;
+    int64_t items = (int64_t)nt * dh;
+    if (a->row_type == DS4_TYPE_F16)
+        k_kv_store<__half><<<cu_div_up(items, 256), 256, 0, c->st>>>(a->kv, (__half *)a->raw, n, dh, W, a->step);
+    else
+        k_kv_store<float><<<cu_div_up(items, 256), 256, 0, c->st>>>(a->kv, (float *)a->raw, n, dh, W, a->step);
+    CU_LAUNCH(c, "kv_store");
+    return c->err;
+}
+
+/* ---------------------------------------------------------------- attention */
+
+struct attn_p {
+    const float *q;          /* (n, H, dh) */
+    const float *kv;         /* (n, dh) batch rows, f32 */
+    const void *raw;         /* ring (W, dh), T */
+    const void *comp;        /* (cap, dh), T */
+    const int32_t *sel, *n_sel;
+    const float *sinks;
+    const float *inv_freq;
+    float *o;                /* (n, H, dh) */
+    const ds4_step *step;
+    int H, dh, W, n_rot, kind, ratio, topk, nr_cap;
+    float scale;
+};
+
+/* Attention for HB heads of token blockIdx.y (heads HB*blockIdx.x...).
+ * 256 threads. Phase 1: warps take rows (raw window then compressed rows),
+ * each lane holding dh/32 values of the row, and write HB scores. Phase 2:
+ * warp h: softmax with the sink. Phase 3: each thread accumulates dims
+ * tid, tid+256, ... of the HB outputs over the rows (in row order).
+ * Phase 4: inverse RoPE, store. Shared: HB*dh (q, then o) + HB*nr_cap. */
+template <typename T, int HB>
+__global__ void __launch_bounds__(256) k_attention(const __grid_constant__ attn_p p) {
+    extern __shared__ float sm[];
+    float *qs = sm;                       /* HB x dh */
+    float *sc = sm + HB * p.dh;           /* HB x nr_cap */
+    const int t = blockIdx.y, h0 = blockIdx.x * HB, dh = p.dh;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int pos0 = p.step->pos0, P = pos0 + t;
+    const int lo = P - p.W + 1 > 0 ? P - p.W + 1 : 0, n_raw = P - lo + 1;
+    int n_comp = 0;
+    const int32_t *sel = nullptr;
+    if (p.kind == DS4_ATTN_HCA) n_comp = (P + 1) / p.ratio;
+    else if (p.kind == DS4_ATTN_CSA) {
+        n_comp = p.n_sel[t];
+        sel = p.sel + (int64_t)t * p.topk;
+    }
+    int nr = n_raw + n_comp;
+    if (nr > p.nr_cap) nr = p.nr_cap; /* cannot happen within capacity */
+    for (int i = threadIdx.x; i < HB * dh; i += blockDim.x)
+        qs[i] = p.q[((int64_t)t * p.H + h0 + i / dh) * dh + i % dh];
+    __syncthreads();
+    auto row_ptr = [&](int r, bool *f32) -> const void * {
+        if (r < n_raw) {
+            int pos = lo + r;
+            if (pos >= pos0) {
+                *f32 = true;
+                return p.kv + (int64_t)(pos - pos0) * dh;
+            }
+            *f32 = false;
+            return (const T *)p.raw + (int64_t)(pos % p.W) * dh;
+        }
+        *f32 = false;
+        int k = r - n_raw;
+        return (const T *)p.comp + (int64_t)(sel ? sel[k] : k) * dh;
+    };
+    /* phase 1: scores */
+    const int per = dh / 32; /* values per lane, <= 32 */
+    for (int r = w; r < nr; r += 8) {
+        bool f32;
+        const void *rp = row_ptr(r, &f32);
+        float part[HB];
+#pragma unroll
+        for (int h = 0; h < HB; h++) part[h] = 0.0f;
+        for (int k = 0; k < per; k++) {
+            int e = lane + 32 * k;
+            float v = f32 ? ((const float *)rp)[e] : cu_from_row(((const T *)rp)[e]);
+#pragma unroll
+            for (int h = 0; h < HB; h++) part[h] = fmaf(qs[h * dh + e], v, part[h]);
+        }
+#pragma unroll
+        for (int h = 0; h < HB; h++) {
+            float s = cu_warp_sum(part[h]);
+            if (lane == 0) sc[h * p.nr_cap + r] = s * p.scale;
+        }
+    }
+    __syncthreads();
+    /* phase 2: softmax with the sink, one warp per head */
+    if (w < HB) {
+        float *s = sc + w * p.nr_cap;
+        const float sink = p.sinks[h0 + w];
+        float mx = sink;
+        for (int r = lane; r < nr; r += 32) mx = fmaxf(mx, s[r]);
+        mx = cu_warp_max(mx);
+        float den = 0.0f;
+        for (int r = lane; r < nr; r += 32) {
+            float e = expf(s[r] - mx);
+            s[r] = e;
+            den += e;
+        }
+        den = cu_warp_sum(den) + expf(sink - mx);
+        for (int r = lane; r < nr; r += 32) s[r] = s[r] / den;
+    }
+    __syncthreads();
+    /* phase 3: outputs */
+    float acc[HB][4];
+#pragma unroll
+    for (int h = 0; h < HB; h++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) acc[h][k] = 0.0f;
+    for (int r = 0; r < nr; r++) {
+        bool f32;
+        const void *rp = row_ptr(r, &f32);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int e = threadIdx.x + 256 * k;
+            if (e >= dh) break;
+            float v = f32 ? ((const float *)rp)[e] : cu_from_row(((const T *)rp)[e]);
+#pragma unroll
+            for (int h = 0; h < HB; h++) acc[h][k] = fmaf(sc[h * p.nr_cap + r], v, acc[h][k]);
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        int e = threadIdx.x + 256 * k;
+        if (e >= dh) break;
+#pragma unroll
+        for (int h = 0; h < HB; h++) qs[h * dh + e] = acc[h][k];
+    }
+    __syncthreads();
+    /* phase 4: inverse RoPE per head, store */
+    const int half = p.n_rot / 2;
+    for (int i = threadIdx.x; i < HB * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        cu_rope_pair(qs + h * dh + dh - p.n_rot, j, p.inv_freq, P, true);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < HB * dh; i += blockDim.x)
+        p.o[((int64_t)t * p.H + h0 + i / dh) * dh + i % dh] = qs[i];
+}
+
+static size_t attn_smem(int hb, int dh, int nr_cap) { return ((size_t)hb * dh + (size_t)hb * nr_cap) * sizeof(float); }
+
+template <typename T>
+static void launch_attention(cu_ctx *c, const attn_p &p, int n) {
+    int hb = 8;
+    while (hb > 1 && (p.H % hb || attn_smem(hb, p.dh, p.nr_cap) > 160 * 1024)) hb /= 2;
+    size_t smem = attn_smem(hb, p.dh, p.nr_cap);
+    if (smem > 200 * 1024) {
+        cu_fail(c, DS4_E_RANGE, "cuda: attention over %d rows exceeds shared memory", p.nr_cap);
+        return;
+    }
+    dim3 grid(p.H / hb, n);
+#define AT(HB)                                                                                        \
+    do {                                                                                              \
+        cudaFuncSetAttribute(k_attention<T, HB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024); \
+        k_attention<T, HB><<<grid, 256, smem, c->st>>>(p);                                            \
+    } while (0)
+    switch (hb) {
+    case 8: AT(8); break;
+    case 4: AT(4); break;
+    case 2: AT(2); break;
+    default: AT(1); break;
+    }
+#undef AT
+    CU_LAUNCH(c, "attention");
+}
+
+int cu_attention(void *ctx, const ds4_attention_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int n = a->n, H = hp->n_head, dh = hp->head_dim, G = hp->o_groups, ol = hp->o_lora;
+    attn_p p;
+    p.q = a->q;
+    p.kv = a->kv;
+    p.raw = a->raw;
+    p.comp = a->comp;
+    p.sel = a->sel;
+    p.n_sel = a->n_sel;
+    p.sinks = l->sinks;
+    p.inv_freq = a->rope->inv_freq;
+    p.o = c->s.o;
+    p.step = a->step;
+    p.H = H;
+    p.dh = dh;
+    p.W = hp->window;
+    p.n_rot = hp->n_rot;
+    p.kind = l->kind;
+    p.ratio = l->ratio;
+    p.topk = hp->idx_topk;
+    p.nr_cap = hp->window + (l->kind == DS4_ATTN_CSA ? hp->idx_topk : l->kind == DS4_ATTN_HCA ? a->comp_cap : 0);
+    p.scale = 1.0f / sqrtf((float)dh);
+    if (a->row_type == DS4_TYPE_F16) launch_attention<__half>(c, p, n);
+    else launch_attention<float>(c, p, n);
+    /* grouped output projection: z_g = W_oa[g] . (heads of group g) */
+    const int64_t gd = (int64_t)(H / G) * dh;
+    const bool aq = a->num.act_quant && cu_act_type(l->o_a.type) >= 0;
+    if (aq) cu_quantize(c, cu_act_type(l->o_a.type), c->s.o, (int64_t)H * dh, n, H * dh, &c->s.a1);
+    for (int g0 = 0; g0 < G; g0 += CU_MAX_SEGS) {
+        cu_seg segs[CU_MAX_SEGS];
+        int ns = 0;
+        for (int g = g0; g < G && ns < CU_MAX_SEGS; g++)
+            segs[ns++] = cu_seg{cu_weight_rows(&l->o_a, 0, (int64_t)g * ol), ol, c->s.z + (int64_t)g * ol,
+                                (int64_t)G * ol, g * gd};
+        cu_matvec(c, segs, ns, n, c->s.o, (int64_t)H * dh, aq ? &c->s.a1 : nullptr, a->step, 0);
+    }
+    cu_mv_pair(c, &l->o_b, a->y, hp->n_embd, nullptr, nullptr, 0, c->s.z, (int64_t)G * ol, n, a->num.act_quant,
+            &c->s.a2, a->step, 0);
+    return c->err;
+}
+
+/* ---------------------------------------------------------------- head */
+
+int cu_head(void *ctx, const ds4_head_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_model *m = a->m;
+    const ds4_hparams *hp = &m->hp;
+    hc_mix(c, m, &m->out_hc_fn, hp->n_hc, a->X, a->n, m->out_hc_scale, m->out_hc_base, m->out_norm, c->s.hn, nullptr,
+           nullptr, true);
+    cu_mv_pair(c, &m->output, a->logits, hp->n_vocab, nullptr, nullptr, 0, c->s.hn, hp->n_embd, a->n, a->num.act_quant,
+            &c->s.a1, a->step, 0);
+    return c->err;
+}
+
+/* ---------------------------------------------------------------- argmax */
+
+/* One block per row: the lowest index of the largest finite value, 0 when
+ * none is finite (ds4_argmax). */
+__global__ void __launch_bounds__(1024) k_argmax(const float *logits, int n_vocab, int32_t *ids) {
+    const float *x = logits + (int64_t)blockIdx.x * n_vocab;
+    float bv = 0.0f;
+    int bi = -1;
+    for (int i = threadIdx.x; i < n_vocab; i += blockDim.x) {
+        float v = x[i];
+        if (isfinite(v) && (bi < 0 || v > bv)) {
+            bv = v;
+            bi = i;
+        }
+    }
+    __shared__ float sv[1024];
+    __shared__ int si[1024];
+    sv[threadIdx.x] = bv;
+    si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int h = blockDim.x / 2; h > 0; h >>= 1) {
+        if (threadIdx.x < h) {
+            float v2 = sv[threadIdx.x + h];
+            int i2 = si[threadIdx.x + h];
+            int i1 = si[threadIdx.x];
+            if (i2 >= 0 && (i1 < 0 || v2 > sv[threadIdx.x] || (v2 == sv[threadIdx.x] && i2 < i1))) {
+                sv[threadIdx.x] = v2;
+                si[threadIdx.x] = i2;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) ids[blockIdx.x] = si[0] < 0 ? 0 : si[0];
+}
+
+void cu_argmax_rows(cu_ctx *c, const float *logits, int n_rows, int n_vocab, int32_t *ids_dev) {
+    k_argmax<<<n_rows, 1024, 0, c->st>>>(logits, n_vocab, ids_dev);
+    CU_LAUNCH(c, "argmax");
+}

@@ -1,0 +1,352 @@
+/* ops_compress.cu - CUDA stages of the compressors (MODEL.md C.5) and the
+ * lightning indexer (C.6).
+ *
+ * Compressor: the batch's kv/gate projections, then one block per window
+ * completed inside the batch pools its candidates (previous window's first
+ * halves for the overlapping R = 4 compressor, then the current window),
+ * reading positions before the batch from the frontier ring and the
+ * batch's own positions from the projections; only then are the batch's
+ * last c*R tokens written into the ring. Which windows complete is decided
+ * on the device from the step's pos0.
+ *
+ * Indexer: per token the visible compressed rows are all rows when there
+ * are <= top_k of them, else the top_k best scores (ties to the lower row)
+ * listed in ascending order, found by an exact 4-pass radix select over
+ * order-preserving keys of the float scores and an ordered compaction.
+ */
+#include "cuda/cuda.cuh"
+#include "cuda/rowops.cuh"
+
+/* Element i of a small plain-typed weight (F32 / F16 / BF16). */
+__device__ __forceinline__ float cu_plain(int type, const void *p, int64_t i) {
+    if (type == DS4_TYPE_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return type == DS4_TYPE_F16 ? cu_h2f(h) : __uint_as_float((uint32_t)h << 16);
+}
+
+struct comp_p {
+    const float *A, *G;       /* (n, w) batch projections */
+    float *fa, *fg;           /* rings (ring, w) */
+    const void *ape;          /* (R, w) plain type */
+    int ape_type;
+    const float *norm_w;      /* (d) */
+    const float *inv_freq;
+    void *rows;               /* (cap, d) T */
+    int cap, d, w, R, ring, n, n_rot;
+    bool overlap, indexer, fp8, fp4, f16;
+    float eps;
+    const ds4_step *step;
+    int *status;
+};
+
+/* One block per window k completed by the batch (k = k_lo + blockIdx.x);
+ * threads loop over channels; shared: 2*d floats. */
+template <typename T>
+__global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_p p) {
+    extern __shared__ float sm[];
+    __shared__ double red[32];
+    float *row = sm, *fred = sm + p.d;
+    const int pos0 = p.step->pos0, R = p.R;
+    const int k = (pos0 + R) / R - 1 + blockIdx.x, k_hi = (pos0 + p.n) / R - 1;
+    if (k > k_hi) return;
+    /* candidate q at column offset off: g (with ape) and a */
+    auto cand = [&](int q, int col, float *g, float *a) {
+        if (q >= pos0) {
+            const int64_t i = (int64_t)(q - pos0) * p.w + col;
+            *a = p.A[i];
+            *g = __fadd_rn(p.G[i], cu_plain(p.ape_type, p.ape, (int64_t)(q % R) * p.w + col));
+        } else {
+            const int64_t i = (int64_t)(q % p.ring) * p.w + col;
+            *a = p.fa[i];
+            *g = p.fg[i];
+        }
+    };
+    const int off = p.overlap ? p.d : 0;
+    const bool prev = p.overlap && k > 0;
+    for (int ch = threadIdx.x; ch < p.d; ch += blockDim.x) {
+        float g, a, mx = -INFINITY, sum = 0.0f, acc = 0.0f;
+        if (prev)
+            for (int r = 0; r < R; r++) {
+                cand(R * (k - 1) + r, ch, &g, &a);
+                mx = fmaxf(mx, g);
+            }
+        for (int r = 0; r < R; r++) {
+            cand(R * k + r, off + ch, &g, &a);
+            mx = fmaxf(mx, g);
+        }
+        if (prev)
+            for (int r = 0; r < R; r++) {
+                cand(R * (k - 1) + r, ch, &g, &a);
+                sum = __fadd_rn(sum, expf(g - mx));
+            }
+        for (int r = 0; r < R; r++) {
+            cand(R * k + r, off + ch, &g, &a);
+            sum = __fadd_rn(sum, expf(g - mx));
+        }
+        if (prev)
+            for (int r = 0; r < R; r++) {
+                cand(R * (k - 1) + r, ch, &g, &a);
+                acc = __fadd_rn(acc, __fmul_rn(a, expf(g - mx) / sum));
+            }
+        for (int r = 0; r < R; r++) {
+            cand(R * k + r, off + ch, &g, &a);
+            acc = __fadd_rn(acc, __fmul_rn(a, expf(g - mx) / sum));
+        }
+        row[ch] = acc;
+    }
+    __syncthreads();
+    cu_row_rmsnorm(row, p.d, p.norm_w, p.eps, red);
+    cu_row_rope(row + p.d - p.n_rot, p.n_rot, p.inv_freq, k * R, false);
+    if (p.indexer) {
+        if (p.fp4) {
+            cu_row_hadamard(row, p.d);
+            cu_row_fp4(row, p.d, fred);
+        }
+    } else if (p.fp8) {
+        cu_row_fp8(row, p.d - p.n_rot, 64, fred);
+    }
+    if (p.f16) cu_row_f16(row, p.d);
+    if (k >= p.cap) {
+        if (threadIdx.x == 0) atomicOr(p.status, p.indexer ? CU_ST_IDX_RANGE : CU_ST_COMP_RANGE);
+        return;
+    }
+    T *dst = (T *)p.rows + (int64_t)k * p.d;
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) dst[i] = cu_to_row<T>(row[i]);
+}
+
+/* The batch's last min(n, ring) tokens into the frontier rings. */
+__global__ void k_comp_ring(const __grid_constant__ comp_p p) {
+    const int t0 = p.n > p.ring ? p.n - p.ring : 0;
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)(p.n - t0) * p.w) return;
+    const int t = t0 + (int)(i / p.w), col = (int)(i % p.w);
+    const int pos = p.step->pos0 + t, slot = pos % p.ring;
+    const int64_t src = (int64_t)t * p.w + col, dst = (int64_t)slot * p.w + col;
+    p.fa[dst] = p.A[src];
+    p.fg[dst] = __fadd_rn(p.G[src], cu_plain(p.ape_type, p.ape, (int64_t)(pos % p.R) * p.w + col));
+}
+
+int cu_compress_update(void *ctx, const ds4_compress_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    const int n = a->n, D = hp->n_embd, cw = a->overlap ? 2 : 1, w = cw * a->d;
+    cu_mv_pair(c, a->wkv, c->s.ca, w, a->wgate, c->s.cg, w, a->u, D, n, a->num.act_quant, &c->s.a1, a->step, 0);
+    comp_p p;
+    p.A = c->s.ca;
+    p.G = c->s.cg;
+    p.fa = a->fa;
+    p.fg = a->fg;
+    p.ape = a->ape->data;
+    p.ape_type = a->ape->type;
+    p.norm_w = a->norm_w;
+    p.inv_freq = a->rope->inv_freq;
+    p.rows = a->rows;
+    p.cap = a->cap;
+    p.d = a->d;
+    p.w = w;
+    p.R = a->ratio;
+    p.ring = cw * a->ratio;
+    p.n = n;
+    p.n_rot = hp->n_rot;
+    p.overlap = a->overlap;
+    p.indexer = a->indexer;
+    p.fp8 = a->num.fp8_kv;
+    p.fp4 = a->num.fp4_indexer;
+    p.f16 = a->num.f16_cache;
+    p.eps = hp->rms_eps;
+    p.step = a->step;
+    p.status = c->dstatus;
+    const int blocks = cu_div_up(n, a->ratio);
+    const size_t smem = (size_t)2 * a->d * sizeof(float);
+    if (a->row_type == DS4_TYPE_F16) k_comp_emit<__half><<<blocks, 256, smem, c->st>>>(p);
+    else k_comp_emit<float><<<blocks, 256, smem, c->st>>>(p);
+    CU_LAUNCH(c, "compress_emit");
+    const int nt = n > p.ring ? p.ring : n;
+    k_comp_ring<<<cu_div_up((int64_t)nt * w, 256), 256, 0, c->st>>>(p);
+    CU_LAUNCH(c, "compress_ring");
+    return c->err;
+}
+
+/* ---------------------------------------------------------------- indexer */
+
+/* Indexer query finish for (t, h) = (blockIdx.y, blockIdx.x): RoPE at
+ * pos0 + t, Hadamard + FP4 when on. Skipped below top_k. Shared: 2*ID. */
+__global__ void __launch_bounds__(128) k_idx_q(float *qi, int IH, int ID, int n_rot, const float *inv_freq, bool fp4,
+                                              int topk, int n, const ds4_step *step) {
+    extern __shared__ float sm[];
+    const int pos0 = step->pos0;
+    if ((pos0 + n) / 4 <= topk) return;
+    const int t = blockIdx.y, h = blockIdx.x;
+    float *q = qi + ((int64_t)t * IH + h) * ID, *row = sm, *fred = sm + ID;
+    for (int i = threadIdx.x; i < ID; i += blockDim.x) row[i] = q[i];
+    __syncthreads();
+    cu_row_rope(row + ID - n_rot, n_rot, inv_freq, pos0 + t, false);
+    if (fp4) {
+        cu_row_hadamard(row, ID);
+        cu_row_fp4(row, ID, fred);
+    }
+    for (int i = threadIdx.x; i < ID; i += blockDim.x) q[i] = row[i];
+}
+
+/* Scores of rows for tokens t0..t0+nt-1 (blockIdx.y = t - t0): one warp per
+ * row, 8 warps x 8 rows per block; heads summed in order (cpu idx_task):
+ * tot += relu(q_h . k) * sm_scale * (w_h * w_scale). Shared: IH x ID (q). */
+template <typename T>
+__global__ void __launch_bounds__(256) k_idx_scores(const float *qi, const float *wt, const T *krows, int IH, int ID,
+                                                   int topk, int t0, float sm_scale, float w_scale, float *scores,
+                                                   int64_t ld_scores, const ds4_step *step) {
+    extern __shared__ float qs[];
+    const int tl = blockIdx.y, t = t0 + tl, pos0 = step->pos0;
+    const int Nc = (pos0 + t + 1) / 4;
+    if (Nc <= topk) return;
+    const int r0 = blockIdx.x * 64;
+    if (r0 >= Nc) return;
+    for (int i = threadIdx.x; i < IH * ID; i += blockDim.x) qs[i] = qi[(int64_t)t * IH * ID + i];
+    __syncthreads();
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, per = ID / 32;
+    const float *wt_t = wt + (int64_t)t * IH;
+    for (int r = r0 + w; r < r0 + 64 && r < Nc; r += 8) {
+        float k[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            if (e < per) k[e] = cu_from_row(krows[(int64_t)r * ID + lane + 32 * e]);
+        float tot = 0.0f;
+        for (int h = 0; h < IH; h++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                if (e < per) s = fmaf(qs[h * ID + lane + 32 * e], k[e], s);
+            s = cu_warp_sum(s);
+            float v = __fmul_rn(s > 0.0f ? s : 0.0f, sm_scale);
+            tot = __fadd_rn(tot, __fmul_rn(v, __fmul_rn(wt_t[h], w_scale)));
+        }
+        if (lane == 0) scores[(int64_t)tl * ld_scores + r] = tot;
+    }
+}
+
+__device__ __forceinline__ uint32_t cu_order_key(float f) {
+    if (f == 0.0f) f = 0.0f; /* -0 ties +0, as the CPU's comparisons */
+    uint32_t u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* Top-k of token t = t0 + blockIdx.x (1024 threads). Radix select of the
+ * k-th largest key (4 passes of 8 bits), then an ordered compaction taking
+ * every key above it and the lowest-index keys equal to it. */
+__global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t ld_scores, int topk, int t0,
+                                                  int32_t *sel, int32_t *n_sel, const ds4_step *step) {
+    __shared__ int hist[256];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_need;
+    __shared__ int wsum[2][32];
+    const int tl = blockIdx.x, t = t0 + tl;
+    const int Nc = (step->pos0 + t + 1) / 4;
+    int32_t *out = sel + (int64_t)t * topk;
+    if (Nc <= topk) {
+        for (int i = threadIdx.x; i < Nc; i += blockDim.x) out[i] = i;
+        if (threadIdx.x == 0) n_sel[t] = Nc;
+        return;
+    }
+    const float *s = scores + (int64_t)tl * ld_scores;
+    uint32_t prefix = 0, mask = 0;
+    int need = topk;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < Nc; i += blockDim.x) {
+            uint32_t k = cu_order_key(s[i]);
+            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255], 1);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int cum = 0, b = 255;
+            for (; b > 0; b--) {
+                if (cum + hist[b] >= need) break;
+                cum += hist[b];
+            }
+            s_prefix = prefix | ((uint32_t)b << shift);
+            s_need = need - cum;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        need = s_need;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    /* prefix = key of the k-th largest; `need` of the keys equal to it are
+     * taken, lowest indices first. Ordered compaction in chunks. */
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int base_sel = 0, base_eq = 0;
+    for (int i0 = 0; i0 < Nc; i0 += blockDim.x) {
+        const int i = i0 + threadIdx.x;
+        uint32_t k = i < Nc ? cu_order_key(s[i]) : 0;
+        const bool gt = i < Nc && k > prefix, eq = i < Nc && k == prefix;
+        const unsigned lt = (1u << lane) - 1;
+        unsigned beq = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) wsum[1][w] = __popc(beq);
+        __syncthreads();
+        int eq_before = base_eq;
+        for (int k2 = 0; k2 < w; k2++) eq_before += wsum[1][k2];
+        eq_before += __popc(beq & lt);
+        const bool take = gt || (eq && eq_before < need);
+        unsigned bt = __ballot_sync(0xffffffffu, take);
+        if (lane == 0) wsum[0][w] = __popc(bt);
+        __syncthreads();
+        int pos = base_sel;
+        for (int k2 = 0; k2 < w; k2++) pos += wsum[0][k2];
+        pos += __popc(bt & lt);
+        if (take && pos < topk) out[pos] = i;
+        int tot_sel = 0, tot_eq = 0;
+        for (int k2 = 0; k2 < nw; k2++) {
+            tot_sel += wsum[0][k2];
+            tot_eq += wsum[1][k2];
+        }
+        base_sel += tot_sel;
+        base_eq += tot_eq;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) n_sel[t] = topk;
+}
+
+int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int n = a->n, IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
+    /* projections, skipped on the device while no token has > top_k rows */
+    cu_mv_pair(c, &l->idx_q_b, c->s.qi, (int64_t)IH * ID, nullptr, nullptr, 0, a->cq, hp->q_lora, n, a->num.act_quant,
+               &c->s.a1, a->step, K);
+    cu_mv_pair(c, &l->idx_proj, c->s.wt, IH, nullptr, nullptr, 0, a->u, hp->n_embd, n, a->num.act_quant, &c->s.a2,
+               a->step, K);
+    dim3 gq(IH, n);
+    k_idx_q<<<gq, 128, (size_t)2 * ID * sizeof(float), c->st>>>(c->s.qi, IH, ID, hp->n_rot, a->rope->inv_freq,
+                                                                 a->num.fp4_indexer, K, n, a->step);
+    CU_LAUNCH(c, "indexer_q");
+    const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
+    const int64_t ld = (int64_t)(c->s.n_ctx / 4 + 1);
+    /* The grid covers the rows visible to the batch's last token. A step
+     * being captured (decode, replayed later at other positions) covers
+     * the session capacity instead; eager steps may size it from the host
+     * position. */
+    const int max_rows = c->capturing ? (int)(c->s.n_ctx / 4 + 1) : (a->pos0 + n) / 4 + 1;
+    const size_t qsm = (size_t)IH * ID * sizeof(float);
+    for (int t0 = 0; t0 < n; t0 += c->s.score_rows) {
+        const int nt = n - t0 < c->s.score_rows ? n - t0 : c->s.score_rows;
+        dim3 gs(cu_div_up(max_rows, 64), nt);
+        if (a->row_type == DS4_TYPE_F16) {
+            cudaFuncSetAttribute(k_idx_scores<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsm);
+            k_idx_scores<__half><<<gs, 256, qsm, c->st>>>(c->s.qi, c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0,
+                                                         sm_scale, w_scale, c->s.scores, ld, a->step);
+        } else {
+            cudaFuncSetAttribute(k_idx_scores<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsm);
+            k_idx_scores<float><<<gs, 256, qsm, c->st>>>(c->s.qi, c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0,
+                                                        sm_scale, w_scale, c->s.scores, ld, a->step);
+        }
+        CU_LAUNCH(c, "indexer_scores");
+        k_idx_topk<<<nt, 1024, 0, c->st>>>(c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
+        CU_LAUNCH(c, "indexer_topk");
+    }
+    return c->err;
+}

@@ -1,0 +1,368 @@
+/* ops_moe.cu - CUDA stages of the FFN (MODEL.md C.8): the router (hash
+ * table or biased top-k, sqrt-softplus weights) and the routed + shared
+ * experts.
+ *
+ * Routed experts run expert-major for every batch size: a single-block
+ * kernel groups the (token, slot) items by expert (stable: increasing item
+ * index inside an expert, as the CPU), listing the active experts; then
+ * gate+up (with SwiGLU, clamp and route weight) and down run one block
+ * column per active expert, each weight row read once per tile of up to 8
+ * items of that expert; outputs land per item and a final kernel sums the
+ * slots in order and adds the shared expert (cpu_moe_experts' order). No
+ * float atomics anywhere: results do not depend on scheduling.
+ */
+#include "cuda/cuda.cuh"
+#include "cuda/rowops.cuh"
+
+#define MOE_MAX_E 256
+
+/* ---------------------------------------------------------------- router */
+
+__device__ __forceinline__ float cu_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* One warp per token (8 per block). Shared: 8 x E scores. */
+__global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E, int K, const int32_t *tokens,
+                                              const int32_t *tid2eid, const float *bias, bool hash, bool norm,
+                                              float scale, int32_t *ids, float *wts) {
+    extern __shared__ float sm[];
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * 8 + w;
+    if (t >= n) return;
+    float *s = sm + w * E;
+    for (int e = lane; e < E; e += 32) s[e] = sqrtf(cu_softplus(logits[(int64_t)t * E + e]));
+    __syncwarp();
+    int32_t *id = ids + (int64_t)t * K;
+    if (hash) {
+        if (lane < K) id[lane] = tid2eid[(int64_t)tokens[t] * K + lane];
+    } else {
+        uint32_t taken[MOE_MAX_E / 32] = {0}; /* bit e%32 of word e/32, kept identical in every lane */
+        for (int i = 0; i < K; i++) {
+            float bv = 0.0f;
+            int be = -1;
+            for (int e = lane; e < E; e += 32) {
+                if (taken[e >> 5] >> (e & 31) & 1) continue;
+                float v = __fadd_rn(s[e], bias[e]);
+                if (be < 0 || v > bv) {
+                    be = e;
+                    bv = v;
+                }
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                int oe = __shfl_xor_sync(0xffffffffu, be, o);
+                if (oe >= 0 && (be < 0 || ov > bv || (ov == bv && oe < be))) {
+                    bv = ov;
+                    be = oe;
+                }
+            }
+            taken[be >> 5] |= 1u << (be & 31);
+            if (lane == 0) id[i] = be;
+        }
+    }
+    __syncwarp();
+    if (lane == 0) {
+        float sum = 0.0f;
+        for (int i = 0; i < K; i++) sum += s[id[i]];
+        for (int i = 0; i < K; i++) {
+            float g = norm ? s[id[i]] / (sum + 1e-20f) : s[id[i]];
+            wts[(int64_t)t * K + i] = g * scale;
+        }
+    }
+}
+
+int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int E = hp->n_expert, K = hp->n_expert_used;
+    cu_mv_pair(c, &l->gate_inp, c->s.rl, E, nullptr, nullptr, 0, a->v, hp->n_embd, a->n, false, &c->s.a1, a->step, 0);
+    k_route<<<cu_div_up(a->n, 8), 256, (size_t)8 * E * sizeof(float), c->st>>>(
+        c->s.rl, a->n, E, K, a->tokens, l->tid2eid, l->exp_bias, l->hash, hp->expert_weights_norm,
+        hp->expert_weights_scale, a->ids, a->w);
+    CU_LAUNCH(c, "route");
+    return c->err;
+}
+
+/* ---------------------------------------------------------------- grouping */
+
+/* Groups the n*K items by expert (single block of 1024 threads):
+ * off[e]..off[e+1] are expert e's positions in items[] (increasing item
+ * index), act[0..n_act) the experts with items (ascending), act[E] = n_act.
+ * Shared: E counters, E running offsets, 32 x E per-warp counts. */
+__global__ void __launch_bounds__(1024) k_moe_group(const int32_t *ids, int NI, int E, int32_t *items, int32_t *off,
+                                                   int32_t *act) {
+    extern __shared__ int smi[];
+    int *cnt = smi, *run = smi + E, *wc = smi + 2 * E;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < NI; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int o = 0, na = 0;
+        for (int e = 0; e < E; e++) {
+            off[e] = o;
+            run[e] = o;
+            if (cnt[e]) act[na++] = e;
+            o += cnt[e];
+        }
+        off[E] = o;
+        act[E] = na;
+    }
+    __syncthreads();
+    const unsigned lt = (1u << lane) - 1;
+    for (int i0 = 0; i0 < NI; i0 += blockDim.x) {
+        const int i = i0 + threadIdx.x;
+        const int e = i < NI ? ids[i] : -1;
+        for (int k = threadIdx.x; k < 32 * E; k += blockDim.x) wc[k] = 0;
+        __syncthreads();
+        const unsigned same = __match_any_sync(0xffffffffu, e);
+        if (e >= 0 && lane == __ffs(same) - 1) wc[w * E + e] = __popc(same);
+        __syncthreads();
+        if (e >= 0) {
+            int pos = run[e] + __popc(same & lt);
+            for (int k = 0; k < w; k++) pos += wc[k * E + e];
+            items[pos] = i;
+        }
+        __syncthreads();
+        for (int e2 = threadIdx.x; e2 < E; e2 += blockDim.x) {
+            int s = 0;
+            for (int k = 0; k < 32; k++) s += wc[k * E + e2];
+            run[e2] += s;
+        }
+        __syncthreads();
+    }
+}
+
+/* ---------------------------------------------------------------- experts */
+
+struct moe_p {
+    cu_w wa, wb;             /* gate and up (gate/up kernel) or down (wa) */
+    int64_t mat_rows;        /* rows per expert matrix */
+    int rows;                /* rows computed (F for gate/up, D for down) */
+    int nch;                 /* chunks per row */
+    int K;
+    const int32_t *items, *off, *act;
+    int E;
+    const float *wts;        /* (n*K) route weights by item */
+    const float *x;          /* f32 activations */
+    const int8_t *aq;
+    const float *ad;
+    const int32_t *abs;
+    int64_t ld;              /* activation row length */
+    float *out;              /* gate/up: (NI, F) by position; down: (NI, D) by item */
+    float lim;
+    const uint64_t *grid;
+    const uint8_t *ksigns;
+};
+
+/* Gate + up + SwiGLU for active expert act[blockIdx.y], rows
+ * blockIdx.x*8 + warp, its items in tiles of NT. */
+template <int WT, bool AQ, int NT>
+__global__ void __launch_bounds__(256) k_moe_gate_up(const __grid_constant__ moe_p p) {
+    __shared__ cu_iq2_tab tab;
+    if constexpr (WT == DS4_TYPE_IQ2_XXS) {
+        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+        __syncthreads();
+    }
+    if ((int)blockIdx.y >= p.act[p.E]) return;
+    const int e = p.act[blockIdx.y];
+    const int r = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= p.rows) return;
+    const int64_t row = (int64_t)e * p.mat_rows + r;
+    const uint8_t *qa = p.wa.q + (size_t)row * p.wa.q_row, *sa = p.wa.s ? p.wa.s + (size_t)row * p.wa.s_row : nullptr;
+    const uint8_t *qb = p.wb.q + (size_t)row * p.wb.q_row, *sb = p.wb.s ? p.wb.s + (size_t)row * p.wb.s_row : nullptr;
+    const int b = p.off[e], ne = p.off[e + 1] - b;
+    for (int i0 = 0; i0 < ne; i0 += NT) {
+        const int nt = ne - i0 < NT ? ne - i0 : NT;
+        float ga[NT], ua[NT];
+        int64_t xo[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            ga[t] = ua[t] = 0.0f;
+            xo[t] = t < nt ? (int64_t)(p.items[b + i0 + t] / p.K) * p.ld : 0;
+        }
+        cu_row_dot<WT, AQ, NT>(qa, sa, p.nch, nt, p.x, p.aq, p.ad, p.abs, xo, ga, &tab);
+        cu_row_dot<WT, AQ, NT>(qb, sb, p.nch, nt, p.x, p.aq, p.ad, p.abs, xo, ua, &tab);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float g = cu_warp_sum(ga[t]), u = cu_warp_sum(ua[t]);
+            if (lane == 0 && t < nt) {
+                const int pos = b + i0 + t;
+                float gv = g < p.lim ? g : p.lim;
+                float uv = u < -p.lim ? -p.lim : (u > p.lim ? p.lim : u);
+                float si = gv / (1.0f + expf(-gv));
+                p.out[(int64_t)pos * p.rows + r] = __fmul_rn(__fmul_rn(si, uv), p.wts[p.items[pos]]);
+            }
+        }
+    }
+}
+
+/* Down projection for active expert act[blockIdx.y]: rows blockIdx.x*8 +
+ * warp; the inputs are the expert-major hidden rows; outputs by item. */
+template <int WT, bool AQ, int NT>
+__global__ void __launch_bounds__(256) k_moe_down(const __grid_constant__ moe_p p) {
+    __shared__ cu_iq2_tab tab;
+    if constexpr (WT == DS4_TYPE_IQ2_XXS) {
+        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+        __syncthreads();
+    }
+    if ((int)blockIdx.y >= p.act[p.E]) return;
+    const int e = p.act[blockIdx.y];
+    const int r = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= p.rows) return;
+    const int64_t row = (int64_t)e * p.mat_rows + r;
+    const uint8_t *qa = p.wa.q + (size_t)row * p.wa.q_row, *sa = p.wa.s ? p.wa.s + (size_t)row * p.wa.s_row : nullptr;
+    const int b = p.off[e], ne = p.off[e + 1] - b;
+    for (int i0 = 0; i0 < ne; i0 += NT) {
+        const int nt = ne - i0 < NT ? ne - i0 : NT;
+        float acc[NT];
+        int64_t xo[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            acc[t] = 0.0f;
+            xo[t] = (int64_t)(b + i0 + t) * p.ld;
+        }
+        cu_row_dot<WT, AQ, NT>(qa, sa, p.nch, nt, p.x, p.aq, p.ad, p.abs, xo, acc, &tab);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float v = cu_warp_sum(acc[t]);
+            if (lane == 0 && t < nt) p.out[(int64_t)p.items[b + i0 + t] * p.rows + r] = v;
+        }
+    }
+}
+
+template <int WT, bool AQ>
+static void launch_gate_up(cu_ctx *c, const moe_p &p, dim3 grid, int n) {
+    if (n == 1) k_moe_gate_up<WT, AQ, 1><<<grid, 256, 0, c->st>>>(p);
+    else k_moe_gate_up<WT, AQ, 8><<<grid, 256, 0, c->st>>>(p);
+}
+
+template <int WT, bool AQ>
+static void launch_down(cu_ctx *c, const moe_p &p, dim3 grid, int n) {
+    if (n == 1) k_moe_down<WT, AQ, 1><<<grid, 256, 0, c->st>>>(p);
+    else k_moe_down<WT, AQ, 8><<<grid, 256, 0, c->st>>>(p);
+}
+
+#define MOE_DISPATCH(LAUNCH, type, aq, ...)                                                            \
+    switch (type) {                                                                                    \
+    case DS4_TYPE_F32: LAUNCH<DS4_TYPE_F32, false>(__VA_ARGS__); break;                                \
+    case DS4_TYPE_F16: LAUNCH<DS4_TYPE_F16, false>(__VA_ARGS__); break;                                \
+    case DS4_TYPE_BF16: LAUNCH<DS4_TYPE_BF16, false>(__VA_ARGS__); break;                              \
+    case DS4_TYPE_Q8_0:                                                                                \
+        if (aq) LAUNCH<DS4_TYPE_Q8_0, true>(__VA_ARGS__);                                              \
+        else LAUNCH<DS4_TYPE_Q8_0, false>(__VA_ARGS__);                                                \
+        break;                                                                                         \
+    case DS4_TYPE_Q4_K:                                                                                \
+        if (aq) LAUNCH<DS4_TYPE_Q4_K, true>(__VA_ARGS__);                                              \
+        else LAUNCH<DS4_TYPE_Q4_K, false>(__VA_ARGS__);                                                \
+        break;                                                                                         \
+    case DS4_TYPE_Q2_K:                                                                                \
+        if (aq) LAUNCH<DS4_TYPE_Q2_K, true>(__VA_ARGS__);                                              \
+        else LAUNCH<DS4_TYPE_Q2_K, false>(__VA_ARGS__);                                                \
+        break;                                                                                         \
+    case DS4_TYPE_IQ2_XXS:                                                                             \
+        if (aq) LAUNCH<DS4_TYPE_IQ2_XXS, true>(__VA_ARGS__);                                           \
+        else LAUNCH<DS4_TYPE_IQ2_XXS, false>(__VA_ARGS__);                                             \
+        break;                                                                                         \
+    default: cu_fail(c, DS4_E_INTERNAL, "cuda: experts of type %s", ds4_type_name(type));            \
+    }
+
+/* h = silu(min(g, lim)) * clamp(u, -lim, lim) (shared expert, weight 1) */
+__global__ void k_swiglu(float *g, const float *u, int64_t n, float lim) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float gv = g[i] < lim ? g[i] : lim;
+    float uv = u[i] < -lim ? -lim : (u[i] > lim ? lim : u[i]);
+    float si = gv / (1.0f + expf(-gv));
+    g[i] = __fmul_rn(__fmul_rn(si, uv), 1.0f);
+}
+
+/* y[t][d] = (sum_k out[t*K+k][d]) + shared[t][d] */
+__global__ void k_moe_sum(const float *out, const float *sh, float *y, int n, int D, int K) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)n * D) return;
+    const int t = (int)(i / D), d = (int)(i % D);
+    float acc = 0.0f;
+    for (int k = 0; k < K; k++) acc += out[((int64_t)t * K + k) * D + d];
+    y[i] = acc + sh[i];
+}
+
+int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int n = a->n, D = hp->n_embd, F = hp->n_ff_exp, E = hp->n_expert, K = hp->n_expert_used, NI = n * K;
+    const float lim = hp->swiglu_clamp[a->il];
+    const bool aq = a->num.act_quant;
+    cu_scratch &s = c->s;
+    /* group items by expert */
+    k_moe_group<<<1, 1024, (size_t)(2 * E + 32 * E) * sizeof(int), c->st>>>(a->ids, NI, E, s.items, s.off, s.act);
+    if (!CU_LAUNCH(c, "moe_group")) return c->err;
+    const int n_slots = NI < E ? NI : E;
+    /* gate + up */
+    moe_p p;
+    memset(&p, 0, sizeof p);
+    p.K = K;
+    p.items = s.items;
+    p.off = s.off;
+    p.act = s.act;
+    p.E = E;
+    p.wts = a->w;
+    p.lim = lim;
+    p.grid = c->grid;
+    p.ksigns = c->ksigns;
+    const int gat = aq ? cu_act_type(l->gate_exps.type) : -1;
+    p.wa = cu_weight_view(&l->gate_exps);
+    p.wb = cu_weight_view(&l->up_exps);
+    p.mat_rows = F;
+    p.rows = F;
+    p.nch = D / 32;
+    p.ld = D;
+    if (gat >= 0) {
+        cu_quantize(c, gat, a->v, D, n, D, &s.a2);
+        p.aq = s.a2.q;
+        p.ad = s.a2.d;
+        p.abs = s.a2.bs;
+    } else {
+        p.x = a->v;
+    }
+    p.out = s.gu;
+    dim3 g1(cu_div_up(F, 8), n_slots);
+    MOE_DISPATCH(launch_gate_up, l->gate_exps.type, gat >= 0, c, p, g1, n);
+    CU_LAUNCH(c, "moe_gate_up");
+    /* down: hidden rows (expert-major) quantized for the down type */
+    const int dat = aq ? cu_act_type(l->down_exps.type) : -1;
+    moe_p q = p;
+    q.wa = cu_weight_view(&l->down_exps);
+    q.mat_rows = D;
+    q.rows = D;
+    q.nch = F / 32;
+    q.ld = F;
+    q.x = nullptr;
+    q.aq = nullptr;
+    q.ad = nullptr;
+    q.abs = nullptr;
+    if (dat >= 0) {
+        cu_quantize(c, dat, s.gu, F, NI, F, &s.a3);
+        q.aq = s.a3.q;
+        q.ad = s.a3.d;
+        q.abs = s.a3.bs;
+    } else {
+        q.x = s.gu;
+    }
+    q.out = s.out;
+    dim3 g2(cu_div_up(D, 8), n_slots);
+    MOE_DISPATCH(launch_down, l->down_exps.type, dat >= 0, c, q, g2, n);
+    CU_LAUNCH(c, "moe_down");
+    /* shared expert */
+    cu_mv_pair(c, &l->gate_sh, s.sg, F, &l->up_sh, s.su, F, a->v, D, n, aq, &s.a1, a->step, 0);
+    k_swiglu<<<cu_div_up((int64_t)n * F, 256), 256, 0, c->st>>>(s.sg, s.su, (int64_t)n * F, lim);
+    CU_LAUNCH(c, "shared_swiglu");
+    cu_mv_pair(c, &l->down_sh, s.sd, D, nullptr, nullptr, 0, s.sg, F, n, aq, &s.a1, a->step, 0);
+    k_moe_sum<<<cu_div_up((int64_t)n * D, 256), 256, 0, c->st>>>(s.out, s.sd, a->y, n, D, K);
+    CU_LAUNCH(c, "moe_sum");
+    return c->err;
+}

@@ -1,0 +1,320 @@
+/* quant.cuh - per-format device code of the CUDA backend: decoding one
+ * 32-value chunk of a weight row (device layout, cuda.cuh) and its int8
+ * dot with quantized activations. This is the only place that knows block
+ * formats on the GPU; every kernel is templated on the type and calls
+ * these. Formats and formulas follow src/quant.c:
+ *  - f32 path: dequantize (same expressions as quant.c's dq_*), then FMA;
+ *  - int8 path (act_quant, E.1): the integer sums of quant.c's dotq_* are
+ *    exact; a K-quant super-block spans 8 consecutive chunks (lanes), whose
+ *    integer partials are combined by the caller before the one float
+ *    expression per super-block that quant.c uses.
+ * Chunk c of a row = values [32c, 32c+32).
+ */
+#ifndef DS4_CUDA_QUANT_CUH
+#define DS4_CUDA_QUANT_CUH
+
+#include "cuda/cuda.cuh"
+
+__device__ __forceinline__ float cu_h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ uint16_t cu_ld16(const uint8_t *p) { return *(const uint16_t *)p; }
+__device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return *(const uint32_t *)p; }
+
+/* The IQ2_XXS tables, loaded into shared memory by kernels that need them. */
+struct cu_iq2_tab {
+    uint64_t grid[256];
+    uint8_t ksigns[128];
+};
+
+__device__ __forceinline__ void cu_iq2_tab_load(cu_iq2_tab *t, const uint64_t *grid, const uint8_t *ksigns) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) t->grid[i] = grid[i];
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) t->ksigns[i] = ksigns[i];
+}
+
+/* byte mask (0x00 / 0xff per byte) of the low 4 bits of s */
+__device__ __forceinline__ uint32_t cu_sign_mask4(uint32_t s) {
+    uint32_t m = (s & 1u) | ((s & 2u) << 7) | ((s & 4u) << 14) | ((s & 8u) << 21);
+    return m * 0xffu;
+}
+
+__device__ __forceinline__ void cu_q4k_scale_min(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* ---------------------------------------------------------------- f32 path */
+
+/* v[0..32) = dequantized chunk c of a row (qrow/srow: the row's planes). */
+template <int WT>
+__device__ __forceinline__ void cu_dq_chunk(const uint8_t *qrow, const uint8_t *srow, int c, float *v,
+                                            const cu_iq2_tab *tab) {
+    if constexpr (WT == DS4_TYPE_F32) {
+        const float4 *p = (const float4 *)(qrow + (size_t)c * 128);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            float4 f = p[i];
+            v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+        }
+    } else if constexpr (WT == DS4_TYPE_F16 || WT == DS4_TYPE_BF16) {
+        const uint4 *p = (const uint4 *)(qrow + (size_t)c * 64);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint4 u = p[i];
+            uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                uint16_t lo = (uint16_t)(w[k] & 0xffff), hi = (uint16_t)(w[k] >> 16);
+                if constexpr (WT == DS4_TYPE_F16) {
+                    v[8 * i + 2 * k] = cu_h2f(lo);
+                    v[8 * i + 2 * k + 1] = cu_h2f(hi);
+                } else {
+                    v[8 * i + 2 * k] = __uint_as_float((uint32_t)lo << 16);
+                    v[8 * i + 2 * k + 1] = __uint_as_float((uint32_t)hi << 16);
+                }
+            }
+        }
+    } else if constexpr (WT == DS4_TYPE_Q8_0) {
+        const uint4 *p = (const uint4 *)(qrow + (size_t)c * 32);
+        float d = cu_h2f(cu_ld16(srow + 2 * (size_t)c));
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            uint4 u = p[i];
+            uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int k = 0; k < 16; k++) v[16 * i + k] = d * (float)(int8_t)(w[k / 4] >> (8 * (k % 4)));
+        }
+    } else if constexpr (WT == DS4_TYPE_Q4_K) {
+        const uint8_t *b = qrow + (size_t)(c >> 3) * 144;
+        int j = c & 7;
+        float d = cu_h2f(cu_ld16(b)), dmin = cu_h2f(cu_ld16(b + 2));
+        int sc, m;
+        cu_q4k_scale_min(b + 4, j, &sc, &m);
+        float dl = d * (float)sc, ml = dmin * (float)m;
+        const uint4 *p = (const uint4 *)(b + 16 + 32 * (j >> 1));
+        int sh = (j & 1) * 4;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            uint4 u = p[i];
+            uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int k = 0; k < 16; k++) v[16 * i + k] = dl * (float)((w[k / 4] >> (8 * (k % 4) + sh)) & 15) - ml;
+        }
+    } else if constexpr (WT == DS4_TYPE_Q2_K) {
+        const uint8_t *b = qrow + (size_t)(c >> 3) * 84;
+        int j = c & 7, h = j >> 2, k2 = 2 * (j & 3);
+        float d = cu_h2f(cu_ld16(b + 80)), dmin = cu_h2f(cu_ld16(b + 82));
+#pragma unroll
+        for (int s = 0; s < 2; s++) {
+            int sc = b[8 * h + (j & 3) * 2 + s];
+            float dl = d * (float)(sc & 15), ml = dmin * (float)(sc >> 4);
+#pragma unroll
+            for (int w4 = 0; w4 < 4; w4++) {
+                uint32_t w = cu_ld32(b + 16 + 32 * h + 16 * s + 4 * w4);
+#pragma unroll
+                for (int k = 0; k < 4; k++) v[16 * s + 4 * w4 + k] = dl * (float)((w >> (8 * k + k2)) & 3) - ml;
+            }
+        }
+    } else if constexpr (WT == DS4_TYPE_IQ2_XXS) {
+        int g = c & 7;
+        const uint8_t *p = qrow + (size_t)(c >> 3) * 64 + 8 * g;
+        uint32_t a0 = cu_ld32(p), a1 = cu_ld32(p + 4);
+        float d = cu_h2f(cu_ld16(srow + 2 * (size_t)(c >> 3)));
+        float db = d * (0.5f + (float)(a1 >> 28)) * 0.25f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
+            uint8_t signs = tab->ksigns[(a1 >> (7 * k)) & 127];
+#pragma unroll
+            for (int m = 0; m < 8; m++) {
+                float x = db * (float)(uint8_t)(grid >> (8 * m));
+                v[8 * k + m] = (signs >> m) & 1 ? -x : x;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- int8 path */
+
+/* Integer partial of chunk c against 32 int8 activations aq (16-byte
+ * aligned) and, for K-quants, the chunk's two Q8_K group sums bs0/bs1.
+ * Q8_0: *isum = sum w*a, *fscale = d_w (the caller multiplies by d_a).
+ * K-quants: *isum, *msum are this chunk's share of quant.c's super-block
+ * isum / msum (IQ2_XXS: bsum; msum 0), and *fscale the super-block's d. */
+template <int WT>
+__device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t *srow, int c, const int8_t *aq,
+                                              int bs0, int bs1, int *isum, int *msum, float *d, float *dmin,
+                                              const cu_iq2_tab *tab) {
+    const int4 a01 = ((const int4 *)aq)[0], a23 = ((const int4 *)aq)[1];
+    const int a[8] = {a01.x, a01.y, a01.z, a01.w, a23.x, a23.y, a23.z, a23.w};
+    if constexpr (WT == DS4_TYPE_Q8_0) {
+        const int4 *p = (const int4 *)(qrow + (size_t)c * 32);
+        int4 w0 = p[0], w1 = p[1];
+        int s = 0;
+        s = __dp4a(w0.x, a[0], s); s = __dp4a(w0.y, a[1], s); s = __dp4a(w0.z, a[2], s); s = __dp4a(w0.w, a[3], s);
+        s = __dp4a(w1.x, a[4], s); s = __dp4a(w1.y, a[5], s); s = __dp4a(w1.z, a[6], s); s = __dp4a(w1.w, a[7], s);
+        *isum = s;
+        *msum = 0;
+        *d = cu_h2f(cu_ld16(srow + 2 * (size_t)c));
+        *dmin = 0.0f;
+    } else if constexpr (WT == DS4_TYPE_Q4_K) {
+        const uint8_t *b = qrow + (size_t)(c >> 3) * 144;
+        int j = c & 7;
+        int sc, m;
+        cu_q4k_scale_min(b + 4, j, &sc, &m);
+        const int4 *p = (const int4 *)(b + 16 + 32 * (j >> 1));
+        int4 u0 = p[0], u1 = p[1];
+        const uint32_t w[8] = {(uint32_t)u0.x, (uint32_t)u0.y, (uint32_t)u0.z, (uint32_t)u0.w,
+                               (uint32_t)u1.x, (uint32_t)u1.y, (uint32_t)u1.z, (uint32_t)u1.w};
+        int sh = (j & 1) * 4, s = 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) s = __dp4a((int)((w[i] >> sh) & 0x0f0f0f0fu), a[i], s);
+        *isum = sc * s;
+        *msum = m * (bs0 + bs1);
+        *d = cu_h2f(cu_ld16(b));
+        *dmin = cu_h2f(cu_ld16(b + 2));
+    } else if constexpr (WT == DS4_TYPE_Q2_K) {
+        const uint8_t *b = qrow + (size_t)(c >> 3) * 84;
+        int j = c & 7, h = j >> 2, k2 = 2 * (j & 3);
+        int sc0 = b[8 * h + (j & 3) * 2], sc1 = b[8 * h + (j & 3) * 2 + 1];
+        int s0 = 0, s1 = 0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint32_t w = cu_ld32(b + 16 + 32 * h + 4 * i);
+            s0 = __dp4a((int)((w >> k2) & 0x03030303u), a[i], s0);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint32_t w = cu_ld32(b + 32 + 32 * h + 4 * i);
+            s1 = __dp4a((int)((w >> k2) & 0x03030303u), a[4 + i], s1);
+        }
+        *isum = (sc0 & 15) * s0 + (sc1 & 15) * s1;
+        *msum = (sc0 >> 4) * bs0 + (sc1 >> 4) * bs1;
+        *d = cu_h2f(cu_ld16(b + 80));
+        *dmin = cu_h2f(cu_ld16(b + 82));
+    } else if constexpr (WT == DS4_TYPE_IQ2_XXS) {
+        int g = c & 7;
+        const uint8_t *p = qrow + (size_t)(c >> 3) * 64 + 8 * g;
+        uint32_t a0 = cu_ld32(p), a1 = cu_ld32(p + 4);
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
+            uint32_t signs = tab->ksigns[(a1 >> (7 * k)) & 127];
+            uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
+            uint32_t g0 = (uint32_t)grid, g1 = (uint32_t)(grid >> 32);
+            int v0 = (int)__vsub4(g0 ^ m0, m0), v1 = (int)__vsub4(g1 ^ m1, m1);
+            s = __dp4a(v0, a[2 * k], s);
+            s = __dp4a(v1, a[2 * k + 1], s);
+        }
+        *isum = (2 * (int)(a1 >> 28) + 1) * s;
+        *msum = 0;
+        *d = cu_h2f(cu_ld16(srow + 2 * (size_t)(c >> 3)));
+        *dmin = 0.0f;
+    }
+    (void)bs0, (void)bs1, (void)tab;
+}
+
+/* The float value of a K-quant super-block from its summed integers, as
+ * quant.c's dotq_*: ad * (d*isum - dmin*msum), IQ2_XXS ad * (d*0.125*isum). */
+template <int WT>
+__device__ __forceinline__ float cu_kblock(float ad, float d, float dmin, int isum, int msum) {
+    if constexpr (WT == DS4_TYPE_IQ2_XXS) return ad * (d * 0.125f * (float)isum);
+    else return ad * (d * (float)isum - dmin * (float)msum);
+}
+
+template <int WT> struct cu_is_k { static constexpr bool v = WT == DS4_TYPE_Q2_K || WT == DS4_TYPE_Q4_K || WT == DS4_TYPE_IQ2_XXS; };
+
+/* Sum over the 8 lanes of a super-block (lanes 8g..8g+7), exact. */
+__device__ __forceinline__ int cu_sum8(int v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);
+    v += __shfl_xor_sync(0xffffffffu, v, 4);
+    return v;
+}
+
+__device__ __forceinline__ float cu_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double cu_warp_sumd(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float cu_warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* One thread's contribution to y = W[row] . x for NT token rows, over the
+ * chunks c = lane, lane+32, ... of a row (all lanes of the warp call it
+ * together). Token row t starts at element offset xo[t] of the activation
+ * arrays: f32 rows x, or int8 rows aq with scales ad (one per 32 values for
+ * Q8_0, per 256 for Q8_K) and Q8_K group sums abs (one per 16). Returns
+ * per-token partials in acc[]; the caller reduces them over the warp. */
+template <int WT, bool AQ, int NT>
+__device__ __forceinline__ void cu_row_dot(const uint8_t *qrow, const uint8_t *srow, int nch, int nt, const float *x,
+                                           const int8_t *aq, const float *ad, const int32_t *abs, const int64_t *xo,
+                                           float *acc, const cu_iq2_tab *tab) {
+    const int lane = threadIdx.x & 31;
+    for (int base = 0; base < nch; base += 32) {
+        const int c = base + lane;
+        const bool on = c < nch;
+        if constexpr (!AQ) {
+            if (on) {
+                float v[32];
+                cu_dq_chunk<WT>(qrow, srow, c, v, tab);
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    if (t >= nt) break;
+                    const float4 *xp = (const float4 *)(x + xo[t] + (int64_t)c * 32);
+                    float s = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        float4 f = xp[i];
+                        s = fmaf(v[4 * i], f.x, s);
+                        s = fmaf(v[4 * i + 1], f.y, s);
+                        s = fmaf(v[4 * i + 2], f.z, s);
+                        s = fmaf(v[4 * i + 3], f.w, s);
+                    }
+                    acc[t] += s;
+                }
+            }
+        } else if constexpr (WT == DS4_TYPE_Q8_0) {
+            if (on) {
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    if (t >= nt) break;
+                    int isum, msum;
+                    float d, dmin;
+                    cu_dotq_chunk<WT>(qrow, srow, c, aq + xo[t] + (int64_t)c * 32, 0, 0, &isum, &msum, &d, &dmin, tab);
+                    acc[t] += (d * ad[xo[t] / 32 + c]) * (float)isum;
+                }
+            }
+        } else {
+            /* K-quants: 8 lanes per super-block; inactive lanes add zeros */
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t >= nt) break;
+                int isum = 0, msum = 0;
+                float d = 0.0f, dmin = 0.0f;
+                if (on) {
+                    const int64_t g16 = xo[t] / 16 + 2 * (int64_t)c;
+                    cu_dotq_chunk<WT>(qrow, srow, c, aq + xo[t] + (int64_t)c * 32, abs[g16], abs[g16 + 1], &isum, &msum,
+                                      &d, &dmin, tab);
+                }
+                isum = cu_sum8(isum);
+                msum = cu_sum8(msum);
+                if (on && (lane & 7) == 0) acc[t] += cu_kblock<WT>(ad[xo[t] / 256 + c / 8], d, dmin, isum, msum);
+            }
+        }
+    }
+}
+
+#endif

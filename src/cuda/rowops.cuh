@@ -1,0 +1,205 @@
+/* rowops.cuh - block-wide operations on one row held in shared memory:
+ * RMSNorm, RoPE, the official roundings of MODEL.md §E (FP8 E4M3 blocks,
+ * Hadamard + FP4 E2M1 blocks, half storage), written to compute exactly
+ * what src/numerics.c and cpu_rmsnorm/cpu_rope compute (same expressions;
+ * multiplies and adds are kept separate with __fmul_rn/__fadd_rn where the
+ * CPU does not fuse them). Reductions are fixed trees (deterministic); the
+ * sum of squares runs in double as on the CPU.
+ *
+ * Every function is called by all threads of the block and ends with a
+ * __syncthreads(). red: shared scratch of at least 32 doubles.
+ */
+#ifndef DS4_CUDA_ROWOPS_CUH
+#define DS4_CUDA_ROWOPS_CUH
+
+#include "cuda/quant.cuh"
+
+/* Block sum of one double per thread (blockDim a multiple of 32, <= 1024). */
+__device__ __forceinline__ double cu_block_sumd(double v, double *red) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = cu_warp_sumd(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        double s = lane < nw ? red[lane] : 0.0;
+        s = cu_warp_sumd(s);
+        if (lane == 0) red[0] = s;
+    }
+    __syncthreads();
+    double r = red[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ float cu_block_sumf(float v, float *red) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = cu_warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float s = lane < nw ? red[lane] : 0.0f;
+        s = cu_warp_sum(s);
+        if (lane == 0) red[0] = s;
+    }
+    __syncthreads();
+    float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ float cu_block_maxf(float v, float *red) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = cu_warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float s = lane < nw ? red[lane] : -INFINITY;
+        s = cu_warp_max(s);
+        if (lane == 0) red[0] = s;
+    }
+    __syncthreads();
+    float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+/* x[0..n) <- RMSNorm_w(x) (w may be NULL), as cpu_rmsnorm. */
+__device__ __forceinline__ void cu_row_rmsnorm(float *x, int n, const float *w, float eps, double *red) {
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * (double)x[i];
+    ss = cu_block_sumd(ss, red);
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = __fmul_rn(x[i], r);
+        x[i] = w ? __fmul_rn(w[i], v) : v;
+    }
+    __syncthreads();
+}
+
+/* Interleaved-pair RoPE of z[0..n_rot) at pos (inverse: angle -theta). */
+__device__ __forceinline__ void cu_rope_pair(float *z, int i, const float *inv_freq, int pos, bool inverse) {
+    float th = __fmul_rn((float)pos, inv_freq[i]);
+    float c = cosf(th), s = sinf(th);
+    if (inverse) s = -s;
+    float x0 = z[2 * i], x1 = z[2 * i + 1];
+    z[2 * i] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    z[2 * i + 1] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+}
+
+__device__ __forceinline__ void cu_row_rope(float *z, int n_rot, const float *inv_freq, int pos, bool inverse) {
+    for (int i = threadIdx.x; i < n_rot / 2; i += blockDim.x) cu_rope_pair(z, i, inv_freq, pos, inverse);
+    __syncthreads();
+}
+
+__device__ __forceinline__ int cu_ceil_log2(float r) {
+    int e;
+    float m = frexpf(r, &e);
+    return m == 0.5f ? e - 1 : e;
+}
+
+__device__ __forceinline__ float cu_e4m3_round(float v) {
+    float a = fabsf(v);
+    if (a == 0.0f) return v;
+    int e;
+    frexpf(a, &e);
+    int ex = e - 1;
+    if (ex < -6) ex = -6;
+    float step = ldexpf(1.0f, ex - 3);
+    float r = __fmul_rn(rintf(a / step), step);
+    if (r > 448.0f) r = 448.0f;
+    return v < 0 ? -r : r;
+}
+
+__device__ __forceinline__ float cu_e2m1_round(float v) {
+    float a = fabsf(v), r;
+    if (a <= 0.25f) r = 0.0f;
+    else if (a < 0.75f) r = 0.5f;
+    else if (a <= 1.25f) r = 1.0f;
+    else if (a < 1.75f) r = 1.5f;
+    else if (a <= 2.5f) r = 2.0f;
+    else if (a < 3.5f) r = 3.0f;
+    else if (a <= 5.0f) r = 4.0f;
+    else r = 6.0f;
+    return v < 0 ? -r : r;
+}
+
+/* E.2: FP8 rounding of x[0..n) in blocks of `block` (a power of two <= 64
+ * that divides 32*k or is 64): one thread per value, amax per block by
+ * shared-memory max (exact). */
+__device__ __forceinline__ void cu_row_fp8(float *x, int n, int block, float *fred) {
+    /* fred: >= n floats of scratch */
+    for (int i = threadIdx.x; i < n; i += blockDim.x) fred[i] = fabsf(x[i]);
+    __syncthreads();
+    for (int h = block / 2; h > 0; h >>= 1) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            if ((i % block) < h && i + h < n && (i / block) == ((i + h) / block)) fred[i] = fmaxf(fred[i], fred[i + h]);
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float amax = fred[(i / block) * block];
+        if (amax < 1e-4f) amax = 1e-4f;
+        float scale = ldexpf(1.0f, cu_ceil_log2(amax / 448.0f));
+        float v = x[i] / scale;
+        if (v > 448.0f) v = 448.0f;
+        if (v < -448.0f) v = -448.0f;
+        x[i] = __fmul_rn(cu_e4m3_round(v), scale);
+    }
+    __syncthreads();
+}
+
+/* E.3: orthonormal Sylvester Hadamard of x[0..n) (n a power of two),
+ * butterfly stages exactly as ds4_num_hadamard. */
+__device__ __forceinline__ void cu_row_hadamard(float *x, int n) {
+    for (int h = 1; h < n; h *= 2) {
+        for (int p = threadIdx.x; p < n / 2; p += blockDim.x) {
+            int i = (p / h) * 2 * h + (p % h), j = i + h;
+            float a = x[i], b = x[j];
+            x[i] = __fadd_rn(a, b);
+            x[j] = __fsub_rn(a, b);
+        }
+        __syncthreads();
+    }
+    float s = n == 128 ? 0.08838834764831845f : 1.0f / sqrtf((float)n);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = __fmul_rn(x[i], s);
+    __syncthreads();
+}
+
+/* E.3: FP4 rounding in blocks of 32 (n a multiple of 32). */
+__device__ __forceinline__ void cu_row_fp4(float *x, int n, float *fred) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) fred[i] = fabsf(x[i]);
+    __syncthreads();
+    for (int h = 16; h > 0; h >>= 1) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x)
+            if ((i & 31) < h) fred[i] = fmaxf(fred[i], fred[i + h]);
+        __syncthreads();
+    }
+    const float floor_amax = 6.0f * 0x1p-126f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float amax = fred[i & ~31];
+        if (amax < floor_amax) amax = floor_amax;
+        float scale = ldexpf(1.0f, cu_ceil_log2(amax / 6.0f));
+        float v = x[i] / scale;
+        if (v > 6.0f) v = 6.0f;
+        if (v < -6.0f) v = -6.0f;
+        x[i] = __fmul_rn(cu_e2m1_round(v), scale);
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ void cu_row_f16(float *x, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = __half2float(__float2half_rn(x[i]));
+    __syncthreads();
+}
+
+/* Stores a row into cache storage of type T (values already half-exact
+ * when T is __half and the f16 cache is on). */
+template <typename T> __device__ __forceinline__ T cu_to_row(float v);
+template <> __device__ __forceinline__ float cu_to_row<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half cu_to_row<__half>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ float cu_from_row(float v) { return v; }
+__device__ __forceinline__ float cu_from_row(__half v) { return __half2float(v); }
+
+#endif
