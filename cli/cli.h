@@ -37,6 +37,7 @@ typedef struct ds4_cli_opts {
     ds4_eval_mode eval_mode;       /* --eval prefill|decode|chunk:N */
     int eval_chunk;
     int dump_greedy;               /* --dump-greedy N (with --dump-logits) */
+    int layers;                    /* --layers N (diagnostic) */
     bool plain_numerics;           /* --plain-numerics (diagnostic) */
     bool cuda_sync_debug;          /* --cuda-sync-debug (diagnostic) */
     bool no_graphs;                /* --no-graphs (diagnostic) */

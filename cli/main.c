@@ -44,7 +44,8 @@ static void usage_debug(void) {
            "                     pointer must be backend memory; tests)\n"
            "  --cuda-sync-debug  CUDA: synchronise and check after every kernel launch\n"
            "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n"
-           "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n");
+           "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n"
+           "  --layers N         evaluate only the first N blocks, then the head (compare backends)\n");
 }
 
 static int parse_int(const char *opt, const char *s, long lo, long hi, long *out) {
@@ -144,6 +145,7 @@ ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
         .progress_user = &lb,
         .cuda_sync_debug = o->cuda_sync_debug,
         .cuda_no_graphs = o->no_graphs,
+        .layer_limit = o->layers,
     };
     ds4_engine *e = NULL;
     ds4_err err = {0};
@@ -196,7 +198,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;
         else if (!strcmp(a, "--cuda-sync-debug")) o.cuda_sync_debug = true;
         else if (!strcmp(a, "--no-graphs")) o.no_graphs = true;
-        else if (!strcmp(a, "--dump-greedy")) {
+        else if (!strcmp(a, "--layers")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 20, &v)) return 2; o.layers = (int)v;
+        } else if (!strcmp(a, "--dump-greedy")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 20, &v)) return 2; o.dump_greedy = (int)v;
         }
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) {

@@ -32,11 +32,26 @@ while [ $# -gt 0 ]; do
     stages)
         timeout 300 build/cuda/test_stages /tmp > "$OUT/stages.log" 2>&1; echo "stages: exit $?"
         grep -E "^FAIL|passed|==|failed" "$OUT/stages.log" | tail -60 ;;
+    synthfile)
+        # the published q2 tensor table at full size, experts as file holes
+        t0=$(date +%s)
+        python3 build/shared-tools/synth_gguf.py /tmp/synth-q2.gguf q2 tests/data/deepseek-v3-tokenizer.json > "$OUT/synth.log" 2>&1
+        cat /tmp/synth-q2.gguf > /dev/null
+        echo "synth file: exit $?, $(( $(date +%s) - t0 )) s"; ls -la /tmp/synth-q2.gguf ;;
+    fullshape)
+        t0=$(date +%s)
+        DS4_SYNTH_GGUF=/tmp/synth-q2.gguf DS4_PROMPTS_DIR=build/shared-tools/prompts PYTHONUNBUFFERED=1 \
+            timeout 500 python3 -m pytest -q -s -rfEs -p no:cacheprovider tests/cuda/test_full_shape.py > "$OUT/fullshape.log" 2>&1
+        echo "full shape: exit $?, $(( $(date +%s) - t0 )) s"
+        grep -E "layers|cpu|gpu|passed|failed|Error" "$OUT/fullshape.log" | tail -30 ;;
     bench)
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
         [ $# -gt 0 ] && shift
-        timeout 400 ./ds4-bench "${args[@]}" > "$OUT/bench.log" 2>&1; echo "bench: exit $?"
-        tail -40 "$OUT/bench.log" ;;
+        nb=$(( ${nb:-0} + 1 ))
+        echo "== ds4-bench ${args[*]}"
+        timeout "${BENCH_TIMEOUT:-240}" ./ds4-bench "${args[@]}" --csv "$OUT/bench-$nb.csv" > "$OUT/bench-$nb.log" 2>&1
+        echo "bench: exit $?"
+        cat "$OUT/bench-$nb.log" | cut -c1-160 | tail -40 ;;
     esac
 done

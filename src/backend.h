@@ -250,6 +250,13 @@ typedef struct ds4_step_info {
     uint64_t graph_key;
 } ds4_step_info;
 
+/* Stage kinds for per-stage timing (ds4-bench --profile). */
+enum {
+    DS4_PROF_EMBED = 0, DS4_PROF_HC_PRE, DS4_PROF_ATTN_PROJECT, DS4_PROF_COMPRESS, DS4_PROF_INDEXER,
+    DS4_PROF_ATTENTION, DS4_PROF_KV_STORE, DS4_PROF_HC_POST, DS4_PROF_MOE_ROUTE, DS4_PROF_MOE_EXPERTS,
+    DS4_PROF_HEAD, DS4_PROF_N
+};
+
 typedef struct ds4_backend_ops {
     const char *name;
     void (*destroy)(void *ctx);
@@ -288,6 +295,16 @@ typedef struct ds4_backend_ops {
      * lowest index of the largest finite value, 0 when none is finite.
      * ids is host memory; complete on return. */
     int (*argmax)(void *ctx, const float *logits, int n_rows, int n_vocab, int32_t *ids, ds4_err *err);
+    /* Optional (NULL when unsupported), for benchmarks and tests:
+     * prof_mark(kind) says that a stage of that kind starts now (kind =
+     * DS4_PROF_N closes the last one) in an eager step; prof_read adds up the
+     * milliseconds per kind since the last read into ms[DS4_PROF_N] and
+     * resets. bandwidth measures the device's streaming read rate (GB/s).
+     * describe writes a one-line description of the device and memory use. */
+    void (*prof_mark)(void *ctx, int kind);
+    int (*prof_read)(void *ctx, double *ms);
+    int (*bandwidth)(void *ctx, double *gbps, ds4_err *err);
+    void (*describe)(void *ctx, char *buf, size_t cap);
 
     int (*embed)(void *ctx, const ds4_embed_args *a);
     int (*hc_pre)(void *ctx, const ds4_hc_pre_args *a);

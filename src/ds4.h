@@ -59,6 +59,7 @@ typedef struct ds4_engine_opts {
     int cuda_device;          /* CUDA device ordinal */
     bool cuda_sync_debug;     /* synchronise and check after every launch */
     bool cuda_no_graphs;      /* never capture decode steps into graphs */
+    int layer_limit;          /* evaluate only the first N blocks, then the head (0 = all) */
 } ds4_engine_opts;
 
 /* Opens a model. On success *out owns the mapping and backend resources.

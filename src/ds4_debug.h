@@ -21,4 +21,41 @@ typedef struct ds4_debug_numerics {
 void ds4_debug_set_numerics(ds4_engine *e, const ds4_debug_numerics *n);
 void ds4_debug_get_numerics(const ds4_engine *e, ds4_debug_numerics *n);
 
+/* ---- Benchmarks and device tests (ds4-bench, make test-cuda) ---------- */
+
+/* One line about the backend's device and memory (static storage of e). */
+const char *ds4_debug_device(ds4_engine *e);
+/* Streaming read bandwidth of the backend's device in GB/s (a multi-GiB
+ * read); DS4_E_ARG when the backend cannot measure it. */
+int ds4_debug_bandwidth(ds4_engine *e, double *gbps, ds4_err *err);
+
+/* Per-stage timing: while on, the session's steps run eagerly (no graphs)
+ * with a mark before each stage; ds4_debug_profile_read adds up the
+ * milliseconds per stage kind since the last read (n_kinds entries, names
+ * from ds4_debug_profile_name) and resets them. Returns the number of kinds
+ * or DS4_E_ARG when the backend has no timing. */
+void ds4_debug_session_profile(ds4_session *s, bool on);
+int ds4_debug_profile_read(ds4_engine *e, double *ms, int max);
+const char *ds4_debug_profile_name(int kind);
+
+/* Puts the session at n_tokens tokens of pseudo-random ids without
+ * evaluating them: caches filled with synthetic rows (ds4-bench measures
+ * decode at 64k..1M without the prefill). The session's logits are then
+ * undefined until the next evaluation. */
+int ds4_debug_session_fast_forward(ds4_session *s, int n_tokens, uint64_t seed, ds4_err *err);
+
+/* Evaluates only the first n_layers blocks (then the head) in sessions
+ * created afterwards: intermediate results of two backends can be compared
+ * through the logits. 0 = all. */
+void ds4_debug_set_layer_limit(ds4_engine *e, int n_layers);
+
+/* Roofline inputs (PERFORMANCE.md A.3-A.7) computed from the loaded model:
+ * bytes of weights and of cached rows one decode step reads at context ctx
+ * (DS4_E_ARG for a vocab-only engine), and the FLOPs of one token at
+ * position pos. */
+int ds4_debug_decode_bytes(ds4_engine *e, int ctx, double *weight_bytes, double *kv_bytes);
+double ds4_debug_token_flops(ds4_engine *e, int pos);
+/* Bytes of the session's serialized state (its cached rows and frontiers). */
+size_t ds4_debug_session_state_bytes(const ds4_session *s);
+
 #endif

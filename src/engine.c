@@ -41,6 +41,8 @@ struct ds4_engine {
     ds4_numerics num;
     uint8_t fp[32];
     char describe[2048];
+    char device[512];
+    int layer_limit;       /* debug: blocks evaluated, 0 = all */
 };
 
 /* A light checkpoint (forward.h): the state at `pos` for the timeline that
@@ -199,6 +201,7 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
         if ((rc = e->be.ops->bind_model(e->be.ctx, &e->m, &bo, &e->bm, err))) goto fail;
     }
     if ((rc = fingerprint(e, opts, err))) goto fail;
+    e->layer_limit = opts->layer_limit > 0 ? opts->layer_limit : 0;
     build_describe(e, what);
     *out = e;
     return 0;
@@ -272,6 +275,7 @@ int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **o
     int rc = 0;
     if (!s->tokens || !s->logits) rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     else rc = ds4_fwd_new(e->bm, &e->be, e->num, s->n_ctx, s->n_batch, &s->f, err);
+    if (!rc && e->layer_limit) ds4_fwd_set_layer_limit(s->f, e->layer_limit);
     if (rc) {
         ds4_session_free(s);
         return rc;
@@ -632,3 +636,127 @@ void ds4_debug_get_numerics(const ds4_engine *e, ds4_debug_numerics *n) {
     *n = (ds4_debug_numerics){.fp8_kv = e->num.fp8_kv, .fp4_indexer = e->num.fp4_indexer,
                               .f16_cache = e->num.f16_cache, .act_quant = e->num.act_quant};
 }
+
+const char *ds4_debug_device(ds4_engine *e) {
+    if (!e->have_be) return "none";
+    if (e->be.ops->describe) e->be.ops->describe(e->be.ctx, e->device, sizeof e->device);
+    else snprintf(e->device, sizeof e->device, "%s backend", e->be.ops->name);
+    return e->device;
+}
+
+int ds4_debug_bandwidth(ds4_engine *e, double *gbps, ds4_err *err) {
+    if (!e->have_be || !e->be.ops->bandwidth)
+        return ds4_err_set(err, DS4_E_ARG, "the %s backend cannot measure bandwidth", ds4_engine_backend_name(e));
+    return e->be.ops->bandwidth(e->be.ctx, gbps, err);
+}
+
+void ds4_debug_session_profile(ds4_session *s, bool on) { ds4_fwd_set_profile(s->f, on); }
+
+int ds4_debug_profile_read(ds4_engine *e, double *ms, int max) {
+    if (!e->have_be || !e->be.ops->prof_read) return DS4_E_ARG;
+    double all[DS4_PROF_N];
+    int rc = e->be.ops->prof_read(e->be.ctx, all);
+    if (rc) return rc;
+    for (int i = 0; i < DS4_PROF_N && i < max; i++) ms[i] = all[i];
+    return DS4_PROF_N;
+}
+
+const char *ds4_debug_profile_name(int kind) {
+    static const char *names[DS4_PROF_N] = {"embed", "hc_pre", "attn_project", "compress", "indexer", "attention",
+                                            "kv_store", "hc_post", "moe_route", "moe_experts", "head"};
+    return kind >= 0 && kind < DS4_PROF_N ? names[kind] : "?";
+}
+
+int ds4_debug_session_fast_forward(ds4_session *s, int n_tokens, uint64_t seed, ds4_err *err) {
+    if (n_tokens < 1 || n_tokens >= s->n_ctx)
+        return ds4_err_set(err, DS4_E_RANGE, "fast forward to %d tokens: context is %d", n_tokens, s->n_ctx);
+    session_clear(s);
+    int rc = ds4_fwd_fast_forward(s->f, n_tokens, seed, err);
+    if (rc) {
+        session_clear(s);
+        return rc;
+    }
+    uint64_t x = seed | 1;
+    for (int i = 0; i < n_tokens; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        s->tokens[i] = (int32_t)(x % (uint64_t)s->e->hp.n_vocab);
+    }
+    s->n_tokens = n_tokens;
+    s->logits_host = true; /* undefined values, but present */
+    memset(s->logits, 0, (size_t)s->e->hp.n_vocab * sizeof(float));
+    return 0;
+}
+
+void ds4_debug_set_layer_limit(ds4_engine *e, int n_layers) { e->layer_limit = n_layers < 0 ? 0 : n_layers; }
+
+/* Bytes one decode step reads (PERFORMANCE.md A.3-A.4): every dense weight,
+ * n_expert_used of each expert stack, one embedding row; the indexer query
+ * projections only once a CSA layer holds more than top_k rows. KV: the raw
+ * window of every layer, all indexer keys and the selected rows of CSA
+ * layers, all compressed rows of HCA layers, in the backend's row type. */
+int ds4_debug_decode_bytes(ds4_engine *e, int ctx, double *weight_bytes, double *kv_bytes) {
+    if (!e->m.weights_loaded) return DS4_E_ARG;
+    const ds4_model *m = &e->m;
+    const ds4_hparams *hp = &m->hp;
+    double wb = 0, kb = 0;
+    const double elem = e->have_be && e->be.ops->kv_row_type(e->be.ctx, e->num) == DS4_TYPE_F16 ? 2 : 4;
+#define WB(w) ((double)(w).mat_bytes * (double)(w).n_mat)
+    wb += (double)m->tok_embd.row_bytes + WB(m->out_hc_fn) + WB(m->output);
+    for (int il = 0; il < hp->n_layer; il++) {
+        const ds4_layer *l = &m->layers[il];
+        const ds4_weight *dense[] = {&l->hc_attn_fn, &l->hc_ffn_fn, &l->q_a, &l->q_b, &l->kv, &l->o_a, &l->o_b,
+                                     &l->comp_ape, &l->comp_kv, &l->comp_gate, &l->icomp_ape, &l->icomp_kv,
+                                     &l->icomp_gate, &l->gate_inp, &l->gate_sh, &l->up_sh, &l->down_sh};
+        for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++)
+            if (dense[i]->n_in > 0) wb += WB(*dense[i]);
+        if (l->kind == DS4_ATTN_CSA && ctx / 4 > hp->idx_topk) wb += WB(l->idx_q_b) + WB(l->idx_proj);
+        const double frac = (double)hp->n_expert_used / (double)hp->n_expert;
+        wb += frac * (WB(l->gate_exps) + WB(l->up_exps) + WB(l->down_exps));
+        double rows = ctx < hp->window ? ctx : hp->window;
+        if (l->kind == DS4_ATTN_CSA) {
+            int nc = ctx / 4;
+            rows += nc < hp->idx_topk ? nc : hp->idx_topk;
+            kb += (double)nc * hp->idx_dim * elem;
+        } else if (l->kind == DS4_ATTN_HCA) {
+            rows += ctx / l->ratio;
+        }
+        kb += rows * hp->head_dim * elem;
+    }
+#undef WB
+    *weight_bytes = wb;
+    *kv_bytes = kb;
+    return 0;
+}
+
+/* Multiply-adds x2 of one token at position pos (A.7): every matmul weight
+ * of the token's path (6 experts) plus attention (QK and PV over the visible
+ * rows) and the indexer scan. */
+double ds4_debug_token_flops(ds4_engine *e, int pos) {
+    const ds4_model *m = &e->m;
+    const ds4_hparams *hp = &m->hp;
+    double f = 0;
+#define MAC(w) ((double)(w).n_in * (double)(w).n_out)
+    f += 2 * MAC(m->out_hc_fn);
+    for (int il = 0; il < hp->n_layer; il++) {
+        const ds4_layer *l = &m->layers[il];
+        const ds4_weight *dense[] = {&l->hc_attn_fn, &l->hc_ffn_fn, &l->q_a, &l->q_b, &l->kv, &l->o_a, &l->o_b,
+                                     &l->comp_kv, &l->comp_gate, &l->icomp_kv, &l->icomp_gate, &l->idx_q_b,
+                                     &l->idx_proj, &l->gate_inp, &l->gate_sh, &l->up_sh, &l->down_sh};
+        for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++)
+            if (dense[i]->n_in > 0) f += 2 * MAC(*dense[i]);
+        f += 2 * (double)hp->n_expert_used * (MAC(l->gate_exps) + MAC(l->up_exps) + MAC(l->down_exps));
+        double rows = pos + 1 < hp->window ? pos + 1 : hp->window;
+        if (l->kind == DS4_ATTN_CSA) {
+            int nc = (pos + 1) / 4;
+            rows += nc < hp->idx_topk ? nc : hp->idx_topk;
+            f += 2.0 * hp->idx_heads * hp->idx_dim * nc;
+        } else if (l->kind == DS4_ATTN_HCA) {
+            rows += (pos + 1) / l->ratio;
+        }
+        f += 4.0 * hp->n_head * hp->head_dim * rows;
+    }
+#undef MAC
+    return f;
+}
+
+size_t ds4_debug_session_state_bytes(const ds4_session *s) { return ds4_fwd_state_bytes(s->f, s->n_tokens); }

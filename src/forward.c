@@ -53,6 +53,8 @@ struct ds4_fwd {
     unsigned char *stage;  /* host staging for state I/O (row conversion) */
     size_t stage_bytes;
     size_t ckpt_bytes;     /* cached ds4_fwd_ckpt_bytes */
+    bool profile;          /* eager steps with per-stage marks */
+    int layer_limit;       /* blocks evaluated (debug; n_layer normally) */
 };
 
 static atomic_uint_fast64_t next_key = 1;
@@ -82,6 +84,7 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
     f->row_type = be->ops->kv_row_type(be->ctx, num);
     f->row_elem = f->row_type == DS4_TYPE_F16 ? 2 : 4;
     f->key = atomic_fetch_add(&next_key, 1);
+    f->layer_limit = hp->n_layer;
     int fail = 0;
     const size_t F = sizeof(float), nb = (size_t)n_batch, E = f->row_elem;
     const size_t D = (size_t)hp->n_embd, dh = (size_t)hp->head_dim;
@@ -162,10 +165,12 @@ int ds4_fwd_pos(const ds4_fwd *f) { return f->pos; }
 int ds4_fwd_n_batch(const ds4_fwd *f) { return f->n_batch; }
 int ds4_fwd_row_type(const ds4_fwd *f) { return f->row_type; }
 
-#define STAGE(op, args)                                   \
-    do {                                                  \
-        int rc_ = ops->op(ctx, &(args));                  \
-        if (rc_) return rc_;                              \
+#define STAGE(op, args) STAGE_K(op, args, -1)
+#define STAGE_K(op, args, kind)                                           \
+    do {                                                                  \
+        if (prof && (kind) >= 0) ops->prof_mark(ctx, (kind));             \
+        int rc_ = ops->op(ctx, &(args));                                  \
+        if (rc_) return rc_;                                              \
     } while (0)
 
 /* The stages of one step (everything between step_begin and step_end).
@@ -177,10 +182,11 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
     void *ctx = f->be->ctx;
     const ds4_step *st = f->step;
     const int32_t *tokens = DS4_STEP_TOKENS(f->step);
+    const bool prof = f->profile && ops->prof_mark;
 #define C .m = m, .step = st, .n = n, .pos0 = pos0
     ds4_embed_args ea = {C, .tokens = tokens, .X = f->X};
-    STAGE(embed, ea);
-    for (int il = 0; il < hp->n_layer; il++) {
+    STAGE_K(embed, ea, DS4_PROF_EMBED);
+    for (int il = 0; il < f->layer_limit; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
         const ds4_rope *rope = l->kind == DS4_ATTN_SLIDING ? &m->rope_main : &m->rope_compress;
@@ -188,17 +194,17 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
         /* ---- attention sublayer */
         ds4_hc_pre_args hpa = {C, .fn = &l->hc_attn_fn, .scale = l->hc_attn_scale, .base = l->hc_attn_base,
                                .norm_w = l->attn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb};
-        STAGE(hc_pre, hpa);
+        STAGE_K(hc_pre, hpa, DS4_PROF_HC_PRE);
         ds4_attn_project_args pa = {C, .l = l, .rope = rope, .num = f->num, .u = f->u, .cq = f->cq, .q = f->q,
                                     .kv = f->kv};
-        STAGE(attn_project, pa);
+        STAGE_K(attn_project, pa, DS4_PROF_ATTN_PROJECT);
         if (l->kind != DS4_ATTN_SLIDING) {
             ds4_compress_args ca = {C, .rope = rope, .num = f->num, .indexer = false, .ratio = l->ratio,
                                     .overlap = l->kind == DS4_ATTN_CSA, .d = hp->head_dim, .ape = &l->comp_ape,
                                     .wkv = &l->comp_kv, .wgate = &l->comp_gate, .norm_w = l->comp_norm,
                                     .u = f->u, .fa = s->comp_a, .fg = s->comp_g, .rows = s->comp,
                                     .row_type = f->row_type, .cap = s->comp_cap};
-            STAGE(compress_update, ca);
+            STAGE_K(compress_update, ca, DS4_PROF_COMPRESS);
         }
         if (l->kind == DS4_ATTN_CSA) {
             ds4_compress_args ia = {C, .rope = rope, .num = f->num, .indexer = true, .ratio = 4, .overlap = true,
@@ -206,38 +212,39 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
                                     .wgate = &l->icomp_gate, .norm_w = l->icomp_norm, .u = f->u,
                                     .fa = s->icomp_a, .fg = s->icomp_g, .rows = s->idx, .row_type = f->row_type,
                                     .cap = s->idx_cap};
-            STAGE(compress_update, ia);
+            STAGE_K(compress_update, ia, DS4_PROF_COMPRESS);
             ds4_indexer_args xa = {C, .l = l, .rope = rope, .num = f->num, .cq = f->cq, .u = f->u,
                                    .idx_rows = s->idx, .row_type = f->row_type, .sel = f->sel, .n_sel = f->n_sel};
-            STAGE(indexer_select, xa);
+            STAGE_K(indexer_select, xa, DS4_PROF_INDEXER);
         }
         ds4_attention_args aa = {C, .l = l, .rope = rope, .num = f->num, .q = f->q, .kv = f->kv, .raw = s->raw,
                                  .comp = s->comp, .comp_cap = s->comp_cap, .row_type = f->row_type,
                                  .sel = l->kind == DS4_ATTN_CSA ? f->sel : NULL,
                                  .n_sel = l->kind == DS4_ATTN_CSA ? f->n_sel : NULL, .y = f->y};
-        STAGE(attention, aa);
+        STAGE_K(attention, aa, DS4_PROF_ATTENTION);
         ds4_kv_store_args ka = {C, .kv = f->kv, .raw = s->raw, .row_type = f->row_type};
-        STAGE(kv_store, ka);
+        STAGE_K(kv_store, ka, DS4_PROF_KV_STORE);
         ds4_hc_post_args po = {C, .y = f->y, .post = f->post, .comb = f->comb, .X = f->X};
-        STAGE(hc_post, po);
+        STAGE_K(hc_post, po, DS4_PROF_HC_POST);
 
         /* ---- FFN sublayer */
         ds4_hc_pre_args hfa = {C, .fn = &l->hc_ffn_fn, .scale = l->hc_ffn_scale, .base = l->hc_ffn_base,
                                .norm_w = l->ffn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb};
-        STAGE(hc_pre, hfa);
+        STAGE_K(hc_pre, hfa, DS4_PROF_HC_PRE);
         ds4_moe_route_args ra = {C, .l = l, .tokens = tokens, .v = f->u, .ids = f->ids, .w = f->w};
-        STAGE(moe_route, ra);
+        STAGE_K(moe_route, ra, DS4_PROF_MOE_ROUTE);
         ds4_moe_experts_args xa2 = {C, .l = l, .il = il, .num = f->num, .v = f->u, .ids = f->ids, .w = f->w,
                                     .y = f->y};
-        STAGE(moe_experts, xa2);
-        STAGE(hc_post, po);
+        STAGE_K(moe_experts, xa2, DS4_PROF_MOE_EXPERTS);
+        STAGE_K(hc_post, po, DS4_PROF_HC_POST);
     }
     {
         const size_t nflat = (size_t)hp->n_hc * hp->n_embd;
         int nh = all ? n : 1;
         ds4_head_args ha = {.m = m, .step = st, .n = nh, .pos0 = pos0, .num = f->num,
                             .X = f->X + (all ? 0 : (size_t)(n - 1) * nflat), .logits = f->logits};
-        STAGE(head, ha);
+        STAGE_K(head, ha, DS4_PROF_HEAD);
+        if (prof) ops->prof_mark(ctx, DS4_PROF_N);
     }
 #undef C
     return 0;
@@ -259,7 +266,8 @@ int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool a
     memcpy(DS4_STEP_TOKENS(f->step_host), tokens, (size_t)n * sizeof(int32_t));
     int rc = ops->upload(ctx, f->step, f->step_host, DS4_STEP_BYTES(n), err);
     if (rc) return rc;
-    ds4_step_info si = {.step = f->step, .n = n, .pos0 = pos0, .graph_key = (n == 1 && !all) ? f->key : 0};
+    ds4_step_info si = {.step = f->step, .n = n, .pos0 = pos0,
+                        .graph_key = (n == 1 && !all && !f->profile) ? f->key : 0};
     rc = ops->step_begin(ctx, &si, err);
     if (rc < 0) return rc;
     int src = rc == 0 ? issue_stages(f, n, pos0, all) : 0;
@@ -272,6 +280,61 @@ int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool a
         if (rc) return rc;
     }
     f->pos += n;
+    return 0;
+}
+
+static int stage_grow(ds4_fwd *f, size_t bytes, ds4_err *err);
+
+void ds4_fwd_set_profile(ds4_fwd *f, bool on) { f->profile = on; }
+void ds4_fwd_set_layer_limit(ds4_fwd *f, int n_layers) {
+    f->layer_limit = n_layers > 0 && n_layers < f->m->hp.n_layer ? n_layers : f->m->hp.n_layer;
+}
+
+/* Benchmarks: state as if pos tokens had been evaluated, without computing
+ * them (cached rows and frontiers filled with values from seed, rounded to
+ * the cache precision). The timing of later steps is what a real context of
+ * that length costs; their numbers mean nothing. */
+int ds4_fwd_fast_forward(ds4_fwd *f, int pos, uint64_t seed, ds4_err *err) {
+    const ds4_model *m = f->m;
+    const ds4_hparams *hp = &m->hp;
+    if (pos < 0 || pos >= f->n_ctx) return ds4_err_set(err, DS4_E_RANGE, "fast forward to %d: context is %d", pos, f->n_ctx);
+    enum { CHUNK = 1 << 22 }; /* values per upload */
+    int rc = stage_grow(f, (size_t)CHUNK * 4, err);
+    if (rc) return rc;
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (size_t i = 0; i < CHUNK; i++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        float v = ((float)(s >> 40) * (1.0f / 16777216.0f) - 0.5f) * 2.0f;
+        if (f->row_elem == 2) {
+            uint16_t h = ds4_f32_to_f16(v);
+            memcpy(f->stage + 2 * i, &h, 2);
+        } else {
+            memcpy(f->stage + 4 * i, &v, 4);
+        }
+    }
+    const ds4_backend_ops *ops = f->be->ops;
+    void *ctx = f->be->ctx;
+#define FILL(dev, n_vals, elem)                                                                        \
+    do {                                                                                               \
+        size_t nv_ = (n_vals);                                                                         \
+        for (size_t o_ = 0; o_ < nv_; o_ += CHUNK) {                                                   \
+            size_t k_ = nv_ - o_ < CHUNK ? nv_ - o_ : CHUNK;                                           \
+            if ((rc = ops->upload(ctx, (unsigned char *)(dev) + o_ * (elem), f->stage, k_ * (elem), err))) \
+                return rc;                                                                             \
+        }                                                                                              \
+    } while (0)
+    for (int il = 0; il < hp->n_layer; il++) {
+        const ds4_layer *l = &m->layers[il];
+        ds4_layer_state *st = &f->ls[il];
+        FILL(st->raw, (size_t)hp->window * hp->head_dim, f->row_elem);
+        if (l->kind != DS4_ATTN_SLIDING) {
+            FILL(st->comp, (size_t)(pos / l->ratio) * hp->head_dim, f->row_elem);
+        }
+        if (l->kind == DS4_ATTN_CSA) FILL(st->idx, (size_t)(pos / 4) * hp->idx_dim, f->row_elem);
+    }
+#undef FILL
+    f->pos = pos;
+    f->n_logits = 0;
     return 0;
 }
 

@@ -47,6 +47,14 @@ int ds4_fwd_logits(ds4_fwd *f, float *dst, ds4_err *err);
 /* Greedy token of that row, computed by the backend (ds4_argmax rules). */
 int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err);
 
+/* Eager steps with per-stage timing marks (backend prof_mark). */
+void ds4_fwd_set_profile(ds4_fwd *f, bool on);
+/* Debug: evaluate only the first n_layers blocks, then the head (0 = all). */
+void ds4_fwd_set_layer_limit(ds4_fwd *f, int n_layers);
+/* Benchmarks: the state of a context of pos tokens without computing it
+ * (synthetic cached rows); see forward.c. */
+int ds4_fwd_fast_forward(ds4_fwd *f, int pos, uint64_t seed, ds4_err *err);
+
 /* The state at the current position, serialized (bytes are a pure function
  * of the state's meaningful part; layout documented in forward.c). */
 size_t ds4_fwd_state_bytes(const ds4_fwd *f, int pos);

@@ -118,6 +118,11 @@ struct cu_ctx {
     void **pinned;
     int n_pinned, cap_pinned;
     size_t bytes_device, bytes_host;
+    /* per-stage timing (prof_mark / prof_read) */
+    cudaEvent_t *prof_ev;
+    int *prof_kind;
+    int n_prof, cap_prof;
+    double prof_ms[DS4_PROF_N];
     /* device copies of the IQ2_XXS tables */
     const uint64_t *grid;   /* (256) */
     const uint8_t *ksigns;  /* (128) */

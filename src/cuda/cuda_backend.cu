@@ -638,11 +638,105 @@ static void finish_capture(cu_ctx *c) {
     cu_ok(c, cudaGraphLaunch(exec, c->st), "graph launch");
 }
 
+static void prof_mark(void *ctx, int kind) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->capturing || c->err) return;
+    if (c->n_prof == c->cap_prof) {
+        int nc = c->cap_prof ? 2 * c->cap_prof : 1024;
+        cudaEvent_t *ne = (cudaEvent_t *)realloc(c->prof_ev, (size_t)nc * sizeof(cudaEvent_t));
+        if (ne) c->prof_ev = ne;
+        int *nk = (int *)realloc(c->prof_kind, (size_t)nc * sizeof(int));
+        if (nk) c->prof_kind = nk;
+        if (!ne || !nk) return;
+        for (int i = c->cap_prof; i < nc; i++) cudaEventCreate(&c->prof_ev[i]);
+        c->cap_prof = nc;
+    }
+    cudaEventRecord(c->prof_ev[c->n_prof], c->st);
+    c->prof_kind[c->n_prof++] = kind;
+}
+
+/* After a synchronised step: milliseconds between consecutive marks go to
+ * the kind of the earlier mark. */
+static void prof_collect(cu_ctx *c) {
+    for (int i = 0; i + 1 < c->n_prof; i++) {
+        float ms = 0.0f;
+        if (c->prof_kind[i] < DS4_PROF_N && cudaEventElapsedTime(&ms, c->prof_ev[i], c->prof_ev[i + 1]) == cudaSuccess)
+            c->prof_ms[c->prof_kind[i]] += ms;
+    }
+    cudaGetLastError();
+    c->n_prof = 0;
+}
+
+static int prof_read(void *ctx, double *ms) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    for (int i = 0; i < DS4_PROF_N; i++) {
+        ms[i] = c->prof_ms[i];
+        c->prof_ms[i] = 0.0;
+    }
+    return 0;
+}
+
+/* Streaming read of 4 GiB: grid-stride 16-byte loads, the sum written so
+ * the loads are not removed. */
+__global__ void k_read(const uint4 *p, size_t n, unsigned *out) {
+    unsigned acc = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint4 v = p[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678u) *out = acc;
+}
+
+static int bandwidth(void *ctx, double *gbps, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    const size_t bytes = (size_t)4 << 30;
+    void *p = nullptr;
+    unsigned *o = nullptr;
+    cudaEvent_t a, b;
+    if (cudaMalloc(&p, bytes) != cudaSuccess || cudaMalloc((void **)&o, 4) != cudaSuccess) {
+        cudaGetLastError();
+        if (p) cudaFree(p);
+        return ds4_err_set(err, DS4_E_NOMEM, "cuda: no room for the bandwidth probe");
+    }
+    cudaMemsetAsync(p, 1, bytes, c->st);
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    float best = 1e30f;
+    for (int r = 0; r < 6; r++) {
+        cudaEventRecord(a, c->st);
+        k_read<<<c->n_sm * 8, 512, 0, c->st>>>((const uint4 *)p, bytes / 16, o);
+        cudaEventRecord(b, c->st);
+        cudaEventSynchronize(b);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, a, b);
+        if (r > 0 && ms < best) best = ms;
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    cudaFree(p);
+    cudaFree(o);
+    if (!cu_ok(c, cudaGetLastError(), "bandwidth probe")) return report(c, err);
+    *gbps = (double)bytes / (best * 1e-3) / 1e9;
+    return 0;
+}
+
+static void describe(void *ctx, char *buf, size_t cap) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    size_t fr = 0, tot = 0;
+    cudaMemGetInfo(&fr, &tot);
+    snprintf(buf, cap,
+             "%s, %d SMs, %.1f GiB; weights %.2f GiB on the device, %.2f GiB in pinned host memory; scratch %.2f GiB; "
+             "%.1f GiB free",
+             c->dev_name, c->n_sm, (double)tot / (1 << 30), (double)c->bytes_device / (1 << 30),
+             (double)c->bytes_host / (1 << 30), (double)c->scratch_bytes / (1 << 30), (double)fr / (1 << 30));
+}
+
 static int cu_step_end(void *ctx, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (c->capturing) finish_capture(c);
     cu_ok(c, cudaMemcpyAsync(c->hstatus, c->dstatus, sizeof(int), cudaMemcpyDeviceToHost, c->st), "status");
     cu_ok(c, cudaStreamSynchronize(c->st), "step");
+    if (c->n_prof) prof_collect(c);
     if (!c->err && *c->hstatus) {
         int st = *c->hstatus;
         cudaMemsetAsync(c->dstatus, 0, sizeof(int), c->st);
@@ -693,6 +787,9 @@ static void cu_destroy(void *ctx) {
     if (c->hids) cudaFreeHost(c->hids);
     if (c->grid) cudaFree((void *)c->grid);
     if (c->ksigns) cudaFree((void *)c->ksigns);
+    for (int i = 0; i < c->cap_prof; i++) cudaEventDestroy(c->prof_ev[i]);
+    free(c->prof_ev);
+    free(c->prof_kind);
     if (c->st) cudaStreamDestroy(c->st);
     free(c);
 }
@@ -714,6 +811,10 @@ static const ds4_backend_ops cuda_ops = {
     cu_step_end,
     cu_forget,
     cu_argmax,
+    prof_mark,
+    prof_read,
+    bandwidth,
+    describe,
     cu_embed,
     cu_hc_pre,
     cu_attn_project,
@@ -771,10 +872,3 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
     return 0;
 }
 
-/* Facts for ds4-bench and tests (ds4_debug). */
-extern "C" int ds4_cuda_describe(void *ctx, char *buf, size_t cap) {
-    cu_ctx *c = (cu_ctx *)ctx;
-    return snprintf(buf, cap, "%s, %d SMs, weights %.2f GiB on the device, %.2f GiB in pinned host memory, scratch %.2f GiB",
-                    c->dev_name, c->n_sm, (double)c->bytes_device / (1 << 30), (double)c->bytes_host / (1 << 30),
-                    (double)c->scratch_bytes / (1 << 30));
-}

@@ -32,6 +32,14 @@
 
 static int n_pass, n_fail;
 
+/* Share of elements that may exceed the tolerance where int8 activations
+ * (E.1) are quantized from f32 values computed in a different order: a
+ * value at a rounding midpoint takes the neighbouring code on one backend.
+ * Such a flip moves one token's row by ~1e-3 relative; the max difference
+ * must still stay below FLIP_MAX. */
+#define FLIP_ALLOW 0.1
+#define FLIP_MAX 2e-2
+
 typedef struct side {
     const char *name;
     ds4_backend be;
@@ -152,7 +160,7 @@ static void check(const tctx *t, const char *what, int n, const float *a, const 
         }
         if (d > lim) bad++;
     }
-    bool ok = nan == 0 && (double)bad <= allow * (double)len;
+    bool ok = nan == 0 && (double)bad <= allow * (double)len && (allow == 0 || md <= FLIP_MAX * fmax(ma, 1e-6));
     printf("%s  %-10s n=%-4d %-34s max|ref| %.3e  max|diff| %.3e (rel %.2e, at %zu)  over tol %zu/%zu%s\n",
            ok ? "PASS" : "FAIL", t->recipe, n, what, ma, md, md / fmax(ma, 1e-30), worst, bad, len,
            nan ? "  NON-FINITE MISMATCH" : "");
@@ -388,7 +396,10 @@ static void t_attention(tctx *t, int n, int il, int pos0) {
     }
     char nm[64];
     snprintf(nm, sizeof nm, "attention L%d pos0 %d", il, pos0);
-    check(t, nm, n, y[0], y[1], (size_t)n * D, 1e-4, 0);
+    /* with int8 activations, an element of o or z that lands on a rounding
+     * midpoint may take the neighbouring code: its token's row moves by
+     * ~1e-3 (FLIP_ALLOW) */
+    check(t, nm, n, y[0], y[1], (size_t)n * D, 1e-4, t->num.act_quant ? FLIP_ALLOW : 0);
     free(y[0]), free(y[1]), free(q), free(kv), free(raw), free(comp), free(sel), free(nsel);
 }
 
@@ -486,20 +497,26 @@ static void t_experts(tctx *t, int n, int il, const int *counts) {
     }
     char nm[96];
     snprintf(nm, sizeof nm, "moe_experts L%d%s", il, counts ? " (item counts)" : "");
-    check(t, nm, n, y[0], y[1], (size_t)n * D, 1e-4, 0);
+    check(t, nm, n, y[0], y[1], (size_t)n * D, 1e-4, t->num.act_quant ? FLIP_ALLOW : 0);
     if (counts) { /* every row on its own: a dropped or duplicated item shows in its token's row */
-        int bad_rows = 0;
+        /* a missing or doubled expert output moves a row by ~100%; a flipped
+         * int8 code of the hidden vector by ~0.1% */
+        int bad_rows = 0, flip_rows = 0;
         for (int r = 0; r < n; r++) {
             double ma = 0, md = 0;
             for (size_t d = 0; d < D; d++) {
                 ma = fmax(ma, fabs(y[0][r * D + d]));
                 md = fmax(md, fabs((double)y[0][r * D + d] - y[1][r * D + d]));
             }
-            if (!(md <= 1e-4 * fmax(ma, 1e-6))) bad_rows++;
+            if (!(md <= 1e-4 * fmax(ma, 1e-6))) {
+                if (t->num.act_quant && md <= 1e-2 * fmax(ma, 1e-6)) flip_rows++;
+                else bad_rows++;
+            }
         }
-        printf("%s  %-10s n=%-4d %-34s rows off by > 1e-4: %d/%d\n", bad_rows ? "FAIL" : "PASS", t->recipe, n,
-               "moe_experts per-row check", bad_rows, n);
-        if (bad_rows) n_fail++;
+        bool ok = bad_rows == 0 && flip_rows <= n / 50 + 1;
+        printf("%s  %-10s n=%-4d %-34s rows off by > 1e-2: %d/%d, by 1e-4..1e-2 (int8 flips): %d\n",
+               ok ? "PASS" : "FAIL", t->recipe, n, "moe_experts per-row check", bad_rows, n, flip_rows);
+        if (!ok) n_fail++;
         else n_pass++;
     }
     free(y[0]), free(y[1]), free(v), free(w), free(ids);

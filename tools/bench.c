@@ -1,0 +1,382 @@
+/* bench.c - ds4-bench: prefill and decode speed at context frontiers, each
+ * next to the roofline of the device it ran on (PERFORMANCE.md §E).
+ *
+ * For every frontier (ctx-start, then x step-mul or + step-incr, up to
+ * ctx-max) it prefills the interval since the previous frontier (timed),
+ * then decodes gen-tokens tokens one at a time (greedy argmax on the
+ * backend each step, then the next token of the text fed in: teacher
+ * forcing keeps the embedding rows and hash routing realistic with random
+ * weights), then rewinds to the frontier. --fast-forward reaches each
+ * frontier without computing it (synthetic caches; long contexts in
+ * seconds) and times a prefill of prefill-chunk tokens there. One CSV row
+ * per frontier with antirez/ds4-bench's columns first, then ours (bytes per
+ * token, achieved GB/s, roofline fractions, FLOPs); a table on stdout;
+ * --profile adds a per-stage time breakdown of one decode step.
+ *
+ * Only the public API (ds4.h) and the debug hooks (ds4_debug.h).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ds4.h"
+#include "ds4_debug.h"
+
+typedef struct opts {
+    const char *model, *synthetic, *prompt_file, *csv;
+    uint64_t seed;
+    ds4_backend_kind backend;
+    int threads, ctx_start, ctx_max, step_incr, gen, chunk, repeat;
+    double step_mul;
+    bool fast_forward, profile, no_graphs, plain;
+} opts;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void usage(void) {
+    printf("usage: ds4-bench (-m MODEL.gguf | --synthetic q2|q4 [--seed N]) [options]\n"
+           "  --cpu | --cuda          backend (default: CUDA when built with it and present)\n"
+           "  -t N                    CPU threads\n"
+           "  --ctx-start N           first frontier (default 2048)\n"
+           "  --ctx-max N             last frontier (default 8192)\n"
+           "  --step-mul X            next frontier = frontier * X (default 2)\n"
+           "  --step-incr N           next frontier = frontier + N (instead of --step-mul)\n"
+           "  --gen-tokens N          decode steps per frontier (default 128)\n"
+           "  --prefill-chunk N       tokens per prefill batch (default 2048)\n"
+           "  --prompt-file F         text to tokenize (default: tests/data/promessi_sposi.txt when the model\n"
+           "                          has a tokenizer, else seeded random token ids)\n"
+           "  --fast-forward          reach each frontier with synthetic caches instead of prefill\n"
+           "  --profile               per-stage time of one decode step at each frontier\n"
+           "  --repeat N              decode measurements per frontier; the median is reported (default 1)\n"
+           "  --no-graphs             CUDA: eager decode (no CUDA graphs)\n"
+           "  --plain-numerics        diagnostic numerics (no FP8/FP4/f16/int8 rounding)\n"
+           "  --csv FILE              write the CSV rows there (default: stdout after the table)\n");
+}
+
+static int parse(int argc, char **argv, opts *o) {
+    *o = (opts){.ctx_start = 2048, .ctx_max = 8192, .step_mul = 2.0, .gen = 128, .chunk = 2048, .repeat = 1,
+                .backend = DS4_BACKEND_AUTO};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+#define NEED()                                                            \
+    if (i + 1 >= argc) {                                                  \
+        fprintf(stderr, "ds4-bench: %s needs a value\n", a);              \
+        return 2;                                                         \
+    }
+#define INT(dst, lo, hi)                                                                   \
+    do {                                                                                   \
+        NEED();                                                                            \
+        char *e_;                                                                          \
+        errno = 0;                                                                         \
+        long v_ = strtol(argv[++i], &e_, 10);                                              \
+        if (errno || *e_ || v_ < (lo) || v_ > (hi)) {                                      \
+            fprintf(stderr, "ds4-bench: %s: expected an integer in %ld..%ld\n", a, (long)(lo), (long)(hi)); \
+            return 2;                                                                      \
+        }                                                                                  \
+        dst = (int)v_;                                                                     \
+    } while (0)
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage();
+            exit(0);
+        } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
+            NEED();
+            o->model = argv[++i];
+        } else if (!strcmp(a, "--synthetic")) {
+            NEED();
+            o->synthetic = argv[++i];
+        } else if (!strcmp(a, "--seed")) {
+            int s;
+            INT(s, 0, 0x7fffffff);
+            o->seed = (uint64_t)s;
+        } else if (!strcmp(a, "--cpu")) o->backend = DS4_BACKEND_CPU;
+        else if (!strcmp(a, "--cuda")) o->backend = DS4_BACKEND_CUDA;
+        else if (!strcmp(a, "-t")) INT(o->threads, 1, 1024);
+        else if (!strcmp(a, "--ctx-start")) INT(o->ctx_start, 1, 1 << 22);
+        else if (!strcmp(a, "--ctx-max")) INT(o->ctx_max, 1, 1 << 22);
+        else if (!strcmp(a, "--step-incr")) INT(o->step_incr, 1, 1 << 22);
+        else if (!strcmp(a, "--step-mul")) {
+            NEED();
+            o->step_mul = atof(argv[++i]);
+            if (!(o->step_mul > 1.0)) {
+                fprintf(stderr, "ds4-bench: --step-mul must be > 1\n");
+                return 2;
+            }
+        } else if (!strcmp(a, "--gen-tokens")) INT(o->gen, 1, 1 << 20);
+        else if (!strcmp(a, "--prefill-chunk")) INT(o->chunk, 1, 1 << 16);
+        else if (!strcmp(a, "--repeat")) INT(o->repeat, 1, 100);
+        else if (!strcmp(a, "--prompt-file")) {
+            NEED();
+            o->prompt_file = argv[++i];
+        } else if (!strcmp(a, "--csv")) {
+            NEED();
+            o->csv = argv[++i];
+        } else if (!strcmp(a, "--fast-forward")) o->fast_forward = true;
+        else if (!strcmp(a, "--profile")) o->profile = true;
+        else if (!strcmp(a, "--no-graphs")) o->no_graphs = true;
+        else if (!strcmp(a, "--plain-numerics")) o->plain = true;
+        else {
+            fprintf(stderr, "ds4-bench: unknown option %s (see --help)\n", a);
+            return 2;
+        }
+    }
+    if (!o->model == !o->synthetic) {
+        fprintf(stderr, "ds4-bench: give exactly one of -m MODEL and --synthetic q2|q4\n");
+        return 2;
+    }
+    if (o->ctx_max < o->ctx_start) o->ctx_max = o->ctx_start;
+    return 0;
+}
+
+typedef struct load_clock {
+    double t0;
+    int64_t total;
+} load_clock;
+
+static int on_load(void *user, const char *what, int64_t done, int64_t total) {
+    load_clock *lc = user;
+    (void)what;
+    (void)done;
+    lc->total = total;
+    return 0;
+}
+
+/* The benchmark's token stream: the prompt text's tokens, repeated as
+ * needed, or seeded random ids. */
+static int32_t *make_tokens(ds4_engine *e, const opts *o, int n) {
+    int32_t *t = malloc((size_t)n * sizeof(int32_t));
+    if (!t) return NULL;
+    const char *pf = o->prompt_file ? o->prompt_file : "tests/data/promessi_sposi.txt";
+    int m = 0;
+    if (ds4_has_tokenizer(e)) {
+        FILE *f = fopen(pf, "rb");
+        if (f) {
+            fseek(f, 0, SEEK_END);
+            long len = ftell(f);
+            fseek(f, 0, SEEK_SET);
+            char *text = malloc((size_t)len + 1);
+            if (text && fread(text, 1, (size_t)len, f) == (size_t)len) {
+                ds4_err err = {0};
+                int k = ds4_tokenize(e, text, (size_t)len, false, t, n, &err);
+                m = k < 0 ? 0 : (k < n ? k : n);
+            }
+            free(text);
+            fclose(f);
+        } else if (o->prompt_file) {
+            fprintf(stderr, "ds4-bench: cannot open %s: %s\n", pf, strerror(errno));
+            free(t);
+            return NULL;
+        }
+    }
+    if (m > 0) {
+        for (int i = m; i < n; i++) t[i] = t[i % m];
+    } else {
+        uint64_t x = 0x2545F4914F6CDD1Dull ^ o->seed;
+        int V = ds4_engine_n_vocab(e);
+        for (int i = 0; i < n; i++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            t[i] = (int32_t)(x % (uint64_t)V);
+        }
+    }
+    return t;
+}
+
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Datasheet memory bandwidth (bytes/s) from the device name, 0 if unknown. */
+static double datasheet_bw(const char *dev) {
+    if (strstr(dev, "H200")) return 4.8e12;
+    if (strstr(dev, "H100")) return 3.35e12;
+    if (strstr(dev, "B200")) return 8.0e12;
+    if (strstr(dev, "GB10")) return 273e9;
+    return 0;
+}
+
+/* Datasheet dense BF16 tensor rate (FLOP/s), 0 if unknown. */
+static double datasheet_flops(const char *dev) {
+    if (strstr(dev, "H200") || strstr(dev, "H100")) return 989e12;
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    opts o;
+    int rc = parse(argc, argv, &o);
+    if (rc) return rc;
+    load_clock lc = {.t0 = now()};
+    ds4_engine_opts eo = {.model_path = o.model, .synthetic = o.synthetic, .synthetic_seed = o.seed,
+                          .backend = o.backend, .n_threads = o.threads, .plain_numerics = o.plain,
+                          .progress = on_load, .progress_user = &lc, .cuda_no_graphs = o.no_graphs};
+    ds4_engine *e = NULL;
+    ds4_err err = {0};
+    if (ds4_engine_open(&e, &eo, &err)) {
+        fprintf(stderr, "ds4-bench: %s\n", err.msg);
+        return 1;
+    }
+    double load_s = now() - lc.t0;
+    const char *dev = ds4_debug_device(e);
+    printf("ds4-bench: %s model, backend %s: %s\n", o.synthetic ? o.synthetic : o.model, ds4_engine_backend_name(e),
+           dev);
+    printf("ds4-bench: weights %.2f GiB bound in %.1f s (%.1f GB/s)%s\n", (double)lc.total / (1 << 30), load_s,
+           load_s > 0 ? (double)lc.total / load_s / 1e9 : 0.0, o.synthetic ? " (synthetic fill)" : "");
+    double bw_meas = 0;
+    ds4_err berr = {0};
+    if (ds4_debug_bandwidth(e, &bw_meas, &berr) == 0) bw_meas *= 1e9;
+    const double bw_sheet = datasheet_bw(dev), fl_sheet = datasheet_flops(dev);
+    printf("ds4-bench: streaming read %.0f GB/s measured, %.0f GB/s datasheet\n", bw_meas / 1e9, bw_sheet / 1e9);
+
+    const int n_total = o.ctx_max + o.gen + 8;
+    ds4_session_opts so = {.n_ctx = n_total, .prefill_chunk = o.chunk};
+    ds4_session *s = NULL;
+    if (ds4_session_new(e, &so, &s, &err)) {
+        fprintf(stderr, "ds4-bench: %s\n", err.msg);
+        ds4_engine_close(e);
+        return 1;
+    }
+    int32_t *tok = make_tokens(e, &o, n_total);
+    if (!tok) {
+        fprintf(stderr, "ds4-bench: out of memory\n");
+        return 1;
+    }
+    FILE *csv = o.csv ? fopen(o.csv, "w") : NULL;
+    if (o.csv && !csv) {
+        fprintf(stderr, "ds4-bench: cannot write %s: %s\n", o.csv, strerror(errno));
+        return 1;
+    }
+    char *rows = calloc(64, 1024);
+    size_t rows_len = 0;
+    const char *hdr = "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,gen_tps_ss,first_token_sec,"
+                      "kvcache_bytes,weight_bytes_per_token,kv_bytes_per_token,achieved_GBps,"
+                      "roofline_tps_datasheet,roofline_tps_measured,frac_roofline,frac_roofline_measured,"
+                      "prefill_flops_per_token,prefill_tflops,frac_compute_roof,graphs,weights,backend\n";
+    printf("\n%8s %8s %10s %9s %9s %8s %9s %8s %8s %9s\n", "ctx", "prefill", "pf_tok/s", "gen_tok/s", "gen_ss",
+           "GB/s", "roof_tok/s", "frac", "TFLOP/s", "first_s");
+    int prev = 0;
+    double *step_s = malloc((size_t)o.gen * sizeof(double));
+    double *reps = malloc((size_t)o.repeat * sizeof(double));
+    int frontier = o.ctx_start;
+    for (int fi = 0; frontier <= o.ctx_max && fi < 64; fi++) {
+        int f = frontier;
+        /* ---- reach the frontier, timing the prefill */
+        int pf_n;
+        double t0, pf_s;
+        if (o.fast_forward) {
+            pf_n = o.chunk < f ? o.chunk : f;
+            if (f - pf_n > 0 && ds4_debug_session_fast_forward(s, f - pf_n, o.seed + (uint64_t)f, &err)) break;
+            if (f - pf_n == 0) ds4_session_rewind(s, 0, &err);
+            t0 = now();
+            rc = ds4_session_extend(s, tok + (f - pf_n), pf_n, DS4_EVAL_PREFILL, 0, NULL, &err);
+            pf_s = now() - t0;
+        } else {
+            pf_n = f - prev;
+            t0 = now();
+            ds4_sync_info info;
+            rc = ds4_session_sync(s, tok, f, &info, NULL, NULL, &err);
+            pf_s = now() - t0;
+        }
+        if (rc) {
+            fprintf(stderr, "ds4-bench: prefill to %d failed: %s\n", f, err.msg);
+            break;
+        }
+        const int32_t *cur = ds4_session_tokens(s);
+        (void)cur;
+        /* ---- decode gen tokens (argmax, then the text's next token) */
+        double first = 0, total = 0;
+        for (int r = 0; r < o.repeat && !rc; r++) {
+            double td = now();
+            for (int i = 0; i < o.gen; i++) {
+                double ts = now();
+                int32_t id;
+                if ((rc = ds4_session_argmax(s, &id, &err)) || (rc = ds4_session_eval(s, tok[f + i], &err))) break;
+                step_s[i] = now() - ts;
+            }
+            if (rc) break;
+            reps[r] = now() - td;
+            if (r == 0) first = step_s[0];
+            if ((rc = ds4_session_rewind(s, f, &err))) break;
+        }
+        if (rc) {
+            fprintf(stderr, "ds4-bench: decode at %d failed: %s\n", f, err.msg);
+            break;
+        }
+        qsort(reps, (size_t)o.repeat, sizeof(double), cmp_d);
+        total = reps[o.repeat / 2];
+        double gen_tps = o.gen / total;
+        double gen_ss = o.gen > 1 ? (o.gen - 1) / (total - first) : gen_tps;
+        double wb = 0, kb = 0;
+        ds4_debug_decode_bytes(e, f, &wb, &kb);
+        double per_tok = wb + kb;
+        double ach = per_tok * gen_ss;
+        double roof_sheet = bw_sheet > 0 ? bw_sheet / per_tok : 0, roof_meas = bw_meas > 0 ? bw_meas / per_tok : 0;
+        double pf_tps = pf_n / pf_s;
+        double flops = 0;
+        for (int p = f - pf_n; p < f; p++) flops += ds4_debug_token_flops(e, p);
+        double fl_tok = pf_n ? flops / pf_n : 0, tflops = flops / pf_s / 1e12;
+        size_t kvb = ds4_debug_session_state_bytes(s);
+        printf("%8d %8d %10.1f %9.2f %9.2f %8.0f %9.1f %7.1f%% %8.1f %9.4f\n", f, pf_n, pf_tps, gen_tps, gen_ss,
+               ach / 1e9, roof_meas > 0 ? roof_meas : roof_sheet,
+               100.0 * gen_ss / (roof_meas > 0 ? roof_meas : (roof_sheet > 0 ? roof_sheet : 1)), tflops, first);
+        fflush(stdout);
+        rows_len += (size_t)snprintf(rows + rows_len, 64 * 1024 - rows_len,
+                                     "%d,%d,%.2f,%d,%.3f,%.3f,%.5f,%zu,%.0f,%.0f,%.1f,%.1f,%.1f,%.4f,%.4f,%.4g,%.3f,%.4f,%d,%s,%s\n",
+                                     f, pf_n, pf_tps, o.gen, gen_tps, gen_ss, first, kvb, wb, kb, ach / 1e9, roof_sheet,
+                                     roof_meas, roof_sheet > 0 ? gen_ss / roof_sheet : 0,
+                                     roof_meas > 0 ? gen_ss / roof_meas : 0, fl_tok, tflops,
+                                     fl_sheet > 0 ? flops / pf_s / fl_sheet : 0, o.no_graphs ? 0 : 1,
+                                     o.synthetic ? "synthetic" : "real", ds4_engine_backend_name(e));
+        /* ---- per-stage breakdown of decode steps (eager) */
+        if (o.profile) {
+            double ms[64];
+            ds4_debug_profile_read(e, ms, 64); /* reset */
+            ds4_debug_session_profile(s, true);
+            const int np = 8;
+            double t1 = now();
+            for (int i = 0; i < np && !rc; i++) {
+                int32_t id;
+                if ((rc = ds4_session_argmax(s, &id, &err)) == 0) rc = ds4_session_eval(s, tok[f + i], &err);
+            }
+            double eager = (now() - t1) / np * 1e3;
+            ds4_debug_session_profile(s, false);
+            int nk = ds4_debug_profile_read(e, ms, 64);
+            ds4_session_rewind(s, f, &err);
+            if (nk > 0) {
+                double tot = 0;
+                for (int k = 0; k < nk; k++) tot += ms[k];
+                printf("  per-stage time of one decode step at %d (eager, %.3f ms/token wall; stages sum %.3f ms):\n",
+                       f, eager, tot / np);
+                for (int k = 0; k < nk; k++)
+                    if (ms[k] > 0)
+                        printf("    %-14s %8.3f ms  %5.1f%%\n", ds4_debug_profile_name(k), ms[k] / np,
+                               100.0 * ms[k] / tot);
+            }
+        }
+        prev = f;
+        int next = o.step_incr ? f + o.step_incr : (int)(f * o.step_mul);
+        if (next <= f) next = f + 1;
+        if (f < o.ctx_max && next > o.ctx_max) next = o.ctx_max;
+        frontier = next;
+        if (f == o.ctx_max) break;
+    }
+    if (csv) {
+        fputs(hdr, csv);
+        fputs(rows, csv);
+        fclose(csv);
+    } else {
+        printf("\n%s%s", hdr, rows);
+    }
+    free(rows);
+    free(step_s);
+    free(reps);
+    free(tok);
+    ds4_session_free(s);
+    ds4_engine_close(e);
+    return rc ? 1 : 0;
+}
