@@ -38,6 +38,7 @@ typedef struct ds4_cli_opts {
     int eval_chunk;
     int dump_greedy;               /* --dump-greedy N (with --dump-logits) */
     int layers;                    /* --layers N (diagnostic) */
+    unsigned numerics_off;         /* --numerics-off fp8,fp4,f16,act (diagnostic) */
     bool plain_numerics;           /* --plain-numerics (diagnostic) */
     bool cuda_sync_debug;          /* --cuda-sync-debug (diagnostic) */
     bool no_graphs;                /* --no-graphs (diagnostic) */

@@ -45,7 +45,8 @@ static void usage_debug(void) {
            "  --cuda-sync-debug  CUDA: synchronise and check after every kernel launch\n"
            "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n"
            "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n"
-           "  --layers N         evaluate only the first N blocks, then the head (compare backends)\n");
+           "  --layers N         evaluate only the first N blocks, then the head (compare backends)\n"
+           "  --numerics-off L   turn off single roundings of the release path: L = fp8,fp4,f16,act\n");
 }
 
 static int parse_int(const char *opt, const char *s, long lo, long hi, long *out) {
@@ -146,6 +147,7 @@ ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
         .cuda_sync_debug = o->cuda_sync_debug,
         .cuda_no_graphs = o->no_graphs,
         .layer_limit = o->layers,
+        .numerics_off = o->numerics_off,
     };
     ds4_engine *e = NULL;
     ds4_err err = {0};
@@ -198,7 +200,16 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;
         else if (!strcmp(a, "--cuda-sync-debug")) o.cuda_sync_debug = true;
         else if (!strcmp(a, "--no-graphs")) o.no_graphs = true;
-        else if (!strcmp(a, "--layers")) {
+        else if (!strcmp(a, "--numerics-off")) {
+            NEED_ARG();
+            const char *l = argv[++i];
+            o.numerics_off = (strstr(l, "fp8") ? 1u : 0u) | (strstr(l, "fp4") ? 2u : 0u) | (strstr(l, "f16") ? 4u : 0u) |
+                             (strstr(l, "act") ? 8u : 0u);
+            if (!o.numerics_off) {
+                fprintf(stderr, "ds4: --numerics-off: expected a list of fp8, fp4, f16, act\n");
+                return 2;
+            }
+        } else if (!strcmp(a, "--layers")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 20, &v)) return 2; o.layers = (int)v;
         } else if (!strcmp(a, "--dump-greedy")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 20, &v)) return 2; o.dump_greedy = (int)v;

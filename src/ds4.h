@@ -60,6 +60,7 @@ typedef struct ds4_engine_opts {
     bool cuda_sync_debug;     /* synchronise and check after every launch */
     bool cuda_no_graphs;      /* never capture decode steps into graphs */
     int layer_limit;          /* evaluate only the first N blocks, then the head (0 = all) */
+    unsigned numerics_off;    /* turn off single roundings: 1 FP8 KV, 2 FP4 indexer, 4 f16 cache, 8 int8 activations */
 } ds4_engine_opts;
 
 /* Opens a model. On success *out owns the mapping and backend resources.

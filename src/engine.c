@@ -162,7 +162,9 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
     if (!e) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     int rc = 0;
     bool plain = opts->plain_numerics;
-    e->num = (ds4_numerics){.fp8_kv = !plain, .fp4_indexer = !plain, .f16_cache = !plain, .act_quant = !plain};
+    const unsigned off = opts->numerics_off;
+    e->num = (ds4_numerics){.fp8_kv = !plain && !(off & 1), .fp4_indexer = !plain && !(off & 2),
+                            .f16_cache = !plain && !(off & 4), .act_quant = !plain && !(off & 8)};
     if (opts->synthetic) {
         if (opts->vocab_only || opts->mtp_path) {
             rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model has no vocabulary file and no MTP");

@@ -534,7 +534,7 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
         cu_matvec(c, segs, ns, n, c->s.o, (int64_t)H * dh, aq ? &c->s.a1 : nullptr, a->step, 0);
     }
     cu_mv_pair(c, &l->o_b, a->y, hp->n_embd, nullptr, nullptr, 0, c->s.z, (int64_t)G * ol, n, a->num.act_quant,
-            &c->s.a2, a->step, 0);
+               &c->s.a1, a->step, 0);
     return c->err;
 }
 

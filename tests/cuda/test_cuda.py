@@ -148,6 +148,23 @@ def test_cuda_quant_models_match_cpu(name, release, tmp_path):
         assert drift >= 4, f"{name}: positions differ from the start (first at {drift})"
 
 
+@pytest.mark.parametrize("name", ["q2", "q4"])
+def test_cuda_release_numerics_diagnosis(name, tmp_path):
+    """Not an assertion: where CUDA and CPU part on the release path, by which rounding (each turned off alone)
+    and after how many blocks. Printed for the notes."""
+    model = _stage_model(name)
+    rng = np.random.default_rng(7)
+    toks = tmp_path / "t.txt"
+    toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 24)))
+    for off in ("", "act", "fp8", "fp8,fp4,f16", "fp4,f16,fp8,act"):
+        for layers in (1, 2, 3, 0):
+            extra = (["--numerics-off", off] if off else []) + (["--layers", str(layers)] if layers else [])
+            g, _ = run(model, toks, tmp_path / "g.f32", "--cuda", True, *extra)
+            c, _ = run(model, toks, tmp_path / "c.f32", "--cpu", True, *extra)
+            d = np.abs(g.astype(np.float64) - c).max(axis=1) / max(1.0, float(np.abs(c).max()))
+            print(f"\n{name} off [{off or '-':>15}] layers {layers or 'all'}: " + " ".join(f"{x:.0e}" for x in d[:16]))
+
+
 def test_cuda_runs_are_bitwise_repeatable(ggufs, tmp_path):
     m = meta("h256_40_release") if "h256_40_release" in FIXTURES else meta(FIXTURES[0])
     model = ggufs(m["model"])
