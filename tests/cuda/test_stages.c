@@ -548,14 +548,21 @@ static void t_head(tctx *t, int n) {
 
 /* ---------------------------------------------------------------- recipes */
 
+static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const char *dir);
 static void run_recipe(const char *name, tm_cfg c, bool plain, const char *dir) {
+    ds4_numerics num = {.fp8_kv = !plain, .fp4_indexer = !plain, .f16_cache = !plain, .act_quant = !plain};
+    run_recipe_num(name, c, num, dir);
+}
+
+static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const char *dir) {
+    const bool plain = !num.fp8_kv && !num.act_quant;
     tctx T = {.recipe = name}, *t = &T;
     char path[512];
     snprintf(path, sizeof path, "%s/stages_%s.gguf", dir, name);
     if (tm_build(&c, path)) die("tm_build", NULL);
     ds4_err e = {0};
     if (ds4_gguf_open(&t->g, path, &e) || ds4_model_load(&t->m, t->g, &e)) die("load", &e);
-    t->num = (ds4_numerics){.fp8_kv = !plain, .fp4_indexer = !plain, .f16_cache = !plain, .act_quant = !plain};
+    t->num = num;
     t->n_ctx = 2048;
     t->n_batch = 512;
     t->s[0].name = "cpu";
@@ -572,7 +579,7 @@ static void run_recipe(const char *name, tm_cfg c, bool plain, const char *dir) 
         s->row_type = s->be.ops->kv_row_type(s->be.ctx, t->num);
     }
     printf("== recipe %s (%s numerics): attention %s, experts %s/%s, small %s; cuda rows %s\n", name,
-           plain ? "plain" : "release", ds4_type_name(c.type_mat), ds4_type_name(c.type_gate),
+           plain ? "plain" : num.fp8_kv ? "release" : "int8 activations only", ds4_type_name(c.type_mat), ds4_type_name(c.type_gate),
            ds4_type_name(c.type_down), ds4_type_name(c.type_small), t->s[1].row_type == DS4_TYPE_F16 ? "f16" : "f32");
     const int ns[2] = {1, 37};
     for (int i = 0; i < 2; i++) {
@@ -595,6 +602,8 @@ static void run_recipe(const char *name, tm_cfg c, bool plain, const char *dir) 
         t_experts(t, n, 4, NULL);
         t_head(t, n);
     }
+    /* the experts of every layer (hash and routed, other weights) */
+    for (int il = 0; il < c.n_layer; il++) t_experts(t, 24, il, NULL);
     /* per-expert item counts (E = 16, K = 4: 1892 items over 473 tokens) */
     static const int counts[16] = {0, 1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 600, 601, 0, 10, 8};
     int tot = 0;
@@ -645,6 +654,8 @@ int main(int argc, char **argv) {
     tm_cfg q4 = q2;
     q4.type_gate = q4.type_down = DS4_TYPE_Q4_K;
     run_recipe("q4", q4, false, dir);
+    ds4_numerics act_only = {.act_quant = true};
+    run_recipe_num("q2-act", q2, act_only, dir);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }
