@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
     fullshape)
         t0=$(date +%s)
         DS4_SYNTH_GGUF=/tmp/synth-q2.gguf DS4_PROMPTS_DIR=build/shared-tools/prompts PYTHONUNBUFFERED=1 \
-            timeout 500 python3 -m pytest -q -s -rfEs -p no:cacheprovider tests/cuda/test_full_shape.py > "$OUT/fullshape.log" 2>&1
+            timeout ${FULL_TIMEOUT:-240} python3 -m pytest -q -s -rfEs -p no:cacheprovider tests/cuda/test_full_shape.py > "$OUT/fullshape.log" 2>&1
         echo "full shape: exit $?, $(( $(date +%s) - t0 )) s"
         grep -E "layers|cpu|gpu|passed|failed|Error" "$OUT/fullshape.log" | tail -30 ;;
     bench)
