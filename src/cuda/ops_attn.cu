@@ -506,9 +506,9 @@ static size_t attn_smem(int hb, int dh, int nr_cap) {
 
 template <typename T>
 static void launch_attention(cu_ctx *c, const attn_p &p, int n) {
-    /* heads per block: 4 gives decode 16 blocks per token on Flash; fewer
-     * when the scores of long contexts would not fit */
-    int hb = 4;
+    /* heads per block: 8 (one output group on Flash); fewer when the
+     * scores of long contexts would not fit */
+    int hb = 8;
     while (hb > 1 && (p.H % hb || attn_smem(hb, p.dh, p.nr_cap) > 160 * 1024)) hb /= 2;
     size_t smem = attn_smem(hb, p.dh, p.nr_cap);
     if (smem > 200 * 1024) {

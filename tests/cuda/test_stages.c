@@ -582,8 +582,9 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
            plain ? "plain" : num.fp8_kv ? "release" : "int8 activations only", ds4_type_name(c.type_mat), ds4_type_name(c.type_gate),
            ds4_type_name(c.type_down), ds4_type_name(c.type_small), t->s[1].row_type == DS4_TYPE_F16 ? "f16" : "f32");
     const int ns[2] = {1, 37};
+    const bool flash = c.D >= 4096;
     for (int i = 0; i < 2; i++) {
-        int n = ns[i];
+        int n = flash ? (i ? 7 : 1) : ns[i];
         t_embed(t, n);
         t_hc(t, n, 0);
         t_attn_project(t, n, 0);
@@ -598,17 +599,17 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
         t_attention(t, n, 3, 100);
         t_kv_store(t, n);
         t_route(t, n, 0);
-        t_route(t, n, 4);
-        t_experts(t, n, 4, NULL);
+        t_route(t, n, flash ? 3 : 4);
+        t_experts(t, n, flash ? 3 : 4, NULL);
         t_head(t, n);
     }
     /* the experts of every layer (hash and routed, other weights) */
-    for (int il = 0; il < c.n_layer; il++) t_experts(t, 24, il, NULL);
+    for (int il = 0; il < c.n_layer && !flash; il++) t_experts(t, 24, il, NULL);
     /* per-expert item counts (E = 16, K = 4: 1892 items over 473 tokens) */
     static const int counts[16] = {0, 1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 600, 601, 0, 10, 8};
     int tot = 0;
     for (int i = 0; i < 16; i++) tot += counts[i];
-    if (c.E == 16 && tot % c.K == 0) t_experts(t, tot / c.K, 4, counts);
+    if (c.E == 16 && tot % c.K == 0 && !flash) t_experts(t, tot / c.K, 4, counts);
     for (int k = 0; k < 2; k++) {
         side *s = &t->s[k];
         s->be.ops->unbind_model(s->be.ctx, s->bm);
@@ -656,6 +657,29 @@ int main(int argc, char **argv) {
     run_recipe("q4", q4, false, dir);
     ds4_numerics act_only = {.act_quant = true};
     run_recipe_num("q2-act", q2, act_only, dir);
+    /* Flash's per-layer dimensions (experts: 4 of Q8_0, to keep the build
+     * fast), release numerics */
+    tm_cfg fl = base;
+    fl.n_layer = 4;
+    fl.D = 4096;
+    fl.H = 64;
+    fl.dh = 512;
+    fl.q_lora = 1024;
+    fl.o_lora = 1024;
+    fl.G = 8;
+    fl.E = 4;
+    fl.K = 4;
+    fl.F = 2048;
+    fl.window = 128;
+    fl.IH = 64;
+    fl.topk = 16;
+    fl.V = 1000;
+    int fr[4] = {0, 0, 4, 16};
+    memcpy(fl.ratios, fr, sizeof fr);
+    fl.type_mat = fl.type_gate = fl.type_down = DS4_TYPE_Q8_0;
+    fl.type_small = DS4_TYPE_F16;
+    run_recipe("flash", fl, false, dir);
+    run_recipe("flash-plain", fl, true, dir);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }
