@@ -555,7 +555,7 @@ static void run_recipe(const char *name, tm_cfg c, bool plain, const char *dir) 
 }
 
 static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const char *dir) {
-    const bool plain = !num.fp8_kv && !num.act_quant;
+    const bool plain = !num.fp8_kv && !num.act_quant && !num.f16_cache;
     tctx T = {.recipe = name}, *t = &T;
     char path[512];
     snprintf(path, sizeof path, "%s/stages_%s.gguf", dir, name);
@@ -579,7 +579,7 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
         s->row_type = s->be.ops->kv_row_type(s->be.ctx, t->num);
     }
     printf("== recipe %s (%s numerics): attention %s, experts %s/%s, small %s; cuda rows %s\n", name,
-           plain ? "plain" : num.fp8_kv ? "release" : "int8 activations only", ds4_type_name(c.type_mat), ds4_type_name(c.type_gate),
+           plain ? "plain" : num.fp8_kv ? "release" : num.act_quant ? "int8 activations only" : "f16 cache only", ds4_type_name(c.type_mat), ds4_type_name(c.type_gate),
            ds4_type_name(c.type_down), ds4_type_name(c.type_small), t->s[1].row_type == DS4_TYPE_F16 ? "f16" : "f32");
     const int ns[2] = {1, 37};
     const bool flash = c.D >= 4096;
@@ -680,6 +680,9 @@ int main(int argc, char **argv) {
     fl.type_small = DS4_TYPE_F16;
     run_recipe("flash", fl, false, dir);
     run_recipe("flash-plain", fl, true, dir);
+    ds4_numerics f16_only = {.f16_cache = true};
+    run_recipe_num("flash-f16", fl, f16_only, dir);
+    run_recipe_num("flash-act", fl, act_only, dir);
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;
 }
