@@ -32,13 +32,16 @@
 
 static int n_pass, n_fail;
 
-/* Share of elements that may exceed the tolerance where int8 activations
- * (E.1) are quantized from f32 values computed in a different order: a
- * value at a rounding midpoint takes the neighbouring code on one backend.
- * Such a flip moves one token's row by ~1e-3 relative; the max difference
- * must still stay below FLIP_MAX. */
-#define FLIP_ALLOW 0.1
-#define FLIP_MAX 2e-2
+/* Stages whose outputs pass through int8 activations (E.1) quantized from
+ * f32 values that the two backends sum in different orders: a value at a
+ * rounding midpoint takes the neighbouring code on one of them. One such
+ * flip in the attention output (32768 values per token at Flash size) or
+ * in the expert hidden vector moves its whole token row by up to ~1e-3
+ * relative (measured on the H200: one or two rows of 7 at Flash size). Those
+ * stages are checked per token row: a row may differ by at most FLIP_MAX,
+ * and at most half of the rows by more than the f32 tolerance. A wrong
+ * kernel moves rows by O(1). */
+#define FLIP_MAX 5e-3
 
 typedef struct side {
     const char *name;
@@ -160,10 +163,40 @@ static void check(const tctx *t, const char *what, int n, const float *a, const 
         }
         if (d > lim) bad++;
     }
-    bool ok = nan == 0 && (double)bad <= allow * (double)len && (allow == 0 || md <= FLIP_MAX * fmax(ma, 1e-6));
+    bool ok = nan == 0 && (double)bad <= allow * (double)len;
     printf("%s  %-10s n=%-4d %-34s max|ref| %.3e  max|diff| %.3e (rel %.2e, at %zu)  over tol %zu/%zu%s\n",
            ok ? "PASS" : "FAIL", t->recipe, n, what, ma, md, md / fmax(ma, 1e-30), worst, bad, len,
            nan ? "  NON-FINITE MISMATCH" : "");
+    if (ok) n_pass++;
+    else n_fail++;
+}
+
+/* Per token row: max |diff| relative to the row's max |ref|. Rows over tol
+ * count as int8 flips when flips are possible and the row stays within
+ * FLIP_MAX; otherwise (or when more than half the rows flip) it fails. */
+static void check_rows(const tctx *t, const char *what, int n, const float *a, const float *b, size_t row_len,
+                       double tol, bool flips) {
+    int bad = 0, flip = 0, worst_row = 0;
+    double worst = 0;
+    for (int r = 0; r < n; r++) {
+        double ma = 0, md = 0;
+        bool nan = false;
+        for (size_t i = 0; i < row_len; i++) {
+            double x = a[r * row_len + i], y = b[r * row_len + i];
+            if (isnan(x) != isnan(y) || isinf(x) != isinf(y)) nan = true;
+            ma = fmax(ma, fabs(x));
+            md = fmax(md, fabs(x - y));
+        }
+        double rel = md / fmax(ma, 1e-6);
+        if (rel > worst) worst = rel, worst_row = r;
+        if (nan || !(rel <= tol)) {
+            if (!nan && flips && rel <= FLIP_MAX) flip++;
+            else bad++;
+        }
+    }
+    bool ok = bad == 0 && flip <= (n + 1) / 2;
+    printf("%s  %-10s n=%-4d %-34s worst row %d rel %.2e; rows over %.0e: %d int8 flips (<= %.0e), %d failing\n",
+           ok ? "PASS" : "FAIL", t->recipe, n, what, worst_row, worst, tol, flip, FLIP_MAX, bad);
     if (ok) n_pass++;
     else n_fail++;
 }
@@ -397,9 +430,8 @@ static void t_attention(tctx *t, int n, int il, int pos0) {
     char nm[64];
     snprintf(nm, sizeof nm, "attention L%d pos0 %d", il, pos0);
     /* with int8 activations, an element of o or z that lands on a rounding
-     * midpoint may take the neighbouring code: its token's row moves by
-     * ~1e-3 (FLIP_ALLOW) */
-    check(t, nm, n, y[0], y[1], (size_t)n * D, 1e-4, t->num.act_quant ? FLIP_ALLOW : 0);
+     * midpoint may take the neighbouring code: its token's row moves */
+    check_rows(t, nm, n, y[0], y[1], D, 1e-4, t->num.act_quant);
     free(y[0]), free(y[1]), free(q), free(kv), free(raw), free(comp), free(sel), free(nsel);
 }
 
@@ -497,7 +529,7 @@ static void t_experts(tctx *t, int n, int il, const int *counts) {
     }
     char nm[96];
     snprintf(nm, sizeof nm, "moe_experts L%d%s", il, counts ? " (item counts)" : "");
-    check(t, nm, n, y[0], y[1], (size_t)n * D, 1e-4, t->num.act_quant ? FLIP_ALLOW : 0);
+    check_rows(t, nm, n, y[0], y[1], D, 1e-4, t->num.act_quant);
     if (counts) { /* every row on its own: a dropped or duplicated item shows in its token's row */
         /* a missing or doubled expert output moves a row by ~100%; a flipped
          * int8 code of the hidden vector by ~0.1% */
