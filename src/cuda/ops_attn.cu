@@ -92,7 +92,8 @@ struct hc_fin {
 
 /* Finishes HC-pre (mixer split, Sinkhorn, weighted sum, RMSNorm) or the
  * head's stream weighting for token blockIdx.x. The small mixer math runs
- * on thread 0 with exactly cpu_ops.c's expressions. Dynamic shared: D floats. */
+ * on warp 0 with exactly cpu_ops.c's expressions (a single thread doing it
+ * cost ~100 us per call on the H200). Dynamic shared: D floats. */
 __global__ void __launch_bounds__(256) k_hc_finish(const __grid_constant__ hc_fin p) {
     extern __shared__ float xs[];
     __shared__ double red[32];
@@ -111,44 +112,41 @@ __global__ void __launch_bounds__(256) k_hc_finish(const __grid_constant__ hc_fi
         rsq = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        const float r = rsq;
-        for (int o = 0; o < n_mix; o++) mix[o] = __fmul_rn(mix[o], r);
-        if (p.head) {
-            for (int s = 0; s < hc; s++) pre[s] = cu_sigmoid(cu_lin(mix[s], p.scale[0], p.base[s])) + p.hc_eps;
-        } else {
-            float C[64];
-            float *post = p.post + (int64_t)t * hc, *comb = p.comb + (int64_t)t * hc * hc;
-            for (int s = 0; s < hc; s++) {
-                pre[s] = cu_sigmoid(cu_lin(mix[s], p.scale[0], p.base[s])) + p.hc_eps;
-                post[s] = 2.0f * cu_sigmoid(cu_lin(mix[hc + s], p.scale[1], p.base[hc + s]));
-            }
-            for (int r2 = 0; r2 < hc; r2++) {
-                float *Cr = C + r2 * hc, mx = -INFINITY, sum = 0.0f;
-                for (int b = 0; b < hc; b++) {
-                    Cr[b] = cu_lin(mix[2 * hc + r2 * hc + b], p.scale[2], p.base[2 * hc + r2 * hc + b]);
-                    mx = fmaxf(mx, Cr[b]);
-                }
-                for (int b = 0; b < hc; b++) {
-                    Cr[b] = expf(Cr[b] - mx);
-                    sum += Cr[b];
-                }
-                for (int b = 0; b < hc; b++) Cr[b] = Cr[b] / sum + p.hc_eps;
-            }
+    /* The mixer math on warp 0, lane l holding comb element l = (row l/hc,
+     * column l%hc); every sum gathers its terms by shuffles and adds them in
+     * cpu_ops.c's order, so the values equal the CPU's expression by
+     * expression (hc <= 4: 16 lanes). */
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x, r = lane / hc, b = lane % hc;
+        const bool on = lane < hc * hc;
+        const float rs = rsq;
+        const float e = p.hc_eps;
+        if (lane < hc) {
+            pre[lane] = cu_sigmoid(cu_lin(__fmul_rn(mix[lane], rs), p.scale[0], p.base[lane])) + e;
+            if (!p.head)
+                p.post[(int64_t)t * hc + lane] =
+                    2.0f * cu_sigmoid(cu_lin(__fmul_rn(mix[hc + lane], rs), p.scale[1], p.base[hc + lane]));
+        }
+        if (!p.head) {
+            float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rs), p.scale[2], p.base[2 * hc + lane]) : 0.0f;
+            /* row softmax (the first row normalisation) */
+            float mx = -INFINITY;
+            for (int k = 0; k < hc; k++) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, r * hc + k));
+            c = on ? expf(c - mx) : 0.0f;
+            float sum = 0.0f;
+            for (int k = 0; k < hc; k++) sum += __shfl_sync(0xffffffffu, c, r * hc + k);
+            c = c / sum + e;
             for (int it = 0; it < p.sinkhorn; it++) {
-                if (it > 0)
-                    for (int r2 = 0; r2 < hc; r2++) {
-                        float s = 0.0f;
-                        for (int b = 0; b < hc; b++) s += C[r2 * hc + b];
-                        for (int b = 0; b < hc; b++) C[r2 * hc + b] /= (s + p.hc_eps);
-                    }
-                for (int b = 0; b < hc; b++) {
-                    float s = 0.0f;
-                    for (int r2 = 0; r2 < hc; r2++) s += C[r2 * hc + b];
-                    for (int r2 = 0; r2 < hc; r2++) C[r2 * hc + b] /= (s + p.hc_eps);
+                if (it > 0) { /* row normalisation */
+                    float rsum = 0.0f;
+                    for (int k = 0; k < hc; k++) rsum += __shfl_sync(0xffffffffu, c, r * hc + k);
+                    c /= (rsum + e);
                 }
+                float csum = 0.0f; /* column normalisation */
+                for (int k = 0; k < hc; k++) csum += __shfl_sync(0xffffffffu, c, k * hc + b);
+                c /= (csum + e);
             }
-            for (int i = 0; i < hc * hc; i++) comb[i] = C[i];
+            if (on) p.comb[(int64_t)t * hc * hc + lane] = c;
         }
     }
     __syncthreads();
