@@ -1,11 +1,16 @@
 """The full DeepSeek V4 Flash shape on the GPU against the CPU reference (make test-cuda with DS4_SYNTH_GGUF set to
 a file written by ../shared/tools/synth_gguf.py; skipped, saying so, otherwise).
 
-- After 1, 2 and 3 blocks (then the head) and after all 43, for a short prompt: the same numerics in a different
-  order, so the logits must agree closely (printed per position; asserted at position 0, which no earlier
-  position's rounding can reach, and at every position for the 1-block run).
-- The chat prompts of ../shared/data/official-vectors/prompts (short ones): the same greedy tokens for the first
-  steps on both backends.
+Two numerics are compared:
+- "noact": the release roundings except the int8 activations (--numerics-off act): the same numerics in a
+  different order, so after 1, 2 and 3 blocks (then the head) and after all 43, every position must agree within
+  1e-3 of the largest logit, and greedy decoding of the short official-vector prompts must pick the same tokens.
+- "release": with int8 activations on, the float differences of two summation orders (~1e-6 relative after
+  512-4096-term sums with cancellation; an estimate) reach an int8 code's rounding boundary for a share of the
+  32768 attention outputs of a token, and every moved code moves the next quantized activation further.
+  Measured on the H200 (2026-12-03): the two backends' logits part by ~1e-2 of the largest logit after the first
+  block (~1e-7 at the tiny fixtures' sizes). Printed, with position 0 after one block asserted loosely (5e-2),
+  not claimed to be tight.
 """
 import os
 import pathlib
@@ -20,6 +25,7 @@ SYNTH = os.environ.get("DS4_SYNTH_GGUF")
 PROMPTS = pathlib.Path(os.environ.get("DS4_PROMPTS_DIR", str(ROOT.parent / "shared/data/official-vectors/prompts")))
 pytestmark = pytest.mark.skipif(not SYNTH or not pathlib.Path(SYNTH).exists(),
                                 reason="DS4_SYNTH_GGUF not set: no full-shape model file (synth_gguf.py)")
+NUMERICS = {"noact": ["--numerics-off", "act"], "release": []}
 
 
 def dump(backend, toks, out, layers, extra=()):
@@ -32,32 +38,36 @@ def dump(backend, toks, out, layers, extra=()):
     return np.fromfile(out, dtype="<f4").reshape(len(toks.read_text().split()), -1), r.stdout
 
 
+@pytest.mark.parametrize("num", ["noact", "release"])
 @pytest.mark.parametrize("layers", [1, 2, 3, 0])
-def test_full_shape_layers_match_cpu(layers, tmp_path):
+def test_full_shape_layers_match_cpu(layers, num, tmp_path):
     toks = tmp_path / "t.txt"
     toks.write_text("0 128803 4959 20474 1113 128804 128822")
-    g, _ = dump("--cuda", toks, tmp_path / "g.f32", layers)
-    c, _ = dump("--cpu", toks, tmp_path / "c.f32", layers)
+    g, _ = dump("--cuda", toks, tmp_path / "g.f32", layers, NUMERICS[num])
+    c, _ = dump("--cpu", toks, tmp_path / "c.f32", layers, NUMERICS[num])
     scale = max(1.0, float(np.abs(c).max()))
     d = np.abs(g.astype(np.float64) - c).max(axis=1) / scale
     same = (g.argmax(1) == c.argmax(1)).mean()
-    print(f"\nlayers {layers or 43}: rel diff per position {' '.join(f'{x:.1e}' for x in d)}; max |logit| {scale:.2f};"
-          f" same argmax {same:.0%}")
-    assert d[0] <= 1e-3
-    if layers == 1:
+    print(f"\n{num} layers {layers or 43}: rel diff per position {' '.join(f'{x:.1e}' for x in d)}; "
+          f"max |logit| {scale:.2f}; same argmax {same:.0%}")
+    if num == "noact":
         assert d.max() <= 1e-3
+    elif layers == 1:
+        assert d[0] <= 5e-2
 
 
+@pytest.mark.parametrize("num", ["noact", "release"])
 @pytest.mark.parametrize("name", ["short_italian_fact", "short_reasoning_plain", "short_code_completion"])
-def test_full_shape_greedy_matches_cpu(name):
+def test_full_shape_greedy_matches_cpu(name, num):
     p = PROMPTS / f"{name}.txt"
     if not p.exists():
         pytest.skip(f"{p} missing")
     outs = {}
     for be in ("--cpu", "--cuda"):
         r = subprocess.run([DS4, "-m", SYNTH, be, "--prompt-file", str(p), "-n", "4", "--temp", "0", "--ctx", "256",
-                            "--nothink"], capture_output=True, timeout=900)
+                            "--nothink", *NUMERICS[num]], capture_output=True, timeout=900)
         assert r.returncode == 0, r.stderr.decode("utf-8", "replace")
         outs[be] = r.stdout
-    print(f"\n{name}: cpu {outs['--cpu']!r}\n        gpu {outs['--cuda']!r}")
-    assert outs["--cpu"] == outs["--cuda"]
+    print(f"\n{name} {num}: cpu {outs['--cpu']!r}\n        gpu {outs['--cuda']!r}")
+    if num == "noact":
+        assert outs["--cpu"] == outs["--cuda"]
