@@ -216,13 +216,16 @@ static int index_files(const char *dir, const char *index_path, json_t **root_ou
     const char *k;
     json_t *v;
     json_object_foreach(wm, k, v) {
-        if (!json_is_string(v) || strchr(json_string_value(v), '/')) {
+        const char *fn = json_string_value(v);
+        if (!fn || !fn[0] || strchr(fn, '/') || !strcmp(fn, ".") || !strcmp(fn, "..")) {
+            /* the message names k, which lives in root: set it before freeing root */
+            int rc = ds4_err_set(err, DS4_E_FORMAT, "%s: weight_map entry '%s' is not a file name in %s",
+                                 index_path, k, dir);
             free(files);
             json_decref(root);
-            return ds4_err_set(err, DS4_E_FORMAT, "%s: weight_map entry '%s' is not a file name in %s", index_path,
-                               k, dir);
+            return rc;
         }
-        files[nf++] = (char *)json_string_value(v);
+        files[nf++] = (char *)fn;
     }
     qsort(files, (size_t)nf, sizeof *files, cmp_str);
     int u = 0;
