@@ -37,6 +37,7 @@
 
 /* The HTTP side of the server (s->http). */
 struct srv_http {
+    int listen_fd;          /* bound by srv_http_listen; -1 once the daemon owns it */
     struct MHD_Daemon *d;
     pthread_mutex_t mu;
     pthread_cond_t cv;      /* signalled when n_requests drops */
@@ -345,34 +346,73 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
     pthread_mutex_unlock(&s->http->mu);
 }
 
-int srv_http_start(srv_server *s, ds4_err *err) {
+/* The listening socket, bound here rather than by libmicrohttpd so that
+ * only SO_REUSEADDR is set (a restart may bind over TIME_WAIT leftovers):
+ * never SO_REUSEPORT, with which a second server on a busy port would start
+ * and the kernel would split connections between the two. Returns the fd,
+ * or -1 with err set. */
+static int listen_on(srv_server *s, ds4_err *err) {
     struct sockaddr_in addr = {0};
     addr.sin_family = AF_INET;
     addr.sin_port = htons((uint16_t)s->cfg.port);
     const char *host = s->cfg.host;
     if (!strcmp(host, "localhost")) host = "127.0.0.1";
-    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1)
-        return ds4_err_set(err, DS4_E_ARG, "--host %s: not an IPv4 address", s->cfg.host);
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
+        ds4_err_set(err, DS4_E_ARG, "--host %s: not an IPv4 address", s->cfg.host);
+        return -1;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        ds4_err_set(err, DS4_E_IO, "cannot create a socket: %s", strerror(errno));
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, 128) != 0) {
+        int e = errno;
+        close(fd);
+        if (e == EADDRINUSE)
+            ds4_err_set(err, DS4_E_IO,
+                        "cannot listen on %s:%d: address in use (another server is listening "
+                        "there; pick another --port)", s->cfg.host, s->cfg.port);
+        else
+            ds4_err_set(err, DS4_E_IO, "cannot listen on %s:%d: %s", s->cfg.host, s->cfg.port,
+                        strerror(e));
+        return -1;
+    }
+    socklen_t len = sizeof addr;
+    if (getsockname(fd, (struct sockaddr *)&addr, &len) == 0) s->cfg.port = ntohs(addr.sin_port);
+    return fd;
+}
+
+int srv_http_listen(srv_server *s, ds4_err *err) {
+    int lfd = listen_on(s, err);
+    if (lfd < 0) return err ? err->code : DS4_E_IO;
     srv_http *h = xcalloc(1, sizeof *h);
     pthread_mutex_init(&h->mu, NULL);
     pthread_cond_init(&h->cv, NULL);
+    h->listen_fd = lfd;
     s->http = h;
-    /* MHD_USE_ITC: MHD_quiesce_daemon (shutdown drain) needs it */
+    return 0;
+}
+
+int srv_http_start(srv_server *s, ds4_err *err) {
+    srv_http *h = s->http;
+    if (!h) return ds4_err_set(err, DS4_E_INTERNAL, "srv_http_start before srv_http_listen");
+    /* MHD_USE_ITC: MHD_quiesce_daemon (shutdown drain) needs it. The daemon
+     * owns the listening socket from here on. */
+    int lfd = h->listen_fd;
+    h->listen_fd = -1;
     h->d = MHD_start_daemon(
         MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
             MHD_USE_ITC | MHD_USE_ERROR_LOG,
-        (uint16_t)s->cfg.port, NULL, NULL, handler, s, MHD_OPTION_SOCK_ADDR, &addr,
+        0, NULL, NULL, handler, s, MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd,
         MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
         MHD_OPTION_CONNECTION_LIMIT, 512u, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)(128 * 1024), MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_END);
-    if (!h->d) {
-        int e = errno;
-        srv_http_stop(s);
-        return ds4_err_set(err, DS4_E_IO, "cannot listen on %s:%d: %s", s->cfg.host, s->cfg.port,
-                           strerror(e));
-    }
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
-    if (di && di->port) s->cfg.port = di->port;
+        (size_t)(128 * 1024), MHD_OPTION_END);
+    if (!h->d)
+        return ds4_err_set(err, DS4_E_IO, "cannot start the HTTP daemon on %s:%d: %s",
+                           s->cfg.host, s->cfg.port, strerror(errno));
     return 0;
 }
 
@@ -402,6 +442,7 @@ void srv_http_stop(srv_server *s) {
         drain(s);
         MHD_stop_daemon(h->d);
     }
+    if (h->listen_fd >= 0) close(h->listen_fd);
     pthread_mutex_destroy(&h->mu);
     pthread_cond_destroy(&h->cv);
     free(h);

@@ -202,6 +202,10 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
 
     ds4_err err = {0};
+    if (srv_http_listen(&s, &err)) {
+        fprintf(stderr, "ds4-server: %s\n", err.msg);
+        return 1;
+    }
     ds4_engine_opts eo = {0};
     eo.model_path = s.cfg.model_path;
     eo.mtp_path = s.cfg.mtp_path;

@@ -349,10 +349,13 @@ struct srv_server {
     volatile int shutdown_flag;
 };
 
-/* HTTP (http.c). srv_http_start binds and starts the daemon (0, or a
- * negative code with err set). srv_http_stop closes the listener, lets the
- * open requests finish writing (bounded, see http.c), then stops the daemon;
- * a no-op when not started. Main thread only. */
+/* HTTP (http.c), main thread only. srv_http_listen binds the listening
+ * socket (before the model loads, so a busy port fails at once: "address in
+ * use"); srv_http_start starts the daemon on it. Both return 0 or a negative
+ * code with err set. srv_http_stop closes the listener, lets the open
+ * requests finish writing (bounded, see http.c), then stops the daemon; a
+ * no-op when nothing was started. */
+int srv_http_listen(srv_server *s, ds4_err *err);
 int srv_http_start(srv_server *s, ds4_err *err);
 void srv_http_stop(srv_server *s);
 

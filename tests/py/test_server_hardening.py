@@ -254,6 +254,28 @@ def keyless_uploads(port, n=12, mib=59):
     return out
 
 
+# ---- 4. a busy port ----------------------------------------------------------------
+
+def test_server_second_server_on_busy_port_exits_address_in_use():
+    """A second server on the first one's port exits at once with "address in
+    use" (no port sharing), before loading the model, and every connection
+    keeps reaching the first server."""
+    from test_server import demo_model, prog
+    binary = os.environ.get("DS4_TEST_SERVER_BIN") or prog("ds4-server")
+    with Server() as a:
+        t0 = time.time()
+        b = subprocess.run([binary, "-m", demo_model(), "--cpu", "--port", str(a.port)],
+                           capture_output=True, text=True, timeout=60)
+        assert b.returncode == 1, b.stderr
+        assert "127.0.0.1:%d: address in use" % a.port in b.stderr, b.stderr
+        assert "backend" not in b.stderr  # refused before the model was loaded
+        assert time.time() - t0 < 10
+        for _ in range(20):
+            st, _, _ = a.raw("GET", "/v1/models")
+            assert st == 200
+        assert a.alive()
+
+
 # ---- command line: the measurements of issue 14 ----------------------------------
 
 def main():
