@@ -2,6 +2,12 @@
  * routing (SERVING.md B.3), body limits, CORS, the optional API key, JSON
  * error replies (B.10), SSE responses and client-gone detection.
  *
+ * Header-time checks (check_headers), made before any body byte is read:
+ * differing duplicate Content-Length -> 400, a Host that is not the bound
+ * address, localhost, 127.0.0.1 or --allow-host -> 403, a missing or wrong
+ * API key -> 401 (not for OPTIONS), a POST to an unknown path -> 404, a POST
+ * whose Content-Type is not application/json -> 415.
+ *
  * Every response carries "Connection: close" (one request per connection,
  * B.2). Request bodies are accumulated here up to SRV_MAX_BODY_BYTES; a
  * larger body is drained and answered 413. While a connection thread waits
@@ -48,6 +54,8 @@ struct srv_http {
 typedef struct conn_ctx {
     ds4_buf body;
     bool too_large;
+    bool answered;    /* refused when the headers arrived; the body is not read */
+    srv_api api;      /* POST route */
     srv_job *job;     /* reference held by this connection */
     srv_server *s;
 } conn_ctx;
@@ -254,13 +262,115 @@ static enum MHD_Result run_post(srv_server *s, struct MHD_Connection *c, conn_ct
     return reply_json(s, c, MHD_HTTP_OK, body, api != SRV_API_RESPONSES);
 }
 
+/* Equal strings, in time that depends on the lengths only (the API key). */
+static bool same_secret(const char *a, const char *b) {
+    size_t na = strlen(a), nb = strlen(b);
+    unsigned char d = na != nb;
+    for (size_t i = 0; i < na; i++) d |= (unsigned char)(a[i] ^ b[i % (nb ? nb : 1)]);
+    return d == 0;
+}
+
 static bool api_key_ok(srv_server *s, struct MHD_Connection *c) {
     const char *key = s->cfg.api_key;
-    if (!key || !key[0]) return true;
+    if (!key) return true; /* main.c refuses an empty key */
     const char *xk = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "x-api-key");
-    if (xk && !strcmp(xk, key)) return true;
+    if (xk && same_secret(xk, key)) return true;
     const char *au = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
-    return au && !strncasecmp(au, "Bearer ", 7) && !strcmp(au + 7, key);
+    return au && !strncasecmp(au, "Bearer ", 7) && same_secret(au + 7, key);
+}
+
+/* Host header check against DNS rebinding: a page of another site whose
+ * name was made to resolve to this machine sends its own name as Host. The
+ * host part (port and a trailing dot dropped) must be the bound address,
+ * localhost, 127.0.0.1 or one of --allow-host ("*": any). A request without
+ * Host (HTTP/1.0) passes: browsers always send one. */
+static bool host_ok(srv_server *s, struct MHD_Connection *c) {
+    const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST);
+    if (!h) return true;
+    size_t n = strlen(h);
+    if (h[0] == '[') { /* [IPv6]:port */
+        const char *e = strchr(h, ']');
+        n = e ? (size_t)(e - h) + 1 : n;
+    } else {
+        const char *colon = strrchr(h, ':');
+        if (colon && strspn(colon + 1, "0123456789") == strlen(colon + 1)) n = (size_t)(colon - h);
+    }
+    if (n && h[n - 1] == '.') n--;
+    const char *fixed[] = {"localhost", "127.0.0.1", s->cfg.host};
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (strlen(fixed[i]) == n && !strncasecmp(h, fixed[i], n)) return true;
+    for (int i = 0; i < s->cfg.n_allow_hosts; i++) {
+        const char *a = s->cfg.allow_hosts[i];
+        if (!strcmp(a, "*") || (strlen(a) == n && !strncasecmp(h, a, n))) return true;
+    }
+    return false;
+}
+
+/* Content-Type is application/json (parameters such as charset allowed).
+ * Browsers send text/plain, form and multipart bodies cross-origin without
+ * a preflight; JSON needs one, which --cors alone answers. */
+static bool json_content_type(struct MHD_Connection *c) {
+    const char *ct = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE);
+    if (!ct) return false;
+    while (*ct == ' ' || *ct == '\t') ct++;
+    size_t n = strcspn(ct, ";");
+    while (n && (ct[n - 1] == ' ' || ct[n - 1] == '\t')) n--;
+    return n == 16 && !strncasecmp(ct, "application/json", 16);
+}
+
+/* Every Content-Length header carries the same value (RFC 9112 6.3: differing
+ * ones make the message length unknowable; libmicrohttpd reads the first). */
+typedef struct cl_scan {
+    const char *first;
+    bool differ;
+} cl_scan;
+
+static enum MHD_Result cl_each(void *cls, enum MHD_ValueKind kind, const char *key,
+                               const char *value) {
+    cl_scan *x = cls;
+    (void)kind;
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH)) return MHD_YES;
+    if (!x->first) x->first = value ? value : "";
+    else if (strcmp(x->first, value ? value : "")) x->differ = true;
+    return MHD_YES;
+}
+
+static const struct {
+    const char *path;
+    srv_api api;
+} g_routes[] = {{"/v1/chat/completions", SRV_API_CHAT},
+                {"/v1/completions", SRV_API_COMPLETIONS},
+                {"/v1/responses", SRV_API_RESPONSES},
+                {"/v1/messages", SRV_API_ANTHROPIC}};
+
+/* The checks that need only the request line and headers, made when they
+ * arrive so a refused request is answered at once and its body never read
+ * (or buffered). Returns MHD_YES with nothing queued when the request may
+ * go on; otherwise the result of queueing the refusal. */
+static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, conn_ctx *cx,
+                                     const char *url, const char *method, bool *refused) {
+    *refused = true;
+    cl_scan cl = {0};
+    MHD_get_connection_values(c, MHD_HEADER_KIND, cl_each, &cl);
+    if (cl.differ) return reply_simple_error(s, c, MHD_HTTP_BAD_REQUEST, "bad HTTP request");
+    if (!host_ok(s, c))
+        return reply_simple_error(s, c, MHD_HTTP_FORBIDDEN,
+                                  "Host header not allowed (DNS-rebinding protection; see "
+                                  "--allow-host)");
+    bool options = !strcmp(method, "OPTIONS");
+    if (!options && !api_key_ok(s, c))
+        return reply_simple_error(s, c, MHD_HTTP_UNAUTHORIZED, "invalid API key");
+    if (!strcmp(method, "POST")) {
+        size_t i = 0, n = sizeof g_routes / sizeof g_routes[0];
+        while (i < n && strcmp(url, g_routes[i].path)) i++;
+        if (i == n) return reply_simple_error(s, c, MHD_HTTP_NOT_FOUND, "unknown endpoint");
+        if (!json_content_type(c))
+            return reply_simple_error(s, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                                      "Content-Type must be application/json");
+        cx->api = g_routes[i].api;
+    }
+    *refused = false;
+    return MHD_YES;
 }
 
 static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
@@ -276,8 +386,18 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         pthread_mutex_lock(&s->http->mu);
         s->http->n_requests++;
         pthread_mutex_unlock(&s->http->mu);
+        bool refused;
+        enum MHD_Result r = check_headers(s, c, cx, url, method, &refused);
+        if (refused) {
+            cx->answered = true;
+            return r;
+        }
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl && strtoull(cl, NULL, 10) > SRV_MAX_BODY_BYTES) cx->too_large = true;
+        return MHD_YES;
+    }
+    if (cx->answered) { /* refused at the headers: nothing more to do */
+        *upload_data_size = 0;
         return MHD_YES;
     }
     if (*upload_data_size) {
@@ -300,7 +420,6 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         MHD_destroy_response(r);
         return ok;
     }
-    if (!api_key_ok(s, c)) return reply_simple_error(s, c, MHD_HTTP_UNAUTHORIZED, "invalid API key");
     if (!strcmp(method, "GET")) {
         if (!strcmp(url, "/v1/models")) {
             char *m = model_json(s);
@@ -313,17 +432,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         if (!strcmp(url, "/v1/models/" SRV_MODEL_ID))
             return reply_json(s, c, MHD_HTTP_OK, model_json(s), true);
     }
-    if (!strcmp(method, "POST")) {
-        static const struct {
-            const char *path;
-            srv_api api;
-        } routes[] = {{"/v1/chat/completions", SRV_API_CHAT},
-                      {"/v1/completions", SRV_API_COMPLETIONS},
-                      {"/v1/responses", SRV_API_RESPONSES},
-                      {"/v1/messages", SRV_API_ANTHROPIC}};
-        for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
-            if (!strcmp(url, routes[i].path)) return run_post(s, c, cx, routes[i].api);
-    }
+    if (!strcmp(method, "POST")) return run_post(s, c, cx, cx->api); /* route checked above */
     return reply_simple_error(s, c, MHD_HTTP_NOT_FOUND, "unknown endpoint");
 }
 

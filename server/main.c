@@ -42,6 +42,10 @@ static void usage(FILE *f) {
             "      --port N                port (default 8000; 0 = any free port)\n"
             "      --cors                  add CORS headers\n"
             "      --api-key KEY           require 'Authorization: Bearer KEY' or 'x-api-key: KEY'\n"
+            "                              (checked when the headers arrive; KEY must not be empty)\n"
+            "      --allow-host NAME[,NAME] also accept these Host headers (repeatable; '*': any).\n"
+            "                              By default only the --host address, localhost and\n"
+            "                              127.0.0.1 are accepted (DNS-rebinding protection)\n"
             "      --trace FILE            human-readable per-request trace\n"
             "      --queue N               max queued requests before 429 (default 16)\n"
             "      --kv-disk-dir DIR       enable the disk KV cache\n"
@@ -124,6 +128,20 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         if (!strcmp(a, "--cors")) { c->cors = true; continue; }
         if (!strcmp(a, "--kv-cache-reject-different-quant")) { c->kv_reject_different_quant = true; continue; }
         if (!strcmp(a, "--disable-exact-dsml-tool-replay")) { c->disable_exact_dsml_replay = true; continue; }
+        if (!strcmp(a, "--allow-host")) {
+            if (!v || !*v) {
+                fprintf(stderr, "ds4-server: --allow-host needs a host name\n");
+                return -1;
+            }
+            /* comma-separated; the copies live as long as the process */
+            char *list = xstrdup(v), *save = NULL;
+            for (char *h = strtok_r(list, ",", &save); h; h = strtok_r(NULL, ",", &save)) {
+                c->allow_hosts = xrealloc(c->allow_hosts, sizeof *c->allow_hosts * (size_t)(c->n_allow_hosts + 1));
+                c->allow_hosts[c->n_allow_hosts++] = h;
+            }
+            i++;
+            continue;
+        }
         if (!strcmp(a, "--chdir")) {
             if (!v) return -1;
             *chdir_to = v;
@@ -157,6 +175,11 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         return -1;
 #undef INTOPT
 #undef STROPT
+    }
+    if (c->api_key && !c->api_key[0]) {
+        /* an empty key would silently turn authentication off */
+        fprintf(stderr, "ds4-server: --api-key must not be empty\n");
+        return -1;
     }
     if (!c->model_path) {
         fprintf(stderr, "ds4-server: -m MODEL.gguf is required\n");

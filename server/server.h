@@ -261,7 +261,9 @@ typedef struct srv_config {
     const char *host;
     int port;
     bool cors;
-    const char *api_key;
+    const char *api_key;        /* NULL: no key; never "" (refused at startup) */
+    const char **allow_hosts;   /* (n_allow_hosts) --allow-host names beyond the defaults */
+    int n_allow_hosts;
     const char *trace_path;
     int queue_max;              /* jobs waiting (not counting the running one) */
     const char *kv_disk_dir;

@@ -254,6 +254,110 @@ def keyless_uploads(port, n=12, mib=59):
     return out
 
 
+def test_server_api_key_checked_when_headers_arrive():
+    """Without the key, a POST announcing a 59 MiB body is answered 401 before
+    any body byte is sent; 12 keyless 59 MiB uploads leave the server's
+    memory flat; a small keyless POST gets its 401 every time; the key
+    still works."""
+    with Server("--api-key", "sekrit") as s:
+        c = socket.create_connection(("127.0.0.1", s.port))
+        c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n" % (59 << 20))
+        t0 = time.time()
+        resp = read_all(c, 10)
+        c.close()
+        assert status_of(resp) == 401 and b"invalid API key" in resp, resp
+        assert time.time() - t0 < 5
+        rss0 = rss_kib(s.proc.pid)
+        sts = keyless_uploads(s.port)
+        assert all(st in (401, None) for st in sts), sts
+        assert rss_kib(s.proc.pid) - rss0 < 64 * 1024
+        body = {"messages": user("x"), "max_tokens": 1, "think": False}
+        for _ in range(20):
+            st, _, data = s.raw("POST", "/v1/chat/completions", body,
+                                headers={"Authorization": "Bearer wrong"})
+            assert st == 401, data
+        st, _, _ = s.raw("POST", "/v1/chat/completions", body, headers={"x-api-key": "sekrit"})
+        assert st == 200
+        assert s.alive()
+
+
+def test_server_empty_api_key_refused_at_startup():
+    from test_server import demo_model, prog
+    binary = os.environ.get("DS4_TEST_SERVER_BIN") or prog("ds4-server")
+    r = subprocess.run([binary, "-m", demo_model(), "--cpu", "--port", "0", "--api-key", ""],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--api-key must not be empty" in r.stderr, r.stderr
+
+
+# ---- 5. requests a browser page can send -------------------------------------------
+
+def raw_request(port, data, timeout=30):
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(data)
+    resp = read_all(c, timeout)
+    c.close()
+    return status_of(resp), resp
+
+
+def test_server_refuses_cross_origin_simple_posts_and_foreign_hosts():
+    """A page can POST text/plain (or a form) cross-origin without a preflight,
+    and a DNS-rebinding page reaches 127.0.0.1 under its own host name: such
+    requests are refused before anything is generated."""
+    body = json.dumps({"messages": user("x"), "max_tokens": 1, "think": False}).encode()
+    with Server() as s:
+        p = s.port
+        origin = b"Origin: http://evil.example\r\n"
+        for ctype in (b"text/plain", b"text/plain;charset=UTF-8", b"application/x-www-form-urlencoded",
+                      b"multipart/form-data; boundary=x", b"application/jsonx", None):
+            st, resp = raw_request(p, post_bytes(p, b"/v1/chat/completions", body, origin, ctype=ctype))
+            assert st == 415 and b"Content-Type must be application/json" in resp, (ctype, resp)
+        for host in (b"evil.example", b"evil.example:%d" % p, b"127.0.0.1.evil.example",
+                     b"localhost.evil.example:%d" % p):
+            st, resp = raw_request(p, post_bytes(p, b"/v1/chat/completions", body, host=host))
+            assert st == 403 and b"Host header not allowed" in resp, (host, resp)
+            st, resp = raw_request(p, b"GET /v1/models HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            assert st == 403, (host, resp)
+        assert "prefill" not in s.log_text() and "generated" not in s.log_text()
+        for host in (b"127.0.0.1", b"127.0.0.1:%d" % p, b"localhost:%d" % p, b"LocalHost.", b"localhost"):
+            st, resp = raw_request(p, post_bytes(p, b"/v1/chat/completions", body, host=host,
+                                                 ctype=b"application/json; charset=utf-8"))
+            assert st == 200, (host, resp)
+    with Server("--allow-host", "box.lan,other.lan", "--allow-host", "third.lan") as s:
+        p = s.port
+        for host, want in ((b"box.lan:%d" % p, 200), (b"OTHER.lan", 200), (b"third.lan", 200),
+                           (b"localhost", 200), (b"evil.example", 403)):
+            st, _ = raw_request(p, b"GET /v1/models HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            assert st == want, host
+    with Server("--allow-host", "*") as s:
+        st, _ = raw_request(s.port, b"GET /v1/models HTTP/1.1\r\nHost: anything.example\r\n\r\n")
+        assert st == 200
+
+
+# ---- 9. request framing ------------------------------------------------------------
+
+def test_server_differing_content_lengths_get_400():
+    """Two Content-Length headers with different values (RFC 9112 6.3) are a
+    400 whichever comes first; identical duplicates are one length."""
+    body = json.dumps({"messages": user("x"), "max_tokens": 1, "think": False}).encode()
+    n = len(body)
+    with Server() as s:
+        for extra in (b"Content-Length: %d\r\n" % (n + 40), b"Content-Length: %d\r\n" % (n - 10),
+                      b"content-length: 0\r\n"):
+            st, resp = raw_request(s.port, post_bytes(s.port, b"/v1/chat/completions", body, extra), 10)
+            assert st == 400 and b"bad HTTP request" in resp, (extra, resp)
+        # the differing value first
+        data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 2\r\nContent-Length: %d\r\n\r\n" % n) + body
+        st, resp = raw_request(s.port, data, 10)
+        assert st == 400 and b"bad HTTP request" in resp, resp
+        assert "prefill" not in s.log_text()
+        st, resp = raw_request(s.port, post_bytes(s.port, b"/v1/chat/completions", body,
+                                                  b"Content-Length: %d\r\n" % n))
+        assert st == 200, resp
+        assert s.alive()
+
+
 # ---- 4. a busy port ----------------------------------------------------------------
 
 def test_server_second_server_on_busy_port_exits_address_in_use():
