@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,13 +42,34 @@
 /* Longest wait for open requests to finish at shutdown. */
 #define SRV_DRAIN_S 10.0
 
+/* One open connection, for the request deadline (socket_context slot).
+ * Linked while libmicrohttpd holds the socket open: it reports CLOSED
+ * before it closes the descriptor, so fd is valid while linked. */
+typedef struct conn_rec {
+    int fd;
+    uint32_t client;        /* IPv4 address of the peer (network order) */
+    double t_open;          /* monotonic seconds at accept */
+    bool request_in;        /* the whole request (headers and body) arrived */
+    bool cut;               /* shut down by the deadline sweeper */
+    struct conn_rec *prev, *next;
+} conn_rec;
+
 /* The HTTP side of the server (s->http). */
 struct srv_http {
     int listen_fd;          /* bound by srv_http_listen; -1 once the daemon owns it */
     struct MHD_Daemon *d;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;      /* signalled when n_requests drops */
+    pthread_mutex_t mu;     /* guards everything below */
+    pthread_cond_t cv;      /* signalled when n_requests drops, and to stop the sweeper */
     int n_requests;         /* requests between the handler's first call and completion */
+    conn_rec *conns;        /* open connections */
+    pthread_t sweeper;
+    bool sweeper_started, stop;
+    long n_cut;             /* connections cut by the deadline since the last log line */
+    long n_capped;          /* connections cut or refused by the per-client cap, same */
+    long n_mhd_quiet;       /* libmicrohttpd messages dropped in this window */
+    int n_mhd_logged;       /* libmicrohttpd messages logged in this window */
+    double t_mhd_window;
+    double t_cut_log;
 };
 
 /* Per-request state (owned by libmicrohttpd's con_cls slot). */
@@ -143,6 +165,16 @@ static char *model_json(srv_server *s) {
  * (a loaded machine), for the shutdown-drain test. */
 static void debug_slow(srv_server *s) {
     if (s->cfg.debug_slow_conn_ms > 0) usleep((useconds_t)s->cfg.debug_slow_conn_ms * 1000u);
+}
+
+/* The request of c has fully arrived (or was answered): its deadline is over. */
+static void request_arrived(srv_server *s, struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    conn_rec *r = ci ? ci->socket_context : NULL;
+    if (!r) return;
+    pthread_mutex_lock(&s->http->mu);
+    r->request_in = true;
+    pthread_mutex_unlock(&s->http->mu);
 }
 
 /* ---- SSE body --------------------------------------------------------------- */
@@ -390,6 +422,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         enum MHD_Result r = check_headers(s, c, cx, url, method, &refused);
         if (refused) {
             cx->answered = true;
+            request_arrived(s, c);
             return r;
         }
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
@@ -413,6 +446,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         *upload_data_size = 0;
         return MHD_YES;
     }
+    request_arrived(s, c); /* last call: the body (if any) is in */
     if (!strcmp(method, "OPTIONS")) {
         struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
         add_common(s, r);
@@ -453,6 +487,142 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
     s->http->n_requests--;
     pthread_cond_broadcast(&s->http->cv);
     pthread_mutex_unlock(&s->http->mu);
+}
+
+/* ---- connections: request deadline -------------------------------------------- */
+
+static void notify_conn(void *cls, struct MHD_Connection *c, void **socket_context,
+                        enum MHD_ConnectionNotificationCode code) {
+    srv_http *h = ((srv_server *)cls)->http;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        const union MHD_ConnectionInfo *ca = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        conn_rec *r = xcalloc(1, sizeof *r);
+        r->fd = ci ? ci->connect_fd : -1;
+        if (ca && ca->client_addr && ca->client_addr->sa_family == AF_INET)
+            r->client = ((const struct sockaddr_in *)ca->client_addr)->sin_addr.s_addr;
+        r->t_open = srv_now_mono();
+        pthread_mutex_lock(&h->mu);
+        r->next = h->conns;
+        if (h->conns) h->conns->prev = r;
+        h->conns = r;
+        pthread_mutex_unlock(&h->mu);
+        *socket_context = r;
+    } else if (code == MHD_CONNECTION_NOTIFY_CLOSED && *socket_context) {
+        conn_rec *r = *socket_context;
+        pthread_mutex_lock(&h->mu);
+        if (r->prev) r->prev->next = r->next;
+        else h->conns = r->next;
+        if (r->next) r->next->prev = r->prev;
+        pthread_mutex_unlock(&h->mu);
+        free(r);
+        *socket_context = NULL;
+    }
+}
+
+/* libmicrohttpd's messages (a client that closed mid-request, a malformed
+ * request), at most 5 per 10 s: each slow or cut connection of an attack
+ * produces one, and the log must not grow with the attack. */
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    srv_http *h = ((srv_server *)cls)->http;
+    char line[512];
+    vsnprintf(line, sizeof line, fmt, ap);
+    line[strcspn(line, "\r\n")] = 0;
+    double now = srv_now_mono();
+    long quiet = 0;
+    bool show;
+    pthread_mutex_lock(&h->mu);
+    if (now - h->t_mhd_window >= 10.0) {
+        quiet = h->n_mhd_quiet;
+        h->n_mhd_quiet = 0;
+        h->n_mhd_logged = 0;
+        h->t_mhd_window = now;
+    }
+    show = h->n_mhd_logged < 5;
+    if (show) h->n_mhd_logged++;
+    else h->n_mhd_quiet++;
+    pthread_mutex_unlock(&h->mu);
+    if (quiet) srv_log("http: %ld more libmicrohttpd messages suppressed", quiet);
+    if (show) srv_log("http: %s", line);
+}
+
+/* Per-client cap (accept policy, listen thread): one address may hold
+ * --max-connections-per-client connections that are still sending their
+ * request. At the cap, its oldest such connection open for at least
+ * SRV_CAP_GRACE_S is shut down to make room, so a client that completes its
+ * request at once is served even while others from its address trickle
+ * headers; when all of them are younger (a burst), the new one is refused.
+ * Connections whose request is in (queued, streaming) never count. */
+#define SRV_CAP_GRACE_S 0.5
+static enum MHD_Result accept_policy(void *cls, const struct sockaddr *addr, socklen_t len) {
+    srv_server *s = cls;
+    srv_http *h = s->http;
+    int cap = s->cfg.max_conn_per_client;
+    if (cap <= 0 || !addr || addr->sa_family != AF_INET || len < (socklen_t)sizeof(struct sockaddr_in))
+        return MHD_YES;
+    uint32_t client = ((const struct sockaddr_in *)addr)->sin_addr.s_addr;
+    double now = srv_now_mono();
+    enum MHD_Result ok = MHD_YES;
+    pthread_mutex_lock(&h->mu);
+    int pending = 0;
+    conn_rec *oldest = NULL;
+    for (conn_rec *r = h->conns; r; r = r->next) {
+        if (r->client != client || r->request_in || r->cut) continue;
+        pending++;
+        if (!oldest || r->t_open < oldest->t_open) oldest = r;
+    }
+    if (pending >= cap) {
+        if (oldest && now - oldest->t_open >= SRV_CAP_GRACE_S && oldest->fd >= 0) {
+            shutdown(oldest->fd, SHUT_RDWR);
+            oldest->cut = true;
+            h->n_capped++;
+        } else {
+            h->n_capped++;
+            ok = MHD_NO;
+        }
+    }
+    pthread_mutex_unlock(&h->mu);
+    return ok;
+}
+
+/* Every 250 ms, shuts down the sockets of connections whose request has not
+ * fully arrived within --request-timeout of the accept. libmicrohttpd's own
+ * timeout restarts on every byte, so a client trickling a header line every
+ * few seconds would otherwise hold its connection (and, with enough of them,
+ * the connection limit) forever. The connection thread sees the shutdown as
+ * a closed peer and ends the connection. */
+static void *sweeper_main(void *arg) {
+    srv_server *s = arg;
+    srv_http *h = s->http;
+    double limit = (double)s->cfg.request_timeout_s;
+    pthread_mutex_lock(&h->mu);
+    while (!h->stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 250 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&h->cv, &h->mu, &ts);
+        double now = srv_now_mono();
+        for (conn_rec *r = h->conns; r && limit > 0; r = r->next) {
+            if (r->request_in || r->cut || r->fd < 0 || now - r->t_open < limit) continue;
+            shutdown(r->fd, SHUT_RDWR);
+            r->cut = true;
+            h->n_cut++;
+        }
+        /* one line per 10 s at most: an attack must not flood the log */
+        if ((h->n_cut || h->n_capped) && now - h->t_cut_log >= 10.0) {
+            if (h->n_cut)
+                srv_log("http: closed %ld connection(s) that did not send a complete request "
+                        "within %d s", h->n_cut, s->cfg.request_timeout_s);
+            if (h->n_capped)
+                srv_log("http: closed or refused %ld connection(s) over the cap of %d per client "
+                        "still sending a request", h->n_capped, s->cfg.max_conn_per_client);
+            h->n_cut = h->n_capped = 0;
+            h->t_cut_log = now;
+        }
+    }
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
 }
 
 /* The listening socket, bound here rather than by libmicrohttpd so that
@@ -515,13 +685,17 @@ int srv_http_start(srv_server *s, ds4_err *err) {
     h->d = MHD_start_daemon(
         MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
             MHD_USE_ITC | MHD_USE_ERROR_LOG,
-        0, NULL, NULL, handler, s, MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd,
-        MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
-        MHD_OPTION_CONNECTION_LIMIT, 512u, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)(128 * 1024), MHD_OPTION_END);
+        0, accept_policy, s, handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
+        MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_NOTIFY_CONNECTION, notify_conn, s,
+        MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_CONNECTION_LIMIT, 512u,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024), MHD_OPTION_END);
     if (!h->d)
         return ds4_err_set(err, DS4_E_IO, "cannot start the HTTP daemon on %s:%d: %s",
                            s->cfg.host, s->cfg.port, strerror(errno));
+    if (pthread_create(&h->sweeper, NULL, sweeper_main, s))
+        return ds4_err_set(err, DS4_E_INTERNAL, "cannot start the HTTP deadline thread");
+    h->sweeper_started = true;
     return 0;
 }
 
@@ -549,7 +723,14 @@ void srv_http_stop(srv_server *s) {
     if (!h) return;
     if (h->d) {
         drain(s);
-        MHD_stop_daemon(h->d);
+        MHD_stop_daemon(h->d); /* every connection reported CLOSED: conns is empty */
+    }
+    if (h->sweeper_started) {
+        pthread_mutex_lock(&h->mu);
+        h->stop = true;
+        pthread_cond_broadcast(&h->cv);
+        pthread_mutex_unlock(&h->mu);
+        pthread_join(h->sweeper, NULL);
     }
     if (h->listen_fd >= 0) close(h->listen_fd);
     pthread_mutex_destroy(&h->mu);

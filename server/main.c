@@ -41,6 +41,11 @@ static void usage(FILE *f) {
             "      --host HOST             IPv4 address or localhost (default 127.0.0.1)\n"
             "      --port N                port (default 8000; 0 = any free port)\n"
             "      --cors                  add CORS headers\n"
+            "      --max-connections-per-client N  connections one client address may hold while\n"
+            "                              they send their request (default 64; 0 = no cap); past\n"
+            "                              it, the oldest (>= 1 s) is closed or the new one refused\n"
+            "      --request-timeout S     the request line, headers and body must arrive within\n"
+            "                              S seconds of connecting (default 30; 0 = no deadline)\n"
             "      --api-key KEY           require 'Authorization: Bearer KEY' or 'x-api-key: KEY'\n"
             "                              (checked when the headers arrive; KEY must not be empty)\n"
             "      --allow-host NAME[,NAME] also accept these Host headers (repeatable; '*': any).\n"
@@ -94,6 +99,8 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
     c->kv_boundary_trim = 32;
     c->kv_boundary_align = 2048;
     c->tool_memory_max_ids = 100000;
+    c->max_conn_per_client = 64;
+    c->request_timeout_s = 30;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -170,6 +177,8 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         INTOPT("--kv-cache-boundary-trim-tokens", 0, INT_MAX, kv_boundary_trim)
         INTOPT("--kv-cache-boundary-align-tokens", 0, INT_MAX, kv_boundary_align)
         INTOPT("--tool-memory-max-ids", 1, INT_MAX, tool_memory_max_ids)
+        INTOPT("--max-connections-per-client", 0, 100000, max_conn_per_client)
+        INTOPT("--request-timeout", 0, 86400, request_timeout_s)
         INTOPT("--debug-slow-connection-ms", 0, 10000, debug_slow_conn_ms)
         fprintf(stderr, "ds4-server: unknown option %s (see --help)\n", a);
         return -1;

@@ -264,6 +264,8 @@ typedef struct srv_config {
     const char *api_key;        /* NULL: no key; never "" (refused at startup) */
     const char **allow_hosts;   /* (n_allow_hosts) --allow-host names beyond the defaults */
     int n_allow_hosts;
+    int max_conn_per_client;    /* open connections per client address (0: no cap) */
+    int request_timeout_s;      /* headers + body must arrive within this (0: no deadline) */
     const char *trace_path;
     int queue_max;              /* jobs waiting (not counting the running one) */
     const char *kv_disk_dir;

@@ -226,6 +226,64 @@ def slowloris_served(server, n=520, src="127.0.0.2", interval=3.0, settle=8.0):
         t.join()
 
 
+def test_server_slow_header_clients_do_not_lock_out_others():
+    """520 connections trickling a header line every 3 s (the connection
+    limit is 512) from another address, then from the victim's own: a
+    normal request from 127.0.0.1 is served during both attacks."""
+    with Server() as s:
+        for src in ("127.0.0.2", "127.0.0.1"):
+            st, dt, held = slowloris_served(s, n=520, src=src, interval=3.0, settle=5.0)
+            assert st == 200, (src, st, held)
+            assert held <= 64 + 8, (src, held)  # the per-client cap (plus cuts not seen yet)
+        assert s.wait_log(r"over the cap of 64 per client", timeout=15)
+        assert s.alive()
+        st, _, _ = s.raw("POST", "/v1/chat/completions",
+                         {"messages": user("hi"), "max_tokens": 2, "think": False})
+        assert st == 200
+
+
+def test_server_request_deadline_is_absolute():
+    """--request-timeout counts from the accept: a client trickling header
+    lines, or a body, every 0.5 s is cut at the deadline although each byte
+    would restart an idle timeout; a long generation after its request is in
+    is not."""
+    with Server("--request-timeout", "3") as s:
+        def trickle(head, piece):
+            c = socket.create_connection(("127.0.0.1", s.port))
+            c.sendall(head)
+            t0 = time.time()
+            while time.time() - t0 < 20:
+                try:
+                    c.sendall(piece)
+                except OSError:
+                    break
+                r, _, _ = select.select([c], [], [], 0.5)
+                if r:
+                    try:
+                        if not c.recv(4096):
+                            break
+                    except OSError:
+                        break
+            c.close()
+            return time.time() - t0
+        dt = trickle(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"X-Slow: a\r\n")
+        assert 2.0 < dt < 8.0, dt
+        dt = trickle(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100000\r\n\r\n", b" ")
+        assert 2.0 < dt < 8.0, dt
+        assert s.wait_log(r"did not send a complete request within 3 s", timeout=15)
+        # a stream that runs past the deadline once its request is in
+        body = json.dumps({"messages": user("Write forever"), "max_tokens": 1200, "stream": True,
+                           "think": False}).encode()
+        c = socket.create_connection(("127.0.0.1", s.port))
+        t0 = time.time()
+        c.sendall(post_bytes(s.port, b"/v1/chat/completions", body))
+        out = read_all(c, 120)
+        c.close()
+        assert b"data: [DONE]" in out, out[-300:]
+        assert time.time() - t0 > 3.0 or b'"finish_reason":"length"' in out
+
+
 # ---- 3. API key ------------------------------------------------------------------
 
 def keyless_uploads(port, n=12, mib=59):
