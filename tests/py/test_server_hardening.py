@@ -392,6 +392,40 @@ def test_server_refuses_cross_origin_simple_posts_and_foreign_hosts():
         assert st == 200
 
 
+# ---- 8. forced tool calls -----------------------------------------------------------
+
+def test_server_forced_tool_choice_unknown_or_long_name():
+    """A tool_choice naming a function that is not in tools is a 400 (no call
+    to a tool the client lacks is generated); a forced name longer than any
+    fixed buffer comes back whole, as one well-formed call."""
+    import anthropic
+    import openai
+    tool = {"type": "function", "function": {"name": "bash", "parameters": {
+        "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}}
+    with Server() as s:
+        o = s.openai()
+        with pytest.raises(openai.BadRequestError) as ei:
+            o.chat.completions.create(model="m", messages=user("x"), tools=[tool], max_tokens=40,
+                                      tool_choice={"type": "function", "function": {"name": "rm"}})
+        assert ei.value.response.json()["error"]["message"] == \
+            "tool_choice names function 'rm', which is not in tools"
+        a = s.anthropic()
+        with pytest.raises(anthropic.BadRequestError):
+            a.messages.create(model="m", max_tokens=40, messages=user("x"),
+                              tools=[{"name": "Bash", "input_schema": {"type": "object"}}],
+                              tool_choice={"type": "tool", "name": "rm"})
+        assert "generated" not in s.log_text()
+        long_name = "tool_" + "abcdefghij" * 70  # 705 bytes
+        long_tool = {"type": "function", "function": dict(tool["function"], name=long_name)}
+        r = o.chat.completions.create(model="m", messages=user("x"), tools=[tool, long_tool],
+                                      tool_choice={"type": "function", "function": {"name": long_name}},
+                                      max_tokens=600, temperature=0, extra_body={"think": False})
+        assert r.choices[0].finish_reason == "tool_calls", r
+        calls = r.choices[0].message.tool_calls
+        assert len(calls) == 1 and calls[0].function.name == long_name
+        json.loads(calls[0].function.arguments)
+
+
 # ---- 9. request framing ------------------------------------------------------------
 
 def test_server_differing_content_lengths_get_400():
