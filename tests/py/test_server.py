@@ -99,6 +99,9 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.reader.join(5)
+        # a sanitized build (DS4_TEST_SERVER_BIN=build/asan/ds4-server) reports here
+        bad = [l for l in self.log if "ERROR: AddressSanitizer" in l or "runtime error:" in l]
+        assert not bad, "\n".join(self.log[-40:])
         return self.proc.returncode
 
     def alive(self):

