@@ -80,8 +80,17 @@ build/asan/%.o: %.c | build/.deps-ok
 	$(CC) $(CFLAGS) $(SAN) -Itests -c $< -o $@
 build/ds4-test: $(TEST_OBJ) $(ASAN_OBJ)
 	$(CC) $(CFLAGS) $(SAN) -o $@ $^ $(LDLIBS)
+# The converter and the server under the same sanitizers: the damaged-input
+# tests run build/asan/ds4-convert; DS4_TEST_SERVER_BIN=build/asan/ds4-server
+# runs the server suites against the sanitized server.
+ASAN_PROGRAMS := $(foreach p,ds4-convert ds4-server,$(if $(SRC_$(p)),build/asan/$(p)))
+define ASAN_PROGRAM_RULE
+build/asan/$(1): $$(SRC_$(1):%.c=build/asan/%.o) $$(ASAN_OBJ)
+	$$(CC) $$(CFLAGS) $$(SAN) -o $$@ $$^ $$(LDFLAGS) $$(LDLIBS)
+endef
+$(foreach p,ds4-convert ds4-server,$(if $(SRC_$(p)),$(eval $(call ASAN_PROGRAM_RULE,$(p)))))
 
-test: all build/ds4-test $(DEV_BIN) build/demo.gguf
+test: all build/ds4-test $(ASAN_PROGRAMS) $(DEV_BIN) build/demo.gguf
 	@bash tools/test_env.sh
 	@.venv/bin/python tests/run.py
 

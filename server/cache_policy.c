@@ -275,9 +275,13 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
     } else if (ds4_session_load(s->session, it.payload, it.meta.payload_bytes, &err)) {
         srv_log("kv cache: payload of %s rejected: %s", ent.name, err.msg);
     } else if (ds4_session_n_tokens(s->session) != (int)it.meta.n_tokens) {
-        srv_log("kv cache: %s holds %d tokens, header says %u: discarded corrupt", ent.name,
-                ds4_session_n_tokens(s->session), it.meta.n_tokens);
-        ds4_kvstore_remove(c->kv, ent.name, NULL);
+        ds4_err rm = {0};
+        if (ds4_kvstore_remove(c->kv, ent.name, &rm))
+            srv_log("kv cache: %s holds %d tokens, header says %u: corrupt, not used; %s",
+                    ent.name, ds4_session_n_tokens(s->session), it.meta.n_tokens, rm.msg);
+        else
+            srv_log("kv cache: %s holds %d tokens, header says %u: discarded corrupt", ent.name,
+                    ds4_session_n_tokens(s->session), it.meta.n_tokens);
         ds4_session_rewind(s->session, 0, NULL);
     } else if (!extend_with_text(s->engine, it.tokens, (int)it.meta.n_tokens, rq->text,
                                  it.meta.key_text_bytes, rq->text_len, E, nE, &err)) {
@@ -288,8 +292,10 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
         }
         srv_log("kv cache hit text tokens=%u key=%s", it.meta.n_tokens, ent.name);
         c->last_frontier = (int)it.meta.n_tokens;
-        if ((int)it.meta.n_tokens > s->cfg.kv_cold_max_tokens && s->cfg.kv_cold_max_tokens > 0)
-            ds4_kvstore_remove(c->kv, ent.name, NULL); /* consumed: the live session owns it */
+        ds4_err rm = {0};
+        if ((int)it.meta.n_tokens > s->cfg.kv_cold_max_tokens && s->cfg.kv_cold_max_tokens > 0 &&
+            ds4_kvstore_remove(c->kv, ent.name, &rm)) /* consumed: the live session owns it */
+            srv_log("kv cache: consumed entry not removed: %s", rm.msg);
         ok = true;
     }
     ds4_kvstore_item_free(&it);

@@ -77,11 +77,27 @@ static void cands_clear(srv_forced *f) {
     f->pos = 0;
 }
 
-static void cand_add(srv_forced *f, const char *text, int action) {
+static void cand_take(srv_forced *f, char *text, int action) {
     f->cands = xrealloc(f->cands, sizeof *f->cands * (size_t)(f->n_cands + 1));
-    f->cands[f->n_cands].text = xstrdup(text);
+    f->cands[f->n_cands].text = text;
     f->cands[f->n_cands].action = action;
     f->n_cands++;
+}
+
+static void cand_add(srv_forced *f, const char *text, int action) {
+    cand_take(f, xstrdup(text), action);
+}
+
+/* a + b + c in a buffer sized from them: tool names and property keys come
+ * from the request and have no length limit, and a truncated candidate
+ * would be malformed markup. */
+static char *cat3(const char *a, const char *b, const char *c) {
+    size_t na = strlen(a), nb = strlen(b), nc = strlen(c);
+    char *t = xmalloc(na + nb + nc + 1);
+    memcpy(t, a, na);
+    memcpy(t + na, b, nb);
+    memcpy(t + na + nb, c, nc + 1);
+    return t;
 }
 
 static const char *schema_name(json_t *t) {
@@ -127,19 +143,16 @@ bool srv_forced_done(const srv_forced *f) { return f && f->phase == PH_DONE; }
 
 /* Candidates for the tool name. */
 static void name_cands(srv_forced *f) {
-    char buf[600];
-    if (f->forced_name) {
-        snprintf(buf, sizeof buf, "%s\">\n", f->forced_name);
-        cand_add(f, buf, 0);
+    if (f->forced_name) { /* in tools and free of '"' (checked by the parser) */
+        cand_take(f, cat3("", f->forced_name, "\">\n"), 0);
         return;
     }
     size_t i;
     json_t *t;
     json_array_foreach(f->tools, i, t) {
         const char *n = schema_name(t);
-        if (!n || strlen(n) > 500) continue;
-        snprintf(buf, sizeof buf, "%s\">\n", n);
-        cand_add(f, buf, (int)i);
+        if (!n || strchr(n, '"')) continue; /* cannot be written as the attribute */
+        cand_take(f, cat3("", n, "\">\n"), (int)i);
     }
     if (!f->n_cands) cand_add(f, "tool\">\n", -1);
 }
@@ -166,13 +179,11 @@ static void param_cands(srv_forced *f, bool short_budget) {
         const char *key;
         json_t *v;
         json_object_foreach(f->props, key, v) {
-            if (used(f, key) || strlen(key) > 400 || strchr(key, '"')) continue;
+            if (used(f, key) || strchr(key, '"')) continue;
             const char *type = json_string_value(json_object_get(v, "type"));
             bool is_str = !type || !strcmp(type, "string");
-            char buf[600];
-            snprintf(buf, sizeof buf, "<" DSML "parameter name=\"%s\" string=\"%s\">", key,
-                     is_str ? "true" : "false");
-            cand_add(f, buf, 1);
+            cand_take(f, cat3("<" DSML "parameter name=\"", key,
+                              is_str ? "\" string=\"true\">" : "\" string=\"false\">"), 1);
         }
     }
     if (!missing_required || short_budget || f->n_cands == 0) cand_add(f, CLOSE_CALL, 2);

@@ -2,32 +2,82 @@
  * routing (SERVING.md B.3), body limits, CORS, the optional API key, JSON
  * error replies (B.10), SSE responses and client-gone detection.
  *
+ * Header-time checks (check_headers), made before any body byte is read:
+ * differing duplicate Content-Length -> 400, a Host that is not the bound
+ * address, localhost, 127.0.0.1 or --allow-host -> 403, a missing or wrong
+ * API key -> 401 (not for OPTIONS), a POST to an unknown path -> 404, a POST
+ * whose Content-Type is not application/json -> 415.
+ *
  * Every response carries "Connection: close" (one request per connection,
  * B.2). Request bodies are accumulated here up to SRV_MAX_BODY_BYTES; a
  * larger body is drained and answered 413. While a connection thread waits
  * for its job it polls the socket, so a client that hangs up cancels its
  * job (queued jobs are skipped, running ones stop at the next token).
+ *
+ * Shutdown order (srv_http_stop): the worker has already ended every job,
+ * so the last SSE events and the 503 bodies of queued jobs sit in buffers
+ * that only the connection threads write out. The listener is closed first,
+ * then we wait (bounded by SRV_DRAIN_S) until every request that reached
+ * the handler has completed, and only then stop the daemon, which shuts
+ * down whatever sockets are left.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <microhttpd.h>
 
 #include "server.h"
 #include "util/xalloc.h"
 
-/* Per-connection state (owned by libmicrohttpd's con_cls slot). */
+/* Longest wait for open requests to finish at shutdown. */
+#define SRV_DRAIN_S 10.0
+
+/* One open connection, for the request deadline (socket_context slot).
+ * Linked while libmicrohttpd holds the socket open: it reports CLOSED
+ * before it closes the descriptor, so fd is valid while linked. */
+typedef struct conn_rec {
+    int fd;
+    uint32_t client;        /* IPv4 address of the peer (network order) */
+    double t_open;          /* monotonic seconds at accept */
+    bool request_in;        /* the whole request (headers and body) arrived */
+    bool cut;               /* shut down by the deadline sweeper */
+    struct conn_rec *prev, *next;
+} conn_rec;
+
+/* The HTTP side of the server (s->http). */
+struct srv_http {
+    int listen_fd;          /* bound by srv_http_listen; -1 once the daemon owns it */
+    struct MHD_Daemon *d;
+    pthread_mutex_t mu;     /* guards everything below */
+    pthread_cond_t cv;      /* signalled when n_requests drops, and to stop the sweeper */
+    int n_requests;         /* requests between the handler's first call and completion */
+    conn_rec *conns;        /* open connections */
+    pthread_t sweeper;
+    bool sweeper_started, stop;
+    long n_cut;             /* connections cut by the deadline since the last log line */
+    long n_capped;          /* connections cut or refused by the per-client cap, same */
+    long n_mhd_quiet;       /* libmicrohttpd messages dropped in this window */
+    int n_mhd_logged;       /* libmicrohttpd messages logged in this window */
+    double t_mhd_window;
+    double t_cut_log;
+};
+
+/* Per-request state (owned by libmicrohttpd's con_cls slot). */
 typedef struct conn_ctx {
     ds4_buf body;
     bool too_large;
+    bool answered;    /* refused when the headers arrived; the body is not read */
+    srv_api api;      /* POST route */
     srv_job *job;     /* reference held by this connection */
     srv_server *s;
 } conn_ctx;
@@ -111,6 +161,22 @@ static char *model_json(srv_server *s) {
     return t;
 }
 
+/* --debug-slow-connection-ms: a connection thread that is late to write
+ * (a loaded machine), for the shutdown-drain test. */
+static void debug_slow(srv_server *s) {
+    if (s->cfg.debug_slow_conn_ms > 0) usleep((useconds_t)s->cfg.debug_slow_conn_ms * 1000u);
+}
+
+/* The request of c has fully arrived (or was answered): its deadline is over. */
+static void request_arrived(srv_server *s, struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    conn_rec *r = ci ? ci->socket_context : NULL;
+    if (!r) return;
+    pthread_mutex_lock(&s->http->mu);
+    r->request_in = true;
+    pthread_mutex_unlock(&s->http->mu);
+}
+
 /* ---- SSE body --------------------------------------------------------------- */
 
 typedef struct sse_src {
@@ -123,6 +189,7 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max) {
     sse_src *x = cls;
     srv_stream *st = &x->job->st;
     (void)pos;
+    debug_slow(x->s);
     pthread_mutex_lock(&st->mu);
     for (;;) {
         if (st->pending.len) {
@@ -195,6 +262,7 @@ static enum MHD_Result run_post(srv_server *s, struct MHD_Connection *c, conn_ct
     int fd = conn_fd(c);
     bool streaming = j->rq.stream;
     if (!wait_job(j, fd, streaming)) return MHD_NO; /* client gone: close */
+    debug_slow(s);
     if (streaming && j->st.headers) {
         sse_src *x = xcalloc(1, sizeof *x);
         x->job = j;
@@ -226,13 +294,115 @@ static enum MHD_Result run_post(srv_server *s, struct MHD_Connection *c, conn_ct
     return reply_json(s, c, MHD_HTTP_OK, body, api != SRV_API_RESPONSES);
 }
 
+/* Equal strings, in time that depends on the lengths only (the API key). */
+static bool same_secret(const char *a, const char *b) {
+    size_t na = strlen(a), nb = strlen(b);
+    unsigned char d = na != nb;
+    for (size_t i = 0; i < na; i++) d |= (unsigned char)(a[i] ^ b[i % (nb ? nb : 1)]);
+    return d == 0;
+}
+
 static bool api_key_ok(srv_server *s, struct MHD_Connection *c) {
     const char *key = s->cfg.api_key;
-    if (!key || !key[0]) return true;
+    if (!key) return true; /* main.c refuses an empty key */
     const char *xk = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "x-api-key");
-    if (xk && !strcmp(xk, key)) return true;
+    if (xk && same_secret(xk, key)) return true;
     const char *au = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
-    return au && !strncasecmp(au, "Bearer ", 7) && !strcmp(au + 7, key);
+    return au && !strncasecmp(au, "Bearer ", 7) && same_secret(au + 7, key);
+}
+
+/* Host header check against DNS rebinding: a page of another site whose
+ * name was made to resolve to this machine sends its own name as Host. The
+ * host part (port and a trailing dot dropped) must be the bound address,
+ * localhost, 127.0.0.1 or one of --allow-host ("*": any). A request without
+ * Host (HTTP/1.0) passes: browsers always send one. */
+static bool host_ok(srv_server *s, struct MHD_Connection *c) {
+    const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST);
+    if (!h) return true;
+    size_t n = strlen(h);
+    if (h[0] == '[') { /* [IPv6]:port */
+        const char *e = strchr(h, ']');
+        n = e ? (size_t)(e - h) + 1 : n;
+    } else {
+        const char *colon = strrchr(h, ':');
+        if (colon && strspn(colon + 1, "0123456789") == strlen(colon + 1)) n = (size_t)(colon - h);
+    }
+    if (n && h[n - 1] == '.') n--;
+    const char *fixed[] = {"localhost", "127.0.0.1", s->cfg.host};
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        if (strlen(fixed[i]) == n && !strncasecmp(h, fixed[i], n)) return true;
+    for (int i = 0; i < s->cfg.n_allow_hosts; i++) {
+        const char *a = s->cfg.allow_hosts[i];
+        if (!strcmp(a, "*") || (strlen(a) == n && !strncasecmp(h, a, n))) return true;
+    }
+    return false;
+}
+
+/* Content-Type is application/json (parameters such as charset allowed).
+ * Browsers send text/plain, form and multipart bodies cross-origin without
+ * a preflight; JSON needs one, which --cors alone answers. */
+static bool json_content_type(struct MHD_Connection *c) {
+    const char *ct = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE);
+    if (!ct) return false;
+    while (*ct == ' ' || *ct == '\t') ct++;
+    size_t n = strcspn(ct, ";");
+    while (n && (ct[n - 1] == ' ' || ct[n - 1] == '\t')) n--;
+    return n == 16 && !strncasecmp(ct, "application/json", 16);
+}
+
+/* Every Content-Length header carries the same value (RFC 9112 6.3: differing
+ * ones make the message length unknowable; libmicrohttpd reads the first). */
+typedef struct cl_scan {
+    const char *first;
+    bool differ;
+} cl_scan;
+
+static enum MHD_Result cl_each(void *cls, enum MHD_ValueKind kind, const char *key,
+                               const char *value) {
+    cl_scan *x = cls;
+    (void)kind;
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH)) return MHD_YES;
+    if (!x->first) x->first = value ? value : "";
+    else if (strcmp(x->first, value ? value : "")) x->differ = true;
+    return MHD_YES;
+}
+
+static const struct {
+    const char *path;
+    srv_api api;
+} g_routes[] = {{"/v1/chat/completions", SRV_API_CHAT},
+                {"/v1/completions", SRV_API_COMPLETIONS},
+                {"/v1/responses", SRV_API_RESPONSES},
+                {"/v1/messages", SRV_API_ANTHROPIC}};
+
+/* The checks that need only the request line and headers, made when they
+ * arrive so a refused request is answered at once and its body never read
+ * (or buffered). Returns MHD_YES with nothing queued when the request may
+ * go on; otherwise the result of queueing the refusal. */
+static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, conn_ctx *cx,
+                                     const char *url, const char *method, bool *refused) {
+    *refused = true;
+    cl_scan cl = {0};
+    MHD_get_connection_values(c, MHD_HEADER_KIND, cl_each, &cl);
+    if (cl.differ) return reply_simple_error(s, c, MHD_HTTP_BAD_REQUEST, "bad HTTP request");
+    if (!host_ok(s, c))
+        return reply_simple_error(s, c, MHD_HTTP_FORBIDDEN,
+                                  "Host header not allowed (DNS-rebinding protection; see "
+                                  "--allow-host)");
+    bool options = !strcmp(method, "OPTIONS");
+    if (!options && !api_key_ok(s, c))
+        return reply_simple_error(s, c, MHD_HTTP_UNAUTHORIZED, "invalid API key");
+    if (!strcmp(method, "POST")) {
+        size_t i = 0, n = sizeof g_routes / sizeof g_routes[0];
+        while (i < n && strcmp(url, g_routes[i].path)) i++;
+        if (i == n) return reply_simple_error(s, c, MHD_HTTP_NOT_FOUND, "unknown endpoint");
+        if (!json_content_type(c))
+            return reply_simple_error(s, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE,
+                                      "Content-Type must be application/json");
+        cx->api = g_routes[i].api;
+    }
+    *refused = false;
+    return MHD_YES;
 }
 
 static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *url,
@@ -245,8 +415,22 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         cx = xcalloc(1, sizeof *cx);
         cx->s = s;
         *con_cls = cx;
+        pthread_mutex_lock(&s->http->mu);
+        s->http->n_requests++;
+        pthread_mutex_unlock(&s->http->mu);
+        bool refused;
+        enum MHD_Result r = check_headers(s, c, cx, url, method, &refused);
+        if (refused) {
+            cx->answered = true;
+            request_arrived(s, c);
+            return r;
+        }
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl && strtoull(cl, NULL, 10) > SRV_MAX_BODY_BYTES) cx->too_large = true;
+        return MHD_YES;
+    }
+    if (cx->answered) { /* refused at the headers: nothing more to do */
+        *upload_data_size = 0;
         return MHD_YES;
     }
     if (*upload_data_size) {
@@ -262,6 +446,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         *upload_data_size = 0;
         return MHD_YES;
     }
+    request_arrived(s, c); /* last call: the body (if any) is in */
     if (!strcmp(method, "OPTIONS")) {
         struct MHD_Response *r = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
         add_common(s, r);
@@ -269,7 +454,6 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         MHD_destroy_response(r);
         return ok;
     }
-    if (!api_key_ok(s, c)) return reply_simple_error(s, c, MHD_HTTP_UNAUTHORIZED, "invalid API key");
     if (!strcmp(method, "GET")) {
         if (!strcmp(url, "/v1/models")) {
             char *m = model_json(s);
@@ -282,17 +466,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         if (!strcmp(url, "/v1/models/" SRV_MODEL_ID))
             return reply_json(s, c, MHD_HTTP_OK, model_json(s), true);
     }
-    if (!strcmp(method, "POST")) {
-        static const struct {
-            const char *path;
-            srv_api api;
-        } routes[] = {{"/v1/chat/completions", SRV_API_CHAT},
-                      {"/v1/completions", SRV_API_COMPLETIONS},
-                      {"/v1/responses", SRV_API_RESPONSES},
-                      {"/v1/messages", SRV_API_ANTHROPIC}};
-        for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
-            if (!strcmp(url, routes[i].path)) return run_post(s, c, cx, routes[i].api);
-    }
+    if (!strcmp(method, "POST")) return run_post(s, c, cx, cx->api); /* route checked above */
     return reply_simple_error(s, c, MHD_HTTP_NOT_FOUND, "unknown endpoint");
 }
 
@@ -309,33 +483,258 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
     ds4_buf_free(&cx->body);
     free(cx);
     *con_cls = NULL;
+    pthread_mutex_lock(&s->http->mu);
+    s->http->n_requests--;
+    pthread_cond_broadcast(&s->http->cv);
+    pthread_mutex_unlock(&s->http->mu);
 }
 
-int srv_http_start(srv_server *s, ds4_err *err) {
+/* ---- connections: request deadline -------------------------------------------- */
+
+static void notify_conn(void *cls, struct MHD_Connection *c, void **socket_context,
+                        enum MHD_ConnectionNotificationCode code) {
+    srv_http *h = ((srv_server *)cls)->http;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        const union MHD_ConnectionInfo *ca = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        conn_rec *r = xcalloc(1, sizeof *r);
+        r->fd = ci ? ci->connect_fd : -1;
+        if (ca && ca->client_addr && ca->client_addr->sa_family == AF_INET)
+            r->client = ((const struct sockaddr_in *)ca->client_addr)->sin_addr.s_addr;
+        r->t_open = srv_now_mono();
+        pthread_mutex_lock(&h->mu);
+        r->next = h->conns;
+        if (h->conns) h->conns->prev = r;
+        h->conns = r;
+        pthread_mutex_unlock(&h->mu);
+        *socket_context = r;
+    } else if (code == MHD_CONNECTION_NOTIFY_CLOSED && *socket_context) {
+        conn_rec *r = *socket_context;
+        pthread_mutex_lock(&h->mu);
+        if (r->prev) r->prev->next = r->next;
+        else h->conns = r->next;
+        if (r->next) r->next->prev = r->prev;
+        pthread_mutex_unlock(&h->mu);
+        free(r);
+        *socket_context = NULL;
+    }
+}
+
+/* libmicrohttpd's messages (a client that closed mid-request, a malformed
+ * request), at most 5 per 10 s: each slow or cut connection of an attack
+ * produces one, and the log must not grow with the attack. */
+static void mhd_log(void *cls, const char *fmt, va_list ap) {
+    srv_http *h = ((srv_server *)cls)->http;
+    char line[512];
+    vsnprintf(line, sizeof line, fmt, ap);
+    line[strcspn(line, "\r\n")] = 0;
+    double now = srv_now_mono();
+    long quiet = 0;
+    bool show;
+    pthread_mutex_lock(&h->mu);
+    if (now - h->t_mhd_window >= 10.0) {
+        quiet = h->n_mhd_quiet;
+        h->n_mhd_quiet = 0;
+        h->n_mhd_logged = 0;
+        h->t_mhd_window = now;
+    }
+    show = h->n_mhd_logged < 5;
+    if (show) h->n_mhd_logged++;
+    else h->n_mhd_quiet++;
+    pthread_mutex_unlock(&h->mu);
+    if (quiet) srv_log("http: %ld more libmicrohttpd messages suppressed", quiet);
+    if (show) srv_log("http: %s", line);
+}
+
+/* Per-client cap (accept policy, listen thread): one address may hold
+ * --max-connections-per-client connections that are still sending their
+ * request. At the cap, its oldest such connection open for at least
+ * SRV_CAP_GRACE_S is shut down to make room, so a client that completes its
+ * request at once is served even while others from its address trickle
+ * headers; when all of them are younger (a burst), the new one is refused.
+ * Connections whose request is in (queued, streaming) never count. */
+#define SRV_CAP_GRACE_S 0.5
+static enum MHD_Result accept_policy(void *cls, const struct sockaddr *addr, socklen_t len) {
+    srv_server *s = cls;
+    srv_http *h = s->http;
+    int cap = s->cfg.max_conn_per_client;
+    if (cap <= 0 || !addr || addr->sa_family != AF_INET || len < (socklen_t)sizeof(struct sockaddr_in))
+        return MHD_YES;
+    uint32_t client = ((const struct sockaddr_in *)addr)->sin_addr.s_addr;
+    double now = srv_now_mono();
+    enum MHD_Result ok = MHD_YES;
+    pthread_mutex_lock(&h->mu);
+    int pending = 0;
+    conn_rec *oldest = NULL;
+    for (conn_rec *r = h->conns; r; r = r->next) {
+        if (r->client != client || r->request_in || r->cut) continue;
+        pending++;
+        if (!oldest || r->t_open < oldest->t_open) oldest = r;
+    }
+    if (pending >= cap) {
+        if (oldest && now - oldest->t_open >= SRV_CAP_GRACE_S && oldest->fd >= 0) {
+            shutdown(oldest->fd, SHUT_RDWR);
+            oldest->cut = true;
+            h->n_capped++;
+        } else {
+            h->n_capped++;
+            ok = MHD_NO;
+        }
+    }
+    pthread_mutex_unlock(&h->mu);
+    return ok;
+}
+
+/* Every 250 ms, shuts down the sockets of connections whose request has not
+ * fully arrived within --request-timeout of the accept. libmicrohttpd's own
+ * timeout restarts on every byte, so a client trickling a header line every
+ * few seconds would otherwise hold its connection (and, with enough of them,
+ * the connection limit) forever. The connection thread sees the shutdown as
+ * a closed peer and ends the connection. */
+static void *sweeper_main(void *arg) {
+    srv_server *s = arg;
+    srv_http *h = s->http;
+    double limit = (double)s->cfg.request_timeout_s;
+    pthread_mutex_lock(&h->mu);
+    while (!h->stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 250 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+        pthread_cond_timedwait(&h->cv, &h->mu, &ts);
+        double now = srv_now_mono();
+        for (conn_rec *r = h->conns; r && limit > 0; r = r->next) {
+            if (r->request_in || r->cut || r->fd < 0 || now - r->t_open < limit) continue;
+            shutdown(r->fd, SHUT_RDWR);
+            r->cut = true;
+            h->n_cut++;
+        }
+        /* one line per 10 s at most: an attack must not flood the log */
+        if ((h->n_cut || h->n_capped) && now - h->t_cut_log >= 10.0) {
+            if (h->n_cut)
+                srv_log("http: closed %ld connection(s) that did not send a complete request "
+                        "within %d s", h->n_cut, s->cfg.request_timeout_s);
+            if (h->n_capped)
+                srv_log("http: closed or refused %ld connection(s) over the cap of %d per client "
+                        "still sending a request", h->n_capped, s->cfg.max_conn_per_client);
+            h->n_cut = h->n_capped = 0;
+            h->t_cut_log = now;
+        }
+    }
+    pthread_mutex_unlock(&h->mu);
+    return NULL;
+}
+
+/* The listening socket, bound here rather than by libmicrohttpd so that
+ * only SO_REUSEADDR is set (a restart may bind over TIME_WAIT leftovers):
+ * never SO_REUSEPORT, with which a second server on a busy port would start
+ * and the kernel would split connections between the two. Returns the fd,
+ * or -1 with err set. */
+static int listen_on(srv_server *s, ds4_err *err) {
     struct sockaddr_in addr = {0};
     addr.sin_family = AF_INET;
     addr.sin_port = htons((uint16_t)s->cfg.port);
     const char *host = s->cfg.host;
     if (!strcmp(host, "localhost")) host = "127.0.0.1";
-    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1)
-        return ds4_err_set(err, DS4_E_ARG, "--host %s: not an IPv4 address", s->cfg.host);
-    struct MHD_Daemon *d = MHD_start_daemon(
-        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
-            MHD_USE_ERROR_LOG,
-        (uint16_t)s->cfg.port, NULL, NULL, handler, s, MHD_OPTION_SOCK_ADDR, &addr,
-        MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_CONNECTION_TIMEOUT, 10u,
-        MHD_OPTION_CONNECTION_LIMIT, 512u, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)(128 * 1024), MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_END);
-    if (!d)
-        return ds4_err_set(err, DS4_E_IO, "cannot listen on %s:%d: %s", s->cfg.host, s->cfg.port,
-                           strerror(errno));
-    const union MHD_DaemonInfo *di = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
-    if (di && di->port) s->cfg.port = di->port;
-    s->http = d;
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) {
+        ds4_err_set(err, DS4_E_ARG, "--host %s: not an IPv4 address", s->cfg.host);
+        return -1;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        ds4_err_set(err, DS4_E_IO, "cannot create a socket: %s", strerror(errno));
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, 128) != 0) {
+        int e = errno;
+        close(fd);
+        if (e == EADDRINUSE)
+            ds4_err_set(err, DS4_E_IO,
+                        "cannot listen on %s:%d: address in use (another server is listening "
+                        "there; pick another --port)", s->cfg.host, s->cfg.port);
+        else
+            ds4_err_set(err, DS4_E_IO, "cannot listen on %s:%d: %s", s->cfg.host, s->cfg.port,
+                        strerror(e));
+        return -1;
+    }
+    socklen_t len = sizeof addr;
+    if (getsockname(fd, (struct sockaddr *)&addr, &len) == 0) s->cfg.port = ntohs(addr.sin_port);
+    return fd;
+}
+
+int srv_http_listen(srv_server *s, ds4_err *err) {
+    int lfd = listen_on(s, err);
+    if (lfd < 0) return err ? err->code : DS4_E_IO;
+    srv_http *h = xcalloc(1, sizeof *h);
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv, NULL);
+    h->listen_fd = lfd;
+    s->http = h;
     return 0;
 }
 
+int srv_http_start(srv_server *s, ds4_err *err) {
+    srv_http *h = s->http;
+    if (!h) return ds4_err_set(err, DS4_E_INTERNAL, "srv_http_start before srv_http_listen");
+    /* MHD_USE_ITC: MHD_quiesce_daemon (shutdown drain) needs it. The daemon
+     * owns the listening socket from here on. */
+    int lfd = h->listen_fd;
+    h->listen_fd = -1;
+    h->d = MHD_start_daemon(
+        MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
+            MHD_USE_ITC | MHD_USE_ERROR_LOG,
+        0, accept_policy, s, handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
+        MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd,
+        MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_NOTIFY_CONNECTION, notify_conn, s,
+        MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_CONNECTION_LIMIT, 512u,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024), MHD_OPTION_END);
+    if (!h->d)
+        return ds4_err_set(err, DS4_E_IO, "cannot start the HTTP daemon on %s:%d: %s",
+                           s->cfg.host, s->cfg.port, strerror(errno));
+    if (pthread_create(&h->sweeper, NULL, sweeper_main, s))
+        return ds4_err_set(err, DS4_E_INTERNAL, "cannot start the HTTP deadline thread");
+    h->sweeper_started = true;
+    return 0;
+}
+
+/* Closes the listener and waits up to SRV_DRAIN_S for the requests that
+ * reached the handler to complete (their last bytes are written by their
+ * own connection threads). */
+static void drain(srv_server *s) {
+    srv_http *h = s->http;
+    MHD_socket lfd = MHD_quiesce_daemon(h->d);
+    if (lfd != MHD_INVALID_SOCKET) close(lfd);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)SRV_DRAIN_S;
+    pthread_mutex_lock(&h->mu);
+    while (h->n_requests > 0 && pthread_cond_timedwait(&h->cv, &h->mu, &until) == 0) {
+    }
+    int left = h->n_requests;
+    pthread_mutex_unlock(&h->mu);
+    if (left > 0)
+        srv_log("ds4-server: %d request(s) still open after %.0f s; closing them", left, SRV_DRAIN_S);
+}
+
 void srv_http_stop(srv_server *s) {
-    if (s->http) MHD_stop_daemon(s->http);
+    srv_http *h = s->http;
+    if (!h) return;
+    if (h->d) {
+        drain(s);
+        MHD_stop_daemon(h->d); /* every connection reported CLOSED: conns is empty */
+    }
+    if (h->sweeper_started) {
+        pthread_mutex_lock(&h->mu);
+        h->stop = true;
+        pthread_cond_broadcast(&h->cv);
+        pthread_mutex_unlock(&h->mu);
+        pthread_join(h->sweeper, NULL);
+    }
+    if (h->listen_fd >= 0) close(h->listen_fd);
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->cv);
+    free(h);
     s->http = NULL;
 }

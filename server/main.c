@@ -1,10 +1,12 @@
 /* main.c - ds4-server: options (SERVING.md B.1), engine and session setup,
  * signals, startup and orderly shutdown.
  *
- * Shutdown: the first SIGINT/SIGTERM stops accepting (new requests get 503),
- * makes running and queued generations end with finish "error", waits for
- * the worker, saves the live session to the disk cache (reason shutdown)
- * and exits 0. A second signal exits at once with status 130.
+ * Shutdown: the first SIGINT/SIGTERM makes new requests get 503, makes
+ * running and queued generations end with finish "error" (queued: 503),
+ * waits for the worker, closes the listener and lets the connection threads
+ * write those last bytes (bounded, http.c), saves the live session to the
+ * disk cache (reason shutdown) and exits 0. A second signal exits at once
+ * with status 130.
  */
 #include <errno.h>
 #include <limits.h>
@@ -39,7 +41,16 @@ static void usage(FILE *f) {
             "      --host HOST             IPv4 address or localhost (default 127.0.0.1)\n"
             "      --port N                port (default 8000; 0 = any free port)\n"
             "      --cors                  add CORS headers\n"
+            "      --max-connections-per-client N  connections one client address may hold while\n"
+            "                              they send their request (default 64; 0 = no cap); past\n"
+            "                              it, the oldest (>= 1 s) is closed or the new one refused\n"
+            "      --request-timeout S     the request line, headers and body must arrive within\n"
+            "                              S seconds of connecting (default 30; 0 = no deadline)\n"
             "      --api-key KEY           require 'Authorization: Bearer KEY' or 'x-api-key: KEY'\n"
+            "                              (checked when the headers arrive; KEY must not be empty)\n"
+            "      --allow-host NAME[,NAME] also accept these Host headers (repeatable; '*': any).\n"
+            "                              By default only the --host address, localhost and\n"
+            "                              127.0.0.1 are accepted (DNS-rebinding protection)\n"
             "      --trace FILE            human-readable per-request trace\n"
             "      --queue N               max queued requests before 429 (default 16)\n"
             "      --kv-disk-dir DIR       enable the disk KV cache\n"
@@ -51,7 +62,14 @@ static void usage(FILE *f) {
             "      --kv-cache-boundary-align-tokens N (default 2048; 0 disables)\n"
             "      --kv-cache-reject-different-quant\n"
             "      --disable-exact-dsml-tool-replay\n"
-            "      --tool-memory-max-ids N (default 100000)\n");
+            "      --tool-memory-max-ids N (default 100000)\n"
+            "  -h, --help                  this help;  --help-debug: diagnostic switches\n");
+}
+
+static void usage_debug(void) {
+    printf("diagnostic switches (tests only, not user modes):\n"
+           "  --debug-slow-connection-ms N   each connection thread sleeps N ms before it\n"
+           "                                 writes (a loaded machine; shutdown-drain test)\n");
 }
 
 static int parse_int(const char *opt, const char *v, long lo, long hi, long *out) {
@@ -81,6 +99,8 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
     c->kv_boundary_trim = 32;
     c->kv_boundary_align = 2048;
     c->tool_memory_max_ids = 100000;
+    c->max_conn_per_client = 64;
+    c->request_timeout_s = 30;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -106,11 +126,29 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
             usage(stdout);
             exit(0);
         }
+        if (!strcmp(a, "--help-debug")) {
+            usage_debug();
+            exit(0);
+        }
         if (!strcmp(a, "--cpu")) { c->backend = DS4_BACKEND_CPU; continue; }
         if (!strcmp(a, "--cuda")) { c->backend = DS4_BACKEND_CUDA; continue; }
         if (!strcmp(a, "--cors")) { c->cors = true; continue; }
         if (!strcmp(a, "--kv-cache-reject-different-quant")) { c->kv_reject_different_quant = true; continue; }
         if (!strcmp(a, "--disable-exact-dsml-tool-replay")) { c->disable_exact_dsml_replay = true; continue; }
+        if (!strcmp(a, "--allow-host")) {
+            if (!v || !*v) {
+                fprintf(stderr, "ds4-server: --allow-host needs a host name\n");
+                return -1;
+            }
+            /* comma-separated; the copies live as long as the process */
+            char *list = xstrdup(v), *save = NULL;
+            for (char *h = strtok_r(list, ",", &save); h; h = strtok_r(NULL, ",", &save)) {
+                c->allow_hosts = xrealloc(c->allow_hosts, sizeof *c->allow_hosts * (size_t)(c->n_allow_hosts + 1));
+                c->allow_hosts[c->n_allow_hosts++] = h;
+            }
+            i++;
+            continue;
+        }
         if (!strcmp(a, "--chdir")) {
             if (!v) return -1;
             *chdir_to = v;
@@ -139,10 +177,18 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         INTOPT("--kv-cache-boundary-trim-tokens", 0, INT_MAX, kv_boundary_trim)
         INTOPT("--kv-cache-boundary-align-tokens", 0, INT_MAX, kv_boundary_align)
         INTOPT("--tool-memory-max-ids", 1, INT_MAX, tool_memory_max_ids)
+        INTOPT("--max-connections-per-client", 0, 100000, max_conn_per_client)
+        INTOPT("--request-timeout", 0, 86400, request_timeout_s)
+        INTOPT("--debug-slow-connection-ms", 0, 10000, debug_slow_conn_ms)
         fprintf(stderr, "ds4-server: unknown option %s (see --help)\n", a);
         return -1;
 #undef INTOPT
 #undef STROPT
+    }
+    if (c->api_key && !c->api_key[0]) {
+        /* an empty key would silently turn authentication off */
+        fprintf(stderr, "ds4-server: --api-key must not be empty\n");
+        return -1;
     }
     if (!c->model_path) {
         fprintf(stderr, "ds4-server: -m MODEL.gguf is required\n");
@@ -188,6 +234,10 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
 
     ds4_err err = {0};
+    if (srv_http_listen(&s, &err)) {
+        fprintf(stderr, "ds4-server: %s\n", err.msg);
+        return 1;
+    }
     ds4_engine_opts eo = {0};
     eo.model_path = s.cfg.model_path;
     eo.mtp_path = s.cfg.mtp_path;

@@ -450,14 +450,34 @@ int srv_render_tail(srv_request *rq, int n_ctx, srv_error *e) {
     return 0;
 }
 
-int srv_parse_request(srv_api api, const char *body, size_t n, srv_request *rq, srv_error *e) {
-    switch (api) {
-    case SRV_API_CHAT: return srv_parse_chat(body, n, rq, e);
-    case SRV_API_COMPLETIONS: return srv_parse_completions(body, n, rq, e);
-    case SRV_API_RESPONSES: return srv_parse_responses(body, n, rq, e);
-    case SRV_API_ANTHROPIC: return srv_parse_anthropic(body, n, rq, e);
+/* A tool_choice that names a function must name one of the request's tools
+ * (otherwise a call to a tool the client does not have would be forced),
+ * and the name must fit the DSML attribute it is written into. */
+static int check_forced_name(const srv_request *rq, srv_error *e) {
+    if (rq->tool_choice != SRV_TOOL_NAMED) return 0;
+    const char *want = rq->tool_choice_name ? rq->tool_choice_name : "";
+    if (strchr(want, '"') || strchr(want, '\n'))
+        return srv_fail(e, 400, "tool_choice names an invalid function name");
+    size_t i;
+    json_t *t;
+    json_array_foreach(rq->tools_json, i, t) {
+        const char *name = json_string_value(json_object_get(t, "name"));
+        if (name && !strcmp(name, want)) return 0;
     }
-    return srv_fail(e, 500, "unknown api");
+    return srv_fail(e, 400, "tool_choice names function '%.200s%s', which is not in tools", want,
+                    strlen(want) > 200 ? "..." : "");
+}
+
+int srv_parse_request(srv_api api, const char *body, size_t n, srv_request *rq, srv_error *e) {
+    int rc;
+    switch (api) {
+    case SRV_API_CHAT: rc = srv_parse_chat(body, n, rq, e); break;
+    case SRV_API_COMPLETIONS: rc = srv_parse_completions(body, n, rq, e); break;
+    case SRV_API_RESPONSES: rc = srv_parse_responses(body, n, rq, e); break;
+    case SRV_API_ANTHROPIC: rc = srv_parse_anthropic(body, n, rq, e); break;
+    default: return srv_fail(e, 500, "unknown api");
+    }
+    return rc ? rc : check_forced_name(rq, e);
 }
 
 /* ---- shared response pieces ---------------------------------------------- */

@@ -261,7 +261,11 @@ typedef struct srv_config {
     const char *host;
     int port;
     bool cors;
-    const char *api_key;
+    const char *api_key;        /* NULL: no key; never "" (refused at startup) */
+    const char **allow_hosts;   /* (n_allow_hosts) --allow-host names beyond the defaults */
+    int n_allow_hosts;
+    int max_conn_per_client;    /* open connections per client address (0: no cap) */
+    int request_timeout_s;      /* headers + body must arrive within this (0: no deadline) */
     const char *trace_path;
     int queue_max;              /* jobs waiting (not counting the running one) */
     const char *kv_disk_dir;
@@ -274,9 +278,11 @@ typedef struct srv_config {
     bool kv_reject_different_quant;
     bool disable_exact_dsml_replay;
     int tool_memory_max_ids;
+    int debug_slow_conn_ms;     /* --debug-slow-connection-ms (tests only) */
 } srv_config;
 
 typedef struct srv_server srv_server;
+typedef struct srv_http srv_http;
 
 /* Worker lifecycle. srv_worker_start opens nothing itself: the engine is
  * opened by main.c and owned by the server. */
@@ -327,7 +333,7 @@ struct srv_server {
     srv_config cfg;
     ds4_engine *engine;
     ds4_session *session;
-    void *http;             /* struct MHD_Daemon * */
+    struct srv_http *http;  /* HTTP daemon and connection accounting (http.c) */
     /* queue */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -347,7 +353,13 @@ struct srv_server {
     volatile int shutdown_flag;
 };
 
-/* HTTP (http.c). */
+/* HTTP (http.c), main thread only. srv_http_listen binds the listening
+ * socket (before the model loads, so a busy port fails at once: "address in
+ * use"); srv_http_start starts the daemon on it. Both return 0 or a negative
+ * code with err set. srv_http_stop closes the listener, lets the open
+ * requests finish writing (bounded, see http.c), then stops the daemon; a
+ * no-op when nothing was started. */
+int srv_http_listen(srv_server *s, ds4_err *err);
 int srv_http_start(srv_server *s, ds4_err *err);
 void srv_http_stop(srv_server *s);
 

@@ -25,6 +25,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "util/file.h"
 #include "util/xalloc.h"
 
 #define GGUF_MAGIC "GGUF"
@@ -702,18 +703,9 @@ int ds4_gguf_open_memory(ds4_gguf **out, const void *data, size_t n, ds4_err *er
 
 int ds4_gguf_open(ds4_gguf **out, const char *path, ds4_err *err) {
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return ds4_err_set(err, DS4_E_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return ds4_err_set(err, DS4_E_IO, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return ds4_err_set(err, DS4_E_IO, "%s: not a regular file", path);
-    }
+    int fd = ds4_open_regular(path, O_RDONLY, &st, err); /* a FIFO must not block the open */
+    if (fd < 0) return fd;
     if ((uint64_t)st.st_size > SIZE_MAX) {
         close(fd);
         return ds4_err_set(err, DS4_E_IO, "%s: too large to map", path);

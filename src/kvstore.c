@@ -64,6 +64,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "util/file.h"
+
 #define HDR_BYTES 184
 #define HDR_DIGEST_OFF 152
 #define VERSION 2
@@ -427,18 +429,26 @@ static int add_ent(ds4_kvstore *kv, const ds4_kvstore_entry *e, int32_t *tokens,
 }
 
 /* Unlinks dir/name (only when it is still the file open as fd, if fd >= 0, so
- * a concurrently renamed replacement is not deleted) and drops it from the index. */
-static void remove_file_locked(ds4_kvstore *kv, const char *name, int fd) {
+ * a concurrently renamed replacement is not deleted) and drops it from the
+ * index either way: an entry that cannot be removed is no longer trusted.
+ * Returns 0 when the file is gone (removed, replaced or already missing), or
+ * the errno of the failed unlink, so callers never report a file removed
+ * that is still there. */
+static int remove_file_locked(ds4_kvstore *kv, const char *name, int fd) {
+    int rc = 0;
     char *path = join_path(kv->dir, name);
     if (path) {
         struct stat a, b;
         int same = fd < 0 || (fstat(fd, &a) == 0 && stat(path, &b) == 0 && a.st_ino == b.st_ino &&
                               a.st_dev == b.st_dev);
-        if (same) unlink(path);
+        if (same && unlink(path) != 0 && errno != ENOENT) rc = errno;
         free(path);
+    } else {
+        rc = ENOMEM;
     }
     int i = find_ent(kv, name);
     if (i >= 0) drop_ent(kv, i);
+    return rc;
 }
 
 /* C.4 score: (effective_hits + 1) * tokens / file_size, hits halving every 6 h. */
@@ -477,7 +487,10 @@ static void evict_locked(ds4_kvstore *kv, const char *protect) {
                 "bytes", name, kv->ents[worst].e.n_tokens,
                 (unsigned long long)kv->ents[worst].e.file_bytes, ws,
                 (unsigned long long)kv->budget);
-        remove_file_locked(kv, name, -1);
+        int e = remove_file_locked(kv, name, -1);
+        if (e)
+            logf_kv(kv, "kvstore: cannot remove %s: %s (dropped from the index; its space stays in "
+                    "use)", name, strerror(e));
     }
 }
 
@@ -503,18 +516,27 @@ static int scan_dir(ds4_kvstore *kv, ds4_err *err) {
         if (!is_kv_name(nm)) continue;
         char *path = join_path(kv->dir, nm);
         if (!path) { rc = DS4_E_NOMEM; break; }
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) { free(path); continue; }
+        ds4_err e2 = {0};
+        /* A FIFO named like an entry would block open() (and start-up with
+         * it); a directory or device is not ours either: reported, kept. */
+        int fd = ds4_open_regular(path, O_RDONLY, NULL, &e2);
+        if (fd < 0) {
+            if (errno == EINVAL) logf_kv(kv, "kvstore: ignored, left in place: %s", e2.msg);
+            free(path);
+            continue;
+        }
         hdr h;
         uint8_t raw[HDR_BYTES];
         int32_t *tok;
         char *key;
         uint64_t fsize;
-        ds4_err e2 = {0};
         int r = read_meta(fd, nm, &h, raw, &tok, &key, &fsize, &e2);
         if (r == DS4_E_FORMAT) {
-            unlink(path);
-            logf_kv(kv, "kvstore: removed invalid file: %s", e2.msg);
+            if (unlink(path) == 0 || errno == ENOENT)
+                logf_kv(kv, "kvstore: removed invalid file: %s", e2.msg);
+            else
+                logf_kv(kv, "kvstore: invalid file cannot be removed (%s), ignored: %s",
+                        strerror(errno), e2.msg);
         } else if (r == 0 && memcmp(h.fp, kv->fp, 32) != 0) {
             free(tok); /* another model's file: leave it alone */
             free(key);
@@ -762,14 +784,21 @@ static int open_indexed(ds4_kvstore *kv, const char *name, int flags, ds4_err *e
     if (i < 0) return ds4_err_set(err, DS4_E_ARG, "kvstore: %s is not in the cache", name);
     char *path = join_path(kv->dir, name);
     if (!path) return ds4_err_set(err, DS4_E_NOMEM, "kvstore: out of memory");
-    int fd = open(path, flags | O_CLOEXEC);
-    if (fd < 0 && flags != O_RDONLY) fd = open(path, O_RDONLY | O_CLOEXEC);
+    ds4_err e2 = {0};
+    int fd = ds4_open_regular(path, flags, NULL, &e2);
+    if (fd < 0 && errno != EINVAL && flags != O_RDONLY)
+        fd = ds4_open_regular(path, O_RDONLY, NULL, &e2);
     if (fd < 0) {
         int e = errno;
         pthread_mutex_lock(&kv->mu);
-        if (e == ENOENT) remove_file_locked(kv, name, -1); /* deleted behind our back */
+        /* deleted behind our back, or replaced by something that is not a
+         * file (never ours to delete): no longer an entry */
+        if (e == ENOENT || e == EINVAL) {
+            int i2 = find_ent(kv, name);
+            if (i2 >= 0) drop_ent(kv, i2);
+        }
         pthread_mutex_unlock(&kv->mu);
-        ds4_err_set(err, DS4_E_IO, "kvstore: cannot open %s: %s", path, strerror(e));
+        ds4_err_set(err, DS4_E_IO, "kvstore: %s", e2.msg);
         free(path);
         return DS4_E_IO;
     }
@@ -781,9 +810,10 @@ static int open_indexed(ds4_kvstore *kv, const char *name, int flags, ds4_err *e
 static int reject(ds4_kvstore *kv, const char *name, int fd, int rc, ds4_err *err) {
     if (rc == DS4_E_FORMAT) {
         pthread_mutex_lock(&kv->mu);
-        remove_file_locked(kv, name, fd);
+        int e = remove_file_locked(kv, name, fd);
         pthread_mutex_unlock(&kv->mu);
-        ds4_err_prefix(err, "kvstore: rejected and removed");
+        if (e) ds4_err_prefix(err, "kvstore: rejected, but cannot remove it (%s)", strerror(e));
+        else ds4_err_prefix(err, "kvstore: rejected and removed");
     }
     close(fd);
     return rc;
@@ -887,10 +917,10 @@ int ds4_kvstore_read_trailer(ds4_kvstore *kv, const char *name, void **out, size
 /* ---- maintenance ------------------------------------------------------------- */
 
 int ds4_kvstore_remove(ds4_kvstore *kv, const char *name, ds4_err *err) {
-    (void)err;
     pthread_mutex_lock(&kv->mu);
-    remove_file_locked(kv, name, -1);
+    int e = remove_file_locked(kv, name, -1);
     pthread_mutex_unlock(&kv->mu);
+    if (e) return ds4_err_set(err, DS4_E_IO, "kvstore: cannot remove %s: %s", name, strerror(e));
     return 0;
 }
 

@@ -159,7 +159,9 @@ void ds4_kvstore_item_free(ds4_kvstore_item *item);
 int ds4_kvstore_read_trailer(ds4_kvstore *kv, const char *name, void **out, size_t *out_bytes,
                              ds4_err *err);
 
-/* Deletes a stored file (no error if it is already gone). */
+/* Deletes a stored file (no error if it is already gone) and drops it from
+ * the index. A file that cannot be deleted is dropped too, and the call
+ * returns DS4_E_IO with err naming it and the reason. */
 int ds4_kvstore_remove(ds4_kvstore *kv, const char *name, ds4_err *err);
 
 /* Copy of the index, sorted by name. *out is malloc'ed (caller frees); returns

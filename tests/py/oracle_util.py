@@ -2,6 +2,7 @@
 expected HF -> GGUF name mapping written from MODEL.md B.2-B.3 (independently of tools/convert/hf.c), running
 ds4-convert, and rewriting a GGUF with gguf-py to make damaged variants."""
 import json
+import os
 import pathlib
 import re
 import struct
@@ -135,9 +136,17 @@ def expected_tensors(st):
     return out
 
 
-def convert(hf_dir, out, outtype="f32", extra=()):
-    return subprocess.run([prog("ds4-convert"), "--hf", str(hf_dir), "-o", str(out), "--outtype", outtype, *extra],
-                          capture_output=True, text=True, timeout=600)
+# Sanitizer settings for the ASan builds: a memory error or undefined behaviour
+# exits with its own status (86) instead of the converter's 1.
+ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+
+
+def convert(hf_dir, out, outtype="f32", extra=(), asan=False):
+    """Runs ds4-convert (asan: the build/asan one, as the damaged-input tests do)."""
+    exe = str(ROOT / "build" / "asan" / "ds4-convert") if asan else prog("ds4-convert")
+    env = dict(os.environ, **ASAN_ENV) if asan else None
+    return subprocess.run([exe, "--hf", str(hf_dir), "-o", str(out), "--outtype", outtype, *extra],
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 def gguf_rewrite(src, dst, drop=(), tensor_fn=None, kv=None, drop_kv=()):

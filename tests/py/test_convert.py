@@ -206,8 +206,22 @@ def test_convert_accepts_official_names_and_sharded_index(tmp_path, converted):
     wm2 = dict(wm)
     wm2["layers.0.attn.wq_a.weight"] = "model-00002-of-00002.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm2}))
-    r = convert(d, tmp_path / "bad.gguf")
+    r = convert(d, tmp_path / "bad.gguf", asan=True)
     assert r.returncode == 1 and "layers.0.attn.wq_a.weight" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ".", "",
+                                    7])
+def test_convert_error_weight_map_outside_directory(tmp_path, target):
+    """An index whose weight_map names a file outside the directory (or no file name at all) is refused with a
+    message naming the entry; under ASan, so the message may not read freed JSON (issue 14)."""
+    d = _doctored(tmp_path)
+    (tmp_path / "outside.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    names = sorted(st_read(d / "model.safetensors"))
+    wm = {n: "model.safetensors" for n in names}
+    wm["model.norm.weight"] = target
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    _fails(d, tmp_path, "weight_map entry 'model.norm.weight' is not a file name in")
 
 
 def _doctored(tmp_path, edit_st=None, edit_cfg=None, model="tiny_yarn"):
@@ -226,9 +240,10 @@ def _doctored(tmp_path, edit_st=None, edit_cfg=None, model="tiny_yarn"):
 
 
 def _fails(d, tmp_path, *needles):
+    """Damaged input: the ASan/UBSan converter exits 1 with a message naming each needle."""
     out = tmp_path / "x.gguf"
-    r = convert(d, out)
-    assert r.returncode == 1, r.stderr
+    r = convert(d, out, asan=True)
+    assert r.returncode == 1 and "Sanitizer" not in r.stderr, r.stderr
     for n in needles:
         assert n in r.stderr, (n, r.stderr)
     assert not out.exists()

@@ -99,6 +99,9 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.reader.join(5)
+        # a sanitized build (DS4_TEST_SERVER_BIN=build/asan/ds4-server) reports here
+        bad = [l for l in self.log if "ERROR: AddressSanitizer" in l or "runtime error:" in l]
+        assert not bad, "\n".join(self.log[-40:])
         return self.proc.returncode
 
     def alive(self):
@@ -455,7 +458,7 @@ def test_server_client_disconnect_cancels_generation():
         sock = socket.create_connection(("127.0.0.1", s.port))
         body = json.dumps({"messages": user("Write forever"), "max_tokens": 3000,
                            "stream": True, "think": False}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         got = b""
         while b"data:" not in got:
@@ -518,7 +521,7 @@ def test_server_sse_headers_and_keepalive_during_long_prefill():
                            "think": False}).encode()
         sock = socket.create_connection(("127.0.0.1", s.port))
         t0 = time.time()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         buf, t_headers, t_data = b"", None, None
         while True:
@@ -579,7 +582,7 @@ def test_server_sigterm_ends_streams_with_error_finish_and_exits_0():
         sock = socket.create_connection(("127.0.0.1", s.port))
         body = json.dumps({"messages": user("Write forever"), "max_tokens": 3000,
                            "stream": True, "think": False}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         got = b""
         while got.count(b"data:") < 3:

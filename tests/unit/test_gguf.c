@@ -430,6 +430,15 @@ DS4_TEST(gguf_open_reports_io_errors) {
     CHECK_STR(err.msg, "/nonexistent/file.gguf: cannot open: No such file or directory");
     CHECK_EQ_INT(ds4_gguf_open(&g, ds4_test_tmpdir(), &err), DS4_E_IO);
     CHECK(strstr(err.msg, "not a regular file") != NULL);
+    /* a FIFO without a writer: refused at once instead of blocking in open() */
+    char fifo[600];
+    snprintf(fifo, sizeof fifo, "%s/model.fifo", ds4_test_tmpdir());
+    CHECK_EQ_INT(mkfifo(fifo, 0600), 0);
+    alarm(20); /* a regression hangs: fail this test, not the suite */
+    CHECK_EQ_INT(ds4_gguf_open(&g, fifo, &err), DS4_E_IO);
+    alarm(0);
+    CHECK(g == NULL);
+    CHECK(strstr(err.msg, "not a regular file (a FIFO)") != NULL);
 }
 
 /* Reads tests/data/gguf-bad/MANIFEST.txt and checks every listed file. */

@@ -185,6 +185,71 @@ DS4_TEST(server_parse_tool_choice) {
     srv_request_free(&rq);
 }
 
+DS4_TEST(server_forced_tool_choice_must_name_a_tool) {
+    const char *msg = "tool_choice names function 'rm', which is not in tools";
+    CHECK(fails_with(SRV_API_CHAT,
+                     "{\"messages\":[],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\"}}],"
+                     "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"rm\"}}}",
+                     400, msg));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"tool_choice\":{\"type\":\"function\",\"function\":"
+                                   "{\"name\":\"rm\"}}}", 400, msg));
+    CHECK(fails_with(SRV_API_ANTHROPIC, "{\"messages\":[],\"tools\":[{\"name\":\"Bash\",\"input_schema\":{}}],"
+                                        "\"tool_choice\":{\"type\":\"tool\",\"name\":\"rm\"}}", 400, msg));
+    CHECK(fails_with(SRV_API_CHAT,
+                     "{\"messages\":[],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"a\\\"b\"}}],"
+                     "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"a\\\"b\"}}}",
+                     400, "tool_choice names an invalid function name"));
+    /* a long unknown name: the message is cut, not the request's memory */
+    ds4_buf b = DS4_BUF_INIT;
+    ds4_buf_puts(&b, "{\"messages\":[],\"tool_choice\":{\"type\":\"tool\",\"name\":\"");
+    for (int i = 0; i < 5000; i++) ds4_buf_putc(&b, 'n');
+    ds4_buf_puts(&b, "\"}}");
+    srv_request rq;
+    srv_error e;
+    CHECK(parse(SRV_API_ANTHROPIC, b.data, &rq, &e) != 0 && e.status == 400);
+    CHECK(strstr(e.msg, "which is not in tools") != NULL);
+    srv_request_free(&rq);
+    ds4_buf_free(&b);
+}
+
+/* Forced-call candidates are sized from the name: a name or key longer than
+ * any fixed buffer still yields the whole, well-formed tag. */
+DS4_TEST(server_forced_long_names_are_not_truncated) {
+    size_t n = 3000;
+    char *name = xmalloc(n + 1);
+    memset(name, 'x', n);
+    name[n] = 0;
+    srv_forced f;
+    memset(&f, 0, sizeof f);
+    f.forced_name = name;
+    name_cands(&f);
+    CHECK_EQ_INT(f.n_cands, 1);
+    CHECK(strlen(f.cands[0].text) == n + 3 && !strncmp(f.cands[0].text, name, n) &&
+          !strcmp(f.cands[0].text + n, "\">\n"));
+    cands_clear(&f);
+    /* tool_choice "required": the choice among the tools keeps long names */
+    f.forced_name = NULL;
+    f.tools = json_pack("[{s:s}, {s:s}]", "name", name, "name", "a\"b");
+    name_cands(&f);
+    CHECK_EQ_INT(f.n_cands, 1); /* the quoted name cannot be written */
+    CHECK(strlen(f.cands[0].text) == n + 3 && f.cands[0].action == 0);
+    cands_clear(&f);
+    json_decref(f.tools);
+    /* a long property key */
+    f.props = json_object();
+    json_object_set_new(f.props, name, json_pack("{s:s}", "type", "integer"));
+    param_cands(&f, false);
+    CHECK_EQ_INT(f.n_cands, 2); /* the key, and the close (nothing required) */
+    const char *want_head = "<" DSML "parameter name=\"";
+    const char *tag = f.cands[0].text;
+    CHECK(!strncmp(tag, want_head, strlen(want_head)));
+    CHECK(!strncmp(tag + strlen(want_head), name, n));
+    CHECK_STR(tag + strlen(want_head) + n, "\" string=\"false\">");
+    cands_clear(&f);
+    json_decref(f.props);
+    free(name);
+}
+
 /* ---- rendering (TEXT.md B.5 examples) ---------------------------------- */
 
 DS4_TEST(server_render_matches_text_b5) {

@@ -118,6 +118,13 @@ void ds4_conv_hparams_free(ds4_conv_hparams *hp);
  * DS4_E_FORMAT naming the missing or invalid key. */
 int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err);
 
+/* Loads a JSON input file (jansson flags as for json_loadfd). A FIFO or any
+ * other non-regular file is refused without blocking (util/file.h). Returns
+ * a new reference, or NULL with err set: DS4_E_IO for the file, DS4_E_FORMAT
+ * "PATH: REASON (line N)" for bad JSON. */
+struct json_t;
+struct json_t *ds4_conv_load_json(const char *path, size_t flags, ds4_err *err);
+
 /* Output type recipes of --outtype. */
 typedef enum { DS4_OUT_F32, DS4_OUT_F16, DS4_OUT_Q8_0 } ds4_conv_outtype;
 

@@ -240,9 +240,8 @@ static int read_hash_layers(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
 
 int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err) {
     memset(hp, 0, sizeof *hp);
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    if (!root) return ds4_err_set(err, DS4_E_FORMAT, "%s: %s (line %d)", path, je.text, je.line);
+    json_t *root = ds4_conv_load_json(path, 0, err);
+    if (!root) return err ? err->code : DS4_E_IO;
     int rc = 0;
     if (!json_is_object(root)) {
         rc = ds4_err_set(err, DS4_E_FORMAT, "%s: not a JSON object", path);

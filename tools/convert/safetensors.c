@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "convert.h"
+#include "util/file.h"
 
 /* Largest JSON header accepted (the official checkpoint's largest shard
  * headers are well under 1 MiB). */
@@ -126,14 +127,9 @@ static int parse_entry(ds4_st *st, int file, const char *path, const char *name,
 
 /* Maps one file and adds its tensors. */
 static int open_file(ds4_st *st, const char *path, ds4_err *err) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return ds4_err_set(err, DS4_E_IO, "%s: %s", path, strerror(errno));
     struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int e = errno;
-        close(fd);
-        return ds4_err_set(err, DS4_E_IO, "%s: %s", path, strerror(e));
-    }
+    int fd = ds4_open_regular(path, O_RDONLY, &sb, err); /* a FIFO must not block the open */
+    if (fd < 0) return fd;
     uint64_t size = (uint64_t)sb.st_size;
     if (size < 8) {
         close(fd);
@@ -198,9 +194,8 @@ static bool ends_with(const char *s, const char *suffix) {
 /* Files named by the index's weight_map (unique, sorted), or an error. */
 static int index_files(const char *dir, const char *index_path, json_t **root_out, char ***files_out,
                        int *n_out, ds4_err *err) {
-    json_error_t je;
-    json_t *root = json_load_file(index_path, 0, &je);
-    if (!root) return ds4_err_set(err, DS4_E_FORMAT, "%s: %s (line %d)", index_path, je.text, je.line);
+    json_t *root = ds4_conv_load_json(index_path, 0, err);
+    if (!root) return err ? err->code : DS4_E_IO;
     json_t *wm = json_object_get(root, "weight_map");
     if (!json_is_object(wm)) {
         json_decref(root);
@@ -216,13 +211,16 @@ static int index_files(const char *dir, const char *index_path, json_t **root_ou
     const char *k;
     json_t *v;
     json_object_foreach(wm, k, v) {
-        if (!json_is_string(v) || strchr(json_string_value(v), '/')) {
+        const char *fn = json_string_value(v);
+        if (!fn || !fn[0] || strchr(fn, '/') || !strcmp(fn, ".") || !strcmp(fn, "..")) {
+            /* the message names k, which lives in root: set it before freeing root */
+            int rc = ds4_err_set(err, DS4_E_FORMAT, "%s: weight_map entry '%s' is not a file name in %s",
+                                 index_path, k, dir);
             free(files);
             json_decref(root);
-            return ds4_err_set(err, DS4_E_FORMAT, "%s: weight_map entry '%s' is not a file name in %s", index_path,
-                               k, dir);
+            return rc;
         }
-        files[nf++] = (char *)json_string_value(v);
+        files[nf++] = (char *)fn;
     }
     qsort(files, (size_t)nf, sizeof *files, cmp_str);
     int u = 0;

@@ -9,10 +9,14 @@
  */
 #include "convert.h"
 
+#include <fcntl.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#include "util/file.h"
 
 #define BOS_STR "<\xef\xbd\x9c" "begin\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>"
 #define EOS_STR "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>"
@@ -182,13 +186,22 @@ static int add_v4_tokens(ds4_tokjson *tj, int *n_used, ds4_err *err) {
     return 0;
 }
 
+/* The converter's one JSON file reader (config.json, the safetensors index,
+ * tokenizer.json); here because the tokenizer tests compile this file alone. */
+json_t *ds4_conv_load_json(const char *path, size_t flags, ds4_err *err) {
+    int fd = ds4_open_regular(path, O_RDONLY, NULL, err);
+    if (fd < 0) return NULL;
+    json_error_t je;
+    json_t *root = json_loadfd(fd, flags, &je);
+    close(fd);
+    if (!root) ds4_err_set(err, DS4_E_FORMAT, "%s: %s (line %d)", path, je.text, je.line);
+    return root;
+}
+
 int ds4_tokjson_load(ds4_tokjson *tj, const char *path, int pad_to, ds4_err *err) {
     memset(tj, 0, sizeof *tj);
-    json_error_t je;
-    json_t *root = json_load_file(path, JSON_ALLOW_NUL, &je);
-    if (!root)
-        return ds4_err_set(err, je.line > 0 ? DS4_E_FORMAT : DS4_E_IO, "%s:%d: %s", path, je.line,
-                           je.text);
+    json_t *root = ds4_conv_load_json(path, JSON_ALLOW_NUL, err);
+    if (!root) return err ? err->code : DS4_E_IO;
     int rc = 0;
     json_t *model = json_object_get(root, "model");
     json_t *type = json_object_get(model, "type");

@@ -1,0 +1,27 @@
+/* file.h - opening input files that must be regular files.
+ *
+ * open(2) of a FIFO blocks until a writer appears, and a read from a FIFO,
+ * socket or terminal may block forever; a directory opens fine but reads
+ * fail. Model files, safetensors, JSON inputs and cache entries are only
+ * meaningful as regular files, so they are opened with ds4_open_regular,
+ * which never blocks on them. (Inputs that may legitimately be pipes, such
+ * as --prompt-file, are read with plain stdio.)
+ */
+#ifndef DS4_UTIL_FILE_H
+#define DS4_UTIL_FILE_H
+
+#include <sys/stat.h>
+
+#include "util/err.h"
+
+/* Opens path with flags (O_RDONLY or O_RDWR; O_CLOEXEC is added) without
+ * blocking: opened O_NONBLOCK, checked with fstat, refused unless it is a
+ * regular file, then switched back to blocking I/O. st (may be NULL)
+ * receives the fstat result. Returns the descriptor (>= 0; the caller
+ * closes it) or DS4_E_IO with err set to "PATH: cannot open: REASON" or
+ * "PATH: not a regular file (KIND)". errno then tells them apart: as
+ * open(2) left it (ENOENT, EACCES, ...), or EINVAL for a file that is not
+ * regular. Thread-safe. */
+int ds4_open_regular(const char *path, int flags, struct stat *st, ds4_err *err);
+
+#endif
