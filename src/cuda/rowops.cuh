@@ -13,58 +13,41 @@
 #define DS4_CUDA_ROWOPS_CUH
 
 #include "cuda/quant.cuh"
+#include "numerics_inl.h"
 
-/* Block sum of one double per thread (blockDim a multiple of 32, <= 1024). */
-__device__ __forceinline__ double cu_block_sumd(double v, double *red) {
+/* Block-wide reduction of one value per thread (blockDim a multiple of
+ * 32, <= 1024) with a fixed tree (warp shuffles, then warp 0): Op is add or
+ * max. red: >= 32 values of T in shared memory. */
+struct cu_add {
+    template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct cu_max {
+    __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T cu_block_reduce(T v, T ident, T *red, Op op) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = cu_warp_sumd(v);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     __syncthreads();
     if (lane == 0) red[w] = v;
     __syncthreads();
     if (w == 0) {
-        double s = lane < nw ? red[lane] : 0.0;
-        s = cu_warp_sumd(s);
+        T s = lane < nw ? red[lane] : ident;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s = op(s, __shfl_xor_sync(0xffffffffu, s, o));
         if (lane == 0) red[0] = s;
     }
     __syncthreads();
-    double r = red[0];
+    T r = red[0];
     __syncthreads();
     return r;
 }
 
-__device__ __forceinline__ float cu_block_sumf(float v, float *red) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = cu_warp_sum(v);
-    __syncthreads();
-    if (lane == 0) red[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float s = lane < nw ? red[lane] : 0.0f;
-        s = cu_warp_sum(s);
-        if (lane == 0) red[0] = s;
-    }
-    __syncthreads();
-    float r = red[0];
-    __syncthreads();
-    return r;
-}
-
-__device__ __forceinline__ float cu_block_maxf(float v, float *red) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = cu_warp_max(v);
-    __syncthreads();
-    if (lane == 0) red[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        float s = lane < nw ? red[lane] : -INFINITY;
-        s = cu_warp_max(s);
-        if (lane == 0) red[0] = s;
-    }
-    __syncthreads();
-    float r = red[0];
-    __syncthreads();
-    return r;
-}
+__device__ __forceinline__ double cu_block_sumd(double v, double *red) { return cu_block_reduce(v, 0.0, red, cu_add()); }
+__device__ __forceinline__ float cu_block_sumf(float v, float *red) { return cu_block_reduce(v, 0.0f, red, cu_add()); }
+__device__ __forceinline__ float cu_block_maxf(float v, float *red) { return cu_block_reduce(v, -INFINITY, red, cu_max()); }
 
 /* x[0..n) <- RMSNorm_w(x) (w may be NULL), as cpu_rmsnorm. */
 __device__ __forceinline__ void cu_row_rmsnorm(float *x, int n, const float *w, float eps, double *red) {
@@ -94,37 +77,10 @@ __device__ __forceinline__ void cu_row_rope(float *z, int n_rot, const float *in
     __syncthreads();
 }
 
-__device__ __forceinline__ int cu_ceil_log2(float r) {
-    int e;
-    float m = frexpf(r, &e);
-    return m == 0.5f ? e - 1 : e;
-}
-
-__device__ __forceinline__ float cu_e4m3_round(float v) {
-    float a = fabsf(v);
-    if (a == 0.0f) return v;
-    int e;
-    frexpf(a, &e);
-    int ex = e - 1;
-    if (ex < -6) ex = -6;
-    float step = ldexpf(1.0f, ex - 3);
-    float r = __fmul_rn(rintf(a / step), step);
-    if (r > 448.0f) r = 448.0f;
-    return v < 0 ? -r : r;
-}
-
-__device__ __forceinline__ float cu_e2m1_round(float v) {
-    float a = fabsf(v), r;
-    if (a <= 0.25f) r = 0.0f;
-    else if (a < 0.75f) r = 0.5f;
-    else if (a <= 1.25f) r = 1.0f;
-    else if (a < 1.75f) r = 1.5f;
-    else if (a <= 2.5f) r = 2.0f;
-    else if (a < 3.5f) r = 3.0f;
-    else if (a <= 5.0f) r = 4.0f;
-    else r = 6.0f;
-    return v < 0 ? -r : r;
-}
+/* the scalar rules, shared with numerics.c */
+#define cu_ceil_log2 ds4_num_ceil_log2
+#define cu_e4m3_round ds4_num_e4m3_round_inl
+#define cu_e2m1_round ds4_num_e2m1_round_inl
 
 /* E.2: FP8 rounding of x[0..n) in blocks of `block` (a power of two <= 64
  * that divides 32*k or is 64): one thread per value, amax per block by

@@ -1,0 +1,60 @@
+/* numerics_inl.h - the scalar rounding rules of MODEL.md §E, stated once
+ * for the CPU (numerics.c) and the CUDA backend (cuda/rowops.cuh): FP8
+ * E4M3FN and FP4 E2M1 rounding of one value, and the exact ceil(log2) of a
+ * block scale. Pure functions; every multiply here is by a power of two, so
+ * results are exact whatever the compiler fuses.
+ */
+#ifndef DS4_NUMERICS_INL_H
+#define DS4_NUMERICS_INL_H
+
+#include <math.h>
+
+#ifdef __CUDACC__
+#define DS4_NUM_FN static __host__ __device__ inline
+#else
+#define DS4_NUM_FN static inline
+#endif
+
+/* ceil(log2(r)) for a positive normal float r, from its binary exponent
+ * (log2f + ceilf agree except within an ulp of a power of two, where this
+ * form is the mathematically exact one). */
+DS4_NUM_FN int ds4_num_ceil_log2(float r) {
+    int e;
+    float m = frexpf(r, &e); /* r = m * 2^e, m in [0.5, 1) */
+    return m == 0.5f ? e - 1 : e;
+}
+
+/* v (already divided by its block scale, |v| <= 448) rounded to the
+ * nearest E4M3FN value, ties to even mantissa. Normal E4M3 values have 3
+ * mantissa bits; below 2^-6 the grid is the subnormal step 2^-9. rintf
+ * rounds to nearest even, and an even quotient means an even mantissa. */
+DS4_NUM_FN float ds4_num_e4m3_round_inl(float v) {
+    float a = fabsf(v);
+    if (a == 0.0f) return v;
+    int e;
+    frexpf(a, &e);               /* a in [2^(e-1), 2^e) */
+    int ex = e - 1;              /* floor(log2 a) */
+    if (ex < -6) ex = -6;
+    float step = ldexpf(1.0f, ex - 3);
+    float r = rintf(a / step) * step;
+    if (r > 448.0f) r = 448.0f;
+    return v < 0 ? -r : r;
+}
+
+/* v (|v| <= 6) rounded to the nearest of {0,.5,1,1.5,2,3,4,6} (with sign):
+ * midpoints between neighbours, a tie goes to the even code (codes 0..7 =
+ * 0, .5, 1, 1.5, 2, 3, 4, 6). */
+DS4_NUM_FN float ds4_num_e2m1_round_inl(float v) {
+    float a = fabsf(v), r;
+    if (a <= 0.25f) r = 0.0f;
+    else if (a < 0.75f) r = 0.5f;
+    else if (a <= 1.25f) r = 1.0f;
+    else if (a < 1.75f) r = 1.5f;
+    else if (a <= 2.5f) r = 2.0f;
+    else if (a < 3.5f) r = 3.0f;
+    else if (a <= 5.0f) r = 4.0f;
+    else r = 6.0f;
+    return v < 0 ? -r : r;
+}
+
+#endif
