@@ -347,8 +347,10 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
                                          "server_error");
             srv_sse_json(j, "error", ev);
         } else {
-            fail_job(j, s->shutdown_flag ? 503 : 500,
-                     s->shutdown_flag ? "server shutting down" : err.msg);
+            /* the device failing (out of device memory, a kernel fault) is the
+             * server being unable to serve now, not a bad request: 503 */
+            bool unavailable = s->shutdown_flag || prc == DS4_E_BACKEND || prc == DS4_E_NOMEM;
+            fail_job(j, unavailable ? 503 : 500, s->shutdown_flag ? "server shutting down" : err.msg);
         }
         return false;
     }
