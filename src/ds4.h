@@ -107,6 +107,11 @@ int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendere
 const char *ds4_token_bytes(const ds4_engine *e, int32_t id, size_t *len);
 /* The vocabulary string as stored (byte-level form, e.g. "Ġworld"). */
 const char *ds4_token_text(const ds4_engine *e, int32_t id);
+/* True when id is a control token, not text: a marker of TEXT.md A.1
+ * (BOS, EOS, User, Assistant, <think>, </think>, ｜DSML｜) or another added
+ * token ("<｜place▁holder▁no▁3｜>", "<|EOT|>", ...). Servers keep such
+ * tokens out of reply text. False without a tokenizer. */
+bool ds4_token_is_control(const ds4_engine *e, int32_t id);
 
 /* ---- Sessions ------------------------------------------------------------ */
 

@@ -259,6 +259,10 @@ const char *ds4_token_text(const ds4_engine *e, int32_t id) {
     return e->tok ? ds4_tokenizer_token_text(e->tok, id) : NULL;
 }
 
+bool ds4_token_is_control(const ds4_engine *e, int32_t id) {
+    return e->tok && ds4_tokenizer_is_control(e->tok, id);
+}
+
 /* ------------------------------------------------------------ sessions */
 
 int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **out, ds4_err *err) {

@@ -86,6 +86,12 @@ const char *ds4_tokenizer_token_bytes(const ds4_tokenizer *t, int32_t id, size_t
 const char *ds4_tokenizer_token_text(const ds4_tokenizer *t, int32_t id);
 size_t ds4_tokenizer_token_text_len(const ds4_tokenizer *t, int32_t id);
 
+/* True for a control (added, non-text) token: one of the seven markers of
+ * A.1, any token whose stored string holds the marker bar U+FF5C
+ * ("<｜place▁holder▁no▁3｜>", "<｜tool▁calls▁begin｜>", ...), or an ASCII
+ * "<|...|>" token ("<|EOT|>"). False for an id out of range. */
+bool ds4_tokenizer_is_control(const ds4_tokenizer *t, int32_t id);
+
 /* Largest decoded byte length of any token. */
 size_t ds4_tokenizer_max_token_bytes(const ds4_tokenizer *t);
 

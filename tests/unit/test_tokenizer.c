@@ -137,6 +137,26 @@ DS4_TEST(tokenizer_v3_rendered_vectors) {
     ds4_tokenizer_free(tk);
 }
 
+/* Control tokens (issue 12 item 7): every added token of the V3 table and
+ * the V4 markers, never a BPE token -- counted over the whole vocabulary. */
+DS4_TEST(tokenizer_control_tokens) {
+    ds4_err err = {0};
+    ds4_tokenizer *tk = load_v3(&err);
+    CHECK_MSG(tk, "load: %s", err.msg);
+    CHECK(ds4_tokenizer_is_control(tk, 0));      /* BOS */
+    CHECK(ds4_tokenizer_is_control(tk, 128000)); /* <｜place▁holder▁no▁0｜> */
+    CHECK(ds4_tokenizer_is_control(tk, 128805)); /* <|EOT|> */
+    CHECK(ds4_tokenizer_is_control(tk, 128806)); /* <｜tool▁calls▁begin｜> */
+    CHECK(ds4_tokenizer_is_control(tk, 128821)); /* <think> */
+    CHECK(ds4_tokenizer_is_control(tk, 128825)); /* ｜DSML｜ */
+    CHECK(!ds4_tokenizer_is_control(tk, 19923)); /* Hello */
+    CHECK(!ds4_tokenizer_is_control(tk, -1) && !ds4_tokenizer_is_control(tk, 1 << 20));
+    int n_bpe = 0;
+    for (int32_t id = 0; id < 128000; id++) n_bpe += ds4_tokenizer_is_control(tk, id);
+    CHECK_EQ_INT(n_bpe, 3); /* BOS, EOS and <｜▁pad▁｜> sit at ids 0..2 */
+    ds4_tokenizer_free(tk);
+}
+
 /* decode(encode(x)) == x for random byte strings, valid UTF-8 or not. */
 DS4_TEST(tokenizer_v3_roundtrip_random_bytes) {
     ds4_err err = {0};
