@@ -113,6 +113,24 @@ const char *ds4_token_text(const ds4_engine *e, int32_t id);
  * tokens out of reply text. False without a tokenizer. */
 bool ds4_token_is_control(const ds4_engine *e, int32_t id);
 
+/* ---- Streaming detokenizer ---------------------------------------------- */
+
+/* Turns generated ids into text that never ends inside a UTF-8 character:
+ * the bytes of an incomplete trailing character are held until the next
+ * token completes them; bytes that can never form a character become
+ * U+FFFD, so the output is always valid UTF-8 (tokenizer.h has the policy).
+ * One ds4_detok serves one stream on one thread; e must outlive it. */
+typedef struct ds4_detok ds4_detok;
+
+/* DS4_E_ARG when the model has no tokenizer, DS4_E_NOMEM. */
+int ds4_detok_open(const ds4_engine *e, ds4_detok **out, ds4_err *err);
+void ds4_detok_close(ds4_detok *d); /* NULL is fine */
+/* Feeds one id; returns the text that became complete (*len bytes, maybe
+ * none), valid until the next call on d. An id out of range adds nothing. */
+const char *ds4_detok_push(ds4_detok *d, int32_t id, size_t *len);
+/* End of stream: U+FFFD for held-back bytes (or nothing); starts afresh. */
+const char *ds4_detok_flush(ds4_detok *d, size_t *len);
+
 /* ---- Sessions ------------------------------------------------------------ */
 
 typedef struct ds4_session_opts {

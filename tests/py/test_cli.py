@@ -335,3 +335,18 @@ def test_cli_oneshot_prerendered_prompt_used_as_is(model, tmp_path):
     d = run(["-m", model, "--dump-tokens", "-p", text])
     ids = json.loads(d.stdout.decode().splitlines()[0])
     assert json.loads(out.read_bytes())["prompt_tokens"] == len(ids)
+
+
+# ---- --prompt-tokens-file: one parser for generation and --dump-logits -----------
+
+@pytest.mark.parametrize("content,why", [("1 2 x3\n", "'x3' is not a token id"),
+                                         ("5 999999", "'999999' is not a token id"),
+                                         (" \n", "holds no token ids")])
+def test_cli_token_file_errors_are_the_same_for_every_mode(model, tmp_path, content, why):
+    f = tmp_path / "ids.txt"
+    f.write_text(content)
+    gen = run(["-m", model, "--cpu", "--prompt-tokens-file", str(f), "-n", "1"])
+    dump = run(["-m", model, "--cpu", "--prompt-tokens-file", str(f), "--dump-logits",
+                str(tmp_path / "x.f32")])
+    for r in (gen, dump):
+        assert r.returncode == 1 and why in r.stderr.decode(), r.stderr
