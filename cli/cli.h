@@ -129,7 +129,7 @@ ds4_think ds4_cli_think_mode(int think, int n_ctx, bool warn);
 /* Monotonic seconds. */
 double ds4_cli_now(void);
 
-/* One-shot prompt tokens (A.3 step 1, TEXT.md B.6), or the ids of
+/* One-shot prompt tokens (A.3 step 1, docs/TEXT.md B.6), or the ids of
  * --prompt-tokens-file. *reasoning: generation starts inside <think>.
  * Prints errors; returns 0 or -1. */
 int ds4_cli_build_prompt(ds4_engine *e, const ds4_cli_opts *o, ds4_think mode, ds4_cli_toks *out,

@@ -1,4 +1,4 @@
-/* generate.c - one-shot generation (SERVING.md A.3) and the helpers every
+/* generate.c - one-shot generation (docs/SERVING.md A.3) and the helpers every
  * generating mode shares: Ctrl+C handling, prompt segments -> tokens, the
  * prefill progress display, and the streaming printer.
  *

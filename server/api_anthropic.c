@@ -1,5 +1,5 @@
 /* api_anthropic.c - Anthropic Messages (/v1/messages): request parsing
- * (SERVING.md B.4), the message object (B.6) and the message event stream
+ * (docs/SERVING.md B.4), the message object (B.6) and the message event stream
  * (B.8) with thinking, text and tool_use blocks (input_json_delta).
  *
  * Stream invariant: at most one content block is open at a time (tracked in

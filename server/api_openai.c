@@ -1,5 +1,5 @@
 /* api_openai.c - OpenAI Chat Completions and legacy Completions: request
- * parsing (SERVING.md B.4) and response/stream shapes (B.6, B.8).
+ * parsing (docs/SERVING.md B.4) and response/stream shapes (B.6, B.8).
  *
  * Parsing maps the wire JSON to a ds4_chat (chat) or a prompt string
  * (completions) and nothing else; rendering and generation are elsewhere.

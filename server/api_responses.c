@@ -1,5 +1,5 @@
 /* api_responses.c - OpenAI Responses (/v1/responses): input items -> chat
- * (SERVING.md B.4), the response object (B.6) and its event stream (B.8).
+ * (docs/SERVING.md B.4), the response object (B.6) and its event stream (B.8).
  *
  * Stream invariants: every event is "event: TYPE" + "data: {...}" whose
  * body starts with "type" then "sequence_number" (0, 1, 2, … per

@@ -1,5 +1,5 @@
 /* http.c - the HTTP layer on libmicrohttpd: one thread per connection,
- * routing (SERVING.md B.3), body limits, CORS, the optional API key, JSON
+ * routing (docs/SERVING.md B.3), body limits, CORS, the optional API key, JSON
  * error replies (B.10; paths under /v1/messages answer in Anthropic's error
  * shape, the others in OpenAI's), SSE responses and client-gone detection.
  *

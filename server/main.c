@@ -1,4 +1,4 @@
-/* main.c - ds4-server: options (SERVING.md B.1), engine and session setup,
+/* main.c - ds4-server: options (docs/SERVING.md B.1), engine and session setup,
  * signals, startup and orderly shutdown.
  *
  * Shutdown: the first SIGINT/SIGTERM makes new requests get 503, makes

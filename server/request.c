@@ -6,7 +6,7 @@
  * strings are NUL-terminated copies owned by the request (jansson rejects
  * invalid UTF-8 and NUL bytes, so they hold valid UTF-8 without NULs);
  * stops holds only non-empty strings. A recognized field with the wrong JSON
- * type makes the request invalid (400 "invalid JSON request", SERVING.md B.4);
+ * type makes the request invalid (400 "invalid JSON request", docs/SERVING.md B.4);
  * unknown fields are ignored. Nothing here touches the engine or a socket.
  */
 #include <math.h>
@@ -219,7 +219,7 @@ int srv_effort(const char *s, bool *think_off, bool *max) {
     return 0;
 }
 
-/* SERVING.md B.5: thinking / think / effort / model aliases. effort is the
+/* docs/SERVING.md B.5: thinking / think / effort / model aliases. effort is the
  * API's effort string (NULL when absent or null). A request that says
  * nothing keeps rq->think, the server default the prologue put there
  * (--default-thinking). */

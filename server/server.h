@@ -12,7 +12,7 @@
  *   worker.c        the single inference thread, bounded FIFO queue,
  *                   generation loop, stop sequences, logprobs, the DSML
  *                   event pipeline into the API emitters, cancellation
- *   cache_policy.c  when to reuse/save/restore KV (SERVING.md C.2-C.4)
+ *   cache_policy.c  when to reuse/save/restore KV (docs/SERVING.md C.2-C.4)
  *
  * Each API module owns its parsing, its stream state (srv_job.api_state,
  * allocated from its emitter's state_size) and its rendering; the worker
@@ -42,7 +42,7 @@
 
 #define SRV_MODEL_ID "deepseek-v4-flash"
 #define SRV_MODEL_CREATED 1767225600
-#define SRV_MAX_BODY_BYTES (64u << 20) /* 64 MiB (SERVING.md B.2) */
+#define SRV_MAX_BODY_BYTES (64u << 20) /* 64 MiB (docs/SERVING.md B.2) */
 
 /* ---- request record (request.c) ----------------------------------------- */
 
@@ -92,7 +92,7 @@ typedef struct srv_request {
     char **live_ids;       /* (n_live_ids) tool-output ids with no call in the
                             * request (must answer the live binding, B.4) */
     int n_live_ids;
-    /* Trailing tool outputs (SERVING.md C.2 rules 2-3), set by srv_render_tail:
+    /* Trailing tool outputs (docs/SERVING.md C.2 rules 2-3), set by srv_render_tail:
      * tail_text = EOS + the outputs and anything after them rendered alone
      * (TEXT B.4) + generation prefix; NULL when the request has none. */
     char *tail_text;
@@ -141,7 +141,7 @@ int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e);
 /* String, or array of strings/{"text":..} concatenated with sep (NULL: none);
  * null -> "". Anything else -> error. */
 int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e);
-/* Thinking controls (SERVING.md B.5) common to chat/completions/anthropic. */
+/* Thinking controls (docs/SERVING.md B.5) common to chat/completions/anthropic. */
 int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e);
 int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool effort_set,
                        srv_error *e);
@@ -163,7 +163,7 @@ char *srv_json_text(json_t *v);
  * one object; model, stream, token limits, sampling, stops, logprobs, n),
  * then the API's own parser, then the checks every API shares.
  * think_default is the thinking mode of a request that says nothing
- * (--default-thinking; SERVING.md B.5 says high). 0 or -1 with e filled.
+ * (--default-thinking; docs/SERVING.md B.5 says high). 0 or -1 with e filled.
  * Pure (no engine, no socket): fuzz targets call it directly. */
 int srv_parse_request(srv_api api, const char *body, size_t n, ds4_think think_default,
                       srv_request *rq, srv_error *e);
@@ -193,7 +193,7 @@ typedef struct srv_usage {
 } srv_usage;
 
 /* u made consistent, the one place this is done: every count >= 0 and
- * cached <= prompt (SERVING.md B.9). */
+ * cached <= prompt (docs/SERVING.md B.9). */
 srv_usage srv_usage_clamp(srv_usage u);
 
 /* A token and its log-probability (TEXT D.5): bytes as decoded (may be a
@@ -445,7 +445,7 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
                       ds4_progress_fn progress, void *pu, ds4_err *err);
 /* Called before each decode step (continued saves). */
 void srv_cache_step(srv_server *s, bool in_tool_call);
-/* Live protocol bindings (SERVING.md C.3): after a turn, the text a client
+/* Live protocol bindings (docs/SERVING.md C.3): after a turn, the text a client
  * replaying only what it saw will render next, bound to the live position.
  * Kinds: */
 enum { SRV_BIND_NONE = 0, SRV_BIND_THINKING, SRV_BIND_RESPONSES };
@@ -461,7 +461,7 @@ char *srv_visible_text(const srv_request *rq, const srv_result *r, int kind, int
                        size_t *len);
 /* Client thread, before rendering: loads from the disk cache's tool-map
  * trailers the exact DSML of replayed call ids the memory map lacks
- * (SERVING.md C.4 "Tool-memory restore from disk"). */
+ * (docs/SERVING.md C.4 "Tool-memory restore from disk"). */
 void srv_cache_restore_tool_memory(srv_server *s, const srv_request *rq);
 /* Client thread: true if id is a call id of the live tool binding of api
  * (Responses or Anthropic turn with tool calls, C.3). Thread-safe. */

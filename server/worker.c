@@ -9,7 +9,7 @@
  * threads use the engine read-only (tokenizer) and the replay map under
  * replay_mu.
  *
- * Text pipeline of one generation (SERVING.md B.7/B.8):
+ * Text pipeline of one generation (docs/SERVING.md B.7/B.8):
  *   sampled token -> bytes -> gen (whole text) -> stop-sequence holdback
  *   -> ds4_dsml_stream (thinking split, UTF-8/marker holdback, tool events)
  *   -> srv_emitter callbacks (SSE bytes into the job's stream)
@@ -503,7 +503,7 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
     return true;
 }
 
-/* Step 2: the sampling loop (SERVING.md B.7). Returns the finish reason and
+/* Step 2: the sampling loop (docs/SERVING.md B.7). Returns the finish reason and
  * sets r->usage.completion and r->stop. */
 static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     srv_server *s = g->s;

@@ -39,7 +39,7 @@ typedef struct ds4_engine_opts {
     const char *mtp_path;     /* optional MTP GGUF, NULL for none */
     ds4_backend_kind backend;
     int n_threads;            /* CPU worker threads; 0 = number of cores */
-    /* Diagnostic (not a user mode): turn off every rounding of MODEL.md §E
+    /* Diagnostic (not a user mode): turn off every rounding of docs/MODEL.md §E
      * (FP8 KV rows, Hadamard+FP4 indexer, cache storage precision) so the
      * engine can be compared with implementations that do not round. */
     bool plain_numerics;
@@ -96,7 +96,7 @@ bool ds4_has_tokenizer(const ds4_engine *e);
 int32_t ds4_token_special(const ds4_engine *e, ds4_special_token which);
 
 /* Tokenizes text[0..len). rendered=true recognizes the seven marker strings
- * (TEXT.md A.2 "rendered"); false is plain BPE. Writes up to cap ids to out
+ * (docs/TEXT.md A.2 "rendered"); false is plain BPE. Writes up to cap ids to out
  * and returns the total number of ids (may exceed cap: call again with a
  * bigger buffer), or a negative code. */
 int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendered,
@@ -107,7 +107,7 @@ int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendere
 const char *ds4_token_bytes(const ds4_engine *e, int32_t id, size_t *len);
 /* The vocabulary string as stored (byte-level form, e.g. "Ġworld"). */
 const char *ds4_token_text(const ds4_engine *e, int32_t id);
-/* True when id is a control token, not text: a marker of TEXT.md A.1
+/* True when id is a control token, not text: a marker of docs/TEXT.md A.1
  * (BOS, EOS, User, Assistant, <think>, </think>, ｜DSML｜) or another added
  * token ("<｜place▁holder▁no▁3｜>", "<|EOT|>", ...). Servers keep such
  * tokens out of reply text. False without a tokenizer. */

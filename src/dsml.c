@@ -1,4 +1,4 @@
-/* dsml.c - DSML tool-call markup (TEXT.md §C; see dsml.h).
+/* dsml.c - DSML tool-call markup (docs/TEXT.md §C; see dsml.h).
  *
  * Sections: tag families and small text helpers; JSON scanning (validate,
  * minify, decode, quote); prompt rendering (C.2, C.4, C.5); the block
@@ -313,7 +313,7 @@ static uint32_t hex4(const char *p) {
 }
 
 /* Decodes a validated string literal p[0..n) (quotes included). Surrogate
- * pairs combine; a lone surrogate is encoded as-is (SERVING.md B.4). */
+ * pairs combine; a lone surrogate is encoded as-is (docs/SERVING.md B.4). */
 static void json_unquote(ds4_buf *out, const char *p, size_t n) {
     size_t i = 1, end = n - 1;
     while (i < end) {

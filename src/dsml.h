@@ -1,4 +1,4 @@
-/* dsml.h - DSML, the model's tool-call markup (TEXT.md §C): pure text, no model.
+/* dsml.h - DSML, the model's tool-call markup (docs/TEXT.md §C): pure text, no model.
  *
  * What lives here:
  *   - the tools prompt that goes into the system block (C.2, exact bytes);
@@ -10,9 +10,9 @@
  *     of any size, into reasoning/content/tool-call events (B.8, C.10);
  *   - the DSML-aware sampling tracker (C.9);
  *   - the exact-replay map tool-call id -> sampled DSML bytes (C.8) with its
- *     KV-cache trailer encoding (SERVING.md C.6);
+ *     KV-cache trailer encoding (docs/SERVING.md C.6);
  *   - helpers: JSON minify (C.4), compact re-serialization of arguments
- *     (SERVING.md B.6), call ids, and the opt-in repair of unterminated
+ *     (docs/SERVING.md B.6), call ids, and the opt-in repair of unterminated
  *     blocks (C.7).
  *
  * All text is bytes with explicit lengths (embedded NULs are allowed in
@@ -29,7 +29,7 @@
 #include "util/buf.h"
 #include "util/err.h"
 
-/* Marker strings (UTF-8 bytes, TEXT.md §A/§C). */
+/* Marker strings (UTF-8 bytes, docs/TEXT.md §A/§C). */
 #define DS4_DSML_MARK "\xef\xbd\x9c" "DSML" "\xef\xbd\x9c"  /* "｜DSML｜" */
 #define DS4_THINK_OPEN "<think>"
 #define DS4_THINK_CLOSE "</think>"
@@ -75,7 +75,7 @@ int ds4_dsml_json_minify(ds4_buf *out, const char *json, size_t len, ds4_err *er
  * including non-ASCII, are copied. */
 int ds4_dsml_json_quote(ds4_buf *out, const char *s, size_t len);
 
-/* Compact re-serialization of an arguments object for clients (SERVING.md
+/* Compact re-serialization of an arguments object for clients (docs/SERVING.md
  * B.6): {"k":"v","n":10} with member order kept, string values decoded and
  * re-quoted, other values minified. Text that is not a JSON object gives
  * "{}". Returns 0 or DS4_E_NOMEM. */
@@ -264,7 +264,7 @@ const char *ds4_dsml_replay_lookup(ds4_dsml_replay *m, const char *const *ids, i
 size_t ds4_dsml_replay_count(const ds4_dsml_replay *m);   /* ids held */
 size_t ds4_dsml_replay_bytes(const ds4_dsml_replay *m);   /* accounted bytes */
 
-/* Appends the "KTM" trailer (SERVING.md C.6) holding the entries whose block
+/* Appends the "KTM" trailer (docs/SERVING.md C.6) holding the entries whose block
  * occurs verbatim in key_text, most recent first. 0 or DS4_E_NOMEM. */
 int ds4_dsml_replay_save(const ds4_dsml_replay *m, const char *key_text, size_t key_len,
                          ds4_buf *out);

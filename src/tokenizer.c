@@ -1,4 +1,4 @@
-/* tokenizer.c - byte-level BPE (TEXT.md A.3, A.6, A.7), rendered-mode
+/* tokenizer.c - byte-level BPE (docs/TEXT.md A.3, A.6, A.7), rendered-mode
  * marker scan (A.2), decoding and the streaming detokenizer.
  *
  * Owns the vocabulary (stored strings and decoded bytes, one arena each), a
@@ -18,7 +18,7 @@
 
 #include "pretok.h"
 
-/* The seven markers of TEXT.md A.1, in ds4_special_token order. */
+/* The seven markers of docs/TEXT.md A.1, in ds4_special_token order. */
 static const char *const k_marker[DS4_TOK__COUNT] = {
     "<\xef\xbd\x9c" "begin\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
     "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",

@@ -1,4 +1,4 @@
-"""End-to-end tests of the `ds4` CLI (SERVING.md A) on the demo model.
+"""End-to-end tests of the `ds4` CLI (docs/SERVING.md A) on the demo model.
 
 The demo model (build/demo.gguf, `make demo-model`) has random weights and
 the real DeepSeek tokenizer: its text is meaningless, so these tests check
@@ -103,7 +103,7 @@ def dump_logprobs(model, tmp_path, n, *extra, name="lp.json"):
 
 
 def prompt_ids(model, tmp_path, system="You are a helpful assistant"):
-    """Ids of the one-shot prompt (TEXT.md B.6, mode none), from --dump-tokens on
+    """Ids of the one-shot prompt (docs/TEXT.md B.6, mode none), from --dump-tokens on
     the equivalent rendered text (markers split BPE, so segments agree)."""
     text = ("<｜begin▁of▁sentence｜>" + system + "<｜User｜>" + PROMPT +
             "<｜Assistant｜></think>")

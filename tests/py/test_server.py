@@ -626,7 +626,7 @@ def tool_result(use_id, content):
 
 
 def test_server_anthropic_tool_output_only_continues_live_binding_like_full_replay():
-    """SERVING.md C.2 rule 3: a follow-up carrying only the tool_result for the
+    """docs/SERVING.md C.2 rule 3: a follow-up carrying only the tool_result for the
     live binding's call (the assistant turn not replayed) continues from the
     live KV (cached = live length) and gives the same greedy continuation as
     the request that replays the whole history."""

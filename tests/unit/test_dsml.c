@@ -1,4 +1,4 @@
-/* test_dsml.c - DSML (TEXT.md §C): canonical rendering, final parse, JSON
+/* test_dsml.c - DSML (docs/TEXT.md §C): canonical rendering, final parse, JSON
  * helpers, streaming parser (split invariance), tracker (C.9), repair,
  * exact-replay map and its trailer encoding.
  *

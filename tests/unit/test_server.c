@@ -265,7 +265,7 @@ DS4_TEST(server_forced_long_names_are_not_truncated) {
     free(name);
 }
 
-/* ---- rendering (TEXT.md B.5 examples) ---------------------------------- */
+/* ---- rendering (docs/TEXT.md B.5 examples) ---------------------------------- */
 
 DS4_TEST(server_render_matches_text_b5) {
     char *txt = render(SRV_API_CHAT, "{\"think\":false,\"messages\":[{\"role\":\"system\",\"content\":\"You are terse.\"},"
@@ -548,7 +548,7 @@ DS4_TEST(server_sse_responses_sequence) {
     fake_free(j);
 }
 
-/* ---- live bindings (SERVING.md C.3): the visible text of a turn must be a
+/* ---- live bindings (docs/SERVING.md C.3): the visible text of a turn must be a
  * prefix of what the renderer produces for the client's next request ------ */
 
 static char *render_rq(srv_api api, const char *body, ds4_dsml_replay *replay, srv_request *rq) {

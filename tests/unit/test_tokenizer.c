@@ -1,7 +1,7 @@
 /* test_tokenizer.c - unit tests of src/tokenizer.c, src/pretok.c and the
  * converter's tokenizer.json loader.
  *
- * Expected ids come from TEXT.md (A.4/A.5 tables and A.9 rendered vectors,
+ * Expected ids come from docs/TEXT.md (A.4/A.5 tables and A.9 rendered vectors,
  * which the spec derived with Hugging Face tokenizers on the V3
  * tokenizer.json) or from a naive string-based BPE written here. The full
  * comparison with Hugging Face on a large corpus is tests/py/test_tokenizer_hf.py.
@@ -72,7 +72,7 @@ DS4_TEST(tokenizer_v3_spec_vectors) {
     CHECK_MSG(tk, "load: %s", err.msg);
     char why[512] = "";
     struct { const char *s; int32_t ids[8]; int n; } v[] = {
-        /* TEXT.md A.4 (cases where ds4 and the official regex agree) */
+        /* docs/TEXT.md A.4 (cases where ds4 and the official regex agree) */
         {"Hello, world!", {19923, 14, 2058, 3}, 4},
         {"    int x = 10;\n", {361, 688, 1527, 438, 223, 553, 510}, 7},
         {"x  \n  y", {90, 2143, 223, 383}, 4},
@@ -80,7 +80,7 @@ DS4_TEST(tokenizer_v3_spec_vectors) {
         {" ?!\n\nfoo", {4054, 2596, 40897}, 3},
         {"don't stop", {20385, 1664, 6409}, 3},
         {">;\n}", {49962, 95}, 2},
-        /* TEXT.md A.5 official values of the divergence table */
+        /* docs/TEXT.md A.5 official values of the divergence table */
         {"\xe2\x80\xa6\n", {20947}, 1},                 /* "…\n" */
         {"a\xc2\xa0\xc2\xa0" "b", {67, 2162, 2162, 68}, 4}, /* NBSPs */
         {"   \xe4\xb8\xad\xe6\x96\x87", {361, 21134}, 2},   /* "   中文" */
