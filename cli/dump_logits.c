@@ -30,7 +30,7 @@ int ds4_cli_dump_logits(const ds4_cli_opts *o) {
     int V = ds4_engine_n_vocab(e), rc = 1;
     for (int i = 0; i < n; i++)
         if (ids[i] >= V) {
-            fprintf(stderr, "ds4: %s: '%d' is not a token id (ids are 0..%d)\n",
+            fprintf(stderr, "ds4: %s: token id %d is out of range (ids are 0..%d)\n",
                     o->prompt_tokens_file, ids[i], V - 1);
             goto out_engine;
         }

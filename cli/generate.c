@@ -261,9 +261,11 @@ int ds4_cli_read_token_file(const char *path, int n_vocab, ds4_cli_toks *out) {
             (*end && *end != ' ' && *end != '\t' && *end != '\n' && *end != '\r')) {
             int k = 0;
             while (p[k] && p[k] != ' ' && p[k] != '\t' && p[k] != '\n' && p[k] != '\r' && k < 32) k++;
-            if (n_vocab > 0)
-                fprintf(stderr, "ds4: %s: '%.*s' is not a token id (ids are 0..%d)\n", path, k, p,
-                        n_vocab - 1);
+            bool number = end != p && !errno && v >= 0 && (!*end || *end == ' ' || *end == '\t' ||
+                                                           *end == '\n' || *end == '\r');
+            if (number)
+                fprintf(stderr, "ds4: %s: token id %.*s is out of range (ids are 0..%ld)\n", path, k,
+                        p, n_vocab > 0 ? n_vocab - 1L : 0x7fffffffL);
             else
                 fprintf(stderr, "ds4: %s: '%.*s' is not a token id (expected whitespace-separated "
                         "integers >= 0)\n", path, k, p);
