@@ -223,7 +223,7 @@ static json_t *stop_sequence(const srv_result *r) {
 
 static json_t *tool_input(const ds4_tool_call *c) {
     char *args = srv_args_compact(c);
-    json_t *v = json_loads(args, 0, NULL);
+    json_t *v = srv_json_value(args);
     free(args);
     return v && json_is_object(v) ? v : (json_decref(v), json_object());
 }

@@ -447,7 +447,7 @@ static json_t *call_item(srv_job *j, const srv_result *r, int i, const char *sta
     char *args = srv_args_compact(c);
     json_t *it;
     if (is_hosted_search(&j->rq, c->name)) {
-        json_t *a = json_loads(args, 0, NULL);
+        json_t *a = srv_json_value(args);
         it = json_pack("{s:s, s:s, s:s, s:s, s:s, s:o}", "id", item_id, "type",
                        "tool_search_call", "status", status, "call_id", c->id ? c->id : "",
                        "execution", "client", "arguments", a ? a : json_object());

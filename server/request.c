@@ -691,6 +691,16 @@ static size_t utf8_seq(const unsigned char *s, size_t n) {
     return len;
 }
 
+json_t *srv_json_value(const char *text) {
+    /* model output may hold invalid UTF-8 inside string values, which
+     * jansson refuses: parse the U+FFFD-repaired text (what srv_jstr sends
+     * wherever the same text goes out as a string) */
+    json_t *fixed = srv_jstr(text, strlen(text));
+    json_t *v = json_loads(json_string_value(fixed), JSON_DECODE_ANY, NULL);
+    json_decref(fixed);
+    return v;
+}
+
 json_t *srv_jstr(const char *s, size_t n) {
     if (!s) return json_string("");
     const unsigned char *u = (const unsigned char *)s;

@@ -364,6 +364,10 @@ int srv_fail_param(srv_error *e, const char *param, const char *code, const char
 /* JSON string from bytes; invalid UTF-8 sequences become U+FFFD, so model
  * output of any kind serializes (NULL s gives ""). New reference. */
 json_t *srv_jstr(const char *s, size_t n);
+/* Parses JSON text produced by the server from model output (compact tool
+ * arguments), repairing invalid UTF-8 to U+FFFD first; NULL if it is not
+ * JSON. New reference. */
+json_t *srv_json_value(const char *text);
 /* Loads body as one JSON object, or NULL with e = 400 invalid JSON request. */
 json_t *srv_load_object(const char *body, size_t n, srv_error *e);
 /* Client form of a call's internal arguments (B.6); malloc'ed. */

@@ -519,6 +519,27 @@ DS4_TEST(server_sse_anthropic_blocks) {
     fake_free(j);
 }
 
+/* A tool argument holding invalid UTF-8 (random or cut model output) still
+ * reaches the client: as a U+FFFD-repaired string, never as an empty input
+ * object (the Anthropic input is a parsed object, unlike OpenAI's string). */
+DS4_TEST(server_anthropic_tool_input_with_invalid_utf8) {
+    srv_job *j = fake_job(SRV_API_ANTHROPIC, false);
+    srv_result r;
+    fake_result(&r, SRV_FINISH_TOOL_CALLS);
+    free(r.parsed.calls[0].arguments);
+    r.parsed.calls[0].arguments = strdup("{\"command\": \"ls \xe4\xb8\"}");
+    r.parsed.calls[0].arguments_len = strlen(r.parsed.calls[0].arguments);
+    char *body = srv_emitter_for(SRV_API_ANTHROPIC)->body(j, &r);
+    json_t *m = json_loads(body, 0, NULL);
+    json_t *c = json_object_get(m, "content");
+    json_t *in = json_object_get(json_array_get(c, json_array_size(c) - 1), "input");
+    CHECK_STR(json_string_value(json_object_get(in, "command")), "ls \xef\xbf\xbd\xef\xbf\xbd");
+    json_decref(m);
+    free(body);
+    srv_result_free(&r);
+    fake_free(j);
+}
+
 DS4_TEST(server_sse_responses_sequence) {
     srv_job *j = fake_job(SRV_API_RESPONSES, true);
     const srv_emitter *em = srv_emitter_for(SRV_API_RESPONSES);
