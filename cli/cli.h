@@ -77,6 +77,12 @@ typedef struct ds4_cli_toks {
 int ds4_cli_toks_push(ds4_cli_toks *t, const int32_t *ids, int n);
 void ds4_cli_toks_free(ds4_cli_toks *t);
 
+/* Token ids of a --prompt-tokens-file (the one parser of that format):
+ * whitespace-separated decimal ids in 0..n_vocab-1 (n_vocab <= 0: any id
+ * >= 0), at least one. Appends them to *out; prints the error and returns
+ * -1 on a bad or empty file. */
+int ds4_cli_read_token_file(const char *path, int n_vocab, ds4_cli_toks *out);
+
 /* Appends the tokens of prompt segments (chat.h B.6 builders) to *out. A
  * SPECIAL segment must be exactly one token. Prints the error; returns 0/-1. */
 int ds4_cli_tokenize_segs(ds4_engine *e, const ds4_segs *segs, ds4_cli_toks *out);
@@ -94,24 +100,25 @@ int ds4_cli_progress_cb(void *user, const char *what, int64_t done, int64_t tota
 /* Ends a bar line (TTY) if one was drawn. */
 void ds4_cli_progress_end(ds4_cli_progress *p);
 
-/* Streams generated tokens to a FILE: UTF-8-safe (a character split across
- * tokens is held back until complete), <think>/</think> tokens removed,
- * reasoning grey (ESC[90m) when the stream is a terminal, a newline at the
- * end of the reasoning and at the end of the output. */
+/* Streams generated tokens to a FILE through the engine's detokenizer
+ * (ds4.h: whole UTF-8 characters only, U+FFFD for bytes that cannot form
+ * one), <think>/</think> tokens removed, reasoning grey (ESC[90m) when the
+ * stream is a terminal, a newline at the end of the reasoning and at the
+ * end of the output. */
 typedef struct ds4_cli_printer {
     FILE *out;
     const ds4_engine *e;
+    ds4_detok *detok;   /* NULL when the model has no tokenizer: nothing printed */
     bool color;         /* out is a terminal */
     bool in_reasoning;  /* between <think> (or the prompt's) and </think> */
     bool grey;          /* the grey colour is switched on */
     int32_t think_open, think_close;
-    unsigned char carry[8]; /* incomplete UTF-8 tail */
-    int n_carry;
     int last_byte;      /* last byte written, -1 before any */
 } ds4_cli_printer;
 void ds4_cli_printer_init(ds4_cli_printer *p, const ds4_engine *e, FILE *out, bool reasoning);
 void ds4_cli_printer_token(ds4_cli_printer *p, int32_t id);
-/* Flushes the carry, resets the colour, ensures a final newline. */
+/* Flushes held-back bytes, resets the colour, ensures a final newline;
+ * releases the detokenizer. */
 void ds4_cli_printer_finish(ds4_cli_printer *p);
 
 /* Sampler parameters from the options (seed: --seed or entropy). */
@@ -122,7 +129,7 @@ ds4_think ds4_cli_think_mode(int think, int n_ctx, bool warn);
 /* Monotonic seconds. */
 double ds4_cli_now(void);
 
-/* One-shot prompt tokens (A.3 step 1, TEXT.md B.6), or the ids of
+/* One-shot prompt tokens (A.3 step 1, docs/TEXT.md B.6), or the ids of
  * --prompt-tokens-file. *reasoning: generation starts inside <think>.
  * Prints errors; returns 0 or -1. */
 int ds4_cli_build_prompt(ds4_engine *e, const ds4_cli_opts *o, ds4_think mode, ds4_cli_toks *out,

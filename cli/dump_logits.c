@@ -11,65 +11,27 @@
 
 #include "cli.h"
 
-/* Parses whitespace-separated decimal ids; returns the count or -1. */
-static int parse_ids(const char *path, const char *text, int32_t **out) {
-    size_t cap = 256;
-    int n = 0;
-    int32_t *ids = malloc(cap * sizeof(int32_t));
-    if (!ids) return -1;
-    const char *p = text;
-    for (;;) {
-        while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
-        if (!*p) break;
-        char *end;
-        errno = 0;
-        long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v > 0x7fffffffL ||
-            (*end && *end != ' ' && *end != '\t' && *end != '\n' && *end != '\r')) {
-            int len = 0;
-            while (p[len] && p[len] != ' ' && p[len] != '\n' && len < 32) len++;
-            fprintf(stderr, "ds4: %s: '%.*s' is not a token id (expected whitespace-separated integers >= 0)\n",
-                    path, len, p);
-            free(ids);
-            return -1;
-        }
-        if ((size_t)n == cap) {
-            int32_t *nb = realloc(ids, cap * 2 * sizeof(int32_t));
-            if (!nb) { free(ids); return -1; }
-            ids = nb;
-            cap *= 2;
-        }
-        ids[n++] = (int32_t)v;
-        p = end;
-    }
-    *out = ids;
-    return n;
-}
-
 int ds4_cli_dump_logits(const ds4_cli_opts *o) {
     if (!o->prompt_tokens_file) {
         fprintf(stderr, "ds4: --dump-logits needs --prompt-tokens-file F\n");
         return 1;
     }
-    size_t len;
-    char *text = ds4_cli_read_file(o->prompt_tokens_file, &len);
-    if (!text) return 1;
-    int32_t *ids = NULL;
-    int n = parse_ids(o->prompt_tokens_file, text, &ids);
-    free(text);
-    if (n < 0) return 1;
-    if (n == 0) {
-        fprintf(stderr, "ds4: %s holds no token ids\n", o->prompt_tokens_file);
-        free(ids);
+    /* read before the model loads (a bad file fails at once); the range
+     * is checked against the vocabulary once it is known */
+    ds4_cli_toks toks = {0};
+    if (ds4_cli_read_token_file(o->prompt_tokens_file, 0, &toks)) {
+        free(toks.v);
         return 1;
     }
+    int32_t *ids = toks.v;
+    int n = toks.n;
     ds4_engine *e = ds4_cli_open_engine(o, false);
     if (!e) { free(ids); return 1; }
     int V = ds4_engine_n_vocab(e), rc = 1;
     for (int i = 0; i < n; i++)
         if (ids[i] >= V) {
-            fprintf(stderr, "ds4: %s: token id %d at index %d is out of range (vocab %d)\n",
-                    o->prompt_tokens_file, ids[i], i, V);
+            fprintf(stderr, "ds4: %s: token id %d is out of range (ids are 0..%d)\n",
+                    o->prompt_tokens_file, ids[i], V - 1);
             goto out_engine;
         }
     const int ng = o->dump_greedy;

@@ -1,4 +1,4 @@
-/* dump_tokens.c - `ds4 --dump-tokens` (SERVING.md A.5).
+/* dump_tokens.c - `ds4 --dump-tokens` (docs/SERVING.md A.5).
  *
  * Tokenizes the -p / --prompt-file text as written with the rendered-chat
  * tokenizer (the seven markers recognized, no template) and prints the JSON

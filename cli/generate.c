@@ -1,4 +1,4 @@
-/* generate.c - one-shot generation (SERVING.md A.3) and the helpers every
+/* generate.c - one-shot generation (docs/SERVING.md A.3) and the helpers every
  * generating mode shares: Ctrl+C handling, prompt segments -> tokens, the
  * prefill progress display, and the streaming printer.
  *
@@ -170,6 +170,7 @@ void ds4_cli_printer_init(ds4_cli_printer *p, const ds4_engine *e, FILE *out, bo
     memset(p, 0, sizeof *p);
     p->out = out;
     p->e = e;
+    ds4_detok_open(e, &p->detok, NULL); /* NULL without a tokenizer: ids have no text */
     p->color = isatty(fileno(out));
     p->think_open = ds4_token_special(e, DS4_TOK_THINK_OPEN);
     p->think_close = ds4_token_special(e, DS4_TOK_THINK_CLOSE);
@@ -184,28 +185,16 @@ static void emit(ds4_cli_printer *p, const void *b, size_t n) {
     p->last_byte = ((const unsigned char *)b)[n - 1];
 }
 
-/* Length of the longest prefix of b[0..n) that does not end inside an
- * incomplete UTF-8 sequence (a valid lead byte whose continuation bytes are
- * still to come). Invalid bytes are not held back. */
-static size_t utf8_complete_prefix(const unsigned char *b, size_t n) {
-    for (size_t k = 0; k < n && k < 4; k++) {
-        size_t i = n - 1 - k;
-        unsigned char c = b[i];
-        if ((c & 0xC0) == 0x80) continue; /* continuation: look further back */
-        size_t need = c >= 0xF0 && c < 0xF8 ? 4 : c >= 0xE0 && c < 0xF0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 1;
-        return n - i < need ? i : n;
-    }
-    return n;
-}
-
 void ds4_cli_printer_token(ds4_cli_printer *p, int32_t id) {
+    size_t len = 0;
+    const char *b;
     if (id == p->think_open && id >= 0) {
         if (!p->in_reasoning && p->color) { fputs(GREY, p->out); p->grey = true; }
         p->in_reasoning = true;
         return;
     }
     if (id == p->think_close && id >= 0) {
-        if (p->n_carry) { emit(p, p->carry, (size_t)p->n_carry); p->n_carry = 0; }
+        if (p->detok && (b = ds4_detok_flush(p->detok, &len))) emit(p, b, len);
         if (p->in_reasoning) {
             if (p->grey) fputs(RESET, p->out);
             p->grey = false;
@@ -215,30 +204,18 @@ void ds4_cli_printer_token(ds4_cli_printer *p, int32_t id) {
         fflush(p->out);
         return;
     }
-    size_t len = 0;
-    const char *b = ds4_token_bytes(p->e, id, &len);
-    if (!b || !len) return;
-    unsigned char tmp[512];
-    if ((size_t)p->n_carry + len > sizeof tmp) { /* a huge token: no carry logic needed */
-        emit(p, p->carry, (size_t)p->n_carry);
-        p->n_carry = 0;
-        emit(p, b, len);
-    } else {
-        size_t n = (size_t)p->n_carry;
-        memcpy(tmp, p->carry, n);
-        memcpy(tmp + n, b, len);
-        n += len;
-        size_t cut = utf8_complete_prefix(tmp, n);
-        emit(p, tmp, cut);
-        p->n_carry = (int)(n - cut);
-        memcpy(p->carry, tmp + cut, (size_t)p->n_carry);
-    }
+    if (!p->detok) return;
+    b = ds4_detok_push(p->detok, id, &len);
+    emit(p, b, len);
     fflush(p->out);
 }
 
 void ds4_cli_printer_finish(ds4_cli_printer *p) {
-    if (p->n_carry) emit(p, p->carry, (size_t)p->n_carry);
-    p->n_carry = 0;
+    size_t len = 0;
+    const char *b = p->detok ? ds4_detok_flush(p->detok, &len) : NULL;
+    if (b) emit(p, b, len);
+    ds4_detok_close(p->detok);
+    p->detok = NULL;
     if (p->grey) fputs(RESET, p->out);
     p->grey = false;
     if (p->last_byte >= 0 && p->last_byte != '\n') emit(p, "\n", 1);
@@ -268,8 +245,7 @@ ds4_think ds4_cli_think_mode(int think, int n_ctx, bool warn) {
 
 /* ---- one-shot ------------------------------------------------------------------ */
 
-/* Token ids from a file: whitespace-separated decimal integers. */
-static int read_token_file(const char *path, int n_vocab, ds4_cli_toks *out) {
+int ds4_cli_read_token_file(const char *path, int n_vocab, ds4_cli_toks *out) {
     size_t len;
     char *text = ds4_cli_read_file(path, &len);
     if (!text) return -1;
@@ -281,10 +257,18 @@ static int read_token_file(const char *path, int n_vocab, ds4_cli_toks *out) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v >= n_vocab ||
+        if (end == p || errno || v < 0 || v > (n_vocab > 0 ? n_vocab - 1L : 0x7fffffffL) ||
             (*end && *end != ' ' && *end != '\t' && *end != '\n' && *end != '\r')) {
-            fprintf(stderr, "ds4: %s: bad token id near '%.20s' (ids are 0..%d)\n", path, p,
-                    n_vocab - 1);
+            int k = 0;
+            while (p[k] && p[k] != ' ' && p[k] != '\t' && p[k] != '\n' && p[k] != '\r' && k < 32) k++;
+            bool number = end != p && !errno && v >= 0 && (!*end || *end == ' ' || *end == '\t' ||
+                                                           *end == '\n' || *end == '\r');
+            if (number)
+                fprintf(stderr, "ds4: %s: token id %.*s is out of range (ids are 0..%ld)\n", path, k,
+                        p, n_vocab > 0 ? n_vocab - 1L : 0x7fffffffL);
+            else
+                fprintf(stderr, "ds4: %s: '%.*s' is not a token id (expected whitespace-separated "
+                        "integers >= 0)\n", path, k, p);
             rc = -1;
             break;
         }
@@ -305,7 +289,8 @@ static int read_token_file(const char *path, int n_vocab, ds4_cli_toks *out) {
 int ds4_cli_build_prompt(ds4_engine *e, const ds4_cli_opts *o, ds4_think mode, ds4_cli_toks *out,
                          bool *reasoning) {
     *reasoning = false;
-    if (o->prompt_tokens_file) return read_token_file(o->prompt_tokens_file, ds4_engine_n_vocab(e), out);
+    if (o->prompt_tokens_file)
+        return ds4_cli_read_token_file(o->prompt_tokens_file, ds4_engine_n_vocab(e), out);
     size_t len = 0;
     char *owned = NULL;
     const char *text = o->prompt;

@@ -1,7 +1,7 @@
-/* logprobs.c - --dump-logprobs (SERVING.md A.6) and --perplexity-file (A.7).
+/* logprobs.c - --dump-logprobs (docs/SERVING.md A.6) and --perplexity-file (A.7).
  *
  * --dump-logprobs: the one-shot prompt, prefilled, then greedy steps; each
- * step records the argmax and the top-k log-probabilities (TEXT.md D.5)
+ * step records the argmax and the top-k log-probabilities (docs/TEXT.md D.5)
  * in the exact JSON layout of A.6 (fixed whitespace, %.9g numbers, the
  * string escaping rules below). Sampling flags are ignored.
  * --perplexity-file: teacher-forced scoring of raw text (plain BPE, no BOS).

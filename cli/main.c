@@ -1,6 +1,6 @@
 /* main.c - ds4 command line: option parsing and mode dispatch.
  *
- * Usage errors exit 2, runtime errors 1 (SERVING.md §A.1). Every mode is a
+ * Usage errors exit 2, runtime errors 1 (docs/SERVING.md §A.1). Every mode is a
  * function of cli.h in its own file; this file only parses and dispatches.
  */
 #include "cli.h"
@@ -38,7 +38,7 @@ static void usage(FILE *f) {
 
 static void usage_debug(void) {
     printf("diagnostic switches (not user modes):\n"
-           "  --plain-numerics   turn off every rounding of MODEL.md §E (FP8 KV, FP4 indexer,\n"
+           "  --plain-numerics   turn off every rounding of docs/MODEL.md §E (FP8 KV, FP4 indexer,\n"
            "                     cache storage precision) to compare with transformers\n"
            "  --strict-backend   CPU math behind the backend-contract checker (every stage\n"
            "                     pointer must be backend memory; tests)\n"

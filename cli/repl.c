@@ -1,4 +1,4 @@
-/* repl.c - the interactive REPL (SERVING.md A.4, TEXT.md B.6 "CLI REPL").
+/* repl.c - the interactive REPL (docs/SERVING.md A.4, docs/TEXT.md B.6 "CLI REPL").
  *
  * State: one session (live KV) and a token transcript: BOS, [Think-Max
  * prefix], [system], then per turn USER + plain(text) + generation prefix +

@@ -1,10 +1,17 @@
 /* api_anthropic.c - Anthropic Messages (/v1/messages): request parsing
- * (SERVING.md B.4), the message object (B.6) and the message event stream
+ * (docs/SERVING.md B.4), the message object (B.6) and the message event stream
  * (B.8) with thinking, text and tool_use blocks (input_json_delta).
  *
  * Stream invariant: at most one content block is open at a time (tracked in
- * job->open_block); every block that was started is stopped exactly once,
- * and block indexes are consecutive from 0.
+ * the job's anthropic_state); every block that was started is stopped
+ * exactly once, and block indexes are consecutive from 0.
+ *
+ * Usage (docs/server.md "Usage"): cache_read_input_tokens = prompt tokens
+ * reused from the KV cache; cache_creation_input_tokens = the new prompt
+ * tokens when the client asked for caching (a cache_control anywhere in the
+ * request), else 0; input_tokens = the rest. message_start and the final
+ * message_delta both carry all three. A matched stop_sequences entry gives
+ * stop_reason "stop_sequence" and the string in stop_sequence.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +21,32 @@
 #include "util/xalloc.h"
 
 enum { BLOCK_NONE = 0, BLOCK_THINKING, BLOCK_TEXT, BLOCK_TOOL };
+
+/* Stream state of one job (srv_job.api_state). */
+typedef struct anthropic_state {
+    int block_index;  /* index of the open (or next) content block */
+    int open_block;   /* BLOCK_* of the open block */
+    bool sent_reasoning, sent_text;
+} anthropic_state;
+
+static anthropic_state *anth_st(srv_job *j) { return j->api_state; }
+
+/* A cache_control member anywhere in v (depth-limited walk). */
+static bool has_cache_control(json_t *v, int depth) {
+    if (depth > 64 || !v) return false;
+    if (json_is_object(v)) {
+        json_t *cc = json_object_get(v, "cache_control");
+        if (cc && !json_is_null(cc)) return true;
+        const char *k;
+        json_t *x;
+        json_object_foreach(v, k, x) if (has_cache_control(x, depth + 1)) return true;
+    } else if (json_is_array(v)) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(v, i, x) if (has_cache_control(x, depth + 1)) return true;
+    }
+    return false;
+}
 
 /* system: string, or array of strings / {"text":…}; joined with '\n' unless
  * the previous part already ends with one; "x-anthropic-" parts dropped. */
@@ -127,7 +160,7 @@ out:
     return rc;
 }
 
-static int parse_tool_choice(json_t *tc, srv_request *rq, srv_error *e) {
+static int parse_tool_choice_anthropic(json_t *tc, srv_request *rq, srv_error *e) {
     if (!tc || json_is_null(tc)) return 0;
     if (!json_is_object(tc)) return srv_invalid(e);
     const char *type = json_string_value(json_object_get(tc, "type"));
@@ -143,67 +176,54 @@ static int parse_tool_choice(json_t *tc, srv_request *rq, srv_error *e) {
     return 0;
 }
 
-int srv_parse_anthropic(const char *body, size_t n, srv_request *rq, srv_error *e) {
-    srv_request_init(rq, SRV_API_ANTHROPIC);
-    json_t *root = srv_load_object(body, n, e);
-    if (!root) return -1;
-    int rc = -1;
-    rq->chat = ds4_chat_new();
-    if (!rq->chat) {
-        srv_fail(e, 500, "out of memory");
-        goto out;
-    }
-    if (srv_parse_sampling(root, rq, e)) goto out;
+int srv_parse_anthropic(json_t *root, srv_request *rq, srv_error *e) {
     const char *effort = NULL;
     json_t *oc = json_object_get(root, "output_config");
     json_t *ev = json_object_get(root, "reasoning_effort");
     if (oc && !json_is_null(oc)) {
-        if (!json_is_object(oc)) {
-            srv_invalid(e);
-            goto out;
-        }
+        if (!json_is_object(oc)) return srv_invalid(e);
         json_t *v = json_object_get(oc, "effort");
-        if (v && !json_is_null(v) && !json_is_string(v)) {
-            srv_invalid(e);
-            goto out;
-        }
+        if (v && !json_is_null(v) && !json_is_string(v)) return srv_invalid(e);
         if (v) effort = json_string_value(v);
     }
     if (ev && !json_is_null(ev)) {
-        if (!json_is_string(ev)) {
-            srv_invalid(e);
-            goto out;
-        }
+        if (!json_is_string(ev)) return srv_invalid(e);
         effort = json_string_value(ev);
     }
-    if (srv_parse_thinking(root, rq, effort, effort != NULL, e)) goto out;
-    if (parse_system(json_object_get(root, "system"), rq, e)) goto out;
-    if (srv_parse_messages(root, rq, e, parse_message)) goto out;
-    if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) goto out;
-    if (parse_tool_choice(json_object_get(root, "tool_choice"), rq, e)) goto out;
-    rc = 0;
-out:
-    json_decref(root);
-    return rc;
+    if (srv_parse_thinking(root, rq, effort, effort != NULL, e)) return -1;
+    if (parse_system(json_object_get(root, "system"), rq, e)) return -1;
+    if (srv_parse_messages(root, rq, e, parse_message)) return -1;
+    if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) return -1;
+    if (parse_tool_choice_anthropic(json_object_get(root, "tool_choice"), rq, e)) return -1;
+    rq->cache_control = has_cache_control(root, 0);
+    return 0;
 }
 
 /* ---- responses ------------------------------------------------------------ */
 
-static json_t *usage_anthropic(const srv_usage *u, bool start) {
-    int p = u->prompt < 0 ? 0 : u->prompt;
-    int k = u->cached < 0 ? 0 : u->cached > p ? p : u->cached;
-    return json_pack("{s:i, s:i, s:i, s:i}", "input_tokens", 0, "output_tokens",
-                     start ? 0 : u->completion, "cache_read_input_tokens", k,
-                     "cache_creation_input_tokens", p - k);
+static json_t *usage_anthropic(const srv_request *rq, const srv_usage *raw, bool start) {
+    srv_usage u = srv_usage_clamp(*raw);
+    int fresh = u.prompt - u.cached;
+    int created = rq->cache_control ? fresh : 0;
+    return json_pack("{s:i, s:i, s:i, s:i}", "input_tokens", fresh - created, "output_tokens",
+                     start ? 0 : u.completion, "cache_read_input_tokens", u.cached,
+                     "cache_creation_input_tokens", created);
 }
 
-static const char *stop_reason(srv_finish f) {
-    return f == SRV_FINISH_TOOL_CALLS ? "tool_use" : f == SRV_FINISH_LENGTH ? "max_tokens" : "end_turn";
+static const char *stop_reason(const srv_result *r) {
+    if (r->stop) return "stop_sequence";
+    return r->finish == SRV_FINISH_TOOL_CALLS ? "tool_use"
+           : r->finish == SRV_FINISH_LENGTH   ? "max_tokens"
+                                              : "end_turn";
+}
+
+static json_t *stop_sequence(const srv_result *r) {
+    return r->stop ? srv_jstr(r->stop, strlen(r->stop)) : json_null();
 }
 
 static json_t *tool_input(const ds4_tool_call *c) {
     char *args = srv_args_compact(c);
-    json_t *v = json_loads(args, 0, NULL);
+    json_t *v = srv_json_value(args);
     free(args);
     return v && json_is_object(v) ? v : (json_decref(v), json_object());
 }
@@ -224,13 +244,12 @@ static char *messages_body(srv_job *j, const srv_result *r) {
                                         p->calls[i].id ? p->calls[i].id : "", "name",
                                         srv_jstr(p->calls[i].name, strlen(p->calls[i].name)),
                                         "input", tool_input(&p->calls[i])));
-    size_t nb = json_array_size(content);
-    if (nb == 0 || (nb == 1 && p->reasoning_len))
+    if (!p->content_len && !p->n_calls) /* a text block, even an empty one */
         json_array_append_new(content, json_pack("{s:s, s:s}", "type", "text", "text", ""));
-    json_t *root = json_pack("{s:s, s:s, s:s, s:s, s:o, s:s, s:n, s:o}", "id", j->id, "type",
+    json_t *root = json_pack("{s:s, s:s, s:s, s:s, s:o, s:s, s:o, s:o}", "id", j->id, "type",
                              "message", "role", "assistant", "model", j->rq.model, "content",
-                             content, "stop_reason", stop_reason(r->finish), "stop_sequence",
-                             "usage", usage_anthropic(&r->usage, false));
+                             content, "stop_reason", stop_reason(r), "stop_sequence",
+                             stop_sequence(r), "usage", usage_anthropic(&j->rq, &r->usage, false));
     char *s = srv_json_text(root);
     json_decref(root);
     return s;
@@ -239,52 +258,55 @@ static char *messages_body(srv_job *j, const srv_result *r) {
 static void event(srv_job *j, const char *name, json_t *v) { srv_sse_json(j, name, v); }
 
 static void block_stop(srv_job *j) {
-    if (j->open_block == BLOCK_NONE) return;
-    if (j->open_block == BLOCK_THINKING)
+    anthropic_state *st = anth_st(j);
+    if (st->open_block == BLOCK_NONE) return;
+    if (st->open_block == BLOCK_THINKING)
         event(j, "content_block_delta",
               json_pack("{s:s, s:i, s:{s:s, s:s}}", "type", "content_block_delta", "index",
-                        j->block_index, "delta", "type", "signature_delta", "signature", j->id));
+                        st->block_index, "delta", "type", "signature_delta", "signature", j->id));
     event(j, "content_block_stop",
-          json_pack("{s:s, s:i}", "type", "content_block_stop", "index", j->block_index));
-    j->open_block = BLOCK_NONE;
-    j->block_index++;
+          json_pack("{s:s, s:i}", "type", "content_block_stop", "index", st->block_index));
+    st->open_block = BLOCK_NONE;
+    st->block_index++;
 }
 
 static void block_start(srv_job *j, int kind, json_t *cb) {
+    anthropic_state *st = anth_st(j);
     block_stop(j);
-    j->open_block = kind;
+    st->open_block = kind;
     event(j, "content_block_start",
-          json_pack("{s:s, s:i, s:o}", "type", "content_block_start", "index", j->block_index,
+          json_pack("{s:s, s:i, s:o}", "type", "content_block_start", "index", st->block_index,
                     "content_block", cb));
 }
 
 static void msg_begin(srv_job *j) {
-    j->open_block = BLOCK_NONE;
-    j->block_index = 0;
     event(j, "message_start",
           json_pack("{s:s, s:{s:s, s:s, s:s, s:s, s:[], s:n, s:n, s:o}}", "type", "message_start",
                     "message", "id", j->id, "type", "message", "role", "assistant", "model",
                     j->rq.model, "content", "stop_reason", "stop_sequence", "usage",
-                    usage_anthropic(&j->usage, true)));
+                    usage_anthropic(&j->rq, &j->usage, true)));
 }
 
 static void msg_reasoning(srv_job *j, const char *s, size_t n) {
-    if (j->open_block != BLOCK_THINKING)
+    anthropic_state *st = anth_st(j);
+    if (st->open_block != BLOCK_THINKING)
         block_start(j, BLOCK_THINKING,
                     json_pack("{s:s, s:s, s:s}", "type", "thinking", "thinking", "", "signature", ""));
-    j->sent_reasoning = true;
+    st->sent_reasoning = true;
     event(j, "content_block_delta",
           json_pack("{s:s, s:i, s:{s:s, s:o}}", "type", "content_block_delta", "index",
-                    j->block_index, "delta", "type", "thinking_delta", "thinking", srv_jstr(s, n)));
+                    st->block_index, "delta", "type", "thinking_delta", "thinking", srv_jstr(s, n)));
 }
 
-static void msg_content(srv_job *j, const char *s, size_t n) {
-    if (j->open_block != BLOCK_TEXT)
+static void msg_content(srv_job *j, const char *s, size_t n, const srv_logprob *lp, int n_lp) {
+    anthropic_state *st = anth_st(j);
+    (void)lp, (void)n_lp;
+    if (st->open_block != BLOCK_TEXT)
         block_start(j, BLOCK_TEXT, json_pack("{s:s, s:s}", "type", "text", "text", ""));
-    j->sent_text = true;
+    st->sent_text = true;
     event(j, "content_block_delta",
           json_pack("{s:s, s:i, s:{s:s, s:o}}", "type", "content_block_delta", "index",
-                    j->block_index, "delta", "type", "text_delta", "text", srv_jstr(s, n)));
+                    st->block_index, "delta", "type", "text_delta", "text", srv_jstr(s, n)));
 }
 
 static void msg_tool_begin(srv_job *j, int index, const char *id, const char *name) {
@@ -295,17 +317,18 @@ static void msg_tool_begin(srv_job *j, int index, const char *id, const char *na
 }
 
 static void msg_tool_args(srv_job *j, int index, const char *s, size_t n) {
+    anthropic_state *st = anth_st(j);
     (void)index;
-    if (j->open_block != BLOCK_TOOL) return;
+    if (st->open_block != BLOCK_TOOL) return;
     event(j, "content_block_delta",
           json_pack("{s:s, s:i, s:{s:s, s:o}}", "type", "content_block_delta", "index",
-                    j->block_index, "delta", "type", "input_json_delta", "partial_json",
+                    st->block_index, "delta", "type", "input_json_delta", "partial_json",
                     srv_jstr(s, n)));
 }
 
 static void msg_tool_end(srv_job *j, int index) {
     (void)index;
-    if (j->open_block == BLOCK_TOOL) block_stop(j);
+    if (anth_st(j)->open_block == BLOCK_TOOL) block_stop(j);
 }
 
 static void msg_finish(srv_job *j, const srv_result *r) {
@@ -320,18 +343,21 @@ static void msg_finish(srv_job *j, const srv_result *r) {
         free(args);
         block_stop(j);
     }
-    if (j->sent_reasoning && !j->sent_text && p->n_calls == 0) {
+    anthropic_state *st = anth_st(j);
+    if (!st->sent_text && p->n_calls == 0) {
+        /* the body's rule: a message always has a text block after thinking */
         block_start(j, BLOCK_TEXT, json_pack("{s:s, s:s}", "type", "text", "text", ""));
         block_stop(j);
     }
     event(j, "message_delta",
-          json_pack("{s:s, s:{s:s, s:n}, s:{s:i}}", "type", "message_delta", "delta",
-                    "stop_reason", stop_reason(r->finish), "stop_sequence", "usage",
-                    "output_tokens", r->usage.completion));
+          json_pack("{s:s, s:{s:s, s:o}, s:o}", "type", "message_delta", "delta", "stop_reason",
+                    stop_reason(r), "stop_sequence", stop_sequence(r), "usage",
+                    usage_anthropic(&j->rq, &r->usage, false)));
     event(j, "message_stop", json_pack("{s:s}", "type", "message_stop"));
 }
 
 const srv_emitter srv_emitter_anthropic = {
+    .state_size = sizeof(anthropic_state),
     .begin = msg_begin,
     .reasoning = msg_reasoning,
     .content = msg_content,

@@ -1,10 +1,16 @@
 /* api_openai.c - OpenAI Chat Completions and legacy Completions: request
- * parsing (SERVING.md B.4) and response/stream shapes (B.6, B.8).
+ * parsing (docs/SERVING.md B.4) and response/stream shapes (B.6, B.8).
  *
  * Parsing maps the wire JSON to a ds4_chat (chat) or a prompt string
  * (completions) and nothing else; rendering and generation are elsewhere.
  * The emitters run on the worker thread and only append SSE bytes to the
  * job's stream; key order of every object follows the spec examples.
+ *
+ * Members the OpenAI API reference marks required are always written:
+ * choices[].logprobs (null unless asked), message.refusal (null), and in
+ * chunks delta/logprobs/finish_reason. Logprobs are real when asked: chat
+ * logprobs/top_logprobs, completions logprobs N (the tokens whose bytes
+ * start in the content, docs/server.md "Logprobs").
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,22 +18,6 @@
 
 #include "server.h"
 #include "util/xalloc.h"
-
-/* Loads the body as one JSON object. */
-json_t *srv_load_object(const char *body, size_t n, srv_error *e) {
-    json_error_t je;
-    json_t *root = json_loadb(body, n, 0, &je);
-    if (!root) {
-        srv_invalid(e);
-        return NULL;
-    }
-    if (!json_is_object(root)) {
-        json_decref(root);
-        srv_invalid(e);
-        return NULL;
-    }
-    return root;
-}
 
 /* OpenAI tool_choice: "none" disables tools, "required" or a named function
  * forces a call; anything else (auto, unknown) is auto. */
@@ -104,61 +94,34 @@ out:
     return rc;
 }
 
-static int parse_effort_field(json_t *root, const char *key, const char **out, srv_error *e) {
-    json_t *v = json_object_get(root, key);
-    *out = NULL;
-    if (!v || json_is_null(v)) return 0;
-    if (!json_is_string(v)) return srv_invalid(e);
-    *out = json_string_value(v);
-    return 0;
-}
-
-int srv_parse_chat(const char *body, size_t n, srv_request *rq, srv_error *e) {
-    srv_request_init(rq, SRV_API_CHAT);
-    json_t *root = srv_load_object(body, n, e);
-    if (!root) return -1;
-    int rc = -1;
-    const char *effort;
-    rq->chat = ds4_chat_new();
-    if (!rq->chat) {
-        srv_fail(e, 500, "out of memory");
-        goto out;
+/* reasoning_effort and the thinking controls (B.5). */
+static int parse_effort_and_thinking(json_t *root, srv_request *rq, srv_error *e) {
+    json_t *v = json_object_get(root, "reasoning_effort");
+    const char *effort = NULL;
+    if (v && !json_is_null(v)) {
+        if (!json_is_string(v)) return srv_invalid(e);
+        effort = json_string_value(v);
     }
-    if (srv_parse_sampling(root, rq, e)) goto out;
-    if (parse_effort_field(root, "reasoning_effort", &effort, e)) goto out;
-    if (srv_parse_thinking(root, rq, effort, effort != NULL, e)) goto out;
-    if (srv_parse_messages(root, rq, e, parse_chat_message)) goto out;
-    if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) goto out;
-    if (parse_tool_choice_openai(json_object_get(root, "tool_choice"), rq, e)) goto out;
-    rc = 0;
-out:
-    json_decref(root);
-    return rc;
+    return srv_parse_thinking(root, rq, effort, effort != NULL, e);
 }
 
-int srv_parse_completions(const char *body, size_t n, srv_request *rq, srv_error *e) {
-    srv_request_init(rq, SRV_API_COMPLETIONS);
-    json_t *root = srv_load_object(body, n, e);
-    if (!root) return -1;
-    int rc = -1;
-    const char *effort;
-    if (srv_parse_sampling(root, rq, e)) goto out;
-    if (parse_effort_field(root, "reasoning_effort", &effort, e)) goto out;
-    if (srv_parse_thinking(root, rq, effort, effort != NULL, e)) goto out;
+int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e) {
+    if (parse_effort_and_thinking(root, rq, e)) return -1;
+    if (srv_parse_messages(root, rq, e, parse_chat_message)) return -1;
+    if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) return -1;
+    return parse_tool_choice_openai(json_object_get(root, "tool_choice"), rq, e);
+}
+
+int srv_parse_completions(json_t *root, srv_request *rq, srv_error *e) {
+    if (parse_effort_and_thinking(root, rq, e)) return -1;
     json_t *p = json_object_get(root, "prompt");
-    if (!p || json_is_null(p)) {
-        srv_fail(e, 400, "missing prompt");
-        goto out;
-    }
+    if (!p || json_is_null(p)) return srv_fail_param(e, "prompt", NULL, "missing prompt");
     /* a string; an array whose first element is a string; else empty */
     if (json_is_string(p)) rq->prompt = xstrdup(json_string_value(p));
     else if (json_is_array(p) && json_is_string(json_array_get(p, 0)))
         rq->prompt = xstrdup(json_string_value(json_array_get(p, 0)));
     else rq->prompt = xstrdup("");
-    rc = 0;
-out:
-    json_decref(root);
-    return rc;
+    return 0;
 }
 
 /* ---- responses ------------------------------------------------------------ */
@@ -186,16 +149,55 @@ static json_t *chat_calls_json(const srv_result *r) {
     return arr;
 }
 
+/* Chat logprobs object {"content":[...],"refusal":null} for lp[0..n). */
+static json_t *chat_logprobs(const srv_logprob *lp, int n) {
+    json_t *content = json_array();
+    for (int i = 0; i < n; i++) {
+        json_t *top = json_array();
+        for (int k = 0; k < lp[i].n_top; k++)
+            json_array_append_new(top, json_pack("{s:o, s:f, s:o}", "token",
+                                                 srv_jstr(lp[i].top[k].bytes, lp[i].top[k].n),
+                                                 "logprob", (double)lp[i].top[k].logprob, "bytes",
+                                                 srv_lp_bytes(&lp[i].top[k])));
+        json_array_append_new(content, json_pack("{s:o, s:f, s:o, s:o}", "token",
+                                                 srv_jstr(lp[i].tok.bytes, lp[i].tok.n), "logprob",
+                                                 (double)lp[i].tok.logprob, "bytes",
+                                                 srv_lp_bytes(&lp[i].tok), "top_logprobs", top));
+    }
+    return json_pack("{s:o, s:n}", "content", content, "refusal");
+}
+
+/* Completions logprobs object over lp[0..n): parallel arrays, top
+ * alternatives as {token: logprob} maps, offsets into the text. */
+static json_t *completion_logprobs(const srv_logprob *lp, int n, size_t base) {
+    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(), *offs = json_array();
+    for (int i = 0; i < n; i++) {
+        json_array_append_new(tokens, srv_jstr(lp[i].tok.bytes, lp[i].tok.n));
+        json_array_append_new(lps, json_real(lp[i].tok.logprob));
+        json_t *m = json_object();
+        for (int k = 0; k < lp[i].n_top; k++) {
+            json_t *key = srv_jstr(lp[i].top[k].bytes, lp[i].top[k].n);
+            json_object_set_new(m, json_string_value(key), json_real(lp[i].top[k].logprob));
+            json_decref(key);
+        }
+        json_array_append_new(tops, m);
+        json_array_append_new(offs, json_integer((json_int_t)(lp[i].at - base)));
+    }
+    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", lps,
+                     "top_logprobs", tops, "text_offset", offs);
+}
+
 static char *chat_body(srv_job *j, const srv_result *r) {
-    json_t *msg = json_pack("{s:s, s:o}", "role", "assistant", "content",
-                            srv_jstr(r->parsed.content, r->parsed.content_len));
+    json_t *msg = json_pack("{s:s, s:o, s:n}", "role", "assistant", "content",
+                            srv_jstr(r->parsed.content, r->parsed.content_len), "refusal");
     if (r->parsed.reasoning && r->parsed.reasoning_len)
         json_object_set_new(msg, "reasoning_content",
                             srv_jstr(r->parsed.reasoning, r->parsed.reasoning_len));
     if (r->parsed.n_calls) json_object_set_new(msg, "tool_calls", chat_calls_json(r));
-    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[{s:i, s:o, s:s}], s:o}", "id", j->id,
+    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[{s:i, s:o, s:o, s:s}], s:o}", "id", j->id,
                              "object", "chat.completion", "created", (json_int_t)j->created,
                              "model", j->rq.model, "choices", "index", 0, "message", msg,
+                             "logprobs", j->rq.logprobs ? chat_logprobs(r->lp, r->n_lp) : json_null(),
                              "finish_reason", srv_finish_openai(r->finish), "usage",
                              srv_usage_openai(&r->usage));
     char *s = srv_json_text(root);
@@ -203,23 +205,29 @@ static char *chat_body(srv_job *j, const srv_result *r) {
     return s;
 }
 
-/* One chat.completion.chunk with the given delta (stolen) and finish. */
-static void chat_chunk(srv_job *j, json_t *delta, const char *finish) {
-    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[{s:i, s:o, s:o}]}", "id", j->id, "object",
-                             "chat.completion.chunk", "created", (json_int_t)j->created, "model",
-                             j->rq.model, "choices", "index", 0, "delta", delta, "finish_reason",
+/* One chat.completion.chunk with the given delta and logprobs (stolen; NULL
+ * logprobs is written as null) and finish. */
+static void chat_chunk(srv_job *j, json_t *delta, json_t *logprobs, const char *finish) {
+    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[{s:i, s:o, s:o, s:o}]}", "id", j->id,
+                             "object", "chat.completion.chunk", "created", (json_int_t)j->created,
+                             "model", j->rq.model, "choices", "index", 0, "delta", delta,
+                             "logprobs", logprobs ? logprobs : json_null(), "finish_reason",
                              finish ? json_string(finish) : json_null());
     srv_sse_json(j, NULL, root);
 }
 
-static void chat_begin(srv_job *j) { chat_chunk(j, json_pack("{s:s}", "role", "assistant"), NULL); }
-
-static void chat_reasoning(srv_job *j, const char *s, size_t n) {
-    chat_chunk(j, json_pack("{s:o}", "reasoning_content", srv_jstr(s, n)), NULL);
+static void chat_begin(srv_job *j) {
+    chat_chunk(j, json_pack("{s:s, s:s, s:n}", "role", "assistant", "content", "", "refusal"), NULL,
+               NULL);
 }
 
-static void chat_content(srv_job *j, const char *s, size_t n) {
-    chat_chunk(j, json_pack("{s:o}", "content", srv_jstr(s, n)), NULL);
+static void chat_reasoning(srv_job *j, const char *s, size_t n) {
+    chat_chunk(j, json_pack("{s:o}", "reasoning_content", srv_jstr(s, n)), NULL, NULL);
+}
+
+static void chat_content(srv_job *j, const char *s, size_t n, const srv_logprob *lp, int n_lp) {
+    chat_chunk(j, json_pack("{s:o}", "content", srv_jstr(s, n)),
+               j->rq.logprobs ? chat_logprobs(lp, n_lp) : NULL, NULL);
 }
 
 static void chat_tool_begin(srv_job *j, int index, const char *id, const char *name) {
@@ -227,14 +235,21 @@ static void chat_tool_begin(srv_job *j, int index, const char *id, const char *n
                json_pack("{s:[{s:i, s:s, s:s, s:{s:o, s:s}}]}", "tool_calls", "index", index, "id",
                          id, "type", "function", "function", "name", srv_jstr(name, strlen(name)),
                          "arguments", ""),
-               NULL);
+               NULL, NULL);
 }
 
 static void chat_tool_args(srv_job *j, int index, const char *s, size_t n) {
     chat_chunk(j,
                json_pack("{s:[{s:i, s:{s:o}}]}", "tool_calls", "index", index, "function",
                          "arguments", srv_jstr(s, n)),
-               NULL);
+               NULL, NULL);
+}
+
+static void usage_chunk(srv_job *j, const char *object, const srv_result *r) {
+    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[], s:o}", "id", j->id, "object", object,
+                             "created", (json_int_t)j->created, "model", j->rq.model, "choices",
+                             "usage", srv_usage_openai(&r->usage));
+    srv_sse_json(j, NULL, root);
 }
 
 static void chat_finish(srv_job *j, const srv_result *r) {
@@ -244,48 +259,43 @@ static void chat_finish(srv_job *j, const srv_result *r) {
         size_t i;
         json_t *c;
         json_array_foreach(calls, i, c) json_object_set_new(c, "index", json_integer((json_int_t)i));
-        chat_chunk(j, json_pack("{s:o}", "tool_calls", calls), NULL);
+        chat_chunk(j, json_pack("{s:o}", "tool_calls", calls), NULL, NULL);
     }
-    chat_chunk(j, json_object(), srv_finish_openai(r->finish));
-    if (j->rq.include_usage) {
-        json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[], s:o}", "id", j->id, "object",
-                                 "chat.completion.chunk", "created", (json_int_t)j->created,
-                                 "model", j->rq.model, "choices", "usage",
-                                 srv_usage_openai(&r->usage));
-        srv_sse_json(j, NULL, root);
-    }
+    chat_chunk(j, json_object(), NULL, srv_finish_openai(r->finish));
+    if (j->rq.include_usage) usage_chunk(j, "chat.completion.chunk", r);
     srv_stream_write(j, "data: [DONE]\n\n", 14);
 }
 
 static char *completion_body(srv_job *j, const srv_result *r) {
-    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[{s:o, s:i, s:s}], s:o}", "id", j->id,
+    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[{s:o, s:i, s:o, s:s}], s:o}", "id", j->id,
                              "object", "text_completion", "created", (json_int_t)j->created,
                              "model", j->rq.model, "choices", "text", srv_jstr(r->text, r->text_len),
-                             "index", 0, "finish_reason",
-                             srv_finish_openai(r->finish), "usage", srv_usage_openai(&r->usage));
+                             "index", 0, "logprobs",
+                             j->rq.logprobs ? completion_logprobs(r->lp, r->n_lp, 0) : json_null(),
+                             "finish_reason", srv_finish_openai(r->finish), "usage",
+                             srv_usage_openai(&r->usage));
     char *s = srv_json_text(root);
     json_decref(root);
     return s;
 }
 
-static void completion_chunk(srv_job *j, const char *s, size_t n, const char *finish) {
-    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[{s:o, s:i, s:o}]}", "id", j->id, "object",
-                             "text_completion", "created", (json_int_t)j->created, "model",
-                             j->rq.model, "choices", "text", srv_jstr(s, n), "index", 0, "finish_reason",
+static void completion_chunk(srv_job *j, const char *s, size_t n, json_t *logprobs,
+                             const char *finish) {
+    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[{s:o, s:i, s:o, s:o}]}", "id", j->id,
+                             "object", "text_completion", "created", (json_int_t)j->created,
+                             "model", j->rq.model, "choices", "text", srv_jstr(s, n), "index", 0,
+                             "logprobs", logprobs ? logprobs : json_null(), "finish_reason",
                              finish ? json_string(finish) : json_null());
     srv_sse_json(j, NULL, root);
 }
 
-static void completion_text(srv_job *j, const char *s, size_t n) { completion_chunk(j, s, n, NULL); }
+static void completion_text(srv_job *j, const char *s, size_t n, const srv_logprob *lp, int n_lp) {
+    completion_chunk(j, s, n, j->rq.logprobs ? completion_logprobs(lp, n_lp, 0) : NULL, NULL);
+}
 
 static void completion_finish(srv_job *j, const srv_result *r) {
-    completion_chunk(j, "", 0, srv_finish_openai(r->finish));
-    if (j->rq.include_usage) {
-        json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:[], s:o}", "id", j->id, "object",
-                                 "text_completion", "created", (json_int_t)j->created, "model",
-                                 j->rq.model, "choices", "usage", srv_usage_openai(&r->usage));
-        srv_sse_json(j, NULL, root);
-    }
+    completion_chunk(j, "", 0, NULL, srv_finish_openai(r->finish));
+    if (j->rq.include_usage) usage_chunk(j, "text_completion", r);
     srv_stream_write(j, "data: [DONE]\n\n", 14);
 }
 

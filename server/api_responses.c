@@ -1,11 +1,18 @@
 /* api_responses.c - OpenAI Responses (/v1/responses): input items -> chat
- * (SERVING.md B.4), the response object (B.6) and its event stream (B.8).
+ * (docs/SERVING.md B.4), the response object (B.6) and its event stream (B.8).
  *
- * Stream invariants: every event starts with "type" then "sequence_number"
- * (0, 1, 2, … per response, job->seq); reasoning is streamed only when the
- * client opted in with reasoning.summary; the reasoning and message items
- * are closed at the end of generation, then tool-call items are emitted
- * whole, then exactly one terminal event (completed / incomplete / failed).
+ * Stream invariants: every event is "event: TYPE" + "data: {...}" whose
+ * body starts with "type" then "sequence_number" (0, 1, 2, … per
+ * response); reasoning is streamed only when the client opted in with
+ * reasoning.summary; the reasoning and message items are closed at the end
+ * of generation, then tool-call items are emitted whole, then exactly one
+ * terminal event (completed / incomplete / failed).
+ *
+ * The response object carries every member the OpenAI reference marks
+ * required: the request's tools, tool_choice, instructions, metadata,
+ * temperature and top_p echoed back (defaults when absent), and error
+ * (null unless failed). tool_choice "required" and a named function are
+ * served by the forced decoding of forced.c, as for chat completions.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -222,26 +229,94 @@ static int parse_item(items_ctx *x, json_t *it, srv_error *e) {
     return srv_invalid(e);
 }
 
-int srv_parse_responses(const char *body, size_t n, srv_request *rq, srv_error *e) {
-    srv_request_init(rq, SRV_API_RESPONSES);
-    json_t *root = srv_load_object(body, n, e);
-    if (!root) return -1;
-    int rc = -1;
-    items_ctx x = {rq, DS4_BUF_INIT, false, -1};
-    rq->chat = ds4_chat_new();
-    if (!rq->chat) {
-        srv_fail(e, 500, "out of memory");
-        goto out;
+/* tool_choice: "none" / "auto" / "required", {"type":"function","name":N}
+ * (a namespaced tool by its client-facing name, with or without its
+ * namespace), {"type":"allowed_tools","mode":"auto"|"required"} (the
+ * restriction to a subset is not applied). Anything else is a 400 naming
+ * tool_choice. Call after the tools are parsed. */
+static int parse_tool_choice_responses(json_t *tc, srv_request *rq, srv_error *e) {
+    if (!tc || json_is_null(tc)) return 0;
+    if (json_is_string(tc)) {
+        const char *s = json_string_value(tc);
+        if (!strcmp(s, "none")) rq->tool_choice = SRV_TOOL_NONE;
+        else if (!strcmp(s, "required")) rq->tool_choice = SRV_TOOL_REQUIRED;
+        else if (strcmp(s, "auto"))
+            return srv_fail_param(e, "tool_choice", "unsupported_value",
+                                  "tool_choice=%.100s not supported", s);
+        return 0;
     }
+    if (!json_is_object(tc)) return srv_invalid(e);
+    const char *type = str_of(tc, "type");
+    if (type && !strcmp(type, "function")) {
+        const char *name = str_of(tc, "name");
+        if (!name) return srv_fail_param(e, "tool_choice", NULL, "tool_choice function needs a name");
+        const char *ns = str_of(tc, "namespace");
+        rq->tool_choice = SRV_TOOL_NAMED;
+        for (int i = 0; i < rq->n_aliases; i++) {
+            const srv_tool_alias *a = &rq->aliases[i];
+            if (!strcmp(a->name, name) && (!ns || !strcmp(a->ns, ns))) {
+                rq->tool_choice_name = xstrdup(a->rendered);
+                return 0;
+            }
+        }
+        rq->tool_choice_name = xstrdup(name);
+        return 0;
+    }
+    if (type && !strcmp(type, "allowed_tools")) {
+        const char *mode = str_of(tc, "mode");
+        if (mode && !strcmp(mode, "required")) rq->tool_choice = SRV_TOOL_REQUIRED;
+        return 0;
+    }
+    return srv_fail_param(e, "tool_choice", "unsupported_value",
+                          "tool_choice type %.100s not supported", type ? type : "(none)");
+}
+
+/* The request members the response object echoes (OpenAI reference:
+ * required members of Response), with the API's defaults when absent. */
+static int collect_echo(json_t *root, srv_request *rq, srv_error *e) {
+    static const char *const num[] = {"temperature", "top_p"};
+    json_t *echo = json_object();
+    rq->echo = echo;
+    for (int i = 0; i < 2; i++) {
+        json_t *v = json_object_get(root, num[i]);
+        json_object_set_new(echo, num[i], v && json_is_number(v) ? json_incref(v) : json_real(1.0));
+    }
+    json_t *md = json_object_get(root, "metadata");
+    if (md && !json_is_null(md) && !json_is_object(md)) return srv_invalid(e);
+    json_object_set_new(echo, "metadata", md && json_is_object(md) ? json_incref(md) : json_object());
+    json_t *ins = json_object_get(root, "instructions");
+    json_object_set_new(echo, "instructions", ins && json_is_string(ins) ? json_incref(ins) : json_null());
+    json_t *tools = json_object_get(root, "tools");
+    json_object_set_new(echo, "tools", json_is_array(tools) ? json_incref(tools) : json_array());
+    json_t *tc = json_object_get(root, "tool_choice");
+    json_object_set_new(echo, "tool_choice", tc && !json_is_null(tc) ? json_incref(tc) : json_string("auto"));
+    json_t *mo = json_object_get(root, "max_output_tokens");
+    json_object_set_new(echo, "max_output_tokens", mo && json_is_number(mo) ? json_incref(mo) : json_null());
+    json_t *ptc = json_object_get(root, "parallel_tool_calls");
+    json_object_set_new(echo, "parallel_tool_calls", json_is_boolean(ptc) ? json_incref(ptc) : json_true());
+    json_t *rs = json_object_get(root, "reasoning");
+    json_object_set_new(echo, "reasoning",
+                        json_pack("{s:o, s:o}", "effort",
+                                  json_is_string(json_object_get(rs, "effort"))
+                                      ? json_incref(json_object_get(rs, "effort")) : json_null(),
+                                  "summary",
+                                  json_is_string(json_object_get(rs, "summary"))
+                                      ? json_incref(json_object_get(rs, "summary")) : json_null()));
+    return 0;
+}
+
+int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
+    items_ctx x = {rq, DS4_BUF_INIT, false, -1};
+    int rc = -1;
     static const char *const unsupported[] = {"previous_response_id", "conversation"};
     for (int k = 0; k < 2; k++) {
         json_t *v = json_object_get(root, unsupported[k]);
         if (v && !json_is_null(v)) {
-            srv_fail(e, 400, "%s is not supported; replay full input instead", unsupported[k]);
+            srv_fail_param(e, unsupported[k], "unsupported_parameter",
+                           "%s is not supported; replay full input instead", unsupported[k]);
             goto out;
         }
     }
-    if (srv_parse_sampling(root, rq, e)) goto out;
     const char *effort = NULL;
     json_t *rs = json_object_get(root, "reasoning");
     if (rs && !json_is_null(rs)) {
@@ -273,7 +348,7 @@ int srv_parse_responses(const char *body, size_t n, srv_request *rq, srv_error *
     if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) goto out;
     json_t *input = json_object_get(root, "input");
     if (!input || json_is_null(input)) {
-        srv_fail(e, 400, "missing input");
+        srv_fail_param(e, "input", NULL, "missing input");
         goto out;
     }
     if (json_is_string(input)) {
@@ -289,31 +364,32 @@ int srv_parse_responses(const char *body, size_t n, srv_request *rq, srv_error *
         srv_invalid(e);
         goto out;
     }
-    json_t *tc = json_object_get(root, "tool_choice");
-    if (tc && !json_is_null(tc)) {
-        if (json_is_string(tc)) {
-            const char *s = json_string_value(tc);
-            if (!strcmp(s, "none")) rq->tool_choice = SRV_TOOL_NONE;
-            else if (strcmp(s, "auto")) {
-                srv_fail(e, 400, "tool_choice=%s not supported", s);
-                goto out;
-            }
-        } else if (json_is_object(tc)) {
-            srv_fail(e, 400, "forced tool_choice not supported");
-            goto out;
-        } else {
-            srv_invalid(e);
-            goto out;
-        }
-    }
-    rc = 0;
+    if (parse_tool_choice_responses(json_object_get(root, "tool_choice"), rq, e)) goto out;
+    rc = collect_echo(root, rq, e);
 out:
     ds4_buf_free(&x.pending);
-    json_decref(root);
     return rc;
 }
 
 /* ---- responses ------------------------------------------------------------ */
+
+/* Stream state of one job (srv_job.api_state). */
+typedef struct responses_state {
+    int seq;                           /* next sequence_number */
+    char reason_id[40], msg_id[40];    /* item ids, made once */
+    char **fc_ids;                     /* (n_fc_ids) function_call item ids */
+    int n_fc_ids;
+    int out_index;                     /* next output_index */
+    int msg_index, rs_index;           /* -1 until the item is added */
+} responses_state;
+
+static responses_state *resp_st(srv_job *j) { return j->api_state; }
+
+static void resp_state_free(void *p) {
+    responses_state *st = p;
+    for (int i = 0; i < st->n_fc_ids; i++) free(st->fc_ids[i]);
+    free(st->fc_ids);
+}
 
 static const char *item_status(const srv_result *r) {
     return r->finish == SRV_FINISH_LENGTH || r->finish == SRV_FINISH_ERROR ? "incomplete"
@@ -332,38 +408,53 @@ static bool is_hosted_search(const srv_request *rq, const char *name) {
     json_t *t;
     json_array_foreach(rq->tools_json, i, t) {
         const char *n = json_string_value(json_object_get(t, "name"));
-        const char *d = json_string_value(json_object_get(t, "description"));
-        (void)d;
         if (n && !strcmp(n, "tool_search")) return true;
     }
     return false;
 }
 
-static json_t *reasoning_item(srv_job *j, const srv_result *r, const char *text, size_t n) {
-    return json_pack("{s:s, s:s, s:s, s:[{s:s, s:o}]}", "id", j->item_reason_id, "type",
+static void ensure_ids(srv_job *j, const srv_result *r) {
+    responses_state *st = resp_st(j);
+    if (!st->reason_id[0]) srv_random_id(st->reason_id, sizeof st->reason_id, "rs_", 12);
+    if (!st->msg_id[0]) srv_random_id(st->msg_id, sizeof st->msg_id, "msg_", 12);
+    if (r && r->parsed.n_calls && !st->fc_ids) {
+        st->fc_ids = xcalloc((size_t)r->parsed.n_calls, sizeof *st->fc_ids);
+        st->n_fc_ids = r->parsed.n_calls;
+        for (int i = 0; i < r->parsed.n_calls; i++) {
+            st->fc_ids[i] = xmalloc(32);
+            srv_random_id(st->fc_ids[i], 32, "fc_", 12);
+        }
+    }
+}
+
+static json_t *reasoning_item(srv_job *j, const srv_result *r) {
+    const ds4_dsml_result *p = &r->parsed;
+    return json_pack("{s:s, s:s, s:s, s:[{s:s, s:o}]}", "id", resp_st(j)->reason_id, "type",
                      "reasoning", "status", r->think_closed ? "completed" : "incomplete",
-                     "summary", "type", "summary_text", "text", srv_jstr(text, n));
+                     "summary", "type", "summary_text", "text",
+                     srv_jstr(p->reasoning, p->reasoning_len));
 }
 
 static json_t *message_item(srv_job *j, const char *status, const char *text, size_t n) {
-    return json_pack("{s:s, s:s, s:s, s:s, s:[{s:s, s:o, s:[]}]}", "id", j->item_msg_id, "type",
+    return json_pack("{s:s, s:s, s:s, s:s, s:[{s:s, s:o, s:[]}]}", "id", resp_st(j)->msg_id, "type",
                      "message", "status", status, "role", "assistant", "content", "type",
                      "output_text", "text", srv_jstr(text, n), "annotations");
 }
 
 static json_t *call_item(srv_job *j, const srv_result *r, int i, const char *status) {
     const ds4_tool_call *c = &r->parsed.calls[i];
+    const char *item_id = resp_st(j)->fc_ids[i];
     char *args = srv_args_compact(c);
     json_t *it;
     if (is_hosted_search(&j->rq, c->name)) {
-        json_t *a = json_loads(args, 0, NULL);
-        it = json_pack("{s:s, s:s, s:s, s:s, s:s, s:o}", "id", j->fc_ids[i], "type",
+        json_t *a = srv_json_value(args);
+        it = json_pack("{s:s, s:s, s:s, s:s, s:s, s:o}", "id", item_id, "type",
                        "tool_search_call", "status", status, "call_id", c->id ? c->id : "",
                        "execution", "client", "arguments", a ? a : json_object());
     } else {
         const srv_tool_alias *al = alias_of(&j->rq, c->name);
-        it = json_pack("{s:s, s:s, s:s, s:o}", "id", j->fc_ids[i], "type", "function_call",
-                       "status", status, "name",
+        it = json_pack("{s:s, s:s, s:s, s:o}", "id", item_id, "type", "function_call", "status",
+                       status, "name",
                        al ? json_string(al->name) : srv_jstr(c->name, strlen(c->name)));
         if (al) json_object_set_new(it, "namespace", json_string(al->ns));
         json_object_set_new(it, "call_id", json_string(c->id ? c->id : ""));
@@ -373,160 +464,160 @@ static json_t *call_item(srv_job *j, const srv_result *r, int i, const char *sta
     return it;
 }
 
-static void ensure_ids(srv_job *j, const srv_result *r) {
-    if (!j->item_reason_id[0]) srv_random_id(j->item_reason_id, sizeof j->item_reason_id, "rs_", 12);
-    if (!j->item_msg_id[0]) srv_random_id(j->item_msg_id, sizeof j->item_msg_id, "msg_", 12);
-    if (r && r->parsed.n_calls && !j->fc_ids) {
-        j->fc_ids = xcalloc((size_t)r->parsed.n_calls, sizeof *j->fc_ids);
-        j->n_fc_ids = r->parsed.n_calls;
-        for (int i = 0; i < r->parsed.n_calls; i++) {
-            j->fc_ids[i] = xmalloc(32);
-            srv_random_id(j->fc_ids[i], 32, "fc_", 12);
-        }
-    }
+static json_t *usage_responses(const srv_usage *raw) {
+    srv_usage u = srv_usage_clamp(*raw);
+    return json_pack("{s:i, s:{s:i, s:i}, s:i, s:{s:i}, s:i}", "input_tokens", u.prompt,
+                     "input_tokens_details", "cached_tokens", u.cached, "cache_write_tokens",
+                     u.prompt - u.cached, "output_tokens", u.completion, "output_tokens_details",
+                     "reasoning_tokens", 0, "total_tokens", u.prompt + u.completion);
 }
 
-static json_t *usage_responses(const srv_usage *u) {
-    int p = u->prompt < 0 ? 0 : u->prompt;
-    int k = u->cached < 0 ? 0 : u->cached > p ? p : u->cached;
-    return json_pack("{s:i, s:{s:i, s:i}, s:i, s:{s:i}, s:i}", "input_tokens", p,
-                     "input_tokens_details", "cached_tokens", k, "cache_write_tokens", p - k,
-                     "output_tokens", u->completion, "output_tokens_details", "reasoning_tokens",
-                     0, "total_tokens", p + u->completion);
+/* An echoed request member (collect_echo always sets them). */
+static json_t *echo(const srv_job *j, const char *key) {
+    json_t *v = j->rq.echo ? json_object_get(j->rq.echo, key) : NULL;
+    return v ? json_incref(v) : json_null();
 }
 
-/* Members the SDK's Response type requires (tools echoed as sent). */
-static void add_required_fields(srv_job *j, json_t *root) {
-    json_object_set_new(root, "parallel_tool_calls", json_true());
-    json_object_set_new(root, "tool_choice",
-                        json_string(j->rq.tool_choice == SRV_TOOL_NONE ? "none" : "auto"));
-    json_object_set_new(root, "tools", json_array());
-}
-
-/* Output items of the final object, from the texts that were streamed (or
- * the parsed ones when not streaming). */
-static json_t *response_object(srv_job *j, const srv_result *r, const char *reasoning,
-                               size_t reasoning_len, const char *content, size_t content_len) {
-    ensure_ids(j, r);
+/* The response object, in the member order of the OpenAI reference. r is
+ * NULL while in progress (response.created). */
+static json_t *response_object(srv_job *j, const srv_result *r) {
     json_t *out = json_array();
-    const char *st = item_status(r);
-    if (reasoning_len && j->rq.reasoning_summary)
-        json_array_append_new(out, reasoning_item(j, r, reasoning, reasoning_len));
-    if (content_len) json_array_append_new(out, message_item(j, st, content, content_len));
-    for (int i = 0; i < r->parsed.n_calls; i++) json_array_append_new(out, call_item(j, r, i, st));
-    const char *status = r->finish == SRV_FINISH_LENGTH  ? "incomplete"
-                         : r->finish == SRV_FINISH_ERROR ? "failed"
-                                                         : "completed";
-    json_t *root = json_pack("{s:s, s:s, s:I, s:s, s:s, s:o, s:o}", "id", j->id, "object",
-                             "response", "created_at", (json_int_t)j->created, "status", status,
-                             "model", j->rq.model, "output", out, "usage", usage_responses(&r->usage));
-    add_required_fields(j, root);
-    if (r->finish == SRV_FINISH_LENGTH)
-        json_object_set_new(root, "incomplete_details", json_pack("{s:s}", "reason", "max_output_tokens"));
-    if (r->finish == SRV_FINISH_ERROR)
-        json_object_set_new(root, "error", json_pack("{s:s, s:s}", "code", "server_error",
-                                                     "message", "generation failed"));
+    const char *status = "in_progress";
+    if (r) {
+        ensure_ids(j, r);
+        const ds4_dsml_result *p = &r->parsed;
+        const char *st = item_status(r);
+        if (p->reasoning_len && j->rq.reasoning_summary)
+            json_array_append_new(out, reasoning_item(j, r));
+        if (p->content_len) json_array_append_new(out, message_item(j, st, p->content, p->content_len));
+        for (int i = 0; i < p->n_calls; i++) json_array_append_new(out, call_item(j, r, i, st));
+        status = r->finish == SRV_FINISH_LENGTH  ? "incomplete"
+                 : r->finish == SRV_FINISH_ERROR ? "failed"
+                                                 : "completed";
+    }
+    json_t *root = json_pack("{s:s, s:s, s:I, s:s}", "id", j->id, "object", "response",
+                             "created_at", (json_int_t)j->created, "status", status);
+    json_object_set_new(root, "error",
+                        r && r->finish == SRV_FINISH_ERROR
+                            ? json_pack("{s:s, s:s}", "code", "server_error", "message",
+                                        r->error_msg[0] ? r->error_msg : "generation failed")
+                            : json_null());
+    json_object_set_new(root, "incomplete_details",
+                        r && r->finish == SRV_FINISH_LENGTH
+                            ? json_pack("{s:s}", "reason", "max_output_tokens")
+                            : json_null());
+    json_object_set_new(root, "instructions", echo(j, "instructions"));
+    json_object_set_new(root, "max_output_tokens", echo(j, "max_output_tokens"));
+    json_object_set_new(root, "model", json_string(j->rq.model));
+    json_object_set_new(root, "output", out);
+    json_object_set_new(root, "parallel_tool_calls", echo(j, "parallel_tool_calls"));
+    json_object_set_new(root, "previous_response_id", json_null());
+    json_object_set_new(root, "reasoning", echo(j, "reasoning"));
+    json_object_set_new(root, "store", json_false()); /* no durable store (B.4) */
+    json_object_set_new(root, "temperature", echo(j, "temperature"));
+    json_object_set_new(root, "text", json_pack("{s:{s:s}}", "format", "type", "text"));
+    json_object_set_new(root, "tool_choice", echo(j, "tool_choice"));
+    json_object_set_new(root, "tools", echo(j, "tools"));
+    json_object_set_new(root, "top_p", echo(j, "top_p"));
+    json_object_set_new(root, "truncation", json_string("disabled"));
+    json_object_set_new(root, "usage", r ? usage_responses(&r->usage) : json_null());
+    json_object_set_new(root, "metadata", echo(j, "metadata"));
     return root;
 }
 
 static char *responses_body(srv_job *j, const srv_result *r) {
-    const ds4_dsml_result *p = &r->parsed;
-    json_t *root = response_object(j, r, p->reasoning, p->reasoning ? p->reasoning_len : 0,
-                                   p->content, p->content_len);
+    json_t *root = response_object(j, r);
     char *s = srv_json_text(root);
     json_decref(root);
     return s;
 }
 
-/* Event with "type" then "sequence_number" first, then the members of rest
- * (stolen). */
+/* Event "event: TYPE" + data with "type" then "sequence_number" first, then
+ * the members of rest (stolen). */
 static void ev(srv_job *j, const char *type, json_t *rest) {
-    json_t *v = json_pack("{s:s, s:i}", "type", type, "sequence_number", j->seq++);
+    json_t *v = json_pack("{s:s, s:i}", "type", type, "sequence_number", resp_st(j)->seq++);
     json_object_update(v, rest);
     json_decref(rest);
-    srv_sse_json(j, NULL, v);
+    srv_sse_json(j, type, v);
 }
 
 static void resp_begin(srv_job *j) {
+    responses_state *st = resp_st(j);
     ensure_ids(j, NULL);
-    j->out_index = 0;
-    j->rs_index = j->msg_index = -1;
-    json_t *resp = json_pack("{s:s, s:s, s:I, s:s, s:s, s:[]}", "id", j->id, "object", "response",
-                             "created_at", (json_int_t)j->created, "status", "in_progress", "model",
-                             j->rq.model, "output");
-    add_required_fields(j, resp);
-    ev(j, "response.created", json_pack("{s:o}", "response", resp));
+    st->out_index = 0;
+    st->rs_index = st->msg_index = -1;
+    ev(j, "response.created", json_pack("{s:o}", "response", response_object(j, NULL)));
 }
 
 static void resp_reasoning(srv_job *j, const char *s, size_t n) {
-    ds4_buf_append(&j->acc_reasoning, s, n);
+    responses_state *st = resp_st(j);
     if (!j->rq.reasoning_summary) return;
-    if (j->rs_index < 0) {
-        j->rs_index = j->out_index++;
+    if (st->rs_index < 0) {
+        st->rs_index = st->out_index++;
         ev(j, "response.output_item.added",
-           json_pack("{s:i, s:{s:s, s:s, s:s, s:[]}}", "output_index", j->rs_index, "item", "id",
-                     j->item_reason_id, "type", "reasoning", "status", "in_progress", "summary"));
+           json_pack("{s:i, s:{s:s, s:s, s:s, s:[]}}", "output_index", st->rs_index, "item", "id",
+                     st->reason_id, "type", "reasoning", "status", "in_progress", "summary"));
         ev(j, "response.reasoning_summary_part.added",
-           json_pack("{s:s, s:i, s:i, s:{s:s, s:s}}", "item_id", j->item_reason_id,
-                     "output_index", j->rs_index, "summary_index", 0, "part", "type",
-                     "summary_text", "text", ""));
+           json_pack("{s:s, s:i, s:i, s:{s:s, s:s}}", "item_id", st->reason_id, "output_index",
+                     st->rs_index, "summary_index", 0, "part", "type", "summary_text", "text", ""));
     }
     ev(j, "response.reasoning_summary_text.delta",
-       json_pack("{s:s, s:i, s:i, s:o}", "item_id", j->item_reason_id, "output_index",
-                 j->rs_index, "summary_index", 0, "delta", srv_jstr(s, n)));
+       json_pack("{s:s, s:i, s:i, s:o}", "item_id", st->reason_id, "output_index", st->rs_index,
+                 "summary_index", 0, "delta", srv_jstr(s, n)));
 }
 
-static void resp_content(srv_job *j, const char *s, size_t n) {
-    ds4_buf_append(&j->acc_content, s, n);
-    if (j->msg_index < 0) {
-        j->msg_index = j->out_index++;
+static void resp_content(srv_job *j, const char *s, size_t n, const srv_logprob *lp, int n_lp) {
+    responses_state *st = resp_st(j);
+    (void)lp, (void)n_lp;
+    if (st->msg_index < 0) {
+        st->msg_index = st->out_index++;
         ev(j, "response.output_item.added",
-           json_pack("{s:i, s:{s:s, s:s, s:s, s:s, s:[]}}", "output_index", j->msg_index, "item",
-                     "id", j->item_msg_id, "type", "message", "status", "in_progress", "role",
+           json_pack("{s:i, s:{s:s, s:s, s:s, s:s, s:[]}}", "output_index", st->msg_index, "item",
+                     "id", st->msg_id, "type", "message", "status", "in_progress", "role",
                      "assistant", "content"));
         ev(j, "response.content_part.added",
-           json_pack("{s:s, s:i, s:i, s:{s:s, s:s, s:[]}}", "item_id", j->item_msg_id,
-                     "output_index", j->msg_index, "content_index", 0, "part", "type",
-                     "output_text", "text", "", "annotations"));
+           json_pack("{s:s, s:i, s:i, s:{s:s, s:s, s:[]}}", "item_id", st->msg_id, "output_index",
+                     st->msg_index, "content_index", 0, "part", "type", "output_text", "text", "",
+                     "annotations"));
     }
     ev(j, "response.output_text.delta",
-       json_pack("{s:s, s:i, s:i, s:o, s:[]}", "item_id", j->item_msg_id, "output_index",
-                 j->msg_index, "content_index", 0, "delta", srv_jstr(s, n), "logprobs"));
+       json_pack("{s:s, s:i, s:i, s:o, s:[]}", "item_id", st->msg_id, "output_index",
+                 st->msg_index, "content_index", 0, "delta", srv_jstr(s, n), "logprobs"));
 }
 
 static void resp_finish(srv_job *j, const srv_result *r) {
+    responses_state *st = resp_st(j);
     ensure_ids(j, r);
-    const char *st = item_status(r);
-    const char *rt = j->acc_reasoning.data ? j->acc_reasoning.data : "";
-    size_t rn = j->acc_reasoning.len;
-    const char *ct = j->acc_content.data ? j->acc_content.data : "";
-    size_t cn = j->acc_content.len;
-    if (j->rs_index >= 0) {
+    const char *is = item_status(r);
+    const ds4_dsml_result *p = &r->parsed;
+    if (st->rs_index >= 0) {
+        json_t *rt = srv_jstr(p->reasoning, p->reasoning_len);
         ev(j, "response.reasoning_summary_text.done",
-           json_pack("{s:s, s:i, s:i, s:o}", "item_id", j->item_reason_id, "output_index",
-                     j->rs_index, "summary_index", 0, "text", srv_jstr(rt, rn)));
+           json_pack("{s:s, s:i, s:i, s:O}", "item_id", st->reason_id, "output_index",
+                     st->rs_index, "summary_index", 0, "text", rt));
         ev(j, "response.reasoning_summary_part.done",
-           json_pack("{s:s, s:i, s:i, s:{s:s, s:o}}", "item_id", j->item_reason_id,
-                     "output_index", j->rs_index, "summary_index", 0, "part", "type",
-                     "summary_text", "text", srv_jstr(rt, rn)));
+           json_pack("{s:s, s:i, s:i, s:{s:s, s:O}}", "item_id", st->reason_id, "output_index",
+                     st->rs_index, "summary_index", 0, "part", "type", "summary_text", "text", rt));
         ev(j, "response.output_item.done",
-           json_pack("{s:i, s:o}", "output_index", j->rs_index, "item",
-                     reasoning_item(j, r, rt, rn)));
+           json_pack("{s:i, s:o}", "output_index", st->rs_index, "item", reasoning_item(j, r)));
+        json_decref(rt);
     }
-    if (j->msg_index >= 0) {
+    if (st->msg_index >= 0) {
+        json_t *ct = srv_jstr(p->content, p->content_len);
         ev(j, "response.output_text.done",
-           json_pack("{s:s, s:i, s:i, s:o, s:[]}", "item_id", j->item_msg_id, "output_index",
-                     j->msg_index, "content_index", 0, "text", srv_jstr(ct, cn), "logprobs"));
+           json_pack("{s:s, s:i, s:i, s:O, s:[]}", "item_id", st->msg_id, "output_index",
+                     st->msg_index, "content_index", 0, "text", ct, "logprobs"));
         ev(j, "response.content_part.done",
-           json_pack("{s:s, s:i, s:i, s:{s:s, s:o, s:[]}}", "item_id", j->item_msg_id,
-                     "output_index", j->msg_index, "content_index", 0, "part", "type",
-                     "output_text", "text", srv_jstr(ct, cn), "annotations"));
+           json_pack("{s:s, s:i, s:i, s:{s:s, s:O, s:[]}}", "item_id", st->msg_id,
+                     "output_index", st->msg_index, "content_index", 0, "part", "type",
+                     "output_text", "text", ct, "annotations"));
         ev(j, "response.output_item.done",
-           json_pack("{s:i, s:o}", "output_index", j->msg_index, "item",
-                     message_item(j, st, ct, cn)));
+           json_pack("{s:i, s:o}", "output_index", st->msg_index, "item",
+                     message_item(j, is, p->content, p->content_len)));
+        json_decref(ct);
     }
-    for (int i = 0; i < r->parsed.n_calls; i++) {
-        int oi = j->out_index++;
+    for (int i = 0; i < p->n_calls; i++) {
+        int oi = st->out_index++;
         json_t *added = call_item(j, r, i, "in_progress");
         bool search = !strcmp(json_string_value(json_object_get(added, "type")), "tool_search_call");
         if (!search) json_object_set_new(added, "arguments", json_string(""));
@@ -535,9 +626,9 @@ static void resp_finish(srv_job *j, const srv_result *r) {
         if (!search) {
             json_t *args = json_object_get(done, "arguments");
             ev(j, "response.function_call_arguments.delta",
-               json_pack("{s:s, s:i, s:O}", "item_id", j->fc_ids[i], "output_index", oi, "delta",
+               json_pack("{s:s, s:i, s:O}", "item_id", st->fc_ids[i], "output_index", oi, "delta",
                          args));
-            json_t *d = json_pack("{s:s, s:i, s:O}", "item_id", j->fc_ids[i], "output_index", oi,
+            json_t *d = json_pack("{s:s, s:i, s:O}", "item_id", st->fc_ids[i], "output_index", oi,
                                   "name", json_object_get(done, "name"));
             if (json_object_get(done, "namespace"))
                 json_object_set(d, "namespace", json_object_get(done, "namespace"));
@@ -549,10 +640,12 @@ static void resp_finish(srv_job *j, const srv_result *r) {
     const char *type = r->finish == SRV_FINISH_LENGTH  ? "response.incomplete"
                        : r->finish == SRV_FINISH_ERROR ? "response.failed"
                                                        : "response.completed";
-    ev(j, type, json_pack("{s:o}", "response", response_object(j, r, rt, rn, ct, cn)));
+    ev(j, type, json_pack("{s:o}", "response", response_object(j, r)));
 }
 
 const srv_emitter srv_emitter_responses = {
+    .state_size = sizeof(responses_state),
+    .state_free = resp_state_free,
     .begin = resp_begin,
     .reasoning = resp_reasoning,
     .content = resp_content,

@@ -1,5 +1,5 @@
 /* cache_policy.c - when the server reuses, saves and restores KV state
- * (SERVING.md C.2-C.4). The engine decides *what* a session payload holds,
+ * (docs/SERVING.md C.2-C.4). The engine decides *what* a session payload holds,
  * kvstore keeps the bytes on disk; this file picks the moments.
  *
  * Reuse decision for a request with prompt tokens `req` and text `text`,

@@ -108,7 +108,7 @@ const srv_emitter *srv_emitter_for(srv_api api) {
 int srv_parse_messages(json_t *root, srv_request *rq, srv_error *e,
                        int (*parse_one)(json_t *m, srv_request *rq, srv_error *e)) {
     json_t *msgs = json_object_get(root, "messages");
-    if (!msgs || json_is_null(msgs)) return srv_fail(e, 400, "missing messages");
+    if (!msgs || json_is_null(msgs)) return srv_fail_param(e, "messages", NULL, "missing messages");
     if (!json_is_array(msgs)) return srv_invalid(e);
     size_t i;
     json_t *m;

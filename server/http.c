@@ -1,6 +1,7 @@
 /* http.c - the HTTP layer on libmicrohttpd: one thread per connection,
- * routing (SERVING.md B.3), body limits, CORS, the optional API key, JSON
- * error replies (B.10), SSE responses and client-gone detection.
+ * routing (docs/SERVING.md B.3), body limits, CORS, the optional API key, JSON
+ * error replies (B.10; paths under /v1/messages answer in Anthropic's error
+ * shape, the others in OpenAI's), SSE responses and client-gone detection.
  *
  * Header-time checks (check_headers), made before any body byte is read:
  * differing duplicate Content-Length -> 400, a Host that is not the bound
@@ -77,7 +78,8 @@ typedef struct conn_ctx {
     ds4_buf body;
     bool too_large;
     bool answered;    /* refused when the headers arrived; the body is not read */
-    srv_api api;      /* POST route */
+    srv_api api;      /* POST route (and the error shape of the path) */
+    bool count;       /* POST /v1/messages/count_tokens */
     srv_job *job;     /* reference held by this connection */
     srv_server *s;
 } conn_ctx;
@@ -139,11 +141,15 @@ static enum MHD_Result reply_error(srv_server *s, struct MHD_Connection *c, srv_
     return reply_json(s, c, (unsigned)e->status, srv_error_body(api, e), true);
 }
 
-static enum MHD_Result reply_simple_error(srv_server *s, struct MHD_Connection *c, unsigned status,
-                                          const char *msg) {
+/* An error in the shape of the API the path belongs to: /v1/messages...
+ * answers as Anthropic does, everything else as OpenAI does. */
+static enum MHD_Result reply_simple_error(srv_server *s, struct MHD_Connection *c, const char *url,
+                                          unsigned status, const char *code, const char *msg) {
     srv_error e = {0};
     srv_fail(&e, (int)status, "%s", msg);
-    return reply_error(s, c, SRV_API_CHAT, &e);
+    e.code = code;
+    srv_api api = url && !strncmp(url, "/v1/messages", 12) ? SRV_API_ANTHROPIC : SRV_API_CHAT;
+    return reply_error(s, c, api, &e);
 }
 
 static char *model_json(srv_server *s) {
@@ -252,6 +258,11 @@ static enum MHD_Result run_post(srv_server *s, struct MHD_Connection *c, conn_ct
     if (cx->too_large) {
         srv_fail(&e, 413, "request body too large (limit %u bytes)", SRV_MAX_BODY_BYTES);
         return reply_error(s, c, api, &e);
+    }
+    if (cx->count) { /* answered here: rendering and tokenizing only */
+        char *out = srv_count_tokens(s, cx->body.data ? cx->body.data : "", cx->body.len, &e);
+        ds4_buf_free(&cx->body);
+        return out ? reply_json(s, c, MHD_HTTP_OK, out, true) : reply_error(s, c, api, &e);
     }
     srv_job *j = srv_submit(s, api, cx->body.data ? cx->body.data : "", cx->body.len, &e);
     ds4_buf_free(&cx->body);
@@ -370,10 +381,12 @@ static enum MHD_Result cl_each(void *cls, enum MHD_ValueKind kind, const char *k
 static const struct {
     const char *path;
     srv_api api;
-} g_routes[] = {{"/v1/chat/completions", SRV_API_CHAT},
-                {"/v1/completions", SRV_API_COMPLETIONS},
-                {"/v1/responses", SRV_API_RESPONSES},
-                {"/v1/messages", SRV_API_ANTHROPIC}};
+    bool count;
+} g_routes[] = {{"/v1/chat/completions", SRV_API_CHAT, false},
+                {"/v1/completions", SRV_API_COMPLETIONS, false},
+                {"/v1/responses", SRV_API_RESPONSES, false},
+                {"/v1/messages", SRV_API_ANTHROPIC, false},
+                {"/v1/messages/count_tokens", SRV_API_ANTHROPIC, true}};
 
 /* The checks that need only the request line and headers, made when they
  * arrive so a refused request is answered at once and its body never read
@@ -384,22 +397,25 @@ static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, co
     *refused = true;
     cl_scan cl = {0};
     MHD_get_connection_values(c, MHD_HEADER_KIND, cl_each, &cl);
-    if (cl.differ) return reply_simple_error(s, c, MHD_HTTP_BAD_REQUEST, "bad HTTP request");
+    if (cl.differ) return reply_simple_error(s, c, url, MHD_HTTP_BAD_REQUEST, NULL, "bad HTTP request");
     if (!host_ok(s, c))
-        return reply_simple_error(s, c, MHD_HTTP_FORBIDDEN,
+        return reply_simple_error(s, c, url, MHD_HTTP_FORBIDDEN, NULL,
                                   "Host header not allowed (DNS-rebinding protection; see "
                                   "--allow-host)");
     bool options = !strcmp(method, "OPTIONS");
     if (!options && !api_key_ok(s, c))
-        return reply_simple_error(s, c, MHD_HTTP_UNAUTHORIZED, "invalid API key");
+        return reply_simple_error(s, c, url, MHD_HTTP_UNAUTHORIZED, "invalid_api_key",
+                                  "invalid API key");
     if (!strcmp(method, "POST")) {
         size_t i = 0, n = sizeof g_routes / sizeof g_routes[0];
         while (i < n && strcmp(url, g_routes[i].path)) i++;
-        if (i == n) return reply_simple_error(s, c, MHD_HTTP_NOT_FOUND, "unknown endpoint");
+        if (i == n)
+            return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "unknown_url", "unknown endpoint");
         if (!json_content_type(c))
-            return reply_simple_error(s, c, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE,
+            return reply_simple_error(s, c, url, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, NULL,
                                       "Content-Type must be application/json");
         cx->api = g_routes[i].api;
+        cx->count = g_routes[i].count;
     }
     *refused = false;
     return MHD_YES;
@@ -467,7 +483,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
             return reply_json(s, c, MHD_HTTP_OK, model_json(s), true);
     }
     if (!strcmp(method, "POST")) return run_post(s, c, cx, cx->api); /* route checked above */
-    return reply_simple_error(s, c, MHD_HTTP_NOT_FOUND, "unknown endpoint");
+    return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "unknown_url", "unknown endpoint");
 }
 
 static void completed(void *cls, struct MHD_Connection *c, void **con_cls,

@@ -1,4 +1,4 @@
-/* main.c - ds4-server: options (SERVING.md B.1), engine and session setup,
+/* main.c - ds4-server: options (docs/SERVING.md B.1), engine and session setup,
  * signals, startup and orderly shutdown.
  *
  * Shutdown: the first SIGINT/SIGTERM makes new requests get 503, makes
@@ -63,6 +63,11 @@ static void usage(FILE *f) {
             "      --kv-cache-reject-different-quant\n"
             "      --disable-exact-dsml-tool-replay\n"
             "      --tool-memory-max-ids N (default 100000)\n"
+            "      --default-thinking [API=]MODE  thinking mode of requests that do not say:\n"
+            "                              MODE on (default), off or max; API chat, completions,\n"
+            "                              responses or anthropic (repeatable; no API: all).\n"
+            "                              E.g. anthropic=off: Anthropic's API means off when\n"
+            "                              'thinking' is absent\n"
             "  -h, --help                  this help;  --help-debug: diagnostic switches\n");
 }
 
@@ -84,6 +89,29 @@ static int parse_int(const char *opt, const char *v, long lo, long hi, long *out
     return 0;
 }
 
+/* --default-thinking [API=]MODE: MODE on|off|max (or high|none); API one of
+ * chat, completions, responses, anthropic; no API sets all four. */
+static int parse_default_thinking(const char *v, srv_config *c) {
+    static const char *const apis[SRV_N_API] = {
+        [SRV_API_CHAT] = "chat", [SRV_API_COMPLETIONS] = "completions",
+        [SRV_API_RESPONSES] = "responses", [SRV_API_ANTHROPIC] = "anthropic"};
+    if (!v) return -1;
+    const char *eq = strchr(v, '=');
+    const char *mode = eq ? eq + 1 : v;
+    ds4_think t;
+    if (!strcmp(mode, "on") || !strcmp(mode, "high")) t = DS4_THINK_HIGH;
+    else if (!strcmp(mode, "off") || !strcmp(mode, "none")) t = DS4_THINK_NONE;
+    else if (!strcmp(mode, "max")) t = DS4_THINK_MAX;
+    else return -1;
+    for (int k = 0; k < SRV_N_API; k++) {
+        if (eq && (strlen(apis[k]) != (size_t)(eq - v) || strncmp(v, apis[k], (size_t)(eq - v))))
+            continue;
+        c->default_think[k] = t;
+        if (eq) return 0;
+    }
+    return eq ? -1 : 0;
+}
+
 static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_to) {
     memset(c, 0, sizeof *c);
     c->backend = DS4_BACKEND_AUTO;
@@ -101,6 +129,7 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
     c->tool_memory_max_ids = 100000;
     c->max_conn_per_client = 64;
     c->request_timeout_s = 30;
+    for (int k = 0; k < SRV_N_API; k++) c->default_think[k] = DS4_THINK_HIGH; /* B.5 */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -145,6 +174,15 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
             for (char *h = strtok_r(list, ",", &save); h; h = strtok_r(NULL, ",", &save)) {
                 c->allow_hosts = xrealloc(c->allow_hosts, sizeof *c->allow_hosts * (size_t)(c->n_allow_hosts + 1));
                 c->allow_hosts[c->n_allow_hosts++] = h;
+            }
+            i++;
+            continue;
+        }
+        if (!strcmp(a, "--default-thinking")) {
+            if (parse_default_thinking(v, c)) {
+                fprintf(stderr, "ds4-server: --default-thinking needs [API=]MODE with MODE on, off "
+                                "or max and API chat, completions, responses or anthropic\n");
+                return -1;
             }
             i++;
             continue;

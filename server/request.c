@@ -1,11 +1,12 @@
-/* request.c - the wire-independent request record and the JSON field readers
- * shared by the four API parsers.
+/* request.c - the wire-independent request record, the request prologue
+ * and JSON field readers shared by the four API parsers, and the response
+ * pieces they share (usage, finish reasons, error bodies).
  *
  * Invariants: after a successful parse every srv_msg has a non-NULL content;
  * strings are NUL-terminated copies owned by the request (jansson rejects
  * invalid UTF-8 and NUL bytes, so they hold valid UTF-8 without NULs);
  * stops holds only non-empty strings. A recognized field with the wrong JSON
- * type makes the request invalid (400 "invalid JSON request", SERVING.md B.4);
+ * type makes the request invalid (400 "invalid JSON request", docs/SERVING.md B.4);
  * unknown fields are ignored. Nothing here touches the engine or a socket.
  */
 #include <math.h>
@@ -51,12 +52,23 @@ void srv_request_free(srv_request *rq) {
     free(rq->text);
     free(rq->tokens);
     free(rq->raw_body);
+    json_decref(rq->echo);
     memset(rq, 0, sizeof *rq);
+}
+
+void srv_logprob_free(srv_logprob *lp, int n) {
+    for (int i = 0; i < n; i++) {
+        free(lp[i].tok.bytes);
+        for (int k = 0; k < lp[i].n_top; k++) free(lp[i].top[k].bytes);
+        free(lp[i].top);
+    }
+    free(lp);
 }
 
 void srv_result_free(srv_result *r) {
     ds4_dsml_result_free(&r->parsed);
     free(r->text);
+    srv_logprob_free(r->lp, r->n_lp);
     memset(r, 0, sizeof *r);
 }
 
@@ -74,7 +86,30 @@ int srv_fail(srv_error *e, int status, const char *fmt, ...) {
     return -1;
 }
 
+json_t *srv_load_object(const char *body, size_t n, srv_error *e) {
+    json_error_t je;
+    json_t *root = json_loadb(body, n, 0, &je);
+    if (root && !json_is_object(root)) {
+        json_decref(root);
+        root = NULL;
+    }
+    if (!root) srv_fail(e, 400, "invalid JSON request");
+    return root;
+}
+
 static int bad_type(srv_error *e) { return srv_fail(e, 400, "invalid JSON request"); }
+
+int srv_fail_param(srv_error *e, const char *param, const char *code, const char *fmt, ...) {
+    if (!e) return -1;
+    e->status = 400;
+    e->param = param;
+    e->code = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+    va_end(ap);
+    return -1;
+}
 
 int srv_invalid(srv_error *e) { return bad_type(e); }
 
@@ -184,11 +219,14 @@ int srv_effort(const char *s, bool *think_off, bool *max) {
     return 0;
 }
 
-/* SERVING.md B.5: thinking / think / effort / model aliases. effort is the
- * API's effort string (NULL when absent or null). */
+/* docs/SERVING.md B.5: thinking / think / effort / model aliases. effort is the
+ * API's effort string (NULL when absent or null). A request that says
+ * nothing keeps rq->think, the server default the prologue put there
+ * (--default-thinking). */
 int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool effort_set,
                        srv_error *e) {
-    bool enabled = true, explicit_ctl = false, max = false;
+    bool enabled = rq->think != DS4_THINK_NONE, explicit_ctl = false;
+    bool max = rq->think == DS4_THINK_MAX;
     /* Responses has no thinking/think fields (B.4): only reasoning.effort */
     json_t *t = rq->api == SRV_API_RESPONSES ? NULL : json_object_get(root, "thinking");
     if (t && !json_is_null(t)) {
@@ -216,8 +254,10 @@ int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool e
     if (effort) {
         bool off, mx;
         if (srv_effort(effort, &off, &mx) < 0) return srv_fail(e, 400, "invalid JSON request");
+        /* an effort asks for reasoning unless thinking was turned off */
         if (off) enabled = false;
-        if (mx) max = true;
+        else if (!explicit_ctl) enabled = true;
+        max = mx;
         if (rq->api == SRV_API_RESPONSES) explicit_ctl = true;
     }
     (void)effort_set;
@@ -248,6 +288,49 @@ static int parse_stops(json_t *v, srv_request *rq, srv_error *e) {
     return 0;
 }
 
+/* n / best_of (one choice is all we generate: anything else is a 400
+ * naming the field, never one silent choice) and logprobs: chat has
+ * logprobs (bool) + top_logprobs (0..20), completions logprobs (0..5). */
+static int parse_choices_and_logprobs(json_t *root, srv_request *rq, srv_error *e) {
+    static const char *const one[] = {"n", "best_of"};
+    for (int i = 0; i < 2; i++) {
+        json_t *v = json_object_get(root, one[i]);
+        if (!v || json_is_null(v)) continue;
+        if (!json_is_number(v)) return bad_type(e);
+        if (json_number_value(v) != 1)
+            return srv_fail_param(e, one[i], "unsupported_value",
+                                  "%s must be 1: ds4-server generates one choice per request "
+                                  "(send several requests instead)", one[i]);
+    }
+    json_t *lp = json_object_get(root, "logprobs");
+    json_t *tl = json_object_get(root, "top_logprobs");
+    if (rq->api == SRV_API_CHAT) {
+        if (lp && !json_is_null(lp)) {
+            if (!json_is_boolean(lp)) return bad_type(e);
+            rq->logprobs = json_is_true(lp);
+        }
+        if (tl && !json_is_null(tl)) {
+            if (!json_is_integer(tl)) return bad_type(e);
+            json_int_t k = json_integer_value(tl);
+            if (k < 0 || k > 20)
+                return srv_fail_param(e, "top_logprobs", "invalid_value",
+                                      "top_logprobs must be between 0 and 20");
+            if (!rq->logprobs)
+                return srv_fail_param(e, "top_logprobs", "invalid_value",
+                                      "top_logprobs requires logprobs to be true");
+            rq->top_logprobs = (int)k;
+        }
+    } else if (lp && !json_is_null(lp)) {
+        if (!json_is_integer(lp)) return bad_type(e);
+        json_int_t k = json_integer_value(lp);
+        if (k < 0 || k > 5)
+            return srv_fail_param(e, "logprobs", "invalid_value", "logprobs must be between 0 and 5");
+        rq->logprobs = true;
+        rq->top_logprobs = (int)k;
+    }
+    return 0;
+}
+
 /* model, stream, max tokens, sampling knobs and stops (per the B.4 table). */
 int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
     srv_api api = rq->api;
@@ -262,17 +345,20 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
     if (srv_get_float(root, "temperature", &rq->temperature, e)) return -1;
     if (srv_get_float(root, "top_p", &rq->top_p, e)) return -1;
     if (api != SRV_API_RESPONSES && srv_get_int(root, "top_k", &rq->top_k, e)) return -1;
+    /* seed: every API (an extension for Anthropic and Responses, whose
+     * clients send it as an extra member): seeded replies are reproducible */
+    int seed = 0;
+    if (srv_get_int(root, "seed", &seed, e)) return -1;
+    rq->seed = (uint64_t)seed;
     if (api == SRV_API_CHAT || api == SRV_API_COMPLETIONS) {
         if (srv_get_float(root, "min_p", &rq->min_p, e)) return -1;
-        int seed = 0;
-        if (srv_get_int(root, "seed", &seed, e)) return -1;
-        rq->seed = (uint64_t)seed;
         json_t *so = json_object_get(root, "stream_options");
         if (so && !json_is_null(so)) {
             if (!json_is_object(so)) return bad_type(e);
             if (srv_get_bool(so, "include_usage", &rq->include_usage, e)) return -1;
         }
         if (parse_stops(json_object_get(root, "stop"), rq, e)) return -1;
+        if (parse_choices_and_logprobs(root, rq, e)) return -1;
     }
     if (api == SRV_API_ANTHROPIC && parse_stops(json_object_get(root, "stop_sequences"), rq, e))
         return -1;
@@ -468,27 +554,67 @@ static int check_forced_name(const srv_request *rq, srv_error *e) {
                     strlen(want) > 200 ? "..." : "");
 }
 
-int srv_parse_request(srv_api api, const char *body, size_t n, srv_request *rq, srv_error *e) {
-    int rc;
-    switch (api) {
-    case SRV_API_CHAT: rc = srv_parse_chat(body, n, rq, e); break;
-    case SRV_API_COMPLETIONS: rc = srv_parse_completions(body, n, rq, e); break;
-    case SRV_API_RESPONSES: rc = srv_parse_responses(body, n, rq, e); break;
-    case SRV_API_ANTHROPIC: rc = srv_parse_anthropic(body, n, rq, e); break;
-    default: return srv_fail(e, 500, "unknown api");
+/* The prologue every API shares: one JSON object, the request record, the
+ * conversation (chat-type APIs), model/stream/limits/sampling/stops. */
+static json_t *prologue(srv_api api, const char *body, size_t n, ds4_think think_default,
+                        srv_request *rq, srv_error *e) {
+    srv_request_init(rq, api);
+    rq->think = think_default;
+    json_t *root = srv_load_object(body, n, e);
+    if (!root) return NULL;
+    if (api != SRV_API_COMPLETIONS && !(rq->chat = ds4_chat_new())) {
+        srv_fail(e, 500, "out of memory");
+        json_decref(root);
+        return NULL;
     }
+    if (srv_parse_sampling(root, rq, e)) {
+        json_decref(root);
+        return NULL;
+    }
+    return root;
+}
+
+int srv_parse_request(srv_api api, const char *body, size_t n, ds4_think think_default,
+                      srv_request *rq, srv_error *e) {
+    static int (*const parse[SRV_N_API])(json_t *, srv_request *, srv_error *) = {
+        [SRV_API_CHAT] = srv_parse_chat,
+        [SRV_API_COMPLETIONS] = srv_parse_completions,
+        [SRV_API_RESPONSES] = srv_parse_responses,
+        [SRV_API_ANTHROPIC] = srv_parse_anthropic,
+    };
+    if ((unsigned)api >= SRV_N_API) {
+        srv_request_init(rq, SRV_API_CHAT);
+        return srv_fail(e, 500, "unknown api");
+    }
+    json_t *root = prologue(api, body, n, think_default, rq, e);
+    if (!root) return -1;
+    int rc = parse[api](root, rq, e);
+    json_decref(root);
     return rc ? rc : check_forced_name(rq, e);
 }
 
 /* ---- shared response pieces ---------------------------------------------- */
 
-json_t *srv_usage_openai(const srv_usage *u) {
-    int p = u->prompt < 0 ? 0 : u->prompt;
-    int k = u->cached < 0 ? 0 : u->cached > p ? p : u->cached;
-    int g = u->completion < 0 ? 0 : u->completion;
-    return json_pack("{s:i, s:i, s:i, s:{s:i, s:i}}", "prompt_tokens", p, "completion_tokens", g,
-                     "total_tokens", p + g, "prompt_tokens_details", "cached_tokens", k,
-                     "cache_write_tokens", p - k);
+srv_usage srv_usage_clamp(srv_usage u) {
+    if (u.prompt < 0) u.prompt = 0;
+    if (u.cached < 0) u.cached = 0;
+    if (u.cached > u.prompt) u.cached = u.prompt;
+    if (u.completion < 0) u.completion = 0;
+    return u;
+}
+
+json_t *srv_usage_openai(const srv_usage *raw) {
+    srv_usage u = srv_usage_clamp(*raw);
+    return json_pack("{s:i, s:i, s:i, s:{s:i, s:i}}", "prompt_tokens", u.prompt,
+                     "completion_tokens", u.completion, "total_tokens", u.prompt + u.completion,
+                     "prompt_tokens_details", "cached_tokens", u.cached, "cache_write_tokens",
+                     u.prompt - u.cached);
+}
+
+json_t *srv_lp_bytes(const srv_token_lp *t) {
+    json_t *a = json_array();
+    for (size_t i = 0; i < t->n; i++) json_array_append_new(a, json_integer((unsigned char)t->bytes[i]));
+    return a;
 }
 
 const char *srv_finish_openai(srv_finish f) {
@@ -501,10 +627,23 @@ const char *srv_finish_openai(srv_finish f) {
     return "stop";
 }
 
+/* Anthropic's error type for a status (their documented set). */
+static const char *anthropic_type(int status) {
+    switch (status) {
+    case 401: return "authentication_error";
+    case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 413: return "request_too_large";
+    case 429: return "rate_limit_error";
+    case 503: return "overloaded_error";
+    default: return status >= 500 ? "api_error" : "invalid_request_error";
+    }
+}
+
 char *srv_error_body(srv_api api, const srv_error *e) {
     json_t *err;
     if (api == SRV_API_ANTHROPIC) {
-        err = json_pack("{s:s, s:s}", "type", "invalid_request_error", "message", e->msg);
+        err = json_pack("{s:s, s:s}", "type", anthropic_type(e->status), "message", e->msg);
         if (e->context) {
             json_object_set_new(err, "n_prompt_tokens", json_integer(e->n_prompt));
             json_object_set_new(err, "n_ctx", json_integer(e->n_ctx));
@@ -514,10 +653,14 @@ char *srv_error_body(srv_api api, const srv_error *e) {
         json_decref(root);
         return s;
     }
-    err = json_pack("{s:s, s:s}", "message", e->msg, "type", "invalid_request_error");
+    /* OpenAI: message, type, param, code are always there (null when unknown) */
+    const char *code = e->context ? "context_length_exceeded" : e->code;
+    const char *param = e->context && !e->param ? "messages" : e->param;
+    err = json_pack("{s:s, s:s, s:o, s:o}", "message", e->msg, "type",
+                    e->status >= 500 ? "server_error" : "invalid_request_error", "param",
+                    param ? json_string(param) : json_null(), "code",
+                    code ? json_string(code) : json_null());
     if (e->context) {
-        json_object_set_new(err, "param", json_string(e->param ? e->param : "messages"));
-        json_object_set_new(err, "code", json_string("context_length_exceeded"));
         json_object_set_new(err, "n_prompt_tokens", json_integer(e->n_prompt));
         json_object_set_new(err, "n_ctx", json_integer(e->n_ctx));
     }
@@ -546,6 +689,16 @@ static size_t utf8_seq(const unsigned char *s, size_t n) {
     if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) return 0;
     if (cp >= 0xD800 && cp <= 0xDFFF) return 0;
     return len;
+}
+
+json_t *srv_json_value(const char *text) {
+    /* model output may hold invalid UTF-8 inside string values, which
+     * jansson refuses: parse the U+FFFD-repaired text (what srv_jstr sends
+     * wherever the same text goes out as a string) */
+    json_t *fixed = srv_jstr(text, strlen(text));
+    json_t *v = json_loads(json_string_value(fixed), JSON_DECODE_ANY, NULL);
+    json_decref(fixed);
+    return v;
 }
 
 json_t *srv_jstr(const char *s, size_t n) {

@@ -4,15 +4,19 @@
  *   main.c          options, engine open, signals, startup/shutdown
  *   http.c          libmicrohttpd glue: routing, body limits, CORS, API key,
  *                   JSON error replies, SSE byte streams, client-gone checks
- *   request.c       wire-independent request record + shared JSON field readers
+ *   request.c       wire-independent request record, the shared request
+ *                   prologue and JSON field readers, usage clamping
  *   api_openai.c    /v1/chat/completions, /v1/completions: parse + responses
  *   api_responses.c /v1/responses: parse + responses/events
- *   api_anthropic.c /v1/messages: parse + responses/events
- *   emit.c          generated text -> reasoning/content/tool events (holdback
- *                   rules of SERVING.md B.8) feeding an API's emitter
+ *   api_anthropic.c /v1/messages (+ count_tokens): parse + responses/events
  *   worker.c        the single inference thread, bounded FIFO queue,
- *                   generation loop, stop sequences, cancellation
- *   cache_policy.c  when to reuse/save/restore KV (SERVING.md C.2-C.4)
+ *                   generation loop, stop sequences, logprobs, the DSML
+ *                   event pipeline into the API emitters, cancellation
+ *   cache_policy.c  when to reuse/save/restore KV (docs/SERVING.md C.2-C.4)
+ *
+ * Each API module owns its parsing, its stream state (srv_job.api_state,
+ * allocated from its emitter's state_size) and its rendering; the worker
+ * knows no API. docs/server.md describes the flow and the API mapping.
  *
  * Threads: libmicrohttpd runs one thread per connection; those threads parse,
  * render and tokenize (read-only engine calls) and enqueue a srv_job. One
@@ -38,18 +42,20 @@
 
 #define SRV_MODEL_ID "deepseek-v4-flash"
 #define SRV_MODEL_CREATED 1767225600
-#define SRV_MAX_BODY_BYTES (64u << 20) /* 64 MiB (SERVING.md B.2) */
+#define SRV_MAX_BODY_BYTES (64u << 20) /* 64 MiB (docs/SERVING.md B.2) */
 
 /* ---- request record (request.c) ----------------------------------------- */
 
 typedef enum { SRV_API_CHAT = 0, SRV_API_COMPLETIONS, SRV_API_RESPONSES, SRV_API_ANTHROPIC } srv_api;
+#define SRV_N_API 4
 
-/* Error produced while parsing a request: HTTP status and message. param is
- * set for context errors (messages/prompt/input). */
+/* An error for the client: HTTP status and message; param and code are the
+ * OpenAI error object's members (static strings or NULL -> JSON null). */
 typedef struct srv_error {
     int status;
     char msg[512];
     const char *param;
+    const char *code;
     int n_prompt;   /* context errors: prompt tokens */
     int n_ctx;      /* context errors: configured context */
     bool context;   /* context_length_exceeded shape */
@@ -71,6 +77,10 @@ typedef struct srv_request {
     bool stream;
     bool include_usage;    /* stream_options.include_usage */
     int max_tokens;        /* -1: server default */
+    bool logprobs;         /* chat logprobs:true, completions logprobs:N */
+    int top_logprobs;      /* alternatives per token (0..20) */
+    bool cache_control;    /* Anthropic: the client marked cache breakpoints */
+    json_t *echo;          /* members the API's response echoes (Responses) */
     float temperature, top_p, min_p;
     int top_k;
     uint64_t seed;         /* 0: random */
@@ -82,7 +92,7 @@ typedef struct srv_request {
     char **live_ids;       /* (n_live_ids) tool-output ids with no call in the
                             * request (must answer the live binding, B.4) */
     int n_live_ids;
-    /* Trailing tool outputs (SERVING.md C.2 rules 2-3), set by srv_render_tail:
+    /* Trailing tool outputs (docs/SERVING.md C.2 rules 2-3), set by srv_render_tail:
      * tail_text = EOS + the outputs and anything after them rendered alone
      * (TEXT B.4) + generation prefix; NULL when the request has none. */
     char *tail_text;
@@ -131,7 +141,7 @@ int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e);
 /* String, or array of strings/{"text":..} concatenated with sep (NULL: none);
  * null -> "". Anything else -> error. */
 int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e);
-/* Thinking controls (SERVING.md B.5) common to chat/completions/anthropic. */
+/* Thinking controls (docs/SERVING.md B.5) common to chat/completions/anthropic. */
 int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e);
 int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool effort_set,
                        srv_error *e);
@@ -149,13 +159,20 @@ int srv_chat_add(srv_request *rq, ds4_role role, const char *content, srv_error 
 /* Compact JSON text of v (object keys in order); malloc'ed. */
 char *srv_json_text(json_t *v);
 
-/* Parsers: JSON body -> request. 0 or -1 with e filled. Pure (no engine, no
- * socket): fuzz targets call them directly. */
-int srv_parse_chat(const char *body, size_t n, srv_request *rq, srv_error *e);
-int srv_parse_completions(const char *body, size_t n, srv_request *rq, srv_error *e);
-int srv_parse_responses(const char *body, size_t n, srv_request *rq, srv_error *e);
-int srv_parse_anthropic(const char *body, size_t n, srv_request *rq, srv_error *e);
-int srv_parse_request(srv_api api, const char *body, size_t n, srv_request *rq, srv_error *e);
+/* Parses a JSON body into rq: the shared prologue (request.c: the body is
+ * one object; model, stream, token limits, sampling, stops, logprobs, n),
+ * then the API's own parser, then the checks every API shares.
+ * think_default is the thinking mode of a request that says nothing
+ * (--default-thinking; docs/SERVING.md B.5 says high). 0 or -1 with e filled.
+ * Pure (no engine, no socket): fuzz targets call it directly. */
+int srv_parse_request(srv_api api, const char *body, size_t n, ds4_think think_default,
+                      srv_request *rq, srv_error *e);
+/* The API parsers behind it: root is the body object, rq holds what the
+ * prologue read (and rq->chat, except for completions). */
+int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e);
+int srv_parse_completions(json_t *root, srv_request *rq, srv_error *e);
+int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e);
+int srv_parse_anthropic(json_t *root, srv_request *rq, srv_error *e);
 
 /* Renders the request into rq->text (TEXT B.4 / B.6). replay may be NULL
  * (the caller holds its lock). Pure text. */
@@ -175,27 +192,55 @@ typedef struct srv_usage {
     int completion; /* G: generated tokens */
 } srv_usage;
 
+/* u made consistent, the one place this is done: every count >= 0 and
+ * cached <= prompt (docs/SERVING.md B.9). */
+srv_usage srv_usage_clamp(srv_usage u);
+
+/* A token and its log-probability (TEXT D.5): bytes as decoded (may be a
+ * partial UTF-8 character). */
+typedef struct srv_token_lp {
+    char *bytes;
+    size_t n;
+    float logprob;
+} srv_token_lp;
+
+/* One generated token with its top alternatives (logprobs requests). */
+typedef struct srv_logprob {
+    srv_token_lp tok;
+    srv_token_lp *top;      /* (n_top) most likely, descending */
+    int n_top;
+    size_t at;              /* offset of its bytes in the generated text */
+} srv_logprob;
+
 /* Final result of one generation. */
 typedef struct srv_result {
     srv_finish finish;
-    ds4_dsml_result parsed; /* chat-type: TEXT C.6 parse, ids assigned */
+    ds4_dsml_result parsed; /* the one parse (dsml.h): stream and body render it */
     char *text;             /* completions: raw generated text (else NULL) */
     size_t text_len;
     bool think_closed;      /* </think> was generated */
+    const char *stop;       /* the rq->stops string that ended the turn, or NULL */
+    srv_logprob *lp;        /* (n_lp) logprobs of the content tokens, if asked */
+    int n_lp;
     srv_usage usage;
     char error_msg[512];    /* finish error reason */
 } srv_result;
 
 void srv_result_free(srv_result *r);
+void srv_logprob_free(srv_logprob *lp, int n);
 
 /* Streaming event sink implemented by each API (api_*.c). The worker calls
- * these from its thread through emit.c; implementations append SSE bytes to
- * the job's stream. Every callback may be absent (NULL). */
+ * these from its thread; implementations append SSE bytes to the job's
+ * stream and keep their own state in j->api_state (state_size bytes,
+ * zeroed, released with state_free). Every callback may be absent (NULL). */
 typedef struct srv_job srv_job;
 typedef struct srv_emitter {
+    size_t state_size;
+    void (*state_free)(void *st);
     void (*begin)(srv_job *j);                              /* after prefill */
     void (*reasoning)(srv_job *j, const char *s, size_t n);
-    void (*content)(srv_job *j, const char *s, size_t n);
+    /* content text; lp: logprobs of the tokens that start in it (if asked) */
+    void (*content)(srv_job *j, const char *s, size_t n, const srv_logprob *lp, int n_lp);
     void (*tool_begin)(srv_job *j, int index, const char *id, const char *name);
     void (*tool_args)(srv_job *j, int index, const char *s, size_t n);
     void (*tool_end)(srv_job *j, int index);
@@ -225,8 +270,8 @@ typedef enum { SRV_JOB_QUEUED = 0, SRV_JOB_RUNNING, SRV_JOB_DONE } srv_job_state
 
 struct srv_job {
     srv_request rq;
-    uint64_t serial;       /* per-process counter (ids chatcmpl-N) */
-    char id[64];           /* response id */
+    uint64_t serial;       /* per-process counter (rng seeding) */
+    char id[64];           /* response id: prefix + random hex (restart-unique) */
     int64_t created;       /* unix seconds */
     srv_stream st;
     srv_job_state state;
@@ -235,21 +280,16 @@ struct srv_job {
     char *body;            /* malloc'ed response body */
     srv_error err;
     srv_usage usage;       /* known after prefill (Anthropic message_start) */
-    /* Per-API streaming state (owned by the API emitter). */
-    int seq;               /* Responses sequence_number */
-    int block_index;       /* Anthropic content block counter */
-    int open_block;        /* Anthropic: kind of the open block (0 none) */
-    bool sent_reasoning, sent_text;
     int n_tool_started;    /* tool calls announced while streaming */
-    char item_reason_id[40], item_msg_id[40]; /* Responses item ids */
-    char **fc_ids;         /* (n_fc_ids) Responses function_call item ids */
-    int n_fc_ids;
-    ds4_buf acc_reasoning, acc_content; /* Responses: streamed texts */
-    int out_index;         /* Responses output index counter */
-    int msg_index, rs_index;
+    void *api_state;       /* the API emitter's stream state */
     srv_job *next;
     int refs;              /* connection thread + worker */
 };
+
+/* A job for api with its emitter state allocated (refs 1); freed by
+ * srv_job_free (or the last srv_job_release). */
+srv_job *srv_job_new(srv_api api);
+void srv_job_free(srv_job *j);
 
 typedef struct srv_config {
     const char *model_path;
@@ -277,6 +317,7 @@ typedef struct srv_config {
     int kv_boundary_align;
     bool kv_reject_different_quant;
     bool disable_exact_dsml_replay;
+    ds4_think default_think[SRV_N_API]; /* --default-thinking, per API */
     int tool_memory_max_ids;
     int debug_slow_conn_ms;     /* --debug-slow-connection-ms (tests only) */
 } srv_config;
@@ -295,6 +336,10 @@ int srv_tokenize(ds4_engine *e, const char *text, size_t len, int32_t **out, int
 /* Parses, renders, tokenizes and enqueues. Returns the job (with one
  * reference for the caller) or NULL with e filled (status 4xx/429/503). */
 srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_error *e);
+/* POST /v1/messages/count_tokens (client thread): the prompt tokens the
+ * request would have, as {"input_tokens":N}; malloc'ed body, or NULL with
+ * e filled. */
+char *srv_count_tokens(srv_server *s, const char *body, size_t n, srv_error *e);
 void srv_job_release(srv_server *s, srv_job *j);
 /* Connection thread: marks the job's client as gone (cancels it). */
 void srv_job_cancel(srv_job *j);
@@ -311,11 +356,18 @@ double srv_now_mono(void);
 
 /* Error body for status/error (OpenAI or Anthropic shape); malloc'ed. */
 char *srv_error_body(srv_api api, const srv_error *e);
+/* 400 naming the offending member (OpenAI param); returns -1. */
+int srv_fail_param(srv_error *e, const char *param, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 /* Response JSON helpers shared by the emitters. */
 /* JSON string from bytes; invalid UTF-8 sequences become U+FFFD, so model
  * output of any kind serializes (NULL s gives ""). New reference. */
 json_t *srv_jstr(const char *s, size_t n);
+/* Parses JSON text produced by the server from model output (compact tool
+ * arguments), repairing invalid UTF-8 to U+FFFD first; NULL if it is not
+ * JSON. New reference. */
+json_t *srv_json_value(const char *text);
 /* Loads body as one JSON object, or NULL with e = 400 invalid JSON request. */
 json_t *srv_load_object(const char *body, size_t n, srv_error *e);
 /* Client form of a call's internal arguments (B.6); malloc'ed. */
@@ -324,6 +376,8 @@ extern const srv_emitter srv_emitter_chat, srv_emitter_completions, srv_emitter_
     srv_emitter_anthropic;
 json_t *srv_usage_openai(const srv_usage *u);
 const char *srv_finish_openai(srv_finish f);
+/* JSON string of logprob bytes (invalid UTF-8 replaced), and the byte list. */
+json_t *srv_lp_bytes(const srv_token_lp *t);
 /* Fresh random hex id: prefix + 2*n_bytes hex chars. */
 void srv_random_id(char *out, size_t cap, const char *prefix, int n_bytes);
 
@@ -346,6 +400,7 @@ struct srv_server {
     /* cache policy state (worker thread only) */
     struct srv_cache *cache;
     struct ds4_sampler *sampler;  /* worker thread only */
+    double *lp_scratch;           /* (n_vocab) logprobs of a step; worker thread only */
     ds4_dsml_replay *replay;      /* exact DSML replay map (TEXT C.8), under replay_mu */
     pthread_mutex_t replay_mu;
     FILE *trace;
@@ -394,7 +449,7 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
                       ds4_progress_fn progress, void *pu, ds4_err *err);
 /* Called before each decode step (continued saves). */
 void srv_cache_step(srv_server *s, bool in_tool_call);
-/* Live protocol bindings (SERVING.md C.3): after a turn, the text a client
+/* Live protocol bindings (docs/SERVING.md C.3): after a turn, the text a client
  * replaying only what it saw will render next, bound to the live position.
  * Kinds: */
 enum { SRV_BIND_NONE = 0, SRV_BIND_THINKING, SRV_BIND_RESPONSES };
@@ -410,7 +465,7 @@ char *srv_visible_text(const srv_request *rq, const srv_result *r, int kind, int
                        size_t *len);
 /* Client thread, before rendering: loads from the disk cache's tool-map
  * trailers the exact DSML of replayed call ids the memory map lacks
- * (SERVING.md C.4 "Tool-memory restore from disk"). */
+ * (docs/SERVING.md C.4 "Tool-memory restore from disk"). */
 void srv_cache_restore_tool_memory(srv_server *s, const srv_request *rq);
 /* Client thread: true if id is a call id of the live tool binding of api
  * (Responses or Anthropic turn with tool calls, C.3). Thread-safe. */

@@ -9,7 +9,7 @@
  * threads use the engine read-only (tokenizer) and the replay map under
  * replay_mu.
  *
- * Text pipeline of one generation (SERVING.md B.7/B.8):
+ * Text pipeline of one generation (docs/SERVING.md B.7/B.8):
  *   sampled token -> bytes -> gen (whole text) -> stop-sequence holdback
  *   -> ds4_dsml_stream (thinking split, UTF-8/marker holdback, tool events)
  *   -> srv_emitter callbacks (SSE bytes into the job's stream)
@@ -28,27 +28,28 @@
 
 /* ---- job lifetime ---------------------------------------------------------- */
 
-static srv_job *job_new(void) {
+srv_job *srv_job_new(srv_api api) {
     srv_job *j = xcalloc(1, sizeof *j);
     pthread_mutex_init(&j->st.mu, NULL);
     pthread_cond_init(&j->st.cv, NULL);
     j->st.last_drain = srv_now_mono();
     j->refs = 1;
     j->status = 200;
-    j->msg_index = j->rs_index = -1;
+    j->rq.api = api;
+    const srv_emitter *em = srv_emitter_for(api);
+    if (em->state_size) j->api_state = xcalloc(1, em->state_size);
     return j;
 }
 
-static void job_free(srv_job *j) {
+void srv_job_free(srv_job *j) {
+    const srv_emitter *em = srv_emitter_for(j->rq.api);
+    if (j->api_state && em->state_free) em->state_free(j->api_state);
+    free(j->api_state);
     srv_request_free(&j->rq);
     ds4_buf_free(&j->st.pending);
     pthread_mutex_destroy(&j->st.mu);
     pthread_cond_destroy(&j->st.cv);
     free(j->body);
-    for (int i = 0; i < j->n_fc_ids; i++) free(j->fc_ids[i]);
-    free(j->fc_ids);
-    ds4_buf_free(&j->acc_reasoning);
-    ds4_buf_free(&j->acc_content);
     free(j);
 }
 
@@ -56,7 +57,7 @@ void srv_job_release(srv_server *s, srv_job *j) {
     pthread_mutex_lock(&s->mu);
     int left = --j->refs;
     pthread_mutex_unlock(&s->mu);
-    if (left == 0) job_free(j);
+    if (left == 0) srv_job_free(j);
 }
 
 void srv_job_cancel(srv_job *j) {
@@ -106,9 +107,67 @@ int srv_tokenize(ds4_engine *e, const char *text, size_t len, int32_t **out, int
     return 0;
 }
 
+/* Response id prefixes (random, so ids differ across restarts). */
+static const char *const g_id_prefix[SRV_N_API] = {
+    [SRV_API_CHAT] = "chatcmpl-",
+    [SRV_API_COMPLETIONS] = "cmpl-",
+    [SRV_API_RESPONSES] = "resp_",
+    [SRV_API_ANTHROPIC] = "msg_",
+};
+
+/* Renders and tokenizes a parsed request into rq->text / rq->tokens and
+ * checks it fits the context. Client thread. 0 or -1 with e set. */
+static int prepare(srv_server *s, srv_request *rq, srv_error *e) {
+    int n_ctx = s->cfg.n_ctx;
+    srv_cache_restore_tool_memory(s, rq);
+    pthread_mutex_lock(&s->replay_mu);
+    int rc = srv_render(rq, n_ctx, s->cfg.disable_exact_dsml_replay ? NULL : s->replay, e);
+    pthread_mutex_unlock(&s->replay_mu);
+    if (rc || srv_render_tail(rq, n_ctx, e)) return -1;
+    ds4_err err = {0};
+    if (srv_tokenize(s->engine, rq->text, rq->text_len, &rq->tokens, &rq->n_tokens, &err))
+        return srv_fail(e, 500, "tokenization failed: %s", err.msg);
+    if (rq->n_tokens >= n_ctx) {
+        srv_fail(e, 400, "Prompt has %d tokens, but the configured context size is %d tokens",
+                 rq->n_tokens, n_ctx);
+        e->context = true;
+        e->n_prompt = rq->n_tokens;
+        e->n_ctx = n_ctx;
+        e->param = rq->api == SRV_API_COMPLETIONS ? "prompt"
+                   : rq->api == SRV_API_RESPONSES ? "input"
+                                                  : "messages";
+        return -1;
+    }
+    return 0;
+}
+
+char *srv_count_tokens(srv_server *s, const char *body, size_t n, srv_error *e) {
+    srv_request rq;
+    char *out = NULL;
+    if (!srv_parse_request(SRV_API_ANTHROPIC, body, n, s->cfg.default_think[SRV_API_ANTHROPIC],
+                           &rq, e)) {
+        /* counting needs no continuation state: tool outputs are rendered
+         * as sent, whatever the live binding */
+        int n_ctx = s->cfg.n_ctx;
+        pthread_mutex_lock(&s->replay_mu);
+        int rc = srv_render(&rq, n_ctx, s->cfg.disable_exact_dsml_replay ? NULL : s->replay, e);
+        pthread_mutex_unlock(&s->replay_mu);
+        ds4_err err = {0};
+        if (!rc && srv_tokenize(s->engine, rq.text, rq.text_len, &rq.tokens, &rq.n_tokens, &err))
+            rc = srv_fail(e, 500, "tokenization failed: %s", err.msg);
+        if (!rc) {
+            json_t *v = json_pack("{s:i}", "input_tokens", rq.n_tokens);
+            out = srv_json_text(v);
+            json_decref(v);
+        }
+    }
+    srv_request_free(&rq);
+    return out;
+}
+
 srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_error *e) {
-    srv_job *j = job_new();
-    if (srv_parse_request(api, body, n, &j->rq, e)) goto fail;
+    srv_job *j = srv_job_new(api);
+    if (srv_parse_request(api, body, n, s->cfg.default_think[api], &j->rq, e)) goto fail;
     if (s->trace) {
         j->rq.raw_body = malloc(n + 1);
         if (j->rq.raw_body) {
@@ -116,7 +175,6 @@ srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_
             j->rq.raw_body[n] = 0;
         }
     }
-    int n_ctx = s->cfg.n_ctx;
     /* B.4 tool-output validation: an output whose call is not in the request
      * must answer the live tool binding; such a request requires live state
      * (C.2 rule 4: 409 if the binding is gone when the worker runs it) */
@@ -128,33 +186,14 @@ srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_
                      "replaying the full messages history",
                      j->rq.live_ids[i]);
         else
-            srv_fail(e, 400,
-                     "Responses continuation state is not available for call_id %s; retry by "
-                     "replaying the full input history",
-                     j->rq.live_ids[i]);
+            srv_fail_param(e, "input", NULL,
+                           "Responses continuation state is not available for call_id %s; retry "
+                           "by replaying the full input history",
+                           j->rq.live_ids[i]);
         goto fail;
     }
     j->rq.requires_live = j->rq.n_live_ids > 0;
-    srv_cache_restore_tool_memory(s, &j->rq);
-    pthread_mutex_lock(&s->replay_mu);
-    int rc = srv_render(&j->rq, n_ctx, s->cfg.disable_exact_dsml_replay ? NULL : s->replay, e);
-    pthread_mutex_unlock(&s->replay_mu);
-    if (rc || srv_render_tail(&j->rq, n_ctx, e)) goto fail;
-    ds4_err err = {0};
-    if (srv_tokenize(s->engine, j->rq.text, j->rq.text_len, &j->rq.tokens, &j->rq.n_tokens, &err)) {
-        srv_fail(e, 500, "tokenization failed: %s", err.msg);
-        goto fail;
-    }
-    if (j->rq.n_tokens >= n_ctx) {
-        srv_fail(e, 400, "Prompt has %d tokens, but the configured context size is %d tokens",
-                 j->rq.n_tokens, n_ctx);
-        e->context = true;
-        e->n_prompt = j->rq.n_tokens;
-        e->n_ctx = n_ctx;
-        e->param = api == SRV_API_COMPLETIONS ? "prompt" : api == SRV_API_RESPONSES ? "input"
-                                                                                  : "messages";
-        goto fail;
-    }
+    if (prepare(s, &j->rq, e)) goto fail;
     j->created = (int64_t)time(NULL);
     pthread_mutex_lock(&s->mu);
     if (s->stopping) {
@@ -168,9 +207,7 @@ srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_
         goto fail;
     }
     j->serial = ++s->serial;
-    if (api == SRV_API_RESPONSES) srv_random_id(j->id, sizeof j->id, "resp_", 12);
-    else snprintf(j->id, sizeof j->id, "%s-%llu", api == SRV_API_COMPLETIONS ? "cmpl" : "chatcmpl",
-                  (unsigned long long)j->serial);
+    srv_random_id(j->id, sizeof j->id, g_id_prefix[api], 12);
     j->refs = 2; /* the caller and the queue */
     if (s->tail) s->tail->next = j;
     else s->head = j;
@@ -180,7 +217,7 @@ srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_
     pthread_mutex_unlock(&s->mu);
     return j;
 fail:
-    job_free(j);
+    srv_job_free(j);
     return NULL;
 }
 
@@ -198,13 +235,46 @@ typedef struct gen_ctx {
     size_t max_stop;     /* longest stop string */
     bool in_reasoning;   /* last text event was reasoning */
     double last_keepalive;
+    /* logprobs (rq->logprobs): every generated token with text, in order;
+     * lp_next is the first one not yet given to a content event */
+    srv_logprob *lp;
+    int n_lp, cap_lp, lp_next;
+    srv_logprob *lp_content; /* (n_content) the content tokens, in order */
+    int n_content, cap_content;
 } gen_ctx;
 
-/* DSML stream events -> emitter callbacks (streaming only). */
+/* Tokens whose bytes start in gen[from, to) move to the content list;
+ * earlier ones (reasoning, held whitespace, markup) are skipped. Returns
+ * the index of the first moved entry in lp_content. */
+static int take_content_lp(gen_ctx *g, size_t from, size_t to) {
+    int first = g->n_content;
+    while (g->lp_next < g->n_lp && g->lp[g->lp_next].at < to) {
+        srv_logprob *t = &g->lp[g->lp_next++];
+        if (t->at < from) continue;
+        if (g->n_content == g->cap_content) {
+            g->cap_content = g->cap_content ? 2 * g->cap_content : 64;
+            g->lp_content = xrealloc(g->lp_content, (size_t)g->cap_content * sizeof *g->lp_content);
+        }
+        g->lp_content[g->n_content++] = *t; /* moved: the content list owns it now */
+        memset(t, 0, sizeof *t);
+    }
+    return first;
+}
+
+/* DSML stream events -> emitter callbacks. Runs for every request, so the
+ * logprob bookkeeping is the same streamed or not; emitters only when
+ * streaming. */
 static int on_event(void *ud, const ds4_dsml_event *ev) {
     gen_ctx *g = ud;
     srv_job *j = g->j;
     const srv_emitter *em = g->em;
+    int lp_first = 0, lp_n = 0;
+    if (ev->type == DS4_DSML_EV_CONTENT && g->j->rq.logprobs && ev->len) {
+        /* event text points into the stream's copy of gen: same offsets */
+        size_t from = (size_t)(ev->text - ds4_dsml_stream_text(g->ds, NULL));
+        lp_first = take_content_lp(g, from, from + ev->len);
+        lp_n = g->n_content - lp_first;
+    }
     if (!g->streaming) return 0;
     if (ev->type != DS4_DSML_EV_REASONING && g->in_reasoning) {
         g->in_reasoning = false;
@@ -216,7 +286,8 @@ static int on_event(void *ud, const ds4_dsml_event *ev) {
         if (em->reasoning && ev->len) em->reasoning(j, ev->text, ev->len);
         break;
     case DS4_DSML_EV_CONTENT:
-        if (em->content && ev->len) em->content(j, ev->text, ev->len);
+        if (em->content && ev->len)
+            em->content(j, ev->text, ev->len, g->lp_content ? g->lp_content + lp_first : NULL, lp_n);
         break;
     case DS4_DSML_EV_CALL_START:
         if (em->tool_begin) {
@@ -247,16 +318,88 @@ static int feed_to(gen_ctx *g, size_t upto) {
 }
 
 /* Searches the stop strings in gen from the bytes that may contain a new
- * match; returns the earliest match start or -1. */
-static long find_stop(gen_ctx *g, size_t from) {
+ * match; returns the earliest match start or -1, and in *which the index
+ * of the stop string (the first listed among those matching there). */
+static long find_stop(gen_ctx *g, size_t from, int *which) {
     srv_request *rq = &g->j->rq;
     long best = -1;
     for (int i = 0; i < rq->n_stops; i++) {
         const char *hit = memmem(g->gen.data + from, g->gen.len - from, rq->stops[i],
                                  strlen(rq->stops[i]));
-        if (hit && (best < 0 || hit - g->gen.data < best)) best = hit - g->gen.data;
+        if (hit && (best < 0 || hit - g->gen.data < best)) {
+            best = hit - g->gen.data;
+            *which = i;
+        }
     }
     return best;
+}
+
+static void gen_free(gen_ctx *g) {
+    srv_logprob_free(g->lp, g->n_lp);
+    srv_logprob_free(g->lp_content, g->n_content);
+    ds4_dsml_stream_free(g->ds);
+    ds4_buf_free(&g->gen);
+}
+
+static char *dup_bytes(const char *p, size_t n) {
+    char *d = xmalloc(n + 1);
+    memcpy(d, p, n);
+    d[n] = 0;
+    return d;
+}
+
+/* Records the logprob of token tok (whose bytes start at gen offset at) and
+ * its top alternatives from the logits it was picked from (TEXT D.5). */
+static void record_logprob(gen_ctx *g, const float *logits, int32_t tok, size_t at) {
+    srv_server *s = g->s;
+    int k = g->j->rq.top_logprobs;
+    int32_t ids[21];
+    double lps[21];
+    double *all = g->s->lp_scratch;
+    int n = ds4_sampler_logprobs(s->sampler, logits, k, ids, lps, all);
+    if (n < 0) return;
+    if (g->n_lp == g->cap_lp) {
+        g->cap_lp = g->cap_lp ? 2 * g->cap_lp : 64;
+        g->lp = xrealloc(g->lp, (size_t)g->cap_lp * sizeof *g->lp);
+    }
+    srv_logprob *t = &g->lp[g->n_lp++];
+    memset(t, 0, sizeof *t);
+    size_t blen = 0;
+    const char *b = ds4_token_bytes(s->engine, tok, &blen);
+    t->tok.bytes = dup_bytes(b ? b : "", b ? blen : 0);
+    t->tok.n = b ? blen : 0;
+    t->tok.logprob = (float)all[tok];
+    t->at = at;
+    t->n_top = n;
+    t->top = n ? xcalloc((size_t)n, sizeof *t->top) : NULL;
+    for (int i = 0; i < n; i++) {
+        b = ds4_token_bytes(s->engine, ids[i], &blen);
+        t->top[i].bytes = dup_bytes(b ? b : "", b ? blen : 0);
+        t->top[i].n = b ? blen : 0;
+        t->top[i].logprob = (float)lps[i];
+    }
+}
+
+/* The text a generated token adds to the reply. Control tokens (ds4.h
+ * ds4_token_is_control) add nothing, so they never reach content: the
+ * three markers the parser reads are kept only where they are markup --
+ * "<think>" as the first token and "</think>" closing the reasoning of a
+ * thinking turn, "｜DSML｜" when tools are active. Issue 12 item 7. */
+static const char *reply_bytes(gen_ctx *g, int32_t tok, bool tools, int n_gen, size_t *len) {
+    ds4_engine *e = g->s->engine;
+    const char *bytes = ds4_token_bytes(e, tok, len);
+    if (!bytes) {
+        *len = 0;
+        return "";
+    }
+    if (!ds4_token_is_control(e, tok)) return bytes;
+    bool keep = false;
+    if (tok == ds4_token_special(e, DS4_TOK_THINK_OPEN)) keep = g->thinking && n_gen == 0;
+    else if (tok == ds4_token_special(e, DS4_TOK_THINK_CLOSE))
+        keep = g->thinking && !memmem(g->gen.data ? g->gen.data : "", g->gen.len, DS4_THINK_CLOSE, 8);
+    else if (tok == ds4_token_special(e, DS4_TOK_DSML)) keep = tools;
+    if (!keep) *len = 0;
+    return bytes;
 }
 
 typedef struct prefill_cb {
@@ -362,9 +505,9 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
     return true;
 }
 
-/* Step 2: the sampling loop (SERVING.md B.7). Returns the finish reason and
- * sets r->usage.completion; *stop_hit tells whether a stop string cut it. */
-static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools, bool *stop_hit) {
+/* Step 2: the sampling loop (docs/SERVING.md B.7). Returns the finish reason and
+ * sets r->usage.completion and r->stop. */
+static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     srv_server *s = g->s;
     srv_job *j = g->j;
     srv_request *rq = &j->rq;
@@ -401,25 +544,27 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools, bool *st
         ds4_sampler_params p = ds4_sampler_effective(&cp, g->thinking, greedy);
         bool forced = fz && !srv_forced_done(fz);
         int32_t tok;
-        if (!forced && !(p.temperature > 0.0f)) {
+        const float *logits = NULL;
+        if (!forced && !(p.temperature > 0.0f) && !rq->logprobs) {
             /* greedy: the backend picks the id (no logits copy from a GPU) */
             if (ds4_session_argmax(s->session, &tok, &err)) FAIL("%s", err.msg)
         } else {
-            const float *logits = ds4_session_logits(s->session);
+            logits = ds4_session_logits(s->session);
             if (!logits) FAIL("no logits")
             tok = forced ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
-                         : ds4_sampler_sample(s->sampler, logits, &p, &rng);
+                  : p.temperature > 0.0f ? ds4_sampler_sample(s->sampler, logits, &p, &rng)
+                                         : ds4_argmax(logits, ds4_engine_n_vocab(s->engine));
         }
         if (tok < 0) FAIL("forced tool call: no token fits")
         if (tok == eos) { /* EOS is neither evaluated nor output */
             finish = SRV_FINISH_STOP;
             break;
         }
+        size_t blen = 0;
+        const char *bytes = reply_bytes(g, tok, tools, n_gen, &blen);
+        if (logits && rq->logprobs && blen) record_logprob(g, logits, tok, g->gen.len);
         if (ds4_session_eval(s->session, tok, &err)) FAIL("%s", err.msg)
         n_gen++;
-        size_t blen = 0;
-        const char *bytes = ds4_token_bytes(s->engine, tok, &blen);
-        if (!bytes) bytes = "", blen = 0;
         size_t old = g->gen.len;
         ds4_buf_append(&g->gen, bytes, blen);
         ds4_dsml_tracker_feed(&trk, bytes, blen);
@@ -429,11 +574,12 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools, bool *st
             /* a new match can only start in the last (longest stop - 1) old
              * bytes or later; those bytes are also held back from clients */
             size_t from = old > g->max_stop - 1 ? old - (g->max_stop - 1) : 0;
-            long hit = find_stop(g, from);
+            int which = -1;
+            long hit = find_stop(g, from, &which);
             if (hit >= 0) {
                 ds4_buf_truncate(&g->gen, (size_t)hit);
                 finish = SRV_FINISH_STOP;
-                *stop_hit = true;
+                r->stop = rq->stops[which];
                 break;
             }
             safe = g->gen.len > g->max_stop - 1 ? g->gen.len - (g->max_stop - 1) : 0;
@@ -481,13 +627,13 @@ static void run_job(srv_server *s, srv_job *j) {
         srv_stream_headers(j);
         if (g.em->begin) g.em->begin(j);
     }
-    bool stop_hit = false;
-    srv_finish finish = run_generation(&g, &r, tools, &stop_hit);
+    srv_finish finish = run_generation(&g, &r, tools);
+    bool stop_hit = r.stop != NULL;
     if (stop_hit) srv_cache_invalidate(s); /* tokens past the stop are not trusted */
 
-    /* Step 3: the final parse (TEXT C.6) is authoritative */
+    /* Step 3: the one parse (dsml.h): what the stream emitted is the reply */
     bool block_open = tools && ds4_dsml_stream_block_started(g.ds) && !ds4_dsml_stream_block_ended(g.ds);
-    ds4_dsml_stream_finish(g.ds, g.streaming ? on_event : NULL, &g, &r.parsed, NULL);
+    ds4_dsml_stream_finish(g.ds, on_event, &g, &r.parsed, NULL);
     if (g.in_reasoning && g.em->reasoning_end && g.streaming) g.em->reasoning_end(j);
     r.think_closed = g.gen.data && memmem(g.gen.data, g.gen.len, DS4_THINK_CLOSE, 8) != NULL;
     if (rq->api == SRV_API_COMPLETIONS) { /* raw text, not parsed */
@@ -495,12 +641,17 @@ static void run_job(srv_server *s, srv_job *j) {
         ds4_dsml_result_free(&r.parsed);
         memset(&r.parsed, 0, sizeof r.parsed);
     }
+    r.lp = g.lp_content;
+    r.n_lp = g.n_content;
+    g.lp_content = NULL;
+    g.n_content = 0;
     if (block_open && finish != SRV_FINISH_ERROR) {
         finish = SRV_FINISH_ERROR;
         snprintf(r.error_msg, sizeof r.error_msg, "unterminated tool call");
     }
     if (r.parsed.n_calls && finish != SRV_FINISH_ERROR) finish = SRV_FINISH_TOOL_CALLS;
     if (finish == SRV_FINISH_TOOL_CALLS && !r.parsed.n_calls) finish = SRV_FINISH_STOP;
+    if (finish != SRV_FINISH_STOP) r.stop = NULL; /* the reply did not end at the stop */
     if (r.parsed.parse_failed) srv_log("tool: DSML block did not parse; returned as text");
     r.finish = finish;
 
@@ -527,8 +678,7 @@ static void run_job(srv_server *s, srv_job *j) {
     srv_cache_bind(s, j, &r, stop_hit);
     trace_job(s, j, &r);
     srv_result_free(&r);
-    ds4_dsml_stream_free(g.ds);
-    ds4_buf_free(&g.gen);
+    gen_free(&g);
 }
 
 static void *worker_main(void *arg) {
@@ -562,6 +712,8 @@ static void *worker_main(void *arg) {
 int srv_worker_start(srv_server *s, ds4_err *err) {
     s->sampler = ds4_sampler_new(ds4_engine_n_vocab(s->engine), err);
     if (!s->sampler) return err ? err->code : DS4_E_NOMEM;
+    s->lp_scratch = malloc((size_t)ds4_engine_n_vocab(s->engine) * sizeof *s->lp_scratch);
+    if (!s->lp_scratch) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     if (pthread_create(&s->worker, NULL, worker_main, s))
         return ds4_err_set(err, DS4_E_INTERNAL, "cannot start the worker thread");
     s->worker_started = true;
@@ -577,4 +729,6 @@ void srv_worker_stop(srv_server *s) {
     s->worker_started = false;
     ds4_sampler_free(s->sampler);
     s->sampler = NULL;
+    free(s->lp_scratch);
+    s->lp_scratch = NULL;
 }

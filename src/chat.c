@@ -1,4 +1,4 @@
-/* chat.c - conversation -> prompt text (TEXT.md §B; see chat.h).
+/* chat.c - conversation -> prompt text (docs/TEXT.md §B; see chat.h).
  *
  * The renderer is a single pass over the messages with two flags, exactly
  * as B.4 states: "assistant pending" (a user/tool turn is open and the next

@@ -1,4 +1,4 @@
-/* chat.h - conversation -> prompt text for DeepSeek V4 (TEXT.md §B).
+/* chat.h - conversation -> prompt text for DeepSeek V4 (docs/TEXT.md §B).
  *
  * A ds4_chat is a wire-format-independent conversation: messages with a
  * role, content, reasoning (assistant), tool calls (assistant) and the call

@@ -39,7 +39,7 @@ typedef struct ds4_engine_opts {
     const char *mtp_path;     /* optional MTP GGUF, NULL for none */
     ds4_backend_kind backend;
     int n_threads;            /* CPU worker threads; 0 = number of cores */
-    /* Diagnostic (not a user mode): turn off every rounding of MODEL.md §E
+    /* Diagnostic (not a user mode): turn off every rounding of docs/MODEL.md §E
      * (FP8 KV rows, Hadamard+FP4 indexer, cache storage precision) so the
      * engine can be compared with implementations that do not round. */
     bool plain_numerics;
@@ -96,7 +96,7 @@ bool ds4_has_tokenizer(const ds4_engine *e);
 int32_t ds4_token_special(const ds4_engine *e, ds4_special_token which);
 
 /* Tokenizes text[0..len). rendered=true recognizes the seven marker strings
- * (TEXT.md A.2 "rendered"); false is plain BPE. Writes up to cap ids to out
+ * (docs/TEXT.md A.2 "rendered"); false is plain BPE. Writes up to cap ids to out
  * and returns the total number of ids (may exceed cap: call again with a
  * bigger buffer), or a negative code. */
 int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendered,
@@ -107,6 +107,29 @@ int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendere
 const char *ds4_token_bytes(const ds4_engine *e, int32_t id, size_t *len);
 /* The vocabulary string as stored (byte-level form, e.g. "Ġworld"). */
 const char *ds4_token_text(const ds4_engine *e, int32_t id);
+/* True when id is a control token, not text: a marker of docs/TEXT.md A.1
+ * (BOS, EOS, User, Assistant, <think>, </think>, ｜DSML｜) or another added
+ * token ("<｜place▁holder▁no▁3｜>", "<|EOT|>", ...). Servers keep such
+ * tokens out of reply text. False without a tokenizer. */
+bool ds4_token_is_control(const ds4_engine *e, int32_t id);
+
+/* ---- Streaming detokenizer ---------------------------------------------- */
+
+/* Turns generated ids into text that never ends inside a UTF-8 character:
+ * the bytes of an incomplete trailing character are held until the next
+ * token completes them; bytes that can never form a character become
+ * U+FFFD, so the output is always valid UTF-8 (tokenizer.h has the policy).
+ * One ds4_detok serves one stream on one thread; e must outlive it. */
+typedef struct ds4_detok ds4_detok;
+
+/* DS4_E_ARG when the model has no tokenizer, DS4_E_NOMEM. */
+int ds4_detok_open(const ds4_engine *e, ds4_detok **out, ds4_err *err);
+void ds4_detok_close(ds4_detok *d); /* NULL is fine */
+/* Feeds one id; returns the text that became complete (*len bytes, maybe
+ * none), valid until the next call on d. An id out of range adds nothing. */
+const char *ds4_detok_push(ds4_detok *d, int32_t id, size_t *len);
+/* End of stream: U+FFFD for held-back bytes (or nothing); starts afresh. */
+const char *ds4_detok_flush(ds4_detok *d, size_t *len);
 
 /* ---- Sessions ------------------------------------------------------------ */
 

@@ -8,7 +8,7 @@
 
 #include "ds4.h"
 
-/* The individual switches behind --plain-numerics (MODEL.md §E). */
+/* The individual switches behind --plain-numerics (docs/MODEL.md §E). */
 typedef struct ds4_debug_numerics {
     bool fp8_kv;      /* E.2 FP8 rounding of KV rows */
     bool fp4_indexer; /* E.3 Hadamard + FP4 of indexer queries/keys */

@@ -1,9 +1,14 @@
-/* dsml.c - DSML tool-call markup (TEXT.md §C; see dsml.h).
+/* dsml.c - DSML tool-call markup (docs/TEXT.md §C; see dsml.h).
  *
  * Sections: tag families and small text helpers; JSON scanning (validate,
- * minify, decode, quote); prompt rendering (C.2, C.4, C.5); the final
- * parser (C.6); the sampling tracker (C.9); the streaming parser (B.8,
- * C.10); the exact-replay map (C.8).
+ * minify, decode, quote); prompt rendering (C.2, C.4, C.5); the block
+ * grammar (C.6 step 4); the sampling tracker (C.9); the streaming parser
+ * (B.8, C.10), which is also the final parser; the exact-replay map (C.8).
+ *
+ * One parser: a turn's reasoning, content and tool calls are decided by the
+ * streaming parser alone, and ds4_dsml_parse runs it over the whole text,
+ * so a streamed reply and a non-streamed one are the same reply
+ * (docs/server.md "One parser").
  *
  * Invariants of the streaming parser: it keeps the whole turn text and a
  * cursor `pos`; everything before pos has been emitted (or consumed as
@@ -308,7 +313,7 @@ static uint32_t hex4(const char *p) {
 }
 
 /* Decodes a validated string literal p[0..n) (quotes included). Surrogate
- * pairs combine; a lone surrogate is encoded as-is (SERVING.md B.4). */
+ * pairs combine; a lone surrogate is encoded as-is (docs/SERVING.md B.4). */
 static void json_unquote(ds4_buf *out, const char *p, size_t n) {
     size_t i = 1, end = n - 1;
     while (i < end) {
@@ -782,34 +787,6 @@ static int parse_block(const char *t, size_t n, size_t i, const family *f, call_
     }
 }
 
-static size_t rfind(const char *p, size_t n, const char *lit) {
-    size_t k = strlen(lit), best = SIZE_MAX;
-    for (size_t i = 0; (i = find(p, n, i, lit)) != SIZE_MAX; i += k ? k : 1) best = i;
-    return best;
-}
-
-/* Step 6: reasoning/content split of the content part c[0..n). */
-static int split_reasoning(const char *c, size_t n, ds4_dsml_result *out) {
-    if (has_prefix(c, n, DS4_THINK_OPEN)) {
-        c += strlen(DS4_THINK_OPEN);
-        n -= strlen(DS4_THINK_OPEN);
-    }
-    size_t k = find(c, n, 0, DS4_THINK_CLOSE);
-    ds4_buf r = DS4_BUF_INIT, b = DS4_BUF_INIT;
-    if (k != SIZE_MAX) {
-        ds4_buf_append(&r, c, k);
-        size_t a = k + strlen(DS4_THINK_CLOSE);
-        ds4_buf_append(&b, c + a, n - a);
-        out->reasoning = ds4_buf_detach(&r, &out->reasoning_len);
-        if (!out->reasoning) return DS4_E_NOMEM;
-    } else {
-        ds4_buf_append(&b, c, n);
-    }
-    out->content = ds4_buf_detach(&b, &out->content_len);
-    if (!out->content || !ds4_buf_ok(&r) || !ds4_buf_ok(&b)) return DS4_E_NOMEM;
-    return 0;
-}
-
 void ds4_dsml_result_free(ds4_dsml_result *r) {
     if (!r) return;
     free(r->reasoning);
@@ -819,73 +796,8 @@ void ds4_dsml_result_free(ds4_dsml_result *r) {
     memset(r, 0, sizeof *r);
 }
 
-int ds4_dsml_parse(const char *text, size_t len, int thinking, ds4_dsml_result *out,
-                   ds4_err *err) {
-    memset(out, 0, sizeof *out);
-    size_t from = 0;
-    int may_tools = 1;
-    if (thinking) {
-        size_t k = rfind(text, len, DS4_THINK_CLOSE);
-        if (k == SIZE_MAX) may_tools = 0;
-        else from = k + strlen(DS4_THINK_CLOSE);
-    }
-    size_t bs = SIZE_MAX, body = 0;
-    const family *f = NULL;
-    for (int j = 0; may_tools && j < 6 && bs == SIZE_MAX; j++) {
-        const family *ff = &FAMS[j / 2];
-        size_t k = find(text, len, from, ff->open);
-        if (j % 2 == 0) { /* the "\n\n" + tag needle */
-            size_t q = from;
-            for (;; q = k + 1) {
-                k = find(text, len, q, ff->open);
-                if (k == SIZE_MAX || (k >= from + 2 && text[k - 1] == '\n' && text[k - 2] == '\n'))
-                    break;
-            }
-            if (k != SIZE_MAX) {
-                bs = k - 2;
-                body = k + strlen(ff->open);
-                f = ff;
-            }
-        } else if (k != SIZE_MAX) {
-            bs = k;
-            body = k + strlen(ff->open);
-            f = ff;
-        }
-    }
-    int rc = 0;
-    size_t content_n = len;
-    if (f) {
-        out->block_seen = 1;
-        call_vec cv = {0};
-        size_t end = 0;
-        rc = parse_block(text, len, body, f, &cv, &end);
-        if (rc == 0) {
-            out->calls = cv.v;
-            out->n_calls = cv.n;
-            ds4_buf raw = DS4_BUF_INIT;
-            ds4_buf_append(&raw, text + bs, end - bs);
-            out->raw_dsml = ds4_buf_detach(&raw, &out->raw_dsml_len);
-            if (!out->raw_dsml) rc = DS4_E_NOMEM;
-            content_n = bs;
-            while (content_n > 0 && is_ws((unsigned char)text[content_n - 1])) content_n--;
-        } else {
-            calls_free(cv.v, cv.n);
-            if (rc == DS4_E_NOMEM) goto fail;
-            /* Fallback (C.6): the whole raw text is the content. */
-            out->parse_failed = 1;
-            ds4_buf b = DS4_BUF_INIT;
-            ds4_buf_append(&b, text, len);
-            out->content = ds4_buf_detach(&b, &out->content_len);
-            if (!out->content) goto fail;
-            return 0;
-        }
-    }
-    if (!rc) rc = split_reasoning(text, content_n, out);
-    if (!rc) return 0;
-fail:
-    ds4_dsml_result_free(out);
-    return ds4_err_set(err, DS4_E_NOMEM, "dsml: no memory parsing %zu bytes", len);
-}
+/* ds4_dsml_parse is defined with the streaming parser below: there is one
+ * parser, and the final result of a turn is what its projection emitted. */
 
 /* --------------------------------------------------- sampling tracker */
 
@@ -996,6 +908,7 @@ enum {
     ST_PARAM_UNTYPED,   /* after a parameter tag without string= */
     ST_VALUE_STR,       /* string value: decoded and JSON-escaped */
     ST_VALUE_JSON,      /* JSON value: minified on the fly */
+    ST_NESTED,          /* inside a nested parameter object (C.6 recovery form) */
     ST_AFTER,           /* block closed: the rest is ignored */
     ST_FAILED,          /* projection failed: hold everything */
 };
@@ -1013,11 +926,15 @@ struct ds4_dsml_stream {
     int n_calls, cap_calls;
     char **ids, **names; /* (n_calls) announced calls */
     int n_params;        /* parameters emitted in the current call */
+    int nested, n_nested; /* inside a nested object; its members emitted */
+    size_t block_at;     /* offset of the block's open tag (block_started) */
+    ds4_buf acc_r, acc_c; /* every REASONING / CONTENT byte emitted: the result */
     int json_in_str, json_esc;
     ds4_buf ev;          /* scratch for event text */
     ds4_dsml_tracker trk;
     uint64_t id_rng;
     int finished, block_started, block_ended;
+    int assign_ids;      /* finish gives the calls ids (not for ds4_dsml_parse) */
     /* event sink for the current feed/finish */
     ds4_dsml_event_fn fn;
     void *ud;
@@ -1034,6 +951,7 @@ ds4_dsml_stream *ds4_dsml_stream_new(const ds4_dsml_stream_opts *opts) {
     s->st = s->o.thinking ? ST_THINK_START : ST_CONTENT;
     s->id_rng = s->o.id_seed;
     s->ws_start = SIZE_MAX;
+    s->assign_ids = 1;
     ds4_dsml_tracker_init(&s->trk);
     return s;
 }
@@ -1048,15 +966,20 @@ void ds4_dsml_stream_free(ds4_dsml_stream *s) {
     free(s->names);
     ds4_buf_free(&s->text);
     ds4_buf_free(&s->ev);
+    ds4_buf_free(&s->acc_r);
+    ds4_buf_free(&s->acc_c);
     free(s);
 }
 
 static void emit(ds4_dsml_stream *s, ds4_dsml_event_type type, int index, const char *text,
                  size_t len) {
-    if (s->cancelled || !s->fn) return;
     if ((type == DS4_DSML_EV_REASONING || type == DS4_DSML_EV_CONTENT ||
          type == DS4_DSML_EV_CALL_ARGS) && len == 0)
         return;
+    /* the turn's result is exactly what was emitted, with or without a sink */
+    if (type == DS4_DSML_EV_REASONING) ds4_buf_append(&s->acc_r, text, len);
+    if (type == DS4_DSML_EV_CONTENT) ds4_buf_append(&s->acc_c, text, len);
+    if (s->cancelled || !s->fn) return;
     ds4_dsml_event ev = {type, index, NULL, NULL, text, len};
     if (type == DS4_DSML_EV_CALL_START) {
         ev.id = s->ids[index];
@@ -1192,6 +1115,7 @@ static int step(ds4_dsml_stream *s, int final) {
             while (ce > s->pos && is_ws((unsigned char)t[ce - 1])) ce--;
             emit(s, DS4_DSML_EV_CONTENT, 0, rem, ce - s->pos);
             s->flush_from = ce;
+            s->block_at = best;
             s->f = &FAMS[fam];
             s->pos = best + strlen(s->f->open);
             s->st = ST_BLOCK;
@@ -1298,8 +1222,12 @@ static int step(ds4_dsml_stream *s, int final) {
         if (w == rn && !final) return 0;
         const family *f = s->f;
         if (w < rn && rem[w] == '<') {
-            if (has_prefix(rem + w, rn - w, f->param)) {
-                fail(s, "nested parameter objects are not streamed");
+            if (has_prefix(rem + w, rn - w, f->param)) { /* nested object */
+                emit_args(s, "{");
+                s->pos += w;
+                s->nested = 1;
+                s->n_nested = 0;
+                s->st = ST_NESTED;
                 return 1;
             }
             if (!final && (is_partial(rem + w, rn - w, f->param) ||
@@ -1346,6 +1274,48 @@ static int step(ds4_dsml_stream *s, int final) {
         if (!closed || used < lim) return 0;
         if (s->st == ST_VALUE_STR) emit_args(s, "\"");
         s->pos += strlen(f->param_end);
+        s->st = s->nested ? ST_NESTED : ST_CALL;
+        return 1;
+    }
+    case ST_NESTED: {
+        /* Leaf parameters of a nested object, then an optional closing
+         * parameter tag (the grammar of parse_param). */
+        size_t w = 0;
+        while (w < rn && is_ws((unsigned char)rem[w])) w++;
+        s->pos += w;
+        rem += w, rn -= w;
+        if (rn == 0 && !final) return 0;
+        const family *f = s->f;
+        if (has_prefix(rem, rn, f->param)) {
+            tag_info ti;
+            int tw = tag_wait(rem, rn);
+            if (tw) return tw > 0 ? 0 : (fail(s, "parameter tag too long"), 1);
+            if (read_tag(rem, rn, 0, f->param, &ti)) {
+                fail(s, "parameter without a name");
+                return 1;
+            }
+            int str = !ti.has_str || ti.str_true;
+            ds4_buf_reset(&s->ev);
+            if (s->n_nested++) ds4_buf_putc(&s->ev, ',');
+            ds4_buf key = DS4_BUF_INIT;
+            entity_decode(&key, rem + ti.name, ti.name_len, 0);
+            ds4_dsml_json_quote(&s->ev, key.data ? key.data : "", key.len);
+            int oom = !ds4_buf_ok(&key);
+            ds4_buf_free(&key);
+            ds4_buf_putc(&s->ev, ':');
+            if (str) ds4_buf_putc(&s->ev, '"');
+            if (oom || !ds4_buf_ok(&s->ev)) return DS4_E_NOMEM;
+            emit(s, DS4_DSML_EV_CALL_ARGS, s->n_calls - 1, s->ev.data, s->ev.len);
+            s->pos += ti.end;
+            s->st = str ? ST_VALUE_STR : ST_VALUE_JSON;
+            s->json_in_str = s->json_esc = 0;
+            return 1;
+        }
+        if (!final && (is_partial(rem, rn, f->param) || is_partial(rem, rn, f->param_end)))
+            return 0;
+        emit_args(s, "}");
+        s->nested = 0;
+        if (has_prefix(rem, rn, f->param_end)) s->pos += strlen(f->param_end);
         s->st = ST_CALL;
         return 1;
     }
@@ -1393,6 +1363,63 @@ static const char *repair_needed(const ds4_dsml_stream *s, int *in_call) {
     return NULL;
 }
 
+/* The final result of the turn (C.6 as this engine defines it, see
+ * docs/server.md): reasoning and content are the bytes the projection
+ * emitted; the calls are the grammar parse of the block the projection
+ * found, when it closed it. A block that failed or stayed open has been
+ * flushed as content already: parse_failed, no calls. */
+static int stream_result(ds4_dsml_stream *s, const ds4_buf *suffix, ds4_dsml_result *out) {
+    if (!ds4_buf_ok(&s->acc_r) || !ds4_buf_ok(&s->acc_c)) return DS4_E_NOMEM;
+    if (s->acc_r.len) {
+        out->reasoning = ds4_buf_detach(&s->acc_r, &out->reasoning_len);
+        if (!out->reasoning) return DS4_E_NOMEM;
+    }
+    out->content = ds4_buf_detach(&s->acc_c, &out->content_len);
+    if (!out->content) return DS4_E_NOMEM;
+    out->block_seen = s->block_started;
+    if (!s->block_started) return 0;
+    if (s->st != ST_AFTER) {
+        out->parse_failed = 1;
+        return 0;
+    }
+    ds4_buf all = DS4_BUF_INIT;
+    ds4_buf_append(&all, s->text.data ? s->text.data : "", s->text.len);
+    ds4_buf_append(&all, suffix->data ? suffix->data : "", suffix->len);
+    if (!ds4_buf_ok(&all)) {
+        ds4_buf_free(&all);
+        return DS4_E_NOMEM;
+    }
+    call_vec cv = {0};
+    size_t end = 0;
+    int rc = parse_block(all.data, all.len, s->block_at + strlen(s->f->open), s->f, &cv, &end);
+    if (rc == 0) {
+        /* the raw block keeps a blank line right before the tag (C.6 needle) */
+        size_t bs = s->block_at;
+        if (bs - s->flush_from >= 2 && all.data[bs - 1] == '\n' && all.data[bs - 2] == '\n') bs -= 2;
+        out->calls = cv.v;
+        out->n_calls = cv.n;
+        ds4_buf raw = DS4_BUF_INIT;
+        ds4_buf_append(&raw, all.data + bs, end - bs);
+        out->raw_dsml = ds4_buf_detach(&raw, &out->raw_dsml_len);
+        if (!out->raw_dsml) rc = DS4_E_NOMEM;
+    } else {
+        /* cannot happen (the projection closed the block with the same
+         * grammar); keep the text rather than lose it */
+        calls_free(cv.v, cv.n);
+        if (rc != DS4_E_NOMEM) {
+            out->parse_failed = 1;
+            ds4_buf t = DS4_BUF_INIT;
+            ds4_buf_append(&t, out->content, out->content_len);
+            ds4_buf_append(&t, all.data + s->flush_from, s->text.len - s->flush_from);
+            free(out->content);
+            out->content = ds4_buf_detach(&t, &out->content_len);
+            rc = out->content ? 0 : DS4_E_NOMEM;
+        }
+    }
+    ds4_buf_free(&all);
+    return rc;
+}
+
 int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
                            ds4_dsml_result *out, ds4_err *err) {
     if (out) memset(out, 0, sizeof *out);
@@ -1402,7 +1429,7 @@ int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
     s->ud = ud;
     int rc = advance(s, 1);
     ds4_buf suffix = DS4_BUF_INIT;
-    if (!rc && s->st >= ST_BLOCK && s->st <= ST_VALUE_JSON) {
+    if (!rc && s->st >= ST_BLOCK && s->st <= ST_NESTED) {
         int in_call = 0;
         if (s->o.repair && repair_needed(s, &in_call)) {
             if (in_call) {
@@ -1426,20 +1453,13 @@ int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
     }
     if (!rc && s->cancelled) rc = DS4_E_CANCEL;
     s->fn = NULL;
-    if (!rc && out) {
-        ds4_buf all = DS4_BUF_INIT;
-        ds4_buf_append(&all, s->text.data ? s->text.data : "", s->text.len);
-        ds4_buf_append(&all, suffix.data ? suffix.data : "", suffix.len);
-        rc = ds4_buf_ok(&all) ? ds4_dsml_parse(all.data, all.len, s->o.thinking, out, err)
-                              : DS4_E_NOMEM;
-        ds4_buf_free(&all);
-        for (int i = 0; !rc && i < out->n_calls; i++) {
-            char id[80];
-            if (i < s->n_calls) snprintf(id, sizeof id, "%s", s->ids[i]);
-            else next_id(s, id, sizeof id);
-            out->calls[i].id = strdup(id);
-            if (!out->calls[i].id) rc = DS4_E_NOMEM;
-        }
+    if (!rc && out) rc = stream_result(s, &suffix, out);
+    for (int i = 0; !rc && out && s->assign_ids && i < out->n_calls; i++) {
+        char id[80];
+        if (i < s->n_calls) snprintf(id, sizeof id, "%s", s->ids[i]);
+        else next_id(s, id, sizeof id);
+        out->calls[i].id = strdup(id);
+        if (!out->calls[i].id) rc = DS4_E_NOMEM;
     }
     if (!ds4_buf_ok(&suffix) && !rc) rc = DS4_E_NOMEM;
     ds4_buf_free(&suffix);
@@ -1448,6 +1468,23 @@ int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
         return ds4_err_set(err, rc, "dsml: no memory finishing the stream");
     }
     if (rc == DS4_E_CANCEL) return ds4_err_set(err, rc, "dsml: cancelled by the event sink");
+    return rc;
+}
+
+int ds4_dsml_parse(const char *text, size_t len, int thinking, ds4_dsml_result *out,
+                   ds4_err *err) {
+    memset(out, 0, sizeof *out);
+    ds4_dsml_stream_opts o = {0};
+    o.thinking = thinking;
+    o.tools = 1;
+    o.id_seed = 1; /* ids are not needed: no getrandom */
+    ds4_dsml_stream *s = ds4_dsml_stream_new(&o);
+    if (!s) return ds4_err_set(err, DS4_E_NOMEM, "dsml: no memory parsing %zu bytes", len);
+    s->assign_ids = 0;
+    int rc = ds4_dsml_stream_feed(s, text, len, NULL, NULL);
+    if (!rc) rc = ds4_dsml_stream_finish(s, NULL, NULL, out, err);
+    else ds4_err_set(err, rc, "dsml: no memory parsing %zu bytes", len);
+    ds4_dsml_stream_free(s);
     return rc;
 }
 
@@ -1461,7 +1498,7 @@ int ds4_dsml_repair_suffix(const char *text, size_t len, int thinking, ds4_buf *
     int rc = ds4_buf_append(&s->text, text, len);
     if (!rc) rc = advance(s, 1);
     int in_call = 0;
-    if (!rc && s->st >= ST_BLOCK && s->st <= ST_VALUE_JSON && repair_needed(s, &in_call)) {
+    if (!rc && s->st >= ST_BLOCK && s->st <= ST_NESTED && repair_needed(s, &in_call)) {
         if (in_call) {
             ds4_buf_puts(suffix, s->f->invoke_end);
             ds4_buf_putc(suffix, '\n');

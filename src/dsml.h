@@ -1,4 +1,4 @@
-/* dsml.h - DSML, the model's tool-call markup (TEXT.md §C): pure text, no model.
+/* dsml.h - DSML, the model's tool-call markup (docs/TEXT.md §C): pure text, no model.
  *
  * What lives here:
  *   - the tools prompt that goes into the system block (C.2, exact bytes);
@@ -10,9 +10,9 @@
  *     of any size, into reasoning/content/tool-call events (B.8, C.10);
  *   - the DSML-aware sampling tracker (C.9);
  *   - the exact-replay map tool-call id -> sampled DSML bytes (C.8) with its
- *     KV-cache trailer encoding (SERVING.md C.6);
+ *     KV-cache trailer encoding (docs/SERVING.md C.6);
  *   - helpers: JSON minify (C.4), compact re-serialization of arguments
- *     (SERVING.md B.6), call ids, and the opt-in repair of unterminated
+ *     (docs/SERVING.md B.6), call ids, and the opt-in repair of unterminated
  *     blocks (C.7).
  *
  * All text is bytes with explicit lengths (embedded NULs are allowed in
@@ -29,7 +29,7 @@
 #include "util/buf.h"
 #include "util/err.h"
 
-/* Marker strings (UTF-8 bytes, TEXT.md §A/§C). */
+/* Marker strings (UTF-8 bytes, docs/TEXT.md §A/§C). */
 #define DS4_DSML_MARK "\xef\xbd\x9c" "DSML" "\xef\xbd\x9c"  /* "｜DSML｜" */
 #define DS4_THINK_OPEN "<think>"
 #define DS4_THINK_CLOSE "</think>"
@@ -75,7 +75,7 @@ int ds4_dsml_json_minify(ds4_buf *out, const char *json, size_t len, ds4_err *er
  * including non-ASCII, are copied. */
 int ds4_dsml_json_quote(ds4_buf *out, const char *s, size_t len);
 
-/* Compact re-serialization of an arguments object for clients (SERVING.md
+/* Compact re-serialization of an arguments object for clients (docs/SERVING.md
  * B.6): {"k":"v","n":10} with member order kept, string values decoded and
  * re-quoted, other values minified. Text that is not a JSON object gives
  * "{}". Returns 0 or DS4_E_NOMEM. */
@@ -87,23 +87,37 @@ int ds4_dsml_call_id(char *out, size_t cap, const char *prefix);
 
 /* ----------------------------------------------------------- final parse */
 
+/* The parse of one assistant turn. There is one parser: the streaming
+ * parser below; this is what it emitted over the whole turn (so a streamed
+ * and a non-streamed reply agree byte for byte), plus the calls of the
+ * block it closed. Rules (docs/server.md "One parser"):
+ *   - thinking: an optional leading "<think>" is skipped; everything before
+ *     the first "</think>" is reasoning -- all of it when the turn was cut
+ *     before "</think>" (ds4 returned that as content; we do not);
+ *   - not thinking: no reasoning; "<think>" text is content;
+ *   - with tools, the earliest tool_calls open tag after the reasoning
+ *     starts the block (C.3 families); content is the text before it with
+ *     trailing whitespace removed; text after the closed block is ignored;
+ *   - a block that is malformed or never closed: no calls, and its bytes
+ *     (from the whitespace before it) follow the content. */
 typedef struct ds4_dsml_result {
-    char *reasoning;         /* NULL when there is none (C.6 step 6) */
+    char *reasoning;         /* NULL when there is none */
     size_t reasoning_len;
     char *content;           /* never NULL (may be "") */
     size_t content_len;
-    ds4_tool_call *calls;    /* (n_calls); ids are NULL (the caller assigns) */
+    ds4_tool_call *calls;    /* (n_calls); ids are NULL from ds4_dsml_parse */
     int n_calls;             /* arguments: internal form {"k": v, "k2": v2} */
-    char *raw_dsml;          /* exact block incl. a leading "\n\n" if matched; NULL unless parsed */
+    char *raw_dsml;          /* exact block incl. a blank line before it; NULL unless parsed */
     size_t raw_dsml_len;
-    int block_seen;          /* a block start needle was found (C.6 step 2) */
-    int parse_failed;        /* block seen but malformed: content = whole text */
+    int block_seen;          /* a block open tag was found */
+    int parse_failed;        /* block seen but malformed or open: its text is content */
 } ds4_dsml_result;
 
-/* Parses one generated assistant turn (decoded bytes without EOS), per C.6.
- * thinking: the turn was generated in thinking mode. Never fails on bad
- * DSML (that is the parse_failed fallback); returns 0 or DS4_E_NOMEM.
- * *out is overwritten; release with ds4_dsml_result_free. */
+/* Parses one generated assistant turn (decoded bytes without EOS) with the
+ * streaming parser, tools on. thinking: the turn was generated in thinking
+ * mode. Never fails on bad DSML (that is the parse_failed fallback);
+ * returns 0 or DS4_E_NOMEM. *out is overwritten; release with
+ * ds4_dsml_result_free. */
 int ds4_dsml_parse(const char *text, size_t len, int thinking, ds4_dsml_result *out,
                    ds4_err *err);
 void ds4_dsml_result_free(ds4_dsml_result *r);
@@ -196,8 +210,8 @@ void ds4_dsml_stream_free(ds4_dsml_stream *s);
  * sequence, with consecutive deltas of one kind merged, is the same for
  * every split of the same text. Work is linear in the bytes fed. The
  * projection stops (one ERROR event; the bytes are then held for finish)
- * on markup it cannot stream: a malformed block, a nested parameter object
- * (C.6 recovery form), or a tag with no '>' within 4 KiB.
+ * on markup it cannot stream: a malformed block or a tag with no '>' within
+ * 4 KiB. (Nested parameter objects, the C.6 recovery form, are streamed.)
  * Returns 0, DS4_E_NOMEM or DS4_E_CANCEL. */
 int ds4_dsml_stream_feed(ds4_dsml_stream *s, const char *bytes, size_t n,
                          ds4_dsml_event_fn fn, void *ud);
@@ -207,9 +221,9 @@ int ds4_dsml_stream_feed(ds4_dsml_stream *s, const char *bytes, size_t n,
  * end, the missing CALL_END/BLOCK_END events), and its bytes from the block
  * start on (including the whitespace dropped before it) are then emitted
  * as CONTENT, as is anything held after a projection error. If out is
- * non-NULL it receives the authoritative final parse (C.6) of the whole
- * text (of text + repair suffix when repaired), with ids filled from the
- * announced calls (fresh ids for calls never announced). Returns 0 or a
+ * non-NULL it receives the turn's result (see ds4_dsml_result): exactly
+ * the reasoning and content emitted, and the calls of the closed block
+ * (of text + repair suffix when repaired) with the announced ids. Returns 0 or a
  * negative code. The stream accepts no more bytes afterwards. */
 int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
                            ds4_dsml_result *out, ds4_err *err);
@@ -250,7 +264,7 @@ const char *ds4_dsml_replay_lookup(ds4_dsml_replay *m, const char *const *ids, i
 size_t ds4_dsml_replay_count(const ds4_dsml_replay *m);   /* ids held */
 size_t ds4_dsml_replay_bytes(const ds4_dsml_replay *m);   /* accounted bytes */
 
-/* Appends the "KTM" trailer (SERVING.md C.6) holding the entries whose block
+/* Appends the "KTM" trailer (docs/SERVING.md C.6) holding the entries whose block
  * occurs verbatim in key_text, most recent first. 0 or DS4_E_NOMEM. */
 int ds4_dsml_replay_save(const ds4_dsml_replay *m, const char *key_text, size_t key_len,
                          ds4_buf *out);

@@ -259,6 +259,30 @@ const char *ds4_token_text(const ds4_engine *e, int32_t id) {
     return e->tok ? ds4_tokenizer_token_text(e->tok, id) : NULL;
 }
 
+bool ds4_token_is_control(const ds4_engine *e, int32_t id) {
+    return e->tok && ds4_tokenizer_is_control(e->tok, id);
+}
+
+int ds4_detok_open(const ds4_engine *e, ds4_detok **out, ds4_err *err) {
+    *out = NULL;
+    if (!e->tok) return ds4_err_set(err, DS4_E_ARG, "the model has no tokenizer");
+    ds4_detok *d = malloc(sizeof *d);
+    if (!d) return ds4_err_set(err, DS4_E_NOMEM, "detokenizer: out of memory");
+    int rc = ds4_detok_init(d, e->tok, err);
+    if (rc) {
+        free(d);
+        return rc;
+    }
+    *out = d;
+    return 0;
+}
+
+void ds4_detok_close(ds4_detok *d) {
+    if (!d) return;
+    ds4_detok_free(d);
+    free(d);
+}
+
 /* ------------------------------------------------------------ sessions */
 
 int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **out, ds4_err *err) {

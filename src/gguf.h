@@ -1,4 +1,4 @@
-/* gguf.h - GGUF version 3 reader and writer (FORMATS.md section A).
+/* gguf.h - GGUF version 3 reader and writer (docs/FORMATS.md section A).
  *
  * Knows nothing about DeepSeek: it reads and writes the container only.
  *
@@ -57,7 +57,7 @@ enum ds4_gguf_vtype {
     DS4_GGUF_N_VTYPES = 13,
 };
 
-/* ggml tensor type ids (FORMATS.md B.0). Ids not listed are retired. */
+/* ggml tensor type ids (docs/FORMATS.md B.0). Ids not listed are retired. */
 enum ds4_ggml_type {
     DS4_GGML_F32 = 0,
     DS4_GGML_F16 = 1,

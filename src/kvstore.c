@@ -1,7 +1,7 @@
 /* kvstore.c - disk checkpoints of opaque payloads (see kvstore.h).
  *
  * File layout, version 2 (little-endian). Bytes 0..51 keep the meaning of
- * SERVING.md C.5 where a field exists there; version 1 (antirez/ds4: key text
+ * docs/SERVING.md C.5 where a field exists there; version 1 (antirez/ds4: key text
  * only, no tokens, no digests) is not read, such files are rejected.
  *
  *   offset size
@@ -34,7 +34,7 @@
  * scan trust tokens and key without reading payloads; the payload and trailer
  * digests are checked when they are read.
  *
- * Deviations from antirez/ds4 (SERVING.md C.4/C.5), deliberate: names hash
+ * Deviations from antirez/ds4 (docs/SERVING.md C.4/C.5), deliberate: names hash
  * the token prefix (plus fingerprint and key text) instead of SHA-1 of the
  * key text, so token-prefix lookups work without rendering text; text-keyed
  * lookups (C.2 rule 8, visible keys of C.3) use ds4_kvstore_find_text on the

@@ -3,12 +3,12 @@
  * The engine serializes a session (ds4_session_save); the server's cache
  * policy decides when to store and restore; kvstore only keeps the bytes on
  * disk, keyed by the token prefix they represent (plus an optional key text,
- * e.g. the rendered prompt text or a visible transcript, SERVING.md C.3/C.4),
+ * e.g. the rendered prompt text or a visible transcript, docs/SERVING.md C.3/C.4),
  * and guarantees that what it hands back is exactly what was stored.
  *
  * Files live flat in one directory, named "<40 hex>.kv" (the hex is the first
  * 20 bytes of SHA-256 over fingerprint, tokens and key text). The layout is
- * SERVING.md C.5 extended to version 2 (tokens, model fingerprint and SHA-256
+ * docs/SERVING.md C.5 extended to version 2 (tokens, model fingerprint and SHA-256
  * digests added; see kvstore.c). Guarantees:
  *   - a file that is truncated, corrupted anywhere, renamed, or written by a
  *     crashed process is never loaded: it is rejected, removed, and the reason
@@ -34,7 +34,7 @@
 
 typedef struct ds4_kvstore ds4_kvstore;
 
-/* Save reasons (SERVING.md C.5 byte 5). */
+/* Save reasons (docs/SERVING.md C.5 byte 5). */
 enum {
     DS4_KV_REASON_UNKNOWN = 0,
     DS4_KV_REASON_COLD = 1,

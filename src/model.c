@@ -1,5 +1,5 @@
 /* model.c - hyperparameters from GGUF metadata, per-layer kinds, and the
- * name -> typed-weight table with shape/type validation (MODEL.md §A-§B).
+ * name -> typed-weight table with shape/type validation (docs/MODEL.md §A-§B).
  *
  * Invariants after a successful ds4_model_load: every ds4_weight points
  * inside the mapping with exactly n_mat*n_out*row_bytes bytes, its type is
@@ -206,7 +206,7 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
     if ((rc = get_int(g, K("expert_group_count"), false, 0, 0, 0, &groups, err))) goto fail;
     if ((rc = get_int(g, K("expert_group_used_count"), false, 0, 0, 0, &groups_used, err))) goto fail;
 
-    /* RoPE of compressed layers: YaRN or plain, from the file (ORACLE.md §2).
+    /* RoPE of compressed layers: YaRN or plain, from the file (docs/ORACLE.md §2).
      * rope.scaling.type decides when present; otherwise YaRN iff
      * rope.scaling.factor is present. */
     int64_t tkv = ds4_gguf_find_key(g, K("rope.scaling.type"));
@@ -245,7 +245,7 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
     if ((rc = get_layer_array(g, K("swiglu_clamp_exp"), hp->n_layer, true, NULL, hp->swiglu_clamp, err)))
         goto fail;
 
-    /* Consistency between keys (MODEL.md G.2). */
+    /* Consistency between keys (docs/MODEL.md G.2). */
 #define REQUIRE(cond, ...) do { if (!(cond)) { rc = ds4_err_set(err, DS4_E_MODEL, __VA_ARGS__); goto fail; } } while (0)
     REQUIRE(hp->n_head_kv == 1, "attention.head_count_kv = %d, expected 1 (one shared KV head)", hp->n_head_kv);
     REQUIRE(vlen == hp->head_dim, "attention.value_length = %d differs from attention.key_length = %d",
@@ -275,7 +275,7 @@ fail:
 
 /* ------------------------------------------------------------ RoPE */
 
-/* Inverse frequencies as PyTorch computes them in float32 (MODEL.md C.4):
+/* Inverse frequencies as PyTorch computes them in float32 (docs/MODEL.md C.4):
  * base^(2i/n) with a float32 exponent, then YaRN's ramp mix in float32;
  * correction range in double (Python math), floored/ceiled. */
 static int rope_init(ds4_rope *r, const ds4_hparams *hp, float base, bool yarn, ds4_err *err) {
@@ -465,7 +465,7 @@ static int bind_layer(ds4_model *m, const ds4_gguf *g, int il, ds4_err *err) {
     VEC(ffn_norm, "ffn_norm.weight", D);
     MAT(gate_inp, "ffn_gate_inp.weight", D, hp->n_expert);
     /* The selection bias is optional everywhere and used only by non-hash
-     * layers (MODEL.md B.3 notes); absent means zeros. */
+     * layers (docs/MODEL.md B.3 notes); absent means zeros. */
     if ((rc = bind_vec(&l->exp_bias, g, N("exp_probs_b.bias"), hp->n_expert, false, err))) return rc;
     if (!l->exp_bias) {
         l->exp_bias = calloc((size_t)hp->n_expert, sizeof(float));

@@ -2,8 +2,8 @@
  * GGUF metadata, the per-layer kinds, and the GGUF-name -> typed-weight table.
  *
  * Nothing about Flash's size is hard-coded: every dimension comes from the
- * `deepseek4.*` keys (MODEL.md §A, FORMATS.md §D.4) and every tensor is bound
- * by name and checked for shape and type against those dimensions (MODEL.md
+ * `deepseek4.*` keys (docs/MODEL.md §A, docs/FORMATS.md §D.4) and every tensor is bound
+ * by name and checked for shape and type against those dimensions (docs/MODEL.md
  * §B). Any mismatch fails the load with DS4_E_MODEL and a message naming the
  * key or tensor (expected vs actual). Per layer: compress ratio 0 = sliding
  * window only, 4 = CSA (overlapping compressor + lightning indexer), any other
@@ -47,7 +47,7 @@ typedef enum {
 } ds4_attn_kind;
 
 /* RoPE frequencies of one rope family ("main" for sliding layers,
- * "compress" for CSA/HCA layers, MODEL.md C.4). */
+ * "compress" for CSA/HCA layers, docs/MODEL.md C.4). */
 typedef struct ds4_rope {
     float base;
     bool yarn;

@@ -1,4 +1,4 @@
-/* numerics.c - FP8 / FP4 / Hadamard / half rounding simulations (MODEL.md §E).
+/* numerics.c - FP8 / FP4 / Hadamard / half rounding simulations (docs/MODEL.md §E).
  * See numerics.h. All scales are exact powers of two, so x/scale and
  * v*scale are exact and only the rounding to the small format loses bits.
  */

@@ -1,4 +1,4 @@
-/* numerics.h - the official rounding simulations of MODEL.md §E, stated once.
+/* numerics.h - the official rounding simulations of docs/MODEL.md §E, stated once.
  *
  * These are model semantics of the release path (not activation
  * quantisation): FP8-E4M3 rounding of stored KV rows (E.2), the Hadamard

@@ -1,6 +1,6 @@
 /* pretok.c - the official DeepSeek V3/V4 pre-tokenizer with PCRE2.
  *
- * Owns the three compiled Split regexes of the tokenizer.json (TEXT.md A.5)
+ * Owns the three compiled Split regexes of the tokenizer.json (docs/TEXT.md A.5)
  * and the "Isolated" splitting loop. Invariants:
  *   - every regex is applied to one piece of the previous step at a time, with
  *     the piece as the whole subject, so look-arounds ((?!\S)) never see past

@@ -1,4 +1,4 @@
-/* pretok.h - the DeepSeek V3/V4 pre-tokenizer (TEXT.md A.5), internal to
+/* pretok.h - the DeepSeek V3/V4 pre-tokenizer (docs/TEXT.md A.5), internal to
  * the tokenizer.
  *
  * It reproduces the tokenizer.json pre_tokenizer exactly: a Sequence of three

@@ -4,7 +4,7 @@
  *
  * Invariants:
  * - Every dequant kernel computes each value with the same binary32
- *   operations in the same order as FORMATS.md §B (and gguf-py), so all
+ *   operations in the same order as docs/FORMATS.md §B (and gguf-py), so all
  *   paths are bit-identical to each other and to gguf-py.
  * - The int8 dots (dot_q) sum integer products exactly per block and then
  *   combine blocks with the same float operations on every path.
@@ -61,7 +61,7 @@ const ds4_type_traits *ds4_type_get(int type) {
 }
 
 const char *ds4_type_name(int type) {
-    /* ggml names of every id up to 41 (FORMATS.md §B.0); NULL = retired. */
+    /* ggml names of every id up to 41 (docs/FORMATS.md §B.0); NULL = retired. */
     static const char *const names[] = {
         "f32", "f16", "q4_0", "q4_1", NULL, NULL, "q5_0", "q5_1", "q8_0", "q8_1",
         "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "q8_K", "iq2_xxs", "iq2_xs",
@@ -119,7 +119,7 @@ uint16_t ds4_f32_to_bf16(float f) {
     return (uint16_t)((x + 0x7fff + ((x >> 16) & 1)) >> 16);
 }
 
-/* ---- FP8 / FP4 / UE8M0 (FORMATS.md §E.3) -------------------------------- */
+/* ---- FP8 / FP4 / UE8M0 (docs/FORMATS.md §E.3) -------------------------------- */
 
 float ds4_fp8_e4m3_to_f32(uint8_t c) {
     int e = (c >> 3) & 15, m = c & 7;
@@ -212,7 +212,7 @@ static void dq_q8_0(const void *src, float *y, int64_t n) {
     }
 }
 
-/* Sub-block scale j and min j of a Q4_K block (FORMATS.md §B.3). */
+/* Sub-block scale j and min j of a Q4_K block (docs/FORMATS.md §B.3). */
 static inline void q4k_scale_min(const uint8_t *s, int j, int *sc, int *m) {
     if (j < 4) {
         *sc = s[j] & 63;
@@ -261,7 +261,7 @@ static void dq_q2_k(const void *src, float *y, int64_t n) {
     }
 }
 
-/* The 8 values of grid index g / sign index s scaled by db (FORMATS.md §B.5). */
+/* The 8 values of grid index g / sign index s scaled by db (docs/FORMATS.md §B.5). */
 static inline void iq2_group8(float db, uint8_t g, uint8_t s, float *y) {
     uint64_t grid = ds4_iq2xxs_grid[g];
     uint8_t signs = ds4_ksigns_iq2xs[s & 127];
@@ -614,7 +614,7 @@ int ds4_quantize_rows(int type, const float *src, void *dst, int64_t n_rows, int
     size_t row_bytes = ds4_type_row_bytes(type, n_cols);
     float *imp = NULL;
     if (type == DS4_TYPE_IQ2_XXS && !imatrix && n_cols > 0) {
-        /* synthetic importance of FORMATS.md C.6: column sums of squares */
+        /* synthetic importance of docs/FORMATS.md C.6: column sums of squares */
         imp = calloc((size_t)n_cols, sizeof *imp);
         if (!imp) return ds4_err_set(err, DS4_E_NOMEM, "quantize: no memory for %lld importances", (long long)n_cols);
         for (int64_t r = 0; r < n_rows; r++)

@@ -2,7 +2,7 @@
  * traits, dequantization, dot products, reference quantizers, and decoding
  * of the official checkpoint's FP8 E4M3FN / FP4 E2M1 weights.
  *
- * Type ids are ggml's (FORMATS.md §B.0). Block layouts follow FORMATS.md
+ * Type ids are ggml's (docs/FORMATS.md §B.0). Block layouts follow docs/FORMATS.md
  * §B.2-B.5 byte for byte; every multi-byte field is little-endian (the code
  * assumes a little-endian host, checked at compile time).
  *
@@ -40,7 +40,7 @@ extern "C" {
 #define DS4_QUANT_STATIC_ASSERT _Static_assert
 #endif
 
-/* ggml type ids (FORMATS.md §B.0). Only these are supported by ds4. */
+/* ggml type ids (docs/FORMATS.md §B.0). Only these are supported by ds4. */
 enum {
     DS4_TYPE_F32 = 0,
     DS4_TYPE_F16 = 1,
@@ -152,7 +152,7 @@ void ds4_quantize_act(int act_type, const float *x, void *dst, int64_t n);
  * Integer sums are exact; only the per-block float combination is rounded. */
 float ds4_dot_row_q(int type, const void *row, const void *xq, int64_t n);
 
-/* Reference quantizer (FORMATS.md §C): writes one row of n values of `type`
+/* Reference quantizer (docs/FORMATS.md §C): writes one row of n values of `type`
  * (F32, F16, BF16, Q8_0, Q2_K, Q4_K, IQ2_XXS) to dst and returns its byte
  * count. imatrix: n importance values (one per column) or NULL. Q8_0, F16,
  * BF16, F32 ignore it; Q4_K/Q2_K use the weighted path when given; IQ2_XXS
@@ -195,7 +195,7 @@ const ds4_quant_kernels *ds4_quant_kernels_get(int type, int simd);
 /* SIMD level AUTO resolves to on this machine (SCALAR or AVX2). */
 int ds4_quant_simd_best(void);
 
-/* ---- official checkpoint decoding (FORMATS.md §E.3) --------------------- */
+/* ---- official checkpoint decoding (docs/FORMATS.md §E.3) --------------------- */
 
 float ds4_fp8_e4m3_to_f32(uint8_t c);  /* 0x7f/0xff -> NaN */
 float ds4_fp4_e2m1_to_f32(uint8_t c);  /* low 4 bits used */

@@ -43,7 +43,7 @@ static inline float f16_to_f32_inl(uint16_t h) {
     return bits_f32(sign | ((exp + 112) << 23) | (man << 13));
 }
 
-/* Round-half-to-even for |v| <= 4194303 (FORMATS.md C.0): the sum with
+/* Round-half-to-even for |v| <= 4194303 (docs/FORMATS.md C.0): the sum with
  * 1.5*2^23 puts the integer part in the low mantissa bits. */
 static inline int nearest_int(float v) {
     float val = v + 12582912.f;

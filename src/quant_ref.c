@@ -1,4 +1,4 @@
-/* quant_ref.c - the reference quantizers of FORMATS.md §C: Q8_0, Q4_K, Q2_K
+/* quant_ref.c - the reference quantizers of docs/FORMATS.md §C: Q8_0, Q4_K, Q2_K
  * (plain and importance-weighted) and IQ2_XXS (importance-weighted).
  *
  * They reproduce ggml's reference quantizers byte for byte, which needs:

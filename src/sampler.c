@@ -257,7 +257,7 @@ int32_t ds4_sampler_sample(ds4_sampler *s, const float *lg, const ds4_sampler_pa
     }
     if (top_p < 1.0f) {
         /* Full sort by descending logit. ds4 uses an unstable sort (order of
-         * exact ties unspecified, TEXT.md E.5); we break ties by lower id
+         * exact ties unspecified, docs/TEXT.md E.5); we break ties by lower id
          * with a stable radix sort (qsort could allocate). */
         int m = sort_all(s, lg);
         if (m == 0) return ds4_argmax(lg, n);

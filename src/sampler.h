@@ -1,4 +1,4 @@
-/* sampler.h - token sampling and log-probabilities (TEXT.md §D).
+/* sampler.h - token sampling and log-probabilities (docs/TEXT.md §D).
  *
  * ds4_sampler_sample implements D.3 exactly (float32, expf, sequential sums
  * in the documented orders) with the xorshift64* generator of D.4, so a

@@ -1,4 +1,4 @@
-/* tokenizer.c - byte-level BPE (TEXT.md A.3, A.6, A.7), rendered-mode
+/* tokenizer.c - byte-level BPE (docs/TEXT.md A.3, A.6, A.7), rendered-mode
  * marker scan (A.2), decoding and the streaming detokenizer.
  *
  * Owns the vocabulary (stored strings and decoded bytes, one arena each), a
@@ -18,7 +18,7 @@
 
 #include "pretok.h"
 
-/* The seven markers of TEXT.md A.1, in ds4_special_token order. */
+/* The seven markers of docs/TEXT.md A.1, in ds4_special_token order. */
 static const char *const k_marker[DS4_TOK__COUNT] = {
     "<\xef\xbd\x9c" "begin\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
     "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
@@ -413,6 +413,18 @@ size_t ds4_tokenizer_token_text_len(const ds4_tokenizer *t, int32_t id) {
 }
 
 size_t ds4_tokenizer_max_token_bytes(const ds4_tokenizer *t) { return t->max_bytes; }
+
+bool ds4_tokenizer_is_control(const ds4_tokenizer *t, int32_t id) {
+    if (id < 0 || id >= t->n_vocab) return false;
+    for (int k = 0; k < DS4_TOK__COUNT; k++)
+        if (t->special[k] == id) return true;
+    const char *s = t->text + t->text_off[id];
+    size_t n = t->text_off[id + 1] - t->text_off[id] - 1;
+    /* a byte-level BPE string never holds EF BD 9C (bytes >= 0x80 are
+     * stored as U+00A1..U+0143): only literal added tokens do (A.7) */
+    if (memmem(s, n, "\xef\xbd\x9c", 3)) return true;
+    return n >= 4 && s[0] == '<' && s[1] == '|' && s[n - 2] == '|' && s[n - 1] == '>';
+}
 
 /* ------------------------------------------------------------ BPE */
 

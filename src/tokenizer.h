@@ -1,4 +1,4 @@
-/* tokenizer.h - byte-level BPE tokenizer of DeepSeek V3/V4 (TEXT.md §A).
+/* tokenizer.h - byte-level BPE tokenizer of DeepSeek V3/V4 (docs/TEXT.md §A).
  *
  * A ds4_tokenizer is built once from plain arrays (the GGUF keys
  * tokenizer.ggml.tokens / tokenizer.ggml.merges) and is read-only after
@@ -6,7 +6,7 @@
  *
  * Encoding = the official pre-tokenizer of the tokenizer.json (three Split
  * regexes with behaviour "Isolated", evaluated with PCRE2 in UTF+UCP mode,
- * TEXT.md A.5; see pretok.h) followed by GPT-2 BPE over byte symbols (A.3,
+ * docs/TEXT.md A.5; see pretok.h) followed by GPT-2 BPE over byte symbols (A.3,
  * A.6). The ids are those Hugging Face `tokenizers` gives for the same
  * tokenizer.json on any valid UTF-8 text (tests/py/test_tokenizer_hf.py).
  *
@@ -34,7 +34,7 @@ typedef struct ds4_tokenizer ds4_tokenizer;
  * merge_lens give the byte lengths (NULL: strlen of each). Strings are
  * copied. If a string occurs twice in tokens the lower id wins.
  *
- * The seven markers of TEXT.md A.1 are looked up by string; a missing one
+ * The seven markers of docs/TEXT.md A.1 are looked up by string; a missing one
  * gets id -1 (ds4_tokenizer_special) and is not recognized in rendered mode
  * (ds4_tokenizer_from_gguf is stricter). Every one of the 256 byte symbols
  * must be in the vocabulary (else DS4_E_MODEL: some input could not be
@@ -64,7 +64,7 @@ int ds4_tokenizer_n_vocab(const ds4_tokenizer *t);
 
 /* Tokenizes text[0..len) (any bytes; need not be NUL-terminated).
  * rendered=false: plain BPE, marker strings are ordinary text.
- * rendered=true: the seven marker strings of TEXT.md A.1 become their ids
+ * rendered=true: the seven marker strings of docs/TEXT.md A.1 become their ids
  * and the spans between them are tokenized independently (A.2).
  * Writes at most cap ids to out (out may be NULL when cap is 0) and returns
  * the total number of ids, which may exceed cap: call again with a bigger
@@ -77,7 +77,7 @@ int ds4_tokenizer_encode(const ds4_tokenizer *t, const char *text, size_t len, b
  * of range. */
 int32_t ds4_tokenizer_special(const ds4_tokenizer *t, int which);
 
-/* Raw bytes token id decodes to (TEXT.md A.7): *len set, pointer owned by
+/* Raw bytes token id decodes to (docs/TEXT.md A.7): *len set, pointer owned by
  * t, not NUL-terminated. NULL (and *len = 0) for an id out of range. */
 const char *ds4_tokenizer_token_bytes(const ds4_tokenizer *t, int32_t id, size_t *len);
 
@@ -85,6 +85,12 @@ const char *ds4_tokenizer_token_bytes(const ds4_tokenizer *t, int32_t id, size_t
  * an id out of range. Its byte length: ds4_tokenizer_token_text_len. */
 const char *ds4_tokenizer_token_text(const ds4_tokenizer *t, int32_t id);
 size_t ds4_tokenizer_token_text_len(const ds4_tokenizer *t, int32_t id);
+
+/* True for a control (added, non-text) token: one of the seven markers of
+ * A.1, any token whose stored string holds the marker bar U+FF5C
+ * ("<｜place▁holder▁no▁3｜>", "<｜tool▁calls▁begin｜>", ...), or an ASCII
+ * "<|...|>" token ("<|EOT|>"). False for an id out of range. */
+bool ds4_tokenizer_is_control(const ds4_tokenizer *t, int32_t id);
 
 /* Largest decoded byte length of any token. */
 size_t ds4_tokenizer_max_token_bytes(const ds4_tokenizer *t);

@@ -23,7 +23,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     srv_request rq;
     srv_error e;
     memset(&e, 0, sizeof e);
-    if (srv_parse_request(api, (const char *)data + 1, size - 1, &rq, &e) == 0) {
+    if (srv_parse_request(api, (const char *)data + 1, size - 1,
+                          data[0] & 8 ? DS4_THINK_NONE : DS4_THINK_HIGH, &rq, &e) == 0) {
         /* both sides of the Think-Max gate */
         srv_error e2 = {0};
         if (srv_render(&rq, (data[0] & 4) ? 400000 : 4096, NULL, &e2) == 0) {

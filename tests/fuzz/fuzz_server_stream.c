@@ -40,7 +40,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 2) return 0;
     srv_api api = (srv_api)(data[0] & 3);
     bool thinking = data[0] & 4, tools = data[0] & 8;
-    srv_job *j = job_new();
+    srv_job *j = srv_job_new(api);
     srv_request_init(&j->rq, api);
     j->rq.model = strdup("m");
     j->rq.stream = true;
@@ -91,8 +91,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     json_decref(v);
     free(body);
     srv_result_free(&r);
-    ds4_dsml_stream_free(g.ds);
-    ds4_buf_free(&g.gen);
-    job_free(j);
+    gen_free(&g);
+    srv_job_free(j);
     return 0;
 }

@@ -16,7 +16,7 @@ import os
 import struct
 import sys
 
-# value type ids (FORMATS.md A.3)
+# value type ids (docs/FORMATS.md A.3)
 U8, I8, U16, I16, U32, I32, F32, BOOL, STR, ARR, U64, I64, F64 = range(13)
 # ggml type ids used here
 T_F32, T_Q8_0 = 0, 8

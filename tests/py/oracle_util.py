@@ -1,5 +1,5 @@
 """Helpers shared by test_convert.py and test_oracle.py: a minimal safetensors reader/writer (numpy only), the
-expected HF -> GGUF name mapping written from MODEL.md B.2-B.3 (independently of tools/convert/hf.c), running
+expected HF -> GGUF name mapping written from docs/MODEL.md B.2-B.3 (independently of tools/convert/hf.c), running
 ds4-convert, and rewriting a GGUF with gguf-py to make damaged variants."""
 import json
 import os
@@ -52,7 +52,7 @@ def st_write(path, tensors):
     pathlib.Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
-# --- expected mapping (MODEL.md B.2 / B.3, "official name" column = save_pretrained's names) -------------------
+# --- expected mapping (docs/MODEL.md B.2 / B.3, "official name" column = save_pretrained's names) -------------------
 
 GLOBAL = {"embed_tokens.weight": "token_embd.weight", "head.weight": "output.weight", "norm.weight": "output_norm.weight",
           "hc_head.hc_fn": "output_hc_fn.weight", "hc_head.hc_base": "output_hc_base.weight",
@@ -78,7 +78,7 @@ LAYER = {
 }
 EXPERT = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
 
-# save_pretrained suffix -> transformers' in-memory module name (MODEL.md B.3 "HF parameter" column)
+# save_pretrained suffix -> transformers' in-memory module name (docs/MODEL.md B.3 "HF parameter" column)
 MODULE = {
     "hc_attn_fn": "attn_hc.fn", "hc_attn_scale": "attn_hc.scale", "hc_attn_base": "attn_hc.base",
     "attn_norm.weight": "input_layernorm.weight", "attn.wq_a.weight": "self_attn.q_a_proj.weight",
@@ -105,7 +105,7 @@ MODULE = {
 MODULE_GLOBAL = {"embed_tokens.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
                  "norm.weight": "model.norm.weight", "hc_head.hc_fn": "model.hc_head.hc_fn",
                  "hc_head.hc_base": "model.hc_head.hc_base", "hc_head.hc_scale": "model.hc_head.hc_scale"}
-# save_pretrained global -> official checkpoint name (FORMATS.md D.2 "HF source")
+# save_pretrained global -> official checkpoint name (docs/FORMATS.md D.2 "HF source")
 OFFICIAL_GLOBAL = {"embed_tokens.weight": "embed.weight", "head.weight": "head.weight", "norm.weight": "norm.weight",
                    "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of the `ds4` CLI (SERVING.md A) on the demo model.
+"""End-to-end tests of the `ds4` CLI (docs/SERVING.md A) on the demo model.
 
 The demo model (build/demo.gguf, `make demo-model`) has random weights and
 the real DeepSeek tokenizer: its text is meaningless, so these tests check
@@ -103,7 +103,7 @@ def dump_logprobs(model, tmp_path, n, *extra, name="lp.json"):
 
 
 def prompt_ids(model, tmp_path, system="You are a helpful assistant"):
-    """Ids of the one-shot prompt (TEXT.md B.6, mode none), from --dump-tokens on
+    """Ids of the one-shot prompt (docs/TEXT.md B.6, mode none), from --dump-tokens on
     the equivalent rendered text (markers split BPE, so segments agree)."""
     text = ("<｜begin▁of▁sentence｜>" + system + "<｜User｜>" + PROMPT +
             "<｜Assistant｜></think>")
@@ -335,3 +335,18 @@ def test_cli_oneshot_prerendered_prompt_used_as_is(model, tmp_path):
     d = run(["-m", model, "--dump-tokens", "-p", text])
     ids = json.loads(d.stdout.decode().splitlines()[0])
     assert json.loads(out.read_bytes())["prompt_tokens"] == len(ids)
+
+
+# ---- --prompt-tokens-file: one parser for generation and --dump-logits -----------
+
+@pytest.mark.parametrize("content,why", [("1 2 x3\n", "'x3' is not a token id"),
+                                         ("5 999999", "token id 999999 is out of range"),
+                                         (" \n", "holds no token ids")])
+def test_cli_token_file_errors_are_the_same_for_every_mode(model, tmp_path, content, why):
+    f = tmp_path / "ids.txt"
+    f.write_text(content)
+    gen = run(["-m", model, "--cpu", "--prompt-tokens-file", str(f), "-n", "1"])
+    dump = run(["-m", model, "--cpu", "--prompt-tokens-file", str(f), "--dump-logits",
+                str(tmp_path / "x.f32")])
+    for r in (gen, dump):
+        assert r.returncode == 1 and why in r.stderr.decode(), r.stderr

@@ -65,7 +65,7 @@ def test_convert_f32_tensors_equal_safetensors_gguf_py(model, converted):
 def test_convert_f16_and_q8_0_types_and_bytes_gguf_py(model, converted):
     st = st_read(ORACLE / "models" / model / "model.safetensors")
     want = expected_tensors(st)
-    # Q8_0 under q8_0 (MODEL.md B.5): attention projections, shared and routed experts, output head
+    # Q8_0 under q8_0 (docs/MODEL.md B.5): attention projections, shared and routed experts, output head
     proj = {"attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_a.weight", "attn_output_b.weight",
             "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight", "ffn_gate_exps.weight",
             "ffn_up_exps.weight", "ffn_down_exps.weight", "output.weight"}
@@ -132,7 +132,7 @@ def test_convert_metadata_from_config(model, converted):
     else:
         assert K("rope.scaling.type") == "none"
         assert "deepseek4.rope.scaling.factor" not in r.fields
-    # types the published files use (FORMATS.md D.4)
+    # types the published files use (docs/FORMATS.md D.4)
     assert r.fields["deepseek4.block_count"].types == [gguf.GGUFValueType.UINT32]
     assert r.fields["deepseek4.rope.freq_base"].types == [gguf.GGUFValueType.FLOAT32]
 

@@ -219,7 +219,7 @@ def test_gguf_py_reads_our_writer_every_type(tmp_path, alignment):
         assert int(t.n_bytes) == len(data)
         assert np.asarray(t.data).tobytes() == data, name
         assert (t.data_offset - r.data_offset) % r.alignment == 0
-        if prev_end is not None:  # packed in directory order (FORMATS.md A.5)
+        if prev_end is not None:  # packed in directory order (docs/FORMATS.md A.5)
             assert t.data_offset == prev_end
         al = r.alignment
         prev_end = t.data_offset + (len(data) + al - 1) // al * al

@@ -1,4 +1,4 @@
-"""The CPU engine against transformers' DeepseekV4 (fixtures of tools/oracle/make_fixtures.py, ORACLE.md).
+"""The CPU engine against transformers' DeepseekV4 (fixtures of tools/oracle/make_fixtures.py, docs/ORACLE.md).
 
 For every fixture in tests/data/oracle: ds4-convert -> f32 GGUF -> `ds4 --cpu --dump-logits` (with
 --plain-numerics for plain fixtures, the release path for *_release fixtures) -> compared with transformers'
@@ -21,7 +21,7 @@ from oracle_util import ORACLE, convert, gguf_rewrite
 
 FIXTURES = sorted(p.parent.name for p in ORACLE.glob("*/meta.json"))
 TOL, MAX_TOL, FRACTION = 1e-3, 0.05, 0.99
-# a decision closer than this (relative gap, MODEL.md C.6 / meta.json) may flip between two float32
+# a decision closer than this (relative gap, docs/MODEL.md C.6 / meta.json) may flip between two float32
 # implementations; with the release rounding a flip of an FP8/FP4 code moves scores by up to a few percent
 NEAR_TIE = {False: 1e-4, True: 2e-2}
 

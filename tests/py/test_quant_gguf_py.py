@@ -3,7 +3,7 @@
 Our code is called through ctypes on build/libds4.so. gguf-py's
 `gguf.quants.dequantize` is an independent NumPy implementation of every
 block format, and `gguf.quants.quantize` reproduces ggml's Q8_0 quantizer
-bit for bit (FORMATS.md §F). Comparisons are on bit patterns, not values.
+bit for bit (docs/FORMATS.md §F). Comparisons are on bit patterns, not values.
 """
 import ctypes
 
@@ -108,7 +108,7 @@ def test_gguf_py_dequantizes_our_quantizer_output_bit_exact(lib, t, dist, with_i
 
 
 def random_blocks(rng, t, n_blocks):
-    """Random bytes with finite, sane f16 scale fields (FORMATS.md F.2)."""
+    """Random bytes with finite, sane f16 scale fields (docs/FORMATS.md F.2)."""
     elems, size = gguf.GGML_QUANT_SIZES[BLOCK_TYPES[t]]
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
 

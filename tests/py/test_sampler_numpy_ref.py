@@ -1,4 +1,4 @@
-"""Sampler (TEXT.md D.3/D.4) against an independent numpy float32 reference.
+"""Sampler (docs/TEXT.md D.3/D.4) against an independent numpy float32 reference.
 
 The reference below is written from the spec text only. The library is
 called through ctypes on build/libds4.so; every case draws a seeded stream
@@ -127,7 +127,7 @@ def test_sampler_matches_numpy_reference_on_random_cases(lib):
         top_p = rnd.choice([1.0, 1.0, 0.5, 0.9, 0.99, 1.5, -1.0])
         min_p = rnd.choice([0.05, 0.0, 0.2, -0.5])
         seed = rnd.getrandbits(64) | 1
-        # exact ties on the top_p path: ds4's order is unspecified (TEXT.md
+        # exact ties on the top_p path: ds4's order is unspecified (docs/TEXT.md
         # E.5); ours is by lower id, like the reference
         s = lib.ds4_sampler_new(n, None)
         prm = Params(T, top_k, top_p, min_p, 0)

@@ -2,7 +2,7 @@
 
 Our side runs the real programs: `ds4-convert --vocab-only --tokenizer` writes
 tok.gguf, and `ds4 -m tok.gguf --dump-tokens --prompt-file F` tokenizes (rendered
-mode: the seven markers of TEXT.md A.1 are recognized, everything else is plain
+mode: the seven markers of docs/TEXT.md A.1 are recognized, everything else is plain
 BPE). The reference ids are computed here, in the test run, by HF `tokenizers`:
 
 * plain: the tokenizer.json with no added tokens (pre-tokenizer + BPE only),
@@ -10,13 +10,13 @@ BPE). The reference ids are computed here, in the test run, by HF `tokenizers`:
   mode is its plain mode);
 * rendered: the tokenizer.json whose added tokens are exactly the seven
   markers, with the ids our GGUF gives them (V3 lacks <think>, </think>,
-  ｜DSML｜; the converter adds them as V4 has them, TEXT.md A.8/A.9).
+  ｜DSML｜; the converter adds them as V4 has them, docs/TEXT.md A.8/A.9).
 
 Many texts go through one ds4 run: they are joined with the BOS marker, which
 both sides treat as a hard boundary (spans between markers are tokenized
 independently), and the result is cut again at the BOS ids. Every text is also
 checked for an exact round trip (bytes of the decoded ids == the input bytes),
-with a byte decoder written here from TEXT.md A.3/A.7.
+with a byte decoder written here from docs/TEXT.md A.3/A.7.
 """
 import json
 import os
@@ -73,7 +73,7 @@ BYTE_DEC = _byte_decoder()
 
 
 def decode(vocab, ids):
-    """Bytes of ids per TEXT.md A.7 (markers verbatim, else byte symbols)."""
+    """Bytes of ids per docs/TEXT.md A.7 (markers verbatim, else byte symbols)."""
     out = bytearray()
     for i in ids:
         s = vocab[i]
@@ -290,7 +290,7 @@ def test_tokenizer_hf_every_codepoint_class(tok_gguf, vocab, hf, tmp_path):
 
 
 def test_tokenizer_hf_added_token_strings_as_text(tok_gguf, vocab, hf, tmp_path):
-    # other added tokens of the vocabulary are ordinary text in ds4 (TEXT.md A.2)
+    # other added tokens of the vocabulary are ordinary text in ds4 (docs/TEXT.md A.2)
     others = ["<｜tool▁calls▁begin｜>", "<｜tool▁sep｜>", "<|EOT|>", "<｜place▁holder▁no▁5｜>",
               "<｜fim▁hole｜>", "<｜▁pad▁｜>", "<think", "think>", "<｜User", "User｜>", "｜DSML",
               "DSML｜", "< think>", "</ think>", "<THINK>", "<｜user｜>", "｜", "▁", "<｜｜>"]

@@ -1,4 +1,4 @@
-/* test_chat.c - byte-exact golden tests of the chat template (TEXT.md §B)
+/* test_chat.c - byte-exact golden tests of the chat template (docs/TEXT.md §B)
  * and of the prompt pieces from §C it embeds.
  *
  * Expected strings are written here as literal UTF-8 text copied from the
@@ -52,7 +52,7 @@ DS4_TEST(chat_markers_are_the_spec_bytes) {
     CHECK_STR(DS4_USER, USER);
     CHECK_STR(DS4_ASSISTANT, ASSIST);
     CHECK_STR(DS4_DSML_MARK, "｜DSML｜");
-    /* U+FF5C is EF BD 9C, U+2581 is E2 96 81 (TEXT.md conventions) */
+    /* U+FF5C is EF BD 9C, U+2581 is E2 96 81 (docs/TEXT.md conventions) */
     CHECK(memcmp(DS4_BOS, "<\xef\xbd\x9c" "begin\xe2\x96\x81", 10) == 0);
 }
 

@@ -1,4 +1,4 @@
-/* test_dsml.c - DSML (TEXT.md §C): canonical rendering, final parse, JSON
+/* test_dsml.c - DSML (docs/TEXT.md §C): canonical rendering, final parse, JSON
  * helpers, streaming parser (split invariance), tracker (C.9), repair,
  * exact-replay map and its trailer encoding.
  *
@@ -328,15 +328,17 @@ DS4_TEST(dsml_parse_dsml_inside_reasoning_is_not_executable) {
     CHECK_STR(r.content, "answer");
     CHECK(r.reasoning && strstr(r.reasoning, "tool_calls") != NULL);
     ds4_dsml_result_free(&r);
-    /* thinking without any </think>: no tool parsing; partial reasoning is content (quirk) */
+    /* thinking cut before </think> (a length cut): all of it is reasoning,
+     * as the stream sent it (ds4 returned it as content: issue 12) */
     parse_s("still thinking <" M "tool_calls>", 1, &r);
-    CHECK(!r.block_seen && r.reasoning == NULL);
-    CHECK_STR(r.content, "still thinking <" M "tool_calls>");
+    CHECK(!r.block_seen && r.n_calls == 0);
+    CHECK_STR(r.reasoning, "still thinking <" M "tool_calls>");
+    CHECK_STR(r.content, "");
     ds4_dsml_result_free(&r);
-    /* non-thinking: blocks are found anywhere; a leading <think> is stripped */
+    /* non-thinking: no reasoning at all; think tags are text */
     parse_s("<think>r</think>c", 0, &r);
-    CHECK_STR(r.reasoning, "r");
-    CHECK_STR(r.content, "c");
+    CHECK(r.reasoning == NULL);
+    CHECK_STR(r.content, "<think>r</think>c");
     ds4_dsml_result_free(&r);
 }
 
@@ -355,19 +357,18 @@ DS4_TEST(dsml_parse_families_and_needle_order) {
     CHECK_STR(r.calls[0].arguments, "{\"n\": 5}");
     CHECK(strncmp(r.raw_dsml, "\n\n<tool_calls>", 14) == 0);
     ds4_dsml_result_free(&r);
-    /* needle order beats position: the full family is taken even when a
-     * plain <tool_calls> block comes first */
+    /* the earliest block wins, whatever its family (ds4's needle order took
+     * a later one; generation stops at the first block's end anyway) */
     parse_s("<tool_calls><invoke name=\"a\"></invoke></tool_calls> then <" M "tool_calls><" M
             "invoke name=\"b\"></" M "invoke></" M "tool_calls>", 0, &r);
     CHECK_EQ_INT(r.n_calls, 1);
-    CHECK_STR(r.calls[0].name, "b");
+    CHECK_STR(r.calls[0].name, "a");
     ds4_dsml_result_free(&r);
-    /* "\n\n<tag>" needle first: a later block with the blank line wins */
     parse_s("A<" M "tool_calls></" M "tool_calls>B\n\n<" M "tool_calls><" M "invoke name=\"z\"></" M
             "invoke></" M "tool_calls>", 0, &r);
-    CHECK_EQ_INT(r.n_calls, 1);
-    CHECK_STR(r.calls[0].name, "z");
-    CHECK_STR(r.content, "A<" M "tool_calls></" M "tool_calls>B");
+    CHECK_EQ_INT(r.n_calls, 0);
+    CHECK(r.block_seen && !r.parse_failed);
+    CHECK_STR(r.content, "A");
     ds4_dsml_result_free(&r);
 }
 
@@ -597,6 +598,94 @@ DS4_TEST(dsml_stream_events_of_a_turn) {
     ds4_buf_free(&l.b);
 }
 
+/* What a streaming client assembles from the events of a turn. */
+typedef struct assembled {
+    ds4_buf reasoning, content, args[4];
+    int n_calls, n_errors;
+} assembled;
+
+static int assemble_ev(void *ud, const ds4_dsml_event *ev) {
+    assembled *a = ud;
+    if (ev->type == DS4_DSML_EV_REASONING) ds4_buf_append(&a->reasoning, ev->text, ev->len);
+    if (ev->type == DS4_DSML_EV_CONTENT) ds4_buf_append(&a->content, ev->text, ev->len);
+    if (ev->type == DS4_DSML_EV_CALL_START && ev->index + 1 > a->n_calls) a->n_calls = ev->index + 1;
+    if (ev->type == DS4_DSML_EV_CALL_ARGS && ev->index < 4) ds4_buf_append(&a->args[ev->index], ev->text, ev->len);
+    if (ev->type == DS4_DSML_EV_ERROR) a->n_errors++;
+    return 0;
+}
+
+static int same_bytes(const char *a, size_t an, const char *b, size_t bn) {
+    return an == bn && (an == 0 || memcmp(a, b, an) == 0);
+}
+
+/* One parser (issue 12): for every text and mode, the streamed events
+ * assemble to exactly the final result, and ds4_dsml_parse (tools on)
+ * gives that same result. A thinking turn cut before </think> is all
+ * reasoning in both forms. */
+DS4_TEST(dsml_stream_and_final_result_are_one_reply) {
+    static const char *texts[] = {
+        "cut inside the reasoning <" M "tool_calls> x",
+        "<think>cut too",
+        "r</think>answer\n\n<" M "tool_calls>\n<" M "invoke name=\"f\">\n<" M
+        "parameter name=\"a\" string=\"true\">x &amp; y</" M "parameter>\n</" M "invoke>\n</" M
+        "tool_calls>after",
+        "r</think>ok <" M "tool_calls>\n<" M "invoke name=\"f\">\n<" M "parameter name=\"o\">\n<" M
+        "parameter name=\"a\" string=\"false\">1</" M "parameter><" M "parameter name=\"b\">two</" M
+        "parameter>\n</" M "parameter><" M "parameter name=\"n\" string=\"false\">[1, 2]</" M
+        "parameter></" M "invoke></" M "tool_calls>",
+        "r</think>open <" M "tool_calls>\n<" M "invoke name=\"f\">\n<" M "parameter name=\"a\">v",
+        "r</think>bad <" M "tool_calls>\n<" M "invoke>oops</" M "invoke></" M "tool_calls>",
+        "<think>r</think>two </think> closes",
+        "plain text, no markup \xe4\xb8\xad",
+    };
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+        for (int mode = 0; mode < 4; mode++) {
+            ds4_dsml_stream_opts o = {.thinking = mode & 1, .tools = (mode & 2) != 0, .id_seed = 9};
+            assembled a = {0};
+            ds4_dsml_result r;
+            ds4_dsml_stream *st = ds4_dsml_stream_new(&o);
+            size_t n = strlen(texts[i]);
+            for (size_t k = 0; k < n; k += 3)
+                ds4_dsml_stream_feed(st, texts[i] + k, n - k < 3 ? n - k : 3, assemble_ev, &a);
+            CHECK_EQ_INT(ds4_dsml_stream_finish(st, assemble_ev, &a, &r, NULL), 0);
+            ds4_dsml_stream_free(st);
+            CHECK_MSG(same_bytes(a.reasoning.data, a.reasoning.len, r.reasoning, r.reasoning_len),
+                      "text %zu mode %d: reasoning differs", i, mode);
+            CHECK_MSG(same_bytes(a.content.data, a.content.len, r.content, r.content_len),
+                      "text %zu mode %d: content [%s] vs [%s]", i, mode,
+                      a.content.data ? a.content.data : "", r.content);
+            if (a.n_errors == 0) {
+                CHECK_EQ_INT(a.n_calls, r.n_calls);
+                for (int c = 0; c < r.n_calls && c < 4; c++) {
+                    ds4_buf want = DS4_BUF_INIT;
+                    ds4_dsml_args_compact(&want, r.calls[c].arguments, r.calls[c].arguments_len);
+                    CHECK_MSG(json_same(a.args[c].data, a.args[c].len, want.data, want.len),
+                              "text %zu mode %d call %d: %s vs %s", i, mode, c, a.args[c].data, want.data);
+                    ds4_buf_free(&want);
+                }
+            } else {
+                CHECK_EQ_INT(r.n_calls, 0);
+            }
+            if ((mode & 1) && strstr(texts[i], "</think>") == NULL) {
+                CHECK(r.content_len == 0 && r.reasoning_len > 0);
+            }
+            if (o.tools) { /* ds4_dsml_parse is the same parser */
+                ds4_dsml_result p;
+                CHECK_EQ_INT(ds4_dsml_parse(texts[i], n, o.thinking, &p, NULL), 0);
+                CHECK(same_bytes(p.content, p.content_len, r.content, r.content_len));
+                CHECK(same_bytes(p.reasoning, p.reasoning_len, r.reasoning, r.reasoning_len));
+                CHECK_EQ_INT(p.n_calls, r.n_calls);
+                CHECK(p.n_calls == 0 || p.calls[0].id == NULL);
+                ds4_dsml_result_free(&p);
+            }
+            ds4_dsml_result_free(&r);
+            ds4_buf_free(&a.reasoning);
+            ds4_buf_free(&a.content);
+            for (int c = 0; c < 4; c++) ds4_buf_free(&a.args[c]);
+        }
+    }
+}
+
 DS4_TEST(dsml_stream_same_events_for_every_split) {
     static const char *texts[] = {
         "<think>abc</think>x \n <" M "tool_calls>\n<" M "invoke name=\"f&amp;\">\n<" M
@@ -747,7 +836,8 @@ DS4_TEST(dsml_stream_unterminated_and_failed_blocks) {
     CHECK_EQ_INT(l.n_errors, 1);
     CHECK(strstr(l.b.data, "garbage here") != NULL);
     CHECK(r.parse_failed);
-    CHECK_STR(r.content, b);
+    CHECK_STR(r.content, b + 8); /* after </think>: the reasoning stays reasoning */
+    CHECK(r.reasoning == NULL);
     ds4_dsml_result_free(&r);
     ds4_buf_free(&l.b);
 }

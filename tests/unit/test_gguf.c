@@ -274,7 +274,7 @@ DS4_TEST(gguf_getters_check_type_exactly) {
 }
 
 DS4_TEST(gguf_type_table) {
-    /* sizes from FORMATS.md B.0 for the types of the DS4 files */
+    /* sizes from docs/FORMATS.md B.0 for the types of the DS4 files */
     struct { uint32_t id; const char *name; uint32_t be, bb; } exp[] = {
         {0, "F32", 1, 4},       {1, "F16", 1, 2},  {8, "Q8_0", 32, 34}, {10, "Q2_K", 256, 84},
         {12, "Q4_K", 256, 144}, {16, "IQ2_XXS", 256, 66}, {26, "I32", 1, 4}, {30, "BF16", 1, 2},

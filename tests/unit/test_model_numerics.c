@@ -1,5 +1,5 @@
 /* test_model_numerics.c - the §E rounding simulations against values
- * derived by hand from the E4M3 / E2M1 definitions (MODEL.md E.2-E.4). */
+ * derived by hand from the E4M3 / E2M1 definitions (docs/MODEL.md E.2-E.4). */
 #include <math.h>
 #include <string.h>
 

@@ -2,7 +2,7 @@
  * dequantization of hand-built blocks, dots against dequantize-then-dot,
  * SIMD vs scalar agreement, quantizer error bounds and quirks.
  *
- * Expected values come from the format text of FORMATS.md (hand-built
+ * Expected values come from the format text of docs/FORMATS.md (hand-built
  * blocks decoded with independent arithmetic in this file), from the data
  * tables in tests/data/tables, or from the compiler's own _Float16.
  */
@@ -141,7 +141,7 @@ DS4_TEST(quant_tables_equal_txt_files) {
         CHECK_MSG(fbits(ds4_fp4_e2m1_values[i]) == fbits(x), "fp4 value %d", i);
     }
     fclose(f);
-    /* the two grid forms describe the same points (FORMATS.md §0) */
+    /* the two grid forms describe the same points (docs/FORMATS.md §0) */
     static const uint8_t level_byte[3] = {0x08, 0x19, 0x2b};
     for (int k = 0; k < 256; k++)
         for (int j = 0; j < 8; j++)
@@ -324,7 +324,7 @@ DS4_TEST(quant_dequant_q4_k_hand_built) {
     b.d = 0x3c00;    /* 1.0 */
     b.dmin = 0x3400; /* 0.25 */
     int sc[8] = {1, 7, 13, 63, 40, 17, 33, 62}, m[8] = {0, 5, 63, 2, 48, 31, 16, 9};
-    /* pack per FORMATS.md B.3, bit by bit */
+    /* pack per docs/FORMATS.md B.3, bit by bit */
     for (int j = 0; j < 8; j++) {
         if (j < 4) {
             b.scales[j] |= (uint8_t)sc[j];

@@ -1,4 +1,4 @@
-/* test_sampler.c - sampling (TEXT.md §D) on fixed logits.
+/* test_sampler.c - sampling (docs/TEXT.md §D) on fixed logits.
  *
  * Where exact values are expected they come from an independent Python
  * reference of D.3/D.4 (numpy float32 arithmetic, written from the spec

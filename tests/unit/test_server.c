@@ -18,7 +18,7 @@
 
 static int parse(srv_api api, const char *body, srv_request *rq, srv_error *e) {
     memset(e, 0, sizeof *e);
-    return srv_parse_request(api, body, strlen(body), rq, e);
+    return srv_parse_request(api, body, strlen(body), DS4_THINK_HIGH, rq, e);
 }
 
 /* Expects a parse failure with status and message. */
@@ -96,10 +96,25 @@ DS4_TEST(server_parse_errors_documented) {
     CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5}", 400, "missing messages"));
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"previous_response_id\":\"r\"}", 400,
                      "previous_response_id is not supported; replay full input instead"));
-    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"tool_choice\":\"required\"}", 400,
-                     "tool_choice=required not supported"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"tool_choice\":\"sometimes\"}", 400,
+                     "tool_choice=sometimes not supported"));
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"tool_choice\":{\"type\":\"function\"}}",
-                     400, "forced tool_choice not supported"));
+                     400, "tool_choice function needs a name"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"tool_choice\":{\"type\":\"web_search\"}}",
+                     400, "tool_choice type web_search not supported"));
+    /* n > 1 is refused naming the field, never answered with one choice */
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"n\":2}", 400,
+                     "n must be 1: ds4-server generates one choice per request (send several "
+                     "requests instead)"));
+    CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":\"x\",\"best_of\":3}", 400,
+                     "best_of must be 1: ds4-server generates one choice per request (send several "
+                     "requests instead)"));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logprobs\":true,\"top_logprobs\":21}", 400,
+                     "top_logprobs must be between 0 and 20"));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"top_logprobs\":2}", 400,
+                     "top_logprobs requires logprobs to be true"));
+    CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":\"x\",\"logprobs\":6}", 400,
+                     "logprobs must be between 0 and 5"));
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"mystery\"}]}", 400, inv));
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"message\",\"status\":\"in_progress\"}]}",
                      400, inv));
@@ -250,7 +265,7 @@ DS4_TEST(server_forced_long_names_are_not_truncated) {
     free(name);
 }
 
-/* ---- rendering (TEXT.md B.5 examples) ---------------------------------- */
+/* ---- rendering (docs/TEXT.md B.5 examples) ---------------------------------- */
 
 DS4_TEST(server_render_matches_text_b5) {
     char *txt = render(SRV_API_CHAT, "{\"think\":false,\"messages\":[{\"role\":\"system\",\"content\":\"You are terse.\"},"
@@ -287,10 +302,28 @@ DS4_TEST(server_error_bodies) {
     srv_error e = {0};
     srv_fail(&e, 400, "missing messages");
     char *s = srv_error_body(SRV_API_CHAT, &e);
-    CHECK_STR(s, "{\"error\":{\"message\":\"missing messages\",\"type\":\"invalid_request_error\"}}");
+    CHECK_STR(s, "{\"error\":{\"message\":\"missing messages\",\"type\":\"invalid_request_error\","
+                 "\"param\":null,\"code\":null}}");
     free(s);
     s = srv_error_body(SRV_API_ANTHROPIC, &e);
     CHECK_STR(s, "{\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"missing messages\"}}");
+    free(s);
+    /* the Anthropic type follows the status; OpenAI names param and code */
+    srv_error e2 = {0};
+    srv_fail(&e2, 401, "invalid API key");
+    e2.code = "invalid_api_key";
+    s = srv_error_body(SRV_API_ANTHROPIC, &e2);
+    CHECK_STR(s, "{\"type\":\"error\",\"error\":{\"type\":\"authentication_error\",\"message\":\"invalid API key\"}}");
+    free(s);
+    s = srv_error_body(SRV_API_CHAT, &e2);
+    CHECK_STR(s, "{\"error\":{\"message\":\"invalid API key\",\"type\":\"invalid_request_error\","
+                 "\"param\":null,\"code\":\"invalid_api_key\"}}");
+    free(s);
+    srv_request rq;
+    CHECK(parse(SRV_API_CHAT, "{\"messages\":[],\"n\":3}", &rq, &e2) != 0);
+    srv_request_free(&rq);
+    s = srv_error_body(SRV_API_CHAT, &e2);
+    CHECK(strstr(s, "\"param\":\"n\",\"code\":\"unsupported_value\"") != NULL);
     free(s);
     srv_fail(&e, 400, "Prompt has 40000 tokens, but the configured context size is 32768 tokens");
     e.context = true;
@@ -317,28 +350,17 @@ DS4_TEST(server_jstr_replaces_invalid_utf8) {
 /* ---- SSE shapes ------------------------------------------------------------ */
 
 static srv_job *fake_job(srv_api api, bool summary) {
-    srv_job *j = calloc(1, sizeof *j);
-    pthread_mutex_init(&j->st.mu, NULL);
-    pthread_cond_init(&j->st.cv, NULL);
+    srv_job *j = srv_job_new(api);
     srv_request_init(&j->rq, api);
     j->rq.model = strdup("deepseek-v4-flash");
     j->rq.include_usage = true;
     j->rq.reasoning_summary = summary;
     j->created = 1767225600;
-    j->msg_index = j->rs_index = -1;
     snprintf(j->id, sizeof j->id, api == SRV_API_RESPONSES ? "resp_x" : "chatcmpl-7");
     return j;
 }
 
-static void fake_free(srv_job *j) {
-    srv_request_free(&j->rq);
-    ds4_buf_free(&j->st.pending);
-    ds4_buf_free(&j->acc_content);
-    ds4_buf_free(&j->acc_reasoning);
-    for (int i = 0; i < j->n_fc_ids; i++) free(j->fc_ids[i]);
-    free(j->fc_ids);
-    free(j);
-}
+static void fake_free(srv_job *j) { srv_job_free(j); }
 
 /* A result with one call bash {"command":"ls"}. */
 static void fake_result(srv_result *r, srv_finish f) {
@@ -390,7 +412,7 @@ DS4_TEST(server_sse_openai_chat_tool_stream) {
     const srv_emitter *em = srv_emitter_for(SRV_API_CHAT);
     em->begin(j);
     em->reasoning(j, "Need", 4);
-    em->content(j, "Let me check.", 13);
+    em->content(j, "Let me check.", 13, NULL, 0);
     em->tool_begin(j, 0, "call_0123456789abcdef0123456789abcdef", "bash");
     j->n_tool_started = 1;
     em->tool_args(j, 0, "{", 1);
@@ -433,7 +455,7 @@ DS4_TEST(server_sse_anthropic_blocks) {
     j->usage.cached = 40;
     em->begin(j);
     em->reasoning(j, "Need a tool.", 12);
-    em->content(j, "Before.", 7);
+    em->content(j, "Before.", 7, NULL, 0);
     em->tool_begin(j, 0, "toolu_01", "bash");
     j->n_tool_started = 1;
     em->tool_args(j, 0, "{\"command\":\"ls\"}", 16);
@@ -454,9 +476,17 @@ DS4_TEST(server_sse_anthropic_blocks) {
         CHECK_STR(names[i], want[i]);
         CHECK_STR(json_string_value(json_object_get(ev[i], "type")), want[i]);
     }
-    json_t *usage = json_object_get(json_object_get(ev[0], "message"), "usage");
-    CHECK_EQ_INT(json_integer_value(json_object_get(usage, "cache_read_input_tokens")), 40);
-    CHECK_EQ_INT(json_integer_value(json_object_get(usage, "cache_creation_input_tokens")), 2);
+    /* no cache_control in the request: the 2 new prompt tokens are input
+     * (message_start and message_delta both say so); 40 were read */
+    for (int k = 0; k < 2; k++) {
+        json_t *usage = k == 0 ? json_object_get(json_object_get(ev[0], "message"), "usage")
+                               : json_object_get(ev[11], "usage");
+        CHECK_EQ_INT(json_integer_value(json_object_get(usage, "input_tokens")), 2);
+        CHECK_EQ_INT(json_integer_value(json_object_get(usage, "cache_read_input_tokens")), 40);
+        CHECK_EQ_INT(json_integer_value(json_object_get(usage, "cache_creation_input_tokens")), 0);
+        CHECK_EQ_INT(json_integer_value(json_object_get(usage, "output_tokens")), k == 0 ? 0 : 9);
+    }
+    CHECK(json_is_null(json_object_get(json_object_get(ev[11], "delta"), "stop_sequence")));
     CHECK_STR(json_string_value(json_object_get(json_object_get(ev[3], "delta"), "type")), "signature_delta");
     CHECK_EQ_INT(json_integer_value(json_object_get(ev[8], "index")), 2);
     CHECK_STR(json_string_value(json_object_get(json_object_get(ev[9], "delta"), "type")), "input_json_delta");
@@ -470,6 +500,42 @@ DS4_TEST(server_sse_anthropic_blocks) {
     CHECK_STR(json_string_value(json_object_get(json_object_get(json_array_get(c, 2), "input"), "command")), "ls");
     json_decref(m);
     free(body);
+    /* asked for caching: the new tokens are cache writes; a stop sequence */
+    j->rq.cache_control = true;
+    r.finish = SRV_FINISH_STOP;
+    r.parsed.n_calls = 0;
+    r.stop = "END";
+    body = em->body(j, &r);
+    m = json_loads(body, 0, NULL);
+    json_t *u = json_object_get(m, "usage");
+    CHECK_EQ_INT(json_integer_value(json_object_get(u, "input_tokens")), 0);
+    CHECK_EQ_INT(json_integer_value(json_object_get(u, "cache_creation_input_tokens")), 2);
+    CHECK_STR(json_string_value(json_object_get(m, "stop_reason")), "stop_sequence");
+    CHECK_STR(json_string_value(json_object_get(m, "stop_sequence")), "END");
+    json_decref(m);
+    free(body);
+    r.parsed.n_calls = 1;
+    srv_result_free(&r);
+    fake_free(j);
+}
+
+/* A tool argument holding invalid UTF-8 (random or cut model output) still
+ * reaches the client: as a U+FFFD-repaired string, never as an empty input
+ * object (the Anthropic input is a parsed object, unlike OpenAI's string). */
+DS4_TEST(server_anthropic_tool_input_with_invalid_utf8) {
+    srv_job *j = fake_job(SRV_API_ANTHROPIC, false);
+    srv_result r;
+    fake_result(&r, SRV_FINISH_TOOL_CALLS);
+    free(r.parsed.calls[0].arguments);
+    r.parsed.calls[0].arguments = strdup("{\"command\": \"ls \xe4\xb8\"}");
+    r.parsed.calls[0].arguments_len = strlen(r.parsed.calls[0].arguments);
+    char *body = srv_emitter_for(SRV_API_ANTHROPIC)->body(j, &r);
+    json_t *m = json_loads(body, 0, NULL);
+    json_t *c = json_object_get(m, "content");
+    json_t *in = json_object_get(json_array_get(c, json_array_size(c) - 1), "input");
+    CHECK_STR(json_string_value(json_object_get(in, "command")), "ls \xef\xbf\xbd\xef\xbf\xbd");
+    json_decref(m);
+    free(body);
     srv_result_free(&r);
     fake_free(j);
 }
@@ -479,7 +545,7 @@ DS4_TEST(server_sse_responses_sequence) {
     const srv_emitter *em = srv_emitter_for(SRV_API_RESPONSES);
     em->begin(j);
     em->reasoning(j, "Need a tool.", 12);
-    em->content(j, "Let me check.", 13);
+    em->content(j, "Let me check.", 13, NULL, 0);
     srv_result r;
     fake_result(&r, SRV_FINISH_TOOL_CALLS);
     em->finish(j, &r);
@@ -503,7 +569,7 @@ DS4_TEST(server_sse_responses_sequence) {
     fake_free(j);
 }
 
-/* ---- live bindings (SERVING.md C.3): the visible text of a turn must be a
+/* ---- live bindings (docs/SERVING.md C.3): the visible text of a turn must be a
  * prefix of what the renderer produces for the client's next request ------ */
 
 static char *render_rq(srv_api api, const char *body, ds4_dsml_replay *replay, srv_request *rq) {

@@ -1,7 +1,7 @@
 /* test_tokenizer.c - unit tests of src/tokenizer.c, src/pretok.c and the
  * converter's tokenizer.json loader.
  *
- * Expected ids come from TEXT.md (A.4/A.5 tables and A.9 rendered vectors,
+ * Expected ids come from docs/TEXT.md (A.4/A.5 tables and A.9 rendered vectors,
  * which the spec derived with Hugging Face tokenizers on the V3
  * tokenizer.json) or from a naive string-based BPE written here. The full
  * comparison with Hugging Face on a large corpus is tests/py/test_tokenizer_hf.py.
@@ -72,7 +72,7 @@ DS4_TEST(tokenizer_v3_spec_vectors) {
     CHECK_MSG(tk, "load: %s", err.msg);
     char why[512] = "";
     struct { const char *s; int32_t ids[8]; int n; } v[] = {
-        /* TEXT.md A.4 (cases where ds4 and the official regex agree) */
+        /* docs/TEXT.md A.4 (cases where ds4 and the official regex agree) */
         {"Hello, world!", {19923, 14, 2058, 3}, 4},
         {"    int x = 10;\n", {361, 688, 1527, 438, 223, 553, 510}, 7},
         {"x  \n  y", {90, 2143, 223, 383}, 4},
@@ -80,7 +80,7 @@ DS4_TEST(tokenizer_v3_spec_vectors) {
         {" ?!\n\nfoo", {4054, 2596, 40897}, 3},
         {"don't stop", {20385, 1664, 6409}, 3},
         {">;\n}", {49962, 95}, 2},
-        /* TEXT.md A.5 official values of the divergence table */
+        /* docs/TEXT.md A.5 official values of the divergence table */
         {"\xe2\x80\xa6\n", {20947}, 1},                 /* "…\n" */
         {"a\xc2\xa0\xc2\xa0" "b", {67, 2162, 2162, 68}, 4}, /* NBSPs */
         {"   \xe4\xb8\xad\xe6\x96\x87", {361, 21134}, 2},   /* "   中文" */
@@ -134,6 +134,26 @@ DS4_TEST(tokenizer_v3_rendered_vectors) {
                                  &err);
     CHECK(n > 3);
     for (int i = 0; i < n; i++) CHECK(ids[i] != 0 && ids[i] < 128000);
+    ds4_tokenizer_free(tk);
+}
+
+/* Control tokens (issue 12 item 7): every added token of the V3 table and
+ * the V4 markers, never a BPE token -- counted over the whole vocabulary. */
+DS4_TEST(tokenizer_control_tokens) {
+    ds4_err err = {0};
+    ds4_tokenizer *tk = load_v3(&err);
+    CHECK_MSG(tk, "load: %s", err.msg);
+    CHECK(ds4_tokenizer_is_control(tk, 0));      /* BOS */
+    CHECK(ds4_tokenizer_is_control(tk, 128000)); /* <｜place▁holder▁no▁0｜> */
+    CHECK(ds4_tokenizer_is_control(tk, 128805)); /* <|EOT|> */
+    CHECK(ds4_tokenizer_is_control(tk, 128806)); /* <｜tool▁calls▁begin｜> */
+    CHECK(ds4_tokenizer_is_control(tk, 128821)); /* <think> */
+    CHECK(ds4_tokenizer_is_control(tk, 128825)); /* ｜DSML｜ */
+    CHECK(!ds4_tokenizer_is_control(tk, 19923)); /* Hello */
+    CHECK(!ds4_tokenizer_is_control(tk, -1) && !ds4_tokenizer_is_control(tk, 1 << 20));
+    int n_bpe = 0;
+    for (int32_t id = 0; id < 128000; id++) n_bpe += ds4_tokenizer_is_control(tk, id);
+    CHECK_EQ_INT(n_bpe, 3); /* BOS, EOS and <｜▁pad▁｜> sit at ids 0..2 */
     ds4_tokenizer_free(tk);
 }
 

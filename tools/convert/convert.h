@@ -37,7 +37,7 @@ typedef struct ds4_tokjson {
 
 /* Reads a Hugging Face tokenizer.json of type BPE (model.vocab, model.merges
  * as "a b" strings or ["a","b"] pairs, added_tokens). Adds the DeepSeek V4
- * tokens <think>, </think> and ｜DSML｜ when absent (TEXT.md A.8: at ids
+ * tokens <think>, </think> and ｜DSML｜ when absent (docs/TEXT.md A.8: at ids
  * 128821, 128822, 128825 when those are free, else after the last id), and
  * pads the table with "[PADn]" (type unused) up to pad_to entries (never
  * truncates; 0 = no padding). Returns 0, or DS4_E_IO / DS4_E_FORMAT (not a
@@ -96,7 +96,7 @@ int ds4_st_dtype_size(int dtype);   /* bytes per element, 0 when unknown */
 /* ---- model description and tensor plan (hf.c) ---------------------------- */
 
 /* Hyperparameters of a DeepSeek V4 model as the GGUF metadata states them
- * (MODEL.md §A; names follow the deepseek4.* keys). */
+ * (docs/MODEL.md §A; names follow the deepseek4.* keys). */
 typedef struct ds4_conv_hparams {
     int n_layer, n_embd, n_vocab, n_head, head_dim, n_rot;
     int q_lora, o_lora, o_groups;
@@ -114,7 +114,7 @@ typedef struct ds4_conv_hparams {
 void ds4_conv_hparams_free(ds4_conv_hparams *hp);
 
 /* Reads a Hugging Face config.json (transformers' DeepseekV4Config fields or
- * the official checkpoint's, FORMATS.md E.5). Returns 0, or DS4_E_IO /
+ * the official checkpoint's, docs/FORMATS.md E.5). Returns 0, or DS4_E_IO /
  * DS4_E_FORMAT naming the missing or invalid key. */
 int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err);
 
@@ -159,7 +159,7 @@ typedef struct ds4_conv_plan {
     int n;
 } ds4_conv_plan;
 
-/* Lays out every tensor of the published GGUF layout (MODEL.md B.2-B.3) for
+/* Lays out every tensor of the published GGUF layout (docs/MODEL.md B.2-B.3) for
  * hp, with output types chosen by outtype; sources unbound. */
 int ds4_conv_plan_layout(ds4_conv_plan *plan, const ds4_conv_hparams *hp, ds4_conv_outtype outtype,
                          ds4_err *err);
@@ -168,12 +168,12 @@ ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *plan, const char *name);
 
 /* Binds every planned tensor to the tensors of a model directory (accepting
  * save_pretrained's, the in-memory module names and the official
- * checkpoint's, ORACLE.md §4 / FORMATS.md E.4), checking shapes and dtypes.
+ * checkpoint's, docs/ORACLE.md §4 / docs/FORMATS.md E.4), checking shapes and dtypes.
  * Fails with DS4_E_MODEL naming a tensor it cannot map, a shape mismatch, or
  * the tensors that are missing. */
 int ds4_conv_bind_hf(ds4_conv_plan *plan, const ds4_conv_hparams *hp, const ds4_st *st, ds4_err *err);
 
-/* Adds the deepseek4.* and general.* metadata for hp (FORMATS.md D.4). */
+/* Adds the deepseek4.* and general.* metadata for hp (docs/FORMATS.md D.4). */
 int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const char *name,
                           ds4_conv_outtype outtype, ds4_err *err);
 

@@ -1,5 +1,5 @@
 /* hf.c - Hugging Face DeepSeek V4 model directory -> GGUF in the published
- * ds4 layout (MODEL.md §A-B, FORMATS.md §D-E).
+ * ds4 layout (docs/MODEL.md §A-B, docs/FORMATS.md §D-E).
  *
  * Four steps, each a function below:
  *   1. ds4_conv_read_config: config.json -> ds4_conv_hparams. Accepts
@@ -20,7 +20,7 @@
  *      (or from the seeded generator of the demo model) into the output type.
  *      Memory stays O(row), never O(model).
  *
- * Element order never changes (MODEL.md B.6): GGUF ne is the reversed
+ * Element order never changes (docs/MODEL.md B.6): GGUF ne is the reversed
  * PyTorch shape; expert stacks are experts concatenated, expert 0 first;
  * transformers' fused gate_up_proj [E, 2F, D] holds gate rows first.
  */
@@ -131,7 +131,7 @@ static int rope_from_dict(ds4_conv_hparams *hp, json_t *d, const char *where, ds
     if (af != 1.0)
         return ds4_err_set(err, DS4_E_FORMAT,
                            "config.json: %s attention_factor = %g is not supported (DeepSeek V4 applies no YaRN "
-                           "magnitude scaling, MODEL.md C.4)", where, af);
+                           "magnitude scaling, docs/MODEL.md C.4)", where, af);
     if (!(hp->yarn_factor > 0) || !(hp->yarn_beta_fast > 0) || !(hp->yarn_beta_slow > 0))
         return ds4_err_set(err, DS4_E_FORMAT, "config.json: %s YaRN parameters must be positive", where);
     return 0;
@@ -178,7 +178,7 @@ static int read_schedule(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
         if (csa != 4)
             return ds4_err_set(err, DS4_E_FORMAT,
                                "config.json: the CSA compress rate is %lld; only 4 is supported (the overlapping "
-                               "compressor and the indexer are tied to ratio 4, MODEL.md G.1)", (long long)csa);
+                               "compressor and the indexer are tied to ratio 4, docs/MODEL.md G.1)", (long long)csa);
         if (hca == 4)
             return ds4_err_set(err, DS4_E_FORMAT, "config.json: the HCA compress rate must differ from 4");
         if ((int)json_array_size(lt) < hp->n_layer)
@@ -208,7 +208,7 @@ static int read_schedule(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
     }
     return ds4_err_set(err, DS4_E_FORMAT,
                        "config.json: missing key 'layer_types' (or the official 'compress_ratios'); transformers' "
-                       "default schedule is V4-Pro's, not Flash's (MODEL.md F.11)");
+                       "default schedule is V4-Pro's, not Flash's (docs/MODEL.md F.11)");
 }
 
 static int read_hash_layers(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
@@ -324,7 +324,7 @@ done:
 
 /* ------------------------------------------------------------ plan */
 
-/* Tensor classes of the published recipe (MODEL.md B.5, FORMATS.md D.2). */
+/* Tensor classes of the published recipe (docs/MODEL.md B.5, docs/FORMATS.md D.2). */
 enum { CLS_VEC, CLS_I32, CLS_PROJ, CLS_F16 };
 
 static uint32_t out_type(int cls, ds4_conv_outtype ot, int64_t n_in) {
@@ -444,7 +444,7 @@ ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *p, const char *name) {
 
 /* GGUF name (after "blk.N.") <- accepted source suffixes (after "layers.N."):
  * official / save_pretrained spelling first, then transformers' module
- * names (MODEL.md B.3, ORACLE.md §4). */
+ * names (docs/MODEL.md B.3, docs/ORACLE.md §4). */
 static const struct { const char *gguf; const char *src[4]; } layer_map[] = {
     {"hc_attn_fn.weight", {"hc_attn_fn", "attn_hc.fn"}},
     {"hc_attn_scale.weight", {"hc_attn_scale", "attn_hc.scale"}},

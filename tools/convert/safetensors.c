@@ -1,5 +1,5 @@
 /* safetensors.c - read-only view of a Hugging Face model directory's
- * *.safetensors files (FORMATS.md E.2).
+ * *.safetensors files (docs/FORMATS.md E.2).
  *
  * Every file is mmap'ed read-only; tensors are zero-copy views into the
  * mappings, so a converter can stream a model far larger than RAM. The whole

@@ -2,7 +2,7 @@
  *
  * Owns the reading of a BPE tokenizer.json (jansson) into the arrays the
  * GGUF stores, and the writing of the tokenizer.ggml.* keys as the
- * published DeepSeek V4 Flash files carry them (FORMATS.md D.4, MODEL.md
+ * published DeepSeek V4 Flash files carry them (docs/FORMATS.md D.4, docs/MODEL.md
  * A.3). Invariants of a loaded ds4_tokjson: every id 0..n_tokens-1 has a
  * string (gaps are "[PADn]"), no string is NULL, ids of the vocabulary and
  * of added_tokens agree where both name the same id.
@@ -22,7 +22,7 @@
 #define EOS_STR "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>"
 #define PAD_STR "<\xef\xbd\x9c\xe2\x96\x81pad\xe2\x96\x81\xef\xbd\x9c>"
 
-/* V4 tokens absent from the V3 tokenizer.json, with their V4 ids (TEXT.md
+/* V4 tokens absent from the V3 tokenizer.json, with their V4 ids (docs/TEXT.md
  * A.8; the ids are those reported for V4, the engine finds them by string). */
 static const struct {
     const char *str;

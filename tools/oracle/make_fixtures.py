@@ -2,7 +2,7 @@
 """make_fixtures.py - transformers' DeepseekV4 as a numerical oracle for ds4 (test side only).
 
 Builds tiny random-weight DeepseekV4 models with transformers, following
-shared/spec/ORACLE.md and MODEL.md §G, and writes the fixtures that
+shared/spec/docs/ORACLE.md and docs/MODEL.md §G, and writes the fixtures that
 tests/py/test_oracle.py compares the engine with:
 
   tests/data/oracle/models/<model>/config.json, model.safetensors   (save_pretrained)
@@ -12,11 +12,11 @@ tests/py/test_oracle.py compares the engine with:
 
 Several fixtures share one model directory (the weights dominate the size).
 
-Precautions (ORACLE.md):
+Precautions (docs/ORACLE.md):
   1. torch.topk / Tensor.topk are replaced, inside `stable_topk()`, by a stable descending sort + slice, so
-     exact ties go to the lower index (MODEL.md C.6), as in the engine.
+     exact ties go to the lower index (docs/MODEL.md C.6), as in the engine.
   2. YaRN is passed in the flat rope_parameters form; the script asserts compress attention_factor == 1.0 and
-     checks the inverse frequencies against MODEL.md C.4. One model has no rope_parameters (plain RoPE, theta
+     checks the inverse frequencies against docs/MODEL.md C.4. One model has no rope_parameters (plain RoPE, theta
      160000, on compressed layers).
   3. Every parameter and the buffers e_score_correction_bias and tid2eid are re-drawn (tid2eid per layer with its
      own generator, with replacement, so a token can route to one expert twice).
@@ -25,7 +25,7 @@ Precautions (ORACLE.md):
 Weights are rounded to the storage dtype of the model directory (f32, bf16 or f16) before the reference forward,
 so the saved file reproduces the reference exactly after conversion to f32.
 
-"release" fixtures apply the official numerics of MODEL.md §E inside transformers (see `release_numerics()`):
+"release" fixtures apply the official numerics of docs/MODEL.md §E inside transformers (see `release_numerics()`):
   - E.2 FP8-E4M3 rounding (64-wide blocks, power-of-two scale) of the non-RoPE dims of every attention KV row:
     the raw rows (DeepseekV4Attention, after RoPE of kv) and the compressed rows (CSA/HCA compressor, after
     norm + RoPE);
@@ -74,7 +74,7 @@ YARN_FLAT = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddi
 S, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
 MODELS = {
-    # MODEL.md G.1 exactly: sliding-only layers 0-1, CSA (ratio 4, indexer top-3 of 2 heads) layers 2 and 4,
+    # docs/MODEL.md G.1 exactly: sliding-only layers 0-1, CSA (ratio 4, indexer top-3 of 2 heads) layers 2 and 4,
     # HCA ratio 8 layer 3, hash MoE layers 0-2 (8 experts, top 3), biased router in 3-4, YaRN on compressed layers.
     "tiny_yarn": dict(
         seed=11, dtype="bf16",
@@ -207,7 +207,7 @@ def stable_topk():
         torch.topk, torch.Tensor.topk = old_fn, old_method
 
 # ---------------------------------------------------------------------------------------------------------------
-# Release numerics (MODEL.md §E), applied inside transformers' modules
+# Release numerics (docs/MODEL.md §E), applied inside transformers' modules
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -282,7 +282,7 @@ def _indexer_query(x):
 
 @contextlib.contextmanager
 def release_numerics(model):
-    """Applies MODEL.md E.2-E.4 at the call sites described in the module docstring."""
+    """Applies docs/MODEL.md E.2-E.4 at the call sites described in the module docstring."""
     stack = []          # kinds of the modules currently inside forward (innermost last)
     seen = set()        # call sites that were rounded
     rope_dim = model.config.qk_rope_head_dim
@@ -346,7 +346,7 @@ def build_config(spec):
 
 
 def expected_inv_freq(cfg, kind):
-    """MODEL.md C.4 in float32: plain 1/base^(2i/d) or the YaRN mix with the correction range of the factor."""
+    """docs/MODEL.md C.4 in float32: plain 1/base^(2i/d) or the YaRN mix with the correction range of the factor."""
     rp = cfg.rope_parameters[kind]
     d = cfg.qk_rope_head_dim
     base = float(rp["rope_theta"])
@@ -375,7 +375,7 @@ def check_rope(model):
 
 
 def randomise(model, seed, store_dtype):
-    """ORACLE.md precaution 3 (spreads from MODEL.md G.3 where it names one), then rounding to the storage dtype."""
+    """docs/ORACLE.md precaution 3 (spreads from docs/MODEL.md G.3 where it names one), then rounding to the storage dtype."""
     g = torch.Generator().manual_seed(seed)
 
     def normal(p, std):

@@ -1,0 +1,402 @@
+"""ds4-server as real clients see it (issue 12): each test drives the server
+with the official openai / anthropic SDKs (strict response validation) and
+checks one behaviour those clients rely on. The demo model has random
+weights: its text is meaningless, which makes it good at the edge cases
+(thinking turns cut by max_tokens, control tokens in the output).
+
+Items (issue 12): 1 stream == non-stream for every API; 2 Anthropic
+stop_sequences; 3 Anthropic usage; 4 Responses tool_choice and the echoed
+members; 5 OpenAI required members, logprobs, error objects, n; 6 Anthropic
+errors, ids, count_tokens; 7 control tokens never in content; 8 the
+--default-thinking option.
+"""
+import http.client
+import json
+import re
+
+import pytest
+
+from test_server import BASH_TOOL, Server, prompt_tokens, user
+
+ANTH_TOOL = {"name": "Bash", "description": "Run a command",
+             "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
+                              "required": ["command"]}}
+RESP_TOOL = {"type": "function", "name": "bash", "description": "Run a shell command",
+             "parameters": {"type": "object", "properties": {"command": {"type": "string"}},
+                            "required": ["command"]}}
+SEED = {"seed": 7}
+
+
+def sse(data):
+    """(event name or None, parsed JSON) of every data line of an SSE body."""
+    out, name = [], None
+    for line in data.decode().split("\n"):
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            out.append((name, None if line[6:] == "[DONE]" else json.loads(line[6:])))
+            name = None
+    return out
+
+
+def raw_json(s, path, body):
+    st, _, data = s.raw("POST", path, body)
+    assert st == 200, data
+    return json.loads(data)
+
+
+# ---- 1. one reply, streamed or not ------------------------------------------------
+
+def chat_view(r):
+    m = r.choices[0].message
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls or []]
+    return dict(reasoning=(m.model_extra or {}).get("reasoning_content") or "",
+                content=m.content or "", calls=calls, finish=r.choices[0].finish_reason,
+                usage=(r.usage.prompt_tokens, r.usage.completion_tokens))
+
+
+def chat_stream_view(chunks):
+    reasoning = content = ""
+    calls, finish, usage = {}, None, None
+    for k in chunks:
+        if k.usage:
+            usage = (k.usage.prompt_tokens, k.usage.completion_tokens)
+        if not k.choices:
+            continue
+        d = k.choices[0].delta
+        reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            c = calls.setdefault(tc.index, ["", ""])
+            c[0] += tc.function.name or "" if tc.function else ""
+            c[1] += tc.function.arguments or "" if tc.function else ""
+        finish = k.choices[0].finish_reason or finish
+    return dict(reasoning=reasoning, content=content,
+                calls=[(n, json.loads(a)) for n, a in (calls[i] for i in sorted(calls))],
+                finish=finish, usage=usage)
+
+
+@pytest.mark.parametrize("case", ["thinking_cut", "forced_call"])
+def test_chat_stream_and_plain_are_the_same_reply(case):
+    kw = dict(model="m", messages=user("List the files"), max_tokens=24, seed=7)
+    if case == "forced_call":
+        kw.update(tools=[BASH_TOOL], tool_choice="required", max_tokens=120)
+    with Server() as s:
+        c = s.openai()
+        a = chat_view(c.chat.completions.create(**kw))
+        b = chat_stream_view(c.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kw))
+    if case == "thinking_cut":
+        # random weights: the reasoning never closes, the cut is inside <think>
+        assert a["finish"] == "length" and a["reasoning"] and a["content"] == ""
+    else:
+        assert a["finish"] == "tool_calls" and a["calls"][0][0] == "bash"
+    assert a == b
+
+
+def anthropic_view(m):
+    blocks = [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None) or
+               (b.name, b.input) if b.type == "tool_use" else
+               getattr(b, "thinking", None) or getattr(b, "text", None)) for b in m.content]
+    return dict(blocks=blocks, stop=m.stop_reason, seq=m.stop_sequence,
+                usage=(prompt_tokens(m.usage), m.usage.output_tokens))
+
+
+@pytest.mark.parametrize("case", ["thinking_cut", "forced_call"])
+def test_anthropic_stream_and_plain_are_the_same_reply(case):
+    kw = dict(model="m", messages=user("List files"), max_tokens=24, extra_body=SEED)
+    if case == "forced_call":
+        kw.update(tools=[ANTH_TOOL], tool_choice={"type": "any"}, max_tokens=120)
+    with Server() as s:
+        c = s.anthropic()
+        a = anthropic_view(c.messages.create(**kw))
+        with c.messages.stream(**kw) as st:
+            b = anthropic_view(st.get_final_message())
+    if case == "thinking_cut":
+        # the cut reasoning is a thinking block in both forms, never text
+        assert a["stop"] == "max_tokens"
+        assert [k for k, _ in a["blocks"]] == ["thinking", "text"] and a["blocks"][1][1] == ""
+    else:
+        assert a["stop"] == "tool_use" and a["blocks"][-1][0] == "tool_use"
+    assert a == b
+
+
+def responses_view(r):
+    items = []
+    for it in r.output:
+        if it.type == "reasoning":
+            items.append(("reasoning", it.status, "".join(p.text for p in it.summary)))
+        elif it.type == "message":
+            items.append(("message", it.status, "".join(p.text for p in it.content)))
+        else:
+            items.append((it.type, it.name, json.loads(it.arguments)))
+    return dict(status=r.status, items=items,
+                usage=(r.usage.input_tokens, r.usage.output_tokens))
+
+
+@pytest.mark.parametrize("case", ["thinking_cut", "forced_call"])
+def test_responses_stream_and_plain_are_the_same_reply(case):
+    kw = dict(model="m", input="List the files", max_output_tokens=24,
+              reasoning={"effort": "high", "summary": "auto"}, extra_body=SEED)
+    if case == "forced_call":
+        kw.update(tools=[RESP_TOOL], tool_choice="required", max_output_tokens=120)
+    with Server() as s:
+        c = s.openai()
+        a = responses_view(c.responses.create(**kw))
+        events = list(c.responses.create(stream=True, **kw))
+        b = responses_view(events[-1].response)
+        # the deltas add up to the final items
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        summ = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")
+    if case == "thinking_cut":
+        assert a["status"] == "incomplete" and a["items"][0][:2] == ("reasoning", "incomplete")
+        assert all(k != "message" for k, *_ in a["items"])
+    else:
+        assert a["status"] == "completed" and a["items"][-1][:2] == ("function_call", "bash")
+    assert a == b
+    assert summ == "".join(t for k, _, t in b["items"] if k == "reasoning")
+    assert text == "".join(t for k, _, t in b["items"] if k == "message")
+
+
+def test_completions_stream_and_plain_are_the_same_reply():
+    import openai
+    kw = dict(model="m", prompt="Once upon a time", max_tokens=16, seed=7, logprobs=2)
+    with Server() as s:
+        a = s.openai().completions.create(**kw)
+        loose = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        parts = list(loose.completions.create(stream=True, **kw))
+    assert "".join(p.choices[0].text for p in parts) == a.choices[0].text
+    assert parts[-1].choices[0].finish_reason == a.choices[0].finish_reason
+    streamed = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
+    assert streamed == a.choices[0].logprobs.tokens
+
+
+# ---- 2. and 3. Anthropic stop sequences and usage -----------------------------------
+
+def test_anthropic_stop_sequence_is_reported():
+    kw = dict(model="m", max_tokens=16, messages=user("Count with me"),
+              thinking={"type": "disabled"}, extra_body={"temperature": 0})
+    with Server() as s:
+        c = s.anthropic()
+        full = c.messages.create(**kw).content[0].text
+        assert len(full) >= 6, full
+        stop = full[3:6]
+        m = c.messages.create(stop_sequences=["zzqq-never", stop], **kw)
+        assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop
+        assert m.content[0].text == full[:full.index(stop)]
+        with c.messages.stream(stop_sequences=[stop], **kw) as st:
+            deltas = [e for e in st if e.type == "message_delta"]
+            f = st.get_final_message()
+        assert deltas[-1].delta.stop_reason == "stop_sequence"
+        assert deltas[-1].delta.stop_sequence == stop
+        assert f.stop_reason == "stop_sequence" and f.stop_sequence == stop
+        n = c.messages.create(**kw)
+        assert n.stop_sequence is None and n.stop_reason in ("end_turn", "max_tokens")
+
+
+def test_anthropic_usage_input_tokens_in_start_and_final_delta():
+    kw = dict(model="m", max_tokens=4, thinking={"type": "disabled"}, extra_body={"temperature": 0})
+    system = "You are a careful assistant. " * 20
+    with Server() as s:
+        c = s.anthropic()
+        # no cache_control: every new prompt token is input
+        with c.messages.stream(messages=user("Hi"), system=system, **kw) as st:
+            evs = list(st)
+        start = [e for e in evs if e.type == "message_start"][0].message.usage
+        delta = [e for e in evs if e.type == "message_delta"][-1].usage
+        assert start.input_tokens > 40 and start.cache_creation_input_tokens == 0
+        assert start.cache_read_input_tokens == 0
+        assert delta.input_tokens == start.input_tokens and delta.output_tokens > 0
+        assert delta.cache_read_input_tokens == 0 and delta.cache_creation_input_tokens == 0
+        total = start.input_tokens
+        # same prefix again: reads from the KV cache count as reads
+        m = c.messages.create(messages=user("Hi"), system=system, **kw)
+        assert prompt_tokens(m.usage) == total and m.usage.cache_read_input_tokens > 40
+        assert m.usage.input_tokens == total - m.usage.cache_read_input_tokens
+        # a client that asks for caching: the new tokens are cache writes
+        cached_sys = [{"type": "text", "text": "Other rules. " * 20,
+                       "cache_control": {"type": "ephemeral"}}]
+        w = c.messages.create(messages=user("Hi"), system=cached_sys, **kw)
+        assert w.usage.cache_creation_input_tokens > 40 and w.usage.input_tokens == 0
+
+
+# ---- 4. Responses: forced tools, echoed members, event lines -------------------------
+
+def test_responses_tool_choice_required_and_named_and_echo():
+    import openai
+    with Server() as s:
+        c = s.openai()
+        for tc in ("required", {"type": "function", "name": "bash"}):
+            r = c.responses.create(model="m", input="List the files", tools=[RESP_TOOL],
+                                   tool_choice=tc, max_output_tokens=120, temperature=0,
+                                   reasoning={"effort": "none"}, instructions="Be brief.",
+                                   metadata={"run": "42"}, top_p=0.5)
+            calls = [it for it in r.output if it.type == "function_call"]
+            assert len(calls) == 1 and calls[0].name == "bash", r.output
+            assert isinstance(json.loads(calls[0].arguments)["command"], str)
+            raw = r.to_dict(mode="json")
+            assert raw["tools"][0]["name"] == "bash" and raw["tool_choice"] == tc
+            assert raw["instructions"] == "Be brief." and raw["metadata"] == {"run": "42"}
+            assert raw["temperature"] == 0 and raw["top_p"] == 0.5
+            assert "error" in r.model_fields_set and r.error is None
+        with pytest.raises(openai.BadRequestError) as ei:
+            c.responses.create(model="m", input="x", tools=[RESP_TOOL],
+                               tool_choice={"type": "function", "name": "rm"})
+        assert ei.value.response.json()["error"]["message"] == \
+            "tool_choice names function 'rm', which is not in tools"
+        # defaults are echoed when the request says nothing
+        d = c.responses.create(model="m", input="x", max_output_tokens=1,
+                               reasoning={"effort": "none"})
+        assert d.tools == [] and d.tool_choice == "auto" and d.instructions is None
+        assert d.temperature == 1.0 and d.top_p == 1.0 and d.metadata == {}
+        # stream events carry "event:" lines named as their type
+        st, hdr, data = s.raw("POST", "/v1/responses", {"model": "m", "input": "x", "stream": True,
+                                                         "max_output_tokens": 3,
+                                                         "reasoning": {"effort": "none"}})
+        evs = sse(data)
+        assert evs and all(name == body["type"] for name, body in evs)
+        assert evs[0][1]["response"]["error"] is None
+
+
+# ---- 5. OpenAI required members, logprobs, errors, n ----------------------------------
+
+def test_openai_required_members_and_logprobs():
+    with Server() as s:
+        c = s.openai()
+        kw = dict(model="m", messages=user("Hello"), max_tokens=8, temperature=0,
+                  extra_body={"think": False})
+        body = raw_json(s, "/v1/chat/completions", dict(kw, think=False, extra_body=None))
+        ch = body["choices"][0]
+        assert "logprobs" in ch and ch["logprobs"] is None
+        assert "refusal" in ch["message"] and ch["message"]["refusal"] is None
+        r = c.chat.completions.create(logprobs=True, top_logprobs=3, **kw)
+        lp = r.choices[0].logprobs.content
+        assert "".join(t.token for t in lp) == r.choices[0].message.content
+        assert len(lp) == r.usage.completion_tokens
+        for t in lp:
+            assert t.logprob <= 0 and len(t.top_logprobs) == 3
+            assert t.top_logprobs[0].logprob >= t.top_logprobs[-1].logprob
+            assert t.top_logprobs[0].token == t.token  # greedy: the top token
+            assert bytes(t.bytes).decode("utf-8", "replace") == t.token or "\ufffd" in t.token
+        chunks = list(c.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kw))
+        slp = [t for k in chunks if k.choices and k.choices[0].logprobs
+               for t in k.choices[0].logprobs.content]
+        assert [(t.token, round(t.logprob, 4)) for t in slp] == \
+            [(t.token, round(t.logprob, 4)) for t in lp]
+        # completions: logprobs N
+        cr = c.completions.create(model="m", prompt="Once upon", max_tokens=6, temperature=0,
+                                  logprobs=2, extra_body={"think": False})
+        clp = cr.choices[0].logprobs
+        assert "".join(clp.tokens) == cr.choices[0].text
+        assert len(clp.token_logprobs) == len(clp.tokens) == len(clp.top_logprobs)
+        assert all(len(t) <= 2 for t in clp.top_logprobs)
+        assert clp.text_offset == sorted(clp.text_offset) and clp.text_offset[0] == 0
+
+
+def test_openai_error_objects_and_n():
+    import openai
+    with Server() as s:
+        c = s.openai()
+        with pytest.raises(openai.BadRequestError) as ei:
+            c.chat.completions.create(model="m", messages=user("x"), n=2, max_tokens=1)
+        err = ei.value.response.json()["error"]
+        assert err["param"] == "n" and err["code"] == "unsupported_value"
+        assert ei.value.param == "n"
+        with pytest.raises(openai.BadRequestError) as ei:
+            c.completions.create(model="m", prompt="x", n=3, max_tokens=1)
+        assert ei.value.response.json()["error"]["param"] == "n"
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"model": "m"})
+        assert json.loads(data)["error"] == {"message": "missing messages",
+                                             "type": "invalid_request_error",
+                                             "param": "messages", "code": None}
+        st, _, data = s.raw("POST", "/v1/nowhere", {})
+        assert st == 404 and json.loads(data)["error"]["code"] == "unknown_url"
+        r = c.chat.completions.create(model="m", messages=user("x"), n=1, max_tokens=1,
+                                      extra_body={"think": False})
+        assert len(r.choices) == 1
+
+
+# ---- 6. Anthropic errors, ids, count_tokens -----------------------------------------
+
+def test_anthropic_error_shapes_ids_and_count_tokens():
+    import anthropic
+    with Server("--api-key", "sekrit") as s:
+        good = anthropic.Anthropic(base_url=s.url, api_key="sekrit", max_retries=0,
+                                   _strict_response_validation=True)
+        bad = anthropic.Anthropic(base_url=s.url, api_key="wrong", max_retries=0,
+                                  _strict_response_validation=True)
+        with pytest.raises(anthropic.AuthenticationError) as ei:
+            bad.messages.create(model="m", max_tokens=1, messages=user("x"))
+        assert ei.value.body == {"type": "error", "error": {"type": "authentication_error",
+                                                            "message": "invalid API key"}}
+        st, _, data = s.raw("POST", "/v1/messages/nowhere", {}, headers={"x-api-key": "sekrit"})
+        assert st == 404 and json.loads(data)["error"]["type"] == "not_found_error"
+        with pytest.raises(anthropic.BadRequestError) as ei:
+            good.messages.create(model="m", max_tokens=1, messages="nope")
+        assert ei.value.body == {"type": "error", "error": {"type": "invalid_request_error",
+                                                            "message": "invalid JSON request"}}
+        kw = dict(model="m", messages=user("Count my tokens please"), system="Be brief.",
+                  tools=[ANTH_TOOL])
+        n = good.messages.count_tokens(**kw)
+        m = good.messages.create(max_tokens=2, thinking={"type": "disabled"},
+                                 **dict(kw, extra_body={"temperature": 0}))
+        n_off = good.messages.count_tokens(thinking={"type": "disabled"}, **kw)
+        assert n_off.input_tokens == prompt_tokens(m.usage)
+        # thinking on: the prompt ends "<think>" instead of "</think>", one token each
+        assert n.input_tokens == n_off.input_tokens
+        ids = {m.id} | {good.messages.create(max_tokens=1, **dict(kw, extra_body={"temperature": 0})).id
+                        for _ in range(2)}
+        assert len(ids) == 3 and all(re.fullmatch(r"msg_[0-9a-f]{24}", i) for i in ids)
+    with Server() as s2:  # a restart does not reuse ids (they were a counter from 1)
+        again = s2.anthropic().messages.create(max_tokens=1, **dict(kw, extra_body={"temperature": 0}))
+        chat = s2.openai().chat.completions.create(model="m", messages=user("x"), max_tokens=1)
+        assert again.id not in ids and re.fullmatch(r"chatcmpl-[0-9a-f]{24}", chat.id)
+
+
+# ---- 7. control tokens never in the text ----------------------------------------------
+
+def test_control_tokens_never_reach_content():
+    """The random model samples added tokens ("<｜place▁holder▁no▁N｜>", "<|EOT|>",
+    "<｜User｜>") now and then; with this seed it does (the reply has fewer text
+    tokens than generated tokens), and none of their text shows."""
+    kw = dict(model="m", messages=user("Tell me a story"), max_tokens=150, seed=1,
+              extra_body={"think": False, "min_p": 0})
+    with Server() as s:
+        c = s.openai()
+        r = c.chat.completions.create(logprobs=True, **kw)
+        text = r.choices[0].message.content
+        assert r.usage.completion_tokens > len(r.choices[0].logprobs.content)
+        assert "".join(t.token for t in r.choices[0].logprobs.content) == text
+        parts = list(c.chat.completions.create(stream=True, **kw))
+        streamed = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+        cr = c.completions.create(model="m", prompt="Tell me a story", max_tokens=150, seed=1,
+                                  extra_body={"think": False, "min_p": 0})
+    for t in (text, streamed, cr.choices[0].text):
+        assert "\uff5c" not in t and "<|" not in t and "think>" not in t, t
+    assert streamed == text
+
+
+# ---- 8. the default thinking mode is a server option ----------------------------------
+
+def test_default_thinking_option_per_api():
+    kw = dict(model="m", max_tokens=6, messages=user("Hi"), extra_body={"temperature": 0})
+    with Server("--default-thinking", "anthropic=off") as s:
+        a = s.anthropic()
+        m = a.messages.create(**kw)  # no "thinking": off, as Anthropic's API means
+        assert [b.type for b in m.content] == ["text"]
+        t = a.messages.create(thinking={"type": "enabled", "budget_tokens": 1024}, **kw)
+        assert t.content[0].type == "thinking"
+        # the other APIs keep the documented default (on)
+        r = s.openai().chat.completions.create(model="m", messages=user("Hi"), max_tokens=6)
+        assert (r.choices[0].message.model_extra or {}).get("reasoning_content")
+    with Server("--default-thinking", "off") as s:
+        r = s.openai().chat.completions.create(model="m", messages=user("Hi"), max_tokens=6,
+                                               temperature=0)
+        assert not (r.choices[0].message.model_extra or {}).get("reasoning_content")
+        assert r.choices[0].message.content
+        # a reasoning effort still asks for reasoning
+        e = s.openai().chat.completions.create(model="m", messages=user("Hi"), max_tokens=6,
+                                               reasoning_effort="high")
+        assert (e.choices[0].message.model_extra or {}).get("reasoning_content")
+    with pytest.raises(RuntimeError):
+        Server("--default-thinking", "bogus", wait=20)
