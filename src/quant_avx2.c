@@ -11,6 +11,8 @@
  * - quantize_act: identical bytes (round-to-nearest-even, same scale math).
  * - dot_f32: FMA accumulation in 8 lanes; differs from the scalar sum only
  *   by float rounding (~1e-6 relative to sum |y*x|).
+ * - tiles (dot_q_tile / dot_f32_tile): every (row, token) pair bit-identical
+ *   to this file's row dot (section "tiles" below).
  */
 #include "quant_impl.h"
 
@@ -472,20 +474,369 @@ static TGT void act_q8_k(const float *x, void *dst, int64_t n) {
     }
 }
 
+/* ---- tiles (quant.h: bit-identical to the row dots) ------------------------
+ *
+ * A micro-tile computes P pairs (row r, token t) over the whole row, lane
+ * r * T + t of one vector per pair. Per block it decodes each row's weights
+ * once for its T tokens, reduces the P integer sums with one transpose-add
+ * tree, and combines the blocks with the row dot's float operations (scale
+ * products, then the running sum), one lane per pair: vector lanes round
+ * exactly like the scalar operations, so every pair is bit-identical to the
+ * row dot. A tile walks its tokens in groups (T = 4, 2, 1) and, inside a
+ * group, its rows in groups of R = P / T; a short last group repeats its
+ * last row or token and drops those lanes. */
+
+#define ALWAYS __attribute__((always_inline)) inline
+
+static inline uint16_t ld16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return h;
+}
+
+/* lane i = sum of the 8 lanes of v[i] (exact integer sums) */
+static ALWAYS TGT __m256i hsum8x8_i32(const __m256i v[8]) {
+    __m256i a = _mm256_hadd_epi32(v[0], v[1]), b = _mm256_hadd_epi32(v[2], v[3]);
+    __m256i c = _mm256_hadd_epi32(v[4], v[5]), d = _mm256_hadd_epi32(v[6], v[7]);
+    __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
+/* lane i = sum of the 8 lanes of v[i], 4 vectors */
+static ALWAYS TGT __m128i hsum4x8_i32(const __m256i v[4]) {
+    __m256i ab = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
+}
+
+/* Walks the tile in micro-tiles of P pairs (see above): calls
+ * MICRO(w_rows, x_toks, R, T, out) with row / token pointer arrays padded by
+ * repetition, and scatters lane r * T + t of out to y. */
+#define TILE_WALK(P, XT, MICRO)                                                              \
+    const uint8_t *wr[P];                                                                    \
+    const XT *xt[P];                                                                         \
+    float out[P];                                                                            \
+    for (int t0 = 0; t0 < n_tok;) {                                                          \
+        int nt = n_tok - t0;                                                                 \
+        int T = nt >= 4 ? 4 : nt >= 2 ? 2 : 1;                                               \
+        int R = (P) / T;                                                                     \
+        for (int t = 0; t < T; t++) xt[t] = (const XT *)x[t0 + (t < nt ? t : nt - 1)];       \
+        for (int r0 = 0; r0 < n_rows; r0 += R) {                                             \
+            int nr = n_rows - r0 < R ? n_rows - r0 : R;                                      \
+            for (int r = 0; r < R; r++) wr[r] = (const uint8_t *)w + (size_t)(r0 + (r < nr ? r : nr - 1)) * row_bytes; \
+            if (T == 4) MICRO(wr, xt, (P) / 4, 4, out);                                      \
+            else if (T == 2) MICRO(wr, xt, (P) / 2, 2, out);                                 \
+            else MICRO(wr, xt, (P), 1, out);                                                 \
+            for (int r = 0; r < nr; r++)                                                     \
+                for (int t = 0; t < T && t < nt; t++) y[(int64_t)(t0 + t) * ldy + r0 + r] = out[r * T + t]; \
+        }                                                                                    \
+        t0 += T < nt ? T : nt;                                                               \
+    }
+
+/* ---- Q8_0 tiles: 8 pairs, R x T = 8 x 1, 4 x 2, 2 x 4 */
+
+static ALWAYS TGT void q8_0_micro(const uint8_t *const *w, const uint8_t *const *x, int R, int T, int64_t nb,
+                                  float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const size_t o = (size_t)b * sizeof(ds4_block_q8_0);
+        __m256i wv[8], av[8], p[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w[r] + o + 2));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) av[t] = _mm256_loadu_si256((const __m256i *)(x[t] + o + 2));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m256i aw = _mm256_sign_epi8(wv[r], wv[r]);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+                p[r * T + t] = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[t], wv[r])), ones);
+        }
+        __m256 is = _mm256_cvtepi32_ps(hsum8x8_i32(p));
+        /* scales: lane r*T+t gets row r's and token t's */
+        __m256 dw, da;
+        if (T == 1) {
+            dw = _mm256_cvtph_ps(_mm_setr_epi16((short)ld16(w[0] + o), (short)ld16(w[1] + o), (short)ld16(w[2] + o),
+                                                (short)ld16(w[3] + o), (short)ld16(w[4] + o), (short)ld16(w[5] + o),
+                                                (short)ld16(w[6] + o), (short)ld16(w[7] + o)));
+            da = _mm256_set1_ps(_cvtsh_ss(ld16(x[0] + o)));
+        } else if (T == 2) {
+            short w0 = (short)ld16(w[0] + o), w1 = (short)ld16(w[1] + o), w2 = (short)ld16(w[2] + o),
+                  w3 = (short)ld16(w[3] + o);
+            dw = _mm256_cvtph_ps(_mm_setr_epi16(w0, w0, w1, w1, w2, w2, w3, w3));
+            da = _mm256_cvtph_ps(_mm_set1_epi32((int)((uint32_t)ld16(x[0] + o) | (uint32_t)ld16(x[1] + o) << 16)));
+        } else {
+            dw = _mm256_setr_m128(_mm_set1_ps(_cvtsh_ss(ld16(w[0] + o))), _mm_set1_ps(_cvtsh_ss(ld16(w[1] + o))));
+            uint64_t a4 = (uint64_t)ld16(x[0] + o) | (uint64_t)ld16(x[1] + o) << 16 | (uint64_t)ld16(x[2] + o) << 32 |
+                          (uint64_t)ld16(x[3] + o) << 48;
+            da = _mm256_cvtph_ps(_mm_set1_epi64x((long long)a4));
+        }
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(dw, da), is));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                          float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK8_0;
+#define Q8_0_MICRO(wr, xt, R, T, out) q8_0_micro(wr, xt, R, T, nb, out)
+    TILE_WALK(8, uint8_t, Q8_0_MICRO)
+#undef Q8_0_MICRO
+}
+
+/* ---- Q8_K tiles: 4 pairs, R x T = 4 x 1, 2 x 2, 1 x 4 */
+
+/* Q8_K block b of activation row x */
+#define ACT_K(x, b) ((const ds4_block_q8_k *)(x) + (b))
+
+/* ±1 bytes of the 8 signs of IQ2_XXS sign index s: byte j = -1 when bit j of
+ * ds4_ksigns_iq2xs[s] (s | parity << 7) is set, else +1 (for sign_epi8). */
+#define KS_B(s, j) ((((s) >> (j)) & 1) ? 0xffull : 0x01ull)
+#define KS_P(s) (((s) ^ (s) >> 1 ^ (s) >> 2 ^ (s) >> 3 ^ (s) >> 4 ^ (s) >> 5 ^ (s) >> 6) & 1)
+#define KS8(s) (KS_B(s, 0) | KS_B(s, 1) << 8 | KS_B(s, 2) << 16 | KS_B(s, 3) << 24 | KS_B(s, 4) << 32 | \
+                KS_B(s, 5) << 40 | KS_B(s, 6) << 48 | (KS_P(s) ? 0xffull : 0x01ull) << 56)
+#define KS4(s) KS8(s), KS8((s) + 1), KS8((s) + 2), KS8((s) + 3)
+#define KS16(s) KS4(s), KS4((s) + 4), KS4((s) + 8), KS4((s) + 12)
+#define KS64(s) KS16(s), KS16((s) + 16), KS16((s) + 32), KS16((s) + 48)
+static const uint64_t iq2_signs64[128] = {KS64(0), KS64(64)};
+
+static ALWAYS TGT void iq2_xxs_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, int R, int T,
+                                     int64_t nb, float *out) {
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const size_t o = (size_t)b * sizeof(ds4_block_iq2_xxs);
+        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                        _mm256_setzero_si256()};
+        for (int g = 0; g < 8; g++) {
+            __m256i av[4];
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) av[t] = _mm256_loadu_si256((const __m256i *)(ACT_K(x[t], b)->qs + 32 * g));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const uint8_t *q = w[r] + o + 2 + 8 * g;
+                uint32_t a1;
+                memcpy(&a1, q + 4, 4);
+                __m256i mag = _mm256_setr_epi64x((long long)ds4_iq2xxs_grid[q[0]], (long long)ds4_iq2xxs_grid[q[1]],
+                                                 (long long)ds4_iq2xxs_grid[q[2]], (long long)ds4_iq2xxs_grid[q[3]]);
+                __m256i sg = _mm256_setr_epi64x((long long)iq2_signs64[a1 & 127], (long long)iq2_signs64[(a1 >> 7) & 127],
+                                                (long long)iq2_signs64[(a1 >> 14) & 127],
+                                                (long long)iq2_signs64[(a1 >> 21) & 127]);
+                __m256i scl = _mm256_set1_epi16((short)(2 * (a1 >> 28) + 1));
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(av[t], sg));
+                    s[r * T + t] = _mm256_add_epi32(s[r * T + t], _mm256_madd_epi16(prod, scl));
+                }
+            }
+        }
+        __m128 bs = _mm_cvtepi32_ps(hsum4x8_i32(s));
+#define DW(i) _cvtsh_ss(ld16(w[(i) / T] + o))
+#define DA(i) ACT_K(x[(i) % T], b)->d
+        __m128 dw = _mm_setr_ps(DW(0), DW(1), DW(2), DW(3)), da = _mm_setr_ps(DA(0), DA(1), DA(2), DA(3));
+        /* a.d * (d * 0.125f * bsum), as dotq_iq2_xxs */
+        acc = _mm_add_ps(acc, _mm_mul_ps(da, _mm_mul_ps(_mm_mul_ps(dw, _mm_set1_ps(0.125f)), bs)));
+    }
+    _mm_storeu_ps(out, acc);
+}
+
+static TGT void tile_iq2_xxs(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                             float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+#define IQ2_MICRO(wr, xt, R, T, out) iq2_xxs_micro(wr, xt, R, T, nb, out)
+    TILE_WALK(4, ds4_block_q8_k, IQ2_MICRO)
+#undef IQ2_MICRO
+}
+
+/* Q2_K: byte shuffles putting the scale of sub-block 2p (values 0..15 of
+ * piece p, 32 values) in the int16 lanes of the low half and that of 2p+1 in
+ * the high half (odd bytes -1: zero). */
+#define Q2C8(j) j, -1, j, -1, j, -1, j, -1, j, -1, j, -1, j, -1, j, -1
+#define Q2CTL(p) {Q2C8(2 * (p)), Q2C8(2 * (p) + 1)}
+static const int8_t q2k_ctl[8][32] __attribute__((aligned(32))) = {Q2CTL(0), Q2CTL(1), Q2CTL(2), Q2CTL(3),
+                                                                   Q2CTL(4), Q2CTL(5), Q2CTL(6), Q2CTL(7)};
+
+static ALWAYS TGT void q2_k_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, int R, int T, int64_t nb,
+                                  float *out) {
+    __m128 acc = _mm_setzero_ps();
+    const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
+    for (int64_t b = 0; b < nb; b++) {
+        const size_t o = (size_t)b * sizeof(ds4_block_q2_k);
+        __m256i is[4], ms[4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w[r] + o;
+            __m128i sc = _mm_loadu_si128((const __m128i *)p);
+            /* mins: sum_j (sc_j >> 4) * bsums_j */
+            __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm256_castsi256_si128(m15)));
+            __m256i scl16 = _mm256_and_si256(_mm256_broadcastsi128_si256(sc), m15);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                is[r * T + t] = _mm256_setzero_si256();
+                ms[r * T + t] =
+                    _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ACT_K(x[t], b)->bsums));
+            }
+            for (int h = 0; h < 2; h++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));
+                for (int k = 0; k < 4; k++) {
+                    __m256i lv = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), m3);
+                    __m256i scl = _mm256_shuffle_epi8(scl16, _mm256_load_si256((const __m256i *)q2k_ctl[4 * h + k]));
+#pragma GCC unroll 8
+                    for (int t = 0; t < T; t++) {
+                        __m256i prod = _mm256_maddubs_epi16(
+                            lv, _mm256_loadu_si256((const __m256i *)(ACT_K(x[t], b)->qs + 128 * h + 32 * k)));
+                        is[r * T + t] = _mm256_add_epi32(is[r * T + t], _mm256_madd_epi16(prod, scl));
+                    }
+                }
+            }
+        }
+        __m256i all[8] = {is[0], is[1], is[2], is[3], ms[0], ms[1], ms[2], ms[3]};
+        __m256 red = _mm256_cvtepi32_ps(hsum8x8_i32(all));
+#define DWK(i) _cvtsh_ss(ld16(w[(i) / T] + o + 80))
+#define DM(i) _cvtsh_ss(ld16(w[(i) / T] + o + 82))
+        __m128 dw = _mm_setr_ps(DWK(0), DWK(1), DWK(2), DWK(3)), dm = _mm_setr_ps(DM(0), DM(1), DM(2), DM(3));
+        __m128 da = _mm_setr_ps(DA(0), DA(1), DA(2), DA(3));
+        /* a.d * (d * isum - dmin * msum), as dotq_q2_k */
+        __m128 v = _mm_sub_ps(_mm_mul_ps(dw, _mm256_castps256_ps128(red)), _mm_mul_ps(dm, _mm256_extractf128_ps(red, 1)));
+        acc = _mm_add_ps(acc, _mm_mul_ps(da, v));
+    }
+    _mm_storeu_ps(out, acc);
+}
+
+static TGT void tile_q2_k(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                          float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+#define Q2K_MICRO(wr, xt, R, T, out) q2_k_micro(wr, xt, R, T, nb, out)
+    TILE_WALK(4, ds4_block_q8_k, Q2K_MICRO)
+#undef Q2K_MICRO
+}
+
+/* Q4_K: 4 pairs, as Q2_K */
+static ALWAYS TGT void q4_k_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, int R, int T, int64_t nb,
+                                  float *out) {
+    __m128 acc = _mm_setzero_ps();
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int64_t b = 0; b < nb; b++) {
+        const size_t o = (size_t)b * sizeof(ds4_block_q4_k);
+        __m256i is[4], ms[4];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w[r] + o;
+            int sc[8], m[8];
+            for (int j = 0; j < 8; j++) q4k_sm(p + 4, j, &sc[j], &m[j]);
+            /* msum = sum_j m_j * (bsums[2j] + bsums[2j+1]): m_j in int16 lanes 2j, 2j+1 */
+            __m256i mins = _mm256_setr_epi16((short)m[0], (short)m[0], (short)m[1], (short)m[1], (short)m[2],
+                                             (short)m[2], (short)m[3], (short)m[3], (short)m[4], (short)m[4],
+                                             (short)m[5], (short)m[5], (short)m[6], (short)m[6], (short)m[7],
+                                             (short)m[7]);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) {
+                is[r * T + t] = _mm256_setzero_si256();
+                ms[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ACT_K(x[t], b)->bsums));
+            }
+            for (int c = 0; c < 4; c++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
+                __m256i lo = _mm256_and_si256(bytes, m15), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m15);
+                __m256i s0 = _mm256_set1_epi16((short)sc[2 * c]), s1 = _mm256_set1_epi16((short)sc[2 * c + 1]);
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    const int8_t *aq = ACT_K(x[t], b)->qs + 64 * c;
+                    __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)aq));
+                    __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(aq + 32)));
+                    is[r * T + t] = _mm256_add_epi32(is[r * T + t], _mm256_madd_epi16(p0, s0));
+                    is[r * T + t] = _mm256_add_epi32(is[r * T + t], _mm256_madd_epi16(p1, s1));
+                }
+            }
+        }
+        __m256i all[8] = {is[0], is[1], is[2], is[3], ms[0], ms[1], ms[2], ms[3]};
+        __m256 red = _mm256_cvtepi32_ps(hsum8x8_i32(all));
+#define DM4(i) _cvtsh_ss(ld16(w[(i) / T] + o + 2))
+        __m128 dw = _mm_setr_ps(DW(0), DW(1), DW(2), DW(3)), dm = _mm_setr_ps(DM4(0), DM4(1), DM4(2), DM4(3));
+        __m128 da = _mm_setr_ps(DA(0), DA(1), DA(2), DA(3));
+        /* a.d * (d * isum - dmin * msum), as dotq_q4_k */
+        __m128 v = _mm_sub_ps(_mm_mul_ps(dw, _mm256_castps256_ps128(red)), _mm_mul_ps(dm, _mm256_extractf128_ps(red, 1)));
+        acc = _mm_add_ps(acc, _mm_mul_ps(da, v));
+    }
+    _mm_storeu_ps(out, acc);
+}
+
+static TGT void tile_q4_k(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                          float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+#define Q4K_MICRO(wr, xt, R, T, out) q4_k_micro(wr, xt, R, T, nb, out)
+    TILE_WALK(4, ds4_block_q8_k, Q4K_MICRO)
+#undef Q4K_MICRO
+}
+
+#undef DW
+#undef DA
+#undef DWK
+#undef DM
+#undef DM4
+
+/* Plain types: two tokens per weight load, each with PLAIN_DOT's four
+ * accumulators, tail loop and final sum. */
+#define PLAIN_TILE(NAME, DOT, LOAD8, SCALAR_AT)                                                              \
+    static TGT void NAME(const void *w, size_t row_bytes, int n_rows, const float *const *x, int n_tok,   \
+                         int64_t n, float *y, int64_t ldy) {                                              \
+        for (int t0 = 0; t0 < n_tok; t0 += 2) {                                                           \
+            const float *x0 = x[t0], *x1 = x[t0 + 1 < n_tok ? t0 + 1 : t0];                               \
+            if (t0 + 1 == n_tok) { /* a last single token: the row dot itself */                          \
+                for (int r = 0; r < n_rows; r++)                                                          \
+                    y[(int64_t)t0 * ldy + r] = DOT((const uint8_t *)w + (size_t)r * row_bytes, x0, n);    \
+                break;                                                                                    \
+            }                                                                                             \
+            for (int r = 0; r < n_rows; r++) {                                                            \
+                const uint8_t *p = (const uint8_t *)w + (size_t)r * row_bytes;                            \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0; \
+                int64_t i = 0;                                                                            \
+                for (; i + 32 <= n; i += 32) {                                                            \
+                    __m256 w0 = LOAD8(p, i), w1 = LOAD8(p, i + 8), w2 = LOAD8(p, i + 16), w3 = LOAD8(p, i + 24); \
+                    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + i), a0);                                \
+                    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + i + 8), a1);                            \
+                    a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x0 + i + 16), a2);                           \
+                    a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x0 + i + 24), a3);                           \
+                    b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + i), b0);                                \
+                    b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + i + 8), b1);                            \
+                    b2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x1 + i + 16), b2);                           \
+                    b3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x1 + i + 24), b3);                           \
+                }                                                                                         \
+                for (; i + 8 <= n; i += 8) {                                                              \
+                    __m256 w0 = LOAD8(p, i);                                                              \
+                    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + i), a0);                                \
+                    b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + i), b0);                                \
+                }                                                                                         \
+                float s0 = hsum_f32(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));         \
+                float s1 = hsum_f32(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));         \
+                for (; i < n; i++) {                                                                      \
+                    float wv = SCALAR_AT(p, i);                                                           \
+                    s0 += wv * x0[i];                                                                     \
+                    s1 += wv * x1[i];                                                                     \
+                }                                                                                         \
+                y[(int64_t)t0 * ldy + r] = s0;                                                            \
+                if (t0 + 1 < n_tok) y[(int64_t)(t0 + 1) * ldy + r] = s1;                                  \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+PLAIN_TILE(tile_f32_f32, dot_f32_f32, LOAD_F32, f32_at)
+PLAIN_TILE(tile_f16_f32, dot_f16_f32, LOAD_F16, f16_idx)
+PLAIN_TILE(tile_bf16_f32, dot_bf16_f32, LOAD_BF16, bf16_idx)
+
+
 const ds4_quant_kernels ds4_quant_avx2_table[] = {
-    {DS4_TYPE_F32, -1, NULL, dot_f32_f32, NULL, NULL},
-    {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL},
-    {DS4_TYPE_BF16, -1, dq_bf16, dot_bf16_f32, NULL, NULL},
-    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, dq_q8_0, dot_q8_0_f32, dotq_q8_0, act_q8_0},
-    {DS4_TYPE_Q4_K, DS4_TYPE_Q8_K, dq_q4_k, dot_q4_k_f32, dotq_q4_k, act_q8_k},
-    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, dq_q2_k, dot_q2_k_f32, dotq_q2_k, act_q8_k},
-    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, dq_iq2_xxs, dot_iq2_xxs_f32, dotq_iq2_xxs, act_q8_k},
+    {DS4_TYPE_F32, -1, NULL, dot_f32_f32, NULL, NULL, NULL, tile_f32_f32},
+    {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL, NULL, tile_f16_f32},
+    {DS4_TYPE_BF16, -1, dq_bf16, dot_bf16_f32, NULL, NULL, NULL, tile_bf16_f32},
+    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, dq_q8_0, dot_q8_0_f32, dotq_q8_0, act_q8_0, tile_q8_0, NULL},
+    {DS4_TYPE_Q4_K, DS4_TYPE_Q8_K, dq_q4_k, dot_q4_k_f32, dotq_q4_k, act_q8_k, tile_q4_k, NULL},
+    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, dq_q2_k, dot_q2_k_f32, dotq_q2_k, act_q8_k, tile_q2_k, NULL},
+    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, dq_iq2_xxs, dot_iq2_xxs_f32, dotq_iq2_xxs, act_q8_k, tile_iq2_xxs, NULL},
 };
 const int ds4_quant_avx2_n = sizeof ds4_quant_avx2_table / sizeof ds4_quant_avx2_table[0];
 
 #else /* no x86 AVX2 code in this build */
 
-const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL}};
+const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
 const int ds4_quant_avx2_n = 0;
 
 #endif
