@@ -184,7 +184,10 @@ int cpu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     const ds4_layer *l = a->l;
     const int D = hp->n_embd, dh = hp->head_dim, H = hp->n_head, ql = hp->q_lora;
     int rc;
-    if ((rc = cpu_matmul(c, &l->q_a, 0, 0, ql, a->u, D, NULL, a->n, a->cq, ql, a->num.act_quant))) return rc;
+    /* q_a and kv read the same input: one run */
+    cpu_mm qkv[2] = {{.w = &l->q_a, .n_rows = ql, .x = a->u, .ldx = D, .n = a->n, .y = a->cq, .ldy = ql},
+                     {.w = &l->kv, .n_rows = dh, .x = a->u, .ldx = D, .n = a->n, .y = a->kv, .ldy = dh}};
+    if ((rc = cpu_matmuls(c, qkv, 2, a->num.act_quant))) return rc;
     for (int t = 0; t < a->n; t++) cpu_rmsnorm(a->cq + (size_t)t * ql, a->cq + (size_t)t * ql, ql, l->q_a_norm, hp->rms_eps);
     if ((rc = cpu_matmul(c, &l->q_b, 0, 0, (int64_t)H * dh, a->cq, ql, NULL, a->n, a->q, (int64_t)H * dh,
                          a->num.act_quant))) return rc;
@@ -194,7 +197,6 @@ int cpu_attn_project(void *ctx, const ds4_attn_project_args *a) {
             cpu_rmsnorm(qh, qh, dh, NULL, hp->rms_eps);
             cpu_rope(qh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
         }
-    if ((rc = cpu_matmul(c, &l->kv, 0, 0, dh, a->u, D, NULL, a->n, a->kv, dh, a->num.act_quant))) return rc;
     for (int t = 0; t < a->n; t++)
         kv_row_finish(a->kv + (size_t)t * dh, hp, a->rope->inv_freq, a->pos0 + t, l->kv_norm, a->num);
     return c->err;
@@ -264,8 +266,9 @@ int cpu_compress_update(void *ctx, const ds4_compress_args *a) {
     float *pooled = cpu_scratch(c, 3, (size_t)a->d * sizeof(float));
     if (!A || !G || !ape || !pooled) return DS4_E_NOMEM;
     int rc;
-    if ((rc = cpu_matmul(c, a->wkv, 0, 0, w, a->u, D, NULL, a->n, A, w, a->num.act_quant))) return rc;
-    if ((rc = cpu_matmul(c, a->wgate, 0, 0, w, a->u, D, NULL, a->n, G, w, a->num.act_quant))) return rc;
+    cpu_mm kg[2] = {{.w = a->wkv, .n_rows = w, .x = a->u, .ldx = D, .n = a->n, .y = A, .ldy = w},
+                    {.w = a->wgate, .n_rows = w, .x = a->u, .ldx = D, .n = a->n, .y = G, .ldy = w}};
+    if ((rc = cpu_matmuls(c, kg, 2, a->num.act_quant))) return rc;
     for (int r = 0; r < R; r++)
         ds4_dequant_row(a->ape->type, (const char *)a->ape->data + (size_t)r * a->ape->row_bytes, ape + (size_t)r * w, w);
     for (int t = 0; t < a->n; t++) {
@@ -362,10 +365,10 @@ int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
         j.wt = cpu_scratch(c, 5, (size_t)a->n * IH * sizeof(float));
         if (!j.qi || !j.wt) return DS4_E_NOMEM;
         int rc;
-        if ((rc = cpu_matmul(c, &a->l->idx_q_b, 0, 0, (int64_t)IH * ID, a->cq, hp->q_lora, NULL, a->n, j.qi,
-                             (int64_t)IH * ID, a->num.act_quant))) return rc;
-        if ((rc = cpu_matmul(c, &a->l->idx_proj, 0, 0, IH, a->u, D, NULL, a->n, j.wt, IH, a->num.act_quant)))
-            return rc;
+        cpu_mm qw[2] = {{.w = &a->l->idx_q_b, .n_rows = (int64_t)IH * ID, .x = a->cq, .ldx = hp->q_lora, .n = a->n,
+                         .y = j.qi, .ldy = (int64_t)IH * ID},
+                        {.w = &a->l->idx_proj, .n_rows = IH, .x = a->u, .ldx = D, .n = a->n, .y = j.wt, .ldy = IH}};
+        if ((rc = cpu_matmuls(c, qw, 2, a->num.act_quant))) return rc;
     }
     cpu_run_w(c, a->n, j.qi ? (double)((a->pos0 + a->n) / 4) * IH * ID : 1.0, idx_task, &j);
     return c->err;
@@ -437,10 +440,13 @@ int cpu_attention(void *ctx, const ds4_attention_args *a) {
     cpu_run_w(c, a->n * H, (double)dh * (hp->window + (a->l->ratio ? (a->pos0 + a->n) / a->l->ratio : 0)) * 2, attn_task, &j);
     if (c->err) return c->err;
     int rc;
-    /* grouped output projection: z_g = W_oa[g] . (heads of group g) */
+    /* grouped output projection: z_g = W_oa[g] . (heads of group g), all groups one run */
+    cpu_mm og[64];
+    if (G > 64) return c->err = DS4_E_INTERNAL;
     for (int g = 0; g < G; g++)
-        if ((rc = cpu_matmul(c, &a->l->o_a, 0, (int64_t)g * ol, ol, j.o + g * gd, (int64_t)H * dh, NULL, a->n,
-                             z + (size_t)g * ol, (int64_t)G * ol, a->num.act_quant))) return rc;
+        og[g] = (cpu_mm){.w = &a->l->o_a, .row0 = (int64_t)g * ol, .n_rows = ol, .x = j.o + g * gd,
+                         .ldx = (int64_t)H * dh, .n = a->n, .y = z + (size_t)g * ol, .ldy = (int64_t)G * ol};
+    if ((rc = cpu_matmuls(c, og, G, a->num.act_quant))) return rc;
     if ((rc = cpu_matmul(c, &a->l->o_b, 0, 0, hp->n_embd, z, (int64_t)G * ol, NULL, a->n, a->y, hp->n_embd,
                          a->num.act_quant))) return rc;
     return c->err;
@@ -501,62 +507,115 @@ static void swiglu(float *h, const float *g, const float *u, int F, float lim, f
     }
 }
 
+/* Expert-major MoE. The (token, slot) items are sorted by expert (items of
+ * one expert in increasing order), so each expert's weights are read once for
+ * all its tokens; gate and up of every used expert and of the shared expert
+ * are one parallel run, SwiGLU, then every down projection is a second run.
+ * A decode step thus keeps all threads on the six experts' rows together
+ * instead of running expert after expert. Per item the operations are those
+ * of one token alone, and the final sum adds the slots in order, then the
+ * shared expert. */
+typedef struct moe_job {
+    const ds4_moe_experts_args *a;
+    float *gb, *ub, *ob;       /* (NI + n, F), (NI + n, F), (NI + n, D): sorted items, then shared rows */
+    const int32_t *items;      /* sorted position -> item t*K+k */
+    const int32_t *pos;        /* item -> sorted position */
+    int NI;
+} moe_job;
+
+static void moe_swiglu_task(void *p, int r0, int r1, int tid) {
+    (void)tid;
+    const moe_job *j = p;
+    const ds4_hparams *hp = &j->a->m->hp;
+    const int F = hp->n_ff_exp;
+    const float lim = hp->swiglu_clamp[j->a->il];
+    for (int r = r0; r < r1; r++) {
+        float wt = r < j->NI ? j->a->w[j->items[r]] : 1.0f;
+        float *g = j->gb + (size_t)r * F;
+        swiglu(g, g, j->ub + (size_t)r * F, F, lim, wt);
+    }
+}
+
+static void moe_sum_task(void *p, int t0, int t1, int tid) {
+    (void)tid;
+    const moe_job *j = p;
+    const ds4_hparams *hp = &j->a->m->hp;
+    const int D = hp->n_embd, K = hp->n_expert_used;
+    for (int t = t0; t < t1; t++) {
+        float *y = j->a->y + (size_t)t * D;
+        const float *sh = j->ob + (size_t)(j->NI + t) * D;
+        const float *o[64];
+        for (int k = 0; k < K; k++) o[k] = j->ob + (size_t)j->pos[t * K + k] * D;
+        for (int d = 0; d < D; d++) {
+            float acc = 0;
+            for (int k = 0; k < K; k++) acc += o[k][d];
+            y[d] = acc + sh[d];
+        }
+    }
+}
+
 int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     cpu_ctx *c = ctx;
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
     const int D = hp->n_embd, F = hp->n_ff_exp, E = hp->n_expert, K = hp->n_expert_used, n = a->n;
     const int NI = n * K;
-    const float lim = hp->swiglu_clamp[a->il];
     const bool aq = a->num.act_quant;
-    float *gb = cpu_scratch(c, 0, (size_t)(NI > n ? NI : n) * F * sizeof(float));
-    float *ub = cpu_scratch(c, 1, (size_t)(NI > n ? NI : n) * F * sizeof(float));
-    float *db = cpu_scratch(c, 2, (size_t)(NI > n ? NI : n) * D * sizeof(float));
-    float *out = cpu_scratch(c, 3, (size_t)NI * D * sizeof(float));
-    int32_t *cnt = cpu_scratch(c, 4, (size_t)(E + 1) * sizeof(int32_t));
-    int32_t *items = cpu_scratch(c, 5, (size_t)NI * 2 * sizeof(int32_t));
-    if (!gb || !ub || !db || !out || !cnt || !items) return DS4_E_NOMEM;
-    int32_t *tok = items + NI;
-    const void *vq = NULL;
-    int gate_act = ds4_type_act(l->gate_exps.type);
-    if (aq && gate_act >= 0 && !(vq = cpu_quantize_rows(c, 6, gate_act, a->v, D, n, D))) return DS4_E_NOMEM;
-    /* group (token, slot) items by expert, items in increasing order */
+    if (K > 64) return c->err = DS4_E_INTERNAL; /* moe_sum_task's slot array; Flash has 6 */
+    moe_job j = {.a = a, .NI = NI};
+    j.gb = cpu_scratch(c, 0, (size_t)(NI + n) * F * sizeof(float));
+    j.ub = cpu_scratch(c, 1, (size_t)(NI + n) * F * sizeof(float));
+    j.ob = cpu_scratch(c, 2, (size_t)(NI + n) * D * sizeof(float));
+    int32_t *cnt = cpu_scratch(c, 3, (size_t)(E + 1) * sizeof(int32_t));
+    int32_t *items = cpu_scratch(c, 4, (size_t)NI * 3 * sizeof(int32_t));
+    cpu_mm *mm = cpu_scratch(c, 5, (size_t)(2 * E + 2) * sizeof(cpu_mm));
+    if (!j.gb || !j.ub || !j.ob || !cnt || !items || !mm) return DS4_E_NOMEM;
+    int32_t *tok = items + NI, *pos = items + 2 * NI;
+    j.items = items;
+    j.pos = pos;
+    /* sort (token, slot) items by expert, increasing within an expert */
     memset(cnt, 0, (size_t)(E + 1) * sizeof(int32_t));
-    for (int i = 0; i < NI; i++) cnt[a->ids[i] + 1]++;
+    for (int i = 0; i < NI; i++) {
+        if (a->ids[i] < 0 || a->ids[i] >= E) return c->err = DS4_E_INTERNAL;
+        cnt[a->ids[i] + 1]++;
+    }
     for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
-    int rc;
+    for (int i = 0; i < NI; i++) {
+        int q = cnt[a->ids[i]]++;
+        items[q] = i;
+        tok[q] = i / K;
+        pos[i] = q;
+    }
+    for (int e = E; e > 0; e--) cnt[e] = cnt[e - 1]; /* back to starts */
+    cnt[0] = 0;
+    /* gate and up: every used expert, then the shared expert */
+    int nm = 0, rc;
     for (int e = 0; e < E; e++) {
         int b = cnt[e], ne = cnt[e + 1] - b;
         if (ne == 0) continue;
-        int q = b;
-        for (int i = 0; i < NI; i++)
-            if (a->ids[i] == e) { items[q] = i; tok[q] = i / K; q++; }
-        if (vq) { /* v quantized once for every expert (E.1) */
-            if ((rc = cpu_matmul_pre(c, &l->gate_exps, e, 0, F, vq, tok + b, ne, gb, F))) return rc;
-            if ((rc = cpu_matmul_pre(c, &l->up_exps, e, 0, F, vq, tok + b, ne, ub, F))) return rc;
-        } else {
-            if ((rc = cpu_matmul(c, &l->gate_exps, e, 0, F, a->v, D, tok + b, ne, gb, F, false))) return rc;
-            if ((rc = cpu_matmul(c, &l->up_exps, e, 0, F, a->v, D, tok + b, ne, ub, F, false))) return rc;
-        }
-        for (int r = 0; r < ne; r++)
-            swiglu(gb + (size_t)r * F, gb + (size_t)r * F, ub + (size_t)r * F, F, lim, a->w[items[b + r]]);
-        if ((rc = cpu_matmul(c, &l->down_exps, e, 0, D, gb, F, NULL, ne, db, D, aq))) return rc;
-        for (int r = 0; r < ne; r++)
-            memcpy(out + (size_t)items[b + r] * D, db + (size_t)r * D, (size_t)D * sizeof(float));
+        mm[nm++] = (cpu_mm){.w = &l->gate_exps, .mat = e, .n_rows = F, .x = a->v, .ldx = D, .xidx = tok + b,
+                            .n = ne, .y = j.gb + (size_t)b * F, .ldy = F};
+        mm[nm++] = (cpu_mm){.w = &l->up_exps, .mat = e, .n_rows = F, .x = a->v, .ldx = D, .xidx = tok + b,
+                            .n = ne, .y = j.ub + (size_t)b * F, .ldy = F};
     }
-    /* shared expert */
-    if ((rc = cpu_matmul(c, &l->gate_sh, 0, 0, F, a->v, D, NULL, n, gb, F, aq))) return rc;
-    if ((rc = cpu_matmul(c, &l->up_sh, 0, 0, F, a->v, D, NULL, n, ub, F, aq))) return rc;
-    for (int t = 0; t < n; t++) swiglu(gb + (size_t)t * F, gb + (size_t)t * F, ub + (size_t)t * F, F, lim, 1.0f);
-    if ((rc = cpu_matmul(c, &l->down_sh, 0, 0, D, gb, F, NULL, n, db, D, aq))) return rc;
-    for (int t = 0; t < n; t++) {
-        float *y = a->y + (size_t)t * D;
-        for (int d = 0; d < D; d++) {
-            float acc = 0;
-            for (int k = 0; k < K; k++) acc += out[((size_t)t * K + k) * D + d];
-            y[d] = acc + db[(size_t)t * D + d];
-        }
+    mm[nm++] = (cpu_mm){.w = &l->gate_sh, .n_rows = F, .x = a->v, .ldx = D, .n = n, .y = j.gb + (size_t)NI * F,
+                        .ldy = F};
+    mm[nm++] = (cpu_mm){.w = &l->up_sh, .n_rows = F, .x = a->v, .ldx = D, .n = n, .y = j.ub + (size_t)NI * F,
+                        .ldy = F};
+    if ((rc = cpu_matmuls(c, mm, nm, aq))) return rc;
+    cpu_run_w(c, NI + n, (double)F * 8, moe_swiglu_task, &j);
+    /* down: every used expert, then the shared expert */
+    nm = 0;
+    for (int e = 0; e < E; e++) {
+        int b = cnt[e], ne = cnt[e + 1] - b;
+        if (ne == 0) continue;
+        mm[nm++] = (cpu_mm){.w = &l->down_exps, .mat = e, .n_rows = D, .x = j.gb + (size_t)b * F, .ldx = F,
+                            .n = ne, .y = j.ob + (size_t)b * D, .ldy = D};
     }
+    mm[nm++] = (cpu_mm){.w = &l->down_sh, .n_rows = D, .x = j.gb + (size_t)NI * F, .ldx = F, .n = n,
+                        .y = j.ob + (size_t)NI * D, .ldy = D};
+    if ((rc = cpu_matmuls(c, mm, nm, aq))) return rc;
+    cpu_run_w(c, n, (double)(K + 1) * D, moe_sum_task, &j);
     return c->err;
 }
 
