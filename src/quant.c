@@ -494,11 +494,13 @@ static void simd_init(void) {
     }
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    /* F16C via cpuid leaf 1 (ECX bit 29): clang's __builtin_cpu_supports
+    /* The AVX2 kernels also use FMA, BMI1/BMI2 and F16C; F16C via cpuid leaf 1
+     * (ECX bit 29): clang's __builtin_cpu_supports
      * does not know "f16c". */
     unsigned a = 0, b = 0, c = 0, d = 0;
     int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
-    if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
+    if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c &&
+        __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2"))
         simd_best = DS4_SIMD_AVX2;
 #endif
 }

@@ -21,7 +21,9 @@
 #include <immintrin.h>
 #include <math.h>
 
-#define TGT __attribute__((target("avx2,fma,f16c")))
+/* BMI1/BMI2 come with AVX2 on every x86 CPU (Haswell, Excavator, Zen); quant.c
+ * checks them too. */
+#define TGT __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
 
 /* ---- small helpers ---------------------------------------------------------- */
 
@@ -476,17 +478,21 @@ static TGT void act_q8_k(const float *x, void *dst, int64_t n) {
 
 /* ---- tiles (quant.h: bit-identical to the row dots) ------------------------
  *
- * A micro-tile computes P pairs (row r, token t) over the whole row, lane
- * r * T + t of one vector per pair. Per block it decodes each row's weights
- * once for its T tokens, reduces the P integer sums with one transpose-add
- * tree, and combines the blocks with the row dot's float operations (scale
- * products, then the running sum), one lane per pair: vector lanes round
- * exactly like the scalar operations, so every pair is bit-identical to the
- * row dot. A tile walks its tokens in groups (T = 4, 2, 1) and, inside a
- * group, its rows in groups of R = P / T; a short last group repeats its
- * last row or token and drops those lanes. */
+ * A micro-tile computes 8 pairs (row r, token t), R rows x T tokens with
+ * R * T = 8, over the whole row: lane r * T + t of one vector. Per block it
+ * decodes each row's weights once for its T tokens, reduces the 8 integer
+ * sums with one transpose-add tree, and combines the blocks with the row
+ * dot's float operations (scale products, then the running sum), one lane
+ * per pair: vector lanes round exactly like the scalar operations, so every
+ * pair is bit-identical to the row dot. A tile walks its tokens in groups of
+ * T = TMAX, .., 2, 1 (8 for the Q8_K types, whose weight decode is dear; 4
+ * for Q8_0), converts the group's per-block activation scales once into a
+ * table, and inside a group walks its rows R at a time; a short last row
+ * group repeats its last row and drops those lanes. Decode (one token) runs
+ * 8 rows per micro-tile. */
 
 #define ALWAYS __attribute__((always_inline)) inline
+#define TILE_MAX_BLOCKS 1024 /* blocks per row a tile's scale table holds; longer rows use the row dot */
 
 static inline uint16_t ld16(const uint8_t *p) {
     uint16_t h;
@@ -502,40 +508,60 @@ static ALWAYS TGT __m256i hsum8x8_i32(const __m256i v[8]) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31));
 }
 
-/* lane i = sum of the 8 lanes of v[i], 4 vectors */
-static ALWAYS TGT __m128i hsum4x8_i32(const __m256i v[4]) {
-    __m256i ab = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    return _mm_add_epi32(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
+/* Lane r*T+t = the f16 at w[r] + off (row scales of a micro-tile). */
+static ALWAYS TGT __m256 row_scales(const uint8_t *const *w, size_t off, int T) {
+    if (T == 8) return _mm256_set1_ps(_cvtsh_ss(ld16(w[0] + off)));
+    if (T == 4)
+        return _mm256_setr_m128(_mm_set1_ps(_cvtsh_ss(ld16(w[0] + off))), _mm_set1_ps(_cvtsh_ss(ld16(w[1] + off))));
+    if (T == 2) {
+        uint64_t h = (uint64_t)ld16(w[0] + off) * 0x10001u | ((uint64_t)ld16(w[1] + off) * 0x10001u) << 32;
+        uint64_t g = (uint64_t)ld16(w[2] + off) * 0x10001u | ((uint64_t)ld16(w[3] + off) * 0x10001u) << 32;
+        return _mm256_cvtph_ps(_mm_set_epi64x((long long)g, (long long)h));
+    }
+    return _mm256_cvtph_ps(_mm_setr_epi16((short)ld16(w[0] + off), (short)ld16(w[1] + off), (short)ld16(w[2] + off),
+                                          (short)ld16(w[3] + off), (short)ld16(w[4] + off), (short)ld16(w[5] + off),
+                                          (short)ld16(w[6] + off), (short)ld16(w[7] + off)));
 }
 
-/* Walks the tile in micro-tiles of P pairs (see above): calls
- * MICRO(w_rows, x_toks, R, T, out) with row / token pointer arrays padded by
- * repetition, and scatters lane r * T + t of out to y. */
-#define TILE_WALK(P, XT, MICRO)                                                              \
-    const uint8_t *wr[P];                                                                    \
-    const XT *xt[P];                                                                         \
-    float out[P];                                                                            \
+/* Lane r*T+t = ts[t] (a token group's scales of one block, T floats). */
+static ALWAYS TGT __m256 tok_scales(const float *ts, int T) {
+    if (T == 8) return _mm256_loadu_ps(ts);
+    if (T == 4) return _mm256_broadcast_ps((const __m128 *)ts);
+    if (T == 2) return _mm256_castpd_ps(_mm256_broadcast_sd((const double *)ts));
+    return _mm256_broadcast_ss(ts);
+}
+
+/* Walks the tile (see above). MICRO(wr, xt, ts, R, T, out) computes the
+ * pairs of rows wr[0..R) and tokens xt[0..T) with the group's scale table
+ * ts (nb x T floats, filled by SCALES(ts, xt, T)) into out[r*T+t]. */
+#define TILE_WALK(TMAX, XT, SCALES, MICRO)                                                   \
+    const uint8_t *wr[8];                                                                    \
+    const XT *xt[8];                                                                         \
+    float out[8];                                                                            \
+    float ts[TILE_MAX_BLOCKS * (TMAX)];                                                      \
     for (int t0 = 0; t0 < n_tok;) {                                                          \
         int nt = n_tok - t0;                                                                 \
-        int T = nt >= 4 ? 4 : nt >= 2 ? 2 : 1;                                               \
-        int R = (P) / T;                                                                     \
-        for (int t = 0; t < T; t++) xt[t] = (const XT *)x[t0 + (t < nt ? t : nt - 1)];       \
+        int T = nt >= 8 && (TMAX) >= 8 ? 8 : nt >= 4 ? 4 : nt >= 2 ? 2 : 1;                  \
+        int R = 8 / T;                                                                       \
+        for (int t = 0; t < T; t++) xt[t] = (const XT *)x[t0 + t];                           \
+        SCALES(ts, xt, T);                                                                   \
         for (int r0 = 0; r0 < n_rows; r0 += R) {                                             \
             int nr = n_rows - r0 < R ? n_rows - r0 : R;                                      \
             for (int r = 0; r < R; r++) wr[r] = (const uint8_t *)w + (size_t)(r0 + (r < nr ? r : nr - 1)) * row_bytes; \
-            if (T == 4) MICRO(wr, xt, (P) / 4, 4, out);                                      \
-            else if (T == 2) MICRO(wr, xt, (P) / 2, 2, out);                                 \
-            else MICRO(wr, xt, (P), 1, out);                                                 \
+            if (T == 8) MICRO(wr, xt, ts, 1, 8, out);                                        \
+            else if (T == 4) MICRO(wr, xt, ts, 2, 4, out);                                   \
+            else if (T == 2) MICRO(wr, xt, ts, 4, 2, out);                                   \
+            else MICRO(wr, xt, ts, 8, 1, out);                                               \
             for (int r = 0; r < nr; r++)                                                     \
-                for (int t = 0; t < T && t < nt; t++) y[(int64_t)(t0 + t) * ldy + r0 + r] = out[r * T + t]; \
+                for (int t = 0; t < T; t++) y[(int64_t)(t0 + t) * ldy + r0 + r] = out[r * T + t]; \
         }                                                                                    \
-        t0 += T < nt ? T : nt;                                                               \
+        t0 += T;                                                                             \
     }
 
-/* ---- Q8_0 tiles: 8 pairs, R x T = 8 x 1, 4 x 2, 2 x 4 */
+/* ---- Q8_0 tiles: R x T = 8 x 1, 4 x 2, 2 x 4 */
 
-static ALWAYS TGT void q8_0_micro(const uint8_t *const *w, const uint8_t *const *x, int R, int T, int64_t nb,
-                                  float *out) {
+static ALWAYS TGT void q8_0_micro(const uint8_t *const *w, const uint8_t *const *x, const float *ts, int R, int T,
+                                  int64_t nb, float *out) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -553,41 +579,57 @@ static ALWAYS TGT void q8_0_micro(const uint8_t *const *w, const uint8_t *const 
                 p[r * T + t] = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[t], wv[r])), ones);
         }
         __m256 is = _mm256_cvtepi32_ps(hsum8x8_i32(p));
-        /* scales: lane r*T+t gets row r's and token t's */
-        __m256 dw, da;
-        if (T == 1) {
-            dw = _mm256_cvtph_ps(_mm_setr_epi16((short)ld16(w[0] + o), (short)ld16(w[1] + o), (short)ld16(w[2] + o),
-                                                (short)ld16(w[3] + o), (short)ld16(w[4] + o), (short)ld16(w[5] + o),
-                                                (short)ld16(w[6] + o), (short)ld16(w[7] + o)));
-            da = _mm256_set1_ps(_cvtsh_ss(ld16(x[0] + o)));
-        } else if (T == 2) {
-            short w0 = (short)ld16(w[0] + o), w1 = (short)ld16(w[1] + o), w2 = (short)ld16(w[2] + o),
-                  w3 = (short)ld16(w[3] + o);
-            dw = _mm256_cvtph_ps(_mm_setr_epi16(w0, w0, w1, w1, w2, w2, w3, w3));
-            da = _mm256_cvtph_ps(_mm_set1_epi32((int)((uint32_t)ld16(x[0] + o) | (uint32_t)ld16(x[1] + o) << 16)));
-        } else {
-            dw = _mm256_setr_m128(_mm_set1_ps(_cvtsh_ss(ld16(w[0] + o))), _mm_set1_ps(_cvtsh_ss(ld16(w[1] + o))));
-            uint64_t a4 = (uint64_t)ld16(x[0] + o) | (uint64_t)ld16(x[1] + o) << 16 | (uint64_t)ld16(x[2] + o) << 32 |
-                          (uint64_t)ld16(x[3] + o) << 48;
-            da = _mm256_cvtph_ps(_mm_set1_epi64x((long long)a4));
-        }
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(dw, da), is));
+        /* (d_w * d_x) * isum, then the running sum, as dotq_q8_0 */
+        __m256 d = _mm256_mul_ps(row_scales(w, o, T), tok_scales(ts + b * T, T));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(d, is));
     }
     _mm256_storeu_ps(out, acc);
+}
+
+/* ts[b*T + t] = the f16 scale of block b of token t, as float */
+static inline TGT void q8_0_scales(float *ts, const uint8_t *const *x, int T, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++)
+        for (int t = 0; t < T; t++) ts[b * T + t] = _cvtsh_ss(ld16(x[t] + (size_t)b * sizeof(ds4_block_q8_0)));
 }
 
 static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
                           float *y, int64_t ldy) {
     const int64_t nb = n / DS4_QK8_0;
-#define Q8_0_MICRO(wr, xt, R, T, out) q8_0_micro(wr, xt, R, T, nb, out)
-    TILE_WALK(8, uint8_t, Q8_0_MICRO)
+    if (nb > TILE_MAX_BLOCKS) {
+        for (int t = 0; t < n_tok; t++)
+            for (int r = 0; r < n_rows; r++) y[t * ldy + r] = dotq_q8_0((const uint8_t *)w + r * row_bytes, x[t], n);
+        return;
+    }
+#define Q8_0_SCALES(ts, xt, T) q8_0_scales(ts, xt, T, nb)
+#define Q8_0_MICRO(wr, xt, ts, R, T, out) q8_0_micro(wr, xt, ts, R, T, nb, out)
+    TILE_WALK(4, uint8_t, Q8_0_SCALES, Q8_0_MICRO)
+#undef Q8_0_SCALES
 #undef Q8_0_MICRO
 }
 
-/* ---- Q8_K tiles: 4 pairs, R x T = 4 x 1, 2 x 2, 1 x 4 */
+/* ---- Q8_K tiles (IQ2_XXS, Q2_K, Q4_K): R x T = 8 x 1, 4 x 2, 2 x 4, 1 x 8 */
 
 /* Q8_K block b of activation row x */
 #define ACT_K(x, b) ((const ds4_block_q8_k *)(x) + (b))
+
+static inline void q8_k_scales(float *ts, const ds4_block_q8_k *const *x, int T, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++)
+        for (int t = 0; t < T; t++) ts[b * T + t] = x[t][b].d;
+}
+
+#define Q8K_TILE(NAME, MICRO_FN, ROW_DOT)                                                                      \
+    static TGT void NAME(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,         \
+                         int64_t n, float *y, int64_t ldy) {                                                   \
+        const int64_t nb = n / DS4_QK_K;                                                                       \
+        if (nb > TILE_MAX_BLOCKS) {                                                                            \
+            for (int t = 0; t < n_tok; t++)                                                                    \
+                for (int r = 0; r < n_rows; r++)                                                               \
+                    y[t * ldy + r] = ROW_DOT((const uint8_t *)w + r * row_bytes, x[t], n);                     \
+            return;                                                                                            \
+        }                                                                                                      \
+        TILE_WALK(8, ds4_block_q8_k, Q8K_SCALES, Q8K_MICRO_##MICRO_FN)                                         \
+    }
+#define Q8K_SCALES(ts, xt, T) q8_k_scales(ts, xt, T, nb)
 
 /* ±1 bytes of the 8 signs of IQ2_XXS sign index s: byte j = -1 when bit j of
  * ds4_ksigns_iq2xs[s] (s | parity << 7) is set, else +1 (for sign_epi8). */
@@ -599,18 +641,25 @@ static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const voi
 #define KS16(s) KS4(s), KS4((s) + 4), KS4((s) + 8), KS4((s) + 12)
 #define KS64(s) KS16(s), KS16((s) + 16), KS16((s) + 32), KS16((s) + 48)
 static const uint64_t iq2_signs64[128] = {KS64(0), KS64(64)};
+/* 2 * ls + 1 in every int16 lane, for the 16 group scales ls */
+#define SC16(v) {v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}
+static const int16_t iq2_scale16[16][16] __attribute__((aligned(32))) = {
+    SC16(1), SC16(3), SC16(5), SC16(7), SC16(9), SC16(11), SC16(13), SC16(15),
+    SC16(17), SC16(19), SC16(21), SC16(23), SC16(25), SC16(27), SC16(29), SC16(31)};
 
-static ALWAYS TGT void iq2_xxs_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, int R, int T,
-                                     int64_t nb, float *out) {
-    __m128 acc = _mm_setzero_ps();
+static ALWAYS TGT void iq2_xxs_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts, int R,
+                                     int T, int64_t nb, float *out) {
+    __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const size_t o = (size_t)b * sizeof(ds4_block_iq2_xxs);
-        __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                        _mm256_setzero_si256()};
-        for (int g = 0; g < 8; g++) {
-            __m256i av[4];
+        __m256i s[8];
 #pragma GCC unroll 8
-            for (int t = 0; t < T; t++) av[t] = _mm256_loadu_si256((const __m256i *)(ACT_K(x[t], b)->qs + 32 * g));
+        for (int i = 0; i < 8; i++) s[i] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            /* one row (T = 8) reads each activation once: no preload (registers) */
+            __m256i av[8];
+#pragma GCC unroll 8
+            for (int t = 0; t < T && R > 1; t++) av[t] = _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 32 * g));
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 const uint8_t *q = w[r] + o + 2 + 8 * g;
@@ -621,31 +670,24 @@ static ALWAYS TGT void iq2_xxs_micro(const uint8_t *const *w, const ds4_block_q8
                 __m256i sg = _mm256_setr_epi64x((long long)iq2_signs64[a1 & 127], (long long)iq2_signs64[(a1 >> 7) & 127],
                                                 (long long)iq2_signs64[(a1 >> 14) & 127],
                                                 (long long)iq2_signs64[(a1 >> 21) & 127]);
-                __m256i scl = _mm256_set1_epi16((short)(2 * (a1 >> 28) + 1));
+                __m256i scl = _mm256_load_si256((const __m256i *)iq2_scale16[a1 >> 28]);
 #pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
-                    __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(av[t], sg));
+                    __m256i a = R > 1 ? av[t] : _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 32 * g));
+                    __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(a, sg));
                     s[r * T + t] = _mm256_add_epi32(s[r * T + t], _mm256_madd_epi16(prod, scl));
                 }
             }
         }
-        __m128 bs = _mm_cvtepi32_ps(hsum4x8_i32(s));
-#define DW(i) _cvtsh_ss(ld16(w[(i) / T] + o))
-#define DA(i) ACT_K(x[(i) % T], b)->d
-        __m128 dw = _mm_setr_ps(DW(0), DW(1), DW(2), DW(3)), da = _mm_setr_ps(DA(0), DA(1), DA(2), DA(3));
-        /* a.d * (d * 0.125f * bsum), as dotq_iq2_xxs */
-        acc = _mm_add_ps(acc, _mm_mul_ps(da, _mm_mul_ps(_mm_mul_ps(dw, _mm_set1_ps(0.125f)), bs)));
+        __m256 bs = _mm256_cvtepi32_ps(hsum8x8_i32(s));
+        /* a.d * ((d * 0.125f) * bsum), then the running sum, as dotq_iq2_xxs */
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(row_scales(w, o, T), _mm256_set1_ps(0.125f)), bs);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(tok_scales(ts + b * T, T), v));
     }
-    _mm_storeu_ps(out, acc);
+    _mm256_storeu_ps(out, acc);
 }
-
-static TGT void tile_iq2_xxs(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
-                             float *y, int64_t ldy) {
-    const int64_t nb = n / DS4_QK_K;
-#define IQ2_MICRO(wr, xt, R, T, out) iq2_xxs_micro(wr, xt, R, T, nb, out)
-    TILE_WALK(4, ds4_block_q8_k, IQ2_MICRO)
-#undef IQ2_MICRO
-}
+#define Q8K_MICRO_iq2_xxs(wr, xt, ts, R, T, out) iq2_xxs_micro(wr, xt, ts, R, T, nb, out)
+Q8K_TILE(tile_iq2_xxs, iq2_xxs, dotq_iq2_xxs)
 
 /* Q2_K: byte shuffles putting the scale of sub-block 2p (values 0..15 of
  * piece p, 32 values) in the int16 lanes of the low half and that of 2p+1 in
@@ -655,25 +697,33 @@ static TGT void tile_iq2_xxs(const void *w, size_t row_bytes, int n_rows, const 
 static const int8_t q2k_ctl[8][32] __attribute__((aligned(32))) = {Q2CTL(0), Q2CTL(1), Q2CTL(2), Q2CTL(3),
                                                                    Q2CTL(4), Q2CTL(5), Q2CTL(6), Q2CTL(7)};
 
-static ALWAYS TGT void q2_k_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, int R, int T, int64_t nb,
-                                  float *out) {
-    __m128 acc = _mm_setzero_ps();
+/* a.d * (d * isum - dmin * msum), then the running sum (dotq_q2_k, dotq_q4_k):
+ * isum lanes from is[8], msum lanes from ms[8] */
+static ALWAYS TGT __m256 kquant_combine(__m256 acc, const __m256i is[8], const __m256i ms[8],
+                                        const uint8_t *const *w, size_t o_d, size_t o_dmin, const float *ts, int T) {
+    __m256 fi = _mm256_cvtepi32_ps(hsum8x8_i32(is)), fm = _mm256_cvtepi32_ps(hsum8x8_i32(ms));
+    __m256 v = _mm256_sub_ps(_mm256_mul_ps(row_scales(w, o_d, T), fi), _mm256_mul_ps(row_scales(w, o_dmin, T), fm));
+    return _mm256_add_ps(acc, _mm256_mul_ps(tok_scales(ts, T), v));
+}
+
+static ALWAYS TGT void q2_k_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts, int R,
+                                  int T, int64_t nb, float *out) {
+    __m256 acc = _mm256_setzero_ps();
     const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
     for (int64_t b = 0; b < nb; b++) {
         const size_t o = (size_t)b * sizeof(ds4_block_q2_k);
-        __m256i is[4], ms[4];
+        __m256i is[8], ms[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const uint8_t *p = w[r] + o;
             __m128i sc = _mm_loadu_si128((const __m128i *)p);
-            /* mins: sum_j (sc_j >> 4) * bsums_j */
+            /* msum = sum_j (sc_j >> 4) * bsums_j */
             __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm256_castsi256_si128(m15)));
             __m256i scl16 = _mm256_and_si256(_mm256_broadcastsi128_si256(sc), m15);
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 is[r * T + t] = _mm256_setzero_si256();
-                ms[r * T + t] =
-                    _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ACT_K(x[t], b)->bsums));
+                ms[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
             }
             for (int h = 0; h < 2; h++) {
                 __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));
@@ -682,42 +732,27 @@ static ALWAYS TGT void q2_k_micro(const uint8_t *const *w, const ds4_block_q8_k 
                     __m256i scl = _mm256_shuffle_epi8(scl16, _mm256_load_si256((const __m256i *)q2k_ctl[4 * h + k]));
 #pragma GCC unroll 8
                     for (int t = 0; t < T; t++) {
-                        __m256i prod = _mm256_maddubs_epi16(
-                            lv, _mm256_loadu_si256((const __m256i *)(ACT_K(x[t], b)->qs + 128 * h + 32 * k)));
+                        __m256i prod =
+                            _mm256_maddubs_epi16(lv, _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 128 * h + 32 * k)));
                         is[r * T + t] = _mm256_add_epi32(is[r * T + t], _mm256_madd_epi16(prod, scl));
                     }
                 }
             }
         }
-        __m256i all[8] = {is[0], is[1], is[2], is[3], ms[0], ms[1], ms[2], ms[3]};
-        __m256 red = _mm256_cvtepi32_ps(hsum8x8_i32(all));
-#define DWK(i) _cvtsh_ss(ld16(w[(i) / T] + o + 80))
-#define DM(i) _cvtsh_ss(ld16(w[(i) / T] + o + 82))
-        __m128 dw = _mm_setr_ps(DWK(0), DWK(1), DWK(2), DWK(3)), dm = _mm_setr_ps(DM(0), DM(1), DM(2), DM(3));
-        __m128 da = _mm_setr_ps(DA(0), DA(1), DA(2), DA(3));
-        /* a.d * (d * isum - dmin * msum), as dotq_q2_k */
-        __m128 v = _mm_sub_ps(_mm_mul_ps(dw, _mm256_castps256_ps128(red)), _mm_mul_ps(dm, _mm256_extractf128_ps(red, 1)));
-        acc = _mm_add_ps(acc, _mm_mul_ps(da, v));
+        acc = kquant_combine(acc, is, ms, w, o + 80, o + 82, ts + b * T, T);
     }
-    _mm_storeu_ps(out, acc);
+    _mm256_storeu_ps(out, acc);
 }
+#define Q8K_MICRO_q2_k(wr, xt, ts, R, T, out) q2_k_micro(wr, xt, ts, R, T, nb, out)
+Q8K_TILE(tile_q2_k, q2_k, dotq_q2_k)
 
-static TGT void tile_q2_k(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
-                          float *y, int64_t ldy) {
-    const int64_t nb = n / DS4_QK_K;
-#define Q2K_MICRO(wr, xt, R, T, out) q2_k_micro(wr, xt, R, T, nb, out)
-    TILE_WALK(4, ds4_block_q8_k, Q2K_MICRO)
-#undef Q2K_MICRO
-}
-
-/* Q4_K: 4 pairs, as Q2_K */
-static ALWAYS TGT void q4_k_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, int R, int T, int64_t nb,
-                                  float *out) {
-    __m128 acc = _mm_setzero_ps();
+static ALWAYS TGT void q4_k_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts, int R,
+                                  int T, int64_t nb, float *out) {
+    __m256 acc = _mm256_setzero_ps();
     const __m256i m15 = _mm256_set1_epi8(15);
     for (int64_t b = 0; b < nb; b++) {
         const size_t o = (size_t)b * sizeof(ds4_block_q4_k);
-        __m256i is[4], ms[4];
+        __m256i is[8], ms[8];
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const uint8_t *p = w[r] + o;
@@ -731,7 +766,7 @@ static ALWAYS TGT void q4_k_micro(const uint8_t *const *w, const ds4_block_q8_k 
 #pragma GCC unroll 8
             for (int t = 0; t < T; t++) {
                 is[r * T + t] = _mm256_setzero_si256();
-                ms[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)ACT_K(x[t], b)->bsums));
+                ms[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
             }
             for (int c = 0; c < 4; c++) {
                 __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
@@ -739,7 +774,7 @@ static ALWAYS TGT void q4_k_micro(const uint8_t *const *w, const ds4_block_q8_k 
                 __m256i s0 = _mm256_set1_epi16((short)sc[2 * c]), s1 = _mm256_set1_epi16((short)sc[2 * c + 1]);
 #pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
-                    const int8_t *aq = ACT_K(x[t], b)->qs + 64 * c;
+                    const int8_t *aq = x[t][b].qs + 64 * c;
                     __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)aq));
                     __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(aq + 32)));
                     is[r * T + t] = _mm256_add_epi32(is[r * T + t], _mm256_madd_epi16(p0, s0));
@@ -747,31 +782,12 @@ static ALWAYS TGT void q4_k_micro(const uint8_t *const *w, const ds4_block_q8_k 
                 }
             }
         }
-        __m256i all[8] = {is[0], is[1], is[2], is[3], ms[0], ms[1], ms[2], ms[3]};
-        __m256 red = _mm256_cvtepi32_ps(hsum8x8_i32(all));
-#define DM4(i) _cvtsh_ss(ld16(w[(i) / T] + o + 2))
-        __m128 dw = _mm_setr_ps(DW(0), DW(1), DW(2), DW(3)), dm = _mm_setr_ps(DM4(0), DM4(1), DM4(2), DM4(3));
-        __m128 da = _mm_setr_ps(DA(0), DA(1), DA(2), DA(3));
-        /* a.d * (d * isum - dmin * msum), as dotq_q4_k */
-        __m128 v = _mm_sub_ps(_mm_mul_ps(dw, _mm256_castps256_ps128(red)), _mm_mul_ps(dm, _mm256_extractf128_ps(red, 1)));
-        acc = _mm_add_ps(acc, _mm_mul_ps(da, v));
+        acc = kquant_combine(acc, is, ms, w, o, o + 2, ts + b * T, T);
     }
-    _mm_storeu_ps(out, acc);
+    _mm256_storeu_ps(out, acc);
 }
-
-static TGT void tile_q4_k(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
-                          float *y, int64_t ldy) {
-    const int64_t nb = n / DS4_QK_K;
-#define Q4K_MICRO(wr, xt, R, T, out) q4_k_micro(wr, xt, R, T, nb, out)
-    TILE_WALK(4, ds4_block_q8_k, Q4K_MICRO)
-#undef Q4K_MICRO
-}
-
-#undef DW
-#undef DA
-#undef DWK
-#undef DM
-#undef DM4
+#define Q8K_MICRO_q4_k(wr, xt, ts, R, T, out) q4_k_micro(wr, xt, ts, R, T, nb, out)
+Q8K_TILE(tile_q4_k, q4_k, dotq_q4_k)
 
 /* Plain types: two tokens per weight load, each with PLAIN_DOT's four
  * accumulators, tail loop and final sum. */
