@@ -35,15 +35,25 @@
 
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* Dot product of float32 vectors with 8 partial sums (vectorizable without
- * reassociation by the compiler). The order is fixed, so every caller gets
- * the same result for the same inputs whatever the batch. */
+/* 4 floats as one value: GCC/clang vector extensions, one SSE register on
+ * x86-64 (a NEON one on arm64), two of them hold 8 lanes. Element-wise ops
+ * round exactly like the scalar ones (no contraction: -ffp-contract=off). */
+typedef float v4f __attribute__((vector_size(16)));
+typedef float v4f_u __attribute__((vector_size(16), aligned(4), may_alias)); /* unaligned access */
+#define ld4(p) (*(const v4f_u *)(p))
+#define st4(p, v) (*(v4f_u *)(p) = (v))
+
+/* Dot product of float32 vectors with 8 partial sums. The order is fixed,
+ * so every caller gets the same result for the same inputs whatever the
+ * batch. */
 static float dot8(const float *a, const float *b, int n) {
-    float acc[8] = {0};
+    v4f lo = {0}, hi = {0}; /* partial sums 0..3, 4..7 */
     int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i + 8 <= n; i += 8) {
+        lo += ld4(a + i) * ld4(b + i);
+        hi += ld4(a + i + 4) * ld4(b + i + 4);
+    }
+    float s = ((lo[0] + hi[0]) + (lo[1] + hi[1])) + ((lo[2] + hi[2]) + (lo[3] + hi[3]));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -418,11 +428,23 @@ static void attn_task(void *p, int i0, int i1, int tid) {
         for (int r = 0; r < nr; r++) { sc[r] = expf(sc[r] - mx); den += sc[r]; }
         den += expf(l->sinks[h] - mx);
         float *oh = j->o + ((size_t)t * H + h) * dh;
-        memset(oh, 0, (size_t)dh * sizeof(float));
-        for (int r = 0; r < nr; r++) {
-            float pr = sc[r] / den;
-            const float *v = rows[r];
-            for (int i = 0; i < dh; i++) oh[i] += pr * v[i];
+        for (int r = 0; r < nr; r++) sc[r] = sc[r] / den;
+        /* oh[i] = sum_r p_r v_r[i], rows in order; 8 columns at a time in
+         * registers (the same additions per element as a row-by-row sweep) */
+        int i = 0;
+        for (; i + 8 <= dh; i += 8) {
+            v4f lo = {0}, hi = {0};
+            for (int r = 0; r < nr; r++) {
+                lo += sc[r] * ld4(rows[r] + i);
+                hi += sc[r] * ld4(rows[r] + i + 4);
+            }
+            st4(oh + i, lo);
+            st4(oh + i + 4, hi);
+        }
+        for (; i < dh; i++) {
+            float acc = 0;
+            for (int r = 0; r < nr; r++) acc += sc[r] * rows[r][i];
+            oh[i] = acc;
         }
         cpu_rope(oh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, true);
     }
