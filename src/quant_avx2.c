@@ -687,7 +687,95 @@ static ALWAYS TGT void iq2_xxs_micro(const uint8_t *const *w, const ds4_block_q8
     _mm256_storeu_ps(out, acc);
 }
 #define Q8K_MICRO_iq2_xxs(wr, xt, ts, R, T, out) iq2_xxs_micro(wr, xt, ts, R, T, nb, out)
-Q8K_TILE(tile_iq2_xxs, iq2_xxs, dotq_iq2_xxs)
+Q8K_TILE(tile_iq2_walk, iq2_xxs, dotq_iq2_xxs)
+
+/* Prefill: a row decoded once for many tokens. The lookups that build a
+ * group's magnitudes and signs cost more than the group's whole product with
+ * one token, so with 8 or more tokens each row is expanded once (magnitudes,
+ * ±1 signs, 2*ls+1 and d per block, on the stack) and then multiplied with
+ * groups of 8 tokens: the same integer sums and float combination as
+ * iq2_xxs_micro, so the same bits. */
+#define IQ2_X_BLOCKS 32 /* rows up to 8192 values expand on the stack (experts: 2048, 4096) */
+#define IQ2_X_TOKENS 64
+
+typedef struct iq2_row_x {
+    __m256i mag[IQ2_X_BLOCKS * 8], sg[IQ2_X_BLOCKS * 8];
+    int16_t scl[IQ2_X_BLOCKS * 8];
+    float d[IQ2_X_BLOCKS];
+} iq2_row_x;
+
+static TGT void iq2_xxs_expand(const uint8_t *row, int64_t nb, iq2_row_x *e) {
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = row + (size_t)b * sizeof(ds4_block_iq2_xxs);
+        e->d[b] = _cvtsh_ss(ld16(p));
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *q = p + 2 + 8 * g;
+            uint32_t a1;
+            memcpy(&a1, q + 4, 4);
+            e->mag[b * 8 + g] = _mm256_setr_epi64x((long long)ds4_iq2xxs_grid[q[0]], (long long)ds4_iq2xxs_grid[q[1]],
+                                                   (long long)ds4_iq2xxs_grid[q[2]], (long long)ds4_iq2xxs_grid[q[3]]);
+            e->sg[b * 8 + g] = _mm256_setr_epi64x((long long)iq2_signs64[a1 & 127], (long long)iq2_signs64[(a1 >> 7) & 127],
+                                                  (long long)iq2_signs64[(a1 >> 14) & 127],
+                                                  (long long)iq2_signs64[(a1 >> 21) & 127]);
+            e->scl[b * 8 + g] = (int16_t)(2 * (a1 >> 28) + 1);
+        }
+    }
+}
+
+/* out[t] = the row dot of expanded row e with tokens x[0..8) (ts: [b][8] scales) */
+static TGT void iq2_xxs_micro_x(const iq2_row_x *e, const ds4_block_q8_k *const *x, const float *ts, int64_t nb,
+                                float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i s[8];
+        /* tokens 4 at a time over the block: 4 accumulators stay in registers */
+#pragma GCC unroll 2
+        for (int h = 0; h < 8; h += 4) {
+#pragma GCC unroll 4
+            for (int t = h; t < h + 4; t++) s[t] = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                const __m256i mag = e->mag[b * 8 + g], sg = e->sg[b * 8 + g];
+                const __m256i scl = _mm256_set1_epi16(e->scl[b * 8 + g]);
+#pragma GCC unroll 4
+                for (int t = h; t < h + 4; t++) {
+                    __m256i a = _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 32 * g));
+                    __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(a, sg));
+                    s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(prod, scl));
+                }
+            }
+        }
+        __m256 bs = _mm256_cvtepi32_ps(hsum8x8_i32(s));
+        /* a.d * ((d * 0.125f) * bsum), then the running sum, as dotq_iq2_xxs */
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(e->d[b]), _mm256_set1_ps(0.125f)), bs);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(ts + b * 8), v));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+static TGT void tile_iq2_xxs(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                             float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+    int t0 = 0;
+    if (n_tok >= 8 && nb <= IQ2_X_BLOCKS) {
+        iq2_row_x e;
+        float ts[IQ2_X_TOKENS / 8][IQ2_X_BLOCKS * 8], out[8];
+        for (; t0 + 8 <= n_tok;) {
+            int ng = (n_tok - t0) / 8 < IQ2_X_TOKENS / 8 ? (n_tok - t0) / 8 : IQ2_X_TOKENS / 8;
+            for (int k = 0; k < ng; k++)
+                for (int64_t b = 0; b < nb; b++)
+                    for (int t = 0; t < 8; t++) ts[k][b * 8 + t] = ((const ds4_block_q8_k *)x[t0 + 8 * k + t])[b].d;
+            for (int r = 0; r < n_rows; r++) {
+                iq2_xxs_expand((const uint8_t *)w + (size_t)r * row_bytes, nb, &e);
+                for (int k = 0; k < ng; k++) {
+                    iq2_xxs_micro_x(&e, (const ds4_block_q8_k *const *)(x + t0 + 8 * k), ts[k], nb, out);
+                    for (int t = 0; t < 8; t++) y[(int64_t)(t0 + 8 * k + t) * ldy + r] = out[t];
+                }
+            }
+            t0 += 8 * ng;
+        }
+    }
+    if (t0 < n_tok) tile_iq2_walk(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
 
 /* Q2_K: byte shuffles putting the scale of sub-block 2p (values 0..15 of
  * piece p, 32 values) in the int16 lanes of the low half and that of 2p+1 in
