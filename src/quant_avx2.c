@@ -592,8 +592,8 @@ static inline TGT void q8_0_scales(float *ts, const uint8_t *const *x, int T, in
         for (int t = 0; t < T; t++) ts[b * T + t] = _cvtsh_ss(ld16(x[t] + (size_t)b * sizeof(ds4_block_q8_0)));
 }
 
-static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
-                          float *y, int64_t ldy) {
+static TGT void tile_q8_0_walk(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                               int64_t n, float *y, int64_t ldy) {
     const int64_t nb = n / DS4_QK8_0;
     if (nb > TILE_MAX_BLOCKS) {
         for (int t = 0; t < n_tok; t++)
@@ -605,6 +605,67 @@ static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const voi
     TILE_WALK(4, uint8_t, Q8_0_SCALES, Q8_0_MICRO)
 #undef Q8_0_SCALES
 #undef Q8_0_MICRO
+}
+
+/* Prefill (4 or more tokens): rows outer, two at a time, so their weights
+ * stay in L1 while groups of 4 tokens stream from L2, and the scale
+ * products read tables: the two rows' block scales in lane order (once per
+ * row pair), the tokens' in groups of 4 (once per call). Same lanes and
+ * operations as q8_0_micro with R = 2, T = 4, so the same bits. */
+#define Q8_0_P_BLOCKS 256 /* rows up to 8192 values */
+#define Q8_0_P_TOKENS 64
+
+static TGT void q8_0_micro_p(const uint8_t *w0, const uint8_t *w1, const uint8_t *const *x, const float *ws,
+                             const float *ts, int64_t nb, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const size_t o = (size_t)b * sizeof(ds4_block_q8_0) + 2;
+        __m256i p[8];
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + o)), v1 = _mm256_loadu_si256((const __m256i *)(w1 + o));
+        const __m256i a0 = _mm256_sign_epi8(v0, v0), a1 = _mm256_sign_epi8(v1, v1);
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(x[t] + o));
+            p[t] = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(a, v0)), ones);
+            p[4 + t] = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(a, v1)), ones);
+        }
+        __m256 is = _mm256_cvtepi32_ps(hsum8x8_i32(p));
+        __m256 d = _mm256_mul_ps(_mm256_loadu_ps(ws + 8 * b), _mm256_broadcast_ps((const __m128 *)(ts + 4 * b)));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(d, is));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                          float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK8_0;
+    int t0 = 0;
+    if (n_tok >= 4 && nb <= Q8_0_P_BLOCKS) {
+        float ts[Q8_0_P_TOKENS / 4][Q8_0_P_BLOCKS * 4], ws[Q8_0_P_BLOCKS * 8], out[8];
+        while (t0 + 4 <= n_tok) {
+            int ng = (n_tok - t0) / 4 < Q8_0_P_TOKENS / 4 ? (n_tok - t0) / 4 : Q8_0_P_TOKENS / 4;
+            for (int k = 0; k < ng; k++) q8_0_scales(ts[k], (const uint8_t *const *)(x + t0 + 4 * k), 4, nb);
+            for (int r = 0; r < n_rows; r += 2) {
+                const uint8_t *w0 = (const uint8_t *)w + (size_t)r * row_bytes;
+                const uint8_t *w1 = r + 1 < n_rows ? w0 + row_bytes : w0;
+                for (int64_t b = 0; b < nb; b++) {
+                    float d0 = _cvtsh_ss(ld16(w0 + (size_t)b * sizeof(ds4_block_q8_0)));
+                    float d1 = _cvtsh_ss(ld16(w1 + (size_t)b * sizeof(ds4_block_q8_0)));
+                    for (int i = 0; i < 4; i++) ws[8 * b + i] = d0, ws[8 * b + 4 + i] = d1;
+                }
+                for (int k = 0; k < ng; k++) {
+                    q8_0_micro_p(w0, w1, (const uint8_t *const *)(x + t0 + 4 * k), ws, ts[k], nb, out);
+                    for (int t = 0; t < 4; t++) {
+                        y[(int64_t)(t0 + 4 * k + t) * ldy + r] = out[t];
+                        if (r + 1 < n_rows) y[(int64_t)(t0 + 4 * k + t) * ldy + r + 1] = out[4 + t];
+                    }
+                }
+            }
+            t0 += 4 * ng;
+        }
+    }
+    if (t0 < n_tok) tile_q8_0_walk(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
 }
 
 /* ---- Q8_K tiles (IQ2_XXS, Q2_K, Q4_K): R x T = 8 x 1, 4 x 2, 2 x 4, 1 x 8 */
