@@ -112,6 +112,17 @@ void cpu_rmsnorm(float *out, const float *x, int n, const float *w, float eps);
 /* Interleaved-pair RoPE on z[0..n_rot) at position pos (inverse: angle -θ). */
 void cpu_rope(float *z, int n_rot, const float *inv_freq, int pos, bool inverse);
 
+/* Float32 vector helpers (cpu_vec.c): 8 partial sums, no FMA, the same bits
+ * on every SIMD path.
+ *   cpu_dot8:       sum_i a[i] b[i]
+ *   cpu_dot8_rows:  s[r] = cpu_dot8(q, rows[r], n) * scale, r < nr
+ *   cpu_dot8_heads: out[h] = cpu_dot8(q + h * n, k, n), h < n_heads
+ *   cpu_sum_rows:   out[i] = sum_r p[r] rows[r][i], rows added in order */
+float cpu_dot8(const float *a, const float *b, int n);
+void cpu_dot8_rows(const float *q, const float *const *rows, int nr, int n, float scale, float *s);
+void cpu_dot8_heads(const float *q, int n_heads, const float *k, int n, float *out);
+void cpu_sum_rows(const float *p, const float *const *rows, int nr, int n, float *out);
+
 int cpu_embed(void *ctx, const ds4_embed_args *a);
 int cpu_hc_pre(void *ctx, const ds4_hc_pre_args *a);
 int cpu_hc_post(void *ctx, const ds4_hc_post_args *a);

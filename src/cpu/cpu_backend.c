@@ -422,6 +422,9 @@ static int cpu_check_model(void *ctx, const ds4_model *m, ds4_err *err) {
     (void)ctx;
     if (m->hp.n_hc > 64)
         return ds4_err_set(err, DS4_E_MODEL, "cpu backend: hyper_connection.count %d exceeds 64", m->hp.n_hc);
+    if (m->hp.idx_heads > 256 || m->hp.n_expert_used > 64 || m->hp.o_groups > 64)
+        return ds4_err_set(err, DS4_E_MODEL, "cpu backend: %d indexer heads, %d experts per token or %d output groups "
+                           "exceed 256, 64, 64", m->hp.idx_heads, m->hp.n_expert_used, m->hp.o_groups);
     /* Every type bound by model.c has scalar kernels in quant.c. */
     for (int il = 0; il < m->hp.n_layer; il++) {
         const ds4_layer *l = &m->layers[il];

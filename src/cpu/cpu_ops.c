@@ -35,29 +35,6 @@
 
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* 4 floats as one value: GCC/clang vector extensions, one SSE register on
- * x86-64 (a NEON one on arm64), two of them hold 8 lanes. Element-wise ops
- * round exactly like the scalar ones (no contraction: -ffp-contract=off). */
-typedef float v4f __attribute__((vector_size(16)));
-typedef float v4f_u __attribute__((vector_size(16), aligned(4), may_alias)); /* unaligned access */
-#define ld4(p) (*(const v4f_u *)(p))
-#define st4(p, v) (*(v4f_u *)(p) = (v))
-
-/* Dot product of float32 vectors with 8 partial sums. The order is fixed,
- * so every caller gets the same result for the same inputs whatever the
- * batch. */
-static float dot8(const float *a, const float *b, int n) {
-    v4f lo = {0}, hi = {0}; /* partial sums 0..3, 4..7 */
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        lo += ld4(a + i) * ld4(b + i);
-        hi += ld4(a + i + 4) * ld4(b + i + 4);
-    }
-    float s = ((lo[0] + hi[0]) + (lo[1] + hi[1])) + ((lo[2] + hi[2]) + (lo[3] + hi[3]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* ------------------------------------------------------------ embed */
 
 int cpu_embed(void *ctx, const ds4_embed_args *a) {
@@ -345,12 +322,13 @@ static void idx_task(void *p, int t0, int t1, int tid) {
         scored *sc = cpu_tscratch(j->c, tid, 0, (size_t)Nc * sizeof(scored));
         if (!sc) return;
         const float *wt = j->wt + (size_t)t * IH;
+        float dots[256];
         for (int r = 0; r < Nc; r++) {
             const float *kr = (const float *)a->idx_rows + (size_t)r * ID;
+            cpu_dot8_heads(q, IH, kr, ID, dots);
             float tot = 0;
             for (int h = 0; h < IH; h++) {
-                const float *qh = q + (size_t)h * ID;
-                float dot = dot8(qh, kr, ID);
+                float dot = dots[h];
                 float s = (dot > 0 ? dot : 0) * sm_scale;
                 tot += s * (wt[h] * w_scale);
             }
@@ -368,6 +346,7 @@ int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     cpu_ctx *c = ctx;
     const ds4_hparams *hp = &a->m->hp;
     const int D = hp->n_embd, IH = hp->idx_heads, ID = hp->idx_dim;
+    if (IH > 256) return c->err = DS4_E_INTERNAL; /* idx_task's score array; refused at open */
     idx_job j = {c, a, NULL, NULL};
     if ((a->pos0 + a->n) / 4 > hp->idx_topk) {
         /* some token has more rows than top_k: score them */
@@ -420,32 +399,15 @@ static void attn_task(void *p, int i0, int i1, int tid) {
         }
         for (int r = 0; r < n_comp; r++) rows[n_raw + r] = (const float *)a->comp + (size_t)(sel ? sel[r] : r) * dh;
         float mx = l->sinks[h];
-        for (int r = 0; r < nr; r++) {
-            sc[r] = dot8(qh, rows[r], dh) * scale;
-            mx = fmaxf(mx, sc[r]);
-        }
+        cpu_dot8_rows(qh, rows, nr, dh, scale, sc);
+        for (int r = 0; r < nr; r++) mx = fmaxf(mx, sc[r]);
         float den = 0;
         for (int r = 0; r < nr; r++) { sc[r] = expf(sc[r] - mx); den += sc[r]; }
         den += expf(l->sinks[h] - mx);
         float *oh = j->o + ((size_t)t * H + h) * dh;
         for (int r = 0; r < nr; r++) sc[r] = sc[r] / den;
-        /* oh[i] = sum_r p_r v_r[i], rows in order; 8 columns at a time in
-         * registers (the same additions per element as a row-by-row sweep) */
-        int i = 0;
-        for (; i + 8 <= dh; i += 8) {
-            v4f lo = {0}, hi = {0};
-            for (int r = 0; r < nr; r++) {
-                lo += sc[r] * ld4(rows[r] + i);
-                hi += sc[r] * ld4(rows[r] + i + 4);
-            }
-            st4(oh + i, lo);
-            st4(oh + i + 4, hi);
-        }
-        for (; i < dh; i++) {
-            float acc = 0;
-            for (int r = 0; r < nr; r++) acc += sc[r] * rows[r][i];
-            oh[i] = acc;
-        }
+        /* oh[i] = sum_r p_r v_r[i], rows in order */
+        cpu_sum_rows(sc, rows, nr, dh, oh);
         cpu_rope(oh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, true);
     }
 }
