@@ -165,6 +165,34 @@ static void kv_row_finish(float *kv, const ds4_hparams *hp, const float *inv_fre
     if (num.f16_cache) ds4_num_f16_round(kv, dh);
 }
 
+/* Per-token finishing of attn_project, parallel over tokens: phase 0 the
+ * q_a norm, phase 1 the per-head q norm + RoPE and the kv row. */
+typedef struct proj_job {
+    const ds4_attn_project_args *a;
+    int phase;
+} proj_job;
+
+static void proj_task(void *p, int t0, int t1, int tid) {
+    (void)tid;
+    const proj_job *j = p;
+    const ds4_attn_project_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int dh = hp->head_dim, H = hp->n_head, ql = hp->q_lora;
+    for (int t = t0; t < t1; t++) {
+        if (j->phase == 0) {
+            cpu_rmsnorm(a->cq + (size_t)t * ql, a->cq + (size_t)t * ql, ql, l->q_a_norm, hp->rms_eps);
+            continue;
+        }
+        for (int h = 0; h < H; h++) {
+            float *qh = a->q + ((size_t)t * H + h) * dh;
+            cpu_rmsnorm(qh, qh, dh, NULL, hp->rms_eps);
+            cpu_rope(qh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
+        }
+        kv_row_finish(a->kv + (size_t)t * dh, hp, a->rope->inv_freq, a->pos0 + t, l->kv_norm, a->num);
+    }
+}
+
 int cpu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     cpu_ctx *c = ctx;
     const ds4_hparams *hp = &a->m->hp;
@@ -175,17 +203,12 @@ int cpu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     cpu_mm qkv[2] = {{.w = &l->q_a, .n_rows = ql, .x = a->u, .ldx = D, .n = a->n, .y = a->cq, .ldy = ql},
                      {.w = &l->kv, .n_rows = dh, .x = a->u, .ldx = D, .n = a->n, .y = a->kv, .ldy = dh}};
     if ((rc = cpu_matmuls(c, qkv, 2, a->num.act_quant))) return rc;
-    for (int t = 0; t < a->n; t++) cpu_rmsnorm(a->cq + (size_t)t * ql, a->cq + (size_t)t * ql, ql, l->q_a_norm, hp->rms_eps);
+    proj_job j = {a, 0};
+    cpu_run_w(c, a->n, (double)ql * 4, proj_task, &j);
     if ((rc = cpu_matmul(c, &l->q_b, 0, 0, (int64_t)H * dh, a->cq, ql, NULL, a->n, a->q, (int64_t)H * dh,
                          a->num.act_quant))) return rc;
-    for (int t = 0; t < a->n; t++)
-        for (int h = 0; h < H; h++) {
-            float *qh = a->q + ((size_t)t * H + h) * dh;
-            cpu_rmsnorm(qh, qh, dh, NULL, hp->rms_eps);
-            cpu_rope(qh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
-        }
-    for (int t = 0; t < a->n; t++)
-        kv_row_finish(a->kv + (size_t)t * dh, hp, a->rope->inv_freq, a->pos0 + t, l->kv_norm, a->num);
+    j.phase = 1;
+    cpu_run_w(c, a->n, (double)(H + 1) * (dh * 4 + hp->n_rot * 20), proj_task, &j);
     return c->err;
 }
 
@@ -273,22 +296,22 @@ int cpu_compress_update(void *ctx, const ds4_compress_args *a) {
 
 /* ------------------------------------------------------------ indexer */
 
+typedef struct scored_t {
+    float s;
+    int32_t i;
+} scored_t;
+
 typedef struct idx_job {
     cpu_ctx *c;
     const ds4_indexer_args *a;
     float *qi, *wt;
+    int t;          /* decode path: the token whose rows are scored */
+    scored_t *sc;   /* decode path: its scores */
 } idx_job;
 
-typedef struct scored {
-    float s;
-    int32_t i;
-} scored;
-
-static int cmp_scored(const void *x, const void *y) {
-    const scored *a = x, *b = y;
-    if (a->s > b->s) return -1;
-    if (a->s < b->s) return 1;
-    return a->i < b->i ? -1 : a->i > b->i; /* ties: lower index first */
+static int before(const scored_t *x, const scored_t *y) {
+    /* the selection order: higher score first, ties to the lower index */
+    return x->s > y->s || (x->s == y->s && x->i < y->i);
 }
 
 static int cmp_i32(const void *x, const void *y) {
@@ -296,59 +319,112 @@ static int cmp_i32(const void *x, const void *y) {
     return (a > b) - (a < b);
 }
 
+/* Moves the k first of sc[0..n) in the selection order to sc[0..k)
+ * (quickselect, median-of-three pivots): O(n) where a full sort of a long
+ * context's rows would dominate a decode step. The set is unique (the order
+ * is total: indices differ), so it does not depend on the algorithm. */
+static void select_first(scored_t *sc, int n, int k) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (before(&sc[mid], &sc[lo])) { scored_t t = sc[mid]; sc[mid] = sc[lo]; sc[lo] = t; }
+        if (before(&sc[hi], &sc[lo])) { scored_t t = sc[hi]; sc[hi] = sc[lo]; sc[lo] = t; }
+        if (before(&sc[hi], &sc[mid])) { scored_t t = sc[hi]; sc[hi] = sc[mid]; sc[mid] = t; }
+        scored_t pv = sc[mid];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (before(&sc[i], &pv)) i++;
+            while (before(&pv, &sc[j])) j--;
+            if (i <= j) { scored_t t = sc[i]; sc[i] = sc[j]; sc[j] = t; i++, j--; }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+/* Rotates and rounds token t's indexer queries (MODEL.md C.6). */
+static void idx_prep_q(const idx_job *j, int t) {
+    const ds4_indexer_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const int IH = hp->idx_heads, ID = hp->idx_dim;
+    float *q = j->qi + (size_t)t * IH * ID;
+    for (int h = 0; h < IH; h++) {
+        float *qh = q + (size_t)h * ID;
+        cpu_rope(qh + ID - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
+        if (a->num.fp4_indexer) {
+            ds4_num_hadamard(qh, ID);
+            ds4_num_fp4_round(qh, ID);
+        }
+    }
+}
+
+/* Scores of token t against compressed rows [r0, r1) into sc[r0..r1). */
+static void idx_score(const idx_job *j, int t, int r0, int r1, scored_t *sc) {
+    const ds4_indexer_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const int IH = hp->idx_heads, ID = hp->idx_dim;
+    const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
+    const float *q = j->qi + (size_t)t * IH * ID, *wt = j->wt + (size_t)t * IH;
+    float dots[256];
+    for (int r = r0; r < r1; r++) {
+        cpu_dot8_heads(q, IH, (const float *)a->idx_rows + (size_t)r * ID, ID, dots);
+        float tot = 0;
+        for (int h = 0; h < IH; h++) {
+            float dot = dots[h];
+            float s = (dot > 0 ? dot : 0) * sm_scale;
+            tot += s * (wt[h] * w_scale);
+        }
+        sc[r].s = tot;
+        sc[r].i = r;
+    }
+}
+
+/* sel = the top_k rows of sc[0..Nc), ascending. */
+static void idx_pick(const ds4_indexer_args *a, int t, scored_t *sc, int Nc) {
+    const int K = a->m->hp.idx_topk;
+    int32_t *sel = a->sel + (size_t)t * K;
+    select_first(sc, Nc, K);
+    for (int i = 0; i < K; i++) sel[i] = sc[i].i;
+    qsort(sel, (size_t)K, sizeof(int32_t), cmp_i32);
+    a->n_sel[t] = K;
+}
+
+/* Prefill: one token per item (prep, score every row, pick). */
 static void idx_task(void *p, int t0, int t1, int tid) {
     const idx_job *j = p;
     const ds4_indexer_args *a = j->a;
-    const ds4_hparams *hp = &a->m->hp;
-    const int IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
-    const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
+    const int K = a->m->hp.idx_topk;
     for (int t = t0; t < t1; t++) {
-        int P = a->pos0 + t, Nc = (P + 1) / 4;
-        int32_t *sel = a->sel + (size_t)t * K;
+        int Nc = (a->pos0 + t + 1) / 4;
         if (Nc <= K) {
-            for (int i = 0; i < Nc; i++) sel[i] = i;
+            for (int i = 0; i < Nc; i++) a->sel[(size_t)t * K + i] = i;
             a->n_sel[t] = Nc;
             continue;
         }
-        float *q = j->qi + (size_t)t * IH * ID;
-        for (int h = 0; h < IH; h++) {
-            float *qh = q + (size_t)h * ID;
-            cpu_rope(qh + ID - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, false);
-            if (a->num.fp4_indexer) {
-                ds4_num_hadamard(qh, ID);
-                ds4_num_fp4_round(qh, ID);
-            }
-        }
-        scored *sc = cpu_tscratch(j->c, tid, 0, (size_t)Nc * sizeof(scored));
+        idx_prep_q(j, t);
+        scored_t *sc = cpu_tscratch(j->c, tid, 0, (size_t)Nc * sizeof(scored_t));
         if (!sc) return;
-        const float *wt = j->wt + (size_t)t * IH;
-        float dots[256];
-        for (int r = 0; r < Nc; r++) {
-            const float *kr = (const float *)a->idx_rows + (size_t)r * ID;
-            cpu_dot8_heads(q, IH, kr, ID, dots);
-            float tot = 0;
-            for (int h = 0; h < IH; h++) {
-                float dot = dots[h];
-                float s = (dot > 0 ? dot : 0) * sm_scale;
-                tot += s * (wt[h] * w_scale);
-            }
-            sc[r].s = tot;
-            sc[r].i = r;
-        }
-        qsort(sc, (size_t)Nc, sizeof(scored), cmp_scored);
-        for (int i = 0; i < K; i++) sel[i] = sc[i].i;
-        qsort(sel, (size_t)K, sizeof(int32_t), cmp_i32);
-        a->n_sel[t] = K;
+        idx_score(j, t, 0, Nc, sc);
+        idx_pick(a, t, sc, Nc);
     }
+}
+
+/* Decode (fewer tokens than threads): the rows of one token split over
+ * the threads. */
+static void idx_rows_task(void *p, int r0, int r1, int tid) {
+    (void)tid;
+    const idx_job *j = p;
+    idx_score(j, j->t, r0, r1, j->sc);
 }
 
 int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     cpu_ctx *c = ctx;
     const ds4_hparams *hp = &a->m->hp;
-    const int D = hp->n_embd, IH = hp->idx_heads, ID = hp->idx_dim;
-    if (IH > 256) return c->err = DS4_E_INTERNAL; /* idx_task's score array; refused at open */
-    idx_job j = {c, a, NULL, NULL};
-    if ((a->pos0 + a->n) / 4 > hp->idx_topk) {
+    const int D = hp->n_embd, IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
+    if (IH > 256) return c->err = DS4_E_INTERNAL; /* idx_score's array; refused at open */
+    idx_job j = {.c = c, .a = a};
+    if ((a->pos0 + a->n) / 4 > K) {
         /* some token has more rows than top_k: score them */
         j.qi = cpu_scratch(c, 4, (size_t)a->n * IH * ID * sizeof(float));
         j.wt = cpu_scratch(c, 5, (size_t)a->n * IH * sizeof(float));
@@ -359,7 +435,23 @@ int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                         {.w = &a->l->idx_proj, .n_rows = IH, .x = a->u, .ldx = D, .n = a->n, .y = j.wt, .ldy = IH}};
         if ((rc = cpu_matmuls(c, qw, 2, a->num.act_quant))) return rc;
     }
-    cpu_run_w(c, a->n, j.qi ? (double)((a->pos0 + a->n) / 4) * IH * ID : 1.0, idx_task, &j);
+    if (!j.qi || a->n >= c->n_threads) {
+        cpu_run_w(c, a->n, j.qi ? (double)((a->pos0 + a->n) / 4) * IH * ID : 1.0, idx_task, &j);
+        return c->err;
+    }
+    for (int t = 0; t < a->n; t++) {
+        int Nc = (a->pos0 + t + 1) / 4;
+        if (Nc <= K) {
+            for (int i = 0; i < Nc; i++) a->sel[(size_t)t * K + i] = i;
+            a->n_sel[t] = Nc;
+            continue;
+        }
+        idx_prep_q(&j, t);
+        if (!(j.sc = cpu_scratch(c, 6, (size_t)Nc * sizeof(scored_t)))) return DS4_E_NOMEM;
+        j.t = t;
+        cpu_run_w(c, Nc, (double)IH * ID, idx_rows_task, &j);
+        idx_pick(a, t, j.sc, Nc);
+    }
     return c->err;
 }
 
