@@ -847,10 +847,10 @@ static const int8_t q2k_ctl[8][32] __attribute__((aligned(32))) = {Q2CTL(0), Q2C
                                                                    Q2CTL(4), Q2CTL(5), Q2CTL(6), Q2CTL(7)};
 
 /* a.d * (d * isum - dmin * msum), then the running sum (dotq_q2_k, dotq_q4_k):
- * isum lanes from is[8], msum lanes from ms[8] */
-static ALWAYS TGT __m256 kquant_combine(__m256 acc, const __m256i is[8], const __m256i ms[8],
-                                        const uint8_t *const *w, size_t o_d, size_t o_dmin, const float *ts, int T) {
-    __m256 fi = _mm256_cvtepi32_ps(hsum8x8_i32(is)), fm = _mm256_cvtepi32_ps(hsum8x8_i32(ms));
+ * isum and msum lanes per pair */
+static ALWAYS TGT __m256 kquant_combine(__m256 acc, __m256i isum, __m256i msum, const uint8_t *const *w, size_t o_d,
+                                        size_t o_dmin, const float *ts, int T) {
+    __m256 fi = _mm256_cvtepi32_ps(isum), fm = _mm256_cvtepi32_ps(msum);
     __m256 v = _mm256_sub_ps(_mm256_mul_ps(row_scales(w, o_d, T), fi), _mm256_mul_ps(row_scales(w, o_dmin, T), fm));
     return _mm256_add_ps(acc, _mm256_mul_ps(tok_scales(ts, T), v));
 }
@@ -861,19 +861,24 @@ static ALWAYS TGT void q2_k_micro(const uint8_t *const *w, const ds4_block_q8_k 
     const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
     for (int64_t b = 0; b < nb; b++) {
         const size_t o = (size_t)b * sizeof(ds4_block_q2_k);
-        __m256i is[8], ms[8];
+        /* msum = sum_j (sc_j >> 4) * bsums_j, reduced before the isum pass
+         * (8 accumulators at a time fit the registers) */
+        __m256i v[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m128i sc = _mm_loadu_si128((const __m128i *)(w[r] + o));
+            __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm256_castsi256_si128(m15)));
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+                v[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
+        }
+        const __m256i msum = hsum8x8_i32(v);
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const uint8_t *p = w[r] + o;
-            __m128i sc = _mm_loadu_si128((const __m128i *)p);
-            /* msum = sum_j (sc_j >> 4) * bsums_j */
-            __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm256_castsi256_si128(m15)));
-            __m256i scl16 = _mm256_and_si256(_mm256_broadcastsi128_si256(sc), m15);
+            __m256i scl16 = _mm256_and_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)), m15);
 #pragma GCC unroll 8
-            for (int t = 0; t < T; t++) {
-                is[r * T + t] = _mm256_setzero_si256();
-                ms[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
-            }
+            for (int t = 0; t < T; t++) v[r * T + t] = _mm256_setzero_si256();
             for (int h = 0; h < 2; h++) {
                 __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));
                 for (int k = 0; k < 4; k++) {
@@ -883,12 +888,12 @@ static ALWAYS TGT void q2_k_micro(const uint8_t *const *w, const ds4_block_q8_k 
                     for (int t = 0; t < T; t++) {
                         __m256i prod =
                             _mm256_maddubs_epi16(lv, _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 128 * h + 32 * k)));
-                        is[r * T + t] = _mm256_add_epi32(is[r * T + t], _mm256_madd_epi16(prod, scl));
+                        v[r * T + t] = _mm256_add_epi32(v[r * T + t], _mm256_madd_epi16(prod, scl));
                     }
                 }
             }
         }
-        acc = kquant_combine(acc, is, ms, w, o + 80, o + 82, ts + b * T, T);
+        acc = kquant_combine(acc, hsum8x8_i32(v), msum, w, o + 80, o + 82, ts + b * T, T);
     }
     _mm256_storeu_ps(out, acc);
 }
@@ -901,37 +906,43 @@ static ALWAYS TGT void q4_k_micro(const uint8_t *const *w, const ds4_block_q8_k 
     const __m256i m15 = _mm256_set1_epi8(15);
     for (int64_t b = 0; b < nb; b++) {
         const size_t o = (size_t)b * sizeof(ds4_block_q4_k);
-        __m256i is[8], ms[8];
+        int sc[8][8];
+        __m256i v[8];
+        /* msum = sum_j m_j * (bsums[2j] + bsums[2j+1]) (m_j in int16 lanes 2j,
+         * 2j+1), reduced before the isum pass */
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            const uint8_t *p = w[r] + o;
-            int sc[8], m[8];
-            for (int j = 0; j < 8; j++) q4k_sm(p + 4, j, &sc[j], &m[j]);
-            /* msum = sum_j m_j * (bsums[2j] + bsums[2j+1]): m_j in int16 lanes 2j, 2j+1 */
+            int m[8];
+            for (int j = 0; j < 8; j++) q4k_sm(w[r] + o + 4, j, &sc[r][j], &m[j]);
             __m256i mins = _mm256_setr_epi16((short)m[0], (short)m[0], (short)m[1], (short)m[1], (short)m[2],
                                              (short)m[2], (short)m[3], (short)m[3], (short)m[4], (short)m[4],
                                              (short)m[5], (short)m[5], (short)m[6], (short)m[6], (short)m[7],
                                              (short)m[7]);
 #pragma GCC unroll 8
-            for (int t = 0; t < T; t++) {
-                is[r * T + t] = _mm256_setzero_si256();
-                ms[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
-            }
+            for (int t = 0; t < T; t++)
+                v[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
+        }
+        const __m256i msum = hsum8x8_i32(v);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w[r] + o;
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) v[r * T + t] = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
                 __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
                 __m256i lo = _mm256_and_si256(bytes, m15), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m15);
-                __m256i s0 = _mm256_set1_epi16((short)sc[2 * c]), s1 = _mm256_set1_epi16((short)sc[2 * c + 1]);
+                __m256i s0 = _mm256_set1_epi16((short)sc[r][2 * c]), s1 = _mm256_set1_epi16((short)sc[r][2 * c + 1]);
 #pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
                     const int8_t *aq = x[t][b].qs + 64 * c;
                     __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)aq));
                     __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(aq + 32)));
-                    is[r * T + t] = _mm256_add_epi32(is[r * T + t], _mm256_madd_epi16(p0, s0));
-                    is[r * T + t] = _mm256_add_epi32(is[r * T + t], _mm256_madd_epi16(p1, s1));
+                    v[r * T + t] = _mm256_add_epi32(v[r * T + t], _mm256_madd_epi16(p0, s0));
+                    v[r * T + t] = _mm256_add_epi32(v[r * T + t], _mm256_madd_epi16(p1, s1));
                 }
             }
         }
-        acc = kquant_combine(acc, is, ms, w, o, o + 2, ts + b * T, T);
+        acc = kquant_combine(acc, hsum8x8_i32(v), msum, w, o, o + 2, ts + b * T, T);
     }
     _mm256_storeu_ps(out, acc);
 }
