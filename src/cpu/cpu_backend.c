@@ -1,5 +1,19 @@
 /* cpu_backend.c - the CPU reference backend: context, thread pool, scratch,
- * memory ops, the shared matmul/norm/RoPE helpers and the vtable.
+ * memory ops, the matrix-product engine, the norm/RoPE helpers, the bench
+ * hooks (bandwidth probe, per-stage profile) and the vtable.
+ *
+ * Speed (issue 13). Matrix products run as one parallel run of row chunks
+ * handed out dynamically; each chunk runs the quant tiles over the whole
+ * batch, so prefill reads a weight block once per chunk of tokens instead of
+ * once per token, and decode keeps every thread on every large product
+ * (the six routed experts' rows together). Kernels: AVX2 (+FMA/F16C/BMI2)
+ * chosen at run time, scalar otherwise.
+ * Not done, documented instead:
+ *  - AVX-512 / VNNI kernels: none; no machine here has them to test on.
+ *  - NUMA: untested (no multi-socket machine). Threads are not pinned and the
+ *    model is read through the page cache where it lies; on a multi-socket
+ *    server run one process per socket (numactl --cpunodebind=N --membind=N)
+ *    or interleave the mapping (numactl --interleave=all) and compare.
  */
 #include "cpu/cpu.h"
 
