@@ -500,8 +500,10 @@ static void simd_init(void) {
     unsigned a = 0, b = 0, c = 0, d = 0;
     int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
     if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c &&
-        __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2"))
+        __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
+        ds4_quant_avx2_init();
         simd_best = DS4_SIMD_AVX2;
+    }
 #endif
 }
 

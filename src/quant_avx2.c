@@ -702,6 +702,25 @@ static inline void q8_k_scales(float *ts, const ds4_block_q8_k *const *x, int T,
 #define KS16(s) KS4(s), KS4((s) + 4), KS4((s) + 8), KS4((s) + 12)
 #define KS64(s) KS16(s), KS16((s) + 16), KS16((s) + 32), KS16((s) + 48)
 static const uint64_t iq2_signs64[128] = {KS64(0), KS64(64)};
+
+/* The signs of two sub-groups at once: entry i = iq2_signs64[i & 127] then
+ * iq2_signs64[i >> 7], for the 14 low or the next 14 bits of a group's sign
+ * word. One 16-byte load replaces two shifts, two masks and two 8-byte
+ * lookups; 256 KiB, built once (ds4_quant_avx2_init) and read-only after. */
+static uint64_t iq2_signs128[1 << 14][2] __attribute__((aligned(16)));
+
+void ds4_quant_avx2_init(void) {
+    for (int i = 0; i < 1 << 14; i++) {
+        iq2_signs128[i][0] = iq2_signs64[i & 127];
+        iq2_signs128[i][1] = iq2_signs64[i >> 7];
+    }
+}
+
+/* the ±1 sign bytes of a group from its sign word a1 */
+static inline TGT __m256i iq2_group_signs(uint32_t a1) {
+    return _mm256_loadu2_m128i((const __m128i *)iq2_signs128[(a1 >> 14) & 0x3fff],
+                               (const __m128i *)iq2_signs128[a1 & 0x3fff]);
+}
 /* 2 * ls + 1 in every int16 lane, for the 16 group scales ls */
 #define SC16(v) {v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}
 static const int16_t iq2_scale16[16][16] __attribute__((aligned(32))) = {
@@ -728,9 +747,7 @@ static ALWAYS TGT void iq2_xxs_micro(const uint8_t *const *w, const ds4_block_q8
                 memcpy(&a1, q + 4, 4);
                 __m256i mag = _mm256_setr_epi64x((long long)ds4_iq2xxs_grid[q[0]], (long long)ds4_iq2xxs_grid[q[1]],
                                                  (long long)ds4_iq2xxs_grid[q[2]], (long long)ds4_iq2xxs_grid[q[3]]);
-                __m256i sg = _mm256_setr_epi64x((long long)iq2_signs64[a1 & 127], (long long)iq2_signs64[(a1 >> 7) & 127],
-                                                (long long)iq2_signs64[(a1 >> 14) & 127],
-                                                (long long)iq2_signs64[(a1 >> 21) & 127]);
+                __m256i sg = iq2_group_signs(a1);
                 __m256i scl = _mm256_load_si256((const __m256i *)iq2_scale16[a1 >> 28]);
 #pragma GCC unroll 8
                 for (int t = 0; t < T; t++) {
@@ -775,9 +792,7 @@ static TGT void iq2_xxs_expand(const uint8_t *row, int64_t nb, iq2_row_x *e) {
             memcpy(&a1, q + 4, 4);
             e->mag[b * 8 + g] = _mm256_setr_epi64x((long long)ds4_iq2xxs_grid[q[0]], (long long)ds4_iq2xxs_grid[q[1]],
                                                    (long long)ds4_iq2xxs_grid[q[2]], (long long)ds4_iq2xxs_grid[q[3]]);
-            e->sg[b * 8 + g] = _mm256_setr_epi64x((long long)iq2_signs64[a1 & 127], (long long)iq2_signs64[(a1 >> 7) & 127],
-                                                  (long long)iq2_signs64[(a1 >> 14) & 127],
-                                                  (long long)iq2_signs64[(a1 >> 21) & 127]);
+            e->sg[b * 8 + g] = iq2_group_signs(a1);
             e->scl[b * 8 + g] = (int16_t)(2 * (a1 >> 28) + 1);
         }
     }
@@ -1011,6 +1026,8 @@ const ds4_quant_kernels ds4_quant_avx2_table[] = {
 const int ds4_quant_avx2_n = sizeof ds4_quant_avx2_table / sizeof ds4_quant_avx2_table[0];
 
 #else /* no x86 AVX2 code in this build */
+
+void ds4_quant_avx2_init(void) {}
 
 const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
 const int ds4_quant_avx2_n = 0;
