@@ -492,7 +492,7 @@ static TGT void act_q8_k(const float *x, void *dst, int64_t n) {
  * 8 rows per micro-tile. */
 
 #define ALWAYS __attribute__((always_inline)) inline
-#define TILE_MAX_BLOCKS 1024 /* blocks per row a tile's scale table holds; longer rows use the row dot */
+#define TILE_MAX_BLOCKS 512 /* blocks per row a tile's scale table holds; longer rows use the row dot */
 
 static inline uint16_t ld16(const uint8_t *p) {
     uint16_t h;
@@ -624,7 +624,7 @@ static TGT void tile_q8_0_walk(const void *w, size_t row_bytes, int n_rows, cons
  * row pair), the tokens' in groups of 4 (once per call). Same lanes and
  * operations as q8_0_micro with R = 2, T = 4, so the same bits. */
 #define Q8_0_P_BLOCKS 256 /* rows up to 8192 values */
-#define Q8_0_P_TOKENS 64
+#define Q8_0_P_TOKENS 32 /* scale tables on the stack: 32 tokens x 256 blocks = 32 KiB */
 
 static TGT void q8_0_micro_p(const uint8_t *w0, const uint8_t *w1, const uint8_t *const *x, const float *ws,
                              const float *ts, int64_t nb, float *out) {
