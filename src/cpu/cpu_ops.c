@@ -333,8 +333,10 @@ static void select_first(scored_t *sc, int n, int k) {
         scored_t pv = sc[mid];
         int i = lo, j = hi;
         while (i <= j) {
-            while (before(&sc[i], &pv)) i++;
-            while (before(&pv, &sc[j])) j--;
+            /* bounds kept even without sentinels: NaN scores make the
+             * order partial */
+            while (i < hi && before(&sc[i], &pv)) i++;
+            while (j > lo && before(&pv, &sc[j])) j--;
             if (i <= j) { scored_t t = sc[i]; sc[i] = sc[j]; sc[j] = t; i++, j--; }
         }
         if (k - 1 <= j) hi = j;
