@@ -117,11 +117,18 @@ void cpu_rope(float *z, int n_rot, const float *inv_freq, int pos, bool inverse)
  *   cpu_dot8:       sum_i a[i] b[i]
  *   cpu_dot8_rows:  s[r] = cpu_dot8(q, rows[r], n) * scale, r < nr
  *   cpu_dot8_heads: out[h] = cpu_dot8(q + h * n, k, n), h < n_heads
- *   cpu_sum_rows:   out[i] = sum_r p[r] rows[r][i], rows added in order */
+ *   cpu_sum_rows:   out[i] = sum_r p[r] rows[r][i], rows added in order
+ * Row sums: the product p[r] * v is rounded, then added; dots: likewise. */
 float cpu_dot8(const float *a, const float *b, int n);
 void cpu_dot8_rows(const float *q, const float *const *rows, int nr, int n, float scale, float *s);
 void cpu_dot8_heads(const float *q, int n_heads, const float *k, int n, float *out);
 void cpu_sum_rows(const float *p, const float *const *rows, int nr, int n, float *out);
+/* The same for nq queries against the same rows (s and p are (nq, nr)),
+ * reading each row once for all of them; each query's result is the
+ * single-query one bit for bit. */
+void cpu_dot8_rows_multi(const float *const *q, int nq, const float *const *rows, int nr, int n, float scale,
+                         float *s);
+void cpu_sum_rows_multi(const float *p, int nq, const float *const *rows, int nr, int n, float *const *out);
 
 int cpu_embed(void *ctx, const ds4_embed_args *a);
 int cpu_hc_pre(void *ctx, const ds4_hc_pre_args *a);

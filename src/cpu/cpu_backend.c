@@ -55,9 +55,9 @@ static inline void cpu_pause(void) {
 }
 
 /* How long an idle worker polls for the next run before it sleeps. A decode
- * step issues hundreds of runs a few tens of microseconds apart; a futex
- * wake-up costs about as much as a small run, so workers poll through the
- * gaps and sleep only when the engine is idle. */
+ * step issues a dozen runs per layer, tens to hundreds of microseconds
+ * apart; a futex wake-up costs about as much as a small run, so workers poll
+ * through the gaps and sleep only when the engine is idle. */
 #define CPU_SPIN_S 300e-6
 
 static void run_range(cpu_ctx *c, int tid) {

@@ -465,16 +465,18 @@ typedef struct attn_job {
     float *o; /* (n, H, dh) */
 } attn_job;
 
+enum { ATTN_HG = 4 }; /* heads per work item: they share the token's rows */
+
 static void attn_task(void *p, int i0, int i1, int tid) {
     const attn_job *j = p;
     const ds4_attention_args *a = j->a;
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
-    const int H = hp->n_head, dh = hp->head_dim, W = hp->window;
+    const int H = hp->n_head, dh = hp->head_dim, W = hp->window, n_hg = (H + ATTN_HG - 1) / ATTN_HG;
     const float scale = 1.0f / sqrtf((float)dh);
     for (int it = i0; it < i1; it++) {
-        int t = it / H, h = it % H, P = a->pos0 + t;
-        const float *qh = a->q + ((size_t)t * H + h) * dh;
+        int t = it / n_hg, h0 = (it % n_hg) * ATTN_HG, P = a->pos0 + t;
+        int nq = H - h0 < ATTN_HG ? H - h0 : ATTN_HG;
         int lo = P - W + 1 > 0 ? P - W + 1 : 0;
         int n_raw = P - lo + 1, n_comp = 0;
         const int32_t *sel = NULL;
@@ -484,7 +486,7 @@ static void attn_task(void *p, int i0, int i1, int tid) {
             sel = a->sel + (size_t)t * hp->idx_topk;
         }
         int nr = n_raw + n_comp;
-        float *sc = cpu_tscratch(j->c, tid, 1, (size_t)nr * sizeof(float));
+        float *sc = cpu_tscratch(j->c, tid, 1, (size_t)ATTN_HG * nr * sizeof(float));
         const float **rows = cpu_tscratch(j->c, tid, 2, (size_t)nr * sizeof(float *));
         if (!sc || !rows) return;
         for (int r = 0; r < n_raw; r++) {
@@ -492,17 +494,23 @@ static void attn_task(void *p, int i0, int i1, int tid) {
             rows[r] = pos >= a->pos0 ? a->kv + (size_t)(pos - a->pos0) * dh : (const float *)a->raw + (size_t)(pos % W) * dh;
         }
         for (int r = 0; r < n_comp; r++) rows[n_raw + r] = (const float *)a->comp + (size_t)(sel ? sel[r] : r) * dh;
-        float mx = l->sinks[h];
-        cpu_dot8_rows(qh, rows, nr, dh, scale, sc);
-        for (int r = 0; r < nr; r++) mx = fmaxf(mx, sc[r]);
-        float den = 0;
-        for (int r = 0; r < nr; r++) { sc[r] = expf(sc[r] - mx); den += sc[r]; }
-        den += expf(l->sinks[h] - mx);
-        float *oh = j->o + ((size_t)t * H + h) * dh;
-        for (int r = 0; r < nr; r++) sc[r] = sc[r] / den;
-        /* oh[i] = sum_r p_r v_r[i], rows in order */
-        cpu_sum_rows(sc, rows, nr, dh, oh);
-        cpu_rope(oh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, true);
+        const float *q[ATTN_HG];
+        float *o[ATTN_HG];
+        for (int k = 0; k < nq; k++) {
+            q[k] = a->q + ((size_t)t * H + h0 + k) * dh;
+            o[k] = j->o + ((size_t)t * H + h0 + k) * dh;
+        }
+        cpu_dot8_rows_multi(q, nq, rows, nr, dh, scale, sc);
+        for (int k = 0; k < nq; k++) { /* softmax with the head's sink */
+            float *s = sc + (size_t)k * nr, sink = l->sinks[h0 + k], mx = sink, den = 0;
+            for (int r = 0; r < nr; r++) mx = fmaxf(mx, s[r]);
+            for (int r = 0; r < nr; r++) { s[r] = expf(s[r] - mx); den += s[r]; }
+            den += expf(sink - mx);
+            for (int r = 0; r < nr; r++) s[r] = s[r] / den;
+        }
+        /* o_h[i] = sum_r p_hr v_r[i], rows in order */
+        cpu_sum_rows_multi(sc, nq, rows, nr, dh, o);
+        for (int k = 0; k < nq; k++) cpu_rope(o[k] + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, true);
     }
 }
 
@@ -515,7 +523,8 @@ int cpu_attention(void *ctx, const ds4_attention_args *a) {
     attn_job j = {c, a, cpu_scratch(c, 0, (size_t)a->n * H * dh * sizeof(float))};
     float *z = cpu_scratch(c, 1, (size_t)a->n * G * ol * sizeof(float));
     if (!j.o || !z) return DS4_E_NOMEM;
-    cpu_run_w(c, a->n * H, (double)dh * (hp->window + (a->l->ratio ? (a->pos0 + a->n) / a->l->ratio : 0)) * 2, attn_task, &j);
+    cpu_run_w(c, a->n * ((H + ATTN_HG - 1) / ATTN_HG),
+              (double)ATTN_HG * dh * (hp->window + (a->l->ratio ? (a->pos0 + a->n) / a->l->ratio : 0)) * 2, attn_task, &j);
     if (c->err) return c->err;
     int rc;
     /* grouped output projection: z_g = W_oa[g] . (heads of group g), all groups one run */

@@ -98,6 +98,77 @@ static TGT void sum_rows_avx2(const float *p, const float *const *rows, int nr, 
         out[i] = acc;
     }
 }
+/* Several heads against the same rows (attention reads one token's rows
+ * for every head): each row chunk is loaded once for NQ queries. Per head
+ * the operations are dot8_avx2's / sum_rows_avx2's, in the same order. */
+static inline __attribute__((always_inline)) TGT void dot8_multi_avx2(const float *const *q, int NQ,
+                                                                      const float *const *rows, int nr, int n,
+                                                                      float scale, float *s) {
+    for (int r = 0; r < nr; r++) {
+        const float *row = rows[r];
+        __m256 acc[4];
+#pragma GCC unroll 4
+        for (int k = 0; k < NQ; k++) acc[k] = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_loadu_ps(row + i);
+#pragma GCC unroll 4
+            for (int k = 0; k < NQ; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(_mm256_loadu_ps(q[k] + i), v));
+        }
+#pragma GCC unroll 4
+        for (int k = 0; k < NQ; k++) {
+            float l[8];
+            _mm256_storeu_ps(l, acc[k]);
+            float d = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+            for (int m = i; m < n; m++) d += q[k][m] * row[m];
+            s[k * nr + r] = d * scale;
+        }
+    }
+}
+
+static TGT void dot8_rows_multi_avx2(const float *const *q, int nq, const float *const *rows, int nr, int n,
+                                     float scale, float *s) {
+    switch (nq) {
+    case 4: dot8_multi_avx2(q, 4, rows, nr, n, scale, s); break;
+    case 3: dot8_multi_avx2(q, 3, rows, nr, n, scale, s); break;
+    case 2: dot8_multi_avx2(q, 2, rows, nr, n, scale, s); break;
+    default: dot8_multi_avx2(q, 1, rows, nr, n, scale, s); break;
+    }
+}
+
+static inline __attribute__((always_inline)) TGT void sum_multi_avx2(const float *p, int NQ,
+                                                                     const float *const *rows, int nr, int n,
+                                                                     float *const *out) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 acc[4];
+#pragma GCC unroll 4
+        for (int k = 0; k < NQ; k++) acc[k] = _mm256_setzero_ps();
+        for (int r = 0; r < nr; r++) {
+            __m256 v = _mm256_loadu_ps(rows[r] + i);
+#pragma GCC unroll 4
+            for (int k = 0; k < NQ; k++) acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(_mm256_set1_ps(p[k * nr + r]), v));
+        }
+#pragma GCC unroll 4
+        for (int k = 0; k < NQ; k++) _mm256_storeu_ps(out[k] + i, acc[k]);
+    }
+    for (; i < n; i++)
+        for (int k = 0; k < NQ; k++) {
+            float acc = 0;
+            for (int r = 0; r < nr; r++) acc += p[k * nr + r] * rows[r][i];
+            out[k][i] = acc;
+        }
+}
+
+static TGT void sum_rows_multi_avx2(const float *p, int nq, const float *const *rows, int nr, int n,
+                                    float *const *out) {
+    switch (nq) {
+    case 4: sum_multi_avx2(p, 4, rows, nr, n, out); break;
+    case 3: sum_multi_avx2(p, 3, rows, nr, n, out); break;
+    case 2: sum_multi_avx2(p, 2, rows, nr, n, out); break;
+    default: sum_multi_avx2(p, 1, rows, nr, n, out); break;
+    }
+}
 #define HAVE_AVX2_VEC 1
 #endif
 
@@ -146,4 +217,25 @@ void cpu_sum_rows(const float *p, const float *const *rows, int nr, int n, float
     }
 #endif
     sum_rows_generic(p, rows, nr, n, out);
+}
+
+void cpu_dot8_rows_multi(const float *const *q, int nq, const float *const *rows, int nr, int n, float scale,
+                         float *s) {
+#ifdef HAVE_AVX2_VEC
+    if (use_avx2() && nq <= 4) {
+        dot8_rows_multi_avx2(q, nq, rows, nr, n, scale, s);
+        return;
+    }
+#endif
+    for (int k = 0; k < nq; k++) cpu_dot8_rows(q[k], rows, nr, n, scale, s + (size_t)k * nr);
+}
+
+void cpu_sum_rows_multi(const float *p, int nq, const float *const *rows, int nr, int n, float *const *out) {
+#ifdef HAVE_AVX2_VEC
+    if (use_avx2() && nq <= 4) {
+        sum_rows_multi_avx2(p, nq, rows, nr, n, out);
+        return;
+    }
+#endif
+    for (int k = 0; k < nq; k++) cpu_sum_rows(p + (size_t)k * nr, rows, nr, n, out[k]);
 }
