@@ -1,7 +1,8 @@
 /* dev/make_test_model.c - writes a random-weight DeepSeek V4 GGUF of a chosen
  * size with the unit tests' builder (for speed measurements).
  * usage: make_test_model OUT.gguf D layers experts ffn vocab mat_type exp_type
- *   types: f32 | q8_0 | q4_K (experts) ; layers use the 0,0,4,128,4,128,... schedule
+ *   types: f32 | f16 | q8_0 | q4_K | q2_K | iq2_xxs; exp_type may be GATEUP/DOWN, e.g. iq2_xxs/q2_K (the q2
+ *   recipe's experts); layers use the 0,0,4,128,4,128,... schedule
  *   optional 9th argument "flash": Flash's per-layer dims (64 heads x 512, q_lora 1024, 8 x 1024 output
  *   groups, 64 indexer heads, window 128), with D/layers/experts/ffn/vocab from the command line.
  */
@@ -30,7 +31,14 @@ int main(int argc, char **argv) {
     c.F = atoi(argv[5]);
     c.V = atoi(argv[6]);
     c.type_mat = type_of(argv[7]);
+    const char *slash = strchr(argv[8], '/');
     c.type_gate = c.type_down = type_of(argv[8]);
+    if (slash) {
+        char gate[32];
+        snprintf(gate, sizeof gate, "%.*s", (int)(slash - argv[8]), argv[8]);
+        c.type_gate = type_of(gate);
+        c.type_down = type_of(slash + 1);
+    }
     c.type_small = DS4_TYPE_F16;
     c.H = 16;
     c.dh = 512;

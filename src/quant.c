@@ -461,14 +461,14 @@ static float dotq_iq2_xxs(const void *row, const void *xq, int64_t n) {
 /* ---- kernel tables and dispatch ------------------------------------------- */
 
 static const ds4_quant_kernels SCALAR[] = {
-    {DS4_TYPE_F32, -1, dq_f32, dot_f32_f32, NULL, NULL},
-    {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL},
-    {DS4_TYPE_BF16, -1, dq_bf16, dot_bf16_f32, NULL, NULL},
-    {DS4_TYPE_I32, -1, dq_i32, NULL, NULL, NULL},
-    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, dq_q8_0, dot_q8_0_f32, dotq_q8_0, ds4_quant_act_q8_0_scalar},
-    {DS4_TYPE_Q4_K, DS4_TYPE_Q8_K, dq_q4_k, dot_q4_k_f32, dotq_q4_k, ds4_quant_act_q8_k_scalar},
-    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, dq_q2_k, dot_q2_k_f32, dotq_q2_k, ds4_quant_act_q8_k_scalar},
-    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, dq_iq2_xxs, dot_iq2_xxs_f32, dotq_iq2_xxs, ds4_quant_act_q8_k_scalar},
+    {DS4_TYPE_F32, -1, dq_f32, dot_f32_f32, NULL, NULL, NULL, NULL},
+    {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL, NULL, NULL},
+    {DS4_TYPE_BF16, -1, dq_bf16, dot_bf16_f32, NULL, NULL, NULL, NULL},
+    {DS4_TYPE_I32, -1, dq_i32, NULL, NULL, NULL, NULL, NULL},
+    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, dq_q8_0, dot_q8_0_f32, dotq_q8_0, ds4_quant_act_q8_0_scalar, NULL, NULL},
+    {DS4_TYPE_Q4_K, DS4_TYPE_Q8_K, dq_q4_k, dot_q4_k_f32, dotq_q4_k, ds4_quant_act_q8_k_scalar, NULL, NULL},
+    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, dq_q2_k, dot_q2_k_f32, dotq_q2_k, ds4_quant_act_q8_k_scalar, NULL, NULL},
+    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, dq_iq2_xxs, dot_iq2_xxs_f32, dotq_iq2_xxs, ds4_quant_act_q8_k_scalar, NULL, NULL},
 };
 enum { N_KERNELS = sizeof SCALAR / sizeof SCALAR[0] };
 
@@ -487,17 +487,23 @@ static void simd_init(void) {
             if (v->dot_f32) k.dot_f32 = v->dot_f32;
             if (v->dot_q) k.dot_q = v->dot_q;
             if (v->quantize_act) k.quantize_act = v->quantize_act;
+            if (v->dot_q_tile) k.dot_q_tile = v->dot_q_tile;
+            if (v->dot_f32_tile) k.dot_f32_tile = v->dot_f32_tile;
         }
         avx2_merged[i] = k;
     }
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    /* F16C via cpuid leaf 1 (ECX bit 29): clang's __builtin_cpu_supports
+    /* The AVX2 kernels also use FMA, BMI1/BMI2 and F16C; F16C via cpuid leaf 1
+     * (ECX bit 29): clang's __builtin_cpu_supports
      * does not know "f16c". */
     unsigned a = 0, b = 0, c = 0, d = 0;
     int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
-    if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
+    if (ds4_quant_avx2_n > 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c &&
+        __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
+        ds4_quant_avx2_init();
         simd_best = DS4_SIMD_AVX2;
+    }
 #endif
 }
 

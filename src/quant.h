@@ -186,6 +186,20 @@ typedef struct ds4_quant_kernels {
     float (*dot_f32)(const void *row, const float *x, int64_t n); /* NULL for I32 */
     float (*dot_q)(const void *row, const void *xq, int64_t n);   /* NULL without act_type */
     void (*quantize_act)(const float *x, void *xq, int64_t n);    /* act_type's; NULL without */
+    /* Tiles, for matrix products (NULL when the type has none: call the
+     * row dot per pair). For r < n_rows and t < n_tok:
+     *   dot_q_tile:   y[t * ldy + r] = dot_q(w + r * row_bytes, xq[t], n)
+     *   dot_f32_tile: y[t * ldy + r] = dot_f32(w + r * row_bytes, x[t], n)
+     * bit for bit, whatever n_rows and n_tok: every pair goes through the
+     * row dot's operations in the row dot's order. A tile only lets a
+     * weight block be decoded once for several tokens, and several pairs
+     * share one horizontal reduction and one vector of float combinations.
+     * Weights are read n_tok / (tokens per micro-tile) times: keep
+     * n_rows * row_bytes cache-sized. Thread-safe. */
+    void (*dot_q_tile)(const void *w, size_t row_bytes, int n_rows, const void *const *xq, int n_tok, int64_t n,
+                       float *y, int64_t ldy);
+    void (*dot_f32_tile)(const void *w, size_t row_bytes, int n_rows, const float *const *x, int n_tok, int64_t n,
+                         float *y, int64_t ldy);
 } ds4_quant_kernels;
 
 /* Kernels of `type` for a SIMD level (AUTO = best the CPU supports). Returns

@@ -11,6 +11,8 @@
  * - quantize_act: identical bytes (round-to-nearest-even, same scale math).
  * - dot_f32: FMA accumulation in 8 lanes; differs from the scalar sum only
  *   by float rounding (~1e-6 relative to sum |y*x|).
+ * - tiles (dot_q_tile / dot_f32_tile): every (row, token) pair bit-identical
+ *   to this file's row dot (section "tiles" below).
  */
 #include "quant_impl.h"
 
@@ -19,7 +21,9 @@
 #include <immintrin.h>
 #include <math.h>
 
-#define TGT __attribute__((target("avx2,fma,f16c")))
+/* BMI1/BMI2 come with AVX2 on every x86 CPU (Haswell, Excavator, Zen); quant.c
+ * checks them too. */
+#define TGT __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
 
 /* ---- small helpers ---------------------------------------------------------- */
 
@@ -472,20 +476,574 @@ static TGT void act_q8_k(const float *x, void *dst, int64_t n) {
     }
 }
 
+/* ---- tiles (quant.h: bit-identical to the row dots) ------------------------
+ *
+ * A micro-tile computes 8 pairs (row r, token t), R rows x T tokens with
+ * R * T = 8, over the whole row: lane r * T + t of one vector. Per block it
+ * decodes each row's weights once for its T tokens, reduces the 8 integer
+ * sums with one transpose-add tree, and combines the blocks with the row
+ * dot's float operations (scale products, then the running sum), one lane
+ * per pair: vector lanes round exactly like the scalar operations, so every
+ * pair is bit-identical to the row dot. A tile walks its tokens in groups of
+ * T = TMAX, .., 2, 1 (8 for the Q8_K types, whose weight decode is dear; 4
+ * for Q8_0), converts the group's per-block activation scales once into a
+ * table, and inside a group walks its rows R at a time; a short last row
+ * group repeats its last row and drops those lanes. Decode (one token) runs
+ * 8 rows per micro-tile. */
+
+#define ALWAYS __attribute__((always_inline)) inline
+#define TILE_MAX_BLOCKS 512 /* blocks per row a tile's scale table holds; longer rows use the row dot */
+
+static inline uint16_t ld16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return h;
+}
+
+/* lane i = sum of the 8 lanes of v[i] (exact integer sums) */
+static ALWAYS TGT __m256i hsum8x8_i32(const __m256i v[8]) {
+    __m256i a = _mm256_hadd_epi32(v[0], v[1]), b = _mm256_hadd_epi32(v[2], v[3]);
+    __m256i c = _mm256_hadd_epi32(v[4], v[5]), d = _mm256_hadd_epi32(v[6], v[7]);
+    __m256i ab = _mm256_hadd_epi32(a, b), cd = _mm256_hadd_epi32(c, d);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
+/* Prefetches [p, p + bytes) into L1. Decode reads each weight byte once, in
+ * 8 short interleaved row streams that the hardware prefetchers follow
+ * poorly (rows of 700-1100 bytes); each block step of a micro-tile fetches
+ * the same share of the next row group. */
+static ALWAYS TGT void prefetch_span(const uint8_t *p, size_t bytes) {
+    for (size_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)p + i, _MM_HINT_T0);
+}
+
+/* Lane r*T+t = the f16 at w[r] + off (row scales of a micro-tile). */
+static ALWAYS TGT __m256 row_scales(const uint8_t *const *w, size_t off, int T) {
+    if (T == 8) return _mm256_set1_ps(_cvtsh_ss(ld16(w[0] + off)));
+    if (T == 4)
+        return _mm256_setr_m128(_mm_set1_ps(_cvtsh_ss(ld16(w[0] + off))), _mm_set1_ps(_cvtsh_ss(ld16(w[1] + off))));
+    if (T == 2) {
+        uint64_t h = (uint64_t)ld16(w[0] + off) * 0x10001u | ((uint64_t)ld16(w[1] + off) * 0x10001u) << 32;
+        uint64_t g = (uint64_t)ld16(w[2] + off) * 0x10001u | ((uint64_t)ld16(w[3] + off) * 0x10001u) << 32;
+        return _mm256_cvtph_ps(_mm_set_epi64x((long long)g, (long long)h));
+    }
+    return _mm256_cvtph_ps(_mm_setr_epi16((short)ld16(w[0] + off), (short)ld16(w[1] + off), (short)ld16(w[2] + off),
+                                          (short)ld16(w[3] + off), (short)ld16(w[4] + off), (short)ld16(w[5] + off),
+                                          (short)ld16(w[6] + off), (short)ld16(w[7] + off)));
+}
+
+/* Lane r*T+t = ts[t] (a token group's scales of one block, T floats). */
+static ALWAYS TGT __m256 tok_scales(const float *ts, int T) {
+    if (T == 8) return _mm256_loadu_ps(ts);
+    if (T == 4) return _mm256_broadcast_ps((const __m128 *)ts);
+    if (T == 2) return _mm256_castpd_ps(_mm256_broadcast_sd((const double *)ts));
+    return _mm256_broadcast_ss(ts);
+}
+
+/* Walks the tile (see above). MICRO(wr, xt, ts, R, T, out) computes the
+ * pairs of rows wr[0..R) and tokens xt[0..T) with the group's scale table
+ * ts (nb x T floats, filled by SCALES(ts, xt, T)) into out[r*T+t]. */
+#define TILE_WALK(TMAX, XT, SCALES, MICRO)                                                   \
+    const uint8_t *wr[8];                                                                    \
+    const XT *xt[8];                                                                         \
+    float out[8];                                                                            \
+    float ts[TILE_MAX_BLOCKS * (TMAX)];                                                      \
+    for (int t0 = 0; t0 < n_tok;) {                                                          \
+        int nt = n_tok - t0;                                                                 \
+        int T = nt >= 8 && (TMAX) >= 8 ? 8 : nt >= 4 ? 4 : nt >= 2 ? 2 : 1;                  \
+        int R = 8 / T;                                                                       \
+        for (int t = 0; t < T; t++) xt[t] = (const XT *)x[t0 + t];                           \
+        SCALES(ts, xt, T);                                                                   \
+        for (int r0 = 0; r0 < n_rows; r0 += R) {                                             \
+            int nr = n_rows - r0 < R ? n_rows - r0 : R;                                      \
+            for (int r = 0; r < R; r++) wr[r] = (const uint8_t *)w + (size_t)(r0 + (r < nr ? r : nr - 1)) * row_bytes; \
+            /* decode streams the weights once: prefetch the next row group */               \
+            const uint8_t *pf = (const uint8_t *)w + (size_t)(r0 + R) * row_bytes;           \
+            if (T == 8) MICRO(wr, xt, ts, 1, 8, out);                                        \
+            else if (T == 4) MICRO(wr, xt, ts, 2, 4, out);                                   \
+            else if (T == 2) MICRO(wr, xt, ts, 4, 2, out);                                   \
+            else MICRO(wr, xt, ts, 8, 1, out);                                               \
+            for (int r = 0; r < nr; r++)                                                     \
+                for (int t = 0; t < T; t++) y[(int64_t)(t0 + t) * ldy + r0 + r] = out[r * T + t]; \
+        }                                                                                    \
+        t0 += T;                                                                             \
+    }
+
+/* ---- Q8_0 tiles: R x T = 8 x 1, 4 x 2, 2 x 4 */
+
+static ALWAYS TGT void q8_0_micro(const uint8_t *const *w, const uint8_t *const *x, const float *ts, int R, int T,
+                                  int64_t nb, const uint8_t *pf, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        if (T == 1) prefetch_span(pf + (size_t)b * R * sizeof(ds4_block_q8_0), R * sizeof(ds4_block_q8_0));
+        const size_t o = (size_t)b * sizeof(ds4_block_q8_0);
+        __m256i wv[8], av[8], p[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(w[r] + o + 2));
+#pragma GCC unroll 8
+        for (int t = 0; t < T; t++) av[t] = _mm256_loadu_si256((const __m256i *)(x[t] + o + 2));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m256i aw = _mm256_sign_epi8(wv[r], wv[r]);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+                p[r * T + t] = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[t], wv[r])), ones);
+        }
+        __m256 is = _mm256_cvtepi32_ps(hsum8x8_i32(p));
+        /* (d_w * d_x) * isum, then the running sum, as dotq_q8_0 */
+        __m256 d = _mm256_mul_ps(row_scales(w, o, T), tok_scales(ts + b * T, T));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(d, is));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+/* ts[b*T + t] = the f16 scale of block b of token t, as float */
+static inline TGT void q8_0_scales(float *ts, const uint8_t *const *x, int T, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++)
+        for (int t = 0; t < T; t++) ts[b * T + t] = _cvtsh_ss(ld16(x[t] + (size_t)b * sizeof(ds4_block_q8_0)));
+}
+
+static TGT void tile_q8_0_walk(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                               int64_t n, float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK8_0;
+    if (nb > TILE_MAX_BLOCKS) {
+        for (int t = 0; t < n_tok; t++)
+            for (int r = 0; r < n_rows; r++) y[t * ldy + r] = dotq_q8_0((const uint8_t *)w + r * row_bytes, x[t], n);
+        return;
+    }
+#define Q8_0_SCALES(ts, xt, T) q8_0_scales(ts, xt, T, nb)
+#define Q8_0_MICRO(wr, xt, ts, R, T, out) q8_0_micro(wr, xt, ts, R, T, nb, pf, out)
+    TILE_WALK(4, uint8_t, Q8_0_SCALES, Q8_0_MICRO)
+#undef Q8_0_SCALES
+#undef Q8_0_MICRO
+}
+
+/* Prefill (4 or more tokens): rows outer, two at a time, so their weights
+ * stay in L1 while groups of 4 tokens stream from L2, and the scale
+ * products read tables: the two rows' block scales in lane order (once per
+ * row pair), the tokens' in groups of 4 (once per call). Same lanes and
+ * operations as q8_0_micro with R = 2, T = 4, so the same bits. */
+#define Q8_0_P_BLOCKS 256 /* rows up to 8192 values */
+#define Q8_0_P_TOKENS 32 /* scale tables on the stack: 32 tokens x 256 blocks = 32 KiB */
+
+static TGT void q8_0_micro_p(const uint8_t *w0, const uint8_t *w1, const uint8_t *const *x, const float *ws,
+                             const float *ts, int64_t nb, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const size_t o = (size_t)b * sizeof(ds4_block_q8_0) + 2;
+        __m256i p[8];
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + o)), v1 = _mm256_loadu_si256((const __m256i *)(w1 + o));
+        const __m256i a0 = _mm256_sign_epi8(v0, v0), a1 = _mm256_sign_epi8(v1, v1);
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(x[t] + o));
+            p[t] = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(a, v0)), ones);
+            p[4 + t] = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(a, v1)), ones);
+        }
+        __m256 is = _mm256_cvtepi32_ps(hsum8x8_i32(p));
+        __m256 d = _mm256_mul_ps(_mm256_loadu_ps(ws + 8 * b), _mm256_broadcast_ps((const __m128 *)(ts + 4 * b)));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(d, is));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                          float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK8_0;
+    int t0 = 0;
+    if (n_tok >= 4 && nb <= Q8_0_P_BLOCKS) {
+        float ts[Q8_0_P_TOKENS / 4][Q8_0_P_BLOCKS * 4], ws[Q8_0_P_BLOCKS * 8], out[8];
+        while (t0 + 4 <= n_tok) {
+            int ng = (n_tok - t0) / 4 < Q8_0_P_TOKENS / 4 ? (n_tok - t0) / 4 : Q8_0_P_TOKENS / 4;
+            for (int k = 0; k < ng; k++) q8_0_scales(ts[k], (const uint8_t *const *)(x + t0 + 4 * k), 4, nb);
+            for (int r = 0; r < n_rows; r += 2) {
+                const uint8_t *w0 = (const uint8_t *)w + (size_t)r * row_bytes;
+                const uint8_t *w1 = r + 1 < n_rows ? w0 + row_bytes : w0;
+                for (int64_t b = 0; b < nb; b++) {
+                    float d0 = _cvtsh_ss(ld16(w0 + (size_t)b * sizeof(ds4_block_q8_0)));
+                    float d1 = _cvtsh_ss(ld16(w1 + (size_t)b * sizeof(ds4_block_q8_0)));
+                    for (int i = 0; i < 4; i++) ws[8 * b + i] = d0, ws[8 * b + 4 + i] = d1;
+                }
+                for (int k = 0; k < ng; k++) {
+                    q8_0_micro_p(w0, w1, (const uint8_t *const *)(x + t0 + 4 * k), ws, ts[k], nb, out);
+                    for (int t = 0; t < 4; t++) {
+                        y[(int64_t)(t0 + 4 * k + t) * ldy + r] = out[t];
+                        if (r + 1 < n_rows) y[(int64_t)(t0 + 4 * k + t) * ldy + r + 1] = out[4 + t];
+                    }
+                }
+            }
+            t0 += 4 * ng;
+        }
+    }
+    if (t0 < n_tok) tile_q8_0_walk(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
+/* ---- Q8_K tiles (IQ2_XXS, Q2_K, Q4_K): R x T = 8 x 1, 4 x 2, 2 x 4, 1 x 8 */
+
+/* Q8_K block b of activation row x */
+#define ACT_K(x, b) ((const ds4_block_q8_k *)(x) + (b))
+
+static inline void q8_k_scales(float *ts, const ds4_block_q8_k *const *x, int T, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++)
+        for (int t = 0; t < T; t++) ts[b * T + t] = x[t][b].d;
+}
+
+#define Q8K_TILE(NAME, MICRO_FN, ROW_DOT)                                                                      \
+    static TGT void NAME(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,         \
+                         int64_t n, float *y, int64_t ldy) {                                                   \
+        const int64_t nb = n / DS4_QK_K;                                                                       \
+        if (nb > TILE_MAX_BLOCKS) {                                                                            \
+            for (int t = 0; t < n_tok; t++)                                                                    \
+                for (int r = 0; r < n_rows; r++)                                                               \
+                    y[t * ldy + r] = ROW_DOT((const uint8_t *)w + r * row_bytes, x[t], n);                     \
+            return;                                                                                            \
+        }                                                                                                      \
+        TILE_WALK(8, ds4_block_q8_k, Q8K_SCALES, Q8K_MICRO_##MICRO_FN)                                         \
+    }
+#define Q8K_SCALES(ts, xt, T) q8_k_scales(ts, xt, T, nb)
+
+/* ±1 bytes of the 8 signs of IQ2_XXS sign index s: byte j = -1 when bit j of
+ * ds4_ksigns_iq2xs[s] (s | parity << 7) is set, else +1 (for sign_epi8). */
+#define KS_B(s, j) ((((s) >> (j)) & 1) ? 0xffull : 0x01ull)
+#define KS_P(s) (((s) ^ (s) >> 1 ^ (s) >> 2 ^ (s) >> 3 ^ (s) >> 4 ^ (s) >> 5 ^ (s) >> 6) & 1)
+#define KS8(s) (KS_B(s, 0) | KS_B(s, 1) << 8 | KS_B(s, 2) << 16 | KS_B(s, 3) << 24 | KS_B(s, 4) << 32 | \
+                KS_B(s, 5) << 40 | KS_B(s, 6) << 48 | (KS_P(s) ? 0xffull : 0x01ull) << 56)
+#define KS4(s) KS8(s), KS8((s) + 1), KS8((s) + 2), KS8((s) + 3)
+#define KS16(s) KS4(s), KS4((s) + 4), KS4((s) + 8), KS4((s) + 12)
+#define KS64(s) KS16(s), KS16((s) + 16), KS16((s) + 32), KS16((s) + 48)
+static const uint64_t iq2_signs64[128] = {KS64(0), KS64(64)};
+
+/* The signs of two sub-groups at once: entry i = iq2_signs64[i & 127] then
+ * iq2_signs64[i >> 7], for the 14 low or the next 14 bits of a group's sign
+ * word. One 16-byte load replaces two shifts, two masks and two 8-byte
+ * lookups; 256 KiB, built once (ds4_quant_avx2_init) and read-only after. */
+static uint64_t iq2_signs128[1 << 14][2] __attribute__((aligned(16)));
+
+void ds4_quant_avx2_init(void) {
+    for (int i = 0; i < 1 << 14; i++) {
+        iq2_signs128[i][0] = iq2_signs64[i & 127];
+        iq2_signs128[i][1] = iq2_signs64[i >> 7];
+    }
+}
+
+/* the ±1 sign bytes of a group from its sign word a1 */
+static inline TGT __m256i iq2_group_signs(uint32_t a1) {
+    return _mm256_loadu2_m128i((const __m128i *)iq2_signs128[(a1 >> 14) & 0x3fff],
+                               (const __m128i *)iq2_signs128[a1 & 0x3fff]);
+}
+/* 2 * ls + 1 in every int16 lane, for the 16 group scales ls */
+#define SC16(v) {v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}
+static const int16_t iq2_scale16[16][16] __attribute__((aligned(32))) = {
+    SC16(1), SC16(3), SC16(5), SC16(7), SC16(9), SC16(11), SC16(13), SC16(15),
+    SC16(17), SC16(19), SC16(21), SC16(23), SC16(25), SC16(27), SC16(29), SC16(31)};
+
+static ALWAYS TGT void iq2_xxs_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts, int R,
+                                     int T, int64_t nb, const uint8_t *pf, float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        if (T == 1) prefetch_span(pf + (size_t)b * R * sizeof(ds4_block_iq2_xxs), R * sizeof(ds4_block_iq2_xxs));
+        const size_t o = (size_t)b * sizeof(ds4_block_iq2_xxs);
+        __m256i s[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) s[i] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            /* one row (T = 8) reads each activation once: no preload (registers) */
+            __m256i av[8];
+#pragma GCC unroll 8
+            for (int t = 0; t < T && R > 1; t++) av[t] = _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 32 * g));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const uint8_t *q = w[r] + o + 2 + 8 * g;
+                uint32_t a1;
+                memcpy(&a1, q + 4, 4);
+                __m256i mag = _mm256_setr_epi64x((long long)ds4_iq2xxs_grid[q[0]], (long long)ds4_iq2xxs_grid[q[1]],
+                                                 (long long)ds4_iq2xxs_grid[q[2]], (long long)ds4_iq2xxs_grid[q[3]]);
+                __m256i sg = iq2_group_signs(a1);
+                __m256i scl = _mm256_load_si256((const __m256i *)iq2_scale16[a1 >> 28]);
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    __m256i a = R > 1 ? av[t] : _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 32 * g));
+                    __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(a, sg));
+                    s[r * T + t] = _mm256_add_epi32(s[r * T + t], _mm256_madd_epi16(prod, scl));
+                }
+            }
+        }
+        __m256 bs = _mm256_cvtepi32_ps(hsum8x8_i32(s));
+        /* a.d * ((d * 0.125f) * bsum), then the running sum, as dotq_iq2_xxs */
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(row_scales(w, o, T), _mm256_set1_ps(0.125f)), bs);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(tok_scales(ts + b * T, T), v));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+#define Q8K_MICRO_iq2_xxs(wr, xt, ts, R, T, out) iq2_xxs_micro(wr, xt, ts, R, T, nb, pf, out)
+Q8K_TILE(tile_iq2_walk, iq2_xxs, dotq_iq2_xxs)
+
+/* Prefill: a row decoded once for many tokens. The lookups that build a
+ * group's magnitudes and signs cost more than the group's whole product with
+ * one token, so with 8 or more tokens each row is expanded once (magnitudes,
+ * ±1 signs, 2*ls+1 and d per block, on the stack) and then multiplied with
+ * groups of 8 tokens: the same integer sums and float combination as
+ * iq2_xxs_micro, so the same bits. */
+#define IQ2_X_BLOCKS 32 /* rows up to 8192 values expand on the stack (experts: 2048, 4096) */
+#define IQ2_X_TOKENS 64
+
+typedef struct iq2_row_x {
+    __m256i mag[IQ2_X_BLOCKS * 8], sg[IQ2_X_BLOCKS * 8];
+    int16_t scl[IQ2_X_BLOCKS * 8];
+    float d[IQ2_X_BLOCKS];
+} iq2_row_x;
+
+static TGT void iq2_xxs_expand(const uint8_t *row, int64_t nb, iq2_row_x *e) {
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = row + (size_t)b * sizeof(ds4_block_iq2_xxs);
+        e->d[b] = _cvtsh_ss(ld16(p));
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *q = p + 2 + 8 * g;
+            uint32_t a1;
+            memcpy(&a1, q + 4, 4);
+            e->mag[b * 8 + g] = _mm256_setr_epi64x((long long)ds4_iq2xxs_grid[q[0]], (long long)ds4_iq2xxs_grid[q[1]],
+                                                   (long long)ds4_iq2xxs_grid[q[2]], (long long)ds4_iq2xxs_grid[q[3]]);
+            e->sg[b * 8 + g] = iq2_group_signs(a1);
+            e->scl[b * 8 + g] = (int16_t)(2 * (a1 >> 28) + 1);
+        }
+    }
+}
+
+/* out[t] = the row dot of expanded row e with tokens x[0..8) (ts: [b][8] scales) */
+static TGT void iq2_xxs_micro_x(const iq2_row_x *e, const ds4_block_q8_k *const *x, const float *ts, int64_t nb,
+                                float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i s[8];
+        /* tokens 4 at a time over the block: 4 accumulators stay in registers */
+#pragma GCC unroll 2
+        for (int h = 0; h < 8; h += 4) {
+#pragma GCC unroll 4
+            for (int t = h; t < h + 4; t++) s[t] = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                const __m256i mag = e->mag[b * 8 + g], sg = e->sg[b * 8 + g];
+                const __m256i scl = _mm256_set1_epi16(e->scl[b * 8 + g]);
+#pragma GCC unroll 4
+                for (int t = h; t < h + 4; t++) {
+                    __m256i a = _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 32 * g));
+                    __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(a, sg));
+                    s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(prod, scl));
+                }
+            }
+        }
+        __m256 bs = _mm256_cvtepi32_ps(hsum8x8_i32(s));
+        /* a.d * ((d * 0.125f) * bsum), then the running sum, as dotq_iq2_xxs */
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(e->d[b]), _mm256_set1_ps(0.125f)), bs);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(ts + b * 8), v));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+static TGT void tile_iq2_xxs(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                             float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+    int t0 = 0;
+    if (n_tok >= 8 && nb <= IQ2_X_BLOCKS) {
+        iq2_row_x e;
+        float ts[IQ2_X_TOKENS / 8][IQ2_X_BLOCKS * 8], out[8];
+        for (; t0 + 8 <= n_tok;) {
+            int ng = (n_tok - t0) / 8 < IQ2_X_TOKENS / 8 ? (n_tok - t0) / 8 : IQ2_X_TOKENS / 8;
+            for (int k = 0; k < ng; k++)
+                for (int64_t b = 0; b < nb; b++)
+                    for (int t = 0; t < 8; t++) ts[k][b * 8 + t] = ((const ds4_block_q8_k *)x[t0 + 8 * k + t])[b].d;
+            for (int r = 0; r < n_rows; r++) {
+                iq2_xxs_expand((const uint8_t *)w + (size_t)r * row_bytes, nb, &e);
+                for (int k = 0; k < ng; k++) {
+                    iq2_xxs_micro_x(&e, (const ds4_block_q8_k *const *)(x + t0 + 8 * k), ts[k], nb, out);
+                    for (int t = 0; t < 8; t++) y[(int64_t)(t0 + 8 * k + t) * ldy + r] = out[t];
+                }
+            }
+            t0 += 8 * ng;
+        }
+    }
+    if (t0 < n_tok) tile_iq2_walk(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
+/* Q2_K: byte shuffles putting the scale of sub-block 2p (values 0..15 of
+ * piece p, 32 values) in the int16 lanes of the low half and that of 2p+1 in
+ * the high half (odd bytes -1: zero). */
+#define Q2C8(j) j, -1, j, -1, j, -1, j, -1, j, -1, j, -1, j, -1, j, -1
+#define Q2CTL(p) {Q2C8(2 * (p)), Q2C8(2 * (p) + 1)}
+static const int8_t q2k_ctl[8][32] __attribute__((aligned(32))) = {Q2CTL(0), Q2CTL(1), Q2CTL(2), Q2CTL(3),
+                                                                   Q2CTL(4), Q2CTL(5), Q2CTL(6), Q2CTL(7)};
+
+/* a.d * (d * isum - dmin * msum), then the running sum (dotq_q2_k, dotq_q4_k):
+ * isum and msum lanes per pair */
+static ALWAYS TGT __m256 kquant_combine(__m256 acc, __m256i isum, __m256i msum, const uint8_t *const *w, size_t o_d,
+                                        size_t o_dmin, const float *ts, int T) {
+    __m256 fi = _mm256_cvtepi32_ps(isum), fm = _mm256_cvtepi32_ps(msum);
+    __m256 v = _mm256_sub_ps(_mm256_mul_ps(row_scales(w, o_d, T), fi), _mm256_mul_ps(row_scales(w, o_dmin, T), fm));
+    return _mm256_add_ps(acc, _mm256_mul_ps(tok_scales(ts, T), v));
+}
+
+static ALWAYS TGT void q2_k_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts, int R,
+                                  int T, int64_t nb, const uint8_t *pf, float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
+    for (int64_t b = 0; b < nb; b++) {
+        if (T == 1) prefetch_span(pf + (size_t)b * R * sizeof(ds4_block_q2_k), R * sizeof(ds4_block_q2_k));
+        const size_t o = (size_t)b * sizeof(ds4_block_q2_k);
+        /* msum = sum_j (sc_j >> 4) * bsums_j, reduced before the isum pass
+         * (8 accumulators at a time fit the registers) */
+        __m256i v[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            __m128i sc = _mm_loadu_si128((const __m128i *)(w[r] + o));
+            __m256i mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm256_castsi256_si128(m15)));
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+                v[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
+        }
+        const __m256i msum = hsum8x8_i32(v);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w[r] + o;
+            __m256i scl16 = _mm256_and_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)), m15);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) v[r * T + t] = _mm256_setzero_si256();
+            for (int h = 0; h < 2; h++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));
+                for (int k = 0; k < 4; k++) {
+                    __m256i lv = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), m3);
+                    __m256i scl = _mm256_shuffle_epi8(scl16, _mm256_load_si256((const __m256i *)q2k_ctl[4 * h + k]));
+#pragma GCC unroll 8
+                    for (int t = 0; t < T; t++) {
+                        __m256i prod =
+                            _mm256_maddubs_epi16(lv, _mm256_loadu_si256((const __m256i *)(x[t][b].qs + 128 * h + 32 * k)));
+                        v[r * T + t] = _mm256_add_epi32(v[r * T + t], _mm256_madd_epi16(prod, scl));
+                    }
+                }
+            }
+        }
+        acc = kquant_combine(acc, hsum8x8_i32(v), msum, w, o + 80, o + 82, ts + b * T, T);
+    }
+    _mm256_storeu_ps(out, acc);
+}
+#define Q8K_MICRO_q2_k(wr, xt, ts, R, T, out) q2_k_micro(wr, xt, ts, R, T, nb, pf, out)
+Q8K_TILE(tile_q2_k, q2_k, dotq_q2_k)
+
+static ALWAYS TGT void q4_k_micro(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts, int R,
+                                  int T, int64_t nb, const uint8_t *pf, float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i m15 = _mm256_set1_epi8(15);
+    for (int64_t b = 0; b < nb; b++) {
+        if (T == 1) prefetch_span(pf + (size_t)b * R * sizeof(ds4_block_q4_k), R * sizeof(ds4_block_q4_k));
+        const size_t o = (size_t)b * sizeof(ds4_block_q4_k);
+        int sc[8][8];
+        __m256i v[8];
+        /* msum = sum_j m_j * (bsums[2j] + bsums[2j+1]) (m_j in int16 lanes 2j,
+         * 2j+1), reduced before the isum pass */
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            int m[8];
+            for (int j = 0; j < 8; j++) q4k_sm(w[r] + o + 4, j, &sc[r][j], &m[j]);
+            __m256i mins = _mm256_setr_epi16((short)m[0], (short)m[0], (short)m[1], (short)m[1], (short)m[2],
+                                             (short)m[2], (short)m[3], (short)m[3], (short)m[4], (short)m[4],
+                                             (short)m[5], (short)m[5], (short)m[6], (short)m[6], (short)m[7],
+                                             (short)m[7]);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++)
+                v[r * T + t] = _mm256_madd_epi16(mins, _mm256_loadu_si256((const __m256i *)x[t][b].bsums));
+        }
+        const __m256i msum = hsum8x8_i32(v);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const uint8_t *p = w[r] + o;
+#pragma GCC unroll 8
+            for (int t = 0; t < T; t++) v[r * T + t] = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * c));
+                __m256i lo = _mm256_and_si256(bytes, m15), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), m15);
+                __m256i s0 = _mm256_set1_epi16((short)sc[r][2 * c]), s1 = _mm256_set1_epi16((short)sc[r][2 * c + 1]);
+#pragma GCC unroll 8
+                for (int t = 0; t < T; t++) {
+                    const int8_t *aq = x[t][b].qs + 64 * c;
+                    __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)aq));
+                    __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(aq + 32)));
+                    v[r * T + t] = _mm256_add_epi32(v[r * T + t], _mm256_madd_epi16(p0, s0));
+                    v[r * T + t] = _mm256_add_epi32(v[r * T + t], _mm256_madd_epi16(p1, s1));
+                }
+            }
+        }
+        acc = kquant_combine(acc, hsum8x8_i32(v), msum, w, o, o + 2, ts + b * T, T);
+    }
+    _mm256_storeu_ps(out, acc);
+}
+#define Q8K_MICRO_q4_k(wr, xt, ts, R, T, out) q4_k_micro(wr, xt, ts, R, T, nb, pf, out)
+Q8K_TILE(tile_q4_k, q4_k, dotq_q4_k)
+
+/* Plain types: two tokens per weight load, each with PLAIN_DOT's four
+ * accumulators, tail loop and final sum. */
+#define PLAIN_TILE(NAME, DOT, LOAD8, SCALAR_AT)                                                              \
+    static TGT void NAME(const void *w, size_t row_bytes, int n_rows, const float *const *x, int n_tok,   \
+                         int64_t n, float *y, int64_t ldy) {                                              \
+        for (int t0 = 0; t0 < n_tok; t0 += 2) {                                                           \
+            const float *x0 = x[t0], *x1 = x[t0 + 1 < n_tok ? t0 + 1 : t0];                               \
+            if (t0 + 1 == n_tok) { /* a last single token: the row dot itself */                          \
+                for (int r = 0; r < n_rows; r++)                                                          \
+                    y[(int64_t)t0 * ldy + r] = DOT((const uint8_t *)w + (size_t)r * row_bytes, x0, n);    \
+                break;                                                                                    \
+            }                                                                                             \
+            for (int r = 0; r < n_rows; r++) {                                                            \
+                const uint8_t *p = (const uint8_t *)w + (size_t)r * row_bytes;                            \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0; \
+                int64_t i = 0;                                                                            \
+                for (; i + 32 <= n; i += 32) {                                                            \
+                    __m256 w0 = LOAD8(p, i), w1 = LOAD8(p, i + 8), w2 = LOAD8(p, i + 16), w3 = LOAD8(p, i + 24); \
+                    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + i), a0);                                \
+                    a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + i + 8), a1);                            \
+                    a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x0 + i + 16), a2);                           \
+                    a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x0 + i + 24), a3);                           \
+                    b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + i), b0);                                \
+                    b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + i + 8), b1);                            \
+                    b2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x1 + i + 16), b2);                           \
+                    b3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x1 + i + 24), b3);                           \
+                }                                                                                         \
+                for (; i + 8 <= n; i += 8) {                                                              \
+                    __m256 w0 = LOAD8(p, i);                                                              \
+                    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + i), a0);                                \
+                    b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + i), b0);                                \
+                }                                                                                         \
+                float s0 = hsum_f32(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));         \
+                float s1 = hsum_f32(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));         \
+                for (; i < n; i++) {                                                                      \
+                    float wv = SCALAR_AT(p, i);                                                           \
+                    s0 += wv * x0[i];                                                                     \
+                    s1 += wv * x1[i];                                                                     \
+                }                                                                                         \
+                y[(int64_t)t0 * ldy + r] = s0;                                                            \
+                if (t0 + 1 < n_tok) y[(int64_t)(t0 + 1) * ldy + r] = s1;                                  \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+PLAIN_TILE(tile_f32_f32, dot_f32_f32, LOAD_F32, f32_at)
+PLAIN_TILE(tile_f16_f32, dot_f16_f32, LOAD_F16, f16_idx)
+PLAIN_TILE(tile_bf16_f32, dot_bf16_f32, LOAD_BF16, bf16_idx)
+
+
 const ds4_quant_kernels ds4_quant_avx2_table[] = {
-    {DS4_TYPE_F32, -1, NULL, dot_f32_f32, NULL, NULL},
-    {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL},
-    {DS4_TYPE_BF16, -1, dq_bf16, dot_bf16_f32, NULL, NULL},
-    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, dq_q8_0, dot_q8_0_f32, dotq_q8_0, act_q8_0},
-    {DS4_TYPE_Q4_K, DS4_TYPE_Q8_K, dq_q4_k, dot_q4_k_f32, dotq_q4_k, act_q8_k},
-    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, dq_q2_k, dot_q2_k_f32, dotq_q2_k, act_q8_k},
-    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, dq_iq2_xxs, dot_iq2_xxs_f32, dotq_iq2_xxs, act_q8_k},
+    {DS4_TYPE_F32, -1, NULL, dot_f32_f32, NULL, NULL, NULL, tile_f32_f32},
+    {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL, NULL, tile_f16_f32},
+    {DS4_TYPE_BF16, -1, dq_bf16, dot_bf16_f32, NULL, NULL, NULL, tile_bf16_f32},
+    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, dq_q8_0, dot_q8_0_f32, dotq_q8_0, act_q8_0, tile_q8_0, NULL},
+    {DS4_TYPE_Q4_K, DS4_TYPE_Q8_K, dq_q4_k, dot_q4_k_f32, dotq_q4_k, act_q8_k, tile_q4_k, NULL},
+    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, dq_q2_k, dot_q2_k_f32, dotq_q2_k, act_q8_k, tile_q2_k, NULL},
+    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, dq_iq2_xxs, dot_iq2_xxs_f32, dotq_iq2_xxs, act_q8_k, tile_iq2_xxs, NULL},
 };
 const int ds4_quant_avx2_n = sizeof ds4_quant_avx2_table / sizeof ds4_quant_avx2_table[0];
 
 #else /* no x86 AVX2 code in this build */
 
-const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL}};
+void ds4_quant_avx2_init(void) {}
+
+const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
 const int ds4_quant_avx2_n = 0;
 
 #endif

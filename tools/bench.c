@@ -231,7 +231,7 @@ int main(int argc, char **argv) {
     ds4_err berr = {0};
     if (ds4_debug_bandwidth(e, &bw_meas, &berr) == 0) bw_meas *= 1e9;
     const double bw_sheet = datasheet_bw(dev), fl_sheet = datasheet_flops(dev);
-    printf("ds4-bench: streaming read %.0f GB/s measured, %.0f GB/s datasheet\n", bw_meas / 1e9, bw_sheet / 1e9);
+    printf("ds4-bench: streaming read %.1f GB/s measured, %.0f GB/s datasheet\n", bw_meas / 1e9, bw_sheet / 1e9);
 
     const int n_total = o.ctx_max + o.gen + 8;
     ds4_session_opts so = {.n_ctx = n_total, .prefill_chunk = o.chunk};
@@ -257,8 +257,11 @@ int main(int argc, char **argv) {
                       "kvcache_bytes,weight_bytes_per_token,kv_bytes_per_token,achieved_GBps,"
                       "roofline_tps_datasheet,roofline_tps_measured,frac_roofline,frac_roofline_measured,"
                       "prefill_flops_per_token,prefill_tflops,frac_compute_roof,graphs,weights,backend\n";
-    printf("\n%8s %8s %10s %9s %9s %8s %9s %8s %8s %9s\n", "ctx", "prefill", "pf_tok/s", "gen_tok/s", "gen_ss",
-           "GB/s", "roof_tok/s", "frac", "TFLOP/s", "first_s");
+    /* frac: decode (steady state) as a fraction of the roofline of the
+     * measured streaming read (else the datasheet); pf/gen: prefill tok/s
+     * over decode tok/s */
+    printf("\n%8s %8s %10s %9s %9s %8s %9s %8s %8s %9s %7s\n", "ctx", "prefill", "pf_tok/s", "gen_tok/s", "gen_ss",
+           "GB/s", "roof_tok/s", "frac", "TFLOP/s", "first_s", "pf/gen");
     int prev = 0;
     double *step_s = malloc((size_t)o.gen * sizeof(double));
     double *reps = malloc((size_t)o.repeat * sizeof(double));
@@ -321,9 +324,11 @@ int main(int argc, char **argv) {
         for (int p = f - pf_n; p < f; p++) flops += ds4_debug_token_flops(e, p);
         double fl_tok = pf_n ? flops / pf_n : 0, tflops = flops / pf_s / 1e12;
         size_t kvb = ds4_debug_session_state_bytes(s);
-        printf("%8d %8d %10.1f %9.2f %9.2f %8.0f %9.1f %7.1f%% %8.1f %9.4f\n", f, pf_n, pf_tps, gen_tps, gen_ss,
-               ach / 1e9, roof_meas > 0 ? roof_meas : roof_sheet,
-               100.0 * gen_ss / (roof_meas > 0 ? roof_meas : (roof_sheet > 0 ? roof_sheet : 1)), tflops, first);
+        double roof = roof_meas > 0 ? roof_meas : roof_sheet;
+        char frac[16] = "        -";
+        if (roof > 0) snprintf(frac, sizeof frac, "%7.1f%%", 100.0 * gen_ss / roof);
+        printf("%8d %8d %10.1f %9.2f %9.2f %8.1f %9.1f %s %8.2f %9.4f %7.2f\n", f, pf_n, pf_tps, gen_tps, gen_ss,
+               ach / 1e9, roof, frac, tflops, first, gen_ss > 0 ? pf_tps / gen_ss : 0);
         fflush(stdout);
         rows_len += (size_t)snprintf(rows + rows_len, 64 * 1024 - rows_len,
                                      "%d,%d,%.2f,%d,%.3f,%.3f,%.5f,%zu,%.0f,%.0f,%.1f,%.1f,%.1f,%.4f,%.4f,%.4g,%.3f,%.4f,%d,%s,%s\n",

@@ -2,14 +2,18 @@
  *
  * The context owns a small pthread pool (no globals) and scratch memory that
  * grows to the largest request and is then reused, so steady-state decode
- * allocates nothing. Work is split statically (item ranges by thread id), so
- * results never depend on timing; each output element is computed by one
- * call of one kernel, so they never depend on the batch size either.
+ * allocates nothing. Pool workers spin briefly between parallel runs and
+ * then sleep on a condition variable, so a decode step's many short runs do
+ * not pay a futex wake-up each. Each output element is computed by one call
+ * of one kernel (a tile computes every element exactly like the row dot,
+ * quant.h), so results depend neither on the batch size nor on which thread
+ * ran which piece: matrix products hand out row chunks dynamically.
  */
 #ifndef DS4_CPU_H
 #define DS4_CPU_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -21,14 +25,19 @@
 
 typedef void (*cpu_task_fn)(void *arg, int i0, int i1, int tid);
 
+typedef struct cpu_mm_plan cpu_mm_plan;
+
 typedef struct cpu_ctx {
     int n_threads;
     pthread_t threads[CPU_MAX_THREADS];
+    /* pool: a run publishes fn/arg/n_items and bumps `generation`; workers
+     * spin on it, then sleep on cv_start (n_sleeping counts them) */
     pthread_mutex_t mu;
-    pthread_cond_t cv_start, cv_done;
-    uint64_t generation;
-    int n_pending;
-    bool quit;
+    pthread_cond_t cv_start;
+    atomic_uint_fast64_t generation;
+    atomic_int n_pending;   /* workers still running the current run */
+    atomic_int n_sleeping;
+    atomic_bool quit;
     cpu_task_fn fn;
     void *arg;
     int n_items;
@@ -37,9 +46,18 @@ typedef struct cpu_ctx {
     size_t scratch_bytes[8];
     void *tscratch[CPU_MAX_THREADS][CPU_TSLOTS];
     size_t tscratch_bytes[CPU_MAX_THREADS][CPU_TSLOTS];
+    /* matrix products (cpu_matmuls): plans and quantized activations */
+    cpu_mm_plan *mm_plans;
+    size_t mm_plans_bytes;
+    void *mm_xq;
+    size_t mm_xq_bytes;
     int err; /* first error (sticky until step_end) */
     void **synth_owned; /* weights filled for a synthetic model */
     int n_synth_owned;
+    /* per-stage profile (prof_mark / prof_read) */
+    int prof_kind;      /* stage running since prof_t0, or -1 */
+    double prof_t0;
+    double prof_ms[DS4_PROF_N];
 } cpu_ctx;
 
 /* Runs fn over [0, n_items) split in n_threads contiguous ranges; the caller
@@ -56,22 +74,36 @@ void *cpu_scratch(cpu_ctx *c, int slot, size_t bytes);
 /* Per-thread scratch slot; callable from workers. */
 void *cpu_tscratch(cpu_ctx *c, int tid, int slot, size_t bytes);
 
-/* y[t*ldy + r - row0] = W[mat][r] . x[(xidx ? xidx[t] : t) * ldx] for rows
- * r in [row0, row0+n_rows) and t in [0, n). With act_quant and a quantized
- * weight type, x rows are first quantized to the weight's activation type
- * (E.1). Returns 0 or DS4_E_NOMEM. Parallel over rows. */
+/* One product of a cpu_matmuls call: y[t * ldy + r] = W[mat][row0 + r] . x_t
+ * for r < n_rows and t < n, where x_t is row (xidx ? xidx[t] : t) of either
+ * x (float32, stride ldx floats) or xq (rows already quantized to the
+ * weight's activation type, ds4_type_row_bytes(act_type, n_in) bytes each). */
+typedef struct cpu_mm {
+    const ds4_weight *w;
+    int64_t mat, row0, n_rows;
+    const float *x;
+    int64_t ldx;
+    const void *xq;
+    const int32_t *xidx;
+    int n;
+    float *y;
+    int64_t ldy;
+} cpu_mm;
+
+/* Runs n_mm independent products as one parallel run (row chunks of every
+ * product handed out dynamically, so all threads stay busy even when the
+ * products differ in size or format). With act_quant, float32 x rows of a
+ * quantized weight are first quantized to its activation type (E.1), once
+ * per distinct (x, ldx, activation type). Each y element is the row dot's
+ * result (quant.h tiles), so results never depend on the grouping, the
+ * batch or the threads. Returns 0, DS4_E_NOMEM or DS4_E_INTERNAL (also
+ * kept in c->err). */
+int cpu_matmuls(cpu_ctx *c, const cpu_mm *mm, int n_mm, bool act_quant);
+
+/* One product (cpu_matmuls with n_mm = 1 and x rows). */
 int cpu_matmul(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, int64_t n_rows,
                const float *x, int64_t ldx, const int32_t *xidx, int n, float *y, int64_t ldy,
                bool act_quant);
-
-/* Quantizes x rows [0, n) (stride ldx) to act_type into c's scratch slot
- * `slot` (not 7) and returns it; NULL when out of memory. */
-void *cpu_quantize_rows(cpu_ctx *c, int slot, int act_type, const float *x, int64_t ldx, int n, int64_t n_in);
-
-/* cpu_matmul on activations already quantized to the weight's activation
- * type (rows of ds4_type_row_bytes(act_type, n_in) bytes, indexed by xidx). */
-int cpu_matmul_pre(cpu_ctx *c, const ds4_weight *w, int64_t mat, int64_t row0, int64_t n_rows, const void *xq,
-                   const int32_t *xidx, int n, float *y, int64_t ldy);
 
 /* RMSNorm of x[0..n) into out (sum of squares in double, as ds4), times w
  * when w != NULL. out may equal x. */
@@ -79,6 +111,24 @@ void cpu_rmsnorm(float *out, const float *x, int n, const float *w, float eps);
 
 /* Interleaved-pair RoPE on z[0..n_rot) at position pos (inverse: angle -θ). */
 void cpu_rope(float *z, int n_rot, const float *inv_freq, int pos, bool inverse);
+
+/* Float32 vector helpers (cpu_vec.c): 8 partial sums, no FMA, the same bits
+ * on every SIMD path.
+ *   cpu_dot8:       sum_i a[i] b[i]
+ *   cpu_dot8_rows:  s[r] = cpu_dot8(q, rows[r], n) * scale, r < nr
+ *   cpu_dot8_heads: out[h] = cpu_dot8(q + h * n, k, n), h < n_heads
+ *   cpu_sum_rows:   out[i] = sum_r p[r] rows[r][i], rows added in order
+ * Row sums: the product p[r] * v is rounded, then added; dots: likewise. */
+float cpu_dot8(const float *a, const float *b, int n);
+void cpu_dot8_rows(const float *q, const float *const *rows, int nr, int n, float scale, float *s);
+void cpu_dot8_heads(const float *q, int n_heads, const float *k, int n, float *out);
+void cpu_sum_rows(const float *p, const float *const *rows, int nr, int n, float *out);
+/* The same for nq queries against the same rows (s and p are (nq, nr)),
+ * reading each row once for all of them; each query's result is the
+ * single-query one bit for bit. */
+void cpu_dot8_rows_multi(const float *const *q, int nq, const float *const *rows, int nr, int n, float scale,
+                         float *s);
+void cpu_sum_rows_multi(const float *p, int nq, const float *const *rows, int nr, int n, float *const *out);
 
 int cpu_embed(void *ctx, const ds4_embed_args *a);
 int cpu_hc_pre(void *ctx, const ds4_hc_pre_args *a);

@@ -35,19 +35,6 @@
 
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/* Dot product of float32 vectors with 8 partial sums (vectorizable without
- * reassociation by the compiler). The order is fixed, so every caller gets
- * the same result for the same inputs whatever the batch. */
-static float dot8(const float *a, const float *b, int n) {
-    float acc[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* ------------------------------------------------------------ embed */
 
 int cpu_embed(void *ctx, const ds4_embed_args *a) {
@@ -178,25 +165,50 @@ static void kv_row_finish(float *kv, const ds4_hparams *hp, const float *inv_fre
     if (num.f16_cache) ds4_num_f16_round(kv, dh);
 }
 
+/* Per-token finishing of attn_project, parallel over tokens: phase 0 the
+ * q_a norm, phase 1 the per-head q norm + RoPE and the kv row. */
+typedef struct proj_job {
+    const ds4_attn_project_args *a;
+    int phase;
+} proj_job;
+
+static void proj_task(void *p, int t0, int t1, int tid) {
+    (void)tid;
+    const proj_job *j = p;
+    const ds4_attn_project_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const ds4_layer *l = a->l;
+    const int dh = hp->head_dim, H = hp->n_head, ql = hp->q_lora;
+    for (int t = t0; t < t1; t++) {
+        if (j->phase == 0) {
+            cpu_rmsnorm(a->cq + (size_t)t * ql, a->cq + (size_t)t * ql, ql, l->q_a_norm, hp->rms_eps);
+            continue;
+        }
+        for (int h = 0; h < H; h++) {
+            float *qh = a->q + ((size_t)t * H + h) * dh;
+            cpu_rmsnorm(qh, qh, dh, NULL, hp->rms_eps);
+            cpu_rope(qh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
+        }
+        kv_row_finish(a->kv + (size_t)t * dh, hp, a->rope->inv_freq, a->pos0 + t, l->kv_norm, a->num);
+    }
+}
+
 int cpu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     cpu_ctx *c = ctx;
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
     const int D = hp->n_embd, dh = hp->head_dim, H = hp->n_head, ql = hp->q_lora;
     int rc;
-    if ((rc = cpu_matmul(c, &l->q_a, 0, 0, ql, a->u, D, NULL, a->n, a->cq, ql, a->num.act_quant))) return rc;
-    for (int t = 0; t < a->n; t++) cpu_rmsnorm(a->cq + (size_t)t * ql, a->cq + (size_t)t * ql, ql, l->q_a_norm, hp->rms_eps);
+    /* q_a and kv read the same input: one run */
+    cpu_mm qkv[2] = {{.w = &l->q_a, .n_rows = ql, .x = a->u, .ldx = D, .n = a->n, .y = a->cq, .ldy = ql},
+                     {.w = &l->kv, .n_rows = dh, .x = a->u, .ldx = D, .n = a->n, .y = a->kv, .ldy = dh}};
+    if ((rc = cpu_matmuls(c, qkv, 2, a->num.act_quant))) return rc;
+    proj_job j = {a, 0};
+    cpu_run_w(c, a->n, (double)ql * 4, proj_task, &j);
     if ((rc = cpu_matmul(c, &l->q_b, 0, 0, (int64_t)H * dh, a->cq, ql, NULL, a->n, a->q, (int64_t)H * dh,
                          a->num.act_quant))) return rc;
-    for (int t = 0; t < a->n; t++)
-        for (int h = 0; h < H; h++) {
-            float *qh = a->q + ((size_t)t * H + h) * dh;
-            cpu_rmsnorm(qh, qh, dh, NULL, hp->rms_eps);
-            cpu_rope(qh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
-        }
-    if ((rc = cpu_matmul(c, &l->kv, 0, 0, dh, a->u, D, NULL, a->n, a->kv, dh, a->num.act_quant))) return rc;
-    for (int t = 0; t < a->n; t++)
-        kv_row_finish(a->kv + (size_t)t * dh, hp, a->rope->inv_freq, a->pos0 + t, l->kv_norm, a->num);
+    j.phase = 1;
+    cpu_run_w(c, a->n, (double)(H + 1) * (dh * 4 + hp->n_rot * 20), proj_task, &j);
     return c->err;
 }
 
@@ -264,8 +276,9 @@ int cpu_compress_update(void *ctx, const ds4_compress_args *a) {
     float *pooled = cpu_scratch(c, 3, (size_t)a->d * sizeof(float));
     if (!A || !G || !ape || !pooled) return DS4_E_NOMEM;
     int rc;
-    if ((rc = cpu_matmul(c, a->wkv, 0, 0, w, a->u, D, NULL, a->n, A, w, a->num.act_quant))) return rc;
-    if ((rc = cpu_matmul(c, a->wgate, 0, 0, w, a->u, D, NULL, a->n, G, w, a->num.act_quant))) return rc;
+    cpu_mm kg[2] = {{.w = a->wkv, .n_rows = w, .x = a->u, .ldx = D, .n = a->n, .y = A, .ldy = w},
+                    {.w = a->wgate, .n_rows = w, .x = a->u, .ldx = D, .n = a->n, .y = G, .ldy = w}};
+    if ((rc = cpu_matmuls(c, kg, 2, a->num.act_quant))) return rc;
     for (int r = 0; r < R; r++)
         ds4_dequant_row(a->ape->type, (const char *)a->ape->data + (size_t)r * a->ape->row_bytes, ape + (size_t)r * w, w);
     for (int t = 0; t < a->n; t++) {
@@ -283,22 +296,22 @@ int cpu_compress_update(void *ctx, const ds4_compress_args *a) {
 
 /* ------------------------------------------------------------ indexer */
 
+typedef struct scored_t {
+    float s;
+    int32_t i;
+} scored_t;
+
 typedef struct idx_job {
     cpu_ctx *c;
     const ds4_indexer_args *a;
     float *qi, *wt;
+    int t;          /* decode path: the token whose rows are scored */
+    scored_t *sc;   /* decode path: its scores */
 } idx_job;
 
-typedef struct scored {
-    float s;
-    int32_t i;
-} scored;
-
-static int cmp_scored(const void *x, const void *y) {
-    const scored *a = x, *b = y;
-    if (a->s > b->s) return -1;
-    if (a->s < b->s) return 1;
-    return a->i < b->i ? -1 : a->i > b->i; /* ties: lower index first */
+static int before(const scored_t *x, const scored_t *y) {
+    /* the selection order: higher score first, ties to the lower index */
+    return x->s > y->s || (x->s == y->s && x->i < y->i);
 }
 
 static int cmp_i32(const void *x, const void *y) {
@@ -306,68 +319,141 @@ static int cmp_i32(const void *x, const void *y) {
     return (a > b) - (a < b);
 }
 
+/* Moves the k first of sc[0..n) in the selection order to sc[0..k)
+ * (quickselect, median-of-three pivots): O(n) where a full sort of a long
+ * context's rows would dominate a decode step. The set is unique (the order
+ * is total: indices differ), so it does not depend on the algorithm. */
+static void select_first(scored_t *sc, int n, int k) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (before(&sc[mid], &sc[lo])) { scored_t t = sc[mid]; sc[mid] = sc[lo]; sc[lo] = t; }
+        if (before(&sc[hi], &sc[lo])) { scored_t t = sc[hi]; sc[hi] = sc[lo]; sc[lo] = t; }
+        if (before(&sc[hi], &sc[mid])) { scored_t t = sc[hi]; sc[hi] = sc[mid]; sc[mid] = t; }
+        scored_t pv = sc[mid];
+        int i = lo, j = hi;
+        while (i <= j) {
+            /* bounds kept even without sentinels: NaN scores make the
+             * order partial */
+            while (i < hi && before(&sc[i], &pv)) i++;
+            while (j > lo && before(&pv, &sc[j])) j--;
+            if (i <= j) { scored_t t = sc[i]; sc[i] = sc[j]; sc[j] = t; i++, j--; }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+/* Rotates and rounds token t's indexer queries (MODEL.md C.6). */
+static void idx_prep_q(const idx_job *j, int t) {
+    const ds4_indexer_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const int IH = hp->idx_heads, ID = hp->idx_dim;
+    float *q = j->qi + (size_t)t * IH * ID;
+    for (int h = 0; h < IH; h++) {
+        float *qh = q + (size_t)h * ID;
+        cpu_rope(qh + ID - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
+        if (a->num.fp4_indexer) {
+            ds4_num_hadamard(qh, ID);
+            ds4_num_fp4_round(qh, ID);
+        }
+    }
+}
+
+/* Scores of token t against compressed rows [r0, r1) into sc[r0..r1). */
+static void idx_score(const idx_job *j, int t, int r0, int r1, scored_t *sc) {
+    const ds4_indexer_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const int IH = hp->idx_heads, ID = hp->idx_dim;
+    const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
+    const float *q = j->qi + (size_t)t * IH * ID, *wt = j->wt + (size_t)t * IH;
+    float dots[256];
+    for (int r = r0; r < r1; r++) {
+        cpu_dot8_heads(q, IH, (const float *)a->idx_rows + (size_t)r * ID, ID, dots);
+        float tot = 0;
+        for (int h = 0; h < IH; h++) {
+            float dot = dots[h];
+            float s = (dot > 0 ? dot : 0) * sm_scale;
+            tot += s * (wt[h] * w_scale);
+        }
+        sc[r].s = tot;
+        sc[r].i = r;
+    }
+}
+
+/* sel = the top_k rows of sc[0..Nc), ascending. */
+static void idx_pick(const ds4_indexer_args *a, int t, scored_t *sc, int Nc) {
+    const int K = a->m->hp.idx_topk;
+    int32_t *sel = a->sel + (size_t)t * K;
+    select_first(sc, Nc, K);
+    for (int i = 0; i < K; i++) sel[i] = sc[i].i;
+    qsort(sel, (size_t)K, sizeof(int32_t), cmp_i32);
+    a->n_sel[t] = K;
+}
+
+/* Prefill: one token per item (prep, score every row, pick). */
 static void idx_task(void *p, int t0, int t1, int tid) {
     const idx_job *j = p;
     const ds4_indexer_args *a = j->a;
-    const ds4_hparams *hp = &a->m->hp;
-    const int IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
-    const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
+    const int K = a->m->hp.idx_topk;
     for (int t = t0; t < t1; t++) {
-        int P = a->pos0 + t, Nc = (P + 1) / 4;
-        int32_t *sel = a->sel + (size_t)t * K;
+        int Nc = (a->pos0 + t + 1) / 4;
         if (Nc <= K) {
-            for (int i = 0; i < Nc; i++) sel[i] = i;
+            for (int i = 0; i < Nc; i++) a->sel[(size_t)t * K + i] = i;
             a->n_sel[t] = Nc;
             continue;
         }
-        float *q = j->qi + (size_t)t * IH * ID;
-        for (int h = 0; h < IH; h++) {
-            float *qh = q + (size_t)h * ID;
-            cpu_rope(qh + ID - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, false);
-            if (a->num.fp4_indexer) {
-                ds4_num_hadamard(qh, ID);
-                ds4_num_fp4_round(qh, ID);
-            }
-        }
-        scored *sc = cpu_tscratch(j->c, tid, 0, (size_t)Nc * sizeof(scored));
+        idx_prep_q(j, t);
+        scored_t *sc = cpu_tscratch(j->c, tid, 0, (size_t)Nc * sizeof(scored_t));
         if (!sc) return;
-        const float *wt = j->wt + (size_t)t * IH;
-        for (int r = 0; r < Nc; r++) {
-            const float *kr = (const float *)a->idx_rows + (size_t)r * ID;
-            float tot = 0;
-            for (int h = 0; h < IH; h++) {
-                const float *qh = q + (size_t)h * ID;
-                float dot = dot8(qh, kr, ID);
-                float s = (dot > 0 ? dot : 0) * sm_scale;
-                tot += s * (wt[h] * w_scale);
-            }
-            sc[r].s = tot;
-            sc[r].i = r;
-        }
-        qsort(sc, (size_t)Nc, sizeof(scored), cmp_scored);
-        for (int i = 0; i < K; i++) sel[i] = sc[i].i;
-        qsort(sel, (size_t)K, sizeof(int32_t), cmp_i32);
-        a->n_sel[t] = K;
+        idx_score(j, t, 0, Nc, sc);
+        idx_pick(a, t, sc, Nc);
     }
+}
+
+/* Decode (fewer tokens than threads): the rows of one token split over
+ * the threads. */
+static void idx_rows_task(void *p, int r0, int r1, int tid) {
+    (void)tid;
+    const idx_job *j = p;
+    idx_score(j, j->t, r0, r1, j->sc);
 }
 
 int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     cpu_ctx *c = ctx;
     const ds4_hparams *hp = &a->m->hp;
-    const int D = hp->n_embd, IH = hp->idx_heads, ID = hp->idx_dim;
-    idx_job j = {c, a, NULL, NULL};
-    if ((a->pos0 + a->n) / 4 > hp->idx_topk) {
+    const int D = hp->n_embd, IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
+    if (IH > 256) return c->err = DS4_E_INTERNAL; /* idx_score's array; refused at open */
+    idx_job j = {.c = c, .a = a};
+    if ((a->pos0 + a->n) / 4 > K) {
         /* some token has more rows than top_k: score them */
         j.qi = cpu_scratch(c, 4, (size_t)a->n * IH * ID * sizeof(float));
         j.wt = cpu_scratch(c, 5, (size_t)a->n * IH * sizeof(float));
         if (!j.qi || !j.wt) return DS4_E_NOMEM;
         int rc;
-        if ((rc = cpu_matmul(c, &a->l->idx_q_b, 0, 0, (int64_t)IH * ID, a->cq, hp->q_lora, NULL, a->n, j.qi,
-                             (int64_t)IH * ID, a->num.act_quant))) return rc;
-        if ((rc = cpu_matmul(c, &a->l->idx_proj, 0, 0, IH, a->u, D, NULL, a->n, j.wt, IH, a->num.act_quant)))
-            return rc;
+        cpu_mm qw[2] = {{.w = &a->l->idx_q_b, .n_rows = (int64_t)IH * ID, .x = a->cq, .ldx = hp->q_lora, .n = a->n,
+                         .y = j.qi, .ldy = (int64_t)IH * ID},
+                        {.w = &a->l->idx_proj, .n_rows = IH, .x = a->u, .ldx = D, .n = a->n, .y = j.wt, .ldy = IH}};
+        if ((rc = cpu_matmuls(c, qw, 2, a->num.act_quant))) return rc;
     }
-    cpu_run_w(c, a->n, j.qi ? (double)((a->pos0 + a->n) / 4) * IH * ID : 1.0, idx_task, &j);
+    if (!j.qi || a->n >= c->n_threads) {
+        cpu_run_w(c, a->n, j.qi ? (double)((a->pos0 + a->n) / 4) * IH * ID : 1.0, idx_task, &j);
+        return c->err;
+    }
+    for (int t = 0; t < a->n; t++) {
+        int Nc = (a->pos0 + t + 1) / 4;
+        if (Nc <= K) {
+            for (int i = 0; i < Nc; i++) a->sel[(size_t)t * K + i] = i;
+            a->n_sel[t] = Nc;
+            continue;
+        }
+        idx_prep_q(&j, t);
+        if (!(j.sc = cpu_scratch(c, 6, (size_t)Nc * sizeof(scored_t)))) return DS4_E_NOMEM;
+        j.t = t;
+        cpu_run_w(c, Nc, (double)IH * ID, idx_rows_task, &j);
+        idx_pick(a, t, j.sc, Nc);
+    }
     return c->err;
 }
 
@@ -379,16 +465,18 @@ typedef struct attn_job {
     float *o; /* (n, H, dh) */
 } attn_job;
 
+enum { ATTN_HG = 4 }; /* heads per work item: they share the token's rows */
+
 static void attn_task(void *p, int i0, int i1, int tid) {
     const attn_job *j = p;
     const ds4_attention_args *a = j->a;
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
-    const int H = hp->n_head, dh = hp->head_dim, W = hp->window;
+    const int H = hp->n_head, dh = hp->head_dim, W = hp->window, n_hg = (H + ATTN_HG - 1) / ATTN_HG;
     const float scale = 1.0f / sqrtf((float)dh);
     for (int it = i0; it < i1; it++) {
-        int t = it / H, h = it % H, P = a->pos0 + t;
-        const float *qh = a->q + ((size_t)t * H + h) * dh;
+        int t = it / n_hg, h0 = (it % n_hg) * ATTN_HG, P = a->pos0 + t;
+        int nq = H - h0 < ATTN_HG ? H - h0 : ATTN_HG;
         int lo = P - W + 1 > 0 ? P - W + 1 : 0;
         int n_raw = P - lo + 1, n_comp = 0;
         const int32_t *sel = NULL;
@@ -398,7 +486,7 @@ static void attn_task(void *p, int i0, int i1, int tid) {
             sel = a->sel + (size_t)t * hp->idx_topk;
         }
         int nr = n_raw + n_comp;
-        float *sc = cpu_tscratch(j->c, tid, 1, (size_t)nr * sizeof(float));
+        float *sc = cpu_tscratch(j->c, tid, 1, (size_t)ATTN_HG * nr * sizeof(float));
         const float **rows = cpu_tscratch(j->c, tid, 2, (size_t)nr * sizeof(float *));
         if (!sc || !rows) return;
         for (int r = 0; r < n_raw; r++) {
@@ -406,22 +494,23 @@ static void attn_task(void *p, int i0, int i1, int tid) {
             rows[r] = pos >= a->pos0 ? a->kv + (size_t)(pos - a->pos0) * dh : (const float *)a->raw + (size_t)(pos % W) * dh;
         }
         for (int r = 0; r < n_comp; r++) rows[n_raw + r] = (const float *)a->comp + (size_t)(sel ? sel[r] : r) * dh;
-        float mx = l->sinks[h];
-        for (int r = 0; r < nr; r++) {
-            sc[r] = dot8(qh, rows[r], dh) * scale;
-            mx = fmaxf(mx, sc[r]);
+        const float *q[ATTN_HG];
+        float *o[ATTN_HG];
+        for (int k = 0; k < nq; k++) {
+            q[k] = a->q + ((size_t)t * H + h0 + k) * dh;
+            o[k] = j->o + ((size_t)t * H + h0 + k) * dh;
         }
-        float den = 0;
-        for (int r = 0; r < nr; r++) { sc[r] = expf(sc[r] - mx); den += sc[r]; }
-        den += expf(l->sinks[h] - mx);
-        float *oh = j->o + ((size_t)t * H + h) * dh;
-        memset(oh, 0, (size_t)dh * sizeof(float));
-        for (int r = 0; r < nr; r++) {
-            float pr = sc[r] / den;
-            const float *v = rows[r];
-            for (int i = 0; i < dh; i++) oh[i] += pr * v[i];
+        cpu_dot8_rows_multi(q, nq, rows, nr, dh, scale, sc);
+        for (int k = 0; k < nq; k++) { /* softmax with the head's sink */
+            float *s = sc + (size_t)k * nr, sink = l->sinks[h0 + k], mx = sink, den = 0;
+            for (int r = 0; r < nr; r++) mx = fmaxf(mx, s[r]);
+            for (int r = 0; r < nr; r++) { s[r] = expf(s[r] - mx); den += s[r]; }
+            den += expf(sink - mx);
+            for (int r = 0; r < nr; r++) s[r] = s[r] / den;
         }
-        cpu_rope(oh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, true);
+        /* o_h[i] = sum_r p_hr v_r[i], rows in order */
+        cpu_sum_rows_multi(sc, nq, rows, nr, dh, o);
+        for (int k = 0; k < nq; k++) cpu_rope(o[k] + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, true);
     }
 }
 
@@ -434,13 +523,17 @@ int cpu_attention(void *ctx, const ds4_attention_args *a) {
     attn_job j = {c, a, cpu_scratch(c, 0, (size_t)a->n * H * dh * sizeof(float))};
     float *z = cpu_scratch(c, 1, (size_t)a->n * G * ol * sizeof(float));
     if (!j.o || !z) return DS4_E_NOMEM;
-    cpu_run_w(c, a->n * H, (double)dh * (hp->window + (a->l->ratio ? (a->pos0 + a->n) / a->l->ratio : 0)) * 2, attn_task, &j);
+    cpu_run_w(c, a->n * ((H + ATTN_HG - 1) / ATTN_HG),
+              (double)ATTN_HG * dh * (hp->window + (a->l->ratio ? (a->pos0 + a->n) / a->l->ratio : 0)) * 2, attn_task, &j);
     if (c->err) return c->err;
     int rc;
-    /* grouped output projection: z_g = W_oa[g] . (heads of group g) */
+    /* grouped output projection: z_g = W_oa[g] . (heads of group g), all groups one run */
+    cpu_mm og[64];
+    if (G > 64) return c->err = DS4_E_INTERNAL;
     for (int g = 0; g < G; g++)
-        if ((rc = cpu_matmul(c, &a->l->o_a, 0, (int64_t)g * ol, ol, j.o + g * gd, (int64_t)H * dh, NULL, a->n,
-                             z + (size_t)g * ol, (int64_t)G * ol, a->num.act_quant))) return rc;
+        og[g] = (cpu_mm){.w = &a->l->o_a, .row0 = (int64_t)g * ol, .n_rows = ol, .x = j.o + g * gd,
+                         .ldx = (int64_t)H * dh, .n = a->n, .y = z + (size_t)g * ol, .ldy = (int64_t)G * ol};
+    if ((rc = cpu_matmuls(c, og, G, a->num.act_quant))) return rc;
     if ((rc = cpu_matmul(c, &a->l->o_b, 0, 0, hp->n_embd, z, (int64_t)G * ol, NULL, a->n, a->y, hp->n_embd,
                          a->num.act_quant))) return rc;
     return c->err;
@@ -501,62 +594,115 @@ static void swiglu(float *h, const float *g, const float *u, int F, float lim, f
     }
 }
 
+/* Expert-major MoE. The (token, slot) items are sorted by expert (items of
+ * one expert in increasing order), so each expert's weights are read once for
+ * all its tokens; gate and up of every used expert and of the shared expert
+ * are one parallel run, SwiGLU, then every down projection is a second run.
+ * A decode step thus keeps all threads on the six experts' rows together
+ * instead of running expert after expert. Per item the operations are those
+ * of one token alone, and the final sum adds the slots in order, then the
+ * shared expert. */
+typedef struct moe_job {
+    const ds4_moe_experts_args *a;
+    float *gb, *ub, *ob;       /* (NI + n, F), (NI + n, F), (NI + n, D): sorted items, then shared rows */
+    const int32_t *items;      /* sorted position -> item t*K+k */
+    const int32_t *pos;        /* item -> sorted position */
+    int NI;
+} moe_job;
+
+static void moe_swiglu_task(void *p, int r0, int r1, int tid) {
+    (void)tid;
+    const moe_job *j = p;
+    const ds4_hparams *hp = &j->a->m->hp;
+    const int F = hp->n_ff_exp;
+    const float lim = hp->swiglu_clamp[j->a->il];
+    for (int r = r0; r < r1; r++) {
+        float wt = r < j->NI ? j->a->w[j->items[r]] : 1.0f;
+        float *g = j->gb + (size_t)r * F;
+        swiglu(g, g, j->ub + (size_t)r * F, F, lim, wt);
+    }
+}
+
+static void moe_sum_task(void *p, int t0, int t1, int tid) {
+    (void)tid;
+    const moe_job *j = p;
+    const ds4_hparams *hp = &j->a->m->hp;
+    const int D = hp->n_embd, K = hp->n_expert_used;
+    for (int t = t0; t < t1; t++) {
+        float *y = j->a->y + (size_t)t * D;
+        const float *sh = j->ob + (size_t)(j->NI + t) * D;
+        const float *o[64];
+        for (int k = 0; k < K; k++) o[k] = j->ob + (size_t)j->pos[t * K + k] * D;
+        for (int d = 0; d < D; d++) {
+            float acc = 0;
+            for (int k = 0; k < K; k++) acc += o[k][d];
+            y[d] = acc + sh[d];
+        }
+    }
+}
+
 int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     cpu_ctx *c = ctx;
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
     const int D = hp->n_embd, F = hp->n_ff_exp, E = hp->n_expert, K = hp->n_expert_used, n = a->n;
     const int NI = n * K;
-    const float lim = hp->swiglu_clamp[a->il];
     const bool aq = a->num.act_quant;
-    float *gb = cpu_scratch(c, 0, (size_t)(NI > n ? NI : n) * F * sizeof(float));
-    float *ub = cpu_scratch(c, 1, (size_t)(NI > n ? NI : n) * F * sizeof(float));
-    float *db = cpu_scratch(c, 2, (size_t)(NI > n ? NI : n) * D * sizeof(float));
-    float *out = cpu_scratch(c, 3, (size_t)NI * D * sizeof(float));
-    int32_t *cnt = cpu_scratch(c, 4, (size_t)(E + 1) * sizeof(int32_t));
-    int32_t *items = cpu_scratch(c, 5, (size_t)NI * 2 * sizeof(int32_t));
-    if (!gb || !ub || !db || !out || !cnt || !items) return DS4_E_NOMEM;
-    int32_t *tok = items + NI;
-    const void *vq = NULL;
-    int gate_act = ds4_type_act(l->gate_exps.type);
-    if (aq && gate_act >= 0 && !(vq = cpu_quantize_rows(c, 6, gate_act, a->v, D, n, D))) return DS4_E_NOMEM;
-    /* group (token, slot) items by expert, items in increasing order */
+    if (K > 64) return c->err = DS4_E_INTERNAL; /* moe_sum_task's slot array; Flash has 6 */
+    moe_job j = {.a = a, .NI = NI};
+    j.gb = cpu_scratch(c, 0, (size_t)(NI + n) * F * sizeof(float));
+    j.ub = cpu_scratch(c, 1, (size_t)(NI + n) * F * sizeof(float));
+    j.ob = cpu_scratch(c, 2, (size_t)(NI + n) * D * sizeof(float));
+    int32_t *cnt = cpu_scratch(c, 3, (size_t)(E + 1) * sizeof(int32_t));
+    int32_t *items = cpu_scratch(c, 4, (size_t)NI * 3 * sizeof(int32_t));
+    cpu_mm *mm = cpu_scratch(c, 5, (size_t)(2 * E + 2) * sizeof(cpu_mm));
+    if (!j.gb || !j.ub || !j.ob || !cnt || !items || !mm) return DS4_E_NOMEM;
+    int32_t *tok = items + NI, *pos = items + 2 * NI;
+    j.items = items;
+    j.pos = pos;
+    /* sort (token, slot) items by expert, increasing within an expert */
     memset(cnt, 0, (size_t)(E + 1) * sizeof(int32_t));
-    for (int i = 0; i < NI; i++) cnt[a->ids[i] + 1]++;
+    for (int i = 0; i < NI; i++) {
+        if (a->ids[i] < 0 || a->ids[i] >= E) return c->err = DS4_E_INTERNAL;
+        cnt[a->ids[i] + 1]++;
+    }
     for (int e = 0; e < E; e++) cnt[e + 1] += cnt[e];
-    int rc;
+    for (int i = 0; i < NI; i++) {
+        int q = cnt[a->ids[i]]++;
+        items[q] = i;
+        tok[q] = i / K;
+        pos[i] = q;
+    }
+    for (int e = E; e > 0; e--) cnt[e] = cnt[e - 1]; /* back to starts */
+    cnt[0] = 0;
+    /* gate and up: every used expert, then the shared expert */
+    int nm = 0, rc;
     for (int e = 0; e < E; e++) {
         int b = cnt[e], ne = cnt[e + 1] - b;
         if (ne == 0) continue;
-        int q = b;
-        for (int i = 0; i < NI; i++)
-            if (a->ids[i] == e) { items[q] = i; tok[q] = i / K; q++; }
-        if (vq) { /* v quantized once for every expert (E.1) */
-            if ((rc = cpu_matmul_pre(c, &l->gate_exps, e, 0, F, vq, tok + b, ne, gb, F))) return rc;
-            if ((rc = cpu_matmul_pre(c, &l->up_exps, e, 0, F, vq, tok + b, ne, ub, F))) return rc;
-        } else {
-            if ((rc = cpu_matmul(c, &l->gate_exps, e, 0, F, a->v, D, tok + b, ne, gb, F, false))) return rc;
-            if ((rc = cpu_matmul(c, &l->up_exps, e, 0, F, a->v, D, tok + b, ne, ub, F, false))) return rc;
-        }
-        for (int r = 0; r < ne; r++)
-            swiglu(gb + (size_t)r * F, gb + (size_t)r * F, ub + (size_t)r * F, F, lim, a->w[items[b + r]]);
-        if ((rc = cpu_matmul(c, &l->down_exps, e, 0, D, gb, F, NULL, ne, db, D, aq))) return rc;
-        for (int r = 0; r < ne; r++)
-            memcpy(out + (size_t)items[b + r] * D, db + (size_t)r * D, (size_t)D * sizeof(float));
+        mm[nm++] = (cpu_mm){.w = &l->gate_exps, .mat = e, .n_rows = F, .x = a->v, .ldx = D, .xidx = tok + b,
+                            .n = ne, .y = j.gb + (size_t)b * F, .ldy = F};
+        mm[nm++] = (cpu_mm){.w = &l->up_exps, .mat = e, .n_rows = F, .x = a->v, .ldx = D, .xidx = tok + b,
+                            .n = ne, .y = j.ub + (size_t)b * F, .ldy = F};
     }
-    /* shared expert */
-    if ((rc = cpu_matmul(c, &l->gate_sh, 0, 0, F, a->v, D, NULL, n, gb, F, aq))) return rc;
-    if ((rc = cpu_matmul(c, &l->up_sh, 0, 0, F, a->v, D, NULL, n, ub, F, aq))) return rc;
-    for (int t = 0; t < n; t++) swiglu(gb + (size_t)t * F, gb + (size_t)t * F, ub + (size_t)t * F, F, lim, 1.0f);
-    if ((rc = cpu_matmul(c, &l->down_sh, 0, 0, D, gb, F, NULL, n, db, D, aq))) return rc;
-    for (int t = 0; t < n; t++) {
-        float *y = a->y + (size_t)t * D;
-        for (int d = 0; d < D; d++) {
-            float acc = 0;
-            for (int k = 0; k < K; k++) acc += out[((size_t)t * K + k) * D + d];
-            y[d] = acc + db[(size_t)t * D + d];
-        }
+    mm[nm++] = (cpu_mm){.w = &l->gate_sh, .n_rows = F, .x = a->v, .ldx = D, .n = n, .y = j.gb + (size_t)NI * F,
+                        .ldy = F};
+    mm[nm++] = (cpu_mm){.w = &l->up_sh, .n_rows = F, .x = a->v, .ldx = D, .n = n, .y = j.ub + (size_t)NI * F,
+                        .ldy = F};
+    if ((rc = cpu_matmuls(c, mm, nm, aq))) return rc;
+    cpu_run_w(c, NI + n, (double)F * 8, moe_swiglu_task, &j);
+    /* down: every used expert, then the shared expert */
+    nm = 0;
+    for (int e = 0; e < E; e++) {
+        int b = cnt[e], ne = cnt[e + 1] - b;
+        if (ne == 0) continue;
+        mm[nm++] = (cpu_mm){.w = &l->down_exps, .mat = e, .n_rows = D, .x = j.gb + (size_t)b * F, .ldx = F,
+                            .n = ne, .y = j.ob + (size_t)b * D, .ldy = D};
     }
+    mm[nm++] = (cpu_mm){.w = &l->down_sh, .n_rows = D, .x = j.gb + (size_t)NI * F, .ldx = F, .n = n,
+                        .y = j.ob + (size_t)NI * D, .ldy = D};
+    if ((rc = cpu_matmuls(c, mm, nm, aq))) return rc;
+    cpu_run_w(c, n, (double)(K + 1) * D, moe_sum_task, &j);
     return c->err;
 }
 

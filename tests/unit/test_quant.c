@@ -524,6 +524,63 @@ DS4_TEST(quant_dot_q_equals_dot_of_dequantized_operands) {
     free(x), free(y), free(xa), free(xq), free(xq2);
 }
 
+/* The tiles are the row dots bit for bit, for every tile shape (row and
+ * token counts that do not fill a micro-tile, repeated token rows), so a
+ * batched matrix product is bit-identical to one token at a time. */
+DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
+    enum { NR = 11, NT = 9 };
+    rng_seed(24);
+    for (int ti = 0; ti < N_DOT_TYPES; ti++) {
+        int type = DOT_TYPES[ti], act = ds4_type_act(type);
+        const int64_t n = act < 0 ? 1001 : 512; /* plain types: odd length, SIMD tails */
+        size_t rb = ds4_type_row_bytes(type, n);
+        uint8_t *w = malloc(NR * rb);
+        for (int r = 0; r < NR; r++) {
+            void *row = rand_row(type, n);
+            memcpy(w + r * rb, row, rb);
+            free(row);
+        }
+        float *x = malloc(NT * n * sizeof(float));
+        for (int64_t i = 0; i < NT * n; i++) x[i] = (i % 5) ? rng_gauss() : rng_heavy();
+        size_t ab = act < 0 ? 0 : ds4_type_row_bytes(act, n);
+        uint8_t *xq = act < 0 ? NULL : malloc(NT * ab);
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AVX2; simd++) {
+            const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
+            if (!k) continue;
+            for (int t = 0; xq && t < NT; t++) k->quantize_act(x + t * n, xq + t * ab, n);
+            const void *xp[NT];
+            const float *xf[NT];
+            for (int t = 0; t < NT; t++) {
+                int tt = t == 5 ? 2 : t; /* a repeated activation row, as expert token lists have */
+                xp[t] = xq ? xq + tt * ab : NULL;
+                xf[t] = x + tt * n;
+            }
+            float ref[NT][NR], y[NT][NR];
+            for (int t = 0; t < NT; t++)
+                for (int r = 0; r < NR; r++)
+                    ref[t][r] = xq ? k->dot_q(w + r * rb, xp[t], n) : k->dot_f32(w + r * rb, xf[t], n);
+            for (int nr = 1; nr <= NR; nr++)
+                for (int nt = 1; nt <= NT; nt++) {
+                    if (xq && !k->dot_q_tile) continue;
+                    if (!xq && !k->dot_f32_tile) continue;
+                    memset(y, 0xff, sizeof y);
+                    if (xq) k->dot_q_tile(w, rb, nr, xp, nt, n, &y[0][0], NR);
+                    else k->dot_f32_tile(w, rb, nr, xf, nt, n, &y[0][0], NR);
+                    int bad = 0;
+                    for (int t = 0; t < NT; t++)
+                        for (int r = 0; r < NR; r++) {
+                            int in = t < nt && r < nr;
+                            uint32_t want = in ? fbits(ref[t][r]) : 0xffffffffu;
+                            bad += fbits(y[t][r]) != want;
+                        }
+                    CHECK_MSG(!bad, "%s simd %d tile %d x %d: %d values differ from the row dot", ds4_type_name(type),
+                              simd, nr, nt, bad);
+                }
+        }
+        free(w), free(x), free(xq);
+    }
+}
+
 /* ---- quantizers ------------------------------------------------------------ */
 
 static double rel_rmse(const float *x, const float *y, int n, const float *w) {
