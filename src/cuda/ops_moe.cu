@@ -157,20 +157,32 @@ struct moe_p {
     const uint8_t *ksigns;
 };
 
+/* The prologue of the expert kernels, called by every thread: the IQ2
+ * tables into shared memory, then this warp's active expert e =
+ * act[blockIdx.y] and row r = blockIdx.x*8 + warp; returns the row's index
+ * in the expert stack, or -1 when the block or warp has nothing to do. */
+template <int WT>
+__device__ __forceinline__ int64_t moe_row(const moe_p &p, cu_iq2_tab *tab, int *e, int *r) {
+    if constexpr (WT == DS4_TYPE_IQ2_XXS) {
+        cu_iq2_tab_load(tab, p.grid, p.ksigns);
+        __syncthreads();
+    }
+    if ((int)blockIdx.y >= p.act[p.E]) return -1;
+    *e = p.act[blockIdx.y];
+    *r = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (*r >= p.rows) return -1;
+    return (int64_t)*e * p.mat_rows + *r;
+}
+
 /* Gate + up + SwiGLU for active expert act[blockIdx.y], rows
  * blockIdx.x*8 + warp, its items in tiles of NT. */
 template <int WT, bool AQ, int NT>
 __global__ void __launch_bounds__(256) k_moe_gate_up(const __grid_constant__ moe_p p) {
     __shared__ cu_iq2_tab tab;
-    if constexpr (WT == DS4_TYPE_IQ2_XXS) {
-        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-        __syncthreads();
-    }
-    if ((int)blockIdx.y >= p.act[p.E]) return;
-    const int e = p.act[blockIdx.y];
-    const int r = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (r >= p.rows) return;
-    const int64_t row = (int64_t)e * p.mat_rows + r;
+    int e, r;
+    const int64_t row = moe_row<WT>(p, &tab, &e, &r);
+    if (row < 0) return;
+    const int lane = threadIdx.x & 31;
     const uint8_t *qa = p.wa.q + (size_t)row * p.wa.q_row, *sa = p.wa.s ? p.wa.s + (size_t)row * p.wa.s_row : nullptr;
     const uint8_t *qb = p.wb.q + (size_t)row * p.wb.q_row, *sb = p.wb.s ? p.wb.s + (size_t)row * p.wb.s_row : nullptr;
     const int b = p.off[e], ne = p.off[e + 1] - b;
@@ -204,15 +216,10 @@ __global__ void __launch_bounds__(256) k_moe_gate_up(const __grid_constant__ moe
 template <int WT, bool AQ, int NT>
 __global__ void __launch_bounds__(256) k_moe_down(const __grid_constant__ moe_p p) {
     __shared__ cu_iq2_tab tab;
-    if constexpr (WT == DS4_TYPE_IQ2_XXS) {
-        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-        __syncthreads();
-    }
-    if ((int)blockIdx.y >= p.act[p.E]) return;
-    const int e = p.act[blockIdx.y];
-    const int r = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (r >= p.rows) return;
-    const int64_t row = (int64_t)e * p.mat_rows + r;
+    int e, r;
+    const int64_t row = moe_row<WT>(p, &tab, &e, &r);
+    if (row < 0) return;
+    const int lane = threadIdx.x & 31;
     const uint8_t *qa = p.wa.q + (size_t)row * p.wa.q_row, *sa = p.wa.s ? p.wa.s + (size_t)row * p.wa.s_row : nullptr;
     const int b = p.off[e], ne = p.off[e + 1] - b;
     for (int i0 = 0; i0 < ne; i0 += NT) {
