@@ -23,6 +23,7 @@
 #include "gguf.h"
 #include "model.h"
 #include "quant.h"
+#include "sampler.h"
 #include "tokenizer.h"
 #include "util/xalloc.h"
 
@@ -342,17 +343,8 @@ const float *ds4_session_logits(const ds4_session *s) {
 
 int ds4_session_argmax(ds4_session *s, int32_t *id, ds4_err *err) {
     if (s->n_tokens <= 0) return ds4_err_set(err, DS4_E_ARG, "the session is empty: no logits");
-    if (s->logits_host) {
-        /* same rule as the backends (ds4_argmax) */
-        const float *l = s->logits;
-        int32_t best = -1;
-        float bv = 0.0f;
-        for (int i = 0; i < s->e->hp.n_vocab; i++)
-            if (isfinite(l[i]) && (best < 0 || l[i] > bv)) {
-                best = i;
-                bv = l[i];
-            }
-        *id = best < 0 ? 0 : best;
+    if (s->logits_host) { /* the sampler's greedy rule, which the backends follow */
+        *id = ds4_argmax(s->logits, s->e->hp.n_vocab);
         return 0;
     }
     return ds4_fwd_argmax(s->f, id, err);

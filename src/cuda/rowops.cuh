@@ -82,11 +82,9 @@ __device__ __forceinline__ void cu_row_rope(float *z, int n_rot, const float *in
 #define cu_e4m3_round ds4_num_e4m3_round_inl
 #define cu_e2m1_round ds4_num_e2m1_round_inl
 
-/* E.2: FP8 rounding of x[0..n) in blocks of `block` (a power of two <= 64
- * that divides 32*k or is 64): one thread per value, amax per block by
- * shared-memory max (exact). */
-__device__ __forceinline__ void cu_row_fp8(float *x, int n, int block, float *fred) {
-    /* fred: >= n floats of scratch */
+/* fred[k*block] = max |x| over block k of x[0..n) (the last block may be
+ * shorter; block a power of two): a tree of shared-memory maxima, exact. */
+__device__ __forceinline__ void cu_row_block_amax(const float *x, int n, int block, float *fred) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) fred[i] = fabsf(x[i]);
     __syncthreads();
     for (int h = block / 2; h > 0; h >>= 1) {
@@ -94,6 +92,12 @@ __device__ __forceinline__ void cu_row_fp8(float *x, int n, int block, float *fr
             if ((i % block) < h && i + h < n && (i / block) == ((i + h) / block)) fred[i] = fmaxf(fred[i], fred[i + h]);
         __syncthreads();
     }
+}
+
+/* E.2: FP8 rounding of x[0..n) in blocks of `block` values, each with its
+ * power-of-two scale from the block's amax. fred: >= n floats of scratch. */
+__device__ __forceinline__ void cu_row_fp8(float *x, int n, int block, float *fred) {
+    cu_row_block_amax(x, n, block, fred);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float amax = fred[(i / block) * block];
         if (amax < 1e-4f) amax = 1e-4f;
@@ -125,13 +129,7 @@ __device__ __forceinline__ void cu_row_hadamard(float *x, int n) {
 
 /* E.3: FP4 rounding in blocks of 32 (n a multiple of 32). */
 __device__ __forceinline__ void cu_row_fp4(float *x, int n, float *fred) {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) fred[i] = fabsf(x[i]);
-    __syncthreads();
-    for (int h = 16; h > 0; h >>= 1) {
-        for (int i = threadIdx.x; i < n; i += blockDim.x)
-            if ((i & 31) < h) fred[i] = fmaxf(fred[i], fred[i + h]);
-        __syncthreads();
-    }
+    cu_row_block_amax(x, n, 32, fred);
     const float floor_amax = 6.0f * 0x1p-126f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float amax = fred[i & ~31];
