@@ -92,7 +92,7 @@ struct cu_graph {
 struct cu_ctx {
     int device;
     int n_sm;
-    char dev_name[128];
+    char dev_name[256];
     cudaStream_t st;
     bool sync_debug, no_graphs, profile;
     int err;               /* first error, sticky until step_end */

@@ -312,7 +312,6 @@ static int bind_weight(void *user, ds4_weight *w) {
     const uint8_t *src = (const uint8_t *)w->data;
     bool expert = w->n_mat > 1;
     void *p = nullptr;
-    bool host = false;
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
     if (!(expert && free_b < bytes + b->spill_keep) && cudaMalloc(&p, bytes) != cudaSuccess) {
@@ -338,7 +337,6 @@ static int bind_weight(void *user, ds4_weight *w) {
             if (hp) cudaFreeHost(hp);
             return DS4_E_NOMEM;
         }
-        host = true;
         if (!track(&c->pinned, &c->n_pinned, &c->cap_pinned, hp)) return DS4_E_NOMEM;
         c->bytes_host += bytes;
         if (!add_job(b, up_job{src, bytes, nullptr, nullptr, 0, 0, (uint8_t *)hp})) return DS4_E_NOMEM;
@@ -350,7 +348,6 @@ static int bind_weight(void *user, ds4_weight *w) {
         return DS4_E_NOMEM;
     }
     c->bytes_device += bytes;
-    (void)host;
     w->data = p;
     if (!src) { /* synthetic */
         int type = w->type;
