@@ -289,8 +289,6 @@ int main(int argc, char **argv) {
             fprintf(stderr, "ds4-bench: prefill to %d failed: %s\n", f, err.msg);
             break;
         }
-        const int32_t *cur = ds4_session_tokens(s);
-        (void)cur;
         /* ---- decode gen tokens (argmax, then the text's next token) */
         double first = 0, total = 0;
         for (int r = 0; r < o.repeat && !rc; r++) {
