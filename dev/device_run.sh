@@ -3,7 +3,7 @@
 # unpack the build dependencies carried in build/device-deps (fetched here
 # with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
-# usage: bash dev/device_run.sh [tests] [bench ARGS...]
+# usage: bash dev/device_run.sh [tests] [stages] [synthfile] [fullshape] [bench ARGS -- ] [ncu ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -41,9 +41,20 @@ while [ $# -gt 0 ]; do
     fullshape)
         t0=$(date +%s)
         DS4_SYNTH_GGUF=/tmp/synth-q2.gguf DS4_PROMPTS_DIR=build/shared-tools/prompts PYTHONUNBUFFERED=1 \
-            timeout ${FULL_TIMEOUT:-240} python3 -m pytest -q -s -rfEs -p no:cacheprovider tests/cuda/test_full_shape.py > "$OUT/fullshape.log" 2>&1
+            timeout ${FULL_TIMEOUT:-240} python3 -m pytest -q -s -rfEs -p no:cacheprovider ${FULL_K:+-k "$FULL_K"} \
+            tests/cuda/test_full_shape.py > "$OUT/fullshape.log" 2>&1
         echo "full shape: exit $?, $(( $(date +%s) - t0 )) s"
         grep -E "layers|cpu|gpu|passed|failed|Error" "$OUT/fullshape.log" | tail -30 ;;
+    ncu)
+        # kernel durations of a few eager decode steps (Nsight Compute, one
+        # metric, so one replay pass per kernel); ARGS go to ds4-bench
+        args=()
+        while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+        [ $# -gt 0 ] && shift
+        timeout "${NCU_TIMEOUT:-180}" ncu --csv --metrics gpu__time_duration.sum --launch-skip "${NCU_SKIP:-3000}" \
+            --launch-count "${NCU_COUNT:-1200}" ./ds4-bench "${args[@]}" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
+        echo "ncu: exit $?"; tail -3 "$OUT/ncu.err"
+        python3 dev/ncu_sum.py "$OUT/ncu.csv" | head -40 ;;
     bench)
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done

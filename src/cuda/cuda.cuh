@@ -42,6 +42,8 @@ bool cu_launched(cu_ctx *c, const char *kernel);
 /* Device-side status bits (ctx->dstatus), set by kernels, read at step_end. */
 enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2 };
 
+enum { CU_KPROF_BASE = 1000 };
+
 /* ---------------------------------------------------------------- scratch */
 
 /* An int8 activation buffer: quants, per-block scales (Q8_0: one per 32,
@@ -58,6 +60,9 @@ struct cu_scratch {
     size_t n_batch, n_ctx;     /* what it was sized for */
     cu_act a1, a2, a3;         /* a1: any row activation; a2: second quantisation of v; a3: expert hidden */
     float *o;                  /* (B, H*dh) attention output */
+    float *att_o;              /* (att_tokens, att_splits, H, dh) split attention outputs */
+    float *att_m, *att_l;      /* (att_tokens, att_splits, H) split maxima / sums */
+    int att_splits, att_tokens;
     float *z;                  /* (B, G*o_lora) */
     float *ca, *cg;            /* (B, 2*dh) compressor projections */
     float *qi;                 /* (B, IH*ID) indexer queries */
@@ -123,6 +128,15 @@ struct cu_ctx {
     int *prof_kind;
     int n_prof, cap_prof;
     double prof_ms[DS4_PROF_N];
+    /* per-kernel timing (DS4_CUDA_KPROF=1, profiled eager steps only):
+     * marks of kind CU_KPROF_BASE + i after each launch of kernel i */
+    bool kprof;
+    int n_kp;
+    struct {
+        const char *name;
+        double ms;
+        long calls;
+    } kp[96];
     /* device copies of the IQ2_XXS tables */
     const uint64_t *grid;   /* (256) */
     const uint8_t *ksigns;  /* (128) */
@@ -194,6 +208,7 @@ int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a);
 int cu_hc_post(void *ctx, const ds4_hc_post_args *a);
 int cu_attn_project(void *ctx, const ds4_attn_project_args *a);
 int cu_attention(void *ctx, const ds4_attention_args *a);
+int cu_attn_splits(int nr_cap); /* row splits of the split attention */
 int cu_kv_store(void *ctx, const ds4_kv_store_args *a);
 int cu_head(void *ctx, const ds4_head_args *a);
 /* ops_compress.cu */

@@ -42,9 +42,26 @@ bool cu_ok(cu_ctx *c, cudaError_t e, const char *what) {
     return false;
 }
 
+static void prof_mark(void *ctx, int kind);
+
+/* Index of a kernel name in the per-kernel profile (names are literals). */
+static int kprof_index(cu_ctx *c, const char *name) {
+    for (int i = 0; i < c->n_kp; i++)
+        if (c->kp[i].name == name || !strcmp(c->kp[i].name, name)) return i;
+    if (c->n_kp == (int)(sizeof c->kp / sizeof c->kp[0])) return -1;
+    c->kp[c->n_kp].name = name;
+    c->kp[c->n_kp].ms = 0.0;
+    c->kp[c->n_kp].calls = 0;
+    return c->n_kp++;
+}
+
 bool cu_launched(cu_ctx *c, const char *kernel) {
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return cu_ok(c, e, kernel);
+    if (c->kprof && c->n_prof > 0 && !c->capturing) {
+        int i = kprof_index(c, kernel);
+        if (i >= 0) prof_mark(c, CU_KPROF_BASE + i);
+    }
     if (c->sync_debug && !c->capturing) return cu_ok(c, cudaStreamSynchronize(c->st), kernel);
     return true;
 }
@@ -463,12 +480,14 @@ static int cu_check_model(void *ctx, const ds4_model *m, ds4_err *err) {
     (void)ctx;
     const ds4_hparams *hp = &m->hp;
     if (hp->n_hc > 8) return ds4_err_set(err, DS4_E_MODEL, "cuda backend: hyper_connection.count %d exceeds 8", hp->n_hc);
-    if (hp->head_dim % 32 || hp->head_dim > 1024)
-        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: key_length %d must be a multiple of 32 up to 1024", hp->head_dim);
+    if (hp->head_dim % 32 || hp->head_dim > 512)
+        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: key_length %d must be a multiple of 32 up to 512", hp->head_dim);
     if (hp->n_embd % 32 || hp->q_lora % 32 || hp->o_lora % 32 || hp->n_ff_exp % 32 || hp->idx_dim > 1024)
         return ds4_err_set(err, DS4_E_MODEL, "cuda backend: dimensions must be multiples of 32");
-    if (hp->n_expert > 1024 || hp->n_expert_used > 16)
-        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: at most 1024 experts and 16 per token");
+    if (hp->n_expert > 256 || hp->n_expert_used > 16)
+        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: at most 256 experts and 16 per token");
+    if (hp->idx_heads > 64 || hp->idx_dim % 32)
+        return ds4_err_set(err, DS4_E_MODEL, "cuda backend: at most 64 indexer heads of a multiple of 32 dims");
     if (hp->n_rot > 128) return ds4_err_set(err, DS4_E_MODEL, "cuda backend: rope.dimension_count > 128");
     if (hp->idx_dim > 256 || hp->n_hc > 4)
         return ds4_err_set(err, DS4_E_MODEL, "cuda backend: indexer key_length > 256 or more than 4 HC streams");
@@ -537,6 +556,23 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     act(&s->a2, B * D);
     act(&s->a3, B * K * (F > D ? F : D));
     s->o = (float *)take(B * H * dh * 4);
+    { /* split attention partials: splits for the longest row list of any
+       * layer, tokens per launch within ~256 MiB */
+        int nr = hp->window;
+        for (int il = 0; il < hp->n_layer; il++) {
+            const ds4_layer *l = &m->layers[il];
+            int v = hp->window + (l->kind == DS4_ATTN_CSA ? hp->idx_topk
+                                  : l->kind == DS4_ATTN_HCA ? (int)(C / (size_t)l->ratio) + 1 : 0);
+            nr = v > nr ? v : nr;
+        }
+        s->att_splits = cu_attn_splits(nr);
+        size_t per_tok = (size_t)s->att_splits * H * dh * 4;
+        size_t nt = ((size_t)256 << 20) / per_tok;
+        s->att_tokens = (int)(nt < 1 ? 1 : nt > B ? B : nt);
+        s->att_o = (float *)take((size_t)s->att_tokens * per_tok);
+        s->att_m = (float *)take((size_t)s->att_tokens * s->att_splits * H * 4);
+        s->att_l = (float *)take((size_t)s->att_tokens * s->att_splits * H * 4);
+    }
     s->z = (float *)take(B * G * hp->o_lora * 4);
     s->ca = (float *)take(B * 2 * dh * 4);
     s->cg = (float *)take(B * 2 * dh * 4);
@@ -635,9 +671,24 @@ static void finish_capture(cu_ctx *c) {
     cu_ok(c, cudaGraphLaunch(exec, c->st), "graph launch");
 }
 
+/* Holds the stream for ns nanoseconds (per-kernel profile: the host
+ * queues the step's launches meanwhile, so the marks time the GPU, not the
+ * launch rate of an eager step). */
+__global__ void k_spin(long long ns) {
+    long long t0;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    for (;;) {
+        long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        if (t - t0 >= ns) break;
+        __nanosleep(1000);
+    }
+}
+
 static void prof_mark(void *ctx, int kind) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (c->capturing || c->err) return;
+    if (c->kprof && c->n_prof == 0) k_spin<<<1, 1, 0, c->st>>>(50LL * 1000 * 1000);
     if (c->n_prof == c->cap_prof) {
         int nc = c->cap_prof ? 2 * c->cap_prof : 1024;
         cudaEvent_t *ne = (cudaEvent_t *)realloc(c->prof_ev, (size_t)nc * sizeof(cudaEvent_t));
@@ -653,15 +704,40 @@ static void prof_mark(void *ctx, int kind) {
 }
 
 /* After a synchronised step: milliseconds between consecutive marks go to
- * the kind of the earlier mark. */
+ * the stage of the last stage mark, and to the kernel whose launch closes
+ * the interval (kernel marks follow each launch). */
 static void prof_collect(cu_ctx *c) {
+    int stage = -1;
     for (int i = 0; i + 1 < c->n_prof; i++) {
+        if (c->prof_kind[i] <= DS4_PROF_N) stage = c->prof_kind[i];
         float ms = 0.0f;
-        if (c->prof_kind[i] < DS4_PROF_N && cudaEventElapsedTime(&ms, c->prof_ev[i], c->prof_ev[i + 1]) == cudaSuccess)
-            c->prof_ms[c->prof_kind[i]] += ms;
+        if (cudaEventElapsedTime(&ms, c->prof_ev[i], c->prof_ev[i + 1]) != cudaSuccess) continue;
+        if (stage >= 0 && stage < DS4_PROF_N) c->prof_ms[stage] += ms;
+        const int k = c->prof_kind[i + 1] - CU_KPROF_BASE;
+        if (k >= 0 && k < c->n_kp) {
+            c->kp[k].ms += ms;
+            c->kp[k].calls++;
+        }
     }
     cudaGetLastError();
     c->n_prof = 0;
+}
+
+/* The per-kernel table on stderr (DS4_CUDA_KPROF=1), largest first. */
+static void kprof_print(cu_ctx *c) {
+    double tot = 0.0;
+    for (int i = 0; i < c->n_kp; i++) tot += c->kp[i].ms;
+    if (tot <= 0.0) return;
+    fprintf(stderr, "cuda kernel profile (eager profiled steps; ms include launch gaps):\n");
+    bool done[96] = {false};
+    for (int n = 0; n < c->n_kp; n++) {
+        int b = -1;
+        for (int i = 0; i < c->n_kp; i++)
+            if (!done[i] && (b < 0 || c->kp[i].ms > c->kp[b].ms)) b = i;
+        done[b] = true;
+        fprintf(stderr, "  %-16s %8ld calls %10.3f ms %5.1f%% %8.2f us/call\n", c->kp[b].name, c->kp[b].calls,
+                c->kp[b].ms, 100.0 * c->kp[b].ms / tot, c->kp[b].calls ? 1e3 * c->kp[b].ms / c->kp[b].calls : 0.0);
+    }
 }
 
 static int prof_read(void *ctx, double *ms) {
@@ -775,6 +851,7 @@ static void cu_destroy(void *ctx) {
     if (!c) return;
     cudaSetDevice(c->device);
     cudaStreamSynchronize(c->st);
+    if (c->kprof) kprof_print(c);
     drop_graphs(c);
     free_binding(c);
     if (c->scratch_mem) cudaFree(c->scratch_mem);
@@ -841,12 +918,16 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
     c->sync_debug = o && o->sync_debug;
     c->no_graphs = o && o->no_graphs;
     c->profile = o && o->profile;
+    {
+        const char *kp = getenv("DS4_CUDA_KPROF");
+        c->kprof = kp && *kp && strcmp(kp, "0");
+    }
     cudaDeviceProp prop;
     bool ok = cu_ok(c, cudaSetDevice(dev), "set device") && cu_ok(c, cudaGetDeviceProperties(&prop, dev), "properties");
     if (ok) {
         c->n_sm = prop.multiProcessorCount;
         snprintf(c->dev_name, sizeof c->dev_name, "%s", prop.name);
-        c->hc_split = 16;
+        c->hc_split = 64;
         ok = cu_ok(c, cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking), "stream") &&
              cu_ok(c, cudaMalloc((void **)&c->dstatus, sizeof(int)), "status") &&
              cu_ok(c, cudaMemset(c->dstatus, 0, sizeof(int)), "status") &&

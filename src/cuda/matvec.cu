@@ -100,20 +100,27 @@ struct mv_params {
     const uint8_t *ksigns;
 };
 
-template <int WT, bool AQ, int NT>
+/* WPR warps per row (1, 2, 4 or 8; 8/WPR rows per 256-thread block): warp
+ * j of a row takes the chunks 32*(j + WPR*k) + lane; the WPR warp sums are
+ * added in j order. WPR depends only on the weight's shape (mv_wpr), never
+ * on the number of tokens, so a row's value is the same in any batch. */
+template <int WT, bool AQ, int NT, int WPR>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
     __shared__ cu_iq2_tab tab;
+    __shared__ float part[WPR > 1 ? 8 : 1][NT];
     if constexpr (WT == DS4_TYPE_IQ2_XXS) {
         cu_iq2_tab_load(&tab, p.grid, p.ksigns);
         __syncthreads();
     }
     if (p.skip_le > 0 && (p.step->pos0 + p.step->n) / 4 <= p.skip_le) return;
-    const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x / 32, j = warp % WPR;
+    const int row = blockIdx.x * (8 / WPR) + warp / WPR, lane = threadIdx.x & 31;
     int s = 0;
     while (s < p.n_seg && row >= p.seg_end[s]) s++;
-    if (s >= p.n_seg) return;
-    const cu_seg &g = p.seg[s];
-    const int r = row - (s ? p.seg_end[s - 1] : 0);
+    const bool live = s < p.n_seg;
+    if (WPR == 1 && !live) return;
+    const cu_seg &g = p.seg[live ? s : 0];
+    const int r = live ? row - (s ? p.seg_end[s - 1] : 0) : 0;
     const uint8_t *qrow = g.w.q + (size_t)r * g.w.q_row;
     const uint8_t *srow = g.w.s ? g.w.s + (size_t)r * g.w.s_row : nullptr;
     for (int t0 = 0; t0 < p.n; t0 += NT) {
@@ -125,22 +132,73 @@ __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_param
             acc[t] = 0.0f;
             xo[t] = (int64_t)(t0 + t) * (AQ ? p.ldq : p.ldx) + g.xoff;
         }
-        cu_row_dot<WT, AQ, NT>(qrow, srow, p.nch, nt, p.x, p.aq, p.ad, p.abs, xo, acc, &tab);
+        if (live) cu_row_dot<WT, AQ, NT>(qrow, srow, p.nch, nt, p.x, p.aq, p.ad, p.abs, xo, acc, &tab, 32 * j, 32 * WPR);
+        if constexpr (WPR == 1) {
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            float v = cu_warp_sum(acc[t]);
-            if (lane == 0 && t < nt) g.y[(int64_t)(t0 + t) * g.ldy + r] = v;
+            for (int t = 0; t < NT; t++) {
+                float v = cu_warp_sum(acc[t]);
+                if (lane == 0 && t < nt) g.y[(int64_t)(t0 + t) * g.ldy + r] = v;
+            }
+        } else {
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                float v = cu_warp_sum(acc[t]);
+                if (lane == 0) part[warp][t] = v;
+            }
+            __syncthreads();
+            if (live && j == 0 && lane < nt) {
+                float v = part[warp][lane];
+#pragma unroll
+                for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
+                g.y[(int64_t)(t0 + lane) * g.ldy + r] = v;
+            }
+            __syncthreads();
         }
     }
 }
 
+/* Warps per row from the weight's shape: short, wide matrices split their
+ * rows over more warps so that enough loads are in flight. */
+static int mv_wpr(int rows, int nch) {
+    int w = rows <= 1024 ? 8 : rows <= 4096 ? 4 : rows <= 16384 ? 2 : 1;
+    while (w > 1 && nch < 32 * w) w /= 2;
+    return w;
+}
+
+/* kernel names for the per-kernel profile */
+template <int WT, bool AQ> static const char *mv_name() {
+    switch (WT) {
+    case DS4_TYPE_F32: return "mv_f32";
+    case DS4_TYPE_F16: return "mv_f16";
+    case DS4_TYPE_BF16: return "mv_bf16";
+    case DS4_TYPE_Q8_0: return AQ ? "mv_q8_0_i8" : "mv_q8_0";
+    case DS4_TYPE_Q4_K: return AQ ? "mv_q4_k_i8" : "mv_q4_k";
+    case DS4_TYPE_Q2_K: return AQ ? "mv_q2_k_i8" : "mv_q2_k";
+    default: return AQ ? "mv_iq2_xxs_i8" : "mv_iq2_xxs";
+    }
+}
+
+template <int WT, bool AQ, int WPR>
+static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
+    dim3 grid(cu_div_up(rows, 8 / WPR));
+    if (p.n == 1) k_matvec<WT, AQ, 1, WPR><<<grid, 256, 0, c->st>>>(p);
+    else if (p.n <= 4) k_matvec<WT, AQ, 4, WPR><<<grid, 256, 0, c->st>>>(p);
+    else k_matvec<WT, AQ, 8, WPR><<<grid, 256, 0, c->st>>>(p);
+}
+
 template <int WT, bool AQ>
 static void launch_mv(cu_ctx *c, mv_params &p, int rows) {
-    dim3 grid(cu_div_up(rows, 8));
-    if (p.n == 1) k_matvec<WT, AQ, 1><<<grid, 256, 0, c->st>>>(p);
-    else if (p.n <= 4) k_matvec<WT, AQ, 4><<<grid, 256, 0, c->st>>>(p);
-    else k_matvec<WT, AQ, 8><<<grid, 256, 0, c->st>>>(p);
-    CU_LAUNCH(c, "matvec");
+    /* the split depends on the rows of the largest segment's weight */
+    int seg_rows = 0;
+    for (int i = 0; i < p.n_seg; i++) seg_rows = p.seg[i].rows > seg_rows ? p.seg[i].rows : seg_rows;
+    switch (mv_wpr(seg_rows, p.nch)) {
+    case 8: launch_mv_w<WT, AQ, 8>(c, p, rows); break;
+    case 4: launch_mv_w<WT, AQ, 4>(c, p, rows); break;
+    case 2: launch_mv_w<WT, AQ, 2>(c, p, rows); break;
+    default: launch_mv_w<WT, AQ, 1>(c, p, rows); break;
+    }
+    const char *nm = mv_name<WT, AQ>();
+    CU_LAUNCH(c, nm);
 }
 
 void cu_matvec(cu_ctx *c, const cu_seg *segs, int n_seg, int n, const float *x, int64_t ldx, const cu_act *aq,

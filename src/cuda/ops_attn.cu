@@ -23,6 +23,7 @@ int cu_embed(void *ctx, const ds4_embed_args *a) {
 /* ---------------------------------------------------------------- HC */
 
 #define HC_MAX_MIX 32
+#define HC_MAX_SPLIT 64
 
 /* Partial HC products: block (s, t) takes slice s of the flat (n_hc*D)
  * state of token t and writes its sum of squares (double) and its dot with
@@ -94,21 +95,43 @@ struct hc_fin {
  * head's stream weighting for token blockIdx.x. The small mixer math runs
  * on warp 0 with exactly cpu_ops.c's expressions (a single thread doing it
  * cost ~100 us per call on the H200). Dynamic shared: D floats. */
-__global__ void __launch_bounds__(256) k_hc_finish(const __grid_constant__ hc_fin p) {
+__global__ void __launch_bounds__(1024) k_hc_finish(const __grid_constant__ hc_fin p) {
     extern __shared__ float xs[];
     __shared__ double red[32];
     __shared__ float mix[HC_MAX_MIX], pre[8];
+    __shared__ float part[HC_MAX_SPLIT * HC_MAX_MIX];
+    __shared__ double parts[HC_MAX_SPLIT];
     const int t = blockIdx.x, hc = p.n_hc, D = p.D, nflat = hc * D;
     const int n_mix = p.head ? hc : (2 + hc) * hc;
     __shared__ float rsq;
-    /* the split partials, summed in split order: one thread per mix value */
+    /* this thread's values of X (dims tid + 1024k of every stream), loaded
+     * now so that their latency hides behind the mixer math */
+    const float *X = p.X + (int64_t)t * nflat;
+    constexpr int XK = 4, XS = 4;
+    float xr[XK][XS];
+    const bool xreg = D <= XK * (int)blockDim.x && hc <= XS;
+    if (xreg) {
+#pragma unroll
+        for (int k = 0; k < XK; k++)
+#pragma unroll
+            for (int s = 0; s < XS; s++) {
+                const int d = threadIdx.x + k * blockDim.x;
+                xr[k][s] = d < D && s < hc ? X[(int64_t)s * D + d] : 0.0f;
+            }
+    }
+    /* the split partials: loaded at once, then summed in split order, one
+     * thread per mix value */
+    for (int i = threadIdx.x; i < p.n_split * HC_MAX_MIX; i += blockDim.x)
+        part[i] = p.hcp[(int64_t)t * p.n_split * HC_MAX_MIX + i];
+    for (int i = threadIdx.x; i < p.n_split; i += blockDim.x) parts[i] = p.hcs[(int64_t)t * p.n_split + i];
+    __syncthreads();
     if (threadIdx.x < n_mix) {
         float v = 0.0f;
-        for (int s = 0; s < p.n_split; s++) v += p.hcp[((int64_t)t * p.n_split + s) * HC_MAX_MIX + threadIdx.x];
+        for (int s = 0; s < p.n_split; s++) v += part[s * HC_MAX_MIX + threadIdx.x];
         mix[threadIdx.x] = v;
     } else if (threadIdx.x == 32) {
         double ss = 0.0;
-        for (int s = 0; s < p.n_split; s++) ss += p.hcs[(int64_t)t * p.n_split + s];
+        for (int s = 0; s < p.n_split; s++) ss += parts[s];
         rsq = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
     }
     __syncthreads();
@@ -150,11 +173,24 @@ __global__ void __launch_bounds__(256) k_hc_finish(const __grid_constant__ hc_fi
         }
     }
     __syncthreads();
-    const float *X = p.X + (int64_t)t * nflat;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(pre[s], X[(int64_t)s * D + d]));
-        xs[d] = acc;
+    if (xreg) {
+#pragma unroll
+        for (int k = 0; k < XK; k++) {
+            const int d = threadIdx.x + k * blockDim.x;
+            if (d < D) {
+                float acc = 0.0f;
+#pragma unroll
+                for (int s = 0; s < XS; s++)
+                    if (s < hc) acc = __fadd_rn(acc, __fmul_rn(pre[s], xr[k][s]));
+                xs[d] = acc;
+            }
+        }
+    } else {
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            float acc = 0.0f;
+            for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(pre[s], X[(int64_t)s * D + d]));
+            xs[d] = acc;
+        }
     }
     __syncthreads();
     cu_row_rmsnorm(xs, D, p.norm_w, p.rms_eps, red);
@@ -169,6 +205,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     const int nflat = hp->n_hc * hp->n_embd;
     int split = c->hc_split;
     if (nflat / split < 256) split = nflat / 256 > 0 ? nflat / 256 : 1;
+    if (split > HC_MAX_SPLIT) split = HC_MAX_SPLIT;
     dim3 g1(split, n);
     switch (fn->type) {
     case DS4_TYPE_F32:
@@ -200,7 +237,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.post = post;
     p.comb = comb;
     p.head = head;
-    k_hc_finish<<<n, 256, (size_t)hp->n_embd * sizeof(float), c->st>>>(p);
+    k_hc_finish<<<n, 1024, (size_t)hp->n_embd * sizeof(float), c->st>>>(p);
     CU_LAUNCH(c, "hc_finish");
 }
 
@@ -348,185 +385,250 @@ struct attn_p {
     const float *sinks;
     const float *inv_freq;
     float *o;                /* (n, H, dh) */
+    float *part_o;           /* (n_sub, S, H, dh) split outputs */
+    float *part_m, *part_l;  /* (n_sub, S, H) split maxima and sums */
     const ds4_step *step;
-    int H, dh, W, n_rot, kind, ratio, topk, nr_cap;
+    int t0;                  /* first token of this launch */
+    int S;                   /* split stride of the partial buffers */
+    int H, dh, W, n_rot, kind, ratio, topk;
     float scale;
 };
 
-/* Attention for HB heads of token blockIdx.y (heads HB*blockIdx.x...).
- * 256 threads. Phase 1: warps take rows (raw window then compressed rows),
- * each lane holding dh/32 values of the row, and write HB scores. Phase 2:
- * warp h: softmax with the sink. Phase 3: each thread accumulates dims
- * tid, tid+256, ... of the HB outputs over the rows (in row order).
- * Phase 4: inverse RoPE, store. Shared: HB*dh (q, then o) + HB*nr_cap. */
-template <typename T, int HB>
-__global__ void __launch_bounds__(256) k_attention(const __grid_constant__ attn_p p) {
-    extern __shared__ float sm[];
-    float *qs = sm;                       /* HB x dh */
-    float *sc = sm + HB * p.dh;           /* HB x nr_cap */
-    /* nr_cap row offsets (8-byte aligned after the scores): >= 0 a cache
-     * row, < 0 the batch row -1-o */
-    int64_t *ro = (int64_t *)(sc + ((HB * p.nr_cap + 1) & ~1));
-    const int t = blockIdx.y, h0 = blockIdx.x * HB, dh = p.dh;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int pos0 = p.step->pos0, P = pos0 + t;
-    const int lo = P - p.W + 1 > 0 ? P - p.W + 1 : 0, n_raw = P - lo + 1;
+/* Rows a token attends: its raw window (ring rows, or this batch's kv for
+ * positions >= pos0), then its compressed rows (all of them for HCA, the
+ * indexer's selection for CSA). */
+struct attn_rows {
+    int P, lo, n_raw, n;
+    const int32_t *sel;
+};
+
+__device__ __forceinline__ attn_rows attn_rows_of(const attn_p &p, int t) {
+    attn_rows r;
+    r.P = p.step->pos0 + t;
+    r.lo = r.P - p.W + 1 > 0 ? r.P - p.W + 1 : 0;
+    r.n_raw = r.P - r.lo + 1;
+    r.sel = nullptr;
     int n_comp = 0;
-    const int32_t *sel = nullptr;
-    if (p.kind == DS4_ATTN_HCA) n_comp = (P + 1) / p.ratio;
+    if (p.kind == DS4_ATTN_HCA) n_comp = (r.P + 1) / p.ratio;
     else if (p.kind == DS4_ATTN_CSA) {
         n_comp = p.n_sel[t];
-        sel = p.sel + (int64_t)t * p.topk;
+        r.sel = p.sel + (int64_t)t * p.topk;
     }
-    int nr = n_raw + n_comp;
-    if (nr > p.nr_cap) nr = p.nr_cap; /* cannot happen within capacity */
-    for (int i = threadIdx.x; i < HB * dh; i += blockDim.x)
-        qs[i] = p.q[((int64_t)t * p.H + h0 + i / dh) * dh + i % dh];
-    /* row r: raw window rows (ring, or this batch's kv for positions >=
-     * pos0), then compressed rows; element offsets, ring rows and compressed
-     * rows in one numbering (comp rows after the W ring rows) */
-    for (int r = threadIdx.x; r < nr; r += blockDim.x) {
+    r.n = r.n_raw + n_comp;
+    return r;
+}
+
+#define ATT_R 32    /* rows per split: one split per block, one lane per row */
+#define ATT_MAXK 2  /* head_dim <= 256 * ATT_MAXK */
+
+/* Split attention (flash-decoding): block (head group x, token y, split z)
+ * takes rows [z*ATT_R, z*ATT_R + ATT_R) of the token's rows for HB heads.
+ * Phase 0 stages the rows in shared memory as f32 (all loads in flight);
+ * phase 1: warps take rows, lanes dims, HB scores per row; phase 2: warp h
+ * the local maximum m and e = exp(s - m), l = sum e over the split; phase 3:
+ * thread dims tid, tid+256: c = sum e * v in row order. (m, l, c) go to the
+ * partial buffers; k_attn_merge combines the splits in split order. The
+ * split of a row depends only on its index, so a token's result is the same
+ * in any batch (prefill == decode, bit for bit).
+ * Shared: HB*dh (q) + ATT_R*dh (rows) floats, HB*ATT_R scores, ATT_R offsets. */
+template <typename T, int HB>
+__global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_p p) {
+    extern __shared__ float sm[];
+    const int dh = p.dh;
+    float *qs = sm;                       /* HB x dh */
+    float *rs = qs + HB * dh;             /* ATT_R x dh */
+    float *sc = rs + ATT_R * dh;          /* HB x ATT_R */
+    int64_t *ro = (int64_t *)(sc + HB * ATT_R);
+    const int tl = blockIdx.y, t = p.t0 + tl, h0 = blockIdx.x * HB, z = blockIdx.z;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const attn_rows ar = attn_rows_of(p, t);
+    const int r0 = z * ATT_R;
+    if (r0 >= ar.n) return;
+    const int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
+    const int pos0 = p.step->pos0;
+    if (threadIdx.x < nr) {
+        const int r = r0 + threadIdx.x;
         int64_t o;
-        if (r < n_raw) {
-            int pos = lo + r;
+        if (r < ar.n_raw) {
+            int pos = ar.lo + r;
             o = pos >= pos0 ? -1 - (int64_t)(pos - pos0) : (int64_t)(pos % p.W);
         } else {
-            int k = r - n_raw;
-            o = p.W + (int64_t)(sel ? sel[k] : k);
+            int k = r - ar.n_raw;
+            o = p.W + (int64_t)(ar.sel ? ar.sel[k] : k);
         }
-        ro[r] = o;
+        ro[threadIdx.x] = o;
+    }
+    for (int i = threadIdx.x; i < HB * dh; i += blockDim.x)
+        qs[i] = p.q[((int64_t)t * p.H + h0 + i / dh) * dh + i % dh];
+    __syncthreads();
+    /* phase 0: rows -> shared, 4 values per load */
+    const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
+    const int d4 = dh / 4;
+    for (int u = threadIdx.x; u < nr * d4; u += blockDim.x) {
+        const int r = u / d4, e = (u % d4) * 4;
+        const int64_t o = ro[r];
+        float4 v;
+        if (o < 0) v = *(const float4 *)(p.kv + (-1 - o) * dh + e);
+        else {
+            const T *src = o < p.W ? raw + o * dh + e : comp + (o - p.W) * dh + e;
+            if constexpr (sizeof(T) == 2) {
+                uint2 b = *(const uint2 *)src;
+                __half2 a0 = *(__half2 *)&b.x, a1 = *(__half2 *)&b.y;
+                float2 f0 = __half22float2(a0), f1 = __half22float2(a1);
+                v = make_float4(f0.x, f0.y, f1.x, f1.y);
+            } else
+                v = *(const float4 *)src;
+        }
+        *(float4 *)(rs + r * dh + e) = v;
     }
     __syncthreads();
-    const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
-    auto val = [&](int64_t o, int e) -> float {
-        if (o < 0) return p.kv[(-1 - o) * dh + e];
-        if (o < p.W) return cu_from_row(raw[o * dh + e]);
-        return cu_from_row(comp[(o - p.W) * dh + e]);
-    };
     /* phase 1: scores */
-    const int per = dh / 32; /* values per lane, <= 32 */
+    const int per = dh / 32;
     for (int r = w; r < nr; r += 8) {
-        const int64_t o = ro[r];
         float part[HB];
 #pragma unroll
         for (int h = 0; h < HB; h++) part[h] = 0.0f;
         for (int k = 0; k < per; k++) {
-            int e = lane + 32 * k;
-            float v = val(o, e);
+            const int e = lane + 32 * k;
+            const float v = rs[r * dh + e];
 #pragma unroll
             for (int h = 0; h < HB; h++) part[h] = fmaf(qs[h * dh + e], v, part[h]);
         }
 #pragma unroll
         for (int h = 0; h < HB; h++) {
             float s = cu_warp_sum(part[h]);
-            if (lane == 0) sc[h * p.nr_cap + r] = s * p.scale;
+            if (lane == 0) sc[h * ATT_R + r] = s * p.scale;
         }
     }
     __syncthreads();
-    /* phase 2: softmax with the sink, one warp per head */
+    /* phase 2: split maximum and sum, one warp per head */
     if (w < HB) {
-        float *s = sc + w * p.nr_cap;
-        const float sink = p.sinks[h0 + w];
-        float mx = sink;
-        for (int r = lane; r < nr; r += 32) mx = fmaxf(mx, s[r]);
-        mx = cu_warp_max(mx);
-        float den = 0.0f;
-        for (int r = lane; r < nr; r += 32) {
-            float e = expf(s[r] - mx);
-            s[r] = e;
-            den += e;
+        const float s = lane < nr ? sc[w * ATT_R + lane] : -INFINITY;
+        const float m = cu_warp_max(s);
+        const float e = lane < nr ? expf(s - m) : 0.0f;
+        if (lane < nr) sc[w * ATT_R + lane] = e;
+        const float l = cu_warp_sum(e);
+        if (lane == 0) {
+            const int64_t i = ((int64_t)tl * p.S + z) * p.H + h0 + w;
+            p.part_m[i] = m;
+            p.part_l[i] = l;
         }
-        den = cu_warp_sum(den) + expf(sink - mx);
-        for (int r = lane; r < nr; r += 32) s[r] = s[r] / den;
     }
     __syncthreads();
-    /* phase 3: outputs, rows in order, 4 rows' loads in flight */
-    float acc[HB][4];
+    /* phase 3: c = sum over the split's rows of e * v, in row order */
+    float acc[HB][ATT_MAXK];
 #pragma unroll
     for (int h = 0; h < HB; h++)
 #pragma unroll
-        for (int k = 0; k < 4; k++) acc[h][k] = 0.0f;
-    int r = 0;
-    for (; r + 4 <= nr; r += 4) {
-        float v[4][4];
+        for (int k = 0; k < ATT_MAXK; k++) acc[h][k] = 0.0f;
+    for (int r = 0; r < nr; r++) {
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int64_t o = ro[r + j];
+        for (int k = 0; k < ATT_MAXK; k++) {
+            const int e = threadIdx.x + 256 * k;
+            if (e < dh) {
+                const float v = rs[r * dh + e];
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                int e = threadIdx.x + 256 * k;
-                v[j][k] = e < dh ? val(o, e) : 0.0f;
+                for (int h = 0; h < HB; h++) acc[h][k] = fmaf(sc[h * ATT_R + r], v, acc[h][k]);
             }
         }
-#pragma unroll
-        for (int j = 0; j < 4; j++)
-#pragma unroll
-            for (int h = 0; h < HB; h++) {
-                const float pr = sc[h * p.nr_cap + r + j];
-#pragma unroll
-                for (int k = 0; k < 4; k++) acc[h][k] = fmaf(pr, v[j][k], acc[h][k]);
-            }
     }
-    for (; r < nr; r++) {
-        const int64_t o = ro[r];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            int e = threadIdx.x + 256 * k;
-            if (e >= dh) break;
-            float v = val(o, e);
+    for (int k = 0; k < ATT_MAXK; k++) {
+        const int e = threadIdx.x + 256 * k;
+        if (e < dh)
 #pragma unroll
-            for (int h = 0; h < HB; h++) acc[h][k] = fmaf(sc[h * p.nr_cap + r], v, acc[h][k]);
-        }
+            for (int h = 0; h < HB; h++) p.part_o[(((int64_t)tl * p.S + z) * p.H + h0 + h) * dh + e] = acc[h][k];
     }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        int e = threadIdx.x + 256 * k;
-        if (e >= dh) break;
-#pragma unroll
-        for (int h = 0; h < HB; h++) qs[h * dh + e] = acc[h][k];
-    }
-    __syncthreads();
-    /* phase 4: inverse RoPE per head, store */
-    const int half = p.n_rot / 2;
-    for (int i = threadIdx.x; i < HB * half; i += blockDim.x) {
-        int h = i / half, j = i % half;
-        cu_rope_pair(qs + h * dh + dh - p.n_rot, j, p.inv_freq, P, true);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < HB * dh; i += blockDim.x)
-        p.o[((int64_t)t * p.H + h0 + i / dh) * dh + i % dh] = qs[i];
 }
 
-static size_t attn_smem(int hb, int dh, int nr_cap) {
-    return ((size_t)hb * dh + (size_t)hb * nr_cap) * sizeof(float) + (size_t)nr_cap * sizeof(int64_t) + 16;
+/* Merge of the splits of head blockIdx.x of token t0 + blockIdx.y, in split
+ * order: M = max(sink, m_z), w_z = exp(m_z - M), den = sum_z l_z w_z +
+ * exp(sink - M), o = (sum_z w_z c_z) / den; then the inverse RoPE.
+ * 256 threads; shared: dh floats + the split weights. */
+__global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn_p p) {
+    extern __shared__ float ms[];
+    float *os = ms;            /* dh */
+    float *wz = ms + p.dh;     /* S */
+    __shared__ float red[32];
+    __shared__ float den_s;
+    const int h = blockIdx.x, tl = blockIdx.y, t = p.t0 + tl, dh = p.dh;
+    const attn_rows ar = attn_rows_of(p, t);
+    const int nz = (ar.n + ATT_R - 1) / ATT_R;
+    const int64_t b = (int64_t)tl * p.S * p.H + h;
+    const float sink = p.sinks[h];
+    float mx = sink;
+    for (int z = threadIdx.x; z < nz; z += blockDim.x) mx = fmaxf(mx, p.part_m[b + (int64_t)z * p.H]);
+    mx = cu_warp_max(mx);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : -INFINITY;
+        v = cu_warp_max(v);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    const float M = red[0];
+    for (int z = threadIdx.x; z < nz; z += blockDim.x) wz[z] = expf(p.part_m[b + (int64_t)z * p.H] - M);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float d = 0.0f;
+        for (int z = 0; z < nz; z++) d = fmaf(p.part_l[b + (int64_t)z * p.H], wz[z], d);
+        den_s = d + expf(sink - M);
+    }
+    __syncthreads();
+    const float den = den_s;
+    for (int e = threadIdx.x; e < dh; e += blockDim.x) {
+        float acc = 0.0f;
+        for (int z = 0; z < nz; z++) acc = fmaf(wz[z], p.part_o[(b + (int64_t)z * p.H) * dh + e], acc);
+        os[e] = acc / den;
+    }
+    __syncthreads();
+    const int half = p.n_rot / 2;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) cu_rope_pair(os + dh - p.n_rot, j, p.inv_freq, ar.P, true);
+    __syncthreads();
+    for (int e = threadIdx.x; e < dh; e += blockDim.x) p.o[((int64_t)t * p.H + h) * dh + e] = os[e];
 }
+
+static size_t attn_part_smem(int hb, int dh) {
+    return ((size_t)hb * dh + (size_t)ATT_R * dh + (size_t)hb * ATT_R) * sizeof(float) + ATT_R * sizeof(int64_t);
+}
+
+/* Splits and tokens per launch for rows of up to nr_cap (the scratch holds
+ * att_tokens x att_splits partials, cuda_backend.cu layout_scratch). */
+int cu_attn_splits(int nr_cap) { return (nr_cap + ATT_R - 1) / ATT_R; }
 
 template <typename T>
-static void launch_attention(cu_ctx *c, const attn_p &p, int n) {
-    /* heads per block: 8 (one output group on Flash); fewer when the
-     * scores of long contexts would not fit */
+static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
     int hb = 8;
-    while (hb > 1 && (p.H % hb || attn_smem(hb, p.dh, p.nr_cap) > 160 * 1024)) hb /= 2;
-    size_t smem = attn_smem(hb, p.dh, p.nr_cap);
-    if (smem > 200 * 1024) {
-        cu_fail(c, DS4_E_RANGE, "cuda: attention over %d rows exceeds shared memory", p.nr_cap);
+    while (hb > 1 && p.H % hb) hb /= 2;
+    const int S = cu_attn_splits(nr_cap);
+    if (S > c->s.att_splits) {
+        cu_fail(c, DS4_E_RANGE, "cuda: attention over %d rows exceeds the reserved scratch (%d)", nr_cap,
+                c->s.att_splits * ATT_R);
         return;
     }
-    dim3 grid(p.H / hb, n);
-#define AT(HB)                                                                                        \
-    do {                                                                                              \
-        cudaFuncSetAttribute(k_attention<T, HB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024); \
-        k_attention<T, HB><<<grid, 256, smem, c->st>>>(p);                                            \
+    p.S = S;
+    const size_t smem = attn_part_smem(hb, p.dh), msmem = ((size_t)p.dh + S) * sizeof(float);
+    for (int t0 = 0; t0 < n; t0 += c->s.att_tokens) {
+        const int nt = n - t0 < c->s.att_tokens ? n - t0 : c->s.att_tokens;
+        p.t0 = t0;
+        dim3 grid(p.H / hb, nt, S);
+#define AT(HB)                                                                                                  \
+    do {                                                                                                        \
+        cudaFuncSetAttribute(k_attn_part<T, HB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);      \
+        k_attn_part<T, HB><<<grid, 256, smem, c->st>>>(p);                                                      \
     } while (0)
-    switch (hb) {
-    case 8: AT(8); break;
-    case 4: AT(4); break;
-    case 2: AT(2); break;
-    default: AT(1); break;
-    }
+        switch (hb) {
+        case 8: AT(8); break;
+        case 4: AT(4); break;
+        case 2: AT(2); break;
+        default: AT(1); break;
+        }
 #undef AT
-    CU_LAUNCH(c, "attention");
+        if (!CU_LAUNCH(c, "attn_part")) return;
+        k_attn_merge<<<dim3(p.H, nt), 256, msmem, c->st>>>(p);
+        if (!CU_LAUNCH(c, "attn_merge")) return;
+    }
 }
 
 int cu_attention(void *ctx, const ds4_attention_args *a) {
@@ -545,6 +647,9 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     p.sinks = l->sinks;
     p.inv_freq = a->rope->inv_freq;
     p.o = c->s.o;
+    p.part_o = c->s.att_o;
+    p.part_m = c->s.att_m;
+    p.part_l = c->s.att_l;
     p.step = a->step;
     p.H = H;
     p.dh = dh;
@@ -553,10 +658,14 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     p.kind = l->kind;
     p.ratio = l->ratio;
     p.topk = hp->idx_topk;
-    p.nr_cap = hp->window + (l->kind == DS4_ATTN_CSA ? hp->idx_topk : l->kind == DS4_ATTN_HCA ? a->comp_cap : 0);
+    const int nr_cap = hp->window + (l->kind == DS4_ATTN_CSA ? hp->idx_topk : l->kind == DS4_ATTN_HCA ? a->comp_cap : 0);
     p.scale = 1.0f / sqrtf((float)dh);
-    if (a->row_type == DS4_TYPE_F16) launch_attention<__half>(c, p, n);
-    else launch_attention<float>(c, p, n);
+    if (dh % 32 || dh > 256 * ATT_MAXK) {
+        cu_fail(c, DS4_E_INTERNAL, "cuda: attention head_dim %d (needs a multiple of 32, at most %d)", dh, 256 * ATT_MAXK);
+        return c->err;
+    }
+    if (a->row_type == DS4_TYPE_F16) launch_attention<__half>(c, p, n, nr_cap);
+    else launch_attention<float>(c, p, n, nr_cap);
     /* grouped output projection: z_g = W_oa[g] . (heads of group g) */
     const int64_t gd = (int64_t)(H / G) * dh;
     const bool aq = a->num.act_quant && cu_act_type(l->o_a.type) >= 0;

@@ -99,18 +99,42 @@ __global__ void __launch_bounds__(1024) k_moe_group(const int32_t *ids, int NI, 
     __syncthreads();
     for (int i = threadIdx.x; i < NI; i += blockDim.x) atomicAdd(&cnt[ids[i]], 1);
     __syncthreads();
-    if (threadIdx.x == 0) {
-        int o = 0, na = 0;
-        for (int e = 0; e < E; e++) {
-            off[e] = o;
-            run[e] = o;
-            if (cnt[e]) act[na++] = e;
-            o += cnt[e];
+    { /* exclusive prefix sums of the counts and of the active flags:
+       * warp scans, then a scan of the warp totals (E <= blockDim) */
+        __shared__ int wtot[2][32];
+        const int e = threadIdx.x;
+        const int c0 = e < E ? cnt[e] : 0, a0 = c0 > 0;
+        int c = c0, a = a0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int cu = __shfl_up_sync(0xffffffffu, c, o), au = __shfl_up_sync(0xffffffffu, a, o);
+            if (lane >= o) c += cu, a += au;
         }
-        off[E] = o;
-        act[E] = na;
+        if (lane == 31) wtot[0][w] = c, wtot[1][w] = a;
+        __syncthreads();
+        if (w == 0) {
+            const int nw = blockDim.x >> 5;
+            int tc = lane < nw ? wtot[0][lane] : 0, ta = lane < nw ? wtot[1][lane] : 0;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int cu = __shfl_up_sync(0xffffffffu, tc, o), au = __shfl_up_sync(0xffffffffu, ta, o);
+                if (lane >= o) tc += cu, ta += au;
+            }
+            if (lane < nw) wtot[0][lane] = tc, wtot[1][lane] = ta; /* inclusive */
+        }
+        __syncthreads();
+        const int cb = (w ? wtot[0][w - 1] : 0) + c - c0, ab = (w ? wtot[1][w - 1] : 0) + a - a0;
+        if (e < E) {
+            off[e] = cb;
+            run[e] = cb;
+            if (a0) act[ab] = e;
+        }
+        if (e == E - 1) {
+            off[E] = cb + c0;
+            act[E] = ab + a0;
+        }
+        __syncthreads();
     }
-    __syncthreads();
     const unsigned lt = (1u << lane) - 1;
     for (int i0 = 0; i0 < NI; i0 += blockDim.x) {
         const int i = i0 + threadIdx.x;

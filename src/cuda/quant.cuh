@@ -253,17 +253,19 @@ __device__ __forceinline__ float cu_warp_max(float v) {
 }
 
 /* One thread's contribution to y = W[row] . x for NT token rows, over the
- * chunks c = lane, lane+32, ... of a row (all lanes of the warp call it
- * together). Token row t starts at element offset xo[t] of the activation
+ * chunks c = c0 + lane, c0 + cstep + lane, ... of a row (all lanes of the
+ * warp call it together; c0 and cstep multiples of 32, so the 8 lanes of a
+ * K-quant super-block stay together). Token row t starts at element offset xo[t] of the activation
  * arrays: f32 rows x, or int8 rows aq with scales ad (one per 32 values for
  * Q8_0, per 256 for Q8_K) and Q8_K group sums abs (one per 16). Returns
  * per-token partials in acc[]; the caller reduces them over the warp. */
 template <int WT, bool AQ, int NT>
 __device__ __forceinline__ void cu_row_dot(const uint8_t *qrow, const uint8_t *srow, int nch, int nt, const float *x,
                                            const int8_t *aq, const float *ad, const int32_t *abs, const int64_t *xo,
-                                           float *acc, const cu_iq2_tab *tab) {
+                                           float *acc, const cu_iq2_tab *tab, int c0 = 0, int cstep = 32) {
     const int lane = threadIdx.x & 31;
-    for (int base = 0; base < nch; base += 32) {
+#pragma unroll 4
+    for (int base = c0; base < nch; base += cstep) {
         const int c = base + lane;
         const bool on = c < nch;
         if constexpr (!AQ) {

@@ -175,7 +175,7 @@ static void check(const tctx *t, const char *what, int n, const float *a, const 
  * count as int8 flips when flips are possible and the row stays within
  * FLIP_MAX; otherwise (or when more than half the rows flip) it fails. */
 static void check_rows(const tctx *t, const char *what, int n, const float *a, const float *b, size_t row_len,
-                       double tol, bool flips) {
+                       double tol, bool flips, bool all_may_flip) {
     int bad = 0, flip = 0, worst_row = 0;
     double worst = 0;
     for (int r = 0; r < n; r++) {
@@ -194,7 +194,7 @@ static void check_rows(const tctx *t, const char *what, int n, const float *a, c
             else bad++;
         }
     }
-    bool ok = bad == 0 && flip <= (n + 1) / 2;
+    bool ok = bad == 0 && (all_may_flip || flip <= (n + 1) / 2);
     printf("%s  %-10s n=%-4d %-34s worst row %d rel %.2e; rows over %.0e: %d int8 flips (<= %.0e), %d failing\n",
            ok ? "PASS" : "FAIL", t->recipe, n, what, worst_row, worst, tol, flip, FLIP_MAX, bad);
     if (ok) n_pass++;
@@ -303,7 +303,9 @@ static void t_attn_project(tctx *t, int n, int il) {
         down(S, kv[k], dkv, (size_t)n * dh * 4);
         rel(S, du), rel(S, dcq), rel(S, dq), rel(S, dkv), rel(S, st);
     }
-    double allow = t->num.fp8_kv ? 0.01 : 0.0;
+    /* kv leaves rounded to the FP8 grid or to half: a value within an ulp of
+     * a midpoint takes the neighbouring code on one side */
+    double allow = t->num.fp8_kv || t->num.f16_cache ? 0.01 : 0.0;
     check(t, "attn_project cq", n, cq[0], cq[1], (size_t)n * ql, 1e-4, 0);
     check(t, "attn_project q", n, q[0], q[1], (size_t)n * qd, 1e-4, 0);
     check(t, "attn_project kv", n, kv[0], kv[1], (size_t)n * dh, 1e-4, allow);
@@ -343,7 +345,8 @@ static void t_compress(tctx *t, int n, int il, bool indexer) {
     }
     char nm[64];
     snprintf(nm, sizeof nm, "compress L%d%s rows", il, indexer ? " idx" : "");
-    check(t, nm, n, ro[0], ro[1], (size_t)cap * d, 1e-4, t->num.fp8_kv || t->num.fp4_indexer ? 0.02 : 0.0);
+    check(t, nm, n, ro[0], ro[1], (size_t)cap * d, 1e-4,
+          t->num.fp8_kv || t->num.fp4_indexer || t->num.f16_cache ? 0.02 : 0.0);
     snprintf(nm, sizeof nm, "compress L%d%s ring a", il, indexer ? " idx" : "");
     check(t, nm, n, ao[0], ao[1], (size_t)ring * w, 1e-4, 0);
     snprintf(nm, sizeof nm, "compress L%d%s ring g", il, indexer ? " idx" : "");
@@ -430,8 +433,11 @@ static void t_attention(tctx *t, int n, int il, int pos0) {
     char nm[64];
     snprintf(nm, sizeof nm, "attention L%d pos0 %d", il, pos0);
     /* with int8 activations, an element of o or z that lands on a rounding
-     * midpoint may take the neighbouring code: its token's row moves */
-    check_rows(t, nm, n, y[0], y[1], D, 1e-4, t->num.act_quant);
+     * midpoint may take the neighbouring code: its token's row moves. At
+     * Flash size o has H*dh = 32768 values per token (1024 int8 blocks,
+     * each amax a probability-weighted sum of FP8 grid values): there every
+     * row may hold such a flip, and only the per-row bound FLIP_MAX holds */
+    check_rows(t, nm, n, y[0], y[1], D, 1e-4, t->num.act_quant, (size_t)H * dh >= 8192);
     free(y[0]), free(y[1]), free(q), free(kv), free(raw), free(comp), free(sel), free(nsel);
 }
 
@@ -529,7 +535,7 @@ static void t_experts(tctx *t, int n, int il, const int *counts) {
     }
     char nm[96];
     snprintf(nm, sizeof nm, "moe_experts L%d%s", il, counts ? " (item counts)" : "");
-    check_rows(t, nm, n, y[0], y[1], D, 1e-4, t->num.act_quant);
+    check_rows(t, nm, n, y[0], y[1], D, 1e-4, t->num.act_quant, false);
     if (counts) { /* every row on its own: a dropped or duplicated item shows in its token's row */
         /* a missing or doubled expert output moves a row by ~100%; a flipped
          * int8 code of the hidden vector by ~0.1% */
@@ -573,7 +579,11 @@ static void t_head(tctx *t, int n) {
         if (S->be.ops->argmax(S->be.ctx, dl, 1, hp->n_vocab, &am[k], &e)) die("argmax", &e);
         rel(S, dX), rel(S, dl), rel(S, st);
     }
-    check(t, "head logits", n, lg[0], lg[1], nl, 1e-4, 0);
+    /* with int8 activations the head's input (HC-weighted, RMS-normed) is
+     * quantized: a flipped code moves every logit of its token */
+    if (t->num.act_quant)
+        check_rows(t, "head logits", n, lg[0], lg[1], (size_t)hp->n_vocab, 1e-4, true, hp->n_embd >= 4096);
+    else check(t, "head logits", n, lg[0], lg[1], nl, 1e-4, 0);
     check_i32(t, "argmax of row 0", n, &am[0], &am[1], 1, 0);
     free(lg[0]), free(lg[1]), free(X);
 }
