@@ -18,7 +18,7 @@ for r in rows[head + 1:]:
     name = r[ki].split("(")[0].split("<")[0].replace("void ", "").strip()
     v = float(r[vi].replace(",", ""))
     unit = r[ui]
-    us = v / 1e3 if unit == "nsecond" else v * 1e3 if unit == "msecond" else v
+    us = v / 1e3 if unit in ("ns", "nsecond") else v * 1e3 if unit in ("ms", "msecond") else v
     tot[name] += us
     cnt[name] += 1
 all_us = sum(tot.values())
