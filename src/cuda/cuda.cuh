@@ -71,6 +71,7 @@ struct cu_scratch {
     int score_rows;            /* tokens scored per pass */
     float *hcp;                /* (B, n_split, 32) HC partial dots */
     double *hcs;               /* (B, n_split) HC partial sums of squares */
+    unsigned *hcc;             /* (B) HC blocks done per token (0 between launches) */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
     float *hn;                 /* (B, D) head input */
     float *rl;                 /* (B, E) router logits */

@@ -582,6 +582,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->scores = (float *)take((size_t)s->score_rows * (C / 4 + 1) * 4);
     s->hcp = (float *)take(B * c->hc_split * 32 * 4);
     s->hcs = (double *)take(B * c->hc_split * 8);
+    s->hcc = (unsigned *)take(B * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
     s->hn = (float *)take(B * D * 4);
     s->rl = (float *)take(B * E * 4);
@@ -622,6 +623,10 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     c->scratch_mem = p;
     c->scratch_bytes = bytes;
     layout_scratch(c, m, B, C, (char *)p, &c->s);
+    if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess) {
+        cudaGetLastError();
+        return ds4_err_set(err, DS4_E_BACKEND, "cuda: scratch initialisation failed");
+    }
     return 0;
 }
 
@@ -927,7 +932,7 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
     if (ok) {
         c->n_sm = prop.multiProcessorCount;
         snprintf(c->dev_name, sizeof c->dev_name, "%s", prop.name);
-        c->hc_split = 64;
+        c->hc_split = 32;
         ok = cu_ok(c, cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking), "stream") &&
              cu_ok(c, cudaMalloc((void **)&c->dstatus, sizeof(int)), "status") &&
              cu_ok(c, cudaMemset(c->dstatus, 0, sizeof(int)), "status") &&

@@ -25,64 +25,17 @@ int cu_embed(void *ctx, const ds4_embed_args *a) {
 #define HC_MAX_MIX 32
 #define HC_MAX_SPLIT 64
 
-/* Partial HC products: block (s, t) takes slice s of the flat (n_hc*D)
- * state of token t and writes its sum of squares (double) and its dot with
- * each of the n_mix rows of fn (F32/F16/BF16) to hcs[t][s], hcp[t][s][o].
- * 256 threads; shared: 8 warps x 33 partials. */
-template <int WT>
-__global__ void __launch_bounds__(256) k_hc_partial(const float *X, int nflat, const uint8_t *fn, int n_mix,
-                                                    int n_split, float *hcp, double *hcs) {
-    const int s = blockIdx.x, t = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
-    const float *x = X + (int64_t)t * nflat;
-    float dot[HC_MAX_MIX];
-#pragma unroll
-    for (int o = 0; o < HC_MAX_MIX; o++) dot[o] = 0.0f;
-    double ss = 0.0;
-    for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
-        float v = x[e];
-        ss += (double)v * (double)v;
-#pragma unroll
-        for (int o = 0; o < HC_MAX_MIX; o++) {
-            if (o >= n_mix) break;
-            float wv;
-            if constexpr (WT == DS4_TYPE_F32) wv = ((const float *)fn)[(int64_t)o * nflat + e];
-            else if constexpr (WT == DS4_TYPE_F16) wv = cu_h2f(((const uint16_t *)fn)[(int64_t)o * nflat + e]);
-            else wv = __uint_as_float((uint32_t)((const uint16_t *)fn)[(int64_t)o * nflat + e] << 16);
-            dot[o] = fmaf(wv, v, dot[o]);
-        }
-    }
-    __shared__ float red[8][HC_MAX_MIX + 1];
-    __shared__ double redd[8];
-#pragma unroll
-    for (int o = 0; o < HC_MAX_MIX; o++) {
-        if (o >= n_mix) break;
-        float v = cu_warp_sum(dot[o]);
-        if (lane == 0) red[w][o] = v;
-    }
-    ss = cu_warp_sumd(ss);
-    if (lane == 0) redd[w] = ss;
-    __syncthreads();
-    if (threadIdx.x < n_mix) {
-        float v = 0.0f;
-        for (int k = 0; k < 8; k++) v += red[k][threadIdx.x];
-        hcp[((int64_t)t * n_split + s) * HC_MAX_MIX + threadIdx.x] = v;
-    }
-    if (threadIdx.x == 0) {
-        double v = 0.0;
-        for (int k = 0; k < 8; k++) v += redd[k];
-        hcs[(int64_t)t * n_split + s] = v;
-    }
-}
-
 static __device__ float cu_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 /* x*a + b rounded twice, as the CPU (no fused multiply-add) */
 static __device__ float cu_lin(float x, float a, float b) { return __fadd_rn(__fmul_rn(x, a), b); }
 
 struct hc_fin {
     const float *X;          /* (n, n_hc, D) */
-    const float *hcp;
-    const double *hcs;
+    const uint8_t *fn;       /* (n_mix, n_hc*D) mixer rows, F32/F16/BF16 */
+    int n_mix;               /* rows of fn */
+    float *hcp;              /* (n, n_split, HC_MAX_MIX) partial dots */
+    double *hcs;             /* (n, n_split) partial sums of squares */
+    unsigned *cnt;           /* (n) blocks done, back to 0 after the last */
     int n_split, n_hc, D, sinkhorn;
     float rms_eps, hc_eps;
     const float *scale, *base, *norm_w;
@@ -91,23 +44,24 @@ struct hc_fin {
     bool head;
 };
 
+#define HC_THREADS 512
+
 /* Finishes HC-pre (mixer split, Sinkhorn, weighted sum, RMSNorm) or the
- * head's stream weighting for token blockIdx.x. The small mixer math runs
- * on warp 0 with exactly cpu_ops.c's expressions (a single thread doing it
- * cost ~100 us per call on the H200). Dynamic shared: D floats. */
-__global__ void __launch_bounds__(1024) k_hc_finish(const __grid_constant__ hc_fin p) {
-    extern __shared__ float xs[];
+ * head's stream weighting for token t, run by the last block of k_hc to
+ * finish its partials. The small mixer math runs on warp 0 with exactly
+ * cpu_ops.c's expressions. xs: D floats of shared memory. */
+__device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
     __shared__ double red[32];
     __shared__ float mix[HC_MAX_MIX], pre[8];
     __shared__ float part[HC_MAX_SPLIT * HC_MAX_MIX];
     __shared__ double parts[HC_MAX_SPLIT];
-    const int t = blockIdx.x, hc = p.n_hc, D = p.D, nflat = hc * D;
+    const int hc = p.n_hc, D = p.D, nflat = hc * D;
     const int n_mix = p.head ? hc : (2 + hc) * hc;
     __shared__ float rsq;
-    /* this thread's values of X (dims tid + 1024k of every stream), loaded
-     * now so that their latency hides behind the mixer math */
+    /* this thread's values of X (dims tid + k*blockDim of every stream),
+     * loaded now so that their latency hides behind the mixer math */
     const float *X = p.X + (int64_t)t * nflat;
-    constexpr int XK = 4, XS = 4;
+    constexpr int XK = 8, XS = 4;
     float xr[XK][XS];
     const bool xreg = D <= XK * (int)blockDim.x && hc <= XS;
     if (xreg) {
@@ -122,8 +76,8 @@ __global__ void __launch_bounds__(1024) k_hc_finish(const __grid_constant__ hc_f
     /* the split partials: loaded at once, then summed in split order, one
      * thread per mix value */
     for (int i = threadIdx.x; i < p.n_split * HC_MAX_MIX; i += blockDim.x)
-        part[i] = p.hcp[(int64_t)t * p.n_split * HC_MAX_MIX + i];
-    for (int i = threadIdx.x; i < p.n_split; i += blockDim.x) parts[i] = p.hcs[(int64_t)t * p.n_split + i];
+        part[i] = __ldcg(p.hcp + (int64_t)t * p.n_split * HC_MAX_MIX + i);
+    for (int i = threadIdx.x; i < p.n_split; i += blockDim.x) parts[i] = __ldcg(p.hcs + (int64_t)t * p.n_split + i);
     __syncthreads();
     if (threadIdx.x < n_mix) {
         float v = 0.0f;
@@ -197,6 +151,71 @@ __global__ void __launch_bounds__(1024) k_hc_finish(const __grid_constant__ hc_f
     for (int d = threadIdx.x; d < D; d += blockDim.x) p.out[(int64_t)t * D + d] = xs[d];
 }
 
+/* HC-pre (or the head's stream weighting) in one launch: block (s, t) takes
+ * slice s of the flat (n_hc*D) state of token t and writes its sum of
+ * squares (double) and its dot with each of the n_mix rows of fn to
+ * hcs[t][s], hcp[t][s][o] (warp partials added in warp order); the last of
+ * the token's blocks to finish (a counter that wraps back to 0) sums the
+ * splits in split order and finishes (hc_finish). HC_THREADS threads;
+ * dynamic shared: D floats. */
+template <int WT>
+__global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fin p) {
+    extern __shared__ float xs[];
+    __shared__ float red[HC_THREADS / 32][HC_MAX_MIX + 1];
+    __shared__ double redd[HC_THREADS / 32];
+    __shared__ bool last;
+    const int s = blockIdx.x, t = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int nflat = p.n_hc * p.D, n_split = p.n_split, n_mix = p.n_mix;
+    const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
+    const float *x = p.X + (int64_t)t * nflat;
+    float dot[HC_MAX_MIX];
+#pragma unroll
+    for (int o = 0; o < HC_MAX_MIX; o++) dot[o] = 0.0f;
+    double ss = 0.0;
+    for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
+        float v = x[e];
+        ss += (double)v * (double)v;
+#pragma unroll
+        for (int o = 0; o < HC_MAX_MIX; o++) {
+            if (o < n_mix) {
+                float wv;
+                if constexpr (WT == DS4_TYPE_F32) wv = ((const float *)p.fn)[(int64_t)o * nflat + e];
+                else if constexpr (WT == DS4_TYPE_F16) wv = cu_h2f(((const uint16_t *)p.fn)[(int64_t)o * nflat + e]);
+                else wv = __uint_as_float((uint32_t)((const uint16_t *)p.fn)[(int64_t)o * nflat + e] << 16);
+                dot[o] = fmaf(wv, v, dot[o]);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 0; o < HC_MAX_MIX; o++) {
+        if (o < n_mix) {
+            float v = cu_warp_sum(dot[o]);
+            if (lane == 0) red[w][o] = v;
+        }
+    }
+    ss = cu_warp_sumd(ss);
+    if (lane == 0) redd[w] = ss;
+    __syncthreads();
+    if (threadIdx.x < n_mix) {
+        float v = 0.0f;
+        for (int k = 0; k < nw; k++) v += red[k][threadIdx.x];
+        p.hcp[((int64_t)t * n_split + s) * HC_MAX_MIX + threadIdx.x] = v;
+    }
+    if (threadIdx.x == 32) {
+        double v = 0.0;
+        for (int k = 0; k < nw; k++) v += redd[k];
+        p.hcs[(int64_t)t * n_split + s] = v;
+    }
+    /* make the partials visible, then count this block in */
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicInc(p.cnt + t, (unsigned)(n_split - 1)) == (unsigned)(n_split - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    hc_finish(p, t, xs);
+}
+
 /* hc_pre and the head's first half: partial products + finish. */
 static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mix, const float *X, int n,
                    const float *scale, const float *base, const float *norm_w, float *out, float *post, float *comb,
@@ -204,26 +223,15 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     const ds4_hparams *hp = &m->hp;
     const int nflat = hp->n_hc * hp->n_embd;
     int split = c->hc_split;
-    if (nflat / split < 256) split = nflat / 256 > 0 ? nflat / 256 : 1;
+    if (nflat / split < HC_THREADS) split = nflat / HC_THREADS > 0 ? nflat / HC_THREADS : 1;
     if (split > HC_MAX_SPLIT) split = HC_MAX_SPLIT;
-    dim3 g1(split, n);
-    switch (fn->type) {
-    case DS4_TYPE_F32:
-        k_hc_partial<DS4_TYPE_F32><<<g1, 256, 0, c->st>>>(X, nflat, (const uint8_t *)fn->data, n_mix, split, c->s.hcp, c->s.hcs);
-        break;
-    case DS4_TYPE_F16:
-        k_hc_partial<DS4_TYPE_F16><<<g1, 256, 0, c->st>>>(X, nflat, (const uint8_t *)fn->data, n_mix, split, c->s.hcp, c->s.hcs);
-        break;
-    case DS4_TYPE_BF16:
-        k_hc_partial<DS4_TYPE_BF16><<<g1, 256, 0, c->st>>>(X, nflat, (const uint8_t *)fn->data, n_mix, split, c->s.hcp, c->s.hcs);
-        break;
-    default: cu_fail(c, DS4_E_INTERNAL, "cuda: HC weight '%s' of type %s", fn->name, ds4_type_name(fn->type)); return;
-    }
-    if (!CU_LAUNCH(c, "hc_partial")) return;
     hc_fin p;
     p.X = X;
+    p.fn = (const uint8_t *)fn->data;
+    p.n_mix = n_mix;
     p.hcp = c->s.hcp;
     p.hcs = c->s.hcs;
+    p.cnt = c->s.hcc;
     p.n_split = split;
     p.n_hc = hp->n_hc;
     p.D = hp->n_embd;
@@ -237,8 +245,15 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.post = post;
     p.comb = comb;
     p.head = head;
-    k_hc_finish<<<n, 1024, (size_t)hp->n_embd * sizeof(float), c->st>>>(p);
-    CU_LAUNCH(c, "hc_finish");
+    dim3 g(split, n);
+    const size_t sm = (size_t)hp->n_embd * sizeof(float);
+    switch (fn->type) {
+    case DS4_TYPE_F32: k_hc<DS4_TYPE_F32><<<g, HC_THREADS, sm, c->st>>>(p); break;
+    case DS4_TYPE_F16: k_hc<DS4_TYPE_F16><<<g, HC_THREADS, sm, c->st>>>(p); break;
+    case DS4_TYPE_BF16: k_hc<DS4_TYPE_BF16><<<g, HC_THREADS, sm, c->st>>>(p); break;
+    default: cu_fail(c, DS4_E_INTERNAL, "cuda: HC weight '%s' of type %s", fn->name, ds4_type_name(fn->type)); return;
+    }
+    CU_LAUNCH(c, "hc");
 }
 
 int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {

@@ -189,84 +189,100 @@ __global__ void __launch_bounds__(128) k_idx_q(float *qi, int IH, int ID, int n_
     for (int i = threadIdx.x; i < ID; i += blockDim.x) q[i] = row[i];
 }
 
-/* Scores of rows for tokens t0..t0+nt-1 (blockIdx.y = t - t0): one thread
- * per row, IDX_ROWS rows per block; the thread holds 32 dims of its row at a
- * time and the IH head dots in registers (dims summed in order), then sums
- * the heads in order as cpu idx_score: tot += relu(q_h . k) * sm_scale *
- * (w_h * w_scale). The queries sit in shared memory, read as broadcasts.
- * Shared: IH x ID (q). IH <= IDX_MAX_HEADS, ID a multiple of 32. */
+/* Scores of rows for tokens t0..t0+nt-1 (blockIdx.y = t - t0): IDX_ROWS
+ * rows per block, 4 threads per row, thread g holding the dots of heads
+ * [g*hg, g*hg + hg) in registers (dims summed in order, 32 of the row's dims
+ * in registers at a time); the per-head terms relu(q_h . k) * sm_scale *
+ * (w_h * w_scale) go through shared memory and thread 0 of the row adds
+ * them in head order, as cpu idx_score. Queries in shared memory, head h at
+ * h*ID + 4*(h/hg) so the 4 groups' broadcasts fall on different banks.
+ * Shared: IH x ID + 16 (q) + IDX_ROWS x (IH + 1) (terms) floats.
+ * IH <= IDX_MAX_HEADS, ID a multiple of 32. */
 #define IDX_ROWS 64
 #define IDX_MAX_HEADS 64
+#define IDX_HG (IDX_MAX_HEADS / 4)
 template <typename T>
-__global__ void __launch_bounds__(IDX_ROWS) k_idx_scores(const float *qi, const float *wt, const T *krows, int IH,
-                                                        int ID, int topk, int t0, float sm_scale, float w_scale,
-                                                        float *scores, int64_t ld_scores, const ds4_step *step) {
+__global__ void __launch_bounds__(IDX_ROWS * 4) k_idx_scores(const float *qi, const float *wt, const T *krows, int IH,
+                                                            int ID, int topk, int t0, float sm_scale, float w_scale,
+                                                            float *scores, int64_t ld_scores, const ds4_step *step) {
     extern __shared__ float qs[];
     const int tl = blockIdx.y, t = t0 + tl, pos0 = step->pos0;
     const int Nc = (pos0 + t + 1) / 4;
     if (Nc <= topk) return;
     const int r0 = blockIdx.x * IDX_ROWS;
     if (r0 >= Nc) return;
-    const float4 *q4 = (const float4 *)(qi + (int64_t)t * IH * ID);
-    for (int i = threadIdx.x; i < IH * ID / 4; i += blockDim.x) ((float4 *)qs)[i] = q4[i];
+    const int hg = (IH + 3) / 4;
+    float *terms = qs + IH * ID + 16;
+    const float *q = qi + (int64_t)t * IH * ID;
+    for (int i = threadIdx.x; i < IH * ID / 4; i += blockDim.x) {
+        const int h = (4 * i) / ID;
+        *(float4 *)(qs + 4 * i + 4 * (h / hg)) = ((const float4 *)q)[i];
+    }
     __syncthreads();
-    const int r = r0 + threadIdx.x;
-    if (r >= Nc) return;
-    float dot[IDX_MAX_HEADS];
+    const int rl = threadIdx.x >> 2, g = threadIdx.x & 3, r = r0 + rl;
+    const int h0 = g * hg, nh = IH - h0 < hg ? (IH - h0 > 0 ? IH - h0 : 0) : hg;
+    if (r < Nc) {
+        float dot[IDX_HG];
 #pragma unroll
-    for (int h = 0; h < IDX_MAX_HEADS; h++) dot[h] = 0.0f;
-    const T *kr = krows + (int64_t)r * ID;
-    for (int d0 = 0; d0 < ID; d0 += 32) {
-        float k[32];
-        if constexpr (sizeof(T) == 2) {
-            const uint4 *p = (const uint4 *)(kr + d0);
+        for (int h = 0; h < IDX_HG; h++) dot[h] = 0.0f;
+        const T *kr = krows + (int64_t)r * ID;
+        for (int d0 = 0; d0 < ID; d0 += 32) {
+            float k[32];
+            if constexpr (sizeof(T) == 2) {
+                const uint4 *p = (const uint4 *)(kr + d0);
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                uint4 u = p[i];
-                const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+                for (int i = 0; i < 4; i++) {
+                    uint4 u = p[i];
+                    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    float2 f = __half22float2(*(const __half2 *)&w[j]);
-                    k[8 * i + 2 * j] = f.x;
-                    k[8 * i + 2 * j + 1] = f.y;
+                    for (int j = 0; j < 4; j++) {
+                        float2 f = __half22float2(*(const __half2 *)&w[j]);
+                        k[8 * i + 2 * j] = f.x;
+                        k[8 * i + 2 * j + 1] = f.y;
+                    }
                 }
-            }
-        } else {
-            const float4 *p = (const float4 *)(kr + d0);
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                float4 f = p[i];
-                k[4 * i] = f.x, k[4 * i + 1] = f.y, k[4 * i + 2] = f.z, k[4 * i + 3] = f.w;
-            }
-        }
-#pragma unroll
-        for (int h = 0; h < IDX_MAX_HEADS; h++) {
-            if (h < IH) {
-                const float4 *qh = (const float4 *)(qs + h * ID + d0);
-                float s = dot[h];
+            } else {
+                const float4 *p = (const float4 *)(kr + d0);
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
-                    const float4 qv = qh[i];
-                    s = fmaf(qv.x, k[4 * i], s);
-                    s = fmaf(qv.y, k[4 * i + 1], s);
-                    s = fmaf(qv.z, k[4 * i + 2], s);
-                    s = fmaf(qv.w, k[4 * i + 3], s);
+                    float4 f = p[i];
+                    k[4 * i] = f.x, k[4 * i + 1] = f.y, k[4 * i + 2] = f.z, k[4 * i + 3] = f.w;
                 }
-                dot[h] = s;
+            }
+#pragma unroll
+            for (int j = 0; j < IDX_HG; j++) {
+                if (j < nh) {
+                    const int h = h0 + j;
+                    const float4 *qh = (const float4 *)(qs + h * ID + 4 * g + d0);
+                    float sd = dot[j];
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        const float4 qv = qh[i];
+                        sd = fmaf(qv.x, k[4 * i], sd);
+                        sd = fmaf(qv.y, k[4 * i + 1], sd);
+                        sd = fmaf(qv.z, k[4 * i + 2], sd);
+                        sd = fmaf(qv.w, k[4 * i + 3], sd);
+                    }
+                    dot[j] = sd;
+                }
+            }
+        }
+        const float *wt_t = wt + (int64_t)t * IH;
+#pragma unroll
+        for (int j = 0; j < IDX_HG; j++) {
+            if (j < nh) {
+                const float sd = dot[j];
+                const float v = __fmul_rn(sd > 0.0f ? sd : 0.0f, sm_scale);
+                terms[rl * (IH + 1) + h0 + j] = __fmul_rn(v, __fmul_rn(wt_t[h0 + j], w_scale));
             }
         }
     }
-    const float *wt_t = wt + (int64_t)t * IH;
-    float tot = 0.0f;
-#pragma unroll
-    for (int h = 0; h < IDX_MAX_HEADS; h++) {
-        if (h < IH) {
-            const float s = dot[h];
-            float v = __fmul_rn(s > 0.0f ? s : 0.0f, sm_scale);
-            tot = __fadd_rn(tot, __fmul_rn(v, __fmul_rn(wt_t[h], w_scale)));
-        }
+    __syncthreads();
+    if (r < Nc && g == 0) {
+        float tot = 0.0f;
+        for (int h = 0; h < IH; h++) tot = __fadd_rn(tot, terms[rl * (IH + 1) + h]);
+        scores[(int64_t)tl * ld_scores + r] = tot;
     }
-    scores[(int64_t)tl * ld_scores + r] = tot;
 }
 
 __device__ __forceinline__ uint32_t cu_order_key(float f) {
@@ -375,7 +391,7 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
      * the session capacity instead; eager steps may size it from the host
      * position. */
     const int max_rows = c->capturing ? (int)(c->s.n_ctx / 4 + 1) : (a->pos0 + n) / 4 + 1;
-    const size_t qsm = (size_t)IH * ID * sizeof(float);
+    const size_t qsm = ((size_t)IH * ID + 16 + (size_t)IDX_ROWS * (IH + 1)) * sizeof(float);
     if (IH > IDX_MAX_HEADS || ID % 32) {
         cu_fail(c, DS4_E_INTERNAL, "cuda: indexer of %d heads x %d dims (at most %d heads, dims a multiple of 32)", IH, ID,
                 IDX_MAX_HEADS);
@@ -386,11 +402,11 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
         dim3 gs(cu_div_up(max_rows, IDX_ROWS), nt);
         if (a->row_type == DS4_TYPE_F16) {
             cudaFuncSetAttribute(k_idx_scores<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsm);
-            k_idx_scores<__half><<<gs, IDX_ROWS, qsm, c->st>>>(c->s.qi, c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0,
+            k_idx_scores<__half><<<gs, IDX_ROWS * 4, qsm, c->st>>>(c->s.qi, c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0,
                                                          sm_scale, w_scale, c->s.scores, ld, a->step);
         } else {
             cudaFuncSetAttribute(k_idx_scores<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsm);
-            k_idx_scores<float><<<gs, IDX_ROWS, qsm, c->st>>>(c->s.qi, c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0,
+            k_idx_scores<float><<<gs, IDX_ROWS * 4, qsm, c->st>>>(c->s.qi, c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0,
                                                         sm_scale, w_scale, c->s.scores, ld, a->step);
         }
         CU_LAUNCH(c, "indexer_scores");

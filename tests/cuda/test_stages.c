@@ -625,33 +625,40 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
            ds4_type_name(c.type_down), ds4_type_name(c.type_small), t->s[1].row_type == DS4_TYPE_F16 ? "f16" : "f32");
     const int ns[2] = {1, 37};
     const bool flash = c.D >= 4096;
+    /* DS4_STAGE_ONLY=hc,indexer,... runs only the named stage tests (a quick
+     * check of a few kernels on the device) */
+#define ONLY(stage, call)                                                                   \
+    do {                                                                                    \
+        const char *only = getenv("DS4_STAGE_ONLY");                                        \
+        if (!only || !*only || strstr(only, stage)) call;                                   \
+    } while (0)
     for (int i = 0; i < 2; i++) {
         int n = flash ? (i ? 7 : 1) : ns[i];
-        t_embed(t, n);
-        t_hc(t, n, 0);
-        t_attn_project(t, n, 0);
-        t_attn_project(t, n, 2);
-        t_compress(t, n, 2, false);
-        t_compress(t, n, 2, true);
-        t_compress(t, n, 3, false);
-        t_indexer(t, n, 2, 3);
-        t_indexer(t, n, 2, 200);
-        t_attention(t, n, 0, 100);
-        t_attention(t, n, 2, 100);
-        t_attention(t, n, 3, 100);
-        t_kv_store(t, n);
-        t_route(t, n, 0);
-        t_route(t, n, flash ? 3 : 4);
-        t_experts(t, n, flash ? 3 : 4, NULL);
-        t_head(t, n);
+        ONLY("embed", t_embed(t, n));
+        ONLY("hc", t_hc(t, n, 0));
+        ONLY("attn_project", t_attn_project(t, n, 0));
+        ONLY("attn_project", t_attn_project(t, n, 2));
+        ONLY("compress", t_compress(t, n, 2, false));
+        ONLY("compress", t_compress(t, n, 2, true));
+        ONLY("compress", t_compress(t, n, 3, false));
+        ONLY("indexer", t_indexer(t, n, 2, 3));
+        ONLY("indexer", t_indexer(t, n, 2, 200));
+        ONLY("attention", t_attention(t, n, 0, 100));
+        ONLY("attention", t_attention(t, n, 2, 100));
+        ONLY("attention", t_attention(t, n, 3, 100));
+        ONLY("kv_store", t_kv_store(t, n));
+        ONLY("route", t_route(t, n, 0));
+        ONLY("route", t_route(t, n, flash ? 3 : 4));
+        ONLY("experts", t_experts(t, n, flash ? 3 : 4, NULL));
+        ONLY("head", t_head(t, n));
     }
     /* the experts of every layer (hash and routed, other weights) */
-    for (int il = 0; il < c.n_layer && !flash; il++) t_experts(t, 24, il, NULL);
+    for (int il = 0; il < c.n_layer && !flash; il++) ONLY("experts", t_experts(t, 24, il, NULL));
     /* per-expert item counts (E = 16, K = 4: 1892 items over 473 tokens) */
     static const int counts[16] = {0, 1, 31, 32, 33, 63, 64, 65, 127, 128, 129, 600, 601, 0, 10, 8};
     int tot = 0;
     for (int i = 0; i < 16; i++) tot += counts[i];
-    if (c.E == 16 && tot % c.K == 0 && !flash) t_experts(t, tot / c.K, 4, counts);
+    if (c.E == 16 && tot % c.K == 0 && !flash) ONLY("experts", t_experts(t, tot / c.K, 4, counts));
     for (int k = 0; k < 2; k++) {
         side *s = &t->s[k];
         s->be.ops->unbind_model(s->be.ctx, s->bm);
