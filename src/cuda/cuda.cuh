@@ -101,6 +101,7 @@ struct cu_ctx {
     char dev_name[256];
     cudaStream_t st;
     bool sync_debug, no_graphs, profile;
+    bool pdl;              /* launch step kernels with programmatic dependent launch */
     int err;               /* first error, sticky until step_end */
     char msg[480];
     /* device status word (kernels OR bits into it) and its pinned mirror */
@@ -142,6 +143,33 @@ struct cu_ctx {
     const uint64_t *grid;   /* (256) */
     const uint8_t *ksigns;  /* (128) */
 };
+
+/* ---------------------------------------------------------------- launch */
+
+/* Every kernel of a step starts with cu_pdl_wait(): it returns once the
+ * previous kernel on the stream has finished and its writes are visible
+ * (a no-op when the kernel was launched without the attribute). */
+__device__ __forceinline__ void cu_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+/* Launches a step kernel on the context's stream; with ctx->pdl, as a
+ * programmatic dependent launch (PERFORMANCE.md A.8: its launch and block
+ * scheduling overlap the previous kernel's tail; cu_pdl_wait() keeps the
+ * data dependency). */
+template <typename... KArgs, typename... Args>
+static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c->st;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = c->pdl ? 1 : 0;
+    cudaError_t e = cudaLaunchKernelEx(&cfg, k, static_cast<KArgs>(args)...);
+    if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
+}
 
 /* ---------------------------------------------------------------- weights */
 

@@ -926,6 +926,8 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
     {
         const char *kp = getenv("DS4_CUDA_KPROF");
         c->kprof = kp && *kp && strcmp(kp, "0");
+        const char *np = getenv("DS4_CUDA_NO_PDL"); /* A/B switch for programmatic dependent launch */
+        c->pdl = !(np && *np && strcmp(np, "0"));
     }
     cudaDeviceProp prop;
     bool ok = cu_ok(c, cudaSetDevice(dev), "set device") && cu_ok(c, cudaGetDeviceProperties(&prop, dev), "properties");

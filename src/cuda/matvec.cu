@@ -21,6 +21,7 @@
 /* Q8_0 activations: one warp per 32-value block, lane i holds value i.
  * d = f16(amax/127), q = rne(x * (127/amax)) clamped (quant.c). */
 __global__ void k_quant_q8_0(const float *x, int64_t ldx, int n, int n_in, int8_t *q, float *d) {
+    cu_pdl_wait();
     const int nb = n_in / 32;
     const int64_t blk = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (blk >= (int64_t)n * nb) return;
@@ -37,6 +38,7 @@ __global__ void k_quant_q8_0(const float *x, int64_t ldx, int n, int n_in, int8_
 /* Q8_K activations: one warp per 256-value block, lane i holds values
  * 8i..8i+7; d = amax/127 (f32); group sums of 16 values. */
 __global__ void k_quant_q8_k(const float *x, int64_t ldx, int n, int n_in, int8_t *q, float *d, int32_t *bs) {
+    cu_pdl_wait();
     const int nb = n_in / 256;
     const int64_t blk = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (blk >= (int64_t)n * nb) return;
@@ -72,11 +74,11 @@ void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, in
     }
     if (act_type == DS4_TYPE_Q8_0) {
         int64_t blocks = (int64_t)n * (n_in / 32);
-        k_quant_q8_0<<<cu_div_up(blocks, 8), 256, 0, c->st>>>(x, ldx, n, n_in, a->q, a->d);
+        cu_launch(c, k_quant_q8_0, cu_div_up(blocks, 8), 256, 0, x, ldx, n, n_in, a->q, a->d);
         CU_LAUNCH(c, "quant_q8_0");
     } else {
         int64_t blocks = (int64_t)n * (n_in / 256);
-        k_quant_q8_k<<<cu_div_up(blocks, 8), 256, 0, c->st>>>(x, ldx, n, n_in, a->q, a->d, a->bs);
+        cu_launch(c, k_quant_q8_k, cu_div_up(blocks, 8), 256, 0, x, ldx, n, n_in, a->q, a->d, a->bs);
         CU_LAUNCH(c, "quant_q8_k");
     }
 }
@@ -106,6 +108,7 @@ struct mv_params {
  * on the number of tokens, so a row's value is the same in any batch. */
 template <int WT, bool AQ, int NT, int WPR>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
+    cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
     __shared__ float part[WPR > 1 ? 8 : 1][NT];
     if constexpr (WT == DS4_TYPE_IQ2_XXS) {
@@ -181,9 +184,9 @@ template <int WT, bool AQ> static const char *mv_name() {
 template <int WT, bool AQ, int WPR>
 static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     dim3 grid(cu_div_up(rows, 8 / WPR));
-    if (p.n == 1) k_matvec<WT, AQ, 1, WPR><<<grid, 256, 0, c->st>>>(p);
-    else if (p.n <= 4) k_matvec<WT, AQ, 4, WPR><<<grid, 256, 0, c->st>>>(p);
-    else k_matvec<WT, AQ, 8, WPR><<<grid, 256, 0, c->st>>>(p);
+    if (p.n == 1) cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, 0, p);
+    else if (p.n <= 4) cu_launch(c, k_matvec<WT, AQ, 4, WPR>, grid, 256, 0, p);
+    else cu_launch(c, k_matvec<WT, AQ, 8, WPR>, grid, 256, 0, p);
 }
 
 template <int WT, bool AQ>
@@ -263,6 +266,7 @@ void cu_matvec(cu_ctx *c, const cu_seg *segs, int n_seg, int n, const float *x, 
 template <int WT>
 __global__ void k_dequant_rows(cu_w w, const int32_t *ids, int n, float *y, int64_t ldy, int rep, int64_t rep_stride,
                                const uint64_t *grid, const uint8_t *ksigns) {
+    cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
     if constexpr (WT == DS4_TYPE_IQ2_XXS) {
         cu_iq2_tab_load(&tab, grid, ksigns);
@@ -288,7 +292,7 @@ void cu_dequant_rows(cu_ctx *c, const ds4_weight *w, const int32_t *ids, int n, 
     cu_w v = cu_weight_view(w);
     int64_t items = (int64_t)n * (w->n_in / 32);
     dim3 grid(cu_div_up(items, 128));
-#define DQ(T) k_dequant_rows<T><<<grid, 128, 0, c->st>>>(v, ids, n, y, ldy, rep, rep_stride, c->grid, c->ksigns)
+#define DQ(T) cu_launch(c, k_dequant_rows<T>, grid, 128, 0, v, ids, n, y, ldy, rep, rep_stride, c->grid, c->ksigns)
     switch (w->type) {
     case DS4_TYPE_F32: DQ(DS4_TYPE_F32); break;
     case DS4_TYPE_F16: DQ(DS4_TYPE_F16); break;

@@ -160,6 +160,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
  * dynamic shared: D floats. */
 template <int WT>
 __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fin p) {
+    cu_pdl_wait();
     extern __shared__ float xs[];
     __shared__ float red[HC_THREADS / 32][HC_MAX_MIX + 1];
     __shared__ double redd[HC_THREADS / 32];
@@ -248,9 +249,9 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     dim3 g(split, n);
     const size_t sm = (size_t)hp->n_embd * sizeof(float);
     switch (fn->type) {
-    case DS4_TYPE_F32: k_hc<DS4_TYPE_F32><<<g, HC_THREADS, sm, c->st>>>(p); break;
-    case DS4_TYPE_F16: k_hc<DS4_TYPE_F16><<<g, HC_THREADS, sm, c->st>>>(p); break;
-    case DS4_TYPE_BF16: k_hc<DS4_TYPE_BF16><<<g, HC_THREADS, sm, c->st>>>(p); break;
+    case DS4_TYPE_F32: cu_launch(c, k_hc<DS4_TYPE_F32>, g, HC_THREADS, sm, p); break;
+    case DS4_TYPE_F16: cu_launch(c, k_hc<DS4_TYPE_F16>, g, HC_THREADS, sm, p); break;
+    case DS4_TYPE_BF16: cu_launch(c, k_hc<DS4_TYPE_BF16>, g, HC_THREADS, sm, p); break;
     default: cu_fail(c, DS4_E_INTERNAL, "cuda: HC weight '%s' of type %s", fn->name, ds4_type_name(fn->type)); return;
     }
     CU_LAUNCH(c, "hc");
@@ -266,6 +267,7 @@ int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
 
 /* X_b <- post_b * y + sum_a comb[a][b] X_a for one (t, d) per thread. */
 __global__ void k_hc_post(const float *y, const float *post, const float *comb, float *X, int n, int D, int hc) {
+    cu_pdl_wait();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (int64_t)n * D) return;
     const int t = (int)(i / D), d = (int)(i % D);
@@ -286,7 +288,7 @@ int cu_hc_post(void *ctx, const ds4_hc_post_args *a) {
     if (c->err) return c->err;
     const ds4_hparams *hp = &a->m->hp;
     int64_t items = (int64_t)a->n * hp->n_embd;
-    k_hc_post<<<cu_div_up(items, 256), 256, 0, c->st>>>(a->y, a->post, a->comb, a->X, a->n, hp->n_embd, hp->n_hc);
+    cu_launch(c, k_hc_post, cu_div_up(items, 256), 256, 0, a->y, a->post, a->comb, a->X, a->n, hp->n_embd, hp->n_hc);
     CU_LAUNCH(c, "hc_post");
     return c->err;
 }
@@ -295,6 +297,7 @@ int cu_hc_post(void *ctx, const ds4_hc_post_args *a) {
 
 /* RMSNorm of rows of n values in place (one block per row). */
 __global__ void __launch_bounds__(256) k_rows_rmsnorm(float *x, int64_t ld, int n, const float *w, float eps) {
+    cu_pdl_wait();
     extern __shared__ float row[];
     __shared__ double red[32];
     float *xr = x + (int64_t)blockIdx.x * ld;
@@ -308,6 +311,7 @@ __global__ void __launch_bounds__(256) k_rows_rmsnorm(float *x, int64_t ld, int 
  * at position pos0 + t. One warp per (t, h); dh <= 1024. */
 __global__ void k_q_heads(float *q, int n, int H, int dh, int n_rot, const float *inv_freq, float eps,
                           const ds4_step *step) {
+    cu_pdl_wait();
     const int64_t wid = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x & 31;
     if (wid >= (int64_t)n * H) return;
@@ -327,6 +331,7 @@ __global__ void k_q_heads(float *q, int n, int H, int dh, int n_rot, const float
  * the nope dims, half rounding. One block per token; shared: 2*dh floats. */
 __global__ void __launch_bounds__(256) k_kv_finish(float *kv, int dh, int n_rot, const float *norm_w, float eps,
                                                    const float *inv_freq, bool fp8, bool f16, const ds4_step *step) {
+    cu_pdl_wait();
     extern __shared__ float sm[];
     __shared__ double red[32];
     float *row = sm, *fred = sm + dh;
@@ -350,14 +355,14 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     const bool aq = a->num.act_quant;
     /* q_a and kv read the same normed input */
     cu_mv_pair(c, &l->q_a, a->cq, ql, &l->kv, a->kv, dh, a->u, D, n, aq, &c->s.a1, a->step, 0);
-    k_rows_rmsnorm<<<n, 256, (size_t)ql * sizeof(float), c->st>>>(a->cq, ql, ql, l->q_a_norm, hp->rms_eps);
+    cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps);
     CU_LAUNCH(c, "q_a_norm");
     cu_mv_pair(c, &l->q_b, a->q, (int64_t)H * dh, nullptr, nullptr, 0, a->cq, ql, n, aq, &c->s.a1, a->step, 0);
     int64_t warps = (int64_t)n * H;
-    k_q_heads<<<cu_div_up(warps * 32, 256), 256, 0, c->st>>>(a->q, n, H, dh, hp->n_rot, a->rope->inv_freq, hp->rms_eps,
+    cu_launch(c, k_q_heads, cu_div_up(warps * 32, 256), 256, 0, a->q, n, H, dh, hp->n_rot, a->rope->inv_freq, hp->rms_eps,
                                                              a->step);
     CU_LAUNCH(c, "q_heads");
-    k_kv_finish<<<n, 256, (size_t)2 * dh * sizeof(float), c->st>>>(a->kv, dh, hp->n_rot, l->kv_norm, hp->rms_eps,
+    cu_launch(c, k_kv_finish, n, 256, (size_t)2 * dh * sizeof(float), a->kv, dh, hp->n_rot, l->kv_norm, hp->rms_eps,
                                                                     a->rope->inv_freq, a->num.fp8_kv,
                                                                     a->num.f16_cache, a->step);
     CU_LAUNCH(c, "kv_finish");
@@ -368,6 +373,7 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
 
 template <typename T>
 __global__ void k_kv_store(const float *kv, T *raw, int n, int dh, int W, const ds4_step *step) {
+    cu_pdl_wait();
     const int t0 = n > W ? n - W : 0;
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (int64_t)(n - t0) * dh) return;
@@ -382,9 +388,9 @@ int cu_kv_store(void *ctx, const ds4_kv_store_args *a) {
     const int n = a->n, W = hp->window, dh = hp->head_dim, nt = n > W ? W : n;
     int64_t items = (int64_t)nt * dh;
     if (a->row_type == DS4_TYPE_F16)
-        k_kv_store<__half><<<cu_div_up(items, 256), 256, 0, c->st>>>(a->kv, (__half *)a->raw, n, dh, W, a->step);
+        cu_launch(c, k_kv_store<__half>, cu_div_up(items, 256), 256, 0, a->kv, (__half *)a->raw, n, dh, W, a->step);
     else
-        k_kv_store<float><<<cu_div_up(items, 256), 256, 0, c->st>>>(a->kv, (float *)a->raw, n, dh, W, a->step);
+        cu_launch(c, k_kv_store<float>, cu_div_up(items, 256), 256, 0, a->kv, (float *)a->raw, n, dh, W, a->step);
     CU_LAUNCH(c, "kv_store");
     return c->err;
 }
@@ -448,6 +454,7 @@ __device__ __forceinline__ attn_rows attn_rows_of(const attn_p &p, int t) {
  * Shared: HB*dh (q) + ATT_R*dh (rows) floats, HB*ATT_R scores, ATT_R offsets. */
 template <typename T, int HB>
 __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_p p) {
+    cu_pdl_wait();
     extern __shared__ float sm[];
     const int dh = p.dh;
     float *qs = sm;                       /* HB x dh */
@@ -561,6 +568,7 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
  * exp(sink - M), o = (sum_z w_z c_z) / den; then the inverse RoPE.
  * 256 threads; shared: dh floats + the split weights. */
 __global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn_p p) {
+    cu_pdl_wait();
     extern __shared__ float ms[];
     float *os = ms;            /* dh */
     float *wz = ms + p.dh;     /* S */
@@ -631,7 +639,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
 #define AT(HB)                                                                                                  \
     do {                                                                                                        \
         cudaFuncSetAttribute(k_attn_part<T, HB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);      \
-        k_attn_part<T, HB><<<grid, 256, smem, c->st>>>(p);                                                      \
+        cu_launch(c, k_attn_part<T, HB>, grid, 256, smem, p);                                                      \
     } while (0)
         switch (hb) {
         case 8: AT(8); break;
@@ -641,7 +649,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         }
 #undef AT
         if (!CU_LAUNCH(c, "attn_part")) return;
-        k_attn_merge<<<dim3(p.H, nt), 256, msmem, c->st>>>(p);
+        cu_launch(c, k_attn_merge, dim3(p.H, nt), 256, msmem, p);
         if (!CU_LAUNCH(c, "attn_merge")) return;
     }
 }
@@ -717,6 +725,7 @@ int cu_head(void *ctx, const ds4_head_args *a) {
 /* One block per row: the lowest index of the largest finite value, 0 when
  * none is finite (ds4_argmax). */
 __global__ void __launch_bounds__(1024) k_argmax(const float *logits, int n_vocab, int32_t *ids) {
+    cu_pdl_wait();
     const float *x = logits + (int64_t)blockIdx.x * n_vocab;
     float bv = 0.0f;
     int bi = -1;
@@ -748,6 +757,6 @@ __global__ void __launch_bounds__(1024) k_argmax(const float *logits, int n_voca
 }
 
 void cu_argmax_rows(cu_ctx *c, const float *logits, int n_rows, int n_vocab, int32_t *ids_dev) {
-    k_argmax<<<n_rows, 1024, 0, c->st>>>(logits, n_vocab, ids_dev);
+    cu_launch(c, k_argmax, n_rows, 1024, 0, logits, n_vocab, ids_dev);
     CU_LAUNCH(c, "argmax");
 }

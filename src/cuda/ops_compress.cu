@@ -43,6 +43,7 @@ struct comp_p {
  * threads loop over channels; shared: 2*d floats. */
 template <typename T>
 __global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_p p) {
+    cu_pdl_wait();
     extern __shared__ float sm[];
     __shared__ double red[32];
     float *row = sm, *fred = sm + p.d;
@@ -116,6 +117,7 @@ __global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_
 
 /* The batch's last min(n, ring) tokens into the frontier rings. */
 __global__ void k_comp_ring(const __grid_constant__ comp_p p) {
+    cu_pdl_wait();
     const int t0 = p.n > p.ring ? p.n - p.ring : 0;
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (int64_t)(p.n - t0) * p.w) return;
@@ -159,11 +161,11 @@ int cu_compress_update(void *ctx, const ds4_compress_args *a) {
     p.status = c->dstatus;
     const int blocks = cu_div_up(n, a->ratio);
     const size_t smem = (size_t)2 * a->d * sizeof(float);
-    if (a->row_type == DS4_TYPE_F16) k_comp_emit<__half><<<blocks, 256, smem, c->st>>>(p);
-    else k_comp_emit<float><<<blocks, 256, smem, c->st>>>(p);
+    if (a->row_type == DS4_TYPE_F16) cu_launch(c, k_comp_emit<__half>, blocks, 256, smem, p);
+    else cu_launch(c, k_comp_emit<float>, blocks, 256, smem, p);
     CU_LAUNCH(c, "compress_emit");
     const int nt = n > p.ring ? p.ring : n;
-    k_comp_ring<<<cu_div_up((int64_t)nt * w, 256), 256, 0, c->st>>>(p);
+    cu_launch(c, k_comp_ring, cu_div_up((int64_t)nt * w, 256), 256, 0, p);
     CU_LAUNCH(c, "compress_ring");
     return c->err;
 }
@@ -174,6 +176,7 @@ int cu_compress_update(void *ctx, const ds4_compress_args *a) {
  * pos0 + t, Hadamard + FP4 when on. Skipped below top_k. Shared: 2*ID. */
 __global__ void __launch_bounds__(128) k_idx_q(float *qi, int IH, int ID, int n_rot, const float *inv_freq, bool fp4,
                                               int topk, int n, const ds4_step *step) {
+    cu_pdl_wait();
     extern __shared__ float sm[];
     const int pos0 = step->pos0;
     if ((pos0 + n) / 4 <= topk) return;
@@ -205,6 +208,7 @@ template <typename T>
 __global__ void __launch_bounds__(IDX_ROWS * 4) k_idx_scores(const float *qi, const float *wt, const T *krows, int IH,
                                                             int ID, int topk, int t0, float sm_scale, float w_scale,
                                                             float *scores, int64_t ld_scores, const ds4_step *step) {
+    cu_pdl_wait();
     extern __shared__ float qs[];
     const int tl = blockIdx.y, t = t0 + tl, pos0 = step->pos0;
     const int Nc = (pos0 + t + 1) / 4;
@@ -296,6 +300,7 @@ __device__ __forceinline__ uint32_t cu_order_key(float f) {
  * every key above it and the lowest-index keys equal to it. */
 __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t ld_scores, int topk, int t0,
                                                   int32_t *sel, int32_t *n_sel, const ds4_step *step) {
+    cu_pdl_wait();
     __shared__ int hist[256];
     __shared__ uint32_t s_prefix;
     __shared__ int s_need;
@@ -381,7 +386,7 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     cu_mv_pair(c, &l->idx_proj, c->s.wt, IH, nullptr, nullptr, 0, a->u, hp->n_embd, n, a->num.act_quant, &c->s.a2,
                a->step, K);
     dim3 gq(IH, n);
-    k_idx_q<<<gq, 128, (size_t)2 * ID * sizeof(float), c->st>>>(c->s.qi, IH, ID, hp->n_rot, a->rope->inv_freq,
+    cu_launch(c, k_idx_q, gq, 128, (size_t)2 * ID * sizeof(float), c->s.qi, IH, ID, hp->n_rot, a->rope->inv_freq,
                                                                  a->num.fp4_indexer, K, n, a->step);
     CU_LAUNCH(c, "indexer_q");
     const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
@@ -402,15 +407,15 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
         dim3 gs(cu_div_up(max_rows, IDX_ROWS), nt);
         if (a->row_type == DS4_TYPE_F16) {
             cudaFuncSetAttribute(k_idx_scores<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsm);
-            k_idx_scores<__half><<<gs, IDX_ROWS * 4, qsm, c->st>>>(c->s.qi, c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0,
+            cu_launch(c, k_idx_scores<__half>, gs, IDX_ROWS * 4, qsm, c->s.qi, c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0,
                                                          sm_scale, w_scale, c->s.scores, ld, a->step);
         } else {
             cudaFuncSetAttribute(k_idx_scores<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsm);
-            k_idx_scores<float><<<gs, IDX_ROWS * 4, qsm, c->st>>>(c->s.qi, c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0,
+            cu_launch(c, k_idx_scores<float>, gs, IDX_ROWS * 4, qsm, c->s.qi, c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0,
                                                         sm_scale, w_scale, c->s.scores, ld, a->step);
         }
         CU_LAUNCH(c, "indexer_scores");
-        k_idx_topk<<<nt, 1024, 0, c->st>>>(c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
+        cu_launch(c, k_idx_topk, nt, 1024, 0, c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
         CU_LAUNCH(c, "indexer_topk");
     }
     return c->err;

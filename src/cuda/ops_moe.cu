@@ -24,6 +24,7 @@ __device__ __forceinline__ float cu_softplus(float x) { return x > 20.0f ? x : l
 __global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E, int K, const int32_t *tokens,
                                               const int32_t *tid2eid, const float *bias, bool hash, bool norm,
                                               float scale, int32_t *ids, float *wts) {
+    cu_pdl_wait();
     extern __shared__ float sm[];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * 8 + w;
     if (t >= n) return;
@@ -77,8 +78,7 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     const ds4_layer *l = a->l;
     const int E = hp->n_expert, K = hp->n_expert_used;
     cu_mv_pair(c, &l->gate_inp, c->s.rl, E, nullptr, nullptr, 0, a->v, hp->n_embd, a->n, false, &c->s.a1, a->step, 0);
-    k_route<<<cu_div_up(a->n, 8), 256, (size_t)8 * E * sizeof(float), c->st>>>(
-        c->s.rl, a->n, E, K, a->tokens, l->tid2eid, l->exp_bias, l->hash, hp->expert_weights_norm,
+    cu_launch(c, k_route, cu_div_up(a->n, 8), 256, (size_t)8 * E * sizeof(float), c->s.rl, a->n, E, K, a->tokens, l->tid2eid, l->exp_bias, l->hash, hp->expert_weights_norm,
         hp->expert_weights_scale, a->ids, a->w);
     CU_LAUNCH(c, "route");
     return c->err;
@@ -92,6 +92,7 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
  * Shared: E counters, E running offsets, 32 x E per-warp counts. */
 __global__ void __launch_bounds__(1024) k_moe_group(const int32_t *ids, int NI, int E, int32_t *items, int32_t *off,
                                                    int32_t *act) {
+    cu_pdl_wait();
     extern __shared__ int smi[];
     int *cnt = smi, *run = smi + E, *wc = smi + 2 * E;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -202,6 +203,7 @@ __device__ __forceinline__ int64_t moe_row(const moe_p &p, cu_iq2_tab *tab, int 
  * blockIdx.x*8 + warp, its items in tiles of NT. */
 template <int WT, bool AQ, int NT>
 __global__ void __launch_bounds__(256) k_moe_gate_up(const __grid_constant__ moe_p p) {
+    cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
     int e, r;
     const int64_t row = moe_row<WT>(p, &tab, &e, &r);
@@ -239,6 +241,7 @@ __global__ void __launch_bounds__(256) k_moe_gate_up(const __grid_constant__ moe
  * warp; the inputs are the expert-major hidden rows; outputs by item. */
 template <int WT, bool AQ, int NT>
 __global__ void __launch_bounds__(256) k_moe_down(const __grid_constant__ moe_p p) {
+    cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
     int e, r;
     const int64_t row = moe_row<WT>(p, &tab, &e, &r);
@@ -266,14 +269,14 @@ __global__ void __launch_bounds__(256) k_moe_down(const __grid_constant__ moe_p 
 
 template <int WT, bool AQ>
 static void launch_gate_up(cu_ctx *c, const moe_p &p, dim3 grid, int n) {
-    if (n == 1) k_moe_gate_up<WT, AQ, 1><<<grid, 256, 0, c->st>>>(p);
-    else k_moe_gate_up<WT, AQ, 8><<<grid, 256, 0, c->st>>>(p);
+    if (n == 1) cu_launch(c, k_moe_gate_up<WT, AQ, 1>, grid, 256, 0, p);
+    else cu_launch(c, k_moe_gate_up<WT, AQ, 8>, grid, 256, 0, p);
 }
 
 template <int WT, bool AQ>
 static void launch_down(cu_ctx *c, const moe_p &p, dim3 grid, int n) {
-    if (n == 1) k_moe_down<WT, AQ, 1><<<grid, 256, 0, c->st>>>(p);
-    else k_moe_down<WT, AQ, 8><<<grid, 256, 0, c->st>>>(p);
+    if (n == 1) cu_launch(c, k_moe_down<WT, AQ, 1>, grid, 256, 0, p);
+    else cu_launch(c, k_moe_down<WT, AQ, 8>, grid, 256, 0, p);
 }
 
 #define MOE_DISPATCH(LAUNCH, type, aq, ...)                                                            \
@@ -302,6 +305,7 @@ static void launch_down(cu_ctx *c, const moe_p &p, dim3 grid, int n) {
 
 /* h = silu(min(g, lim)) * clamp(u, -lim, lim) (shared expert, weight 1) */
 __global__ void k_swiglu(float *g, const float *u, int64_t n, float lim) {
+    cu_pdl_wait();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float gv = g[i] < lim ? g[i] : lim;
@@ -312,6 +316,7 @@ __global__ void k_swiglu(float *g, const float *u, int64_t n, float lim) {
 
 /* y[t][d] = (sum_k out[t*K+k][d]) + shared[t][d] */
 __global__ void k_moe_sum(const float *out, const float *sh, float *y, int n, int D, int K) {
+    cu_pdl_wait();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (int64_t)n * D) return;
     const int t = (int)(i / D), d = (int)(i % D);
@@ -330,7 +335,7 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     const bool aq = a->num.act_quant;
     cu_scratch &s = c->s;
     /* group items by expert */
-    k_moe_group<<<1, 1024, (size_t)(2 * E + 32 * E) * sizeof(int), c->st>>>(a->ids, NI, E, s.items, s.off, s.act);
+    cu_launch(c, k_moe_group, 1, 1024, (size_t)(2 * E + 32 * E) * sizeof(int), a->ids, NI, E, s.items, s.off, s.act);
     if (!CU_LAUNCH(c, "moe_group")) return c->err;
     const int n_slots = NI < E ? NI : E;
     /* gate + up */
@@ -390,10 +395,10 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     CU_LAUNCH(c, "moe_down");
     /* shared expert */
     cu_mv_pair(c, &l->gate_sh, s.sg, F, &l->up_sh, s.su, F, a->v, D, n, aq, &s.a1, a->step, 0);
-    k_swiglu<<<cu_div_up((int64_t)n * F, 256), 256, 0, c->st>>>(s.sg, s.su, (int64_t)n * F, lim);
+    cu_launch(c, k_swiglu, cu_div_up((int64_t)n * F, 256), 256, 0, s.sg, s.su, (int64_t)n * F, lim);
     CU_LAUNCH(c, "shared_swiglu");
     cu_mv_pair(c, &l->down_sh, s.sd, D, nullptr, nullptr, 0, s.sg, F, n, aq, &s.a1, a->step, 0);
-    k_moe_sum<<<cu_div_up((int64_t)n * D, 256), 256, 0, c->st>>>(s.out, s.sd, a->y, n, D, K);
+    cu_launch(c, k_moe_sum, cu_div_up((int64_t)n * D, 256), 256, 0, s.out, s.sd, a->y, n, D, K);
     CU_LAUNCH(c, "moe_sum");
     return c->err;
 }
