@@ -141,5 +141,6 @@ int cpu_kv_store(void *ctx, const ds4_kv_store_args *a);
 int cpu_moe_route(void *ctx, const ds4_moe_route_args *a);
 int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a);
 int cpu_head(void *ctx, const ds4_head_args *a);
+int cpu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a);
 
 #endif

@@ -763,6 +763,7 @@ static const ds4_backend_ops cpu_ops = {
     .moe_route = cpu_moe_route,
     .moe_experts = cpu_moe_experts,
     .head = cpu_head,
+    .mtp_embed = cpu_mtp_embed,
 };
 
 int ds4_cpu_backend_new(int n_threads, ds4_backend *out, ds4_err *err) {
