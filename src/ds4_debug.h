@@ -76,5 +76,7 @@ int ds4_debug_mtp_eval(ds4_session *s, const float *hc, const int32_t *tokens, i
 /* The main model's final HC state (after the last block, before the head)
  * of the session's last evaluated token, (n_hc, n_embd) floats. */
 int ds4_debug_session_state(ds4_session *s, float *hc, ds4_err *err);
+/* Floats of one such state (n_hc * n_embd); 0 for a vocab-only engine. */
+size_t ds4_debug_state_floats(const ds4_engine *e);
 
 #endif

@@ -1008,6 +1008,10 @@ int ds4_debug_mtp_eval(ds4_session *s, const float *hc, const int32_t *tokens, i
     return 0;
 }
 
+size_t ds4_debug_state_floats(const ds4_engine *e) {
+    return e->have_hp ? (size_t)e->hp.n_hc * (size_t)e->hp.n_embd : 0;
+}
+
 int ds4_debug_session_state(ds4_session *s, float *hc, ds4_err *err) {
     int n = ds4_fwd_last_n(s->f);
     if (n < 1) return ds4_err_set(err, DS4_E_ARG, "no state: nothing evaluated since the last reset or restore");
