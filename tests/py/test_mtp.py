@@ -332,3 +332,23 @@ def test_cli_generation_with_mtp_prints_the_same_text_and_counters(tmp_path):
     last = b.stderr.strip().splitlines()[-1]
     assert "mtp:" in last and "tokens/cycle" in last and "accepted" in last, last
     print(last)
+
+
+def test_server_with_mtp_gives_the_same_greedy_text_and_logs_counters(tmp_path):
+    from test_server import NO_THINK, Server, demo_model, user
+    mtp = make_mtp(demo_model(), tmp_path / "demo-mtp.gguf", seed=9)
+    texts = []
+    for args in ((), ("--mtp", str(mtp), "--mtp-gate", "0", "--mtp-draft", "2")):
+        with Server(*args) as s:
+            c = s.openai()
+            r = c.chat.completions.create(model="deepseek-v4-flash", messages=user("Tell me a story"),
+                                          max_tokens=30, temperature=0, extra_body=NO_THINK)
+            texts.append(r.choices[0].message.content)
+            assert r.usage.completion_tokens <= 30
+            # a sampled request runs through the speculative-sampling path
+            r2 = c.chat.completions.create(model="deepseek-v4-flash", messages=user("Tell me a story"),
+                                           max_tokens=20, temperature=1.0, seed=5, extra_body=NO_THINK)
+            assert r2.choices[0].finish_reason in ("stop", "length")
+            if args:
+                assert s.wait_log(r"mtp \S+: \d+ cycles, [0-9.]+ tokens/cycle, drafts \d+, accepted"), s.log_text()
+    assert texts[0] == texts[1]
