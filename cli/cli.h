@@ -36,7 +36,6 @@ typedef struct ds4_cli_opts {
     int think;                     /* 0 none, 1 high, 2 max */
     bool dump_tokens;              /* --dump-tokens */
     const char *dump_logits;       /* --dump-logits OUT.f32 */
-    const char *dump_mtp;          /* --dump-mtp OUT.f32 (debug) */
     ds4_eval_mode eval_mode;       /* --eval prefill|decode|chunk:N */
     int eval_chunk;
     int dump_greedy;               /* --dump-greedy N (with --dump-logits) */
@@ -57,8 +56,7 @@ char *ds4_cli_read_file(const char *path, size_t *len);
 ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only);
 
 int ds4_cli_dump_tokens(const ds4_cli_opts *o);   /* dump_tokens.c */
-int ds4_cli_dump_logits(const ds4_cli_opts *o);
-int ds4_cli_dump_mtp(const ds4_cli_opts *o);   /* dump_logits.c */
+int ds4_cli_dump_logits(const ds4_cli_opts *o);   /* dump_logits.c */
 int ds4_cli_generate(const ds4_cli_opts *o);      /* generate.c: one-shot */
 int ds4_cli_repl(const ds4_cli_opts *o);          /* repl.c */
 int ds4_cli_dump_logprobs(const ds4_cli_opts *o); /* logprobs.c */

@@ -48,9 +48,6 @@ static void usage_debug(void) {
            "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n"
            "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n"
            "                     (speculative cycles when --mtp is given; MTP counters on stderr)\n"
-           "  --dump-mtp OUT     with --mtp and --prompt-tokens-file: the main model's final state\n"
-           "                     h_i, then the MTP block's logits and output state for the pair\n"
-           "                     (h_i, t_{i+1}), for i = 0..n-2, float32 (tests of MODEL.md C.12)\n"
            "  --layers N         evaluate only the first N blocks, then the head (compare backends)\n"
            "  --numerics-off L   turn off single roundings of the release path: L = fp8,fp4,f16,act\n");
 }
@@ -247,7 +244,6 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--nothink")) o.think = 0;
         else if (!strcmp(a, "--dump-tokens")) o.dump_tokens = true;
         else if (!strcmp(a, "--dump-logits")) { NEED_ARG(); o.dump_logits = argv[++i]; }
-        else if (!strcmp(a, "--dump-mtp")) { NEED_ARG(); o.dump_mtp = argv[++i]; }
         else if (!strcmp(a, "--eval")) {
             NEED_ARG();
             const char *m = argv[++i];
@@ -290,7 +286,6 @@ int main(int argc, char **argv) {
     }
     if (o.dump_tokens) return ds4_cli_dump_tokens(&o);
     if (o.inspect) return ds4_cli_inspect(&o);
-    if (o.dump_mtp) return ds4_cli_dump_mtp(&o);
     if (o.dump_logits) return ds4_cli_dump_logits(&o);
     if (o.dump_logprobs) return ds4_cli_dump_logprobs(&o);
     if (o.perplexity_file) return ds4_cli_perplexity(&o);

@@ -243,6 +243,7 @@ int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err
  * distribution gives it (speculative sampling with a point-mass draft) and
  * the first rejected place draws from that distribution without d, so each
  * token is distributed exactly as ds4_sampler_sample would draw it.
+ * p NULL means greedy (rng may then be NULL too).
  * out[0..*n_out) receives the appended tokens (next first; at most max_new,
  * which must be >= 1; out has room for 5); *following the token after
  * them, chosen by the same rules (the next call's `next`). The session's

@@ -750,7 +750,9 @@ int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_s
     const int V = s->e->hp.n_vocab;
     *n_out = 0;
     if (!s->spec) return ds4_err_set(err, DS4_E_ARG, "speculative decoding is not enabled on this session");
-    if (max_new < 1 || !p || !rng) return ds4_err_set(err, DS4_E_ARG, "bad speculative step arguments");
+    const bool greedy = !p || !(p->temperature > 0.0f);
+    if (max_new < 1 || !out || !n_out || !following || (!greedy && !rng))
+        return ds4_err_set(err, DS4_E_ARG, "bad speculative step arguments");
     int rc = check_tokens(s, &next, 1, err);
     if (rc) return rc;
     const int P = s->n_tokens;
@@ -768,7 +770,6 @@ int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_s
     if ((rc = ds4_fwd_eval(s->f, toks, nv, NULL, nd > 0, err))) goto fail;
     int k = 0;
     int32_t fol;
-    const bool greedy = !(p->temperature > 0.0f);
     if (greedy) {
         if ((rc = ds4_fwd_argmax_rows(s->f, ids, err))) goto fail;
         while (k < nd && ids[k] == toks[k + 1]) k++;

@@ -4,7 +4,7 @@
 - Greedy output with `--mtp` is token for token the greedy output without it on every oracle fixture (plain and
   release numerics; the random block's drafts are mostly rejected, so every rejection path runs).
 - The MTP block itself against an independent float64 NumPy implementation of C.12 written from MODEL.md
-  (`ds4 --dump-mtp` gives the main model's states h_i and the block's logits and output states for the pairs
+  (build/dev/mtp_dump gives the main model's states h_i and the block's logits and output states for the pairs
   (h_i, t_{i+1}) in order, through the block's own sliding window).
 - Bad MTP files and options fail with messages naming the tensor / option; the CLI's final line carries the MTP
   counters.
@@ -268,8 +268,7 @@ class MtpRef:
 def test_mtp_block_matches_float64_numpy_reference(model, fx, models, tmp_path):
     main, mtp = models(model)
     out = tmp_path / "mtp.f32"
-    cmd = [prog("ds4"), "-m", str(main), "--mtp", str(mtp), "--cpu", "--plain-numerics",
-           "--prompt-tokens-file", str(ORACLE / fx / "tokens.txt"), "--dump-mtp", str(out)]
+    cmd = [str(ROOT / "build" / "dev" / "mtp_dump"), str(main), str(mtp), str(ORACLE / fx / "tokens.txt"), str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     fields, t = read_gguf(main)
