@@ -86,6 +86,7 @@ struct ds4_session {
     void *drafter_user;
     float *row;            /* (n_vocab) host logits / probabilities */
     float *probs;          /* (n_vocab) */
+    int32_t *mtok;         /* (n_batch + 1) tokens of an MTP feed */
     ds4_sampler *smp;
 };
 
@@ -356,6 +357,7 @@ void ds4_session_free(ds4_session *s) {
     ds4_fwd_free(s->f);
     ds4_fwd_free(s->mf);
     ds4_sampler_free(s->smp);
+    free(s->mtok);
     free(s->row);
     free(s->probs);
     free(s->tokens);
@@ -592,7 +594,6 @@ int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info
  * shorter history, which only costs acceptance, never correctness. */
 static int mtp_feed(ds4_session *s, int pos0, int nr, ds4_err *err) {
     if (!s->spec || !s->mf || nr < 1) return 0;
-    int32_t tk[DS4_FWD_SPEC_MAX + 1];
     const int cap = ds4_fwd_n_batch(s->mf);
     const bool pend = s->hc_pos == pos0 - 1;
     int next_pair = s->mbase + ds4_fwd_pos(s->mf);
@@ -602,37 +603,28 @@ static int mtp_feed(ds4_session *s, int pos0, int nr, ds4_err *err) {
         next_pair = s->mbase;
     }
     int rc, r = 0, j = 0;
-    int32_t *toks = nr + 1 <= (int)(sizeof tk / sizeof tk[0]) ? tk : NULL;
-    int32_t *heap = NULL;
-    if (!toks) {
-        heap = malloc((size_t)(nr + 1) * sizeof(int32_t));
-        if (!heap) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
-        toks = heap;
-    }
+    int32_t *toks = s->mtok; /* (cap + 1): at most cap rows are gathered */
     if (next_pair == pos0 - 1) {
-        if ((rc = ds4_fwd_hc_from_kept(s->mf, 0, err))) goto out;
+        if ((rc = ds4_fwd_hc_from_kept(s->mf, 0, err))) return rc;
         toks[r++] = s->tokens[pos0];
     }
     /* rows in chunks of the MTP session's batch */
     while (j < nr - 1) {
         int take = nr - 1 - j;
         if (take > cap - r) take = cap - r;
-        if ((rc = ds4_fwd_hc_from(s->mf, r, s->f, j, take, err))) goto out;
+        if ((rc = ds4_fwd_hc_from(s->mf, r, s->f, j, take, err))) return rc;
         for (int i = 0; i < take; i++) toks[r + i] = s->tokens[pos0 + j + i + 1];
         r += take;
         j += take;
         if (r == cap && j < nr - 1) {
-            if ((rc = ds4_fwd_eval_states(s->mf, toks, r, err))) goto out;
+            if ((rc = ds4_fwd_eval_states(s->mf, toks, r, err))) return rc;
             r = 0;
         }
     }
-    if (r > 0 && (rc = ds4_fwd_eval_states(s->mf, toks, r, err))) goto out;
-    if ((rc = ds4_fwd_hc_keep(s->mf, s->f, nr - 1, err))) goto out;
+    if (r > 0 && (rc = ds4_fwd_eval_states(s->mf, toks, r, err))) return rc;
+    if ((rc = ds4_fwd_hc_keep(s->mf, s->f, nr - 1, err))) return rc;
     s->hc_pos = pos0 + nr - 1;
-    rc = 0;
-out:
-    free(heap);
-    return rc;
+    return 0;
 }
 
 int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err) {
@@ -643,8 +635,9 @@ int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err
     const size_t V = (size_t)e->hp.n_vocab;
     if (!s->row) s->row = malloc(V * sizeof(float));
     if (!s->probs) s->probs = malloc(V * sizeof(float));
+    if (!s->mtok) s->mtok = malloc((size_t)(s->n_batch + 1) * sizeof(int32_t));
     if (!s->smp) s->smp = ds4_sampler_new((int)V, err);
-    if (!s->row || !s->probs || !s->smp) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    if (!s->row || !s->probs || !s->mtok || !s->smp) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     if (e->bmtp && !s->mf) {
         int rc = ds4_fwd_new(e->bmtp, &e->be, e->num, s->n_ctx, s->n_batch, &s->mf, err);
         if (rc) return rc;
