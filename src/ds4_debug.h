@@ -65,6 +65,12 @@ size_t ds4_debug_session_state_bytes(const ds4_session *s);
 typedef int (*ds4_debug_drafter)(void *user, const int32_t *tokens, int n, int32_t next, int32_t *drafts, int max);
 void ds4_debug_session_drafter(ds4_session *s, ds4_debug_drafter fn, void *user);
 
+/* Benchmarks only (ds4-bench --mtp-accept): speculative cycles of the
+ * session accept draft i (i = 0..3, while the earlier ones were accepted)
+ * with probability rates[i] from a generator seeded by seed, instead of
+ * verifying it; the output is then not the model's. n = 0 turns it off. */
+void ds4_debug_session_force_accept(ds4_session *s, const float *rates, int n, uint64_t seed);
+
 /* The MTP block on its own (tests against a reference of MODEL.md C.12):
  * evaluates the session's MTP window for n pairs (hc[i], tokens[i]), hc
  * given as (n, n_hc, n_embd) floats, and writes the MTP head's logits of

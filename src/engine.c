@@ -84,6 +84,9 @@ struct ds4_session {
     int mbase, hc_pos;
     ds4_debug_drafter drafter;
     void *drafter_user;
+    float force_rate[4];   /* benchmarks: forced acceptance (n_force > 0) */
+    int n_force;
+    ds4_rng force_rng;
     float *row;            /* (n_vocab) host logits / probabilities */
     float *probs;          /* (n_vocab) */
     int32_t *mtok;         /* (n_batch + 1) tokens of an MTP feed */
@@ -763,7 +766,11 @@ int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_s
     if ((rc = ds4_fwd_eval(s->f, toks, nv, NULL, nd > 0, err))) goto fail;
     int k = 0;
     int32_t fol;
-    if (greedy) {
+    if (s->n_force > 0) { /* benchmarks: acceptance by a seeded coin, not by the model */
+        if ((rc = ds4_fwd_argmax_rows(s->f, ids, err))) goto fail;
+        while (k < nd && k < s->n_force && ds4_rng_uniform(&s->force_rng) < s->force_rate[k]) k++;
+        fol = ids[k];
+    } else if (greedy) {
         if ((rc = ds4_fwd_argmax_rows(s->f, ids, err))) goto fail;
         while (k < nd && ids[k] == toks[k + 1]) k++;
         fol = ids[k];
@@ -983,6 +990,12 @@ int ds4_debug_session_fast_forward(ds4_session *s, int n_tokens, uint64_t seed, 
 void ds4_debug_session_drafter(ds4_session *s, ds4_debug_drafter fn, void *user) {
     s->drafter = fn;
     s->drafter_user = user;
+}
+
+void ds4_debug_session_force_accept(ds4_session *s, const float *rates, int n, uint64_t seed) {
+    s->n_force = n < 0 ? 0 : n > 4 ? 4 : n;
+    for (int i = 0; i < s->n_force; i++) s->force_rate[i] = rates[i];
+    ds4_rng_seed(&s->force_rng, seed ? seed : 1);
 }
 
 int ds4_debug_mtp_eval(ds4_session *s, const float *hc, const int32_t *tokens, int n, float *logits, float *out_hc,

@@ -32,7 +32,8 @@
 
 typedef struct opts {
     const char *model, *synthetic, *prompt_file, *csv, *mtp;
-    int mtp_draft;
+    int mtp_draft, n_accept;
+    float accept[4];
     uint64_t seed;
     ds4_backend_kind backend;
     int threads, ctx_start, ctx_max, step_incr, gen, chunk, repeat;
@@ -65,7 +66,9 @@ static void usage(void) {
            "  --plain-numerics        diagnostic numerics (no FP8/FP4/f16/int8 rounding)\n"
            "  --csv FILE              write the CSV rows there (default: stdout after the table)\n"
            "  --mtp FILE              MTP GGUF: also measure speculative decoding (see the file header)\n"
-           "  --mtp-draft N           drafts per cycle, 1..4 (default 3)\n");
+           "  --mtp-draft N           drafts per cycle, 1..4 (default 3)\n"
+           "  --mtp-accept P1,P2,..   force the acceptance of draft i with probability Pi (seeded; the output is\n"
+           "                          then not the model's): decode speed at given acceptance rates\n");
 }
 
 static int parse(int argc, char **argv, opts *o) {
@@ -129,6 +132,18 @@ static int parse(int argc, char **argv, opts *o) {
             NEED();
             o->mtp = argv[++i];
         } else if (!strcmp(a, "--mtp-draft")) INT(o->mtp_draft, 1, 4);
+        else if (!strcmp(a, "--mtp-accept")) {
+            NEED();
+            char *p = argv[++i], *e_ = p;
+            for (o->n_accept = 0; o->n_accept < 4 && *p; p = e_ + (*e_ == ',')) {
+                float v = strtof(p, &e_);
+                if (e_ == p || !(v >= 0.0f && v <= 1.0f) || (*e_ && *e_ != ',')) {
+                    fprintf(stderr, "ds4-bench: --mtp-accept: expected up to 4 probabilities P1,P2,...\n");
+                    return 2;
+                }
+                o->accept[o->n_accept++] = v;
+            }
+        }
         else if (!strcmp(a, "--fast-forward")) o->fast_forward = true;
         else if (!strcmp(a, "--profile")) o->profile = true;
         else if (!strcmp(a, "--no-graphs")) o->no_graphs = true;
@@ -242,6 +257,7 @@ static int bench_mtp(ds4_engine *e, ds4_session *s, const opts *o, const int32_t
     int32_t next, out[8];
     int no;
     if ((rc = ds4_session_argmax(s, &next, err))) return rc;
+    if (o->n_accept) ds4_debug_session_force_accept(s, o->accept, o->n_accept, o->seed + (uint64_t)f);
     double t0 = now();
     for (int g = 0; g < o->gen;) {
         if ((rc = ds4_session_spec_step(s, next, o->gen - g, NULL, NULL, out, &no,
@@ -250,6 +266,7 @@ static int bench_mtp(ds4_engine *e, ds4_session *s, const opts *o, const int32_t
         g += no;
     }
     double t_spec = now() - t0;
+    ds4_debug_session_force_accept(s, NULL, 0, 0);
     ds4_session_spec_stats(s, &b);
     if ((rc = ds4_session_rewind(s, f, err))) return rc;
     double tpc = b.cycles > a.cycles ? (double)(b.tokens - a.tokens) / (double)(b.cycles - a.cycles) : 0;
@@ -259,7 +276,7 @@ static int bench_mtp(ds4_engine *e, ds4_session *s, const opts *o, const int32_t
         acc[k] = d ? (double)(b.pos_accepted[k] - a.pos_accepted[k]) / (double)d : 0;
     }
     /* verify passes of n = 2..N+1 rows (a cycle without MTP drafting) */
-    double t_ver[5] = {0};
+    double t_ver[6] = {0}; /* by rows, 2..N+1 <= 5 */
     const int reps = 4;
     for (int n = 2; n <= o->mtp_draft + 1; n++) {
         text_drafter td = {tok, n - 1};
@@ -298,8 +315,8 @@ static int bench_mtp(ds4_engine *e, ds4_session *s, const opts *o, const int32_t
     const int N = o->mtp_draft;
     double cycle = N * t_draft + t_ver[N + 1];
     double up_full = (N + 1) * t_dec / cycle, up_cited = N >= 2 ? 2.26 * t_dec / (2 * t_draft + t_ver[3]) : 0;
-    printf("  mtp at %d (N=%d): %.2f tokens/cycle, accepted by place %.2f %.2f %.2f %.2f; %.2f tok/s speculative\n"
-           "    draft step %.3f ms (%.3f x decode), verify", f, N, tpc, acc[0], acc[1], acc[2], acc[3],
+    printf("  mtp at %d (N=%d%s): %.2f tokens/cycle, accepted by place %.2f %.2f %.2f %.2f; %.2f tok/s speculative\n"
+           "    draft step %.3f ms (%.3f x decode), verify", f, N, o->n_accept ? ", forced acceptance" : "", tpc, acc[0], acc[1], acc[2], acc[3],
            o->gen / t_spec, t_draft * 1e3, t_draft / t_dec);
     for (int n = 2; n <= N + 1; n++) printf(" %d rows %.3f ms (%.2f x)", n, t_ver[n] * 1e3, t_ver[n] / t_dec);
     printf("; modelled speed-up %.2f x at 100%%, %.2f x at 2.26 tokens/cycle (N=2)\n", up_full, up_cited);
