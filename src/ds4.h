@@ -36,7 +36,8 @@ typedef int (*ds4_progress_fn)(void *user, const char *what, int64_t done, int64
 
 typedef struct ds4_engine_opts {
     const char *model_path;   /* main GGUF (required) */
-    const char *mtp_path;     /* optional MTP GGUF, NULL for none */
+    const char *mtp_path;     /* optional MTP GGUF, NULL for none; "synthetic" with a
+                                 synthetic model: an MTP block of the published recipe */
     ds4_backend_kind backend;
     int n_threads;            /* CPU worker threads; 0 = number of cores */
     /* Diagnostic (not a user mode): turn off every rounding of docs/MODEL.md §E

@@ -178,15 +178,21 @@ static int bind_progress(void *user, int64_t done, int64_t total) {
     return lp->o->progress ? lp->o->progress(lp->o->progress_user, "load", done, total) : 0;
 }
 
-/* Loads, checks and binds the MTP GGUF beside the main model. Errors are
- * prefixed with the MTP file's path. */
-static int mtp_open(ds4_engine *e, const char *path, ds4_err *err) {
+/* Loads, checks and binds the MTP GGUF beside the main model (beside a
+ * synthetic model: path "synthetic", a block of the published recipe).
+ * Errors are prefixed with the MTP file's path. */
+static int mtp_open(ds4_engine *e, const ds4_engine_opts *o, const char *path, ds4_err *err) {
     int rc;
+    const bool syn = o->synthetic != NULL;
     if (!e->be.ops->mtp_embed)
         rc = ds4_err_set(err, DS4_E_ARG, "the %s backend does not support MTP yet", e->be.ops->name);
-    else if (!(rc = ds4_gguf_open(&e->g_mtp, path, err)) && !(rc = ds4_model_load_mtp(&e->mtp, &e->m, e->g_mtp, err)) &&
+    else if (syn && strcmp(path, "synthetic") != 0)
+        rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model takes only a synthetic MTP block (--mtp synthetic)");
+    else if (!(rc = syn ? ds4_model_synth_mtp(&e->mtp, &e->m, o->synthetic_seed, err)
+                        : ds4_gguf_open(&e->g_mtp, path, err)) &&
+             !(rc = syn ? 0 : ds4_model_load_mtp(&e->mtp, &e->m, e->g_mtp, err)) &&
              !(rc = e->be.ops->check_model(e->be.ctx, &e->mtp, err))) {
-        ds4_bind_opts bo = {0};
+        ds4_bind_opts bo = {.synthetic = syn, .seed = o->synthetic_seed};
         rc = e->be.ops->bind_model(e->be.ctx, &e->mtp, &bo, &e->bmtp, err);
     }
     if (rc) ds4_err_prefix(err, "MTP %s", path);
@@ -205,8 +211,8 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
     e->num = (ds4_numerics){.fp8_kv = !plain && !(off & 1), .fp4_indexer = !plain && !(off & 2),
                             .f16_cache = !plain && !(off & 4), .act_quant = !plain && !(off & 8)};
     if (opts->synthetic) {
-        if (opts->vocab_only || opts->mtp_path) {
-            rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model has no vocabulary file and no MTP");
+        if (opts->vocab_only) {
+            rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model has no vocabulary file");
             goto fail;
         }
         if ((rc = ds4_model_synth(&e->m, opts->synthetic, opts->synthetic_seed, err))) goto fail;
@@ -236,7 +242,7 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
         ds4_bind_opts bo = {.synthetic = opts->synthetic != NULL, .seed = opts->synthetic_seed,
                             .progress = opts->progress ? bind_progress : NULL, .progress_user = &lp};
         if ((rc = e->be.ops->bind_model(e->be.ctx, &e->m, &bo, &e->bm, err))) goto fail;
-        if (opts->mtp_path && (rc = mtp_open(e, opts->mtp_path, err))) goto fail;
+        if (opts->mtp_path && (rc = mtp_open(e, opts, opts->mtp_path, err))) goto fail;
     }
     if ((rc = fingerprint(e, opts, err))) goto fail;
     e->layer_limit = opts->layer_limit > 0 ? opts->layer_limit : 0;

@@ -158,6 +158,9 @@ int ds4_model_load_mtp(ds4_model *mtp, const ds4_model *main, const ds4_gguf *g,
  * vectors (norms, HC scale/base, sinks, biases, tid2eid) are generated here
  * from seed. Names are static storage. DS4_E_ARG for another recipe. */
 int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *err);
+/* The MTP block (as ds4_model_load_mtp) of the published recipe beside a
+ * synthetic main model, weights left for the backend to fill. */
+int ds4_model_synth_mtp(ds4_model *m, const ds4_model *main, uint64_t seed, ds4_err *err);
 /* The value spread synthetic filling uses for weight w. */
 float ds4_model_synth_std(const ds4_weight *w);
 

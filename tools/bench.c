@@ -65,7 +65,8 @@ static void usage(void) {
            "  --no-graphs             CUDA: eager decode (no CUDA graphs)\n"
            "  --plain-numerics        diagnostic numerics (no FP8/FP4/f16/int8 rounding)\n"
            "  --csv FILE              write the CSV rows there (default: stdout after the table)\n"
-           "  --mtp FILE              MTP GGUF: also measure speculative decoding (see the file header)\n"
+           "  --mtp FILE              MTP GGUF: also measure speculative decoding (see the file header);\n"
+           "                          with --synthetic: --mtp synthetic (a block of the published recipe)\n"
            "  --mtp-draft N           drafts per cycle, 1..4 (default 3)\n"
            "  --mtp-accept P1,P2,..   force the acceptance of draft i with probability Pi (seeded; the output is\n"
            "                          then not the model's): decode speed at given acceptance rates\n");

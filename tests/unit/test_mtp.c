@@ -14,6 +14,7 @@
 
 #include "ds4.h"
 #include "ds4_debug.h"
+#include "model.h"
 #include "quant.h"
 #include "sampler.h"
 #include "test.h"
@@ -400,4 +401,99 @@ DS4_TEST(mtp_window_feed_is_batch_independent_and_strict_clean) {
               (long long)st[0].cycles, (long long)st[1].cycles, (long long)st[2].cycles, (long long)st[0].drafted,
               (long long)st[1].drafted, (long long)st[2].drafted, (long long)st[0].accepted, (long long)st[1].accepted,
               (long long)st[2].accepted);
+}
+
+/* ds4_sampler_probs is the distribution ds4_sampler_sample draws from, on
+ * every path of TEXT.md D.3 (default, top-k, top-p, min-p, greedy): the
+ * speculative acceptance rule relies on it. Seeded frequencies against the
+ * probabilities (chi-square, 1e-4 bound), exclusions exact. */
+DS4_TEST(sampler_probs_match_sampling_frequencies) {
+    enum { V = 40, N = 20000 };
+    float lg[V], pr[V];
+    int cnt[V];
+    ds4_err err = {0};
+    ds4_sampler *smp = ds4_sampler_new(V, &err);
+    CHECK(smp);
+    unsigned seed = 99;
+    for (int i = 0; i < V; i++) {
+        seed = seed * 1103515245u + 12345u;
+        lg[i] = (float)((seed >> 8) % 1000) / 250.0f;
+    }
+    lg[7] = lg[3]; /* an exact tie */
+    ds4_sampler_params cases[] = {
+        {.temperature = 1.0f, .top_p = 1.0f, .min_p = 0.05f},
+        {.temperature = 0.7f, .top_k = 8, .top_p = 1.0f, .min_p = 0.0f},
+        {.temperature = 1.3f, .top_p = 0.8f, .min_p = 0.0f},
+        {.temperature = 0.9f, .top_k = 12, .top_p = 0.9f, .min_p = 0.1f},
+        {.temperature = 0.0f, .top_p = 1.0f},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        ds4_sampler_probs(smp, lg, &cases[c], pr);
+        double tot = 0;
+        for (int i = 0; i < V; i++) tot += pr[i];
+        CHECK_MSG(fabs(tot - 1.0) < 1e-5, "case %zu: probabilities sum to %.7f", c, tot);
+        memset(cnt, 0, sizeof cnt);
+        ds4_rng rng;
+        ds4_rng_seed(&rng, 4242 + c);
+        for (int d = 0; d < N; d++) cnt[ds4_sampler_sample(smp, lg, &cases[c], &rng)]++;
+        int df = 0;
+        for (int i = 0; i < V; i++) CHECK_MSG(pr[i] > 0 || cnt[i] == 0, "case %zu: token %d sampled, prob 0", c, i);
+        double x = chi2(cnt, pr, V, N, &df);
+        if (df < 1) { /* one candidate: greedy or degenerate */
+            CHECK(cnt[ds4_argmax(lg, V)] == N);
+            continue;
+        }
+        double z = 3.719, q = df * pow(1 - 2.0 / (9 * df) + z * sqrt(2.0 / (9 * df)), 3);
+        CHECK_MSG(x < q, "case %zu: chi2 %.1f >= %.1f (df %d)", c, x, q, df);
+    }
+    ds4_sampler_free(smp);
+}
+
+/* visitors of the synthetic MTP description: MTP-own tensors are named
+ * mtp.0.*, the shared two are the main embedding and head */
+typedef struct mtp_tally {
+    int n;        /* tensors visited */
+    double bytes; /* of the MTP-own ones */
+    int bad;      /* MTP-own ones not named mtp.0.* */
+} mtp_tally;
+
+static int count_mtp_weight(void *user, ds4_weight *w) {
+    mtp_tally *t = user;
+    t->n++;
+    bool shared = !strcmp(w->name, "token_embd.weight") || !strcmp(w->name, "output.weight");
+    if (!shared) t->bytes += (double)w->mat_bytes * (double)w->n_mat;
+    if (!shared && strncmp(w->name, "mtp.0.", 6) != 0) t->bad++;
+    return 0;
+}
+static int count_mtp_vec(void *user, void **p, size_t bytes) {
+    (void)p;
+    mtp_tally *t = user;
+    t->n++;
+    t->bytes += (double)bytes;
+    return 0;
+}
+
+/* The synthetic MTP block (ds4-bench --synthetic q2 --mtp synthetic) has
+ * the published file's tensors (FORMATS.md D.3): 30 of its own plus the
+ * shared embedding and head, the recipe's types, and about the published
+ * file's size (~3.5 GB, MODEL.md B.4). Description only: nothing is bound. */
+DS4_TEST(mtp_synthetic_block_has_the_published_shapes) {
+    ds4_model m, mtp;
+    ds4_err err = {0};
+    CHECK_MSG(ds4_model_synth(&m, "q2", 1, &err) == 0, "%s", err.msg);
+    CHECK_MSG(ds4_model_synth_mtp(&mtp, &m, 1, &err) == 0, "%s", err.msg);
+    mtp_tally tl = {0};
+    ds4_model_visit v = {.weight = count_mtp_weight, .vec = count_mtp_vec, .user = &tl};
+    CHECK(ds4_model_visit_all(&mtp, &v) == 0);
+    printf("  %d weights + vectors, %.2f GB of MTP-own data\n", tl.n, tl.bytes / 1e9);
+    CHECK_MSG(tl.bad == 0, "%d tensors have unexpected names", tl.bad);
+    /* 32 MTP tensors, the 2 shared ones and the 2 RoPE tables */
+    CHECK_MSG(tl.n == 32 + 2 + 2, "%d tensors and vectors, expected 36", tl.n);
+    CHECK_MSG(tl.bytes > 3.2e9 && tl.bytes < 3.9e9, "%.2f GB, expected about 3.5", tl.bytes / 1e9);
+    CHECK(mtp.mtp_e_proj.type == DS4_TYPE_Q8_0 && mtp.mtp_e_proj.n_in == 4096 && mtp.mtp_e_proj.n_out == 4096);
+    CHECK(mtp.layers[0].gate_exps.type == DS4_TYPE_Q4_K && mtp.layers[0].gate_exps.n_mat == 256);
+    CHECK(mtp.out_hc_fn.n_in == 16384 && mtp.out_hc_fn.n_out == 4);
+    CHECK(mtp.layers[0].kind == DS4_ATTN_SLIDING && !mtp.layers[0].hash && mtp.layers[0].exp_bias);
+    ds4_model_free(&mtp);
+    ds4_model_free(&m);
 }
