@@ -240,10 +240,13 @@ int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err
  * block, verifies them in one batched pass and appends the longest prefix
  * the model accepts: with p->temperature <= 0 a draft is kept when it is
  * the model's greedy token there, so the output is exactly the greedy
- * output; otherwise the draft d is kept with the probability the sampler's
- * distribution gives it (speculative sampling with a point-mass draft) and
- * the first rejected place draws from that distribution without d, so each
- * token is distributed exactly as ds4_sampler_sample would draw it.
+ * output; otherwise (speculative sampling) the MTP draws each draft d from
+ * q, the sampler's distribution of its logits under p, the model keeps it
+ * with probability min(1, p(d)/q(d)) (p = the sampler's distribution of the
+ * model's logits there) and the first rejected place draws from the
+ * normalised max(0, p - q), so each token is distributed exactly as
+ * ds4_sampler_sample would draw it (a test drafter's drafts count as point
+ * masses).
  * p NULL means greedy (rng may then be NULL too).
  * out[0..*n_out) receives the appended tokens (next first; at most max_new,
  * which must be >= 1; out has room for 5); *following the token after

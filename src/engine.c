@@ -90,6 +90,8 @@ struct ds4_session {
     float *row;            /* (n_vocab) host logits / probabilities */
     float *probs;          /* (n_vocab) */
     int32_t *mtok;         /* (n_batch + 1) tokens of an MTP feed */
+    float *qbuf;           /* (4, n_vocab) draft distributions of a sampled cycle */
+    bool qdraft;           /* this cycle's drafts were drawn from qbuf (else point masses) */
     ds4_sampler *smp;
 };
 
@@ -367,6 +369,7 @@ void ds4_session_free(ds4_session *s) {
     ds4_fwd_free(s->mf);
     ds4_sampler_free(s->smp);
     free(s->mtok);
+    free(s->qbuf);
     free(s->row);
     free(s->probs);
     free(s->tokens);
@@ -645,8 +648,10 @@ int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err
     if (!s->row) s->row = malloc(V * sizeof(float));
     if (!s->probs) s->probs = malloc(V * sizeof(float));
     if (!s->mtok) s->mtok = malloc((size_t)(s->n_batch + 1) * sizeof(int32_t));
+    if (!s->qbuf) s->qbuf = malloc(4 * V * sizeof(float));
     if (!s->smp) s->smp = ds4_sampler_new((int)V, err);
-    if (!s->row || !s->probs || !s->mtok || !s->smp) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    if (!s->row || !s->probs || !s->mtok || !s->qbuf || !s->smp)
+        return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     if (e->bmtp && !s->mf) {
         int rc = ds4_fwd_new(e->bmtp, &e->be, e->num, s->n_ctx, s->n_batch, &s->mf, err);
         if (rc) return rc;
@@ -670,9 +675,12 @@ static int32_t top_prob(const float *lg, int V, float *p_top) {
 }
 
 /* One MTP draft: evaluates the pair already placed in row 0 of the MTP
- * input with token t; *d = the MTP head's greedy token, false when the gate
- * stops drafting there. */
-static int mtp_draft(ds4_session *s, int32_t t, int32_t *d, bool *ok, ds4_err *err) {
+ * input with token t. Greedy (sp NULL): *d = the MTP head's greedy token.
+ * Sampling: *d is drawn from q = the sampler's distribution of the MTP
+ * logits under sp, which is kept in q (n_vocab). *ok = false when the gate
+ * stops drafting there (top MTP probability at temperature 1 below it). */
+static int mtp_draft(ds4_session *s, int32_t t, const ds4_sampler_params *sp, ds4_rng *rng, float *q, int32_t *d,
+                     bool *ok, ds4_err *err) {
     const int V = s->e->hp.n_vocab;
     int rc = ds4_fwd_eval(s->mf, &t, 1, NULL, false, err);
     if (!rc) rc = ds4_fwd_logits_row(s->mf, 0, s->row, err);
@@ -680,13 +688,22 @@ static int mtp_draft(ds4_session *s, int32_t t, int32_t *d, bool *ok, ds4_err *e
     float pt;
     *d = top_prob(s->row, V, &pt);
     *ok = pt >= s->so.gate;
+    if (sp && *ok) {
+        ds4_sampler_probs(s->smp, s->row, sp, q);
+        *d = ds4_sampler_sample(s->smp, s->row, sp, rng);
+    }
     return 0;
 }
 
-/* Up to max drafts for the token `next` at the end of the timeline. */
-static int make_drafts(ds4_session *s, int32_t next, int max, int32_t *drafts, int *nd, ds4_err *err) {
+/* Up to max drafts for the token `next` at the end of the timeline; sp
+ * non-NULL when sampling (MTP drafts are then drawn from its distribution,
+ * s->qdraft). */
+static int make_drafts(ds4_session *s, int32_t next, int max, const ds4_sampler_params *sp, ds4_rng *rng,
+                       int32_t *drafts, int *nd, ds4_err *err) {
     const int P = s->n_tokens;
+    const size_t V = (size_t)s->e->hp.n_vocab;
     *nd = 0;
+    s->qdraft = false;
     if (max < 1) return 0;
     if (s->drafter) {
         int n = s->drafter(s->drafter_user, s->tokens, P, next, drafts, max);
@@ -703,9 +720,10 @@ static int make_drafts(ds4_session *s, int32_t next, int max, int32_t *drafts, i
         ds4_fwd_reset(s->mf);
         s->mbase = P - 1;
     }
+    s->qdraft = sp != NULL;
     int rc = ds4_fwd_hc_from_kept(s->mf, 0, err);
     bool ok;
-    if (!rc) rc = mtp_draft(s, next, &drafts[0], &ok, err);
+    if (!rc) rc = mtp_draft(s, next, sp, rng, s->qbuf, &drafts[0], &ok, err);
     if (rc) return rc;
     if (!ok) {
         s->st.gated++;
@@ -718,7 +736,8 @@ static int make_drafts(ds4_session *s, int32_t next, int max, int32_t *drafts, i
     if ((rc = ds4_fwd_spec_begin(s->mf, max - 1, err))) return rc;
     while (*nd < max) {
         if ((rc = ds4_fwd_hc_from(s->mf, 0, s->mf, 0, 1, err))) return rc;
-        if ((rc = mtp_draft(s, drafts[*nd - 1], &drafts[*nd], &ok, err))) return rc;
+        if ((rc = mtp_draft(s, drafts[*nd - 1], sp, rng, s->qbuf + (size_t)*nd * V, &drafts[*nd], &ok, err)))
+            return rc;
         if (!ok) {
             s->st.gated++;
             break;
@@ -728,21 +747,31 @@ static int make_drafts(ds4_session *s, int32_t next, int max, int32_t *drafts, i
     return ds4_fwd_spec_rollback(s->mf, 0, err);
 }
 
-/* Residual draw after rejecting d: the distribution probs without d. */
-static int32_t sample_without(const float *probs, int V, int32_t d, ds4_rng *rng) {
+/* Residual draw after rejecting draft d: the normalised max(0, p - q),
+ * q = the draft's distribution (NULL: the point mass at d, so p without
+ * d). */
+static float residual(const float *p, const float *q, int32_t d, int i) {
+    float r = p[i] - (q ? q[i] : (i == d ? 1.0f : 0.0f));
+    return r > 0.0f ? r : 0.0f;
+}
+
+static int32_t sample_residual(const float *p, const float *q, int V, int32_t d, ds4_rng *rng) {
     float total = 0.0f;
     int32_t last = -1;
-    for (int i = 0; i < V; i++)
-        if (i != d && probs[i] > 0.0f) {
-            total += probs[i];
+    for (int i = 0; i < V; i++) {
+        float r = residual(p, q, d, i);
+        if (r > 0.0f) {
+            total += r;
             last = i;
         }
-    if (last < 0) return d; /* nothing else has mass: d was certain */
-    float r = ds4_rng_uniform(rng) * total;
+    }
+    if (last < 0) return ds4_argmax(p, V); /* p == q up to rounding: a rejection had ~0 probability */
+    float u = ds4_rng_uniform(rng) * total;
     for (int i = 0; i < V; i++) {
-        if (i == d || !(probs[i] > 0.0f)) continue;
-        r -= probs[i];
-        if (r <= 0.0f) return i;
+        float r = residual(p, q, d, i);
+        if (!(r > 0.0f)) continue;
+        u -= r;
+        if (u <= 0.0f) return i;
     }
     return last;
 }
@@ -766,7 +795,7 @@ int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_s
     int32_t toks[DS4_FWD_SPEC_MAX], ids[DS4_FWD_SPEC_MAX];
     int nd = 0;
     toks[0] = next;
-    if ((rc = make_drafts(s, next, max, toks + 1, &nd, err))) goto fail;
+    if ((rc = make_drafts(s, next, max, greedy ? NULL : p, rng, toks + 1, &nd, err))) goto fail;
     const int nv = nd + 1;
     if (nd > 0 && (rc = ds4_fwd_spec_begin(s->f, nv, err))) goto fail;
     if ((rc = ds4_fwd_eval(s->f, toks, nv, NULL, nd > 0, err))) goto fail;
@@ -787,13 +816,15 @@ int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_s
                 fol = ds4_sampler_sample(s->smp, s->row, p, rng);
                 break;
             }
+            /* accept d with probability min(1, p(d) / q(d)); q(d) > 0 as d was drawn from q */
             ds4_sampler_probs(s->smp, s->row, p, s->probs);
             int32_t d = toks[k + 1];
-            if (ds4_rng_uniform(rng) < s->probs[d]) {
+            const float *q = s->qdraft ? s->qbuf + (size_t)k * V : NULL;
+            if (ds4_rng_uniform(rng) * (q ? q[d] : 1.0f) < s->probs[d]) {
                 k++;
                 continue;
             }
-            fol = sample_without(s->probs, V, d, rng);
+            fol = sample_residual(s->probs, q, V, d, rng);
             break;
         }
     }

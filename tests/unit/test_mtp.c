@@ -497,3 +497,77 @@ DS4_TEST(mtp_synthetic_block_has_the_published_shapes) {
     ds4_model_free(&mtp);
     ds4_model_free(&m);
 }
+
+/* The same with the MTP block drafting: drafts drawn from its own
+ * distribution q (random block: q is far from the model's p, so most
+ * places end in the residual draw max(0, p - q)). */
+DS4_TEST(mtp_sampling_with_mtp_drafts_matches_model_distribution) {
+    tm_cfg c = tm_default();
+    ds4_engine *e = NULL;
+    ds4_err err = {0};
+    CHECK_MSG(open_pair(&c, &c, "mtp_sq", true, &e, &err) == 0, "%s", err.msg);
+    const int V = ds4_engine_n_vocab(e);
+    int32_t prompt[13];
+    tokens(prompt, 13, V, 8);
+    ds4_sampler_params p = {.temperature = 0.5f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f};
+    ds4_sampler *smp = ds4_sampler_new(V, &err);
+    float *p1 = malloc((size_t)V * sizeof(float)), *p2 = malloc((size_t)V * sizeof(float));
+    ds4_session *r = new_session(e, 64);
+    CHECK(ds4_session_sync(r, prompt, 13, NULL, NULL, NULL, &err) == 0);
+    int32_t next;
+    CHECK(ds4_session_argmax(r, &next, &err) == 0);
+    CHECK(ds4_session_eval(r, next, &err) == 0);
+    ds4_sampler_probs(smp, ds4_session_logits(r), &p, p1);
+    ds4_session *s = new_session(e, 64);
+    ds4_spec_opts so = {.n_draft = 2, .gate = 0};
+    CHECK(ds4_session_spec_enable(s, &so, &err) == 0);
+    enum { N = 5000 };
+    int *c1 = calloc((size_t)V, sizeof(int)), *c2 = calloc((size_t)V * V, sizeof(int)), *nacc = calloc((size_t)V, sizeof(int));
+    ds4_rng rng;
+    ds4_rng_seed(&rng, 777);
+    ds4_spec_stats st0, st1;
+    ds4_session_spec_stats(s, &st0);
+    for (int tr = 0; tr < N; tr++) {
+        /* the last prompt token evaluated: the MTP has its state to draft from */
+        CHECK(ds4_session_sync(s, prompt, 12, NULL, NULL, NULL, &err) == 0);
+        CHECK(ds4_session_eval(s, prompt[12], &err) == 0);
+        int32_t o[8], fol;
+        int no = 0;
+        CHECK_MSG(ds4_session_spec_step(s, next, 8, &p, &rng, o, &no, &fol, &err) == 0, "%s", err.msg);
+        int32_t t1 = no >= 2 ? o[1] : fol;
+        c1[t1]++;
+        if (no >= 2) { /* t1 accepted as a draft: this cycle also chose the token after it */
+            nacc[t1]++;
+            c2[(size_t)t1 * V + (no >= 3 ? o[2] : fol)]++;
+        }
+    }
+    ds4_session_spec_stats(s, &st1);
+    /* the second token after the first draft accepted most often */
+    int32_t x = 0;
+    for (int i = 0; i < V; i++)
+        if (nacc[i] > nacc[x]) x = i;
+    r = new_session(e, 64);
+    CHECK(ds4_session_sync(r, prompt, 13, NULL, NULL, NULL, &err) == 0);
+    CHECK(ds4_session_eval(r, next, &err) == 0 && ds4_session_eval(r, x, &err) == 0);
+    ds4_sampler_probs(smp, ds4_session_logits(r), &p, p2);
+    ds4_session_free(r);
+    int df1, df2, n2 = nacc[x];
+    double x1 = chi2(c1, p1, V, N, &df1), x2 = chi2(c2 + (size_t)x * V, p2, V, n2, &df2);
+    double z = 3.719;
+    double q1 = df1 * pow(1 - 2.0 / (9 * df1) + z * sqrt(2.0 / (9 * df1)), 3);
+    double q2 = df2 > 0 ? df2 * pow(1 - 2.0 / (9 * df2) + z * sqrt(2.0 / (9 * df2)), 3) : 0;
+    printf("  drafts %lld, accepted %lld; first token chi2 %.1f (df %d, bound %.1f); second after accepted draft %d "
+           "(%d samples) chi2 %.1f (df %d, bound %.1f)\n", (long long)(st1.drafted - st0.drafted),
+           (long long)(st1.accepted - st0.accepted), x1, df1, q1, x, n2, x2, df2, q2);
+    CHECK_MSG(st1.drafted - st0.drafted >= N, "the MTP drafted only %lld times", (long long)(st1.drafted - st0.drafted));
+    CHECK_MSG(df1 >= 3 && x1 < q1, "first sampled token: chi2 %.1f >= %.1f (df %d)", x1, q1, df1);
+    CHECK_MSG(n2 > 150 && df2 >= 3 && x2 < q2, "second token: chi2 %.1f >= %.1f (df %d, %d samples)", x2, q2, df2, n2);
+    free(c1);
+    free(c2);
+    free(nacc);
+    free(p1);
+    free(p2);
+    ds4_sampler_free(smp);
+    ds4_session_free(s);
+    ds4_engine_close(e);
+}
