@@ -142,6 +142,12 @@ static void build_describe(ds4_engine *e, const char *path) {
                                   ds4_type_name(l->down_exps.type), ds4_type_name(l->q_a.type));
         }
     }
+    if (o < cap && e->bmtp) {
+        const ds4_layer *l = &e->mtp.layers[0];
+        o += (size_t)snprintf(e->describe + o, cap - o, "; MTP block: experts %s, attention %s, e/h_proj %s",
+                              ds4_type_name(l->gate_exps.type), ds4_type_name(l->q_a.type),
+                              ds4_type_name(e->mtp.mtp_e_proj.type));
+    }
     if (o < cap)
         o += (size_t)snprintf(e->describe + o, cap - o, "; tokenizer: %s; backend: %s; numerics: %s",
                               e->tok ? "yes" : "none", e->have_be ? e->be.ops->name : "none",
