@@ -20,6 +20,8 @@
 typedef struct ds4_cli_opts {
     const char *model_path;        /* -m */
     const char *mtp_path;          /* --mtp */
+    int mtp_draft;                 /* --mtp-draft N (1..4, default 3) */
+    float mtp_gate;                /* --mtp-gate P (default 0.3) */
     ds4_backend_kind backend;      /* --cpu / --cuda */
     int n_threads;                 /* -t */
     int n_ctx;                     /* -c / --ctx */
@@ -159,6 +161,8 @@ typedef struct ds4_cli_gen_result {
     int n_evaluated;  /* decode steps run */
     bool eos, interrupted, failed;
     double secs;
+    bool spec;              /* speculative decoding ran (--mtp) */
+    ds4_spec_stats spec_st; /* its counters for this generation */
 } ds4_cli_gen_result;
 int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r);
 /* The two final stderr lines (tokens: ...; prefill: X t/s, generation: Y t/s). */

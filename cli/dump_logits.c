@@ -65,7 +65,38 @@ int ds4_cli_dump_logits(const ds4_cli_opts *o) {
     }
     /* --dump-greedy N: N greedy decode steps after the prompt (argmax on the
      * backend, one token per step), ids printed on one stdout line */
-    if (ng > 0) {
+    if (ng > 0 && ds4_engine_has_mtp(e)) {
+        /* the same continuation through speculative cycles (greedy) */
+        ds4_spec_opts sop = {.n_draft = o->mtp_draft, .gate = o->mtp_gate};
+        ds4_sampler_params sp = ds4_sampler_defaults();
+        sp.temperature = 0;
+        ds4_rng rng;
+        ds4_rng_seed(&rng, 1);
+        int32_t next;
+        if (ds4_session_spec_enable(s, &sop, &err) != 0 || ds4_session_rewind(s, 0, &err) != 0 ||
+            ds4_session_extend(s, ids, n, o->eval_mode, o->eval_chunk, NULL, &err) != 0 ||
+            ds4_session_argmax(s, &next, &err) != 0) {
+            fprintf(stderr, "ds4: %s\n", err.msg);
+            goto out_logits;
+        }
+        printf("greedy:");
+        for (int i = 0; i < ng;) {
+            int32_t out[8];
+            int no = 0;
+            if (ds4_session_spec_step(s, next, ng - i, &sp, &rng, out, &no, &next, &err) != 0) {
+                fprintf(stderr, "ds4: %s\n", err.msg);
+                goto out_logits;
+            }
+            for (int k = 0; k < no; k++) printf(" %d", out[k]);
+            i += no;
+        }
+        printf("\n");
+        ds4_spec_stats st;
+        ds4_session_spec_stats(s, &st);
+        fprintf(stderr, "ds4: mtp: cycles %lld, tokens %lld, drafts %lld, accepted %lld, gated %lld\n",
+                (long long)st.cycles, (long long)st.tokens, (long long)st.drafted, (long long)st.accepted,
+                (long long)st.gated);
+    } else if (ng > 0) {
         printf("greedy:");
         for (int i = 0; i < ng; i++) {
             int32_t id;

@@ -330,7 +330,17 @@ int ds4_cli_open_session(const ds4_cli_opts *o, int n_ctx, ds4_engine **e_out, d
         ds4_engine_close(e);
         return -1;
     }
-    fprintf(stderr, "ds4: ctx=%d, backend=%s\n", n_ctx, ds4_engine_backend_name(e));
+    if (ds4_engine_has_mtp(e)) {
+        ds4_spec_opts sop = {.n_draft = o->mtp_draft, .gate = o->mtp_gate};
+        if (ds4_session_spec_enable(s, &sop, &err) != 0) {
+            fprintf(stderr, "ds4: cannot enable MTP: %s\n", err.msg);
+            ds4_session_free(s);
+            ds4_engine_close(e);
+            return -1;
+        }
+    }
+    fprintf(stderr, "ds4: ctx=%d, backend=%s%s\n", n_ctx, ds4_engine_backend_name(e),
+            ds4_engine_has_mtp(e) ? ", mtp" : "");
     *e_out = e;
     *s_out = s;
     return 0;
@@ -359,11 +369,27 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
     int32_t eos = ds4_token_special(e, DS4_TOK_EOS);
     int n_vocab = ds4_engine_n_vocab(e);
     ds4_err err = {0};
+    /* Speculative decoding (the session has it on when --mtp loaded a
+     * block): a cycle appends the chosen token plus the accepted drafts,
+     * which are then printed without further evaluation, and names the
+     * token after them. */
+    ds4_spec_stats st0;
+    ds4_session_spec_stats(g->s, &st0);
+    const bool spec = ds4_engine_has_mtp(e);
+    int32_t queue[8], next = -1;
+    int nq = 0, qi = 0;
     double t0 = ds4_cli_now();
     for (int i = 0; i < g->max_new; i++) {
         if (ds4_cli_interrupted) { r->interrupted = true; break; }
         int32_t tok;
-        if (!(g->params.temperature > 0.0f)) {
+        bool evaluated = false;
+        if (qi < nq) {
+            tok = queue[qi++];
+            evaluated = true;
+        } else if (next >= 0) {
+            tok = next;
+            next = -1;
+        } else if (!(g->params.temperature > 0.0f)) {
             /* greedy: the backend picks the id, the logits stay where they are */
             if (ds4_session_argmax(g->s, &tok, &err) != 0) {
                 fprintf(stderr, "ds4: %s\n", err.msg);
@@ -384,11 +410,26 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
             break;
         }
         r->n_generated++;
+        if (evaluated) continue;
         /* The last token is not evaluated: nothing would read its logits
          * (the REPL's next sync evaluates it with the next turn). */
         if (i + 1 == g->max_new || ds4_cli_interrupted) {
             r->interrupted = ds4_cli_interrupted;
             break;
+        }
+        if (spec) {
+            int32_t out[8];
+            int n_out = 0;
+            if (ds4_session_spec_step(g->s, tok, g->max_new - i, &g->params, g->rng, out, &n_out, &next, &err) != 0) {
+                fprintf(stderr, "ds4: decode failed: %s\n", err.msg);
+                r->failed = true;
+                break;
+            }
+            for (int j = 1; j < n_out; j++) queue[j - 1] = out[j];
+            nq = n_out - 1;
+            qi = 0;
+            r->n_evaluated += n_out;
+            continue;
         }
         if (ds4_session_eval(g->s, tok, &err) != 0) {
             fprintf(stderr, "ds4: decode failed: %s\n", err.msg);
@@ -398,6 +439,21 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
         r->n_evaluated++;
     }
     r->secs = ds4_cli_now() - t0;
+    if (spec) {
+        ds4_spec_stats st;
+        ds4_session_spec_stats(g->s, &st);
+        r->spec = true;
+        r->spec_st = st;
+        r->spec_st.cycles -= st0.cycles;
+        r->spec_st.tokens -= st0.tokens;
+        r->spec_st.drafted -= st0.drafted;
+        r->spec_st.accepted -= st0.accepted;
+        r->spec_st.gated -= st0.gated;
+        for (int k = 0; k < 4; k++) {
+            r->spec_st.pos_drafted[k] -= st0.pos_drafted[k];
+            r->spec_st.pos_accepted[k] -= st0.pos_accepted[k];
+        }
+    }
     return r->failed ? -1 : 0;
 }
 
@@ -407,7 +463,15 @@ void ds4_cli_print_stats(int n_prompt, const ds4_sync_info *info, double prefill
     double gen = r->secs > 0 ? r->n_generated / r->secs : 0.0;
     fprintf(stderr, "ds4: tokens: prompt %d (reused %d, evaluated %d), generated %d\n", n_prompt,
             info->n_reused, info->n_evaluated, r->n_generated);
-    fprintf(stderr, "ds4: prefill: %.2f t/s, generation: %.2f t/s\n", pf, gen);
+    if (!r->spec) {
+        fprintf(stderr, "ds4: prefill: %.2f t/s, generation: %.2f t/s\n", pf, gen);
+        return;
+    }
+    const ds4_spec_stats *st = &r->spec_st;
+    fprintf(stderr, "ds4: prefill: %.2f t/s, generation: %.2f t/s, mtp: %.2f tokens/cycle, drafts %lld, "
+            "accepted %lld (%.1f%%), gated %lld\n", pf, gen, st->cycles ? (double)st->tokens / (double)st->cycles : 0.0,
+            (long long)st->drafted, (long long)st->accepted,
+            st->drafted ? 100.0 * (double)st->accepted / (double)st->drafted : 0.0, (long long)st->gated);
 }
 
 int ds4_cli_generate(const ds4_cli_opts *o) {

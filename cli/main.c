@@ -15,7 +15,9 @@ static void usage(FILE *f) {
     fprintf(f,
         "usage: ds4 [options]\n"
         "  -m, --model FILE        main GGUF (default ds4flash.gguf)\n"
-        "  --mtp FILE              optional MTP draft GGUF\n"
+        "  --mtp FILE              optional MTP draft GGUF (speculative decoding)\n"
+        "  --mtp-draft N           MTP drafts per cycle, 1..4 (default 3)\n"
+        "  --mtp-gate P            stop drafting below this MTP probability (default 0.3; 0 = never)\n"
         "  --cpu | --cuda          backend (default: CUDA if built and present, else CPU)\n"
         "  -t, --threads N         CPU threads (default: all cores)\n"
         "  -c, --ctx N             context size (default 32768)\n"
@@ -45,6 +47,7 @@ static void usage_debug(void) {
            "  --cuda-sync-debug  CUDA: synchronise and check after every kernel launch\n"
            "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n"
            "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n"
+           "                     (speculative cycles when --mtp is given; MTP counters on stderr)\n"
            "  --layers N         evaluate only the first N blocks, then the head (compare backends)\n"
            "  --numerics-off L   turn off single roundings of the release path: L = fp8,fp4,f16,act\n");
 }
@@ -184,6 +187,8 @@ int main(int argc, char **argv) {
         .min_p = 0.05f,
         .think = 1,
         .logprobs_top_k = 20,
+        .mtp_draft = 3,
+        .mtp_gate = 0.3f,
     };
     long v;
 #define NEED_ARG()                                                              \
@@ -195,6 +200,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--help-debug")) { usage_debug(); return 0; }
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEED_ARG(); o.model_path = argv[++i]; }
         else if (!strcmp(a, "--mtp")) { NEED_ARG(); o.mtp_path = argv[++i]; }
+        else if (!strcmp(a, "--mtp-draft")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 1, 4, &v)) return 2; o.mtp_draft = (int)v;
+        } else if (!strcmp(a, "--mtp-gate")) { NEED_ARG(); if (parse_float(a, argv[++i], 0, 1, &o.mtp_gate)) return 2; }
         else if (!strcmp(a, "--cpu")) o.backend = DS4_BACKEND_CPU;
         else if (!strcmp(a, "--cuda")) o.backend = DS4_BACKEND_CUDA;
         else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;

@@ -32,7 +32,9 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: ds4-server -m MODEL.gguf [options]\n"
             "  -m, --model FILE            model GGUF (required)\n"
-            "      --mtp FILE              MTP GGUF (optional)\n"
+            "      --mtp FILE              MTP GGUF (optional): speculative decoding for every request\n"
+            "      --mtp-draft N           MTP drafts per cycle, 1..4 (default 3)\n"
+            "      --mtp-gate P            stop drafting below this MTP probability (default 0.3; 0 = never)\n"
             "      --cpu | --cuda          backend (default: CUDA when built with it and a GPU is present)\n"
             "  -t, --threads N             CPU threads (default: all cores)\n"
             "  -c, --ctx N                 context size (default 32768)\n"
@@ -129,6 +131,8 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
     c->tool_memory_max_ids = 100000;
     c->max_conn_per_client = 64;
     c->request_timeout_s = 30;
+    c->mtp_draft = 3;
+    c->mtp_gate = 0.3f;
     for (int k = 0; k < SRV_N_API; k++) c->default_think[k] = DS4_THINK_HIGH; /* B.5 */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -196,6 +200,18 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         STROPT("-m", model_path)
         STROPT("--model", model_path)
         STROPT("--mtp", mtp_path)
+        INTOPT("--mtp-draft", 1, 4, mtp_draft)
+        if (!strcmp(a, "--mtp-gate")) {
+            char *end = NULL;
+            float g = v ? strtof(v, &end) : 0;
+            if (!v || end == v || *end || !(g >= 0.0f && g <= 1.0f)) {
+                fprintf(stderr, "ds4-server: --mtp-gate: expected a number in 0..1, got '%s'\n", v ? v : "");
+                return -1;
+            }
+            c->mtp_gate = g;
+            i++;
+            continue;
+        }
         STROPT("--host", host)
         STROPT("--api-key", api_key)
         STROPT("--trace", trace_path)
@@ -296,6 +312,15 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ds4-server: %s\n", err.msg);
         ds4_engine_close(s.engine);
         return 1;
+    }
+    if (ds4_engine_has_mtp(s.engine)) {
+        ds4_spec_opts sop = {.n_draft = s.cfg.mtp_draft, .gate = s.cfg.mtp_gate};
+        if (ds4_session_spec_enable(s.session, &sop, &err)) {
+            fprintf(stderr, "ds4-server: --mtp: %s\n", err.msg);
+            ds4_session_free(s.session);
+            ds4_engine_close(s.engine);
+            return 1;
+        }
     }
     s.replay = ds4_dsml_replay_new((size_t)s.cfg.tool_memory_max_ids, 0);
     if (s.cfg.trace_path) {

@@ -294,6 +294,8 @@ void srv_job_free(srv_job *j);
 typedef struct srv_config {
     const char *model_path;
     const char *mtp_path;
+    int mtp_draft;              /* --mtp-draft N (1..4) */
+    float mtp_gate;             /* --mtp-gate P */
     ds4_backend_kind backend;
     int n_threads;
     int n_ctx;

@@ -529,6 +529,17 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     srv_forced *fz = srv_forced_new(s->engine, rq, g->thinking);
     srv_finish finish = SRV_FINISH_LENGTH;
     int n_gen = 0;
+    /* MTP speculative cycles (ds4.h ds4_session_spec_step) whenever the
+     * sampling rule cannot change between the tokens of a cycle: no forced
+     * tool call, no logprobs, and no greedy-structure switching (no tools,
+     * or greedy anyway). A cycle appends the chosen token and the accepted
+     * drafts; those are then taken from the queue without evaluation. */
+    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs &&
+                     (!tools || !(ds4_sampler_effective(&cp, g->thinking, 0).temperature > 0.0f));
+    ds4_spec_stats st0 = {0};
+    if (mtp) ds4_session_spec_stats(s->session, &st0);
+    int32_t queue[8], next = -1;
+    int nq = 0, qi = 0;
 #define FAIL(...)                                                  \
     {                                                              \
         finish = SRV_FINISH_ERROR;                                 \
@@ -545,7 +556,14 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         bool forced = fz && !srv_forced_done(fz);
         int32_t tok;
         const float *logits = NULL;
-        if (!forced && !(p.temperature > 0.0f) && !rq->logprobs) {
+        bool evaluated = false;
+        if (qi < nq) {
+            tok = queue[qi++];
+            evaluated = true;
+        } else if (next >= 0 && !forced) {
+            tok = next;
+            next = -1;
+        } else if (!forced && !(p.temperature > 0.0f) && !rq->logprobs) {
             /* greedy: the backend picks the id (no logits copy from a GPU) */
             if (ds4_session_argmax(s->session, &tok, &err)) FAIL("%s", err.msg)
         } else {
@@ -563,7 +581,15 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         size_t blen = 0;
         const char *bytes = reply_bytes(g, tok, tools, n_gen, &blen);
         if (logits && rq->logprobs && blen) record_logprob(g, logits, tok, g->gen.len);
-        if (ds4_session_eval(s->session, tok, &err)) FAIL("%s", err.msg)
+        if (!evaluated && mtp && !forced) {
+            int32_t out[8];
+            int no = 0;
+            if (ds4_session_spec_step(s->session, tok, max_tokens - n_gen, &p, &rng, out, &no, &next, &err))
+                FAIL("%s", err.msg)
+            for (int k = 1; k < no; k++) queue[k - 1] = out[k];
+            nq = no - 1;
+            qi = 0;
+        } else if (!evaluated && ds4_session_eval(s->session, tok, &err)) FAIL("%s", err.msg)
         n_gen++;
         size_t old = g->gen.len;
         ds4_buf_append(&g->gen, bytes, blen);
@@ -591,6 +617,15 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         }
     }
 #undef FAIL
+    if (mtp) {
+        ds4_spec_stats st;
+        ds4_session_spec_stats(s->session, &st);
+        long long cy = st.cycles - st0.cycles, dr = st.drafted - st0.drafted, ac = st.accepted - st0.accepted;
+        if (cy > 0)
+            srv_log("mtp %s: %lld cycles, %.2f tokens/cycle, drafts %lld, accepted %lld (%.1f%%), gated %lld", j->id,
+                    cy, (double)(st.tokens - st0.tokens) / (double)cy, dr, ac, dr ? 100.0 * (double)ac / (double)dr : 0.0,
+                    (long long)(st.gated - st0.gated));
+    }
     feed_to(g, g->gen.len);
     srv_forced_free(fz);
     r->usage.completion = n_gen;

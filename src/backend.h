@@ -230,6 +230,22 @@ typedef struct ds4_head_args {
     float *logits;           /* out (n, n_vocab) */
 } ds4_head_args;
 
+/* MTP input (MODEL.md C.12 steps 1-3), the one stage of the MTP block
+ * that the main model has no equivalent for. The model is the bound MTP
+ * model (ds4_model_load_mtp): per token t,
+ *   e   = e_proj . RMSNorm_{mtp_enorm}(tok_embd[tokens[t]])
+ *   X_s = e + h_proj . RMSNorm_{mtp_hnorm}(hc[t]_s)   for each stream s,
+ * with the matrix products under the numerics' activation rule (E.1), each
+ * row computed as in a batch of one. Optional in the vtable: a backend
+ * without it cannot load an MTP model (refused at open). */
+typedef struct ds4_mtp_embed_args {
+    DS4_STAGE_COMMON;
+    ds4_numerics num;
+    const int32_t *tokens;   /* (n) backend memory: DS4_STEP_TOKENS(step) */
+    const float *hc;         /* (n, n_hc, D) incoming HC states */
+    float *X;                /* out (n, n_hc, D) */
+} ds4_mtp_embed_args;
+
 /* How a model is bound. synthetic: weights whose data is NULL in the host
  * description are filled by the backend with ds4_synth values (no file). */
 typedef struct ds4_bind_opts {
@@ -317,6 +333,8 @@ typedef struct ds4_backend_ops {
     int (*moe_route)(void *ctx, const ds4_moe_route_args *a);
     int (*moe_experts)(void *ctx, const ds4_moe_experts_args *a);
     int (*head)(void *ctx, const ds4_head_args *a);
+    /* MTP only (NULL = the backend has no MTP support). */
+    int (*mtp_embed)(void *ctx, const ds4_mtp_embed_args *a);
 } ds4_backend_ops;
 
 typedef struct ds4_backend {

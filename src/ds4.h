@@ -36,7 +36,8 @@ typedef int (*ds4_progress_fn)(void *user, const char *what, int64_t done, int64
 
 typedef struct ds4_engine_opts {
     const char *model_path;   /* main GGUF (required) */
-    const char *mtp_path;     /* optional MTP GGUF, NULL for none */
+    const char *mtp_path;     /* optional MTP GGUF, NULL for none; "synthetic" with a
+                                 synthetic model: an MTP block of the published recipe */
     ds4_backend_kind backend;
     int n_threads;            /* CPU worker threads; 0 = number of cores */
     /* Diagnostic (not a user mode): turn off every rounding of docs/MODEL.md §E
@@ -201,6 +202,60 @@ int ds4_session_rewind(ds4_session *s, int n_tokens, ds4_err *err);
  * not match is rejected with DS4_E_FORMAT and the session left empty. */
 int ds4_session_save(const ds4_session *s, void **out, size_t *out_bytes, ds4_err *err);
 int ds4_session_load(ds4_session *s, const void *buf, size_t n_bytes, ds4_err *err);
+
+/* ---- Speculative decoding with the MTP block (--mtp) -------------------- */
+
+struct ds4_sampler_params; /* sampler.h */
+struct ds4_rng;
+
+/* True when the engine was opened with an MTP model (opts.mtp_path). */
+bool ds4_engine_has_mtp(const ds4_engine *e);
+
+typedef struct ds4_spec_opts {
+    int n_draft;   /* drafts per cycle, 1..4 */
+    /* Confidence gate: drafting stops at a draft whose probability under
+     * the MTP head (softmax at temperature 1) is below this; 0 = never. */
+    float gate;
+} ds4_spec_opts;
+
+typedef struct ds4_spec_stats {
+    int64_t cycles;          /* verify passes (ds4_session_spec_step calls) */
+    int64_t tokens;          /* tokens they appended */
+    int64_t drafted;         /* drafts verified */
+    int64_t accepted;        /* drafts kept */
+    int64_t gated;           /* drafts dropped by the confidence gate */
+    int64_t pos_drafted[4];  /* by place in the cycle */
+    int64_t pos_accepted[4];
+} ds4_spec_stats;
+
+/* Turns speculative decoding on for the session (DS4_E_ARG when the engine
+ * has no MTP model and no test drafter is set, DS4_E_RANGE for n_draft
+ * outside 1..4 or a negative gate). From then on every evaluation of the
+ * session also feeds the MTP block's own window (MODEL.md C.12, D.1). */
+int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err);
+
+/* One speculative cycle. `next` is the token that follows the timeline,
+ * chosen by the caller from ds4_session_logits as before ds4_session_eval.
+ * The engine appends it, drafts up to n_draft more tokens with the MTP
+ * block, verifies them in one batched pass and appends the longest prefix
+ * the model accepts: with p->temperature <= 0 a draft is kept when it is
+ * the model's greedy token there, so the output is exactly the greedy
+ * output; otherwise (speculative sampling) the MTP draws each draft d from
+ * q, the sampler's distribution of its logits under p, the model keeps it
+ * with probability min(1, p(d)/q(d)) (p = the sampler's distribution of the
+ * model's logits there) and the first rejected place draws from the
+ * normalised max(0, p - q), so each token is distributed exactly as
+ * ds4_sampler_sample would draw it (a test drafter's drafts count as point
+ * masses).
+ * p NULL means greedy (rng may then be NULL too).
+ * out[0..*n_out) receives the appended tokens (next first; at most max_new,
+ * which must be >= 1; out has room for 5); *following the token after
+ * them, chosen by the same rules (the next call's `next`). The session's
+ * logits are those after the last appended token. Everything the rejected
+ * drafts touched is rolled back. On failure the session is left empty. */
+int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const struct ds4_sampler_params *p,
+                          struct ds4_rng *rng, int32_t *out, int *n_out, int32_t *following, ds4_err *err);
+void ds4_session_spec_stats(const ds4_session *s, ds4_spec_stats *st);
 
 /* 32-byte fingerprint of the loaded model (hash of metadata and tensor
  * table), used to key disk caches. */

@@ -58,4 +58,31 @@ double ds4_debug_token_flops(ds4_engine *e, int pos);
 /* Bytes of the session's serialized state (its cached rows and frontiers). */
 size_t ds4_debug_session_state_bytes(const ds4_session *s);
 
+/* Speculative decoding tests: a drafter that replaces the MTP block. It
+ * gets the timeline (tokens[0..n)), the token `next` about to be appended
+ * and room for max drafts; returns how many it wrote (0..max). NULL
+ * restores the MTP block. Sessions with a drafter feed no MTP window. */
+typedef int (*ds4_debug_drafter)(void *user, const int32_t *tokens, int n, int32_t next, int32_t *drafts, int max);
+void ds4_debug_session_drafter(ds4_session *s, ds4_debug_drafter fn, void *user);
+
+/* Benchmarks only (ds4-bench --mtp-accept): speculative cycles of the
+ * session accept draft i (i = 0..3, while the earlier ones were accepted)
+ * with probability rates[i] from a generator seeded by seed, instead of
+ * verifying it; the output is then not the model's. n = 0 turns it off. */
+void ds4_debug_session_force_accept(ds4_session *s, const float *rates, int n, uint64_t seed);
+
+/* The MTP block on its own (tests against a reference of MODEL.md C.12):
+ * evaluates the session's MTP window for n pairs (hc[i], tokens[i]), hc
+ * given as (n, n_hc, n_embd) floats, and writes the MTP head's logits of
+ * every pair into logits (n, n_vocab) and its output states into out_hc
+ * (n, n_hc, n_embd) when non-NULL. Pairs are appended to the MTP window one
+ * at a time (as drafting does). DS4_E_ARG without an MTP model. */
+int ds4_debug_mtp_eval(ds4_session *s, const float *hc, const int32_t *tokens, int n, float *logits, float *out_hc,
+                       ds4_err *err);
+/* The main model's final HC state (after the last block, before the head)
+ * of the session's last evaluated token, (n_hc, n_embd) floats. */
+int ds4_debug_session_state(ds4_session *s, float *hc, ds4_err *err);
+/* Floats of one such state (n_hc * n_embd); 0 for a vocab-only engine. */
+size_t ds4_debug_state_floats(const ds4_engine *e);
+
 #endif

@@ -11,6 +11,7 @@
  * decode are bit-identical on the CPU the result equals a fresh run.
  */
 #include "ds4.h"
+#include "ds4_debug.h"
 
 #include <math.h>
 #include <openssl/evp.h>
@@ -44,6 +45,10 @@ struct ds4_engine {
     char describe[2048];
     char device[512];
     int layer_limit;       /* debug: blocks evaluated, 0 = all */
+    /* the MTP block (opts.mtp_path), a one-layer model beside m */
+    ds4_gguf *g_mtp;
+    ds4_model mtp;
+    ds4_model *bmtp;       /* the backend's binding of mtp */
 };
 
 /* A light checkpoint (forward.h): the state at `pos` for the timeline that
@@ -68,6 +73,26 @@ struct ds4_session {
     ds4_fwd *f;
     ckpt ck[N_CKPT];
     uint64_t ck_seq;
+    /* speculative decoding (ds4_session_spec_enable). The MTP window holds
+     * the pairs (h_i, t_{i+1}) of main indices mbase .. mbase + pos(mf) - 1
+     * (h_i = the main model's final state after token i); hc_pos is the
+     * main index whose state mf keeps aside (-1 none). */
+    bool spec;
+    ds4_spec_opts so;
+    ds4_spec_stats st;
+    ds4_fwd *mf;
+    int mbase, hc_pos;
+    ds4_debug_drafter drafter;
+    void *drafter_user;
+    float force_rate[4];   /* benchmarks: forced acceptance (n_force > 0) */
+    int n_force;
+    ds4_rng force_rng;
+    float *row;            /* (n_vocab) host logits / probabilities */
+    float *probs;          /* (n_vocab) */
+    int32_t *mtok;         /* (n_batch + 1) tokens of an MTP feed */
+    float *qbuf;           /* (4, n_vocab) draft distributions of a sampled cycle */
+    bool qdraft;           /* this cycle's drafts were drawn from qbuf (else point masses) */
+    ds4_sampler *smp;
 };
 
 /* ------------------------------------------------------------ engine */
@@ -117,6 +142,12 @@ static void build_describe(ds4_engine *e, const char *path) {
                                   ds4_type_name(l->down_exps.type), ds4_type_name(l->q_a.type));
         }
     }
+    if (o < cap && e->bmtp) {
+        const ds4_layer *l = &e->mtp.layers[0];
+        o += (size_t)snprintf(e->describe + o, cap - o, "; MTP block: experts %s, attention %s, e/h_proj %s",
+                              ds4_type_name(l->gate_exps.type), ds4_type_name(l->q_a.type),
+                              ds4_type_name(e->mtp.mtp_e_proj.type));
+    }
     if (o < cap)
         o += (size_t)snprintf(e->describe + o, cap - o, "; tokenizer: %s; backend: %s; numerics: %s",
                               e->tok ? "yes" : "none", e->have_be ? e->be.ops->name : "none",
@@ -155,6 +186,27 @@ static int bind_progress(void *user, int64_t done, int64_t total) {
     return lp->o->progress ? lp->o->progress(lp->o->progress_user, "load", done, total) : 0;
 }
 
+/* Loads, checks and binds the MTP GGUF beside the main model (beside a
+ * synthetic model: path "synthetic", a block of the published recipe).
+ * Errors are prefixed with the MTP file's path. */
+static int mtp_open(ds4_engine *e, const ds4_engine_opts *o, const char *path, ds4_err *err) {
+    int rc;
+    const bool syn = o->synthetic != NULL;
+    if (!e->be.ops->mtp_embed)
+        rc = ds4_err_set(err, DS4_E_ARG, "the %s backend does not support MTP yet", e->be.ops->name);
+    else if (syn && strcmp(path, "synthetic") != 0)
+        rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model takes only a synthetic MTP block (--mtp synthetic)");
+    else if (!(rc = syn ? ds4_model_synth_mtp(&e->mtp, &e->m, o->synthetic_seed, err)
+                        : ds4_gguf_open(&e->g_mtp, path, err)) &&
+             !(rc = syn ? 0 : ds4_model_load_mtp(&e->mtp, &e->m, e->g_mtp, err)) &&
+             !(rc = e->be.ops->check_model(e->be.ctx, &e->mtp, err))) {
+        ds4_bind_opts bo = {.synthetic = syn, .seed = o->synthetic_seed};
+        rc = e->be.ops->bind_model(e->be.ctx, &e->mtp, &bo, &e->bmtp, err);
+    }
+    if (rc) ds4_err_prefix(err, "MTP %s", path);
+    return rc;
+}
+
 int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err) {
     *out = NULL;
     if (!opts || (!opts->model_path && !opts->synthetic)) return ds4_err_set(err, DS4_E_ARG, "no model path given");
@@ -167,8 +219,8 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
     e->num = (ds4_numerics){.fp8_kv = !plain && !(off & 1), .fp4_indexer = !plain && !(off & 2),
                             .f16_cache = !plain && !(off & 4), .act_quant = !plain && !(off & 8)};
     if (opts->synthetic) {
-        if (opts->vocab_only || opts->mtp_path) {
-            rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model has no vocabulary file and no MTP");
+        if (opts->vocab_only) {
+            rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model has no vocabulary file");
             goto fail;
         }
         if ((rc = ds4_model_synth(&e->m, opts->synthetic, opts->synthetic_seed, err))) goto fail;
@@ -183,10 +235,6 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
         e->have_hp = ds4_gguf_find_key(e->g, "deepseek4.block_count") >= 0 &&
                      ds4_model_read_hparams(&e->hp, e->g, &tmp) == 0;
     } else {
-        if (opts->mtp_path) {
-            rc = ds4_err_set(err, DS4_E_ARG, "MTP draft models are not supported yet (--mtp)");
-            goto fail;
-        }
         if (!opts->synthetic && (rc = ds4_model_load(&e->m, e->g, err))) goto fail;
         e->hp = e->m.hp; /* shallow view; freed with the model */
         e->have_hp = true;
@@ -202,6 +250,7 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
         ds4_bind_opts bo = {.synthetic = opts->synthetic != NULL, .seed = opts->synthetic_seed,
                             .progress = opts->progress ? bind_progress : NULL, .progress_user = &lp};
         if ((rc = e->be.ops->bind_model(e->be.ctx, &e->m, &bo, &e->bm, err))) goto fail;
+        if (opts->mtp_path && (rc = mtp_open(e, opts, opts->mtp_path, err))) goto fail;
     }
     if ((rc = fingerprint(e, opts, err))) goto fail;
     e->layer_limit = opts->layer_limit > 0 ? opts->layer_limit : 0;
@@ -216,6 +265,9 @@ fail:
 
 void ds4_engine_close(ds4_engine *e) {
     if (!e) return;
+    if (e->bmtp) e->be.ops->unbind_model(e->be.ctx, e->bmtp);
+    if (e->mtp.weights_loaded) ds4_model_free(&e->mtp);
+    ds4_gguf_close(e->g_mtp);
     if (e->bm) e->be.ops->unbind_model(e->be.ctx, e->bm);
     if (e->have_be) e->be.ops->destroy(e->be.ctx);
     if (e->m.weights_loaded) ds4_model_free(&e->m);
@@ -232,6 +284,7 @@ int ds4_engine_n_vocab(const ds4_engine *e) {
 int ds4_engine_n_layer(const ds4_engine *e) { return e->have_hp ? e->hp.n_layer : 0; }
 const char *ds4_engine_backend_name(const ds4_engine *e) { return e->have_be ? e->be.ops->name : "none"; }
 const char *ds4_engine_describe(const ds4_engine *e) { return e->describe; }
+bool ds4_engine_has_mtp(const ds4_engine *e) { return e->bmtp != NULL; }
 void ds4_engine_fingerprint(const ds4_engine *e, uint8_t out[32]) { memcpy(out, e->fp, 32); }
 
 /* ------------------------------------------------------------ tokenizer */
@@ -295,6 +348,7 @@ int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **o
     if (!s) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     s->e = e;
     s->n_ctx = opts->n_ctx;
+    s->hc_pos = -1;
     s->n_batch = opts->prefill_chunk > 0 ? opts->prefill_chunk : DEFAULT_PREFILL_CHUNK;
     if (s->n_batch > s->n_ctx) s->n_batch = s->n_ctx;
     s->tokens = malloc((size_t)s->n_ctx * sizeof(int32_t));
@@ -318,6 +372,12 @@ void ds4_session_free(ds4_session *s) {
         free(s->ck[i].logits);
     }
     ds4_fwd_free(s->f);
+    ds4_fwd_free(s->mf);
+    ds4_sampler_free(s->smp);
+    free(s->mtok);
+    free(s->qbuf);
+    free(s->row);
+    free(s->probs);
     free(s->tokens);
     free(s->logits);
     free(s);
@@ -361,7 +421,10 @@ static void session_clear(ds4_session *s) {
     s->logits_host = false;
     ds4_fwd_reset(s->f);
     ckpt_drop_after(s, 0);
+    s->hc_pos = -1;
 }
+
+static int mtp_feed(ds4_session *s, int pos0, int nr, ds4_err *err);
 
 /* Checkpoints the current state (best effort: skipped when out of memory). */
 static void ckpt_take(ds4_session *s) {
@@ -398,6 +461,7 @@ static int ckpt_restore_upto(ds4_session *s, int k) {
     ckpt *best = NULL;
     for (int i = 0; i < N_CKPT; i++)
         if (s->ck[i].pos > 0 && s->ck[i].pos <= k && (!best || s->ck[i].pos > best->pos)) best = &s->ck[i];
+    s->hc_pos = -1; /* the MTP's kept state belongs to the old position */
     if (!best || ds4_fwd_ckpt_restore(s->f, best->pos, best->state, NULL)) {
         s->n_tokens = 0;
         s->logits_host = false;
@@ -444,6 +508,10 @@ static int eval_chunks(ds4_session *s, const int32_t *tokens, int n, int chunk, 
         }
         memmove(s->tokens + s->n_tokens, tokens + i, (size_t)nb * sizeof(int32_t));
         s->n_tokens += nb;
+        if ((rc = mtp_feed(s, s->n_tokens - nb, nb, err))) {
+            session_clear(s);
+            return rc;
+        }
         if (progress && progress(user, "prefill", i + nb, n)) {
             session_clear(s);
             return ds4_err_set(err, DS4_E_CANCEL, "cancelled");
@@ -528,6 +596,263 @@ int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info
     if (c == n) return 0; /* restored exactly the requested prefix */
     rc = eval_chunks(s, tokens + c, n - c, s->n_batch, NULL, progress, progress_user, err);
     if (!rc) ckpt_take(s);
+    return rc;
+}
+
+
+/* ------------------------------------------------------------ speculative decoding */
+
+/* Feeds the MTP window after the main model evaluated tokens[pos0 ..
+ * pos0+nr) (their final states are rows 0..nr-1 of the main eval): the
+ * pending pair (h_{pos0-1}, t_{pos0}) when its state was kept and the MTP
+ * has not consumed it yet (the first draft of a cycle does), then
+ * (h_i, t_{i+1}) for i = pos0 .. pos0+nr-2; h_{pos0+nr-1} is kept for the
+ * next pair. A window that does not continue at these positions (after a
+ * rewind, a restore or a load) starts over here: the MTP block then sees a
+ * shorter history, which only costs acceptance, never correctness. */
+static int mtp_feed(ds4_session *s, int pos0, int nr, ds4_err *err) {
+    if (!s->spec || !s->mf || nr < 1) return 0;
+    const int cap = ds4_fwd_n_batch(s->mf);
+    const bool pend = s->hc_pos == pos0 - 1;
+    int next_pair = s->mbase + ds4_fwd_pos(s->mf);
+    if (!(pend && next_pair == pos0 - 1) && next_pair != pos0) {
+        ds4_fwd_reset(s->mf);
+        s->mbase = pend ? pos0 - 1 : pos0;
+        next_pair = s->mbase;
+    }
+    int rc, r = 0, j = 0;
+    int32_t *toks = s->mtok; /* (cap + 1): at most cap rows are gathered */
+    if (next_pair == pos0 - 1) {
+        if ((rc = ds4_fwd_hc_from_kept(s->mf, 0, err))) return rc;
+        toks[r++] = s->tokens[pos0];
+    }
+    /* rows in chunks of the MTP session's batch */
+    while (j < nr - 1) {
+        int take = nr - 1 - j;
+        if (take > cap - r) take = cap - r;
+        if ((rc = ds4_fwd_hc_from(s->mf, r, s->f, j, take, err))) return rc;
+        for (int i = 0; i < take; i++) toks[r + i] = s->tokens[pos0 + j + i + 1];
+        r += take;
+        j += take;
+        if (r == cap && j < nr - 1) {
+            if ((rc = ds4_fwd_eval_states(s->mf, toks, r, err))) return rc;
+            r = 0;
+        }
+    }
+    if (r > 0 && (rc = ds4_fwd_eval_states(s->mf, toks, r, err))) return rc;
+    if ((rc = ds4_fwd_hc_keep(s->mf, s->f, nr - 1, err))) return rc;
+    s->hc_pos = pos0 + nr - 1;
+    return 0;
+}
+
+int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err) {
+    ds4_engine *e = s->e;
+    if (!o || o->n_draft < 1 || o->n_draft > 4 || !(o->gate >= 0.0f) || o->gate > 1.0f)
+        return ds4_err_set(err, DS4_E_RANGE, "speculative decoding needs 1..4 drafts and a gate in [0, 1]");
+    if (!e->bmtp && !s->drafter) return ds4_err_set(err, DS4_E_ARG, "the engine has no MTP model (--mtp)");
+    const size_t V = (size_t)e->hp.n_vocab;
+    if (!s->row) s->row = malloc(V * sizeof(float));
+    if (!s->probs) s->probs = malloc(V * sizeof(float));
+    if (!s->mtok) s->mtok = malloc((size_t)(s->n_batch + 1) * sizeof(int32_t));
+    if (!s->qbuf) s->qbuf = malloc(4 * V * sizeof(float));
+    if (!s->smp) s->smp = ds4_sampler_new((int)V, err);
+    if (!s->row || !s->probs || !s->mtok || !s->qbuf || !s->smp)
+        return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    if (e->bmtp && !s->mf) {
+        int rc = ds4_fwd_new(e->bmtp, &e->be, e->num, s->n_ctx, s->n_batch, &s->mf, err);
+        if (rc) return rc;
+        s->hc_pos = -1;
+    }
+    s->so = *o;
+    s->spec = true;
+    return 0;
+}
+
+void ds4_session_spec_stats(const ds4_session *s, ds4_spec_stats *st) { *st = s->st; }
+
+/* Greedy token and its probability (softmax at temperature 1) of a row. */
+static int32_t top_prob(const float *lg, int V, float *p_top) {
+    int32_t best = ds4_argmax(lg, V);
+    double sum = 0;
+    for (int i = 0; i < V; i++)
+        if (isfinite(lg[i])) sum += exp((double)lg[i] - (double)lg[best]);
+    *p_top = sum > 0 && isfinite(lg[best]) ? (float)(1.0 / sum) : 0.0f;
+    return best;
+}
+
+/* One MTP draft: evaluates the pair already placed in row 0 of the MTP
+ * input with token t. Greedy (sp NULL): *d = the MTP head's greedy token.
+ * Sampling: *d is drawn from q = the sampler's distribution of the MTP
+ * logits under sp, which is kept in q (n_vocab). *ok = false when the gate
+ * stops drafting there (top MTP probability at temperature 1 below it). */
+static int mtp_draft(ds4_session *s, int32_t t, const ds4_sampler_params *sp, ds4_rng *rng, float *q, int32_t *d,
+                     bool *ok, ds4_err *err) {
+    const int V = s->e->hp.n_vocab;
+    int rc = ds4_fwd_eval(s->mf, &t, 1, NULL, false, err);
+    if (!rc) rc = ds4_fwd_logits_row(s->mf, 0, s->row, err);
+    if (rc) return rc;
+    float pt;
+    *d = top_prob(s->row, V, &pt);
+    *ok = pt >= s->so.gate;
+    if (sp && *ok) {
+        ds4_sampler_probs(s->smp, s->row, sp, q);
+        *d = ds4_sampler_sample(s->smp, s->row, sp, rng);
+    }
+    return 0;
+}
+
+/* Up to max drafts for the token `next` at the end of the timeline; sp
+ * non-NULL when sampling (MTP drafts are then drawn from its distribution,
+ * s->qdraft). */
+static int make_drafts(ds4_session *s, int32_t next, int max, const ds4_sampler_params *sp, ds4_rng *rng,
+                       int32_t *drafts, int *nd, ds4_err *err) {
+    const int P = s->n_tokens;
+    const size_t V = (size_t)s->e->hp.n_vocab;
+    *nd = 0;
+    s->qdraft = false;
+    if (max < 1) return 0;
+    if (s->drafter) {
+        int n = s->drafter(s->drafter_user, s->tokens, P, next, drafts, max);
+        if (n < 0 || n > max) return ds4_err_set(err, DS4_E_ARG, "test drafter returned %d drafts (max %d)", n, max);
+        for (int i = 0; i < n; i++)
+            if (drafts[i] < 0 || drafts[i] >= s->e->hp.n_vocab)
+                return ds4_err_set(err, DS4_E_ARG, "test drafter proposed token %d out of range", drafts[i]);
+        *nd = n;
+        return 0;
+    }
+    if (!s->mf || s->hc_pos != P - 1) return 0; /* no state to draft from (after a restore): decode */
+    /* first draft: the pair (h_{P-1}, next) continues the window */
+    if (s->mbase + ds4_fwd_pos(s->mf) != P - 1) {
+        ds4_fwd_reset(s->mf);
+        s->mbase = P - 1;
+    }
+    s->qdraft = sp != NULL;
+    int rc = ds4_fwd_hc_from_kept(s->mf, 0, err);
+    bool ok;
+    if (!rc) rc = mtp_draft(s, next, sp, rng, s->qbuf, &drafts[0], &ok, err);
+    if (rc) return rc;
+    if (!ok) {
+        s->st.gated++;
+        return 0;
+    }
+    *nd = 1;
+    if (max == 1) return 0;
+    /* recursive drafts feed the block its own output state; they leave
+     * nothing in the window (rolled back) */
+    if ((rc = ds4_fwd_spec_begin(s->mf, max - 1, err))) return rc;
+    while (*nd < max) {
+        if ((rc = ds4_fwd_hc_from(s->mf, 0, s->mf, 0, 1, err))) return rc;
+        if ((rc = mtp_draft(s, drafts[*nd - 1], sp, rng, s->qbuf + (size_t)*nd * V, &drafts[*nd], &ok, err)))
+            return rc;
+        if (!ok) {
+            s->st.gated++;
+            break;
+        }
+        (*nd)++;
+    }
+    return ds4_fwd_spec_rollback(s->mf, 0, err);
+}
+
+/* Residual draw after rejecting draft d: the normalised max(0, p - q),
+ * q = the draft's distribution (NULL: the point mass at d, so p without
+ * d). */
+static float residual(const float *p, const float *q, int32_t d, int i) {
+    float r = p[i] - (q ? q[i] : (i == d ? 1.0f : 0.0f));
+    return r > 0.0f ? r : 0.0f;
+}
+
+static int32_t sample_residual(const float *p, const float *q, int V, int32_t d, ds4_rng *rng) {
+    float total = 0.0f;
+    int32_t last = -1;
+    for (int i = 0; i < V; i++) {
+        float r = residual(p, q, d, i);
+        if (r > 0.0f) {
+            total += r;
+            last = i;
+        }
+    }
+    if (last < 0) return ds4_argmax(p, V); /* p == q up to rounding: a rejection had ~0 probability */
+    float u = ds4_rng_uniform(rng) * total;
+    for (int i = 0; i < V; i++) {
+        float r = residual(p, q, d, i);
+        if (!(r > 0.0f)) continue;
+        u -= r;
+        if (u <= 0.0f) return i;
+    }
+    return last;
+}
+
+int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_sampler_params *p, ds4_rng *rng,
+                          int32_t *out, int *n_out, int32_t *following, ds4_err *err) {
+    const int V = s->e->hp.n_vocab;
+    *n_out = 0;
+    if (!s->spec) return ds4_err_set(err, DS4_E_ARG, "speculative decoding is not enabled on this session");
+    const bool greedy = !p || !(p->temperature > 0.0f);
+    if (max_new < 1 || !out || !n_out || !following || (!greedy && !rng))
+        return ds4_err_set(err, DS4_E_ARG, "bad speculative step arguments");
+    int rc = check_tokens(s, &next, 1, err);
+    if (rc) return rc;
+    const int P = s->n_tokens;
+    int max = s->so.n_draft;
+    if (max > max_new - 1) max = max_new - 1;
+    if (max > s->n_ctx - P - 1) max = s->n_ctx - P - 1;
+    if (max > s->n_batch - 1) max = s->n_batch - 1;
+    if (max > DS4_FWD_SPEC_MAX - 1) max = DS4_FWD_SPEC_MAX - 1;
+    int32_t toks[DS4_FWD_SPEC_MAX], ids[DS4_FWD_SPEC_MAX];
+    int nd = 0;
+    toks[0] = next;
+    if ((rc = make_drafts(s, next, max, greedy ? NULL : p, rng, toks + 1, &nd, err))) goto fail;
+    const int nv = nd + 1;
+    if (nd > 0 && (rc = ds4_fwd_spec_begin(s->f, nv, err))) goto fail;
+    if ((rc = ds4_fwd_eval(s->f, toks, nv, NULL, nd > 0, err))) goto fail;
+    int k = 0;
+    int32_t fol;
+    if (s->n_force > 0) { /* benchmarks: acceptance by a seeded coin, not by the model */
+        if ((rc = ds4_fwd_argmax_rows(s->f, ids, err))) goto fail;
+        while (k < nd && k < s->n_force && ds4_rng_uniform(&s->force_rng) < s->force_rate[k]) k++;
+        fol = ids[k];
+    } else if (greedy) {
+        if ((rc = ds4_fwd_argmax_rows(s->f, ids, err))) goto fail;
+        while (k < nd && ids[k] == toks[k + 1]) k++;
+        fol = ids[k];
+    } else {
+        for (;;) {
+            if ((rc = ds4_fwd_logits_row(s->f, k, s->row, err))) goto fail;
+            if (k == nd) {
+                fol = ds4_sampler_sample(s->smp, s->row, p, rng);
+                break;
+            }
+            /* accept d with probability min(1, p(d) / q(d)); q(d) > 0 as d was drawn from q */
+            ds4_sampler_probs(s->smp, s->row, p, s->probs);
+            int32_t d = toks[k + 1];
+            const float *q = s->qdraft ? s->qbuf + (size_t)k * V : NULL;
+            if (ds4_rng_uniform(rng) * (q ? q[d] : 1.0f) < s->probs[d]) {
+                k++;
+                continue;
+            }
+            fol = sample_residual(s->probs, q, V, d, rng);
+            break;
+        }
+    }
+    if (nd > 0 && (rc = ds4_fwd_spec_rollback(s->f, k + 1, err))) goto fail;
+    memcpy(s->tokens + P, toks, (size_t)(k + 1) * sizeof(int32_t));
+    s->n_tokens = P + k + 1;
+    s->logits_host = false;
+    if ((rc = mtp_feed(s, P, k + 1, err))) goto fail;
+    memcpy(out, toks, (size_t)(k + 1) * sizeof(int32_t));
+    *n_out = k + 1;
+    *following = fol;
+    s->st.cycles++;
+    s->st.tokens += k + 1;
+    s->st.drafted += nd;
+    s->st.accepted += k;
+    for (int i = 0; i < nd && i < 4; i++) {
+        s->st.pos_drafted[i]++;
+        if (i < k) s->st.pos_accepted[i]++;
+    }
+    return 0;
+fail:
+    session_clear(s);
     return rc;
 }
 
@@ -703,6 +1028,44 @@ int ds4_debug_session_fast_forward(ds4_session *s, int n_tokens, uint64_t seed, 
     s->logits_host = true; /* undefined values, but present */
     memset(s->logits, 0, (size_t)s->e->hp.n_vocab * sizeof(float));
     return 0;
+}
+
+void ds4_debug_session_drafter(ds4_session *s, ds4_debug_drafter fn, void *user) {
+    s->drafter = fn;
+    s->drafter_user = user;
+}
+
+void ds4_debug_session_force_accept(ds4_session *s, const float *rates, int n, uint64_t seed) {
+    s->n_force = n < 0 ? 0 : n > 4 ? 4 : n;
+    for (int i = 0; i < s->n_force; i++) s->force_rate[i] = rates[i];
+    ds4_rng_seed(&s->force_rng, seed ? seed : 1);
+}
+
+int ds4_debug_mtp_eval(ds4_session *s, const float *hc, const int32_t *tokens, int n, float *logits, float *out_hc,
+                       ds4_err *err) {
+    const ds4_hparams *hp = &s->e->hp;
+    const size_t nf = (size_t)hp->n_hc * hp->n_embd, V = (size_t)hp->n_vocab;
+    if (!s->mf) return ds4_err_set(err, DS4_E_ARG, "no MTP window: enable speculative decoding with an MTP model");
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || (size_t)tokens[i] >= V) return ds4_err_set(err, DS4_E_ARG, "token %d out of range", tokens[i]);
+        int rc = ds4_fwd_hc_upload(s->mf, 0, hc + (size_t)i * nf, 1, err);
+        if (!rc) rc = ds4_fwd_eval(s->mf, &tokens[i], 1, NULL, false, err);
+        if (!rc && logits) rc = ds4_fwd_logits_row(s->mf, 0, logits + (size_t)i * V, err);
+        if (!rc && out_hc) rc = ds4_fwd_state_row(s->mf, 0, out_hc + (size_t)i * nf, err);
+        if (rc) return rc;
+    }
+    s->hc_pos = -1; /* the window no longer follows the timeline */
+    return 0;
+}
+
+size_t ds4_debug_state_floats(const ds4_engine *e) {
+    return e->have_hp ? (size_t)e->hp.n_hc * (size_t)e->hp.n_embd : 0;
+}
+
+int ds4_debug_session_state(ds4_session *s, float *hc, ds4_err *err) {
+    int n = ds4_fwd_last_n(s->f);
+    if (n < 1) return ds4_err_set(err, DS4_E_ARG, "no state: nothing evaluated since the last reset or restore");
+    return ds4_fwd_state_row(s->f, n - 1, hc, err);
 }
 
 void ds4_debug_set_layer_limit(ds4_engine *e, int n_layers) { e->layer_limit = n_layers < 0 ? 0 : n_layers; }

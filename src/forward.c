@@ -55,6 +55,16 @@ struct ds4_fwd {
     size_t ckpt_bytes;     /* cached ds4_fwd_ckpt_bytes */
     bool profile;          /* eager steps with per-stage marks */
     int layer_limit;       /* blocks evaluated (debug; n_layer normally) */
+    /* MTP sessions (the model has mtp_e_proj): the first stage is
+     * mtp_embed reading hc_in instead of embed */
+    bool mtp;
+    float *hc_in;          /* (n_batch, n_hc, D) incoming HC states */
+    float *hc_last;        /* (n_hc, D) a kept state (ds4_fwd_hc_keep) */
+    bool no_head;          /* this eval skips the head (ds4_fwd_eval_states) */
+    int last_n;            /* tokens of the last eval (rows of X) */
+    /* speculative rollback (ds4_fwd_spec_begin), allocated on first use */
+    void **spec_buf;       /* per layer: raw, comp_a, comp_g, icomp_a, icomp_g slots */
+    int spec_pos, spec_n;  /* saved positions spec_pos .. spec_pos + spec_n - 1 */
 };
 
 static atomic_uint_fast64_t next_key = 1;
@@ -85,6 +95,12 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
     f->row_elem = f->row_type == DS4_TYPE_F16 ? 2 : 4;
     f->key = atomic_fetch_add(&next_key, 1);
     f->layer_limit = hp->n_layer;
+    f->mtp = m->mtp_e_proj.n_in > 0;
+    if (f->mtp && !be->ops->mtp_embed) {
+        free(f);
+        return ds4_err_set(err, DS4_E_MODEL, "the %s backend does not implement the MTP stage (mtp_embed)",
+                           be->ops->name);
+    }
     int fail = 0;
     const size_t F = sizeof(float), nb = (size_t)n_batch, E = f->row_elem;
     const size_t D = (size_t)hp->n_embd, dh = (size_t)hp->head_dim;
@@ -125,6 +141,10 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
         f->ids = balloc(f, nb * hp->n_expert_used * sizeof(int32_t), &fail);
         f->w = balloc(f, nb * hp->n_expert_used * F, &fail);
         f->logits = balloc(f, nb * hp->n_vocab * F, &fail);
+        if (f->mtp) {
+            f->hc_in = balloc(f, nb * hp->n_hc * D * F, &fail);
+            f->hc_last = balloc(f, (size_t)hp->n_hc * D * F, &fail);
+        }
     }
     if (fail) {
         ds4_fwd_free(f);
@@ -149,9 +169,14 @@ void ds4_fwd_free(ds4_fwd *f) {
         }
     free(f->ls);
     void *bs[] = {f->step, f->X, f->u, f->post, f->comb, f->cq, f->q, f->kv, f->y, f->sel, f->n_sel, f->ids, f->w,
-                  f->logits};
+                  f->logits, f->hc_in, f->hc_last};
     for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++)
         if (bs[i]) fr(c, bs[i]);
+    if (f->spec_buf) {
+        for (int i = 0; i < 5 * f->m->hp.n_layer; i++)
+            if (f->spec_buf[i]) fr(c, f->spec_buf[i]);
+        free(f->spec_buf);
+    }
     free(f->step_host);
     free(f->stage);
     free(f);
@@ -160,6 +185,8 @@ void ds4_fwd_free(ds4_fwd *f) {
 void ds4_fwd_reset(ds4_fwd *f) {
     f->pos = 0;
     f->n_logits = 0;
+    f->last_n = 0;
+    f->spec_n = 0;
 }
 int ds4_fwd_pos(const ds4_fwd *f) { return f->pos; }
 int ds4_fwd_n_batch(const ds4_fwd *f) { return f->n_batch; }
@@ -184,8 +211,13 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
     const int32_t *tokens = DS4_STEP_TOKENS(f->step);
     const bool prof = f->profile && ops->prof_mark;
 #define C .m = m, .step = st, .n = n, .pos0 = pos0
-    ds4_embed_args ea = {C, .tokens = tokens, .X = f->X};
-    STAGE_K(embed, ea, DS4_PROF_EMBED);
+    if (f->mtp) {
+        ds4_mtp_embed_args ma = {C, .num = f->num, .tokens = tokens, .hc = f->hc_in, .X = f->X};
+        STAGE_K(mtp_embed, ma, DS4_PROF_EMBED);
+    } else {
+        ds4_embed_args ea = {C, .tokens = tokens, .X = f->X};
+        STAGE_K(embed, ea, DS4_PROF_EMBED);
+    }
     for (int il = 0; il < f->layer_limit; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
@@ -238,14 +270,14 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
         STAGE_K(moe_experts, xa2, DS4_PROF_MOE_EXPERTS);
         STAGE_K(hc_post, po, DS4_PROF_HC_POST);
     }
-    {
+    if (!f->no_head) {
         const size_t nflat = (size_t)hp->n_hc * hp->n_embd;
         int nh = all ? n : 1;
         ds4_head_args ha = {.m = m, .step = st, .n = nh, .pos0 = pos0, .num = f->num,
                             .X = f->X + (all ? 0 : (size_t)(n - 1) * nflat), .logits = f->logits};
         STAGE_K(head, ha, DS4_PROF_HEAD);
-        if (prof) ops->prof_mark(ctx, DS4_PROF_N);
     }
+    if (prof) ops->prof_mark(ctx, DS4_PROF_N);
 #undef C
     return 0;
 }
@@ -259,6 +291,7 @@ int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool a
                            n, f->pos, f->n_ctx, f->n_batch);
     const int pos0 = f->pos;
     f->n_logits = 0;
+    f->last_n = 0;
     /* the step: one upload of pos0, n and the tokens */
     f->step_host->pos0 = pos0;
     f->step_host->n = n;
@@ -267,20 +300,28 @@ int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool a
     int rc = ops->upload(ctx, f->step, f->step_host, DS4_STEP_BYTES(n), err);
     if (rc) return rc;
     ds4_step_info si = {.step = f->step, .n = n, .pos0 = pos0,
-                        .graph_key = (n == 1 && !all && !f->profile) ? f->key : 0};
+                        .graph_key = (n == 1 && !all && !f->profile && !f->no_head) ? f->key : 0};
     rc = ops->step_begin(ctx, &si, err);
     if (rc < 0) return rc;
     int src = rc == 0 ? issue_stages(f, n, pos0, all) : 0;
     rc = ops->step_end(ctx, err);
     if (rc) return rc;
     if (src) return ds4_err_set(err, src < 0 ? src : DS4_E_INTERNAL, "%s backend: a stage failed", ops->name);
-    f->n_logits = all ? n : 1;
-    if (logits) {
+    f->n_logits = f->no_head ? 0 : all ? n : 1;
+    f->last_n = n;
+    if (logits && f->n_logits) {
         rc = ops->download(ctx, logits, f->logits, (size_t)f->n_logits * hp->n_vocab * sizeof(float), err);
         if (rc) return rc;
     }
     f->pos += n;
     return 0;
+}
+
+int ds4_fwd_eval_states(ds4_fwd *f, const int32_t *tokens, int n, ds4_err *err) {
+    f->no_head = true;
+    int rc = ds4_fwd_eval(f, tokens, n, NULL, false, err);
+    f->no_head = false;
+    return rc;
 }
 
 static int stage_grow(ds4_fwd *f, size_t bytes, ds4_err *err);
@@ -335,6 +376,7 @@ int ds4_fwd_fast_forward(ds4_fwd *f, int pos, uint64_t seed, ds4_err *err) {
 #undef FILL
     f->pos = pos;
     f->n_logits = 0;
+    f->last_n = 0;
     return 0;
 }
 
@@ -349,6 +391,161 @@ int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err) {
     const size_t V = (size_t)f->m->hp.n_vocab;
     if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
     return f->be->ops->argmax(f->be->ctx, f->logits + (size_t)(f->n_logits - 1) * V, 1, (int)V, id, err);
+}
+
+/* ------------------------------------------------------------ MTP and speculation */
+
+int ds4_fwd_n_logits(const ds4_fwd *f) { return f->n_logits; }
+
+int ds4_fwd_logits_row(ds4_fwd *f, int row, float *dst, ds4_err *err) {
+    const size_t V = (size_t)f->m->hp.n_vocab;
+    if (row < 0 || row >= f->n_logits) return ds4_err_set(err, DS4_E_ARG, "no logits row %d (%d rows)", row, f->n_logits);
+    return f->be->ops->download(f->be->ctx, dst, f->logits + (size_t)row * V, V * sizeof(float), err);
+}
+
+int ds4_fwd_argmax_rows(ds4_fwd *f, int32_t *ids, ds4_err *err) {
+    if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
+    return f->be->ops->argmax(f->be->ctx, f->logits, f->n_logits, f->m->hp.n_vocab, ids, err);
+}
+
+static size_t state_floats(const ds4_fwd *f) { return (size_t)f->m->hp.n_hc * f->m->hp.n_embd; }
+
+int ds4_fwd_hc_from(ds4_fwd *dst, int dst_row, const ds4_fwd *src, int src_row, int n, ds4_err *err) {
+    const size_t nf = state_floats(dst);
+    if (!dst->mtp || n < 0 || dst_row < 0 || dst_row + n > dst->n_batch || src_row < 0 || src_row + n > src->n_batch ||
+        state_floats(src) != nf)
+        return ds4_err_set(err, DS4_E_ARG, "HC copy of %d rows (%d -> %d) out of range", n, src_row, dst_row);
+    if (n == 0) return 0;
+    return dst->be->ops->copy(dst->be->ctx, dst->hc_in + (size_t)dst_row * nf, src->X + (size_t)src_row * nf,
+                              (size_t)n * nf * sizeof(float), err);
+}
+
+int ds4_fwd_hc_upload(ds4_fwd *f, int row, const float *src, int n, ds4_err *err) {
+    const size_t nf = state_floats(f);
+    if (!f->mtp || row < 0 || n < 0 || row + n > f->n_batch)
+        return ds4_err_set(err, DS4_E_ARG, "HC upload of %d rows at %d out of range", n, row);
+    return f->be->ops->upload(f->be->ctx, f->hc_in + (size_t)row * nf, src, (size_t)n * nf * sizeof(float), err);
+}
+
+int ds4_fwd_state_row(ds4_fwd *f, int row, float *dst, ds4_err *err) {
+    const size_t nf = state_floats(f);
+    if (row < 0 || row >= f->last_n) return ds4_err_set(err, DS4_E_ARG, "no state row %d (%d rows)", row, f->last_n);
+    return f->be->ops->download(f->be->ctx, dst, f->X + (size_t)row * nf, nf * sizeof(float), err);
+}
+
+int ds4_fwd_last_n(const ds4_fwd *f) { return f->last_n; }
+
+int ds4_fwd_hc_keep(ds4_fwd *dst, const ds4_fwd *src, int src_row, ds4_err *err) {
+    const size_t nf = state_floats(dst);
+    if (!dst->mtp || src_row < 0 || src_row >= src->n_batch || state_floats(src) != nf)
+        return ds4_err_set(err, DS4_E_ARG, "HC keep of row %d out of range", src_row);
+    return dst->be->ops->copy(dst->be->ctx, dst->hc_last, src->X + (size_t)src_row * nf, nf * sizeof(float), err);
+}
+
+int ds4_fwd_hc_from_kept(ds4_fwd *f, int dst_row, ds4_err *err) {
+    const size_t nf = state_floats(f);
+    if (!f->mtp || dst_row < 0 || dst_row >= f->n_batch)
+        return ds4_err_set(err, DS4_E_ARG, "HC row %d out of range", dst_row);
+    return f->be->ops->copy(f->be->ctx, f->hc_in + (size_t)dst_row * nf, f->hc_last, nf * sizeof(float), err);
+}
+
+/* The rings a speculative step can overwrite, per layer: k = 0 raw window,
+ * 1/2 compressor frontier a/g, 3/4 indexer frontier a/g. Their slot count
+ * and bytes per slot (0 when the layer has no such ring). */
+static void spec_ring(const ds4_fwd *f, int il, int k, void **base, int *slots, size_t *slot_bytes) {
+    const ds4_model *m = f->m;
+    const ds4_layer *l = &m->layers[il];
+    ds4_layer_state *s = &f->ls[il];
+    *base = NULL;
+    *slots = 0;
+    *slot_bytes = 0;
+    if (k == 0) {
+        *base = s->raw;
+        *slots = m->hp.window;
+        *slot_bytes = (size_t)m->hp.head_dim * f->row_elem;
+    } else if (k <= 2 && l->kind != DS4_ATTN_SLIDING) {
+        *base = k == 1 ? (void *)s->comp_a : (void *)s->comp_g;
+        *slots = frontier_rows(l);
+        *slot_bytes = (size_t)ds4_model_comp_width(m, il) * sizeof(float);
+    } else if (k >= 3 && l->kind == DS4_ATTN_CSA) {
+        *base = k == 3 ? (void *)s->icomp_a : (void *)s->icomp_g;
+        *slots = 8;
+        *slot_bytes = 2 * (size_t)m->hp.idx_dim * sizeof(float);
+    }
+}
+
+/* Copies the ring slots of positions p0 .. p0+n-1 between the ring and the
+ * save buffer (saved in position order), in at most two contiguous runs. */
+static int spec_io(ds4_fwd *f, int p0, int off, int n, bool save, ds4_err *err) {
+    const ds4_backend_ops *ops = f->be->ops;
+    for (int il = 0; il < f->m->hp.n_layer; il++)
+        for (int k = 0; k < 5; k++) {
+            void *base;
+            int slots;
+            size_t sb;
+            spec_ring(f, il, k, &base, &slots, &sb);
+            if (!base) continue;
+            unsigned char *ring = base, *buf = f->spec_buf[il * 5 + k];
+            int done = 0;
+            while (done < n) {
+                int p = p0 + off + done, slot = p % slots;
+                int run = slots - slot < n - done ? slots - slot : n - done;
+                unsigned char *r = ring + (size_t)slot * sb, *b = buf + (size_t)(off + done) * sb;
+                int rc = save ? ops->copy(f->be->ctx, b, r, (size_t)run * sb, err)
+                              : ops->copy(f->be->ctx, r, b, (size_t)run * sb, err);
+                if (rc) return rc;
+                done += run;
+            }
+        }
+    return 0;
+}
+
+int ds4_fwd_spec_begin(ds4_fwd *f, int n, ds4_err *err) {
+    const ds4_hparams *hp = &f->m->hp;
+    if (n < 1 || n > DS4_FWD_SPEC_MAX || n > f->n_batch || f->pos + n > f->n_ctx)
+        return ds4_err_set(err, DS4_E_RANGE, "speculative step of %d tokens at %d does not fit (batch %d, ctx %d)", n,
+                           f->pos, f->n_batch, f->n_ctx);
+    /* a ring smaller than the step would be overwritten by the step itself */
+    for (int il = 0; il < hp->n_layer; il++)
+        for (int k = 0; k < 5; k++) {
+            void *base;
+            int slots;
+            size_t sb;
+            spec_ring(f, il, k, &base, &slots, &sb);
+            if (base && slots < n)
+                return ds4_err_set(err, DS4_E_RANGE, "speculative step of %d tokens exceeds a ring of %d slots (layer %d)",
+                                   n, slots, il);
+        }
+    if (!f->spec_buf) {
+        f->spec_buf = calloc((size_t)hp->n_layer * 5, sizeof(void *));
+        if (!f->spec_buf) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        int fail = 0;
+        for (int il = 0; il < hp->n_layer; il++)
+            for (int k = 0; k < 5; k++) {
+                void *base;
+                int slots;
+                size_t sb;
+                spec_ring(f, il, k, &base, &slots, &sb);
+                if (base) f->spec_buf[il * 5 + k] = balloc(f, (size_t)DS4_FWD_SPEC_MAX * sb, &fail);
+            }
+        if (fail) return ds4_err_set(err, DS4_E_NOMEM, "out of %s memory for speculative rollback", f->be->ops->name);
+    }
+    f->spec_pos = f->pos;
+    f->spec_n = n;
+    return spec_io(f, f->pos, 0, n, true, err);
+}
+
+int ds4_fwd_spec_rollback(ds4_fwd *f, int keep, ds4_err *err) {
+    if (f->spec_n < 1 || keep < 0 || keep > f->spec_n || f->pos < f->spec_pos + keep || f->pos > f->spec_pos + f->spec_n)
+        return ds4_err_set(err, DS4_E_ARG, "speculative rollback to %d of %d tokens without a matching begin", keep,
+                           f->spec_n);
+    int n_drop = f->pos - (f->spec_pos + keep);
+    int rc = n_drop > 0 ? spec_io(f, f->spec_pos, keep, n_drop, false, err) : 0;
+    if (rc) return rc;
+    f->pos = f->spec_pos + keep;
+    if (f->n_logits > keep) f->n_logits = keep;
+    f->spec_n = 0;
+    return 0;
 }
 
 /* ------------------------------------------------------------ state I/O */
@@ -498,6 +695,7 @@ int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_e
         return ds4_err_set(err, DS4_E_FORMAT, "state has %zu bytes, expected %zu for %d tokens", bytes,
                            ds4_fwd_state_bytes(f, pos), pos);
     f->n_logits = 0;
+    f->last_n = 0;
     int rc = state_io(f, pos, (unsigned char *)(uintptr_t)src, false, err);
     if (rc) return rc;
     f->pos = pos;
@@ -552,6 +750,7 @@ int ds4_fwd_ckpt_save(ds4_fwd *f, void *dst, ds4_err *err) { return ckpt_io(f, d
 
 int ds4_fwd_ckpt_restore(ds4_fwd *f, int pos, const void *src, ds4_err *err) {
     f->n_logits = 0;
+    f->last_n = 0;
     int rc = ckpt_io(f, (unsigned char *)(uintptr_t)src, false, NULL, err);
     if (rc) return rc;
     f->pos = pos;

@@ -40,6 +40,10 @@ int ds4_fwd_row_type(const ds4_fwd *f);
  * On failure the state is undefined (reset it). */
 int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool all, ds4_err *err);
 
+/* The same without the head: only the states and the caches advance (no
+ * logits afterwards). For feeding the MTP block's window. */
+int ds4_fwd_eval_states(ds4_fwd *f, const int32_t *tokens, int n, ds4_err *err);
+
 /* The logits row after the last evaluated token, copied to dst (n_vocab
  * floats, host). DS4_E_ARG when the last eval's logits are gone (reset,
  * load, restore). */
@@ -72,5 +76,42 @@ int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_e
 size_t ds4_fwd_ckpt_bytes(ds4_fwd *f);
 int ds4_fwd_ckpt_save(ds4_fwd *f, void *dst, ds4_err *err);
 int ds4_fwd_ckpt_restore(ds4_fwd *f, int pos, const void *src, ds4_err *err);
+
+/* ---- MTP and speculative decoding (engine.c) */
+
+/* Rows of logits the last eval left (n with `all`, else 1; 0 after
+ * reset/load/restore). */
+int ds4_fwd_n_logits(const ds4_fwd *f);
+/* Row `row` of them, copied to dst (n_vocab floats, host). */
+int ds4_fwd_logits_row(ds4_fwd *f, int row, float *dst, ds4_err *err);
+/* ids[r] = greedy token of every row, computed by the backend. */
+int ds4_fwd_argmax_rows(ds4_fwd *f, int32_t *ids, ds4_err *err);
+
+/* MTP sessions (model from ds4_model_load_mtp): the next eval reads its
+ * incoming HC states from rows 0..n-1 of an input buffer. hc_from copies
+ * the final states (after the last block, before the head) of src's last
+ * eval, rows src_row.., into it (src may be the main session or f itself);
+ * hc_keep saves one such state aside and hc_from_kept puts it back. */
+int ds4_fwd_hc_from(ds4_fwd *dst, int dst_row, const ds4_fwd *src, int src_row, int n, ds4_err *err);
+/* Host rows into the input buffer; a final state row of the last eval to
+ * the host; the token count of the last eval. */
+int ds4_fwd_hc_upload(ds4_fwd *f, int row, const float *src, int n, ds4_err *err);
+int ds4_fwd_state_row(ds4_fwd *f, int row, float *dst, ds4_err *err);
+int ds4_fwd_last_n(const ds4_fwd *f);
+int ds4_fwd_hc_keep(ds4_fwd *dst, const ds4_fwd *src, int src_row, ds4_err *err);
+int ds4_fwd_hc_from_kept(ds4_fwd *f, int dst_row, ds4_err *err);
+
+/* Speculative rollback. spec_begin saves the ring slots (raw windows,
+ * compressor and indexer frontiers) that the next n <= DS4_FWD_SPEC_MAX
+ * positions will overwrite. After evaluating up to n tokens,
+ * spec_rollback(keep) drops all but the first `keep`: the saved slots of
+ * the dropped positions are restored, pos becomes begin + keep and the
+ * last logits row is row keep-1 of the eval. Compressed and indexer rows
+ * emitted by dropped tokens lie at or past row pos/R, which no kept
+ * position reads and the next evaluation rewrites, so the state equals a
+ * session that never saw the dropped tokens (MODEL.md D.1-D.2). */
+#define DS4_FWD_SPEC_MAX 8
+int ds4_fwd_spec_begin(ds4_fwd *f, int n, ds4_err *err);
+int ds4_fwd_spec_rollback(ds4_fwd *f, int keep, ds4_err *err);
 
 #endif

@@ -415,14 +415,16 @@ static void layer_free(ds4_layer *l) {
     l->tid2eid = NULL;
 }
 
-static int bind_layer(ds4_model *m, const ds4_gguf *g, int il, ds4_err *err) {
+/* Binds layer il from tensors named `pre` + suffix ("blk.N." or "mtp.0."). */
+static int bind_layer(ds4_model *m, const ds4_gguf *g, int il, const char *pre, ds4_err *err) {
     const ds4_hparams *hp = &m->hp;
     ds4_layer *l = &m->layers[il];
+    const bool mtp = !strncmp(pre, "mtp.", 4);
     char nm[128];
     int rc;
     const int64_t D = hp->n_embd, hc = hp->n_hc, mix = (2 + hp->n_hc) * hp->n_hc;
     const int64_t dh = hp->head_dim, H = hp->n_head, G = hp->o_groups;
-#define N(suffix) (snprintf(nm, sizeof nm, "blk.%d." suffix, il), nm)
+#define N(suffix) (snprintf(nm, sizeof nm, "%s" suffix, pre), nm)
 #define MAT(field, suffix, nin, nout) \
     if ((rc = bind_mat(&l->field, g, N(suffix), nin, nout, 1, true, err))) return rc
 #define VEC(field, suffix, n) \
@@ -466,7 +468,7 @@ static int bind_layer(ds4_model *m, const ds4_gguf *g, int il, ds4_err *err) {
     MAT(gate_inp, "ffn_gate_inp.weight", D, hp->n_expert);
     /* The selection bias is optional everywhere and used only by non-hash
      * layers (docs/MODEL.md B.3 notes); absent means zeros. */
-    if ((rc = bind_vec(&l->exp_bias, g, N("exp_probs_b.bias"), hp->n_expert, false, err))) return rc;
+    if ((rc = bind_vec(&l->exp_bias, g, N("exp_probs_b.bias"), hp->n_expert, mtp, err))) return rc;
     if (!l->exp_bias) {
         l->exp_bias = calloc((size_t)hp->n_expert, sizeof(float));
         if (!l->exp_bias) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
@@ -495,8 +497,8 @@ static int bind_layer(ds4_model *m, const ds4_gguf *g, int il, ds4_err *err) {
     if ((rc = bind_mat(&l->up_exps, g, N("ffn_up_exps.weight"), D, hp->n_ff_exp, hp->n_expert, true, err))) return rc;
     if ((rc = bind_mat(&l->down_exps, g, N("ffn_down_exps.weight"), hp->n_ff_exp, D, hp->n_expert, true, err))) return rc;
     if (l->gate_exps.type != l->up_exps.type)
-        return ds4_err_set(err, DS4_E_MODEL, "tensors 'blk.%d.ffn_gate_exps.weight' (%s) and 'blk.%d.ffn_up_exps.weight' (%s) must share a type",
-                           il, ds4_type_name(l->gate_exps.type), il, ds4_type_name(l->up_exps.type));
+        return ds4_err_set(err, DS4_E_MODEL, "tensors '%sffn_gate_exps.weight' (%s) and '%sffn_up_exps.weight' (%s) must share a type",
+                           pre, ds4_type_name(l->gate_exps.type), pre, ds4_type_name(l->up_exps.type));
     MAT(gate_sh, "ffn_gate_shexp.weight", D, hp->n_ff_exp);
     MAT(up_sh, "ffn_up_shexp.weight", D, hp->n_ff_exp);
     MAT(down_sh, "ffn_down_shexp.weight", hp->n_ff_exp, D);
@@ -513,6 +515,8 @@ void ds4_model_free(ds4_model *m) {
     free(m->out_hc_base);
     free(m->out_hc_scale);
     free(m->out_norm);
+    free(m->mtp_enorm);
+    free(m->mtp_hnorm);
     free(m->rope_main.inv_freq);
     free(m->rope_compress.inv_freq);
     free(m->arch_name);
@@ -537,8 +541,61 @@ int ds4_model_load(ds4_model *m, const ds4_gguf *g, ds4_err *err) {
     if ((rc = bind_mat(&m->output, g, "output.weight", D, hp->n_vocab, 1, true, err))) goto fail;
     m->layers = calloc((size_t)hp->n_layer, sizeof(ds4_layer));
     if (!m->layers) { rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory"); goto fail; }
-    for (int il = 0; il < hp->n_layer; il++)
-        if ((rc = bind_layer(m, g, il, err))) goto fail;
+    for (int il = 0; il < hp->n_layer; il++) {
+        char pre[32];
+        snprintf(pre, sizeof pre, "blk.%d.", il);
+        if ((rc = bind_layer(m, g, il, pre, err))) goto fail;
+    }
+    m->weights_loaded = true;
+    return 0;
+fail:
+    ds4_model_free(m);
+    return rc;
+}
+
+/* ------------------------------------------------------------ MTP */
+
+int ds4_model_load_mtp(ds4_model *m, const ds4_model *main, const ds4_gguf *g, ds4_err *err) {
+    memset(m, 0, sizeof *m);
+    if (!main->weights_loaded || !main->tok_embd.data)
+        return ds4_err_set(err, DS4_E_ARG, "an MTP block needs a loaded main model");
+    int rc = 0;
+    const ds4_hparams *mh = &main->hp;
+    ds4_hparams *hp = &m->hp;
+    *hp = *mh;
+    hp->n_layer = 1;
+    hp->n_hash = 0;
+    hp->compress_ratio = calloc(1, sizeof(int));
+    hp->swiglu_clamp = malloc(sizeof(float));
+    m->rope_main.inv_freq = malloc((size_t)(mh->n_rot / 2 > 0 ? mh->n_rot / 2 : 1) * sizeof(float));
+    m->rope_compress.inv_freq = malloc((size_t)(mh->n_rot / 2 > 0 ? mh->n_rot / 2 : 1) * sizeof(float));
+    m->layers = calloc(1, sizeof(ds4_layer));
+    if (!hp->compress_ratio || !hp->swiglu_clamp || !m->rope_main.inv_freq || !m->rope_compress.inv_freq ||
+        !m->layers) {
+        rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        goto fail;
+    }
+    /* the official reference runs the block as layer n_layer (ratio 0, not
+     * hashed) with the model's one SwiGLU limit */
+    hp->swiglu_clamp[0] = mh->swiglu_clamp[mh->n_layer - 1];
+    m->rope_main.base = main->rope_main.base;
+    m->rope_main.yarn = main->rope_main.yarn;
+    memcpy(m->rope_main.inv_freq, main->rope_main.inv_freq, (size_t)(mh->n_rot / 2) * sizeof(float));
+    m->rope_compress.base = main->rope_compress.base;
+    m->rope_compress.yarn = main->rope_compress.yarn;
+    memcpy(m->rope_compress.inv_freq, main->rope_compress.inv_freq, (size_t)(mh->n_rot / 2) * sizeof(float));
+    m->tok_embd = main->tok_embd;
+    m->output = main->output;
+    const int64_t D = hp->n_embd;
+    if ((rc = bind_mat(&m->mtp_e_proj, g, "mtp.0.e_proj.weight", D, D, 1, true, err))) goto fail;
+    if ((rc = bind_mat(&m->mtp_h_proj, g, "mtp.0.h_proj.weight", D, D, 1, true, err))) goto fail;
+    if ((rc = bind_vec(&m->mtp_enorm, g, "mtp.0.enorm.weight", D, true, err))) goto fail;
+    if ((rc = bind_vec(&m->mtp_hnorm, g, "mtp.0.hnorm.weight", D, true, err))) goto fail;
+    if ((rc = bind_vec(&m->out_norm, g, "mtp.0.norm.weight", D, true, err))) goto fail;
+    if ((rc = bind_mat(&m->out_hc_fn, g, "mtp.0.hc_head_fn.weight", hp->n_hc * D, hp->n_hc, 1, true, err))) goto fail;
+    if ((rc = bind_vec(&m->out_hc_base, g, "mtp.0.hc_head_base.weight", hp->n_hc, true, err))) goto fail;
+    if ((rc = bind_vec(&m->out_hc_scale, g, "mtp.0.hc_head_scale.weight", 1, true, err))) goto fail;
+    if ((rc = bind_layer(m, g, 0, "mtp.0.", err))) goto fail;
     m->weights_loaded = true;
     return 0;
 fail:
@@ -713,6 +770,85 @@ float ds4_model_synth_std(const ds4_weight *w) {
     return s;
 }
 
+/* The MTP block of the published file's recipe (FORMATS.md D.3: Q8_0
+ * projections and attention, Q4_K experts, F32 for the rest; the F32 of
+ * the HC and router matrices is the file name's suggestion) beside a
+ * synthetic main model, data NULL like ds4_model_synth. tok_embd and
+ * output are main's descriptors (filled again by the backend's binding). */
+int ds4_model_synth_mtp(ds4_model *m, const ds4_model *main, uint64_t seed, ds4_err *err) {
+    memset(m, 0, sizeof *m);
+    if (!main->weights_loaded) return ds4_err_set(err, DS4_E_ARG, "an MTP block needs a main model");
+    const ds4_hparams *mh = &main->hp;
+    ds4_hparams *hp = &m->hp;
+    *hp = *mh;
+    hp->n_layer = 1;
+    hp->n_hash = 0;
+    int rc = 0;
+    uint64_t s = seed ^ 0x3a7bull;
+    m->owned_names = malloc((size_t)SYNTH_NAMES * SYNTH_NAME_LEN);
+    hp->compress_ratio = calloc(1, sizeof(int));
+    hp->swiglu_clamp = malloc(sizeof(float));
+    m->layers = calloc(1, sizeof(ds4_layer));
+    if (!m->owned_names || !hp->compress_ratio || !hp->swiglu_clamp || !m->layers) goto oom;
+    hp->swiglu_clamp[0] = mh->swiglu_clamp[mh->n_layer - 1];
+    if ((rc = rope_init(&m->rope_main, hp, hp->rope_base, false, err))) goto fail;
+    if ((rc = rope_init(&m->rope_compress, hp, hp->compress_rope_base, hp->yarn, err))) goto fail;
+    const int64_t D = hp->n_embd, H = hp->n_head, dh = hp->head_dim, E = hp->n_expert, F = hp->n_ff_exp;
+    const int64_t mix = (2 + hp->n_hc) * hp->n_hc, hcD = hp->n_hc * D;
+    m->tok_embd = main->tok_embd;
+    m->output = main->output;
+#define NM(x) synth_name(m, -1, "mtp.0." x)
+    synth_mat(&m->mtp_e_proj, NM("e_proj.weight"), DS4_TYPE_Q8_0, D, D, 1);
+    synth_mat(&m->mtp_h_proj, NM("h_proj.weight"), DS4_TYPE_Q8_0, D, D, 1);
+    synth_mat(&m->out_hc_fn, NM("hc_head_fn.weight"), DS4_TYPE_F32, hcD, hp->n_hc, 1);
+    if (!(m->mtp_enorm = synth_vec(D, 1.0f, 0.1f, &s)) || !(m->mtp_hnorm = synth_vec(D, 1.0f, 0.1f, &s)) ||
+        !(m->out_norm = synth_vec(D, 1.0f, 0.1f, &s)) || !(m->out_hc_base = synth_vec(hp->n_hc, 0.0f, 0.2f, &s)) ||
+        !(m->out_hc_scale = synth_vec(1, 0.5f, 0.0f, &s)))
+        goto oom;
+    ds4_layer *l = &m->layers[0];
+    l->kind = DS4_ATTN_SLIDING;
+#define SM(field, x, type, nin, nout, nmat) synth_mat(&l->field, NM(x), type, nin, nout, nmat)
+#define SV(field, n, base, spread) if (!(l->field = synth_vec(n, base, spread, &s))) goto oom
+    SM(hc_attn_fn, "hc_attn_fn.weight", DS4_TYPE_F32, hcD, mix, 1);
+    SM(hc_ffn_fn, "hc_ffn_fn.weight", DS4_TYPE_F32, hcD, mix, 1);
+    SV(hc_attn_scale, 3, 0.5f, 0.1f);
+    SV(hc_ffn_scale, 3, 0.5f, 0.1f);
+    SV(hc_attn_base, mix, 0.0f, 0.2f);
+    SV(hc_ffn_base, mix, 0.0f, 0.2f);
+    for (int a = 0; a < hp->n_hc; a++) {
+        l->hc_attn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
+        l->hc_ffn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
+    }
+    SV(attn_norm, D, 1.0f, 0.1f);
+    SM(q_a, "attn_q_a.weight", DS4_TYPE_Q8_0, D, hp->q_lora, 1);
+    SV(q_a_norm, hp->q_lora, 1.0f, 0.1f);
+    SM(q_b, "attn_q_b.weight", DS4_TYPE_Q8_0, hp->q_lora, H * dh, 1);
+    SM(kv, "attn_kv.weight", DS4_TYPE_Q8_0, D, dh, 1);
+    SV(kv_norm, dh, 1.0f, 0.1f);
+    SV(sinks, H, 0.0f, 1.0f);
+    SM(o_a, "attn_output_a.weight", DS4_TYPE_Q8_0, H * dh / hp->o_groups, hp->o_groups * hp->o_lora, 1);
+    SM(o_b, "attn_output_b.weight", DS4_TYPE_Q8_0, hp->o_groups * hp->o_lora, D, 1);
+    SV(ffn_norm, D, 1.0f, 0.1f);
+    SM(gate_inp, "ffn_gate_inp.weight", DS4_TYPE_F32, D, E, 1);
+    SV(exp_bias, E, 0.0f, 0.05f);
+    SM(gate_exps, "ffn_gate_exps.weight", DS4_TYPE_Q4_K, D, F, E);
+    SM(up_exps, "ffn_up_exps.weight", DS4_TYPE_Q4_K, D, F, E);
+    SM(down_exps, "ffn_down_exps.weight", DS4_TYPE_Q4_K, F, D, E);
+    SM(gate_sh, "ffn_gate_shexp.weight", DS4_TYPE_Q8_0, D, F, 1);
+    SM(up_sh, "ffn_up_shexp.weight", DS4_TYPE_Q8_0, D, F, 1);
+    SM(down_sh, "ffn_down_shexp.weight", DS4_TYPE_Q8_0, F, D, 1);
+#undef SM
+#undef SV
+#undef NM
+    m->weights_loaded = true;
+    return 0;
+oom:
+    rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory building the synthetic MTP block");
+fail:
+    ds4_model_free(m);
+    return rc;
+}
+
 /* ------------------------------------------------------------ mirrors */
 
 ds4_model *ds4_model_mirror(const ds4_model *m) {
@@ -745,6 +881,10 @@ int ds4_model_visit_all(ds4_model *m, const ds4_model_visit *v) {
     W(m->tok_embd);
     W(m->out_hc_fn);
     W(m->output);
+    W(m->mtp_e_proj);
+    W(m->mtp_h_proj);
+    VEC(m->mtp_enorm, (size_t)hp->n_embd * F);
+    VEC(m->mtp_hnorm, (size_t)hp->n_embd * F);
     VEC(m->out_hc_base, (size_t)hp->n_hc * F);
     VEC(m->out_hc_scale, F);
     VEC(m->out_norm, (size_t)hp->n_embd * F);

@@ -121,6 +121,10 @@ typedef struct ds4_model {
     float *out_norm;          /* (D) */
     ds4_weight output;        /* D -> n_vocab */
     ds4_layer *layers;        /* (n_layer) */
+    /* MTP models only (ds4_model_load_mtp), zero otherwise: the input
+     * projections of MODEL.md C.12. */
+    ds4_weight mtp_e_proj, mtp_h_proj; /* D -> D */
+    float *mtp_enorm, *mtp_hnorm;      /* (D) */
     bool weights_loaded;
     char *arch_name;          /* general.name or NULL */
     char *owned_names;        /* tensor names of a synthetic model, else NULL */
@@ -138,12 +142,25 @@ void ds4_hparams_free(ds4_hparams *hp);
 int ds4_model_load(ds4_model *m, const ds4_gguf *g, ds4_err *err);
 void ds4_model_free(ds4_model *m);
 
+/* Loads the MTP block (MODEL.md C.12, FORMATS.md D.3) from its own GGUF as
+ * a one-layer model beside `main` (a loaded, non-synthetic model): hp is a
+ * copy of main's with n_layer 1, layers[0] the `mtp.0.*` block (ratio 0,
+ * biased routing, exp_probs_b.bias required), out_hc_* / out_norm the MTP
+ * head (hc_head_*, norm), mtp_* the input projections, and tok_embd /
+ * output views of main's tensors (main must outlive it). The file's
+ * metadata is not read. Every tensor is checked for shape and type like the
+ * main file's; failures name the tensor. */
+int ds4_model_load_mtp(ds4_model *mtp, const ds4_model *main, const ds4_gguf *g, ds4_err *err);
+
 /* Builds the DeepSeek V4 Flash description without a file (ds4-bench
  * --synthetic): recipe "q2" or "q4" sets the published tensor types; every
  * ds4_weight has data = NULL (the backend fills it, synth.h) and the small
  * vectors (norms, HC scale/base, sinks, biases, tid2eid) are generated here
  * from seed. Names are static storage. DS4_E_ARG for another recipe. */
 int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *err);
+/* The MTP block (as ds4_model_load_mtp) of the published recipe beside a
+ * synthetic main model, weights left for the backend to fill. */
+int ds4_model_synth_mtp(ds4_model *m, const ds4_model *main, uint64_t seed, ds4_err *err);
 /* The value spread synthetic filling uses for weight w. */
 float ds4_model_synth_std(const ds4_weight *w);
 

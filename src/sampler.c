@@ -288,6 +288,83 @@ int32_t ds4_sampler_sample(ds4_sampler *s, const float *lg, const ds4_sampler_pa
     return best;
 }
 
+/* probs of the sorted paths: candidates ids[0..m), best first */
+static void probs_sorted(ds4_sampler *s, const float *lg, int m, float temp, float top_p, float min_p,
+                         float *probs) {
+    int32_t *ids = s->ids;
+    float *p = s->p;
+    float lmax = lg[ids[0]];
+    float sum = 0.0f;
+    for (int j = 0; j < m; j++) {
+        p[j] = expf((lg[ids[j]] - lmax) / temp);
+        sum += p[j];
+    }
+    if (!(sum > 0.0f) || !isfinite(sum)) {
+        probs[ids[0]] = 1.0f;
+        return;
+    }
+    int n_inc = 0;
+    float cum = 0.0f;
+    for (int j = 0; j < m; j++) {
+        if (j > 0 && p[j] / sum < min_p * p[0] / sum) break;
+        cum += p[j];
+        n_inc = j + 1;
+        if (cum / sum >= top_p) break;
+    }
+    if (!(cum > 0.0f) || !isfinite(cum)) {
+        probs[ids[0]] = 1.0f;
+        return;
+    }
+    for (int j = 0; j < n_inc; j++) probs[ids[j]] = p[j] / cum;
+}
+
+void ds4_sampler_probs(ds4_sampler *s, const float *lg, const ds4_sampler_params *prm, float *probs) {
+    int n = s->n_vocab;
+    memset(probs, 0, (size_t)n * sizeof(float));
+    float temp = prm->temperature;
+    if (!(temp > 0.0f)) {
+        probs[ds4_argmax(lg, n)] = 1.0f;
+        return;
+    }
+    float top_p = prm->top_p;
+    if (!(top_p > 0.0f) || top_p > 1.0f) top_p = 1.0f;
+    float min_p = prm->min_p > 0.0f ? prm->min_p : 0.0f;
+    int top_k = prm->top_k;
+    if (top_k > DS4_TOP_K_MAX) top_k = DS4_TOP_K_MAX;
+    if (top_k > n) top_k = n;
+    if (top_k > 0 || top_p < 1.0f) {
+        int m = top_k > 0 ? select_top_k(lg, n, top_k, s->ids) : sort_all(s, lg);
+        if (m == 0) {
+            probs[ds4_argmax(lg, n)] = 1.0f;
+            return;
+        }
+        probs_sorted(s, lg, m, temp, top_p, min_p, probs);
+        return;
+    }
+    int32_t best = ds4_argmax(lg, n);
+    if (!isfinite(lg[best])) {
+        probs[best] = 1.0f;
+        return;
+    }
+    float lmax = lg[best];
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float q = 0.0f;
+        if (isfinite(lg[i])) {
+            q = expf((lg[i] - lmax) / temp);
+            if (q < min_p) q = 0.0f;
+            else sum += q;
+        }
+        probs[i] = q;
+    }
+    if (!(sum > 0.0f) || !isfinite(sum)) {
+        memset(probs, 0, (size_t)n * sizeof(float));
+        probs[best] = 1.0f;
+        return;
+    }
+    for (int i = 0; i < n; i++) probs[i] /= sum;
+}
+
 int ds4_sampler_logprobs(ds4_sampler *s, const float *lg, int n_top, int32_t *top_ids,
                          double *top_lp, double *lp_all) {
     int n = s->n_vocab;

@@ -60,6 +60,13 @@ void ds4_sampler_free(ds4_sampler *s);
 int32_t ds4_sampler_sample(ds4_sampler *s, const float *logits,
                            const ds4_sampler_params *p, ds4_rng *rng);
 
+/* The distribution ds4_sampler_sample draws from for these logits and
+ * params, as dense probabilities probs[0..n_vocab) (zeros outside the
+ * candidates; one-hot at the greedy token for temperature <= 0 and for the
+ * degenerate cases where sampling returns a fixed token). Same candidate
+ * rules and float arithmetic as sampling; draws nothing. */
+void ds4_sampler_probs(ds4_sampler *s, const float *logits, const ds4_sampler_params *p, float *probs);
+
 /* Lowest id among the maximal finite logits (strict > scan); 0 if none is
  * finite. */
 int32_t ds4_argmax(const float *logits, int n_vocab);

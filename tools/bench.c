@@ -11,7 +11,12 @@
  * seconds) and times a prefill of prefill-chunk tokens there. One CSV row
  * per frontier with antirez/ds4-bench's columns first, then ours (bytes per
  * token, achieved GB/s, roofline fractions, FLOPs); a table on stdout;
- * --profile adds a per-stage time breakdown of one decode step.
+ * --profile adds a per-stage time breakdown of one decode step. --mtp FILE
+ * adds, per frontier, greedy speculative decoding (tokens per cycle,
+ * acceptance by place) and the costs of one MTP draft step and of verify
+ * passes of 2..N+1 rows relative to one decode step, with the speed-up
+ * they model at 100% acceptance and at 2.26 tokens per cycle (PERFORMANCE.md
+ * A.9); extra CSV columns then.
  *
  * Only the public API (ds4.h) and the debug hooks (ds4_debug.h).
  */
@@ -26,7 +31,9 @@
 #include "ds4_debug.h"
 
 typedef struct opts {
-    const char *model, *synthetic, *prompt_file, *csv;
+    const char *model, *synthetic, *prompt_file, *csv, *mtp;
+    int mtp_draft, n_accept;
+    float accept[4];
     uint64_t seed;
     ds4_backend_kind backend;
     int threads, ctx_start, ctx_max, step_incr, gen, chunk, repeat;
@@ -57,12 +64,17 @@ static void usage(void) {
            "  --repeat N              decode measurements per frontier; the median is reported (default 1)\n"
            "  --no-graphs             CUDA: eager decode (no CUDA graphs)\n"
            "  --plain-numerics        diagnostic numerics (no FP8/FP4/f16/int8 rounding)\n"
-           "  --csv FILE              write the CSV rows there (default: stdout after the table)\n");
+           "  --csv FILE              write the CSV rows there (default: stdout after the table)\n"
+           "  --mtp FILE              MTP GGUF: also measure speculative decoding (see the file header);\n"
+           "                          with --synthetic: --mtp synthetic (a block of the published recipe)\n"
+           "  --mtp-draft N           drafts per cycle, 1..4 (default 3)\n"
+           "  --mtp-accept P1,P2,..   force the acceptance of draft i with probability Pi (seeded; the output is\n"
+           "                          then not the model's): decode speed at given acceptance rates\n");
 }
 
 static int parse(int argc, char **argv, opts *o) {
     *o = (opts){.ctx_start = 2048, .ctx_max = 8192, .step_mul = 2.0, .gen = 128, .chunk = 2048, .repeat = 1,
-                .backend = DS4_BACKEND_AUTO};
+                .backend = DS4_BACKEND_AUTO, .mtp_draft = 3};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
 #define NEED()                                                            \
@@ -117,7 +129,23 @@ static int parse(int argc, char **argv, opts *o) {
         } else if (!strcmp(a, "--csv")) {
             NEED();
             o->csv = argv[++i];
-        } else if (!strcmp(a, "--fast-forward")) o->fast_forward = true;
+        } else if (!strcmp(a, "--mtp")) {
+            NEED();
+            o->mtp = argv[++i];
+        } else if (!strcmp(a, "--mtp-draft")) INT(o->mtp_draft, 1, 4);
+        else if (!strcmp(a, "--mtp-accept")) {
+            NEED();
+            char *p = argv[++i], *e_ = p;
+            for (o->n_accept = 0; o->n_accept < 4 && *p; p = e_ + (*e_ == ',')) {
+                float v = strtof(p, &e_);
+                if (e_ == p || !(v >= 0.0f && v <= 1.0f) || (*e_ && *e_ != ',')) {
+                    fprintf(stderr, "ds4-bench: --mtp-accept: expected up to 4 probabilities P1,P2,...\n");
+                    return 2;
+                }
+                o->accept[o->n_accept++] = v;
+            }
+        }
+        else if (!strcmp(a, "--fast-forward")) o->fast_forward = true;
         else if (!strcmp(a, "--profile")) o->profile = true;
         else if (!strcmp(a, "--no-graphs")) o->no_graphs = true;
         else if (!strcmp(a, "--plain-numerics")) o->plain = true;
@@ -202,6 +230,102 @@ static double datasheet_bw(const char *dev) {
 }
 
 /* Datasheet dense BF16 tensor rate (FLOP/s), 0 if unknown. */
+/* ---- MTP (--mtp) */
+
+typedef struct text_drafter {
+    const int32_t *tok; /* the text: drafts are its next tokens */
+    int n;              /* drafts per cycle */
+} text_drafter;
+
+static int draft_text(void *user, const int32_t *toks, int n, int32_t next, int32_t *drafts, int max) {
+    (void)toks;
+    (void)next;
+    const text_drafter *d = user;
+    int k = d->n < max ? d->n : max;
+    for (int i = 0; i < k; i++) drafts[i] = d->tok[n + 1 + i];
+    return k;
+}
+
+/* Speculative decoding at frontier f (the session holds tok[0..f)):
+ * greedy cycles for gen tokens, then the cost of verify passes of 2..N+1
+ * rows (text drafts, whatever is accepted) and of one MTP draft step.
+ * Appends the CSV columns to row. Leaves the session at f. */
+static int bench_mtp(ds4_engine *e, ds4_session *s, const opts *o, const int32_t *tok, int f, double t_dec,
+                     char *row, size_t cap, ds4_err *err) {
+    int rc;
+    ds4_spec_stats a, b;
+    ds4_session_spec_stats(s, &a);
+    int32_t next, out[8];
+    int no;
+    if ((rc = ds4_session_argmax(s, &next, err))) return rc;
+    if (o->n_accept) ds4_debug_session_force_accept(s, o->accept, o->n_accept, o->seed + (uint64_t)f);
+    double t0 = now();
+    for (int g = 0; g < o->gen;) {
+        if ((rc = ds4_session_spec_step(s, next, o->gen - g, NULL, NULL, out, &no,
+                                        &next, err)))
+            return rc;
+        g += no;
+    }
+    double t_spec = now() - t0;
+    ds4_debug_session_force_accept(s, NULL, 0, 0);
+    ds4_session_spec_stats(s, &b);
+    if ((rc = ds4_session_rewind(s, f, err))) return rc;
+    double tpc = b.cycles > a.cycles ? (double)(b.tokens - a.tokens) / (double)(b.cycles - a.cycles) : 0;
+    double acc[4] = {0};
+    for (int k = 0; k < 4; k++) {
+        int64_t d = b.pos_drafted[k] - a.pos_drafted[k];
+        acc[k] = d ? (double)(b.pos_accepted[k] - a.pos_accepted[k]) / (double)d : 0;
+    }
+    /* verify passes of n = 2..N+1 rows (a cycle without MTP drafting) */
+    double t_ver[6] = {0}; /* by rows, 2..N+1 <= 5 */
+    const int reps = 4;
+    for (int n = 2; n <= o->mtp_draft + 1; n++) {
+        text_drafter td = {tok, n - 1};
+        ds4_debug_session_drafter(s, draft_text, &td);
+        double tv = 0;
+        for (int r = 0; r < reps; r++) {
+            int32_t id;
+            if ((rc = ds4_session_argmax(s, &id, err))) break;
+            double ts = now();
+            rc = ds4_session_spec_step(s, tok[f], n, NULL, NULL, out, &no, &id, err);
+            tv += now() - ts;
+            if (rc || (rc = ds4_session_rewind(s, f, err))) break;
+        }
+        ds4_debug_session_drafter(s, NULL, NULL);
+        if (rc) return rc;
+        t_ver[n] = tv / reps;
+    }
+    /* one MTP draft step: the block on the last state (the MTP window is
+     * then restarted at the next evaluation) */
+    size_t nf = ds4_debug_state_floats(e);
+    float *hc = malloc(nf * sizeof(float)), *lg = malloc((size_t)ds4_engine_n_vocab(e) * sizeof(float));
+    double t_draft = 0;
+    if (!hc || !lg) rc = DS4_E_NOMEM;
+    if (!rc) rc = ds4_session_eval(s, tok[f], err);
+    if (!rc) rc = ds4_debug_session_state(s, hc, err);
+    for (int r = 0; !rc && r < reps; r++) {
+        double ts = now();
+        rc = ds4_debug_mtp_eval(s, hc, &tok[f], 1, lg, NULL, err);
+        t_draft += now() - ts;
+    }
+    free(hc);
+    free(lg);
+    if (!rc) rc = ds4_session_rewind(s, f, err);
+    if (rc) return rc;
+    t_draft /= reps;
+    const int N = o->mtp_draft;
+    double cycle = N * t_draft + t_ver[N + 1];
+    double up_full = (N + 1) * t_dec / cycle, up_cited = N >= 2 ? 2.26 * t_dec / (2 * t_draft + t_ver[3]) : 0;
+    printf("  mtp at %d (N=%d%s): %.2f tokens/cycle, accepted by place %.2f %.2f %.2f %.2f; %.2f tok/s speculative\n"
+           "    draft step %.3f ms (%.3f x decode), verify", f, N, o->n_accept ? ", forced acceptance" : "", tpc, acc[0], acc[1], acc[2], acc[3],
+           o->gen / t_spec, t_draft * 1e3, t_draft / t_dec);
+    for (int n = 2; n <= N + 1; n++) printf(" %d rows %.3f ms (%.2f x)", n, t_ver[n] * 1e3, t_ver[n] / t_dec);
+    printf("; modelled speed-up %.2f x at 100%%, %.2f x at 2.26 tokens/cycle (N=2)\n", up_full, up_cited);
+    snprintf(row, cap, ",%.3f,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f,%.4f,%.3f,%.3f", tpc, acc[0], acc[1], acc[2],
+             t_draft / t_dec, t_ver[2] / t_dec, t_ver[3] / t_dec, t_ver[4] / t_dec, up_full, up_cited);
+    return 0;
+}
+
 static double datasheet_flops(const char *dev) {
     if (strstr(dev, "H200") || strstr(dev, "H100")) return 989e12;
     return 0;
@@ -214,7 +338,8 @@ int main(int argc, char **argv) {
     load_clock lc = {.t0 = now()};
     ds4_engine_opts eo = {.model_path = o.model, .synthetic = o.synthetic, .synthetic_seed = o.seed,
                           .backend = o.backend, .n_threads = o.threads, .plain_numerics = o.plain,
-                          .progress = on_load, .progress_user = &lc, .cuda_no_graphs = o.no_graphs};
+                          .progress = on_load, .progress_user = &lc, .cuda_no_graphs = o.no_graphs,
+                          .mtp_path = o.mtp};
     ds4_engine *e = NULL;
     ds4_err err = {0};
     if (ds4_engine_open(&e, &eo, &err)) {
@@ -241,6 +366,15 @@ int main(int argc, char **argv) {
         ds4_engine_close(e);
         return 1;
     }
+    if (o.mtp) {
+        ds4_spec_opts sop = {.n_draft = o.mtp_draft, .gate = 0};
+        if (ds4_session_spec_enable(s, &sop, &err)) {
+            fprintf(stderr, "ds4-bench: --mtp: %s\n", err.msg);
+            ds4_session_free(s);
+            ds4_engine_close(e);
+            return 1;
+        }
+    }
     int32_t *tok = make_tokens(e, &o, n_total);
     if (!tok) {
         fprintf(stderr, "ds4-bench: out of memory\n");
@@ -257,6 +391,13 @@ int main(int argc, char **argv) {
                       "kvcache_bytes,weight_bytes_per_token,kv_bytes_per_token,achieved_GBps,"
                       "roofline_tps_datasheet,roofline_tps_measured,frac_roofline,frac_roofline_measured,"
                       "prefill_flops_per_token,prefill_tflops,frac_compute_roof,graphs,weights,backend\n";
+    const char *hdr_mtp = "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,gen_tps_ss,first_token_sec,"
+                          "kvcache_bytes,weight_bytes_per_token,kv_bytes_per_token,achieved_GBps,"
+                          "roofline_tps_datasheet,roofline_tps_measured,frac_roofline,frac_roofline_measured,"
+                          "prefill_flops_per_token,prefill_tflops,frac_compute_roof,graphs,weights,backend,"
+                          "mtp_tokens_per_cycle,mtp_accept_pos1,mtp_accept_pos2,mtp_accept_pos3,mtp_draft_rel,"
+                          "mtp_verify2_rel,mtp_verify3_rel,mtp_verify4_rel,mtp_speedup_full,mtp_speedup_2_26\n";
+    if (o.mtp) hdr = hdr_mtp;
     /* frac: decode (steady state) as a fraction of the roofline of the
      * measured streaming read (else the datasheet); pf/gen: prefill tok/s
      * over decode tok/s */
@@ -335,6 +476,16 @@ int main(int argc, char **argv) {
                                      roof_meas > 0 ? gen_ss / roof_meas : 0, fl_tok, tflops,
                                      fl_sheet > 0 ? flops / pf_s / fl_sheet : 0, o.no_graphs ? 0 : 1,
                                      o.synthetic ? "synthetic" : "real", ds4_engine_backend_name(e));
+        if (o.mtp) {
+            double t_dec = gen_ss > 0 ? 1.0 / gen_ss : 0;
+            char extra[256];
+            if ((rc = bench_mtp(e, s, &o, tok, f, t_dec, extra, sizeof extra, &err))) {
+                fprintf(stderr, "ds4-bench: MTP at %d failed: %s\n", f, err.msg);
+                break;
+            }
+            rows_len--; /* before the row's newline */
+            rows_len += (size_t)snprintf(rows + rows_len, 64 * 1024 - rows_len, "%s\n", extra);
+        }
         /* ---- per-stage breakdown of decode steps (eager) */
         if (o.profile) {
             double ms[64];

@@ -52,8 +52,11 @@ typedef struct cpu_ctx {
     void *mm_xq;
     size_t mm_xq_bytes;
     int err; /* first error (sticky until step_end) */
-    void **synth_owned; /* weights filled for a synthetic model */
-    int n_synth_owned;
+    struct cpu_synth {  /* weights filled for synthetic models (main, MTP) */
+        ds4_model *bound;
+        void **owned;
+        int n_owned;
+    } synth[2];
     /* per-stage profile (prof_mark / prof_read) */
     int prof_kind;      /* stage running since prof_t0, or -1 */
     double prof_t0;
@@ -141,5 +144,6 @@ int cpu_kv_store(void *ctx, const ds4_kv_store_args *a);
 int cpu_moe_route(void *ctx, const ds4_moe_route_args *a);
 int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a);
 int cpu_head(void *ctx, const ds4_head_args *a);
+int cpu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a);
 
 #endif

@@ -700,6 +700,8 @@ static int cpu_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts 
         *bound = (ds4_model *)host;
         return 0;
     }
+    int slot = c->synth[0].bound ? 1 : 0;
+    if (c->synth[slot].bound) return ds4_err_set(err, DS4_E_ARG, "cpu backend: at most two synthetic models");
     ds4_model *mm = ds4_model_mirror(host);
     if (!mm) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     synth_fill sf = {.seed = o->seed, .o = o};
@@ -715,20 +717,23 @@ static int cpu_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts 
                                                        : "cpu backend: out of memory filling %.1f GiB of synthetic weights",
                            (double)sf.total / (1 << 30));
     }
-    c->synth_owned = sf.owned;
-    c->n_synth_owned = sf.n_owned;
+    c->synth[slot] = (struct cpu_synth){.bound = mm, .owned = sf.owned, .n_owned = sf.n_owned};
     *bound = mm;
     return 0;
 }
 
 static void cpu_unbind_model(void *ctx, ds4_model *bound) {
     cpu_ctx *c = ctx;
-    if (!c->synth_owned) return; /* the host model itself */
-    for (int i = 0; i < c->n_synth_owned; i++) free(c->synth_owned[i]);
-    free(c->synth_owned);
-    c->synth_owned = NULL;
-    c->n_synth_owned = 0;
-    ds4_model_mirror_free(bound);
+    for (int k = 0; k < 2; k++) {
+        struct cpu_synth *sy = &c->synth[k];
+        if (sy->bound != bound) continue;
+        for (int i = 0; i < sy->n_owned; i++) free(sy->owned[i]);
+        free(sy->owned);
+        *sy = (struct cpu_synth){0};
+        ds4_model_mirror_free(bound);
+        return;
+    }
+    /* else the host model itself: nothing was copied */
 }
 
 static const ds4_backend_ops cpu_ops = {
@@ -763,6 +768,7 @@ static const ds4_backend_ops cpu_ops = {
     .moe_route = cpu_moe_route,
     .moe_experts = cpu_moe_experts,
     .head = cpu_head,
+    .mtp_embed = cpu_mtp_embed,
 };
 
 int ds4_cpu_backend_new(int n_threads, ds4_backend *out, ds4_err *err) {

@@ -50,6 +50,44 @@ int cpu_embed(void *ctx, const ds4_embed_args *a) {
     return 0;
 }
 
+/* ------------------------------------------------------------ MTP input */
+
+/* MODEL.md C.12 steps 1-3 (backend.h ds4_mtp_embed_args). The normalised
+ * embeddings and streams are formed first, then the two products (one run),
+ * then X_s = e + h_s in that order. */
+int cpu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a) {
+    cpu_ctx *c = ctx;
+    const ds4_model *m = a->m;
+    const ds4_hparams *hp = &m->hp;
+    const int D = hp->n_embd, hc = hp->n_hc, n = a->n;
+    const ds4_weight *w = &m->tok_embd;
+    float *en = cpu_scratch(c, 0, (size_t)n * D * sizeof(float));
+    float *hn = cpu_scratch(c, 1, (size_t)n * hc * D * sizeof(float));
+    float *ep = cpu_scratch(c, 2, (size_t)n * D * sizeof(float));
+    float *hp_out = cpu_scratch(c, 3, (size_t)n * hc * D * sizeof(float));
+    if (!en || !hn || !ep || !hp_out) return DS4_E_NOMEM;
+    for (int t = 0; t < n; t++) {
+        float *e = en + (size_t)t * D;
+        ds4_dequant_row(w->type, (const char *)w->data + (size_t)a->tokens[t] * w->row_bytes, e, D);
+        cpu_rmsnorm(e, e, D, m->mtp_enorm, hp->rms_eps);
+        for (int s = 0; s < hc; s++) {
+            size_t o = ((size_t)t * hc + s) * D;
+            cpu_rmsnorm(hn + o, a->hc + o, D, m->mtp_hnorm, hp->rms_eps);
+        }
+    }
+    cpu_mm mm[2] = {{.w = &m->mtp_e_proj, .n_rows = D, .x = en, .ldx = D, .n = n, .y = ep, .ldy = D},
+                    {.w = &m->mtp_h_proj, .n_rows = D, .x = hn, .ldx = D, .n = n * hc, .y = hp_out, .ldy = D}};
+    int rc = cpu_matmuls(c, mm, 2, a->num.act_quant);
+    if (rc) return rc;
+    for (int t = 0; t < n; t++)
+        for (int s = 0; s < hc; s++) {
+            size_t o = ((size_t)t * hc + s) * D;
+            const float *e = ep + (size_t)t * D;
+            for (int d = 0; d < D; d++) a->X[o + d] = e[d] + hp_out[o + d];
+        }
+    return c->err;
+}
+
 /* ------------------------------------------------------------ HC */
 
 typedef struct hc_job {

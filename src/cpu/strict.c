@@ -26,7 +26,7 @@ typedef struct strict_ctx {
     ds4_backend cpu;      /* the inner reference backend */
     region *r;            /* sorted by base */
     int n_r, cap_r;
-    ds4_model *bound;     /* mirror whose data lives in the arena */
+    ds4_model *bound[2];  /* mirrors whose data lives in the arena (main, MTP) */
     int err;
     char msg[400];
 } strict_ctx;
@@ -97,7 +97,7 @@ static int chk(strict_ctx *s, const char *stage, const char *arg, const void *p,
 }
 
 static int chk_model(strict_ctx *s, const char *stage, const ds4_model *m, const ds4_layer *l) {
-    bool ok = m == s->bound && (!l || (l >= m->layers && l < m->layers + m->hp.n_layer));
+    bool ok = m && (m == s->bound[0] || m == s->bound[1]) && (!l || (l >= m->layers && l < m->layers + m->hp.n_layer));
     if (ok) return 0;
     if (!s->err) {
         s->err = DS4_E_INTERNAL;
@@ -128,6 +128,8 @@ static int copy_vec(void *user, void **pp, size_t bytes) {
     return 0;
 }
 
+static void st_free_model(strict_ctx *s, ds4_model *mm);
+
 static int st_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts *o, ds4_model **bound, ds4_err *err) {
     strict_ctx *s = ctx;
     if (o->synthetic) return ds4_err_set(err, DS4_E_ARG, "strict backend: synthetic models are not supported");
@@ -139,7 +141,11 @@ static int st_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts *
         ds4_model_mirror_free(mm);
         return ds4_err_set(err, DS4_E_NOMEM, "strict backend: out of memory copying the weights");
     }
-    s->bound = mm;
+    if (s->bound[0] && s->bound[1]) {
+        st_free_model(s, mm);
+        return ds4_err_set(err, DS4_E_ARG, "strict backend: at most two models (main and MTP) can be bound");
+    }
+    s->bound[s->bound[0] ? 1 : 0] = mm;
     *bound = mm;
     return 0;
 }
@@ -154,12 +160,17 @@ static int free_vec(void *user, void **pp, size_t bytes) {
     return 0;
 }
 
+static void st_free_model(strict_ctx *s, ds4_model *mm) {
+    ds4_model_visit v = {.weight = free_weight, .vec = free_vec, .user = s};
+    ds4_model_visit_all(mm, &v);
+    ds4_model_mirror_free(mm);
+}
+
 static void st_unbind_model(void *ctx, ds4_model *bound) {
     strict_ctx *s = ctx;
-    ds4_model_visit v = {.weight = free_weight, .vec = free_vec, .user = s};
-    ds4_model_visit_all(bound, &v);
-    ds4_model_mirror_free(bound);
-    if (s->bound == bound) s->bound = NULL;
+    st_free_model(s, bound);
+    for (int i = 0; i < 2; i++)
+        if (s->bound[i] == bound) s->bound[i] = NULL;
 }
 
 /* ------------------------------------------------------------ plain ops */
@@ -285,8 +296,11 @@ static int chk_layer_weights(strict_ctx *s, const char *stage, const ds4_layer *
 }
 
 static int chk_rope(strict_ctx *s, const char *stage, const ds4_rope *r) {
-    if (r == &s->bound->rope_main || r == &s->bound->rope_compress)
-        return chk(s, stage, "rope.inv_freq", r->inv_freq, F32S(s->bound->hp.n_rot / 2)) != 0;
+    for (int i = 0; i < 2; i++) {
+        const ds4_model *b = s->bound[i];
+        if (b && (r == &b->rope_main || r == &b->rope_compress))
+            return chk(s, stage, "rope.inv_freq", r->inv_freq, F32S(b->hp.n_rot / 2)) != 0;
+    }
     if (!s->err) {
         s->err = DS4_E_INTERNAL;
         snprintf(s->msg, sizeof s->msg, "strict backend: %s: rope is not the bound model's", stage);
@@ -422,6 +436,21 @@ static int st_head(void *ctx, const ds4_head_args *a) {
     RUN(head);
 }
 
+static int st_mtp_embed(void *ctx, const ds4_mtp_embed_args *a) {
+    static const char stage[] = "mtp_embed";
+    COMMON();
+    const ds4_model *m = a->m;
+    bad |= chk(s, stage, "tok_embd", m->tok_embd.data, wbytes(&m->tok_embd)) != 0;
+    bad |= chk(s, stage, "mtp_e_proj", m->mtp_e_proj.data, wbytes(&m->mtp_e_proj)) != 0;
+    bad |= chk(s, stage, "mtp_h_proj", m->mtp_h_proj.data, wbytes(&m->mtp_h_proj)) != 0;
+    bad |= chk(s, stage, "mtp_enorm", m->mtp_enorm, F32S(hp->n_embd)) != 0;
+    bad |= chk(s, stage, "mtp_hnorm", m->mtp_hnorm, F32S(hp->n_embd)) != 0;
+    CHK(tokens, I32S(a->n));
+    CHK(hc, F32S((size_t)a->n * hp->n_hc * hp->n_embd));
+    CHK(X, F32S((size_t)a->n * hp->n_hc * hp->n_embd));
+    RUN(mtp_embed);
+}
+
 static const ds4_backend_ops strict_ops = {
     .name = "strict",
     .destroy = st_destroy,
@@ -450,6 +479,7 @@ static const ds4_backend_ops strict_ops = {
     .moe_route = st_moe_route,
     .moe_experts = st_moe_experts,
     .head = st_head,
+    .mtp_embed = st_mtp_embed,
 };
 
 int ds4_strict_backend_new(int n_threads, ds4_backend *out, ds4_err *err) {

@@ -211,3 +211,55 @@ int tm_build(const tm_cfg *c, const char *path) {
     free(t.blobs);
     return rc;
 }
+
+/* The MTP block of a model built with the same cfg (MODEL.md B.4 names,
+ * FORMATS.md D.3): one ratio-0 block with biased routing plus the input
+ * and head tensors, no metadata. Defects as for tm_build. */
+int tm_build_mtp(const tm_cfg *c, const char *path) {
+    tm_ctx t = {.c = c, .w = ds4_gguf_writer_new(), .r = {c->seed * 0x9E3779B97F4A7C15ULL + 7}};
+    ds4_gguf_writer *w = t.w;
+    ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);
+    const int D = c->D, hc = c->n_hc, mix = (2 + hc) * hc, TM = c->type_mat, TS = c->type_small;
+    const float sd = 0.08f;
+#define M(s) "mtp.0." s
+    add(&t, M("e_proj.weight"), TM, 2, D, D, 1, 0, 1.0f / sqrtf((float)D));
+    add(&t, M("h_proj.weight"), TM, 2, D, D, 1, 0, 1.0f / sqrtf((float)D));
+    add(&t, M("enorm.weight"), DS4_TYPE_F32, 1, D, 1, 1, 1, 0);
+    add(&t, M("hnorm.weight"), DS4_TYPE_F32, 1, D, 1, 1, 1, 0);
+    add(&t, M("norm.weight"), DS4_TYPE_F32, 1, D, 1, 1, 1, 0);
+    add(&t, M("hc_head_fn.weight"), TS, 2, (int64_t)hc * D, hc, 1, 0, sd);
+    add(&t, M("hc_head_base.weight"), DS4_TYPE_F32, 1, hc, 1, 1, 0, 0.5f);
+    add(&t, M("hc_head_scale.weight"), DS4_TYPE_F32, 1, 1, 1, 1, 1, 0);
+    add(&t, M("hc_attn_fn.weight"), TS, 2, (int64_t)hc * D, mix, 1, 0, sd);
+    add(&t, M("hc_attn_scale.weight"), DS4_TYPE_F32, 1, 3, 1, 1, 1, 0);
+    add(&t, M("hc_attn_base.weight"), DS4_TYPE_F32, 1, mix, 1, 1, 0, 0.5f);
+    add(&t, M("attn_norm.weight"), DS4_TYPE_F32, 1, D, 1, 1, 1, 0);
+    add(&t, M("attn_q_a.weight"), TM, 2, D, c->q_lora, 1, 0, sd);
+    add(&t, M("attn_q_a_norm.weight"), DS4_TYPE_F32, 1, c->q_lora, 1, 1, 1, 0);
+    add(&t, M("attn_q_b.weight"), TM, 2, c->q_lora, (int64_t)c->H * c->dh, 1, 0, sd * 2);
+    add(&t, M("attn_kv.weight"), TM, 2, D, c->dh, 1, 0, sd);
+    add(&t, M("attn_kv_a_norm.weight"), DS4_TYPE_F32, 1, c->dh, 1, 1, 1, 0);
+    add(&t, M("attn_sinks.weight"), DS4_TYPE_F32, 1, c->H, 1, 1, 0, 1.0f);
+    add(&t, M("attn_output_a.weight"), TM, 2, (int64_t)c->H * c->dh / c->G, (int64_t)c->G * c->o_lora, 1, 0, sd);
+    add(&t, M("attn_output_b.weight"), TM, 2, (int64_t)c->G * c->o_lora, D, 1, 0, sd);
+    add(&t, M("hc_ffn_fn.weight"), TS, 2, (int64_t)hc * D, mix, 1, 0, sd);
+    add(&t, M("hc_ffn_scale.weight"), DS4_TYPE_F32, 1, 3, 1, 1, 1, 0);
+    add(&t, M("hc_ffn_base.weight"), DS4_TYPE_F32, 1, mix, 1, 1, 0, 0.5f);
+    add(&t, M("ffn_norm.weight"), DS4_TYPE_F32, 1, D, 1, 1, 1, 0);
+    add(&t, M("ffn_gate_inp.weight"), TS, 2, D, c->E, 1, 0, sd * 4);
+    add(&t, M("exp_probs_b.bias"), DS4_TYPE_F32, 1, c->E, 1, 1, 0, 0.2f);
+    add(&t, M("ffn_gate_exps.weight"), c->type_gate, 3, D, c->F, c->E, 0, sd);
+    add(&t, M("ffn_up_exps.weight"), c->type_gate, 3, D, c->F, c->E, 0, sd);
+    add(&t, M("ffn_down_exps.weight"), c->type_down, 3, c->F, D, c->E, 0, sd);
+    add(&t, M("ffn_gate_shexp.weight"), TM, 2, D, c->F, 1, 0, sd);
+    add(&t, M("ffn_up_shexp.weight"), TM, 2, D, c->F, 1, 0, sd);
+    add(&t, M("ffn_down_shexp.weight"), TM, 2, c->F, D, 1, 0, sd);
+#undef M
+    ds4_err err = {0};
+    int rc = ds4_gguf_writer_write_file(w, path, &err);
+    if (rc) fprintf(stderr, "tm_build_mtp: %s\n", err.msg);
+    ds4_gguf_writer_free(w);
+    for (int i = 0; i < t.n_blobs; i++) free(t.blobs[i]);
+    free(t.blobs);
+    return rc;
+}

@@ -26,5 +26,7 @@ typedef struct tm_cfg {
 tm_cfg tm_default(void);
 /* Writes the model to path; 0 or a negative DS4_E*. */
 int tm_build(const tm_cfg *c, const char *path);
+/* The MTP GGUF (32 tensors, prefix mtp.0.) for a model of the same cfg. */
+int tm_build_mtp(const tm_cfg *c, const char *path);
 
 #endif
