@@ -240,6 +240,7 @@ int cu_attention(void *ctx, const ds4_attention_args *a);
 int cu_attn_splits(int nr_cap); /* row splits of the split attention */
 int cu_kv_store(void *ctx, const ds4_kv_store_args *a);
 int cu_head(void *ctx, const ds4_head_args *a);
+int cu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a);
 /* ops_compress.cu */
 int cu_compress_update(void *ctx, const ds4_compress_args *a);
 int cu_indexer_select(void *ctx, const ds4_indexer_args *a);

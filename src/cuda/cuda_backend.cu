@@ -905,6 +905,7 @@ static const ds4_backend_ops cuda_ops = {
     cu_moe_route,
     cu_moe_experts,
     cu_head,
+    cu_mtp_embed,
 };
 
 extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds4_err *err) {

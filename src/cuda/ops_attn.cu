@@ -760,3 +760,46 @@ void cu_argmax_rows(cu_ctx *c, const float *logits, int n_rows, int n_vocab, int
     cu_launch(c, k_argmax, n_rows, 1024, 0, logits, n_vocab, ids_dev);
     CU_LAUNCH(c, "argmax");
 }
+
+/* ---------------------------------------------------------------- MTP */
+
+/* X[t][s][d] = e[t][d] + X[t][s][d] (X holds h_proj of the normed streams) */
+__global__ void k_mtp_add(const float *e, float *X, int n, int hc, int D) {
+    cu_pdl_wait();
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)n * hc * D) return;
+    const int64_t t = i / ((int64_t)hc * D);
+    X[i] = __fadd_rn(e[t * D + i % D], X[i]);
+}
+
+/* MODEL.md C.12 steps 1-3 (backend.h ds4_mtp_embed_args), as cpu_mtp_embed:
+ * e = e_proj . RMSNorm_enorm(embedding row), X_s = e + h_proj .
+ * RMSNorm_hnorm(hc_s). Scratch: hn (normed embedding), out (normed streams,
+ * needs K >= n_hc), sd (e). */
+int cu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (c->err) return c->err;
+    const ds4_model *m = a->m;
+    const ds4_hparams *hp = &m->hp;
+    const int D = hp->n_embd, hc = hp->n_hc, n = a->n;
+    if (hp->n_expert_used < hc) {
+        cu_fail(c, DS4_E_INTERNAL, "cuda: MTP stream scratch needs n_expert_used >= n_hc");
+        return c->err;
+    }
+    float *en = c->s.hn, *hn = c->s.out, *ep = c->s.sd;
+    cu_dequant_rows(c, &m->tok_embd, a->tokens, n, en, D, 1, 0);
+    cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)D * sizeof(float), en, (int64_t)D, D, (const float *)m->mtp_enorm,
+              hp->rms_eps);
+    CU_LAUNCH(c, "mtp_enorm");
+    cu_ok(c, cudaMemcpyAsync(hn, a->hc, (size_t)n * hc * D * sizeof(float), cudaMemcpyDeviceToDevice, c->st), "mtp copy");
+    cu_launch(c, k_rows_rmsnorm, n * hc, 256, (size_t)D * sizeof(float), hn, (int64_t)D, D,
+              (const float *)m->mtp_hnorm, hp->rms_eps);
+    CU_LAUNCH(c, "mtp_hnorm");
+    cu_mv_pair(c, &m->mtp_e_proj, ep, D, nullptr, nullptr, 0, en, D, n, a->num.act_quant, &c->s.a1, a->step, 0);
+    cu_mv_pair(c, &m->mtp_h_proj, a->X, D, nullptr, nullptr, 0, hn, D, n * hc, a->num.act_quant, &c->s.a1, a->step, 0);
+    const int64_t items = (int64_t)n * hc * D;
+    cu_launch(c, k_mtp_add, cu_div_up(items, 256), 256, 0, (const float *)ep, a->X, n, hc, D);
+    CU_LAUNCH(c, "mtp_add");
+    return c->err;
+}
+

@@ -224,3 +224,33 @@ def test_cuda_bad_device_is_a_clear_error(tmp_path):
     err = r.stderr.decode("utf-8", "replace")
     print(err)
     assert r.returncode == 1 and "cuda" in err and "GPU" in err, err
+
+
+# ---- MTP speculative decoding on the GPU (mtp_embed + the MTP block through the CUDA stages) -----------------
+
+@pytest.mark.parametrize("fx", FIXTURES[:4])
+def test_cuda_mtp_greedy_equals_plain_greedy(fx, ggufs, tmp_path):
+    """Greedy with a random MTP block (mostly rejected drafts, every rollback path) equals greedy without it on
+    the GPU, and the GPU picks the CPU's tokens with MTP on."""
+    from test_mtp import make_mtp  # noqa: E402
+    m = meta(fx)
+    main = ggufs(m["model"])
+    mtp = make_mtp(main, tmp_path / "mtp.gguf", seed=5)
+
+    def greedy(backend, *extra):
+        cmd = [DS4, "-m", str(main), backend, "--prompt-tokens-file", str(ORACLE / fx / "tokens.txt"),
+               "--dump-logits", str(tmp_path / "l.f32"), "--dump-greedy", "16", *extra]
+        if not m["release"]:
+            cmd.append("--plain-numerics")
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
+        line = [x for x in r.stdout.splitlines() if x.startswith("greedy:")][0]
+        return [int(v) for v in line.split()[1:]], r.stderr
+
+    ref, _ = greedy("--cuda")
+    for nd in (1, 3):
+        got, err = greedy("--cuda", "--mtp", str(mtp), "--mtp-draft", str(nd), "--mtp-gate", "0")
+        assert got == ref, f"{fx}: CUDA greedy with --mtp-draft {nd} differs"
+        assert "ds4: mtp:" in err and " drafts 0," not in err, err
+    cpu, _ = greedy("--cpu", "--mtp", str(mtp), "--mtp-draft", "3", "--mtp-gate", "0")
+    assert cpu == ref, f"{fx}: CPU and CUDA greedy with MTP differ"
