@@ -227,3 +227,105 @@ def write_f32_reference(deq, cfg_src_dir, dst_dir, mtp=False):
     t = {n: ("I64" if a.dtype == np.int64 else "F32", a) for n, a in deq.items() if mtp or not n.startswith("mtp.")}
     st_write_raw(dst_dir / "model.safetensors", t)
     (dst_dir / "config.json").write_text(json.dumps(official_config(cfg), indent=1))
+
+
+def layer_shapes(il, cfg, ratio, hash_layer, mtp=False):
+    """Official per-layer tensor names (without the "layers.N." / "mtp.N." prefix) and PyTorch shapes, written
+    from docs/FORMATS.md D.2 / D.3 (HF shape = reversed ne)."""
+    D, H, dh = cfg["hidden_size"], cfg["num_attention_heads"], cfg["head_dim"]
+    ql, ol, G = cfg["q_lora_rank"], cfg["o_lora_rank"], cfg["o_groups"]
+    E, F, K, hc = cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["num_experts_per_tok"], cfg["hc_mult"]
+    mix = (2 + hc) * hc
+    s = {"hc_attn_fn": (mix, hc * D), "hc_attn_scale": (3,), "hc_attn_base": (mix,), "attn_norm.weight": (D,),
+         "attn.wq_a.weight": (ql, D), "attn.q_norm.weight": (ql,), "attn.wq_b.weight": (H * dh, ql),
+         "attn.wkv.weight": (dh, D), "attn.kv_norm.weight": (dh,), "attn.attn_sink": (H,),
+         "attn.wo_a.weight": (G * ol, H * dh // G), "attn.wo_b.weight": (D, G * ol),
+         "hc_ffn_fn": (mix, hc * D), "hc_ffn_scale": (3,), "hc_ffn_base": (mix,), "ffn_norm.weight": (D,),
+         "ffn.gate.weight": (E, D), "ffn.shared_experts.w1.weight": (F, D), "ffn.shared_experts.w3.weight": (F, D),
+         "ffn.shared_experts.w2.weight": (D, F)}
+    if ratio:
+        w = (2 if ratio == 4 else 1) * dh
+        s.update({"attn.compressor.ape": (ratio, w), "attn.compressor.wkv.weight": (w, D),
+                  "attn.compressor.wgate.weight": (w, D), "attn.compressor.norm.weight": (dh,)})
+    if ratio == 4:
+        ih, idim = cfg["index_n_heads"], cfg["index_head_dim"]
+        s.update({"attn.indexer.wq_b.weight": (ih * idim, ql), "attn.indexer.weights_proj.weight": (ih, D),
+                  "attn.indexer.compressor.ape": (4, 2 * idim), "attn.indexer.compressor.wkv.weight": (2 * idim, D),
+                  "attn.indexer.compressor.wgate.weight": (2 * idim, D),
+                  "attn.indexer.compressor.norm.weight": (idim,)})
+    if hash_layer:
+        s["ffn.gate.tid2eid"] = (cfg["vocab_size"], K)
+    else:
+        s["ffn.gate.bias"] = (E,)
+    for e in range(E):
+        s.update({f"ffn.experts.{e}.w1.weight": (F, D), f"ffn.experts.{e}.w3.weight": (F, D),
+                  f"ffn.experts.{e}.w2.weight": (D, F)})
+    return s
+
+
+def make_random(dst_dir, cfg, n_shards=4, seed=1):
+    """A random checkpoint in the official format with the shapes of cfg (an official config.json dict):
+    FP8 codes for the FP8 tensors, FP4 experts, BF16 embedding and vectors, F32 HC parameters; written shard
+    by shard (memory: one shard). For throughput and memory measurements with full-size tensors."""
+    dst_dir = pathlib.Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    D, V, hc = cfg["hidden_size"], cfg["vocab_size"], cfg["hc_mult"]
+    shapes = {"embed.weight": (V, D), "head.weight": (V, D), "norm.weight": (D,), "hc_head_fn": (hc, hc * D),
+              "hc_head_base": (hc,), "hc_head_scale": (1,)}
+    for il in range(cfg["num_hidden_layers"]):
+        for k, v in layer_shapes(il, cfg, cfg["compress_ratios"][il], il < cfg["num_hash_layers"]).items():
+            shapes[f"layers.{il}.{k}"] = v
+    names = sorted(shapes)
+    wm = {}
+    for k in range(n_shards):
+        fn = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {}
+        for n in names[k * len(names) // n_shards:(k + 1) * len(names) // n_shards]:
+            sh = shapes[n]
+            if ".ffn.experts." in n:
+                packed, sc = fp4_quantize(np.zeros((sh[0], sh[1]), np.float32), rng)
+                part[n], part[n[:-7] + ".scale"] = ("I8", packed), ("F8_E8M0", sc)
+            elif n == "head.weight" or (n.endswith(FP8_SUFFIXES) and len(sh) == 2):
+                codes, sc = fp8_quantize(np.zeros(sh, np.float32), rng)
+                part[n], part[n[:-7] + ".scale"] = ("F8_E4M3", codes), ("F8_E8M0", sc)
+            elif n.endswith("tid2eid"):
+                part[n] = ("I64", rng.integers(0, cfg["n_routed_experts"], size=sh))
+            elif "hc_" in n:
+                part[n] = ("F32", (rng.standard_normal(sh) * 0.05).astype(np.float32))
+            else:
+                part[n] = ("BF16", (rng.integers(0x3c00, 0x3c80, size=sh, dtype=np.uint16) |
+                                    rng.integers(0, 2, size=sh, dtype=np.uint16) << 15).astype(np.uint16))
+        st_write_raw(dst_dir / fn, part)
+        wm.update({x: fn for x in part})
+    (dst_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    (dst_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+FLASH_CONFIG = {
+    "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": 129280,
+    "hidden_size": 4096, "num_hidden_layers": 43, "num_attention_heads": 64, "num_key_value_heads": 1,
+    "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 1024, "o_lora_rank": 1024, "o_groups": 8,
+    "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 6,
+    "scoring_func": "sqrtsoftplus", "topk_method": "noaux_tc", "norm_topk_prob": True, "routed_scaling_factor": 1.5,
+    "num_hash_layers": 3, "swiglu_limit": 10.0, "sliding_window": 128,
+    "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0], "compress_rope_theta": 160000, "rope_theta": 10000,
+    "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                     "beta_slow": 1},
+    "max_position_embeddings": 1048576, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512,
+    "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "rms_norm_eps": 1e-6, "num_nextn_predict_layers": 1,
+    "expert_dtype": "fp4", "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                            "weight_block_size": [128, 128], "activation_scheme": "dynamic"},
+}
+
+
+if __name__ == "__main__":
+    # python tests/py/official_ckpt.py DIR [N_EXPERTS] [RATIO]: one full-size Flash layer (the real shapes;
+    # fewer routed experts to save disk) in the official format, for throughput / memory figures.
+    import sys
+    cfg = dict(FLASH_CONFIG)
+    cfg.update(num_hidden_layers=1, num_hash_layers=0, num_nextn_predict_layers=0,
+               n_routed_experts=int(sys.argv[2]) if len(sys.argv) > 2 else 256,
+               compress_ratios=[int(sys.argv[3]) if len(sys.argv) > 3 else 4])
+    make_random(sys.argv[1], cfg)

@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -144,6 +145,37 @@ uint64_t ds4_conv_tensor_src_bytes(const ds4_conv_tensor *t) {
     case DS4_SRC_NONE: break;
     }
     return 0;
+}
+
+/* Bytes of one stored row of s holding n logical values. */
+static uint64_t src_row_bytes(const ds4_st_tensor *s, int64_t n) {
+    if (s->dtype == DS4_ST_F8_E4M3) return (uint64_t)n;
+    if (s->dtype == DS4_ST_I8 || s->dtype == DS4_ST_U8) return (uint64_t)n / 2;
+    return (uint64_t)n * (uint64_t)ds4_st_dtype_size(s->dtype);
+}
+
+/* Drops the mapped pages of rows [r0, r1) of matrix m from the process
+ * (MADV_DONTNEED; they stay in the page cache and fault back in if read
+ * again), so the resident set stays at one chunk instead of growing with
+ * the model: the sources are read once, in order. */
+static void drop_pages(const uint8_t *lo, const uint8_t *hi) {
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t)lo + pg - 1) & ~(pg - 1), b = (uintptr_t)hi & ~(pg - 1); /* whole pages inside */
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+static void release_rows(const ds4_conv_tensor *t, int64_t m, int64_t r0, int64_t r1) {
+    const bool plain = t->src == DS4_SRC_PLAIN;
+    const ds4_st_tensor *s = plain ? t->st : t->src == DS4_SRC_EXPERTS ? t->experts[m] : NULL;
+    const ds4_st_tensor *sc = plain ? t->scale : t->src == DS4_SRC_EXPERTS ? t->expert_scales[m] : NULL;
+    if (!s) return;
+    const uint64_t rb = src_row_bytes(s, t->ne[0]);
+    const int64_t base = plain ? m * t->ne[1] : 0;
+    drop_pages(s->data + (uint64_t)(base + r0) * rb, s->data + (uint64_t)(base + r1) * rb);
+    if (sc && s->dtype != DS4_ST_F8_E4M3) {   /* FP4: one scale row per row (FP8 tiles are negligible) */
+        const uint64_t sb = (uint64_t)t->ne[0] / 32;
+        drop_pages(sc->data + (uint64_t)r0 * sb, sc->data + (uint64_t)r1 * sb);
+    }
 }
 
 /* ------------------------------------------------------------ parallel chunks */
@@ -334,6 +366,7 @@ static int produce(void *user, int64_t index, ds4_gguf_sink *sink, ds4_err *err)
             if ((rc = parallel(&c, OP_DECODE, c.r0, c.r1, err))) break;
             if ((rc = parallel(&c, OP_ENCODE, c.r0, c.r1, err))) break;
             rc = ds4_gguf_sink_write(sink, c.out, (size_t)(c.r1 - c.r0) * row_bytes, err);
+            release_rows(t, m, c.r0, c.r1);
             g.done_in += in_per_row * (uint64_t)(c.r1 - c.r0);
             progress(t->name, false);
         }
