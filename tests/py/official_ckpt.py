@@ -263,10 +263,12 @@ def layer_shapes(il, cfg, ratio, hash_layer, mtp=False):
     return s
 
 
-def make_random(dst_dir, cfg, n_shards=4, seed=1):
+def make_random(dst_dir, cfg, n_shards=4, seed=1, gaussian=False):
     """A random checkpoint in the official format with the shapes of cfg (an official config.json dict):
     FP8 codes for the FP8 tensors, FP4 experts, BF16 embedding and vectors, F32 HC parameters; written shard
-    by shard (memory: one shard). For throughput and memory measurements with full-size tensors."""
+    by shard (memory: one shard). For throughput and memory measurements with full-size tensors. gaussian:
+    matrices drawn N(0, 0.02^2) and quantized to FP8/FP4 as the official checkpoint's are (realistic
+    per-block scales, for quantization-error figures) instead of uniformly random codes and scales."""
     dst_dir = pathlib.Path(dst_dir)
     dst_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -283,16 +285,20 @@ def make_random(dst_dir, cfg, n_shards=4, seed=1):
         part = {}
         for n in names[k * len(names) // n_shards:(k + 1) * len(names) // n_shards]:
             sh = shapes[n]
+            src = (rng.standard_normal(sh, dtype=np.float32) * 0.02) if gaussian and len(sh) == 2 else None
+            qrng = None if gaussian else rng
             if ".ffn.experts." in n:
-                packed, sc = fp4_quantize(np.zeros((sh[0], sh[1]), np.float32), rng)
+                packed, sc = fp4_quantize(src if gaussian else np.zeros(sh, np.float32), qrng)
                 part[n], part[n[:-7] + ".scale"] = ("I8", packed), ("F8_E8M0", sc)
             elif n == "head.weight" or (n.endswith(FP8_SUFFIXES) and len(sh) == 2):
-                codes, sc = fp8_quantize(np.zeros(sh, np.float32), rng)
+                codes, sc = fp8_quantize(src if gaussian else np.zeros(sh, np.float32), qrng)
                 part[n], part[n[:-7] + ".scale"] = ("F8_E4M3", codes), ("F8_E8M0", sc)
             elif n.endswith("tid2eid"):
                 part[n] = ("I64", rng.integers(0, cfg["n_routed_experts"], size=sh))
             elif "hc_" in n:
                 part[n] = ("F32", (rng.standard_normal(sh) * 0.05).astype(np.float32))
+            elif gaussian and src is not None:
+                part[n] = ("BF16", (src.view(np.uint32) >> 16).astype(np.uint16))
             else:
                 part[n] = ("BF16", (rng.integers(0x3c00, 0x3c80, size=sh, dtype=np.uint16) |
                                     rng.integers(0, 2, size=sh, dtype=np.uint16) << 15).astype(np.uint16))
@@ -321,11 +327,11 @@ FLASH_CONFIG = {
 
 
 if __name__ == "__main__":
-    # python tests/py/official_ckpt.py DIR [N_EXPERTS] [RATIO]: one full-size Flash layer (the real shapes;
-    # fewer routed experts to save disk) in the official format, for throughput / memory figures.
+    # python tests/py/official_ckpt.py DIR [N_EXPERTS] [RATIO] [gaussian]: one full-size Flash layer (the real
+    # shapes; fewer routed experts to save disk) in the official format, for throughput / memory / error figures.
     import sys
     cfg = dict(FLASH_CONFIG)
     cfg.update(num_hidden_layers=1, num_hash_layers=0, num_nextn_predict_layers=0,
                n_routed_experts=int(sys.argv[2]) if len(sys.argv) > 2 else 256,
                compress_ratios=[int(sys.argv[3]) if len(sys.argv) > 3 else 4])
-    make_random(sys.argv[1], cfg)
+    make_random(sys.argv[1], cfg, gaussian=len(sys.argv) > 4 and sys.argv[4] == "gaussian")

@@ -494,3 +494,56 @@ def test_recipe_kl_vs_f32_on_sharp_fixture(tmp_path):
               f"{100 * top1[recipe]:.1f}%")
     assert kl["q8_0"] < 0.02
     assert kl["q8_0"] < kl["q4"] < kl["q2"]
+
+
+# --- whole tensors against ggml's quantizers ---------------------------------------------------------------------
+
+GOLDEN = ROOT / "tests" / "data" / "quant_golden"
+
+
+def test_whole_expert_tensors_byte_identical_to_ggml_golden(tmp_path):
+    """A checkpoint whose routed experts 0 and 1 of layer 0 are the golden inputs of tests/data/quant_golden
+    (4 x 1024 rows each, made by ggml's ggml_quantize_chunk), with their golden importance vectors in a .dat:
+    the converter's whole expert stacks (two experts, chunked, threaded) equal ggml's bytes for Q4_K with and
+    without the imatrix, Q2_K and IQ2_XXS with it."""
+    cfg = dict(oc.FLASH_CONFIG)
+    cfg.update(vocab_size=16, hidden_size=1024, num_hidden_layers=1, num_attention_heads=2, head_dim=64,
+               qk_rope_head_dim=32, q_lora_rank=32, o_lora_rank=32, o_groups=1, moe_intermediate_size=4,
+               n_routed_experts=2, num_experts_per_tok=1, num_hash_layers=0, compress_ratios=[0],
+               index_n_heads=2, index_head_dim=64, index_topk=2, sliding_window=4, num_nextn_predict_layers=0)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    shapes = {"embed.weight": (16, 1024), "head.weight": (16, 1024), "norm.weight": (1024,),
+              "hc_head_fn": (4, 4096), "hc_head_base": (4,), "hc_head_scale": (1,)}
+    shapes.update({f"layers.0.{k}": v for k, v in oc.layer_shapes(0, cfg, 0, False).items()})
+    for n, sh in shapes.items():
+        tensors[n] = ("F32", (rng.standard_normal(sh) * 0.05).astype(np.float32))
+    dists = ("gauss", "heavy")
+    rows = {dist: np.fromfile(GOLDEN / f"{dist}_input.f32", dtype="<f4").reshape(4, 1024) for dist in dists}
+    imat = {dist: np.fromfile(GOLDEN / f"{dist}_imatrix.f32", dtype="<f4") for dist in dists}
+    for e, dist in enumerate(dists):
+        tensors[f"layers.0.ffn.experts.{e}.w1.weight"] = ("F32", rows[dist])
+        tensors[f"layers.0.ffn.experts.{e}.w3.weight"] = ("F32", rows[dist])
+    d = tmp_path / "golden"
+    d.mkdir()
+    oc.st_write_raw(d / "model.safetensors", tensors)
+    (d / "config.json").write_text(json.dumps(cfg))
+    dat = tmp_path / "golden.dat"
+    both = np.concatenate([imat["gauss"], imat["heavy"]])
+    write_dat(dat, {"blk.0.ffn_gate_exps.weight": both, "blk.0.ffn_up_exps.weight": both})
+
+    def golden(kind):
+        return b"".join((GOLDEN / f"{dist}_{kind}.bin").read_bytes() for dist in dists)
+
+    cases = [("q4", [], {"gate": "q4_K_plain", "up": "q4_K_plain"}),
+             ("q4", ["--imatrix", str(dat)], {"gate": "q4_K_imatrix", "up": "q4_K_imatrix"}),
+             ("q2", ["--imatrix", str(dat), "--type-map", "blk.0.ffn_up_exps.weight=q2_K"],
+              {"gate": "iq2_xxs_imatrix", "up": "q2_K_imatrix"})]
+    for recipe, extra, want in cases:
+        out = tmp_path / "g.gguf"
+        r = convert(d, out, recipe, extra=extra + ["--threads", "2"])
+        assert r.returncode == 0, r.stderr
+        _, ts = gguf_tensors(out)
+        for proj, kind in want.items():
+            got = np.array(ts[f"blk.0.ffn_{proj}_exps.weight"].data).tobytes()
+            assert got == golden(kind), (recipe, extra, proj, kind)
