@@ -167,6 +167,10 @@ def test_recipe_published_types_read_by_gguf_py(recipe, official, tmp_path):
     assert r.returncode == 0, r.stderr
     rd, ts = gguf_tensors(out)
     assert rd.fields["general.file_type"].contents() == {"q8_0": 7, "q4": 15, "q2": 19}[recipe]
+    # the official compress_ratios (MTP layer included) copied whole, as the published files have it (D.4)
+    cfg = json.loads((d / "config.json").read_text())
+    assert len(cfg["compress_ratios"]) == cfg["num_hidden_layers"] + 1
+    assert list(rd.fields["deepseek4.attention.compress_ratios"].contents()) == cfg["compress_ratios"]
     want = expected_main(deq)
     assert set(ts) == set(want)
     errs = {}

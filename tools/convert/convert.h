@@ -108,7 +108,10 @@ typedef struct ds4_conv_hparams {
     bool yarn;                       /* YaRN on compressed layers, else plain RoPE */
     double yarn_factor, yarn_beta_fast, yarn_beta_slow;
     uint64_t yarn_orig_ctx, context_length;
-    int *ratio;                      /* (n_layer) compress ratio: 0, 4 (CSA) or another R > 0 (HCA); owned */
+    int *ratio;                      /* (n_ratio) compress ratio: 0, 4 (CSA) or another R > 0 (HCA); owned */
+    int n_ratio;                     /* entries of ratio: n_layer, or n_layer + nextn when the official
+                                        compress_ratios lists the MTP layers too (written whole, as the
+                                        published files do, docs/FORMATS.md D.4); 0 = n_layer */
 } ds4_conv_hparams;
 
 void ds4_conv_hparams_free(ds4_conv_hparams *hp);

@@ -200,7 +200,13 @@ static int read_schedule(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
         if ((int)json_array_size(cr) < hp->n_layer)
             return ds4_err_set(err, DS4_E_FORMAT, "config.json: compress_ratios has %zu entries, expected >= %d",
                                json_array_size(cr), hp->n_layer);
-        for (int il = 0; il < hp->n_layer; il++) {
+        int n = (int)json_array_size(cr);
+        n = n == hp->n_layer + hp->nextn ? n : hp->n_layer;     /* the MTP layers' entries too, when listed */
+        int *r = realloc(hp->ratio, (size_t)n * sizeof(int));
+        if (!r) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        hp->ratio = r;
+        hp->n_ratio = n;
+        for (int il = 0; il < n; il++) {
             json_t *v = json_array_get(cr, (size_t)il);
             if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > (1 << 20))
                 return ds4_err_set(err, DS4_E_FORMAT, "config.json: compress_ratios[%d] is not a ratio >= 0", il);
@@ -1067,18 +1073,17 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
     ds4_gguf_writer_add_bool(w, K("expert_weights_norm"), true);
     U32(K("expert_gating_func"), 4);                                      /* sqrtsoftplus */
     if (hp->nextn) U32(K("nextn_predict_layers"), hp->nextn);
-    int32_t *ratios = malloc((size_t)hp->n_layer * sizeof *ratios);
+    const int n_ratio = hp->n_ratio > hp->n_layer ? hp->n_ratio : hp->n_layer;
+    int32_t *ratios = malloc((size_t)n_ratio * sizeof *ratios);
     float *clamp = malloc((size_t)hp->n_layer * sizeof *clamp);
     if (!ratios || !clamp) {
         free(ratios);
         free(clamp);
         return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     }
-    for (int il = 0; il < hp->n_layer; il++) {
-        ratios[il] = hp->ratio[il];
-        clamp[il] = (float)hp->swiglu_limit;
-    }
-    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)hp->n_layer);
+    for (int il = 0; il < n_ratio; il++) ratios[il] = hp->ratio[il];
+    for (int il = 0; il < hp->n_layer; il++) clamp[il] = (float)hp->swiglu_limit;
+    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)n_ratio);
     int rc = ds4_gguf_writer_add_arr(w, K("swiglu_clamp_exp"), DS4_GGUF_F32, clamp, (uint64_t)hp->n_layer);
     free(ratios);
     free(clamp);

@@ -284,6 +284,46 @@ static int parallel(chunk *c, int op, int64_t lo, int64_t hi, ds4_err *err) {
     return 0;
 }
 
+/* ------------------------------------------------------------ background writes */
+
+/* The encoded chunk goes to the writer on its own thread while the next
+ * chunk is decoded and encoded (two output buffers), so disk writes and
+ * quantization overlap. Writes stay one at a time and in order. */
+typedef struct bg_write {
+    ds4_gguf_sink *sink;
+    const uint8_t *buf;
+    size_t n;
+    int rc;
+    ds4_err err;
+    pthread_t th;
+    bool running;
+} bg_write;
+
+static void *bg_write_run(void *p) {
+    bg_write *b = p;
+    b->rc = ds4_gguf_sink_write(b->sink, b->buf, b->n, &b->err);
+    return NULL;
+}
+
+static int bg_wait(bg_write *b, ds4_err *err) {
+    if (!b->running) return 0;
+    pthread_join(b->th, NULL);
+    b->running = false;
+    if (b->rc && err) *err = b->err;
+    return b->rc;
+}
+
+static int bg_start(bg_write *b, const uint8_t *buf, size_t n, ds4_err *err) {
+    b->buf = buf;
+    b->n = n;
+    b->rc = 0;
+    if (pthread_create(&b->th, NULL, bg_write_run, b) == 0) {
+        b->running = true;
+        return 0;
+    }
+    return ds4_gguf_sink_write(b->sink, buf, n, err);   /* no thread: write here */
+}
+
 /* ------------------------------------------------------------ producers */
 
 /* Expert ids (I32): int64/int32 source or seeded, range-checked. */
@@ -338,12 +378,14 @@ static int produce(void *user, int64_t index, ds4_gguf_sink *sink, ds4_err *err)
     const uint64_t in_per_row = ds4_conv_tensor_src_bytes(t) / (uint64_t)(n_out * t->ne[2]);
     chunk c = {.t = t, .row_bytes = row_bytes};
     c.f = malloc((size_t)rows * (size_t)n_in * sizeof(float));
-    c.out = malloc((size_t)rows * row_bytes);
+    uint8_t *outs[2] = {malloc((size_t)rows * row_bytes), malloc((size_t)rows * row_bytes)};
+    int cur = 0;
+    bg_write bw = {.sink = sink};
     float *acc = NULL;
     const bool synth = t->type == DS4_GGML_IQ2_XXS && !t->imatrix;  /* synthetic importance, C.6 */
     if (synth) acc = malloc((size_t)n_in * sizeof(float));
     int rc = 0;
-    if (!c.f || !c.out || row_bytes == 0 || (synth && !acc)) {
+    if (!c.f || !outs[0] || !outs[1] || row_bytes == 0 || (synth && !acc)) {
         rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory converting '%s'", t->name);
         goto done;
     }
@@ -363,18 +405,26 @@ static int produce(void *user, int64_t index, ds4_gguf_sink *sink, ds4_err *err)
         for (int64_t r0 = 0; r0 < n_out && !rc; r0 += rows) {
             c.r0 = r0;
             c.r1 = r0 + rows < n_out ? r0 + rows : n_out;
+            c.out = outs[cur];       /* its previous write finished before the last bg_start */
             if ((rc = parallel(&c, OP_DECODE, c.r0, c.r1, err))) break;
-            if ((rc = parallel(&c, OP_ENCODE, c.r0, c.r1, err))) break;
-            rc = ds4_gguf_sink_write(sink, c.out, (size_t)(c.r1 - c.r0) * row_bytes, err);
             release_rows(t, m, c.r0, c.r1);
+            if ((rc = parallel(&c, OP_ENCODE, c.r0, c.r1, err))) break;
+            if ((rc = bg_wait(&bw, err))) break;
+            rc = bg_start(&bw, c.out, (size_t)(c.r1 - c.r0) * row_bytes, err);
+            cur ^= 1;
             g.done_in += in_per_row * (uint64_t)(c.r1 - c.r0);
             progress(t->name, false);
         }
     }
+    {
+        int wrc = bg_wait(&bw, rc ? NULL : err);
+        if (!rc) rc = wrc;
+    }
     progress(t->name, g.i_tensor == g.n_tensors);
 done:
     free(c.f);
-    free(c.out);
+    free(outs[0]);
+    free(outs[1]);
     free(acc);
     return rc;
 }
