@@ -291,7 +291,11 @@ def make_random(dst_dir, cfg, n_shards=4, seed=1, gaussian=False):
                 packed, sc = fp4_quantize(src if gaussian else np.zeros(sh, np.float32), qrng)
                 part[n], part[n[:-7] + ".scale"] = ("I8", packed), ("F8_E8M0", sc)
             elif n == "head.weight" or (n.endswith(FP8_SUFFIXES) and len(sh) == 2):
-                codes, sc = fp8_quantize(src if gaussian else np.zeros(sh, np.float32), qrng)
+                if gaussian:                 # in slabs of 8192 rows: the head is 0.5 G values
+                    parts = [fp8_quantize(src[r:r + 8192]) for r in range(0, sh[0], 8192)]
+                    codes, sc = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+                else:
+                    codes, sc = fp8_quantize(np.zeros(sh, np.float32), qrng)
                 part[n], part[n[:-7] + ".scale"] = ("F8_E4M3", codes), ("F8_E8M0", sc)
             elif n.endswith("tid2eid"):
                 part[n] = ("I64", rng.integers(0, cfg["n_routed_experts"], size=sh))
