@@ -49,7 +49,8 @@ static void usage_debug(void) {
            "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n"
            "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n"
            "  --layers N         evaluate only the first N blocks, then the head (compare backends)\n"
-           "  --numerics-off L   turn off single roundings of the release path: L = fp8,fp4,f16,act\n");
+           "  --numerics-off L   turn off single roundings of the release path: L = fp8,fp4,f16,act\n"
+           "  --imatrix-dump F   with --imatrix-out: also write every expert observation raw to F (tests)\n");
 }
 
 static int parse_int(const char *opt, const char *s, long lo, long hi, long *out) {

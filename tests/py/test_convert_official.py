@@ -551,3 +551,19 @@ def test_whole_expert_tensors_byte_identical_to_ggml_golden(tmp_path):
         for proj, kind in want.items():
             got = np.array(ts[f"blk.0.ffn_{proj}_exps.weight"].data).tobytes()
             assert got == golden(kind), (recipe, extra, proj, kind)
+
+
+def test_output_write_failure_leaves_nothing(official, tmp_path):
+    """A write that fails mid-file (a file-size limit stands in for a full disk: write() fails with EFBIG instead
+    of ENOSPC, same path in the writer) exits 1 naming the file; neither the output nor a temporary file is left."""
+    import subprocess
+    d, _ = official["h256"]
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    out = outdir / "x.gguf"
+    exe = ROOT / "build" / "asan" / "ds4-convert"
+    cmd = f"trap '' XFSZ; ulimit -f 512; exec {exe} --hf {d} -o {out} --recipe q8_0"
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300,
+                       env={"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1 and "write error" in r.stderr and "File too large" in r.stderr, r.stderr
+    assert list(outdir.iterdir()) == []

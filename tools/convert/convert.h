@@ -2,8 +2,10 @@
  *
  * tokenizer_json.c: tokenizer.json (Hugging Face) -> GGUF tokenizer keys.
  * safetensors.c: read-only views of *.safetensors; hf.c: config.json, the
- * tensor plan, HF name mapping and the streaming tensor writer; demo.c: the
- * random-weight demo model; main.c: the command line.
+ * tensor plan (main and MTP files, recipes, --type-map), HF / official name
+ * mapping with FP8/FP4 scale binding; stream.c: the chunked, threaded tensor
+ * producer (decode + quantize + write); imatrix.c: legacy .dat importance
+ * matrices; demo.c: the random-weight demo model; main.c: the command line.
  */
 #ifndef DS4_CONVERT_H
 #define DS4_CONVERT_H
@@ -192,10 +194,7 @@ ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *plan, const char *name);
  * save_pretrained's, the in-memory module names and the official
  * checkpoint's, docs/ORACLE.md §4 / docs/FORMATS.md E.4), checking shapes and dtypes.
  * Fails with DS4_E_MODEL naming a tensor it cannot map, a shape mismatch, or
- * the tensors that are missing. */
-int ds4_conv_bind_hf(ds4_conv_plan *plan, const ds4_conv_hparams *hp, const ds4_st *st, ds4_err *err);
-
-/* Binding options. mtp: bind the mtp.N.* tensors to a ds4_conv_plan_mtp plan
+ * the tensors that are missing. Binding options. mtp: bind the mtp.N.* tensors to a ds4_conv_plan_mtp plan
  * (and ignore the rest) instead of the main tensors. skip_unknown: list and
  * skip tensors that map to nothing (else they are an error). FP8 E4M3
  * weights and packed FP4 E2M1 weights (I8/U8) are bound together with their
@@ -223,7 +222,6 @@ typedef struct ds4_conv_stream_opts {
  * type in chunks of bounded size on n_threads threads, in order, at write
  * time. Memory is O(chunk), never O(tensor). plan and opt must outlive the
  * write. */
-int ds4_conv_add_tensors(ds4_gguf_writer *w, ds4_conv_plan *plan, ds4_err *err);
 int ds4_conv_add_tensors_opts(ds4_gguf_writer *w, ds4_conv_plan *plan, const ds4_conv_stream_opts *opt,
                               ds4_err *err);
 /* Bytes of source data (weights and scales) a bound tensor reads. */

@@ -1,24 +1,24 @@
 /* hf.c - Hugging Face DeepSeek V4 model directory -> GGUF in the published
  * ds4 layout (docs/MODEL.md §A-B, docs/FORMATS.md §D-E).
  *
- * Four steps, each a function below:
+ * Three steps, each a function below (the fourth, streaming the tensor
+ * data, is stream.c):
  *   1. ds4_conv_read_config: config.json -> ds4_conv_hparams. Accepts
  *      transformers' DeepseekV4Config fields (layer_types, compress_rates,
  *      mlp_layer_types, partial_rotary_factor, rope_parameters flat or nested)
  *      and the official checkpoint's (compress_ratios, num_hash_layers,
- *      qk_rope_head_dim, rope_scaling). Missing or invalid keys are errors
+ *      qk_rope_head_dim, rope_scaling, quantization_config). Missing or
+ *      invalid keys, another architecture or quantization scheme are errors
  *      naming the key.
- *   2. ds4_conv_plan_layout: the list of GGUF tensors (names, dims, output
- *      types) that hp implies, in a fixed order: token_embd, blk.0 .. blk.L-1,
- *      the head.
- *   3. ds4_conv_bind_hf: every safetensors tensor is mapped to a planned
- *      tensor (three spellings accepted), its shape and dtype checked. Any
- *      unmappable tensor, shape mismatch or missing tensor is an error that
- *      names it.
- *   4. ds4_conv_add_tensors: each planned tensor is added to the GGUF writer
- *      with a producer that streams it row by row from the mmap'ed source
- *      (or from the seeded generator of the demo model) into the output type.
- *      Memory stays O(row), never O(model).
+ *   2. ds4_conv_plan_layout / ds4_conv_plan_mtp: the list of GGUF tensors
+ *      (names, dims, output types of the recipe) that hp implies, in a fixed
+ *      order: token_embd, blk.0 .. blk.L-1, the head (or the mtp.N blocks);
+ *      ds4_conv_plan_type_map then applies --type-map rules.
+ *   3. ds4_conv_bind_hf_opts: every safetensors tensor is mapped to a planned
+ *      tensor (three spellings accepted), its shape and dtype checked; FP8
+ *      and packed FP4 weights bind with their ue8m0 ".scale" companion. Any
+ *      unmappable tensor (unless skipped and listed), shape mismatch, bad
+ *      scale or missing tensor is an error that names it.
  *
  * Element order never changes (docs/MODEL.md B.6): GGUF ne is the reversed
  * PyTorch shape; expert stacks are experts concatenated, expert 0 first;
@@ -966,11 +966,6 @@ static int map_one(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *s
     }
     *what = MAP_UNKNOWN;
     return 0;
-}
-
-int ds4_conv_bind_hf(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *st, ds4_err *err) {
-    ds4_conv_bind_opts opt = {0};
-    return ds4_conv_bind_hf_opts(p, hp, st, &opt, err);
 }
 
 int ds4_conv_bind_hf_opts(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *st,

@@ -429,11 +429,6 @@ done:
     return rc;
 }
 
-int ds4_conv_add_tensors(ds4_gguf_writer *w, ds4_conv_plan *p, ds4_err *err) {
-    ds4_conv_stream_opts opt = {.n_threads = 1};
-    return ds4_conv_add_tensors_opts(w, p, &opt, err);
-}
-
 int ds4_conv_add_tensors_opts(ds4_gguf_writer *w, ds4_conv_plan *p, const ds4_conv_stream_opts *opt, ds4_err *err) {
     memset(&g, 0, sizeof g);
     g.opt = *opt;
