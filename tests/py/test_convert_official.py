@@ -459,7 +459,7 @@ def test_mtp_out_needs_mtp_tensors(official, tmp_path):
                        lambda t: [t.pop(n) for n in list(t) if n.startswith("mtp.")])
     r = convert(d, tmp_path / "m.gguf", "q8_0", extra=["--mtp-out", str(tmp_path / "mtp.gguf")], asan=True)
     assert r.returncode == 1 and "--mtp-out" in r.stderr and "mtp.0." in r.stderr, r.stderr
-    assert not (tmp_path / "mtp.gguf").exists()
+    assert not (tmp_path / "mtp.gguf").exists() and not (tmp_path / "m.gguf").exists()   # refused before any output
 
 
 def test_recipe_kl_vs_f32_on_sharp_fixture(tmp_path):

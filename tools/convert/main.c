@@ -114,29 +114,37 @@ static void summary(const char *out, const ds4_conv_plan *plan, const ds4_gguf_w
             sec, sec > 0 ? (double)in / 1e9 / sec : 0.0, nt);
 }
 
-/* The MTP file: mtp.N.* tensors of the same checkpoint (docs/FORMATS.md D.3). */
-static int write_mtp(const hf_opts *o, const ds4_conv_hparams *hp, const ds4_st *st, ds4_conv_outtype ot,
-                     const char *name, ds4_err *err) {
-    ds4_conv_plan plan = {0};
-    ds4_gguf_writer *w = ds4_gguf_writer_new();
+/* The MTP file's plan, bound to the mtp.N.* tensors of the checkpoint
+ * (docs/FORMATS.md D.3); done before the main file is written, so a
+ * checkpoint without a usable MTP block fails before any output. */
+static int plan_mtp(const hf_opts *o, const ds4_conv_hparams *hp, const ds4_st *st, ds4_conv_outtype ot,
+                    ds4_conv_plan *plan, ds4_err *err) {
     ds4_conv_bind_opts b = o->bind;
     b.mtp = true;
+    int rc = ds4_conv_plan_mtp(plan, hp, ot, err);
+    if (!rc) rc = ds4_conv_bind_hf_opts(plan, hp, st, &b, err);
+    if (rc) ds4_err_prefix(err, "--mtp-out %s", o->mtp_out);
+    return rc;
+}
+
+/* Writes the MTP file of a bound plan. */
+static int write_mtp(const hf_opts *o, const ds4_conv_hparams *hp, ds4_conv_plan *plan, const char *name,
+                     ds4_err *err) {
+    ds4_gguf_writer *w = ds4_gguf_writer_new();
     char nm[300];
     snprintf(nm, sizeof nm, "%s MTP", name);
-    int rc = ds4_conv_plan_mtp(&plan, hp, ot, err);
-    if (!rc) rc = ds4_conv_bind_hf_opts(&plan, hp, st, &b, err);
-    if (!rc) {
+    int rc = 0;
+    {
         ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);
         ds4_gguf_writer_add_str(w, "general.type", "mtp", 3);
         ds4_gguf_writer_add_str(w, "general.name", nm, strlen(nm));
         ds4_gguf_writer_add_u32(w, "deepseek4.nextn_predict_layers", (uint32_t)hp->nextn);
-        rc = ds4_conv_add_tensors_opts(w, &plan, &o->stream, err);
+        rc = ds4_conv_add_tensors_opts(w, plan, &o->stream, err);
     }
     if (!rc) rc = ds4_gguf_writer_write_file(w, o->mtp_out, err);
-    if (!rc) summary(o->mtp_out, &plan, w);
+    if (!rc) summary(o->mtp_out, plan, w);
     else ds4_err_prefix(err, "--mtp-out %s", o->mtp_out);
     ds4_gguf_writer_free(w);
-    ds4_conv_plan_free(&plan);
     return rc;
 }
 
@@ -219,7 +227,7 @@ int main(int argc, char **argv) {
     ds4_err err = {0};
     ds4_gguf_writer *w = ds4_gguf_writer_new();
     ds4_conv_hparams hp = {0};
-    ds4_conv_plan plan = {0};
+    ds4_conv_plan plan = {0}, mplan = {0};
     ds4_st st = {0};
     ds4_conv_imatrix im = {0};
     char tok_default[4096];
@@ -249,6 +257,7 @@ int main(int argc, char **argv) {
             if (demo) ds4_conv_demo_bind(&plan, &hp, seed);
             else rc = ds4_conv_bind_hf_opts(&plan, &hp, &st, &ho.bind, &err);
         }
+        if (!rc && ho.mtp_out) rc = plan_mtp(&ho, &hp, &st, ot, &mplan, &err);
         int n_imat = 0;
         if (!rc && ho.imatrix && !(rc = ds4_conv_imatrix_load(&im, ho.imatrix, &err))) {
             rc = ds4_conv_imatrix_apply(&im, &plan, ho.imatrix_strict, &n_imat, &err);
@@ -264,11 +273,12 @@ int main(int argc, char **argv) {
     }
     if (!rc) rc = ds4_gguf_writer_write_file(w, out, &err);
     if (!rc) summary(out, &plan, w);
-    if (!rc && ho.mtp_out) rc = write_mtp(&ho, &hp, &st, ot, name ? name : basename_of(hf), &err);
+    if (!rc && ho.mtp_out) rc = write_mtp(&ho, &hp, &mplan, name ? name : basename_of(hf), &err);
     if (rc) fprintf(stderr, "ds4-convert: %s\n", err.msg[0] ? err.msg : "failed");
     ds4_conv_imatrix_free(&im);
     ds4_gguf_writer_free(w);
     ds4_conv_plan_free(&plan);
+    ds4_conv_plan_free(&mplan);
     ds4_st_close(&st);
     ds4_conv_hparams_free(&hp);
     return rc ? 1 : 0;
