@@ -48,6 +48,8 @@ typedef struct ds4_cli_opts {
     int logprobs_top_k;            /* --logprobs-top-k */
     const char *perplexity_file;   /* --perplexity-file */
     bool inspect;                  /* --inspect */
+    const char *imatrix_out;       /* --imatrix-out FILE.dat */
+    const char *imatrix_dump;      /* --imatrix-dump FILE (tests: raw expert activations) */
 } ds4_cli_opts;
 
 /* Reads the whole file at path into a NUL-terminated malloc'ed buffer. */
@@ -62,6 +64,7 @@ int ds4_cli_repl(const ds4_cli_opts *o);          /* repl.c */
 int ds4_cli_dump_logprobs(const ds4_cli_opts *o); /* logprobs.c */
 int ds4_cli_perplexity(const ds4_cli_opts *o);    /* logprobs.c */
 int ds4_cli_inspect(const ds4_cli_opts *o);       /* main.c */
+int ds4_cli_imatrix(const ds4_cli_opts *o);       /* imatrix.c */
 
 /* ---- Shared by the generating modes (generate.c) ------------------------ */
 

@@ -30,6 +30,9 @@ static void usage(FILE *f) {
         "  --think | --think-max | --nothink   thinking mode (default --think)\n"
         "  --dump-tokens           print the tokenization of the prompt and exit\n"
         "  --dump-logits OUT.f32   write float32 logits after every prompt position\n"
+        "  --imatrix-out FILE.dat  collect the routed experts' importance matrix (llama.cpp legacy .dat)\n"
+        "                          over --prompt-file CALIB.txt (blocks split by lines starting\n"
+        "                          '===== DS4_IMATRIX_PROMPT') or --prompt-tokens-file; CPU backend\n"
         "  --eval prefill|decode|chunk:N   how --dump-logits evaluates the prompt\n"
         "  --dump-logprobs FILE    greedy continuation with top-k logprobs as JSON\n"
         "  --logprobs-top-k N      (default 20, max 128)\n"
@@ -49,7 +52,8 @@ static void usage_debug(void) {
            "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n"
            "                     (speculative cycles when --mtp is given; MTP counters on stderr)\n"
            "  --layers N         evaluate only the first N blocks, then the head (compare backends)\n"
-           "  --numerics-off L   turn off single roundings of the release path: L = fp8,fp4,f16,act\n");
+           "  --numerics-off L   turn off single roundings of the release path: L = fp8,fp4,f16,act\n"
+           "  --imatrix-dump F   with --imatrix-out: also write every expert observation raw to F (tests)\n");
 }
 
 static int parse_int(const char *opt, const char *s, long lo, long hi, long *out) {
@@ -263,6 +267,8 @@ int main(int argc, char **argv) {
             NEED_ARG(); if (parse_int(a, argv[++i], 1, 128, &v)) return 2; o.logprobs_top_k = (int)v;
         } else if (!strcmp(a, "--perplexity-file")) { NEED_ARG(); o.perplexity_file = argv[++i]; }
         else if (!strcmp(a, "--inspect")) o.inspect = true;
+        else if (!strcmp(a, "--imatrix-out")) { NEED_ARG(); o.imatrix_out = argv[++i]; }
+        else if (!strcmp(a, "--imatrix-dump")) { NEED_ARG(); o.imatrix_dump = argv[++i]; }
         else if (!strcmp(a, "--server")) {
             fprintf(stderr, "ds4: the server is a separate program: use ds4-server\n");
             return 2;
@@ -284,6 +290,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ds4: --dump-logprobs needs a prompt (-p or --prompt-file)\n");
         return 2;
     }
+    if (o.imatrix_dump && !o.imatrix_out) {
+        fprintf(stderr, "ds4: --imatrix-dump needs --imatrix-out FILE.dat\n");
+        return 2;
+    }
+    if (o.imatrix_out) return ds4_cli_imatrix(&o);
     if (o.dump_tokens) return ds4_cli_dump_tokens(&o);
     if (o.inspect) return ds4_cli_inspect(&o);
     if (o.dump_logits) return ds4_cli_dump_logits(&o);

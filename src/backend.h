@@ -220,6 +220,8 @@ typedef struct ds4_moe_experts_args {
     const int32_t *ids;      /* (n, k) */
     const float *w;          /* (n, k) */
     float *y;                /* out (n, D) */
+    float *act;              /* out (n, k, F) or NULL: each slot's down-projection input (SwiGLU times the
+                                route weight), for imatrix collection; backends without it leave it alone */
 } ds4_moe_experts_args;
 
 /* Output head (C.9) on n_out states; X points at the first of them. */

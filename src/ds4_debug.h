@@ -84,5 +84,23 @@ int ds4_debug_mtp_eval(ds4_session *s, const float *hc, const int32_t *tokens, i
 int ds4_debug_session_state(ds4_session *s, float *hc, ds4_err *err);
 /* Floats of one such state (n_hc * n_embd); 0 for a vocab-only engine. */
 size_t ds4_debug_state_floats(const ds4_engine *e);
+/* ---- imatrix collection (ds4 --imatrix-out) ----------------------------- */
+
+/* Observer of the routed experts, called after each layer's expert stage of
+ * every evaluation in sessions created afterwards: layer il, n tokens, the
+ * FFN input x (n, n_embd) (RMS-normed, as the experts read it), expert ids
+ * and route weights (n, n_used), and act (n, n_used, n_ff): each slot's
+ * down-projection input (clamped SwiGLU times the route weight). Pointers
+ * are valid during the call only. CPU/strict backends only (DS4_E_ARG
+ * otherwise); NULL turns it off. */
+typedef void (*ds4_debug_moe_fn)(void *user, int il, int n, const float *x, const int32_t *ids, const float *w,
+                                 const float *act);
+int ds4_debug_set_moe_observer(ds4_engine *e, ds4_debug_moe_fn fn, void *user, ds4_err *err);
+
+typedef struct ds4_debug_moe_shape {
+    int n_layer, n_embd, n_ff, n_expert, n_used;
+} ds4_debug_moe_shape;
+/* Shape of the routed experts; DS4_E_ARG for a vocab-only engine. */
+int ds4_debug_moe_dims(const ds4_engine *e, ds4_debug_moe_shape *out);
 
 #endif

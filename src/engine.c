@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "ds4_debug.h"
 #include "forward.h"
 #include "gguf.h"
 #include "model.h"
@@ -49,6 +50,9 @@ struct ds4_engine {
     ds4_gguf *g_mtp;
     ds4_model mtp;
     ds4_model *bmtp;       /* the backend's binding of mtp */
+    bool host_backend;     /* CPU / strict: stage buffers are host memory */
+    ds4_debug_moe_fn moe_fn; /* debug: routed-expert observer of new sessions (imatrix) */
+    void *moe_user;
 };
 
 /* A light checkpoint (forward.h): the state at `pos` for the timeline that
@@ -158,7 +162,10 @@ static void build_describe(ds4_engine *e, const char *path) {
  * has it and a device answers, else the CPU. */
 static int backend_new(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *err) {
     ds4_backend_kind k = opts->backend;
-    if (k == DS4_BACKEND_STRICT) return ds4_strict_backend_new(opts->n_threads, &e->be, err);
+    if (k == DS4_BACKEND_STRICT) {
+        e->host_backend = true;
+        return ds4_strict_backend_new(opts->n_threads, &e->be, err);
+    }
 #ifdef DS4_WITH_CUDA
     if (k == DS4_BACKEND_CUDA || k == DS4_BACKEND_AUTO) {
         ds4_cuda_opts co = {.device = opts->cuda_device, .sync_debug = opts->cuda_sync_debug,
@@ -174,6 +181,7 @@ static int backend_new(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *err)
 #else
     if (k == DS4_BACKEND_CUDA) return ds4_err_set(err, DS4_E_ARG, "this build has no CUDA backend (build with `make cuda`, or use --cpu)");
 #endif
+    e->host_backend = true;
     return ds4_cpu_backend_new(opts->n_threads, &e->be, err);
 }
 
@@ -357,6 +365,7 @@ int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **o
     if (!s->tokens || !s->logits) rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     else rc = ds4_fwd_new(e->bm, &e->be, e->num, s->n_ctx, s->n_batch, &s->f, err);
     if (!rc && e->layer_limit) ds4_fwd_set_layer_limit(s->f, e->layer_limit);
+    if (!rc && e->moe_fn) rc = ds4_fwd_set_moe_observer(s->f, e->moe_fn, e->moe_user, err);
     if (rc) {
         ds4_session_free(s);
         return rc;
@@ -968,8 +977,6 @@ fail:
 
 /* ------------------------------------------------------------ debug */
 
-#include "ds4_debug.h"
-
 void ds4_debug_set_numerics(ds4_engine *e, const ds4_debug_numerics *n) {
     e->num = (ds4_numerics){.fp8_kv = n->fp8_kv, .fp4_indexer = n->fp4_indexer, .f16_cache = n->f16_cache,
                             .act_quant = n->act_quant};
@@ -1069,6 +1076,22 @@ int ds4_debug_session_state(ds4_session *s, float *hc, ds4_err *err) {
 }
 
 void ds4_debug_set_layer_limit(ds4_engine *e, int n_layers) { e->layer_limit = n_layers < 0 ? 0 : n_layers; }
+
+int ds4_debug_set_moe_observer(ds4_engine *e, ds4_debug_moe_fn fn, void *user, ds4_err *err) {
+    if (!e->have_be) return ds4_err_set(err, DS4_E_ARG, "the engine was opened vocab-only: no experts to observe");
+    if (fn && !e->host_backend)
+        return ds4_err_set(err, DS4_E_ARG, "expert activations can only be observed on the CPU backend (--cpu)");
+    e->moe_fn = fn;
+    e->moe_user = user;
+    return 0;
+}
+
+int ds4_debug_moe_dims(const ds4_engine *e, ds4_debug_moe_shape *out) {
+    if (!e->have_be) return DS4_E_ARG;
+    *out = (ds4_debug_moe_shape){.n_layer = e->hp.n_layer, .n_embd = e->hp.n_embd, .n_ff = e->hp.n_ff_exp,
+                                 .n_expert = e->hp.n_expert, .n_used = e->hp.n_expert_used};
+    return 0;
+}
 
 /* Bytes one decode step reads (PERFORMANCE.md A.3-A.4): every dense weight,
  * n_expert_used of each expert stack, one embedding row; the indexer query

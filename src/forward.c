@@ -65,6 +65,9 @@ struct ds4_fwd {
     /* speculative rollback (ds4_fwd_spec_begin), allocated on first use */
     void **spec_buf;       /* per layer: raw, comp_a, comp_g, icomp_a, icomp_g slots */
     int spec_pos, spec_n;  /* saved positions spec_pos .. spec_pos + spec_n - 1 */
+    ds4_fwd_moe_fn moe_fn; /* imatrix observer, or NULL */
+    void *moe_user;
+    float *act;            /* (n_batch, k, F) backend memory while moe_fn is set */
 };
 
 static atomic_uint_fast64_t next_key = 1;
@@ -167,6 +170,7 @@ void ds4_fwd_free(ds4_fwd *f) {
             for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++)
                 if (ps[i]) fr(c, ps[i]);
         }
+    if (f->act) fr(c, f->act);
     free(f->ls);
     void *bs[] = {f->step, f->X, f->u, f->post, f->comb, f->cq, f->q, f->kv, f->y, f->sel, f->n_sel, f->ids, f->w,
                   f->logits, f->hc_in, f->hc_last};
@@ -266,8 +270,9 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
         ds4_moe_route_args ra = {C, .l = l, .tokens = tokens, .v = f->u, .ids = f->ids, .w = f->w};
         STAGE_K(moe_route, ra, DS4_PROF_MOE_ROUTE);
         ds4_moe_experts_args xa2 = {C, .l = l, .il = il, .num = f->num, .v = f->u, .ids = f->ids, .w = f->w,
-                                    .y = f->y};
+                                    .y = f->y, .act = f->moe_fn ? f->act : NULL};
         STAGE_K(moe_experts, xa2, DS4_PROF_MOE_EXPERTS);
+        if (f->moe_fn) f->moe_fn(f->moe_user, il, n, f->u, f->ids, f->w, f->act);
         STAGE_K(hc_post, po, DS4_PROF_HC_POST);
     }
     if (!f->no_head) {
@@ -327,6 +332,18 @@ int ds4_fwd_eval_states(ds4_fwd *f, const int32_t *tokens, int n, ds4_err *err) 
 static int stage_grow(ds4_fwd *f, size_t bytes, ds4_err *err);
 
 void ds4_fwd_set_profile(ds4_fwd *f, bool on) { f->profile = on; }
+int ds4_fwd_set_moe_observer(ds4_fwd *f, ds4_fwd_moe_fn fn, void *user, ds4_err *err) {
+    const ds4_hparams *hp = &f->m->hp;
+    if (fn && !f->act) {
+        int fail = 0;
+        f->act = balloc(f, (size_t)f->n_batch * hp->n_expert_used * hp->n_ff_exp * sizeof(float), &fail);
+        if (fail) return ds4_err_set(err, DS4_E_NOMEM, "out of memory for the expert activations");
+    }
+    f->moe_fn = fn;
+    f->moe_user = user;
+    return 0;
+}
+
 void ds4_fwd_set_layer_limit(ds4_fwd *f, int n_layers) {
     f->layer_limit = n_layers > 0 && n_layers < f->m->hp.n_layer ? n_layers : f->m->hp.n_layer;
 }

@@ -51,6 +51,15 @@ int ds4_fwd_logits(ds4_fwd *f, float *dst, ds4_err *err);
 /* Greedy token of that row, computed by the backend (ds4_argmax rules). */
 int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err);
 
+/* Observer of the routed experts (imatrix collection, host-memory backends
+ * only): after each layer's moe_experts stage, fn gets the layer, the batch
+ * size n, the FFN input x (n, D), the expert ids and route weights (n, k)
+ * and each slot's down-projection input act (n, k, F). NULL turns it off.
+ * DS4_E_NOMEM when the act buffer cannot be allocated. */
+typedef void (*ds4_fwd_moe_fn)(void *user, int il, int n, const float *x, const int32_t *ids, const float *w,
+                               const float *act);
+int ds4_fwd_set_moe_observer(ds4_fwd *f, ds4_fwd_moe_fn fn, void *user, ds4_err *err);
+
 /* Eager steps with per-stage timing marks (backend prof_mark). */
 void ds4_fwd_set_profile(ds4_fwd *f, bool on);
 /* Debug: evaluate only the first n_layers blocks, then the head (0 = all). */

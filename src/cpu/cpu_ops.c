@@ -729,6 +729,8 @@ int cpu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
                         .ldy = F};
     if ((rc = cpu_matmuls(c, mm, nm, aq))) return rc;
     cpu_run_w(c, NI + n, (double)F * 8, moe_swiglu_task, &j);
+    if (a->act)                 /* imatrix collection: sorted rows back to (token, slot) order */
+        for (int r = 0; r < NI; r++) memcpy(a->act + (size_t)items[r] * F, j.gb + (size_t)r * F, (size_t)F * sizeof(float));
     /* down: every used expert, then the shared expert */
     nm = 0;
     for (int e = 0; e < E; e++) {

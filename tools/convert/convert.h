@@ -2,8 +2,10 @@
  *
  * tokenizer_json.c: tokenizer.json (Hugging Face) -> GGUF tokenizer keys.
  * safetensors.c: read-only views of *.safetensors; hf.c: config.json, the
- * tensor plan, HF name mapping and the streaming tensor writer; demo.c: the
- * random-weight demo model; main.c: the command line.
+ * tensor plan (main and MTP files, recipes, --type-map), HF / official name
+ * mapping with FP8/FP4 scale binding; stream.c: the chunked, threaded tensor
+ * producer (decode + quantize + write); imatrix.c: legacy .dat importance
+ * matrices; demo.c: the random-weight demo model; main.c: the command line.
  */
 #ifndef DS4_CONVERT_H
 #define DS4_CONVERT_H
@@ -108,7 +110,10 @@ typedef struct ds4_conv_hparams {
     bool yarn;                       /* YaRN on compressed layers, else plain RoPE */
     double yarn_factor, yarn_beta_fast, yarn_beta_slow;
     uint64_t yarn_orig_ctx, context_length;
-    int *ratio;                      /* (n_layer) compress ratio: 0, 4 (CSA) or another R > 0 (HCA); owned */
+    int *ratio;                      /* (n_ratio) compress ratio: 0, 4 (CSA) or another R > 0 (HCA); owned */
+    int n_ratio;                     /* entries of ratio: n_layer, or n_layer + nextn when the official
+                                        compress_ratios lists the MTP layers too (written whole, as the
+                                        published files do, docs/FORMATS.md D.4); 0 = n_layer */
 } ds4_conv_hparams;
 
 void ds4_conv_hparams_free(ds4_conv_hparams *hp);
@@ -125,8 +130,11 @@ int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err);
 struct json_t;
 struct json_t *ds4_conv_load_json(const char *path, size_t flags, ds4_err *err);
 
-/* Output type recipes of --outtype. */
-typedef enum { DS4_OUT_F32, DS4_OUT_F16, DS4_OUT_Q8_0 } ds4_conv_outtype;
+/* Output type recipes of --recipe / --outtype (docs/FORMATS.md D.2): F32
+ * everything (oracle tests); F16 matrices; Q8_0 the published non-expert
+ * types with Q8_0 experts; Q4 the published q4 file (Q4_K experts); Q2 the
+ * published q2 file (IQ2_XXS gate/up, Q2_K down). */
+typedef enum { DS4_OUT_F32, DS4_OUT_F16, DS4_OUT_Q8_0, DS4_OUT_Q4, DS4_OUT_Q2 } ds4_conv_outtype;
 
 /* Where the bytes of one planned GGUF tensor come from. */
 typedef enum {
@@ -148,7 +156,12 @@ typedef struct ds4_conv_tensor {
     bool optional;          /* may be left unbound (then not written) */
     ds4_conv_src_kind src;
     const ds4_st_tensor *st;        /* PLAIN, FUSED_* */
+    const ds4_st_tensor *scale;     /* PLAIN: ue8m0 scales of an FP8/FP4 st, else NULL */
     const ds4_st_tensor **experts;  /* EXPERTS: ne[2] entries, owned array */
+    const ds4_st_tensor **expert_scales; /* EXPERTS: ne[2] entries (NULL: not FP8/FP4), owned array */
+    const float *imatrix;           /* importance: ne[0] values (every matrix) or ne[0] * ne[2] (per
+                                       matrix, matrix-major); NULL: none. Owned by the ds4_conv_imatrix */
+    bool imatrix_per_matrix;        /* imatrix holds ne[0] * ne[2] values */
     ds4_conv_rand_kind rand;        /* RANDOM */
     double ra, rb;                  /* RANDOM: normal (mean, std) or uniform [ra, rb) */
     uint64_t seed;                  /* RANDOM */
@@ -163,6 +176,17 @@ typedef struct ds4_conv_plan {
  * hp, with output types chosen by outtype; sources unbound. */
 int ds4_conv_plan_layout(ds4_conv_plan *plan, const ds4_conv_hparams *hp, ds4_conv_outtype outtype,
                          ds4_err *err);
+/* Lays out the MTP file (docs/FORMATS.md D.3): the mtp.N.* tensors of the
+ * hp->nextn MTP blocks; Q8_0 projections and shared experts, Q4_K routed
+ * experts (Q8_0 when a row is not whole 256-blocks), F32 for everything else
+ * (F32 throughout under DS4_OUT_F32). Fails when hp->nextn is 0. */
+int ds4_conv_plan_mtp(ds4_conv_plan *plan, const ds4_conv_hparams *hp, ds4_conv_outtype outtype, ds4_err *err);
+/* Applies a --type-map: comma-separated PATTERN=TYPE rules (fnmatch globs on
+ * GGUF names; TYPE f32, f16, bf16, q8_0, q4_K, q2_K, iq2_xxs), or the path of
+ * a file with one rule per line ('#' comments). The last matching rule wins.
+ * Refuses a rule that matches no tensor, a 1-D or I32 tensor, an unknown
+ * type, or a type whose block does not divide the row. */
+int ds4_conv_plan_type_map(ds4_conv_plan *plan, const char *spec, ds4_err *err);
 void ds4_conv_plan_free(ds4_conv_plan *plan);
 ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *plan, const char *name);
 
@@ -170,17 +194,66 @@ ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *plan, const char *name);
  * save_pretrained's, the in-memory module names and the official
  * checkpoint's, docs/ORACLE.md §4 / docs/FORMATS.md E.4), checking shapes and dtypes.
  * Fails with DS4_E_MODEL naming a tensor it cannot map, a shape mismatch, or
- * the tensors that are missing. */
-int ds4_conv_bind_hf(ds4_conv_plan *plan, const ds4_conv_hparams *hp, const ds4_st *st, ds4_err *err);
+ * the tensors that are missing. Binding options. mtp: bind the mtp.N.* tensors to a ds4_conv_plan_mtp plan
+ * (and ignore the rest) instead of the main tensors. skip_unknown: list and
+ * skip tensors that map to nothing (else they are an error). FP8 E4M3
+ * weights and packed FP4 E2M1 weights (I8/U8) are bound together with their
+ * ue8m0 "NAME.scale" companion, whose dtype and shape are checked. */
+typedef struct ds4_conv_bind_opts {
+    bool mtp;
+    bool skip_unknown;
+} ds4_conv_bind_opts;
+int ds4_conv_bind_hf_opts(ds4_conv_plan *plan, const ds4_conv_hparams *hp, const ds4_st *st,
+                          const ds4_conv_bind_opts *opt, ds4_err *err);
 
 /* Adds the deepseek4.* and general.* metadata for hp (docs/FORMATS.md D.4). */
 int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const char *name,
                           ds4_conv_outtype outtype, ds4_err *err);
 
-/* Adds every bound tensor of plan to w with a streaming producer (one row at
- * a time, converted to the output type at write time). plan must outlive
- * the write. */
-int ds4_conv_add_tensors(ds4_gguf_writer *w, ds4_conv_plan *plan, ds4_err *err);
+/* Streaming options: worker threads (0 = every online CPU) and progress
+ * lines on stderr (tensor, GB of input done, rate, ETA). */
+typedef struct ds4_conv_stream_opts {
+    int n_threads;
+    bool progress;
+} ds4_conv_stream_opts;
+
+/* Adds every bound tensor of plan to w with a streaming producer (stream.c):
+ * rows are decoded (BF16/F16/F32/FP8/FP4 -> f32) and converted to the output
+ * type in chunks of bounded size on n_threads threads, in order, at write
+ * time. Memory is O(chunk), never O(tensor). plan and opt must outlive the
+ * write. */
+int ds4_conv_add_tensors_opts(ds4_gguf_writer *w, ds4_conv_plan *plan, const ds4_conv_stream_opts *opt,
+                              ds4_err *err);
+/* Bytes of source data (weights and scales) a bound tensor reads. */
+uint64_t ds4_conv_tensor_src_bytes(const ds4_conv_tensor *t);
+/* Seconds, input bytes and threads of the tensor data written so far by
+ * the last ds4_conv_add_tensors_opts (for the summary line). */
+void ds4_conv_stream_totals(double *seconds, uint64_t *in_bytes, int *n_threads);
+
+/* ---- importance matrix (imatrix.c) ---------------------------------------- */
+
+/* A llama.cpp legacy .dat importance matrix (docs/FORMATS.md C.7), values
+ * already divided by ncall. */
+typedef struct ds4_conv_imatrix {
+    int n;
+    struct ds4_conv_imat_entry { char *name; int32_t ncall; int64_t n_val; float *val; } *e;
+    int32_t chunks;          /* -1 when absent */
+    char *dataset;           /* NULL when absent */
+    char *path;
+} ds4_conv_imatrix;
+
+/* Reads path; DS4_E_IO / DS4_E_FORMAT ("PATH: entry N 'NAME': ...") for a
+ * truncated file, bad lengths or non-finite values. */
+int ds4_conv_imatrix_load(ds4_conv_imatrix *im, const char *path, ds4_err *err);
+void ds4_conv_imatrix_free(ds4_conv_imatrix *im);
+/* Points t->imatrix of every Q4_K, Q2_K and IQ2_XXS tensor of plan at its
+ * entry (lookup of docs/FORMATS.md C.6: "G", then for stacks "G" with
+ * ne[0] * ne[2] values per matrix); other tensors keep none. strict: a
+ * quantized tensor without an entry is an error. Returns the number of
+ * tensors that got one through *n_used. */
+int ds4_conv_imatrix_apply(ds4_conv_imatrix *im, ds4_conv_plan *plan, bool strict, int *n_used, ds4_err *err);
+/* Adds the quantize.imatrix.* keys of docs/FORMATS.md C.8. */
+int ds4_conv_imatrix_add_metadata(ds4_gguf_writer *w, const ds4_conv_imatrix *im, ds4_err *err);
 
 /* ---- demo model (demo.c) ------------------------------------------------- */
 

@@ -1,29 +1,31 @@
 /* hf.c - Hugging Face DeepSeek V4 model directory -> GGUF in the published
  * ds4 layout (docs/MODEL.md §A-B, docs/FORMATS.md §D-E).
  *
- * Four steps, each a function below:
+ * Three steps, each a function below (the fourth, streaming the tensor
+ * data, is stream.c):
  *   1. ds4_conv_read_config: config.json -> ds4_conv_hparams. Accepts
  *      transformers' DeepseekV4Config fields (layer_types, compress_rates,
  *      mlp_layer_types, partial_rotary_factor, rope_parameters flat or nested)
  *      and the official checkpoint's (compress_ratios, num_hash_layers,
- *      qk_rope_head_dim, rope_scaling). Missing or invalid keys are errors
+ *      qk_rope_head_dim, rope_scaling, quantization_config). Missing or
+ *      invalid keys, another architecture or quantization scheme are errors
  *      naming the key.
- *   2. ds4_conv_plan_layout: the list of GGUF tensors (names, dims, output
- *      types) that hp implies, in a fixed order: token_embd, blk.0 .. blk.L-1,
- *      the head.
- *   3. ds4_conv_bind_hf: every safetensors tensor is mapped to a planned
- *      tensor (three spellings accepted), its shape and dtype checked. Any
- *      unmappable tensor, shape mismatch or missing tensor is an error that
- *      names it.
- *   4. ds4_conv_add_tensors: each planned tensor is added to the GGUF writer
- *      with a producer that streams it row by row from the mmap'ed source
- *      (or from the seeded generator of the demo model) into the output type.
- *      Memory stays O(row), never O(model).
+ *   2. ds4_conv_plan_layout / ds4_conv_plan_mtp: the list of GGUF tensors
+ *      (names, dims, output types of the recipe) that hp implies, in a fixed
+ *      order: token_embd, blk.0 .. blk.L-1, the head (or the mtp.N blocks);
+ *      ds4_conv_plan_type_map then applies --type-map rules.
+ *   3. ds4_conv_bind_hf_opts: every safetensors tensor is mapped to a planned
+ *      tensor (three spellings accepted), its shape and dtype checked; FP8
+ *      and packed FP4 weights bind with their ue8m0 ".scale" companion. Any
+ *      unmappable tensor (unless skipped and listed), shape mismatch, bad
+ *      scale or missing tensor is an error that names it.
  *
  * Element order never changes (docs/MODEL.md B.6): GGUF ne is the reversed
  * PyTorch shape; expert stacks are experts concatenated, expert 0 first;
  * transformers' fused gate_up_proj [E, 2F, D] holds gate rows first.
  */
+#include <ctype.h>
+#include <fnmatch.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -121,9 +123,9 @@ static int rope_from_dict(ds4_conv_hparams *hp, json_t *d, const char *where, ds
     hp->yarn = true;
     int64_t orig;
     double af;
-    if ((rc = cfg_num(d, KEYS("factor"), true, 0, &hp->yarn_factor, err))) return ds4_err_prefix(err, "%s: ", where);
+    if ((rc = cfg_num(d, KEYS("factor"), true, 0, &hp->yarn_factor, err))) return ds4_err_prefix(err, "%s", where);
     if ((rc = cfg_int(d, KEYS("original_max_position_embeddings"), true, 0, 1, INT64_MAX, &orig, err)))
-        return ds4_err_prefix(err, "%s: ", where);
+        return ds4_err_prefix(err, "%s", where);
     hp->yarn_orig_ctx = (uint64_t)orig;
     if ((rc = cfg_num(d, KEYS("beta_fast"), false, 32.0, &hp->yarn_beta_fast, err))) return rc;
     if ((rc = cfg_num(d, KEYS("beta_slow"), false, 1.0, &hp->yarn_beta_slow, err))) return rc;
@@ -170,7 +172,7 @@ static int read_schedule(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
         if (json_is_object(rates)) {
             if ((rc = cfg_int(rates, KEYS("compressed_sparse_attention"), false, 4, 1, 1 << 20, &csa, err)) ||
                 (rc = cfg_int(rates, KEYS("heavily_compressed_attention"), false, 128, 1, 1 << 20, &hca, err)))
-                return ds4_err_prefix(err, "compress_rates: ");
+                return ds4_err_prefix(err, "compress_rates");
         }
         if ((rc = cfg_int(root, KEYS("compress_rate_csa"), false, csa, 1, 1 << 20, &csa, err)) ||
             (rc = cfg_int(root, KEYS("compress_rate_hca"), false, hca, 1, 1 << 20, &hca, err)))
@@ -198,7 +200,13 @@ static int read_schedule(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
         if ((int)json_array_size(cr) < hp->n_layer)
             return ds4_err_set(err, DS4_E_FORMAT, "config.json: compress_ratios has %zu entries, expected >= %d",
                                json_array_size(cr), hp->n_layer);
-        for (int il = 0; il < hp->n_layer; il++) {
+        int n = (int)json_array_size(cr);
+        n = n == hp->n_layer + hp->nextn ? n : hp->n_layer;     /* the MTP layers' entries too, when listed */
+        int *r = realloc(hp->ratio, (size_t)n * sizeof(int));
+        if (!r) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        hp->ratio = r;
+        hp->n_ratio = n;
+        for (int il = 0; il < n; il++) {
             json_t *v = json_array_get(cr, (size_t)il);
             if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > (1 << 20))
                 return ds4_err_set(err, DS4_E_FORMAT, "config.json: compress_ratios[%d] is not a ratio >= 0", il);
@@ -238,6 +246,46 @@ static int read_hash_layers(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
     return rc;
 }
 
+/* The architecture (model_type / architectures when present) and the
+ * official checkpoint's quantization_config: FP8 E4M3 with ue8m0 scales on
+ * 128x128 blocks is the only scheme the FP8 decoding implements. */
+static int check_arch(json_t *root, ds4_err *err) {
+    json_t *mt = json_object_get(root, "model_type"), *ar = json_object_get(root, "architectures");
+    if (mt && (!json_is_string(mt) || strcmp(json_string_value(mt), "deepseek_v4")))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: model_type '%s' is not DeepSeek V4 (deepseek_v4)",
+                           json_is_string(mt) ? json_string_value(mt) : "?");
+    if (json_is_array(ar) && json_array_size(ar) > 0) {
+        bool ok = false;
+        for (size_t i = 0; i < json_array_size(ar); i++) {
+            const char *a = json_string_value(json_array_get(ar, i));
+            ok |= a && !strcmp(a, "DeepseekV4ForCausalLM");
+        }
+        if (!ok)
+            return ds4_err_set(err, DS4_E_FORMAT, "config.json: architectures %s%s does not name "
+                               "DeepseekV4ForCausalLM", json_string_value(json_array_get(ar, 0)) ?
+                               json_string_value(json_array_get(ar, 0)) : "?", json_array_size(ar) > 1 ? ", ..." : "");
+    }
+    json_t *q = json_object_get(root, "quantization_config");
+    if (json_is_object(q)) {
+        json_t *m = json_object_get(q, "quant_method"), *fmt = json_object_get(q, "fmt"),
+               *sf = json_object_get(q, "scale_fmt"), *bs = json_object_get(q, "weight_block_size");
+        if ((m && (!json_is_string(m) || strcmp(json_string_value(m), "fp8"))) ||
+            (fmt && (!json_is_string(fmt) || strcmp(json_string_value(fmt), "e4m3"))) ||
+            (sf && (!json_is_string(sf) || strcmp(json_string_value(sf), "ue8m0"))) ||
+            (bs && (!json_is_array(bs) || json_array_size(bs) != 2 ||
+                    json_integer_value(json_array_get(bs, 0)) != 128 ||
+                    json_integer_value(json_array_get(bs, 1)) != 128)))
+            return ds4_err_set(err, DS4_E_FORMAT, "config.json: quantization_config is not the official scheme "
+                               "(quant_method fp8, fmt e4m3, scale_fmt ue8m0, weight_block_size [128, 128])");
+    }
+    json_t *ed = json_object_get(root, "expert_dtype");
+    if (ed && (!json_is_string(ed) || (strcmp(json_string_value(ed), "fp4") && strcmp(json_string_value(ed), "fp8") &&
+                                       strcmp(json_string_value(ed), "bf16"))))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: expert_dtype '%s' is not supported (fp4)",
+                           json_is_string(ed) ? json_string_value(ed) : "?");
+    return 0;
+}
+
 int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err) {
     memset(hp, 0, sizeof *hp);
     json_t *root = ds4_conv_load_json(path, 0, err);
@@ -247,6 +295,7 @@ int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err) {
         rc = ds4_err_set(err, DS4_E_FORMAT, "%s: not a JSON object", path);
         goto done;
     }
+    if ((rc = check_arch(root, err))) goto done;
     const int64_t BIG = 1 << 24;
     INT_KEY(n_vocab, true, 0, 1, BIG, "vocab_size");
     INT_KEY(n_embd, true, 0, 1, BIG, "hidden_size");
@@ -317,24 +366,37 @@ done:
     json_decref(root);
     if (rc) {
         ds4_conv_hparams_free(hp);
-        ds4_err_prefix(err, "%s: ", path);
+        ds4_err_prefix(err, "%s", path);
     }
     return rc;
 }
 
 /* ------------------------------------------------------------ plan */
 
-/* Tensor classes of the published recipe (docs/MODEL.md B.5, docs/FORMATS.md D.2). */
-enum { CLS_VEC, CLS_I32, CLS_PROJ, CLS_F16 };
+/* Tensor classes of the published recipe (docs/MODEL.md B.5, docs/FORMATS.md D.2):
+ * vectors, expert ids, Q8_0 projections (attention, shared experts, head),
+ * F16 matrices (embedding, HC, router, compressor, indexer), routed expert
+ * gate/up and down stacks, and the MTP file's F32 matrices. */
+enum { CLS_VEC, CLS_I32, CLS_PROJ, CLS_F16, CLS_EXP_GU, CLS_EXP_DOWN, CLS_MTP_F32 };
+
+/* The wanted block type, or the best smaller block that divides the row
+ * (a tiny model's rows need not be whole 256-blocks): Q8_0, then F16. */
+static uint32_t fit_type(uint32_t want, int64_t n_in) {
+    if (ds4_type_row_ok((int)want, n_in)) return want;
+    return n_in % 32 == 0 ? DS4_GGML_Q8_0 : DS4_GGML_F16;
+}
 
 static uint32_t out_type(int cls, ds4_conv_outtype ot, int64_t n_in) {
     if (cls == CLS_VEC) return DS4_GGML_F32;           /* norms, HC scale/base, sinks, router bias */
     if (cls == CLS_I32) return DS4_GGML_I32;           /* tid2eid */
-    if (ot == DS4_OUT_F32) return DS4_GGML_F32;
+    if (ot == DS4_OUT_F32 || cls == CLS_MTP_F32) return DS4_GGML_F32;
     if (ot == DS4_OUT_F16 || cls == CLS_F16) return DS4_GGML_F16;
-    /* q8_0: projections, shared and routed experts, output head; a row that
+    if (cls == CLS_EXP_GU && ot == DS4_OUT_Q2) return fit_type(DS4_GGML_IQ2_XXS, n_in);
+    if (cls == CLS_EXP_DOWN && ot == DS4_OUT_Q2) return fit_type(DS4_GGML_Q2_K, n_in);
+    if ((cls == CLS_EXP_GU || cls == CLS_EXP_DOWN) && ot == DS4_OUT_Q4) return fit_type(DS4_GGML_Q4_K, n_in);
+    /* Q8_0: projections, shared and routed experts, output head; a row that
      * is not a whole number of 32-blocks stays F16 */
-    return n_in % 32 == 0 ? DS4_GGML_Q8_0 : DS4_GGML_F16;
+    return fit_type(DS4_GGML_Q8_0, n_in);
 }
 
 static int plan_add(ds4_conv_plan *p, int *cap, const char *name, int cls, ds4_conv_outtype ot, int n_dims,
@@ -357,79 +419,206 @@ static int plan_add(ds4_conv_plan *p, int *cap, const char *name, int cls, ds4_c
     return 0;
 }
 
+/* The tensors of one transformer block named PREFIX.* (blk.N or mtp.N), in
+ * published order. R: compress ratio; hash: tid2eid routing; mtp: the MTP
+ * block's router keeps its bias (required there) and its matrices use the
+ * MTP file's types. */
+static int plan_block(ds4_conv_plan *p, int *cap, const char *pre, const ds4_conv_hparams *hp, int R, bool hash,
+                      bool mtp, ds4_conv_outtype ot, ds4_err *err) {
+    const int64_t D = hp->n_embd, V = hp->n_vocab, hc = hp->n_hc, mix = (2 + hc) * hc, dh = hp->head_dim;
+    const int64_t H = hp->n_head, G = hp->o_groups, E = hp->n_expert, F = hp->n_ff;
+    const int F16M = mtp ? CLS_MTP_F32 : CLS_F16;
+    int rc = 0;
+    char nm[64];
+#define ADD(cls, nd, a, b, c, opt, suffix) \
+    do { snprintf(nm, sizeof nm, "%s.%s", pre, suffix); \
+         if ((rc = plan_add(p, cap, nm, cls, ot, nd, a, b, c, opt, err))) return rc; } while (0)
+    ADD(F16M, 2, hc * D, mix, 1, false, "hc_attn_fn.weight");
+    ADD(CLS_VEC, 1, 3, 1, 1, false, "hc_attn_scale.weight");
+    ADD(CLS_VEC, 1, mix, 1, 1, false, "hc_attn_base.weight");
+    ADD(CLS_VEC, 1, D, 1, 1, false, "attn_norm.weight");
+    ADD(CLS_PROJ, 2, D, hp->q_lora, 1, false, "attn_q_a.weight");
+    ADD(CLS_VEC, 1, hp->q_lora, 1, 1, false, "attn_q_a_norm.weight");
+    ADD(CLS_PROJ, 2, hp->q_lora, H * dh, 1, false, "attn_q_b.weight");
+    ADD(CLS_PROJ, 2, D, dh, 1, false, "attn_kv.weight");
+    ADD(CLS_VEC, 1, dh, 1, 1, false, "attn_kv_a_norm.weight");
+    ADD(CLS_VEC, 1, H, 1, 1, false, "attn_sinks.weight");
+    ADD(CLS_PROJ, 2, H * dh / G, G * hp->o_lora, 1, false, "attn_output_a.weight");
+    ADD(CLS_PROJ, 2, G * hp->o_lora, D, 1, false, "attn_output_b.weight");
+    if (R != 0) {
+        const int64_t w = (R == 4 ? 2 : 1) * dh;
+        ADD(CLS_F16, 2, w, R, 1, false, "attn_compressor_ape.weight");
+        ADD(CLS_F16, 2, D, w, 1, false, "attn_compressor_kv.weight");
+        ADD(CLS_F16, 2, D, w, 1, false, "attn_compressor_gate.weight");
+        ADD(CLS_VEC, 1, dh, 1, 1, false, "attn_compressor_norm.weight");
+    }
+    if (R == 4) {
+        const int64_t iw = 2 * (int64_t)hp->idx_dim;
+        ADD(CLS_F16, 2, hp->q_lora, (int64_t)hp->idx_heads * hp->idx_dim, 1, false, "indexer.attn_q_b.weight");
+        ADD(CLS_F16, 2, D, hp->idx_heads, 1, false, "indexer.proj.weight");
+        ADD(CLS_F16, 2, iw, 4, 1, false, "indexer_compressor_ape.weight");
+        ADD(CLS_F16, 2, D, iw, 1, false, "indexer_compressor_kv.weight");
+        ADD(CLS_F16, 2, D, iw, 1, false, "indexer_compressor_gate.weight");
+        ADD(CLS_VEC, 1, hp->idx_dim, 1, 1, false, "indexer_compressor_norm.weight");
+    }
+    ADD(F16M, 2, hc * D, mix, 1, false, "hc_ffn_fn.weight");
+    ADD(CLS_VEC, 1, 3, 1, 1, false, "hc_ffn_scale.weight");
+    ADD(CLS_VEC, 1, mix, 1, 1, false, "hc_ffn_base.weight");
+    ADD(CLS_VEC, 1, D, 1, 1, false, "ffn_norm.weight");
+    ADD(F16M, 2, D, E, 1, false, "ffn_gate_inp.weight");
+    /* the selection bias: official hash layers have none; optional in the
+     * main model, required in the MTP block (docs/FORMATS.md D.3) */
+    ADD(CLS_VEC, 1, E, 1, 1, !mtp, "exp_probs_b.bias");
+    if (hash) {
+        ADD(CLS_I32, 2, hp->n_expert_used, V, 1, false, "ffn_gate_tid2eid.weight");
+        p->t[p->n - 1].rb = (double)E;              /* ids must lie in 0..E-1 */
+    }
+    /* the MTP file has Q4_K experts whatever the main recipe */
+    const ds4_conv_outtype eot = mtp && ot != DS4_OUT_F32 ? DS4_OUT_Q4 : ot;
+    if ((rc = plan_add(p, cap, (snprintf(nm, sizeof nm, "%s.ffn_gate_exps.weight", pre), nm), CLS_EXP_GU, eot, 3, D,
+                       F, E, false, err)) ||
+        (rc = plan_add(p, cap, (snprintf(nm, sizeof nm, "%s.ffn_up_exps.weight", pre), nm), CLS_EXP_GU, eot, 3, D, F,
+                       E, false, err)) ||
+        (rc = plan_add(p, cap, (snprintf(nm, sizeof nm, "%s.ffn_down_exps.weight", pre), nm), CLS_EXP_DOWN, eot, 3,
+                       F, D, E, false, err)))
+        return rc;
+    ADD(CLS_PROJ, 2, D, F, 1, false, "ffn_gate_shexp.weight");
+    ADD(CLS_PROJ, 2, D, F, 1, false, "ffn_up_shexp.weight");
+    ADD(CLS_PROJ, 2, F, D, 1, false, "ffn_down_shexp.weight");
+#undef ADD
+    return 0;
+}
+
 int ds4_conv_plan_layout(ds4_conv_plan *p, const ds4_conv_hparams *hp, ds4_conv_outtype ot, ds4_err *err) {
     memset(p, 0, sizeof *p);
     int cap = 0, rc = 0;
-    const int64_t D = hp->n_embd, V = hp->n_vocab, hc = hp->n_hc, mix = (2 + hc) * hc, dh = hp->head_dim;
-    const int64_t H = hp->n_head, G = hp->o_groups, E = hp->n_expert, F = hp->n_ff;
-    char nm[64];
-#define ADD(cls, nd, a, b, c, opt, ...) \
-    do { snprintf(nm, sizeof nm, __VA_ARGS__); \
-         if ((rc = plan_add(p, &cap, nm, cls, ot, nd, a, b, c, opt, err))) goto fail; } while (0)
-    ADD(CLS_F16, 2, D, V, 1, false, "token_embd.weight");
+    const int64_t D = hp->n_embd, V = hp->n_vocab, hc = hp->n_hc;
+    char pre[32];
+    if ((rc = plan_add(p, &cap, "token_embd.weight", CLS_F16, ot, 2, D, V, 1, false, err))) goto fail;
     for (int il = 0; il < hp->n_layer; il++) {
-        const int R = hp->ratio[il];
-        ADD(CLS_F16, 2, hc * D, mix, 1, false, "blk.%d.hc_attn_fn.weight", il);
-        ADD(CLS_VEC, 1, 3, 1, 1, false, "blk.%d.hc_attn_scale.weight", il);
-        ADD(CLS_VEC, 1, mix, 1, 1, false, "blk.%d.hc_attn_base.weight", il);
-        ADD(CLS_VEC, 1, D, 1, 1, false, "blk.%d.attn_norm.weight", il);
-        ADD(CLS_PROJ, 2, D, hp->q_lora, 1, false, "blk.%d.attn_q_a.weight", il);
-        ADD(CLS_VEC, 1, hp->q_lora, 1, 1, false, "blk.%d.attn_q_a_norm.weight", il);
-        ADD(CLS_PROJ, 2, hp->q_lora, H * dh, 1, false, "blk.%d.attn_q_b.weight", il);
-        ADD(CLS_PROJ, 2, D, dh, 1, false, "blk.%d.attn_kv.weight", il);
-        ADD(CLS_VEC, 1, dh, 1, 1, false, "blk.%d.attn_kv_a_norm.weight", il);
-        ADD(CLS_VEC, 1, H, 1, 1, false, "blk.%d.attn_sinks.weight", il);
-        ADD(CLS_PROJ, 2, H * dh / G, G * hp->o_lora, 1, false, "blk.%d.attn_output_a.weight", il);
-        ADD(CLS_PROJ, 2, G * hp->o_lora, D, 1, false, "blk.%d.attn_output_b.weight", il);
-        if (R != 0) {
-            const int64_t w = (R == 4 ? 2 : 1) * dh;
-            ADD(CLS_F16, 2, w, R, 1, false, "blk.%d.attn_compressor_ape.weight", il);
-            ADD(CLS_F16, 2, D, w, 1, false, "blk.%d.attn_compressor_kv.weight", il);
-            ADD(CLS_F16, 2, D, w, 1, false, "blk.%d.attn_compressor_gate.weight", il);
-            ADD(CLS_VEC, 1, dh, 1, 1, false, "blk.%d.attn_compressor_norm.weight", il);
-        }
-        if (R == 4) {
-            const int64_t iw = 2 * (int64_t)hp->idx_dim;
-            ADD(CLS_F16, 2, hp->q_lora, (int64_t)hp->idx_heads * hp->idx_dim, 1, false,
-                "blk.%d.indexer.attn_q_b.weight", il);
-            ADD(CLS_F16, 2, D, hp->idx_heads, 1, false, "blk.%d.indexer.proj.weight", il);
-            ADD(CLS_F16, 2, iw, 4, 1, false, "blk.%d.indexer_compressor_ape.weight", il);
-            ADD(CLS_F16, 2, D, iw, 1, false, "blk.%d.indexer_compressor_kv.weight", il);
-            ADD(CLS_F16, 2, D, iw, 1, false, "blk.%d.indexer_compressor_gate.weight", il);
-            ADD(CLS_VEC, 1, hp->idx_dim, 1, 1, false, "blk.%d.indexer_compressor_norm.weight", il);
-        }
-        ADD(CLS_F16, 2, hc * D, mix, 1, false, "blk.%d.hc_ffn_fn.weight", il);
-        ADD(CLS_VEC, 1, 3, 1, 1, false, "blk.%d.hc_ffn_scale.weight", il);
-        ADD(CLS_VEC, 1, mix, 1, 1, false, "blk.%d.hc_ffn_base.weight", il);
-        ADD(CLS_VEC, 1, D, 1, 1, false, "blk.%d.ffn_norm.weight", il);
-        ADD(CLS_F16, 2, D, E, 1, false, "blk.%d.ffn_gate_inp.weight", il);
-        /* the selection bias: official hash layers have none; optional everywhere */
-        ADD(CLS_VEC, 1, E, 1, 1, true, "blk.%d.exp_probs_b.bias", il);
-        if (il < hp->n_hash) {
-            ADD(CLS_I32, 2, hp->n_expert_used, V, 1, false, "blk.%d.ffn_gate_tid2eid.weight", il);
-            p->t[p->n - 1].rb = (double)E;              /* ids must lie in 0..E-1 */
-        }
-        ADD(CLS_PROJ, 3, D, F, E, false, "blk.%d.ffn_gate_exps.weight", il);
-        ADD(CLS_PROJ, 3, D, F, E, false, "blk.%d.ffn_up_exps.weight", il);
-        ADD(CLS_PROJ, 3, F, D, E, false, "blk.%d.ffn_down_exps.weight", il);
-        ADD(CLS_PROJ, 2, D, F, 1, false, "blk.%d.ffn_gate_shexp.weight", il);
-        ADD(CLS_PROJ, 2, D, F, 1, false, "blk.%d.ffn_up_shexp.weight", il);
-        ADD(CLS_PROJ, 2, F, D, 1, false, "blk.%d.ffn_down_shexp.weight", il);
+        snprintf(pre, sizeof pre, "blk.%d", il);
+        if ((rc = plan_block(p, &cap, pre, hp, hp->ratio[il], il < hp->n_hash, false, ot, err))) goto fail;
     }
-    ADD(CLS_F16, 2, hc * D, hc, 1, false, "output_hc_fn.weight");
-    ADD(CLS_VEC, 1, hc, 1, 1, false, "output_hc_base.weight");
-    ADD(CLS_VEC, 1, 1, 1, 1, false, "output_hc_scale.weight");
-    ADD(CLS_VEC, 1, D, 1, 1, false, "output_norm.weight");
-    ADD(CLS_PROJ, 2, D, V, 1, false, "output.weight");
-#undef ADD
+    if ((rc = plan_add(p, &cap, "output_hc_fn.weight", CLS_F16, ot, 2, hc * D, hc, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_hc_base.weight", CLS_VEC, ot, 1, hc, 1, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_hc_scale.weight", CLS_VEC, ot, 1, 1, 1, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_norm.weight", CLS_VEC, ot, 1, D, 1, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output.weight", CLS_PROJ, ot, 2, D, V, 1, false, err)))
+        goto fail;
     return 0;
 fail:
     ds4_conv_plan_free(p);
     return rc;
 }
 
+int ds4_conv_plan_mtp(ds4_conv_plan *p, const ds4_conv_hparams *hp, ds4_conv_outtype ot, ds4_err *err) {
+    memset(p, 0, sizeof *p);
+    if (hp->nextn < 1)
+        return ds4_err_set(err, DS4_E_MODEL, "--mtp-out: config.json has num_nextn_predict_layers = 0 (no MTP block)");
+    int cap = 0, rc = 0;
+    const int64_t D = hp->n_embd, hc = hp->n_hc;
+    char pre[32], nm[64];
+    for (int k = 0; k < hp->nextn; k++) {
+        snprintf(pre, sizeof pre, "mtp.%d", k);
+#define MADD(cls, nd, a, b, suffix) \
+    do { snprintf(nm, sizeof nm, "%s.%s", pre, suffix); \
+         if ((rc = plan_add(p, &cap, nm, cls, ot, nd, a, b, 1, false, err))) goto fail; } while (0)
+        MADD(CLS_VEC, 1, hc, 1, "hc_head_base.weight");
+        MADD(CLS_MTP_F32, 2, hc * D, hc, "hc_head_fn.weight");
+        MADD(CLS_VEC, 1, 1, 1, "hc_head_scale.weight");
+        MADD(CLS_PROJ, 2, D, D, "e_proj.weight");
+        MADD(CLS_PROJ, 2, D, D, "h_proj.weight");
+        MADD(CLS_VEC, 1, D, 1, "enorm.weight");
+        MADD(CLS_VEC, 1, D, 1, "hnorm.weight");
+        MADD(CLS_VEC, 1, D, 1, "norm.weight");
+#undef MADD
+        if ((rc = plan_block(p, &cap, pre, hp, 0, false, true, ot, err))) goto fail;
+    }
+    return 0;
+fail:
+    ds4_conv_plan_free(p);
+    return rc;
+}
+
+/* Types a --type-map may name (ggml spellings, case-insensitive). */
+static const struct { const char *name; uint32_t type; } map_types[] = {
+    {"f32", DS4_GGML_F32},   {"f16", DS4_GGML_F16},   {"bf16", DS4_GGML_BF16},       {"q8_0", DS4_GGML_Q8_0},
+    {"q4_k", DS4_GGML_Q4_K}, {"q2_k", DS4_GGML_Q2_K}, {"iq2_xxs", DS4_GGML_IQ2_XXS},
+};
+
+/* One PATTERN=TYPE (or "PATTERN TYPE") rule, applied to every match. */
+static int apply_rule(ds4_conv_plan *p, const char *rule, const char *where, ds4_err *err) {
+    char pat[256], ty[32];
+    const char *sep = strpbrk(rule, "= \t");
+    if (!sep || sep == rule || (size_t)(sep - rule) >= sizeof pat)
+        return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' is not PATTERN=TYPE", where, rule);
+    snprintf(pat, sizeof pat, "%.*s", (int)(sep - rule), rule);
+    while (*sep == '=' || *sep == ' ' || *sep == '\t') sep++;
+    size_t n = strlen(sep);
+    while (n && isspace((unsigned char)sep[n - 1])) n--;
+    if (n == 0 || n >= sizeof ty) return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' has no type", where, rule);
+    for (size_t i = 0; i < n; i++) ty[i] = (char)tolower((unsigned char)sep[i]);
+    ty[n] = 0;
+    uint32_t type = UINT32_MAX;
+    for (size_t i = 0; i < sizeof map_types / sizeof map_types[0]; i++)
+        if (!strcmp(ty, map_types[i].name)) type = map_types[i].type;
+    if (type == UINT32_MAX)
+        return ds4_err_set(err, DS4_E_ARG, "--type-map %s: unknown type '%s' (f32, f16, bf16, q8_0, q4_K, q2_K, "
+                           "iq2_xxs)", where, ty);
+    int hits = 0;
+    for (int i = 0; i < p->n; i++) {
+        ds4_conv_tensor *t = &p->t[i];
+        if (fnmatch(pat, t->name, 0)) continue;
+        if (t->n_dims == 1 || t->type == DS4_GGML_I32)
+            return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, which stays %s (vectors and expert "
+                               "ids are not converted)", where, pat, t->name, ds4_ggml_type_name(t->type));
+        if (type != DS4_GGML_F32 && !ds4_type_row_ok((int)type, t->ne[0]))
+            return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, whose rows of %lld values are not "
+                               "whole %s blocks", where, pat, t->name, (long long)t->ne[0], ds4_ggml_type_name(type));
+        t->type = type;
+        hits++;
+    }
+    if (!hits) return ds4_err_set(err, DS4_E_ARG, "--type-map %s: pattern '%s' matches no tensor", where, pat);
+    return 0;
+}
+
+int ds4_conv_plan_type_map(ds4_conv_plan *p, const char *spec, ds4_err *err) {
+    FILE *f = strchr(spec, '=') ? NULL : fopen(spec, "r");
+    char line[512], where[64];
+    int rc = 0;
+    if (f) {                                /* a rules file: one rule per line */
+        for (int ln = 1; !rc && fgets(line, sizeof line, f); ln++) {
+            char *s = line;
+            char *hash = strchr(s, '#');
+            if (hash) *hash = 0;
+            while (isspace((unsigned char)*s)) s++;
+            if (!*s) continue;
+            snprintf(where, sizeof where, "%.40s line %d", spec, ln);
+            rc = apply_rule(p, s, where, err);
+        }
+        fclose(f);
+        return rc;
+    }
+    if (!strchr(spec, '='))
+        return ds4_err_set(err, DS4_E_ARG, "--type-map: '%s' is neither a readable file nor PATTERN=TYPE rules", spec);
+    const char *s = spec;
+    for (int k = 1; *s && !rc; k++) {
+        const char *e = strchr(s, ',');
+        size_t n = e ? (size_t)(e - s) : strlen(s);
+        if (n >= sizeof line) return ds4_err_set(err, DS4_E_ARG, "--type-map: rule %d is too long", k);
+        snprintf(line, sizeof line, "%.*s", (int)n, s);
+        snprintf(where, sizeof where, "rule %d", k);
+        rc = apply_rule(p, line, where, err);
+        s += n + (e ? 1 : 0);
+    }
+    return rc;
+}
+
 void ds4_conv_plan_free(ds4_conv_plan *p) {
-    for (int i = 0; i < p->n; i++) free(p->t[i].experts);
+    for (int i = 0; i < p->n; i++) {
+        free(p->t[i].experts);
+        free(p->t[i].expert_scales);
+    }
     free(p->t);
     memset(p, 0, sizeof *p);
 }
@@ -519,59 +708,129 @@ static int check_src_shape(const ds4_st_tensor *s, const char *gguf, int n, cons
     return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' (-> %s) has shape %s, expected %s", s->name, gguf, got, exp);
 }
 
+/* Source encodings a float tensor may have: plain floats, or the official
+ * checkpoint's FP8 E4M3 (128x128 tiles of ue8m0 scales) and packed FP4 E2M1
+ * (two codes per I8/U8 byte, one ue8m0 scale per 32 values of a row),
+ * docs/FORMATS.md E.3. Dispatch is on the dtype of each shard header. */
+static bool is_fp8(const ds4_st_tensor *s) { return s->dtype == DS4_ST_F8_E4M3; }
+static bool is_fp4(const ds4_st_tensor *s) { return s->dtype == DS4_ST_I8 || s->dtype == DS4_ST_U8; }
+
 static int check_src_dtype(const ds4_st_tensor *s, const ds4_conv_tensor *t, ds4_err *err) {
     if (t->type == DS4_GGML_I32) {
         if (s->dtype == DS4_ST_I64 || s->dtype == DS4_ST_I32) return 0;
         return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has dtype %s, expected I64 or I32 (expert ids)", s->name,
                            ds4_st_dtype_name(s->dtype));
     }
-    if (s->dtype == DS4_ST_F32 || s->dtype == DS4_ST_F16 || s->dtype == DS4_ST_BF16) return 0;
-    if (s->dtype == DS4_ST_F8_E4M3 || s->dtype == DS4_ST_F8_E8M0 || s->dtype == DS4_ST_I8)
-        return ds4_err_set(err, DS4_E_MODEL,
-                           "tensor '%s' has dtype %s: FP8/FP4 checkpoints are not supported yet (F32, BF16, F16)",
-                           s->name, ds4_st_dtype_name(s->dtype));
-    return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' has unsupported dtype %s (F32, BF16 or F16 expected)", s->name,
-                       ds4_st_dtype_name(s->dtype));
+    if (s->dtype == DS4_ST_F32 || s->dtype == DS4_ST_F16 || s->dtype == DS4_ST_BF16 || is_fp8(s) || is_fp4(s))
+        return 0;
+    return ds4_err_set(err, DS4_E_MODEL,
+                       "tensor '%s' has unsupported dtype %s (F32, BF16, F16, or F8_E4M3 / I8 (FP4) with a "
+                       "F8_E8M0 .scale expected)", s->name, ds4_st_dtype_name(s->dtype));
+}
+
+/* The ue8m0 companion "X.scale" of an FP8/FP4 weight "X.weight" (or "X"),
+ * checked against the logical shape [rows, cols] of the weight. */
+static int find_scale(const ds4_st *st, const ds4_st_tensor *s, int64_t rows, int64_t cols,
+                      const ds4_st_tensor **out, ds4_err *err) {
+    char nm[512];
+    size_t n = strlen(s->name);
+    if (n > 7 && !strcmp(s->name + n - 7, ".weight")) n -= 7;
+    snprintf(nm, sizeof nm, "%.*s.scale", (int)n, s->name);
+    const ds4_st_tensor *sc = ds4_st_find(st, nm);
+    const char *what = is_fp8(s) ? "FP8 E4M3" : "FP4 E2M1 (packed I8)";
+    if (!sc)
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' is %s but its scale tensor '%s' is missing", s->name, what,
+                           nm);
+    if (sc->dtype != DS4_ST_F8_E8M0)
+        return ds4_err_set(err, DS4_E_MODEL, "scale tensor '%s' has dtype %s, expected F8_E8M0 (ue8m0)", nm,
+                           ds4_st_dtype_name(sc->dtype));
+    int64_t want[2];
+    if (is_fp8(s)) {
+        want[0] = (rows + 127) / 128;     /* one scale per 128x128 tile, partial tiles rounded up */
+        want[1] = (cols + 127) / 128;
+    } else {
+        if (cols % 32)
+            return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': FP4 rows of %lld values are not whole 32-blocks",
+                               s->name, (long long)cols);
+        want[0] = rows;                   /* one scale per 32 values of a row */
+        want[1] = cols / 32;
+    }
+    if (sc->n_dims != 2 || sc->shape[0] != want[0] || sc->shape[1] != want[1]) {
+        char got[96], exp[96];
+        fmt_shape(got, sizeof got, sc->n_dims, sc->shape);
+        fmt_shape(exp, sizeof exp, 2, want);
+        return ds4_err_set(err, DS4_E_MODEL, "scale tensor '%s' has shape %s, expected %s for %s weight '%s'", nm, got,
+                           exp, what, s->name);
+    }
+    *out = sc;
+    return 0;
+}
+
+/* Checks s against the row-major logical shape want[0..n) of its planned
+ * tensor (FP4 stores half the columns) and finds the scale of an FP8/FP4 s. */
+static int check_src(const ds4_st *st, const ds4_st_tensor *s, const ds4_conv_tensor *t, int n, const int64_t *want,
+                     const ds4_st_tensor **scale, ds4_err *err) {
+    int rc = check_src_dtype(s, t, err);
+    if (rc) return rc;
+    *scale = NULL;
+    if (!is_fp8(s) && !is_fp4(s)) return check_src_shape(s, t->name, n, want, err);
+    if (n != 2)
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' (-> %s) is %s: only 2-D FP8/FP4 matrices are supported",
+                           s->name, t->name, ds4_st_dtype_name(s->dtype));
+    int64_t stored[2] = {want[0], is_fp4(s) ? want[1] / 2 : want[1]};
+    if (is_fp4(s) && want[1] % 2)
+        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' (-> %s): FP4 rows need an even length", s->name, t->name);
+    if ((rc = check_src_shape(s, t->name, 2, stored, err))) return rc;
+    return find_scale(st, s, want[0], want[1], scale, err);
 }
 
 /* Binds s as the whole of planned tensor t (kind PLAIN or FUSED_*). */
-static int bind_whole(ds4_conv_tensor *t, const ds4_st_tensor *s, ds4_conv_src_kind kind, ds4_err *err) {
+static int bind_whole(const ds4_st *st, ds4_conv_tensor *t, const ds4_st_tensor *s, ds4_conv_src_kind kind,
+                      ds4_err *err) {
+    if (!t) return ds4_err_set(err, DS4_E_INTERNAL, "tensor '%s': no planned target", s->name);
     if (t->src != DS4_SRC_NONE)
         return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' maps to '%s', which another tensor%s%s already provides",
                            s->name, t->name, t->st ? " " : "", t->st ? t->st->name : "");
-    int rc = check_src_dtype(s, t, err);
-    if (rc) return rc;
     int64_t want[3];
     int n = t->n_dims;
     for (int i = 0; i < n; i++) want[i] = t->ne[n - 1 - i];
-    if (kind == DS4_SRC_FUSED_LO || kind == DS4_SRC_FUSED_HI) want[1] *= 2;   /* [E, 2F, D] */
-    if ((rc = check_src_shape(s, t->name, n, want, err))) return rc;
+    if (kind == DS4_SRC_FUSED_LO || kind == DS4_SRC_FUSED_HI) {
+        want[1] *= 2;   /* [E, 2F, D] */
+        if (is_fp8(s) || is_fp4(s))
+            return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': fused FP8/FP4 expert stacks are not supported", s->name);
+    }
+    const ds4_st_tensor *scale;
+    int rc = check_src(st, s, t, n, want, &scale, err);
+    if (rc) return rc;
     t->src = kind;
     t->st = s;
+    t->scale = scale;
     return 0;
 }
 
 /* Binds s as matrix e of the expert stack t. */
-static int bind_expert(ds4_conv_tensor *t, const ds4_st_tensor *s, int64_t e, ds4_err *err) {
+static int bind_expert(const ds4_st *st, ds4_conv_tensor *t, const ds4_st_tensor *s, int64_t e, ds4_err *err) {
     if (t->src != DS4_SRC_NONE && t->src != DS4_SRC_EXPERTS)
         return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' maps to expert %lld of '%s', which '%s' already provides",
                            s->name, (long long)e, t->name, t->st ? t->st->name : "?");
     if (e < 0 || e >= t->ne[2])
         return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': expert %lld out of range (n_routed_experts = %lld)",
                            s->name, (long long)e, (long long)t->ne[2]);
-    int rc = check_src_dtype(s, t, err);
-    if (rc) return rc;
     int64_t want[2] = {t->ne[1], t->ne[0]};
-    if ((rc = check_src_shape(s, t->name, 2, want, err))) return rc;
+    const ds4_st_tensor *scale;
+    int rc = check_src(st, s, t, 2, want, &scale, err);
+    if (rc) return rc;
     if (!t->experts) {
         t->experts = calloc((size_t)t->ne[2], sizeof *t->experts);
-        if (!t->experts) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        t->expert_scales = calloc((size_t)t->ne[2], sizeof *t->expert_scales);
+        if (!t->experts || !t->expert_scales) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     }
     if (t->experts[e])
         return ds4_err_set(err, DS4_E_MODEL, "tensors '%s' and '%s' are both expert %lld of '%s'", t->experts[e]->name,
                            s->name, (long long)e, t->name);
     t->src = DS4_SRC_EXPERTS;
     t->experts[e] = s;
+    t->expert_scales[e] = scale;
     return 0;
 }
 
@@ -582,15 +841,113 @@ static int no_target(const ds4_st_tensor *s, const char *gguf, int il, const ds4
                        s->name, il, gguf, il, hp->ratio[il], il < hp->n_hash ? "hash" : "top-k");
 }
 
-/* Maps one source tensor name onto the plan. *skipped = 1 for tensors that
- * have no GGUF counterpart in the main file (MTP block, RoPE buffers). */
-static int map_one(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st_tensor *s, int *skipped, ds4_err *err) {
-    const char *n = s->name;
+/* What became of one source tensor. */
+enum { MAP_BOUND, MAP_SKIP_MTP, MAP_SKIP_MAIN, MAP_SKIP_BUFFER, MAP_SCALE, MAP_UNKNOWN };
+
+/* MTP-only names (after "mtp.N.") -> GGUF suffix (docs/FORMATS.md D.3). */
+static const struct { const char *src; const char *gguf; } mtp_map[] = {
+    {"e_proj.weight", "e_proj.weight"}, {"h_proj.weight", "h_proj.weight"}, {"enorm.weight", "enorm.weight"},
+    {"hnorm.weight", "hnorm.weight"},   {"norm.weight", "norm.weight"},     {"hc_head_fn", "hc_head_fn.weight"},
+    {"hc_head_base", "hc_head_base.weight"}, {"hc_head_scale", "hc_head_scale.weight"},
+};
+
+/* Binds a per-layer suffix (after "layers.N." or "mtp.N.") to PRE.<gguf>. */
+static int map_block(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *st, const ds4_st_tensor *s,
+                     const char *pre, int il, const char *suf, bool mtp, int *what, ds4_err *err) {
     char g[96];
-    *skipped = 0;
+    if (mtp)
+        for (size_t i = 0; i < sizeof mtp_map / sizeof mtp_map[0]; i++)
+            if (!strcmp(suf, mtp_map[i].src)) {
+                snprintf(g, sizeof g, "%s.%s", pre, mtp_map[i].gguf);
+                return bind_whole(st, ds4_conv_plan_find(p, g), s, DS4_SRC_PLAIN, err);
+            }
+    /* per-expert matrices: {ffn,mlp}.experts.E.{w1,w2,w3,gate_proj,up_proj,down_proj}.weight */
+    int e, eoff = 0;
+    char word[16];
+    if ((sscanf(suf, "ffn.experts.%d.%15[a-z_0-9].weight%n", &e, word, &eoff) == 2 ||
+         sscanf(suf, "mlp.experts.%d.%15[a-z_0-9].weight%n", &e, word, &eoff) == 2) && eoff > 0 && !suf[eoff]) {
+        for (size_t i = 0; i < sizeof expert_map / sizeof expert_map[0]; i++)
+            if (!strcmp(word, expert_map[i].src)) {
+                snprintf(g, sizeof g, "%s.%s", pre, expert_map[i].gguf);
+                ds4_conv_tensor *t = ds4_conv_plan_find(p, g);
+                if (!t) return no_target(s, expert_map[i].gguf, il, hp, err);
+                return bind_expert(st, t, s, e, err);
+            }
+    }
+    if (!strcmp(suf, "mlp.experts.gate_up_proj")) {     /* transformers' fused [E, 2F, D], gate first */
+        snprintf(g, sizeof g, "%s.ffn_gate_exps.weight", pre);
+        int rc = bind_whole(st, ds4_conv_plan_find(p, g), s, DS4_SRC_FUSED_LO, err);
+        if (rc) return rc;
+        snprintf(g, sizeof g, "%s.ffn_up_exps.weight", pre);
+        return bind_whole(st, ds4_conv_plan_find(p, g), s, DS4_SRC_FUSED_HI, err);
+    }
+    for (size_t i = 0; i < sizeof layer_map / sizeof layer_map[0]; i++)
+        for (int j = 0; j < 4 && layer_map[i].src[j]; j++)
+            if (!strcmp(suf, layer_map[i].src[j])) {
+                snprintf(g, sizeof g, "%s.%s", pre, layer_map[i].gguf);
+                ds4_conv_tensor *t = ds4_conv_plan_find(p, g);
+                if (!t) {
+                    if (mtp)
+                        return ds4_err_set(err, DS4_E_MODEL, "tensor '%s' maps to '%s', which the MTP block does "
+                                           "not have", s->name, g);
+                    return no_target(s, layer_map[i].gguf, il, hp, err);
+                }
+                return bind_whole(st, t, s, DS4_SRC_PLAIN, err);
+            }
+    *what = MAP_UNKNOWN;
+    return 0;
+}
+
+/* Maps one source tensor name onto the plan; *what says what became of it.
+ * Skipped without binding: the MTP block (main plan) or everything else
+ * (MTP plan), RoPE buffers, and ue8m0 ".scale" companions, which bind with
+ * their weight (a scale whose weight is missing or not FP8/FP4 is an error). */
+static int map_one(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *st, const ds4_st_tensor *s, bool mtp,
+                   int *what, ds4_err *err) {
+    const char *n = s->name;
+    *what = MAP_BOUND;
     if (!strncmp(n, "model.", 6)) n += 6;
-    if (!strncmp(n, "mtp.", 4) || strstr(n, "inv_freq")) {
-        *skipped = 1;
+    size_t len = strlen(s->name);
+    if (len > 6 && !strcmp(s->name + len - 6, ".scale")) {
+        char w[512];
+        snprintf(w, sizeof w, "%.*s.weight", (int)(len - 6), s->name);
+        const ds4_st_tensor *wt = ds4_st_find(st, w);
+        if (!wt) {
+            snprintf(w, sizeof w, "%.*s", (int)(len - 6), s->name);
+            wt = ds4_st_find(st, w);
+        }
+        if (wt && (is_fp8(wt) || is_fp4(wt))) {   /* bound (dtype and shape checked) with its weight */
+            *what = MAP_SCALE;
+            return 0;
+        }
+        if (s->dtype == DS4_ST_F8_E8M0 && !wt)
+            return ds4_err_set(err, DS4_E_MODEL, "scale tensor '%s' has no weight tensor '%.*s.weight'", s->name,
+                               (int)(len - 6), s->name);
+        if (s->dtype == DS4_ST_F8_E8M0)
+            return ds4_err_set(err, DS4_E_MODEL, "scale tensor '%s' belongs to '%s', whose dtype %s is neither FP8 "
+                               "E4M3 nor packed FP4", s->name, wt->name, ds4_st_dtype_name(wt->dtype));
+        /* else an ordinary tensor whose name ends in .scale (transformers' attn_hc.scale) */
+    }
+    if (strstr(n, "inv_freq")) {
+        *what = MAP_SKIP_BUFFER;
+        return 0;
+    }
+    int il, off = 0;
+    char pre[32];
+    if (!strncmp(n, "mtp.", 4)) {
+        if (!mtp) {
+            *what = MAP_SKIP_MTP;
+            return 0;
+        }
+        if (sscanf(n, "mtp.%d.%n", &il, &off) != 1 || off <= 0 || il < 0 || il >= hp->nextn) {
+            *what = MAP_UNKNOWN;
+            return 0;
+        }
+        snprintf(pre, sizeof pre, "mtp.%d", il);
+        return map_block(p, hp, st, s, pre, il, n + off, true, what, err);
+    }
+    if (mtp) {
+        *what = MAP_SKIP_MAIN;
         return 0;
     }
     for (size_t i = 0; i < sizeof global_map / sizeof global_map[0]; i++)
@@ -598,58 +955,38 @@ static int map_one(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st_te
             if (!strcmp(n, global_map[i].src[j])) {
                 ds4_conv_tensor *t = ds4_conv_plan_find(p, global_map[i].gguf);
                 if (!t) return no_target(s, global_map[i].gguf, -1, hp, err);
-                return bind_whole(t, s, DS4_SRC_PLAIN, err);
+                return bind_whole(st, t, s, DS4_SRC_PLAIN, err);
             }
-    int il, off = 0;
     if (sscanf(n, "layers.%d.%n", &il, &off) == 1 && off > 0) {
-        const char *suf = n + off;
         if (il < 0 || il >= hp->n_layer)
             return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': layer %d out of range (num_hidden_layers = %d)",
                                s->name, il, hp->n_layer);
-        /* per-expert matrices: {ffn,mlp}.experts.E.{w1,w2,w3,gate_proj,up_proj,down_proj}.weight */
-        int e, eoff = 0;
-        char word[16];
-        if ((sscanf(suf, "ffn.experts.%d.%15[a-z_0-9].weight%n", &e, word, &eoff) == 2 ||
-             sscanf(suf, "mlp.experts.%d.%15[a-z_0-9].weight%n", &e, word, &eoff) == 2) && eoff > 0 && !suf[eoff]) {
-            for (size_t i = 0; i < sizeof expert_map / sizeof expert_map[0]; i++)
-                if (!strcmp(word, expert_map[i].src)) {
-                    snprintf(g, sizeof g, "blk.%d.%s", il, expert_map[i].gguf);
-                    ds4_conv_tensor *t = ds4_conv_plan_find(p, g);
-                    if (!t) return no_target(s, expert_map[i].gguf, il, hp, err);
-                    return bind_expert(t, s, e, err);
-                }
-        }
-        if (!strcmp(suf, "mlp.experts.gate_up_proj")) {     /* transformers' fused [E, 2F, D], gate first */
-            snprintf(g, sizeof g, "blk.%d.ffn_gate_exps.weight", il);
-            int rc = bind_whole(ds4_conv_plan_find(p, g), s, DS4_SRC_FUSED_LO, err);
-            if (rc) return rc;
-            snprintf(g, sizeof g, "blk.%d.ffn_up_exps.weight", il);
-            return bind_whole(ds4_conv_plan_find(p, g), s, DS4_SRC_FUSED_HI, err);
-        }
-        for (size_t i = 0; i < sizeof layer_map / sizeof layer_map[0]; i++)
-            for (int j = 0; j < 4 && layer_map[i].src[j]; j++)
-                if (!strcmp(suf, layer_map[i].src[j])) {
-                    snprintf(g, sizeof g, "blk.%d.%s", il, layer_map[i].gguf);
-                    ds4_conv_tensor *t = ds4_conv_plan_find(p, g);
-                    if (!t) return no_target(s, layer_map[i].gguf, il, hp, err);
-                    return bind_whole(t, s, DS4_SRC_PLAIN, err);
-                }
+        snprintf(pre, sizeof pre, "blk.%d", il);
+        return map_block(p, hp, st, s, pre, il, n + off, false, what, err);
     }
-    if (s->dtype == DS4_ST_F8_E8M0)
-        return ds4_err_set(err, DS4_E_MODEL,
-                           "tensor '%s' is an FP8/FP4 block scale: the official FP8/FP4 checkpoint is not supported "
-                           "yet", s->name);
-    return ds4_err_set(err, DS4_E_MODEL, "cannot map tensor '%s' to a GGUF tensor", s->name);
+    *what = MAP_UNKNOWN;
+    return 0;
 }
 
-int ds4_conv_bind_hf(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *st, ds4_err *err) {
-    int n_skipped = 0;
+int ds4_conv_bind_hf_opts(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *st,
+                          const ds4_conv_bind_opts *opt, ds4_err *err) {
+    int n_mtp = 0, n_unknown = 0;
     for (int i = 0; i < st->n; i++) {
-        int skipped, rc = map_one(p, hp, &st->t[i], &skipped, err);
+        int what, rc = map_one(p, hp, st, &st->t[i], opt->mtp, &what, err);
         if (rc) return rc;
-        n_skipped += skipped;
+        n_mtp += what == MAP_SKIP_MTP;
+        if (what == MAP_UNKNOWN) {
+            if (!opt->skip_unknown)
+                return ds4_err_set(err, DS4_E_MODEL, "cannot map tensor '%s' to a GGUF tensor (--skip-unknown lists "
+                                   "and skips such tensors)", st->t[i].name);
+            fprintf(stderr, "ds4-convert: skipping '%s' (%s, %.1f MiB): the engine has no use for it\n",
+                    st->t[i].name, ds4_st_dtype_name(st->t[i].dtype), (double)st->t[i].n_bytes / (1 << 20));
+            n_unknown++;
+        }
     }
-    if (n_skipped) fprintf(stderr, "ds4-convert: skipped %d tensors with no main-GGUF counterpart (mtp.*)\n", n_skipped);
+    if (n_mtp)
+        fprintf(stderr, "ds4-convert: skipped %d mtp.* tensors of the main file (--mtp-out FILE writes them)\n", n_mtp);
+    if (n_unknown) fprintf(stderr, "ds4-convert: skipped %d unknown tensors\n", n_unknown);
     /* every non-optional tensor, and every expert of a per-expert stack */
     char list[400] = "";
     int n_missing = 0;
@@ -683,7 +1020,9 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
     ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);
     ds4_gguf_writer_add_str(w, "general.type", "model", 5);
     ds4_gguf_writer_add_str(w, "general.name", name, strlen(name));
-    U32("general.file_type", ot == DS4_OUT_F32 ? 0 : ot == DS4_OUT_F16 ? 1 : 7);  /* llama.cpp ftype ids */
+    /* llama.cpp ftype ids: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_Q4_K_M 15, MOSTLY_IQ2_XXS 19 (the
+     * published files' values are not known, docs/FORMATS.md D.4) */
+    U32("general.file_type", ot == DS4_OUT_F32 ? 0 : ot == DS4_OUT_F16 ? 1 : ot == DS4_OUT_Q4 ? 15 : ot == DS4_OUT_Q2 ? 19 : 7);
     U32("general.quantization_version", 2);
     if (hp->context_length) {
         if (hp->context_length <= UINT32_MAX) U32(K("context_length"), hp->context_length);
@@ -729,18 +1068,17 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
     ds4_gguf_writer_add_bool(w, K("expert_weights_norm"), true);
     U32(K("expert_gating_func"), 4);                                      /* sqrtsoftplus */
     if (hp->nextn) U32(K("nextn_predict_layers"), hp->nextn);
-    int32_t *ratios = malloc((size_t)hp->n_layer * sizeof *ratios);
+    const int n_ratio = hp->n_ratio > hp->n_layer ? hp->n_ratio : hp->n_layer;
+    int32_t *ratios = malloc((size_t)n_ratio * sizeof *ratios);
     float *clamp = malloc((size_t)hp->n_layer * sizeof *clamp);
     if (!ratios || !clamp) {
         free(ratios);
         free(clamp);
         return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     }
-    for (int il = 0; il < hp->n_layer; il++) {
-        ratios[il] = hp->ratio[il];
-        clamp[il] = (float)hp->swiglu_limit;
-    }
-    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)hp->n_layer);
+    for (int il = 0; il < n_ratio; il++) ratios[il] = hp->ratio[il];
+    for (int il = 0; il < hp->n_layer; il++) clamp[il] = (float)hp->swiglu_limit;
+    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)n_ratio);
     int rc = ds4_gguf_writer_add_arr(w, K("swiglu_clamp_exp"), DS4_GGUF_F32, clamp, (uint64_t)hp->n_layer);
     free(ratios);
     free(clamp);
@@ -752,154 +1090,3 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
 #undef F32
 }
 
-/* ------------------------------------------------------------ streaming tensor data */
-
-/* Seeded generator of the demo model: splitmix64 per row, so every row is
- * reproducible independently of the order in which rows are produced. */
-static uint64_t splitmix64(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static double rand_unit(uint64_t *s) { return (double)(splitmix64(s) >> 11) * (1.0 / 9007199254740992.0); }
-
-static void random_row(const ds4_conv_tensor *t, int64_t row_index, float *dst, int64_t n) {
-    uint64_t s = t->seed ^ (0xD1B54A32D192ED03ull * (uint64_t)(row_index + 1));
-    for (int64_t i = 0; i < n; i++) {
-        if (t->rand == DS4_RAND_UNIFORM) {
-            dst[i] = (float)(t->ra + (t->rb - t->ra) * rand_unit(&s));
-        } else {
-            double u1 = rand_unit(&s), u2 = rand_unit(&s);
-            if (u1 < 1e-300) u1 = 1e-300;
-            dst[i] = (float)(t->ra + t->rb * sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-        }
-    }
-}
-
-/* n source elements from element index `first` on, as float. */
-static void load_floats(const ds4_st_tensor *s, uint64_t first, float *dst, int64_t n) {
-    const uint8_t *p = s->data + first * (uint64_t)ds4_st_dtype_size(s->dtype);
-    for (int64_t i = 0; i < n; i++) {
-        if (s->dtype == DS4_ST_F32) {
-            memcpy(&dst[i], p + 4 * i, 4);
-        } else {
-            uint16_t h = (uint16_t)(p[2 * i] | p[2 * i + 1] << 8);
-            dst[i] = s->dtype == DS4_ST_F16 ? ds4_f16_to_f32(h) : ds4_bf16_to_f32(h);
-        }
-    }
-}
-
-/* Row r of matrix m of t as float (n = ne[0] values). */
-static void source_row(const ds4_conv_tensor *t, int64_t m, int64_t r, float *dst) {
-    const int64_t n_in = t->ne[0], n_out = t->ne[1];
-    switch (t->src) {
-    case DS4_SRC_PLAIN: load_floats(t->st, (uint64_t)((m * n_out + r) * n_in), dst, n_in); break;
-    case DS4_SRC_EXPERTS: load_floats(t->experts[m], (uint64_t)(r * n_in), dst, n_in); break;
-    case DS4_SRC_FUSED_LO: load_floats(t->st, (uint64_t)((m * 2 * n_out + r) * n_in), dst, n_in); break;
-    case DS4_SRC_FUSED_HI: load_floats(t->st, (uint64_t)((m * 2 * n_out + n_out + r) * n_in), dst, n_in); break;
-    case DS4_SRC_RANDOM: random_row(t, m * n_out + r, dst, n_in); break;
-    case DS4_SRC_NONE: break;
-    }
-}
-
-typedef struct {
-    ds4_gguf_sink *sink;
-    uint8_t *buf;
-    size_t n, cap;
-} outbuf;
-
-static int outbuf_flush(outbuf *o, ds4_err *err) {
-    int rc = o->n ? ds4_gguf_sink_write(o->sink, o->buf, o->n, err) : 0;
-    o->n = 0;
-    return rc;
-}
-
-/* Producer of one planned tensor (ds4_gguf_produce_fn). */
-static int produce(void *user, int64_t index, ds4_gguf_sink *sink, ds4_err *err) {
-    (void)index;
-    const ds4_conv_tensor *t = user;
-    const int64_t n_in = t->ne[0];
-    const size_t row_bytes = t->type == DS4_GGML_I32 ? (size_t)n_in * 4 : ds4_type_row_bytes((int)t->type, n_in);
-    float *row = malloc((size_t)n_in * sizeof(float));
-    outbuf o = {sink, NULL, 0, row_bytes > (1u << 20) ? row_bytes : (1u << 20)};
-    o.buf = malloc(o.cap);
-    int rc = 0;
-    if (!row || !o.buf || row_bytes == 0) {
-        rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory converting '%s'", t->name);
-        goto done;
-    }
-    for (int64_t m = 0; m < t->ne[2] && !rc; m++)
-        for (int64_t r = 0; r < t->ne[1] && !rc; r++) {
-            if (o.n + row_bytes > o.cap && (rc = outbuf_flush(&o, err))) break;
-            uint8_t *dst = o.buf + o.n;
-            if (t->type == DS4_GGML_I32) {              /* expert ids: int64/int32 source, checked range */
-                int32_t *ids = (int32_t *)(void *)row;   /* row has room for n_in floats = n_in int32 */
-                for (int64_t i = 0; i < n_in; i++) {
-                    int64_t v;
-                    if (t->src == DS4_SRC_RANDOM) {             /* with replacement: repeats allowed */
-                        uint64_t s = t->seed ^ (0xA0761D6478BD642Full * (uint64_t)(r * n_in + i + 1));
-                        v = (int64_t)(splitmix64(&s) % (uint64_t)t->rb);
-                    } else if (t->st->dtype == DS4_ST_I64) {
-                        memcpy(&v, t->st->data + 8 * (uint64_t)(r * n_in + i), 8);
-                    } else {
-                        int32_t v32;
-                        memcpy(&v32, t->st->data + 4 * (uint64_t)(r * n_in + i), 4);
-                        v = v32;
-                    }
-                    if (v < 0 || v >= (int64_t)t->rb) {
-                        rc = ds4_err_set(err, DS4_E_MODEL, "tensor '%s': token %lld slot %lld has expert id %lld, "
-                                         "expected 0..%lld", t->name, (long long)r, (long long)i, (long long)v,
-                                         (long long)t->rb - 1);
-                        break;
-                    }
-                    ids[i] = (int32_t)v;
-                }
-                memcpy(dst, ids, row_bytes);
-            } else {
-                source_row(t, m, r, row);
-                for (int64_t i = 0; i < n_in; i++)
-                    if (!isfinite(row[i])) {
-                        rc = ds4_err_set(err, DS4_E_MODEL, "tensor '%s' (matrix %lld, row %lld) has a non-finite "
-                                         "value at column %lld", t->name, (long long)m, (long long)r, (long long)i);
-                        break;
-                    }
-                if (rc) break;
-                if (t->type == DS4_GGML_F32) {
-                    memcpy(dst, row, row_bytes);
-                } else if (t->type == DS4_GGML_F16) {
-                    for (int64_t i = 0; i < n_in; i++) {
-                        uint16_t h = ds4_f32_to_f16(row[i]);
-                        if ((h & 0x7c00) == 0x7c00) {
-                            rc = ds4_err_set(err, DS4_E_MODEL, "tensor '%s' (row %lld): %g overflows F16", t->name,
-                                             (long long)r, (double)row[i]);
-                            break;
-                        }
-                        memcpy(dst + 2 * i, &h, 2);
-                    }
-                } else if (ds4_quantize_row((int)t->type, row, dst, n_in, NULL) != row_bytes) {
-                    rc = ds4_err_set(err, DS4_E_INTERNAL, "tensor '%s': %s quantization of row %lld failed",
-                                     t->name, ds4_ggml_type_name(t->type), (long long)r);
-                }
-            }
-            o.n += row_bytes;
-        }
-    if (!rc) rc = outbuf_flush(&o, err);
-done:
-    free(row);
-    free(o.buf);
-    return rc;
-}
-
-int ds4_conv_add_tensors(ds4_gguf_writer *w, ds4_conv_plan *p, ds4_err *err) {
-    for (int i = 0; i < p->n; i++) {
-        ds4_conv_tensor *t = &p->t[i];
-        if (t->src == DS4_SRC_NONE) continue;          /* optional and absent */
-        int64_t ne[3] = {t->ne[0], t->ne[1], t->ne[2]};
-        if (ds4_gguf_writer_add_tensor_cb(w, t->name, t->type, (uint32_t)t->n_dims, ne, produce, t) < 0)
-            return ds4_err_set(err, DS4_E_ARG, "cannot add tensor '%s' (%s, ne[0] = %lld) to the GGUF writer",
-                               t->name, ds4_ggml_type_name(t->type), (long long)t->ne[0]);
-    }
-    return 0;
-}

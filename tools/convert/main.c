@@ -8,26 +8,44 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "convert.h"
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: ds4-convert --hf DIR -o OUT.gguf [--outtype f32|f16|q8_0] [--tokenizer FILE.json]\n"
-            "       ds4-convert --demo -o OUT.gguf [--tokenizer FILE.json] [--seed N] [--outtype ...]\n"
+            "usage: ds4-convert --hf DIR -o OUT.gguf [--recipe q2|q4|q8_0|f16|f32] [--type-map RULES]\n"
+            "                   [--mtp-out MTP.gguf] [--imatrix FILE.dat [--imatrix-strict]] [--threads N]\n"
+            "                   [--progress] [--skip-unknown] [--tokenizer FILE.json] [--name NAME]\n"
+            "       ds4-convert --demo -o OUT.gguf [--tokenizer FILE.json] [--seed N] [--recipe ...]\n"
             "       ds4-convert --vocab-only --tokenizer FILE.json -o OUT.gguf\n"
             "\n"
-            "  --hf DIR          Hugging Face DeepSeek V4 directory: config.json and *.safetensors\n"
-            "                    (F32, BF16 or F16; sharded through model.safetensors.index.json)\n"
+            "  --hf DIR          DeepSeek V4 checkpoint: config.json and *.safetensors (sharded through\n"
+            "                    model.safetensors.index.json). The official checkpoint's FP8 E4M3 weights\n"
+            "                    (128x128 ue8m0 tiles) and FP4 E2M1 experts (I8, ue8m0 per 32 values) with\n"
+            "                    their .scale tensors, or F32 / BF16 / F16 (transformers' save_pretrained)\n"
             "  -o, --out FILE    output GGUF (written through a temporary file, then renamed)\n"
-            "  --outtype T       f32: every tensor F32 (oracle tests); f16: matrices F16;\n"
-            "                    q8_0 (default): the published recipe's types with Q8_0 for the\n"
-            "                    attention projections, shared and routed experts and the output head,\n"
-            "                    F16 for embedding, HC, router, compressor and indexer; vectors F32,\n"
-            "                    tid2eid I32\n"
+            "  --recipe R        (alias --outtype) the published layout with routed experts as:\n"
+            "                    q2: IQ2_XXS gate/up + Q2_K down (the published q2 file); q4: Q4_K (the\n"
+            "                    published q4 file); q8_0 (default): Q8_0. All three: Q8_0 attention\n"
+            "                    projections, shared experts and output head; F16 embedding, HC, router,\n"
+            "                    compressor, indexer; F32 vectors; I32 tid2eid. f16: every matrix F16;\n"
+            "                    f32: everything F32 (oracle tests). A row that is not whole blocks of the\n"
+            "                    recipe's type falls back to Q8_0, then F16\n"
+            "  --type-map RULES  per-tensor types after the recipe: 'PATTERN=TYPE,...' (fnmatch globs on\n"
+            "                    GGUF names, e.g. 'blk.4[0-2].ffn_*_exps.weight=q4_K') or a file with one\n"
+            "                    rule per line; types f32 f16 bf16 q8_0 q4_K q2_K iq2_xxs\n"
+            "  --mtp-out FILE    also write the MTP file (mtp.0.* tensors: Q4_K experts, Q8_0\n"
+            "                    projections, F32 rest)\n"
+            "  --imatrix FILE    llama.cpp legacy .dat importance matrix, used for the Q4_K, Q2_K and\n"
+            "                    IQ2_XXS tensors it has entries for (ds4 -m MODEL --imatrix-out writes one)\n"
+            "  --imatrix-strict  a Q4_K/Q2_K/IQ2_XXS tensor without an imatrix entry is an error\n"
+            "  --threads N       quantization threads (default: every CPU)\n"
+            "  --progress        progress line on stderr (default when stderr is a terminal)\n"
+            "  --skip-unknown    list and skip tensors the engine has no use for (else an error)\n"
             "  --tokenizer FILE  add the tokenizer of a tokenizer.json (DeepSeek V3/V4, padded to 129280\n"
-            "                    entries, V4 tokens added); without it the GGUF has no tokenizer and the\n"
-            "                    engine runs on token ids\n"
+            "                    entries, V4 tokens added); default DIR/tokenizer.json when present;\n"
+            "                    without one the GGUF has no tokenizer and the engine runs on token ids\n"
             "  --vocab-only      write only the tokenizer (needs --tokenizer)\n"
             "  --demo            write a small random-weight model of DeepSeek V4's structure (hidden 256,\n"
             "                    6 layers: sliding, CSA, HCA, hash MoE) with the full 129280-token vocabulary,\n"
@@ -66,11 +84,77 @@ static int n_written(const ds4_conv_plan *p) {
     return n;
 }
 
+static int parse_recipe(const char *t, ds4_conv_outtype *ot) {
+    static const struct { const char *name; ds4_conv_outtype ot; } r[] = {
+        {"f32", DS4_OUT_F32}, {"f16", DS4_OUT_F16}, {"q8_0", DS4_OUT_Q8_0}, {"q4", DS4_OUT_Q4}, {"q2", DS4_OUT_Q2},
+    };
+    for (size_t i = 0; i < sizeof r / sizeof r[0]; i++)
+        if (!strcmp(t, r[i].name)) {
+            *ot = r[i].ot;
+            return 0;
+        }
+    return -1;
+}
+
+/* Everything of a --hf conversion beyond the tensor plan. */
+typedef struct {
+    const char *type_map, *mtp_out, *imatrix;
+    bool imatrix_strict;
+    ds4_conv_bind_opts bind;
+    ds4_conv_stream_opts stream;
+} hf_opts;
+
+static void summary(const char *out, const ds4_conv_plan *plan, const ds4_gguf_writer *w) {
+    double sec;
+    uint64_t in;
+    int nt;
+    ds4_conv_stream_totals(&sec, &in, &nt);
+    fprintf(stderr, "ds4-convert: wrote %s (%d tensors, %.1f MiB) from %.3f GB of input in %.1f s (%.3f GB/s, %d "
+            "threads)\n", out, n_written(plan), (double)ds4_gguf_writer_file_bytes(w) / (1 << 20), (double)in / 1e9,
+            sec, sec > 0 ? (double)in / 1e9 / sec : 0.0, nt);
+}
+
+/* The MTP file's plan, bound to the mtp.N.* tensors of the checkpoint
+ * (docs/FORMATS.md D.3); done before the main file is written, so a
+ * checkpoint without a usable MTP block fails before any output. */
+static int plan_mtp(const hf_opts *o, const ds4_conv_hparams *hp, const ds4_st *st, ds4_conv_outtype ot,
+                    ds4_conv_plan *plan, ds4_err *err) {
+    ds4_conv_bind_opts b = o->bind;
+    b.mtp = true;
+    int rc = ds4_conv_plan_mtp(plan, hp, ot, err);
+    if (!rc) rc = ds4_conv_bind_hf_opts(plan, hp, st, &b, err);
+    if (rc) ds4_err_prefix(err, "--mtp-out %s", o->mtp_out);
+    return rc;
+}
+
+/* Writes the MTP file of a bound plan. */
+static int write_mtp(const hf_opts *o, const ds4_conv_hparams *hp, ds4_conv_plan *plan, const char *name,
+                     ds4_err *err) {
+    ds4_gguf_writer *w = ds4_gguf_writer_new();
+    char nm[300];
+    snprintf(nm, sizeof nm, "%s MTP", name);
+    int rc = 0;
+    {
+        ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);
+        ds4_gguf_writer_add_str(w, "general.type", "mtp", 3);
+        ds4_gguf_writer_add_str(w, "general.name", nm, strlen(nm));
+        ds4_gguf_writer_add_u32(w, "deepseek4.nextn_predict_layers", (uint32_t)hp->nextn);
+        rc = ds4_conv_add_tensors_opts(w, plan, &o->stream, err);
+    }
+    if (!rc) rc = ds4_gguf_writer_write_file(w, o->mtp_out, err);
+    if (!rc) summary(o->mtp_out, plan, w);
+    else ds4_err_prefix(err, "--mtp-out %s", o->mtp_out);
+    ds4_gguf_writer_free(w);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     const char *hf = NULL, *out = NULL, *tok = NULL, *name = NULL;
     bool demo = false, vocab_only = false;
     ds4_conv_outtype ot = DS4_OUT_Q8_0;
     unsigned long long seed = 1;
+    hf_opts ho = {0};
+    ho.stream.progress = isatty(2);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         bool has_val = i + 1 < argc;
@@ -96,15 +180,31 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "ds4-convert: --seed wants a non-negative integer, got '%s'\n", argv[i]);
                 return 2;
             }
-        } else if (has_val && !strcmp(a, "--outtype")) {
-            const char *t = argv[++i];
-            if (!strcmp(t, "f32")) ot = DS4_OUT_F32;
-            else if (!strcmp(t, "f16")) ot = DS4_OUT_F16;
-            else if (!strcmp(t, "q8_0")) ot = DS4_OUT_Q8_0;
-            else {
-                fprintf(stderr, "ds4-convert: --outtype must be f32, f16 or q8_0, got '%s'\n", t);
+        } else if (has_val && (!strcmp(a, "--outtype") || !strcmp(a, "--recipe"))) {
+            if (parse_recipe(argv[++i], &ot)) {
+                fprintf(stderr, "ds4-convert: %s must be q2, q4, q8_0, f16 or f32, got '%s'\n", a, argv[i]);
                 return 2;
             }
+        } else if (has_val && !strcmp(a, "--type-map")) {
+            ho.type_map = argv[++i];
+        } else if (has_val && !strcmp(a, "--mtp-out")) {
+            ho.mtp_out = argv[++i];
+        } else if (has_val && !strcmp(a, "--imatrix")) {
+            ho.imatrix = argv[++i];
+        } else if (!strcmp(a, "--imatrix-strict")) {
+            ho.imatrix_strict = true;
+        } else if (!strcmp(a, "--skip-unknown")) {
+            ho.bind.skip_unknown = true;
+        } else if (!strcmp(a, "--progress")) {
+            ho.stream.progress = true;
+        } else if (has_val && !strcmp(a, "--threads")) {
+            char *end;
+            long n = strtol(argv[++i], &end, 10);
+            if (*end || !*argv[i] || n < 1 || n > 256) {
+                fprintf(stderr, "ds4-convert: --threads wants 1..256, got '%s'\n", argv[i]);
+                return 2;
+            }
+            ho.stream.n_threads = (int)n;
         } else {
             fprintf(stderr, "ds4-convert: unknown or incomplete option '%s' (see --help)\n", a);
             return 2;
@@ -115,13 +215,27 @@ int main(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
+    if (!hf && (ho.type_map || ho.mtp_out || ho.imatrix)) {
+        fprintf(stderr, "ds4-convert: --type-map, --mtp-out and --imatrix need --hf DIR\n");
+        return 2;
+    }
+    if (ho.imatrix_strict && !ho.imatrix) {
+        fprintf(stderr, "ds4-convert: --imatrix-strict needs --imatrix FILE\n");
+        return 2;
+    }
 
     ds4_err err = {0};
     ds4_gguf_writer *w = ds4_gguf_writer_new();
     ds4_conv_hparams hp = {0};
-    ds4_conv_plan plan = {0};
+    ds4_conv_plan plan = {0}, mplan = {0};
     ds4_st st = {0};
+    ds4_conv_imatrix im = {0};
+    char tok_default[4096];
     int rc = 0;
+    if (hf && !tok) {                       /* the checkpoint's own tokenizer.json, when it has one */
+        snprintf(tok_default, sizeof tok_default, "%s/tokenizer.json", hf);
+        if (access(tok_default, R_OK) == 0) tok = tok_default;
+    }
     if (vocab_only) {
         ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);
         ds4_gguf_writer_add_str(w, "general.type", "vocab", 5);
@@ -138,23 +252,33 @@ int main(int argc, char **argv) {
         }
         if (!rc && tok) rc = check_tokenizer(tok, hp.n_vocab, &err);
         if (!rc) rc = ds4_conv_plan_layout(&plan, &hp, ot, &err);
+        if (!rc && ho.type_map) rc = ds4_conv_plan_type_map(&plan, ho.type_map, &err);
         if (!rc) {
             if (demo) ds4_conv_demo_bind(&plan, &hp, seed);
-            else rc = ds4_conv_bind_hf(&plan, &hp, &st, &err);
+            else rc = ds4_conv_bind_hf_opts(&plan, &hp, &st, &ho.bind, &err);
+        }
+        if (!rc && ho.mtp_out) rc = plan_mtp(&ho, &hp, &st, ot, &mplan, &err);
+        int n_imat = 0;
+        if (!rc && ho.imatrix && !(rc = ds4_conv_imatrix_load(&im, ho.imatrix, &err))) {
+            rc = ds4_conv_imatrix_apply(&im, &plan, ho.imatrix_strict, &n_imat, &err);
+            if (!rc)
+                fprintf(stderr, "ds4-convert: %s: importance for %d of the Q4_K/Q2_K/IQ2_XXS tensors\n", ho.imatrix,
+                        n_imat);
         }
         const char *nm = name ? name : demo ? "ds4-demo (random weights, meaningless text)" : basename_of(hf);
         if (!rc) rc = ds4_conv_add_metadata(w, &hp, nm, ot, &err);
         if (!rc && tok) rc = ds4_convert_add_tokenizer(w, tok, &err);
-        if (!rc) rc = ds4_conv_add_tensors(w, &plan, &err);
+        if (!rc && ho.imatrix) rc = ds4_conv_imatrix_add_metadata(w, &im, &err);
+        if (!rc) rc = ds4_conv_add_tensors_opts(w, &plan, &ho.stream, &err);
     }
     if (!rc) rc = ds4_gguf_writer_write_file(w, out, &err);
-    if (!rc)
-        fprintf(stderr, "ds4-convert: wrote %s (%d tensors, %.1f MiB)\n", out, n_written(&plan),
-                (double)ds4_gguf_writer_file_bytes(w) / (1 << 20));
-    else
-        fprintf(stderr, "ds4-convert: %s\n", err.msg[0] ? err.msg : "failed");
+    if (!rc) summary(out, &plan, w);
+    if (!rc && ho.mtp_out) rc = write_mtp(&ho, &hp, &mplan, name ? name : basename_of(hf), &err);
+    if (rc) fprintf(stderr, "ds4-convert: %s\n", err.msg[0] ? err.msg : "failed");
+    ds4_conv_imatrix_free(&im);
     ds4_gguf_writer_free(w);
     ds4_conv_plan_free(&plan);
+    ds4_conv_plan_free(&mplan);
     ds4_st_close(&st);
     ds4_conv_hparams_free(&hp);
     return rc ? 1 : 0;
