@@ -992,6 +992,24 @@ static void emit_args(ds4_dsml_stream *s, const char *lit) {
     emit(s, DS4_DSML_EV_CALL_ARGS, s->n_calls - 1, lit, strlen(lit));
 }
 
+/* Emits `,"key":` (the comma unless *count was 0; the key entity-decoded
+ * and JSON-quoted) and an opening quote for a string value; counts the
+ * member. Nonzero when out of memory. */
+static int emit_key(ds4_dsml_stream *s, int *count, const char *name, size_t name_len, int quote) {
+    ds4_buf_reset(&s->ev);
+    if ((*count)++) ds4_buf_putc(&s->ev, ',');
+    ds4_buf key = DS4_BUF_INIT;
+    entity_decode(&key, name, name_len, 0);
+    ds4_dsml_json_quote(&s->ev, key.data ? key.data : "", key.len);
+    int oom = !ds4_buf_ok(&key);
+    ds4_buf_free(&key);
+    ds4_buf_putc(&s->ev, ':');
+    if (quote) ds4_buf_putc(&s->ev, '"');
+    if (oom || !ds4_buf_ok(&s->ev)) return 1;
+    emit(s, DS4_DSML_EV_CALL_ARGS, s->n_calls - 1, s->ev.data, s->ev.len);
+    return 0;
+}
+
 static void fail(ds4_dsml_stream *s, const char *msg) {
     emit(s, DS4_DSML_EV_ERROR, s->n_calls - 1, msg, strlen(msg));
     s->st = ST_FAILED;
@@ -1192,17 +1210,7 @@ static int step(ds4_dsml_stream *s, int final) {
                 fail(s, "parameter without a name");
                 return 1;
             }
-            ds4_buf_reset(&s->ev);
-            if (s->n_params++) ds4_buf_putc(&s->ev, ',');
-            ds4_buf key = DS4_BUF_INIT;
-            entity_decode(&key, rem + ti.name, ti.name_len, 0);
-            ds4_dsml_json_quote(&s->ev, key.data ? key.data : "", key.len);
-            int oom = !ds4_buf_ok(&key);
-            ds4_buf_free(&key);
-            ds4_buf_putc(&s->ev, ':');
-            if (ti.str_true) ds4_buf_putc(&s->ev, '"');
-            if (oom || !ds4_buf_ok(&s->ev)) return DS4_E_NOMEM;
-            emit(s, DS4_DSML_EV_CALL_ARGS, s->n_calls - 1, s->ev.data, s->ev.len);
+            if (emit_key(s, &s->n_params, rem + ti.name, ti.name_len, ti.str_true)) return DS4_E_NOMEM;
             s->pos += ti.end;
             s->scan = s->pos;
             s->st = ti.str_true ? ST_VALUE_STR : ti.has_str ? ST_VALUE_JSON : ST_PARAM_UNTYPED;
@@ -1295,17 +1303,7 @@ static int step(ds4_dsml_stream *s, int final) {
                 return 1;
             }
             int str = !ti.has_str || ti.str_true;
-            ds4_buf_reset(&s->ev);
-            if (s->n_nested++) ds4_buf_putc(&s->ev, ',');
-            ds4_buf key = DS4_BUF_INIT;
-            entity_decode(&key, rem + ti.name, ti.name_len, 0);
-            ds4_dsml_json_quote(&s->ev, key.data ? key.data : "", key.len);
-            int oom = !ds4_buf_ok(&key);
-            ds4_buf_free(&key);
-            ds4_buf_putc(&s->ev, ':');
-            if (str) ds4_buf_putc(&s->ev, '"');
-            if (oom || !ds4_buf_ok(&s->ev)) return DS4_E_NOMEM;
-            emit(s, DS4_DSML_EV_CALL_ARGS, s->n_calls - 1, s->ev.data, s->ev.len);
+            if (emit_key(s, &s->n_nested, rem + ti.name, ti.name_len, str)) return DS4_E_NOMEM;
             s->pos += ti.end;
             s->st = str ? ST_VALUE_STR : ST_VALUE_JSON;
             s->json_in_str = s->json_esc = 0;

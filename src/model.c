@@ -640,6 +640,45 @@ static const char *synth_name(ds4_model *m, int il, const char *suffix) {
     return p;
 }
 
+/* The HC and dense attention tensors of one synthetic block (names pre +
+ * GGUF suffix, HC matrices of hc_type), vectors drawn from s in a fixed
+ * order: HC pre ~ 0.5, post ~ 1, comb near the identity (diagonal bias).
+ * DS4_E_NOMEM when a vector cannot be allocated. */
+static int synth_block_attn(ds4_model *m, ds4_layer *l, const char *pre, int hc_type, uint64_t *s) {
+    const ds4_hparams *hp = &m->hp;
+    const int64_t D = hp->n_embd, H = hp->n_head, dh = hp->head_dim;
+    const int64_t mix = (2 + hp->n_hc) * hp->n_hc, hcD = hp->n_hc * D;
+    char nm[SYNTH_NAME_LEN];
+#define SM(field, suffix, type, nin, nout)                                                                    \
+    do {                                                                                                     \
+        snprintf(nm, sizeof nm, "%s%s", pre, suffix);                                                         \
+        synth_mat(&l->field, synth_name(m, -1, nm), type, nin, nout, 1);                                      \
+    } while (0)
+#define SV(field, n, base, spread) if (!(l->field = synth_vec(n, base, spread, s))) return DS4_E_NOMEM
+    SM(hc_attn_fn, "hc_attn_fn.weight", hc_type, hcD, mix);
+    SM(hc_ffn_fn, "hc_ffn_fn.weight", hc_type, hcD, mix);
+    SV(hc_attn_scale, 3, 0.5f, 0.1f);
+    SV(hc_ffn_scale, 3, 0.5f, 0.1f);
+    SV(hc_attn_base, mix, 0.0f, 0.2f);
+    SV(hc_ffn_base, mix, 0.0f, 0.2f);
+    for (int a = 0; a < hp->n_hc; a++) {
+        l->hc_attn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
+        l->hc_ffn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
+    }
+    SV(attn_norm, D, 1.0f, 0.1f);
+    SM(q_a, "attn_q_a.weight", DS4_TYPE_Q8_0, D, hp->q_lora);
+    SV(q_a_norm, hp->q_lora, 1.0f, 0.1f);
+    SM(q_b, "attn_q_b.weight", DS4_TYPE_Q8_0, hp->q_lora, H * dh);
+    SM(kv, "attn_kv.weight", DS4_TYPE_Q8_0, D, dh);
+    SV(kv_norm, dh, 1.0f, 0.1f);
+    SV(sinks, H, 0.0f, 1.0f);
+    SM(o_a, "attn_output_a.weight", DS4_TYPE_Q8_0, H * dh / hp->o_groups, hp->o_groups * hp->o_lora);
+    SM(o_b, "attn_output_b.weight", DS4_TYPE_Q8_0, hp->o_groups * hp->o_lora, D);
+#undef SM
+#undef SV
+    return 0;
+}
+
 int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *err) {
     memset(m, 0, sizeof *m);
     bool q2 = recipe && !strcmp(recipe, "q2"), q4 = recipe && !strcmp(recipe, "q4");
@@ -668,8 +707,8 @@ int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *er
     }
     if ((rc = rope_init(&m->rope_main, hp, hp->rope_base, false, err))) goto fail;
     if ((rc = rope_init(&m->rope_compress, hp, hp->compress_rope_base, true, err))) goto fail;
-    const int64_t D = hp->n_embd, V = hp->n_vocab, H = hp->n_head, dh = hp->head_dim, E = hp->n_expert;
-    const int64_t mix = (2 + hp->n_hc) * hp->n_hc, hcD = hp->n_hc * D, F = hp->n_ff_exp;
+    const int64_t D = hp->n_embd, V = hp->n_vocab, dh = hp->head_dim, E = hp->n_expert;
+    const int64_t hcD = hp->n_hc * D, F = hp->n_ff_exp;
     const int gate_t = q2 ? DS4_TYPE_IQ2_XXS : DS4_TYPE_Q4_K, down_t = q2 ? DS4_TYPE_Q2_K : DS4_TYPE_Q4_K;
     synth_mat(&m->tok_embd, synth_name(m, -1, "token_embd.weight"), DS4_TYPE_F16, D, V, 1);
     synth_mat(&m->out_hc_fn, synth_name(m, -1, "output_hc_fn.weight"), DS4_TYPE_F16, hcD, hp->n_hc, 1);
@@ -684,26 +723,9 @@ int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *er
         l->hash = il < hp->n_hash;
 #define SM(field, suffix, type, nin, nout, nmat) synth_mat(&l->field, synth_name(m, il, suffix), type, nin, nout, nmat)
 #define SV(field, n, base, spread) if (!(l->field = synth_vec(n, base, spread, &s))) goto oom
-        SM(hc_attn_fn, "hc_attn_fn.weight", DS4_TYPE_F16, hcD, mix, 1);
-        SM(hc_ffn_fn, "hc_ffn_fn.weight", DS4_TYPE_F16, hcD, mix, 1);
-        /* HC: pre ~ 0.5, post ~ 1, comb near the identity (diagonal bias) */
-        SV(hc_attn_scale, 3, 0.5f, 0.1f);
-        SV(hc_ffn_scale, 3, 0.5f, 0.1f);
-        SV(hc_attn_base, mix, 0.0f, 0.2f);
-        SV(hc_ffn_base, mix, 0.0f, 0.2f);
-        for (int a = 0; a < hp->n_hc; a++) {
-            l->hc_attn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
-            l->hc_ffn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
-        }
-        SV(attn_norm, D, 1.0f, 0.1f);
-        SM(q_a, "attn_q_a.weight", DS4_TYPE_Q8_0, D, hp->q_lora, 1);
-        SV(q_a_norm, hp->q_lora, 1.0f, 0.1f);
-        SM(q_b, "attn_q_b.weight", DS4_TYPE_Q8_0, hp->q_lora, H * dh, 1);
-        SM(kv, "attn_kv.weight", DS4_TYPE_Q8_0, D, dh, 1);
-        SV(kv_norm, dh, 1.0f, 0.1f);
-        SV(sinks, H, 0.0f, 1.0f);
-        SM(o_a, "attn_output_a.weight", DS4_TYPE_Q8_0, H * dh / hp->o_groups, hp->o_groups * hp->o_lora, 1);
-        SM(o_b, "attn_output_b.weight", DS4_TYPE_Q8_0, hp->o_groups * hp->o_lora, D, 1);
+        char pre[24];
+        snprintf(pre, sizeof pre, "blk.%d.", il);
+        if (synth_block_attn(m, l, pre, DS4_TYPE_F16, &s)) goto oom;
         if (l->kind != DS4_ATTN_SLIDING) {
             int64_t w = l->kind == DS4_ATTN_CSA ? 2 * dh : dh;
             SM(comp_ape, "attn_compressor_ape.weight", DS4_TYPE_F16, w, l->ratio, 1);
@@ -793,8 +815,7 @@ int ds4_model_synth_mtp(ds4_model *m, const ds4_model *main, uint64_t seed, ds4_
     hp->swiglu_clamp[0] = mh->swiglu_clamp[mh->n_layer - 1];
     if ((rc = rope_init(&m->rope_main, hp, hp->rope_base, false, err))) goto fail;
     if ((rc = rope_init(&m->rope_compress, hp, hp->compress_rope_base, hp->yarn, err))) goto fail;
-    const int64_t D = hp->n_embd, H = hp->n_head, dh = hp->head_dim, E = hp->n_expert, F = hp->n_ff_exp;
-    const int64_t mix = (2 + hp->n_hc) * hp->n_hc, hcD = hp->n_hc * D;
+    const int64_t D = hp->n_embd, E = hp->n_expert, F = hp->n_ff_exp, hcD = hp->n_hc * D;
     m->tok_embd = main->tok_embd;
     m->output = main->output;
 #define NM(x) synth_name(m, -1, "mtp.0." x)
@@ -809,25 +830,7 @@ int ds4_model_synth_mtp(ds4_model *m, const ds4_model *main, uint64_t seed, ds4_
     l->kind = DS4_ATTN_SLIDING;
 #define SM(field, x, type, nin, nout, nmat) synth_mat(&l->field, NM(x), type, nin, nout, nmat)
 #define SV(field, n, base, spread) if (!(l->field = synth_vec(n, base, spread, &s))) goto oom
-    SM(hc_attn_fn, "hc_attn_fn.weight", DS4_TYPE_F32, hcD, mix, 1);
-    SM(hc_ffn_fn, "hc_ffn_fn.weight", DS4_TYPE_F32, hcD, mix, 1);
-    SV(hc_attn_scale, 3, 0.5f, 0.1f);
-    SV(hc_ffn_scale, 3, 0.5f, 0.1f);
-    SV(hc_attn_base, mix, 0.0f, 0.2f);
-    SV(hc_ffn_base, mix, 0.0f, 0.2f);
-    for (int a = 0; a < hp->n_hc; a++) {
-        l->hc_attn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
-        l->hc_ffn_base[2 * hp->n_hc + a * hp->n_hc + a] += 3.0f;
-    }
-    SV(attn_norm, D, 1.0f, 0.1f);
-    SM(q_a, "attn_q_a.weight", DS4_TYPE_Q8_0, D, hp->q_lora, 1);
-    SV(q_a_norm, hp->q_lora, 1.0f, 0.1f);
-    SM(q_b, "attn_q_b.weight", DS4_TYPE_Q8_0, hp->q_lora, H * dh, 1);
-    SM(kv, "attn_kv.weight", DS4_TYPE_Q8_0, D, dh, 1);
-    SV(kv_norm, dh, 1.0f, 0.1f);
-    SV(sinks, H, 0.0f, 1.0f);
-    SM(o_a, "attn_output_a.weight", DS4_TYPE_Q8_0, H * dh / hp->o_groups, hp->o_groups * hp->o_lora, 1);
-    SM(o_b, "attn_output_b.weight", DS4_TYPE_Q8_0, hp->o_groups * hp->o_lora, D, 1);
+    if (synth_block_attn(m, l, "mtp.0.", DS4_TYPE_F32, &s)) goto oom;
     SV(ffn_norm, D, 1.0f, 0.1f);
     SM(gate_inp, "ffn_gate_inp.weight", DS4_TYPE_F32, D, E, 1);
     SV(exp_bias, E, 0.0f, 0.05f);

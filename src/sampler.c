@@ -209,9 +209,10 @@ static int sort_all(ds4_sampler *s, const float *lg) {
     return m;
 }
 
-/* D.3 steps 2-4 over candidates ids[0..m) sorted best first. */
-static int32_t sample_sorted(ds4_sampler *s, const float *lg, int m, float temp, float top_p,
-                             float min_p, ds4_rng *rng) {
+/* D.3 steps 2-3 over candidates ids[0..m) sorted best first: p[j] the
+ * tempered weights, *cum their sum over the kept candidates; returns how
+ * many are kept (0: no usable weight, the caller takes ids[0]). */
+static int nucleus(ds4_sampler *s, const float *lg, int m, float temp, float top_p, float min_p, float *cum_out) {
     int32_t *ids = s->ids;
     float *p = s->p;
     float lmax = lg[ids[0]];
@@ -220,7 +221,7 @@ static int32_t sample_sorted(ds4_sampler *s, const float *lg, int m, float temp,
         p[j] = expf((lg[ids[j]] - lmax) / temp);
         sum += p[j];
     }
-    if (!(sum > 0.0f) || !isfinite(sum)) return ids[0];
+    if (!(sum > 0.0f) || !isfinite(sum)) return 0;
     int n_inc = 0;
     float cum = 0.0f;
     for (int j = 0; j < m; j++) {
@@ -229,13 +230,34 @@ static int32_t sample_sorted(ds4_sampler *s, const float *lg, int m, float temp,
         n_inc = j + 1;
         if (cum / sum >= top_p) break;
     }
-    if (!(cum > 0.0f) || !isfinite(cum)) return ids[0];
+    if (!(cum > 0.0f) || !isfinite(cum)) return 0;
+    *cum_out = cum;
+    return n_inc;
+}
+
+/* D.3 steps 2-4 over candidates ids[0..m) sorted best first. */
+static int32_t sample_sorted(ds4_sampler *s, const float *lg, int m, float temp, float top_p,
+                             float min_p, ds4_rng *rng) {
+    float cum = 0.0f;
+    const int n_inc = nucleus(s, lg, m, temp, top_p, min_p, &cum);
+    if (!n_inc) return s->ids[0];
     float r = ds4_rng_uniform(rng) * cum;
     for (int j = 0; j < n_inc; j++) {
-        r -= p[j];
-        if (r <= 0.0f) return ids[j];
+        r -= s->p[j];
+        if (r <= 0.0f) return s->ids[j];
     }
-    return ids[n_inc - 1];
+    return s->ids[n_inc - 1];
+}
+
+/* The request's parameters as D.3 applies them: top_p outside (0, 1] is 1,
+ * min_p below 0 is 0, top_k at most DS4_TOP_K_MAX and the vocabulary. */
+static void norm_params(const ds4_sampler_params *prm, int n, float *top_p, float *min_p, int *top_k) {
+    *top_p = prm->top_p;
+    if (!(*top_p > 0.0f) || *top_p > 1.0f) *top_p = 1.0f;
+    *min_p = prm->min_p > 0.0f ? prm->min_p : 0.0f;
+    *top_k = prm->top_k;
+    if (*top_k > DS4_TOP_K_MAX) *top_k = DS4_TOP_K_MAX;
+    if (*top_k > n) *top_k = n;
 }
 
 int32_t ds4_sampler_sample(ds4_sampler *s, const float *lg, const ds4_sampler_params *prm,
@@ -243,12 +265,9 @@ int32_t ds4_sampler_sample(ds4_sampler *s, const float *lg, const ds4_sampler_pa
     int n = s->n_vocab;
     float temp = prm->temperature;
     if (!(temp > 0.0f)) return ds4_argmax(lg, n);
-    float top_p = prm->top_p;
-    if (!(top_p > 0.0f) || top_p > 1.0f) top_p = 1.0f;
-    float min_p = prm->min_p > 0.0f ? prm->min_p : 0.0f;
-    int top_k = prm->top_k;
-    if (top_k > DS4_TOP_K_MAX) top_k = DS4_TOP_K_MAX;
-    if (top_k > n) top_k = n;
+    float top_p, min_p;
+    int top_k;
+    norm_params(prm, n, &top_p, &min_p, &top_k);
 
     if (top_k > 0) {
         int m = select_top_k(lg, n, top_k, s->ids);
@@ -291,31 +310,13 @@ int32_t ds4_sampler_sample(ds4_sampler *s, const float *lg, const ds4_sampler_pa
 /* probs of the sorted paths: candidates ids[0..m), best first */
 static void probs_sorted(ds4_sampler *s, const float *lg, int m, float temp, float top_p, float min_p,
                          float *probs) {
-    int32_t *ids = s->ids;
-    float *p = s->p;
-    float lmax = lg[ids[0]];
-    float sum = 0.0f;
-    for (int j = 0; j < m; j++) {
-        p[j] = expf((lg[ids[j]] - lmax) / temp);
-        sum += p[j];
-    }
-    if (!(sum > 0.0f) || !isfinite(sum)) {
-        probs[ids[0]] = 1.0f;
-        return;
-    }
-    int n_inc = 0;
     float cum = 0.0f;
-    for (int j = 0; j < m; j++) {
-        if (j > 0 && p[j] / sum < min_p * p[0] / sum) break;
-        cum += p[j];
-        n_inc = j + 1;
-        if (cum / sum >= top_p) break;
-    }
-    if (!(cum > 0.0f) || !isfinite(cum)) {
-        probs[ids[0]] = 1.0f;
+    const int n_inc = nucleus(s, lg, m, temp, top_p, min_p, &cum);
+    if (!n_inc) {
+        probs[s->ids[0]] = 1.0f;
         return;
     }
-    for (int j = 0; j < n_inc; j++) probs[ids[j]] = p[j] / cum;
+    for (int j = 0; j < n_inc; j++) probs[s->ids[j]] = s->p[j] / cum;
 }
 
 void ds4_sampler_probs(ds4_sampler *s, const float *lg, const ds4_sampler_params *prm, float *probs) {
@@ -326,12 +327,9 @@ void ds4_sampler_probs(ds4_sampler *s, const float *lg, const ds4_sampler_params
         probs[ds4_argmax(lg, n)] = 1.0f;
         return;
     }
-    float top_p = prm->top_p;
-    if (!(top_p > 0.0f) || top_p > 1.0f) top_p = 1.0f;
-    float min_p = prm->min_p > 0.0f ? prm->min_p : 0.0f;
-    int top_k = prm->top_k;
-    if (top_k > DS4_TOP_K_MAX) top_k = DS4_TOP_K_MAX;
-    if (top_k > n) top_k = n;
+    float top_p, min_p;
+    int top_k;
+    norm_params(prm, n, &top_p, &min_p, &top_k);
     if (top_k > 0 || top_p < 1.0f) {
         int m = top_k > 0 ? select_top_k(lg, n, top_k, s->ids) : sort_all(s, lg);
         if (m == 0) {
