@@ -3,7 +3,7 @@
 # unpack the build dependencies carried in build/device-deps (fetched here
 # with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
-# usage: bash dev/device_run.sh [tests] [stages] [synthfile] [fullshape] [bench ARGS -- ] [ncu ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [synthfile] [fullshape] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -26,9 +26,12 @@ while [ $# -gt 0 ]; do
     case $step in
     tests)
         t0=$(date +%s)
-        PYTHONUNBUFFERED=1 timeout 420 make test-cuda > "$OUT/test-cuda.log" 2>&1
+        PYTHONUNBUFFERED=1 timeout ${TESTS_TIMEOUT:-420} make test-cuda > "$OUT/test-cuda.log" 2>&1
         echo "test-cuda: exit $?, $(( $(date +%s) - t0 )) s"
         grep -E "^(FAIL|== )|passed|failed|Error|error" "$OUT/test-cuda.log" | tail -60 ;;
+    env)
+        # env VAR=VALUE: set a variable for the steps after it (e.g. an A/B switch)
+        export "$1"; echo "== env $1"; shift ;;
     stages)
         timeout 300 build/cuda/test_stages /tmp > "$OUT/stages.log" 2>&1; echo "stages: exit $?"
         grep -E "^FAIL|passed|==|failed" "$OUT/stages.log" | tail -60 ;;
