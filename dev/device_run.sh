@@ -3,7 +3,7 @@
 # unpack the build dependencies carried in build/device-deps (fetched here
 # with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
-# usage: bash dev/device_run.sh [tests] [stages] [synthfile] [fullshape] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -16,6 +16,8 @@ export C_INCLUDE_PATH=$inc CPLUS_INCLUDE_PATH=$inc LIBRARY_PATH=$lib
 export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 command -v cc >/dev/null || export CC=gcc
 mkdir -p build && touch build/.deps-ok
+# test-side Python packages the device cannot fetch (gguf-py), carried unpacked
+[ -d build/pydeps ] && export PYTHONPATH=$PWD/build/pydeps${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader
 t0=$(date +%s)
 if ! make -j16 cuda > "$OUT/build.log" 2>&1; then tail -40 "$OUT/build.log"; exit 1; fi
@@ -29,6 +31,13 @@ while [ $# -gt 0 ]; do
         PYTHONUNBUFFERED=1 timeout ${TESTS_TIMEOUT:-420} make test-cuda > "$OUT/test-cuda.log" 2>&1
         echo "test-cuda: exit $?, $(( $(date +%s) - t0 )) s"
         grep -E "^(FAIL|== )|passed|failed|Error|error" "$OUT/test-cuda.log" | tail -60 ;;
+    pytest)
+        # pytest ARGS --: a part of the CUDA tests
+        args=()
+        while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+        [ $# -gt 0 ] && shift
+        timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rfEs -p no:cacheprovider "${args[@]}" > "$OUT/pytest.log" 2>&1
+        echo "pytest: exit $?"; tail -25 "$OUT/pytest.log" ;;
     env)
         # env VAR=VALUE: set a variable for the steps after it (e.g. an A/B switch)
         export "$1"; echo "== env $1"; shift ;;
