@@ -590,7 +590,8 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->off = (int32_t *)take((E + 1) * 4);
     s->act = (int32_t *)take((E + 1) * 4);
     s->gu = (float *)take(B * K * F * 4);
-    s->out = (float *)take(B * K * D * 4);
+    /* expert outputs; also the MTP block's normed streams (n_hc rows per token) */
+    s->out = (float *)take(B * (K > (size_t)hp->n_hc ? K : (size_t)hp->n_hc) * D * 4);
     s->sg = (float *)take(B * F * 4);
     s->su = (float *)take(B * F * 4);
     s->sd = (float *)take(B * D * 4);
