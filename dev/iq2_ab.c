@@ -8,14 +8,18 @@
  *
  * Usage: build/dev/iq2_ab [KiB of weights (65536)] [rounds (20)]
  *
- * Seen on the 2-core AMD EPYC (Zen 3) VM, 128 KiB (L2), GB/s of weights:
- * shipped 3.0-3.4, gather64 2.2-2.4, nibble codes + vpgatherdd 2.1,
- * nibble codes scalar 3.0-3.1, 16-bit pair table (1 MiB) 2.0-2.2, signs from
- * the 1 KiB table 3.2-3.4, signs by pdep and parity 3.3-3.5; bounds: no
- * magnitude lookup 4.5-4.8, no sign lookup 4.8-5.0, neither 9.4-9.8. The
- * magnitude and sign lookups cost about a third each; AVX2 gathers lose on
- * Zen 3; the pdep sign variant was within the machine's noise of the
- * shipped one, so it was not taken.
+ * Seen on the 2-core AMD EPYC (Zen 3) VM, GB/s of weights, best of
+ * several runs (the VM's speed swings by 2x from minute to minute):
+ *   128 KiB (L2): shipped 2.6-3.1, gather64 2.0-2.2, nibble codes +
+ *   vpgatherdd 1.9, nibble codes scalar 2.6-2.8, 16-bit pair table (1 MiB)
+ *   1.7-1.8, signs from the 1 KiB table 3.1, signs by pdep 3.2; bounds: no
+ *   magnitude lookup 3.7-4.5, no sign lookup 4.5, neither 9.0-9.3.
+ *   64 MiB (streaming, as decode): shipped 1.7-3.0, 1 KiB sign table
+ *   2.1-3.0, pdep signs 1.9-3.1, shift/mask signs 1.8-2.5.
+ * So the magnitude and the sign lookups cost about a third of the time
+ * each; AVX2 gathers lose on Zen 3; the sign variants stay within the
+ * machine's noise of the shipped 256 KiB table (and pdep is microcoded on
+ * Zen 1/2), so none was taken.
  */
 #include "../src/quant_avx2.c"
 
@@ -298,6 +302,20 @@ static inline TGT __m256i sign_arith(uint32_t a1) {
     __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), spread);
     return _mm256_or_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(1));
 }
+/* the same with shifts and masks (pdep is microcoded, slow, before Zen 3): spreads the 4 x 7 bits over 4 bytes, bytewise
+ * parity gives bit 7, a shuffle and compare spread the bits over bytes */
+static inline TGT __m256i sign_shift(uint32_t a1) {
+    uint32_t w = (a1 & 0x7fu) | (a1 << 1 & 0x7f00u) | (a1 << 2 & 0x7f0000u) | (a1 << 3 & 0x7f000000u);
+    uint32_t x = w ^ (w >> 4);
+    x ^= x >> 2;
+    x ^= x >> 1;
+    w |= (x & 0x01010101u) << 7;
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ull);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), spread);
+    return _mm256_or_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit), _mm256_set1_epi8(1));
+}
 /* signs from the 1 KiB table, 4 lookups per group */
 static TGT void vS1(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts, int64_t nb,
                    const uint8_t *pf, float *out) {
@@ -352,6 +370,32 @@ static TGT void vS2(const uint8_t *const *w, const ds4_block_q8_k *const *x, con
     }
     _mm256_storeu_ps(out, acc);
 }
+static TGT void vS3(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts, int64_t nb,
+                   const uint8_t *pf, float *out) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_span(pf + (size_t)b * 8 * 66, 8 * 66);
+        const size_t o = (size_t)b * 66;
+        __m256i s[8];
+        for (int i = 0; i < 8; i++) s[i] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(x[0][b].qs + 32 * g));
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; r++) {
+                const uint8_t *q = w[r] + o + 2 + 8 * g;
+                uint32_t a1;
+                memcpy(&a1, q + 4, 4);
+                __m256i mag = _mm256_setr_epi64x((long long)ds4_iq2xxs_grid[q[0]], (long long)ds4_iq2xxs_grid[q[1]], (long long)ds4_iq2xxs_grid[q[2]], (long long)ds4_iq2xxs_grid[q[3]]);
+                __m256i sg = sign_shift(a1);
+                __m256i scl = _mm256_load_si256((const __m256i *)iq2_scale16[a1 >> 28]);
+                __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(a, sg));
+                s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(prod, scl));
+            }
+        }
+        COMBINE()
+    }
+    _mm256_storeu_ps(out, acc);
+}
 
 
 typedef void (*micro_fn)(const uint8_t *const *, const ds4_block_q8_k *const *, const float *, int64_t,
@@ -397,8 +441,8 @@ int main(int argc, char **argv) {
     act_q8_k(xf, xq, n);
     float ts[64];
     for (int64_t b = 0; b < nb; b++) ts[b] = xq[b].d;
-    micro_fn fns[] = {v0, v1, v3, v4, v5, vS1, vS2, vA, vB, vC};
-    const char *names[] = {"shipped", "gather64", "nib+gather32", "nib scalar", "pair16 1MiB", "sign 1KiB x4", "sign pdep", "bound: no mag", "bound: no sign", "bound: neither"};
+    micro_fn fns[] = {v0, v1, v3, v4, v5, vS1, vS2, vS3, vA, vB, vC};
+    const char *names[] = {"shipped", "gather64", "nib+gather32", "nib scalar", "pair16 1MiB", "sign 1KiB x4", "sign pdep", "sign shifts", "bound: no mag", "bound: no sign", "bound: neither"};
     const int nf = sizeof fns / sizeof fns[0];
     float *y0 = malloc(n_rows * sizeof(float)), *y1 = malloc(n_rows * sizeof(float));
     run_tile(v0, w, row_bytes, n_rows, xq, nb, ts, y0);
