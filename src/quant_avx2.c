@@ -795,14 +795,15 @@ Q8K_TILE(tile_iq2_walk, iq2_xxs, dotq_iq2_xxs)
  *
  * No sign instruction per (row, token): maddubs needs an unsigned operand,
  * so the tokens' int8 values a are offset once per tile call to a + 128
- * (0x80 XOR, 1..255 since Q8_K clamps to +-127) and multiplied with the
- * signed weights w (|w| <= 43: pair sums <= 2 * 255 * 43, no saturation).
+ * (0x80 XOR: exactly a + 128 for every int8, 0..255) and multiplied with
+ * the signed weights w (|w| <= 43: pair sums <= 2 * 255 * 43, no saturation).
  * sum (a + 128) * w * s = sum a * w * s + 128 * sum w * s, and the second
  * term is the row's alone (corr, per block, from the expansion), so the
  * block's integer sum is exactly dotq_iq2_xxs's, and the float combination
  * is iq2_xxs_micro's: the same bits. */
-#define IQ2_X_BLOCKS 16 /* rows up to 4096 values (Flash experts: 4096); longer rows take the walk */
-#define IQ2_X_TOKENS 32 /* offset activations on the stack: 32 x 16 x 256 bytes = 128 KiB */
+#define IQ2_X_BLOCKS 32 /* rows up to 8192 values expand on the stack (experts: 4096) */
+#define IQ2_X_TOKENS 32 /* tokens per row expansion, fewer for rows over 4096 values */
+#define IQ2_X_OFF_BYTES (32 * 16 * DS4_QK_K) /* offset activations on the stack: 128 KiB */
 
 typedef struct iq2_row_x {
     __m256i w[IQ2_X_BLOCKS * 8]; /* signed weights of group g of block b at [8b + g] */
@@ -871,20 +872,24 @@ static TGT void tile_iq2_xxs(const void *w, size_t row_bytes, int n_rows, const 
     if (n_tok >= 8 && nb <= IQ2_X_BLOCKS) {
         iq2_row_x e;
         float ts[IQ2_X_TOKENS / 8][IQ2_X_BLOCKS * 8], out[8];
-        uint8_t xo[IQ2_X_TOKENS][IQ2_X_BLOCKS * DS4_QK_K] __attribute__((aligned(32)));
+        uint8_t xo[IQ2_X_OFF_BYTES] __attribute__((aligned(32)));
         const uint8_t *xp[IQ2_X_TOKENS];
         const __m256i off = _mm256_set1_epi8((char)0x80);
+        /* groups of 8 tokens per expansion: as many as the buffers hold */
+        int max_ng = (int)(IQ2_X_OFF_BYTES / (nb * DS4_QK_K) / 8);
+        if (max_ng > IQ2_X_TOKENS / 8) max_ng = IQ2_X_TOKENS / 8;
         for (; t0 + 8 <= n_tok;) {
-            int ng = (n_tok - t0) / 8 < IQ2_X_TOKENS / 8 ? (n_tok - t0) / 8 : IQ2_X_TOKENS / 8;
+            int ng = (n_tok - t0) / 8 < max_ng ? (n_tok - t0) / 8 : max_ng;
             for (int t = 0; t < 8 * ng; t++) {
                 const ds4_block_q8_k *xt = x[t0 + t];
+                uint8_t *xot = xo + (size_t)t * nb * DS4_QK_K;
                 for (int64_t b = 0; b < nb; b++) {
                     ts[t / 8][b * 8 + t % 8] = xt[b].d;
                     for (int i = 0; i < DS4_QK_K; i += 32)
-                        _mm256_store_si256((__m256i *)(xo[t] + 256 * b + i),
+                        _mm256_store_si256((__m256i *)(xot + 256 * b + i),
                                            _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xt[b].qs + i)), off));
                 }
-                xp[t] = xo[t];
+                xp[t] = xot;
             }
             for (int r = 0; r < n_rows; r++) {
                 iq2_xxs_expand((const uint8_t *)w + (size_t)r * row_bytes, nb, &e);
