@@ -11,8 +11,9 @@
  *      invalid keys, another architecture or quantization scheme are errors
  *      naming the key.
  *   2. ds4_conv_plan_layout / ds4_conv_plan_mtp: the list of GGUF tensors
- *      (names, dims, output types of the recipe) that hp implies, in a fixed
- *      order: token_embd, blk.0 .. blk.L-1, the head (or the mtp.N blocks);
+ *      (names, dims, output types of the recipe) that hp implies, in the
+ *      published files' order: token_embd, output_norm, output, output_hc_*,
+ *      then blk.0 .. blk.L-1 (or the mtp.N blocks);
  *      ds4_conv_plan_type_map then applies --type-map rules.
  *   3. ds4_conv_bind_hf_opts: every safetensors tensor is mapped to a planned
  *      tensor (three spellings accepted), its shape and dtype checked; FP8
@@ -494,17 +495,19 @@ int ds4_conv_plan_layout(ds4_conv_plan *p, const ds4_conv_hparams *hp, ds4_conv_
     int cap = 0, rc = 0;
     const int64_t D = hp->n_embd, V = hp->n_vocab, hc = hp->n_hc;
     char pre[32];
-    if ((rc = plan_add(p, &cap, "token_embd.weight", CLS_F16, ot, 2, D, V, 1, false, err))) goto fail;
+    /* the global tensors first, in the published files' order (docs/FORMATS.md D.2, shared/tools/synth_gguf.py):
+     * embedding, output norm, head, then the head's HC parameters; then the blocks */
+    if ((rc = plan_add(p, &cap, "token_embd.weight", CLS_F16, ot, 2, D, V, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_norm.weight", CLS_VEC, ot, 1, D, 1, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output.weight", CLS_PROJ, ot, 2, D, V, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_hc_base.weight", CLS_VEC, ot, 1, hc, 1, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_hc_fn.weight", CLS_F16, ot, 2, hc * D, hc, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_hc_scale.weight", CLS_VEC, ot, 1, 1, 1, 1, false, err)))
+        goto fail;
     for (int il = 0; il < hp->n_layer; il++) {
         snprintf(pre, sizeof pre, "blk.%d", il);
         if ((rc = plan_block(p, &cap, pre, hp, hp->ratio[il], il < hp->n_hash, false, ot, err))) goto fail;
     }
-    if ((rc = plan_add(p, &cap, "output_hc_fn.weight", CLS_F16, ot, 2, hc * D, hc, 1, false, err)) ||
-        (rc = plan_add(p, &cap, "output_hc_base.weight", CLS_VEC, ot, 1, hc, 1, 1, false, err)) ||
-        (rc = plan_add(p, &cap, "output_hc_scale.weight", CLS_VEC, ot, 1, 1, 1, 1, false, err)) ||
-        (rc = plan_add(p, &cap, "output_norm.weight", CLS_VEC, ot, 1, D, 1, 1, false, err)) ||
-        (rc = plan_add(p, &cap, "output.weight", CLS_PROJ, ot, 2, D, V, 1, false, err)))
-        goto fail;
     return 0;
 fail:
     ds4_conv_plan_free(p);
@@ -1020,6 +1023,7 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
     ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);
     ds4_gguf_writer_add_str(w, "general.type", "model", 5);
     ds4_gguf_writer_add_str(w, "general.name", name, strlen(name));
+    U32("general.alignment", 32);                                        /* as the published files state it */
     /* llama.cpp ftype ids: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_Q4_K_M 15, MOSTLY_IQ2_XXS 19 (the
      * published files' values are not known, docs/FORMATS.md D.4) */
     U32("general.file_type", ot == DS4_OUT_F32 ? 0 : ot == DS4_OUT_F16 ? 1 : ot == DS4_OUT_Q4 ? 15 : ot == DS4_OUT_Q2 ? 19 : 7);
@@ -1068,18 +1072,22 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
     ds4_gguf_writer_add_bool(w, K("expert_weights_norm"), true);
     U32(K("expert_gating_func"), 4);                                      /* sqrtsoftplus */
     if (hp->nextn) U32(K("nextn_predict_layers"), hp->nextn);
-    const int n_ratio = hp->n_ratio > hp->n_layer ? hp->n_ratio : hp->n_layer;
-    int32_t *ratios = malloc((size_t)n_ratio * sizeof *ratios);
-    float *clamp = malloc((size_t)hp->n_layer * sizeof *clamp);
+    /* per-layer arrays cover the MTP layers too (n_layer + nextn entries, as the published files have them,
+     * docs/FORMATS.md D.4): the official compress_ratios is copied whole; an MTP layer it does not list is
+     * sliding (0, D.3) */
+    const int n_known = hp->n_ratio > hp->n_layer ? hp->n_ratio : hp->n_layer;
+    const int n_arr = hp->n_layer + hp->nextn > n_known ? hp->n_layer + hp->nextn : n_known;
+    int32_t *ratios = malloc((size_t)n_arr * sizeof *ratios);
+    float *clamp = malloc((size_t)n_arr * sizeof *clamp);
     if (!ratios || !clamp) {
         free(ratios);
         free(clamp);
         return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     }
-    for (int il = 0; il < n_ratio; il++) ratios[il] = hp->ratio[il];
-    for (int il = 0; il < hp->n_layer; il++) clamp[il] = (float)hp->swiglu_limit;
-    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)n_ratio);
-    int rc = ds4_gguf_writer_add_arr(w, K("swiglu_clamp_exp"), DS4_GGUF_F32, clamp, (uint64_t)hp->n_layer);
+    for (int il = 0; il < n_arr; il++) ratios[il] = il < n_known ? hp->ratio[il] : 0;
+    for (int il = 0; il < n_arr; il++) clamp[il] = (float)hp->swiglu_limit;
+    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)n_arr);
+    int rc = ds4_gguf_writer_add_arr(w, K("swiglu_clamp_exp"), DS4_GGUF_F32, clamp, (uint64_t)n_arr);
     free(ratios);
     free(clamp);
     /* an earlier add failure is kept by the writer and reported by its write call */
