@@ -224,6 +224,45 @@ def test_type_map_rules_and_refusals(official, tmp_path):
         assert r.returncode == 1 and needle in r.stderr, (spec, r.stderr)
 
 
+def test_type_map_applies_to_the_mtp_file(official, tmp_path):
+    """One rule set for both files: a rule naming mtp.0.* retypes the MTP file's tensors (values still the
+    checkpoint's), a glob matching both retypes both, the rest of each file keeps its recipe types; an mtp.*
+    rule without --mtp-out, or one matching an MTP vector, is refused."""
+    d, deq = official["h256"]
+    want = expected_mtp(deq)
+    out, mtp = tmp_path / "m.gguf", tmp_path / "mtp.gguf"
+    base_mtp = tmp_path / "mtp_base.gguf"
+    r = convert(d, tmp_path / "base.gguf", "q2", extra=["--mtp-out", str(base_mtp)])
+    assert r.returncode == 0, r.stderr
+    _, tb = gguf_tensors(base_mtp)
+    rules = "mtp.0.e_proj.weight=f16,mtp.0.ffn_down_exps.weight=q2_K,*.ffn_gate_exps.weight=q8_0"
+    r = convert(d, out, "q2", extra=["--mtp-out", str(mtp), "--type-map", rules])
+    assert r.returncode == 0, r.stderr
+    _, tm = gguf_tensors(mtp)
+    _, tmain = gguf_tensors(out)
+    assert tm["mtp.0.e_proj.weight"].tensor_type == QT.F16
+    a = want["mtp.0.e_proj.weight"]
+    assert np.array_equal(np.array(tm["mtp.0.e_proj.weight"].data).reshape(a.shape), a.astype(np.float16))
+    assert tm["mtp.0.ffn_down_exps.weight"].tensor_type == QT.Q2_K
+    assert tm["mtp.0.ffn_gate_exps.weight"].tensor_type == QT.Q8_0
+    a = want["mtp.0.ffn_gate_exps.weight"].astype(np.float32).reshape(-1, want["mtp.0.ffn_gate_exps.weight"].shape[-1])
+    assert np.array_equal(np.array(tm["mtp.0.ffn_gate_exps.weight"].data).reshape(-1),
+                          gguf.quants.quantize(a, QT.Q8_0).reshape(-1))
+    assert tmain["blk.0.ffn_gate_exps.weight"].tensor_type == QT.Q8_0
+    assert tmain["blk.0.ffn_down_exps.weight"].tensor_type == QT.Q2_K          # the q2 recipe's
+    changed = {"mtp.0.e_proj.weight", "mtp.0.ffn_down_exps.weight", "mtp.0.ffn_gate_exps.weight"}
+    for name, t in tb.items():                        # everything else as without the rules, bytes included
+        if name not in changed:
+            assert tm[name].tensor_type == t.tensor_type, name
+            assert np.array_equal(np.array(tm[name].data), np.array(t.data)), name
+    r = convert(d, tmp_path / "x.gguf", "q2", extra=["--type-map", "mtp.0.e_proj.weight=f16"], asan=True)
+    assert r.returncode == 1 and "matches no tensor" in r.stderr and "need --mtp-out" in r.stderr, r.stderr
+    r = convert(d, tmp_path / "x.gguf", "q2", extra=["--mtp-out", str(tmp_path / "y.gguf"), "--type-map",
+                                                     "mtp.0.enorm.weight=f16"], asan=True)
+    assert r.returncode == 1 and "stays F32" in r.stderr, r.stderr
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
 # --- imatrix (docs/FORMATS.md C.6-C.8) -------------------------------------------------------------------------
 
 def write_dat(path, entries, chunks=3, dataset="calib.txt", ncall=1):

@@ -181,12 +181,13 @@ int ds4_conv_plan_layout(ds4_conv_plan *plan, const ds4_conv_hparams *hp, ds4_co
  * experts (Q8_0 when a row is not whole 256-blocks), F32 for everything else
  * (F32 throughout under DS4_OUT_F32). Fails when hp->nextn is 0. */
 int ds4_conv_plan_mtp(ds4_conv_plan *plan, const ds4_conv_hparams *hp, ds4_conv_outtype outtype, ds4_err *err);
-/* Applies a --type-map: comma-separated PATTERN=TYPE rules (fnmatch globs on
- * GGUF names; TYPE f32, f16, bf16, q8_0, q4_K, q2_K, iq2_xxs), or the path of
- * a file with one rule per line ('#' comments). The last matching rule wins.
- * Refuses a rule that matches no tensor, a 1-D or I32 tensor, an unknown
- * type, or a type whose block does not divide the row. */
-int ds4_conv_plan_type_map(ds4_conv_plan *plan, const char *spec, ds4_err *err);
+/* Applies a --type-map to the n_plans plans together (the main file and,
+ * with --mtp-out, the MTP file): comma-separated PATTERN=TYPE rules (fnmatch
+ * globs on GGUF names; TYPE f32, f16, bf16, q8_0, q4_K, q2_K, iq2_xxs), or
+ * the path of a file with one rule per line ('#' comments). The last matching
+ * rule wins. Refuses a rule that matches no tensor of any plan, a 1-D or I32
+ * tensor, an unknown type, or a type whose block does not divide the row. */
+int ds4_conv_plan_type_map(ds4_conv_plan *const *plans, int n_plans, const char *spec, ds4_err *err);
 void ds4_conv_plan_free(ds4_conv_plan *plan);
 ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *plan, const char *name);
 

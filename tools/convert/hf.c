@@ -549,8 +549,9 @@ static const struct { const char *name; uint32_t type; } map_types[] = {
     {"q4_k", DS4_GGML_Q4_K}, {"q2_k", DS4_GGML_Q2_K}, {"iq2_xxs", DS4_GGML_IQ2_XXS},
 };
 
-/* One PATTERN=TYPE (or "PATTERN TYPE") rule, applied to every match. */
-static int apply_rule(ds4_conv_plan *p, const char *rule, const char *where, ds4_err *err) {
+/* One PATTERN=TYPE (or "PATTERN TYPE") rule, applied to every match in the
+ * n plans. */
+static int apply_rule(ds4_conv_plan *const *plans, int n_plans, const char *rule, const char *where, ds4_err *err) {
     char pat[256], ty[32];
     const char *sep = strpbrk(rule, "= \t");
     if (!sep || sep == rule || (size_t)(sep - rule) >= sizeof pat)
@@ -569,23 +570,28 @@ static int apply_rule(ds4_conv_plan *p, const char *rule, const char *where, ds4
         return ds4_err_set(err, DS4_E_ARG, "--type-map %s: unknown type '%s' (f32, f16, bf16, q8_0, q4_K, q2_K, "
                            "iq2_xxs)", where, ty);
     int hits = 0;
-    for (int i = 0; i < p->n; i++) {
-        ds4_conv_tensor *t = &p->t[i];
-        if (fnmatch(pat, t->name, 0)) continue;
-        if (t->n_dims == 1 || t->type == DS4_GGML_I32)
-            return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, which stays %s (vectors and expert "
-                               "ids are not converted)", where, pat, t->name, ds4_ggml_type_name(t->type));
-        if (type != DS4_GGML_F32 && !ds4_type_row_ok((int)type, t->ne[0]))
-            return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, whose rows of %lld values are not "
-                               "whole %s blocks", where, pat, t->name, (long long)t->ne[0], ds4_ggml_type_name(type));
-        t->type = type;
-        hits++;
+    for (int k = 0; k < n_plans; k++) {
+        for (int i = 0; i < plans[k]->n; i++) {
+            ds4_conv_tensor *t = &plans[k]->t[i];
+            if (fnmatch(pat, t->name, 0)) continue;
+            if (t->n_dims == 1 || t->type == DS4_GGML_I32)
+                return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, which stays %s (vectors and "
+                                   "expert ids are not converted)", where, pat, t->name, ds4_ggml_type_name(t->type));
+            if (type != DS4_GGML_F32 && !ds4_type_row_ok((int)type, t->ne[0]))
+                return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, whose rows of %lld values are "
+                                   "not whole %s blocks", where, pat, t->name, (long long)t->ne[0],
+                                   ds4_ggml_type_name(type));
+            t->type = type;
+            hits++;
+        }
     }
-    if (!hits) return ds4_err_set(err, DS4_E_ARG, "--type-map %s: pattern '%s' matches no tensor", where, pat);
+    if (!hits)
+        return ds4_err_set(err, DS4_E_ARG, "--type-map %s: pattern '%s' matches no tensor%s", where, pat,
+                           n_plans < 2 && !strncmp(pat, "mtp", 3) ? " (the mtp.N.* tensors need --mtp-out)" : "");
     return 0;
 }
 
-int ds4_conv_plan_type_map(ds4_conv_plan *p, const char *spec, ds4_err *err) {
+int ds4_conv_plan_type_map(ds4_conv_plan *const *plans, int n_plans, const char *spec, ds4_err *err) {
     FILE *f = strchr(spec, '=') ? NULL : fopen(spec, "r");
     char line[512], where[64];
     int rc = 0;
@@ -597,7 +603,7 @@ int ds4_conv_plan_type_map(ds4_conv_plan *p, const char *spec, ds4_err *err) {
             while (isspace((unsigned char)*s)) s++;
             if (!*s) continue;
             snprintf(where, sizeof where, "%.40s line %d", spec, ln);
-            rc = apply_rule(p, s, where, err);
+            rc = apply_rule(plans, n_plans, s, where, err);
         }
         fclose(f);
         return rc;
@@ -611,7 +617,7 @@ int ds4_conv_plan_type_map(ds4_conv_plan *p, const char *spec, ds4_err *err) {
         if (n >= sizeof line) return ds4_err_set(err, DS4_E_ARG, "--type-map: rule %d is too long", k);
         snprintf(line, sizeof line, "%.*s", (int)n, s);
         snprintf(where, sizeof where, "rule %d", k);
-        rc = apply_rule(p, line, where, err);
+        rc = apply_rule(plans, n_plans, line, where, err);
         s += n + (e ? 1 : 0);
     }
     return rc;

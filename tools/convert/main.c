@@ -34,7 +34,9 @@ static void usage(FILE *f) {
             "                    recipe's type falls back to Q8_0, then F16\n"
             "  --type-map RULES  per-tensor types after the recipe: 'PATTERN=TYPE,...' (fnmatch globs on\n"
             "                    GGUF names, e.g. 'blk.4[0-2].ffn_*_exps.weight=q4_K') or a file with one\n"
-            "                    rule per line; types f32 f16 bf16 q8_0 q4_K q2_K iq2_xxs\n"
+            "                    rule per line; types f32 f16 bf16 q8_0 q4_K q2_K iq2_xxs. The rules apply to\n"
+            "                    the main file and the --mtp-out file alike ('mtp.0.ffn_*_exps.weight=q2_K');\n"
+            "                    each must match a tensor of one of them\n"
             "  --mtp-out FILE    also write the MTP file (mtp.0.* tensors: Q4_K experts, Q8_0\n"
             "                    projections, F32 rest)\n"
             "  --imatrix FILE    llama.cpp legacy .dat importance matrix, used for the Q4_K, Q2_K and\n"
@@ -270,9 +272,12 @@ int main(int argc, char **argv) {
         }
         if (!rc && tok) rc = check_tokenizer(tok, hp.n_vocab, &err);
         if (!rc) rc = ds4_conv_plan_layout(&plan, &hp, ot, &err);
-        if (!rc && ho.type_map) rc = ds4_conv_plan_type_map(&plan, ho.type_map, &err);
         if (!rc && ho.mtp_out && (rc = ds4_conv_plan_mtp(&mplan, &hp, ot, &err)))
             ds4_err_prefix(&err, "--mtp-out %s", ho.mtp_out);
+        if (!rc && ho.type_map) {                   /* one rule set for both files */
+            ds4_conv_plan *plans[2] = {&plan, &mplan};
+            rc = ds4_conv_plan_type_map(plans, ho.mtp_out ? 2 : 1, ho.type_map, &err);
+        }
         if (!rc) {
             if (demo) ds4_conv_demo_bind(&plan, &hp, seed);
             else rc = ds4_conv_bind_hf_opts(&plan, &hp, &st, &ho.bind, &err);
