@@ -15,7 +15,7 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: ds4-convert --hf DIR -o OUT.gguf [--recipe q2|q4|q8_0|f16|f32] [--type-map RULES]\n"
-            "                   [--mtp-out MTP.gguf] [--imatrix FILE.dat [--imatrix-strict]] [--threads N]\n"
+            "                   [--mtp-out MTP.gguf] [--imatrix FILE [--imatrix-strict]] [--threads N]\n"
             "                   [--progress] [--skip-unknown] [--tokenizer FILE.json] [--name NAME] [--dry-run]\n"
             "       ds4-convert --demo -o OUT.gguf [--tokenizer FILE.json] [--seed N] [--recipe ...]\n"
             "       ds4-convert --vocab-only --tokenizer FILE.json -o OUT.gguf\n"
@@ -39,9 +39,13 @@ static void usage(FILE *f) {
             "                    each must match a tensor of one of them\n"
             "  --mtp-out FILE    also write the MTP file (mtp.0.* tensors: Q4_K experts, Q8_0\n"
             "                    projections, F32 rest)\n"
-            "  --imatrix FILE    llama.cpp legacy .dat importance matrix, used for the Q4_K, Q2_K and\n"
-            "                    IQ2_XXS tensors it has entries for (ds4 -m MODEL --imatrix-out writes one)\n"
-            "  --imatrix-strict  a Q4_K/Q2_K/IQ2_XXS tensor without an imatrix entry is an error\n"
+            "  --imatrix FILE    importance matrix, used for the Q4_K, Q2_K and IQ2_XXS tensors (main and\n"
+            "                    MTP file) it has entries for: llama.cpp's legacy .dat (ds4 -m MODEL\n"
+            "                    --imatrix-out writes one) or its GGUF imatrix (llama-imatrix's default).\n"
+            "                    Entries named as the GGUF tensors (blk.N.ffn_down_exps.weight; per expert\n"
+            "                    NAME.expert.E or NAME.expert_E) or as the checkpoint's tensors; entries that\n"
+            "                    name no tensor are listed and ignored\n"
+            "  --imatrix-strict  a Q4_K/Q2_K/IQ2_XXS tensor of the main file without an entry is an error\n"
             "  --threads N       quantization threads (default: every CPU)\n"
             "  --progress        progress line on stderr (default when stderr is a terminal)\n"
             "  --dry-run         read the checkpoint's headers, apply the recipe, --type-map and --imatrix,\n"
@@ -285,7 +289,8 @@ int main(int argc, char **argv) {
         if (!rc && ho.mtp_out) rc = bind_mtp(&ho, &hp, &st, &mplan, &err);
         int n_imat = 0;
         if (!rc && ho.imatrix && !(rc = ds4_conv_imatrix_load(&im, ho.imatrix, &err))) {
-            rc = ds4_conv_imatrix_apply(&im, &plan, ho.imatrix_strict, &n_imat, &err);
+            ds4_conv_plan *plans[2] = {&plan, &mplan};
+            rc = ds4_conv_imatrix_apply(&im, plans, ho.mtp_out ? 2 : 1, ho.imatrix_strict, &n_imat, &err);
             if (!rc)
                 fprintf(stderr, "ds4-convert: %s: importance for %d of the Q4_K/Q2_K/IQ2_XXS tensors\n", ho.imatrix,
                         n_imat);
