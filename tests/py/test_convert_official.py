@@ -751,16 +751,63 @@ def test_whole_expert_tensors_byte_identical_to_ggml_golden(tmp_path):
 
 
 def test_output_write_failure_leaves_nothing(official, tmp_path):
-    """A write that fails mid-file (a file-size limit stands in for a full disk: write() fails with EFBIG instead
-    of ENOSPC, same path in the writer) exits 1 naming the file; neither the output nor a temporary file is left."""
+    """A file-size limit (ulimit -f): ds4-convert ignores SIGXFSZ itself (no trap in the shell), so write() fails
+    with EFBIG, the run exits 1 naming the file and the cause, and neither the output nor a temporary file is
+    left (killed by the signal, it would leave the temporary file)."""
     import subprocess
     d, _ = official["h256"]
     outdir = tmp_path / "out"
     outdir.mkdir()
     out = outdir / "x.gguf"
     exe = ROOT / "build" / "asan" / "ds4-convert"
-    cmd = f"trap '' XFSZ; ulimit -f 512; exec {exe} --hf {d} -o {out} --recipe q8_0"
+    cmd = f"ulimit -f 512; exec {exe} --hf {d} -o {out} --recipe q8_0"
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300,
                        env={"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 1 and "write error" in r.stderr and "File too large" in r.stderr, r.stderr
+    assert r.returncode == 1 and "file too large writing" in r.stderr and str(out) in r.stderr, r.stderr
+    assert "File too large" in r.stderr
     assert list(outdir.iterdir()) == []
+
+
+def _in_small_tmpfs(tmp_path, kib, cmd):
+    """Runs the shell command cmd with $FS a fresh tmpfs of kib KiB (a user + mount namespace: unshare -rm), then
+    lists $FS (inside the namespace: the mount ends with it). Skips where namespaces are not allowed."""
+    import subprocess
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user/mount namespace for a small tmpfs: {probe.stderr.strip()}")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    script = (f"mount -t tmpfs -o size={kib}k tmpfs {fs} || exit 99; FS={fs}; {cmd}; rc=$?; "
+              f"echo \"LISTING:$(ls -A {fs} | tr '\\n' ' ')\"; exit $rc")
+    return subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "PATH": "/usr/bin:/bin"})
+
+
+def test_full_disk_fails_clearly_and_leaves_nothing(official, tmp_path):
+    """A real ENOSPC: the output directory is a 1 MiB tmpfs and the q2 file is ~1.9 MiB. The run exits 1 with
+    "disk full" naming the output file, and the filesystem is left empty (the temporary file removed)."""
+    d, _ = official["h256"]
+    exe = ROOT / "build" / "asan" / "ds4-convert"
+    r = _in_small_tmpfs(tmp_path, 1024, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "disk full writing" in r.stderr and "/fs/x.gguf" in r.stderr and "No space left" in r.stderr, r.stderr
+    assert "Sanitizer" not in r.stderr
+    assert "LISTING: \n" in r.stdout or r.stdout.strip() == "LISTING:", r.stdout
+
+
+def test_full_disk_on_the_mtp_file(official, tmp_path):
+    """The disk fills while the MTP file is written (the main file, ~1.9 MiB, fits in 2.5 MiB; the MTP file does
+    not): exit 1 naming --mtp-out and "disk full"; the main file is complete (gguf-py reads it, the same bytes as
+    a conversion without --mtp-out) and no temporary file is left."""
+    d, _ = official["h256"]
+    ref = tmp_path / "ref.gguf"
+    assert convert(d, ref, "q2", extra=["--name", "x"]).returncode == 0
+    exe = ROOT / "build" / "asan" / "ds4-convert"
+    keep = tmp_path / "kept.gguf"
+    r = _in_small_tmpfs(tmp_path, 2560, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2 --name x --mtp-out $FS/mtp.gguf;"
+                        f" rc=$?; cp $FS/x.gguf {keep}; (exit $rc)")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "--mtp-out" in r.stderr and "disk full writing" in r.stderr and "mtp.gguf" in r.stderr, r.stderr
+    assert r.stdout.split("LISTING:")[1].split() == ["x.gguf"], r.stdout
+    assert keep.read_bytes() == ref.read_bytes()

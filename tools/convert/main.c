@@ -5,6 +5,7 @@
  * Exit status: 0 ok, 1 conversion error (the message names the file, key or
  * tensor), 2 usage error.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -248,6 +249,9 @@ int main(int argc, char **argv) {
         return 2;
     }
 
+    /* a file-size limit (ulimit -f) must fail the write with EFBIG, which removes the temporary file, instead of
+     * killing the process with SIGXFSZ and leaving a partial one */
+    signal(SIGXFSZ, SIG_IGN);
     ds4_err err = {0};
     ds4_gguf_writer *w = ds4_gguf_writer_new();
     ds4_conv_hparams hp = {0};
