@@ -178,6 +178,8 @@ def test_flash_shapes_table_equals_published(recipe, flash_shapes, tmp_path):
     """Names, types, dims and order of every tensor equal synth_gguf.py's table; the metadata has every key of
     synth_gguf.py with its value type and value (the tokenizer's synthetic padding strings and general.name
     aside)."""
+    if not SYNTH.exists():
+        pytest.skip(f"the reference {SYNTH} is not in this checkout")
     want, want_kv = synth_reference(recipe)
     meta = tmp_path / "meta.gguf"
     got = dry_run(flash_shapes, recipe, meta, extra=["--tokenizer", str(TOKENIZER), "--name", "x"])
