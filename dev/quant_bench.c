@@ -6,11 +6,12 @@
  * GMAC/s of a prefill product (64 tokens against 32 cached rows), the int8
  * tile for quantized types, the float one for plain types.
  *
- * Usage: build/dev/quant_bench [MB] [SECONDS]
+ * Usage: build/dev/quant_bench [MB] [SECONDS] [TYPE]
  *   MB       weight bytes per matrix (default 32: larger than the caches,
  *            so the figures include streaming from memory)
  *   SECONDS  minimum thread CPU time per measurement (default 0.2); CPU
  *            time, not wall time, so other load on the machine does not count
+ *   TYPE     only this type (e.g. iq2_xxs), to time one kernel quickly
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,6 +96,7 @@ int main(int argc, char **argv) {
            "f32 avx2", "q8 scal", "q8 avx2", "tile1", "tileN MAC");
     for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
         int type = types[ti];
+        if (argc > 3 && strcmp(argv[3], ds4_type_name(type))) continue;
         for (size_t wi = 0; wi < 2; wi++) {
             int64_t n_cols = widths[wi];
             size_t row_bytes = ds4_type_row_bytes(type, n_cols);

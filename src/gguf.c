@@ -1246,6 +1246,11 @@ static int fd_write_all(wout *o, const uint8_t *p, size_t n, uint64_t at, ds4_er
                 return ds4_err_set(err, DS4_E_IO, "disk full writing %s at byte %llu (%s)", o->path,
                                    (unsigned long long)at, strerror(e));
             }
+            if (e == EFBIG) {   /* RLIMIT_FSIZE (with SIGXFSZ ignored) or the filesystem's largest file */
+                return ds4_err_set(err, DS4_E_IO, "file too large writing %s at byte %llu (%s: a file-size limit, "
+                                   "ulimit -f, or the filesystem's maximum)", o->path, (unsigned long long)at,
+                                   strerror(e));
+            }
             return ds4_err_set(err, DS4_E_IO, "write error on %s at byte %llu: %s", o->path,
                                (unsigned long long)at, strerror(e));
         }

@@ -115,9 +115,11 @@ def test_convert_metadata_from_config(model, converted):
     assert K("attention.indexer.head_count") == cfg["index_n_heads"]
     assert K("attention.indexer.top_k") == cfg["index_topk"]
     rates = {"sliding_attention": 0, **cfg["compress_rates"]}
-    assert list(K("attention.compress_ratios")) == [rates[t] for t in cfg["layer_types"]]
+    # per-layer arrays cover the MTP layers too (sliding, ratio 0), as in the published files (D.3, D.4)
+    n_mtp = cfg.get("num_nextn_predict_layers", 0)
+    assert list(K("attention.compress_ratios")) == [rates[t] for t in cfg["layer_types"]] + [0] * n_mtp
     assert r.fields["deepseek4.attention.compress_ratios"].types[-1] == gguf.GGUFValueType.INT32
-    assert np.allclose(K("swiglu_clamp_exp"), [cfg["swiglu_limit"]] * cfg["num_hidden_layers"])
+    assert np.allclose(K("swiglu_clamp_exp"), [cfg["swiglu_limit"]] * (cfg["num_hidden_layers"] + n_mtp))
     assert np.isclose(K("expert_weights_scale"), cfg["routed_scaling_factor"])
     assert K("expert_weights_norm") is True
     comp = cfg["rope_parameters"]["compress"]

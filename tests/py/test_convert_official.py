@@ -224,6 +224,45 @@ def test_type_map_rules_and_refusals(official, tmp_path):
         assert r.returncode == 1 and needle in r.stderr, (spec, r.stderr)
 
 
+def test_type_map_applies_to_the_mtp_file(official, tmp_path):
+    """One rule set for both files: a rule naming mtp.0.* retypes the MTP file's tensors (values still the
+    checkpoint's), a glob matching both retypes both, the rest of each file keeps its recipe types; an mtp.*
+    rule without --mtp-out, or one matching an MTP vector, is refused."""
+    d, deq = official["h256"]
+    want = expected_mtp(deq)
+    out, mtp = tmp_path / "m.gguf", tmp_path / "mtp.gguf"
+    base_mtp = tmp_path / "mtp_base.gguf"
+    r = convert(d, tmp_path / "base.gguf", "q2", extra=["--mtp-out", str(base_mtp)])
+    assert r.returncode == 0, r.stderr
+    _, tb = gguf_tensors(base_mtp)
+    rules = "mtp.0.e_proj.weight=f16,mtp.0.ffn_down_exps.weight=q2_K,*.ffn_gate_exps.weight=q8_0"
+    r = convert(d, out, "q2", extra=["--mtp-out", str(mtp), "--type-map", rules])
+    assert r.returncode == 0, r.stderr
+    _, tm = gguf_tensors(mtp)
+    _, tmain = gguf_tensors(out)
+    assert tm["mtp.0.e_proj.weight"].tensor_type == QT.F16
+    a = want["mtp.0.e_proj.weight"]
+    assert np.array_equal(np.array(tm["mtp.0.e_proj.weight"].data).reshape(a.shape), a.astype(np.float16))
+    assert tm["mtp.0.ffn_down_exps.weight"].tensor_type == QT.Q2_K
+    assert tm["mtp.0.ffn_gate_exps.weight"].tensor_type == QT.Q8_0
+    a = want["mtp.0.ffn_gate_exps.weight"].astype(np.float32).reshape(-1, want["mtp.0.ffn_gate_exps.weight"].shape[-1])
+    assert np.array_equal(np.array(tm["mtp.0.ffn_gate_exps.weight"].data).reshape(-1),
+                          gguf.quants.quantize(a, QT.Q8_0).reshape(-1))
+    assert tmain["blk.0.ffn_gate_exps.weight"].tensor_type == QT.Q8_0
+    assert tmain["blk.0.ffn_down_exps.weight"].tensor_type == QT.Q2_K          # the q2 recipe's
+    changed = {"mtp.0.e_proj.weight", "mtp.0.ffn_down_exps.weight", "mtp.0.ffn_gate_exps.weight"}
+    for name, t in tb.items():                        # everything else as without the rules, bytes included
+        if name not in changed:
+            assert tm[name].tensor_type == t.tensor_type, name
+            assert np.array_equal(np.array(tm[name].data), np.array(t.data)), name
+    r = convert(d, tmp_path / "x.gguf", "q2", extra=["--type-map", "mtp.0.e_proj.weight=f16"], asan=True)
+    assert r.returncode == 1 and "matches no tensor" in r.stderr and "need --mtp-out" in r.stderr, r.stderr
+    r = convert(d, tmp_path / "x.gguf", "q2", extra=["--mtp-out", str(tmp_path / "y.gguf"), "--type-map",
+                                                     "mtp.0.enorm.weight=f16"], asan=True)
+    assert r.returncode == 1 and "stays F32" in r.stderr, r.stderr
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
 # --- imatrix (docs/FORMATS.md C.6-C.8) -------------------------------------------------------------------------
 
 def write_dat(path, entries, chunks=3, dataset="calib.txt", ncall=1):
@@ -298,6 +337,164 @@ def test_imatrix_refusals(official, tmp_path):
     write_dat(dat, {"blk.1.ffn_gate_exps.weight": np.full(256, np.nan, dtype=np.float32)})
     r = convert(d, tmp_path / "x.gguf", "q4", extra=["--imatrix", str(dat)], asan=True)
     assert r.returncode == 1 and "finite" in r.stderr, r.stderr
+
+
+def _imatrix_entries(want, seed=3):
+    """Random per-expert importance (E * ncols values, expert-major) for every routed-expert stack."""
+    rng = np.random.default_rng(seed)
+    return {name: (np.exp(rng.standard_normal(a.shape[0] * a.shape[2]) * 1.5) * 2).astype(np.float32)
+            for name, a in want.items() if "_exps." in name}
+
+
+def _convert_bytes(d, tmp_path, dat, recipe="q2", extra=()):
+    out = tmp_path / "im_out.gguf"
+    r = convert(d, out, recipe, extra=["--imatrix", str(dat), "--name", "x", *extra])
+    assert r.returncode == 0, r.stderr
+    _, ts = gguf_tensors(out)
+    return {n: np.array(t.data).tobytes() for n, t in ts.items()}, r.stderr
+
+
+OFFICIAL_EXPERT_WORD = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
+
+
+def test_imatrix_name_forms_give_the_same_file(official, tmp_path):
+    """The same importance written in each accepted naming gives byte-identical files: the packed GGUF name
+    (ds4 --imatrix-out, llama-imatrix), per-expert 'G.expert.E' and 'G.expert_E' (ds4's quantizer, C.6), the
+    checkpoint's per-expert names (layers.N.ffn.experts.E.w2.weight), and llama.cpp's scheduler-decorated
+    'CUDA0#G#0'; and the importance is used (the file differs from one without it)."""
+    d, deq = official["h256"]
+    entries = _imatrix_entries(expected_main(deq))
+    dat = tmp_path / "im.dat"
+    write_dat(dat, entries, ncall=2)
+    ref, err = _convert_bytes(d, tmp_path, dat)
+    assert f"importance for {len(entries)} of" in err
+    plain = tmp_path / "plain.gguf"
+    assert convert(d, plain, "q2", extra=["--name", "x"]).returncode == 0
+    _, tp = gguf_tensors(plain)
+    assert all(ref[n] != np.array(tp[n].data).tobytes() for n in entries)
+    forms = {
+        "expert.E": lambda g, e, a: f"{g}.expert.{e}",
+        "expert_E": lambda g, e, a: f"{g}.expert_{e}",
+        "checkpoint": lambda g, e, a: "layers.%s.ffn.experts.%d.%s.weight" % (
+            g.split(".")[1], e, OFFICIAL_EXPERT_WORD[g.split(".")[2]]),
+    }
+    for form, fn in forms.items():
+        per = {}
+        for g, v in entries.items():
+            n_in = len(v) // 3
+            for e in range(3):
+                per[fn(g, e, v)] = v[e * n_in:(e + 1) * n_in]
+        write_dat(dat, per, ncall=2)
+        got, err = _convert_bytes(d, tmp_path, dat)
+        assert got == ref, form
+        assert "no tensor" not in err, (form, err)
+    write_dat(dat, {f"CUDA0#{g}#0": v for g, v in entries.items()}, ncall=2)
+    got, _ = _convert_bytes(d, tmp_path, dat)
+    assert got == ref
+
+
+def write_imatrix_gguf(path, sums, counts, datasets=("a.txt", "calib.txt"), chunks=7):
+    """llama.cpp's GGUF imatrix layout (tools/imatrix save_imatrix): per entry NAME.in_sum2 F32 ne [ncols, n_mat],
+    NAME.counts F32 ne [1, n_mat], NAME.in_sum; general.type imatrix, imatrix.datasets / chunk_count /
+    chunk_size."""
+    w = gguf.GGUFWriter(str(path), arch=None)
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", list(datasets))
+    w.add_uint32("imatrix.chunk_count", chunks)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name in sorted(sums):
+        s, c = sums[name], counts[name]
+        w.add_tensor(f"{name}.in_sum2", s.astype(np.float32))
+        w.add_tensor(f"{name}.counts", c.reshape(-1, 1).astype(np.float32))
+        w.add_tensor(f"{name}.in_sum", np.sqrt(s).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_imatrix_gguf_format_equals_dat(official, tmp_path):
+    """llama-imatrix's GGUF format: sums of squares and per-expert counts give the same file as a .dat of the
+    means, a never-routed expert (count 0) counting as importance 1.0 (as llama-quantize does); the C.8 keys come
+    from imatrix.chunk_count and the last dataset."""
+    d, deq = official["h256"]
+    entries = _imatrix_entries(expected_main(deq), seed=5)
+    rng = np.random.default_rng(9)
+    sums, counts, means = {}, {}, {}
+    for g, v in entries.items():
+        m = v.reshape(3, -1)
+        c = rng.integers(1, 50, size=3).astype(np.float32)
+        c[1] = 0 if g.startswith("blk.1.") else c[1]           # expert 1 of layer 1 never routed
+        sums[g] = (m * c[:, None]).astype(np.float32)
+        counts[g] = c
+        with np.errstate(invalid="ignore", divide="ignore"):      # the mean as f32 sum / f32 count
+            means[g] = np.where(c[:, None] > 0, sums[g] / c[:, None], 1.0).reshape(-1).astype(np.float32)
+    gg, dat = tmp_path / "im.gguf", tmp_path / "im.dat"
+    write_imatrix_gguf(gg, sums, counts)
+    write_dat(dat, means, ncall=1)
+    ref, _ = _convert_bytes(d, tmp_path, dat)
+    out = tmp_path / "g.gguf"
+    r = convert(d, out, "q2", extra=["--imatrix", str(gg), "--imatrix-strict", "--name", "x"])
+    assert r.returncode == 0, r.stderr
+    rd, ts = gguf_tensors(out)
+    assert {n: np.array(t.data).tobytes() for n, t in ts.items()} == ref
+    assert rd.fields["quantize.imatrix.dataset"].contents() == "calib.txt"
+    assert rd.fields["quantize.imatrix.chunks_count"].contents() == 7
+    assert rd.fields["quantize.imatrix.entries_count"].contents() == len(entries)
+    # refused, naming the file and the entry: sums without counts, counts of the wrong length, a cut file
+    g0 = sorted(sums)[0]
+    for bad_counts, needle in ((None, f"'{g0}.in_sum2' needs an F32 '{g0}.counts'"),
+                               (np.ones(2, np.float32), "one count per matrix (3)")):
+        w = gguf.GGUFWriter(str(gg), arch=None)
+        w.add_tensor(f"{g0}.in_sum2", sums[g0])
+        if bad_counts is not None:
+            w.add_tensor(f"{g0}.counts", bad_counts.reshape(-1, 1))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+        r = convert(d, tmp_path / "x.gguf", "q2", extra=["--imatrix", str(gg)], asan=True)
+        assert r.returncode == 1 and str(gg) in r.stderr and needle in r.stderr, r.stderr
+    write_imatrix_gguf(gg, sums, counts)
+    gg.write_bytes(gg.read_bytes()[:-100])
+    r = convert(d, tmp_path / "x.gguf", "q2", extra=["--imatrix", str(gg)], asan=True)
+    assert r.returncode == 1 and str(gg) in r.stderr and "Sanitizer" not in r.stderr, r.stderr
+
+
+def test_imatrix_unknown_names_reported(official, tmp_path):
+    """Entries that name no tensor of the model are listed by name and ignored (the rest is used as without
+    them); a file none of whose entries names a tensor is refused; mtp.* entries serve the --mtp-out file and are
+    reported as ignored without it; entries of tensors whose type takes no importance (Q8_0) are not unknown."""
+    d, deq = official["h256"]
+    entries = _imatrix_entries(expected_main(deq))
+    dat = tmp_path / "im.dat"
+    write_dat(dat, entries)
+    ref, _ = _convert_bytes(d, tmp_path, dat)
+    extra = {"blk.9.ffn_up_exps.weight": np.ones(256, np.float32), "model.norm": np.ones(4, np.float32),
+             "blk.0.attn_q_a.weight": np.ones(256, np.float32)}
+    write_dat(dat, {**entries, **extra})
+    got, err = _convert_bytes(d, tmp_path, dat)
+    assert got == ref
+    assert f"2 of {len(entries) + 3} entries name no tensor" in err, err
+    assert "'blk.9.ffn_up_exps.weight'" in err and "'model.norm'" in err and "attn_q_a" not in err, err
+    write_dat(dat, {"layer.0.mlp.down": np.ones(256, np.float32), "foo": np.ones(3, np.float32)})
+    r = convert(d, tmp_path / "x.gguf", "q2", extra=["--imatrix", str(dat)], asan=True)
+    assert r.returncode == 1 and "none of its 2 entries names a tensor" in r.stderr, r.stderr
+    assert "'foo'" in r.stderr and "'layer.0.mlp.down'" in r.stderr
+    assert not (tmp_path / "x.gguf").exists()
+    # the MTP block's experts: used for the --mtp-out file, ignored (and said so) without it
+    mtp_imp = _imatrix_entries(expected_mtp(deq), seed=4)
+    assert sorted(mtp_imp) == ["mtp.0.ffn_down_exps.weight", "mtp.0.ffn_gate_exps.weight", "mtp.0.ffn_up_exps.weight"]
+    write_dat(dat, {**entries, **mtp_imp})
+    got, err = _convert_bytes(d, tmp_path, dat)
+    assert got == ref and f"{len(mtp_imp)} entries for the MTP block are ignored (no --mtp-out)" in err, err
+    outs = {}
+    for key, ent in (("with", {**entries, **mtp_imp}), ("without", entries)):
+        write_dat(dat, ent)
+        mtp = tmp_path / f"mtp_{key}.gguf"
+        r = convert(d, tmp_path / "m.gguf", "q2", extra=["--imatrix", str(dat), "--mtp-out", str(mtp)])
+        assert r.returncode == 0 and "no tensor" not in r.stderr, r.stderr
+        _, ts = gguf_tensors(mtp)
+        outs[key] = {n: np.array(t.data).tobytes() for n, t in ts.items()}
+    for n in outs["with"]:
+        assert (outs["with"][n] != outs["without"][n]) == ("_exps." in n), n
 
 
 # --- damaged checkpoints ------------------------------------------------------------------------------------------
@@ -554,16 +751,63 @@ def test_whole_expert_tensors_byte_identical_to_ggml_golden(tmp_path):
 
 
 def test_output_write_failure_leaves_nothing(official, tmp_path):
-    """A write that fails mid-file (a file-size limit stands in for a full disk: write() fails with EFBIG instead
-    of ENOSPC, same path in the writer) exits 1 naming the file; neither the output nor a temporary file is left."""
+    """A file-size limit (ulimit -f): ds4-convert ignores SIGXFSZ itself (no trap in the shell), so write() fails
+    with EFBIG, the run exits 1 naming the file and the cause, and neither the output nor a temporary file is
+    left (killed by the signal, it would leave the temporary file)."""
     import subprocess
     d, _ = official["h256"]
     outdir = tmp_path / "out"
     outdir.mkdir()
     out = outdir / "x.gguf"
     exe = ROOT / "build" / "asan" / "ds4-convert"
-    cmd = f"trap '' XFSZ; ulimit -f 512; exec {exe} --hf {d} -o {out} --recipe q8_0"
+    cmd = f"ulimit -f 512; exec {exe} --hf {d} -o {out} --recipe q8_0"
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300,
                        env={"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 1 and "write error" in r.stderr and "File too large" in r.stderr, r.stderr
+    assert r.returncode == 1 and "file too large writing" in r.stderr and str(out) in r.stderr, r.stderr
+    assert "File too large" in r.stderr
     assert list(outdir.iterdir()) == []
+
+
+def _in_small_tmpfs(tmp_path, kib, cmd):
+    """Runs the shell command cmd with $FS a fresh tmpfs of kib KiB (a user + mount namespace: unshare -rm), then
+    lists $FS (inside the namespace: the mount ends with it). Skips where namespaces are not allowed."""
+    import subprocess
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user/mount namespace for a small tmpfs: {probe.stderr.strip()}")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    script = (f"mount -t tmpfs -o size={kib}k tmpfs {fs} || exit 99; FS={fs}; {cmd}; rc=$?; "
+              f"echo \"LISTING:$(ls -A {fs} | tr '\\n' ' ')\"; exit $rc")
+    return subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "PATH": "/usr/bin:/bin"})
+
+
+def test_full_disk_fails_clearly_and_leaves_nothing(official, tmp_path):
+    """A real ENOSPC: the output directory is a 1 MiB tmpfs and the q2 file is ~1.9 MiB. The run exits 1 with
+    "disk full" naming the output file, and the filesystem is left empty (the temporary file removed)."""
+    d, _ = official["h256"]
+    exe = ROOT / "build" / "asan" / "ds4-convert"
+    r = _in_small_tmpfs(tmp_path, 1024, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "disk full writing" in r.stderr and "/fs/x.gguf" in r.stderr and "No space left" in r.stderr, r.stderr
+    assert "Sanitizer" not in r.stderr
+    assert "LISTING: \n" in r.stdout or r.stdout.strip() == "LISTING:", r.stdout
+
+
+def test_full_disk_on_the_mtp_file(official, tmp_path):
+    """The disk fills while the MTP file is written (the main file, ~1.9 MiB, fits in 2.5 MiB; the MTP file does
+    not): exit 1 naming --mtp-out and "disk full"; the main file is complete (gguf-py reads it, the same bytes as
+    a conversion without --mtp-out) and no temporary file is left."""
+    d, _ = official["h256"]
+    ref = tmp_path / "ref.gguf"
+    assert convert(d, ref, "q2", extra=["--name", "x"]).returncode == 0
+    exe = ROOT / "build" / "asan" / "ds4-convert"
+    keep = tmp_path / "kept.gguf"
+    r = _in_small_tmpfs(tmp_path, 2560, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2 --name x --mtp-out $FS/mtp.gguf;"
+                        f" rc=$?; cp $FS/x.gguf {keep}; (exit $rc)")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "--mtp-out" in r.stderr and "disk full writing" in r.stderr and "mtp.gguf" in r.stderr, r.stderr
+    assert r.stdout.split("LISTING:")[1].split() == ["x.gguf"], r.stdout
+    assert keep.read_bytes() == ref.read_bytes()

@@ -581,6 +581,45 @@ DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
     }
 }
 
+/* The prefill tiles at the experts' width and beyond their token groups:
+ * Q8_K types with 4096 (the IQ2_XXS tile's expanded-row path, several token
+ * groups and a short last one) and 8192 columns (longer rows take the walk),
+ * every (row, token) pair the row dot bit for bit. */
+DS4_TEST(quant_tiles_equal_row_dots_at_expert_widths) {
+    enum { NR = 3, NT = 75 };
+    static const int types[] = {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, DS4_TYPE_Q4_K};
+    static const int64_t widths[] = {4096, 8192};
+    rng_seed(31);
+    for (int ti = 0; ti < 3; ti++)
+        for (int wi = 0; wi < 2; wi++) {
+            int type = types[ti], act = ds4_type_act(type);
+            const int64_t n = widths[wi];
+            size_t rb = ds4_type_row_bytes(type, n), ab = ds4_type_row_bytes(act, n);
+            uint8_t *w = malloc(NR * rb), *xq = malloc(NT * ab);
+            for (int r = 0; r < NR; r++) {
+                void *row = rand_row(type, n);
+                memcpy(w + r * rb, row, rb);
+                free(row);
+            }
+            float *x = malloc(n * sizeof(float));
+            const ds4_quant_kernels *k = ds4_quant_kernels_get(type, DS4_SIMD_AUTO);
+            for (int t = 0; t < NT; t++) {
+                for (int64_t i = 0; i < n; i++) x[i] = (i % 5) ? rng_gauss() : rng_heavy();
+                k->quantize_act(x, xq + t * ab, n);
+            }
+            const void *xp[NT];
+            for (int t = 0; t < NT; t++) xp[t] = xq + t * ab;
+            static float y[NT][NR];
+            k->dot_q_tile(w, rb, NR, xp, NT, n, &y[0][0], NR);
+            int bad = 0;
+            for (int t = 0; t < NT; t++)
+                for (int r = 0; r < NR; r++) bad += fbits(y[t][r]) != fbits(k->dot_q(w + r * rb, xp[t], n));
+            CHECK_MSG(!bad, "%s n %lld: %d of %d tile values differ from the row dot", ds4_type_name(type),
+                      (long long)n, bad, NR * NT);
+            free(w), free(xq), free(x);
+        }
+}
+
 /* ---- quantizers ------------------------------------------------------------ */
 
 static double rel_rmse(const float *x, const float *y, int n, const float *w) {

@@ -181,12 +181,13 @@ int ds4_conv_plan_layout(ds4_conv_plan *plan, const ds4_conv_hparams *hp, ds4_co
  * experts (Q8_0 when a row is not whole 256-blocks), F32 for everything else
  * (F32 throughout under DS4_OUT_F32). Fails when hp->nextn is 0. */
 int ds4_conv_plan_mtp(ds4_conv_plan *plan, const ds4_conv_hparams *hp, ds4_conv_outtype outtype, ds4_err *err);
-/* Applies a --type-map: comma-separated PATTERN=TYPE rules (fnmatch globs on
- * GGUF names; TYPE f32, f16, bf16, q8_0, q4_K, q2_K, iq2_xxs), or the path of
- * a file with one rule per line ('#' comments). The last matching rule wins.
- * Refuses a rule that matches no tensor, a 1-D or I32 tensor, an unknown
- * type, or a type whose block does not divide the row. */
-int ds4_conv_plan_type_map(ds4_conv_plan *plan, const char *spec, ds4_err *err);
+/* Applies a --type-map to the n_plans plans together (the main file and,
+ * with --mtp-out, the MTP file): comma-separated PATTERN=TYPE rules (fnmatch
+ * globs on GGUF names; TYPE f32, f16, bf16, q8_0, q4_K, q2_K, iq2_xxs), or
+ * the path of a file with one rule per line ('#' comments). The last matching
+ * rule wins. Refuses a rule that matches no tensor of any plan, a 1-D or I32
+ * tensor, an unknown type, or a type whose block does not divide the row. */
+int ds4_conv_plan_type_map(ds4_conv_plan *const *plans, int n_plans, const char *spec, ds4_err *err);
 void ds4_conv_plan_free(ds4_conv_plan *plan);
 ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *plan, const char *name);
 
@@ -232,26 +233,42 @@ void ds4_conv_stream_totals(double *seconds, uint64_t *in_bytes, int *n_threads)
 
 /* ---- importance matrix (imatrix.c) ---------------------------------------- */
 
-/* A llama.cpp legacy .dat importance matrix (docs/FORMATS.md C.7), values
- * already divided by ncall. */
+/* An importance matrix: llama.cpp's legacy .dat (docs/FORMATS.md C.7) or its
+ * GGUF imatrix (NAME.in_sum2 / NAME.counts), values already divided by
+ * ncall (resp. the counts). Entries are sorted by name. */
 typedef struct ds4_conv_imatrix {
     int n;
-    struct ds4_conv_imat_entry { char *name; int32_t ncall; int64_t n_val; float *val; } *e;
+    struct ds4_conv_imat_entry {
+        char *name;
+        int32_t ncall;
+        int64_t n_val;
+        float *val;
+        bool used;           /* bound to a tensor by ds4_conv_imatrix_apply */
+        bool known;          /* names a tensor of the plans (used or not: e.g. a Q8_0 tensor's) */
+    } *e;
+    float **bufs;            /* (n_bufs) per-expert entries gathered into stacks, owned */
+    int n_bufs;
     int32_t chunks;          /* -1 when absent */
     char *dataset;           /* NULL when absent */
     char *path;
 } ds4_conv_imatrix;
 
-/* Reads path; DS4_E_IO / DS4_E_FORMAT ("PATH: entry N 'NAME': ...") for a
- * truncated file, bad lengths or non-finite values. */
+/* Reads path (.dat or GGUF, by its first bytes); DS4_E_IO / DS4_E_FORMAT
+ * ("PATH: entry N 'NAME': ...") for a truncated file, bad lengths,
+ * non-finite values, a name twice or no entry at all. */
 int ds4_conv_imatrix_load(ds4_conv_imatrix *im, const char *path, ds4_err *err);
 void ds4_conv_imatrix_free(ds4_conv_imatrix *im);
-/* Points t->imatrix of every Q4_K, Q2_K and IQ2_XXS tensor of plan at its
- * entry (lookup of docs/FORMATS.md C.6: "G", then for stacks "G" with
- * ne[0] * ne[2] values per matrix); other tensors keep none. strict: a
- * quantized tensor without an entry is an error. Returns the number of
- * tensors that got one through *n_used. */
-int ds4_conv_imatrix_apply(ds4_conv_imatrix *im, ds4_conv_plan *plan, bool strict, int *n_used, ds4_err *err);
+/* Points t->imatrix of every Q4_K, Q2_K and IQ2_XXS tensor of the n_plans
+ * plans (main file first, then the MTP file) at its importance, looked up as
+ * docs/FORMATS.md C.6 says: per-expert entries "G.expert.E" / "G.expert_E" /
+ * the checkpoint's per-expert tensor names (each ne[0] values), then "G"
+ * (ne[0] values, or ne[0] * ne[2] per matrix), then the checkpoint's name of
+ * the tensor; other tensors keep none. strict: a tensor of the main plan
+ * without an entry is an error. Entries naming no tensor of the plans are
+ * listed on stderr; when no entry names one the file is refused
+ * (DS4_E_MODEL). *n_used: the tensors that got an importance. */
+int ds4_conv_imatrix_apply(ds4_conv_imatrix *im, ds4_conv_plan *const *plans, int n_plans, bool strict, int *n_used,
+                           ds4_err *err);
 /* Adds the quantize.imatrix.* keys of docs/FORMATS.md C.8. */
 int ds4_conv_imatrix_add_metadata(ds4_gguf_writer *w, const ds4_conv_imatrix *im, ds4_err *err);
 

@@ -11,8 +11,9 @@
  *      invalid keys, another architecture or quantization scheme are errors
  *      naming the key.
  *   2. ds4_conv_plan_layout / ds4_conv_plan_mtp: the list of GGUF tensors
- *      (names, dims, output types of the recipe) that hp implies, in a fixed
- *      order: token_embd, blk.0 .. blk.L-1, the head (or the mtp.N blocks);
+ *      (names, dims, output types of the recipe) that hp implies, in the
+ *      published files' order: token_embd, output_norm, output, output_hc_*,
+ *      then blk.0 .. blk.L-1 (or the mtp.N blocks);
  *      ds4_conv_plan_type_map then applies --type-map rules.
  *   3. ds4_conv_bind_hf_opts: every safetensors tensor is mapped to a planned
  *      tensor (three spellings accepted), its shape and dtype checked; FP8
@@ -494,17 +495,19 @@ int ds4_conv_plan_layout(ds4_conv_plan *p, const ds4_conv_hparams *hp, ds4_conv_
     int cap = 0, rc = 0;
     const int64_t D = hp->n_embd, V = hp->n_vocab, hc = hp->n_hc;
     char pre[32];
-    if ((rc = plan_add(p, &cap, "token_embd.weight", CLS_F16, ot, 2, D, V, 1, false, err))) goto fail;
+    /* the global tensors first, in the published files' order (docs/FORMATS.md D.2, shared/tools/synth_gguf.py):
+     * embedding, output norm, head, then the head's HC parameters; then the blocks */
+    if ((rc = plan_add(p, &cap, "token_embd.weight", CLS_F16, ot, 2, D, V, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_norm.weight", CLS_VEC, ot, 1, D, 1, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output.weight", CLS_PROJ, ot, 2, D, V, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_hc_base.weight", CLS_VEC, ot, 1, hc, 1, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_hc_fn.weight", CLS_F16, ot, 2, hc * D, hc, 1, false, err)) ||
+        (rc = plan_add(p, &cap, "output_hc_scale.weight", CLS_VEC, ot, 1, 1, 1, 1, false, err)))
+        goto fail;
     for (int il = 0; il < hp->n_layer; il++) {
         snprintf(pre, sizeof pre, "blk.%d", il);
         if ((rc = plan_block(p, &cap, pre, hp, hp->ratio[il], il < hp->n_hash, false, ot, err))) goto fail;
     }
-    if ((rc = plan_add(p, &cap, "output_hc_fn.weight", CLS_F16, ot, 2, hc * D, hc, 1, false, err)) ||
-        (rc = plan_add(p, &cap, "output_hc_base.weight", CLS_VEC, ot, 1, hc, 1, 1, false, err)) ||
-        (rc = plan_add(p, &cap, "output_hc_scale.weight", CLS_VEC, ot, 1, 1, 1, 1, false, err)) ||
-        (rc = plan_add(p, &cap, "output_norm.weight", CLS_VEC, ot, 1, D, 1, 1, false, err)) ||
-        (rc = plan_add(p, &cap, "output.weight", CLS_PROJ, ot, 2, D, V, 1, false, err)))
-        goto fail;
     return 0;
 fail:
     ds4_conv_plan_free(p);
@@ -546,8 +549,9 @@ static const struct { const char *name; uint32_t type; } map_types[] = {
     {"q4_k", DS4_GGML_Q4_K}, {"q2_k", DS4_GGML_Q2_K}, {"iq2_xxs", DS4_GGML_IQ2_XXS},
 };
 
-/* One PATTERN=TYPE (or "PATTERN TYPE") rule, applied to every match. */
-static int apply_rule(ds4_conv_plan *p, const char *rule, const char *where, ds4_err *err) {
+/* One PATTERN=TYPE (or "PATTERN TYPE") rule, applied to every match in the
+ * n plans. */
+static int apply_rule(ds4_conv_plan *const *plans, int n_plans, const char *rule, const char *where, ds4_err *err) {
     char pat[256], ty[32];
     const char *sep = strpbrk(rule, "= \t");
     if (!sep || sep == rule || (size_t)(sep - rule) >= sizeof pat)
@@ -566,23 +570,28 @@ static int apply_rule(ds4_conv_plan *p, const char *rule, const char *where, ds4
         return ds4_err_set(err, DS4_E_ARG, "--type-map %s: unknown type '%s' (f32, f16, bf16, q8_0, q4_K, q2_K, "
                            "iq2_xxs)", where, ty);
     int hits = 0;
-    for (int i = 0; i < p->n; i++) {
-        ds4_conv_tensor *t = &p->t[i];
-        if (fnmatch(pat, t->name, 0)) continue;
-        if (t->n_dims == 1 || t->type == DS4_GGML_I32)
-            return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, which stays %s (vectors and expert "
-                               "ids are not converted)", where, pat, t->name, ds4_ggml_type_name(t->type));
-        if (type != DS4_GGML_F32 && !ds4_type_row_ok((int)type, t->ne[0]))
-            return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, whose rows of %lld values are not "
-                               "whole %s blocks", where, pat, t->name, (long long)t->ne[0], ds4_ggml_type_name(type));
-        t->type = type;
-        hits++;
+    for (int k = 0; k < n_plans; k++) {
+        for (int i = 0; i < plans[k]->n; i++) {
+            ds4_conv_tensor *t = &plans[k]->t[i];
+            if (fnmatch(pat, t->name, 0)) continue;
+            if (t->n_dims == 1 || t->type == DS4_GGML_I32)
+                return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, which stays %s (vectors and "
+                                   "expert ids are not converted)", where, pat, t->name, ds4_ggml_type_name(t->type));
+            if (type != DS4_GGML_F32 && !ds4_type_row_ok((int)type, t->ne[0]))
+                return ds4_err_set(err, DS4_E_ARG, "--type-map %s: '%s' matches %s, whose rows of %lld values are "
+                                   "not whole %s blocks", where, pat, t->name, (long long)t->ne[0],
+                                   ds4_ggml_type_name(type));
+            t->type = type;
+            hits++;
+        }
     }
-    if (!hits) return ds4_err_set(err, DS4_E_ARG, "--type-map %s: pattern '%s' matches no tensor", where, pat);
+    if (!hits)
+        return ds4_err_set(err, DS4_E_ARG, "--type-map %s: pattern '%s' matches no tensor%s", where, pat,
+                           n_plans < 2 && !strncmp(pat, "mtp", 3) ? " (the mtp.N.* tensors need --mtp-out)" : "");
     return 0;
 }
 
-int ds4_conv_plan_type_map(ds4_conv_plan *p, const char *spec, ds4_err *err) {
+int ds4_conv_plan_type_map(ds4_conv_plan *const *plans, int n_plans, const char *spec, ds4_err *err) {
     FILE *f = strchr(spec, '=') ? NULL : fopen(spec, "r");
     char line[512], where[64];
     int rc = 0;
@@ -594,7 +603,7 @@ int ds4_conv_plan_type_map(ds4_conv_plan *p, const char *spec, ds4_err *err) {
             while (isspace((unsigned char)*s)) s++;
             if (!*s) continue;
             snprintf(where, sizeof where, "%.40s line %d", spec, ln);
-            rc = apply_rule(p, s, where, err);
+            rc = apply_rule(plans, n_plans, s, where, err);
         }
         fclose(f);
         return rc;
@@ -608,7 +617,7 @@ int ds4_conv_plan_type_map(ds4_conv_plan *p, const char *spec, ds4_err *err) {
         if (n >= sizeof line) return ds4_err_set(err, DS4_E_ARG, "--type-map: rule %d is too long", k);
         snprintf(line, sizeof line, "%.*s", (int)n, s);
         snprintf(where, sizeof where, "rule %d", k);
-        rc = apply_rule(p, line, where, err);
+        rc = apply_rule(plans, n_plans, line, where, err);
         s += n + (e ? 1 : 0);
     }
     return rc;
@@ -1020,6 +1029,7 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
     ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);
     ds4_gguf_writer_add_str(w, "general.type", "model", 5);
     ds4_gguf_writer_add_str(w, "general.name", name, strlen(name));
+    U32("general.alignment", 32);                                        /* as the published files state it */
     /* llama.cpp ftype ids: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_Q4_K_M 15, MOSTLY_IQ2_XXS 19 (the
      * published files' values are not known, docs/FORMATS.md D.4) */
     U32("general.file_type", ot == DS4_OUT_F32 ? 0 : ot == DS4_OUT_F16 ? 1 : ot == DS4_OUT_Q4 ? 15 : ot == DS4_OUT_Q2 ? 19 : 7);
@@ -1068,18 +1078,22 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
     ds4_gguf_writer_add_bool(w, K("expert_weights_norm"), true);
     U32(K("expert_gating_func"), 4);                                      /* sqrtsoftplus */
     if (hp->nextn) U32(K("nextn_predict_layers"), hp->nextn);
-    const int n_ratio = hp->n_ratio > hp->n_layer ? hp->n_ratio : hp->n_layer;
-    int32_t *ratios = malloc((size_t)n_ratio * sizeof *ratios);
-    float *clamp = malloc((size_t)hp->n_layer * sizeof *clamp);
+    /* per-layer arrays cover the MTP layers too (n_layer + nextn entries, as the published files have them,
+     * docs/FORMATS.md D.4): the official compress_ratios is copied whole; an MTP layer it does not list is
+     * sliding (0, D.3) */
+    const int n_known = hp->n_ratio > hp->n_layer ? hp->n_ratio : hp->n_layer;
+    const int n_arr = hp->n_layer + hp->nextn > n_known ? hp->n_layer + hp->nextn : n_known;
+    int32_t *ratios = malloc((size_t)n_arr * sizeof *ratios);
+    float *clamp = malloc((size_t)n_arr * sizeof *clamp);
     if (!ratios || !clamp) {
         free(ratios);
         free(clamp);
         return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     }
-    for (int il = 0; il < n_ratio; il++) ratios[il] = hp->ratio[il];
-    for (int il = 0; il < hp->n_layer; il++) clamp[il] = (float)hp->swiglu_limit;
-    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)n_ratio);
-    int rc = ds4_gguf_writer_add_arr(w, K("swiglu_clamp_exp"), DS4_GGUF_F32, clamp, (uint64_t)hp->n_layer);
+    for (int il = 0; il < n_arr; il++) ratios[il] = il < n_known ? hp->ratio[il] : 0;
+    for (int il = 0; il < n_arr; il++) clamp[il] = (float)hp->swiglu_limit;
+    ds4_gguf_writer_add_arr(w, K("attention.compress_ratios"), DS4_GGUF_I32, ratios, (uint64_t)n_arr);
+    int rc = ds4_gguf_writer_add_arr(w, K("swiglu_clamp_exp"), DS4_GGUF_F32, clamp, (uint64_t)n_arr);
     free(ratios);
     free(clamp);
     /* an earlier add failure is kept by the writer and reported by its write call */

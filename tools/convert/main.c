@@ -5,6 +5,7 @@
  * Exit status: 0 ok, 1 conversion error (the message names the file, key or
  * tensor), 2 usage error.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,8 +16,8 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: ds4-convert --hf DIR -o OUT.gguf [--recipe q2|q4|q8_0|f16|f32] [--type-map RULES]\n"
-            "                   [--mtp-out MTP.gguf] [--imatrix FILE.dat [--imatrix-strict]] [--threads N]\n"
-            "                   [--progress] [--skip-unknown] [--tokenizer FILE.json] [--name NAME]\n"
+            "                   [--mtp-out MTP.gguf] [--imatrix FILE [--imatrix-strict]] [--threads N]\n"
+            "                   [--progress] [--skip-unknown] [--tokenizer FILE.json] [--name NAME] [--dry-run]\n"
             "       ds4-convert --demo -o OUT.gguf [--tokenizer FILE.json] [--seed N] [--recipe ...]\n"
             "       ds4-convert --vocab-only --tokenizer FILE.json -o OUT.gguf\n"
             "\n"
@@ -34,14 +35,24 @@ static void usage(FILE *f) {
             "                    recipe's type falls back to Q8_0, then F16\n"
             "  --type-map RULES  per-tensor types after the recipe: 'PATTERN=TYPE,...' (fnmatch globs on\n"
             "                    GGUF names, e.g. 'blk.4[0-2].ffn_*_exps.weight=q4_K') or a file with one\n"
-            "                    rule per line; types f32 f16 bf16 q8_0 q4_K q2_K iq2_xxs\n"
+            "                    rule per line; types f32 f16 bf16 q8_0 q4_K q2_K iq2_xxs. The rules apply to\n"
+            "                    the main file and the --mtp-out file alike ('mtp.0.ffn_*_exps.weight=q2_K');\n"
+            "                    each must match a tensor of one of them\n"
             "  --mtp-out FILE    also write the MTP file (mtp.0.* tensors: Q4_K experts, Q8_0\n"
             "                    projections, F32 rest)\n"
-            "  --imatrix FILE    llama.cpp legacy .dat importance matrix, used for the Q4_K, Q2_K and\n"
-            "                    IQ2_XXS tensors it has entries for (ds4 -m MODEL --imatrix-out writes one)\n"
-            "  --imatrix-strict  a Q4_K/Q2_K/IQ2_XXS tensor without an imatrix entry is an error\n"
+            "  --imatrix FILE    importance matrix, used for the Q4_K, Q2_K and IQ2_XXS tensors (main and\n"
+            "                    MTP file) it has entries for: llama.cpp's legacy .dat (ds4 -m MODEL\n"
+            "                    --imatrix-out writes one) or its GGUF imatrix (llama-imatrix's default).\n"
+            "                    Entries named as the GGUF tensors (blk.N.ffn_down_exps.weight; per expert\n"
+            "                    NAME.expert.E or NAME.expert_E) or as the checkpoint's tensors; entries that\n"
+            "                    name no tensor are listed and ignored\n"
+            "  --imatrix-strict  a Q4_K/Q2_K/IQ2_XXS tensor of the main file without an entry is an error\n"
             "  --threads N       quantization threads (default: every CPU)\n"
             "  --progress        progress line on stderr (default when stderr is a terminal)\n"
+            "  --dry-run         read the checkpoint's headers, apply the recipe, --type-map and --imatrix,\n"
+            "                    print the tensor table(s) to be written (name, type, GGUF dims, in file\n"
+            "                    order) on stdout; no tensor data is read or written. With -o, OUT gets the\n"
+            "                    metadata alone (a GGUF without tensors, for ds4-gguf)\n"
             "  --skip-unknown    list and skip tensors the engine has no use for (else an error)\n"
             "  --tokenizer FILE  add the tokenizer of a tokenizer.json (DeepSeek V3/V4, padded to 129280\n"
             "                    entries, V4 tokens added); default DIR/tokenizer.json when present;\n"
@@ -114,17 +125,28 @@ static void summary(const char *out, const ds4_conv_plan *plan, const ds4_gguf_w
             sec, sec > 0 ? (double)in / 1e9 / sec : 0.0, nt);
 }
 
-/* The MTP file's plan, bound to the mtp.N.* tensors of the checkpoint
+/* Binds the MTP file's plan to the mtp.N.* tensors of the checkpoint
  * (docs/FORMATS.md D.3); done before the main file is written, so a
  * checkpoint without a usable MTP block fails before any output. */
-static int plan_mtp(const hf_opts *o, const ds4_conv_hparams *hp, const ds4_st *st, ds4_conv_outtype ot,
-                    ds4_conv_plan *plan, ds4_err *err) {
+static int bind_mtp(const hf_opts *o, const ds4_conv_hparams *hp, const ds4_st *st, ds4_conv_plan *plan,
+                    ds4_err *err) {
     ds4_conv_bind_opts b = o->bind;
     b.mtp = true;
-    int rc = ds4_conv_plan_mtp(plan, hp, ot, err);
-    if (!rc) rc = ds4_conv_bind_hf_opts(plan, hp, st, &b, err);
+    int rc = ds4_conv_bind_hf_opts(plan, hp, st, &b, err);
     if (rc) ds4_err_prefix(err, "--mtp-out %s", o->mtp_out);
     return rc;
+}
+
+/* --dry-run: the tensor table a conversion would write, in file order, one
+ * line per tensor: NAME, type, dims (GGUF ne, comma-separated). */
+static void print_plan(const ds4_conv_plan *p) {
+    for (int i = 0; i < p->n; i++) {
+        const ds4_conv_tensor *t = &p->t[i];
+        if (t->src == DS4_SRC_NONE) continue;      /* not written: same rule as ds4_conv_add_tensors_opts */
+        printf("%s\t%s\t%lld", t->name, ds4_ggml_type_name(t->type), (long long)t->ne[0]);
+        for (int d = 1; d < t->n_dims; d++) printf(",%lld", (long long)t->ne[d]);
+        putchar('\n');
+    }
 }
 
 /* Writes the MTP file of a bound plan. */
@@ -150,7 +172,7 @@ static int write_mtp(const hf_opts *o, const ds4_conv_hparams *hp, ds4_conv_plan
 
 int main(int argc, char **argv) {
     const char *hf = NULL, *out = NULL, *tok = NULL, *name = NULL;
-    bool demo = false, vocab_only = false;
+    bool demo = false, vocab_only = false, dry_run = false;
     ds4_conv_outtype ot = DS4_OUT_Q8_0;
     unsigned long long seed = 1;
     hf_opts ho = {0};
@@ -163,6 +185,8 @@ int main(int argc, char **argv) {
             return 0;
         } else if (!strcmp(a, "--demo")) {
             demo = true;
+        } else if (!strcmp(a, "--dry-run")) {
+            dry_run = true;
         } else if (!strcmp(a, "--vocab-only")) {
             vocab_only = true;
         } else if (has_val && !strcmp(a, "--hf")) {
@@ -210,8 +234,9 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (!out || (!!hf + demo + vocab_only) != 1 || (vocab_only && !tok)) {
-        fprintf(stderr, "ds4-convert: need -o and exactly one of --hf DIR, --demo, --vocab-only --tokenizer FILE\n");
+    if ((!out && !dry_run) || (!!hf + demo + vocab_only) != 1 || (vocab_only && !tok)) {
+        fprintf(stderr, "ds4-convert: need -o (or --dry-run) and exactly one of --hf DIR, --demo, --vocab-only "
+                "--tokenizer FILE\n");
         usage(stderr);
         return 2;
     }
@@ -224,6 +249,9 @@ int main(int argc, char **argv) {
         return 2;
     }
 
+    /* a file-size limit (ulimit -f) must fail the write with EFBIG, which removes the temporary file, instead of
+     * killing the process with SIGXFSZ and leaving a partial one */
+    signal(SIGXFSZ, SIG_IGN);
     ds4_err err = {0};
     ds4_gguf_writer *w = ds4_gguf_writer_new();
     ds4_conv_hparams hp = {0};
@@ -252,15 +280,21 @@ int main(int argc, char **argv) {
         }
         if (!rc && tok) rc = check_tokenizer(tok, hp.n_vocab, &err);
         if (!rc) rc = ds4_conv_plan_layout(&plan, &hp, ot, &err);
-        if (!rc && ho.type_map) rc = ds4_conv_plan_type_map(&plan, ho.type_map, &err);
+        if (!rc && ho.mtp_out && (rc = ds4_conv_plan_mtp(&mplan, &hp, ot, &err)))
+            ds4_err_prefix(&err, "--mtp-out %s", ho.mtp_out);
+        if (!rc && ho.type_map) {                   /* one rule set for both files */
+            ds4_conv_plan *plans[2] = {&plan, &mplan};
+            rc = ds4_conv_plan_type_map(plans, ho.mtp_out ? 2 : 1, ho.type_map, &err);
+        }
         if (!rc) {
             if (demo) ds4_conv_demo_bind(&plan, &hp, seed);
             else rc = ds4_conv_bind_hf_opts(&plan, &hp, &st, &ho.bind, &err);
         }
-        if (!rc && ho.mtp_out) rc = plan_mtp(&ho, &hp, &st, ot, &mplan, &err);
+        if (!rc && ho.mtp_out) rc = bind_mtp(&ho, &hp, &st, &mplan, &err);
         int n_imat = 0;
         if (!rc && ho.imatrix && !(rc = ds4_conv_imatrix_load(&im, ho.imatrix, &err))) {
-            rc = ds4_conv_imatrix_apply(&im, &plan, ho.imatrix_strict, &n_imat, &err);
+            ds4_conv_plan *plans[2] = {&plan, &mplan};
+            rc = ds4_conv_imatrix_apply(&im, plans, ho.mtp_out ? 2 : 1, ho.imatrix_strict, &n_imat, &err);
             if (!rc)
                 fprintf(stderr, "ds4-convert: %s: importance for %d of the Q4_K/Q2_K/IQ2_XXS tensors\n", ho.imatrix,
                         n_imat);
@@ -269,11 +303,17 @@ int main(int argc, char **argv) {
         if (!rc) rc = ds4_conv_add_metadata(w, &hp, nm, ot, &err);
         if (!rc && tok) rc = ds4_convert_add_tokenizer(w, tok, &err);
         if (!rc && ho.imatrix) rc = ds4_conv_imatrix_add_metadata(w, &im, &err);
-        if (!rc) rc = ds4_conv_add_tensors_opts(w, &plan, &ho.stream, &err);
+        if (!rc && !dry_run) rc = ds4_conv_add_tensors_opts(w, &plan, &ho.stream, &err);
     }
-    if (!rc) rc = ds4_gguf_writer_write_file(w, out, &err);
-    if (!rc) summary(out, &plan, w);
-    if (!rc && ho.mtp_out) rc = write_mtp(&ho, &hp, &mplan, name ? name : basename_of(hf), &err);
+    if (dry_run) {                  /* the tables; with -o, the metadata alone (a GGUF without tensors) */
+        if (!rc) print_plan(&plan);
+        if (!rc) print_plan(&mplan);
+        if (!rc && out) rc = ds4_gguf_writer_write_file(w, out, &err);
+    } else {
+        if (!rc) rc = ds4_gguf_writer_write_file(w, out, &err);
+        if (!rc) summary(out, &plan, w);
+        if (!rc && ho.mtp_out) rc = write_mtp(&ho, &hp, &mplan, name ? name : basename_of(hf), &err);
+    }
     if (rc) fprintf(stderr, "ds4-convert: %s\n", err.msg[0] ? err.msg : "failed");
     ds4_conv_imatrix_free(&im);
     ds4_gguf_writer_free(w);
