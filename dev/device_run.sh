@@ -3,7 +3,7 @@
 # unpack the build dependencies carried in build/device-deps (fetched here
 # with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
-# usage: bash dev/device_run.sh [tests] [stages] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -41,6 +41,10 @@ while [ $# -gt 0 ]; do
     env)
         # env VAR=VALUE: set a variable for the steps after it (e.g. an A/B switch)
         export "$1"; echo "== env $1"; shift ;;
+    mvbench)
+        # decode matvec variants (dev/mv_bench.cu)
+        nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a dev/mv_bench.cu -o build/mv_bench > "$OUT/mvb-build.log" 2>&1 || tail "$OUT/mvb-build.log"
+        timeout 120 build/mv_bench > "$OUT/mv_bench.log" 2>&1; echo "mv_bench: exit $?"; cat "$OUT/mv_bench.log" ;;
     stages)
         timeout 300 build/cuda/test_stages /tmp > "$OUT/stages.log" 2>&1; echo "stages: exit $?"
         grep -E "^FAIL|passed|==|failed" "$OUT/stages.log" | tail -60 ;;
@@ -63,10 +67,10 @@ while [ $# -gt 0 ]; do
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
         [ $# -gt 0 ] && shift
-        timeout "${NCU_TIMEOUT:-180}" ncu --csv --metrics gpu__time_duration.sum --launch-skip "${NCU_SKIP:-3000}" \
+        timeout "${NCU_TIMEOUT:-180}" ncu --csv ${NCU_FLAGS:-} --metrics "${NCU_METRICS:-gpu__time_duration.sum}" --launch-skip "${NCU_SKIP:-3000}" \
             --launch-count "${NCU_COUNT:-1200}" ./ds4-bench "${args[@]}" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
         echo "ncu: exit $?"; tail -3 "$OUT/ncu.err"
-        python3 dev/ncu_sum.py "$OUT/ncu.csv" | head -40 ;;
+        python3 dev/ncu_sum.py "$OUT/ncu.csv" | head -50 ;;
     bench)
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done

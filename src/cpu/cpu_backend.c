@@ -641,12 +641,29 @@ static void cpu_describe(void *ctx, char *buf, size_t cap) {
 /* Binding: the CPU reads the mapping in place (the bound model is the host
  * model), except for synthetic models, whose weights are filled here. */
 typedef struct synth_fill {
+    cpu_ctx *c;
     void **owned;
     int n_owned, cap;
     uint64_t seed;
     int64_t done, total;
     const ds4_bind_opts *o;
 } synth_fill;
+
+/* blocks [i0, i1) of one synthetic weight, on the pool (the generator is
+ * pure: a block's bytes depend only on the key and its index) */
+typedef struct synth_task {
+    int type, be;
+    uint64_t key;
+    float std;
+    uint8_t *p;
+    size_t nb, per; /* blocks, blocks per item */
+} synth_task;
+static void synth_blocks(void *arg, int i0, int i1, int tid) {
+    (void)tid;
+    const synth_task *t = arg;
+    for (size_t b = (size_t)i0 * t->per; b < (size_t)i1 * t->per && b < t->nb; b++)
+        ds4_synth_block(t->type, t->key, b, t->std, t->p + b * (size_t)t->be);
+}
 
 static int synth_weight(void *user, ds4_weight *w) {
     synth_fill *sf = user;
@@ -666,10 +683,10 @@ static int synth_weight(void *user, ds4_weight *w) {
     }
     sf->owned[sf->n_owned++] = p;
     int be = ds4_synth_block_bytes(w->type);
-    size_t nb = bytes / (size_t)be;
-    uint64_t key = ds4_synth_key(sf->seed, w->name);
-    float std = ds4_model_synth_std(w);
-    for (size_t b = 0; b < nb; b++) ds4_synth_block(w->type, key, b, std, p + b * (size_t)be);
+    synth_task t = {.type = w->type, .be = be, .key = ds4_synth_key(sf->seed, w->name),
+                    .std = ds4_model_synth_std(w), .p = p, .nb = bytes / (size_t)be};
+    t.per = t.nb / 4096 + 1;
+    cpu_run(sf->c, (int)((t.nb + t.per - 1) / t.per), synth_blocks, &t);
     w->data = p;
     sf->done += (int64_t)bytes;
     if (sf->o->progress && sf->o->progress(sf->o->progress_user, sf->done, sf->total)) return DS4_E_CANCEL;
@@ -704,7 +721,7 @@ static int cpu_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts 
     if (c->synth[slot].bound) return ds4_err_set(err, DS4_E_ARG, "cpu backend: at most two synthetic models");
     ds4_model *mm = ds4_model_mirror(host);
     if (!mm) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
-    synth_fill sf = {.seed = o->seed, .o = o};
+    synth_fill sf = {.c = c, .seed = o->seed, .o = o};
     ds4_model_visit cnt = {.weight = synth_count, .vec = vec_keep, .user = &sf};
     ds4_model_visit_all(mm, &cnt);
     ds4_model_visit v = {.weight = synth_weight, .vec = vec_keep, .user = &sf};
