@@ -3,7 +3,7 @@
 # unpack the build dependencies carried in build/device-deps (fetched here
 # with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
-# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -45,6 +45,10 @@ while [ $# -gt 0 ]; do
         # decode matvec variants (dev/mv_bench.cu)
         nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a dev/mv_bench.cu -o build/mv_bench > "$OUT/mvb-build.log" 2>&1 || tail "$OUT/mvb-build.log"
         timeout 120 build/mv_bench > "$OUT/mv_bench.log" 2>&1; echo "mv_bench: exit $?"; cat "$OUT/mv_bench.log" ;;
+    moebench)
+        # decode routed-expert kernel variants (dev/moe_bench.cu)
+        nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Isrc dev/moe_bench.cu -o build/moe_bench > "$OUT/moeb-build.log" 2>&1 || tail "$OUT/moeb-build.log"
+        timeout 120 build/moe_bench > "$OUT/moe_bench.log" 2>&1; echo "moe_bench: exit $?"; cat "$OUT/moe_bench.log" ;;
     stages)
         timeout 300 build/cuda/test_stages /tmp > "$OUT/stages.log" 2>&1; echo "stages: exit $?"
         grep -E "^FAIL|passed|==|failed" "$OUT/stages.log" | tail -60 ;;

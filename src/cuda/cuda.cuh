@@ -114,6 +114,8 @@ struct cu_ctx {
     size_t scratch_bytes;
     cu_scratch s;
     int hc_split;          /* splits of the HC flat dot */
+    bool mv_no_r2;         /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
+    int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
     uint64_t graph_clock;

@@ -937,6 +937,12 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
         c->n_sm = prop.multiProcessorCount;
         snprintf(c->dev_name, sizeof c->dev_name, "%s", prop.name);
         c->hc_split = 32;
+        /* diagnostic only (wrong results): 1 skips the Sinkhorn loop, 2 ends HC-pre after the partials,
+         * 4 skips the partial products, 8 skips the weighted sum and norm */
+        const char *r1 = getenv("DS4_CUDA_MV_R1");
+        c->mv_no_r2 = r1 && *r1 == '1';
+        const char *hd = getenv("DS4_CUDA_HC_DIAG");
+        c->hc_diag = hd ? atoi(hd) : 0;
         ok = cu_ok(c, cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking), "stream") &&
              cu_ok(c, cudaMalloc((void **)&c->dstatus, sizeof(int)), "status") &&
              cu_ok(c, cudaMemset(c->dstatus, 0, sizeof(int)), "status") &&

@@ -106,6 +106,70 @@ struct mv_params {
  * j of a row takes the chunks 32*(j + WPR*k) + lane; the WPR warp sums are
  * added in j order. WPR depends only on the weight's shape (mv_wpr), never
  * on the number of tokens, so a row's value is the same in any batch. */
+/* Q8_0 x int8, one token, R rows per warp: the activation chunk is loaded
+ * once for the R rows and their weight loads are in flight together. Each
+ * row's sum has exactly the order of cu_row_dot (chunks 32*(j + WPR*k) +
+ * lane in k order, warp sum, warps in j order), so values equal k_matvec's
+ * R = 1 path bit for bit (dev/mv_bench.cu checks it). */
+template <int WPR, int R>
+__global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_params p) {
+    cu_pdl_wait();
+    __shared__ float part[8][R];
+    const int warp = threadIdx.x / 32, j = warp % WPR, lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * (8 / WPR) + warp / WPR) * R;
+    int s = 0;
+    while (s < p.n_seg && row0 >= p.seg_end[s]) s++;
+    /* R divides every segment's rows (checked by the launcher): a warp's rows share a segment */
+    const bool live = s < p.n_seg;
+    const cu_seg &g = p.seg[live ? s : 0];
+    const int r0 = live ? row0 - (s ? p.seg_end[s - 1] : 0) : 0;
+    const int8_t *aq = p.aq + g.xoff;
+    const float *ad = p.ad + g.xoff / 32;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    if (live) {
+#pragma unroll 4
+        for (int base = 32 * j; base < p.nch; base += 32 * WPR) {
+            const int c = base + lane;
+            if (c < p.nch) {
+                const int4 a0 = ((const int4 *)(aq + (int64_t)c * 32))[0], a1 = ((const int4 *)(aq + (int64_t)c * 32))[1];
+                const float da = ad[c];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const int4 *w = (const int4 *)(g.w.q + (size_t)(r0 + r) * g.w.q_row + (size_t)c * 32);
+                    const int4 w0 = w[0], w1 = w[1];
+                    int sum = 0;
+                    sum = __dp4a(w0.x, a0.x, sum); sum = __dp4a(w0.y, a0.y, sum);
+                    sum = __dp4a(w0.z, a0.z, sum); sum = __dp4a(w0.w, a0.w, sum);
+                    sum = __dp4a(w1.x, a1.x, sum); sum = __dp4a(w1.y, a1.y, sum);
+                    sum = __dp4a(w1.z, a1.z, sum); sum = __dp4a(w1.w, a1.w, sum);
+                    const float d = cu_h2f(cu_ld16(g.w.s + (size_t)(r0 + r) * g.w.s_row + 2 * (size_t)c));
+                    acc[r] += (d * da) * (float)sum;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float v = cu_warp_sum(acc[r]);
+        if (WPR == 1) {
+            if (live && lane == 0) g.y[r0 + r] = v;
+        } else if (lane == 0) {
+            part[warp][r] = v;
+        }
+    }
+    if constexpr (WPR > 1) {
+        __syncthreads();
+        if (live && j == 0 && lane < R) {
+            float v = part[warp][lane];
+#pragma unroll
+            for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
+            g.y[r0 + lane] = v;
+        }
+    }
+}
+
 template <int WT, bool AQ, int NT, int WPR>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
     cu_pdl_wait();
@@ -181,9 +245,28 @@ template <int WT, bool AQ> static const char *mv_name() {
     }
 }
 
+/* Two rows per warp for one token pays where a warp has at least two
+ * chunk rounds or the weight is tall (dev/mv_bench.cu on the H200: q_b
+ * 1.26x, o_a 1.09x, o_b 1.06x; shorter weights lose). Shape-only rule. */
+static bool mv_two_rows(const mv_params &p, int wpr) {
+    if (p.n != 1 || p.skip_le > 0 || !p.aq) return false;
+    int seg_rows = 0;
+    for (int i = 0; i < p.n_seg; i++) {
+        if (p.seg[i].rows % 2) return false;
+        seg_rows = p.seg[i].rows > seg_rows ? p.seg[i].rows : seg_rows;
+    }
+    return (seg_rows >= 1024 && seg_rows <= 32768 && p.nch >= 64 * wpr) || (seg_rows >= 8192 && seg_rows <= 32768);
+}
+
 template <int WT, bool AQ, int WPR>
 static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     dim3 grid(cu_div_up(rows, 8 / WPR));
+    if constexpr (WT == DS4_TYPE_Q8_0 && AQ) {
+        if (!c->mv_no_r2 && mv_two_rows(p, WPR)) {
+            cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
+            return;
+        }
+    }
     if (p.n == 1) cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, 0, p);
     else if (p.n <= 4) cu_launch(c, k_matvec<WT, AQ, 4, WPR>, grid, 256, 0, p);
     else cu_launch(c, k_matvec<WT, AQ, 8, WPR>, grid, 256, 0, p);

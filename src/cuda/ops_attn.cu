@@ -42,6 +42,7 @@ struct hc_fin {
     float *out;              /* (n, D) */
     float *post, *comb;      /* HC-pre outputs (NULL for the head) */
     bool head;
+    int diag;                /* DS4_CUDA_HC_DIAG bits (timing diagnostics) */
 };
 
 #define HC_THREADS 512
@@ -113,7 +114,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
             float sum = 0.0f;
             for (int k = 0; k < hc; k++) sum += __shfl_sync(0xffffffffu, c, r * hc + k);
             c = c / sum + e;
-            for (int it = 0; it < p.sinkhorn; it++) {
+            for (int it = 0; it < ((p.diag & 1) ? 0 : p.sinkhorn); it++) {
                 if (it > 0) { /* row normalisation */
                     float rsum = 0.0f;
                     for (int k = 0; k < hc; k++) rsum += __shfl_sync(0xffffffffu, c, r * hc + k);
@@ -127,6 +128,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
         }
     }
     __syncthreads();
+    if (p.diag & 8) return;
     if (xreg) {
 #pragma unroll
         for (int k = 0; k < XK; k++) {
@@ -173,7 +175,7 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
 #pragma unroll
     for (int o = 0; o < HC_MAX_MIX; o++) dot[o] = 0.0f;
     double ss = 0.0;
-    for (int e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
+    for (int e = e0 + threadIdx.x; e < ((p.diag & 4) ? e0 : e1); e += blockDim.x) {
         float v = x[e];
         ss += (double)v * (double)v;
 #pragma unroll
@@ -212,7 +214,7 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     __syncthreads();
     if (threadIdx.x == 0) last = atomicInc(p.cnt + t, (unsigned)(n_split - 1)) == (unsigned)(n_split - 1);
     __syncthreads();
-    if (!last) return;
+    if (!last || (p.diag & 2)) return;
     __threadfence();
     hc_finish(p, t, xs);
 }
@@ -246,6 +248,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.post = post;
     p.comb = comb;
     p.head = head;
+    p.diag = c->hc_diag;
     dim3 g(split, n);
     const size_t sm = (size_t)hp->n_embd * sizeof(float);
     switch (fn->type) {

@@ -309,6 +309,30 @@ static void t_attn_project(tctx *t, int n, int il) {
     check(t, "attn_project cq", n, cq[0], cq[1], (size_t)n * ql, 1e-4, 0);
     check(t, "attn_project q", n, q[0], q[1], (size_t)n * qd, 1e-4, 0);
     check(t, "attn_project kv", n, kv[0], kv[1], (size_t)n * dh, 1e-4, allow);
+    if (n > 1) {
+        /* CUDA alone: token 0 as a batch of one (the decode kernels, e.g. two
+         * rows per warp) equals its row of the batch bit for bit */
+        const int k = 1;
+        const ds4_layer *l = &BM->layers[il];
+        const ds4_rope *rope = l->kind == DS4_ATTN_SLIDING ? &BM->rope_main : &BM->rope_compress;
+        ds4_step *st = make_step(S, t->n_batch, pos0, 1, NULL);
+        float *du = up(S, u, D * 4), *dcq = up(S, NULL, ql * 4), *dq = up(S, NULL, qd * 4), *dkv = up(S, NULL, dh * 4);
+        ds4_attn_project_args a = {.m = BM, .step = st, .n = 1, .pos0 = pos0, .l = l, .rope = rope, .num = t->num,
+                                   .u = du, .cq = dcq, .q = dq, .kv = dkv};
+        begin(S, st, 1, pos0);
+        S->be.ops->attn_project(S->be.ctx, &a);
+        end(S, "attn_project");
+        float *c1 = malloc(ql * 4), *q1 = malloc(qd * 4), *k1 = malloc(dh * 4);
+        down(S, c1, dcq, ql * 4);
+        down(S, q1, dq, qd * 4);
+        down(S, k1, dkv, dh * 4);
+        bool same = !memcmp(c1, cq[1], ql * 4) && !memcmp(q1, q[1], qd * 4) && !memcmp(k1, kv[1], dh * 4);
+        same ? n_pass++ : n_fail++;
+        printf("%s  %-10s n=%-4d attn_project L%d cuda n=1 == row 0 of n=%d bitwise\n", same ? "PASS" : "FAIL", t->recipe,
+               n, il, n);
+        free(c1), free(q1), free(k1);
+        rel(S, du), rel(S, dcq), rel(S, dq), rel(S, dkv), rel(S, st);
+    }
     for (int k = 0; k < 2; k++) free(cq[k]), free(q[k]), free(kv[k]);
     free(u);
 }

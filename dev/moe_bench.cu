@@ -1,0 +1,224 @@
+/* dev/moe_bench.cu - decode (one token, 6 experts) routed-expert kernels at
+ * the Flash q2 shapes: gate+up (IQ2_XXS, 2048 x 4096 each) and down (Q2_K,
+ * 4096 x 2048), with the production chunk dot (src/cuda/quant.cuh). Each
+ * launch picks 6 different experts of a full layer stack (no L2 reuse),
+ * timed inside CUDA graphs; variants are checked bit for bit against R = 1.
+ *
+ *   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Isrc dev/moe_bench.cu -o build/moe_bench
+ *
+ * Variants: R rows per warp (1 = production: one row per warp, 8 per block),
+ * and P: blocks loop over row groups (grid = SMs x P) so the IQ2 table is
+ * loaded once per block.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+
+#include "cuda/cuda.cuh"
+#include "cuda/quant.cuh"
+
+#define CK(x)                                                                                   \
+    do {                                                                                        \
+        cudaError_t e_ = (x);                                                                   \
+        if (e_ != cudaSuccess) {                                                                \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            exit(1);                                                                            \
+        }                                                                                       \
+    } while (0)
+
+/* the definitions cuda.cuh declares but this tool does not link */
+void cu_fail(cu_ctx *, int, const char *, ...) {}
+
+struct B {
+    const uint8_t *qa, *sa, *qb, *sb; /* expert 0 row 0 of gate/up (qb/sb null: down) */
+    size_t q_mat, s_mat, q_row, s_row;
+    const int32_t *experts;           /* 6 per launch */
+    int rows, nch;
+    const int8_t *aq;
+    const float *ad;
+    const int32_t *abs;
+    float *out;                       /* (6, rows) */
+    const uint64_t *grid;
+    const uint8_t *ksigns;
+};
+
+template <int WT, int R, bool TWO>
+__global__ void __launch_bounds__(256) k_exp(const __grid_constant__ B p) {
+    __shared__ cu_iq2_tab tab;
+    if constexpr (WT == DS4_TYPE_IQ2_XXS) {
+        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+        __syncthreads();
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    constexpr int RPB = 8 * R;
+    const int groups = (p.rows + RPB - 1) / RPB;
+    for (int gi = blockIdx.x; gi < 6 * groups; gi += gridDim.x) {
+        const int slot = gi / groups, r0 = (gi % groups) * RPB + warp * R;
+        const int e = p.experts[slot];
+        float ga[R], ua[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) ga[r] = ua[r] = 0.0f;
+        int64_t xo[1] = {0};
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const size_t row = (size_t)(r0 + r);
+            cu_row_dot<WT, true, 1>(p.qa + e * p.q_mat + row * p.q_row, p.sa ? p.sa + e * p.s_mat + row * p.s_row : nullptr,
+                                    p.nch, 1, nullptr, p.aq, p.ad, p.abs, xo, &ga[r], &tab);
+            if (TWO)
+                cu_row_dot<WT, true, 1>(p.qb + e * p.q_mat + row * p.q_row,
+                                        p.sb ? p.sb + e * p.s_mat + row * p.s_row : nullptr, p.nch, 1, nullptr, p.aq, p.ad,
+                                        p.abs, xo, &ua[r], &tab);
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float g = cu_warp_sum(ga[r]);
+            float u = TWO ? cu_warp_sum(ua[r]) : 0.0f;
+            if (lane == 0 && r0 + r < p.rows) p.out[slot * p.rows + r0 + r] = TWO ? g * 0.5f + u : g;
+        }
+    }
+}
+
+static int n_sm;
+
+template <int WT, int R, bool TWO>
+static void launch(cudaStream_t st, const B &p, int per_sm) {
+    const int groups = (p.rows + 8 * R - 1) / (8 * R);
+    int grid = 6 * groups;
+    if (per_sm && grid > n_sm * per_sm) grid = n_sm * per_sm;
+    k_exp<WT, R, TWO><<<grid, 256, 0, st>>>(p);
+}
+typedef void (*lfn)(cudaStream_t, const B &, int);
+
+int main() {
+    CK(cudaSetDevice(0));
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    n_sm = prop.multiProcessorCount;
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    const int E = 256, D = 4096, F = 2048, LAUNCHES = 40;
+    uint64_t *grid;
+    uint8_t *ks;
+    CK(cudaMalloc(&grid, 256 * 8));
+    CK(cudaMalloc(&ks, 128));
+    std::vector<uint8_t> rnd(1 << 20);
+    srand(3);
+    for (auto &b : rnd) b = (uint8_t)rand();
+    CK(cudaMemcpy(grid, rnd.data(), 2048, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(ks, rnd.data() + 4096, 128, cudaMemcpyHostToDevice));
+    auto fill = [&](uint8_t *p, size_t n) {
+        for (size_t o = 0; o < n; o += rnd.size()) CK(cudaMemcpy(p + o, rnd.data(), n - o < rnd.size() ? n - o : rnd.size(), cudaMemcpyHostToDevice));
+    };
+    auto fill_scales = [&](uint8_t *p, size_t n) { /* f16 ~1e-3 */
+        std::vector<__half> h(n / 2);
+        for (auto &v : h) v = __float2half(0.0005f + 0.001f * (rand() % 1000) / 1000.0f);
+        CK(cudaMemcpy(p, h.data(), n, cudaMemcpyHostToDevice));
+    };
+    /* activations: Q8_K rows of D (gate/up) and F (down) */
+    int8_t *aq;
+    float *ad;
+    int32_t *abs;
+    CK(cudaMalloc(&aq, D));
+    CK(cudaMalloc(&ad, D / 256 * 4));
+    CK(cudaMalloc(&abs, D / 16 * 4));
+    {
+        std::vector<int8_t> q(D);
+        std::vector<float> d(D / 256, 0.01f);
+        std::vector<int32_t> bs(D / 16, 0);
+        for (int i = 0; i < D; i++) q[i] = (int8_t)(rand() % 255 - 127), bs[i / 16] += q[i];
+        CK(cudaMemcpy(aq, q.data(), D, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(ad, d.data(), D / 256 * 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(abs, bs.data(), D / 16 * 4, cudaMemcpyHostToDevice));
+    }
+    int32_t *experts;
+    CK(cudaMalloc(&experts, LAUNCHES * 6 * 4));
+    {
+        std::vector<int32_t> ex(LAUNCHES * 6);
+        for (auto &v : ex) v = rand() % E;
+        CK(cudaMemcpy(experts, ex.data(), ex.size() * 4, cudaMemcpyHostToDevice));
+    }
+    float *out;
+    CK(cudaMalloc(&out, 6 * D * 4));
+    std::vector<float> ref(6 * D), got(6 * D);
+    printf("%-10s %-8s %9s %8s %8s\n", "kernel", "variant", "us/call", "GB/s", "vs R1");
+    for (int which = 0; which < 2; which++) {
+        const bool gu = which == 0;
+        const int rows = gu ? F : D, n_in = gu ? D : F, nb = n_in / 256;
+        const size_t q_row = gu ? (size_t)nb * 64 : (size_t)nb * 84, s_row = gu ? (size_t)nb * 2 : 0;
+        const size_t q_mat = q_row * rows, s_mat = s_row * rows;
+        uint8_t *qa, *qb = nullptr, *sa = nullptr, *sb = nullptr;
+        CK(cudaMalloc(&qa, q_mat * E));
+        fill(qa, q_mat * E);
+        if (gu) {
+            CK(cudaMalloc(&qb, q_mat * E));
+            fill(qb, q_mat * E);
+            CK(cudaMalloc(&sa, s_mat * E));
+            CK(cudaMalloc(&sb, s_mat * E));
+            fill_scales(sa, s_mat * E);
+            fill_scales(sb, s_mat * E);
+        } else { /* Q2_K: d, dmin f16 at bytes 80..83 of every 84-byte block: random is fine but keep finite */
+            std::vector<uint8_t> h(q_mat * 16);
+            for (size_t i = 0; i < h.size(); i++) h[i] = rnd[i % rnd.size()];
+            for (size_t b = 0; b < h.size() / 84; b++) {
+                __half d = __float2half(0.001f), m = __float2half(0.0005f);
+                memcpy(&h[b * 84 + 80], &d, 2);
+                memcpy(&h[b * 84 + 82], &m, 2);
+            }
+            for (int k = 0; k < E; k += 16) CK(cudaMemcpy(qa + (size_t)k * q_mat, h.data(), h.size(), cudaMemcpyHostToDevice));
+        }
+        const double bytes = 6.0 * (double)(q_mat + s_mat) * (gu ? 2 : 1);
+        struct V {
+            const char *name;
+            lfn f;
+            int per_sm;
+        };
+        std::vector<V> vs;
+        if (gu) vs = {{"R1", launch<DS4_TYPE_IQ2_XXS, 1, true>, 0}, {"R2", launch<DS4_TYPE_IQ2_XXS, 2, true>, 0},
+                      {"R4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 0}, {"R1p4", launch<DS4_TYPE_IQ2_XXS, 1, true>, 4},
+                      {"R2p4", launch<DS4_TYPE_IQ2_XXS, 2, true>, 4}, {"R2p8", launch<DS4_TYPE_IQ2_XXS, 2, true>, 8},
+                      {"R4p2", launch<DS4_TYPE_IQ2_XXS, 4, true>, 2}, {"R4p4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 4}};
+        else vs = {{"R1", launch<DS4_TYPE_Q2_K, 1, false>, 0}, {"R2", launch<DS4_TYPE_Q2_K, 2, false>, 0},
+                   {"R4", launch<DS4_TYPE_Q2_K, 4, false>, 0}, {"R1p4", launch<DS4_TYPE_Q2_K, 1, false>, 4},
+                   {"R2p4", launch<DS4_TYPE_Q2_K, 2, false>, 4}, {"R2p8", launch<DS4_TYPE_Q2_K, 2, false>, 8},
+                   {"R4p2", launch<DS4_TYPE_Q2_K, 4, false>, 2}, {"R4p4", launch<DS4_TYPE_Q2_K, 4, false>, 4}};
+        double base = 0;
+        for (const V &v : vs) {
+            auto enq = [&](int k) {
+                B p{qa, sa, qb, sb, q_mat, s_mat, q_row, s_row, experts + 6 * k, rows, n_in / 32, aq, ad, abs, out, grid, ks};
+                v.f(st, p, v.per_sm);
+            };
+            enq(0);
+            CK(cudaStreamSynchronize(st));
+            CK(cudaGetLastError());
+            CK(cudaMemcpy(got.data(), out, 6 * rows * 4, cudaMemcpyDeviceToHost));
+            if (v.name == vs[0].name) ref = got;
+            else if (memcmp(ref.data(), got.data(), 6 * rows * 4)) printf("  !! %s differs from R1\n", v.name);
+            cudaGraph_t g;
+            cudaGraphExec_t ge;
+            CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+            for (int k = 0; k < LAUNCHES; k++) enq(k);
+            CK(cudaStreamEndCapture(st, &g));
+            CK(cudaGraphInstantiate(&ge, g, 0));
+            CK(cudaGraphLaunch(ge, st));
+            CK(cudaStreamSynchronize(st));
+            cudaEvent_t e0, e1;
+            CK(cudaEventCreate(&e0));
+            CK(cudaEventCreate(&e1));
+            CK(cudaEventRecord(e0, st));
+            for (int i = 0; i < 5; i++) CK(cudaGraphLaunch(ge, st));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            double us = ms * 1000.0 / (5.0 * LAUNCHES);
+            if (v.name == vs[0].name) base = us;
+            printf("%-10s %-8s %9.2f %8.0f %8.2f\n", gu ? "gate_up" : "down", v.name, us, bytes / us / 1e3, base / us);
+        }
+        CK(cudaFree(qa));
+        if (qb) CK(cudaFree(qb));
+        if (sa) CK(cudaFree(sa));
+        if (sb) CK(cudaFree(sb));
+    }
+    return 0;
+}
