@@ -59,6 +59,7 @@ struct cu_act {
 struct cu_scratch {
     size_t n_batch, n_ctx;     /* what it was sized for */
     cu_act a1, a2, a3;         /* a1: any row activation; a2: second quantisation of v; a3: expert hidden */
+    cu_act h0, hk;             /* Q8_0 / Q8_K codes of the HC-pre (or head) output, written by k_hc */
     float *o;                  /* (B, H*dh) attention output */
     float *att_o;              /* (att_tokens, att_splits, H, dh) split attention outputs */
     float *att_m, *att_l;      /* (att_tokens, att_splits, H) split maxima / sums */
@@ -84,6 +85,19 @@ struct cu_scratch {
     float *sd;                 /* (B, D) shared down */
     float *tmp;                /* (B, max(D, q_lora)) */
 };
+
+/* A producer kernel that also wrote the int8 codes of its output records
+ * it here (host side, in launch order); cu_mv_pair and the expert stage
+ * then read those codes instead of quantizing the same rows again. Records
+ * live from the producer to the next HC stage (cu_preq_clear) and a record
+ * naming a buffer is dropped when cu_quantize overwrites that buffer. */
+struct cu_preq {
+    const float *x;            /* the f32 rows the codes were made from */
+    int n, n_in, type;
+    int64_t ldx;
+    const cu_act *a;
+};
+#define CU_MAX_PREQ 4
 
 /* ---------------------------------------------------------------- context */
 
@@ -114,6 +128,8 @@ struct cu_ctx {
     size_t scratch_bytes;
     cu_scratch s;
     int hc_split;          /* splits of the HC flat dot */
+    cu_preq preq[CU_MAX_PREQ];
+    bool no_preq;          /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
     bool mv_no_r2;         /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     /* graphs */
@@ -228,6 +244,9 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
 /* Quantizes n rows of n_in values of x (ld ldx) into a (ld n_in) as act_type
  * (DS4_TYPE_Q8_0 or DS4_TYPE_Q8_K), byte-exact with ds4_quantize_act. */
 void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *a);
+void cu_preq_set(cu_ctx *c, const float *x, int n, int64_t ldx, int n_in, int type, const cu_act *a);
+const cu_act *cu_preq_find(cu_ctx *c, const float *x, int n, int64_t ldx, int n_in, int type);
+void cu_preq_clear(cu_ctx *c);
 /* Dequantizes rows ids[t] (device, n of them; NULL = rows 0..n-1) of w into
  * y (ld ldy), repeating each row `rep` times at stride rep_stride floats. */
 void cu_dequant_rows(cu_ctx *c, const ds4_weight *w, const int32_t *ids, int n, float *y, int64_t ldy, int rep,

@@ -555,6 +555,8 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     act(&s->a1, B * row_max);
     act(&s->a2, B * D);
     act(&s->a3, B * K * (F > D ? F : D));
+    act(&s->h0, B * D);
+    act(&s->hk, B * D);
     s->o = (float *)take(B * H * dh * 4);
     { /* split attention partials: splits for the longest row list of any
        * layer, tokens per launch within ~256 MiB */
@@ -634,6 +636,7 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
 /* ---------------------------------------------------------------- steps */
 
 static int cu_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
+    cu_preq_clear((cu_ctx *)ctx);
     cu_ctx *c = (cu_ctx *)ctx;
     c->err = 0;
     c->capturing = false;
@@ -939,6 +942,8 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
         c->hc_split = 32;
         /* diagnostic only (wrong results): 1 skips the Sinkhorn loop, 2 ends HC-pre after the partials,
          * 4 skips the partial products, 8 skips the weighted sum and norm */
+        const char *npq = getenv("DS4_CUDA_NO_PREQ");
+        c->no_preq = npq && *npq == '1';
         const char *r1 = getenv("DS4_CUDA_MV_R1");
         c->mv_no_r2 = r1 && *r1 == '1';
         const char *hd = getenv("DS4_CUDA_HC_DIAG");

@@ -26,13 +26,7 @@ __global__ void k_quant_q8_0(const float *x, int64_t ldx, int n, int n_in, int8_
     const int64_t blk = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (blk >= (int64_t)n * nb) return;
     const int t = (int)(blk / nb), b = (int)(blk % nb), lane = threadIdx.x & 31;
-    float v = x[t * ldx + (int64_t)b * 32 + lane];
-    float amax = cu_warp_max(fabsf(v));
-    float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int qi = __float2int_rn(v * iscale);
-    qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
-    q[(int64_t)t * n_in + (int64_t)b * 32 + lane] = (int8_t)qi;
-    if (lane == 0) d[(int64_t)t * nb + b] = __half2float(__float2half_rn(amax / 127.0f));
+    cu_warp_q8_0(x[t * ldx + (int64_t)b * 32 + lane], q + (int64_t)t * n_in + (int64_t)b * 32, d + (int64_t)t * nb + b);
 }
 
 /* Q8_K activations: one warp per 256-value block, lane i holds values
@@ -44,30 +38,44 @@ __global__ void k_quant_q8_k(const float *x, int64_t ldx, int n, int n_in, int8_
     if (blk >= (int64_t)n * nb) return;
     const int t = (int)(blk / nb), b = (int)(blk % nb), lane = threadIdx.x & 31;
     const float *xp = x + t * ldx + (int64_t)b * 256 + 8 * lane;
-    float v[8], amax = 0.0f;
+    float v[8];
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        v[i] = xp[i];
-        amax = fmaxf(amax, fabsf(v[i]));
+    for (int i = 0; i < 8; i++) v[i] = xp[i];
+    cu_warp_q8_k(v, q + (int64_t)t * n_in + (int64_t)b * 256, d + (int64_t)t * nb + b,
+                 bs + (int64_t)t * (n_in / 16) + (int64_t)b * 16);
+}
+
+/* ---------------------------------------------------------------- pre-quantized rows */
+
+void cu_preq_clear(cu_ctx *c) { memset(c->preq, 0, sizeof c->preq); }
+
+static void preq_drop(cu_ctx *c, const cu_act *a) {
+    for (int i = 0; i < CU_MAX_PREQ; i++)
+        if (c->preq[i].a == a) c->preq[i] = cu_preq{};
+}
+
+void cu_preq_set(cu_ctx *c, const float *x, int n, int64_t ldx, int n_in, int type, const cu_act *a) {
+    if (c->no_preq) return;
+    int slot = -1;
+    for (int i = 0; i < CU_MAX_PREQ; i++) /* the buffer now holds only these codes */
+        if (c->preq[i].a == a || (c->preq[i].x == x && c->preq[i].type == type)) c->preq[i] = cu_preq{};
+    for (int i = 0; i < CU_MAX_PREQ && slot < 0; i++)
+        if (!c->preq[i].a) slot = i;
+    if (slot < 0) slot = 0;
+    c->preq[slot] = cu_preq{x, n, n_in, type, ldx, a};
+}
+
+const cu_act *cu_preq_find(cu_ctx *c, const float *x, int n, int64_t ldx, int n_in, int type) {
+    for (int i = 0; i < CU_MAX_PREQ; i++) {
+        const cu_preq &r = c->preq[i];
+        if (r.a && r.x == x && r.n == n && r.ldx == ldx && r.n_in == n_in && r.type == type) return r.a;
     }
-    amax = cu_warp_max(amax);
-    float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int s = 0;
-    int8_t *qp = q + (int64_t)t * n_in + (int64_t)b * 256 + 8 * lane;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        int qi = __float2int_rn(v[i] * iscale);
-        qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
-        qp[i] = (int8_t)qi;
-        s += qi;
-    }
-    s += __shfl_down_sync(0xffffffffu, s, 1);
-    if ((lane & 1) == 0) bs[(int64_t)t * (n_in / 16) + (int64_t)b * 16 + lane / 2] = s;
-    if (lane == 0) d[(int64_t)t * nb + b] = amax / 127.0f;
+    return nullptr;
 }
 
 void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *a) {
     if (c->err || n <= 0) return;
+    preq_drop(c, a);
     if ((size_t)n * n_in > a->cap) {
         cu_fail(c, DS4_E_INTERNAL, "cuda: activation buffer too small (%d x %d > %zu)", n, n_in, a->cap);
         return;
@@ -403,17 +411,24 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
     int nw = w2 ? 2 : 1;
     bool fuse = nw == 2 && w1->type == w2->type && w1->n_in == w2->n_in;
     int quantized_for = -1;
+    const cu_act *use = buf;
     for (int i = 0; i < nw; i++) {
         int at = act_quant ? cu_act_type(ws[i]->type) : -1;
         if (at >= 0 && at != quantized_for) {
-            cu_quantize(c, at, x, ldx, n, (int)ws[i]->n_in, buf);
+            const cu_act *pre = cu_preq_find(c, x, n, ldx, (int)ws[i]->n_in, at);
+            if (pre) {
+                use = pre;
+            } else {
+                cu_quantize(c, at, x, ldx, n, (int)ws[i]->n_in, buf);
+                use = buf;
+            }
             quantized_for = at;
         }
         cu_seg seg[2];
         int ns = 0;
         seg[ns++] = cu_seg{cu_weight_view(ws[i]), (int)ws[i]->n_out, ys[i], lds[i], 0};
         if (fuse) seg[ns++] = cu_seg{cu_weight_view(ws[1]), (int)ws[1]->n_out, ys[1], lds[1], 0};
-        cu_matvec(c, seg, ns, n, x, at >= 0 ? ws[i]->n_in : ldx, at >= 0 ? buf : nullptr, step, skip_le);
+        cu_matvec(c, seg, ns, n, x, at >= 0 ? ws[i]->n_in : ldx, at >= 0 ? use : nullptr, step, skip_le);
         if (fuse) break;
     }
 }

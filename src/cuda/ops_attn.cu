@@ -43,6 +43,11 @@ struct hc_fin {
     float *post, *comb;      /* HC-pre outputs (NULL for the head) */
     bool head;
     int diag;                /* DS4_CUDA_HC_DIAG bits (timing diagnostics) */
+    int8_t *q0;              /* optional (n, D) Q8_0 codes of out, scales d0 (n, D/32) */
+    float *d0;
+    int8_t *qk;              /* optional (n, D) Q8_K codes of out, scales dk (n, D/256), sums bsk (n, D/16) */
+    float *dk;
+    int32_t *bsk;
 };
 
 #define HC_THREADS 512
@@ -50,14 +55,24 @@ struct hc_fin {
 /* Finishes HC-pre (mixer split, Sinkhorn, weighted sum, RMSNorm) or the
  * head's stream weighting for token t, run by the last block of k_hc to
  * finish its partials. The small mixer math runs on warp 0 with exactly
- * cpu_ops.c's expressions. xs: D floats of shared memory. */
+ * cpu_ops.c's expressions. HCN: n_hc as a constant (loops unrolled), 0 =
+ * read it from p. xs: D floats of shared memory.
+ *
+ * Order: warp 0 computes pre/post; every thread forms its weighted sums and
+ * sums of squares (cu_row_rmsnorm's per-thread order); then warp 0 signals
+ * a named barrier without waiting and runs the comb softmax + Sinkhorn
+ * (only HC-post reads it) while warps 1.. finish the norm (the block
+ * reduction's tree, replayed by each of them), write the output and, when
+ * asked, its Q8_0 and Q8_K quantizations for the projections that read it. */
+template <int HCN>
 __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
     __shared__ double red[32];
     __shared__ float mix[HC_MAX_MIX], pre[8];
     __shared__ float part[HC_MAX_SPLIT * HC_MAX_MIX];
     __shared__ double parts[HC_MAX_SPLIT];
-    const int hc = p.n_hc, D = p.D, nflat = hc * D;
+    const int hc = HCN ? HCN : p.n_hc, D = p.D, nflat = hc * D;
     const int n_mix = p.head ? hc : (2 + hc) * hc;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     __shared__ float rsq;
     /* this thread's values of X (dims tid + k*blockDim of every stream),
      * loaded now so that their latency hides behind the mixer math */
@@ -90,67 +105,118 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
         rsq = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
     }
     __syncthreads();
-    /* The mixer math on warp 0, lane l holding comb element l = (row l/hc,
-     * column l%hc); every sum gathers its terms by shuffles and adds them in
-     * cpu_ops.c's order, so the values equal the CPU's expression by
-     * expression (hc <= 4: 16 lanes). */
-    if (threadIdx.x < 32) {
-        const int lane = threadIdx.x, r = lane / hc, b = lane % hc;
-        const bool on = lane < hc * hc;
-        const float rs = rsq;
-        const float e = p.hc_eps;
-        if (lane < hc) {
-            pre[lane] = cu_sigmoid(cu_lin(__fmul_rn(mix[lane], rs), p.scale[0], p.base[lane])) + e;
-            if (!p.head)
-                p.post[(int64_t)t * hc + lane] =
-                    2.0f * cu_sigmoid(cu_lin(__fmul_rn(mix[hc + lane], rs), p.scale[1], p.base[hc + lane]));
-        }
-        if (!p.head) {
-            float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rs), p.scale[2], p.base[2 * hc + lane]) : 0.0f;
-            /* row softmax (the first row normalisation) */
-            float mx = -INFINITY;
-            for (int k = 0; k < hc; k++) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, r * hc + k));
-            c = on ? expf(c - mx) : 0.0f;
-            float sum = 0.0f;
-            for (int k = 0; k < hc; k++) sum += __shfl_sync(0xffffffffu, c, r * hc + k);
-            c = c / sum + e;
-            for (int it = 0; it < ((p.diag & 1) ? 0 : p.sinkhorn); it++) {
-                if (it > 0) { /* row normalisation */
-                    float rsum = 0.0f;
-                    for (int k = 0; k < hc; k++) rsum += __shfl_sync(0xffffffffu, c, r * hc + k);
-                    c /= (rsum + e);
+    if (threadIdx.x < hc) {
+        pre[lane] = cu_sigmoid(cu_lin(__fmul_rn(mix[lane], rsq), p.scale[0], p.base[lane])) + p.hc_eps;
+        if (!p.head)
+            p.post[(int64_t)t * hc + lane] =
+                2.0f * cu_sigmoid(cu_lin(__fmul_rn(mix[hc + lane], rsq), p.scale[1], p.base[hc + lane]));
+    }
+    __syncthreads();
+    /* weighted sum of the streams and this thread's sum of squares */
+    double ss = 0.0;
+    if (!(p.diag & 8)) {
+        if (xreg) {
+#pragma unroll
+            for (int k = 0; k < XK; k++) {
+                const int d = threadIdx.x + k * blockDim.x;
+                if (d < D) {
+                    float acc = 0.0f;
+#pragma unroll
+                    for (int s = 0; s < XS; s++)
+                        if (s < hc) acc = __fadd_rn(acc, __fmul_rn(pre[s], xr[k][s]));
+                    xs[d] = acc;
+                    ss += (double)acc * (double)acc;
                 }
-                float csum = 0.0f; /* column normalisation */
-                for (int k = 0; k < hc; k++) csum += __shfl_sync(0xffffffffu, c, k * hc + b);
-                c /= (csum + e);
             }
-            if (on) p.comb[(int64_t)t * hc * hc + lane] = c;
-        }
-    }
-    __syncthreads();
-    if (p.diag & 8) return;
-    if (xreg) {
-#pragma unroll
-        for (int k = 0; k < XK; k++) {
-            const int d = threadIdx.x + k * blockDim.x;
-            if (d < D) {
+        } else {
+            for (int d = threadIdx.x; d < D; d += blockDim.x) {
                 float acc = 0.0f;
-#pragma unroll
-                for (int s = 0; s < XS; s++)
-                    if (s < hc) acc = __fadd_rn(acc, __fmul_rn(pre[s], xr[k][s]));
+                for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(pre[s], X[(int64_t)s * D + d]));
                 xs[d] = acc;
+                ss += (double)acc * (double)acc;
             }
         }
-    } else {
-        for (int d = threadIdx.x; d < D; d += blockDim.x) {
-            float acc = 0.0f;
-            for (int s = 0; s < hc; s++) acc = __fadd_rn(acc, __fmul_rn(pre[s], X[(int64_t)s * D + d]));
-            xs[d] = acc;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) red[w] = ss;
+    if (w == 0) {
+        /* release warps 1.. (they wait for all nw warps' partials) */
+        asm volatile("bar.arrive 1, %0;" ::"r"(blockDim.x) : "memory");
+        if (p.head) return;
+        /* comb: row softmax, then Sinkhorn; lane l holds element (l/hc, l%hc),
+         * every sum gathers its terms by shuffles and adds them in cpu_ops.c's
+         * order (hc <= 4: 16 lanes) */
+        const int r = lane / hc, b = lane % hc;
+        const bool on = lane < hc * hc;
+        const float e = p.hc_eps;
+        float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rsq), p.scale[2], p.base[2 * hc + lane]) : 0.0f;
+        float g[HCN ? HCN : 8];
+        float mx = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < (HCN ? HCN : 8); k++)
+            if (k < hc) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, r * hc + k));
+        c = on ? expf(c - mx) : 0.0f;
+        float sum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < (HCN ? HCN : 8); k++)
+            if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
+#pragma unroll
+        for (int k = 0; k < (HCN ? HCN : 8); k++)
+            if (k < hc) sum += g[k];
+        c = c / sum + e;
+        const int iters = (p.diag & 1) ? 0 : p.sinkhorn;
+        for (int it = 0; it < iters; it++) {
+            if (it > 0) { /* row normalisation */
+#pragma unroll
+                for (int k = 0; k < (HCN ? HCN : 8); k++)
+                    if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
+                float rsum = 0.0f;
+#pragma unroll
+                for (int k = 0; k < (HCN ? HCN : 8); k++)
+                    if (k < hc) rsum += g[k];
+                c /= (rsum + e);
+            }
+#pragma unroll
+            for (int k = 0; k < (HCN ? HCN : 8); k++) /* column normalisation */
+                if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, k * hc + b);
+            float csum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < (HCN ? HCN : 8); k++)
+                if (k < hc) csum += g[k];
+            c /= (csum + e);
+        }
+        if (on) p.comb[(int64_t)t * hc * hc + lane] = c;
+        return;
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x) : "memory");
+    if (p.diag & 8) return;
+    /* the block reduction's final tree (cu_block_reduce), in every warp */
+    double tot = lane < nw ? red[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
+    const float rn = 1.0f / sqrtf((float)(tot / D) + p.rms_eps);
+    /* normalise by 32-value blocks (cu_row_rmsnorm's expressions), write,
+     * and quantize to Q8_0 */
+    const int nb = D / 32, wk = w - 1, nwk = nw - 1;
+    for (int blk = wk; blk < nb; blk += nwk) {
+        const int d = 32 * blk + lane;
+        float v = __fmul_rn(xs[d], rn);
+        v = p.norm_w ? __fmul_rn(p.norm_w[d], v) : v;
+        xs[d] = v;
+        p.out[(int64_t)t * D + d] = v;
+        if (p.q0) cu_warp_q8_0(v, p.q0 + (int64_t)t * D + 32 * blk, p.d0 + (int64_t)t * nb + blk);
+    }
+    if (p.qk) {
+        asm volatile("bar.sync 2, %0;" ::"r"(blockDim.x - 32) : "memory");
+        for (int sb = wk; sb < D / 256; sb += nwk) {
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = xs[256 * sb + 8 * lane + i];
+            cu_warp_q8_k(v, p.qk + (int64_t)t * D + 256 * sb, p.dk + (int64_t)t * (D / 256) + sb,
+                         p.bsk + (int64_t)t * (D / 16) + 16 * sb);
         }
     }
-    __syncthreads();
-    cu_row_rmsnorm(xs, D, p.norm_w, p.rms_eps, red);
-    for (int d = threadIdx.x; d < D; d += blockDim.x) p.out[(int64_t)t * D + d] = xs[d];
 }
 
 /* HC-pre (or the head's stream weighting) in one launch: block (s, t) takes
@@ -160,7 +226,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
  * the token's blocks to finish (a counter that wraps back to 0) sums the
  * splits in split order and finishes (hc_finish). HC_THREADS threads;
  * dynamic shared: D floats. */
-template <int WT>
+template <int WT, int HCN>
 __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fin p) {
     cu_pdl_wait();
     extern __shared__ float xs[];
@@ -216,13 +282,13 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     __syncthreads();
     if (!last || (p.diag & 2)) return;
     __threadfence();
-    hc_finish(p, t, xs);
+    hc_finish<HCN>(p, t, xs);
 }
 
 /* hc_pre and the head's first half: partial products + finish. */
 static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mix, const float *X, int n,
                    const float *scale, const float *base, const float *norm_w, float *out, float *post, float *comb,
-                   bool head) {
+                   bool head, const cu_act *q0, const cu_act *qk) {
     const ds4_hparams *hp = &m->hp;
     const int nflat = hp->n_hc * hp->n_embd;
     int split = c->hc_split;
@@ -249,22 +315,38 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.comb = comb;
     p.head = head;
     p.diag = c->hc_diag;
+    const int D = hp->n_embd;
+    const bool qok = D % 256 == 0 && (size_t)n * D <= c->s.h0.cap;
+    p.q0 = q0 && qok ? q0->q : nullptr;
+    p.d0 = q0 && qok ? q0->d : nullptr;
+    p.qk = qk && qok ? qk->q : nullptr;
+    p.dk = qk && qok ? qk->d : nullptr;
+    p.bsk = qk && qok ? qk->bs : nullptr;
     dim3 g(split, n);
-    const size_t sm = (size_t)hp->n_embd * sizeof(float);
+    const size_t sm = (size_t)D * sizeof(float);
+#define HC_LAUNCH(T)                                                                  \
+    (hp->n_hc == 4 ? cu_launch(c, k_hc<T, 4>, g, HC_THREADS, sm, p) : cu_launch(c, k_hc<T, 0>, g, HC_THREADS, sm, p))
     switch (fn->type) {
-    case DS4_TYPE_F32: cu_launch(c, k_hc<DS4_TYPE_F32>, g, HC_THREADS, sm, p); break;
-    case DS4_TYPE_F16: cu_launch(c, k_hc<DS4_TYPE_F16>, g, HC_THREADS, sm, p); break;
-    case DS4_TYPE_BF16: cu_launch(c, k_hc<DS4_TYPE_BF16>, g, HC_THREADS, sm, p); break;
+    case DS4_TYPE_F32: HC_LAUNCH(DS4_TYPE_F32); break;
+    case DS4_TYPE_F16: HC_LAUNCH(DS4_TYPE_F16); break;
+    case DS4_TYPE_BF16: HC_LAUNCH(DS4_TYPE_BF16); break;
     default: cu_fail(c, DS4_E_INTERNAL, "cuda: HC weight '%s' of type %s", fn->name, ds4_type_name(fn->type)); return;
     }
+#undef HC_LAUNCH
     CU_LAUNCH(c, "hc");
+    /* the projections that read `out` take these codes instead of
+     * quantizing it again (cu_mv_pair, cu_moe_experts) */
+    if (p.q0) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_0, q0);
+    if (p.qk) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_K, qk);
 }
 
 int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (c->err) return c->err;
     const int hc = a->m->hp.n_hc;
-    hc_mix(c, a->m, a->fn, (2 + hc) * hc, a->X, a->n, a->scale, a->base, a->norm_w, a->out, a->post, a->comb, false);
+    cu_preq_clear(c);
+    hc_mix(c, a->m, a->fn, (2 + hc) * hc, a->X, a->n, a->scale, a->base, a->norm_w, a->out, a->post, a->comb, false,
+           &c->s.h0, &c->s.hk);
     return c->err;
 }
 
@@ -289,6 +371,7 @@ __global__ void k_hc_post(const float *y, const float *post, const float *comb, 
 int cu_hc_post(void *ctx, const ds4_hc_post_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (c->err) return c->err;
+    cu_preq_clear(c);
     const ds4_hparams *hp = &a->m->hp;
     int64_t items = (int64_t)a->n * hp->n_embd;
     cu_launch(c, k_hc_post, cu_div_up(items, 256), 256, 0, a->y, a->post, a->comb, a->X, a->n, hp->n_embd, hp->n_hc);
@@ -308,6 +391,23 @@ __global__ void __launch_bounds__(256) k_rows_rmsnorm(float *x, int64_t ld, int 
     __syncthreads();
     cu_row_rmsnorm(row, n, w, eps, red);
     for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = row[i];
+}
+
+/* The same, also writing the Q8_0 codes of the normalised rows (rows of n
+ * values, n % 32 == 0) for the next projection. */
+__global__ void __launch_bounds__(256) k_rows_rmsnorm_q8(float *x, int64_t ld, int n, const float *w, float eps,
+                                                         int8_t *q, float *d) {
+    cu_pdl_wait();
+    extern __shared__ float row[];
+    __shared__ double red[32];
+    float *xr = x + (int64_t)blockIdx.x * ld;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = xr[i];
+    __syncthreads();
+    cu_row_rmsnorm(row, n, w, eps, red);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = row[i];
+    const int lane = threadIdx.x & 31, nb = n / 32;
+    for (int b = threadIdx.x >> 5; b < nb; b += blockDim.x >> 5)
+        cu_warp_q8_0(row[32 * b + lane], q + (int64_t)blockIdx.x * n + 32 * b, d + (int64_t)blockIdx.x * nb + b);
 }
 
 /* Per-head query finish: unweighted RMSNorm + RoPE on the last n_rot dims
@@ -358,7 +458,14 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     const bool aq = a->num.act_quant;
     /* q_a and kv read the same normed input */
     cu_mv_pair(c, &l->q_a, a->cq, ql, &l->kv, a->kv, dh, a->u, D, n, aq, &c->s.a1, a->step, 0);
-    cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps);
+    if (aq && !c->no_preq && cu_act_type(l->q_b.type) == DS4_TYPE_Q8_0 && ql % 32 == 0 &&
+        (size_t)n * ql <= c->s.a1.cap) {
+        cu_launch(c, k_rows_rmsnorm_q8, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps,
+                  c->s.a1.q, c->s.a1.d);
+        cu_preq_set(c, a->cq, n, ql, ql, DS4_TYPE_Q8_0, &c->s.a1);
+    } else {
+        cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps);
+    }
     CU_LAUNCH(c, "q_a_norm");
     cu_mv_pair(c, &l->q_b, a->q, (int64_t)H * dh, nullptr, nullptr, 0, a->cq, ql, n, aq, &c->s.a1, a->step, 0);
     int64_t warps = (int64_t)n * H;
@@ -716,8 +823,9 @@ int cu_head(void *ctx, const ds4_head_args *a) {
     if (c->err) return c->err;
     const ds4_model *m = a->m;
     const ds4_hparams *hp = &m->hp;
+    cu_preq_clear(c);
     hc_mix(c, m, &m->out_hc_fn, hp->n_hc, a->X, a->n, m->out_hc_scale, m->out_hc_base, m->out_norm, c->s.hn, nullptr,
-           nullptr, true);
+           nullptr, true, &c->s.h0, nullptr);
     cu_mv_pair(c, &m->output, a->logits, hp->n_vocab, nullptr, nullptr, 0, c->s.hn, hp->n_embd, a->n, a->num.act_quant,
             &c->s.a1, a->step, 0);
     return c->err;

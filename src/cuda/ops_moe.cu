@@ -314,6 +314,20 @@ __global__ void k_swiglu(float *g, const float *u, int64_t n, float lim) {
     g[i] = __fmul_rn(__fmul_rn(si, uv), 1.0f);
 }
 
+/* The same, also writing the Q8_0 codes of h (n % 32 == 0: whole warps
+ * hold whole 32-value blocks) for the down projection. */
+__global__ void k_swiglu_q8(float *g, const float *u, int64_t n, float lim, int8_t *q, float *d) {
+    cu_pdl_wait();
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i - (threadIdx.x & 31) >= n) return;
+    float gv = g[i] < lim ? g[i] : lim;
+    float uv = u[i] < -lim ? -lim : (u[i] > lim ? lim : u[i]);
+    float si = gv / (1.0f + expf(-gv));
+    float h = __fmul_rn(__fmul_rn(si, uv), 1.0f);
+    g[i] = h;
+    cu_warp_q8_0(h, q + (i & ~(int64_t)31), d + i / 32);
+}
+
 /* y[t][d] = (sum_k out[t*K+k][d]) + shared[t][d] */
 __global__ void k_moe_sum(const float *out, const float *sh, float *y, int n, int D, int K) {
     cu_pdl_wait();
@@ -358,10 +372,14 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     p.nch = D / 32;
     p.ld = D;
     if (gat >= 0) {
-        cu_quantize(c, gat, a->v, D, n, D, &s.a2);
-        p.aq = s.a2.q;
-        p.ad = s.a2.d;
-        p.abs = s.a2.bs;
+        const cu_act *pre = cu_preq_find(c, a->v, n, D, D, gat);
+        if (!pre) {
+            cu_quantize(c, gat, a->v, D, n, D, &s.a2);
+            pre = &s.a2;
+        }
+        p.aq = pre->q;
+        p.ad = pre->d;
+        p.abs = pre->bs;
     } else {
         p.x = a->v;
     }
@@ -395,7 +413,13 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     CU_LAUNCH(c, "moe_down");
     /* shared expert */
     cu_mv_pair(c, &l->gate_sh, s.sg, F, &l->up_sh, s.su, F, a->v, D, n, aq, &s.a1, a->step, 0);
-    cu_launch(c, k_swiglu, cu_div_up((int64_t)n * F, 256), 256, 0, s.sg, s.su, (int64_t)n * F, lim);
+    if (aq && !c->no_preq && cu_act_type(l->down_sh.type) == DS4_TYPE_Q8_0 && F % 32 == 0 &&
+        (size_t)n * F <= s.a1.cap) {
+        cu_launch(c, k_swiglu_q8, cu_div_up((int64_t)n * F, 256), 256, 0, s.sg, s.su, (int64_t)n * F, lim, s.a1.q, s.a1.d);
+        cu_preq_set(c, s.sg, n, F, F, DS4_TYPE_Q8_0, &s.a1);
+    } else {
+        cu_launch(c, k_swiglu, cu_div_up((int64_t)n * F, 256), 256, 0, s.sg, s.su, (int64_t)n * F, lim);
+    }
     CU_LAUNCH(c, "shared_swiglu");
     cu_mv_pair(c, &l->down_sh, s.sd, D, nullptr, nullptr, 0, s.sg, F, n, aq, &s.a1, a->step, 0);
     cu_launch(c, k_moe_sum, cu_div_up((int64_t)n * D, 256), 256, 0, s.out, s.sd, a->y, n, D, K);

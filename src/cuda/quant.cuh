@@ -252,6 +252,40 @@ __device__ __forceinline__ float cu_warp_max(float v) {
     return v;
 }
 
+/* Activation quantizers (quant.c's ds4_quantize_act, byte-exact), one warp
+ * per block, all lanes calling. Q8_0: lane i holds value i of a 32-value
+ * block; d = f16(amax/127), q = rne(x * (127/amax)) clamped to +-127. */
+__device__ __forceinline__ void cu_warp_q8_0(float v, int8_t *q, float *d) {
+    const int lane = threadIdx.x & 31;
+    float amax = cu_warp_max(fabsf(v));
+    float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int qi = __float2int_rn(v * iscale);
+    qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
+    q[lane] = (int8_t)qi;
+    if (lane == 0) *d = __half2float(__float2half_rn(amax / 127.0f));
+}
+/* Q8_K: lane i holds values 8i..8i+7 of a 256-value block; d = amax/127
+ * (f32); bs[0..16) the sums of 16 consecutive codes. */
+__device__ __forceinline__ void cu_warp_q8_k(const float *v, int8_t *q, float *d, int32_t *bs) {
+    const int lane = threadIdx.x & 31;
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
+    amax = cu_warp_max(amax);
+    float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int s = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int qi = __float2int_rn(v[i] * iscale);
+        qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
+        q[8 * lane + i] = (int8_t)qi;
+        s += qi;
+    }
+    s += __shfl_down_sync(0xffffffffu, s, 1);
+    if ((lane & 1) == 0) bs[lane / 2] = s;
+    if (lane == 0) *d = amax / 127.0f;
+}
+
 /* One thread's contribution to y = W[row] . x for NT token rows, over the
  * chunks c = c0 + lane, c0 + cstep + lane, ... of a row (all lanes of the
  * warp call it together; c0 and cstep multiples of 32, so the 8 lanes of a
