@@ -412,10 +412,9 @@ __global__ void __launch_bounds__(256) k_rows_rmsnorm_q8(float *x, int64_t ld, i
 
 /* Per-head query finish: unweighted RMSNorm + RoPE on the last n_rot dims
  * at position pos0 + t. One warp per (t, h); dh <= 1024. */
-__global__ void k_q_heads(float *q, int n, int H, int dh, int n_rot, const float *inv_freq, float eps,
-                          const ds4_step *step) {
-    cu_pdl_wait();
-    const int64_t wid = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+__device__ __forceinline__ void q_heads_body(int blk, float *q, int n, int H, int dh, int n_rot, const float *inv_freq,
+                                             float eps, const ds4_step *step) {
+    const int64_t wid = ((int64_t)blk * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x & 31;
     if (wid >= (int64_t)n * H) return;
     const int t = (int)(wid / H);
@@ -432,13 +431,11 @@ __global__ void k_q_heads(float *q, int n, int H, int dh, int n_rot, const float
 
 /* KV row finish (cpu kv_row_finish): RMSNorm_w, RoPE at pos0 + t, FP8 of
  * the nope dims, half rounding. One block per token; shared: 2*dh floats. */
-__global__ void __launch_bounds__(256) k_kv_finish(float *kv, int dh, int n_rot, const float *norm_w, float eps,
-                                                   const float *inv_freq, bool fp8, bool f16, const ds4_step *step) {
-    cu_pdl_wait();
+__device__ __forceinline__ void kv_finish_body(int t, float *kv, int dh, int n_rot, const float *norm_w, float eps,
+                                               const float *inv_freq, bool fp8, bool f16, const ds4_step *step) {
     extern __shared__ float sm[];
     __shared__ double red[32];
     float *row = sm, *fred = sm + dh;
-    const int t = blockIdx.x;
     float *x = kv + (int64_t)t * dh;
     for (int i = threadIdx.x; i < dh; i += blockDim.x) row[i] = x[i];
     __syncthreads();
@@ -447,6 +444,17 @@ __global__ void __launch_bounds__(256) k_kv_finish(float *kv, int dh, int n_rot,
     if (fp8) cu_row_fp8(row, dh - n_rot, 64, fred);
     if (f16) cu_row_f16(row, dh);
     for (int i = threadIdx.x; i < dh; i += blockDim.x) x[i] = row[i];
+}
+
+/* q heads (blocks < qb; rows of H heads of dh values) and kv rows (block
+ * qb + t); both read the kv/q projections only, so they share a launch.
+ * Shared: 2*dh floats (kv rows). */
+__global__ void __launch_bounds__(256) k_q_kv_finish(float *q, int n, int H, float eps, int qb, float *kv, int dh,
+                                                     int n_rot, const float *norm_w, const float *inv_freq, bool fp8,
+                                                     bool f16, const ds4_step *step) {
+    cu_pdl_wait();
+    if ((int)blockIdx.x < qb) q_heads_body(blockIdx.x, q, n, H, dh, n_rot, inv_freq, eps, step);
+    else kv_finish_body(blockIdx.x - qb, kv, dh, n_rot, norm_w, eps, inv_freq, fp8, f16, step);
 }
 
 int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
@@ -468,14 +476,12 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     }
     CU_LAUNCH(c, "q_a_norm");
     cu_mv_pair(c, &l->q_b, a->q, (int64_t)H * dh, nullptr, nullptr, 0, a->cq, ql, n, aq, &c->s.a1, a->step, 0);
-    int64_t warps = (int64_t)n * H;
-    cu_launch(c, k_q_heads, cu_div_up(warps * 32, 256), 256, 0, a->q, n, H, dh, hp->n_rot, a->rope->inv_freq, hp->rms_eps,
-                                                             a->step);
-    CU_LAUNCH(c, "q_heads");
-    cu_launch(c, k_kv_finish, n, 256, (size_t)2 * dh * sizeof(float), a->kv, dh, hp->n_rot, l->kv_norm, hp->rms_eps,
-                                                                    a->rope->inv_freq, a->num.fp8_kv,
-                                                                    a->num.f16_cache, a->step);
-    CU_LAUNCH(c, "kv_finish");
+    /* the query heads and the kv rows finish in one launch: blocks [0, qb)
+     * take 8 (token, head) warps each, the next n blocks one kv row each */
+    const int qb = cu_div_up((int64_t)n * H * 32, 256);
+    cu_launch(c, k_q_kv_finish, qb + n, 256, (size_t)2 * dh * sizeof(float), a->q, n, H, hp->rms_eps, qb, a->kv, dh,
+              hp->n_rot, l->kv_norm, a->rope->inv_freq, a->num.fp8_kv, a->num.f16_cache, a->step);
+    CU_LAUNCH(c, "q_kv_finish");
     return c->err;
 }
 
@@ -523,6 +529,8 @@ struct attn_p {
     int S;                   /* split stride of the partial buffers */
     int H, dh, W, n_rot, kind, ratio, topk;
     float scale;
+    int8_t *oq;              /* optional Q8_0 codes of o (n, H*dh), scales od */
+    float *od;
 };
 
 /* Rows a token attends: its raw window (ring rows, or this batch's kv for
@@ -720,6 +728,11 @@ __global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn
     for (int j = threadIdx.x; j < half; j += blockDim.x) cu_rope_pair(os + dh - p.n_rot, j, p.inv_freq, ar.P, true);
     __syncthreads();
     for (int e = threadIdx.x; e < dh; e += blockDim.x) p.o[((int64_t)t * p.H + h) * dh + e] = os[e];
+    if (p.oq) { /* the Q8_0 codes of o for the output projection (rows of H*dh) */
+        const int64_t o0 = ((int64_t)t * p.H + h) * dh;
+        for (int b = threadIdx.x >> 5; b < dh / 32; b += blockDim.x >> 5)
+            cu_warp_q8_0(os[32 * b + (threadIdx.x & 31)], p.oq + o0 + 32 * b, p.od + o0 / 32 + b);
+    }
 }
 
 static size_t attn_part_smem(int hb, int dh) {
@@ -797,12 +810,18 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
         cu_fail(c, DS4_E_INTERNAL, "cuda: attention head_dim %d (needs a multiple of 32, at most %d)", dh, 256 * ATT_MAXK);
         return c->err;
     }
-    if (a->row_type == DS4_TYPE_F16) launch_attention<__half>(c, p, n, nr_cap);
-    else launch_attention<float>(c, p, n, nr_cap);
     /* grouped output projection: z_g = W_oa[g] . (heads of group g) */
     const int64_t gd = (int64_t)(H / G) * dh;
     const bool aq = a->num.act_quant && cu_act_type(l->o_a.type) >= 0;
-    if (aq) cu_quantize(c, cu_act_type(l->o_a.type), c->s.o, (int64_t)H * dh, n, H * dh, &c->s.a1);
+    /* Q8_0 activations of o are written by the merge kernel */
+    const bool merge_q = aq && !c->no_preq && cu_act_type(l->o_a.type) == DS4_TYPE_Q8_0 &&
+                         (size_t)n * H * dh <= c->s.a1.cap;
+    p.oq = merge_q ? c->s.a1.q : nullptr;
+    p.od = merge_q ? c->s.a1.d : nullptr;
+    if (merge_q) cu_preq_set(c, c->s.o, n, (int64_t)H * dh, H * dh, DS4_TYPE_Q8_0, &c->s.a1);
+    if (a->row_type == DS4_TYPE_F16) launch_attention<__half>(c, p, n, nr_cap);
+    else launch_attention<float>(c, p, n, nr_cap);
+    if (aq && !merge_q) cu_quantize(c, cu_act_type(l->o_a.type), c->s.o, (int64_t)H * dh, n, H * dh, &c->s.a1);
     for (int g0 = 0; g0 < G; g0 += CU_MAX_SEGS) {
         cu_seg segs[CU_MAX_SEGS];
         int ns = 0;

@@ -20,7 +20,11 @@
 
 __device__ __forceinline__ float cu_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* One warp per token (8 per block). Shared: 8 x E scores. */
+/* One warp per token (8 per block). Shared: 8 x E scores. Lane l holds the
+ * biased scores of experts l, l+32, ... in registers (E <= MOE_MAX_E) and a
+ * bit per taken one; each of the K rounds takes the largest, the lowest
+ * expert id on ties (in a lane: ascending scan with a strict compare; across
+ * lanes: the tie rule in the butterfly), as cpu_ops.c's top-k. */
 __global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E, int K, const int32_t *tokens,
                                               const int32_t *tid2eid, const float *bias, bool hash, bool norm,
                                               float scale, int32_t *ids, float *wts) {
@@ -28,23 +32,33 @@ __global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E
     extern __shared__ float sm[];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * 8 + w;
     if (t >= n) return;
+    constexpr int PER = MOE_MAX_E / 32;
     float *s = sm + w * E;
-    for (int e = lane; e < E; e += 32) s[e] = sqrtf(cu_softplus(logits[(int64_t)t * E + e]));
+    float bvv[PER];
+#pragma unroll
+    for (int k = 0; k < PER; k++) {
+        const int e = lane + 32 * k;
+        if (e < E) {
+            const float v = sqrtf(cu_softplus(logits[(int64_t)t * E + e]));
+            s[e] = v;
+            if (!hash) bvv[k] = __fadd_rn(v, bias[e]);
+        }
+    }
     __syncwarp();
     int32_t *id = ids + (int64_t)t * K;
     if (hash) {
         if (lane < K) id[lane] = tid2eid[(int64_t)tokens[t] * K + lane];
     } else {
-        uint32_t taken[MOE_MAX_E / 32] = {0}; /* bit e%32 of word e/32, kept identical in every lane */
+        unsigned taken = 0; /* bit k: expert lane + 32k */
         for (int i = 0; i < K; i++) {
             float bv = 0.0f;
             int be = -1;
-            for (int e = lane; e < E; e += 32) {
-                if (taken[e >> 5] >> (e & 31) & 1) continue;
-                float v = __fadd_rn(s[e], bias[e]);
-                if (be < 0 || v > bv) {
+#pragma unroll
+            for (int k = 0; k < PER; k++) {
+                const int e = lane + 32 * k;
+                if (e < E && !(taken >> k & 1u) && (be < 0 || bvv[k] > bv)) {
                     be = e;
-                    bv = v;
+                    bv = bvv[k];
                 }
             }
 #pragma unroll
@@ -56,7 +70,7 @@ __global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E
                     be = oe;
                 }
             }
-            taken[be >> 5] |= 1u << (be & 31);
+            if ((be & 31) == lane) taken |= 1u << (be >> 5);
             if (lane == 0) id[i] = be;
         }
     }
