@@ -79,7 +79,71 @@ __global__ void __launch_bounds__(256) k_exp(const __grid_constant__ B p) {
     }
 }
 
+/* Candidate layout for IQ2_XXS gate+up (not the production order, so not
+ * checked against R1): two lanes per 256-value super-block (lane 2j+h takes
+ * chunks 4h..4h+3 of super-block j + 16*round), gate and up rows in the same
+ * loop so every activation load serves both, the integer sums joined by one
+ * shuffle, the float term added by the even lane. */
+__global__ void __launch_bounds__(256) k_gu_pair(const __grid_constant__ B p) {
+    __shared__ cu_iq2_tab tab;
+    cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int groups = p.rows / 8;
+    const int gi = blockIdx.x, slot = gi / groups, row = (gi % groups) * 8 + warp;
+    const int e = p.experts[slot];
+    const int nsb = p.nch / 8, h = lane & 1;
+    const uint8_t *qa = p.qa + e * p.q_mat + (size_t)row * p.q_row, *qb = p.qb + e * p.q_mat + (size_t)row * p.q_row;
+    const uint8_t *sa = p.sa + e * p.s_mat + (size_t)row * p.s_row, *sb = p.sb + e * p.s_mat + (size_t)row * p.s_row;
+    float ga = 0.0f, ua = 0.0f;
+    for (int j = lane >> 1; j < nsb; j += 16) {
+        const uint4 wa = *(const uint4 *)(qa + (size_t)j * 64 + 32 * h), wa2 = *(const uint4 *)(qa + (size_t)j * 64 + 32 * h + 16);
+        const uint4 wb = *(const uint4 *)(qb + (size_t)j * 64 + 32 * h), wb2 = *(const uint4 *)(qb + (size_t)j * 64 + 32 * h + 16);
+        const uint32_t A[8] = {wa.x, wa.y, wa.z, wa.w, wa2.x, wa2.y, wa2.z, wa2.w};
+        const uint32_t Bw[8] = {wb.x, wb.y, wb.z, wb.w, wb2.x, wb2.y, wb2.z, wb2.w};
+        const int4 *ap = (const int4 *)(p.aq + (size_t)j * 256 + 128 * h);
+        int sg = 0, su = 0;
+#pragma unroll
+        for (int ch = 0; ch < 4; ch++) { /* chunk 4h + ch: 8 bytes = words 2ch, 2ch+1 */
+            const int4 x0 = ap[2 * ch], x1 = ap[2 * ch + 1];
+            const int a[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            int s1 = 0, s2 = 0;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                {
+                    uint64_t g = tab.grid[(A[2 * ch] >> (8 * k)) & 0xff];
+                    uint32_t sg8 = tab.ksigns[(A[2 * ch + 1] >> (7 * k)) & 127];
+                    uint32_t m0 = cu_sign_mask4(sg8), m1 = cu_sign_mask4(sg8 >> 4);
+                    s1 = __dp4a((int)__vsub4((uint32_t)g ^ m0, m0), a[2 * k], s1);
+                    s1 = __dp4a((int)__vsub4((uint32_t)(g >> 32) ^ m1, m1), a[2 * k + 1], s1);
+                }
+                {
+                    uint64_t g = tab.grid[(Bw[2 * ch] >> (8 * k)) & 0xff];
+                    uint32_t sg8 = tab.ksigns[(Bw[2 * ch + 1] >> (7 * k)) & 127];
+                    uint32_t m0 = cu_sign_mask4(sg8), m1 = cu_sign_mask4(sg8 >> 4);
+                    s2 = __dp4a((int)__vsub4((uint32_t)g ^ m0, m0), a[2 * k], s2);
+                    s2 = __dp4a((int)__vsub4((uint32_t)(g >> 32) ^ m1, m1), a[2 * k + 1], s2);
+                }
+            }
+            sg += (2 * (int)(A[2 * ch + 1] >> 28) + 1) * s1;
+            su += (2 * (int)(Bw[2 * ch + 1] >> 28) + 1) * s2;
+        }
+        sg += __shfl_xor_sync(0xffffffffu, sg, 1);
+        su += __shfl_xor_sync(0xffffffffu, su, 1);
+        if (!h) {
+            const float ad = p.ad[j];
+            ga += ad * (__half2float(*(const __half *)(sa + 2 * j)) * 0.125f * (float)sg);
+            ua += ad * (__half2float(*(const __half *)(sb + 2 * j)) * 0.125f * (float)su);
+        }
+    }
+    ga = cu_warp_sum(ga);
+    ua = cu_warp_sum(ua);
+    if (lane == 0) p.out[slot * p.rows + row] = ga * 0.5f + ua;
+}
+
 static int n_sm;
+
+static void launch_pair(cudaStream_t st, const B &p, int) { k_gu_pair<<<6 * (p.rows / 8), 256, 0, st>>>(p); }
 
 template <int WT, int R, bool TWO>
 static void launch(cudaStream_t st, const B &p, int per_sm) {
@@ -177,7 +241,8 @@ int main() {
         if (gu) vs = {{"R1", launch<DS4_TYPE_IQ2_XXS, 1, true>, 0}, {"R2", launch<DS4_TYPE_IQ2_XXS, 2, true>, 0},
                       {"R4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 0}, {"R1p4", launch<DS4_TYPE_IQ2_XXS, 1, true>, 4},
                       {"R2p4", launch<DS4_TYPE_IQ2_XXS, 2, true>, 4}, {"R2p8", launch<DS4_TYPE_IQ2_XXS, 2, true>, 8},
-                      {"R4p2", launch<DS4_TYPE_IQ2_XXS, 4, true>, 2}, {"R4p4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 4}};
+                      {"R4p2", launch<DS4_TYPE_IQ2_XXS, 4, true>, 2}, {"R4p4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 4},
+                      {"pair", launch_pair, 0}};
         else vs = {{"R1", launch<DS4_TYPE_Q2_K, 1, false>, 0}, {"R2", launch<DS4_TYPE_Q2_K, 2, false>, 0},
                    {"R4", launch<DS4_TYPE_Q2_K, 4, false>, 0}, {"R1p4", launch<DS4_TYPE_Q2_K, 1, false>, 4},
                    {"R2p4", launch<DS4_TYPE_Q2_K, 2, false>, 4}, {"R2p8", launch<DS4_TYPE_Q2_K, 2, false>, 8},
@@ -193,7 +258,14 @@ int main() {
             CK(cudaGetLastError());
             CK(cudaMemcpy(got.data(), out, 6 * rows * 4, cudaMemcpyDeviceToHost));
             if (v.name == vs[0].name) ref = got;
-            else if (memcmp(ref.data(), got.data(), 6 * rows * 4)) printf("  !! %s differs from R1\n", v.name);
+            else if (v.f == launch_pair) { /* another float order: compare within 1e-5 of the largest */
+                double mx = 0, md = 0;
+                for (int i = 0; i < 6 * rows; i++) {
+                    mx = fmax(mx, fabs(ref[i]));
+                    md = fmax(md, fabs(ref[i] - got[i]));
+                }
+                printf("  %s: max |diff| %.3g of max %.3g\n", v.name, md, mx);
+            } else if (memcmp(ref.data(), got.data(), 6 * rows * 4)) printf("  !! %s differs from R1\n", v.name);
             cudaGraph_t g;
             cudaGraphExec_t ge;
             CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
