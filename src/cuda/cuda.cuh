@@ -143,6 +143,17 @@ struct cu_ctx {
     void **pinned;
     int n_pinned, cap_pinned;
     size_t bytes_device, bytes_host;
+    /* every bound weight by its host identity (name pointer + data pointer +
+     * shape): a second model that views the same tensors (the MTP block's
+     * tok_embd and output) binds to the same device memory */
+    struct cu_bound {
+        const char *name;
+        const void *src;
+        int type;
+        int64_t n_in, n_out, n_mat;
+        void *dev;
+    } *bound;
+    int n_bound, cap_bound;
     /* per-stage timing (prof_mark / prof_read) */
     cudaEvent_t *prof_ev;
     int *prof_kind;

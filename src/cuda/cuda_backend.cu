@@ -322,11 +322,31 @@ static bool add_job(bind_state *b, const up_job &j) {
     return true;
 }
 
+static bool remember(cu_ctx *c, const ds4_weight *w, const void *src, void *dev) {
+    if (c->n_bound == c->cap_bound) {
+        int nc = c->cap_bound ? 2 * c->cap_bound : 2048;
+        cu_ctx::cu_bound *nb = (cu_ctx::cu_bound *)realloc(c->bound, (size_t)nc * sizeof *nb);
+        if (!nb) return false;
+        c->bound = nb;
+        c->cap_bound = nc;
+    }
+    c->bound[c->n_bound++] = cu_ctx::cu_bound{w->name, src, w->type, w->n_in, w->n_out, w->n_mat, dev};
+    return true;
+}
+
 static int bind_weight(void *user, ds4_weight *w) {
     bind_state *b = (bind_state *)user;
     cu_ctx *c = b->c;
     size_t bytes = cu_weight_bytes(w);
     const uint8_t *src = (const uint8_t *)w->data;
+    for (int i = 0; i < c->n_bound; i++) { /* a view of a tensor bound before (MTP: tok_embd, output) */
+        const cu_ctx::cu_bound &k = c->bound[i];
+        if (k.name && k.name == w->name && k.src == (const void *)src && k.type == w->type && k.n_in == w->n_in &&
+            k.n_out == w->n_out && k.n_mat == w->n_mat) {
+            w->data = k.dev;
+            return 0;
+        }
+    }
     bool expert = w->n_mat > 1;
     void *p = nullptr;
     size_t free_b = 0, total_b = 0;
@@ -357,6 +377,7 @@ static int bind_weight(void *user, ds4_weight *w) {
         if (!track(&c->pinned, &c->n_pinned, &c->cap_pinned, hp)) return DS4_E_NOMEM;
         c->bytes_host += bytes;
         if (!add_job(b, up_job{src, bytes, nullptr, nullptr, 0, 0, (uint8_t *)hp})) return DS4_E_NOMEM;
+        if (!remember(c, w, src, p)) return DS4_E_NOMEM;
         w->data = p;
         return 0;
     }
@@ -365,6 +386,7 @@ static int bind_weight(void *user, ds4_weight *w) {
         return DS4_E_NOMEM;
     }
     c->bytes_device += bytes;
+    if (!remember(c, w, src, p)) return DS4_E_NOMEM;
     w->data = p;
     if (!src) { /* synthetic */
         int type = w->type;
@@ -418,6 +440,9 @@ static void free_binding(cu_ctx *c) {
     c->allocs = nullptr;
     c->pinned = nullptr;
     c->n_allocs = c->cap_allocs = c->n_pinned = c->cap_pinned = 0;
+    free(c->bound);
+    c->bound = nullptr;
+    c->n_bound = c->cap_bound = 0;
     c->bytes_device = c->bytes_host = 0;
 }
 
