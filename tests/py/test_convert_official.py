@@ -811,3 +811,61 @@ def test_full_disk_on_the_mtp_file(official, tmp_path):
     assert "--mtp-out" in r.stderr and "disk full writing" in r.stderr and "mtp.gguf" in r.stderr, r.stderr
     assert r.stdout.split("LISTING:")[1].split() == ["x.gguf"], r.stdout
     assert keep.read_bytes() == ref.read_bytes()
+
+
+# --- interrupted conversions -----------------------------------------------------------------------------------
+
+
+def _interrupt_when(tmp_path, d, sig, tmp_glob, extra=()):
+    """Runs build/asan/ds4-convert --recipe q2 on d into tmp_path/out/x.gguf, slowed by --debug-chunk-delay-ms
+    (68 + 32 tensors of at least one chunk each: seconds), sends sig once a file matching tmp_glob exists in the
+    output directory and 0.2 s more passed (some tensors written), and returns (exit status, stderr, out dir)."""
+    import os
+    import signal as sg
+    import subprocess
+    import time
+    from oracle_util import ASAN_ENV
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    exe = ROOT / "build" / "asan" / "ds4-convert"
+    p = subprocess.Popen([str(exe), "--hf", str(d), "-o", str(outdir / "x.gguf"), "--recipe", "q2", "--name", "x",
+                          "--debug-chunk-delay-ms", "40", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, **ASAN_ENV))
+    deadline = time.monotonic() + 120
+    while not list(outdir.glob(tmp_glob)):
+        assert p.poll() is None, ("finished before the signal", p.returncode, p.stderr.read())
+        assert time.monotonic() < deadline, "no temporary file appeared"
+        time.sleep(0.005)
+    time.sleep(0.2)
+    assert p.poll() is None, ("finished before the signal", p.returncode, p.stderr.read())
+    p.send_signal(getattr(sg, sig))
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err, outdir
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_during_conversion_leaves_nothing(sig, official, tmp_path):
+    """Ctrl+C (SIGINT) or SIGTERM while the tensors are being written: the run stops within a chunk, exits
+    128 + N with a message naming the signal and the output, and leaves neither the output nor its temporary
+    file (the handler only sets a flag; the producer fails the write and the writer removes the file)."""
+    import signal as sg
+    d, _ = official["h256"]
+    rc, err, outdir = _interrupt_when(tmp_path, d, sig, "x.gguf.tmp.*")
+    assert rc == 128 + getattr(sg, sig), (rc, err)
+    assert f"interrupted by {sig}: {outdir / 'x.gguf'} not written" in err, err
+    assert "Sanitizer" not in err and "runtime error" not in err, err
+    assert list(outdir.iterdir()) == []
+
+
+def test_signal_during_the_mtp_file_keeps_the_complete_main_file(official, tmp_path):
+    """SIGINT while the --mtp-out file is written: the main file, already complete, is kept (the same bytes as a
+    conversion without --mtp-out); the MTP file is not created and no temporary file is left; exit 130."""
+    d, _ = official["h256"]
+    ref = tmp_path / "ref.gguf"
+    assert convert(d, ref, "q2", extra=["--name", "x"]).returncode == 0
+    rc, err, outdir = _interrupt_when(tmp_path, d, "SIGINT", "mtp.gguf.tmp.*",
+                                      extra=["--mtp-out", str(tmp_path / "out" / "mtp.gguf")])
+    assert rc == 130, (rc, err)
+    assert "x.gguf is complete; --mtp-out" in err and "mtp.gguf not written" in err, err
+    assert sorted(p.name for p in outdir.iterdir()) == ["x.gguf"]
+    assert (outdir / "x.gguf").read_bytes() == ref.read_bytes()
