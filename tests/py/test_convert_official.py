@@ -18,7 +18,8 @@ import pytest
 
 import official_ckpt as oc
 from conftest import ROOT, prog
-from oracle_util import (EXPERT, GLOBAL, LAYER, OFFICIAL_GLOBAL, ORACLE, convert, expected_tensors, st_read)
+from oracle_util import (EXPERT, GLOBAL, LAYER, OFFICIAL_GLOBAL, ORACLE, convert, expected_tensors, in_small_tmpfs,
+                         st_read)
 
 QT = gguf.GGMLQuantizationType
 INV_GLOBAL = {v: k for k, v in OFFICIAL_GLOBAL.items()}
@@ -768,28 +769,12 @@ def test_output_write_failure_leaves_nothing(official, tmp_path):
     assert list(outdir.iterdir()) == []
 
 
-def _in_small_tmpfs(tmp_path, kib, cmd):
-    """Runs the shell command cmd with $FS a fresh tmpfs of kib KiB (a user + mount namespace: unshare -rm), then
-    lists $FS (inside the namespace: the mount ends with it). Skips where namespaces are not allowed."""
-    import subprocess
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"no user/mount namespace for a small tmpfs: {probe.stderr.strip()}")
-    fs = tmp_path / "fs"
-    fs.mkdir()
-    script = (f"mount -t tmpfs -o size={kib}k tmpfs {fs} || exit 99; FS={fs}; {cmd}; rc=$?; "
-              f"echo \"LISTING:$(ls -A {fs} | tr '\\n' ' ')\"; exit $rc")
-    return subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True, text=True, timeout=300,
-                          env={"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "PATH": "/usr/bin:/bin"})
-
-
 def test_full_disk_fails_clearly_and_leaves_nothing(official, tmp_path):
     """A real ENOSPC: the output directory is a 1 MiB tmpfs and the q2 file is ~1.9 MiB. The run exits 1 with
     "disk full" naming the output file, and the filesystem is left empty (the temporary file removed)."""
     d, _ = official["h256"]
     exe = ROOT / "build" / "asan" / "ds4-convert"
-    r = _in_small_tmpfs(tmp_path, 1024, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2")
+    r = in_small_tmpfs(tmp_path, 1024, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2")
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
     assert "disk full writing" in r.stderr and "/fs/x.gguf" in r.stderr and "No space left" in r.stderr, r.stderr
     assert "Sanitizer" not in r.stderr
@@ -805,7 +790,7 @@ def test_full_disk_on_the_mtp_file(official, tmp_path):
     assert convert(d, ref, "q2", extra=["--name", "x"]).returncode == 0
     exe = ROOT / "build" / "asan" / "ds4-convert"
     keep = tmp_path / "kept.gguf"
-    r = _in_small_tmpfs(tmp_path, 2560, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2 --name x --mtp-out $FS/mtp.gguf;"
+    r = in_small_tmpfs(tmp_path, 2560, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2 --name x --mtp-out $FS/mtp.gguf;"
                         f" rc=$?; cp $FS/x.gguf {keep}; (exit $rc)")
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
     assert "--mtp-out" in r.stderr and "disk full writing" in r.stderr and "mtp.gguf" in r.stderr, r.stderr
