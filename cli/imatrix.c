@@ -17,14 +17,20 @@
  * never routed gets 1.0 everywhere. The trailer holds the number of
  * prefill batches and the calibration file's path. Sums are double.
  *
+ * The .dat goes through a temporary file renamed over FILE once complete and
+ * fsync'ed: a full disk, a file-size limit or any other failed write leaves
+ * FILE as it was and no temporary file, and says why ("disk full ...").
+ *
  * --imatrix-dump FILE (tests): also appends every observer call as raw
  * records: int32 il, n, k, D, F; x (n, D) f32; ids (n, k) i32; w (n, k) f32;
  * act (n, k, F) f32.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -88,15 +94,8 @@ static bool put_entry(FILE *f, const collector *c, int il, const char *which, co
     return ok;
 }
 
-/* Writes path through path.tmp + rename (a failed run leaves no file). */
-static int write_dat(const collector *c, const char *path, const char *dataset) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        fprintf(stderr, "ds4: cannot create %s: %s\n", tmp, strerror(errno));
-        return 1;
-    }
+/* The entries and the trailer into f; false on a failed write (errno set). */
+static bool put_dat(FILE *f, const collector *c, const char *dataset) {
     int32_t n_entries = 3 * c->sh.n_layer;
     bool ok = fwrite(&n_entries, 4, 1, f) == 1;
     for (int il = 0; ok && il < c->sh.n_layer; il++)
@@ -104,15 +103,51 @@ static int write_dat(const collector *c, const char *path, const char *dataset) 
              put_entry(f, c, il, "ffn_up_exps", c->sx, c->sh.n_embd) &&
              put_entry(f, c, il, "ffn_down_exps", c->sa, c->sh.n_ff);
     int32_t chunks = (int32_t)c->batches, dlen = (int32_t)strlen(dataset);
-    ok = ok && fwrite(&chunks, 4, 1, f) == 1 && fwrite(&dlen, 4, 1, f) == 1 &&
-         fwrite(dataset, 1, (size_t)dlen, f) == (size_t)dlen;
-    if (fclose(f) != 0) ok = false;
-    if (!ok || rename(tmp, path) != 0) {
-        fprintf(stderr, "ds4: cannot write %s: %s\n", path, strerror(errno));
-        unlink(tmp);
+    return ok && fwrite(&chunks, 4, 1, f) == 1 && fwrite(&dlen, 4, 1, f) == 1 &&
+           fwrite(dataset, 1, (size_t)dlen, f) == (size_t)dlen;
+}
+
+/* Writes path through "path.tmp.XXXXXX" in the same directory (a fresh
+ * name: no existing file is truncated), flushed, fsync'ed and closed, then
+ * renamed over path: a failed run leaves path untouched and no temporary
+ * file. The first failing call's errno is reported ("disk full" for ENOSPC,
+ * "file too large" for EFBIG: SIGXFSZ is ignored so a file-size limit fails
+ * the write instead of killing the process with the file half written). */
+static int write_dat(const collector *c, const char *path, const char *dataset) {
+    size_t n = strlen(path) + 16;
+    char *tmp = malloc(n);
+    if (!tmp) {
+        fprintf(stderr, "ds4: out of memory writing %s\n", path);
         return 1;
     }
-    return 0;
+    snprintf(tmp, n, "%s.tmp.XXXXXX", path);
+    signal(SIGXFSZ, SIG_IGN);
+    int fd = mkstemp(tmp);
+    FILE *f = fd >= 0 ? fdopen(fd, "wb") : NULL;
+    if (!f) {
+        fprintf(stderr, "ds4: cannot create a temporary file next to %s: %s\n", path, strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+            unlink(tmp);
+        }
+        free(tmp);
+        return 1;
+    }
+    fchmod(fd, 0644);                /* mkstemp's 0600 would make the .dat private */
+    int e = 0;
+    errno = 0;
+    if (!put_dat(f, c, dataset)) e = errno ? errno : EIO;
+    if (fflush(f) != 0 && !e) e = errno;
+    if (!e && fsync(fd) != 0) e = errno;
+    if (fclose(f) != 0 && !e) e = errno;
+    if (!e && rename(tmp, path) != 0) e = errno;
+    if (e) {
+        fprintf(stderr, "ds4: %s writing %s: %s (nothing written, temporary file removed)\n",
+                e == ENOSPC ? "disk full" : e == EFBIG ? "file too large" : "I/O error", path, strerror(e));
+        unlink(tmp);
+    }
+    free(tmp);
+    return e ? 1 : 0;
 }
 
 /* Tokenizes one block (rendered chat) onto the list. */

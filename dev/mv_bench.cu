@@ -137,6 +137,92 @@ __global__ void __launch_bounds__(256) k_mv(const __grid_constant__ P p) {
     }
 }
 
+/* F16 x f32 (compressor, indexer, router weights): the production f32
+ * path (dequantize a 32-value chunk, FMA chain against the f32 input, add
+ * to the lane's sum); R rows per warp share the input loads. */
+struct PH {
+    const __half *w; /* rows x n_in */
+    const float *x;
+    float *y;
+    int rows, nch;
+};
+template <int WPR, int R>
+__global__ void __launch_bounds__(256) k_mvh(const __grid_constant__ PH p) {
+    __shared__ float part[8][R];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, j = warp % WPR;
+    const int row0 = (blockIdx.x * (8 / WPR) + warp / WPR) * R;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+#pragma unroll 2
+    for (int base = 32 * j; base < p.nch; base += 32 * WPR) {
+        const int c = base + lane;
+        if (c < p.nch) {
+            const float4 *xp = (const float4 *)(p.x + (size_t)c * 32);
+            float4 xv[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) xv[i] = xp[i];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                if (row0 + r < p.rows) {
+                    const uint4 *wp = (const uint4 *)(p.w + ((size_t)(row0 + r) * p.nch + c) * 32);
+                    float v[32];
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        uint4 u = wp[i];
+                        uint32_t w4[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                        for (int k = 0; k < 4; k++) {
+                            v[8 * i + 2 * k] = __half2float(__ushort_as_half((unsigned short)(w4[k] & 0xffff)));
+                            v[8 * i + 2 * k + 1] = __half2float(__ushort_as_half((unsigned short)(w4[k] >> 16)));
+                        }
+                    }
+                    float s = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        s = fmaf(v[4 * i], xv[i].x, s);
+                        s = fmaf(v[4 * i + 1], xv[i].y, s);
+                        s = fmaf(v[4 * i + 2], xv[i].z, s);
+                        s = fmaf(v[4 * i + 3], xv[i].w, s);
+                    }
+                    acc[r] += s;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float v = warp_sum(acc[r]);
+        if (WPR == 1) {
+            if (lane == 0 && row0 + r < p.rows) p.y[row0 + r] = v;
+        } else if (lane == 0) part[warp][r] = v;
+    }
+    if (WPR > 1) {
+        __syncthreads();
+        if (j == 0 && lane < R && row0 + lane < p.rows) {
+            float v = part[warp][lane];
+#pragma unroll
+            for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
+            p.y[row0 + lane] = v;
+        }
+    }
+}
+
+template <int WPR, int R>
+static void launch_h(cudaStream_t st, const PH &p) {
+    k_mvh<WPR, R><<<(p.rows + 8 / WPR * R - 1) / (8 / WPR * R), 256, 0, st>>>(p);
+}
+typedef void (*hfn)(cudaStream_t, const PH &);
+template <int R>
+static hfn pick_h(int wpr) {
+    switch (wpr) {
+    case 8: return launch_h<8, R>;
+    case 4: return launch_h<4, R>;
+    case 2: return launch_h<2, R>;
+    default: return launch_h<1, R>;
+    }
+}
+
 __global__ void k_read(const uint4 *p, size_t n, unsigned *out) {
     unsigned acc = 0;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -302,6 +388,73 @@ int main(int argc, char **argv) {
         CK(cudaFree(ad));
         CK(cudaFree(y));
         CK(cudaFree(y0));
+    }
+    /* F16 weights (q2 recipe: compressor kv+gate pairs, indexer q_b / proj / compressor, router) */
+    Shape hs[] = {{"f16 comp4 kv+g", 2048, 4096}, {"f16 comp128 kv+g", 1024, 4096}, {"f16 idx_q_b", 8192, 1024},
+                  {"f16 router", 256, 4096},      {"f16 idx_proj", 64, 4096},       {"f16 idx_comp kv+g", 512, 4096}};
+    for (const Shape &sh : hs) {
+        const int nch = sh.n_in / 32;
+        const size_t wb = (size_t)sh.rows * sh.n_in * 2;
+        int copies = (int)(300e6 / (double)wb) + 1;
+        if (copies > 64) copies = 64;
+        std::vector<__half *> W(copies);
+        std::vector<__half> hw((size_t)sh.rows * sh.n_in);
+        for (auto &v : hw) v = __float2half((float)(rand() % 2001 - 1000) / 30000.0f);
+        for (int k = 0; k < copies; k++) {
+            CK(cudaMalloc(&W[k], wb));
+            CK(cudaMemcpy(W[k], hw.data(), wb, cudaMemcpyHostToDevice));
+        }
+        std::vector<float> hx(sh.n_in);
+        for (auto &v : hx) v = (float)(rand() % 2001 - 1000) / 300.0f;
+        float *x, *y;
+        CK(cudaMalloc(&x, sh.n_in * 4));
+        CK(cudaMalloc(&y, (size_t)sh.rows * 4));
+        CK(cudaMemcpy(x, hx.data(), sh.n_in * 4, cudaMemcpyHostToDevice));
+        const int wpr = wpr_of(sh.rows, nch);
+        struct VH {
+            const char *name;
+            hfn f;
+        } vs[] = {{"base", pick_h<1>(wpr)}, {"r2", pick_h<2>(wpr)}, {"r4", pick_h<4>(wpr)},
+                  {"w1r2", pick_h<2>(1)}, {"w2r2", pick_h<2>(2)}};
+        std::vector<float> ref(sh.rows), got(sh.rows);
+        double base_us = 0;
+        for (const VH &v : vs) {
+            const bool same_order = v.name[0] != 'w';
+            v.f(st, PH{W[0], x, y, sh.rows, nch});
+            CK(cudaStreamSynchronize(st));
+            CK(cudaGetLastError());
+            CK(cudaMemcpy(got.data(), y, (size_t)sh.rows * 4, cudaMemcpyDeviceToHost));
+            if (v.name == vs[0].name) ref = got;
+            else if (same_order && memcmp(ref.data(), got.data(), (size_t)sh.rows * 4)) printf("  !! %s differs\n", v.name);
+            cudaGraph_t g;
+            cudaGraphExec_t ge;
+            const int reps = 4;
+            CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+            for (int r = 0; r < reps; r++)
+                for (int k = 0; k < copies; k++) v.f(st, PH{W[k], x, y, sh.rows, nch});
+            CK(cudaStreamEndCapture(st, &g));
+            CK(cudaGraphInstantiate(&ge, g, 0));
+            CK(cudaGraphLaunch(ge, st));
+            CK(cudaStreamSynchronize(st));
+            cudaEvent_t e0, e1;
+            CK(cudaEventCreate(&e0));
+            CK(cudaEventCreate(&e1));
+            CK(cudaEventRecord(e0, st));
+            for (int i = 0; i < 3; i++) CK(cudaGraphLaunch(ge, st));
+            CK(cudaEventRecord(e1, st));
+            CK(cudaEventSynchronize(e1));
+            float ms;
+            CK(cudaEventElapsedTime(&ms, e0, e1));
+            double us = ms * 1000.0 / (3.0 * reps * copies);
+            if (v.name == vs[0].name) base_us = us;
+            printf("%-16s %7d %6d %4d | %-10s %8.2f %8.0f %8.2f\n", sh.name, sh.rows, sh.n_in, wpr, v.name, us,
+                   (double)wb / us / 1e3, base_us / us);
+            CK(cudaGraphExecDestroy(ge));
+            CK(cudaGraphDestroy(g));
+        }
+        for (int k = 0; k < copies; k++) CK(cudaFree(W[k]));
+        CK(cudaFree(x));
+        CK(cudaFree(y));
     }
     return 0;
 }

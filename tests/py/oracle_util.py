@@ -184,3 +184,19 @@ def gguf_rewrite(src, dst, drop=(), tensor_fn=None, kv=None, drop_kv=()):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def in_small_tmpfs(tmp_path, kib, cmd):
+    """Runs the shell command cmd with $FS a fresh tmpfs of kib KiB (a user + mount namespace: unshare -rm), then
+    lists $FS (inside the namespace: the mount ends with it). Skips where namespaces are not allowed."""
+    import pytest
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user/mount namespace for a small tmpfs: {probe.stderr.strip()}")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    script = (f"mount -t tmpfs -o size={kib}k tmpfs {fs} || exit 99; FS={fs}; {cmd}; rc=$?; "
+              f"echo \"LISTING:$(ls -A {fs} | tr '\\n' ' ')\"; exit $rc")
+    return subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "PATH": "/usr/bin:/bin"})

@@ -18,7 +18,8 @@ import pytest
 
 import official_ckpt as oc
 from conftest import ROOT, prog
-from oracle_util import (EXPERT, GLOBAL, LAYER, OFFICIAL_GLOBAL, ORACLE, convert, expected_tensors, st_read)
+from oracle_util import (EXPERT, GLOBAL, LAYER, OFFICIAL_GLOBAL, ORACLE, convert, expected_tensors, in_small_tmpfs,
+                         st_read)
 
 QT = gguf.GGMLQuantizationType
 INV_GLOBAL = {v: k for k, v in OFFICIAL_GLOBAL.items()}
@@ -768,28 +769,12 @@ def test_output_write_failure_leaves_nothing(official, tmp_path):
     assert list(outdir.iterdir()) == []
 
 
-def _in_small_tmpfs(tmp_path, kib, cmd):
-    """Runs the shell command cmd with $FS a fresh tmpfs of kib KiB (a user + mount namespace: unshare -rm), then
-    lists $FS (inside the namespace: the mount ends with it). Skips where namespaces are not allowed."""
-    import subprocess
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"no user/mount namespace for a small tmpfs: {probe.stderr.strip()}")
-    fs = tmp_path / "fs"
-    fs.mkdir()
-    script = (f"mount -t tmpfs -o size={kib}k tmpfs {fs} || exit 99; FS={fs}; {cmd}; rc=$?; "
-              f"echo \"LISTING:$(ls -A {fs} | tr '\\n' ' ')\"; exit $rc")
-    return subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True, text=True, timeout=300,
-                          env={"ASAN_OPTIONS": "detect_leaks=0:exitcode=86", "PATH": "/usr/bin:/bin"})
-
-
 def test_full_disk_fails_clearly_and_leaves_nothing(official, tmp_path):
     """A real ENOSPC: the output directory is a 1 MiB tmpfs and the q2 file is ~1.9 MiB. The run exits 1 with
     "disk full" naming the output file, and the filesystem is left empty (the temporary file removed)."""
     d, _ = official["h256"]
     exe = ROOT / "build" / "asan" / "ds4-convert"
-    r = _in_small_tmpfs(tmp_path, 1024, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2")
+    r = in_small_tmpfs(tmp_path, 1024, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2")
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
     assert "disk full writing" in r.stderr and "/fs/x.gguf" in r.stderr and "No space left" in r.stderr, r.stderr
     assert "Sanitizer" not in r.stderr
@@ -805,9 +790,67 @@ def test_full_disk_on_the_mtp_file(official, tmp_path):
     assert convert(d, ref, "q2", extra=["--name", "x"]).returncode == 0
     exe = ROOT / "build" / "asan" / "ds4-convert"
     keep = tmp_path / "kept.gguf"
-    r = _in_small_tmpfs(tmp_path, 2560, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2 --name x --mtp-out $FS/mtp.gguf;"
+    r = in_small_tmpfs(tmp_path, 2560, f"{exe} --hf {d} -o $FS/x.gguf --recipe q2 --name x --mtp-out $FS/mtp.gguf;"
                         f" rc=$?; cp $FS/x.gguf {keep}; (exit $rc)")
     assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
     assert "--mtp-out" in r.stderr and "disk full writing" in r.stderr and "mtp.gguf" in r.stderr, r.stderr
     assert r.stdout.split("LISTING:")[1].split() == ["x.gguf"], r.stdout
     assert keep.read_bytes() == ref.read_bytes()
+
+
+# --- interrupted conversions -----------------------------------------------------------------------------------
+
+
+def _interrupt_when(tmp_path, d, sig, tmp_glob, extra=()):
+    """Runs build/asan/ds4-convert --recipe q2 on d into tmp_path/out/x.gguf, slowed by --debug-chunk-delay-ms
+    (68 + 32 tensors of at least one chunk each: seconds), sends sig once a file matching tmp_glob exists in the
+    output directory and 0.2 s more passed (some tensors written), and returns (exit status, stderr, out dir)."""
+    import os
+    import signal as sg
+    import subprocess
+    import time
+    from oracle_util import ASAN_ENV
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    exe = ROOT / "build" / "asan" / "ds4-convert"
+    p = subprocess.Popen([str(exe), "--hf", str(d), "-o", str(outdir / "x.gguf"), "--recipe", "q2", "--name", "x",
+                          "--debug-chunk-delay-ms", "40", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, **ASAN_ENV))
+    deadline = time.monotonic() + 120
+    while not list(outdir.glob(tmp_glob)):
+        assert p.poll() is None, ("finished before the signal", p.returncode, p.stderr.read())
+        assert time.monotonic() < deadline, "no temporary file appeared"
+        time.sleep(0.005)
+    time.sleep(0.2)
+    assert p.poll() is None, ("finished before the signal", p.returncode, p.stderr.read())
+    p.send_signal(getattr(sg, sig))
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err, outdir
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_during_conversion_leaves_nothing(sig, official, tmp_path):
+    """Ctrl+C (SIGINT) or SIGTERM while the tensors are being written: the run stops within a chunk, exits
+    128 + N with a message naming the signal and the output, and leaves neither the output nor its temporary
+    file (the handler only sets a flag; the producer fails the write and the writer removes the file)."""
+    import signal as sg
+    d, _ = official["h256"]
+    rc, err, outdir = _interrupt_when(tmp_path, d, sig, "x.gguf.tmp.*")
+    assert rc == 128 + getattr(sg, sig), (rc, err)
+    assert f"interrupted by {sig}: {outdir / 'x.gguf'} not written" in err, err
+    assert "Sanitizer" not in err and "runtime error" not in err, err
+    assert list(outdir.iterdir()) == []
+
+
+def test_signal_during_the_mtp_file_keeps_the_complete_main_file(official, tmp_path):
+    """SIGINT while the --mtp-out file is written: the main file, already complete, is kept (the same bytes as a
+    conversion without --mtp-out); the MTP file is not created and no temporary file is left; exit 130."""
+    d, _ = official["h256"]
+    ref = tmp_path / "ref.gguf"
+    assert convert(d, ref, "q2", extra=["--name", "x"]).returncode == 0
+    rc, err, outdir = _interrupt_when(tmp_path, d, "SIGINT", "mtp.gguf.tmp.*",
+                                      extra=["--mtp-out", str(tmp_path / "out" / "mtp.gguf")])
+    assert rc == 130, (rc, err)
+    assert "x.gguf is complete; --mtp-out" in err and "mtp.gguf not written" in err, err
+    assert sorted(p.name for p in outdir.iterdir()) == ["x.gguf"]
+    assert (outdir / "x.gguf").read_bytes() == ref.read_bytes()

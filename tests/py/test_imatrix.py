@@ -176,3 +176,33 @@ def test_imatrix_prompt_file_blocks_demo_model(tmp_path):
     r = subprocess.run([prog("ds4"), "-m", str(demo), "--cpu", "--prompt-file", str(calib), "--imatrix-out",
                         str(tmp_path / "no" / "x.dat")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "cannot create" in r.stderr
+
+
+def test_imatrix_out_full_disk_leaves_the_old_file(collected, tmp_path):
+    """A real ENOSPC (a 1 MiB tmpfs filled but for 8 KiB; the .dat is ~18 KiB): ds4 exits 1 with "disk full"
+    naming the file, the .dat that was there before is untouched and no temporary file is left."""
+    from oracle_util import in_small_tmpfs
+    model, dat, dump, tokens, cfg = collected
+    assert dat.stat().st_size > 16 << 10
+    cmd = (f"printf old > $FS/im.dat; head -c {1016 << 10} /dev/zero > $FS/fill 2>/dev/null; "
+           f"{prog('ds4')} -m {model} --cpu -c 32 --prompt-tokens-file {tokens} --imatrix-out $FS/im.dat; rc=$?; "
+           f"echo \"OLD:$(cat $FS/im.dat)\"; rm $FS/fill; (exit $rc)")
+    r = in_small_tmpfs(tmp_path, 1024, cmd)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "disk full writing" in r.stderr and "/fs/im.dat" in r.stderr and "No space left" in r.stderr, r.stderr
+    assert "OLD:old\n" in r.stdout, r.stdout
+    assert r.stdout.split("LISTING:")[1].split() == ["im.dat"], r.stdout
+
+
+def test_imatrix_out_file_size_limit(collected, tmp_path):
+    """A file-size limit (ulimit -f 8: 8 KiB) below the .dat's size: ds4 ignores SIGXFSZ while writing it, so the
+    write fails with EFBIG; exit 1 with "file too large" naming the file, and the directory stays empty."""
+    model, dat, dump, tokens, cfg = collected
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    cmd = (f"ulimit -f 8; exec {prog('ds4')} -m {model} --cpu -c 32 --prompt-tokens-file {tokens} "
+           f"--imatrix-out {outdir / 'im.dat'}")
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "file too large writing" in r.stderr and str(outdir / "im.dat") in r.stderr, r.stderr
+    assert list(outdir.iterdir()) == []

@@ -10,6 +10,7 @@
 #ifndef DS4_CONVERT_H
 #define DS4_CONVERT_H
 
+#include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -212,10 +213,16 @@ int ds4_conv_add_metadata(ds4_gguf_writer *w, const ds4_conv_hparams *hp, const 
                           ds4_conv_outtype outtype, ds4_err *err);
 
 /* Streaming options: worker threads (0 = every online CPU) and progress
- * lines on stderr (tensor, GB of input done, rate, ETA). */
+ * lines on stderr (tensor, GB of input done, rate, ETA). cancel: when
+ * non-NULL and *cancel becomes non-zero (a signal handler sets it), the
+ * producer stops at the next chunk of rows with DS4_E_CANCEL, so the GGUF
+ * writer removes its temporary file. delay_ms: a pause after every chunk
+ * (--debug-chunk-delay-ms: tests need a conversion slow enough to interrupt). */
 typedef struct ds4_conv_stream_opts {
     int n_threads;
     bool progress;
+    const volatile sig_atomic_t *cancel;
+    int delay_ms;
 } ds4_conv_stream_opts;
 
 /* Adds every bound tensor of plan to w with a streaming producer (stream.c):

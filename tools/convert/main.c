@@ -3,7 +3,15 @@
  * model (--demo), or as a tokenizer-only file (--vocab-only).
  *
  * Exit status: 0 ok, 1 conversion error (the message names the file, key or
- * tensor), 2 usage error.
+ * tensor), 2 usage error, 128 + N when signal N (SIGINT, SIGTERM) stopped it.
+ *
+ * Signals: the first SIGINT or SIGTERM only sets a flag. The tensor producer
+ * checks it before every chunk of rows (stream.c) and fails the write, so
+ * the GGUF writer removes its temporary file and the output is never
+ * created (a file already complete and renamed is kept); main checks it
+ * between the steps. The handler does nothing else, being async-signal-safe
+ * by construction. A second signal ends the process at once (the temporary
+ * file may then remain).
  */
 #include <signal.h>
 #include <stdio.h>
@@ -12,6 +20,35 @@
 #include <unistd.h>
 
 #include "convert.h"
+
+static volatile sig_atomic_t g_signal;  /* the first SIGINT / SIGTERM received, 0 while none */
+
+static void on_signal(int sig) {
+    if (g_signal) {                     /* the second one: stop now */
+        static const char msg[] = "\nds4-convert: second signal, exiting at once (an OUT.tmp.* file may remain)\n";
+        ssize_t n = write(2, msg, sizeof msg - 1);
+        (void)n;
+        signal(sig, SIG_DFL);
+        raise(sig);
+        return;
+    }
+    g_signal = sig;
+}
+
+static void install_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;           /* file writes and joins carry on; the flag is polled */
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+/* DS4_E_CANCEL when a signal arrived (checked between the steps of main). */
+static int interrupted(ds4_err *err) {
+    return g_signal ? ds4_err_set(err, DS4_E_CANCEL, "interrupted") : 0;
+}
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -63,7 +100,17 @@ static void usage(FILE *f) {
             "                    for trying the text path on a CPU in seconds. ITS WEIGHTS ARE RANDOM: the\n"
             "                    text it generates is meaningless.\n"
             "  --seed N          seed of the demo weights (default 1)\n"
-            "  --name NAME       general.name (default: the directory name, or ds4-demo)\n");
+            "  --name NAME       general.name (default: the directory name, or ds4-demo)\n"
+            "  -h, --help        this help;  --help-debug: diagnostic switches\n"
+            "\n"
+            "Ctrl+C (SIGINT) or SIGTERM stops within one chunk of rows: the temporary file is removed, OUT\n"
+            "is not created (exit status 130 / 143).\n");
+}
+
+static void usage_debug(void) {
+    printf("diagnostic switches (not user modes):\n"
+           "  --debug-chunk-delay-ms N  sleep N ms before every chunk of rows (tests: a conversion slow\n"
+           "                            enough to interrupt)\n");
 }
 
 static const char *basename_of(const char *path) {
@@ -183,6 +230,17 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
+        } else if (!strcmp(a, "--help-debug")) {
+            usage_debug();
+            return 0;
+        } else if (has_val && !strcmp(a, "--debug-chunk-delay-ms")) {
+            char *end;
+            long n = strtol(argv[++i], &end, 10);
+            if (*end || !*argv[i] || n < 0 || n > 60000) {
+                fprintf(stderr, "ds4-convert: --debug-chunk-delay-ms wants 0..60000, got '%s'\n", argv[i]);
+                return 2;
+            }
+            ho.stream.delay_ms = (int)n;
         } else if (!strcmp(a, "--demo")) {
             demo = true;
         } else if (!strcmp(a, "--dry-run")) {
@@ -252,6 +310,8 @@ int main(int argc, char **argv) {
     /* a file-size limit (ulimit -f) must fail the write with EFBIG, which removes the temporary file, instead of
      * killing the process with SIGXFSZ and leaving a partial one */
     signal(SIGXFSZ, SIG_IGN);
+    install_signals();
+    ho.stream.cancel = &g_signal;
     ds4_err err = {0};
     ds4_gguf_writer *w = ds4_gguf_writer_new();
     ds4_conv_hparams hp = {0};
@@ -305,21 +365,38 @@ int main(int argc, char **argv) {
         if (!rc && ho.imatrix) rc = ds4_conv_imatrix_add_metadata(w, &im, &err);
         if (!rc && !dry_run) rc = ds4_conv_add_tensors_opts(w, &plan, &ho.stream, &err);
     }
+    bool out_done = false;          /* OUT complete under its name (kept whatever follows) */
+    if (!rc) rc = interrupted(&err);
     if (dry_run) {                  /* the tables; with -o, the metadata alone (a GGUF without tensors) */
         if (!rc) print_plan(&plan);
         if (!rc) print_plan(&mplan);
-        if (!rc && out) rc = ds4_gguf_writer_write_file(w, out, &err);
+        if (!rc && out) out_done = !(rc = ds4_gguf_writer_write_file(w, out, &err));
     } else {
-        if (!rc) rc = ds4_gguf_writer_write_file(w, out, &err);
+        if (!rc) out_done = !(rc = ds4_gguf_writer_write_file(w, out, &err));
         if (!rc) summary(out, &plan, w);
-        if (!rc && ho.mtp_out) rc = write_mtp(&ho, &hp, &mplan, name ? name : basename_of(hf), &err);
+        if (!rc && ho.mtp_out && !(rc = interrupted(&err)))
+            rc = write_mtp(&ho, &hp, &mplan, name ? name : basename_of(hf), &err);
     }
-    if (rc) fprintf(stderr, "ds4-convert: %s\n", err.msg[0] ? err.msg : "failed");
+    if (g_signal) {                 /* whatever failed after the signal, say what is left on disk */
+        const char *sn = g_signal == SIGINT ? "SIGINT" : g_signal == SIGTERM ? "SIGTERM" : "a signal";
+        if (!out_done)
+            fprintf(stderr, "ds4-convert: interrupted by %s: %s not written (no temporary file left)\n", sn,
+                    out ? out : "the output");
+        else if (ho.mtp_out && !dry_run)
+            fprintf(stderr, "ds4-convert: interrupted by %s: %s is complete; --mtp-out %s not written (no temporary "
+                    "file left)\n", sn, out, ho.mtp_out);
+        else
+            fprintf(stderr, "ds4-convert: interrupted by %s after %s was complete (kept)\n", sn, out);
+        rc = 128 + g_signal;
+    } else if (rc) {
+        fprintf(stderr, "ds4-convert: %s\n", err.msg[0] ? err.msg : "failed");
+        rc = 1;
+    }
     ds4_conv_imatrix_free(&im);
     ds4_gguf_writer_free(w);
     ds4_conv_plan_free(&plan);
     ds4_conv_plan_free(&mplan);
     ds4_st_close(&st);
     ds4_conv_hparams_free(&hp);
-    return rc ? 1 : 0;
+    return rc;
 }

@@ -14,6 +14,7 @@
  * column in row order, exactly as ds4_quantize_rows does.
  *
  * Progress (stderr, when asked): tensor, GB of input done, rate, ETA.
+ * Cancellation (a signal setting *opt.cancel) is checked before every chunk.
  */
 #include <math.h>
 #include <pthread.h>
@@ -326,12 +327,27 @@ static int bg_start(bg_write *b, const uint8_t *buf, size_t n, ds4_err *err) {
 
 /* ------------------------------------------------------------ producers */
 
+/* Every chunk of rows starts here: the --debug-chunk-delay-ms pause (cut
+ * short by a signal), then DS4_E_CANCEL once a signal asked to stop, so an
+ * interrupted conversion ends within one chunk and the writer removes its
+ * temporary file. */
+static int chunk_boundary(const ds4_conv_tensor *t, ds4_err *err) {
+    if (g.opt.delay_ms > 0) {
+        struct timespec ts = {g.opt.delay_ms / 1000, (long)(g.opt.delay_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    if (g.opt.cancel && *g.opt.cancel)
+        return ds4_err_set(err, DS4_E_CANCEL, "interrupted while converting '%s'", t->name);
+    return 0;
+}
+
 /* Expert ids (I32): int64/int32 source or seeded, range-checked. */
 static int produce_ids(const ds4_conv_tensor *t, ds4_gguf_sink *sink, ds4_err *err) {
     const int64_t n_in = t->ne[0];
+    int rc = chunk_boundary(t, err);
+    if (rc) return rc;
     int32_t *ids = malloc((size_t)n_in * sizeof *ids);
     if (!ids) return ds4_err_set(err, DS4_E_NOMEM, "out of memory converting '%s'", t->name);
-    int rc = 0;
     for (int64_t r = 0; r < t->ne[1] && !rc; r++) {
         for (int64_t i = 0; i < n_in; i++) {
             int64_t v;
@@ -398,6 +414,7 @@ static int produce(void *user, int64_t index, ds4_gguf_sink *sink, ds4_err *err)
             for (int64_t r0 = 0; r0 < n_out && !rc; r0 += rows) {
                 c.r0 = r0;
                 c.r1 = r0 + rows < n_out ? r0 + rows : n_out;
+                if ((rc = chunk_boundary(t, err))) break;
                 if (!(rc = parallel(&c, OP_DECODE, c.r0, c.r1, err))) parallel(&c, OP_ACCUMULATE, 0, n_in, NULL);
             }
             c.imp = acc;
@@ -406,6 +423,7 @@ static int produce(void *user, int64_t index, ds4_gguf_sink *sink, ds4_err *err)
             c.r0 = r0;
             c.r1 = r0 + rows < n_out ? r0 + rows : n_out;
             c.out = outs[cur];       /* its previous write finished before the last bg_start */
+            if ((rc = chunk_boundary(t, err))) break;
             if ((rc = parallel(&c, OP_DECODE, c.r0, c.r1, err))) break;
             release_rows(t, m, c.r0, c.r1);
             if ((rc = parallel(&c, OP_ENCODE, c.r0, c.r1, err))) break;
