@@ -598,28 +598,53 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
         }
         ro[threadIdx.x] = o;
     }
-    for (int i = threadIdx.x; i < HB * dh; i += blockDim.x)
-        qs[i] = p.q[((int64_t)t * p.H + h0 + i / dh) * dh + i % dh];
-    __syncthreads();
-    /* phase 0: rows -> shared, 4 values per load */
-    const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
-    const int d4 = dh / 4;
-    for (int u = threadIdx.x; u < nr * d4; u += blockDim.x) {
-        const int r = u / d4, e = (u % d4) * 4;
-        const int64_t o = ro[r];
-        float4 v;
-        if (o < 0) v = *(const float4 *)(p.kv + (-1 - o) * dh + e);
-        else {
-            const T *src = o < p.W ? raw + o * dh + e : comp + (o - p.W) * dh + e;
-            if constexpr (sizeof(T) == 2) {
-                uint2 b = *(const uint2 *)src;
-                __half2 a0 = *(__half2 *)&b.x, a1 = *(__half2 *)&b.y;
-                float2 f0 = __half22float2(a0), f1 = __half22float2(a1);
-                v = make_float4(f0.x, f0.y, f1.x, f1.y);
-            } else
-                v = *(const float4 *)src;
+    /* the HB heads' queries are contiguous: float4 loads, LB in flight per
+     * thread before the shared stores (a load -> store loop would wait for
+     * each load in turn) */
+    constexpr int LB = 8;
+    {
+        const float4 *qg = (const float4 *)(p.q + ((int64_t)t * p.H + h0) * dh);
+        const int n4 = HB * dh / 4;
+        for (int i0 = threadIdx.x; i0 < n4; i0 += LB * blockDim.x) {
+            float4 v[LB];
+#pragma unroll
+            for (int k = 0; k < LB; k++)
+                if (i0 + k * (int)blockDim.x < n4) v[k] = qg[i0 + k * blockDim.x];
+#pragma unroll
+            for (int k = 0; k < LB; k++)
+                if (i0 + k * (int)blockDim.x < n4) ((float4 *)qs)[i0 + k * blockDim.x] = v[k];
         }
-        *(float4 *)(rs + r * dh + e) = v;
+    }
+    __syncthreads();
+    /* phase 0: rows -> shared, 4 values per load, LB loads in flight */
+    const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
+    const int d4 = dh / 4, n_u = nr * d4;
+    for (int u0 = threadIdx.x; u0 < n_u; u0 += LB * blockDim.x) {
+        float4 v[LB];
+#pragma unroll
+        for (int k = 0; k < LB; k++) {
+            const int u = u0 + k * blockDim.x;
+            if (u < n_u) {
+                const int r = u / d4, e = (u % d4) * 4;
+                const int64_t o = ro[r];
+                if (o < 0) v[k] = *(const float4 *)(p.kv + (-1 - o) * dh + e);
+                else {
+                    const T *src = o < p.W ? raw + o * dh + e : comp + (o - p.W) * dh + e;
+                    if constexpr (sizeof(T) == 2) {
+                        uint2 b = *(const uint2 *)src;
+                        __half2 a0 = *(__half2 *)&b.x, a1 = *(__half2 *)&b.y;
+                        float2 f0 = __half22float2(a0), f1 = __half22float2(a1);
+                        v[k] = make_float4(f0.x, f0.y, f1.x, f1.y);
+                    } else
+                        v[k] = *(const float4 *)src;
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < LB; k++) {
+            const int u = u0 + k * blockDim.x;
+            if (u < n_u) *(float4 *)(rs + (u / d4) * dh + (u % d4) * 4) = v[k];
+        }
     }
     __syncthreads();
     /* phase 1: scores */
@@ -698,6 +723,7 @@ __global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn
     const int64_t b = (int64_t)tl * p.S * p.H + h;
     const float sink = p.sinks[h];
     float mx = sink;
+#pragma unroll 4
     for (int z = threadIdx.x; z < nz; z += blockDim.x) mx = fmaxf(mx, p.part_m[b + (int64_t)z * p.H]);
     mx = cu_warp_max(mx);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
@@ -713,14 +739,23 @@ __global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn
     __syncthreads();
     if (threadIdx.x == 0) {
         float d = 0.0f;
+#pragma unroll 8
         for (int z = 0; z < nz; z++) d = fmaf(p.part_l[b + (int64_t)z * p.H], wz[z], d);
         den_s = d + expf(sink - M);
     }
     __syncthreads();
     const float den = den_s;
     for (int e = threadIdx.x; e < dh; e += blockDim.x) {
+        /* the split outputs in groups of 8 loads in flight, added in z order */
         float acc = 0.0f;
-        for (int z = 0; z < nz; z++) acc = fmaf(wz[z], p.part_o[(b + (int64_t)z * p.H) * dh + e], acc);
+        for (int z0 = 0; z0 < nz; z0 += 8) {
+            float v[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] = z0 + k < nz ? p.part_o[(b + (int64_t)(z0 + k) * p.H) * dh + e] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                if (z0 + k < nz) acc = fmaf(wz[z0 + k], v[k], acc);
+        }
         os[e] = acc / den;
     }
     __syncthreads();
