@@ -319,19 +319,42 @@ __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t 
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
+#pragma unroll 4
         for (int i = threadIdx.x; i < Nc; i += blockDim.x) {
             uint32_t k = cu_order_key(s[i]);
             if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255], 1);
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            int cum = 0, b = 255;
-            for (; b > 0; b--) {
-                if (cum + hist[b] >= need) break;
-                cum += hist[b];
+        /* the largest bin b whose keys, with those of all higher bins, reach
+         * `need` (bin 0 when none above does): lane l holds bins 8l..8l+7,
+         * the counts above each lane come from a suffix scan; integer sums,
+         * so the result is exactly the serial scan's */
+        if (threadIdx.x < 32) {
+            const int l = threadIdx.x;
+            int h[8], sl = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) sl += (h[j] = hist[8 * l + j]);
+            int suf = sl; /* bins of lanes >= l */
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                int v = __shfl_down_sync(0xffffffffu, suf, o);
+                if (l + o < 32) suf += v;
             }
-            s_prefix = prefix | ((uint32_t)b << shift);
-            s_need = need - cum;
+            int cum = suf - sl, hit = -1, cum_hit = 0;
+#pragma unroll
+            for (int j = 7; j >= 0; j--) {
+                if (hit < 0 && (cum + h[j] >= need || (l == 0 && j == 0))) {
+                    hit = 8 * l + j;
+                    cum_hit = cum;
+                }
+                cum += h[j];
+            }
+            const unsigned any = __ballot_sync(0xffffffffu, hit >= 0);
+            const int top = 31 - __clz(any);
+            if (l == top) {
+                s_prefix = prefix | ((uint32_t)hit << shift);
+                s_need = need - cum_hit;
+            }
         }
         __syncthreads();
         prefix = s_prefix;
