@@ -178,6 +178,73 @@ __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_p
     }
 }
 
+/* f32-activation weights (F16/BF16/F32), one token, R rows per warp: the
+ * input chunk (128 bytes of f32) is loaded once for the R rows; each row's
+ * sum has cu_row_dot's order, so values equal the R = 1 path bit for bit.
+ * Chosen with DS4_CUDA_MV_F16R2=1 until measured (dev/mv_bench.cu F16 rows). */
+template <int WT, int WPR, int R>
+__global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_params p) {
+    cu_pdl_wait();
+    __shared__ float part[8][R];
+    if (p.skip_le > 0 && (p.step->pos0 + p.step->n) / 4 <= p.skip_le) return;
+    const int warp = threadIdx.x / 32, j = warp % WPR, lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * (8 / WPR) + warp / WPR) * R;
+    int s = 0;
+    while (s < p.n_seg && row0 >= p.seg_end[s]) s++;
+    const bool live = s < p.n_seg;
+    const cu_seg &g = p.seg[live ? s : 0];
+    const int r0 = live ? row0 - (s ? p.seg_end[s - 1] : 0) : 0;
+    const float *x = p.x + g.xoff;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    if (live) {
+#pragma unroll 2
+        for (int base = 32 * j; base < p.nch; base += 32 * WPR) {
+            const int c = base + lane;
+            if (c < p.nch) {
+                const float4 *xp = (const float4 *)(x + (int64_t)c * 32);
+                float4 xv[8];
+#pragma unroll
+                for (int i = 0; i < 8; i++) xv[i] = xp[i];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float v[32];
+                    cu_dq_chunk<WT>(g.w.q + (size_t)(r0 + r) * g.w.q_row,
+                                    g.w.s ? g.w.s + (size_t)(r0 + r) * g.w.s_row : nullptr, c, v, nullptr);
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        sum = fmaf(v[4 * i], xv[i].x, sum);
+                        sum = fmaf(v[4 * i + 1], xv[i].y, sum);
+                        sum = fmaf(v[4 * i + 2], xv[i].z, sum);
+                        sum = fmaf(v[4 * i + 3], xv[i].w, sum);
+                    }
+                    acc[r] += sum;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float v = cu_warp_sum(acc[r]);
+        if (WPR == 1) {
+            if (live && lane == 0) g.y[r0 + r] = v;
+        } else if (lane == 0) {
+            part[warp][r] = v;
+        }
+    }
+    if constexpr (WPR > 1) {
+        __syncthreads();
+        if (live && j == 0 && lane < R) {
+            float v = part[warp][lane];
+#pragma unroll
+            for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
+            g.y[r0 + lane] = v;
+        }
+    }
+}
+
 template <int WT, bool AQ, int NT, int WPR>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
     cu_pdl_wait();
@@ -272,6 +339,14 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     if constexpr (WT == DS4_TYPE_Q8_0 && AQ) {
         if (!c->mv_no_r2 && mv_two_rows(p, WPR)) {
             cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
+            return;
+        }
+    }
+    if constexpr (!AQ && (WT == DS4_TYPE_F16 || WT == DS4_TYPE_BF16 || WT == DS4_TYPE_F32)) {
+        bool even = p.n == 1;
+        for (int i = 0; i < p.n_seg && even; i++) even = p.seg[i].rows % 2 == 0;
+        if (c->mv_f16_r2 && even) {
+            cu_launch(c, k_matvec_fr<WT, WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
             return;
         }
     }
