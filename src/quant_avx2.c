@@ -1078,9 +1078,32 @@ const ds4_quant_kernels ds4_quant_avx2_table[] = {
 };
 const int ds4_quant_avx2_n = sizeof ds4_quant_avx2_table / sizeof ds4_quant_avx2_table[0];
 
+/* ---- IQ2_XXS quantizer: neighbour costs ------------------------------------ */
+
+/* 8 candidates per step, one lane each: coordinate i's term is a permute
+ * of cost[4i..4i+3] by the lane's 2-bit level; the lane sums are the
+ * scalar's sequential sums from 0 (vaddps rounds as addss does). */
+TGT void ds4_iq2_costs_avx2(const uint16_t *u, int n, const float cost[32], float *d2) {
+    __m256 c[8];
+    for (int i = 0; i < 8; i++) c[i] = _mm256_castps128_ps256(_mm_loadu_ps(cost + 4 * i));
+    const __m256i three = _mm256_set1_epi32(3);
+    for (int j = 0; j < n; j += 8) {
+        __m256i g = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(u + j)));
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < 8; i++) {
+            __m256i l = _mm256_and_si256(_mm256_srli_epi32(g, 2 * i), three);
+            acc = _mm256_add_ps(acc, _mm256_permutevar8x32_ps(c[i], l));
+        }
+        _mm256_storeu_ps(d2 + j, acc);
+    }
+}
+
 #else /* no x86 AVX2 code in this build */
 
 void ds4_quant_avx2_init(void) {}
+void ds4_iq2_costs_avx2(const uint16_t *u, int n, const float cost[32], float *d2) {
+    ds4_iq2_costs_scalar(u, n, cost, d2);
+}
 
 const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
 const int ds4_quant_avx2_n = 0;

@@ -67,6 +67,14 @@ extern const int ds4_quant_avx2_n;
  * its pthread_once, before any AVX2 kernel can be handed out. */
 void ds4_quant_avx2_init(void);
 
+/* IQ2_XXS neighbour costs (quant_ref.c's search): d2[j] = sum over i = 0..7,
+ * in that order from 0, of cost[4*i + ((u[j] >> 2i) & 3)], for j < n; the
+ * AVX2 version reads u[] and writes d2[] rounded up to a multiple of 8
+ * entries (callers pad) and gives bit-identical sums (same additions in the
+ * same order, no FMA). */
+void ds4_iq2_costs_scalar(const uint16_t *u, int n, const float cost[32], float *d2);
+void ds4_iq2_costs_avx2(const uint16_t *u, int n, const float cost[32], float *d2);
+
 /* Reference quantizers (quant_ref.c); one row each, n % block == 0. */
 void ds4_quant_ref_q8_0(const float *x, void *dst, int64_t n);
 void ds4_quant_ref_q4_k(const float *x, void *dst, int64_t n, const float *qw);

@@ -365,6 +365,11 @@ enum { IQ2_MAP_SIZE = 43692 }; /* 2-bit index u <= 0xAAAA, plus one */
 static uint64_t iq2_grid[256];
 static int iq2_map[IQ2_MAP_SIZE];
 static uint16_t *iq2_neighbours;
+/* iq2_neighbour_u[p] = the 2-bit level word (kgrid) of the grid index at
+ * iq2_neighbours[p] (same offsets; count slots hold 0), plus 8 zero words of
+ * padding for the 8-wide cost kernel's last load. */
+static uint16_t *iq2_neighbour_u;
+static void (*iq2_costs)(const uint16_t *u, int n, const float cost[32], float *d2);
 static pthread_once_t iq2_once = PTHREAD_ONCE_INIT;
 
 /* Fills nb[] with the grid points of the two smallest distinct squared
@@ -420,35 +425,55 @@ static void iq2_init(void) {
     }
     uint16_t *shrunk = realloc(iq2_neighbours, (size_t)pos * sizeof *iq2_neighbours);
     if (shrunk) iq2_neighbours = shrunk;
+    iq2_neighbour_u = calloc((size_t)pos + 8, sizeof *iq2_neighbour_u);
+    if (!iq2_neighbour_u) ds4_quant_fatal("iq2_xxs: no memory for the neighbour table");
+    for (int p = 0; p < pos; p += iq2_neighbours[p] + 1)
+        for (int j = 1; j <= iq2_neighbours[p]; j++) iq2_neighbour_u[p + j] = ds4_iq2xxs_kgrid[iq2_neighbours[p + j]];
+    iq2_costs = ds4_quant_simd_best() == DS4_SIMD_AVX2 ? ds4_iq2_costs_avx2 : ds4_iq2_costs_scalar;
+}
+
+void ds4_iq2_costs_scalar(const uint16_t *u, int n, const float cost[32], float *d2) {
+    for (int j = 0; j < n; j++) {
+        float s = 0;
+        for (int i = 0; i < 8; i++) s += cost[4 * i + ((u[j] >> (2 * i)) & 3)];
+        d2[j] = s;
+    }
 }
 
 /* Projects levels L[0..8) (0..2) onto the grid: returns the grid index and,
  * when u is off the grid, replaces L by the best neighbour's levels under
- * cost sum waux*(scale*g - xval)^2 (first strictly smallest wins). */
+ * cost sum waux*(scale*g - xval)^2 (first strictly smallest wins).
+ * The per-coordinate terms waux[i]*(scale*q - xval[i])^2 take only three
+ * values (q = 1, 3, 5), so they are computed once per call with the
+ * reference's operations, and each neighbour's cost is the same sequential
+ * float sum of the same terms: the chosen index is unchanged. */
 static int iq2_project(int8_t *L, const float *xval, const float *waux, float scale) {
     int u = 0;
     for (int i = 0; i < 8; i++) u |= L[i] << (2 * i);
     int gi = iq2_map[u];
     if (gi >= 0) return gi;
     if (gi == IQ2_UNREACHABLE) ds4_quant_fatal("iq2_xxs: level index %#x out of range", (unsigned)u);
-    const uint16_t *nb = iq2_neighbours - iq2_map[u] - 1;
+    int off = -iq2_map[u] - 1, n = iq2_neighbours[off];
+    const uint16_t *nb = iq2_neighbours + off + 1;
+    float cost[32], d2[256 + 8]; /* cost[4i+l]: coordinate i at level l (q = 2l+1); l = 3 unused */
+    for (int i = 0; i < 8; i++) {
+        for (int l = 0; l < 3; l++) {
+            float q = (float)(2 * l + 1);
+            float diff = scale * q - xval[i];
+            cost[4 * i + l] = waux[i] * diff * diff;
+        }
+        cost[4 * i + 3] = 0;
+    }
+    iq2_costs(iq2_neighbour_u + off + 1, n, cost, d2);
     float best_d2 = FLT_MAX;
     gi = -1;
-    for (int j = 1; j <= nb[0]; j++) {
-        uint64_t g = iq2_grid[nb[j]];
-        float d2 = 0;
-        for (int i = 0; i < 8; i++) {
-            float q = (float)(int8_t)(g >> (8 * i));
-            float diff = scale * q - xval[i];
-            d2 += waux[i] * diff * diff;
-        }
-        if (d2 < best_d2) {
-            best_d2 = d2;
+    for (int j = 0; j < n; j++)
+        if (d2[j] < best_d2) {
+            best_d2 = d2[j];
             gi = nb[j];
         }
-    }
     if (gi < 0) ds4_quant_fatal("iq2_xxs: no neighbour found (non-finite input?)");
-    for (int i = 0; i < 8; i++) L[i] = (int8_t)(((int)((iq2_grid[gi] >> (8 * i)) & 0xff) - 1) / 2);
+    for (int i = 0; i < 8; i++) L[i] = (int8_t)((ds4_iq2xxs_kgrid[gi] >> (2 * i)) & 3);
     return gi;
 }
 
