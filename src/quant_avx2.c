@@ -18,6 +18,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 
@@ -1082,11 +1083,15 @@ const int ds4_quant_avx2_n = sizeof ds4_quant_avx2_table / sizeof ds4_quant_avx2
 
 /* 8 candidates per step, one lane each: coordinate i's term is a permute
  * of cost[4i..4i+3] by the lane's 2-bit level; the lane sums are the
- * scalar's sequential sums from 0 (vaddps rounds as addss does). */
-TGT void ds4_iq2_costs_avx2(const uint16_t *u, int n, const float cost[32], float *d2) {
+ * scalar's sequential sums from 0 (vaddps rounds as addss does). Each lane
+ * keeps its first strict minimum (below FLT_MAX, j < n); the lanes are then
+ * merged by value, ties to the smaller j. */
+TGT int ds4_iq2_nearest_avx2(const uint16_t *u, int n, const float cost[32]) {
     __m256 c[8];
     for (int i = 0; i < 8; i++) c[i] = _mm256_castps128_ps256(_mm_loadu_ps(cost + 4 * i));
-    const __m256i three = _mm256_set1_epi32(3);
+    const __m256i three = _mm256_set1_epi32(3), eight = _mm256_set1_epi32(8), nv = _mm256_set1_epi32(n);
+    __m256i jv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), bj = _mm256_set1_epi32(-1);
+    __m256 best = _mm256_set1_ps(FLT_MAX);
     for (int j = 0; j < n; j += 8) {
         __m256i g = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(u + j)));
         __m256 acc = _mm256_setzero_ps();
@@ -1094,15 +1099,27 @@ TGT void ds4_iq2_costs_avx2(const uint16_t *u, int n, const float cost[32], floa
             __m256i l = _mm256_and_si256(_mm256_srli_epi32(g, 2 * i), three);
             acc = _mm256_add_ps(acc, _mm256_permutevar8x32_ps(c[i], l));
         }
-        _mm256_storeu_ps(d2 + j, acc);
+        __m256 lt = _mm256_and_ps(_mm256_cmp_ps(acc, best, _CMP_LT_OQ),
+                                  _mm256_castsi256_ps(_mm256_cmpgt_epi32(nv, jv)));
+        best = _mm256_blendv_ps(best, acc, lt);
+        bj = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bj), _mm256_castsi256_ps(jv), lt));
+        jv = _mm256_add_epi32(jv, eight);
     }
+    float bv[8];
+    int bjs[8], r = -1;
+    _mm256_storeu_ps(bv, best);
+    _mm256_storeu_si256((__m256i *)bjs, bj);
+    float rv = FLT_MAX;
+    for (int k = 0; k < 8; k++)
+        if (bjs[k] >= 0 && (r < 0 || bv[k] < rv || (bv[k] == rv && bjs[k] < r))) rv = bv[k], r = bjs[k];
+    return r;
 }
 
 #else /* no x86 AVX2 code in this build */
 
 void ds4_quant_avx2_init(void) {}
-void ds4_iq2_costs_avx2(const uint16_t *u, int n, const float cost[32], float *d2) {
-    ds4_iq2_costs_scalar(u, n, cost, d2);
+int ds4_iq2_nearest_avx2(const uint16_t *u, int n, const float cost[32]) {
+    return ds4_iq2_nearest_scalar(u, n, cost);
 }
 
 const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};

@@ -369,7 +369,7 @@ static uint16_t *iq2_neighbours;
  * iq2_neighbours[p] (same offsets; count slots hold 0), plus 8 zero words of
  * padding for the 8-wide cost kernel's last load. */
 static uint16_t *iq2_neighbour_u;
-static void (*iq2_costs)(const uint16_t *u, int n, const float cost[32], float *d2);
+static int (*iq2_nearest)(const uint16_t *u, int n, const float cost[32]);
 static pthread_once_t iq2_once = PTHREAD_ONCE_INIT;
 
 /* Fills nb[] with the grid points of the two smallest distinct squared
@@ -429,15 +429,21 @@ static void iq2_init(void) {
     if (!iq2_neighbour_u) ds4_quant_fatal("iq2_xxs: no memory for the neighbour table");
     for (int p = 0; p < pos; p += iq2_neighbours[p] + 1)
         for (int j = 1; j <= iq2_neighbours[p]; j++) iq2_neighbour_u[p + j] = ds4_iq2xxs_kgrid[iq2_neighbours[p + j]];
-    iq2_costs = ds4_quant_simd_best() == DS4_SIMD_AVX2 ? ds4_iq2_costs_avx2 : ds4_iq2_costs_scalar;
+    iq2_nearest = ds4_quant_simd_best() == DS4_SIMD_AVX2 ? ds4_iq2_nearest_avx2 : ds4_iq2_nearest_scalar;
 }
 
-void ds4_iq2_costs_scalar(const uint16_t *u, int n, const float cost[32], float *d2) {
+int ds4_iq2_nearest_scalar(const uint16_t *u, int n, const float cost[32]) {
+    float best_d2 = FLT_MAX;
+    int best_j = -1;
     for (int j = 0; j < n; j++) {
-        float s = 0;
-        for (int i = 0; i < 8; i++) s += cost[4 * i + ((u[j] >> (2 * i)) & 3)];
-        d2[j] = s;
+        float d2 = 0;
+        for (int i = 0; i < 8; i++) d2 += cost[4 * i + ((u[j] >> (2 * i)) & 3)];
+        if (d2 < best_d2) {
+            best_d2 = d2;
+            best_j = j;
+        }
     }
+    return best_j;
 }
 
 /* Projects levels L[0..8) (0..2) onto the grid: returns the grid index and,
@@ -455,23 +461,15 @@ static int iq2_project(int8_t *L, const float *xval, const float *waux, float sc
     if (gi == IQ2_UNREACHABLE) ds4_quant_fatal("iq2_xxs: level index %#x out of range", (unsigned)u);
     int off = -iq2_map[u] - 1, n = iq2_neighbours[off];
     const uint16_t *nb = iq2_neighbours + off + 1;
-    float cost[32], d2[256 + 8]; /* cost[4i+l]: coordinate i at level l (q = 2l+1); l = 3 unused */
-    for (int i = 0; i < 8; i++) {
-        for (int l = 0; l < 3; l++) {
-            float q = (float)(2 * l + 1);
-            float diff = scale * q - xval[i];
+    float cost[32]; /* cost[4i+l]: coordinate i at level l (q = 2l+1); l = 3 unused */
+    static const float qv[4] = {1, 3, 5, 0};
+    for (int i = 0; i < 8; i++)
+        for (int l = 0; l < 4; l++) { /* l = 3 is never looked up */
+            float diff = scale * qv[l] - xval[i];
             cost[4 * i + l] = waux[i] * diff * diff;
         }
-        cost[4 * i + 3] = 0;
-    }
-    iq2_costs(iq2_neighbour_u + off + 1, n, cost, d2);
-    float best_d2 = FLT_MAX;
-    gi = -1;
-    for (int j = 0; j < n; j++)
-        if (d2[j] < best_d2) {
-            best_d2 = d2[j];
-            gi = nb[j];
-        }
+    int best_j = iq2_nearest(iq2_neighbour_u + off + 1, n, cost);
+    gi = best_j < 0 ? -1 : nb[best_j];
     if (gi < 0) ds4_quant_fatal("iq2_xxs: no neighbour found (non-finite input?)");
     for (int i = 0; i < 8; i++) L[i] = (int8_t)((ds4_iq2xxs_kgrid[gi] >> (2 * i)) & 3);
     return gi;
@@ -479,13 +477,11 @@ static int iq2_project(int8_t *L, const float *xval, const float *waux, float sc
 
 /* Levels of 32 values for inverse scale id, projected with scale s (C.5 e/f). */
 static void iq2_levels(int8_t *L, const float *xval, const float *waux, float id, float s) {
-    for (int k = 0; k < 4; k++) {
-        for (int i = 0; i < 8; i++) {
-            int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1));
-            L[8 * k + i] = (int8_t)(l < 0 ? 0 : l > 2 ? 2 : l);
-        }
-        iq2_project(L + 8 * k, xval + 8 * k, waux + 8 * k, s);
+    for (int i = 0; i < 32; i++) {
+        int l = nearest_int(0.5f * (id * xval[i] - 1));
+        L[i] = (int8_t)(l < 0 ? 0 : l > 2 ? 2 : l);
     }
+    for (int k = 0; k < 4; k++) iq2_project(L + 8 * k, xval + 8 * k, waux + 8 * k, s);
 }
 
 /* One 32-value group (C.5 step 2): writes the two words (without the 4-bit

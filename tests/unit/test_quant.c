@@ -770,29 +770,33 @@ DS4_TEST(quant_importance_weights_lower_weighted_error) {
     free(x), free(y), free(imp), free(q), free(q2);
 }
 
-/* The IQ2_XXS quantizer's neighbour-cost kernel: AVX2 sums equal the scalar
- * ones bit for bit (random costs of every magnitude, zeros, infinities). */
-DS4_TEST(quant_iq2_costs_avx2_bitwise) {
+/* The IQ2_XXS quantizer's neighbour search: the AVX2 kernel picks the same
+ * candidate as the scalar scan (random costs of every magnitude, zeros,
+ * ties, infinities, NaNs; every list length up to 256). */
+DS4_TEST(quant_iq2_nearest_avx2_same_choice) {
     if (ds4_quant_simd_best() != DS4_SIMD_AVX2) {
         TEST_SKIP("no AVX2");
     }
     rng_seed(77);
     uint16_t u[256 + 8];
-    float cost[32], a[256 + 8], b[256 + 8];
-    for (int trial = 0; trial < 2000; trial++) {
-        int n = 1 + (int)(rng_u64() % 256), kind = trial % 5;
+    float cost[32];
+    for (int trial = 0; trial < 20000; trial++) {
+        int n = 1 + (int)(rng_u64() % 256), kind = trial % 7;
         for (int i = 0; i < 256 + 8; i++) u[i] = (uint16_t)rng_u64();
+        if (kind == 6) /* few distinct candidates: many exact ties */
+            for (int i = 0; i < 256 + 8; i++) u[i] &= 0x0103;
         for (int i = 0; i < 32; i++) {
             float g = rng_gauss();
             cost[i] = kind == 0   ? g * g
                       : kind == 1 ? 1e30f * g * g
                       : kind == 2 ? 1e-40f * g * g
                       : kind == 3 ? (rng_unit() < 0.3f ? 0.0f : g * g)
-                                  : (rng_unit() < 0.05f ? INFINITY : 1e37f * g * g);
+                      : kind == 4 ? (rng_unit() < 0.05f ? INFINITY : 1e37f * g * g)
+                      : kind == 5 ? (rng_unit() < 0.05f ? NAN : g * g)
+                                  : (float)(int)(4 * g * g);
         }
-        ds4_iq2_costs_scalar(u, n, cost, a);
-        ds4_iq2_costs_avx2(u, n, cost, b);
-        CHECK_MSG(memcmp(a, b, (size_t)n * sizeof a[0]) == 0, "trial %d (n %d) differs", trial, n);
+        int a = ds4_iq2_nearest_scalar(u, n, cost), b = ds4_iq2_nearest_avx2(u, n, cost);
+        CHECK_MSG(a == b, "trial %d (n %d): scalar %d, avx2 %d", trial, n, a, b);
     }
 }
 
