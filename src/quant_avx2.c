@@ -1105,14 +1105,20 @@ TGT int ds4_iq2_nearest_avx2(const uint16_t *u, int n, const float cost[32]) {
         bj = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bj), _mm256_castsi256_ps(jv), lt));
         jv = _mm256_add_epi32(jv, eight);
     }
-    float bv[8];
-    int bjs[8], r = -1;
-    _mm256_storeu_ps(bv, best);
-    _mm256_storeu_si256((__m256i *)bjs, bj);
-    float rv = FLT_MAX;
-    for (int k = 0; k < 8; k++)
-        if (bjs[k] >= 0 && (r < 0 || bv[k] < rv || (bv[k] == rv && bjs[k] < r))) rv = bv[k], r = bjs[k];
-    return r;
+    /* merge: the smallest lane value (lanes that chose nothing hold FLT_MAX
+     * and j = -1, and chosen values are below FLT_MAX), then the smallest j
+     * among the lanes holding it */
+    __m256 m = _mm256_min_ps(best, _mm256_permute2f128_ps(best, best, 1));
+    m = _mm256_min_ps(m, _mm256_shuffle_ps(m, m, 0x4e));
+    m = _mm256_min_ps(m, _mm256_shuffle_ps(m, m, 0xb1));
+    __m256i sel = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(best, m, _CMP_EQ_OQ)),
+                                   _mm256_cmpgt_epi32(bj, _mm256_set1_epi32(-1)));
+    __m256i idx = _mm256_blendv_epi8(_mm256_set1_epi32(0x7fffffff), bj, sel);
+    idx = _mm256_min_epi32(idx, _mm256_permute2x128_si256(idx, idx, 1));
+    idx = _mm256_min_epi32(idx, _mm256_shuffle_epi32(idx, 0x4e));
+    idx = _mm256_min_epi32(idx, _mm256_shuffle_epi32(idx, 0xb1));
+    int r = _mm256_cvtsi256_si32(idx);
+    return r == 0x7fffffff ? -1 : r;
 }
 
 #else /* no x86 AVX2 code in this build */
