@@ -77,10 +77,10 @@ static float make_qkx(int n, int nmax, const float *x, const float *w, uint8_t *
         *the_min = -min;
         return scale;
     }
+    uint8_t Lprev[32];
     for (int is = 0; is <= nstep; is++) {
         /* `min` is the best offset so far (updated below); max stays. */
         iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
         for (int i = 0; i < n; i++) {
             int l;
             if (v3) {
@@ -91,6 +91,16 @@ static float make_qkx(int n, int nmax, const float *x, const float *w, uint8_t *
                 l = l < 0 ? 0 : l > nmax ? nmax : l;
             }
             Laux[i] = (uint8_t)l;
+        }
+        /* Everything below is a function of Laux alone. Levels equal to the
+         * previous step's give the same cost, which cannot be below `best`
+         * now: that step either set best to it or found it not smaller,
+         * and best has not changed since. So the step is skipped. */
+        if (is > 0 && !memcmp(Laux, Lprev, (size_t)n)) continue;
+        memcpy(Lprev, Laux, (size_t)n);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; i++) {
+            int l = Laux[i];
             sum_l += w[i] * l;
             sum_l2 += w[i] * l * l;
             sum_xl += w[i] * l * x[i];
