@@ -538,9 +538,16 @@ static float iq2_group(const float *xb, const float *qw, float sigma2, uint32_t 
     float eff_max = scale * 3;
     if (eff_max <= 0) return 0.0f;
     float best = 0;
+    int8_t Lprev[32];
     for (int is = -6; is <= 6; is++) {
         float id = (5 + is * 0.1f) / eff_max;
         iq2_levels(Laux, xval, waux, id, 1 / id);
+        /* The sums and the update below depend on Laux alone: levels equal
+         * to the previous step's either fail the test again (best is
+         * unchanged since) or rewrite scale, best and L with the values
+         * they already hold. So the step is skipped. */
+        if (is > -6 && !memcmp(Laux, Lprev, 32)) continue;
+        memcpy(Lprev, Laux, 32);
         float sumqx = 0, sumq2 = 0;
         for (int i = 0; i < 32; i++) {
             float q = 2 * Laux[i] + 1;
