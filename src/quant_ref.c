@@ -487,10 +487,17 @@ static int iq2_project(int8_t *L, const float *xval, const float *waux, float sc
 
 /* Levels of 32 values for inverse scale id, projected with scale s (C.5 e/f). */
 static void iq2_levels(int8_t *L, const float *xval, const float *waux, float id, float s) {
+    /* nearest_int written out over an int32 array, so the loop vectorizes */
+    int32_t li[32];
     for (int i = 0; i < 32; i++) {
-        int l = nearest_int(0.5f * (id * xval[i] - 1));
-        L[i] = (int8_t)(l < 0 ? 0 : l > 2 ? 2 : l);
+        float v = 0.5f * (id * xval[i] - 1) + 12582912.f;
+        int32_t b;
+        memcpy(&b, &v, 4);
+        int32_t l = (b & 0x007fffff) - 0x00400000;
+        l = l < 0 ? 0 : l;
+        li[i] = l > 2 ? 2 : l;
     }
+    for (int i = 0; i < 32; i++) L[i] = (int8_t)li[i];
     for (int k = 0; k < 4; k++) iq2_project(L + 8 * k, xval + 8 * k, waux + 8 * k, s);
 }
 
