@@ -13,7 +13,9 @@
  * by up to 2x; the typical medians of 64 rows x 5 repeats), MB/s per thread:
  *                     IQ2_XXS   Q2_K plain  Q2_K imatrix  Q4_K plain  Q4_K imatrix
  *   before (80e9005)  8.0-8.6   57-60       23.5-24.3     48-52       27.6-27.9
- *   after  (qspeed)   23-24.6   57-61       30.8-32.0     48-52       31.9-32.7
+ *   after  (qspeed)   24-28     55-61       29-32         45-50       29.5-32.7
+ * (IQ2_XXS 26-28 in the quietest A/B runs; Q4_K plain is ~4% slower in
+ * paired runs: the skip test in make_qkx rarely fires with 21 steps.)
  * Where IQ2_XXS's time went before (gprof of a -fno-inline build): the
  * neighbour search of the grid projection about half (56 projections per
  * 32 values, ~27 candidates each), make_qp a fifth. Now, with the AVX2
