@@ -18,6 +18,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 
@@ -1078,9 +1079,54 @@ const ds4_quant_kernels ds4_quant_avx2_table[] = {
 };
 const int ds4_quant_avx2_n = sizeof ds4_quant_avx2_table / sizeof ds4_quant_avx2_table[0];
 
+/* ---- IQ2_XXS quantizer: neighbour costs ------------------------------------ */
+
+/* 8 candidates per step, one lane each: coordinate i's term is a permute
+ * of cost[4i..4i+3] by the lane's 2-bit level; the lane sums are the
+ * scalar's sequential sums from 0 (vaddps rounds as addss does). Each lane
+ * keeps its first strict minimum (below FLT_MAX, j < n); the lanes are then
+ * merged by value, ties to the smaller j. */
+TGT int ds4_iq2_nearest_avx2(const uint16_t *u, int n, const float cost[32]) {
+    __m256 c[8];
+    for (int i = 0; i < 8; i++) c[i] = _mm256_castps128_ps256(_mm_loadu_ps(cost + 4 * i));
+    const __m256i three = _mm256_set1_epi32(3), eight = _mm256_set1_epi32(8), nv = _mm256_set1_epi32(n);
+    __m256i jv = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), bj = _mm256_set1_epi32(-1);
+    __m256 best = _mm256_set1_ps(FLT_MAX);
+    for (int j = 0; j < n; j += 8) {
+        __m256i g = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(u + j)));
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < 8; i++) {
+            __m256i l = _mm256_and_si256(_mm256_srli_epi32(g, 2 * i), three);
+            acc = _mm256_add_ps(acc, _mm256_permutevar8x32_ps(c[i], l));
+        }
+        __m256 lt = _mm256_and_ps(_mm256_cmp_ps(acc, best, _CMP_LT_OQ),
+                                  _mm256_castsi256_ps(_mm256_cmpgt_epi32(nv, jv)));
+        best = _mm256_blendv_ps(best, acc, lt);
+        bj = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(bj), _mm256_castsi256_ps(jv), lt));
+        jv = _mm256_add_epi32(jv, eight);
+    }
+    /* merge: the smallest lane value (lanes that chose nothing hold FLT_MAX
+     * and j = -1, and chosen values are below FLT_MAX), then the smallest j
+     * among the lanes holding it */
+    __m256 m = _mm256_min_ps(best, _mm256_permute2f128_ps(best, best, 1));
+    m = _mm256_min_ps(m, _mm256_shuffle_ps(m, m, 0x4e));
+    m = _mm256_min_ps(m, _mm256_shuffle_ps(m, m, 0xb1));
+    __m256i sel = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(best, m, _CMP_EQ_OQ)),
+                                   _mm256_cmpgt_epi32(bj, _mm256_set1_epi32(-1)));
+    __m256i idx = _mm256_blendv_epi8(_mm256_set1_epi32(0x7fffffff), bj, sel);
+    idx = _mm256_min_epi32(idx, _mm256_permute2x128_si256(idx, idx, 1));
+    idx = _mm256_min_epi32(idx, _mm256_shuffle_epi32(idx, 0x4e));
+    idx = _mm256_min_epi32(idx, _mm256_shuffle_epi32(idx, 0xb1));
+    int r = _mm256_cvtsi256_si32(idx);
+    return r == 0x7fffffff ? -1 : r;
+}
+
 #else /* no x86 AVX2 code in this build */
 
 void ds4_quant_avx2_init(void) {}
+int ds4_iq2_nearest_avx2(const uint16_t *u, int n, const float cost[32]) {
+    return ds4_iq2_nearest_scalar(u, n, cost);
+}
 
 const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
 const int ds4_quant_avx2_n = 0;

@@ -67,6 +67,17 @@ extern const int ds4_quant_avx2_n;
  * its pthread_once, before any AVX2 kernel can be handed out. */
 void ds4_quant_avx2_init(void);
 
+/* IQ2_XXS neighbour search (quant_ref.c): the cost of candidate j < n is
+ * d2[j] = the sum over i = 0..7, in that order from 0, of
+ * cost[4*i + ((u[j] >> 2i) & 3)]; returns the first j whose d2[j] is
+ * strictly smallest and below FLT_MAX (NaN never wins), or -1 if none.
+ * The AVX2 version reads u[] up to n rounded up to a multiple of 8 (callers
+ * pad) and returns the same j: its lane sums are the same additions in the
+ * same order (no FMA), and its lane-wise minima are merged smallest value,
+ * then smallest j, which is the sequential scan's answer. */
+int ds4_iq2_nearest_scalar(const uint16_t *u, int n, const float cost[32]);
+int ds4_iq2_nearest_avx2(const uint16_t *u, int n, const float cost[32]);
+
 /* Reference quantizers (quant_ref.c); one row each, n % block == 0. */
 void ds4_quant_ref_q8_0(const float *x, void *dst, int64_t n);
 void ds4_quant_ref_q4_k(const float *x, void *dst, int64_t n, const float *qw);

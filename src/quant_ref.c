@@ -77,10 +77,10 @@ static float make_qkx(int n, int nmax, const float *x, const float *w, uint8_t *
         *the_min = -min;
         return scale;
     }
+    uint8_t Lprev[32];
     for (int is = 0; is <= nstep; is++) {
         /* `min` is the best offset so far (updated below); max stays. */
         iscale = (rmin + rdelta * is + nmax) / (max - min);
-        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
         for (int i = 0; i < n; i++) {
             int l;
             if (v3) {
@@ -91,6 +91,16 @@ static float make_qkx(int n, int nmax, const float *x, const float *w, uint8_t *
                 l = l < 0 ? 0 : l > nmax ? nmax : l;
             }
             Laux[i] = (uint8_t)l;
+        }
+        /* Everything below is a function of Laux alone. Levels equal to the
+         * previous step's give the same cost, which cannot be below `best`
+         * now: that step either set best to it or found it not smaller,
+         * and best has not changed since. So the step is skipped. */
+        if (is > 0 && !memcmp(Laux, Lprev, (size_t)n)) continue;
+        memcpy(Lprev, Laux, (size_t)n);
+        float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; i++) {
+            int l = Laux[i];
             sum_l += w[i] * l;
             sum_l2 += w[i] * l * l;
             sum_xl += w[i] * l * x[i];
@@ -365,6 +375,11 @@ enum { IQ2_MAP_SIZE = 43692 }; /* 2-bit index u <= 0xAAAA, plus one */
 static uint64_t iq2_grid[256];
 static int iq2_map[IQ2_MAP_SIZE];
 static uint16_t *iq2_neighbours;
+/* iq2_neighbour_u[p] = the 2-bit level word (kgrid) of the grid index at
+ * iq2_neighbours[p] (same offsets; count slots hold 0), plus 8 zero words of
+ * padding for the 8-wide cost kernel's last load. */
+static uint16_t *iq2_neighbour_u;
+static int (*iq2_nearest)(const uint16_t *u, int n, const float cost[32]);
 static pthread_once_t iq2_once = PTHREAD_ONCE_INIT;
 
 /* Fills nb[] with the grid points of the two smallest distinct squared
@@ -420,47 +435,70 @@ static void iq2_init(void) {
     }
     uint16_t *shrunk = realloc(iq2_neighbours, (size_t)pos * sizeof *iq2_neighbours);
     if (shrunk) iq2_neighbours = shrunk;
+    iq2_neighbour_u = calloc((size_t)pos + 8, sizeof *iq2_neighbour_u);
+    if (!iq2_neighbour_u) ds4_quant_fatal("iq2_xxs: no memory for the neighbour table");
+    for (int p = 0; p < pos; p += iq2_neighbours[p] + 1)
+        for (int j = 1; j <= iq2_neighbours[p]; j++) iq2_neighbour_u[p + j] = ds4_iq2xxs_kgrid[iq2_neighbours[p + j]];
+    iq2_nearest = ds4_quant_simd_best() == DS4_SIMD_AVX2 ? ds4_iq2_nearest_avx2 : ds4_iq2_nearest_scalar;
+}
+
+int ds4_iq2_nearest_scalar(const uint16_t *u, int n, const float cost[32]) {
+    float best_d2 = FLT_MAX;
+    int best_j = -1;
+    for (int j = 0; j < n; j++) {
+        float d2 = 0;
+        for (int i = 0; i < 8; i++) d2 += cost[4 * i + ((u[j] >> (2 * i)) & 3)];
+        if (d2 < best_d2) {
+            best_d2 = d2;
+            best_j = j;
+        }
+    }
+    return best_j;
 }
 
 /* Projects levels L[0..8) (0..2) onto the grid: returns the grid index and,
  * when u is off the grid, replaces L by the best neighbour's levels under
- * cost sum waux*(scale*g - xval)^2 (first strictly smallest wins). */
+ * cost sum waux*(scale*g - xval)^2 (first strictly smallest wins).
+ * The per-coordinate terms waux[i]*(scale*q - xval[i])^2 take only three
+ * values (q = 1, 3, 5), so they are computed once per call with the
+ * reference's operations, and each neighbour's cost is the same sequential
+ * float sum of the same terms: the chosen index is unchanged. */
 static int iq2_project(int8_t *L, const float *xval, const float *waux, float scale) {
     int u = 0;
     for (int i = 0; i < 8; i++) u |= L[i] << (2 * i);
     int gi = iq2_map[u];
     if (gi >= 0) return gi;
     if (gi == IQ2_UNREACHABLE) ds4_quant_fatal("iq2_xxs: level index %#x out of range", (unsigned)u);
-    const uint16_t *nb = iq2_neighbours - iq2_map[u] - 1;
-    float best_d2 = FLT_MAX;
-    gi = -1;
-    for (int j = 1; j <= nb[0]; j++) {
-        uint64_t g = iq2_grid[nb[j]];
-        float d2 = 0;
-        for (int i = 0; i < 8; i++) {
-            float q = (float)(int8_t)(g >> (8 * i));
-            float diff = scale * q - xval[i];
-            d2 += waux[i] * diff * diff;
+    int off = -iq2_map[u] - 1, n = iq2_neighbours[off];
+    const uint16_t *nb = iq2_neighbours + off + 1;
+    float cost[32]; /* cost[4i+l]: coordinate i at level l (q = 2l+1); l = 3 unused */
+    static const float qv[4] = {1, 3, 5, 0};
+    for (int i = 0; i < 8; i++)
+        for (int l = 0; l < 4; l++) { /* l = 3 is never looked up */
+            float diff = scale * qv[l] - xval[i];
+            cost[4 * i + l] = waux[i] * diff * diff;
         }
-        if (d2 < best_d2) {
-            best_d2 = d2;
-            gi = nb[j];
-        }
-    }
+    int best_j = iq2_nearest(iq2_neighbour_u + off + 1, n, cost);
+    gi = best_j < 0 ? -1 : nb[best_j];
     if (gi < 0) ds4_quant_fatal("iq2_xxs: no neighbour found (non-finite input?)");
-    for (int i = 0; i < 8; i++) L[i] = (int8_t)(((int)((iq2_grid[gi] >> (8 * i)) & 0xff) - 1) / 2);
+    for (int i = 0; i < 8; i++) L[i] = (int8_t)((ds4_iq2xxs_kgrid[gi] >> (2 * i)) & 3);
     return gi;
 }
 
 /* Levels of 32 values for inverse scale id, projected with scale s (C.5 e/f). */
 static void iq2_levels(int8_t *L, const float *xval, const float *waux, float id, float s) {
-    for (int k = 0; k < 4; k++) {
-        for (int i = 0; i < 8; i++) {
-            int l = nearest_int(0.5f * (id * xval[8 * k + i] - 1));
-            L[8 * k + i] = (int8_t)(l < 0 ? 0 : l > 2 ? 2 : l);
-        }
-        iq2_project(L + 8 * k, xval + 8 * k, waux + 8 * k, s);
+    /* nearest_int written out over an int32 array, so the loop vectorizes */
+    int32_t li[32];
+    for (int i = 0; i < 32; i++) {
+        float v = 0.5f * (id * xval[i] - 1) + 12582912.f;
+        int32_t b;
+        memcpy(&b, &v, 4);
+        int32_t l = (b & 0x007fffff) - 0x00400000;
+        l = l < 0 ? 0 : l;
+        li[i] = l > 2 ? 2 : l;
     }
+    for (int i = 0; i < 32; i++) L[i] = (int8_t)li[i];
+    for (int k = 0; k < 4; k++) iq2_project(L + 8 * k, xval + 8 * k, waux + 8 * k, s);
 }
 
 /* One 32-value group (C.5 step 2): writes the two words (without the 4-bit
@@ -507,9 +545,16 @@ static float iq2_group(const float *xb, const float *qw, float sigma2, uint32_t 
     float eff_max = scale * 3;
     if (eff_max <= 0) return 0.0f;
     float best = 0;
+    int8_t Lprev[32];
     for (int is = -6; is <= 6; is++) {
         float id = (5 + is * 0.1f) / eff_max;
         iq2_levels(Laux, xval, waux, id, 1 / id);
+        /* The sums and the update below depend on Laux alone: levels equal
+         * to the previous step's either fail the test again (best is
+         * unchanged since) or rewrite scale, best and L with the values
+         * they already hold. So the step is skipped. */
+        if (is > -6 && !memcmp(Laux, Lprev, 32)) continue;
+        memcpy(Lprev, Laux, 32);
         float sumqx = 0, sumq2 = 0;
         for (int i = 0; i < 32; i++) {
             float q = 2 * Laux[i] + 1;

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "quant.h"
+#include "quant_impl.h"
 #include "test.h"
 
 /* ---- helpers ------------------------------------------------------------- */
@@ -767,6 +768,121 @@ DS4_TEST(quant_importance_weights_lower_weighted_error) {
         }
     }
     free(x), free(y), free(imp), free(q), free(q2);
+}
+
+/* The IQ2_XXS quantizer's neighbour search: the AVX2 kernel picks the same
+ * candidate as the scalar scan (random costs of every magnitude, zeros,
+ * ties, infinities, NaNs; every list length up to 256). */
+DS4_TEST(quant_iq2_nearest_avx2_same_choice) {
+    if (ds4_quant_simd_best() != DS4_SIMD_AVX2) {
+        TEST_SKIP("no AVX2");
+    }
+    rng_seed(77);
+    uint16_t u[256 + 8];
+    float cost[32];
+    for (int trial = 0; trial < 20000; trial++) {
+        int n = 1 + (int)(rng_u64() % 256), kind = trial % 7;
+        for (int i = 0; i < 256 + 8; i++) u[i] = (uint16_t)rng_u64();
+        if (kind == 6) /* few distinct candidates: many exact ties */
+            for (int i = 0; i < 256 + 8; i++) u[i] &= 0x0103;
+        for (int i = 0; i < 32; i++) {
+            float g = rng_gauss();
+            cost[i] = kind == 0   ? g * g
+                      : kind == 1 ? 1e30f * g * g
+                      : kind == 2 ? 1e-40f * g * g
+                      : kind == 3 ? (rng_unit() < 0.3f ? 0.0f : g * g)
+                      : kind == 4 ? (rng_unit() < 0.05f ? INFINITY : 1e37f * g * g)
+                      : kind == 5 ? (rng_unit() < 0.05f ? NAN : g * g)
+                                  : (float)(int)(4 * g * g);
+        }
+        int a = ds4_iq2_nearest_scalar(u, n, cost), b = ds4_iq2_nearest_avx2(u, n, cost);
+        CHECK_MSG(a == b, "trial %d (n %d): scalar %d, avx2 %d", trial, n, a, b);
+    }
+}
+
+/* ---- quantizer regression: hashes pinned from the reference code ----------- */
+
+/* Approximately normal from exact float operations only (a sum of four
+ * uniforms), so the inputs are the same on every libm. */
+static float reg_gauss(void) { return (rng_unit() + rng_unit() + rng_unit() + rng_unit() - 2.0f) * 1.7320508f; }
+
+/* One input value of distribution `dist` at flat position i of its row. */
+static float reg_value(int dist, int i) {
+    float g = reg_gauss();
+    switch (dist) {
+    case 0: return 0.02f * g;                                /* converter-like weights */
+    case 1: return 0.0f;                                     /* all zeros */
+    case 2: return (i / 64) % 2 ? 0.5f : -0.25f;             /* constant runs */
+    case 3: return rng_unit() < 0.05f ? g : 0.0f;            /* sparse */
+    case 4: return 1e30f * g;                                /* huge */
+    case 5: return 1e-30f * g;                               /* tiny (subnormal products) */
+    case 6: return g * g * g * g * g;                        /* heavy tails */
+    default: return (float)(int)(4 * g) + ((i % 32) == 7 ? 100 * g : 0); /* ties, one outlier per group */
+    }
+}
+
+/* Quantizes 8 distributions x 3 kinds of importance (none, uniform,
+ * sparse with zeros) x 128 rows of 256 values, 16 rows per importance
+ * vector, and hashes the bytes (FNV-1a, with each call's return code).
+ * The expected values come from the quantizers before their speed-up
+ * (commit 80e9005, byte-identical to ggml on the golden set above); a
+ * faster search must keep every byte. */
+DS4_TEST(quant_quantizers_regression_hashes) {
+    enum { N = 256, R = 128, CHUNK = 16 };
+    static const int types[3] = {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, DS4_TYPE_Q4_K};
+    static const uint64_t want[3][8][3] = {
+        {/* IQ2_XXS */
+         {0x73685af0fc82df19ull, 0x9897d810b5980d7cull, 0x6d275f9e57039a69ull},
+         {0xa9c2ccf67ee0cdc5ull, 0xa9c2ccf67ee0cdc5ull, 0xa9c2ccf67ee0cdc5ull},
+         {0xfdf726846a9635c5ull, 0x4576ff0f763e8a25ull, 0x2654a36bafe307e5ull},
+         {0xdd71b0bdbdf428c9ull, 0x13590322476352e8ull, 0xf391156b5eb3f620ull},
+         {0x092de9d90bd4d125ull, 0xa9c2ccf67ee0cdc5ull, 0xa9c2ccf67ee0cdc5ull},
+         {0xa9c2ccf67ee0cdc5ull, 0xa9c2ccf67ee0cdc5ull, 0xa9c2ccf67ee0cdc5ull},
+         {0x73b548a0bfe4ba97ull, 0x0a46e800eff3364aull, 0x7025817b2287cc40ull},
+         {0xabddb269dfcb7055ull, 0xc3000ac95a9b13cbull, 0x132532e766e72f7aull},
+        },
+        {/* Q2_K */
+         {0x450c33f719540f19ull, 0x9d8d5a0d6e79ec48ull, 0x99f85b88448bc3b0ull},
+         {0x08f896342e5581c5ull, 0x08f896342e5581c5ull, 0x08f896342e5581c5ull},
+         {0x242ff9339aa45dc5ull, 0x242ff9339aa45dc5ull, 0x242ff9339aa45dc5ull},
+         {0x229ad1ac9787792dull, 0x61fea5ae84830deaull, 0x5f099e553fff21b5ull},
+         {0x439a98be6177ac20ull, 0x0b9828f104f82514ull, 0x46b7afef74a2badbull},
+         {0x45ba83fa796acedbull, 0x80105bce6c1c3877ull, 0xa2c1ce75de102a78ull},
+         {0xcd3ccb7a3b5e2b35ull, 0x1a36085c2a8d7b06ull, 0x2e9d563dbca5bf93ull},
+         {0xfffb39651d82ceadull, 0x8fa870702b561e0aull, 0x08c63604d3e2dcd7ull},
+        },
+        {/* Q4_K */
+         {0x3b38a329747d2481ull, 0x9bd0e6e6bf6bf3deull, 0x821c512bb1239cb8ull},
+         {0x2628d469d1ffd9c5ull, 0x2628d469d1ffd9c5ull, 0x2628d469d1ffd9c5ull},
+         {0xec3acc16a23b62c5ull, 0xec3acc16a23b62c5ull, 0xec3acc16a23b62c5ull},
+         {0x20d02b992588d573ull, 0x211e2c57fd047ac7ull, 0x29efcf218dfda6fbull},
+         {0x2b23a28f47aaed14ull, 0x095b1628b917f54bull, 0xb2b54053fa219bb5ull},
+         {0xa976ffe725aaffa1ull, 0xd110e090677174adull, 0xa0fac110b81972f1ull},
+         {0xed4330784629d42cull, 0x556e15d465a71e72ull, 0x0e5b51c2c72f7e38ull},
+         {0xc9ba9e0a4e699d1aull, 0x028ec39d9f465982ull, 0x6661713676cc3ab4ull},
+        },
+    };
+    float *x = malloc(CHUNK * N * sizeof *x), imp[N];
+    uint8_t *q = malloc(CHUNK * N * 4);
+    for (int ti = 0; ti < 3; ti++)
+        for (int d = 0; d < 8; d++)
+            for (int w = 0; w < 3; w++) {
+                rng_seed((uint64_t)(1000 + 100 * ti + 10 * d + w));
+                uint64_t h = 14695981039346656037ull;
+                for (int c = 0; c < R / CHUNK; c++) {
+                    for (int i = 0; i < CHUNK * N; i++) x[i] = reg_value(d, i % N);
+                    for (int i = 0; i < N; i++)
+                        imp[i] = w == 1 ? rng_unit() : (rng_unit() < 0.2f ? 0.0f : 1e-3f * rng_unit() * rng_unit());
+                    int rc = ds4_quantize_rows(types[ti], x, q, CHUNK, N, w ? imp : NULL, NULL);
+                    size_t nb = rc ? 0 : CHUNK * ds4_type_row_bytes(types[ti], N);
+                    h = (h ^ (uint8_t)rc) * 1099511628211ull;
+                    for (size_t k = 0; k < nb; k++) h = (h ^ q[k]) * 1099511628211ull;
+                }
+                CHECK_MSG(h == want[ti][d][w], "%s dist %d imp %d: hash 0x%016llxull", ds4_type_name(types[ti]), d, w,
+                          (unsigned long long)h);
+            }
+    free(x);
+    free(q);
 }
 
 /* ---- byte-exactness against ggml ------------------------------------------ */
