@@ -3,6 +3,8 @@
 # unpack the build dependencies carried in build/device-deps (fetched here
 # with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
+# The device tool brings back at most 8 files from $OUT (each bench step
+# writes 2): plan a call's steps so that the logs that matter fit.
 # usage: bash dev/device_run.sh [tests] [stages] [mvbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
