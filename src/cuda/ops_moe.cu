@@ -317,29 +317,23 @@ static void launch_down(cu_ctx *c, const moe_p &p, dim3 grid, int n) {
     default: cu_fail(c, DS4_E_INTERNAL, "cuda: experts of type %s", ds4_type_name(type));            \
     }
 
-/* h = silu(min(g, lim)) * clamp(u, -lim, lim) (shared expert, weight 1) */
-__global__ void k_swiglu(float *g, const float *u, int64_t n, float lim) {
-    cu_pdl_wait();
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float gv = g[i] < lim ? g[i] : lim;
-    float uv = u[i] < -lim ? -lim : (u[i] > lim ? lim : u[i]);
-    float si = gv / (1.0f + expf(-gv));
-    g[i] = __fmul_rn(__fmul_rn(si, uv), 1.0f);
-}
-
-/* The same, also writing the Q8_0 codes of h (n % 32 == 0: whole warps
- * hold whole 32-value blocks) for the down projection. */
-__global__ void k_swiglu_q8(float *g, const float *u, int64_t n, float lim, int8_t *q, float *d) {
+/* h = silu(min(g, lim)) * clamp(u, -lim, lim) (shared expert, weight 1);
+ * with q != NULL also the Q8_0 codes of h for the down projection (n % 32
+ * == 0: whole warps hold whole 32-value blocks). */
+__global__ void k_swiglu(float *g, const float *u, int64_t n, float lim, int8_t *q, float *d) {
     cu_pdl_wait();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i - (threadIdx.x & 31) >= n) return;
-    float gv = g[i] < lim ? g[i] : lim;
-    float uv = u[i] < -lim ? -lim : (u[i] > lim ? lim : u[i]);
-    float si = gv / (1.0f + expf(-gv));
-    float h = __fmul_rn(__fmul_rn(si, uv), 1.0f);
-    g[i] = h;
-    cu_warp_q8_0(h, q + (i & ~(int64_t)31), d + i / 32);
+    const bool in = i < n; /* without codes n need not be a multiple of 32 */
+    float h = 0.0f;
+    if (in) {
+        float gv = g[i] < lim ? g[i] : lim;
+        float uv = u[i] < -lim ? -lim : (u[i] > lim ? lim : u[i]);
+        float si = gv / (1.0f + expf(-gv));
+        h = __fmul_rn(__fmul_rn(si, uv), 1.0f);
+        g[i] = h;
+    }
+    if (q) cu_warp_q8_0(h, q + (i & ~(int64_t)31), d + i / 32);
 }
 
 /* y[t][d] = (sum_k out[t*K+k][d]) + shared[t][d] */
@@ -427,13 +421,11 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     CU_LAUNCH(c, "moe_down");
     /* shared expert */
     cu_mv_pair(c, &l->gate_sh, s.sg, F, &l->up_sh, s.su, F, a->v, D, n, aq, &s.a1, a->step, 0);
-    if (aq && !c->no_preq && cu_act_type(l->down_sh.type) == DS4_TYPE_Q8_0 && F % 32 == 0 &&
-        (size_t)n * F <= s.a1.cap) {
-        cu_launch(c, k_swiglu_q8, cu_div_up((int64_t)n * F, 256), 256, 0, s.sg, s.su, (int64_t)n * F, lim, s.a1.q, s.a1.d);
-        cu_preq_set(c, s.sg, n, F, F, DS4_TYPE_Q8_0, &s.a1);
-    } else {
-        cu_launch(c, k_swiglu, cu_div_up((int64_t)n * F, 256), 256, 0, s.sg, s.su, (int64_t)n * F, lim);
-    }
+    const bool h_codes = aq && !c->no_preq && cu_act_type(l->down_sh.type) == DS4_TYPE_Q8_0 && F % 32 == 0 &&
+                         (size_t)n * F <= s.a1.cap;
+    cu_launch(c, k_swiglu, cu_div_up((int64_t)n * F, 256), 256, 0, s.sg, s.su, (int64_t)n * F, lim,
+              h_codes ? s.a1.q : (int8_t *)nullptr, h_codes ? s.a1.d : (float *)nullptr);
+    if (h_codes) cu_preq_set(c, s.sg, n, F, F, DS4_TYPE_Q8_0, &s.a1);
     CU_LAUNCH(c, "shared_swiglu");
     cu_mv_pair(c, &l->down_sh, s.sd, D, nullptr, nullptr, 0, s.sg, F, n, aq, &s.a1, a->step, 0);
     cu_launch(c, k_moe_sum, cu_div_up((int64_t)n * D, 256), 256, 0, s.out, s.sd, a->y, n, D, K);
