@@ -131,7 +131,6 @@ struct cu_ctx {
     cu_preq preq[CU_MAX_PREQ];
     bool no_preq;          /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
     bool mv_no_r2;         /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
-    bool mv_f16_r2;        /* DS4_CUDA_MV_F16R2=1: two rows per warp for f32-activation weights (to measure) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];

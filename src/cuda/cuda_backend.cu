@@ -969,8 +969,6 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
          * 4 skips the partial products, 8 skips the weighted sum and norm */
         const char *npq = getenv("DS4_CUDA_NO_PREQ");
         c->no_preq = npq && *npq == '1';
-        const char *fr = getenv("DS4_CUDA_MV_F16R2");
-        c->mv_f16_r2 = fr && *fr == '1';
         const char *r1 = getenv("DS4_CUDA_MV_R1");
         c->mv_no_r2 = r1 && *r1 == '1';
         const char *hd = getenv("DS4_CUDA_HC_DIAG");

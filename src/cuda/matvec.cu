@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_p
 /* f32-activation weights (F16/BF16/F32), one token, R rows per warp: the
  * input chunk (128 bytes of f32) is loaded once for the R rows; each row's
  * sum has cu_row_dot's order, so values equal the R = 1 path bit for bit.
- * Chosen with DS4_CUDA_MV_F16R2=1 until measured (dev/mv_bench.cu F16 rows). */
+ * R by mv_f_rows (dev/mv_bench.cu F16 rows on the H200). */
 template <int WT, int WPR, int R>
 __global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_params p) {
     cu_pdl_wait();
@@ -333,6 +333,21 @@ static bool mv_two_rows(const mv_params &p, int wpr) {
     return (seg_rows >= 1024 && seg_rows <= 32768 && p.nch >= 64 * wpr) || (seg_rows >= 8192 && seg_rows <= 32768);
 }
 
+/* Rows per warp for f32-activation weights, one token (dev/mv_bench.cu,
+ * F16 at the Flash shapes on the H200): 4 rows from 2048 rows per launch
+ * (compressor kv+gate of ratio-4 layers 2.02x, indexer q_b 1.75x), 2 rows
+ * from 512 (ratio-128 compressor 1.35x, indexer compressor 1.07x); the
+ * router (256 rows) and the indexer weights projection (64) lose with more
+ * rows per warp. Every segment's rows must be a multiple of R, so that
+ * a warp's rows never straddle two weights. */
+static int mv_f_rows(const mv_params &p, int rows) {
+    if (p.n != 1) return 1; /* k_matvec_fr tests skip_le itself */
+    int R = rows >= 2048 ? 4 : rows >= 512 ? 2 : 1;
+    for (int i = 0; i < p.n_seg; i++)
+        while (R > 1 && p.seg[i].rows % R) R /= 2;
+    return R;
+}
+
 template <int WT, bool AQ, int WPR>
 static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     dim3 grid(cu_div_up(rows, 8 / WPR));
@@ -343,9 +358,12 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
         }
     }
     if constexpr (!AQ && (WT == DS4_TYPE_F16 || WT == DS4_TYPE_BF16 || WT == DS4_TYPE_F32)) {
-        bool even = p.n == 1;
-        for (int i = 0; i < p.n_seg && even; i++) even = p.seg[i].rows % 2 == 0;
-        if (c->mv_f16_r2 && even) {
+        const int R = c->mv_no_r2 ? 1 : mv_f_rows(p, rows);
+        if (R == 4) {
+            cu_launch(c, k_matvec_fr<WT, WPR, 4>, dim3(cu_div_up(rows, 8 / WPR * 4)), 256, 0, p);
+            return;
+        }
+        if (R == 2) {
             cu_launch(c, k_matvec_fr<WT, WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
             return;
         }
