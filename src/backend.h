@@ -264,9 +264,14 @@ typedef struct ds4_step_info {
     /* Non-zero when every stage call of this step (pointers, n and every
      * other argument except pos0 and the step's contents) is identical for
      * all steps with this key: the backend may capture the stages once and
-     * replay them. 0 = run eagerly. */
+     * replay them. 0 = run eagerly. The low DS4_GRAPH_SESSION_BITS bits
+     * name the session (forget drops all of its keys), the bits above the
+     * step's shape (batch size, all-rows logits). */
     uint64_t graph_key;
 } ds4_step_info;
+
+#define DS4_GRAPH_SESSION_BITS 40
+#define DS4_GRAPH_SESSION(key) ((key) & ((UINT64_C(1) << DS4_GRAPH_SESSION_BITS) - 1))
 
 /* Stage kinds for per-stage timing (ds4-bench --profile). */
 enum {
@@ -274,6 +279,13 @@ enum {
     DS4_PROF_ATTENTION, DS4_PROF_KV_STORE, DS4_PROF_HC_POST, DS4_PROF_MOE_ROUTE, DS4_PROF_MOE_EXPERTS,
     DS4_PROF_HEAD, DS4_PROF_N
 };
+
+/* One backend -> backend copy of copy_many. */
+typedef struct {
+    void *dst;
+    const void *src;
+    size_t bytes;
+} ds4_copy;
 
 typedef struct ds4_backend_ops {
     const char *name;
@@ -302,12 +314,18 @@ typedef struct ds4_backend_ops {
     int (*download)(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err);
     /* backend -> backend copy, ordered with the stages. */
     int (*copy)(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err);
+    /* Optional: n backend -> backend copies at once, ordered with the stages
+     * (the speculative save/restore of ~430 ring runs per cycle: one launch
+     * instead of one copy each). The regions of different copies must not
+     * overlap. NULL: the caller loops over copy. */
+    int (*copy_many)(void *ctx, const ds4_copy *v, int n, ds4_err *err);
     /* Starts a step. Returns 1 when the backend replayed a captured step for
      * si->graph_key (the caller then issues no stages and calls step_end),
      * 0 when the stages must be issued, or a negative error. */
     int (*step_begin)(void *ctx, const ds4_step_info *si, ds4_err *err);
     int (*step_end)(void *ctx, ds4_err *err);
-    /* Forgets any step captured under graph_key (its buffers are going away). */
+    /* Forgets every step captured under a key of session graph_key (its
+     * buffers are going away): keys k with DS4_GRAPH_SESSION(k) == graph_key. */
     void (*forget)(void *ctx, uint64_t graph_key);
     /* ids[r] = argmax of logits row r (n_vocab floats, backend memory): the
      * lowest index of the largest finite value, 0 when none is finite.

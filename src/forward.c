@@ -14,8 +14,9 @@
  * slots (token p in slot p % (c*R)), a and g (with ape), float32.
  *
  * A step: the tokens and pos0 go to the backend in one upload (ds4_step);
- * decode steps of one session (n = 1, last-row logits) carry a graph key so
- * a backend can capture them once and replay. Logits stay in backend memory
+ * decode steps of one session (n = 1, last-row logits) and its speculative
+ * verify steps carry a graph key so a backend can capture them once and
+ * replay. Logits stay in backend memory
  * until asked for (ds4_fwd_logits / ds4_fwd_argmax).
  */
 #include "forward.h"
@@ -287,6 +288,18 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
     return 0;
 }
 
+/* Steps worth capturing: decode (n = 1, last-row logits) and speculative
+ * verification (n <= DS4_FWD_SPEC_MAX, all rows' logits), which repeat with
+ * the same shape at every position. Prefill chunks of changing sizes run
+ * eagerly. */
+static uint64_t graph_key(const ds4_fwd *f, int n, bool all) {
+    if (f->profile || f->no_head) return 0;
+    if (n == 1 && !all) return f->key | UINT64_C(1) << DS4_GRAPH_SESSION_BITS;
+    if (all && n > 1 && n <= DS4_FWD_SPEC_MAX)
+        return f->key | (uint64_t)n << DS4_GRAPH_SESSION_BITS | UINT64_C(1) << (DS4_GRAPH_SESSION_BITS + 8);
+    return 0;
+}
+
 int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool all, ds4_err *err) {
     const ds4_hparams *hp = &f->m->hp;
     const ds4_backend_ops *ops = f->be->ops;
@@ -304,8 +317,7 @@ int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool a
     memcpy(DS4_STEP_TOKENS(f->step_host), tokens, (size_t)n * sizeof(int32_t));
     int rc = ops->upload(ctx, f->step, f->step_host, DS4_STEP_BYTES(n), err);
     if (rc) return rc;
-    ds4_step_info si = {.step = f->step, .n = n, .pos0 = pos0,
-                        .graph_key = (n == 1 && !all && !f->profile && !f->no_head) ? f->key : 0};
+    ds4_step_info si = {.step = f->step, .n = n, .pos0 = pos0, .graph_key = graph_key(f, n, all)};
     rc = ops->step_begin(ctx, &si, err);
     if (rc < 0) return rc;
     int src = rc == 0 ? issue_stages(f, n, pos0, all) : 0;
@@ -491,10 +503,21 @@ static void spec_ring(const ds4_fwd *f, int il, int k, void **base, int *slots, 
     }
 }
 
+static int copy_many(ds4_fwd *f, const ds4_copy *v, int n, ds4_err *err) {
+    const ds4_backend_ops *ops = f->be->ops;
+    if (ops->copy_many) return ops->copy_many(f->be->ctx, v, n, err);
+    for (int i = 0; i < n; i++) {
+        int rc = ops->copy(f->be->ctx, v[i].dst, v[i].src, v[i].bytes, err);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* Copies the ring slots of positions p0 .. p0+n-1 between the ring and the
  * save buffer (saved in position order), in at most two contiguous runs. */
 static int spec_io(ds4_fwd *f, int p0, int off, int n, bool save, ds4_err *err) {
-    const ds4_backend_ops *ops = f->be->ops;
+    ds4_copy v[64];
+    int nv = 0;
     for (int il = 0; il < f->m->hp.n_layer; il++)
         for (int k = 0; k < 5; k++) {
             void *base;
@@ -508,13 +531,16 @@ static int spec_io(ds4_fwd *f, int p0, int off, int n, bool save, ds4_err *err) 
                 int p = p0 + off + done, slot = p % slots;
                 int run = slots - slot < n - done ? slots - slot : n - done;
                 unsigned char *r = ring + (size_t)slot * sb, *b = buf + (size_t)(off + done) * sb;
-                int rc = save ? ops->copy(f->be->ctx, b, r, (size_t)run * sb, err)
-                              : ops->copy(f->be->ctx, r, b, (size_t)run * sb, err);
-                if (rc) return rc;
+                v[nv++] = save ? (ds4_copy){b, r, (size_t)run * sb} : (ds4_copy){r, b, (size_t)run * sb};
+                if (nv == 64) { /* ring and save buffers are disjoint: the copies may run at once */
+                    int rc = copy_many(f, v, nv, err);
+                    if (rc) return rc;
+                    nv = 0;
+                }
                 done += run;
             }
         }
-    return 0;
+    return nv ? copy_many(f, v, nv, err) : 0;
 }
 
 int ds4_fwd_spec_begin(ds4_fwd *f, int n, ds4_err *err) {

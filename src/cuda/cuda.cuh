@@ -129,7 +129,10 @@ struct cu_ctx {
     cu_scratch s;
     int hc_split;          /* splits of the HC flat dot */
     cu_preq preq[CU_MAX_PREQ];
+    const int32_t *moe_grouped; /* ids of a one-token route whose expert grouping the route kernel wrote (consumed by
+                                 * moe_experts; cleared at step_begin and by every upload or copy) */
     bool no_preq;          /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
+    bool no_route_group;   /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
     bool mv_no_r2;         /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     /* graphs */

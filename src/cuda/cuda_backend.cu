@@ -143,6 +143,7 @@ static int report(cu_ctx *c, ds4_err *err) {
 
 static int cu_upload_op(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
+    c->moe_grouped = nullptr;
     if (!bytes) return 0;
     if (!cu_ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->st), "upload")) return report(c, err);
     return 0;
@@ -159,8 +160,50 @@ static int cu_download_op(void *ctx, void *dst, const void *src, size_t bytes, d
 
 static int cu_copy_op(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
+    c->moe_grouped = nullptr;
     if (!bytes) return 0;
     if (!cu_ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->st), "copy")) return report(c, err);
+    return 0;
+}
+
+/* copy_many: one block per copy, the descriptors passed by value (one
+ * launch for the ~430 ring runs of a speculative save or restore). */
+#define CU_COPY_MAX 64
+struct copy_many_p {
+    int n;
+    void *dst[CU_COPY_MAX];
+    const void *src[CU_COPY_MAX];
+    size_t bytes[CU_COPY_MAX];
+};
+
+__global__ void k_copy_many(const __grid_constant__ copy_many_p p) {
+    const int i = blockIdx.x;
+    unsigned char *d = (unsigned char *)p.dst[i];
+    const unsigned char *s = (const unsigned char *)p.src[i];
+    const size_t nb = p.bytes[i];
+    if ((((uintptr_t)d | (uintptr_t)s | nb) & 15) == 0) {
+        for (size_t k = threadIdx.x; k < nb / 16; k += blockDim.x) ((uint4 *)d)[k] = ((const uint4 *)s)[k];
+    } else if ((((uintptr_t)d | (uintptr_t)s | nb) & 3) == 0) {
+        for (size_t k = threadIdx.x; k < nb / 4; k += blockDim.x) ((uint32_t *)d)[k] = ((const uint32_t *)s)[k];
+    } else {
+        for (size_t k = threadIdx.x; k < nb; k += blockDim.x) d[k] = s[k];
+    }
+}
+
+static int cu_copy_many_op(void *ctx, const ds4_copy *v, int n, ds4_err *err) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    c->moe_grouped = nullptr;
+    for (int i0 = 0; i0 < n; i0 += CU_COPY_MAX) {
+        copy_many_p p;
+        p.n = n - i0 < CU_COPY_MAX ? n - i0 : CU_COPY_MAX;
+        for (int i = 0; i < p.n; i++) {
+            p.dst[i] = v[i0 + i].dst;
+            p.src[i] = v[i0 + i].src;
+            p.bytes[i] = v[i0 + i].bytes;
+        }
+        k_copy_many<<<p.n, 256, 0, c->st>>>(p);
+        if (!cu_ok(c, cudaGetLastError(), "copy")) return report(c, err);
+    }
     return 0;
 }
 
@@ -663,6 +706,7 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
 static int cu_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
     cu_preq_clear((cu_ctx *)ctx);
     cu_ctx *c = (cu_ctx *)ctx;
+    c->moe_grouped = nullptr;
     c->err = 0;
     c->capturing = false;
     if (c->no_graphs || !si->graph_key) return 0;
@@ -857,7 +901,7 @@ static int cu_step_end(void *ctx, ds4_err *err) {
 static void cu_forget(void *ctx, uint64_t key) {
     cu_ctx *c = (cu_ctx *)ctx;
     for (int i = 0; i < CU_MAX_GRAPHS; i++)
-        if (c->graphs[i].key == key) {
+        if (c->graphs[i].key && DS4_GRAPH_SESSION(c->graphs[i].key) == key) {
             cudaStreamSynchronize(c->st);
             cudaGraphExecDestroy(c->graphs[i].exec);
             c->graphs[i].key = 0;
@@ -915,6 +959,7 @@ static const ds4_backend_ops cuda_ops = {
     cu_upload_op,
     cu_download_op,
     cu_copy_op,
+    cu_copy_many_op,
     cu_step_begin,
     cu_step_end,
     cu_forget,
@@ -969,6 +1014,8 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
          * 4 skips the partial products, 8 skips the weighted sum and norm */
         const char *npq = getenv("DS4_CUDA_NO_PREQ");
         c->no_preq = npq && *npq == '1';
+        const char *nrg = getenv("DS4_CUDA_NO_ROUTE_GROUP");
+        c->no_route_group = nrg && *nrg == '1';
         const char *r1 = getenv("DS4_CUDA_MV_R1");
         c->mv_no_r2 = r1 && *r1 == '1';
         const char *hd = getenv("DS4_CUDA_HC_DIAG");

@@ -15,6 +15,7 @@
 #include "cuda/rowops.cuh"
 
 #define MOE_MAX_E 256
+#define MOE_MAX_K 16 /* one-token grouping inside the router kernel */
 
 /* ---------------------------------------------------------------- router */
 
@@ -27,7 +28,8 @@ __device__ __forceinline__ float cu_softplus(float x) { return x > 20.0f ? x : l
  * lanes: the tie rule in the butterfly), as cpu_ops.c's top-k. */
 __global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E, int K, const int32_t *tokens,
                                               const int32_t *tid2eid, const float *bias, bool hash, bool norm,
-                                              float scale, int32_t *ids, float *wts) {
+                                              float scale, int32_t *ids, float *wts, int32_t *items, int32_t *off,
+                                              int32_t *act) {
     cu_pdl_wait();
     extern __shared__ float sm[];
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * 8 + w;
@@ -82,6 +84,29 @@ __global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E
             float g = norm ? s[id[i]] / (sum + 1e-20f) : s[id[i]];
             wts[(int64_t)t * K + i] = g * scale;
         }
+        if (items) { /* one token: k_moe_group's output, by a stable insertion sort of the K items */
+            int es[MOE_MAX_K], is[MOE_MAX_K];
+            for (int i = 0; i < K; i++) {
+                const int e = id[i];
+                int j = i;
+                for (; j > 0 && es[j - 1] > e; j--) {
+                    es[j] = es[j - 1];
+                    is[j] = is[j - 1];
+                }
+                es[j] = e;
+                is[j] = i;
+            }
+            int na = 0;
+            for (int j = 0; j < K; j++) {
+                items[j] = is[j];
+                if (j == 0 || es[j] != es[j - 1]) {
+                    act[na++] = es[j];
+                    off[es[j]] = j;
+                }
+                off[es[j] + 1] = j + 1; /* the end of es[j]: also the start of es[j] + 1 when that one is active */
+            }
+            act[E] = na;
+        }
     }
 }
 
@@ -92,8 +117,13 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     const ds4_layer *l = a->l;
     const int E = hp->n_expert, K = hp->n_expert_used;
     cu_mv_pair(c, &l->gate_inp, c->s.rl, E, nullptr, nullptr, 0, a->v, hp->n_embd, a->n, false, &c->s.a1, a->step, 0);
-    cu_launch(c, k_route, cu_div_up(a->n, 8), 256, (size_t)8 * E * sizeof(float), c->s.rl, a->n, E, K, a->tokens, l->tid2eid, l->exp_bias, l->hash, hp->expert_weights_norm,
-        hp->expert_weights_scale, a->ids, a->w);
+    /* one token: the router kernel also groups the K items by expert (the
+     * moe_group launch of moe_experts is then skipped) */
+    const bool group = a->n == 1 && K <= MOE_MAX_K && !c->no_route_group;
+    cu_launch(c, k_route, cu_div_up(a->n, 8), 256, (size_t)8 * E * sizeof(float), c->s.rl, a->n, E, K, a->tokens,
+              l->tid2eid, l->exp_bias, l->hash, hp->expert_weights_norm, hp->expert_weights_scale, a->ids, a->w,
+              group ? c->s.items : nullptr, group ? c->s.off : nullptr, group ? c->s.act : nullptr);
+    c->moe_grouped = group ? a->ids : nullptr;
     CU_LAUNCH(c, "route");
     return c->err;
 }
@@ -356,9 +386,13 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     const float lim = hp->swiglu_clamp[a->il];
     const bool aq = a->num.act_quant;
     cu_scratch &s = c->s;
-    /* group items by expert */
-    cu_launch(c, k_moe_group, 1, 1024, (size_t)(2 * E + 32 * E) * sizeof(int), a->ids, NI, E, s.items, s.off, s.act);
-    if (!CU_LAUNCH(c, "moe_group")) return c->err;
+    /* group items by expert (unless the router kernel did for these ids) */
+    if (!(n == 1 && c->moe_grouped == a->ids)) {
+        cu_launch(c, k_moe_group, 1, 1024, (size_t)(2 * E + 32 * E) * sizeof(int), a->ids, NI, E, s.items, s.off,
+                  s.act);
+        if (!CU_LAUNCH(c, "moe_group")) return c->err;
+    }
+    c->moe_grouped = nullptr;
     const int n_slots = NI < E ? NI : E;
     /* gate + up */
     moe_p p;
