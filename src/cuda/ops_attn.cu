@@ -767,7 +767,7 @@ int cu_attn_splits(int nr_cap) { return (nr_cap + ATT_R - 1) / ATT_R; }
 
 template <typename T>
 static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
-    int hb = 8;
+    int hb = c->att_hb ? c->att_hb : 8; /* DS4_CUDA_ATT_HB: heads per block (A/B; same values) */
     while (hb > 1 && p.H % hb) hb /= 2;
     const int S = cu_attn_splits(nr_cap);
     if (S > c->s.att_splits) {
@@ -787,6 +787,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         cu_launch(c, k_attn_part<T, HB>, grid, 256, smem, p);                                                      \
     } while (0)
         switch (hb) {
+        case 16: AT(16); break;
         case 8: AT(8); break;
         case 4: AT(4); break;
         case 2: AT(2); break;
