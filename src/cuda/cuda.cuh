@@ -132,7 +132,7 @@ struct cu_ctx {
     const int32_t *moe_grouped; /* ids of a one-token route whose expert grouping the route kernel wrote (consumed by
                                  * moe_experts; cleared at step_begin and by every upload or copy) */
     bool no_preq;          /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
-    int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: attention heads per block (A/B switch; 0 = 8) */
+    int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: attention heads per block (A/B switch; 0 = 4) */
     bool no_route_group;   /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
     bool mv_no_r2;         /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */

@@ -1016,7 +1016,7 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
         c->no_preq = npq && *npq == '1';
         const char *ahb = getenv("DS4_CUDA_ATT_HB");
         c->att_hb = ahb ? atoi(ahb) : 0;
-        if (c->att_hb != 1 && c->att_hb != 2 && c->att_hb != 4 && c->att_hb != 16) c->att_hb = 0;
+        if (c->att_hb != 1 && c->att_hb != 2 && c->att_hb != 4 && c->att_hb != 8 && c->att_hb != 16) c->att_hb = 0;
         const char *nrg = getenv("DS4_CUDA_NO_ROUTE_GROUP");
         c->no_route_group = nrg && *nrg == '1';
         const char *r1 = getenv("DS4_CUDA_MV_R1");
