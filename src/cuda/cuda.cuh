@@ -115,7 +115,7 @@ struct cu_ctx {
     char dev_name[256];
     cudaStream_t st;
     bool sync_debug, no_graphs, profile;
-    bool pdl;              /* launch step kernels with programmatic dependent launch */
+    int no_pdl;            /* DS4_CUDA_NO_PDL=1: step kernels without programmatic dependent launch */
     int err;               /* first error, sticky until step_end */
     char msg[480];
     /* device status word (kernels OR bits into it) and its pinned mirror */
@@ -131,10 +131,10 @@ struct cu_ctx {
     cu_preq preq[CU_MAX_PREQ];
     const int32_t *moe_grouped; /* ids of a one-token route whose expert grouping the route kernel wrote (consumed by
                                  * moe_experts; cleared at step_begin and by every upload or copy) */
-    bool no_preq;          /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
+    int no_preq;           /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
     int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: attention heads per block (A/B switch; 0 = 4) */
-    bool no_route_group;   /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
-    bool mv_no_r2;         /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
+    int no_route_group;    /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
+    int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
@@ -165,7 +165,7 @@ struct cu_ctx {
     double prof_ms[DS4_PROF_N];
     /* per-kernel timing (DS4_CUDA_KPROF=1, profiled eager steps only):
      * marks of kind CU_KPROF_BASE + i after each launch of kernel i */
-    bool kprof;
+    int kprof;
     int n_kp;
     struct {
         const char *name;
@@ -184,7 +184,7 @@ struct cu_ctx {
  * (a no-op when the kernel was launched without the attribute). */
 __device__ __forceinline__ void cu_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
-/* Launches a step kernel on the context's stream; with ctx->pdl, as a
+/* Launches a step kernel on the context's stream; unless ctx->no_pdl, as a
  * programmatic dependent launch (PERFORMANCE.md A.8: its launch and block
  * scheduling overlap the previous kernel's tail; cu_pdl_wait() keeps the
  * data dependency). */
@@ -199,7 +199,7 @@ static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 blo
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = at;
-    cfg.numAttrs = c->pdl ? 1 : 0;
+    cfg.numAttrs = c->no_pdl ? 0 : 1;
     cudaError_t e = cudaLaunchKernelEx(&cfg, k, static_cast<KArgs>(args)...);
     if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
 }

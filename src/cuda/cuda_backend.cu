@@ -946,6 +946,31 @@ static void cu_destroy(void *ctx) {
     free(c);
 }
 
+/* Debug and A/B switches, read from the environment once per backend (none
+ * is needed in normal use; documented in docs/ARCHITECTURE.md section 7).
+ * Each sets one int of cu_ctx; unset or empty = 0. */
+typedef int cu_ctx::*cu_int_field;
+static const struct cu_switch {
+    const char *name;
+    cu_int_field field;
+} cu_switches[] = {
+    {"DS4_CUDA_KPROF", &cu_ctx::kprof},                 /* 1: per-kernel times in ds4-bench --profile */
+    {"DS4_CUDA_NO_PDL", &cu_ctx::no_pdl},               /* 1: no programmatic dependent launch */
+    {"DS4_CUDA_NO_PREQ", &cu_ctx::no_preq},             /* 1: quantize activations at every consumer */
+    {"DS4_CUDA_NO_ROUTE_GROUP", &cu_ctx::no_route_group}, /* 1: one-token expert grouping by moe_group */
+    {"DS4_CUDA_MV_R1", &cu_ctx::mv_no_r2},              /* 1: one row per warp in every matvec */
+    {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: attention heads per block (else 4) */
+    {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
+};
+
+static void cu_read_switches(cu_ctx *c) {
+    for (size_t i = 0; i < sizeof cu_switches / sizeof cu_switches[0]; i++) {
+        const char *v = getenv(cu_switches[i].name);
+        c->*cu_switches[i].field = v && *v ? atoi(v) : 0;
+    }
+    if (c->att_hb != 1 && c->att_hb != 2 && c->att_hb != 4 && c->att_hb != 8 && c->att_hb != 16) c->att_hb = 0;
+}
+
 static const ds4_backend_ops cuda_ops = {
     "cuda",
     cu_destroy,
@@ -998,31 +1023,13 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
     c->sync_debug = o && o->sync_debug;
     c->no_graphs = o && o->no_graphs;
     c->profile = o && o->profile;
-    {
-        const char *kp = getenv("DS4_CUDA_KPROF");
-        c->kprof = kp && *kp && strcmp(kp, "0");
-        const char *np = getenv("DS4_CUDA_NO_PDL"); /* A/B switch for programmatic dependent launch */
-        c->pdl = !(np && *np && strcmp(np, "0"));
-    }
+    cu_read_switches(c);
     cudaDeviceProp prop;
     bool ok = cu_ok(c, cudaSetDevice(dev), "set device") && cu_ok(c, cudaGetDeviceProperties(&prop, dev), "properties");
     if (ok) {
         c->n_sm = prop.multiProcessorCount;
         snprintf(c->dev_name, sizeof c->dev_name, "%s", prop.name);
         c->hc_split = 32;
-        /* diagnostic only (wrong results): 1 skips the Sinkhorn loop, 2 ends HC-pre after the partials,
-         * 4 skips the partial products, 8 skips the weighted sum and norm */
-        const char *npq = getenv("DS4_CUDA_NO_PREQ");
-        c->no_preq = npq && *npq == '1';
-        const char *ahb = getenv("DS4_CUDA_ATT_HB");
-        c->att_hb = ahb ? atoi(ahb) : 0;
-        if (c->att_hb != 1 && c->att_hb != 2 && c->att_hb != 4 && c->att_hb != 8 && c->att_hb != 16) c->att_hb = 0;
-        const char *nrg = getenv("DS4_CUDA_NO_ROUTE_GROUP");
-        c->no_route_group = nrg && *nrg == '1';
-        const char *r1 = getenv("DS4_CUDA_MV_R1");
-        c->mv_no_r2 = r1 && *r1 == '1';
-        const char *hd = getenv("DS4_CUDA_HC_DIAG");
-        c->hc_diag = hd ? atoi(hd) : 0;
         ok = cu_ok(c, cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking), "stream") &&
              cu_ok(c, cudaMalloc((void **)&c->dstatus, sizeof(int)), "status") &&
              cu_ok(c, cudaMemset(c->dstatus, 0, sizeof(int)), "status") &&

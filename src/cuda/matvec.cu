@@ -114,6 +114,32 @@ struct mv_params {
  * j of a row takes the chunks 32*(j + WPR*k) + lane; the WPR warp sums are
  * added in j order. WPR depends only on the weight's shape (mv_wpr), never
  * on the number of tokens, so a row's value is the same in any batch. */
+/* The end of the R-rows matvecs: warp sums of acc, then (WPR > 1) the
+ * partials of a row's warps added in warp order by its first warp; y =
+ * the warp's first row. */
+template <int WPR, int R>
+__device__ __forceinline__ void mv_rows_store(const float (&acc)[R], float (&part)[8][R], int warp, int j, int lane,
+                                              bool live, float *y) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float v = cu_warp_sum(acc[r]);
+        if (WPR == 1) {
+            if (live && lane == 0) y[r] = v;
+        } else if (lane == 0) {
+            part[warp][r] = v;
+        }
+    }
+    if constexpr (WPR > 1) {
+        __syncthreads();
+        if (live && j == 0 && lane < R) {
+            float v = part[warp][lane];
+#pragma unroll
+            for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
+            y[lane] = v;
+        }
+    }
+}
+
 /* Q8_0 x int8, one token, R rows per warp: the activation chunk is loaded
  * once for the R rows and their weight loads are in flight together. Each
  * row's sum has exactly the order of cu_row_dot (chunks 32*(j + WPR*k) +
@@ -158,24 +184,7 @@ __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_p
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        float v = cu_warp_sum(acc[r]);
-        if (WPR == 1) {
-            if (live && lane == 0) g.y[r0 + r] = v;
-        } else if (lane == 0) {
-            part[warp][r] = v;
-        }
-    }
-    if constexpr (WPR > 1) {
-        __syncthreads();
-        if (live && j == 0 && lane < R) {
-            float v = part[warp][lane];
-#pragma unroll
-            for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
-            g.y[r0 + lane] = v;
-        }
-    }
+    mv_rows_store<WPR, R>(acc, part, warp, j, lane, live, g.y + r0);
 }
 
 /* f32-activation weights (F16/BF16/F32), one token, R rows per warp: the
@@ -225,24 +234,7 @@ __global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_pa
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        float v = cu_warp_sum(acc[r]);
-        if (WPR == 1) {
-            if (live && lane == 0) g.y[r0 + r] = v;
-        } else if (lane == 0) {
-            part[warp][r] = v;
-        }
-    }
-    if constexpr (WPR > 1) {
-        __syncthreads();
-        if (live && j == 0 && lane < R) {
-            float v = part[warp][lane];
-#pragma unroll
-            for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
-            g.y[r0 + lane] = v;
-        }
-    }
+    mv_rows_store<WPR, R>(acc, part, warp, j, lane, live, g.y + r0);
 }
 
 template <int WT, bool AQ, int NT, int WPR>
