@@ -767,9 +767,9 @@ int cu_attn_splits(int nr_cap) { return (nr_cap + ATT_R - 1) / ATT_R; }
 
 template <typename T>
 static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
-    /* heads per block: 4 measured fastest on the H200 (q2 decode at 4k:
-     * 90.2 tok/s with 4, 88.3 with 8, 87.1 with 16); DS4_CUDA_ATT_HB
-     * overrides it (A/B; the values are the same for any choice) */
+    /* heads per block: 4 (H200, q2 decode at 4k: 2, 4 and 8 within the
+     * +-1.5 tok/s run-to-run spread, 16 slower); DS4_CUDA_ATT_HB overrides
+     * it (A/B; the values are the same for any choice) */
     int hb = c->att_hb ? c->att_hb : 4;
     while (hb > 1 && p.H % hb) hb /= 2;
     const int S = cu_attn_splits(nr_cap);
