@@ -135,6 +135,7 @@ struct cu_ctx {
     int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: attention heads per block (A/B switch; 0 = 4) */
     int no_route_group;    /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
     int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
+    int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];

@@ -13,6 +13,7 @@
  */
 #include "cuda/cuda.cuh"
 #include "cuda/rowops.cuh"
+#include "cuda/mma.cuh"
 
 #define MOE_MAX_E 256
 #define MOE_MAX_K 16 /* one-token grouping inside the router kernel */
@@ -243,6 +244,15 @@ __device__ __forceinline__ int64_t moe_row(const moe_p &p, cu_iq2_tab *tab, int 
     return (int64_t)*e * p.mat_rows + *r;
 }
 
+/* silu(min(g, lim)) * clamp(u, -lim, lim) * route weight: one function for
+ * the CUDA-core and tensor-core expert kernels (same bits) */
+__device__ __forceinline__ float moe_act(float g, float u, float lim, float w) {
+    const float gv = g < lim ? g : lim;
+    const float uv = u < -lim ? -lim : (u > lim ? lim : u);
+    const float si = gv / (1.0f + expf(-gv));
+    return __fmul_rn(__fmul_rn(si, uv), w);
+}
+
 /* Gate + up + SwiGLU for active expert act[blockIdx.y], rows
  * blockIdx.x*8 + warp, its items in tiles of NT. */
 template <int WT, bool AQ, int NT>
@@ -272,10 +282,7 @@ __global__ void __launch_bounds__(256) k_moe_gate_up(const __grid_constant__ moe
             float g = cu_warp_sum(ga[t]), u = cu_warp_sum(ua[t]);
             if (lane == 0 && t < nt) {
                 const int pos = b + i0 + t;
-                float gv = g < p.lim ? g : p.lim;
-                float uv = u < -p.lim ? -p.lim : (u > p.lim ? p.lim : u);
-                float si = gv / (1.0f + expf(-gv));
-                p.out[(int64_t)pos * p.rows + r] = __fmul_rn(__fmul_rn(si, uv), p.wts[p.items[pos]]);
+                p.out[(int64_t)pos * p.rows + r] = moe_act(g, u, p.lim, p.wts[p.items[pos]]);
             }
         }
     }
@@ -309,6 +316,204 @@ __global__ void __launch_bounds__(256) k_moe_down(const __grid_constant__ moe_p 
             if (lane == 0 && t < nt) p.out[(int64_t)p.items[b + i0 + t] * p.rows + r] = v;
         }
     }
+}
+
+/* ---------------------------------------------------------------- tensor-core gate + up */
+
+/* IQ2_XXS gate + up against Q8_K activations for batches: the weights of
+ * one super-block (256 values) are decoded to int8 in shared memory, the
+ * int8 mma (m16n8k32) gives each 32-value chunk's integer dot exactly, and
+ * the float work keeps k_moe_gate_up's operations (cu_row_dot, K-quants,
+ * one warp per row): chunk c sits on lane c % 32, so super-block sb's
+ * integer sum (the chunk scales times the dots, exact in any order) is
+ * added as cu_kblock by lane 8 * (sb % 4) in sb order, and the warp sum
+ * of those four lanes is (A0 + A2) + (A1 + A3). Block tile 64 rows x 32
+ * items of one expert, 8 warps of 16 rows x 16 items, both matrices;
+ * super-block s + 1 is loaded (weights to registers, activations by
+ * cp.async) while s is multiplied. */
+#define MG_BM 64
+#define MG_BN 32
+struct mg_smem {
+    int8_t a[2][2][8][MG_BM * 32];  /* [buf][gate|up][chunk][row x 32] */
+    int8_t b[2][8][MG_BN * 32];     /* [buf][chunk][item x 32] */
+    int32_t ls[2][2][MG_BM][8];     /* chunk scales 2*(aux>>28)+1 */
+    float d[2][2][MG_BM];           /* super-block scales */
+    float ad[2][MG_BN];             /* activation super-block scales */
+    int32_t tok[MG_BN];             /* token of each item of the tile */
+    cu_iq2_tab tab;
+};
+
+__global__ void __launch_bounds__(256) k_moe_mm_gu_iq2(const __grid_constant__ moe_p p) {
+    extern __shared__ __align__(16) unsigned char mg_raw[];
+    mg_smem &sm = *reinterpret_cast<mg_smem *>(mg_raw);
+    cu_pdl_wait();
+    cu_iq2_tab_load(&sm.tab, p.grid, p.ksigns);
+    if ((int)blockIdx.y >= p.act[p.E]) return;
+    const int e = p.act[blockIdx.y], r0 = blockIdx.x * MG_BM;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    const int wm = warp & 3, wn = warp >> 2, ra = wm * 16 + g;
+    const int b0 = p.off[e], ne = p.off[e + 1] - b0, nsb = p.nch / 8, nsbr = p.ld / 256;
+    const cu_w *W[2] = {&p.wa, &p.wb};
+    /* this thread's 4 chunk decodes per stage: v = tid + 256u -> matrix,
+     * row, chunk */
+    auto raw_load = [&](int sb, uint2 (&raw)[4], float &dv) {
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int v = tid + 256 * u, mt = v >> 9, rr = (v >> 3) & 63, ch = v & 7;
+            const cu_w &w = *W[mt];
+            raw[u] = *(const uint2 *)(w.q + (size_t)((int64_t)e * p.mat_rows + r0 + rr) * w.q_row + (size_t)sb * 64 + 8 * ch);
+        }
+        if (tid < 2 * MG_BM) {
+            const cu_w &w = *W[tid >> 6];
+            dv = cu_h2f(cu_ld16(w.s + (size_t)((int64_t)e * p.mat_rows + r0 + (tid & 63)) * w.s_row + 2 * (size_t)sb));
+        }
+    };
+    auto raw_store = [&](int buf, const uint2 (&raw)[4], float dv) {
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int v = tid + 256 * u, mt = v >> 9, rr = (v >> 3) & 63, ch = v & 7;
+            const uint32_t a0 = raw[u].x, a1 = raw[u].y;
+            uint32_t wv[8];
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const uint64_t gr = sm.tab.grid[(a0 >> (8 * k)) & 0xff];
+                const uint32_t signs = sm.tab.ksigns[(a1 >> (7 * k)) & 127];
+                const uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
+                wv[2 * k] = __vsub4((uint32_t)gr ^ m0, m0);
+                wv[2 * k + 1] = __vsub4((uint32_t)(gr >> 32) ^ m1, m1);
+            }
+            int8_t *dst = sm.a[buf][mt][ch];
+            *(uint4 *)(dst + mm_off(rr, 0)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+            *(uint4 *)(dst + mm_off(rr, 4)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
+            sm.ls[buf][mt][rr][ch] = 2 * (int)(a1 >> 28) + 1;
+        }
+        if (tid < 2 * MG_BM) sm.d[buf][tid >> 6][tid & 63] = dv;
+    };
+    auto act_issue = [&](int sb, int buf, int nt) {
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int v = tid + 256 * u, half = v & 1, it = (v >> 1) & 31, ch = v >> 6;
+            const bool ok = it < nt;
+            const int8_t *src = p.aq + (ok ? (int64_t)sm.tok[it] * p.ld + (int64_t)sb * 256 + ch * 32 + 16 * half : 0);
+            mm_cp16(sm.b[buf][ch] + mm_off(it, 4 * half), src, ok);
+        }
+        if (tid < MG_BN) sm.ad[buf][tid] = tid < nt ? p.ad[(int64_t)sm.tok[tid] * nsbr + sb] : 0.0f;
+    };
+
+    for (int i0 = 0; i0 < ne; i0 += MG_BN) {
+        const int nt = ne - i0 < MG_BN ? ne - i0 : MG_BN;
+        __syncthreads(); /* the previous tile is done with tok and the buffers */
+        if (tid < MG_BN) sm.tok[tid] = tid < nt ? p.items[b0 + i0 + tid] / p.K : 0;
+        __syncthreads();
+        uint2 raw[4];
+        float dv = 0.0f;
+        raw_load(0, raw, dv);
+        act_issue(0, 0, nt);
+        mm_commit();
+        raw_store(0, raw, dv);
+        float A[2][4][2][4]; /* [gate|up][sb % 4][n-subtile][element] */
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int x = 0; x < 4; x++)
+#pragma unroll
+                for (int a = 0; a < 2; a++)
+#pragma unroll
+                    for (int el = 0; el < 4; el++) A[mt][x][a][el] = 0.0f;
+        mm_wait<0>();
+        __syncthreads();
+        for (int sb4 = 0; sb4 < nsb; sb4 += 4) {
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                const int sb = sb4 + x, buf = x & 1;
+                const bool more = sb + 1 < nsb;
+                if (more) {
+                    raw_load(sb + 1, raw, dv);
+                    act_issue(sb + 1, buf ^ 1, nt);
+                }
+                mm_commit();
+                int is[2][2][4];
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                    for (int a = 0; a < 2; a++)
+#pragma unroll
+                        for (int el = 0; el < 4; el++) is[mt][a][el] = 0;
+#pragma unroll
+                for (int ch = 0; ch < 8; ch++) {
+                    const int8_t *B = sm.b[buf][ch];
+                    unsigned bf[2][2];
+#pragma unroll
+                    for (int a = 0; a < 2; a++) {
+                        const int it = wn * 16 + a * 8 + g;
+                        bf[a][0] = *(const unsigned *)(B + mm_off(it, tq));
+                        bf[a][1] = *(const unsigned *)(B + mm_off(it, tq + 4));
+                    }
+#pragma unroll
+                    for (int mt = 0; mt < 2; mt++) {
+                        const int8_t *Am = sm.a[buf][mt][ch];
+                        unsigned af[4];
+                        af[0] = *(const unsigned *)(Am + mm_off(ra, tq));
+                        af[1] = *(const unsigned *)(Am + mm_off(ra + 8, tq));
+                        af[2] = *(const unsigned *)(Am + mm_off(ra, tq + 4));
+                        af[3] = *(const unsigned *)(Am + mm_off(ra + 8, tq + 4));
+                        const int l0 = sm.ls[buf][mt][ra][ch], l1 = sm.ls[buf][mt][ra + 8][ch];
+#pragma unroll
+                        for (int a = 0; a < 2; a++) {
+                            int ci[4];
+                            mm_mma(af, bf[a][0], bf[a][1], ci);
+                            is[mt][a][0] += l0 * ci[0];
+                            is[mt][a][1] += l0 * ci[1];
+                            is[mt][a][2] += l1 * ci[2];
+                            is[mt][a][3] += l1 * ci[3];
+                        }
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    const float d0 = sm.d[buf][mt][ra], d1 = sm.d[buf][mt][ra + 8];
+#pragma unroll
+                    for (int a = 0; a < 2; a++) {
+                        const int it = wn * 16 + a * 8 + 2 * tq;
+                        const float a0 = sm.ad[buf][it], a1 = sm.ad[buf][it + 1];
+                        A[mt][x][a][0] = __fadd_rn(A[mt][x][a][0], cu_kblock<DS4_TYPE_IQ2_XXS>(a0, d0, 0.0f, is[mt][a][0], 0));
+                        A[mt][x][a][1] = __fadd_rn(A[mt][x][a][1], cu_kblock<DS4_TYPE_IQ2_XXS>(a1, d0, 0.0f, is[mt][a][1], 0));
+                        A[mt][x][a][2] = __fadd_rn(A[mt][x][a][2], cu_kblock<DS4_TYPE_IQ2_XXS>(a0, d1, 0.0f, is[mt][a][2], 0));
+                        A[mt][x][a][3] = __fadd_rn(A[mt][x][a][3], cu_kblock<DS4_TYPE_IQ2_XXS>(a1, d1, 0.0f, is[mt][a][3], 0));
+                    }
+                }
+                if (more) raw_store(buf ^ 1, raw, dv);
+                mm_wait<0>();
+                __syncthreads();
+            }
+        }
+#pragma unroll
+        for (int a = 0; a < 2; a++)
+#pragma unroll
+            for (int el = 0; el < 4; el++) {
+                const int it = wn * 16 + a * 8 + 2 * tq + (el & 1), rr = r0 + ra + (el >> 1) * 8;
+                if (it >= nt) continue;
+                const float gs = __fadd_rn(__fadd_rn(A[0][0][a][el], A[0][2][a][el]), __fadd_rn(A[0][1][a][el], A[0][3][a][el]));
+                const float us = __fadd_rn(__fadd_rn(A[1][0][a][el], A[1][2][a][el]), __fadd_rn(A[1][1][a][el], A[1][3][a][el]));
+                const int pos = b0 + i0 + it;
+                p.out[(int64_t)pos * p.rows + rr] = moe_act(gs, us, p.lim, p.wts[p.items[pos]]);
+            }
+    }
+}
+
+/* the tensor-core gate + up takes batches of IQ2_XXS experts with Q8_K
+ * activations, whole 64-row tiles and whole groups of 4 super-blocks */
+static bool moe_mm_gu(cu_ctx *c, const moe_p &p, dim3 grid, int n, int type) {
+    if (c->no_mma || n < MM_MIN_N || type != DS4_TYPE_IQ2_XXS || !p.aq || p.wb.type != type || p.rows % MG_BM ||
+        p.nch % 32 || p.ld % 1024)
+        return false;
+    static bool attr = false;
+    if (!attr) {
+        cudaFuncSetAttribute(k_moe_mm_gu_iq2, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
+        attr = true;
+    }
+    cu_launch(c, k_moe_mm_gu_iq2, dim3(p.rows / MG_BM, grid.y), 256, sizeof(mg_smem), p);
+    return true;
 }
 
 template <int WT, bool AQ>
@@ -427,7 +632,8 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     }
     p.out = s.gu;
     dim3 g1(cu_div_up(F, 8), n_slots);
-    MOE_DISPATCH(launch_gate_up, l->gate_exps.type, gat >= 0, c, p, g1, n);
+    if (!moe_mm_gu(c, p, g1, n, l->gate_exps.type))
+        MOE_DISPATCH(launch_gate_up, l->gate_exps.type, gat >= 0, c, p, g1, n);
     CU_LAUNCH(c, "moe_gate_up");
     /* down: hidden rows (expert-major) quantized for the down type */
     const int dat = aq ? cu_act_type(l->down_exps.type) : -1;

@@ -222,8 +222,8 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
  * quant.c's dotq_*: ad * (d*isum - dmin*msum), IQ2_XXS ad * (d*0.125*isum). */
 template <int WT>
 __device__ __forceinline__ float cu_kblock(float ad, float d, float dmin, int isum, int msum) {
-    if constexpr (WT == DS4_TYPE_IQ2_XXS) return ad * (d * 0.125f * (float)isum);
-    else return ad * (d * (float)isum - dmin * (float)msum);
+    if constexpr (WT == DS4_TYPE_IQ2_XXS) return __fmul_rn(ad, __fmul_rn(__fmul_rn(d, 0.125f), (float)isum));
+    else return __fmul_rn(ad, __fsub_rn(__fmul_rn(d, (float)isum), __fmul_rn(dmin, (float)msum)));
 }
 
 template <int WT> struct cu_is_k { static constexpr bool v = WT == DS4_TYPE_Q2_K || WT == DS4_TYPE_Q4_K || WT == DS4_TYPE_IQ2_XXS; };
@@ -330,7 +330,7 @@ __device__ __forceinline__ void cu_row_dot(const uint8_t *qrow, const uint8_t *s
                     int isum, msum;
                     float d, dmin;
                     cu_dotq_chunk<WT>(qrow, srow, c, aq + xo[t] + (int64_t)c * 32, 0, 0, &isum, &msum, &d, &dmin, tab);
-                    acc[t] += (d * ad[xo[t] / 32 + c]) * (float)isum;
+                    acc[t] = __fmaf_rn(__fmul_rn(d, ad[xo[t] / 32 + c]), (float)isum, acc[t]);
                 }
             }
         } else {
@@ -347,7 +347,7 @@ __device__ __forceinline__ void cu_row_dot(const uint8_t *qrow, const uint8_t *s
                 }
                 isum = cu_sum8(isum);
                 msum = cu_sum8(msum);
-                if (on && (lane & 7) == 0) acc[t] += cu_kblock<WT>(ad[xo[t] / 256 + c / 8], d, dmin, isum, msum);
+                if (on && (lane & 7) == 0) acc[t] = __fadd_rn(acc[t], cu_kblock<WT>(ad[xo[t] / 256 + c / 8], d, dmin, isum, msum));
             }
         }
     }

@@ -118,6 +118,32 @@ def _stage_model(name):
     return p
 
 
+@pytest.mark.parametrize("name,release", [("q2-wide", True), ("flash", True), ("flash-plain", False)])
+def test_cuda_tensor_core_batches_bitwise(name, release, tmp_path):
+    """Batches of 32+ tokens take the tensor-core kernels (Q8_0 projections; IQ2_XXS gate + up on q2-wide, whose
+    rows are 1024 values): prefill of 80 tokens == token-by-token decode == chunks of 16 (CUDA-core kernels) ==
+    chunks of 48 (a partial tile) == prefill with DS4_CUDA_NO_MMA=1, bit for bit."""
+    model = _stage_model(name)
+    rng = np.random.default_rng(11)
+    toks = tmp_path / "t.txt"
+    toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
+    base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", release, "--eval", "prefill")
+    modes = [["--eval", "decode"], ["--eval", "chunk:16"], ["--eval", "chunk:48"], ["--eval", "prefill", "NO_MMA"]]
+    for mode in modes:
+        env = None
+        if mode[-1] == "NO_MMA":
+            mode = mode[:-1]
+            env = dict(os.environ, DS4_CUDA_NO_MMA="1")
+        cmd = [DS4, "-m", str(model), "--cuda", "--prompt-tokens-file", str(toks), "--dump-logits",
+               str(tmp_path / "x.f32"), *mode] + ([] if release else ["--plain-numerics"])
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
+        got = np.fromfile(tmp_path / "x.f32", dtype="<f4").reshape(base.shape)
+        d = float(np.abs(got.astype(np.float64) - base).max())
+        print(f"\n{name} {' '.join(mode)}{' no-mma' if env else ''}: max |d| vs prefill {d:.2e}")
+        assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{name} {mode} differs: {d:.2e}"
+
+
 @pytest.mark.parametrize("name,release,off", [("q2-plain", False, ""), ("f32", False, ""), ("bf16", False, ""),
                                               ("q2", True, "act"), ("q4", True, "act"),
                                               ("q2", True, "fp8,fp4,f16"), ("q4", True, "fp8,fp4,f16")])

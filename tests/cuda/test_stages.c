@@ -581,6 +581,34 @@ static void t_experts(tctx *t, int n, int il, const int *counts) {
         if (!ok) n_fail++;
         else n_pass++;
     }
+    if (n > 1) {
+        /* CUDA alone: tokens 0 and n-1 as batches of one (the decode kernels)
+         * equal their rows of the batch (the tensor-core kernels from
+         * MM_MIN_N tokens) bit for bit */
+        const int k = 1;
+        bool same = true;
+        for (int pick = 0; pick < 2; pick++) {
+            const int tk = pick ? n - 1 : 0;
+            const ds4_layer *l = &BM->layers[il];
+            ds4_step *st = make_step(S, t->n_batch, 7, 1, NULL);
+            float *dv = up(S, v + (size_t)tk * D, D * 4), *dw = up(S, w + (size_t)tk * K, K * 4);
+            float *dy = up(S, NULL, D * 4);
+            int32_t *dids = up(S, ids + (size_t)tk * K, K * 4);
+            ds4_moe_experts_args a = {.m = BM, .step = st, .n = 1, .pos0 = 7, .l = l, .il = il, .num = t->num,
+                                      .v = dv, .ids = dids, .w = dw, .y = dy};
+            begin(S, st, 1, 7);
+            S->be.ops->moe_experts(S->be.ctx, &a);
+            end(S, "moe_experts");
+            float *y1 = malloc(D * 4);
+            down(S, y1, dy, D * 4);
+            same = same && !memcmp(y1, y[1] + (size_t)tk * D, D * 4);
+            free(y1);
+            rel(S, dv), rel(S, dw), rel(S, dy), rel(S, dids), rel(S, st);
+        }
+        same ? n_pass++ : n_fail++;
+        printf("%s  %-10s n=%-4d moe_experts L%d cuda n=1 == rows 0, n-1 of n=%d bitwise\n", same ? "PASS" : "FAIL",
+               t->recipe, n, il, n);
+    }
     free(y[0]), free(y[1]), free(v), free(w), free(ids);
 }
 
@@ -676,6 +704,8 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
         ONLY("experts", t_experts(t, n, flash ? 3 : 4, NULL));
         ONLY("head", t_head(t, n));
     }
+    /* Flash's projections in a batch of the tensor-core Q8_0 kernel */
+    if (flash) ONLY("attn_project", t_attn_project(t, 40, 2));
     /* the experts of every layer (hash and routed, other weights) */
     for (int il = 0; il < c.n_layer && !flash; il++) ONLY("experts", t_experts(t, 24, il, NULL));
     /* per-expert item counts (E = 16, K = 4: 1892 items over 473 tokens) */
@@ -730,6 +760,11 @@ int main(int argc, char **argv) {
     run_recipe("q4", q4, false, dir);
     ds4_numerics act_only = {.act_quant = true};
     run_recipe_num("q2-act", q2, act_only, dir);
+    /* rows of 1024 values: the tensor-core batch kernels (Q8_0 projections,
+     * IQ2_XXS gate + up) take the batches of 32+ tokens */
+    tm_cfg qw = q2;
+    qw.D = 1024;
+    run_recipe("q2-wide", qw, false, dir);
     /* Flash's per-layer dimensions (experts: 4 of Q8_0, to keep the build
      * fast), release numerics */
     tm_cfg fl = base;

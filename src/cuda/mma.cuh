@@ -1,0 +1,35 @@
+/* mma.cuh - the pieces of the tensor-core batch kernels (matvec.cu,
+ * ops_moe.cu): cp.async staging, the int8 mma m16n8k32 and the shared
+ * memory layout of 32-byte chunk rows. */
+#ifndef DS4_CUDA_MMA_CUH
+#define DS4_CUDA_MMA_CUH
+
+#include <stdint.h>
+
+/* batches of at least this many tokens take the tensor-core kernels */
+#define MM_MIN_N 32
+
+/* 16 bytes global -> shared, asynchronously; zeros when !ok (src unread) */
+__device__ __forceinline__ void mm_cp16(void *dst, const void *src, bool ok) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void mm_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void mm_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void mm_mma(const unsigned (&a)[4], unsigned b0, unsigned b1, int (&c)[4]) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%10,%10,%10};\n"
+                 : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+}
+
+/* byte offset of 32-bit word w (0..7) of row r of a 32-byte-per-row slot:
+ * the two 16-byte halves swap on rows 4..7 mod 8 (conflict-free fragments) */
+__device__ __forceinline__ int mm_off(int r, int w) { return r * 32 + ((((w >> 2) ^ (r >> 2)) & 1) << 4) + (w & 3) * 4; }
+
+__host__ __device__ constexpr int mm_br5(int m) {
+    return ((m & 1) << 4) | ((m & 2) << 2) | (m & 4) | ((m & 8) >> 2) | ((m & 16) >> 4);
+}
+
+#endif
