@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_p
                     sum = __dp4a(w1.x, a1.x, sum); sum = __dp4a(w1.y, a1.y, sum);
                     sum = __dp4a(w1.z, a1.z, sum); sum = __dp4a(w1.w, a1.w, sum);
                     const float d = cu_h2f(cu_ld16(g.w.s + (size_t)(r0 + r) * g.w.s_row + 2 * (size_t)c));
-                    acc[r] = __fmaf_rn(__fmul_rn(d, da), (float)sum, acc[r]);
+                    acc[r] = __fadd_rn(acc[r], __fmul_rn(__fmul_rn(d, da), (float)sum));
                 }
             }
         }
@@ -299,7 +299,8 @@ __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_param
  * exactly, and the float work is laid out so that every output has the
  * operations of the decode kernels above (cu_row_dot's order), bit for bit:
  *  - lane position L = 32j + lane of a row (WPR warps of 32 lanes; KL =
- *    32*WPR positions) accumulates acc_L = fma(d_w*d_a, isum, acc_L) over the
+ *    32*WPR positions) accumulates acc_L += (d_w*d_a)*isum (unfused, as
+ *    quant.c) over the
  *    chunks L, L + KL, L + 2KL, ... in that order (NK chunks at most);
  *  - each warp's 32 acc_L are summed by cu_warp_sum's butterfly; visiting
  *    the lanes in bit-reversed order (0, 16, 8, 24, ...) turns that
@@ -425,10 +426,10 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
                         int ci[4];
                         mm_mma(af, b0, b1, ci);
                         const float da0 = sm.da[sb][tb + 2 * tq][cl + 32 * k], da1 = sm.da[sb][tb + 2 * tq + 1][cl + 32 * k];
-                        acc[a][0] = __fmaf_rn(__fmul_rn(dw0, da0), (float)ci[0], acc[a][0]);
-                        acc[a][1] = __fmaf_rn(__fmul_rn(dw0, da1), (float)ci[1], acc[a][1]);
-                        acc[a][2] = __fmaf_rn(__fmul_rn(dw1, da0), (float)ci[2], acc[a][2]);
-                        acc[a][3] = __fmaf_rn(__fmul_rn(dw1, da1), (float)ci[3], acc[a][3]);
+                        acc[a][0] = __fadd_rn(acc[a][0], __fmul_rn(__fmul_rn(dw0, da0), (float)ci[0]));
+                        acc[a][1] = __fadd_rn(acc[a][1], __fmul_rn(__fmul_rn(dw0, da1), (float)ci[1]));
+                        acc[a][2] = __fadd_rn(acc[a][2], __fmul_rn(__fmul_rn(dw1, da0), (float)ci[2]));
+                        acc[a][3] = __fadd_rn(acc[a][3], __fmul_rn(__fmul_rn(dw1, da1), (float)ci[3]));
                     }
                 }
                 /* binary counter over arrival m: level b holds a pending sum */

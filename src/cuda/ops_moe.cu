@@ -318,108 +318,164 @@ __global__ void __launch_bounds__(256) k_moe_down(const __grid_constant__ moe_p 
     }
 }
 
-/* ---------------------------------------------------------------- tensor-core gate + up */
+/* ---------------------------------------------------------------- tensor-core experts */
 
-/* IQ2_XXS gate + up against Q8_K activations for batches: the weights of
- * one super-block (256 values) are decoded to int8 in shared memory, the
- * int8 mma (m16n8k32) gives each 32-value chunk's integer dot exactly, and
- * the float work keeps k_moe_gate_up's operations (cu_row_dot, K-quants,
- * one warp per row): chunk c sits on lane c % 32, so super-block sb's
- * integer sum (the chunk scales times the dots, exact in any order) is
- * added as cu_kblock by lane 8 * (sb % 4) in sb order, and the warp sum
- * of those four lanes is (A0 + A2) + (A1 + A3). Block tile 64 rows x 32
- * items of one expert, 8 warps of 16 rows x 16 items, both matrices;
- * super-block s + 1 is loaded (weights to registers, activations by
- * cp.async) while s is multiplied. */
+/* Routed experts for batches on the int8 mma (m16n8k32, one 32-value chunk
+ * per mma, each chunk's integer dot exact): IQ2_XXS gate + up and Q2_K
+ * down against Q8_K activations. One super-block (256 values) of the
+ * weights is decoded to int8 in shared memory per stage:
+ *  - IQ2_XXS: the grid values with their signs; the chunk scale
+ *    2*(aux>>28)+1 multiplies each chunk's dot (integers);
+ *  - Q2_K: "matrix" 0 holds q * (scale & 15) (at most 45, an int8), so its
+ *    dot is quant.c's isum; "matrix" 1 holds the 16-value group's min
+ *    (scale >> 4) on each of its values, so its dot is sum(min * bsum), the
+ *    msum (bsums are the sums of the Q8_K codes).
+ * The float work keeps cu_row_dot's operations (K-quants, one warp per
+ * row): chunk c sits on lane c % 32, so super-block sb is added as
+ * cu_kblock by lane 8 * (sb % 4), in sb order, and the warp sum of those
+ * four lanes is (A0 + A2) + (A1 + A3). Block tile 64 rows x 32 items of one
+ * expert, 8 warps of 16 rows x 16 items; super-block s + 1 is loaded
+ * (weights to registers, activations by cp.async) while s is multiplied. */
 #define MG_BM 64
 #define MG_BN 32
 struct mg_smem {
-    int8_t a[2][2][8][MG_BM * 32];  /* [buf][gate|up][chunk][row x 32] */
+    int8_t a[2][2][8][MG_BM * 32];  /* [buf][matrix][chunk][row x 32] */
     int8_t b[2][8][MG_BN * 32];     /* [buf][chunk][item x 32] */
-    int32_t ls[2][2][MG_BM][8];     /* chunk scales 2*(aux>>28)+1 */
-    float d[2][2][MG_BM];           /* super-block scales */
+    int32_t ls[2][2][MG_BM][8];     /* IQ2_XXS chunk scales */
+    float d[2][2][MG_BM];           /* IQ2_XXS: gate, up d; Q2_K: d, dmin */
     float ad[2][MG_BN];             /* activation super-block scales */
-    int32_t tok[MG_BN];             /* token of each item of the tile */
+    int32_t arow[MG_BN];            /* activation row of each item of the tile */
     cu_iq2_tab tab;
 };
 
-__global__ void __launch_bounds__(256) k_moe_mm_gu_iq2(const __grid_constant__ moe_p p) {
-    extern __shared__ __align__(16) unsigned char mg_raw[];
-    mg_smem &sm = *reinterpret_cast<mg_smem *>(mg_raw);
+/* raw bytes of this thread's 4 chunk decodes of a stage */
+struct mg_raw {
+    uint32_t w[4][8]; /* IQ2_XXS: w[u][0..1]; Q2_K (matrix 0): the 32 bytes of 2-bit codes */
+    uint32_t sc[4];   /* Q2_K: the chunk's two scale bytes */
+    uint32_t dd;      /* f16 d (IQ2_XXS) or d | dmin << 16 (Q2_K) */
+};
+
+template <int WT>
+__global__ void __launch_bounds__(256) k_moe_mm(const __grid_constant__ moe_p p) {
+    constexpr bool DN = WT == DS4_TYPE_Q2_K; /* down projection (else gate + up) */
+    extern __shared__ __align__(16) unsigned char mg_sm[];
+    mg_smem &sm = *reinterpret_cast<mg_smem *>(mg_sm);
     cu_pdl_wait();
-    cu_iq2_tab_load(&sm.tab, p.grid, p.ksigns);
+    if constexpr (!DN) cu_iq2_tab_load(&sm.tab, p.grid, p.ksigns);
     if ((int)blockIdx.y >= p.act[p.E]) return;
     const int e = p.act[blockIdx.y], r0 = blockIdx.x * MG_BM;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int wm = warp & 3, wn = warp >> 2, ra = wm * 16 + g;
     const int b0 = p.off[e], ne = p.off[e + 1] - b0, nsb = p.nch / 8, nsbr = p.ld / 256;
-    const cu_w *W[2] = {&p.wa, &p.wb};
-    /* this thread's 4 chunk decodes per stage: v = tid + 256u -> matrix,
-     * row, chunk */
-    auto raw_load = [&](int sb, uint2 (&raw)[4], float &dv) {
+    /* decode v = tid + 256u: matrix v >> 9, row (v >> 3) & 63, chunk v & 7 */
+    auto wrow = [&](int mt, int rr) -> const uint8_t * {
+        const cu_w &w = (DN || mt == 0) ? p.wa : p.wb;
+        return w.q + (size_t)((int64_t)e * p.mat_rows + r0 + rr) * w.q_row;
+    };
+    auto raw_load = [&](int sb, mg_raw &R) {
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int v = tid + 256 * u, mt = v >> 9, rr = (v >> 3) & 63, ch = v & 7;
-            const cu_w &w = *W[mt];
-            raw[u] = *(const uint2 *)(w.q + (size_t)((int64_t)e * p.mat_rows + r0 + rr) * w.q_row + (size_t)sb * 64 + 8 * ch);
+            if constexpr (DN) {
+                const uint8_t *bk = wrow(0, rr) + (size_t)sb * 84;
+                const int h = ch >> 2;
+                R.sc[u] = cu_ld16(bk + 8 * h + 2 * (ch & 3));
+                if (mt == 0) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        R.w[u][i] = cu_ld32(bk + 16 + 32 * h + 4 * i);
+                        R.w[u][4 + i] = cu_ld32(bk + 32 + 32 * h + 4 * i);
+                    }
+                }
+            } else {
+                const uint2 x = *(const uint2 *)(wrow(mt, rr) + (size_t)sb * 64 + 8 * ch);
+                R.w[u][0] = x.x;
+                R.w[u][1] = x.y;
+            }
         }
         if (tid < 2 * MG_BM) {
-            const cu_w &w = *W[tid >> 6];
-            dv = cu_h2f(cu_ld16(w.s + (size_t)((int64_t)e * p.mat_rows + r0 + (tid & 63)) * w.s_row + 2 * (size_t)sb));
+            if constexpr (DN) {
+                if (tid < MG_BM) R.dd = cu_ld32(wrow(0, tid) + (size_t)sb * 84 + 80);
+            } else {
+                const cu_w &w = tid < MG_BM ? p.wa : p.wb;
+                R.dd = cu_ld16(w.s + (size_t)((int64_t)e * p.mat_rows + r0 + (tid & 63)) * w.s_row + 2 * (size_t)sb);
+            }
         }
     };
-    auto raw_store = [&](int buf, const uint2 (&raw)[4], float dv) {
+    auto raw_store = [&](int buf, const mg_raw &R) {
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int v = tid + 256 * u, mt = v >> 9, rr = (v >> 3) & 63, ch = v & 7;
-            const uint32_t a0 = raw[u].x, a1 = raw[u].y;
             uint32_t wv[8];
+            if constexpr (DN) {
+                const uint32_t s0 = R.sc[u] & 0xff, s1 = R.sc[u] >> 8, k2 = 2 * (ch & 3);
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const uint64_t gr = sm.tab.grid[(a0 >> (8 * k)) & 0xff];
-                const uint32_t signs = sm.tab.ksigns[(a1 >> (7 * k)) & 127];
-                const uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
-                wv[2 * k] = __vsub4((uint32_t)gr ^ m0, m0);
-                wv[2 * k + 1] = __vsub4((uint32_t)(gr >> 32) ^ m1, m1);
+                for (int i = 0; i < 4; i++) {
+                    if (mt == 0) { /* codes 0..3 times the 4-bit scale: bytes stay below 46 */
+                        wv[i] = ((R.w[u][i] >> k2) & 0x03030303u) * (s0 & 15);
+                        wv[4 + i] = ((R.w[u][4 + i] >> k2) & 0x03030303u) * (s1 & 15);
+                    } else {
+                        wv[i] = (s0 >> 4) * 0x01010101u;
+                        wv[4 + i] = (s1 >> 4) * 0x01010101u;
+                    }
+                }
+            } else {
+                const uint32_t a0 = R.w[u][0], a1 = R.w[u][1];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const uint64_t gr = sm.tab.grid[(a0 >> (8 * k)) & 0xff];
+                    const uint32_t signs = sm.tab.ksigns[(a1 >> (7 * k)) & 127];
+                    const uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
+                    wv[2 * k] = __vsub4((uint32_t)gr ^ m0, m0);
+                    wv[2 * k + 1] = __vsub4((uint32_t)(gr >> 32) ^ m1, m1);
+                }
+                sm.ls[buf][mt][rr][ch] = 2 * (int)(a1 >> 28) + 1;
             }
             int8_t *dst = sm.a[buf][mt][ch];
             *(uint4 *)(dst + mm_off(rr, 0)) = make_uint4(wv[0], wv[1], wv[2], wv[3]);
             *(uint4 *)(dst + mm_off(rr, 4)) = make_uint4(wv[4], wv[5], wv[6], wv[7]);
-            sm.ls[buf][mt][rr][ch] = 2 * (int)(a1 >> 28) + 1;
         }
-        if (tid < 2 * MG_BM) sm.d[buf][tid >> 6][tid & 63] = dv;
+        if constexpr (DN) {
+            if (tid < MG_BM) {
+                sm.d[buf][0][tid] = cu_h2f((uint16_t)(R.dd & 0xffff));
+                sm.d[buf][1][tid] = cu_h2f((uint16_t)(R.dd >> 16));
+            }
+        } else if (tid < 2 * MG_BM) {
+            sm.d[buf][tid >> 6][tid & 63] = cu_h2f((uint16_t)R.dd);
+        }
     };
     auto act_issue = [&](int sb, int buf, int nt) {
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             const int v = tid + 256 * u, half = v & 1, it = (v >> 1) & 31, ch = v >> 6;
             const bool ok = it < nt;
-            const int8_t *src = p.aq + (ok ? (int64_t)sm.tok[it] * p.ld + (int64_t)sb * 256 + ch * 32 + 16 * half : 0);
+            const int8_t *src = p.aq + (ok ? (int64_t)sm.arow[it] * p.ld + (int64_t)sb * 256 + ch * 32 + 16 * half : 0);
             mm_cp16(sm.b[buf][ch] + mm_off(it, 4 * half), src, ok);
         }
-        if (tid < MG_BN) sm.ad[buf][tid] = tid < nt ? p.ad[(int64_t)sm.tok[tid] * nsbr + sb] : 0.0f;
+        if (tid < MG_BN) sm.ad[buf][tid] = tid < nt ? p.ad[(int64_t)sm.arow[tid] * nsbr + sb] : 0.0f;
     };
 
     for (int i0 = 0; i0 < ne; i0 += MG_BN) {
         const int nt = ne - i0 < MG_BN ? ne - i0 : MG_BN;
-        __syncthreads(); /* the previous tile is done with tok and the buffers */
-        if (tid < MG_BN) sm.tok[tid] = tid < nt ? p.items[b0 + i0 + tid] / p.K : 0;
+        __syncthreads(); /* the previous tile is done with arow and the buffers */
+        /* gate + up read the token's input row, down the item's hidden row */
+        if (tid < MG_BN) sm.arow[tid] = tid < nt ? (DN ? b0 + i0 + tid : p.items[b0 + i0 + tid] / p.K) : 0;
         __syncthreads();
-        uint2 raw[4];
-        float dv = 0.0f;
-        raw_load(0, raw, dv);
+        mg_raw R;
+        raw_load(0, R);
         act_issue(0, 0, nt);
         mm_commit();
-        raw_store(0, raw, dv);
-        float A[2][4][2][4]; /* [gate|up][sb % 4][n-subtile][element] */
+        raw_store(0, R);
+        constexpr int NO = DN ? 1 : 2; /* outputs: down; gate and up */
+        float A[NO][4][2][4];          /* [output][sb % 4][n-subtile][element] */
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++)
+        for (int o = 0; o < NO; o++)
 #pragma unroll
             for (int x = 0; x < 4; x++)
 #pragma unroll
                 for (int a = 0; a < 2; a++)
 #pragma unroll
-                    for (int el = 0; el < 4; el++) A[mt][x][a][el] = 0.0f;
+                    for (int el = 0; el < 4; el++) A[o][x][a][el] = 0.0f;
         mm_wait<0>();
         __syncthreads();
         for (int sb4 = 0; sb4 < nsb; sb4 += 4) {
@@ -428,7 +484,7 @@ __global__ void __launch_bounds__(256) k_moe_mm_gu_iq2(const __grid_constant__ m
                 const int sb = sb4 + x, buf = x & 1;
                 const bool more = sb + 1 < nsb;
                 if (more) {
-                    raw_load(sb + 1, raw, dv);
+                    raw_load(sb + 1, R);
                     act_issue(sb + 1, buf ^ 1, nt);
                 }
                 mm_commit();
@@ -457,7 +513,7 @@ __global__ void __launch_bounds__(256) k_moe_mm_gu_iq2(const __grid_constant__ m
                         af[1] = *(const unsigned *)(Am + mm_off(ra + 8, tq));
                         af[2] = *(const unsigned *)(Am + mm_off(ra, tq + 4));
                         af[3] = *(const unsigned *)(Am + mm_off(ra + 8, tq + 4));
-                        const int l0 = sm.ls[buf][mt][ra][ch], l1 = sm.ls[buf][mt][ra + 8][ch];
+                        const int l0 = DN ? 1 : sm.ls[buf][mt][ra][ch], l1 = DN ? 1 : sm.ls[buf][mt][ra + 8][ch];
 #pragma unroll
                         for (int a = 0; a < 2; a++) {
                             int ci[4];
@@ -470,19 +526,21 @@ __global__ void __launch_bounds__(256) k_moe_mm_gu_iq2(const __grid_constant__ m
                     }
                 }
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++) {
-                    const float d0 = sm.d[buf][mt][ra], d1 = sm.d[buf][mt][ra + 8];
+                for (int o = 0; o < NO; o++) {
+                    const float d0 = sm.d[buf][o][ra], d1 = sm.d[buf][o][ra + 8];
+                    const float m0 = DN ? sm.d[buf][1][ra] : 0.0f, m1 = DN ? sm.d[buf][1][ra + 8] : 0.0f;
 #pragma unroll
                     for (int a = 0; a < 2; a++) {
                         const int it = wn * 16 + a * 8 + 2 * tq;
                         const float a0 = sm.ad[buf][it], a1 = sm.ad[buf][it + 1];
-                        A[mt][x][a][0] = __fadd_rn(A[mt][x][a][0], cu_kblock<DS4_TYPE_IQ2_XXS>(a0, d0, 0.0f, is[mt][a][0], 0));
-                        A[mt][x][a][1] = __fadd_rn(A[mt][x][a][1], cu_kblock<DS4_TYPE_IQ2_XXS>(a1, d0, 0.0f, is[mt][a][1], 0));
-                        A[mt][x][a][2] = __fadd_rn(A[mt][x][a][2], cu_kblock<DS4_TYPE_IQ2_XXS>(a0, d1, 0.0f, is[mt][a][2], 0));
-                        A[mt][x][a][3] = __fadd_rn(A[mt][x][a][3], cu_kblock<DS4_TYPE_IQ2_XXS>(a1, d1, 0.0f, is[mt][a][3], 0));
+                        const int mi = DN ? 1 : o; /* the msum's matrix (Q2_K) */
+                        A[o][x][a][0] = __fadd_rn(A[o][x][a][0], cu_kblock<WT>(a0, d0, m0, is[o][a][0], DN ? is[mi][a][0] : 0));
+                        A[o][x][a][1] = __fadd_rn(A[o][x][a][1], cu_kblock<WT>(a1, d0, m0, is[o][a][1], DN ? is[mi][a][1] : 0));
+                        A[o][x][a][2] = __fadd_rn(A[o][x][a][2], cu_kblock<WT>(a0, d1, m1, is[o][a][2], DN ? is[mi][a][2] : 0));
+                        A[o][x][a][3] = __fadd_rn(A[o][x][a][3], cu_kblock<WT>(a1, d1, m1, is[o][a][3], DN ? is[mi][a][3] : 0));
                     }
                 }
-                if (more) raw_store(buf ^ 1, raw, dv);
+                if (more) raw_store(buf ^ 1, R);
                 mm_wait<0>();
                 __syncthreads();
             }
@@ -493,26 +551,32 @@ __global__ void __launch_bounds__(256) k_moe_mm_gu_iq2(const __grid_constant__ m
             for (int el = 0; el < 4; el++) {
                 const int it = wn * 16 + a * 8 + 2 * tq + (el & 1), rr = r0 + ra + (el >> 1) * 8;
                 if (it >= nt) continue;
-                const float gs = __fadd_rn(__fadd_rn(A[0][0][a][el], A[0][2][a][el]), __fadd_rn(A[0][1][a][el], A[0][3][a][el]));
-                const float us = __fadd_rn(__fadd_rn(A[1][0][a][el], A[1][2][a][el]), __fadd_rn(A[1][1][a][el], A[1][3][a][el]));
                 const int pos = b0 + i0 + it;
-                p.out[(int64_t)pos * p.rows + rr] = moe_act(gs, us, p.lim, p.wts[p.items[pos]]);
+                const float s0 = __fadd_rn(__fadd_rn(A[0][0][a][el], A[0][2][a][el]), __fadd_rn(A[0][1][a][el], A[0][3][a][el]));
+                if constexpr (DN) {
+                    p.out[(int64_t)p.items[pos] * p.rows + rr] = s0;
+                } else {
+                    const float s1 = __fadd_rn(__fadd_rn(A[NO - 1][0][a][el], A[NO - 1][2][a][el]),
+                                               __fadd_rn(A[NO - 1][1][a][el], A[NO - 1][3][a][el]));
+                    p.out[(int64_t)pos * p.rows + rr] = moe_act(s0, s1, p.lim, p.wts[p.items[pos]]);
+                }
             }
     }
 }
 
-/* the tensor-core gate + up takes batches of IQ2_XXS experts with Q8_K
- * activations, whole 64-row tiles and whole groups of 4 super-blocks */
-static bool moe_mm_gu(cu_ctx *c, const moe_p &p, dim3 grid, int n, int type) {
-    if (c->no_mma || n < MM_MIN_N || type != DS4_TYPE_IQ2_XXS || !p.aq || p.wb.type != type || p.rows % MG_BM ||
-        p.nch % 32 || p.ld % 1024)
+/* The tensor-core expert kernels take batches of at least MM_MIN_N tokens
+ * with Q8_K activations: IQ2_XXS gate + up, Q2_K down; whole 64-row tiles,
+ * whole groups of 4 super-blocks. */
+template <int WT> static bool moe_mm_try(cu_ctx *c, const moe_p &p, int n_slots, int n, int type, int type_b) {
+    if (c->no_mma || n < MM_MIN_N || type != WT || !p.aq || (WT == DS4_TYPE_IQ2_XXS && type_b != WT) ||
+        p.rows % MG_BM || p.nch % 32 || p.ld % 1024)
         return false;
     static bool attr = false;
     if (!attr) {
-        cudaFuncSetAttribute(k_moe_mm_gu_iq2, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
+        cudaFuncSetAttribute(k_moe_mm<WT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
         attr = true;
     }
-    cu_launch(c, k_moe_mm_gu_iq2, dim3(p.rows / MG_BM, grid.y), 256, sizeof(mg_smem), p);
+    cu_launch(c, k_moe_mm<WT>, dim3(p.rows / MG_BM, n_slots), 256, sizeof(mg_smem), p);
     return true;
 }
 
@@ -632,7 +696,7 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     }
     p.out = s.gu;
     dim3 g1(cu_div_up(F, 8), n_slots);
-    if (!moe_mm_gu(c, p, g1, n, l->gate_exps.type))
+    if (!moe_mm_try<DS4_TYPE_IQ2_XXS>(c, p, n_slots, n, l->gate_exps.type, l->up_exps.type))
         MOE_DISPATCH(launch_gate_up, l->gate_exps.type, gat >= 0, c, p, g1, n);
     CU_LAUNCH(c, "moe_gate_up");
     /* down: hidden rows (expert-major) quantized for the down type */
@@ -657,7 +721,8 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     }
     q.out = s.out;
     dim3 g2(cu_div_up(D, 8), n_slots);
-    MOE_DISPATCH(launch_down, l->down_exps.type, dat >= 0, c, q, g2, n);
+    if (!moe_mm_try<DS4_TYPE_Q2_K>(c, q, n_slots, n, l->down_exps.type, -1))
+        MOE_DISPATCH(launch_down, l->down_exps.type, dat >= 0, c, q, g2, n);
     CU_LAUNCH(c, "moe_down");
     /* shared expert */
     cu_mv_pair(c, &l->gate_sh, s.sg, F, &l->up_sh, s.su, F, a->v, D, n, aq, &s.a1, a->step, 0);

@@ -330,7 +330,7 @@ __device__ __forceinline__ void cu_row_dot(const uint8_t *qrow, const uint8_t *s
                     int isum, msum;
                     float d, dmin;
                     cu_dotq_chunk<WT>(qrow, srow, c, aq + xo[t] + (int64_t)c * 32, 0, 0, &isum, &msum, &d, &dmin, tab);
-                    acc[t] = __fmaf_rn(__fmul_rn(d, ad[xo[t] / 32 + c]), (float)isum, acc[t]);
+                    acc[t] = __fadd_rn(acc[t], __fmul_rn(__fmul_rn(d, ad[xo[t] / 32 + c]), (float)isum));
                 }
             }
         } else {

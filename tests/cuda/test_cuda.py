@@ -120,8 +120,8 @@ def _stage_model(name):
 
 @pytest.mark.parametrize("name,release", [("q2-wide", True), ("flash", True), ("flash-plain", False)])
 def test_cuda_tensor_core_batches_bitwise(name, release, tmp_path):
-    """Batches of 32+ tokens take the tensor-core kernels (Q8_0 projections; IQ2_XXS gate + up on q2-wide, whose
-    rows are 1024 values): prefill of 80 tokens == token-by-token decode == chunks of 16 (CUDA-core kernels) ==
+    """Batches of 32+ tokens take the tensor-core kernels (Q8_0 projections; IQ2_XXS gate + up and Q2_K down on
+    q2-wide, whose rows are 1024 values): prefill of 80 tokens == token-by-token decode == chunks of 16 (CUDA-core kernels) ==
     chunks of 48 (a partial tile) == prefill with DS4_CUDA_NO_MMA=1, bit for bit."""
     model = _stage_model(name)
     rng = np.random.default_rng(11)

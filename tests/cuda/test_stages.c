@@ -761,9 +761,10 @@ int main(int argc, char **argv) {
     ds4_numerics act_only = {.act_quant = true};
     run_recipe_num("q2-act", q2, act_only, dir);
     /* rows of 1024 values: the tensor-core batch kernels (Q8_0 projections,
-     * IQ2_XXS gate + up) take the batches of 32+ tokens */
+     * IQ2_XXS gate + up, Q2_K down) take the batches of 32+ tokens */
     tm_cfg qw = q2;
     qw.D = 1024;
+    qw.F = 1024;
     run_recipe("q2-wide", qw, false, dir);
     /* Flash's per-layer dimensions (experts: 4 of Q8_0, to keep the build
      * fast), release numerics */
