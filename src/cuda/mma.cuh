@@ -6,8 +6,13 @@
 
 #include <stdint.h>
 
+#include "cuda/cuda.cuh"
+
 /* batches of at least this many tokens take the tensor-core kernels */
 #define MM_MIN_N 32
+/* block tile of the batch kernels: rows x tokens */
+#define MM_BM 64
+#define MM_BN 64
 
 /* 16 bytes global -> shared, asynchronously; zeros when !ok (src unread) */
 __device__ __forceinline__ void mm_cp16(void *dst, const void *src, bool ok) {
@@ -31,5 +36,30 @@ __device__ __forceinline__ int mm_off(int r, int w) { return r * 32 + ((((w >> 2
 __host__ __device__ constexpr int mm_br5(int m) {
     return ((m & 1) << 4) | ((m & 2) << 2) | (m & 4) | ((m & 8) >> 2) | ((m & 16) >> 4);
 }
+
+/* the launch of a matvec (matvec.cu): segments of rows of one weight type
+ * and row length, each with its own output and input offset */
+struct mv_params {
+    cu_seg seg[CU_MAX_SEGS];
+    int seg_end[CU_MAX_SEGS]; /* cumulative rows */
+    int n_seg;
+    int n, nch;
+    const float *x;
+    int64_t ldx;
+    const int8_t *aq;
+    const float *ad;
+    const int32_t *abs;
+    int64_t ldq;
+    const ds4_step *step;
+    int skip_le;
+    const uint64_t *grid;
+    const uint8_t *ksigns;
+};
+
+/* Batch kernels; false when the shape or the switches leave the batch to
+ * the matvec kernels. Q8_0 x Q8_0 on int8 tensor cores (mm_q8.cu); F16 and
+ * BF16 x f32 register-tiled (mm_f.cu). */
+bool cu_mm_q8(cu_ctx *c, const mv_params &p, int rows, int wpr);
+bool cu_mm_f(cu_ctx *c, const mv_params &p, int rows, int wpr, int type);
 
 #endif
