@@ -182,11 +182,8 @@ __global__ void __launch_bounds__(256, 1) k_mm_f(const __grid_constant__ mv_para
 }
 
 template <int WT, int WPR, int NK> static void launch_mf(cu_ctx *c, const mv_params &p, int rows) {
-    static bool attr = false;
-    if (!attr) {
-        cudaFuncSetAttribute(k_mm_f<WT, WPR, NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mf_smem));
-        attr = true;
-    }
+    /* per device, so on every launch (a batch kernel launch, not a decode step) */
+    cudaFuncSetAttribute(k_mm_f<WT, WPR, NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mf_smem));
     cu_launch(c, k_mm_f<WT, WPR, NK>, dim3(rows / MM_BM, cu_div_up(p.n, MM_BN)), 256, sizeof(mf_smem), p);
 }
 

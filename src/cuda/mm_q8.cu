@@ -197,12 +197,9 @@ static int mm_nk(const mv_params &p, int wpr) {
 }
 
 template <int WPR, int NK> static void launch_mm(cu_ctx *c, const mv_params &p, int rows) {
-    static bool attr = false;
     const size_t smem = sizeof(mm_smem<NK>);
-    if (!attr) {
-        cudaFuncSetAttribute(k_mm_q8<WPR, NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        attr = true;
-    }
+    /* per device, so on every launch (a batch kernel launch, not a decode step) */
+    cudaFuncSetAttribute(k_mm_q8<WPR, NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     cu_launch(c, k_mm_q8<WPR, NK>, dim3(rows / MM_BM, cu_div_up(p.n, MM_BN)), 256, smem, p);
 }
 

@@ -571,11 +571,8 @@ template <int WT> static bool moe_mm_try(cu_ctx *c, const moe_p &p, int n_slots,
     if (c->no_mma || n < MM_MIN_N || type != WT || !p.aq || (WT == DS4_TYPE_IQ2_XXS && type_b != WT) ||
         p.rows % MG_BM || p.nch % 32 || p.ld % 1024)
         return false;
-    static bool attr = false;
-    if (!attr) {
-        cudaFuncSetAttribute(k_moe_mm<WT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
-        attr = true;
-    }
+    /* per device, so on every launch (a batch kernel launch, not a decode step) */
+    cudaFuncSetAttribute(k_moe_mm<WT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
     cu_launch(c, k_moe_mm<WT>, dim3(p.rows / MG_BM, n_slots), 256, sizeof(mg_smem), p);
     return true;
 }
