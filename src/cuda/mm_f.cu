@@ -188,7 +188,8 @@ template <int WT, int WPR, int NK> static void launch_mf(cu_ctx *c, const mv_par
 }
 
 /* F16/BF16 batches of at least MM_MIN_N tokens: whole 64-row tiles, rows
- * 16-byte aligned, inputs 16-byte aligned, at most 4 chunks per lane. */
+ * 16-byte aligned, inputs 16-byte aligned, one chunk per lane position
+ * (every F16 weight of Flash; the shapes the tests cover). */
 template <int WT, int WPR> static bool try_mf(cu_ctx *c, const mv_params &p, int rows) {
     if (p.n < MM_MIN_N || p.aq) return false;
     for (int i = 0; i < p.n_seg; i++) {
@@ -199,9 +200,6 @@ template <int WT, int WPR> static bool try_mf(cu_ctx *c, const mv_params &p, int
     const int nk = (p.nch + 32 * WPR - 1) / (32 * WPR);
     switch (nk) {
     case 1: launch_mf<WT, WPR, 1>(c, p, rows); return true;
-    case 2: launch_mf<WT, WPR, 2>(c, p, rows); return true;
-    case 3:
-    case 4: launch_mf<WT, WPR, 4>(c, p, rows); return true;
     default: return false;
     }
 }
