@@ -11,7 +11,8 @@
  * seconds) and times a prefill of prefill-chunk tokens there. One CSV row
  * per frontier with antirez/ds4-bench's columns first, then ours (bytes per
  * token, achieved GB/s, roofline fractions, FLOPs); a table on stdout;
- * --profile adds a per-stage time breakdown of one decode step. --mtp FILE
+ * --profile adds a per-stage time breakdown of one decode step and of one
+ * prefill chunk. --mtp FILE
  * adds, per frontier, greedy speculative decoding (tokens per cycle,
  * acceptance by place) and the costs of one MTP draft step and of verify
  * passes of 2..N+1 rows relative to one decode step, with the speed-up
@@ -60,7 +61,8 @@ static void usage(void) {
            "  --prompt-file F         text to tokenize (default: tests/data/promessi_sposi.txt when the model\n"
            "                          has a tokenizer, else seeded random token ids)\n"
            "  --fast-forward          reach each frontier with synthetic caches instead of prefill\n"
-           "  --profile               per-stage time of one decode step at each frontier\n"
+           "  --profile               per-stage time of one decode step and of one prefill chunk at each\n"
+           "                          frontier\n"
            "  --repeat N              decode measurements per frontier; the median is reported (default 1)\n"
            "  --no-graphs             CUDA: eager decode (no CUDA graphs)\n"
            "  --plain-numerics        diagnostic numerics (no FP8/FP4/f16/int8 rounding)\n"
@@ -331,6 +333,47 @@ static double datasheet_flops(const char *dev) {
     return 0;
 }
 
+/* --profile, prefill: the per-stage time of one prefill chunk (--prefill-chunk
+ * tokens, at most f) ending at frontier f, on a second session whose earlier
+ * positions are filled synthetically (fast-forward), so the measured
+ * session keeps its state. Diagnostic only: profiling marks add waits, so
+ * the wall figure is below the timed prefill's. */
+static void profile_prefill(ds4_engine *e, const opts *o, const int32_t *tok, int f) {
+    const int k = o->chunk < f ? o->chunk : f;
+    ds4_session_opts so = {.n_ctx = f + 8, .prefill_chunk = o->chunk};
+    ds4_session *s = NULL;
+    ds4_err err = {0};
+    double ms[64];
+    if (ds4_session_new(e, &so, &s, &err)) {
+        fprintf(stderr, "ds4-bench: prefill profile at %d: %s\n", f, err.msg);
+        return;
+    }
+    int rc = f - k > 0 ? ds4_debug_session_fast_forward(s, f - k, o->seed + (uint64_t)f, &err) : 0;
+    ds4_debug_profile_read(e, ms, 64); /* reset */
+    double t1 = now(), wall = 0;
+    if (!rc) {
+        ds4_debug_session_profile(s, true);
+        rc = ds4_session_extend(s, tok + (f - k), k, DS4_EVAL_PREFILL, 0, NULL, &err);
+        wall = now() - t1;
+        ds4_debug_session_profile(s, false);
+    }
+    int nk = ds4_debug_profile_read(e, ms, 64);
+    ds4_session_free(s);
+    if (rc) {
+        fprintf(stderr, "ds4-bench: prefill profile at %d: %s\n", f, err.msg);
+        return;
+    }
+    if (nk <= 0) return;
+    double tot = 0;
+    for (int i = 0; i < nk; i++) tot += ms[i];
+    printf("  per-stage time of a %d-token prefill chunk ending at %d (eager with marks, %.1f tok/s wall; "
+           "stages sum %.3f ms):\n", k, f, wall > 0 ? k / wall : 0.0, tot);
+    for (int i = 0; i < nk; i++)
+        if (ms[i] > 0)
+            printf("    %-14s %9.3f ms  %5.1f%%  %8.4f ms/token\n", ds4_debug_profile_name(i), ms[i], 100.0 * ms[i] / tot,
+                   ms[i] / k);
+}
+
 int main(int argc, char **argv) {
     opts o;
     int rc = parse(argc, argv, &o);
@@ -511,6 +554,7 @@ int main(int argc, char **argv) {
                         printf("    %-14s %8.3f ms  %5.1f%%\n", ds4_debug_profile_name(k), ms[k] / np,
                                100.0 * ms[k] / tot);
             }
+            profile_prefill(e, &o, tok, f);
         }
         prev = f;
         int next = o.step_incr ? f + o.step_incr : (int)(f * o.step_mul);

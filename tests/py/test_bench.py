@@ -1,0 +1,83 @@
+"""ds4-bench on the demo model, CPU backend: the table, the CSV and the
+--profile breakdowns (one decode step and one prefill chunk per frontier)
+are complete and consistent; bad options are refused with a message.
+
+Timings are never asserted (they depend on the machine); structure is:
+every frontier has a CSV row with positive rates, each profile lists the
+engine's stages with shares that add up to 100%.
+"""
+import csv
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+BENCH = str(ROOT / "ds4-bench")
+MODEL = os.environ.get("DS4_TEST_MODEL") or str(ROOT / "build" / "demo.gguf")
+STAGES = {"embed", "hc_pre", "attn_project", "compress", "indexer", "attention", "kv_store", "hc_post", "moe_route",
+          "moe_experts", "head"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    if not os.path.exists(BENCH):
+        pytest.fail("ds4-bench is not built (run make)")
+    if not os.path.exists(MODEL):
+        r = subprocess.run(["make", "-s", "demo-model"], cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.exists(MODEL):
+            pytest.skip("demo model not available (make demo-model failed): " + r.stderr[-300:])
+    return MODEL
+
+
+def profiles(out):
+    """{(kind, frontier): {stage: (ms, pct)}} from the --profile blocks."""
+    res, cur = {}, None
+    for line in out.splitlines():
+        m = re.match(r"  per-stage time of one decode step at (\d+) ", line)
+        p = re.match(r"  per-stage time of a (\d+)-token prefill chunk ending at (\d+) ", line)
+        if m or p:
+            cur = res.setdefault(("decode", int(m.group(1))) if m else ("prefill", int(p.group(2))), {})
+            continue
+        s = re.match(r"    (\w+)\s+([0-9.]+) ms\s+([0-9.]+)%", line)
+        if s and cur is not None:
+            cur[s.group(1)] = (float(s.group(2)), float(s.group(3)))
+        elif not line.startswith("    "):
+            cur = None
+    return res
+
+
+def test_bench_table_csv_and_profiles(model, tmp_path):
+    out_csv = tmp_path / "b.csv"
+    r = subprocess.run([BENCH, "-m", model, "--cpu", "-t", "2", "--ctx-start", "64", "--ctx-max", "128",
+                        "--gen-tokens", "2", "--prefill-chunk", "32", "--profile", "--csv", str(out_csv)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [int(x["ctx_tokens"]) for x in rows] == [64, 128]
+    for x in rows:
+        assert float(x["prefill_tps"]) > 0 and float(x["gen_tps"]) > 0 and x["backend"] == "cpu"
+        assert int(x["prefill_tokens"]) == 64
+    prof = profiles(r.stdout)
+    assert set(prof) == {("decode", 64), ("decode", 128), ("prefill", 64), ("prefill", 128)}, r.stdout
+    for key, st in prof.items():
+        assert set(st) <= STAGES and {"attention", "moe_experts", "head"} <= set(st), (key, st)
+        assert all(ms >= 0 for ms, _ in st.values())
+        assert abs(sum(pct for _, pct in st.values()) - 100.0) < 1.0, (key, st)
+    # the prefill chunk is --prefill-chunk tokens (at most the frontier)
+    assert re.search(r"per-stage time of a 32-token prefill chunk ending at 128 ", r.stdout)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--bogus"], "unknown"),
+    (["--synthetic", "q7"], "q7"),
+    (["-m", "/nonexistent/model.gguf", "--cpu"], "nonexistent"),
+])
+def test_bench_bad_options(args, needle):
+    if not os.path.exists(BENCH):
+        pytest.fail("ds4-bench is not built (run make)")
+    r = subprocess.run([BENCH] + args, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert needle in (r.stderr + r.stdout)
