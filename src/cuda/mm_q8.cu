@@ -5,14 +5,13 @@
 #include "cuda/mma.cuh"
 #include "cuda/quant.cuh"
 
-/* Q8_0 weights x Q8_0 activations for batches (prefill): int8 mma
- * (m16n8k32, one 32-value chunk per mma) gives each chunk's integer dot
- * exactly, and the float work is laid out so that every output has the
- * operations of the decode kernels above (cu_row_dot's order), bit for bit:
+/* int8 mma (m16n8k32, one 32-value chunk per mma) gives each chunk's
+ * integer dot exactly; the float work is laid out so that every output has
+ * the operations of the decode kernels (cu_row_dot's order):
  *  - lane position L = 32j + lane of a row (WPR warps of 32 lanes; KL =
  *    32*WPR positions) accumulates acc_L += (d_w*d_a)*isum (unfused, as
- *    quant.c) over the
- *    chunks L, L + KL, L + 2KL, ... in that order (NK chunks at most);
+ *    quant.c) over the chunks L, L + KL, L + 2KL, ... in that order (NK
+ *    chunks at most);
  *  - each warp's 32 acc_L are summed by cu_warp_sum's butterfly; visiting
  *    the lanes in bit-reversed order (0, 16, 8, 24, ...) turns that
  *    butterfly into a binary counter, so partial sums stay in registers;
