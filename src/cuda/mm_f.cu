@@ -143,29 +143,7 @@ __global__ void __launch_bounds__(256, 1) k_mm_f(const __grid_constant__ mv_para
 #pragma unroll
                         for (int b = 0; b < 4; b++) acc[a][b] = __fadd_rn(acc[a][b], sum[a][b]);
                 }
-                bool placed = false;
-#pragma unroll
-                for (int lv = 0; lv < 5; lv++) {
-                    if (placed) continue;
-                    if ((m >> lv) & 1) {
-#pragma unroll
-                        for (int a = 0; a < 4; a++)
-#pragma unroll
-                            for (int b = 0; b < 4; b++) acc[a][b] = __fadd_rn(lvl[lv][a][b], acc[a][b]);
-                    } else {
-#pragma unroll
-                        for (int a = 0; a < 4; a++)
-#pragma unroll
-                            for (int b = 0; b < 4; b++) lvl[lv][a][b] = acc[a][b];
-                        placed = true;
-                    }
-                }
-                if (m == 31) {
-#pragma unroll
-                    for (int a = 0; a < 4; a++)
-#pragma unroll
-                        for (int b = 0; b < 4; b++) total[a][b] = j ? __fadd_rn(total[a][b], acc[a][b]) : acc[a][b];
-                }
+                mm_counter_push(m, j, acc, lvl, total);
             }
             if (more) w_store(buf ^ 1, raw);
             mm_wait<0>();

@@ -140,30 +140,7 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
                         acc[a][3] = __fadd_rn(acc[a][3], __fmul_rn(__fmul_rn(dw1, da1), (float)ci[3]));
                     }
                 }
-                /* binary counter over arrival m: level b holds a pending sum */
-                bool placed = false;
-#pragma unroll
-                for (int b = 0; b < 5; b++) {
-                    if (placed) continue;
-                    if ((m >> b) & 1) {
-#pragma unroll
-                        for (int a = 0; a < 4; a++)
-#pragma unroll
-                            for (int e = 0; e < 4; e++) acc[a][e] = __fadd_rn(lvl[b][a][e], acc[a][e]);
-                    } else {
-#pragma unroll
-                        for (int a = 0; a < 4; a++)
-#pragma unroll
-                            for (int e = 0; e < 4; e++) lvl[b][a][e] = acc[a][e];
-                        placed = true;
-                    }
-                }
-                if (m == 31) { /* acc = the warp sum of stripe j */
-#pragma unroll
-                    for (int a = 0; a < 4; a++)
-#pragma unroll
-                        for (int e = 0; e < 4; e++) total[a][e] = j ? __fadd_rn(total[a][e], acc[a][e]) : acc[a][e];
-                }
+                mm_counter_push(m, j, acc, lvl, total);
             }
         }
     }

@@ -37,6 +37,37 @@ __host__ __device__ constexpr int mm_br5(int m) {
     return ((m & 1) << 4) | ((m & 2) << 2) | (m & 4) | ((m & 8) >> 2) | ((m & 16) >> 4);
 }
 
+/* The lane sums of a warp in cu_warp_sum's pairing, as a binary counter:
+ * acc holds the sums of arrival m (lane mm_br5(m)) of stripe j for a 4 x 4
+ * thread tile; level b of lvl keeps a pending sum. At m = 31 the counter
+ * holds the warp sum, which is added to total in stripe (warp) order. */
+__device__ __forceinline__ void mm_counter_push(int m, int j, float (&acc)[4][4], float (&lvl)[5][4][4],
+                                                float (&total)[4][4]) {
+    bool placed = false;
+#pragma unroll
+    for (int b = 0; b < 5; b++) {
+        if (placed) continue;
+        if ((m >> b) & 1) {
+#pragma unroll
+            for (int a = 0; a < 4; a++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[a][e] = __fadd_rn(lvl[b][a][e], acc[a][e]);
+        } else {
+#pragma unroll
+            for (int a = 0; a < 4; a++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) lvl[b][a][e] = acc[a][e];
+            placed = true;
+        }
+    }
+    if (m == 31) {
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) total[a][e] = j ? __fadd_rn(total[a][e], acc[a][e]) : acc[a][e];
+    }
+}
+
 /* the launch of a matvec (matvec.cu): segments of rows of one weight type
  * and row length, each with its own output and input offset */
 struct mv_params {
