@@ -45,12 +45,12 @@ def ggufs(tmp_path_factory):
     return get
 
 
-def run(model, tokens_file, out, backend, release, *extra):
+def run(model, tokens_file, out, backend, release, *extra, env=None):
     cmd = [DS4, "-m", str(model), backend, "--prompt-tokens-file", str(tokens_file), "--dump-logits", str(out),
            *extra]
     if not release:
         cmd.append("--plain-numerics")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
     n = len(pathlib.Path(tokens_file).read_text().split())
     lg = np.fromfile(out, dtype="<f4")
@@ -128,17 +128,10 @@ def test_cuda_tensor_core_batches_bitwise(name, release, tmp_path):
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
     base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", release, "--eval", "prefill")
-    modes = [["--eval", "decode"], ["--eval", "chunk:16"], ["--eval", "chunk:48"], ["--eval", "prefill", "NO_MMA"]]
-    for mode in modes:
-        env = None
-        if mode[-1] == "NO_MMA":
-            mode = mode[:-1]
-            env = dict(os.environ, DS4_CUDA_NO_MMA="1")
-        cmd = [DS4, "-m", str(model), "--cuda", "--prompt-tokens-file", str(toks), "--dump-logits",
-               str(tmp_path / "x.f32"), *mode] + ([] if release else ["--plain-numerics"])
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
-        got = np.fromfile(tmp_path / "x.f32", dtype="<f4").reshape(base.shape)
+    no_mma = dict(os.environ, DS4_CUDA_NO_MMA="1")
+    for mode, env in [(["--eval", "decode"], None), (["--eval", "chunk:16"], None), (["--eval", "chunk:48"], None),
+                      (["--eval", "prefill"], no_mma)]:
+        got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", release, *mode, env=env)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{name} {' '.join(mode)}{' no-mma' if env else ''}: max |d| vs prefill {d:.2e}")
         assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{name} {mode} differs: {d:.2e}"
