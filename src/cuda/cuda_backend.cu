@@ -960,7 +960,9 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_ROUTE_GROUP", &cu_ctx::no_route_group}, /* 1: one-token expert grouping by moe_group */
     {"DS4_CUDA_MV_R1", &cu_ctx::mv_no_r2},              /* 1: one row per warp in every matvec */
     {"DS4_CUDA_NO_MMA", &cu_ctx::no_mma},               /* 1: batches on the CUDA-core kernels only */
-    {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: attention heads per block (else 4) */
+    {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: CUDA-core attention heads per block (else 4) */
+    {"DS4_CUDA_ATT_SIMT", &cu_ctx::att_simt},           /* 1: attention on CUDA cores instead of tensor cores */
+    {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
 };
 
@@ -970,6 +972,7 @@ static void cu_read_switches(cu_ctx *c) {
         c->*cu_switches[i].field = v && *v ? atoi(v) : 0;
     }
     if (c->att_hb != 1 && c->att_hb != 2 && c->att_hb != 4 && c->att_hb != 8 && c->att_hb != 16) c->att_hb = 0;
+    if (c->att_tc_hb != 16 && c->att_tc_hb != 32 && c->att_tc_hb != 64) c->att_tc_hb = 0;
 }
 
 static const ds4_backend_ops cuda_ops = {

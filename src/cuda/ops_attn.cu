@@ -8,6 +8,7 @@
  * captured graph (cuda_backend.cu).
  */
 #include "cuda/cuda.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/rowops.cuh"
 
 /* ---------------------------------------------------------------- embed */
@@ -693,6 +694,263 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
     }
 }
 
+/* ------------------------------------------- attention on tensor cores */
+
+/* The same split attention (rows [32z, 32z + 32) of a token per block, the
+ * same (m, l, c) partials for k_attn_merge) with both products on TF32
+ * tensor cores (mma m16n8k8, f32 accumulation), all heads of a block at
+ * once: MQA gives every head the same rows, so the scores of HB heads are
+ * Q (HB x dh) . R^T (dh x 32) and the split outputs P (HB x 32) . R (32 x dh).
+ * f32 operands are split in two TF32 parts, x = big + small, exact to
+ * ~2^-22 |x| (3xTF32 with the small x small product left out): f16 rows
+ * (release numerics) are exact in TF32 and take one part, so a score is
+ * Qb.R + Qs.R and an output Pb.R + Ps.R; f32 rows add Qb.Rs (Pb.Rs).
+ * Each output tile is computed by one warp in a fixed order (scores: two
+ * halves of dh, each its own k order, added half 0 + half 1; outputs: the
+ * 32 rows in 4 k-steps), independent of HB and of the batch, so prefill ==
+ * decode == chunked stays bit for bit. DS4_CUDA_ATT_SIMT=1 selects the
+ * CUDA-core kernel above instead (other roundings, same tolerance). */
+#define ATC_PS 36 /* score / weight row stride in floats: conflict-free fragments */
+
+__device__ __forceinline__ unsigned atc_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+/* x = big + small: x - big is exact in f32 */
+__device__ __forceinline__ void atc_split(float x, unsigned &b, unsigned &s) {
+    b = atc_tf32(x);
+    s = atc_tf32(x - __uint_as_float(b));
+}
+__device__ __forceinline__ void atc_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Shared layouts. f32 rows of dh values (queries; rows when T = float): 4-value
+ * groups XOR-swizzled within 32 values, so that the two fragment patterns
+ * (8 rows x 4 columns and 4 rows x 8 columns) both hit 32 banks. f16 rows:
+ * 8-value groups swizzled within 64 values (the same property per word). */
+__device__ __forceinline__ int atc_i32(int r, int d, int dh) {
+    return r * dh + (d ^ (8 * (r & 3) + 4 * ((r >> 2) & 1)));
+}
+__device__ __forceinline__ int atc_i16(int r, int d, int dh) { return r * dh + (d ^ (8 * (r & 7))); }
+
+template <typename T> struct atc_rows;
+template <> struct atc_rows<__half> {
+    static __device__ __forceinline__ float get(const void *rs, int r, int d, int dh) {
+        return __half2float(((const __half *)rs)[atc_i16(r, d, dh)]);
+    }
+};
+template <> struct atc_rows<float> {
+    static __device__ __forceinline__ float get(const void *rs, int r, int d, int dh) {
+        return ((const float *)rs)[atc_i32(r, d, dh)];
+    }
+};
+
+/* acc (+)= A . B for one m16n8k8 step: A split in two parts; B split when
+ * it is f32 (T = float), exact otherwise */
+template <typename T>
+__device__ __forceinline__ void atc_step(float (&cb)[4], float (&cs)[4], const unsigned (&ab)[4],
+                                         const unsigned (&as)[4], float b0, float b1) {
+    if constexpr (sizeof(T) == 2) {
+        atc_mma(cb, ab, __float_as_uint(b0), __float_as_uint(b1));
+        atc_mma(cs, as, __float_as_uint(b0), __float_as_uint(b1));
+    } else {
+        unsigned bb0, bs0, bb1, bs1;
+        atc_split(b0, bb0, bs0);
+        atc_split(b1, bb1, bs1);
+        atc_mma(cb, ab, bb0, bb1);
+        atc_mma(cs, as, bb0, bb1);
+        atc_mma(cs, ab, bs0, bs1);
+    }
+}
+
+static size_t attn_tc_smem(int hb, int dh, size_t row_bytes) {
+    return (size_t)hb * dh * 4 + (size_t)ATT_R * dh * row_bytes + (size_t)3 * hb * ATC_PS * 4 + ATT_R * sizeof(int64_t);
+}
+
+/* block (head group x, token y, split z), 256 threads; HB heads (16, 32 or
+ * 64; heads past H are zeros and not written). Shared: queries HB x dh f32,
+ * rows 32 x dh T, two score halves and the weights HB x ATC_PS, offsets. */
+template <typename T, int HB>
+__global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p p) {
+    cu_pdl_wait();
+    extern __shared__ float sm[];
+    const int dh = p.dh;
+    float *qs = sm;                                         /* HB x dh */
+    T *rs = (T *)(qs + HB * dh);                            /* ATT_R x dh */
+    float *sc0 = (float *)(rs + ATT_R * dh);                /* HB x ATC_PS: score half 0 */
+    float *sc1 = sc0 + HB * ATC_PS;                         /* half 1 */
+    float *pw = sc1 + HB * ATC_PS;                          /* weights e */
+    int64_t *ro = (int64_t *)(pw + HB * ATC_PS);
+    const int tl = blockIdx.y, t = p.t0 + tl, h0 = blockIdx.x * HB, z = blockIdx.z;
+    const int hv = p.H - h0 < HB ? p.H - h0 : HB;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, tg = lane & 3;
+    const attn_rows ar = attn_rows_of(p, t);
+    const int r0 = z * ATT_R;
+    if (r0 >= ar.n) return;
+    const int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
+    const int pos0 = p.step->pos0;
+    if (threadIdx.x < ATT_R) {
+        const int r = r0 + threadIdx.x;
+        int64_t o = INT64_MIN; /* past the split's rows: zeros */
+        if (threadIdx.x < nr) {
+            if (r < ar.n_raw) {
+                int pos = ar.lo + r;
+                o = pos >= pos0 ? -1 - (int64_t)(pos - pos0) : (int64_t)(pos % p.W);
+            } else {
+                int k = r - ar.n_raw;
+                o = p.W + (int64_t)(ar.sel ? ar.sel[k] : k);
+            }
+        }
+        ro[threadIdx.x] = o;
+    }
+    constexpr int LB = 8; /* loads in flight per thread before the shared stores */
+    { /* queries: 4-value groups, zeros past head H */
+        const float *qg = p.q + ((int64_t)t * p.H + h0) * dh;
+        const int d4 = dh / 4, n4 = HB * d4;
+        for (int i0 = threadIdx.x; i0 < n4; i0 += LB * blockDim.x) {
+            float4 v[LB];
+#pragma unroll
+            for (int k = 0; k < LB; k++) {
+                const int i = i0 + k * blockDim.x;
+                v[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (i < n4 && i / d4 < hv) v[k] = *(const float4 *)(qg + (int64_t)i * 4);
+            }
+#pragma unroll
+            for (int k = 0; k < LB; k++) {
+                const int i = i0 + k * blockDim.x;
+                if (i < n4) *(float4 *)(qs + atc_i32(i / d4, (i % d4) * 4, dh)) = v[k];
+            }
+        }
+    }
+    __syncthreads();
+    { /* rows: f16 rows in 8-value groups, f32 rows in 4-value groups */
+        const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
+        constexpr int G = sizeof(T) == 2 ? 8 : 4;
+        const int dg = dh / G, n_u = ATT_R * dg;
+        for (int u0 = threadIdx.x; u0 < n_u; u0 += LB * blockDim.x) {
+            uint4 v[LB];
+#pragma unroll
+            for (int k = 0; k < LB; k++) {
+                const int u = u0 + k * blockDim.x;
+                v[k] = make_uint4(0, 0, 0, 0);
+                if (u < n_u) {
+                    const int r = u / dg, e = (u % dg) * G;
+                    const int64_t o = ro[r];
+                    if (o == INT64_MIN) continue;
+                    if (o < 0) { /* this batch's row, f32 (f16-exact when T = __half) */
+                        const float *src = p.kv + (-1 - o) * dh + e;
+                        if constexpr (sizeof(T) == 2) {
+                            const float4 a = *(const float4 *)src, b = *(const float4 *)(src + 4);
+                            __half2 h[4] = {__floats2half2_rn(a.x, a.y), __floats2half2_rn(a.z, a.w),
+                                            __floats2half2_rn(b.x, b.y), __floats2half2_rn(b.z, b.w)};
+                            v[k] = *(uint4 *)h;
+                        } else
+                            v[k] = *(const uint4 *)src;
+                    } else {
+                        const T *src = o < p.W ? raw + o * dh + e : comp + (o - p.W) * dh + e;
+                        v[k] = *(const uint4 *)src;
+                    }
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < LB; k++) {
+                const int u = u0 + k * blockDim.x;
+                if (u < n_u) {
+                    const int r = u / dg, e = (u % dg) * G;
+                    *(uint4 *)(rs + (sizeof(T) == 2 ? atc_i16(r, e, dh) : atc_i32(r, e, dh))) = v[k];
+                }
+            }
+        }
+    }
+    __syncthreads();
+    /* scores: units (16-head tile, 8-row tile, half of dh), one per warp */
+    {
+        const int KH = dh / 16; /* k-steps per half */
+        for (int u = w; u < (HB / 16) * 8; u += 8) {
+            const int mt = u >> 3, nt = (u >> 1) & 3, kh = u & 1;
+            const int h = 16 * mt + g, r = 8 * nt + g;
+            float cb[4] = {0.f, 0.f, 0.f, 0.f}, cs[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+            for (int ks = kh * KH; ks < kh * KH + KH; ks++) {
+                const int d = 8 * ks + tg;
+                unsigned ab[4], as[4];
+                atc_split(qs[atc_i32(h, d, dh)], ab[0], as[0]);
+                atc_split(qs[atc_i32(h + 8, d, dh)], ab[1], as[1]);
+                atc_split(qs[atc_i32(h, d + 4, dh)], ab[2], as[2]);
+                atc_split(qs[atc_i32(h + 8, d + 4, dh)], ab[3], as[3]);
+                atc_step<T>(cb, cs, ab, as, atc_rows<T>::get(rs, r, d, dh), atc_rows<T>::get(rs, r, d + 4, dh));
+            }
+            float *o = kh ? sc1 : sc0;
+            const int c = 8 * nt + 2 * tg;
+            o[h * ATC_PS + c] = cb[0] + cs[0];
+            o[h * ATC_PS + c + 1] = cb[1] + cs[1];
+            o[(h + 8) * ATC_PS + c] = cb[2] + cs[2];
+            o[(h + 8) * ATC_PS + c + 1] = cb[3] + cs[3];
+        }
+    }
+    __syncthreads();
+    /* split maximum and sum, one warp per head, lane = row */
+    for (int h = w; h < HB; h += 8) {
+        float s = -INFINITY;
+        if (h < hv && lane < nr) s = (sc0[h * ATC_PS + lane] + sc1[h * ATC_PS + lane]) * p.scale;
+        const float m = cu_warp_max(s);
+        const float e = h < hv && lane < nr ? expf(s - m) : 0.0f;
+        pw[h * ATC_PS + lane] = e;
+        const float l = cu_warp_sum(e);
+        if (lane == 0 && h < hv) {
+            const int64_t i = ((int64_t)tl * p.S + z) * p.H + h0 + h;
+            p.part_m[i] = m;
+            p.part_l[i] = l;
+        }
+    }
+    __syncthreads();
+    /* outputs: (16-head tile, 8-dim tile) units, 8 dim tiles per warp at once,
+     * k = the 32 rows in 4 steps */
+    const int NT = dh / 8;
+    for (int mt = 0; mt < HB / 16 && 16 * mt < hv; mt++) {
+        unsigned ab[4][4], as[4][4];
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            const int h = 16 * mt + g, r = 8 * ks + tg;
+            atc_split(pw[h * ATC_PS + r], ab[ks][0], as[ks][0]);
+            atc_split(pw[(h + 8) * ATC_PS + r], ab[ks][1], as[ks][1]);
+            atc_split(pw[h * ATC_PS + r + 4], ab[ks][2], as[ks][2]);
+            atc_split(pw[(h + 8) * ATC_PS + r + 4], ab[ks][3], as[ks][3]);
+        }
+        for (int nt0 = w; nt0 < NT; nt0 += 64) {
+            float cb[8][4], cs[8][4];
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) cb[j][i] = cs[j][i] = 0.0f;
+#pragma unroll
+            for (int ks = 0; ks < 4; ks++)
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    const int d = 8 * (nt0 + 8 * j) + g;
+                    if (d < dh)
+                        atc_step<T>(cb[j], cs[j], ab[ks], as[ks], atc_rows<T>::get(rs, 8 * ks + tg, d, dh),
+                                    atc_rows<T>::get(rs, 8 * ks + tg + 4, d, dh));
+                }
+            const int h = 16 * mt + g;
+            float *po = p.part_o + (((int64_t)tl * p.S + z) * p.H + h0) * dh;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int d = 8 * (nt0 + 8 * j) + 2 * tg;
+                if (d >= dh) continue;
+                if (h < hv) *(float2 *)(po + (int64_t)h * dh + d) = make_float2(cb[j][0] + cs[j][0], cb[j][1] + cs[j][1]);
+                if (h + 8 < hv)
+                    *(float2 *)(po + (int64_t)(h + 8) * dh + d) = make_float2(cb[j][2] + cs[j][2], cb[j][3] + cs[j][3]);
+            }
+        }
+    }
+}
+
 /* Merge of the splits of head blockIdx.x of token t0 + blockIdx.y, in split
  * order: M = max(sink, m_z), w_z = exp(m_z - M), den = sum_z l_z w_z +
  * exp(sink - M), o = (sum_z w_z c_z) / den; then the inverse RoPE.
@@ -779,10 +1037,35 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         return;
     }
     p.S = S;
-    const size_t smem = attn_part_smem(hb, p.dh), msmem = ((size_t)p.dh + S) * sizeof(float);
+    /* tensor cores unless switched off (dh a multiple of 64: the shared
+     * layouts); 16 heads per block for a few tokens (more blocks), 64 for
+     * batches (the rows staged once per token and split) */
+    const bool tc = !c->att_simt && p.dh % 64 == 0;
+    int tb = c->att_tc_hb ? c->att_tc_hb : n >= MM_MIN_N ? 64 : 16;
+    while (tb > 16 && tb >= 2 * p.H) tb /= 2;
+    const size_t smem = tc ? attn_tc_smem(tb, p.dh, sizeof(T)) : attn_part_smem(hb, p.dh),
+                 msmem = ((size_t)p.dh + S) * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.att_tokens) {
         const int nt = n - t0 < c->s.att_tokens ? n - t0 : c->s.att_tokens;
         p.t0 = t0;
+        if (tc) {
+            dim3 grid((p.H + tb - 1) / tb, nt, S);
+#define AT(HB)                                                                                                  \
+    do {                                                                                                        \
+        cudaFuncSetAttribute(k_attn_tc<T, HB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);         \
+        cu_launch(c, k_attn_tc<T, HB>, grid, 256, smem, p);                                                     \
+    } while (0)
+            switch (tb) {
+            case 64: AT(64); break;
+            case 32: AT(32); break;
+            default: AT(16); break;
+            }
+#undef AT
+            if (!CU_LAUNCH(c, "attn_tc")) return;
+            cu_launch(c, k_attn_merge, dim3(p.H, nt), 256, msmem, p);
+            if (!CU_LAUNCH(c, "attn_merge")) return;
+            continue;
+        }
         dim3 grid(p.H / hb, nt, S);
 #define AT(HB)                                                                                                  \
     do {                                                                                                        \

@@ -72,9 +72,21 @@ def test_cuda_oracle_fixture(fx, ggufs, tmp_path):
     release = m["release"]
     model = ggufs(m["model"])
     toks = ORACLE / fx / "tokens.txt"
-    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release)
     cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
+    # attention on tensor cores (default) and on CUDA cores: the same bounds for both, and their difference printed
+    # (the accuracy cost of the TF32-split path against the CUDA-core fp32 one)
+    simt, _ = run(model, toks, tmp_path / "s.f32", "--cuda", release, env=dict(os.environ, DS4_CUDA_ATT_SIMT="1"))
+    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release)
     ref = np.fromfile(ORACLE / fx / "logits.f32", dtype="<f4").reshape(gpu.shape)
+    d_ts = np.abs(gpu.astype(np.float64) - simt).max(axis=1)
+    print(f"\n{fx}: attention tensor cores vs CUDA cores max |dlogit| {d_ts.max():.2e} p50 {np.median(d_ts):.2e}, "
+          f"same argmax at {(gpu.argmax(1) == simt.argmax(1)).mean():.1%}; simt vs transformers max "
+          f"{np.abs(simt.astype(np.float64) - ref).max():.2e}")
+    check_fixture(fx, m, release, gpu, cpu, ref)
+    check_fixture(fx + " (DS4_CUDA_ATT_SIMT=1)", m, release, simt, cpu, ref)
+
+
+def check_fixture(fx, m, release, gpu, cpu, ref):
     d_hf = np.abs(gpu.astype(np.float64) - ref).max(axis=1)
     d_cpu = np.abs(gpu.astype(np.float64) - cpu).max(axis=1)
     print(f"\n{fx} ({'release' if release else 'plain'}): cuda vs transformers max {d_hf.max():.2e} "
