@@ -72,18 +72,36 @@ def test_cuda_oracle_fixture(fx, ggufs, tmp_path):
     release = m["release"]
     model = ggufs(m["model"])
     toks = ORACLE / fx / "tokens.txt"
-    cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
-    # attention on tensor cores (default) and on CUDA cores: the same bounds for both, and their difference printed
-    # (the accuracy cost of the TF32-split path against the CUDA-core fp32 one)
-    simt, _ = run(model, toks, tmp_path / "s.f32", "--cuda", release, env=dict(os.environ, DS4_CUDA_ATT_SIMT="1"))
     gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release)
+    cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
     ref = np.fromfile(ORACLE / fx / "logits.f32", dtype="<f4").reshape(gpu.shape)
-    d_ts = np.abs(gpu.astype(np.float64) - simt).max(axis=1)
-    print(f"\n{fx}: attention tensor cores vs CUDA cores max |dlogit| {d_ts.max():.2e} p50 {np.median(d_ts):.2e}, "
-          f"same argmax at {(gpu.argmax(1) == simt.argmax(1)).mean():.1%}; simt vs transformers max "
-          f"{np.abs(simt.astype(np.float64) - ref).max():.2e}")
     check_fixture(fx, m, release, gpu, cpu, ref)
-    check_fixture(fx + " (DS4_CUDA_ATT_SIMT=1)", m, release, simt, cpu, ref)
+
+
+TC_FLIPS = {"tiny_yarn_48_release"}  # measured: see the docstring below
+
+
+@pytest.mark.parametrize("fx", [pytest.param(f, marks=pytest.mark.xfail(
+    reason="known: the TF32-split attention flips a release rounding / top-k decision here (positions ~39-46)"))
+    if f in TC_FLIPS else f for f in FIXTURES])
+def test_cuda_oracle_fixture_attention_tc(fx, ggufs, tmp_path):
+    """The opt-in tensor-core attention (DS4_CUDA_ATT_TC=1) under the same bounds as the default, and its
+    difference from the default (CUDA-core) attention printed: the accuracy cost of the TF32-split path.
+    Run on the H200 (2026-12-04, as the default then): every plain fixture and h256_40_release /
+    tiny_plain_37_release pass; tiny_yarn_48_release fails (a rounding/top-k flip from position ~39, max |d| 0.21
+    vs the CPU), which is why the path is not the default."""
+    m = meta(fx)
+    release = m["release"]
+    model = ggufs(m["model"])
+    toks = ORACLE / fx / "tokens.txt"
+    base, _ = run(model, toks, tmp_path / "s.f32", "--cuda", release)
+    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release, env=dict(os.environ, DS4_CUDA_ATT_TC="1"))
+    cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
+    ref = np.fromfile(ORACLE / fx / "logits.f32", dtype="<f4").reshape(gpu.shape)
+    d = np.abs(gpu.astype(np.float64) - base).max(axis=1)
+    print(f"\n{fx}: attention on tensor cores vs CUDA cores max |dlogit| {d.max():.2e} p50 {np.median(d):.2e}, "
+          f"same argmax at {(gpu.argmax(1) == base.argmax(1)).mean():.1%}")
+    check_fixture(fx + " DS4_CUDA_ATT_TC=1", m, release, gpu, cpu, ref)
 
 
 def check_fixture(fx, m, release, gpu, cpu, ref):
@@ -130,18 +148,22 @@ def _stage_model(name):
     return p
 
 
-@pytest.mark.parametrize("name,release", [("q2-wide", True), ("flash", True), ("flash-plain", False)])
-def test_cuda_tensor_core_batches_bitwise(name, release, tmp_path):
+@pytest.mark.parametrize("name,release,att_tc", [("q2-wide", True, False), ("flash", True, False),
+                                                 ("flash-plain", False, False), ("flash", True, True),
+                                                 ("flash-plain", False, True)])
+def test_cuda_tensor_core_batches_bitwise(name, release, att_tc, tmp_path):
     """Batches of 32+ tokens take the tensor-core kernels (Q8_0 projections; IQ2_XXS gate + up and Q2_K down on
     q2-wide, whose rows are 1024 values): prefill of 80 tokens == token-by-token decode == chunks of 16 (CUDA-core kernels) ==
-    chunks of 48 (a partial tile) == prefill with DS4_CUDA_NO_MMA=1, bit for bit."""
+    chunks of 48 (a partial tile) == prefill with DS4_CUDA_NO_MMA=1, bit for bit. With att_tc, all of it with the
+    tensor-core attention (DS4_CUDA_ATT_TC=1: 16 heads per block below 32 tokens, 64 from 32)."""
     model = _stage_model(name)
     rng = np.random.default_rng(11)
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
-    base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", release, "--eval", "prefill")
-    no_mma = dict(os.environ, DS4_CUDA_NO_MMA="1")
-    for mode, env in [(["--eval", "decode"], None), (["--eval", "chunk:16"], None), (["--eval", "chunk:48"], None),
+    tc = dict(os.environ, DS4_CUDA_ATT_TC="1") if att_tc else None
+    base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", release, "--eval", "prefill", env=tc)
+    no_mma = dict(tc or os.environ, DS4_CUDA_NO_MMA="1")
+    for mode, env in [(["--eval", "decode"], tc), (["--eval", "chunk:16"], tc), (["--eval", "chunk:48"], tc),
                       (["--eval", "prefill"], no_mma)]:
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", release, *mode, env=env)
         d = float(np.abs(got.astype(np.float64) - base).max())
