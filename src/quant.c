@@ -475,8 +475,9 @@ static const ds4_quant_kernels SCALAR[] = {
 };
 enum { N_KERNELS = sizeof SCALAR / sizeof SCALAR[0] };
 
-/* AVX2 set merged over the scalar one; filled once under simd_once. */
-static ds4_quant_kernels avx2_merged[N_KERNELS];
+/* AVX2 set merged over the scalar one, VNNI set over that; filled once
+ * under simd_once. */
+static ds4_quant_kernels avx2_merged[N_KERNELS], vnni_merged[N_KERNELS];
 static int simd_best = DS4_SIMD_SCALAR;
 static pthread_once_t simd_once = PTHREAD_ONCE_INIT;
 
@@ -494,6 +495,12 @@ static void simd_init(void) {
             if (v->dot_f32_tile) k.dot_f32_tile = v->dot_f32_tile;
         }
         avx2_merged[i] = k;
+        for (int j = 0; j < ds4_quant_vnni_n; j++) {
+            const ds4_quant_kernels *v = &ds4_quant_vnni_table[j];
+            if (v->type != k.type) continue;
+            if (v->dot_q_tile) k.dot_q_tile = v->dot_q_tile;
+        }
+        vnni_merged[i] = k;
     }
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
@@ -506,6 +513,9 @@ static void simd_init(void) {
         __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2")) {
         ds4_quant_avx2_init();
         simd_best = DS4_SIMD_AVX2;
+        if (ds4_quant_vnni_n > 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+            simd_best = DS4_SIMD_VNNI;
     }
 #endif
 }
@@ -518,10 +528,10 @@ int ds4_quant_simd_best(void) {
 const ds4_quant_kernels *ds4_quant_kernels_get(int type, int simd) {
     pthread_once(&simd_once, simd_init);
     if (simd == DS4_SIMD_AUTO) simd = simd_best;
-    if (simd == DS4_SIMD_AVX2 && simd_best != DS4_SIMD_AVX2) return NULL;
-    if (simd != DS4_SIMD_SCALAR && simd != DS4_SIMD_AVX2) return NULL;
+    if (simd < DS4_SIMD_SCALAR || simd > simd_best) return NULL;
     for (int i = 0; i < N_KERNELS; i++)
-        if (SCALAR[i].type == type) return simd == DS4_SIMD_AVX2 ? &avx2_merged[i] : &SCALAR[i];
+        if (SCALAR[i].type == type)
+            return simd == DS4_SIMD_VNNI ? &vnni_merged[i] : simd == DS4_SIMD_AVX2 ? &avx2_merged[i] : &SCALAR[i];
     return NULL;
 }
 

@@ -1,6 +1,7 @@
 /* quant_avx2.c - AVX2/FMA/F16C kernels for dequantization, dots and
- * activation quantization, selected at run time by quant.c (the functions
- * carry a target attribute, so the default build stays portable).
+ * activation quantization, and AVX-512 VNNI prefill tiles over them,
+ * selected at run time by quant.c (the functions carry a target attribute,
+ * so the default build stays portable).
  *
  * Contracts (the same as the scalar kernels in quant.c, checked by
  * tests/unit/test_quant.c):
@@ -19,6 +20,7 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 
 #include <float.h>
+#include <stdbool.h>
 #include <immintrin.h>
 #include <math.h>
 
@@ -657,15 +659,40 @@ static TGT void q8_0_micro_p(const uint8_t *w0, const uint8_t *w1, const uint8_t
     _mm256_storeu_ps(out, acc);
 }
 
-static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
-                          float *y, int64_t ldy) {
+/* the prefill micro-tile of 2 rows x 4 tokens: x are the tokens' Q8_0 rows,
+ * or with an offset micro their int8 values + 128 (32 bytes per block) */
+typedef void q8_0_micro_fn(const uint8_t *w0, const uint8_t *w1, const uint8_t *const *x, const float *ws,
+                           const float *ts, int64_t nb, float *out);
+
+#define Q8_0_OFF_BYTES (128 * 1024) /* offset activations on the stack */
+
+static TGT void tile_q8_0_with(q8_0_micro_fn *micro, bool offset, const void *w, size_t row_bytes, int n_rows,
+                               const void *const *x, int n_tok, int64_t n, float *y, int64_t ldy) {
     const int64_t nb = n / DS4_QK8_0;
     int t0 = 0;
     if (n_tok >= 4 && nb <= Q8_0_P_BLOCKS) {
         float ts[Q8_0_P_TOKENS / 4][Q8_0_P_BLOCKS * 4], ws[Q8_0_P_BLOCKS * 8], out[8];
+        uint8_t xo[offset ? Q8_0_OFF_BYTES : 1] __attribute__((aligned(32)));
+        const uint8_t *xp[Q8_0_P_TOKENS];
+        /* token groups per pass: the scale tables, and the offset copies */
+        int max_ng = Q8_0_P_TOKENS / 4;
+        if (offset && max_ng > (int)(Q8_0_OFF_BYTES / (nb * 32) / 4)) max_ng = (int)(Q8_0_OFF_BYTES / (nb * 32) / 4);
+        const __m256i k80 = _mm256_set1_epi8((char)0x80);
         while (t0 + 4 <= n_tok) {
-            int ng = (n_tok - t0) / 4 < Q8_0_P_TOKENS / 4 ? (n_tok - t0) / 4 : Q8_0_P_TOKENS / 4;
+            int ng = (n_tok - t0) / 4 < max_ng ? (n_tok - t0) / 4 : max_ng;
             for (int k = 0; k < ng; k++) q8_0_scales(ts[k], (const uint8_t *const *)(x + t0 + 4 * k), 4, nb);
+            for (int t = 0; t < 4 * ng; t++) {
+                const uint8_t *xt = (const uint8_t *)x[t0 + t];
+                if (!offset) {
+                    xp[t] = xt;
+                    continue;
+                }
+                uint8_t *o = xo + (size_t)t * nb * 32;
+                for (int64_t b = 0; b < nb; b++)
+                    _mm256_store_si256((__m256i *)(o + 32 * b),
+                                       _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(xt + 34 * b + 2)), k80));
+                xp[t] = o;
+            }
             for (int r = 0; r < n_rows; r += 2) {
                 const uint8_t *w0 = (const uint8_t *)w + (size_t)r * row_bytes;
                 const uint8_t *w1 = r + 1 < n_rows ? w0 + row_bytes : w0;
@@ -675,7 +702,7 @@ static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const voi
                     for (int i = 0; i < 4; i++) ws[8 * b + i] = d0, ws[8 * b + 4 + i] = d1;
                 }
                 for (int k = 0; k < ng; k++) {
-                    q8_0_micro_p(w0, w1, (const uint8_t *const *)(x + t0 + 4 * k), ws, ts[k], nb, out);
+                    micro(w0, w1, xp + 4 * k, ws, ts[k], nb, out);
                     for (int t = 0; t < 4; t++) {
                         y[(int64_t)(t0 + 4 * k + t) * ldy + r] = out[t];
                         if (r + 1 < n_rows) y[(int64_t)(t0 + 4 * k + t) * ldy + r + 1] = out[4 + t];
@@ -686,6 +713,11 @@ static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const voi
         }
     }
     if (t0 < n_tok) tile_q8_0_walk(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
+static TGT void tile_q8_0(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n,
+                          float *y, int64_t ldy) {
+    tile_q8_0_with(q8_0_micro_p, false, w, row_bytes, n_rows, x, n_tok, n, y, ldy);
 }
 
 /* ---- Q8_K tiles (IQ2_XXS, Q2_K, Q4_K): R x T = 8 x 1, 4 x 2, 2 x 4, 1 x 8 */
@@ -1068,6 +1100,373 @@ PLAIN_TILE(tile_f16_f32, dot_f16_f32, LOAD_F16, f16_idx)
 PLAIN_TILE(tile_bf16_f32, dot_bf16_f32, LOAD_BF16, bf16_idx)
 
 
+/* ---- AVX-512 VNNI tiles ------------------------------------------------------ */
+
+/* vpdpbusd / vpdpwssd on 256-bit registers (AVX512-VNNI + VL): the same
+ * exact integer block sums as the AVX2 tiles in fewer instructions, the same
+ * float combination, so the same bits. Selected at run time by quant.c when
+ * the CPU has them (DS4_SIMD_VNNI). */
+#define TGT_VNNI __attribute__((target("avx2,fma,f16c,bmi,bmi2,avx512f,avx512vl,avx512bw,avx512vnni")))
+
+/* q8_0_micro_p with offset activations a + 128 (unsigned) against the
+ * signed weights: vpdpbusd sums 4 products per int32 lane with no int16
+ * stage, and each lane starts from -128 * (the weights' sum), so the lane
+ * holds sum a * w exactly: one instruction per (row, token) instead of
+ * sign + maddubs + madd. */
+static TGT_VNNI void q8_0_micro_v(const uint8_t *w0, const uint8_t *w1, const uint8_t *const *xo, const float *ws,
+                                  const float *ts, int64_t nb, float *out) {
+    const __m256i k80 = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const size_t o = (size_t)b * sizeof(ds4_block_q8_0) + 2;
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + o)), v1 = _mm256_loadu_si256((const __m256i *)(w1 + o));
+        const __m256i c0 = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, k80, v0));
+        const __m256i c1 = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, k80, v1));
+        __m256i p[8];
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; t++) {
+            const __m256i a = _mm256_load_si256((const __m256i *)(xo[t] + 32 * b));
+            p[t] = _mm256_dpbusd_epi32(c0, a, v0);
+            p[4 + t] = _mm256_dpbusd_epi32(c1, a, v1);
+        }
+        __m256 is = _mm256_cvtepi32_ps(hsum8x8_i32(p));
+        __m256 d = _mm256_mul_ps(_mm256_loadu_ps(ws + 8 * b), _mm256_broadcast_ps((const __m128 *)(ts + 4 * b)));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(d, is));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
+/* Groups of 8 tokens, one per int32 lane: for block b and dword j of the
+ * 32 values, a register holds the 4 offset bytes (a + 128) of each of the 8
+ * tokens, so a row's dword j broadcast to all lanes and vpdpbusd add 4
+ * products to each token's sum: 8 instructions give 8 tokens' whole block
+ * sums, with no horizontal sum. A lane starts from -128 * the row's block
+ * sum of weights, so it ends at sum a * w exactly; the float combination is
+ * the row dot's ((d_w * d_x) * isum, then the running sum). */
+#define Q8_0_V_TOKENS 64 /* tokens per pass (8 groups): 64 x 8192 bytes at most */
+
+/* the transposed layout of 8 tokens' 32-byte chunks src[t]: 8 registers
+ * of [token t: bytes 4j..4j+3] (+ 128 with offset), stored at xi[32 j] */
+static ALWAYS TGT_VNNI void lanes8(const uint8_t *const *src, uint8_t *xi, bool offset) {
+    const __m256i k80 = _mm256_set1_epi8(offset ? (char)0x80 : 0);
+    __m256i r[8], t[8], u[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) r[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)src[i]), k80);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);     /* j0 j1 | j4 j5 of tokens 2i, 2i+1 */
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]); /* j2 j3 | j6 j7 */
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; h++) { /* tokens 4h..4h+3 */
+        u[4 * h] = _mm256_unpacklo_epi64(t[4 * h], t[4 * h + 2]);         /* j0 | j4 */
+        u[4 * h + 1] = _mm256_unpackhi_epi64(t[4 * h], t[4 * h + 2]);     /* j1 | j5 */
+        u[4 * h + 2] = _mm256_unpacklo_epi64(t[4 * h + 1], t[4 * h + 3]); /* j2 | j6 */
+        u[4 * h + 3] = _mm256_unpackhi_epi64(t[4 * h + 1], t[4 * h + 3]); /* j3 | j7 */
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+        _mm256_store_si256((__m256i *)(xi + 32 * j), _mm256_permute2x128_si256(u[j], u[4 + j], 0x20));
+        _mm256_store_si256((__m256i *)(xi + 32 * (j + 4)), _mm256_permute2x128_si256(u[j], u[4 + j], 0x31));
+    }
+}
+
+/* 4 rows x 8 tokens: out[r][t]; xi: the group's layout (256 bytes per
+ * block), ts: its scales [b][8], nc / dw: the rows' -128 * block weight sums
+ * and block scales [r][b] */
+static TGT_VNNI void q8_0_micro_lanes(const uint8_t *const *w, const uint8_t *xi, const float *ts, const int32_t *nc,
+                                      const float *dw, int64_t nb, float out[4][8]) {
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i a[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) a[j] = _mm256_load_si256((const __m256i *)(xi + 256 * b + 32 * j));
+        const __m256 tsv = _mm256_loadu_ps(ts + 8 * b);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *q = w[r] + (size_t)b * sizeof(ds4_block_q8_0) + 2;
+            __m256i p0 = _mm256_set1_epi32(nc[r * Q8_0_P_BLOCKS + b]), p1 = _mm256_setzero_si256();
+#pragma GCC unroll 4
+            for (int j = 0; j < 8; j += 2) {
+                int32_t w0, w1;
+                memcpy(&w0, q + 4 * j, 4);
+                memcpy(&w1, q + 4 * j + 4, 4);
+                p0 = _mm256_dpbusd_epi32(p0, a[j], _mm256_set1_epi32(w0));
+                p1 = _mm256_dpbusd_epi32(p1, a[j + 1], _mm256_set1_epi32(w1));
+            }
+            const __m256 is = _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
+            const __m256 d = _mm256_mul_ps(_mm256_set1_ps(dw[r * Q8_0_P_BLOCKS + b]), tsv);
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(d, is));
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+static TGT_VNNI void tile_q8_0_vnni(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                                    int64_t n, float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK8_0;
+    int t0 = 0;
+    if (n_tok >= 8 && nb <= Q8_0_P_BLOCKS) {
+        uint8_t xi[Q8_0_OFF_BYTES] __attribute__((aligned(32)));
+        float ts[Q8_0_V_TOKENS / 8][Q8_0_P_BLOCKS * 8], dw[4 * Q8_0_P_BLOCKS], out[4][8];
+        int32_t nc[4 * Q8_0_P_BLOCKS];
+        int max_ng = (int)(Q8_0_OFF_BYTES / (nb * 256));
+        if (max_ng > Q8_0_V_TOKENS / 8) max_ng = Q8_0_V_TOKENS / 8;
+        const __m256i k80 = _mm256_set1_epi8((char)0x80), zero = _mm256_setzero_si256();
+        while (t0 + 8 <= n_tok) {
+            const int ng = (n_tok - t0) / 8 < max_ng ? (n_tok - t0) / 8 : max_ng;
+            for (int g = 0; g < ng; g++) {
+                const uint8_t *const *xg = (const uint8_t *const *)(x + t0 + 8 * g);
+                q8_0_scales(ts[g], xg, 8, nb);
+                for (int64_t b = 0; b < nb; b++) {
+                    const uint8_t *src[8];
+                    for (int t = 0; t < 8; t++) src[t] = xg[t] + (size_t)b * sizeof(ds4_block_q8_0) + 2;
+                    lanes8(src, xi + ((size_t)g * nb + b) * 256, true);
+                }
+            }
+            for (int r0 = 0; r0 < n_rows; r0 += 4) {
+                const uint8_t *wr[4];
+                for (int r = 0; r < 4; r++) {
+                    wr[r] = (const uint8_t *)w + (size_t)(r0 + r < n_rows ? r0 + r : n_rows - 1) * row_bytes;
+                    for (int64_t b = 0; b < nb; b++) {
+                        const uint8_t *q = wr[r] + (size_t)b * sizeof(ds4_block_q8_0);
+                        dw[r * Q8_0_P_BLOCKS + b] = _cvtsh_ss(ld16(q));
+                        __m256i s = _mm256_dpbusd_epi32(zero, k80, _mm256_loadu_si256((const __m256i *)(q + 2)));
+                        nc[r * Q8_0_P_BLOCKS + b] = -hsum_i32(s);
+                    }
+                }
+                for (int g = 0; g < ng; g++) {
+                    q8_0_micro_lanes(wr, xi + (size_t)g * nb * 256, ts[g], nc, dw, nb, out);
+                    for (int r = 0; r < 4 && r0 + r < n_rows; r++)
+                        for (int t = 0; t < 8; t++) y[(int64_t)(t0 + 8 * g + t) * ldy + r0 + r] = out[r][t];
+                }
+            }
+            t0 += 8 * ng;
+        }
+    }
+    if (t0 < n_tok)
+        tile_q8_0_with(q8_0_micro_v, true, w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
+/* IQ2_XXS in token lanes (see Q8_0 above): 4 expanded rows' group g (32
+ * signed weights each) against 8 tokens' offset values, vpdpbusd per dword,
+ * the group scale by vpmulld; each block's integer sum minus the row's
+ * offset correction is iq2_xxs_micro_x's, and so is the float part. */
+static TGT_VNNI void iq2_xxs_micro_lanes(const iq2_row_x *const *e, const uint8_t *xi, const float *ts, int64_t nb,
+                                         float out[4][8]) {
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i is[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) is[r] = _mm256_set1_epi32(-e[r]->corr[b]);
+        for (int g = 0; g < 8; g++) {
+            const uint8_t *xg = xi + (size_t)(8 * b + g) * 256;
+            __m256i a[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) a[j] = _mm256_load_si256((const __m256i *)(xg + 32 * j));
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                const int32_t *wg = (const int32_t *)&e[r]->w[b * 8 + g];
+                __m256i p0 = _mm256_setzero_si256(), p1 = _mm256_setzero_si256();
+#pragma GCC unroll 4
+                for (int j = 0; j < 8; j += 2) {
+                    p0 = _mm256_dpbusd_epi32(p0, a[j], _mm256_set1_epi32(wg[j]));
+                    p1 = _mm256_dpbusd_epi32(p1, a[j + 1], _mm256_set1_epi32(wg[j + 1]));
+                }
+                is[r] = _mm256_add_epi32(
+                    is[r], _mm256_mullo_epi32(_mm256_add_epi32(p0, p1), _mm256_set1_epi32(e[r]->scl[b * 8 + g])));
+            }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            __m256 bs = _mm256_cvtepi32_ps(is[r]);
+            __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(e[r]->d[b]), _mm256_set1_ps(0.125f)), bs);
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_loadu_ps(ts + b * 8), v));
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+static TGT_VNNI void tile_iq2_xxs_vnni(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                                       int64_t n, float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+    int t0 = 0;
+    if (n_tok >= 8 && nb <= IQ2_X_BLOCKS) {
+        iq2_row_x ex[4];
+        const iq2_row_x *ep[4];
+        float ts[IQ2_X_TOKENS / 8][IQ2_X_BLOCKS * 8], out[4][8];
+        uint8_t xi[IQ2_X_OFF_BYTES] __attribute__((aligned(32)));
+        int max_ng = (int)(IQ2_X_OFF_BYTES / (nb * DS4_QK_K) / 8);
+        if (max_ng > IQ2_X_TOKENS / 8) max_ng = IQ2_X_TOKENS / 8;
+        while (t0 + 8 <= n_tok) {
+            const int ng = (n_tok - t0) / 8 < max_ng ? (n_tok - t0) / 8 : max_ng;
+            for (int g = 0; g < ng; g++) {
+                const ds4_block_q8_k *xt[8];
+                for (int t = 0; t < 8; t++) xt[t] = (const ds4_block_q8_k *)x[t0 + 8 * g + t];
+                for (int64_t b = 0; b < nb; b++) {
+                    for (int t = 0; t < 8; t++) ts[g][b * 8 + t] = xt[t][b].d;
+                    for (int c = 0; c < 8; c++) {
+                        const uint8_t *src[8];
+                        for (int t = 0; t < 8; t++) src[t] = (const uint8_t *)xt[t][b].qs + 32 * c;
+                        lanes8(src, xi + (((size_t)g * nb + b) * 8 + c) * 256, true);
+                    }
+                }
+            }
+            for (int r0 = 0; r0 < n_rows; r0 += 4) {
+                const int nr = n_rows - r0 < 4 ? n_rows - r0 : 4;
+                for (int r = 0; r < 4; r++) {
+                    if (r < nr) iq2_xxs_expand((const uint8_t *)w + (size_t)(r0 + r) * row_bytes, nb, &ex[r]);
+                    ep[r] = &ex[r < nr ? r : 0];
+                }
+                for (int g = 0; g < ng; g++) {
+                    iq2_xxs_micro_lanes(ep, xi + (size_t)g * nb * 8 * 256, ts[g], nb, out);
+                    for (int r = 0; r < nr; r++)
+                        for (int t = 0; t < 8; t++) y[(int64_t)(t0 + 8 * g + t) * ldy + r0 + r] = out[r][t];
+                }
+            }
+            t0 += 8 * ng;
+        }
+    }
+    if (t0 < n_tok) tile_iq2_walk(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
+/* Q2_K in token lanes: a row expanded once per pass into bytes q * sc
+ * (<= 45, unsigned) in value order and its group mins as int16 pairs; the
+ * tokens' int8 values and bsums in token lanes (no offset: the weights are
+ * the unsigned operand). isum = sum (q * sc) * a by vpdpbusd, msum = sum
+ * min * bsum by vpdpwssd: quant.c's integers; then kquant_combine's float
+ * expression (dotq_q2_k). */
+typedef struct q2k_row_x {
+    uint8_t wq[IQ2_X_BLOCKS][DS4_QK_K] __attribute__((aligned(32)));
+    int32_t mn[IQ2_X_BLOCKS][8]; /* mins of groups 2i, 2i+1 as int16 pairs */
+    float d[IQ2_X_BLOCKS], dmin[IQ2_X_BLOCKS];
+} q2k_row_x;
+
+static TGT_VNNI void q2_k_expand(const uint8_t *row, int64_t nb, q2k_row_x *e) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = row + (size_t)b * sizeof(ds4_block_q2_k);
+        e->d[b] = scale_at(p + 80);
+        e->dmin[b] = scale_at(p + 82);
+        for (int i = 0; i < 8; i++)
+            e->mn[b][i] = (int32_t)((uint32_t)(p[2 * i] >> 4) | (uint32_t)(p[2 * i + 1] >> 4) << 16);
+        for (int h = 0; h < 2; h++) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));
+            for (int k = 0; k < 4; k++) {
+                /* q * sc by table lookup: low 16 values take group 8h + 2k's scale, high 16 the next */
+                const int s0 = p[8 * h + 2 * k] & 15, s1 = p[8 * h + 2 * k + 1] & 15;
+                const __m256i tab = _mm256_setr_epi8(0, (char)s0, (char)(2 * s0), (char)(3 * s0), 0, 0, 0, 0, 0, 0, 0, 0,
+                                                     0, 0, 0, 0, 0, (char)s1, (char)(2 * s1), (char)(3 * s1), 0, 0, 0, 0,
+                                                     0, 0, 0, 0, 0, 0, 0, 0);
+                const __m256i lv = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), m3);
+                _mm256_store_si256((__m256i *)(e->wq[b] + 128 * h + 32 * k), _mm256_shuffle_epi8(tab, lv));
+            }
+        }
+    }
+}
+
+/* 4 rows x 8 tokens; xi: per block 64 value registers then 8 bsum registers */
+static TGT_VNNI void q2_k_micro_lanes(const q2k_row_x *const *e, const uint8_t *xi, const float *ts, int64_t nb,
+                                      float out[4][8]) {
+    __m256 acc[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *xb = xi + (size_t)b * (64 + 8) * 32;
+        __m256i i0[4], i1[4], ms[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) i0[r] = i1[r] = ms[r] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+        for (int j = 0; j < 64; j += 2) {
+            const __m256i a0 = _mm256_load_si256((const __m256i *)(xb + 32 * j));
+            const __m256i a1 = _mm256_load_si256((const __m256i *)(xb + 32 * j + 32));
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                const int32_t *wq = (const int32_t *)e[r]->wq[b];
+                i0[r] = _mm256_dpbusd_epi32(i0[r], _mm256_set1_epi32(wq[j]), a0);
+                i1[r] = _mm256_dpbusd_epi32(i1[r], _mm256_set1_epi32(wq[j + 1]), a1);
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            const __m256i bs = _mm256_load_si256((const __m256i *)(xb + 32 * (64 + i)));
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) ms[r] = _mm256_dpwssd_epi32(ms[r], bs, _mm256_set1_epi32(e[r]->mn[b][i]));
+        }
+        const __m256 tsv = _mm256_loadu_ps(ts + 8 * b);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m256 fi = _mm256_cvtepi32_ps(_mm256_add_epi32(i0[r], i1[r])), fm = _mm256_cvtepi32_ps(ms[r]);
+            const __m256 v = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(e[r]->d[b]), fi),
+                                           _mm256_mul_ps(_mm256_set1_ps(e[r]->dmin[b]), fm));
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(tsv, v));
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+static TGT_VNNI void tile_q2_k_vnni(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                                    int64_t n, float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+    int t0 = 0;
+    if (n_tok >= 8 && nb <= IQ2_X_BLOCKS) {
+        q2k_row_x ex[4];
+        const q2k_row_x *ep[4];
+        float ts[IQ2_X_TOKENS / 8][IQ2_X_BLOCKS * 8], out[4][8];
+        uint8_t xi[IQ2_X_OFF_BYTES] __attribute__((aligned(32)));
+        const size_t per_group = (size_t)nb * (64 + 8) * 32;
+        int max_ng = (int)(IQ2_X_OFF_BYTES / per_group);
+        if (max_ng > IQ2_X_TOKENS / 8) max_ng = IQ2_X_TOKENS / 8;
+        while (t0 + 8 <= n_tok) {
+            const int ng = (n_tok - t0) / 8 < max_ng ? (n_tok - t0) / 8 : max_ng;
+            for (int g = 0; g < ng; g++) {
+                const ds4_block_q8_k *xt[8];
+                for (int t = 0; t < 8; t++) xt[t] = (const ds4_block_q8_k *)x[t0 + 8 * g + t];
+                for (int64_t b = 0; b < nb; b++) {
+                    uint8_t *xb = xi + g * per_group + (size_t)b * (64 + 8) * 32;
+                    const uint8_t *src[8];
+                    for (int t = 0; t < 8; t++) ts[g][b * 8 + t] = xt[t][b].d;
+                    for (int c = 0; c < 8; c++) {
+                        for (int t = 0; t < 8; t++) src[t] = (const uint8_t *)xt[t][b].qs + 32 * c;
+                        lanes8(src, xb + 256 * c, false);
+                    }
+                    for (int t = 0; t < 8; t++) src[t] = (const uint8_t *)xt[t][b].bsums;
+                    lanes8(src, xb + 64 * 32, false);
+                }
+            }
+            for (int r0 = 0; r0 < n_rows; r0 += 4) {
+                const int nr = n_rows - r0 < 4 ? n_rows - r0 : 4;
+                for (int r = 0; r < 4; r++) {
+                    if (r < nr) q2_k_expand((const uint8_t *)w + (size_t)(r0 + r) * row_bytes, nb, &ex[r]);
+                    ep[r] = &ex[r < nr ? r : 0];
+                }
+                for (int g = 0; g < ng; g++) {
+                    q2_k_micro_lanes(ep, xi + g * per_group, ts[g], nb, out);
+                    for (int r = 0; r < nr; r++)
+                        for (int t = 0; t < 8; t++) y[(int64_t)(t0 + 8 * g + t) * ldy + r0 + r] = out[r][t];
+                }
+            }
+            t0 += 8 * ng;
+        }
+    }
+    if (t0 < n_tok) tile_q2_k(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
+/* entries merged over the AVX2 set */
+const ds4_quant_kernels ds4_quant_vnni_table[] = {
+    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, NULL, NULL, NULL, NULL, tile_q8_0_vnni, NULL},
+    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, NULL, NULL, NULL, NULL, tile_iq2_xxs_vnni, NULL},
+    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, NULL, NULL, NULL, NULL, tile_q2_k_vnni, NULL},
+};
+const int ds4_quant_vnni_n = sizeof ds4_quant_vnni_table / sizeof ds4_quant_vnni_table[0];
+
 const ds4_quant_kernels ds4_quant_avx2_table[] = {
     {DS4_TYPE_F32, -1, NULL, dot_f32_f32, NULL, NULL, NULL, tile_f32_f32},
     {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL, NULL, tile_f16_f32},
@@ -1130,5 +1529,7 @@ int ds4_iq2_nearest_avx2(const uint16_t *u, int n, const float cost[32]) {
 
 const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
 const int ds4_quant_avx2_n = 0;
+const ds4_quant_kernels ds4_quant_vnni_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
+const int ds4_quant_vnni_n = 0;
 
 #endif

@@ -439,7 +439,7 @@ static void iq2_init(void) {
     if (!iq2_neighbour_u) ds4_quant_fatal("iq2_xxs: no memory for the neighbour table");
     for (int p = 0; p < pos; p += iq2_neighbours[p] + 1)
         for (int j = 1; j <= iq2_neighbours[p]; j++) iq2_neighbour_u[p + j] = ds4_iq2xxs_kgrid[iq2_neighbours[p + j]];
-    iq2_nearest = ds4_quant_simd_best() == DS4_SIMD_AVX2 ? ds4_iq2_nearest_avx2 : ds4_iq2_nearest_scalar;
+    iq2_nearest = ds4_quant_simd_best() >= DS4_SIMD_AVX2 ? ds4_iq2_nearest_avx2 : ds4_iq2_nearest_scalar;
 }
 
 int ds4_iq2_nearest_scalar(const uint16_t *u, int n, const float cost[32]) {

@@ -568,7 +568,7 @@ __attribute__((target("avx2"))) static uint64_t bw_sum_avx2(const uint64_t *p, s
 
 static uint64_t bw_sum(const uint64_t *p, size_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (ds4_quant_simd_best() == DS4_SIMD_AVX2) return bw_sum_avx2(p, n);
+    if (ds4_quant_simd_best() >= DS4_SIMD_AVX2) return bw_sum_avx2(p, n);
 #endif
     uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     size_t i = 0;
@@ -635,7 +635,9 @@ static void cpu_describe(void *ctx, char *buf, size_t cap) {
         fclose(f);
     }
     snprintf(buf, cap, "CPU %s, %d threads, %s kernels", model[0] ? model : "(unknown)", c->n_threads,
-             ds4_quant_simd_best() == DS4_SIMD_AVX2 ? "AVX2" : "scalar");
+             ds4_quant_simd_best() == DS4_SIMD_VNNI   ? "AVX2 + AVX-512 VNNI"
+             : ds4_quant_simd_best() == DS4_SIMD_AVX2 ? "AVX2"
+                                                      : "scalar");
 }
 
 /* Binding: the CPU reads the mapping in place (the bound model is the host

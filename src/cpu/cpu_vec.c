@@ -174,7 +174,7 @@ static TGT void sum_rows_multi_avx2(const float *p, int nq, const float *const *
 
 static int use_avx2(void) {
 #ifdef HAVE_AVX2_VEC
-    return ds4_quant_simd_best() == DS4_SIMD_AVX2;
+    return ds4_quant_simd_best() >= DS4_SIMD_AVX2;
 #else
     return 0;
 #endif

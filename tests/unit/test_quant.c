@@ -424,7 +424,7 @@ DS4_TEST(quant_dot_f32_equals_dequant_then_dot_all_paths) {
         ks->dequant(row, y, N);
         double ref = 0, mag = 0;
         for (int i = 0; i < N; i++) ref += (double)y[i] * x[i], mag += fabs((double)y[i] * x[i]);
-        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AVX2; simd++) {
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_VNNI; simd++) {
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue; /* this CPU lacks the path */
             k->dequant(row, y2, N);
@@ -451,7 +451,7 @@ DS4_TEST(quant_plain_types_odd_lengths_all_paths) {
         ds4_quant_kernels_get(type, DS4_SIMD_SCALAR)->dequant(row, y, N);
         double ref = 0, mag = 0;
         for (int i = 0; i < N; i++) ref += (double)y[i] * x[i], mag += fabs((double)y[i] * x[i]);
-        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AVX2; simd++) {
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_VNNI; simd++) {
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue;
             for (int n = N - 7; n <= N; n++) {
@@ -503,7 +503,7 @@ DS4_TEST(quant_dot_q_equals_dot_of_dequantized_operands) {
                 CHECK(b[3].bsums[k] == s);
             }
         }
-        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AVX2; simd++) {
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_VNNI; simd++) {
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue;
             k->quantize_act(x, xq2, N);
@@ -545,7 +545,7 @@ DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
         for (int64_t i = 0; i < NT * n; i++) x[i] = (i % 5) ? rng_gauss() : rng_heavy();
         size_t ab = act < 0 ? 0 : ds4_type_row_bytes(act, n);
         uint8_t *xq = act < 0 ? NULL : malloc(NT * ab);
-        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AVX2; simd++) {
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_VNNI; simd++) {
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue;
             for (int t = 0; xq && t < NT; t++) k->quantize_act(x + t * n, xq + t * ab, n);
@@ -585,13 +585,14 @@ DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
 /* The prefill tiles at the experts' width and beyond their token groups:
  * Q8_K types with 4096 (the IQ2_XXS tile's expanded-row path, several token
  * groups and a short last one) and 8192 columns (longer rows take the walk),
- * every (row, token) pair the row dot bit for bit. */
+ * and Q8_0 (several passes of the offset copies at 8192), every (row, token)
+ * pair the row dot bit for bit, at the best SIMD level of this CPU. */
 DS4_TEST(quant_tiles_equal_row_dots_at_expert_widths) {
-    enum { NR = 3, NT = 75 };
-    static const int types[] = {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, DS4_TYPE_Q4_K};
+    enum { NR = 6, NT = 75 };
+    static const int types[] = {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, DS4_TYPE_Q4_K, DS4_TYPE_Q8_0};
     static const int64_t widths[] = {4096, 8192};
     rng_seed(31);
-    for (int ti = 0; ti < 3; ti++)
+    for (int ti = 0; ti < 4; ti++)
         for (int wi = 0; wi < 2; wi++) {
             int type = types[ti], act = ds4_type_act(type);
             const int64_t n = widths[wi];
@@ -603,20 +604,24 @@ DS4_TEST(quant_tiles_equal_row_dots_at_expert_widths) {
                 free(row);
             }
             float *x = malloc(n * sizeof(float));
-            const ds4_quant_kernels *k = ds4_quant_kernels_get(type, DS4_SIMD_AUTO);
             for (int t = 0; t < NT; t++) {
                 for (int64_t i = 0; i < n; i++) x[i] = (i % 5) ? rng_gauss() : rng_heavy();
-                k->quantize_act(x, xq + t * ab, n);
+                ds4_quantize_act(act, x, xq + t * ab, n);
             }
             const void *xp[NT];
             for (int t = 0; t < NT; t++) xp[t] = xq + t * ab;
-            static float y[NT][NR];
-            k->dot_q_tile(w, rb, NR, xp, NT, n, &y[0][0], NR);
-            int bad = 0;
-            for (int t = 0; t < NT; t++)
-                for (int r = 0; r < NR; r++) bad += fbits(y[t][r]) != fbits(k->dot_q(w + r * rb, xp[t], n));
-            CHECK_MSG(!bad, "%s n %lld: %d of %d tile values differ from the row dot", ds4_type_name(type),
-                      (long long)n, bad, NR * NT);
+            /* every SIMD level with tiles that this CPU runs (AVX2; AVX-512 VNNI) */
+            for (int simd = DS4_SIMD_AVX2; simd <= DS4_SIMD_VNNI; simd++) {
+                const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
+                if (!k || !k->dot_q_tile) continue;
+                static float y[NT][NR];
+                k->dot_q_tile(w, rb, NR, xp, NT, n, &y[0][0], NR);
+                int bad = 0;
+                for (int t = 0; t < NT; t++)
+                    for (int r = 0; r < NR; r++) bad += fbits(y[t][r]) != fbits(k->dot_q(w + r * rb, xp[t], n));
+                CHECK_MSG(!bad, "%s n %lld simd %d: %d of %d tile values differ from the row dot", ds4_type_name(type),
+                          (long long)n, simd, bad, NR * NT);
+            }
             free(w), free(xq), free(x);
         }
 }
@@ -774,7 +779,7 @@ DS4_TEST(quant_importance_weights_lower_weighted_error) {
  * candidate as the scalar scan (random costs of every magnitude, zeros,
  * ties, infinities, NaNs; every list length up to 256). */
 DS4_TEST(quant_iq2_nearest_avx2_same_choice) {
-    if (ds4_quant_simd_best() != DS4_SIMD_AVX2) {
+    if (ds4_quant_simd_best() < DS4_SIMD_AVX2) {
         TEST_SKIP("no AVX2");
     }
     rng_seed(77);
