@@ -55,6 +55,12 @@ void ds4_debug_set_layer_limit(ds4_engine *e, int n_layers);
  * position pos. */
 int ds4_debug_decode_bytes(ds4_engine *e, int ctx, double *weight_bytes, double *kv_bytes);
 double ds4_debug_token_flops(ds4_engine *e, int pos);
+/* The same by profile stage (ds4_debug_profile_name kinds): bytes[i] read by
+ * stage i of one decode step at context ctx (weights + cache rows), flops[i]
+ * of stage i for the token at position pos. Return the number of kinds
+ * (filling at most max), or a negative ds4 error. */
+int ds4_debug_stage_bytes(ds4_engine *e, int ctx, double *bytes, int max);
+int ds4_debug_stage_flops(ds4_engine *e, int pos, double *flops, int max);
 /* Bytes of the session's serialized state (its cached rows and frontiers). */
 size_t ds4_debug_session_state_bytes(const ds4_session *s);
 

@@ -1093,74 +1093,107 @@ int ds4_debug_moe_dims(const ds4_engine *e, ds4_debug_moe_shape *out) {
     return 0;
 }
 
-/* Bytes one decode step reads (PERFORMANCE.md A.3-A.4): every dense weight,
- * n_expert_used of each expert stack, one embedding row; the indexer query
- * projections only once a CSA layer holds more than top_k rows. KV: the raw
- * window of every layer, all indexer keys and the selected rows of CSA
- * layers, all compressed rows of HCA layers, in the backend's row type. */
-int ds4_debug_decode_bytes(ds4_engine *e, int ctx, double *weight_bytes, double *kv_bytes) {
-    if (!e->m.weights_loaded) return DS4_E_ARG;
+/* Bytes one decode step reads (PERFORMANCE.md A.3-A.4), by profile stage:
+ * weights w (every dense weight, n_expert_used of each expert stack, one
+ * embedding row; the indexer query projections only once a CSA layer holds
+ * more than top_k rows) and cache rows k (the raw window of every layer,
+ * all indexer keys and the selected rows of CSA layers, all compressed rows
+ * of HCA layers, in the backend's row type). */
+static void stage_bytes(ds4_engine *e, int ctx, double w[DS4_PROF_N], double k[DS4_PROF_N]) {
     const ds4_model *m = &e->m;
     const ds4_hparams *hp = &m->hp;
-    double wb = 0, kb = 0;
+    for (int i = 0; i < DS4_PROF_N; i++) w[i] = k[i] = 0;
     const double elem = e->have_be && e->be.ops->kv_row_type(e->be.ctx, e->num) == DS4_TYPE_F16 ? 2 : 4;
-#define WB(w) ((double)(w).mat_bytes * (double)(w).n_mat)
-    wb += (double)m->tok_embd.row_bytes + WB(m->out_hc_fn) + WB(m->output);
+#define WB(x) ((x).n_in > 0 ? (double)(x).mat_bytes * (double)(x).n_mat : 0.0)
+    w[DS4_PROF_EMBED] += (double)m->tok_embd.row_bytes;
+    w[DS4_PROF_HEAD] += WB(m->out_hc_fn) + WB(m->output);
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
-        const ds4_weight *dense[] = {&l->hc_attn_fn, &l->hc_ffn_fn, &l->q_a, &l->q_b, &l->kv, &l->o_a, &l->o_b,
-                                     &l->comp_ape, &l->comp_kv, &l->comp_gate, &l->icomp_ape, &l->icomp_kv,
-                                     &l->icomp_gate, &l->gate_inp, &l->gate_sh, &l->up_sh, &l->down_sh};
-        for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++)
-            if (dense[i]->n_in > 0) wb += WB(*dense[i]);
-        if (l->kind == DS4_ATTN_CSA && ctx / 4 > hp->idx_topk) wb += WB(l->idx_q_b) + WB(l->idx_proj);
+        w[DS4_PROF_HC_PRE] += WB(l->hc_attn_fn) + WB(l->hc_ffn_fn);
+        w[DS4_PROF_ATTN_PROJECT] += WB(l->q_a) + WB(l->q_b) + WB(l->kv);
+        w[DS4_PROF_ATTENTION] += WB(l->o_a) + WB(l->o_b);
+        w[DS4_PROF_COMPRESS] += WB(l->comp_ape) + WB(l->comp_kv) + WB(l->comp_gate) + WB(l->icomp_ape) +
+                                WB(l->icomp_kv) + WB(l->icomp_gate);
+        w[DS4_PROF_MOE_ROUTE] += WB(l->gate_inp);
+        w[DS4_PROF_MOE_EXPERTS] += WB(l->gate_sh) + WB(l->up_sh) + WB(l->down_sh);
+        if (l->kind == DS4_ATTN_CSA && ctx / 4 > hp->idx_topk) w[DS4_PROF_INDEXER] += WB(l->idx_q_b) + WB(l->idx_proj);
         const double frac = (double)hp->n_expert_used / (double)hp->n_expert;
-        wb += frac * (WB(l->gate_exps) + WB(l->up_exps) + WB(l->down_exps));
+        w[DS4_PROF_MOE_EXPERTS] += frac * (WB(l->gate_exps) + WB(l->up_exps) + WB(l->down_exps));
         double rows = ctx < hp->window ? ctx : hp->window;
         if (l->kind == DS4_ATTN_CSA) {
             int nc = ctx / 4;
             rows += nc < hp->idx_topk ? nc : hp->idx_topk;
-            kb += (double)nc * hp->idx_dim * elem;
+            k[DS4_PROF_INDEXER] += (double)nc * hp->idx_dim * elem;
         } else if (l->kind == DS4_ATTN_HCA) {
             rows += ctx / l->ratio;
         }
-        kb += rows * hp->head_dim * elem;
+        k[DS4_PROF_ATTENTION] += rows * hp->head_dim * elem;
     }
 #undef WB
+}
+
+int ds4_debug_decode_bytes(ds4_engine *e, int ctx, double *weight_bytes, double *kv_bytes) {
+    if (!e->m.weights_loaded) return DS4_E_ARG;
+    double w[DS4_PROF_N], k[DS4_PROF_N], wb = 0, kb = 0;
+    stage_bytes(e, ctx, w, k);
+    for (int i = 0; i < DS4_PROF_N; i++) wb += w[i], kb += k[i];
     *weight_bytes = wb;
     *kv_bytes = kb;
     return 0;
 }
 
-/* Multiply-adds x2 of one token at position pos (A.7): every matmul weight
- * of the token's path (6 experts) plus attention (QK and PV over the visible
- * rows) and the indexer scan. */
-double ds4_debug_token_flops(ds4_engine *e, int pos) {
+int ds4_debug_stage_bytes(ds4_engine *e, int ctx, double *bytes, int max) {
+    if (!e->m.weights_loaded) return DS4_E_ARG;
+    double w[DS4_PROF_N], k[DS4_PROF_N];
+    stage_bytes(e, ctx, w, k);
+    for (int i = 0; i < DS4_PROF_N && i < max; i++) bytes[i] = w[i] + k[i];
+    return DS4_PROF_N;
+}
+
+/* Multiply-adds x2 of one token at position pos (A.7) by profile stage:
+ * every matmul weight of the token's path (6 experts) plus attention (QK
+ * and PV over the visible rows) and the indexer scan. */
+static void stage_flops(ds4_engine *e, int pos, double f[DS4_PROF_N]) {
     const ds4_model *m = &e->m;
     const ds4_hparams *hp = &m->hp;
-    double f = 0;
-#define MAC(w) ((double)(w).n_in * (double)(w).n_out)
-    f += 2 * MAC(m->out_hc_fn);
+    for (int i = 0; i < DS4_PROF_N; i++) f[i] = 0;
+#define MAC(w) ((w).n_in > 0 ? (double)(w).n_in * (double)(w).n_out : 0.0)
+    f[DS4_PROF_HEAD] += 2 * MAC(m->out_hc_fn);
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
-        const ds4_weight *dense[] = {&l->hc_attn_fn, &l->hc_ffn_fn, &l->q_a, &l->q_b, &l->kv, &l->o_a, &l->o_b,
-                                     &l->comp_kv, &l->comp_gate, &l->icomp_kv, &l->icomp_gate, &l->idx_q_b,
-                                     &l->idx_proj, &l->gate_inp, &l->gate_sh, &l->up_sh, &l->down_sh};
-        for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++)
-            if (dense[i]->n_in > 0) f += 2 * MAC(*dense[i]);
-        f += 2 * (double)hp->n_expert_used * (MAC(l->gate_exps) + MAC(l->up_exps) + MAC(l->down_exps));
+        f[DS4_PROF_HC_PRE] += 2 * (MAC(l->hc_attn_fn) + MAC(l->hc_ffn_fn));
+        f[DS4_PROF_ATTN_PROJECT] += 2 * (MAC(l->q_a) + MAC(l->q_b) + MAC(l->kv));
+        f[DS4_PROF_ATTENTION] += 2 * (MAC(l->o_a) + MAC(l->o_b));
+        f[DS4_PROF_COMPRESS] += 2 * (MAC(l->comp_kv) + MAC(l->comp_gate) + MAC(l->icomp_kv) + MAC(l->icomp_gate));
+        f[DS4_PROF_INDEXER] += 2 * (MAC(l->idx_q_b) + MAC(l->idx_proj));
+        f[DS4_PROF_MOE_ROUTE] += 2 * MAC(l->gate_inp);
+        f[DS4_PROF_MOE_EXPERTS] += 2 * (MAC(l->gate_sh) + MAC(l->up_sh) + MAC(l->down_sh)) +
+                                   2 * (double)hp->n_expert_used * (MAC(l->gate_exps) + MAC(l->up_exps) + MAC(l->down_exps));
         double rows = pos + 1 < hp->window ? pos + 1 : hp->window;
         if (l->kind == DS4_ATTN_CSA) {
             int nc = (pos + 1) / 4;
             rows += nc < hp->idx_topk ? nc : hp->idx_topk;
-            f += 2.0 * hp->idx_heads * hp->idx_dim * nc;
+            f[DS4_PROF_INDEXER] += 2.0 * hp->idx_heads * hp->idx_dim * nc;
         } else if (l->kind == DS4_ATTN_HCA) {
             rows += (pos + 1) / l->ratio;
         }
-        f += 4.0 * hp->n_head * hp->head_dim * rows;
+        f[DS4_PROF_ATTENTION] += 4.0 * hp->n_head * hp->head_dim * rows;
     }
 #undef MAC
-    return f;
+}
+
+double ds4_debug_token_flops(ds4_engine *e, int pos) {
+    double f[DS4_PROF_N], t = 0;
+    stage_flops(e, pos, f);
+    for (int i = 0; i < DS4_PROF_N; i++) t += f[i];
+    return t;
+}
+
+int ds4_debug_stage_flops(ds4_engine *e, int pos, double *flops, int max) {
+    double f[DS4_PROF_N];
+    stage_flops(e, pos, f);
+    for (int i = 0; i < DS4_PROF_N && i < max; i++) flops[i] = f[i];
+    return DS4_PROF_N;
 }
 
 size_t ds4_debug_session_state_bytes(const ds4_session *s) { return ds4_fwd_state_bytes(s->f, s->n_tokens); }

@@ -338,7 +338,7 @@ static double datasheet_flops(const char *dev) {
  * positions are filled synthetically (fast-forward), so the measured
  * session keeps its state. Diagnostic only: profiling marks add waits, so
  * the wall figure is below the timed prefill's. */
-static void profile_prefill(ds4_engine *e, const opts *o, const int32_t *tok, int f) {
+static void profile_prefill(ds4_engine *e, const opts *o, const int32_t *tok, int f, double fl_sheet) {
     const int k = o->chunk < f ? o->chunk : f;
     ds4_session_opts so = {.n_ctx = f + 8, .prefill_chunk = o->chunk};
     ds4_session *s = NULL;
@@ -364,14 +364,24 @@ static void profile_prefill(ds4_engine *e, const opts *o, const int32_t *tok, in
         return;
     }
     if (nk <= 0) return;
-    double tot = 0;
+    /* each stage's matmul and attention FLOPs over the chunk, and their rate */
+    double tot = 0, fl[64] = {0}, ft[64];
     for (int i = 0; i < nk; i++) tot += ms[i];
+    for (int p = f - k; p < f; p++) {
+        ds4_debug_stage_flops(e, p, ft, 64);
+        for (int i = 0; i < nk && i < 64; i++) fl[i] += ft[i];
+    }
     printf("  per-stage time of a %d-token prefill chunk ending at %d (eager with marks, %.1f tok/s wall; "
-           "stages sum %.3f ms):\n", k, f, wall > 0 ? k / wall : 0.0, tot);
+           "stages sum %.3f ms); GFLOP per token, TFLOP/s achieved%s:\n", k, f, wall > 0 ? k / wall : 0.0, tot,
+           fl_sheet > 0 ? ", as % of the datasheet peak" : "");
     for (int i = 0; i < nk; i++)
-        if (ms[i] > 0)
-            printf("    %-14s %9.3f ms  %5.1f%%  %8.4f ms/token\n", ds4_debug_profile_name(i), ms[i], 100.0 * ms[i] / tot,
-                   ms[i] / k);
+        if (ms[i] > 0) {
+            const double r = fl[i] / (ms[i] / 1e3);
+            printf("    %-14s %9.3f ms  %5.1f%%  %8.4f ms/token %9.4f GFLOP %8.2f TFLOP/s", ds4_debug_profile_name(i), ms[i],
+                   100.0 * ms[i] / tot, ms[i] / k, fl[i] / k / 1e9, r / 1e12);
+            if (fl_sheet > 0) printf(" %5.1f%%", 100.0 * r / fl_sheet);
+            printf("\n");
+        }
 }
 
 int main(int argc, char **argv) {
@@ -545,16 +555,23 @@ int main(int argc, char **argv) {
             int nk = ds4_debug_profile_read(e, ms, 64);
             ds4_session_rewind(s, f, &err);
             if (nk > 0) {
-                double tot = 0;
+                /* each stage next to its own floor: the bytes it reads over the measured streaming read */
+                double tot = 0, by[64] = {0};
                 for (int k = 0; k < nk; k++) tot += ms[k];
-                printf("  per-stage time of one decode step at %d (eager, %.3f ms/token wall; stages sum %.3f ms):\n",
-                       f, eager, tot / np);
+                ds4_debug_stage_bytes(e, f, by, 64);
+                const double bw = bw_meas > 0 ? bw_meas : bw_sheet;
+                printf("  per-stage time of one decode step at %d (eager, %.3f ms/token wall; stages sum %.3f ms); MB read "
+                       "per token, GB/s achieved, floor = MB / %.0f GB/s, floor as %% of the time:\n",
+                       f, eager, tot / np, bw / 1e9);
                 for (int k = 0; k < nk; k++)
-                    if (ms[k] > 0)
-                        printf("    %-14s %8.3f ms  %5.1f%%\n", ds4_debug_profile_name(k), ms[k] / np,
-                               100.0 * ms[k] / tot);
+                    if (ms[k] > 0) {
+                        const double t = ms[k] / np / 1e3, fl = bw > 0 ? by[k] / bw : 0;
+                        printf("    %-14s %8.3f ms  %5.1f%%  %9.1f MB %8.1f GB/s  floor %7.3f ms %5.1f%%\n",
+                               ds4_debug_profile_name(k), t * 1e3, 100.0 * ms[k] / tot, by[k] / 1e6, by[k] / t / 1e9,
+                               fl * 1e3, t > 0 ? 100.0 * fl / t : 0.0);
+                    }
             }
-            profile_prefill(e, &o, tok, f);
+            profile_prefill(e, &o, tok, f, fl_sheet);
         }
         prev = f;
         int next = o.step_incr ? f + o.step_incr : (int)(f * o.step_mul);

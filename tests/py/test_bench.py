@@ -33,7 +33,8 @@ def model():
 
 
 def profiles(out):
-    """{(kind, frontier): {stage: (ms, pct)}} from the --profile blocks."""
+    """{(kind, frontier): {stage: (ms, pct, amount)}} from the --profile blocks; amount: MB read per token
+    (decode) or GFLOP per token (prefill)."""
     res, cur = {}, None
     for line in out.splitlines():
         m = re.match(r"  per-stage time of one decode step at (\d+) ", line)
@@ -41,9 +42,9 @@ def profiles(out):
         if m or p:
             cur = res.setdefault(("decode", int(m.group(1))) if m else ("prefill", int(p.group(2))), {})
             continue
-        s = re.match(r"    (\w+)\s+([0-9.]+) ms\s+([0-9.]+)%", line)
+        s = re.match(r"    (\w+)\s+([0-9.]+) ms\s+([0-9.]+)%.*?([0-9.]+) (MB|GFLOP) ", line)
         if s and cur is not None:
-            cur[s.group(1)] = (float(s.group(2)), float(s.group(3)))
+            cur[s.group(1)] = (float(s.group(2)), float(s.group(3)), float(s.group(4)))
         elif not line.startswith("    "):
             cur = None
     return res
@@ -64,8 +65,16 @@ def test_bench_table_csv_and_profiles(model, tmp_path):
     assert set(prof) == {("decode", 64), ("decode", 128), ("prefill", 64), ("prefill", 128)}, r.stdout
     for key, st in prof.items():
         assert set(st) <= STAGES and {"attention", "moe_experts", "head"} <= set(st), (key, st)
-        assert all(ms >= 0 for ms, _ in st.values())
-        assert abs(sum(pct for _, pct in st.values()) - 100.0) < 1.0, (key, st)
+        assert all(ms >= 0 and amount >= 0 for ms, _, amount in st.values())
+        assert abs(sum(pct for _, pct, _ in st.values()) - 100.0) < 1.0, (key, st)
+        # every stage next to what it moves (decode: MB read) or computes (prefill: GFLOP)
+        assert st["moe_experts"][2] > 0 and st["attention"][2] > 0, (key, st)
+    # the decode stages' bytes add up to the bytes per token of the CSV row (the roofline's numerator)
+    for x in rows:
+        st = prof[("decode", int(x["ctx_tokens"]))]
+        total = (float(x["weight_bytes_per_token"]) + float(x["kv_bytes_per_token"])) / 1e6
+        got = sum(amount for _, _, amount in st.values())
+        assert abs(got - total) <= 0.01 * total + 0.1 * len(st), (got, total, st)
     # the prefill chunk is --prefill-chunk tokens (at most the frontier)
     assert re.search(r"per-stage time of a 32-token prefill chunk ending at 128 ", r.stdout)
 
