@@ -21,6 +21,10 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "quant_impl.h"
 
@@ -477,9 +481,22 @@ enum { N_KERNELS = sizeof SCALAR / sizeof SCALAR[0] };
 
 /* AVX2 set merged over the scalar one, VNNI set over that; filled once
  * under simd_once. */
-static ds4_quant_kernels avx2_merged[N_KERNELS], vnni_merged[N_KERNELS];
+static ds4_quant_kernels avx2_merged[N_KERNELS], vnni_merged[N_KERNELS], amx_merged[N_KERNELS];
 static int simd_best = DS4_SIMD_SCALAR;
 static pthread_once_t simd_once = PTHREAD_ONCE_INIT;
+
+/* AMX-INT8: the CPU has it (cpuid 7.0 EDX bits 24 tile, 25 int8) and Linux
+ * grants this process the tile data state (arch_prctl, kernel 5.16+;
+ * refused e.g. under hypervisors that do not pass it through). */
+static int amx_usable(void) {
+#if defined(__linux__) && defined(__x86_64__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
 
 static void simd_init(void) {
     for (int i = 0; i < N_KERNELS; i++) {
@@ -501,6 +518,12 @@ static void simd_init(void) {
             if (v->dot_q_tile) k.dot_q_tile = v->dot_q_tile;
         }
         vnni_merged[i] = k;
+        for (int j = 0; j < ds4_quant_amx_n; j++) {
+            const ds4_quant_kernels *v = &ds4_quant_amx_table[j];
+            if (v->type != k.type) continue;
+            if (v->dot_q_tile) k.dot_q_tile = v->dot_q_tile;
+        }
+        amx_merged[i] = k;
     }
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
@@ -516,6 +539,7 @@ static void simd_init(void) {
         if (ds4_quant_vnni_n > 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
             simd_best = DS4_SIMD_VNNI;
+        if (simd_best == DS4_SIMD_VNNI && ds4_quant_amx_n > 0 && amx_usable()) simd_best = DS4_SIMD_AMX;
     }
 #endif
 }
@@ -531,7 +555,10 @@ const ds4_quant_kernels *ds4_quant_kernels_get(int type, int simd) {
     if (simd < DS4_SIMD_SCALAR || simd > simd_best) return NULL;
     for (int i = 0; i < N_KERNELS; i++)
         if (SCALAR[i].type == type)
-            return simd == DS4_SIMD_VNNI ? &vnni_merged[i] : simd == DS4_SIMD_AVX2 ? &avx2_merged[i] : &SCALAR[i];
+            return simd == DS4_SIMD_AMX    ? &amx_merged[i]
+                   : simd == DS4_SIMD_VNNI ? &vnni_merged[i]
+                   : simd == DS4_SIMD_AVX2 ? &avx2_merged[i]
+                                           : &SCALAR[i];
     return NULL;
 }
 

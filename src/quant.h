@@ -177,9 +177,9 @@ int ds4_quantize_rows(int type, const float *src, void *dst, int64_t n_rows,
 
 /* ---- per-type kernels, for callers that bind once and call often -------- */
 
-/* levels: each includes the one below (VNNI = AVX2 with AVX-512 VNNI tiles;
- * every level computes the same bits) */
-enum { DS4_SIMD_AUTO = 0, DS4_SIMD_SCALAR = 1, DS4_SIMD_AVX2 = 2, DS4_SIMD_VNNI = 3 };
+/* levels: each includes the one below (VNNI = AVX2 with AVX-512 VNNI tiles,
+ * AMX = VNNI with AMX-INT8 tiles; every level computes the same bits) */
+enum { DS4_SIMD_AUTO = 0, DS4_SIMD_SCALAR = 1, DS4_SIMD_AVX2 = 2, DS4_SIMD_VNNI = 3, DS4_SIMD_AMX = 4 };
 
 typedef struct ds4_quant_kernels {
     int type;

@@ -1146,8 +1146,8 @@ static TGT_VNNI void q8_0_micro_v(const uint8_t *w0, const uint8_t *w1, const ui
 #define Q8_0_V_TOKENS 64 /* tokens per pass (8 groups): 64 x 8192 bytes at most */
 
 /* the transposed layout of 8 tokens' 32-byte chunks src[t]: 8 registers
- * of [token t: bytes 4j..4j+3] (+ 128 with offset), stored at xi[32 j] */
-static ALWAYS TGT_VNNI void lanes8(const uint8_t *const *src, uint8_t *xi, bool offset) {
+ * of [token t: bytes 4j..4j+3] (+ 128 with offset), stored at xi[stride j] */
+static ALWAYS TGT_VNNI void lanes8s(const uint8_t *const *src, uint8_t *xi, bool offset, size_t stride) {
     const __m256i k80 = _mm256_set1_epi8(offset ? (char)0x80 : 0);
     __m256i r[8], t[8], u[8];
 #pragma GCC unroll 8
@@ -1166,10 +1166,11 @@ static ALWAYS TGT_VNNI void lanes8(const uint8_t *const *src, uint8_t *xi, bool 
     }
 #pragma GCC unroll 4
     for (int j = 0; j < 4; j++) {
-        _mm256_store_si256((__m256i *)(xi + 32 * j), _mm256_permute2x128_si256(u[j], u[4 + j], 0x20));
-        _mm256_store_si256((__m256i *)(xi + 32 * (j + 4)), _mm256_permute2x128_si256(u[j], u[4 + j], 0x31));
+        _mm256_store_si256((__m256i *)(xi + stride * j), _mm256_permute2x128_si256(u[j], u[4 + j], 0x20));
+        _mm256_store_si256((__m256i *)(xi + stride * (j + 4)), _mm256_permute2x128_si256(u[j], u[4 + j], 0x31));
     }
 }
+static ALWAYS TGT_VNNI void lanes8(const uint8_t *const *src, uint8_t *xi, bool offset) { lanes8s(src, xi, offset, 32); }
 
 /* 4 rows x 8 tokens: out[r][t]; xi: the group's layout (256 bytes per
  * block), ts: its scales [b][8], nc / dw: the rows' -128 * block weight sums
@@ -1467,6 +1468,128 @@ const ds4_quant_kernels ds4_quant_vnni_table[] = {
 };
 const int ds4_quant_vnni_n = sizeof ds4_quant_vnni_table / sizeof ds4_quant_vnni_table[0];
 
+/* ---- AMX tiles ---------------------------------------------------------------- */
+
+/* Q8_0 on AMX-INT8: one TDPBSSD per block gives the exact int32 block sums
+ * of 16 rows x 16 tokens (A: the rows' 32 code bytes, read in place with
+ * the row stride; B: the 16 tokens' codes in the token-lane layout above,
+ * no offset: signed x signed), stored and combined per lane as the row dot
+ * does ((d_w * d_x) * isum, then the running sum): the same bits. Two sets
+ * of tiles alternate so the next block's product overlaps this block's
+ * float work. Used where the CPU has AMX-INT8 and Linux grants the tile
+ * state (quant.c, DS4_SIMD_AMX); leftover rows and tokens take the VNNI
+ * tile. */
+#define TGT_AMX __attribute__((target("avx2,fma,f16c,bmi,bmi2,avx512f,avx512vl,avx512bw,avx512vnni,amx-tile,amx-int8")))
+#define Q8_0_A_TOKENS 64 /* tokens per pass: 4 groups of 16 */
+
+typedef struct amx_cfg {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_cfg;
+
+static ALWAYS TGT_AMX void q8_0_amx_epilogue(const int32_t (*cb)[16], const float *dw, int64_t nb, int64_t b,
+                                              const float *ts, __m512 acc[16]) {
+    const __m512 tsv = _mm512_loadu_ps(ts + 16 * b);
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; r++) {
+        const __m512 is = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)cb[r]));
+        const __m512 d = _mm512_mul_ps(_mm512_set1_ps(dw[r * nb + b]), tsv);
+        acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(d, is));
+    }
+}
+
+static TGT_VNNI void tile_q8_0_vnni(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                                    int64_t n, float *y, int64_t ldy);
+
+static TGT_AMX void tile_q8_0_amx(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                                  int64_t n, float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK8_0;
+    const int rows16 = n_rows / 16 * 16;
+    int t0 = 0;
+    if (n_tok >= 16 && rows16 > 0 && nb <= Q8_0_P_BLOCKS) {
+        amx_cfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int k = 0; k < 2; k++) { /* C (16 x 16 int32), A (16 rows x 32 codes), B (8 x 16 tokens x 4) */
+            cfg.rows[3 * k] = 16, cfg.colsb[3 * k] = 64;
+            cfg.rows[3 * k + 1] = 16, cfg.colsb[3 * k + 1] = 32;
+            cfg.rows[3 * k + 2] = 8, cfg.colsb[3 * k + 2] = 64;
+        }
+        _tile_loadconfig(&cfg);
+        uint8_t xi[Q8_0_OFF_BYTES] __attribute__((aligned(64)));
+        float ts[Q8_0_A_TOKENS / 16][Q8_0_P_BLOCKS * 16], dw[16 * Q8_0_P_BLOCKS];
+        int32_t cb[2][16][16] __attribute__((aligned(64)));
+        int max_ng = (int)(Q8_0_OFF_BYTES / (nb * 512));
+        if (max_ng > Q8_0_A_TOKENS / 16) max_ng = Q8_0_A_TOKENS / 16;
+        while (t0 + 16 <= n_tok) {
+            const int ng = (n_tok - t0) / 16 < max_ng ? (n_tok - t0) / 16 : max_ng;
+            for (int g = 0; g < ng; g++) {
+                const uint8_t *const *xg = (const uint8_t *const *)(x + t0 + 16 * g);
+                for (int64_t b = 0; b < nb; b++) {
+                    const uint8_t *src[16];
+                    for (int t = 0; t < 16; t++) {
+                        src[t] = xg[t] + (size_t)b * sizeof(ds4_block_q8_0);
+                        ts[g][16 * b + t] = _cvtsh_ss(ld16(src[t]));
+                        src[t] += 2;
+                    }
+                    uint8_t *xb = xi + ((size_t)g * nb + b) * 512;
+                    lanes8s(src, xb, false, 64);
+                    lanes8s(src + 8, xb + 32, false, 64);
+                }
+            }
+            for (int r0 = 0; r0 < rows16; r0 += 16) {
+                const uint8_t *w0 = (const uint8_t *)w + (size_t)r0 * row_bytes + 2;
+                for (int r = 0; r < 16; r++)
+                    for (int64_t b = 0; b < nb; b++)
+                        dw[r * nb + b] = _cvtsh_ss(ld16(w0 - 2 + (size_t)r * row_bytes + (size_t)b * sizeof(ds4_block_q8_0)));
+                for (int g = 0; g < ng; g++) {
+                    const uint8_t *xg = xi + (size_t)g * nb * 512;
+                    __m512 acc[16];
+#pragma GCC unroll 16
+                    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+                    for (int64_t b = 0; b < nb; b++) {
+                        const uint8_t *wb = w0 + (size_t)b * sizeof(ds4_block_q8_0), *xb = xg + (size_t)b * 512;
+                        if (b & 1) {
+                            _tile_zero(3);
+                            _tile_loadd(4, wb, (long)row_bytes);
+                            _tile_loadd(5, xb, 64);
+                            _tile_dpbssd(3, 4, 5);
+                            _tile_stored(3, cb[1], 64);
+                        } else {
+                            _tile_zero(0);
+                            _tile_loadd(1, wb, (long)row_bytes);
+                            _tile_loadd(2, xb, 64);
+                            _tile_dpbssd(0, 1, 2);
+                            _tile_stored(0, cb[0], 64);
+                        }
+                        if (b > 0) q8_0_amx_epilogue((const int32_t(*)[16])cb[(b - 1) & 1], dw, nb, b - 1, ts[g], acc);
+                    }
+                    q8_0_amx_epilogue((const int32_t(*)[16])cb[(nb - 1) & 1], dw, nb, nb - 1, ts[g], acc);
+                    for (int r = 0; r < 16; r++) {
+                        float o[16];
+                        _mm512_storeu_ps(o, acc[r]);
+                        for (int t = 0; t < 16; t++) y[(int64_t)(t0 + 16 * g + t) * ldy + r0 + r] = o[t];
+                    }
+                }
+            }
+            t0 += 16 * ng;
+        }
+        _tile_release();
+        if (rows16 < n_rows) /* the last rows of the tokens done here */
+            tile_q8_0_vnni((const uint8_t *)w + (size_t)rows16 * row_bytes, row_bytes, n_rows - rows16, x, t0, n,
+                           y + rows16, ldy);
+    }
+    if (t0 < n_tok) tile_q8_0_vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
+/* entries merged over the VNNI set */
+const ds4_quant_kernels ds4_quant_amx_table[] = {
+    {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, NULL, NULL, NULL, NULL, tile_q8_0_amx, NULL},
+};
+const int ds4_quant_amx_n = sizeof ds4_quant_amx_table / sizeof ds4_quant_amx_table[0];
+
+
 const ds4_quant_kernels ds4_quant_avx2_table[] = {
     {DS4_TYPE_F32, -1, NULL, dot_f32_f32, NULL, NULL, NULL, tile_f32_f32},
     {DS4_TYPE_F16, -1, dq_f16, dot_f16_f32, NULL, NULL, NULL, tile_f16_f32},
@@ -1531,5 +1654,7 @@ const ds4_quant_kernels ds4_quant_avx2_table[1] = {{-1, -1, NULL, NULL, NULL, NU
 const int ds4_quant_avx2_n = 0;
 const ds4_quant_kernels ds4_quant_vnni_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
 const int ds4_quant_vnni_n = 0;
+const ds4_quant_kernels ds4_quant_amx_table[1] = {{-1, -1, NULL, NULL, NULL, NULL, NULL, NULL}};
+const int ds4_quant_amx_n = 0;
 
 #endif

@@ -66,6 +66,9 @@ extern const int ds4_quant_avx2_n;
 /* AVX-512 VNNI tiles, merged over the AVX2 set (quant_avx2.c) */
 extern const ds4_quant_kernels ds4_quant_vnni_table[];
 extern const int ds4_quant_vnni_n;
+/* AMX-INT8 tiles, merged over the VNNI set (quant_avx2.c) */
+extern const ds4_quant_kernels ds4_quant_amx_table[];
+extern const int ds4_quant_amx_n;
 /* Builds the AVX2 kernels' run-time tables; quant.c calls it once, under
  * its pthread_once, before any AVX2 kernel can be handed out. */
 void ds4_quant_avx2_init(void);

@@ -424,7 +424,7 @@ DS4_TEST(quant_dot_f32_equals_dequant_then_dot_all_paths) {
         ks->dequant(row, y, N);
         double ref = 0, mag = 0;
         for (int i = 0; i < N; i++) ref += (double)y[i] * x[i], mag += fabs((double)y[i] * x[i]);
-        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_VNNI; simd++) {
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AMX; simd++) {
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue; /* this CPU lacks the path */
             k->dequant(row, y2, N);
@@ -451,7 +451,7 @@ DS4_TEST(quant_plain_types_odd_lengths_all_paths) {
         ds4_quant_kernels_get(type, DS4_SIMD_SCALAR)->dequant(row, y, N);
         double ref = 0, mag = 0;
         for (int i = 0; i < N; i++) ref += (double)y[i] * x[i], mag += fabs((double)y[i] * x[i]);
-        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_VNNI; simd++) {
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AMX; simd++) {
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue;
             for (int n = N - 7; n <= N; n++) {
@@ -503,7 +503,7 @@ DS4_TEST(quant_dot_q_equals_dot_of_dequantized_operands) {
                 CHECK(b[3].bsums[k] == s);
             }
         }
-        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_VNNI; simd++) {
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AMX; simd++) {
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue;
             k->quantize_act(x, xq2, N);
@@ -545,7 +545,7 @@ DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
         for (int64_t i = 0; i < NT * n; i++) x[i] = (i % 5) ? rng_gauss() : rng_heavy();
         size_t ab = act < 0 ? 0 : ds4_type_row_bytes(act, n);
         uint8_t *xq = act < 0 ? NULL : malloc(NT * ab);
-        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_VNNI; simd++) {
+        for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AMX; simd++) {
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue;
             for (int t = 0; xq && t < NT; t++) k->quantize_act(x + t * n, xq + t * ab, n);
@@ -588,7 +588,7 @@ DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
  * and Q8_0 (several passes of the offset copies at 8192), every (row, token)
  * pair the row dot bit for bit, at the best SIMD level of this CPU. */
 DS4_TEST(quant_tiles_equal_row_dots_at_expert_widths) {
-    enum { NR = 6, NT = 75 };
+    enum { NR = 20, NT = 75 };
     static const int types[] = {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, DS4_TYPE_Q4_K, DS4_TYPE_Q8_0};
     static const int64_t widths[] = {4096, 8192};
     rng_seed(31);
@@ -611,7 +611,7 @@ DS4_TEST(quant_tiles_equal_row_dots_at_expert_widths) {
             const void *xp[NT];
             for (int t = 0; t < NT; t++) xp[t] = xq + t * ab;
             /* every SIMD level with tiles that this CPU runs (AVX2; AVX-512 VNNI) */
-            for (int simd = DS4_SIMD_AVX2; simd <= DS4_SIMD_VNNI; simd++) {
+            for (int simd = DS4_SIMD_AVX2; simd <= DS4_SIMD_AMX; simd++) {
                 const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
                 if (!k || !k->dot_q_tile) continue;
                 static float y[NT][NR];
