@@ -1583,9 +1583,123 @@ static TGT_AMX void tile_q8_0_amx(const void *w, size_t row_bytes, int n_rows, c
     if (t0 < n_tok) tile_q8_0_vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
 }
 
+/* Q2_K on AMX-INT8 (rows up to 2048 values: the experts' down projection):
+ * 16 rows expanded once per call to int8 q * sc and to their group mins
+ * broadcast over the group's 16 values (both <= 45), so one block's isum is
+ * the product of the first with the tokens' codes and its msum (sum min *
+ * bsum) the product of the second; 4 TDPBSSD of 64 values each per
+ * matrix, then kquant_combine's float expression per lane: the same bits. */
+#define Q2K_A_BLOCKS 8
+#define Q2K_A_TOKENS 32
+
+typedef struct q2k_row_a {
+    int8_t wq[Q2K_A_BLOCKS][DS4_QK_K], wm[Q2K_A_BLOCKS][DS4_QK_K];
+    float d[Q2K_A_BLOCKS], dmin[Q2K_A_BLOCKS];
+} q2k_row_a;
+
+static TGT_AMX void q2_k_expand_a(const uint8_t *row, int64_t nb, q2k_row_a *e) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = row + (size_t)b * sizeof(ds4_block_q2_k);
+        e->d[b] = scale_at(p + 80);
+        e->dmin[b] = scale_at(p + 82);
+        for (int j = 0; j < 16; j++) memset(e->wm[b] + 16 * j, p[j] >> 4, 16);
+        for (int h = 0; h < 2; h++) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));
+            for (int k = 0; k < 4; k++) {
+                const int s0 = p[8 * h + 2 * k] & 15, s1 = p[8 * h + 2 * k + 1] & 15;
+                const __m256i tab = _mm256_setr_epi8(0, (char)s0, (char)(2 * s0), (char)(3 * s0), 0, 0, 0, 0, 0, 0, 0, 0,
+                                                     0, 0, 0, 0, 0, (char)s1, (char)(2 * s1), (char)(3 * s1), 0, 0, 0, 0,
+                                                     0, 0, 0, 0, 0, 0, 0, 0);
+                const __m256i lv = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * k), m3);
+                _mm256_storeu_si256((__m256i *)(e->wq[b] + 128 * h + 32 * k), _mm256_shuffle_epi8(tab, lv));
+            }
+        }
+    }
+}
+
+static TGT_AMX void tile_q2_k_amx(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                                  int64_t n, float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+    const int rows16 = n_rows / 16 * 16;
+    int t0 = 0;
+    if (n_tok >= 16 && rows16 > 0 && nb <= Q2K_A_BLOCKS) {
+        amx_cfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int k = 0; k < 5; k++) cfg.rows[k] = 16, cfg.colsb[k] = 64; /* Ci, Cm, Aq, Am, B */
+        _tile_loadconfig(&cfg);
+        q2k_row_a ex[16];
+        uint8_t xi[Q2K_A_TOKENS / 16 * Q2K_A_BLOCKS * 4 * 1024] __attribute__((aligned(64)));
+        float ts[Q2K_A_TOKENS / 16][Q2K_A_BLOCKS * 16];
+        int32_t ci[16][16] __attribute__((aligned(64))), cm[16][16] __attribute__((aligned(64)));
+        while (t0 + 16 <= n_tok) {
+            const int ng = (n_tok - t0) / 16 < Q2K_A_TOKENS / 16 ? (n_tok - t0) / 16 : Q2K_A_TOKENS / 16;
+            /* B: per block, 4 chunks of 64 values: 16 rows of [16 tokens x 4 codes] */
+            for (int g = 0; g < ng; g++)
+                for (int64_t b = 0; b < nb; b++) {
+                    const ds4_block_q8_k *xt[16];
+                    for (int t = 0; t < 16; t++) {
+                        xt[t] = (const ds4_block_q8_k *)x[t0 + 16 * g + t] + b;
+                        ts[g][16 * b + t] = xt[t]->d;
+                    }
+                    for (int c = 0; c < 4; c++)
+                        for (int kh = 0; kh < 2; kh++)
+                            for (int h = 0; h < 2; h++) {
+                                const uint8_t *src[8];
+                                for (int t = 0; t < 8; t++) src[t] = (const uint8_t *)xt[8 * h + t]->qs + 64 * c + 32 * kh;
+                                lanes8s(src, xi + (((size_t)g * nb + b) * 4 + c) * 1024 + 64 * 8 * kh + 32 * h, false, 64);
+                            }
+                }
+            for (int r0 = 0; r0 < rows16; r0 += 16) {
+                for (int r = 0; r < 16; r++) q2_k_expand_a((const uint8_t *)w + (size_t)(r0 + r) * row_bytes, nb, &ex[r]);
+                for (int g = 0; g < ng; g++) {
+                    __m512 acc[16];
+#pragma GCC unroll 16
+                    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+                    for (int64_t b = 0; b < nb; b++) {
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        for (int c = 0; c < 4; c++) {
+                            _tile_loadd(4, xi + (((size_t)g * nb + b) * 4 + c) * 1024, 64);
+                            _tile_loadd(2, ex[0].wq[b] + 64 * c, (long)sizeof(q2k_row_a));
+                            _tile_loadd(3, ex[0].wm[b] + 64 * c, (long)sizeof(q2k_row_a));
+                            _tile_dpbssd(0, 2, 4);
+                            _tile_dpbssd(1, 3, 4);
+                        }
+                        _tile_stored(0, ci, 64);
+                        _tile_stored(1, cm, 64);
+                        const __m512 tsv = _mm512_loadu_ps(ts[g] + 16 * b);
+#pragma GCC unroll 16
+                        for (int r = 0; r < 16; r++) {
+                            const __m512 fi = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)ci[r]));
+                            const __m512 fm = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)cm[r]));
+                            const __m512 v = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ex[r].d[b]), fi),
+                                                           _mm512_mul_ps(_mm512_set1_ps(ex[r].dmin[b]), fm));
+                            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(tsv, v));
+                        }
+                    }
+                    for (int r = 0; r < 16; r++) {
+                        float o[16];
+                        _mm512_storeu_ps(o, acc[r]);
+                        for (int t = 0; t < 16; t++) y[(int64_t)(t0 + 16 * g + t) * ldy + r0 + r] = o[t];
+                    }
+                }
+            }
+            t0 += 16 * ng;
+        }
+        _tile_release();
+        if (rows16 < n_rows)
+            tile_q2_k_vnni((const uint8_t *)w + (size_t)rows16 * row_bytes, row_bytes, n_rows - rows16, x, t0, n,
+                           y + rows16, ldy);
+    }
+    if (t0 < n_tok) tile_q2_k_vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
 /* entries merged over the VNNI set */
 const ds4_quant_kernels ds4_quant_amx_table[] = {
     {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, NULL, NULL, NULL, NULL, tile_q8_0_amx, NULL},
+    {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, NULL, NULL, NULL, NULL, tile_q2_k_amx, NULL},
 };
 const int ds4_quant_amx_n = sizeof ds4_quant_amx_table / sizeof ds4_quant_amx_table[0];
 

@@ -582,18 +582,20 @@ DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
     }
 }
 
-/* The prefill tiles at the experts' width and beyond their token groups:
- * Q8_K types with 4096 (the IQ2_XXS tile's expanded-row path, several token
- * groups and a short last one) and 8192 columns (longer rows take the walk),
- * and Q8_0 (several passes of the offset copies at 8192), every (row, token)
- * pair the row dot bit for bit, at the best SIMD level of this CPU. */
+/* The prefill tiles at the experts' widths and beyond their token groups:
+ * Q8_K types with 2048 (the down projection: Q2_K's AMX path), 4096 (the
+ * IQ2_XXS tile's expanded-row path, several token groups and a short last
+ * one) and 8192 columns (longer rows take the walk), and Q8_0 (several
+ * passes at 8192); 20 rows (a 16-row AMX group and 4 more), 75 tokens;
+ * every (row, token) pair the row dot bit for bit, at every SIMD level of
+ * this CPU that has tiles. */
 DS4_TEST(quant_tiles_equal_row_dots_at_expert_widths) {
     enum { NR = 20, NT = 75 };
     static const int types[] = {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K, DS4_TYPE_Q4_K, DS4_TYPE_Q8_0};
-    static const int64_t widths[] = {4096, 8192};
+    static const int64_t widths[] = {2048, 4096, 8192};
     rng_seed(31);
     for (int ti = 0; ti < 4; ti++)
-        for (int wi = 0; wi < 2; wi++) {
+        for (int wi = 0; wi < 3; wi++) {
             int type = types[ti], act = ds4_type_act(type);
             const int64_t n = widths[wi];
             size_t rb = ds4_type_row_bytes(type, n), ab = ds4_type_row_bytes(act, n);
