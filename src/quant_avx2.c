@@ -1696,10 +1696,110 @@ static TGT_AMX void tile_q2_k_amx(const void *w, size_t row_bytes, int n_rows, c
     if (t0 < n_tok) tile_q2_k_vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
 }
 
+/* IQ2_XXS on AMX-INT8 (rows up to 4096 values: the experts' gate and up):
+ * 16 rows expanded once per pass (iq2_xxs_expand: signed weights, group
+ * scales), one TDPBSSD per 32-value group (16 rows x 16 tokens, signed x
+ * signed: no offset), the group scale by vpmulld into the block's exact
+ * isum, then iq2_xxs_micro_x's float expression per lane: the same bits. */
+#define IQ2_A_BLOCKS 16
+#define IQ2_A_TOKENS 32
+
+typedef struct iq2_row_a {
+    int8_t w[IQ2_A_BLOCKS][DS4_QK_K];
+    int32_t scl[IQ2_A_BLOCKS][8];
+    float d[IQ2_A_BLOCKS];
+} iq2_row_a;
+
+static TGT_AMX void tile_iq2_xxs_amx(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
+                                     int64_t n, float *y, int64_t ldy) {
+    const int64_t nb = n / DS4_QK_K;
+    const int rows16 = n_rows / 16 * 16;
+    int t0 = 0;
+    if (n_tok >= 16 && rows16 > 0 && nb <= IQ2_A_BLOCKS) {
+        amx_cfg cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        cfg.rows[0] = 16, cfg.colsb[0] = 64; /* C: 16 rows x 16 tokens */
+        cfg.rows[1] = 16, cfg.colsb[1] = 32; /* A: 16 rows x 32 weights */
+        cfg.rows[2] = 8, cfg.colsb[2] = 64;  /* B: 8 x [16 tokens x 4 codes] */
+        _tile_loadconfig(&cfg);
+        iq2_row_a ra[16];
+        iq2_row_x e;
+        uint8_t xi[IQ2_A_TOKENS / 16 * IQ2_A_BLOCKS * 8 * 512] __attribute__((aligned(64)));
+        float ts[IQ2_A_TOKENS / 16][IQ2_A_BLOCKS * 16];
+        int32_t cb[8][16][16] __attribute__((aligned(64)));
+        while (t0 + 16 <= n_tok) {
+            const int ng = (n_tok - t0) / 16 < IQ2_A_TOKENS / 16 ? (n_tok - t0) / 16 : IQ2_A_TOKENS / 16;
+            for (int g = 0; g < ng; g++)
+                for (int64_t b = 0; b < nb; b++) {
+                    const ds4_block_q8_k *xt[16];
+                    for (int t = 0; t < 16; t++) {
+                        xt[t] = (const ds4_block_q8_k *)x[t0 + 16 * g + t] + b;
+                        ts[g][16 * b + t] = xt[t]->d;
+                    }
+                    for (int c = 0; c < 8; c++)
+                        for (int h = 0; h < 2; h++) {
+                            const uint8_t *src[8];
+                            for (int t = 0; t < 8; t++) src[t] = (const uint8_t *)xt[8 * h + t]->qs + 32 * c;
+                            lanes8s(src, xi + (((size_t)g * nb + b) * 8 + c) * 512 + 32 * h, false, 64);
+                        }
+                }
+            for (int r0 = 0; r0 < rows16; r0 += 16) {
+                for (int r = 0; r < 16; r++) {
+                    iq2_xxs_expand((const uint8_t *)w + (size_t)(r0 + r) * row_bytes, nb, &e);
+                    for (int64_t b = 0; b < nb; b++) {
+                        memcpy(ra[r].w[b], &e.w[b * 8], DS4_QK_K);
+                        for (int c = 0; c < 8; c++) ra[r].scl[b][c] = e.scl[b * 8 + c];
+                        ra[r].d[b] = e.d[b];
+                    }
+                }
+                for (int g = 0; g < ng; g++) {
+                    __m512 acc[16];
+#pragma GCC unroll 16
+                    for (int r = 0; r < 16; r++) acc[r] = _mm512_setzero_ps();
+                    for (int64_t b = 0; b < nb; b++) {
+                        for (int c = 0; c < 8; c++) {
+                            _tile_zero(0);
+                            _tile_loadd(1, ra[0].w[b] + 32 * c, (long)sizeof(iq2_row_a));
+                            _tile_loadd(2, xi + (((size_t)g * nb + b) * 8 + c) * 512, 64);
+                            _tile_dpbssd(0, 1, 2);
+                            _tile_stored(0, cb[c], 64);
+                        }
+                        const __m512 tsv = _mm512_loadu_ps(ts[g] + 16 * b);
+#pragma GCC unroll 4
+                        for (int r = 0; r < 16; r++) {
+                            __m512i is = _mm512_setzero_si512();
+#pragma GCC unroll 8
+                            for (int c = 0; c < 8; c++)
+                                is = _mm512_add_epi32(is, _mm512_mullo_epi32(_mm512_load_si512((const void *)cb[c][r]),
+                                                                             _mm512_set1_epi32(ra[r].scl[b][c])));
+                            const __m512 bs = _mm512_cvtepi32_ps(is);
+                            const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(ra[r].d[b]), _mm512_set1_ps(0.125f)), bs);
+                            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(tsv, v));
+                        }
+                    }
+                    for (int r = 0; r < 16; r++) {
+                        float o[16];
+                        _mm512_storeu_ps(o, acc[r]);
+                        for (int t = 0; t < 16; t++) y[(int64_t)(t0 + 16 * g + t) * ldy + r0 + r] = o[t];
+                    }
+                }
+            }
+            t0 += 16 * ng;
+        }
+        _tile_release();
+        if (rows16 < n_rows)
+            tile_iq2_xxs_vnni((const uint8_t *)w + (size_t)rows16 * row_bytes, row_bytes, n_rows - rows16, x, t0, n,
+                              y + rows16, ldy);
+    }
+    if (t0 < n_tok) tile_iq2_xxs_vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
 /* entries merged over the VNNI set */
 const ds4_quant_kernels ds4_quant_amx_table[] = {
     {DS4_TYPE_Q8_0, DS4_TYPE_Q8_0, NULL, NULL, NULL, NULL, tile_q8_0_amx, NULL},
     {DS4_TYPE_Q2_K, DS4_TYPE_Q8_K, NULL, NULL, NULL, NULL, tile_q2_k_amx, NULL},
+    {DS4_TYPE_IQ2_XXS, DS4_TYPE_Q8_K, NULL, NULL, NULL, NULL, tile_iq2_xxs_amx, NULL},
 };
 const int ds4_quant_amx_n = sizeof ds4_quant_amx_table / sizeof ds4_quant_amx_table[0];
 
