@@ -295,15 +295,16 @@ static void mm_quant_task(void *arg, int i0, int i1, int tid) {
  * tokens stream past; the prefill tiles build their token layouts once per
  * call, so larger chunks spread that cost: 96 KiB measured 67 -> 83 GMAC/s
  * on the VNNI Q8_0 tile and 63 -> 128 on AMX, decode unchanged), a multiple
- * of 8 (the micro-tiles' rows), fewer when the run would have too few
- * chunks to keep every thread busy. */
+ * of 16 (the AMX tiles' rows; a remainder would take the VNNI tile and its
+ * own token layout), fewer when the run would have too few chunks to keep
+ * every thread busy. */
 #define CHUNK_KB 384
 static int chunk_rows_for(size_t row_bytes, int64_t n_rows, int64_t total_rows, int n_threads) {
     int64_t cr = (int64_t)(CHUNK_KB * 1024 / (row_bytes ? row_bytes : 1));
-    cr = (cr + 7) / 8 * 8;
-    if (cr < 8) cr = 8;
+    cr = (cr + 15) / 16 * 16;
+    if (cr < 16) cr = 16;
     if (cr > 512) cr = 512;
-    while (cr > 8 && total_rows / cr < 4 * n_threads) cr -= 8;
+    while (cr > 16 && total_rows / cr < 4 * n_threads) cr -= 16;
     return (int)(cr < n_rows ? cr : (n_rows > 0 ? n_rows : 1));
 }
 
