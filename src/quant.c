@@ -479,8 +479,8 @@ static const ds4_quant_kernels SCALAR[] = {
 };
 enum { N_KERNELS = sizeof SCALAR / sizeof SCALAR[0] };
 
-/* AVX2 set merged over the scalar one, VNNI set over that; filled once
- * under simd_once. */
+/* AVX2 set merged over the scalar one, VNNI set over that, AMX over that;
+ * filled once under simd_once. */
 static ds4_quant_kernels avx2_merged[N_KERNELS], vnni_merged[N_KERNELS], amx_merged[N_KERNELS];
 static int simd_best = DS4_SIMD_SCALAR;
 static pthread_once_t simd_once = PTHREAD_ONCE_INIT;

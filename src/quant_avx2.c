@@ -1499,9 +1499,6 @@ static ALWAYS TGT_AMX void q8_0_amx_epilogue(const int32_t (*cb)[16], const floa
     }
 }
 
-static TGT_VNNI void tile_q8_0_vnni(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
-                                    int64_t n, float *y, int64_t ldy);
-
 static TGT_AMX void tile_q8_0_amx(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
                                   int64_t n, float *y, int64_t ldy) {
     const int64_t nb = n / DS4_QK8_0;
