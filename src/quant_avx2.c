@@ -1528,6 +1528,51 @@ static void *tile_scratch(size_t bytes) {
     return b->p;
 }
 
+/* 16 tokens' 32-byte chunks src[t] as one B tile of TDPBSSD: 8 rows of
+ * [16 tokens x 4 bytes] (tokens 0-7 then 8-15 in each 64-byte row) */
+static ALWAYS TGT_AMX void lanes16(const uint8_t *const *src, uint8_t *xi) {
+    lanes8s(src, xi, false, 64);
+    lanes8s(src + 8, xi + 32, false, 64);
+}
+
+/* Q8_K block b of 16 tokens x[0..16): their scales to ts[16 b ..], their
+ * 256 codes as 8 B tiles of 32 values at xb + 512 j (a 64-value product
+ * reads two consecutive ones as one 16-row tile) */
+static ALWAYS TGT_AMX void q8_k_lanes16(const void *const *x, int64_t b, float *ts, uint8_t *xb) {
+    const ds4_block_q8_k *xt[16];
+    for (int t = 0; t < 16; t++) {
+        xt[t] = (const ds4_block_q8_k *)x[t] + b;
+        ts[16 * b + t] = xt[t]->d;
+    }
+    for (int j = 0; j < 8; j++) {
+        const uint8_t *src[16];
+        for (int t = 0; t < 16; t++) src[t] = (const uint8_t *)xt[t]->qs + 32 * j;
+        lanes16(src, xb + 512 * j);
+    }
+}
+
+/* rows r0..r0+15 of tokens t..t+15 (y at token t, row r0): acc[r] holds
+ * row r's 16 token lanes */
+static ALWAYS TGT_AMX void amx_store16(const __m512 acc[16], float *y, int64_t ldy) {
+    for (int r = 0; r < 16; r++) {
+        float o[16];
+        _mm512_storeu_ps(o, acc[r]);
+        for (int t = 0; t < 16; t++) y[(int64_t)t * ldy + r] = o[t];
+    }
+}
+
+typedef void tile_fn(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok, int64_t n, float *y,
+                     int64_t ldy);
+
+/* After an AMX tile did rows [0, rows16) of tokens [0, t0): the last rows of
+ * those tokens, then every row of the tokens left, by the VNNI tile */
+static void amx_rest(tile_fn *vnni, const void *w, size_t row_bytes, int n_rows, int rows16, const void *const *x,
+                     int t0, int n_tok, int64_t n, float *y, int64_t ldy) {
+    if (t0 > 0 && rows16 < n_rows)
+        vnni((const uint8_t *)w + (size_t)rows16 * row_bytes, row_bytes, n_rows - rows16, x, t0, n, y + rows16, ldy);
+    if (t0 < n_tok) vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+}
+
 static ALWAYS TGT_AMX void q8_0_amx_epilogue(const int32_t (*cb)[16], const float *dw, int64_t nb, int64_t b,
                                               const float *ts, __m512 acc[16]) {
     const __m512 tsv = _mm512_loadu_ps(ts + 16 * b);
@@ -1570,9 +1615,7 @@ static TGT_AMX void tile_q8_0_amx(const void *w, size_t row_bytes, int n_rows, c
                         ts[g][16 * b + t] = _cvtsh_ss(ld16(src[t]));
                         src[t] += 2;
                     }
-                    uint8_t *xb = xi + ((size_t)g * nb + b) * 512;
-                    lanes8s(src, xb, false, 64);
-                    lanes8s(src + 8, xb + 32, false, 64);
+                    lanes16(src, xi + ((size_t)g * nb + b) * 512);
                 }
             }
             for (int r0 = 0; r0 < rows16; r0 += 16) {
@@ -1603,21 +1646,14 @@ static TGT_AMX void tile_q8_0_amx(const void *w, size_t row_bytes, int n_rows, c
                         if (b > 0) q8_0_amx_epilogue((const int32_t(*)[16])cb[(b - 1) & 1], dw, nb, b - 1, ts[g], acc);
                     }
                     q8_0_amx_epilogue((const int32_t(*)[16])cb[(nb - 1) & 1], dw, nb, nb - 1, ts[g], acc);
-                    for (int r = 0; r < 16; r++) {
-                        float o[16];
-                        _mm512_storeu_ps(o, acc[r]);
-                        for (int t = 0; t < 16; t++) y[(int64_t)(t0 + 16 * g + t) * ldy + r0 + r] = o[t];
-                    }
+                    amx_store16(acc, y + (int64_t)(t0 + 16 * g) * ldy + r0, ldy);
                 }
             }
             t0 += 16 * ng;
         }
         _tile_release();
-        if (rows16 < n_rows) /* the last rows of the tokens done here */
-            tile_q8_0_vnni((const uint8_t *)w + (size_t)rows16 * row_bytes, row_bytes, n_rows - rows16, x, t0, n,
-                           y + rows16, ldy);
     }
-    if (t0 < n_tok) tile_q8_0_vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+    amx_rest(tile_q8_0_vnni, w, row_bytes, n_rows, rows16, x, t0, n_tok, n, y, ldy);
 }
 
 /* Q2_K on AMX-INT8 (rows up to 2048 values: the experts' down projection):
@@ -1676,20 +1712,7 @@ static TGT_AMX void tile_q2_k_amx(const void *w, size_t row_bytes, int n_rows, c
             const int ng = (n_tok - t0) / 16 < Q2K_A_TOKENS / 16 ? (n_tok - t0) / 16 : Q2K_A_TOKENS / 16;
             /* B: per block, 4 chunks of 64 values: 16 rows of [16 tokens x 4 codes] */
             for (int g = 0; g < ng; g++)
-                for (int64_t b = 0; b < nb; b++) {
-                    const ds4_block_q8_k *xt[16];
-                    for (int t = 0; t < 16; t++) {
-                        xt[t] = (const ds4_block_q8_k *)x[t0 + 16 * g + t] + b;
-                        ts[g][16 * b + t] = xt[t]->d;
-                    }
-                    for (int c = 0; c < 4; c++)
-                        for (int kh = 0; kh < 2; kh++)
-                            for (int h = 0; h < 2; h++) {
-                                const uint8_t *src[8];
-                                for (int t = 0; t < 8; t++) src[t] = (const uint8_t *)xt[8 * h + t]->qs + 64 * c + 32 * kh;
-                                lanes8s(src, xi + (((size_t)g * nb + b) * 4 + c) * 1024 + 64 * 8 * kh + 32 * h, false, 64);
-                            }
-                }
+                for (int64_t b = 0; b < nb; b++) q8_k_lanes16(x + t0 + 16 * g, b, ts[g], xi + ((size_t)g * nb + b) * 4096);
             for (int r0 = 0; r0 < rows16; r0 += 16) {
                 for (int r = 0; r < 16; r++) q2_k_expand_a((const uint8_t *)w + (size_t)(r0 + r) * row_bytes, nb, &ex[r]);
                 for (int g = 0; g < ng; g++) {
@@ -1718,21 +1741,14 @@ static TGT_AMX void tile_q2_k_amx(const void *w, size_t row_bytes, int n_rows, c
                             acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(tsv, v));
                         }
                     }
-                    for (int r = 0; r < 16; r++) {
-                        float o[16];
-                        _mm512_storeu_ps(o, acc[r]);
-                        for (int t = 0; t < 16; t++) y[(int64_t)(t0 + 16 * g + t) * ldy + r0 + r] = o[t];
-                    }
+                    amx_store16(acc, y + (int64_t)(t0 + 16 * g) * ldy + r0, ldy);
                 }
             }
             t0 += 16 * ng;
         }
         _tile_release();
-        if (rows16 < n_rows)
-            tile_q2_k_vnni((const uint8_t *)w + (size_t)rows16 * row_bytes, row_bytes, n_rows - rows16, x, t0, n,
-                           y + rows16, ldy);
     }
-    if (t0 < n_tok) tile_q2_k_vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+    amx_rest(tile_q2_k_vnni, w, row_bytes, n_rows, rows16, x, t0, n_tok, n, y, ldy);
 }
 
 /* IQ2_XXS on AMX-INT8 (rows up to 4096 values: the experts' gate and up):
@@ -1773,19 +1789,7 @@ static TGT_AMX void tile_iq2_xxs_amx(const void *w, size_t row_bytes, int n_rows
         while (t0 + 16 <= n_tok) {
             const int ng = (n_tok - t0) / 16 < IQ2_A_TOKENS / 16 ? (n_tok - t0) / 16 : IQ2_A_TOKENS / 16;
             for (int g = 0; g < ng; g++)
-                for (int64_t b = 0; b < nb; b++) {
-                    const ds4_block_q8_k *xt[16];
-                    for (int t = 0; t < 16; t++) {
-                        xt[t] = (const ds4_block_q8_k *)x[t0 + 16 * g + t] + b;
-                        ts[g][16 * b + t] = xt[t]->d;
-                    }
-                    for (int c = 0; c < 8; c++)
-                        for (int h = 0; h < 2; h++) {
-                            const uint8_t *src[8];
-                            for (int t = 0; t < 8; t++) src[t] = (const uint8_t *)xt[8 * h + t]->qs + 32 * c;
-                            lanes8s(src, xi + (((size_t)g * nb + b) * 8 + c) * 512 + 32 * h, false, 64);
-                        }
-                }
+                for (int64_t b = 0; b < nb; b++) q8_k_lanes16(x + t0 + 16 * g, b, ts[g], xi + ((size_t)g * nb + b) * 4096);
             for (int r0 = 0; r0 < rows16; r0 += 16) {
                 for (int r = 0; r < 16; r++) {
                     iq2_xxs_expand((const uint8_t *)w + (size_t)(r0 + r) * row_bytes, nb, &e);
@@ -1820,21 +1824,14 @@ static TGT_AMX void tile_iq2_xxs_amx(const void *w, size_t row_bytes, int n_rows
                             acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(tsv, v));
                         }
                     }
-                    for (int r = 0; r < 16; r++) {
-                        float o[16];
-                        _mm512_storeu_ps(o, acc[r]);
-                        for (int t = 0; t < 16; t++) y[(int64_t)(t0 + 16 * g + t) * ldy + r0 + r] = o[t];
-                    }
+                    amx_store16(acc, y + (int64_t)(t0 + 16 * g) * ldy + r0, ldy);
                 }
             }
             t0 += 16 * ng;
         }
         _tile_release();
-        if (rows16 < n_rows)
-            tile_iq2_xxs_vnni((const uint8_t *)w + (size_t)rows16 * row_bytes, row_bytes, n_rows - rows16, x, t0, n,
-                              y + rows16, ldy);
     }
-    if (t0 < n_tok) tile_iq2_xxs_vnni(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+    amx_rest(tile_iq2_xxs_vnni, w, row_bytes, n_rows, rows16, x, t0, n_tok, n, y, ldy);
 }
 
 /* entries merged over the VNNI set */
