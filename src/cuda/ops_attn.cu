@@ -545,6 +545,18 @@ __device__ __forceinline__ attn_rows attn_rows_of(const attn_p &p, int t) {
     return r;
 }
 
+/* Where row r of the token's list lives: -1 - i for row i of this batch's
+ * kv (positions >= pos0), the ring slot for older raw rows, W + the
+ * compressed row's index after them. */
+__device__ __forceinline__ int64_t attn_row_off(const attn_p &p, const attn_rows &ar, int r, int pos0) {
+    if (r < ar.n_raw) {
+        const int pos = ar.lo + r;
+        return pos >= pos0 ? -1 - (int64_t)(pos - pos0) : (int64_t)(pos % p.W);
+    }
+    const int k = r - ar.n_raw;
+    return p.W + (int64_t)(ar.sel ? ar.sel[k] : k);
+}
+
 #define ATT_R 32    /* rows per split: one split per block, one lane per row */
 #define ATT_MAXK 2  /* head_dim <= 256 * ATT_MAXK */
 
@@ -574,18 +586,7 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
     if (r0 >= ar.n) return;
     const int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
     const int pos0 = p.step->pos0;
-    if (threadIdx.x < nr) {
-        const int r = r0 + threadIdx.x;
-        int64_t o;
-        if (r < ar.n_raw) {
-            int pos = ar.lo + r;
-            o = pos >= pos0 ? -1 - (int64_t)(pos - pos0) : (int64_t)(pos % p.W);
-        } else {
-            int k = r - ar.n_raw;
-            o = p.W + (int64_t)(ar.sel ? ar.sel[k] : k);
-        }
-        ro[threadIdx.x] = o;
-    }
+    if (threadIdx.x < nr) ro[threadIdx.x] = attn_row_off(p, ar, r0 + threadIdx.x, pos0);
     /* the HB heads' queries are contiguous: float4 loads, LB in flight per
      * thread before the shared stores (a load -> store loop would wait for
      * each load in turn) */
@@ -799,20 +800,8 @@ __global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p 
     if (r0 >= ar.n) return;
     const int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
     const int pos0 = p.step->pos0;
-    if (threadIdx.x < ATT_R) {
-        const int r = r0 + threadIdx.x;
-        int64_t o = INT64_MIN; /* past the split's rows: zeros */
-        if (threadIdx.x < nr) {
-            if (r < ar.n_raw) {
-                int pos = ar.lo + r;
-                o = pos >= pos0 ? -1 - (int64_t)(pos - pos0) : (int64_t)(pos % p.W);
-            } else {
-                int k = r - ar.n_raw;
-                o = p.W + (int64_t)(ar.sel ? ar.sel[k] : k);
-            }
-        }
-        ro[threadIdx.x] = o;
-    }
+    if (threadIdx.x < ATT_R) /* past the split's rows: zeros */
+        ro[threadIdx.x] = threadIdx.x < nr ? attn_row_off(p, ar, r0 + threadIdx.x, pos0) : INT64_MIN;
     constexpr int LB = 8; /* loads in flight per thread before the shared stores */
     { /* queries: 4-value groups, zeros past head H */
         const float *qg = p.q + ((int64_t)t * p.H + h0) * dh;
