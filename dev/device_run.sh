@@ -73,10 +73,11 @@ while [ $# -gt 0 ]; do
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
         [ $# -gt 0 ] && shift
+        nn=$(( ${nn:-0} + 1 ))
         timeout "${NCU_TIMEOUT:-180}" ncu --csv ${NCU_FLAGS:-} --metrics "${NCU_METRICS:-gpu__time_duration.sum}" --launch-skip "${NCU_SKIP:-3000}" \
-            --launch-count "${NCU_COUNT:-1200}" ./ds4-bench "${args[@]}" > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
-        echo "ncu: exit $?"; tail -3 "$OUT/ncu.err"
-        python3 dev/ncu_sum.py "$OUT/ncu.csv" | head -50 ;;
+            --launch-count "${NCU_COUNT:-1200}" ./ds4-bench "${args[@]}" > "$OUT/ncu-$nn.csv" 2> "$OUT/ncu-$nn.err"
+        echo "ncu: exit $?"; tail -3 "$OUT/ncu-$nn.err"
+        python3 dev/ncu_sum.py "$OUT/ncu-$nn.csv" 2>/dev/null | head -50 ;;
     bench)
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done

@@ -140,6 +140,7 @@ struct cu_ctx {
     int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
+    int no_hc_batch;       /* DS4_CUDA_NO_HC_BATCH=1: batches on the per-token HC kernel (A/B switch) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
     uint64_t graph_clock;

@@ -964,6 +964,7 @@ static const struct cu_switch {
     {"DS4_CUDA_ATT_TC", &cu_ctx::att_tc},               /* 1: attention on TF32 tensor cores (k_attn_tc) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
+    {"DS4_CUDA_NO_HC_BATCH", &cu_ctx::no_hc_batch},     /* 1: batches on the per-token HC kernel */
 };
 
 static void cu_read_switches(cu_ctx *c) {

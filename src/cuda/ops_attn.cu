@@ -44,6 +44,7 @@ struct hc_fin {
     float *post, *comb;      /* HC-pre outputs (NULL for the head) */
     bool head;
     int diag;                /* DS4_CUDA_HC_DIAG bits (timing diagnostics) */
+    int n;                   /* tokens (the batch kernels) */
     int8_t *q0;              /* optional (n, D) Q8_0 codes of out, scales d0 (n, D/32) */
     float *d0;
     int8_t *qk;              /* optional (n, D) Q8_K codes of out, scales dk (n, D/256), sums bsk (n, D/16) */
@@ -286,6 +287,123 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     hc_finish<HCN>(p, t, xs);
 }
 
+/* ---- HC for batches: the partials of many tokens per block, then the finishes.
+ *
+ * k_hc recomputes nothing across tokens but re-reads the mixer weights and
+ * spends most of its time in warp shuffles (24 warp sums per warp per
+ * token). For a batch, k_hc_part computes exactly k_hc's partials for a
+ * tile of HCB_TT tokens and one split, with another schedule of the same
+ * operations: when a split has at most HC_THREADS elements (nflat / n_split
+ * <= 512, checked by the launcher) thread tid of k_hc holds one product,
+ * fmaf(w, x, 0) (0 past the split's end); its warp sum is the butterfly
+ * tree, which one thread rebuilds from the 32 lane values arriving in
+ * bit-reversed lane order (cu_bfly_push: a binary counter, the pairing of
+ * cu_warp_sum); the 16 warp sums are added in warp order from 0, as k_hc.
+ * The sums of squares the same way in double. Thread (t, k) of a warp takes
+ * token t of a pair and virtual warp k: the shared layouts [.][k][33] make
+ * both operand reads conflict-free. k_hc_fin then runs hc_finish per
+ * token (the code k_hc's last block runs), so a batch gives the bits of
+ * single-token steps. */
+#define HCB_TT 16
+#define HCB_MIN_N 8
+static_assert(HC_THREADS == 512 && HCB_TT == 16, "k_hc_part: 16 virtual warps, 8 warps of 2 tokens");
+
+/* arrival m (lane mm_br5(m)) of a warp's butterfly sum; at m = 31 a holds it */
+template <int N, typename T>
+__device__ __forceinline__ void cu_bfly_push(int m, T (&a)[N], T (&lvl)[5][N]) {
+    bool placed = false;
+#pragma unroll
+    for (int b = 0; b < 5; b++) {
+        if (placed) continue;
+        if ((m >> b) & 1) {
+#pragma unroll
+            for (int i = 0; i < N; i++) a[i] = lvl[b][i] + a[i];
+        } else {
+#pragma unroll
+            for (int i = 0; i < N; i++) lvl[b][i] = a[i];
+            placed = true;
+        }
+    }
+}
+
+static size_t hcb_smem(int n_mix) {
+    return (size_t)(HCB_TT * 16 * 33 + n_mix * 16 * 33 + HCB_TT * n_mix * 17) * sizeof(float) +
+           (size_t)HCB_TT * 17 * sizeof(double);
+}
+
+template <int WT>
+__global__ void __launch_bounds__(256) k_hc_part(const __grid_constant__ hc_fin p) {
+    cu_pdl_wait();
+    extern __shared__ __align__(16) float hsm[];
+    const int s = blockIdx.x, t0 = blockIdx.y * HCB_TT, n_mix = p.n_mix, n_split = p.n_split;
+    const int nflat = p.n_hc * p.D, nt = p.n - t0 < HCB_TT ? p.n - t0 : HCB_TT;
+    const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
+    float *xs = hsm;                        /* [HCB_TT][16][33] */
+    float *ws = xs + HCB_TT * 16 * 33;      /* [n_mix][16][33] */
+    float *red = ws + n_mix * 16 * 33;      /* [HCB_TT][n_mix][17] */
+    double *redd = (double *)(red + HCB_TT * n_mix * 17); /* [HCB_TT][17] */
+    for (int i = threadIdx.x; i < HCB_TT * HC_THREADS; i += blockDim.x) {
+        const int t = i / HC_THREADS, v = i % HC_THREADS, e = e0 + v;
+        xs[(t * 16 + v / 32) * 33 + v % 32] = t < nt && e < e1 ? p.X[(int64_t)(t0 + t) * nflat + e] : 0.0f;
+    }
+    for (int i = threadIdx.x; i < n_mix * HC_THREADS; i += blockDim.x) {
+        const int o = i / HC_THREADS, v = i % HC_THREADS, e = e0 + v;
+        float wv = 0.0f;
+        if (e < e1) {
+            if constexpr (WT == DS4_TYPE_F32) wv = ((const float *)p.fn)[(int64_t)o * nflat + e];
+            else if constexpr (WT == DS4_TYPE_F16) wv = cu_h2f(((const uint16_t *)p.fn)[(int64_t)o * nflat + e]);
+            else wv = __uint_as_float((uint32_t)((const uint16_t *)p.fn)[(int64_t)o * nflat + e] << 16);
+        }
+        ws[(o * 16 + v / 32) * 33 + v % 32] = wv;
+    }
+    __syncthreads();
+    const int lane = threadIdx.x & 31, t = 2 * (threadIdx.x >> 5) + (lane >> 4), k = lane & 15;
+    const float *xr = xs + (t * 16 + k) * 33;
+    for (int og = 0; og < n_mix; og += 4) {
+        float a[4], lvl[5][4];
+#pragma unroll
+        for (int m = 0; m < 32; m++) {
+            const int l = mm_br5(m);
+            const float xv = xr[l];
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] = og + i < n_mix ? fmaf(ws[((og + i) * 16 + k) * 33 + l], xv, 0.0f) : 0.0f;
+            cu_bfly_push<4, float>(m, a, lvl);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if (og + i < n_mix) red[(t * n_mix + og + i) * 17 + k] = a[i];
+    }
+    {
+        double a[1], lvl[5][1];
+#pragma unroll
+        for (int m = 0; m < 32; m++) {
+            const double v = (double)xr[mm_br5(m)];
+            a[0] = v * v; /* exact: k_hc's first (only) term, 0 + v * v */
+            cu_bfly_push<1, double>(m, a, lvl);
+        }
+        redd[t * 17 + k] = a[0];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nt * n_mix; i += blockDim.x) {
+        const int tt = i / n_mix, o = i % n_mix;
+        float v = 0.0f;
+        for (int w = 0; w < HC_THREADS / 32; w++) v = __fadd_rn(v, red[(tt * n_mix + o) * 17 + w]);
+        p.hcp[((int64_t)(t0 + tt) * n_split + s) * HC_MAX_MIX + o] = v;
+    }
+    for (int tt = threadIdx.x; tt < nt; tt += blockDim.x) {
+        double v = 0.0;
+        for (int w = 0; w < HC_THREADS / 32; w++) v = __dadd_rn(v, redd[tt * 17 + w]);
+        p.hcs[(int64_t)(t0 + tt) * n_split + s] = v;
+    }
+}
+
+template <int HCN>
+__global__ void __launch_bounds__(HC_THREADS) k_hc_fin(const __grid_constant__ hc_fin p) {
+    cu_pdl_wait();
+    extern __shared__ float xs[];
+    hc_finish<HCN>(p, blockIdx.x, xs);
+}
+
 /* hc_pre and the head's first half: partial products + finish. */
 static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mix, const float *X, int n,
                    const float *scale, const float *base, const float *norm_w, float *out, float *post, float *comb,
@@ -323,10 +441,23 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.qk = qk && qok ? qk->q : nullptr;
     p.dk = qk && qok ? qk->d : nullptr;
     p.bsk = qk && qok ? qk->bs : nullptr;
+    p.n = n;
     dim3 g(split, n);
     const size_t sm = (size_t)D * sizeof(float);
-#define HC_LAUNCH(T)                                                                  \
-    (hp->n_hc == 4 ? cu_launch(c, k_hc<T, 4>, g, HC_THREADS, sm, p) : cu_launch(c, k_hc<T, 0>, g, HC_THREADS, sm, p))
+    /* batches: partials of HCB_TT tokens per block, then the finishes (same bits) */
+    const bool batch = n >= HCB_MIN_N && !c->no_hc_batch && !p.diag && (nflat + split - 1) / split <= HC_THREADS;
+#define HC_LAUNCH(T)                                                                                    \
+    if (batch) {                                                                                        \
+        cudaFuncSetAttribute(k_hc_part<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)hcb_smem(n_mix)); \
+        cu_launch(c, k_hc_part<T>, dim3(split, cu_div_up(n, HCB_TT)), 256, hcb_smem(n_mix), p);      \
+        CU_LAUNCH(c, "hc_part");                                                                        \
+        if (hp->n_hc == 4) cu_launch(c, k_hc_fin<4>, dim3(n), HC_THREADS, sm, p);                       \
+        else cu_launch(c, k_hc_fin<0>, dim3(n), HC_THREADS, sm, p);                                     \
+    } else if (hp->n_hc == 4) {                                                                         \
+        cu_launch(c, k_hc<T, 4>, g, HC_THREADS, sm, p);                                                 \
+    } else {                                                                                            \
+        cu_launch(c, k_hc<T, 0>, g, HC_THREADS, sm, p);                                                 \
+    }
     switch (fn->type) {
     case DS4_TYPE_F32: HC_LAUNCH(DS4_TYPE_F32); break;
     case DS4_TYPE_F16: HC_LAUNCH(DS4_TYPE_F16); break;
@@ -334,7 +465,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     default: cu_fail(c, DS4_E_INTERNAL, "cuda: HC weight '%s' of type %s", fn->name, ds4_type_name(fn->type)); return;
     }
 #undef HC_LAUNCH
-    CU_LAUNCH(c, "hc");
+    CU_LAUNCH(c, batch ? "hc_fin" : "hc");
     /* the projections that read `out` take these codes instead of
      * quantizing it again (cu_mv_pair, cu_moe_experts) */
     if (p.q0) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_0, q0);

@@ -338,8 +338,13 @@ __global__ void __launch_bounds__(256) k_moe_down(const __grid_constant__ moe_p 
  * (weights to registers, activations by cp.async) while s is multiplied. */
 #define MG_BM 64
 #define MG_BN 32
+/* A chunk's rows are padded by 16 bytes: the 8 lanes of a quarter warp
+ * that store one row's 8 chunk decodes (raw_store) then hit 8 different
+ * 16-byte bank groups (without it all 8 hit one: 8-way conflicts on every
+ * decode store); the fragment reads of one chunk are shifted alike. */
+#define MG_ACH (MG_BM * 32 + 16)
 struct mg_smem {
-    int8_t a[2][2][8][MG_BM * 32];  /* [buf][matrix][chunk][row x 32] */
+    int8_t a[2][2][8][MG_ACH];      /* [buf][matrix][chunk][row x 32, padded] */
     int8_t b[2][8][MG_BN * 32];     /* [buf][chunk][item x 32] */
     int32_t ls[2][2][MG_BM][8];     /* IQ2_XXS chunk scales */
     float d[2][2][MG_BM];           /* IQ2_XXS: gate, up d; Q2_K: d, dmin */
