@@ -93,8 +93,56 @@ int cpu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a) {
 typedef struct hc_job {
     cpu_ctx *c;
     const ds4_hc_pre_args *a;
+    float *phi;  /* small batches: (n, nflat) normalised states */
+    float *mix;  /* small batches: (n, nmix) mixer values */
 } hc_job;
 
+/* Steps 4-7 of HC-pre for token t from its mixer values: pre/post, the
+ * Sinkhorn comb, the weighted sum of the streams and the sublayer norm. */
+static void hc_pre_finish(const ds4_hc_pre_args *a, int t, const float *mix, float *x) {
+    const ds4_hparams *hp = &a->m->hp;
+    const int D = hp->n_embd, hc = hp->n_hc, nflat = hc * D;
+    const float *X = a->X + (size_t)t * nflat;
+    float pre[64], C[64 * 64];
+    float *post = a->post + (size_t)t * hc, *comb = a->comb + (size_t)t * hc * hc;
+    for (int s = 0; s < hc; s++) {
+        pre[s] = sigmoidf(mix[s] * a->scale[0] + a->base[s]) + hp->hc_eps;
+        post[s] = 2.0f * sigmoidf(mix[hc + s] * a->scale[1] + a->base[hc + s]);
+    }
+    /* 6: comb = Sinkhorn(softmax over b of Z[a][b]) */
+    for (int r = 0; r < hc; r++) {
+        float *Cr = C + r * hc, mx = -INFINITY, sum = 0;
+        for (int b = 0; b < hc; b++) {
+            Cr[b] = mix[2 * hc + r * hc + b] * a->scale[2] + a->base[2 * hc + r * hc + b];
+            mx = fmaxf(mx, Cr[b]);
+        }
+        for (int b = 0; b < hc; b++) { Cr[b] = expf(Cr[b] - mx); sum += Cr[b]; }
+        for (int b = 0; b < hc; b++) Cr[b] = Cr[b] / sum + hp->hc_eps;
+    }
+    for (int it = 0; it < hp->sinkhorn_iters; it++) {
+        if (it > 0) /* row normalisation (the softmax was the first) */
+            for (int r = 0; r < hc; r++) {
+                float s = 0;
+                for (int b = 0; b < hc; b++) s += C[r * hc + b];
+                for (int b = 0; b < hc; b++) C[r * hc + b] /= (s + hp->hc_eps);
+            }
+        for (int b = 0; b < hc; b++) { /* column normalisation */
+            float s = 0;
+            for (int r = 0; r < hc; r++) s += C[r * hc + b];
+            for (int r = 0; r < hc; r++) C[r * hc + b] /= (s + hp->hc_eps);
+        }
+    }
+    memcpy(comb, C, (size_t)hc * hc * sizeof(float));
+    /* 7: x = sum_s pre_s X_s, then the sublayer norm */
+    for (int d = 0; d < D; d++) {
+        float acc = 0;
+        for (int s = 0; s < hc; s++) acc += pre[s] * X[(size_t)s * D + d];
+        x[d] = acc;
+    }
+    cpu_rmsnorm(a->out + (size_t)t * D, x, D, a->norm_w, hp->rms_eps);
+}
+
+/* one token per item: 1-3 m = fn . RMSNorm(vec X), then the finish */
 static void hc_pre_task(void *p, int t0, int t1, int tid) {
     const hc_job *j = p;
     const ds4_hc_pre_args *a = j->a;
@@ -104,59 +152,65 @@ static void hc_pre_task(void *p, int t0, int t1, int tid) {
     float *phi = cpu_tscratch(j->c, tid, 0, (size_t)nflat * sizeof(float));
     float *mix = cpu_tscratch(j->c, tid, 1, (size_t)(nmix + D) * sizeof(float));
     if (!phi || !mix) return;
-    float *x = mix + nmix;
     for (int t = t0; t < t1; t++) {
-        const float *X = a->X + (size_t)t * nflat;
-        /* 1-3: m = fn . RMSNorm(vec X) */
-        cpu_rmsnorm(phi, X, nflat, NULL, hp->rms_eps);
+        cpu_rmsnorm(phi, a->X + (size_t)t * nflat, nflat, NULL, hp->rms_eps);
         for (int o = 0; o < nmix; o++)
             mix[o] = k->dot_f32((const char *)a->fn->data + (size_t)o * a->fn->row_bytes, phi, nflat);
-        float pre[64], C[64 * 64];
-        float *post = a->post + (size_t)t * hc, *comb = a->comb + (size_t)t * hc * hc;
-        for (int s = 0; s < hc; s++) {
-            pre[s] = sigmoidf(mix[s] * a->scale[0] + a->base[s]) + hp->hc_eps;
-            post[s] = 2.0f * sigmoidf(mix[hc + s] * a->scale[1] + a->base[hc + s]);
-        }
-        /* 6: comb = Sinkhorn(softmax over b of Z[a][b]) */
-        for (int r = 0; r < hc; r++) {
-            float *Cr = C + r * hc, mx = -INFINITY, sum = 0;
-            for (int b = 0; b < hc; b++) {
-                Cr[b] = mix[2 * hc + r * hc + b] * a->scale[2] + a->base[2 * hc + r * hc + b];
-                mx = fmaxf(mx, Cr[b]);
-            }
-            for (int b = 0; b < hc; b++) { Cr[b] = expf(Cr[b] - mx); sum += Cr[b]; }
-            for (int b = 0; b < hc; b++) Cr[b] = Cr[b] / sum + hp->hc_eps;
-        }
-        for (int it = 0; it < hp->sinkhorn_iters; it++) {
-            if (it > 0) /* row normalisation (the softmax was the first) */
-                for (int r = 0; r < hc; r++) {
-                    float s = 0;
-                    for (int b = 0; b < hc; b++) s += C[r * hc + b];
-                    for (int b = 0; b < hc; b++) C[r * hc + b] /= (s + hp->hc_eps);
-                }
-            for (int b = 0; b < hc; b++) { /* column normalisation */
-                float s = 0;
-                for (int r = 0; r < hc; r++) s += C[r * hc + b];
-                for (int r = 0; r < hc; r++) C[r * hc + b] /= (s + hp->hc_eps);
-            }
-        }
-        memcpy(comb, C, (size_t)hc * hc * sizeof(float));
-        /* 7: x = sum_s pre_s X_s, then the sublayer norm */
-        for (int d = 0; d < D; d++) {
-            float acc = 0;
-            for (int s = 0; s < hc; s++) acc += pre[s] * X[(size_t)s * D + d];
-            x[d] = acc;
-        }
-        cpu_rmsnorm(a->out + (size_t)t * D, x, D, a->norm_w, hp->rms_eps);
+        hc_pre_finish(a, t, mix, mix + nmix);
     }
+}
+
+/* small batches, phase by phase: the norms, then one item per (token, mixer
+ * row) so that the mixer weights (the step's bandwidth) stream on every
+ * core, then the finishes; each value is computed by the same calls as in
+ * hc_pre_task, so the results are the same bits. */
+static void hc_norm_task(void *p, int t0, int t1, int tid) {
+    const hc_job *j = p;
+    const ds4_hparams *hp = &j->a->m->hp;
+    const int nflat = hp->n_hc * hp->n_embd;
+    (void)tid;
+    for (int t = t0; t < t1; t++)
+        cpu_rmsnorm(j->phi + (size_t)t * nflat, j->a->X + (size_t)t * nflat, nflat, NULL, hp->rms_eps);
+}
+
+static void hc_mix_task(void *p, int i0, int i1, int tid) {
+    const hc_job *j = p;
+    const ds4_hc_pre_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const int nflat = hp->n_hc * hp->n_embd, nmix = (2 + hp->n_hc) * hp->n_hc;
+    const ds4_quant_kernels *k = ds4_quant_kernels_get(a->fn->type, DS4_SIMD_AUTO);
+    (void)tid;
+    for (int i = i0; i < i1; i++) {
+        const int t = i / nmix, o = i % nmix;
+        j->mix[i] = k->dot_f32((const char *)a->fn->data + (size_t)o * a->fn->row_bytes, j->phi + (size_t)t * nflat, nflat);
+    }
+}
+
+static void hc_finish_task(void *p, int t0, int t1, int tid) {
+    const hc_job *j = p;
+    const ds4_hc_pre_args *a = j->a;
+    const int nmix = (2 + a->m->hp.n_hc) * a->m->hp.n_hc;
+    float *x = cpu_tscratch(j->c, tid, 1, (size_t)a->m->hp.n_embd * sizeof(float));
+    if (!x) return;
+    for (int t = t0; t < t1; t++) hc_pre_finish(a, t, j->mix + (size_t)t * nmix, x);
 }
 
 int cpu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
     cpu_ctx *c = ctx;
     if (a->m->hp.n_hc > 64) return c->err = DS4_E_INTERNAL;
-    hc_job j = {c, a};
+    hc_job j = {c, a, NULL, NULL};
     const ds4_hparams *hp = &a->m->hp;
-    cpu_run_w(c, a->n, (double)hp->n_hc * hp->n_embd * ((2 + hp->n_hc) * hp->n_hc + 2), hc_pre_task, &j);
+    const int nflat = hp->n_hc * hp->n_embd, nmix = (2 + hp->n_hc) * hp->n_hc;
+    if (a->n >= c->n_threads) {
+        cpu_run_w(c, a->n, (double)nflat * (nmix + 2), hc_pre_task, &j);
+        return c->err;
+    }
+    j.phi = cpu_scratch(c, 0, (size_t)a->n * nflat * sizeof(float));
+    j.mix = cpu_scratch(c, 1, (size_t)a->n * nmix * sizeof(float));
+    if (!j.phi || !j.mix) return DS4_E_NOMEM;
+    cpu_run(c, a->n, hc_norm_task, &j);
+    cpu_run(c, a->n * nmix, hc_mix_task, &j);
+    cpu_run(c, a->n, hc_finish_task, &j);
     return c->err;
 }
 
@@ -185,10 +239,40 @@ static void hc_post_task(void *p, int t0, int t1, int tid) {
     }
 }
 
+/* small batches: items of (token, 256 dims), each dim's streams kept in
+ * registers (the same products and sums as hc_post_task) */
+#define HC_POST_DB 256
+static void hc_post_blk_task(void *p, int i0, int i1, int tid) {
+    const hc_post_job *j = p;
+    const ds4_hc_post_args *a = j->a;
+    const int D = a->m->hp.n_embd, hc = a->m->hp.n_hc, nb = (D + HC_POST_DB - 1) / HC_POST_DB;
+    (void)tid;
+    for (int i = i0; i < i1; i++) {
+        const int t = i / nb, d0 = (i % nb) * HC_POST_DB, d1 = d0 + HC_POST_DB < D ? d0 + HC_POST_DB : D;
+        float *X = a->X + (size_t)t * hc * D;
+        const float *y = a->y + (size_t)t * D, *post = a->post + (size_t)t * hc;
+        const float *comb = a->comb + (size_t)t * hc * hc;
+        for (int d = d0; d < d1; d++) {
+            float old[64];
+            for (int s = 0; s < hc; s++) old[s] = X[(size_t)s * D + d];
+            for (int b = 0; b < hc; b++) {
+                float acc = 0;
+                for (int s = 0; s < hc; s++) acc += comb[s * hc + b] * old[s];
+                X[(size_t)b * D + d] = post[b] * y[d] + acc;
+            }
+        }
+    }
+}
+
 int cpu_hc_post(void *ctx, const ds4_hc_post_args *a) {
     cpu_ctx *c = ctx;
     hc_post_job j = {c, a};
-    cpu_run_w(c, a->n, (double)a->m->hp.n_hc * a->m->hp.n_hc * a->m->hp.n_embd, hc_post_task, &j);
+    const ds4_hparams *hp = &a->m->hp;
+    if (a->n < c->n_threads && hp->n_hc <= 64) {
+        cpu_run(c, a->n * ((hp->n_embd + HC_POST_DB - 1) / HC_POST_DB), hc_post_blk_task, &j);
+        return c->err;
+    }
+    cpu_run_w(c, a->n, (double)hp->n_hc * hp->n_hc * hp->n_embd, hc_post_task, &j);
     return c->err;
 }
 
