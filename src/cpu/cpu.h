@@ -114,6 +114,10 @@ void cpu_rmsnorm(float *out, const float *x, int n, const float *w, float eps);
 
 /* Interleaved-pair RoPE on z[0..n_rot) at position pos (inverse: angle -θ). */
 void cpu_rope(float *z, int n_rot, const float *inv_freq, int pos, bool inverse);
+/* the same rotation in two steps: the angles' cos/sin of one position once
+ * (cs: n_rot floats), then applied to any number of heads (same bits) */
+void cpu_rope_table(float *cs, int n_rot, const float *inv_freq, int pos);
+void cpu_rope_apply(float *z, int n_rot, const float *cs, bool inverse);
 
 /* Float32 vector helpers (cpu_vec.c): 8 partial sums, no FMA, the same bits
  * on every SIMD path.

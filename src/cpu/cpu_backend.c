@@ -175,14 +175,29 @@ void cpu_rmsnorm(float *out, const float *x, int n, const float *w, float eps) {
     }
 }
 
-void cpu_rope(float *z, int n_rot, const float *inv_freq, int pos, bool inverse) {
+void cpu_rope_table(float *cs, int n_rot, const float *inv_freq, int pos) {
     for (int i = 0; i < n_rot / 2; i++) {
         float th = (float)pos * inv_freq[i];
-        float c = cosf(th), s = sinf(th);
+        cs[2 * i] = cosf(th);
+        cs[2 * i + 1] = sinf(th);
+    }
+}
+
+void cpu_rope_apply(float *z, int n_rot, const float *cs, bool inverse) {
+    for (int i = 0; i < n_rot / 2; i++) {
+        float c = cs[2 * i], s = cs[2 * i + 1];
         if (inverse) s = -s;
         float x0 = z[2 * i], x1 = z[2 * i + 1];
         z[2 * i] = x0 * c - x1 * s;
         z[2 * i + 1] = x1 * c + x0 * s;
+    }
+}
+
+void cpu_rope(float *z, int n_rot, const float *inv_freq, int pos, bool inverse) {
+    for (int i = 0; i < n_rot / 2; i++) {
+        float th = (float)pos * inv_freq[i];
+        float cs[2] = {cosf(th), sinf(th)};
+        cpu_rope_apply(z + 2 * i, 2, cs, inverse);
     }
 }
 

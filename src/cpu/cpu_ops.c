@@ -278,6 +278,16 @@ int cpu_hc_post(void *ctx, const ds4_hc_post_args *a) {
 
 /* ------------------------------------------------------------ q / kv */
 
+/* The RoPE cos/sin tables of positions pos0 .. pos0 + n - 1 (n_rot floats
+ * each) in scratch slot `slot`: every head of a token then applies its
+ * position's table (cpu_rope_apply; the same bits as cpu_rope per head). */
+static float *rope_tables(cpu_ctx *c, int slot, const float *inv_freq, int n_rot, int pos0, int n) {
+    float *cs = cpu_scratch(c, slot, (size_t)n * (n_rot > 0 ? n_rot : 1) * sizeof(float));
+    if (!cs) return NULL;
+    for (int t = 0; t < n; t++) cpu_rope_table(cs + (size_t)t * n_rot, n_rot, inv_freq, pos0 + t);
+    return cs;
+}
+
 static void kv_row_finish(float *kv, const ds4_hparams *hp, const float *inv_freq, int pos,
                           const float *norm_w, ds4_numerics num) {
     const int dh = hp->head_dim, nope = dh - hp->n_rot;
@@ -287,31 +297,43 @@ static void kv_row_finish(float *kv, const ds4_hparams *hp, const float *inv_fre
     if (num.f16_cache) ds4_num_f16_round(kv, dh);
 }
 
-/* Per-token finishing of attn_project, parallel over tokens: phase 0 the
- * q_a norm, phase 1 the per-head q norm + RoPE and the kv row. */
+/* Finishing of attn_project: phase 0 the q_a norm per token; phase 1 the
+ * per-head q norm + RoPE (cs: the tokens' RoPE tables) and the kv row, one
+ * item per token, or (fewer tokens than threads) one per head or kv row. */
 typedef struct proj_job {
     const ds4_attn_project_args *a;
     int phase;
+    bool per_head;
+    const float *cs;
 } proj_job;
 
-static void proj_task(void *p, int t0, int t1, int tid) {
+static void proj_head(const proj_job *j, int t, int h) {
+    const ds4_attn_project_args *a = j->a;
+    const ds4_hparams *hp = &a->m->hp;
+    const int dh = hp->head_dim, H = hp->n_head;
+    if (h == H) {
+        kv_row_finish(a->kv + (size_t)t * dh, hp, a->rope->inv_freq, a->pos0 + t, a->l->kv_norm, a->num);
+        return;
+    }
+    float *qh = a->q + ((size_t)t * H + h) * dh;
+    cpu_rmsnorm(qh, qh, dh, NULL, hp->rms_eps);
+    cpu_rope_apply(qh + dh - hp->n_rot, hp->n_rot, j->cs + (size_t)t * hp->n_rot, false);
+}
+
+static void proj_task(void *p, int i0, int i1, int tid) {
     (void)tid;
     const proj_job *j = p;
     const ds4_attn_project_args *a = j->a;
     const ds4_hparams *hp = &a->m->hp;
-    const ds4_layer *l = a->l;
-    const int dh = hp->head_dim, H = hp->n_head, ql = hp->q_lora;
-    for (int t = t0; t < t1; t++) {
+    const int H = hp->n_head, ql = hp->q_lora;
+    for (int i = i0; i < i1; i++) {
         if (j->phase == 0) {
-            cpu_rmsnorm(a->cq + (size_t)t * ql, a->cq + (size_t)t * ql, ql, l->q_a_norm, hp->rms_eps);
-            continue;
+            cpu_rmsnorm(a->cq + (size_t)i * ql, a->cq + (size_t)i * ql, ql, a->l->q_a_norm, hp->rms_eps);
+        } else if (j->per_head) {
+            proj_head(j, i / (H + 1), i % (H + 1));
+        } else {
+            for (int h = 0; h <= H; h++) proj_head(j, i, h);
         }
-        for (int h = 0; h < H; h++) {
-            float *qh = a->q + ((size_t)t * H + h) * dh;
-            cpu_rmsnorm(qh, qh, dh, NULL, hp->rms_eps);
-            cpu_rope(qh + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
-        }
-        kv_row_finish(a->kv + (size_t)t * dh, hp, a->rope->inv_freq, a->pos0 + t, l->kv_norm, a->num);
     }
 }
 
@@ -325,12 +347,18 @@ int cpu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     cpu_mm qkv[2] = {{.w = &l->q_a, .n_rows = ql, .x = a->u, .ldx = D, .n = a->n, .y = a->cq, .ldy = ql},
                      {.w = &l->kv, .n_rows = dh, .x = a->u, .ldx = D, .n = a->n, .y = a->kv, .ldy = dh}};
     if ((rc = cpu_matmuls(c, qkv, 2, a->num.act_quant))) return rc;
-    proj_job j = {a, 0};
+    proj_job j = {.a = a, .phase = 0};
     cpu_run_w(c, a->n, (double)ql * 4, proj_task, &j);
     if ((rc = cpu_matmul(c, &l->q_b, 0, 0, (int64_t)H * dh, a->cq, ql, NULL, a->n, a->q, (int64_t)H * dh,
                          a->num.act_quant))) return rc;
     j.phase = 1;
-    cpu_run_w(c, a->n, (double)(H + 1) * (dh * 4 + hp->n_rot * 20), proj_task, &j);
+    if (!(j.cs = rope_tables(c, 0, a->rope->inv_freq, hp->n_rot, a->pos0, a->n))) return DS4_E_NOMEM;
+    if (a->n < c->n_threads) {
+        j.per_head = true;
+        cpu_run_w(c, a->n * (H + 1), (double)dh * 4, proj_task, &j);
+    } else {
+        cpu_run_w(c, a->n, (double)(H + 1) * dh * 4, proj_task, &j);
+    }
     return c->err;
 }
 
@@ -429,6 +457,7 @@ typedef struct idx_job {
     float *qi, *wt;
     int t;          /* decode path: the token whose rows are scored */
     scored_t *sc;   /* decode path: its scores */
+    const float *cs; /* the tokens' RoPE tables (n, n_rot) */
 } idx_job;
 
 static int before(const scored_t *x, const scored_t *y) {
@@ -467,20 +496,28 @@ static void select_first(scored_t *sc, int n, int k) {
     }
 }
 
-/* Rotates and rounds token t's indexer queries (MODEL.md C.6). */
-static void idx_prep_q(const idx_job *j, int t) {
+/* Rotates and rounds indexer query head h of token t (MODEL.md C.6). */
+static void idx_prep_head(const idx_job *j, int t, int h) {
     const ds4_indexer_args *a = j->a;
     const ds4_hparams *hp = &a->m->hp;
     const int IH = hp->idx_heads, ID = hp->idx_dim;
-    float *q = j->qi + (size_t)t * IH * ID;
-    for (int h = 0; h < IH; h++) {
-        float *qh = q + (size_t)h * ID;
-        cpu_rope(qh + ID - hp->n_rot, hp->n_rot, a->rope->inv_freq, a->pos0 + t, false);
-        if (a->num.fp4_indexer) {
-            ds4_num_hadamard(qh, ID);
-            ds4_num_fp4_round(qh, ID);
-        }
+    float *qh = j->qi + ((size_t)t * IH + h) * ID;
+    cpu_rope_apply(qh + ID - hp->n_rot, hp->n_rot, j->cs + (size_t)t * hp->n_rot, false);
+    if (a->num.fp4_indexer) {
+        ds4_num_hadamard(qh, ID);
+        ds4_num_fp4_round(qh, ID);
     }
+}
+
+static void idx_prep_q(const idx_job *j, int t) {
+    for (int h = 0; h < j->a->m->hp.idx_heads; h++) idx_prep_head(j, t, h);
+}
+
+/* Decode: the heads of token j->t over the threads. */
+static void idx_heads_task(void *p, int h0, int h1, int tid) {
+    (void)tid;
+    const idx_job *j = p;
+    for (int h = h0; h < h1; h++) idx_prep_head(j, j->t, h);
 }
 
 /* Scores of token t against compressed rows [r0, r1) into sc[r0..r1). */
@@ -558,6 +595,7 @@ int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                          .y = j.qi, .ldy = (int64_t)IH * ID},
                         {.w = &a->l->idx_proj, .n_rows = IH, .x = a->u, .ldx = D, .n = a->n, .y = j.wt, .ldy = IH}};
         if ((rc = cpu_matmuls(c, qw, 2, a->num.act_quant))) return rc;
+        if (!(j.cs = rope_tables(c, 7, a->rope->inv_freq, hp->n_rot, a->pos0, a->n))) return DS4_E_NOMEM;
     }
     if (!j.qi || a->n >= c->n_threads) {
         cpu_run_w(c, a->n, j.qi ? (double)((a->pos0 + a->n) / 4) * IH * ID : 1.0, idx_task, &j);
@@ -570,9 +608,9 @@ int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
             a->n_sel[t] = Nc;
             continue;
         }
-        idx_prep_q(&j, t);
-        if (!(j.sc = cpu_scratch(c, 6, (size_t)Nc * sizeof(scored_t)))) return DS4_E_NOMEM;
         j.t = t;
+        cpu_run_w(c, IH, (double)ID * 64, idx_heads_task, &j);
+        if (!(j.sc = cpu_scratch(c, 6, (size_t)Nc * sizeof(scored_t)))) return DS4_E_NOMEM;
         cpu_run_w(c, Nc, (double)IH * ID, idx_rows_task, &j);
         idx_pick(a, t, j.sc, Nc);
     }
@@ -585,6 +623,7 @@ typedef struct attn_job {
     cpu_ctx *c;
     const ds4_attention_args *a;
     float *o; /* (n, H, dh) */
+    const float *cs; /* the tokens' RoPE tables (n, n_rot) */
 } attn_job;
 
 enum { ATTN_HG = 4 }; /* heads per work item: they share the token's rows */
@@ -632,7 +671,7 @@ static void attn_task(void *p, int i0, int i1, int tid) {
         }
         /* o_h[i] = sum_r p_hr v_r[i], rows in order */
         cpu_sum_rows_multi(sc, nq, rows, nr, dh, o);
-        for (int k = 0; k < nq; k++) cpu_rope(o[k] + dh - hp->n_rot, hp->n_rot, a->rope->inv_freq, P, true);
+        for (int k = 0; k < nq; k++) cpu_rope_apply(o[k] + dh - hp->n_rot, hp->n_rot, j->cs + (size_t)t * hp->n_rot, true);
     }
 }
 
@@ -642,9 +681,10 @@ int cpu_attention(void *ctx, const ds4_attention_args *a) {
     const int H = hp->n_head, dh = hp->head_dim, G = hp->o_groups, ol = hp->o_lora;
     const int64_t gd = (int64_t)(H / G) * dh;
     if (a->row_type != DS4_TYPE_F32) return c->err = DS4_E_INTERNAL; /* kv_row_type is F32 */
-    attn_job j = {c, a, cpu_scratch(c, 0, (size_t)a->n * H * dh * sizeof(float))};
+    attn_job j = {c, a, cpu_scratch(c, 0, (size_t)a->n * H * dh * sizeof(float)),
+                  rope_tables(c, 2, a->rope->inv_freq, hp->n_rot, a->pos0, a->n)};
     float *z = cpu_scratch(c, 1, (size_t)a->n * G * ol * sizeof(float));
-    if (!j.o || !z) return DS4_E_NOMEM;
+    if (!j.o || !z || !j.cs) return DS4_E_NOMEM;
     cpu_run_w(c, a->n * ((H + ATTN_HG - 1) / ATTN_HG),
               (double)ATTN_HG * dh * (hp->window + (a->l->ratio ? (a->pos0 + a->n) / a->l->ratio : 0)) * 2, attn_task, &j);
     if (c->err) return c->err;
