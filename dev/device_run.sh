@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     case $step in
     tests)
         t0=$(date +%s)
-        PYTHONUNBUFFERED=1 timeout ${TESTS_TIMEOUT:-420} make test-cuda > "$OUT/test-cuda.log" 2>&1
+        PYTHONUNBUFFERED=1 timeout ${TESTS_TIMEOUT:-480} make test-cuda > "$OUT/test-cuda.log" 2>&1
         echo "test-cuda: exit $?, $(( $(date +%s) - t0 )) s"
         grep -E "^(FAIL|== )|passed|failed|Error|error" "$OUT/test-cuda.log" | tail -60 ;;
     pytest)
@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
         [ $# -gt 0 ] && shift
-        timeout ${TESTS_TIMEOUT:-420} python3 -m pytest -q -rfEs -p no:cacheprovider "${args[@]}" > "$OUT/pytest.log" 2>&1
+        timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -rfEs -p no:cacheprovider "${args[@]}" > "$OUT/pytest.log" 2>&1
         echo "pytest: exit $?"; tail -25 "$OUT/pytest.log" ;;
     env)
         # env VAR=VALUE: set a variable for the steps after it (e.g. an A/B switch)

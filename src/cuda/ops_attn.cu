@@ -786,15 +786,16 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
         }
     }
     __syncthreads();
-    /* phase 2: split maximum and sum, one warp per head */
-    if (w < HB) {
-        const float s = lane < nr ? sc[w * ATT_R + lane] : -INFINITY;
+    /* phase 2: split maximum and sum, one warp per head (warp w takes heads
+     * w, w + 8, ...: with HB = 16 a block's 8 warps take two each) */
+    for (int hh = w; hh < HB; hh += (int)(blockDim.x >> 5)) {
+        const float s = lane < nr ? sc[hh * ATT_R + lane] : -INFINITY;
         const float m = cu_warp_max(s);
         const float e = lane < nr ? expf(s - m) : 0.0f;
-        if (lane < nr) sc[w * ATT_R + lane] = e;
+        if (lane < nr) sc[hh * ATT_R + lane] = e;
         const float l = cu_warp_sum(e);
         if (lane == 0) {
-            const int64_t i = ((int64_t)tl * p.S + z) * p.H + h0 + w;
+            const int64_t i = ((int64_t)tl * p.S + z) * p.H + h0 + hh;
             p.part_m[i] = m;
             p.part_l[i] = l;
         }

@@ -172,6 +172,26 @@ def test_cuda_tensor_core_batches_bitwise(name, release, att_tc, tmp_path):
         assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{name} {mode} differs: {d:.2e}"
 
 
+@pytest.mark.parametrize("var,val", [("DS4_CUDA_ATT_HB", "1"), ("DS4_CUDA_ATT_HB", "8"), ("DS4_CUDA_ATT_HB", "16"),
+                                     ("DS4_CUDA_NO_HC_BATCH", "1"), ("DS4_CUDA_NO_PREQ", "1"), ("DS4_CUDA_MV_R1", "1"),
+                                     ("DS4_CUDA_NO_ROUTE_GROUP", "1"), ("DS4_CUDA_NO_PDL", "1")])
+def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
+    """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
+    prefill of 80 tokens and token-by-token decode on the flash stage model (release numerics). Written after
+    DS4_CUDA_ATT_HB=16 turned out to leave 8 of a block's 16 heads without their softmax."""
+    model = _stage_model("flash")
+    rng = np.random.default_rng(12)
+    toks = tmp_path / "t.txt"
+    toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
+    base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill")
+    env = dict(os.environ, **{var: val})
+    for mode in (["--eval", "prefill"], ["--eval", "decode"]):
+        got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, env=env)
+        d = float(np.abs(got.astype(np.float64) - base).max())
+        print(f"\n{var}={val} {' '.join(mode)}: max |d| vs default prefill {d:.2e}")
+        assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{var}={val} {mode} differs: {d:.2e}"
+
+
 @pytest.mark.parametrize("name,release,off", [("q2-plain", False, ""), ("f32", False, ""), ("bf16", False, ""),
                                               ("q2", True, "act"), ("q4", True, "act"),
                                               ("q2", True, "fp8,fp4,f16"), ("q4", True, "fp8,fp4,f16")])
