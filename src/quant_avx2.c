@@ -1296,6 +1296,62 @@ static TGT_VNNI void iq2_xxs_micro_lanes(const iq2_row_x *const *e, const uint8_
     for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r], acc[r]);
 }
 
+/* Decode (one token) at the VNNI level: the 8-row walk of iq2_xxs_micro
+ * (R = 8, T = 1) two groups per 512-bit step. The 8 grid entries by one
+ * gather; the 64 sign bits from the 4 x 7 stored bits of each group by pdep
+ * plus their per-byte parity (ds4_ksigns_iq2xs[s] = s | parity(s) << 7) into
+ * a mask register that negates the activations (as sign_epi8 with the +-1
+ * bytes does); maddubs/madd with the group scales as in iq2_xxs_micro.
+ * Each block's integer sum is the same integer, the float part the same
+ * operations, so the values are iq2_xxs_micro's bit for bit. */
+static TGT_VNNI void iq2_xxs_micro512(const uint8_t *const *w, const ds4_block_q8_k *const *x, const float *ts,
+                                      int64_t nb, const uint8_t *pf, float *out) {
+    const __m128i pick = _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_span(pf + (size_t)b * 8 * sizeof(ds4_block_iq2_xxs), 8 * sizeof(ds4_block_iq2_xxs));
+        const size_t o = (size_t)b * sizeof(ds4_block_iq2_xxs);
+        __m512i av[4];
+        for (int gp = 0; gp < 4; gp++) av[gp] = _mm512_loadu_si512((const void *)(x[0][b].qs + 64 * gp));
+        int32_t bsum[8] __attribute__((aligned(32)));
+        for (int r = 0; r < 8; r++) {
+            const uint8_t *q = w[r] + o + 2;
+            __m512i s = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int gp = 0; gp < 4; gp++) {
+                const uint8_t *qg = q + 16 * gp;
+                const __m512i idx = _mm512_cvtepu8_epi64(_mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)qg), pick));
+                const __m512i mag = _mm512_i64gather_epi64(idx, (const void *)ds4_iq2xxs_grid, 8);
+                uint32_t a1g, a1h;
+                memcpy(&a1g, qg + 4, 4);
+                memcpy(&a1h, qg + 12, 4);
+                uint64_t sb = _pdep_u64((uint64_t)(a1g & 0x0fffffffu) | (uint64_t)(a1h & 0x0fffffffu) << 28,
+                                        0x7f7f7f7f7f7f7f7full);
+                uint64_t t = sb ^ sb >> 4;
+                t ^= t >> 2;
+                t ^= t >> 1;
+                sb |= (t & 0x0101010101010101ull) << 7;
+                const __m512i a = _mm512_mask_sub_epi8(av[gp], _cvtu64_mask64(sb), _mm512_setzero_si512(), av[gp]);
+                const __m512i scl =
+                    _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_load_si256((const __m256i *)iq2_scale16[a1g >> 28])),
+                                       _mm256_load_si256((const __m256i *)iq2_scale16[a1h >> 28]), 1);
+                s = _mm512_add_epi32(s, _mm512_madd_epi16(_mm512_maddubs_epi16(mag, a), scl));
+            }
+            bsum[r] = _mm512_reduce_add_epi32(s);
+        }
+        __m256 bs = _mm256_cvtepi32_ps(_mm256_load_si256((const __m256i *)bsum));
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(row_scales(w, o, 1), _mm256_set1_ps(0.125f)), bs);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(tok_scales(ts + b, 1), v));
+    }
+    _mm256_storeu_ps(out, acc);
+}
+#define Q8K_MICRO_iq2_xxs512(wr, xt, ts, R, T, out)                           \
+    do {                                                                       \
+        if ((T) == 1) iq2_xxs_micro512(wr, xt, ts, nb, pf, out);               \
+        else iq2_xxs_micro(wr, xt, ts, R, T, nb, pf, out);                     \
+    } while (0)
+Q8K_TILE(tile_iq2_walk512, iq2_xxs512, dotq_iq2_xxs)
+
 static TGT_VNNI void tile_iq2_xxs_vnni(const void *w, size_t row_bytes, int n_rows, const void *const *x, int n_tok,
                                        int64_t n, float *y, int64_t ldy) {
     const int64_t nb = n / DS4_QK_K;
@@ -1336,7 +1392,7 @@ static TGT_VNNI void tile_iq2_xxs_vnni(const void *w, size_t row_bytes, int n_ro
             t0 += 8 * ng;
         }
     }
-    if (t0 < n_tok) tile_iq2_walk(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
+    if (t0 < n_tok) tile_iq2_walk512(w, row_bytes, n_rows, x + t0, n_tok - t0, n, y + (int64_t)t0 * ldy, ldy);
 }
 
 /* Q2_K in token lanes: a row expanded once per pass into bytes q * sc
