@@ -108,7 +108,8 @@ static void add_common(srv_server *s, struct MHD_Response *r) {
     if (s->cfg.cors) {
         MHD_add_response_header(r, "Access-Control-Allow-Origin", "*");
         MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
-        MHD_add_response_header(r, "Access-Control-Allow-Headers", "*");
+        /* "*" does not cover Authorization (Fetch standard): name it */
+        MHD_add_response_header(r, "Access-Control-Allow-Headers", "Authorization, *");
     }
 }
 

@@ -269,21 +269,26 @@ int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool e
     return 0;
 }
 
-static int push_stop(srv_request *rq, const char *s) {
+/* Stop strings: at most SRV_MAX_STOPS (OpenAI allows 4; every one is
+ * matched after every token), each kept once. */
+#define SRV_MAX_STOPS 256
+static int push_stop(srv_request *rq, const char *s, srv_error *e) {
     if (!s[0]) return 0; /* empty strings are ignored */
-    rq->stops = xrealloc(rq->stops, sizeof *rq->stops * (size_t)(rq->n_stops + 1));
+    if (rq->n_stops >= SRV_MAX_STOPS) return srv_fail(e, 400, "too many stop sequences (at most %d)", SRV_MAX_STOPS);
+    if ((rq->n_stops & (rq->n_stops - 1)) == 0) /* 0, 1, 2, 4, ...: capacity doubles */
+        rq->stops = xrealloc(rq->stops, sizeof *rq->stops * (size_t)(rq->n_stops ? 2 * rq->n_stops : 1));
     rq->stops[rq->n_stops++] = xstrdup(s);
     return 0;
 }
 
 static int parse_stops(json_t *v, srv_request *rq, srv_error *e) {
     if (!v || json_is_null(v)) return 0;
-    if (json_is_string(v)) return push_stop(rq, json_string_value(v));
+    if (json_is_string(v)) return push_stop(rq, json_string_value(v), e);
     if (!json_is_array(v)) return bad_type(e);
     size_t i;
     json_t *p;
     json_array_foreach(v, i, p) {
-        if (json_is_string(p)) push_stop(rq, json_string_value(p)); /* others skipped */
+        if (json_is_string(p) && push_stop(rq, json_string_value(p), e)) return -1; /* others skipped */
     }
     return 0;
 }
@@ -347,9 +352,21 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
     if (api != SRV_API_RESPONSES && srv_get_int(root, "top_k", &rq->top_k, e)) return -1;
     /* seed: every API (an extension for Anthropic and Responses, whose
      * clients send it as an extra member): seeded replies are reproducible */
-    int seed = 0;
-    if (srv_get_int(root, "seed", &seed, e)) return -1;
-    rq->seed = (uint64_t)seed;
+    /* the whole positive 64-bit range (a client's random 32/64-bit seeds
+     * must not collapse onto one value); 0 and negative: a random stream (0
+     * as in the CLI, negative as llama.cpp's -1) */
+    json_t *sv = json_object_get(root, "seed");
+    if (sv && !json_is_null(sv)) {
+        if (json_is_integer(sv)) {
+            json_int_t v = json_integer_value(sv);
+            rq->seed = v > 0 ? (uint64_t)v : 0;
+        } else if (json_is_real(sv)) {
+            double d = json_real_value(sv);
+            rq->seed = d >= 1.0 ? (d < 18446744073709551615.0 ? (uint64_t)d : UINT64_MAX) : 0;
+        } else {
+            return bad_type(e);
+        }
+    }
     if (api == SRV_API_CHAT || api == SRV_API_COMPLETIONS) {
         if (srv_get_float(root, "min_p", &rq->min_p, e)) return -1;
         json_t *so = json_object_get(root, "stream_options");
@@ -389,6 +406,24 @@ static json_t *empty_params(void) {
     return json_pack("{s:s, s:{}}", "type", "object", "properties");
 }
 
+/* A tool name the model can write and the DSML parser can read back: 1..256
+ * bytes, no control characters, no '"', '<', '>' (the invoke header's
+ * syntax) and no U+FF5C (the markers' bar). */
+static bool tool_name_ok(const char *s) {
+    if (!s || !s[0] || strlen(s) > 256 || strstr(s, "\xef\xbd\x9c")) return false;
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        if (*p < 0x20 || *p == 0x7f || *p == '"' || *p == '<' || *p == '>') return false;
+    return true;
+}
+
+static int bad_tool_name(srv_error *e, size_t i, json_t *name) {
+    const char *s = json_string_value(name);
+    return srv_fail(e, 400,
+                    "tools[%zu]: %s (a tool needs a name of 1 to 256 characters without control characters, "
+                    "'\"', '<', '>' or '\xef\xbd\x9c')",
+                    i, !name ? "the function has no name" : !s ? "the name is not a string" : "the name is not usable");
+}
+
 int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
     if (!tools || json_is_null(tools)) return 0;
     if (!json_is_array(tools)) return bad_type(e);
@@ -404,6 +439,15 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
         }
         json_t *fn = json_object_get(t, "function");
         const char *type = json_string_value(json_object_get(t, "type"));
+        /* the function's own name (OpenAI chat: function.name; Anthropic and
+         * Responses: name); hosted tools without a name stay as they are */
+        json_t *own = fn && json_is_object(fn) ? fn : t;
+        json_t *nmv = json_object_get(own, "name");
+        bool is_fn = own == fn || json_object_get(t, "input_schema") || json_object_get(t, "parameters");
+        if ((nmv || is_fn) && !(type && !strcmp(type, "namespace")) && !tool_name_ok(json_string_value(nmv))) {
+            ds4_buf_free(&lines);
+            return bad_tool_name(e, i, nmv);
+        }
         if (fn && json_is_object(fn)) {
             add_schema(rq, &lines, fn);
         } else if (type && !strcmp(type, "namespace")) {
@@ -418,6 +462,10 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
             json_array_foreach(inner, k, it) {
                 const char *nm = json_string_value(json_object_get(it, "name"));
                 if (!json_is_object(it) || !nm) continue;
+                if (!tool_name_ok(nm) || !tool_name_ok(ns)) {
+                    ds4_buf_free(&lines);
+                    return bad_tool_name(e, i, json_object_get(it, "name"));
+                }
                 json_t *desc = json_object_get(it, "description");
                 json_t *par = json_object_get(it, "parameters");
                 if (!par) par = json_object_get(it, "input_schema");

@@ -681,7 +681,11 @@ static void run_job(srv_server *s, srv_job *j) {
     g.lp_content = NULL;
     g.n_content = 0;
     if (block_open && finish != SRV_FINISH_ERROR) {
-        finish = SRV_FINISH_ERROR;
+        /* cut by the token limit: length (OpenAI "length", Anthropic
+         * "max_tokens", Responses "incomplete"), what clients of every API
+         * expect of a cut-off call and retry with more room; ended by EOS:
+         * error. Either way the block's bytes follow the content (TEXT C.6). */
+        if (finish != SRV_FINISH_LENGTH) finish = SRV_FINISH_ERROR;
         snprintf(r.error_msg, sizeof r.error_msg, "unterminated tool call");
     }
     if (r.parsed.n_calls && finish != SRV_FINISH_ERROR) finish = SRV_FINISH_TOOL_CALLS;

@@ -417,9 +417,10 @@ def test_server_bad_input_gets_documented_status_and_server_stays_up():
         # a body over 64 MiB
         st, _, data = s.raw("POST", "/v1/chat/completions", b" " * (64 * 1024 * 1024 + 10))
         assert st == 413 and "too large" in err_of(data)["message"]
-        # OPTIONS preflight
+        # OPTIONS preflight; "*" alone would not cover Authorization (Fetch standard)
         st, hdr, data = s.raw("OPTIONS", "/v1/chat/completions")
         assert st == 204 and data == b""
+        assert "authorization" in hdr.get("Access-Control-Allow-Headers", "").lower()
         assert s.alive()
         st, _, _ = s.raw("GET", "/v1/models")
         assert st == 200
@@ -721,3 +722,73 @@ def test_server_tool_output_for_binding_gone_at_execution_gets_409_and_server_st
         # B1 used the binding: the server is up and a plain request works
         ok = c.messages.create(model="m", max_tokens=3, messages=user("hi"), **NO_THINK_ANTH)
         assert ok.usage.output_tokens > 0 and s.alive()
+
+
+def test_server_rejects_unusable_tool_names_and_endless_stop_lists():
+    """A function tool without a usable name (missing, empty, not a string, or with characters the DSML invoke
+    header cannot carry) is a 400 naming the tool, in every API; hosted tools without a name pass; more than 256
+    stop strings is a 400."""
+    fn = lambda f: {"type": "function", "function": dict({"parameters": {"type": "object"}}, **f)}
+    bad = [fn({}), fn({"name": ""}), fn({"name": 7}), fn({"name": 'a"b'}), fn({"name": "a\nb"}),
+           fn({"name": "<x>"}), fn({"name": "a\uff5cDSML\uff5cb"})]
+    with Server(ctx=512) as s:
+        for t in bad:
+            st, _, data = s.raw("POST", "/v1/chat/completions",
+                                {"messages": user("x"), "max_tokens": 1, "think": False, "tools": [t]})
+            assert st == 400 and "tools[0]" in err_of(data)["message"], (t, st, data)
+        st, _, data = s.raw("POST", "/v1/messages", {"max_tokens": 1, "messages": user("x"),
+                                                     "tools": [{"input_schema": {"type": "object"}}]})
+        assert st == 400 and "tools[0]" in json.loads(data)["error"]["message"], data
+        st, _, data = s.raw("POST", "/v1/responses", {"input": "x", "max_output_tokens": 1,
+                                                      "tools": [{"type": "function", "name": "",
+                                                                 "parameters": {"type": "object"}}]})
+        assert st == 400 and "tools[0]" in err_of(data)["message"], data
+        # good names, and a hosted tool without one, are served
+        st, _, data = s.raw("POST", "/v1/responses", {"input": "x", "max_output_tokens": 1,
+                                                      "tools": [{"type": "web_search"},
+                                                                {"type": "function", "name": "mcp__git.log-2",
+                                                                 "parameters": {"type": "object"}}]})
+        assert st == 200, data
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user("x"), "max_tokens": 1,
+                                                             "stop": ["s%d" % i for i in range(257)]})
+        assert st == 400 and "stop" in err_of(data)["message"], data
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user("x"), "max_tokens": 1,
+                                                             "stop": ["s%d" % i for i in range(256)]})
+        assert st == 200, data
+
+
+def test_server_seeds_use_the_whole_64_bit_range():
+    """Seeds above 2^31 are distinct streams (they were clamped to 2^31 - 1), and each reproduces itself."""
+    def reply(s, seed):
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user("Tell me a story"), "think": False,
+                                                             "temperature": 1, "max_tokens": 12, "seed": seed})
+        assert st == 200, data
+        return json.loads(data)["choices"][0]["message"]["content"]
+    with Server(ctx=512) as s:
+        seeds = [2**31 - 1, 2**31, 2**32, 2**32 + 1, 2**63 - 1]
+        got = [reply(s, x) for x in seeds]
+        assert len(set(got)) == len(seeds), got
+        assert reply(s, 2**32) == got[2] and reply(s, 2**63 - 1) == got[4]
+
+
+def test_server_tool_call_cut_by_max_tokens_reports_the_limit():
+    """A tool call that the token limit cuts (forced, so the block surely starts) ends with the limit's finish in
+    every API (OpenAI length, Anthropic max_tokens, Responses incomplete), not a plain end of turn."""
+    tool = {"type": "function", "function": {"name": "get", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string"}}}}}
+    with Server(ctx=1024) as s:
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user("x"), "think": False, "max_tokens": 8,
+                                                             "tools": [tool], "tool_choice": "required"})
+        assert st == 200 and json.loads(data)["choices"][0]["finish_reason"] == "length", data
+        st, _, data = s.raw("POST", "/v1/messages", {"max_tokens": 8, "messages": user("x"),
+                                                     "thinking": {"type": "disabled"},
+                                                     "tools": [{"name": "get", "input_schema": tool["function"]["parameters"]}],
+                                                     "tool_choice": {"type": "any"}})
+        assert st == 200 and json.loads(data)["stop_reason"] == "max_tokens", data
+        st, _, data = s.raw("POST", "/v1/responses", {"input": "x", "max_output_tokens": 8,
+                                                      "reasoning": {"effort": "none"},
+                                                      "tools": [{"type": "function", "name": "get",
+                                                                 "parameters": tool["function"]["parameters"]}],
+                                                      "tool_choice": "required"})
+        assert st == 200 and json.loads(data)["status"] == "incomplete", data
+        assert s.alive()
