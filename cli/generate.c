@@ -503,14 +503,19 @@ int ds4_cli_generate(const ds4_cli_opts *o) {
     ds4_rng_seed(&rng, sp.seed);
     ds4_cli_printer pr;
     ds4_cli_printer_init(&pr, e, stdout, reasoning);
+    /* the last token is not evaluated (ds4_cli_generate_loop): ctx - prompt
+     * tokens fit, as in the server */
     int max_new = o->n_predict;
-    if (max_new > o->n_ctx - prompt.n - 1) max_new = o->n_ctx - prompt.n - 1;
+    const bool ctx_cut = max_new > o->n_ctx - prompt.n;
+    if (ctx_cut) max_new = o->n_ctx - prompt.n;
     ds4_cli_gen_args g = {.e = e, .s = s, .sampler = smp, .params = sp, .rng = &rng,
                           .printer = &pr, .max_new = max_new};
     ds4_cli_gen_result r;
     rc = ds4_cli_generate_loop(&g, &r);
     ds4_cli_printer_finish(&pr);
     if (r.interrupted) fprintf(stderr, "ds4: interrupted\n");
+    else if (!rc && ctx_cut && !r.eos && !r.failed && r.n_generated == max_new)
+        fprintf(stderr, "ds4: stopped at the context size (--ctx %d)\n", o->n_ctx);
     ds4_cli_print_stats(prompt.n, &info, prefill_s, &r);
     status = rc ? 1 : 0;
 out:

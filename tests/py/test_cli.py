@@ -245,6 +245,24 @@ def test_cli_oneshot_prompt_longer_than_context_is_an_error(model):
     assert b"context holds 8" in r.stderr
 
 
+@pytest.mark.parametrize("ctx", [None, 1, 6])
+def test_cli_oneshot_fills_the_context_and_says_so(model, ctx):
+    """-n beyond the context: the reply takes every free position (ctx - prompt tokens, as the server; the last
+    token needs no evaluation) and a line says that the context size stopped it."""
+    probe = run(["-m", model, "--cpu", "-t", "2", "--ctx", "1024", "--nothink", "--temp", "0", "-n", "1", "-p", "hi"])
+    n_prompt = int(STATS_RE.search(probe.stderr.decode()).group(1))
+    room = 100 if ctx is None else ctx
+    r = run(["-m", model, "--cpu", "-t", "2", "--ctx", str(n_prompt + room), "--nothink", "--temp", "0",
+             "-n", "100" if ctx is None else "1000", "-p", "hi"])
+    assert r.returncode == 0, r.stderr
+    gen = int(STATS_RE.search(r.stderr.decode()).group(4))
+    if ctx is None:  # -n 100 fits: no context line
+        assert gen <= 100 and b"context size" not in r.stderr
+    else:
+        assert gen == room or (gen < room and b"context size" not in r.stderr), r.stderr  # EOS may come first
+        assert (gen == room) == (b"stopped at the context size" in r.stderr), r.stderr
+
+
 def test_cli_oneshot_thinking_output_has_no_think_markers(model):
     r = run(base(model, "--think", "--temp", "0", "-n", "24", "-p", PROMPT))
     assert r.returncode == 0, r.stderr
