@@ -406,11 +406,12 @@ static json_t *empty_params(void) {
     return json_pack("{s:s, s:{}}", "type", "object", "properties");
 }
 
-/* A tool name the model can write and the DSML parser can read back: 1..256
- * bytes, no control characters, no '"', '<', '>' (the invoke header's
- * syntax) and no U+FF5C (the markers' bar). */
+/* A tool name the model can write and the DSML parser can read back:
+ * non-empty, no control characters, no '"', '<', '>' (the invoke header's
+ * syntax) and no U+FF5C (the markers' bar). Long names are fine (forced
+ * calls write them whole). */
 static bool tool_name_ok(const char *s) {
-    if (!s || !s[0] || strlen(s) > 256 || strstr(s, "\xef\xbd\x9c")) return false;
+    if (!s || !s[0] || strstr(s, "\xef\xbd\x9c")) return false;
     for (const unsigned char *p = (const unsigned char *)s; *p; p++)
         if (*p < 0x20 || *p == 0x7f || *p == '"' || *p == '<' || *p == '>') return false;
     return true;
@@ -419,7 +420,7 @@ static bool tool_name_ok(const char *s) {
 static int bad_tool_name(srv_error *e, size_t i, json_t *name) {
     const char *s = json_string_value(name);
     return srv_fail(e, 400,
-                    "tools[%zu]: %s (a tool needs a name of 1 to 256 characters without control characters, "
+                    "tools[%zu]: %s (a tool needs a non-empty name without control characters, "
                     "'\"', '<', '>' or '\xef\xbd\x9c')",
                     i, !name ? "the function has no name" : !s ? "the name is not a string" : "the name is not usable");
 }
