@@ -37,29 +37,33 @@ __host__ __device__ constexpr int mm_br5(int m) {
     return ((m & 1) << 4) | ((m & 2) << 2) | (m & 4) | ((m & 8) >> 2) | ((m & 16) >> 4);
 }
 
-/* The lane sums of a warp in cu_warp_sum's pairing, as a binary counter:
- * acc holds the sums of arrival m (lane mm_br5(m)) of stripe j for a 4 x 4
- * thread tile; level b of lvl keeps a pending sum. At m = 31 the counter
- * holds the warp sum, which is added to total in stripe (warp) order. */
-__device__ __forceinline__ void mm_counter_push(int m, int j, float (&acc)[4][4], float (&lvl)[5][4][4],
-                                                float (&total)[4][4]) {
+/* Arrival m (lane mm_br5(m)) of a warp's sum in cu_warp_sum's pairing, as a
+ * binary counter: level b of lvl keeps a pending sum; at m = 31 a holds the
+ * warp sum (of each of the N values). */
+__device__ __forceinline__ float cu_add_rn(float x, float y) { return __fadd_rn(x, y); }
+__device__ __forceinline__ double cu_add_rn(double x, double y) { return __dadd_rn(x, y); }
+template <int N, typename T>
+__device__ __forceinline__ void cu_bfly_push(int m, T (&a)[N], T (&lvl)[5][N]) {
     bool placed = false;
 #pragma unroll
     for (int b = 0; b < 5; b++) {
         if (placed) continue;
         if ((m >> b) & 1) {
 #pragma unroll
-            for (int a = 0; a < 4; a++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) acc[a][e] = __fadd_rn(lvl[b][a][e], acc[a][e]);
+            for (int i = 0; i < N; i++) a[i] = cu_add_rn(lvl[b][i], a[i]); /* never contracted */
         } else {
 #pragma unroll
-            for (int a = 0; a < 4; a++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) lvl[b][a][e] = acc[a][e];
+            for (int i = 0; i < N; i++) lvl[b][i] = a[i];
             placed = true;
         }
     }
+}
+
+/* The counter for a 4 x 4 thread tile: acc holds the sums of arrival m of
+ * stripe j; at m = 31 the warp sum is added to total in stripe (warp) order. */
+__device__ __forceinline__ void mm_counter_push(int m, int j, float (&acc)[4][4], float (&lvl)[5][4][4],
+                                                float (&total)[4][4]) {
+    cu_bfly_push<16, float>(m, reinterpret_cast<float(&)[16]>(acc), reinterpret_cast<float(&)[5][16]>(lvl));
     if (m == 31) {
 #pragma unroll
         for (int a = 0; a < 4; a++)

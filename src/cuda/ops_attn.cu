@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
  * <= 512, checked by the launcher) thread tid of k_hc holds one product,
  * fmaf(w, x, 0) (0 past the split's end); its warp sum is the butterfly
  * tree, which one thread rebuilds from the 32 lane values arriving in
- * bit-reversed lane order (cu_bfly_push: a binary counter, the pairing of
+ * bit-reversed lane order (cu_bfly_push, mma.cuh: the pairing of
  * cu_warp_sum); the 16 warp sums are added in warp order from 0, as k_hc.
  * The sums of squares the same way in double. Thread (t, k) of a warp takes
  * token t of a pair and virtual warp k: the shared layouts [.][k][33] make
@@ -307,24 +307,6 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
 #define HCB_TT 16
 #define HCB_MIN_N 8
 static_assert(HC_THREADS == 512 && HCB_TT == 16, "k_hc_part: 16 virtual warps, 8 warps of 2 tokens");
-
-/* arrival m (lane mm_br5(m)) of a warp's butterfly sum; at m = 31 a holds it */
-template <int N, typename T>
-__device__ __forceinline__ void cu_bfly_push(int m, T (&a)[N], T (&lvl)[5][N]) {
-    bool placed = false;
-#pragma unroll
-    for (int b = 0; b < 5; b++) {
-        if (placed) continue;
-        if ((m >> b) & 1) {
-#pragma unroll
-            for (int i = 0; i < N; i++) a[i] = lvl[b][i] + a[i];
-        } else {
-#pragma unroll
-            for (int i = 0; i < N; i++) lvl[b][i] = a[i];
-            placed = true;
-        }
-    }
-}
 
 static size_t hcb_smem(int n_mix) {
     return (size_t)(HCB_TT * 16 * 33 + n_mix * 16 * 33 + HCB_TT * n_mix * 17) * sizeof(float) +
