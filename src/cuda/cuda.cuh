@@ -60,6 +60,7 @@ struct cu_scratch {
     size_t n_batch, n_ctx;     /* what it was sized for */
     cu_act a1, a2, a3;         /* a1: any row activation; a2: second quantisation of v; a3: expert hidden */
     cu_act h0, hk;             /* Q8_0 / Q8_K codes of the HC-pre (or head) output, written by k_hc */
+    cu_act a4;                 /* shared expert hidden codes (one-token fused experts) */
     float *o;                  /* (B, H*dh) attention output */
     float *att_o;              /* (att_tokens, att_splits, H, dh) split attention outputs */
     float *att_m, *att_l;      /* (att_tokens, att_splits, H) split maxima / sums */
@@ -73,6 +74,7 @@ struct cu_scratch {
     float *hcp;                /* (B, n_split, 32) HC partial dots */
     double *hcs;               /* (B, n_split) HC partial sums of squares */
     unsigned *hcc;             /* (B) HC blocks done per token (0 between launches) */
+    unsigned *mcc;             /* ((K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
     float *hn;                 /* (B, D) head input */
     float *rl;                 /* (B, E) router logits */
@@ -141,6 +143,8 @@ struct cu_ctx {
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     int no_hc_batch;       /* DS4_CUDA_NO_HC_BATCH=1: batches on the per-token HC kernel (A/B switch) */
+    int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: one-token experts in 7 launches, not 2 (A/B switch) */
+    int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: matvec / HC kernels do not prefetch their weights to L2 */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
     uint64_t graph_clock;
@@ -184,10 +188,28 @@ struct cu_ctx {
 
 /* ---------------------------------------------------------------- launch */
 
-/* Every kernel of a step starts with cu_pdl_wait(): it returns once the
- * previous kernel on the stream has finished and its writes are visible
- * (a no-op when the kernel was launched without the attribute). */
-__device__ __forceinline__ void cu_pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+/* Every kernel of a step starts with cu_pdl_wait(): it lets the next
+ * kernel on the stream launch (its blocks are scheduled once every block of
+ * this one has started; they run up to their own cu_pdl_wait, e.g. an L2
+ * prefetch of their weights, while this one works), then returns once the
+ * previous kernel has finished and its writes are visible (both no-ops
+ * when the kernels were launched without the attribute). Nothing before
+ * it may read what an earlier kernel of the step writes. */
+__device__ __forceinline__ void cu_pdl_wait() {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+/* A hint: bring [p, p + bytes) into L2 (bulk prefetches of at most 1 MiB,
+ * the range shrunk to whole 16-byte units inside it). One thread calls it. */
+__device__ __forceinline__ void cu_prefetch_l2(const void *p, size_t bytes) {
+    uintptr_t a = ((uintptr_t)p + 15) & ~(uintptr_t)15, e = ((uintptr_t)p + bytes) & ~(uintptr_t)15;
+    while (a < e) {
+        const uint32_t n = e - a > (1u << 20) ? (1u << 20) : (uint32_t)(e - a);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(n) : "memory");
+        a += n;
+    }
+}
 
 /* Launches a step kernel on the context's stream; unless ctx->no_pdl, as a
  * programmatic dependent launch (PERFORMANCE.md A.8: its launch and block
@@ -267,6 +289,9 @@ void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, in
 void cu_preq_set(cu_ctx *c, const float *x, int n, int64_t ldx, int n_in, int type, const cu_act *a);
 const cu_act *cu_preq_find(cu_ctx *c, const float *x, int n, int64_t ldx, int n_in, int type);
 void cu_preq_clear(cu_ctx *c);
+/* Warps per row of the one-token matvec for a weight of `rows` rows (the
+ * largest of a launch's segments) and nch 32-value chunks per row. */
+int cu_mv_wpr(int rows, int nch);
 /* Dequantizes rows ids[t] (device, n of them; NULL = rows 0..n-1) of w into
  * y (ld ldy), repeating each row `rep` times at stride rep_stride floats. */
 void cu_dequant_rows(cu_ctx *c, const ds4_weight *w, const int32_t *ids, int n, float *y, int64_t ldy, int rep,

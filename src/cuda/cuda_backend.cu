@@ -625,6 +625,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     act(&s->a3, B * K * (F > D ? F : D));
     act(&s->h0, B * D);
     act(&s->hk, B * D);
+    act(&s->a4, F);
     s->o = (float *)take(B * H * dh * 4);
     { /* split attention partials: splits for the longest row list of any
        * layer, tokens per launch within ~256 MiB */
@@ -653,6 +654,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->hcp = (float *)take(B * c->hc_split * 32 * 4);
     s->hcs = (double *)take(B * c->hc_split * 8);
     s->hcc = (unsigned *)take(B * sizeof(unsigned));
+    s->mcc = (unsigned *)take((K + 1) * (F / 256 + 1) * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
     s->hn = (float *)take(B * D * 4);
     s->rl = (float *)take(B * E * 4);
@@ -694,7 +696,9 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     c->scratch_mem = p;
     c->scratch_bytes = bytes;
     layout_scratch(c, m, B, C, (char *)p, &c->s);
-    if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess) {
+    const size_t nmcc = (size_t)(m->hp.n_expert_used + 1) * (m->hp.n_ff_exp / 256 + 1);
+    if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess ||
+        cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess) {
         cudaGetLastError();
         return ds4_err_set(err, DS4_E_BACKEND, "cuda: scratch initialisation failed");
     }
@@ -965,6 +969,8 @@ static const struct cu_switch {
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
     {"DS4_CUDA_NO_HC_BATCH", &cu_ctx::no_hc_batch},     /* 1: batches on the per-token HC kernel */
+    {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
+    {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: no L2 prefetch of weights before cu_pdl_wait */
 };
 
 static void cu_read_switches(cu_ctx *c) {

@@ -132,6 +132,7 @@ __device__ __forceinline__ void mv_rows_store(const float (&acc)[R], float (&par
  * R = 1 path bit for bit (dev/mv_bench.cu checks it). */
 template <int WPR, int R>
 __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_params p) {
+    mv_prefetch(p, 8 / WPR * R);
     cu_pdl_wait();
     __shared__ float part[8][R];
     const int warp = threadIdx.x / 32, j = warp % WPR, lane = threadIdx.x & 31;
@@ -178,6 +179,7 @@ __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_p
  * R by mv_f_rows (dev/mv_bench.cu F16 rows on the H200). */
 template <int WT, int WPR, int R>
 __global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_params p) {
+    mv_prefetch(p, 8 / WPR * R);
     cu_pdl_wait();
     __shared__ float part[8][R];
     if (p.skip_le > 0 && (p.step->pos0 + p.step->n) / 4 <= p.skip_le) return;
@@ -224,6 +226,7 @@ __global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_pa
 
 template <int WT, bool AQ, int NT, int WPR>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
+    mv_prefetch(p, 8 / WPR);
     cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
     __shared__ float part[WPR > 1 ? 8 : 1][NT];
@@ -278,7 +281,7 @@ __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_param
 
 /* Warps per row from the weight's shape: short, wide matrices split their
  * rows over more warps so that enough loads are in flight. */
-static int mv_wpr(int rows, int nch) {
+int cu_mv_wpr(int rows, int nch) {
     int w = rows <= 1024 ? 8 : rows <= 4096 ? 4 : rows <= 16384 ? 2 : 1;
     while (w > 1 && nch < 32 * w) w /= 2;
     return w;
@@ -359,7 +362,7 @@ static void launch_mv(cu_ctx *c, mv_params &p, int rows) {
     /* the split depends on the rows of the largest segment's weight */
     int seg_rows = 0;
     for (int i = 0; i < p.n_seg; i++) seg_rows = p.seg[i].rows > seg_rows ? p.seg[i].rows : seg_rows;
-    switch (mv_wpr(seg_rows, p.nch)) {
+    switch (cu_mv_wpr(seg_rows, p.nch)) {
     case 8: launch_mv_w<WT, AQ, 8>(c, p, rows); break;
     case 4: launch_mv_w<WT, AQ, 4>(c, p, rows); break;
     case 2: launch_mv_w<WT, AQ, 2>(c, p, rows); break;
@@ -394,6 +397,7 @@ void cu_matvec(cu_ctx *c, const cu_seg *segs, int n_seg, int n, const float *x, 
     p.skip_le = skip_le;
     p.grid = c->grid;
     p.ksigns = c->ksigns;
+    p.pf = c->no_prefetch || c->no_pdl ? 0 : 4 * c->n_sm;
     if (aq) { /* int8 rows of ldx values (quantized by cu_quantize) */
         p.aq = aq->q;
         p.ad = aq->d;

@@ -89,7 +89,25 @@ struct mv_params {
     int skip_le;
     const uint64_t *grid;
     const uint8_t *ksigns;
+    int pf;                   /* > 0: blocks below pf prefetch the weight rows of blocks b, b + pf, ... to L2 */
 };
+
+/* The L2 prefetch of a matvec block's weights, before its cu_pdl_wait (the
+ * weights do not depend on the previous kernel): block b < p.pf takes the
+ * rows of blocks b, b + pf, ... (rpb rows each; pf about the blocks that
+ * are resident at once, so the first wave covers the whole weight), one
+ * thread per segment. */
+__device__ __forceinline__ void mv_prefetch(const mv_params &p, int rpb) {
+    if (p.pf <= 0 || (int)blockIdx.x >= p.pf || (int)threadIdx.x >= p.n_seg) return;
+    const int s = threadIdx.x, start = s ? p.seg_end[s - 1] : 0, end = p.seg_end[s];
+    const cu_w &w = p.seg[s].w;
+    for (int b = blockIdx.x; b < (int)gridDim.x; b += p.pf) {
+        const int r0 = b * rpb > start ? b * rpb : start, r1 = (b + 1) * rpb < end ? (b + 1) * rpb : end;
+        if (r0 >= r1) continue;
+        cu_prefetch_l2(w.q + (size_t)(r0 - start) * w.q_row, (size_t)(r1 - r0) * w.q_row);
+        if (w.s) cu_prefetch_l2(w.s + (size_t)(r0 - start) * w.s_row, (size_t)(r1 - r0) * w.s_row);
+    }
+}
 
 /* Batch kernels; false when the shape or the switches leave the batch to
  * the matvec kernels. Q8_0 x Q8_0 on int8 tensor cores (mm_q8.cu); F16 and

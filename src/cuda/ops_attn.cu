@@ -45,6 +45,7 @@ struct hc_fin {
     bool head;
     int diag;                /* DS4_CUDA_HC_DIAG bits (timing diagnostics) */
     int n;                   /* tokens (the batch kernels) */
+    int pf;                  /* k_hc: prefetch the block's slices of fn to L2 before cu_pdl_wait */
     int8_t *q0;              /* optional (n, D) Q8_0 codes of out, scales d0 (n, D/32) */
     float *d0;
     int8_t *qk;              /* optional (n, D) Q8_K codes of out, scales dk (n, D/256), sums bsk (n, D/16) */
@@ -230,7 +231,6 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
  * dynamic shared: D floats. */
 template <int WT, int HCN>
 __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fin p) {
-    cu_pdl_wait();
     extern __shared__ float xs[];
     __shared__ float red[HC_THREADS / 32][HC_MAX_MIX + 1];
     __shared__ double redd[HC_THREADS / 32];
@@ -238,6 +238,11 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     const int s = blockIdx.x, t = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int nflat = p.n_hc * p.D, n_split = p.n_split, n_mix = p.n_mix;
     const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
+    if (p.pf && t == 0 && (int)threadIdx.x < n_mix) { /* the weights do not depend on the previous kernel */
+        constexpr int es = WT == DS4_TYPE_F32 ? 4 : 2;
+        cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
+    }
+    cu_pdl_wait();
     const float *x = p.X + (int64_t)t * nflat;
     float dot[HC_MAX_MIX];
 #pragma unroll
@@ -416,6 +421,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.comb = comb;
     p.head = head;
     p.diag = c->hc_diag;
+    p.pf = !c->no_prefetch && !c->no_pdl;
     const int D = hp->n_embd;
     const bool qok = D % 256 == 0 && (size_t)n * D <= c->s.h0.cap;
     p.q0 = q0 && qok ? q0->q : nullptr;
@@ -1133,10 +1139,12 @@ int cu_attn_splits(int nr_cap) { return (nr_cap + ATT_R - 1) / ATT_R; }
 
 template <typename T>
 static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
-    /* heads per block: 4 (H200, q2 decode at 4k: 2, 4 and 8 within the
-     * +-1.5 tok/s run-to-run spread, 16 slower); DS4_CUDA_ATT_HB overrides
-     * it (A/B; the values are the same for any choice) */
-    int hb = c->att_hb ? c->att_hb : 4;
+    /* heads per block: 4 for a few tokens (H200, q2 decode at 4k: 2, 4
+     * and 8 within the +-1.5 tok/s run-to-run spread, 16 slower), 16 for
+     * batches (2048-token prefill: 1,494 tok/s with 4, 1,616 with 8, 1,735
+     * with 16: each staged row serves more heads); DS4_CUDA_ATT_HB
+     * overrides it (A/B; the values are the same for any choice) */
+    int hb = c->att_hb ? c->att_hb : n >= MM_MIN_N ? 16 : 4;
     while (hb > 1 && p.H % hb) hb /= 2;
     const int S = cu_attn_splits(nr_cap);
     if (S > c->s.att_splits) {
