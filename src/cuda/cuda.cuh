@@ -60,7 +60,7 @@ struct cu_scratch {
     size_t n_batch, n_ctx;     /* what it was sized for */
     cu_act a1, a2, a3;         /* a1: any row activation; a2: second quantisation of v; a3: expert hidden */
     cu_act h0, hk;             /* Q8_0 / Q8_K codes of the HC-pre (or head) output, written by k_hc */
-    cu_act a4;                 /* shared expert hidden codes (one-token fused experts) */
+    cu_act a4;                 /* shared expert hidden codes (fused experts of up to 4 tokens) */
     float *o;                  /* (B, H*dh) attention output */
     float *att_o;              /* (att_tokens, att_splits, H, dh) split attention outputs */
     float *att_m, *att_l;      /* (att_tokens, att_splits, H) split maxima / sums */
@@ -74,7 +74,7 @@ struct cu_scratch {
     float *hcp;                /* (B, n_split, 32) HC partial dots */
     double *hcs;               /* (B, n_split) HC partial sums of squares */
     unsigned *hcc;             /* (B) HC blocks done per token (0 between launches) */
-    unsigned *mcc;             /* ((K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
+    unsigned *mcc;             /* ((4K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
     float *hn;                 /* (B, D) head input */
     float *rl;                 /* (B, E) router logits */
@@ -143,8 +143,9 @@ struct cu_ctx {
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     int no_hc_batch;       /* DS4_CUDA_NO_HC_BATCH=1: batches on the per-token HC kernel (A/B switch) */
-    int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: one-token experts in 7 launches, not 2 (A/B switch) */
+    int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
     int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: matvec / HC kernels do not prefetch their weights to L2 */
+    int late_trigger;      /* DS4_CUDA_LATE_TRIGGER=1: the next kernel launches when this one ends (A/B switch) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
     uint64_t graph_clock;
@@ -195,10 +196,19 @@ struct cu_ctx {
  * previous kernel has finished and its writes are visible (both no-ops
  * when the kernels were launched without the attribute). Nothing before
  * it may read what an earlier kernel of the step writes. */
+static __constant__ int cu_late_trigger; /* DS4_CUDA_LATE_TRIGGER (A/B), one copy per .cu file: CU_TU_SWITCHES */
 __device__ __forceinline__ void cu_pdl_wait() {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (!cu_late_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
 }
+/* Each .cu file with kernels defines its setter of the device-side switches
+ * (CU_TU_SWITCHES(name)); cu_create calls them all. */
+#define CU_TU_SWITCHES(name)                                                                            \
+    bool name(int late_trigger) {                                                                       \
+        return cudaMemcpyToSymbol(cu_late_trigger, &late_trigger, sizeof late_trigger) == cudaSuccess;    \
+    }
+bool cu_sw_matvec(int), cu_sw_mm_f(int), cu_sw_mm_q8(int), cu_sw_attn(int), cu_sw_compress(int), cu_sw_moe(int),
+    cu_sw_backend(int);
 
 /* A hint: bring [p, p + bytes) into L2 (bulk prefetches of at most 1 MiB,
  * the range shrunk to whole 16-byte units inside it). One thread calls it. */

@@ -625,7 +625,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     act(&s->a3, B * K * (F > D ? F : D));
     act(&s->h0, B * D);
     act(&s->hk, B * D);
-    act(&s->a4, F);
+    act(&s->a4, 4 * F); /* MOE1_MAX_N tokens */
     s->o = (float *)take(B * H * dh * 4);
     { /* split attention partials: splits for the longest row list of any
        * layer, tokens per launch within ~256 MiB */
@@ -654,7 +654,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->hcp = (float *)take(B * c->hc_split * 32 * 4);
     s->hcs = (double *)take(B * c->hc_split * 8);
     s->hcc = (unsigned *)take(B * sizeof(unsigned));
-    s->mcc = (unsigned *)take((K + 1) * (F / 256 + 1) * sizeof(unsigned));
+    s->mcc = (unsigned *)take((4 * K + 1) * (F / 256 + 1) * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
     s->hn = (float *)take(B * D * 4);
     s->rl = (float *)take(B * E * 4);
@@ -696,7 +696,7 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     c->scratch_mem = p;
     c->scratch_bytes = bytes;
     layout_scratch(c, m, B, C, (char *)p, &c->s);
-    const size_t nmcc = (size_t)(m->hp.n_expert_used + 1) * (m->hp.n_ff_exp / 256 + 1);
+    const size_t nmcc = (size_t)(4 * m->hp.n_expert_used + 1) * (m->hp.n_ff_exp / 256 + 1);
     if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess) {
         cudaGetLastError();
@@ -971,6 +971,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_HC_BATCH", &cu_ctx::no_hc_batch},     /* 1: batches on the per-token HC kernel */
     {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
     {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: no L2 prefetch of weights before cu_pdl_wait */
+    {"DS4_CUDA_LATE_TRIGGER", &cu_ctx::late_trigger},   /* 1: kernels do not let the next one launch at their start */
 };
 
 static void cu_read_switches(cu_ctx *c) {
@@ -1052,6 +1053,10 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
              cu_ok(c, cudaMemcpy((void *)c->grid, ds4_iq2xxs_grid, 256 * sizeof(uint64_t), cudaMemcpyHostToDevice),
                    "tables") &&
              cu_ok(c, cudaMemcpy((void *)c->ksigns, ds4_ksigns_iq2xs, 128, cudaMemcpyHostToDevice), "tables");
+        const int lt = c->late_trigger;
+        if (ok && !(cu_sw_matvec(lt) && cu_sw_mm_f(lt) && cu_sw_mm_q8(lt) && cu_sw_attn(lt) && cu_sw_compress(lt) &&
+                    cu_sw_moe(lt) && cu_sw_backend(lt)))
+            ok = cu_ok(c, cudaErrorInvalidValue, "device switches");
     }
     if (!ok) {
         int rc = ds4_err_set(err, c->err ? c->err : DS4_E_BACKEND, "%s", c->msg);
@@ -1063,3 +1068,4 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
     return 0;
 }
 
+CU_TU_SWITCHES(cu_sw_backend)

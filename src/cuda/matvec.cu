@@ -511,3 +511,4 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
     }
 }
 
+CU_TU_SWITCHES(cu_sw_matvec)

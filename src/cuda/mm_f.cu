@@ -198,3 +198,5 @@ bool cu_mm_f(cu_ctx *c, const mv_params &p, int rows, int wpr, int type) {
     if (type == DS4_TYPE_BF16) return mf_wpr<DS4_TYPE_BF16>(c, p, rows, wpr);
     return false;
 }
+
+CU_TU_SWITCHES(cu_sw_mm_f)

@@ -200,3 +200,4 @@ bool cu_mm_q8(cu_ctx *c, const mv_params &p, int rows, int wpr) {
     }
 }
 
+CU_TU_SWITCHES(cu_sw_mm_q8)

@@ -1354,3 +1354,4 @@ int cu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a) {
     return c->err;
 }
 
+CU_TU_SWITCHES(cu_sw_attn)

@@ -443,3 +443,5 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     }
     return c->err;
 }
+
+CU_TU_SWITCHES(cu_sw_compress)

@@ -648,43 +648,47 @@ __global__ void k_moe_sum(const float *out, const float *sh, float *y, int n, in
     y[i] = acc + sh[i];
 }
 
-/* ---------------------------------------------------------------- one token, fused */
+/* ---------------------------------------------------------------- few tokens, fused */
 
-/* One token's experts in two launches instead of seven (gate/up, hidden
- * quantization, down, shared gate/up, shared SwiGLU, shared down, sum).
- * Every value is computed by the operations of the unfused path, so the
- * results are the same bits (DS4_CUDA_NO_MOE_FUSE=1 runs the unfused one):
- *  - routed rows: k_moe_gate_up / k_moe_down's cu_row_dot (one warp per
- *    row, chunks lane + 32k), slot k's hidden row at k * F (the quantized
- *    rows are per row, so their order does not matter);
+/* The experts of 1..MOE1_MAX_N tokens (decode, MTP verify rows) in two
+ * launches instead of seven (gate/up, hidden quantization, down, shared
+ * gate/up, shared SwiGLU, shared down, sum). Every value is computed by the
+ * operations of the unfused path, so the results are the same bits
+ * (DS4_CUDA_NO_MOE_FUSE=1 runs the unfused one):
+ *  - routed items i = t*K + k (no grouping: with a few tokens almost every
+ *    item has its own expert): k_moe_gate_up / k_moe_down's cu_row_dot (one
+ *    warp per row, chunks lane + 32m; a token's sum never depends on the
+ *    other tokens of the call), item i's hidden row at i * F (the codes are
+ *    per row, so the row order does not matter);
  *  - shared rows: the matvec's split of a row over wpr warps (cu_mv_wpr of
- *    the weight's shape), here the wpr partials of one warp, warp sums
- *    added in j order (mv_rows_store);
+ *    the weight's shape), here the wpr partials in one warp, warp sums added
+ *    in j order (mv_rows_store, k_matvec);
  *  - the hidden rows' int8 codes (Q8_K for K-quants, Q8_0) by the last of
  *    the 32 blocks that write a 256-value super-block (counters that wrap
  *    back to 0), with cu_quantize's per-block code;
- *  - the down kernel sums one output row as k_moe_sum: 0 + slot 0 + ... +
- *    slot K-1, then + shared. */
+ *  - the down kernel sums an output row as k_moe_sum: 0 + item t*K + ... +
+ *    item t*K + K-1, then + shared. */
+#define MOE1_MAX_N 4
 struct moe1_p {
     cu_w g, u, d;            /* routed stacks (rows_per_mat F, F, D) */
     cu_w gs, us, ds;         /* shared gate, up (Q8_0), down (Q8_0) */
-    int F, D, K, wpr_gu, wpr_d, hat;
-    const int32_t *ids;      /* (K) expert of each slot */
-    const float *wts;        /* (K) route weights */
-    const int8_t *aq;        /* routed input codes (hat of the gate type) */
+    int n, F, D, K, wpr_gu, wpr_d, hat;
+    const int32_t *ids;      /* (n*K) expert of each item */
+    const float *wts;        /* (n*K) route weights */
+    const int8_t *aq;        /* routed input codes (n, D) (act type of the gate weights) */
     const float *ad;
     const int32_t *abs;
-    const int8_t *sq;        /* shared input Q8_0 codes */
+    const int8_t *sq;        /* shared input Q8_0 codes (n, D) */
     const float *sd;
-    float *gu;               /* (K, F) routed hidden */
-    float *sh;               /* (F) shared hidden */
-    int8_t *hq;              /* routed hidden codes (K, F) */
+    float *gu;               /* (n*K, F) routed hidden */
+    float *sh;               /* (n, F) shared hidden */
+    int8_t *hq;              /* routed hidden codes (n*K, F) */
     float *hd;
     int32_t *hbs;
-    int8_t *shq;             /* shared hidden Q8_0 codes */
+    int8_t *shq;             /* shared hidden Q8_0 codes (n, F) */
     float *shd;
-    unsigned *cnt;           /* ((K+1) * F/256) */
-    float *y;                /* (D) */
+    unsigned *cnt;           /* ((1 + n*K) * F/256) */
+    float *y;                /* (n, D) */
     float lim;
     int pf;                  /* prefetch the shared expert's rows to L2 before cu_pdl_wait */
     const uint64_t *grid;
@@ -697,23 +701,31 @@ __device__ __forceinline__ void moe1_prefetch(const cu_w &w, int r0, int n) {
     cu_prefetch_l2(w.s + (size_t)r0 * w.s_row, (size_t)n * w.s_row);
 }
 
-/* the matvec's value of one Q8_0 row split over wpr warps, in one warp */
-__device__ __forceinline__ float moe1_q8_row(const cu_w &w, int64_t row, int nch, int wpr, const int8_t *aq,
-                                             const float *ad) {
+/* the matvec's values of one Q8_0 row for n tokens (input codes at t *
+ * ldq), the row split over wpr warps, all in one warp */
+__device__ __forceinline__ void moe1_q8_row(const cu_w &w, int64_t row, int nch, int wpr, int n, int64_t ldq,
+                                            const int8_t *aq, const float *ad, float (&v)[MOE1_MAX_N]) {
     const uint8_t *q = w.q + (size_t)row * w.q_row, *s = w.s + (size_t)row * w.s_row;
-    const int64_t xo[1] = {0};
-    float v = 0.0f;
+    int64_t xo[MOE1_MAX_N];
+#pragma unroll
+    for (int t = 0; t < MOE1_MAX_N; t++) xo[t] = t * ldq;
     for (int j = 0; j < wpr; j++) {
-        float acc[1] = {0.0f};
-        cu_row_dot<DS4_TYPE_Q8_0, true, 1>(q, s, nch, 1, nullptr, aq, ad, nullptr, xo, acc, nullptr, 32 * j, 32 * wpr);
-        const float part = cu_warp_sum(acc[0]);
-        v = j ? v + part : part;
+        float acc[MOE1_MAX_N];
+#pragma unroll
+        for (int t = 0; t < MOE1_MAX_N; t++) acc[t] = 0.0f;
+        cu_row_dot<DS4_TYPE_Q8_0, true, MOE1_MAX_N>(q, s, nch, n, nullptr, aq, ad, nullptr, xo, acc, nullptr, 32 * j,
+                                                    32 * wpr);
+#pragma unroll
+        for (int t = 0; t < MOE1_MAX_N; t++) {
+            const float part = cu_warp_sum(acc[t]);
+            v[t] = j ? v[t] + part : part;
+        }
     }
-    return v;
 }
 
-/* Gate + up + SwiGLU: block (x, 0) shared rows 8x..8x+7, block (x, 1 + k)
- * slot k's rows; then the codes of each finished super-block. */
+/* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
+ * token, block (x, 1 + i) item i's rows; then the codes of each finished
+ * super-block. */
 template <int WG>
 __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ moe1_p p) {
     if (p.pf && blockIdx.y == 0 && threadIdx.x < 2) moe1_prefetch(threadIdx.x ? p.us : p.gs, blockIdx.x * 8, 8);
@@ -721,26 +733,30 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
     __shared__ cu_iq2_tab tab;
     __shared__ bool last;
     const int y = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int r = blockIdx.x * 8 + w, F = p.F, nch = p.D / 32;
+    const int r = blockIdx.x * 8 + w, F = p.F, D = p.D, nch = D / 32;
     if (y == 0) {
-        const float g = moe1_q8_row(p.gs, r, nch, p.wpr_gu, p.sq, p.sd);
-        const float u = moe1_q8_row(p.us, r, nch, p.wpr_gu, p.sq, p.sd);
-        if (lane == 0) p.sh[r] = moe_act(g, u, p.lim, 1.0f);
+        float g[MOE1_MAX_N], u[MOE1_MAX_N];
+        moe1_q8_row(p.gs, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, g);
+        moe1_q8_row(p.us, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, u);
+        if (lane == 0)
+#pragma unroll
+            for (int t = 0; t < MOE1_MAX_N; t++)
+                if (t < p.n) p.sh[(int64_t)t * F + r] = moe_act(g[t], u[t], p.lim, 1.0f);
     } else {
         if constexpr (WG == DS4_TYPE_IQ2_XXS) {
             cu_iq2_tab_load(&tab, p.grid, p.ksigns);
             __syncthreads();
         }
-        const int k = y - 1;
-        const int64_t row = (int64_t)p.ids[k] * F + r;
-        const int64_t xo[1] = {0};
+        const int i = y - 1, t = i / p.K;
+        const int64_t row = (int64_t)p.ids[i] * F + r;
+        const int64_t xo[1] = {(int64_t)t * D};
         float ga[1] = {0.0f}, ua[1] = {0.0f};
         cu_row_dot<WG, true, 1>(p.g.q + (size_t)row * p.g.q_row, p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr, nch,
                                 1, nullptr, p.aq, p.ad, p.abs, xo, ga, &tab);
         cu_row_dot<WG, true, 1>(p.u.q + (size_t)row * p.u.q_row, p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr, nch,
                                 1, nullptr, p.aq, p.ad, p.abs, xo, ua, &tab);
         const float g = cu_warp_sum(ga[0]), u = cu_warp_sum(ua[0]);
-        if (lane == 0) p.gu[(int64_t)k * F + r] = moe_act(g, u, p.lim, p.wts[k]);
+        if (lane == 0) p.gu[(int64_t)i * F + r] = moe_act(g, u, p.lim, p.wts[i]);
     }
     /* the last of a super-block's 32 blocks quantizes it */
     const int sb = blockIdx.x / 32;
@@ -751,25 +767,28 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
     if (!last) return;
     __threadfence();
     if (y == 0) {
-        const int i = 256 * sb + 32 * w;
-        cu_warp_q8_0(__ldcg(p.sh + i + lane), p.shq + i, p.shd + i / 32);
+        for (int t = 0; t < p.n; t++) {
+            const int64_t i = (int64_t)t * F + 256 * sb + 32 * w;
+            cu_warp_q8_0(__ldcg(p.sh + i + lane), p.shq + i, p.shd + i / 32);
+        }
         return;
     }
-    const int k = y - 1;
-    const float *h = p.gu + (int64_t)k * F + 256 * sb;
+    const int i = y - 1;
+    const float *h = p.gu + (int64_t)i * F + 256 * sb;
     if (p.hat == DS4_TYPE_Q8_0) {
-        const int i = 256 * sb + 32 * w;
-        cu_warp_q8_0(__ldcg(h + 32 * w + lane), p.hq + (int64_t)k * F + i, p.hd + ((int64_t)k * F + i) / 32);
+        const int64_t o = (int64_t)i * F + 256 * sb + 32 * w;
+        cu_warp_q8_0(__ldcg(h + 32 * w + lane), p.hq + o, p.hd + o / 32);
     } else if (w == 0) {
         float v[8];
 #pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = __ldcg(h + 8 * lane + i);
-        cu_warp_q8_k(v, p.hq + (int64_t)k * F + 256 * sb, p.hd + (int64_t)k * (F / 256) + sb,
-                     p.hbs + (int64_t)k * (F / 16) + 16 * sb);
+        for (int m = 0; m < 8; m++) v[m] = __ldcg(h + 8 * lane + m);
+        cu_warp_q8_k(v, p.hq + (int64_t)i * F + 256 * sb, p.hd + (int64_t)i * (F / 256) + sb,
+                     p.hbs + (int64_t)i * (F / 16) + 16 * sb);
     }
 }
 
-/* Down of every slot and the shared expert, summed: one warp per output row. */
+/* Down of every item and the shared expert, summed per token: one warp per
+ * output row. */
 template <int WD>
 __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_p p) {
     if (p.pf && threadIdx.x == 0) moe1_prefetch(p.ds, blockIdx.x * 8, 8);
@@ -780,34 +799,43 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
         __syncthreads();
     }
     const int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), F = p.F, nch = F / 32;
-    float acc = 0.0f;
-    for (int k = 0; k < p.K; k++) {
-        const int64_t row = (int64_t)p.ids[k] * p.D + r;
-        const int64_t xo[1] = {(int64_t)k * F};
-        float a[1] = {0.0f};
-        cu_row_dot<WD, true, 1>(p.d.q + (size_t)row * p.d.q_row, p.d.s ? p.d.s + (size_t)row * p.d.s_row : nullptr, nch,
-                                1, nullptr, p.hq, p.hd, p.hbs, xo, a, &tab);
-        acc += cu_warp_sum(a[0]);
+    float sh[MOE1_MAX_N];
+    moe1_q8_row(p.ds, r, nch, p.wpr_d, p.n, F, p.shq, p.shd, sh);
+    for (int t = 0; t < p.n; t++) {
+        float acc = 0.0f;
+        for (int k = 0; k < p.K; k++) {
+            const int i = t * p.K + k;
+            const int64_t row = (int64_t)p.ids[i] * p.D + r;
+            const int64_t xo[1] = {(int64_t)i * F};
+            float a[1] = {0.0f};
+            cu_row_dot<WD, true, 1>(p.d.q + (size_t)row * p.d.q_row, p.d.s ? p.d.s + (size_t)row * p.d.s_row : nullptr,
+                                    nch, 1, nullptr, p.hq, p.hd, p.hbs, xo, a, &tab);
+            acc += cu_warp_sum(a[0]);
+        }
+        float v = sh[0];
+#pragma unroll
+        for (int m = 1; m < MOE1_MAX_N; m++)
+            if (m == t) v = sh[m];
+        if (lane == 0) p.y[(int64_t)t * p.D + r] = acc + v;
     }
-    const float sh = moe1_q8_row(p.ds, r, nch, p.wpr_d, p.shq, p.shd);
-    if (lane == 0) p.y[r] = acc + sh;
 }
 
-/* The fused one-token path when the model's types allow it: K-quant or
- * Q8_0 routed experts with int8 activations, Q8_0 shared expert, whole
- * super-blocks. Returns false (nothing launched) otherwise. */
+/* The fused path when the model's types allow it: K-quant or Q8_0 routed
+ * experts with int8 activations, Q8_0 shared expert, whole super-blocks,
+ * at most MOE1_MAX_N tokens. Returns false (nothing launched) otherwise. */
 static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
-    const int D = hp->n_embd, F = hp->n_ff_exp, K = hp->n_expert_used;
+    const int n = a->n, D = hp->n_embd, F = hp->n_ff_exp, K = hp->n_expert_used;
     const int tg = l->gate_exps.type, td = l->down_exps.type;
     auto okt = [](int t) {
         return t == DS4_TYPE_IQ2_XXS || t == DS4_TYPE_Q2_K || t == DS4_TYPE_Q4_K || t == DS4_TYPE_Q8_0;
     };
-    if (c->no_moe_fuse || a->n != 1 || !a->num.act_quant || !okt(tg) || l->up_exps.type != tg || !okt(td) ||
-        l->gate_sh.type != DS4_TYPE_Q8_0 || l->up_sh.type != DS4_TYPE_Q8_0 || l->down_sh.type != DS4_TYPE_Q8_0 ||
-        l->gate_sh.n_out != F || l->up_sh.n_out != F || l->down_sh.n_out != D || F % 256 || D % 256 ||
-        (size_t)K * F > c->s.a3.cap || (size_t)F > c->s.a4.cap)
+    if (c->no_moe_fuse || n < 1 || n > MOE1_MAX_N || !a->num.act_quant || !okt(tg) || l->up_exps.type != tg ||
+        !okt(td) || l->gate_sh.type != DS4_TYPE_Q8_0 || l->up_sh.type != DS4_TYPE_Q8_0 ||
+        l->down_sh.type != DS4_TYPE_Q8_0 || l->gate_sh.n_out != F || l->up_sh.n_out != F || l->down_sh.n_out != D ||
+        F % 256 || D % 256 || (size_t)n * K * F > c->s.a3.cap || (size_t)n * F > c->s.a4.cap ||
+        (size_t)n * D > c->s.a1.cap || (size_t)n * D > c->s.a2.cap || n > (int)c->s.n_batch)
         return false;
     cu_scratch &s = c->s;
     moe1_p p;
@@ -818,6 +846,7 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.gs = cu_weight_view(&l->gate_sh);
     p.us = cu_weight_view(&l->up_sh);
     p.ds = cu_weight_view(&l->down_sh);
+    p.n = n;
     p.F = F;
     p.D = D;
     p.K = K;
@@ -829,14 +858,14 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.lim = hp->swiglu_clamp[a->il];
     /* the input's codes: from the producer (HC-pre) or quantized here */
     const int gat = cu_act_type(tg);
-    const cu_act *rq = cu_preq_find(c, a->v, 1, D, D, gat);
+    const cu_act *rq = cu_preq_find(c, a->v, n, D, D, gat);
     if (!rq) {
-        cu_quantize(c, gat, a->v, D, 1, D, &s.a2);
+        cu_quantize(c, gat, a->v, D, n, D, &s.a2);
         rq = &s.a2;
     }
-    const cu_act *sq = gat == DS4_TYPE_Q8_0 ? rq : cu_preq_find(c, a->v, 1, D, D, DS4_TYPE_Q8_0);
+    const cu_act *sq = gat == DS4_TYPE_Q8_0 ? rq : cu_preq_find(c, a->v, n, D, D, DS4_TYPE_Q8_0);
     if (!sq) {
-        cu_quantize(c, DS4_TYPE_Q8_0, a->v, D, 1, D, &s.a1);
+        cu_quantize(c, DS4_TYPE_Q8_0, a->v, D, n, D, &s.a1);
         sq = &s.a1;
     }
     p.aq = rq->q;
@@ -856,7 +885,7 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.grid = c->grid;
     p.ksigns = c->ksigns;
     p.pf = !c->no_prefetch && !c->no_pdl;
-    const dim3 g1(F / 8, K + 1);
+    const dim3 g1(F / 8, 1 + n * K);
     switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
     case DS4_TYPE_Q2_K: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q2_K>, g1, 256, 0, p); break;
@@ -967,3 +996,5 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     CU_LAUNCH(c, "moe_sum");
     return c->err;
 }
+
+CU_TU_SWITCHES(cu_sw_moe)

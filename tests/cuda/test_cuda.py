@@ -176,11 +176,13 @@ def test_cuda_tensor_core_batches_bitwise(name, release, att_tc, tmp_path):
                                      ("DS4_CUDA_ATT_HB", "16"), ("DS4_CUDA_NO_MOE_FUSE", "1"),
                                      ("DS4_CUDA_NO_HC_BATCH", "1"), ("DS4_CUDA_NO_PREQ", "1"), ("DS4_CUDA_MV_R1", "1"),
                                      ("DS4_CUDA_NO_ROUTE_GROUP", "1"), ("DS4_CUDA_NO_PDL", "1"), ("DS4_CUDA_NO_PREFETCH", "1"),
+                                     ("DS4_CUDA_LATE_TRIGGER", "1"),
                                      ("q2:DS4_CUDA_NO_MOE_FUSE", "1"), ("q4:DS4_CUDA_NO_MOE_FUSE", "1"),
                                      ("q2-wide:DS4_CUDA_NO_MOE_FUSE", "1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
-    prefill of 80 tokens and token-by-token decode on the flash stage model (release numerics; MODEL:VAR names
+    prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
+    flash stage model (release numerics; MODEL:VAR names
     another stage model, e.g. the q2 and q4 expert types for the fused one-token experts). Written after
     DS4_CUDA_ATT_HB=16 turned out to leave 8 of a block's 16 heads without their softmax."""
     name, _, var = var.rpartition(":")
@@ -190,7 +192,7 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
     base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill")
     env = dict(os.environ, **{var: val})
-    for mode in (["--eval", "prefill"], ["--eval", "decode"]):
+    for mode in (["--eval", "prefill"], ["--eval", "decode"], ["--eval", "chunk:3"]):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, env=env)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{var}={val} {' '.join(mode)}: max |d| vs default prefill {d:.2e}")
