@@ -109,10 +109,15 @@ typedef struct ds4_hc_pre_args {
     const float *scale;      /* (3) */
     const float *base;       /* ((2+n_hc)*n_hc) */
     const float *norm_w;     /* (D) attn_norm or ffn_norm */
-    const float *X;          /* (n, n_hc, D) */
+    float *X;                /* (n, n_hc, D); in/out when py is set */
     float *out;              /* out (n, D): RMSNorm_{norm_w}(sum_s pre_s X_s) */
     float *post;             /* out (n, n_hc) */
     float *comb;             /* out (n, n_hc, n_hc): comb[a][b], a = source stream */
+    /* Optional: the previous sublayer's HC-post, applied to X first, with the
+     * inputs of ds4_hc_post_args (y (n, D), post, comb); NULL when X is up to
+     * date. ppost / pcomb may be this call's post / comb (read before they
+     * are written). A backend may fuse the two (one pass over X). */
+    const float *py, *ppost, *pcomb;
 } ds4_hc_pre_args;
 
 /* q and kv paths (C.3 steps 1-7 without the store). */

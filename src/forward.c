@@ -223,15 +223,24 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
         ds4_embed_args ea = {C, .tokens = tokens, .X = f->X};
         STAGE_K(embed, ea, DS4_PROF_EMBED);
     }
+    /* Each sublayer's HC-post goes to the next HC-pre (one stage, which a
+     * backend may fuse), except when profiling (every stage timed apart);
+     * the last one runs on its own. */
+    const bool fuse_post = !prof;
+    bool post_due = false;
+    ds4_hc_post_args po = {C, .y = f->y, .post = f->post, .comb = f->comb, .X = f->X};
     for (int il = 0; il < f->layer_limit; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
         const ds4_rope *rope = l->kind == DS4_ATTN_SLIDING ? &m->rope_main : &m->rope_compress;
 
-        /* ---- attention sublayer */
+        /* ---- attention sublayer (HC-post of the previous one first, when pending) */
         ds4_hc_pre_args hpa = {C, .fn = &l->hc_attn_fn, .scale = l->hc_attn_scale, .base = l->hc_attn_base,
-                               .norm_w = l->attn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb};
+                               .norm_w = l->attn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb,
+                               .py = post_due ? f->y : NULL, .ppost = post_due ? f->post : NULL,
+                               .pcomb = post_due ? f->comb : NULL};
         STAGE_K(hc_pre, hpa, DS4_PROF_HC_PRE);
+        post_due = false;
         ds4_attn_project_args pa = {C, .l = l, .rope = rope, .num = f->num, .u = f->u, .cq = f->cq, .q = f->q,
                                     .kv = f->kv};
         STAGE_K(attn_project, pa, DS4_PROF_ATTN_PROJECT);
@@ -261,21 +270,26 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
         STAGE_K(attention, aa, DS4_PROF_ATTENTION);
         ds4_kv_store_args ka = {C, .kv = f->kv, .raw = s->raw, .row_type = f->row_type};
         STAGE_K(kv_store, ka, DS4_PROF_KV_STORE);
-        ds4_hc_post_args po = {C, .y = f->y, .post = f->post, .comb = f->comb, .X = f->X};
-        STAGE_K(hc_post, po, DS4_PROF_HC_POST);
+        if (fuse_post) post_due = true;
+        else STAGE_K(hc_post, po, DS4_PROF_HC_POST);
 
         /* ---- FFN sublayer */
         ds4_hc_pre_args hfa = {C, .fn = &l->hc_ffn_fn, .scale = l->hc_ffn_scale, .base = l->hc_ffn_base,
-                               .norm_w = l->ffn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb};
+                               .norm_w = l->ffn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb,
+                               .py = post_due ? f->y : NULL, .ppost = post_due ? f->post : NULL,
+                               .pcomb = post_due ? f->comb : NULL};
         STAGE_K(hc_pre, hfa, DS4_PROF_HC_PRE);
+        post_due = false;
         ds4_moe_route_args ra = {C, .l = l, .tokens = tokens, .v = f->u, .ids = f->ids, .w = f->w};
         STAGE_K(moe_route, ra, DS4_PROF_MOE_ROUTE);
         ds4_moe_experts_args xa2 = {C, .l = l, .il = il, .num = f->num, .v = f->u, .ids = f->ids, .w = f->w,
                                     .y = f->y, .act = f->moe_fn ? f->act : NULL};
         STAGE_K(moe_experts, xa2, DS4_PROF_MOE_EXPERTS);
         if (f->moe_fn) f->moe_fn(f->moe_user, il, n, f->u, f->ids, f->w, f->act);
-        STAGE_K(hc_post, po, DS4_PROF_HC_POST);
+        if (fuse_post) post_due = true;
+        else STAGE_K(hc_post, po, DS4_PROF_HC_POST);
     }
+    if (post_due) STAGE_K(hc_post, po, DS4_PROF_HC_POST);
     if (!f->no_head) {
         const size_t nflat = (size_t)hp->n_hc * hp->n_embd;
         int nh = all ? n : 1;

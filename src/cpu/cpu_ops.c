@@ -198,6 +198,11 @@ static void hc_finish_task(void *p, int t0, int t1, int tid) {
 int cpu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
     cpu_ctx *c = ctx;
     if (a->m->hp.n_hc > 64) return c->err = DS4_E_INTERNAL;
+    if (a->py) { /* the previous sublayer's HC-post first */
+        ds4_hc_post_args pa = {.m = a->m, .step = a->step, .n = a->n, .pos0 = a->pos0, .y = a->py, .post = a->ppost,
+                               .comb = a->pcomb, .X = a->X};
+        if (cpu_hc_post(ctx, &pa)) return c->err;
+    }
     hc_job j = {c, a, NULL, NULL};
     const ds4_hparams *hp = &a->m->hp;
     const int nflat = hp->n_hc * hp->n_embd, nmix = (2 + hp->n_hc) * hp->n_hc;

@@ -281,6 +281,11 @@ static int st_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
     CHK(out, F32S((size_t)a->n * hp->n_embd));
     CHK(post, F32S((size_t)a->n * hp->n_hc));
     CHK(comb, F32S((size_t)a->n * hp->n_hc * hp->n_hc));
+    if (a->py) {
+        CHK(py, F32S((size_t)a->n * hp->n_embd));
+        CHK(ppost, F32S((size_t)a->n * hp->n_hc));
+        CHK(pcomb, F32S((size_t)a->n * hp->n_hc * hp->n_hc));
+    }
     RUN(hc_pre);
 }
 

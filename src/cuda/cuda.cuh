@@ -74,6 +74,8 @@ struct cu_scratch {
     float *hcp;                /* (B, n_split, 32) HC partial dots */
     double *hcs;               /* (B, n_split) HC partial sums of squares */
     unsigned *hcc;             /* (B) HC blocks done per token (0 between launches) */
+    float *xn;                 /* (xn_cap) streams updated by the HC-post inside k_hc */
+    size_t xn_cap;
     unsigned *mcc;             /* ((4K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
     float *hn;                 /* (B, D) head input */
@@ -146,6 +148,7 @@ struct cu_ctx {
     int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
     int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: matvec / HC kernels do not prefetch their weights to L2 */
     int late_trigger;      /* DS4_CUDA_LATE_TRIGGER=1: the next kernel launches when this one ends (A/B switch) */
+    int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
     uint64_t graph_clock;

@@ -654,6 +654,8 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->hcp = (float *)take(B * c->hc_split * 32 * 4);
     s->hcs = (double *)take(B * c->hc_split * 8);
     s->hcc = (unsigned *)take(B * sizeof(unsigned));
+    s->xn_cap = (B < 8 ? B : 8) * (size_t)hp->n_hc * D; /* k_hc takes fewer than HCB_MIN_N = 8 tokens */
+    s->xn = (float *)take(s->xn_cap * 4);
     s->mcc = (unsigned *)take((4 * K + 1) * (F / 256 + 1) * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
     s->hn = (float *)take(B * D * 4);
@@ -972,6 +974,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
     {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: no L2 prefetch of weights before cu_pdl_wait */
     {"DS4_CUDA_LATE_TRIGGER", &cu_ctx::late_trigger},   /* 1: kernels do not let the next one launch at their start */
+    {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
 };
 
 static void cu_read_switches(cu_ctx *c) {

@@ -32,6 +32,12 @@ static __device__ float cu_lin(float x, float a, float b) { return __fadd_rn(__f
 
 struct hc_fin {
     const float *X;          /* (n, n_hc, D) */
+    /* k_hc with the previous sublayer's HC-post (py != NULL): each element
+     * of X is first updated as k_hc_post does (from the old X of every
+     * stream at its dim), into xn; the last block reads xn and writes it
+     * back to Xw (= X) once every block has read the old X */
+    const float *py, *ppost, *pcomb;
+    float *xn, *Xw;
     const uint8_t *fn;       /* (n_mix, n_hc*D) mixer rows, F32/F16/BF16 */
     int n_mix;               /* rows of fn */
     float *hcp;              /* (n, n_split, HC_MAX_MIX) partial dots */
@@ -82,8 +88,25 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
     const float *X = p.X + (int64_t)t * nflat;
     constexpr int XK = 8, XS = 4;
     float xr[XK][XS];
-    const bool xreg = D <= XK * (int)blockDim.x && hc <= XS;
-    if (xreg) {
+    const bool xreg = D <= XK * (int)blockDim.x && hc <= XS; /* always with py (checked by the launcher) */
+    if (p.py) { /* the updated streams, written by every block of this launch: from L2 */
+        const float *xn = p.xn + (int64_t)t * nflat;
+        float *xw = p.Xw + (int64_t)t * nflat;
+#pragma unroll
+        for (int k = 0; k < XK; k++)
+#pragma unroll
+            for (int s = 0; s < XS; s++) {
+                const int d = threadIdx.x + k * blockDim.x;
+                xr[k][s] = d < D && s < hc ? __ldcg(xn + (int64_t)s * D + d) : 0.0f;
+            }
+#pragma unroll
+        for (int k = 0; k < XK; k++)
+#pragma unroll
+            for (int s = 0; s < XS; s++) {
+                const int d = threadIdx.x + k * blockDim.x;
+                if (d < D && s < hc) xw[(int64_t)s * D + d] = xr[k][s];
+            }
+    } else if (xreg) {
 #pragma unroll
         for (int k = 0; k < XK; k++)
 #pragma unroll
@@ -249,7 +272,17 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     for (int o = 0; o < HC_MAX_MIX; o++) dot[o] = 0.0f;
     double ss = 0.0;
     for (int e = e0 + threadIdx.x; e < ((p.diag & 4) ? e0 : e1); e += blockDim.x) {
-        float v = x[e];
+        float v;
+        if (p.py) { /* k_hc_post's expressions for element e = (stream b, dim d) */
+            const int D = p.D, hc = p.n_hc, b = e / D, d = e % D;
+            const float *cm = p.pcomb + (int64_t)t * hc * hc;
+            float acc = 0.0f;
+            for (int s2 = 0; s2 < hc; s2++) acc = __fadd_rn(acc, __fmul_rn(cm[s2 * hc + b], x[(int64_t)s2 * D + d]));
+            v = __fadd_rn(__fmul_rn(p.ppost[(int64_t)t * hc + b], p.py[(int64_t)t * D + d]), acc);
+            p.xn[(int64_t)t * nflat + e] = v;
+        } else {
+            v = x[e];
+        }
         ss += (double)v * (double)v;
 #pragma unroll
         for (int o = 0; o < HC_MAX_MIX; o++) {
@@ -391,16 +424,20 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc_fin(const __grid_constant__ h
     hc_finish<HCN>(p, blockIdx.x, xs);
 }
 
+__global__ void k_hc_post(const float *y, const float *post, const float *comb, float *X, int n, int D, int hc);
+
 /* hc_pre and the head's first half: partial products + finish. */
 static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mix, const float *X, int n,
                    const float *scale, const float *base, const float *norm_w, float *out, float *post, float *comb,
-                   bool head, const cu_act *q0, const cu_act *qk) {
+                   bool head, const cu_act *q0, const cu_act *qk, const float *py = nullptr,
+                   const float *ppost = nullptr, const float *pcomb = nullptr) {
     const ds4_hparams *hp = &m->hp;
     const int nflat = hp->n_hc * hp->n_embd;
     int split = c->hc_split;
     if (nflat / split < HC_THREADS) split = nflat / HC_THREADS > 0 ? nflat / HC_THREADS : 1;
     if (split > HC_MAX_SPLIT) split = HC_MAX_SPLIT;
     hc_fin p;
+    memset(&p, 0, sizeof p);
     p.X = X;
     p.fn = (const uint8_t *)fn->data;
     p.n_mix = n_mix;
@@ -434,6 +471,21 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     const size_t sm = (size_t)D * sizeof(float);
     /* batches: partials of HCB_TT tokens per block, then the finishes (same bits) */
     const bool batch = n >= HCB_MIN_N && !c->no_hc_batch && !p.diag && (nflat + split - 1) / split <= HC_THREADS;
+    /* the previous HC-post inside k_hc (few tokens), else its own kernel first */
+    if (py) {
+        if (!batch && !p.diag && !c->no_hc_fuse && hp->n_hc <= 4 && hp->n_embd <= 8 * HC_THREADS &&
+            (size_t)n * nflat <= c->s.xn_cap) {
+            p.py = py;
+            p.ppost = ppost;
+            p.pcomb = pcomb;
+            p.xn = c->s.xn;
+            p.Xw = (float *)X;
+        } else {
+            cu_launch(c, k_hc_post, cu_div_up((int64_t)n * hp->n_embd, 256), 256, 0, py, ppost, pcomb, (float *)X, n,
+                      hp->n_embd, hp->n_hc);
+            CU_LAUNCH(c, "hc_post");
+        }
+    }
 #define HC_LAUNCH(T)                                                                                    \
     if (batch) {                                                                                        \
         cudaFuncSetAttribute(k_hc_part<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)hcb_smem(n_mix)); \
@@ -466,7 +518,7 @@ int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
     const int hc = a->m->hp.n_hc;
     cu_preq_clear(c);
     hc_mix(c, a->m, a->fn, (2 + hc) * hc, a->X, a->n, a->scale, a->base, a->norm_w, a->out, a->post, a->comb, false,
-           &c->s.h0, &c->s.hk);
+           &c->s.h0, &c->s.hk, a->py, a->ppost, a->pcomb);
     return c->err;
 }
 

@@ -176,7 +176,7 @@ def test_cuda_tensor_core_batches_bitwise(name, release, att_tc, tmp_path):
                                      ("DS4_CUDA_ATT_HB", "16"), ("DS4_CUDA_NO_MOE_FUSE", "1"),
                                      ("DS4_CUDA_NO_HC_BATCH", "1"), ("DS4_CUDA_NO_PREQ", "1"), ("DS4_CUDA_MV_R1", "1"),
                                      ("DS4_CUDA_NO_ROUTE_GROUP", "1"), ("DS4_CUDA_NO_PDL", "1"), ("DS4_CUDA_NO_PREFETCH", "1"),
-                                     ("DS4_CUDA_LATE_TRIGGER", "1"),
+                                     ("DS4_CUDA_LATE_TRIGGER", "1"), ("DS4_CUDA_NO_HC_FUSE", "1"),
                                      ("q2:DS4_CUDA_NO_MOE_FUSE", "1"), ("q4:DS4_CUDA_NO_MOE_FUSE", "1"),
                                      ("q2-wide:DS4_CUDA_NO_MOE_FUSE", "1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):

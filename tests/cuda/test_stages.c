@@ -280,6 +280,60 @@ static void t_hc(tctx *t, int n, int il) {
     free(X), free(y);
 }
 
+/* HC-pre with the previous sublayer's HC-post in the same stage (py set,
+ * post / comb both the inputs and the outputs, as forward.c passes them):
+ * CPU vs CUDA, and on CUDA bit for bit the separate hc_post + hc_pre. */
+static void t_hc_fused(tctx *t, int n, int il) {
+    const ds4_hparams *hp = &t->m.hp;
+    const size_t D = hp->n_embd, hc = hp->n_hc, nx = (size_t)n * hc * D;
+    float *X = rnd(nx, 1.0f), *y = rnd((size_t)n * D, 1.0f);
+    float *o[3], *po[3], *cb[3], *xo[3];
+    for (int v = 0; v < 3; v++) { /* 0 cpu fused, 1 cuda fused, 2 cuda separate */
+        const int k = v ? 1 : 0;
+        const ds4_layer *l = &BM->layers[il];
+        ds4_step *st = make_step(S, t->n_batch, 5, n, NULL);
+        float *dX = up(S, X, nx * 4), *du = up(S, NULL, (size_t)n * D * 4);
+        float *dp = up(S, NULL, (size_t)n * hc * 4), *dc = up(S, NULL, (size_t)n * hc * hc * 4);
+        float *dy = up(S, y, (size_t)n * D * 4);
+        ds4_hc_pre_args a = {.m = BM, .step = st, .n = n, .pos0 = 5, .fn = &l->hc_attn_fn, .scale = l->hc_attn_scale,
+                             .base = l->hc_attn_base, .norm_w = l->attn_norm, .X = dX, .out = du, .post = dp,
+                             .comb = dc};
+        ds4_hc_pre_args f = {.m = BM, .step = st, .n = n, .pos0 = 5, .fn = &l->hc_ffn_fn, .scale = l->hc_ffn_scale,
+                             .base = l->hc_ffn_base, .norm_w = l->ffn_norm, .X = dX, .out = du, .post = dp,
+                             .comb = dc};
+        begin(S, st, n, 5);
+        S->be.ops->hc_pre(S->be.ctx, &a);
+        if (v == 2) {
+            ds4_hc_post_args b = {.m = BM, .step = st, .n = n, .pos0 = 5, .y = dy, .post = dp, .comb = dc, .X = dX};
+            S->be.ops->hc_post(S->be.ctx, &b);
+        } else {
+            f.py = dy, f.ppost = dp, f.pcomb = dc;
+        }
+        S->be.ops->hc_pre(S->be.ctx, &f);
+        end(S, "hc fused");
+        o[v] = malloc((size_t)n * D * 4);
+        po[v] = malloc((size_t)n * hc * 4);
+        cb[v] = malloc((size_t)n * hc * hc * 4);
+        xo[v] = malloc(nx * 4);
+        down(S, o[v], du, (size_t)n * D * 4);
+        down(S, po[v], dp, (size_t)n * hc * 4);
+        down(S, cb[v], dc, (size_t)n * hc * hc * 4);
+        down(S, xo[v], dX, nx * 4);
+        rel(S, dX), rel(S, du), rel(S, dp), rel(S, dc), rel(S, dy), rel(S, st);
+    }
+    check(t, "hc_post+pre out", n, o[0], o[1], (size_t)n * D, 1e-4, 0);
+    check(t, "hc_post+pre post", n, po[0], po[1], (size_t)n * hc, 1e-4, 0);
+    check(t, "hc_post+pre comb", n, cb[0], cb[1], (size_t)n * hc * hc, 1e-4, 0);
+    check(t, "hc_post+pre X", n, xo[0], xo[1], nx, 1e-4, 0);
+    const bool same = !memcmp(o[1], o[2], (size_t)n * D * 4) && !memcmp(po[1], po[2], (size_t)n * hc * 4) &&
+                      !memcmp(cb[1], cb[2], (size_t)n * hc * hc * 4) && !memcmp(xo[1], xo[2], nx * 4);
+    printf("%s  %-10s n=%-4d hc_post+pre cuda fused == hc_post, hc_pre bitwise\n", same ? "PASS" : "FAIL", t->recipe, n);
+    if (same) n_pass++;
+    else n_fail++;
+    for (int v = 0; v < 3; v++) free(o[v]), free(po[v]), free(cb[v]), free(xo[v]);
+    free(X), free(y);
+}
+
 static void t_attn_project(tctx *t, int n, int il) {
     const ds4_hparams *hp = &t->m.hp;
     const size_t D = hp->n_embd, ql = hp->q_lora, qd = (size_t)hp->n_head * hp->head_dim, dh = hp->head_dim;
@@ -691,6 +745,7 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
         int n = flash ? (i ? 7 : 1) : ns[i];
         ONLY("embed", t_embed(t, n));
         ONLY("hc", t_hc(t, n, 0));
+        ONLY("hc", t_hc_fused(t, n, 0));
         ONLY("attn_project", t_attn_project(t, n, 0));
         ONLY("attn_project", t_attn_project(t, n, 2));
         ONLY("compress", t_compress(t, n, 2, false));
