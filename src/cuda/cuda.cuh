@@ -146,8 +146,8 @@ struct cu_ctx {
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     int no_hc_batch;       /* DS4_CUDA_NO_HC_BATCH=1: batches on the per-token HC kernel (A/B switch) */
     int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
-    int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: matvec / HC kernels do not prefetch their weights to L2 */
-    int late_trigger;      /* DS4_CUDA_LATE_TRIGGER=1: the next kernel launches when this one ends (A/B switch) */
+    int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: with early_trigger, no L2 prefetch of weights (A/B switch) */
+    int early_trigger;     /* DS4_CUDA_EARLY_TRIGGER=1: kernels let the next one launch at their start (A/B switch) */
     int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
@@ -192,23 +192,28 @@ struct cu_ctx {
 
 /* ---------------------------------------------------------------- launch */
 
-/* Every kernel of a step starts with cu_pdl_wait(): it lets the next
- * kernel on the stream launch (its blocks are scheduled once every block of
- * this one has started; they run up to their own cu_pdl_wait, e.g. an L2
- * prefetch of their weights, while this one works), then returns once the
- * previous kernel has finished and its writes are visible (both no-ops
- * when the kernels were launched without the attribute). Nothing before
- * it may read what an earlier kernel of the step writes. */
-static __constant__ int cu_late_trigger; /* DS4_CUDA_LATE_TRIGGER (A/B), one copy per .cu file: CU_TU_SWITCHES */
+/* Every kernel of a step starts with cu_pdl_wait(): it returns once the
+ * previous kernel on the stream has finished and its writes are visible
+ * (a no-op when the kernel was launched without the attribute). Nothing
+ * before it may read what an earlier kernel of the step writes; kernels may
+ * prefetch their weights to L2 there.
+ * With DS4_CUDA_EARLY_TRIGGER=1 (A/B, not the default) it first lets the
+ * next kernel launch (griddepcontrol.launch_dependents): that kernel's
+ * blocks are then placed while this one runs and wait in their own
+ * cu_pdl_wait. In the H200 runs of 2026-12-04 decode measured 86-89 tok/s
+ * (gen_ss) with it and 93-94 without it in earlier sessions (cross-call
+ * figures, not a same-call A/B): a cascade of early launches places the
+ * blocks of small kernels on the few SMs with room at that moment. */
+static __constant__ int cu_early_trigger; /* one copy per .cu file, set by its CU_TU_SWITCHES function */
 __device__ __forceinline__ void cu_pdl_wait() {
-    if (!cu_late_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (cu_early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 /* Each .cu file with kernels defines its setter of the device-side switches
  * (CU_TU_SWITCHES(name)); cu_create calls them all. */
 #define CU_TU_SWITCHES(name)                                                                            \
-    bool name(int late_trigger) {                                                                       \
-        return cudaMemcpyToSymbol(cu_late_trigger, &late_trigger, sizeof late_trigger) == cudaSuccess;    \
+    bool name(int early_trigger) {                                                                      \
+        return cudaMemcpyToSymbol(cu_early_trigger, &early_trigger, sizeof early_trigger) == cudaSuccess; \
     }
 bool cu_sw_matvec(int), cu_sw_mm_f(int), cu_sw_mm_q8(int), cu_sw_attn(int), cu_sw_compress(int), cu_sw_moe(int),
     cu_sw_backend(int);

@@ -972,8 +972,8 @@ static const struct cu_switch {
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
     {"DS4_CUDA_NO_HC_BATCH", &cu_ctx::no_hc_batch},     /* 1: batches on the per-token HC kernel */
     {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
-    {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: no L2 prefetch of weights before cu_pdl_wait */
-    {"DS4_CUDA_LATE_TRIGGER", &cu_ctx::late_trigger},   /* 1: kernels do not let the next one launch at their start */
+    {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: with EARLY_TRIGGER, no L2 prefetch of weights */
+    {"DS4_CUDA_EARLY_TRIGGER", &cu_ctx::early_trigger}, /* 1: kernels let the next one launch at their start */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
 };
 
@@ -1056,7 +1056,7 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
              cu_ok(c, cudaMemcpy((void *)c->grid, ds4_iq2xxs_grid, 256 * sizeof(uint64_t), cudaMemcpyHostToDevice),
                    "tables") &&
              cu_ok(c, cudaMemcpy((void *)c->ksigns, ds4_ksigns_iq2xs, 128, cudaMemcpyHostToDevice), "tables");
-        const int lt = c->late_trigger;
+        const int lt = c->early_trigger;
         if (ok && !(cu_sw_matvec(lt) && cu_sw_mm_f(lt) && cu_sw_mm_q8(lt) && cu_sw_attn(lt) && cu_sw_compress(lt) &&
                     cu_sw_moe(lt) && cu_sw_backend(lt)))
             ok = cu_ok(c, cudaErrorInvalidValue, "device switches");

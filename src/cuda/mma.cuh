@@ -93,7 +93,9 @@ struct mv_params {
 };
 
 /* The L2 prefetch of a matvec block's weights, before its cu_pdl_wait (the
- * weights do not depend on the previous kernel): block b < p.pf takes the
+ * weights do not depend on the previous kernel; only with
+ * DS4_CUDA_EARLY_TRIGGER=1, when blocks start while the previous kernel
+ * runs): block b < p.pf takes the
  * rows of blocks b, b + pf, ... (rpb rows each; pf about the blocks that
  * are resident at once, so the first wave covers the whole weight), one
  * thread per segment. */

@@ -458,7 +458,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.comb = comb;
     p.head = head;
     p.diag = c->hc_diag;
-    p.pf = !c->no_prefetch && !c->no_pdl;
+    p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     const int D = hp->n_embd;
     const bool qok = D % 256 == 0 && (size_t)n * D <= c->s.h0.cap;
     p.q0 = q0 && qok ? q0->q : nullptr;

@@ -884,7 +884,7 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.y = a->y;
     p.grid = c->grid;
     p.ksigns = c->ksigns;
-    p.pf = !c->no_prefetch && !c->no_pdl;
+    p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     const dim3 g1(F / 8, 1 + n * K);
     switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
