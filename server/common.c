@@ -110,6 +110,8 @@ int srv_parse_messages(json_t *root, srv_request *rq, srv_error *e,
     json_t *msgs = json_object_get(root, "messages");
     if (!msgs || json_is_null(msgs)) return srv_fail_param(e, "messages", NULL, "missing messages");
     if (!json_is_array(msgs)) return srv_invalid(e);
+    /* as the OpenAI and Anthropic APIs: a request needs a message to answer */
+    if (json_array_size(msgs) == 0) return srv_fail_param(e, "messages", NULL, "messages must contain at least one message");
     size_t i;
     json_t *m;
     json_array_foreach(msgs, i, m) {

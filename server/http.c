@@ -131,6 +131,10 @@ static enum MHD_Result reply_json(srv_server *s, struct MHD_Connection *c, unsig
         return MHD_NO;
     }
     MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    /* 429 (queue full) and 503 (shutting down, or the backend cannot run the
+     * request now): when to try again, which the OpenAI and Anthropic SDKs'
+     * retries honour */
+    if (status == 429 || status == 503) MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, "1");
     add_common(s, r);
     enum MHD_Result ok = MHD_queue_response(c, status, r);
     MHD_destroy_response(r);

@@ -386,6 +386,7 @@ def test_server_bad_input_gets_documented_status_and_server_stays_up():
             ("POST", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"\xff"}]}',
              400, "invalid JSON request"),
             ("POST", "/v1/chat/completions", {"model": "x"}, 400, "missing messages"),
+            ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages must contain at least one message"),
             ("POST", "/v1/completions", {"max_tokens": 2}, 400, "missing prompt"),
             ("POST", "/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 400,
              "previous_response_id is not supported; replay full input instead"),
@@ -404,6 +405,8 @@ def test_server_bad_input_gets_documented_status_and_server_stays_up():
         st, _, data = s.raw("POST", "/v1/messages", {"max_tokens": 3})
         assert st == 400 and json.loads(data) == {
             "type": "error", "error": {"type": "invalid_request_error", "message": "missing messages"}}
+        st, _, data = s.raw("POST", "/v1/messages", {"max_tokens": 3, "messages": []})
+        assert st == 400 and json.loads(data)["error"]["message"] == "messages must contain at least one message"
         # unknown fields are ignored
         st, _, data = s.raw("POST", "/v1/chat/completions",
                             {"messages": user("x"), "max_tokens": 1, "frobnicate": {"a": [1]},
@@ -452,9 +455,10 @@ def test_server_queue_full_gets_429_and_server_stays_up():
         codes = sorted(r[0] for r in results)
         assert codes.count(200) >= 2, codes
         assert codes.count(429) >= 1, codes
-        for st, _, data in results:
+        for st, hdr, data in results:
             if st == 429:
                 assert "busy" in err_of(data)["message"]
+                assert hdr.get("Retry-After") == "1", hdr
         assert s.alive() and s.raw("GET", "/v1/models")[0] == 200
 
 

@@ -123,7 +123,8 @@ def sigterm_round(server_args=(), n_queued=6, timeout=60):
         bad = []
         for k in range(n_queued):
             r = results[k]
-            if status_of(r) == 503 and b"server shutting down" in r:
+            # a 503 says when to retry (Retry-After, honoured by the OpenAI and Anthropic SDKs)
+            if status_of(r) == 503 and b"server shutting down" in r and b"\r\nRetry-After: 1\r\n" in r:
                 n503 += 1
             else:
                 bad.append(r[:120])
