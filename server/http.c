@@ -475,7 +475,8 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         MHD_destroy_response(r);
         return ok;
     }
-    if (!strcmp(method, "GET")) {
+    /* HEAD as GET: libmicrohttpd sends the headers (Content-Length included) without the body */
+    if (!strcmp(method, "GET") || !strcmp(method, "HEAD")) {
         if (!strcmp(url, "/v1/models")) {
             char *m = model_json(s);
             size_t n = strlen(m) + 64;

@@ -395,6 +395,10 @@ def test_server_bad_input_gets_documented_status_and_server_stays_up():
             ("GET", "/v1/nothing", None, 404, "unknown endpoint"),
             ("DELETE", "/v1/models", None, 404, "unknown endpoint"),
         ]
+        # HEAD: GET's status and headers, no body (clients probing the server)
+        st, hdr, data = s.raw("HEAD", "/v1/models", None)
+        assert st == 200 and data == b"" and int(hdr["Content-Length"]) > 0, (st, hdr, data)
+        assert s.raw("HEAD", "/v1/nothing", None)[0] == 404
         for method, path, body, status, msg in cases:
             st, hdr, data = s.raw(method, path, body)
             assert st == status, (path, body, st, data)
