@@ -84,16 +84,19 @@ DS4_TEST(server_parse_errors_documented) {
     const char *inv = "invalid JSON request";
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[", 400, inv));
     CHECK(fails_with(SRV_API_CHAT, "[1,2]", 400, inv));
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"stream\":\"true\"}", 400, inv));
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"max_tokens\":\"5\"}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"stream\":\"true\"}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":\"5\"}", 400, inv));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":{}}", 400, inv));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[\"hi\"]}", 400, inv));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}", 400, inv));
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"reasoning_effort\":\"bogus\"}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"reasoning_effort\":\"bogus\"}", 400, inv));
     CHECK(fails_with(SRV_API_CHAT, "{\"model\":\"x\"}", 400, "missing messages"));
     CHECK(fails_with(SRV_API_COMPLETIONS, "{}", 400, "missing prompt"));
     CHECK(fails_with(SRV_API_RESPONSES, "{}", 400, "missing input"));
     CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5}", 400, "missing messages"));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[]}", 400, "messages must contain at least one message"));
+    CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5,\"messages\":[]}", 400,
+                     "messages must contain at least one message"));
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"previous_response_id\":\"r\"}", 400,
                      "previous_response_id is not supported; replay full input instead"));
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"tool_choice\":\"sometimes\"}", 400,
@@ -103,15 +106,15 @@ DS4_TEST(server_parse_errors_documented) {
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":\"x\",\"tool_choice\":{\"type\":\"web_search\"}}",
                      400, "tool_choice type web_search not supported"));
     /* n > 1 is refused naming the field, never answered with one choice */
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"n\":2}", 400,
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"n\":2}", 400,
                      "n must be 1: ds4-server generates one choice per request (send several "
                      "requests instead)"));
     CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":\"x\",\"best_of\":3}", 400,
                      "best_of must be 1: ds4-server generates one choice per request (send several "
                      "requests instead)"));
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logprobs\":true,\"top_logprobs\":21}", 400,
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logprobs\":true,\"top_logprobs\":21}", 400,
                      "top_logprobs must be between 0 and 20"));
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"top_logprobs\":2}", 400,
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"top_logprobs\":2}", 400,
                      "top_logprobs requires logprobs to be true"));
     CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":\"x\",\"logprobs\":6}", 400,
                      "logprobs must be between 0 and 5"));
@@ -139,20 +142,20 @@ DS4_TEST(server_parse_errors_documented) {
 DS4_TEST(server_parse_thinking_controls) {
     srv_request rq;
     srv_error e;
-    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"model\":\"deepseek-chat\",\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"model\":\"deepseek-chat\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &rq, &e), 0);
     CHECK_EQ_INT(rq.think, DS4_THINK_NONE);
     srv_request_free(&rq);
     /* an explicit control beats the alias */
-    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"model\":\"deepseek-chat\",\"think\":true,\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"model\":\"deepseek-chat\",\"think\":true,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &rq, &e), 0);
     CHECK_EQ_INT(rq.think, DS4_THINK_HIGH);
     srv_request_free(&rq);
-    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"reasoning_effort\":\"max\",\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"reasoning_effort\":\"max\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &rq, &e), 0);
     CHECK_EQ_INT(rq.think, DS4_THINK_MAX);
     srv_request_free(&rq);
-    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"thinking\":{\"type\":\"disabled\"},\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"thinking\":{\"type\":\"disabled\"},\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &rq, &e), 0);
     CHECK_EQ_INT(rq.think, DS4_THINK_NONE);
     srv_request_free(&rq);
-    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"output_config\":{\"effort\":\"none\"},\"messages\":[]}", &rq, &e), 0);
+    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"output_config\":{\"effort\":\"none\"},\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &rq, &e), 0);
     CHECK_EQ_INT(rq.think, DS4_THINK_NONE);
     srv_request_free(&rq);
     CHECK_EQ_INT(parse(SRV_API_RESPONSES, "{\"input\":\"x\",\"reasoning\":{\"effort\":\"low\",\"summary\":\"auto\"}}", &rq, &e), 0);
@@ -184,10 +187,10 @@ DS4_TEST(server_parse_tool_choice) {
     CHECK_STR(rq.tools_text, "{\"name\":\"bash\",\"parameters\":{\"type\":\"object\"}}");
     CHECK(srv_tools_active(&rq));
     srv_request_free(&rq);
-    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"messages\":[],\"tools\":[{\"name\":\"a\"}],\"tool_choice\":\"none\"}", &rq, &e), 0);
+    CHECK_EQ_INT(parse(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"name\":\"a\"}],\"tool_choice\":\"none\"}", &rq, &e), 0);
     CHECK(!srv_tools_active(&rq));
     srv_request_free(&rq);
-    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"messages\":[],\"tools\":[{\"name\":\"a\",\"input_schema\":{}}],"
+    CHECK_EQ_INT(parse(SRV_API_ANTHROPIC, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"name\":\"a\",\"input_schema\":{}}],"
                                           "\"tool_choice\":{\"type\":\"any\"}}", &rq, &e), 0);
     CHECK_EQ_INT(rq.tool_choice, SRV_TOOL_REQUIRED);
     srv_request_free(&rq);
@@ -203,21 +206,21 @@ DS4_TEST(server_parse_tool_choice) {
 DS4_TEST(server_forced_tool_choice_must_name_a_tool) {
     const char *msg = "tool_choice names function 'rm', which is not in tools";
     CHECK(fails_with(SRV_API_CHAT,
-                     "{\"messages\":[],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\"}}],"
+                     "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\"}}],"
                      "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"rm\"}}}",
                      400, msg));
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"tool_choice\":{\"type\":\"function\",\"function\":"
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tool_choice\":{\"type\":\"function\",\"function\":"
                                    "{\"name\":\"rm\"}}}", 400, msg));
-    CHECK(fails_with(SRV_API_ANTHROPIC, "{\"messages\":[],\"tools\":[{\"name\":\"Bash\",\"input_schema\":{}}],"
+    CHECK(fails_with(SRV_API_ANTHROPIC, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"name\":\"Bash\",\"input_schema\":{}}],"
                                         "\"tool_choice\":{\"type\":\"tool\",\"name\":\"rm\"}}", 400, msg));
     CHECK(fails_with(SRV_API_CHAT,
-                     "{\"messages\":[],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"a\\\"b\"}}],"
+                     "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"a\\\"b\"}}],"
                      "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"a\\\"b\"}}}",
                      400, "tools[0]: the name is not usable (a tool needs a non-empty name without control "
                           "characters, '\"', '<', '>' or '\xef\xbd\x9c')"));
     /* a long unknown name: the message is cut, not the request's memory */
     ds4_buf b = DS4_BUF_INIT;
-    ds4_buf_puts(&b, "{\"messages\":[],\"tool_choice\":{\"type\":\"tool\",\"name\":\"");
+    ds4_buf_puts(&b, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tool_choice\":{\"type\":\"tool\",\"name\":\"");
     for (int i = 0; i < 5000; i++) ds4_buf_putc(&b, 'n');
     ds4_buf_puts(&b, "\"}}");
     srv_request rq;
@@ -321,7 +324,7 @@ DS4_TEST(server_error_bodies) {
                  "\"param\":null,\"code\":\"invalid_api_key\"}}");
     free(s);
     srv_request rq;
-    CHECK(parse(SRV_API_CHAT, "{\"messages\":[],\"n\":3}", &rq, &e2) != 0);
+    CHECK(parse(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"n\":3}", &rq, &e2) != 0);
     srv_request_free(&rq);
     s = srv_error_body(SRV_API_CHAT, &e2);
     CHECK(strstr(s, "\"param\":\"n\",\"code\":\"unsupported_value\"") != NULL);
