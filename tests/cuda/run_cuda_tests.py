@@ -29,7 +29,7 @@ def main():
     junit = os.path.join(ROOT, "build", "pytest-cuda.xml")
     if os.path.exists(junit):
         os.remove(junit)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-rfEs", "-p", "no:cacheprovider", "--junitxml", junit,
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-rfEs", "-p", "no:cacheprovider", "--durations=12", "--junitxml", junit,
            os.path.join(ROOT, "tests/cuda")] + sys.argv[1:]
     r = subprocess.run(cmd, cwd=ROOT)
     pp = pf = ps = 0

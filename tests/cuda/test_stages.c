@@ -23,6 +23,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "../unit/test_model_build.c"
 #include "backend.h"
@@ -718,7 +720,11 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
     t->n_batch = 512;
     t->s[0].name = "cpu";
     t->s[1].name = "cuda";
-    if (ds4_cpu_backend_new(4, &t->s[0].be, &e)) die("cpu backend", &e);
+    /* the reference on every core (up to 16): its results do not depend on the thread count */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    if (ds4_cpu_backend_new(ncpu < 4 ? 4 : ncpu > 16 ? 16 : (int)ncpu, &t->s[0].be, &e)) die("cpu backend", &e);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     ds4_cuda_opts co = {.device = 0, .sync_debug = true};
     if (ds4_cuda_backend_new(&co, &t->s[1].be, &e)) die("cuda backend", &e);
     ds4_bind_opts bo = {0};
@@ -771,6 +777,9 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
     int tot = 0;
     for (int i = 0; i < 16; i++) tot += counts[i];
     if (c.E == 16 && tot % c.K == 0 && !flash) ONLY("experts", t_experts(t, tot / c.K, 4, counts));
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    printf("== recipe %s: %.1f s\n", name, (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
     for (int k = 0; k < 2; k++) {
         side *s = &t->s[k];
         s->be.ops->unbind_model(s->be.ctx, s->bm);
