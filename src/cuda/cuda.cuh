@@ -76,6 +76,7 @@ struct cu_scratch {
     unsigned *hcc;             /* (B) HC blocks done per token (0 between launches) */
     float *xn;                 /* (xn_cap) streams updated by the HC-post inside k_hc */
     size_t xn_cap;
+    unsigned *rcc;             /* (1) k_route1 blocks done (0 between launches) */
     unsigned *mcc;             /* ((4K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
     float *hn;                 /* (B, D) head input */
@@ -149,6 +150,7 @@ struct cu_ctx {
     int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: with early_trigger, no L2 prefetch of weights (A/B switch) */
     int early_trigger;     /* DS4_CUDA_EARLY_TRIGGER=1: kernels let the next one launch at their start (A/B switch) */
     int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
+    int route_fuse;        /* DS4_CUDA_ROUTE_FUSE=1: one token's router logits + top-k in one launch (opt-in) */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
     uint64_t graph_clock;

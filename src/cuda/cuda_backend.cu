@@ -656,6 +656,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->hcc = (unsigned *)take(B * sizeof(unsigned));
     s->xn_cap = (B < 8 ? B : 8) * (size_t)hp->n_hc * D; /* k_hc takes fewer than HCB_MIN_N = 8 tokens */
     s->xn = (float *)take(s->xn_cap * 4);
+    s->rcc = (unsigned *)take(sizeof(unsigned));
     s->mcc = (unsigned *)take((4 * K + 1) * (F / 256 + 1) * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
     s->hn = (float *)take(B * D * 4);
@@ -700,7 +701,8 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     layout_scratch(c, m, B, C, (char *)p, &c->s);
     const size_t nmcc = (size_t)(4 * m->hp.n_expert_used + 1) * (m->hp.n_ff_exp / 256 + 1);
     if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess ||
-        cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess) {
+        cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess ||
+        cudaMemset(c->s.rcc, 0, sizeof(unsigned)) != cudaSuccess) {
         cudaGetLastError();
         return ds4_err_set(err, DS4_E_BACKEND, "cuda: scratch initialisation failed");
     }
@@ -975,6 +977,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: with EARLY_TRIGGER, no L2 prefetch of weights */
     {"DS4_CUDA_EARLY_TRIGGER", &cu_ctx::early_trigger}, /* 1: kernels let the next one launch at their start */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
+    {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
 };
 
 static void cu_read_switches(cu_ctx *c) {

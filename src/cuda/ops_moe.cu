@@ -22,35 +22,48 @@
 
 __device__ __forceinline__ float cu_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* One warp per token (8 per block). Shared: 8 x E scores. Lane l holds the
- * biased scores of experts l, l+32, ... in registers (E <= MOE_MAX_E) and a
- * bit per taken one; each of the K rounds takes the largest, the lowest
- * expert id on ties (in a lane: ascending scan with a strict compare; across
- * lanes: the tie rule in the butterfly), as cpu_ops.c's top-k. */
-__global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E, int K, const int32_t *tokens,
-                                              const int32_t *tid2eid, const float *bias, bool hash, bool norm,
-                                              float scale, int32_t *ids, float *wts, int32_t *items, int32_t *off,
-                                              int32_t *act) {
-    cu_pdl_wait();
-    extern __shared__ float sm[];
-    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.x * 8 + w;
-    if (t >= n) return;
+/* struct of the router's per-token work */
+struct route_p {
+    const float *logits;     /* (n, E) */
+    int n, E, K;
+    const int32_t *tokens, *tid2eid;
+    const float *bias;
+    bool hash, norm;
+    float scale;
+    int32_t *ids;
+    float *wts;
+    int32_t *items, *off, *act; /* one token: its grouping (NULL: none) */
+    /* k_route1: the router weights and input, the logits' counter */
+    cu_w w;
+    const float *x;
+    int wpr;
+    unsigned *cnt;
+};
+
+/* Token t's routing by one warp (all lanes calling). s: E floats of shared
+ * memory. Lane l holds the biased scores of experts l, l+32, ... in
+ * registers (E <= MOE_MAX_E) and a bit per taken one; each of the K rounds
+ * takes the largest, the lowest expert id on ties (in a lane: ascending scan
+ * with a strict compare; across lanes: the tie rule in the butterfly), as
+ * cpu_ops.c's top-k. The logits are read from L2 (k_route1 reads those
+ * other blocks of its launch wrote). */
+__device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
+    const int lane = threadIdx.x & 31, E = p.E, K = p.K;
     constexpr int PER = MOE_MAX_E / 32;
-    float *s = sm + w * E;
     float bvv[PER];
 #pragma unroll
     for (int k = 0; k < PER; k++) {
         const int e = lane + 32 * k;
         if (e < E) {
-            const float v = sqrtf(cu_softplus(logits[(int64_t)t * E + e]));
+            const float v = sqrtf(cu_softplus(__ldcg(p.logits + (int64_t)t * E + e)));
             s[e] = v;
-            if (!hash) bvv[k] = __fadd_rn(v, bias[e]);
+            if (!p.hash) bvv[k] = __fadd_rn(v, p.bias[e]);
         }
     }
     __syncwarp();
-    int32_t *id = ids + (int64_t)t * K;
-    if (hash) {
-        if (lane < K) id[lane] = tid2eid[(int64_t)tokens[t] * K + lane];
+    int32_t *id = p.ids + (int64_t)t * K;
+    if (p.hash) {
+        if (lane < K) id[lane] = p.tid2eid[(int64_t)p.tokens[t] * K + lane];
     } else {
         unsigned taken = 0; /* bit k: expert lane + 32k */
         for (int i = 0; i < K; i++) {
@@ -82,10 +95,10 @@ __global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E
         float sum = 0.0f;
         for (int i = 0; i < K; i++) sum += s[id[i]];
         for (int i = 0; i < K; i++) {
-            float g = norm ? s[id[i]] / (sum + 1e-20f) : s[id[i]];
-            wts[(int64_t)t * K + i] = g * scale;
+            float g = p.norm ? s[id[i]] / (sum + 1e-20f) : s[id[i]];
+            p.wts[(int64_t)t * K + i] = g * p.scale;
         }
-        if (items) { /* one token: k_moe_group's output, by a stable insertion sort of the K items */
+        if (p.items) { /* one token: k_moe_group's output, by a stable insertion sort of the K items */
             int es[MOE_MAX_K], is[MOE_MAX_K];
             for (int i = 0; i < K; i++) {
                 const int e = id[i];
@@ -99,16 +112,57 @@ __global__ void __launch_bounds__(256) k_route(const float *logits, int n, int E
             }
             int na = 0;
             for (int j = 0; j < K; j++) {
-                items[j] = is[j];
+                p.items[j] = is[j];
                 if (j == 0 || es[j] != es[j - 1]) {
-                    act[na++] = es[j];
-                    off[es[j]] = j;
+                    p.act[na++] = es[j];
+                    p.off[es[j]] = j;
                 }
-                off[es[j] + 1] = j + 1; /* the end of es[j]: also the start of es[j] + 1 when that one is active */
+                p.off[es[j] + 1] = j + 1; /* the end of es[j]: also the start of es[j] + 1 when that one is active */
             }
-            act[E] = na;
+            p.act[E] = na;
         }
     }
+}
+
+/* One warp per token (8 per block). Shared: 8 x E scores. */
+__global__ void __launch_bounds__(256) k_route(const __grid_constant__ route_p p) {
+    cu_pdl_wait();
+    extern __shared__ float sm[];
+    const int w = threadIdx.x >> 5, t = blockIdx.x * 8 + w;
+    if (t >= p.n) return;
+    route_token(p, t, sm + w * p.E);
+}
+
+/* One token's router in one launch (DS4_CUDA_ROUTE_FUSE=1, opt-in): warp w
+ * of block b computes logit 8b + w with the matvec's operations (the row
+ * split into wpr chunk sets, cu_mv_wpr of the weight's shape, warp sums
+ * added in j order: k_matvec's values), and the last block to finish (a
+ * counter that wraps back to 0) routes the token (route_token). */
+template <int WT>
+__global__ void __launch_bounds__(256) k_route1(const __grid_constant__ route_p p) {
+    cu_pdl_wait();
+    __shared__ float sm[MOE_MAX_E];
+    __shared__ bool last;
+    const int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), nch = p.w.n_in / 32;
+    if (r < p.E) {
+        const uint8_t *q = p.w.q + (size_t)r * p.w.q_row, *sc = p.w.s ? p.w.s + (size_t)r * p.w.s_row : nullptr;
+        const int64_t xo[1] = {0};
+        float v = 0.0f;
+        for (int j = 0; j < p.wpr; j++) {
+            float acc[1] = {0.0f};
+            cu_row_dot<WT, false, 1>(q, sc, nch, 1, p.x, nullptr, nullptr, nullptr, xo, acc, nullptr, 32 * j, 32 * p.wpr);
+            const float part = cu_warp_sum(acc[0]);
+            v = j ? v + part : part;
+        }
+        if (lane == 0) ((float *)p.logits)[r] = v;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicInc(p.cnt, gridDim.x - 1) == gridDim.x - 1;
+    __syncthreads();
+    if (!last || threadIdx.x >= 32) return;
+    __threadfence();
+    route_token(p, 0, sm);
 }
 
 int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
@@ -117,13 +171,42 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
     const int E = hp->n_expert, K = hp->n_expert_used;
-    cu_mv_pair(c, &l->gate_inp, c->s.rl, E, nullptr, nullptr, 0, a->v, hp->n_embd, a->n, false, &c->s.a1, a->step, 0);
     /* one token: the router kernel also groups the K items by expert (the
      * moe_group launch of moe_experts is then skipped) */
     const bool group = a->n == 1 && K <= MOE_MAX_K && !c->no_route_group;
-    cu_launch(c, k_route, cu_div_up(a->n, 8), 256, (size_t)8 * E * sizeof(float), c->s.rl, a->n, E, K, a->tokens,
-              l->tid2eid, l->exp_bias, l->hash, hp->expert_weights_norm, hp->expert_weights_scale, a->ids, a->w,
-              group ? c->s.items : nullptr, group ? c->s.off : nullptr, group ? c->s.act : nullptr);
+    route_p p;
+    memset(&p, 0, sizeof p);
+    p.logits = c->s.rl;
+    p.n = a->n;
+    p.E = E;
+    p.K = K;
+    p.tokens = a->tokens;
+    p.tid2eid = l->tid2eid;
+    p.bias = l->exp_bias;
+    p.hash = l->hash;
+    p.norm = hp->expert_weights_norm;
+    p.scale = hp->expert_weights_scale;
+    p.ids = a->ids;
+    p.wts = a->w;
+    p.items = group ? c->s.items : nullptr;
+    p.off = group ? c->s.off : nullptr;
+    p.act = group ? c->s.act : nullptr;
+    const int wt = l->gate_inp.type;
+    if (c->route_fuse && a->n == 1 && E <= MOE_MAX_E && l->gate_inp.n_in % 32 == 0 &&
+        (wt == DS4_TYPE_F16 || wt == DS4_TYPE_BF16 || wt == DS4_TYPE_F32)) {
+        p.w = cu_weight_view(&l->gate_inp);
+        p.x = a->v;
+        p.wpr = cu_mv_wpr(E, (int)l->gate_inp.n_in / 32);
+        p.cnt = c->s.rcc;
+        const int nb = cu_div_up(E, 8);
+        if (wt == DS4_TYPE_F16) cu_launch(c, k_route1<DS4_TYPE_F16>, nb, 256, 0, p);
+        else if (wt == DS4_TYPE_BF16) cu_launch(c, k_route1<DS4_TYPE_BF16>, nb, 256, 0, p);
+        else cu_launch(c, k_route1<DS4_TYPE_F32>, nb, 256, 0, p);
+    } else {
+        cu_mv_pair(c, &l->gate_inp, c->s.rl, E, nullptr, nullptr, 0, a->v, hp->n_embd, a->n, false, &c->s.a1, a->step,
+                   0);
+        cu_launch(c, k_route, cu_div_up(a->n, 8), 256, (size_t)8 * E * sizeof(float), p);
+    }
     c->moe_grouped = group ? a->ids : nullptr;
     CU_LAUNCH(c, "route");
     return c->err;
