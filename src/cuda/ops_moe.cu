@@ -22,7 +22,7 @@
 
 __device__ __forceinline__ float cu_softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* struct of the router's per-token work */
+/* The router's arguments (k_route, k_route1) */
 struct route_p {
     const float *logits;     /* (n, E) */
     int n, E, K;
