@@ -61,6 +61,7 @@ struct cu_scratch {
     cu_act a1, a2, a3;         /* a1: any row activation; a2: second quantisation of v; a3: expert hidden */
     cu_act h0, hk;             /* Q8_0 / Q8_K codes of the HC-pre (or head) output, written by k_hc */
     cu_act a4;                 /* shared expert hidden codes (fused experts of up to 4 tokens) */
+    cu_act ac;                 /* the compressors' input codes (their own: they may run on the side stream) */
     float *o;                  /* (B, H*dh) attention output */
     float *att_o;              /* (att_tokens, att_splits, H, dh) split attention outputs */
     float *att_m, *att_l;      /* (att_tokens, att_splits, H) split maxima / sums */
@@ -151,6 +152,10 @@ struct cu_ctx {
     int early_trigger;     /* DS4_CUDA_EARLY_TRIGGER=1: kernels let the next one launch at their start (A/B switch) */
     int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
     int route_fuse;        /* DS4_CUDA_ROUTE_FUSE=1: one token's router logits + top-k in one launch (opt-in) */
+    int side_stream;       /* DS4_CUDA_SIDE_STREAM=1: the compressors on a second stream (opt-in) */
+    cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
+    cudaEvent_t ev_fork, ev_join;
+    bool side_live;        /* work queued on st2 that st has not joined yet */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
     uint64_t graph_clock;

@@ -141,8 +141,66 @@ static int report(cu_ctx *c, ds4_err *err) {
     return ds4_err_set(err, e, "%s", c->msg);
 }
 
+/* ---------------------------------------------------------------- side stream
+ *
+ * DS4_CUDA_SIDE_STREAM=1 (opt-in): the compressors (compress_update) read
+ * only HC-pre's output and write only their own state and scratch (s.ca,
+ * s.cg, s.ac), so they run on a second stream, forked after each HC-pre
+ * (event ev_fork) while attn_project runs on the main one, and every other
+ * operation first joins it (ev_join). In a captured step the fork and join
+ * are graph edges. Off when profiling or synchronising each launch. */
+static bool side_on(const cu_ctx *c) { return c->side_stream && c->st2 && !c->profile && !c->kprof && !c->sync_debug; }
+
+static void cu_join(cu_ctx *c) {
+    if (!c->side_live) return;
+    c->side_live = false;
+    cu_ok(c, cudaEventRecord(c->ev_join, c->st2), "side stream join") &&
+        cu_ok(c, cudaStreamWaitEvent(c->st, c->ev_join, 0), "side stream join");
+}
+
+#define CU_JOINED(op, T)                                                                                \
+    static int op##_j(void *ctx, const T *a) {                                                          \
+        cu_join((cu_ctx *)ctx);                                                                         \
+        return op(ctx, a);                                                                              \
+    }
+CU_JOINED(cu_embed, ds4_embed_args)
+CU_JOINED(cu_indexer_select, ds4_indexer_args)
+CU_JOINED(cu_attention, ds4_attention_args)
+CU_JOINED(cu_kv_store, ds4_kv_store_args)
+CU_JOINED(cu_hc_post, ds4_hc_post_args)
+CU_JOINED(cu_moe_route, ds4_moe_route_args)
+CU_JOINED(cu_moe_experts, ds4_moe_experts_args)
+CU_JOINED(cu_head, ds4_head_args)
+CU_JOINED(cu_mtp_embed, ds4_mtp_embed_args)
+#undef CU_JOINED
+
+/* HC-pre, then the fork point of the compressors that may follow */
+static int cu_hc_pre_j(void *ctx, const ds4_hc_pre_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
+    const int rc = cu_hc_pre(ctx, a);
+    if (!rc && side_on(c)) cu_ok(c, cudaEventRecord(c->ev_fork, c->st), "side stream fork");
+    return rc ? rc : c->err;
+}
+
+/* a compressor on the side stream (after the last HC-pre), else in order */
+static int cu_compress_update_s(void *ctx, const ds4_compress_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    if (!side_on(c)) return cu_compress_update(ctx, a);
+    if (!c->side_live) {
+        if (!cu_ok(c, cudaStreamWaitEvent(c->st2, c->ev_fork, 0), "side stream fork")) return c->err;
+        c->side_live = true;
+    }
+    cudaStream_t main_st = c->st;
+    c->st = c->st2;
+    const int rc = cu_compress_update(ctx, a);
+    c->st = main_st;
+    return rc;
+}
+
 static int cu_upload_op(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
     c->moe_grouped = nullptr;
     if (!bytes) return 0;
     if (!cu_ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, c->st), "upload")) return report(c, err);
@@ -151,6 +209,7 @@ static int cu_upload_op(void *ctx, void *dst, const void *src, size_t bytes, ds4
 
 static int cu_download_op(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
     if (!bytes) return 0;
     if (!cu_ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, c->st), "download") ||
         !cu_ok(c, cudaStreamSynchronize(c->st), "download"))
@@ -160,6 +219,7 @@ static int cu_download_op(void *ctx, void *dst, const void *src, size_t bytes, d
 
 static int cu_copy_op(void *ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
     c->moe_grouped = nullptr;
     if (!bytes) return 0;
     if (!cu_ok(c, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, c->st), "copy")) return report(c, err);
@@ -192,6 +252,7 @@ __global__ void k_copy_many(const __grid_constant__ copy_many_p p) {
 
 static int cu_copy_many_op(void *ctx, const ds4_copy *v, int n, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
     c->moe_grouped = nullptr;
     for (int i0 = 0; i0 < n; i0 += CU_COPY_MAX) {
         copy_many_p p;
@@ -626,6 +687,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     act(&s->h0, B * D);
     act(&s->hk, B * D);
     act(&s->a4, 4 * F); /* MOE1_MAX_N tokens */
+    act(&s->ac, B * D);
     s->o = (float *)take(B * H * dh * 4);
     { /* split attention partials: splits for the longest row list of any
        * layer, tokens per launch within ~256 MiB */
@@ -688,6 +750,7 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     memset(&s, 0, sizeof s);
     size_t bytes = layout_scratch(c, m, B, C, nullptr, &s);
     void *p = nullptr;
+    cu_join(c);
     cudaStreamSynchronize(c->st);
     if (cudaMalloc(&p, bytes) != cudaSuccess) {
         cudaGetLastError();
@@ -892,6 +955,7 @@ static void describe(void *ctx, char *buf, size_t cap) {
 
 static int cu_step_end(void *ctx, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
     if (c->capturing) finish_capture(c);
     cu_ok(c, cudaMemcpyAsync(c->hstatus, c->dstatus, sizeof(int), cudaMemcpyDeviceToHost, c->st), "status");
     cu_ok(c, cudaStreamSynchronize(c->st), "step");
@@ -918,6 +982,7 @@ static void cu_forget(void *ctx, uint64_t key) {
 
 static int cu_argmax(void *ctx, const float *logits, int n_rows, int n_vocab, int32_t *ids, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
     c->err = 0;
     for (int r0 = 0; r0 < n_rows; r0 += 64) {
         int nr = n_rows - r0 < 64 ? n_rows - r0 : 64;
@@ -951,6 +1016,9 @@ static void cu_destroy(void *ctx) {
     free(c->prof_ev);
     free(c->prof_kind);
     if (c->st) cudaStreamDestroy(c->st);
+    if (c->st2) cudaStreamDestroy(c->st2);
+    if (c->ev_fork) cudaEventDestroy(c->ev_fork);
+    if (c->ev_join) cudaEventDestroy(c->ev_join);
     free(c);
 }
 
@@ -978,6 +1046,7 @@ static const struct cu_switch {
     {"DS4_CUDA_EARLY_TRIGGER", &cu_ctx::early_trigger}, /* 1: kernels let the next one launch at their start */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
+    {"DS4_CUDA_SIDE_STREAM", &cu_ctx::side_stream},     /* 1: the compressors on a second stream (opt-in) */
 };
 
 static void cu_read_switches(cu_ctx *c) {
@@ -1011,18 +1080,18 @@ static const ds4_backend_ops cuda_ops = {
     prof_read,
     bandwidth,
     describe,
-    cu_embed,
-    cu_hc_pre,
+    cu_embed_j,
+    cu_hc_pre_j,
     cu_attn_project,
-    cu_compress_update,
-    cu_indexer_select,
-    cu_attention,
-    cu_kv_store,
-    cu_hc_post,
-    cu_moe_route,
-    cu_moe_experts,
-    cu_head,
-    cu_mtp_embed,
+    cu_compress_update_s,
+    cu_indexer_select_j,
+    cu_attention_j,
+    cu_kv_store_j,
+    cu_hc_post_j,
+    cu_moe_route_j,
+    cu_moe_experts_j,
+    cu_head_j,
+    cu_mtp_embed_j,
 };
 
 extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds4_err *err) {
@@ -1049,6 +1118,10 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
         snprintf(c->dev_name, sizeof c->dev_name, "%s", prop.name);
         c->hc_split = 32;
         ok = cu_ok(c, cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking), "stream") &&
+             (!c->side_stream ||
+              (cu_ok(c, cudaStreamCreateWithFlags(&c->st2, cudaStreamNonBlocking), "stream") &&
+               cu_ok(c, cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming), "event") &&
+               cu_ok(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming), "event"))) &&
              cu_ok(c, cudaMalloc((void **)&c->dstatus, sizeof(int)), "status") &&
              cu_ok(c, cudaMemset(c->dstatus, 0, sizeof(int)), "status") &&
              cu_ok(c, cudaHostAlloc((void **)&c->hstatus, sizeof(int), cudaHostAllocDefault), "status") &&

@@ -133,7 +133,7 @@ int cu_compress_update(void *ctx, const ds4_compress_args *a) {
     if (c->err) return c->err;
     const ds4_hparams *hp = &a->m->hp;
     const int n = a->n, D = hp->n_embd, cw = a->overlap ? 2 : 1, w = cw * a->d;
-    cu_mv_pair(c, a->wkv, c->s.ca, w, a->wgate, c->s.cg, w, a->u, D, n, a->num.act_quant, &c->s.a1, a->step, 0);
+    cu_mv_pair(c, a->wkv, c->s.ca, w, a->wgate, c->s.cg, w, a->u, D, n, a->num.act_quant, &c->s.ac, a->step, 0);
     comp_p p;
     p.A = c->s.ca;
     p.G = c->s.cg;
