@@ -116,12 +116,17 @@ int srv_parse_completions(json_t *root, srv_request *rq, srv_error *e) {
     if (parse_effort_and_thinking(root, rq, e)) return -1;
     json_t *p = json_object_get(root, "prompt");
     if (!p || json_is_null(p)) return srv_fail_param(e, "prompt", NULL, "missing prompt");
-    /* a string; an array whose first element is a string; else empty */
-    if (json_is_string(p)) rq->prompt = xstrdup(json_string_value(p));
-    else if (json_is_array(p) && json_is_string(json_array_get(p, 0)))
-        rq->prompt = xstrdup(json_string_value(json_array_get(p, 0)));
-    else rq->prompt = xstrdup("");
-    return 0;
+    /* a string, or an array of one string; token-id prompts and several
+     * prompts (one choice each) are a 400, never a silently dropped input */
+    if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0))) p = json_array_get(p, 0);
+    if (json_is_string(p)) {
+        rq->prompt = xstrdup(json_string_value(p));
+        return 0;
+    }
+    if (json_is_array(p) && json_array_size(p) > 1 && json_is_string(json_array_get(p, 0)))
+        return srv_fail_param(e, "prompt", "unsupported_value",
+                              "one prompt per request (send several requests instead)");
+    return srv_fail_param(e, "prompt", "unsupported_value", "prompt must be a string (token-id prompts are not supported)");
 }
 
 /* ---- responses ------------------------------------------------------------ */

@@ -469,7 +469,7 @@ static json_t *usage_responses(const srv_usage *raw) {
     return json_pack("{s:i, s:{s:i, s:i}, s:i, s:{s:i}, s:i}", "input_tokens", u.prompt,
                      "input_tokens_details", "cached_tokens", u.cached, "cache_write_tokens",
                      u.prompt - u.cached, "output_tokens", u.completion, "output_tokens_details",
-                     "reasoning_tokens", 0, "total_tokens", u.prompt + u.completion);
+                     "reasoning_tokens", u.reasoning, "total_tokens", u.prompt + u.completion);
 }
 
 /* An echoed request member (collect_echo always sets them). */

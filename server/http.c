@@ -135,6 +135,8 @@ static enum MHD_Result reply_json(srv_server *s, struct MHD_Connection *c, unsig
      * request now): when to try again, which the OpenAI and Anthropic SDKs'
      * retries honour */
     if (status == 429 || status == 503) MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, "1");
+    /* a 401 names the scheme it wants (RFC 9110 11.6.1): the key as a Bearer token (or x-api-key) */
+    if (status == 401) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
     add_common(s, r);
     enum MHD_Result ok = MHD_queue_response(c, status, r);
     MHD_destroy_response(r);
@@ -398,11 +400,15 @@ static const struct {
  * (or buffered). Returns MHD_YES with nothing queued when the request may
  * go on; otherwise the result of queueing the refusal. */
 static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, conn_ctx *cx,
-                                     const char *url, const char *method, bool *refused) {
+                                     const char *url, const char *method, const char *version, bool *refused) {
     *refused = true;
     cl_scan cl = {0};
     MHD_get_connection_values(c, MHD_HEADER_KIND, cl_each, &cl);
     if (cl.differ) return reply_simple_error(s, c, url, MHD_HTTP_BAD_REQUEST, NULL, "bad HTTP request");
+    /* HTTP/1.1 requires a Host header (RFC 9112 3.2); HTTP/1.0 may omit it */
+    if (version && strcmp(version, MHD_HTTP_VERSION_1_0) &&
+        !MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST))
+        return reply_simple_error(s, c, url, MHD_HTTP_BAD_REQUEST, NULL, "bad HTTP request: no Host header");
     if (!host_ok(s, c))
         return reply_simple_error(s, c, url, MHD_HTTP_FORBIDDEN, NULL,
                                   "Host header not allowed (DNS-rebinding protection; see "
@@ -430,7 +436,6 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
                                const char *method, const char *version, const char *upload_data,
                                size_t *upload_data_size, void **con_cls) {
     srv_server *s = cls;
-    (void)version;
     conn_ctx *cx = *con_cls;
     if (!cx) {
         cx = xcalloc(1, sizeof *cx);
@@ -440,7 +445,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         s->http->n_requests++;
         pthread_mutex_unlock(&s->http->mu);
         bool refused;
-        enum MHD_Result r = check_headers(s, c, cx, url, method, &refused);
+        enum MHD_Result r = check_headers(s, c, cx, url, method, version, &refused);
         if (refused) {
             cx->answered = true;
             request_arrived(s, c);

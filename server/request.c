@@ -288,8 +288,38 @@ static int parse_stops(json_t *v, srv_request *rq, srv_error *e) {
     size_t i;
     json_t *p;
     json_array_foreach(v, i, p) {
-        if (json_is_string(p) && push_stop(rq, json_string_value(p), e)) return -1; /* others skipped */
+        if (!json_is_string(p)) return bad_type(e); /* a stop the client meant must not be dropped */
+        if (push_stop(rq, json_string_value(p), e)) return -1;
     }
+    return 0;
+}
+
+/* A token limit: a whole number >= 0, or -1 for no limit but the context
+ * (llama.cpp's convention, which some clients send); absent or null keeps
+ * *out. Anything else is a 400 naming the field (a negative limit used to
+ * become 0: an empty reply). */
+static int get_limit(json_t *root, const char *key, int *out, srv_error *e) {
+    json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v)) return bad_type(e);
+    double d = json_number_value(v);
+    if (d != floor(d)) return srv_fail_param(e, key, "invalid_value", "%s must be a whole number", key);
+    if (d == -1) {
+        *out = -1;
+        return 0;
+    }
+    if (d < 0) return srv_fail_param(e, key, "invalid_value", "%s must be >= 0 (or -1: no limit)", key);
+    *out = d > 2147483647.0 ? 2147483647 : (int)d;
+    return 0;
+}
+
+/* A sampling knob inside [lo, hi] (absent or null keeps *out). */
+static int get_ranged(json_t *root, const char *key, float lo, float hi, float *out, srv_error *e) {
+    float v = *out;
+    if (srv_get_float(root, key, &v, e)) return -1;
+    if (!(v >= lo && v <= hi))
+        return srv_fail_param(e, key, "invalid_value", "%s must be between %g and %g", key, (double)lo, (double)hi);
+    *out = v;
     return 0;
 }
 
@@ -342,14 +372,19 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
     if (srv_get_string(root, "model", &rq->model, e)) return -1;
     if (!rq->model) rq->model = xstrdup(SRV_MODEL_ID);
     if (srv_get_bool(root, "stream", &rq->stream, e)) return -1;
-    if (srv_get_int(root, "max_tokens", &rq->max_tokens, e)) return -1;
-    if (api == SRV_API_CHAT && srv_get_int(root, "max_completion_tokens", &rq->max_tokens, e))
-        return -1;
-    if (api == SRV_API_RESPONSES && srv_get_int(root, "max_output_tokens", &rq->max_tokens, e))
-        return -1;
-    if (srv_get_float(root, "temperature", &rq->temperature, e)) return -1;
-    if (srv_get_float(root, "top_p", &rq->top_p, e)) return -1;
-    if (api != SRV_API_RESPONSES && srv_get_int(root, "top_k", &rq->top_k, e)) return -1;
+    if (get_limit(root, "max_tokens", &rq->max_tokens, e)) return -1;
+    if (api == SRV_API_CHAT && get_limit(root, "max_completion_tokens", &rq->max_tokens, e)) return -1;
+    if (api == SRV_API_RESPONSES && get_limit(root, "max_output_tokens", &rq->max_tokens, e)) return -1;
+    /* the knobs' ranges: temperature 0 (greedy) up to a generous 100 (the
+     * APIs stop at 1 or 2), probabilities in [0, 1], top_k >= 0 (0: off) */
+    if (get_ranged(root, "temperature", 0.0f, 100.0f, &rq->temperature, e)) return -1;
+    if (get_ranged(root, "top_p", 0.0f, 1.0f, &rq->top_p, e)) return -1;
+    if (api != SRV_API_RESPONSES) {
+        json_t *k = json_object_get(root, "top_k");
+        if (k && json_is_number(k) && json_number_value(k) < 0)
+            return srv_fail_param(e, "top_k", "invalid_value", "top_k must be >= 0 (0: no top-k)");
+        if (srv_get_int(root, "top_k", &rq->top_k, e)) return -1;
+    }
     /* seed: every API (an extension for Anthropic and Responses, whose
      * clients send it as an extra member): seeded replies are reproducible */
     /* the whole positive 64-bit range (a client's random 32/64-bit seeds
@@ -368,7 +403,7 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
         }
     }
     if (api == SRV_API_CHAT || api == SRV_API_COMPLETIONS) {
-        if (srv_get_float(root, "min_p", &rq->min_p, e)) return -1;
+        if (get_ranged(root, "min_p", 0.0f, 1.0f, &rq->min_p, e)) return -1;
         json_t *so = json_object_get(root, "stream_options");
         if (so && !json_is_null(so)) {
             if (!json_is_object(so)) return bad_type(e);
@@ -649,15 +684,17 @@ srv_usage srv_usage_clamp(srv_usage u) {
     if (u.cached < 0) u.cached = 0;
     if (u.cached > u.prompt) u.cached = u.prompt;
     if (u.completion < 0) u.completion = 0;
+    if (u.reasoning < 0) u.reasoning = 0;
+    if (u.reasoning > u.completion) u.reasoning = u.completion;
     return u;
 }
 
 json_t *srv_usage_openai(const srv_usage *raw) {
     srv_usage u = srv_usage_clamp(*raw);
-    return json_pack("{s:i, s:i, s:i, s:{s:i, s:i}}", "prompt_tokens", u.prompt,
+    return json_pack("{s:i, s:i, s:i, s:{s:i, s:i}, s:{s:i}}", "prompt_tokens", u.prompt,
                      "completion_tokens", u.completion, "total_tokens", u.prompt + u.completion,
                      "prompt_tokens_details", "cached_tokens", u.cached, "cache_write_tokens",
-                     u.prompt - u.cached);
+                     u.prompt - u.cached, "completion_tokens_details", "reasoning_tokens", u.reasoning);
 }
 
 json_t *srv_lp_bytes(const srv_token_lp *t) {

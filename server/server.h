@@ -190,10 +190,11 @@ typedef struct srv_usage {
     int prompt;     /* P: effective prompt tokens */
     int cached;     /* K: reused tokens */
     int completion; /* G: generated tokens */
+    int reasoning;  /* of those, the reasoning's (up to and with the one that closes it) */
 } srv_usage;
 
-/* u made consistent, the one place this is done: every count >= 0 and
- * cached <= prompt (docs/SERVING.md B.9). */
+/* u made consistent, the one place this is done: every count >= 0,
+ * cached <= prompt, reasoning <= completion (docs/SERVING.md B.9). */
 srv_usage srv_usage_clamp(srv_usage u);
 
 /* A token and its log-probability (TEXT D.5): bytes as decoded (may be a

@@ -539,7 +539,8 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     ds4_spec_stats st0 = {0};
     if (mtp) ds4_session_spec_stats(s->session, &st0);
     int32_t queue[8], next = -1;
-    int nq = 0, qi = 0;
+    int nq = 0, qi = 0, n_reason = 0;
+    bool reason_done = false;
 #define FAIL(...)                                                  \
     {                                                              \
         finish = SRV_FINISH_ERROR;                                 \
@@ -593,6 +594,11 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         n_gen++;
         size_t old = g->gen.len;
         ds4_buf_append(&g->gen, bytes, blen);
+        if (g->thinking && !reason_done) { /* a reasoning token, up to the one that closes it */
+            n_reason++;
+            size_t from = old > 7 ? old - 7 : 0;
+            reason_done = memmem(g->gen.data + from, g->gen.len - from, DS4_THINK_CLOSE, 8) != NULL;
+        }
         ds4_dsml_tracker_feed(&trk, bytes, blen);
         srv_forced_feed(fz, bytes, blen);
         size_t safe = g->gen.len;
@@ -629,6 +635,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     feed_to(g, g->gen.len);
     srv_forced_free(fz);
     r->usage.completion = n_gen;
+    r->usage.reasoning = n_reason;
     return finish;
 }
 

@@ -375,6 +375,31 @@ def err_of(data):
     return json.loads(data)["error"]
 
 
+def test_server_usage_counts_reasoning_tokens():
+    """Responses output_tokens_details.reasoning_tokens and chat completion_tokens_details.reasoning_tokens count
+    the generated tokens of the reasoning (up to the one that closes it); 0 without thinking."""
+    with Server(ctx=512) as s:
+        for think in (True, False):
+            st, _, data = s.raw("POST", "/v1/responses", {"input": "Tell me a story", "max_output_tokens": 12,
+                                                          "temperature": 0, "reasoning": {"effort": "high" if think else "none"}})
+            assert st == 200, data
+            r = json.loads(data)
+            u = r["usage"]
+            n_r = u["output_tokens_details"]["reasoning_tokens"]
+            has_msg = any(it["type"] == "message" for it in r["output"])
+            if not think:
+                assert n_r == 0, u
+            elif not has_msg:  # cut inside the reasoning: every token is reasoning
+                assert n_r == u["output_tokens"], (u, r["output"])
+            else:
+                assert 0 < n_r <= u["output_tokens"], u
+            st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user("Tell me a story"), "max_tokens": 12,
+                                                                 "temperature": 0, "think": think})
+            c = json.loads(data)
+            n_c = c["usage"]["completion_tokens_details"]["reasoning_tokens"]
+            assert (n_c == 0) if not think else (0 < n_c <= c["usage"]["completion_tokens"]), c["usage"]
+
+
 def test_server_bad_input_gets_documented_status_and_server_stays_up():
     with Server("--cors", ctx=256) as s:
         cases = [
@@ -395,6 +420,22 @@ def test_server_bad_input_gets_documented_status_and_server_stays_up():
             ("GET", "/v1/nothing", None, 404, "unknown endpoint"),
             ("DELETE", "/v1/models", None, 404, "unknown endpoint"),
         ]
+        # out-of-range knobs and limits, several or token-id prompts: 400 naming the field
+        for path, body, param in [("/v1/chat/completions", {"messages": user("x"), "max_tokens": -5}, "max_tokens"),
+                                  ("/v1/chat/completions", {"messages": user("x"), "temperature": -1}, "temperature"),
+                                  ("/v1/chat/completions", {"messages": user("x"), "top_p": 5}, "top_p"),
+                                  ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+                                  ("/v1/completions", {"prompt": ["a", "b"]}, "prompt")]:
+            st, _, data = s.raw("POST", path, body)
+            assert st == 400 and err_of(data)["param"] == param, (path, body, st, data)
+        # HTTP/1.1 without a Host header is a 400 (RFC 9112); HTTP/1.0 may omit it
+        for req, status in [(b"GET /v1/models HTTP/1.1\r\n\r\n", b" 400 "),
+                            (b"GET /v1/models HTTP/1.0\r\n\r\n", b" 200 ")]:
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(req)
+            head = sock.recv(4096)
+            sock.close()
+            assert head.startswith(b"HTTP/1.") and status in head.split(b"\r\n")[0], head[:200]
         # HEAD: GET's status and headers, no body (clients probing the server)
         st, hdr, data = s.raw("HEAD", "/v1/models", None)
         assert st == 200 and data == b"" and int(hdr["Content-Length"]) > 0, (st, hdr, data)
@@ -435,8 +476,9 @@ def test_server_bad_input_gets_documented_status_and_server_stays_up():
 
 def test_server_api_key_required_when_set():
     with Server("--api-key", "sekrit") as s:
-        st, _, data = s.raw("GET", "/v1/models")
+        st, hdr, data = s.raw("GET", "/v1/models")
         assert st == 401 and err_of(data)["message"] == "invalid API key"
+        assert hdr.get("WWW-Authenticate") == "Bearer", hdr
         assert s.raw("GET", "/v1/models", headers={"Authorization": "Bearer sekrit"})[0] == 200
         assert s.raw("GET", "/v1/models", headers={"x-api-key": "sekrit"})[0] == 200
 

@@ -56,8 +56,8 @@ static char *render(srv_api api, const char *body, int n_ctx) {
 DS4_TEST(server_parse_chat_fields) {
     srv_request rq;
     srv_error e;
-    const char *b = "{\"model\":\"m1\",\"stream\":true,\"max_tokens\":7.9,\"temperature\":0,"
-                    "\"top_k\":5000,\"stop\":[\"\",\"END\",3],\"stream_options\":{\"include_usage\":true},"
+    const char *b = "{\"model\":\"m1\",\"stream\":true,\"max_tokens\":7.0,\"temperature\":0,"
+                    "\"top_k\":5000,\"stop\":[\"\",\"END\"],\"stream_options\":{\"include_usage\":true},"
                     "\"unknown_field\":{\"deep\":[1,2]},"
                     "\"messages\":[{\"role\":\"system\",\"content\":\"S\"},"
                     "{\"content\":[{\"type\":\"text\",\"text\":\"a\"},{\"type\":\"image_url\"},\"b\"]},"
@@ -94,6 +94,34 @@ DS4_TEST(server_parse_errors_documented) {
     CHECK(fails_with(SRV_API_COMPLETIONS, "{}", 400, "missing prompt"));
     CHECK(fails_with(SRV_API_RESPONSES, "{}", 400, "missing input"));
     CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5}", 400, "missing messages"));
+    /* out-of-range knobs and limits name their field (they used to be clamped or dropped) */
+#define M1 "\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]"
+    CHECK(fails_with(SRV_API_CHAT, "{" M1 ",\"max_tokens\":-5}", 400, "max_tokens must be >= 0 (or -1: no limit)"));
+    CHECK(fails_with(SRV_API_CHAT, "{" M1 ",\"max_completion_tokens\":1.5}", 400,
+                     "max_completion_tokens must be a whole number"));
+    CHECK(fails_with(SRV_API_CHAT, "{" M1 ",\"temperature\":-1}", 400, "temperature must be between 0 and 100"));
+    CHECK(fails_with(SRV_API_CHAT, "{" M1 ",\"top_p\":5}", 400, "top_p must be between 0 and 1"));
+    CHECK(fails_with(SRV_API_CHAT, "{" M1 ",\"min_p\":2}", 400, "min_p must be between 0 and 1"));
+    CHECK(fails_with(SRV_API_CHAT, "{" M1 ",\"top_k\":-5}", 400, "top_k must be >= 0 (0: no top-k)"));
+    CHECK(fails_with(SRV_API_CHAT, "{" M1 ",\"stop\":[\"a\",5]}", 400, "invalid JSON request"));
+    CHECK(fails_with(SRV_API_ANTHROPIC, "{" M1 ",\"max_tokens\":-3}", 400, "max_tokens must be >= 0 (or -1: no limit)"));
+    CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":[1,2,3]}", 400,
+                     "prompt must be a string (token-id prompts are not supported)"));
+    CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":[]}", 400,
+                     "prompt must be a string (token-id prompts are not supported)"));
+    CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":[\"a\",\"b\"]}", 400,
+                     "one prompt per request (send several requests instead)"));
+    {
+        srv_request r2;
+        srv_error e2;
+        CHECK_EQ_INT(parse(SRV_API_CHAT, "{" M1 ",\"max_tokens\":-1}", &r2, &e2), 0);
+        CHECK_EQ_INT(r2.max_tokens, -1); /* -1: no limit but the context */
+        srv_request_free(&r2);
+        CHECK_EQ_INT(parse(SRV_API_COMPLETIONS, "{\"prompt\":[\"hi\"]}", &r2, &e2), 0);
+        CHECK_STR(r2.prompt, "hi");
+        srv_request_free(&r2);
+    }
+#undef M1
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[]}", 400, "messages must contain at least one message"));
     CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5,\"messages\":[]}", 400,
                      "messages must contain at least one message"));
@@ -291,7 +319,7 @@ DS4_TEST(server_render_matches_text_b5) {
                                   "{\"role\":\"user\",\"content\":\"second\"}]}", 32768);
     CHECK_STR(txt, BOS "A\nB" USER "first" ASST "</think>ans" DS4_EOS USER "second" ASST "</think>");
     free(txt);
-    txt = render(SRV_API_COMPLETIONS, "{\"prompt\":[\"Hi\",\"ignored\"],\"think\":false}", 32768);
+    txt = render(SRV_API_COMPLETIONS, "{\"prompt\":[\"Hi\"],\"think\":false}", 32768);
     CHECK_STR(txt, BOS "You are a helpful assistant" USER "Hi" ASST "</think>");
     free(txt);
     txt = render(SRV_API_RESPONSES, "{\"instructions\":\"I\",\"input\":[{\"role\":\"user\",\"content\":"
