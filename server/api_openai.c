@@ -173,7 +173,8 @@ static json_t *chat_logprobs(const srv_logprob *lp, int n) {
 }
 
 /* Completions logprobs object over lp[0..n): parallel arrays, top
- * alternatives as {token: logprob} maps, offsets into the text. */
+ * alternatives as {token: logprob} maps, offsets into the text in
+ * characters (as OpenAI's, which clients use to slice their strings). */
 static json_t *completion_logprobs(const srv_logprob *lp, int n, size_t base) {
     json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(), *offs = json_array();
     for (int i = 0; i < n; i++) {
@@ -186,7 +187,7 @@ static json_t *completion_logprobs(const srv_logprob *lp, int n, size_t base) {
             json_decref(key);
         }
         json_array_append_new(tops, m);
-        json_array_append_new(offs, json_integer((json_int_t)(lp[i].at - base)));
+        json_array_append_new(offs, json_integer((json_int_t)(lp[i].at_char - base)));
     }
     return json_pack("{s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", lps,
                      "top_logprobs", tops, "text_offset", offs);

@@ -211,6 +211,7 @@ typedef struct srv_logprob {
     srv_token_lp *top;      /* (n_top) most likely, descending */
     int n_top;
     size_t at;              /* offset of its bytes in the generated text */
+    size_t at_char;         /* the same offset in characters (code points: completions' text_offset) */
 } srv_logprob;
 
 /* Final result of one generation. */

@@ -239,6 +239,7 @@ typedef struct gen_ctx {
      * lp_next is the first one not yet given to a content event */
     srv_logprob *lp;
     int n_lp, cap_lp, lp_next;
+    size_t cc_at, cc_n;      /* gen[0, cc_at) holds cc_n characters (UTF-8 lead bytes) */
     srv_logprob *lp_content; /* (n_content) the content tokens, in order */
     int n_content, cap_content;
 } gen_ctx;
@@ -370,6 +371,9 @@ static void record_logprob(gen_ctx *g, const float *logits, int32_t tok, size_t 
     t->tok.n = b ? blen : 0;
     t->tok.logprob = (float)all[tok];
     t->at = at;
+    for (; g->cc_at < at && g->cc_at < g->gen.len; g->cc_at++)
+        if (((unsigned char)g->gen.data[g->cc_at] & 0xc0) != 0x80) g->cc_n++;
+    t->at_char = g->cc_n;
     t->n_top = n;
     t->top = n ? xcalloc((size_t)n, sizeof *t->top) : NULL;
     for (int i = 0; i < n; i++) {
