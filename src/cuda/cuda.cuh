@@ -313,6 +313,9 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
 void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *a);
 void cu_preq_set(cu_ctx *c, const float *x, int n, int64_t ldx, int n_in, int type, const cu_act *a);
 const cu_act *cu_preq_find(cu_ctx *c, const float *x, int n, int64_t ldx, int n_in, int type);
+/* The int8 codes of x as act_type: a producer's (cu_preq_find), else
+ * quantized into buf now. */
+const cu_act *cu_act_codes(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *buf);
 void cu_preq_clear(cu_ctx *c);
 /* Warps per row of the one-token matvec for a weight of `rows` rows (the
  * largest of a launch's segments) and nch 32-value chunks per row. */

@@ -74,6 +74,13 @@ const cu_act *cu_preq_find(cu_ctx *c, const float *x, int n, int64_t ldx, int n_
     return nullptr;
 }
 
+const cu_act *cu_act_codes(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *buf) {
+    const cu_act *pre = cu_preq_find(c, x, n, ldx, n_in, act_type);
+    if (pre) return pre;
+    cu_quantize(c, act_type, x, ldx, n, n_in, buf);
+    return buf;
+}
+
 void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *a) {
     if (c->err || n <= 0) return;
     preq_drop(c, a);
@@ -493,13 +500,7 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
     for (int i = 0; i < nw; i++) {
         int at = act_quant ? cu_act_type(ws[i]->type) : -1;
         if (at >= 0 && at != quantized_for) {
-            const cu_act *pre = cu_preq_find(c, x, n, ldx, (int)ws[i]->n_in, at);
-            if (pre) {
-                use = pre;
-            } else {
-                cu_quantize(c, at, x, ldx, n, (int)ws[i]->n_in, buf);
-                use = buf;
-            }
+            use = cu_act_codes(c, at, x, ldx, n, (int)ws[i]->n_in, buf);
             quantized_for = at;
         }
         cu_seg seg[2];

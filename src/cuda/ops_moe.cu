@@ -147,14 +147,9 @@ __global__ void __launch_bounds__(256) k_route1(const __grid_constant__ route_p 
     if (r < p.E) {
         const uint8_t *q = p.w.q + (size_t)r * p.w.q_row, *sc = p.w.s ? p.w.s + (size_t)r * p.w.s_row : nullptr;
         const int64_t xo[1] = {0};
-        float v = 0.0f;
-        for (int j = 0; j < p.wpr; j++) {
-            float acc[1] = {0.0f};
-            cu_row_dot<WT, false, 1>(q, sc, nch, 1, p.x, nullptr, nullptr, nullptr, xo, acc, nullptr, 32 * j, 32 * p.wpr);
-            const float part = cu_warp_sum(acc[0]);
-            v = j ? v + part : part;
-        }
-        if (lane == 0) ((float *)p.logits)[r] = v;
+        float v[1];
+        cu_row_split<WT, false, 1>(q, sc, nch, 1, p.wpr, p.x, nullptr, nullptr, nullptr, xo, v, nullptr);
+        if (lane == 0) ((float *)p.logits)[r] = v[0];
     }
     __threadfence();
     __syncthreads();
@@ -784,26 +779,15 @@ __device__ __forceinline__ void moe1_prefetch(const cu_w &w, int r0, int n) {
     cu_prefetch_l2(w.s + (size_t)r0 * w.s_row, (size_t)n * w.s_row);
 }
 
-/* the matvec's values of one Q8_0 row for n tokens (input codes at t *
- * ldq), the row split over wpr warps, all in one warp */
+/* one Q8_0 row of the shared expert for n tokens (input codes at t * ldq)
+ * as the matvec computes it (cu_row_split) */
 __device__ __forceinline__ void moe1_q8_row(const cu_w &w, int64_t row, int nch, int wpr, int n, int64_t ldq,
                                             const int8_t *aq, const float *ad, float (&v)[MOE1_MAX_N]) {
-    const uint8_t *q = w.q + (size_t)row * w.q_row, *s = w.s + (size_t)row * w.s_row;
     int64_t xo[MOE1_MAX_N];
 #pragma unroll
     for (int t = 0; t < MOE1_MAX_N; t++) xo[t] = t * ldq;
-    for (int j = 0; j < wpr; j++) {
-        float acc[MOE1_MAX_N];
-#pragma unroll
-        for (int t = 0; t < MOE1_MAX_N; t++) acc[t] = 0.0f;
-        cu_row_dot<DS4_TYPE_Q8_0, true, MOE1_MAX_N>(q, s, nch, n, nullptr, aq, ad, nullptr, xo, acc, nullptr, 32 * j,
-                                                    32 * wpr);
-#pragma unroll
-        for (int t = 0; t < MOE1_MAX_N; t++) {
-            const float part = cu_warp_sum(acc[t]);
-            v[t] = j ? v[t] + part : part;
-        }
-    }
+    cu_row_split<DS4_TYPE_Q8_0, true, MOE1_MAX_N>(w.q + (size_t)row * w.q_row, w.s + (size_t)row * w.s_row, nch, n,
+                                                  wpr, nullptr, aq, ad, nullptr, xo, v, nullptr);
 }
 
 /* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
@@ -941,16 +925,8 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.lim = hp->swiglu_clamp[a->il];
     /* the input's codes: from the producer (HC-pre) or quantized here */
     const int gat = cu_act_type(tg);
-    const cu_act *rq = cu_preq_find(c, a->v, n, D, D, gat);
-    if (!rq) {
-        cu_quantize(c, gat, a->v, D, n, D, &s.a2);
-        rq = &s.a2;
-    }
-    const cu_act *sq = gat == DS4_TYPE_Q8_0 ? rq : cu_preq_find(c, a->v, n, D, D, DS4_TYPE_Q8_0);
-    if (!sq) {
-        cu_quantize(c, DS4_TYPE_Q8_0, a->v, D, n, D, &s.a1);
-        sq = &s.a1;
-    }
+    const cu_act *rq = cu_act_codes(c, gat, a->v, D, n, D, &s.a2);
+    const cu_act *sq = gat == DS4_TYPE_Q8_0 ? rq : cu_act_codes(c, DS4_TYPE_Q8_0, a->v, D, n, D, &s.a1);
     p.aq = rq->q;
     p.ad = rq->d;
     p.abs = rq->bs;
@@ -1025,11 +1001,7 @@ int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a) {
     p.nch = D / 32;
     p.ld = D;
     if (gat >= 0) {
-        const cu_act *pre = cu_preq_find(c, a->v, n, D, D, gat);
-        if (!pre) {
-            cu_quantize(c, gat, a->v, D, n, D, &s.a2);
-            pre = &s.a2;
-        }
+        const cu_act *pre = cu_act_codes(c, gat, a->v, D, n, D, &s.a2);
         p.aq = pre->q;
         p.ad = pre->d;
         p.abs = pre->bs;

@@ -353,4 +353,24 @@ __device__ __forceinline__ void cu_row_dot(const uint8_t *qrow, const uint8_t *s
     }
 }
 
+/* One row's value for nt token rows as the matvec computes it when the row
+ * is split over wpr warps (chunk sets 32j + lane, stride 32 wpr; the warp
+ * sums added in j order: mv_rows_store, k_matvec), all by one warp: v[t]. */
+template <int WT, bool AQ, int NT>
+__device__ __forceinline__ void cu_row_split(const uint8_t *qrow, const uint8_t *srow, int nch, int nt, int wpr,
+                                             const float *x, const int8_t *aq, const float *ad, const int32_t *abs,
+                                             const int64_t *xo, float *v, const cu_iq2_tab *tab) {
+    for (int j = 0; j < wpr; j++) {
+        float acc[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[t] = 0.0f;
+        cu_row_dot<WT, AQ, NT>(qrow, srow, nch, nt, x, aq, ad, abs, xo, acc, tab, 32 * j, 32 * wpr);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float part = cu_warp_sum(acc[t]);
+            v[t] = j ? v[t] + part : part;
+        }
+    }
+}
+
 #endif
