@@ -360,6 +360,12 @@ typedef struct ds4_backend_ops {
     int (*head)(void *ctx, const ds4_head_args *a);
     /* MTP only (NULL = the backend has no MTP support). */
     int (*mtp_embed)(void *ctx, const ds4_mtp_embed_args *a);
+    /* Optional, for a layer split (forward.h ds4_fwd_new_split): copies bytes
+     * from src (this backend's memory) to dst in the memory of peer_ctx,
+     * another context of this same ops table (e.g. the next GPU). Ordered
+     * after every earlier stage of this backend and before every later
+     * stage of the peer. NULL: forward.c stages the bytes through the host. */
+    int (*link)(void *ctx, void *peer_ctx, void *dst, const void *src, size_t bytes, ds4_err *err);
 } ds4_backend_ops;
 
 typedef struct ds4_backend {

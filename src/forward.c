@@ -27,17 +27,14 @@
 
 #include "quant.h"
 
-struct ds4_fwd {
-    const ds4_model *m;    /* the bound model */
+/* One part of a layer split: blocks [l0, l1) on one backend, with that
+ * backend's step, batch activations and (for the blocks) KV state. A
+ * session without a split has one part. */
+typedef struct fwd_part {
+    const ds4_model *m;    /* the part's bound model */
     const ds4_backend *be;
-    ds4_numerics num;
-    int n_ctx, n_batch, pos;
-    int row_type;          /* backend row type of raw/comp/idx rows */
-    size_t row_elem;       /* its bytes per value */
-    uint64_t key;          /* graph key of this session's decode steps */
-    ds4_layer_state *ls;   /* (n_layer) */
+    int l0, l1;
     ds4_step *step;        /* backend memory, DS4_STEP_BYTES(n_batch) */
-    ds4_step *step_host;   /* host staging of the same */
     /* batch activations, backend memory */
     float *X;              /* (n_batch, n_hc, D) */
     float *u;              /* (n_batch, D) sublayer input after norm */
@@ -49,7 +46,22 @@ struct ds4_fwd {
     int32_t *sel, *n_sel;  /* (n_batch, idx_topk), (n_batch) */
     int32_t *ids;          /* (n_batch, k) */
     float *w;              /* (n_batch, k) */
-    float *logits;         /* (n_batch, n_vocab) */
+    float *act;            /* (n_batch, k, F) while moe_fn is set */
+} fwd_part;
+
+struct ds4_fwd {
+    const ds4_model *m;    /* the first part's bound model (hp, layer kinds) */
+    const ds4_backend *be; /* the first part's backend */
+    fwd_part P[DS4_FWD_MAX_PARTS];
+    int np;
+    ds4_numerics num;
+    int n_ctx, n_batch, pos;
+    int row_type;          /* backend row type of raw/comp/idx rows */
+    size_t row_elem;       /* its bytes per value */
+    uint64_t key;          /* graph key of this session's decode steps */
+    ds4_layer_state *ls;   /* (n_layer) */
+    ds4_step *step_host;   /* host staging of the step */
+    float *logits;         /* (n_batch, n_vocab) on the last part */
     int n_logits;          /* rows of `logits` written by the last eval */
     unsigned char *stage;  /* host staging for state I/O (row conversion) */
     size_t stage_bytes;
@@ -59,8 +71,8 @@ struct ds4_fwd {
     /* MTP sessions (the model has mtp_e_proj): the first stage is
      * mtp_embed reading hc_in instead of embed */
     bool mtp;
-    float *hc_in;          /* (n_batch, n_hc, D) incoming HC states */
-    float *hc_last;        /* (n_hc, D) a kept state (ds4_fwd_hc_keep) */
+    float *hc_in;          /* (n_batch, n_hc, D) incoming HC states (first part) */
+    float *hc_last;        /* (n_hc, D) a kept state (ds4_fwd_hc_keep; first part) */
     bool no_head;          /* this eval skips the head (ds4_fwd_eval_states) */
     int last_n;            /* tokens of the last eval (rows of X) */
     /* speculative rollback (ds4_fwd_spec_begin), allocated on first use */
@@ -68,13 +80,20 @@ struct ds4_fwd {
     int spec_pos, spec_n;  /* saved positions spec_pos .. spec_pos + spec_n - 1 */
     ds4_fwd_moe_fn moe_fn; /* imatrix observer, or NULL */
     void *moe_user;
-    float *act;            /* (n_batch, k, F) backend memory while moe_fn is set */
 };
+
+static const fwd_part *last_part(const ds4_fwd *f) { return &f->P[f->np - 1]; }
+/* The part holding block il. */
+static const fwd_part *part_of(const ds4_fwd *f, int il) {
+    int p = 0;
+    while (p + 1 < f->np && il >= f->P[p].l1) p++;
+    return &f->P[p];
+}
 
 static atomic_uint_fast64_t next_key = 1;
 
-static void *balloc(ds4_fwd *f, size_t bytes, int *fail) {
-    void *p = f->be->ops->alloc(f->be->ctx, bytes);
+static void *balloc(const ds4_backend *be, size_t bytes, int *fail) {
+    void *p = be->ops->alloc(be->ctx, bytes);
     if (!p) *fail = 1;
     return p;
 }
@@ -83,27 +102,47 @@ static int frontier_rows(const ds4_layer *l) { return (l->kind == DS4_ATTN_CSA ?
 
 int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int n_ctx, int n_batch,
                 ds4_fwd **out, ds4_err *err) {
+    ds4_fwd_part p = {.m = m, .be = be, .l0 = 0, .l1 = m->hp.n_layer};
+    return ds4_fwd_new_split(&p, 1, num, n_ctx, n_batch, out, err);
+}
+
+int ds4_fwd_new_split(const ds4_fwd_part *parts, int n_parts, ds4_numerics num, int n_ctx, int n_batch,
+                      ds4_fwd **out, ds4_err *err) {
     *out = NULL;
+    if (n_parts < 1 || n_parts > DS4_FWD_MAX_PARTS)
+        return ds4_err_set(err, DS4_E_ARG, "a layer split of %d parts (1..%d)", n_parts, DS4_FWD_MAX_PARTS);
+    const ds4_model *m = parts[0].m;
     const ds4_hparams *hp = &m->hp;
     if (n_ctx < 1 || n_batch < 1) return ds4_err_set(err, DS4_E_ARG, "n_ctx and n_batch must be >= 1");
-    int rc = be->ops->reserve(be->ctx, m, n_batch, n_ctx, err);
-    if (rc) return rc;
+    for (int p = 0; p < n_parts; p++) {
+        const ds4_fwd_part *q = &parts[p];
+        if (q->l0 != (p ? parts[p - 1].l1 : 0) || q->l1 <= q->l0 || q->l1 > hp->n_layer ||
+            (p == n_parts - 1 && q->l1 != hp->n_layer) || q->m->hp.n_layer != hp->n_layer ||
+            q->be->ops->kv_row_type(q->be->ctx, num) != parts[0].be->ops->kv_row_type(parts[0].be->ctx, num))
+            return ds4_err_set(err, DS4_E_ARG, "layer split part %d (blocks %d..%d of %d) does not continue the split",
+                               p, q->l0, q->l1, hp->n_layer);
+        int rc = q->be->ops->reserve(q->be->ctx, q->m, n_batch, n_ctx, err);
+        if (rc) return rc;
+    }
     ds4_fwd *f = calloc(1, sizeof *f);
     if (!f) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    f->np = n_parts;
+    for (int p = 0; p < n_parts; p++)
+        f->P[p] = (fwd_part){.m = parts[p].m, .be = parts[p].be, .l0 = parts[p].l0, .l1 = parts[p].l1};
     f->m = m;
-    f->be = be;
+    f->be = parts[0].be;
     f->num = num;
     f->n_ctx = n_ctx;
     f->n_batch = n_batch;
-    f->row_type = be->ops->kv_row_type(be->ctx, num);
+    f->row_type = f->be->ops->kv_row_type(f->be->ctx, num);
     f->row_elem = f->row_type == DS4_TYPE_F16 ? 2 : 4;
     f->key = atomic_fetch_add(&next_key, 1);
     f->layer_limit = hp->n_layer;
     f->mtp = m->mtp_e_proj.n_in > 0;
-    if (f->mtp && !be->ops->mtp_embed) {
+    if (f->mtp && !f->be->ops->mtp_embed) {
+        const char *name = f->be->ops->name;
         free(f);
-        return ds4_err_set(err, DS4_E_MODEL, "the %s backend does not implement the MTP stage (mtp_embed)",
-                           be->ops->name);
+        return ds4_err_set(err, DS4_E_MODEL, "the %s backend does not implement the MTP stage (mtp_embed)", name);
     }
     int fail = 0;
     const size_t F = sizeof(float), nb = (size_t)n_batch, E = f->row_elem;
@@ -113,75 +152,85 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
     if (!f->ls || !f->step_host) fail = 1;
     for (int il = 0; !fail && il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
+        const ds4_backend *be = part_of(f, il)->be;
         ds4_layer_state *s = &f->ls[il];
-        s->raw = balloc(f, (size_t)hp->window * dh * E, &fail);
+        s->raw = balloc(be, (size_t)hp->window * dh * E, &fail);
         if (l->kind != DS4_ATTN_SLIDING) {
             size_t w = (size_t)ds4_model_comp_width(m, il);
             s->comp_cap = n_ctx / l->ratio + 1;
-            s->comp = balloc(f, (size_t)s->comp_cap * dh * E, &fail);
-            s->comp_a = balloc(f, (size_t)frontier_rows(l) * w * F, &fail);
-            s->comp_g = balloc(f, (size_t)frontier_rows(l) * w * F, &fail);
+            s->comp = balloc(be, (size_t)s->comp_cap * dh * E, &fail);
+            s->comp_a = balloc(be, (size_t)frontier_rows(l) * w * F, &fail);
+            s->comp_g = balloc(be, (size_t)frontier_rows(l) * w * F, &fail);
         }
         if (l->kind == DS4_ATTN_CSA) {
             size_t iw = 2 * (size_t)hp->idx_dim;
             s->idx_cap = n_ctx / 4 + 1;
-            s->idx = balloc(f, (size_t)s->idx_cap * hp->idx_dim * E, &fail);
-            s->icomp_a = balloc(f, 8 * iw * F, &fail);
-            s->icomp_g = balloc(f, 8 * iw * F, &fail);
+            s->idx = balloc(be, (size_t)s->idx_cap * hp->idx_dim * E, &fail);
+            s->icomp_a = balloc(be, 8 * iw * F, &fail);
+            s->icomp_g = balloc(be, 8 * iw * F, &fail);
         }
     }
+    for (int p = 0; !fail && p < n_parts; p++) {
+        fwd_part *q = &f->P[p];
+        const ds4_backend *be = q->be;
+        q->step = balloc(be, DS4_STEP_BYTES(n_batch), &fail);
+        q->X = balloc(be, nb * hp->n_hc * D * F, &fail);
+        q->u = balloc(be, nb * D * F, &fail);
+        q->post = balloc(be, nb * hp->n_hc * F, &fail);
+        q->comb = balloc(be, nb * hp->n_hc * hp->n_hc * F, &fail);
+        q->cq = balloc(be, nb * hp->q_lora * F, &fail);
+        q->q = balloc(be, nb * hp->n_head * dh * F, &fail);
+        q->kv = balloc(be, nb * dh * F, &fail);
+        q->y = balloc(be, nb * D * F, &fail);
+        q->sel = balloc(be, nb * hp->idx_topk * sizeof(int32_t), &fail);
+        q->n_sel = balloc(be, nb * sizeof(int32_t), &fail);
+        q->ids = balloc(be, nb * hp->n_expert_used * sizeof(int32_t), &fail);
+        q->w = balloc(be, nb * hp->n_expert_used * F, &fail);
+    }
     if (!fail) {
-        f->step = balloc(f, DS4_STEP_BYTES(n_batch), &fail);
-        f->X = balloc(f, nb * hp->n_hc * D * F, &fail);
-        f->u = balloc(f, nb * D * F, &fail);
-        f->post = balloc(f, nb * hp->n_hc * F, &fail);
-        f->comb = balloc(f, nb * hp->n_hc * hp->n_hc * F, &fail);
-        f->cq = balloc(f, nb * hp->q_lora * F, &fail);
-        f->q = balloc(f, nb * hp->n_head * dh * F, &fail);
-        f->kv = balloc(f, nb * dh * F, &fail);
-        f->y = balloc(f, nb * D * F, &fail);
-        f->sel = balloc(f, nb * hp->idx_topk * sizeof(int32_t), &fail);
-        f->n_sel = balloc(f, nb * sizeof(int32_t), &fail);
-        f->ids = balloc(f, nb * hp->n_expert_used * sizeof(int32_t), &fail);
-        f->w = balloc(f, nb * hp->n_expert_used * F, &fail);
-        f->logits = balloc(f, nb * hp->n_vocab * F, &fail);
+        f->logits = balloc(last_part(f)->be, nb * hp->n_vocab * F, &fail);
         if (f->mtp) {
-            f->hc_in = balloc(f, nb * hp->n_hc * D * F, &fail);
-            f->hc_last = balloc(f, (size_t)hp->n_hc * D * F, &fail);
+            f->hc_in = balloc(f->be, nb * hp->n_hc * D * F, &fail);
+            f->hc_last = balloc(f->be, (size_t)hp->n_hc * D * F, &fail);
         }
     }
     if (fail) {
+        const char *name = f->be->ops->name;
         ds4_fwd_free(f);
         return ds4_err_set(err, DS4_E_NOMEM, "out of %s memory allocating the session state (n_ctx %d, batch %d)",
-                           be->ops->name, n_ctx, n_batch);
+                           name, n_ctx, n_batch);
     }
     *out = f;
     return 0;
 }
 
+static void bfree(const ds4_backend *be, void *p) {
+    if (p) be->ops->free(be->ctx, p);
+}
+
 void ds4_fwd_free(ds4_fwd *f) {
     if (!f) return;
-    f->be->ops->forget(f->be->ctx, f->key);
-    void (*fr)(void *, void *) = f->be->ops->free;
-    void *c = f->be->ctx;
+    for (int p = 0; p < f->np; p++) f->P[p].be->ops->forget(f->P[p].be->ctx, f->key);
     if (f->ls)
         for (int il = 0; il < f->m->hp.n_layer; il++) {
             ds4_layer_state *s = &f->ls[il];
+            const ds4_backend *be = part_of(f, il)->be;
             void *ps[] = {s->raw, s->comp, s->comp_a, s->comp_g, s->idx, s->icomp_a, s->icomp_g};
-            for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++)
-                if (ps[i]) fr(c, ps[i]);
+            for (size_t i = 0; i < sizeof ps / sizeof ps[0]; i++) bfree(be, ps[i]);
+            if (f->spec_buf)
+                for (int k = 0; k < 5; k++) bfree(be, f->spec_buf[il * 5 + k]);
         }
-    if (f->act) fr(c, f->act);
     free(f->ls);
-    void *bs[] = {f->step, f->X, f->u, f->post, f->comb, f->cq, f->q, f->kv, f->y, f->sel, f->n_sel, f->ids, f->w,
-                  f->logits, f->hc_in, f->hc_last};
-    for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++)
-        if (bs[i]) fr(c, bs[i]);
-    if (f->spec_buf) {
-        for (int i = 0; i < 5 * f->m->hp.n_layer; i++)
-            if (f->spec_buf[i]) fr(c, f->spec_buf[i]);
-        free(f->spec_buf);
+    free(f->spec_buf);
+    for (int p = 0; p < f->np; p++) {
+        fwd_part *q = &f->P[p];
+        void *bs[] = {q->step, q->X, q->u, q->post, q->comb, q->cq, q->q, q->kv, q->y, q->sel, q->n_sel, q->ids,
+                      q->w, q->act};
+        for (size_t i = 0; i < sizeof bs / sizeof bs[0]; i++) bfree(q->be, bs[i]);
     }
+    bfree(last_part(f)->be, f->logits);
+    bfree(f->be, f->hc_in);
+    bfree(f->be, f->hc_last);
     free(f->step_host);
     free(f->stage);
     free(f);
@@ -205,22 +254,27 @@ int ds4_fwd_row_type(const ds4_fwd *f) { return f->row_type; }
         if (rc_) return rc_;                                              \
     } while (0)
 
-/* The stages of one step (everything between step_begin and step_end).
- * Returns the first stage's error (the backend also keeps it for step_end). */
-static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
-    const ds4_model *m = f->m;
+/* The stages of one step on part pi (everything between its step_begin and
+ * step_end): the embedding on the first part, its blocks, the head on the
+ * last. Returns the first stage's error (the backend also keeps it for
+ * step_end). */
+static int issue_stages(ds4_fwd *f, int pi, int n, int pos0, bool all) {
+    fwd_part *P = &f->P[pi];
+    const ds4_model *m = P->m;
     const ds4_hparams *hp = &m->hp;
-    const ds4_backend_ops *ops = f->be->ops;
-    void *ctx = f->be->ctx;
-    const ds4_step *st = f->step;
-    const int32_t *tokens = DS4_STEP_TOKENS(f->step);
+    const ds4_backend_ops *ops = P->be->ops;
+    void *ctx = P->be->ctx;
+    const ds4_step *st = P->step;
+    const int32_t *tokens = DS4_STEP_TOKENS(P->step);
     const bool prof = f->profile && ops->prof_mark;
 #define C .m = m, .step = st, .n = n, .pos0 = pos0
-    if (f->mtp) {
-        ds4_mtp_embed_args ma = {C, .num = f->num, .tokens = tokens, .hc = f->hc_in, .X = f->X};
+    if (pi > 0) {
+        /* X arrived from the previous part */
+    } else if (f->mtp) {
+        ds4_mtp_embed_args ma = {C, .num = f->num, .tokens = tokens, .hc = f->hc_in, .X = P->X};
         STAGE_K(mtp_embed, ma, DS4_PROF_EMBED);
     } else {
-        ds4_embed_args ea = {C, .tokens = tokens, .X = f->X};
+        ds4_embed_args ea = {C, .tokens = tokens, .X = P->X};
         STAGE_K(embed, ea, DS4_PROF_EMBED);
     }
     /* Each sublayer's HC-post goes to the next HC-pre (one stage, which a
@@ -228,73 +282,74 @@ static int issue_stages(ds4_fwd *f, int n, int pos0, bool all) {
      * the last one runs on its own. */
     const bool fuse_post = !prof;
     bool post_due = false;
-    ds4_hc_post_args po = {C, .y = f->y, .post = f->post, .comb = f->comb, .X = f->X};
-    for (int il = 0; il < f->layer_limit; il++) {
+    ds4_hc_post_args po = {C, .y = P->y, .post = P->post, .comb = P->comb, .X = P->X};
+    const int l_end = P->l1 < f->layer_limit ? P->l1 : f->layer_limit;
+    for (int il = P->l0; il < l_end; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
         const ds4_rope *rope = l->kind == DS4_ATTN_SLIDING ? &m->rope_main : &m->rope_compress;
 
         /* ---- attention sublayer (HC-post of the previous one first, when pending) */
         ds4_hc_pre_args hpa = {C, .fn = &l->hc_attn_fn, .scale = l->hc_attn_scale, .base = l->hc_attn_base,
-                               .norm_w = l->attn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb,
-                               .py = post_due ? f->y : NULL, .ppost = post_due ? f->post : NULL,
-                               .pcomb = post_due ? f->comb : NULL};
+                               .norm_w = l->attn_norm, .X = P->X, .out = P->u, .post = P->post, .comb = P->comb,
+                               .py = post_due ? P->y : NULL, .ppost = post_due ? P->post : NULL,
+                               .pcomb = post_due ? P->comb : NULL};
         STAGE_K(hc_pre, hpa, DS4_PROF_HC_PRE);
         post_due = false;
-        ds4_attn_project_args pa = {C, .l = l, .rope = rope, .num = f->num, .u = f->u, .cq = f->cq, .q = f->q,
-                                    .kv = f->kv};
+        ds4_attn_project_args pa = {C, .l = l, .rope = rope, .num = f->num, .u = P->u, .cq = P->cq, .q = P->q,
+                                    .kv = P->kv};
         STAGE_K(attn_project, pa, DS4_PROF_ATTN_PROJECT);
         if (l->kind != DS4_ATTN_SLIDING) {
             ds4_compress_args ca = {C, .rope = rope, .num = f->num, .indexer = false, .ratio = l->ratio,
                                     .overlap = l->kind == DS4_ATTN_CSA, .d = hp->head_dim, .ape = &l->comp_ape,
                                     .wkv = &l->comp_kv, .wgate = &l->comp_gate, .norm_w = l->comp_norm,
-                                    .u = f->u, .fa = s->comp_a, .fg = s->comp_g, .rows = s->comp,
+                                    .u = P->u, .fa = s->comp_a, .fg = s->comp_g, .rows = s->comp,
                                     .row_type = f->row_type, .cap = s->comp_cap};
             STAGE_K(compress_update, ca, DS4_PROF_COMPRESS);
         }
         if (l->kind == DS4_ATTN_CSA) {
             ds4_compress_args ia = {C, .rope = rope, .num = f->num, .indexer = true, .ratio = 4, .overlap = true,
                                     .d = hp->idx_dim, .ape = &l->icomp_ape, .wkv = &l->icomp_kv,
-                                    .wgate = &l->icomp_gate, .norm_w = l->icomp_norm, .u = f->u,
+                                    .wgate = &l->icomp_gate, .norm_w = l->icomp_norm, .u = P->u,
                                     .fa = s->icomp_a, .fg = s->icomp_g, .rows = s->idx, .row_type = f->row_type,
                                     .cap = s->idx_cap};
             STAGE_K(compress_update, ia, DS4_PROF_COMPRESS);
-            ds4_indexer_args xa = {C, .l = l, .rope = rope, .num = f->num, .cq = f->cq, .u = f->u,
-                                   .idx_rows = s->idx, .row_type = f->row_type, .sel = f->sel, .n_sel = f->n_sel};
+            ds4_indexer_args xa = {C, .l = l, .rope = rope, .num = f->num, .cq = P->cq, .u = P->u,
+                                   .idx_rows = s->idx, .row_type = f->row_type, .sel = P->sel, .n_sel = P->n_sel};
             STAGE_K(indexer_select, xa, DS4_PROF_INDEXER);
         }
-        ds4_attention_args aa = {C, .l = l, .rope = rope, .num = f->num, .q = f->q, .kv = f->kv, .raw = s->raw,
+        ds4_attention_args aa = {C, .l = l, .rope = rope, .num = f->num, .q = P->q, .kv = P->kv, .raw = s->raw,
                                  .comp = s->comp, .comp_cap = s->comp_cap, .row_type = f->row_type,
-                                 .sel = l->kind == DS4_ATTN_CSA ? f->sel : NULL,
-                                 .n_sel = l->kind == DS4_ATTN_CSA ? f->n_sel : NULL, .y = f->y};
+                                 .sel = l->kind == DS4_ATTN_CSA ? P->sel : NULL,
+                                 .n_sel = l->kind == DS4_ATTN_CSA ? P->n_sel : NULL, .y = P->y};
         STAGE_K(attention, aa, DS4_PROF_ATTENTION);
-        ds4_kv_store_args ka = {C, .kv = f->kv, .raw = s->raw, .row_type = f->row_type};
+        ds4_kv_store_args ka = {C, .kv = P->kv, .raw = s->raw, .row_type = f->row_type};
         STAGE_K(kv_store, ka, DS4_PROF_KV_STORE);
         if (fuse_post) post_due = true;
         else STAGE_K(hc_post, po, DS4_PROF_HC_POST);
 
         /* ---- FFN sublayer */
         ds4_hc_pre_args hfa = {C, .fn = &l->hc_ffn_fn, .scale = l->hc_ffn_scale, .base = l->hc_ffn_base,
-                               .norm_w = l->ffn_norm, .X = f->X, .out = f->u, .post = f->post, .comb = f->comb,
-                               .py = post_due ? f->y : NULL, .ppost = post_due ? f->post : NULL,
-                               .pcomb = post_due ? f->comb : NULL};
+                               .norm_w = l->ffn_norm, .X = P->X, .out = P->u, .post = P->post, .comb = P->comb,
+                               .py = post_due ? P->y : NULL, .ppost = post_due ? P->post : NULL,
+                               .pcomb = post_due ? P->comb : NULL};
         STAGE_K(hc_pre, hfa, DS4_PROF_HC_PRE);
         post_due = false;
-        ds4_moe_route_args ra = {C, .l = l, .tokens = tokens, .v = f->u, .ids = f->ids, .w = f->w};
+        ds4_moe_route_args ra = {C, .l = l, .tokens = tokens, .v = P->u, .ids = P->ids, .w = P->w};
         STAGE_K(moe_route, ra, DS4_PROF_MOE_ROUTE);
-        ds4_moe_experts_args xa2 = {C, .l = l, .il = il, .num = f->num, .v = f->u, .ids = f->ids, .w = f->w,
-                                    .y = f->y, .act = f->moe_fn ? f->act : NULL};
+        ds4_moe_experts_args xa2 = {C, .l = l, .il = il, .num = f->num, .v = P->u, .ids = P->ids, .w = P->w,
+                                    .y = P->y, .act = f->moe_fn ? P->act : NULL};
         STAGE_K(moe_experts, xa2, DS4_PROF_MOE_EXPERTS);
-        if (f->moe_fn) f->moe_fn(f->moe_user, il, n, f->u, f->ids, f->w, f->act);
+        if (f->moe_fn) f->moe_fn(f->moe_user, il, n, P->u, P->ids, P->w, P->act);
         if (fuse_post) post_due = true;
         else STAGE_K(hc_post, po, DS4_PROF_HC_POST);
     }
     if (post_due) STAGE_K(hc_post, po, DS4_PROF_HC_POST);
-    if (!f->no_head) {
+    if (!f->no_head && pi == f->np - 1) {
         const size_t nflat = (size_t)hp->n_hc * hp->n_embd;
         int nh = all ? n : 1;
         ds4_head_args ha = {.m = m, .step = st, .n = nh, .pos0 = pos0, .num = f->num,
-                            .X = f->X + (all ? 0 : (size_t)(n - 1) * nflat), .logits = f->logits};
+                            .X = P->X + (all ? 0 : (size_t)(n - 1) * nflat), .logits = f->logits};
         STAGE_K(head, ha, DS4_PROF_HEAD);
     }
     if (prof) ops->prof_mark(ctx, DS4_PROF_N);
@@ -314,34 +369,58 @@ static uint64_t graph_key(const ds4_fwd *f, int n, bool all) {
     return 0;
 }
 
+static int stage_grow(ds4_fwd *f, size_t bytes, ds4_err *err);
+
+/* Hands the batch's HC states (n rows of X) from part pi to part pi + 1:
+ * the backend's link when both parts are of one backend that has it, else
+ * through host memory. */
+static int link_states(ds4_fwd *f, int pi, int n, ds4_err *err) {
+    const fwd_part *a = &f->P[pi], *b = &f->P[pi + 1];
+    const size_t bytes = (size_t)n * f->m->hp.n_hc * f->m->hp.n_embd * sizeof(float);
+    if (a->be->ops == b->be->ops && a->be->ops->link)
+        return a->be->ops->link(a->be->ctx, b->be->ctx, b->X, a->X, bytes, err);
+    int rc = stage_grow(f, bytes, err);
+    if (!rc) rc = a->be->ops->download(a->be->ctx, f->stage, a->X, bytes, err);
+    if (!rc) rc = b->be->ops->upload(b->be->ctx, b->X, f->stage, bytes, err);
+    return rc;
+}
+
 int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool all, ds4_err *err) {
     const ds4_hparams *hp = &f->m->hp;
-    const ds4_backend_ops *ops = f->be->ops;
-    void *ctx = f->be->ctx;
     if (n < 1 || n > f->n_batch || f->pos + n > f->n_ctx)
         return ds4_err_set(err, DS4_E_RANGE, "batch of %d tokens at position %d exceeds the session (ctx %d, batch %d)",
                            n, f->pos, f->n_ctx, f->n_batch);
     const int pos0 = f->pos;
     f->n_logits = 0;
     f->last_n = 0;
-    /* the step: one upload of pos0, n and the tokens */
+    /* the step: one upload of pos0, n and the tokens to every part */
     f->step_host->pos0 = pos0;
     f->step_host->n = n;
     f->step_host->n_cap = f->n_batch;
     memcpy(DS4_STEP_TOKENS(f->step_host), tokens, (size_t)n * sizeof(int32_t));
-    int rc = ops->upload(ctx, f->step, f->step_host, DS4_STEP_BYTES(n), err);
-    if (rc) return rc;
-    ds4_step_info si = {.step = f->step, .n = n, .pos0 = pos0, .graph_key = graph_key(f, n, all)};
-    rc = ops->step_begin(ctx, &si, err);
-    if (rc < 0) return rc;
-    int src = rc == 0 ? issue_stages(f, n, pos0, all) : 0;
-    rc = ops->step_end(ctx, err);
-    if (rc) return rc;
-    if (src) return ds4_err_set(err, src < 0 ? src : DS4_E_INTERNAL, "%s backend: a stage failed", ops->name);
+    int rc;
+    for (int p = 0; p < f->np; p++)
+        if ((rc = f->P[p].be->ops->upload(f->P[p].be->ctx, f->P[p].step, f->step_host, DS4_STEP_BYTES(n), err)))
+            return rc;
+    const uint64_t key = graph_key(f, n, all);
+    for (int p = 0; p < f->np; p++) {
+        const ds4_backend_ops *ops = f->P[p].be->ops;
+        void *ctx = f->P[p].be->ctx;
+        ds4_step_info si = {.step = f->P[p].step, .n = n, .pos0 = pos0, .graph_key = key};
+        rc = ops->step_begin(ctx, &si, err);
+        if (rc < 0) return rc;
+        int src = rc == 0 ? issue_stages(f, p, n, pos0, all) : 0;
+        rc = ops->step_end(ctx, err);
+        if (rc) return rc;
+        if (src) return ds4_err_set(err, src < 0 ? src : DS4_E_INTERNAL, "%s backend: a stage failed", ops->name);
+        if (p + 1 < f->np && (rc = link_states(f, p, n, err))) return rc;
+    }
     f->n_logits = f->no_head ? 0 : all ? n : 1;
     f->last_n = n;
     if (logits && f->n_logits) {
-        rc = ops->download(ctx, logits, f->logits, (size_t)f->n_logits * hp->n_vocab * sizeof(float), err);
+        const fwd_part *L = last_part(f);
+        rc = L->be->ops->download(L->be->ctx, logits, f->logits, (size_t)f->n_logits * hp->n_vocab * sizeof(float),
+                                  err);
         if (rc) return rc;
     }
     f->pos += n;
@@ -355,16 +434,16 @@ int ds4_fwd_eval_states(ds4_fwd *f, const int32_t *tokens, int n, ds4_err *err) 
     return rc;
 }
 
-static int stage_grow(ds4_fwd *f, size_t bytes, ds4_err *err);
-
 void ds4_fwd_set_profile(ds4_fwd *f, bool on) { f->profile = on; }
 int ds4_fwd_set_moe_observer(ds4_fwd *f, ds4_fwd_moe_fn fn, void *user, ds4_err *err) {
     const ds4_hparams *hp = &f->m->hp;
-    if (fn && !f->act) {
-        int fail = 0;
-        f->act = balloc(f, (size_t)f->n_batch * hp->n_expert_used * hp->n_ff_exp * sizeof(float), &fail);
-        if (fail) return ds4_err_set(err, DS4_E_NOMEM, "out of memory for the expert activations");
-    }
+    for (int p = 0; fn && p < f->np; p++)
+        if (!f->P[p].act) {
+            int fail = 0;
+            f->P[p].act = balloc(f->P[p].be, (size_t)f->n_batch * hp->n_expert_used * hp->n_ff_exp * sizeof(float),
+                                 &fail);
+            if (fail) return ds4_err_set(err, DS4_E_NOMEM, "out of memory for the expert activations");
+        }
     f->moe_fn = fn;
     f->moe_user = user;
     return 0;
@@ -396,8 +475,6 @@ int ds4_fwd_fast_forward(ds4_fwd *f, int pos, uint64_t seed, ds4_err *err) {
             memcpy(f->stage + 4 * i, &v, 4);
         }
     }
-    const ds4_backend_ops *ops = f->be->ops;
-    void *ctx = f->be->ctx;
 #define FILL(dev, n_vals, elem)                                                                        \
     do {                                                                                               \
         size_t nv_ = (n_vals);                                                                         \
@@ -410,6 +487,8 @@ int ds4_fwd_fast_forward(ds4_fwd *f, int pos, uint64_t seed, ds4_err *err) {
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *st = &f->ls[il];
+        const ds4_backend_ops *ops = part_of(f, il)->be->ops;
+        void *ctx = part_of(f, il)->be->ctx;
         FILL(st->raw, (size_t)hp->window * hp->head_dim, f->row_elem);
         if (l->kind != DS4_ATTN_SLIDING) {
             FILL(st->comp, (size_t)(pos / l->ratio) * hp->head_dim, f->row_elem);
@@ -426,14 +505,15 @@ int ds4_fwd_fast_forward(ds4_fwd *f, int pos, uint64_t seed, ds4_err *err) {
 int ds4_fwd_logits(ds4_fwd *f, float *dst, ds4_err *err) {
     const size_t V = (size_t)f->m->hp.n_vocab;
     if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
-    return f->be->ops->download(f->be->ctx, dst, f->logits + (size_t)(f->n_logits - 1) * V, V * sizeof(float),
-                                err);
+    const ds4_backend *be = last_part(f)->be;
+    return be->ops->download(be->ctx, dst, f->logits + (size_t)(f->n_logits - 1) * V, V * sizeof(float), err);
 }
 
 int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err) {
     const size_t V = (size_t)f->m->hp.n_vocab;
     if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
-    return f->be->ops->argmax(f->be->ctx, f->logits + (size_t)(f->n_logits - 1) * V, 1, (int)V, id, err);
+    const ds4_backend *be = last_part(f)->be;
+    return be->ops->argmax(be->ctx, f->logits + (size_t)(f->n_logits - 1) * V, 1, (int)V, id, err);
 }
 
 /* ------------------------------------------------------------ MTP and speculation */
@@ -443,12 +523,14 @@ int ds4_fwd_n_logits(const ds4_fwd *f) { return f->n_logits; }
 int ds4_fwd_logits_row(ds4_fwd *f, int row, float *dst, ds4_err *err) {
     const size_t V = (size_t)f->m->hp.n_vocab;
     if (row < 0 || row >= f->n_logits) return ds4_err_set(err, DS4_E_ARG, "no logits row %d (%d rows)", row, f->n_logits);
-    return f->be->ops->download(f->be->ctx, dst, f->logits + (size_t)row * V, V * sizeof(float), err);
+    const ds4_backend *be = last_part(f)->be;
+    return be->ops->download(be->ctx, dst, f->logits + (size_t)row * V, V * sizeof(float), err);
 }
 
 int ds4_fwd_argmax_rows(ds4_fwd *f, int32_t *ids, ds4_err *err) {
     if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
-    return f->be->ops->argmax(f->be->ctx, f->logits, f->n_logits, f->m->hp.n_vocab, ids, err);
+    const ds4_backend *be = last_part(f)->be;
+    return be->ops->argmax(be->ctx, f->logits, f->n_logits, f->m->hp.n_vocab, ids, err);
 }
 
 static size_t state_floats(const ds4_fwd *f) { return (size_t)f->m->hp.n_hc * f->m->hp.n_embd; }
@@ -458,9 +540,11 @@ int ds4_fwd_hc_from(ds4_fwd *dst, int dst_row, const ds4_fwd *src, int src_row, 
     if (!dst->mtp || n < 0 || dst_row < 0 || dst_row + n > dst->n_batch || src_row < 0 || src_row + n > src->n_batch ||
         state_floats(src) != nf)
         return ds4_err_set(err, DS4_E_ARG, "HC copy of %d rows (%d -> %d) out of range", n, src_row, dst_row);
+    if (last_part(src)->be != dst->be)
+        return ds4_err_set(err, DS4_E_ARG, "HC copy between backends (the MTP block must sit with the last blocks)");
     if (n == 0) return 0;
-    return dst->be->ops->copy(dst->be->ctx, dst->hc_in + (size_t)dst_row * nf, src->X + (size_t)src_row * nf,
-                              (size_t)n * nf * sizeof(float), err);
+    return dst->be->ops->copy(dst->be->ctx, dst->hc_in + (size_t)dst_row * nf,
+                              last_part(src)->X + (size_t)src_row * nf, (size_t)n * nf * sizeof(float), err);
 }
 
 int ds4_fwd_hc_upload(ds4_fwd *f, int row, const float *src, int n, ds4_err *err) {
@@ -473,7 +557,8 @@ int ds4_fwd_hc_upload(ds4_fwd *f, int row, const float *src, int n, ds4_err *err
 int ds4_fwd_state_row(ds4_fwd *f, int row, float *dst, ds4_err *err) {
     const size_t nf = state_floats(f);
     if (row < 0 || row >= f->last_n) return ds4_err_set(err, DS4_E_ARG, "no state row %d (%d rows)", row, f->last_n);
-    return f->be->ops->download(f->be->ctx, dst, f->X + (size_t)row * nf, nf * sizeof(float), err);
+    const fwd_part *L = last_part(f);
+    return L->be->ops->download(L->be->ctx, dst, L->X + (size_t)row * nf, nf * sizeof(float), err);
 }
 
 int ds4_fwd_last_n(const ds4_fwd *f) { return f->last_n; }
@@ -482,7 +567,10 @@ int ds4_fwd_hc_keep(ds4_fwd *dst, const ds4_fwd *src, int src_row, ds4_err *err)
     const size_t nf = state_floats(dst);
     if (!dst->mtp || src_row < 0 || src_row >= src->n_batch || state_floats(src) != nf)
         return ds4_err_set(err, DS4_E_ARG, "HC keep of row %d out of range", src_row);
-    return dst->be->ops->copy(dst->be->ctx, dst->hc_last, src->X + (size_t)src_row * nf, nf * sizeof(float), err);
+    if (last_part(src)->be != dst->be)
+        return ds4_err_set(err, DS4_E_ARG, "HC copy between backends (the MTP block must sit with the last blocks)");
+    return dst->be->ops->copy(dst->be->ctx, dst->hc_last, last_part(src)->X + (size_t)src_row * nf,
+                              nf * sizeof(float), err);
 }
 
 int ds4_fwd_hc_from_kept(ds4_fwd *f, int dst_row, ds4_err *err) {
@@ -517,11 +605,11 @@ static void spec_ring(const ds4_fwd *f, int il, int k, void **base, int *slots, 
     }
 }
 
-static int copy_many(ds4_fwd *f, const ds4_copy *v, int n, ds4_err *err) {
-    const ds4_backend_ops *ops = f->be->ops;
-    if (ops->copy_many) return ops->copy_many(f->be->ctx, v, n, err);
+static int copy_many(const ds4_backend *be, const ds4_copy *v, int n, ds4_err *err) {
+    const ds4_backend_ops *ops = be->ops;
+    if (ops->copy_many) return ops->copy_many(be->ctx, v, n, err);
     for (int i = 0; i < n; i++) {
-        int rc = ops->copy(f->be->ctx, v[i].dst, v[i].src, v[i].bytes, err);
+        int rc = ops->copy(be->ctx, v[i].dst, v[i].src, v[i].bytes, err);
         if (rc) return rc;
     }
     return 0;
@@ -532,7 +620,8 @@ static int copy_many(ds4_fwd *f, const ds4_copy *v, int n, ds4_err *err) {
 static int spec_io(ds4_fwd *f, int p0, int off, int n, bool save, ds4_err *err) {
     ds4_copy v[64];
     int nv = 0;
-    for (int il = 0; il < f->m->hp.n_layer; il++)
+    for (int il = 0; il < f->m->hp.n_layer; il++) {
+        const ds4_backend *be = part_of(f, il)->be;
         for (int k = 0; k < 5; k++) {
             void *base;
             int slots;
@@ -547,14 +636,22 @@ static int spec_io(ds4_fwd *f, int p0, int off, int n, bool save, ds4_err *err) 
                 unsigned char *r = ring + (size_t)slot * sb, *b = buf + (size_t)(off + done) * sb;
                 v[nv++] = save ? (ds4_copy){b, r, (size_t)run * sb} : (ds4_copy){r, b, (size_t)run * sb};
                 if (nv == 64) { /* ring and save buffers are disjoint: the copies may run at once */
-                    int rc = copy_many(f, v, nv, err);
+                    int rc = copy_many(be, v, nv, err);
                     if (rc) return rc;
                     nv = 0;
                 }
                 done += run;
             }
         }
-    return nv ? copy_many(f, v, nv, err) : 0;
+        /* the copies of one call go to one backend */
+        bool flush = il + 1 == f->m->hp.n_layer || part_of(f, il + 1)->be != be;
+        if (flush && nv) {
+            int rc = copy_many(be, v, nv, err);
+            if (rc) return rc;
+            nv = 0;
+        }
+    }
+    return 0;
 }
 
 int ds4_fwd_spec_begin(ds4_fwd *f, int n, ds4_err *err) {
@@ -583,7 +680,7 @@ int ds4_fwd_spec_begin(ds4_fwd *f, int n, ds4_err *err) {
                 int slots;
                 size_t sb;
                 spec_ring(f, il, k, &base, &slots, &sb);
-                if (base) f->spec_buf[il * 5 + k] = balloc(f, (size_t)DS4_FWD_SPEC_MAX * sb, &fail);
+                if (base) f->spec_buf[il * 5 + k] = balloc(part_of(f, il)->be, (size_t)DS4_FWD_SPEC_MAX * sb, &fail);
             }
         if (fail) return ds4_err_set(err, DS4_E_NOMEM, "out of %s memory for speculative rollback", f->be->ops->name);
     }
@@ -647,9 +744,10 @@ static int stage_grow(ds4_fwd *f, size_t bytes, ds4_err *err) {
 /* Moves n_vals cached values between backend rows (row type) and the
  * payload (payload type), converting through the staging buffer when the
  * two differ. */
-static int rows_io(ds4_fwd *f, unsigned char *buf, void *dev, size_t n_vals, bool save, ds4_err *err) {
-    const ds4_backend_ops *ops = f->be->ops;
-    void *ctx = f->be->ctx;
+static int rows_io(ds4_fwd *f, const ds4_backend *be, unsigned char *buf, void *dev, size_t n_vals, bool save,
+                   ds4_err *err) {
+    const ds4_backend_ops *ops = be->ops;
+    void *ctx = be->ctx;
     size_t pe = payload_elem(f), re = f->row_elem;
     if (n_vals == 0) return 0;
     if (pe == re)
@@ -692,10 +790,10 @@ static int rows_io(ds4_fwd *f, unsigned char *buf, void *dev, size_t n_vals, boo
     return ops->upload(ctx, dev, f->stage, n_vals * re, err);
 }
 
-static int floats_io(ds4_fwd *f, unsigned char *buf, float *dev, size_t n, bool save, ds4_err *err) {
-    const ds4_backend_ops *ops = f->be->ops;
-    return save ? ops->download(f->be->ctx, buf, dev, n * sizeof(float), err)
-                : ops->upload(f->be->ctx, dev, buf, n * sizeof(float), err);
+static int floats_io(const ds4_backend *be, unsigned char *buf, float *dev, size_t n, bool save, ds4_err *err) {
+    const ds4_backend_ops *ops = be->ops;
+    return save ? ops->download(be->ctx, buf, dev, n * sizeof(float), err)
+                : ops->upload(be->ctx, dev, buf, n * sizeof(float), err);
 }
 
 static int state_io(ds4_fwd *f, int T, unsigned char *buf, bool save, ds4_err *err) {
@@ -707,18 +805,19 @@ static int state_io(ds4_fwd *f, int T, unsigned char *buf, bool save, ds4_err *e
 #define ROWS(dev, n_vals)                                                              \
     do {                                                                               \
         size_t nv_ = (n_vals);                                                         \
-        if ((rc = rows_io(f, buf + off, (dev), nv_, save, err))) return rc;            \
+        if ((rc = rows_io(f, be, buf + off, (dev), nv_, save, err))) return rc;        \
         off += nv_ * pe;                                                               \
     } while (0)
 #define FLOATS(dev, n_vals)                                                            \
     do {                                                                               \
         size_t nv_ = (n_vals);                                                         \
-        if ((rc = floats_io(f, buf + off, (dev), nv_, save, err))) return rc;          \
+        if ((rc = floats_io(be, buf + off, (dev), nv_, save, err))) return rc;         \
         off += nv_ * sizeof(float);                                                    \
     } while (0)
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
+        const ds4_backend *be = part_of(f, il)->be;
         /* raw rows of positions lo..T-1: ring slots lo%W.. wrap at most once */
         size_t lo = (size_t)T > W ? (size_t)T - W : 0, nraw = (size_t)T - lo;
         size_t first = lo % W, seg1 = nraw < W - first ? nraw : W - first;
@@ -765,8 +864,6 @@ int ds4_fwd_state_load(ds4_fwd *f, int pos, const void *src, size_t bytes, ds4_e
 static int ckpt_io(ds4_fwd *f, unsigned char *buf, bool save, size_t *bytes, ds4_err *err) {
     const ds4_model *m = f->m;
     const ds4_hparams *hp = &m->hp;
-    const ds4_backend_ops *ops = f->be->ops;
-    void *ctx = f->be->ctx;
     size_t off = 0;
 #define IO(ptr, n_bytes)                                                                          \
     do {                                                                                          \
@@ -781,6 +878,8 @@ static int ckpt_io(ds4_fwd *f, unsigned char *buf, bool save, size_t *bytes, ds4
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
         ds4_layer_state *s = &f->ls[il];
+        const ds4_backend_ops *ops = part_of(f, il)->be->ops;
+        void *ctx = part_of(f, il)->be->ctx;
         IO(s->raw, (size_t)hp->window * hp->head_dim * f->row_elem);
         if (l->kind != DS4_ATTN_SLIDING) {
             size_t fr = (size_t)frontier_rows(l) * ds4_model_comp_width(m, il) * sizeof(float);

@@ -25,6 +25,23 @@ int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int
                 ds4_fwd **out, ds4_err *err);
 void ds4_fwd_free(ds4_fwd *f);
 
+/* A layer split (docs/ARCHITECTURE.md "Several GPUs"): the blocks in
+ * contiguous ranges, part p = blocks [l0, l1) on backend be with m that
+ * backend's binding of the part (ds4_model_part); the first part also runs
+ * the embedding (or the MTP input), the last the head and holds the logits.
+ * Each block's KV state lives on its part's backend; the HC states go from
+ * part to part after each one's blocks (ops->link, or through host memory).
+ * Parts start at block 0 and end at n_layer without gaps; all parts give the
+ * same kv_row_type. A one-part split is ds4_fwd_new. */
+#define DS4_FWD_MAX_PARTS 8
+typedef struct ds4_fwd_part {
+    const ds4_model *m;
+    const ds4_backend *be;
+    int l0, l1;
+} ds4_fwd_part;
+int ds4_fwd_new_split(const ds4_fwd_part *parts, int n_parts, ds4_numerics num, int n_ctx, int n_batch,
+                      ds4_fwd **out, ds4_err *err);
+
 /* Forgets every token (position 0). */
 void ds4_fwd_reset(ds4_fwd *f);
 int ds4_fwd_pos(const ds4_fwd *f);

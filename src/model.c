@@ -875,6 +875,59 @@ void ds4_model_mirror_free(ds4_model *mm) {
     free(mm);
 }
 
+static void hollow_weight(ds4_weight *w) {
+    const char *name = w->name;
+    memset(w, 0, sizeof *w);
+    w->name = name;
+}
+
+ds4_model *ds4_model_part(const ds4_model *m, int l0, int l1, bool first, bool last) {
+    ds4_model *mm = ds4_model_mirror(m);
+    if (!mm) return NULL;
+    if (!first) hollow_weight(&mm->tok_embd);
+    if (!last) {
+        hollow_weight(&mm->out_hc_fn);
+        hollow_weight(&mm->output);
+        mm->out_hc_base = mm->out_hc_scale = mm->out_norm = NULL;
+    }
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        if (il >= l0 && il < l1) continue;
+        ds4_layer *l = &mm->layers[il];
+        ds4_weight *ws[] = {&l->hc_attn_fn, &l->hc_ffn_fn, &l->q_a, &l->q_b, &l->kv, &l->o_a, &l->o_b,
+                            &l->comp_ape, &l->comp_kv, &l->comp_gate, &l->idx_q_b, &l->idx_proj, &l->icomp_ape,
+                            &l->icomp_kv, &l->icomp_gate, &l->gate_inp, &l->gate_exps, &l->up_exps, &l->down_exps,
+                            &l->gate_sh, &l->up_sh, &l->down_sh};
+        for (size_t i = 0; i < sizeof ws / sizeof ws[0]; i++) hollow_weight(ws[i]);
+        l->hc_attn_scale = l->hc_attn_base = l->hc_ffn_scale = l->hc_ffn_base = NULL;
+        l->attn_norm = l->q_a_norm = l->kv_norm = l->sinks = l->comp_norm = l->icomp_norm = l->ffn_norm = NULL;
+        l->exp_bias = NULL;
+        l->tid2eid = NULL;
+    }
+    return mm;
+}
+
+typedef struct { size_t bytes; } sum_bytes;
+static int sum_weight(void *user, ds4_weight *w) {
+    ((sum_bytes *)user)->bytes += w->mat_bytes * (size_t)w->n_mat;
+    return 0;
+}
+static int sum_vec(void *user, void **p, size_t bytes) {
+    (void)p;
+    ((sum_bytes *)user)->bytes += bytes;
+    return 0;
+}
+
+size_t ds4_model_layer_bytes(const ds4_model *m, int il) {
+    ds4_model *mm = ds4_model_part(m, il, il + 1, false, false);
+    if (!mm) return 0;
+    mm->rope_main.inv_freq = mm->rope_compress.inv_freq = NULL;
+    sum_bytes s = {0};
+    ds4_model_visit v = {sum_weight, sum_vec, &s};
+    ds4_model_visit_all(mm, &v);
+    ds4_model_mirror_free(mm);
+    return s.bytes;
+}
+
 int ds4_model_visit_all(ds4_model *m, const ds4_model_visit *v) {
     const ds4_hparams *hp = &m->hp;
     const size_t F = sizeof(float), mix = (size_t)(2 + hp->n_hc) * hp->n_hc;

@@ -171,6 +171,16 @@ float ds4_model_synth_std(const ds4_weight *w);
 ds4_model *ds4_model_mirror(const ds4_model *m);
 void ds4_model_mirror_free(ds4_model *mm);
 
+/* One part of a layer split (docs/ARCHITECTURE.md): a mirror of m in which
+ * only blocks [l0, l1) keep their weights and vectors, plus the token
+ * embedding when `first` and the output head (output_hc_*, output_norm,
+ * output) when `last`; everything else is hollow (weights with n_in 0 and
+ * no data, vectors NULL), so binding it uploads only the part. Layer kinds,
+ * ratios and hp stay whole. Free with ds4_model_mirror_free. */
+ds4_model *ds4_model_part(const ds4_model *m, int l0, int l1, bool first, bool last);
+/* Bytes of the weights of block il (every matrix and vector it binds). */
+size_t ds4_model_layer_bytes(const ds4_model *m, int il);
+
 /* Calls weight() for every bound weight (n_in > 0) and vec() for every data
  * vector (norms, HC scale/base, sinks, biases, tid2eid, RoPE frequencies)
  * with its size in bytes; a callback may replace the pointer. Stops at the
