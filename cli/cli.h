@@ -44,6 +44,7 @@ typedef struct ds4_cli_opts {
     bool plain_numerics;           /* --plain-numerics (diagnostic) */
     bool cuda_sync_debug;          /* --cuda-sync-debug (diagnostic) */
     bool no_graphs;                /* --no-graphs (diagnostic) */
+    ds4_engine_opts split;         /* --gpus / --split: only the layer-split fields are used */
     const char *dump_logprobs;     /* --dump-logprobs FILE */
     int logprobs_top_k;            /* --logprobs-top-k */
     const char *perplexity_file;   /* --perplexity-file */

@@ -19,6 +19,8 @@ static void usage(FILE *f) {
         "  --mtp-draft N           MTP drafts per cycle, 1..4 (default 3)\n"
         "  --mtp-gate P            stop drafting below this MTP probability (default 0.3; 0 = never)\n"
         "  --cpu | --cuda          backend (default: CUDA if built and present, else CPU)\n"
+        "  --gpus N|LIST           split the layers over N GPUs (or the devices listed, e.g. 0,1)\n"
+        "  --split LIST            blocks per part, e.g. 22,21 (default: parts of equal bytes)\n"
         "  -t, --threads N         CPU threads (default: all cores)\n"
         "  -c, --ctx N             context size (default 32768)\n"
         "  -p, --prompt TEXT       one-shot prompt\n"
@@ -155,7 +157,11 @@ ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
         .cuda_no_graphs = o->no_graphs,
         .layer_limit = o->layers,
         .numerics_off = o->numerics_off,
+        .n_parts = o->split.n_parts,
+        .n_devices = o->split.n_devices,
     };
+    memcpy(eo.devices, o->split.devices, sizeof eo.devices);
+    memcpy(eo.split_layers, o->split.split_layers, sizeof eo.split_layers);
     ds4_engine *e = NULL;
     ds4_err err = {0};
     int rc = ds4_engine_open(&e, &eo, &err);
@@ -212,6 +218,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;
         else if (!strcmp(a, "--cuda-sync-debug")) o.cuda_sync_debug = true;
         else if (!strcmp(a, "--no-graphs")) o.no_graphs = true;
+        else if (!strcmp(a, "--gpus") || !strcmp(a, "--split")) {
+            NEED_ARG();
+            ds4_err e = {0};
+            if ((a[2] == 'g' ? ds4_opts_parse_gpus : ds4_opts_parse_split)(&o.split, argv[++i], &e)) {
+                fprintf(stderr, "ds4: %s\n", e.msg);
+                return 2;
+            }
+        }
         else if (!strcmp(a, "--numerics-off")) {
             NEED_ARG();
             const char *l = argv[++i];

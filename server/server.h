@@ -299,6 +299,7 @@ typedef struct srv_config {
     int mtp_draft;              /* --mtp-draft N (1..4) */
     float mtp_gate;             /* --mtp-gate P */
     ds4_backend_kind backend;
+    ds4_engine_opts split;      /* --gpus / --split: only the layer-split fields are used */
     int n_threads;
     int n_ctx;
     int default_tokens;

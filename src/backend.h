@@ -390,7 +390,13 @@ typedef struct ds4_cuda_opts {
     bool sync_debug;   /* synchronise and check after every launch */
     bool no_graphs;    /* never capture decode steps */
     bool profile;      /* per-stage event timing (ds4_debug) */
+    bool multi;        /* one of several CUDA backends of this thread: every op selects its device */
 } ds4_cuda_opts;
 int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds4_err *err);
+/* Joins n CUDA backends (created with .multi) into one NCCL communicator,
+ * one rank per distinct device, so that their link op passes bytes between
+ * them (parts on one device send to themselves through NCCL). DS4_E_BACKEND
+ * when this build or machine has no NCCL, naming what is missing. */
+int ds4_cuda_link_parts(ds4_backend *bes, int n, ds4_err *err);
 
 #endif

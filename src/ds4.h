@@ -57,7 +57,18 @@ typedef struct ds4_engine_opts {
     ds4_progress_fn progress;
     void *progress_user;
     /* Diagnostics (--help-debug). */
-    int cuda_device;          /* CUDA device ordinal */
+    int cuda_device;          /* CUDA device ordinal (of the first part) */
+    /* Layer split (docs/ARCHITECTURE.md "Several GPUs"): n_parts > 1 runs the
+     * blocks in that many contiguous parts, each on its own backend. CUDA:
+     * part p on device devices[p] when p < n_devices, else cuda_device + p
+     * (a device may repeat: two parts on one GPU), the HC states passed on
+     * through NCCL. CPU / strict: n_parts backends in this process (checks
+     * the split itself; no speed-up). split_layers[p] > 0: blocks per part
+     * (they must add up to the model's), else parts of about equal bytes. */
+    int n_parts;
+    int n_devices;
+    int devices[8];
+    int split_layers[8];
     bool cuda_sync_debug;     /* synchronise and check after every launch */
     bool cuda_no_graphs;      /* never capture decode steps into graphs */
     int layer_limit;          /* evaluate only the first N blocks, then the head (0 = all) */
@@ -67,6 +78,13 @@ typedef struct ds4_engine_opts {
 /* Opens a model. On success *out owns the mapping and backend resources.
  * Fails with DS4_E_IO / DS4_E_FORMAT / DS4_E_MODEL and a message naming the
  * offending key or tensor. Not thread-safe with respect to the same opts. */
+/* Command-line forms of the layer split, shared by ds4, ds4-server and
+ * ds4-bench: --gpus "N" (N parts on devices 0..N-1) or a list
+ * "0,1" (one part per listed device; a device may repeat); --split "22,21"
+ * (blocks per part; with --cpu / --strict-backend it alone splits the CPU
+ * backend). DS4_E_ARG with a message on a malformed value. */
+int ds4_opts_parse_gpus(ds4_engine_opts *o, const char *arg, ds4_err *err);
+int ds4_opts_parse_split(ds4_engine_opts *o, const char *arg, ds4_err *err);
 int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err);
 void ds4_engine_close(ds4_engine *e);
 

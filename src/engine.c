@@ -13,6 +13,7 @@
 #include "ds4.h"
 #include "ds4_debug.h"
 
+#include <errno.h>
 #include <math.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -34,12 +35,18 @@
 struct ds4_engine {
     ds4_gguf *g;           /* NULL for a synthetic model */
     ds4_model m;           /* host description (weights in the mapping) */
-    ds4_model *bm;         /* the backend's binding of m (stages read this) */
+    ds4_model *bm[DS4_FWD_MAX_PARTS]; /* each part's binding of m (stages read these) */
     ds4_hparams hp;        /* vocab-only opens: hyperparameters if present */
     bool have_hp;
     bool vocab_only;
     ds4_tokenizer *tok;
-    ds4_backend be;
+    /* the backend of each part of a layer split (one without a split); the
+     * MTP block binds to the last one, which holds the head */
+    ds4_backend be[DS4_FWD_MAX_PARTS];
+    int n_be;              /* backends created */
+    int n_parts;
+    ds4_model *part[DS4_FWD_MAX_PARTS]; /* host descriptions of the parts (n_parts > 1) */
+    int l0[DS4_FWD_MAX_PARTS], l1[DS4_FWD_MAX_PARTS];
     bool have_be;
     ds4_numerics num;
     uint8_t fp[32];
@@ -152,37 +159,13 @@ static void build_describe(ds4_engine *e, const char *path) {
                               ds4_type_name(l->gate_exps.type), ds4_type_name(l->q_a.type),
                               ds4_type_name(e->mtp.mtp_e_proj.type));
     }
+    for (int p = 0; e->n_parts > 1 && p < e->n_parts && o < cap; p++)
+        o += (size_t)snprintf(e->describe + o, cap - o, "%s blocks %d-%d", p ? "," : "; layer split:", e->l0[p],
+                              e->l1[p] - 1);
     if (o < cap)
         o += (size_t)snprintf(e->describe + o, cap - o, "; tokenizer: %s; backend: %s; numerics: %s",
-                              e->tok ? "yes" : "none", e->have_be ? e->be.ops->name : "none",
+                              e->tok ? "yes" : "none", e->have_be ? e->be[0].ops->name : "none",
                               e->num.fp8_kv ? "release (FP8 KV, FP4 indexer, f16 cache)" : "plain f32");
-}
-
-/* Creates the backend the options ask for. AUTO takes CUDA when this build
- * has it and a device answers, else the CPU. */
-static int backend_new(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *err) {
-    ds4_backend_kind k = opts->backend;
-    if (k == DS4_BACKEND_STRICT) {
-        e->host_backend = true;
-        return ds4_strict_backend_new(opts->n_threads, &e->be, err);
-    }
-#ifdef DS4_WITH_CUDA
-    if (k == DS4_BACKEND_CUDA || k == DS4_BACKEND_AUTO) {
-        ds4_cuda_opts co = {.device = opts->cuda_device, .sync_debug = opts->cuda_sync_debug,
-                            .no_graphs = opts->cuda_no_graphs};
-        ds4_err cerr = {0};
-        int rc = ds4_cuda_backend_new(&co, &e->be, &cerr);
-        if (rc == 0) return 0;
-        if (k == DS4_BACKEND_CUDA) {
-            if (err) *err = cerr;
-            return rc;
-        }
-    }
-#else
-    if (k == DS4_BACKEND_CUDA) return ds4_err_set(err, DS4_E_ARG, "this build has no CUDA backend (build with `make cuda`, or use --cpu)");
-#endif
-    e->host_backend = true;
-    return ds4_cpu_backend_new(opts->n_threads, &e->be, err);
 }
 
 typedef struct load_progress {
@@ -194,25 +177,197 @@ static int bind_progress(void *user, int64_t done, int64_t total) {
     return lp->o->progress ? lp->o->progress(lp->o->progress_user, "load", done, total) : 0;
 }
 
+/* Creates backend i of the options' kind (part i of a split). AUTO takes
+ * CUDA when this build has it and a device answers, else the CPU. */
+static int backend_new(ds4_engine *e, const ds4_engine_opts *opts, int i, ds4_err *err) {
+    ds4_backend_kind k = opts->backend;
+    ds4_backend *be = &e->be[i];
+    if (k == DS4_BACKEND_STRICT) {
+        e->host_backend = true;
+        return ds4_strict_backend_new(opts->n_threads, be, err);
+    }
+#ifdef DS4_WITH_CUDA
+    if (k == DS4_BACKEND_CUDA || (k == DS4_BACKEND_AUTO && !e->host_backend)) {
+        int dev = i < opts->n_devices ? opts->devices[i] : opts->cuda_device + i;
+        ds4_cuda_opts co = {.device = dev, .sync_debug = opts->cuda_sync_debug,
+                            .no_graphs = opts->cuda_no_graphs, .multi = e->n_parts > 1};
+        ds4_err cerr = {0};
+        int rc = ds4_cuda_backend_new(&co, be, &cerr);
+        if (rc == 0) return 0;
+        if (k == DS4_BACKEND_CUDA || e->n_parts > 1) { /* a split wants GPUs unless --cpu says otherwise */
+            if (err) *err = cerr;
+            return rc;
+        }
+    }
+#else
+    if (k == DS4_BACKEND_CUDA || (k == DS4_BACKEND_AUTO && e->n_parts > 1))
+        return ds4_err_set(err, DS4_E_ARG, "this build has no CUDA backend (build with `make cuda`; to split the CPU "
+                                           "backend use --cpu --split)");
+#endif
+    e->host_backend = true;
+    return ds4_cpu_backend_new(opts->n_threads, be, err);
+}
+
+/* The blocks of each part: opts->split_layers when given, else contiguous
+ * ranges of about equal weight bytes (the embedding counted on the first
+ * part, the head on the last), each at least one block. */
+static int plan_split(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *err) {
+    const int G = e->n_parts, L = e->hp.n_layer;
+    if (G > L) return ds4_err_set(err, DS4_E_ARG, "a split into %d parts needs at least %d blocks (the model has %d)", G, G, L);
+    if (opts->split_layers[0] > 0) {
+        int sum = 0;
+        for (int p = 0; p < G; p++) {
+            int c = opts->split_layers[p];
+            if (c < 1) return ds4_err_set(err, DS4_E_ARG, "split: part %d has %d blocks (each needs at least 1)", p, c);
+            e->l0[p] = sum;
+            sum += c;
+            e->l1[p] = sum;
+        }
+        if (sum != L) return ds4_err_set(err, DS4_E_ARG, "split: the parts hold %d blocks, the model has %d", sum, L);
+        return 0;
+    }
+    const ds4_model *m = &e->m;
+    double total = 0, head = (double)m->output.mat_bytes + (double)m->out_hc_fn.mat_bytes;
+    double lb[4096];
+    if (L > 4096) return ds4_err_set(err, DS4_E_ARG, "split: too many blocks");
+    for (int il = 0; il < L; il++) total += lb[il] = (double)ds4_model_layer_bytes(m, il);
+    total += (double)m->tok_embd.mat_bytes + head;
+    double acc = (double)m->tok_embd.mat_bytes;
+    int il = 0;
+    for (int p = 0; p < G; p++) {
+        e->l0[p] = il;
+        if (p == G - 1) {
+            il = L;
+        } else {
+            double goal = total * (p + 1) / G;
+            il++; /* at least one block */
+            acc += lb[il - 1];
+            /* take blocks while that brings the part closer to its share and
+             * leaves one block for each later part */
+            while (il < L - (G - 1 - p) && fabs(acc + lb[il] - goal) < fabs(acc - goal)) acc += lb[il++];
+        }
+        e->l1[p] = il;
+    }
+    return 0;
+}
+
+/* Creates the backends (one per part) and binds each part's weights. */
+static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *err) {
+    int rc;
+    e->n_parts = opts->n_parts > 1 ? opts->n_parts : 1;
+    if (e->n_parts > DS4_FWD_MAX_PARTS)
+        return ds4_err_set(err, DS4_E_ARG, "a split into %d parts: at most %d", e->n_parts, DS4_FWD_MAX_PARTS);
+    if (opts->n_devices > 0 && (opts->backend == DS4_BACKEND_CPU || opts->backend == DS4_BACKEND_STRICT))
+        return ds4_err_set(err, DS4_E_ARG, "--gpus needs the CUDA backend (to split the CPU backend use --split)");
+    int given = 0;
+    while (given < DS4_FWD_MAX_PARTS && opts->split_layers[given] > 0) given++;
+    if (given && given != e->n_parts)
+        return ds4_err_set(err, DS4_E_ARG, "--split names %d parts, the engine has %d", given, e->n_parts);
+    if (e->n_parts > 1 && (rc = plan_split(e, opts, err))) return rc;
+    if (e->n_parts == 1) e->l0[0] = 0, e->l1[0] = e->hp.n_layer;
+    for (int p = 0; p < e->n_parts; p++) {
+        if ((rc = backend_new(e, opts, p, err))) return rc;
+        e->n_be = p + 1;
+        if (e->be[p].ops != e->be[0].ops)
+            return ds4_err_set(err, DS4_E_BACKEND, "split: part %d got the %s backend, part 0 the %s one", p,
+                               e->be[p].ops->name, e->be[0].ops->name);
+    }
+    e->have_be = true;
+#ifdef DS4_WITH_CUDA
+    if (e->n_parts > 1 && !e->host_backend && (rc = ds4_cuda_link_parts(e->be, e->n_parts, err))) return rc;
+#endif
+    if ((rc = e->be[0].ops->check_model(e->be[0].ctx, &e->m, err))) return rc;
+    load_progress lp = {opts};
+    ds4_bind_opts bo = {.synthetic = opts->synthetic != NULL, .seed = opts->synthetic_seed,
+                        .progress = opts->progress ? bind_progress : NULL, .progress_user = &lp};
+    for (int p = 0; p < e->n_parts; p++) {
+        const ds4_model *host = &e->m;
+        if (e->n_parts > 1) {
+            if (!(e->part[p] = ds4_model_part(&e->m, e->l0[p], e->l1[p], p == 0, p == e->n_parts - 1)))
+                return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+            host = e->part[p];
+        }
+        if ((rc = e->be[p].ops->bind_model(e->be[p].ctx, host, &bo, &e->bm[p], err))) {
+            if (e->n_parts > 1) ds4_err_prefix(err, "part %d (blocks %d-%d)", p, e->l0[p], e->l1[p] - 1);
+            return rc;
+        }
+    }
+    return 0;
+}
+
 /* Loads, checks and binds the MTP GGUF beside the main model (beside a
  * synthetic model: path "synthetic", a block of the published recipe).
  * Errors are prefixed with the MTP file's path. */
 static int mtp_open(ds4_engine *e, const ds4_engine_opts *o, const char *path, ds4_err *err) {
     int rc;
     const bool syn = o->synthetic != NULL;
-    if (!e->be.ops->mtp_embed)
-        rc = ds4_err_set(err, DS4_E_ARG, "the %s backend does not support MTP yet", e->be.ops->name);
+    ds4_backend *be = &e->be[e->n_parts - 1]; /* beside the head */
+    if (!be->ops->mtp_embed)
+        rc = ds4_err_set(err, DS4_E_ARG, "the %s backend does not support MTP yet", be->ops->name);
     else if (syn && strcmp(path, "synthetic") != 0)
         rc = ds4_err_set(err, DS4_E_ARG, "a synthetic model takes only a synthetic MTP block (--mtp synthetic)");
     else if (!(rc = syn ? ds4_model_synth_mtp(&e->mtp, &e->m, o->synthetic_seed, err)
                         : ds4_gguf_open(&e->g_mtp, path, err)) &&
              !(rc = syn ? 0 : ds4_model_load_mtp(&e->mtp, &e->m, e->g_mtp, err)) &&
-             !(rc = e->be.ops->check_model(e->be.ctx, &e->mtp, err))) {
+             !(rc = be->ops->check_model(be->ctx, &e->mtp, err))) {
         ds4_bind_opts bo = {.synthetic = syn, .seed = o->synthetic_seed};
-        rc = e->be.ops->bind_model(e->be.ctx, &e->mtp, &bo, &e->bmtp, err);
+        rc = be->ops->bind_model(be->ctx, &e->mtp, &bo, &e->bmtp, err);
     }
     if (rc) ds4_err_prefix(err, "MTP %s", path);
     return rc;
+}
+
+_Static_assert(DS4_FWD_MAX_PARTS == sizeof ((ds4_engine_opts *)0)->devices / sizeof(int), "part limits");
+
+/* Parses "a,b,c" (or one number when one_ok) into v[], each in lo..hi. */
+static int parse_list(const char *flag, const char *arg, int lo, int hi, int *v, int *n, ds4_err *err) {
+    *n = 0;
+    const char *p = arg;
+    if (!p || !*p) return ds4_err_set(err, DS4_E_ARG, "%s: empty value", flag);
+    for (;;) {
+        char *end;
+        errno = 0;
+        long x = strtol(p, &end, 10);
+        if (end == p || errno || x < lo || x > hi || (*end && *end != ','))
+            return ds4_err_set(err, DS4_E_ARG, "%s: '%s' is not a list of numbers %d..%d", flag, arg, lo, hi);
+        if (*n == DS4_FWD_MAX_PARTS)
+            return ds4_err_set(err, DS4_E_ARG, "%s: at most %d parts", flag, DS4_FWD_MAX_PARTS);
+        v[(*n)++] = (int)x;
+        if (!*end) return 0;
+        p = end + 1;
+    }
+}
+
+int ds4_opts_parse_gpus(ds4_engine_opts *o, const char *arg, ds4_err *err) {
+    int v[DS4_FWD_MAX_PARTS], n;
+    int rc = parse_list("--gpus", arg, 0, 1023, v, &n, err);
+    if (rc) return rc;
+    int given = 0;
+    while (given < DS4_FWD_MAX_PARTS && o->split_layers[given] > 0) given++;
+    int want = n == 1 && !strchr(arg, ',') ? v[0] : n;
+    if (given && given != want) return ds4_err_set(err, DS4_E_ARG, "--split names %d parts, --gpus %d", given, want);
+    if (n == 1 && !strchr(arg, ',')) { /* a count */
+        if (v[0] < 1 || v[0] > DS4_FWD_MAX_PARTS)
+            return ds4_err_set(err, DS4_E_ARG, "--gpus: %d GPUs (1..%d)", v[0], DS4_FWD_MAX_PARTS);
+        o->n_parts = o->n_devices = v[0];
+        for (int i = 0; i < v[0]; i++) o->devices[i] = i;
+        return 0;
+    }
+    o->n_parts = n;
+    o->n_devices = n;
+    memcpy(o->devices, v, (size_t)n * sizeof(int));
+    return 0;
+}
+
+int ds4_opts_parse_split(ds4_engine_opts *o, const char *arg, ds4_err *err) {
+    int v[DS4_FWD_MAX_PARTS], n;
+    int rc = parse_list("--split", arg, 1, 1 << 20, v, &n, err);
+    if (rc) return rc;
+    memset(o->split_layers, 0, sizeof o->split_layers);
+    memcpy(o->split_layers, v, (size_t)n * sizeof(int));
+    if (o->n_parts <= 1 || o->n_parts == n) o->n_parts = n;
+    else return ds4_err_set(err, DS4_E_ARG, "--split names %d parts, --gpus %d", n, o->n_parts);
+    return 0;
 }
 
 int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err) {
@@ -251,13 +406,7 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
                              ds4_tokenizer_n_vocab(e->tok), e->hp.n_vocab);
             goto fail;
         }
-        if ((rc = backend_new(e, opts, err))) goto fail;
-        e->have_be = true;
-        if ((rc = e->be.ops->check_model(e->be.ctx, &e->m, err))) goto fail;
-        load_progress lp = {opts};
-        ds4_bind_opts bo = {.synthetic = opts->synthetic != NULL, .seed = opts->synthetic_seed,
-                            .progress = opts->progress ? bind_progress : NULL, .progress_user = &lp};
-        if ((rc = e->be.ops->bind_model(e->be.ctx, &e->m, &bo, &e->bm, err))) goto fail;
+        if ((rc = backends_open(e, opts, err))) goto fail;
         if (opts->mtp_path && (rc = mtp_open(e, opts, opts->mtp_path, err))) goto fail;
     }
     if ((rc = fingerprint(e, opts, err))) goto fail;
@@ -273,11 +422,13 @@ fail:
 
 void ds4_engine_close(ds4_engine *e) {
     if (!e) return;
-    if (e->bmtp) e->be.ops->unbind_model(e->be.ctx, e->bmtp);
+    if (e->bmtp) e->be[e->n_parts - 1].ops->unbind_model(e->be[e->n_parts - 1].ctx, e->bmtp);
     if (e->mtp.weights_loaded) ds4_model_free(&e->mtp);
     ds4_gguf_close(e->g_mtp);
-    if (e->bm) e->be.ops->unbind_model(e->be.ctx, e->bm);
-    if (e->have_be) e->be.ops->destroy(e->be.ctx);
+    for (int p = 0; p < e->n_be; p++)
+        if (e->bm[p]) e->be[p].ops->unbind_model(e->be[p].ctx, e->bm[p]);
+    for (int p = 0; p < DS4_FWD_MAX_PARTS; p++) ds4_model_mirror_free(e->part[p]);
+    for (int p = e->n_be - 1; p >= 0; p--) e->be[p].ops->destroy(e->be[p].ctx);
     if (e->m.weights_loaded) ds4_model_free(&e->m);
     else if (e->have_hp) ds4_hparams_free(&e->hp);
     ds4_tokenizer_free(e->tok);
@@ -290,7 +441,7 @@ int ds4_engine_n_vocab(const ds4_engine *e) {
     return e->tok ? ds4_tokenizer_n_vocab(e->tok) : 0;
 }
 int ds4_engine_n_layer(const ds4_engine *e) { return e->have_hp ? e->hp.n_layer : 0; }
-const char *ds4_engine_backend_name(const ds4_engine *e) { return e->have_be ? e->be.ops->name : "none"; }
+const char *ds4_engine_backend_name(const ds4_engine *e) { return e->have_be ? e->be[0].ops->name : "none"; }
 const char *ds4_engine_describe(const ds4_engine *e) { return e->describe; }
 bool ds4_engine_has_mtp(const ds4_engine *e) { return e->bmtp != NULL; }
 void ds4_engine_fingerprint(const ds4_engine *e, uint8_t out[32]) { memcpy(out, e->fp, 32); }
@@ -363,7 +514,12 @@ int ds4_session_new(ds4_engine *e, const ds4_session_opts *opts, ds4_session **o
     s->logits = malloc((size_t)e->hp.n_vocab * sizeof(float));
     int rc = 0;
     if (!s->tokens || !s->logits) rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
-    else rc = ds4_fwd_new(e->bm, &e->be, e->num, s->n_ctx, s->n_batch, &s->f, err);
+    else {
+        ds4_fwd_part parts[DS4_FWD_MAX_PARTS];
+        for (int p = 0; p < e->n_parts; p++)
+            parts[p] = (ds4_fwd_part){.m = e->bm[p], .be = &e->be[p], .l0 = e->l0[p], .l1 = e->l1[p]};
+        rc = ds4_fwd_new_split(parts, e->n_parts, e->num, s->n_ctx, s->n_batch, &s->f, err);
+    }
     if (!rc && e->layer_limit) ds4_fwd_set_layer_limit(s->f, e->layer_limit);
     if (!rc && e->moe_fn) rc = ds4_fwd_set_moe_observer(s->f, e->moe_fn, e->moe_user, err);
     if (rc) {
@@ -668,7 +824,7 @@ int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err
     if (!s->row || !s->probs || !s->mtok || !s->qbuf || !s->smp)
         return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     if (e->bmtp && !s->mf) {
-        int rc = ds4_fwd_new(e->bmtp, &e->be, e->num, s->n_ctx, s->n_batch, &s->mf, err);
+        int rc = ds4_fwd_new(e->bmtp, &e->be[e->n_parts - 1], e->num, s->n_ctx, s->n_batch, &s->mf, err);
         if (rc) return rc;
         s->hc_pos = -1;
     }
@@ -989,25 +1145,37 @@ void ds4_debug_get_numerics(const ds4_engine *e, ds4_debug_numerics *n) {
 
 const char *ds4_debug_device(ds4_engine *e) {
     if (!e->have_be) return "none";
-    if (e->be.ops->describe) e->be.ops->describe(e->be.ctx, e->device, sizeof e->device);
-    else snprintf(e->device, sizeof e->device, "%s backend", e->be.ops->name);
+    size_t o = 0;
+    for (int p = 0; p < e->n_parts && o < sizeof e->device; p++) {
+        char one[sizeof e->device];
+        if (e->be[p].ops->describe) e->be[p].ops->describe(e->be[p].ctx, one, sizeof one);
+        else snprintf(one, sizeof one, "%s backend", e->be[p].ops->name);
+        if (e->n_parts == 1) o += (size_t)snprintf(e->device + o, sizeof e->device - o, "%s", one);
+        else
+            o += (size_t)snprintf(e->device + o, sizeof e->device - o, "%spart %d (blocks %d-%d): %s", p ? " | " : "",
+                                  p, e->l0[p], e->l1[p] - 1, one);
+    }
     return e->device;
 }
 
 int ds4_debug_bandwidth(ds4_engine *e, double *gbps, ds4_err *err) {
-    if (!e->have_be || !e->be.ops->bandwidth)
+    if (!e->have_be || !e->be[0].ops->bandwidth)
         return ds4_err_set(err, DS4_E_ARG, "the %s backend cannot measure bandwidth", ds4_engine_backend_name(e));
-    return e->be.ops->bandwidth(e->be.ctx, gbps, err);
+    return e->be[0].ops->bandwidth(e->be[0].ctx, gbps, err);
 }
 
 void ds4_debug_session_profile(ds4_session *s, bool on) { ds4_fwd_set_profile(s->f, on); }
 
 int ds4_debug_profile_read(ds4_engine *e, double *ms, int max) {
-    if (!e->have_be || !e->be.ops->prof_read) return DS4_E_ARG;
-    double all[DS4_PROF_N];
-    int rc = e->be.ops->prof_read(e->be.ctx, all);
-    if (rc) return rc;
-    for (int i = 0; i < DS4_PROF_N && i < max; i++) ms[i] = all[i];
+    if (!e->have_be || !e->be[0].ops->prof_read) return DS4_E_ARG;
+    double sum[DS4_PROF_N] = {0};
+    for (int p = 0; p < e->n_parts; p++) { /* the parts run one after another */
+        double all[DS4_PROF_N];
+        int rc = e->be[p].ops->prof_read(e->be[p].ctx, all);
+        if (rc) return rc;
+        for (int i = 0; i < DS4_PROF_N; i++) sum[i] += all[i];
+    }
+    for (int i = 0; i < DS4_PROF_N && i < max; i++) ms[i] = sum[i];
     return DS4_PROF_N;
 }
 
@@ -1103,7 +1271,7 @@ static void stage_bytes(ds4_engine *e, int ctx, double w[DS4_PROF_N], double k[D
     const ds4_model *m = &e->m;
     const ds4_hparams *hp = &m->hp;
     for (int i = 0; i < DS4_PROF_N; i++) w[i] = k[i] = 0;
-    const double elem = e->have_be && e->be.ops->kv_row_type(e->be.ctx, e->num) == DS4_TYPE_F16 ? 2 : 4;
+    const double elem = e->have_be && e->be[0].ops->kv_row_type(e->be[0].ctx, e->num) == DS4_TYPE_F16 ? 2 : 4;
 #define WB(x) ((x).n_in > 0 ? (double)(x).mat_bytes * (double)(x).n_mat : 0.0)
     w[DS4_PROF_EMBED] += (double)m->tok_embd.row_bytes;
     w[DS4_PROF_HEAD] += WB(m->out_hc_fn) + WB(m->output);

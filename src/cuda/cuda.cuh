@@ -153,6 +153,12 @@ struct cu_ctx {
     int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
     int route_fuse;        /* DS4_CUDA_ROUTE_FUSE=1: one token's router logits + top-k in one launch (opt-in) */
     int side_stream;       /* DS4_CUDA_SIDE_STREAM=1: the compressors on a second stream (opt-in) */
+    /* layer split (ds4_cuda_link_parts): the NCCL communicator of this
+     * device (an ncclComm_t; owned by the first backend on the device) and
+     * this backend's rank in it */
+    void *comm;
+    int rank;
+    bool comm_owner;
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
     bool side_live;        /* work queued on st2 that st has not joined yet */

@@ -43,6 +43,7 @@ bool cu_ok(cu_ctx *c, cudaError_t e, const char *what) {
 }
 
 static void prof_mark(void *ctx, int kind);
+static void nccl_comm_destroy(void *comm);
 
 /* Index of a kernel name in the per-kernel profile (names are literals). */
 static int kprof_index(cu_ctx *c, const char *name) {
@@ -1019,6 +1020,7 @@ static void cu_destroy(void *ctx) {
     if (c->st2) cudaStreamDestroy(c->st2);
     if (c->ev_fork) cudaEventDestroy(c->ev_fork);
     if (c->ev_join) cudaEventDestroy(c->ev_join);
+    if (c->comm_owner) nccl_comm_destroy(c->comm);
     free(c);
 }
 
@@ -1058,6 +1060,8 @@ static void cu_read_switches(cu_ctx *c) {
     if (c->att_tc_hb != 16 && c->att_tc_hb != 32 && c->att_tc_hb != 64) c->att_tc_hb = 0;
 }
 
+static int cu_link(void *ctx, void *peer_ctx, void *dst, const void *src, size_t bytes, ds4_err *err);
+
 static const ds4_backend_ops cuda_ops = {
     "cuda",
     cu_destroy,
@@ -1092,7 +1096,57 @@ static const ds4_backend_ops cuda_ops = {
     cu_moe_experts_j,
     cu_head_j,
     cu_mtp_embed_j,
+    cu_link,
 };
+
+/* Several backends in one thread (a layer split over GPUs): the current
+ * device is per thread, so every op of such a backend selects its device
+ * first. The single-device table above never does. */
+template <auto F> struct on_dev;
+template <typename R, typename... A, R (*F)(void *, A...)> struct on_dev<F> {
+    static R call(void *ctx, A... a) {
+        cudaSetDevice(((cu_ctx *)ctx)->device);
+        return F(ctx, a...);
+    }
+};
+#define OD(f) on_dev<f>::call
+static const ds4_backend_ops cuda_ops_multi = {
+    "cuda",
+    OD(cu_destroy),
+    OD(cu_check_model),
+    OD(cu_bind_model),
+    OD(cu_unbind_model),
+    OD(cu_kv_row_type),
+    OD(cu_reserve),
+    OD(cu_alloc_op),
+    OD(cu_free_op),
+    OD(cu_upload_op),
+    OD(cu_download_op),
+    OD(cu_copy_op),
+    OD(cu_copy_many_op),
+    OD(cu_step_begin),
+    OD(cu_step_end),
+    OD(cu_forget),
+    OD(cu_argmax),
+    OD(prof_mark),
+    OD(prof_read),
+    OD(bandwidth),
+    OD(describe),
+    OD(cu_embed_j),
+    OD(cu_hc_pre_j),
+    OD(cu_attn_project),
+    OD(cu_compress_update_s),
+    OD(cu_indexer_select_j),
+    OD(cu_attention_j),
+    OD(cu_kv_store_j),
+    OD(cu_hc_post_j),
+    OD(cu_moe_route_j),
+    OD(cu_moe_experts_j),
+    OD(cu_head_j),
+    OD(cu_mtp_embed_j),
+    cu_link, /* selects each side's device itself */
+};
+#undef OD
 
 extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds4_err *err) {
     int n_dev = 0;
@@ -1142,9 +1196,131 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
         cu_destroy(c);
         return rc;
     }
-    out->ops = &cuda_ops;
+    out->ops = o && o->multi ? &cuda_ops_multi : &cuda_ops;
     out->ctx = c;
     return 0;
 }
+
+/* ---------------------------------------------------------------- NCCL link
+ *
+ * The HC states of a layer split pass between parts through NCCL, loaded
+ * at run time (libnccl.so.2) so that single-GPU use needs no NCCL. One
+ * communicator per split, one rank per distinct device (ncclCommInitAll);
+ * two parts on one device share its rank and send to themselves. */
+#if __has_include(<nccl.h>)
+#include <dlfcn.h>
+#include <nccl.h>
+#define CU_NCCL 1
+static struct {
+    pthread_mutex_t mu;
+    bool tried;
+    void *lib;
+    char why[256];
+    decltype(&ncclCommInitAll) init_all;
+    decltype(&ncclCommDestroy) destroy;
+    decltype(&ncclGroupStart) group_start;
+    decltype(&ncclGroupEnd) group_end;
+    decltype(&ncclSend) send;
+    decltype(&ncclRecv) recv;
+    decltype(&ncclGetErrorString) error_string;
+    decltype(&ncclGetVersion) version;
+} nccl = {PTHREAD_MUTEX_INITIALIZER};
+
+static bool nccl_load(void) {
+    pthread_mutex_lock(&nccl.mu);
+    if (!nccl.tried) {
+        nccl.tried = true;
+        const char *env = getenv("DS4_NCCL_LIB");
+        const char *names[] = {env && *env ? env : "libnccl.so.2", "libnccl.so"};
+        for (int i = 0; i < 2 && !nccl.lib; i++) nccl.lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+        if (!nccl.lib) {
+            snprintf(nccl.why, sizeof nccl.why, "cannot load NCCL (%s; set DS4_NCCL_LIB to libnccl.so.2)", dlerror());
+        } else {
+#define SYM(field, name)                                                                                      \
+    if (!(*(void **)&nccl.field = dlsym(nccl.lib, name)) && !nccl.why[0])                                    \
+        snprintf(nccl.why, sizeof nccl.why, "NCCL library lacks %s", name);
+            SYM(init_all, "ncclCommInitAll")
+            SYM(destroy, "ncclCommDestroy")
+            SYM(group_start, "ncclGroupStart")
+            SYM(group_end, "ncclGroupEnd")
+            SYM(send, "ncclSend")
+            SYM(recv, "ncclRecv")
+            SYM(error_string, "ncclGetErrorString")
+            SYM(version, "ncclGetVersion")
+#undef SYM
+        }
+    }
+    bool ok = nccl.lib && !nccl.why[0];
+    pthread_mutex_unlock(&nccl.mu);
+    return ok;
+}
+
+static void nccl_comm_destroy(void *comm) {
+    if (comm && nccl.destroy) nccl.destroy((ncclComm_t)comm);
+}
+
+extern "C" int ds4_cuda_link_parts(ds4_backend *bes, int n, ds4_err *err) {
+    if (n < 2) return 0;
+    if (!nccl_load()) return ds4_err_set(err, DS4_E_BACKEND, "cuda: a split over GPUs needs NCCL: %s", nccl.why);
+    int devs[64], nd = 0;
+    int rank_of[64];
+    for (int i = 0; i < n; i++) {
+        if (bes[i].ops != &cuda_ops_multi)
+            return ds4_err_set(err, DS4_E_INTERNAL, "cuda: part %d was not created for a split", i);
+        int d = ((cu_ctx *)bes[i].ctx)->device, r = 0;
+        while (r < nd && devs[r] != d) r++;
+        if (r == nd) devs[nd++] = d;
+        rank_of[i] = r;
+    }
+    ncclComm_t comms[64];
+    ncclResult_t nr = nccl.init_all(comms, nd, devs);
+    if (nr != ncclSuccess)
+        return ds4_err_set(err, DS4_E_BACKEND, "cuda: NCCL communicator over %d devices: %s", nd, nccl.error_string(nr));
+    for (int i = 0; i < n; i++) {
+        cu_ctx *c = (cu_ctx *)bes[i].ctx;
+        c->rank = rank_of[i];
+        c->comm = comms[rank_of[i]];
+        c->comm_owner = true;
+        for (int j = 0; j < i; j++) c->comm_owner &= rank_of[j] != rank_of[i];
+    }
+    return 0;
+}
+
+static int cu_link(void *ctx, void *peer_ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
+    cu_ctx *a = (cu_ctx *)ctx, *b = (cu_ctx *)peer_ctx;
+    if (!a->comm || !b->comm) return ds4_err_set(err, DS4_E_INTERNAL, "cuda: link between backends without NCCL");
+    cudaSetDevice(a->device);
+    cu_join(a);
+    cudaSetDevice(b->device);
+    cu_join(b);
+    ncclResult_t r = nccl.group_start();
+    if (r == ncclSuccess) {
+        cudaSetDevice(a->device);
+        r = nccl.send(src, bytes, ncclUint8, b->rank, (ncclComm_t)a->comm, a->st);
+        cudaSetDevice(b->device);
+        ncclResult_t r2 = nccl.recv(dst, bytes, ncclUint8, a->rank, (ncclComm_t)b->comm, b->st);
+        ncclResult_t r3 = nccl.group_end();
+        r = r != ncclSuccess ? r : r2 != ncclSuccess ? r2 : r3;
+    }
+    if (r != ncclSuccess)
+        return ds4_err_set(err, DS4_E_BACKEND, "cuda: NCCL transfer of %zu bytes from device %d to %d: %s", bytes,
+                           a->device, b->device, nccl.error_string(r));
+    return 0;
+}
+#else
+static void nccl_comm_destroy(void *comm) { (void)comm; }
+
+extern "C" int ds4_cuda_link_parts(ds4_backend *bes, int n, ds4_err *err) {
+    (void)bes;
+    if (n < 2) return 0;
+    return ds4_err_set(err, DS4_E_BACKEND, "cuda: this build has no NCCL (nccl.h was not found at build time): "
+                                           "a split over GPUs needs it");
+}
+
+static int cu_link(void *ctx, void *peer_ctx, void *dst, const void *src, size_t bytes, ds4_err *err) {
+    (void)ctx, (void)peer_ctx, (void)dst, (void)src, (void)bytes;
+    return ds4_err_set(err, DS4_E_INTERNAL, "cuda: this build has no NCCL");
+}
+#endif
 
 CU_TU_SWITCHES(cu_sw_backend)

@@ -142,6 +142,25 @@ def test_mtp_greedy_equals_plain_greedy_on_oracle_fixtures(fx, models, tmp_path)
         assert stats and " drafts 0," not in stats[0], f"{fx}: nothing was drafted: {err}"
 
 
+@pytest.mark.parametrize("fx,split", [("tiny_yarn_48", "2,3"), ("tiny_yarn_48_release", "1,1,3"),
+                                      ("h256_40_release", "1,1")])
+def test_mtp_with_a_layer_split_equals_plain_greedy(fx, split, models, tmp_path):
+    """Speculative decoding over a layer split (strict backends, the MTP block beside the last part): the same
+    greedy tokens and prompt logits as one backend without MTP, so drafts, verification and the rollback of every
+    part's rings work across parts."""
+    m = json.loads((ORACLE / fx / "meta.json").read_text())
+    main, mtp = models(m["model"])
+    ref, _ = greedy(main, fx, tmp_path / "a.f32", m["release"], 24)
+    got, err = greedy(main, fx, tmp_path / "b.f32", m["release"], 24, mtp,
+                      ("--mtp-draft", "3", "--mtp-gate", "0", "--strict-backend", "--split", split))
+    stats = [x for x in err.splitlines() if "ds4: mtp:" in x]
+    assert got == ref, f"{fx} split {split}: greedy with MTP differs:\n{got}\n{ref}"
+    assert stats and " drafts 0," not in stats[0], err
+    a = np.fromfile(tmp_path / "a.f32", dtype="<u4")
+    b = np.fromfile(tmp_path / "b.f32", dtype="<u4")
+    assert np.array_equal(a, b), f"{fx} split {split}: prompt logits differ"
+
+
 # ---- NumPy float64 reference of MODEL.md C.12 -------------------------------------------------------------------
 
 def rms(x, w=None, eps=1e-6):

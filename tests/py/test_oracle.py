@@ -47,9 +47,9 @@ def ggufs(tmp_path_factory):
     return get
 
 
-def run_ds4(model, fx, out, release, eval_mode=None, check=True, backend="--cpu"):
+def run_ds4(model, fx, out, release, eval_mode=None, check=True, backend="--cpu", extra=()):
     cmd = [prog("ds4"), "-m", str(model), backend, "--prompt-tokens-file", str(ORACLE / fx / "tokens.txt"),
-           "--dump-logits", str(out)]
+           "--dump-logits", str(out), *extra]
     if not release:
         cmd.append("--plain-numerics")
     if eval_mode:
@@ -132,6 +132,43 @@ def test_strict_backend_runs_every_fixture_equal_to_cpu(fx, ggufs, tmp_path):
         cpu = run_ds4(model, fx, tmp_path / "cpu.f32", m["release"], mode)
         strict = run_ds4(model, fx, tmp_path / "strict.f32", m["release"], mode, backend="--strict-backend")
         assert np.array_equal(cpu.view(np.uint32), strict.view(np.uint32)), f"{fx} {mode}: strict != cpu"
+
+
+# layer splits (docs/ARCHITECTURE.md "Several GPUs") per model: blocks per part
+SPLITS = {"tiny_yarn": ["1,4", "2,3", "4,1", "1,1,1,1,1"], "tiny_plain": ["2,2", "1,2,1"], "h256": ["1,1"],
+          "h256_sharp": ["2,1", "1,1,1"]}
+
+
+@pytest.mark.parametrize("fx", [f for f in FIXTURES if f != "tiny_yarn_2"])
+def test_layer_split_equals_one_backend(fx, ggufs, tmp_path):
+    """A layer split runs each part's blocks on its own backend and hands the HC states on. Every fixture, split
+    several ways over strict backends (each rejects a pointer of another part: a part reads only its own weights,
+    state and activations), gives the unsplit CPU's logits bit for bit in one prefill, token by token and in
+    chunks of 5; the default split (parts of equal bytes) and the MTP path are covered by test_mtp.py."""
+    m = meta(fx)
+    model = ggufs(m["model"])
+    for mode in ("prefill", "decode", "chunk:5"):
+        one = run_ds4(model, fx, tmp_path / "one.f32", m["release"], mode)
+        for split in SPLITS[m["model"]]:
+            got = run_ds4(model, fx, tmp_path / "split.f32", m["release"], mode, backend="--strict-backend",
+                          extra=["--split", split])
+            assert np.array_equal(one.view(np.uint32), got.view(np.uint32)), f"{fx} {mode} split {split}: differs"
+
+
+def test_layer_split_refuses_bad_splits(ggufs, tmp_path):
+    model = ggufs("tiny_yarn")  # 5 blocks
+    cases = [(["--cpu", "--split", "2,2"], "the parts hold 4 blocks, the model has 5"),
+             (["--cpu", "--split", "5,0"], "not a list of numbers"),
+             (["--cpu", "--split", "1,1,1,1,1,1"], "needs at least 6 blocks"),
+             (["--cpu", "--split", "2,3", "--gpus", "3"], "--split names 2 parts, --gpus 3"),
+             (["--cpu", "--gpus", "2"], "--gpus needs the CUDA backend"),
+             (["--cpu", "--split", "1,1,1,1,1,1,1,1,1"], "at most 8 parts"),
+             (["--cpu", "--gpus", "0,x"], "not a list of numbers")]
+    for args, want in cases:
+        r = subprocess.run([prog("ds4"), "-m", str(model), *args, "-p", "hi", "-n", "1"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and want in r.stderr, (args, r.returncode, r.stderr)
+        assert "Segmentation" not in r.stderr and "Assertion" not in r.stderr
 
 
 def _log_softmax(x):
