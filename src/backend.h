@@ -282,7 +282,7 @@ typedef struct ds4_step_info {
 enum {
     DS4_PROF_EMBED = 0, DS4_PROF_HC_PRE, DS4_PROF_ATTN_PROJECT, DS4_PROF_COMPRESS, DS4_PROF_INDEXER,
     DS4_PROF_ATTENTION, DS4_PROF_KV_STORE, DS4_PROF_HC_POST, DS4_PROF_MOE_ROUTE, DS4_PROF_MOE_EXPERTS,
-    DS4_PROF_HEAD, DS4_PROF_N
+    DS4_PROF_HEAD, DS4_PROF_LINK /* HC states to the next part of a layer split */, DS4_PROF_N
 };
 
 /* One backend -> backend copy of copy_many. */

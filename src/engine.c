@@ -1181,7 +1181,7 @@ int ds4_debug_profile_read(ds4_engine *e, double *ms, int max) {
 
 const char *ds4_debug_profile_name(int kind) {
     static const char *names[DS4_PROF_N] = {"embed", "hc_pre", "attn_project", "compress", "indexer", "attention",
-                                            "kv_store", "hc_post", "moe_route", "moe_experts", "head"};
+                                            "kv_store", "hc_post", "moe_route", "moe_experts", "head", "link"};
     return kind >= 0 && kind < DS4_PROF_N ? names[kind] : "?";
 }
 
@@ -1275,6 +1275,7 @@ static void stage_bytes(ds4_engine *e, int ctx, double w[DS4_PROF_N], double k[D
 #define WB(x) ((x).n_in > 0 ? (double)(x).mat_bytes * (double)(x).n_mat : 0.0)
     w[DS4_PROF_EMBED] += (double)m->tok_embd.row_bytes;
     w[DS4_PROF_HEAD] += WB(m->out_hc_fn) + WB(m->output);
+    k[DS4_PROF_LINK] = (double)(e->n_parts - 1) * hp->n_hc * hp->n_embd * sizeof(float); /* sent, not read */
     for (int il = 0; il < hp->n_layer; il++) {
         const ds4_layer *l = &m->layers[il];
         w[DS4_PROF_HC_PRE] += WB(l->hc_attn_fn) + WB(l->hc_ffn_fn);
@@ -1304,7 +1305,8 @@ int ds4_debug_decode_bytes(ds4_engine *e, int ctx, double *weight_bytes, double 
     if (!e->m.weights_loaded) return DS4_E_ARG;
     double w[DS4_PROF_N], k[DS4_PROF_N], wb = 0, kb = 0;
     stage_bytes(e, ctx, w, k);
-    for (int i = 0; i < DS4_PROF_N; i++) wb += w[i], kb += k[i];
+    for (int i = 0; i < DS4_PROF_N; i++)
+        if (i != DS4_PROF_LINK) wb += w[i], kb += k[i]; /* link bytes are sent, not read from memory */
     *weight_bytes = wb;
     *kv_bytes = kb;
     return 0;

@@ -410,10 +410,21 @@ int ds4_fwd_eval(ds4_fwd *f, const int32_t *tokens, int n, float *logits, bool a
         rc = ops->step_begin(ctx, &si, err);
         if (rc < 0) return rc;
         int src = rc == 0 ? issue_stages(f, p, n, pos0, all) : 0;
+        /* the hand-over to the next part: inside a profiled (eager) step, so
+         * that its time is counted as a stage of this one; after the step
+         * otherwise (outside any captured graph) */
+        const bool hand = p + 1 < f->np, timed = hand && f->profile && ops->prof_mark && !src;
+        int lrc = 0;
+        if (timed) {
+            ops->prof_mark(ctx, DS4_PROF_LINK);
+            lrc = link_states(f, p, n, err);
+            ops->prof_mark(ctx, DS4_PROF_N);
+        }
         rc = ops->step_end(ctx, err);
         if (rc) return rc;
         if (src) return ds4_err_set(err, src < 0 ? src : DS4_E_INTERNAL, "%s backend: a stage failed", ops->name);
-        if (p + 1 < f->np && (rc = link_states(f, p, n, err))) return rc;
+        if (lrc) return lrc;
+        if (hand && !timed && (rc = link_states(f, p, n, err))) return rc;
     }
     f->n_logits = f->no_head ? 0 : all ? n : 1;
     f->last_n = n;

@@ -18,7 +18,7 @@ from conftest import ROOT
 BENCH = str(ROOT / "ds4-bench")
 MODEL = os.environ.get("DS4_TEST_MODEL") or str(ROOT / "build" / "demo.gguf")
 STAGES = {"embed", "hc_pre", "attn_project", "compress", "indexer", "attention", "kv_store", "hc_post", "moe_route",
-          "moe_experts", "head"}
+          "moe_experts", "head", "link"}
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,25 @@ def test_bench_bad_options(args, needle):
     r = subprocess.run([BENCH] + args, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert needle in (r.stderr + r.stdout)
+
+
+def test_bench_over_a_layer_split(model, tmp_path):
+    """--split on the CPU backend: the same table and CSV; the profile names the hand-over between the parts
+    ("link", the HC states of every token sent once per part boundary) beside the stages, and the bytes per
+    token of the roofline stay the model's (link bytes are sent, not read)."""
+    one_csv, split_csv = tmp_path / "one.csv", tmp_path / "split.csv"
+    base = [BENCH, "-m", model, "--cpu", "-t", "2", "--ctx-start", "64", "--ctx-max", "64", "--gen-tokens", "2",
+            "--prefill-chunk", "32"]
+    r1 = subprocess.run(base + ["--csv", str(one_csv)], capture_output=True, text=True, timeout=600)
+    r2 = subprocess.run(base + ["--split", "1,2,3", "--profile", "--csv", str(split_csv)], capture_output=True,
+                        text=True, timeout=600)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    a, b = list(csv.DictReader(one_csv.open())), list(csv.DictReader(split_csv.open()))
+    assert len(a) == len(b) == 1
+    for k in ("weight_bytes_per_token", "kv_bytes_per_token", "kvcache_bytes", "prefill_tokens"):
+        assert a[0][k] == b[0][k], (k, a[0][k], b[0][k])
+    assert "part 0 (blocks 0-0)" in r2.stdout and "part 2 (blocks 3-5)" in r2.stdout, r2.stdout[:2000]
+    prof = profiles(r2.stdout)
+    st = prof[("prefill", 64)]
+    assert "link" in st and st["link"][0] > 0, st
+    assert abs(sum(pct for _, pct, _ in st.values()) - 100.0) < 1.0, st
