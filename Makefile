@@ -116,8 +116,15 @@ $(BUILD)/dev/%: dev/%.c $(BUILD)/libds4.a
 # CUDA backend: `make cuda` rebuilds the programs with it (objects in
 # build/cuda/; the CPU-only objects of build/ are untouched). -gencode with
 # sm_90a: wgmma/setmaxnreg need the "a" target (HOPPER.md).
+# NCCL (the layer split over GPUs) needs only its header here: the library
+# is loaded at run time. Found in the CUDA toolkit, /usr/include, or the
+# nvidia-nccl wheel of a Python install; NCCL_INC=DIR overrides; without it
+# the build still works and --gpus with several parts says NCCL is missing.
+NCCL_INC ?= $(firstword $(foreach d,$(CUDA_HOME)/include /usr/include \
+              $(shell python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "include"))' 2>/dev/null),\
+              $(if $(wildcard $(d)/nccl.h),$(d))))
 NVFLAGS ?= -O3 -std=c++17 -gencode=arch=compute_$(subst sm_,,$(CUDA_ARCH)),code=$(CUDA_ARCH) -Isrc \
-           -Xcompiler -fPIC -Xcompiler -Wall -lineinfo
+           -Xcompiler -fPIC -Xcompiler -Wall -lineinfo $(if $(NCCL_INC),-I$(NCCL_INC))
 $(BUILD)/src/cuda/%.o: src/cuda/%.cu $(wildcard src/cuda/*.cuh) src/backend.h src/model.h src/quant.h src/synth.h
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -c $< -o $@

@@ -20,6 +20,11 @@ command -v cc >/dev/null || export CC=gcc
 mkdir -p build && touch build/.deps-ok
 # test-side Python packages the device cannot fetch (gguf-py), carried unpacked
 [ -d build/pydeps ] && export PYTHONPATH=$PWD/build/pydeps${PYTHONPATH:+:$PYTHONPATH}
+# NCCL for --gpus (loaded at run time): the system's, else the nvidia-nccl wheel's
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2 '; then
+    L=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+    [ -n "$L" ] && [ -f "$L" ] && export DS4_NCCL_LIB=$L && echo "NCCL: $L"
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader
 t0=$(date +%s)
 if ! make -j16 cuda > "$OUT/build.log" 2>&1; then tail -40 "$OUT/build.log"; exit 1; fi
