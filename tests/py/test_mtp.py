@@ -370,3 +370,28 @@ def test_server_with_mtp_gives_the_same_greedy_text_and_logs_counters(tmp_path):
             if args:
                 assert s.wait_log(r"mtp \S+: \d+ cycles, [0-9.]+ tokens/cycle, drafts \d+, accepted"), s.log_text()
     assert texts[0] == texts[1]
+
+
+def test_server_over_a_layer_split_gives_the_same_text_and_reuses_the_cache(tmp_path):
+    """ds4-server --cpu --split: the same greedy text as one backend, a second turn reuses the first's state
+    (live KV reuse works layer by layer across the parts), and a stream equals its non-stream reply."""
+    from test_server import NO_THINK, Server, user
+    outs = []
+    for args in ((), ("--split", "2,4")):
+        with Server(*args) as s:
+            c = s.openai()
+            msgs = user("Tell me a story")
+            r = c.chat.completions.create(model="deepseek-v4-flash", messages=msgs, max_tokens=24, temperature=0,
+                                          extra_body=NO_THINK)
+            msgs2 = msgs + [{"role": "assistant", "content": r.choices[0].message.content},
+                            {"role": "user", "content": "And then?"}]
+            r2 = c.chat.completions.create(model="deepseek-v4-flash", messages=msgs2, max_tokens=24, temperature=0,
+                                           extra_body=NO_THINK)
+            st = c.chat.completions.create(model="deepseek-v4-flash", messages=msgs2, max_tokens=24, temperature=0,
+                                           extra_body=NO_THINK, stream=True)
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in st if ch.choices)
+            assert streamed == r2.choices[0].message.content
+            outs.append((r.choices[0].message.content, r2.choices[0].message.content,
+                         r2.usage.prompt_tokens_details.cached_tokens if r2.usage.prompt_tokens_details else None))
+    assert outs[0] == outs[1], outs
+    assert outs[1][2], "the second turn reused no cached tokens"
