@@ -121,3 +121,25 @@ def test_server_disk_cache_continued_saves_during_prefill_and_decode(tmp_path):
     assert saved == want, (saved, n_prompt)
     assert any(t <= n_prompt for t in saved) and any(t > n_prompt for t in saved)
     assert "reason=cold" not in log
+
+
+def test_server_disk_cache_moves_between_a_layer_split_and_one_backend(tmp_path):
+    """The saved state is laid out per layer whatever the split: a prefix stored by a server whose blocks run
+    in two parts (--cpu --split 2,4) is restored by one without a split, and the other way round, with the
+    greedy reply of a cold run."""
+    cold = Server().__enter__()
+    try:
+        ref = cold.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+    finally:
+        cold.__exit__(None, None, None)
+    for first, second in ((("--split", "2,4"), ()), ((), ("--split", "3,3"))):
+        d = str(tmp_path / f"kv{len(first)}")
+        with Server(*cache_args(d), *first) as s:
+            s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+            assert s.wait_log(r"kv cache stored tokens=\d+ reason=cold")
+        with Server(*cache_args(d), *second) as s:
+            b = s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+            log = s.log_text()
+        assert "kv reuse disk" in log, log
+        assert b.usage.prompt_tokens_details.cached_tokens >= b.usage.prompt_tokens // 2
+        assert b.choices[0].message.content == ref.choices[0].message.content, (first, second)
