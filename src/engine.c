@@ -170,11 +170,14 @@ static void build_describe(ds4_engine *e, const char *path) {
 
 typedef struct load_progress {
     const ds4_engine_opts *o;
+    int64_t base, last; /* bytes of the parts bound before this one; this one's total */
 } load_progress;
 
+/* Reports the bytes of all parts bound so far (a split binds part after part). */
 static int bind_progress(void *user, int64_t done, int64_t total) {
-    const load_progress *lp = user;
-    return lp->o->progress ? lp->o->progress(lp->o->progress_user, "load", done, total) : 0;
+    load_progress *lp = user;
+    lp->last = total;
+    return lp->o->progress ? lp->o->progress(lp->o->progress_user, "load", lp->base + done, lp->base + total) : 0;
 }
 
 /* Creates backend i of the options' kind (part i of a split). AUTO takes
@@ -277,7 +280,7 @@ static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *er
     if (e->n_parts > 1 && !e->host_backend && (rc = ds4_cuda_link_parts(e->be, e->n_parts, err))) return rc;
 #endif
     if ((rc = e->be[0].ops->check_model(e->be[0].ctx, &e->m, err))) return rc;
-    load_progress lp = {opts};
+    load_progress lp = {.o = opts};
     ds4_bind_opts bo = {.synthetic = opts->synthetic != NULL, .seed = opts->synthetic_seed,
                         .progress = opts->progress ? bind_progress : NULL, .progress_user = &lp};
     for (int p = 0; p < e->n_parts; p++) {
@@ -287,10 +290,12 @@ static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *er
                 return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
             host = e->part[p];
         }
+        lp.last = 0;
         if ((rc = e->be[p].ops->bind_model(e->be[p].ctx, host, &bo, &e->bm[p], err))) {
             if (e->n_parts > 1) ds4_err_prefix(err, "part %d (blocks %d-%d)", p, e->l0[p], e->l1[p] - 1);
             return rc;
         }
+        lp.base += lp.last;
     }
     return 0;
 }
