@@ -324,7 +324,7 @@ static int mtp_open(ds4_engine *e, const ds4_engine_opts *o, const char *path, d
 
 _Static_assert(DS4_FWD_MAX_PARTS == sizeof ((ds4_engine_opts *)0)->devices / sizeof(int), "part limits");
 
-/* Parses "a,b,c" (or one number when one_ok) into v[], each in lo..hi. */
+/* Parses "a,b,c" (or one number) into v[], each in lo..hi, at most DS4_FWD_MAX_PARTS. */
 static int parse_list(const char *flag, const char *arg, int lo, int hi, int *v, int *n, ds4_err *err) {
     *n = 0;
     const char *p = arg;
