@@ -44,7 +44,10 @@ typedef struct ds4_cli_opts {
     bool plain_numerics;           /* --plain-numerics (diagnostic) */
     bool cuda_sync_debug;          /* --cuda-sync-debug (diagnostic) */
     bool no_graphs;                /* --no-graphs (diagnostic) */
-    ds4_engine_opts split;         /* --gpus / --split: only the layer-split fields are used */
+    ds4_engine_opts split;         /* --gpus / --split / --ranks: only the layer-split fields are used */
+    const char *worker;            /* --worker HOST:PORT: serve rank 0 there */
+    int rank;                      /* --rank R of a worker */
+    bool model_given;              /* -m was on the command line */
     const char *dump_logprobs;     /* --dump-logprobs FILE */
     int logprobs_top_k;            /* --logprobs-top-k */
     const char *perplexity_file;   /* --perplexity-file */

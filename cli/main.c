@@ -21,6 +21,8 @@ static void usage(FILE *f) {
         "  --cpu | --cuda          backend (default: CUDA if built and present, else CPU)\n"
         "  --gpus N|LIST           split the layers over N GPUs (or the devices listed, e.g. 0,1)\n"
         "  --split LIST            blocks per part, e.g. 22,21 (default: parts of equal bytes)\n"
+        "  --ranks N --rendezvous HOST:PORT   part r in worker process r (docs/ARCHITECTURE.md 6b)\n"
+        "  --worker HOST:PORT --rank R        be worker R of the rank 0 listening there\n"
         "  -t, --threads N         CPU threads (default: all cores)\n"
         "  -c, --ctx N             context size (default 32768)\n"
         "  -p, --prompt TEXT       one-shot prompt\n"
@@ -157,11 +159,8 @@ ds4_engine *ds4_cli_open_engine(const ds4_cli_opts *o, bool vocab_only) {
         .cuda_no_graphs = o->no_graphs,
         .layer_limit = o->layers,
         .numerics_off = o->numerics_off,
-        .n_parts = o->split.n_parts,
-        .n_devices = o->split.n_devices,
     };
-    memcpy(eo.devices, o->split.devices, sizeof eo.devices);
-    memcpy(eo.split_layers, o->split.split_layers, sizeof eo.split_layers);
+    ds4_opts_copy_split(&eo, &o->split);
     ds4_engine *e = NULL;
     ds4_err err = {0};
     int rc = ds4_engine_open(&e, &eo, &err);
@@ -208,7 +207,7 @@ int main(int argc, char **argv) {
         const char *a = argv[i];
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
         else if (!strcmp(a, "--help-debug")) { usage_debug(); return 0; }
-        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEED_ARG(); o.model_path = argv[++i]; }
+        else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEED_ARG(); o.model_path = argv[++i]; o.model_given = true; }
         else if (!strcmp(a, "--mtp")) { NEED_ARG(); o.mtp_path = argv[++i]; }
         else if (!strcmp(a, "--mtp-draft")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 1, 4, &v)) return 2; o.mtp_draft = (int)v;
@@ -218,10 +217,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;
         else if (!strcmp(a, "--cuda-sync-debug")) o.cuda_sync_debug = true;
         else if (!strcmp(a, "--no-graphs")) o.no_graphs = true;
-        else if (!strcmp(a, "--gpus") || !strcmp(a, "--split")) {
+        else if (!strcmp(a, "--worker")) { NEED_ARG(); o.worker = argv[++i]; }
+        else if (!strcmp(a, "--rank")) {
+            NEED_ARG(); if (parse_int(a, argv[++i], 1, 7, &v)) return 2; o.rank = (int)v;
+        }
+        else if (!strcmp(a, "--gpus") || !strcmp(a, "--split") || !strcmp(a, "--ranks") || !strcmp(a, "--rendezvous") ||
+                 !strcmp(a, "--rank-timeout")) {
             NEED_ARG();
             ds4_err e = {0};
-            if ((a[2] == 'g' ? ds4_opts_parse_gpus : ds4_opts_parse_split)(&o.split, argv[++i], &e)) {
+            if (ds4_opts_parse_flag(&o.split, a, argv[++i], &e)) {
                 fprintf(stderr, "ds4: %s\n", e.msg);
                 return 2;
             }
@@ -310,6 +314,23 @@ int main(int argc, char **argv) {
     }
     if (o.imatrix_out) return ds4_cli_imatrix(&o);
     if (o.dump_tokens) return ds4_cli_dump_tokens(&o);
+    if (o.worker) {
+        if (!o.rank) {
+            fprintf(stderr, "ds4: --worker needs --rank R (1..7)\n");
+            return 2;
+        }
+        ds4_engine_opts wo = {.model_path = o.model_given ? o.model_path : NULL, .backend = o.backend,
+                              .n_threads = o.n_threads, .cuda_sync_debug = o.cuda_sync_debug,
+                              .cuda_no_graphs = o.no_graphs, .rank_timeout_s = o.split.rank_timeout_s};
+        ds4_err e = {0};
+        fprintf(stderr, "ds4: worker rank %d: connecting to %s\n", o.rank, o.worker);
+        if (ds4_worker_run(&wo, o.worker, o.rank, &e)) {
+            fprintf(stderr, "ds4: worker rank %d: %s\n", o.rank, e.msg);
+            return 1;
+        }
+        fprintf(stderr, "ds4: worker rank %d: rank 0 finished\n", o.rank);
+        return 0;
+    }
     if (o.inspect) return ds4_cli_inspect(&o);
     if (o.dump_logits) return ds4_cli_dump_logits(&o);
     if (o.dump_logprobs) return ds4_cli_dump_logprobs(&o);

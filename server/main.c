@@ -38,6 +38,7 @@ static void usage(FILE *f) {
             "      --cpu | --cuda          backend (default: CUDA when built with it and a GPU is present)\n"
             "      --gpus N|LIST           split the layers over N GPUs (or the devices listed, e.g. 0,1)\n"
             "      --split LIST            blocks per part, e.g. 22,21 (default: parts of equal bytes)\n"
+            "      --ranks N --rendezvous HOST:PORT   part r in `ds4 --worker` process r\n"
             "  -t, --threads N             CPU threads (default: all cores)\n"
             "  -c, --ctx N                 context size (default 32768)\n"
             "  -n, --tokens N              default max output tokens (default 393216)\n"
@@ -170,14 +171,17 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         if (!strcmp(a, "--cors")) { c->cors = true; continue; }
         if (!strcmp(a, "--kv-cache-reject-different-quant")) { c->kv_reject_different_quant = true; continue; }
         if (!strcmp(a, "--disable-exact-dsml-tool-replay")) { c->disable_exact_dsml_replay = true; continue; }
-        if (!strcmp(a, "--gpus") || !strcmp(a, "--split")) {
+        {
             ds4_err e = {0};
-            if (!v || (a[2] == 'g' ? ds4_opts_parse_gpus : ds4_opts_parse_split)(&c->split, v, &e)) {
-                fprintf(stderr, "ds4-server: %s\n", v ? e.msg : "--gpus / --split need a value");
+            int pr = ds4_opts_parse_flag(&c->split, a, v, &e);
+            if (pr < 0) {
+                fprintf(stderr, "ds4-server: %s\n", e.msg);
                 return -1;
             }
-            i++;
-            continue;
+            if (pr == 0) {
+                i++;
+                continue;
+            }
         }
         if (!strcmp(a, "--allow-host")) {
             if (!v || !*v) {
@@ -308,10 +312,7 @@ int main(int argc, char **argv) {
     eo.mtp_path = s.cfg.mtp_path;
     eo.backend = s.cfg.backend;
     eo.n_threads = s.cfg.n_threads;
-    eo.n_parts = s.cfg.split.n_parts;
-    eo.n_devices = s.cfg.split.n_devices;
-    memcpy(eo.devices, s.cfg.split.devices, sizeof eo.devices);
-    memcpy(eo.split_layers, s.cfg.split.split_layers, sizeof eo.split_layers);
+    ds4_opts_copy_split(&eo, &s.cfg.split);
     if (ds4_engine_open(&s.engine, &eo, &err)) {
         fprintf(stderr, "ds4-server: %s\n", err.msg);
         return 1;

@@ -485,7 +485,10 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
     if (prc) {
         if (job_gone(j)) {
             srv_log("request %s: client went away during prefill", j->id);
-        } else if (g->streaming && j->st.headers) {
+            return false;
+        }
+        srv_log("request %s: prefill failed: %s", j->id, err.msg);
+        if (g->streaming && j->st.headers) {
             /* headers are out: the failure travels as an SSE error event */
             json_t *ev = j->rq.api == SRV_API_ANTHROPIC
                              ? json_pack("{s:s, s:{s:s, s:s}}", "type", "error", "error", "type",

@@ -69,6 +69,13 @@ typedef struct ds4_engine_opts {
     int n_devices;
     int devices[8];
     int split_layers[8];
+    /* Ranks (docs/ARCHITECTURE.md 6b): n_ranks > 1 runs part r of the split
+     * in the worker process of rank r (ds4_worker_run), which connects to
+     * `rendezvous` (HOST:PORT this process listens on) within rank_timeout_s
+     * (0 = 300 s); this process runs part 0 on its own backend. */
+    int n_ranks;
+    const char *rendezvous;
+    int rank_timeout_s;
     bool cuda_sync_debug;     /* synchronise and check after every launch */
     bool cuda_no_graphs;      /* never capture decode steps into graphs */
     int layer_limit;          /* evaluate only the first N blocks, then the head (0 = all) */
@@ -79,12 +86,25 @@ typedef struct ds4_engine_opts {
  * Fails with DS4_E_IO / DS4_E_FORMAT / DS4_E_MODEL and a message naming the
  * offending key or tensor. Not thread-safe with respect to the same opts. */
 /* Command-line forms of the layer split, shared by ds4, ds4-server and
- * ds4-bench: --gpus "N" (N parts on devices 0..N-1) or a list
- * "0,1" (one part per listed device; a device may repeat); --split "22,21"
- * (blocks per part; with --cpu / --strict-backend it alone splits the CPU
- * backend). DS4_E_ARG with a message on a malformed value. */
+ * ds4-bench: --gpus "N" (N parts on devices 0..N-1) or a list "0,1" (one
+ * part per listed device; a device may repeat); --split "22,21" (blocks per
+ * part; with --cpu / --strict-backend it alone splits the CPU backend);
+ * --ranks N --rendezvous HOST:PORT [--rank-timeout S] (part r in the worker
+ * process of rank r). ds4_opts_parse_flag returns 1 when `flag` is none of
+ * these (value unused), 0 when it took value, DS4_E_ARG with a message on a
+ * malformed value. */
+int ds4_opts_parse_flag(ds4_engine_opts *o, const char *flag, const char *value, ds4_err *err);
 int ds4_opts_parse_gpus(ds4_engine_opts *o, const char *arg, ds4_err *err);
 int ds4_opts_parse_split(ds4_engine_opts *o, const char *arg, ds4_err *err);
+/* Copies the split fields of src (as parsed above) into dst. */
+void ds4_opts_copy_split(ds4_engine_opts *dst, const ds4_engine_opts *src);
+
+/* A worker rank: connects to rank 0 at hostport as `rank` and runs the ops
+ * rank 0 sends on a backend of o->backend (CUDA on o->cuda_device, CPU with
+ * o->n_threads, or strict), binding its part of the model at o->model_path
+ * (NULL: the path rank 0 uses). Returns when rank 0 closes (0) or on a
+ * failure (DS4_E_IO and friends). */
+int ds4_worker_run(const ds4_engine_opts *o, const char *hostport, int rank, ds4_err *err);
 int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err);
 void ds4_engine_close(ds4_engine *e);
 

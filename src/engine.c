@@ -26,6 +26,7 @@
 #include "gguf.h"
 #include "model.h"
 #include "quant.h"
+#include "remote.h"
 #include "sampler.h"
 #include "tokenizer.h"
 #include "util/xalloc.h"
@@ -266,18 +267,49 @@ static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *er
     while (given < DS4_FWD_MAX_PARTS && opts->split_layers[given] > 0) given++;
     if (given && given != e->n_parts)
         return ds4_err_set(err, DS4_E_ARG, "--split names %d parts, the engine has %d", given, e->n_parts);
+    const int ranks = opts->n_ranks > 1 ? opts->n_ranks : 1;
+    if (ranks > 1 && !opts->rendezvous) return ds4_err_set(err, DS4_E_ARG, "--ranks needs --rendezvous HOST:PORT");
+    if (ranks > 1) {
+        if (opts->n_devices > 0) return ds4_err_set(err, DS4_E_ARG, "--ranks and --gpus: one part per rank");
+        if (given && given != ranks) return ds4_err_set(err, DS4_E_ARG, "--split names %d parts, --ranks %d", given, ranks);
+        if (ranks > DS4_FWD_MAX_PARTS) return ds4_err_set(err, DS4_E_ARG, "--ranks %d: at most %d", ranks, DS4_FWD_MAX_PARTS);
+        e->n_parts = ranks;
+    }
     if (e->n_parts > 1 && (rc = plan_split(e, opts, err))) return rc;
     if (e->n_parts == 1) e->l0[0] = 0, e->l1[0] = e->hp.n_layer;
-    for (int p = 0; p < e->n_parts; p++) {
-        if ((rc = backend_new(e, opts, p, err))) return rc;
-        e->n_be = p + 1;
-        if (e->be[p].ops != e->be[0].ops)
-            return ds4_err_set(err, DS4_E_BACKEND, "split: part %d got the %s backend, part 0 the %s one", p,
-                               e->be[p].ops->name, e->be[0].ops->name);
+    if (ranks > 1) { /* part 0 here, part r in the worker of rank r */
+        ds4_chan *ch[DS4_FWD_MAX_PARTS];
+        const int saved = e->n_parts;
+        e->n_parts = 1; /* part 0's backend is a single-device one */
+        rc = backend_new(e, opts, 0, err);
+        e->n_parts = saved;
+        if (rc) return rc;
+        e->n_be = 1;
+        rc = ds4_chan_listen(opts->rendezvous, ranks - 1, opts->rank_timeout_s > 0 ? opts->rank_timeout_s : 300, ch,
+                             err);
+        if (rc) return rc;
+        ds4_remote_model rm = {.model_path = opts->model_path, .mtp_path = opts->mtp_path,
+                               .synthetic = opts->synthetic, .seed = opts->synthetic_seed};
+        for (int p = 1; p < ranks; p++) {
+            if ((rc = ds4_remote_backend_new(ch[p - 1], &rm, &e->be[p], err))) {
+                for (int q = p + 1; q < ranks; q++) ds4_chan_close(ch[q - 1]);
+                return rc;
+            }
+            e->n_be = p + 1;
+        }
+    } else {
+        for (int p = 0; p < e->n_parts; p++) {
+            if ((rc = backend_new(e, opts, p, err))) return rc;
+            e->n_be = p + 1;
+            if (e->be[p].ops != e->be[0].ops)
+                return ds4_err_set(err, DS4_E_BACKEND, "split: part %d got the %s backend, part 0 the %s one", p,
+                                   e->be[p].ops->name, e->be[0].ops->name);
+        }
     }
     e->have_be = true;
 #ifdef DS4_WITH_CUDA
-    if (e->n_parts > 1 && !e->host_backend && (rc = ds4_cuda_link_parts(e->be, e->n_parts, err))) return rc;
+    if (ranks == 1 && e->n_parts > 1 && !e->host_backend && (rc = ds4_cuda_link_parts(e->be, e->n_parts, err)))
+        return rc;
 #endif
     if ((rc = e->be[0].ops->check_model(e->be[0].ctx, &e->m, err))) return rc;
     load_progress lp = {.o = opts};
@@ -364,6 +396,38 @@ int ds4_opts_parse_gpus(ds4_engine_opts *o, const char *arg, ds4_err *err) {
     return 0;
 }
 
+int ds4_opts_parse_flag(ds4_engine_opts *o, const char *flag, const char *value, ds4_err *err) {
+    const bool known = !strcmp(flag, "--gpus") || !strcmp(flag, "--split") || !strcmp(flag, "--ranks") ||
+                       !strcmp(flag, "--rendezvous") || !strcmp(flag, "--rank-timeout");
+    if (!known) return 1;
+    if (!value) return ds4_err_set(err, DS4_E_ARG, "%s needs a value", flag);
+    if (!strcmp(flag, "--gpus")) return ds4_opts_parse_gpus(o, value, err);
+    if (!strcmp(flag, "--split")) return ds4_opts_parse_split(o, value, err);
+    if (!strcmp(flag, "--rendezvous")) {
+        const char *c = strrchr(value, ':');
+        if (!c || c == value || !c[1]) return ds4_err_set(err, DS4_E_ARG, "--rendezvous '%s': expected HOST:PORT", value);
+        o->rendezvous = value;
+        return 0;
+    }
+    int v[DS4_FWD_MAX_PARTS], n;
+    int rc = parse_list(flag, value, 1, !strcmp(flag, "--ranks") ? DS4_FWD_MAX_PARTS : 86400, v, &n, err);
+    if (rc) return rc;
+    if (n != 1) return ds4_err_set(err, DS4_E_ARG, "%s takes one number", flag);
+    if (!strcmp(flag, "--ranks")) o->n_ranks = v[0];
+    else o->rank_timeout_s = v[0];
+    return 0;
+}
+
+void ds4_opts_copy_split(ds4_engine_opts *dst, const ds4_engine_opts *src) {
+    dst->n_parts = src->n_parts;
+    dst->n_devices = src->n_devices;
+    memcpy(dst->devices, src->devices, sizeof dst->devices);
+    memcpy(dst->split_layers, src->split_layers, sizeof dst->split_layers);
+    dst->n_ranks = src->n_ranks;
+    dst->rendezvous = src->rendezvous;
+    dst->rank_timeout_s = src->rank_timeout_s;
+}
+
 int ds4_opts_parse_split(ds4_engine_opts *o, const char *arg, ds4_err *err) {
     int v[DS4_FWD_MAX_PARTS], n;
     int rc = parse_list("--split", arg, 1, 1 << 20, v, &n, err);
@@ -373,6 +437,37 @@ int ds4_opts_parse_split(ds4_engine_opts *o, const char *arg, ds4_err *err) {
     if (o->n_parts <= 1 || o->n_parts == n) o->n_parts = n;
     else return ds4_err_set(err, DS4_E_ARG, "--split names %d parts, --gpus %d", n, o->n_parts);
     return 0;
+}
+
+typedef struct worker_factory {
+    const ds4_engine_opts *o;
+} worker_factory;
+
+static int worker_backend(void *user, ds4_backend *out, ds4_err *err) {
+    const ds4_engine_opts *o = ((worker_factory *)user)->o;
+    if (o->backend == DS4_BACKEND_STRICT) return ds4_strict_backend_new(o->n_threads, out, err);
+#ifdef DS4_WITH_CUDA
+    if (o->backend != DS4_BACKEND_CPU) {
+        ds4_cuda_opts co = {.device = o->cuda_device, .sync_debug = o->cuda_sync_debug, .no_graphs = o->cuda_no_graphs};
+        int rc = ds4_cuda_backend_new(&co, out, err);
+        if (rc == 0 || o->backend == DS4_BACKEND_CUDA) return rc;
+    }
+#else
+    if (o->backend == DS4_BACKEND_CUDA)
+        return ds4_err_set(err, DS4_E_ARG, "this build has no CUDA backend (build with `make cuda`, or use --cpu)");
+#endif
+    return ds4_cpu_backend_new(o->n_threads, out, err);
+}
+
+int ds4_worker_run(const ds4_engine_opts *o, const char *hostport, int rank, ds4_err *err) {
+    if (rank < 1 || rank >= DS4_FWD_MAX_PARTS) return ds4_err_set(err, DS4_E_ARG, "--rank %d: 1..%d", rank, DS4_FWD_MAX_PARTS - 1);
+    ds4_chan *ch;
+    int rc = ds4_chan_connect(hostport, rank, o->rank_timeout_s > 0 ? o->rank_timeout_s : 300, &ch, err);
+    if (rc) return rc;
+    worker_factory f = {o};
+    rc = ds4_worker_serve(ch, o->model_path, worker_backend, &f, err);
+    ds4_chan_close(ch);
+    return rc;
 }
 
 int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err) {

@@ -117,10 +117,12 @@ int ds4_fwd_new_split(const ds4_fwd_part *parts, int n_parts, ds4_numerics num, 
     for (int p = 0; p < n_parts; p++) {
         const ds4_fwd_part *q = &parts[p];
         if (q->l0 != (p ? parts[p - 1].l1 : 0) || q->l1 <= q->l0 || q->l1 > hp->n_layer ||
-            (p == n_parts - 1 && q->l1 != hp->n_layer) || q->m->hp.n_layer != hp->n_layer ||
-            q->be->ops->kv_row_type(q->be->ctx, num) != parts[0].be->ops->kv_row_type(parts[0].be->ctx, num))
+            (p == n_parts - 1 && q->l1 != hp->n_layer) || q->m->hp.n_layer != hp->n_layer)
             return ds4_err_set(err, DS4_E_ARG, "layer split part %d (blocks %d..%d of %d) does not continue the split",
                                p, q->l0, q->l1, hp->n_layer);
+        if (q->be->ops->kv_row_type(q->be->ctx, num) != parts[0].be->ops->kv_row_type(parts[0].be->ctx, num))
+            return ds4_err_set(err, DS4_E_ARG, "layer split part %d (%s backend) stores cached rows in another type "
+                               "than part 0 (%s backend)", p, q->be->ops->name, parts[0].be->ops->name);
         int rc = q->be->ops->reserve(q->be->ctx, q->m, n_batch, n_ctx, err);
         if (rc) return rc;
     }

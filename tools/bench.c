@@ -54,6 +54,7 @@ static void usage(void) {
            "  --cpu | --cuda          backend (default: CUDA when built with it and present)\n"
            "  --gpus N|LIST           split the layers over N GPUs (or the devices listed, e.g. 0,1 or 0,0)\n"
            "  --split LIST            blocks per part, e.g. 22,21 (default: parts of equal bytes)\n"
+           "  --ranks N --rendezvous HOST:PORT   part r in `ds4 --worker` process r\n"
            "  -t N                    CPU threads\n"
            "  --ctx-start N           first frontier (default 2048)\n"
            "  --ctx-max N             last frontier (default 8192)\n"
@@ -114,10 +115,11 @@ static int parse(int argc, char **argv, opts *o) {
             o->seed = (uint64_t)s;
         } else if (!strcmp(a, "--cpu")) o->backend = DS4_BACKEND_CPU;
         else if (!strcmp(a, "--cuda")) o->backend = DS4_BACKEND_CUDA;
-        else if (!strcmp(a, "--gpus") || !strcmp(a, "--split")) {
+        else if (!strcmp(a, "--gpus") || !strcmp(a, "--split") || !strcmp(a, "--ranks") ||
+                 !strcmp(a, "--rendezvous") || !strcmp(a, "--rank-timeout")) {
             NEED();
             ds4_err e = {0};
-            if ((a[2] == 'g' ? ds4_opts_parse_gpus : ds4_opts_parse_split)(&o->split, argv[++i], &e)) {
+            if (ds4_opts_parse_flag(&o->split, a, argv[++i], &e)) {
                 fprintf(stderr, "ds4-bench: %s\n", e.msg);
                 return 2;
             }
@@ -403,9 +405,8 @@ int main(int argc, char **argv) {
     ds4_engine_opts eo = {.model_path = o.model, .synthetic = o.synthetic, .synthetic_seed = o.seed,
                           .backend = o.backend, .n_threads = o.threads, .plain_numerics = o.plain,
                           .progress = on_load, .progress_user = &lc, .cuda_no_graphs = o.no_graphs,
-                          .mtp_path = o.mtp, .n_parts = o.split.n_parts, .n_devices = o.split.n_devices};
-    memcpy(eo.devices, o.split.devices, sizeof eo.devices);
-    memcpy(eo.split_layers, o.split.split_layers, sizeof eo.split_layers);
+                          .mtp_path = o.mtp};
+    ds4_opts_copy_split(&eo, &o.split);
     ds4_engine *e = NULL;
     ds4_err err = {0};
     if (ds4_engine_open(&e, &eo, &err)) {

@@ -1,0 +1,193 @@
+"""Ranks (docs/ARCHITECTURE.md 6b): part r of a layer split in the worker process of rank r (`ds4 --worker
+HOST:PORT --rank R`), rank 0 (`--ranks N --rendezvous HOST:PORT`) driving the layer loop and forwarding every
+backend op of a remote part over the channel. Strict backends on both sides check that every pointer a stage
+receives is the worker's own memory (the proxy rewrites the host-struct pointers, passes the worker's buffers
+through). Results must equal one process bit for bit; a rank that goes away must fail the others cleanly."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import prog
+from oracle_util import ORACLE, convert
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ranks")
+    cache = {}
+
+    def get(model):
+        if model not in cache:
+            p = d / f"{model}.gguf"
+            r = convert(ORACLE / "models" / model, p, "f32")
+            assert r.returncode == 0, r.stderr
+            cache[model] = p
+        return cache[model]
+    return get
+
+
+def workers(n, port, backend="--strict-backend", extra=()):
+    return [subprocess.Popen([prog("ds4"), "--worker", f"127.0.0.1:{port}", "--rank", str(r), backend,
+                              "--rank-timeout", "60", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for r in range(1, n)]
+
+
+def finish(ws, timeout=60):
+    out = []
+    for w in ws:
+        try:
+            _, err = w.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            _, err = w.communicate()
+            pytest.fail(f"worker did not exit after rank 0: {err}")
+        out.append((w.returncode, err))
+    return out
+
+
+def dump(model, fx, out, release, mode, extra=(), backend="--strict-backend"):
+    cmd = [prog("ds4"), "-m", str(model), backend, "--prompt-tokens-file", str(ORACLE / fx / "tokens.txt"),
+           "--dump-logits", str(out), "--eval", mode, *extra]
+    if not release:
+        cmd.append("--plain-numerics")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
+    return np.fromfile(out, dtype="<u4")
+
+
+@pytest.mark.parametrize("fx,ranks,split", [("tiny_yarn_48_release", 2, "2,3"), ("tiny_yarn_48", 3, "1,2,2"),
+                                            ("h256_40", 2, "1,1"), ("tiny_plain_37_release", 2, None)])
+def test_ranks_equal_one_process(fx, ranks, split, ggufs, tmp_path):
+    m = json.loads((ORACLE / fx / "meta.json").read_text())
+    model = ggufs(m["model"])
+    for mode in ("prefill", "decode", "chunk:5"):
+        one = dump(model, fx, tmp_path / "one.f32", m["release"], mode, backend="--cpu")
+        port = free_port()
+        ws = workers(ranks, port)
+        extra = ["--ranks", str(ranks), "--rendezvous", f"127.0.0.1:{port}"] + (["--split", split] if split else [])
+        got = dump(model, fx, tmp_path / "r.f32", m["release"], mode, extra)
+        for rc, err in finish(ws):
+            assert rc == 0 and "rank 0 finished" in err, err
+        assert np.array_equal(one, got), f"{fx} {mode} ranks {ranks}: logits differ"
+
+
+def test_ranks_with_mtp_beside_the_last_part(ggufs, tmp_path):
+    """The MTP block binds in the worker that holds the head; greedy with MTP over 2 ranks equals greedy without
+    MTP in one process."""
+    from test_mtp import make_mtp
+    fx = "tiny_yarn_48_release"
+    model = ggufs("tiny_yarn")
+    mtp = make_mtp(model, tmp_path / "mtp.gguf", seed=3)
+    base = [prog("ds4"), "-m", str(model), "--prompt-tokens-file", str(ORACLE / fx / "tokens.txt"),
+            "--dump-logits", str(tmp_path / "l.f32"), "--dump-greedy", "16"]
+    ref = subprocess.run(base + ["--cpu"], capture_output=True, text=True, timeout=300)
+    port = free_port()
+    ws = workers(2, port)
+    got = subprocess.run(base + ["--strict-backend", "--ranks", "2", "--rendezvous", f"127.0.0.1:{port}", "--split",
+                                 "2,3", "--mtp", str(mtp), "--mtp-draft", "3", "--mtp-gate", "0"],
+                         capture_output=True, text=True, timeout=300)
+    finish(ws)
+    assert ref.returncode == 0 and got.returncode == 0, ref.stderr + got.stderr
+    assert "ds4: mtp:" in got.stderr and " drafts 0," not in got.stderr, got.stderr
+    g = lambda r: [x for x in r.stdout.splitlines() if x.startswith("greedy:")]  # noqa: E731
+    assert g(ref) == g(got), (g(ref), g(got))
+
+
+def test_server_over_ranks_and_a_worker_that_dies(tmp_path):
+    """ds4-server with its blocks over 2 ranks answers like one process; when the worker is killed the next
+    request fails with a clear error (no hang, the server stays up), and the server's shutdown ends cleanly."""
+    from test_server import NO_THINK, Server, user
+    ref = None
+    with Server() as s:
+        ref = s.openai().chat.completions.create(model="deepseek-v4-flash", messages=user("Tell me a story"),
+                                                 max_tokens=16, temperature=0, extra_body=NO_THINK)
+    port = free_port()
+    ws = workers(2, port, backend="--cpu")
+    with Server("--ranks", "2", "--rendezvous", f"127.0.0.1:{port}", "--split", "2,4") as s:
+        c = s.openai()
+        r = c.chat.completions.create(model="deepseek-v4-flash", messages=user("Tell me a story"), max_tokens=16,
+                                      temperature=0, extra_body=NO_THINK)
+        assert r.choices[0].message.content == ref.choices[0].message.content
+        ws[0].send_signal(signal.SIGKILL)
+        ws[0].wait()
+        import openai
+        t0 = time.time()
+        with pytest.raises(openai.APIError):
+            c.with_options(max_retries=0).chat.completions.create(
+                model="deepseek-v4-flash", messages=user("Something else entirely"), max_tokens=8, temperature=0,
+                extra_body=NO_THINK)
+        assert time.time() - t0 < 60
+        assert c.models.list().data, "the server went down"
+        assert s.wait_log(r"connection to the worker was lost"), s.log_text()[-2000:]
+
+
+def test_rank_errors_are_clear(ggufs, tmp_path):
+    model = ggufs("tiny_yarn")
+    run = lambda *a, t=60: subprocess.run([prog("ds4"), *a], capture_output=True, text=True, timeout=t)  # noqa: E731
+    # nobody comes
+    port = free_port()
+    r = run("-m", str(model), "--cpu", "--ranks", "2", "--rendezvous", f"127.0.0.1:{port}", "--rank-timeout", "2",
+            "-p", "hi", "-n", "1")
+    assert r.returncode == 1 and "0 of 1 workers connected within 2 s" in r.stderr, r.stderr
+    # options
+    for args, want in [(["--ranks", "2"], "--ranks needs --rendezvous"),
+                       (["--ranks", "2", "--rendezvous", "nohost"], "expected HOST:PORT"),
+                       (["--ranks", "9", "--rendezvous", "127.0.0.1:1"], "not a list of numbers"),
+                       (["--ranks", "2", "--rendezvous", "127.0.0.1:1", "--split", "1,1,3"], "--split names 3 parts")]:
+        r = run("-m", str(model), "--cpu", *args, "-p", "hi", "-n", "1")
+        assert r.returncode != 0 and want in r.stderr, (args, r.stderr)
+    r = run("--worker", "127.0.0.1:1", "--cpu")
+    assert r.returncode == 2 and "--worker needs --rank" in r.stderr, r.stderr
+    # a worker with no rank 0 gives up
+    r = run("--worker", f"127.0.0.1:{free_port()}", "--rank", "1", "--cpu", "--rank-timeout", "1")
+    assert r.returncode == 1 and "cannot connect within 1 s" in r.stderr, r.stderr
+    # a stranger on the port and a duplicate rank are turned away; the real workers are served
+    port = free_port()
+    p = subprocess.Popen([prog("ds4"), "-m", str(model), "--cpu", "--ranks", "3", "--rendezvous", f"127.0.0.1:{port}",
+                          "--prompt-tokens-file", str(ORACLE / "tiny_yarn_48" / "tokens.txt"), "--dump-logits",
+                          str(tmp_path / "x.f32")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # rank 0 listens
+    ws = workers(2, port, backend="--cpu")  # the real rank 1
+    time.sleep(1.0)
+    dup = workers(2, port, backend="--cpu")  # a second rank 1
+    assert dup[0].wait(timeout=30) == 1
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 64)
+    ws += [subprocess.Popen([prog("ds4"), "--worker", f"127.0.0.1:{port}", "--rank", "2", "--cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "refused a worker (rank 1" in err, err
+    codes = finish(ws + dup)
+    assert [rc for rc, _ in codes] == [0, 0, 1], codes
+    assert "refused rank 1" in codes[2][1], codes
+
+
+def test_rank0_that_dies_ends_its_workers(tmp_path):
+    from test_server import demo_model
+    model = demo_model()
+    port = free_port()
+    ws = workers(2, port, backend="--cpu")
+    p = subprocess.Popen([prog("ds4"), "-m", str(model), "--cpu", "--ranks", "2", "--rendezvous", f"127.0.0.1:{port}",
+                          "-p", "hi", "-n", "1000000", "--temp", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    time.sleep(1.5)
+    assert p.poll() is None, p.communicate()
+    p.kill()
+    p.communicate()
+    (rc, err), = finish(ws)
+    assert rc == 1 and "rank 0 closed the connection" in err, err
