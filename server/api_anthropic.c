@@ -333,6 +333,17 @@ static void msg_tool_end(srv_job *j, int index) {
 
 static void msg_finish(srv_job *j, const srv_result *r) {
     block_stop(j);
+    if (r->finish == SRV_FINISH_ERROR) {
+        /* Anthropic has no error stop_reason: a turn that failed after the
+         * headers (shutdown, an evaluation failure, a tool call the model
+         * left open) ends with an error event, never a normal end_turn
+         * (SERVING.md B.8); the non-streamed form is an error response */
+        bool shutdown = !strcmp(r->error_msg, "shutdown requested");
+        event(j, "error", json_pack("{s:s, s:{s:s, s:s}}", "type", "error", "error", "type",
+                                    shutdown ? "overloaded_error" : "api_error", "message",
+                                    r->error_msg[0] ? r->error_msg : "generation failed"));
+        return;
+    }
     const ds4_dsml_result *p = &r->parsed;
     /* calls not streamed live: start + one full delta + stop */
     for (int i = j->n_tool_started; i < p->n_calls; i++) {

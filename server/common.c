@@ -30,15 +30,24 @@ void srv_log(const char *fmt, ...) {
 
 /* ---- stream helpers (worker side) ------------------------------------------ */
 
+/* Bytes a stream may hold for a client that does not read them: past this
+ * the client is treated as gone (the job stops) instead of the server
+ * buffering without bound (minutes of output at any real speed). */
+#define SRV_STREAM_BACKLOG ((size_t)8 << 20)
+
 void srv_stream_write(srv_job *j, const char *s, size_t n) {
+    bool over = false;
     pthread_mutex_lock(&j->st.mu);
     if (!j->st.client_gone) {
         if (!j->st.pending.len) j->st.last_drain = srv_now_mono();
+        j->st.last_write = srv_now_mono();
         ds4_buf_append(&j->st.pending, s, n);
         if (j->st.pending.oom) j->st.client_gone = true;
+        if (j->st.pending.len > SRV_STREAM_BACKLOG) over = j->st.client_gone = true;
     }
     pthread_cond_broadcast(&j->st.cv);
     pthread_mutex_unlock(&j->st.mu);
+    if (over) srv_log("request %s: the client read none of %zu MiB of stream; stopped", j->id, SRV_STREAM_BACKLOG >> 20);
 }
 
 void srv_stream_printf(srv_job *j, const char *fmt, ...) {

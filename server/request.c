@@ -371,6 +371,8 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
     srv_api api = rq->api;
     if (srv_get_string(root, "model", &rq->model, e)) return -1;
     if (!rq->model) rq->model = xstrdup(SRV_MODEL_ID);
+    if (strlen(rq->model) > 256) /* echoed in every stream chunk */
+        return srv_fail_param(e, "model", "invalid_value", "model: at most 256 characters");
     if (srv_get_bool(root, "stream", &rq->stream, e)) return -1;
     if (get_limit(root, "max_tokens", &rq->max_tokens, e)) return -1;
     if (api == SRV_API_CHAT && get_limit(root, "max_completion_tokens", &rq->max_tokens, e)) return -1;

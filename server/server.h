@@ -264,6 +264,7 @@ typedef struct srv_stream {
     bool done;             /* no more bytes will come */
     bool client_gone;      /* connection closed or stalled */
     double last_drain;     /* monotonic seconds of the last drain */
+    double last_write;     /* monotonic seconds of the last bytes queued (keepalives) */
 } srv_stream;
 
 /* ---- jobs and the worker (worker.c) ------------------------------------- */

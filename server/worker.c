@@ -223,6 +223,12 @@ fail:
 
 /* ---- generation ------------------------------------------------------------- */
 
+typedef struct tool_ev {
+    int type, index;
+    char *id, *name, *text;
+    size_t len;
+} tool_ev;
+
 typedef struct gen_ctx {
     srv_server *s;
     srv_job *j;
@@ -242,6 +248,11 @@ typedef struct gen_ctx {
     size_t cc_at, cc_n;      /* gen[0, cc_at) holds cc_n characters (UTF-8 lead bytes) */
     srv_logprob *lp_content; /* (n_content) the content tokens, in order */
     int n_content, cap_content;
+    /* tool-call events of the open block, sent when it closes: a block that
+     * never closes gives no calls (TEXT C.6), so a stream must not have
+     * announced them (B.8: streamed == not streamed) */
+    tool_ev *held;
+    int n_held, cap_held;
 } gen_ctx;
 
 /* Tokens whose bytes start in gen[from, to) move to the content list;
@@ -260,6 +271,15 @@ static int take_content_lp(gen_ctx *g, size_t from, size_t to) {
         memset(t, 0, sizeof *t);
     }
     return first;
+}
+
+static void held_free(gen_ctx *g) {
+    for (int i = 0; i < g->n_held; i++) {
+        free(g->held[i].id);
+        free(g->held[i].name);
+        free(g->held[i].text);
+    }
+    g->n_held = 0;
 }
 
 /* DSML stream events -> emitter callbacks. Runs for every request, so the
@@ -291,16 +311,34 @@ static int on_event(void *ud, const ds4_dsml_event *ev) {
             em->content(j, ev->text, ev->len, g->lp_content ? g->lp_content + lp_first : NULL, lp_n);
         break;
     case DS4_DSML_EV_CALL_START:
-        if (em->tool_begin) {
-            em->tool_begin(j, ev->index, ev->id ? ev->id : "", ev->name ? ev->name : "");
-            j->n_tool_started = ev->index + 1;
+    case DS4_DSML_EV_CALL_ARGS:
+    case DS4_DSML_EV_CALL_END: {
+        if (g->n_held == g->cap_held) {
+            g->cap_held = g->cap_held ? 2 * g->cap_held : 16;
+            g->held = xrealloc(g->held, (size_t)g->cap_held * sizeof *g->held);
+        }
+        tool_ev *t = &g->held[g->n_held++];
+        *t = (tool_ev){.type = ev->type, .index = ev->index, .id = ev->id ? xstrdup(ev->id) : NULL,
+                       .name = ev->name ? xstrdup(ev->name) : NULL, .len = ev->len};
+        if (ev->len) {
+            t->text = xmalloc(ev->len);
+            memcpy(t->text, ev->text, ev->len);
         }
         break;
-    case DS4_DSML_EV_CALL_ARGS:
-        if (em->tool_args && ev->len) em->tool_args(j, ev->index, ev->text, ev->len);
-        break;
-    case DS4_DSML_EV_CALL_END:
-        if (em->tool_end) em->tool_end(j, ev->index);
+    }
+    case DS4_DSML_EV_BLOCK_END: /* the calls are certain now */
+        for (int i = 0; i < g->n_held; i++) {
+            const tool_ev *t = &g->held[i];
+            if (t->type == DS4_DSML_EV_CALL_START && em->tool_begin) {
+                em->tool_begin(j, t->index, t->id ? t->id : "", t->name ? t->name : "");
+                j->n_tool_started = t->index + 1;
+            } else if (t->type == DS4_DSML_EV_CALL_ARGS && em->tool_args && t->len) {
+                em->tool_args(j, t->index, t->text, t->len);
+            } else if (t->type == DS4_DSML_EV_CALL_END && em->tool_end) {
+                em->tool_end(j, t->index);
+            }
+        }
+        held_free(g);
         break;
     case DS4_DSML_EV_ERROR:
         srv_log("tool: stream projection stopped: %.*s", (int)ev->len, ev->text ? ev->text : "");
@@ -336,6 +374,8 @@ static long find_stop(gen_ctx *g, size_t from, int *which) {
 }
 
 static void gen_free(gen_ctx *g) {
+    held_free(g);
+    free(g->held);
     srv_logprob_free(g->lp, g->n_lp);
     srv_logprob_free(g->lp_content, g->n_content);
     ds4_dsml_stream_free(g->ds);
@@ -557,6 +597,11 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     while (n_gen < max_tokens) {
         if (job_gone(j)) FAIL("client stream write failed")
         if (s->shutdown_flag) FAIL("shutdown requested")
+        /* hidden reasoning or a tool call being held can keep a stream
+         * silent for minutes: a comment every 10 s keeps proxies from
+         * timing it out (clients ignore SSE comments) */
+        if (g->streaming && j->st.headers && srv_now_mono() - j->st.last_write >= 10.0)
+            srv_stream_write(j, ": keepalive\n\n", 13);
         srv_cache_step(s, tools && ds4_dsml_stream_block_started(g->ds) &&
                               !ds4_dsml_stream_block_ended(g->ds));
         int greedy = tools && ds4_dsml_class_is_greedy(ds4_dsml_tracker_class(&trk));
@@ -606,10 +651,15 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
             size_t from = old > 7 ? old - 7 : 0;
             reason_done = memmem(g->gen.data + from, g->gen.len - from, DS4_THINK_CLOSE, 8) != NULL;
         }
+        const int fam_before = trk.family;
         ds4_dsml_tracker_feed(&trk, bytes, blen);
         srv_forced_feed(fz, bytes, blen);
         size_t safe = g->gen.len;
-        if (rq->n_stops) {
+        /* stop strings end the reply's text; a tool-call block is markup
+         * (its tags, names and arguments), so they are not searched inside
+         * one: a stop there would only break the call */
+        const bool in_block = tools && (fam_before >= 0 || trk.family >= 0); /* also its closing tag */
+        if (rq->n_stops && !in_block) {
             /* a new match can only start in the last (longest stop - 1) old
              * bytes or later; those bytes are also held back from clients */
             size_t from = old > g->max_stop - 1 ? old - (g->max_stop - 1) : 0;
@@ -724,6 +774,10 @@ static void run_job(srv_server *s, srv_job *j) {
             srv_now_mono() - t0, srv_finish_openai(finish), r.error_msg[0] ? " " : "", r.error_msg);
     if (g.streaming) {
         if (g.em->finish) g.em->finish(j, &r);
+    } else if (finish == SRV_FINISH_ERROR && rq->api == SRV_API_ANTHROPIC) {
+        /* no Anthropic stop_reason says "failed": an error response */
+        bool shutdown = !strcmp(r.error_msg, "shutdown requested");
+        fail_job(j, shutdown ? 503 : 500, r.error_msg[0] ? r.error_msg : "generation failed");
     } else {
         j->body = g.em->body(j, &r);
         j->status = 200;

@@ -657,6 +657,50 @@ def test_server_sigterm_ends_streams_with_error_finish_and_exits_0():
         s.stop()
 
 
+def test_server_sigterm_ends_an_anthropic_stream_with_an_error_event():
+    """Anthropic has no error stop_reason: a stream cut by shutdown ends with an `error` event (overloaded),
+    never with message_delta end_turn, which would make the truncated reply look complete."""
+    s = Server()
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        body = json.dumps({"model": "m", "messages": user("Write forever"), "max_tokens": 3000,
+                           "stream": True, "think": False}).encode()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        got = b""
+        while got.count(b"content_block_delta") < 3:
+            got += sock.recv(4096)
+        s.proc.send_signal(signal.SIGTERM)
+        sock.settimeout(60)
+        while True:
+            d = sock.recv(65536)
+            if not d:
+                break
+            got += d
+        sock.close()
+        assert b"event: error" in got and b'"overloaded_error"' in got, got[-400:]
+        assert b"message_stop" not in got and b'"end_turn"' not in got, got[-400:]
+        assert s.proc.wait(60) == 0
+    finally:
+        s.stop()
+
+
+def test_server_stop_strings_do_not_cut_a_tool_call():
+    """A stop string that occurs in the DSML markup (here the invoke tag) does not cut the forced call: stops
+    end the reply's text, and a tool-call block is markup."""
+    with Server() as s:
+        c = s.openai()
+        r = c.chat.completions.create(model="m", messages=user("List the files"), tools=[BASH_TOOL],
+                                      tool_choice="required", max_tokens=120, seed=7, stop=["invoke", "tool_calls>"])
+        assert r.choices[0].finish_reason == "tool_calls", r
+        assert r.choices[0].message.tool_calls and "DSML" not in (r.choices[0].message.content or "")
+        a = s.anthropic()
+        m = a.messages.create(model="m", messages=user("List the files"), max_tokens=120,
+                              tools=[{"name": "Bash", "input_schema": BASH_TOOL["function"]["parameters"]}],
+                              tool_choice={"type": "any"}, stop_sequences=["invoke"], extra_body={"seed": 7})
+        assert m.stop_reason == "tool_use" and m.content[-1].type == "tool_use", m
+
+
 ANTH_BASH = {"name": "Bash", "description": "Run a command",
              "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
                               "required": ["command"]}}

@@ -94,6 +94,34 @@ def test_chat_stream_and_plain_are_the_same_reply(case):
     assert a == b
 
 
+@pytest.mark.parametrize("max_tokens", [3, 8, 15, 25, 40])
+def test_a_tool_call_cut_by_max_tokens_is_the_same_streamed_or_not(max_tokens):
+    """A forced call cut inside its block gives no call (TEXT C.6) in either form: the stream holds a block's
+    tool-call deltas until the block closes, so it never announces a call the reply then lacks (found by an
+    outside client pass: the stream had a tool call, the plain reply only text)."""
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "n": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["city"]}}}]
+    kw = dict(model="m", messages=user("weather?"), max_tokens=max_tokens, temperature=0, tools=tools,
+              tool_choice="required", extra_body={"think": False})
+    akw = dict(model="m", messages=user("weather?"), max_tokens=max_tokens,
+               tools=[{"name": "get_weather", "input_schema": tools[0]["function"]["parameters"]}],
+               tool_choice={"type": "any"}, extra_body={"think": False, "temperature": 0})
+    with Server() as s:
+        c = s.openai()
+        a = chat_view(c.chat.completions.create(**kw))
+        b = chat_stream_view(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        ac = s.anthropic()
+        x = anthropic_view(ac.messages.create(**akw))
+        with ac.messages.stream(**akw) as st:
+            y = anthropic_view(st.get_final_message())
+    assert a == b, (a, b)
+    assert x == y, (x, y)
+    assert (a["finish"] == "tool_calls") == bool(a["calls"]), a
+    assert (x["stop"] == "tool_use") == any(k == "tool_use" for k, _ in x["blocks"]), x
+
+
 def anthropic_view(m):
     blocks = [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None) or
                (b.name, b.input) if b.type == "tool_use" else
