@@ -75,6 +75,11 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
     char *role = NULL;
     if (srv_get_string(m, "role", &role, e)) return -1;
     ds4_role r = ds4_chat_role_from_name(role ? role : "user");
+    if (r != DS4_ROLE_USER && r != DS4_ROLE_ASSISTANT) {
+        srv_fail(e, 400, "messages: role must be 'user' or 'assistant', not '%.64s'", role);
+        free(role);
+        return -1;
+    }
     free(role);
     json_t *content = json_object_get(m, "content");
     if (content && !json_is_null(content) && !json_is_string(content) && !json_is_array(content))

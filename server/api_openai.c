@@ -50,6 +50,11 @@ static int parse_chat_message(json_t *m, srv_request *rq, srv_error *e) {
     json_t *rc_v = json_object_get(m, "reasoning_content");
     if (rc_v && !json_is_null(rc_v) && srv_text_of(rc_v, NULL, &reasoning, e)) goto out;
     if (srv_get_string(m, "tool_call_id", &tcid, e)) goto out;
+    if (role && ds4_chat_role_from_name(role) == DS4_ROLE_OTHER) {
+        srv_fail_param(e, "messages", "invalid_value",
+                       "messages: unknown role '%.64s' (system, developer, user, assistant, tool or function)", role);
+        goto out;
+    }
     int i = srv_chat_add(rq, ds4_chat_role_from_name(role ? role : "user"), content, e);
     if (i < 0) goto out;
     ds4_err err;
@@ -108,6 +113,23 @@ static int parse_effort_and_thinking(json_t *root, srv_request *rq, srv_error *e
 int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e) {
     if (parse_effort_and_thinking(root, rq, e)) return -1;
     if (srv_parse_messages(root, rq, e, parse_chat_message)) return -1;
+    /* a tool message answers a call of an earlier assistant message (as
+     * OpenAI checks); an unanswerable one is a client bug, not text */
+    for (int i = 0; i < rq->chat->n_msgs; i++) {
+        const ds4_chat_msg *m = &rq->chat->msgs[i];
+        if (m->role != DS4_ROLE_TOOL) continue;
+        bool found = false;
+        for (int k = 0; k < i && !found && m->tool_call_id; k++) {
+            const ds4_chat_msg *a = &rq->chat->msgs[k];
+            for (int c = 0; a->role == DS4_ROLE_ASSISTANT && c < a->n_calls && !found; c++)
+                found = a->calls[c].id && !strcmp(a->calls[c].id, m->tool_call_id);
+        }
+        if (!found)
+            return srv_fail_param(e, "messages", "invalid_value",
+                                  "messages[%d]: a 'tool' message must answer a tool call of an earlier assistant "
+                                  "message (tool_call_id '%.64s' matches none)", i,
+                                  m->tool_call_id ? m->tool_call_id : "");
+    }
     if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) return -1;
     return parse_tool_choice_openai(json_object_get(root, "tool_choice"), rq, e);
 }

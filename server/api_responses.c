@@ -151,6 +151,12 @@ static int parse_item(items_ctx *x, json_t *it, srv_error *e) {
             return -1;
         }
         ds4_role r = ds4_chat_role_from_name(role ? role : "user");
+        if (r != DS4_ROLE_USER && r != DS4_ROLE_ASSISTANT && r != DS4_ROLE_SYSTEM && r != DS4_ROLE_DEVELOPER) {
+            srv_fail_param(e, "input", "invalid_value", "input: unknown role '%.64s'", role);
+            free(role);
+            free(text);
+            return -1;
+        }
         free(role);
         int rc = 0;
         if (r != DS4_ROLE_ASSISTANT && flush_pending(x, e)) rc = -1;

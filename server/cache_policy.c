@@ -430,7 +430,7 @@ int srv_binding_kind(const srv_request *rq, const srv_result *r, int n_ctx, bool
         return r->finish == SRV_FINISH_STOP || r->finish == SRV_FINISH_TOOL_CALLS
                    ? SRV_BIND_RESPONSES
                    : SRV_BIND_NONE;
-    if (rq->api == SRV_API_COMPLETIONS || !thinking || !rq->chat) return SRV_BIND_NONE;
+    if (rq->api == SRV_API_COMPLETIONS || !thinking || !rq->chat || ds4_chat_continues(rq->chat)) return SRV_BIND_NONE;
     if (srv_tools_active(rq) || ds4_chat_tool_context(rq->chat) || r->parsed.n_calls ||
         r->finish != SRV_FINISH_STOP || !r->think_closed)
         return SRV_BIND_NONE;

@@ -704,7 +704,9 @@ static void run_job(srv_server *s, srv_job *j) {
     g.em = srv_emitter_for(rq->api);
     g.streaming = rq->stream;
     ds4_think eff = ds4_chat_effective_think(rq->think, s->cfg.n_ctx);
-    g.thinking = rq->api != SRV_API_COMPLETIONS && eff != DS4_THINK_NONE;
+    /* a prefill (the conversation ends in an assistant message) continues
+     * that message's content: no reasoning comes first */
+    g.thinking = rq->api != SRV_API_COMPLETIONS && eff != DS4_THINK_NONE && !(rq->chat && ds4_chat_continues(rq->chat));
     bool tools = rq->api != SRV_API_COMPLETIONS && srv_tools_active(rq);
     srv_result r = {0};
     double t0 = srv_now_mono();

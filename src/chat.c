@@ -218,6 +218,12 @@ static void gen_prefix(ds4_buf *out, ds4_think mode) {
     ds4_buf_puts(out, mode == DS4_THINK_NONE ? DS4_THINK_CLOSE : DS4_THINK_OPEN);
 }
 
+int ds4_chat_continues(const ds4_chat *c) {
+    if (c->n_msgs < 1) return 0;
+    const ds4_chat_msg *m = &c->msgs[c->n_msgs - 1];
+    return m->role == DS4_ROLE_ASSISTANT && m->n_calls == 0;
+}
+
 int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds4_err *err) {
     ds4_think mode = ds4_chat_effective_think(c->think, c->n_ctx);
     int tool_ctx = ds4_chat_tool_context(c);
@@ -241,7 +247,8 @@ int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds
         ds4_buf_append(out, m->content, m->content_len);
     }
 
-    int a_pending = 0, t_pending = 0;
+    int a_pending = 0, t_pending = 0, turns = 0;
+    const int cont = ds4_chat_continues(c);
     for (int i = 0; i < c->n_msgs; i++) {
         const ds4_chat_msg *m = &c->msgs[i];
         switch (m->role) {
@@ -269,12 +276,18 @@ int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds
             }
             ds4_buf_append(out, m->content, m->content_len);
             if (render_calls(out, m, replay)) out->oom = 1;
-            ds4_buf_puts(out, DS4_EOS);
+            if (!(cont && i == c->n_msgs - 1)) ds4_buf_puts(out, DS4_EOS); /* a prefill stays open */
             a_pending = t_pending = 0;
+            turns++;
             break;
         default: /* system/developer rendered above; other roles dropped */
             break;
         }
+        if (m->role == DS4_ROLE_USER || m->role == DS4_ROLE_TOOL || m->role == DS4_ROLE_FUNCTION) turns++;
+    }
+    if (!turns) { /* only system text: answer it after an empty user turn */
+        ds4_buf_puts(out, DS4_USER);
+        a_pending = 1;
     }
     if (a_pending) gen_prefix(out, mode);
     if (!ds4_buf_ok(out)) return nomem(err, "rendered prompt");

@@ -119,6 +119,12 @@ int ds4_chat_tool_context(const ds4_chat *c);
  * known and share one block (C.8; lookups refresh recency); otherwise the
  * canonical rendering (C.4) is used. Returns 0 or DS4_E_NOMEM. */
 int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds4_err *err);
+/* 1 when the conversation ends with an assistant message without tool calls
+ * (a prefill): ds4_chat_render then leaves that turn open (no end-of-sentence,
+ * no generation prefix) so the reply continues its content, as Anthropic's
+ * prefill and DeepSeek's prefix completion do. The continuation is content,
+ * not reasoning. */
+int ds4_chat_continues(const ds4_chat *c);
 
 /* /v1/completions prompt text (B.6): BOS [+ MAX prefix] + "You are a
  * helpful assistant" + USER + prompt + generation prefix. mode is used as

@@ -435,3 +435,38 @@ def test_default_thinking_option_per_api():
         assert (e.choices[0].message.model_extra or {}).get("reasoning_content")
     with pytest.raises(RuntimeError):
         Server("--default-thinking", "bogus", wait=20)
+
+
+def test_prefill_continues_the_assistant_message_and_roles_are_checked(tmp_path):
+    """A conversation that ends with an assistant message (Anthropic's prefill, DeepSeek's prefix completion)
+    continues that message: the turn stays open (no end-of-sentence in the prompt) and the reply is content, not
+    reasoning. A system-only conversation gets an (empty) user turn and an assistant turn to answer in. Unknown
+    roles and tool messages that answer no call are 400s (they were dropped or accepted silently)."""
+    trace = tmp_path / "t.txt"
+    with Server("--trace", trace) as s:
+        c = s.openai()
+        r = c.chat.completions.create(model="m", max_tokens=6, temperature=0,
+                                      messages=user("hi") + [{"role": "assistant", "content": "Sure, here"}])
+        assert r.choices[0].message.content and not (r.choices[0].message.model_extra or {}).get("reasoning_content")
+        a = s.anthropic()
+        m = a.messages.create(model="m", max_tokens=6, messages=[{"role": "user", "content": "hi"},
+                                                                 {"role": "assistant", "content": "{"}])
+        assert [b.type for b in m.content] == ["text"], m
+        c.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "system", "content": "Be brief."}])
+        st, _, body = s.raw("POST", "/v1/chat/completions",
+                            {"model": "m", "max_tokens": 2, "messages": [{"role": "wizard", "content": "x"}]})
+        assert st == 400 and b"unknown role" in body, body
+        st, _, body = s.raw("POST", "/v1/messages",
+                            {"model": "m", "max_tokens": 2, "messages": [{"role": "system", "content": "x"}]})
+        assert st == 400 and b"role must be" in body, body
+        st, _, body = s.raw("POST", "/v1/responses", {"model": "m", "input": [{"role": "wizard", "content": "x"}]})
+        assert st == 400 and b"unknown role" in body, body
+        st, _, body = s.raw("POST", "/v1/chat/completions",
+                            {"model": "m", "max_tokens": 2, "messages": user("x") + [
+                                {"role": "tool", "tool_call_id": "call_nope", "content": "y"}]})
+        assert st == 400 and b"matches none" in body, body
+    t = trace.read_text(errors="replace")
+    assert "<｜User｜>hi<｜Assistant｜><think></think>Sure, here\n" in t or \
+        "<｜User｜>hi<｜Assistant｜></think>Sure, here\n" in t, t[:3000]
+    assert "Sure, here<｜end▁of▁sentence｜>" not in t
+    assert "Be brief.<｜User｜><｜Assistant｜>" in t, t
