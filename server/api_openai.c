@@ -27,6 +27,11 @@ static int parse_tool_choice_openai(json_t *tc, srv_request *rq, srv_error *e) {
         const char *s = json_string_value(tc);
         if (!strcmp(s, "none")) rq->tool_choice = SRV_TOOL_NONE;
         else if (!strcmp(s, "required")) rq->tool_choice = SRV_TOOL_REQUIRED;
+        else if (strcmp(s, "auto"))
+            return srv_fail_param(e, "tool_choice", "invalid_value",
+                                  "tool_choice: '%.64s' is not none, auto, required or a named function", s);
+        if (rq->tool_choice == SRV_TOOL_REQUIRED && !(rq->tools_text && rq->tools_text[0]))
+            return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice 'required' needs tools");
         return 0;
     }
     if (!json_is_object(tc)) return srv_invalid(e);
@@ -110,7 +115,38 @@ static int parse_effort_and_thinking(json_t *root, srv_request *rq, srv_error *e
     return srv_parse_thinking(root, rq, effort, effort != NULL, e);
 }
 
+/* OpenAI options ds4 does not implement: a clear 400 rather than a reply
+ * that silently ignores them (defaults and no-op values pass). */
+static int refuse_unsupported(json_t *root, srv_api api, srv_error *e) {
+    json_t *v;
+    if ((v = json_object_get(root, "response_format")) && !json_is_null(v)) {
+        const char *t = json_string_value(json_object_get(v, "type"));
+        if (!json_is_object(v) || !t || strcmp(t, "text"))
+            return srv_fail_param(e, "response_format", "unsupported_value",
+                                  "response_format: only {\"type\": \"text\"} is supported (no JSON mode or "
+                                  "schemas; a forced tool call gives structured output)");
+    }
+    if ((v = json_object_get(root, "logit_bias")) && !json_is_null(v) && !(json_is_object(v) && !json_object_size(v)))
+        return srv_fail_param(e, "logit_bias", "unsupported_value", "logit_bias is not supported");
+    const char *pen[] = {"presence_penalty", "frequency_penalty"};
+    for (int i = 0; i < 2; i++)
+        if ((v = json_object_get(root, pen[i])) && !json_is_null(v) && !(json_is_number(v) && json_number_value(v) == 0))
+            return srv_fail_param(e, pen[i], "unsupported_value", "%s is not supported (only 0)", pen[i]);
+    if (api == SRV_API_COMPLETIONS) {
+        if ((v = json_object_get(root, "echo")) && json_is_true(v))
+            return srv_fail_param(e, "echo", "unsupported_value", "echo is not supported");
+        if ((v = json_object_get(root, "suffix")) && !json_is_null(v) &&
+            !(json_is_string(v) && !json_string_length(v)))
+            return srv_fail_param(e, "suffix", "unsupported_value", "suffix is not supported");
+        if ((v = json_object_get(root, "best_of")) && !json_is_null(v) &&
+            !(json_is_integer(v) && json_integer_value(v) == 1))
+            return srv_fail_param(e, "best_of", "unsupported_value", "best_of is not supported (only 1)");
+    }
+    return 0;
+}
+
 int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e) {
+    if (refuse_unsupported(root, SRV_API_CHAT, e)) return -1;
     if (parse_effort_and_thinking(root, rq, e)) return -1;
     if (srv_parse_messages(root, rq, e, parse_chat_message)) return -1;
     /* a tool message answers a call of an earlier assistant message (as
@@ -135,6 +171,7 @@ int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e) {
 }
 
 int srv_parse_completions(json_t *root, srv_request *rq, srv_error *e) {
+    if (refuse_unsupported(root, SRV_API_COMPLETIONS, e)) return -1;
     if (parse_effort_and_thinking(root, rq, e)) return -1;
     json_t *p = json_object_get(root, "prompt");
     if (!p || json_is_null(p)) return srv_fail_param(e, "prompt", NULL, "missing prompt");

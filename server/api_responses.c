@@ -71,6 +71,10 @@ static int item_text(json_t *v, char **out, srv_error *e) {
     json_array_foreach(v, i, p) {
         const char *type = json_string_value(json_object_get(p, "type"));
         json_t *t = json_object_get(p, "text");
+        if (srv_media_placeholder(type)) { /* the model is told what it cannot see */
+            ds4_buf_puts(&b, srv_media_placeholder(type));
+            continue;
+        }
         if (!type || (strcmp(type, "input_text") && strcmp(type, "output_text") &&
                       strcmp(type, "text") && strcmp(type, "summary_text") &&
                       strcmp(type, "reasoning_text")) ||
@@ -320,6 +324,16 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
         if (v && !json_is_null(v)) {
             srv_fail_param(e, unsupported[k], "unsupported_parameter",
                            "%s is not supported; replay full input instead", unsupported[k]);
+            goto out;
+        }
+    }
+    json_t *tf = json_object_get(json_object_get(root, "text"), "format");
+    if (tf && !json_is_null(tf)) {
+        const char *t = json_string_value(json_object_get(tf, "type"));
+        if (!t || strcmp(t, "text")) {
+            srv_fail_param(e, "text.format", "unsupported_value",
+                           "text.format: only {\"type\": \"text\"} is supported (no JSON schemas; a forced "
+                           "function call gives structured output)");
             goto out;
         }
     }

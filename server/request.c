@@ -164,6 +164,22 @@ int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e) {
     return 0;
 }
 
+const char *srv_media_placeholder(const char *type) {
+    static const char *kinds[][2] = {
+        {"image_url", "image"}, {"image", "image"}, {"input_image", "image"}, {"input_audio", "audio"},
+        {"audio", "audio"}, {"file", "file"}, {"input_file", "file"}, {"document", "document"}};
+    static const char *text[] = {"[image omitted: this model reads text only]",
+                                 "[audio omitted: this model reads text only]",
+                                 "[file omitted: this model reads text only]",
+                                 "[document omitted: this model reads text only]"};
+    if (!type) return NULL;
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        if (!strcmp(type, kinds[i][0]))
+            return text[!strcmp(kinds[i][1], "image") ? 0 : !strcmp(kinds[i][1], "audio") ? 1
+                        : !strcmp(kinds[i][1], "file") ? 2 : 3];
+    return NULL;
+}
+
 int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e) {
     ds4_buf b = DS4_BUF_INIT;
     if (!v || json_is_null(v)) {
@@ -184,7 +200,9 @@ int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e) {
             s = json_string_value(p);
         else if (json_is_object(p) && json_is_string(json_object_get(p, "text")))
             s = json_string_value(json_object_get(p, "text"));
-        if (!s) continue; /* images and other parts are dropped */
+        else if (json_is_object(p)) /* media: the model is told what it cannot see */
+            s = srv_media_placeholder(json_string_value(json_object_get(p, "type")));
+        if (!s) continue; /* other parts carry no text */
         if (sep && n > 0) ds4_buf_puts(&b, sep);
         ds4_buf_puts(&b, s);
         n++;

@@ -140,6 +140,10 @@ int srv_get_int(json_t *obj, const char *key, int *out, srv_error *e);
 int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e);
 /* String, or array of strings/{"text":..} concatenated with sep (NULL: none);
  * null -> "". Anything else -> error. */
+/* The text that stands for a media part (image, audio, file, document) of
+ * type `type`, or NULL for other types: ds4 reads text only and says so to
+ * the model instead of dropping the part silently. */
+const char *srv_media_placeholder(const char *type);
 int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e);
 /* Thinking controls (docs/SERVING.md B.5) common to chat/completions/anthropic. */
 int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e);

@@ -470,3 +470,54 @@ def test_prefill_continues_the_assistant_message_and_roles_are_checked(tmp_path)
         "<｜User｜>hi<｜Assistant｜></think>Sure, here\n" in t, t[:3000]
     assert "Sure, here<｜end▁of▁sentence｜>" not in t
     assert "Be brief.<｜User｜><｜Assistant｜>" in t, t
+
+
+def test_unsupported_options_are_refused_and_media_is_named(tmp_path):
+    """Options ds4 does not implement are a 400 naming them (they were ignored: a json_schema reply that is not
+    JSON, penalties with no effect), their no-op values pass; media parts (images, audio, files) become a line
+    telling the model what it cannot see, in every API (they were dropped, so the model answered as if the
+    image were not there)."""
+    trace = tmp_path / "t.txt"
+    bad = [("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            b"response_format"),
+           ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, b"response_format"),
+           ("/v1/chat/completions", {"logit_bias": {"42": 5}}, b"logit_bias"),
+           ("/v1/chat/completions", {"presence_penalty": 0.5}, b"presence_penalty"),
+           ("/v1/chat/completions", {"frequency_penalty": -1}, b"frequency_penalty"),
+           ("/v1/chat/completions", {"tool_choice": "sometimes"}, b"tool_choice"),
+           ("/v1/chat/completions", {"tool_choice": "required"}, b"needs tools"),
+           ("/v1/completions", {"echo": True}, b"echo"),
+           ("/v1/completions", {"suffix": "end"}, b"suffix"),
+           ("/v1/completions", {"best_of": 3}, b"best_of"),
+           ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}},
+            b"text.format")]
+    ok = [("/v1/chat/completions", {"response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0,
+                                    "frequency_penalty": 0.0, "tool_choice": "auto"}),
+          ("/v1/completions", {"echo": False, "suffix": "", "best_of": 1}),
+          ("/v1/responses", {"text": {"format": {"type": "text"}}})]
+    base = {"/v1/chat/completions": {"model": "m", "max_tokens": 2, "messages": user("hi")},
+            "/v1/completions": {"model": "m", "max_tokens": 2, "prompt": "hi"},
+            "/v1/responses": {"model": "m", "max_output_tokens": 2, "input": "hi"}}
+    with Server("--trace", trace) as s:
+        for path, extra, word in bad:
+            st, _, body = s.raw("POST", path, {**base[path], **extra})
+            assert st == 400 and word in body, (path, extra, st, body)
+        for path, extra in ok:
+            st, _, body = s.raw("POST", path, {**base[path], **extra})
+            assert st == 200, (path, extra, body)
+        img = {"url": "data:image/png;base64,iVBORw0KGgo="}
+        st, _, body = s.raw("POST", "/v1/chat/completions", {**base["/v1/chat/completions"], "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": img}]}]})
+        assert st == 200, body
+        st, _, body = s.raw("POST", "/v1/messages", {"model": "m", "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                       "data": "iVBORw0KGgo="}},
+                                         {"type": "text", "text": "Describe it"}]}]})
+        assert st == 200, body
+        st, _, body = s.raw("POST", "/v1/responses", {"model": "m", "max_output_tokens": 2, "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "And this?"},
+                                         {"type": "input_image", "image_url": img["url"]}]}]})
+        assert st == 200, body
+    t = trace.read_text(errors="replace")
+    assert t.count("[image omitted: this model reads text only]") == 3, t[-3000:]
