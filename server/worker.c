@@ -201,6 +201,34 @@ srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_
         srv_fail(e, 503, "server shutting down");
         goto fail;
     }
+    if (s->n_queued >= s->cfg.queue_max) { /* queued jobs whose clients left do not count */
+        srv_job *gone = NULL, *prev = NULL;
+        for (srv_job *q = s->head, *next; q; q = next) {
+            next = q->next;
+            pthread_mutex_lock(&q->st.mu);
+            bool left = q->st.client_gone;
+            pthread_mutex_unlock(&q->st.mu);
+            if (!left) {
+                prev = q;
+                continue;
+            }
+            if (prev) prev->next = next;
+            else s->head = next;
+            if (s->tail == q) s->tail = prev;
+            s->n_queued--;
+            q->next = gone;
+            gone = q;
+        }
+        for (srv_job *q = gone, *next; q; q = next) { /* drop the queue's reference */
+            next = q->next;
+            srv_log("request %s: client gone before it ran; dropped from the queue", q->id);
+            if (--q->refs == 0) {
+                pthread_mutex_unlock(&s->mu);
+                srv_job_free(q);
+                pthread_mutex_lock(&s->mu);
+            }
+        }
+    }
     if (s->n_queued >= s->cfg.queue_max) {
         pthread_mutex_unlock(&s->mu);
         srv_fail(e, 429, "server busy: %d requests already queued; retry later", s->cfg.queue_max);

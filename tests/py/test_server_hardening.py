@@ -533,3 +533,48 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def test_queued_requests_whose_clients_left_do_not_fill_the_queue():
+    """--queue 2: one stream runs, two queued requests' clients disconnect; a new request is queued (not a 429)
+    once the server has seen them go, without waiting for the running generation to end (found by an outside
+    client pass: abandoned requests blocked everyone until the running one finished)."""
+    s = Server("--queue", "2")
+    try:
+        body = json.dumps({"messages": user("Write forever"), "max_tokens": 3000, "stream": True,
+                           "think": False}).encode()
+        run = socket.create_connection(("127.0.0.1", s.port))
+        run.sendall(post_bytes(s.port, b"/v1/chat/completions", body))
+        got = b""
+        run.settimeout(60)
+        while got.count(b"data:") < 3:
+            got += run.recv(4096)
+        qs = []
+        for k in range(2):
+            q = socket.create_connection(("127.0.0.1", s.port))
+            q.sendall(post_bytes(s.port, b"/v1/chat/completions", json.dumps(
+                {"messages": user("queued %d" % k), "max_tokens": 5, "think": False}).encode()))
+            qs.append(q)
+        time.sleep(0.5)
+        late = socket.create_connection(("127.0.0.1", s.port))
+        late.sendall(post_bytes(s.port, b"/v1/chat/completions", json.dumps(
+            {"messages": user("too many"), "max_tokens": 5, "think": False}).encode()))
+        assert status_of(read_all(late, 30)) == 429  # the queue is really full
+        for q in qs:
+            q.close()
+        time.sleep(1.0)  # the connection threads notice within 200 ms
+        again = socket.create_connection(("127.0.0.1", s.port))
+        again.sendall(post_bytes(s.port, b"/v1/chat/completions", json.dumps(
+            {"messages": user("now"), "max_tokens": 5, "think": False}).encode()))
+        again.settimeout(2)
+        try:
+            head = again.recv(12)  # queued behind the running stream: no status line yet
+        except socket.timeout:
+            head = b""
+        assert not head.startswith(b"HTTP/1.1 429"), head
+        run.close()
+        r = read_all(again, 60)
+        assert status_of(r) == 200, r[:300]
+        assert s.wait_log(r"dropped from the queue"), s.log_text()
+    finally:
+        s.stop()
