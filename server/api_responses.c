@@ -567,6 +567,7 @@ static void resp_begin(srv_job *j) {
     st->out_index = 0;
     st->rs_index = st->msg_index = -1;
     ev(j, "response.created", json_pack("{s:o}", "response", response_object(j, NULL)));
+    ev(j, "response.in_progress", json_pack("{s:o}", "response", response_object(j, NULL)));
 }
 
 static void resp_reasoning(srv_job *j, const char *s, size_t n) {
