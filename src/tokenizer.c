@@ -50,6 +50,7 @@ struct ds4_tokenizer {
     int32_t special[DS4_TOK__COUNT];
     size_t marker_len[DS4_TOK__COUNT];
     ds4_pretok *pretok;
+    uint8_t *unused;       /* (n_vocab) 1 = token type UNUSED (the [PADn] gap), or NULL */
 };
 
 /* ------------------------------------------------------------ byte map */
@@ -190,6 +191,7 @@ void ds4_tokenizer_free(ds4_tokenizer *t) {
     free(t->str_slot);
     free(t->merge);
     ds4_pretok_free(t->pretok);
+    free(t->unused);
     free(t);
 }
 
@@ -380,6 +382,22 @@ int ds4_tokenizer_from_gguf(const ds4_gguf *g, ds4_tokenizer **out, ds4_err *err
                                "required tokenizer token is missing: \"%s\"", k_marker[k]);
         }
     }
+    /* token types (optional): UNUSED (5) marks the vocabulary's padding gap
+     * ([PAD129026] ...), never text */
+    int64_t kv_type = ds4_gguf_find_key(g, "tokenizer.ggml.token_type");
+    if (kv_type >= 0 && ds4_gguf_arr_type(g, kv_type) == DS4_GGUF_I32 && ds4_gguf_arr_n(g, kv_type) == n_tok) {
+        const unsigned char *tt = ds4_gguf_arr_data(g, kv_type); /* possibly unaligned */
+        t->unused = calloc((size_t)n_tok, 1);
+        if (!t->unused) {
+            ds4_tokenizer_free(t);
+            return ds4_err_set(err, DS4_E_NOMEM, "tokenizer: out of memory");
+        }
+        for (uint64_t i = 0; i < n_tok; i++) {
+            int32_t v;
+            memcpy(&v, tt + 4 * i, sizeof v);
+            t->unused[i] = v == 5;
+        }
+    }
     *out = t;
     return 0;
 }
@@ -416,6 +434,7 @@ size_t ds4_tokenizer_max_token_bytes(const ds4_tokenizer *t) { return t->max_byt
 
 bool ds4_tokenizer_is_control(const ds4_tokenizer *t, int32_t id) {
     if (id < 0 || id >= t->n_vocab) return false;
+    if (t->unused && t->unused[id]) return true;
     for (int k = 0; k < DS4_TOK__COUNT; k++)
         if (t->special[k] == id) return true;
     const char *s = t->text + t->text_off[id];

@@ -521,3 +521,12 @@ def test_unsupported_options_are_refused_and_media_is_named(tmp_path):
         assert st == 200, body
     t = trace.read_text(errors="replace")
     assert t.count("[image omitted: this model reads text only]") == 3, t[-3000:]
+
+
+def test_vocabulary_padding_tokens_never_reach_the_text():
+    """The [PADn] tokens of the vocabulary's gap (GGUF token type UNUSED) are control tokens, not text: a sampled
+    one adds nothing to the reply (an outside client pass saw '[PAD129026]' in content with this request)."""
+    with Server() as s:
+        r = s.openai().chat.completions.create(model="m", messages=user("Tell me a story"), max_tokens=60, seed=3,
+                                               extra_body={"think": False, "min_p": 0})
+        assert "[PAD" not in (r.choices[0].message.content or ""), r.choices[0].message.content
