@@ -186,12 +186,8 @@ static void save_live(srv_server *s, int reason) {
     const int32_t *toks = ds4_session_tokens(s->session);
     size_t klen = 0;
     char *key = token_text(s->engine, toks, n, &klen);
-    void *payload = NULL;
-    size_t pbytes = 0;
-    ds4_err err = {0};
-    if (!key || ds4_session_save(s->session, &payload, &pbytes, &err)) {
-        srv_log("kv cache: save failed: %s", key ? err.msg : "out of memory");
-        free(key);
+    if (!key) {
+        srv_log("kv cache: save failed: out of memory");
         return;
     }
     ds4_buf trailer = DS4_BUF_INIT;
@@ -199,6 +195,24 @@ static void save_live(srv_server *s, int reason) {
         pthread_mutex_lock(&s->replay_mu);
         ds4_dsml_replay_save(s->replay, key, klen, &trailer);
         pthread_mutex_unlock(&s->replay_mu);
+    }
+    /* the same tokens and text are the same state (the engine is
+     * deterministic): an entry already on disk is not written again */
+    ds4_kvstore_entry have;
+    if (!trailer.len && ds4_kvstore_has(c->kv, toks, (uint32_t)n, key, klen, &have) && !have.trailer_bytes) {
+        c->last_frontier = n;
+        ds4_buf_free(&trailer);
+        free(key);
+        return;
+    }
+    void *payload = NULL;
+    size_t pbytes = 0;
+    ds4_err err = {0};
+    if (ds4_session_save(s->session, &payload, &pbytes, &err)) {
+        srv_log("kv cache: save failed: %s", err.msg);
+        ds4_buf_free(&trailer);
+        free(key);
+        return;
     }
     ds4_kvstore_put_args a = {0};
     a.tokens = toks;

@@ -738,6 +738,27 @@ static int pass_filter(const ds4_kvstore_entry *e, const ds4_kvstore_filter *f) 
     return 1;
 }
 
+int ds4_kvstore_has(ds4_kvstore *kv, const int32_t *tokens, uint32_t n, const char *key_text, size_t key_text_bytes,
+                    ds4_kvstore_entry *out) {
+    if (!tokens || n == 0 || n > (UINT32_MAX - HDR_BYTES) / 4) return 0;
+    uint8_t *tok_le = malloc(4 * (size_t)n);
+    if (!tok_le) return 0;
+    tokens_to_le(tokens, n, tok_le);
+    char name[DS4_KV_NAME_MAX];
+    int found = 0;
+    if (!make_name(kv->fp, tok_le, n, key_text, key_text_bytes, name)) {
+        pthread_mutex_lock(&kv->mu);
+        int i = find_ent(kv, name);
+        if (i >= 0) {
+            found = 1;
+            if (out) *out = kv->ents[i].e;
+        }
+        pthread_mutex_unlock(&kv->mu);
+    }
+    free(tok_le);
+    return found;
+}
+
 int ds4_kvstore_find_tokens(ds4_kvstore *kv, const int32_t *tokens, size_t n,
                             const ds4_kvstore_filter *f, ds4_kvstore_entry *out) {
     pthread_mutex_lock(&kv->mu);

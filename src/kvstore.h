@@ -134,6 +134,12 @@ void ds4_kvstore_close(ds4_kvstore *kv);
 int ds4_kvstore_put(ds4_kvstore *kv, const ds4_kvstore_put_args *a,
                     char name_out[DS4_KV_NAME_MAX], ds4_err *err);
 
+/* Whether the store already holds the entry a put of these tokens and key
+ * text would write (same file name: same model, tokens and text). Returns 1
+ * and fills *out (may be NULL) when it does, 0 otherwise. */
+int ds4_kvstore_has(ds4_kvstore *kv, const int32_t *tokens, uint32_t n, const char *key_text, size_t key_text_bytes,
+                    ds4_kvstore_entry *out);
+
 /* Longest stored token prefix of tokens[0..n) (entry length <= n; ties: the
  * most recently used). Returns 1 and fills *out when found, 0 when none. */
 int ds4_kvstore_find_tokens(ds4_kvstore *kv, const int32_t *tokens, size_t n,

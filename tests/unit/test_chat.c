@@ -142,24 +142,35 @@ DS4_TEST(chat_b5_multiturn_old_reasoning_dropped) {
     ds4_chat_free(c);
 }
 
-DS4_TEST(chat_last_assistant_keeps_reasoning_and_ends_with_eos) {
-    /* the assistant after the last user message keeps its reasoning; no
-     * generation prefix after a final assistant message */
+DS4_TEST(chat_last_assistant_keeps_reasoning_and_is_left_open) {
+    /* the assistant after the last user message keeps its reasoning; a final
+     * assistant message without calls is a prefill: no EOS, no generation
+     * prefix, the reply continues it (ds4_chat_continues) */
     ds4_chat *c = mk(DS4_THINK_HIGH, 4096);
     add(c, DS4_ROLE_USER, "q");
     int a = add(c, DS4_ROLE_ASSISTANT, "ans");
     ds4_chat_add_reasoning(c, a, "why", 3, NULL);
-    CHECK_RENDER(c, NULL, BOS USER "q" ASSIST "<think>why</think>ans" EOS);
+    CHECK(ds4_chat_continues(c));
+    CHECK_RENDER(c, NULL, BOS USER "q" ASSIST "<think>why</think>ans");
     /* empty reasoning still opens and closes the block */
     ds4_chat *d = mk(DS4_THINK_HIGH, 4096);
     add(d, DS4_ROLE_USER, "q");
     add(d, DS4_ROLE_ASSISTANT, "ans");
-    CHECK_RENDER(d, NULL, BOS USER "q" ASSIST "<think></think>ans" EOS);
+    CHECK_RENDER(d, NULL, BOS USER "q" ASSIST "<think></think>ans");
     /* mode none: never a reasoning block */
     ds4_chat_set_think(c, DS4_THINK_NONE, 4096);
-    CHECK_RENDER(c, NULL, BOS USER "q" ASSIST "</think>ans" EOS);
+    CHECK_RENDER(c, NULL, BOS USER "q" ASSIST "</think>ans");
+    /* with a tool call the turn is complete: EOS, not a prefill */
+    ds4_chat_add_call(d, 1, "call_1", "f", "{}", 2, NULL);
+    CHECK(!ds4_chat_continues(d));
     ds4_chat_free(c);
     ds4_chat_free(d);
+    /* only system text: an empty user turn and the generation prefix */
+    ds4_chat *e = mk(DS4_THINK_NONE, 4096);
+    add(e, DS4_ROLE_SYSTEM, "S");
+    CHECK(!ds4_chat_continues(e));
+    CHECK_RENDER(e, NULL, BOS "S" USER ASSIST "</think>");
+    ds4_chat_free(e);
 }
 
 DS4_TEST(chat_system_and_developer_merged_wherever_they_appear) {
@@ -186,7 +197,7 @@ DS4_TEST(chat_assistant_without_pending_user_gets_no_prefix) {
     add(c, DS4_ROLE_USER, "u");
     add(c, DS4_ROLE_ASSISTANT, "A1");
     add(c, DS4_ROLE_ASSISTANT, "A2");
-    CHECK_RENDER(c, NULL, BOS "A0" EOS USER "u" ASSIST "<think></think>A1" EOS "A2" EOS);
+    CHECK_RENDER(c, NULL, BOS "A0" EOS USER "u" ASSIST "<think></think>A1" EOS "A2"); /* A2: a prefill */
     ds4_chat_free(c);
 }
 

@@ -173,6 +173,28 @@ DS4_TEST(kvstore_round_trip_and_reopen) {
     ds4_kvstore_close(kv);
 }
 
+DS4_TEST(kvstore_has_names_the_entry_a_put_would_write) {
+    const char *dir = ds4_test_tmpdir();
+    ds4_kvstore *kv = open_store(dir, 0, 0xAB);
+    CHECK(kv);
+    small_ckpt c;
+    small_init(&c);
+    ds4_kvstore_entry e;
+    CHECK_EQ_INT(ds4_kvstore_has(kv, c.tok, 8, c.key, 16, &e), 0);
+    char name[DS4_KV_NAME_MAX];
+    CHECK_EQ_INT(small_put(kv, &c, name), 0);
+    CHECK_EQ_INT(ds4_kvstore_has(kv, c.tok, 8, c.key, 16, &e), 1);
+    CHECK_STR(e.name, name);
+    CHECK_EQ_INT(e.trailer_bytes, 32);
+    CHECK_EQ_INT(ds4_kvstore_has(kv, c.tok, 7, c.key, 16, NULL), 0);  /* other tokens */
+    CHECK_EQ_INT(ds4_kvstore_has(kv, c.tok, 8, c.key, 15, NULL), 0);  /* other text */
+    ds4_kvstore_close(kv);
+    kv = open_store(dir, 0, 0xCD); /* another model's store of the same directory */
+    CHECK(kv);
+    CHECK_EQ_INT(ds4_kvstore_has(kv, c.tok, 8, c.key, 16, NULL), 0);
+    ds4_kvstore_close(kv);
+}
+
 DS4_TEST(kvstore_empty_payload_and_key) {
     ds4_kvstore *kv = open_store(ds4_test_tmpdir(), 0, 1);
     CHECK(kv);

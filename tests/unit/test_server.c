@@ -72,7 +72,7 @@ DS4_TEST(server_parse_chat_fields) {
     CHECK_EQ_INT(rq.n_stops, 1);
     CHECK_STR(rq.stops[0], "END");
     CHECK_EQ_INT(rq.chat->n_msgs, 4);
-    CHECK_STR(rq.chat->msgs[1].content, "ab");
+    CHECK_STR(rq.chat->msgs[1].content, "a[image omitted: this model reads text only]b"); /* said, not dropped */
     CHECK_EQ_INT(rq.chat->msgs[2].n_calls, 1);
     CHECK_STR(rq.chat->msgs[2].calls[0].arguments, "{\"x\":1}");
     CHECK_STR(rq.chat->msgs[3].tool_call_id, "call_1");
