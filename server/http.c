@@ -364,8 +364,24 @@ static bool json_content_type(struct MHD_Connection *c) {
     if (!ct) return false;
     while (*ct == ' ' || *ct == '\t') ct++;
     size_t n = strcspn(ct, ";");
-    while (n && (ct[n - 1] == ' ' || ct[n - 1] == '\t')) n--;
-    return n == 16 && !strncasecmp(ct, "application/json", 16);
+    size_t m = n;
+    while (m && (ct[m - 1] == ' ' || ct[m - 1] == '\t')) m--;
+    if (m != 16 || strncasecmp(ct, "application/json", 16)) return false;
+    /* a charset other than UTF-8 would be read as UTF-8: refuse it */
+    for (const char *p = ct + n; *p;) {
+        p += strspn(p, "; \t");
+        size_t k = strcspn(p, ";");
+        if (k >= 8 && !strncasecmp(p, "charset=", 8)) {
+            const char *v = p + 8;
+            size_t vl = k - 8;
+            while (vl && (v[vl - 1] == ' ' || v[vl - 1] == '\t')) vl--;
+            if (vl && (*v == '"')) v++, vl -= vl >= 2 ? 2 : 1;
+            if (!((vl == 5 && !strncasecmp(v, "utf-8", 5)) || (vl == 4 && !strncasecmp(v, "utf8", 4))))
+                return false;
+        }
+        p += k;
+    }
+    return true;
 }
 
 /* Every Content-Length header carries the same value (RFC 9112 6.3: differing
@@ -424,7 +440,7 @@ static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, co
             return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "unknown_url", "unknown endpoint");
         if (!json_content_type(c))
             return reply_simple_error(s, c, url, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, NULL,
-                                      "Content-Type must be application/json");
+                                      "Content-Type must be application/json (UTF-8)");
         cx->api = g_routes[i].api;
         cx->count = g_routes[i].count;
     }
@@ -492,8 +508,17 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
         }
         if (!strcmp(url, "/v1/models/" SRV_MODEL_ID))
             return reply_json(s, c, MHD_HTTP_OK, model_json(s), true);
+        if (!strncmp(url, "/v1/models/", 11))
+            return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "model_not_found",
+                                      "model not found: this server serves " SRV_MODEL_ID);
     }
     if (!strcmp(method, "POST")) return run_post(s, c, cx, cx->api); /* route checked above */
+    for (size_t i = 0; i < sizeof g_routes / sizeof g_routes[0]; i++)
+        if (!strcmp(url, g_routes[i].path))
+            return reply_simple_error(s, c, url, MHD_HTTP_METHOD_NOT_ALLOWED, NULL,
+                                      "method not allowed: use POST");
+    if (!strcmp(url, "/v1/models"))
+        return reply_simple_error(s, c, url, MHD_HTTP_METHOD_NOT_ALLOWED, NULL, "method not allowed: use GET");
     return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "unknown_url", "unknown endpoint");
 }
 

@@ -393,6 +393,7 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
         return srv_fail_param(e, "model", "invalid_value", "model: at most 256 characters");
     if (srv_get_bool(root, "stream", &rq->stream, e)) return -1;
     if (get_limit(root, "max_tokens", &rq->max_tokens, e)) return -1;
+    rq->max_tokens_set = json_object_get(root, "max_tokens") && !json_is_null(json_object_get(root, "max_tokens"));
     if (api == SRV_API_CHAT && get_limit(root, "max_completion_tokens", &rq->max_tokens, e)) return -1;
     if (api == SRV_API_RESPONSES && get_limit(root, "max_output_tokens", &rq->max_tokens, e)) return -1;
     /* the knobs' ranges: temperature 0 (greedy) up to a generous 100 (the

@@ -77,6 +77,7 @@ typedef struct srv_request {
     bool stream;
     bool include_usage;    /* stream_options.include_usage */
     int max_tokens;        /* -1: server default */
+    bool max_tokens_set;   /* the request carried max_tokens */
     bool logprobs;         /* chat logprobs:true, completions logprobs:N */
     int top_logprobs;      /* alternatives per token (0..20) */
     bool cache_control;    /* Anthropic: the client marked cache breakpoints */

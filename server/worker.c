@@ -168,6 +168,12 @@ char *srv_count_tokens(srv_server *s, const char *body, size_t n, srv_error *e) 
 srv_job *srv_submit(srv_server *s, srv_api api, const char *body, size_t n, srv_error *e) {
     srv_job *j = srv_job_new(api);
     if (srv_parse_request(api, body, n, s->cfg.default_think[api], &j->rq, e)) goto fail;
+    if (api == SRV_API_ANTHROPIC && !j->rq.max_tokens_set) {
+        /* required by the Messages API; without it a request would generate
+         * to the end of the context, holding the worker for minutes */
+        srv_fail(e, 400, "max_tokens: Field required");
+        goto fail;
+    }
     if (s->trace) {
         j->rq.raw_body = malloc(n + 1);
         if (j->rq.raw_body) {

@@ -418,7 +418,9 @@ def test_server_bad_input_gets_documented_status_and_server_stays_up():
             ("POST", "/v1/chat/completions", {"messages": user("x"), "reasoning_effort": "huge"},
              400, "invalid JSON request"),
             ("GET", "/v1/nothing", None, 404, "unknown endpoint"),
-            ("DELETE", "/v1/models", None, 404, "unknown endpoint"),
+            ("DELETE", "/v1/models", None, 405, "method not allowed: use GET"),
+            ("GET", "/v1/chat/completions", None, 405, "method not allowed: use POST"),
+            ("GET", "/v1/models/gpt-4", None, 404, "model not found: this server serves deepseek-v4-flash"),
         ]
         # out-of-range knobs and limits, several or token-id prompts: 400 naming the field
         for path, body, param in [("/v1/chat/completions", {"messages": user("x"), "max_tokens": -5}, "max_tokens"),

@@ -530,3 +530,18 @@ def test_vocabulary_padding_tokens_never_reach_the_text():
         r = s.openai().chat.completions.create(model="m", messages=user("Tell me a story"), max_tokens=60, seed=3,
                                                extra_body={"think": False, "min_p": 0})
         assert "[PAD" not in (r.choices[0].message.content or ""), r.choices[0].message.content
+
+
+def test_http_details_from_an_outside_pass():
+    """A charset other than UTF-8 is a 415 (it was read as UTF-8); an Anthropic request without max_tokens is a
+    400 as the Messages API's (it generated to the end of the context), while count_tokens needs none."""
+    with Server() as s:
+        body = {"model": "m", "max_tokens": 2, "messages": user("x")}
+        for ct, want in [("application/json; charset=utf-16", 415), ("application/json; charset=latin1", 415),
+                         ("application/json; charset=UTF-8", 200), ("application/json;charset=\"utf-8\"", 200)]:
+            st, _, data = s.raw("POST", "/v1/chat/completions", body, headers={"Content-Type": ct})
+            assert st == want, (ct, st, data)
+        st, _, data = s.raw("POST", "/v1/messages", {"model": "m", "messages": user("x")})
+        assert st == 400 and b"max_tokens: Field required" in data, data
+        st, _, data = s.raw("POST", "/v1/messages/count_tokens", {"model": "m", "messages": user("x")})
+        assert st == 200 and b"input_tokens" in data, data
