@@ -829,8 +829,17 @@ json_t *srv_jstr(const char *s, size_t n) {
             ds4_buf_append(&b, s + i, k);
             i += k;
         } else {
+            /* one U+FFFD per maximal subpart (Unicode 3.9): a lead byte and
+             * the continuation bytes that still fit it, e.g. a sequence cut
+             * by the end of the reply */
             ds4_buf_puts(&b, "\xEF\xBF\xBD");
-            i++;
+            unsigned c0 = u[i];
+            size_t want = c0 >= 0xC2 && c0 <= 0xDF ? 2 : c0 >= 0xE0 && c0 <= 0xEF ? 3 : c0 >= 0xF0 && c0 <= 0xF4 ? 4 : 1;
+            unsigned lo = c0 == 0xE0 ? 0xA0 : c0 == 0xF0 ? 0x90 : 0x80;
+            unsigned hi = c0 == 0xED ? 0x9F : c0 == 0xF4 ? 0x8F : 0xBF;
+            size_t k = 1;
+            while (k < want && i + k < n && u[i + k] >= (k == 1 ? lo : 0x80) && u[i + k] <= (k == 1 ? hi : 0xBF)) k++;
+            i += k;
         }
     }
     json_t *v = b.data ? json_stringn(b.data, b.len) : json_string("");

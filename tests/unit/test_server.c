@@ -370,9 +370,15 @@ DS4_TEST(server_error_bodies) {
 }
 
 DS4_TEST(server_jstr_replaces_invalid_utf8) {
+    /* one U+FFFD per maximal subpart (Unicode 3.9): a cut 3-byte sequence is
+     * one, each byte that can start nothing is one */
     json_t *v = srv_jstr("a\xff" "b\xe2\x82", 5);
     CHECK(v != NULL);
-    CHECK_STR(json_string_value(v), "a\xEF\xBF\xBD" "b\xEF\xBF\xBD\xEF\xBF\xBD");
+    CHECK_STR(json_string_value(v), "a\xEF\xBF\xBD" "b\xEF\xBF\xBD");
+    json_decref(v);
+    v = srv_jstr("\xe0\x80x\xed\xa0\x80\xf4\x90\xf0\x9f\x98", 11); /* overlong, surrogate, > U+10FFFF, cut 4-byte */
+    CHECK_STR(json_string_value(v), "\xEF\xBF\xBD\xEF\xBF\xBDx\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD"
+                                    "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
     json_decref(v);
     v = srv_jstr("\xe2\x82\xac", 3); /* the euro sign is kept */
     CHECK_STR(json_string_value(v), "\xe2\x82\xac");
@@ -565,7 +571,7 @@ DS4_TEST(server_anthropic_tool_input_with_invalid_utf8) {
     json_t *m = json_loads(body, 0, NULL);
     json_t *c = json_object_get(m, "content");
     json_t *in = json_object_get(json_array_get(c, json_array_size(c) - 1), "input");
-    CHECK_STR(json_string_value(json_object_get(in, "command")), "ls \xef\xbf\xbd\xef\xbf\xbd");
+    CHECK_STR(json_string_value(json_object_get(in, "command")), "ls \xef\xbf\xbd"); /* one per maximal subpart */
     json_decref(m);
     free(body);
     srv_result_free(&r);
