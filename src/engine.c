@@ -290,6 +290,7 @@ static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *er
         if (rc) return rc;
         ds4_remote_model rm = {.model_path = opts->model_path, .mtp_path = opts->mtp_path,
                                .synthetic = opts->synthetic, .seed = opts->synthetic_seed};
+        memcpy(rm.fp, e->fp, 32);
         for (int p = 1; p < ranks; p++) {
             if ((rc = ds4_remote_backend_new(ch[p - 1], &rm, &e->be[p], err))) {
                 for (int q = p + 1; q < ranks; q++) ds4_chan_close(ch[q - 1]);
@@ -497,6 +498,7 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
         ds4_err tmp = {0};
         e->have_hp = ds4_gguf_find_key(e->g, "deepseek4.block_count") >= 0 &&
                      ds4_model_read_hparams(&e->hp, e->g, &tmp) == 0;
+        if ((rc = fingerprint(e, opts, err))) goto fail;
     } else {
         if (!opts->synthetic && (rc = ds4_model_load(&e->m, e->g, err))) goto fail;
         e->hp = e->m.hp; /* shallow view; freed with the model */
@@ -506,10 +508,10 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
                              ds4_tokenizer_n_vocab(e->tok), e->hp.n_vocab);
             goto fail;
         }
+        if ((rc = fingerprint(e, opts, err))) goto fail; /* workers of a split are checked against it */
         if ((rc = backends_open(e, opts, err))) goto fail;
         if (opts->mtp_path && (rc = mtp_open(e, opts, opts->mtp_path, err))) goto fail;
     }
-    if ((rc = fingerprint(e, opts, err))) goto fail;
     e->layer_limit = opts->layer_limit > 0 ? opts->layer_limit : 0;
     build_describe(e, what);
     *out = e;

@@ -15,6 +15,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+
 #include "gguf.h"
 #include "model.h"
 #include "quant.h"
@@ -296,6 +298,7 @@ typedef struct rp_ctx {
     ds4_chan *ch;
     char *path, *mtp_path, *synthetic;
     uint64_t seed;
+    uint8_t fp[32];
     rp_bind b[2];             /* main part, MTP */
     int failed;
     char name[32];
@@ -437,14 +440,20 @@ static int rp_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts *
         return rc;
     }
     ds4_model *pm = ds4_model_mirror(host);
-    if (!pm || rp.len < 2 * sizeof(uint64_t)) {
+    if (!pm || rp.len < 6 * sizeof(uint64_t)) {
         free(v);
         ds4_model_mirror_free(pm);
         return pm ? rp_lost(r, err) : ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     }
-    ptr_feed f = {.v = v + 2, .n = (size_t)v[1]};
+    if (rp.len < 6 * sizeof(uint64_t) || (!mtp && memcmp(v + 2, r->fp, 32))) {
+        free(v);
+        ds4_model_mirror_free(pm);
+        return ds4_err_set(err, DS4_E_MODEL, "rank %d: the worker's model is not rank 0's (the fingerprints of "
+                           "their GGUF headers differ; give the worker the same file with -m)", r->ch->rank);
+    }
+    ptr_feed f = {.v = v + 6, .n = (size_t)v[1]};
     ds4_model_visit vis = {assign_weight, assign_vec, &f};
-    if (f.n != rp.len / sizeof(uint64_t) - 2 || ds4_model_visit_all(pm, &vis) || f.i != f.n) {
+    if (f.n != rp.len / sizeof(uint64_t) - 6 || ds4_model_visit_all(pm, &vis) || f.i != f.n) {
         free(v);
         ds4_model_mirror_free(pm);
         return ds4_err_set(err, DS4_E_INTERNAL, "rank %d: the worker's part does not match rank 0's (%zu pointers)",
@@ -659,6 +668,7 @@ int ds4_remote_backend_new(ds4_chan *ch, const ds4_remote_model *rm, ds4_backend
     r->mtp_path = dup_or_null(rm->mtp_path);
     r->synthetic = dup_or_null(rm->synthetic);
     r->seed = rm->seed;
+    memcpy(r->fp, rm->fp, 32);
     out->ops = &remote_ops;
     out->ctx = r;
     return 0;
@@ -757,10 +767,27 @@ static int wk_bind_model(wk *w, const unsigned char *p, size_t len, const char *
     if (!rc) {
         collect_weight(&pl, &(ds4_weight){.data = wb->bound->layers}); /* [0] the layers array */
         collect_weight(&pl, &(ds4_weight){.data = NULL});               /* [1] the count, below */
+        for (int i = 0; i < 4; i++) collect_weight(&pl, &(ds4_weight){.data = NULL}); /* [2..5] fingerprint */
         ds4_model_visit vis = {collect_weight, collect_vec, &pl};
         ds4_model_visit_all(wb->bound, &vis);
         if (pl.fail) rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
-        else pl.v[1] = pl.n - 2;
+        else {
+            pl.v[1] = pl.n - 6;
+            /* the engine's fingerprint (engine.c): the GGUF header, metadata
+             * and tensor table, or the synthetic recipe and seed */
+            char syn[96];
+            const void *hp = syn;
+            size_t hn;
+            if (main->g) {
+                hp = ds4_gguf_base(main->g);
+                hn = (size_t)ds4_gguf_data_offset(main->g);
+            } else {
+                hn = (size_t)snprintf(syn, sizeof syn, "ds4 synthetic %s seed %llu", sy, (unsigned long long)b.seed);
+            }
+            unsigned int dl = 0;
+            if (!EVP_Digest(hp, hn, (unsigned char *)(pl.v + 2), &dl, EVP_sha256(), NULL) || dl != 32)
+                rc = ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
+        }
     }
     free(path);
     free(mp);

@@ -44,6 +44,7 @@ typedef struct ds4_remote_model {
     const char *mtp_path;
     const char *synthetic;    /* "q2" / "q4": the synthetic model of that recipe */
     uint64_t seed;
+    uint8_t fp[32];           /* rank 0's model fingerprint: a worker whose model differs is refused */
 } ds4_remote_model;
 
 /* The proxy backend over channel ch (owned by the backend from now on). */

@@ -191,3 +191,21 @@ def test_rank0_that_dies_ends_its_workers(tmp_path):
     p.communicate()
     (rc, err), = finish(ws)
     assert rc == 1 and "rank 0 closed the connection" in err, err
+
+
+def test_a_worker_with_another_model_is_refused(ggufs, tmp_path):
+    """A worker that binds a different file (here another fixture model given with -m) is refused at bind: the
+    fingerprints of the GGUF headers differ. Without the check it would compute its blocks with other weights."""
+    model = ggufs("tiny_yarn")
+    other = tmp_path / "tiny_yarn-q8.gguf"  # the same blocks and shapes, other tensor types
+    c = convert(ORACLE / "models" / "tiny_yarn", other, "q8_0")
+    assert c.returncode == 0, c.stderr
+    port = free_port()
+    w = subprocess.Popen([prog("ds4"), "--worker", f"127.0.0.1:{port}", "--rank", "1", "--cpu", "-m", str(other),
+                          "--rank-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run([prog("ds4"), "-m", str(model), "--cpu", "--ranks", "2", "--rendezvous", f"127.0.0.1:{port}",
+                        "--split", "1,4", "-p", "hi", "-n", "1"], capture_output=True, text=True,
+                       timeout=120)
+    finish([w])
+    assert r.returncode == 1, r.stderr
+    assert "the worker's model is not rank 0's" in r.stderr, r.stderr
