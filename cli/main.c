@@ -23,6 +23,7 @@ static void usage(FILE *f) {
         "  --split LIST            blocks per part, e.g. 22,21 (default: parts of equal bytes)\n"
         "  --ranks N --rendezvous HOST:PORT   part r in worker process r (docs/ARCHITECTURE.md 6b)\n"
         "  --worker HOST:PORT --rank R        be worker R of the rank 0 listening there\n"
+        "  --rank-timeout S        seconds rank 0 waits for its workers / a worker for rank 0 (300)\n"
         "  -t, --threads N         CPU threads (default: all cores)\n"
         "  -c, --ctx N             context size (default 32768)\n"
         "  -p, --prompt TEXT       one-shot prompt\n"
