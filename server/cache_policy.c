@@ -195,6 +195,8 @@ static void save_live(srv_server *s, int reason) {
         pthread_mutex_lock(&s->replay_mu);
         ds4_dsml_replay_save(s->replay, key, klen, &trailer);
         pthread_mutex_unlock(&s->replay_mu);
+        /* a map with no entries ("KTM\x01" + a zero count) is no trailer */
+        if (trailer.len == 8 && !memcmp(trailer.data + 4, "\0\0\0\0", 4)) trailer.len = 0;
     }
     /* the same tokens and text are the same state (the engine is
      * deterministic): an entry already on disk is not written again */

@@ -436,6 +436,8 @@ static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, co
     if (!strcmp(method, "POST")) {
         size_t i = 0, n = sizeof g_routes / sizeof g_routes[0];
         while (i < n && strcmp(url, g_routes[i].path)) i++;
+        if (i == n && (!strcmp(url, "/v1/models") || !strcmp(url, "/v1/models/" SRV_MODEL_ID)))
+            return reply_simple_error(s, c, url, MHD_HTTP_METHOD_NOT_ALLOWED, NULL, "method not allowed: use GET");
         if (i == n)
             return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "unknown_url", "unknown endpoint");
         if (!json_content_type(c))

@@ -372,7 +372,7 @@ int main(int argc, char **argv) {
     srv_worker_stop(&s);
     srv_http_stop(&s);
     srv_cache_shutdown(&s);
-    rc = 0;
+    rc = s.exit_code;
 out:
     srv_http_stop(&s);
     if (s.worker_started) srv_worker_stop(&s);

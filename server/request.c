@@ -390,7 +390,7 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
     if (srv_get_string(root, "model", &rq->model, e)) return -1;
     if (!rq->model) rq->model = xstrdup(SRV_MODEL_ID);
     if (strlen(rq->model) > 256) /* echoed in every stream chunk */
-        return srv_fail_param(e, "model", "invalid_value", "model: at most 256 characters");
+        return srv_fail_param(e, "model", "invalid_value", "model: at most 256 bytes");
     if (srv_get_bool(root, "stream", &rq->stream, e)) return -1;
     if (get_limit(root, "max_tokens", &rq->max_tokens, e)) return -1;
     rq->max_tokens_set = json_object_get(root, "max_tokens") && !json_is_null(json_object_get(root, "max_tokens"));

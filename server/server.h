@@ -417,6 +417,7 @@ struct srv_server {
     FILE *trace;
     pthread_mutex_t trace_mu;
     volatile int shutdown_flag;
+    volatile int exit_code;     /* the process's status after shutdown (1: a worker rank was lost) */
 };
 
 /* HTTP (http.c), main thread only. srv_http_listen binds the listening

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdarg.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -654,8 +655,8 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
             /* greedy: the backend picks the id (no logits copy from a GPU) */
             if (ds4_session_argmax(s->session, &tok, &err)) FAIL("%s", err.msg)
         } else {
-            logits = ds4_session_logits(s->session);
-            if (!logits) FAIL("no logits")
+            logits = ds4_session_logits_err(s->session, &err);
+            if (!logits) FAIL("%s", err.msg[0] ? err.msg : "no logits")
             tok = forced ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
                   : p.temperature > 0.0f ? ds4_sampler_sample(s->sampler, logits, &p, &rng)
                                          : ds4_argmax(logits, ds4_engine_n_vocab(s->engine));
@@ -810,8 +811,10 @@ static void run_job(srv_server *s, srv_job *j) {
             srv_now_mono() - t0, srv_finish_openai(finish), r.error_msg[0] ? " " : "", r.error_msg);
     if (g.streaming) {
         if (g.em->finish) g.em->finish(j, &r);
-    } else if (finish == SRV_FINISH_ERROR && rq->api == SRV_API_ANTHROPIC) {
-        /* no Anthropic stop_reason says "failed": an error response */
+    } else if (finish == SRV_FINISH_ERROR && rq->api != SRV_API_RESPONSES) {
+        /* no Anthropic stop_reason and no OpenAI finish_reason says "failed"
+         * (the SDKs reject "error"): an error response; Responses has its
+         * "failed" status */
         bool shutdown = !strcmp(r.error_msg, "shutdown requested");
         fail_job(j, shutdown ? 503 : 500, r.error_msg[0] ? r.error_msg : "generation failed");
     } else {
@@ -848,6 +851,14 @@ static void *worker_main(void *arg) {
         }
         srv_stream_close(j);
         srv_job_release(s, j);
+        if (!s->exit_code && ds4_engine_lost_rank(s->engine)) {
+            /* a rank's blocks are gone for good (the rendezvous is over):
+             * exit non-zero so that a supervisor restarts every rank, rather
+             * than answer 503 forever while looking healthy */
+            srv_log("ds4-server: a worker rank was lost; shutting down with status 1 (restart every rank)");
+            s->exit_code = 1;
+            kill(getpid(), SIGTERM);
+        }
     }
     return NULL;
 }

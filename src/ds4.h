@@ -111,6 +111,9 @@ void ds4_engine_close(ds4_engine *e);
 /* Model facts (valid for the engine's lifetime). */
 int ds4_engine_n_vocab(const ds4_engine *e);   /* logits width */
 int ds4_engine_n_layer(const ds4_engine *e);
+/* True once a worker rank of the split (--ranks) is gone: every later
+ * evaluation fails; only restarting every rank recovers. */
+bool ds4_engine_lost_rank(const ds4_engine *e);
 const char *ds4_engine_backend_name(const ds4_engine *e);
 /* One-paragraph human-readable summary for --inspect; static storage owned by e. */
 const char *ds4_engine_describe(const ds4_engine *e);
@@ -223,6 +226,9 @@ int ds4_session_eval(ds4_session *s, int32_t token, ds4_err *err);
  * the row from device memory the first time it is asked for after a step:
  * greedy loops should use ds4_session_argmax instead. */
 const float *ds4_session_logits(const ds4_session *s);
+/* The same, with the reason in *err when it returns NULL (e.g. a device or
+ * a worker rank that failed). */
+const float *ds4_session_logits_err(const ds4_session *s, ds4_err *err);
 
 /* The greedy token after the last evaluated token: the lowest id of the
  * largest finite logit (0 when none is finite), computed where the logits

@@ -14,6 +14,7 @@
 #include "ds4_debug.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -46,6 +47,7 @@ struct ds4_engine {
     ds4_backend be[DS4_FWD_MAX_PARTS];
     int n_be;              /* backends created */
     int n_parts;
+    int n_ranks;           /* parts in other processes + 1 (1: none) */
     ds4_model *part[DS4_FWD_MAX_PARTS]; /* host descriptions of the parts (n_parts > 1) */
     int l0[DS4_FWD_MAX_PARTS], l1[DS4_FWD_MAX_PARTS];
     bool have_be;
@@ -267,6 +269,9 @@ static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *er
     while (given < DS4_FWD_MAX_PARTS && opts->split_layers[given] > 0) given++;
     if (given && given != e->n_parts)
         return ds4_err_set(err, DS4_E_ARG, "--split names %d parts, the engine has %d", given, e->n_parts);
+    if (given == 1 && opts->split_layers[0] != e->hp.n_layer)
+        return ds4_err_set(err, DS4_E_ARG, "split: the parts hold %d blocks, the model has %d", opts->split_layers[0],
+                           e->hp.n_layer);
     const int ranks = opts->n_ranks > 1 ? opts->n_ranks : 1;
     if (ranks > 1 && !opts->rendezvous) return ds4_err_set(err, DS4_E_ARG, "--ranks needs --rendezvous HOST:PORT");
     if (ranks > 1) {
@@ -277,6 +282,7 @@ static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *er
     }
     if (e->n_parts > 1 && (rc = plan_split(e, opts, err))) return rc;
     if (e->n_parts == 1) e->l0[0] = 0, e->l1[0] = e->hp.n_layer;
+    e->n_ranks = ranks;
     if (ranks > 1) { /* part 0 here, part r in the worker of rank r */
         ds4_chan *ch[DS4_FWD_MAX_PARTS];
         const int saved = e->n_parts;
@@ -285,12 +291,21 @@ static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *er
         e->n_parts = saved;
         if (rc) return rc;
         e->n_be = 1;
+        /* workers open the model at rank 0's path (absolute: they may run
+         * elsewhere) unless given their own copy, checked against this one */
+        char abs_path[4096];
+        const char *mpath = opts->model_path && realpath(opts->model_path, abs_path) ? abs_path : opts->model_path;
+        char abs_mtp[4096];
+        const char *mtp = opts->mtp_path && strcmp(opts->mtp_path, "synthetic") && realpath(opts->mtp_path, abs_mtp)
+                              ? abs_mtp
+                              : opts->mtp_path;
+        ds4_remote_model rm = {.model_path = mpath, .mtp_path = mtp, .synthetic = opts->synthetic,
+                               .seed = opts->synthetic_seed, .reply_timeout_s = opts->rank_timeout_s};
+        memcpy(rm.fp, e->fp, 32); /* synthetic: the recipe and seed */
+        if (e->g && ds4_gguf_identity(e->g, rm.fp)) return ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
         rc = ds4_chan_listen(opts->rendezvous, ranks - 1, opts->rank_timeout_s > 0 ? opts->rank_timeout_s : 300, ch,
                              err);
         if (rc) return rc;
-        ds4_remote_model rm = {.model_path = opts->model_path, .mtp_path = opts->mtp_path,
-                               .synthetic = opts->synthetic, .seed = opts->synthetic_seed};
-        memcpy(rm.fp, e->fp, 32);
         for (int p = 1; p < ranks; p++) {
             if ((rc = ds4_remote_backend_new(ch[p - 1], &rm, &e->be[p], err))) {
                 for (int q = p + 1; q < ranks; q++) ds4_chan_close(ch[q - 1]);
@@ -365,9 +380,11 @@ static int parse_list(const char *flag, const char *arg, int lo, int hi, int *v,
     for (;;) {
         char *end;
         errno = 0;
-        long x = strtol(p, &end, 10);
-        if (end == p || errno || x < lo || x > hi || (*end && *end != ','))
-            return ds4_err_set(err, DS4_E_ARG, "%s: '%s' is not a list of numbers %d..%d", flag, arg, lo, hi);
+        long x = *p >= '0' && *p <= '9' ? strtol(p, &end, 10) : (end = (char *)p, 0); /* digits only */
+        if (end == p || errno || x < lo || x > hi || (*end && *end != ',') || (*end == ',' && !end[1]))
+            return ds4_err_set(err, DS4_E_ARG, "%s: '%s' is not %s %d..%d", flag, arg,
+                               !strcmp(flag, "--gpus") || !strcmp(flag, "--split") ? "a list of numbers" : "a number",
+                               lo, hi);
         if (*n == DS4_FWD_MAX_PARTS)
             return ds4_err_set(err, DS4_E_ARG, "%s: at most %d parts", flag, DS4_FWD_MAX_PARTS);
         v[(*n)++] = (int)x;
@@ -406,7 +423,10 @@ int ds4_opts_parse_flag(ds4_engine_opts *o, const char *flag, const char *value,
     if (!strcmp(flag, "--split")) return ds4_opts_parse_split(o, value, err);
     if (!strcmp(flag, "--rendezvous")) {
         const char *c = strrchr(value, ':');
-        if (!c || c == value || !c[1]) return ds4_err_set(err, DS4_E_ARG, "--rendezvous '%s': expected HOST:PORT", value);
+        char *end;
+        long port = c ? strtol(c + 1, &end, 10) : 0;
+        if (!c || c == value || !c[1] || c[1] < '0' || c[1] > '9' || *end || port < 1 || port > 65535)
+            return ds4_err_set(err, DS4_E_ARG, "--rendezvous '%s': expected HOST:PORT (port 1..65535)", value);
         o->rendezvous = value;
         return 0;
     }
@@ -542,6 +562,12 @@ int ds4_engine_n_vocab(const ds4_engine *e) {
     if (e->have_hp) return e->hp.n_vocab;
     return e->tok ? ds4_tokenizer_n_vocab(e->tok) : 0;
 }
+bool ds4_engine_lost_rank(const ds4_engine *e) {
+    for (int p = 1; p < e->n_be; p++)
+        if (ds4_remote_lost(&e->be[p])) return true;
+    return false;
+}
+
 int ds4_engine_n_layer(const ds4_engine *e) { return e->have_hp ? e->hp.n_layer : 0; }
 const char *ds4_engine_backend_name(const ds4_engine *e) { return e->have_be ? e->be[0].ops->name : "none"; }
 const char *ds4_engine_describe(const ds4_engine *e) { return e->describe; }
@@ -662,10 +688,15 @@ static int logits_to_host(ds4_session *s, ds4_err *err) {
     return rc;
 }
 
-const float *ds4_session_logits(const ds4_session *s) {
-    if (s->n_tokens <= 0) return NULL;
+const float *ds4_session_logits(const ds4_session *s) { return ds4_session_logits_err(s, NULL); }
+
+const float *ds4_session_logits_err(const ds4_session *s, ds4_err *err) {
+    if (s->n_tokens <= 0) {
+        ds4_err_set(err, DS4_E_ARG, "the session is empty: no logits");
+        return NULL;
+    }
     /* logically const: the row is only fetched lazily */
-    return logits_to_host((ds4_session *)(uintptr_t)s, NULL) ? NULL : s->logits;
+    return logits_to_host((ds4_session *)(uintptr_t)s, err) ? NULL : s->logits;
 }
 
 int ds4_session_argmax(ds4_session *s, int32_t *id, ds4_err *err) {
@@ -1349,8 +1380,9 @@ void ds4_debug_set_layer_limit(ds4_engine *e, int n_layers) { e->layer_limit = n
 
 int ds4_debug_set_moe_observer(ds4_engine *e, ds4_debug_moe_fn fn, void *user, ds4_err *err) {
     if (!e->have_be) return ds4_err_set(err, DS4_E_ARG, "the engine was opened vocab-only: no experts to observe");
-    if (fn && !e->host_backend)
-        return ds4_err_set(err, DS4_E_ARG, "expert activations can only be observed on the CPU backend (--cpu)");
+    if (fn && (!e->host_backend || e->n_ranks > 1))
+        return ds4_err_set(err, DS4_E_ARG, "expert activations can only be observed on the CPU backend (--cpu) "
+                                           "with every block in this process (no --ranks)");
     e->moe_fn = fn;
     e->moe_user = user;
     return 0;

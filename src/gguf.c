@@ -15,6 +15,8 @@
  */
 #include "gguf.h"
 
+#include <openssl/evp.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -1443,4 +1445,20 @@ int ds4_gguf_writer_write_file(ds4_gguf_writer *w, const char *path, ds4_err *er
     free(tmp);
     free(buf);
     return rc;
+}
+
+int ds4_gguf_identity(const ds4_gguf *g, uint8_t out[32]) {
+    EVP_MD_CTX *c = EVP_MD_CTX_new();
+    unsigned int len = 0;
+    int ok = c && EVP_DigestInit_ex(c, EVP_sha256(), NULL) &&
+             EVP_DigestUpdate(c, ds4_gguf_base(g), (size_t)ds4_gguf_data_offset(g));
+    for (int64_t i = 0; ok && i < ds4_gguf_n_tensors(g); i++) {
+        const ds4_gguf_tensor *t = ds4_gguf_tensor_at(g, i);
+        const uint64_t k = t->n_bytes < 4096 ? t->n_bytes : 4096;
+        const uint64_t at[3] = {0, (t->n_bytes - k) / 2, t->n_bytes - k};
+        for (int j = 0; ok && j < 3; j++) ok = EVP_DigestUpdate(c, (const unsigned char *)t->data + at[j], (size_t)k);
+    }
+    ok = ok && EVP_DigestFinal_ex(c, out, &len) && len == 32;
+    EVP_MD_CTX_free(c);
+    return ok ? 0 : DS4_E_INTERNAL;
 }

@@ -227,6 +227,11 @@ int ds4_gguf_get_arr(const ds4_gguf *g, const char *key, uint32_t elem_type,
 /* --- tensors, in file (directory) order. */
 
 int64_t ds4_gguf_n_tensors(const ds4_gguf *g);
+/* A name of the file's contents for comparing two copies: SHA-256 over the
+ * header, metadata and tensor table and, of every tensor's data, up to
+ * 4 KiB at its start, middle and end (a re-quantized or fine-tuned file with
+ * the same metadata differs there; the whole data is not read). */
+int ds4_gguf_identity(const ds4_gguf *g, uint8_t out[32]);
 /* Tensor i (0 <= i < n_tensors, asserted); owned by g. */
 const ds4_gguf_tensor *ds4_gguf_tensor_at(const ds4_gguf *g, int64_t i);
 /* Index of the tensor named name, or -1. O(log n_tensors). */

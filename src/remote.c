@@ -37,9 +37,22 @@ typedef struct {
     int32_t rank, pad;
 } hello;
 
-static int io_all(int fd, void *p, size_t n, bool wr) {
+static double now_s(void);
+
+/* Moves n bytes; a read waits at most until `deadline` (monotonic seconds,
+ * 0 = no limit) for each byte to come: -1 on a closed or failed socket, -2
+ * when the deadline passed. */
+static int io_until(int fd, void *p, size_t n, bool wr, double deadline) {
     unsigned char *b = p;
     while (n) {
+        if (!wr && deadline > 0) {
+            double left = deadline - now_s();
+            struct pollfd pf = {.fd = fd, .events = POLLIN};
+            int pr = left > 0 ? poll(&pf, 1, (int)(left * 1000) + 1) : 0;
+            if (pr < 0 && errno == EINTR) continue;
+            if (pr == 0) return -2;
+            if (pr < 0) return -1;
+        }
         ssize_t k = wr ? send(fd, b, n, MSG_NOSIGNAL) : recv(fd, b, n, 0);
         if (k < 0 && errno == EINTR) continue;
         if (k <= 0) return -1;
@@ -48,6 +61,7 @@ static int io_all(int fd, void *p, size_t n, bool wr) {
     }
     return 0;
 }
+static int io_all(int fd, void *p, size_t n, bool wr) { return io_until(fd, p, n, wr, 0); }
 static int ch_send(ds4_chan *c, const void *p, size_t n) { return n ? io_all(c->fd, (void *)(uintptr_t)p, n, true) : 0; }
 static int ch_recv(ds4_chan *c, void *p, size_t n) { return n ? io_all(c->fd, p, n, false) : 0; }
 
@@ -57,6 +71,11 @@ static int split_hostport(const char *hp, char *host, size_t cap, const char **p
         return ds4_err_set(err, DS4_E_ARG, "rendezvous '%s': expected HOST:PORT", hp ? hp : "");
     memcpy(host, hp, (size_t)(colon - hp));
     host[colon - hp] = 0;
+    size_t hl = (size_t)(colon - hp);
+    if (hl >= 2 && host[0] == '[' && host[hl - 1] == ']') { /* [IPv6]:port */
+        memmove(host, host + 1, hl - 2);
+        host[hl - 2] = 0;
+    }
     *port = colon + 1;
     return 0;
 }
@@ -67,9 +86,15 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* No Nagle delay for the small messages; keepalive probes so that a host
+ * that vanished is noticed within about a minute. */
 static void tune(int fd) {
-    int one = 1;
+    int one = 1, idle = 30, intvl = 10, cnt = 3;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof intvl);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
 }
 
 int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan **chans, ds4_err *err) {
@@ -104,9 +129,9 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
         if (c < 0) continue;
         tune(c);
         hello h;
-        struct timeval tv = {.tv_sec = 10};
-        setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        if (io_all(c, &h, sizeof h, false) || h.magic != HELLO_MAGIC) {
+        double hd = now_s() + 5; /* a hello is 16 bytes: a slow one is not a worker */
+        if (hd > t_end) hd = t_end;
+        if (io_until(c, &h, sizeof h, false, hd) || h.magic != HELLO_MAGIC) {
             close(c); /* not a worker: ignore it */
             continue;
         }
@@ -119,8 +144,6 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
                     h.version, PROTO_VERSION);
             continue;
         }
-        struct timeval none = {0};
-        setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
         if (io_all(c, &ack, sizeof ack, true)) {
             close(c);
             continue;
@@ -160,9 +183,9 @@ int ds4_chan_connect(const char *hostport, int rank, int timeout_s, ds4_chan **o
         freeaddrinfo(ai);
         if (ok) {
             tune(fd);
-            hello h = {HELLO_MAGIC, PROTO_VERSION, rank, 0}, ack;
-            if (io_all(fd, &h, sizeof h, true) || io_all(fd, &ack, sizeof ack, false) || ack.magic != HELLO_MAGIC ||
-                ack.rank != 0) {
+            hello h = {HELLO_MAGIC, PROTO_VERSION, rank, 0}, ack = {0};
+            if (io_all(fd, &h, sizeof h, true) || io_until(fd, &ack, sizeof ack, false, now_s() + 60) ||
+                ack.magic != HELLO_MAGIC || ack.rank != 0) {
                 close(fd);
                 return ds4_err_set(err, DS4_E_IO, "rendezvous %s: rank 0 refused rank %d (%s)", hostport, rank,
                                    ack.magic == HELLO_MAGIC && ack.version != PROTO_VERSION
@@ -299,6 +322,7 @@ typedef struct rp_ctx {
     char *path, *mtp_path, *synthetic;
     uint64_t seed;
     uint8_t fp[32];
+    double timeout_s;         /* replies other than the bind's */
     rp_bind b[2];             /* main part, MTP */
     int failed;
     char name[32];
@@ -312,21 +336,44 @@ static int rp_lost(rp_ctx *r, ds4_err *err) {
 /* Sends a request (and its payload); when reply is non-NULL waits for the
  * reply, reads its message into err and its payload into out (up to cap;
  * more is an error). */
+/* How long a reply may take: binding loads the worker's part of the model
+ * from its disk; any other op is at most a prefill chunk. Past it the worker
+ * counts as lost (a stopped or wedged process; a vanished host is caught
+ * sooner by the keepalive probes). */
+#define RP_BIND_TIMEOUT_S 3600.0
+#define RP_REPLY_TIMEOUT_S 600.0
+
 static int rp_call(rp_ctx *r, req q, const void *payload, rep *reply, void *out, size_t cap, ds4_err *err) {
     if (r->failed) return ds4_err_set(err, DS4_E_BACKEND, "rank %d: the connection to the worker was lost", r->ch->rank);
     if (ch_send(r->ch, &q, sizeof q) || ch_send(r->ch, payload, q.len)) return rp_lost(r, err);
     if (!reply) return 0;
-    if (ch_recv(r->ch, reply, sizeof *reply)) return rp_lost(r, err);
+    const double wait = q.op == OP_BIND ? (r->timeout_s > RP_BIND_TIMEOUT_S ? r->timeout_s : RP_BIND_TIMEOUT_S)
+                                        : r->timeout_s;
+    const double dl = now_s() + wait;
+    int fd = r->ch->fd, io;
+#define RECV(p, n)                                                                                         \
+    do {                                                                                                   \
+        if ((n) && (io = io_until(fd, (p), (n), false, dl))) {                                             \
+            if (io == -2) {                                                                                \
+                r->failed = 1;                                                                             \
+                return ds4_err_set(err, DS4_E_BACKEND, "rank %d: the worker did not answer within %.0f s; "  \
+                                   "the connection to the worker was lost", r->ch->rank, wait);             \
+            }                                                                                              \
+            return rp_lost(r, err);                                                                        \
+        }                                                                                                  \
+    } while (0)
+    RECV(reply, sizeof *reply);
     char msg[512];
+    if (reply->msg_len > (1u << 16) || reply->len > cap) return rp_lost(r, err); /* not a worker's reply */
     size_t ml = reply->msg_len < sizeof msg ? reply->msg_len : sizeof msg - 1;
-    if (ch_recv(r->ch, msg, ml)) return rp_lost(r, err);
+    RECV(msg, ml);
     for (size_t i = ml; i < reply->msg_len; i++) { /* a longer message than we keep */
         char c;
-        if (ch_recv(r->ch, &c, 1)) return rp_lost(r, err);
+        RECV(&c, 1);
     }
     msg[ml] = 0;
-    if (reply->len > cap) return rp_lost(r, err);
-    if (ch_recv(r->ch, out, reply->len)) return rp_lost(r, err);
+    RECV(out, reply->len);
+#undef RECV
     if (reply->rc) return ds4_err_set(err, reply->rc, "rank %d: %s", r->ch->rank, msg);
     return 0;
 }
@@ -448,8 +495,9 @@ static int rp_bind_model(void *ctx, const ds4_model *host, const ds4_bind_opts *
     if (rp.len < 6 * sizeof(uint64_t) || (!mtp && memcmp(v + 2, r->fp, 32))) {
         free(v);
         ds4_model_mirror_free(pm);
-        return ds4_err_set(err, DS4_E_MODEL, "rank %d: the worker's model is not rank 0's (the fingerprints of "
-                           "their GGUF headers differ; give the worker the same file with -m)", r->ch->rank);
+        return ds4_err_set(err, DS4_E_MODEL, "rank %d: the worker's model is not rank 0's (their files differ in "
+                           "the header or in samples of the tensors; give the worker the same file with -m)",
+                           r->ch->rank);
     }
     ptr_feed f = {.v = v + 6, .n = (size_t)v[1]};
     ds4_model_visit vis = {assign_weight, assign_vec, &f};
@@ -657,6 +705,8 @@ static const ds4_backend_ops remote_ops = {
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
+bool ds4_remote_lost(const ds4_backend *be) { return be->ops == &remote_ops && ((const rp_ctx *)be->ctx)->failed; }
+
 int ds4_remote_backend_new(ds4_chan *ch, const ds4_remote_model *rm, ds4_backend *out, ds4_err *err) {
     rp_ctx *r = calloc(1, sizeof *r);
     if (!r) {
@@ -669,6 +719,7 @@ int ds4_remote_backend_new(ds4_chan *ch, const ds4_remote_model *rm, ds4_backend
     r->synthetic = dup_or_null(rm->synthetic);
     r->seed = rm->seed;
     memcpy(r->fp, rm->fp, 32);
+    r->timeout_s = rm->reply_timeout_s > 0 ? rm->reply_timeout_s : RP_REPLY_TIMEOUT_S;
     out->ops = &remote_ops;
     out->ctx = r;
     return 0;
@@ -773,20 +824,18 @@ static int wk_bind_model(wk *w, const unsigned char *p, size_t len, const char *
         if (pl.fail) rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
         else {
             pl.v[1] = pl.n - 6;
-            /* the engine's fingerprint (engine.c): the GGUF header, metadata
-             * and tensor table, or the synthetic recipe and seed */
-            char syn[96];
-            const void *hp = syn;
-            size_t hn;
+            /* the file's identity (ds4_gguf_identity: header, tensor table and
+             * samples of every tensor), or the synthetic recipe and seed */
             if (main->g) {
-                hp = ds4_gguf_base(main->g);
-                hn = (size_t)ds4_gguf_data_offset(main->g);
+                if (ds4_gguf_identity(main->g, (uint8_t *)(pl.v + 2)))
+                    rc = ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
             } else {
-                hn = (size_t)snprintf(syn, sizeof syn, "ds4 synthetic %s seed %llu", sy, (unsigned long long)b.seed);
+                char syn[96];
+                size_t hn = (size_t)snprintf(syn, sizeof syn, "ds4 synthetic %s seed %llu", sy, (unsigned long long)b.seed);
+                unsigned int dl = 0;
+                if (!EVP_Digest(syn, hn, (unsigned char *)(pl.v + 2), &dl, EVP_sha256(), NULL) || dl != 32)
+                    rc = ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
             }
-            unsigned int dl = 0;
-            if (!EVP_Digest(hp, hn, (unsigned char *)(pl.v + 2), &dl, EVP_sha256(), NULL) || dl != 32)
-                rc = ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
         }
     }
     free(path);

@@ -45,10 +45,14 @@ typedef struct ds4_remote_model {
     const char *synthetic;    /* "q2" / "q4": the synthetic model of that recipe */
     uint64_t seed;
     uint8_t fp[32];           /* rank 0's model fingerprint: a worker whose model differs is refused */
+    int reply_timeout_s;      /* a reply later than this (0: 600 s; binding: at least 3600 s) loses the worker */
 } ds4_remote_model;
 
 /* The proxy backend over channel ch (owned by the backend from now on). */
 int ds4_remote_backend_new(ds4_chan *ch, const ds4_remote_model *rm, ds4_backend *out, ds4_err *err);
+
+/* True when be is a proxy whose worker is gone. */
+bool ds4_remote_lost(const ds4_backend *be);
 
 /* A worker's loop: creates its backend with make_backend on the first
  * bind, serves rank 0's ops until rank 0 closes the channel (0) or the
