@@ -149,7 +149,7 @@ def test_rank_errors_are_clear(ggufs, tmp_path):
     # options
     for args, want in [(["--ranks", "2"], "--ranks needs --rendezvous"),
                        (["--ranks", "2", "--rendezvous", "nohost"], "expected HOST:PORT"),
-                       (["--ranks", "9", "--rendezvous", "127.0.0.1:1"], "not a list of numbers"),
+                       (["--ranks", "9", "--rendezvous", "127.0.0.1:1"], "is not a number 1..8"),
                        (["--ranks", "2", "--rendezvous", "127.0.0.1:1", "--split", "1,1,3"], "--split names 3 parts")]:
         r = run("-m", str(model), "--cpu", *args, "-p", "hi", "-n", "1")
         assert r.returncode != 0 and want in r.stderr, (args, r.stderr)
