@@ -621,6 +621,8 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     ds4_spec_stats st0 = {0};
     if (mtp) ds4_session_spec_stats(s->session, &st0);
     int32_t queue[8], next = -1;
+    long pend = -1, pend_at = -1; /* a stop match waiting on a possible block opening (gen offsets) */
+    int pend_which = -1;
     int nq = 0, qi = 0, n_reason = 0;
     bool reason_done = false;
 #define FAIL(...)                                                  \
@@ -694,13 +696,31 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
          * (its tags, names and arguments), so they are not searched inside
          * one: a stop there would only break the call */
         const bool in_block = tools && (fam_before >= 0 || trk.family >= 0); /* also its closing tag */
-        if (rq->n_stops && !in_block) {
+        if (pend >= 0) { /* a stop that touched what may be a block's opening */
+            if (trk.family >= 0) {
+                pend = -1; /* the block opened: that stop was markup */
+            } else {
+                long op = ds4_dsml_open_prefix(g->gen.data, g->gen.len);
+                if (op < 0 || op > pend_at) { /* plain text after all: the stop holds */
+                    ds4_buf_truncate(&g->gen, (size_t)pend);
+                    finish = SRV_FINISH_STOP;
+                    r->stop = rq->stops[pend_which];
+                    break;
+                }
+            }
+        }
+        if (rq->n_stops && !in_block && pend < 0) {
             /* a new match can only start in the last (longest stop - 1) old
              * bytes or later; those bytes are also held back from clients */
             size_t from = old > g->max_stop - 1 ? old - (g->max_stop - 1) : 0;
             int which = -1;
             long hit = find_stop(g, from, &which);
-            if (hit >= 0) {
+            long op = hit >= 0 && tools ? ds4_dsml_open_prefix(g->gen.data, g->gen.len) : -1;
+            if (hit >= 0 && op >= 0 && hit + (long)strlen(rq->stops[which]) > op) {
+                pend = hit; /* wait: the text there may be the opening of a call */
+                pend_at = op;
+                pend_which = which;
+            } else if (hit >= 0) {
                 ds4_buf_truncate(&g->gen, (size_t)hit);
                 finish = SRV_FINISH_STOP;
                 r->stop = rq->stops[which];
@@ -708,6 +728,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
             }
             safe = g->gen.len > g->max_stop - 1 ? g->gen.len - (g->max_stop - 1) : 0;
         }
+        if (pend >= 0 && safe > (size_t)pend) safe = (size_t)pend; /* nothing past a waiting stop goes out */
         feed_to(g, safe);
         if (tools && ds4_dsml_stream_block_ended(g->ds)) {
             finish = SRV_FINISH_TOOL_CALLS;
@@ -715,6 +736,11 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         }
     }
 #undef FAIL
+    if (pend >= 0 && finish != SRV_FINISH_ERROR) { /* the turn ended before a block opened: the stop holds */
+        ds4_buf_truncate(&g->gen, (size_t)pend);
+        finish = SRV_FINISH_STOP;
+        r->stop = rq->stops[pend_which];
+    }
     if (mtp) {
         ds4_spec_stats st;
         ds4_session_spec_stats(s->session, &st);

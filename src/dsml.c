@@ -893,6 +893,23 @@ ds4_dsml_class ds4_dsml_tracker_class(const ds4_dsml_tracker *t) {
     return DS4_DSML_JSON_STRING;
 }
 
+long ds4_dsml_open_prefix(const char *text, size_t n) {
+    size_t q = n;
+    /* a '<' that begins a proper prefix of an opening tag, ending the text */
+    for (size_t back = 1; back <= 40 && back <= n; back++) {
+        size_t at = n - back;
+        if (text[at] != '<') continue;
+        for (int j = 0; j < 3; j++) {
+            size_t ol = strlen(FAMS[j].open);
+            if (back < ol && !memcmp(text + at, FAMS[j].open, back)) q = at;
+        }
+        if (q != n) break;
+    }
+    size_t p = q;
+    while (p > 0 && (text[p - 1] == ' ' || text[p - 1] == '\n' || text[p - 1] == '\t' || text[p - 1] == '\r')) p--;
+    return p < n ? (long)p : -1;
+}
+
 int ds4_dsml_class_is_greedy(ds4_dsml_class c) {
     return c == DS4_DSML_STRUCTURAL || c == DS4_DSML_JSON_STRUCTURAL;
 }

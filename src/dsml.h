@@ -160,6 +160,12 @@ void ds4_dsml_tracker_init(ds4_dsml_tracker *t);
 void ds4_dsml_tracker_feed(ds4_dsml_tracker *t, const char *bytes, size_t n);
 /* The class of the next token position. */
 ds4_dsml_class ds4_dsml_tracker_class(const ds4_dsml_tracker *t);
+/* Where a tool-call block may be starting at the end of text[0..n): the
+ * offset of the trailing run of whitespace and/or a proper prefix of a
+ * block's opening tag (any family) that ends the text, or -1 when the end
+ * of the text cannot be the start of a block. (A stop string that matches
+ * there waits until the block opens or the text turns out to be plain.) */
+long ds4_dsml_open_prefix(const char *text, size_t n);
 /* 1 if the class forces temperature 0 (STRUCTURAL, JSON_STRUCTURAL). */
 int ds4_dsml_class_is_greedy(ds4_dsml_class c);
 

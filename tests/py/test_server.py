@@ -692,10 +692,20 @@ def test_server_stop_strings_do_not_cut_a_tool_call():
     end the reply's text, and a tool-call block is markup."""
     with Server() as s:
         c = s.openai()
-        r = c.chat.completions.create(model="m", messages=user("List the files"), tools=[BASH_TOOL],
-                                      tool_choice="required", max_tokens=120, seed=7, stop=["invoke", "tool_calls>"])
-        assert r.choices[0].finish_reason == "tool_calls", r
-        assert r.choices[0].message.tool_calls and "DSML" not in (r.choices[0].message.content or "")
+        for stops in (["invoke", "tool_calls>"], ["a"], ["tool"], ["DSML"], ["<"], ["\n"]):
+            # the last four match the block's opening tag or the blank line before it: such a stop waits until
+            # the text there turns out to be a block (then it was markup) or plain text (then it holds)
+            r = c.chat.completions.create(model="m", messages=user("List the files"), tools=[BASH_TOOL],
+                                          tool_choice="required", max_tokens=120, seed=7, stop=stops,
+                                          extra_body={"think": False})  # (stops also cut reasoning text)
+            assert r.choices[0].finish_reason == "tool_calls", (stops, r)
+            assert r.choices[0].message.tool_calls and "DSML" not in (r.choices[0].message.content or ""), stops
+        # with tools offered but plain text generated, a stop still cuts the text
+        r = c.chat.completions.create(model="m", messages=user("Tell me a story"), tools=[BASH_TOOL], max_tokens=60,
+                                      temperature=0, stop=["e"], extra_body={"think": False})
+        assert r.choices[0].finish_reason in ("stop", "tool_calls"), r
+        if r.choices[0].finish_reason == "stop":
+            assert "e" not in (r.choices[0].message.content or "")
         a = s.anthropic()
         m = a.messages.create(model="m", messages=user("List the files"), max_tokens=120,
                               tools=[{"name": "Bash", "input_schema": BASH_TOOL["function"]["parameters"]}],
