@@ -19,7 +19,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "py"))
-from oracle_util import ORACLE, convert  # noqa: E402
+from oracle_util import ORACLE, convert, gguf_cache  # noqa: E402
 
 DS4 = str(ROOT / "ds4")
 STAGE_MODELS = pathlib.Path(os.environ.get("DS4_STAGE_MODELS", "/tmp/ds4-stages"))
@@ -32,17 +32,7 @@ def meta(fx):
 
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cuda-oracle")
-    cache = {}
-
-    def get(model):
-        if model not in cache:
-            p = d / f"{model}.gguf"
-            r = convert(ORACLE / "models" / model, p, "f32")
-            assert r.returncode == 0, r.stderr
-            cache[model] = p
-        return cache[model]
-    return get
+    return gguf_cache(tmp_path_factory.mktemp("cuda-oracle"))
 
 
 def run(model, tokens_file, out, backend, release, *extra, env=None):

@@ -149,6 +149,21 @@ def convert(hf_dir, out, outtype="f32", extra=(), asan=False):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
+def gguf_cache(d):
+    """get(model, outtype="f32") -> the fixture model converted into directory d, once per (model, outtype)."""
+    cache = {}
+
+    def get(model, outtype="f32"):
+        key = (model, outtype)
+        if key not in cache:
+            p = d / f"{model}-{outtype}.gguf"
+            r = convert(ORACLE / "models" / model, p, outtype)
+            assert r.returncode == 0, r.stderr
+            cache[key] = p
+        return cache[key]
+    return get
+
+
 def gguf_rewrite(src, dst, drop=(), tensor_fn=None, kv=None, drop_kv=()):
     """Copies GGUF src to dst with gguf-py, dropping tensors/keys, editing tensors
     (tensor_fn(name, qtype, array) -> (qtype, array) or None) and overriding keys (kv: {key: (value, GGUFValueType,

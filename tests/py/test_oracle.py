@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import prog
-from oracle_util import ORACLE, convert, gguf_rewrite
+from oracle_util import ORACLE, convert, gguf_cache, gguf_rewrite
 
 FIXTURES = sorted(p.parent.name for p in ORACLE.glob("*/meta.json"))
 TOL, MAX_TOL, FRACTION = 1e-3, 0.05, 0.99
@@ -33,18 +33,7 @@ def meta(fx):
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory):
     """Lazily converted GGUFs: get(model, outtype) -> path."""
-    d = tmp_path_factory.mktemp("oracle")
-    cache = {}
-
-    def get(model, outtype="f32"):
-        key = (model, outtype)
-        if key not in cache:
-            p = d / f"{model}-{outtype}.gguf"
-            r = convert(ORACLE / "models" / model, p, outtype)
-            assert r.returncode == 0, r.stderr
-            cache[key] = p
-        return cache[key]
-    return get
+    return gguf_cache(tmp_path_factory.mktemp("oracle"))
 
 
 def run_ds4(model, fx, out, release, eval_mode=None, check=True, backend="--cpu", extra=()):

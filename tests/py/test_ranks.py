@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, prog
-from oracle_util import ORACLE, convert
+from oracle_util import ORACLE, convert, gguf_cache
 
 
 def free_port():
@@ -27,17 +27,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ranks")
-    cache = {}
-
-    def get(model):
-        if model not in cache:
-            p = d / f"{model}.gguf"
-            r = convert(ORACLE / "models" / model, p, "f32")
-            assert r.returncode == 0, r.stderr
-            cache[model] = p
-        return cache[model]
-    return get
+    return gguf_cache(tmp_path_factory.mktemp("ranks"))
 
 
 def workers(n, port, backend="--strict-backend", extra=()):

@@ -633,25 +633,31 @@ def test_server_anthropic_tool_loop_reuses_live_kv_and_thinking_precedes_tool_us
         assert t.content[0].signature == t.id and t.stop_reason == "tool_use"
 
 
+def stream_then_sigterm(s, path, body, marker):
+    """Starts a stream, sends SIGTERM after 3 `marker` events and returns every byte the stream got."""
+    sock = socket.create_connection(("127.0.0.1", s.port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+    got = b""
+    while got.count(marker) < 3:
+        got += sock.recv(4096)
+    s.proc.send_signal(signal.SIGTERM)
+    sock.settimeout(60)
+    while True:
+        d = sock.recv(65536)
+        if not d:
+            break
+        got += d
+    sock.close()
+    return got
+
+
 def test_server_sigterm_ends_streams_with_error_finish_and_exits_0():
     s = Server()
     try:
-        sock = socket.create_connection(("127.0.0.1", s.port))
-        body = json.dumps({"messages": user("Write forever"), "max_tokens": 3000,
-                           "stream": True, "think": False}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        got = b""
-        while got.count(b"data:") < 3:
-            got += sock.recv(4096)
-        s.proc.send_signal(signal.SIGTERM)
-        sock.settimeout(60)
-        while True:
-            d = sock.recv(65536)
-            if not d:
-                break
-            got += d
-        sock.close()
+        got = stream_then_sigterm(s, b"/v1/chat/completions", {"messages": user("Write forever"), "max_tokens": 3000,
+                                                                "stream": True, "think": False}, b"data:")
         assert b'"finish_reason":"error"' in got and b"data: [DONE]" in got
         assert s.proc.wait(60) == 0
         assert "shutdown requested" in s.log_text()
@@ -664,22 +670,9 @@ def test_server_sigterm_ends_an_anthropic_stream_with_an_error_event():
     never with message_delta end_turn, which would make the truncated reply look complete."""
     s = Server()
     try:
-        sock = socket.create_connection(("127.0.0.1", s.port))
-        body = json.dumps({"model": "m", "messages": user("Write forever"), "max_tokens": 3000,
-                           "stream": True, "think": False}).encode()
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        got = b""
-        while got.count(b"content_block_delta") < 3:
-            got += sock.recv(4096)
-        s.proc.send_signal(signal.SIGTERM)
-        sock.settimeout(60)
-        while True:
-            d = sock.recv(65536)
-            if not d:
-                break
-            got += d
-        sock.close()
+        got = stream_then_sigterm(s, b"/v1/messages", {"model": "m", "messages": user("Write forever"),
+                                                        "max_tokens": 3000, "stream": True, "think": False},
+                                  b"content_block_delta")
         assert b"event: error" in got and b'"overloaded_error"' in got, got[-400:]
         assert b"message_stop" not in got and b'"end_turn"' not in got, got[-400:]
         assert s.proc.wait(60) == 0
