@@ -539,6 +539,12 @@ static void simd_init(void) {
         if (ds4_quant_vnni_n > 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
             simd_best = DS4_SIMD_VNNI;
+        /* DS4_CPU_NO_VBMI=1: the gather walk instead (A/B timing; the same bits) */
+        const char *novbmi = getenv("DS4_CPU_NO_VBMI");
+        if (simd_best == DS4_SIMD_VNNI && __builtin_cpu_supports("avx512vbmi") && !(novbmi && *novbmi == '1')) {
+            ds4_quant_vbmi_init();
+            ds4_quant_vbmi = 1;
+        }
         if (simd_best == DS4_SIMD_VNNI && ds4_quant_amx_n > 0 && amx_usable()) simd_best = DS4_SIMD_AMX;
     }
 #endif

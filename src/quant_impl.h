@@ -72,6 +72,10 @@ extern const int ds4_quant_amx_n;
 /* Builds the AVX2 kernels' run-time tables; quant.c calls it once, under
  * its pthread_once, before any AVX2 kernel can be handed out. */
 void ds4_quant_avx2_init(void);
+/* Non-zero when the VNNI level may use AVX-512 VBMI kernels (quant.c sets it
+ * once with ds4_quant_vbmi_init; tests clear it to check the other path). */
+extern int ds4_quant_vbmi;
+void ds4_quant_vbmi_init(void);
 
 /* IQ2_XXS neighbour search (quant_ref.c): the cost of candidate j < n is
  * d2[j] = the sum over i = 0..7, in that order from 0, of

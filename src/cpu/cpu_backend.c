@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "quant.h"
+#include "quant_impl.h"
 #include "synth.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -654,11 +655,12 @@ static void cpu_describe(void *ctx, char *buf, size_t cap) {
             }
         fclose(f);
     }
-    snprintf(buf, cap, "CPU %s, %d threads, %s kernels", model[0] ? model : "(unknown)", c->n_threads,
+    snprintf(buf, cap, "CPU %s, %d threads, %s%s kernels", model[0] ? model : "(unknown)", c->n_threads,
              ds4_quant_simd_best() == DS4_SIMD_AMX    ? "AVX2 + AVX-512 VNNI + AMX-INT8"
              : ds4_quant_simd_best() == DS4_SIMD_VNNI ? "AVX2 + AVX-512 VNNI"
              : ds4_quant_simd_best() == DS4_SIMD_AVX2 ? "AVX2"
-                                                      : "scalar");
+                                                      : "scalar",
+             ds4_quant_vbmi ? " + VBMI" : "");
 }
 
 /* Binding: the CPU reads the mapping in place (the bound model is the host

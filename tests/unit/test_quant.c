@@ -545,7 +545,12 @@ DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
         for (int64_t i = 0; i < NT * n; i++) x[i] = (i % 5) ? rng_gauss() : rng_heavy();
         size_t ab = act < 0 ? 0 : ds4_type_row_bytes(act, n);
         uint8_t *xq = act < 0 ? NULL : malloc(NT * ab);
+        /* with AVX-512 VBMI: its decode walk, then the other one */
+        ds4_quant_simd_best();
+        const int vbmi = ds4_quant_vbmi;
+        for (int vb = vbmi; vb >= 0; vb--)
         for (int simd = DS4_SIMD_SCALAR; simd <= DS4_SIMD_AMX; simd++) {
+            ds4_quant_vbmi = vb;
             const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
             if (!k) continue;
             for (int t = 0; xq && t < NT; t++) k->quantize_act(x + t * n, xq + t * ab, n);
@@ -574,10 +579,11 @@ DS4_TEST(quant_tiles_equal_row_dots_bitwise) {
                             uint32_t want = in ? fbits(ref[t][r]) : 0xffffffffu;
                             bad += fbits(y[t][r]) != want;
                         }
-                    CHECK_MSG(!bad, "%s simd %d tile %d x %d: %d values differ from the row dot", ds4_type_name(type),
-                              simd, nr, nt, bad);
+                    CHECK_MSG(!bad, "%s simd %d vbmi %d tile %d x %d: %d values differ from the row dot",
+                              ds4_type_name(type), simd, vb, nr, nt, bad);
                 }
         }
+        ds4_quant_vbmi = vbmi;
         free(w), free(x), free(xq);
     }
 }
@@ -612,8 +618,12 @@ DS4_TEST(quant_tiles_equal_row_dots_at_expert_widths) {
             }
             const void *xp[NT];
             for (int t = 0; t < NT; t++) xp[t] = xq + t * ab;
-            /* every SIMD level with tiles that this CPU runs (AVX2; AVX-512 VNNI) */
+            /* every SIMD level with tiles that this CPU runs (AVX2; AVX-512 VNNI, with and without VBMI; AMX) */
+            ds4_quant_simd_best();
+            const int vbmi = ds4_quant_vbmi;
+            for (int vb = vbmi; vb >= 0; vb--)
             for (int simd = DS4_SIMD_AVX2; simd <= DS4_SIMD_AMX; simd++) {
+                ds4_quant_vbmi = vb;
                 const ds4_quant_kernels *k = ds4_quant_kernels_get(type, simd);
                 if (!k || !k->dot_q_tile) continue;
                 static float y[NT][NR];
@@ -621,9 +631,10 @@ DS4_TEST(quant_tiles_equal_row_dots_at_expert_widths) {
                 int bad = 0;
                 for (int t = 0; t < NT; t++)
                     for (int r = 0; r < NR; r++) bad += fbits(y[t][r]) != fbits(k->dot_q(w + r * rb, xp[t], n));
-                CHECK_MSG(!bad, "%s n %lld simd %d: %d of %d tile values differ from the row dot", ds4_type_name(type),
-                          (long long)n, simd, bad, NR * NT);
+                CHECK_MSG(!bad, "%s n %lld simd %d vbmi %d: %d of %d tile values differ from the row dot",
+                          ds4_type_name(type), (long long)n, simd, vb, bad, NR * NT);
             }
+            ds4_quant_vbmi = vbmi;
             free(w), free(xq), free(x);
         }
 }
