@@ -6,6 +6,7 @@
 #include "cli.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,6 +202,8 @@ int main(int argc, char **argv) {
         .mtp_gate = 0.3f,
     };
     long v;
+    /* a file-size limit (ulimit -f) fails a write with EFBIG, reported, instead of killing ds4 */
+    signal(SIGXFSZ, SIG_IGN);
 #define NEED_ARG()                                                              \
     do { if (i + 1 >= argc) {                                                   \
         fprintf(stderr, "ds4: %s needs an argument\n", a); return 2; } } while (0)

@@ -301,6 +301,9 @@ int main(int argc, char **argv) {
     sigaddset(&sigs, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
     signal(SIGPIPE, SIG_IGN);
+    /* a file-size limit (ulimit -f) fails a disk-cache write with EFBIG,
+     * reported and survived, instead of killing the server */
+    signal(SIGXFSZ, SIG_IGN);
 
     ds4_err err = {0};
     if (srv_http_listen(&s, &err)) {

@@ -112,21 +112,20 @@ struct ds4_session {
 /* ------------------------------------------------------------ engine */
 
 static int fingerprint(ds4_engine *e, const ds4_engine_opts *o, ds4_err *err) {
-    /* SHA-256 of the header, metadata and tensor table (everything before
-     * the data section): it names the model without hashing the weights.
-     * A synthetic model is named by its recipe and seed. */
+    /* A file model is named by ds4_gguf_identity: the header, metadata and
+     * tensor table plus samples of every tensor's data, so two files of the
+     * same recipe with other weights (a re-conversion, a fine-tune) do not
+     * share sessions or disk checkpoints. A synthetic model is named by its
+     * recipe and seed. */
+    if (e->g) {
+        if (ds4_gguf_identity(e->g, e->fp)) return ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
+        return 0;
+    }
     unsigned int len = 0;
     char syn[96];
-    const void *p = syn;
-    size_t n;
-    if (e->g) {
-        p = ds4_gguf_base(e->g);
-        n = (size_t)ds4_gguf_data_offset(e->g);
-    } else {
-        n = (size_t)snprintf(syn, sizeof syn, "ds4 synthetic %s seed %llu", o->synthetic,
-                             (unsigned long long)o->synthetic_seed);
-    }
-    if (!EVP_Digest(p, n, e->fp, &len, EVP_sha256(), NULL) || len != 32)
+    size_t n = (size_t)snprintf(syn, sizeof syn, "ds4 synthetic %s seed %llu", o->synthetic,
+                                (unsigned long long)o->synthetic_seed);
+    if (!EVP_Digest(syn, n, e->fp, &len, EVP_sha256(), NULL) || len != 32)
         return ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
     return 0;
 }
@@ -301,8 +300,7 @@ static int backends_open(ds4_engine *e, const ds4_engine_opts *opts, ds4_err *er
                               : opts->mtp_path;
         ds4_remote_model rm = {.model_path = mpath, .mtp_path = mtp, .synthetic = opts->synthetic,
                                .seed = opts->synthetic_seed, .reply_timeout_s = opts->rank_timeout_s};
-        memcpy(rm.fp, e->fp, 32); /* synthetic: the recipe and seed */
-        if (e->g && ds4_gguf_identity(e->g, rm.fp)) return ds4_err_set(err, DS4_E_INTERNAL, "SHA-256 failed");
+        memcpy(rm.fp, e->fp, 32); /* ds4_gguf_identity of the file, or the synthetic recipe and seed */
         rc = ds4_chan_listen(opts->rendezvous, ranks - 1, opts->rank_timeout_s > 0 ? opts->rank_timeout_s : 300, ch,
                              err);
         if (rc) return rc;

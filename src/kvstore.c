@@ -60,6 +60,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -69,6 +70,7 @@
 #define HDR_BYTES 184
 #define HDR_DIGEST_OFF 152
 #define VERSION 2
+#define LOCK_FILE ".ds4-kvstore.lock" /* held by the open store (flock) */
 #define KEY_MAX_BYTES (1ull << 30)   /* sanity bound on key text (1 GiB) */
 #define HALF_LIFE_S 21600.0          /* hit decay for eviction scores (C.4) */
 
@@ -89,6 +91,7 @@ struct ds4_kvstore {
     int n_ents, cap_ents;
     uint64_t total;
     unsigned tmp_counter;
+    int lock_fd; /* LOCK_FILE, held (flock) while open; -1 when it could not be opened */
 };
 
 /* ---- small helpers --------------------------------------------------------- */
@@ -522,6 +525,7 @@ static int scan_dir(ds4_kvstore *kv, ds4_err *err) {
         int fd = ds4_open_regular(path, O_RDONLY, NULL, &e2);
         if (fd < 0) {
             if (errno == EINVAL) logf_kv(kv, "kvstore: ignored, left in place: %s", e2.msg);
+            else if (errno != ENOENT) logf_kv(kv, "kvstore: ignored: %s", e2.msg); /* e.g. no permission */
             free(path);
             continue;
         }
@@ -546,6 +550,8 @@ static int scan_dir(ds4_kvstore *kv, ds4_err *err) {
             if (add_ent(kv, &e, tok, key)) { free(tok); free(key); rc = DS4_E_NOMEM; }
         } else if (r == DS4_E_NOMEM) {
             rc = r;
+        } else if (r) {
+            logf_kv(kv, "kvstore: cannot read %s, ignored: %s", nm, e2.msg);
         }
         close(fd);
         free(path);
@@ -573,6 +579,25 @@ int ds4_kvstore_open(ds4_kvstore **out, const ds4_kvstore_opts *opts, ds4_err *e
     kv->log = opts->log;
     kv->log_user = opts->log_user;
     pthread_mutex_init(&kv->mu, NULL);
+    /* One store per directory: each enforces the budget on its own index
+     * and evicts the other's files, so a second one is refused. A directory
+     * where the lock file cannot be made (read-only) is used without it. */
+    char *lp = join_path(kv->dir, LOCK_FILE);
+    kv->lock_fd = lp ? open(lp, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644) : -1;
+    if (lp && kv->lock_fd < 0) kv->lock_fd = open(lp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (kv->lock_fd < 0) {
+        logf_kv(kv, "kvstore: cannot open the lock file %s (%s): this directory is not locked against a second "
+                "server", lp ? lp : LOCK_FILE, strerror(errno));
+    } else if (flock(kv->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        free(lp);
+        ds4_kvstore_close(kv);
+        if (e == EWOULDBLOCK)
+            return ds4_err_set(err, DS4_E_IO, "kvstore: %s is in use by another process (one disk cache "
+                               "directory per server)", opts->dir);
+        return ds4_err_set(err, DS4_E_IO, "kvstore: cannot lock %s: %s", opts->dir, strerror(e));
+    }
+    free(lp);
     int rc = scan_dir(kv, err);
     if (rc) {
         ds4_kvstore_close(kv);
@@ -592,6 +617,7 @@ void ds4_kvstore_close(ds4_kvstore *kv) {
         free(kv->ents[i].key);
     }
     free(kv->ents);
+    if (kv->lock_fd >= 0) close(kv->lock_fd); /* releases the flock */
     pthread_mutex_destroy(&kv->mu);
     free(kv->dir);
     free(kv);

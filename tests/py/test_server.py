@@ -45,17 +45,18 @@ class Server:
     """A ds4-server child process on 127.0.0.1:<free port>; its stderr log is
     collected line by line in self.log."""
 
-    def __init__(self, *args, ctx=4096, wait=120):
+    def __init__(self, *args, ctx=4096, wait=120, model=None, preexec_fn=None):
         self.log = []
         self.cond = threading.Condition()
         self.port = None
         # DS4_TEST_SERVER_BIN runs the suite against another build (e.g. one
         # with AddressSanitizer)
         binary = os.environ.get("DS4_TEST_SERVER_BIN") or prog("ds4-server")
-        cmd = [binary, "-m", demo_model(), "--cpu", "--port", "0",
+        cmd = [binary, "-m", model or demo_model(), "--cpu", "--port", "0",
                "--ctx", str(ctx)] + [str(a) for a in args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, errors="replace")
+                                     stderr=subprocess.PIPE, text=True, errors="replace",
+                                     preexec_fn=preexec_fn)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         deadline = time.time() + wait

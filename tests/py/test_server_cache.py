@@ -5,8 +5,10 @@ files are rejected, removed and logged, never loaded.
 """
 import os
 import re
+import resource
+import subprocess
 
-from test_server import NO_THINK, Server
+from test_server import NO_THINK, ROOT, Server
 
 SYSTEM = ("You are the demo assistant of the ds4 test suite. Answer briefly and never "
           "invent facts. ") * 12
@@ -143,3 +145,57 @@ def test_server_disk_cache_moves_between_a_layer_split_and_one_backend(tmp_path)
         assert "kv reuse disk" in log, log
         assert b.usage.prompt_tokens_details.cached_tokens >= b.usage.prompt_tokens // 2
         assert b.choices[0].message.content == ref.choices[0].message.content, (first, second)
+
+
+def test_server_disk_cache_not_used_by_a_model_with_other_weights(tmp_path):
+    # the same recipe and metadata with other weights (a re-conversion, a
+    # fine-tune): the header and tensor table are identical, the checkpoints
+    # of one must not be restored by the other
+    other = tmp_path / "demo-seed7.gguf"
+    subprocess.run([str(ROOT / "ds4-convert"), "--demo", "-o", str(other), "--seed", "7", "--tokenizer",
+                    str(ROOT / "tests/data/deepseek-v3-tokenizer.json")], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d = str(tmp_path / "kv")
+    with Server(*cache_args(d)) as s:
+        s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+        assert s.wait_log(r"kv cache stored tokens=\d+ reason=cold")
+    assert kv_files(d)
+    with Server(*cache_args(str(tmp_path / "cold")), model=other) as s:
+        cold = s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+    with Server(*cache_args(d), model=other) as s:
+        b = s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+        log = s.log_text()
+    assert "kv cache hit" not in log and "kv reuse disk" not in log, log
+    assert b.usage.prompt_tokens_details.cached_tokens == 0
+    assert b.choices[0].message.content == cold.choices[0].message.content
+
+
+def test_server_disk_cache_directory_is_one_servers(tmp_path):
+    # two servers on one directory would each evict the other's files and
+    # overrun the budget: the second runs without the disk cache and says why
+    d = str(tmp_path / "kv")
+    with Server(*cache_args(d)) as a:
+        with Server(*cache_args(d)) as b:
+            assert b.wait_log(r"kv cache: disabled: .*in use by another process")
+            r = b.openai().chat.completions.create(messages=messages("Hello"), **KW)
+            assert r.choices[0].finish_reason == "length"
+        assert a.wait_log(r"kv cache: " + re.escape(d) + r" \(")
+    # the lock goes with the server that held it
+    with Server(*cache_args(d)) as c:
+        assert c.wait_log(r"kv cache: " + re.escape(d) + r" \(")
+        assert "disabled" not in c.log_text()
+
+
+def test_server_survives_a_file_size_limit(tmp_path):
+    # ulimit -f: the checkpoint write fails with EFBIG (reported), the server
+    # is not killed by SIGXFSZ and the request is answered
+    d = str(tmp_path / "kv")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, 200 * 1024))
+    with Server(*cache_args(d), preexec_fn=limit) as s:
+        r = s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+        assert r.usage.completion_tokens > 0
+        assert s.wait_log(r"kv cache: .*(File too large|too large)")
+        assert s.alive()
+        r2 = s.openai().chat.completions.create(messages=messages("Hello again"), **KW)
+        assert r2.usage.completion_tokens > 0
+    assert not kv_files(d)

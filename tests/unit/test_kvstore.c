@@ -44,13 +44,14 @@ static ds4_kvstore *open_store(const char *dir, uint64_t budget, uint8_t fpbyte)
     return kv;
 }
 
-/* Number of directory entries other than . and .. */
+/* Number of directory entries other than ., .. and the lock file */
+/* files in dir besides the store's lock file */
 static int count_files(const char *dir) {
     DIR *d = opendir(dir);
     int n = 0;
     struct dirent *de;
     while (d && (de = readdir(d)))
-        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) n++;
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..") && strcmp(de->d_name, ".ds4-kvstore.lock")) n++;
     if (d) closedir(d);
     return n;
 }
@@ -754,6 +755,26 @@ DS4_TEST(kvstore_open_errors) {
     o.dir = f;
     CHECK_EQ_INT(ds4_kvstore_open(&kv, &o, &err), DS4_E_IO);
     CHECK(kv == NULL);
+}
+
+/* One open store per directory (each enforces the budget on its own index):
+ * a second open is refused while the first holds the lock, and works after
+ * the first is closed. */
+DS4_TEST(kvstore_directory_held_by_one_store) {
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/locked", ds4_test_tmpdir());
+    ds4_kvstore *a = open_store(dir, 0, 3), *b = NULL;
+    CHECK(a);
+    ds4_kvstore_opts o = {.dir = dir};
+    memset(o.fingerprint, 3, 32);
+    ds4_err err = {0};
+    CHECK_EQ_INT(ds4_kvstore_open(&b, &o, &err), DS4_E_IO);
+    CHECK(b == NULL);
+    CHECK_MSG(strstr(err.msg, "in use by another process"), "%s", err.msg);
+    ds4_kvstore_close(a);
+    b = open_store(dir, 0, 3);
+    CHECK(b);
+    ds4_kvstore_close(b);
 }
 
 /* With the demo model (build/demo.gguf, when built): a real session payload
