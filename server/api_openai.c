@@ -35,6 +35,18 @@ static int parse_tool_choice_openai(json_t *tc, srv_request *rq, srv_error *e) {
         return 0;
     }
     if (!json_is_object(tc)) return srv_invalid(e);
+    const char *type = json_string_value(json_object_get(tc, "type"));
+    if (type && !strcmp(type, "allowed_tools")) { /* the tools were filtered (srv_parse_chat) */
+        const char *mode = json_string_value(json_object_get(json_object_get(tc, "allowed_tools"), "mode"));
+        if (mode && !strcmp(mode, "required")) rq->tool_choice = SRV_TOOL_REQUIRED;
+        else if (mode && strcmp(mode, "auto"))
+            return srv_fail_param(e, "tool_choice", "invalid_value",
+                                  "tool_choice allowed_tools mode must be auto or required");
+        return 0;
+    }
+    if (type && strcmp(type, "function"))
+        return srv_fail_param(e, "tool_choice", "invalid_value",
+                              "tool_choice type '%.64s' is not supported here (function or allowed_tools)", type);
     json_t *fn = json_object_get(tc, "function");
     const char *name = json_string_value(json_object_get(fn, "name"));
     if (!name) name = json_string_value(json_object_get(tc, "name"));
@@ -119,6 +131,12 @@ static int parse_effort_and_thinking(json_t *root, srv_request *rq, srv_error *e
  * that silently ignores them (defaults and no-op values pass). */
 static int refuse_unsupported(json_t *root, srv_api api, srv_error *e) {
     json_t *v;
+    /* the legacy function-calling fields: the model would see no tools */
+    const char *legacy[] = {"functions", "function_call"};
+    for (int i = 0; i < 2; i++)
+        if ((v = json_object_get(root, legacy[i])) && !json_is_null(v))
+            return srv_fail_param(e, legacy[i], "unsupported_parameter",
+                                  "%s is not supported: use tools and tool_choice", legacy[i]);
     if ((v = json_object_get(root, "response_format")) && !json_is_null(v)) {
         const char *t = json_string_value(json_object_get(v, "type"));
         if (!json_is_object(v) || !t || strcmp(t, "text"))
@@ -166,8 +184,23 @@ int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e) {
                                   "message (tool_call_id '%.64s' matches none)", i,
                                   m->tool_call_id ? m->tool_call_id : "");
     }
-    if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) return -1;
-    return parse_tool_choice_openai(json_object_get(root, "tool_choice"), rq, e);
+    json_t *tools = json_object_get(root, "tools"), *tc = json_object_get(root, "tool_choice");
+    const char *tct = json_string_value(json_object_get(tc, "type"));
+    if (tct && !strcmp(tct, "allowed_tools")) {
+        /* the model sees only the allowed tools */
+        json_t *allowed = json_object_get(json_object_get(tc, "allowed_tools"), "tools");
+        if (!json_is_array(allowed) || !json_is_array(tools))
+            return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice allowed_tools needs a tools list");
+        json_t *kept = srv_filter_tools(tools, allowed);
+        int bad = !json_array_size(kept)
+                      ? srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice allowed_tools names none of the tools")
+                      : srv_parse_tools(kept, rq, e);
+        json_decref(kept);
+        if (bad) return -1;
+    } else if (srv_parse_tools(tools, rq, e)) {
+        return -1;
+    }
+    return parse_tool_choice_openai(tc, rq, e);
 }
 
 int srv_parse_completions(json_t *root, srv_request *rq, srv_error *e) {

@@ -203,8 +203,17 @@ static int parse_item(items_ctx *x, json_t *it, srv_error *e) {
             strcat(full, name);
         }
         json_t *args = json_object_get(it, "arguments");
-        if (!args || json_is_null(args)) args = json_object_get(it, "input");
+        json_t *wrapped = NULL;
+        if (!strcmp(type, "custom_tool_call")) {
+            /* the raw input, as the model wrote it: the `input` parameter (custom_tool_schema) */
+            json_t *in = json_object_get(it, "input");
+            if (in && !json_is_string(in)) return srv_invalid(e);
+            args = wrapped = json_pack("{s:s}", "input", in ? json_string_value(in) : "");
+        } else if (!args || json_is_null(args)) {
+            args = json_object_get(it, "input");
+        }
         int rc = add_call_item(x, call_id, full ? full : name, args, e);
+        json_decref(wrapped);
         free(full);
         return rc;
     }
@@ -241,8 +250,9 @@ static int parse_item(items_ctx *x, json_t *it, srv_error *e) {
 
 /* tool_choice: "none" / "auto" / "required", {"type":"function","name":N}
  * (a namespaced tool by its client-facing name, with or without its
- * namespace), {"type":"allowed_tools","mode":"auto"|"required"} (the
- * restriction to a subset is not applied). Anything else is a 400 naming
+ * namespace), {"type":"custom","name":N}, {"type":"allowed_tools",
+ * "mode":"auto"|"required","tools":[...]} (the model sees only those tools:
+ * srv_parse_responses filters them). Anything else is a 400 naming
  * tool_choice. Call after the tools are parsed. */
 static int parse_tool_choice_responses(json_t *tc, srv_request *rq, srv_error *e) {
     if (!tc || json_is_null(tc)) return 0;
@@ -272,9 +282,19 @@ static int parse_tool_choice_responses(json_t *tc, srv_request *rq, srv_error *e
         rq->tool_choice_name = xstrdup(name);
         return 0;
     }
-    if (type && !strcmp(type, "allowed_tools")) {
+    if (type && !strcmp(type, "custom")) {
+        const char *name = str_of(tc, "name");
+        if (!name) return srv_fail_param(e, "tool_choice", NULL, "tool_choice custom needs a name");
+        rq->tool_choice = SRV_TOOL_NAMED;
+        rq->tool_choice_name = xstrdup(name);
+        return 0;
+    }
+    if (type && !strcmp(type, "allowed_tools")) { /* the tools were filtered (srv_parse_responses) */
         const char *mode = str_of(tc, "mode");
         if (mode && !strcmp(mode, "required")) rq->tool_choice = SRV_TOOL_REQUIRED;
+        else if (mode && strcmp(mode, "auto"))
+            return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice allowed_tools mode must be auto "
+                                  "or required");
         return 0;
     }
     return srv_fail_param(e, "tool_choice", "unsupported_value",
@@ -327,6 +347,34 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
             goto out;
         }
     }
+    /* members that would change the reply if they were ignored */
+    json_t *pv = json_object_get(root, "prompt"), *bg = json_object_get(root, "background");
+    json_t *tl = json_object_get(root, "top_logprobs");
+    if (pv && !json_is_null(pv)) {
+        srv_fail_param(e, "prompt", "unsupported_parameter",
+                       "prompt (a stored prompt template) is not supported; send instructions and input");
+        goto out;
+    }
+    if (bg && json_is_true(bg)) {
+        srv_fail_param(e, "background", "unsupported_parameter", "background mode is not supported");
+        goto out;
+    }
+    if (tl && !json_is_null(tl) && !(json_is_integer(tl) && json_integer_value(tl) == 0)) {
+        srv_fail_param(e, "top_logprobs", "unsupported_parameter",
+                       "logprobs are not supported on /v1/responses (use /v1/chat/completions)");
+        goto out;
+    }
+    json_t *inc = json_object_get(root, "include");
+    size_t ii;
+    json_t *iv;
+    json_array_foreach(inc, ii, iv) {
+        const char *s_ = json_string_value(iv);
+        if (s_ && strstr(s_, "logprobs")) {
+            srv_fail_param(e, "include", "unsupported_value",
+                           "include %.64s: logprobs are not supported on /v1/responses (use /v1/chat/completions)", s_);
+            goto out;
+        }
+    }
     json_t *tf = json_object_get(json_object_get(root, "text"), "format");
     if (tf && !json_is_null(tf)) {
         const char *t = json_string_value(json_object_get(tf, "type"));
@@ -365,7 +413,25 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
         if (srv_chat_add(rq, DS4_ROLE_SYSTEM, json_string_value(ins), e) < 0) goto out;
     }
     /* tools before items: tool_search_output items append to them */
-    if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) goto out;
+    json_t *tools = json_object_get(root, "tools"), *tc = json_object_get(root, "tool_choice");
+    if (json_is_object(tc) && json_is_string(json_object_get(tc, "type")) &&
+        !strcmp(str_of(tc, "type"), "allowed_tools")) {
+        json_t *allowed = json_object_get(tc, "tools");
+        if (!json_is_array(allowed) || !json_is_array(tools)) {
+            srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice allowed_tools needs a tools list");
+            goto out;
+        }
+        json_t *kept = srv_filter_tools(tools, allowed);
+        int bad = !json_array_size(kept);
+        if (bad)
+            srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice allowed_tools names none of the tools");
+        else
+            bad = srv_parse_tools(kept, rq, e);
+        json_decref(kept);
+        if (bad) goto out;
+    } else if (srv_parse_tools(tools, rq, e)) {
+        goto out;
+    }
     json_t *input = json_object_get(root, "input");
     if (!input || json_is_null(input)) {
         srv_fail_param(e, "input", NULL, "missing input");
@@ -461,6 +527,20 @@ static json_t *message_item(srv_job *j, const char *status, const char *text, si
                      "output_text", "text", srv_jstr(text, n), "annotations");
 }
 
+/* A custom tool's input from the call's arguments (JSON text): the string
+ * parameter `input`, else the one string parameter, else the arguments. */
+static char *custom_input(const char *args) {
+    json_t *a = srv_json_value(args);
+    const char *in = json_string_value(json_object_get(a, "input"));
+    if (!in && json_is_object(a) && json_object_size(a) == 1) {
+        void *k = json_object_iter(a);
+        in = json_string_value(json_object_iter_value(k));
+    }
+    char *out = xstrdup(in ? in : json_is_object(a) && !json_object_size(a) ? "" : args);
+    json_decref(a);
+    return out;
+}
+
 static json_t *call_item(srv_job *j, const srv_result *r, int i, const char *status) {
     const ds4_tool_call *c = &r->parsed.calls[i];
     const char *item_id = resp_st(j)->fc_ids[i];
@@ -471,6 +551,11 @@ static json_t *call_item(srv_job *j, const srv_result *r, int i, const char *sta
         it = json_pack("{s:s, s:s, s:s, s:s, s:s, s:o}", "id", item_id, "type",
                        "tool_search_call", "status", status, "call_id", c->id ? c->id : "",
                        "execution", "client", "arguments", a ? a : json_object());
+    } else if (srv_tool_is_custom(&j->rq, c->name)) {
+        char *in = custom_input(args);
+        it = json_pack("{s:s, s:s, s:s, s:s, s:o}", "id", item_id, "type", "custom_tool_call", "call_id",
+                       c->id ? c->id : "", "name", c->name, "input", srv_jstr(in, strlen(in)));
+        free(in);
     } else {
         const srv_tool_alias *al = alias_of(&j->rq, c->name);
         it = json_pack("{s:s, s:s, s:s, s:o}", "id", item_id, "type", "function_call", "status",
@@ -640,11 +725,19 @@ static void resp_finish(srv_job *j, const srv_result *r) {
     for (int i = 0; i < p->n_calls; i++) {
         int oi = st->out_index++;
         json_t *added = call_item(j, r, i, "in_progress");
-        bool search = !strcmp(json_string_value(json_object_get(added, "type")), "tool_search_call");
-        if (!search) json_object_set_new(added, "arguments", json_string(""));
+        const char *it_type = json_string_value(json_object_get(added, "type"));
+        bool search = !strcmp(it_type, "tool_search_call"), custom = !strcmp(it_type, "custom_tool_call");
+        if (custom) json_object_set_new(added, "input", json_string(""));
+        else if (!search) json_object_set_new(added, "arguments", json_string(""));
         ev(j, "response.output_item.added", json_pack("{s:i, s:o}", "output_index", oi, "item", added));
         json_t *done = call_item(j, r, i, "completed");
-        if (!search) {
+        if (custom) {
+            json_t *in = json_object_get(done, "input");
+            ev(j, "response.custom_tool_call_input.delta",
+               json_pack("{s:s, s:i, s:O}", "item_id", st->fc_ids[i], "output_index", oi, "delta", in));
+            ev(j, "response.custom_tool_call_input.done",
+               json_pack("{s:s, s:i, s:O}", "item_id", st->fc_ids[i], "output_index", oi, "input", in));
+        } else if (!search) {
             json_t *args = json_object_get(done, "arguments");
             ev(j, "response.function_call_arguments.delta",
                json_pack("{s:s, s:i, s:O}", "item_id", st->fc_ids[i], "output_index", oi, "delta",

@@ -114,8 +114,9 @@ static void add_common(srv_server *s, struct MHD_Response *r) {
 }
 
 /* Queues body (malloc'ed, taken over) as a JSON response. */
-static enum MHD_Result reply_json(srv_server *s, struct MHD_Connection *c, unsigned status,
-                                  char *body, bool newline) {
+/* allow: the Allow header of a 405 (RFC 9110 15.5.6), else NULL */
+static enum MHD_Result reply_json_allow(srv_server *s, struct MHD_Connection *c, unsigned status,
+                                        char *body, bool newline, const char *allow) {
     size_t n = strlen(body);
     if (newline) {
         char *b2 = realloc(body, n + 2);
@@ -137,15 +138,29 @@ static enum MHD_Result reply_json(srv_server *s, struct MHD_Connection *c, unsig
     if (status == 429 || status == 503) MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, "1");
     /* a 401 names the scheme it wants (RFC 9110 11.6.1): the key as a Bearer token (or x-api-key) */
     if (status == 401) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    if (allow) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, allow);
     add_common(s, r);
     enum MHD_Result ok = MHD_queue_response(c, status, r);
     MHD_destroy_response(r);
     return ok;
 }
 
+static enum MHD_Result reply_json(srv_server *s, struct MHD_Connection *c, unsigned status, char *body,
+                                  bool newline) {
+    return reply_json_allow(s, c, status, body, newline, NULL);
+}
+
 static enum MHD_Result reply_error(srv_server *s, struct MHD_Connection *c, srv_api api,
                                    const srv_error *e) {
     return reply_json(s, c, (unsigned)e->status, srv_error_body(api, e), true);
+}
+
+/* 405 for a known path: its methods in the Allow header */
+static enum MHD_Result reply_405(srv_server *s, struct MHD_Connection *c, const char *url, bool post) {
+    srv_error e = {0};
+    srv_fail(&e, 405, "method not allowed: use %s", post ? "POST" : "GET");
+    srv_api api = url && !strncmp(url, "/v1/messages", 12) ? SRV_API_ANTHROPIC : SRV_API_CHAT;
+    return reply_json_allow(s, c, 405, srv_error_body(api, &e), true, post ? "POST, OPTIONS" : "GET, HEAD, OPTIONS");
 }
 
 /* An error in the shape of the API the path belongs to: /v1/messages...
@@ -437,12 +452,20 @@ static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, co
         size_t i = 0, n = sizeof g_routes / sizeof g_routes[0];
         while (i < n && strcmp(url, g_routes[i].path)) i++;
         if (i == n && (!strcmp(url, "/v1/models") || !strcmp(url, "/v1/models/" SRV_MODEL_ID)))
-            return reply_simple_error(s, c, url, MHD_HTTP_METHOD_NOT_ALLOWED, NULL, "method not allowed: use GET");
+            return reply_405(s, c, url, false);
         if (i == n)
             return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "unknown_url", "unknown endpoint");
         if (!json_content_type(c))
             return reply_simple_error(s, c, url, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, NULL,
                                       "Content-Type must be application/json (UTF-8)");
+        /* a compressed body would be read as JSON text: refuse it by name (RFC 9110 8.4) */
+        const char *enc = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_ENCODING);
+        if (enc && *enc && strcasecmp(enc, "identity")) {
+            char m[160];
+            snprintf(m, sizeof m, "Content-Encoding %.64s is not supported: send the request body uncompressed",
+                     enc);
+            return reply_simple_error(s, c, url, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, NULL, m);
+        }
         cx->api = g_routes[i].api;
         cx->count = g_routes[i].count;
     }
@@ -517,10 +540,9 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     if (!strcmp(method, "POST")) return run_post(s, c, cx, cx->api); /* route checked above */
     for (size_t i = 0; i < sizeof g_routes / sizeof g_routes[0]; i++)
         if (!strcmp(url, g_routes[i].path))
-            return reply_simple_error(s, c, url, MHD_HTTP_METHOD_NOT_ALLOWED, NULL,
-                                      "method not allowed: use POST");
+            return reply_405(s, c, url, true);
     if (!strcmp(url, "/v1/models"))
-        return reply_simple_error(s, c, url, MHD_HTTP_METHOD_NOT_ALLOWED, NULL, "method not allowed: use GET");
+        return reply_405(s, c, url, false);
     return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "unknown_url", "unknown endpoint");
 }
 

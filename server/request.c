@@ -481,6 +481,98 @@ static int bad_tool_name(srv_error *e, size_t i, json_t *name) {
                     i, !name ? "the function has no name" : !s ? "the name is not a string" : "the name is not usable");
 }
 
+/* A freeform tool (Responses {"type":"custom","name","description","format"})
+ * as the function the model can call: one string parameter `input` holding
+ * the whole raw input, the format's grammar in the description. The schema
+ * object in tools_json carries "x-ds4-custom" (after it was rendered) so the
+ * call goes back to the client as a custom tool call with that input. */
+static json_t *custom_tool_schema(json_t *t) {
+    const char *name = json_string_value(json_object_get(t, "name"));
+    const char *desc = json_string_value(json_object_get(t, "description"));
+    json_t *fmt = json_object_get(t, "format");
+    const char *ftype = json_string_value(json_object_get(fmt, "type"));
+    const char *syntax = json_string_value(json_object_get(fmt, "syntax"));
+    const char *def = json_string_value(json_object_get(fmt, "definition"));
+    ds4_buf d = DS4_BUF_INIT;
+    if (desc && desc[0]) ds4_buf_puts(&d, desc), ds4_buf_puts(&d, "\n\n");
+    ds4_buf_puts(&d, "Freeform tool: put its whole input, as raw text (not JSON), in the string parameter `input`.");
+    if (ftype && !strcmp(ftype, "grammar") && def) {
+        ds4_buf_puts(&d, " The input must match this ");
+        ds4_buf_puts(&d, syntax ? syntax : "");
+        ds4_buf_puts(&d, " grammar:\n");
+        ds4_buf_puts(&d, def);
+    }
+    if (!ds4_buf_ok(&d)) {
+        ds4_buf_free(&d);
+        return NULL;
+    }
+    char *dt = ds4_buf_detach(&d, NULL);
+    json_t *syn = json_pack("{s:s, s:s, s:{s:s, s:{s:{s:s, s:s}}, s:[s]}}", "name", name, "description", dt,
+                            "parameters", "type", "object", "properties", "input", "type", "string",
+                            "description", "the tool's whole input, raw text", "required", "input");
+    free(dt);
+    return syn;
+}
+
+bool srv_tool_is_custom(const srv_request *rq, const char *name) {
+    size_t i;
+    json_t *t;
+    json_array_foreach(rq->tools_json, i, t) {
+        const char *n = json_string_value(json_object_get(t, "name"));
+        if (n && name && !strcmp(n, name) && json_is_true(json_object_get(t, "x-ds4-custom"))) return true;
+    }
+    return false;
+}
+
+/* The name a tools[] entry or an allowed_tools entry refers to: function.name
+ * (chat), custom.name (chat custom) or name; NULL for hosted tools. */
+static const char *tool_ref_name(json_t *t) {
+    const char *n = json_string_value(json_object_get(json_object_get(t, "function"), "name"));
+    if (!n) n = json_string_value(json_object_get(json_object_get(t, "custom"), "name"));
+    if (!n) n = json_string_value(json_object_get(t, "name"));
+    return n;
+}
+
+static bool tool_allowed(json_t *allowed, const char *name, const char *type, const char *ns) {
+    size_t i;
+    json_t *a;
+    json_array_foreach(allowed, i, a) {
+        const char *an = tool_ref_name(a), *at = json_string_value(json_object_get(a, "type"));
+        const char *ans = json_string_value(json_object_get(a, "namespace"));
+        if (name && an && !strcmp(name, an) && (!ans || (ns && !strcmp(ns, ans)))) return true;
+        if (!name && !an && type && at && !strcmp(type, at)) return true; /* a hosted tool by its type */
+    }
+    return false;
+}
+
+json_t *srv_filter_tools(json_t *tools, json_t *allowed) {
+    json_t *out = json_array();
+    size_t i;
+    json_t *t;
+    json_array_foreach(tools, i, t) {
+        const char *type = json_string_value(json_object_get(t, "type"));
+        if (type && !strcmp(type, "namespace") && json_is_array(json_object_get(t, "tools"))) {
+            const char *ns = json_string_value(json_object_get(t, "name"));
+            json_t *inner = json_array(), *keep = json_deep_copy(t);
+            size_t k;
+            json_t *it;
+            json_array_foreach(json_object_get(t, "tools"), k, it)
+                if (tool_allowed(allowed, json_string_value(json_object_get(it, "name")), NULL, ns))
+                    json_array_append(inner, it);
+            if (json_array_size(inner)) {
+                json_object_set_new(keep, "tools", inner);
+                json_array_append_new(out, keep);
+            } else {
+                json_decref(inner);
+                json_decref(keep);
+            }
+        } else if (json_is_object(t) && tool_allowed(allowed, tool_ref_name(t), type, NULL)) {
+            json_array_append(out, t);
+        }
+    }
+    return out;
+}
+
 int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
     if (!tools || json_is_null(tools)) return 0;
     if (!json_is_array(tools)) return bad_type(e);
@@ -496,6 +588,27 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
         }
         json_t *fn = json_object_get(t, "function");
         const char *type = json_string_value(json_object_get(t, "type"));
+        if (type && !strcmp(type, "custom")) {
+            if (rq->api != SRV_API_RESPONSES) {
+                ds4_buf_free(&lines);
+                return srv_fail_param(e, "tools", "unsupported_value",
+                                      "tools[%zu]: custom (freeform) tools are supported on /v1/responses; here "
+                                      "declare a function tool", i);
+            }
+            if (!tool_name_ok(json_string_value(json_object_get(t, "name")))) {
+                ds4_buf_free(&lines);
+                return bad_tool_name(e, i, json_object_get(t, "name"));
+            }
+            json_t *syn = custom_tool_schema(t);
+            if (!syn) {
+                ds4_buf_free(&lines);
+                return srv_fail(e, 500, "out of memory");
+            }
+            add_schema(rq, &lines, syn);
+            json_object_set_new(syn, "x-ds4-custom", json_true()); /* after rendering: not shown to the model */
+            json_decref(syn);
+            continue;
+        }
         /* the function's own name (OpenAI chat: function.name; Anthropic and
          * Responses: name); hosted tools without a name stay as they are */
         json_t *own = fn && json_is_object(fn) ? fn : t;

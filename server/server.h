@@ -153,8 +153,16 @@ int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool e
 /* Maps an effort string; returns -1 for unknown values. *think_off set for
  * "none"; *max set for "max". */
 int srv_effort(const char *s, bool *think_off, bool *max);
-/* Collects tool schemas (TEXT C.1) from a "tools" array into rq. */
+/* Collects tool schemas (TEXT C.1) from a "tools" array into rq. Responses
+ * custom (freeform) tools become a function with one string parameter
+ * `input` (srv_tool_is_custom); chat custom tools are a 400. */
 int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e);
+/* name is a custom tool of rq (its calls go back as custom tool calls) */
+bool srv_tool_is_custom(const srv_request *rq, const char *name);
+/* The tools of `tools` that `allowed` (tool_choice allowed_tools' list)
+ * names: by name (function.name, custom.name or name; namespaced tools one
+ * by one) or, for hosted tools, by type. A new array. */
+json_t *srv_filter_tools(json_t *tools, json_t *allowed);
 /* Parses root.messages (required array) with one call of parse_one per
  * element; 400 "missing messages" or invalid_request on a wrong type. */
 int srv_parse_messages(json_t *root, srv_request *rq, srv_error *e,

@@ -129,8 +129,12 @@ static int prepare(srv_server *s, srv_request *rq, srv_error *e) {
     if (srv_tokenize(s->engine, rq->text, rq->text_len, &rq->tokens, &rq->n_tokens, &err))
         return srv_fail(e, 500, "tokenization failed: %s", err.msg);
     if (rq->n_tokens >= n_ctx) {
-        srv_fail(e, 400, "Prompt has %d tokens, but the configured context size is %d tokens",
-                 rq->n_tokens, n_ctx);
+        /* Anthropic's own wording: Claude Code compacts the conversation on it */
+        if (rq->api == SRV_API_ANTHROPIC)
+            srv_fail(e, 400, "prompt is too long: %d tokens > %d maximum", rq->n_tokens, n_ctx - 1);
+        else
+            srv_fail(e, 400, "Prompt has %d tokens, but the configured context size is %d tokens", rq->n_tokens,
+                     n_ctx);
         e->context = true;
         e->n_prompt = rq->n_tokens;
         e->n_ctx = n_ctx;

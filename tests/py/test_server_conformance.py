@@ -14,9 +14,10 @@ import http.client
 import json
 import re
 
+import anthropic
 import pytest
 
-from test_server import BASH_TOOL, Server, prompt_tokens, user
+from test_server import BASH_TOOL, NO_THINK, Server, prompt_tokens, user
 
 ANTH_TOOL = {"name": "Bash", "description": "Run a command",
              "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
@@ -545,3 +546,120 @@ def test_http_details_from_an_outside_pass():
         assert st == 400 and b"max_tokens: Field required" in data, data
         st, _, data = s.raw("POST", "/v1/messages/count_tokens", {"model": "m", "messages": user("x")})
         assert st == 200 and b"input_tokens" in data, data
+
+
+def test_http_details_from_a_third_outside_pass():
+    """A compressed body (Codex CLI can zstd-compress /v1/responses) is a 415 naming the encoding, not "invalid
+    JSON"; a 405 carries the Allow header (RFC 9110 15.5.6); an Anthropic prompt over the context gets Anthropic's
+    wording, "prompt is too long: N tokens > M maximum" (Claude Code compacts the conversation on it)."""
+    import gzip
+    with Server(ctx=256) as s:
+        body = json.dumps({"model": "m", "max_tokens": 2, "messages": user("x")}).encode()
+        for enc, data_ in [("gzip", gzip.compress(body)), ("zstd", b"\x28\xb5\x2f\xfd" + body), ("br", body)]:
+            st, _, data = s.raw("POST", "/v1/chat/completions", data_,
+                                headers={"Content-Type": "application/json", "Content-Encoding": enc})
+            assert st == 415 and ("Content-Encoding %s is not supported" % enc).encode() in data, (enc, st, data)
+        st, _, data = s.raw("POST", "/v1/chat/completions", body,
+                            headers={"Content-Type": "application/json", "Content-Encoding": "identity"})
+        assert st == 200, data
+        for method, path, allow in [("DELETE", "/v1/chat/completions", "POST, OPTIONS"),
+                                    ("GET", "/v1/messages", "POST, OPTIONS"),
+                                    ("POST", "/v1/models", "GET, HEAD, OPTIONS"),
+                                    ("PUT", "/v1/models", "GET, HEAD, OPTIONS")]:
+            st, hdr, data = s.raw(method, path, {} if method in ("POST", "PUT") else None)
+            assert st == 405 and hdr.get("Allow") == allow, (method, path, st, hdr)
+        st, _, data = s.raw("POST", "/v1/messages", {"model": "m", "max_tokens": 2, "messages": user("hello " * 400)})
+        msg = json.loads(data)["error"]["message"]
+        assert st == 400 and re.fullmatch(r"prompt is too long: \d+ tokens > 255 maximum", msg), (st, data)
+        try:
+            s.anthropic().messages.create(model="m", max_tokens=2, messages=user("hello " * 400))
+            assert False, "no error"
+        except anthropic.BadRequestError as ex:
+            assert "prompt is too long" in str(ex)
+
+
+APPLY_PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files with a patch",
+               "format": {"type": "grammar", "syntax": "lark",
+                          "definition": 'start: "*** Begin Patch" LF hunk+ "*** End Patch"'}}
+FG = [{"type": "function", "name": n, "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}
+      for n in ("f", "g")]
+
+
+def test_responses_custom_tools_come_back_as_custom_tool_calls():
+    """A Responses custom (freeform) tool, as Codex's apply_patch: the model sees a function with one string
+    parameter `input` (the format's grammar in its description) and the call goes back as a custom_tool_call item
+    with that input (stream: custom_tool_call_input delta/done), the same streamed and not; a custom_tool_call in
+    the input history is accepted; chat custom tools are a 400 naming tools."""
+    with Server() as s:
+        c = s.openai()
+        kw = dict(model="m", input="Fix the bug", tools=[APPLY_PATCH] + FG, max_output_tokens=60, temperature=0,
+                  tool_choice={"type": "custom", "name": "apply_patch"}, extra_body=NO_THINK)
+        r = c.responses.create(**kw)
+        calls = [o for o in r.output if o.type == "custom_tool_call"]
+        assert len(calls) == 1 and calls[0].name == "apply_patch" and isinstance(calls[0].input, str), r.output
+        assert not [o for o in r.output if o.type == "function_call"]
+        evs = list(c.responses.create(stream=True, **kw))
+        types = [e.type for e in evs]
+        assert "response.custom_tool_call_input.done" in types and "response.function_call_arguments.done" not in types
+        done = [e for e in evs if e.type == "response.custom_tool_call_input.done"][0]
+        deltas = "".join(e.delta for e in evs if e.type == "response.custom_tool_call_input.delta")
+        item = [e.item for e in evs if e.type == "response.output_item.done" and e.item.type == "custom_tool_call"][0]
+        assert done.input == deltas == item.input == calls[0].input
+        assert evs[-1].response.output[-1].input == calls[0].input
+        # the format's grammar is part of what the model reads (the prompt grows by it)
+        bare = dict(APPLY_PATCH, format={"type": "text"})
+        n = [c.responses.create(model="m", input="x", tools=[t], max_output_tokens=1, extra_body=NO_THINK)
+             .usage.input_tokens for t in (bare, APPLY_PATCH)]
+        assert n[1] > n[0] + 5, n
+        hist = [{"type": "message", "role": "user", "content": "Fix"},
+                {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch",
+                 "input": "*** Begin Patch\n*** End Patch"},
+                {"type": "custom_tool_call_output", "call_id": "c1", "output": "done"}]
+        r3 = c.responses.create(model="m", input=hist, tools=[APPLY_PATCH], max_output_tokens=3, extra_body=NO_THINK)
+        assert r3.usage.input_tokens > 0
+        st, _, data = s.raw("POST", "/v1/chat/completions",
+                            {"messages": user("x"), "tools": [{"type": "custom", "custom": {"name": "p"}}]})
+        assert st == 400 and json.loads(data)["error"]["param"] == "tools", data
+
+
+def test_allowed_tools_restrict_the_calls():
+    """tool_choice allowed_tools (Responses and chat forms): the model sees only the listed tools, so a required
+    call is one of them; a list naming none of the tools is a 400."""
+    with Server() as s:
+        c = s.openai()
+        for seed in (1, 2, 3):
+            r = c.responses.create(model="m", input="go", tools=FG, max_output_tokens=40,
+                                   tool_choice={"type": "allowed_tools", "mode": "required",
+                                                "tools": [{"type": "function", "name": "g"}]},
+                                   extra_body=dict(NO_THINK, seed=seed))
+            assert [o.name for o in r.output if o.type == "function_call"] == ["g"], r.output
+            cc = c.chat.completions.create(
+                model="m", messages=user("go"), max_tokens=40, seed=seed, extra_body=NO_THINK,
+                tools=[{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+                       for n in ("f", "g")],
+                tool_choice={"type": "allowed_tools",
+                             "allowed_tools": {"mode": "required", "tools": [{"type": "function",
+                                                                              "function": {"name": "g"}}]}})
+            assert [t.function.name for t in cc.choices[0].message.tool_calls] == ["g"]
+        st, _, data = s.raw("POST", "/v1/responses", {"model": "m", "input": "go", "tools": FG,
+                                                      "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                                                      "tools": [{"type": "function", "name": "h"}]}})
+        assert st == 400 and json.loads(data)["error"]["param"] == "tool_choice", data
+
+
+def test_fields_that_would_change_the_reply_are_refused():
+    """Legacy chat functions/function_call, Responses prompt templates, background mode and logprobs: a 400 naming
+    the field, not a reply that silently lacks what they ask for."""
+    with Server() as s:
+        for path, body, param in [
+                ("/v1/chat/completions", {"messages": user("x"), "functions": [{"name": "f"}]}, "functions"),
+                ("/v1/chat/completions", {"messages": user("x"), "function_call": "auto"}, "function_call"),
+                ("/v1/responses", {"input": "x", "prompt": {"id": "pmpt_1"}}, "prompt"),
+                ("/v1/responses", {"input": "x", "background": True}, "background"),
+                ("/v1/responses", {"input": "x", "top_logprobs": 3}, "top_logprobs"),
+                ("/v1/responses", {"input": "x", "include": ["message.output_text.logprobs"]}, "include")]:
+            st, _, data = s.raw("POST", path, body)
+            assert st == 400 and json.loads(data)["error"]["param"] == param, (path, body, st, data)
+        st, _, data = s.raw("POST", "/v1/responses", {"input": "x", "background": False, "max_output_tokens": 1,
+                                                      "include": ["reasoning.encrypted_content"]})
+        assert st == 200, data
