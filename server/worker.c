@@ -799,6 +799,10 @@ static void run_job(srv_server *s, srv_job *j) {
 
     /* Step 3: the one parse (dsml.h): what the stream emitted is the reply */
     bool block_open = tools && ds4_dsml_stream_block_started(g.ds) && !ds4_dsml_stream_block_ended(g.ds);
+    /* cut by the token limit inside a call or its opening tag: the partial
+     * call is dropped (no DSML markup in the reply for the client to show and
+     * send back) */
+    if (tools && finish == SRV_FINISH_LENGTH) ds4_dsml_stream_drop_open_block(g.ds);
     ds4_dsml_stream_finish(g.ds, on_event, &g, &r.parsed, NULL);
     if (g.in_reasoning && g.em->reasoning_end && g.streaming) g.em->reasoning_end(j);
     r.think_closed = g.gen.data && memmem(g.gen.data, g.gen.len, DS4_THINK_CLOSE, 8) != NULL;
@@ -814,8 +818,8 @@ static void run_job(srv_server *s, srv_job *j) {
     if (block_open && finish != SRV_FINISH_ERROR) {
         /* cut by the token limit: length (OpenAI "length", Anthropic
          * "max_tokens", Responses "incomplete"), what clients of every API
-         * expect of a cut-off call and retry with more room; ended by EOS:
-         * error. Either way the block's bytes follow the content (TEXT C.6). */
+         * expect of a cut-off call and retry with more room, the call dropped;
+         * ended by EOS: error, the block's bytes follow the content (TEXT C.6). */
         if (finish != SRV_FINISH_LENGTH) finish = SRV_FINISH_ERROR;
         snprintf(r.error_msg, sizeof r.error_msg, "unterminated tool call");
     }

@@ -951,6 +951,7 @@ struct ds4_dsml_stream {
     ds4_dsml_tracker trk;
     uint64_t id_rng;
     int finished, block_started, block_ended;
+    int drop_open;       /* finish drops a block still open (ds4_dsml_stream_drop_open_block) */
     int assign_ids;      /* finish gives the calls ids (not for ds4_dsml_parse) */
     /* event sink for the current feed/finish */
     ds4_dsml_event_fn fn;
@@ -1442,6 +1443,20 @@ int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
     s->finished = 1;
     s->fn = fn;
     s->ud = ud;
+    int dropped = 0;
+    if (s->drop_open && s->o.tools && s->st == ST_CONTENT && s->text.len > s->pos) {
+        /* cut while the opening tag was being written (held, not emitted):
+         * that tag and the whitespace before it are dropped too (a lone '<'
+         * stays: it may be text) */
+        long p = ds4_dsml_open_prefix(s->text.data, s->text.len);
+        if (p >= (long)s->pos) {
+            const char *lt = memchr(s->text.data + p, '<', s->text.len - (size_t)p);
+            if (lt && s->text.len - (size_t)(lt - s->text.data) >= 2) {
+                s->text.len = (size_t)p;
+                dropped = 1;
+            }
+        }
+    }
     int rc = advance(s, 1);
     ds4_buf suffix = DS4_BUF_INIT;
     if (!rc && s->st >= ST_BLOCK && s->st <= ST_NESTED) {
@@ -1457,11 +1472,17 @@ int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
             s->block_ended = 1;
             s->st = ST_AFTER;
             emit(s, DS4_DSML_EV_BLOCK_END, 0, NULL, 0);
+        } else if (s->drop_open) {
+            /* the turn was cut inside the block: its bytes are not content */
+            s->st = ST_FAILED;
+            s->pos = s->text.len;
+            s->flush_from = s->text.len;
+            dropped = 1;
         } else {
             fail(s, "unterminated tool call");
         }
     }
-    if (!rc && s->st == ST_FAILED) {
+    if (!rc && s->st == ST_FAILED && !dropped) {
         emit(s, DS4_DSML_EV_CONTENT, 0, s->text.data + s->flush_from,
              s->text.len - s->flush_from);
         s->pos = s->text.len;
@@ -1469,6 +1490,7 @@ int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
     if (!rc && s->cancelled) rc = DS4_E_CANCEL;
     s->fn = NULL;
     if (!rc && out) rc = stream_result(s, &suffix, out);
+    if (!rc && out && dropped) out->parse_failed = 0, out->block_dropped = 1;
     for (int i = 0; !rc && out && s->assign_ids && i < out->n_calls; i++) {
         char id[80];
         if (i < s->n_calls) snprintf(id, sizeof id, "%s", s->ids[i]);
@@ -1530,6 +1552,7 @@ ds4_dsml_class ds4_dsml_stream_class(const ds4_dsml_stream *s) {
 }
 
 int ds4_dsml_stream_block_started(const ds4_dsml_stream *s) { return s->block_started; }
+void ds4_dsml_stream_drop_open_block(ds4_dsml_stream *s) { s->drop_open = 1; }
 int ds4_dsml_stream_block_ended(const ds4_dsml_stream *s) { return s->block_ended; }
 
 const char *ds4_dsml_stream_text(const ds4_dsml_stream *s, size_t *len) {

@@ -111,6 +111,7 @@ typedef struct ds4_dsml_result {
     size_t raw_dsml_len;
     int block_seen;          /* a block open tag was found */
     int parse_failed;        /* block seen but malformed or open: its text is content */
+    int block_dropped;       /* an open block dropped at finish (ds4_dsml_stream_drop_open_block) */
 } ds4_dsml_result;
 
 /* Parses one generated assistant turn (decoded bytes without EOS) with the
@@ -239,6 +240,12 @@ int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
 ds4_dsml_class ds4_dsml_stream_class(const ds4_dsml_stream *s);
 /* State flags for the server's stop logic (C.7). */
 int ds4_dsml_stream_block_started(const ds4_dsml_stream *s);
+/* Before ds4_dsml_stream_finish (the turn was cut by its token limit): a
+ * block still open then is dropped instead of failing (no ERROR event, its
+ * bytes are not emitted as content), and so is a held, partly written
+ * opening tag (at least 2 bytes of it) with the whitespace before it; the
+ * result then has block_dropped set. */
+void ds4_dsml_stream_drop_open_block(ds4_dsml_stream *s);
 int ds4_dsml_stream_block_ended(const ds4_dsml_stream *s);
 /* Whole text fed so far (owned by the stream). */
 const char *ds4_dsml_stream_text(const ds4_dsml_stream *s, size_t *len);

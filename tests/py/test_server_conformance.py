@@ -663,3 +663,29 @@ def test_fields_that_would_change_the_reply_are_refused():
         st, _, data = s.raw("POST", "/v1/responses", {"input": "x", "background": False, "max_output_tokens": 1,
                                                       "include": ["reasoning.encrypted_content"]})
         assert st == 200, data
+
+
+def test_a_call_cut_by_the_token_limit_leaves_no_markup():
+    """A forced tool call cut by max_tokens (inside the block or its opening tag): finish length / max_tokens /
+    incomplete, no tool call and no DSML markup in the text (clients show it and send it back), streamed as not."""
+    tool_a = {"name": "bash", "input_schema": BASH_TOOL["function"]["parameters"]}
+    tool_r = {"type": "function", "name": "bash", "parameters": BASH_TOOL["function"]["parameters"]}
+    with Server() as s:
+        c, a = s.openai(), s.anthropic()
+        for mt in (2, 3, 6, 12, 20):
+            kw = dict(model="m", messages=user("run ls"), tools=[BASH_TOOL], tool_choice="required", max_tokens=mt,
+                      temperature=0, extra_body=NO_THINK)
+            r = c.chat.completions.create(**kw)
+            st = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kw)
+                         if ch.choices)
+            m = r.choices[0].message
+            assert r.choices[0].finish_reason == "length" and not m.tool_calls, (mt, r)
+            assert "DSML" not in (m.content or "") and (m.content or "") == st, (mt, m.content, st)
+            am = a.messages.create(model="m", max_tokens=mt, messages=user("run ls"), tools=[tool_a],
+                                   tool_choice={"type": "any"}, extra_body=dict(NO_THINK, temperature=0))
+            assert am.stop_reason == "max_tokens" and all(b.type == "text" and "DSML" not in b.text
+                                                          for b in am.content), (mt, am)
+            rr = c.responses.create(model="m", input="run ls", tools=[tool_r], tool_choice="required",
+                                    max_output_tokens=mt, temperature=0, extra_body=NO_THINK)
+            assert rr.status == "incomplete" and "DSML" not in rr.output_text, (mt, rr.output)
+            assert not [o for o in rr.output if o.type == "function_call"]
