@@ -16,8 +16,11 @@
  *
  * String values are sampled freely from tokens without '<'; the value ends
  * when the model picks a token with '<' (or EOS), after 64 tokens, or when
- * the budget left only fits the closing tags. Non-string values are a choice
- * among JSON literals of the property's type. A "choice" step masks the
+ * the budget left only fits the closing tags. Integers and numbers are
+ * sampled the same way among tokens that keep them valid JSON numbers (up
+ * to 12 tokens); enums (also string enums) are a choice among their values;
+ * other non-string values a choice among JSON literals of the property's
+ * type (a list of types or anyOf/oneOf: the first that is not null). A "choice" step masks the
  * logits to tokens whose bytes continue some candidate string and samples
  * greedily (structure is greedy, TEXT C.9); once one candidate is left its
  * rest is written with the longest fitting tokens. The output is therefore always a
@@ -38,8 +41,9 @@
 #define DSML DS4_DSML_MARK
 #define RESERVE_TOKENS 32 /* enough for "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" */
 #define MAX_VALUE_TOKENS 64
+#define MAX_NUM_TOKENS 12
 
-enum { PH_THINK, PH_HEADER, PH_NAME, PH_PARAMS, PH_VALUE_STR, PH_VALUE_LIT, PH_CLOSE_VALUE, PH_DONE };
+enum { PH_THINK, PH_HEADER, PH_NAME, PH_PARAMS, PH_VALUE_STR, PH_VALUE_LIT, PH_VALUE_NUM, PH_CLOSE_VALUE, PH_DONE };
 
 typedef struct cand {
     char *text;
@@ -67,6 +71,8 @@ struct srv_forced {
     char **used;             /* (n_used) property names already written */
     int n_used;
     int value_tokens;
+    int num_state;           /* PH_VALUE_NUM: position in -?(0|[1-9][0-9]*)(.[0-9]+)? (num_step) */
+    bool num_frac;           /* the number may have a fraction (type number) */
 };
 
 static void cands_clear(srv_forced *f) {
@@ -166,6 +172,48 @@ static bool used(const srv_forced *f, const char *name) {
 #define CLOSE_CALL "</" DSML "invoke>\n</" DSML "tool_calls>"
 #define CLOSE_PARAM "</" DSML "parameter>\n"
 
+/* The JSON type a property's value takes: "type" (the first one other than
+ * "null" when it is a list), else that of the first anyOf/oneOf member that
+ * has one (Optional[int] is anyOf [integer, null]); NULL when unknown. */
+static const char *prop_type(json_t *pv) {
+    json_t *t = json_object_get(pv, "type");
+    if (json_is_string(t)) return json_string_value(t);
+    if (json_is_array(t)) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(t, i, x)
+            if (json_is_string(x) && strcmp(json_string_value(x), "null")) return json_string_value(x);
+    }
+    const char *alts[] = {"anyOf", "oneOf"};
+    for (int k = 0; k < 2; k++) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(json_object_get(pv, alts[k]), i, x) {
+            const char *ty = prop_type(x);
+            if (ty && strcmp(ty, "null")) return ty;
+        }
+    }
+    return NULL;
+}
+
+/* The property's allowed values (enum, or const), when it lists them. */
+static json_t *prop_enum(json_t *pv) {
+    json_t *en = json_object_get(pv, "enum");
+    if (json_is_array(en) && json_array_size(en)) return en;
+    return NULL;
+}
+
+/* A value the block can carry as written: no markup characters */
+static bool writable(const char *s) { return !strchr(s, '<') && !strchr(s, '&'); }
+
+/* The parameter tag of property `key`: string="true" for strings (written
+ * freely), "false" for JSON values (enums as a choice among their values). */
+static bool prop_is_str(json_t *pv) {
+    if (prop_enum(pv)) return false;
+    const char *type = prop_type(pv);
+    return !type || !strcmp(type, "string");
+}
+
 /* Candidates after the invoke header or a parameter: another property, or
  * the close when every required property is present (or budget is short). */
 static void param_cands(srv_forced *f, bool short_budget) {
@@ -180,13 +228,52 @@ static void param_cands(srv_forced *f, bool short_budget) {
         json_t *v;
         json_object_foreach(f->props, key, v) {
             if (used(f, key) || strchr(key, '"')) continue;
-            const char *type = json_string_value(json_object_get(v, "type"));
-            bool is_str = !type || !strcmp(type, "string");
+            bool is_str = prop_is_str(v);
             cand_take(f, cat3("<" DSML "parameter name=\"", key,
                               is_str ? "\" string=\"true\">" : "\" string=\"false\">"), 1);
         }
     }
     if (!missing_required || short_budget || f->n_cands == 0) cand_add(f, CLOSE_CALL, 2);
+}
+
+/* Candidates for an enum's values, as JSON (string="false"); values with
+ * markup characters cannot be written in the block and are left out. */
+static void enum_cands(srv_forced *f, json_t *en) {
+    size_t i;
+    json_t *v;
+    json_array_foreach(en, i, v) {
+        char *j = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+        if (j && writable(j)) cand_take(f, cat3("", j, CLOSE_PARAM), 0);
+        free(j);
+    }
+    if (!f->n_cands) cand_add(f, "null" CLOSE_PARAM, 0);
+}
+
+/* A number's bytes one at a time through -?(0|[1-9][0-9]*)(.[0-9]+)?:
+ * states 0 start, 1 after '-', 2 after a leading 0, 3 integer digits,
+ * 4 after '.', 5 fraction digits; -1 when c cannot follow. Accepting: 2, 3, 5. */
+static int num_step(int st, char c, bool frac) {
+    bool d = c >= '0' && c <= '9';
+    switch (st) {
+    case 0: return c == '-' ? 1 : c == '0' ? 2 : d ? 3 : -1;
+    case 1: return c == '0' ? 2 : d ? 3 : -1;
+    case 2: return c == '.' && frac ? 4 : -1;
+    case 3: return d ? 3 : c == '.' && frac ? 4 : -1;
+    case 4: case 5: return d ? 5 : -1;
+    default: return -1;
+    }
+}
+
+static bool num_accepting(int st) { return st == 2 || st == 3 || st == 5; }
+
+/* The number state after token t, or -1 if t cannot continue the number */
+static int num_after(srv_forced *f, int32_t t) {
+    size_t n = 0;
+    const char *b = ds4_token_bytes(f->e, t, &n);
+    if (!b || n == 0 || t == f->eos) return -1;
+    int st = f->num_state;
+    for (size_t i = 0; i < n && st >= 0; i++) st = num_step(st, b[i], f->num_frac);
+    return st;
 }
 
 /* Candidates for a non-string value of the property's type. */
@@ -271,6 +358,35 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
     }
+    if (f->phase == PH_VALUE_NUM) {
+        /* digits sampled by the model within the number grammar; the value
+         * closes when the model picks a '<' or EOS (once the number is
+         * whole), at MAX_NUM_TOKENS or when the budget is short */
+        bool whole = num_accepting(f->num_state);
+        bool must_close = whole && (short_budget || f->value_tokens >= MAX_NUM_TOKENS);
+        int32_t tok = -1;
+        if (!must_close) {
+            for (int t = 0; t < f->n_vocab; t++) {
+                int st = num_after(f, t);
+                bool close = whole && (t == f->eos || has_lt(f, t));
+                f->scratch[t] = st >= 0 || close ? logits[t] : -INFINITY;
+            }
+            if (!whole && (short_budget || f->value_tokens >= MAX_NUM_TOKENS)) {
+                /* finish the number with a digit at once */
+                for (int t = 0; t < f->n_vocab; t++)
+                    if (!num_accepting(num_after(f, t))) f->scratch[t] = -INFINITY;
+            }
+            tok = ds4_sampler_sample(smp, f->scratch, p, rng);
+            if (!isfinite(f->scratch[tok])) tok = -1;
+        }
+        if (tok >= 0 && tok != f->eos && !has_lt(f, tok)) {
+            f->num_state = num_after(f, tok);
+            f->value_tokens++;
+            return tok;
+        }
+        f->phase = PH_CLOSE_VALUE;
+        cand_add(f, CLOSE_PARAM, 0);
+    }
     if (f->phase == PH_PARAMS && short_budget) {
         /* only the close is left; a parameter tag already begun is finished
          * and its value then closes at once */
@@ -341,12 +457,20 @@ static void choice_done(srv_forced *f, const cand *c) {
             f->used[f->n_used++] = key;
             bool is_str = strstr(text, "string=\"true\"") != NULL;
             f->value_tokens = 0;
+            json_t *pv = f->props ? json_object_get(f->props, key) : NULL;
+            const char *type = prop_type(pv);
             if (is_str) {
                 f->phase = PH_VALUE_STR;
+            } else if (prop_enum(pv)) {
+                f->phase = PH_VALUE_LIT;
+                enum_cands(f, prop_enum(pv));
+            } else if (type && (!strcmp(type, "integer") || !strcmp(type, "number"))) {
+                f->phase = PH_VALUE_NUM;
+                f->num_state = 0;
+                f->num_frac = !strcmp(type, "number");
             } else {
                 f->phase = PH_VALUE_LIT;
-                json_t *pv = f->props ? json_object_get(f->props, key) : NULL;
-                literal_cands(f, json_string_value(json_object_get(pv, "type")));
+                literal_cands(f, type);
             }
         }
         break;
@@ -378,7 +502,7 @@ void srv_forced_feed(srv_forced *f, const char *bytes, size_t n) {
         }
         return;
     }
-    if (f->phase == PH_VALUE_STR) return;
+    if (f->phase == PH_VALUE_STR || f->phase == PH_VALUE_NUM) return;
     if (!f->n_cands) return;
     /* advance the choice and drop candidates that no longer match */
     int keep = 0;

@@ -689,3 +689,31 @@ def test_a_call_cut_by_the_token_limit_leaves_no_markup():
                                     max_output_tokens=mt, temperature=0, extra_body=NO_THINK)
             assert rr.status == "incomplete" and "DSML" not in rr.output_text, (mt, rr.output)
             assert not [o for o in rr.output if o.type == "function_call"]
+
+
+def test_forced_calls_follow_the_schema_types():
+    """A forced call (tool_choice required) takes the schema's types: integers and numbers of several digits
+    (they were one digit), string enums among their values, anyOf [integer, null] as an integer; so the openai
+    SDK's strict pydantic tools parse (their schema validation ran on every seed)."""
+    from typing import Literal, Optional
+    import openai
+    import pydantic
+
+    class Search(pydantic.BaseModel):
+        limit: int
+        mode: Literal["fast", "deep"]
+        ratio: float
+        opt: Optional[int]
+        q: str
+
+    tool = openai.pydantic_function_tool(Search)
+    with Server() as s:
+        c = s.openai()
+        for seed in range(1, 5):
+            r = c.chat.completions.parse(model="m", messages=user("search"), tools=[tool], tool_choice="required",
+                                         max_tokens=300, extra_body=dict(NO_THINK, seed=seed))
+            a = r.choices[0].message.tool_calls[0].function.parsed_arguments
+            assert isinstance(a, Search) and a.mode in ("fast", "deep"), a
+            raw = json.loads(r.choices[0].message.tool_calls[0].function.arguments)
+            assert isinstance(raw["limit"], int) and isinstance(raw["opt"], (int, type(None)))
+            assert isinstance(raw["ratio"], (int, float)), raw
