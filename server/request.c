@@ -257,6 +257,16 @@ int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool e
             const char *s = json_string_value(ty);
             if (s && !strcmp(s, "enabled")) enabled = true, explicit_ctl = true;
             else if (s && !strcmp(s, "disabled")) enabled = false, explicit_ctl = true;
+            /* Anthropic's budget_tokens: the reasoning is closed once it has
+             * written that many tokens (a target, as Anthropic says) */
+            json_t *bt = json_object_get(t, "budget_tokens");
+            if (bt && !json_is_null(bt)) {
+                if (!json_is_integer(bt)) return bad_type(e);
+                if (json_integer_value(bt) < 1)
+                    return srv_fail_param(e, "thinking.budget_tokens", "invalid_value",
+                                          "thinking.budget_tokens must be at least 1");
+                rq->think_budget = json_integer_value(bt) > INT32_MAX ? INT32_MAX : (int)json_integer_value(bt);
+            }
         } else {
             return bad_type(e);
         }

@@ -88,6 +88,7 @@ typedef struct srv_request {
     char **stops;          /* (n_stops) non-empty stop strings */
     int n_stops;
     ds4_think think;       /* requested mode after aliases (gate applied at render) */
+    int think_budget;      /* thinking.budget_tokens: reasoning tokens before </think> is written (0: none) */
     bool reasoning_summary; /* Responses: client opted in to reasoning */
     bool requires_live;    /* a tool output relies only on the live binding (B.4) */
     char **live_ids;       /* (n_live_ids) tool-output ids with no call in the

@@ -612,6 +612,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     ds4_rng rng;
     ds4_rng_seed(&rng, rq->seed ? rq->seed : ds4_rng_entropy_seed() ^ (j->serial << 1));
     int32_t eos = ds4_token_special(s->engine, DS4_TOK_EOS);
+    const int32_t think_close = ds4_token_special(s->engine, DS4_TOK_THINK_CLOSE);
     srv_forced *fz = srv_forced_new(s->engine, rq, g->thinking);
     srv_finish finish = SRV_FINISH_LENGTH;
     int n_gen = 0;
@@ -654,6 +655,11 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         if (qi < nq) {
             tok = queue[qi++];
             evaluated = true;
+        } else if (g->thinking && !reason_done && !fz && rq->think_budget > 0 && n_reason >= rq->think_budget &&
+                   think_close >= 0) {
+            /* the thinking budget is spent: the reasoning is closed here */
+            tok = think_close;
+            next = -1;
         } else if (next >= 0 && !forced) {
             tok = next;
             next = -1;

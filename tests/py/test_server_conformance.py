@@ -717,3 +717,26 @@ def test_forced_calls_follow_the_schema_types():
             raw = json.loads(r.choices[0].message.tool_calls[0].function.arguments)
             assert isinstance(raw["limit"], int) and isinstance(raw["opt"], (int, type(None)))
             assert isinstance(raw["ratio"], (int, float)), raw
+
+
+def test_thinking_budget_closes_the_reasoning():
+    """thinking.budget_tokens (Anthropic; also accepted on chat): the reasoning is closed with </think> once it
+    has that many tokens, and the answer follows; without it the reasoning runs on (random demo weights)."""
+    with Server() as s:
+        c = s.openai()
+        free = c.chat.completions.create(model="m", messages=user("think"), max_tokens=60,
+                                         extra_body={"thinking": {"type": "enabled"}, "seed": 5})
+        assert free.usage.completion_tokens_details.reasoning_tokens == 60
+        for b in (3, 10):
+            r = c.chat.completions.create(model="m", messages=user("think"), max_tokens=60,
+                                          extra_body={"thinking": {"type": "enabled", "budget_tokens": b}, "seed": 5})
+            # the budget's tokens and the closing </think>
+            assert r.usage.completion_tokens_details.reasoning_tokens == b + 1, r.usage
+            assert r.choices[0].message.reasoning_content and r.choices[0].message.content
+        a = s.anthropic().messages.create(model="m", max_tokens=40, messages=user("think"),
+                                          thinking={"type": "enabled", "budget_tokens": 8}, extra_body={"seed": 5})
+        assert [b.type for b in a.content] == ["thinking", "text"] and a.content[1].text, a.content
+        for bad in ("x", 0, -3):
+            st, _, data = s.raw("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": user("x"),
+                                                         "thinking": {"type": "enabled", "budget_tokens": bad}})
+            assert st == 400, (bad, data)
