@@ -170,6 +170,9 @@ static int parse_tool_choice_anthropic(json_t *tc, srv_request *rq, srv_error *e
     if (!tc || json_is_null(tc)) return 0;
     if (!json_is_object(tc)) return srv_invalid(e);
     const char *type = json_string_value(json_object_get(tc, "type"));
+    json_t *dp = json_object_get(tc, "disable_parallel_tool_use");
+    if (dp && !json_is_null(dp) && !json_is_boolean(dp)) return srv_invalid(e);
+    rq->single_call = json_is_true(dp);
     if (!type) return 0;
     if (!strcmp(type, "none")) rq->tool_choice = SRV_TOOL_NONE;
     else if (!strcmp(type, "any")) rq->tool_choice = SRV_TOOL_REQUIRED;

@@ -200,6 +200,9 @@ int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e) {
     } else if (srv_parse_tools(tools, rq, e)) {
         return -1;
     }
+    json_t *ptc = json_object_get(root, "parallel_tool_calls");
+    if (ptc && !json_is_null(ptc) && !json_is_boolean(ptc)) return srv_invalid(e);
+    rq->single_call = json_is_false(ptc);
     return parse_tool_choice_openai(tc, rq, e);
 }
 

@@ -450,6 +450,12 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
         srv_invalid(e);
         goto out;
     }
+    json_t *ptc = json_object_get(root, "parallel_tool_calls");
+    if (ptc && !json_is_null(ptc) && !json_is_boolean(ptc)) {
+        srv_invalid(e);
+        goto out;
+    }
+    rq->single_call = json_is_false(ptc);
     if (parse_tool_choice_responses(json_object_get(root, "tool_choice"), rq, e)) goto out;
     rc = collect_echo(root, rq, e);
 out:

@@ -79,7 +79,11 @@ static void usage(FILE *f) {
 static void usage_debug(void) {
     printf("diagnostic switches (tests only, not user modes):\n"
            "  --debug-slow-connection-ms N   each connection thread sleeps N ms before it\n"
-           "                                 writes (a loaded machine; shutdown-drain test)\n");
+           "                                 writes (a loaded machine; shutdown-drain test)\n"
+           "  --debug-reply TEXT             every reply generates TEXT's tokens (special\n"
+           "                                 tokens and DSML markup parsed), then EOS, in place\n"
+           "                                 of sampling (tests of what the server makes of a\n"
+           "                                 given model output)\n");
 }
 
 static int parse_int(const char *opt, const char *v, long lo, long hi, long *out) {
@@ -212,6 +216,7 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
             i++;
             continue;
         }
+        STROPT("--debug-reply", debug_reply)
         STROPT("-m", model_path)
         STROPT("--model", model_path)
         STROPT("--mtp", mtp_path)

@@ -109,6 +109,7 @@ typedef struct srv_request {
     json_t *tools_json;    /* array of tool schema objects (names, properties) */
     srv_tool_choice tool_choice;
     char *tool_choice_name; /* SRV_TOOL_NAMED */
+    bool single_call;      /* parallel_tool_calls false / disable_parallel_tool_use: the first call only */
     srv_tool_alias *aliases; /* (n_aliases) Responses namespaced tools */
     int n_aliases;
 
@@ -340,6 +341,7 @@ typedef struct srv_config {
     ds4_think default_think[SRV_N_API]; /* --default-thinking, per API */
     int tool_memory_max_ids;
     int debug_slow_conn_ms;     /* --debug-slow-connection-ms (tests only) */
+    const char *debug_reply;    /* --debug-reply TEXT (tests only): every reply is TEXT's tokens */
 } srv_config;
 
 typedef struct srv_server srv_server;
@@ -420,6 +422,8 @@ struct srv_server {
     /* cache policy state (worker thread only) */
     struct srv_cache *cache;
     struct ds4_sampler *sampler;  /* worker thread only */
+    int32_t *debug_tokens;        /* (n_debug_tokens) --debug-reply's tokens, else NULL */
+    int n_debug_tokens;
     double *lp_scratch;           /* (n_vocab) logprobs of a step; worker thread only */
     ds4_dsml_replay *replay;      /* exact DSML replay map (TEXT C.8), under replay_mu */
     pthread_mutex_t replay_mu;

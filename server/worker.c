@@ -368,6 +368,7 @@ static int on_event(void *ud, const ds4_dsml_event *ev) {
     case DS4_DSML_EV_BLOCK_END: /* the calls are certain now */
         for (int i = 0; i < g->n_held; i++) {
             const tool_ev *t = &g->held[i];
+            if (j->rq.single_call && t->index > 0) continue; /* parallel calls off: the first only */
             if (t->type == DS4_DSML_EV_CALL_START && em->tool_begin) {
                 em->tool_begin(j, t->index, t->id ? t->id : "", t->name ? t->name : "");
                 j->n_tool_started = t->index + 1;
@@ -621,7 +622,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
      * tool call, no logprobs, and no greedy-structure switching (no tools,
      * or greedy anyway). A cycle appends the chosen token and the accepted
      * drafts; those are then taken from the queue without evaluation. */
-    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs &&
+    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs && !s->debug_tokens &&
                      (!tools || !(ds4_sampler_effective(&cp, g->thinking, 0).temperature > 0.0f));
     ds4_spec_stats st0 = {0};
     if (mtp) ds4_session_spec_stats(s->session, &st0);
@@ -652,7 +653,9 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         int32_t tok;
         const float *logits = NULL;
         bool evaluated = false;
-        if (qi < nq) {
+        if (s->debug_tokens) { /* --debug-reply: the given output, then EOS */
+            tok = n_gen < s->n_debug_tokens ? s->debug_tokens[n_gen] : eos;
+        } else if (qi < nq) {
             tok = queue[qi++];
             evaluated = true;
         } else if (g->thinking && !reason_done && !fz && rq->think_budget > 0 && n_reason >= rq->think_budget &&
@@ -829,6 +832,21 @@ static void run_job(srv_server *s, srv_job *j) {
         if (finish != SRV_FINISH_LENGTH) finish = SRV_FINISH_ERROR;
         snprintf(r.error_msg, sizeof r.error_msg, "unterminated tool call");
     }
+    if (rq->single_call && r.parsed.n_calls > 1) {
+        /* parallel calls off: the first call only (as streamed); the block's
+         * exact bytes hold the others, so it is not kept for replay (the call
+         * re-renders from its JSON) */
+        srv_log("tool: parallel calls off: %d calls after the first dropped", r.parsed.n_calls - 1);
+        for (int i = 1; i < r.parsed.n_calls; i++) {
+            free(r.parsed.calls[i].id);
+            free(r.parsed.calls[i].name);
+            free(r.parsed.calls[i].arguments);
+        }
+        r.parsed.n_calls = 1;
+        free(r.parsed.raw_dsml);
+        r.parsed.raw_dsml = NULL;
+        r.parsed.raw_dsml_len = 0;
+    }
     if (r.parsed.n_calls && finish != SRV_FINISH_ERROR) finish = SRV_FINISH_TOOL_CALLS;
     if (finish == SRV_FINISH_TOOL_CALLS && !r.parsed.n_calls) finish = SRV_FINISH_STOP;
     if (finish != SRV_FINISH_STOP) r.stop = NULL; /* the reply did not end at the stop */
@@ -904,6 +922,10 @@ static void *worker_main(void *arg) {
 }
 
 int srv_worker_start(srv_server *s, ds4_err *err) {
+    if (s->cfg.debug_reply &&
+        srv_tokenize(s->engine, s->cfg.debug_reply, strlen(s->cfg.debug_reply), &s->debug_tokens,
+                     &s->n_debug_tokens, err))
+        return err ? err->code : DS4_E_NOMEM;
     s->sampler = ds4_sampler_new(ds4_engine_n_vocab(s->engine), err);
     if (!s->sampler) return err ? err->code : DS4_E_NOMEM;
     s->lp_scratch = malloc((size_t)ds4_engine_n_vocab(s->engine) * sizeof *s->lp_scratch);
@@ -922,6 +944,7 @@ void srv_worker_stop(srv_server *s) {
     if (s->worker_started) pthread_join(s->worker, NULL);
     s->worker_started = false;
     ds4_sampler_free(s->sampler);
+    free(s->debug_tokens);
     s->sampler = NULL;
     free(s->lp_scratch);
     s->lp_scratch = NULL;

@@ -740,3 +740,41 @@ def test_thinking_budget_closes_the_reasoning():
             st, _, data = s.raw("POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": user("x"),
                                                          "thinking": {"type": "enabled", "budget_tokens": bad}})
             assert st == 400, (bad, data)
+
+
+M = "\uff5cDSML\uff5c"
+TWO_CALLS = ("Sure.\n\n<{m}tool_calls>\n<{m}invoke name=\"bash\">\n<{m}parameter name=\"command\" string=\"true\">ls"
+             "</{m}parameter>\n</{m}invoke>\n<{m}invoke name=\"bash\">\n<{m}parameter name=\"command\" "
+             "string=\"true\">pwd</{m}parameter>\n</{m}invoke>\n</{m}tool_calls>").format(m=M)
+
+
+def test_parallel_tool_calls_off_keeps_the_first_call():
+    """A block with two calls (the reply scripted with --debug-reply): both by default; with parallel_tool_calls
+    false (chat, Responses) or disable_parallel_tool_use (Anthropic) only the first, streamed as not."""
+    tool_a = {"name": "bash", "input_schema": BASH_TOOL["function"]["parameters"]}
+    tool_r = {"type": "function", "name": "bash", "parameters": BASH_TOOL["function"]["parameters"]}
+    with Server("--debug-reply", TWO_CALLS) as s:
+        c, a = s.openai(), s.anthropic()
+        for par, want in [(None, ["ls", "pwd"]), (True, ["ls", "pwd"]), (False, ["ls"])]:
+            kw = dict(model="m", messages=user("run"), tools=[BASH_TOOL], max_tokens=200, extra_body=NO_THINK)
+            if par is not None:
+                kw["parallel_tool_calls"] = par
+            r = c.chat.completions.create(**kw)
+            got = [json.loads(t.function.arguments)["command"] for t in r.choices[0].message.tool_calls]
+            assert got == want and r.choices[0].finish_reason == "tool_calls", (par, r)
+            assert r.choices[0].message.content == "Sure."
+            args = {}
+            for ch in c.chat.completions.create(stream=True, **kw):
+                for t in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+                    args[t.index] = args.get(t.index, "") + (t.function.arguments or "")
+            assert [json.loads(args[i])["command"] for i in sorted(args)] == want, (par, args)
+        for dis, want in [(False, 2), (True, 1)]:
+            m = a.messages.create(model="m", max_tokens=200, messages=user("run"), tools=[tool_a],
+                                  tool_choice={"type": "auto", "disable_parallel_tool_use": dis}, extra_body=NO_THINK)
+            uses = [b for b in m.content if b.type == "tool_use"]
+            assert len(uses) == want and uses[0].input == {"command": "ls"} and m.stop_reason == "tool_use", m
+        for par, want in [(True, 2), (False, 1)]:
+            rr = c.responses.create(model="m", input="run", tools=[tool_r], parallel_tool_calls=par,
+                                    max_output_tokens=200, reasoning={"effort": "none"})
+            calls = [o for o in rr.output if o.type == "function_call"]
+            assert len(calls) == want and json.loads(calls[0].arguments) == {"command": "ls"}, rr.output
