@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/select.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <wchar.h>
 
@@ -89,6 +90,20 @@ static void sync_max_prefix(repl *r) {
     }
 }
 
+/* The transcript's start (BOS, [system]) without the Think-Max prefix,
+ * which sync_max_prefix inserts when that mode is in effect. */
+static int start_transcript(repl *r) {
+    r->tr.n = 0;
+    r->n_max_prefix = 0;
+    ds4_segs segs;
+    ds4_segs_init(&segs);
+    const char *sys = r->o->system && *r->o->system ? r->o->system : NULL;
+    int rc = ds4_chat_repl_start_segs(&segs, sys, DS4_THINK_HIGH);
+    if (!rc) rc = ds4_cli_tokenize_segs(r->e, &segs, &r->tr);
+    ds4_segs_free(&segs);
+    return rc;
+}
+
 static int repl_init(repl *r) {
     const ds4_cli_opts *o = r->o;
     if (ds4_cli_open_session(o, r->n_ctx, &r->e, &r->s)) return -1;
@@ -99,13 +114,9 @@ static int repl_init(repl *r) {
     ds4_rng_seed(&r->rng, sp.seed);
     /* Transcript start with the mode none (no prefix); the prefix tokens are
      * kept aside and inserted when Think Max is in effect. */
+    if (start_transcript(r)) return -1;
     ds4_segs segs;
-    ds4_segs_init(&segs);
-    const char *sys = o->system && *o->system ? o->system : NULL;
-    int rc = ds4_chat_repl_start_segs(&segs, sys, DS4_THINK_HIGH);
-    if (!rc) rc = ds4_cli_tokenize_segs(r->e, &segs, &r->tr);
-    ds4_segs_free(&segs);
-    if (rc) return -1;
+    int rc;
     ds4_segs_init(&segs);
     rc = ds4_segs_push(&segs, DS4_SEG_PLAIN, ds4_chat_max_prefix, ds4_chat_max_prefix_len);
     if (!rc) rc = ds4_cli_tokenize_segs(r->e, &segs, &r->max_prefix);
@@ -188,6 +199,140 @@ static void cmd_ctx(repl *r, const char *arg) {
     if (r->tr.n >= r->n_ctx) fprintf(stderr, "ds4: warning: the conversation no longer fits\n");
 }
 
+/* ---- /save, /load: the conversation on disk ---------------------------------
+ *
+ * File: "DS4REPL1", then little-endian u32 think mode, n_max_prefix, n (the
+ * transcript's token count), the n tokens as u32, u64 payload bytes and the
+ * session payload (ds4_session_save: KV and compressor state, fingerprinted
+ * to the model, SHA-256 checked). Written to FILE.tmp.PID and renamed, so a
+ * failed save leaves any earlier FILE whole. */
+#define REPL_MAGIC "DS4REPL1"
+
+static void put32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> 8 * i);
+}
+static uint32_t get32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void cmd_save(repl *r, const char *path) {
+    if (!*path) { fprintf(stderr, "ds4: /save needs a file name\n"); return; }
+    /* the file is replaced by a rename: never a device, FIFO or directory */
+    struct stat sb;
+    if (stat(path, &sb) == 0 && !S_ISREG(sb.st_mode)) {
+        fprintf(stderr, "ds4: /save %s: not a regular file (nothing written)\n", path);
+        return;
+    }
+    /* the live state holds the transcript (its last EOS is not evaluated) */
+    ds4_err err = {0};
+    ds4_sync_info info = {0};
+    if (r->tr.n > 1 && ds4_session_sync(r->s, r->tr.v, r->tr.n - 1, &info, NULL, NULL, &err)) {
+        fprintf(stderr, "ds4: /save: %s\n", err.msg);
+        return;
+    }
+    void *pl = NULL;
+    size_t pn = 0;
+    if (ds4_session_save(r->s, &pl, &pn, &err)) {
+        fprintf(stderr, "ds4: /save: %s\n", err.msg);
+        return;
+    }
+    size_t hn = 8 + 12 + 4 * (size_t)r->tr.n + 8;
+    unsigned char *h = malloc(hn);
+    if (!h) { free(pl); fprintf(stderr, "ds4: out of memory\n"); return; }
+    memcpy(h, REPL_MAGIC, 8);
+    put32(h + 8, (uint32_t)r->think);
+    put32(h + 12, (uint32_t)r->n_max_prefix);
+    put32(h + 16, (uint32_t)r->tr.n);
+    for (int i = 0; i < r->tr.n; i++) put32(h + 20 + 4 * (size_t)i, (uint32_t)r->tr.v[i]);
+    put32(h + hn - 8, (uint32_t)pn);
+    put32(h + hn - 4, (uint32_t)((uint64_t)pn >> 32));
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    FILE *f = fopen(tmp, "wb");
+    bool ok = f && fwrite(h, 1, hn, f) == hn && fwrite(pl, 1, pn, f) == pn;
+    if (f) ok = (fflush(f) == 0) & ok, ok = (fsync(fileno(f)) == 0) & ok, ok = (fclose(f) == 0) & ok;
+    int e = errno;
+    if (ok && rename(tmp, path) != 0) ok = false, e = errno;
+    if (!ok) {
+        if (f) unlink(tmp);
+        fprintf(stderr, "ds4: /save %s: %s (nothing written)\n", path, strerror(e ? e : EIO));
+    } else {
+        printf("saved %d tokens of conversation to %s (%.1f MiB)\n", r->tr.n, path, (double)(hn + pn) / 1048576.0);
+    }
+    free(h);
+    free(pl);
+}
+
+static void cmd_load(repl *r, const char *path) {
+    if (!*path) { fprintf(stderr, "ds4: /load needs a file name\n"); return; }
+    size_t n = 0;
+    unsigned char *b = (unsigned char *)ds4_cli_read_file(path, &n);
+    if (!b) return; /* the reader said why */
+    const char *bad = NULL;
+    uint32_t think = 0, nmax = 0, nt = 0;
+    uint64_t pn = 0;
+    if (n < 28 || memcmp(b, REPL_MAGIC, 8)) bad = "not a ds4 conversation file";
+    if (!bad) {
+        think = get32(b + 8), nmax = get32(b + 12), nt = get32(b + 16);
+        if (think > 2 || nt < 1 || nt > (n - 28) / 4 || nmax >= nt) bad = "damaged header";
+    }
+    if (!bad) {
+        size_t at = 20 + 4 * (size_t)nt;
+        pn = (uint64_t)get32(b + at) | (uint64_t)get32(b + at + 4) << 32;
+        if (pn != n - at - 8) bad = "truncated or damaged (sizes disagree)";
+        for (uint32_t i = 0; !bad && i < nt; i++)
+            if (get32(b + 20 + 4 * (size_t)i) >= (uint32_t)ds4_engine_n_vocab(r->e)) bad = "damaged transcript";
+    }
+    if (!bad && (int)nt >= r->n_ctx) {
+        fprintf(stderr, "ds4: /load %s: the conversation has %u tokens; the context holds %d (use /ctx N first)\n",
+                path, nt, r->n_ctx);
+        free(b);
+        return;
+    }
+    ds4_err err = {0};
+    if (!bad && ds4_session_load(r->s, b + 28 + 4 * (size_t)nt, (size_t)pn, &err)) {
+        fprintf(stderr, "ds4: /load %s: %s (the current conversation is kept)\n", path, err.msg);
+        free(b);
+        return;
+    }
+    /* the saved state must be the saved transcript's */
+    const int32_t *st = bad ? NULL : ds4_session_tokens(r->s);
+    int sn = bad ? 0 : ds4_session_n_tokens(r->s);
+    for (int i = 0; !bad && i < sn; i++)
+        if (i >= (int)nt || st[i] != (int32_t)get32(b + 20 + 4 * (size_t)i)) bad = "state and transcript disagree";
+    if (bad) {
+        fprintf(stderr, "ds4: /load %s: %s (the current conversation is kept)\n", path, bad);
+        free(b);
+        return;
+    }
+    ds4_cli_toks t = {0};
+    for (uint32_t i = 0; i < nt; i++) {
+        int32_t v = (int32_t)get32(b + 20 + 4 * (size_t)i);
+        if (ds4_cli_toks_push(&t, &v, 1)) {
+            ds4_cli_toks_free(&t);
+            free(b);
+            fprintf(stderr, "ds4: out of memory\n");
+            return;
+        }
+    }
+    ds4_cli_toks_free(&r->tr);
+    r->tr = t;
+    r->think = (int)think;
+    r->n_max_prefix = (int)nmax;
+    sync_max_prefix(r);
+    free(b);
+    printf("loaded %u tokens of conversation from %s (thinking: %s)\n", nt, path, mode_name(r));
+}
+
+static void cmd_clear(repl *r) {
+    if (start_transcript(r)) {
+        fprintf(stderr, "ds4: out of memory\n");
+        return;
+    }
+    sync_max_prefix(r);
+    printf("new conversation\n");
+}
+
 static void cmd_help(void) {
     printf("commands:\n"
            "  /help          this list\n"
@@ -196,6 +341,9 @@ static void cmd_help(void) {
            "  /nothink       no thinking\n"
            "  /ctx N         new context size (the conversation is kept and re-processed)\n"
            "  /read FILE     send the content of FILE as the next message\n"
+           "  /save FILE     write the conversation and its KV state to FILE\n"
+           "  /load FILE     continue a conversation saved with /save (same model)\n"
+           "  /clear         start a new conversation\n"
            "  /quit, /exit   leave (also Ctrl+D)\n"
            "Ctrl+C stops a generation.\n", DS4_THINK_MAX_MIN_CTX);
 }
@@ -223,6 +371,9 @@ static int handle_line(repl *r, char *line) {
     else if (!strcmp(p, "/think-max")) { r->think = 2; sync_max_prefix(r); printf("thinking: %s\n", mode_name(r)); }
     else if (!strcmp(p, "/nothink")) { r->think = 0; sync_max_prefix(r); printf("thinking: %s\n", mode_name(r)); }
     else if (!strcmp(p, "/ctx")) cmd_ctx(r, arg);
+    else if (!strcmp(p, "/save")) cmd_save(r, arg);
+    else if (!strcmp(p, "/load")) cmd_load(r, arg);
+    else if (!strcmp(p, "/clear")) cmd_clear(r);
     else if (!strcmp(p, "/read")) {
         if (!*arg) { fprintf(stderr, "ds4: /read needs a file name\n"); return 0; }
         size_t len;

@@ -370,3 +370,58 @@ def test_cli_token_file_errors_are_the_same_for_every_mode(model, tmp_path, cont
                 str(tmp_path / "x.f32")])
     for r in (gen, dump):
         assert r.returncode == 1 and why in r.stderr.decode(), r.stderr
+
+
+# ---- REPL conversations on disk (/save, /load, /clear) ---------------------------
+
+def repl_run(model, lines, *extra):
+    return run(base(model, "--nothink", "-n", "8", "--temp", "0", *extra), input="\n".join(lines + ["/quit"]).encode())
+
+
+def test_repl_save_load_continues_the_conversation(model, tmp_path):
+    """/save writes the conversation and its state; a new process that /loads it answers the next turn as the
+    uninterrupted conversation does, evaluating only the new turn; /clear starts over (the first reply again)."""
+    f = str(tmp_path / "conv.ds4")
+    a = repl_run(model, ["Hello there", "/save " + f])
+    assert a.returncode == 0 and re.search(rb"(?m)^saved \d+ tokens", a.stdout) and os.path.getsize(f) > 1000
+    whole = repl_run(model, ["Hello there", "And then?", "/clear", "Hello there"]).stdout.split(b"\n")
+    first, second = whole[0], whole[1]
+    assert whole[2] == b"new conversation" and whole[3] == first, whole
+    b = repl_run(model, ["/load " + f, "And then?"])
+    out = b.stdout.split(b"\n")
+    assert b.returncode == 0 and out[0].startswith(b"loaded ") and out[1] == second, (out, second)
+    ev = [int(x) for x in re.findall(rb"evaluated (\d+)", b.stderr)]
+    assert len(ev) == 1 and ev[0] < 12, b.stderr  # the new turn's tokens only, not the loaded conversation
+
+
+def test_repl_load_refuses_bad_files_and_keeps_the_conversation(model, tmp_path):
+    """A missing, foreign, truncated or damaged file, or one saved by another model, is refused with a message;
+    the current conversation goes on. /save to an unwritable place says so and leaves nothing behind."""
+    f = str(tmp_path / "conv.ds4")
+    assert repl_run(model, ["Hi", "/save " + f]).returncode == 0
+    data = open(f, "rb").read()
+    bad = {"junk": b"hello world" * 10, "trunc": data[: len(data) // 2],
+           "flip": data[:-100] + bytes([data[-100] ^ 0x41]) + data[-99:]}
+    for name, blob in bad.items():
+        open(str(tmp_path / name), "wb").write(blob)
+    other = str(tmp_path / "other.gguf")
+    subprocess.run([os.path.join(ROOT, "ds4-convert"), "--demo", "-o", other, "--seed", "7", "--tokenizer",
+                    os.path.join(ROOT, "tests/data/deepseek-v3-tokenizer.json")], check=True, capture_output=True)
+    cases = [("/load " + str(tmp_path / "nope"), model), ("/load " + str(tmp_path / "junk"), model),
+             ("/load " + str(tmp_path / "trunc"), model), ("/load " + str(tmp_path / "flip"), model),
+             ("/load " + f, other)]
+    for cmd, m in cases:
+        r = repl_run(m, [cmd, "Hi"])
+        assert r.returncode == 0 and b"loaded " not in r.stdout, (cmd, r.stdout)
+        assert re.search(rb"ds4: (/load|cannot)", r.stderr), (cmd, r.stderr)
+        assert re.search(rb"evaluated \d+", r.stderr), r.stderr  # the next turn still ran
+    # a directory, a device (replaced by the rename, were it allowed), a missing directory, a size limit
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    r = run(base(model, "--nothink", "-n", "8", "--temp", "0"), preexec_fn=limit,
+            input="\n".join(["Hi", "/save " + str(tmp_path), "/save /dev/null", "/save " + str(tmp_path / "no" / "f"),
+                             "/save " + str(tmp_path / "big"), "/quit"]).encode())
+    assert r.returncode == 0 and r.stderr.count(b"nothing written") == 4, r.stderr
+    assert b"not a regular file" in r.stderr and b"File too large" in r.stderr, r.stderr
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert sorted(os.listdir(str(tmp_path))) == sorted(["conv.ds4", "junk", "trunc", "flip", "other.gguf"])
