@@ -117,7 +117,7 @@ void ds4_cli_progress_end(ds4_cli_progress *p);
 typedef struct ds4_cli_printer {
     FILE *out;
     const ds4_engine *e;
-    ds4_detok *detok;   /* NULL when the model has no tokenizer: nothing printed */
+    ds4_detok *detok;   /* NULL when the model has no tokenizer: the ids are printed */
     bool color;         /* out is a terminal */
     bool in_reasoning;  /* between <think> (or the prompt's) and </think> */
     bool grey;          /* the grey colour is switched on */
@@ -175,5 +175,10 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r);
 /* The two final stderr lines (tokens: ...; prefill: X t/s, generation: Y t/s). */
 void ds4_cli_print_stats(int n_prompt, const ds4_sync_info *info, double prefill_s,
                          const ds4_cli_gen_result *r);
+
+/* rc, or 1 when writing standard output failed (a full disk, /dev/full, a
+ * file-size limit): the output was lost and the caller must not see 0.
+ * Closes stdout (errors that show only then included) and says why. */
+int ds4_cli_stdout_status(int rc);
 
 #endif

@@ -204,7 +204,14 @@ void ds4_cli_printer_token(ds4_cli_printer *p, int32_t id) {
         fflush(p->out);
         return;
     }
-    if (!p->detok) return;
+    if (!p->detok) {
+        /* no tokenizer: the ids, in --prompt-tokens-file's format (whitespace-separated decimal) */
+        char t[16];
+        int n = snprintf(t, sizeof t, "%s%d", p->last_byte >= 0 && p->last_byte != '\n' ? " " : "", id);
+        emit(p, t, (size_t)n);
+        fflush(p->out);
+        return;
+    }
     b = ds4_detok_push(p->detok, id, &len);
     emit(p, b, len);
     fflush(p->out);
@@ -404,6 +411,7 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
         if (tok < 0 || tok >= n_vocab) { fprintf(stderr, "ds4: sampler returned %d\n", tok); r->failed = true; break; }
         if (tok == eos) { r->eos = true; break; }
         if (g->printer) ds4_cli_printer_token(g->printer, tok);
+        if (g->printer && ferror(stdout)) { r->failed = true; break; } /* the output is lost: stop (main says why) */
         if (g->transcript && ds4_cli_toks_push(g->transcript, &tok, 1)) {
             fprintf(stderr, "ds4: out of memory\n");
             r->failed = true;
@@ -517,11 +525,23 @@ int ds4_cli_generate(const ds4_cli_opts *o) {
     else if (!rc && ctx_cut && !r.eos && !r.failed && r.n_generated == max_new)
         fprintf(stderr, "ds4: stopped at the context size (--ctx %d)\n", o->n_ctx);
     ds4_cli_print_stats(prompt.n, &info, prefill_s, &r);
-    status = rc ? 1 : 0;
+    /* interrupted: the shell's status for SIGINT, so a script sees the output is cut */
+    status = rc ? 1 : r.interrupted ? 130 : 0;
 out:
     if (smp) ds4_sampler_free(smp);
     ds4_cli_toks_free(&prompt);
     if (s) ds4_session_free(s);
     if (e) ds4_engine_close(e);
     return status;
+}
+
+int ds4_cli_stdout_status(int rc) {
+    errno = 0;
+    bool bad = ferror(stdout) != 0;
+    int e = errno;
+    if (fclose(stdout) != 0) bad = true, e = errno;
+    if (!bad) return rc;
+    fprintf(stderr, "ds4: writing the output failed%s%s: the output is incomplete\n", e ? ": " : "",
+            e ? strerror(e) : "");
+    return rc ? rc : 1;
 }

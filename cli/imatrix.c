@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "util/file.h"
 #include "ds4_debug.h"
 
 #define SEPARATOR "===== DS4_IMATRIX_PROMPT"
@@ -211,6 +212,11 @@ static int read_blocks(ds4_engine *e, const ds4_cli_opts *o, ds4_cli_toks **bloc
 int ds4_cli_imatrix(const ds4_cli_opts *o) {
     if (!o->prompt_file && !o->prompt_tokens_file) {
         fprintf(stderr, "ds4: --imatrix-out needs --prompt-file CALIB.txt or --prompt-tokens-file F\n");
+        return 2;
+    }
+    ds4_err pe = {0};
+    if (ds4_output_path_ok(o->imatrix_out, &pe)) { /* before the long run; the file is renamed over it */
+        fprintf(stderr, "ds4: --imatrix-out %s\n", pe.msg);
         return 2;
     }
     ds4_engine *e = ds4_cli_open_engine(o, false);

@@ -317,7 +317,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (o.imatrix_out) return ds4_cli_imatrix(&o);
-    if (o.dump_tokens) return ds4_cli_dump_tokens(&o);
+    if (o.dump_tokens) return ds4_cli_stdout_status(ds4_cli_dump_tokens(&o));
     if (o.worker) {
         if (!o.rank) {
             fprintf(stderr, "ds4: --worker needs --rank R (1..7)\n");
@@ -335,10 +335,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ds4: worker rank %d: rank 0 finished\n", o.rank);
         return 0;
     }
-    if (o.inspect) return ds4_cli_inspect(&o);
-    if (o.dump_logits) return ds4_cli_dump_logits(&o);
-    if (o.dump_logprobs) return ds4_cli_dump_logprobs(&o);
-    if (o.perplexity_file) return ds4_cli_perplexity(&o);
-    if (o.prompt || o.prompt_file || o.prompt_tokens_file) return ds4_cli_generate(&o);
-    return ds4_cli_repl(&o);
+    int rc = o.inspect                                              ? ds4_cli_inspect(&o)
+             : o.dump_logits                                        ? ds4_cli_dump_logits(&o)
+             : o.dump_logprobs                                      ? ds4_cli_dump_logprobs(&o)
+             : o.perplexity_file                                    ? ds4_cli_perplexity(&o)
+             : o.prompt || o.prompt_file || o.prompt_tokens_file ? ds4_cli_generate(&o)
+                                                                    : ds4_cli_repl(&o);
+    return ds4_cli_stdout_status(rc);
 }

@@ -27,6 +27,7 @@
  * after every prompt. Nothing but the flag is touched in signal context.
  */
 #include "cli.h"
+#include "util/file.h"
 
 #include <editline/readline.h>
 #include <errno.h>
@@ -37,7 +38,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/select.h>
-#include <sys/stat.h>
 #include <unistd.h>
 #include <wchar.h>
 
@@ -218,9 +218,9 @@ static uint32_t get32(const unsigned char *p) {
 static void cmd_save(repl *r, const char *path) {
     if (!*path) { fprintf(stderr, "ds4: /save needs a file name\n"); return; }
     /* the file is replaced by a rename: never a device, FIFO or directory */
-    struct stat sb;
-    if (stat(path, &sb) == 0 && !S_ISREG(sb.st_mode)) {
-        fprintf(stderr, "ds4: /save %s: not a regular file (nothing written)\n", path);
+    ds4_err pe = {0};
+    if (ds4_output_path_ok(path, &pe)) {
+        fprintf(stderr, "ds4: /save %s (nothing written)\n", pe.msg);
         return;
     }
     /* the live state holds the transcript (its last EOS is not evaluated) */

@@ -1407,6 +1407,8 @@ static int sync_dir(const char *path, ds4_err *err) {
 
 int ds4_gguf_writer_write_file(ds4_gguf_writer *w, const char *path, ds4_err *err) {
     if (w->first.code) return ds4_err_set(err, w->first.code, "%s", w->first.msg);
+    int pc = ds4_output_path_ok(path, err);
+    if (pc) return pc;
     uint64_t data_offset, total;
     if (layout(w, &data_offset, &total)) return ds4_err_set(err, DS4_E_ARG, "gguf writer: file size overflows");
     size_t plen = strlen(path);

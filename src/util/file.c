@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -39,4 +40,35 @@ int ds4_open_regular(const char *path, int flags, struct stat *st, ds4_err *err)
     }
     if (st) *st = sb;
     return fd;
+}
+
+int ds4_output_path_ok(const char *path, ds4_err *err) {
+    if (!path || !*path) return ds4_err_set(err, DS4_E_ARG, "the output path is empty");
+    struct stat sb;
+    if (stat(path, &sb) == 0) {
+        if (!S_ISREG(sb.st_mode))
+            return ds4_err_set(err, DS4_E_IO, "%s: exists and is %s, not a regular file: refusing to replace it", path,
+                               kind_of(sb.st_mode));
+        return 0;
+    }
+    if (errno != ENOENT) return ds4_err_set(err, DS4_E_IO, "%s: %s", path, strerror(errno));
+    /* the directory it goes in */
+    size_t n = strlen(path);
+    char *dir = malloc(n + 2);
+    if (!dir) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    memcpy(dir, path, n + 1);
+    char *slash = strrchr(dir, '/');
+    if (!slash) strcpy(dir, ".");
+    else if (slash == dir) dir[1] = 0;
+    else *slash = 0;
+    int rc = 0;
+    if (stat(dir, &sb) != 0) rc = ds4_err_set(err, DS4_E_IO, "%s: its directory %s: %s", path, dir, strerror(errno));
+    else if (!S_ISDIR(sb.st_mode)) rc = ds4_err_set(err, DS4_E_IO, "%s: %s is not a directory", path, dir);
+    free(dir);
+    return rc;
+}
+
+int ds4_same_file(const char *a, const char *b) {
+    struct stat sa, sb;
+    return a && b && stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }

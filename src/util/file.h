@@ -24,4 +24,14 @@
  * regular. Thread-safe. */
 int ds4_open_regular(const char *path, int flags, struct stat *st, ds4_err *err);
 
+/* An output path that a temporary file + rename(2) may replace: not empty,
+ * not an existing directory, device, FIFO or socket (a rename would put a
+ * regular file in its place: run as root, `-o /dev/null` replaced the
+ * device), and its directory exists. 0, or DS4_E_IO / DS4_E_ARG with err set
+ * to "PATH: REASON". Meant to be called before any long work. */
+int ds4_output_path_ok(const char *path, ds4_err *err);
+
+/* a and b are the same existing file (same device and inode). */
+int ds4_same_file(const char *a, const char *b);
+
 #endif

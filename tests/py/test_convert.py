@@ -5,6 +5,7 @@ quantizer), metadata from config.json, the three accepted name spellings (save_p
 names with fused experts, the official checkpoint's), sharded files with an index, and clear errors for bad input.
 """
 import json
+import os
 import shutil
 import subprocess
 
@@ -324,6 +325,43 @@ def test_convert_error_malformed_safetensors(tmp_path, damage):
         raw[8:8 + int(n)] = h.encode()
     f.write_bytes(bytes(raw))
     _fails(d, tmp_path, "model.safetensors")
+
+
+def test_convert_error_overlapping_data_ranges(tmp_path):
+    """Two tensors over the same bytes (the format forbids overlaps): one would silently get the other's data."""
+    d = _doctored(tmp_path)
+    f = d / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    (n,) = np.frombuffer(bytes(raw[:8]), "<u8")
+    h = json.loads(raw[8:8 + int(n)].decode())
+    a, b = "model.layers.0.ffn.gate.tid2eid", "model.layers.1.ffn.gate.tid2eid"
+    assert h[a]["shape"] == h[b]["shape"] and h[a]["dtype"] == h[b]["dtype"]
+    h[b]["data_offsets"] = h[a]["data_offsets"]
+    hb = json.dumps(h).encode()
+    hb += b" " * (int(n) - len(hb))
+    assert len(hb) == int(n)
+    raw[8:8 + int(n)] = hb
+    f.write_bytes(bytes(raw))
+    _fails(d, tmp_path, "overlapping data ranges")
+
+
+def test_convert_refuses_outputs_that_are_not_files_or_are_inputs(tmp_path):
+    """-o must be a path a rename may replace (as root, -o /dev/null replaced the device with a file) in an
+    existing directory, checked before converting; -o and --mtp-out differ; neither names an input."""
+    d = _doctored(tmp_path)
+    conv = prog("ds4-convert")
+    cases = [(["-o", "/dev/null"], "character device"), (["-o", str(tmp_path)], "is a directory"),
+             (["-o", str(tmp_path / "no" / "x.gguf")], "its directory"), (["-o", ""], "empty"),
+             (["-o", str(d / "model.safetensors")], "is a file of the checkpoint"),
+             (["-o", str(tmp_path / "x.gguf"), "--mtp-out", "/dev/null"], "--mtp-out /dev/null"),
+             (["-o", str(tmp_path / "x.gguf"), "--mtp-out", str(tmp_path / "x.gguf")], "name the same file")]
+    before = (d / "model.safetensors").read_bytes()
+    for args, needle in cases:
+        r = subprocess.run([conv, "--hf", str(d), *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.returncode, r.stderr)
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert (d / "model.safetensors").read_bytes() == before
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 def _dump(path):

@@ -828,9 +828,9 @@ def _interrupt_when(tmp_path, d, sig, tmp_glob, extra=()):
     return p.returncode, err, outdir
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_during_conversion_leaves_nothing(sig, official, tmp_path):
-    """Ctrl+C (SIGINT) or SIGTERM while the tensors are being written: the run stops within a chunk, exits
+    """Ctrl+C (SIGINT), SIGTERM or SIGHUP (a closed terminal) while the tensors are being written: the run stops within a chunk, exits
     128 + N with a message naming the signal and the output, and leaves neither the output nor its temporary
     file (the handler only sets a flag; the producer fails the write and the writer removes the file)."""
     import signal as sg

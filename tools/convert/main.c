@@ -13,6 +13,7 @@
  * by construction. A second signal ends the process at once (the temporary
  * file may then remain).
  */
+#include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #include "convert.h"
+#include "util/file.h"
 
 static volatile sig_atomic_t g_signal;  /* the first SIGINT / SIGTERM received, 0 while none */
 
@@ -43,6 +45,7 @@ static void install_signals(void) {
     sa.sa_flags = SA_RESTART;           /* file writes and joins carry on; the flag is polled */
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL); /* a closed terminal or SSH session: the same clean stop */
 }
 
 /* DS4_E_CANCEL when a signal arrived (checked between the steps of main). */
@@ -307,6 +310,44 @@ int main(int argc, char **argv) {
         return 2;
     }
 
+    /* the outputs before any work: a path a rename may replace (not a device, FIFO or directory, in a directory
+     * that exists), two different files, and none of them an input (it would be replaced by the output) */
+    {
+        ds4_err pe = {0};
+        const char *outs[2] = {out, ho.mtp_out};
+        for (int k = 0; k < 2; k++)
+            if (outs[k] && ds4_output_path_ok(outs[k], &pe)) {
+                fprintf(stderr, "ds4-convert: %s%s\n", k ? "--mtp-out " : "-o ", pe.msg);
+                return 2;
+            }
+        if (out && ho.mtp_out && (!strcmp(out, ho.mtp_out) || ds4_same_file(out, ho.mtp_out))) {
+            fprintf(stderr, "ds4-convert: -o and --mtp-out name the same file (%s)\n", out);
+            return 2;
+        }
+        const char *ins[4] = {tok, ho.imatrix, ho.type_map, NULL};
+        for (int k = 0; k < 2; k++) {
+            if (!outs[k]) continue;
+            for (int q = 0; q < 3; q++)
+                if (ins[q] && ds4_same_file(outs[k], ins[q])) {
+                    fprintf(stderr, "ds4-convert: %s %s is an input of this conversion\n", k ? "--mtp-out" : "-o",
+                            outs[k]);
+                    return 2;
+                }
+            DIR *d = hf ? opendir(hf) : NULL;
+            struct dirent *de;
+            while (d && (de = readdir(d))) {
+                char in[4600];
+                snprintf(in, sizeof in, "%s/%s", hf, de->d_name);
+                if (de->d_name[0] != '.' && ds4_same_file(outs[k], in)) {
+                    fprintf(stderr, "ds4-convert: %s %s is a file of the checkpoint %s\n", k ? "--mtp-out" : "-o",
+                            outs[k], hf);
+                    closedir(d);
+                    return 2;
+                }
+            }
+            if (d) closedir(d);
+        }
+    }
     /* a file-size limit (ulimit -f) must fail the write with EFBIG, which removes the temporary file, instead of
      * killing the process with SIGXFSZ and leaving a partial one */
     signal(SIGXFSZ, SIG_IGN);
@@ -378,7 +419,10 @@ int main(int argc, char **argv) {
             rc = write_mtp(&ho, &hp, &mplan, name ? name : basename_of(hf), &err);
     }
     if (g_signal) {                 /* whatever failed after the signal, say what is left on disk */
-        const char *sn = g_signal == SIGINT ? "SIGINT" : g_signal == SIGTERM ? "SIGTERM" : "a signal";
+        const char *sn = g_signal == SIGINT    ? "SIGINT"
+                         : g_signal == SIGTERM ? "SIGTERM"
+                         : g_signal == SIGHUP  ? "SIGHUP"
+                                               : "a signal";
         if (!out_done)
             fprintf(stderr, "ds4-convert: interrupted by %s: %s not written (no temporary file left)\n", sn,
                     out ? out : "the output");

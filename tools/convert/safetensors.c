@@ -125,6 +125,29 @@ static int parse_entry(ds4_st *st, int file, const char *path, const char *name,
     return rc;
 }
 
+static int cmp_data(const void *a, const void *b) {
+    const ds4_st_tensor *x = *(const ds4_st_tensor *const *)a, *y = *(const ds4_st_tensor *const *)b;
+    return x->data < y->data ? -1 : x->data > y->data;
+}
+
+/* The data ranges of one file's tensors do not overlap (the format forbids
+ * it; two names over the same bytes would silently convert one tensor's
+ * data as the other). */
+static int check_overlaps(ds4_st_tensor *t, int n, const char *path, ds4_err *err) {
+    if (n < 2) return 0;
+    const ds4_st_tensor **v = malloc((size_t)n * sizeof *v);
+    if (!v) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    for (int i = 0; i < n; i++) v[i] = &t[i];
+    qsort(v, (size_t)n, sizeof *v, cmp_data);
+    int rc = 0;
+    for (int i = 1; i < n && !rc; i++)
+        if (v[i]->data < v[i - 1]->data + v[i - 1]->n_bytes)
+            rc = ds4_err_set(err, DS4_E_FORMAT, "%s: tensors '%s' and '%s' have overlapping data ranges", path,
+                             v[i - 1]->name, v[i]->name);
+    free(v);
+    return rc;
+}
+
 /* Maps one file and adds its tensors. */
 static int open_file(ds4_st *st, const char *path, ds4_err *err) {
     struct stat sb;
@@ -172,11 +195,13 @@ static int open_file(ds4_st *st, const char *path, ds4_err *err) {
     const char *name;
     json_t *v;
     int rc = 0;
+    const int first = st->n;
     json_object_foreach(root, name, v) {
         if (!strcmp(name, "__metadata__")) continue;
         if ((rc = parse_entry(st, file, path, name, v, data, data_bytes, err))) break;
     }
     json_decref(root);
+    if (!rc) rc = check_overlaps(st->t + first, st->n - first, path, err);
     return rc;
 }
 
