@@ -322,13 +322,37 @@ static int is_matrix_type(int type) {
     }
 }
 
+/* ds4_model_load marks here (per thread) the file's tensors it binds, to
+ * refuse a file with tensors the model would silently not use. */
+static __thread uint8_t *tl_used;
+
 static const ds4_gguf_tensor *find_tensor(const ds4_gguf *g, const char *name, bool required, ds4_err *err) {
     int64_t i = ds4_gguf_find_tensor(g, name);
     if (i < 0) {
         if (required) ds4_err_set(err, DS4_E_MODEL, "tensor '%s' is missing", name);
         return NULL;
     }
+    if (tl_used) tl_used[i] = 1;
     return ds4_gguf_tensor_at(g, i);
+}
+
+/* Every tensor of the file is one the model binds (mtp.* excepted: the MTP
+ * block is a file of its own, --mtp, and a main file may carry it). A
+ * tensor left over means the metadata and the tensors disagree (a block_count
+ * smaller than the blocks present) or a foreign tensor: either way the
+ * model would not be the file's. */
+static int check_all_used(const ds4_gguf *g, const uint8_t *used, const ds4_hparams *hp, ds4_err *err) {
+    int64_t n = ds4_gguf_n_tensors(g), extra = 0, first = -1;
+    for (int64_t i = 0; i < n; i++) {
+        if (used[i] || !strncmp(ds4_gguf_tensor_at(g, i)->name, "mtp.", 4)) continue;
+        if (first < 0) first = i;
+        extra++;
+    }
+    if (!extra) return 0;
+    return ds4_err_set(err, DS4_E_MODEL,
+                       "tensor '%s'%s is not used by this model (%d blocks by its metadata): the metadata and the "
+                       "tensors disagree", ds4_gguf_tensor_at(g, first)->name,
+                       extra > 1 ? " and others" : "", hp->n_layer);
 }
 
 static void fmt_dims(char *buf, size_t cap, int n, const int64_t *ne) {
@@ -529,6 +553,12 @@ int ds4_model_load(ds4_model *m, const ds4_gguf *g, ds4_err *err) {
     memset(m, 0, sizeof *m);
     int rc = ds4_model_read_hparams(&m->hp, g, err);
     if (rc) return rc;
+    free(tl_used);
+    tl_used = calloc((size_t)ds4_gguf_n_tensors(g) + 1, 1);
+    if (!tl_used) {
+        ds4_model_free(m);
+        return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    }
     const ds4_hparams *hp = &m->hp;
     if ((rc = rope_init(&m->rope_main, hp, hp->rope_base, false, err))) goto fail;
     if ((rc = rope_init(&m->rope_compress, hp, hp->compress_rope_base, hp->yarn, err))) goto fail;
@@ -546,9 +576,15 @@ int ds4_model_load(ds4_model *m, const ds4_gguf *g, ds4_err *err) {
         snprintf(pre, sizeof pre, "blk.%d.", il);
         if ((rc = bind_layer(m, g, il, pre, err))) goto fail;
     }
+    rc = check_all_used(g, tl_used, hp, err);
+    free(tl_used);
+    tl_used = NULL;
+    if (rc) goto fail;
     m->weights_loaded = true;
     return 0;
 fail:
+    free(tl_used);
+    tl_used = NULL;
     ds4_model_free(m);
     return rc;
 }
