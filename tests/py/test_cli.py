@@ -474,3 +474,21 @@ def test_cli_imatrix_out_must_be_replaceable(model, tmp_path):
         r = run(base(model, "--imatrix-out", target, "--prompt-file", str(calib)))
         assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_cli_refuses_a_file_whose_tensors_the_model_would_not_use(model, tmp_path):
+    """A block_count smaller than the blocks present (the rest silently ignored, different text) is refused
+    naming an unused tensor."""
+    raw = bytearray(open(model, "rb").read())
+    key = b"deepseek4.block_count"
+    at = raw.find(key)
+    assert at > 0
+    vt = at + len(key)
+    assert int.from_bytes(raw[vt:vt + 4], "little") == 4  # GGUF u32
+    n = int.from_bytes(raw[vt + 4:vt + 8], "little")
+    raw[vt + 4:vt + 8] = (n - 1).to_bytes(4, "little")
+    bad = tmp_path / "short.gguf"
+    bad.write_bytes(bytes(raw))
+    r = run(base(str(bad), "--inspect"))
+    assert r.returncode == 1 and ("tensor 'blk.%d." % (n - 1)).encode() in r.stderr and b"not used" in r.stderr, \
+        r.stderr

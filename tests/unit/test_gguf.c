@@ -419,7 +419,10 @@ DS4_TEST(gguf_writer_reports_write_errors) {
     CHECK(system(cmd) != 0);
     /* a directory that does not exist */
     CHECK_EQ_INT(ds4_gguf_writer_write_file(w, "/nonexistent-dir/x.gguf", &err), DS4_E_IO);
-    CHECK(strstr(err.msg, "cannot create a temporary file next to /nonexistent-dir/x.gguf") != NULL);
+    CHECK_MSG(strstr(err.msg, "/nonexistent-dir/x.gguf: its directory /nonexistent-dir") != NULL, "%s", err.msg);
+    /* a path that a rename would replace by a file: a device */
+    CHECK_EQ_INT(ds4_gguf_writer_write_file(w, "/dev/null", &err), DS4_E_IO);
+    CHECK_MSG(strstr(err.msg, "not a regular file"), "%s", err.msg);
     ds4_gguf_writer_free(w);
 }
 
