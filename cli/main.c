@@ -202,6 +202,7 @@ int main(int argc, char **argv) {
         .mtp_gate = 0.3f,
     };
     long v;
+    bool mtp_opts_given = false;
     /* a file-size limit (ulimit -f) fails a write with EFBIG, reported, instead of killing ds4 */
     signal(SIGXFSZ, SIG_IGN);
 #define NEED_ARG()                                                              \
@@ -214,8 +215,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEED_ARG(); o.model_path = argv[++i]; o.model_given = true; }
         else if (!strcmp(a, "--mtp")) { NEED_ARG(); o.mtp_path = argv[++i]; }
         else if (!strcmp(a, "--mtp-draft")) {
-            NEED_ARG(); if (parse_int(a, argv[++i], 1, 4, &v)) return 2; o.mtp_draft = (int)v;
-        } else if (!strcmp(a, "--mtp-gate")) { NEED_ARG(); if (parse_float(a, argv[++i], 0, 1, &o.mtp_gate)) return 2; }
+            NEED_ARG(); if (parse_int(a, argv[++i], 1, 4, &v)) return 2; o.mtp_draft = (int)v; mtp_opts_given = true;
+        } else if (!strcmp(a, "--mtp-gate")) {
+            NEED_ARG(); if (parse_float(a, argv[++i], 0, 1, &o.mtp_gate)) return 2; mtp_opts_given = true;
+        }
         else if (!strcmp(a, "--cpu")) o.backend = DS4_BACKEND_CPU;
         else if (!strcmp(a, "--cuda")) o.backend = DS4_BACKEND_CUDA;
         else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;
@@ -310,6 +313,15 @@ int main(int argc, char **argv) {
     }
     if (o.dump_logprobs && !(o.prompt || o.prompt_file || o.prompt_tokens_file)) {
         fprintf(stderr, "ds4: --dump-logprobs needs a prompt (-p or --prompt-file)\n");
+        return 2;
+    }
+    /* switches that mean nothing without their partner: a usage error, not silence */
+    if (o.dump_greedy && !o.dump_logits) {
+        fprintf(stderr, "ds4: --dump-greedy needs --dump-logits OUT.f32\n");
+        return 2;
+    }
+    if (mtp_opts_given && !o.mtp_path) {
+        fprintf(stderr, "ds4: --mtp-draft and --mtp-gate need --mtp FILE\n");
         return 2;
     }
     if (o.imatrix_dump && !o.imatrix_out) {

@@ -178,8 +178,8 @@ static void cmd_ctx(repl *r, const char *arg) {
     errno = 0;
     long v = strtol(arg, &end, 10);
     while (*end == ' ' || *end == '\t') end++;
-    if (!*arg || errno || *end || v < 2 || v > (1 << 24)) {
-        fprintf(stderr, "ds4: /ctx needs a context size in 2..%d\n", 1 << 24);
+    if (!*arg || errno || *end || v < 2 || v > (1 << 20)) {
+        fprintf(stderr, "ds4: /ctx needs a context size in 2..%d\n", 1 << 20);
         return;
     }
     ds4_session_opts so = {.n_ctx = (int)v};

@@ -530,6 +530,10 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
         if ((rc = backends_open(e, opts, err))) goto fail;
         if (opts->mtp_path && (rc = mtp_open(e, opts, opts->mtp_path, err))) goto fail;
     }
+    if (opts->layer_limit > 0 && e->have_hp && opts->layer_limit > e->hp.n_layer) {
+        rc = ds4_err_set(err, DS4_E_ARG, "--layers %d: the model has %d blocks", opts->layer_limit, e->hp.n_layer);
+        goto fail;
+    }
     e->layer_limit = opts->layer_limit > 0 ? opts->layer_limit : 0;
     build_describe(e, what);
     *out = e;

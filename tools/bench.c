@@ -38,6 +38,7 @@ typedef struct opts {
     uint64_t seed;
     ds4_backend_kind backend;
     int threads, ctx_start, ctx_max, step_incr, gen, chunk, repeat;
+    bool ctx_max_set;
     double step_mul;
     bool fast_forward, profile, no_graphs, plain;
     ds4_engine_opts split; /* --gpus / --split: only the layer-split fields */
@@ -126,7 +127,10 @@ static int parse(int argc, char **argv, opts *o) {
         }
         else if (!strcmp(a, "-t")) INT(o->threads, 1, 1024);
         else if (!strcmp(a, "--ctx-start")) INT(o->ctx_start, 1, 1 << 22);
-        else if (!strcmp(a, "--ctx-max")) INT(o->ctx_max, 1, 1 << 22);
+        else if (!strcmp(a, "--ctx-max")) {
+            INT(o->ctx_max, 1, 1 << 22);
+            o->ctx_max_set = true;
+        }
         else if (!strcmp(a, "--step-incr")) INT(o->step_incr, 1, 1 << 22);
         else if (!strcmp(a, "--step-mul")) {
             NEED();
@@ -173,7 +177,15 @@ static int parse(int argc, char **argv, opts *o) {
         fprintf(stderr, "ds4-bench: give exactly one of -m MODEL and --synthetic q2|q4\n");
         return 2;
     }
-    if (o->ctx_max < o->ctx_start) o->ctx_max = o->ctx_start;
+    if (o->ctx_max_set && o->ctx_max < o->ctx_start) {
+        fprintf(stderr, "ds4-bench: --ctx-max %d is below --ctx-start %d\n", o->ctx_max, o->ctx_start);
+        return 2;
+    }
+    if (o->n_accept && !o->mtp) {
+        fprintf(stderr, "ds4-bench: --mtp-accept needs --mtp FILE|synthetic\n");
+        return 2;
+    }
+    if (o->ctx_max < o->ctx_start) o->ctx_max = o->ctx_start; /* --ctx-start alone above the default --ctx-max */
     return 0;
 }
 
@@ -194,7 +206,10 @@ static int on_load(void *user, const char *what, int64_t done, int64_t total) {
  * needed, or seeded random ids. */
 static int32_t *make_tokens(ds4_engine *e, const opts *o, int n) {
     int32_t *t = malloc((size_t)n * sizeof(int32_t));
-    if (!t) return NULL;
+    if (!t) {
+        fprintf(stderr, "ds4-bench: out of memory\n");
+        return NULL;
+    }
     const char *pf = o->prompt_file ? o->prompt_file : "tests/data/promessi_sposi.txt";
     int m = 0;
     if (ds4_has_tokenizer(e)) {
@@ -213,6 +228,11 @@ static int32_t *make_tokens(ds4_engine *e, const opts *o, int n) {
             fclose(f);
         } else if (o->prompt_file) {
             fprintf(stderr, "ds4-bench: cannot open %s: %s\n", pf, strerror(errno));
+            free(t);
+            return NULL;
+        }
+        if (o->prompt_file && m == 0) {
+            fprintf(stderr, "ds4-bench: --prompt-file %s: no tokens (empty or unreadable)\n", pf);
             free(t);
             return NULL;
         }
@@ -442,11 +462,8 @@ int main(int argc, char **argv) {
             return 1;
         }
     }
-    int32_t *tok = make_tokens(e, &o, n_total);
-    if (!tok) {
-        fprintf(stderr, "ds4-bench: out of memory\n");
-        return 1;
-    }
+    int32_t *tok = make_tokens(e, &o, n_total); /* says why when it fails */
+    if (!tok) return 1;
     FILE *csv = o.csv ? fopen(o.csv, "w") : NULL;
     if (o.csv && !csv) {
         fprintf(stderr, "ds4-bench: cannot write %s: %s\n", o.csv, strerror(errno));
@@ -597,9 +614,16 @@ int main(int argc, char **argv) {
     if (csv) {
         fputs(hdr, csv);
         fputs(rows, csv);
-        fclose(csv);
+        if (ferror(csv) | (fclose(csv) != 0)) {
+            fprintf(stderr, "ds4-bench: writing %s failed: %s\n", o.csv, strerror(errno));
+            rc = 1;
+        }
     } else {
         printf("\n%s%s", hdr, rows);
+    }
+    if (ferror(stdout) | (fclose(stdout) != 0)) { /* a full disk or /dev/full: the table is lost */
+        fprintf(stderr, "ds4-bench: writing the output failed\n");
+        rc = 1;
     }
     free(rows);
     free(step_s);

@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "convert.h"
 #include "quant.h"
@@ -596,6 +597,11 @@ int ds4_conv_plan_type_map(ds4_conv_plan *const *plans, int n_plans, const char 
     char line[512], where[64];
     int rc = 0;
     if (f) {                                /* a rules file: one rule per line */
+        struct stat sb;
+        if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)) { /* a directory opens but reads nothing */
+            fclose(f);
+            return ds4_err_set(err, DS4_E_ARG, "--type-map: '%s' is not a regular file", spec);
+        }
         for (int ln = 1; !rc && fgets(line, sizeof line, f); ln++) {
             char *s = line;
             char *hash = strchr(s, '#');

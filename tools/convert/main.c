@@ -261,7 +261,7 @@ int main(int argc, char **argv) {
         } else if (has_val && !strcmp(a, "--seed")) {
             char *end;
             seed = strtoull(argv[++i], &end, 10);
-            if (*end || !*argv[i]) {
+            if (*end || !*argv[i] || argv[i][0] == '-') { /* strtoull takes "-5" as 2^64 - 5 */
                 fprintf(stderr, "ds4-convert: --seed wants a non-negative integer, got '%s'\n", argv[i]);
                 return 2;
             }
