@@ -83,6 +83,8 @@ def test_bench_table_csv_and_profiles(model, tmp_path):
     (["--bogus"], "unknown"),
     (["--synthetic", "q7"], "q7"),
     (["-m", "/nonexistent/model.gguf", "--cpu"], "nonexistent"),
+    (["--synthetic", "q2", "--ctx-start", "256", "--ctx-max", "64"], "below --ctx-start"),
+    (["--synthetic", "q2", "--mtp-accept", "0.5"], "needs --mtp"),
 ])
 def test_bench_bad_options(args, needle):
     if not os.path.exists(BENCH):
@@ -112,3 +114,18 @@ def test_bench_over_a_layer_split(model, tmp_path):
     st = prof[("prefill", 64)]
     assert "link" in st and st["link"][0] > 0, st
     assert abs(sum(pct for _, pct, _ in st.values()) - 100.0) < 1.0, st
+
+
+def test_bench_lost_output_and_missing_prompt_file(model, tmp_path):
+    """A --csv (or stdout) write that fails is exit 1 naming it (it was 0); a missing --prompt-file is named,
+    with no false 'out of memory'."""
+    args = [BENCH, "-m", model, "--cpu", "--ctx-start", "64", "--ctx-max", "64", "--gen-tokens", "2",
+            "--prefill-chunk", "64"]
+    r = subprocess.run(args + ["--csv", "/dev/full"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "writing /dev/full failed" in r.stderr, r.stderr
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert r.returncode == 1 and "writing the output failed" in r.stderr, r.stderr
+    r = subprocess.run(args + ["--prompt-file", str(tmp_path / "none.txt")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "cannot open" in r.stderr and "out of memory" not in r.stderr, r.stderr

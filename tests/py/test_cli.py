@@ -69,6 +69,8 @@ def base(model, *extra):
     (["--perplexity-file", "x.txt", "-p", "hi"], "cannot be combined"),
     (["--dump-logprobs", "out.json"], "needs a prompt"),
     (["--server"], "ds4-server"),
+    (["--mtp-draft", "2", "-p", "hi"], "need --mtp"),
+    (["--dump-greedy", "3", "-p", "hi"], "needs --dump-logits"),
 ])
 def test_cli_usage_error_exits_2_with_message(args, needle):
     need_binary()
