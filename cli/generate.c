@@ -256,6 +256,12 @@ int ds4_cli_read_token_file(const char *path, int n_vocab, ds4_cli_toks *out) {
     size_t len;
     char *text = ds4_cli_read_file(path, &len);
     if (!text) return -1;
+    if (memchr(text, 0, len)) { /* it would end the parse early: the ids after it silently lost */
+        fprintf(stderr, "ds4: %s: a NUL byte at offset %zu (expected whitespace-separated integers >= 0)\n", path,
+                (size_t)((char *)memchr(text, 0, len) - text));
+        free(text);
+        return -1;
+    }
     char *p = text;
     int rc = 0;
     for (;;) {

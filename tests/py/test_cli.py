@@ -494,3 +494,11 @@ def test_cli_refuses_a_file_whose_tensors_the_model_would_not_use(model, tmp_pat
     r = run(base(str(bad), "--inspect"))
     assert r.returncode == 1 and ("tensor 'blk.%d." % (n - 1)).encode() in r.stderr and b"not used" in r.stderr, \
         r.stderr
+
+
+def test_cli_token_file_with_a_nul_byte_is_refused(model, tmp_path):
+    """A NUL ended the parse early (the ids after it silently dropped): now an error naming the offset."""
+    f = tmp_path / "t.txt"
+    f.write_bytes(b"1\x00 2 3")
+    r = run(base(model, "--prompt-tokens-file", str(f), "-n", "2"))
+    assert r.returncode == 1 and b"a NUL byte at offset 1" in r.stderr, r.stderr

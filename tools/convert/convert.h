@@ -204,6 +204,7 @@ ds4_conv_tensor *ds4_conv_plan_find(ds4_conv_plan *plan, const char *name);
 typedef struct ds4_conv_bind_opts {
     bool mtp;
     bool skip_unknown;
+    bool mtp_elsewhere; /* main bind with --mtp-out: the mtp.* tensors go there (no "skipped" note) */
 } ds4_conv_bind_opts;
 int ds4_conv_bind_hf_opts(ds4_conv_plan *plan, const ds4_conv_hparams *hp, const ds4_st *st,
                           const ds4_conv_bind_opts *opt, ds4_err *err);

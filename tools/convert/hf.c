@@ -999,7 +999,7 @@ int ds4_conv_bind_hf_opts(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds
             n_unknown++;
         }
     }
-    if (n_mtp)
+    if (n_mtp && !(opt && opt->mtp_elsewhere))
         fprintf(stderr, "ds4-convert: skipped %d mtp.* tensors of the main file (--mtp-out FILE writes them)\n", n_mtp);
     if (n_unknown) fprintf(stderr, "ds4-convert: skipped %d unknown tensors\n", n_unknown);
     /* every non-optional tensor, and every expert of a per-expert stack */

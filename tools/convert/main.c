@@ -387,6 +387,7 @@ int main(int argc, char **argv) {
             ds4_conv_plan *plans[2] = {&plan, &mplan};
             rc = ds4_conv_plan_type_map(plans, ho.mtp_out ? 2 : 1, ho.type_map, &err);
         }
+        ho.bind.mtp_elsewhere = ho.mtp_out != NULL;
         if (!rc) {
             if (demo) ds4_conv_demo_bind(&plan, &hp, seed);
             else rc = ds4_conv_bind_hf_opts(&plan, &hp, &st, &ho.bind, &err);
