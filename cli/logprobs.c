@@ -99,8 +99,10 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     ds4_sync_info info = {0};
     double prefill_s;
     if (ds4_cli_prefill(s, &prompt, &info, &prefill_s)) goto out;
+    /* as one-shot generation: the last step's token is not evaluated, so ctx - prompt steps fit */
     int steps = o->n_predict;
-    if (steps > o->n_ctx - prompt.n - 1) steps = o->n_ctx - prompt.n - 1;
+    const bool ctx_cut = steps > o->n_ctx - prompt.n;
+    if (ctx_cut) steps = o->n_ctx - prompt.n;
     int32_t eos = ds4_token_special(e, DS4_TOK_EOS);
     int n_vocab = ds4_engine_n_vocab(e);
     fprintf(f, "{\n  \"source\":\"ds4\",\n  \"prompt_tokens\":%d,\n  \"ctx\":%d,\n  \"top_k\":%d,\n"
@@ -138,6 +140,7 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     f = NULL;
     double dt = ds4_cli_now() - t0;
     fprintf(stderr, "ds4: wrote %d steps to %s\n", done, o->dump_logprobs);
+    if (ctx_cut && done == steps) fprintf(stderr, "ds4: stopped at the context size (--ctx %d)\n", o->n_ctx);
     fprintf(stderr, "ds4: prefill: %.2f t/s, generation: %.2f t/s\n",
             prefill_s > 0 ? info.n_evaluated / prefill_s : 0.0, dt > 0 ? done / dt : 0.0);
     status = 0;
