@@ -243,11 +243,12 @@ int ds4_cli_imatrix(const ds4_cli_opts *o) {
         goto out;
     }
     if (read_blocks(e, o, &blocks, &n_blocks) != 0) goto out;
-    int64_t n_tok = 0;
+    int64_t n_tok = 0, n_cut = 0;
     double t0 = ds4_cli_now();
     for (int b = 0; b < n_blocks; b++) {
         int n = blocks[b].n < o->n_ctx ? blocks[b].n : o->n_ctx;
         if (n < 1) continue;
+        if (n < blocks[b].n) n_cut += blocks[b].n - n;
         ds4_session_opts so = {.n_ctx = n};
         ds4_session *s = NULL;
         if (ds4_session_new(e, &so, &s, &err) != 0 ||
@@ -262,6 +263,13 @@ int ds4_cli_imatrix(const ds4_cli_opts *o) {
                 ds4_cli_now() - t0);
     }
     fputc('\n', stderr);
+    if (n_cut)
+        fprintf(stderr, "ds4: imatrix: %lld calibration tokens past --ctx %d were not used (blocks longer than the "
+                "context are cut; raise --ctx or split the blocks)\n", (long long)n_cut, o->n_ctx);
+    if (n_tok == 0) {
+        fprintf(stderr, "ds4: --imatrix-out: the calibration input has no tokens: nothing written\n");
+        goto out;
+    }
     if (c.dump && (fclose(c.dump) != 0 || c.dump_failed)) {
         c.dump = NULL;
         fprintf(stderr, "ds4: cannot write %s\n", o->imatrix_dump);

@@ -502,3 +502,17 @@ def test_cli_token_file_with_a_nul_byte_is_refused(model, tmp_path):
     f.write_bytes(b"1\x00 2 3")
     r = run(base(model, "--prompt-tokens-file", str(f), "-n", "2"))
     assert r.returncode == 1 and b"a NUL byte at offset 1" in r.stderr, r.stderr
+
+
+def test_cli_imatrix_says_what_it_did_not_use(model, tmp_path):
+    """Calibration text cut by --ctx is reported (it was silent); an empty calibration input writes nothing and
+    fails (a 0-token imatrix exited 0)."""
+    dat = tmp_path / "im.dat"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = run(base(model, "--imatrix-out", str(dat), "--prompt-file", str(empty)))
+    assert r.returncode == 1 and b"no tokens" in r.stderr and not dat.exists(), r.stderr
+    text = tmp_path / "c.txt"
+    text.write_text("a fairly long calibration text, repeated. " * 40)
+    r = run(base(model, "--imatrix-out", str(dat), "--prompt-file", str(text), "--ctx", "64"))
+    assert r.returncode == 0 and re.search(rb"\d+ calibration tokens past --ctx 64 were not used", r.stderr), r.stderr
