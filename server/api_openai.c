@@ -189,7 +189,9 @@ int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e) {
     if (tct && !strcmp(tct, "allowed_tools")) {
         /* the model sees only the allowed tools */
         json_t *allowed = json_object_get(json_object_get(tc, "allowed_tools"), "tools");
-        if (!json_is_array(allowed) || !json_is_array(tools))
+        if (!json_is_array(tools))
+            return srv_fail_param(e, "tools", "invalid_value", "tool_choice allowed_tools needs tools in the request");
+        if (!json_is_array(allowed))
             return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice allowed_tools needs a tools list");
         json_t *kept = srv_filter_tools(tools, allowed);
         int bad = !json_array_size(kept)

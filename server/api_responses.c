@@ -270,6 +270,9 @@ static int parse_tool_choice_responses(json_t *tc, srv_request *rq, srv_error *e
     if (type && !strcmp(type, "function")) {
         const char *name = str_of(tc, "name");
         if (!name) return srv_fail_param(e, "tool_choice", NULL, "tool_choice function needs a name");
+        if (srv_tool_is_custom(rq, name))
+            return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice names function '%.100s', which is "
+                                  "a custom tool (use {\"type\": \"custom\"})", name);
         const char *ns = str_of(tc, "namespace");
         rq->tool_choice = SRV_TOOL_NAMED;
         for (int i = 0; i < rq->n_aliases; i++) {
@@ -285,6 +288,9 @@ static int parse_tool_choice_responses(json_t *tc, srv_request *rq, srv_error *e
     if (type && !strcmp(type, "custom")) {
         const char *name = str_of(tc, "name");
         if (!name) return srv_fail_param(e, "tool_choice", NULL, "tool_choice custom needs a name");
+        if (!srv_tool_is_custom(rq, name))
+            return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice names custom tool '%.100s', which "
+                                  "is not a custom tool of tools", name);
         rq->tool_choice = SRV_TOOL_NAMED;
         rq->tool_choice_name = xstrdup(name);
         return 0;
@@ -417,8 +423,11 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
     if (json_is_object(tc) && json_is_string(json_object_get(tc, "type")) &&
         !strcmp(str_of(tc, "type"), "allowed_tools")) {
         json_t *allowed = json_object_get(tc, "tools");
-        if (!json_is_array(allowed) || !json_is_array(tools)) {
-            srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice allowed_tools needs a tools list");
+        if (!json_is_array(tools) || !json_is_array(allowed)) {
+            if (!json_is_array(tools))
+                srv_fail_param(e, "tools", "invalid_value", "tool_choice allowed_tools needs tools in the request");
+            else
+                srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice allowed_tools needs a tools list");
             goto out;
         }
         json_t *kept = srv_filter_tools(tools, allowed);
@@ -535,14 +544,55 @@ static json_t *message_item(srv_job *j, const char *status, const char *text, si
 
 /* A custom tool's input from the call's arguments (JSON text): the string
  * parameter `input`, else the one string parameter, else the arguments. */
-static char *custom_input(const char *args) {
-    json_t *a = srv_json_value(args);
-    const char *in = json_string_value(json_object_get(a, "input"));
-    if (!in && json_is_object(a) && json_object_size(a) == 1) {
-        void *k = json_object_iter(a);
-        in = json_string_value(json_object_iter_value(k));
+/* The undecoded text of parameter `param` of call `k` of a raw DSML block
+ * (the model's bytes: the parser entity-decodes string values, which would
+ * turn a patch's literal "&amp;" into "&"), or NULL when not found. */
+static char *raw_param(const char *raw, size_t n, int k, const char *param) {
+    if (!raw) return NULL;
+    static const char inv[] = "<" DS4_DSML_MARK "invoke name=\"";
+    static const char close[] = "</" DS4_DSML_MARK "parameter>";
+    const char *end = raw + n, *p = raw;
+    for (int i = 0; p && i <= k; i++) {
+        p = memmem(p, (size_t)(end - p), inv, sizeof inv - 1);
+        if (p && i < k) p += sizeof inv - 1;
     }
-    char *out = xstrdup(in ? in : json_is_object(a) && !json_object_size(a) ? "" : args);
+    if (!p) return NULL;
+    const char *next = memmem(p + 1, (size_t)(end - p - 1), inv, sizeof inv - 1);
+    const char *lim = next ? next : end;
+    char want[300];
+    int w = snprintf(want, sizeof want, "<" DS4_DSML_MARK "parameter name=\"%s\"", param);
+    if (w < 0 || (size_t)w >= sizeof want) return NULL;
+    const char *q = memmem(p, (size_t)(lim - p), want, (size_t)w);
+    if (!q || !(q = memchr(q, '>', (size_t)(lim - q)))) return NULL;
+    q++;
+    const char *e = memmem(q, (size_t)(lim - q), close, sizeof close - 1);
+    if (!e) return NULL;
+    char *out = xmalloc((size_t)(e - q) + 1);
+    memcpy(out, q, (size_t)(e - q));
+    out[e - q] = 0;
+    return out;
+}
+
+/* A custom tool's input: the raw text of its `input` parameter in the
+ * block; else from the call's arguments (JSON text): `input` as a string,
+ * or the JSON text of a non-string `input`, else the one member, else the
+ * arguments. */
+static char *custom_input(const srv_result *r, int i, const char *args) {
+    char *raw = raw_param(r->parsed.raw_dsml, r->parsed.raw_dsml_len, i, "input");
+    json_t *a = srv_json_value(args);
+    json_t *iv = json_object_get(a, "input");
+    if (raw && json_is_string(iv)) { /* a string value: the model's bytes, not entity-decoded */
+        json_decref(a);
+        return raw;
+    }
+    free(raw);
+    char *out;
+    if (json_is_string(iv)) out = xstrdup(json_string_value(iv));
+    else if (iv) out = srv_json_text(iv);
+    else if (json_is_object(a) && json_object_size(a) == 1) {
+        json_t *only = json_object_iter_value(json_object_iter(a));
+        out = json_is_string(only) ? xstrdup(json_string_value(only)) : srv_json_text(only);
+    } else out = xstrdup(json_is_object(a) && !json_object_size(a) ? "" : args);
     json_decref(a);
     return out;
 }
@@ -558,7 +608,7 @@ static json_t *call_item(srv_job *j, const srv_result *r, int i, const char *sta
                        "tool_search_call", "status", status, "call_id", c->id ? c->id : "",
                        "execution", "client", "arguments", a ? a : json_object());
     } else if (srv_tool_is_custom(&j->rq, c->name)) {
-        char *in = custom_input(args);
+        char *in = custom_input(r, i, args);
         it = json_pack("{s:s, s:s, s:s, s:s, s:o}", "id", item_id, "type", "custom_tool_call", "call_id",
                        c->id ? c->id : "", "name", c->name, "input", srv_jstr(in, strlen(in)));
         free(in);

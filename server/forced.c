@@ -66,11 +66,14 @@ struct srv_forced {
     /* tool schema */
     json_t *tools;           /* borrowed: array of schema objects */
     const char *forced_name; /* named tool or NULL */
+    json_t *params;          /* the chosen tool's parameters schema ($defs for $ref; borrowed) */
     json_t *props;           /* properties of the chosen tool (borrowed) */
     json_t *required;        /* required array (borrowed) */
     char **used;             /* (n_used) property names already written */
     int n_used;
     int value_tokens;
+    int think_budget;        /* thinking.budget_tokens (0: none) */
+    int think_tokens;        /* reasoning tokens sampled so far */
     int num_state;           /* PH_VALUE_NUM: position in -?(0|[1-9][0-9]*)(.[0-9]+)? (num_step) */
     bool num_frac;           /* the number may have a fraction (type number) */
 };
@@ -130,6 +133,7 @@ srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) 
         return NULL;
     }
     f->tools = rq->tools_json;
+    f->think_budget = rq->think_budget;
     f->forced_name = rq->tool_choice == SRV_TOOL_NAMED ? rq->tool_choice_name : NULL;
     f->phase = thinking ? PH_THINK : PH_HEADER;
     if (!thinking) cand_add(f, "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\"", 0);
@@ -172,10 +176,33 @@ static bool used(const srv_forced *f, const char *name) {
 #define CLOSE_CALL "</" DSML "invoke>\n</" DSML "tool_calls>"
 #define CLOSE_PARAM "</" DSML "parameter>\n"
 
+/* A property's schema with "$ref" (to "#/$defs/NAME" or
+ * "#/definitions/NAME" of the tool's parameters) and a one-member "allOf"
+ * followed: pydantic puts every Enum and nested model behind a $ref. */
+static json_t *resolve(const srv_forced *f, json_t *pv) {
+    for (int depth = 0; pv && depth < 8; depth++) {
+        json_t *all = json_object_get(pv, "allOf");
+        if (json_is_array(all) && json_array_size(all) == 1 && !json_object_get(pv, "type")) {
+            pv = json_array_get(all, 0);
+            continue;
+        }
+        const char *ref = json_string_value(json_object_get(pv, "$ref"));
+        if (!ref) return pv;
+        const char *pre[] = {"#/$defs/", "#/definitions/"};
+        json_t *target = NULL;
+        for (int k = 0; k < 2 && !target; k++)
+            if (!strncmp(ref, pre[k], strlen(pre[k])))
+                target = json_object_get(json_object_get(f->params, k ? "definitions" : "$defs"), ref + strlen(pre[k]));
+        pv = target;
+    }
+    return pv;
+}
+
 /* The JSON type a property's value takes: "type" (the first one other than
  * "null" when it is a list), else that of the first anyOf/oneOf member that
  * has one (Optional[int] is anyOf [integer, null]); NULL when unknown. */
-static const char *prop_type(json_t *pv) {
+static const char *prop_type(const srv_forced *f, json_t *pv) {
+    pv = resolve(f, pv);
     json_t *t = json_object_get(pv, "type");
     if (json_is_string(t)) return json_string_value(t);
     if (json_is_array(t)) {
@@ -189,17 +216,28 @@ static const char *prop_type(json_t *pv) {
         size_t i;
         json_t *x;
         json_array_foreach(json_object_get(pv, alts[k]), i, x) {
-            const char *ty = prop_type(x);
+            const char *ty = prop_type(f, x);
             if (ty && strcmp(ty, "null")) return ty;
         }
     }
     return NULL;
 }
 
-/* The property's allowed values (enum, or const), when it lists them. */
-static json_t *prop_enum(json_t *pv) {
+/* The property's schema that lists its values (enum or const; also inside
+ * anyOf/oneOf, as Optional[Enum] is), or NULL. */
+static json_t *prop_enum(const srv_forced *f, json_t *pv) {
+    pv = resolve(f, pv);
     json_t *en = json_object_get(pv, "enum");
-    if (json_is_array(en) && json_array_size(en)) return en;
+    if ((json_is_array(en) && json_array_size(en)) || json_object_get(pv, "const")) return pv;
+    const char *alts[] = {"anyOf", "oneOf"};
+    for (int k = 0; k < 2; k++) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(json_object_get(pv, alts[k]), i, x) {
+            json_t *r = prop_enum(f, x);
+            if (r) return r;
+        }
+    }
     return NULL;
 }
 
@@ -208,9 +246,9 @@ static bool writable(const char *s) { return !strchr(s, '<') && !strchr(s, '&');
 
 /* The parameter tag of property `key`: string="true" for strings (written
  * freely), "false" for JSON values (enums as a choice among their values). */
-static bool prop_is_str(json_t *pv) {
-    if (prop_enum(pv)) return false;
-    const char *type = prop_type(pv);
+static bool prop_is_str(const srv_forced *f, json_t *pv) {
+    if (prop_enum(f, pv)) return false;
+    const char *type = prop_type(f, pv);
     return !type || !strcmp(type, "string");
 }
 
@@ -228,7 +266,7 @@ static void param_cands(srv_forced *f, bool short_budget) {
         json_t *v;
         json_object_foreach(f->props, key, v) {
             if (used(f, key) || strchr(key, '"')) continue;
-            bool is_str = prop_is_str(v);
+            bool is_str = prop_is_str(f, v);
             cand_take(f, cat3("<" DSML "parameter name=\"", key,
                               is_str ? "\" string=\"true\">" : "\" string=\"false\">"), 1);
         }
@@ -236,16 +274,20 @@ static void param_cands(srv_forced *f, bool short_budget) {
     if (!missing_required || short_budget || f->n_cands == 0) cand_add(f, CLOSE_CALL, 2);
 }
 
-/* Candidates for an enum's values, as JSON (string="false"); values with
- * markup characters cannot be written in the block and are left out. */
-static void enum_cands(srv_forced *f, json_t *en) {
+/* Candidates for the values an enum or const schema lists, as JSON
+ * (string="false"); values with markup characters cannot be written in the
+ * block and are left out. */
+static void enum_cands(srv_forced *f, json_t *es) {
+    json_t *en = json_object_get(es, "enum"), *cv = json_object_get(es, "const");
+    json_t *one = cv ? json_pack("[O]", cv) : NULL;
     size_t i;
     json_t *v;
-    json_array_foreach(en, i, v) {
+    json_array_foreach(one ? one : en, i, v) {
         char *j = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
         if (j && writable(j)) cand_take(f, cat3("", j, CLOSE_PARAM), 0);
         free(j);
     }
+    json_decref(one);
     if (!f->n_cands) cand_add(f, "null" CLOSE_PARAM, 0);
 }
 
@@ -341,9 +383,13 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                         const ds4_sampler_params *p, ds4_rng *rng, int remaining) {
     bool short_budget = remaining <= RESERVE_TOKENS;
     if (f->phase == PH_THINK && !f->think_literal) {
-        /* leave room for the header, one short value and the closing tags */
-        int32_t tok = remaining <= 3 * RESERVE_TOKENS ? f->eos : ds4_sampler_sample(smp, logits, p, rng);
-        if (tok != f->eos) return tok;
+        /* leave room for the header, one short value and the closing tags; the thinking budget closes it too */
+        bool spent = f->think_budget > 0 && f->think_tokens >= f->think_budget;
+        int32_t tok = remaining <= 3 * RESERVE_TOKENS || spent ? f->eos : ds4_sampler_sample(smp, logits, p, rng);
+        if (tok != f->eos) {
+            f->think_tokens++;
+            return tok;
+        }
         f->think_literal = true; /* close the reasoning instead of ending */
         cand_add(f, "</think>", 0);
     }
@@ -433,6 +479,7 @@ static void choice_done(srv_forced *f, const cand *c) {
             }
         }
         json_t *params = schema ? schema_params(schema) : NULL;
+        f->params = params;
         f->props = params ? json_object_get(params, "properties") : NULL;
         if (!json_is_object(f->props)) f->props = NULL;
         f->required = params ? json_object_get(params, "required") : NULL;
@@ -458,12 +505,12 @@ static void choice_done(srv_forced *f, const cand *c) {
             bool is_str = strstr(text, "string=\"true\"") != NULL;
             f->value_tokens = 0;
             json_t *pv = f->props ? json_object_get(f->props, key) : NULL;
-            const char *type = prop_type(pv);
+            const char *type = prop_type(f, pv);
             if (is_str) {
                 f->phase = PH_VALUE_STR;
-            } else if (prop_enum(pv)) {
+            } else if (prop_enum(f, pv)) {
                 f->phase = PH_VALUE_LIT;
-                enum_cands(f, prop_enum(pv));
+                enum_cands(f, prop_enum(f, pv));
             } else if (type && (!strcmp(type, "integer") || !strcmp(type, "number"))) {
                 f->phase = PH_VALUE_NUM;
                 f->num_state = 0;

@@ -637,6 +637,17 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
                 ds4_buf_free(&lines);
                 return bad_type(e);
             }
+            size_t k0;
+            json_t *it0;
+            json_array_foreach(inner, k0, it0) {
+                const char *ity = json_string_value(json_object_get(it0, "type"));
+                if (ity && !strcmp(ity, "custom")) {
+                    ds4_buf_free(&lines);
+                    return srv_fail_param(e, "tools", "unsupported_value",
+                                          "tools[%zu]: a custom tool inside a namespace is not supported (declare "
+                                          "it at the top level)", i);
+                }
+            }
             size_t k;
             json_t *it;
             json_array_foreach(inner, k, it) {
@@ -680,6 +691,19 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
     free(rq->tools_text);
     rq->tools_text = lines.len ? ds4_buf_detach(&lines, NULL) : NULL;
     ds4_buf_free(&lines);
+    /* a custom tool's name is its own: its calls go back as custom calls by name */
+    size_t a, b;
+    json_t *ta, *tb;
+    json_array_foreach(rq->tools_json, a, ta) {
+        const char *na = json_string_value(json_object_get(ta, "name"));
+        if (!na || !json_is_true(json_object_get(ta, "x-ds4-custom"))) continue;
+        json_array_foreach(rq->tools_json, b, tb) {
+            const char *nb = json_string_value(json_object_get(tb, "name"));
+            if (b != a && nb && !strcmp(na, nb))
+                return srv_fail_param(e, "tools", "invalid_value",
+                                      "tools: the custom tool '%.100s' shares its name with another tool", na);
+        }
+    }
     return 0;
 }
 

@@ -1447,11 +1447,13 @@ int ds4_dsml_stream_finish(ds4_dsml_stream *s, ds4_dsml_event_fn fn, void *ud,
     if (s->drop_open && s->o.tools && s->st == ST_CONTENT && s->text.len > s->pos) {
         /* cut while the opening tag was being written (held, not emitted):
          * that tag and the whitespace before it are dropped too (a lone '<'
-         * stays: it may be text) */
+         * stays unless a blank line precedes it: it may be text) */
         long p = ds4_dsml_open_prefix(s->text.data, s->text.len);
         if (p >= (long)s->pos) {
             const char *lt = memchr(s->text.data + p, '<', s->text.len - (size_t)p);
-            if (lt && s->text.len - (size_t)(lt - s->text.data) >= 2) {
+            /* at least 2 bytes of the tag, or a lone '<' after a blank line (the block's own opening) */
+            if (lt && (s->text.len - (size_t)(lt - s->text.data) >= 2 ||
+                       memmem(s->text.data + p, (size_t)(lt - (s->text.data + p)), "\n\n", 2))) {
                 s->text.len = (size_t)p;
                 dropped = 1;
             }

@@ -243,7 +243,8 @@ int ds4_dsml_stream_block_started(const ds4_dsml_stream *s);
 /* Before ds4_dsml_stream_finish (the turn was cut by its token limit): a
  * block still open then is dropped instead of failing (no ERROR event, its
  * bytes are not emitted as content), and so is a held, partly written
- * opening tag (at least 2 bytes of it) with the whitespace before it; the
+ * opening tag (at least 2 bytes of it, or a '<' after a blank line) with
+ * the whitespace before it; the
  * result then has block_dropped set. */
 void ds4_dsml_stream_drop_open_block(ds4_dsml_stream *s);
 int ds4_dsml_stream_block_ended(const ds4_dsml_stream *s);

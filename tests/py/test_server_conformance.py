@@ -778,3 +778,103 @@ def test_parallel_tool_calls_off_keeps_the_first_call():
                                     max_output_tokens=200, reasoning={"effort": "none"})
             calls = [o for o in rr.output if o.type == "function_call"]
             assert len(calls) == want and json.loads(calls[0].arguments) == {"command": "ls"}, rr.output
+
+
+
+def test_custom_tool_input_is_the_models_bytes():
+    """A custom tool's input is the model's text as written: no entity decoding (a patch's literal "&amp;" or
+    "&lt;" stays), and a non-string input is its JSON text (was wrapped as {"input": ...})."""
+    patch = '*** Begin Patch\n<a href="x">&amp; &lt;b&gt;</a>\n*** End Patch'
+    reply = ("ok\n\n<{m}tool_calls>\n<{m}invoke name=\"apply_patch\">\n<{m}parameter name=\"input\" "
+             "string=\"true\">{p}</{m}parameter>\n</{m}invoke>\n</{m}tool_calls>").format(m=M, p=patch)
+    with Server("--debug-reply", reply) as s:
+        c = s.openai()
+        r = c.responses.create(model="m", input="fix", tools=[APPLY_PATCH], max_output_tokens=300,
+                               reasoning={"effort": "none"})
+        calls = [o for o in r.output if o.type == "custom_tool_call"]
+        assert len(calls) == 1 and calls[0].input == patch, r.output
+        evs = list(c.responses.create(model="m", input="fix", tools=[APPLY_PATCH], max_output_tokens=300,
+                                      reasoning={"effort": "none"}, stream=True))
+        done = [e for e in evs if e.type == "response.custom_tool_call_input.done"]
+        assert len(done) == 1 and done[0].input == patch
+    reply2 = ("<{m}tool_calls>\n<{m}invoke name=\"apply_patch\">\n<{m}parameter name=\"input\" "
+              "string=\"false\">[1, 2]</{m}parameter>\n</{m}invoke>\n</{m}tool_calls>").format(m=M)
+    with Server("--debug-reply", reply2) as s:
+        r = s.openai().responses.create(model="m", input="fix", tools=[APPLY_PATCH], max_output_tokens=300,
+                                        reasoning={"effort": "none"})
+        calls = [o for o in r.output if o.type == "custom_tool_call"]
+        assert len(calls) == 1 and json.loads(calls[0].input) == [1, 2], r.output
+
+
+def test_custom_tool_names_and_choices_must_agree():
+    """A custom tool sharing its name with another tool, a custom tool inside a namespace, and a tool_choice
+    whose type disagrees with the named tool are 400s (calls were returned as the other kind)."""
+    fn = {"type": "function", "name": "apply_patch", "parameters": {"type": "object", "properties": {}}}
+    ns = {"type": "namespace", "name": "ns", "description": "d", "tools": [APPLY_PATCH]}
+    with Server() as s:
+        for body, param in [({"tools": [APPLY_PATCH, fn]}, "tools"), ({"tools": [ns]}, "tools"),
+                            ({"tools": [APPLY_PATCH] + FG, "tool_choice": {"type": "custom", "name": "f"}},
+                             "tool_choice"),
+                            ({"tools": [APPLY_PATCH] + FG, "tool_choice": {"type": "function", "name": "apply_patch"}},
+                             "tool_choice")]:
+            st, _, data = s.raw("POST", "/v1/responses", dict({"model": "m", "input": "x"}, **body))
+            assert st == 400 and json.loads(data)["error"]["param"] == param, (body, data)
+        st, _, data = s.raw("POST", "/v1/chat/completions",
+                            {"messages": user("x"), "tool_choice": {"type": "allowed_tools", "allowed_tools": {
+                                "mode": "auto", "tools": [{"type": "function", "function": {"name": "f"}}]}}})
+        assert st == 400 and "needs tools in the request" in json.loads(data)["error"]["message"], data
+
+
+def test_forced_calls_follow_refs_consts_and_the_thinking_budget():
+    """Forced calls resolve $ref/$defs (pydantic's Enum fields), const (a one-value Literal) and Optional[Enum];
+    a thinking budget also closes the reasoning of a forced call."""
+    from enum import Enum
+    from typing import Literal, Optional
+    import openai
+    import pydantic
+
+    class Unit(str, Enum):
+        c = "celsius"
+        f = "fahrenheit"
+
+    class Flat(pydantic.BaseModel):
+        unit: Unit
+        kind: Literal["daily"]
+        days: int
+        ok: bool
+        alt: Optional[Unit]
+
+    tool = openai.pydantic_function_tool(Flat)
+    with Server() as s:
+        c = s.openai()
+        for seed in range(1, 5):
+            r = c.chat.completions.parse(model="m", messages=user("weather"), tools=[tool], tool_choice="required",
+                                         max_tokens=200, extra_body=dict(NO_THINK, seed=seed))
+            a = r.choices[0].message.tool_calls[0].function.parsed_arguments
+            assert isinstance(a, Flat) and a.kind == "daily", a
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "x": {"type": "integer"}}, "required": ["x"]}}}]
+        r = c.chat.completions.create(model="m", messages=user("go"), tools=tools, tool_choice="required",
+                                      max_tokens=300, extra_body={"thinking": {"type": "enabled", "budget_tokens": 7},
+                                                                  "seed": 3})
+        assert r.usage.completion_tokens_details.reasoning_tokens <= 8, r.usage
+        assert r.choices[0].message.tool_calls, r.choices[0].message
+
+
+
+def test_a_scripted_reply_cut_at_every_length_leaves_no_markup():
+    """Text then a tool-call block (scripted), cut by max_tokens at every length: the text before the block, no
+    markup ('<' after the blank line included), the same streamed."""
+    with Server("--debug-reply", "Done" + TWO_CALLS[len("Sure."):]) as s:
+        c = s.openai()
+        for mt in range(1, 120):
+            kw = dict(model="m", messages=user("run"), tools=[BASH_TOOL], max_tokens=mt, extra_body=NO_THINK)
+            r = c.chat.completions.create(**kw)
+            text = r.choices[0].message.content or ""
+            st = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kw)
+                         if ch.choices)
+            assert "<" not in text and "DSML" not in text and text == st, (mt, text, st)
+            if r.choices[0].finish_reason == "tool_calls":
+                break
+        else:
+            assert False, "the block never completed"
