@@ -340,7 +340,7 @@ def _n_gpus():
     return sum(1 for x in r.stdout.splitlines() if x.startswith("GPU ")) if r.returncode == 0 else 0
 
 
-@pytest.mark.parametrize("gpus,split", [("0,0", "2,3"), ("0,0", "1,1,1,1,1"), ("0,1", None), ("0,1", "4,1"),
+@pytest.mark.parametrize("gpus,split", [("0,0", "2,3"), ("0,0,0,0,0", "1,1,1,1,1"), ("0,1", None), ("0,1", "4,1"),
                                         ("0,1,2,3", None), ("1,0,1", "1,2,2")])
 def test_cuda_layer_split_bitwise(gpus, split, ggufs, tmp_path):
     """The blocks split over GPUs (a device may repeat: two parts on one GPU pass the HC states to themselves
