@@ -152,7 +152,7 @@ struct cu_ctx {
     int early_trigger;     /* DS4_CUDA_EARLY_TRIGGER=1: kernels let the next one launch at their start (A/B switch) */
     int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
     int route_fuse;        /* DS4_CUDA_ROUTE_FUSE=1: one token's router logits + top-k in one launch (opt-in) */
-    int side_stream;       /* DS4_CUDA_SIDE_STREAM=1: the compressors on a second stream (opt-in) */
+    int no_side_stream;    /* DS4_CUDA_NO_SIDE_STREAM=1: the compressors on the main stream (default: a second one) */
     /* layer split (ds4_cuda_link_parts): the NCCL communicator of this
      * device (an ncclComm_t; owned by the first backend on the device) and
      * this backend's rank in it */
