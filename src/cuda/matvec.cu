@@ -101,6 +101,8 @@ void cu_quantize(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, in
 
 /* ---------------------------------------------------------------- matvec */
 
+#define MV_FEW_N 4 /* k_matvec_q8rt / k_matvec_frt take 2..MV_FEW_N tokens */
+
 
 /* WPR warps per row (1, 2, 4 or 8; 8/WPR rows per 256-thread block): warp
  * j of a row takes the chunks 32*(j + WPR*k) + lane; the WPR warp sums are
@@ -128,6 +130,34 @@ __device__ __forceinline__ void mv_rows_store(const float (&acc)[R], float (&par
 #pragma unroll
             for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
             y[lane] = v;
+        }
+    }
+}
+
+/* mv_rows_store for NT token rows: acc[r][t] is row r0 + r of token t,
+ * stored at y[t * ldy + r]; the same warp sum and warp-order partial sum
+ * per value as mv_rows_store, so a token's values never depend on NT. */
+template <int WPR, int R, int NT>
+__device__ __forceinline__ void mv_rows_store_nt(const float (&acc)[R][NT], float (&part)[8][R * NT], int warp, int j,
+                                                 int lane, bool live, int nt, float *y, int64_t ldy) {
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            float v = cu_warp_sum(acc[r][t]);
+            if (WPR == 1) {
+                if (live && lane == 0 && t < nt) y[t * ldy + r] = v;
+            } else if (lane == 0) {
+                part[warp][r * NT + t] = v;
+            }
+        }
+    if constexpr (WPR > 1) {
+        __syncthreads();
+        if (live && j == 0 && lane < R * NT && lane % NT < nt) {
+            float v = part[warp][lane];
+#pragma unroll
+            for (int k = 1; k < WPR; k++) v += part[warp + k][lane];
+            y[(lane % NT) * ldy + lane / NT] = v;
         }
     }
 }
@@ -178,6 +208,117 @@ __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_p
         }
     }
     mv_rows_store<WPR, R>(acc, part, warp, j, lane, live, g.y + r0);
+}
+
+/* Q8_0 x int8 for 2..NT tokens (MTP verify rows, small chunks), R rows per
+ * warp: the weight chunk of each row is loaded once for the tokens, and
+ * every (row, token) sum has k_matvec_q8r's (so cu_row_dot's) order, so a
+ * token's values are those of a batch of one, bit for bit. */
+template <int WPR, int R, int NT>
+__global__ void __launch_bounds__(256) k_matvec_q8rt(const __grid_constant__ mv_params p) {
+    mv_prefetch(p, 8 / WPR * R);
+    cu_pdl_wait();
+    __shared__ float part[8][R * NT];
+    const int warp = threadIdx.x / 32, j = warp % WPR, lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * (8 / WPR) + warp / WPR) * R, nt = p.n < NT ? p.n : NT;
+    int s = 0;
+    while (s < p.n_seg && row0 >= p.seg_end[s]) s++;
+    const bool live = s < p.n_seg;
+    const cu_seg &g = p.seg[live ? s : 0];
+    const int r0 = live ? row0 - (s ? p.seg_end[s - 1] : 0) : 0;
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+    if (live) {
+#pragma unroll 2
+        for (int base = 32 * j; base < p.nch; base += 32 * WPR) {
+            const int c = base + lane;
+            if (c < p.nch) {
+                int4 w0[R], w1[R];
+                float d[R];
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const int4 *w = (const int4 *)(g.w.q + (size_t)(r0 + r) * g.w.q_row + (size_t)c * 32);
+                    w0[r] = w[0];
+                    w1[r] = w[1];
+                    d[r] = cu_h2f(cu_ld16(g.w.s + (size_t)(r0 + r) * g.w.s_row + 2 * (size_t)c));
+                }
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    if (t >= nt) break;
+                    const int64_t xo = (int64_t)t * p.ldq + g.xoff;
+                    const int4 *ap = (const int4 *)(p.aq + xo + (int64_t)c * 32);
+                    const int4 a0 = ap[0], a1 = ap[1];
+                    const float da = p.ad[xo / 32 + c];
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        int sum = 0;
+                        sum = __dp4a(w0[r].x, a0.x, sum); sum = __dp4a(w0[r].y, a0.y, sum);
+                        sum = __dp4a(w0[r].z, a0.z, sum); sum = __dp4a(w0[r].w, a0.w, sum);
+                        sum = __dp4a(w1[r].x, a1.x, sum); sum = __dp4a(w1[r].y, a1.y, sum);
+                        sum = __dp4a(w1[r].z, a1.z, sum); sum = __dp4a(w1[r].w, a1.w, sum);
+                        acc[r][t] = __fadd_rn(acc[r][t], __fmul_rn(__fmul_rn(d[r], da), (float)sum));
+                    }
+                }
+            }
+        }
+    }
+    mv_rows_store_nt<WPR, R, NT>(acc, part, warp, j, lane, live, nt, g.y + r0, g.ldy);
+}
+
+/* f32-activation weights for 2..NT tokens, R rows per warp: each row's
+ * chunk dequantized once for the tokens; every (row, token) sum has
+ * cu_row_dot's order (a 32-term fma chain per chunk added to the lane's
+ * partial), so a token's values are those of a batch of one, bit for bit. */
+template <int WT, int WPR, int R, int NT>
+__global__ void __launch_bounds__(256) k_matvec_frt(const __grid_constant__ mv_params p) {
+    mv_prefetch(p, 8 / WPR * R);
+    cu_pdl_wait();
+    __shared__ float part[8][R * NT];
+    if (p.skip_le > 0 && (p.step->pos0 + p.step->n) / 4 <= p.skip_le) return;
+    const int warp = threadIdx.x / 32, j = warp % WPR, lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * (8 / WPR) + warp / WPR) * R, nt = p.n < NT ? p.n : NT;
+    int s = 0;
+    while (s < p.n_seg && row0 >= p.seg_end[s]) s++;
+    const bool live = s < p.n_seg;
+    const cu_seg &g = p.seg[live ? s : 0];
+    const int r0 = live ? row0 - (s ? p.seg_end[s - 1] : 0) : 0;
+    float acc[R][NT];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
+    if (live) {
+        for (int base = 32 * j; base < p.nch; base += 32 * WPR) {
+            const int c = base + lane;
+            if (c < p.nch) {
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    float v[32];
+                    cu_dq_chunk<WT>(g.w.q + (size_t)(r0 + r) * g.w.q_row,
+                                    g.w.s ? g.w.s + (size_t)(r0 + r) * g.w.s_row : nullptr, c, v, nullptr);
+#pragma unroll
+                    for (int t = 0; t < NT; t++) {
+                        if (t >= nt) break;
+                        const float4 *xp = (const float4 *)(p.x + (int64_t)t * p.ldx + g.xoff + (int64_t)c * 32);
+                        float sum = 0.0f;
+#pragma unroll
+                        for (int i = 0; i < 8; i++) {
+                            const float4 f = xp[i];
+                            sum = fmaf(v[4 * i], f.x, sum);
+                            sum = fmaf(v[4 * i + 1], f.y, sum);
+                            sum = fmaf(v[4 * i + 2], f.z, sum);
+                            sum = fmaf(v[4 * i + 3], f.w, sum);
+                        }
+                        acc[r][t] += sum;
+                    }
+                }
+            }
+        }
+    }
+    mv_rows_store_nt<WPR, R, NT>(acc, part, warp, j, lane, live, nt, g.y + r0, g.ldy);
 }
 
 /* f32-activation weights (F16/BF16/F32), one token, R rows per warp: the
@@ -310,8 +451,8 @@ template <int WT, bool AQ> static const char *mv_name() {
 /* Two rows per warp for one token pays where a warp has at least two
  * chunk rounds or the weight is tall (dev/mv_bench.cu on the H200: q_b
  * 1.26x, o_a 1.09x, o_b 1.06x; shorter weights lose). Shape-only rule. */
-static bool mv_two_rows(const mv_params &p, int wpr) {
-    if (p.n != 1 || p.skip_le > 0 || !p.aq) return false;
+static bool mv_two_rows(const mv_params &p, int wpr, int max_n = 1) {
+    if (p.n > max_n || p.skip_le > 0 || !p.aq) return false;
     int seg_rows = 0;
     for (int i = 0; i < p.n_seg; i++) {
         if (p.seg[i].rows % 2) return false;
@@ -327,8 +468,8 @@ static bool mv_two_rows(const mv_params &p, int wpr) {
  * router (256 rows) and the indexer weights projection (64) lose with more
  * rows per warp. Every segment's rows must be a multiple of R, so that
  * a warp's rows never straddle two weights. */
-static int mv_f_rows(const mv_params &p, int rows) {
-    if (p.n != 1) return 1; /* k_matvec_fr tests skip_le itself */
+static int mv_f_rows(const mv_params &p, int rows, int max_n = 1) {
+    if (p.n > max_n) return 1; /* k_matvec_fr tests skip_le itself */
     int R = rows >= 2048 ? 4 : rows >= 512 ? 2 : 1;
     for (int i = 0; i < p.n_seg; i++)
         while (R > 1 && p.seg[i].rows % R) R /= 2;
@@ -356,6 +497,29 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
         }
         if (R == 2) {
             cu_launch(c, k_matvec_fr<WT, WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
+            return;
+        }
+    }
+    /* 2..4 tokens (MTP verify rows): the one-token kernels' row split and
+     * sums with each weight chunk read once for the tokens */
+    if (p.n >= 2 && p.n <= MV_FEW_N && !c->mv_no_few) {
+        if constexpr (WT == DS4_TYPE_Q8_0 && AQ) {
+            const int R = !c->mv_no_r2 && mv_two_rows(p, WPR, MV_FEW_N) ? 2 : 1;
+            if (R == 2 && p.n == 2) cu_launch(c, k_matvec_q8rt<WPR, 2, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
+            else if (R == 2) cu_launch(c, k_matvec_q8rt<WPR, 2, 4>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
+            else if (p.n == 2) cu_launch(c, k_matvec_q8rt<WPR, 1, 2>, grid, 256, 0, p);
+            else cu_launch(c, k_matvec_q8rt<WPR, 1, 4>, grid, 256, 0, p);
+            return;
+        }
+        if constexpr (!AQ && (WT == DS4_TYPE_F16 || WT == DS4_TYPE_BF16 || WT == DS4_TYPE_F32)) {
+            const int R = c->mv_no_r2 ? 1 : mv_f_rows(p, rows, MV_FEW_N);
+            const dim3 gr(cu_div_up(rows, 8 / WPR * R));
+            if (R == 4) p.n == 2 ? cu_launch(c, k_matvec_frt<WT, WPR, 4, 2>, gr, 256, 0, p)
+                                 : cu_launch(c, k_matvec_frt<WT, WPR, 4, 4>, gr, 256, 0, p);
+            else if (R == 2) p.n == 2 ? cu_launch(c, k_matvec_frt<WT, WPR, 2, 2>, gr, 256, 0, p)
+                                      : cu_launch(c, k_matvec_frt<WT, WPR, 2, 4>, gr, 256, 0, p);
+            else p.n == 2 ? cu_launch(c, k_matvec_frt<WT, WPR, 1, 2>, gr, 256, 0, p)
+                          : cu_launch(c, k_matvec_frt<WT, WPR, 1, 4>, gr, 256, 0, p);
             return;
         }
     }

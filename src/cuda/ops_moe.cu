@@ -747,6 +747,7 @@ __global__ void k_moe_sum(const float *out, const float *sh, float *y, int n, in
  *  - the down kernel sums an output row as k_moe_sum: 0 + item t*K + ... +
  *    item t*K + K-1, then + shared. */
 #define MOE1_MAX_N 4
+#define MOE1_MAX_K 6 /* experts per token of the fused path (Flash: 6) */
 struct moe1_p {
     cu_w g, u, d;            /* routed stacks (rows_per_mat F, F, D) */
     cu_w gs, us, ds;         /* shared gate, up (Q8_0), down (Q8_0) */
@@ -816,13 +817,15 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
         }
         const int i = y - 1, t = i / p.K;
         const int64_t row = (int64_t)p.ids[i] * F + r;
-        const int64_t xo[1] = {(int64_t)t * D};
-        float ga[1] = {0.0f}, ua[1] = {0.0f};
-        cu_row_dot<WG, true, 1>(p.g.q + (size_t)row * p.g.q_row, p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr, nch,
-                                1, nullptr, p.aq, p.ad, p.abs, xo, ga, &tab);
-        cu_row_dot<WG, true, 1>(p.u.q + (size_t)row * p.u.q_row, p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr, nch,
-                                1, nullptr, p.aq, p.ad, p.abs, xo, ua, &tab);
-        const float g = cu_warp_sum(ga[0]), u = cu_warp_sum(ua[0]);
+        /* gate and up rows together (their loads in flight at once), each
+         * with cu_row_dot's operations */
+        const uint8_t *const qr[2] = {p.g.q + (size_t)row * p.g.q_row, p.u.q + (size_t)row * p.u.q_row};
+        const uint8_t *const sr[2] = {p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr,
+                                      p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr};
+        const int64_t xo[2] = {(int64_t)t * D, (int64_t)t * D};
+        float gu[2] = {0.0f, 0.0f};
+        cu_row_dot_multi<WG, 2>(qr, sr, 2, nch, p.aq, p.ad, p.abs, xo, gu, &tab);
+        const float g = cu_warp_sum(gu[0]), u = cu_warp_sum(gu[1]);
         if (lane == 0) p.gu[(int64_t)i * F + r] = moe_act(g, u, p.lim, p.wts[i]);
     }
     /* the last of a super-block's 32 blocks quantizes it */
@@ -869,16 +872,25 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
     float sh[MOE1_MAX_N];
     moe1_q8_row(p.ds, r, nch, p.wpr_d, p.n, F, p.shq, p.shd, sh);
     for (int t = 0; t < p.n; t++) {
-        float acc = 0.0f;
-        for (int k = 0; k < p.K; k++) {
-            const int i = t * p.K + k;
+        /* the K items' rows together (their loads in flight at once), each
+         * with cu_row_dot's operations; summed in k order as before */
+        const uint8_t *qr[MOE1_MAX_K], *sr[MOE1_MAX_K];
+        int64_t xo[MOE1_MAX_K];
+        float a[MOE1_MAX_K];
+#pragma unroll
+        for (int k = 0; k < MOE1_MAX_K; k++) {
+            const int i = t * p.K + (k < p.K ? k : 0);
             const int64_t row = (int64_t)p.ids[i] * p.D + r;
-            const int64_t xo[1] = {(int64_t)i * F};
-            float a[1] = {0.0f};
-            cu_row_dot<WD, true, 1>(p.d.q + (size_t)row * p.d.q_row, p.d.s ? p.d.s + (size_t)row * p.d.s_row : nullptr,
-                                    nch, 1, nullptr, p.hq, p.hd, p.hbs, xo, a, &tab);
-            acc += cu_warp_sum(a[0]);
+            qr[k] = p.d.q + (size_t)row * p.d.q_row;
+            sr[k] = p.d.s ? p.d.s + (size_t)row * p.d.s_row : nullptr;
+            xo[k] = (int64_t)i * F;
+            a[k] = 0.0f;
         }
+        cu_row_dot_multi<WD, MOE1_MAX_K>(qr, sr, p.K, nch, p.hq, p.hd, p.hbs, xo, a, &tab);
+        float acc = 0.0f;
+#pragma unroll
+        for (int k = 0; k < MOE1_MAX_K; k++)
+            if (k < p.K) acc += cu_warp_sum(a[k]);
         float v = sh[0];
 #pragma unroll
         for (int m = 1; m < MOE1_MAX_N; m++)
@@ -898,7 +910,7 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     auto okt = [](int t) {
         return t == DS4_TYPE_IQ2_XXS || t == DS4_TYPE_Q2_K || t == DS4_TYPE_Q4_K || t == DS4_TYPE_Q8_0;
     };
-    if (c->no_moe_fuse || n < 1 || n > MOE1_MAX_N || !a->num.act_quant || !okt(tg) || l->up_exps.type != tg ||
+    if (c->no_moe_fuse || n < 1 || n > MOE1_MAX_N || K > MOE1_MAX_K || !a->num.act_quant || !okt(tg) || l->up_exps.type != tg ||
         !okt(td) || l->gate_sh.type != DS4_TYPE_Q8_0 || l->up_sh.type != DS4_TYPE_Q8_0 ||
         l->down_sh.type != DS4_TYPE_Q8_0 || l->gate_sh.n_out != F || l->up_sh.n_out != F || l->down_sh.n_out != D ||
         F % 256 || D % 256 || (size_t)n * K * F > c->s.a3.cap || (size_t)n * F > c->s.a4.cap ||

@@ -353,6 +353,57 @@ __device__ __forceinline__ void cu_row_dot(const uint8_t *qrow, const uint8_t *s
     }
 }
 
+/* cu_row_dot with int8 activations, one token, for up to M rows at once
+ * (the first m of them): row k's weights at qrow[k] / srow[k], its
+ * activations at element offset xo[k]. The loads of all rows' chunks are
+ * in flight together; each row's partial has exactly cu_row_dot's
+ * operations and order (its chunks in the same sequence, the same
+ * per-chunk arithmetic), so acc[k] equals cu_row_dot's for that row bit
+ * for bit. Default chunk set: c = lane, lane + 32, ... */
+template <int WT, int M>
+__device__ __forceinline__ void cu_row_dot_multi(const uint8_t *const (&qrow)[M], const uint8_t *const (&srow)[M], int m,
+                                                 int nch, const int8_t *aq, const float *ad, const int32_t *abs,
+                                                 const int64_t (&xo)[M], float (&acc)[M], const cu_iq2_tab *tab) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll 2
+    for (int base = 0; base < nch; base += 32) {
+        const int c = base + lane;
+        const bool on = c < nch;
+        if constexpr (WT == DS4_TYPE_Q8_0) {
+            if (on) {
+#pragma unroll
+                for (int k = 0; k < M; k++) {
+                    if (k >= m) break;
+                    int isum, msum;
+                    float d, dmin;
+                    cu_dotq_chunk<WT>(qrow[k], srow[k], c, aq + xo[k] + (int64_t)c * 32, 0, 0, &isum, &msum, &d, &dmin,
+                                      tab);
+                    acc[k] = __fadd_rn(acc[k], __fmul_rn(__fmul_rn(d, ad[xo[k] / 32 + c]), (float)isum));
+                }
+            }
+        } else {
+            int is[M], ms[M];
+            float dd[M], dm[M];
+#pragma unroll
+            for (int k = 0; k < M; k++) {
+                is[k] = 0, ms[k] = 0, dd[k] = 0.0f, dm[k] = 0.0f;
+                if (k < m && on) {
+                    const int64_t g16 = xo[k] / 16 + 2 * (int64_t)c;
+                    cu_dotq_chunk<WT>(qrow[k], srow[k], c, aq + xo[k] + (int64_t)c * 32, abs[g16], abs[g16 + 1], &is[k],
+                                      &ms[k], &dd[k], &dm[k], tab);
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < M; k++) {
+                if (k >= m) break;
+                const int isum = cu_sum8(is[k]), msum = cu_sum8(ms[k]);
+                if (on && (lane & 7) == 0)
+                    acc[k] = __fadd_rn(acc[k], cu_kblock<WT>(ad[xo[k] / 256 + c / 8], dd[k], dm[k], isum, msum));
+            }
+        }
+    }
+}
+
 /* One row's value for nt token rows as the matvec computes it when the row
  * is split over wpr warps (chunk sets 32j + lane, stride 32 wpr; the warp
  * sums added in j order: mv_rows_store, k_matvec), all by one warp: v[t]. */

@@ -124,7 +124,7 @@ def test_cuda_eval_modes_bitwise(fx, ggufs, tmp_path):
     model = ggufs(m["model"])
     toks = ORACLE / fx / "tokens.txt"
     base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", m["release"], "--eval", "prefill")
-    for mode in (["--eval", "decode"], ["--eval", "decode", "--no-graphs"], ["--eval", "chunk:3"],
+    for mode in (["--eval", "decode"], ["--eval", "decode", "--no-graphs"], ["--eval", "chunk:3"], ["--eval", "chunk:4"],
                  ["--eval", "chunk:16"], ["--eval", "prefill"]):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", m["release"], *mode)
         d = float(np.abs(got.astype(np.float64) - base).max())
@@ -172,7 +172,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_EARLY_TRIGGER", "1"), ("DS4_CUDA_NO_HC_FUSE", "1"),
                                      ("q2:DS4_CUDA_NO_MOE_FUSE", "1"), ("q4:DS4_CUDA_NO_MOE_FUSE", "1"),
                                      ("q2-wide:DS4_CUDA_NO_MOE_FUSE", "1"), ("DS4_CUDA_ROUTE_FUSE", "1"),
-                                     ("q2:DS4_CUDA_ROUTE_FUSE", "1"), ("DS4_CUDA_NO_SIDE_STREAM", "1")])
+                                     ("q2:DS4_CUDA_ROUTE_FUSE", "1"), ("DS4_CUDA_NO_SIDE_STREAM", "1"),
+                                     ("DS4_CUDA_NO_MV_FEW", "1"), ("q2:DS4_CUDA_NO_MV_FEW", "1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
@@ -188,7 +189,7 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
         _AB_BASE[model], _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill")
     base = _AB_BASE[model]
     env = dict(os.environ, **{var: val})
-    for mode in (["--eval", "prefill"], ["--eval", "decode"], ["--eval", "chunk:3"]):
+    for mode in (["--eval", "prefill"], ["--eval", "decode"], ["--eval", "chunk:3"], ["--eval", "chunk:4"]):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, env=env)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{var}={val} {' '.join(mode)}: max |d| vs default prefill {d:.2e}")

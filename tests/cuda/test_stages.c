@@ -368,27 +368,31 @@ static void t_attn_project(tctx *t, int n, int il) {
      * token row by ~1e-4..1e-3 (seen at Flash dims): per-row flips */
     check_rows(t, "attn_project q", n, q[0], q[1], qd, 1e-4, t->num.act_quant, false);
     check(t, "attn_project kv", n, kv[0], kv[1], (size_t)n * dh, 1e-4, allow);
-    if (n > 1) {
-        /* CUDA alone: token 0 as a batch of one (the decode kernels, e.g. two
-         * rows per warp) equals its row of the batch bit for bit */
+    /* CUDA alone: token tt as a batch of one at pos0 + tt (the decode
+     * kernels, e.g. two rows per warp) equals its row of the batch bit for
+     * bit; every row of a batch of up to 4 (the few-token kernels of MTP
+     * verify rows), row 0 of a larger one */
+    for (int tt = 0; n > 1 && tt < (n <= 4 ? n : 1); tt++) {
         const int k = 1;
         const ds4_layer *l = &BM->layers[il];
         const ds4_rope *rope = l->kind == DS4_ATTN_SLIDING ? &BM->rope_main : &BM->rope_compress;
-        ds4_step *st = make_step(S, t->n_batch, pos0, 1, NULL);
-        float *du = up(S, u, D * 4), *dcq = up(S, NULL, ql * 4), *dq = up(S, NULL, qd * 4), *dkv = up(S, NULL, dh * 4);
-        ds4_attn_project_args a = {.m = BM, .step = st, .n = 1, .pos0 = pos0, .l = l, .rope = rope, .num = t->num,
+        ds4_step *st = make_step(S, t->n_batch, pos0 + tt, 1, NULL);
+        float *du = up(S, u + (size_t)tt * D, D * 4), *dcq = up(S, NULL, ql * 4), *dq = up(S, NULL, qd * 4),
+              *dkv = up(S, NULL, dh * 4);
+        ds4_attn_project_args a = {.m = BM, .step = st, .n = 1, .pos0 = pos0 + tt, .l = l, .rope = rope, .num = t->num,
                                    .u = du, .cq = dcq, .q = dq, .kv = dkv};
-        begin(S, st, 1, pos0);
+        begin(S, st, 1, pos0 + tt);
         S->be.ops->attn_project(S->be.ctx, &a);
         end(S, "attn_project");
         float *c1 = malloc(ql * 4), *q1 = malloc(qd * 4), *k1 = malloc(dh * 4);
         down(S, c1, dcq, ql * 4);
         down(S, q1, dq, qd * 4);
         down(S, k1, dkv, dh * 4);
-        bool same = !memcmp(c1, cq[1], ql * 4) && !memcmp(q1, q[1], qd * 4) && !memcmp(k1, kv[1], dh * 4);
+        bool same = !memcmp(c1, cq[1] + (size_t)tt * ql, ql * 4) && !memcmp(q1, q[1] + (size_t)tt * qd, qd * 4) &&
+                    !memcmp(k1, kv[1] + (size_t)tt * dh, dh * 4);
         same ? n_pass++ : n_fail++;
-        printf("%s  %-10s n=%-4d attn_project L%d cuda n=1 == row 0 of n=%d bitwise\n", same ? "PASS" : "FAIL", t->recipe,
-               n, il, n);
+        printf("%s  %-10s n=%-4d attn_project L%d cuda n=1 == row %d of n=%d bitwise\n", same ? "PASS" : "FAIL",
+               t->recipe, n, il, tt, n);
         free(c1), free(q1), free(k1);
         rel(S, du), rel(S, dcq), rel(S, dq), rel(S, dkv), rel(S, st);
     }
@@ -770,6 +774,12 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
     }
     /* Flash's projections in a batch of the tensor-core Q8_0 kernel */
     if (flash) ONLY("attn_project", t_attn_project(t, 40, 2));
+    /* 2..4 tokens: the few-token matvecs (k_matvec_q8rt / k_matvec_frt) */
+    for (int n = 2; n <= 4; n += 2) {
+        ONLY("attn_project", t_attn_project(t, n, 2));
+        ONLY("compress", t_compress(t, n, 2, false));
+        ONLY("compress", t_compress(t, n, 2, true));
+    }
     /* the experts of every layer (hash and routed, other weights) */
     for (int il = 0; il < c.n_layer && !flash; il++) ONLY("experts", t_experts(t, 24, il, NULL));
     /* per-expert item counts (E = 16, K = 4: 1892 items over 473 tokens) */
