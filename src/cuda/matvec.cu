@@ -219,6 +219,7 @@ __global__ void __launch_bounds__(256) k_matvec_q8rt(const __grid_constant__ mv_
     mv_prefetch(p, 8 / WPR * R);
     cu_pdl_wait();
     __shared__ float part[8][R * NT];
+    if (p.skip_le > 0 && (p.step->pos0 + p.step->n) / 4 <= p.skip_le) return;
     const int warp = threadIdx.x / 32, j = warp % WPR, lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * (8 / WPR) + warp / WPR) * R, nt = p.n < NT ? p.n : NT;
     int s = 0;
