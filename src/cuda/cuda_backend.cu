@@ -1040,6 +1040,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_ROUTE_GROUP", &cu_ctx::no_route_group}, /* 1: one-token expert grouping by moe_group */
     {"DS4_CUDA_MV_R1", &cu_ctx::mv_no_r2},              /* 1: one row per warp in every matvec */
     {"DS4_CUDA_NO_MV_FEW", &cu_ctx::mv_no_few},         /* 1: 2..4-token matvecs on the generic kernel */
+    {"DS4_CUDA_MOE1_SEQ", &cu_ctx::moe1_seq},           /* 1: fused experts' rows one after the other */
     {"DS4_CUDA_NO_MMA", &cu_ctx::no_mma},               /* 1: batches on the CUDA-core kernels only */
     {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: CUDA-core attention heads per block (else 4) */
     {"DS4_CUDA_ATT_TC", &cu_ctx::att_tc},               /* 1: attention on TF32 tensor cores (k_attn_tc) */

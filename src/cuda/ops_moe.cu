@@ -770,6 +770,7 @@ struct moe1_p {
     float *y;                /* (n, D) */
     float lim;
     int pf;                  /* prefetch the shared expert's rows to L2 before cu_pdl_wait */
+    int seq;                 /* DS4_CUDA_MOE1_SEQ=1: the items' rows one after the other (A/B) */
     const uint64_t *grid;
     const uint8_t *ksigns;
 };
@@ -824,7 +825,12 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
                                       p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr};
         const int64_t xo[2] = {(int64_t)t * D, (int64_t)t * D};
         float gu[2] = {0.0f, 0.0f};
-        cu_row_dot_multi<WG, 2>(qr, sr, 2, nch, p.aq, p.ad, p.abs, xo, gu, &tab);
+        if (p.seq) { /* DS4_CUDA_MOE1_SEQ=1: one row after the other (A/B) */
+            cu_row_dot<WG, true, 1>(qr[0], sr[0], nch, 1, nullptr, p.aq, p.ad, p.abs, xo, gu, &tab);
+            cu_row_dot<WG, true, 1>(qr[1], sr[1], nch, 1, nullptr, p.aq, p.ad, p.abs, xo, gu + 1, &tab);
+        } else {
+            cu_row_dot_multi<WG, 2>(qr, sr, 2, nch, p.aq, p.ad, p.abs, xo, gu, &tab);
+        }
         const float g = cu_warp_sum(gu[0]), u = cu_warp_sum(gu[1]);
         if (lane == 0) p.gu[(int64_t)i * F + r] = moe_act(g, u, p.lim, p.wts[i]);
     }
@@ -886,7 +892,21 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
             xo[k] = (int64_t)i * F;
             a[k] = 0.0f;
         }
-        cu_row_dot_multi<WD, MOE1_MAX_K>(qr, sr, p.K, nch, p.hq, p.hd, p.hbs, xo, a, &tab);
+        if (p.seq) { /* DS4_CUDA_MOE1_SEQ=1: one item after the other (A/B) */
+            for (int k = 0; k < p.K; k++) {
+                const int64_t xk[1] = {(int64_t)(t * p.K + k) * F};
+                float ak[1] = {0.0f};
+                const int64_t row = (int64_t)p.ids[t * p.K + k] * p.D + r;
+                cu_row_dot<WD, true, 1>(p.d.q + (size_t)row * p.d.q_row,
+                                        p.d.s ? p.d.s + (size_t)row * p.d.s_row : nullptr, nch, 1, nullptr, p.hq, p.hd,
+                                        p.hbs, xk, ak, &tab);
+#pragma unroll
+                for (int m = 0; m < MOE1_MAX_K; m++)
+                    if (m == k) a[m] = ak[0];
+            }
+        } else {
+            cu_row_dot_multi<WD, MOE1_MAX_K>(qr, sr, p.K, nch, p.hq, p.hd, p.hbs, xo, a, &tab);
+        }
         float acc = 0.0f;
 #pragma unroll
         for (int k = 0; k < MOE1_MAX_K; k++)
@@ -956,6 +976,7 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.grid = c->grid;
     p.ksigns = c->ksigns;
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
+    p.seq = c->moe1_seq;
     const dim3 g1(F / 8, 1 + n * K);
     switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
