@@ -141,6 +141,7 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
     c->mtp_draft = 3;
     c->mtp_gate = 0.3f;
     for (int k = 0; k < SRV_N_API; k++) c->default_think[k] = DS4_THINK_HIGH; /* B.5 */
+    bool mtp_opts = false; /* --mtp-draft / --mtp-gate given: they need --mtp */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -220,6 +221,7 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         STROPT("-m", model_path)
         STROPT("--model", model_path)
         STROPT("--mtp", mtp_path)
+        if (!strcmp(a, "--mtp-draft") || !strcmp(a, "--mtp-gate")) mtp_opts = true;
         INTOPT("--mtp-draft", 1, 4, mtp_draft)
         if (!strcmp(a, "--mtp-gate")) {
             char *end = NULL;
@@ -266,6 +268,10 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
     }
     if (!c->model_path) {
         fprintf(stderr, "ds4-server: -m MODEL.gguf is required\n");
+        return -1;
+    }
+    if (mtp_opts && !c->mtp_path) {
+        fprintf(stderr, "ds4-server: --mtp-draft and --mtp-gate need --mtp FILE\n");
         return -1;
     }
     if (c->kv_cold_max_tokens != 0 && c->kv_cold_max_tokens < c->kv_min_tokens) {

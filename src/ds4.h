@@ -284,13 +284,12 @@ int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err
  * block, verifies them in one batched pass and appends the longest prefix
  * the model accepts: with p->temperature <= 0 a draft is kept when it is
  * the model's greedy token there, so the output is exactly the greedy
- * output; otherwise (speculative sampling) the MTP draws each draft d from
- * q, the sampler's distribution of its logits under p, the model keeps it
- * with probability min(1, p(d)/q(d)) (p = the sampler's distribution of the
- * model's logits there) and the first rejected place draws from the
- * normalised max(0, p - q), so each token is distributed exactly as
- * ds4_sampler_sample would draw it (a test drafter's drafts count as point
- * masses).
+ * output; otherwise (coupled sampling) each verified row's token is
+ * ds4_sampler_sample's draw from the model's logits there with the next
+ * uniform of rng, a draft is kept when it equals that token, and the MTP
+ * draws its drafts with the same uniforms (from a copy of rng): the tokens
+ * and rng's state are exactly those of plain sampling with the same
+ * generator, whatever was drafted.
  * p NULL means greedy (rng may then be NULL too).
  * out[0..*n_out) receives the appended tokens (next first; at most max_new,
  * which must be >= 1; out has room for 5); *following the token after

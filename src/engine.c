@@ -102,10 +102,7 @@ struct ds4_session {
     int n_force;
     ds4_rng force_rng;
     float *row;            /* (n_vocab) host logits / probabilities */
-    float *probs;          /* (n_vocab) */
     int32_t *mtok;         /* (n_batch + 1) tokens of an MTP feed */
-    float *qbuf;           /* (4, n_vocab) draft distributions of a sampled cycle */
-    bool qdraft;           /* this cycle's drafts were drawn from qbuf (else point masses) */
     ds4_sampler *smp;
 };
 
@@ -670,9 +667,7 @@ void ds4_session_free(ds4_session *s) {
     ds4_fwd_free(s->mf);
     ds4_sampler_free(s->smp);
     free(s->mtok);
-    free(s->qbuf);
     free(s->row);
-    free(s->probs);
     free(s->tokens);
     free(s->logits);
     free(s);
@@ -952,11 +947,9 @@ int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err
     if (!e->bmtp && !s->drafter) return ds4_err_set(err, DS4_E_ARG, "the engine has no MTP model (--mtp)");
     const size_t V = (size_t)e->hp.n_vocab;
     if (!s->row) s->row = malloc(V * sizeof(float));
-    if (!s->probs) s->probs = malloc(V * sizeof(float));
     if (!s->mtok) s->mtok = malloc((size_t)(s->n_batch + 1) * sizeof(int32_t));
-    if (!s->qbuf) s->qbuf = malloc(4 * V * sizeof(float));
     if (!s->smp) s->smp = ds4_sampler_new((int)V, err);
-    if (!s->row || !s->probs || !s->mtok || !s->qbuf || !s->smp)
+    if (!s->row || !s->mtok || !s->smp)
         return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     if (e->bmtp && !s->mf) {
         int rc = ds4_fwd_new(e->bmtp, &e->be[e->n_parts - 1], e->num, s->n_ctx, s->n_batch, &s->mf, err);
@@ -982,11 +975,15 @@ static int32_t top_prob(const float *lg, int V, float *p_top) {
 
 /* One MTP draft: evaluates the pair already placed in row 0 of the MTP
  * input with token t. Greedy (sp NULL): *d = the MTP head's greedy token.
- * Sampling: *d is drawn from q = the sampler's distribution of the MTP
- * logits under sp, which is kept in q (n_vocab). *ok = false when the gate
- * stops drafting there (top MTP probability at temperature 1 below it). */
-static int mtp_draft(ds4_session *s, int32_t t, const ds4_sampler_params *sp, ds4_rng *rng, float *q, int32_t *d,
-                     bool *ok, ds4_err *err) {
+ * Sampling: *d is the sampler's draw from the MTP logits under sp with the
+ * uniform that the main model's sampler will use at this position (rng is
+ * a copy of the request's generator, advanced one draw per drafted
+ * position), so a draft is accepted exactly when it is the token the model
+ * samples there (coupled draws: ds4_session_spec_step). *ok = false when
+ * the gate stops drafting there (top MTP probability at temperature 1
+ * below it). */
+static int mtp_draft(ds4_session *s, int32_t t, const ds4_sampler_params *sp, ds4_rng *rng, int32_t *d, bool *ok,
+                     ds4_err *err) {
     const int V = s->e->hp.n_vocab;
     int rc = ds4_fwd_eval(s->mf, &t, 1, NULL, false, err);
     if (!rc) rc = ds4_fwd_logits_row(s->mf, 0, s->row, err);
@@ -995,21 +992,20 @@ static int mtp_draft(ds4_session *s, int32_t t, const ds4_sampler_params *sp, ds
     *d = top_prob(s->row, V, &pt);
     *ok = pt >= s->so.gate;
     if (sp && *ok) {
-        ds4_sampler_probs(s->smp, s->row, sp, q);
-        *d = ds4_sampler_sample(s->smp, s->row, sp, rng);
+        ds4_rng u = *rng; /* the uniform the main sampler will use at this position */
+        *d = ds4_sampler_sample(s->smp, s->row, sp, &u);
+        ds4_rng_next(rng);
     }
     return 0;
 }
 
 /* Up to max drafts for the token `next` at the end of the timeline; sp
- * non-NULL when sampling (MTP drafts are then drawn from its distribution,
- * s->qdraft). */
+ * non-NULL when sampling (MTP drafts are then the sampler's draws with the
+ * uniforms of a copy of rng, mtp_draft; rng itself is not advanced). */
 static int make_drafts(ds4_session *s, int32_t next, int max, const ds4_sampler_params *sp, ds4_rng *rng,
                        int32_t *drafts, int *nd, ds4_err *err) {
     const int P = s->n_tokens;
-    const size_t V = (size_t)s->e->hp.n_vocab;
     *nd = 0;
-    s->qdraft = false;
     if (max < 1) return 0;
     if (s->drafter) {
         int n = s->drafter(s->drafter_user, s->tokens, P, next, drafts, max);
@@ -1026,10 +1022,14 @@ static int make_drafts(ds4_session *s, int32_t next, int max, const ds4_sampler_
         ds4_fwd_reset(s->mf);
         s->mbase = P - 1;
     }
-    s->qdraft = sp != NULL;
+    ds4_rng peek;
+    if (sp) {
+        peek = *rng; /* draft j draws with the main generator's draw j of this cycle (row j's) */
+        rng = &peek;
+    }
     int rc = ds4_fwd_hc_from_kept(s->mf, 0, err);
     bool ok;
-    if (!rc) rc = mtp_draft(s, next, sp, rng, s->qbuf, &drafts[0], &ok, err);
+    if (!rc) rc = mtp_draft(s, next, sp, rng, &drafts[0], &ok, err);
     if (rc) return rc;
     if (!ok) {
         s->st.gated++;
@@ -1042,7 +1042,7 @@ static int make_drafts(ds4_session *s, int32_t next, int max, const ds4_sampler_
     if ((rc = ds4_fwd_spec_begin(s->mf, max - 1, err))) return rc;
     while (*nd < max) {
         if ((rc = ds4_fwd_hc_from(s->mf, 0, s->mf, 0, 1, err))) return rc;
-        if ((rc = mtp_draft(s, drafts[*nd - 1], sp, rng, s->qbuf + (size_t)*nd * V, &drafts[*nd], &ok, err)))
+        if ((rc = mtp_draft(s, drafts[*nd - 1], sp, rng, &drafts[*nd], &ok, err)))
             return rc;
         if (!ok) {
             s->st.gated++;
@@ -1053,38 +1053,8 @@ static int make_drafts(ds4_session *s, int32_t next, int max, const ds4_sampler_
     return ds4_fwd_spec_rollback(s->mf, 0, err);
 }
 
-/* Residual draw after rejecting draft d: the normalised max(0, p - q),
- * q = the draft's distribution (NULL: the point mass at d, so p without
- * d). */
-static float residual(const float *p, const float *q, int32_t d, int i) {
-    float r = p[i] - (q ? q[i] : (i == d ? 1.0f : 0.0f));
-    return r > 0.0f ? r : 0.0f;
-}
-
-static int32_t sample_residual(const float *p, const float *q, int V, int32_t d, ds4_rng *rng) {
-    float total = 0.0f;
-    int32_t last = -1;
-    for (int i = 0; i < V; i++) {
-        float r = residual(p, q, d, i);
-        if (r > 0.0f) {
-            total += r;
-            last = i;
-        }
-    }
-    if (last < 0) return ds4_argmax(p, V); /* p == q up to rounding: a rejection had ~0 probability */
-    float u = ds4_rng_uniform(rng) * total;
-    for (int i = 0; i < V; i++) {
-        float r = residual(p, q, d, i);
-        if (!(r > 0.0f)) continue;
-        u -= r;
-        if (u <= 0.0f) return i;
-    }
-    return last;
-}
-
 int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_sampler_params *p, ds4_rng *rng,
                           int32_t *out, int *n_out, int32_t *following, ds4_err *err) {
-    const int V = s->e->hp.n_vocab;
     *n_out = 0;
     if (!s->spec) return ds4_err_set(err, DS4_E_ARG, "speculative decoding is not enabled on this session");
     const bool greedy = !p || !(p->temperature > 0.0f);
@@ -1116,21 +1086,22 @@ int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_s
         while (k < nd && ids[k] == toks[k + 1]) k++;
         fol = ids[k];
     } else {
+        /* Coupled draws: each row's token is the sampler's draw from the
+         * model's logits with the request generator's next uniform, exactly
+         * as without drafts; a draft is kept when it equals that token. So
+         * the output is the stream of plain sampling with the same seed, bit
+         * for bit, whatever was drafted (and whatever the MTP window held:
+         * cold or cached prompts give the same text); the MTP drafts with the
+         * same uniforms (mtp_draft), so it hits whenever its distribution
+         * puts the same token at that uniform. */
         for (;;) {
             if ((rc = ds4_fwd_logits_row(s->f, k, s->row, err))) goto fail;
-            if (k == nd) {
-                fol = ds4_sampler_sample(s->smp, s->row, p, rng);
-                break;
-            }
-            /* accept d with probability min(1, p(d) / q(d)); q(d) > 0 as d was drawn from q */
-            ds4_sampler_probs(s->smp, s->row, p, s->probs);
-            int32_t d = toks[k + 1];
-            const float *q = s->qdraft ? s->qbuf + (size_t)k * V : NULL;
-            if (ds4_rng_uniform(rng) * (q ? q[d] : 1.0f) < s->probs[d]) {
+            const int32_t t = ds4_sampler_sample(s->smp, s->row, p, rng);
+            if (k < nd && t == toks[k + 1]) {
                 k++;
                 continue;
             }
-            fol = sample_residual(s->probs, q, V, d, rng);
+            fol = t;
             break;
         }
     }

@@ -34,6 +34,7 @@
 typedef struct opts {
     const char *model, *synthetic, *prompt_file, *csv, *mtp;
     int mtp_draft, n_accept;
+    bool mtp_draft_set;
     float accept[4];
     uint64_t seed;
     ds4_backend_kind backend;
@@ -151,7 +152,10 @@ static int parse(int argc, char **argv, opts *o) {
         } else if (!strcmp(a, "--mtp")) {
             NEED();
             o->mtp = argv[++i];
-        } else if (!strcmp(a, "--mtp-draft")) INT(o->mtp_draft, 1, 4);
+        } else if (!strcmp(a, "--mtp-draft")) {
+            INT(o->mtp_draft, 1, 4);
+            o->mtp_draft_set = true;
+        }
         else if (!strcmp(a, "--mtp-accept")) {
             NEED();
             char *p = argv[++i], *e_ = p;
@@ -181,8 +185,8 @@ static int parse(int argc, char **argv, opts *o) {
         fprintf(stderr, "ds4-bench: --ctx-max %d is below --ctx-start %d\n", o->ctx_max, o->ctx_start);
         return 2;
     }
-    if (o->n_accept && !o->mtp) {
-        fprintf(stderr, "ds4-bench: --mtp-accept needs --mtp FILE|synthetic\n");
+    if ((o->n_accept || o->mtp_draft_set) && !o->mtp) {
+        fprintf(stderr, "ds4-bench: %s needs --mtp FILE|synthetic\n", o->n_accept ? "--mtp-accept" : "--mtp-draft");
         return 2;
     }
     if (o->ctx_max < o->ctx_start) o->ctx_max = o->ctx_start; /* --ctx-start alone above the default --ctx-max */

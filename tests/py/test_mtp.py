@@ -335,6 +335,15 @@ def test_mtp_bad_files_and_options_are_refused(models, tmp_path):
     for opt, val in (("--mtp-draft", "0"), ("--mtp-draft", "5"), ("--mtp-gate", "2")):
         r = subprocess.run(base + [opt, val], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and opt in r.stderr, r.stderr
+    # the drafting options without --mtp are usage errors in every program
+    for cmd in ([prog("ds4"), "-m", str(main), "--cpu", "-p", "x", "-n", "1"],
+                [prog("ds4-server"), "-m", str(main), "--cpu", "--port", "0"],
+                [prog("ds4-bench"), "-m", str(main), "--cpu", "--ctx-start", "16", "--ctx-max", "16"]):
+        for opt, val in (("--mtp-draft", "2"), ("--mtp-gate", "0.5")):
+            if cmd[0].endswith("ds4-bench") and opt == "--mtp-gate":
+                continue  # the bench has no gate (it measures fixed drafts)
+            r = subprocess.run(cmd + [opt, val], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2 and "--mtp" in r.stderr, f"{cmd[0]} {opt}: exit {r.returncode}\n{r.stderr}"
 
 
 def test_cli_generation_with_mtp_prints_the_same_text_and_counters(tmp_path):
@@ -355,7 +364,7 @@ def test_cli_generation_with_mtp_prints_the_same_text_and_counters(tmp_path):
 def test_server_with_mtp_gives_the_same_greedy_text_and_logs_counters(tmp_path):
     from test_server import NO_THINK, Server, demo_model, user
     mtp = make_mtp(demo_model(), tmp_path / "demo-mtp.gguf", seed=9)
-    texts = []
+    texts, sampled = [], []
     for args in ((), ("--mtp", str(mtp), "--mtp-gate", "0", "--mtp-draft", "2")):
         with Server(*args) as s:
             c = s.openai()
@@ -364,12 +373,17 @@ def test_server_with_mtp_gives_the_same_greedy_text_and_logs_counters(tmp_path):
             texts.append(r.choices[0].message.content)
             assert r.usage.completion_tokens <= 30
             # a sampled request runs through the speculative-sampling path
-            r2 = c.chat.completions.create(model="deepseek-v4-flash", messages=user("Tell me a story"),
-                                           max_tokens=20, temperature=1.0, seed=5, extra_body=NO_THINK)
-            assert r2.choices[0].finish_reason in ("stop", "length")
+            # a seeded sampled request, cold then with its prompt cached (coupled draws: the same text as
+            # plain sampling with that seed, whatever the MTP drafted or the cache held)
+            for _ in range(2):
+                r2 = c.chat.completions.create(model="deepseek-v4-flash", messages=user("Once upon a time"),
+                                               max_tokens=20, temperature=1.0, seed=5, extra_body=NO_THINK)
+                assert r2.choices[0].finish_reason in ("stop", "length")
+                sampled.append(r2.choices[0].message.content)
             if args:
                 assert s.wait_log(r"mtp \S+: \d+ cycles, [0-9.]+ tokens/cycle, drafts \d+, accepted"), s.log_text()
     assert texts[0] == texts[1]
+    assert len(set(sampled)) == 1, f"seeded replies differ (plain cold, plain cached, mtp cold, mtp cached): {sampled}"
 
 
 def test_server_over_a_layer_split_gives_the_same_text_and_reuses_the_cache(tmp_path):

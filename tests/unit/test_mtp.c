@@ -291,8 +291,9 @@ static double chi2(const int *cnt, const float *p, int V, int n, int *df) {
 /* Speculative sampling draws the token after `next` from the model's
  * distribution there, and the one after an accepted draft from the
  * distribution given that draft, whatever the drafts are (a likely one, an
- * unlikely one). Seeded; the 1e-4 quantile of chi-square bounds a false
- * failure. */
+ * unlikely one); with coupled draws it gives exactly the tokens of plain
+ * sampling with the same generator. Seeded; the 1e-4 quantile of chi-square
+ * bounds a false failure. */
 DS4_TEST(mtp_sampling_matches_model_distribution) {
     tm_cfg c = tm_default();
     ds4_engine *e = NULL;
@@ -304,6 +305,7 @@ DS4_TEST(mtp_sampling_matches_model_distribution) {
     ds4_sampler_params p = {.temperature = 0.4f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f};
     ds4_sampler *smp = ds4_sampler_new(V, &err);
     float *p1 = malloc((size_t)V * sizeof(float)), *p2 = malloc((size_t)V * sizeof(float));
+    float *l1 = malloc((size_t)V * sizeof(float)), *l2 = malloc((size_t)V * sizeof(float));
     /* reference distributions after prompt+next and prompt+next+d0 */
     ds4_session *r = new_session(e, 64);
     CHECK(ds4_session_sync(r, prompt, 13, NULL, NULL, NULL, &err) == 0);
@@ -311,10 +313,12 @@ DS4_TEST(mtp_sampling_matches_model_distribution) {
     CHECK(ds4_session_argmax(r, &next, &err) == 0);
     CHECK(ds4_session_eval(r, next, &err) == 0);
     ds4_sampler_probs(smp, ds4_session_logits(r), &p, p1);
+    memcpy(l1, ds4_session_logits(r), (size_t)V * sizeof(float));
     /* drafts: the most likely token (often accepted) then an unlikely one */
     int32_t d0 = ds4_argmax(ds4_session_logits(r), V);
     CHECK(ds4_session_eval(r, d0, &err) == 0);
     ds4_sampler_probs(smp, ds4_session_logits(r), &p, p2);
+    memcpy(l2, ds4_session_logits(r), (size_t)V * sizeof(float));
     int32_t d1 = 0;
     for (int i = 0; i < V; i++)
         if (p2[i] > 0 && (p2[d1] == 0 || p2[i] < p2[d1])) d1 = i;
@@ -326,16 +330,21 @@ DS4_TEST(mtp_sampling_matches_model_distribution) {
     CHECK(ds4_session_spec_enable(s, &so, &err) == 0);
     enum { N = 6000 };
     int *c1 = calloc((size_t)V, sizeof(int)), *c2 = calloc((size_t)V, sizeof(int));
-    int n2 = 0;
+    int n2 = 0, n_same = 0;
     ds4_rng rng;
     ds4_rng_seed(&rng, 12345);
     for (int tr = 0; tr < N; tr++) {
         CHECK(ds4_session_sync(s, prompt, 13, NULL, NULL, NULL, &err) == 0);
         int32_t o[8], fol;
         int no = 0;
+        ds4_rng plain = rng; /* the same generator without speculation */
         CHECK_MSG(ds4_session_spec_step(s, next, 8, &p, &rng, o, &no, &fol, &err) == 0, "%s", err.msg);
         CHECK(no >= 1 && no <= 3 && o[0] == next);
         int32_t t1 = no >= 2 ? o[1] : fol;
+        /* coupled draws: the same tokens as plain sampling with that seed */
+        bool same = t1 == ds4_sampler_sample(smp, l1, &p, &plain);
+        if (same && t1 == d0) same = (no >= 3 ? o[2] : fol) == ds4_sampler_sample(smp, l2, &p, &plain);
+        n_same += same;
         c1[t1]++;
         if (t1 == d0) { /* the token after an accepted first draft */
             c2[no >= 3 ? o[2] : fol]++;
@@ -350,6 +359,8 @@ DS4_TEST(mtp_sampling_matches_model_distribution) {
     double q2 = df2 * pow(1 - 2.0 / (9 * df2) + z * sqrt(2.0 / (9 * df2)), 3);
     printf("  first token: chi2 %.1f (df %d, bound %.1f); after the draft (%d samples): chi2 %.1f (df %d, bound %.1f); "
            "p(d0) %.3f p(d1|d0) %.4f\n", x1, df1, q1, n2, x2, df2, q2, p1[d0], p2[d1]);
+    CHECK_MSG(n_same == N, "speculative sampling differs from plain sampling with the same generator in %d of %d trials",
+              N - n_same, N);
     CHECK_MSG(df1 >= 3 && x1 < q1, "first sampled token: chi2 %.1f >= %.1f (df %d)", x1, q1, df1);
     CHECK_MSG(n2 > 500 && df2 >= 3 && x2 < q2, "token after the draft: chi2 %.1f >= %.1f (df %d, %d samples)", x2, q2,
               df2, n2);
@@ -357,6 +368,8 @@ DS4_TEST(mtp_sampling_matches_model_distribution) {
     free(c2);
     free(p1);
     free(p2);
+    free(l1);
+    free(l2);
     ds4_sampler_free(smp);
     ds4_session_free(s);
     ds4_engine_close(e);
@@ -512,17 +525,20 @@ DS4_TEST(mtp_sampling_with_mtp_drafts_matches_model_distribution) {
     ds4_sampler_params p = {.temperature = 0.5f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f};
     ds4_sampler *smp = ds4_sampler_new(V, &err);
     float *p1 = malloc((size_t)V * sizeof(float)), *p2 = malloc((size_t)V * sizeof(float));
+    float *l1 = malloc((size_t)V * sizeof(float)), *l2 = malloc((size_t)V * sizeof(float));
     ds4_session *r = new_session(e, 64);
     CHECK(ds4_session_sync(r, prompt, 13, NULL, NULL, NULL, &err) == 0);
     int32_t next;
     CHECK(ds4_session_argmax(r, &next, &err) == 0);
     CHECK(ds4_session_eval(r, next, &err) == 0);
     ds4_sampler_probs(smp, ds4_session_logits(r), &p, p1);
+    memcpy(l1, ds4_session_logits(r), (size_t)V * sizeof(float));
     ds4_session *s = new_session(e, 64);
     ds4_spec_opts so = {.n_draft = 2, .gate = 0};
     CHECK(ds4_session_spec_enable(s, &so, &err) == 0);
     enum { N = 5000 };
     int *c1 = calloc((size_t)V, sizeof(int)), *c2 = calloc((size_t)V * V, sizeof(int)), *nacc = calloc((size_t)V, sizeof(int));
+    int n_same = 0;
     ds4_rng rng;
     ds4_rng_seed(&rng, 777);
     ds4_spec_stats st0, st1;
@@ -533,8 +549,10 @@ DS4_TEST(mtp_sampling_with_mtp_drafts_matches_model_distribution) {
         CHECK(ds4_session_eval(s, prompt[12], &err) == 0);
         int32_t o[8], fol;
         int no = 0;
+        ds4_rng plain = rng; /* the same generator without speculation */
         CHECK_MSG(ds4_session_spec_step(s, next, 8, &p, &rng, o, &no, &fol, &err) == 0, "%s", err.msg);
         int32_t t1 = no >= 2 ? o[1] : fol;
+        n_same += t1 == ds4_sampler_sample(smp, l1, &p, &plain);
         c1[t1]++;
         if (no >= 2) { /* t1 accepted as a draft: this cycle also chose the token after it */
             nacc[t1]++;
@@ -559,7 +577,11 @@ DS4_TEST(mtp_sampling_with_mtp_drafts_matches_model_distribution) {
     printf("  drafts %lld, accepted %lld; first token chi2 %.1f (df %d, bound %.1f); second after accepted draft %d "
            "(%d samples) chi2 %.1f (df %d, bound %.1f)\n", (long long)(st1.drafted - st0.drafted),
            (long long)(st1.accepted - st0.accepted), x1, df1, q1, x, n2, x2, df2, q2);
+    CHECK_MSG(n_same == N, "MTP sampling differs from plain sampling with the same generator in %d of %d trials",
+              N - n_same, N);
     CHECK_MSG(st1.drafted - st0.drafted >= N, "the MTP drafted only %lld times", (long long)(st1.drafted - st0.drafted));
+    CHECK_MSG(n_same == N, "speculative sampling differs from plain sampling with the same generator in %d of %d trials",
+              N - n_same, N);
     CHECK_MSG(df1 >= 3 && x1 < q1, "first sampled token: chi2 %.1f >= %.1f (df %d)", x1, q1, df1);
     CHECK_MSG(n2 > 150 && df2 >= 3 && x2 < q2, "second token: chi2 %.1f >= %.1f (df %d, %d samples)", x2, q2, df2, n2);
     free(c1);
@@ -567,6 +589,8 @@ DS4_TEST(mtp_sampling_with_mtp_drafts_matches_model_distribution) {
     free(nacc);
     free(p1);
     free(p2);
+    free(l1);
+    free(l2);
     ds4_sampler_free(smp);
     ds4_session_free(s);
     ds4_engine_close(e);
