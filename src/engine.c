@@ -350,6 +350,8 @@ static int mtp_open(ds4_engine *e, const ds4_engine_opts *o, const char *path, d
     int rc;
     const bool syn = o->synthetic != NULL;
     ds4_backend *be = &e->be[e->n_parts - 1]; /* beside the head */
+    if (!*path)
+        return ds4_err_set(err, DS4_E_ARG, "the MTP file name is empty (--mtp FILE)");
     if (!be->ops->mtp_embed)
         rc = ds4_err_set(err, DS4_E_ARG, "the %s backend does not support MTP yet", be->ops->name);
     else if (syn && strcmp(path, "synthetic") != 0)

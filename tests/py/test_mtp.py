@@ -325,6 +325,7 @@ def test_mtp_bad_files_and_options_are_refused(models, tmp_path):
         (make_mtp(main, tmp_path / "m2.gguf", bad_shape="mtp.0.attn_kv.weight"), "mtp.0.attn_kv.weight"),
         (ORACLE / "tiny_yarn_37" / "tokens.txt", "MTP"),
         (tmp_path / "missing.gguf", "MTP"),
+        ("", "empty"),
     ]
     other, _ = models("h256")  # an MTP block of another model
     cases.append((make_mtp(other, tmp_path / "m3.gguf"), "mtp.0."))
