@@ -367,6 +367,9 @@ int main(int argc, char **argv) {
     }
     srv_log("ds4-server: backend %s, context %d, model %s", ds4_engine_backend_name(s.engine),
             s.cfg.n_ctx, s.cfg.model_path);
+    if (ds4_engine_has_mtp(s.engine))
+        srv_log("ds4-server: MTP speculative decoding on: %s, %d drafts per cycle, gate %g", s.cfg.mtp_path,
+                s.cfg.mtp_draft, (double)s.cfg.mtp_gate);
     srv_log("ds4-server: listening on http://%s:%d", s.cfg.host, s.cfg.port);
     int sig = 0;
     sigwait(&sigs, &sig);

@@ -382,6 +382,7 @@ def test_server_with_mtp_gives_the_same_greedy_text_and_logs_counters(tmp_path):
                 assert r2.choices[0].finish_reason in ("stop", "length")
                 sampled.append(r2.choices[0].message.content)
             if args:
+                assert s.wait_log(r"MTP speculative decoding on: .*demo-mtp\.gguf, 2 drafts per cycle, gate 0"), s.log_text()
                 assert s.wait_log(r"mtp \S+: \d+ cycles, [0-9.]+ tokens/cycle, drafts \d+, accepted"), s.log_text()
     assert texts[0] == texts[1]
     assert len(set(sampled)) == 1, f"seeded replies differ (plain cold, plain cached, mtp cold, mtp cached): {sampled}"
