@@ -880,8 +880,14 @@ int ds4_worker_serve(ds4_chan *ch, const char *path, ds4_backend_factory make_ba
             rc = ds4_err_set(err, DS4_E_IO, "rank 0 closed the connection");
             break;
         }
-        if (q.len > ((uint64_t)1 << 34) || wk_grow(&w, (size_t)q.len + 1) || ch_recv(ch, w.buf, (size_t)q.len)) {
-            rc = ds4_err_set(err, DS4_E_IO, "a request of %llu bytes could not be read", (unsigned long long)q.len);
+        if (q.len > ((uint64_t)1 << 34) || wk_grow(&w, (size_t)q.len + 1)) {
+            rc = ds4_err_set(err, DS4_E_IO, "a request of %llu bytes could not be held", (unsigned long long)q.len);
+            break;
+        }
+        if (ch_recv(ch, w.buf, (size_t)q.len)) {
+            /* rank 0 that dies while sending leaves a cut request: the same end as a closed connection */
+            rc = ds4_err_set(err, DS4_E_IO, "rank 0 closed the connection inside a request of %llu bytes",
+                             (unsigned long long)q.len);
             break;
         }
         if (q.op == OP_BYE) break;
