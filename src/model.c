@@ -596,6 +596,19 @@ int ds4_model_load_mtp(ds4_model *m, const ds4_model *main, const ds4_gguf *g, d
     if (!main->weights_loaded || !main->tok_embd.data)
         return ds4_err_set(err, DS4_E_ARG, "an MTP block needs a loaded main model");
     int rc = 0;
+    /* the block's shapes come from the main model; only the architecture
+     * name is read: absent, the main model's, or the MTP sidecar's
+     * 'deepseek4_mtp_support' (what published validators expect) */
+    if (ds4_gguf_find_key(g, "general.architecture") >= 0) {
+        ds4_gguf_str arch;
+        if (ds4_gguf_get_str(g, "general.architecture", &arch, err) != 0) return DS4_E_MODEL;
+        if (!((arch.len == 9 && !memcmp(arch.ptr, "deepseek4", 9)) ||
+              (arch.len == 21 && !memcmp(arch.ptr, "deepseek4_mtp_support", 21))))
+            return ds4_err_set(err, DS4_E_MODEL,
+                               "MTP file: general.architecture is '%.*s', expected 'deepseek4_mtp_support' or "
+                               "'deepseek4'",
+                               (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
+    }
     const ds4_hparams *mh = &main->hp;
     ds4_hparams *hp = &m->hp;
     *hp = *mh;

@@ -50,7 +50,7 @@ def read_gguf(path):
     return fields, tens
 
 
-def make_mtp(main, out, seed=1, drop=(), bad_shape=None):
+def make_mtp(main, out, seed=1, drop=(), bad_shape=None, arch="deepseek4"):
     """A random MTP GGUF for the model in `main` (all F32), shapes from main's last block."""
     import gguf
     fields, t = read_gguf(main)
@@ -58,7 +58,7 @@ def make_mtp(main, out, seed=1, drop=(), bad_shape=None):
     n_hc = int(fields["deepseek4.hyper_connection.count"])
     D = t["token_embd.weight"].shape[1]
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(out), "deepseek4")
+    w = gguf.GGUFWriter(str(out), arch)
     arrays = {}
     for s in BLOCK:
         shape = t[f"blk.{nl - 1}.{s}"].shape
@@ -110,7 +110,8 @@ def models(tmp_path_factory):
             p = d / f"{model}.gguf"
             r = convert(ORACLE / "models" / model, p, "f32")
             assert r.returncode == 0, r.stderr
-            cache[model] = (p, make_mtp(p, d / f"{model}-mtp.gguf", seed=len(cache) + 3))
+            cache[model] = (p, make_mtp(p, d / f"{model}-mtp.gguf", seed=len(cache) + 3,
+                                                   arch="deepseek4_mtp_support"))
         return cache[model]
     return get
 
@@ -327,6 +328,8 @@ def test_mtp_bad_files_and_options_are_refused(models, tmp_path):
         (tmp_path / "missing.gguf", "MTP"),
         ("", "empty"),
     ]
+    # a GGUF of another architecture, although its tensors fit
+    cases.append((make_mtp(main, tmp_path / "m4.gguf", arch="llama"), "general.architecture is 'llama'"))
     other, _ = models("h256")  # an MTP block of another model
     cases.append((make_mtp(other, tmp_path / "m3.gguf"), "mtp.0."))
     for path, want in cases:
