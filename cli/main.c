@@ -4,6 +4,7 @@
  * function of cli.h in its own file; this file only parses and dispatches.
  */
 #include "cli.h"
+#include "util/num.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -63,22 +64,16 @@ static void usage_debug(void) {
 }
 
 static int parse_int(const char *opt, const char *s, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) {
+    if (ds4_parse_long(s, lo, hi, out)) {
         fprintf(stderr, "ds4: %s: expected an integer in %ld..%ld, got '%s'\n", opt, lo, hi, s);
         return -1;
     }
-    *out = v;
     return 0;
 }
 
 static int parse_float(const char *opt, const char *s, double lo, double hi, float *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || *end || !(v >= lo && v <= hi)) {
+    double v;
+    if (ds4_parse_double(s, lo, hi, &v)) {
         fprintf(stderr, "ds4: %s: expected a number in %g..%g, got '%s'\n", opt, lo, hi, s);
         return -1;
     }

@@ -8,6 +8,8 @@
  * disk cache (reason shutdown) and exits 0. A second signal exits at once
  * with status 130.
  */
+#include "util/num.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <signal.h>
@@ -87,14 +89,10 @@ static void usage_debug(void) {
 }
 
 static int parse_int(const char *opt, const char *v, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    long x = v ? strtol(v, &end, 10) : 0;
-    if (!v || errno || *end || x < lo || x > hi) {
-        fprintf(stderr, "ds4-server: %s needs an integer in [%ld, %ld]\n", opt, lo, hi);
+    if (ds4_parse_long(v, lo, hi, out)) {
+        fprintf(stderr, "ds4-server: %s needs an integer in [%ld, %ld], got '%s'\n", opt, lo, hi, v ? v : "");
         return -1;
     }
-    *out = x;
     return 0;
 }
 
@@ -224,13 +222,12 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         if (!strcmp(a, "--mtp-draft") || !strcmp(a, "--mtp-gate")) mtp_opts = true;
         INTOPT("--mtp-draft", 1, 4, mtp_draft)
         if (!strcmp(a, "--mtp-gate")) {
-            char *end = NULL;
-            float g = v ? strtof(v, &end) : 0;
-            if (!v || end == v || *end || !(g >= 0.0f && g <= 1.0f)) {
+            double g;
+            if (ds4_parse_double(v, 0.0, 1.0, &g)) {
                 fprintf(stderr, "ds4-server: --mtp-gate: expected a number in 0..1, got '%s'\n", v ? v : "");
                 return -1;
             }
-            c->mtp_gate = g;
+            c->mtp_gate = (float)g;
             i++;
             continue;
         }

@@ -30,6 +30,7 @@
 
 #include "ds4.h"
 #include "ds4_debug.h"
+#include "util/num.h"
 
 typedef struct opts {
     const char *model, *synthetic, *prompt_file, *csv, *mtp;
@@ -93,10 +94,8 @@ static int parse(int argc, char **argv, opts *o) {
 #define INT(dst, lo, hi)                                                                   \
     do {                                                                                   \
         NEED();                                                                            \
-        char *e_;                                                                          \
-        errno = 0;                                                                         \
-        long v_ = strtol(argv[++i], &e_, 10);                                              \
-        if (errno || *e_ || v_ < (lo) || v_ > (hi)) {                                      \
+        long v_;                                                                           \
+        if (ds4_parse_long(argv[++i], (lo), (hi), &v_)) {                                  \
             fprintf(stderr, "ds4-bench: %s: expected an integer in %ld..%ld\n", a, (long)(lo), (long)(hi)); \
             return 2;                                                                      \
         }                                                                                  \
@@ -135,8 +134,7 @@ static int parse(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--step-incr")) INT(o->step_incr, 1, 1 << 22);
         else if (!strcmp(a, "--step-mul")) {
             NEED();
-            o->step_mul = atof(argv[++i]);
-            if (!(o->step_mul > 1.0)) {
+            if (ds4_parse_double(argv[++i], 1.0, 1e6, &o->step_mul) || !(o->step_mul > 1.0)) {
                 fprintf(stderr, "ds4-bench: --step-mul must be > 1\n");
                 return 2;
             }
@@ -158,14 +156,20 @@ static int parse(int argc, char **argv, opts *o) {
         }
         else if (!strcmp(a, "--mtp-accept")) {
             NEED();
-            char *p = argv[++i], *e_ = p;
-            for (o->n_accept = 0; o->n_accept < 4 && *p; p = e_ + (*e_ == ',')) {
-                float v = strtof(p, &e_);
-                if (e_ == p || !(v >= 0.0f && v <= 1.0f) || (*e_ && *e_ != ',')) {
+            const char *p = argv[++i];
+            for (o->n_accept = 0;;) {
+                const char *c = strchr(p, ',');
+                char item[64];
+                size_t n = c ? (size_t)(c - p) : strlen(p);
+                double v;
+                if (o->n_accept == 4 || n >= sizeof item ||
+                    (memcpy(item, p, n), item[n] = 0, ds4_parse_double(item, 0.0, 1.0, &v))) {
                     fprintf(stderr, "ds4-bench: --mtp-accept: expected up to 4 probabilities P1,P2,...\n");
                     return 2;
                 }
-                o->accept[o->n_accept++] = v;
+                o->accept[o->n_accept++] = (float)v;
+                if (!c) break;
+                p = c + 1;
             }
         }
         else if (!strcmp(a, "--fast-forward")) o->fast_forward = true;

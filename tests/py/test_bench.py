@@ -85,6 +85,11 @@ def test_bench_table_csv_and_profiles(model, tmp_path):
     (["-m", "/nonexistent/model.gguf", "--cpu"], "nonexistent"),
     (["--synthetic", "q2", "--ctx-start", "256", "--ctx-max", "64"], "below --ctx-start"),
     (["--synthetic", "q2", "--mtp-accept", "0.5"], "needs --mtp"),
+    (["--synthetic", "q2", "--seed", ""], "--seed"),
+    (["--synthetic", "q2", "--ctx-start", "+64"], "--ctx-start"),
+    (["--synthetic", "q2", "--step-mul", "0x2"], "--step-mul"),
+    (["--synthetic", "q2", "--mtp", "synthetic", "--mtp-accept", "0.5,0x1p-1"], "--mtp-accept"),
+    (["--synthetic", "q2", "--mtp", "synthetic", "--mtp-accept", "1,1,1,1,1"], "--mtp-accept"),
 ])
 def test_bench_bad_options(args, needle):
     if not os.path.exists(BENCH):

@@ -71,6 +71,14 @@ def base(model, *extra):
     (["--server"], "ds4-server"),
     (["--mtp-draft", "2", "-p", "hi"], "need --mtp"),
     (["--dump-greedy", "3", "-p", "hi"], "needs --dump-logits"),
+    # numbers are plain decimals: no sign '+', hexadecimal, blanks, inf/nan or empty strings
+    (["-n", "+2", "-p", "hi"], "-n"),
+    (["-n", "0x10", "-p", "hi"], "-n"),
+    (["-n", "", "-p", "hi"], "-n"),
+    (["--ctx", " 512", "-p", "hi"], "--ctx"),
+    (["--temp", "0x1p-2", "-p", "hi"], "--temp"),
+    (["--temp", "nan", "-p", "hi"], "--temp"),
+    (["--top-p", "", "-p", "hi"], "--top-p"),
 ])
 def test_cli_usage_error_exits_2_with_message(args, needle):
     need_binary()

@@ -578,3 +578,16 @@ def test_queued_requests_whose_clients_left_do_not_fill_the_queue():
         assert s.wait_log(r"dropped from the queue"), s.log_text()
     finally:
         s.stop()
+
+
+def test_server_numbers_on_the_command_line_are_plain_decimals():
+    """'+2', '0x10', ' 8', '' and '0x1p-2' are not what a user means by a number: usage errors (exit 2)
+    naming the option, where strtol/strtod would have read them."""
+    from test_server import demo_model, prog
+    binary = os.environ.get("DS4_TEST_SERVER_BIN") or prog("ds4-server")
+    base = [binary, "-m", demo_model(), "--cpu", "--port", "0"]
+    for opt, val in (("--ctx", "+4096"), ("--ctx", "0x1000"), ("--ctx", ""), ("--port", " 8080"),
+                     ("--mtp-gate", "0x1p-2"), ("--mtp-gate", "nan")):
+        extra = ["--mtp", "synthetic"] if opt == "--mtp-gate" else []
+        r = subprocess.run(base + extra + [opt, val], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and opt in r.stderr, (opt, val, r.returncode, r.stderr)

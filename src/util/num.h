@@ -1,0 +1,17 @@
+/* num.h - strict parsing of numbers given on command lines.
+ *
+ * strtol/strtod accept more than a user means by a number: leading blanks,
+ * '+', hexadecimal ("0x10", "0x1p-2"), "inf"/"nan", an empty string as 0.
+ * These accept only a plain decimal: an optional '-', digits, and for reals
+ * an optional fraction and exponent ("1", "-3", "0.25", "1e-3", ".5").
+ * A real too small for a double reads as the nearest representable value
+ * (0 or a subnormal); one too large is refused. Return 0 and set *out when
+ * s is such a number within [lo, hi], else -1 and leave *out alone.
+ */
+#ifndef DS4_UTIL_NUM_H
+#define DS4_UTIL_NUM_H
+
+int ds4_parse_long(const char *s, long lo, long hi, long *out);
+int ds4_parse_double(const char *s, double lo, double hi, double *out);
+
+#endif
