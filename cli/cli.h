@@ -72,11 +72,15 @@ int ds4_cli_imatrix(const ds4_cli_opts *o);       /* imatrix.c */
 
 /* ---- Shared by the generating modes (generate.c) ------------------------ */
 
-/* Set by SIGINT (Ctrl+C) once ds4_cli_install_sigint ran; the generating
- * loops poll it and the prefill progress callback returns it (cancel). A
- * second Ctrl+C while it is still set kills the process as usual. */
+/* Set to the signal's number by SIGINT (Ctrl+C) once ds4_cli_install_sigint
+ * ran, or by SIGINT or SIGTERM once ds4_cli_install_stop_signals ran (the
+ * one-shot modes: a kill stops them as Ctrl+C does, with the stats line);
+ * the generating loops poll it and the prefill progress callback returns
+ * it (cancel). A second signal while it is still set kills the process as
+ * usual. */
 extern volatile sig_atomic_t ds4_cli_interrupted;
 void ds4_cli_install_sigint(void);
+void ds4_cli_install_stop_signals(void);
 
 /* A growable token list. push returns 0 or DS4_E_NOMEM. */
 typedef struct ds4_cli_toks {

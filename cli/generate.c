@@ -28,16 +28,23 @@ static void on_sigint(int sig) {
         raise(sig);
         return;
     }
-    ds4_cli_interrupted = 1;
+    ds4_cli_interrupted = sig;
 }
 
-void ds4_cli_install_sigint(void) {
+static void install(int sig) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_sigint;
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = 0; /* no SA_RESTART: a blocking read returns EINTR */
-    sigaction(SIGINT, &sa, NULL);
+    sigaction(sig, &sa, NULL);
+}
+
+void ds4_cli_install_sigint(void) { install(SIGINT); }
+
+void ds4_cli_install_stop_signals(void) {
+    install(SIGINT);
+    install(SIGTERM);
 }
 
 double ds4_cli_now(void) {
@@ -506,7 +513,7 @@ int ds4_cli_generate(const ds4_cli_opts *o) {
     ds4_err err = {0};
     smp = ds4_sampler_new(ds4_engine_n_vocab(e), &err);
     if (!smp) { fprintf(stderr, "ds4: %s\n", err.msg); goto out; }
-    ds4_cli_install_sigint();
+    ds4_cli_install_stop_signals();
     ds4_sync_info info = {0};
     double prefill_s = 0;
     int rc = ds4_cli_prefill(s, &prompt, &info, &prefill_s);
@@ -531,8 +538,9 @@ int ds4_cli_generate(const ds4_cli_opts *o) {
     else if (!rc && ctx_cut && !r.eos && !r.failed && r.n_generated == max_new)
         fprintf(stderr, "ds4: stopped at the context size (--ctx %d)\n", o->n_ctx);
     ds4_cli_print_stats(prompt.n, &info, prefill_s, &r);
-    /* interrupted: the shell's status for SIGINT, so a script sees the output is cut */
-    status = rc ? 1 : r.interrupted ? 130 : 0;
+    /* interrupted: the shell's status for the signal (130 SIGINT, 143 SIGTERM), so a
+     * script sees the output is cut */
+    status = rc ? 1 : r.interrupted ? 128 + (ds4_cli_interrupted ? (int)ds4_cli_interrupted : SIGINT) : 0;
 out:
     if (smp) ds4_sampler_free(smp);
     ds4_cli_toks_free(&prompt);
