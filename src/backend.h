@@ -366,6 +366,11 @@ typedef struct ds4_backend_ops {
      * after every earlier stage of this backend and before every later
      * stage of the peer. NULL: forward.c stages the bytes through the host. */
     int (*link)(void *ctx, void *peer_ctx, void *dst, const void *src, size_t bytes, ds4_err *err);
+    /* Optional: nonzero, with err filled, when the backend can no longer run
+     * anything for a reason other than memory (a worker's connection lost,
+     * remote.c). Ops that cannot report an error (alloc, kv_row_type) are
+     * followed by this question, so that the user is told the cause. */
+    int (*lost)(void *ctx, ds4_err *err);
 } ds4_backend_ops;
 
 typedef struct ds4_backend {

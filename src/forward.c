@@ -98,6 +98,11 @@ static void *balloc(const ds4_backend *be, size_t bytes, int *fail) {
     return p;
 }
 
+/* The backend's lost-connection error (backend.h `lost`), else 0. */
+static int be_lost(const ds4_backend *be, ds4_err *err) {
+    return be->ops->lost && be->ops->lost(be->ctx, err) ? (err && err->code ? err->code : DS4_E_BACKEND) : 0;
+}
+
 static int frontier_rows(const ds4_layer *l) { return (l->kind == DS4_ATTN_CSA ? 2 : 1) * l->ratio; }
 
 int ds4_fwd_new(const ds4_model *m, const ds4_backend *be, ds4_numerics num, int n_ctx, int n_batch,
@@ -120,7 +125,10 @@ int ds4_fwd_new_split(const ds4_fwd_part *parts, int n_parts, ds4_numerics num, 
             (p == n_parts - 1 && q->l1 != hp->n_layer) || q->m->hp.n_layer != hp->n_layer)
             return ds4_err_set(err, DS4_E_ARG, "layer split part %d (blocks %d..%d of %d) does not continue the split",
                                p, q->l0, q->l1, hp->n_layer);
-        if (q->be->ops->kv_row_type(q->be->ctx, num) != parts[0].be->ops->kv_row_type(parts[0].be->ctx, num))
+        const int rt = q->be->ops->kv_row_type(q->be->ctx, num), rt0 = parts[0].be->ops->kv_row_type(parts[0].be->ctx, num);
+        int lrc = be_lost(q->be, err);
+        if (lrc || (lrc = be_lost(parts[0].be, err))) return lrc;
+        if (rt != rt0)
             return ds4_err_set(err, DS4_E_ARG, "layer split part %d (%s backend) stores cached rows in another type "
                                "than part 0 (%s backend)", p, q->be->ops->name, parts[0].be->ops->name);
         int rc = q->be->ops->reserve(q->be->ctx, q->m, n_batch, n_ctx, err);
@@ -198,6 +206,13 @@ int ds4_fwd_new_split(const ds4_fwd_part *parts, int n_parts, ds4_numerics num, 
     }
     if (fail) {
         const char *name = f->be->ops->name;
+        for (int p = 0; p < f->np; p++) { /* a lost worker, not memory */
+            const int lrc = be_lost(f->P[p].be, err);
+            if (lrc) {
+                ds4_fwd_free(f);
+                return lrc;
+            }
+        }
         ds4_fwd_free(f);
         return ds4_err_set(err, DS4_E_NOMEM, "out of %s memory allocating the session state (n_ctx %d, batch %d)",
                            name, n_ctx, n_batch);

@@ -39,22 +39,24 @@ typedef struct {
 
 static double now_s(void);
 
-/* Moves n bytes; a read waits at most until `deadline` (monotonic seconds,
- * 0 = no limit) for each byte to come: -1 on a closed or failed socket, -2
- * when the deadline passed. */
+/* Moves n bytes; with a deadline (monotonic seconds, 0 = no limit) a read
+ * waits at most until then for the bytes to come and a write for the peer
+ * to take them (a stopped peer's kernel keeps the connection open with a
+ * zero window: without a deadline a send would wait forever): -1 on a
+ * closed or failed socket, -2 when the deadline passed. */
 static int io_until(int fd, void *p, size_t n, bool wr, double deadline) {
     unsigned char *b = p;
     while (n) {
-        if (!wr && deadline > 0) {
+        if (deadline > 0) {
             double left = deadline - now_s();
-            struct pollfd pf = {.fd = fd, .events = POLLIN};
+            struct pollfd pf = {.fd = fd, .events = wr ? POLLOUT : POLLIN};
             int pr = left > 0 ? poll(&pf, 1, (int)(left * 1000) + 1) : 0;
             if (pr < 0 && errno == EINTR) continue;
             if (pr == 0) return -2;
             if (pr < 0) return -1;
         }
-        ssize_t k = wr ? send(fd, b, n, MSG_NOSIGNAL) : recv(fd, b, n, 0);
-        if (k < 0 && errno == EINTR) continue;
+        ssize_t k = wr ? send(fd, b, n, MSG_NOSIGNAL | (deadline > 0 ? MSG_DONTWAIT : 0)) : recv(fd, b, n, 0);
+        if (k < 0 && (errno == EINTR || (deadline > 0 && (errno == EAGAIN || errno == EWOULDBLOCK)))) continue;
         if (k <= 0) return -1;
         b += k;
         n -= (size_t)k;
@@ -97,6 +99,16 @@ static void tune(int fd) {
     setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof cnt);
 }
 
+/* True when the peer of a registered, idle channel closed it (nothing is
+ * sent on it before the rendezvous ends, so readable means closed). */
+static bool chan_hung_up(const ds4_chan *c) {
+    struct pollfd pf = {.fd = c->fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&pf, 1, 0) <= 0) return false;
+    if (pf.revents & (POLLRDHUP | POLLHUP | POLLERR)) return true;
+    char x;
+    return recv(c->fd, &x, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
 int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan **chans, ds4_err *err) {
     char host[256];
     const char *port;
@@ -136,12 +148,24 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
             continue;
         }
         hello ack = {HELLO_MAGIC, PROTO_VERSION, 0, 0};
+        if (h.version == PROTO_VERSION && h.rank >= 1 && h.rank <= n_workers && chans[h.rank - 1] &&
+            chan_hung_up(chans[h.rank - 1])) { /* that rank's worker went away (restarted): the new one takes over */
+            fprintf(stderr, "ds4: rendezvous: rank %d connected again (its first connection closed)\n", h.rank);
+            ds4_chan_close(chans[h.rank - 1]);
+            chans[h.rank - 1] = NULL;
+            got--;
+        }
         if (h.version != PROTO_VERSION || h.rank < 1 || h.rank > n_workers || chans[h.rank - 1]) {
             ack.rank = -1;
             io_all(c, &ack, sizeof ack, true);
             close(c);
-            fprintf(stderr, "ds4: rendezvous: refused a worker (rank %d, protocol %u, expected %u)\n", h.rank,
-                    h.version, PROTO_VERSION);
+            if (h.version != PROTO_VERSION)
+                fprintf(stderr, "ds4: rendezvous: refused a worker of another ds4 build (protocol %u, expected %u)\n",
+                        h.version, PROTO_VERSION);
+            else if (h.rank < 1 || h.rank > n_workers)
+                fprintf(stderr, "ds4: rendezvous: refused a worker of rank %d (ranks 1..%d)\n", h.rank, n_workers);
+            else
+                fprintf(stderr, "ds4: rendezvous: refused a second worker of rank %d\n", h.rank);
             continue;
         }
         if (io_all(c, &ack, sizeof ack, true)) {
@@ -325,12 +349,22 @@ typedef struct rp_ctx {
     double timeout_s;         /* replies other than the bind's */
     rp_bind b[2];             /* main part, MTP */
     int failed;
+    char why[160];            /* what failed, once failed */
     char name[32];
 } rp_ctx;
 
 static int rp_lost(rp_ctx *r, ds4_err *err) {
+    if (!r->failed) snprintf(r->why, sizeof r->why, "rank %d: the connection to the worker was lost", r->ch->rank);
     r->failed = 1;
-    return ds4_err_set(err, DS4_E_BACKEND, "rank %d: the connection to the worker was lost", r->ch->rank);
+    return ds4_err_set(err, DS4_E_BACKEND, "%s", r->why);
+}
+
+/* backend.h `lost` */
+static int rp_lost_q(void *ctx, ds4_err *err) {
+    rp_ctx *r = ctx;
+    if (!r->failed) return 0;
+    ds4_err_set(err, DS4_E_BACKEND, "%s", r->why);
+    return 1;
 }
 
 /* Sends a request (and its payload); when reply is non-NULL waits for the
@@ -344,27 +378,40 @@ static int rp_lost(rp_ctx *r, ds4_err *err) {
 #define RP_REPLY_TIMEOUT_S 600.0
 
 static int rp_call(rp_ctx *r, req q, const void *payload, rep *reply, void *out, size_t cap, ds4_err *err) {
-    if (r->failed) return ds4_err_set(err, DS4_E_BACKEND, "rank %d: the connection to the worker was lost", r->ch->rank);
-    if (ch_send(r->ch, &q, sizeof q) || ch_send(r->ch, payload, q.len)) return rp_lost(r, err);
+    if (r->failed) return ds4_err_set(err, DS4_E_BACKEND, "%s", r->why);
+    int fd = r->ch->fd, io;
+    /* the request: the worker must take it within the reply limit too (a
+     * stopped worker's zero window would hold a send forever) */
+    const double sdl = now_s() + r->timeout_s;
+    if ((io = io_until(fd, &q, sizeof q, true, sdl)) || (q.len && (io = io_until(fd, (void *)(uintptr_t)payload, q.len,
+                                                                             true, sdl)))) {
+        if (io == -2 && !r->failed) {
+            snprintf(r->why, sizeof r->why, "rank %d: the worker took no request data within %.0f s; the connection "
+                     "to the worker was lost", r->ch->rank, r->timeout_s);
+            r->failed = 1;
+        }
+        return rp_lost(r, err);
+    }
     if (!reply) return 0;
     const double wait = q.op == OP_BIND ? (r->timeout_s > RP_BIND_TIMEOUT_S ? r->timeout_s : RP_BIND_TIMEOUT_S)
                                         : r->timeout_s;
     const double dl = now_s() + wait;
-    int fd = r->ch->fd, io;
 #define RECV(p, n)                                                                                         \
     do {                                                                                                   \
         if ((n) && (io = io_until(fd, (p), (n), false, dl))) {                                             \
-            if (io == -2) {                                                                                \
+            if (io == -2 && !r->failed) {                                                                  \
+                snprintf(r->why, sizeof r->why, "rank %d: the worker did not answer within %.0f s; the "     \
+                         "connection to the worker was lost", r->ch->rank, wait);                           \
                 r->failed = 1;                                                                             \
-                return ds4_err_set(err, DS4_E_BACKEND, "rank %d: the worker did not answer within %.0f s; "  \
-                                   "the connection to the worker was lost", r->ch->rank, wait);             \
             }                                                                                              \
             return rp_lost(r, err);                                                                        \
         }                                                                                                  \
     } while (0)
     RECV(reply, sizeof *reply);
     char msg[512];
-    if (reply->msg_len > (1u << 16) || reply->len > cap) return rp_lost(r, err); /* not a worker's reply */
+    /* a worker's status is 0 or a negative DS4_E code */
+    if (reply->msg_len > (1u << 16) || reply->len > cap || reply->rc > 0 || reply->rc < DS4_E_BACKEND)
+        return rp_lost(r, err); /* not a worker's reply */
     size_t ml = reply->msg_len < sizeof msg ? reply->msg_len : sizeof msg - 1;
     RECV(msg, ml);
     for (size_t i = ml; i < reply->msg_len; i++) { /* a longer message than we keep */
@@ -532,7 +579,12 @@ static int rp_kv_row_type(void *ctx, ds4_numerics num) {
     req q = {.op = OP_ROW_TYPE, .a = (uint64_t)num.fp8_kv | (uint64_t)num.fp4_indexer << 1 |
                                      (uint64_t)num.f16_cache << 2 | (uint64_t)num.act_quant << 3};
     rep rp;
-    return rp_call(r, q, NULL, &rp, NULL, 0, NULL) ? DS4_TYPE_F32 : (int)rp.r0;
+    if (rp_call(r, q, NULL, &rp, NULL, 0, NULL)) return DS4_TYPE_F32; /* the caller asks `lost` */
+    if (rp.r0 != DS4_TYPE_F32 && rp.r0 != DS4_TYPE_F16) {
+        rp_lost(r, NULL);
+        return DS4_TYPE_F32;
+    }
+    return (int)rp.r0;
 }
 
 static int rp_reserve(void *ctx, const ds4_model *bound, int n_batch, int n_ctx, ds4_err *err) {
@@ -602,6 +654,7 @@ static int rp_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
              .c = (uint64_t)(uint32_t)si->pos0, .len = sizeof si->graph_key};
     rep rp;
     int rc = rp_call(r, q, &si->graph_key, &rp, NULL, 0, err);
+    if (!rc && rp.r0 > 1) return rp_lost(r, err); /* replayed (1) or not (0): anything else is not a worker's */
     return rc ? rc : (int)rp.r0;
 }
 
@@ -701,6 +754,7 @@ static const ds4_backend_ops remote_ops = {
     .moe_experts = rp_moe_experts,
     .head = rp_head,
     .mtp_embed = rp_mtp_embed,
+    .lost = rp_lost_q,
 };
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
@@ -774,10 +828,16 @@ static void wk_unbind(wk *w, int k) {
 static int wk_bind_model(wk *w, const unsigned char *p, size_t len, const char *path_override, ds4_backend_factory mk,
                          void *user, ds4_err *err) {
     bind_req b;
-    if (len < sizeof b) return ds4_err_set(err, DS4_E_INTERNAL, "short bind request");
+    /* a malformed request is answered (rank 0 reports it), not a reason to hang up */
+    if (len < sizeof b) {
+        ds4_err_set(err, DS4_E_ARG, "short bind request (%zu bytes)", len);
+        return wk_reply(w, DS4_E_ARG, err->msg, 0, NULL, 0) ? DS4_E_IO : 0;
+    }
     memcpy(&b, p, sizeof b);
-    if (sizeof b + (size_t)b.path_len + b.mtp_len + b.syn_len != len)
-        return ds4_err_set(err, DS4_E_INTERNAL, "malformed bind request");
+    if (sizeof b + (size_t)b.path_len + b.mtp_len + b.syn_len != len) {
+        ds4_err_set(err, DS4_E_ARG, "malformed bind request (its lengths do not add up to %zu bytes)", len);
+        return wk_reply(w, DS4_E_ARG, err->msg, 0, NULL, 0) ? DS4_E_IO : 0;
+    }
     char *path = strndup((const char *)p + sizeof b, b.path_len);
     char *mp = strndup((const char *)p + sizeof b + b.path_len, b.mtp_len);
     char *sy = strndup((const char *)p + sizeof b + b.path_len + b.mtp_len, b.syn_len);
@@ -786,7 +846,8 @@ static int wk_bind_model(wk *w, const unsigned char *p, size_t len, const char *
     if (!rc && !w->have_be) {
         if ((rc = mk(user, &w->be, err)) == 0) w->have_be = true;
     }
-    if (!rc && w->b[k].bound) rc = ds4_err_set(err, DS4_E_ARG, "a %s model is bound already", k ? "MTP" : "main");
+    const bool already = w->b[k].bound != NULL; /* refused below; the binding in place stays */
+    if (!rc && already) rc = ds4_err_set(err, DS4_E_ARG, "a %s model is bound already", k ? "MTP" : "main");
     wk_bind *main = &w->b[0], *wb = &w->b[k];
     if (!rc && !main->have_host) { /* the main model: the blocks' and the MTP block's base */
         const char *mpath = path_override ? path_override : path;
@@ -843,7 +904,7 @@ static int wk_bind_model(wk *w, const unsigned char *p, size_t len, const char *
     free(sy);
     if (rc) {
         free(pl.v);
-        if (k == 1 || !w->b[0].bound) wk_unbind(w, k);
+        if (!already && (k == 1 || !w->b[0].bound)) wk_unbind(w, k);
         return wk_reply(w, rc, err->msg, 0, NULL, 0) ? DS4_E_IO : 0;
     }
     int wr = wk_reply(w, 0, NULL, (uint64_t)(uintptr_t)wb->bound, pl.v, pl.n * sizeof(uint64_t));

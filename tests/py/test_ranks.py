@@ -164,7 +164,7 @@ def test_rank_errors_are_clear(ggufs, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    assert "refused a worker (rank 1" in err, err
+    assert "refused a second worker of rank 1" in err, err
     codes = finish(ws + dup)
     assert [rc for rc, _ in codes] == [0, 0, 1], codes
     assert "refused rank 1" in codes[2][1], codes
@@ -222,6 +222,188 @@ def test_a_worker_that_stops_answering_is_lost_after_the_rank_timeout(tmp_path):
         ws[0].kill()
         ws[0].communicate()
     assert p.returncode == 1 and "did not answer within 3 s" in err, err
+
+
+def test_a_worker_that_stops_reading_a_large_request_is_lost_after_the_rank_timeout(tmp_path):
+    """A stopped worker's kernel keeps the connection open with a zero window, so rank 0 blocks in a send, not a
+    read, once a request is larger than the socket buffers (a large prefill chunk hands over megabytes of HC
+    states): sends have the same deadline as replies. A relay between the two passes everything until the first
+    request over 1 MB, then stops reading from rank 0 (what a SIGSTOPped worker does) while keeping the socket."""
+    import struct
+    import threading
+    from test_server import demo_model
+    port, wport = free_port(), free_port()
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", wport))
+    ls.listen(1)
+    stalled = threading.Event()
+
+    def rx(c, n):
+        b = b""
+        while len(b) < n:
+            k = c.recv(n - len(b))
+            if not k:
+                raise EOFError
+            b += k
+        return b
+
+    def relay():
+        try:
+            w, _ = ls.accept()
+            r0 = socket.create_connection(("127.0.0.1", port))
+            r0.sendall(rx(w, 16))  # the worker's hello
+            w.sendall(rx(r0, 16))  # rank 0's answer
+
+            def back():  # replies, unchanged
+                try:
+                    while True:
+                        b = w.recv(1 << 16)
+                        if not b:
+                            break
+                        r0.sendall(b)
+                except OSError:
+                    pass
+            threading.Thread(target=back, daemon=True).start()
+            while True:
+                h = rx(r0, 40)
+                n = struct.unpack(REQ, h)[5]
+                if n > (1 << 20):
+                    stalled.set()
+                    time.sleep(120)  # the socket stays open; nothing more is read from rank 0
+                    return
+                w.sendall(h + rx(r0, n))
+        except (OSError, EOFError):
+            pass
+
+    threading.Thread(target=relay, daemon=True).start()
+    p = subprocess.Popen([prog("ds4-bench"), "-m", str(demo_model()), "--cpu", "--ranks", "2", "--rendezvous",
+                          f"127.0.0.1:{port}", "--rank-timeout", "4", "--ctx-start", "8192", "--ctx-max", "8192",
+                          "--prefill-chunk", "8192", "--gen-tokens", "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    ws = workers(2, wport, backend="--cpu", extra=("-t", "1"))
+    try:
+        _, err = p.communicate(timeout=90)
+    finally:
+        for w in ws:
+            w.kill()
+            w.communicate()
+        ls.close()
+    assert stalled.is_set(), "no request over 1 MB: the test does not reach the send path"
+    assert p.returncode == 1 and "the connection to the worker was lost" in err, err
+
+
+REQ = "<IIQQQQ"   # op, k, a, b, c, len (src/remote.c req)
+REP = "<iIQQ"     # rc, msg_len, r0, len (rep)
+BIND = "<iiiiiiQIIII"  # l0, l1, first, last, mtp, synthetic, seed, path_len, mtp_len, syn_len, pad (bind_req)
+OP_BIND, OP_RESERVE, OP_BYE = 1, 4, 20
+
+
+class FakeRank0:
+    """Rank 0's side of the channel, spoken by the test (a hostile or broken rank 0)."""
+
+    def __init__(self, backend="--strict-backend"):
+        import struct
+        self.struct = struct
+        ls = socket.socket()
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        port = ls.getsockname()[1]
+        self.w = subprocess.Popen([prog("ds4"), "--worker", f"127.0.0.1:{port}", "--rank", "1", backend,
+                                   "--rank-timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ls.settimeout(30)
+        self.s, _ = ls.accept()
+        ls.close()
+        self.s.settimeout(60)
+        magic, version, rank, _ = struct.unpack("<IIii", self.rx(16))
+        assert rank == 1
+        self.s.sendall(struct.pack("<IIii", magic, version, 0, 0))  # the worker's own build: accepted
+
+    def rx(self, n):
+        b = b""
+        while len(b) < n:
+            k = self.s.recv(n - len(b))
+            assert k, "the worker closed the connection"
+            b += k
+        return b
+
+    def call(self, op, k=0, a=0, b=0, payload=b""):
+        self.s.sendall(self.struct.pack(REQ, op, k, a, b, 0, len(payload)) + payload)
+        rc, ml, r0, n = self.struct.unpack(REP, self.rx(24))
+        msg = self.rx(ml).decode(errors="replace")
+        self.rx(n)
+        return rc, msg
+
+    def bind(self, path, mtp=b"", l0=0, l1=1, first=1, last=1):
+        path = str(path).encode()
+        mtp = str(mtp).encode() if mtp else b""
+        return self.struct.pack(BIND, l0, l1, first, last, 1 if mtp else 0, 0, 0, len(path), len(mtp), 0, 0) + \
+            path + mtp
+
+    def close(self):
+        try:
+            self.s.sendall(self.struct.pack(REQ, OP_BYE, 0, 0, 0, 0, 0))
+        except OSError:
+            pass
+        self.s.close()
+        _, err = self.w.communicate(timeout=60)
+        return self.w.returncode, err
+
+
+def test_worker_answers_malformed_binds_and_keeps_the_binding_it_has(tmp_path):
+    """A short or inconsistent bind request gets an error reply (the worker stays up); a second MTP bind is refused
+    and leaves the MTP block already bound in place."""
+    from test_mtp import make_mtp
+    from test_server import demo_model
+    model = demo_model()
+    mtp = make_mtp(model, tmp_path / "mtp.gguf", seed=3)
+    f = FakeRank0()
+    try:
+        rc, msg = f.call(OP_BIND, payload=b"\0" * 10)
+        assert rc < 0 and "short bind request" in msg, (rc, msg)
+        good = f.bind(model)
+        rc, msg = f.call(OP_BIND, payload=good + b"xx")
+        assert rc < 0 and "malformed bind request" in msg, (rc, msg)
+        import gguf
+        n_layer = int(gguf.GGUFReader(str(model)).fields["deepseek4.block_count"].parts[-1][0])
+        rc, msg = f.call(OP_BIND, payload=f.bind(model, l0=0, l1=n_layer))
+        assert rc == 0, msg
+        rc, msg = f.call(OP_BIND, payload=f.bind(model, mtp=mtp))
+        assert rc == 0, msg
+        assert f.call(OP_RESERVE, k=1, a=4, b=64) == (0, "")
+        rc, msg = f.call(OP_BIND, payload=f.bind(model, mtp=mtp))
+        assert rc < 0 and "bound already" in msg, (rc, msg)
+        rc, msg = f.call(OP_RESERVE, k=1, a=4, b=64)
+        assert rc == 0, f"the refused bind took the MTP binding away: {msg}"
+    finally:
+        rc, err = f.close()
+    assert rc == 0, err
+
+
+def test_a_worker_that_restarts_during_the_rendezvous_takes_its_rank_back(tmp_path):
+    """A worker that connects, goes away before the rendezvous ends and connects again is accepted (its first
+    registration is dropped), and the run completes."""
+    from test_server import demo_model
+    port = free_port()
+    p = subprocess.Popen([prog("ds4"), "-m", str(demo_model()), "--cpu", "--ranks", "3", "--rendezvous",
+                          f"127.0.0.1:{port}", "--rank-timeout", "30", "-p", "hi", "-n", "2", "--temp", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    first = workers(2, port, backend="--cpu")[0]
+    time.sleep(1.0)
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=30)
+    again = workers(2, port, backend="--cpu")[0]
+    time.sleep(1.0)
+    assert again.poll() is None, again.communicate()
+    w2 = subprocess.Popen([prog("ds4"), "--worker", f"127.0.0.1:{port}", "--rank", "2", "--cpu", "--rank-timeout",
+                           "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = p.communicate(timeout=120)
+    res = finish([again, w2])
+    assert p.returncode == 0, err
+    assert "rank 1 connected again" in err, err
+    assert all(rc == 0 for rc, _ in res), res
 
 
 def test_a_worker_with_other_weights_under_the_same_header_is_refused(tmp_path):
