@@ -8,7 +8,8 @@
  *
  * Variants: R rows per warp (1 = production: one row per warp, 8 per block),
  * and P: blocks loop over row groups (grid = SMs x P) so the IQ2 table is
- * loaded once per block.
+ * loaded once per block; "vsub": the IQ2_XXS chunk before the byte-mask
+ * sign table (the A/B of that change, bitwise equal to R1).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -79,6 +80,61 @@ __global__ void __launch_bounds__(256) k_exp(const __grid_constant__ B p) {
     }
 }
 
+/* The IQ2_XXS chunk dot before the byte-mask sign table (per-lane sign
+ * masks from ksigns, __vsub4): cu_row_dot's K-quant loop for one token
+ * with that chunk code, for the A/B against the production R1 (same
+ * integers, so the same bits). */
+__device__ __forceinline__ float row_dot_iq2_vsub(const uint8_t *qrow, const uint8_t *srow, int nch, const int8_t *aq,
+                                                  const float *ad, const cu_iq2_tab *tab) {
+    const int lane = threadIdx.x & 31;
+    float acc = 0.0f;
+#pragma unroll 4
+    for (int base = 0; base < nch; base += 32) {
+        const int c = base + lane;
+        const bool on = c < nch;
+        int isum = 0;
+        float d = 0.0f;
+        if (on) {
+            const int4 a01 = ((const int4 *)(aq + (int64_t)c * 32))[0], a23 = ((const int4 *)(aq + (int64_t)c * 32))[1];
+            const int a[8] = {a01.x, a01.y, a01.z, a01.w, a23.x, a23.y, a23.z, a23.w};
+            const uint8_t *p = qrow + (size_t)(c >> 3) * 64 + 8 * (c & 7);
+            uint32_t a0 = cu_ld32(p), a1 = cu_ld32(p + 4);
+            int s = 0;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
+                uint32_t signs = tab->ksigns[(a1 >> (7 * k)) & 127];
+                uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
+                int v0 = (int)__vsub4((uint32_t)grid ^ m0, m0), v1 = (int)__vsub4((uint32_t)(grid >> 32) ^ m1, m1);
+                s = __dp4a(v0, a[2 * k], s);
+                s = __dp4a(v1, a[2 * k + 1], s);
+            }
+            isum = (2 * (int)(a1 >> 28) + 1) * s;
+            d = cu_h2f(cu_ld16(srow + 2 * (size_t)(c >> 3)));
+        }
+        isum = cu_sum8(isum);
+        if (on && (lane & 7) == 0) acc = __fadd_rn(acc, cu_kblock<DS4_TYPE_IQ2_XXS>(ad[c / 8], d, 0.0f, isum, 0));
+    }
+    return acc;
+}
+
+__global__ void __launch_bounds__(256) k_gu_vsub(const __grid_constant__ B p) {
+    __shared__ cu_iq2_tab tab;
+    cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int groups = p.rows / 8;
+    const int gi = blockIdx.x, slot = gi / groups, row = (gi % groups) * 8 + warp;
+    const int e = p.experts[slot];
+    float g = row_dot_iq2_vsub(p.qa + e * p.q_mat + (size_t)row * p.q_row, p.sa + e * p.s_mat + (size_t)row * p.s_row,
+                               p.nch, p.aq, p.ad, &tab);
+    float u = row_dot_iq2_vsub(p.qb + e * p.q_mat + (size_t)row * p.q_row, p.sb + e * p.s_mat + (size_t)row * p.s_row,
+                               p.nch, p.aq, p.ad, &tab);
+    g = cu_warp_sum(g);
+    u = cu_warp_sum(u);
+    if (lane == 0) p.out[slot * p.rows + row] = g * 0.5f + u;
+}
+
 /* Candidate layout for IQ2_XXS gate+up (not the production order, so not
  * checked against R1): two lanes per 256-value super-block (lane 2j+h takes
  * chunks 4h..4h+3 of super-block j + 16*round), gate and up rows in the same
@@ -144,6 +200,7 @@ __global__ void __launch_bounds__(256) k_gu_pair(const __grid_constant__ B p) {
 static int n_sm;
 
 static void launch_pair(cudaStream_t st, const B &p, int) { k_gu_pair<<<6 * (p.rows / 8), 256, 0, st>>>(p); }
+static void launch_vsub(cudaStream_t st, const B &p, int) { k_gu_vsub<<<6 * (p.rows / 8), 256, 0, st>>>(p); }
 
 template <int WT, int R, bool TWO>
 static void launch(cudaStream_t st, const B &p, int per_sm) {
@@ -169,7 +226,11 @@ int main() {
     std::vector<uint8_t> rnd(1 << 20);
     srand(3);
     for (auto &b : rnd) b = (uint8_t)rand();
-    CK(cudaMemcpy(grid, rnd.data(), 2048, cudaMemcpyHostToDevice));
+    { /* a grid of IQ2_XXS magnitudes (every byte 8, 25 or 43, as the real table: the signing needs g > 0) */
+        std::vector<uint8_t> gb(2048);
+        for (auto &b : gb) b = (uint8_t)(rand() % 3 == 0 ? 8 : rand() % 2 ? 25 : 43);
+        CK(cudaMemcpy(grid, gb.data(), 2048, cudaMemcpyHostToDevice));
+    }
     CK(cudaMemcpy(ks, rnd.data() + 4096, 128, cudaMemcpyHostToDevice));
     auto fill = [&](uint8_t *p, size_t n) {
         for (size_t o = 0; o < n; o += rnd.size()) CK(cudaMemcpy(p + o, rnd.data(), n - o < rnd.size() ? n - o : rnd.size(), cudaMemcpyHostToDevice));
@@ -242,7 +303,7 @@ int main() {
                       {"R4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 0}, {"R1p4", launch<DS4_TYPE_IQ2_XXS, 1, true>, 4},
                       {"R2p4", launch<DS4_TYPE_IQ2_XXS, 2, true>, 4}, {"R2p8", launch<DS4_TYPE_IQ2_XXS, 2, true>, 8},
                       {"R4p2", launch<DS4_TYPE_IQ2_XXS, 4, true>, 2}, {"R4p4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 4},
-                      {"pair", launch_pair, 0}};
+                      {"pair", launch_pair, 0}, {"vsub", launch_vsub, 0}};
         else vs = {{"R1", launch<DS4_TYPE_Q2_K, 1, false>, 0}, {"R2", launch<DS4_TYPE_Q2_K, 2, false>, 0},
                    {"R4", launch<DS4_TYPE_Q2_K, 4, false>, 0}, {"R1p4", launch<DS4_TYPE_Q2_K, 1, false>, 4},
                    {"R2p4", launch<DS4_TYPE_Q2_K, 2, false>, 4}, {"R2p8", launch<DS4_TYPE_Q2_K, 2, false>, 8},

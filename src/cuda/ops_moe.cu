@@ -507,10 +507,9 @@ __global__ void __launch_bounds__(256) k_moe_mm(const __grid_constant__ moe_p p)
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     const uint64_t gr = sm.tab.grid[(a0 >> (8 * k)) & 0xff];
-                    const uint32_t signs = sm.tab.ksigns[(a1 >> (7 * k)) & 127];
-                    const uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
-                    wv[2 * k] = __vsub4((uint32_t)gr ^ m0, m0);
-                    wv[2 * k + 1] = __vsub4((uint32_t)(gr >> 32) ^ m1, m1);
+                    const uint64_t m = sm.tab.smask[(a1 >> (7 * k)) & 127];
+                    wv[2 * k] = cu_iq2_signed4((uint32_t)gr, (uint32_t)m);
+                    wv[2 * k + 1] = cu_iq2_signed4((uint32_t)(gr >> 32), (uint32_t)(m >> 32));
                 }
                 sm.ls[buf][mt][rr][ch] = 2 * (int)(a1 >> 28) + 1;
             }
@@ -771,6 +770,7 @@ struct moe1_p {
     float lim;
     int pf;                  /* prefetch the shared expert's rows to L2 before cu_pdl_wait */
     int seq;                 /* DS4_CUDA_MOE1_SEQ=1: the items' rows one after the other (A/B) */
+    int xpf;                 /* L2 prefetch of the routed rows once the ids are known (DS4_CUDA_NO_XPF=1: off) */
     const uint64_t *grid;
     const uint8_t *ksigns;
 };
@@ -790,6 +790,20 @@ __device__ __forceinline__ void moe1_q8_row(const cu_w &w, int64_t row, int nch,
     for (int t = 0; t < MOE1_MAX_N; t++) xo[t] = t * ldq;
     cu_row_split<DS4_TYPE_Q8_0, true, MOE1_MAX_N>(w.q + (size_t)row * w.q_row, w.s + (size_t)row * w.s_row, nch, n,
                                                   wpr, nullptr, aq, ad, nullptr, xo, v, nullptr);
+}
+
+/* L2 prefetch of n rows of row_bytes bytes each, the warp's lanes taking
+ * their 128-byte lines in turn (the loads that follow then wait on L2, not
+ * DRAM: issued before a table load or other work, it hides one DRAM
+ * latency of a short-lived block). Values are unaffected. */
+template <int M>
+__device__ __forceinline__ void moe1_prefetch_rows(const uint8_t *const (&rows)[M], int n, size_t row_bytes) {
+    const int lane = threadIdx.x & 31;
+    const size_t lines = (row_bytes + 127) / 128;
+    for (size_t k = lane; k < (size_t)n * lines; k += 32) {
+        const uint8_t *a = rows[k / lines] + 128 * (k % lines);
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+    }
 }
 
 /* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
@@ -812,10 +826,6 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
             for (int t = 0; t < MOE1_MAX_N; t++)
                 if (t < p.n) p.sh[(int64_t)t * F + r] = moe_act(g[t], u[t], p.lim, 1.0f);
     } else {
-        if constexpr (WG == DS4_TYPE_IQ2_XXS) {
-            cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-            __syncthreads();
-        }
         const int i = y - 1, t = i / p.K;
         const int64_t row = (int64_t)p.ids[i] * F + r;
         /* gate and up rows together (their loads in flight at once), each
@@ -823,6 +833,11 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
         const uint8_t *const qr[2] = {p.g.q + (size_t)row * p.g.q_row, p.u.q + (size_t)row * p.u.q_row};
         const uint8_t *const sr[2] = {p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr,
                                       p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr};
+        if (p.xpf) moe1_prefetch_rows<2>(qr, 2, p.g.q_row); /* their DRAM latency behind the table load */
+        if constexpr (WG == DS4_TYPE_IQ2_XXS) {
+            cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+            __syncthreads();
+        }
         const int64_t xo[2] = {(int64_t)t * D, (int64_t)t * D};
         float gu[2] = {0.0f, 0.0f};
         if (p.seq) { /* DS4_CUDA_MOE1_SEQ=1: one row after the other (A/B) */
@@ -875,6 +890,13 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
         __syncthreads();
     }
     const int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), F = p.F, nch = F / 32;
+    if (p.xpf) { /* the routed rows' DRAM latency behind the shared row (as moe1_prefetch_rows) */
+        const size_t lines = (p.d.q_row + 127) / 128;
+        for (size_t k = lane; k < (size_t)p.n * p.K * lines; k += 32) {
+            const uint8_t *a = p.d.q + (size_t)((int64_t)p.ids[k / lines] * p.D + r) * p.d.q_row + 128 * (k % lines);
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+        }
+    }
     float sh[MOE1_MAX_N];
     moe1_q8_row(p.ds, r, nch, p.wpr_d, p.n, F, p.shq, p.shd, sh);
     for (int t = 0; t < p.n; t++) {
@@ -977,6 +999,7 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.ksigns = c->ksigns;
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     p.seq = c->moe1_seq;
+    p.xpf = !c->no_xpf;
     const dim3 g1(F / 8, 1 + n * K);
     switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;

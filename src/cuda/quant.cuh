@@ -19,16 +19,33 @@ __device__ __forceinline__ float cu_h2f(uint16_t h) { return __half2float(__usho
 __device__ __forceinline__ uint16_t cu_ld16(const uint8_t *p) { return *(const uint16_t *)p; }
 __device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return *(const uint32_t *)p; }
 
-/* The IQ2_XXS tables, loaded into shared memory by kernels that need them. */
+/* The IQ2_XXS tables, loaded into shared memory by kernels that need them:
+ * the grid, the 7-bit -> 8-sign table, and the same signs as byte masks
+ * (0xff where the value is negative, smask[i] byte m = sign m of ksigns[i]). */
 struct cu_iq2_tab {
     uint64_t grid[256];
+    uint64_t smask[128];
     uint8_t ksigns[128];
 };
 
 __device__ __forceinline__ void cu_iq2_tab_load(cu_iq2_tab *t, const uint64_t *grid, const uint8_t *ksigns) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) t->grid[i] = grid[i];
-    for (int i = threadIdx.x; i < 128; i += blockDim.x) t->ksigns[i] = ksigns[i];
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+        const uint32_t k = ksigns[i];
+        uint64_t m = 0;
+#pragma unroll
+        for (int b = 0; b < 8; b++)
+            if ((k >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
+        t->ksigns[i] = (uint8_t)k;
+        t->smask[i] = m;
+    }
 }
+
+/* Four signed grid bytes from four magnitudes g (every IQ2_XXS grid byte is
+ * 8, 25 or 43) and their byte masks m: (g ^ m) + 1 = 256 - g where m = 0xff,
+ * g where m = 0, with no carry between bytes since g >= 1. The same bytes
+ * as __vsub4(g ^ m, m), in three plain integer operations. */
+__device__ __forceinline__ uint32_t cu_iq2_signed4(uint32_t g, uint32_t m) { return (g ^ m) + (m & 0x01010101u); }
 
 /* byte mask (0x00 / 0xff per byte) of the low 4 bits of s */
 __device__ __forceinline__ uint32_t cu_sign_mask4(uint32_t s) {
@@ -196,17 +213,16 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
         *d = cu_h2f(cu_ld16(b + 80));
         *dmin = cu_h2f(cu_ld16(b + 82));
     } else if constexpr (WT == DS4_TYPE_IQ2_XXS) {
-        int g = c & 7;
-        const uint8_t *p = qrow + (size_t)(c >> 3) * 64 + 8 * g;
-        uint32_t a0 = cu_ld32(p), a1 = cu_ld32(p + 4);
+        /* the chunk's 8 bytes in one load (rows are 16-byte aligned, cuda.cuh) */
+        const uint2 q = *(const uint2 *)(qrow + (size_t)(c >> 3) * 64 + 8 * (c & 7));
+        const uint32_t a0 = q.x, a1 = q.y;
         int s = 0;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
-            uint32_t signs = tab->ksigns[(a1 >> (7 * k)) & 127];
-            uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
-            uint32_t g0 = (uint32_t)grid, g1 = (uint32_t)(grid >> 32);
-            int v0 = (int)__vsub4(g0 ^ m0, m0), v1 = (int)__vsub4(g1 ^ m1, m1);
+            const uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
+            const uint64_t m = tab->smask[(a1 >> (7 * k)) & 127];
+            const int v0 = (int)cu_iq2_signed4((uint32_t)grid, (uint32_t)m);
+            const int v1 = (int)cu_iq2_signed4((uint32_t)(grid >> 32), (uint32_t)(m >> 32));
             s = __dp4a(v0, a[2 * k], s);
             s = __dp4a(v1, a[2 * k + 1], s);
         }

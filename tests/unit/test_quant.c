@@ -957,3 +957,31 @@ DS4_TEST(quant_quantizers_match_ggml_golden_bytes) {
     }
     free(q);
 }
+
+/* The CUDA int8 path (src/cuda/quant.cuh cu_iq2_signed4) signs IQ2_XXS grid
+ * bytes as (g ^ m) + (m & 0x01010101) with a plain 32-bit add, m the byte
+ * masks of ksigns: exact only because no grid byte is 0 (no carry crosses a
+ * byte). Checked here for every grid entry and sign pattern against the
+ * byte-wise definition (g, or -g where the sign bit is set). */
+DS4_TEST(quant_iq2xxs_signed_bytes_by_xor_add_are_exact) {
+    for (int gi = 0; gi < 256; gi++) {
+        const uint64_t g = ds4_iq2xxs_grid[gi];
+        for (int si = 0; si < 128; si++) {
+            const uint32_t signs = ds4_ksigns_iq2xs[si];
+            uint64_t m = 0;
+            for (int b = 0; b < 8; b++)
+                if ((signs >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
+            for (int h = 0; h < 2; h++) {
+                const uint32_t gh = (uint32_t)(g >> (32 * h)), mh = (uint32_t)(m >> (32 * h));
+                const uint32_t v = (gh ^ mh) + (mh & 0x01010101u);
+                for (int b = 0; b < 4; b++) {
+                    const int mag = (int)((gh >> (8 * b)) & 0xff);
+                    const int want = (signs >> (4 * h + b)) & 1u ? -mag : mag;
+                    const int got = (int8_t)(uint8_t)(v >> (8 * b));
+                    CHECK(mag > 0);
+                    CHECK_EQ_INT(got, want);
+                }
+            }
+        }
+    }
+}
