@@ -200,7 +200,11 @@ typedef struct ds4_sync_info {
  * prefix it already has (rewinding if needed) and evaluates the rest in
  * batched prefill. After success, ds4_session_logits gives the logits after
  * the last token. n must be >= 1 and <= n_ctx (else DS4_E_RANGE).
- * progress may be NULL. On failure the session is left empty (invalid). */
+ * progress may be NULL; prefill batches end at absolute multiples of the
+ * batch size, so progress reports land on those positions. On failure the
+ * session is left empty (invalid); when progress cancels (DS4_E_CANCEL) it
+ * holds the prefix evaluated so far (tokens[0..ds4_session_n_tokens)), as
+ * valid as after a sync to that prefix. */
 int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info *info,
                      ds4_progress_fn progress, void *progress_user, ds4_err *err);
 

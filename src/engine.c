@@ -783,13 +783,21 @@ static int check_tokens(const ds4_session *s, const int32_t *tokens, int n, ds4_
 }
 
 /* Evaluates tokens in batches of `chunk` (<= n_batch), appending them to the
- * timeline. On failure the session is cleared. */
-static int eval_chunks(ds4_session *s, const int32_t *tokens, int n, int chunk, float *all_logits,
+ * timeline. With `align` the batches end at absolute multiples of chunk (the
+ * first one is shorter when the timeline does not start at one), so that
+ * progress reports land on the positions a checkpoint cadence counts in
+ * (SERVING.md C.1); the values are those of any chunking (prefill ==
+ * chunked == decode, bit for bit). On failure the session is cleared; when
+ * the progress callback cancels, the chunks evaluated so far stay (a
+ * client that went away does not cost the cached conversation) and the
+ * call returns DS4_E_CANCEL. */
+static int eval_chunks(ds4_session *s, const int32_t *tokens, int n, int chunk, bool align, float *all_logits,
                        ds4_progress_fn progress, void *user, ds4_err *err) {
     const size_t V = (size_t)s->e->hp.n_vocab;
     if (chunk < 1 || chunk > s->n_batch) chunk = s->n_batch;
-    for (int i = 0; i < n; i += chunk) {
-        int nb = n - i < chunk ? n - i : chunk;
+    for (int i = 0, nb; i < n; i += nb) {
+        nb = align ? chunk - s->n_tokens % chunk : chunk;
+        if (nb > n - i) nb = n - i;
         int rc;
         if (all_logits) {
             rc = ds4_fwd_eval(s->f, tokens + i, nb, all_logits + (size_t)i * V, true, err);
@@ -810,7 +818,7 @@ static int eval_chunks(ds4_session *s, const int32_t *tokens, int n, int chunk, 
             return rc;
         }
         if (progress && progress(user, "prefill", i + nb, n)) {
-            session_clear(s);
+            if (i + nb > 1) ckpt_take(s);
             return ds4_err_set(err, DS4_E_CANCEL, "cancelled");
         }
     }
@@ -831,7 +839,7 @@ int ds4_session_extend(ds4_session *s, const int32_t *tokens, int n, ds4_eval_mo
         break;
     default: return ds4_err_set(err, DS4_E_ARG, "unknown evaluation mode %d", (int)mode);
     }
-    rc = eval_chunks(s, tokens, n, c, all_logits, NULL, NULL, err);
+    rc = eval_chunks(s, tokens, n, c, false, all_logits, NULL, NULL, err);
     if (!rc && n > 1) ckpt_take(s);
     return rc;
 }
@@ -853,7 +861,7 @@ int ds4_session_rewind(ds4_session *s, int n_tokens, ds4_err *err) {
     ckpt_drop_after(s, keep);
     int c = ckpt_restore_upto(s, keep);
     if (c == keep) return 0;
-    int rc = eval_chunks(s, s->tokens + c, keep - c, s->n_batch, NULL, NULL, NULL, err);
+    int rc = eval_chunks(s, s->tokens + c, keep - c, s->n_batch, true, NULL, NULL, NULL, err);
     if (!rc && keep - c > 1) ckpt_take(s);
     return rc;
 }
@@ -891,7 +899,7 @@ int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info
     info->n_reused = c;
     info->n_evaluated = n - c;
     if (c == n) return 0; /* restored exactly the requested prefix */
-    rc = eval_chunks(s, tokens + c, n - c, s->n_batch, NULL, progress, progress_user, err);
+    rc = eval_chunks(s, tokens + c, n - c, s->n_batch, true, NULL, progress, progress_user, err);
     if (!rc) ckpt_take(s);
     return rc;
 }

@@ -125,6 +125,54 @@ def test_server_disk_cache_continued_saves_during_prefill_and_decode(tmp_path):
     assert "reason=cold" not in log
 
 
+def test_server_disk_cache_continued_saves_after_a_cold_save(tmp_path):
+    """A cold save syncs to the anchor first (not a multiple of the interval); the prefill after it still ends
+    its batches at absolute multiples of the batch size, so the continued saves at every multiple of the
+    interval still happen (they were all skipped: the batches counted from the anchor)."""
+    d = str(tmp_path / "kv")
+    args = ["--kv-disk-dir", d, "--kv-cache-min-tokens", "32", "--kv-cache-continued-interval-tokens", "128",
+            "--kv-cache-boundary-align-tokens", "0"]
+    with Server(*args) as s:
+        r = s.openai().chat.completions.create(messages=messages("x " * 700), model="m", max_tokens=2,
+                                               temperature=0, extra_body=NO_THINK)
+        n_prompt = r.usage.prompt_tokens
+        log = s.log_text()
+    cold = [int(m) for m in re.findall(r"kv cache stored tokens=(\d+) reason=cold", log)]
+    assert len(cold) == 1 and cold[0] % 128, log
+    saved = sorted(int(m) for m in re.findall(r"kv cache stored tokens=(\d+) reason=continued", log))
+    assert saved == list(range(128, n_prompt + 1, 128)), (saved, cold, n_prompt)
+
+
+def test_server_client_gone_during_prefill_keeps_the_cached_conversation(tmp_path):
+    """A streaming client that hangs up during a long prefill cancels it, but the conversation already cached
+    (and the part of the new prompt evaluated before the cancel) stays: the retry reuses it (it was all dropped,
+    so any client could wipe the cache, and one that retries with a short timeout never got past the prefill)."""
+    import json
+    import socket
+    with Server("--ctx", "16384") as s:
+        first = messages("tell me about " + "the system " * 300)
+        a = s.openai().chat.completions.create(messages=first, **KW)
+        n1 = a.usage.prompt_tokens
+        second = first + [{"role": "assistant", "content": a.choices[0].message.content},
+                          {"role": "user", "content": "and now " + "more words " * 2500}]
+        body = json.dumps(dict(model="m", messages=second, max_tokens=4, temperature=0, stream=True,
+                               **NO_THINK))
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=120)
+        sock.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      "Content-Length: %d\r\n\r\n" % len(body.encode())).encode() + body.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:  # the headers come with the first prefill progress
+            k = sock.recv(4096)
+            assert k, head
+            head += k
+        assert head.startswith(b"HTTP/1.1 200"), head
+        sock.close()
+        assert s.wait_log(r"client went away during prefill", timeout=120)
+        b = s.openai().chat.completions.create(messages=second, **KW)
+        assert b.usage.prompt_tokens_details.cached_tokens >= n1, (b.usage, s.log_text()[-2000:])
+        assert s.alive()
+
+
 def test_server_disk_cache_moves_between_a_layer_split_and_one_backend(tmp_path):
     """The saved state is laid out per layer whatever the split: a prefix stored by a server whose blocks run
     in two parts (--cpu --split 2,4) is restored by one without a split, and the other way round, with the

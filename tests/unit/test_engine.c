@@ -349,3 +349,63 @@ DS4_TEST(engine_expert_types_differ_per_layer) {
     check_modes(t, e, 21);
     ds4_engine_close(e);
 }
+
+typedef struct {
+    int calls, cancel_at, pos[16];
+    ds4_session *s;
+} prog_rec;
+
+static int prog_cb(void *user, const char *what, int64_t done, int64_t total) {
+    prog_rec *p = user;
+    (void)what, (void)done, (void)total;
+    if (p->calls < 16) p->pos[p->calls] = ds4_session_n_tokens(p->s);
+    return ++p->calls == p->cancel_at;
+}
+
+/* A sync's prefill batches end at absolute multiples of the batch size (the
+ * positions a checkpoint cadence counts), and a sync cancelled by its
+ * progress callback keeps the prefix evaluated so far: the next sync reuses
+ * it, and every result equals a fresh run bit for bit. */
+DS4_TEST(engine_sync_aligns_batches_and_a_cancel_keeps_the_prefix) {
+    tm_cfg c = tm_default();
+    ds4_engine *e = open_tm(&c, "m", false, 2);
+    CHECK(e);
+    const int V = 64;
+    int32_t a[40];
+    tokens(a, 40, V, 11);
+    float *fresh = run(e, a, 40, DS4_EVAL_PREFILL, 0);
+    CHECK(fresh);
+    ds4_session_opts so = {.n_ctx = 64, .prefill_chunk = 6};
+    ds4_session *s = NULL;
+    ds4_err err = {0};
+    CHECK(ds4_session_new(e, &so, &s, &err) == 0);
+    ds4_sync_info info;
+    CHECK(ds4_session_sync(s, a, 4, &info, NULL, NULL, &err) == 0);
+    /* from 4: batches end at 6, 12, 18, ...; the third report cancels */
+    prog_rec p = {.cancel_at = 3, .s = s};
+    CHECK(ds4_session_sync(s, a, 40, &info, prog_cb, &p, &err) == DS4_E_CANCEL);
+    CHECK_EQ_INT(p.calls, 3);
+    CHECK_EQ_INT(p.pos[0], 6);
+    CHECK_EQ_INT(p.pos[1], 12);
+    CHECK_EQ_INT(p.pos[2], 18);
+    CHECK_EQ_INT(ds4_session_n_tokens(s), 18);
+    CHECK(memcmp(ds4_session_tokens(s), a, 18 * sizeof(int32_t)) == 0);
+    CHECK(memcmp(ds4_session_logits(s), fresh + 17 * V, V * sizeof(float)) == 0);
+    CHECK(ds4_session_sync(s, a, 40, &info, NULL, NULL, &err) == 0);
+    CHECK_EQ_INT(info.n_reused, 18);
+    CHECK_EQ_INT(info.n_evaluated, 22);
+    CHECK(memcmp(ds4_session_logits(s), fresh + 39 * V, V * sizeof(float)) == 0);
+    /* a diverging sync after the cancel can go back inside the kept prefix */
+    int32_t b[30];
+    memcpy(b, a, 15 * sizeof(int32_t));
+    tokens(b + 15, 15, V, 12);
+    float *fb = run(e, b, 30, DS4_EVAL_PREFILL, 0);
+    CHECK(fb);
+    CHECK(ds4_session_sync(s, b, 30, &info, NULL, NULL, &err) == 0);
+    CHECK(info.n_reused <= 15);
+    CHECK(memcmp(ds4_session_logits(s), fb + 29 * V, V * sizeof(float)) == 0);
+    free(fb);
+    free(fresh);
+    ds4_session_free(s);
+    ds4_engine_close(e);
+}
