@@ -276,8 +276,18 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
     f.max_ctx = (uint32_t)s->cfg.n_ctx;
     f.min_tokens = (uint32_t)s->cfg.kv_min_tokens;
     if (s->cfg.kv_reject_different_quant) f.quant_bits = 4; /* what save_live writes */
-    ds4_kvstore_entry ent;
-    if (!ds4_kvstore_find_text(c->kv, rq->text, rq->text_len, &f, &ent)) return false;
+    /* An entry whose tokens are a prefix of the request's own tokens comes
+     * first: the request then runs on exactly the tokens of a cold run (a
+     * text match cut inside a BPE merge would tokenize the rest differently
+     * and could change the answer after a restart). Else the longest key
+     * text (entries holding generated tokens, whose text re-tokenizes
+     * otherwise), continued by the tokens of the rest of the text. */
+    ds4_kvstore_entry ent, et;
+    const bool by_text = ds4_kvstore_find_text(c->kv, rq->text, rq->text_len, &f, &ent);
+    const bool by_tokens = ds4_kvstore_find_tokens(c->kv, rq->tokens, (size_t)rq->n_tokens, &f, &et) &&
+                           (!by_text || et.n_tokens >= ent.n_tokens);
+    if (by_tokens) ent = et;
+    else if (!by_text) return false;
     ds4_kvstore_item it = {0};
     ds4_err err = {0};
     if (ds4_kvstore_load(c->kv, ent.name, &it, &err)) {
@@ -285,8 +295,11 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
         return false;
     }
     bool ok = false;
-    if (it.meta.key_text_bytes > rq->text_len ||
-        memcmp(it.key_text, rq->text, it.meta.key_text_bytes) != 0) {
+    /* the stored tokens as a prefix of the request's: the request's tokens are used as they are */
+    const bool exact = it.meta.n_tokens <= (uint32_t)rq->n_tokens &&
+                       !memcmp(it.tokens, rq->tokens, (size_t)it.meta.n_tokens * sizeof(int32_t));
+    if (by_tokens ? !exact
+                  : it.meta.key_text_bytes > rq->text_len || memcmp(it.key_text, rq->text, it.meta.key_text_bytes) != 0) {
         srv_log("kv cache: %s key is not a prefix of the prompt; not used", ent.name);
     } else if (ds4_session_load(s->session, it.payload, it.meta.payload_bytes, &err)) {
         srv_log("kv cache: payload of %s rejected: %s", ent.name, err.msg);
@@ -299,14 +312,15 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
             srv_log("kv cache: %s holds %d tokens, header says %u: discarded corrupt", ent.name,
                     ds4_session_n_tokens(s->session), it.meta.n_tokens);
         ds4_session_rewind(s->session, 0, NULL);
-    } else if (!extend_with_text(s->engine, it.tokens, (int)it.meta.n_tokens, rq->text,
-                                 it.meta.key_text_bytes, rq->text_len, E, nE, &err)) {
+    } else if (exact ? !extend_with_text(s->engine, rq->tokens, rq->n_tokens, NULL, 0, 0, E, nE, &err)
+                     : !extend_with_text(s->engine, it.tokens, (int)it.meta.n_tokens, rq->text,
+                                         it.meta.key_text_bytes, rq->text_len, E, nE, &err)) {
         if (it.trailer && s->replay) {
             pthread_mutex_lock(&s->replay_mu);
             ds4_dsml_replay_load(s->replay, it.trailer, it.meta.trailer_bytes, NULL, 0, NULL, NULL);
             pthread_mutex_unlock(&s->replay_mu);
         }
-        srv_log("kv cache hit text tokens=%u key=%s", it.meta.n_tokens, ent.name);
+        srv_log("kv cache hit %s tokens=%u key=%s", by_tokens ? "tokens" : "text", it.meta.n_tokens, ent.name);
         c->last_frontier = (int)it.meta.n_tokens;
         ds4_err rm = {0};
         if ((int)it.meta.n_tokens > s->cfg.kv_cold_max_tokens && s->cfg.kv_cold_max_tokens > 0 &&

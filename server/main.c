@@ -243,7 +243,7 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         INTOPT("--tokens", 0, INT_MAX, default_tokens)
         INTOPT("--port", 0, 65535, port)
         INTOPT("--queue", 1, 100000, queue_max)
-        INTOPT("--kv-disk-space-mb", 1, LONG_MAX / 2, kv_disk_space_mb)
+        INTOPT("--kv-disk-space-mb", 1, 1L << 40, kv_disk_space_mb) /* MiB << 20 stays in 64 bits */
         INTOPT("--kv-cache-min-tokens", 1, INT_MAX, kv_min_tokens)
         INTOPT("--kv-cache-cold-max-tokens", 0, INT_MAX, kv_cold_max_tokens)
         INTOPT("--kv-cache-continued-interval-tokens", 0, INT_MAX, kv_continued_interval)

@@ -72,6 +72,7 @@
 #define VERSION 2
 #define LOCK_FILE ".ds4-kvstore.lock" /* held by the open store (flock) */
 #define KEY_MAX_BYTES (1ull << 30)   /* sanity bound on key text (1 GiB) */
+#define KV_MAX_TOKENS (1u << 22) /* 4M tokens: four times the model's 1M context */
 #define HALF_LIFE_S 21600.0          /* hit decay for eviction scores (C.4) */
 
 typedef struct kv_ent {
@@ -336,6 +337,9 @@ static int read_meta(int fd, const char *name, hdr *h, uint8_t raw[HDR_BYTES], i
                            raw[3], VERSION);
     hdr_decode(raw, h);
     if (h->n_tokens == 0) return ds4_err_set(err, DS4_E_FORMAT, "%s: token count is 0", name);
+    if (h->n_tokens > KV_MAX_TOKENS) /* before sizing buffers by it */
+        return ds4_err_set(err, DS4_E_FORMAT, "%s: token count %u is beyond any context (%u)", name, h->n_tokens,
+                           (unsigned)KV_MAX_TOKENS);
     if (h->key_bytes > KEY_MAX_BYTES)
         return ds4_err_set(err, DS4_E_FORMAT, "%s: key text of %u bytes is too large", name,
                            h->key_bytes);
@@ -564,7 +568,7 @@ static int scan_dir(ds4_kvstore *kv, ds4_err *err) {
 int ds4_kvstore_open(ds4_kvstore **out, const ds4_kvstore_opts *opts, ds4_err *err) {
     *out = NULL;
     if (!opts || !opts->dir || !*opts->dir) return ds4_err_set(err, DS4_E_ARG, "kvstore: no directory");
-    if (mkdir(opts->dir, 0755) != 0 && errno != EEXIST)
+    if (mkdir(opts->dir, 0700) != 0 && errno != EEXIST) /* prompts are stored in the clear: the owner's only */
         return ds4_err_set(err, DS4_E_IO, "kvstore: cannot create %s: %s", opts->dir, strerror(errno));
     struct stat st;
     if (stat(opts->dir, &st) != 0 || !S_ISDIR(st.st_mode))
@@ -583,7 +587,7 @@ int ds4_kvstore_open(ds4_kvstore **out, const ds4_kvstore_opts *opts, ds4_err *e
      * and evicts the other's files, so a second one is refused. A directory
      * where the lock file cannot be made (read-only) is used without it. */
     char *lp = join_path(kv->dir, LOCK_FILE);
-    kv->lock_fd = lp ? open(lp, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644) : -1;
+    kv->lock_fd = lp ? open(lp, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600) : -1;
     if (lp && kv->lock_fd < 0) kv->lock_fd = open(lp, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     if (kv->lock_fd < 0) {
         logf_kv(kv, "kvstore: cannot open the lock file %s (%s): this directory is not locked against a second "
@@ -691,7 +695,7 @@ int ds4_kvstore_put(ds4_kvstore *kv, const ds4_kvstore_put_args *a, char name_ou
         rc = ds4_err_set(err, DS4_E_NOMEM, "kvstore: out of memory");
         goto out;
     }
-    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) {
         rc = ds4_err_set(err, DS4_E_IO, "kvstore: cannot create %s: %s", tmp, strerror(errno));
         goto out;
@@ -776,8 +780,17 @@ int ds4_kvstore_has(ds4_kvstore *kv, const int32_t *tokens, uint32_t n, const ch
         pthread_mutex_lock(&kv->mu);
         int i = find_ent(kv, name);
         if (i >= 0) {
-            found = 1;
-            if (out) *out = kv->ents[i].e;
+            /* the file itself, not only the index: a file deleted behind
+             * our back must be written again (the entry goes) */
+            char *path = join_path(kv->dir, name);
+            struct stat st;
+            if (path && lstat(path, &st) != 0 && (errno == ENOENT || errno == ENOTDIR || errno == ELOOP)) {
+                drop_ent(kv, i);
+            } else {
+                found = 1;
+                if (out) *out = kv->ents[i].e;
+            }
+            free(path);
         }
         pthread_mutex_unlock(&kv->mu);
     }
@@ -840,7 +853,7 @@ static int open_indexed(ds4_kvstore *kv, const char *name, int flags, ds4_err *e
         pthread_mutex_lock(&kv->mu);
         /* deleted behind our back, or replaced by something that is not a
          * file (never ours to delete): no longer an entry */
-        if (e == ENOENT || e == EINVAL) {
+        if (e == ENOENT || e == EINVAL || e == ELOOP || e == ENOTDIR) {
             int i2 = find_ent(kv, name);
             if (i2 >= 0) drop_ent(kv, i2);
         }
