@@ -72,3 +72,26 @@ int ds4_same_file(const char *a, const char *b) {
     struct stat sa, sb;
     return a && b && stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
+
+/* the directory part of path ("." when none) and a pointer to its last name */
+static char *dir_of(const char *path, const char **base) {
+    char *dir = strdup(path);
+    if (!dir) return NULL;
+    char *slash = strrchr(dir, '/');
+    *base = slash ? path + (slash - dir) + 1 : path;
+    if (!slash) strcpy(dir, ".");
+    else if (slash == dir) dir[1] = 0;
+    else *slash = 0;
+    return dir;
+}
+
+int ds4_same_path(const char *a, const char *b) {
+    if (!a || !b) return 0;
+    if (!strcmp(a, b) || ds4_same_file(a, b)) return 1;
+    const char *ba, *bb;
+    char *da = dir_of(a, &ba), *db = dir_of(b, &bb);
+    int same = da && db && *ba && !strcmp(ba, bb) && ds4_same_file(da, db);
+    free(da);
+    free(db);
+    return same;
+}

@@ -34,4 +34,8 @@ int ds4_output_path_ok(const char *path, ds4_err *err);
 /* a and b are the same existing file (same device and inode). */
 int ds4_same_file(const char *a, const char *b);
 
+/* a and b name the same file, existing or not: the same existing file, or
+ * the same name in the same directory ("x.gguf" and "./x.gguf"). */
+int ds4_same_path(const char *a, const char *b);
+
 #endif

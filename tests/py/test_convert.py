@@ -345,6 +345,53 @@ def test_convert_error_overlapping_data_ranges(tmp_path):
     _fails(d, tmp_path, "overlapping data ranges")
 
 
+def _header_shifted(tmp_path, shift):
+    """The model with its safetensors header padded by 16 spaces (a valid file), then the stated header length
+    made `shift` bytes shorter: the JSON still parses (trailing spaces), every tensor would be read shift bytes
+    early."""
+    tmp_path.mkdir()
+    d = _doctored(tmp_path)
+    f = d / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = np.frombuffer(raw[:8], "<u8")
+    hb = raw[8:8 + int(n)] + b" " * 16
+    raw = np.array([len(hb) - shift], "<u8").tobytes() + hb + raw[8 + int(n):]
+    f.write_bytes(raw)
+    return d
+
+
+def test_convert_error_header_length_off_by_a_few_bytes(tmp_path):
+    """The tensors must tile the data area exactly (as the reference reader requires): a header length a few
+    bytes short converted garbage with exit 0 (or failed much later with misleading value errors)."""
+    d = _header_shifted(tmp_path / "ok", 0)
+    r = convert(d, tmp_path / "ok.gguf", asan=True)
+    assert r.returncode == 0, r.stderr  # the padded file itself is valid
+    for shift in (2, 4, 8):
+        _fails(_header_shifted(tmp_path / str(shift), shift), tmp_path / str(shift), "a wrong header length")
+
+
+def test_convert_accepts_an_empty_tensor_at_the_start_of_the_data(tmp_path):
+    """A zero-length tensor at offset 0 beside a tensor that also starts at 0 is valid safetensors (it was
+    refused as an overlap, depending on the sort order)."""
+    def add_empty(st):
+        st["zz.empty_marker"] = ("F32", np.zeros((0,), dtype=np.float32))
+    d = _doctored(tmp_path, edit_st=add_empty)
+    f = d / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    (n,) = np.frombuffer(bytes(raw[:8]), "<u8")
+    h = json.loads(raw[8:8 + int(n)].decode())
+    assert h["zz.empty_marker"]["data_offsets"][0] == h["zz.empty_marker"]["data_offsets"][1]
+    h["zz.empty_marker"]["data_offsets"] = [0, 0]
+    hb = json.dumps(h).encode()
+    hb += b" " * (int(n) - len(hb))
+    assert len(hb) == int(n)
+    raw[8:8 + int(n)] = hb
+    f.write_bytes(bytes(raw))
+    r = convert(d, tmp_path / "x.gguf", asan=True)
+    assert "overlapping" not in r.stderr, r.stderr
+    assert "zz.empty_marker" in r.stderr  # refused as an unknown tensor name, not as an overlap
+
+
 def test_convert_refuses_outputs_that_are_not_files_or_are_inputs(tmp_path):
     """-o must be a path a rename may replace (as root, -o /dev/null replaced the device with a file) in an
     existing directory, checked before converting; -o and --mtp-out differ; neither names an input."""
@@ -354,7 +401,10 @@ def test_convert_refuses_outputs_that_are_not_files_or_are_inputs(tmp_path):
              (["-o", str(tmp_path / "no" / "x.gguf")], "its directory"), (["-o", ""], "empty"),
              (["-o", str(d / "model.safetensors")], "is a file of the checkpoint"),
              (["-o", str(tmp_path / "x.gguf"), "--mtp-out", "/dev/null"], "--mtp-out /dev/null"),
-             (["-o", str(tmp_path / "x.gguf"), "--mtp-out", str(tmp_path / "x.gguf")], "name the same file")]
+             (["-o", str(tmp_path / "x.gguf"), "--mtp-out", str(tmp_path / "x.gguf")], "name the same file"),
+             # the same new file under two spellings (the MTP file replaced the main one, exit 0)
+             (["-o", str(tmp_path / "x.gguf"), "--mtp-out", str(tmp_path / "." / "x.gguf")], "name the same file"),
+             (["-o", str(tmp_path / "x.gguf"), "--mtp-out", str(d / ".." / "x.gguf")], "name the same file")]
     before = (d / "model.safetensors").read_bytes()
     for args, needle in cases:
         r = subprocess.run([conv, "--hf", str(d), *args], capture_output=True, text=True, timeout=120)

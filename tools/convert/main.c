@@ -320,7 +320,7 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "ds4-convert: %s%s\n", k ? "--mtp-out " : "-o ", pe.msg);
                 return 2;
             }
-        if (out && ho.mtp_out && (!strcmp(out, ho.mtp_out) || ds4_same_file(out, ho.mtp_out))) {
+        if (out && ho.mtp_out && ds4_same_path(out, ho.mtp_out)) {
             fprintf(stderr, "ds4-convert: -o and --mtp-out name the same file (%s)\n", out);
             return 2;
         }

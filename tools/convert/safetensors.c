@@ -127,23 +127,39 @@ static int parse_entry(ds4_st *st, int file, const char *path, const char *name,
 
 static int cmp_data(const void *a, const void *b) {
     const ds4_st_tensor *x = *(const ds4_st_tensor *const *)a, *y = *(const ds4_st_tensor *const *)b;
-    return x->data < y->data ? -1 : x->data > y->data;
+    if (x->data != y->data) return x->data < y->data ? -1 : 1;
+    if (x->n_bytes != y->n_bytes) return x->n_bytes < y->n_bytes ? -1 : 1; /* empty tensors first */
+    return strcmp(x->name, y->name);
 }
 
-/* The data ranges of one file's tensors do not overlap (the format forbids
- * it; two names over the same bytes would silently convert one tensor's
- * data as the other). */
-static int check_overlaps(ds4_st_tensor *t, int n, const char *path, ds4_err *err) {
-    if (n < 2) return 0;
-    const ds4_st_tensor **v = malloc((size_t)n * sizeof *v);
+/* One file's tensors tile its data area exactly, as the format requires
+ * (the reference reader refuses anything else): in offset order each starts
+ * where the previous ended, the first at 0 and the last ends at the end of
+ * the file. Overlaps would convert one tensor's bytes as another's; a gap
+ * or a short area is what a wrong header length looks like (every tensor
+ * read a few bytes off: garbage that converts). */
+static int check_layout(ds4_st_tensor *t, int n, const uint8_t *data, uint64_t data_bytes, const char *path,
+                        ds4_err *err) {
+    const ds4_st_tensor **v = malloc((size_t)(n > 0 ? n : 1) * sizeof *v);
     if (!v) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     for (int i = 0; i < n; i++) v[i] = &t[i];
     qsort(v, (size_t)n, sizeof *v, cmp_data);
     int rc = 0;
-    for (int i = 1; i < n && !rc; i++)
-        if (v[i]->data < v[i - 1]->data + v[i - 1]->n_bytes)
+    uint64_t pos = 0;
+    for (int i = 0; i < n && !rc; i++) {
+        const uint64_t b = (uint64_t)(v[i]->data - data);
+        if (b < pos)
             rc = ds4_err_set(err, DS4_E_FORMAT, "%s: tensors '%s' and '%s' have overlapping data ranges", path,
                              v[i - 1]->name, v[i]->name);
+        else if (b > pos)
+            rc = ds4_err_set(err, DS4_E_FORMAT, "%s: %llu bytes before tensor '%s' belong to no tensor (a wrong "
+                             "header length, or a damaged file)", path, (unsigned long long)(b - pos), v[i]->name);
+        pos = b + v[i]->n_bytes;
+    }
+    if (!rc && pos != data_bytes)
+        rc = ds4_err_set(err, DS4_E_FORMAT, "%s: the tensors end at data byte %llu but the file holds %llu (a wrong "
+                         "header length, or a damaged file)", path, (unsigned long long)pos,
+                         (unsigned long long)data_bytes);
     free(v);
     return rc;
 }
@@ -201,7 +217,7 @@ static int open_file(ds4_st *st, const char *path, ds4_err *err) {
         if ((rc = parse_entry(st, file, path, name, v, data, data_bytes, err))) break;
     }
     json_decref(root);
-    if (!rc) rc = check_overlaps(st->t + first, st->n - first, path, err);
+    if (!rc) rc = check_layout(st->t + first, st->n - first, data, data_bytes, path, err);
     return rc;
 }
 
