@@ -345,6 +345,42 @@ def test_convert_error_overlapping_data_ranges(tmp_path):
     _fails(d, tmp_path, "overlapping data ranges")
 
 
+@pytest.mark.parametrize("key,value,needle", [
+    ("index_head_dim", 96, "index_head_dim"),        # the engine needs a power of two (Hadamard + FP4 blocks)
+    ("rms_norm_eps", 1e300, "rms_norm_eps"),          # F32 in the GGUF: it was written as inf
+    ("swiglu_limit", -1e300, "swiglu_limit"),
+    ("rope_parameters", "yarn", "rope_parameters"),   # not an object: YaRN was silently off
+    ("max_position_embeddings", 1.5, "max_position_embeddings"),
+    ("max_position_embeddings", 2.0 ** 60, "max_position_embeddings"),  # a real beyond a double's exact integers
+])
+def test_convert_refuses_config_values_the_engine_would_misread(tmp_path, key, value, needle):
+    def edit(c):
+        c[key] = value
+    _fails(_doctored(tmp_path, edit_cfg=edit), tmp_path, needle)
+
+
+def test_convert_writes_large_integers_exactly(tmp_path):
+    """max_position_embeddings = 2^53 + 1 went through a double and came out 2^53."""
+    def edit(c):
+        c["max_position_embeddings"] = 2 ** 53 + 1
+    d = _doctored(tmp_path, edit_cfg=edit)
+    out = tmp_path / "x.gguf"
+    r = convert(d, out)
+    assert r.returncode == 0, r.stderr
+    _, kv, _ = _dump(out)
+    assert kv["deepseek4.context_length"] == 2 ** 53 + 1
+
+
+@pytest.mark.parametrize("name", ["model.layers.4294967296.attn_norm.weight", "model.layers.01.attn_norm.weight",
+                                  "model.layers.+1.attn_norm.weight", "model.layers. 1.attn_norm.weight"])
+def test_convert_refuses_tensor_names_with_odd_numbers(tmp_path, name):
+    """Layer and expert numbers are plain decimals: an overflowing one mapped to another layer (4294967296 -> 0),
+    '+1', ' 1' and '01' were aliases of layer 1."""
+    def edit(st):
+        st[name] = st["model.layers.1.attn_norm.weight"]
+    _fails(_doctored(tmp_path, edit_st=edit), tmp_path, name.split(".", 1)[1] if "model." in name else name)
+
+
 def _header_shifted(tmp_path, shift):
     """The model with its safetensors header padded by 16 spaces (a valid file), then the stated header length
     made `shift` bytes shorter: the JSON still parses (trailing spaces), every tensor would be read shift bytes

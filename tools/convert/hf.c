@@ -28,6 +28,7 @@
 #include <ctype.h>
 #include <fnmatch.h>
 #include <jansson.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,11 +67,22 @@ static int cfg_int(json_t *root, const char *const *keys, bool required, int64_t
         *out = def;
         return 0;
     }
-    double d = json_is_integer(v) ? (double)json_integer_value(v) : json_is_real(v) ? json_real_value(v) : NAN;
-    if (!(d == floor(d)) || d < (double)lo || d > (double)hi)
+    /* integers exactly (not through a double: 2^63-1 became 2^63, 2^53+1 became 2^53); a real only
+     * when it is a whole number a double holds exactly */
+    int64_t x = 0;
+    bool ok = false;
+    if (json_is_integer(v)) {
+        x = (int64_t)json_integer_value(v);
+        ok = true;
+    } else if (json_is_real(v)) {
+        const double d = json_real_value(v);
+        ok = d == floor(d) && fabs(d) <= 9007199254740992.0;
+        if (ok) x = (int64_t)d;
+    }
+    if (!ok || x < lo || x > hi)
         return ds4_err_set(err, DS4_E_FORMAT, "config.json: key '%s' must be an integer in [%lld, %lld]", k,
                            (long long)lo, (long long)hi);
-    *out = (int64_t)d;
+    *out = x;
     return 0;
 }
 
@@ -82,8 +94,9 @@ static int cfg_num(json_t *root, const char *const *keys, bool required, double 
         *out = def;
         return 0;
     }
-    if (!json_is_number(v) || !isfinite(json_number_value(v)))
-        return ds4_err_set(err, DS4_E_FORMAT, "config.json: key '%s' must be a number", k);
+    /* the GGUF stores these as F32: a value beyond it would be written as inf */
+    if (!json_is_number(v) || !(fabs(json_number_value(v)) <= (double)FLT_MAX))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: key '%s' must be a finite number (within F32 range)", k);
     *out = json_number_value(v);
     return 0;
 }
@@ -143,6 +156,10 @@ static int rope_from_dict(ds4_conv_hparams *hp, json_t *d, const char *where, ds
 
 static int read_rope(ds4_conv_hparams *hp, json_t *root, ds4_err *err) {
     json_t *rp = json_object_get(root, "rope_parameters");
+    json_t *rsc = json_object_get(root, "rope_scaling");
+    if ((rp && !json_is_null(rp) && !json_is_object(rp)) || (rsc && !json_is_null(rsc) && !json_is_object(rsc)))
+        return ds4_err_set(err, DS4_E_FORMAT, "config.json: '%s' must be an object (it decides YaRN)",
+                           rp && !json_is_null(rp) && !json_is_object(rp) ? "rope_parameters" : "rope_scaling");
     if (json_is_object(rp)) {
         json_t *main = json_object_get(rp, "main"), *comp = json_object_get(rp, "compress");
         if (json_is_object(main) && json_is_object(comp)) {
@@ -361,6 +378,8 @@ int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err) {
             "config.json: RoPE dims %d must be even and <= head_dim (%d) and index_head_dim (%d)", hp->n_rot,
             hp->head_dim, hp->idx_dim);
     REQUIRE(hp->rope_base > 1 && hp->compress_rope_base > 1, "config.json: RoPE bases must be > 1");
+    REQUIRE(hp->idx_dim >= 32 && (hp->idx_dim & (hp->idx_dim - 1)) == 0,
+            "config.json: index_head_dim %d must be a power of two >= 32 (Hadamard + FP4 blocks)", hp->idx_dim);
     REQUIRE(hp->swiglu_limit > 0, "config.json: swiglu_limit must be positive");
     REQUIRE(hp->rms_eps >= 0 && hp->hc_eps >= 0, "config.json: epsilons must be >= 0");
 #undef REQUIRE
@@ -866,6 +885,22 @@ static const struct { const char *src; const char *gguf; } mtp_map[] = {
     {"hc_head_base", "hc_head_base.weight"}, {"hc_head_scale", "hc_head_scale.weight"},
 };
 
+/* "PREFIX<N>." at the start of s with N a plain decimal (digits only, no
+ * leading zero, at most 9 digits: no sign, blank or overflow makes an alias
+ * of another index): 1 with *idx = N and *len = the bytes through the dot. */
+static int name_index(const char *s, const char *prefix, int *idx, int *len) {
+    const size_t pl = strlen(prefix);
+    if (strncmp(s, prefix, pl)) return 0;
+    const char *d = s + pl;
+    int n = 0;
+    long long v = 0;
+    while (d[n] >= '0' && d[n] <= '9' && n < 10) v = v * 10 + (d[n] - '0'), n++;
+    if (n == 0 || n > 9 || (n > 1 && d[0] == '0') || d[n] != '.') return 0;
+    *idx = (int)v;
+    *len = (int)(pl + (size_t)n + 1);
+    return 1;
+}
+
 /* Binds a per-layer suffix (after "layers.N." or "mtp.N.") to PRE.<gguf>. */
 static int map_block(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *st, const ds4_st_tensor *s,
                      const char *pre, int il, const char *suf, bool mtp, int *what, ds4_err *err) {
@@ -878,9 +913,17 @@ static int map_block(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st 
             }
     /* per-expert matrices: {ffn,mlp}.experts.E.{w1,w2,w3,gate_proj,up_proj,down_proj}.weight */
     int e, eoff = 0;
-    char word[16];
-    if ((sscanf(suf, "ffn.experts.%d.%15[a-z_0-9].weight%n", &e, word, &eoff) == 2 ||
-         sscanf(suf, "mlp.experts.%d.%15[a-z_0-9].weight%n", &e, word, &eoff) == 2) && eoff > 0 && !suf[eoff]) {
+    char word[16] = "";
+    if (name_index(suf, "ffn.experts.", &e, &eoff) || name_index(suf, "mlp.experts.", &e, &eoff)) {
+        const char *w = suf + eoff;
+        size_t wl = 0;
+        while (wl < 15 && ((w[wl] >= 'a' && w[wl] <= 'z') || (w[wl] >= '0' && w[wl] <= '9') || w[wl] == '_')) wl++;
+        if (wl > 0 && !strcmp(w + wl, ".weight")) memcpy(word, w, wl), word[wl] = 0;
+        else word[0] = 0, e = -1;
+    } else {
+        e = -1;
+    }
+    if (e >= 0) {
         for (size_t i = 0; i < sizeof expert_map / sizeof expert_map[0]; i++)
             if (!strcmp(word, expert_map[i].src)) {
                 snprintf(g, sizeof g, "%s.%s", pre, expert_map[i].gguf);
@@ -954,7 +997,7 @@ static int map_one(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *s
             *what = MAP_SKIP_MTP;
             return 0;
         }
-        if (sscanf(n, "mtp.%d.%n", &il, &off) != 1 || off <= 0 || il < 0 || il >= hp->nextn) {
+        if (!name_index(n, "mtp.", &il, &off) || il >= hp->nextn) {
             *what = MAP_UNKNOWN;
             return 0;
         }
@@ -972,8 +1015,8 @@ static int map_one(ds4_conv_plan *p, const ds4_conv_hparams *hp, const ds4_st *s
                 if (!t) return no_target(s, global_map[i].gguf, -1, hp, err);
                 return bind_whole(st, t, s, DS4_SRC_PLAIN, err);
             }
-    if (sscanf(n, "layers.%d.%n", &il, &off) == 1 && off > 0) {
-        if (il < 0 || il >= hp->n_layer)
+    if (name_index(n, "layers.", &il, &off)) {
+        if (il >= hp->n_layer)
             return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': layer %d out of range (num_hidden_layers = %d)",
                                s->name, il, hp->n_layer);
         snprintf(pre, sizeof pre, "blk.%d", il);
