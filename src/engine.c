@@ -538,7 +538,8 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
     *out = e;
     return 0;
 fail:
-    ds4_err_prefix(err, "%s", what);
+    if (err && strncmp(err->msg, what, strlen(what))) /* not when the file reader named it already */
+        ds4_err_prefix(err, "%s", what);
     ds4_engine_close(e);
     return rc;
 }

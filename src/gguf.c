@@ -1429,6 +1429,7 @@ int ds4_gguf_writer_write_file(ds4_gguf_writer *w, const char *path, ds4_err *er
         return rc;
     }
     fchmod(fd, 0644);
+    ds4_tmp_track(tmp); /* removed if a fatal signal ends the process mid-write */
     wout o = {.fd = fd, .path = path, .buf = buf};
     int rc = emit(w, &o, data_offset, err);
     if (!rc && o.pos != total) {
@@ -1443,7 +1444,8 @@ int ds4_gguf_writer_write_file(ds4_gguf_writer *w, const char *path, ds4_err *er
     if (close(fd) != 0 && !rc) rc = ds4_err_set(err, DS4_E_IO, "closing %s: %s", path, strerror(errno));
     if (!rc && rename(tmp, path) != 0) rc = ds4_err_set(err, DS4_E_IO, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
     if (rc) unlink(tmp);
-    else rc = sync_dir(path, err);
+    ds4_tmp_untrack();
+    if (!rc) rc = sync_dir(path, err);
     free(tmp);
     free(buf);
     return rc;

@@ -350,9 +350,9 @@ static int check_all_used(const ds4_gguf *g, const uint8_t *used, const ds4_hpar
     }
     if (!extra) return 0;
     return ds4_err_set(err, DS4_E_MODEL,
-                       "tensor '%s'%s is not used by this model (%d blocks by its metadata): the metadata and the "
+                       "tensor '%s'%s not used by this model (%d blocks by its metadata): the metadata and the "
                        "tensors disagree", ds4_gguf_tensor_at(g, first)->name,
-                       extra > 1 ? " and others" : "", hp->n_layer);
+                       extra > 1 ? " and others are" : " is", hp->n_layer);
 }
 
 static void fmt_dims(char *buf, size_t cap, int n, const int64_t *ne) {

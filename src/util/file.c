@@ -2,6 +2,7 @@
 #include "util/file.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,4 +95,47 @@ int ds4_same_path(const char *a, const char *b) {
     free(da);
     free(db);
     return same;
+}
+
+/* ---- temporary output files under fatal signals ---- */
+
+static char tmp_path[4096];
+static volatile sig_atomic_t tmp_set;
+static const char *tmp_prog = "ds4";
+
+void ds4_tmp_track(const char *path) {
+    tmp_set = 0;
+    if (!path || strlen(path) >= sizeof tmp_path) return;
+    strcpy(tmp_path, path);
+    tmp_set = 1;
+}
+
+void ds4_tmp_untrack(void) { tmp_set = 0; }
+
+static void put(const char *s) {
+    ssize_t n = write(2, s, strlen(s));
+    (void)n;
+}
+
+static void on_fatal(int sig) {
+    put(tmp_prog);
+    put(sig == SIGBUS ? ": an input file shrank while being read (SIGBUS)"
+                      : sig == SIGPIPE ? ": SIGPIPE" : ": stopped by a signal");
+    if (tmp_set && unlink(tmp_path) == 0) put("; the unfinished output was removed");
+    put("\n");
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+void ds4_tmp_fatal_signals(const char *prog) {
+    tmp_prog = prog;
+    static const int sigs[] = {SIGBUS, SIGPIPE, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU};
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_handler = on_fatal;
+        sigemptyset(&sa.sa_mask);
+        sa.sa_flags = SA_RESETHAND;
+        sigaction(sigs[i], &sa, NULL);
+    }
 }

@@ -34,6 +34,18 @@ int ds4_output_path_ok(const char *path, ds4_err *err);
 /* a and b are the same existing file (same device and inode). */
 int ds4_same_file(const char *a, const char *b);
 
+/* A temporary output file being written (one at a time per process), for
+ * ds4_tmp_fatal_signals: track it when created, untrack it once renamed or
+ * removed. */
+void ds4_tmp_track(const char *path);
+void ds4_tmp_untrack(void);
+/* Installs handlers for signals that end the process and that the program
+ * does not handle itself (SIGBUS: an input file truncated under its mmap;
+ * SIGPIPE, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU): the tracked temporary file
+ * is removed and a line naming the signal is written to stderr, then the
+ * signal takes its default action. */
+void ds4_tmp_fatal_signals(const char *prog);
+
 /* a and b name the same file, existing or not: the same existing file, or
  * the same name in the same directory ("x.gguf" and "./x.gguf"). */
 int ds4_same_path(const char *a, const char *b);

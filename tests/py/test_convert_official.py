@@ -842,6 +842,47 @@ def test_signal_during_conversion_leaves_nothing(sig, official, tmp_path):
     assert list(outdir.iterdir()) == []
 
 
+def test_an_unhandled_signal_during_conversion_leaves_no_temporary_file(official, tmp_path):
+    """A signal the converter does not stop on (SIGUSR1 ends the process) still takes the unfinished output with
+    it (an OUT.tmp.* file was left)."""
+    import signal as sg
+    d, _ = official["h256"]
+    rc, err, outdir = _interrupt_when(tmp_path, d, "SIGUSR1", "x.gguf.tmp.*")
+    assert rc == -sg.SIGUSR1, (rc, err)
+    assert "the unfinished output was removed" in err, err
+    assert list(outdir.iterdir()) == []
+
+
+def test_an_input_truncated_during_conversion_leaves_no_temporary_file(official, tmp_path):
+    """A shard truncated while it is being converted (a download still running, a disk cleaned up) faults its
+    mapping (SIGBUS): the process says so and leaves no OUT.tmp.* file (it died silently, leaving one)."""
+    import os
+    import shutil
+    import signal as sg
+    import subprocess
+    import time
+    from oracle_util import ASAN_ENV
+    src, _ = official["h256"]
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    p = subprocess.Popen([str(ROOT / "build" / "asan" / "ds4-convert"), "--hf", str(d), "-o", str(outdir / "x.gguf"),
+                          "--recipe", "q2", "--name", "x", "--debug-chunk-delay-ms", "40"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, **ASAN_ENV))
+    deadline = time.monotonic() + 120
+    while not list(outdir.glob("x.gguf.tmp.*")):
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+        time.sleep(0.005)
+    time.sleep(0.2)
+    for f in d.glob("*.safetensors"):
+        os.truncate(f, 0)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == -sg.SIGBUS, (p.returncode, err)
+    assert "shrank while being read" in err and "the unfinished output was removed" in err, err
+    assert list(outdir.iterdir()) == []
+
+
 def test_signal_during_the_mtp_file_keeps_the_complete_main_file(official, tmp_path):
     """SIGINT while the --mtp-out file is written: the main file, already complete, is kept (the same bytes as a
     conversion without --mtp-out); the MTP file is not created and no temporary file is left; exit 130."""

@@ -351,6 +351,7 @@ int main(int argc, char **argv) {
     /* a file-size limit (ulimit -f) must fail the write with EFBIG, which removes the temporary file, instead of
      * killing the process with SIGXFSZ and leaving a partial one */
     signal(SIGXFSZ, SIG_IGN);
+    ds4_tmp_fatal_signals("ds4-convert"); /* SIGBUS (an input truncated under us) etc.: no OUT.tmp.* left */
     install_signals();
     ho.stream.cancel = &g_signal;
     ds4_err err = {0};
