@@ -330,6 +330,13 @@ int main(int argc, char **argv) {
             fprintf(stderr, "ds4: --worker needs --rank R (1..7)\n");
             return 2;
         }
+        const char *colon = strrchr(o.worker, ':');
+        long port;
+        if (!colon || colon == o.worker || ds4_parse_long(colon + 1, 1, 65535, &port)) {
+            fprintf(stderr, "ds4: --worker '%s': expected HOST:PORT (port 1..65535), rank 0's --rendezvous\n",
+                    o.worker);
+            return 2;
+        }
         ds4_engine_opts wo = {.model_path = o.model_given ? o.model_path : NULL, .backend = o.backend,
                               .n_threads = o.n_threads, .cuda_sync_debug = o.cuda_sync_debug,
                               .cuda_no_graphs = o.no_graphs, .rank_timeout_s = o.split.rank_timeout_s};

@@ -202,8 +202,14 @@ int ds4_chan_connect(const char *hostport, int rank, int timeout_s, ds4_chan **o
         struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai = NULL;
         int gr = getaddrinfo(host, port, &hints, &ai);
         if (gr) return ds4_err_set(err, DS4_E_ARG, "rendezvous %s: %s", hostport, gai_strerror(gr));
-        int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        int ok = fd >= 0 && connect(fd, ai->ai_addr, ai->ai_addrlen) == 0;
+        /* every address of the name in turn (a host may resolve to an IPv6
+         * address rank 0 does not listen on before the IPv4 one it does) */
+        int fd = -1, ok = 0;
+        for (struct addrinfo *a = ai; a && !ok; a = a->ai_next) {
+            if (fd >= 0) close(fd);
+            fd = socket(a->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            ok = fd >= 0 && connect(fd, a->ai_addr, a->ai_addrlen) == 0;
+        }
         freeaddrinfo(ai);
         if (ok) {
             tune(fd);

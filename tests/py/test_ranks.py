@@ -145,6 +145,9 @@ def test_rank_errors_are_clear(ggufs, tmp_path):
         assert r.returncode != 0 and want in r.stderr, (args, r.stderr)
     r = run("--worker", "127.0.0.1:1", "--cpu")
     assert r.returncode == 2 and "--worker needs --rank" in r.stderr, r.stderr
+    for hp in ("127.0.0.1:0", "127.0.0.1:", "nohost", ":1", "127.0.0.1:+1", "127.0.0.1:70000"):
+        r = run("--worker", hp, "--rank", "1", "--cpu")  # refused at once, not retried until the timeout
+        assert r.returncode == 2 and "expected HOST:PORT" in r.stderr, (hp, r.stderr)
     # a worker with no rank 0 gives up
     r = run("--worker", f"127.0.0.1:{free_port()}", "--rank", "1", "--cpu", "--rank-timeout", "1")
     assert r.returncode == 1 and "cannot connect within 1 s" in r.stderr, r.stderr
