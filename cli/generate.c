@@ -517,7 +517,10 @@ int ds4_cli_generate(const ds4_cli_opts *o) {
     ds4_sync_info info = {0};
     double prefill_s = 0;
     int rc = ds4_cli_prefill(s, &prompt, &info, &prefill_s);
-    if (rc) { status = rc == DS4_E_CANCEL ? 130 : 1; goto out; }
+    if (rc) { /* cancelled: the shell's status for the signal, as after generation */
+        status = rc == DS4_E_CANCEL ? 128 + (ds4_cli_interrupted ? (int)ds4_cli_interrupted : SIGINT) : 1;
+        goto out;
+    }
 
     ds4_rng rng;
     ds4_sampler_params sp = ds4_cli_sampler_params(o);

@@ -147,7 +147,8 @@ static void run_turn(repl *r, const char *text, size_t len) {
     ds4_sync_info info = {0};
     double prefill_s;
     if (ds4_cli_prefill(r->s, &r->tr, &info, &prefill_s)) {
-        r->tr.n = saved; /* the session is left empty: the next sync re-prefills */
+        r->tr.n = saved; /* the session keeps what was evaluated (a cancel) or is empty (a failure):
+                          * the next sync works from the common prefix either way */
         ds4_cli_interrupted = 0;
         return;
     }

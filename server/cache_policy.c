@@ -48,6 +48,8 @@ struct srv_cache {
     size_t bind_len;
     int last_frontier;     /* last stored/loaded length (continued saves) */
     int step;              /* continued-save spacing in tokens (0 = off) */
+    bool cold_cut;         /* the last cold request was cancelled before its cold save (the live
+                            * session holds part of it): the next request extending it saves it */
     /* live tool binding (C.3); ids written by the worker under tool_mu */
     pthread_mutex_t tool_mu;
     int tool_api;          /* srv_api of the turn, -1 when none */
@@ -415,12 +417,20 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
     }
     ds4_sync_info info = {0};
     int rc = 0;
+    /* a cold request cancelled before its cold save left part of its prompt
+     * live (a client that hung up): the retry continues it, and still saves */
+    const bool resumed = token_prefix && c->cold_cut;
+    if (resumed) cold = true;
+    c->cold_cut = false;
     /* cold save: sync to the stored prefix first, save, then extend */
     if (cold && c->kv && nE >= s->cfg.kv_min_tokens &&
         (s->cfg.kv_cold_max_tokens == 0 ? false : nE <= s->cfg.kv_cold_max_tokens)) {
         int sl = cold_store_len(s, E, nE);
-        rc = ds4_session_sync(s->session, E, sl, &info, progress, pu, err);
-        if (!rc) save_live(s, DS4_KV_REASON_COLD);
+        if (!resumed || sl >= ds4_session_n_tokens(s->session)) { /* a resumed one never rewinds for it */
+            rc = ds4_session_sync(s->session, E, sl, &info, progress, pu, err);
+            if (!rc) save_live(s, DS4_KV_REASON_COLD);
+            else if (rc == DS4_E_CANCEL) c->cold_cut = true;
+        }
     }
     ds4_sync_info info2 = {0};
     if (!rc) rc = ds4_session_sync(s->session, E, nE, &info2, progress, pu, err);

@@ -538,7 +538,9 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
     *out = e;
     return 0;
 fail:
-    if (err && strncmp(err->msg, what, strlen(what))) /* not when the file reader named it already */
+    /* not when the file reader named the file already ("PATH: ...") */
+    const size_t wl = strlen(what);
+    if (err && !(!strncmp(err->msg, what, wl) && err->msg[wl] == ':' && err->msg[wl + 1] == ' '))
         ds4_err_prefix(err, "%s", what);
     ds4_engine_close(e);
     return rc;

@@ -637,6 +637,9 @@ int ds4_kvstore_put(ds4_kvstore *kv, const ds4_kvstore_put_args *a, char name_ou
         (a->trailer_bytes && !a->trailer) || a->key_text_bytes > KEY_MAX_BYTES ||
         a->n_tokens > (UINT32_MAX - HDR_BYTES) / 4)
         return ds4_err_set(err, DS4_E_ARG, "kvstore: put: bad buffer arguments");
+    if (a->n_tokens > KV_MAX_TOKENS) /* a load would refuse it */
+        return ds4_err_set(err, DS4_E_RANGE, "kvstore: a checkpoint of %u tokens is beyond the cache's limit of %u",
+                           (unsigned)a->n_tokens, (unsigned)KV_MAX_TOKENS);
     uint64_t fsize = file_size_of(a->n_tokens, a->key_text_bytes, a->payload_bytes, a->trailer_bytes);
     if (!fsize) return ds4_err_set(err, DS4_E_ARG, "kvstore: put: size overflow");
     if (kv->budget && fsize > kv->budget)

@@ -315,6 +315,30 @@ def test_cli_perplexity_needs_more_than_32_tokens(model, tmp_path):
 
 
 @pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_cli_oneshot_signal_during_prompt_processing(model, sig, status):
+    """A signal during a long prompt's processing stops it with the shell's status for that signal."""
+    import signal
+    import time
+    p = subprocess.Popen([DS4] + base(model, "--nothink", "-n", "5", "--ctx", "32768", "-t", "1", "-p",
+                                      "The quick brown fox jumps over the lazy dog. " * 1500),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        err = b""
+        while b"processing" not in err:  # the progress line: prompt processing has started
+            assert p.poll() is None and time.time() < deadline, err
+            err += p.stderr.read1(4096)
+        p.send_signal(getattr(signal, sig))
+        out, rest = p.communicate(timeout=60)
+        err += rest
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == status, err
+    assert b"interrupted" in err, err
+
+
+@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_cli_oneshot_sigint_stops_generation_cleanly(model, sig, status):
     """Ctrl+C, or a kill (SIGTERM), stops a one-shot generation: the text so far, 'interrupted', the stats line,
     and the shell's status for the signal."""

@@ -303,3 +303,30 @@ def test_server_disk_budget_option_cannot_wrap(tmp_path):
                         str(tmp_path / "kv"), "--kv-disk-space-mb", "17592186044417"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--kv-disk-space-mb" in r.stderr, r.stderr
+
+
+def test_server_cold_save_still_happens_when_the_first_try_hung_up(tmp_path):
+    """A client that hangs up during a cold request's first prefill (before its cold save) leaves that part of
+    the prompt live; the retry continues it from there and still writes the cold entry (a shared system prompt
+    must reach the disk cache)."""
+    import json
+    import socket
+    d = str(tmp_path / "kv")
+    system = "You are a very careful assistant. " * 1500  # a long anchor: the cold sync takes many batches
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+    with Server("--ctx", "16384", *cache_args(d)) as s:
+        body = json.dumps(dict(model="m", messages=msgs, max_tokens=4, temperature=0, stream=True, **NO_THINK))
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=120)
+        sock.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      "Content-Length: %d\r\n\r\n" % len(body.encode())).encode() + body.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            k = sock.recv(4096)
+            assert k, head
+            head += k
+        sock.close()
+        assert s.wait_log(r"client went away during prefill", timeout=120)
+        b = s.openai().chat.completions.create(messages=msgs, **KW)
+        log = s.log_text()
+    assert "reason=cold" in log, log[-3000:]
+    assert b.usage.prompt_tokens_details.cached_tokens > 0, b.usage
