@@ -417,8 +417,8 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
                 break;
             }
         } else {
-            const float *logits = ds4_session_logits(g->s);
-            if (!logits) { fprintf(stderr, "ds4: session has no logits\n"); r->failed = true; break; }
+            const float *logits = ds4_session_logits_err(g->s, &err);
+            if (!logits) { fprintf(stderr, "ds4: %s\n", err.msg); r->failed = true; break; }
             tok = ds4_sampler_sample(g->sampler, logits, &g->params, g->rng);
         }
         if (tok < 0 || tok >= n_vocab) { fprintf(stderr, "ds4: sampler returned %d\n", tok); r->failed = true; break; }

@@ -111,7 +111,9 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     int done = 0;
     for (int step = 0; step < steps; step++) {
         if (ds4_cli_interrupted) { fprintf(stderr, "ds4: interrupted\n"); break; }
-        const float *logits = ds4_session_logits(s);
+        ds4_err le = {0};
+        const float *logits = ds4_session_logits_err(s, &le);
+        if (!logits) { fprintf(stderr, "ds4: %s\n", le.msg); goto out; }
         int nt = ds4_sampler_logprobs(smp, logits, k, ids, lps, NULL);
         if (nt < 0) { fprintf(stderr, "ds4: logprobs failed\n"); goto out; }
         int32_t sel = ds4_argmax(logits, n_vocab);
@@ -209,7 +211,10 @@ int ds4_cli_perplexity(const ds4_cli_opts *o) {
     int scored = 0;
     /* Score token PPL_CONTEXT from the prefill logits, then evaluate tokens in
      * chunks; the logits after token i score token i + 1. */
-    ds4_sampler_logprobs(smp, ds4_session_logits(s), 0, NULL, NULL, lp);
+    ds4_err le = {0};
+    const float *l0 = ds4_session_logits_err(s, &le);
+    if (!l0) { fprintf(stderr, "ds4: %s\n", le.msg); goto out; }
+    ds4_sampler_logprobs(smp, l0, 0, NULL, NULL, lp);
     nll -= lp[tok[PPL_CONTEXT]];
     scored = 1;
     double t0 = ds4_cli_now();
