@@ -688,7 +688,12 @@ static void put_key(ds4_buf *args, const char *t, const tag_info *ti) {
     ds4_buf_free(&key);
 }
 
-/* Appends a leaf value: a decoded string, or minified JSON (raw if invalid). */
+/* Appends a leaf value: a decoded string, or minified JSON. A JSON-typed
+ * value that does not parse (`string="false"` over `{notjson`, `007`, an
+ * empty value) becomes a JSON string of its raw text: the arguments stay
+ * one valid object, so no client gets invalid JSON and no other argument is
+ * lost (the spec leaves it raw, which broke the whole object when sent).
+ * The streaming parser emits this same function's output for such values. */
 static void put_leaf(ds4_buf *args, const char *v, size_t n, int is_string) {
     if (is_string) {
         ds4_buf dec = DS4_BUF_INIT;
@@ -696,8 +701,20 @@ static void put_leaf(ds4_buf *args, const char *v, size_t n, int is_string) {
         ds4_dsml_json_quote(args, dec.data ? dec.data : "", dec.len);
         if (!ds4_buf_ok(&dec)) args->oom = 1;
         ds4_buf_free(&dec);
-    } else if (json_minify(args, v, n)) {
-        ds4_buf_append(args, v, n);
+    } else {
+        const size_t mark = args->len;
+        if (json_minify(args, v, n)) {
+            ds4_dsml_json_quote(args, v, n);
+        } else if (args->len > mark && args->data[mark] == '"') {
+            /* a string: re-escaped as the client form re-escapes member
+             * strings (B.6), so that the stream sends the final bytes */
+            ds4_buf dec = DS4_BUF_INIT;
+            json_unquote(&dec, args->data + mark, args->len - mark);
+            ds4_buf_truncate(args, mark);
+            ds4_dsml_json_quote(args, dec.data ? dec.data : "", dec.len);
+            if (!ds4_buf_ok(&dec)) args->oom = 1;
+            ds4_buf_free(&dec);
+        }
     }
 }
 
@@ -946,7 +963,6 @@ struct ds4_dsml_stream {
     int nested, n_nested; /* inside a nested object; its members emitted */
     size_t block_at;     /* offset of the block's open tag (block_started) */
     ds4_buf acc_r, acc_c; /* every REASONING / CONTENT byte emitted: the result */
-    int json_in_str, json_esc;
     ds4_buf ev;          /* scratch for event text */
     ds4_dsml_tracker trk;
     uint64_t id_rng;
@@ -1232,7 +1248,6 @@ static int step(ds4_dsml_stream *s, int final) {
             s->pos += ti.end;
             s->scan = s->pos;
             s->st = ti.str_true ? ST_VALUE_STR : ti.has_str ? ST_VALUE_JSON : ST_PARAM_UNTYPED;
-            s->json_in_str = s->json_esc = 0;
             return 1;
         }
         if (is_partial(rem, rn, f->invoke_end) || is_partial(rem, rn, f->param)) return 0;
@@ -1264,41 +1279,40 @@ static int step(ds4_dsml_stream *s, int final) {
         s->st = ST_VALUE_STR;
         return 1;
     }
-    case ST_VALUE_STR:
     case ST_VALUE_JSON: {
+        /* held until the parameter closes: whether the value parses as JSON
+         * decides its form (put_leaf), which the reply must share */
+        const family *f = s->f;
+        size_t k = find(rem, rn, 0, f->param_end);
+        if (k == SIZE_MAX && !final) return 0;
+        const size_t lim = k == SIZE_MAX ? rn : k;
+        ds4_buf_reset(&s->ev);
+        put_leaf(&s->ev, rem, lim, 0);
+        if (!ds4_buf_ok(&s->ev)) return DS4_E_NOMEM;
+        emit(s, DS4_DSML_EV_CALL_ARGS, s->n_calls - 1, s->ev.data, s->ev.len);
+        s->pos += lim;
+        if (k == SIZE_MAX) return 0;
+        s->pos += strlen(f->param_end);
+        s->st = s->nested ? ST_NESTED : ST_CALL;
+        return 1;
+    }
+    case ST_VALUE_STR: {
         const family *f = s->f;
         size_t k = find(rem, rn, 0, f->param_end);
         int closed = k != SIZE_MAX;
         size_t lim = closed ? k : rn - (final ? 0 : partial_suffix(rem, rn, f->param_end));
         if (!closed && !final) lim = utf8_complete(rem, lim);
         ds4_buf_reset(&s->ev);
-        size_t used = lim;
-        if (s->st == ST_VALUE_STR) {
-            ds4_buf dec = DS4_BUF_INIT;
-            used = entity_decode(&dec, rem, lim, !closed && !final);
-            json_escape_body(&s->ev, dec.data ? dec.data : "", dec.len);
-            if (!ds4_buf_ok(&dec)) s->ev.oom = 1;
-            ds4_buf_free(&dec);
-        } else {
-            for (size_t i = 0; i < lim; i++) {
-                char c = rem[i];
-                if (s->json_in_str) {
-                    if (s->json_esc) s->json_esc = 0;
-                    else if (c == '\\') s->json_esc = 1;
-                    else if (c == '"') s->json_in_str = 0;
-                } else if (c == ' ' || c == '\t' || c == '\n' || c == '\r') {
-                    continue;
-                } else if (c == '"') {
-                    s->json_in_str = 1;
-                }
-                ds4_buf_putc(&s->ev, c);
-            }
-        }
+        ds4_buf dec = DS4_BUF_INIT;
+        const size_t used = entity_decode(&dec, rem, lim, !closed && !final);
+        json_escape_body(&s->ev, dec.data ? dec.data : "", dec.len);
+        if (!ds4_buf_ok(&dec)) s->ev.oom = 1;
+        ds4_buf_free(&dec);
         if (!ds4_buf_ok(&s->ev)) return DS4_E_NOMEM;
         emit(s, DS4_DSML_EV_CALL_ARGS, s->n_calls - 1, s->ev.data, s->ev.len);
         s->pos += used;
         if (!closed || used < lim) return 0;
-        if (s->st == ST_VALUE_STR) emit_args(s, "\"");
+        emit_args(s, "\"");
         s->pos += strlen(f->param_end);
         s->st = s->nested ? ST_NESTED : ST_CALL;
         return 1;
@@ -1324,7 +1338,6 @@ static int step(ds4_dsml_stream *s, int final) {
             if (emit_key(s, &s->n_nested, rem + ti.name, ti.name_len, str)) return DS4_E_NOMEM;
             s->pos += ti.end;
             s->st = str ? ST_VALUE_STR : ST_VALUE_JSON;
-            s->json_in_str = s->json_esc = 0;
             return 1;
         }
         if (!final && (is_partial(rem, rn, f->param) || is_partial(rem, rn, f->param_end)))

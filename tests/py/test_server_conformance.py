@@ -878,3 +878,32 @@ def test_a_scripted_reply_cut_at_every_length_leaves_no_markup():
                 break
         else:
             assert False, "the block never completed"
+
+
+@pytest.mark.parametrize("value,want", [
+    ("{notjson", "{notjson"), ("007", "007"), ("NaN", "NaN"), ("", ""), ("{'force': True}", "{'force': True}"),
+    ('"\\ud800"', "\ufffd" * 3),  # a lone surrogate: its WTF-8 bytes, then U+FFFD each (TEXT C.6), in both
+    ('"a\\/b\\u00e9"', "a/b\u00e9"), ('{"x": [1, 2]}', {"x": [1, 2]}), ("7", 7)])
+def test_json_typed_tool_arguments_are_valid_json_and_the_same_streamed_or_not(value, want):
+    """A string="false" parameter whose value is not JSON became invalid JSON in the stream (the Anthropic SDK's
+    accumulator raised) and {} in the reply (every other argument lost too): such a value is now a JSON string of
+    its raw text in both, and a JSON string value is sent in one form by both."""
+    reply = ("ok\n\n<{m}tool_calls>\n<{m}invoke name=\"bash\">\n<{m}parameter name=\"command\" string=\"true\">ls"
+             "</{m}parameter>\n<{m}parameter name=\"opts\" string=\"false\">{v}</{m}parameter>\n</{m}invoke>\n"
+             "</{m}tool_calls>").format(m=M, v=value)
+    kw = dict(model="m", messages=user("go"), tools=[BASH_TOOL], max_tokens=300, extra_body={"think": False})
+    with Server("--debug-reply", reply) as s:
+        c = s.openai()
+        a = chat_view(c.chat.completions.create(**kw))
+        b = chat_stream_view(c.chat.completions.create(stream=True, **kw))
+        assert a["calls"] == b["calls"] == [("bash", {"command": "ls", "opts": want})], (a, b)
+        ac = s.anthropic()
+        akw = dict(model="m", max_tokens=300, messages=[{"role": "user", "content": "go"}],
+                   tools=[{"name": "bash", "input_schema": BASH_TOOL["function"]["parameters"]}],
+                   thinking={"type": "disabled"})
+        m1 = ac.messages.create(**akw)
+        with ac.messages.stream(**akw) as st:
+            m2 = st.get_final_message()
+        i1 = [b.input for b in m1.content if b.type == "tool_use"]
+        i2 = [b.input for b in m2.content if b.type == "tool_use"]
+        assert i1 == i2 == [{"command": "ls", "opts": want}], (i1, i2)

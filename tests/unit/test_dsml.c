@@ -382,9 +382,12 @@ DS4_TEST(dsml_parse_missing_string_attr_and_nested_objects) {
             "<" M "parameter name=\"num\" string=\"yes\"> 7 </" M "parameter>"
             "</" M "invoke></" M "tool_calls>", 0, &r);
     CHECK_EQ_INT(r.n_calls, 1);
+    /* a JSON-typed value that does not parse becomes a string of its raw
+     * text (the spec leaves it raw: invalid arguments that clients could not
+     * parse, and the client form dropped every argument to {}) */
     CHECK_STR(r.calls[0].arguments,
               "{\"plain\": \" raw \\\"x\\\" \", \"obj\": {\"a\": 1, \"b\": \"two\"}, "
-              "\"bad\": {oops, \"num\": 7}");
+              "\"bad\": \"{oops\", \"num\": 7}");
     ds4_dsml_result_free(&r);
 }
 
