@@ -149,6 +149,7 @@ int ds4_cli_build_prompt(ds4_engine *e, const ds4_cli_opts *o, ds4_think mode, d
                          bool *reasoning);
 /* Opens the engine (a load message on a TTY) and a session of n_ctx tokens.
  * Prints errors; returns 0 or -1. */
+ds4_session *ds4_cli_new_session(const ds4_cli_opts *o, ds4_engine *e, int n_ctx, ds4_err *err);
 int ds4_cli_open_session(const ds4_cli_opts *o, int n_ctx, ds4_engine **e, ds4_session **s);
 /* ds4_session_sync with the progress display; *secs gets the wall time.
  * Prints errors; returns 0, DS4_E_CANCEL (Ctrl+C) or another code. */

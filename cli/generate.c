@@ -219,6 +219,9 @@ void ds4_cli_printer_token(ds4_cli_printer *p, int32_t id) {
         fflush(p->out);
         return;
     }
+    /* other control tokens are markup, not text (TEXT A.7): nothing shown,
+     * as the server's replies (the transcript keeps them) */
+    if (p->e && ds4_token_is_control(p->e, id)) return;
     b = ds4_detok_push(p->detok, id, &len);
     emit(p, b, len);
     fflush(p->out);
@@ -335,6 +338,27 @@ int ds4_cli_build_prompt(ds4_engine *e, const ds4_cli_opts *o, ds4_think mode, d
     return rc;
 }
 
+/* A session of n_ctx tokens with speculative decoding on when the engine
+ * has an MTP block (every session the generating loops use: they decide
+ * on speculation from the engine); NULL with err set. */
+ds4_session *ds4_cli_new_session(const ds4_cli_opts *o, ds4_engine *e, int n_ctx, ds4_err *err) {
+    ds4_session_opts so = {.n_ctx = n_ctx};
+    ds4_session *s = NULL;
+    if (ds4_session_new(e, &so, &s, err) != 0) {
+        ds4_err_prefix(err, "cannot create a session of %d tokens", n_ctx);
+        return NULL;
+    }
+    if (ds4_engine_has_mtp(e)) {
+        ds4_spec_opts sop = {.n_draft = o->mtp_draft, .gate = o->mtp_gate};
+        if (ds4_session_spec_enable(s, &sop, err) != 0) {
+            ds4_err_prefix(err, "cannot enable MTP");
+            ds4_session_free(s);
+            return NULL;
+        }
+    }
+    return s;
+}
+
 /* Opens the engine and a session of n_ctx tokens; prints errors. */
 int ds4_cli_open_session(const ds4_cli_opts *o, int n_ctx, ds4_engine **e_out, ds4_session **s_out) {
     double t0 = ds4_cli_now();
@@ -342,22 +366,12 @@ int ds4_cli_open_session(const ds4_cli_opts *o, int n_ctx, ds4_engine **e_out, d
     ds4_engine *e = ds4_cli_open_engine(o, false);
     if (isatty(STDERR_FILENO)) fprintf(stderr, e ? " done (%.1f s)\n" : "\n", ds4_cli_now() - t0);
     if (!e) return -1;
-    ds4_session_opts so = {.n_ctx = n_ctx};
     ds4_err err = {0};
-    ds4_session *s = NULL;
-    if (ds4_session_new(e, &so, &s, &err) != 0) {
-        fprintf(stderr, "ds4: cannot create a session of %d tokens: %s\n", n_ctx, err.msg);
+    ds4_session *s = ds4_cli_new_session(o, e, n_ctx, &err);
+    if (!s) {
+        fprintf(stderr, "ds4: %s\n", err.msg);
         ds4_engine_close(e);
         return -1;
-    }
-    if (ds4_engine_has_mtp(e)) {
-        ds4_spec_opts sop = {.n_draft = o->mtp_draft, .gate = o->mtp_gate};
-        if (ds4_session_spec_enable(s, &sop, &err) != 0) {
-            fprintf(stderr, "ds4: cannot enable MTP: %s\n", err.msg);
-            ds4_session_free(s);
-            ds4_engine_close(e);
-            return -1;
-        }
     }
     fprintf(stderr, "ds4: ctx=%d, backend=%s%s\n", n_ctx, ds4_engine_backend_name(e),
             ds4_engine_has_mtp(e) ? ", mtp" : "");

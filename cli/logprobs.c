@@ -95,10 +95,13 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
         fprintf(stderr, "ds4: cannot write %s: %s\n", o->dump_logprobs, strerror(errno));
         goto out;
     }
-    ds4_cli_install_sigint();
+    ds4_cli_install_stop_signals();
     ds4_sync_info info = {0};
     double prefill_s;
-    if (ds4_cli_prefill(s, &prompt, &info, &prefill_s)) goto out;
+    if (ds4_cli_prefill(s, &prompt, &info, &prefill_s)) {
+        if (ds4_cli_interrupted) status = 128 + (int)ds4_cli_interrupted;
+        goto out;
+    }
     /* as one-shot generation: the last step's token is not evaluated, so ctx - prompt steps fit */
     int steps = o->n_predict;
     const bool ctx_cut = steps > o->n_ctx - prompt.n;
@@ -145,7 +148,8 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     if (ctx_cut && done == steps) fprintf(stderr, "ds4: stopped at the context size (--ctx %d)\n", o->n_ctx);
     fprintf(stderr, "ds4: prefill: %.2f t/s, generation: %.2f t/s\n",
             prefill_s > 0 ? info.n_evaluated / prefill_s : 0.0, dt > 0 ? done / dt : 0.0);
-    status = 0;
+    /* cut short by a signal: the file is well-formed but shorter; the shell's status says so */
+    status = ds4_cli_interrupted ? 128 + (int)ds4_cli_interrupted : 0;
 out:
     if (f) fclose(f);
     free(ids);
@@ -202,11 +206,14 @@ int ds4_cli_perplexity(const ds4_cli_opts *o) {
     all = malloc((size_t)PPL_CHUNK * (size_t)n_vocab * sizeof *all);
     lp = malloc((size_t)n_vocab * sizeof *lp);
     if (!smp || !all || !lp) { fprintf(stderr, "ds4: out of memory\n"); goto out; }
-    ds4_cli_install_sigint();
+    ds4_cli_install_stop_signals();
     ds4_cli_toks ctx0 = {tok, PPL_CONTEXT, PPL_CONTEXT};
     ds4_sync_info info;
     double secs;
-    if (ds4_cli_prefill(s, &ctx0, &info, &secs)) goto out;
+    if (ds4_cli_prefill(s, &ctx0, &info, &secs)) {
+        if (ds4_cli_interrupted) status = 128 + (int)ds4_cli_interrupted;
+        goto out;
+    }
     double nll = 0;
     int scored = 0;
     /* Score token PPL_CONTEXT from the prefill logits, then evaluate tokens in
@@ -219,7 +226,11 @@ int ds4_cli_perplexity(const ds4_cli_opts *o) {
     scored = 1;
     double t0 = ds4_cli_now();
     while (scored < S) {
-        if (ds4_cli_interrupted) { fprintf(stderr, "ds4: interrupted\n"); goto out; }
+        if (ds4_cli_interrupted) {
+            fprintf(stderr, "ds4: interrupted\n");
+            status = 128 + (int)ds4_cli_interrupted;
+            goto out;
+        }
         int first = PPL_CONTEXT + scored - 1; /* next token to evaluate */
         int n = S - scored < PPL_CHUNK ? S - scored : PPL_CHUNK;
         if (ds4_session_extend(s, tok + first, n, DS4_EVAL_PREFILL, 0, all, &err) != 0) {

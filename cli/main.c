@@ -4,6 +4,7 @@
  * function of cli.h in its own file; this file only parses and dispatches.
  */
 #include "cli.h"
+#include "util/file.h"
 #include "util/num.h"
 
 #include <errno.h>
@@ -197,7 +198,7 @@ int main(int argc, char **argv) {
         .mtp_gate = 0.3f,
     };
     long v;
-    bool mtp_opts_given = false;
+    bool mtp_opts_given = false, eval_given = false, topk_given = false;
     /* a file-size limit (ulimit -f) fails a write with EFBIG, reported, instead of killing ds4 */
     signal(SIGXFSZ, SIG_IGN);
 #define NEED_ARG()                                                              \
@@ -269,6 +270,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--dump-tokens")) o.dump_tokens = true;
         else if (!strcmp(a, "--dump-logits")) { NEED_ARG(); o.dump_logits = argv[++i]; }
         else if (!strcmp(a, "--eval")) {
+            eval_given = true;
             NEED_ARG();
             const char *m = argv[++i];
             if (!strcmp(m, "prefill")) o.eval_mode = DS4_EVAL_PREFILL;
@@ -285,6 +287,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--dump-logprobs")) { NEED_ARG(); o.dump_logprobs = argv[++i]; }
         else if (!strcmp(a, "--logprobs-top-k")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 1, 128, &v)) return 2; o.logprobs_top_k = (int)v;
+            topk_given = true;
         } else if (!strcmp(a, "--perplexity-file")) { NEED_ARG(); o.perplexity_file = argv[++i]; }
         else if (!strcmp(a, "--inspect")) o.inspect = true;
         else if (!strcmp(a, "--imatrix-out")) { NEED_ARG(); o.imatrix_out = argv[++i]; }
@@ -298,9 +301,34 @@ int main(int argc, char **argv) {
         }
     }
 #undef NEED_ARG
-    if (o.prompt && o.prompt_file) {
-        fprintf(stderr, "ds4: give only one of -p and --prompt-file\n");
+    if ((o.prompt != NULL) + (o.prompt_file != NULL) + (o.prompt_tokens_file != NULL) > 1) {
+        fprintf(stderr, "ds4: give only one of -p, --prompt-file and --prompt-tokens-file\n");
         return 2;
+    }
+    {
+        const char *modes[] = {o.dump_logits ? "--dump-logits" : NULL, o.dump_logprobs ? "--dump-logprobs" : NULL,
+                               o.perplexity_file ? "--perplexity-file" : NULL, o.inspect ? "--inspect" : NULL,
+                               o.imatrix_out ? "--imatrix-out" : NULL, o.dump_tokens ? "--dump-tokens" : NULL,
+                               o.worker ? "--worker" : NULL};
+        const char *first = NULL;
+        for (size_t k = 0; k < sizeof modes / sizeof modes[0]; k++) {
+            if (!modes[k]) continue;
+            if (first) {
+                fprintf(stderr, "ds4: %s and %s are two modes: give one\n", first, modes[k]);
+                return 2;
+            }
+            first = modes[k];
+        }
+    }
+    /* an output that is the model (or MTP) file would destroy it */
+    {
+        const char *outs[][2] = {{"--dump-logits", o.dump_logits}, {"--dump-logprobs", o.dump_logprobs},
+                                 {"--imatrix-out", o.imatrix_out}, {"--imatrix-dump", o.imatrix_dump}};
+        for (size_t k = 0; k < sizeof outs / sizeof outs[0]; k++)
+            if (outs[k][1] && (ds4_same_file(outs[k][1], o.model_path) || ds4_same_file(outs[k][1], o.mtp_path))) {
+                fprintf(stderr, "ds4: %s %s is the model file: it would be overwritten\n", outs[k][0], outs[k][1]);
+                return 2;
+            }
     }
     if (o.perplexity_file && (o.prompt || o.prompt_file || o.prompt_tokens_file)) {
         fprintf(stderr, "ds4: --perplexity-file cannot be combined with a prompt\n");
@@ -313,6 +341,14 @@ int main(int argc, char **argv) {
     /* switches that mean nothing without their partner: a usage error, not silence */
     if (o.dump_greedy && !o.dump_logits) {
         fprintf(stderr, "ds4: --dump-greedy needs --dump-logits OUT.f32\n");
+        return 2;
+    }
+    if (eval_given && !o.dump_logits) {
+        fprintf(stderr, "ds4: --eval needs --dump-logits OUT.f32\n");
+        return 2;
+    }
+    if (topk_given && !o.dump_logprobs) {
+        fprintf(stderr, "ds4: --logprobs-top-k needs --dump-logprobs FILE\n");
         return 2;
     }
     if (mtp_opts_given && !o.mtp_path) {

@@ -55,6 +55,7 @@ typedef struct repl {
     int n_max_prefix;       /* tokens of the Think-Max prefix right after BOS (0 if absent) */
     ds4_cli_toks max_prefix;/* the prefix's tokens */
     bool tty;
+    bool input_failed;      /* stdin failed (not an EOF): exit status 1 */
     char history_path[4096];
 } repl;
 
@@ -183,12 +184,10 @@ static void cmd_ctx(repl *r, const char *arg) {
         fprintf(stderr, "ds4: /ctx needs a context size in 2..%d\n", 1 << 20);
         return;
     }
-    ds4_session_opts so = {.n_ctx = (int)v};
-    ds4_session *s = NULL;
     ds4_err err = {0};
-    if (ds4_session_new(r->e, &so, &s, &err) != 0) {
-        fprintf(stderr, "ds4: cannot create a session of %ld tokens: %s (keeping %d)\n", v, err.msg,
-                r->n_ctx);
+    ds4_session *s = ds4_cli_new_session(r->o, r->e, (int)v, &err); /* MTP on as in the first session */
+    if (!s) {
+        fprintf(stderr, "ds4: %s (keeping %d)\n", err.msg, r->n_ctx);
         return;
     }
     ds4_session_free(r->s);
@@ -224,10 +223,15 @@ static void cmd_save(repl *r, const char *path) {
         fprintf(stderr, "ds4: /save %s (nothing written)\n", pe.msg);
         return;
     }
+    if (ds4_same_file(path, r->o->model_path) || ds4_same_file(path, r->o->mtp_path)) {
+        fprintf(stderr, "ds4: /save %s: that is the model file (nothing written)\n", path);
+        return;
+    }
     /* the live state holds the transcript (its last EOS is not evaluated) */
     ds4_err err = {0};
     ds4_sync_info info = {0};
-    if (r->tr.n > 1 && ds4_session_sync(r->s, r->tr.v, r->tr.n - 1, &info, NULL, NULL, &err)) {
+    if (r->tr.n > 1 ? ds4_session_sync(r->s, r->tr.v, r->tr.n - 1, &info, NULL, NULL, &err)
+                    : ds4_session_rewind(r->s, 0, &err)) { /* after /clear: nothing of the old conversation */
         fprintf(stderr, "ds4: /save: %s\n", err.msg);
         return;
     }
@@ -475,11 +479,19 @@ static char *read_line(repl *r, bool *interrupted) {
     for (;;) {
         errno = 0;
         ssize_t n = getline(&l, &cap, stdin);
+        if (n >= 0 && memchr(l, 0, (size_t)n)) { /* the text after it would be dropped silently */
+            fprintf(stderr, "ds4: a line holds a NUL byte; not sent (use /read FILE for such text)\n");
+            continue;
+        }
         if (n >= 0) return l;
         if (errno == EINTR && ds4_cli_interrupted) { /* Ctrl+C while waiting: ignored */
             clearerr(stdin);
             ds4_cli_interrupted = 0;
             continue;
+        }
+        if (ferror(stdin) && errno && errno != EINTR) { /* not an EOF: say so (it left silently with 0) */
+            fprintf(stderr, "ds4: reading the input: %s\n", strerror(errno));
+            r->input_failed = true;
         }
         free(l);
         return NULL;
@@ -523,7 +535,7 @@ int ds4_cli_repl(const ds4_cli_opts *o) {
         if (quit) break;
     }
     if (r.tty) printf("\n");
-    status = 0;
+    status = r.input_failed ? 1 : 0;
 out:
     ds4_cli_toks_free(&r.tr);
     ds4_cli_toks_free(&r.max_prefix);

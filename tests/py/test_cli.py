@@ -71,6 +71,12 @@ def base(model, *extra):
     (["--server"], "ds4-server"),
     (["--mtp-draft", "2", "-p", "hi"], "need --mtp"),
     (["--dump-greedy", "3", "-p", "hi"], "needs --dump-logits"),
+    (["-p", "hi", "--prompt-tokens-file", "t.txt"], "only one of"),
+    (["--prompt-file", "a", "--prompt-tokens-file", "t.txt"], "only one of"),
+    (["--dump-logits", "a.f32", "--dump-logprobs", "b.json", "-p", "hi"], "two modes"),
+    (["--inspect", "--perplexity-file", "x.txt"], "two modes"),
+    (["--eval", "decode", "-p", "hi"], "--eval needs --dump-logits"),
+    (["--logprobs-top-k", "3", "-p", "hi"], "--logprobs-top-k needs --dump-logprobs"),
     # numbers are plain decimals: no sign '+', hexadecimal, blanks, inf/nan or empty strings
     (["-n", "+2", "-p", "hi"], "-n"),
     (["-n", "0x10", "-p", "hi"], "-n"),
@@ -227,8 +233,8 @@ def test_cli_oneshot_greedy_deterministic_and_equals_prefill_argmax(model, tmp_p
         if t["text"] in ("<｜end▁of▁sentence｜>",):
             eos = t["id"]
             break
-        if t["text"] in ("<think>", "</think>"):
-            continue
+        if t["text"] in ("<think>", "</think>") or re.fullmatch(r"<｜.*｜>", t["text"]):
+            continue  # markers and other control tokens are markup, not text (TEXT A.7)
         text += bytes(t["bytes"])
     gen = r1.stdout
     assert gen.endswith(b"\n")
@@ -551,3 +557,80 @@ def test_cli_imatrix_says_what_it_did_not_use(model, tmp_path):
     text.write_text("a fairly long calibration text, repeated. " * 40)
     r = run(base(model, "--imatrix-out", str(dat), "--prompt-file", str(text), "--ctx", "64"))
     assert r.returncode == 0 and re.search(rb"\d+ calibration tokens past --ctx 64 were not used", r.stderr), r.stderr
+
+
+def test_cli_outputs_never_overwrite_the_model(model, tmp_path):
+    """--dump-logprobs M truncated the model it was reading (then SIGBUS); --dump-logits, --imatrix-out and the
+    REPL's /save likewise: refused, the model intact."""
+    import shutil
+    m = tmp_path / "m.gguf"
+    shutil.copy(model, m)
+    before = m.read_bytes()
+    for args in (["-p", "hi", "--dump-logprobs", str(m)],
+                 ["--prompt-tokens-file", str(tmp_path / "t.txt"), "--dump-logits", str(m)],
+                 ["--imatrix-out", str(m)]):
+        (tmp_path / "t.txt").write_text("1 2 3")
+        r = run(["-m", str(m), "--cpu"] + args)
+        assert r.returncode == 2 and b"is the model file" in r.stderr, (args, r.stderr)
+    r = run(["-m", str(m), "--cpu", "-n", "2", "--temp", "0"], input=("hello\n/save %s\n" % m).encode())
+    assert b"that is the model file" in r.stderr, r.stderr
+    assert m.read_bytes() == before
+
+
+def test_cli_repl_save_after_clear_loads_back(model, tmp_path):
+    """/save right after /clear wrote the old conversation's state under an empty transcript, which /load then
+    refused ('state and transcript disagree')."""
+    f = tmp_path / "s.bin"
+    r = run(base(model, "-n", "3", "--temp", "0", "-sys", ""), input=("Hello\n/clear\n/save %s\n" % f).encode())
+    assert r.returncode == 0 and f.exists(), r.stderr
+    r = run(base(model, "-n", "3", "--temp", "0", "-sys", ""), input=("/load %s\nhi again\n" % f).encode())
+    assert r.returncode == 0 and b"disagree" not in r.stderr, r.stderr
+
+
+def test_cli_repl_ctx_keeps_mtp_working(model, tmp_path):
+    """/ctx makes a new session: with --mtp it must have speculative decoding on too (every later turn failed
+    with 'speculative decoding is not enabled on this session'), and the text stays the greedy one."""
+    from test_mtp import make_mtp
+    mtp = make_mtp(model, tmp_path / "mtp.gguf", seed=9)
+    feed = b"Hello\n/ctx 2048\nsecond\n"
+    a = run(base(model, "--mtp", str(mtp), "--mtp-gate", "0", "-n", "8", "--temp", "0"), input=feed)
+    b = run(base(model, "-n", "8", "--temp", "0"), input=feed)
+    assert a.returncode == 0 and b"not enabled" not in a.stderr and b"failed" not in a.stderr, a.stderr
+    assert a.stdout == b.stdout
+
+
+def test_cli_dump_logprobs_cut_by_a_signal_says_so(model, tmp_path):
+    """An interrupted --dump-logprobs keeps a well-formed but shorter file; the exit status (130, 143) tells a
+    script it was cut (it exited 0)."""
+    import signal
+    import time
+    out = tmp_path / "lp.json"
+    p = subprocess.Popen([DS4] + base(model, "--nothink", "--ctx", "4096", "-n", "3000", "-p", PROMPT,
+                                      "--dump-logprobs", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (out.exists() and out.stat().st_size > 2000):
+            assert p.poll() is None and time.time() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    doc = json.loads(out.read_text())
+    assert 0 < len(doc["steps"]) < 3000
+
+
+def test_cli_repl_refuses_a_line_with_a_nul_byte_and_reports_input_errors(model, tmp_path):
+    """A NUL byte cut the line there silently (the rest dropped); stdin that fails (a directory) ended the REPL
+    with status 0 and no word."""
+    r = run(base(model, "-n", "2", "--temp", "0"), input=b"a\0bcd hello\n")
+    assert b"NUL byte" in r.stderr and r.returncode == 0, r.stderr
+    assert not STATS_RE.search(r.stderr.decode()), r.stderr  # nothing was sent to the model
+    d = os.open(str(tmp_path), os.O_RDONLY)  # a directory as stdin
+    try:
+        r = subprocess.run([DS4] + base(model, "-n", "2"), stdin=d, capture_output=True, timeout=120)
+    finally:
+        os.close(d)
+    assert r.returncode == 1 and b"reading the input" in r.stderr, r.stderr
