@@ -74,7 +74,8 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
     if (!json_is_object(m)) return srv_invalid(e);
     char *role = NULL;
     if (srv_get_string(m, "role", &role, e)) return -1;
-    ds4_role r = ds4_chat_role_from_name(role ? role : "user");
+    if (!role) return srv_fail(e, 400, "messages: every message needs a role ('user' or 'assistant')");
+    ds4_role r = ds4_chat_role_from_name(role);
     if (r != DS4_ROLE_USER && r != DS4_ROLE_ASSISTANT) {
         srv_fail(e, 400, "messages: role must be 'user' or 'assistant', not '%.64s'", role);
         free(role);
@@ -181,7 +182,13 @@ static int parse_tool_choice_anthropic(json_t *tc, srv_request *rq, srv_error *e
         if (!name) return srv_invalid(e);
         rq->tool_choice = SRV_TOOL_NAMED;
         rq->tool_choice_name = xstrdup(name);
+    } else if (strcmp(type, "auto")) {
+        return srv_fail_param(e, "tool_choice.type", "invalid_value",
+                              "tool_choice.type must be auto, any, tool or none, not '%.64s'", type);
     }
+    if ((rq->tool_choice == SRV_TOOL_REQUIRED || rq->tool_choice == SRV_TOOL_NAMED) &&
+        !(rq->tools_text && rq->tools_text[0]))
+        return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice '%s' needs tools", type);
     return 0;
 }
 

@@ -50,10 +50,10 @@ static int parse_tool_choice_openai(json_t *tc, srv_request *rq, srv_error *e) {
     json_t *fn = json_object_get(tc, "function");
     const char *name = json_string_value(json_object_get(fn, "name"));
     if (!name) name = json_string_value(json_object_get(tc, "name"));
-    if (name) {
-        rq->tool_choice = SRV_TOOL_NAMED;
-        rq->tool_choice_name = xstrdup(name);
-    }
+    if (!name) /* it silently became auto */
+        return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice function needs a name");
+    rq->tool_choice = SRV_TOOL_NAMED;
+    rq->tool_choice_name = xstrdup(name);
     return 0;
 }
 
@@ -63,6 +63,10 @@ static int parse_chat_message(json_t *m, srv_request *rq, srv_error *e) {
     char *role = NULL, *content = NULL, *reasoning = NULL, *tcid = NULL;
     int rc = -1;
     if (srv_get_string(m, "role", &role, e)) goto out;
+    if (!role) {
+        srv_fail_param(e, "messages", "invalid_value", "messages: every message needs a role");
+        goto out;
+    }
     if (srv_text_of(json_object_get(m, "content"), NULL, &content, e)) goto out;
     json_t *rc_v = json_object_get(m, "reasoning_content");
     if (rc_v && !json_is_null(rc_v) && srv_text_of(rc_v, NULL, &reasoning, e)) goto out;

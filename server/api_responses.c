@@ -263,6 +263,8 @@ static int parse_tool_choice_responses(json_t *tc, srv_request *rq, srv_error *e
         else if (strcmp(s, "auto"))
             return srv_fail_param(e, "tool_choice", "unsupported_value",
                                   "tool_choice=%.100s not supported", s);
+        if (rq->tool_choice == SRV_TOOL_REQUIRED && !(rq->tools_text && rq->tools_text[0]))
+            return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice 'required' needs tools");
         return 0;
     }
     if (!json_is_object(tc)) return srv_invalid(e);

@@ -255,8 +255,11 @@ int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool e
             json_t *ty = json_object_get(t, "type");
             if (ty && !json_is_null(ty) && !json_is_string(ty)) return bad_type(e);
             const char *s = json_string_value(ty);
-            if (s && !strcmp(s, "enabled")) enabled = true, explicit_ctl = true;
+            if (s && (!strcmp(s, "enabled") || !strcmp(s, "adaptive"))) enabled = true, explicit_ctl = true;
             else if (s && !strcmp(s, "disabled")) enabled = false, explicit_ctl = true;
+            else if (s) /* a typo must not pick a mode silently */
+                return srv_fail_param(e, "thinking.type", "invalid_value",
+                                      "thinking.type must be 'enabled', 'adaptive' or 'disabled', not '%.64s'", s);
             /* Anthropic's budget_tokens: the reasoning is closed once it has
              * written that many tokens (a target, as Anthropic says) */
             json_t *bt = json_object_get(t, "budget_tokens");

@@ -907,3 +907,31 @@ def test_json_typed_tool_arguments_are_valid_json_and_the_same_streamed_or_not(v
         i1 = [b.input for b in m1.content if b.type == "tool_use"]
         i2 = [b.input for b in m2.content if b.type == "tool_use"]
         assert i1 == i2 == [{"command": "ls", "opts": want}], (i1, i2)
+
+
+def test_choices_that_mean_nothing_are_400s_not_silent_defaults():
+    """An unknown thinking.type was taken as enabled, an unknown Anthropic tool_choice.type as auto, a chat
+    tool_choice function without a name as auto, a message without a role as user, and tool_choice
+    required/any without tools answered 200 in Responses and Anthropic (chat already said 400)."""
+    tool = {"name": "bash", "input_schema": BASH_TOOL["function"]["parameters"]}
+    anth = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ("/v1/messages", dict(anth, thinking={"type": "bogus"}), "thinking.type"),
+        ("/v1/messages", dict(anth, tools=[tool], tool_choice={"type": "bogus"}), "tool_choice.type"),
+        ("/v1/messages", dict(anth, tool_choice={"type": "any"}), "needs tools"),
+        ("/v1/messages", dict(anth, messages=[{"content": "hi"}]), "role"),
+        ("/v1/chat/completions", {"model": "m", "max_tokens": 4, "messages": user("hi"), "tools": [BASH_TOOL],
+                                  "tool_choice": {"type": "function", "function": {}}}, "needs a name"),
+        ("/v1/chat/completions", {"model": "m", "max_tokens": 4, "messages": [{"content": "hi"}]}, "role"),
+        ("/v1/responses", {"model": "m", "input": "hi", "tool_choice": "required"}, "needs tools"),
+    ]
+    with Server() as s:
+        for path, body, needle in cases:
+            st, _, data = s.raw("POST", path, body)
+            assert st == 400 and needle in data.decode(), (path, body, st, data)
+        # the accepted forms still work
+        for th in ({"type": "enabled", "budget_tokens": 16}, {"type": "disabled"}, {"type": "adaptive"}):
+            st, _, data = s.raw("POST", "/v1/messages", dict(anth, thinking=th))
+            assert st == 200, (th, data)
+        st, _, data = s.raw("POST", "/v1/messages", dict(anth, tools=[tool], tool_choice={"type": "auto"}))
+        assert st == 200, data
