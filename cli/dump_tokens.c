@@ -17,10 +17,7 @@ int ds4_cli_dump_tokens(const ds4_cli_opts *o) {
     size_t len = 0;
     if (o->prompt_file) {
         text = ds4_cli_read_file(o->prompt_file, &len);
-        if (!text) {
-            fprintf(stderr, "ds4: cannot read %s\n", o->prompt_file);
-            return 1;
-        }
+        if (!text) return 1; /* it said why */
     } else if (o->prompt) {
         len = strlen(o->prompt);
     } else {

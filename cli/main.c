@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static void usage(FILE *f) {
@@ -99,10 +100,10 @@ char *ds4_cli_read_file(const char *path, size_t *len) {
         buf = nb;
         cap *= 2;
     }
-    int bad = ferror(f);
+    int bad = ferror(f), e = errno;
     fclose(f);
     if (!buf || bad) {
-        fprintf(stderr, "ds4: cannot read %s\n", path);
+        fprintf(stderr, "ds4: cannot read %s: %s\n", path, !buf ? "out of memory" : strerror(e ? e : EIO));
         free(buf);
         return NULL;
     }
@@ -358,6 +359,23 @@ int main(int argc, char **argv) {
     if (o.imatrix_dump && !o.imatrix_out) {
         fprintf(stderr, "ds4: --imatrix-dump needs --imatrix-out FILE.dat\n");
         return 2;
+    }
+    /* the prompt's files before the model: a typo must not cost a load of tens of GB */
+    {
+        const char *ins[][2] = {{"--prompt-file", o.prompt_file}, {"--prompt-tokens-file", o.prompt_tokens_file},
+                                {"--perplexity-file", o.perplexity_file}};
+        for (size_t k = 0; k < sizeof ins / sizeof ins[0]; k++) {
+            struct stat st;
+            if (!ins[k][1]) continue;
+            if (stat(ins[k][1], &st) != 0 || access(ins[k][1], R_OK) != 0) {
+                fprintf(stderr, "ds4: %s %s: %s\n", ins[k][0], ins[k][1], strerror(errno));
+                return 1;
+            }
+            if (S_ISDIR(st.st_mode)) {
+                fprintf(stderr, "ds4: %s %s: is a directory\n", ins[k][0], ins[k][1]);
+                return 1;
+            }
+        }
     }
     if (o.imatrix_out) return ds4_cli_imatrix(&o);
     if (o.dump_tokens) return ds4_cli_stdout_status(ds4_cli_dump_tokens(&o));

@@ -634,3 +634,13 @@ def test_cli_repl_refuses_a_line_with_a_nul_byte_and_reports_input_errors(model,
     finally:
         os.close(d)
     assert r.returncode == 1 and b"reading the input" in r.stderr, r.stderr
+
+
+def test_cli_checks_prompt_files_before_loading_the_model(tmp_path):
+    """A missing or unreadable prompt file is reported before the model loads (with the real model a typo cost
+    the whole load of tens of GB): here the model path does not even exist and the prompt file is named."""
+    for opt in ("--prompt-file", "--prompt-tokens-file", "--perplexity-file"):
+        r = run(["-m", str(tmp_path / "no-model.gguf"), "--cpu", opt, str(tmp_path / "missing.txt")])
+        assert r.returncode == 1 and opt.encode() in r.stderr and b"No such file" in r.stderr, r.stderr
+    r = run(["-m", str(tmp_path / "no-model.gguf"), "--cpu", "--prompt-file", str(tmp_path)])
+    assert r.returncode == 1 and b"is a directory" in r.stderr, r.stderr
