@@ -138,9 +138,9 @@ static void run_turn(repl *r, const char *text, size_t len) {
     if (!rc) rc = ds4_cli_tokenize_segs(r->e, &segs, &r->tr);
     ds4_segs_free(&segs);
     if (rc) { r->tr.n = saved; return; }
-    if (r->tr.n >= r->n_ctx) {
-        fprintf(stderr, "ds4: the conversation has %d tokens; the context holds %d (use /ctx N)\n",
-                r->tr.n, r->n_ctx);
+    if (r->tr.n + 1 >= r->n_ctx) { /* no room for one token of reply and its end token */
+        fprintf(stderr, "ds4: the conversation has %d tokens; the context holds %d, with no room for a reply "
+                "(use /ctx N or /clear)\n", r->tr.n, r->n_ctx);
         r->tr.n = saved;
         return;
     }
@@ -165,6 +165,8 @@ static void run_turn(repl *r, const char *text, size_t len) {
     ds4_cli_generate_loop(&g, &res);
     ds4_cli_printer_finish(&pr);
     if (res.interrupted) fprintf(stderr, "ds4: interrupted\n");
+    else if (!res.failed && !res.eos && max_new < r->o->n_predict && res.n_generated == max_new)
+        fprintf(stderr, "ds4: stopped at the context size (%d tokens; the reply's end token is kept)\n", r->n_ctx);
     ds4_cli_interrupted = 0;
     if (res.n_generated == 0 && (res.interrupted || res.failed)) {
         r->tr.n = saved; /* nothing to keep; the next sync drops the suffix */

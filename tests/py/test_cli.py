@@ -644,3 +644,12 @@ def test_cli_checks_prompt_files_before_loading_the_model(tmp_path):
         assert r.returncode == 1 and opt.encode() in r.stderr and b"No such file" in r.stderr, r.stderr
     r = run(["-m", str(tmp_path / "no-model.gguf"), "--cpu", "--prompt-file", str(tmp_path)])
     assert r.returncode == 1 and b"is a directory" in r.stderr, r.stderr
+
+
+def test_cli_repl_says_when_the_context_cuts_or_leaves_no_room(model):
+    """The REPL cut replies at the context without a word, and at the limit kept an empty reply."""
+    r = run(["-m", model, "--cpu", "-t", "2", "-c", "40", "-n", "100", "--temp", "0", "-sys", ""],
+            input=b"hi\nhello again and again\n")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "stopped at the context size" in err, err
+    assert "no room for a reply" in err, err
