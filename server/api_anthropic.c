@@ -74,8 +74,7 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
     if (!json_is_object(m)) return srv_invalid(e);
     char *role = NULL;
     if (srv_get_string(m, "role", &role, e)) return -1;
-    if (!role) return srv_fail(e, 400, "messages: every message needs a role ('user' or 'assistant')");
-    ds4_role r = ds4_chat_role_from_name(role);
+    ds4_role r = ds4_chat_role_from_name(role ? role : "user"); /* role defaults to user (SERVING B.4) */
     if (r != DS4_ROLE_USER && r != DS4_ROLE_ASSISTANT) {
         srv_fail(e, 400, "messages: role must be 'user' or 'assistant', not '%.64s'", role);
         free(role);
@@ -186,8 +185,7 @@ static int parse_tool_choice_anthropic(json_t *tc, srv_request *rq, srv_error *e
         return srv_fail_param(e, "tool_choice.type", "invalid_value",
                               "tool_choice.type must be auto, any, tool or none, not '%.64s'", type);
     }
-    if ((rq->tool_choice == SRV_TOOL_REQUIRED || rq->tool_choice == SRV_TOOL_NAMED) &&
-        !(rq->tools_text && rq->tools_text[0]))
+    if (rq->tool_choice == SRV_TOOL_REQUIRED && !(rq->tools_text && rq->tools_text[0]))
         return srv_fail_param(e, "tool_choice", "invalid_value", "tool_choice '%s' needs tools", type);
     return 0;
 }

@@ -63,10 +63,6 @@ static int parse_chat_message(json_t *m, srv_request *rq, srv_error *e) {
     char *role = NULL, *content = NULL, *reasoning = NULL, *tcid = NULL;
     int rc = -1;
     if (srv_get_string(m, "role", &role, e)) goto out;
-    if (!role) {
-        srv_fail_param(e, "messages", "invalid_value", "messages: every message needs a role");
-        goto out;
-    }
     if (srv_text_of(json_object_get(m, "content"), NULL, &content, e)) goto out;
     json_t *rc_v = json_object_get(m, "reasoning_content");
     if (rc_v && !json_is_null(rc_v) && srv_text_of(rc_v, NULL, &reasoning, e)) goto out;
