@@ -653,3 +653,21 @@ def test_cli_repl_says_when_the_context_cuts_or_leaves_no_room(model):
     err = r.stderr.decode()
     assert r.returncode == 0 and "stopped at the context size" in err, err
     assert "no room for a reply" in err, err
+
+
+def test_cli_output_hides_control_tokens_as_the_server_does(model, tmp_path):
+    """Control tokens are markup, not text (TEXT A.7): the server drops them from replies, the CLI printed them
+    (the demo model samples '<｜place▁holder▁no▁731｜>' as its 12th greedy token here)."""
+    from test_server import Server
+    prompt = PROMPT
+    lp = tmp_path / "lp.json"
+    r = run(base(model, "--nothink", "-n", "20", "-sys", "", "-p", prompt, "--dump-logprobs", str(lp)))
+    assert r.returncode == 0, r.stderr
+    sel = [s["selected"]["text"] for s in json.loads(lp.read_text())["steps"]]
+    assert any(re.fullmatch(r"<｜place▁holder▁no▁\d+｜>", t) for t in sel), sel  # the case is exercised
+    cli = run(base(model, "--nothink", "--temp", "0", "-n", "20", "-sys", "", "-p", prompt))
+    assert cli.returncode == 0 and "｜".encode() not in cli.stdout, cli.stdout
+    with Server() as s:
+        a = s.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
+                                               max_tokens=20, temperature=0, extra_body={"think": False})
+    assert cli.stdout.decode().rstrip("\n") == a.choices[0].message.content
