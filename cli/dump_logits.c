@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli.h"
 
@@ -59,8 +60,11 @@ int ds4_cli_dump_logits(const ds4_cli_opts *o) {
         goto out_logits;
     }
     size_t w = fwrite(logits, sizeof(float), (size_t)n * V, f);
-    if (fclose(f) != 0 || w != (size_t)n * V) {
-        fprintf(stderr, "ds4: cannot write %s\n", o->dump_logits);
+    int we = w != (size_t)n * V ? errno : 0;
+    if (fclose(f) != 0 && !we) we = errno ? errno : EIO;
+    if (we || w != (size_t)n * V) { /* no partial file left looking like a result */
+        unlink(o->dump_logits);
+        fprintf(stderr, "ds4: cannot write %s: %s (removed)\n", o->dump_logits, strerror(we ? we : EIO));
         goto out_logits;
     }
     /* --dump-greedy N: N greedy decode steps after the prompt (argmax on the

@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Strict UTF-8 validity (no overlongs, no surrogates, <= U+10FFFF). */
 static bool utf8_valid(const unsigned char *s, size_t n) {
@@ -77,6 +78,7 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     ds4_cli_toks prompt = {0};
     ds4_sampler *smp = NULL;
     FILE *f = NULL;
+    bool opened = false; /* the output exists: a failed run removes it (a cut-short one keeps it, valid) */
     int32_t *ids = malloc((size_t)k * sizeof *ids);
     double *lps = malloc((size_t)k * sizeof *lps);
     bool reasoning;
@@ -91,6 +93,7 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     smp = ds4_sampler_new(ds4_engine_n_vocab(e), &err);
     if (!smp) { fprintf(stderr, "ds4: %s\n", err.msg); goto out; }
     f = fopen(o->dump_logprobs, "w");
+    opened = f != NULL;
     if (!f) {
         fprintf(stderr, "ds4: cannot write %s: %s\n", o->dump_logprobs, strerror(errno));
         goto out;
@@ -138,8 +141,9 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     }
     fprintf(f, "%s  ]\n}\n", done ? "\n" : "");
     if (ferror(f) || fclose(f) != 0) {
+        const int we = errno ? errno : EIO;
         f = NULL;
-        fprintf(stderr, "ds4: error writing %s\n", o->dump_logprobs);
+        fprintf(stderr, "ds4: error writing %s: %s (removed)\n", o->dump_logprobs, strerror(we));
         goto out;
     }
     f = NULL;
@@ -152,6 +156,7 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     status = ds4_cli_interrupted ? 128 + (int)ds4_cli_interrupted : 0;
 out:
     if (f) fclose(f);
+    if (opened && status != 0 && !ds4_cli_interrupted) unlink(o->dump_logprobs);
     free(ids);
     free(lps);
     if (smp) ds4_sampler_free(smp);

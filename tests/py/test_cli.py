@@ -671,3 +671,22 @@ def test_cli_output_hides_control_tokens_as_the_server_does(model, tmp_path):
         a = s.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
                                                max_tokens=20, temperature=0, extra_body={"think": False})
     assert cli.stdout.decode().rstrip("\n") == a.choices[0].message.content
+
+
+def test_cli_dump_that_cannot_be_written_leaves_no_partial_file(model, tmp_path):
+    """A --dump-logprobs / --dump-logits that fails to write (here a file-size limit) says why and removes the
+    partial file (one was left, looking like a result)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    out = tmp_path / "lp.json"
+    r = subprocess.run([DS4] + base(model, "--nothink", "-n", "200", "-p", PROMPT, "--dump-logprobs", str(out)),
+                       capture_output=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 1 and b"File too large" in r.stderr and not out.exists(), r.stderr
+    toks = tmp_path / "t.txt"
+    toks.write_text(" ".join(["5"] * 64))
+    out = tmp_path / "x.f32"
+    r = subprocess.run([DS4, "-m", model, "--cpu", "--prompt-tokens-file", str(toks), "--dump-logits", str(out)],
+                       capture_output=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 1 and b"File too large" in r.stderr and not out.exists(), r.stderr
