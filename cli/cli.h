@@ -81,6 +81,9 @@ int ds4_cli_imatrix(const ds4_cli_opts *o);       /* imatrix.c */
 extern volatile sig_atomic_t ds4_cli_interrupted;
 void ds4_cli_install_sigint(void);
 void ds4_cli_install_stop_signals(void);
+/* The shell's status of a run cut by the signal in ds4_cli_interrupted
+ * (128 + N: 130 SIGINT, 143 SIGTERM). */
+int ds4_cli_signal_status(void);
 
 /* A growable token list. push returns 0 or DS4_E_NOMEM. */
 typedef struct ds4_cli_toks {

@@ -42,6 +42,8 @@ static void install(int sig) {
 
 void ds4_cli_install_sigint(void) { install(SIGINT); }
 
+int ds4_cli_signal_status(void) { return 128 + (ds4_cli_interrupted ? (int)ds4_cli_interrupted : SIGINT); }
+
 void ds4_cli_install_stop_signals(void) {
     install(SIGINT);
     install(SIGTERM);
@@ -532,7 +534,7 @@ int ds4_cli_generate(const ds4_cli_opts *o) {
     double prefill_s = 0;
     int rc = ds4_cli_prefill(s, &prompt, &info, &prefill_s);
     if (rc) { /* cancelled: the shell's status for the signal, as after generation */
-        status = rc == DS4_E_CANCEL ? 128 + (ds4_cli_interrupted ? (int)ds4_cli_interrupted : SIGINT) : 1;
+        status = rc == DS4_E_CANCEL ? ds4_cli_signal_status() : 1;
         goto out;
     }
 
@@ -557,7 +559,7 @@ int ds4_cli_generate(const ds4_cli_opts *o) {
     ds4_cli_print_stats(prompt.n, &info, prefill_s, &r);
     /* interrupted: the shell's status for the signal (130 SIGINT, 143 SIGTERM), so a
      * script sees the output is cut */
-    status = rc ? 1 : r.interrupted ? 128 + (ds4_cli_interrupted ? (int)ds4_cli_interrupted : SIGINT) : 0;
+    status = rc ? 1 : r.interrupted ? ds4_cli_signal_status() : 0;
 out:
     if (smp) ds4_sampler_free(smp);
     ds4_cli_toks_free(&prompt);

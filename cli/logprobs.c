@@ -102,7 +102,7 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     ds4_sync_info info = {0};
     double prefill_s;
     if (ds4_cli_prefill(s, &prompt, &info, &prefill_s)) {
-        if (ds4_cli_interrupted) status = 128 + (int)ds4_cli_interrupted;
+        if (ds4_cli_interrupted) status = ds4_cli_signal_status();
         goto out;
     }
     /* as one-shot generation: the last step's token is not evaluated, so ctx - prompt steps fit */
@@ -153,7 +153,7 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     fprintf(stderr, "ds4: prefill: %.2f t/s, generation: %.2f t/s\n",
             prefill_s > 0 ? info.n_evaluated / prefill_s : 0.0, dt > 0 ? done / dt : 0.0);
     /* cut short by a signal: the file is well-formed but shorter; the shell's status says so */
-    status = ds4_cli_interrupted ? 128 + (int)ds4_cli_interrupted : 0;
+    status = ds4_cli_interrupted ? ds4_cli_signal_status() : 0;
 out:
     if (f) fclose(f);
     if (opened && status != 0 && !ds4_cli_interrupted) unlink(o->dump_logprobs);
@@ -216,7 +216,7 @@ int ds4_cli_perplexity(const ds4_cli_opts *o) {
     ds4_sync_info info;
     double secs;
     if (ds4_cli_prefill(s, &ctx0, &info, &secs)) {
-        if (ds4_cli_interrupted) status = 128 + (int)ds4_cli_interrupted;
+        if (ds4_cli_interrupted) status = ds4_cli_signal_status();
         goto out;
     }
     double nll = 0;
@@ -233,7 +233,7 @@ int ds4_cli_perplexity(const ds4_cli_opts *o) {
     while (scored < S) {
         if (ds4_cli_interrupted) {
             fprintf(stderr, "ds4: interrupted\n");
-            status = 128 + (int)ds4_cli_interrupted;
+            status = ds4_cli_signal_status();
             goto out;
         }
         int first = PPL_CONTEXT + scored - 1; /* next token to evaluate */

@@ -118,14 +118,21 @@ __device__ __forceinline__ float row_dot_iq2_vsub(const uint8_t *qrow, const uin
     return acc;
 }
 
+/* The gate+up candidates' block prologue: the IQ2 tables, then this warp's
+ * (slot, row) of 8 rows per block and the slot's expert. */
+__device__ __forceinline__ int gu_block(const B &p, cu_iq2_tab *tab, int *slot, int *row) {
+    cu_iq2_tab_load(tab, p.grid, p.ksigns);
+    __syncthreads();
+    const int groups = p.rows / 8, gi = blockIdx.x;
+    *slot = gi / groups;
+    *row = (gi % groups) * 8 + (threadIdx.x >> 5);
+    return p.experts[*slot];
+}
+
 __global__ void __launch_bounds__(256) k_gu_vsub(const __grid_constant__ B p) {
     __shared__ cu_iq2_tab tab;
-    cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int groups = p.rows / 8;
-    const int gi = blockIdx.x, slot = gi / groups, row = (gi % groups) * 8 + warp;
-    const int e = p.experts[slot];
+    int slot, row;
+    const int e = gu_block(p, &tab, &slot, &row), lane = threadIdx.x & 31;
     float g = row_dot_iq2_vsub(p.qa + e * p.q_mat + (size_t)row * p.q_row, p.sa + e * p.s_mat + (size_t)row * p.s_row,
                                p.nch, p.aq, p.ad, &tab);
     float u = row_dot_iq2_vsub(p.qb + e * p.q_mat + (size_t)row * p.q_row, p.sb + e * p.s_mat + (size_t)row * p.s_row,
@@ -142,12 +149,8 @@ __global__ void __launch_bounds__(256) k_gu_vsub(const __grid_constant__ B p) {
  * shuffle, the float term added by the even lane. */
 __global__ void __launch_bounds__(256) k_gu_pair(const __grid_constant__ B p) {
     __shared__ cu_iq2_tab tab;
-    cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int groups = p.rows / 8;
-    const int gi = blockIdx.x, slot = gi / groups, row = (gi % groups) * 8 + warp;
-    const int e = p.experts[slot];
+    int slot, row;
+    const int e = gu_block(p, &tab, &slot, &row), lane = threadIdx.x & 31;
     const int nsb = p.nch / 8, h = lane & 1;
     const uint8_t *qa = p.qa + e * p.q_mat + (size_t)row * p.q_row, *qb = p.qb + e * p.q_mat + (size_t)row * p.q_row;
     const uint8_t *sa = p.sa + e * p.s_mat + (size_t)row * p.s_row, *sb = p.sb + e * p.s_mat + (size_t)row * p.s_row;

@@ -365,6 +365,15 @@ static int rp_lost(rp_ctx *r, ds4_err *err) {
     return ds4_err_set(err, DS4_E_BACKEND, "%s", r->why);
 }
 
+/* The worker missed a deadline: lost, saying which (first failure wins). */
+static int rp_timed_out(rp_ctx *r, const char *what, double secs, ds4_err *err) {
+    if (!r->failed)
+        snprintf(r->why, sizeof r->why, "rank %d: the worker %s within %.0f s; the connection to the worker was lost",
+                 r->ch->rank, what, secs);
+    r->failed = 1;
+    return rp_lost(r, err);
+}
+
 /* backend.h `lost` */
 static int rp_lost_q(void *ctx, ds4_err *err) {
     rp_ctx *r = ctx;
@@ -390,28 +399,16 @@ static int rp_call(rp_ctx *r, req q, const void *payload, rep *reply, void *out,
      * stopped worker's zero window would hold a send forever) */
     const double sdl = now_s() + r->timeout_s;
     if ((io = io_until(fd, &q, sizeof q, true, sdl)) || (q.len && (io = io_until(fd, (void *)(uintptr_t)payload, q.len,
-                                                                             true, sdl)))) {
-        if (io == -2 && !r->failed) {
-            snprintf(r->why, sizeof r->why, "rank %d: the worker took no request data within %.0f s; the connection "
-                     "to the worker was lost", r->ch->rank, r->timeout_s);
-            r->failed = 1;
-        }
-        return rp_lost(r, err);
-    }
+                                                                             true, sdl))))
+        return io == -2 ? rp_timed_out(r, "took no request data", r->timeout_s, err) : rp_lost(r, err);
     if (!reply) return 0;
     const double wait = q.op == OP_BIND ? (r->timeout_s > RP_BIND_TIMEOUT_S ? r->timeout_s : RP_BIND_TIMEOUT_S)
                                         : r->timeout_s;
     const double dl = now_s() + wait;
 #define RECV(p, n)                                                                                         \
     do {                                                                                                   \
-        if ((n) && (io = io_until(fd, (p), (n), false, dl))) {                                             \
-            if (io == -2 && !r->failed) {                                                                  \
-                snprintf(r->why, sizeof r->why, "rank %d: the worker did not answer within %.0f s; the "     \
-                         "connection to the worker was lost", r->ch->rank, wait);                           \
-                r->failed = 1;                                                                             \
-            }                                                                                              \
-            return rp_lost(r, err);                                                                        \
-        }                                                                                                  \
+        if ((n) && (io = io_until(fd, (p), (n), false, dl)))                                               \
+            return io == -2 ? rp_timed_out(r, "did not answer", wait, err) : rp_lost(r, err);              \
     } while (0)
     RECV(reply, sizeof *reply);
     char msg[512];

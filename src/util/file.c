@@ -43,6 +43,20 @@ int ds4_open_regular(const char *path, int flags, struct stat *st, ds4_err *err)
     return fd;
 }
 
+/* the directory part of path ("." when none) and a pointer to its last name */
+static char *dir_of(const char *path, const char **base) {
+    const size_t n = strlen(path);
+    char *dir = malloc(n + 2); /* room for "." */
+    if (!dir) return NULL;
+    memcpy(dir, path, n + 1);
+    char *slash = strrchr(dir, '/');
+    *base = slash ? path + (slash - dir) + 1 : path;
+    if (!slash) strcpy(dir, ".");
+    else if (slash == dir) dir[1] = 0;
+    else *slash = 0;
+    return dir;
+}
+
 int ds4_output_path_ok(const char *path, ds4_err *err) {
     if (!path || !*path) return ds4_err_set(err, DS4_E_ARG, "the output path is empty");
     struct stat sb;
@@ -54,14 +68,9 @@ int ds4_output_path_ok(const char *path, ds4_err *err) {
     }
     if (errno != ENOENT) return ds4_err_set(err, DS4_E_IO, "%s: %s", path, strerror(errno));
     /* the directory it goes in */
-    size_t n = strlen(path);
-    char *dir = malloc(n + 2);
+    const char *base;
+    char *dir = dir_of(path, &base);
     if (!dir) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
-    memcpy(dir, path, n + 1);
-    char *slash = strrchr(dir, '/');
-    if (!slash) strcpy(dir, ".");
-    else if (slash == dir) dir[1] = 0;
-    else *slash = 0;
     int rc = 0;
     if (stat(dir, &sb) != 0) rc = ds4_err_set(err, DS4_E_IO, "%s: its directory %s: %s", path, dir, strerror(errno));
     else if (!S_ISDIR(sb.st_mode)) rc = ds4_err_set(err, DS4_E_IO, "%s: %s is not a directory", path, dir);
@@ -72,18 +81,6 @@ int ds4_output_path_ok(const char *path, ds4_err *err) {
 int ds4_same_file(const char *a, const char *b) {
     struct stat sa, sb;
     return a && b && stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
-}
-
-/* the directory part of path ("." when none) and a pointer to its last name */
-static char *dir_of(const char *path, const char **base) {
-    char *dir = strdup(path);
-    if (!dir) return NULL;
-    char *slash = strrchr(dir, '/');
-    *base = slash ? path + (slash - dir) + 1 : path;
-    if (!slash) strcpy(dir, ".");
-    else if (slash == dir) dir[1] = 0;
-    else *slash = 0;
-    return dir;
 }
 
 int ds4_same_path(const char *a, const char *b) {
