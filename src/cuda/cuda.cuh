@@ -156,6 +156,7 @@ struct cu_ctx {
     int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
     int route_fuse;        /* DS4_CUDA_ROUTE_FUSE=1: one token's router logits + top-k in one launch (opt-in) */
     int no_side_stream;    /* DS4_CUDA_NO_SIDE_STREAM=1: the compressors on the main stream (default: a second one) */
+    int l2ahead;           /* DS4_CUDA_L2AHEAD bits: weights prefetched to L2 ahead of their kernel (cu_ahead) */
     /* layer split (ds4_cuda_link_parts): the NCCL communicator of this
      * device (an ncclComm_t; owned by the first backend on the device) and
      * this backend's rank in it */
@@ -165,6 +166,9 @@ struct cu_ctx {
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
     bool side_live;        /* work queued on st2 that st has not joined yet */
+    cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */
+    cudaEvent_t ev_af, ev_aj;
+    bool ahead_live;       /* prefetches queued on st3 that st has not joined yet */
     /* graphs */
     cu_graph graphs[CU_MAX_GRAPHS];
     uint64_t graph_clock;
@@ -291,6 +295,18 @@ size_t cu_scale_offset(const ds4_weight *w);
 cu_w cu_weight_view(const ds4_weight *w);
 /* A view of rows [row0, ...) of matrix mat. */
 cu_w cu_weight_rows(const ds4_weight *w, int64_t mat, int64_t row0);
+
+/* L2 ahead (DS4_CUDA_L2AHEAD, bits = places): steps of at most 8 tokens
+ * bring the weights a later kernel of the step reads into L2 while the
+ * kernels before it are latency-bound (attention, HC-pre, the router): a
+ * tiny kernel of bulk prefetches on stream st3, forked from the main stream
+ * at the call and joined at step_end, so the main stream never waits for
+ * it. A hint only: results unchanged. Bits: CU_AHEAD_OA (o_a during the
+ * attention core), CU_AHEAD_FFN (the shared expert and the router during
+ * the FFN's HC-pre), CU_AHEAD_NEXT (the next layer's q_a, kv and HC mixer
+ * during the experts' tail and the next HC-pre), CU_AHEAD_QB (its q_b). */
+enum { CU_AHEAD_OA = 1, CU_AHEAD_FFN = 2, CU_AHEAD_NEXT = 4, CU_AHEAD_QB = 8 };
+void cu_ahead(cu_ctx *c, int bit, const ds4_weight *const *ws, int nw, int n_tokens);
 
 /* ---------------------------------------------------------------- ops */
 

@@ -161,6 +161,69 @@ static void cu_join(cu_ctx *c) {
         cu_ok(c, cudaStreamWaitEvent(c->st, c->ev_join, 0), "side stream join");
 }
 
+/* ---------------------------------------------------------------- L2 ahead (cuda.cuh cu_ahead) */
+
+#define AHEAD_MAX 8
+#define AHEAD_CHUNK ((size_t)256 << 10)
+struct ahead_p {
+    int n;
+    const char *p[AHEAD_MAX];
+    size_t b[AHEAD_MAX];
+};
+
+/* Block i issues the bulk prefetches of chunks i, i + gridDim.x, ... of the
+ * ranges laid end to end (one thread: the copy engine does the work). */
+__global__ void k_l2_ahead(const __grid_constant__ ahead_p p) {
+    if (threadIdx.x) return;
+    size_t base = 0;
+    for (int r = 0; r < p.n; r++) {
+        const size_t nch = (p.b[r] + AHEAD_CHUNK - 1) / AHEAD_CHUNK;
+        /* chunk i of this range is chunk base + i of all */
+        for (size_t i = (blockIdx.x + gridDim.x - base % gridDim.x) % gridDim.x; i < nch; i += gridDim.x) {
+            const size_t off = i * AHEAD_CHUNK, len = p.b[r] - off < AHEAD_CHUNK ? p.b[r] - off : AHEAD_CHUNK;
+            cu_prefetch_l2(p.p[r] + off, len);
+        }
+        base += nch;
+    }
+}
+
+static void cu_join_ahead(cu_ctx *c) {
+    if (!c->ahead_live) return;
+    c->ahead_live = false;
+    cu_ok(c, cudaEventRecord(c->ev_aj, c->st3), "L2-ahead join") &&
+        cu_ok(c, cudaStreamWaitEvent(c->st, c->ev_aj, 0), "L2-ahead join");
+}
+
+void cu_ahead(cu_ctx *c, int bit, const ds4_weight *const *ws, int nw, int n_tokens) {
+    if (!(c->l2ahead & bit) || !c->st3 || n_tokens > 8 || c->err || c->profile || c->kprof || c->sync_debug) return;
+    ahead_p p;
+    p.n = 0;
+    size_t chunks = 0;
+    for (int i = 0; i < nw && p.n < AHEAD_MAX; i++) {
+        const ds4_weight *w = ws[i];
+        if (!w || !w->data || w->n_in <= 0) continue;
+        /* only this device's memory (a layer split's other parts, spilled experts: skip) */
+        cudaPointerAttributes at;
+        if (cudaPointerGetAttributes(&at, w->data) != cudaSuccess) {
+            cudaGetLastError();
+            continue;
+        }
+        if (at.type != cudaMemoryTypeDevice || at.device != c->device) continue;
+        p.p[p.n] = (const char *)w->data;
+        p.b[p.n] = cu_weight_bytes(w);
+        chunks += (p.b[p.n] + AHEAD_CHUNK - 1) / AHEAD_CHUNK;
+        p.n++;
+    }
+    if (!p.n) return;
+    const int grid = (int)(chunks < (size_t)c->n_sm ? chunks : (size_t)c->n_sm);
+    if (!cu_ok(c, cudaEventRecord(c->ev_af, c->st), "L2-ahead fork") ||
+        !cu_ok(c, cudaStreamWaitEvent(c->st3, c->ev_af, 0), "L2-ahead fork"))
+        return;
+    k_l2_ahead<<<grid, 32, 0, c->st3>>>(p);
+    cu_ok(c, cudaGetLastError(), "L2-ahead launch");
+    c->ahead_live = true;
+}
+
 #define CU_JOINED(op, T)                                                                                \
     static int op##_j(void *ctx, const T *a) {                                                          \
         cu_join((cu_ctx *)ctx);                                                                         \
@@ -168,14 +231,40 @@ static void cu_join(cu_ctx *c) {
     }
 CU_JOINED(cu_embed, ds4_embed_args)
 CU_JOINED(cu_indexer_select, ds4_indexer_args)
-CU_JOINED(cu_attention, ds4_attention_args)
 CU_JOINED(cu_kv_store, ds4_kv_store_args)
 CU_JOINED(cu_hc_post, ds4_hc_post_args)
 CU_JOINED(cu_moe_route, ds4_moe_route_args)
-CU_JOINED(cu_moe_experts, ds4_moe_experts_args)
 CU_JOINED(cu_head, ds4_head_args)
 CU_JOINED(cu_mtp_embed, ds4_mtp_embed_args)
 #undef CU_JOINED
+
+/* Attention: o_a into L2 while the attention core runs; afterwards the
+ * FFN's shared expert and router while HC-pre and the router run. */
+static int cu_attention_j(void *ctx, const ds4_attention_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
+    const ds4_weight *oa[] = {&a->l->o_a};
+    cu_ahead(c, CU_AHEAD_OA, oa, 1, a->n);
+    const int rc = cu_attention(ctx, a);
+    const ds4_weight *ffn[] = {&a->l->gate_sh, &a->l->up_sh, &a->l->down_sh, &a->l->gate_inp};
+    if (!rc) cu_ahead(c, CU_AHEAD_FFN, ffn, 4, a->n);
+    return rc ? rc : c->err;
+}
+
+/* Experts, then the next layer's first projections into L2 while its
+ * HC-pre runs. */
+static int cu_moe_experts_j(void *ctx, const ds4_moe_experts_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    cu_join(c);
+    const int rc = cu_moe_experts(ctx, a);
+    if (!rc && a->il + 1 < a->m->hp.n_layer) {
+        const ds4_layer *nl = &a->m->layers[a->il + 1];
+        const ds4_weight *nx[] = {&nl->hc_attn_fn, &nl->q_a, &nl->kv}, *qb[] = {&nl->q_b};
+        cu_ahead(c, CU_AHEAD_NEXT, nx, 3, a->n);
+        cu_ahead(c, CU_AHEAD_QB, qb, 1, a->n);
+    }
+    return rc ? rc : c->err;
+}
 
 /* HC-pre, then the fork point of the compressors that may follow */
 static int cu_hc_pre_j(void *ctx, const ds4_hc_pre_args *a) {
@@ -959,6 +1048,7 @@ static void describe(void *ctx, char *buf, size_t cap) {
 static int cu_step_end(void *ctx, ds4_err *err) {
     cu_ctx *c = (cu_ctx *)ctx;
     cu_join(c);
+    cu_join_ahead(c);
     if (c->capturing) finish_capture(c);
     cu_ok(c, cudaMemcpyAsync(c->hstatus, c->dstatus, sizeof(int), cudaMemcpyDeviceToHost, c->st), "status");
     cu_ok(c, cudaStreamSynchronize(c->st), "step");
@@ -1005,6 +1095,7 @@ static void cu_destroy(void *ctx) {
     if (!c) return;
     cudaSetDevice(c->device);
     cudaStreamSynchronize(c->st);
+    if (c->st3) cudaStreamSynchronize(c->st3);
     if (c->kprof) kprof_print(c);
     drop_graphs(c);
     free_binding(c);
@@ -1022,6 +1113,9 @@ static void cu_destroy(void *ctx) {
     if (c->st2) cudaStreamDestroy(c->st2);
     if (c->ev_fork) cudaEventDestroy(c->ev_fork);
     if (c->ev_join) cudaEventDestroy(c->ev_join);
+    if (c->st3) cudaStreamDestroy(c->st3);
+    if (c->ev_af) cudaEventDestroy(c->ev_af);
+    if (c->ev_aj) cudaEventDestroy(c->ev_aj);
     if (c->comm_owner) nccl_comm_destroy(c->comm);
     free(c);
 }
@@ -1054,6 +1148,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
+    {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
 };
 
 static void cu_read_switches(cu_ctx *c) {
@@ -1181,6 +1276,10 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
               (cu_ok(c, cudaStreamCreateWithFlags(&c->st2, cudaStreamNonBlocking), "stream") &&
                cu_ok(c, cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming), "event") &&
                cu_ok(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming), "event"))) &&
+             (!c->l2ahead ||
+              (cu_ok(c, cudaStreamCreateWithFlags(&c->st3, cudaStreamNonBlocking), "stream") &&
+               cu_ok(c, cudaEventCreateWithFlags(&c->ev_af, cudaEventDisableTiming), "event") &&
+               cu_ok(c, cudaEventCreateWithFlags(&c->ev_aj, cudaEventDisableTiming), "event"))) &&
              cu_ok(c, cudaMalloc((void **)&c->dstatus, sizeof(int)), "status") &&
              cu_ok(c, cudaMemset(c->dstatus, 0, sizeof(int)), "status") &&
              cu_ok(c, cudaHostAlloc((void **)&c->hstatus, sizeof(int), cudaHostAllocDefault), "status") &&
