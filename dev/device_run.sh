@@ -91,6 +91,6 @@ while [ $# -gt 0 ]; do
         echo "== ds4-bench ${args[*]}"
         timeout "${BENCH_TIMEOUT:-240}" ./ds4-bench "${args[@]}" --csv "$OUT/bench-$nb.csv" > "$OUT/bench-$nb.log" 2>&1
         echo "bench: exit $?"
-        cat "$OUT/bench-$nb.log" | cut -c1-160 | tail -40 ;;
+        cut -c1-160 "$OUT/bench-$nb.log" | tail -"${BENCH_TAIL:-40}" ;;
     esac
 done
