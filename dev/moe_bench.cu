@@ -9,7 +9,8 @@
  * Variants: R rows per warp (1 = production: one row per warp, 8 per block),
  * and P: blocks loop over row groups (grid = SMs x P) so the IQ2 table is
  * loaded once per block; "vsub": the IQ2_XXS chunk before the byte-mask
- * sign table (the A/B of that change, bitwise equal to R1).
+ * sign table (the A/B of that change, bitwise equal to R1); "regm"/"regp":
+ * byte masks built in registers from the ksigns byte (table / computed).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -84,6 +85,13 @@ __global__ void __launch_bounds__(256) k_exp(const __grid_constant__ B p) {
  * masks from ksigns, __vsub4): cu_row_dot's K-quant loop for one token
  * with that chunk code, for the A/B against the production R1 (same
  * integers, so the same bits). */
+/* MODE 0: the old chunk code (cu_sign_mask4 + __vsub4); 1: the signs from
+ * the 128-byte ksigns table (conflict-free byte loads) spread to byte masks
+ * in registers, m01 = ((s & 15) * 0x00204081) & 0x01010101, and applied as
+ * (g ^ 0xff*m01) + m01; 2: the same with the sign byte computed (7-bit index
+ * + parity bit, = ksigns[i]), no table. Same integers as R1 in every mode. */
+__device__ __forceinline__ uint32_t spread4(uint32_t s) { return ((s & 15u) * 0x00204081u) & 0x01010101u; }
+template <int MODE>
 __device__ __forceinline__ float row_dot_iq2_vsub(const uint8_t *qrow, const uint8_t *srow, int nch, const int8_t *aq,
                                                   const float *ad, const cu_iq2_tab *tab) {
     const int lane = threadIdx.x & 31;
@@ -103,9 +111,22 @@ __device__ __forceinline__ float row_dot_iq2_vsub(const uint8_t *qrow, const uin
 #pragma unroll
             for (int k = 0; k < 4; k++) {
                 uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
-                uint32_t signs = tab->ksigns[(a1 >> (7 * k)) & 127];
-                uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
-                int v0 = (int)__vsub4((uint32_t)grid ^ m0, m0), v1 = (int)__vsub4((uint32_t)(grid >> 32) ^ m1, m1);
+                int v0, v1;
+                if constexpr (MODE == 0) {
+                    uint32_t signs = tab->ksigns[(a1 >> (7 * k)) & 127];
+                    uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
+                    v0 = (int)__vsub4((uint32_t)grid ^ m0, m0), v1 = (int)__vsub4((uint32_t)(grid >> 32) ^ m1, m1);
+                } else {
+                    uint32_t signs;
+                    if constexpr (MODE == 1) signs = tab->ksigns[(a1 >> (7 * k)) & 127];
+                    else {
+                        const uint32_t i7 = (a1 >> (7 * k)) & 127;
+                        signs = i7 | ((__popc(i7) & 1u) << 7);
+                    }
+                    const uint32_t m0 = spread4(signs), m1 = spread4(signs >> 4);
+                    v0 = (int)(((uint32_t)grid ^ (m0 * 0xffu)) + m0);
+                    v1 = (int)(((uint32_t)(grid >> 32) ^ (m1 * 0xffu)) + m1);
+                }
                 s = __dp4a(v0, a[2 * k], s);
                 s = __dp4a(v1, a[2 * k + 1], s);
             }
@@ -129,14 +150,15 @@ __device__ __forceinline__ int gu_block(const B &p, cu_iq2_tab *tab, int *slot, 
     return p.experts[*slot];
 }
 
+template <int MODE>
 __global__ void __launch_bounds__(256) k_gu_vsub(const __grid_constant__ B p) {
     __shared__ cu_iq2_tab tab;
     int slot, row;
     const int e = gu_block(p, &tab, &slot, &row), lane = threadIdx.x & 31;
-    float g = row_dot_iq2_vsub(p.qa + e * p.q_mat + (size_t)row * p.q_row, p.sa + e * p.s_mat + (size_t)row * p.s_row,
-                               p.nch, p.aq, p.ad, &tab);
-    float u = row_dot_iq2_vsub(p.qb + e * p.q_mat + (size_t)row * p.q_row, p.sb + e * p.s_mat + (size_t)row * p.s_row,
-                               p.nch, p.aq, p.ad, &tab);
+    float g = row_dot_iq2_vsub<MODE>(p.qa + e * p.q_mat + (size_t)row * p.q_row,
+                                     p.sa + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab);
+    float u = row_dot_iq2_vsub<MODE>(p.qb + e * p.q_mat + (size_t)row * p.q_row,
+                                     p.sb + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab);
     g = cu_warp_sum(g);
     u = cu_warp_sum(u);
     if (lane == 0) p.out[slot * p.rows + row] = g * 0.5f + u;
@@ -203,7 +225,8 @@ __global__ void __launch_bounds__(256) k_gu_pair(const __grid_constant__ B p) {
 static int n_sm;
 
 static void launch_pair(cudaStream_t st, const B &p, int) { k_gu_pair<<<6 * (p.rows / 8), 256, 0, st>>>(p); }
-static void launch_vsub(cudaStream_t st, const B &p, int) { k_gu_vsub<<<6 * (p.rows / 8), 256, 0, st>>>(p); }
+template <int MODE>
+static void launch_vsub(cudaStream_t st, const B &p, int) { k_gu_vsub<MODE><<<6 * (p.rows / 8), 256, 0, st>>>(p); }
 
 template <int WT, int R, bool TWO>
 static void launch(cudaStream_t st, const B &p, int per_sm) {
@@ -306,7 +329,8 @@ int main() {
                       {"R4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 0}, {"R1p4", launch<DS4_TYPE_IQ2_XXS, 1, true>, 4},
                       {"R2p4", launch<DS4_TYPE_IQ2_XXS, 2, true>, 4}, {"R2p8", launch<DS4_TYPE_IQ2_XXS, 2, true>, 8},
                       {"R4p2", launch<DS4_TYPE_IQ2_XXS, 4, true>, 2}, {"R4p4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 4},
-                      {"pair", launch_pair, 0}, {"vsub", launch_vsub, 0}};
+                      {"pair", launch_pair, 0}, {"vsub", launch_vsub<0>, 0},
+                      {"regm", launch_vsub<1>, 0}, {"regp", launch_vsub<2>, 0}};
         else vs = {{"R1", launch<DS4_TYPE_Q2_K, 1, false>, 0}, {"R2", launch<DS4_TYPE_Q2_K, 2, false>, 0},
                    {"R4", launch<DS4_TYPE_Q2_K, 4, false>, 0}, {"R1p4", launch<DS4_TYPE_Q2_K, 1, false>, 4},
                    {"R2p4", launch<DS4_TYPE_Q2_K, 2, false>, 4}, {"R2p8", launch<DS4_TYPE_Q2_K, 2, false>, 8},

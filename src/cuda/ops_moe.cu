@@ -799,10 +799,12 @@ __device__ __forceinline__ void moe1_q8_row(const cu_w &w, int64_t row, int nch,
 template <class RowOf>
 __device__ __forceinline__ void moe1_prefetch_rows(RowOf row_of, int n, size_t row_bytes) {
     const int lane = threadIdx.x & 31;
-    const size_t lines = (row_bytes + 127) / 128;
+    /* a row not aligned to 128 bytes spans one line more (Q2_K: 672 bytes) */
+    const size_t lines = (row_bytes + 127) / 128 + 1;
     for (size_t k = lane; k < (size_t)n * lines; k += 32) {
-        const uint8_t *a = row_of((int)(k / lines)) + 128 * (k % lines);
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+        const uintptr_t a0 = (uintptr_t)row_of((int)(k / lines));
+        const uintptr_t first = a0 & ~(uintptr_t)127, a = first + 128 * (k % lines);
+        if (a < a0 + row_bytes) asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
     }
 }
 
@@ -833,8 +835,10 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
         const uint8_t *const qr[2] = {p.g.q + (size_t)row * p.g.q_row, p.u.q + (size_t)row * p.u.q_row};
         const uint8_t *const sr[2] = {p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr,
                                       p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr};
-        if (p.xpf) /* their DRAM latency behind the table load */
-            moe1_prefetch_rows([&](int k) { return qr[k]; }, 2, p.g.q_row);
+        if (p.xpf) { /* their DRAM latency behind the table load (and the scale rows of planar types) */
+            moe1_prefetch_rows([&](int k) { return k ? qr[1] : qr[0]; }, 2, p.g.q_row);
+            if (p.g.s) moe1_prefetch_rows([&](int k) { return k ? sr[1] : sr[0]; }, 2, p.g.s_row);
+        }
         if constexpr (WG == DS4_TYPE_IQ2_XXS) {
             cu_iq2_tab_load(&tab, p.grid, p.ksigns);
             __syncthreads();
@@ -891,9 +895,13 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
         __syncthreads();
     }
     const int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), F = p.F, nch = F / 32;
-    if (p.xpf) /* the routed rows' DRAM latency behind the shared row */
+    if (p.xpf) { /* the routed rows' DRAM latency behind the shared row */
         moe1_prefetch_rows([&](int i) { return p.d.q + (size_t)((int64_t)p.ids[i] * p.D + r) * p.d.q_row; },
                            p.n * p.K, p.d.q_row);
+        if (p.d.s)
+            moe1_prefetch_rows([&](int i) { return p.d.s + (size_t)((int64_t)p.ids[i] * p.D + r) * p.d.s_row; },
+                               p.n * p.K, p.d.s_row);
+    }
     float sh[MOE1_MAX_N];
     moe1_q8_row(p.ds, r, nch, p.wpr_d, p.n, F, p.shq, p.shd, sh);
     for (int t = 0; t < p.n; t++) {
