@@ -235,11 +235,46 @@ static json_t *stop_sequence(const srv_result *r) {
     return r->stop ? srv_jstr(r->stop, strlen(r->stop)) : json_null();
 }
 
-static json_t *tool_input(const ds4_tool_call *c) {
+/* A call's input object. An integer beyond 64 bits (JSON sets no limit;
+ * the stream sends the model's digits) cannot live in a jansson value
+ * without rounding: *raw then gets the arguments' text (UTF-8 repaired) to
+ * splice into the reply in place of the returned placeholder, so the reply
+ * carries the streamed digits. */
+static json_t *tool_input(const ds4_tool_call *c, int i, char **raw) {
     char *args = srv_args_compact(c);
-    json_t *v = srv_json_value(args);
+    bool wide = false;
+    json_t *v = srv_json_value_w(args, &wide);
+    if (v && json_is_object(v) && wide) {
+        json_t *fixed = srv_jstr(args, strlen(args));
+        *raw = xstrdup(json_string_value(fixed));
+        json_decref(fixed);
+        json_decref(v);
+        free(args);
+        char ph[48];
+        snprintf(ph, sizeof ph, "\001ds4-raw-input-%d\001", i);
+        return json_string(ph);
+    }
     free(args);
     return v && json_is_object(v) ? v : (json_decref(v), json_object());
+}
+
+/* Replaces each placeholder string of tool_input by its raw text. */
+static char *splice_raw(char *s, char **raw, int n) {
+    for (int i = 0; i < n; i++) {
+        if (!raw[i]) continue;
+        char ph[48];
+        snprintf(ph, sizeof ph, "\"\\u0001ds4-raw-input-%d\\u0001\"", i);
+        char *at = strstr(s, ph);
+        if (!at) continue;
+        const size_t pre = (size_t)(at - s), pl = strlen(ph), rl = strlen(raw[i]), tail = strlen(at + pl);
+        char *o = xmalloc(pre + rl + tail + 1);
+        memcpy(o, s, pre);
+        memcpy(o + pre, raw[i], rl);
+        memcpy(o + pre + rl, at + pl, tail + 1);
+        free(s);
+        s = o;
+    }
+    return s;
 }
 
 static char *messages_body(srv_job *j, const srv_result *r) {
@@ -252,20 +287,23 @@ static char *messages_body(srv_job *j, const srv_result *r) {
     if (p->content_len)
         json_array_append_new(content, json_pack("{s:s, s:o}", "type", "text", "text",
                                                  srv_jstr(p->content, p->content_len)));
+    char **raw = xcalloc(p->n_calls ? (size_t)p->n_calls : 1, sizeof *raw);
     for (int i = 0; i < p->n_calls; i++)
         json_array_append_new(content,
                               json_pack("{s:s, s:s, s:o, s:o}", "type", "tool_use", "id",
                                         p->calls[i].id ? p->calls[i].id : "", "name",
                                         srv_jstr(p->calls[i].name, strlen(p->calls[i].name)),
-                                        "input", tool_input(&p->calls[i])));
+                                        "input", tool_input(&p->calls[i], i, &raw[i])));
     if (!p->content_len && !p->n_calls) /* a text block, even an empty one */
         json_array_append_new(content, json_pack("{s:s, s:s}", "type", "text", "text", ""));
     json_t *root = json_pack("{s:s, s:s, s:s, s:s, s:o, s:s, s:o, s:o}", "id", j->id, "type",
                              "message", "role", "assistant", "model", j->rq.model, "content",
                              content, "stop_reason", stop_reason(r), "stop_sequence",
                              stop_sequence(r), "usage", usage_anthropic(&j->rq, &r->usage, false));
-    char *s = srv_json_text(root);
+    char *s = splice_raw(srv_json_text(root), raw, p->n_calls);
     json_decref(root);
+    for (int i = 0; i < p->n_calls; i++) free(raw[i]);
+    free(raw);
     return s;
 }
 

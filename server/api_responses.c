@@ -80,6 +80,9 @@ static int item_text(json_t *v, char **out, srv_error *e) {
                       strcmp(type, "reasoning_text")) ||
             (t && !json_is_null(t) && !json_is_string(t))) {
             ds4_buf_free(&b);
+            if (type && (!t || json_is_null(t) || json_is_string(t)))
+                return srv_fail_param(e, "input", "invalid_value",
+                                      "input: content parts of type '%.64s' are not supported (text parts only)", type);
             return srv_invalid(e);
         }
         if (json_is_string(t)) ds4_buf_puts(&b, json_string_value(t));
@@ -142,8 +145,12 @@ static int parse_item(items_ctx *x, json_t *it, srv_error *e) {
     if (!type) type = "message";
     const char *status = str_of(it, "status");
     if (json_object_get(it, "status") && !json_is_null(json_object_get(it, "status")) &&
-        (!status || strcmp(status, "completed")))
-        return srv_invalid(e);
+        (!status || strcmp(status, "completed"))) {
+        if (!status) return srv_invalid(e);
+        return srv_fail_param(e, "input", "invalid_value",
+                              "input: a '%.64s' item with status '%.32s' cannot be replayed (only completed items; "
+                              "drop the status or the item)", type, status);
+    }
     const char *call_id = str_of(it, "call_id");
     if (!call_id) call_id = str_of(it, "id");
 
@@ -245,7 +252,7 @@ static int parse_item(items_ctx *x, json_t *it, srv_error *e) {
         return rc;
     }
     if (!strcmp(type, "compaction") || !strcmp(type, "context_compaction")) return 0;
-    return srv_invalid(e);
+    return srv_fail_param(e, "input", "invalid_value", "input: items of type '%.64s' are not supported", type);
 }
 
 /* tool_choice: "none" / "auto" / "required", {"type":"function","name":N}

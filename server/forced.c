@@ -16,7 +16,9 @@
  *
  * String values are sampled freely from tokens without '<'; the value ends
  * when the model picks a token with '<' (or EOS), after 64 tokens, or when
- * the budget left only fits the closing tags. Integers and numbers are
+ * the budget left only fits the closing tags and the required properties
+ * not yet written (PARAM_MIN_TOKENS each; when little is left only those are
+ * offered), so a long optional value cannot crowd a required one out. Integers and numbers are
  * sampled the same way among tokens that keep them valid JSON numbers (up
  * to 12 tokens); enums (also string enums) are a choice among their values;
  * other non-string values a choice among JSON literals of the property's
@@ -42,6 +44,7 @@
 #define RESERVE_TOKENS 32 /* enough for "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" */
 #define MAX_VALUE_TOKENS 64
 #define MAX_NUM_TOKENS 12
+#define PARAM_MIN_TOKENS 24 /* one more parameter: its tag, a short value and its close */
 
 enum { PH_THINK, PH_HEADER, PH_NAME, PH_PARAMS, PH_VALUE_STR, PH_VALUE_LIT, PH_VALUE_NUM, PH_CLOSE_VALUE, PH_DONE };
 
@@ -76,6 +79,7 @@ struct srv_forced {
     int think_tokens;        /* reasoning tokens sampled so far */
     int num_state;           /* PH_VALUE_NUM: position in -?(0|[1-9][0-9]*)(.[0-9]+)? (num_step) */
     bool num_frac;           /* the number may have a fraction (type number) */
+    int max_required;        /* most required properties of any allowed tool (the thinking reserve) */
 };
 
 static void cands_clear(srv_forced *f) {
@@ -137,6 +141,14 @@ srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) 
     f->forced_name = rq->tool_choice == SRV_TOOL_NAMED ? rq->tool_choice_name : NULL;
     f->phase = thinking ? PH_THINK : PH_HEADER;
     if (!thinking) cand_add(f, "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\"", 0);
+    size_t i;
+    json_t *t;
+    json_array_foreach(f->tools, i, t) {
+        const char *n = schema_name(t);
+        if (f->forced_name && (!n || strcmp(n, f->forced_name))) continue;
+        json_t *params = schema_params(t), *req = params ? json_object_get(params, "required") : NULL;
+        if (json_is_array(req) && (int)json_array_size(req) > f->max_required) f->max_required = (int)json_array_size(req);
+    }
     return f;
 }
 
@@ -172,6 +184,32 @@ static bool used(const srv_forced *f, const char *name) {
         if (!strcmp(f->used[i], name)) return true;
     return false;
 }
+
+static bool is_required(const srv_forced *f, const char *name) {
+    size_t i;
+    json_t *r;
+    json_array_foreach(f->required, i, r) {
+        if (json_is_string(r) && !strcmp(json_string_value(r), name)) return true;
+    }
+    return false;
+}
+
+/* Required properties of the chosen tool not written yet. */
+static int missing_required(const srv_forced *f) {
+    int k = 0;
+    size_t i;
+    json_t *r;
+    json_array_foreach(f->required, i, r) {
+        if (json_is_string(r) && !used(f, json_string_value(r))) k++;
+    }
+    return k;
+}
+
+/* Tokens a value must leave: the closing tags and room for each required
+ * property still missing, so that a long optional value cannot crowd a
+ * required one out of the call (SERVING B.4: every required property is
+ * written). */
+static int reserve(const srv_forced *f) { return RESERVE_TOKENS + PARAM_MIN_TOKENS * missing_required(f); }
 
 #define CLOSE_CALL "</" DSML "invoke>\n</" DSML "tool_calls>"
 #define CLOSE_PARAM "</" DSML "parameter>\n"
@@ -385,7 +423,9 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
     if (f->phase == PH_THINK && !f->think_literal) {
         /* leave room for the header, one short value and the closing tags; the thinking budget closes it too */
         bool spent = f->think_budget > 0 && f->think_tokens >= f->think_budget;
-        int32_t tok = remaining <= 3 * RESERVE_TOKENS || spent ? f->eos : ds4_sampler_sample(smp, logits, p, rng);
+        int32_t tok = remaining <= 3 * RESERVE_TOKENS + PARAM_MIN_TOKENS * f->max_required || spent
+                          ? f->eos
+                          : ds4_sampler_sample(smp, logits, p, rng);
         if (tok != f->eos) {
             f->think_tokens++;
             return tok;
@@ -394,7 +434,7 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         cand_add(f, "</think>", 0);
     }
     if (f->phase == PH_VALUE_STR) {
-        int32_t tok = short_budget || f->value_tokens >= MAX_VALUE_TOKENS
+        int32_t tok = remaining <= reserve(f) || f->value_tokens >= MAX_VALUE_TOKENS
                           ? f->eos
                           : ds4_sampler_sample(smp, logits, p, rng);
         if (tok != f->eos && !has_lt(f, tok)) {
@@ -409,7 +449,8 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
          * closes when the model picks a '<' or EOS (once the number is
          * whole), at MAX_NUM_TOKENS or when the budget is short */
         bool whole = num_accepting(f->num_state);
-        bool must_close = whole && (short_budget || f->value_tokens >= MAX_NUM_TOKENS);
+        const bool tight = remaining <= reserve(f);
+        bool must_close = whole && (tight || f->value_tokens >= MAX_NUM_TOKENS);
         int32_t tok = -1;
         if (!must_close) {
             for (int t = 0; t < f->n_vocab; t++) {
@@ -417,7 +458,7 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                 bool close = whole && (t == f->eos || has_lt(f, t));
                 f->scratch[t] = st >= 0 || close ? logits[t] : -INFINITY;
             }
-            if (!whole && (short_budget || f->value_tokens >= MAX_NUM_TOKENS)) {
+            if (!whole && (tight || f->value_tokens >= MAX_NUM_TOKENS)) {
                 /* finish the number with a digit at once */
                 for (int t = 0; t < f->n_vocab; t++)
                     if (!num_accepting(num_after(f, t))) f->scratch[t] = -INFINITY;
@@ -432,6 +473,32 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         }
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
+    }
+    if (f->phase == PH_PARAMS && !short_budget && f->pos == 0) {
+        /* little room left and required properties missing: only those */
+        const int miss = missing_required(f);
+        if (miss > 0 && remaining <= RESERVE_TOKENS + PARAM_MIN_TOKENS * (miss + 1)) {
+            int keep = 0;
+            for (int i = 0; i < f->n_cands; i++) {
+                const char *k = strstr(f->cands[i].text, "name=\"");
+                const char *q = k ? strchr(k + 6, '"') : NULL;
+                bool req = false;
+                if (f->cands[i].action == 1 && q) {
+                    char *key = xmalloc((size_t)(q - k - 6) + 1);
+                    memcpy(key, k + 6, (size_t)(q - k - 6));
+                    key[q - k - 6] = 0;
+                    req = is_required(f, key);
+                    free(key);
+                }
+                if (req) f->cands[keep++] = f->cands[i];
+                else free(f->cands[i].text);
+            }
+            if (keep) f->n_cands = keep;
+            else { /* cannot happen: the missing ones are candidates */
+                f->n_cands = 0;
+                param_cands(f, false);
+            }
+        }
     }
     if (f->phase == PH_PARAMS && short_budget) {
         /* only the close is left; a parameter tag already begun is finished

@@ -86,9 +86,67 @@ int srv_fail(srv_error *e, int status, const char *fmt, ...) {
     return -1;
 }
 
-json_t *srv_load_object(const char *body, size_t n, srv_error *e) {
+/* A copy of JSON text whose integer literals beyond 64 bits get ".0" (read
+ * as reals then), or NULL when it has none. Strings are skipped. */
+static char *widen_big_ints(const char *s, size_t n, size_t *out_n) {
+    ds4_buf b = DS4_BUF_INIT;
+    bool changed = false;
+    size_t i = 0;
+    while (i < n) {
+        const char c = s[i];
+        if (c == '"') { /* a string, escapes included */
+            size_t j = i + 1;
+            while (j < n && s[j] != '"') j += s[j] == '\\' ? 2 : 1;
+            j = j < n ? j + 1 : n;
+            ds4_buf_append(&b, s + i, j - i);
+            i = j;
+        } else if (c == '-' || (c >= '0' && c <= '9')) {
+            size_t j = i + (c == '-'), d0 = j;
+            while (j < n && s[j] >= '0' && s[j] <= '9') j++;
+            const size_t nd = j - d0;
+            bool frac = j < n && (s[j] == '.' || s[j] == 'e' || s[j] == 'E');
+            while (j < n && ((s[j] >= '0' && s[j] <= '9') || s[j] == '.' || s[j] == 'e' || s[j] == 'E' ||
+                             s[j] == '+' || s[j] == '-'))
+                j++;
+            ds4_buf_append(&b, s + i, j - i);
+            if (!frac && nd >= 19) { /* 19 digits may still fit: compare with INT64_MAX / -INT64_MIN */
+                const char *lim = c == '-' ? "9223372036854775808" : "9223372036854775807";
+                if (nd > 19 || memcmp(s + d0, lim, 19) > 0) {
+                    ds4_buf_puts(&b, ".0");
+                    changed = true;
+                }
+            }
+            i = j;
+        } else {
+            size_t j = i + 1;
+            while (j < n && s[j] != '"' && s[j] != '-' && !(s[j] >= '0' && s[j] <= '9')) j++;
+            ds4_buf_append(&b, s + i, j - i);
+            i = j;
+        }
+    }
+    if (!changed || !ds4_buf_ok(&b)) {
+        ds4_buf_free(&b);
+        return NULL;
+    }
+    return ds4_buf_detach(&b, out_n);
+}
+
+json_t *srv_json_loadb(const char *buf, size_t n, size_t flags, bool *widened) {
+    if (widened) *widened = false;
     json_error_t je;
-    json_t *root = json_loadb(body, n, 0, &je);
+    json_t *v = json_loadb(buf, n, flags, &je);
+    if (v || !strstr(je.text, "too big")) return v;
+    size_t wn = 0;
+    char *w = widen_big_ints(buf, n, &wn);
+    if (!w) return NULL;
+    v = json_loadb(w, wn, flags, &je);
+    free(w);
+    if (v && widened) *widened = true;
+    return v;
+}
+
+json_t *srv_load_object(const char *body, size_t n, srv_error *e) {
+    json_t *root = srv_json_loadb(body, n, 0, NULL);
     if (root && !json_is_object(root)) {
         json_decref(root);
         root = NULL;
@@ -601,6 +659,21 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
         }
         json_t *fn = json_object_get(t, "function");
         const char *type = json_string_value(json_object_get(t, "type"));
+        if (rq->api == SRV_API_ANTHROPIC && type) {
+            /* "custom" is Anthropic's name for a client tool with an input_schema;
+             * every other type is a server tool (web search, code execution:
+             * run by Anthropic) or a client tool whose schema only Claude knows
+             * (bash_*, text_editor_*, computer_*): shown to the model as a plain
+             * tool it would be called as one, which no client expects */
+            if (strcmp(type, "custom")) {
+                ds4_buf_free(&lines);
+                return srv_fail_param(e, "tools", "unsupported_value",
+                                      "tools[%zu]: tools of type '%.64s' are not supported (ds4 runs no server tools "
+                                      "and has no built-in tool schemas); declare a tool with an input_schema", i,
+                                      type);
+            }
+            type = NULL;
+        }
         if (type && !strcmp(type, "custom")) {
             if (rq->api != SRV_API_RESPONSES) {
                 ds4_buf_free(&lines);
@@ -948,15 +1021,17 @@ static size_t utf8_seq(const unsigned char *s, size_t n) {
     return len;
 }
 
-json_t *srv_json_value(const char *text) {
+json_t *srv_json_value_w(const char *text, bool *widened) {
     /* model output may hold invalid UTF-8 inside string values, which
      * jansson refuses: parse the U+FFFD-repaired text (what srv_jstr sends
      * wherever the same text goes out as a string) */
     json_t *fixed = srv_jstr(text, strlen(text));
-    json_t *v = json_loads(json_string_value(fixed), JSON_DECODE_ANY, NULL);
+    json_t *v = srv_json_loadb(json_string_value(fixed), json_string_length(fixed), JSON_DECODE_ANY, widened);
     json_decref(fixed);
     return v;
 }
+
+json_t *srv_json_value(const char *text) { return srv_json_value_w(text, NULL); }
 
 json_t *srv_jstr(const char *s, size_t n) {
     if (!s) return json_string("");

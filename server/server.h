@@ -390,6 +390,13 @@ json_t *srv_jstr(const char *s, size_t n);
  * arguments), repairing invalid UTF-8 to U+FFFD first; NULL if it is not
  * JSON. New reference. */
 json_t *srv_json_value(const char *text);
+/* The same; *widened (may be NULL) says whether an integer beyond 64 bits
+ * had to be read as a real (srv_json_loadb). */
+json_t *srv_json_value_w(const char *text, bool *widened);
+/* json_loadb for text whose integers may exceed 64 bits (JSON sets no
+ * range; jansson refuses them): such integers are read as reals, as B.4
+ * reads every number, and *widened (may be NULL) says so. */
+json_t *srv_json_loadb(const char *buf, size_t n, size_t flags, bool *widened);
 /* Loads body as one JSON object, or NULL with e = 400 invalid JSON request. */
 json_t *srv_load_object(const char *body, size_t n, srv_error *e);
 /* Client form of a call's internal arguments (B.6); malloc'ed. */

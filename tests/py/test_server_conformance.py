@@ -933,3 +933,110 @@ def test_choices_that_mean_nothing_are_400s_not_silent_defaults():
             assert st == 200, (th, data)
         st, _, data = s.raw("POST", "/v1/messages", dict(anth, tools=[tool], tool_choice={"type": "auto"}))
         assert st == 200, data
+
+
+def test_forced_calls_write_every_required_property_before_the_budget_runs_out():
+    """A forced call whose optional properties come first in the schema: a long optional value could spend
+    max_tokens and the call closed without its required properties (an outside pass saw Bash without
+    `command`, Edit without `new_string`, 6 of 24 Claude-Code-like requests). Now every required property is
+    written (values may be short) whenever the budget leaves room for the tags."""
+    edit = {"name": "Edit", "input_schema": {"type": "object", "properties": {
+        "description": {"type": "string"}, "notes": {"type": "string"}, "file_path": {"type": "string"},
+        "old_string": {"type": "string"}, "new_string": {"type": "string"}},
+        "required": ["file_path", "old_string", "new_string"]}}
+    bash = {"name": "Bash", "input_schema": {"type": "object", "properties": {
+        "description": {"type": "string"}, "timeout": {"type": "number"}, "command": {"type": "string"}},
+        "required": ["command"]}}
+    with Server(ctx=8192) as s:
+        a = s.anthropic()
+        for seed in range(1, 9):
+            for mt in (120, 200):
+                m = a.messages.create(model="m", max_tokens=mt, messages=user("fix the bug %d" % seed),
+                                      tools=[edit, bash], tool_choice={"type": "any"},
+                                      extra_body=dict(NO_THINK, seed=seed, temperature=1))
+                calls = [b for b in m.content if b.type == "tool_use"]
+                assert m.stop_reason == "tool_use" and len(calls) == 1, (seed, mt, m)
+                req = {"Edit": edit, "Bash": bash}[calls[0].name]["input_schema"]["required"]
+                assert all(k in calls[0].input for k in req), (seed, mt, calls[0])
+
+
+BIG = 123456789012345678901234
+
+
+def test_integers_beyond_64_bits_in_tool_calls_and_requests():
+    """JSON sets no range on integers; jansson refuses those beyond 64 bits. A tool call whose argument is
+    such an integer came back as `input: {}` in a non-streamed Anthropic reply (every argument lost; the stream
+    had the digits), and a request replaying it, or a schema with maximum 2^64-1, or seed 2^77, was a 400
+    'invalid JSON request' (a Claude Code conversation could not go on). Now the reply carries the model's
+    digits streamed or not, and requests read such integers as reals (SERVING B.4 reads every number so)."""
+    reply = ("<{m}tool_calls>\n<{m}invoke name=\"bash\">\n<{m}parameter name=\"command\" string=\"true\">ls"
+             "</{m}parameter>\n<{m}parameter name=\"timeout\" string=\"false\">%d</{m}parameter>\n</{m}invoke>\n"
+             "</{m}tool_calls>").format(m=M) % BIG
+    schema = {"type": "object", "properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}},
+              "required": ["command"]}
+    body = {"model": "m", "max_tokens": 100, "messages": user("x"), "thinking": {"type": "disabled"},
+            "tools": [{"name": "bash", "input_schema": schema}]}
+    with Server("--debug-reply", reply) as s:
+        got = raw_json(s, "/v1/messages", body)
+        call = [b for b in got["content"] if b["type"] == "tool_use"][0]
+        assert call["input"] == {"command": "ls", "timeout": BIG}, call
+        st, _, data = s.raw("POST", "/v1/messages", dict(body, stream=True))
+        assert st == 200
+        streamed = "".join(e["delta"].get("partial_json", "") for _, e in sse(data)
+                           if e and e.get("type") == "content_block_delta")
+        assert json.loads(streamed) == call["input"], streamed
+        with s.anthropic().messages.stream(**dict(body, model="m")) as ms:
+            final = ms.get_final_message()
+        assert [b.input for b in final.content if b.type == "tool_use"] == [call["input"]]
+        # the conversation goes on: the call replayed, with its result
+        turn2 = dict(body, messages=user("x") + [
+            {"role": "assistant", "content": [dict(call)]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "ok"}]}])
+        st, _, data = s.raw("POST", "/v1/messages", turn2)
+        assert st == 200, data
+        big_schema = dict(schema, properties=dict(schema["properties"],
+                                                  timeout={"type": "integer", "maximum": 2 ** 64 - 1}))
+        for path, b in [("/v1/messages", dict(body, tools=[{"name": "bash", "input_schema": big_schema}])),
+                        ("/v1/chat/completions", {"model": "m", "max_tokens": 5, "messages": user("x"),
+                                                  "seed": 2 ** 77})]:
+            st, _, data = s.raw("POST", path, b)
+            assert st == 200, (path, data)
+        # beyond a double it stays an invalid request
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"model": "m", "messages": user("x"),
+                                                              "seed": int("9" * 400)})
+        assert st == 400 and b"invalid JSON request" in data, data
+
+
+def test_unsupported_inputs_are_named_in_the_error():
+    """What the server cannot take says which item or tool and why (an outside pass met a bare 'invalid JSON
+    request' for a replayed Responses item with status 'incomplete', an item_reference item and a refusal
+    part); Anthropic server tools (web_search_20250305, as Claude Code's WebSearch sends) were shown to the
+    model as plain client tools, so it could call `web_search` as one: now a 400 naming the type; an
+    Anthropic tool of type 'custom' (a client tool with an input_schema) is an ordinary tool (it was a 400)."""
+    with Server() as s:
+        base = {"model": "m", "max_output_tokens": 5, "reasoning": {"effort": "none"}}
+        cases = [({"type": "message", "role": "assistant", "status": "incomplete",
+                   "content": [{"type": "output_text", "text": "cut"}]}, "status 'incomplete'"),
+                 ({"type": "item_reference", "id": "msg_1"}, "'item_reference'"),
+                 ({"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
+                  "'refusal'")]
+        for item, want in cases:
+            st, _, data = s.raw("POST", "/v1/responses", dict(base, input=[{"role": "user", "content": "hi"}, item]))
+            assert st == 400, data
+            err = json.loads(data)["error"]
+            assert want in err["message"] and err["param"] == "input", err
+        st, _, data = s.raw("POST", "/v1/responses", dict(base, input=[
+            {"type": "message", "role": "assistant", "status": "completed", "content": [{"type": "output_text",
+                                                                                      "text": "ok"}]}]))
+        assert st == 200, data
+        a = {"model": "m", "max_tokens": 5, "messages": user("search"), "thinking": {"type": "disabled"}}
+        for t in ({"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                  {"type": "bash_20250124", "name": "bash"}):
+            st, _, data = s.raw("POST", "/v1/messages", dict(a, tools=[t]))
+            assert st == 400, data
+            err = json.loads(data)["error"]
+            assert t["type"] in err["message"], err
+        custom = dict(ANTH_TOOL, type="custom")
+        m = s.anthropic().messages.create(model="m", max_tokens=200, messages=user("run ls"), tools=[custom],
+                                          tool_choice={"type": "any"}, extra_body=NO_THINK)
+        assert [b.name for b in m.content if b.type == "tool_use"] == ["Bash"], m.content

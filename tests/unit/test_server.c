@@ -146,9 +146,13 @@ DS4_TEST(server_parse_errors_documented) {
                      "top_logprobs requires logprobs to be true"));
     CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":\"x\",\"logprobs\":6}", 400,
                      "logprobs must be between 0 and 5"));
-    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"mystery\"}]}", 400, inv));
+    /* B.4 asks for a 400 without a text: the item is named */
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"mystery\"}]}", 400,
+                     "input: items of type 'mystery' are not supported"));
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"message\",\"status\":\"in_progress\"}]}",
-                     400, inv));
+                     400, "input: a 'message' item with status 'in_progress' cannot be replayed (only completed "
+                          "items; drop the status or the item)"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"message\",\"status\":7}]}", 400, inv));
     /* a tool output whose call is not in the request parses; its id is
      * recorded for the live-binding check before queueing (the 400 of B.4
      * then comes from srv_submit, tested in tests/py/test_server.py) */
