@@ -201,14 +201,9 @@ void cu_ahead(cu_ctx *c, int bit, const ds4_weight *const *ws, int nw, int n_tok
     size_t chunks = 0;
     for (int i = 0; i < nw && p.n < AHEAD_MAX; i++) {
         const ds4_weight *w = ws[i];
+        /* a layer split's parts hollow the weights of other parts (ds4_model_part); the weights named
+         * here are never the routed experts, the only ones that may stay in host memory */
         if (!w || !w->data || w->n_in <= 0) continue;
-        /* only this device's memory (a layer split's other parts, spilled experts: skip) */
-        cudaPointerAttributes at;
-        if (cudaPointerGetAttributes(&at, w->data) != cudaSuccess) {
-            cudaGetLastError();
-            continue;
-        }
-        if (at.type != cudaMemoryTypeDevice || at.device != c->device) continue;
         p.p[p.n] = (const char *)w->data;
         p.b[p.n] = cu_weight_bytes(w);
         chunks += (p.b[p.n] + AHEAD_CHUNK - 1) / AHEAD_CHUNK;
