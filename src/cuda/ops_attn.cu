@@ -690,6 +690,7 @@ struct attn_p {
     float scale;
     int8_t *oq;              /* optional Q8_0 codes of o (n, H*dh), scales od */
     float *od;
+    int att_v1;              /* DS4_CUDA_ATT_V1=1: k_attn_part's row-at-a-time phases (A/B; same bits) */
 };
 
 /* Rows a token attends: its raw window (ring rows, or this batch's kv for
@@ -807,22 +808,60 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
         }
     }
     __syncthreads();
-    /* phase 1: scores */
+    /* phase 1: scores. Warp w takes rows w, w + 8, w + 16, w + 24 at once:
+     * the HB query values of a dim are loaded once for the four rows (was
+     * once per row: ~1 shared load per fma), and each (row, head) sum still
+     * runs over its dims in the same order, so the bits do not change
+     * (p.att_v1: the row-at-a-time loop, for the A/B) */
     const int per = dh / 32;
-    for (int r = w; r < nr; r += 8) {
-        float part[HB];
+    if (p.att_v1) {
+        for (int r = w; r < nr; r += 8) {
+            float part[HB];
 #pragma unroll
-        for (int h = 0; h < HB; h++) part[h] = 0.0f;
+            for (int h = 0; h < HB; h++) part[h] = 0.0f;
+            for (int k = 0; k < per; k++) {
+                const int e = lane + 32 * k;
+                const float v = rs[r * dh + e];
+#pragma unroll
+                for (int h = 0; h < HB; h++) part[h] = fmaf(qs[h * dh + e], v, part[h]);
+            }
+#pragma unroll
+            for (int h = 0; h < HB; h++) {
+                float s = cu_warp_sum(part[h]);
+                if (lane == 0) sc[h * ATT_R + r] = s * p.scale;
+            }
+        }
+    } else {
+        static_assert(ATT_R == 32, "k_attn_part: 4 rows per warp of 8");
+        float part[4][HB];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int h = 0; h < HB; h++) part[j][h] = 0.0f;
         for (int k = 0; k < per; k++) {
             const int e = lane + 32 * k;
-            const float v = rs[r * dh + e];
+            float qv[HB];
 #pragma unroll
-            for (int h = 0; h < HB; h++) part[h] = fmaf(qs[h * dh + e], v, part[h]);
+            for (int h = 0; h < HB; h++) qv[h] = qs[h * dh + e];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int r = w + 8 * j;
+                if (r < nr) {
+                    const float v = rs[r * dh + e];
+#pragma unroll
+                    for (int h = 0; h < HB; h++) part[j][h] = fmaf(qv[h], v, part[j][h]);
+                }
+            }
         }
 #pragma unroll
-        for (int h = 0; h < HB; h++) {
-            float s = cu_warp_sum(part[h]);
-            if (lane == 0) sc[h * ATT_R + r] = s * p.scale;
+        for (int j = 0; j < 4; j++) {
+            const int r = w + 8 * j;
+            if (r < nr)
+#pragma unroll
+                for (int h = 0; h < HB; h++) {
+                    float s = cu_warp_sum(part[j][h]);
+                    if (lane == 0) sc[h * ATT_R + r] = s * p.scale;
+                }
         }
     }
     __syncthreads();
@@ -841,13 +880,37 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
         }
     }
     __syncthreads();
-    /* phase 3: c = sum over the split's rows of e * v, in row order */
+    /* phase 3: c = sum over the split's rows of e * v, in row order; the
+     * weights of 4 rows of a head in one 16-byte shared load (was one load
+     * per row and head), the same fma order */
     float acc[HB][ATT_MAXK];
 #pragma unroll
     for (int h = 0; h < HB; h++)
 #pragma unroll
         for (int k = 0; k < ATT_MAXK; k++) acc[h][k] = 0.0f;
-    for (int r = 0; r < nr; r++) {
+    int r = 0;
+    if (!p.att_v1)
+        for (; r + 4 <= nr; r += 4) {
+            float4 e4[HB];
+#pragma unroll
+            for (int h = 0; h < HB; h++) e4[h] = *(const float4 *)(sc + h * ATT_R + r);
+#pragma unroll
+            for (int k = 0; k < ATT_MAXK; k++) {
+                const int e = threadIdx.x + 256 * k;
+                if (e < dh) {
+                    const float v0 = rs[r * dh + e], v1 = rs[(r + 1) * dh + e], v2 = rs[(r + 2) * dh + e],
+                                v3 = rs[(r + 3) * dh + e];
+#pragma unroll
+                    for (int h = 0; h < HB; h++) {
+                        float a = fmaf(e4[h].x, v0, acc[h][k]);
+                        a = fmaf(e4[h].y, v1, a);
+                        a = fmaf(e4[h].z, v2, a);
+                        acc[h][k] = fmaf(e4[h].w, v3, a);
+                    }
+                }
+            }
+        }
+    for (; r < nr; r++) {
 #pragma unroll
         for (int k = 0; k < ATT_MAXK; k++) {
             const int e = threadIdx.x + 256 * k;
@@ -1283,6 +1346,7 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     p.topk = hp->idx_topk;
     const int nr_cap = hp->window + (l->kind == DS4_ATTN_CSA ? hp->idx_topk : l->kind == DS4_ATTN_HCA ? a->comp_cap : 0);
     p.scale = 1.0f / sqrtf((float)dh);
+    p.att_v1 = c->att_v1;
     if (dh % 32 || dh > 256 * ATT_MAXK) {
         cu_fail(c, DS4_E_INTERNAL, "cuda: attention head_dim %d (needs a multiple of 32, at most %d)", dh, 256 * ATT_MAXK);
         return c->err;
