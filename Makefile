@@ -125,9 +125,11 @@ NCCL_INC ?= $(firstword $(foreach d,$(CUDA_HOME)/include /usr/include \
               $(if $(wildcard $(d)/nccl.h),$(d))))
 NVFLAGS ?= -O3 -std=c++17 -gencode=arch=compute_$(subst sm_,,$(CUDA_ARCH)),code=$(CUDA_ARCH) -Isrc \
            -Xcompiler -fPIC -Xcompiler -Wall -lineinfo $(if $(NCCL_INC),-I$(NCCL_INC))
+# extra nvcc defines for kernel variants, e.g. NVDEFS=-DCU_IQ2_REGSIGNS=1
+NVDEFS ?=
 $(BUILD)/src/cuda/%.o: src/cuda/%.cu $(wildcard src/cuda/*.cuh) src/backend.h src/model.h src/quant.h src/synth.h
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVFLAGS) -c $< -o $@
+	$(NVCC) $(NVFLAGS) $(NVDEFS) -c $< -o $@
 cuda:
 	@command -v $(NVCC) >/dev/null || { echo "make cuda: nvcc not found"; exit 1; }
 	$(MAKE) BUILD=build/cuda WITH_CUDA=1 all

@@ -507,9 +507,10 @@ __global__ void __launch_bounds__(256) k_moe_mm(const __grid_constant__ moe_p p)
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
                     const uint64_t gr = sm.tab.grid[(a0 >> (8 * k)) & 0xff];
-                    const uint64_t m = sm.tab.smask[(a1 >> (7 * k)) & 127];
-                    wv[2 * k] = cu_iq2_signed4((uint32_t)gr, (uint32_t)m);
-                    wv[2 * k + 1] = cu_iq2_signed4((uint32_t)(gr >> 32), (uint32_t)(m >> 32));
+                    uint32_t m0, m1;
+                    cu_iq2_masks(&sm.tab, (a1 >> (7 * k)) & 127, &m0, &m1);
+                    wv[2 * k] = cu_iq2_signed4((uint32_t)gr, m0);
+                    wv[2 * k + 1] = cu_iq2_signed4((uint32_t)(gr >> 32), m1);
                 }
                 sm.ls[buf][mt][rr][ch] = 2 * (int)(a1 >> 28) + 1;
             }

@@ -47,6 +47,27 @@ __device__ __forceinline__ void cu_iq2_tab_load(cu_iq2_tab *t, const uint64_t *g
  * as __vsub4(g ^ m, m), in three plain integer operations. */
 __device__ __forceinline__ uint32_t cu_iq2_signed4(uint32_t g, uint32_t m) { return (g ^ m) + (m & 0x01010101u); }
 
+/* CU_IQ2_REGSIGNS=1 (build option, NVDEFS=-DCU_IQ2_REGSIGNS=1): the byte
+ * masks built in registers from the ksigns byte ((s & 15) * 0x00204081 puts
+ * bit j at bit 8j; masked, times 0xff) instead of read from smask, whose
+ * 64-bit loads at data-dependent indices cost ~5.5 shared-memory passes per
+ * warp (dev/moe_bench.cu "regm" measures it). Same integers. */
+#ifndef CU_IQ2_REGSIGNS
+#define CU_IQ2_REGSIGNS 0
+#endif
+/* The two sign masks (low, high 4 values) of sign index i (7 bits). */
+__device__ __forceinline__ void cu_iq2_masks(const cu_iq2_tab *t, uint32_t i, uint32_t *m0, uint32_t *m1) {
+#if CU_IQ2_REGSIGNS
+    const uint32_t s = t->ksigns[i];
+    *m0 = ((s & 15u) * 0x00204081u & 0x01010101u) * 0xffu;
+    *m1 = (((s >> 4) & 15u) * 0x00204081u & 0x01010101u) * 0xffu;
+#else
+    const uint64_t m = t->smask[i];
+    *m0 = (uint32_t)m;
+    *m1 = (uint32_t)(m >> 32);
+#endif
+}
+
 /* byte mask (0x00 / 0xff per byte) of the low 4 bits of s */
 __device__ __forceinline__ uint32_t cu_sign_mask4(uint32_t s) {
     uint32_t m = (s & 1u) | ((s & 2u) << 7) | ((s & 4u) << 14) | ((s & 8u) << 21);
@@ -220,9 +241,10 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             const uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
-            const uint64_t m = tab->smask[(a1 >> (7 * k)) & 127];
-            const int v0 = (int)cu_iq2_signed4((uint32_t)grid, (uint32_t)m);
-            const int v1 = (int)cu_iq2_signed4((uint32_t)(grid >> 32), (uint32_t)(m >> 32));
+            uint32_t m0, m1;
+            cu_iq2_masks(tab, (a1 >> (7 * k)) & 127, &m0, &m1);
+            const int v0 = (int)cu_iq2_signed4((uint32_t)grid, m0);
+            const int v1 = (int)cu_iq2_signed4((uint32_t)(grid >> 32), m1);
             s = __dp4a(v0, a[2 * k], s);
             s = __dp4a(v1, a[2 * k + 1], s);
         }
