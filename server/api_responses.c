@@ -347,6 +347,11 @@ static int collect_echo(json_t *root, srv_request *rq, srv_error *e) {
                                   "summary",
                                   json_is_string(json_object_get(rs, "summary"))
                                       ? json_incref(json_object_get(rs, "summary")) : json_null()));
+    /* text: the format (only text is served) and the verbosity asked for, if any */
+    json_t *text = json_pack("{s:{s:s}}", "format", "type", "text");
+    json_t *vb = json_object_get(json_object_get(root, "text"), "verbosity");
+    if (json_is_string(vb)) json_object_set(text, "verbosity", vb);
+    json_object_set_new(echo, "text", text);
     return 0;
 }
 
@@ -685,7 +690,9 @@ static json_t *response_object(srv_job *j, const srv_result *r) {
     json_object_set_new(root, "reasoning", echo(j, "reasoning"));
     json_object_set_new(root, "store", json_false()); /* no durable store (B.4) */
     json_object_set_new(root, "temperature", echo(j, "temperature"));
-    json_object_set_new(root, "text", json_pack("{s:{s:s}}", "format", "type", "text"));
+    json_t *tx = echo(j, "text");
+    json_object_set_new(root, "text", json_is_object(tx) ? tx : (json_decref(tx), json_pack("{s:{s:s}}", "format",
+                                                                                            "type", "text")));
     json_object_set_new(root, "tool_choice", echo(j, "tool_choice"));
     json_object_set_new(root, "tools", echo(j, "tools"));
     json_object_set_new(root, "top_p", echo(j, "top_p"));

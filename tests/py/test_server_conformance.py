@@ -278,6 +278,11 @@ def test_responses_tool_choice_required_and_named_and_echo():
                                reasoning={"effort": "none"})
         assert d.tools == [] and d.tool_choice == "auto" and d.instructions is None
         assert d.temperature == 1.0 and d.top_p == 1.0 and d.metadata == {}
+        assert d.to_dict(mode="json")["text"] == {"format": {"type": "text"}}
+        # text.verbosity (Codex CLI sends it) is echoed as given
+        v = c.responses.create(model="m", input="x", max_output_tokens=1, reasoning={"effort": "none"},
+                               text={"verbosity": "low"})
+        assert v.to_dict(mode="json")["text"] == {"format": {"type": "text"}, "verbosity": "low"}, v.text
         # stream events carry "event:" lines named as their type
         st, hdr, data = s.raw("POST", "/v1/responses", {"model": "m", "input": "x", "stream": True,
                                                          "max_output_tokens": 3,
