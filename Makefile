@@ -125,9 +125,16 @@ NCCL_INC ?= $(firstword $(foreach d,$(CUDA_HOME)/include /usr/include \
               $(if $(wildcard $(d)/nccl.h),$(d))))
 NVFLAGS ?= -O3 -std=c++17 -gencode=arch=compute_$(subst sm_,,$(CUDA_ARCH)),code=$(CUDA_ARCH) -Isrc \
            -Xcompiler -fPIC -Xcompiler -Wall -lineinfo $(if $(NCCL_INC),-I$(NCCL_INC))
-# extra nvcc defines for kernel variants, e.g. NVDEFS=-DCU_IQ2_REGSIGNS=1
+# extra nvcc defines for kernel variants, e.g. NVDEFS=-DCU_IQ2_REGSIGNS=1; the
+# objects depend on a stamp of the flags, so changing them rebuilds
 NVDEFS ?=
-$(BUILD)/src/cuda/%.o: src/cuda/%.cu $(wildcard src/cuda/*.cuh) src/backend.h src/model.h src/quant.h src/synth.h
+$(BUILD)/nvflags.stamp: nvflags-force
+	@mkdir -p $(dir $@)
+	@echo '$(NVFLAGS) $(NVDEFS)' | cmp -s - $@ || echo '$(NVFLAGS) $(NVDEFS)' > $@
+.PHONY: nvflags-force
+nvflags-force:
+$(BUILD)/src/cuda/%.o: src/cuda/%.cu $(wildcard src/cuda/*.cuh) src/backend.h src/model.h src/quant.h src/synth.h \
+                       $(BUILD)/nvflags.stamp
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) $(NVDEFS) -c $< -o $@
 cuda:

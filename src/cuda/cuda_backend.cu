@@ -172,7 +172,7 @@ struct ahead_p {
 };
 
 /* Block i issues the bulk prefetches of chunks i, i + gridDim.x, ... of the
- * ranges laid end to end (one thread: the copy engine does the work). */
+ * ranges laid end to end (one thread: the SM's TMA unit does the work). */
 __global__ void k_l2_ahead(const __grid_constant__ ahead_p p) {
     if (threadIdx.x) return;
     size_t base = 0;
@@ -209,7 +209,7 @@ void cu_ahead(cu_ctx *c, int bit, const ds4_weight *const *ws, int nw, int n_tok
         chunks += (p.b[p.n] + AHEAD_CHUNK - 1) / AHEAD_CHUNK;
         p.n++;
     }
-    if (!p.n) return;
+    if (!p.n || !chunks) return;
     const int grid = (int)(chunks < (size_t)c->n_sm ? chunks : (size_t)c->n_sm);
     if (!cu_ok(c, cudaEventRecord(c->ev_af, c->st), "L2-ahead fork") ||
         !cu_ok(c, cudaStreamWaitEvent(c->st3, c->ev_af, 0), "L2-ahead fork"))
