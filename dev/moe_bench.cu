@@ -8,9 +8,9 @@
  *
  * Variants: R rows per warp (1 = production: one row per warp, 8 per block),
  * and P: blocks loop over row groups (grid = SMs x P) so the IQ2 table is
- * loaded once per block; "vsub": the IQ2_XXS chunk before the byte-mask
- * sign table (the A/B of that change, bitwise equal to R1); "regm"/"regp":
- * byte masks built in registers from the ksigns byte (table / computed).
+ * loaded once per block; the IQ2_XXS sign forms of quant.cuh CU_IQ2_SIGNS
+ * in one loop each (bitwise equal to R1): "vsub" (0, the default), "smask"
+ * (1), "regm" (2), "regp" (2 with the sign byte computed, no table).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(256) k_exp(const __grid_constant__ B p) {
 __device__ __forceinline__ uint32_t spread4(uint32_t s) { return ((s & 15u) * 0x00204081u) & 0x01010101u; }
 template <int MODE>
 __device__ __forceinline__ float row_dot_iq2_vsub(const uint8_t *qrow, const uint8_t *srow, int nch, const int8_t *aq,
-                                                  const float *ad, const cu_iq2_tab *tab) {
+                                                  const float *ad, const cu_iq2_tab *tab, const uint64_t *smask) {
     const int lane = threadIdx.x & 31;
     float acc = 0.0f;
 #pragma unroll 4
@@ -116,6 +116,10 @@ __device__ __forceinline__ float row_dot_iq2_vsub(const uint8_t *qrow, const uin
                     uint32_t signs = tab->ksigns[(a1 >> (7 * k)) & 127];
                     uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
                     v0 = (int)__vsub4((uint32_t)grid ^ m0, m0), v1 = (int)__vsub4((uint32_t)(grid >> 32) ^ m1, m1);
+                } else if constexpr (MODE == 3) { /* the 64-bit mask table (CU_IQ2_SIGNS 1) */
+                    const uint64_t m = smask[(a1 >> (7 * k)) & 127];
+                    v0 = (int)cu_iq2_signed4((uint32_t)grid, (uint32_t)m);
+                    v1 = (int)cu_iq2_signed4((uint32_t)(grid >> 32), (uint32_t)(m >> 32));
                 } else {
                     uint32_t signs;
                     if constexpr (MODE == 1) signs = tab->ksigns[(a1 >> (7 * k)) & 127];
@@ -153,12 +157,20 @@ __device__ __forceinline__ int gu_block(const B &p, cu_iq2_tab *tab, int *slot, 
 template <int MODE>
 __global__ void __launch_bounds__(256) k_gu_vsub(const __grid_constant__ B p) {
     __shared__ cu_iq2_tab tab;
+    __shared__ uint64_t smask[MODE == 3 ? 128 : 1];
+    if constexpr (MODE == 3)
+        for (int i = threadIdx.x; i < 128; i += blockDim.x) {
+            uint64_t m = 0;
+            for (int b = 0; b < 8; b++)
+                if ((p.ksigns[i] >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
+            smask[i] = m;
+        }
     int slot, row;
     const int e = gu_block(p, &tab, &slot, &row), lane = threadIdx.x & 31;
     float g = row_dot_iq2_vsub<MODE>(p.qa + e * p.q_mat + (size_t)row * p.q_row,
-                                     p.sa + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab);
+                                     p.sa + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab, smask);
     float u = row_dot_iq2_vsub<MODE>(p.qb + e * p.q_mat + (size_t)row * p.q_row,
-                                     p.sb + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab);
+                                     p.sb + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab, smask);
     g = cu_warp_sum(g);
     u = cu_warp_sum(u);
     if (lane == 0) p.out[slot * p.rows + row] = g * 0.5f + u;
@@ -330,7 +342,7 @@ int main() {
                       {"R2p4", launch<DS4_TYPE_IQ2_XXS, 2, true>, 4}, {"R2p8", launch<DS4_TYPE_IQ2_XXS, 2, true>, 8},
                       {"R4p2", launch<DS4_TYPE_IQ2_XXS, 4, true>, 2}, {"R4p4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 4},
                       {"pair", launch_pair, 0}, {"vsub", launch_vsub<0>, 0},
-                      {"regm", launch_vsub<1>, 0}, {"regp", launch_vsub<2>, 0}};
+                      {"regm", launch_vsub<1>, 0}, {"regp", launch_vsub<2>, 0}, {"smask", launch_vsub<3>, 0}};
         else vs = {{"R1", launch<DS4_TYPE_Q2_K, 1, false>, 0}, {"R2", launch<DS4_TYPE_Q2_K, 2, false>, 0},
                    {"R4", launch<DS4_TYPE_Q2_K, 4, false>, 0}, {"R1p4", launch<DS4_TYPE_Q2_K, 1, false>, 4},
                    {"R2p4", launch<DS4_TYPE_Q2_K, 2, false>, 4}, {"R2p8", launch<DS4_TYPE_Q2_K, 2, false>, 8},

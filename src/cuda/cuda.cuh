@@ -140,13 +140,13 @@ struct cu_ctx {
     int no_preq;           /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
     int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: CUDA-core attention heads per block (A/B switch; 0 = 4) */
     int att_tc;            /* DS4_CUDA_ATT_TC=1: attention on TF32 tensor cores (k_attn_tc; opt-in) */
-    int att_v1;            /* DS4_CUDA_ATT_V1=1: k_attn_part's row-at-a-time score and output loops (A/B switch) */
+    int att_r4;            /* DS4_CUDA_ATT_R4=1: k_attn_part's four-rows-per-warp loops (opt-in until measured) */
     int att_tc_hb;         /* DS4_CUDA_ATT_TC_HB=16|32|64: tensor-core attention heads per block (0 = 16 for
                             * fewer than 32 tokens, else 64) */
     int no_route_group;    /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
     int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int moe1_seq;          /* DS4_CUDA_MOE1_SEQ=1: fused experts' rows one after the other (A/B switch) */
-    int no_xpf;            /* DS4_CUDA_NO_XPF=1: no L2 prefetch of the fused experts' routed rows (A/B switch) */
+    int xpf;               /* DS4_CUDA_XPF=1: L2 prefetch of the fused experts' routed rows (opt-in until measured) */
     int mv_no_few;         /* DS4_CUDA_NO_MV_FEW=1: 2..4 tokens on the generic k_matvec (A/B switch) */
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */

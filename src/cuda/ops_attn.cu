@@ -690,7 +690,7 @@ struct attn_p {
     float scale;
     int8_t *oq;              /* optional Q8_0 codes of o (n, H*dh), scales od */
     float *od;
-    int att_v1;              /* DS4_CUDA_ATT_V1=1: k_attn_part's row-at-a-time phases (A/B; same bits) */
+    int att_r4;              /* DS4_CUDA_ATT_R4=1: k_attn_part's four-rows-per-warp phases (same bits) */
 };
 
 /* Rows a token attends: its raw window (ring rows, or this batch's kv for
@@ -812,9 +812,9 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
      * the HB query values of a dim are loaded once for the four rows (was
      * once per row: ~1 shared load per fma), and each (row, head) sum still
      * runs over its dims in the same order, so the bits do not change
-     * (p.att_v1: the row-at-a-time loop, for the A/B) */
+     * (opt-in, p.att_r4, until measured; else the row-at-a-time loop) */
     const int per = dh / 32;
-    if (p.att_v1) {
+    if (!p.att_r4) {
         for (int r = w; r < nr; r += 8) {
             float part[HB];
 #pragma unroll
@@ -889,7 +889,7 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
 #pragma unroll
         for (int k = 0; k < ATT_MAXK; k++) acc[h][k] = 0.0f;
     int r = 0;
-    if (!p.att_v1)
+    if (p.att_r4)
         for (; r + 4 <= nr; r += 4) {
             float4 e4[HB];
 #pragma unroll
@@ -1346,7 +1346,7 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     p.topk = hp->idx_topk;
     const int nr_cap = hp->window + (l->kind == DS4_ATTN_CSA ? hp->idx_topk : l->kind == DS4_ATTN_HCA ? a->comp_cap : 0);
     p.scale = 1.0f / sqrtf((float)dh);
-    p.att_v1 = c->att_v1;
+    p.att_r4 = c->att_r4;
     if (dh % 32 || dh > 256 * ATT_MAXK) {
         cu_fail(c, DS4_E_INTERNAL, "cuda: attention head_dim %d (needs a multiple of 32, at most %d)", dh, 256 * ATT_MAXK);
         return c->err;

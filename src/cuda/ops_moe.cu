@@ -506,11 +506,8 @@ __global__ void __launch_bounds__(256) k_moe_mm(const __grid_constant__ moe_p p)
                 const uint32_t a0 = R.w[u][0], a1 = R.w[u][1];
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
-                    const uint64_t gr = sm.tab.grid[(a0 >> (8 * k)) & 0xff];
-                    uint32_t m0, m1;
-                    cu_iq2_masks(&sm.tab, (a1 >> (7 * k)) & 127, &m0, &m1);
-                    wv[2 * k] = cu_iq2_signed4((uint32_t)gr, m0);
-                    wv[2 * k + 1] = cu_iq2_signed4((uint32_t)(gr >> 32), m1);
+                    cu_iq2_signed8(&sm.tab, sm.tab.grid[(a0 >> (8 * k)) & 0xff], (a1 >> (7 * k)) & 127, &wv[2 * k],
+                                   &wv[2 * k + 1]);
                 }
                 sm.ls[buf][mt][rr][ch] = 2 * (int)(a1 >> 28) + 1;
             }
@@ -771,7 +768,7 @@ struct moe1_p {
     float lim;
     int pf;                  /* prefetch the shared expert's rows to L2 before cu_pdl_wait */
     int seq;                 /* DS4_CUDA_MOE1_SEQ=1: the items' rows one after the other (A/B) */
-    int xpf;                 /* L2 prefetch of the routed rows once the ids are known (DS4_CUDA_NO_XPF=1: off) */
+    int xpf;                 /* L2 prefetch of the routed rows once the ids are known (DS4_CUDA_XPF=1) */
     const uint64_t *grid;
     const uint8_t *ksigns;
 };
@@ -1005,7 +1002,7 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.ksigns = c->ksigns;
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     p.seq = c->moe1_seq;
-    p.xpf = !c->no_xpf;
+    p.xpf = c->xpf;
     const dim3 g1(F / 8, 1 + n * K);
     switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;

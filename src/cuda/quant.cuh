@@ -19,12 +19,31 @@ __device__ __forceinline__ float cu_h2f(uint16_t h) { return __half2float(__usho
 __device__ __forceinline__ uint16_t cu_ld16(const uint8_t *p) { return *(const uint16_t *)p; }
 __device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return *(const uint32_t *)p; }
 
+/* How the signs of an IQ2_XXS group are applied to its 8 grid bytes (every
+ * grid byte is 8, 25 or 43), a build option (make cuda NVDEFS=-DCU_IQ2_SIGNS=N),
+ * each giving the same signed bytes (unit test
+ * quant_iq2xxs_signed_bytes_by_xor_add_are_exact):
+ *   0  the ksigns byte spread to byte masks by shifts (cu_sign_mask4), then
+ *      __vsub4(g ^ m, m): the form measured and tested on the H200 through
+ *      the ninth session (the default until the others are measured);
+ *   1  the masks read from a 128-entry table of 64-bit masks (smask), applied
+ *      as (g ^ m) + (m & 0x01010101): fewer integer operations, but 64-bit
+ *      shared loads at data-dependent indices (~5.5 passes per warp load);
+ *   2  the ksigns byte spread in registers, ((s & 15) * 0x00204081) &
+ *      0x01010101 (bit j to bit 8j, no carries), applied as in 1.
+ * dev/moe_bench.cu times the three in the routed gate/up kernel. */
+#ifndef CU_IQ2_SIGNS
+#define CU_IQ2_SIGNS 0
+#endif
+
 /* The IQ2_XXS tables, loaded into shared memory by kernels that need them:
- * the grid, the 7-bit -> 8-sign table, and the same signs as byte masks
- * (0xff where the value is negative, smask[i] byte m = sign m of ksigns[i]). */
+ * the grid, the 7-bit -> 8-sign table (and with CU_IQ2_SIGNS 1 the same
+ * signs as byte masks, 0xff where the value is negative). */
 struct cu_iq2_tab {
     uint64_t grid[256];
+#if CU_IQ2_SIGNS == 1
     uint64_t smask[128];
+#endif
     uint8_t ksigns[128];
 };
 
@@ -32,46 +51,47 @@ __device__ __forceinline__ void cu_iq2_tab_load(cu_iq2_tab *t, const uint64_t *g
     for (int i = threadIdx.x; i < 256; i += blockDim.x) t->grid[i] = grid[i];
     for (int i = threadIdx.x; i < 128; i += blockDim.x) {
         const uint32_t k = ksigns[i];
+        t->ksigns[i] = (uint8_t)k;
+#if CU_IQ2_SIGNS == 1
         uint64_t m = 0;
 #pragma unroll
         for (int b = 0; b < 8; b++)
             if ((k >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
-        t->ksigns[i] = (uint8_t)k;
         t->smask[i] = m;
+#endif
     }
-}
-
-/* Four signed grid bytes from four magnitudes g (every IQ2_XXS grid byte is
- * 8, 25 or 43) and their byte masks m: (g ^ m) + 1 = 256 - g where m = 0xff,
- * g where m = 0, with no carry between bytes since g >= 1. The same bytes
- * as __vsub4(g ^ m, m), in three plain integer operations. */
-__device__ __forceinline__ uint32_t cu_iq2_signed4(uint32_t g, uint32_t m) { return (g ^ m) + (m & 0x01010101u); }
-
-/* CU_IQ2_REGSIGNS=1 (build option, NVDEFS=-DCU_IQ2_REGSIGNS=1): the byte
- * masks built in registers from the ksigns byte ((s & 15) * 0x00204081 puts
- * bit j at bit 8j; masked, times 0xff) instead of read from smask, whose
- * 64-bit loads at data-dependent indices cost ~5.5 shared-memory passes per
- * warp (dev/moe_bench.cu "regm" measures it). Same integers. */
-#ifndef CU_IQ2_REGSIGNS
-#define CU_IQ2_REGSIGNS 0
-#endif
-/* The two sign masks (low, high 4 values) of sign index i (7 bits). */
-__device__ __forceinline__ void cu_iq2_masks(const cu_iq2_tab *t, uint32_t i, uint32_t *m0, uint32_t *m1) {
-#if CU_IQ2_REGSIGNS
-    const uint32_t s = t->ksigns[i];
-    *m0 = ((s & 15u) * 0x00204081u & 0x01010101u) * 0xffu;
-    *m1 = (((s >> 4) & 15u) * 0x00204081u & 0x01010101u) * 0xffu;
-#else
-    const uint64_t m = t->smask[i];
-    *m0 = (uint32_t)m;
-    *m1 = (uint32_t)(m >> 32);
-#endif
 }
 
 /* byte mask (0x00 / 0xff per byte) of the low 4 bits of s */
 __device__ __forceinline__ uint32_t cu_sign_mask4(uint32_t s) {
     uint32_t m = (s & 1u) | ((s & 2u) << 7) | ((s & 4u) << 14) | ((s & 8u) << 21);
     return m * 0xffu;
+}
+
+/* Four signed grid bytes from four magnitudes g and their byte masks m:
+ * (g ^ m) + 1 = 256 - g where m = 0xff, g where m = 0, with no carry between
+ * bytes since g >= 1: __vsub4(g ^ m, m) in plain integer operations. */
+__device__ __forceinline__ uint32_t cu_iq2_signed4(uint32_t g, uint32_t m) { return (g ^ m) + (m & 0x01010101u); }
+
+/* The 8 signed bytes (low, high word) of grid entry `grid` under sign index
+ * i (7 bits). */
+__device__ __forceinline__ void cu_iq2_signed8(const cu_iq2_tab *t, uint64_t grid, uint32_t i, uint32_t *v0,
+                                               uint32_t *v1) {
+    const uint32_t g0 = (uint32_t)grid, g1 = (uint32_t)(grid >> 32);
+#if CU_IQ2_SIGNS == 1
+    const uint64_t m = t->smask[i];
+    *v0 = cu_iq2_signed4(g0, (uint32_t)m);
+    *v1 = cu_iq2_signed4(g1, (uint32_t)(m >> 32));
+#elif CU_IQ2_SIGNS == 2
+    const uint32_t s = t->ksigns[i];
+    const uint32_t b0 = (s & 15u) * 0x00204081u & 0x01010101u, b1 = ((s >> 4) & 15u) * 0x00204081u & 0x01010101u;
+    *v0 = (g0 ^ (b0 * 0xffu)) + b0;
+    *v1 = (g1 ^ (b1 * 0xffu)) + b1;
+#else
+    const uint32_t s = t->ksigns[i], m0 = cu_sign_mask4(s), m1 = cu_sign_mask4(s >> 4);
+    *v0 = __vsub4(g0 ^ m0, m0);
+    *v1 = __vsub4(g1 ^ m1, m1);
+#endif
 }
 
 __device__ __forceinline__ void cu_q4k_scale_min(const uint8_t *s, int j, int *sc, int *m) {
@@ -240,13 +260,10 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
         int s = 0;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
-            const uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
-            uint32_t m0, m1;
-            cu_iq2_masks(tab, (a1 >> (7 * k)) & 127, &m0, &m1);
-            const int v0 = (int)cu_iq2_signed4((uint32_t)grid, m0);
-            const int v1 = (int)cu_iq2_signed4((uint32_t)(grid >> 32), m1);
-            s = __dp4a(v0, a[2 * k], s);
-            s = __dp4a(v1, a[2 * k + 1], s);
+            uint32_t v0, v1;
+            cu_iq2_signed8(tab, tab->grid[(a0 >> (8 * k)) & 0xff], (a1 >> (7 * k)) & 127, &v0, &v1);
+            s = __dp4a((int)v0, a[2 * k], s);
+            s = __dp4a((int)v1, a[2 * k + 1], s);
         }
         *isum = (2 * (int)(a1 >> 28) + 1) * s;
         *msum = 0;

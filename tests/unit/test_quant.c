@@ -973,7 +973,7 @@ DS4_TEST(quant_iq2xxs_signed_bytes_by_xor_add_are_exact) {
                 if ((signs >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
             for (int h = 0; h < 2; h++) {
                 const uint32_t gh = (uint32_t)(g >> (32 * h)), mh = (uint32_t)(m >> (32 * h));
-                /* the register form of the mask (CU_IQ2_REGSIGNS, quant.cuh cu_iq2_masks) is the same */
+                /* the register form of the mask (quant.cuh CU_IQ2_SIGNS 2) is the same */
                 CHECK_EQ_INT((int64_t)((((signs >> (4 * h)) & 15u) * 0x00204081u & 0x01010101u) * 0xffu), (int64_t)mh);
                 const uint32_t v = (gh ^ mh) + (mh & 0x01010101u);
                 for (int b = 0; b < 4; b++) {
