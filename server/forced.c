@@ -185,6 +185,17 @@ static bool used(const srv_forced *f, const char *name) {
     return false;
 }
 
+/* A property name the block can carry in its parameter tag (as tool names,
+ * request.c tool_name_ok): no control characters, '"', '<', '>', '&' (the
+ * parser decodes entities) or the DSML bar. Others are never offered, and a
+ * required one cannot be written: it does not hold the call open. */
+static bool key_ok(const char *k) {
+    if (!k || !k[0] || strstr(k, "\xef\xbd\x9c")) return false;
+    for (const unsigned char *p = (const unsigned char *)k; *p; p++)
+        if (*p < 0x20 || *p == 0x7f || *p == '"' || *p == '<' || *p == '>' || *p == '&') return false;
+    return true;
+}
+
 static bool is_required(const srv_forced *f, const char *name) {
     size_t i;
     json_t *r;
@@ -200,7 +211,7 @@ static int missing_required(const srv_forced *f) {
     size_t i;
     json_t *r;
     json_array_foreach(f->required, i, r) {
-        if (json_is_string(r) && !used(f, json_string_value(r))) k++;
+        if (json_is_string(r) && key_ok(json_string_value(r)) && !used(f, json_string_value(r))) k++;
     }
     return k;
 }
@@ -239,7 +250,11 @@ static json_t *resolve(const srv_forced *f, json_t *pv) {
 /* The JSON type a property's value takes: "type" (the first one other than
  * "null" when it is a list), else that of the first anyOf/oneOf member that
  * has one (Optional[int] is anyOf [integer, null]); NULL when unknown. */
-static const char *prop_type(const srv_forced *f, json_t *pv) {
+/* anyOf/oneOf members visited per question: a $ref cycle through them (or a
+ * wide tree of them) ends there instead of recursing without bound */
+#define PROP_VISITS 256
+static const char *prop_type_d(const srv_forced *f, json_t *pv, int *visits) {
+    if (--*visits < 0) return NULL;
     pv = resolve(f, pv);
     json_t *t = json_object_get(pv, "type");
     if (json_is_string(t)) return json_string_value(t);
@@ -254,16 +269,21 @@ static const char *prop_type(const srv_forced *f, json_t *pv) {
         size_t i;
         json_t *x;
         json_array_foreach(json_object_get(pv, alts[k]), i, x) {
-            const char *ty = prop_type(f, x);
+            const char *ty = prop_type_d(f, x, visits);
             if (ty && strcmp(ty, "null")) return ty;
         }
     }
     return NULL;
 }
+static const char *prop_type(const srv_forced *f, json_t *pv) {
+    int visits = PROP_VISITS;
+    return prop_type_d(f, pv, &visits);
+}
 
 /* The property's schema that lists its values (enum or const; also inside
  * anyOf/oneOf, as Optional[Enum] is), or NULL. */
-static json_t *prop_enum(const srv_forced *f, json_t *pv) {
+static json_t *prop_enum_d(const srv_forced *f, json_t *pv, int *visits) {
+    if (--*visits < 0) return NULL;
     pv = resolve(f, pv);
     json_t *en = json_object_get(pv, "enum");
     if ((json_is_array(en) && json_array_size(en)) || json_object_get(pv, "const")) return pv;
@@ -272,11 +292,15 @@ static json_t *prop_enum(const srv_forced *f, json_t *pv) {
         size_t i;
         json_t *x;
         json_array_foreach(json_object_get(pv, alts[k]), i, x) {
-            json_t *r = prop_enum(f, x);
+            json_t *r = prop_enum_d(f, x, visits);
             if (r) return r;
         }
     }
     return NULL;
+}
+static json_t *prop_enum(const srv_forced *f, json_t *pv) {
+    int visits = PROP_VISITS;
+    return prop_enum_d(f, pv, &visits);
 }
 
 /* A value the block can carry as written: no markup characters */
@@ -297,13 +321,13 @@ static void param_cands(srv_forced *f, bool short_budget) {
     size_t i;
     json_t *r;
     json_array_foreach(f->required, i, r) {
-        if (json_is_string(r) && !used(f, json_string_value(r))) missing_required = true;
+        if (json_is_string(r) && key_ok(json_string_value(r)) && !used(f, json_string_value(r))) missing_required = true;
     }
     if (!short_budget) {
         const char *key;
         json_t *v;
         json_object_foreach(f->props, key, v) {
-            if (used(f, key) || strchr(key, '"')) continue;
+            if (used(f, key) || !key_ok(key)) continue;
             bool is_str = prop_is_str(f, v);
             cand_take(f, cat3("<" DSML "parameter name=\"", key,
                               is_str ? "\" string=\"true\">" : "\" string=\"false\">"), 1);

@@ -326,11 +326,13 @@ int main(int argc, char **argv) {
     ds4_opts_copy_split(&eo, &s.cfg.split);
     if (ds4_engine_open(&s.engine, &eo, &err)) {
         fprintf(stderr, "ds4-server: %s\n", err.msg);
+        srv_http_stop(&s);
         return 1;
     }
     if (!ds4_has_tokenizer(s.engine)) {
         fprintf(stderr, "ds4-server: %s has no tokenizer\n", s.cfg.model_path);
         ds4_engine_close(s.engine);
+        srv_http_stop(&s);
         return 1;
     }
     ds4_session_opts so = {0};
@@ -338,6 +340,7 @@ int main(int argc, char **argv) {
     if (ds4_session_new(s.engine, &so, &s.session, &err)) {
         fprintf(stderr, "ds4-server: %s\n", err.msg);
         ds4_engine_close(s.engine);
+        srv_http_stop(&s);
         return 1;
     }
     if (ds4_engine_has_mtp(s.engine)) {
@@ -346,6 +349,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "ds4-server: --mtp: %s\n", err.msg);
             ds4_session_free(s.session);
             ds4_engine_close(s.engine);
+            srv_http_stop(&s);
             return 1;
         }
     }
@@ -354,6 +358,10 @@ int main(int argc, char **argv) {
         s.trace = fopen(s.cfg.trace_path, "a");
         if (!s.trace) {
             fprintf(stderr, "ds4-server: --trace %s: %s\n", s.cfg.trace_path, strerror(errno));
+            ds4_dsml_replay_free(s.replay);
+            ds4_session_free(s.session);
+            ds4_engine_close(s.engine);
+            srv_http_stop(&s);
             return 1;
         }
     }

@@ -540,7 +540,7 @@ static json_t *empty_params(void) {
 static bool tool_name_ok(const char *s) {
     if (!s || !s[0] || strstr(s, "\xef\xbd\x9c")) return false;
     for (const unsigned char *p = (const unsigned char *)s; *p; p++)
-        if (*p < 0x20 || *p == 0x7f || *p == '"' || *p == '<' || *p == '>') return false;
+        if (*p < 0x20 || *p == 0x7f || *p == '"' || *p == '<' || *p == '>' || *p == '&') return false;
     return true;
 }
 
@@ -548,7 +548,7 @@ static int bad_tool_name(srv_error *e, size_t i, json_t *name) {
     const char *s = json_string_value(name);
     return srv_fail(e, 400,
                     "tools[%zu]: %s (a tool needs a non-empty name without control characters, "
-                    "'\"', '<', '>' or '\xef\xbd\x9c')",
+                    "'\"', '<', '>', '&' or '\xef\xbd\x9c')",
                     i, !name ? "the function has no name" : !s ? "the name is not a string" : "the name is not usable");
 }
 
@@ -973,7 +973,9 @@ static const char *anthropic_type(int status) {
 char *srv_error_body(srv_api api, const srv_error *e) {
     json_t *err;
     if (api == SRV_API_ANTHROPIC) {
-        err = json_pack("{s:s, s:s}", "type", anthropic_type(e->status), "message", e->msg);
+        /* messages quote request text cut to a length (maybe inside a UTF-8
+         * sequence, or bytes that are not UTF-8): repaired, never a {} body */
+        err = json_pack("{s:s, s:o}", "type", anthropic_type(e->status), "message", srv_jstr(e->msg, strlen(e->msg)));
         if (e->context) {
             json_object_set_new(err, "n_prompt_tokens", json_integer(e->n_prompt));
             json_object_set_new(err, "n_ctx", json_integer(e->n_ctx));
@@ -986,9 +988,9 @@ char *srv_error_body(srv_api api, const srv_error *e) {
     /* OpenAI: message, type, param, code are always there (null when unknown) */
     const char *code = e->context ? "context_length_exceeded" : e->code;
     const char *param = e->context && !e->param ? "messages" : e->param;
-    err = json_pack("{s:s, s:s, s:o, s:o}", "message", e->msg, "type",
+    err = json_pack("{s:o, s:s, s:o, s:o}", "message", srv_jstr(e->msg, strlen(e->msg)), "type",
                     e->status >= 500 ? "server_error" : "invalid_request_error", "param",
-                    param ? json_string(param) : json_null(), "code",
+                    param ? srv_jstr(param, strlen(param)) : json_null(), "code",
                     code ? json_string(code) : json_null());
     if (e->context) {
         json_object_set_new(err, "n_prompt_tokens", json_integer(e->n_prompt));

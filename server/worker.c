@@ -807,7 +807,12 @@ static void run_job(srv_server *s, srv_job *j) {
     if (stop_hit) srv_cache_invalidate(s); /* tokens past the stop are not trusted */
 
     /* Step 3: the one parse (dsml.h): what the stream emitted is the reply */
-    bool block_open = tools && ds4_dsml_stream_block_started(g.ds) && !ds4_dsml_stream_block_ended(g.ds);
+    /* a block that broke the grammar is not open: its bytes are content and
+     * the turn ends as it ended (TEXT C.6 rule 6; was a 500 'unterminated') */
+    const bool block_failed = tools && ds4_dsml_stream_block_failed(g.ds);
+    bool block_open = tools && ds4_dsml_stream_block_started(g.ds) && !ds4_dsml_stream_block_ended(g.ds) &&
+                      !block_failed;
+    if (block_failed) srv_log("tool: malformed tool-call block: no call, its text is content");
     /* cut by the token limit inside a call or its opening tag: the partial
      * call is dropped (no DSML markup in the reply for the client to show and
      * send back) */

@@ -1570,6 +1570,8 @@ int ds4_dsml_stream_block_started(const ds4_dsml_stream *s) { return s->block_st
 void ds4_dsml_stream_drop_open_block(ds4_dsml_stream *s) { s->drop_open = 1; }
 int ds4_dsml_stream_block_ended(const ds4_dsml_stream *s) { return s->block_ended; }
 
+int ds4_dsml_stream_block_failed(const ds4_dsml_stream *s) { return s->block_started && s->st == ST_FAILED; }
+
 const char *ds4_dsml_stream_text(const ds4_dsml_stream *s, size_t *len) {
     if (len) *len = s->text.len;
     return s->text.data ? s->text.data : "";

@@ -248,6 +248,9 @@ int ds4_dsml_stream_block_started(const ds4_dsml_stream *s);
  * result then has block_dropped set. */
 void ds4_dsml_stream_drop_open_block(ds4_dsml_stream *s);
 int ds4_dsml_stream_block_ended(const ds4_dsml_stream *s);
+/* The block broke the grammar (C.6 rule 6: no calls, its bytes are content;
+ * not an unterminated block). */
+int ds4_dsml_stream_block_failed(const ds4_dsml_stream *s);
 /* Whole text fed so far (owned by the stream). */
 const char *ds4_dsml_stream_text(const ds4_dsml_stream *s, size_t *len);
 

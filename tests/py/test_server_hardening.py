@@ -591,3 +591,91 @@ def test_server_numbers_on_the_command_line_are_plain_decimals():
         extra = ["--mtp", "synthetic"] if opt == "--mtp-gate" else []
         r = subprocess.run(base + extra + [opt, val], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and opt in r.stderr, (opt, val, r.returncode, r.stderr)
+
+
+M = "\uff5cDSML\uff5c"
+
+
+def test_forced_call_schemas_that_loop_or_name_markup():
+    """From a fuzz pass: a forced call whose schema cycles through anyOf/oneOf ($defs A = anyOf [$ref A]) recursed
+    until the stack overflowed (one request killed the server, every API); property names with markup ('a>b',
+    '<think>', the DSML bar, control-token texts) made the forced decoder loop on a token it could not write
+    until max_tokens (no call); a tool named 'a&amp;b' came back as 'a&b' (entities are decoded): now the cycle
+    ends (a visit budget), such properties are never offered (the call still comes), and '&' in a tool name is
+    a 400 (OpenAI and Anthropic allow only [a-zA-Z0-9_-])."""
+    loop = {"type": "object", "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/A"}]}},
+            "properties": {"x": {"$ref": "#/$defs/A"}}, "required": ["x"]}
+    with Server() as s:
+        for path, body in [
+                ("/v1/chat/completions", {"model": "m", "messages": user("go"), "max_tokens": 60, "think": False,
+                                          "tools": [{"type": "function", "function": {"name": "f", "parameters": loop}}],
+                                          "tool_choice": "required"}),
+                ("/v1/messages", {"model": "m", "messages": user("go"), "max_tokens": 60,
+                                  "thinking": {"type": "disabled"}, "tools": [{"name": "f", "input_schema": loop}],
+                                  "tool_choice": {"type": "any"}}),
+                ("/v1/responses", {"model": "m", "input": "go", "max_output_tokens": 60,
+                                   "reasoning": {"effort": "none"},
+                                   "tools": [{"type": "function", "name": "f", "parameters": loop}],
+                                   "tool_choice": "required"})]:
+            st, _, data = s.raw("POST", path, body)
+            assert st == 200, (path, data)
+        for key in ("a>b", "<think>", "</think>", "<\uff5cUser\uff5c>", "x\uff5cy", "a&amp;b"):
+            schema = {"type": "object", "properties": {key: {"type": "string"}, "ok": {"type": "string"}},
+                      "required": [key, "ok"]}
+            st, _, data = s.raw("POST", "/v1/chat/completions", {
+                "model": "m", "messages": user("go"), "max_tokens": 120, "think": False,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}}})
+            assert st == 200, (key, data)
+            msg = json.loads(data)["choices"][0]["message"]
+            assert msg["tool_calls"] and "DSML" not in (msg["content"] or ""), (key, msg)
+            assert "ok" in json.loads(msg["tool_calls"][0]["function"]["arguments"]), (key, msg)
+        st, _, data = s.raw("POST", "/v1/chat/completions", {
+            "model": "m", "messages": user("go"), "max_tokens": 5,
+            "tools": [{"type": "function", "function": {"name": "a&amp;b", "parameters": {"type": "object"}}}]})
+        assert st == 400 and b"tools[0]" in data, data
+        assert s.proc.poll() is None
+
+
+def test_error_bodies_survive_cut_utf8_and_malformed_blocks_are_content():
+    """From a fuzz pass: an error message quoting request text cut inside a UTF-8 sequence (a long role of 'é')
+    made the error body '{}' on every API; a tool-call block that is closed but breaks the grammar (an invoke
+    without a name) was a 500 'unterminated tool call', though TEXT C.6 makes its bytes content (a slightly
+    malformed call of a real model would be a 500)."""
+    with Server() as s:
+        role = "a" + "\u00e9" * 40
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            st, _, data = s.raw("POST", path, {"model": "m", "max_tokens": 2, "messages": [{"role": role,
+                                                                                         "content": "x"}]})
+            assert st == 400, data
+            err = json.loads(data)["error"]
+            assert err["message"] and "\u00e9" in err["message"], err
+    reply = ("ok\n\n<{m}tool_calls>\n<{m}invoke>\n<{m}parameter name=\"command\" string=\"true\">ls</{m}parameter>\n"
+             "</{m}invoke>\n</{m}tool_calls>").format(m=M)
+    tools = [{"type": "function", "function": {"name": "bash", "parameters": {
+        "type": "object", "properties": {"command": {"type": "string"}}}}}]
+    with Server("--debug-reply", reply) as s:
+        body = {"model": "m", "messages": user("go"), "max_tokens": 100, "think": False, "tools": tools}
+        st, _, data = s.raw("POST", "/v1/chat/completions", body)
+        assert st == 200, data
+        ch = json.loads(data)["choices"][0]
+        assert not ch["message"].get("tool_calls") and ch["finish_reason"] == "stop", ch
+        assert "invoke" in ch["message"]["content"], ch
+        st, _, data = s.raw("POST", "/v1/chat/completions", dict(body, stream=True))
+        assert st == 200
+        text = data.decode()
+        assert '"finish_reason":"stop"' in text and "invoke" in text, text[-600:]
+
+
+def test_server_that_cannot_start_frees_what_it_took():
+    """A start that fails after the port is bound (a missing --mtp file) left the listener's state allocated
+    (LeakSanitizer, from a fuzz pass); the sanitized build now exits 1 with the message and no leak report."""
+    asan = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "build", "asan", "ds4-server")
+    if not os.path.exists(asan):
+        pytest.skip("build/asan/ds4-server not built")
+    from test_server import demo_model
+    r = subprocess.run([asan, "-m", demo_model(), "--cpu", "--port", "0", "--mtp", "/nonexistent-ds4.gguf"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, ASAN_OPTIONS="detect_leaks=1:exitcode=86"))
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "nonexistent-ds4.gguf" in r.stderr and "LeakSanitizer" not in r.stderr, r.stderr[-2000:]

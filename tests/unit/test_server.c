@@ -249,7 +249,7 @@ DS4_TEST(server_forced_tool_choice_must_name_a_tool) {
                      "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"a\\\"b\"}}],"
                      "\"tool_choice\":{\"type\":\"function\",\"function\":{\"name\":\"a\\\"b\"}}}",
                      400, "tools[0]: the name is not usable (a tool needs a non-empty name without control "
-                          "characters, '\"', '<', '>' or '\xef\xbd\x9c')"));
+                          "characters, '\"', '<', '>', '&' or '\xef\xbd\x9c')"));
     /* a long unknown name: the message is cut, not the request's memory */
     ds4_buf b = DS4_BUF_INIT;
     ds4_buf_puts(&b, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tool_choice\":{\"type\":\"tool\",\"name\":\"");
