@@ -247,12 +247,13 @@ static json_t *resolve(const srv_forced *f, json_t *pv) {
     return pv;
 }
 
-/* The JSON type a property's value takes: "type" (the first one other than
- * "null" when it is a list), else that of the first anyOf/oneOf member that
- * has one (Optional[int] is anyOf [integer, null]); NULL when unknown. */
 /* anyOf/oneOf members visited per question: a $ref cycle through them (or a
  * wide tree of them) ends there instead of recursing without bound */
 #define PROP_VISITS 256
+
+/* The JSON type a property's value takes: "type" (the first one other than
+ * "null" when it is a list), else that of the first anyOf/oneOf member that
+ * has one (Optional[int] is anyOf [integer, null]); NULL when unknown. */
 static const char *prop_type_d(const srv_forced *f, json_t *pv, int *visits) {
     if (--*visits < 0) return NULL;
     pv = resolve(f, pv);
