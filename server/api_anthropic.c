@@ -209,6 +209,14 @@ int srv_parse_anthropic(json_t *root, srv_request *rq, srv_error *e) {
     if (srv_parse_messages(root, rq, e, parse_message)) return -1;
     if (srv_parse_tools(json_object_get(root, "tools"), rq, e)) return -1;
     if (parse_tool_choice_anthropic(json_object_get(root, "tool_choice"), rq, e)) return -1;
+    /* structured outputs (B.13): output_config.format, or the beta's output_format */
+    json_t *fmt = json_object_get(oc, "format");
+    const char *field = "output_config.format";
+    if (!fmt || json_is_null(fmt)) {
+        fmt = json_object_get(root, "output_format");
+        field = "output_format";
+    }
+    if (srv_parse_json_format(fmt, false, rq, field, e)) return -1;
     rq->cache_control = has_cache_control(root, 0);
     return 0;
 }

@@ -137,12 +137,11 @@ static int refuse_unsupported(json_t *root, srv_api api, srv_error *e) {
         if ((v = json_object_get(root, legacy[i])) && !json_is_null(v))
             return srv_fail_param(e, legacy[i], "unsupported_parameter",
                                   "%s is not supported: use tools and tool_choice", legacy[i]);
-    if ((v = json_object_get(root, "response_format")) && !json_is_null(v)) {
+    if (api != SRV_API_CHAT && (v = json_object_get(root, "response_format")) && !json_is_null(v)) {
         const char *t = json_string_value(json_object_get(v, "type"));
         if (!json_is_object(v) || !t || strcmp(t, "text"))
             return srv_fail_param(e, "response_format", "unsupported_value",
-                                  "response_format: only {\"type\": \"text\"} is supported (no JSON mode or "
-                                  "schemas; a forced tool call gives structured output)");
+                                  "response_format: only {\"type\": \"text\"} is supported on /v1/completions");
     }
     if ((v = json_object_get(root, "logit_bias")) && !json_is_null(v) && !(json_is_object(v) && !json_object_size(v)))
         return srv_fail_param(e, "logit_bias", "unsupported_value", "logit_bias is not supported");
@@ -205,7 +204,8 @@ int srv_parse_chat(json_t *root, srv_request *rq, srv_error *e) {
     json_t *ptc = json_object_get(root, "parallel_tool_calls");
     if (ptc && !json_is_null(ptc) && !json_is_boolean(ptc)) return srv_invalid(e);
     rq->single_call = json_is_false(ptc);
-    return parse_tool_choice_openai(tc, rq, e);
+    if (parse_tool_choice_openai(tc, rq, e)) return -1;
+    return srv_parse_json_format(json_object_get(root, "response_format"), true, rq, "response_format", e);
 }
 
 int srv_parse_completions(json_t *root, srv_request *rq, srv_error *e) {

@@ -347,8 +347,9 @@ static int collect_echo(json_t *root, srv_request *rq, srv_error *e) {
                                   "summary",
                                   json_is_string(json_object_get(rs, "summary"))
                                       ? json_incref(json_object_get(rs, "summary")) : json_null()));
-    /* text: the format (only text is served) and the verbosity asked for, if any */
-    json_t *text = json_pack("{s:{s:s}}", "format", "type", "text");
+    /* text: the format served (B.13) and the verbosity asked for, if any */
+    json_t *tfmt = json_object_get(json_object_get(root, "text"), "format");
+    json_t *text = json_is_object(tfmt) ? json_pack("{s:O}", "format", tfmt) : json_pack("{s:{s:s}}", "format", "type", "text");
     json_t *vb = json_object_get(json_object_get(root, "text"), "verbosity");
     if (json_is_string(vb)) json_object_set(text, "verbosity", vb);
     json_object_set_new(echo, "text", text);
@@ -392,16 +393,6 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
         if (s_ && strstr(s_, "logprobs")) {
             srv_fail_param(e, "include", "unsupported_value",
                            "include %.64s: logprobs are not supported on /v1/responses (use /v1/chat/completions)", s_);
-            goto out;
-        }
-    }
-    json_t *tf = json_object_get(json_object_get(root, "text"), "format");
-    if (tf && !json_is_null(tf)) {
-        const char *t = json_string_value(json_object_get(tf, "type"));
-        if (!t || strcmp(t, "text")) {
-            srv_fail_param(e, "text.format", "unsupported_value",
-                           "text.format: only {\"type\": \"text\"} is supported (no JSON schemas; a forced "
-                           "function call gives structured output)");
             goto out;
         }
     }
@@ -473,6 +464,8 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
         srv_invalid(e);
         goto out;
     }
+    if (srv_parse_json_format(json_object_get(json_object_get(root, "text"), "format"), false, rq, "text.format", e))
+        goto out;
     json_t *ptc = json_object_get(root, "parallel_tool_calls");
     if (ptc && !json_is_null(ptc) && !json_is_boolean(ptc)) {
         srv_invalid(e);

@@ -42,6 +42,7 @@ void srv_request_free(srv_request *rq) {
     free(rq->prompt);
     free(rq->tools_text);
     json_decref(rq->tools_json);
+    json_decref(rq->json_schema);
     free(rq->tool_choice_name);
     for (int i = 0; i < rq->n_aliases; i++) {
         free(rq->aliases[i].rendered);
@@ -862,6 +863,61 @@ int srv_render_tail(srv_request *rq, int n_ctx, srv_error *e) {
     rq->tail_ids = xcalloc((size_t)(last - first + 1), sizeof *rq->tail_ids);
     for (int i = first; i <= last; i++) rq->tail_ids[rq->n_tail_ids++] = xstrdup(c->msgs[i].tool_call_id);
     return 0;
+}
+
+/* The reply format (B.13): fmt is chat response_format or Responses
+ * text.format, field its name for errors; def the object holding name,
+ * description and schema (chat: fmt.json_schema; Responses: fmt). A JSON
+ * format adds one system line saying what the reply must be (the
+ * constraint makes it so; the line lets the model plan for it). */
+int srv_parse_json_format(json_t *fmt, bool nested, srv_request *rq, const char *field, srv_error *e) {
+    if (!fmt || json_is_null(fmt)) return 0;
+    const char *t = json_string_value(json_object_get(fmt, "type"));
+    if (!json_is_object(fmt) || !t)
+        return srv_fail_param(e, field, "invalid_value", "%s must be an object with a type", field);
+    if (!strcmp(t, "text")) return 0;
+    if (strcmp(t, "json_object") && strcmp(t, "json_schema"))
+        return srv_fail_param(e, field, "invalid_value",
+                              "%s.type '%.60s' is not supported (text, json_object or json_schema)", field, t);
+    if (!rq->chat) return srv_fail_param(e, field, "unsupported_value", "%s needs a chat request", field);
+    rq->json_format = true;
+    ds4_buf line = DS4_BUF_INIT;
+    if (!strcmp(t, "json_object")) {
+        ds4_buf_puts(&line, "Reply with one JSON object and nothing else.");
+    } else {
+        json_t *def = nested ? json_object_get(fmt, "json_schema") : fmt;
+        if (!json_is_object(def))
+            return srv_fail_param(e, field, "invalid_value", "%s.json_schema must be an object", field);
+        json_t *sc = json_object_get(def, "schema"), *name = json_object_get(def, "name");
+        json_t *desc = json_object_get(def, "description"), *strict = json_object_get(def, "strict");
+        if ((name && !json_is_string(name)) || (desc && !json_is_null(desc) && !json_is_string(desc)) ||
+            (strict && !json_is_null(strict) && !json_is_boolean(strict)) || (sc && !json_is_object(sc)))
+            return srv_fail_param(e, field, "invalid_value",
+                                  "%s: name and description must be strings, strict a boolean, schema an object",
+                                  field);
+        if (sc) {
+            char msg[256];
+            srv_jsonc_schema *c = srv_jsonc_compile(sc, msg, sizeof msg);
+            if (!c) return srv_fail_param(e, field, "invalid_value", "%s schema: %s", field, msg);
+            srv_jsonc_schema_free(c);
+            rq->json_schema = json_incref(sc);
+        }
+        ds4_buf_puts(&line, "Reply with one JSON value and nothing else");
+        if (json_string_value(name)) ds4_buf_printf(&line, " (\"%s\")", json_string_value(name));
+        if (json_string_value(desc) && json_string_length(desc))
+            ds4_buf_printf(&line, ": %s", json_string_value(desc));
+        if (sc) {
+            char *st = srv_json_text(sc);
+            ds4_buf_printf(&line, "%sIt must follow this JSON schema:\n%s", json_string_value(desc) ? "\n" : ". ", st);
+            free(st);
+        } else {
+            ds4_buf_puts(&line, ".");
+        }
+    }
+    int rc = !ds4_buf_ok(&line) ? srv_fail(e, 500, "out of memory")
+             : srv_chat_add(rq, DS4_ROLE_SYSTEM, line.data, e) < 0 ? -1 : 0;
+    ds4_buf_free(&line);
+    return rc;
 }
 
 /* A tool_choice that names a function must name one of the request's tools

@@ -111,6 +111,10 @@ typedef struct srv_request {
     char *tool_choice_name; /* SRV_TOOL_NAMED */
     bool single_call;      /* parallel_tool_calls false / disable_parallel_tool_use: the first call only */
     srv_tool_alias *aliases; /* (n_aliases) Responses namespaced tools */
+    /* JSON replies (B.13): json_format set for json_object (json_schema
+     * NULL) or json_schema (the schema, owned) */
+    bool json_format;
+    json_t *json_schema;
     int n_aliases;
 
     /* Produced after parsing (worker.c srv_prepare): */
@@ -171,6 +175,9 @@ int srv_parse_messages(json_t *root, srv_request *rq, srv_error *e,
                        int (*parse_one)(json_t *m, srv_request *rq, srv_error *e));
 /* ds4_chat_add that turns an allocation failure into e (500). */
 int srv_chat_add(srv_request *rq, ds4_role role, const char *content, srv_error *e);
+/* response_format / text.format (B.13) into rq (nested: the chat shape,
+ * whose schema sits in fmt.json_schema); 0, or -1 with e (400 naming field). */
+int srv_parse_json_format(json_t *fmt, bool nested, srv_request *rq, const char *field, srv_error *e);
 /* Compact JSON text of v (object keys in order); malloc'ed. */
 char *srv_json_text(json_t *v);
 
@@ -467,6 +474,39 @@ int32_t srv_forced_pick(srv_forced *f, struct ds4_sampler *smp, const float *log
                         const struct ds4_sampler_params *p, struct ds4_rng *rng, int remaining);
 /* Bytes of the token just evaluated. */
 void srv_forced_feed(srv_forced *f, const char *bytes, size_t n);
+
+/* JSON replies by constrained decoding (jsonc.c, docs/SERVING.md B.13).
+ * srv_jsonc_compile checks and compiles a JSON schema (NULL: any object,
+ * json_object mode); NULL with msg set when the schema cannot be served. */
+typedef struct srv_jsonc_schema srv_jsonc_schema;
+srv_jsonc_schema *srv_jsonc_compile(json_t *schema, char *msg, size_t cap);
+void srv_jsonc_schema_free(srv_jsonc_schema *s);
+/* What the matcher needs of the vocabulary: the bytes a token adds to the
+ * reply and whether it is a control token (never JSON text). */
+typedef struct srv_jsonc_vocab {
+    int n_vocab;
+    int32_t eos, dsml;     /* EOS; the DSML marker token (-1: none) */
+    const char *(*bytes)(void *user, int32_t id, size_t *n);
+    bool (*control)(void *user, int32_t id);
+    void *user;
+} srv_jsonc_vocab;
+/* One reply's constraint (takes the schema); tool_alt: the reply may open
+ * a tool-call block instead (tools with tool_choice auto). NULL: no memory. */
+typedef struct srv_jsonc srv_jsonc;
+srv_jsonc *srv_jsonc_new(srv_jsonc_schema *schema, bool tool_alt, const srv_jsonc_vocab *v);
+void srv_jsonc_free(srv_jsonc *j);
+/* False once a tool-call block opened (the rest of the turn is free). */
+bool srv_jsonc_active(const srv_jsonc *j);
+/* The value is complete: the reply must end (EOS). */
+bool srv_jsonc_must_end(const srv_jsonc *j);
+/* Whether tok may come next. */
+bool srv_jsonc_allows(srv_jsonc *j, int32_t tok);
+/* Next token: the sampler's (or the argmax) if allowed, else the sampler on
+ * the allowed tokens' logits; -1 when none is allowed. */
+int32_t srv_jsonc_pick(srv_jsonc *j, struct ds4_sampler *smp, const float *logits,
+                       const struct ds4_sampler_params *p, struct ds4_rng *rng);
+/* The token that was appended. */
+void srv_jsonc_feed(srv_jsonc *j, int32_t tok);
 
 /* Cache policy (cache_policy.c), worker thread only. */
 struct srv_cache;

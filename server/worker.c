@@ -592,6 +592,25 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
     return true;
 }
 
+static const char *jc_bytes(void *user, int32_t id, size_t *n) {
+    return ds4_token_bytes((const ds4_engine *)user, id, n);
+}
+
+static bool jc_control(void *user, int32_t id) { return ds4_token_is_control((const ds4_engine *)user, id); }
+
+/* The JSON constraint of a request with response_format / text.format
+ * (B.13), NULL for other requests (and when out of memory). */
+static srv_jsonc *jsonc_for(srv_server *s, const srv_request *rq, bool tools) {
+    if (!rq->json_format) return NULL;
+    char msg[256];
+    srv_jsonc_schema *sc = srv_jsonc_compile(rq->json_schema, msg, sizeof msg); /* checked by the parser */
+    if (!sc) return NULL;
+    srv_jsonc_vocab v = {ds4_engine_n_vocab(s->engine), ds4_token_special(s->engine, DS4_TOK_EOS),
+                         tools ? ds4_token_special(s->engine, DS4_TOK_DSML) : -1, jc_bytes, jc_control,
+                         s->engine};
+    return srv_jsonc_new(sc, tools && rq->tool_choice == SRV_TOOL_AUTO, &v);
+}
+
 /* Step 2: the sampling loop (docs/SERVING.md B.7). Returns the finish reason and
  * sets r->usage.completion and r->stop. */
 static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
@@ -615,6 +634,11 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     int32_t eos = ds4_token_special(s->engine, DS4_TOK_EOS);
     const int32_t think_close = ds4_token_special(s->engine, DS4_TOK_THINK_CLOSE);
     srv_forced *fz = srv_forced_new(s->engine, rq, g->thinking);
+    srv_jsonc *jc = fz ? NULL : jsonc_for(s, rq, tools);
+    if (rq->json_format && !fz && !jc) {
+        snprintf(r->error_msg, sizeof r->error_msg, "out of memory for the JSON constraint");
+        return SRV_FINISH_ERROR;
+    }
     srv_finish finish = SRV_FINISH_LENGTH;
     int n_gen = 0;
     /* MTP speculative cycles (ds4.h ds4_session_spec_step) whenever the
@@ -622,7 +646,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
      * tool call, no logprobs, and no greedy-structure switching (no tools,
      * or greedy anyway). A cycle appends the chosen token and the accepted
      * drafts; those are then taken from the queue without evaluation. */
-    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs && !s->debug_tokens &&
+    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs && !s->debug_tokens && !jc &&
                      (!tools || !(ds4_sampler_effective(&cp, g->thinking, 0).temperature > 0.0f));
     ds4_spec_stats st0 = {0};
     if (mtp) ds4_session_spec_stats(s->session, &st0);
@@ -650,6 +674,8 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         int greedy = tools && ds4_dsml_class_is_greedy(ds4_dsml_tracker_class(&trk));
         ds4_sampler_params p = ds4_sampler_effective(&cp, g->thinking, greedy);
         bool forced = fz && !srv_forced_done(fz);
+        /* the JSON constraint holds after the reasoning, until a tool-call block opens */
+        const bool jsonc = srv_jsonc_active(jc) && (!g->thinking || reason_done);
         int32_t tok;
         const float *logits = NULL;
         bool evaluated = false;
@@ -666,16 +692,29 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         } else if (next >= 0 && !forced) {
             tok = next;
             next = -1;
+        } else if (jsonc && srv_jsonc_must_end(jc)) {
+            tok = eos; /* the JSON value is complete */
         } else if (!forced && !(p.temperature > 0.0f) && !rq->logprobs) {
-            /* greedy: the backend picks the id (no logits copy from a GPU) */
+            /* greedy: the backend picks the id (no logits copy from a GPU);
+             * under the JSON constraint the logits come only when it does not fit */
             if (ds4_session_argmax(s->session, &tok, &err)) FAIL("%s", err.msg)
+            if (jsonc && !srv_jsonc_allows(jc, tok)) {
+                logits = ds4_session_logits_err(s->session, &err);
+                if (!logits) FAIL("%s", err.msg[0] ? err.msg : "no logits")
+                tok = srv_jsonc_pick(jc, s->sampler, logits, &p, &rng);
+                if (tok < 0) FAIL("JSON reply: no token fits the schema here")
+            }
         } else {
             logits = ds4_session_logits_err(s->session, &err);
             if (!logits) FAIL("%s", err.msg[0] ? err.msg : "no logits")
-            tok = forced ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
+            tok = forced  ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
+                  : jsonc ? srv_jsonc_pick(jc, s->sampler, logits, &p, &rng)
                   : p.temperature > 0.0f ? ds4_sampler_sample(s->sampler, logits, &p, &rng)
                                          : ds4_argmax(logits, ds4_engine_n_vocab(s->engine));
+            if (tok < 0 && jsonc) FAIL("JSON reply: no token fits the schema here")
         }
+        /* a JSON reply after the reasoning: EOS inside it closes the reasoning instead */
+        if (jc && g->thinking && !reason_done && tok == eos && think_close >= 0 && !s->debug_tokens) tok = think_close;
         if (tok < 0) FAIL("forced tool call: no token fits")
         if (tok == eos) { /* EOS is neither evaluated nor output */
             finish = SRV_FINISH_STOP;
@@ -704,6 +743,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         const int fam_before = trk.family;
         ds4_dsml_tracker_feed(&trk, bytes, blen);
         srv_forced_feed(fz, bytes, blen);
+        if (jsonc) srv_jsonc_feed(jc, tok);
         size_t safe = g->gen.len;
         /* stop strings end the reply's text; a tool-call block is markup
          * (its tags, names and arguments), so they are not searched inside
@@ -765,6 +805,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     }
     feed_to(g, g->gen.len);
     srv_forced_free(fz);
+    srv_jsonc_free(jc);
     r->usage.completion = n_gen;
     r->usage.reasoning = n_reason;
     return finish;

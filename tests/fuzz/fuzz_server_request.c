@@ -15,6 +15,7 @@
 #include "../../server/api_openai.c"
 #include "../../server/api_responses.c"
 #include "../../server/common.c"
+#include "../../server/jsonc.c"
 #include "../../server/request.c"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

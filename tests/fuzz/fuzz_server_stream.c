@@ -18,6 +18,7 @@
 #include "../../server/cache_policy.c"
 #include "../../server/common.c"
 #include "../../server/forced.c"
+#include "../../server/jsonc.c"
 #include "../../server/request.c"
 #include "../../server/worker.c"
 

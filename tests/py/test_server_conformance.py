@@ -479,14 +479,13 @@ def test_prefill_continues_the_assistant_message_and_roles_are_checked(tmp_path)
 
 
 def test_unsupported_options_are_refused_and_media_is_named(tmp_path):
-    """Options ds4 does not implement are a 400 naming them (they were ignored: a json_schema reply that is not
-    JSON, penalties with no effect), their no-op values pass; media parts (images, audio, files) become a line
+    """Options ds4 does not implement are a 400 naming them (they were ignored: penalties with no effect; JSON
+    formats are served since, test_server_json.py), their no-op values pass; media parts (images, audio, files) become a line
     telling the model what it cannot see, in every API (they were dropped, so the model answered as if the
     image were not there)."""
     trace = tmp_path / "t.txt"
-    bad = [("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-            b"response_format"),
-           ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, b"response_format"),
+    bad = [("/v1/chat/completions", {"response_format": {"type": "grammar"}}, b"response_format"),
+           ("/v1/completions", {"response_format": {"type": "json_object"}}, b"response_format"),
            ("/v1/chat/completions", {"logit_bias": {"42": 5}}, b"logit_bias"),
            ("/v1/chat/completions", {"presence_penalty": 0.5}, b"presence_penalty"),
            ("/v1/chat/completions", {"frequency_penalty": -1}, b"frequency_penalty"),
@@ -495,7 +494,7 @@ def test_unsupported_options_are_refused_and_media_is_named(tmp_path):
            ("/v1/completions", {"echo": True}, b"echo"),
            ("/v1/completions", {"suffix": "end"}, b"suffix"),
            ("/v1/completions", {"best_of": 3}, b"best_of"),
-           ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}},
+           ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "?"}}}},
             b"text.format")]
     ok = [("/v1/chat/completions", {"response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0,
                                     "frequency_penalty": 0.0, "tool_choice": "auto"}),

@@ -1,0 +1,958 @@
+/* jsonc.c - JSON replies by constrained decoding: chat response_format
+ * {"type":"json_object"} / {"type":"json_schema"}, Responses text.format
+ * (docs/SERVING.md B.13).
+ *
+ * The schema compiles into nodes (jc_node). The reply's bytes run through a
+ * matcher: a set of pushdown threads (one per live anyOf / type-list
+ * branch, at most JC_MAX_THREADS), each a stack of frames (an object
+ * between its braces, an array, a string, a number, a literal choice). A
+ * token is allowed when its bytes keep at least one thread alive; the
+ * sampled (or greedy) token is checked first and the whole vocabulary is
+ * masked only when it does not fit, then the sampler runs on the masked
+ * logits (the grammar rule llama.cpp's server follows). Once a thread has
+ * closed the top-level value the reply ends (EOS is forced).
+ *
+ * What the output keeps to: JSON (RFC 8259) with whitespace runs of at most
+ * JC_MAX_WS bytes and JC_MAX_NL newlines between tokens, strings of valid UTF-8 without lone
+ * surrogate escapes, numbers of at most 15 integer, 16 fraction and 2
+ * exponent digits (JSON parsers differ past doubles); and of a schema:
+ * type (a name or a list), enum, const, anyOf / oneOf (as anyOf), allOf of
+ * one schema, $ref into the document ("#", "#/$defs/...", any JSON
+ * pointer), properties with required (each property at most once, in any
+ * order), additionalProperties (false, or a schema for objects that declare
+ * no properties; with declared properties only those are written), items,
+ * minItems / maxItems, nullable. Other keywords (pattern, format, lengths,
+ * bounds) are not enforced. Objects have at most JC_MAX_PROPS properties
+ * and values nest at most JC_MAX_DEPTH deep.
+ *
+ * With tools and tool_choice auto the reply may instead open a tool-call
+ * block: while only whitespace has been written, tokens that continue a
+ * block's opening tag are allowed too, and once the tag is complete the
+ * constraint is off for the rest of the turn.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sampler.h"
+#include "server.h"
+#include "util/xalloc.h"
+
+#define JC_MAX_DEPTH 24
+#define JC_MAX_THREADS 8
+#define JC_MAX_PROPS 64
+#define JC_MAX_WS 32 /* whitespace bytes between two tokens of the JSON text */
+#define JC_MAX_NL 2  /* newlines among them */
+#define JC_MAX_INT_DIGITS 15  /* integers exact in a double (JavaScript clients) */
+#define JC_MAX_FRAC_DIGITS 16
+#define JC_MAX_EXP_DIGITS 2   /* no overflow to infinity (parsers refuse it) */
+#define JC_MAX_FORK 8       /* nested anyOf expansions for one byte */
+#define JC_MAX_NODES 20000  /* compile budget (schemas are request input) */
+#define JC_MAX_SCHEMA_DEPTH 64
+
+typedef enum { JN_ANY, JN_OBJECT, JN_ARRAY, JN_STRING, JN_NUMBER, JN_INTEGER, JN_LITS, JN_ALT, JN_PENDING } jn_kind;
+
+typedef struct jc_node jc_node;
+struct jc_node {
+    jn_kind kind;
+    /* JN_OBJECT */
+    int n_props;
+    char **keys;        /* JSON-escaped, without quotes */
+    size_t *key_len;
+    jc_node **vals;
+    uint64_t req;       /* required properties */
+    bool free_keys;     /* any key (no declared properties) */
+    jc_node *extra;     /* value schema of free keys */
+    /* JN_ARRAY */
+    jc_node *items;
+    long min_items, max_items;
+    /* JN_LITS: the allowed values as compact JSON texts */
+    int n_lits;
+    char **lits;
+    size_t *lit_len;
+    /* JN_ALT */
+    int n_alts;
+    jc_node **alts;
+};
+
+struct srv_jsonc_schema {
+    jc_node **nodes;
+    int n_nodes, cap;
+    jc_node *root, *any, *lit_bool, *lit_null, *lit_any, *keystr;
+    json_t *doc;
+    struct {
+        char *ref;
+        jc_node *n;
+    } *refs;
+    int n_refs;
+    char err[200];
+};
+
+/* ---------------------------------------------------------------- schema */
+
+static jc_node *node_new(srv_jsonc_schema *s, jn_kind k) {
+    if (s->n_nodes >= JC_MAX_NODES) {
+        if (!s->err[0]) snprintf(s->err, sizeof s->err, "the schema is too large (more than %d nodes)", JC_MAX_NODES);
+        return NULL;
+    }
+    if (s->n_nodes == s->cap) {
+        s->cap = s->cap ? 2 * s->cap : 32;
+        s->nodes = xrealloc(s->nodes, sizeof *s->nodes * (size_t)s->cap);
+    }
+    jc_node *n = xcalloc(1, sizeof *n);
+    n->kind = k;
+    n->max_items = -1;
+    s->nodes[s->n_nodes++] = n;
+    return n;
+}
+
+static void node_free(jc_node *n) {
+    for (int i = 0; i < n->n_props; i++) free(n->keys[i]);
+    free(n->keys);
+    free(n->key_len);
+    free(n->vals);
+    for (int i = 0; i < n->n_lits; i++) free(n->lits[i]);
+    free(n->lits);
+    free(n->lit_len);
+    free(n->alts);
+    free(n);
+}
+
+void srv_jsonc_schema_free(srv_jsonc_schema *s) {
+    if (!s) return;
+    for (int i = 0; i < s->n_nodes; i++) node_free(s->nodes[i]);
+    free(s->nodes);
+    for (int i = 0; i < s->n_refs; i++) free(s->refs[i].ref);
+    free(s->refs);
+    free(s);
+}
+
+static void *fail(srv_jsonc_schema *s, const char *fmt, const char *arg) {
+    if (!s->err[0]) snprintf(s->err, sizeof s->err, fmt, arg);
+    return NULL;
+}
+
+/* Compact JSON text (UTF-8 kept, keys in order); malloc'ed. */
+static char *compact(json_t *v, size_t *len) {
+    char *t = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER);
+    if (!t) t = xstrdup("null");
+    *len = strlen(t);
+    return t;
+}
+
+static void lit_add(jc_node *n, char *text, size_t len) {
+    for (int i = 0; i < n->n_lits; i++)
+        if (n->lit_len[i] == len && !memcmp(n->lits[i], text, len)) {
+            free(text);
+            return;
+        }
+    n->lits = xrealloc(n->lits, sizeof *n->lits * (size_t)(n->n_lits + 1));
+    n->lit_len = xrealloc(n->lit_len, sizeof *n->lit_len * (size_t)(n->n_lits + 1));
+    n->lits[n->n_lits] = text;
+    n->lit_len[n->n_lits++] = len;
+}
+
+static jc_node *lits_of(srv_jsonc_schema *s, const char *const *texts, int n) {
+    jc_node *l = node_new(s, JN_LITS);
+    if (!l) return NULL;
+    for (int i = 0; i < n; i++) lit_add(l, xstrdup(texts[i]), strlen(texts[i]));
+    return l;
+}
+
+static void alt_add(jc_node *a, jc_node *n) {
+    a->alts = xrealloc(a->alts, sizeof *a->alts * (size_t)(a->n_alts + 1));
+    a->alts[a->n_alts++] = n;
+}
+
+/* JSON pointer "#/a/b~1c" inside the document. */
+static json_t *resolve(json_t *doc, const char *ref) {
+    if (ref[0] != '#') return NULL;
+    json_t *cur = doc;
+    const char *p = ref + 1;
+    while (*p) {
+        if (*p != '/') return NULL;
+        p++;
+        const char *end = strchr(p, '/');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        char *tok = xmalloc(n + 1);
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (p[i] == '~' && i + 1 < n && (p[i + 1] == '0' || p[i + 1] == '1')) {
+                tok[k++] = p[i + 1] == '0' ? '~' : '/';
+                i++;
+            } else {
+                tok[k++] = p[i];
+            }
+        }
+        tok[k] = 0;
+        if (json_is_object(cur)) {
+            cur = json_object_get(cur, tok);
+        } else if (json_is_array(cur)) {
+            char *e;
+            long ix = strtol(tok, &e, 10);
+            cur = *e || !k ? NULL : json_array_get(cur, (size_t)ix);
+        } else {
+            cur = NULL;
+        }
+        free(tok);
+        if (!cur) return NULL;
+        p += n;
+    }
+    return cur;
+}
+
+static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth);
+
+static jc_node *compile_type(srv_jsonc_schema *s, json_t *v, const char *type, int depth) {
+    if (!strcmp(type, "string")) return node_new(s, JN_STRING);
+    if (!strcmp(type, "number")) return node_new(s, JN_NUMBER);
+    if (!strcmp(type, "integer")) return node_new(s, JN_INTEGER);
+    if (!strcmp(type, "boolean")) return s->lit_bool;
+    if (!strcmp(type, "null")) return s->lit_null;
+    if (!strcmp(type, "array")) {
+        jc_node *n = node_new(s, JN_ARRAY);
+        if (!n) return NULL;
+        json_t *it = json_object_get(v, "items");
+        n->items = it ? compile(s, it, depth + 1) : s->any;
+        if (!n->items) return NULL;
+        json_t *mn = json_object_get(v, "minItems"), *mx = json_object_get(v, "maxItems");
+        if (mn && (!json_is_integer(mn) || json_integer_value(mn) < 0))
+            return fail(s, "minItems must be a non-negative integer%s", "");
+        if (mx && (!json_is_integer(mx) || json_integer_value(mx) < 0))
+            return fail(s, "maxItems must be a non-negative integer%s", "");
+        n->min_items = mn ? (long)(json_integer_value(mn) > 100000 ? 100000 : json_integer_value(mn)) : 0;
+        n->max_items = mx ? (long)(json_integer_value(mx) > 1000000 ? 1000000 : json_integer_value(mx)) : -1;
+        if (n->max_items >= 0 && n->min_items > n->max_items) return fail(s, "minItems is larger than maxItems%s", "");
+        return n;
+    }
+    if (!strcmp(type, "object")) {
+        jc_node *n = node_new(s, JN_OBJECT);
+        if (!n) return NULL;
+        json_t *props = json_object_get(v, "properties"), *req = json_object_get(v, "required");
+        json_t *ap = json_object_get(v, "additionalProperties");
+        if (props && !json_is_object(props)) return fail(s, "properties must be an object%s", "");
+        if (req && !json_is_array(req)) return fail(s, "required must be an array of names%s", "");
+        const char *k;
+        json_t *pv;
+        json_object_foreach(props, k, pv) {
+            if (n->n_props >= JC_MAX_PROPS) return fail(s, "an object has more than 64 properties%s", "");
+            n->keys = xrealloc(n->keys, sizeof *n->keys * (size_t)(n->n_props + 1));
+            n->key_len = xrealloc(n->key_len, sizeof *n->key_len * (size_t)(n->n_props + 1));
+            n->vals = xrealloc(n->vals, sizeof *n->vals * (size_t)(n->n_props + 1));
+            json_t *ks = json_string(k);
+            size_t kl;
+            char *kt = compact(ks, &kl);
+            json_decref(ks);
+            memmove(kt, kt + 1, kl - 2); /* strip the quotes */
+            kt[kl - 2] = 0;
+            n->keys[n->n_props] = kt;
+            n->key_len[n->n_props] = kl - 2;
+            n->vals[n->n_props] = NULL;
+            n->n_props++;
+            jc_node *c = compile(s, pv, depth + 1);
+            if (!c) return NULL;
+            n->vals[n->n_props - 1] = c;
+        }
+        size_t i;
+        json_t *r;
+        json_array_foreach(req, i, r) {
+            const char *name = json_string_value(r);
+            if (!name) return fail(s, "required must be an array of names%s", "");
+            int f = -1, ix = 0;
+            const char *k2;
+            json_t *v2;
+            json_object_foreach(props, k2, v2) {
+                if (!strcmp(k2, name)) {
+                    f = ix;
+                    break;
+                }
+                ix++;
+            }
+            if (f < 0) return fail(s, "required property '%.80s' is not in properties", name);
+            n->req |= 1ull << f;
+        }
+        if (ap && !json_is_boolean(ap) && !json_is_object(ap))
+            return fail(s, "additionalProperties must be a boolean or a schema%s", "");
+        if (!n->n_props && !json_is_false(ap)) {
+            n->free_keys = true;
+            n->extra = json_is_object(ap) ? compile(s, ap, depth + 1) : s->any;
+            if (!n->extra) return NULL;
+        }
+        return n;
+    }
+    return fail(s, "unknown type '%.60s'", type);
+}
+
+static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
+    if (s->err[0]) return NULL;
+    if (depth > JC_MAX_SCHEMA_DEPTH) return fail(s, "the schema nests too deeply%s", "");
+    if (json_is_true(v)) return s->any;
+    if (json_is_false(v)) return fail(s, "a false schema admits no value%s", "");
+    if (!json_is_object(v)) return fail(s, "a schema must be an object or a boolean%s", "");
+    json_t *x;
+    if ((x = json_object_get(v, "$ref"))) {
+        const char *ref = json_string_value(x);
+        if (!ref) return fail(s, "$ref must be a string%s", "");
+        for (int i = 0; i < s->n_refs; i++)
+            if (!strcmp(s->refs[i].ref, ref)) return s->refs[i].n;
+        json_t *target = resolve(s->doc, ref);
+        if (!target) return fail(s, "$ref '%.100s' does not resolve inside the schema", ref);
+        /* a placeholder first: the target may refer back to it */
+        jc_node *ph = node_new(s, JN_PENDING);
+        if (!ph) return NULL;
+        s->refs = xrealloc(s->refs, sizeof *s->refs * (size_t)(s->n_refs + 1));
+        s->refs[s->n_refs].ref = xstrdup(ref);
+        s->refs[s->n_refs++].n = ph;
+        jc_node *t = compile(s, target, depth + 1);
+        if (!t) return NULL;
+        /* the placeholder becomes an alternative of one: the target */
+        ph->kind = JN_ALT;
+        alt_add(ph, t);
+        return ph;
+    }
+    if ((x = json_object_get(v, "const"))) {
+        jc_node *n = node_new(s, JN_LITS);
+        if (!n) return NULL;
+        size_t len;
+        char *t = compact(x, &len);
+        lit_add(n, t, len);
+        return n;
+    }
+    if ((x = json_object_get(v, "enum"))) {
+        if (!json_is_array(x) || !json_array_size(x)) return fail(s, "enum must be a non-empty array%s", "");
+        jc_node *n = node_new(s, JN_LITS);
+        if (!n) return NULL;
+        size_t i;
+        json_t *e;
+        json_array_foreach(x, i, e) {
+            size_t len;
+            char *t = compact(e, &len);
+            lit_add(n, t, len);
+        }
+        return n;
+    }
+    const char *alts_key = json_object_get(v, "anyOf") ? "anyOf" : json_object_get(v, "oneOf") ? "oneOf" : NULL;
+    if (alts_key) {
+        x = json_object_get(v, alts_key);
+        if (!json_is_array(x) || !json_array_size(x)) return fail(s, "%s must be a non-empty array", alts_key);
+        if (json_array_size(x) == 1) return compile(s, json_array_get(x, 0), depth + 1);
+        jc_node *a = node_new(s, JN_ALT);
+        if (!a) return NULL;
+        size_t i;
+        json_t *e;
+        json_array_foreach(x, i, e) {
+            jc_node *c = compile(s, e, depth + 1);
+            if (!c) return NULL;
+            alt_add(a, c);
+        }
+        return a;
+    }
+    if ((x = json_object_get(v, "allOf"))) {
+        if (!json_is_array(x) || json_array_size(x) != 1)
+            return fail(s, "allOf is supported with one schema only%s", "");
+        return compile(s, json_array_get(x, 0), depth + 1);
+    }
+    x = json_object_get(v, "type");
+    bool nullable = json_is_true(json_object_get(v, "nullable"));
+    const char *one = json_string_value(x);
+    if (x && !one && !json_is_array(x)) return fail(s, "type must be a string or an array of strings%s", "");
+    if (!x) { /* no type: what the keywords imply, else any value */
+        if (json_object_get(v, "properties") || json_object_get(v, "required") ||
+            json_object_get(v, "additionalProperties"))
+            one = "object";
+        else if (json_object_get(v, "items"))
+            one = "array";
+    }
+    jc_node *n = NULL;
+    if (one) {
+        n = compile_type(s, v, one, depth);
+    } else if (json_is_array(x)) {
+        if (!json_array_size(x)) return fail(s, "type must not be an empty list%s", "");
+        n = json_array_size(x) > 1 ? node_new(s, JN_ALT) : NULL;
+        size_t i;
+        json_t *e;
+        json_array_foreach(x, i, e) {
+            if (!json_is_string(e)) return fail(s, "type must be a string or an array of strings%s", "");
+            jc_node *c = compile_type(s, v, json_string_value(e), depth);
+            if (!c) return NULL;
+            if (n) alt_add(n, c);
+            else n = c;
+        }
+    } else {
+        n = s->any;
+    }
+    if (!n) return NULL;
+    if (nullable && n != s->any) {
+        jc_node *a = node_new(s, JN_ALT);
+        if (!a) return NULL;
+        alt_add(a, n);
+        alt_add(a, s->lit_null);
+        n = a;
+    }
+    return n;
+}
+
+srv_jsonc_schema *srv_jsonc_compile(json_t *schema, char *msg, size_t cap) {
+    srv_jsonc_schema *s = xcalloc(1, sizeof *s);
+    static const char *const tf[] = {"true", "false"}, *const nl[] = {"null"}, *const all[] = {"true", "false", "null"};
+    s->any = node_new(s, JN_ANY);
+    s->lit_bool = lits_of(s, tf, 2);
+    s->lit_null = lits_of(s, nl, 1);
+    s->lit_any = lits_of(s, all, 3);
+    s->keystr = node_new(s, JN_STRING);
+    if (!schema) { /* json_object: an object with any members */
+        s->root = node_new(s, JN_OBJECT);
+        s->root->free_keys = true;
+        s->root->extra = s->any;
+    } else {
+        s->doc = schema;
+        s->root = compile(s, schema, 0);
+        s->doc = NULL;
+    }
+    if (!s->root) {
+        snprintf(msg, cap, "%s", s->err[0] ? s->err : "invalid schema");
+        srv_jsonc_schema_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+/* --------------------------------------------------------------- matcher */
+
+enum {
+    S_VAL,      /* a value of f->n may start (whitespace first) */
+    S_STR,      /* inside a string */
+    S_NUM,      /* inside a number */
+    S_LIT,      /* inside one of f->n's literal texts */
+    S_OBJ_OPEN, /* after '{' */
+    S_OBJ_KEY,  /* inside a declared key (cand, pos) */
+    S_OBJ_COLON,/* after a key */
+    S_OBJ_AFTER,/* after a member's value */
+    S_OBJ_NEXT, /* after ',' */
+    S_ARR_OPEN, /* after '[' */
+    S_ARR_AFTER,/* after an item */
+    S_ARR_NEXT, /* after ',' */
+};
+
+typedef struct jc_frame {
+    const jc_node *n; /* the value's node (JN_ANY: any value; literal nodes for true/false/null) */
+    uint8_t st;
+    uint8_t a;        /* S_STR: 0, 1 after '\', 2..5 hex digits read + 2; S_NUM: grammar state */
+    uint8_t u8n;      /* S_STR: UTF-8 continuation bytes left */
+    uint8_t u8lo, u8hi;
+    uint8_t hexd;     /* S_STR: the first hex digit was d/D */
+    uint8_t frac;     /* S_NUM: fraction and exponent allowed */
+    int16_t cand;     /* S_OBJ_*: the property; S_LIT: a literal consistent with the bytes so far */
+    uint16_t pos;     /* S_OBJ_KEY / S_LIT: bytes matched */
+    int32_t cnt;      /* arrays: items so far; S_NUM: digits of the current part */
+    uint64_t used;    /* objects: properties written */
+} jc_frame;
+
+typedef struct jc_thread {
+    uint8_t depth, ws, nl, done; /* ws, nl: whitespace bytes and newlines in the current run */
+    jc_frame f[JC_MAX_DEPTH];
+} jc_thread;
+
+typedef struct jc_set {
+    int n;
+    jc_thread t[JC_MAX_THREADS];
+} jc_set;
+
+static void thread_copy(jc_thread *d, const jc_thread *s) {
+    d->depth = s->depth;
+    d->ws = s->ws;
+    d->nl = s->nl;
+    d->done = s->done;
+    memcpy(d->f, s->f, sizeof *s->f * s->depth);
+}
+
+static void set_copy(jc_set *d, const jc_set *s) {
+    d->n = s->n;
+    for (int i = 0; i < s->n; i++) thread_copy(&d->t[i], &s->t[i]);
+}
+
+static bool push(jc_thread *t, const jc_node *n) {
+    if (t->depth >= JC_MAX_DEPTH) return false;
+    jc_frame *f = &t->f[t->depth++];
+    memset(f, 0, sizeof *f);
+    f->n = n;
+    f->st = S_VAL;
+    return true;
+}
+
+static void pop(jc_thread *t) {
+    if (--t->depth == 0) t->done = 1;
+}
+
+static bool is_ws(unsigned c) { return c == ' ' || c == '\n' || c == '\r' || c == '\t'; }
+static bool is_digit(unsigned c) { return c >= '0' && c <= '9'; }
+static bool is_hex(unsigned c) { return is_digit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
+
+static bool obj_free(const jc_node *n) { return n->kind == JN_ANY || n->free_keys; }
+static bool obj_unused(const jc_frame *f) {
+    return f->n->n_props > 0 && (f->used | (~0ull << f->n->n_props)) != ~0ull;
+}
+static bool obj_complete(const jc_frame *f) { return f->n->kind == JN_ANY || (f->used & f->n->req) == f->n->req; }
+static const jc_node *arr_items(const jc_node *n, const jc_node *any) {
+    return n->kind == JN_ANY ? any : n->items;
+}
+
+/* number grammar: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? */
+static int num_next(int st, unsigned c, bool frac) {
+    switch (st) {
+    case 0: return c == '-' ? 1 : c == '0' ? 2 : is_digit(c) ? 3 : -1;
+    case 1: return c == '0' ? 2 : is_digit(c) ? 3 : -1;
+    case 2: return frac && c == '.' ? 4 : frac && (c == 'e' || c == 'E') ? 6 : -1;
+    case 3: return is_digit(c) ? 3 : frac && c == '.' ? 4 : frac && (c == 'e' || c == 'E') ? 6 : -1;
+    case 4: return is_digit(c) ? 5 : -1;
+    case 5: return is_digit(c) ? 5 : c == 'e' || c == 'E' ? 6 : -1;
+    case 6: return c == '+' || c == '-' ? 7 : is_digit(c) ? 8 : -1;
+    case 7: return is_digit(c) ? 8 : -1;
+    case 8: return is_digit(c) ? 8 : -1;
+    }
+    return -1;
+}
+static bool num_final(int st) { return st == 2 || st == 3 || st == 5 || st == 8; }
+
+/* A literal of n consistent with the first pos bytes of cand whose byte pos
+ * is c (want_end: whose length is pos), or -1. */
+static int lit_find(const jc_node *n, int cand, size_t pos, int c, bool want_end) {
+    for (int k = 0; k < n->n_lits; k++) {
+        if (want_end ? n->lit_len[k] != pos : n->lit_len[k] <= pos || (unsigned char)n->lits[k][pos] != c) continue;
+        if (cand >= 0 && memcmp(n->lits[k], n->lits[cand], pos)) continue;
+        return k;
+    }
+    return -1;
+}
+
+/* The same for an unused declared key of an object. */
+static int key_find(const jc_frame *f, size_t pos, int c, bool want_end) {
+    const jc_node *n = f->n;
+    for (int k = 0; k < n->n_props; k++) {
+        if (f->used >> k & 1) continue;
+        if (want_end ? n->key_len[k] != pos : n->key_len[k] <= pos || (unsigned char)n->keys[k][pos] != c) continue;
+        if (f->cand >= 0 && pos && memcmp(n->keys[k], n->keys[f->cand], pos)) continue;
+        return k;
+    }
+    return -1;
+}
+
+typedef struct jc_ctx {
+    const srv_jsonc_schema *s;
+    jc_set *out;
+} jc_ctx;
+
+static void emit(jc_ctx *x, const jc_thread *t) {
+    if (x->out->n < JC_MAX_THREADS) thread_copy(&x->out->t[x->out->n++], t);
+}
+
+/* Runs byte c through thread t (modified); the surviving threads (several
+ * when an anyOf forks) go to x->out. */
+static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
+    for (;;) { /* until c is consumed (a value that ends on c hands it to its parent) */
+        if (t->depth == 0) return; /* the value is complete: nothing may follow */
+        jc_frame *f = &t->f[t->depth - 1];
+        const jc_node *n = f->n;
+        if (is_ws(c) && f->st != S_STR && f->st != S_NUM && f->st != S_LIT && f->st != S_OBJ_KEY) {
+            if (++t->ws > JC_MAX_WS || (c == '\n' && ++t->nl > JC_MAX_NL)) return;
+            emit(x, t);
+            return;
+        }
+        switch (f->st) {
+        case S_VAL:
+            if (n->kind == JN_ALT || n->kind == JN_PENDING) {
+                if (fork >= JC_MAX_FORK) return;
+                for (int i = 0; i < n->n_alts; i++) {
+                    jc_thread u;
+                    thread_copy(&u, t);
+                    u.f[u.depth - 1].n = n->alts[i];
+                    run(x, &u, c, fork + 1);
+                }
+                return;
+            }
+            t->ws = t->nl = 0;
+            switch (n->kind) {
+            case JN_ANY:
+                if (c == '{') f->st = S_OBJ_OPEN;
+                else if (c == '[') f->st = S_ARR_OPEN;
+                else if (c == '"') f->st = S_STR;
+                else if (c == '-' || is_digit(c)) {
+                    f->st = S_NUM;
+                    f->frac = 1;
+                    continue;
+                } else if (c == 't' || c == 'f' || c == 'n') {
+                    f->n = x->s->lit_any;
+                    f->st = S_LIT;
+                    f->cand = -1;
+                    continue;
+                } else return;
+                break;
+            case JN_OBJECT:
+                if (c != '{') return;
+                f->st = S_OBJ_OPEN;
+                break;
+            case JN_ARRAY:
+                if (c != '[') return;
+                f->st = S_ARR_OPEN;
+                break;
+            case JN_STRING:
+                if (c != '"') return;
+                f->st = S_STR;
+                break;
+            case JN_NUMBER:
+            case JN_INTEGER:
+                if (c != '-' && !is_digit(c)) return;
+                f->st = S_NUM;
+                f->frac = n->kind == JN_NUMBER;
+                continue;
+            case JN_LITS:
+                f->st = S_LIT;
+                f->cand = -1;
+                continue;
+            default:
+                return;
+            }
+            emit(x, t);
+            return;
+        case S_STR:
+            t->ws = t->nl = 0;
+            if (f->u8n) {
+                if (c < f->u8lo || c > f->u8hi) return;
+                f->u8n--;
+                f->u8lo = 0x80;
+                f->u8hi = 0xBF;
+            } else if (f->a == 1) {
+                if (c == 'u') f->a = 2;
+                else if (strchr("\"\\/bfnrt", (int)c) && c) f->a = 0;
+                else return;
+            } else if (f->a >= 2) {
+                if (!is_hex(c)) return;
+                if (f->a == 2) f->hexd = c == 'd' || c == 'D';
+                /* \uD800-\uDFFF: no lone surrogates (clients' parsers differ) */
+                if (f->a == 3 && f->hexd && ((c >= '8' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')))
+                    return;
+                if (++f->a == 6) f->a = 0;
+            } else if (c == '"') {
+                pop(t);
+            } else if (c == '\\') {
+                f->a = 1;
+            } else if (c < 0x20) {
+                return;
+            } else if (c >= 0x80) {
+                if (c >= 0xC2 && c <= 0xDF) f->u8n = 1, f->u8lo = 0x80, f->u8hi = 0xBF;
+                else if (c == 0xE0) f->u8n = 2, f->u8lo = 0xA0, f->u8hi = 0xBF;
+                else if ((c >= 0xE1 && c <= 0xEC) || c == 0xEE || c == 0xEF) f->u8n = 2, f->u8lo = 0x80, f->u8hi = 0xBF;
+                else if (c == 0xED) f->u8n = 2, f->u8lo = 0x80, f->u8hi = 0x9F;
+                else if (c == 0xF0) f->u8n = 3, f->u8lo = 0x90, f->u8hi = 0xBF;
+                else if (c >= 0xF1 && c <= 0xF3) f->u8n = 3, f->u8lo = 0x80, f->u8hi = 0xBF;
+                else if (c == 0xF4) f->u8n = 3, f->u8lo = 0x80, f->u8hi = 0x8F;
+                else return;
+            }
+            emit(x, t);
+            return;
+        case S_NUM: {
+            int nx = num_next(f->a, c, f->frac);
+            if (nx >= 0 && is_digit(c)) { /* digits per part: what every parser reads (doubles, exact integers) */
+                f->cnt = nx == f->a ? f->cnt + 1 : 1;
+                if (f->cnt > (nx == 3 ? JC_MAX_INT_DIGITS : nx == 5 ? JC_MAX_FRAC_DIGITS : nx == 8 ? JC_MAX_EXP_DIGITS : 1))
+                    nx = -1;
+            }
+            if (nx >= 0) {
+                f->a = (uint8_t)nx;
+                f->pos++;
+                t->ws = t->nl = 0;
+                emit(x, t);
+                return;
+            }
+            if (!num_final(f->a)) return;
+            pop(t); /* the number ended: c belongs to the parent */
+            continue;
+        }
+        case S_LIT: {
+            int k = lit_find(n, f->cand, f->pos, (int)c, false);
+            if (k >= 0) {
+                f->cand = (int16_t)k;
+                f->pos++;
+                t->ws = t->nl = 0;
+                /* a literal that is whole and that no other one extends ends here */
+                if (n->lit_len[k] == f->pos) {
+                    bool longer = false;
+                    for (int i = 0; i < n->n_lits && !longer; i++)
+                        longer = n->lit_len[i] > f->pos && !memcmp(n->lits[i], n->lits[k], f->pos);
+                    if (!longer) pop(t);
+                }
+                emit(x, t);
+                return;
+            }
+            if (f->cand < 0 || lit_find(n, f->cand, f->pos, 0, true) < 0) return;
+            pop(t);
+            continue;
+        }
+        case S_OBJ_OPEN:
+        case S_OBJ_NEXT:
+            t->ws = t->nl = 0;
+            if (c == '}' && f->st == S_OBJ_OPEN) {
+                if (!obj_complete(f)) return;
+                pop(t);
+                emit(x, t);
+                return;
+            }
+            if (c != '"') return;
+            if (obj_free(n)) {
+                f->st = S_OBJ_COLON;
+                f->cand = -1;
+                if (!push(t, x->s->keystr)) return;
+                t->f[t->depth - 1].st = S_STR;
+            } else {
+                if (!obj_unused(f)) return;
+                f->st = S_OBJ_KEY;
+                f->pos = 0;
+                f->cand = -1;
+            }
+            emit(x, t);
+            return;
+        case S_OBJ_KEY: {
+            int k = key_find(f, f->pos, (int)c, false);
+            if (k < 0 && c == '"' && (k = key_find(f, f->pos, 0, true)) >= 0) {
+                f->cand = (int16_t)k;
+                f->st = S_OBJ_COLON;
+                emit(x, t);
+                return;
+            }
+            if (k < 0) return;
+            f->cand = (int16_t)k;
+            f->pos++;
+            emit(x, t);
+            return;
+        }
+        case S_OBJ_COLON: {
+            t->ws = t->nl = 0;
+            if (c != ':') return;
+            f->st = S_OBJ_AFTER;
+            const jc_node *v;
+            if (f->cand >= 0) {
+                f->used |= 1ull << f->cand;
+                v = n->vals[f->cand];
+            } else {
+                v = n->kind == JN_ANY ? x->s->any : n->extra;
+            }
+            if (!push(t, v)) return;
+            emit(x, t);
+            return;
+        }
+        case S_OBJ_AFTER:
+            t->ws = t->nl = 0;
+            if (c == ',') {
+                if (!obj_free(n) && !obj_unused(f)) return;
+                f->st = S_OBJ_NEXT;
+            } else if (c == '}') {
+                if (!obj_complete(f)) return;
+                pop(t);
+            } else {
+                return;
+            }
+            emit(x, t);
+            return;
+        case S_ARR_OPEN:
+        case S_ARR_NEXT:
+            t->ws = t->nl = 0;
+            if (c == ']' && f->st == S_ARR_OPEN) {
+                if (f->cnt < n->min_items) return;
+                pop(t);
+                emit(x, t);
+                return;
+            }
+            if (n->kind != JN_ANY && n->max_items >= 0 && f->cnt >= n->max_items) return;
+            f->cnt++;
+            f->st = S_ARR_AFTER;
+            if (!push(t, arr_items(n, x->s->any))) return;
+            continue; /* c starts the item */
+        case S_ARR_AFTER:
+            t->ws = t->nl = 0;
+            if (c == ',') {
+                if (n->kind != JN_ANY && n->max_items >= 0 && f->cnt >= n->max_items) return;
+                f->st = S_ARR_NEXT;
+            } else if (c == ']') {
+                if (n->kind != JN_ANY && f->cnt < n->min_items) return;
+                pop(t);
+            } else {
+                return;
+            }
+            emit(x, t);
+            return;
+        }
+        return;
+    }
+}
+
+/* Feeds bytes to the set in place; false when no thread survives (the set
+ * is then left in an unspecified state). */
+static bool set_feed(const srv_jsonc_schema *s, jc_set *set, const unsigned char *b, size_t n, jc_set *tmp) {
+    jc_set *cur = set, *nxt = tmp;
+    for (size_t i = 0; i < n; i++) {
+        nxt->n = 0;
+        jc_ctx x = {s, nxt};
+        for (int k = 0; k < cur->n; k++) {
+            jc_thread u;
+            thread_copy(&u, &cur->t[k]);
+            run(&x, &u, b[i], 0);
+        }
+        if (!nxt->n) return false;
+        jc_set *sw = cur;
+        cur = nxt;
+        nxt = sw;
+    }
+    if (cur != set) set_copy(set, cur);
+    return true;
+}
+
+/* The value is closed in some thread: nothing may follow. */
+static bool set_done(const jc_set *set) {
+    for (int i = 0; i < set->n; i++)
+        if (set->t[i].done) return true;
+    return false;
+}
+
+/* The input may end here: some thread is done or ends in a complete
+ * top-level number or literal. */
+static bool set_can_end(const jc_set *set) {
+    for (int i = 0; i < set->n; i++) {
+        const jc_thread *t = &set->t[i];
+        if (t->done) return true;
+        if (t->depth != 1) continue;
+        const jc_frame *f = &t->f[0];
+        if (f->st == S_NUM && num_final(f->a)) return true;
+        if (f->st == S_LIT && f->cand >= 0 && lit_find(f->n, f->cand, f->pos, 0, true) >= 0) return true;
+    }
+    return false;
+}
+
+/* ------------------------------------------------------------ the tokens */
+
+struct srv_jsonc {
+    srv_jsonc_schema *schema;
+    jc_set set, tmp, probe, probe_tmp;
+    bool json_alive;      /* the reply so far is a prefix of a schema value */
+    bool dsml_alt;        /* ... or of a tool-call block's opening */
+    bool off;             /* a tool-call block opened: no constraint */
+    char dsml_buf[JC_MAX_WS + 32];
+    size_t dsml_len;
+    srv_jsonc_vocab v;
+    float *scratch;       /* (n_vocab) masked logits */
+};
+
+srv_jsonc *srv_jsonc_new(srv_jsonc_schema *schema, bool tool_alt, const srv_jsonc_vocab *v) {
+    srv_jsonc *j = xcalloc(1, sizeof *j);
+    j->schema = schema;
+    j->v = *v;
+    j->scratch = malloc((size_t)v->n_vocab * sizeof *j->scratch);
+    if (!j->scratch) {
+        srv_jsonc_free(j);
+        return NULL;
+    }
+    j->set.n = 1;
+    j->set.t[0].depth = 0;
+    push(&j->set.t[0], schema->root);
+    j->json_alive = true;
+    j->dsml_alt = tool_alt;
+    return j;
+}
+
+void srv_jsonc_free(srv_jsonc *j) {
+    if (!j) return;
+    srv_jsonc_schema_free(j->schema);
+    free(j->scratch);
+    free(j);
+}
+
+bool srv_jsonc_active(const srv_jsonc *j) { return j && !j->off; }
+
+bool srv_jsonc_must_end(const srv_jsonc *j) { return j && !j->off && j->json_alive && set_done(&j->set); }
+
+/* The opening tags of a tool-call block (the three families of TEXT C.3). */
+static const char *const OPEN_TAGS[] = {"<" DS4_DSML_MARK "tool_calls>", "<DSML\xef\xbd\x9ctool_calls>", "<tool_calls>"};
+
+/* 0: buf + b is not the start of a block; 1: a prefix of its opening (after
+ * whitespace); 2: the opening is complete. */
+static int dsml_state(const srv_jsonc *j, const char *b, size_t n) {
+    char t[sizeof j->dsml_buf + 64];
+    if (j->dsml_len + n > sizeof t) n = sizeof t - j->dsml_len; /* enough to decide */
+    memcpy(t, j->dsml_buf, j->dsml_len);
+    memcpy(t + j->dsml_len, b, n);
+    size_t len = j->dsml_len + n, i = 0;
+    while (i < len && is_ws((unsigned char)t[i])) i++;
+    if (i > JC_MAX_WS) return 0;
+    const char *r = t + i;
+    size_t rl = len - i;
+    for (size_t k = 0; k < sizeof OPEN_TAGS / sizeof *OPEN_TAGS; k++) {
+        size_t ol = strlen(OPEN_TAGS[k]);
+        if (rl <= ol && !memcmp(r, OPEN_TAGS[k], rl)) return rl == ol ? 2 : 1;
+        if (rl > ol && !memcmp(r, OPEN_TAGS[k], ol)) return 2;
+    }
+    return 0;
+}
+
+static bool json_allows(srv_jsonc *j, const char *b, size_t n) {
+    if (!j->json_alive || !n) return false;
+    set_copy(&j->probe, &j->set);
+    return set_feed(j->schema, &j->probe, (const unsigned char *)b, n, &j->probe_tmp);
+}
+
+bool srv_jsonc_allows(srv_jsonc *j, int32_t tok) {
+    if (!j || j->off) return true;
+    if (tok == j->v.eos) return j->json_alive && set_can_end(&j->set);
+    size_t n = 0;
+    const char *b = j->v.bytes(j->v.user, tok, &n);
+    if (!b) return false;
+    const bool dsml = j->dsml_alt && n && dsml_state(j, b, n) > 0;
+    if (j->v.control(j->v.user, tok)) return tok == j->v.dsml && dsml;
+    return dsml || json_allows(j, b, n);
+}
+
+void srv_jsonc_feed(srv_jsonc *j, int32_t tok) {
+    if (!j || j->off || tok == j->v.eos) return;
+    size_t n = 0;
+    const char *b = j->v.bytes(j->v.user, tok, &n);
+    if (!b) n = 0;
+    const bool control = j->v.control(j->v.user, tok);
+    if (j->json_alive)
+        j->json_alive = !control && n && set_feed(j->schema, &j->set, (const unsigned char *)b, n, &j->tmp);
+    if (j->dsml_alt) {
+        int st = n && (!control || tok == j->v.dsml) ? dsml_state(j, b, n) : 0;
+        if (st == 2) {
+            j->off = true;
+        } else if (st == 1) {
+            memcpy(j->dsml_buf + j->dsml_len, b, n); /* st == 1: still within an opening tag's length */
+            j->dsml_len += n;
+        } else {
+            j->dsml_alt = false;
+        }
+    }
+}
+
+int32_t srv_jsonc_pick(srv_jsonc *j, ds4_sampler *smp, const float *logits, const ds4_sampler_params *p,
+                       ds4_rng *rng) {
+    if (srv_jsonc_must_end(j)) return j->v.eos;
+    const bool sample = p->temperature > 0.0f;
+    int32_t tok = sample ? ds4_sampler_sample(smp, logits, p, rng) : ds4_argmax(logits, j->v.n_vocab);
+    if (tok >= 0 && srv_jsonc_allows(j, tok)) return tok;
+    /* mask the vocabulary: first the bytes a token may start with */
+    bool first[256];
+    for (int c = 0; c < 256; c++) {
+        unsigned char b = (unsigned char)c;
+        first[c] = json_allows(j, (const char *)&b, 1);
+    }
+    for (int t = 0; t < j->v.n_vocab; t++) {
+        size_t n = 0;
+        const char *b = t == j->v.eos ? NULL : j->v.bytes(j->v.user, t, &n);
+        bool ok;
+        if (t == j->v.eos) ok = srv_jsonc_allows(j, t);
+        else if (!b || !n) ok = false;
+        else if (j->dsml_alt && dsml_state(j, b, n) > 0) ok = !j->v.control(j->v.user, t) || t == j->v.dsml;
+        else ok = first[(unsigned char)b[0]] && !j->v.control(j->v.user, t) && json_allows(j, b, n);
+        j->scratch[t] = ok ? logits[t] : -INFINITY;
+    }
+    tok = sample ? ds4_sampler_sample(smp, j->scratch, p, rng) : ds4_argmax(j->scratch, j->v.n_vocab);
+    return tok >= 0 && isfinite(j->scratch[tok]) ? tok : -1;
+}

@@ -1,0 +1,415 @@
+/* test_jsonc.c - JSON replies by constrained decoding (server/jsonc.c,
+ * docs/SERVING.md B.13): schemas that compile or are refused with a reason,
+ * the byte matcher on valid and invalid documents, and whole replies drawn
+ * from random logits over a small vocabulary, which must always be JSON
+ * that follows the schema (checked with jansson and by hand).
+ */
+#include "../../server/jsonc.c"
+#include <ctype.h>
+
+#include "test.h"
+
+/* ---- helpers ----------------------------------------------------------- */
+
+static srv_jsonc_schema *schema_of(const char *text, char *msg, size_t cap) {
+    if (!text) return srv_jsonc_compile(NULL, msg, cap);
+    json_error_t je;
+    json_t *v = json_loads(text, JSON_DECODE_ANY, &je);
+    if (!v) {
+        snprintf(msg, cap, "test schema does not parse: %s", je.text);
+        return NULL;
+    }
+    srv_jsonc_schema *s = srv_jsonc_compile(v, msg, cap);
+    json_decref(v);
+    return s;
+}
+
+/* 1: text is a whole value of the schema; 0: a proper prefix of one (it may
+ * go on but not end); -1: no value starts so. */
+static int match(const char *schema, const char *text) {
+    char msg[256];
+    srv_jsonc_schema *s = schema_of(schema, msg, sizeof msg);
+    if (!s) return -2;
+    static jc_set set, tmp;
+    set.n = 1;
+    set.t[0].depth = 0;
+    set.t[0].ws = set.t[0].nl = set.t[0].done = 0;
+    push(&set.t[0], s->root);
+    int r = set_feed(s, &set, (const unsigned char *)text, strlen(text), &tmp) ? (set_can_end(&set) ? 1 : 0) : -1;
+    srv_jsonc_schema_free(s);
+    return r;
+}
+
+static const char *refused(const char *schema) {
+    static char msg[256];
+    srv_jsonc_schema *s = schema_of(schema, msg, sizeof msg);
+    if (s) {
+        srv_jsonc_schema_free(s);
+        return NULL;
+    }
+    return msg;
+}
+
+/* ---- schemas ------------------------------------------------------------ */
+
+DS4_TEST(jsonc_schemas_refused_with_a_reason) {
+    CHECK_STR(refused("{\"type\":\"strnig\"}"), "unknown type 'strnig'");
+    CHECK_STR(refused("{\"$ref\":\"#/$defs/x\"}"), "$ref '#/$defs/x' does not resolve inside the schema");
+    CHECK_STR(refused("{\"type\":\"object\",\"properties\":{\"a\":{}},\"required\":[\"b\"]}"),
+              "required property 'b' is not in properties");
+    CHECK_STR(refused("{\"enum\":[]}"), "enum must be a non-empty array");
+    CHECK_STR(refused("false"), "a false schema admits no value");
+    CHECK_STR(refused("{\"allOf\":[{},{}]}"), "allOf is supported with one schema only");
+    CHECK_STR(refused("{\"type\":\"array\",\"minItems\":3,\"maxItems\":2}"), "minItems is larger than maxItems");
+    CHECK_STR(refused("{\"type\":[]}"), "type must not be an empty list");
+    CHECK_STR(refused("{\"type\":7}"), "type must be a string or an array of strings");
+    /* 65 properties */
+    char big[4096] = "{\"type\":\"object\",\"properties\":{";
+    for (int i = 0; i < 65; i++) snprintf(big + strlen(big), sizeof big - strlen(big), "%s\"p%d\":{}", i ? "," : "", i);
+    strcat(big, "}}");
+    CHECK_STR(refused(big), "an object has more than 64 properties");
+    /* a schema nested past the limit */
+    char deep[8192] = "";
+    for (int i = 0; i < 70; i++) strcat(deep, "{\"type\":\"array\",\"items\":");
+    strcat(deep, "{}");
+    for (int i = 0; i < 70; i++) strcat(deep, "}");
+    CHECK_STR(refused(deep), "the schema nests too deeply");
+    /* accepted: recursion through $ref, $defs, type lists, nullable, const */
+    CHECK(!refused("{\"$defs\":{\"n\":{\"type\":\"object\",\"properties\":{\"k\":{\"type\":\"array\",\"items\":{\"$ref\":"
+                   "\"#/$defs/n\"}}}}},\"$ref\":\"#/$defs/n\"}"));
+    CHECK(!refused("{\"type\":[\"string\",\"null\"]}"));
+    CHECK(!refused("{\"type\":\"integer\",\"nullable\":true}"));
+    CHECK(!refused("{\"const\":{\"a\":[1,2]}}"));
+    CHECK(!refused("true"));
+    CHECK(!refused("{}"));
+}
+
+/* ---- the matcher -------------------------------------------------------- */
+
+DS4_TEST(jsonc_any_object_is_json) {
+    /* json_object mode: an object with any members */
+    CHECK_EQ_INT(match(NULL, "{\"a\":[1,-2.5e+3,{\"b\":null},true,false,\"x\\u00e9\\n\"],\"\":{}}"), 1);
+    CHECK_EQ_INT(match(NULL, "{ \"a\" : 0 , \"b\":[ ] }"), 1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":1"), 0);
+    CHECK_EQ_INT(match(NULL, "[1]"), -1);           /* the top level is an object */
+    CHECK_EQ_INT(match(NULL, "{\"a\":1,}"), -1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":01}"), -1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":1.}"), -1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":-}"), -1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":tru}"), -1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":nul"), 0);
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\\x\"}"), -1);   /* unknown escape */
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\\ud800\"}"), -1); /* lone surrogate */
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\\uDFFF\"}"), -1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\\ud7ff\\uE000\"}"), 1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\x01\"}"), -1);    /* control character */
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\"}"), 1);
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\xc0\xaf\"}"), -1); /* overlong */
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\xed\xa0\x80\"}"), -1); /* UTF-8 surrogate */
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\xf4\x90\x80\x80\"}"), -1); /* past U+10FFFF */
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\xe2\x82\"}"), -1);  /* cut character */
+    CHECK_EQ_INT(match(NULL, "{} "), -1);             /* nothing after the value */
+    CHECK_EQ_INT(match(NULL, "{}}"), -1);
+}
+
+DS4_TEST(jsonc_whitespace_and_depth_are_bounded) {
+    char buf[256];
+    snprintf(buf, sizeof buf, "{%32s\"a\":1}", "");
+    CHECK_EQ_INT(match(NULL, buf), 1);
+    snprintf(buf, sizeof buf, "{%33s\"a\":1}", "");
+    CHECK_EQ_INT(match(NULL, buf), -1);
+    CHECK_EQ_INT(match(NULL, "{\n\n  \"a\": 1\n}"), 1);
+    CHECK_EQ_INT(match(NULL, "{\n\n\n\"a\":1}"), -1);
+    snprintf(buf, sizeof buf, "{\"a\":\"%40s\"}", "");
+    CHECK_EQ_INT(match(NULL, buf), 1);                      /* inside strings: text */
+    CHECK_EQ_INT(match(NULL, "{\"a\":\"\n\"}"), -1);       /* a raw newline is not JSON */
+    /* 24 levels fit, 25 do not */
+    char deep[128] = "{\"a\":";
+    for (int i = 0; i < 22; i++) strcat(deep, "[");
+    strcat(deep, "1");
+    for (int i = 0; i < 22; i++) strcat(deep, "]");
+    strcat(deep, "}");
+    CHECK_EQ_INT(match(NULL, deep), 1); /* object + 22 arrays + the number: 24 frames */
+    char deeper[128] = "{\"a\":";
+    for (int i = 0; i < 23; i++) strcat(deeper, "[");
+    CHECK_EQ_INT(match(NULL, deeper), 0);
+    strcat(deeper, "1");
+    CHECK_EQ_INT(match(NULL, deeper), -1);
+    /* numbers: 15 integer digits, 16 fraction digits, 2 exponent digits */
+    CHECK_EQ_INT(match("{\"type\":\"integer\"}", "-123456789012345"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"integer\"}", "1234567890123456"), -1);
+    CHECK_EQ_INT(match("{\"type\":\"number\"}", "123456789012345.1234567890123456e-99"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"number\"}", "1.12345678901234567"), -1);
+    CHECK_EQ_INT(match("{\"type\":\"number\"}", "1e100"), -1);
+    CHECK_EQ_INT(match("{\"type\":\"number\"}", "0.5E+12"), 1);
+}
+
+DS4_TEST(jsonc_objects_follow_properties_and_required) {
+    const char *s = "{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"string\"},\"age\":{\"type\":\"integer\"},"
+                    "\"nick\":{\"type\":\"string\"}},\"required\":[\"name\",\"age\"]}";
+    CHECK_EQ_INT(match(s, "{\"name\":\"Ada\",\"age\":36}"), 1);
+    CHECK_EQ_INT(match(s, "{\"age\":36,\"nick\":\"a\",\"name\":\"Ada\"}"), 1); /* any order */
+    CHECK_EQ_INT(match(s, "{\"name\":\"Ada\"}"), -1);                         /* age missing */
+    CHECK_EQ_INT(match(s, "{\"name\":\"Ada\",\"name\":\"B\""), -1);          /* twice */
+    CHECK_EQ_INT(match(s, "{\"other\":1"), -1);                               /* not declared */
+    CHECK_EQ_INT(match(s, "{\"na"), 0);
+    CHECK_EQ_INT(match(s, "{\"nam\""), -1);
+    CHECK_EQ_INT(match(s, "{\"age\":3.5"), -1);                               /* integer */
+    CHECK_EQ_INT(match(s, "{\"age\":-0,\"name\":\"\"}"), 1);
+    /* a comma needs a property left to write */
+    const char *one = "{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"boolean\"}},\"additionalProperties\":false}";
+    CHECK_EQ_INT(match(one, "{\"a\":true}"), 1);
+    CHECK_EQ_INT(match(one, "{\"a\":true,"), -1);
+    CHECK_EQ_INT(match(one, "{}"), 1);
+    CHECK_EQ_INT(match(one, "{\"a\":1}"), -1);
+    /* keys with escapes are written in their JSON form */
+    CHECK_EQ_INT(match("{\"properties\":{\"a\\\"b\":{\"type\":\"null\"}},\"required\":[\"a\\\"b\"]}",
+                       "{\"a\\\"b\":null}"), 1);
+    /* additionalProperties as a schema: a map */
+    const char *map = "{\"type\":\"object\",\"additionalProperties\":{\"type\":\"integer\"}}";
+    CHECK_EQ_INT(match(map, "{\"x\":1,\"y\":2}"), 1);
+    CHECK_EQ_INT(match(map, "{\"x\":\"1\"}"), -1);
+    /* additionalProperties false and nothing declared: only {} */
+    CHECK_EQ_INT(match("{\"type\":\"object\",\"additionalProperties\":false}", "{}"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"object\",\"additionalProperties\":false}", "{\""), -1);
+}
+
+DS4_TEST(jsonc_enums_alternatives_arrays_refs) {
+    const char *e = "{\"enum\":[1,12,\"a\",null,{\"k\":[true]}]}";
+    CHECK_EQ_INT(match(e, "1"), 1);
+    CHECK_EQ_INT(match(e, "12"), 1);
+    CHECK_EQ_INT(match(e, "13"), -1);
+    CHECK_EQ_INT(match(e, "\"a\""), 1);
+    CHECK_EQ_INT(match(e, "\"b\""), -1);
+    CHECK_EQ_INT(match(e, "{\"k\":[true]}"), 1);
+    CHECK_EQ_INT(match(e, "{\"k\": [true]}"), -1); /* enum texts are compact */
+    const char *sn = "{\"type\":[\"string\",\"null\"]}";
+    CHECK_EQ_INT(match(sn, "\"x\""), 1);
+    CHECK_EQ_INT(match(sn, "null"), 1);
+    CHECK_EQ_INT(match(sn, "0"), -1);
+    const char *two = "{\"anyOf\":[{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"integer\"}},\"required\":[\"a\"]},"
+                      "{\"type\":\"object\",\"properties\":{\"b\":{\"type\":\"string\"}},\"required\":[\"b\"]}]}";
+    CHECK_EQ_INT(match(two, "{\"a\":1}"), 1);
+    CHECK_EQ_INT(match(two, "{\"b\":\"x\"}"), 1);
+    CHECK_EQ_INT(match(two, "{\"a\":\"x\"}"), -1);
+    CHECK_EQ_INT(match(two, "{\"c\""), -1);
+    const char *arr = "{\"type\":\"array\",\"items\":{\"type\":\"number\"},\"minItems\":1,\"maxItems\":2}";
+    CHECK_EQ_INT(match(arr, "[]"), -1);
+    CHECK_EQ_INT(match(arr, "[1]"), 1);
+    CHECK_EQ_INT(match(arr, "[1, 2.5]"), 1);
+    CHECK_EQ_INT(match(arr, "[1,2,"), -1);
+    const char *tree = "{\"type\":\"object\",\"properties\":{\"v\":{\"type\":\"integer\"},\"kids\":{\"type\":\"array\","
+                       "\"items\":{\"$ref\":\"#\"}}},\"required\":[\"v\"],\"additionalProperties\":false}";
+    CHECK_EQ_INT(match(tree, "{\"v\":1,\"kids\":[{\"v\":2},{\"v\":3,\"kids\":[{\"v\":4}]}]}"), 1);
+    CHECK_EQ_INT(match(tree, "{\"v\":1,\"kids\":[{\"w\":2}]}"), -1);
+    /* an anyOf that refers to itself forks a bounded number of times */
+    const char *loop = "{\"$defs\":{\"a\":{\"anyOf\":[{\"$ref\":\"#/$defs/a\"},{\"type\":\"string\"}]}},\"$ref\":\"#/$defs/a\"}";
+    CHECK(!refused(loop));
+    CHECK_EQ_INT(match(loop, "\"x\""), 1);
+    CHECK_EQ_INT(match(loop, "1"), -1);
+    /* no type: what the keywords say, else any value */
+    CHECK_EQ_INT(match("{}", "[1,\"a\",{\"b\":null}]"), 1);
+    CHECK_EQ_INT(match("{\"items\":{\"type\":\"boolean\"}}", "[true]"), 1);
+    CHECK_EQ_INT(match("{\"items\":{\"type\":\"boolean\"}}", "[1]"), -1);
+    CHECK_EQ_INT(match("{\"type\":\"number\",\"nullable\":true}", "null"), 1);
+    CHECK_EQ_INT(match("{\"const\":\"on\"}", "\"on\""), 1);
+    CHECK_EQ_INT(match("{\"const\":\"on\"}", "\"off\""), -1);
+}
+
+/* ---- whole replies from random logits ------------------------------------ */
+
+/* A small vocabulary: 0 EOS, 1 the DSML marker, 2 another control token,
+ * then text pieces that can write (and break) JSON. */
+static const char *const VOCAB[] = {
+    "<eos>", "\xef\xbd\x9c" "DSML" "\xef\xbd\x9c", "<ctl>", "{", "}", "[", "]", "\"", ":", ",", " ", "\n", "\n\n",
+    "  ", "\t", "a", "b", "name", "age", "\"name\"", "\":", "\":\"", "\",\"", "1", "0", "-", ".", "5", "e", "12",
+    "true", "false", "null", "tr", "ue", "\\", "n", "u", "00e9", "\xc3", "\xa9", "\xc3\xa9", "red", "\"red\"",
+    "green", "\"}", "\"]", "}]", "x", "co", "lor", "color\":", "c", "d", "f", "g", "h", "i", "j", "k",
+    "l", "m", "o", "p", "q", "r", "s", "t", "v", "w", "y", "z", "<", "tool_calls>", "tags", "\"tags\":[", "ok", "\"ok\":", "{\"", "\x01",
+};
+#define NV ((int)(sizeof VOCAB / sizeof *VOCAB))
+
+static const char *v_bytes(void *u, int32_t id, size_t *n) {
+    (void)u;
+    if (id < 0 || id >= NV) return NULL;
+    *n = strlen(VOCAB[id]);
+    return VOCAB[id];
+}
+static bool v_control(void *u, int32_t id) {
+    (void)u;
+    return id <= 2;
+}
+
+/* Draws a reply under the constraint with random logits; returns the text
+ * (malloc'ed) and whether it ended with EOS. */
+static char *draw(const char *schema, bool tool_alt, uint64_t seed, float temp, bool *ended, bool *freed) {
+    char msg[256];
+    srv_jsonc_schema *s = schema_of(schema, msg, sizeof msg);
+    if (!s) return NULL;
+    srv_jsonc_vocab v = {NV, 0, 1, v_bytes, v_control, NULL};
+    srv_jsonc *j = srv_jsonc_new(s, tool_alt, &v);
+    ds4_err err = {0};
+    ds4_sampler *smp = ds4_sampler_new(NV, &err);
+    ds4_rng rng, lr;
+    ds4_rng_seed(&rng, seed);
+    ds4_rng_seed(&lr, seed * 7919 + 1);
+    ds4_sampler_params p = ds4_sampler_defaults();
+    p.temperature = temp;
+    p.top_p = 1.0f;
+    p.top_k = 0;
+    p.min_p = 0.0f;
+    ds4_buf out = DS4_BUF_INIT;
+    float logits[NV];
+    *ended = false;
+    *freed = false;
+    for (int step = 0; step < 400; step++) {
+        if (!srv_jsonc_active(j)) {
+            *freed = true;
+            break;
+        }
+        for (int k = 0; k < NV; k++) logits[k] = 6.0f * (float)ds4_rng_uniform(&lr);
+        int32_t tok = srv_jsonc_pick(j, smp, logits, &p, &rng);
+        if (tok < 0) break;
+        if (tok == 0) {
+            *ended = true;
+            break;
+        }
+        ds4_buf_puts(&out, VOCAB[tok]);
+        srv_jsonc_feed(j, tok);
+    }
+    srv_jsonc_free(j);
+    ds4_sampler_free(smp);
+    return ds4_buf_detach(&out, NULL);
+}
+
+DS4_TEST(jsonc_random_replies_are_schema_values) {
+    const char *s = "{\"type\":\"object\",\"properties\":{\"color\":{\"enum\":[\"red\",\"green\"]},\"ok\":{\"type\":"
+                    "\"boolean\"},\"age\":{\"type\":\"integer\"},\"tags\":{\"type\":\"array\",\"items\":{\"enum\":[\"a\","
+                    "\"b\"]},\"maxItems\":3}},\"required\":[\"color\",\"ok\",\"age\",\"tags\"],\"additionalProperties\":false}";
+    int n_ended = 0;
+    for (int seed = 1; seed <= 60; seed++) {
+        bool ended, freed;
+        char *text = draw(s, false, (uint64_t)seed, seed % 2 ? 1.0f : 0.0f, &ended, &freed);
+        CHECK(text);
+        /* every property is required and finite, numbers and whitespace are bounded: the reply ends */
+        CHECK_MSG(ended, "seed %d: no EOS after %s", seed, text);
+        n_ended++;
+        json_error_t je;
+        json_t *v = json_loads(text, 0, &je);
+        CHECK_MSG(v, "seed %d: %s: %s", seed, text, je.text);
+        CHECK_EQ_INT(json_object_size(v), 4);
+        const char *c = json_string_value(json_object_get(v, "color"));
+        CHECK_MSG(c && (!strcmp(c, "red") || !strcmp(c, "green")), "seed %d: %s", seed, text);
+        CHECK(json_is_boolean(json_object_get(v, "ok")));
+        CHECK(json_is_integer(json_object_get(v, "age")) || json_is_real(json_object_get(v, "age")));
+        json_t *tags = json_object_get(v, "tags");
+        CHECK(json_is_array(tags) && json_array_size(tags) <= 3);
+        json_decref(v);
+        free(text);
+    }
+    CHECK_EQ_INT(n_ended, 60);
+}
+
+DS4_TEST(jsonc_random_replies_any_object) {
+    /* json_object: no bound on the length, so some replies run out of
+     * steps; every reply that ended is an object */
+    int n_ended = 0;
+    for (int seed = 1; seed <= 60; seed++) {
+        bool ended, freed;
+        char *text = draw(NULL, false, (uint64_t)seed, 1.0f, &ended, &freed);
+        CHECK(text);
+        CHECK(text[0] == '{' || isspace((unsigned char)text[0]) || !text[0]);
+        if (ended) {
+            n_ended++;
+            json_error_t je;
+            json_t *v = json_loads(text, 0, &je);
+            CHECK_MSG(json_is_object(v), "seed %d: %s: %s", seed, text, je.text);
+            json_decref(v);
+        }
+        free(text);
+    }
+    CHECK_MSG(n_ended >= 5, "only %d of 60 replies ended", n_ended);
+}
+
+DS4_TEST(jsonc_tool_block_may_open_instead) {
+    char msg[256];
+    srv_jsonc_vocab v = {NV, 0, 1, v_bytes, v_control, NULL};
+    int ids_ws = 12, ids_lt = -1, ids_tc = -1, ids_brace = 3;
+    for (int i = 0; i < NV; i++) {
+        if (!strcmp(VOCAB[i], "<")) ids_lt = i;
+        if (!strcmp(VOCAB[i], "tool_calls>")) ids_tc = i;
+    }
+    /* with the tool alternative: "\n\n" "<" DSML "tool_calls>" opens a block and frees the reply */
+    srv_jsonc *j = srv_jsonc_new(srv_jsonc_compile(NULL, msg, sizeof msg), true, &v);
+    CHECK(srv_jsonc_allows(j, ids_ws) && srv_jsonc_allows(j, ids_lt) && srv_jsonc_allows(j, ids_brace));
+    CHECK(!srv_jsonc_allows(j, 1)); /* the marker only after '<' */
+    srv_jsonc_feed(j, ids_ws);
+    srv_jsonc_feed(j, ids_lt);
+    CHECK(srv_jsonc_active(j));
+    CHECK(srv_jsonc_allows(j, 1));
+    CHECK(!srv_jsonc_allows(j, ids_brace)); /* JSON is out once '<' was written */
+    CHECK(!srv_jsonc_allows(j, 2));
+    srv_jsonc_feed(j, 1);
+    srv_jsonc_feed(j, ids_tc);
+    CHECK(!srv_jsonc_active(j));
+    srv_jsonc_free(j);
+    /* without it, '<' never fits */
+    j = srv_jsonc_new(srv_jsonc_compile(NULL, msg, sizeof msg), false, &v);
+    CHECK(!srv_jsonc_allows(j, ids_lt) && !srv_jsonc_allows(j, 1));
+    /* once JSON started, the block cannot open */
+    srv_jsonc_free(j);
+    j = srv_jsonc_new(srv_jsonc_compile(NULL, msg, sizeof msg), true, &v);
+    srv_jsonc_feed(j, ids_brace);
+    CHECK(!srv_jsonc_allows(j, ids_lt));
+    srv_jsonc_free(j);
+    /* random replies with the alternative: JSON, or a block that opened */
+    for (int seed = 1; seed <= 40; seed++) {
+        bool ended, freed;
+        char *text = draw(NULL, true, (uint64_t)seed, 1.0f, &ended, &freed);
+        CHECK(text);
+        if (freed) CHECK_MSG(strstr(text, "tool_calls>"), "seed %d: %s", seed, text);
+        if (ended) {
+            json_t *jv = json_loads(text, 0, NULL);
+            CHECK_MSG(json_is_object(jv), "seed %d: %s", seed, text);
+            json_decref(jv);
+        }
+        free(text);
+    }
+}
+
+DS4_TEST(jsonc_end_is_forced_and_nothing_fits_is_reported) {
+    char msg[256];
+    srv_jsonc_vocab v = {NV, 0, 1, v_bytes, v_control, NULL};
+    srv_jsonc *j = srv_jsonc_new(schema_of("{\"type\":\"boolean\"}", msg, sizeof msg), false, &v);
+    int tr = -1;
+    for (int i = 0; i < NV; i++)
+        if (!strcmp(VOCAB[i], "true")) tr = i;
+    CHECK(!srv_jsonc_allows(j, 0)); /* EOS before a value */
+    CHECK(!srv_jsonc_must_end(j));
+    srv_jsonc_feed(j, tr);
+    CHECK(srv_jsonc_must_end(j));
+    CHECK(srv_jsonc_allows(j, 0));
+    float logits[NV];
+    for (int i = 0; i < NV; i++) logits[i] = (float)i;
+    ds4_err err = {0};
+    ds4_sampler *smp = ds4_sampler_new(NV, &err);
+    ds4_rng rng;
+    ds4_rng_seed(&rng, 1);
+    ds4_sampler_params p = ds4_sampler_defaults();
+    p.temperature = 0.0f;
+    CHECK_EQ_INT(srv_jsonc_pick(j, smp, logits, &p, &rng), 0);
+    srv_jsonc_free(j);
+    /* a schema no token of this vocabulary can start: whitespace until its
+     * bound, then -1 */
+    j = srv_jsonc_new(schema_of("{\"const\":7}", msg, sizeof msg), false, &v);
+    int32_t tok = -1;
+    for (int k = 0; k < 64; k++) {
+        tok = srv_jsonc_pick(j, smp, logits, &p, &rng);
+        if (tok < 0) break;
+        CHECK_MSG(strspn(VOCAB[tok], " \t\n") == strlen(VOCAB[tok]), "picked '%s'", VOCAB[tok]);
+        srv_jsonc_feed(j, tok);
+    }
+    CHECK_EQ_INT(tok, -1);
+    srv_jsonc_free(j);
+    ds4_sampler_free(smp);
+}
