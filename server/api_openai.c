@@ -143,12 +143,6 @@ static int refuse_unsupported(json_t *root, srv_api api, srv_error *e) {
             return srv_fail_param(e, "response_format", "unsupported_value",
                                   "response_format: only {\"type\": \"text\"} is supported on /v1/completions");
     }
-    if ((v = json_object_get(root, "logit_bias")) && !json_is_null(v) && !(json_is_object(v) && !json_object_size(v)))
-        return srv_fail_param(e, "logit_bias", "unsupported_value", "logit_bias is not supported");
-    const char *pen[] = {"presence_penalty", "frequency_penalty"};
-    for (int i = 0; i < 2; i++)
-        if ((v = json_object_get(root, pen[i])) && !json_is_null(v) && !(json_is_number(v) && json_number_value(v) == 0))
-            return srv_fail_param(e, pen[i], "unsupported_value", "%s is not supported (only 0)", pen[i]);
     if (api == SRV_API_COMPLETIONS) {
         if ((v = json_object_get(root, "echo")) && json_is_true(v))
             return srv_fail_param(e, "echo", "unsupported_value", "echo is not supported");

@@ -43,6 +43,8 @@ void srv_request_free(srv_request *rq) {
     free(rq->tools_text);
     json_decref(rq->tools_json);
     json_decref(rq->json_schema);
+    free(rq->bias_ids);
+    free(rq->bias_vals);
     free(rq->tool_choice_name);
     for (int i = 0; i < rq->n_aliases; i++) {
         free(rq->aliases[i].rendered);
@@ -413,6 +415,34 @@ static int get_ranged(json_t *root, const char *key, float lo, float hi, float *
     return 0;
 }
 
+/* logit_bias: {"TOKEN_ID": bias in [-100, 100], ...} (OpenAI), at most
+ * SRV_MAX_BIAS entries; ids are checked against the vocabulary later. */
+#define SRV_MAX_BIAS 1024
+static int parse_logit_bias(json_t *v, srv_request *rq, srv_error *e) {
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_object(v))
+        return srv_fail_param(e, "logit_bias", "invalid_value", "logit_bias must be an object of token ids to biases");
+    if (json_object_size(v) > SRV_MAX_BIAS)
+        return srv_fail_param(e, "logit_bias", "invalid_value", "logit_bias: at most %d tokens", SRV_MAX_BIAS);
+    rq->bias_ids = xcalloc(json_object_size(v) + 1, sizeof *rq->bias_ids);
+    rq->bias_vals = xcalloc(json_object_size(v) + 1, sizeof *rq->bias_vals);
+    const char *k;
+    json_t *b;
+    json_object_foreach(v, k, b) {
+        size_t n = strlen(k);
+        bool digits = n > 0 && n <= 10 && strspn(k, "0123456789") == n;
+        long long id = digits ? strtoll(k, NULL, 10) : -1;
+        if (id < 0 || id > INT32_MAX)
+            return srv_fail_param(e, "logit_bias", "invalid_value", "logit_bias: '%.40s' is not a token id", k);
+        if (!json_is_number(b) || !(json_number_value(b) >= -100.0 && json_number_value(b) <= 100.0))
+            return srv_fail_param(e, "logit_bias", "invalid_value",
+                                  "logit_bias: the bias of token %lld must be a number between -100 and 100", id);
+        rq->bias_ids[rq->n_bias] = (int32_t)id;
+        rq->bias_vals[rq->n_bias++] = (float)json_number_value(b);
+    }
+    return 0;
+}
+
 /* n / best_of (one choice is all we generate: anything else is a 400
  * naming the field, never one silent choice) and logprobs: chat has
  * logprobs (bool) + top_logprobs (0..20), completions logprobs (0..5). */
@@ -504,6 +534,9 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
         }
         if (parse_stops(json_object_get(root, "stop"), rq, e)) return -1;
         if (parse_choices_and_logprobs(root, rq, e)) return -1;
+        if (get_ranged(root, "presence_penalty", -2.0f, 2.0f, &rq->presence_penalty, e)) return -1;
+        if (get_ranged(root, "frequency_penalty", -2.0f, 2.0f, &rq->frequency_penalty, e)) return -1;
+        if (parse_logit_bias(json_object_get(root, "logit_bias"), rq, e)) return -1;
     }
     if (api == SRV_API_ANTHROPIC && parse_stops(json_object_get(root, "stop_sequences"), rq, e))
         return -1;

@@ -84,6 +84,12 @@ typedef struct srv_request {
     json_t *echo;          /* members the API's response echoes (Responses) */
     float temperature, top_p, min_p;
     int top_k;
+    /* OpenAI penalties on the counts of generated tokens and logit_bias
+     * (ids checked against the vocabulary in prepare) */
+    float presence_penalty, frequency_penalty;
+    int32_t *bias_ids;     /* (n_bias) */
+    float *bias_vals;
+    int n_bias;
     uint64_t seed;         /* 0: random */
     char **stops;          /* (n_stops) non-empty stop strings */
     int n_stops;
@@ -439,6 +445,7 @@ struct srv_server {
     int32_t *debug_tokens;        /* (n_debug_tokens) --debug-reply's tokens, else NULL */
     int n_debug_tokens;
     double *lp_scratch;           /* (n_vocab) logprobs of a step; worker thread only */
+    float *adj_scratch;           /* (n_vocab) logits after logit_bias and penalties; worker thread only */
     ds4_dsml_replay *replay;      /* exact DSML replay map (TEXT C.8), under replay_mu */
     pthread_mutex_t replay_mu;
     FILE *trace;

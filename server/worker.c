@@ -126,6 +126,12 @@ static int prepare(srv_server *s, srv_request *rq, srv_error *e) {
     pthread_mutex_unlock(&s->replay_mu);
     if (rc || srv_render_tail(rq, n_ctx, e)) return -1;
     ds4_err err = {0};
+    const int n_vocab = ds4_engine_n_vocab(s->engine);
+    for (int i = 0; i < rq->n_bias; i++)
+        if (rq->bias_ids[i] >= n_vocab)
+            return srv_fail_param(e, "logit_bias", "invalid_value",
+                                  "logit_bias: token %d is not in the vocabulary (ids 0..%d)", (int)rq->bias_ids[i],
+                                  n_vocab - 1);
     if (srv_tokenize(s->engine, rq->text, rq->text_len, &rq->tokens, &rq->n_tokens, &err))
         return srv_fail(e, 500, "tokenization failed: %s", err.msg);
     if (rq->n_tokens >= n_ctx) {
@@ -592,6 +598,19 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
     return true;
 }
 
+/* The logits a step samples from under logit_bias and the OpenAI
+ * penalties: l[j] + bias[j] - count[j] * frequency - (count[j] > 0) *
+ * presence, counts over the tokens generated so far (reasoning included). */
+static const float *adjust_logits(float *a, int nv, const srv_request *rq, const float *logits,
+                                  const int32_t *counts) {
+    memcpy(a, logits, (size_t)nv * sizeof *a);
+    for (int i = 0; i < rq->n_bias; i++) a[rq->bias_ids[i]] += rq->bias_vals[i];
+    if (counts)
+        for (int j = 0; j < nv; j++)
+            if (counts[j]) a[j] -= (float)counts[j] * rq->frequency_penalty + rq->presence_penalty;
+    return a;
+}
+
 static const char *jc_bytes(void *user, int32_t id, size_t *n) {
     return ds4_token_bytes((const ds4_engine *)user, id, n);
 }
@@ -646,7 +665,18 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
      * tool call, no logprobs, and no greedy-structure switching (no tools,
      * or greedy anyway). A cycle appends the chosen token and the accepted
      * drafts; those are then taken from the queue without evaluation. */
-    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs && !s->debug_tokens && !jc &&
+    /* logit_bias / penalties: the logits of every step are adjusted (no
+     * backend argmax, no MTP) */
+    const bool penal = rq->presence_penalty != 0.0f || rq->frequency_penalty != 0.0f;
+    const bool adjust = penal || rq->n_bias > 0;
+    int32_t *counts = penal ? calloc((size_t)ds4_engine_n_vocab(s->engine), sizeof *counts) : NULL;
+    if (penal && !counts) {
+        srv_forced_free(fz);
+        srv_jsonc_free(jc);
+        snprintf(r->error_msg, sizeof r->error_msg, "out of memory for the penalties");
+        return SRV_FINISH_ERROR;
+    }
+    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs && !s->debug_tokens && !jc && !adjust &&
                      (!tools || !(ds4_sampler_effective(&cp, g->thinking, 0).temperature > 0.0f));
     ds4_spec_stats st0 = {0};
     if (mtp) ds4_session_spec_stats(s->session, &st0);
@@ -694,7 +724,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
             next = -1;
         } else if (jsonc && srv_jsonc_must_end(jc)) {
             tok = eos; /* the JSON value is complete */
-        } else if (!forced && !(p.temperature > 0.0f) && !rq->logprobs) {
+        } else if (!forced && !(p.temperature > 0.0f) && !rq->logprobs && !adjust) {
             /* greedy: the backend picks the id (no logits copy from a GPU);
              * under the JSON constraint the logits come only when it does not fit */
             if (ds4_session_argmax(s->session, &tok, &err)) FAIL("%s", err.msg)
@@ -707,6 +737,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         } else {
             logits = ds4_session_logits_err(s->session, &err);
             if (!logits) FAIL("%s", err.msg[0] ? err.msg : "no logits")
+            if (adjust) logits = adjust_logits(s->adj_scratch, ds4_engine_n_vocab(s->engine), rq, logits, counts);
             tok = forced  ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
                   : jsonc ? srv_jsonc_pick(jc, s->sampler, logits, &p, &rng)
                   : p.temperature > 0.0f ? ds4_sampler_sample(s->sampler, logits, &p, &rng)
@@ -733,6 +764,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
             qi = 0;
         } else if (!evaluated && ds4_session_eval(s->session, tok, &err)) FAIL("%s", err.msg)
         n_gen++;
+        if (counts && tok >= 0 && tok < ds4_engine_n_vocab(s->engine)) counts[tok]++;
         size_t old = g->gen.len;
         ds4_buf_append(&g->gen, bytes, blen);
         if (g->thinking && !reason_done) { /* a reasoning token, up to the one that closes it */
@@ -806,6 +838,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     feed_to(g, g->gen.len);
     srv_forced_free(fz);
     srv_jsonc_free(jc);
+    free(counts);
     r->usage.completion = n_gen;
     r->usage.reasoning = n_reason;
     return finish;
@@ -975,7 +1008,8 @@ int srv_worker_start(srv_server *s, ds4_err *err) {
     s->sampler = ds4_sampler_new(ds4_engine_n_vocab(s->engine), err);
     if (!s->sampler) return err ? err->code : DS4_E_NOMEM;
     s->lp_scratch = malloc((size_t)ds4_engine_n_vocab(s->engine) * sizeof *s->lp_scratch);
-    if (!s->lp_scratch) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    s->adj_scratch = malloc((size_t)ds4_engine_n_vocab(s->engine) * sizeof *s->adj_scratch);
+    if (!s->lp_scratch || !s->adj_scratch) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
     if (pthread_create(&s->worker, NULL, worker_main, s))
         return ds4_err_set(err, DS4_E_INTERNAL, "cannot start the worker thread");
     s->worker_started = true;
@@ -994,4 +1028,6 @@ void srv_worker_stop(srv_server *s) {
     s->sampler = NULL;
     free(s->lp_scratch);
     s->lp_scratch = NULL;
+    free(s->adj_scratch);
+    s->adj_scratch = NULL;
 }

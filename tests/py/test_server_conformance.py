@@ -479,16 +479,15 @@ def test_prefill_continues_the_assistant_message_and_roles_are_checked(tmp_path)
 
 
 def test_unsupported_options_are_refused_and_media_is_named(tmp_path):
-    """Options ds4 does not implement are a 400 naming them (they were ignored: penalties with no effect; JSON
-    formats are served since, test_server_json.py), their no-op values pass; media parts (images, audio, files) become a line
+    """Options ds4 does not implement are a 400 naming them (JSON formats, logit_bias and the
+    penalties are served since: test_server_json.py, test_logit_bias_and_penalties_change_the_reply), their no-op values pass; media parts (images, audio, files) become a line
     telling the model what it cannot see, in every API (they were dropped, so the model answered as if the
     image were not there)."""
     trace = tmp_path / "t.txt"
     bad = [("/v1/chat/completions", {"response_format": {"type": "grammar"}}, b"response_format"),
+           ("/v1/chat/completions", {"logit_bias": {"42": 500}}, b"logit_bias"),
+           ("/v1/chat/completions", {"presence_penalty": 2.5}, b"presence_penalty"),
            ("/v1/completions", {"response_format": {"type": "json_object"}}, b"response_format"),
-           ("/v1/chat/completions", {"logit_bias": {"42": 5}}, b"logit_bias"),
-           ("/v1/chat/completions", {"presence_penalty": 0.5}, b"presence_penalty"),
-           ("/v1/chat/completions", {"frequency_penalty": -1}, b"frequency_penalty"),
            ("/v1/chat/completions", {"tool_choice": "sometimes"}, b"tool_choice"),
            ("/v1/chat/completions", {"tool_choice": "required"}, b"needs tools"),
            ("/v1/completions", {"echo": True}, b"echo"),
@@ -1044,3 +1043,35 @@ def test_unsupported_inputs_are_named_in_the_error():
         m = s.anthropic().messages.create(model="m", max_tokens=200, messages=user("run ls"), tools=[custom],
                                           tool_choice={"type": "any"}, extra_body=NO_THINK)
         assert [b.name for b in m.content if b.type == "tool_use"] == ["Bash"], m.content
+
+
+def test_logit_bias_and_penalties_change_the_reply():
+    """logit_bias and the OpenAI penalties (they were 400s): +100 makes a
+    token every greedy pick; a frequency penalty counts the repeats until
+    another token wins; ids outside the vocabulary are a 400."""
+    with Server() as s:
+        c = s.openai()
+        kw = dict(model="m", messages=user("hi"), max_tokens=80, temperature=0, logprobs=True,
+                  extra_body=NO_THINK)
+        plain = c.chat.completions.create(**kw)
+        biased = c.chat.completions.create(logit_bias={"1000": 100}, **kw)
+        toks = [t.token for t in biased.choices[0].logprobs.content]
+        assert len(toks) == 80 and len(set(toks)) == 1, toks
+        assert biased.choices[0].message.content != plain.choices[0].message.content
+        pen = c.chat.completions.create(logit_bias={"1000": 100}, frequency_penalty=2.0, **kw)
+        ptoks = [t.token for t in pen.choices[0].logprobs.content]
+        n = next(i for i, t in enumerate(ptoks + [None]) if t != toks[0])
+        assert 10 < n < 80, ptoks  # 100 - 2 * count falls below the next logit
+        # a negative presence penalty only favours what was written: the bias still wins
+        pres = c.chat.completions.create(logit_bias={"1000": 100}, presence_penalty=-2.0, **kw)
+        assert pres.choices[0].message.content == biased.choices[0].message.content
+        # completions too, and streaming gives the same text
+        r = c.completions.create(model="m", prompt="hi", max_tokens=5, temperature=0, logit_bias={"1000": 100})
+        import openai  # completions stream chunks carry finish_reason null, which strict validation refuses
+        loose = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        streamed = "".join(ch.choices[0].text for ch in loose.completions.create(
+            model="m", prompt="hi", max_tokens=5, temperature=0, logit_bias={"1000": 100}, stream=True))
+        assert streamed == r.choices[0].text == toks[0] * 5, (streamed, r.choices[0].text, toks[0])
+        st, _, body = s.raw("POST", "/v1/chat/completions", {"model": "m", "max_tokens": 2, "messages": user("x"),
+                                                             "logit_bias": {"129280": 1}})
+        assert st == 400 and b"not in the vocabulary" in body, body

@@ -691,3 +691,35 @@ DS4_TEST(server_responses_binding_visible_text_prefixes_tool_output_turn) {
         srv_request_free(&rq2);
     }
 }
+
+/* ---- logit_bias and penalties ------------------------------------------- */
+
+DS4_TEST(server_logit_bias_and_penalties) {
+    srv_request rq;
+    srv_error e;
+    CHECK(!parse(SRV_API_CHAT,
+                 "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logit_bias\":{\"2\":-100,\"0\":5.5},"
+                 "\"presence_penalty\":0.5,\"frequency_penalty\":-1.25}",
+                 &rq, &e));
+    CHECK_EQ_INT(rq.n_bias, 2);
+    float logits[4] = {1.0f, 2.0f, 3.0f, 4.0f}, out[4];
+    int32_t counts[4] = {0, 2, 1, 0};
+    const float *a = adjust_logits(out, 4, &rq, logits, counts);
+    /* l + bias - count * frequency - (count > 0) * presence, in float */
+    CHECK(a[0] == 1.0f + 5.5f);
+    CHECK(a[1] == 2.0f - (2.0f * -1.25f + 0.5f));
+    CHECK(a[2] == (3.0f - 100.0f) - (1.0f * -1.25f + 0.5f));
+    CHECK(a[3] == 4.0f);
+    a = adjust_logits(out, 4, &rq, logits, NULL); /* no penalties: the bias only */
+    CHECK(a[1] == 2.0f && a[2] == 3.0f - 100.0f);
+    srv_request_free(&rq);
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"-1\":1}}", 400, "logit_bias: '-1' is not a token id"));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"12345678901\":1}}", 400,
+                     "logit_bias: '12345678901' is not a token id"));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"7\":\"5\"}}", 400,
+                     "logit_bias: the bias of token 7 must be a number between -100 and 100"));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":[1]}", 400,
+                     "logit_bias must be an object of token ids to biases"));
+    CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":\"x\",\"presence_penalty\":2.5}", 400,
+                     "presence_penalty must be between -2 and 2"));
+}
