@@ -537,7 +537,7 @@ int ds4_engine_open(ds4_engine **out, const ds4_engine_opts *opts, ds4_err *err)
     build_describe(e, what);
     *out = e;
     return 0;
-fail:
+fail:;
     /* not when the file reader named the file already ("PATH: ...") */
     const size_t wl = strlen(what);
     if (err && !(!strncmp(err->msg, what, wl) && err->msg[wl] == ':' && err->msg[wl + 1] == ' '))
@@ -1135,7 +1135,7 @@ int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_s
         if (i < k) s->st.pos_accepted[i]++;
     }
     return 0;
-fail:
+fail:;
     session_clear(s);
     return rc;
 }
@@ -1245,7 +1245,7 @@ int ds4_session_load(ds4_session *s, const void *buf, size_t n_bytes, ds4_err *e
     s->n_tokens = (int)T;
     return 0;
 #undef BAD
-fail:
+fail:;
     session_clear(s);
     return rc;
 }
