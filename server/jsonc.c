@@ -13,17 +13,15 @@
  * closed the top-level value the reply ends (EOS is forced).
  *
  * What the output keeps to: JSON (RFC 8259) with whitespace runs of at most
- * JC_MAX_WS bytes and JC_MAX_NL newlines between tokens, strings of valid UTF-8 without lone
- * surrogate escapes, numbers of at most 15 integer, 16 fraction and 2
- * exponent digits (JSON parsers differ past doubles); and of a schema:
- * type (a name or a list), enum, const, anyOf / oneOf (as anyOf), allOf of
- * one schema, $ref into the document ("#", "#/$defs/...", any JSON
- * pointer), properties with required (each property at most once, in any
- * order), additionalProperties (false, or a schema for objects that declare
- * no properties; with declared properties only those are written), items,
- * minItems / maxItems, nullable. Other keywords (pattern, format, lengths,
- * bounds) are not enforced. Objects have at most JC_MAX_PROPS properties
- * and values nest at most JC_MAX_DEPTH deep.
+ * JC_MAX_WS bytes and JC_MAX_NL newlines between tokens, strings of valid
+ * UTF-8 without lone surrogate escapes, numbers of at most 15 integer, 16
+ * fraction and 2 exponent digits (JSON parsers differ past doubles); and
+ * the schema's keywords listed in B.13. At compile time alternatives are
+ * flattened through $refs and nested anyOfs (each value offers at most
+ * JC_MAX_THREADS) and every node learns the frames its shallowest value
+ * needs (mindepth): a schema with no value within JC_MAX_DEPTH is refused,
+ * and at run time a member, item or alternative is offered only when its
+ * value fits below, so no reply can reach a dead end.
  *
  * With tools and tool_choice auto the reply may instead open a tool-call
  * block: while only whitespace has been written, tokens that continue a
@@ -40,15 +38,18 @@
 #include "util/xalloc.h"
 
 #define JC_MAX_DEPTH 24
-#define JC_MAX_THREADS 8
+#define JC_MAX_THREADS 32 /* live matchers; also the most alternatives one value may offer */
 #define JC_MAX_PROPS 64
 #define JC_MAX_WS 32 /* whitespace bytes between two tokens of the JSON text */
 #define JC_MAX_NL 2  /* newlines among them */
 #define JC_MAX_INT_DIGITS 15  /* integers exact in a double (JavaScript clients) */
 #define JC_MAX_FRAC_DIGITS 16
 #define JC_MAX_EXP_DIGITS 2   /* no overflow to infinity (parsers refuse it) */
-#define JC_MAX_FORK 8       /* nested anyOf expansions for one byte */
 #define JC_MAX_NODES 20000  /* compile budget (schemas are request input) */
+#define JC_MAX_LITS 1024    /* values of one enum */
+#define JC_MAX_LIT_BYTES 16384 /* one enum / const value, compact */
+#define JC_MAX_KEY_BYTES 1024
+#define JC_INF 1000000      /* no value within the nesting limit */
 #define JC_MAX_SCHEMA_DEPTH 64
 
 typedef enum { JN_ANY, JN_OBJECT, JN_ARRAY, JN_STRING, JN_NUMBER, JN_INTEGER, JN_LITS, JN_ALT, JN_PENDING } jn_kind;
@@ -74,6 +75,13 @@ struct jc_node {
     /* JN_ALT */
     int n_alts;
     jc_node **alts;
+    /* JN_ALT after compiling: the alternatives that are not alternatives
+     * themselves, through $refs and nested anyOfs, each once */
+    int n_leaves;
+    jc_node **leaves;
+    /* frames the shallowest value of this node needs (JC_INF: none fits) */
+    int mindepth;
+    unsigned stamp;
 };
 
 struct srv_jsonc_schema {
@@ -116,6 +124,7 @@ static void node_free(jc_node *n) {
     free(n->lits);
     free(n->lit_len);
     free(n->alts);
+    free(n->leaves);
     free(n);
 }
 
@@ -142,7 +151,7 @@ static char *compact(json_t *v, size_t *len) {
 }
 
 static void lit_add(jc_node *n, char *text, size_t len) {
-    for (int i = 0; i < n->n_lits; i++)
+    for (int i = 0; i < n->n_lits; i++) /* at most JC_MAX_LITS: checked by the callers */
         if (n->lit_len[i] == len && !memcmp(n->lits[i], text, len)) {
             free(text);
             return;
@@ -221,8 +230,10 @@ static jc_node *compile_type(srv_jsonc_schema *s, json_t *v, const char *type, i
             return fail(s, "minItems must be a non-negative integer%s", "");
         if (mx && (!json_is_integer(mx) || json_integer_value(mx) < 0))
             return fail(s, "maxItems must be a non-negative integer%s", "");
-        n->min_items = mn ? (long)(json_integer_value(mn) > 100000 ? 100000 : json_integer_value(mn)) : 0;
-        n->max_items = mx ? (long)(json_integer_value(mx) > 1000000 ? 1000000 : json_integer_value(mx)) : -1;
+        if ((mn && json_integer_value(mn) > 1000000) || (mx && json_integer_value(mx) > 1000000))
+            return fail(s, "minItems and maxItems must be at most 1000000%s", "");
+        n->min_items = mn ? (long)json_integer_value(mn) : 0;
+        n->max_items = mx ? (long)json_integer_value(mx) : -1;
         if (n->max_items >= 0 && n->min_items > n->max_items) return fail(s, "minItems is larger than maxItems%s", "");
         return n;
     }
@@ -240,6 +251,7 @@ static jc_node *compile_type(srv_jsonc_schema *s, json_t *v, const char *type, i
             n->keys = xrealloc(n->keys, sizeof *n->keys * (size_t)(n->n_props + 1));
             n->key_len = xrealloc(n->key_len, sizeof *n->key_len * (size_t)(n->n_props + 1));
             n->vals = xrealloc(n->vals, sizeof *n->vals * (size_t)(n->n_props + 1));
+            if (strlen(k) > JC_MAX_KEY_BYTES) return fail(s, "a property name is longer than 1024 bytes%s", "");
             json_t *ks = json_string(k);
             size_t kl;
             char *kt = compact(ks, &kl);
@@ -284,6 +296,64 @@ static jc_node *compile_type(srv_jsonc_schema *s, json_t *v, const char *type, i
     return fail(s, "unknown type '%.60s'", type);
 }
 
+/* Keywords that constrain a value beside $ref, anyOf/oneOf or allOf: the
+ * intersection is not implemented, so they are refused rather than ignored
+ * (title, description, default and the like are fine). */
+static const char *constraining_sibling(json_t *v, const char *self) {
+    static const char *const keys[] = {"$ref", "anyOf", "oneOf", "allOf", "type", "enum", "const", "properties",
+                                       "required", "additionalProperties", "items", "minItems", "maxItems",
+                                       "nullable"};
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
+        if (strcmp(keys[i], self) && json_object_get(v, keys[i]) && !json_is_null(json_object_get(v, keys[i])))
+            return keys[i];
+    return NULL;
+}
+
+/* Whether JSON value e has one of the types of the "type" keyword t (NULL:
+ * any); an integral real counts as an integer. */
+static bool of_type(json_t *e, json_t *t) {
+    if (!t) return true;
+    if (json_is_array(t)) {
+        size_t i;
+        json_t *x;
+        json_array_foreach(t, i, x) if (of_type(e, x)) return true;
+        return false;
+    }
+    const char *n = json_string_value(t);
+    if (!n) return false;
+    if (!strcmp(n, "string")) return json_is_string(e);
+    if (!strcmp(n, "number")) return json_is_number(e);
+    if (!strcmp(n, "integer"))
+        return json_is_integer(e) || (json_is_real(e) && json_real_value(e) == floor(json_real_value(e)));
+    if (!strcmp(n, "boolean")) return json_is_boolean(e);
+    if (!strcmp(n, "null")) return json_is_null(e);
+    if (!strcmp(n, "array")) return json_is_array(e);
+    if (!strcmp(n, "object")) return json_is_object(e);
+    return false;
+}
+
+/* enum / const: the values (of the "type" beside them, if any) as texts. */
+static jc_node *compile_lits(srv_jsonc_schema *s, json_t *v, json_t *vals, const char *what) {
+    json_t *t = json_object_get(v, "type");
+    if (json_is_true(json_object_get(v, "nullable")) && t) t = NULL; /* null is fine too */
+    jc_node *n = node_new(s, JN_LITS);
+    if (!n) return NULL;
+    size_t i;
+    json_t *e;
+    json_array_foreach(vals, i, e) {
+        if (!of_type(e, t)) continue;
+        size_t len;
+        char *text = compact(e, &len);
+        if (len > JC_MAX_LIT_BYTES) {
+            free(text);
+            return fail(s, "%s: a value is longer than 16384 bytes", what);
+        }
+        lit_add(n, text, len);
+    }
+    if (!n->n_lits) return fail(s, "%s: no value has the schema's type", what);
+    return n;
+}
+
 static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
     if (s->err[0]) return NULL;
     if (depth > JC_MAX_SCHEMA_DEPTH) return fail(s, "the schema nests too deeply%s", "");
@@ -291,9 +361,11 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
     if (json_is_false(v)) return fail(s, "a false schema admits no value%s", "");
     if (!json_is_object(v)) return fail(s, "a schema must be an object or a boolean%s", "");
     json_t *x;
+    const char *sib;
     if ((x = json_object_get(v, "$ref"))) {
         const char *ref = json_string_value(x);
         if (!ref) return fail(s, "$ref must be a string%s", "");
+        if ((sib = constraining_sibling(v, "$ref"))) return fail(s, "'%s' beside $ref is not supported", sib);
         for (int i = 0; i < s->n_refs; i++)
             if (!strcmp(s->refs[i].ref, ref)) return s->refs[i].n;
         json_t *target = resolve(s->doc, ref);
@@ -312,30 +384,25 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
         return ph;
     }
     if ((x = json_object_get(v, "const"))) {
-        jc_node *n = node_new(s, JN_LITS);
-        if (!n) return NULL;
-        size_t len;
-        char *t = compact(x, &len);
-        lit_add(n, t, len);
+        json_t *one = json_pack("[O]", x);
+        jc_node *n = compile_lits(s, v, one, "const");
+        json_decref(one);
         return n;
     }
     if ((x = json_object_get(v, "enum"))) {
         if (!json_is_array(x) || !json_array_size(x)) return fail(s, "enum must be a non-empty array%s", "");
-        jc_node *n = node_new(s, JN_LITS);
-        if (!n) return NULL;
-        size_t i;
-        json_t *e;
-        json_array_foreach(x, i, e) {
-            size_t len;
-            char *t = compact(e, &len);
-            lit_add(n, t, len);
-        }
-        return n;
+        if (json_array_size(x) > JC_MAX_LITS) return fail(s, "enum has more than 1024 values%s", "");
+        return compile_lits(s, v, x, "enum");
     }
     const char *alts_key = json_object_get(v, "anyOf") ? "anyOf" : json_object_get(v, "oneOf") ? "oneOf" : NULL;
     if (alts_key) {
         x = json_object_get(v, alts_key);
         if (!json_is_array(x) || !json_array_size(x)) return fail(s, "%s must be a non-empty array", alts_key);
+        if ((sib = constraining_sibling(v, alts_key)))
+            return fail(s, sib[0] == 'a' || sib[0] == 'o' ? "anyOf, oneOf and allOf together are not supported%s"
+                                                          : "'%s' beside anyOf/oneOf is not supported (put it in "
+                                                            "each alternative)",
+                        sib[0] == 'a' || sib[0] == 'o' ? "" : sib);
         if (json_array_size(x) == 1) return compile(s, json_array_get(x, 0), depth + 1);
         jc_node *a = node_new(s, JN_ALT);
         if (!a) return NULL;
@@ -351,6 +418,7 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
     if ((x = json_object_get(v, "allOf"))) {
         if (!json_is_array(x) || json_array_size(x) != 1)
             return fail(s, "allOf is supported with one schema only%s", "");
+        if ((sib = constraining_sibling(v, "allOf"))) return fail(s, "'%s' beside allOf is not supported", sib);
         return compile(s, json_array_get(x, 0), depth + 1);
     }
     x = json_object_get(v, "type");
@@ -393,6 +461,78 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
     return n;
 }
 
+/* The leaves of alternative node a (DFS through nested alternatives and
+ * $ref placeholders, each leaf once, cycles cut). */
+static void leaves_of(srv_jsonc_schema *s, jc_node *a, jc_node *n, unsigned stamp, long *work) {
+    if (n->stamp == stamp || ++*work > 4000000) return;
+    n->stamp = stamp;
+    if (n->kind != JN_ALT) {
+        a->leaves = xrealloc(a->leaves, sizeof *a->leaves * (size_t)(a->n_leaves + 1));
+        a->leaves[a->n_leaves++] = n;
+        return;
+    }
+    for (int i = 0; i < n->n_alts && a->n_leaves <= JC_MAX_THREADS; i++) leaves_of(s, a, n->alts[i], stamp, work);
+}
+
+/* After compiling: each alternative node's leaves, then each node's
+ * mindepth (the frames its shallowest value needs) by relaxation: a
+ * value nesting m levels is found in m rounds, and nothing deeper than
+ * JC_MAX_DEPTH is of use. 0, or -1 with s->err set. */
+static int finish(srv_jsonc_schema *s) {
+    unsigned stamp = 0;
+    long work = 0;
+    for (int i = 0; i < s->n_nodes; i++) {
+        jc_node *n = s->nodes[i];
+        if (n->kind != JN_ALT) continue;
+        n->stamp = ++stamp; /* not a leaf of itself */
+        for (int k = 0; k < n->n_alts && n->n_leaves <= JC_MAX_THREADS; k++) leaves_of(s, n, n->alts[k], stamp, &work);
+        if (work > 4000000) {
+            snprintf(s->err, sizeof s->err, "the schema's alternatives are too many to serve");
+            return -1;
+        }
+        if (n->n_leaves > JC_MAX_THREADS) {
+            snprintf(s->err, sizeof s->err, "more than %d alternatives (anyOf, type lists) for one value",
+                     JC_MAX_THREADS);
+            return -1;
+        }
+    }
+    for (int i = 0; i < s->n_nodes; i++) {
+        jc_node *n = s->nodes[i];
+        n->mindepth = n->kind == JN_OBJECT || n->kind == JN_ARRAY || n->kind == JN_ALT || n->kind == JN_PENDING
+                          ? JC_INF
+                          : 1;
+    }
+    for (int round = 0; round <= JC_MAX_DEPTH + 1; round++) {
+        bool changed = false;
+        for (int i = 0; i < s->n_nodes; i++) {
+            jc_node *n = s->nodes[i];
+            int m = n->mindepth;
+            if (n->kind == JN_OBJECT) {
+                m = 1;
+                for (int k = 0; k < n->n_props; k++)
+                    if (n->req >> k & 1 && n->vals[k]->mindepth + 1 > m) m = n->vals[k]->mindepth + 1;
+            } else if (n->kind == JN_ARRAY) {
+                m = n->min_items == 0 ? 1 : n->items->mindepth + 1;
+            } else if (n->kind == JN_ALT) {
+                for (int k = 0; k < n->n_leaves; k++)
+                    if (n->leaves[k]->mindepth < m) m = n->leaves[k]->mindepth;
+            }
+            if (m > JC_INF) m = JC_INF;
+            if (m != n->mindepth) {
+                n->mindepth = m;
+                changed = true;
+            }
+        }
+        if (!changed) break;
+    }
+    if (s->root->mindepth > JC_MAX_DEPTH) {
+        snprintf(s->err, sizeof s->err, "the schema admits no value nested at most %d levels deep (a $ref cycle "
+                 "without a way out, or required values nested too deeply)", JC_MAX_DEPTH);
+        return -1;
+    }
+    return 0;
+}
+
 srv_jsonc_schema *srv_jsonc_compile(json_t *schema, char *msg, size_t cap) {
     srv_jsonc_schema *s = xcalloc(1, sizeof *s);
     static const char *const tf[] = {"true", "false"}, *const nl[] = {"null"}, *const all[] = {"true", "false", "null"};
@@ -410,6 +550,7 @@ srv_jsonc_schema *srv_jsonc_compile(json_t *schema, char *msg, size_t cap) {
         s->root = compile(s, schema, 0);
         s->doc = NULL;
     }
+    if (s->root && finish(s)) s->root = NULL;
     if (!s->root) {
         snprintf(msg, cap, "%s", s->err[0] ? s->err : "invalid schema");
         srv_jsonc_schema_free(s);
@@ -443,8 +584,8 @@ typedef struct jc_frame {
     uint8_t u8lo, u8hi;
     uint8_t hexd;     /* S_STR: the first hex digit was d/D */
     uint8_t frac;     /* S_NUM: fraction and exponent allowed */
-    int16_t cand;     /* S_OBJ_*: the property; S_LIT: a literal consistent with the bytes so far */
-    uint16_t pos;     /* S_OBJ_KEY / S_LIT: bytes matched */
+    int32_t cand;     /* S_OBJ_*: the property; S_LIT: a literal consistent with the bytes so far */
+    uint32_t pos;     /* S_OBJ_KEY / S_LIT: bytes matched */
     int32_t cnt;      /* arrays: items so far; S_NUM: digits of the current part */
     uint64_t used;    /* objects: properties written */
 } jc_frame;
@@ -472,8 +613,9 @@ static void set_copy(jc_set *d, const jc_set *s) {
     for (int i = 0; i < s->n; i++) thread_copy(&d->t[i], &s->t[i]);
 }
 
+/* A new frame for a value of n, if its shallowest value fits below. */
 static bool push(jc_thread *t, const jc_node *n) {
-    if (t->depth >= JC_MAX_DEPTH) return false;
+    if (t->depth + n->mindepth > JC_MAX_DEPTH) return false;
     jc_frame *f = &t->f[t->depth++];
     memset(f, 0, sizeof *f);
     f->n = n;
@@ -490,8 +632,14 @@ static bool is_digit(unsigned c) { return c >= '0' && c <= '9'; }
 static bool is_hex(unsigned c) { return is_digit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F'); }
 
 static bool obj_free(const jc_node *n) { return n->kind == JN_ANY || n->free_keys; }
-static bool obj_unused(const jc_frame *f) {
-    return f->n->n_props > 0 && (f->used | (~0ull << f->n->n_props)) != ~0ull;
+static const jc_node *free_val(const jc_node *n, const jc_node *any) { return n->kind == JN_ANY ? any : n->extra; }
+/* Whether the object (frame f at depth) can take one more member: a free
+ * key, or an unused property whose value fits below. */
+static bool obj_can_add(const jc_frame *f, int depth, const jc_node *any) {
+    if (obj_free(f->n)) return depth + free_val(f->n, any)->mindepth <= JC_MAX_DEPTH;
+    for (int k = 0; k < f->n->n_props; k++)
+        if (!(f->used >> k & 1) && depth + f->n->vals[k]->mindepth <= JC_MAX_DEPTH) return true;
+    return false;
 }
 static bool obj_complete(const jc_frame *f) { return f->n->kind == JN_ANY || (f->used & f->n->req) == f->n->req; }
 static const jc_node *arr_items(const jc_node *n, const jc_node *any) {
@@ -526,11 +674,12 @@ static int lit_find(const jc_node *n, int cand, size_t pos, int c, bool want_end
     return -1;
 }
 
-/* The same for an unused declared key of an object. */
-static int key_find(const jc_frame *f, size_t pos, int c, bool want_end) {
+/* The same for an unused declared key of an object (frame f at depth)
+ * whose value fits below. */
+static int key_find(const jc_frame *f, int depth, size_t pos, int c, bool want_end) {
     const jc_node *n = f->n;
     for (int k = 0; k < n->n_props; k++) {
-        if (f->used >> k & 1) continue;
+        if (f->used >> k & 1 || depth + n->vals[k]->mindepth > JC_MAX_DEPTH) continue;
         if (want_end ? n->key_len[k] != pos : n->key_len[k] <= pos || (unsigned char)n->keys[k][pos] != c) continue;
         if (f->cand >= 0 && pos && memcmp(n->keys[k], n->keys[f->cand], pos)) continue;
         return k;
@@ -543,13 +692,23 @@ typedef struct jc_ctx {
     jc_set *out;
 } jc_ctx;
 
+/* Adds t to the output set unless an identical thread is there (frames are
+ * zeroed when pushed, so whole frames compare); past JC_MAX_THREADS distinct
+ * threads the rest are dropped (the schema compiler refuses values with
+ * more alternatives; nested ones could still multiply). */
 static void emit(jc_ctx *x, const jc_thread *t) {
+    for (int i = 0; i < x->out->n; i++) {
+        const jc_thread *u = &x->out->t[i];
+        if (u->depth == t->depth && u->ws == t->ws && u->nl == t->nl && u->done == t->done &&
+            !memcmp(u->f, t->f, sizeof *t->f * t->depth))
+            return;
+    }
     if (x->out->n < JC_MAX_THREADS) thread_copy(&x->out->t[x->out->n++], t);
 }
 
 /* Runs byte c through thread t (modified); the surviving threads (several
  * when an anyOf forks) go to x->out. */
-static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
+static void run(jc_ctx *x, jc_thread *t, unsigned c) {
     for (;;) { /* until c is consumed (a value that ends on c hands it to its parent) */
         if (t->depth == 0) return; /* the value is complete: nothing may follow */
         jc_frame *f = &t->f[t->depth - 1];
@@ -561,13 +720,13 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
         }
         switch (f->st) {
         case S_VAL:
-            if (n->kind == JN_ALT || n->kind == JN_PENDING) {
-                if (fork >= JC_MAX_FORK) return;
-                for (int i = 0; i < n->n_alts; i++) {
+            if (n->kind == JN_ALT || n->kind == JN_PENDING) { /* one thread per alternative that fits */
+                for (int i = 0; i < n->n_leaves; i++) {
+                    if (t->depth - 1 + n->leaves[i]->mindepth > JC_MAX_DEPTH) continue;
                     jc_thread u;
                     thread_copy(&u, t);
-                    u.f[u.depth - 1].n = n->alts[i];
-                    run(x, &u, c, fork + 1);
+                    u.f[u.depth - 1].n = n->leaves[i];
+                    run(x, &u, c);
                 }
                 return;
             }
@@ -672,7 +831,7 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
         case S_LIT: {
             int k = lit_find(n, f->cand, f->pos, (int)c, false);
             if (k >= 0) {
-                f->cand = (int16_t)k;
+                f->cand = k;
                 f->pos++;
                 t->ws = t->nl = 0;
                 /* a literal that is whole and that no other one extends ends here */
@@ -698,14 +857,13 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
                 emit(x, t);
                 return;
             }
-            if (c != '"') return;
+            if (c != '"' || !obj_can_add(f, t->depth, x->s->any)) return;
             if (obj_free(n)) {
                 f->st = S_OBJ_COLON;
                 f->cand = -1;
                 if (!push(t, x->s->keystr)) return;
                 t->f[t->depth - 1].st = S_STR;
             } else {
-                if (!obj_unused(f)) return;
                 f->st = S_OBJ_KEY;
                 f->pos = 0;
                 f->cand = -1;
@@ -713,15 +871,15 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
             emit(x, t);
             return;
         case S_OBJ_KEY: {
-            int k = key_find(f, f->pos, (int)c, false);
-            if (k < 0 && c == '"' && (k = key_find(f, f->pos, 0, true)) >= 0) {
-                f->cand = (int16_t)k;
+            int k = key_find(f, t->depth, f->pos, (int)c, false);
+            if (k < 0 && c == '"' && (k = key_find(f, t->depth, f->pos, 0, true)) >= 0) {
+                f->cand = k;
                 f->st = S_OBJ_COLON;
                 emit(x, t);
                 return;
             }
             if (k < 0) return;
-            f->cand = (int16_t)k;
+            f->cand = k;
             f->pos++;
             emit(x, t);
             return;
@@ -735,7 +893,7 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
                 f->used |= 1ull << f->cand;
                 v = n->vals[f->cand];
             } else {
-                v = n->kind == JN_ANY ? x->s->any : n->extra;
+                v = free_val(n, x->s->any);
             }
             if (!push(t, v)) return;
             emit(x, t);
@@ -744,7 +902,7 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
         case S_OBJ_AFTER:
             t->ws = t->nl = 0;
             if (c == ',') {
-                if (!obj_free(n) && !obj_unused(f)) return;
+                if (!obj_can_add(f, t->depth, x->s->any)) return;
                 f->st = S_OBJ_NEXT;
             } else if (c == '}') {
                 if (!obj_complete(f)) return;
@@ -772,6 +930,7 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c, int fork) {
             t->ws = t->nl = 0;
             if (c == ',') {
                 if (n->kind != JN_ANY && n->max_items >= 0 && f->cnt >= n->max_items) return;
+                if (t->depth + arr_items(n, x->s->any)->mindepth > JC_MAX_DEPTH) return;
                 f->st = S_ARR_NEXT;
             } else if (c == ']') {
                 if (n->kind != JN_ANY && f->cnt < n->min_items) return;
@@ -796,7 +955,7 @@ static bool set_feed(const srv_jsonc_schema *s, jc_set *set, const unsigned char
         for (int k = 0; k < cur->n; k++) {
             jc_thread u;
             thread_copy(&u, &cur->t[k]);
-            run(&x, &u, b[i], 0);
+            run(&x, &u, b[i]);
         }
         if (!nxt->n) return false;
         jc_set *sw = cur;
@@ -881,8 +1040,9 @@ static int dsml_state(const srv_jsonc *j, const char *b, size_t n) {
     memcpy(t, j->dsml_buf, j->dsml_len);
     memcpy(t + j->dsml_len, b, n);
     size_t len = j->dsml_len + n, i = 0;
-    while (i < len && is_ws((unsigned char)t[i])) i++;
-    if (i > JC_MAX_WS) return 0;
+    int nl = 0;
+    while (i < len && is_ws((unsigned char)t[i])) nl += t[i++] == '\n';
+    if (i > JC_MAX_WS || nl > JC_MAX_NL) return 0; /* the whitespace JSON allows there, no more */
     const char *r = t + i;
     size_t rl = len - i;
     for (size_t k = 0; k < sizeof OPEN_TAGS / sizeof *OPEN_TAGS; k++) {

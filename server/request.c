@@ -913,6 +913,8 @@ int srv_parse_json_format(json_t *fmt, bool nested, srv_request *rq, const char 
         return srv_fail_param(e, field, "invalid_value",
                               "%s.type '%.60s' is not supported (text, json_object or json_schema)", field, t);
     if (!rq->chat) return srv_fail_param(e, field, "unsupported_value", "%s needs a chat request", field);
+    if (rq->api == SRV_API_ANTHROPIC && strcmp(t, "json_schema"))
+        return srv_fail_param(e, field, "invalid_value", "%s.type must be json_schema", field);
     rq->json_format = true;
     ds4_buf line = DS4_BUF_INIT;
     if (!strcmp(t, "json_object")) {
@@ -934,6 +936,8 @@ int srv_parse_json_format(json_t *fmt, bool nested, srv_request *rq, const char 
             if (!c) return srv_fail_param(e, field, "invalid_value", "%s schema: %s", field, msg);
             srv_jsonc_schema_free(c);
             rq->json_schema = json_incref(sc);
+        } else {
+            rq->json_schema = json_true(); /* no schema: any JSON value, as the system line says */
         }
         ds4_buf_puts(&line, "Reply with one JSON value and nothing else");
         if (json_string_value(name)) ds4_buf_printf(&line, " (\"%s\")", json_string_value(name));

@@ -413,3 +413,175 @@ DS4_TEST(jsonc_end_is_forced_and_nothing_fits_is_reported) {
     srv_jsonc_free(j);
     ds4_sampler_free(smp);
 }
+
+/* ---- from an adversarial review ------------------------------------------ */
+
+static char *props_schema(int n, const char *required) {
+    static char buf[8192];
+    strcpy(buf, "{\"type\":\"object\",\"properties\":{");
+    for (int i = 0; i < n; i++) snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "%s\"p%d\":{}", i ? "," : "", i);
+    snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "},\"required\":%s,\"additionalProperties\":false}",
+             required);
+    return buf;
+}
+
+DS4_TEST(jsonc_review_limits_hold_exactly) {
+    /* 64 properties (the documented limit) work: the unused-property mask
+     * shifted by 64 (undefined; no key could be written) */
+    CHECK_EQ_INT(match(props_schema(64, "[\"p0\",\"p63\"]"), "{\"p63\":1,\"p0\":2}"), 1);
+    CHECK_EQ_INT(match(props_schema(64, "[]"), "{\"p40\":null}"), 1);
+    /* a chain of 9 $refs is one alternative, not 9 nested forks */
+    char chain[1024] = "{\"$defs\":{";
+    for (int i = 0; i < 9; i++)
+        snprintf(chain + strlen(chain), sizeof chain - strlen(chain), "%s\"a%d\":{\"$ref\":\"#/$defs/a%d\"}",
+                 i ? "," : "", i, i + 1);
+    strcat(chain, ",\"a9\":{\"type\":\"string\"}},\"$ref\":\"#/$defs/a0\"}");
+    CHECK_EQ_INT(match(chain, "\"x\""), 1);
+    /* an anyOf that refers to itself N times costs one alternative */
+    char loop[1024] = "{\"anyOf\":[";
+    for (int i = 0; i < 12; i++) strcat(loop, "{\"$ref\":\"#\"},");
+    strcat(loop, "{\"type\":\"string\"}]}");
+    CHECK_EQ_INT(match(loop, "\"abc\""), 1);
+    CHECK_EQ_INT(match(loop, "[\"abc\"]"), -1);
+    /* ten object variants: each reachable (threads past 8 were dropped) */
+    char ten[2048] = "{\"anyOf\":[";
+    for (int i = 0; i < 10; i++)
+        snprintf(ten + strlen(ten), sizeof ten - strlen(ten),
+                 "%s{\"type\":\"object\",\"properties\":{\"k%d\":{\"type\":\"integer\"}},\"required\":[\"k%d\"]}",
+                 i ? "," : "", i, i);
+    strcat(ten, "]}");
+    CHECK_EQ_INT(match(ten, "{\"k9\":1}"), 1);
+    CHECK_EQ_INT(match(ten, "{\"k8\":1}"), 1);
+    /* identical threads are merged: a longer array keeps both variants */
+    const char *dup = "{\"anyOf\":[{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"array\",\"items\":{\"anyOf\":"
+                      "[{\"type\":\"number\"},{\"type\":\"integer\"}]}},\"b\":{\"type\":\"string\"}},\"required\":[\"a\","
+                      "\"b\"],\"additionalProperties\":false},{\"type\":\"object\",\"properties\":{\"a\":{\"type\":"
+                      "\"array\",\"items\":{\"anyOf\":[{\"type\":\"number\"},{\"type\":\"integer\"}]}},\"c\":{\"type\":"
+                      "\"boolean\"}},\"required\":[\"a\",\"c\"],\"additionalProperties\":false}]}";
+    CHECK_EQ_INT(match(dup, "{\"a\":[1,2,3,4,5,6],\"c\":true}"), 1);
+    /* more alternatives for one value than matchers: refused */
+    char many[4096] = "{\"anyOf\":[";
+    for (int i = 0; i < 33; i++) snprintf(many + strlen(many), sizeof many - strlen(many), "%s{\"const\":%d}", i ? "," : "", i);
+    strcat(many, "]}");
+    CHECK_STR(refused(many), "more than 32 alternatives (anyOf, type lists) for one value");
+}
+
+DS4_TEST(jsonc_review_schemas_without_a_value_are_refused) {
+    const char *msg = "the schema admits no value nested at most 24 levels deep (a $ref cycle without a way out, or "
+                      "required values nested too deeply)";
+    CHECK_STR(refused("{\"$ref\":\"#\"}"), msg);
+    CHECK_STR(refused("{\"anyOf\":[{\"$ref\":\"#\"},{\"$ref\":\"#\"}]}"), msg);
+    CHECK_STR(refused("{\"type\":\"array\",\"items\":{\"$ref\":\"#\"},\"minItems\":1}"), msg);
+    CHECK_STR(refused("{\"$defs\":{\"a\":{\"$ref\":\"#/$defs/b\"},\"b\":{\"$ref\":\"#/$defs/a\"}},\"$ref\":\"#/$defs/a\"}"),
+              msg);
+    /* 24 nested required objects around an integer need 25 frames; 23 fit */
+    char deep[4096] = "";
+    for (int i = 0; i < 24; i++) strcat(deep, "{\"type\":\"object\",\"properties\":{\"x\":");
+    strcat(deep, "{\"type\":\"integer\"}");
+    for (int i = 0; i < 24; i++) strcat(deep, "},\"required\":[\"x\"]}");
+    CHECK_STR(refused(deep), msg);
+    char ok[4096] = "";
+    for (int i = 0; i < 23; i++) strcat(ok, "{\"type\":\"object\",\"properties\":{\"x\":");
+    strcat(ok, "{\"type\":\"integer\"}");
+    for (int i = 0; i < 23; i++) strcat(ok, "},\"required\":[\"x\"]}");
+    CHECK(!refused(ok));
+    /* an array that may be empty gets out of a cycle */
+    CHECK(!refused("{\"type\":\"array\",\"items\":{\"$ref\":\"#\"}}"));
+}
+
+DS4_TEST(jsonc_review_recursion_never_dead_ends) {
+    /* an optional recursive member: at the depth limit only what fits is
+     * offered (an integer key was accepted whose value could not be pushed) */
+    const char *s = "{\"type\":\"object\",\"properties\":{\"a\":{\"$ref\":\"#\"},\"b\":{\"type\":\"integer\"}},"
+                    "\"additionalProperties\":false}";
+    char pre[512] = "";
+    for (int i = 0; i < 23; i++) strcat(pre, "{\"a\":");
+    char t2[600];
+    snprintf(t2, sizeof t2, "%s{\"b\":1}", pre);
+    CHECK_EQ_INT(match(s, t2), -1); /* 24 objects + the integer: 25 frames */
+    snprintf(t2, sizeof t2, "%s{\"", pre);
+    CHECK_EQ_INT(match(s, t2), -1);
+    snprintf(t2, sizeof t2, "%s{}", pre);
+    for (int i = 0; i < 23; i++) strcat(t2, "}");
+    CHECK_EQ_INT(match(s, t2), 1);
+    snprintf(t2, sizeof t2, "%s", pre);
+    t2[strlen(t2) - 5] = 0; /* 22 levels: {"b":1} fits */
+    strcat(t2, "{\"b\":1}");
+    CHECK_EQ_INT(match(s, t2), 0);
+    /* whole random replies on it always end */
+    for (int seed = 1; seed <= 30; seed++) {
+        bool ended, freed;
+        char *text = draw(s, false, (uint64_t)seed, 1.0f, &ended, &freed);
+        CHECK(text);
+        if (ended) {
+            json_t *v = json_loads(text, 0, NULL);
+            CHECK_MSG(json_is_object(v), "seed %d: %s", seed, text);
+            json_decref(v);
+        }
+        free(text);
+    }
+}
+
+DS4_TEST(jsonc_review_sizes_and_siblings) {
+    /* enum and const values are those of the type beside them */
+    CHECK_EQ_INT(match("{\"type\":\"string\",\"enum\":[\"a\",1,null]}", "\"a\""), 1);
+    CHECK_EQ_INT(match("{\"type\":\"string\",\"enum\":[\"a\",1,null]}", "1"), -1);
+    CHECK_EQ_INT(match("{\"type\":\"string\",\"nullable\":true,\"enum\":[\"a\",null]}", "null"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"integer\",\"enum\":[1.0,2.5]}", "1.0"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"integer\",\"enum\":[1.0,2.5]}", "2.5"), -1);
+    CHECK_STR(refused("{\"type\":\"integer\",\"enum\":[\"a\"]}"), "enum: no value has the schema's type");
+    CHECK_STR(refused("{\"type\":\"boolean\",\"const\":1}"), "const: no value has the schema's type");
+    /* constraints beside anyOf / $ref / allOf: refused, not ignored */
+    CHECK_STR(refused("{\"type\":\"object\",\"anyOf\":[{\"type\":\"object\"},{\"type\":\"array\"}]}"),
+              "'type' beside anyOf/oneOf is not supported (put it in each alternative)");
+    CHECK_STR(refused("{\"$defs\":{\"i\":{\"type\":\"integer\"}},\"$ref\":\"#/$defs/i\",\"enum\":[1,2]}"),
+              "'enum' beside $ref is not supported");
+    CHECK_STR(refused("{\"allOf\":[{}],\"required\":[\"a\"]}"), "'required' beside allOf is not supported");
+    CHECK(!refused("{\"anyOf\":[{\"type\":\"string\"},{\"type\":\"null\"}],\"title\":\"T\",\"default\":null}"));
+    CHECK(!refused("{\"$defs\":{\"i\":{\"type\":\"integer\"}},\"$ref\":\"#/$defs/i\",\"description\":\"d\"}"));
+    /* sizes */
+    static char big[40000];
+    strcpy(big, "{\"enum\":[");
+    for (int i = 0; i < 1025; i++) snprintf(big + strlen(big), sizeof big - strlen(big), "%s%d", i ? "," : "", i);
+    strcat(big, "]}");
+    CHECK_STR(refused(big), "enum has more than 1024 values");
+    strcpy(big, "{\"const\":\"");
+    memset(big + strlen(big), 'a', 16400);
+    big[10 + 16400] = 0;
+    strcat(big, "\"}");
+    CHECK_STR(refused(big), "const: a value is longer than 16384 bytes");
+    strcpy(big, "{\"properties\":{\"");
+    size_t at = strlen(big);
+    memset(big + at, 'k', 1100);
+    big[at + 1100] = 0;
+    strcat(big, "\":{}}}");
+    CHECK_STR(refused(big), "a property name is longer than 1024 bytes");
+    /* a const of 16 KiB matches exactly (positions were 16-bit) */
+    strcpy(big, "{\"const\":\"");
+    memset(big + strlen(big), 'b', 16000);
+    big[10 + 16000] = 0;
+    strcat(big, "\"}");
+    char *doc = malloc(16010);
+    doc[0] = '"';
+    memset(doc + 1, 'b', 16000);
+    strcpy(doc + 16001, "\"");
+    CHECK_EQ_INT(match(big, doc), 1);
+    doc[16000] = 'c';
+    CHECK_EQ_INT(match(big, doc), -1);
+    free(doc);
+}
+
+DS4_TEST(jsonc_review_tool_alternative_whitespace) {
+    /* whitespace JSON refuses does not push the reply into a tool call:
+     * "\n\n" then "\n\n" is refused by both */
+    char msg[256];
+    srv_jsonc_vocab v = {NV, 0, 1, v_bytes, v_control, NULL};
+    int nn = -1;
+    for (int i = 0; i < NV; i++)
+        if (!strcmp(VOCAB[i], "\n\n")) nn = i;
+    srv_jsonc *j = srv_jsonc_new(srv_jsonc_compile(NULL, msg, sizeof msg), true, &v);
+    CHECK(srv_jsonc_allows(j, nn));
+    srv_jsonc_feed(j, nn);
+    CHECK(!srv_jsonc_allows(j, nn));
+    srv_jsonc_free(j);
+}
