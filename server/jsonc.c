@@ -1092,11 +1092,14 @@ void srv_jsonc_feed(srv_jsonc *j, int32_t tok) {
 }
 
 int32_t srv_jsonc_pick(srv_jsonc *j, ds4_sampler *smp, const float *logits, const ds4_sampler_params *p,
-                       ds4_rng *rng) {
+                       ds4_rng *rng, bool refused) {
     if (srv_jsonc_must_end(j)) return j->v.eos;
     const bool sample = p->temperature > 0.0f;
-    int32_t tok = sample ? ds4_sampler_sample(smp, logits, p, rng) : ds4_argmax(logits, j->v.n_vocab);
-    if (tok >= 0 && srv_jsonc_allows(j, tok)) return tok;
+    int32_t tok;
+    if (!refused) { /* the plain draw first (refused: the caller drew it already) */
+        tok = sample ? ds4_sampler_sample(smp, logits, p, rng) : ds4_argmax(logits, j->v.n_vocab);
+        if (tok >= 0 && srv_jsonc_allows(j, tok)) return tok;
+    }
     /* mask the vocabulary: first the bytes a token may start with */
     bool first[256];
     for (int c = 0; c < 256; c++) {

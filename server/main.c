@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ds4_debug.h"
 #include "server.h"
 #include "util/xalloc.h"
 
@@ -85,7 +86,11 @@ static void usage_debug(void) {
            "  --debug-reply TEXT             every reply generates TEXT's tokens (special\n"
            "                                 tokens and DSML markup parsed), then EOS, in place\n"
            "                                 of sampling (tests of what the server makes of a\n"
-           "                                 given model output)\n");
+           "                                 given model output)\n"
+           "  --debug-mtp-accept P           with --mtp: speculative cycles accept each draft\n"
+           "                                 with probability P (seeded) instead of verifying it;\n"
+           "                                 the output is then not the model's (tests of what\n"
+           "                                 the server does with accepted drafts)\n");
 }
 
 static int parse_int(const char *opt, const char *v, long lo, long hi, long *out) {
@@ -221,6 +226,16 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         STROPT("--mtp", mtp_path)
         if (!strcmp(a, "--mtp-draft") || !strcmp(a, "--mtp-gate")) mtp_opts = true;
         INTOPT("--mtp-draft", 1, 4, mtp_draft)
+        if (!strcmp(a, "--debug-mtp-accept")) {
+            double g;
+            if (ds4_parse_double(v, 0.0, 1.0, &g)) {
+                fprintf(stderr, "ds4-server: --debug-mtp-accept: expected a number in 0..1, got '%s'\n", v ? v : "");
+                return -1;
+            }
+            c->debug_mtp_accept = (float)g;
+            i++;
+            continue;
+        }
         if (!strcmp(a, "--mtp-gate")) {
             double g;
             if (ds4_parse_double(v, 0.0, 1.0, &g)) {
@@ -351,6 +366,11 @@ int main(int argc, char **argv) {
             ds4_engine_close(s.engine);
             srv_http_stop(&s);
             return 1;
+        }
+        if (s.cfg.debug_mtp_accept > 0.0f) {
+            const float rates[4] = {s.cfg.debug_mtp_accept, s.cfg.debug_mtp_accept, s.cfg.debug_mtp_accept,
+                                    s.cfg.debug_mtp_accept};
+            ds4_debug_session_force_accept(s.session, rates, 4, 1);
         }
     }
     s.replay = ds4_dsml_replay_new((size_t)s.cfg.tool_memory_max_ids, 0);

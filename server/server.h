@@ -355,6 +355,7 @@ typedef struct srv_config {
     int tool_memory_max_ids;
     int debug_slow_conn_ms;     /* --debug-slow-connection-ms (tests only) */
     const char *debug_reply;    /* --debug-reply TEXT (tests only): every reply is TEXT's tokens */
+    float debug_mtp_accept;     /* --debug-mtp-accept P (tests only): MTP drafts accepted with probability P */
 } srv_config;
 
 typedef struct srv_server srv_server;
@@ -509,9 +510,10 @@ bool srv_jsonc_must_end(const srv_jsonc *j);
 /* Whether tok may come next. */
 bool srv_jsonc_allows(srv_jsonc *j, int32_t tok);
 /* Next token: the sampler's (or the argmax) if allowed, else the sampler on
- * the allowed tokens' logits; -1 when none is allowed. */
+ * the allowed tokens' logits; -1 when none is allowed. refused: the plain
+ * draw was made with rng already and refused (MTP), so only the second. */
 int32_t srv_jsonc_pick(srv_jsonc *j, struct ds4_sampler *smp, const float *logits,
-                       const struct ds4_sampler_params *p, struct ds4_rng *rng);
+                       const struct ds4_sampler_params *p, struct ds4_rng *rng, bool refused);
 /* The token that was appended. */
 void srv_jsonc_feed(srv_jsonc *j, int32_t tok);
 

@@ -676,11 +676,14 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         snprintf(r->error_msg, sizeof r->error_msg, "out of memory for the penalties");
         return SRV_FINISH_ERROR;
     }
-    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs && !s->debug_tokens && !jc && !adjust &&
+    /* (with a JSON format MTP runs through the reasoning only, see below) */
+    const bool mtp = ds4_engine_has_mtp(s->engine) && !rq->logprobs && !s->debug_tokens && !adjust &&
                      (!tools || !(ds4_sampler_effective(&cp, g->thinking, 0).temperature > 0.0f));
     ds4_spec_stats st0 = {0};
     if (mtp) ds4_session_spec_stats(s->session, &st0);
     int32_t queue[8], next = -1;
+    ds4_rng rng_cycle = rng; /* the generator before the last MTP cycle (its draws: one per verified row) */
+    bool cycle_sampled = false;
     long pend = -1, pend_at = -1; /* a stop match waiting on a possible block opening (gen offsets) */
     int pend_which = -1;
     int nq = 0, qi = 0, n_reason = 0;
@@ -706,32 +709,67 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         bool forced = fz && !srv_forced_done(fz);
         /* the JSON constraint holds after the reasoning, until a tool-call block opens */
         const bool jsonc = srv_jsonc_active(jc) && (!g->thinking || reason_done);
+        /* MTP cycles of the reasoning may have run past its end: a queued
+         * token (already evaluated) the JSON constraint refuses, or an EOS
+         * inside the reasoning (it becomes </think>), is rewound with all
+         * queued after it; a refused `next` is dropped */
+        bool refused = false; /* the plain draw of this step was made and refused */
+        int32_t forced_tok = -1;
+        if (jc && qi < nq &&
+            (jsonc ? !srv_jsonc_allows(jc, queue[qi]) : g->thinking && !reason_done && queue[qi] == eos)) {
+            const bool was_eos = !jsonc;
+            if (ds4_session_rewind(s->session, ds4_session_n_tokens(s->session) - (nq - qi), &err))
+                FAIL("%s", err.msg)
+            srv_log("mtp %s: %d drafted tokens past the reasoning rewound (JSON format)", j->id, nq - qi);
+            /* the generator as plain sampling leaves it after drawing queue[qi]
+             * (the cycle's draw qi + 1), so the stream stays that of plain sampling */
+            if (cycle_sampled) {
+                rng = rng_cycle;
+                for (int k = 0; k <= qi; k++) ds4_rng_next(&rng);
+            }
+            qi = nq = 0;
+            next = -1;
+            refused = true;
+            if (was_eos) forced_tok = think_close; /* as plain decoding turns that EOS into </think> */
+        }
+        if (jsonc && next >= 0 && !srv_jsonc_allows(jc, next)) {
+            next = -1;
+            refused = true;
+        }
         int32_t tok;
         const float *logits = NULL;
         bool evaluated = false;
         if (s->debug_tokens) { /* --debug-reply: the given output, then EOS */
             tok = n_gen < s->n_debug_tokens ? s->debug_tokens[n_gen] : eos;
+        } else if (forced_tok >= 0) {
+            tok = forced_tok;
         } else if (qi < nq) {
             tok = queue[qi++];
             evaluated = true;
         } else if (g->thinking && !reason_done && !fz && rq->think_budget > 0 && n_reason >= rq->think_budget &&
                    think_close >= 0) {
-            /* the thinking budget is spent: the reasoning is closed here */
+            /* the thinking budget is spent: the reasoning is closed here (an
+             * MTP cycle's `next` is dropped undrawn: plain decoding draws
+             * nothing at this step, so the generator goes back before it) */
             tok = think_close;
+            if (next >= 0 && cycle_sampled) {
+                rng = rng_cycle;
+                for (int k = 0; k < nq; k++) ds4_rng_next(&rng);
+            }
             next = -1;
         } else if (next >= 0 && !forced) {
             tok = next;
             next = -1;
         } else if (jsonc && srv_jsonc_must_end(jc)) {
             tok = eos; /* the JSON value is complete */
-        } else if (!forced && !(p.temperature > 0.0f) && !rq->logprobs && !adjust) {
+        } else if (!forced && !(p.temperature > 0.0f) && !rq->logprobs && !adjust && !refused) {
             /* greedy: the backend picks the id (no logits copy from a GPU);
              * under the JSON constraint the logits come only when it does not fit */
             if (ds4_session_argmax(s->session, &tok, &err)) FAIL("%s", err.msg)
             if (jsonc && !srv_jsonc_allows(jc, tok)) {
                 logits = ds4_session_logits_err(s->session, &err);
                 if (!logits) FAIL("%s", err.msg[0] ? err.msg : "no logits")
-                tok = srv_jsonc_pick(jc, s->sampler, logits, &p, &rng);
+                tok = srv_jsonc_pick(jc, s->sampler, logits, &p, &rng, false);
                 if (tok < 0) FAIL("JSON reply: no token fits the schema here")
             }
         } else {
@@ -739,7 +777,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
             if (!logits) FAIL("%s", err.msg[0] ? err.msg : "no logits")
             if (adjust) logits = adjust_logits(s->adj_scratch, ds4_engine_n_vocab(s->engine), rq, logits, counts);
             tok = forced  ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
-                  : jsonc ? srv_jsonc_pick(jc, s->sampler, logits, &p, &rng)
+                  : jsonc ? srv_jsonc_pick(jc, s->sampler, logits, &p, &rng, refused)
                   : p.temperature > 0.0f ? ds4_sampler_sample(s->sampler, logits, &p, &rng)
                                          : ds4_argmax(logits, ds4_engine_n_vocab(s->engine));
             if (tok < 0 && jsonc) FAIL("JSON reply: no token fits the schema here")
@@ -754,7 +792,9 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         size_t blen = 0;
         const char *bytes = reply_bytes(g, tok, tools, n_gen, &blen);
         if (logits && rq->logprobs && blen) record_logprob(g, logits, tok, g->gen.len);
-        if (!evaluated && mtp && !forced) {
+        if (!evaluated && mtp && !forced && !jsonc) {
+            rng_cycle = rng;
+            cycle_sampled = p.temperature > 0.0f;
             int32_t out[8];
             int no = 0;
             if (ds4_session_spec_step(s->session, tok, max_tokens - n_gen, &p, &rng, out, &no, &next, &err))

@@ -8,12 +8,13 @@ numbers) so that every reply ends, and each must parse into the client's
 pydantic model.
 """
 import json
+import re
 from typing import List, Literal
 
 import pydantic
 import pytest
 
-from test_server import BASH_TOOL, NO_THINK, T0, Server, user
+from test_server import BASH_TOOL, NO_THINK, T0, Server, demo_model, user
 
 
 class Pick(pydantic.BaseModel):
@@ -169,3 +170,37 @@ def test_schemas_that_cannot_be_served_are_400s(path, body, word):
         field = b"output_config.format" if path == "/v1/messages" else \
             b"text.format" if path == "/v1/responses" else b"response_format"
         assert field in out, out
+
+
+def test_mtp_runs_through_the_reasoning_and_changes_nothing(tmp_path):
+    """With --mtp the reasoning of a JSON request is drafted as any other
+    (MTP was off for the whole request); a cycle that runs past the end of
+    the reasoning is rewound where the constraint refuses a token. A random
+    MTP block (its drafts rejected) gives the plain reply exactly, seeded
+    sampling included (the thinking budget closing the reasoning dropped a
+    drawn token and shifted the generator); forced acceptance (the output is
+    then the drafts', not the model's) crosses the boundary: rewound, and the
+    reply is still the schema's."""
+    from test_mtp import make_mtp
+    mtp = make_mtp(demo_model(), tmp_path / "mtp.gguf", seed=3, arch="deepseek4_mtp_support")
+
+    def replies(*args):
+        with Server(*args) as s:
+            out = []
+            for budget in (8, 12, 20):
+                r = s.openai().chat.completions.create(
+                    model="m", messages=user("Pick"), response_format=CHAT_FORMAT, max_tokens=300, temperature=0,
+                    seed=5, extra_body={"thinking": {"type": "enabled", "budget_tokens": budget}})
+                m = r.choices[0].message
+                out.append((r.choices[0].finish_reason, m.model_extra.get("reasoning_content"), m.content))
+            return out, s.log_text()
+
+    plain, _ = replies()
+    drafted, log = replies("--mtp", mtp, "--mtp-gate", "0")
+    assert re.search(r"mtp \S+: \d+ cycles, .* drafts [1-9]", log), log
+    assert drafted == plain
+    forced, log = replies("--mtp", mtp, "--mtp-gate", "0", "--debug-mtp-accept", "1")
+    assert "drafted tokens past the reasoning rewound (JSON format)" in log, log
+    for finish, reasoning, content in forced:
+        assert finish == "stop" and reasoning
+        Pick.model_validate_json(content)

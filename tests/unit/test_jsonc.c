@@ -268,7 +268,7 @@ static char *draw(const char *schema, bool tool_alt, uint64_t seed, float temp, 
             break;
         }
         for (int k = 0; k < NV; k++) logits[k] = 6.0f * (float)ds4_rng_uniform(&lr);
-        int32_t tok = srv_jsonc_pick(j, smp, logits, &p, &rng);
+        int32_t tok = srv_jsonc_pick(j, smp, logits, &p, &rng, false);
         if (tok < 0) break;
         if (tok == 0) {
             *ended = true;
@@ -397,14 +397,14 @@ DS4_TEST(jsonc_end_is_forced_and_nothing_fits_is_reported) {
     ds4_rng_seed(&rng, 1);
     ds4_sampler_params p = ds4_sampler_defaults();
     p.temperature = 0.0f;
-    CHECK_EQ_INT(srv_jsonc_pick(j, smp, logits, &p, &rng), 0);
+    CHECK_EQ_INT(srv_jsonc_pick(j, smp, logits, &p, &rng, false), 0);
     srv_jsonc_free(j);
     /* a schema no token of this vocabulary can start: whitespace until its
      * bound, then -1 */
     j = srv_jsonc_new(schema_of("{\"const\":7}", msg, sizeof msg), false, &v);
     int32_t tok = -1;
     for (int k = 0; k < 64; k++) {
-        tok = srv_jsonc_pick(j, smp, logits, &p, &rng);
+        tok = srv_jsonc_pick(j, smp, logits, &p, &rng, false);
         if (tok < 0) break;
         CHECK_MSG(strspn(VOCAB[tok], " \t\n") == strlen(VOCAB[tok]), "picked '%s'", VOCAB[tok]);
         srv_jsonc_feed(j, tok);
