@@ -140,6 +140,7 @@ struct cu_ctx {
     int no_preq;           /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
     int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: CUDA-core attention heads per block (A/B switch; 0 = 4) */
     int att_tc;            /* DS4_CUDA_ATT_TC=1: attention on TF32 tensor cores (k_attn_tc; opt-in) */
+    int idx_tile;          /* DS4_CUDA_IDX_TILE=1: indexer scores on k_idx_scores_t (same bits; opt-in until measured) */
     int no_att_r4;         /* DS4_CUDA_NO_ATT_R4=1: k_attn_part's row-at-a-time loops (four rows per warp by default) */
     int att_tc_hb;         /* DS4_CUDA_ATT_TC_HB=16|32|64: tensor-core attention heads per block (0 = 16 for
                             * fewer than 32 tokens, else 64) */

@@ -289,6 +289,126 @@ __global__ void __launch_bounds__(IDX_ROWS * 4) k_idx_scores(const float *qi, co
     }
 }
 
+/* The same scores with a register tile (DS4_CUDA_IDX_TILE=1, opt-in until
+ * measured): a block takes IDXT_ROWS keys of one token for all heads; the
+ * query (transposed, qT[d][h]) and the keys (transposed, kT[d][r]) sit in
+ * shared memory and thread (rg, hg) holds the dots of keys 4rg..4rg+3 with
+ * heads 4hg..4hg+3 and 32+4hg..32+4hg+3: per dim 32 fma for two 16-byte
+ * query loads and one 4-key load (k_idx_scores: 4 fma per 16-byte load,
+ * ~4 TFLOP/s at 1M context). Each (key, head) dot is the same fmaf chain
+ * over the dims in order and the terms are formed and added in head order
+ * exactly as there, so the scores keep their bits. IH == 64, ID <= 128 (the
+ * launcher checks; other shapes take k_idx_scores).
+ * Shared: ID x 64 (qT) floats, ID x IDXT_ROWS (kT) T, IDXT_ROWS x 65 terms. */
+#define IDXT_ROWS 128
+template <typename T>
+__global__ void __launch_bounds__(256) k_idx_scores_t(const float *qi, const float *wt, const T *krows, int ID,
+                                                     int topk, int t0, float sm_scale, float w_scale, float *scores,
+                                                     int64_t ld_scores, const ds4_step *step) {
+    cu_pdl_wait();
+    extern __shared__ float qT[];                                   /* ID x 64 */
+    T *kT = (T *)(qT + (size_t)ID * 64);                            /* ID x IDXT_ROWS */
+    float *terms = (float *)(kT + (size_t)ID * IDXT_ROWS);          /* IDXT_ROWS x 65 */
+    const int tl = blockIdx.y, t = t0 + tl, pos0 = step->pos0;
+    const int Nc = (pos0 + t + 1) / 4;
+    if (Nc <= topk) return;
+    const int r0 = blockIdx.x * IDXT_ROWS;
+    if (r0 >= Nc) return;
+    const int tid = threadIdx.x;
+    /* the query, transposed: thread (h = i % 64, 4 dims) reads q[h][d..d+3]
+     * and writes qT[d + j][h] (consecutive threads, consecutive heads) */
+    const float *q = qi + (int64_t)t * 64 * ID;
+    for (int i = tid; i < 64 * ID / 4; i += blockDim.x) {
+        const int h = i % 64, d = 4 * (i / 64);
+        const float4 v = *(const float4 *)(q + (int64_t)h * ID + d);
+        qT[(d + 0) * 64 + h] = v.x;
+        qT[(d + 1) * 64 + h] = v.y;
+        qT[(d + 2) * 64 + h] = v.z;
+        qT[(d + 3) * 64 + h] = v.w;
+    }
+    /* the keys, transposed: thread (key quad rq, 4 dims c) reads dims
+     * 4c..4c+3 of keys 4rq..4rq+3 (one 8- or 16-byte load each) and writes
+     * kT[4c + j][4rq..4rq+3] (one store per dim; consecutive threads,
+     * consecutive key quads); keys past Nc are 0 */
+    const int nc4 = ID / 4;
+    for (int i = tid; i < (IDXT_ROWS / 4) * nc4; i += blockDim.x) {
+        const int rq = i % (IDXT_ROWS / 4), c = i / (IDXT_ROWS / 4);
+        T v[4][4];
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            const int r = r0 + 4 * rq + a;
+            const T *src = krows + (int64_t)r * ID + 4 * c;
+            if constexpr (sizeof(T) == 2) {
+                uint2 u = make_uint2(0u, 0u);
+                if (r < Nc) u = *(const uint2 *)src;
+                memcpy(v[a], &u, sizeof u);
+            } else {
+                float4 f = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (r < Nc) f = *(const float4 *)src;
+                memcpy(v[a], &f, sizeof f);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            T w[4] = {v[0][j], v[1][j], v[2][j], v[3][j]};
+            T *dst = kT + (4 * c + j) * IDXT_ROWS + 4 * rq;
+            if constexpr (sizeof(T) == 2) {
+                uint2 u;
+                memcpy(&u, w, sizeof u);
+                *(uint2 *)dst = u;
+            } else {
+                float4 f;
+                memcpy(&f, w, sizeof f);
+                *(float4 *)dst = f;
+            }
+        }
+    }
+    __syncthreads();
+    const int hg = tid & 7, rg = tid >> 3;
+    float acc[4][8];
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int b = 0; b < 8; b++) acc[a][b] = 0.0f;
+    for (int d = 0; d < ID; d++) {
+        const float4 qa = *(const float4 *)(qT + d * 64 + 4 * hg);
+        const float4 qb = *(const float4 *)(qT + d * 64 + 32 + 4 * hg);
+        const float qv[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+        float kv[4];
+        if constexpr (sizeof(T) == 2) {
+            const uint2 u = *(const uint2 *)(kT + d * IDXT_ROWS + 4 * rg);
+            const float2 f0 = __half22float2(*(const __half2 *)&u.x), f1 = __half22float2(*(const __half2 *)&u.y);
+            kv[0] = f0.x, kv[1] = f0.y, kv[2] = f1.x, kv[3] = f1.y;
+        } else {
+            const float4 f = *(const float4 *)(kT + d * IDXT_ROWS + 4 * rg);
+            kv[0] = f.x, kv[1] = f.y, kv[2] = f.z, kv[3] = f.w;
+        }
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+#pragma unroll
+            for (int b = 0; b < 8; b++) acc[a][b] = fmaf(qv[b], kv[a], acc[a][b]);
+    }
+    /* the per-head terms, then one thread per key adds them in head order */
+    const float *wt_t = wt + (int64_t)t * 64;
+#pragma unroll
+    for (int b = 0; b < 8; b++) {
+        const int h = b < 4 ? 4 * hg + b : 32 + 4 * hg + (b - 4);
+        const float wh = __fmul_rn(wt_t[h], w_scale);
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            const float sd = acc[a][b];
+            const float v = __fmul_rn(sd > 0.0f ? sd : 0.0f, sm_scale);
+            terms[(4 * rg + a) * 65 + h] = __fmul_rn(v, wh);
+        }
+    }
+    __syncthreads();
+    if (tid < IDXT_ROWS && r0 + tid < Nc) {
+        float tot = 0.0f;
+        for (int h = 0; h < 64; h++) tot = __fadd_rn(tot, terms[tid * 65 + h]);
+        scores[(int64_t)tl * ld_scores + r0 + tid] = tot;
+    }
+}
+
 __device__ __forceinline__ uint32_t cu_order_key(float f) {
     if (f == 0.0f) f = 0.0f; /* -0 ties +0, as the CPU's comparisons */
     uint32_t u = __float_as_uint(f);
@@ -425,10 +545,25 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                 IDX_MAX_HEADS);
         return c->err;
     }
+    const bool tile = c->idx_tile && IH == 64 && ID <= 128 && ID % 4 == 0;
+    const size_t tsm = (size_t)ID * 64 * sizeof(float) +
+                       (size_t)ID * IDXT_ROWS * (a->row_type == DS4_TYPE_F16 ? 2 : 4) +
+                       (size_t)IDXT_ROWS * 65 * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.score_rows) {
         const int nt = n - t0 < c->s.score_rows ? n - t0 : c->s.score_rows;
         dim3 gs(cu_div_up(max_rows, IDX_ROWS), nt);
-        if (a->row_type == DS4_TYPE_F16) {
+        if (tile) {
+            dim3 gt(cu_div_up(max_rows, IDXT_ROWS), nt);
+            if (a->row_type == DS4_TYPE_F16) {
+                cudaFuncSetAttribute(k_idx_scores_t<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm);
+                cu_launch(c, k_idx_scores_t<__half>, gt, 256, tsm, c->s.qi, c->s.wt, (const __half *)a->idx_rows, ID, K,
+                          t0, sm_scale, w_scale, c->s.scores, ld, a->step);
+            } else {
+                cudaFuncSetAttribute(k_idx_scores_t<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm);
+                cu_launch(c, k_idx_scores_t<float>, gt, 256, tsm, c->s.qi, c->s.wt, (const float *)a->idx_rows, ID, K,
+                          t0, sm_scale, w_scale, c->s.scores, ld, a->step);
+            }
+        } else if (a->row_type == DS4_TYPE_F16) {
             cudaFuncSetAttribute(k_idx_scores<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)qsm);
             cu_launch(c, k_idx_scores<__half>, gs, IDX_ROWS * 4, qsm, c->s.qi, c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0,
                                                          sm_scale, w_scale, c->s.scores, ld, a->step);
