@@ -297,9 +297,10 @@ __global__ void __launch_bounds__(IDX_ROWS * 4) k_idx_scores(const float *qi, co
  * query loads and one 4-key load (k_idx_scores: 4 fma per 16-byte load,
  * ~4 TFLOP/s at 1M context). Each (key, head) dot is the same fmaf chain
  * over the dims in order and the terms are formed and added in head order
- * exactly as there, so the scores keep their bits. IH == 64, ID <= 128 (the
- * launcher checks; other shapes take k_idx_scores).
- * Shared: ID x 64 (qT) floats, ID x IDXT_ROWS (kT) T, IDXT_ROWS x 65 terms. */
+ * exactly as there, so the scores keep their bits. IH == 64, ID <= 128 and
+ * a multiple of 16 (the launcher checks; other shapes take k_idx_scores).
+ * Shared: ID x 64 (qT) floats then ID x IDXT_ROWS (kT) T; afterwards the
+ * IDXT_ROWS x 65 terms over them. */
 #define IDXT_ROWS 128
 template <typename T>
 __global__ void __launch_bounds__(256) k_idx_scores_t(const float *qi, const float *wt, const T *krows, int ID,
@@ -308,7 +309,7 @@ __global__ void __launch_bounds__(256) k_idx_scores_t(const float *qi, const flo
     cu_pdl_wait();
     extern __shared__ float qT[];                                   /* ID x 64 */
     T *kT = (T *)(qT + (size_t)ID * 64);                            /* ID x IDXT_ROWS */
-    float *terms = (float *)(kT + (size_t)ID * IDXT_ROWS);          /* IDXT_ROWS x 65 */
+    float *terms = qT; /* IDXT_ROWS x 65, over qT and kT once the dots are done */
     const int tl = blockIdx.y, t = t0 + tl, pos0 = step->pos0;
     const int Nc = (pos0 + t + 1) / 4;
     if (Nc <= topk) return;
@@ -332,7 +333,10 @@ __global__ void __launch_bounds__(256) k_idx_scores_t(const float *qi, const flo
      * consecutive key quads); keys past Nc are 0 */
     const int nc4 = ID / 4;
     for (int i = tid; i < (IDXT_ROWS / 4) * nc4; i += blockDim.x) {
-        const int rq = i % (IDXT_ROWS / 4), c = i / (IDXT_ROWS / 4);
+        /* a warp: 8 key quads x 4 dim chunks, i.e. 32 contiguous bytes of
+         * each of 8 keys per load (ID % 16 == 0, checked by the launcher) */
+        const int lane = i & 31, wi = i >> 5;
+        const int rq = (lane & 7) + 8 * (wi & 3), c = 4 * (wi >> 2) + (lane >> 3);
         T v[4][4];
 #pragma unroll
         for (int a = 0; a < 4; a++) {
@@ -388,7 +392,9 @@ __global__ void __launch_bounds__(256) k_idx_scores_t(const float *qi, const flo
 #pragma unroll
             for (int b = 0; b < 8; b++) acc[a][b] = fmaf(qv[b], kv[a], acc[a][b]);
     }
-    /* the per-head terms, then one thread per key adds them in head order */
+    /* the per-head terms (over the shared tiles: all reads done first),
+     * then one thread per key adds them in head order */
+    __syncthreads();
     const float *wt_t = wt + (int64_t)t * 64;
 #pragma unroll
     for (int b = 0; b < 8; b++) {
@@ -545,10 +551,9 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                 IDX_MAX_HEADS);
         return c->err;
     }
-    const bool tile = c->idx_tile && IH == 64 && ID <= 128 && ID % 4 == 0;
-    const size_t tsm = (size_t)ID * 64 * sizeof(float) +
-                       (size_t)ID * IDXT_ROWS * (a->row_type == DS4_TYPE_F16 ? 2 : 4) +
-                       (size_t)IDXT_ROWS * 65 * sizeof(float);
+    const bool tile = c->idx_tile && IH == 64 && ID <= 128 && ID % 16 == 0;
+    size_t tsm = (size_t)ID * 64 * sizeof(float) + (size_t)ID * IDXT_ROWS * (a->row_type == DS4_TYPE_F16 ? 2 : 4);
+    if (tsm < (size_t)IDXT_ROWS * 65 * sizeof(float)) tsm = (size_t)IDXT_ROWS * 65 * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.score_rows) {
         const int nt = n - t0 < c->s.score_rows ? n - t0 : c->s.score_rows;
         dim3 gs(cu_div_up(max_rows, IDX_ROWS), nt);
