@@ -50,9 +50,9 @@
 #define JC_MAX_LIT_BYTES 16384 /* one enum / const value, compact */
 #define JC_MAX_KEY_BYTES 1024
 #define JC_INF 1000000      /* no value within the nesting limit */
-#define JC_MAX_SCHEMA_DEPTH 64
+#define JC_MAX_SCHEMA_DEPTH 256 /* compile recursion, $ref hops included */
 
-typedef enum { JN_ANY, JN_OBJECT, JN_ARRAY, JN_STRING, JN_NUMBER, JN_INTEGER, JN_LITS, JN_ALT, JN_PENDING } jn_kind;
+typedef enum { JN_ANY, JN_OBJECT, JN_ARRAY, JN_STRING, JN_NUMBER, JN_INTEGER, JN_LITS, JN_ALT, JN_PENDING, JN_NEVER } jn_kind;
 
 typedef struct jc_node jc_node;
 struct jc_node {
@@ -90,10 +90,16 @@ struct srv_jsonc_schema {
     jc_node *root, *any, *lit_bool, *lit_null, *lit_any, *keystr;
     json_t *doc;
     struct {
-        char *ref;
+        json_t *target; /* what a $ref resolved to: every spelling of it shares one node */
         jc_node *n;
     } *refs;
     int n_refs;
+    struct {
+        jc_node *lits;  /* enum / const values ... */
+        jc_node *rest;  /* ... kept to those the schema beside them admits (after finish) */
+    } *filters;
+    int n_filters;
+    jc_node *never;
     char err[200];
 };
 
@@ -132,8 +138,8 @@ void srv_jsonc_schema_free(srv_jsonc_schema *s) {
     if (!s) return;
     for (int i = 0; i < s->n_nodes; i++) node_free(s->nodes[i]);
     free(s->nodes);
-    for (int i = 0; i < s->n_refs; i++) free(s->refs[i].ref);
     free(s->refs);
+    free(s->filters);
     free(s);
 }
 
@@ -212,6 +218,8 @@ static json_t *resolve(json_t *doc, const char *ref) {
 }
 
 static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth);
+static const char *constraining_sibling(json_t *v, const char *self);
+static int apply_filters(srv_jsonc_schema *s);
 
 static jc_node *compile_type(srv_jsonc_schema *s, json_t *v, const char *type, int depth) {
     if (!strcmp(type, "string")) return node_new(s, JN_STRING);
@@ -304,44 +312,21 @@ static const char *constraining_sibling(json_t *v, const char *self) {
                                        "required", "additionalProperties", "items", "minItems", "maxItems",
                                        "nullable"};
     for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
-        if (strcmp(keys[i], self) && json_object_get(v, keys[i]) && !json_is_null(json_object_get(v, keys[i])))
+        if (strcmp(keys[i], self) && json_object_get(v, keys[i]) &&
+            (!json_is_null(json_object_get(v, keys[i])) || !strcmp(keys[i], "const")))
             return keys[i];
     return NULL;
 }
 
-/* Whether JSON value e has one of the types of the "type" keyword t (NULL:
- * any); an integral real counts as an integer. */
-static bool of_type(json_t *e, json_t *t) {
-    if (!t) return true;
-    if (json_is_array(t)) {
-        size_t i;
-        json_t *x;
-        json_array_foreach(t, i, x) if (of_type(e, x)) return true;
-        return false;
-    }
-    const char *n = json_string_value(t);
-    if (!n) return false;
-    if (!strcmp(n, "string")) return json_is_string(e);
-    if (!strcmp(n, "number")) return json_is_number(e);
-    if (!strcmp(n, "integer"))
-        return json_is_integer(e) || (json_is_real(e) && json_real_value(e) == floor(json_real_value(e)));
-    if (!strcmp(n, "boolean")) return json_is_boolean(e);
-    if (!strcmp(n, "null")) return json_is_null(e);
-    if (!strcmp(n, "array")) return json_is_array(e);
-    if (!strcmp(n, "object")) return json_is_object(e);
-    return false;
-}
-
-/* enum / const: the values (of the "type" beside them, if any) as texts. */
-static jc_node *compile_lits(srv_jsonc_schema *s, json_t *v, json_t *vals, const char *what) {
-    json_t *t = json_object_get(v, "type");
-    if (json_is_true(json_object_get(v, "nullable")) && t) t = NULL; /* null is fine too */
+/* enum / const: the values as texts; when the schema says more beside them
+ * (type, properties, items, ...), that schema is compiled too and finish()
+ * keeps the values it admits. */
+static jc_node *compile_lits(srv_jsonc_schema *s, json_t *v, json_t *vals, const char *what, int depth) {
     jc_node *n = node_new(s, JN_LITS);
     if (!n) return NULL;
     size_t i;
     json_t *e;
     json_array_foreach(vals, i, e) {
-        if (!of_type(e, t)) continue;
         size_t len;
         char *text = compact(e, &len);
         if (len > JC_MAX_LIT_BYTES) {
@@ -350,7 +335,18 @@ static jc_node *compile_lits(srv_jsonc_schema *s, json_t *v, json_t *vals, const
         }
         lit_add(n, text, len);
     }
-    if (!n->n_lits) return fail(s, "%s: no value has the schema's type", what);
+    json_t *rest = json_copy(v);
+    json_object_del(rest, "enum");
+    json_object_del(rest, "const");
+    jc_node *r = constraining_sibling(rest, "") ? compile(s, rest, depth + 1) : NULL;
+    json_decref(rest);
+    if (s->err[0]) return NULL;
+    if (r == s->any) r = NULL;
+    if (r) {
+        s->filters = xrealloc(s->filters, sizeof *s->filters * (size_t)(s->n_filters + 1));
+        s->filters[s->n_filters].lits = n;
+        s->filters[s->n_filters++].rest = r;
+    }
     return n;
 }
 
@@ -358,7 +354,7 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
     if (s->err[0]) return NULL;
     if (depth > JC_MAX_SCHEMA_DEPTH) return fail(s, "the schema nests too deeply%s", "");
     if (json_is_true(v)) return s->any;
-    if (json_is_false(v)) return fail(s, "a false schema admits no value%s", "");
+    if (json_is_false(v)) return s->never; /* never offered (a value of it cannot be written) */
     if (!json_is_object(v)) return fail(s, "a schema must be an object or a boolean%s", "");
     json_t *x;
     const char *sib;
@@ -366,15 +362,15 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
         const char *ref = json_string_value(x);
         if (!ref) return fail(s, "$ref must be a string%s", "");
         if ((sib = constraining_sibling(v, "$ref"))) return fail(s, "'%s' beside $ref is not supported", sib);
-        for (int i = 0; i < s->n_refs; i++)
-            if (!strcmp(s->refs[i].ref, ref)) return s->refs[i].n;
         json_t *target = resolve(s->doc, ref);
         if (!target) return fail(s, "$ref '%.100s' does not resolve inside the schema", ref);
+        for (int i = 0; i < s->n_refs; i++)
+            if (s->refs[i].target == target) return s->refs[i].n;
         /* a placeholder first: the target may refer back to it */
         jc_node *ph = node_new(s, JN_PENDING);
         if (!ph) return NULL;
         s->refs = xrealloc(s->refs, sizeof *s->refs * (size_t)(s->n_refs + 1));
-        s->refs[s->n_refs].ref = xstrdup(ref);
+        s->refs[s->n_refs].target = target;
         s->refs[s->n_refs++].n = ph;
         jc_node *t = compile(s, target, depth + 1);
         if (!t) return NULL;
@@ -382,17 +378,6 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
         ph->kind = JN_ALT;
         alt_add(ph, t);
         return ph;
-    }
-    if ((x = json_object_get(v, "const"))) {
-        json_t *one = json_pack("[O]", x);
-        jc_node *n = compile_lits(s, v, one, "const");
-        json_decref(one);
-        return n;
-    }
-    if ((x = json_object_get(v, "enum"))) {
-        if (!json_is_array(x) || !json_array_size(x)) return fail(s, "enum must be a non-empty array%s", "");
-        if (json_array_size(x) > JC_MAX_LITS) return fail(s, "enum has more than 1024 values%s", "");
-        return compile_lits(s, v, x, "enum");
     }
     const char *alts_key = json_object_get(v, "anyOf") ? "anyOf" : json_object_get(v, "oneOf") ? "oneOf" : NULL;
     if (alts_key) {
@@ -421,6 +406,17 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
         if ((sib = constraining_sibling(v, "allOf"))) return fail(s, "'%s' beside allOf is not supported", sib);
         return compile(s, json_array_get(x, 0), depth + 1);
     }
+    if ((x = json_object_get(v, "const"))) {
+        json_t *one = json_pack("[O]", x);
+        jc_node *n = compile_lits(s, v, one, "const", depth);
+        json_decref(one);
+        return n;
+    }
+    if ((x = json_object_get(v, "enum"))) {
+        if (!json_is_array(x) || !json_array_size(x)) return fail(s, "enum must be a non-empty array%s", "");
+        if (json_array_size(x) > JC_MAX_LITS) return fail(s, "enum has more than 1024 values%s", "");
+        return compile_lits(s, v, x, "enum", depth);
+    }
     x = json_object_get(v, "type");
     bool nullable = json_is_true(json_object_get(v, "nullable"));
     const char *one = json_string_value(x);
@@ -429,7 +425,7 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
         if (json_object_get(v, "properties") || json_object_get(v, "required") ||
             json_object_get(v, "additionalProperties"))
             one = "object";
-        else if (json_object_get(v, "items"))
+        else if (json_object_get(v, "items") || json_object_get(v, "minItems") || json_object_get(v, "maxItems"))
             one = "array";
     }
     jc_node *n = NULL;
@@ -459,6 +455,28 @@ static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth) {
         n = a;
     }
     return n;
+}
+
+/* Literals in byte order, a prefix before its extensions: the texts that
+ * share a prefix are then a range, narrowed by binary search (lit_narrow). */
+typedef struct lit_ref {
+    char *text;
+    size_t len;
+} lit_ref;
+
+static int lit_cmp(const void *a, const void *b) {
+    const lit_ref *x = a, *y = b;
+    const size_t n = x->len < y->len ? x->len : y->len;
+    const int c = memcmp(x->text, y->text, n);
+    return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+static void sort_lits(jc_node *n) {
+    lit_ref *r = xmalloc(sizeof *r * (size_t)(n->n_lits ? n->n_lits : 1));
+    for (int i = 0; i < n->n_lits; i++) r[i] = (lit_ref){n->lits[i], n->lit_len[i]};
+    qsort(r, (size_t)n->n_lits, sizeof *r, lit_cmp);
+    for (int i = 0; i < n->n_lits; i++) n->lits[i] = r[i].text, n->lit_len[i] = r[i].len;
+    free(r);
 }
 
 /* The leaves of alternative node a (DFS through nested alternatives and
@@ -498,13 +516,18 @@ static int finish(srv_jsonc_schema *s) {
     }
     for (int i = 0; i < s->n_nodes; i++) {
         jc_node *n = s->nodes[i];
-        n->mindepth = n->kind == JN_OBJECT || n->kind == JN_ARRAY || n->kind == JN_ALT || n->kind == JN_PENDING
+        n->mindepth = n->kind == JN_OBJECT || n->kind == JN_ARRAY || n->kind == JN_ALT || n->kind == JN_PENDING ||
+                              n->kind == JN_NEVER
                           ? JC_INF
                           : 1;
     }
-    for (int round = 0; round <= JC_MAX_DEPTH + 1; round++) {
-        bool changed = false;
-        for (int i = 0; i < s->n_nodes; i++) {
+    /* relaxation until nothing changes: nodes are visited children first
+     * (compile makes a parent before its children), so a tree settles in
+     * one round; values only fall, each node's at most JC_MAX_DEPTH + 1
+     * times, so cycles settle too */
+    for (bool changed = true; changed;) {
+        changed = false;
+        for (int i = s->n_nodes - 1; i >= 0; i--) {
             jc_node *n = s->nodes[i];
             int m = n->mindepth;
             if (n->kind == JN_OBJECT) {
@@ -517,20 +540,21 @@ static int finish(srv_jsonc_schema *s) {
                 for (int k = 0; k < n->n_leaves; k++)
                     if (n->leaves[k]->mindepth < m) m = n->leaves[k]->mindepth;
             }
-            if (m > JC_INF) m = JC_INF;
-            if (m != n->mindepth) {
+            if (m > JC_MAX_DEPTH) m = JC_INF; /* of no use */
+            if (m < n->mindepth) {
                 n->mindepth = m;
                 changed = true;
             }
         }
-        if (!changed) break;
     }
     if (s->root->mindepth > JC_MAX_DEPTH) {
         snprintf(s->err, sizeof s->err, "the schema admits no value nested at most %d levels deep (a $ref cycle "
                  "without a way out, or required values nested too deeply)", JC_MAX_DEPTH);
         return -1;
     }
-    return 0;
+    for (int i = 0; i < s->n_nodes; i++)
+        if (s->nodes[i]->kind == JN_LITS) sort_lits(s->nodes[i]);
+    return apply_filters(s);
 }
 
 srv_jsonc_schema *srv_jsonc_compile(json_t *schema, char *msg, size_t cap) {
@@ -541,6 +565,7 @@ srv_jsonc_schema *srv_jsonc_compile(json_t *schema, char *msg, size_t cap) {
     s->lit_null = lits_of(s, nl, 1);
     s->lit_any = lits_of(s, all, 3);
     s->keystr = node_new(s, JN_STRING);
+    s->never = node_new(s, JN_NEVER);
     if (!schema) { /* json_object: an object with any members */
         s->root = node_new(s, JN_OBJECT);
         s->root->free_keys = true;
@@ -584,7 +609,8 @@ typedef struct jc_frame {
     uint8_t u8lo, u8hi;
     uint8_t hexd;     /* S_STR: the first hex digit was d/D */
     uint8_t frac;     /* S_NUM: fraction and exponent allowed */
-    int32_t cand;     /* S_OBJ_*: the property; S_LIT: a literal consistent with the bytes so far */
+    int32_t cand;     /* S_OBJ_*: the property; S_LIT: the first literal consistent with the bytes so far */
+    int32_t hi;       /* S_LIT: ... and one past the last (a range: sort_lits) */
     uint32_t pos;     /* S_OBJ_KEY / S_LIT: bytes matched */
     int32_t cnt;      /* arrays: items so far; S_NUM: digits of the current part */
     uint64_t used;    /* objects: properties written */
@@ -663,16 +689,32 @@ static int num_next(int st, unsigned c, bool frac) {
 }
 static bool num_final(int st) { return st == 2 || st == 3 || st == 5 || st == 8; }
 
-/* A literal of n consistent with the first pos bytes of cand whose byte pos
- * is c (want_end: whose length is pos), or -1. */
-static int lit_find(const jc_node *n, int cand, size_t pos, int c, bool want_end) {
-    for (int k = 0; k < n->n_lits; k++) {
-        if (want_end ? n->lit_len[k] != pos : n->lit_len[k] <= pos || (unsigned char)n->lits[k][pos] != c) continue;
-        if (cand >= 0 && memcmp(n->lits[k], n->lits[cand], pos)) continue;
-        return k;
+/* The literals of n in [*lo, *hi) share their first pos bytes: narrows the
+ * range to those whose byte pos is c (false when none is). */
+static bool lit_narrow(const jc_node *n, int *lo, int *hi, size_t pos, unsigned c) {
+    int a = *lo, b = *hi;
+    if (a < b && n->lit_len[a] == pos) a++; /* the one that ends here sorts first */
+    int l = a, r = b;
+    while (l < r) {
+        const int m = (l + r) / 2;
+        if ((unsigned char)n->lits[m][pos] < c) l = m + 1;
+        else r = m;
     }
-    return -1;
+    const int first = l;
+    r = b;
+    while (l < r) {
+        const int m = (l + r) / 2;
+        if ((unsigned char)n->lits[m][pos] <= c) l = m + 1;
+        else r = m;
+    }
+    if (first == l) return false;
+    *lo = first;
+    *hi = l;
+    return true;
 }
+
+/* A literal of the range ends after pos bytes. */
+static bool lit_whole(const jc_node *n, int lo, int hi, size_t pos) { return lo < hi && n->lit_len[lo] == pos; }
 
 /* The same for an unused declared key of an object (frame f at depth)
  * whose value fits below. */
@@ -743,7 +785,8 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c) {
                 } else if (c == 't' || c == 'f' || c == 'n') {
                     f->n = x->s->lit_any;
                     f->st = S_LIT;
-                    f->cand = -1;
+                    f->cand = 0;
+                    f->hi = f->n->n_lits;
                     continue;
                 } else return;
                 break;
@@ -767,7 +810,8 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c) {
                 continue;
             case JN_LITS:
                 f->st = S_LIT;
-                f->cand = -1;
+                f->cand = 0;
+                f->hi = n->n_lits;
                 continue;
             default:
                 return;
@@ -829,22 +873,18 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c) {
             continue;
         }
         case S_LIT: {
-            int k = lit_find(n, f->cand, f->pos, (int)c, false);
-            if (k >= 0) {
-                f->cand = k;
+            int lo = f->cand, hi = f->hi;
+            if (lit_narrow(n, &lo, &hi, f->pos, c)) {
+                f->cand = lo;
+                f->hi = hi;
                 f->pos++;
                 t->ws = t->nl = 0;
                 /* a literal that is whole and that no other one extends ends here */
-                if (n->lit_len[k] == f->pos) {
-                    bool longer = false;
-                    for (int i = 0; i < n->n_lits && !longer; i++)
-                        longer = n->lit_len[i] > f->pos && !memcmp(n->lits[i], n->lits[k], f->pos);
-                    if (!longer) pop(t);
-                }
+                if (hi - lo == 1 && n->lit_len[lo] == f->pos) pop(t);
                 emit(x, t);
                 return;
             }
-            if (f->cand < 0 || lit_find(n, f->cand, f->pos, 0, true) < 0) return;
+            if (f->pos == 0 || !lit_whole(n, f->cand, f->hi, f->pos)) return;
             pop(t);
             continue;
         }
@@ -982,9 +1022,41 @@ static bool set_can_end(const jc_set *set) {
         if (t->depth != 1) continue;
         const jc_frame *f = &t->f[0];
         if (f->st == S_NUM && num_final(f->a)) return true;
-        if (f->st == S_LIT && f->cand >= 0 && lit_find(f->n, f->cand, f->pos, 0, true) >= 0) return true;
+        if (f->st == S_LIT && f->pos > 0 && lit_whole(f->n, f->cand, f->hi, f->pos)) return true;
     }
     return false;
+}
+
+/* enum / const values the schema beside them does not admit are dropped
+ * (compile_lits); none left is a 400. */
+static int apply_filters(srv_jsonc_schema *s) {
+    if (!s->n_filters) return 0;
+    jc_set *set = xmalloc(sizeof *set), *tmp = xmalloc(sizeof *tmp);
+    int rc = 0;
+    for (int i = 0; i < s->n_filters && !rc; i++) {
+        jc_node *l = s->filters[i].lits;
+        int keep = 0;
+        for (int k = 0; k < l->n_lits; k++) {
+            set->n = 1;
+            memset(&set->t[0], 0, sizeof set->t[0]);
+            bool ok = push(&set->t[0], s->filters[i].rest) &&
+                      set_feed(s, set, (const unsigned char *)l->lits[k], l->lit_len[k], tmp) && set_can_end(set);
+            if (ok) {
+                l->lits[keep] = l->lits[k];
+                l->lit_len[keep++] = l->lit_len[k];
+            } else {
+                free(l->lits[k]);
+            }
+        }
+        l->n_lits = keep;
+        if (!keep) {
+            snprintf(s->err, sizeof s->err, "enum/const: no value fits the rest of its schema (type, properties, ...)");
+            rc = -1;
+        }
+    }
+    free(set);
+    free(tmp);
+    return rc;
 }
 
 /* ------------------------------------------------------------ the tokens */
@@ -1089,6 +1161,28 @@ void srv_jsonc_feed(srv_jsonc *j, int32_t tok) {
             j->dsml_alt = false;
         }
     }
+}
+
+bool srv_jsonc_allows_text(srv_jsonc *j, const char *b, size_t n) {
+    return !j || j->off || !n || json_allows(j, b, n);
+}
+
+bool srv_jsonc_feed_text(srv_jsonc *j, const char *b, size_t n) {
+    if (!j || j->off || !n) return true;
+    j->dsml_alt = false; /* text before a tool-call block: the block cannot open any more */
+    if (!j->json_alive) return false;
+    j->json_alive = set_feed(j->schema, &j->set, (const unsigned char *)b, n, &j->tmp);
+    return j->json_alive;
+}
+
+bool srv_jsonc_schema_prefix(const srv_jsonc_schema *s, const char *b, size_t n) {
+    jc_set *set = xmalloc(sizeof *set), *tmp = xmalloc(sizeof *tmp);
+    set->n = 1;
+    memset(&set->t[0], 0, sizeof set->t[0]);
+    const bool ok = push(&set->t[0], s->root) && set_feed(s, set, (const unsigned char *)b, n, tmp);
+    free(set);
+    free(tmp);
+    return ok;
 }
 
 int32_t srv_jsonc_pick(srv_jsonc *j, ds4_sampler *smp, const float *logits, const ds4_sampler_params *p,

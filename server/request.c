@@ -430,7 +430,8 @@ static int parse_logit_bias(json_t *v, srv_request *rq, srv_error *e) {
     json_t *b;
     json_object_foreach(v, k, b) {
         size_t n = strlen(k);
-        bool digits = n > 0 && n <= 10 && strspn(k, "0123456789") == n;
+        /* decimal, no leading zero ("05" would bias token 5 a second time) */
+        bool digits = n > 0 && n <= 10 && strspn(k, "0123456789") == n && (k[0] != '0' || n == 1);
         long long id = digits ? strtoll(k, NULL, 10) : -1;
         if (id < 0 || id > INT32_MAX)
             return srv_fail_param(e, "logit_bias", "invalid_value", "logit_bias: '%.40s' is not a token id", k);
@@ -951,9 +952,27 @@ int srv_parse_json_format(json_t *fmt, bool nested, srv_request *rq, const char 
             ds4_buf_puts(&line, ".");
         }
     }
+    /* a prefill (the conversation ends in an assistant message) is the
+     * start of the reply: it must be the start of a value of the format,
+     * and the system line goes before it so that it is still continued */
+    const bool prefill = ds4_chat_continues(rq->chat);
+    if (prefill) {
+        const ds4_chat_msg *m = &rq->chat->msgs[rq->chat->n_msgs - 1];
+        char msg[256];
+        srv_jsonc_schema *c = srv_jsonc_compile(rq->json_schema, msg, sizeof msg);
+        const bool ok = c && srv_jsonc_schema_prefix(c, m->content, m->content_len);
+        srv_jsonc_schema_free(c);
+        if (!ok) {
+            ds4_buf_free(&line);
+            return srv_fail_param(e, field, "invalid_value",
+                                  "%s: the assistant message to continue is not the start of a JSON value of the "
+                                  "format", field);
+        }
+    }
     int rc = !ds4_buf_ok(&line) ? srv_fail(e, 500, "out of memory")
              : srv_chat_add(rq, DS4_ROLE_SYSTEM, line.data, e) < 0 ? -1 : 0;
     ds4_buf_free(&line);
+    if (!rc && prefill) ds4_chat_move_last(rq->chat, rq->chat->n_msgs - 2);
     return rc;
 }
 

@@ -516,6 +516,13 @@ int32_t srv_jsonc_pick(srv_jsonc *j, struct ds4_sampler *smp, const float *logit
                        const struct ds4_sampler_params *p, struct ds4_rng *rng, bool refused);
 /* The token that was appended. */
 void srv_jsonc_feed(srv_jsonc *j, int32_t tok);
+/* The same for text that is not a whole token (an assistant prefill, the
+ * bytes after a "</think>" written as text): whether it may come next, and
+ * feeding it (false when refused). */
+bool srv_jsonc_allows_text(srv_jsonc *j, const char *b, size_t n);
+bool srv_jsonc_feed_text(srv_jsonc *j, const char *b, size_t n);
+/* Whether text is the start of a value of the schema. */
+bool srv_jsonc_schema_prefix(const srv_jsonc_schema *s, const char *b, size_t n);
 
 /* Cache policy (cache_policy.c), worker thread only. */
 struct srv_cache;

@@ -611,6 +611,30 @@ static const float *adjust_logits(float *a, int nv, const srv_request *rq, const
     return a;
 }
 
+/* Whether bytes b[0..n), appended to the reply so far (gen), complete
+ * "</think>" as text with bytes after it: *tail and *n_tail are those bytes
+ * (the start of the content, which a JSON constraint must see). */
+static bool think_tail_bytes(const ds4_buf *gen, const char *b, size_t n, const char **tail, size_t *n_tail) {
+    if (!b || !n) return false;
+    char w[7 + 64];
+    const size_t keep = gen->len < 7 ? gen->len : 7, take = n < 64 ? n : 64;
+    if (keep) memcpy(w, gen->data + gen->len - keep, keep);
+    memcpy(w + keep, b, take);
+    const char *m = memmem(w, keep + take, DS4_THINK_CLOSE, 8);
+    if (!m) return false;
+    const size_t end = (size_t)(m - w) + 8; /* > keep: the reply so far holds no "</think>" */
+    if (end >= keep + n) return false;      /* the tag ends the token */
+    *tail = b + (end - keep);
+    *n_tail = n - (end - keep);
+    return true;
+}
+
+static bool think_tail(const gen_ctx *g, const ds4_engine *e, int32_t tok, const char **tail, size_t *n_tail) {
+    size_t n = 0;
+    const char *b = ds4_token_bytes(e, tok, &n);
+    return b && !ds4_token_is_control(e, tok) && think_tail_bytes(&g->gen, b, n, tail, n_tail);
+}
+
 static const char *jc_bytes(void *user, int32_t id, size_t *n) {
     return ds4_token_bytes((const ds4_engine *)user, id, n);
 }
@@ -627,7 +651,16 @@ static srv_jsonc *jsonc_for(srv_server *s, const srv_request *rq, bool tools) {
     srv_jsonc_vocab v = {ds4_engine_n_vocab(s->engine), ds4_token_special(s->engine, DS4_TOK_EOS),
                          tools ? ds4_token_special(s->engine, DS4_TOK_DSML) : -1, jc_bytes, jc_control,
                          s->engine};
-    return srv_jsonc_new(sc, tools && rq->tool_choice == SRV_TOOL_AUTO, &v);
+    srv_jsonc *j = srv_jsonc_new(sc, tools && rq->tool_choice == SRV_TOOL_AUTO, &v);
+    /* a prefill is the reply's start (checked by the parser) */
+    if (j && rq->chat && ds4_chat_continues(rq->chat)) {
+        const ds4_chat_msg *m = &rq->chat->msgs[rq->chat->n_msgs - 1];
+        if (!srv_jsonc_feed_text(j, m->content, m->content_len)) {
+            srv_jsonc_free(j);
+            return NULL;
+        }
+    }
+    return j;
 }
 
 /* Step 2: the sampling loop (docs/SERVING.md B.7). Returns the finish reason and
@@ -715,8 +748,13 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
          * queued after it; a refused `next` is dropped */
         bool refused = false; /* the plain draw of this step was made and refused */
         int32_t forced_tok = -1;
+        const char *tl = NULL;
+        size_t ntl = 0;
         if (jc && qi < nq &&
-            (jsonc ? !srv_jsonc_allows(jc, queue[qi]) : g->thinking && !reason_done && queue[qi] == eos)) {
+            (jsonc ? !srv_jsonc_allows(jc, queue[qi])
+                   : g->thinking && !reason_done &&
+                         (queue[qi] == eos || (think_tail(g, s->engine, queue[qi], &tl, &ntl) &&
+                                               !srv_jsonc_allows_text(jc, tl, ntl))))) {
             const bool was_eos = !jsonc;
             if (ds4_session_rewind(s->session, ds4_session_n_tokens(s->session) - (nq - qi), &err))
                 FAIL("%s", err.msg)
@@ -730,7 +768,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
             qi = nq = 0;
             next = -1;
             refused = true;
-            if (was_eos) forced_tok = think_close; /* as plain decoding turns that EOS into </think> */
+            if (was_eos) forced_tok = think_close; /* as plain decoding turns that EOS (or tag) into </think> */
         }
         if (jsonc && next >= 0 && !srv_jsonc_allows(jc, next)) {
             next = -1;
@@ -784,6 +822,21 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         }
         /* a JSON reply after the reasoning: EOS inside it closes the reasoning instead */
         if (jc && g->thinking && !reason_done && tok == eos && think_close >= 0 && !s->debug_tokens) tok = think_close;
+        /* a "</think>" written as text inside a token: the bytes after it
+         * are content the constraint must see; refused, the special token
+         * closes the reasoning instead */
+        const char *tail = NULL;
+        size_t n_tail = 0;
+        if (jc && g->thinking && !reason_done && tok >= 0 && think_close >= 0 && !s->debug_tokens &&
+            think_tail(g, s->engine, tok, &tail, &n_tail)) {
+            if (evaluated || srv_jsonc_allows_text(jc, tail, n_tail)) {
+                /* evaluated (MTP): allowed, or rewound above */
+            } else {
+                tok = think_close;
+                tail = NULL;
+                n_tail = 0;
+            }
+        }
         if (tok < 0) FAIL("forced tool call: no token fits")
         if (tok == eos) { /* EOS is neither evaluated nor output */
             finish = SRV_FINISH_STOP;
@@ -811,6 +864,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
             n_reason++;
             size_t from = old > 7 ? old - 7 : 0;
             reason_done = memmem(g->gen.data + from, g->gen.len - from, DS4_THINK_CLOSE, 8) != NULL;
+            if (reason_done && jc && tail && n_tail) srv_jsonc_feed_text(jc, tail, n_tail); /* checked above */
         }
         const int fam_before = trk.family;
         ds4_dsml_tracker_feed(&trk, bytes, blen);

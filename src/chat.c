@@ -112,6 +112,13 @@ int ds4_chat_add_tool_schema(ds4_chat *c, const char *line, size_t len, ds4_err 
     return 0;
 }
 
+void ds4_chat_move_last(ds4_chat *c, int to) {
+    if (to < 0 || to >= c->n_msgs - 1) return;
+    ds4_chat_msg m = c->msgs[c->n_msgs - 1];
+    memmove(c->msgs + to + 1, c->msgs + to, (size_t)(c->n_msgs - 1 - to) * sizeof m);
+    c->msgs[to] = m;
+}
+
 int ds4_chat_add(ds4_chat *c, ds4_role role, const char *content, size_t len, ds4_err *err) {
     if (c->n_msgs == c->cap_msgs) {
         int cap = c->cap_msgs ? 2 * c->cap_msgs : 8;

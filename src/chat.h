@@ -101,6 +101,10 @@ int ds4_chat_add_tool_schema(ds4_chat *c, const char *line, size_t len, ds4_err 
 
 /* Appends a message; returns its index (>= 0) or a negative code. */
 int ds4_chat_add(ds4_chat *c, ds4_role role, const char *content, size_t len, ds4_err *err);
+/* Moves the last message to index `to` (0 <= to < n_msgs), the ones from
+ * `to` on one place later: a system text added after a conversation that
+ * ends in a prefill goes before that assistant message. */
+void ds4_chat_move_last(ds4_chat *c, int to);
 /* Appends to the reasoning of message i (creates it if absent). */
 int ds4_chat_add_reasoning(ds4_chat *c, int i, const char *text, size_t len, ds4_err *err);
 /* Appends a tool call to message i. id may be NULL; arguments is JSON text

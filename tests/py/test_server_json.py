@@ -204,3 +204,40 @@ def test_mtp_runs_through_the_reasoning_and_changes_nothing(tmp_path):
     for finish, reasoning, content in forced:
         assert finish == "stop" and reasoning
         Pick.model_validate_json(content)
+
+
+def test_prefill_and_a_think_tag_written_as_text():
+    """An assistant prefill is the start of the reply: it must start a value
+    of the format (400 otherwise) and the reply continues it (the format's
+    system line had been appended after it, so the prefill was closed and a
+    new value began: prefill + reply was no JSON). A "</think>" written as
+    text whose token carries more bytes: those bytes are content the
+    constraint must see (they went out unchecked: '{true')."""
+    with Server() as s:
+        c = s.openai()
+        for seed in (1, 2, 3):
+            r = c.chat.completions.create(
+                model="m", messages=user("Pick") + [{"role": "assistant", "content": '{"color": "re'}],
+                response_format=CHAT_FORMAT, max_tokens=300, temperature=1.0, seed=seed, extra_body=NO_THINK)
+            assert r.choices[0].finish_reason == "stop"
+            Pick.model_validate_json('{"color": "re' + r.choices[0].message.content)
+        st, _, body = s.raw("POST", "/v1/chat/completions", {
+            "model": "m", "max_tokens": 5, "response_format": CHAT_FORMAT,
+            "messages": user("Pick") + [{"role": "assistant", "content": "Sure: {"}]})
+        assert st == 400 and b"not the start of a JSON value" in body, body
+        m = s.anthropic().messages.create(
+            model="m", max_tokens=300, messages=user("Pick") + [{"role": "assistant", "content": '{"ok": '}],
+            thinking={"type": "disabled"}, extra_body={"output_config": {"format": {"type": "json_schema",
+                                                                                   "schema": PICK_SCHEMA}}, **T0})
+        Pick.model_validate_json('{"ok": ' + m.content[0].text)
+        bias = {"1718": 100, "37947": 100, "48902": 100}  # "</", "think", '>"' in the demo vocabulary
+        stops = 0
+        for seed in range(1, 7):  # the reasoning samples these three tokens until they spell the tag
+            r = c.chat.completions.create(
+                model="m", messages=user("yes?"), max_tokens=400, temperature=1.0, seed=seed, logit_bias=bias,
+                response_format={"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}},
+                extra_body={"thinking": {"type": "enabled"}})
+            if r.choices[0].finish_reason == "stop":
+                stops += 1
+                assert json.loads(r.choices[0].message.content) in (True, False), r.choices[0].message.content
+        assert stops >= 2, stops

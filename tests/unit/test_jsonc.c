@@ -58,7 +58,8 @@ DS4_TEST(jsonc_schemas_refused_with_a_reason) {
     CHECK_STR(refused("{\"type\":\"object\",\"properties\":{\"a\":{}},\"required\":[\"b\"]}"),
               "required property 'b' is not in properties");
     CHECK_STR(refused("{\"enum\":[]}"), "enum must be a non-empty array");
-    CHECK_STR(refused("false"), "a false schema admits no value");
+    CHECK_STR(refused("false"), "the schema admits no value nested at most 24 levels deep (a $ref cycle without a way "
+                                "out, or required values nested too deeply)");
     CHECK_STR(refused("{\"allOf\":[{},{}]}"), "allOf is supported with one schema only");
     CHECK_STR(refused("{\"type\":\"array\",\"minItems\":3,\"maxItems\":2}"), "minItems is larger than maxItems");
     CHECK_STR(refused("{\"type\":[]}"), "type must not be an empty list");
@@ -69,10 +70,10 @@ DS4_TEST(jsonc_schemas_refused_with_a_reason) {
     strcat(big, "}}");
     CHECK_STR(refused(big), "an object has more than 64 properties");
     /* a schema nested past the limit */
-    char deep[8192] = "";
-    for (int i = 0; i < 70; i++) strcat(deep, "{\"type\":\"array\",\"items\":");
+    static char deep[16384] = "";
+    for (int i = 0; i < 300; i++) strcat(deep, "{\"type\":\"array\",\"items\":");
     strcat(deep, "{}");
-    for (int i = 0; i < 70; i++) strcat(deep, "}");
+    for (int i = 0; i < 300; i++) strcat(deep, "}");
     CHECK_STR(refused(deep), "the schema nests too deeply");
     /* accepted: recursion through $ref, $defs, type lists, nullable, const */
     CHECK(!refused("{\"$defs\":{\"n\":{\"type\":\"object\",\"properties\":{\"k\":{\"type\":\"array\",\"items\":{\"$ref\":"
@@ -527,10 +528,11 @@ DS4_TEST(jsonc_review_sizes_and_siblings) {
     CHECK_EQ_INT(match("{\"type\":\"string\",\"enum\":[\"a\",1,null]}", "\"a\""), 1);
     CHECK_EQ_INT(match("{\"type\":\"string\",\"enum\":[\"a\",1,null]}", "1"), -1);
     CHECK_EQ_INT(match("{\"type\":\"string\",\"nullable\":true,\"enum\":[\"a\",null]}", "null"), 1);
-    CHECK_EQ_INT(match("{\"type\":\"integer\",\"enum\":[1.0,2.5]}", "1.0"), 1);
-    CHECK_EQ_INT(match("{\"type\":\"integer\",\"enum\":[1.0,2.5]}", "2.5"), -1);
-    CHECK_STR(refused("{\"type\":\"integer\",\"enum\":[\"a\"]}"), "enum: no value has the schema's type");
-    CHECK_STR(refused("{\"type\":\"boolean\",\"const\":1}"), "const: no value has the schema's type");
+    CHECK_EQ_INT(match("{\"type\":\"integer\",\"enum\":[1,2.5]}", "1"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"integer\",\"enum\":[1,2.5]}", "2.5"), -1);
+    const char *none = "enum/const: no value fits the rest of its schema (type, properties, ...)";
+    CHECK_STR(refused("{\"type\":\"integer\",\"enum\":[\"a\"]}"), none);
+    CHECK_STR(refused("{\"type\":\"boolean\",\"const\":1}"), none);
     /* constraints beside anyOf / $ref / allOf: refused, not ignored */
     CHECK_STR(refused("{\"type\":\"object\",\"anyOf\":[{\"type\":\"object\"},{\"type\":\"array\"}]}"),
               "'type' beside anyOf/oneOf is not supported (put it in each alternative)");
@@ -584,4 +586,74 @@ DS4_TEST(jsonc_review_tool_alternative_whitespace) {
     srv_jsonc_feed(j, nn);
     CHECK(!srv_jsonc_allows(j, nn));
     srv_jsonc_free(j);
+}
+
+DS4_TEST(jsonc_review2_values_fit_their_whole_schema) {
+    const char *none = "enum/const: no value fits the rest of its schema (type, properties, ...)";
+    /* enum / const beside anyOf, allOf or $ref: refused (the enum won) */
+    CHECK_STR(refused("{\"anyOf\":[{\"type\":\"string\"}],\"enum\":[1,2]}"),
+              "'enum' beside anyOf/oneOf is not supported (put it in each alternative)");
+    CHECK_STR(refused("{\"allOf\":[{\"type\":\"string\"}],\"const\":3}"), "'const' beside allOf is not supported");
+    CHECK_STR(refused("{\"$ref\":\"#/$defs/A\",\"const\":null,\"$defs\":{\"A\":{\"type\":\"boolean\"}}}"),
+              "'const' beside $ref is not supported");
+    /* the values are kept to what the rest of the schema admits */
+    const char *arr = "{\"type\":\"array\",\"minItems\":2,\"enum\":[[1],[1,2]]}";
+    CHECK_EQ_INT(match(arr, "[1]"), -1);
+    CHECK_EQ_INT(match(arr, "[1,2]"), 1);
+    const char *obj = "{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"integer\"}},\"required\":[\"a\"],"
+                      "\"enum\":[{},{\"a\":\"x\"},{\"a\":1}]}";
+    CHECK_EQ_INT(match(obj, "{}"), -1);
+    CHECK_EQ_INT(match(obj, "{\"a\":\"x\"}"), -1);
+    CHECK_EQ_INT(match(obj, "{\"a\":1}"), 1);
+    CHECK_STR(refused("{\"type\":\"array\",\"items\":{\"type\":\"string\"},\"const\":[1]}"), none);
+    /* nullable keeps null, not every type */
+    CHECK_STR(refused("{\"type\":\"string\",\"nullable\":true,\"enum\":[1,2]}"), none);
+    const char *sn = "{\"type\":\"string\",\"nullable\":true,\"enum\":[1,\"a\",null]}";
+    CHECK_EQ_INT(match(sn, "\"a\""), 1);
+    CHECK_EQ_INT(match(sn, "null"), 1);
+    CHECK_EQ_INT(match(sn, "1"), -1);
+    /* minItems / maxItems alone make an array */
+    CHECK_EQ_INT(match("{\"minItems\":3}", "[[1]]"), -1);
+    CHECK_EQ_INT(match("{\"minItems\":3}", "[1,[],{}]"), 1);
+    CHECK_EQ_INT(match("{\"maxItems\":1}", "[1,2]"), -1);
+    /* false: never offered (an optional member, items of an empty array) */
+    const char *fo = "{\"type\":\"object\",\"properties\":{\"a\":false,\"b\":{\"type\":\"integer\"}}}";
+    CHECK_EQ_INT(match(fo, "{\"b\":1}"), 1);
+    CHECK_EQ_INT(match(fo, "{\"a\""), -1);
+    CHECK_EQ_INT(match("{\"type\":\"array\",\"items\":false}", "[]"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"array\",\"items\":false}", "[1"), -1);
+    CHECK(refused("{\"type\":\"object\",\"properties\":{\"a\":false},\"required\":[\"a\"]}"));
+}
+
+DS4_TEST(jsonc_review2_depth_and_alternatives) {
+    /* a $defs chain of 20 required objects (value depth 21) converges (the
+     * relaxation stopped after 26 rounds: 14 levels were refused) */
+    char chain[8192] = "{\"$defs\":{";
+    for (int i = 0; i < 20; i++)
+        snprintf(chain + strlen(chain), sizeof chain - strlen(chain),
+                 "%s\"L%d\":{\"type\":\"object\",\"properties\":{\"c\":{\"$ref\":\"#/$defs/L%d\"}},\"required\":[\"c\"]}",
+                 i ? "," : "", i, i + 1);
+    strcat(chain, ",\"L20\":{\"type\":\"integer\"}},\"$ref\":\"#/$defs/L0\"}");
+    CHECK_MSG(!refused(chain), "%s", refused(chain));
+    char doc[512] = "";
+    for (int i = 0; i < 20; i++) strcat(doc, "{\"c\":");
+    strcat(doc, "7");
+    for (int i = 0; i < 20; i++) strcat(doc, "}");
+    CHECK_EQ_INT(match(chain, doc), 1);
+    /* one target under several spellings is one alternative */
+    CHECK_EQ_INT(match("{\"$defs\":{\"L\":[{\"enum\":[\"x\",\"y\"]}]},\"anyOf\":[{\"$ref\":\"#/$defs/L/0\"},{\"$ref\":"
+                       "\"#/$defs/L/00\"},{\"type\":\"null\"}]}", "\"y\""), 1);
+    /* a large enum: each value and nothing else (binary search over sorted texts) */
+    static char big[40000];
+    strcpy(big, "{\"enum\":[");
+    for (int i = 0; i < 1000; i++) snprintf(big + strlen(big), sizeof big - strlen(big), "%s\"v%d\"", i ? "," : "", i * 7);
+    strcat(big, ",\"v\",12,1]}");
+    CHECK_EQ_INT(match(big, "\"v0\""), 1);
+    CHECK_EQ_INT(match(big, "\"v6993\""), 1);
+    CHECK_EQ_INT(match(big, "\"v\""), 1);
+    CHECK_EQ_INT(match(big, "\"v1\""), -1);
+    CHECK_EQ_INT(match(big, "\"v7"), 0);
+    CHECK_EQ_INT(match(big, "1"), 1);
+    CHECK_EQ_INT(match(big, "12"), 1);
+    CHECK_EQ_INT(match(big, "13"), -1);
 }

@@ -714,6 +714,7 @@ DS4_TEST(server_logit_bias_and_penalties) {
     CHECK(a[1] == 2.0f && a[2] == 3.0f - 100.0f);
     srv_request_free(&rq);
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"-1\":1}}", 400, "logit_bias: '-1' is not a token id"));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"05\":1}}", 400, "logit_bias: '05' is not a token id"));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"12345678901\":1}}", 400,
                      "logit_bias: '12345678901' is not a token id"));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"7\":\"5\"}}", 400,
@@ -722,4 +723,23 @@ DS4_TEST(server_logit_bias_and_penalties) {
                      "logit_bias must be an object of token ids to biases"));
     CHECK(fails_with(SRV_API_COMPLETIONS, "{\"prompt\":\"x\",\"presence_penalty\":2.5}", 400,
                      "presence_penalty must be between -2 and 2"));
+}
+
+DS4_TEST(server_think_tag_as_text_keeps_its_tail) {
+    /* a "</think>" completed inside a token: the bytes after it are content */
+    ds4_buf g = DS4_BUF_INIT;
+    ds4_buf_puts(&g, "reasoning </think");
+    const char *tail = NULL;
+    size_t n = 0;
+    CHECK(think_tail_bytes(&g, ">\"", 2, &tail, &n));
+    CHECK(n == 1 && tail[0] == '"');
+    CHECK(!think_tail_bytes(&g, ">", 1, &tail, &n)); /* the tag ends the token: no tail */
+    CHECK(!think_tail_bytes(&g, "x>", 2, &tail, &n));
+    ds4_buf_truncate(&g, 0);
+    ds4_buf_puts(&g, "abc");
+    CHECK(think_tail_bytes(&g, "</think>{true", 13, &tail, &n));
+    CHECK(n == 5 && !memcmp(tail, "{true", 5));
+    ds4_buf_truncate(&g, 0);
+    CHECK(think_tail_bytes(&g, "</think> ", 9, &tail, &n) && n == 1);
+    ds4_buf_free(&g);
 }
