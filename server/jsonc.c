@@ -100,6 +100,7 @@ struct srv_jsonc_schema {
     } *filters;
     int n_filters;
     jc_node *never;
+    bool filtering; /* apply_filters runs: numbers of any length */
     char err[200];
 };
 
@@ -151,6 +152,49 @@ static void *fail(srv_jsonc_schema *s, const char *fmt, const char *arg) {
 /* Compact JSON text (UTF-8 kept, keys in order); malloc'ed. */
 static char *compact(json_t *v, size_t *len) {
     char *t = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER);
+    if (!t) t = xstrdup("null");
+    *len = strlen(t);
+    return t;
+}
+
+/* A copy of v with integral reals as integers (1.0 is written 1, which a
+ * schema's integer type admits and JSON Schema holds equal). */
+static json_t *ints_of(json_t *v) {
+    if (json_is_real(v)) {
+        const double d = json_real_value(v);
+        return d == floor(d) && fabs(d) < 9007199254740992.0 ? json_integer((json_int_t)d) : json_real(d);
+    }
+    json_t *c = NULL;
+    if (json_is_array(v)) {
+        c = json_array();
+        size_t i;
+        json_t *e;
+        json_array_foreach(v, i, e) json_array_append_new(c, ints_of(e));
+    } else if (json_is_object(v)) {
+        c = json_object();
+        const char *k;
+        json_t *e;
+        json_object_foreach(v, k, e) json_object_set_new(c, k, ints_of(e));
+    } else {
+        c = json_incref(v);
+    }
+    return c;
+}
+
+/* An enum / const value as the model writes it: compact, integral reals as
+ * integers, other reals with the fewest digits (15 to 17) that read back
+ * as the same double (jansson writes 17: 0.1 was 0.10000000000000001). */
+static char *lit_text(json_t *v, size_t *len) {
+    json_t *c = ints_of(v);
+    char *t = NULL;
+    for (int prec = 15; prec <= 17 && !t; prec++) {
+        char *u = json_dumps(c, JSON_COMPACT | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(prec));
+        json_t *back = u ? json_loads(u, JSON_DECODE_ANY, NULL) : NULL;
+        if (u && (prec == 17 || (back && json_equal(back, c)))) t = u;
+        else free(u);
+        json_decref(back);
+    }
+    json_decref(c);
     if (!t) t = xstrdup("null");
     *len = strlen(t);
     return t;
@@ -328,7 +372,7 @@ static jc_node *compile_lits(srv_jsonc_schema *s, json_t *v, json_t *vals, const
     json_t *e;
     json_array_foreach(vals, i, e) {
         size_t len;
-        char *text = compact(e, &len);
+        char *text = lit_text(e, &len);
         if (len > JC_MAX_LIT_BYTES) {
             free(text);
             return fail(s, "%s: a value is longer than 16384 bytes", what);
@@ -858,7 +902,8 @@ static void run(jc_ctx *x, jc_thread *t, unsigned c) {
             int nx = num_next(f->a, c, f->frac);
             if (nx >= 0 && is_digit(c)) { /* digits per part: what every parser reads (doubles, exact integers) */
                 f->cnt = nx == f->a ? f->cnt + 1 : 1;
-                if (f->cnt > (nx == 3 ? JC_MAX_INT_DIGITS : nx == 5 ? JC_MAX_FRAC_DIGITS : nx == 8 ? JC_MAX_EXP_DIGITS : 1))
+                if (f->cnt > (nx == 3 ? JC_MAX_INT_DIGITS : nx == 5 ? JC_MAX_FRAC_DIGITS : nx == 8 ? JC_MAX_EXP_DIGITS : 1) &&
+                    !x->s->filtering) /* enum values are the client's: their digits are not bounded */
                     nx = -1;
             }
             if (nx >= 0) {
@@ -1032,28 +1077,41 @@ static bool set_can_end(const jc_set *set) {
 static int apply_filters(srv_jsonc_schema *s) {
     if (!s->n_filters) return 0;
     jc_set *set = xmalloc(sizeof *set), *tmp = xmalloc(sizeof *tmp);
+    s->filtering = true;
     int rc = 0;
-    for (int i = 0; i < s->n_filters && !rc; i++) {
-        jc_node *l = s->filters[i].lits;
-        int keep = 0;
-        for (int k = 0; k < l->n_lits; k++) {
-            set->n = 1;
-            memset(&set->t[0], 0, sizeof set->t[0]);
-            bool ok = push(&set->t[0], s->filters[i].rest) &&
-                      set_feed(s, set, (const unsigned char *)l->lits[k], l->lit_len[k], tmp) && set_can_end(set);
-            if (ok) {
-                l->lits[keep] = l->lits[k];
-                l->lit_len[keep++] = l->lit_len[k];
-            } else {
-                free(l->lits[k]);
+    /* until nothing changes: a value's schema may lead back to its own enum
+     * (or another filtered one), which must hold only kept values; a node is
+     * compacted only after all its values were checked against it as it was */
+    for (bool changed = true; changed && !rc;) {
+        changed = false;
+        for (int i = 0; i < s->n_filters && !rc; i++) {
+            jc_node *l = s->filters[i].lits;
+            bool *ok = xcalloc((size_t)l->n_lits + 1, sizeof *ok);
+            for (int k = 0; k < l->n_lits; k++) {
+                set->n = 1;
+                memset(&set->t[0], 0, sizeof set->t[0]);
+                ok[k] = push(&set->t[0], s->filters[i].rest) &&
+                        set_feed(s, set, (const unsigned char *)l->lits[k], l->lit_len[k], tmp) && set_can_end(set);
+            }
+            int keep = 0;
+            for (int k = 0; k < l->n_lits; k++) {
+                if (ok[k]) {
+                    l->lits[keep] = l->lits[k];
+                    l->lit_len[keep++] = l->lit_len[k];
+                } else {
+                    free(l->lits[k]);
+                    changed = true;
+                }
+            }
+            free(ok);
+            l->n_lits = keep;
+            if (!keep) {
+                snprintf(s->err, sizeof s->err, "enum/const: no value fits the rest of its schema (type, properties, ...)");
+                rc = -1;
             }
         }
-        l->n_lits = keep;
-        if (!keep) {
-            snprintf(s->err, sizeof s->err, "enum/const: no value fits the rest of its schema (type, properties, ...)");
-            rc = -1;
-        }
     }
+    s->filtering = false;
     free(set);
     free(tmp);
     return rc;

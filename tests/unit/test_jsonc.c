@@ -657,3 +657,28 @@ DS4_TEST(jsonc_review2_depth_and_alternatives) {
     CHECK_EQ_INT(match(big, "12"), 1);
     CHECK_EQ_INT(match(big, "13"), -1);
 }
+
+DS4_TEST(jsonc_review3_enum_filters) {
+    /* an enum whose own schema leads back to it (the filter freed values
+     * while the matcher still searched them: use after free under ASan) */
+    const char *rec = "{\"$defs\":{\"A\":{\"type\":\"array\",\"items\":{\"$ref\":\"#/$defs/A\"},\"enum\":[[],[[]],[[[1]]]]}},"
+                      "\"$ref\":\"#/$defs/A\"}";
+    CHECK_EQ_INT(match(rec, "[]"), 1);
+    CHECK_EQ_INT(match(rec, "[[]]"), 1);
+    CHECK_EQ_INT(match(rec, "[[[1]]]"), -1);
+    const char *rec2 = "{\"type\":\"object\",\"properties\":{\"a\":{\"$ref\":\"#\"}},\"enum\":[{\"a\":{}},{},{\"a\":{\"a\":5}}]}";
+    CHECK_EQ_INT(match(rec2, "{}"), 1);
+    CHECK_EQ_INT(match(rec2, "{\"a\":{}}"), 1);
+    CHECK_EQ_INT(match(rec2, "{\"a\":{\"a\":5}}"), -1);
+    /* numbers beside a type: written with the digits they need (jansson's
+     * 17 made 0.1 "0.10000000000000001", then dropped), integral reals as
+     * integers, any length (the client's values) */
+    CHECK_EQ_INT(match("{\"type\":\"number\",\"enum\":[0.1,0.2]}", "0.1"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"number\",\"enum\":[0.1,0.2]}", "0.2"), 1);
+    CHECK_EQ_INT(match("{\"enum\":[0.30000000000000004]}", "0.30000000000000004"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"object\",\"properties\":{\"x\":{\"type\":\"number\"}},\"const\":{\"x\":0.3}}",
+                       "{\"x\":0.3}"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"integer\",\"const\":1.0}", "1"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"integer\",\"enum\":[12345678901234567]}", "12345678901234567"), 1);
+    CHECK_EQ_INT(match("{\"type\":\"number\",\"enum\":[1e300]}", "1e300"), 1);
+}
