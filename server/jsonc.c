@@ -525,7 +525,7 @@ static void sort_lits(jc_node *n) {
 
 /* The leaves of alternative node a (DFS through nested alternatives and
  * $ref placeholders, each leaf once, cycles cut). */
-static void leaves_of(srv_jsonc_schema *s, jc_node *a, jc_node *n, unsigned stamp, long *work) {
+static void leaves_of(jc_node *a, jc_node *n, unsigned stamp, long *work) {
     if (n->stamp == stamp || ++*work > 4000000) return;
     n->stamp = stamp;
     if (n->kind != JN_ALT) {
@@ -533,7 +533,7 @@ static void leaves_of(srv_jsonc_schema *s, jc_node *a, jc_node *n, unsigned stam
         a->leaves[a->n_leaves++] = n;
         return;
     }
-    for (int i = 0; i < n->n_alts && a->n_leaves <= JC_MAX_THREADS; i++) leaves_of(s, a, n->alts[i], stamp, work);
+    for (int i = 0; i < n->n_alts && a->n_leaves <= JC_MAX_THREADS; i++) leaves_of(a, n->alts[i], stamp, work);
 }
 
 /* After compiling: each alternative node's leaves, then each node's
@@ -547,7 +547,7 @@ static int finish(srv_jsonc_schema *s) {
         jc_node *n = s->nodes[i];
         if (n->kind != JN_ALT) continue;
         n->stamp = ++stamp; /* not a leaf of itself */
-        for (int k = 0; k < n->n_alts && n->n_leaves <= JC_MAX_THREADS; k++) leaves_of(s, n, n->alts[k], stamp, &work);
+        for (int k = 0; k < n->n_alts && n->n_leaves <= JC_MAX_THREADS; k++) leaves_of(n, n->alts[k], stamp, &work);
         if (work > 4000000) {
             snprintf(s->err, sizeof s->err, "the schema's alternatives are too many to serve");
             return -1;

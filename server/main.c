@@ -226,23 +226,13 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         STROPT("--mtp", mtp_path)
         if (!strcmp(a, "--mtp-draft") || !strcmp(a, "--mtp-gate")) mtp_opts = true;
         INTOPT("--mtp-draft", 1, 4, mtp_draft)
-        if (!strcmp(a, "--debug-mtp-accept")) {
+        if (!strcmp(a, "--debug-mtp-accept") || !strcmp(a, "--mtp-gate")) {
             double g;
             if (ds4_parse_double(v, 0.0, 1.0, &g)) {
-                fprintf(stderr, "ds4-server: --debug-mtp-accept: expected a number in 0..1, got '%s'\n", v ? v : "");
+                fprintf(stderr, "ds4-server: %s: expected a number in 0..1, got '%s'\n", a, v ? v : "");
                 return -1;
             }
-            c->debug_mtp_accept = (float)g;
-            i++;
-            continue;
-        }
-        if (!strcmp(a, "--mtp-gate")) {
-            double g;
-            if (ds4_parse_double(v, 0.0, 1.0, &g)) {
-                fprintf(stderr, "ds4-server: --mtp-gate: expected a number in 0..1, got '%s'\n", v ? v : "");
-                return -1;
-            }
-            c->mtp_gate = (float)g;
+            *(!strcmp(a, "--mtp-gate") ? &c->mtp_gate : &c->debug_mtp_accept) = (float)g;
             i++;
             continue;
         }

@@ -931,15 +931,8 @@ int srv_parse_json_format(json_t *fmt, bool nested, srv_request *rq, const char 
             return srv_fail_param(e, field, "invalid_value",
                                   "%s: name and description must be strings, strict a boolean, schema an object",
                                   field);
-        if (sc) {
-            char msg[256];
-            srv_jsonc_schema *c = srv_jsonc_compile(sc, msg, sizeof msg);
-            if (!c) return srv_fail_param(e, field, "invalid_value", "%s schema: %s", field, msg);
-            srv_jsonc_schema_free(c);
-            rq->json_schema = json_incref(sc);
-        } else {
-            rq->json_schema = json_true(); /* no schema: any JSON value, as the system line says */
-        }
+        /* no schema: any JSON value, as the system line says */
+        rq->json_schema = sc ? json_incref(sc) : json_true();
         ds4_buf_puts(&line, "Reply with one JSON value and nothing else");
         if (json_string_value(name)) ds4_buf_printf(&line, " (\"%s\")", json_string_value(name));
         if (json_string_value(desc) && json_string_length(desc))
@@ -952,22 +945,22 @@ int srv_parse_json_format(json_t *fmt, bool nested, srv_request *rq, const char 
             ds4_buf_puts(&line, ".");
         }
     }
-    /* a prefill (the conversation ends in an assistant message) is the
-     * start of the reply: it must be the start of a value of the format,
-     * and the system line goes before it so that it is still continued */
+    /* the schema must compile; a prefill (the conversation ends in an
+     * assistant message) is the start of the reply: it must be the start of
+     * a value of the format, and the system line goes before it so that it
+     * is still continued */
+    char msg[256];
+    srv_jsonc_schema *c = srv_jsonc_compile(rq->json_schema, msg, sizeof msg);
     const bool prefill = ds4_chat_continues(rq->chat);
-    if (prefill) {
-        const ds4_chat_msg *m = &rq->chat->msgs[rq->chat->n_msgs - 1];
-        char msg[256];
-        srv_jsonc_schema *c = srv_jsonc_compile(rq->json_schema, msg, sizeof msg);
-        const bool ok = c && srv_jsonc_schema_prefix(c, m->content, m->content_len);
-        srv_jsonc_schema_free(c);
-        if (!ok) {
-            ds4_buf_free(&line);
-            return srv_fail_param(e, field, "invalid_value",
-                                  "%s: the assistant message to continue is not the start of a JSON value of the "
-                                  "format", field);
-        }
+    const ds4_chat_msg *m = prefill ? &rq->chat->msgs[rq->chat->n_msgs - 1] : NULL;
+    const bool prefix_ok = !c || !m || srv_jsonc_schema_prefix(c, m->content, m->content_len);
+    srv_jsonc_schema_free(c);
+    if (!c || !prefix_ok) {
+        ds4_buf_free(&line);
+        return !c ? srv_fail_param(e, field, "invalid_value", "%s schema: %s", field, msg)
+                  : srv_fail_param(e, field, "invalid_value",
+                                   "%s: the assistant message to continue is not the start of a JSON value of the "
+                                   "format", field);
     }
     int rc = !ds4_buf_ok(&line) ? srv_fail(e, 500, "out of memory")
              : srv_chat_add(rq, DS4_ROLE_SYSTEM, line.data, e) < 0 ? -1 : 0;
