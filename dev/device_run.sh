@@ -5,7 +5,7 @@
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
 # The device tool brings back at most 8 files from $OUT (each bench step
 # writes 2): plan a call's steps so that the logs that matter fit.
-# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -52,6 +52,11 @@ while [ $# -gt 0 ]; do
         # decode matvec variants (dev/mv_bench.cu)
         nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a dev/mv_bench.cu -o build/mv_bench > "$OUT/mvb-build.log" 2>&1 || tail "$OUT/mvb-build.log"
         timeout 120 build/mv_bench > "$OUT/mv_bench.log" 2>&1; echo "mv_bench: exit $?"; cat "$OUT/mv_bench.log" ;;
+    idxbench)
+        # k_idx_scores_t against k_idx_scores, bits and time at 1M (dev/idx_bench.cu)
+        sed -n "/^#define IDX_ROWS 64/,/^__device__ __forceinline__ uint32_t cu_order_key/p" src/cuda/ops_compress.cu | sed '$d' > build/k.inc
+        nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Ibuild dev/idx_bench.cu -o build/idx_bench > "$OUT/idxb-build.log" 2>&1 || tail "$OUT/idxb-build.log"
+        timeout 120 build/idx_bench > "$OUT/idx_bench.log" 2>&1; echo "idx_bench: exit $?"; cat "$OUT/idx_bench.log" ;;
     moebench)
         # decode routed-expert kernel variants (dev/moe_bench.cu)
         nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Isrc dev/moe_bench.cu -o build/moe_bench > "$OUT/moeb-build.log" 2>&1 || tail "$OUT/moeb-build.log"

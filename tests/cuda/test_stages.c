@@ -712,6 +712,20 @@ static void run_recipe(const char *name, tm_cfg c, bool plain, const char *dir) 
 }
 
 static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const char *dir) {
+    /* DS4_STAGE_RECIPES=flash,q2 runs only the named recipes (whole names; a
+     * short device call for the flash shapes, which come last) */
+    const char *only = getenv("DS4_STAGE_RECIPES");
+    if (only && *only) {
+        size_t nl = strlen(name);
+        bool hit = false;
+        for (const char *p = only; *p;) {
+            const char *e = strchr(p, ',');
+            size_t l = e ? (size_t)(e - p) : strlen(p);
+            if (l == nl && !strncmp(p, name, l)) hit = true;
+            p += l + (e != NULL);
+        }
+        if (!hit) return;
+    }
     const bool plain = !num.fp8_kv && !num.act_quant && !num.f16_cache;
     tctx T = {.recipe = name}, *t = &T;
     char path[512];
