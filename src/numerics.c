@@ -63,3 +63,24 @@ void ds4_num_fp4_round(float *x, int n) {
 void ds4_num_f16_round(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] = ds4_f16_to_f32(ds4_f32_to_f16(x[i]));
 }
+
+void ds4_num_fp4_codes(const float *x, int n, int8_t *c, float *p) {
+    for (int b0 = 0; b0 < n; b0 += 32) {
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b0 + i]));
+        const float pw = ds4_num_i4_pow(amax);
+        p[b0 / 32] = pw;
+        for (int i = 0; i < 32; i++) c[b0 + i] = (int8_t)ds4_num_i4_code(x[b0 + i], pw);
+    }
+}
+
+float ds4_num_fp4_dot(const int8_t *a, const float *pa, const int8_t *b, const float *pb, int n) {
+    float d = 0.0f;
+    for (int k = 0; k < n / 32; k++) {
+        int s = 0;
+        for (int i = 0; i < 32; i++) s += (int)a[32 * k + i] * (int)b[32 * k + i];
+        const float pp = pa[k] * pb[k];
+        d = k ? fmaf((float)s, pp, d) : (float)s * pp;
+    }
+    return d;
+}

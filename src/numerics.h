@@ -37,4 +37,21 @@ float ds4_num_e2m1_round(float v);
 /* E.4: rounds x[0..n) to IEEE half (nearest even; overflow to inf) and back. */
 void ds4_num_f16_round(float *x, int n);
 
+/* E.3, exact scores of FP4-rounded vectors (numerics_inl.h explains the
+ * codes): x[0..n) (n a multiple of 32) as int8 codes c[0..n) and one power
+ * of two p[b] per block of 32, x_i = c_i * p[i / 32] for values on the FP4
+ * grid. */
+void ds4_num_fp4_codes(const float *x, int n, int8_t *c, float *p);
+
+/* The dot product of two coded vectors of n values (n / 32 blocks), defined
+ * exactly: S_b = the integer sum of a_i * b_i over block b, then
+ * d = (float)S_0 * (pa[0] * pb[0]) and d = fmaf((float)S_b, pa[b] * pb[b], d)
+ * for b = 1, 2, ... in order (every product of powers of two, and of S_b,
+ * is exact unless it underflows; the sums round once each). It equals the
+ * mathematical dot product of the FP4 values whenever the sums over the
+ * first 1, 2, ... blocks fit a float (block scales within ~8 binades of each
+ * other, as in Hadamard-spread indexer vectors), so it is then what any
+ * exact f32 summation of them gives. */
+float ds4_num_fp4_dot(const int8_t *a, const float *pa, const int8_t *b, const float *pb, int n);
+
 #endif

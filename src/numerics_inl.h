@@ -57,4 +57,38 @@ DS4_NUM_FN float ds4_num_e2m1_round_inl(float v) {
     return v < 0 ? -r : r;
 }
 
+/* E.3, exact indexer scores: a block of 32 FP4-rounded values x_i (E2M1
+ * grid values times the block's power-of-two scale 2^s, possibly rounded to
+ * half for storage afterwards) is x_i = c_i * p with small integers c_i and
+ * one power of two p = 2^(floor(log2 max|x|) - 3): with the largest grid
+ * value m (0.5..6) and f = floor(log2 m) (-1..2), x_i / p = code_i *
+ * 2^(3 - f) is an integer because 2 * code_i is one and f <= 2, and
+ * |c_i| <= m * 2^(3 - f) <= 12. The dot product of two such vectors is then
+ * a sum of exact integer block sums S_b times powers of two, which
+ * ds4_num_fp4_dot (numerics.h) adds in block order: any kernel can compute
+ * the S_b (CPU integer loops, int8 tensor cores) and get the same bits.
+ * For values off the grid (a half underflow, garbage) the codes are rintf
+ * of the quotient, clamped to +-127, NaN -> 0: still deterministic. */
+
+/* p for a block whose largest magnitude is amax (fmaxf over |x_i|, so NaN is
+ * ignored); 1 when amax is 0, inf or NaN; at least 2^-149. */
+DS4_NUM_FN float ds4_num_i4_pow(float amax) {
+    if (!(amax > 0.0f) || amax > 3.4028234663852886e38f) return 1.0f;
+    int e;
+    frexpf(amax, &e); /* amax in [2^(e-1), 2^e): floor(log2) = e - 1 */
+    int k = e - 4;
+    if (k < -149) k = -149;
+    return ldexpf(1.0f, k);
+}
+
+/* the code of one value x of a block with power p (exact division: p is a
+ * power of two and |x| / p < 16 for a block's own values) */
+DS4_NUM_FN int ds4_num_i4_code(float x, float p) {
+    float v = rintf(x / p);
+    if (!(v == v)) return 0;
+    if (v > 127.0f) v = 127.0f;
+    if (v < -127.0f) v = -127.0f;
+    return (int)v;
+}
+
 #endif

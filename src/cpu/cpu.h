@@ -137,6 +137,14 @@ void cpu_dot8_rows_multi(const float *const *q, int nq, const float *const *rows
                          float *s);
 void cpu_sum_rows_multi(const float *p, int nq, const float *const *rows, int nr, int n, float *const *out);
 
+/* Exact FP4 indexer dots: out[h] = ds4_num_fp4_dot(qc + h * n, powers of
+ * head h, kc, kp, n) for h < n_heads, bit for bit, with the query powers
+ * block-major (qpT[b * n_heads + h]). _ref: the portable loop (tests). */
+void cpu_fp4_dot_heads(const int8_t *qc, const float *qpT, int n_heads, const int8_t *kc, const float *kp, int n,
+                       float *out);
+void cpu_fp4_dot_heads_ref(const int8_t *qc, const float *qpT, int n_heads, const int8_t *kc, const float *kp, int n,
+                           float *out);
+
 int cpu_embed(void *ctx, const ds4_embed_args *a);
 int cpu_hc_pre(void *ctx, const ds4_hc_pre_args *a);
 int cpu_hc_post(void *ctx, const ds4_hc_post_args *a);

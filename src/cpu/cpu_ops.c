@@ -460,6 +460,10 @@ typedef struct idx_job {
     cpu_ctx *c;
     const ds4_indexer_args *a;
     float *qi, *wt;
+    /* FP4 numerics: the queries' and the rows' codes and block powers
+     * (ds4_num_fp4_codes), the scores then exact (ds4_num_fp4_dot) */
+    int8_t *qc, *kc;
+    float *qp, *kp;
     int t;          /* decode path: the token whose rows are scored */
     scored_t *sc;   /* decode path: its scores */
     const float *cs; /* the tokens' RoPE tables (n, n_rot) */
@@ -511,7 +515,21 @@ static void idx_prep_head(const idx_job *j, int t, int h) {
     if (a->num.fp4_indexer) {
         ds4_num_hadamard(qh, ID);
         ds4_num_fp4_round(qh, ID);
+        const int nb = ID / 32;
+        float pb[65536 / 32]; /* idx_dim <= 65536 (model.c) */
+        ds4_num_fp4_codes(qh, ID, j->qc + ((size_t)t * IH + h) * ID, pb);
+        for (int b = 0; b < nb; b++) j->qp[((size_t)t * nb + b) * IH + h] = pb[b]; /* block-major */
     }
+}
+
+/* The codes of compressed rows [r0, r1) (FP4 numerics). */
+static void idx_codes_task(void *p, int r0, int r1, int tid) {
+    (void)tid;
+    const idx_job *j = p;
+    const int ID = j->a->m->hp.idx_dim;
+    for (int r = r0; r < r1; r++)
+        ds4_num_fp4_codes((const float *)j->a->idx_rows + (size_t)r * ID, ID, j->kc + (size_t)r * ID,
+                          j->kp + (size_t)r * (ID / 32));
 }
 
 static void idx_prep_q(const idx_job *j, int t) {
@@ -534,7 +552,13 @@ static void idx_score(const idx_job *j, int t, int r0, int r1, scored_t *sc) {
     const float *q = j->qi + (size_t)t * IH * ID, *wt = j->wt + (size_t)t * IH;
     float dots[256];
     for (int r = r0; r < r1; r++) {
-        cpu_dot8_heads(q, IH, (const float *)a->idx_rows + (size_t)r * ID, ID, dots);
+        if (j->kc) {
+            const int nb = ID / 32;
+            cpu_fp4_dot_heads(j->qc + (size_t)t * IH * ID, j->qp + (size_t)t * nb * IH, IH, j->kc + (size_t)r * ID,
+                              j->kp + (size_t)r * nb, ID, dots);
+        } else {
+            cpu_dot8_heads(q, IH, (const float *)a->idx_rows + (size_t)r * ID, ID, dots);
+        }
         float tot = 0;
         for (int h = 0; h < IH; h++) {
             float dot = dots[h];
@@ -601,6 +625,16 @@ int cpu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                         {.w = &a->l->idx_proj, .n_rows = IH, .x = a->u, .ldx = D, .n = a->n, .y = j.wt, .ldy = IH}};
         if ((rc = cpu_matmuls(c, qw, 2, a->num.act_quant))) return rc;
         if (!(j.cs = rope_tables(c, 7, a->rope->inv_freq, hp->n_rot, a->pos0, a->n))) return DS4_E_NOMEM;
+        if (a->num.fp4_indexer) {
+            /* exact scores from codes (MODEL.md E.3; numerics_inl.h) */
+            const int nr = (a->pos0 + a->n) / 4, nb = ID / 32;
+            j.qc = cpu_scratch(c, 0, (size_t)a->n * IH * ID);
+            j.qp = cpu_scratch(c, 1, (size_t)a->n * IH * nb * sizeof(float));
+            j.kc = cpu_scratch(c, 2, (size_t)nr * ID);
+            j.kp = cpu_scratch(c, 3, (size_t)nr * nb * sizeof(float));
+            if (!j.qc || !j.qp || !j.kc || !j.kp) return DS4_E_NOMEM;
+            cpu_run_w(c, nr, (double)ID * 4, idx_codes_task, &j);
+        }
     }
     if (!j.qi || a->n >= c->n_threads) {
         cpu_run_w(c, a->n, j.qi ? (double)((a->pos0 + a->n) / 4) * IH * ID : 1.0, idx_task, &j);

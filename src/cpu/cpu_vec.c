@@ -8,6 +8,7 @@
  * so the result does not depend on the variant, the batch or the thread.
  * Thread-safe; nothing here allocates.
  */
+#include <math.h>
 #include <string.h>
 
 #include "cpu/cpu.h"
@@ -47,6 +48,22 @@ static void sum_rows_generic(const float *p, const float *const *rows, int nr, i
         float acc = 0;
         for (int r = 0; r < nr; r++) acc += p[r] * rows[r][i];
         out[i] = acc;
+    }
+}
+
+/* ---- exact FP4 indexer dots (numerics.h ds4_num_fp4_dot, the same bits) */
+
+static void fp4_dot_heads_generic(const int8_t *qc, const float *qpT, int n_heads, const int8_t *kc, const float *kp,
+                                  int n, float *out) {
+    for (int h = 0; h < n_heads; h++) {
+        float d = 0.0f;
+        for (int b = 0; b < n / 32; b++) {
+            int s = 0;
+            for (int i = 32 * b; i < 32 * b + 32; i++) s += (int)qc[(size_t)h * n + i] * (int)kc[i];
+            const float pp = qpT[(size_t)b * n_heads + h] * kp[b];
+            d = b ? fmaf((float)s, pp, d) : (float)s * pp;
+        }
+        out[h] = d;
     }
 }
 
@@ -169,6 +186,34 @@ static TGT void sum_rows_multi_avx2(const float *p, int nq, const float *const *
     default: sum_multi_avx2(p, 1, rows, nr, n, out); break;
     }
 }
+/* 8 heads at a time: integer block sums by madd (exact in any order), the
+ * 8 heads' sums gathered by hadd, then the block terms in order with fma. */
+static TGT __attribute__((target("fma"))) void fp4_dot_heads_avx2(const int8_t *qc, const float *qpT, int n_heads,
+                                                                  const int8_t *kc, const float *kp, int n,
+                                                                  float *out) {
+    for (int h0 = 0; h0 < n_heads; h0 += 8) {
+        __m256 d = _mm256_setzero_ps();
+        for (int b = 0; b < n / 32; b++) {
+            const __m256i k0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(kc + 32 * b)));
+            const __m256i k1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(kc + 32 * b + 16)));
+            __m256i v[8];
+            for (int j = 0; j < 8; j++) {
+                const int8_t *q = qc + (size_t)(h0 + j) * n + 32 * b;
+                const __m256i a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+                const __m256i a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+                v[j] = _mm256_add_epi32(_mm256_madd_epi16(a0, k0), _mm256_madd_epi16(a1, k1));
+            }
+            const __m256i s0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+            const __m256i s1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+            const __m256i S = _mm256_add_epi32(_mm256_permute2x128_si256(s0, s1, 0x20),
+                                               _mm256_permute2x128_si256(s0, s1, 0x31));
+            const __m256 pp = _mm256_mul_ps(_mm256_loadu_ps(qpT + (size_t)b * n_heads + h0), _mm256_set1_ps(kp[b]));
+            const __m256 sf = _mm256_cvtepi32_ps(S);
+            d = b ? _mm256_fmadd_ps(sf, pp, d) : _mm256_mul_ps(sf, pp);
+        }
+        _mm256_storeu_ps(out + h0, d);
+    }
+}
 #define HAVE_AVX2_VEC 1
 #endif
 
@@ -238,4 +283,20 @@ void cpu_sum_rows_multi(const float *p, int nq, const float *const *rows, int nr
     }
 #endif
     for (int k = 0; k < nq; k++) cpu_sum_rows(p + (size_t)k * nr, rows, nr, n, out[k]);
+}
+
+void cpu_fp4_dot_heads(const int8_t *qc, const float *qpT, int n_heads, const int8_t *kc, const float *kp, int n,
+                       float *out) {
+#ifdef HAVE_AVX2_VEC
+    if (use_avx2() && n_heads % 8 == 0) {
+        fp4_dot_heads_avx2(qc, qpT, n_heads, kc, kp, n, out);
+        return;
+    }
+#endif
+    fp4_dot_heads_generic(qc, qpT, n_heads, kc, kp, n, out);
+}
+
+void cpu_fp4_dot_heads_ref(const int8_t *qc, const float *qpT, int n_heads, const int8_t *kc, const float *kp, int n,
+                           float *out) {
+    fp4_dot_heads_generic(qc, qpT, n_heads, kc, kp, n, out);
 }

@@ -1,8 +1,10 @@
 /* test_model_numerics.c - the §E rounding simulations against values
  * derived by hand from the E4M3 / E2M1 definitions (docs/MODEL.md E.2-E.4). */
 #include <math.h>
+#include <stdbool.h>
 #include <string.h>
 
+#include "cpu/cpu.h"
 #include "numerics.h"
 #include "test.h"
 
@@ -68,4 +70,130 @@ DS4_TEST(model_numerics_f16_round) {
     float x[4] = {1.0f, 1.0f + 0x1p-11f, 1.0f + 0x1p-11f + 0x1p-20f, 70000.0f};
     ds4_num_f16_round(x, 4);
     CHECK(x[0] == 1.0f && x[1] == 1.0f && x[2] == 1.0f + 0x1p-10f && isinf(x[3]));
+}
+
+/* E.3 exact scores: FP4-rounded vectors as int8 codes times one power of two
+ * per block of 32 (numerics_inl.h), and their dot product. */
+static uint32_t fp4_rng = 12345u;
+static float fp4_gauss(void) {
+    float s = 0.0f;
+    for (int i = 0; i < 4; i++) {
+        fp4_rng = fp4_rng * 1664525u + 1013904223u;
+        s += (float)(fp4_rng >> 8) * (1.0f / 16777216.0f) - 0.5f;
+    }
+    return s;
+}
+
+DS4_TEST(model_numerics_fp4_codes_are_exact) {
+    float x[128], y[128];
+    int8_t c[128];
+    float p[4];
+    for (int rep = 0; rep < 200; rep++) {
+        const float mag = ldexpf(1.0f, (rep & 1) ? rep % 20 - 8 : rep % 40 - 20); /* f16: no overflow */
+        for (int i = 0; i < 128; i++) x[i] = fp4_gauss() * mag * (i < 32 && rep % 7 == 0 ? 1e-3f : 1.0f);
+        ds4_num_hadamard(x, 128);
+        ds4_num_fp4_round(x, 128);
+        if (rep & 1) ds4_num_f16_round(x, 128); /* the stored rows */
+        ds4_num_fp4_codes(x, 128, c, p);
+        int bad = 0;
+        for (int i = 0; i < 128; i++) {
+            y[i] = (float)c[i] * p[i / 32];
+            bad += !(c[i] >= -12 && c[i] <= 12 && y[i] == x[i]); /* -0 codes as 0 */
+        }
+        CHECK_EQ_INT(bad, 0);
+    }
+    /* an all-zero block, NaN ignored by the block maximum, inf clamped */
+    for (int i = 0; i < 32; i++) x[i] = 0.0f;
+    ds4_num_fp4_codes(x, 32, c, p);
+    CHECK(p[0] == 1.0f && c[0] == 0 && c[31] == 0);
+    x[3] = NAN, x[4] = 6.0f, x[5] = -0.5f;
+    ds4_num_fp4_codes(x, 32, c, p);
+    CHECK(p[0] == 0.5f && c[3] == 0 && c[4] == 12 && c[5] == -1);
+    x[6] = INFINITY;
+    ds4_num_fp4_codes(x, 32, c, p);
+    CHECK(p[0] == 1.0f && c[6] == 127 && c[4] == 6);
+    /* the smallest FP4 scale: 0.5 * 2^-126 codes as 8 * 2^-130 */
+    for (int i = 0; i < 32; i++) x[i] = 0.0f;
+    x[0] = 0x1p-127f, x[1] = -3.0f * 0x1p-126f;
+    ds4_num_fp4_codes(x, 32, c, p);
+    CHECK(p[0] == 0x1p-128f && c[0] == 2 && c[1] == -12);
+}
+
+DS4_TEST(model_numerics_fp4_dot_is_the_exact_sum) {
+    float q[128], k[128], pq[4], pk[4];
+    int8_t cq[128], ck[128];
+    int exact = 0;
+    for (int rep = 0; rep < 300; rep++) {
+        for (int i = 0; i < 128; i++) q[i] = fp4_gauss() * 3.0f, k[i] = fp4_gauss() * 0.01f;
+        if (rep % 10 == 0)
+            for (int i = 64; i < 96; i++) k[i] *= 0x1p-20f; /* a block 20 binades down: inexact sums */
+        ds4_num_hadamard(q, 128), ds4_num_fp4_round(q, 128);
+        if (rep % 10 != 0) ds4_num_hadamard(k, 128);
+        ds4_num_fp4_round(k, 128);
+        ds4_num_fp4_codes(q, 128, cq, pq);
+        ds4_num_fp4_codes(k, 128, ck, pk);
+        const float d = ds4_num_fp4_dot(cq, pq, ck, pk, 128);
+        /* the definition, spelled out */
+        float want = 0.0f;
+        for (int b = 0; b < 4; b++) {
+            int s = 0;
+            for (int i = 32 * b; i < 32 * b + 32; i++) s += cq[i] * ck[i];
+            want = b ? fmaf((float)s, pq[b] * pk[b], want) : (float)s * (pq[b] * pk[b]);
+        }
+        CHECK(d == want);
+        /* the exact value (double holds it: 128 products of 8-bit codes at
+         * 2^-40..2^10) whenever every partial sum fits a float, and then
+         * any exact f32 summation, e.g. the single fmaf chain of the
+         * CUDA-core kernels */
+        double e = 0.0;
+        bool fits = true, fits_all = true; /* the block sums / every partial sum */
+        for (int i = 0; i < 128; i++) {
+            e += (double)q[i] * (double)k[i];
+            fits_all = fits_all && (double)(float)e == e;
+            if (i % 32 == 31) fits = fits && (double)(float)e == e;
+        }
+        float chain = 0.0f;
+        for (int i = 0; i < 128; i++) chain = fmaf(q[i], k[i], chain);
+        if (fits) {
+            exact++;
+            CHECK(d == (float)e);
+            CHECK(chain == d || !fits_all);
+        } else {
+            CHECK(fabs((double)d - e) <= fabs(e) * 0x1p-22); /* two roundings at most change the last bits */
+        }
+    }
+    CHECK(exact >= 250); /* the Hadamard-spread vectors are exact */
+}
+
+/* The CPU backend's kernel for the exact dots (8 heads per AVX2 step, else
+ * the portable loop) gives ds4_num_fp4_dot's bits, extreme codes included. */
+DS4_TEST(model_numerics_fp4_dot_heads_kernel_matches_definition) {
+    enum { IH = 24, ID = 128, NB = ID / 32 };
+    static int8_t qc[IH * ID], kc[ID];
+    float qp[IH * NB], qpT[NB * IH], kp[NB], a[IH], b[IH];
+    for (int rep = 0; rep < 50; rep++) {
+        for (int i = 0; i < IH * ID; i++) {
+            fp4_rng = fp4_rng * 1664525u + 1013904223u;
+            qc[i] = (int8_t)(rep % 5 == 0 ? ((fp4_rng >> 20) & 1 ? 127 : -127) : (int)((fp4_rng >> 16) % 25) - 12);
+        }
+        for (int i = 0; i < ID; i++) {
+            fp4_rng = fp4_rng * 1664525u + 1013904223u;
+            kc[i] = (int8_t)(rep % 5 == 0 ? -127 : (int)((fp4_rng >> 16) % 25) - 12);
+        }
+        for (int h = 0; h < IH; h++)
+            for (int k = 0; k < NB; k++) qp[h * NB + k] = ldexpf(1.0f, (h * 7 + k * 3 + rep) % 60 - 30);
+        for (int k = 0; k < NB; k++) kp[k] = ldexpf(1.0f, (k * 5 + rep) % 50 - 140); /* products near the subnormals */
+        const int heads[3] = {8, 24, 5}; /* the SIMD path where there is one; 5: the portable loop */
+        for (int v = 0; v < 3; v++) {
+            const int nh = heads[v];
+            for (int h = 0; h < nh; h++)
+                for (int k = 0; k < NB; k++) qpT[k * nh + h] = qp[h * NB + k];
+            cpu_fp4_dot_heads(qc, qpT, nh, kc, kp, ID, a);
+            cpu_fp4_dot_heads_ref(qc, qpT, nh, kc, kp, ID, b);
+            for (int h = 0; h < nh; h++) {
+                const float want = ds4_num_fp4_dot(qc + h * ID, qp + h * NB, kc, kp, ID);
+                CHECK(memcmp(&a[h], &want, 4) == 0 && memcmp(&b[h], &want, 4) == 0);
+            }
+        }
+    }
 }
