@@ -1,10 +1,12 @@
-/* idx_bench.cu - k_idx_scores_t (DS4_CUDA_IDX_TILE) against k_idx_scores: the scores bit for bit
- * (half and f32 keys, ID 128 and 64, tokens on both sides of topk, nothing written past Nc) and the time
- * of each at 1M context. The kernels come from src/cuda/ops_compress.cu:
+/* idx_bench.cu - k_idx_scores_t (DS4_CUDA_IDX_TILE) and k_idx_scores_mma (DS4_CUDA_IDX_MMA) against
+ * k_idx_scores: the scores bit for bit (FP4-grid queries and keys whose block scales lie within 4
+ * binades, so every kernel's sum is exact; half and f32 keys, ID 128 and 64, tokens on both sides of
+ * topk, nothing written past Nc) and the time of each at 1M context. The kernels come from
+ * src/cuda/ops_compress.cu:
  *   sed -n "/^#define IDX_ROWS 64/,/^__device__ __forceinline__ uint32_t cu_order_key/p" \
  *       src/cuda/ops_compress.cu | sed "\$d" > /tmp/k.inc
- *   nvcc -O3 -arch=sm_90a -I/tmp dev/idx_bench.cu -o /tmp/idx_bench && /tmp/idx_bench
- * Prints one line per case (d = differing scores, w = scores written) and OK or BAD. */
+ *   nvcc -O3 -arch=sm_90a -I/tmp -Isrc dev/idx_bench.cu -o /tmp/idx_bench && /tmp/idx_bench
+ * Prints one line per case (d = differing scores of tile / mma, w = scores written) and OK or BAD. */
 #define M cudaMalloc
 #define C cudaMemcpy
 #define F cudaFree
@@ -16,17 +18,33 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include "numerics_inl.h"
 struct ds4_step{int pos0;};
 __device__ __forceinline__ void cu_pdl_wait(){}
+__device__ __forceinline__ void mm_mma(const unsigned (&a)[4], unsigned b0, unsigned b1, int (&c)[4]) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%10,%10,%10};\n"
+                 : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
+}
 #include "k.inc"
+/* x[0..n) onto the FP4 grid: per block of 32 a scale 2^(-2..1), values code * scale */
+static void fp4_grid(float *x,size_t n){static const float g[8]={0,.5f,1,1.5f,2,3,4,6};
+for(size_t b=0;b<n;b+=32){float sc=ldexpf(1.f,(int)((b/32*7)%4)-2);for(size_t i=b;i<b+32&&i<n;i++){
+int c=(int)((x[i]+1)*8)&7;x[i]=(x[i]<0?-g[c]:g[c])*sc;}}}
 static uint32_t s=1;static float rnd(){s=s*1664525u+1013904223u;return ((s>>8)*(1.0f/16777216.0f))*2-1;}
 template<class T> int test(int ID,int pos0,int nt,int topk,int reps){
 const int IH=64;int Nmax=(pos0+nt)/4+1;int64_t ld=Nmax+7;
 std::vector<float>q((size_t)nt*IH*ID),w((size_t)nt*IH);std::vector<T>k((size_t)Nmax*ID);
-for(auto&x:q)x=rnd();for(auto&x:w)x=rnd();for(auto&x:k)x=(T)(rnd()*3);
+for(auto&x:q)x=rnd();for(auto&x:w)x=rnd();fp4_grid(q.data(),q.size());
+{std::vector<float>kf(k.size());for(auto&x:kf)x=rnd();fp4_grid(kf.data(),kf.size());for(size_t i=0;i<k.size();i++)k[i]=(T)kf[i];}
+const int nb=ID/32;std::vector<int8_t>qc(q.size());std::vector<float>qp(q.size()/32);
+for(size_t b=0;b<q.size()/32;b++){float am=0;for(int i=0;i<32;i++)am=fmaxf(am,fabsf(q[32*b+i]));qp[b]=ds4_num_i4_pow(am);
+for(int i=0;i<32;i++)qc[32*b+i]=(int8_t)ds4_num_i4_code(q[32*b+i],qp[b]);}
+int8_t*dqc;float*dqp,*s3;M(&dqc,qc.size());M(&dqp,qp.size()*4);C(dqc,qc.data(),qc.size(),H);C(dqp,qp.data(),qp.size()*4,H);(void)nb;
 float*dq,*dw,*s1,*s2;T*dk;ds4_step*st;ds4_step hs{pos0};
 M(&dq,q.size()*4);M(&dw,w.size()*4);M(&dk,k.size()*sizeof(T));
-size_t sb=(size_t)nt*ld*4;M(&s1,sb);M(&s2,sb);M(&st,sizeof hs);
+size_t sb=(size_t)nt*ld*4;M(&s1,sb);M(&s2,sb);M(&s3,sb);M(&st,sizeof hs);cudaMemset(s3,0xAB,sb);
 C(dq,q.data(),q.size()*4,H);C(dw,w.data(),w.size()*4,H);
 C(dk,k.data(),k.size()*sizeof(T),H);C(st,&hs,sizeof hs,H);
 cudaMemset(s1,0xAB,sb);cudaMemset(s2,0xAB,sb);
@@ -34,20 +52,24 @@ float sm=1.0f/sqrtf((float)ID),ws=1.0f/sqrtf(64.f);
 size_t qsm=((size_t)IH*ID+16+(size_t)IDX_ROWS*(IH+1))*4, tsm=(size_t)ID*64*4+(size_t)ID*IDXT_ROWS*sizeof(T)+(size_t)IDXT_ROWS*65*4;
 cudaFuncSetAttribute(k_idx_scores<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)qsm);
 cudaFuncSetAttribute(k_idx_scores_t<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)tsm);
+size_t msm=idxm_smem(ID);cudaFuncSetAttribute(k_idx_scores_mma<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)msm);
+dim3 gm((Nmax+IDXM_KEYS-1)/IDXM_KEYS,(nt+IDXM_TOK-1)/IDXM_TOK);
 dim3 gs((Nmax+IDX_ROWS-1)/IDX_ROWS,nt),gt((Nmax+IDXT_ROWS-1)/IDXT_ROWS,nt);
-cudaEvent_t e0,e1,e2;cudaEventCreate(&e0);cudaEventCreate(&e1);cudaEventCreate(&e2);
+cudaEvent_t e0,e1,e2,e3;cudaEventCreate(&e0);cudaEventCreate(&e1);cudaEventCreate(&e2);cudaEventCreate(&e3);
 k_idx_scores<T><<<gs,IDX_ROWS*4,qsm>>>(dq,dw,dk,IH,ID,topk,0,sm,ws,s1,ld,st);
 k_idx_scores_t<T><<<gt,256,tsm>>>(dq,dw,dk,ID,topk,0,sm,ws,s2,ld,st);
+k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,sm,ws,s3,ld,st);
 cudaError_t er=cudaDeviceSynchronize();if(er){printf("err %s\n",cudaGetErrorString(er));return 1;}
-std::vector<uint32_t>a(sb/4),b(sb/4);C(a.data(),s1,sb,D);C(b.data(),s2,sb,D);
-long diff=0,wr=0;for(size_t i=0;i<a.size();i++){if(a[i]!=b[i])diff++;if(a[i]!=0xABABABABu)wr++;}
+std::vector<uint32_t>a(sb/4),b(sb/4),c3(sb/4);C(a.data(),s1,sb,D);C(b.data(),s2,sb,D);C(c3.data(),s3,sb,D);
+long diff=0,diff3=0,wr=0;for(size_t i=0;i<a.size();i++){if(a[i]!=b[i])diff++;if(a[i]!=c3[i])diff3++;if(a[i]!=0xABABABABu)wr++;}
 R(e0);for(int i=0;i<reps;i++)k_idx_scores<T><<<gs,IDX_ROWS*4,qsm>>>(dq,dw,dk,IH,ID,topk,0,sm,ws,s1,ld,st);
 R(e1);for(int i=0;i<reps;i++)k_idx_scores_t<T><<<gt,256,tsm>>>(dq,dw,dk,ID,topk,0,sm,ws,s2,ld,st);
-R(e2);cudaEventSynchronize(e2);float m1,m2;cudaEventElapsedTime(&m1,e0,e1);cudaEventElapsedTime(&m2,e1,e2);
+R(e2);for(int i=0;i<reps;i++)k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,sm,ws,s3,ld,st);
+R(e3);cudaEventSynchronize(e3);float m1,m2,m3;cudaEventElapsedTime(&m1,e0,e1);cudaEventElapsedTime(&m2,e1,e2);cudaEventElapsedTime(&m3,e2,e3);
 double fl=0;for(int t=0;t<nt;t++){int Nc=(pos0+t+1)/4;if(Nc>topk)fl+=2.0*Nc*64*ID;}
-printf("%s %d %d %d:d=%ld w=%ld|%.3f ms %.2f TF|%.3f ms %.2f TF\n",sizeof(T)==2?"h":"f",ID,pos0,nt,diff,wr,
-m1/reps,fl/(m1/reps)/1e9,m2/reps,fl/(m2/reps)/1e9);
-F(dq);F(dw);F(dk);F(s1);F(s2);F(st);return diff!=0;}
+printf("%s %d %d %d:d=%ld/%ld w=%ld|base %.3f ms %.2f TF|tile %.3f ms %.2f TF|mma %.3f ms %.2f TF\n",sizeof(T)==2?"h":"f",ID,pos0,nt,diff,diff3,wr,
+m1/reps,fl/(m1/reps)/1e9,m2/reps,fl/(m2/reps)/1e9,m3/reps,fl/(m3/reps)/1e9);
+F(dq);F(dw);F(dk);F(s1);F(s2);F(s3);F(st);F(dqc);F(dqp);return diff!=0||diff3!=0;}
 int main(){int bad=0;
 bad|=test<__half>(128,2048-3,37,512,2); bad|=test<float>(128,2048-3,37,512,2);
 bad|=test<__half>(128,4*777+1,5,100,2); bad|=test<float>(64,4*777+1,5,100,2);

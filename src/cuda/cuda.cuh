@@ -70,6 +70,8 @@ struct cu_scratch {
     float *ca, *cg;            /* (B, 2*dh) compressor projections */
     float *qi;                 /* (B, IH*ID) indexer queries */
     float *wt;                 /* (B, IH) indexer head weights */
+    int8_t *qc;                /* (B, IH*ID) indexer query codes (FP4 numerics, k_idx_scores_mma) */
+    float *qp;                 /* (B, IH, ID/32) their block powers */
     float *scores;             /* (score_rows, n_ctx/4 + 1) indexer scores */
     int score_rows;            /* tokens scored per pass */
     float *hcp;                /* (B, n_split, 32) HC partial dots */
@@ -141,6 +143,7 @@ struct cu_ctx {
     int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: CUDA-core attention heads per block (A/B switch; 0 = 4) */
     int att_tc;            /* DS4_CUDA_ATT_TC=1: attention on TF32 tensor cores (k_attn_tc; opt-in) */
     int idx_tile;          /* DS4_CUDA_IDX_TILE=1: indexer scores on k_idx_scores_t (same bits; opt-in until measured) */
+    int idx_mma;           /* DS4_CUDA_IDX_MMA=1: FP4 indexer scores on int8 tensor cores (k_idx_scores_mma; opt-in until run) */
     int no_att_r4;         /* DS4_CUDA_NO_ATT_R4=1: k_attn_part's row-at-a-time loops (four rows per warp by default) */
     int att_tc_hb;         /* DS4_CUDA_ATT_TC_HB=16|32|64: tensor-core attention heads per block (0 = 16 for
                             * fewer than 32 tokens, else 64) */

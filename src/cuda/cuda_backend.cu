@@ -798,6 +798,8 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->cg = (float *)take(B * 2 * dh * 4);
     s->qi = (float *)take(B * IH * ID * 4);
     s->wt = (float *)take(B * IH * 4);
+    s->qc = (int8_t *)take(B * IH * ID);
+    s->qp = (float *)take(B * IH * (ID / 32 + 1) * 4);
     s->score_rows = (int)(B < 64 ? B : 64);
     s->scores = (float *)take((size_t)s->score_rows * (C / 4 + 1) * 4);
     s->hcp = (float *)take(B * c->hc_split * 32 * 4);
@@ -1135,6 +1137,7 @@ static const struct cu_switch {
     {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: CUDA-core attention heads per block (else 4) */
     {"DS4_CUDA_ATT_TC", &cu_ctx::att_tc},               /* 1: attention on TF32 tensor cores (k_attn_tc) */
     {"DS4_CUDA_IDX_TILE", &cu_ctx::idx_tile},           /* 1: indexer scores in register tiles (k_idx_scores_t) */
+    {"DS4_CUDA_IDX_MMA", &cu_ctx::idx_mma},             /* 1: FP4 indexer scores on int8 tensor cores (same bits) */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */

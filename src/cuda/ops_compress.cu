@@ -15,6 +15,7 @@
  * order-preserving keys of the float scores and an ordered compaction.
  */
 #include "cuda/cuda.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/rowops.cuh"
 
 /* Element i of a small plain-typed weight (F32 / F16 / BF16). */
@@ -175,7 +176,7 @@ int cu_compress_update(void *ctx, const ds4_compress_args *a) {
 /* Indexer query finish for (t, h) = (blockIdx.y, blockIdx.x): RoPE at
  * pos0 + t, Hadamard + FP4 when on. Skipped below top_k. Shared: 2*ID. */
 __global__ void __launch_bounds__(128) k_idx_q(float *qi, int IH, int ID, int n_rot, const float *inv_freq, bool fp4,
-                                              int topk, int n, const ds4_step *step) {
+                                              int topk, int n, int8_t *qc, float *qp, const ds4_step *step) {
     cu_pdl_wait();
     extern __shared__ float sm[];
     const int pos0 = step->pos0;
@@ -190,6 +191,19 @@ __global__ void __launch_bounds__(128) k_idx_q(float *qi, int IH, int ID, int n_
         cu_row_fp4(row, ID, fred);
     }
     for (int i = threadIdx.x; i < ID; i += blockDim.x) q[i] = row[i];
+    /* the codes of k_idx_scores_mma (ds4_num_fp4_codes): warp w holds block
+     * w (ID <= 128 = blockDim, a multiple of 32: whole warps take part) */
+    if (qc) {
+        for (int i = threadIdx.x; i < ID; i += blockDim.x) {
+            const float x = row[i];
+            float am = fabsf(x);
+#pragma unroll
+            for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+            const float p = ds4_num_i4_pow(am);
+            qc[((int64_t)t * IH + h) * ID + i] = (int8_t)ds4_num_i4_code(x, p);
+            if ((i & 31) == 0) qp[((int64_t)t * IH + h) * (ID / 32) + i / 32] = p;
+        }
+    }
 }
 
 /* Scores of rows for tokens t0..t0+nt-1 (blockIdx.y = t - t0): IDX_ROWS
@@ -415,6 +429,158 @@ __global__ void __launch_bounds__(256) k_idx_scores_t(const float *qi, const flo
     }
 }
 
+/* The scores of FP4 numerics on int8 tensor cores (DS4_CUDA_IDX_MMA=1,
+ * opt-in until run on a GPU). The query and the rows as int8 codes times a
+ * power of two per block of 32 (numerics_inl.h; the queries' from k_idx_q,
+ * the rows' here), one m16n8k32 mma per block gives the exact integer block
+ * sums S_b of 16 heads x 8 keys, and each dot is then ds4_num_fp4_dot's
+ * (float)S_0 * (pq * pk), fmaf for the next blocks in order, so the scores
+ * are the CPU reference's bits (cpu_fp4_dot_heads). The per-head terms and
+ * their head-order sum as k_idx_scores. A block: IDXM_KEYS rows, their codes
+ * made once, for up to IDXM_TOK tokens in turn (prefill reuses the rows);
+ * warp w takes keys 16w..16w+15, all heads (IH padded to 16s with zero
+ * codes). IH <= 64, ID <= 128 and a multiple of 32 (the launcher checks).
+ * Shared: codes of rows and queries with rows ID + 16 bytes apart (fragment
+ * loads on 32 banks), their powers, head weights, IDXM_KEYS x 65 terms. */
+#define IDXM_KEYS 128
+#define IDXM_TOK 8
+static size_t idxm_smem(int ID) {
+    return (size_t)(IDXM_KEYS + 64) * (ID + 16) + (size_t)(IDXM_KEYS + 64) * 4 * sizeof(float) + 64 * sizeof(float) +
+           (size_t)IDXM_KEYS * 65 * sizeof(float);
+}
+template <typename T>
+__global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const float *qp, const float *wt,
+                                                       const T *krows, int IH, int ID, int topk, int t0, int nt,
+                                                       float sm_scale, float w_scale, float *scores, int64_t ld_scores,
+                                                       const ds4_step *step) {
+    cu_pdl_wait();
+    extern __shared__ __align__(16) unsigned char idxm_sm[];
+    const int RS = ID + 16, nb = ID / 32;
+    int8_t *kcs = (int8_t *)idxm_sm;                     /* IDXM_KEYS x RS */
+    int8_t *qcs = kcs + IDXM_KEYS * RS;                  /* 64 x RS */
+    float *kps = (float *)(qcs + 64 * RS);               /* IDXM_KEYS x 4 */
+    float *qps = kps + IDXM_KEYS * 4;                    /* 64 x 4 */
+    float *whs = qps + 64 * 4;                           /* 64 */
+    float *terms = whs + 64;                             /* IDXM_KEYS x 65 */
+    const int pos0 = step->pos0, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tb = t0 + blockIdx.y * IDXM_TOK, te = min(tb + IDXM_TOK, t0 + nt);
+    const int r0 = blockIdx.x * IDXM_KEYS, nc_max = (pos0 + te) / 4;
+    if (nc_max <= topk || r0 >= nc_max) return;
+    /* the rows' codes: thread (row, block), consecutive threads on
+     * consecutive 32-value blocks of consecutive rows */
+    for (int pi = tid; pi < IDXM_KEYS * nb; pi += blockDim.x) {
+        const int kl = pi / nb, b = pi % nb, r = r0 + kl;
+        float v[32];
+        if (r < nc_max) {
+            const T *src = krows + (int64_t)r * ID + 32 * b;
+            if constexpr (sizeof(T) == 2) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const uint4 u = ((const uint4 *)src)[i];
+                    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const float2 f = __half22float2(*(const __half2 *)&w[j]);
+                        v[8 * i + 2 * j] = f.x, v[8 * i + 2 * j + 1] = f.y;
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float4 f = ((const float4 *)src)[i];
+                    v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+                }
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 32; i++) v[i] = 0.0f;
+        }
+        float am = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 32; i++) am = fmaxf(am, fabsf(v[i]));
+        const float p = ds4_num_i4_pow(am);
+        uint32_t w[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            uint32_t x = 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) x |= ((uint32_t)(uint8_t)(int8_t)ds4_num_i4_code(v[4 * i + j], p)) << (8 * j);
+            w[i] = x;
+        }
+        uint4 *dst = (uint4 *)(kcs + kl * RS + 32 * b);
+        dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+        dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+        kps[kl * 4 + b] = p;
+    }
+    const int g = lane >> 2, tq = lane & 3, nht = (IH + 15) / 16;
+    for (int t = tb; t < te; t++) {
+        const int Nc = (pos0 + t + 1) / 4;
+        __syncthreads(); /* the rows' codes; the previous token's terms read */
+        if (Nc <= topk) continue;
+        for (int i = tid; i < 64 * (ID / 16); i += blockDim.x) {
+            const int h = i / (ID / 16), cch = i % (ID / 16);
+            uint4 u = make_uint4(0u, 0u, 0u, 0u);
+            if (h < IH) u = *(const uint4 *)(qc + ((int64_t)t * IH + h) * ID + 16 * cch);
+            *(uint4 *)(qcs + h * RS + 16 * cch) = u;
+        }
+        for (int i = tid; i < 64 * nb; i += blockDim.x) {
+            const int h = i / nb, b = i % nb;
+            qps[h * 4 + b] = h < IH ? qp[((int64_t)t * IH + h) * nb + b] : 0.0f;
+        }
+        if (tid < 64) whs[tid] = tid < IH ? __fmul_rn(wt[(int64_t)t * IH + tid], w_scale) : 0.0f;
+        __syncthreads();
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int kn = warp * 16 + half * 8; /* this mma's 8 keys */
+            unsigned bf[4][2];
+            float pk0[4], pk1[4];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                if (b < nb) {
+                    bf[b][0] = *(const unsigned *)(kcs + (kn + g) * RS + 32 * b + 4 * tq);
+                    bf[b][1] = *(const unsigned *)(kcs + (kn + g) * RS + 32 * b + 16 + 4 * tq);
+                    pk0[b] = kps[(kn + 2 * tq) * 4 + b];
+                    pk1[b] = kps[(kn + 2 * tq + 1) * 4 + b];
+                }
+            }
+            for (int ht = 0; ht < nht; ht++) {
+                const int ha = ht * 16 + g; /* heads ha, ha + 8 */
+                float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    if (b < nb) {
+                        unsigned af[4];
+                        af[0] = *(const unsigned *)(qcs + ha * RS + 32 * b + 4 * tq);
+                        af[1] = *(const unsigned *)(qcs + (ha + 8) * RS + 32 * b + 4 * tq);
+                        af[2] = *(const unsigned *)(qcs + ha * RS + 32 * b + 16 + 4 * tq);
+                        af[3] = *(const unsigned *)(qcs + (ha + 8) * RS + 32 * b + 16 + 4 * tq);
+                        int ci[4];
+                        mm_mma(af, bf[b][0], bf[b][1], ci);
+                        const float pa = qps[ha * 4 + b], pb = qps[(ha + 8) * 4 + b];
+                        const float pp[4] = {__fmul_rn(pa, pk0[b]), __fmul_rn(pa, pk1[b]), __fmul_rn(pb, pk0[b]),
+                                             __fmul_rn(pb, pk1[b])};
+#pragma unroll
+                        for (int e = 0; e < 4; e++)
+                            d[e] = b ? __fmaf_rn((float)ci[e], pp[e], d[e]) : __fmul_rn((float)ci[e], pp[e]);
+                    }
+                }
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int h = ha + (e >> 1) * 8, key = kn + 2 * tq + (e & 1);
+                    const float v = __fmul_rn(d[e] > 0.0f ? d[e] : 0.0f, sm_scale);
+                    terms[key * 65 + h] = __fmul_rn(v, whs[h]);
+                }
+            }
+        }
+        __syncthreads();
+        if (tid < IDXM_KEYS && r0 + tid < Nc) {
+            float tot = 0.0f;
+            for (int h = 0; h < IH; h++) tot = __fadd_rn(tot, terms[tid * 65 + h]);
+            scores[(int64_t)(t - t0) * ld_scores + r0 + tid] = tot;
+        }
+    }
+}
+
 __device__ __forceinline__ uint32_t cu_order_key(float f) {
     if (f == 0.0f) f = 0.0f; /* -0 ties +0, as the CPU's comparisons */
     uint32_t u = __float_as_uint(f);
@@ -534,9 +700,12 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                &c->s.a1, a->step, K);
     cu_mv_pair(c, &l->idx_proj, c->s.wt, IH, nullptr, nullptr, 0, a->u, hp->n_embd, n, a->num.act_quant, &c->s.a2,
                a->step, K);
+    /* FP4 numerics on int8 tensor cores (opt-in): k_idx_q writes the codes */
+    const bool mma = c->idx_mma && a->num.fp4_indexer && IH <= 64 && ID <= 128 && ID % 32 == 0;
     dim3 gq(IH, n);
     cu_launch(c, k_idx_q, gq, 128, (size_t)2 * ID * sizeof(float), c->s.qi, IH, ID, hp->n_rot, a->rope->inv_freq,
-                                                                 a->num.fp4_indexer, K, n, a->step);
+                                                                 a->num.fp4_indexer, K, n, mma ? c->s.qc : nullptr,
+              mma ? c->s.qp : nullptr, a->step);
     CU_LAUNCH(c, "indexer_q");
     const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
     const int64_t ld = (int64_t)(c->s.n_ctx / 4 + 1);
@@ -557,7 +726,21 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     for (int t0 = 0; t0 < n; t0 += c->s.score_rows) {
         const int nt = n - t0 < c->s.score_rows ? n - t0 : c->s.score_rows;
         dim3 gs(cu_div_up(max_rows, IDX_ROWS), nt);
-        if (tile) {
+        if (mma) {
+            dim3 gm(cu_div_up(max_rows, IDXM_KEYS), cu_div_up(nt, IDXM_TOK));
+            const size_t msm = idxm_smem(ID);
+            if (a->row_type == DS4_TYPE_F16) {
+                cudaFuncSetAttribute(k_idx_scores_mma<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
+                cu_launch(c, k_idx_scores_mma<__half>, gm, 256, msm, (const int8_t *)c->s.qc, (const float *)c->s.qp,
+                          (const float *)c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0, nt, sm_scale, w_scale,
+                          c->s.scores, ld, a->step);
+            } else {
+                cudaFuncSetAttribute(k_idx_scores_mma<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
+                cu_launch(c, k_idx_scores_mma<float>, gm, 256, msm, (const int8_t *)c->s.qc, (const float *)c->s.qp,
+                          (const float *)c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0, nt, sm_scale, w_scale,
+                          c->s.scores, ld, a->step);
+            }
+        } else if (tile) {
             dim3 gt(cu_div_up(max_rows, IDXT_ROWS), nt);
             if (a->row_type == DS4_TYPE_F16) {
                 cudaFuncSetAttribute(k_idx_scores_t<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tsm);
