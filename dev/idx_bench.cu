@@ -1,10 +1,9 @@
 /* idx_bench.cu - k_idx_scores_t (DS4_CUDA_IDX_TILE) and k_idx_scores_mma (DS4_CUDA_IDX_MMA) against
  * k_idx_scores: the scores bit for bit (FP4-grid queries and keys whose block scales lie within 4
  * binades, so every kernel's sum is exact; half and f32 keys, ID 128 and 64, tokens on both sides of
- * topk, nothing written past Nc) and the time of each at 1M context. The kernels come from
- * src/cuda/ops_compress.cu:
- *   sed -n "/^#define IDX_ROWS 64/,/^__device__ __forceinline__ uint32_t cu_order_key/p" \
- *       src/cuda/ops_compress.cu | sed "\$d" > /tmp/k.inc
+ * topk, nothing written past Nc) and the time of each at 1M context; k_idx_topk against a host sort.
+ * The kernels come from src/cuda/ops_compress.cu:
+ *   sed -n "/^#define IDX_ROWS 64/,/^int cu_indexer_select/p" src/cuda/ops_compress.cu | sed "\$d" > /tmp/k.inc
  *   nvcc -O3 -arch=sm_90a -I/tmp -Isrc dev/idx_bench.cu -o /tmp/idx_bench && /tmp/idx_bench
  * Prints one line per case (d = differing scores of tile / mma, w = scores written) and OK or BAD. */
 #define M cudaMalloc
@@ -18,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include <algorithm>
 #include "numerics_inl.h"
 struct ds4_step{int pos0;};
 __device__ __forceinline__ void cu_pdl_wait(){}
@@ -70,7 +70,26 @@ double fl=0;for(int t=0;t<nt;t++){int Nc=(pos0+t+1)/4;if(Nc>topk)fl+=2.0*Nc*64*I
 printf("%s %d %d %d:d=%ld/%ld w=%ld|base %.3f ms %.2f TF|tile %.3f ms %.2f TF|mma %.3f ms %.2f TF\n",sizeof(T)==2?"h":"f",ID,pos0,nt,diff,diff3,wr,
 m1/reps,fl/(m1/reps)/1e9,m2/reps,fl/(m2/reps)/1e9,m3/reps,fl/(m3/reps)/1e9);
 F(dq);F(dw);F(dk);F(s1);F(s2);F(s3);F(st);F(dqc);F(dqp);return diff!=0||diff3!=0;}
+/* k_idx_topk at Nc rows (one token): its selection against a host sort (score descending, ties to the
+ * lower index, then ascending indices) and its time; scores drawn from few distinct values when ties */
+static int test_topk(int Nc,int topk,bool ties,int reps){
+std::vector<float>sc(Nc);for(auto&x:sc){x=rnd();if(ties)x=roundf(x*8)/8;else x=x*0.01f+0.5f;}
+float*ds;int32_t*dsel,*dn;ds4_step*st;ds4_step hs{4*Nc-1};M(&ds,(size_t)Nc*4);M(&dsel,(size_t)topk*4);M(&dn,4);M(&st,sizeof hs);
+C(ds,sc.data(),(size_t)Nc*4,H);C(st,&hs,sizeof hs,H);
+k_idx_topk<<<1,1024>>>(ds,Nc,topk,0,dsel,dn,st);
+cudaError_t er=cudaDeviceSynchronize();if(er){printf("err %s\n",cudaGetErrorString(er));return 1;}
+std::vector<int32_t>got(topk);C(got.data(),dsel,(size_t)topk*4,D);
+std::vector<int32_t>idx(Nc);for(int i=0;i<Nc;i++)idx[i]=i;
+std::partial_sort(idx.begin(),idx.begin()+topk,idx.end(),[&](int a,int b){float x=sc[a]==0?0.f:sc[a],y=sc[b]==0?0.f:sc[b];return x>y||(x==y&&a<b);});
+std::vector<int32_t>want(idx.begin(),idx.begin()+topk);std::sort(want.begin(),want.end());
+int diff=0;for(int i=0;i<topk;i++)diff+=got[i]!=want[i];
+cudaEvent_t e0,e1;cudaEventCreate(&e0);cudaEventCreate(&e1);R(e0);
+for(int i=0;i<reps;i++)k_idx_topk<<<1,1024>>>(ds,Nc,topk,0,dsel,dn,st);
+R(e1);cudaEventSynchronize(e1);float ms;cudaEventElapsedTime(&ms,e0,e1);
+printf("topk Nc %d k %d%s: d=%d|%.3f ms\n",Nc,topk,ties?" ties":"",diff,ms/reps);
+F(ds);F(dsel);F(dn);F(st);return diff!=0;}
 int main(){int bad=0;
+bad|=test_topk(262144,512,false,20);bad|=test_topk(262144,512,true,20);bad|=test_topk(16384,512,false,20);bad|=test_topk(600,512,true,5);
 bad|=test<__half>(128,2048-3,37,512,2); bad|=test<float>(128,2048-3,37,512,2);
 bad|=test<__half>(128,4*777+1,5,100,2); bad|=test<float>(64,4*777+1,5,100,2);
 bad|=test<__half>(128,4*262144-1,1,512,20); bad|=test<float>(128,4*262144-1,1,512,20);

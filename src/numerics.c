@@ -68,9 +68,9 @@ void ds4_num_fp4_codes(const float *x, int n, int8_t *c, float *p) {
     for (int b0 = 0; b0 < n; b0 += 32) {
         float amax = 0.0f;
         for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[b0 + i]));
-        const float pw = ds4_num_i4_pow(amax);
+        const float pw = ds4_num_i4_pow(amax), ip = ds4_num_i4_recip(pw);
         p[b0 / 32] = pw;
-        for (int i = 0; i < 32; i++) c[b0 + i] = (int8_t)ds4_num_i4_code(x[b0 + i], pw);
+        for (int i = 0; i < 32; i++) c[b0 + i] = (int8_t)ds4_num_i4_code_r(x[b0 + i], pw, ip);
     }
 }
 

@@ -91,4 +91,17 @@ DS4_NUM_FN int ds4_num_i4_code(float x, float p) {
     return (int)v;
 }
 
+/* The same code without a division per value: ip = ds4_num_i4_recip(p) is
+ * 1/p when that is a float (p in [2^-126, 2^126]; then x * ip and x / p
+ * are the same real number rounded once, so the same float), else 0 and the
+ * division is used. */
+DS4_NUM_FN float ds4_num_i4_recip(float p) { return p >= 0x1p-126f && p <= 0x1p126f ? 1.0f / p : 0.0f; }
+DS4_NUM_FN int ds4_num_i4_code_r(float x, float p, float ip) {
+    float v = rintf(ip != 0.0f ? x * ip : x / p);
+    if (!(v == v)) return 0;
+    if (v > 127.0f) v = 127.0f;
+    if (v < -127.0f) v = -127.0f;
+    return (int)v;
+}
+
 #endif

@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(128) k_idx_q(float *qi, int IH, int ID, int n_
 #pragma unroll
             for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
             const float p = ds4_num_i4_pow(am);
-            qc[((int64_t)t * IH + h) * ID + i] = (int8_t)ds4_num_i4_code(x, p);
+            qc[((int64_t)t * IH + h) * ID + i] = (int8_t)ds4_num_i4_code_r(x, p, ds4_num_i4_recip(p));
             if ((i & 31) == 0) qp[((int64_t)t * IH + h) * (ID / 32) + i / 32] = p;
         }
     }
@@ -498,13 +498,14 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
         float am = 0.0f;
 #pragma unroll
         for (int i = 0; i < 32; i++) am = fmaxf(am, fabsf(v[i]));
-        const float p = ds4_num_i4_pow(am);
+        const float p = ds4_num_i4_pow(am), ip = ds4_num_i4_recip(p);
         uint32_t w[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             uint32_t x = 0;
 #pragma unroll
-            for (int j = 0; j < 4; j++) x |= ((uint32_t)(uint8_t)(int8_t)ds4_num_i4_code(v[4 * i + j], p)) << (8 * j);
+            for (int j = 0; j < 4; j++)
+                x |= ((uint32_t)(uint8_t)(int8_t)ds4_num_i4_code_r(v[4 * i + j], p, ip)) << (8 * j);
             w[i] = x;
         }
         uint4 *dst = (uint4 *)(kcs + kl * RS + 32 * b);
@@ -611,10 +612,21 @@ __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t 
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-#pragma unroll 4
-        for (int i = threadIdx.x; i < Nc; i += blockDim.x) {
-            uint32_t k = cu_order_key(s[i]);
-            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255], 1);
+        /* most keys share the leading bytes (the scores' sign and
+         * exponent): the lanes of a warp with the same bin add once
+         * (__match_any_sync) instead of 32 atomics on one word in turn */
+        {
+            const int lane = threadIdx.x & 31;
+            for (int i0 = 0; i0 < Nc; i0 += blockDim.x) {
+                const int i = i0 + threadIdx.x;
+                int bin = -1;
+                if (i < Nc) {
+                    const uint32_t k = cu_order_key(s[i]);
+                    if ((k & mask) == prefix) bin = (int)((k >> shift) & 255);
+                }
+                const unsigned peers = __match_any_sync(0xffffffffu, bin);
+                if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+            }
         }
         __syncthreads();
         /* the largest bin b whose keys, with those of all higher bins, reach

@@ -6,6 +6,7 @@
 
 #include "cpu/cpu.h"
 #include "numerics.h"
+#include "numerics_inl.h"
 #include "test.h"
 
 DS4_TEST(model_numerics_e4m3_round_ties_even) {
@@ -196,4 +197,25 @@ DS4_TEST(model_numerics_fp4_dot_heads_kernel_matches_definition) {
             }
         }
     }
+}
+
+/* The division-free code (x * 1/p where 1/p is a float) is the division's,
+ * for every power p a block can have and values on and off the grid. */
+DS4_TEST(model_numerics_fp4_code_by_reciprocal_is_the_division) {
+    int n = 0;
+    for (int k = -149; k <= 124; k++) {
+        const float p = ldexpf(1.0f, k), ip = ds4_num_i4_recip(p);
+        for (int rep = 0; rep < 64; rep++) {
+            fp4_rng = fp4_rng * 1664525u + 1013904223u;
+            float x = ldexpf((float)(int)(fp4_rng >> 8) * 0x1p-23f - 1.0f, k + 4 - (int)(fp4_rng & 31));
+            if (rep == 0) x = NAN;
+            if (rep == 1) x = INFINITY;
+            if (rep == 2) x = -0.0f;
+            if (rep == 3) x = 12.5f * p; /* a tie: to even */
+            CHECK_EQ_INT(ds4_num_i4_code_r(x, p, ip), ds4_num_i4_code(x, p));
+            n++;
+        }
+    }
+    CHECK(n > 17000);
+    CHECK(ds4_num_i4_code(12.5f, 1.0f) == 12 && ds4_num_i4_code(13.5f, 1.0f) == 14);
 }
