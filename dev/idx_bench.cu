@@ -20,6 +20,7 @@
 #include <algorithm>
 #include "numerics_inl.h"
 struct ds4_step{int pos0;};
+enum { CU_ST_TOPK_SYNC = 4 };
 __device__ __forceinline__ void cu_pdl_wait(){}
 __device__ __forceinline__ void mm_mma(const unsigned (&a)[4], unsigned b0, unsigned b1, int (&c)[4]) {
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -70,26 +71,35 @@ double fl=0;for(int t=0;t<nt;t++){int Nc=(pos0+t+1)/4;if(Nc>topk)fl+=2.0*Nc*64*I
 printf("%s %d %d %d:d=%ld/%ld w=%ld|base %.3f ms %.2f TF|tile %.3f ms %.2f TF|mma %.3f ms %.2f TF\n",sizeof(T)==2?"h":"f",ID,pos0,nt,diff,diff3,wr,
 m1/reps,fl/(m1/reps)/1e9,m2/reps,fl/(m2/reps)/1e9,m3/reps,fl/(m3/reps)/1e9);
 F(dq);F(dw);F(dk);F(s1);F(s2);F(s3);F(st);F(dqc);F(dqp);return diff!=0||diff3!=0;}
-/* k_idx_topk at Nc rows (one token): its selection against a host sort (score descending, ties to the
- * lower index, then ascending indices) and its time; scores drawn from few distinct values when ties */
-static int test_topk(int Nc,int topk,bool ties,int reps){
-std::vector<float>sc(Nc);for(auto&x:sc){x=rnd();if(ties)x=roundf(x*8)/8;else x=x*0.01f+0.5f;}
-float*ds;int32_t*dsel,*dn;ds4_step*st;ds4_step hs{4*Nc-1};M(&ds,(size_t)Nc*4);M(&dsel,(size_t)topk*4);M(&dn,4);M(&st,sizeof hs);
-C(ds,sc.data(),(size_t)Nc*4,H);C(st,&hs,sizeof hs,H);
-k_idx_topk<<<1,1024>>>(ds,Nc,topk,0,dsel,dn,st);
-cudaError_t er=cudaDeviceSynchronize();if(er){printf("err %s\n",cudaGetErrorString(er));return 1;}
-std::vector<int32_t>got(topk);C(got.data(),dsel,(size_t)topk*4,D);
-std::vector<int32_t>idx(Nc);for(int i=0;i<Nc;i++)idx[i]=i;
-std::partial_sort(idx.begin(),idx.begin()+topk,idx.end(),[&](int a,int b){float x=sc[a]==0?0.f:sc[a],y=sc[b]==0?0.f:sc[b];return x>y||(x==y&&a<b);});
-std::vector<int32_t>want(idx.begin(),idx.begin()+topk);std::sort(want.begin(),want.end());
-int diff=0;for(int i=0;i<topk;i++)diff+=got[i]!=want[i];
-cudaEvent_t e0,e1;cudaEventCreate(&e0);cudaEventCreate(&e1);R(e0);
-for(int i=0;i<reps;i++)k_idx_topk<<<1,1024>>>(ds,Nc,topk,0,dsel,dn,st);
-R(e1);cudaEventSynchronize(e1);float ms;cudaEventElapsedTime(&ms,e0,e1);
-printf("topk Nc %d k %d%s: d=%d|%.3f ms\n",Nc,topk,ties?" ties":"",diff,ms/reps);
-F(ds);F(dsel);F(dn);F(st);return diff!=0;}
+/* k_idx_topk and k_idx_topk_wide (gw blocks per token) for nt tokens whose last one has Nc rows: their
+ * selections against a host sort (score descending, ties to the lower index, then ascending indices) and
+ * their times; scores drawn from few distinct values when ties */
+static int test_topk(int Nc,int nt,int topk,bool ties,int reps){
+int64_t ld=Nc+3;std::vector<float>sc((size_t)nt*ld);for(auto&x:sc){x=rnd();if(ties)x=roundf(x*8)/8;else x=x*0.01f+0.5f;}
+float*ds;int32_t*dsel,*dn;unsigned*sy;int*dst;ds4_step*st;ds4_step hs{4*Nc-nt};
+M(&ds,sc.size()*4);M(&dsel,(size_t)nt*topk*4);M(&dn,nt*4);M(&st,sizeof hs);M(&sy,4*TOPW_SYNC*4);M(&dst,4);
+cudaMemset(sy,0,4*TOPW_SYNC*4);cudaMemset(dst,0,4);C(ds,sc.data(),sc.size()*4,H);C(st,&hs,sizeof hs,H);
+int gw=(Nc+TOPW_CHUNK-1)/TOPW_CHUNK;if(gw>TOPW_MAX_BLOCKS/TOPW_MAX_TOKENS)gw=TOPW_MAX_BLOCKS/TOPW_MAX_TOKENS;
+int kk=(Nc+gw-1)/gw;size_t wsm=(size_t)(kk>TOPW_CHUNK?kk:TOPW_CHUNK)*4;
+cudaFuncSetAttribute(k_idx_topk_wide,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)wsm);
+int diff[2]={0,0};float ms[2];
+for(int v=0;v<2;v++){cudaMemset(dsel,0xff,(size_t)nt*topk*4);
+auto go=[&]{if(v)k_idx_topk_wide<<<dim3(gw,nt),TOPW_THREADS,wsm>>>(ds,ld,topk,0,dsel,dn,sy,dst,st);else k_idx_topk<<<nt,1024>>>(ds,ld,topk,0,dsel,dn,st);};
+go();cudaError_t er=cudaDeviceSynchronize();if(er){printf("err %s\n",cudaGetErrorString(er));return 1;}
+std::vector<int32_t>got((size_t)nt*topk),gn(nt);C(got.data(),dsel,got.size()*4,D);C(gn.data(),dn,nt*4,D);
+for(int t=0;t<nt;t++){int n=(4*Nc-nt+t+1)/4;const float*row=sc.data()+(size_t)t*ld;int kq=n<topk?n:topk;
+std::vector<int32_t>idx(n);for(int i=0;i<n;i++)idx[i]=i;
+std::partial_sort(idx.begin(),idx.begin()+kq,idx.end(),[&](int a,int b){float x=row[a]==0?0.f:row[a],y=row[b]==0?0.f:row[b];return x>y||(x==y&&a<b);});
+std::vector<int32_t>want(idx.begin(),idx.begin()+kq);std::sort(want.begin(),want.end());
+diff[v]+=gn[t]!=kq;for(int i=0;i<kq;i++)diff[v]+=got[(size_t)t*topk+i]!=want[i];}
+cudaEvent_t e0,e1;cudaEventCreate(&e0);cudaEventCreate(&e1);R(e0);for(int i=0;i<reps;i++)go();
+R(e1);cudaEventSynchronize(e1);cudaEventElapsedTime(&ms[v],e0,e1);ms[v]/=reps;}
+int hst=0;C(&hst,dst,4,D);
+printf("topk Nc %d x%d k %d%s: d=%d/%d status %d|one block %.3f ms|%d blocks %.3f ms\n",Nc,nt,topk,ties?" ties":"",diff[0],diff[1],hst,ms[0],gw,ms[1]);
+F(ds);F(dsel);F(dn);F(st);F(sy);F(dst);return diff[0]||diff[1]||hst;}
 int main(){int bad=0;
-bad|=test_topk(262144,512,false,20);bad|=test_topk(262144,512,true,20);bad|=test_topk(16384,512,false,20);bad|=test_topk(600,512,true,5);
+bad|=test_topk(262144,1,512,false,20);bad|=test_topk(262144,1,512,true,20);bad|=test_topk(262144,4,512,false,5);
+bad|=test_topk(16384,1,512,false,20);bad|=test_topk(16384,3,512,true,20);bad|=test_topk(5000,2,512,true,20);bad|=test_topk(4100,1,512,false,20);bad|=test_topk(600,1,512,true,5);
 bad|=test<__half>(128,2048-3,37,512,2); bad|=test<float>(128,2048-3,37,512,2);
 bad|=test<__half>(128,4*777+1,5,100,2); bad|=test<float>(64,4*777+1,5,100,2);
 bad|=test<__half>(128,4*262144-1,1,512,20); bad|=test<float>(128,4*262144-1,1,512,20);

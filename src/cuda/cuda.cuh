@@ -40,7 +40,7 @@ bool cu_launched(cu_ctx *c, const char *kernel);
 #define CU_LAUNCH(c, name) cu_launched((c), name)
 
 /* Device-side status bits (ctx->dstatus), set by kernels, read at step_end. */
-enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2 };
+enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2, CU_ST_TOPK_SYNC = 4 };
 
 enum { CU_KPROF_BASE = 1000 };
 
@@ -72,6 +72,7 @@ struct cu_scratch {
     float *wt;                 /* (B, IH) indexer head weights */
     int8_t *qc;                /* (B, IH*ID) indexer query codes (FP4 numerics, k_idx_scores_mma) */
     float *qp;                 /* (B, IH, ID/32) their block powers */
+    unsigned *topw;            /* (4, 1024) k_idx_topk_wide's meeting state (0 between launches) */
     float *scores;             /* (score_rows, n_ctx/4 + 1) indexer scores */
     int score_rows;            /* tokens scored per pass */
     float *hcp;                /* (B, n_split, 32) HC partial dots */
@@ -143,6 +144,7 @@ struct cu_ctx {
     int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: CUDA-core attention heads per block (A/B switch; 0 = 4) */
     int att_tc;            /* DS4_CUDA_ATT_TC=1: attention on TF32 tensor cores (k_attn_tc; opt-in) */
     int idx_tile;          /* DS4_CUDA_IDX_TILE=1: indexer scores on k_idx_scores_t (same bits; opt-in until measured) */
+    int no_topk_wide;      /* DS4_CUDA_NO_TOPK_WIDE=1: the indexer top-k in one block per token always */
     int idx_mma;           /* DS4_CUDA_IDX_MMA=1: FP4 indexer scores on int8 tensor cores (k_idx_scores_mma; opt-in until run) */
     int no_att_r4;         /* DS4_CUDA_NO_ATT_R4=1: k_attn_part's row-at-a-time loops (four rows per warp by default) */
     int att_tc_hb;         /* DS4_CUDA_ATT_TC_HB=16|32|64: tensor-core attention heads per block (0 = 16 for

@@ -800,6 +800,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->wt = (float *)take(B * IH * 4);
     s->qc = (int8_t *)take(B * IH * ID);
     s->qp = (float *)take(B * IH * (ID / 32 + 1) * 4);
+    s->topw = (unsigned *)take(4 * 1024 * sizeof(unsigned));
     s->score_rows = (int)(B < 64 ? B : 64);
     s->scores = (float *)take((size_t)s->score_rows * (C / 4 + 1) * 4);
     s->hcp = (float *)take(B * c->hc_split * 32 * 4);
@@ -854,7 +855,8 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     const size_t nmcc = (size_t)(4 * m->hp.n_expert_used + 1) * (m->hp.n_ff_exp / 256 + 1);
     if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess ||
-        cudaMemset(c->s.rcc, 0, sizeof(unsigned)) != cudaSuccess) {
+        cudaMemset(c->s.rcc, 0, sizeof(unsigned)) != cudaSuccess ||
+        cudaMemset(c->s.topw, 0, 4 * 1024 * sizeof(unsigned)) != cudaSuccess) {
         cudaGetLastError();
         return ds4_err_set(err, DS4_E_BACKEND, "cuda: scratch initialisation failed");
     }
@@ -1053,8 +1055,13 @@ static int cu_step_end(void *ctx, ds4_err *err) {
     if (!c->err && *c->hstatus) {
         int st = *c->hstatus;
         cudaMemsetAsync(c->dstatus, 0, sizeof(int), c->st);
-        cu_fail(c, DS4_E_RANGE, "cuda: %s", st & CU_ST_COMP_RANGE ? "compressed rows exceed the session capacity"
-                                                                   : "indexer rows exceed the session capacity");
+        if (st & CU_ST_TOPK_SYNC) { /* blocks that never met: start their state afresh */
+            cudaMemsetAsync(c->s.topw, 0, 4 * 1024 * sizeof(unsigned), c->st);
+            cu_fail(c, DS4_E_BACKEND, "cuda: the indexer top-k blocks did not meet within 2 s");
+        } else {
+            cu_fail(c, DS4_E_RANGE, "cuda: %s", st & CU_ST_COMP_RANGE ? "compressed rows exceed the session capacity"
+                                                                       : "indexer rows exceed the session capacity");
+        }
     }
     if (c->err) return report(c, err);
     return 0;
@@ -1137,7 +1144,8 @@ static const struct cu_switch {
     {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: CUDA-core attention heads per block (else 4) */
     {"DS4_CUDA_ATT_TC", &cu_ctx::att_tc},               /* 1: attention on TF32 tensor cores (k_attn_tc) */
     {"DS4_CUDA_IDX_TILE", &cu_ctx::idx_tile},           /* 1: indexer scores in register tiles (k_idx_scores_t) */
-    {"DS4_CUDA_IDX_MMA", &cu_ctx::idx_mma},             /* 1: FP4 indexer scores on int8 tensor cores (same bits) */
+    {"DS4_CUDA_IDX_MMA", &cu_ctx::idx_mma},
+    {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */             /* 1: FP4 indexer scores on int8 tensor cores (same bits) */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */

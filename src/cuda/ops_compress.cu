@@ -588,6 +588,98 @@ __device__ __forceinline__ uint32_t cu_order_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+/* Warp 0 of a block: the largest bin b of hist[256] whose keys, with those
+ * of all higher bins, reach `need` (bin 0 when none above does): lane l
+ * holds bins 8l..8l+7, the counts above each lane come from a suffix scan;
+ * integer sums, so the result is exactly the serial scan's. Writes the
+ * extended prefix and the keys still needed from that bin. */
+__device__ __forceinline__ void topk_pick_bin(const int *hist, int need, uint32_t prefix, int shift, uint32_t *s_prefix,
+                                              int *s_need) {
+    const int l = threadIdx.x;
+    int h[8], sl = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) sl += (h[j] = hist[8 * l + j]);
+    int suf = sl; /* bins of lanes >= l */
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int v = __shfl_down_sync(0xffffffffu, suf, o);
+        if (l + o < 32) suf += v;
+    }
+    int cum = suf - sl, hit = -1, cum_hit = 0;
+#pragma unroll
+    for (int j = 7; j >= 0; j--) {
+        if (hit < 0 && (cum + h[j] >= need || (l == 0 && j == 0))) {
+            hit = 8 * l + j;
+            cum_hit = cum;
+        }
+        cum += h[j];
+    }
+    const unsigned any = __ballot_sync(0xffffffffu, hit >= 0);
+    const int top = 31 - __clz(any);
+    if (l == top) {
+        *s_prefix = prefix | ((uint32_t)hit << shift);
+        *s_need = need - cum_hit;
+    }
+}
+
+/* The same histogram step for a block's keys in [lo, hi) of s (or of the
+ * order keys ks in shared memory when ks): the lanes of a warp with the
+ * same bin add once (__match_any_sync) instead of 32 atomics on one word
+ * in turn (most keys share the leading bytes: the scores' sign and
+ * exponent). */
+__device__ __forceinline__ void topk_hist(int *hist, const float *s, const uint32_t *ks, int lo, int hi, uint32_t mask,
+                                          uint32_t prefix, int shift) {
+    const int lane = threadIdx.x & 31;
+    for (int i0 = lo; i0 < hi; i0 += blockDim.x) {
+        const int i = i0 + threadIdx.x;
+        int bin = -1;
+        if (i < hi) {
+            const uint32_t k = ks ? ks[i - lo] : cu_order_key(s[i]);
+            if ((k & mask) == prefix) bin = (int)((k >> shift) & 255);
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+    }
+}
+
+/* Ordered compaction of a block's keys in [lo, hi) (of s, or the order
+ * keys ks in shared memory): every key above prefix and the keys equal to
+ * it while fewer than `need` equal keys come before them (base_eq before
+ * this range), written from out[base_sel] on in index order. wsum: 2 x
+ * (warps) ints of shared memory. */
+__device__ __forceinline__ void topk_compact(const float *s, const uint32_t *ks, int lo, int hi, uint32_t prefix,
+                                             int need, int base_sel, int base_eq, int32_t *out, int topk, int *wsum) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int i0 = lo; i0 < hi; i0 += blockDim.x) {
+        const int i = i0 + threadIdx.x;
+        uint32_t k = i < hi ? (ks ? ks[i - lo] : cu_order_key(s[i])) : 0;
+        const bool gt = i < hi && k > prefix, eq = i < hi && k == prefix;
+        const unsigned lt = (1u << lane) - 1;
+        unsigned beq = __ballot_sync(0xffffffffu, eq);
+        if (lane == 0) wsum[nw + w] = __popc(beq);
+        __syncthreads();
+        int eq_before = base_eq;
+        for (int k2 = 0; k2 < w; k2++) eq_before += wsum[nw + k2];
+        eq_before += __popc(beq & lt);
+        const bool take = gt || (eq && eq_before < need);
+        unsigned bt = __ballot_sync(0xffffffffu, take);
+        if (lane == 0) wsum[w] = __popc(bt);
+        __syncthreads();
+        int pos = base_sel;
+        for (int k2 = 0; k2 < w; k2++) pos += wsum[k2];
+        pos += __popc(bt & lt);
+        if (take && pos < topk) out[pos] = i;
+        int tot_sel = 0, tot_eq = 0;
+        for (int k2 = 0; k2 < nw; k2++) {
+            tot_sel += wsum[k2];
+            tot_eq += wsum[nw + k2];
+        }
+        base_sel += tot_sel;
+        base_eq += tot_eq;
+        __syncthreads();
+    }
+}
+
 /* Top-k of token t = t0 + blockIdx.x (1024 threads). Radix select of the
  * k-th largest key (4 passes of 8 bits), then an ordered compaction taking
  * every key above it and the lowest-index keys equal to it. */
@@ -612,54 +704,9 @@ __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t 
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        /* most keys share the leading bytes (the scores' sign and
-         * exponent): the lanes of a warp with the same bin add once
-         * (__match_any_sync) instead of 32 atomics on one word in turn */
-        {
-            const int lane = threadIdx.x & 31;
-            for (int i0 = 0; i0 < Nc; i0 += blockDim.x) {
-                const int i = i0 + threadIdx.x;
-                int bin = -1;
-                if (i < Nc) {
-                    const uint32_t k = cu_order_key(s[i]);
-                    if ((k & mask) == prefix) bin = (int)((k >> shift) & 255);
-                }
-                const unsigned peers = __match_any_sync(0xffffffffu, bin);
-                if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-            }
-        }
+        topk_hist(hist, s, nullptr, 0, Nc, mask, prefix, shift);
         __syncthreads();
-        /* the largest bin b whose keys, with those of all higher bins, reach
-         * `need` (bin 0 when none above does): lane l holds bins 8l..8l+7,
-         * the counts above each lane come from a suffix scan; integer sums,
-         * so the result is exactly the serial scan's */
-        if (threadIdx.x < 32) {
-            const int l = threadIdx.x;
-            int h[8], sl = 0;
-#pragma unroll
-            for (int j = 0; j < 8; j++) sl += (h[j] = hist[8 * l + j]);
-            int suf = sl; /* bins of lanes >= l */
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                int v = __shfl_down_sync(0xffffffffu, suf, o);
-                if (l + o < 32) suf += v;
-            }
-            int cum = suf - sl, hit = -1, cum_hit = 0;
-#pragma unroll
-            for (int j = 7; j >= 0; j--) {
-                if (hit < 0 && (cum + h[j] >= need || (l == 0 && j == 0))) {
-                    hit = 8 * l + j;
-                    cum_hit = cum;
-                }
-                cum += h[j];
-            }
-            const unsigned any = __ballot_sync(0xffffffffu, hit >= 0);
-            const int top = 31 - __clz(any);
-            if (l == top) {
-                s_prefix = prefix | ((uint32_t)hit << shift);
-                s_need = need - cum_hit;
-            }
-        }
+        if (threadIdx.x < 32) topk_pick_bin(hist, need, prefix, shift, &s_prefix, &s_need);
         __syncthreads();
         prefix = s_prefix;
         need = s_need;
@@ -667,38 +714,148 @@ __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t 
         __syncthreads();
     }
     /* prefix = key of the k-th largest; `need` of the keys equal to it are
-     * taken, lowest indices first. Ordered compaction in chunks. */
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    int base_sel = 0, base_eq = 0;
-    for (int i0 = 0; i0 < Nc; i0 += blockDim.x) {
-        const int i = i0 + threadIdx.x;
-        uint32_t k = i < Nc ? cu_order_key(s[i]) : 0;
-        const bool gt = i < Nc && k > prefix, eq = i < Nc && k == prefix;
-        const unsigned lt = (1u << lane) - 1;
-        unsigned beq = __ballot_sync(0xffffffffu, eq);
-        if (lane == 0) wsum[1][w] = __popc(beq);
-        __syncthreads();
-        int eq_before = base_eq;
-        for (int k2 = 0; k2 < w; k2++) eq_before += wsum[1][k2];
-        eq_before += __popc(beq & lt);
-        const bool take = gt || (eq && eq_before < need);
-        unsigned bt = __ballot_sync(0xffffffffu, take);
-        if (lane == 0) wsum[0][w] = __popc(bt);
-        __syncthreads();
-        int pos = base_sel;
-        for (int k2 = 0; k2 < w; k2++) pos += wsum[0][k2];
-        pos += __popc(bt & lt);
-        if (take && pos < topk) out[pos] = i;
-        int tot_sel = 0, tot_eq = 0;
-        for (int k2 = 0; k2 < nw; k2++) {
-            tot_sel += wsum[0][k2];
-            tot_eq += wsum[1][k2];
+     * taken, lowest indices first. */
+    topk_compact(s, nullptr, 0, Nc, prefix, need, 0, 0, out, topk, &wsum[0][0]);
+    if (threadIdx.x == 0) n_sel[t] = topk;
+}
+
+/* The same top-k over several blocks per token (decode and MTP verify at
+ * long contexts: one block reads ~1M scores at L2 latency, 0.83 ms at 262k
+ * rows on an H100). Token t = t0 + blockIdx.y; G = min(gridDim.x, rows /
+ * TOPW_CHUNK rounded up) blocks each hold a slice of the order keys in
+ * shared memory, and meet after each radix pass: their histograms add up in
+ * global memory (sync, TOPW_SYNC words per token), the last block to arrive
+ * (a wrapping counter) picks the bin and releases the others (a generation
+ * word they spin on). Then each block counts its keys above and at the k-th,
+ * meets once more, and compacts its slice from the position the blocks
+ * before it leave (the same selection as k_idx_topk: every key above the
+ * k-th, the lowest-index keys equal to it, ascending). Every block of a
+ * launch must be resident at once (the launcher keeps gridDim.x * gridDim.y
+ * <= TOPW_MAX_BLOCKS); a wait longer than 2 s sets CU_ST_TOPK_SYNC and the
+ * step fails instead of hanging. */
+#define TOPW_THREADS 512
+#define TOPW_CHUNK 4096
+#define TOPW_SYNC 1024
+#define TOPW_MAX_BLOCKS 128
+#define TOPW_MAX_TOKENS 4
+__device__ __forceinline__ unsigned long long cu_globaltimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *scores, int64_t ld_scores, int topk,
+                                                               int t0, int32_t *sel, int32_t *n_sel, unsigned *sync,
+                                                               int *status, const ds4_step *step) {
+    cu_pdl_wait();
+    extern __shared__ uint32_t topw_keys[];
+    __shared__ int hist[256];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_need, s_last, s_ok, s_base[2];
+    __shared__ unsigned s_gen;
+    __shared__ int wsum[2 * (TOPW_THREADS / 32)];
+    const int tl = blockIdx.y, t = t0 + tl, b = blockIdx.x, tid = threadIdx.x;
+    const int Nc = (step->pos0 + t + 1) / 4;
+    int32_t *out = sel + (int64_t)t * topk;
+    if (Nc <= topk) {
+        if (b == 0) {
+            for (int i = tid; i < Nc; i += blockDim.x) out[i] = i;
+            if (tid == 0) n_sel[t] = Nc;
         }
-        base_sel += tot_sel;
-        base_eq += tot_eq;
+        return;
+    }
+    const int G = min((int)gridDim.x, (Nc + TOPW_CHUNK - 1) / TOPW_CHUNK);
+    if (b >= G) return;
+    const int S = (Nc + G - 1) / G, lo = b * S, hi = min(Nc, lo + S);
+    const float *s = scores + (int64_t)tl * ld_scores;
+    for (int i = lo + tid; i < hi; i += blockDim.x) topw_keys[i - lo] = cu_order_key(s[i]);
+    /* [0] arrivals, [1] generation, [2] prefix, [3] need, [4, 260) the
+     * histogram, [260, 260 + 2 G) the blocks' counts */
+    unsigned *ts = sync + (size_t)tl * TOPW_SYNC;
+    auto meet = [&](bool pick, int need, uint32_t prefix, int shift) -> bool {
+        __syncthreads();
+        if (tid == 0) {
+            s_gen = *(volatile unsigned *)&ts[1];
+            __threadfence();
+            s_last = atomicInc(&ts[0], (unsigned)G - 1) == (unsigned)G - 1;
+            s_ok = 1;
+        }
+        __syncthreads();
+        if (s_last) {
+            __threadfence();
+            if (pick) {
+                for (int i = tid; i < 256; i += blockDim.x) hist[i] = (int)atomicExch(&ts[4 + i], 0u);
+                __syncthreads();
+                if (tid < 32) topk_pick_bin(hist, need, prefix, shift, &s_prefix, &s_need);
+                __syncthreads();
+                if (tid == 0) ts[2] = s_prefix, ts[3] = (unsigned)s_need;
+            }
+            __syncthreads();
+            if (tid == 0) {
+                __threadfence();
+                atomicAdd(&ts[1], 1u);
+            }
+        } else if (tid == 0) {
+            const unsigned long long w0 = cu_globaltimer();
+            while (*(volatile unsigned *)&ts[1] == s_gen) {
+                if (cu_globaltimer() - w0 > 2000000000ull) {
+                    atomicOr(status, CU_ST_TOPK_SYNC);
+                    s_ok = 0;
+                    break;
+                }
+                __nanosleep(100);
+            }
+            __threadfence();
+        }
+        __syncthreads();
+        return s_ok;
+    };
+    uint32_t prefix = 0, mask = 0;
+    int need = topk;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        topk_hist(hist, nullptr, topw_keys, lo, hi, mask, prefix, shift);
+        __syncthreads();
+        if (G > 1) {
+            for (int i = tid; i < 256; i += blockDim.x)
+                if (hist[i]) atomicAdd(&ts[4 + i], (unsigned)hist[i]);
+            if (!meet(true, need, prefix, shift)) return;
+            if (tid == 0) s_prefix = *(volatile unsigned *)&ts[2], s_need = (int)*(volatile unsigned *)&ts[3];
+        } else if (tid < 32) {
+            topk_pick_bin(hist, need, prefix, shift, &s_prefix, &s_need);
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        need = s_need;
+        mask |= 255u << shift;
         __syncthreads();
     }
-    if (threadIdx.x == 0) n_sel[t] = topk;
+    int base_sel = 0, base_eq = 0;
+    if (G > 1) {
+        int n_gt = 0, n_eq = 0;
+        for (int i0 = lo; i0 < hi; i0 += blockDim.x) {
+            const int i = i0 + tid;
+            const uint32_t k = i < hi ? topw_keys[i - lo] : 0;
+            n_gt += __syncthreads_count(i < hi && k > prefix);
+            n_eq += __syncthreads_count(i < hi && k == prefix);
+        }
+        if (tid == 0) ts[260 + 2 * b] = (unsigned)n_gt, ts[261 + 2 * b] = (unsigned)n_eq;
+        if (!meet(false, 0, 0, 0)) return;
+        if (tid == 0) {
+            int bs = 0, be = 0;
+            for (int b2 = 0; b2 < b; b2++) {
+                const int g2 = (int)*(volatile unsigned *)&ts[260 + 2 * b2], e2 = (int)*(volatile unsigned *)&ts[261 + 2 * b2];
+                const int room = need - be;
+                bs += g2 + (room <= 0 ? 0 : room < e2 ? room : e2);
+                be += e2;
+            }
+            s_base[0] = bs, s_base[1] = be;
+        }
+        __syncthreads();
+        base_sel = s_base[0], base_eq = s_base[1];
+    }
+    topk_compact(nullptr, topw_keys, lo, hi, prefix, need, base_sel, base_eq, out, topk, wsum);
+    if (b == 0 && tid == 0) n_sel[t] = topk;
 }
 
 int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
@@ -773,7 +930,18 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                                                         sm_scale, w_scale, c->s.scores, ld, a->step);
         }
         CU_LAUNCH(c, "indexer_scores");
-        cu_launch(c, k_idx_topk, nt, 1024, 0, c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
+        /* few tokens at long context: the top-k over several blocks each */
+        const int gw = cu_div_up(max_rows, TOPW_CHUNK) < TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS
+                           ? cu_div_up(max_rows, TOPW_CHUNK)
+                           : TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS;
+        const size_t wsm = (size_t)(cu_div_up(max_rows, gw) > TOPW_CHUNK ? cu_div_up(max_rows, gw) : TOPW_CHUNK) * 4;
+        if (!c->no_topk_wide && nt <= TOPW_MAX_TOKENS && gw > 1 && wsm <= 96 * 1024) {
+            cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wsm);
+            cu_launch(c, k_idx_topk_wide, dim3(gw, nt), TOPW_THREADS, wsm, (const float *)c->s.scores, ld, K, t0, a->sel,
+                      a->n_sel, c->s.topw, c->dstatus, a->step);
+        } else {
+            cu_launch(c, k_idx_topk, nt, 1024, 0, c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
+        }
         CU_LAUNCH(c, "indexer_topk");
     }
     return c->err;
