@@ -1,4 +1,4 @@
-/* idx_bench.cu - k_idx_scores_t (DS4_CUDA_IDX_TILE) and k_idx_scores_mma (DS4_CUDA_IDX_MMA) against
+/* idx_bench.cu - k_idx_scores_t (the plain-numerics default) and k_idx_scores_mma (the FP4 default) against
  * k_idx_scores: the scores bit for bit (FP4-grid queries and keys whose block scales lie within 4
  * binades, so every kernel's sum is exact; half and f32 keys, ID 128 and 64, tokens on both sides of
  * topk, nothing written past Nc) and the time of each at 1M context; k_idx_topk against a host sort.
@@ -22,6 +22,7 @@
 struct ds4_step{int pos0;};
 enum { CU_ST_TOPK_SYNC = 4 };
 __device__ __forceinline__ void cu_pdl_wait(){}
+__device__ __forceinline__ void cu_pdl_wait_only(){}
 __device__ __forceinline__ void mm_mma(const unsigned (&a)[4], unsigned b0, unsigned b1, int (&c)[4]) {
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                  "{%10,%10,%10,%10};\n"
@@ -54,18 +55,18 @@ size_t qsm=((size_t)IH*ID+16+(size_t)IDX_ROWS*(IH+1))*4, tsm=(size_t)ID*64*4+(si
 cudaFuncSetAttribute(k_idx_scores<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)qsm);
 cudaFuncSetAttribute(k_idx_scores_t<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)tsm);
 size_t msm=idxm_smem(ID);cudaFuncSetAttribute(k_idx_scores_mma<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)msm);
-dim3 gm((Nmax+IDXM_KEYS-1)/IDXM_KEYS,(nt+IDXM_TOK-1)/IDXM_TOK);
+const int tpb=nt<=IDXM_TOK?1:IDXM_TOK;dim3 gm((Nmax+IDXM_KEYS-1)/IDXM_KEYS,(nt+tpb-1)/tpb);
 dim3 gs((Nmax+IDX_ROWS-1)/IDX_ROWS,nt),gt((Nmax+IDXT_ROWS-1)/IDXT_ROWS,nt);
 cudaEvent_t e0,e1,e2,e3;cudaEventCreate(&e0);cudaEventCreate(&e1);cudaEventCreate(&e2);cudaEventCreate(&e3);
 k_idx_scores<T><<<gs,IDX_ROWS*4,qsm>>>(dq,dw,dk,IH,ID,topk,0,sm,ws,s1,ld,st);
 k_idx_scores_t<T><<<gt,256,tsm>>>(dq,dw,dk,ID,topk,0,sm,ws,s2,ld,st);
-k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,sm,ws,s3,ld,st);
+k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,tpb,sm,ws,s3,ld,st);
 cudaError_t er=cudaDeviceSynchronize();if(er){printf("err %s\n",cudaGetErrorString(er));return 1;}
 std::vector<uint32_t>a(sb/4),b(sb/4),c3(sb/4);C(a.data(),s1,sb,D);C(b.data(),s2,sb,D);C(c3.data(),s3,sb,D);
 long diff=0,diff3=0,wr=0;for(size_t i=0;i<a.size();i++){if(a[i]!=b[i])diff++;if(a[i]!=c3[i])diff3++;if(a[i]!=0xABABABABu)wr++;}
 R(e0);for(int i=0;i<reps;i++)k_idx_scores<T><<<gs,IDX_ROWS*4,qsm>>>(dq,dw,dk,IH,ID,topk,0,sm,ws,s1,ld,st);
 R(e1);for(int i=0;i<reps;i++)k_idx_scores_t<T><<<gt,256,tsm>>>(dq,dw,dk,ID,topk,0,sm,ws,s2,ld,st);
-R(e2);for(int i=0;i<reps;i++)k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,sm,ws,s3,ld,st);
+R(e2);for(int i=0;i<reps;i++)k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,tpb,sm,ws,s3,ld,st);
 R(e3);cudaEventSynchronize(e3);float m1,m2,m3;cudaEventElapsedTime(&m1,e0,e1);cudaEventElapsedTime(&m2,e1,e2);cudaEventElapsedTime(&m3,e2,e3);
 double fl=0;for(int t=0;t<nt;t++){int Nc=(pos0+t+1)/4;if(Nc>topk)fl+=2.0*Nc*64*ID;}
 printf("%s %d %d %d:d=%ld/%ld w=%ld|base %.3f ms %.2f TF|tile %.3f ms %.2f TF|mma %.3f ms %.2f TF\n",sizeof(T)==2?"h":"f",ID,pos0,nt,diff,diff3,wr,
@@ -104,4 +105,5 @@ bad|=test<__half>(128,2048-3,37,512,2); bad|=test<float>(128,2048-3,37,512,2);
 bad|=test<__half>(128,4*777+1,5,100,2); bad|=test<float>(64,4*777+1,5,100,2);
 bad|=test<__half>(128,4*262144-1,1,512,20); bad|=test<float>(128,4*262144-1,1,512,20);
 bad|=test<__half>(128,4*65536,16,512,5);
+for(int nc:{1024,4096,16384,65536})bad|=test<__half>(128,4*nc-1,1,512,50);
 printf(bad?"BAD\n":"OK\n");return bad;}

@@ -143,9 +143,9 @@ struct cu_ctx {
     int no_preq;           /* DS4_CUDA_NO_PREQ=1: quantize at every consumer (A/B switch) */
     int att_hb;            /* DS4_CUDA_ATT_HB=1|2|4|8|16: CUDA-core attention heads per block (A/B switch; 0 = 4) */
     int att_tc;            /* DS4_CUDA_ATT_TC=1: attention on TF32 tensor cores (k_attn_tc; opt-in) */
-    int idx_tile;          /* DS4_CUDA_IDX_TILE=1: indexer scores on k_idx_scores_t (same bits; opt-in until measured) */
+    int no_idx_tile;       /* DS4_CUDA_NO_IDX_TILE=1: plain-numerics indexer scores on k_idx_scores, not k_idx_scores_t */
     int no_topk_wide;      /* DS4_CUDA_NO_TOPK_WIDE=1: the indexer top-k in one block per token always */
-    int idx_mma;           /* DS4_CUDA_IDX_MMA=1: FP4 indexer scores on int8 tensor cores (k_idx_scores_mma; opt-in until run) */
+    int no_idx_mma;        /* DS4_CUDA_NO_IDX_MMA=1: FP4 indexer scores on CUDA cores, not k_idx_scores_mma (same bits) */
     int no_att_r4;         /* DS4_CUDA_NO_ATT_R4=1: k_attn_part's row-at-a-time loops (four rows per warp by default) */
     int att_tc_hb;         /* DS4_CUDA_ATT_TC_HB=16|32|64: tensor-core attention heads per block (0 = 16 for
                             * fewer than 32 tokens, else 64) */
@@ -236,6 +236,10 @@ __device__ __forceinline__ void cu_pdl_wait() {
     if (cu_early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
 }
+/* The wait without the early trigger, for kernels whose blocks wait on each
+ * other (k_idx_topk_wide): the next kernel's blocks must not take the SMs
+ * its later blocks need. */
+__device__ __forceinline__ void cu_pdl_wait_only() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 /* Each .cu file with kernels defines its setter of the device-side switches
  * (CU_TU_SWITCHES(name)); cu_create calls them all. */
 #define CU_TU_SWITCHES(name)                                                                            \

@@ -1143,9 +1143,9 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_MMA", &cu_ctx::no_mma},               /* 1: batches on the CUDA-core kernels only */
     {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: CUDA-core attention heads per block (else 4) */
     {"DS4_CUDA_ATT_TC", &cu_ctx::att_tc},               /* 1: attention on TF32 tensor cores (k_attn_tc) */
-    {"DS4_CUDA_IDX_TILE", &cu_ctx::idx_tile},           /* 1: indexer scores in register tiles (k_idx_scores_t) */
-    {"DS4_CUDA_IDX_MMA", &cu_ctx::idx_mma},
-    {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */             /* 1: FP4 indexer scores on int8 tensor cores (same bits) */
+    {"DS4_CUDA_NO_IDX_TILE", &cu_ctx::no_idx_tile},     /* 1: indexer scores on k_idx_scores (same bits) */
+    {"DS4_CUDA_NO_IDX_MMA", &cu_ctx::no_idx_mma},       /* 1: FP4 indexer scores on CUDA cores (same bits) */
+    {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */

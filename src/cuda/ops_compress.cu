@@ -303,8 +303,8 @@ __global__ void __launch_bounds__(IDX_ROWS * 4) k_idx_scores(const float *qi, co
     }
 }
 
-/* The same scores with a register tile (DS4_CUDA_IDX_TILE=1, opt-in until
- * measured): a block takes IDXT_ROWS keys of one token for all heads; the
+/* The same scores with a register tile (the default for plain numerics;
+ * DS4_CUDA_NO_IDX_TILE=1: k_idx_scores): a block takes IDXT_ROWS keys of one token for all heads; the
  * query (transposed, qT[d][h]) and the keys (transposed, kT[d][r]) sit in
  * shared memory and thread (rg, hg) holds the dots of keys 4rg..4rg+3 with
  * heads 4hg..4hg+3 and 32+4hg..32+4hg+3: per dim 32 fma for two 16-byte
@@ -429,15 +429,16 @@ __global__ void __launch_bounds__(256) k_idx_scores_t(const float *qi, const flo
     }
 }
 
-/* The scores of FP4 numerics on int8 tensor cores (DS4_CUDA_IDX_MMA=1,
- * opt-in until run on a GPU). The query and the rows as int8 codes times a
+/* The scores of FP4 numerics on int8 tensor cores (the default;
+ * DS4_CUDA_NO_IDX_MMA=1: the CUDA-core kernels). The query and the rows as int8 codes times a
  * power of two per block of 32 (numerics_inl.h; the queries' from k_idx_q,
  * the rows' here), one m16n8k32 mma per block gives the exact integer block
  * sums S_b of 16 heads x 8 keys, and each dot is then ds4_num_fp4_dot's
  * (float)S_0 * (pq * pk), fmaf for the next blocks in order, so the scores
  * are the CPU reference's bits (cpu_fp4_dot_heads). The per-head terms and
  * their head-order sum as k_idx_scores. A block: IDXM_KEYS rows, their codes
- * made once, for up to IDXM_TOK tokens in turn (prefill reuses the rows);
+ * made once, for tpb tokens in turn (prefill: IDXM_TOK, reusing the rows;
+ * up to IDXM_TOK tokens: one each, all in parallel);
  * warp w takes keys 16w..16w+15, all heads (IH padded to 16s with zero
  * codes). IH <= 64, ID <= 128 and a multiple of 32 (the launcher checks).
  * Shared: codes of rows and queries with rows ID + 16 bytes apart (fragment
@@ -451,8 +452,8 @@ static size_t idxm_smem(int ID) {
 template <typename T>
 __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const float *qp, const float *wt,
                                                        const T *krows, int IH, int ID, int topk, int t0, int nt,
-                                                       float sm_scale, float w_scale, float *scores, int64_t ld_scores,
-                                                       const ds4_step *step) {
+                                                       int tpb, float sm_scale, float w_scale, float *scores,
+                                                       int64_t ld_scores, const ds4_step *step) {
     cu_pdl_wait();
     extern __shared__ __align__(16) unsigned char idxm_sm[];
     const int RS = ID + 16, nb = ID / 32;
@@ -463,7 +464,7 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
     float *whs = qps + 64 * 4;                           /* 64 */
     float *terms = whs + 64;                             /* IDXM_KEYS x 65 */
     const int pos0 = step->pos0, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int tb = t0 + blockIdx.y * IDXM_TOK, te = min(tb + IDXM_TOK, t0 + nt);
+    const int tb = t0 + blockIdx.y * tpb, te = min(tb + tpb, t0 + nt);
     const int r0 = blockIdx.x * IDXM_KEYS, nc_max = (pos0 + te) / 4;
     if (nc_max <= topk || r0 >= nc_max) return;
     /* the rows' codes: thread (row, block), consecutive threads on
@@ -746,7 +747,7 @@ __device__ __forceinline__ unsigned long long cu_globaltimer() {
 __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *scores, int64_t ld_scores, int topk,
                                                                int t0, int32_t *sel, int32_t *n_sel, unsigned *sync,
                                                                int *status, const ds4_step *step) {
-    cu_pdl_wait();
+    cu_pdl_wait_only();
     extern __shared__ uint32_t topw_keys[];
     __shared__ int hist[256];
     __shared__ uint32_t s_prefix;
@@ -869,8 +870,8 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                &c->s.a1, a->step, K);
     cu_mv_pair(c, &l->idx_proj, c->s.wt, IH, nullptr, nullptr, 0, a->u, hp->n_embd, n, a->num.act_quant, &c->s.a2,
                a->step, K);
-    /* FP4 numerics on int8 tensor cores (opt-in): k_idx_q writes the codes */
-    const bool mma = c->idx_mma && a->num.fp4_indexer && IH <= 64 && ID <= 128 && ID % 32 == 0;
+    /* FP4 numerics on int8 tensor cores: k_idx_q writes the codes */
+    const bool mma = !c->no_idx_mma && a->num.fp4_indexer && IH <= 64 && ID <= 128 && ID % 32 == 0;
     dim3 gq(IH, n);
     cu_launch(c, k_idx_q, gq, 128, (size_t)2 * ID * sizeof(float), c->s.qi, IH, ID, hp->n_rot, a->rope->inv_freq,
                                                                  a->num.fp4_indexer, K, n, mma ? c->s.qc : nullptr,
@@ -889,24 +890,27 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                 IDX_MAX_HEADS);
         return c->err;
     }
-    const bool tile = c->idx_tile && IH == 64 && ID <= 128 && ID % 16 == 0;
+    const bool tile = !c->no_idx_tile && IH == 64 && ID <= 128 && ID % 16 == 0;
     size_t tsm = (size_t)ID * 64 * sizeof(float) + (size_t)ID * IDXT_ROWS * (a->row_type == DS4_TYPE_F16 ? 2 : 4);
     if (tsm < (size_t)IDXT_ROWS * 65 * sizeof(float)) tsm = (size_t)IDXT_ROWS * 65 * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.score_rows) {
         const int nt = n - t0 < c->s.score_rows ? n - t0 : c->s.score_rows;
         dim3 gs(cu_div_up(max_rows, IDX_ROWS), nt);
         if (mma) {
-            dim3 gm(cu_div_up(max_rows, IDXM_KEYS), cu_div_up(nt, IDXM_TOK));
+            /* tokens per block: one while the grid is small (decode, verify,
+             * short contexts), else IDXM_TOK so each row's codes serve 8 */
+            const int tpb = (int64_t)cu_div_up(max_rows, IDXM_KEYS) * nt <= 1024 ? 1 : IDXM_TOK;
+            dim3 gm(cu_div_up(max_rows, IDXM_KEYS), cu_div_up(nt, tpb));
             const size_t msm = idxm_smem(ID);
             if (a->row_type == DS4_TYPE_F16) {
                 cudaFuncSetAttribute(k_idx_scores_mma<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
                 cu_launch(c, k_idx_scores_mma<__half>, gm, 256, msm, (const int8_t *)c->s.qc, (const float *)c->s.qp,
-                          (const float *)c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0, nt, sm_scale, w_scale,
+                          (const float *)c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0, nt, tpb, sm_scale, w_scale,
                           c->s.scores, ld, a->step);
             } else {
                 cudaFuncSetAttribute(k_idx_scores_mma<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
                 cu_launch(c, k_idx_scores_mma<float>, gm, 256, msm, (const int8_t *)c->s.qc, (const float *)c->s.qp,
-                          (const float *)c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0, nt, sm_scale, w_scale,
+                          (const float *)c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0, nt, tpb, sm_scale, w_scale,
                           c->s.scores, ld, a->step);
             }
         } else if (tile) {

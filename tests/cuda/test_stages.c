@@ -480,8 +480,12 @@ static void t_indexer(tctx *t, int n, int il, int pos0) {
     snprintf(nm, sizeof nm, "indexer L%d pos0 %d selection", il, pos0);
     /* FP4 codes make exact score ties likely; the two backends' f32 sums
      * may order a tie differently: a few swaps at the cut are allowed */
-    const char *mma = getenv("DS4_CUDA_IDX_MMA"); /* exact scores on both sides: no swap allowed */
-    check_i32(t, nm, n, sel[0], sel[1], (size_t)n * K, t->num.fp4_indexer && !(mma && *mma == '1') ? (size_t)n * 2 : 0);
+    /* FP4 numerics: the same exact scores on both sides (ds4_num_fp4_dot,
+     * k_idx_scores_mma), so no swap is allowed; with DS4_CUDA_NO_IDX_MMA=1
+     * the CUDA-core sums may order an inexact tie otherwise */
+    const char *no_mma = getenv("DS4_CUDA_NO_IDX_MMA");
+    check_i32(t, nm, n, sel[0], sel[1], (size_t)n * K,
+              t->num.fp4_indexer && no_mma && *no_mma == '1' ? (size_t)n * 2 : 0);
     for (int k = 0; k < 2; k++) free(sel[k]), free(ns[k]);
     free(u), free(cq), free(rows);
 }
