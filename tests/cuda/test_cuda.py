@@ -202,6 +202,26 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
         assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{var}={val} {mode} differs: {d:.2e}"
 
 
+@pytest.mark.parametrize("name", ["q2", "flash"])
+def test_cuda_long_context_topk_bitwise(name, tmp_path):
+    """Past 4,096 compressed rows (16k tokens) the indexer top-k of 1-4 tokens runs over several blocks per token
+    that meet through global memory (k_idx_topk_wide); prefill takes the one-block kernel. So prefill of a long
+    prompt == chunks of 4 (the wide kernel, with its graph replays) == chunks of 3 under DS4_CUDA_NO_TOPK_WIDE=1,
+    bit for bit, on a stage model (q2: 4 indexer heads, flash: 64; release numerics: the tensor-core scores)."""
+    model = _stage_model(name)
+    n = 20000 if name == "q2" else 17000  # up to 5,000 rows: two blocks
+    rng = np.random.default_rng(5)
+    toks = tmp_path / "t.txt"
+    toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, n)))
+    base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill", "--ctx", "32768")
+    env = dict(os.environ, DS4_CUDA_NO_TOPK_WIDE="1")
+    for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], env)):
+        got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
+        d = float(np.abs(got.astype(np.float64) - base).max())
+        print(f"\n{name} {' '.join(mode)}: max |d| vs prefill {d:.2e}")
+        assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{mode} differs: {d:.2e}"
+
+
 @pytest.mark.parametrize("name,release,off", [("q2-plain", False, ""), ("f32", False, ""), ("bf16", False, ""),
                                               ("q2", True, "act"), ("q4", True, "act"),
                                               ("q2", True, "fp8,fp4,f16"), ("q4", True, "fp8,fp4,f16")])
