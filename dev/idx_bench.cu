@@ -46,7 +46,7 @@ for(int i=0;i<32;i++)qc[32*b+i]=(int8_t)ds4_num_i4_code(q[32*b+i],qp[b]);}
 int8_t*dqc;float*dqp,*s3;M(&dqc,qc.size());M(&dqp,qp.size()*4);C(dqc,qc.data(),qc.size(),H);C(dqp,qp.data(),qp.size()*4,H);(void)nb;
 float*dq,*dw,*s1,*s2;T*dk;ds4_step*st;ds4_step hs{pos0};
 M(&dq,q.size()*4);M(&dw,w.size()*4);M(&dk,k.size()*sizeof(T));
-size_t sb=(size_t)nt*ld*4;M(&s1,sb);M(&s2,sb);M(&s3,sb);M(&st,sizeof hs);cudaMemset(s3,0xAB,sb);
+size_t sb=(size_t)nt*ld*4;M(&s1,sb);M(&s2,sb);M(&s3,sb);M(&st,sizeof hs);cudaMemset(s3,0xAB,sb);float*s4;M(&s4,sb);cudaMemset(s4,0xAB,sb);
 C(dq,q.data(),q.size()*4,H);C(dw,w.data(),w.size()*4,H);
 C(dk,k.data(),k.size()*sizeof(T),H);C(st,&hs,sizeof hs,H);
 cudaMemset(s1,0xAB,sb);cudaMemset(s2,0xAB,sb);
@@ -61,9 +61,11 @@ cudaEvent_t e0,e1,e2,e3;cudaEventCreate(&e0);cudaEventCreate(&e1);cudaEventCreat
 k_idx_scores<T><<<gs,IDX_ROWS*4,qsm>>>(dq,dw,dk,IH,ID,topk,0,sm,ws,s1,ld,st);
 k_idx_scores_t<T><<<gt,256,tsm>>>(dq,dw,dk,ID,topk,0,sm,ws,s2,ld,st);
 k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,tpb,sm,ws,s3,ld,st);
+k_idx_scores_mma<T><<<dim3(gm.x,nt),256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,0,sm,ws,s4,ld,st); /* tpb decided on the device */
 cudaError_t er=cudaDeviceSynchronize();if(er){printf("err %s\n",cudaGetErrorString(er));return 1;}
 std::vector<uint32_t>a(sb/4),b(sb/4),c3(sb/4);C(a.data(),s1,sb,D);C(b.data(),s2,sb,D);C(c3.data(),s3,sb,D);
 long diff=0,diff3=0,wr=0;for(size_t i=0;i<a.size();i++){if(a[i]!=b[i])diff++;if(a[i]!=c3[i])diff3++;if(a[i]!=0xABABABABu)wr++;}
+{std::vector<uint32_t>c4(sb/4);C(c4.data(),s4,sb,D);for(size_t i=0;i<c4.size();i++)if(c4[i]!=c3[i]){printf("tpb 0 differs at %zu\n",i);diff3++;break;}}
 R(e0);for(int i=0;i<reps;i++)k_idx_scores<T><<<gs,IDX_ROWS*4,qsm>>>(dq,dw,dk,IH,ID,topk,0,sm,ws,s1,ld,st);
 R(e1);for(int i=0;i<reps;i++)k_idx_scores_t<T><<<gt,256,tsm>>>(dq,dw,dk,ID,topk,0,sm,ws,s2,ld,st);
 R(e2);for(int i=0;i<reps;i++)k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,tpb,sm,ws,s3,ld,st);
@@ -71,7 +73,7 @@ R(e3);cudaEventSynchronize(e3);float m1,m2,m3;cudaEventElapsedTime(&m1,e0,e1);cu
 double fl=0;for(int t=0;t<nt;t++){int Nc=(pos0+t+1)/4;if(Nc>topk)fl+=2.0*Nc*64*ID;}
 printf("%s %d %d %d:d=%ld/%ld w=%ld|base %.3f ms %.2f TF|tile %.3f ms %.2f TF|mma %.3f ms %.2f TF\n",sizeof(T)==2?"h":"f",ID,pos0,nt,diff,diff3,wr,
 m1/reps,fl/(m1/reps)/1e9,m2/reps,fl/(m2/reps)/1e9,m3/reps,fl/(m3/reps)/1e9);
-F(dq);F(dw);F(dk);F(s1);F(s2);F(s3);F(st);F(dqc);F(dqp);return diff!=0||diff3!=0;}
+F(dq);F(dw);F(dk);F(s1);F(s2);F(s3);F(s4);F(st);F(dqc);F(dqp);return diff!=0||diff3!=0;}
 /* k_idx_topk and k_idx_topk_wide (gw blocks per token) for nt tokens whose last one has Nc rows: their
  * selections against a host sort (score descending, ties to the lower index, then ascending indices) and
  * their times; scores drawn from few distinct values when ties */

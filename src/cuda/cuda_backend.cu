@@ -1052,16 +1052,18 @@ static int cu_step_end(void *ctx, ds4_err *err) {
     cu_ok(c, cudaMemcpyAsync(c->hstatus, c->dstatus, sizeof(int), cudaMemcpyDeviceToHost, c->st), "status");
     cu_ok(c, cudaStreamSynchronize(c->st), "step");
     if (c->n_prof) prof_collect(c);
-    if (!c->err && *c->hstatus) {
+    if (*c->hstatus) {
         int st = *c->hstatus;
+        /* cleared (and a failed top-k meeting's state reset) whatever else
+         * failed, so that the next step starts clean */
         cudaMemsetAsync(c->dstatus, 0, sizeof(int), c->st);
-        if (st & CU_ST_TOPK_SYNC) { /* blocks that never met: start their state afresh */
-            cudaMemsetAsync(c->s.topw, 0, 4 * 1024 * sizeof(unsigned), c->st);
+        if (st & CU_ST_TOPK_SYNC) cudaMemsetAsync(c->s.topw, 0, 4 * 1024 * sizeof(unsigned), c->st);
+        cudaStreamSynchronize(c->st);
+        if (!c->err && (st & CU_ST_TOPK_SYNC))
             cu_fail(c, DS4_E_BACKEND, "cuda: the indexer top-k blocks did not meet within 2 s");
-        } else {
+        else if (!c->err)
             cu_fail(c, DS4_E_RANGE, "cuda: %s", st & CU_ST_COMP_RANGE ? "compressed rows exceed the session capacity"
                                                                        : "indexer rows exceed the session capacity");
-        }
     }
     if (c->err) return report(c, err);
     return 0;
@@ -1144,7 +1146,7 @@ static const struct cu_switch {
     {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: CUDA-core attention heads per block (else 4) */
     {"DS4_CUDA_ATT_TC", &cu_ctx::att_tc},               /* 1: attention on TF32 tensor cores (k_attn_tc) */
     {"DS4_CUDA_NO_IDX_TILE", &cu_ctx::no_idx_tile},     /* 1: indexer scores on k_idx_scores (same bits) */
-    {"DS4_CUDA_NO_IDX_MMA", &cu_ctx::no_idx_mma},       /* 1: FP4 indexer scores on CUDA cores (same bits) */
+    {"DS4_CUDA_NO_IDX_MMA", &cu_ctx::no_idx_mma},       /* 1: FP4 indexer scores on CUDA cores (float sums) */
     {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */

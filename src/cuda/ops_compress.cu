@@ -437,8 +437,8 @@ __global__ void __launch_bounds__(256) k_idx_scores_t(const float *qi, const flo
  * (float)S_0 * (pq * pk), fmaf for the next blocks in order, so the scores
  * are the CPU reference's bits (cpu_fp4_dot_heads). The per-head terms and
  * their head-order sum as k_idx_scores. A block: IDXM_KEYS rows, their codes
- * made once, for tpb tokens in turn (prefill: IDXM_TOK, reusing the rows;
- * up to IDXM_TOK tokens: one each, all in parallel);
+ * made once, for tpb tokens in turn (1 while the grid has at most 1,024
+ * blocks, else IDXM_TOK, reusing the rows; tpb 0: decided here);
  * warp w takes keys 16w..16w+15, all heads (IH padded to 16s with zero
  * codes). IH <= 64, ID <= 128 and a multiple of 32 (the launcher checks).
  * Shared: codes of rows and queries with rows ID + 16 bytes apart (fragment
@@ -464,6 +464,11 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
     float *whs = qps + 64 * 4;                           /* 64 */
     float *terms = whs + 64;                             /* IDXM_KEYS x 65 */
     const int pos0 = step->pos0, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tpb == 0) { /* a captured step: decided from the rows of this replay, the grid has nt rows of blocks */
+        const int rows = (pos0 + t0 + nt) / 4 + 1;
+        tpb = (int64_t)((rows + IDXM_KEYS - 1) / IDXM_KEYS) * nt <= 1024 ? 1 : IDXM_TOK;
+        if ((int)blockIdx.y * tpb >= nt) return;
+    }
     const int tb = t0 + blockIdx.y * tpb, te = min(tb + tpb, t0 + nt);
     const int r0 = blockIdx.x * IDXM_KEYS, nc_max = (pos0 + te) / 4;
     if (nc_max <= topk || r0 >= nc_max) return;
@@ -739,6 +744,7 @@ __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t 
 #define TOPW_SYNC 1024
 #define TOPW_MAX_BLOCKS 128
 #define TOPW_MAX_TOKENS 4
+#define TOPW_MAX_SMEM (96 * 1024)
 __device__ __forceinline__ unsigned long long cu_globaltimer() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -748,6 +754,9 @@ __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *sco
                                                                int t0, int32_t *sel, int32_t *n_sel, unsigned *sync,
                                                                int *status, const ds4_step *step) {
     cu_pdl_wait_only();
+    /* blocks of an earlier launch of this step did not meet: the step fails,
+     * and the meeting state is reset at its end (cu_step_end) */
+    if (*(volatile int *)status & CU_ST_TOPK_SYNC) return;
     extern __shared__ uint32_t topw_keys[];
     __shared__ int hist[256];
     __shared__ uint32_t s_prefix;
@@ -778,11 +787,11 @@ __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *sco
             s_gen = *(volatile unsigned *)&ts[1];
             __threadfence();
             s_last = atomicInc(&ts[0], (unsigned)G - 1) == (unsigned)G - 1;
+            __threadfence(); /* the last block: the others' histogram adds before its reads */
             s_ok = 1;
         }
         __syncthreads();
         if (s_last) {
-            __threadfence();
             if (pick) {
                 for (int i = tid; i < 256; i += blockDim.x) hist[i] = (int)atomicExch(&ts[4 + i], 0u);
                 __syncthreads();
@@ -898,9 +907,11 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
         dim3 gs(cu_div_up(max_rows, IDX_ROWS), nt);
         if (mma) {
             /* tokens per block: one while the grid is small (decode, verify,
-             * short contexts), else IDXM_TOK so each row's codes serve 8 */
-            const int tpb = (int64_t)cu_div_up(max_rows, IDXM_KEYS) * nt <= 1024 ? 1 : IDXM_TOK;
-            dim3 gm(cu_div_up(max_rows, IDXM_KEYS), cu_div_up(nt, tpb));
+             * short contexts), else IDXM_TOK so each row's codes serve 8;
+             * a captured step (grid from the capacity) decides on the device
+             * (tpb 0) from the rows of each replay */
+            const int tpb = c->capturing ? 0 : (int64_t)cu_div_up(max_rows, IDXM_KEYS) * nt <= 1024 ? 1 : IDXM_TOK;
+            dim3 gm(cu_div_up(max_rows, IDXM_KEYS), tpb ? cu_div_up(nt, tpb) : nt);
             const size_t msm = idxm_smem(ID);
             if (a->row_type == DS4_TYPE_F16) {
                 cudaFuncSetAttribute(k_idx_scores_mma<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
@@ -939,8 +950,24 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                            ? cu_div_up(max_rows, TOPW_CHUNK)
                            : TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS;
         const size_t wsm = (size_t)(cu_div_up(max_rows, gw) > TOPW_CHUNK ? cu_div_up(max_rows, gw) : TOPW_CHUNK) * 4;
-        if (!c->no_topk_wide && nt <= TOPW_MAX_TOKENS && gw > 1 && wsm <= 96 * 1024) {
-            cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)wsm);
+        /* its blocks wait for each other: all of them must fit on the GPU at
+         * once (a GPU shared through MPS or a MIG slice may have few SMs) */
+        bool wide = !c->no_topk_wide && nt <= TOPW_MAX_TOKENS && gw > 1 && wsm <= TOPW_MAX_SMEM;
+        if (wide) {
+            static bool attr_set = false; /* the limit is a maximum: set once, the largest */
+            if (!attr_set) {
+                cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributeMaxDynamicSharedMemorySize, TOPW_MAX_SMEM);
+                cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+                attr_set = true;
+            }
+            int per_sm = 0;
+            if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_idx_topk_wide, TOPW_THREADS, wsm) != cudaSuccess) {
+                cudaGetLastError();
+                per_sm = 0;
+            }
+            wide = (int64_t)per_sm * c->n_sm >= (int64_t)gw * nt;
+        }
+        if (wide) {
             cu_launch(c, k_idx_topk_wide, dim3(gw, nt), TOPW_THREADS, wsm, (const float *)c->s.scores, ld, K, t0, a->sel,
                       a->n_sel, c->s.topw, c->dstatus, a->step);
         } else {
