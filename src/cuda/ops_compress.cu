@@ -954,12 +954,11 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
          * once (a GPU shared through MPS or a MIG slice may have few SMs) */
         bool wide = !c->no_topk_wide && nt <= TOPW_MAX_TOKENS && gw > 1 && wsm <= TOPW_MAX_SMEM;
         if (wide) {
-            static bool attr_set = false; /* the limit is a maximum: set once, the largest */
-            if (!attr_set) {
-                cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributeMaxDynamicSharedMemorySize, TOPW_MAX_SMEM);
-                cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-                attr_set = true;
-            }
+            /* the limit is a maximum: always the largest, so that no launch
+             * lowers it below what a captured graph's launch uses (per
+             * device: set on every call, as the other kernels do) */
+            cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributeMaxDynamicSharedMemorySize, TOPW_MAX_SMEM);
+            cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
             int per_sm = 0;
             if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_idx_topk_wide, TOPW_THREADS, wsm) != cudaSuccess) {
                 cudaGetLastError();
