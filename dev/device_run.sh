@@ -3,6 +3,8 @@
 # unpack the build dependencies carried in build/device-deps (fetched here
 # with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
+# The carried folders (build/device-deps, build/shared-tools, build/pydeps)
+# are made here by dev/device_prep.sh.
 # The device tool brings back at most 8 files from $OUT (each bench step
 # writes 2): plan a call's steps so that the logs that matter fit.
 # usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
@@ -43,7 +45,10 @@ while [ $# -gt 0 ]; do
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
         [ $# -gt 0 ] && shift
-        timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -rfEs -p no:cacheprovider "${args[@]}" > "$OUT/pytest.log" 2>&1
+        # several workers where pytest-xdist is carried (dev/device_prep.sh); PYTEST_JOBS=1: one process
+        par=()
+        [ "${PYTEST_JOBS:-4}" -gt 1 ] && python3 -c "import xdist" 2>/dev/null && par=(-n "${PYTEST_JOBS:-4}")
+        timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -rfEs -p no:cacheprovider "${par[@]}" "${args[@]}" > "$OUT/pytest.log" 2>&1
         echo "pytest: exit $?"; tail -25 "$OUT/pytest.log" ;;
     env)
         # env VAR=VALUE: set a variable for the steps after it (e.g. an A/B switch)

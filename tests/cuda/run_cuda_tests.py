@@ -25,26 +25,35 @@ def main():
     sp, sf = (int(m.group(1)), int(m.group(2))) if m else (0, 1)
     if not m:
         print("test_stages did not finish (exit %d)" % p.returncode)
-    print("== pytest tests/cuda", flush=True)
-    junit = os.path.join(ROOT, "build", "pytest-cuda.xml")
-    if os.path.exists(junit):
-        os.remove(junit)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-rfEs", "-p", "no:cacheprovider", "--durations=12", "--junitxml", junit,
-           os.path.join(ROOT, "tests/cuda")] + sys.argv[1:]
-    r = subprocess.run(cmd, cwd=ROOT)
+    # the small-model tests on several pytest workers where pytest-xdist is there (the GPU takes several
+    # small processes at once; DS4_CUDA_TEST_JOBS, default 4), the full-shape ones (80 GB each) alone
+    jobs = int(os.environ.get("DS4_CUDA_TEST_JOBS", "4"))
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        jobs = 1
+    print("== pytest tests/cuda (%s)" % ("%d workers" % jobs if jobs > 1 else "one process"), flush=True)
     pp = pf = ps = 0
-    if os.path.exists(junit):
-        import xml.etree.ElementTree as ET
-        for tc in ET.parse(junit).getroot().iter("testcase"):
-            kids = {c.tag for c in tc}
-            if "failure" in kids or "error" in kids:
-                pf += 1
-            elif "skipped" in kids:
-                ps += 1
-            else:
-                pp += 1
-    elif r.returncode != 0:
-        pf = 1
+    for i, (files, par) in enumerate([(["test_cuda.py"], jobs > 1), (["test_full_shape.py"], False)]):
+        junit = os.path.join(ROOT, "build", "pytest-cuda-%d.xml" % i)
+        if os.path.exists(junit):
+            os.remove(junit)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-rfEs", "-p", "no:cacheprovider", "--durations=12",
+               "--junitxml", junit] + (["-n", str(jobs)] if par else []) + \
+              [os.path.join(ROOT, "tests/cuda", f) for f in files] + sys.argv[1:]
+        r = subprocess.run(cmd, cwd=ROOT)
+        if os.path.exists(junit):
+            import xml.etree.ElementTree as ET
+            for tc in ET.parse(junit).getroot().iter("testcase"):
+                kids = {c.tag for c in tc}
+                if "failure" in kids or "error" in kids:
+                    pf += 1
+                elif "skipped" in kids:
+                    ps += 1
+                else:
+                    pp += 1
+        elif r.returncode != 0:
+            pf += 1
     print("stages: %d passed, %d failed; pytest: %d passed, %d failed, %d skipped" % (sp, sf, pp, pf, ps))
     print("%d passed, %d failed" % (sp + pp, sf + pf))
     return 1 if sf + pf or sp + pp == 0 else 0
