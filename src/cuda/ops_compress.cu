@@ -633,18 +633,39 @@ __device__ __forceinline__ void topk_pick_bin(const int *hist, int need, uint32_
  * same bin add once (__match_any_sync) instead of 32 atomics on one word
  * in turn (most keys share the leading bytes: the scores' sign and
  * exponent). */
+template <int U>
 __device__ __forceinline__ void topk_hist(int *hist, const float *s, const uint32_t *ks, int lo, int hi, uint32_t mask,
                                           uint32_t prefix, int shift) {
     const int lane = threadIdx.x & 31;
-    for (int i0 = lo; i0 < hi; i0 += blockDim.x) {
-        const int i = i0 + threadIdx.x;
-        int bin = -1;
-        if (i < hi) {
-            const uint32_t k = ks ? ks[i - lo] : cu_order_key(s[i]);
-            if ((k & mask) == prefix) bin = (int)((k >> shift) & 255);
+    if constexpr (U > 1) {
+        /* U keys per thread per round, all loaded before any is counted
+         * (U loads in flight instead of one at L2 latency) */
+        for (int i0 = lo; i0 < hi; i0 += U * blockDim.x) {
+            uint32_t k[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = i0 + u * (int)blockDim.x + threadIdx.x;
+                k[u] = i < hi ? (ks ? ks[i - lo] : cu_order_key(s[i])) : 0u;
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = i0 + u * (int)blockDim.x + threadIdx.x;
+                const int bin = i < hi && (k[u] & mask) == prefix ? (int)((k[u] >> shift) & 255) : -1;
+                const unsigned peers = __match_any_sync(0xffffffffu, bin);
+                if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+            }
         }
-        const unsigned peers = __match_any_sync(0xffffffffu, bin);
-        if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+    } else {
+        for (int i0 = lo; i0 < hi; i0 += blockDim.x) {
+            const int i = i0 + threadIdx.x;
+            int bin = -1;
+            if (i < hi) {
+                const uint32_t k = ks ? ks[i - lo] : cu_order_key(s[i]);
+                if ((k & mask) == prefix) bin = (int)((k >> shift) & 255);
+            }
+            const unsigned peers = __match_any_sync(0xffffffffu, bin);
+            if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+        }
     }
 }
 
@@ -653,49 +674,109 @@ __device__ __forceinline__ void topk_hist(int *hist, const float *s, const uint3
  * it while fewer than `need` equal keys come before them (base_eq before
  * this range), written from out[base_sel] on in index order. wsum: 2 x
  * (warps) ints of shared memory. */
+template <int U>
 __device__ __forceinline__ void topk_compact(const float *s, const uint32_t *ks, int lo, int hi, uint32_t prefix,
                                              int need, int base_sel, int base_eq, int32_t *out, int topk, int *wsum) {
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int i0 = lo; i0 < hi; i0 += blockDim.x) {
-        const int i = i0 + threadIdx.x;
-        uint32_t k = i < hi ? (ks ? ks[i - lo] : cu_order_key(s[i])) : 0;
-        const bool gt = i < hi && k > prefix, eq = i < hi && k == prefix;
-        const unsigned lt = (1u << lane) - 1;
-        unsigned beq = __ballot_sync(0xffffffffu, eq);
-        if (lane == 0) wsum[nw + w] = __popc(beq);
-        __syncthreads();
-        int eq_before = base_eq;
-        for (int k2 = 0; k2 < w; k2++) eq_before += wsum[nw + k2];
-        eq_before += __popc(beq & lt);
-        const bool take = gt || (eq && eq_before < need);
-        unsigned bt = __ballot_sync(0xffffffffu, take);
-        if (lane == 0) wsum[w] = __popc(bt);
-        __syncthreads();
-        int pos = base_sel;
-        for (int k2 = 0; k2 < w; k2++) pos += wsum[k2];
-        pos += __popc(bt & lt);
-        if (take && pos < topk) out[pos] = i;
-        int tot_sel = 0, tot_eq = 0;
-        for (int k2 = 0; k2 < nw; k2++) {
-            tot_sel += wsum[k2];
-            tot_eq += wsum[nw + k2];
+    if constexpr (U > 1) {
+        /* U consecutive keys per thread per chunk; the counts of the keys
+         * above and at the k-th before each thread from a block scan (warp
+         * shuffles, then warp 0 over the warp totals); wsum: 2 nw + 2 ints.
+         * Taken before key i: base_sel + the keys above it in [lo, i) +
+         * min(base_eq + equal keys in [lo, i), need) - min(base_eq, need). */
+        const int taken0 = base_eq < need ? base_eq : need;
+        int acc_gt = 0, acc_eq = 0;
+        for (int c0 = lo; c0 < hi; c0 += U * (int)blockDim.x) {
+            const int j0 = c0 + U * threadIdx.x;
+            uint32_t k[U];
+            int n_gt = 0, n_eq = 0;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = j0 + u;
+                k[u] = i < hi ? (ks ? ks[i - lo] : cu_order_key(s[i])) : 0u;
+                n_gt += i < hi && k[u] > prefix;
+                n_eq += i < hi && k[u] == prefix;
+            }
+            int ig = n_gt, ie = n_eq; /* inclusive scans within the warp */
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int a = __shfl_up_sync(0xffffffffu, ig, o), b = __shfl_up_sync(0xffffffffu, ie, o);
+                if (lane >= o) ig += a, ie += b;
+            }
+            if (lane == 31) wsum[w] = ig, wsum[nw + w] = ie;
+            __syncthreads();
+            if (w == 0) {
+                const int a = lane < nw ? wsum[lane] : 0, b = lane < nw ? wsum[nw + lane] : 0;
+                int sa = a, sb = b;
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1) {
+                    const int x = __shfl_up_sync(0xffffffffu, sa, o), y = __shfl_up_sync(0xffffffffu, sb, o);
+                    if (lane >= o) sa += x, sb += y;
+                }
+                if (lane < nw) wsum[lane] = sa - a, wsum[nw + lane] = sb - b;
+                if (lane == 31) wsum[2 * nw] = sa, wsum[2 * nw + 1] = sb;
+            }
+            __syncthreads();
+            int gt_before = acc_gt + wsum[w] + ig - n_gt, eq_before = acc_eq + wsum[nw + w] + ie - n_eq;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int i = j0 + u;
+                const bool gt = i < hi && k[u] > prefix, eq = i < hi && k[u] == prefix;
+                const int e_all = base_eq + eq_before;
+                if (gt || (eq && e_all < need)) {
+                    const int pos = base_sel + gt_before + (e_all < need ? e_all : need) - taken0;
+                    if (pos < topk) out[pos] = i;
+                }
+                gt_before += gt;
+                eq_before += eq;
+            }
+            acc_gt += wsum[2 * nw];
+            acc_eq += wsum[2 * nw + 1];
+            __syncthreads();
         }
-        base_sel += tot_sel;
-        base_eq += tot_eq;
-        __syncthreads();
+    } else {
+        for (int i0 = lo; i0 < hi; i0 += blockDim.x) {
+            const int i = i0 + threadIdx.x;
+            uint32_t k = i < hi ? (ks ? ks[i - lo] : cu_order_key(s[i])) : 0;
+            const bool gt = i < hi && k > prefix, eq = i < hi && k == prefix;
+            const unsigned lt = (1u << lane) - 1;
+            unsigned beq = __ballot_sync(0xffffffffu, eq);
+            if (lane == 0) wsum[nw + w] = __popc(beq);
+            __syncthreads();
+            int eq_before = base_eq;
+            for (int k2 = 0; k2 < w; k2++) eq_before += wsum[nw + k2];
+            eq_before += __popc(beq & lt);
+            const bool take = gt || (eq && eq_before < need);
+            unsigned bt = __ballot_sync(0xffffffffu, take);
+            if (lane == 0) wsum[w] = __popc(bt);
+            __syncthreads();
+            int pos = base_sel;
+            for (int k2 = 0; k2 < w; k2++) pos += wsum[k2];
+            pos += __popc(bt & lt);
+            if (take && pos < topk) out[pos] = i;
+            int tot_sel = 0, tot_eq = 0;
+            for (int k2 = 0; k2 < nw; k2++) {
+                tot_sel += wsum[k2];
+                tot_eq += wsum[nw + k2];
+            }
+            base_sel += tot_sel;
+            base_eq += tot_eq;
+            __syncthreads();
+        }
     }
 }
 
 /* Top-k of token t = t0 + blockIdx.x (1024 threads). Radix select of the
  * k-th largest key (4 passes of 8 bits), then an ordered compaction taking
  * every key above it and the lowest-index keys equal to it. */
+template <int U>
 __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t ld_scores, int topk, int t0,
                                                   int32_t *sel, int32_t *n_sel, const ds4_step *step) {
     cu_pdl_wait();
     __shared__ int hist[256];
     __shared__ uint32_t s_prefix;
     __shared__ int s_need;
-    __shared__ int wsum[2][32];
+    __shared__ int wsum[2 * 32 + 2];
     const int tl = blockIdx.x, t = t0 + tl;
     const int Nc = (step->pos0 + t + 1) / 4;
     int32_t *out = sel + (int64_t)t * topk;
@@ -710,7 +791,7 @@ __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t 
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        topk_hist(hist, s, nullptr, 0, Nc, mask, prefix, shift);
+        topk_hist<U>(hist, s, nullptr, 0, Nc, mask, prefix, shift);
         __syncthreads();
         if (threadIdx.x < 32) topk_pick_bin(hist, need, prefix, shift, &s_prefix, &s_need);
         __syncthreads();
@@ -721,7 +802,7 @@ __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t 
     }
     /* prefix = key of the k-th largest; `need` of the keys equal to it are
      * taken, lowest indices first. */
-    topk_compact(s, nullptr, 0, Nc, prefix, need, 0, 0, out, topk, &wsum[0][0]);
+    topk_compact<U>(s, nullptr, 0, Nc, prefix, need, 0, 0, out, topk, wsum);
     if (threadIdx.x == 0) n_sel[t] = topk;
 }
 
@@ -750,6 +831,7 @@ __device__ __forceinline__ unsigned long long cu_globaltimer() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
+template <int U>
 __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *scores, int64_t ld_scores, int topk,
                                                                int t0, int32_t *sel, int32_t *n_sel, unsigned *sync,
                                                                int *status, const ds4_step *step) {
@@ -757,12 +839,12 @@ __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *sco
     /* blocks of an earlier launch of this step did not meet: the step fails,
      * and the meeting state is reset at its end (cu_step_end) */
     if (*(volatile int *)status & CU_ST_TOPK_SYNC) return;
-    extern __shared__ uint32_t topw_keys[];
+    extern __shared__ __align__(16) uint32_t topw_keys[];
     __shared__ int hist[256];
     __shared__ uint32_t s_prefix;
     __shared__ int s_need, s_last, s_ok, s_base[2];
     __shared__ unsigned s_gen;
-    __shared__ int wsum[2 * (TOPW_THREADS / 32)];
+    __shared__ int wsum[2 * (TOPW_THREADS / 32) + 2];
     const int tl = blockIdx.y, t = t0 + tl, b = blockIdx.x, tid = threadIdx.x;
     const int Nc = (step->pos0 + t + 1) / 4;
     int32_t *out = sel + (int64_t)t * topk;
@@ -824,7 +906,7 @@ __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *sco
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        topk_hist(hist, nullptr, topw_keys, lo, hi, mask, prefix, shift);
+        topk_hist<U>(hist, nullptr, topw_keys, lo, hi, mask, prefix, shift);
         __syncthreads();
         if (G > 1) {
             for (int i = tid; i < 256; i += blockDim.x)
@@ -864,8 +946,39 @@ __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *sco
         __syncthreads();
         base_sel = s_base[0], base_eq = s_base[1];
     }
-    topk_compact(nullptr, topw_keys, lo, hi, prefix, need, base_sel, base_eq, out, topk, wsum);
+    topk_compact<U>(nullptr, topw_keys, lo, hi, prefix, need, base_sel, base_eq, out, topk, wsum);
     if (b == 0 && tid == 0) n_sel[t] = topk;
+}
+
+/* The top-k of tokens t0..t0+nt-1: few tokens at long context over several
+ * blocks each (k_idx_topk_wide), else one block per token. U: keys per
+ * thread and round (DS4_CUDA_TOPK_ILP=1: 8, loads in flight; else 1). */
+template <int U>
+static void launch_topk(cu_ctx *c, const ds4_indexer_args *a, int nt, int t0, int max_rows, int64_t ld, int K) {
+    const int gw = cu_div_up(max_rows, TOPW_CHUNK) < TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS ? cu_div_up(max_rows, TOPW_CHUNK)
+                                                                                       : TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS;
+    const size_t wsm = (size_t)(cu_div_up(max_rows, gw) > TOPW_CHUNK ? cu_div_up(max_rows, gw) : TOPW_CHUNK) * 4;
+    /* its blocks wait for each other: all of them must fit on the GPU at
+     * once (a GPU shared through MPS or a MIG slice may have few SMs) */
+    bool wide = !c->no_topk_wide && nt <= TOPW_MAX_TOKENS && gw > 1 && wsm <= TOPW_MAX_SMEM;
+    if (wide) {
+        /* the limit is a maximum: always the largest, so that no launch
+         * lowers it below what a captured graph's launch uses (per device:
+         * set on every call, as the other kernels do) */
+        cudaFuncSetAttribute(k_idx_topk_wide<U>, cudaFuncAttributeMaxDynamicSharedMemorySize, TOPW_MAX_SMEM);
+        cudaFuncSetAttribute(k_idx_topk_wide<U>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+        int per_sm = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_idx_topk_wide<U>, TOPW_THREADS, wsm) != cudaSuccess) {
+            cudaGetLastError();
+            per_sm = 0;
+        }
+        wide = (int64_t)per_sm * c->n_sm >= (int64_t)gw * nt;
+    }
+    if (wide)
+        cu_launch(c, k_idx_topk_wide<U>, dim3(gw, nt), TOPW_THREADS, wsm, (const float *)c->s.scores, ld, K, t0, a->sel,
+                  a->n_sel, c->s.topw, c->dstatus, a->step);
+    else
+        cu_launch(c, k_idx_topk<U>, nt, 1024, 0, (const float *)c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
 }
 
 int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
@@ -945,33 +1058,8 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                                                         sm_scale, w_scale, c->s.scores, ld, a->step);
         }
         CU_LAUNCH(c, "indexer_scores");
-        /* few tokens at long context: the top-k over several blocks each */
-        const int gw = cu_div_up(max_rows, TOPW_CHUNK) < TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS
-                           ? cu_div_up(max_rows, TOPW_CHUNK)
-                           : TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS;
-        const size_t wsm = (size_t)(cu_div_up(max_rows, gw) > TOPW_CHUNK ? cu_div_up(max_rows, gw) : TOPW_CHUNK) * 4;
-        /* its blocks wait for each other: all of them must fit on the GPU at
-         * once (a GPU shared through MPS or a MIG slice may have few SMs) */
-        bool wide = !c->no_topk_wide && nt <= TOPW_MAX_TOKENS && gw > 1 && wsm <= TOPW_MAX_SMEM;
-        if (wide) {
-            /* the limit is a maximum: always the largest, so that no launch
-             * lowers it below what a captured graph's launch uses (per
-             * device: set on every call, as the other kernels do) */
-            cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributeMaxDynamicSharedMemorySize, TOPW_MAX_SMEM);
-            cudaFuncSetAttribute(k_idx_topk_wide, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-            int per_sm = 0;
-            if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_idx_topk_wide, TOPW_THREADS, wsm) != cudaSuccess) {
-                cudaGetLastError();
-                per_sm = 0;
-            }
-            wide = (int64_t)per_sm * c->n_sm >= (int64_t)gw * nt;
-        }
-        if (wide) {
-            cu_launch(c, k_idx_topk_wide, dim3(gw, nt), TOPW_THREADS, wsm, (const float *)c->s.scores, ld, K, t0, a->sel,
-                      a->n_sel, c->s.topw, c->dstatus, a->step);
-        } else {
-            cu_launch(c, k_idx_topk, nt, 1024, 0, c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
-        }
+        if (c->topk_ilp) launch_topk<8>(c, a, nt, t0, max_rows, ld, K);
+        else launch_topk<1>(c, a, nt, t0, max_rows, ld, K);
         CU_LAUNCH(c, "indexer_topk");
     }
     return c->err;
