@@ -1023,7 +1023,7 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
              * short contexts), else IDXM_TOK so each row's codes serve 8;
              * a captured step (grid from the capacity) decides on the device
              * (tpb 0) from the rows of each replay */
-            const int tpb = c->capturing ? 0 : (int64_t)cu_div_up(max_rows, IDXM_KEYS) * nt <= 1024 ? 1 : IDXM_TOK;
+            const int tpb = c->capturing ? (nt == 1 ? 1 : 0) : (int64_t)cu_div_up(max_rows, IDXM_KEYS) * nt <= 1024 ? 1 : IDXM_TOK;
             dim3 gm(cu_div_up(max_rows, IDXM_KEYS), tpb ? cu_div_up(nt, tpb) : nt);
             const size_t msm = idxm_smem(ID);
             if (a->row_type == DS4_TYPE_F16) {
