@@ -1185,21 +1185,40 @@ __global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p 
  * order: M = max(sink, m_z), w_z = exp(m_z - M), den = sum_z l_z w_z +
  * exp(sink - M), o = (sum_z w_z c_z) / den; then the inverse RoPE.
  * 256 threads; shared: dh floats + the split weights. */
+/* gridDim.z > 1 (DS4_CUDA_MERGE_SLICES=1, opt-in until run): block z merges
+ * dims [z * dh / gridDim.z, (z + 1) * dh / gridDim.z) of the head, with the
+ * split maxima and sums read into shared memory first (every block computes
+ * the same M and den, in the same order) and 16 split outputs in flight per
+ * dim: the same operations per value as gridDim.z = 1, where one block and
+ * one thread's chain of dependent global loads per head walk all splits
+ * (260 of them per HCA head at 1M context). The launcher slices only when the
+ * RoPE dims and the Q8_0 blocks of o lie inside one slice each. */
 __global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn_p p) {
     cu_pdl_wait();
     extern __shared__ float ms[];
     float *os = ms;            /* dh */
     float *wz = ms + p.dh;     /* S */
+    float *lz = wz + p.S;      /* S (sliced) */
     __shared__ float red[32];
     __shared__ float den_s;
     const int h = blockIdx.x, tl = blockIdx.y, t = p.t0 + tl, dh = p.dh;
+    const int sliced = gridDim.z > 1, e_lo = blockIdx.z * (dh / gridDim.z), e_hi = e_lo + dh / gridDim.z;
     const attn_rows ar = attn_rows_of(p, t);
     const int nz = (ar.n + ATT_R - 1) / ATT_R;
     const int64_t b = (int64_t)tl * p.S * p.H + h;
     const float sink = p.sinks[h];
     float mx = sink;
+    if (sliced) {
+        for (int z = threadIdx.x; z < nz; z += blockDim.x) {
+            const float m = p.part_m[b + (int64_t)z * p.H];
+            wz[z] = m;
+            lz[z] = p.part_l[b + (int64_t)z * p.H];
+            mx = fmaxf(mx, m);
+        }
+    } else {
 #pragma unroll 4
-    for (int z = threadIdx.x; z < nz; z += blockDim.x) mx = fmaxf(mx, p.part_m[b + (int64_t)z * p.H]);
+        for (int z = threadIdx.x; z < nz; z += blockDim.x) mx = fmaxf(mx, p.part_m[b + (int64_t)z * p.H]);
+    }
     mx = cu_warp_max(mx);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
     __syncthreads();
@@ -1210,37 +1229,58 @@ __global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn
     }
     __syncthreads();
     const float M = red[0];
-    for (int z = threadIdx.x; z < nz; z += blockDim.x) wz[z] = expf(p.part_m[b + (int64_t)z * p.H] - M);
+    for (int z = threadIdx.x; z < nz; z += blockDim.x) wz[z] = expf((sliced ? wz[z] : p.part_m[b + (int64_t)z * p.H]) - M);
     __syncthreads();
     if (threadIdx.x == 0) {
         float d = 0.0f;
+        if (sliced)
+            for (int z = 0; z < nz; z++) d = fmaf(lz[z], wz[z], d);
+        else
 #pragma unroll 8
-        for (int z = 0; z < nz; z++) d = fmaf(p.part_l[b + (int64_t)z * p.H], wz[z], d);
+            for (int z = 0; z < nz; z++) d = fmaf(p.part_l[b + (int64_t)z * p.H], wz[z], d);
         den_s = d + expf(sink - M);
     }
     __syncthreads();
     const float den = den_s;
-    for (int e = threadIdx.x; e < dh; e += blockDim.x) {
-        /* the split outputs in groups of 8 loads in flight, added in z order */
-        float acc = 0.0f;
-        for (int z0 = 0; z0 < nz; z0 += 8) {
-            float v[8];
+    if (sliced) {
+        for (int e = e_lo + threadIdx.x; e < e_hi; e += blockDim.x) {
+            /* 16 split outputs in flight, added in z order */
+            float acc = 0.0f;
+            for (int z0 = 0; z0 < nz; z0 += 16) {
+                float v[16];
 #pragma unroll
-            for (int k = 0; k < 8; k++) v[k] = z0 + k < nz ? p.part_o[(b + (int64_t)(z0 + k) * p.H) * dh + e] : 0.0f;
+                for (int k = 0; k < 16; k++) v[k] = z0 + k < nz ? p.part_o[(b + (int64_t)(z0 + k) * p.H) * dh + e] : 0.0f;
 #pragma unroll
-            for (int k = 0; k < 8; k++)
-                if (z0 + k < nz) acc = fmaf(wz[z0 + k], v[k], acc);
+                for (int k = 0; k < 16; k++)
+                    if (z0 + k < nz) acc = fmaf(wz[z0 + k], v[k], acc);
+            }
+            os[e] = acc / den;
         }
-        os[e] = acc / den;
+    } else {
+        for (int e = threadIdx.x; e < dh; e += blockDim.x) {
+            /* the split outputs in groups of 8 loads in flight, added in z order */
+            float acc = 0.0f;
+            for (int z0 = 0; z0 < nz; z0 += 8) {
+                float v[8];
+#pragma unroll
+                for (int k = 0; k < 8; k++) v[k] = z0 + k < nz ? p.part_o[(b + (int64_t)(z0 + k) * p.H) * dh + e] : 0.0f;
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (z0 + k < nz) acc = fmaf(wz[z0 + k], v[k], acc);
+            }
+            os[e] = acc / den;
+        }
     }
     __syncthreads();
     const int half = p.n_rot / 2;
-    for (int j = threadIdx.x; j < half; j += blockDim.x) cu_rope_pair(os + dh - p.n_rot, j, p.inv_freq, ar.P, true);
+    if (!sliced || e_hi == dh) /* the RoPE dims (n_rot <= 128): all in the last slice */
+        for (int j = threadIdx.x; j < half; j += blockDim.x) cu_rope_pair(os + dh - p.n_rot, j, p.inv_freq, ar.P, true);
     __syncthreads();
-    for (int e = threadIdx.x; e < dh; e += blockDim.x) p.o[((int64_t)t * p.H + h) * dh + e] = os[e];
+    const int lo = sliced ? e_lo : 0, hi = sliced ? e_hi : dh;
+    for (int e = lo + threadIdx.x; e < hi; e += blockDim.x) p.o[((int64_t)t * p.H + h) * dh + e] = os[e];
     if (p.oq) { /* the Q8_0 codes of o for the output projection (rows of H*dh) */
         const int64_t o0 = ((int64_t)t * p.H + h) * dh;
-        for (int b = threadIdx.x >> 5; b < dh / 32; b += blockDim.x >> 5)
+        for (int b = lo / 32 + (threadIdx.x >> 5); b < hi / 32; b += blockDim.x >> 5)
             cu_warp_q8_0(os[32 * b + (threadIdx.x & 31)], p.oq + o0 + 32 * b, p.od + o0 / 32 + b);
     }
 }
@@ -1275,8 +1315,10 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
     const bool tc = c->att_tc && p.dh % 64 == 0;
     int tb = c->att_tc_hb ? c->att_tc_hb : n >= MM_MIN_N ? 64 : 16;
     while (tb > 16 && tb >= 2 * p.H) tb /= 2;
+    /* merge slices (opt-in): dh / 128 when the RoPE dims fit the last slice */
+    const int mz = c->merge_slices && p.dh % 128 == 0 && p.dh > 128 && p.n_rot <= 128 ? p.dh / 128 : 1;
     const size_t smem = tc ? attn_tc_smem(tb, p.dh, sizeof(T)) : attn_part_smem(hb, p.dh),
-                 msmem = ((size_t)p.dh + S) * sizeof(float);
+                 msmem = ((size_t)p.dh + 2 * (size_t)S) * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.att_tokens) {
         const int nt = n - t0 < c->s.att_tokens ? n - t0 : c->s.att_tokens;
         p.t0 = t0;
@@ -1294,7 +1336,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
             }
 #undef AT
             if (!CU_LAUNCH(c, "attn_tc")) return;
-            cu_launch(c, k_attn_merge, dim3(p.H, nt), 256, msmem, p);
+            cu_launch(c, k_attn_merge, dim3(p.H, nt, mz), mz > 1 ? 128 : 256, msmem, p);
             if (!CU_LAUNCH(c, "attn_merge")) return;
             continue;
         }
@@ -1313,7 +1355,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         }
 #undef AT
         if (!CU_LAUNCH(c, "attn_part")) return;
-        cu_launch(c, k_attn_merge, dim3(p.H, nt), 256, msmem, p);
+        cu_launch(c, k_attn_merge, dim3(p.H, nt, mz), mz > 1 ? 128 : 256, msmem, p);
         if (!CU_LAUNCH(c, "attn_merge")) return;
     }
 }
