@@ -1189,11 +1189,14 @@ __global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p 
  * dims [z * dh / gridDim.z, (z + 1) * dh / gridDim.z) of the head, with the
  * split maxima and sums read into shared memory first (every block computes
  * the same M and den, in the same order) and 16 split outputs in flight per
- * dim: the same operations per value as gridDim.z = 1, where one block and
+ * dim (SL: launch bounds that leave the registers to hold them; one warp's
+ * loads are issued together): the same operations per value as the
+ * unsliced kernel (SL false, launched with gridDim.z = 1), where one block and
  * one thread's chain of dependent global loads per head walk all splits
  * (260 of them per HCA head at 1M context). The launcher slices only when the
  * RoPE dims and the Q8_0 blocks of o lie inside one slice each. */
-__global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn_p p) {
+template <bool SL>
+__global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_constant__ attn_p p) {
     cu_pdl_wait();
     extern __shared__ float ms[];
     float *os = ms;            /* dh */
@@ -1202,7 +1205,8 @@ __global__ void __launch_bounds__(256) k_attn_merge(const __grid_constant__ attn
     __shared__ float red[32];
     __shared__ float den_s;
     const int h = blockIdx.x, tl = blockIdx.y, t = p.t0 + tl, dh = p.dh;
-    const int sliced = gridDim.z > 1, e_lo = blockIdx.z * (dh / gridDim.z), e_hi = e_lo + dh / gridDim.z;
+    const bool sliced = SL && gridDim.z > 1;
+    const int e_lo = blockIdx.z * (dh / gridDim.z), e_hi = e_lo + dh / gridDim.z;
     const attn_rows ar = attn_rows_of(p, t);
     const int nz = (ar.n + ATT_R - 1) / ATT_R;
     const int64_t b = (int64_t)tl * p.S * p.H + h;
@@ -1318,7 +1322,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
     /* merge slices (opt-in): dh / 128 when the RoPE dims fit the last slice */
     const int mz = c->merge_slices && p.dh % 128 == 0 && p.dh > 128 && p.n_rot <= 128 ? p.dh / 128 : 1;
     const size_t smem = tc ? attn_tc_smem(tb, p.dh, sizeof(T)) : attn_part_smem(hb, p.dh),
-                 msmem = ((size_t)p.dh + 2 * (size_t)S) * sizeof(float);
+                 msmem = ((size_t)p.dh + (mz > 1 ? 2 : 1) * (size_t)S) * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.att_tokens) {
         const int nt = n - t0 < c->s.att_tokens ? n - t0 : c->s.att_tokens;
         p.t0 = t0;
@@ -1336,7 +1340,8 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
             }
 #undef AT
             if (!CU_LAUNCH(c, "attn_tc")) return;
-            cu_launch(c, k_attn_merge, dim3(p.H, nt, mz), mz > 1 ? 128 : 256, msmem, p);
+            if (mz > 1) cu_launch(c, k_attn_merge<true>, dim3(p.H, nt, mz), 128, msmem, p);
+            else cu_launch(c, k_attn_merge<false>, dim3(p.H, nt), 256, msmem, p);
             if (!CU_LAUNCH(c, "attn_merge")) return;
             continue;
         }
@@ -1355,7 +1360,8 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         }
 #undef AT
         if (!CU_LAUNCH(c, "attn_part")) return;
-        cu_launch(c, k_attn_merge, dim3(p.H, nt, mz), mz > 1 ? 128 : 256, msmem, p);
+        if (mz > 1) cu_launch(c, k_attn_merge<true>, dim3(p.H, nt, mz), 128, msmem, p);
+        else cu_launch(c, k_attn_merge<false>, dim3(p.H, nt), 256, msmem, p);
         if (!CU_LAUNCH(c, "attn_merge")) return;
     }
 }

@@ -690,10 +690,24 @@ __device__ __forceinline__ void topk_compact(const float *s, const uint32_t *ks,
             const int j0 = c0 + U * threadIdx.x;
             uint32_t k[U];
             int n_gt = 0, n_eq = 0;
+            if (U == 8 && ks && j0 + U <= hi) {
+                /* two 16-byte loads (j0 - lo is a multiple of 8; the keys
+                 * are 16-byte aligned): 8 scalar loads at a stride of 8
+                 * words would meet 8-way bank conflicts */
+                const uint4 a = *(const uint4 *)(ks + (j0 - lo)), b = *(const uint4 *)(ks + (j0 - lo) + 4);
+                const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int u = 0; u < U; u++) k[u] = w[u % 8];
+            } else {
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const int i = j0 + u;
+                    k[u] = i < hi ? (ks ? ks[i - lo] : cu_order_key(s[i])) : 0u;
+                }
+            }
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 const int i = j0 + u;
-                k[u] = i < hi ? (ks ? ks[i - lo] : cu_order_key(s[i])) : 0u;
                 n_gt += i < hi && k[u] > prefix;
                 n_eq += i < hi && k[u] == prefix;
             }

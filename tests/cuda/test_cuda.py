@@ -208,7 +208,8 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     """Past 4,096 compressed rows (16k tokens) the indexer top-k of 1-4 tokens runs over several blocks per token
     that meet through global memory (k_idx_topk_wide); prefill takes the one-block kernel. So prefill of a long
     prompt == chunks of 4 (the wide kernel, with its graph replays) == chunks of 3 under DS4_CUDA_NO_TOPK_WIDE=1
-    == both kernels with 8 keys per thread and round (DS4_CUDA_TOPK_ILP=1), bit for bit, on a stage model (q2: 4 indexer heads, flash: 64; release numerics: the tensor-core scores)."""
+    == both kernels with 8 keys per thread and round (DS4_CUDA_TOPK_ILP=1) == the sliced attention merge
+    (DS4_CUDA_MERGE_SLICES=1, many splits per head here), bit for bit, on a stage model (q2: 4 indexer heads, flash: 64; release numerics: the tensor-core scores)."""
     model = _stage_model(name)
     n = 20000 if name == "q2" else 17000  # up to 5,000 rows: two blocks
     rng = np.random.default_rng(5)
@@ -217,8 +218,9 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill", "--ctx", "32768")
     env = dict(os.environ, DS4_CUDA_NO_TOPK_WIDE="1")
     ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="1")
+    merge = dict(os.environ, DS4_CUDA_MERGE_SLICES="1")  # flash: 4 slices, ~40 splits per HCA head
     for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], env), (["--eval", "chunk:4"], ilp),
-                    (["--eval", "prefill"], ilp)):
+                    (["--eval", "prefill"], ilp), (["--eval", "chunk:4"], merge)):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{name} {' '.join(mode)}: max |d| vs prefill {d:.2e}")
