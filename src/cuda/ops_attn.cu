@@ -1305,6 +1305,10 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
      * with 16: each staged row serves more heads); DS4_CUDA_ATT_HB
      * overrides it (A/B; the values are the same for any choice) */
     int hb = c->att_hb ? c->att_hb : n >= MM_MIN_N ? 16 : 4;
+    /* DS4_CUDA_ATT_HB_HCA: heads per block of a few tokens' HCA layers (at
+     * 1M context 16 head groups x 260 splits stage every compressed row 16
+     * times; A/B, the same values) */
+    if (!c->att_hb && n < MM_MIN_N && p.kind == DS4_ATTN_HCA && c->att_hb_hca) hb = c->att_hb_hca;
     while (hb > 1 && p.H % hb) hb /= 2;
     const int S = cu_attn_splits(nr_cap);
     if (S > c->s.att_splits) {
