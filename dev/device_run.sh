@@ -29,9 +29,12 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so.2 '; then
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv,noheader
 t0=$(date +%s)
-if ! make -j16 cuda > "$OUT/build.log" 2>&1; then tail -40 "$OUT/build.log"; exit 1; fi
-make -j16 build/demo.gguf build/cuda/test_stages >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
+# NOBUILD=1: only the microbenchmark steps (idxbench, moebench, mvbench) follow, which build themselves
+if [ -z "${NOBUILD:-}" ]; then
+    if ! make -j16 cuda > "$OUT/build.log" 2>&1; then tail -40 "$OUT/build.log"; exit 1; fi
+    make -j16 build/demo.gguf build/cuda/test_stages >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    echo "build: $(( $(date +%s) - t0 )) s"
+fi
 while [ $# -gt 0 ]; do
     step=$1; shift
     case $step in
