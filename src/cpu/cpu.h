@@ -142,6 +142,8 @@ void cpu_sum_rows_multi(const float *p, int nq, const float *const *rows, int nr
  * block-major (qpT[b * n_heads + h]). _ref: the portable loop (tests). */
 void cpu_fp4_dot_heads(const int8_t *qc, const float *qpT, int n_heads, const int8_t *kc, const float *kp, int n,
                        float *out);
+/* ds4_num_fp4_codes, the same codes and powers (AVX2 where the CPU has it). */
+void cpu_fp4_codes(const float *x, int n, int8_t *c, float *p);
 void cpu_fp4_dot_heads_ref(const int8_t *qc, const float *qpT, int n_heads, const int8_t *kc, const float *kp, int n,
                            float *out);
 

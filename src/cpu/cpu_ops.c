@@ -517,7 +517,7 @@ static void idx_prep_head(const idx_job *j, int t, int h) {
         ds4_num_fp4_round(qh, ID);
         const int nb = ID / 32;
         float pb[65536 / 32]; /* idx_dim <= 65536 (model.c) */
-        ds4_num_fp4_codes(qh, ID, j->qc + ((size_t)t * IH + h) * ID, pb);
+        cpu_fp4_codes(qh, ID, j->qc + ((size_t)t * IH + h) * ID, pb);
         for (int b = 0; b < nb; b++) j->qp[((size_t)t * nb + b) * IH + h] = pb[b]; /* block-major */
     }
 }
@@ -528,8 +528,8 @@ static void idx_codes_task(void *p, int r0, int r1, int tid) {
     const idx_job *j = p;
     const int ID = j->a->m->hp.idx_dim;
     for (int r = r0; r < r1; r++)
-        ds4_num_fp4_codes((const float *)j->a->idx_rows + (size_t)r * ID, ID, j->kc + (size_t)r * ID,
-                          j->kp + (size_t)r * (ID / 32));
+        cpu_fp4_codes((const float *)j->a->idx_rows + (size_t)r * ID, ID, j->kc + (size_t)r * ID,
+                      j->kp + (size_t)r * (ID / 32));
 }
 
 static void idx_prep_q(const idx_job *j, int t) {

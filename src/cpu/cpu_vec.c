@@ -12,6 +12,8 @@
 #include <string.h>
 
 #include "cpu/cpu.h"
+#include "numerics.h"
+#include "numerics_inl.h"
 #include "quant.h"
 
 /* ---- generic: 4-lane vector extension values (one SSE or NEON register) */
@@ -214,6 +216,41 @@ static TGT __attribute__((target("fma"))) void fp4_dot_heads_avx2(const int8_t *
         _mm256_storeu_ps(out + h0, d);
     }
 }
+/* FP4 codes (numerics.h ds4_num_fp4_codes, the same bytes and powers) of a
+ * block of 32 at a time: NaN lanes out of the maximum, x * 1/p, clamped to
+ * +-127 (before rounding: the same result), rounded to nearest even, NaN to
+ * 0; a block whose 1/p is not a float takes the scalar definition. */
+static TGT void fp4_codes_avx2(const float *x, int n, int8_t *c, float *p) {
+    const __m256 sgn = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int b0 = 0; b0 < n; b0 += 32) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + b0 + 8 * i);
+            const __m256 a = _mm256_andnot_ps(sgn, v[i]);
+            m = _mm256_max_ps(m, _mm256_and_ps(a, _mm256_cmp_ps(a, a, _CMP_ORD_Q)));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        const float pw = ds4_num_i4_pow(_mm_cvtss_f32(h)), ip = ds4_num_i4_recip(pw);
+        p[b0 / 32] = pw;
+        if (ip == 0.0f) {
+            for (int i = 0; i < 32; i++) c[b0 + i] = (int8_t)ds4_num_i4_code(x[b0 + i], pw);
+            continue;
+        }
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) {
+            const __m256 y = _mm256_mul_ps(v[i], _mm256_set1_ps(ip));
+            const __m256 ord = _mm256_cmp_ps(y, y, _CMP_ORD_Q);
+            const __m256 r = _mm256_round_ps(_mm256_min_ps(_mm256_max_ps(y, lo), hi),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[i] = _mm256_cvtps_epi32(_mm256_and_ps(r, ord));
+        }
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(c + b0), _mm256_permutevar8x32_epi32(b, perm));
+    }
+}
 #define HAVE_AVX2_VEC 1
 #endif
 
@@ -299,4 +336,14 @@ void cpu_fp4_dot_heads(const int8_t *qc, const float *qpT, int n_heads, const in
 void cpu_fp4_dot_heads_ref(const int8_t *qc, const float *qpT, int n_heads, const int8_t *kc, const float *kp, int n,
                            float *out) {
     fp4_dot_heads_generic(qc, qpT, n_heads, kc, kp, n, out);
+}
+
+void cpu_fp4_codes(const float *x, int n, int8_t *c, float *p) {
+#ifdef HAVE_AVX2_VEC
+    if (use_avx2()) {
+        fp4_codes_avx2(x, n, c, p);
+        return;
+    }
+#endif
+    ds4_num_fp4_codes(x, n, c, p);
 }

@@ -219,3 +219,31 @@ DS4_TEST(model_numerics_fp4_code_by_reciprocal_is_the_division) {
     CHECK(n > 17000);
     CHECK(ds4_num_i4_code(12.5f, 1.0f) == 12 && ds4_num_i4_code(13.5f, 1.0f) == 14);
 }
+
+/* The CPU backend's block coder (AVX2 where there is one) gives
+ * ds4_num_fp4_codes's bytes and powers, for grid values, arbitrary floats,
+ * NaN, infinities, signed zeros and blocks too small for a float 1/p. */
+DS4_TEST(model_numerics_fp4_codes_kernel_matches_definition) {
+    float x[256], p1[8], p2[8];
+    int8_t c1[256], c2[256];
+    int bad = 0;
+    for (int rep = 0; rep < 400; rep++) {
+        for (int i = 0; i < 256; i++) {
+            fp4_rng = fp4_rng * 1664525u + 1013904223u;
+            const int kind = (int)(fp4_rng >> 28);
+            const float g = fp4_gauss();
+            x[i] = kind == 0   ? NAN
+                   : kind == 1 ? (g < 0 ? -INFINITY : INFINITY)
+                   : kind == 2 ? -0.0f
+                               : ldexpf(g, rep % 300 - 150); /* 2^-150 .. 2^149: subnormal to huge blocks */
+        }
+        if (rep % 3 == 0) {
+            for (int i = 0; i < 256; i++) x[i] = fp4_gauss() * ldexpf(1.0f, rep % 60 - 30);
+            ds4_num_fp4_round(x, 256); /* the grid, as stored */
+        }
+        ds4_num_fp4_codes(x, 256, c1, p1);
+        cpu_fp4_codes(x, 256, c2, p2);
+        bad += memcmp(c1, c2, sizeof c1) != 0 || memcmp(p1, p2, sizeof p1) != 0;
+    }
+    CHECK_EQ_INT(bad, 0);
+}
