@@ -33,13 +33,8 @@ def run_c():
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
-def run_py(extra):
-    junit = os.path.join(ROOT, "build", "pytest.xml")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "--junitxml", junit, os.path.join(ROOT, "tests/py")] + extra
-    p = subprocess.run(cmd, cwd=ROOT)
-    if not os.path.exists(junit):
-        return 0, 1, 0
+def junit_counts(junit):
+    """(passed, failed, skipped) of a pytest junit file (errors count as failures)."""
     import xml.etree.ElementTree as ET
     passed = failed = skipped = 0
     for tc in ET.parse(junit).getroot().iter("testcase"):
@@ -50,6 +45,17 @@ def run_py(extra):
             skipped += 1
         else:
             passed += 1
+    return passed, failed, skipped
+
+
+def run_py(extra):
+    junit = os.path.join(ROOT, "build", "pytest.xml")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+           "--junitxml", junit, os.path.join(ROOT, "tests/py")] + extra
+    p = subprocess.run(cmd, cwd=ROOT)
+    if not os.path.exists(junit):
+        return 0, 1, 0
+    passed, failed, skipped = junit_counts(junit)
     if p.returncode not in (0, 1, 5) and failed == 0:
         failed = 1  # pytest itself broke (collection error, crash)
     return passed, failed, skipped

@@ -1237,50 +1237,32 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
     __syncthreads();
     if (threadIdx.x == 0) {
         float d = 0.0f;
-        if (sliced)
-            for (int z = 0; z < nz; z++) d = fmaf(lz[z], wz[z], d);
-        else
 #pragma unroll 8
-            for (int z = 0; z < nz; z++) d = fmaf(p.part_l[b + (int64_t)z * p.H], wz[z], d);
+        for (int z = 0; z < nz; z++) d = fmaf(sliced ? lz[z] : p.part_l[b + (int64_t)z * p.H], wz[z], d);
         den_s = d + expf(sink - M);
     }
     __syncthreads();
     const float den = den_s;
-    if (sliced) {
-        for (int e = e_lo + threadIdx.x; e < e_hi; e += blockDim.x) {
-            /* 16 split outputs in flight, added in z order */
-            float acc = 0.0f;
-            for (int z0 = 0; z0 < nz; z0 += 16) {
-                float v[16];
+    const int lo = sliced ? e_lo : 0, hi = sliced ? e_hi : dh;
+    constexpr int NG = SL ? 16 : 8;
+    for (int e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+        /* the split outputs in groups of NG loads, added in z order */
+        float acc = 0.0f;
+        for (int z0 = 0; z0 < nz; z0 += NG) {
+            float v[NG];
 #pragma unroll
-                for (int k = 0; k < 16; k++) v[k] = z0 + k < nz ? p.part_o[(b + (int64_t)(z0 + k) * p.H) * dh + e] : 0.0f;
+            for (int k = 0; k < NG; k++) v[k] = z0 + k < nz ? p.part_o[(b + (int64_t)(z0 + k) * p.H) * dh + e] : 0.0f;
 #pragma unroll
-                for (int k = 0; k < 16; k++)
-                    if (z0 + k < nz) acc = fmaf(wz[z0 + k], v[k], acc);
-            }
-            os[e] = acc / den;
+            for (int k = 0; k < NG; k++)
+                if (z0 + k < nz) acc = fmaf(wz[z0 + k], v[k], acc);
         }
-    } else {
-        for (int e = threadIdx.x; e < dh; e += blockDim.x) {
-            /* the split outputs in groups of 8 loads in flight, added in z order */
-            float acc = 0.0f;
-            for (int z0 = 0; z0 < nz; z0 += 8) {
-                float v[8];
-#pragma unroll
-                for (int k = 0; k < 8; k++) v[k] = z0 + k < nz ? p.part_o[(b + (int64_t)(z0 + k) * p.H) * dh + e] : 0.0f;
-#pragma unroll
-                for (int k = 0; k < 8; k++)
-                    if (z0 + k < nz) acc = fmaf(wz[z0 + k], v[k], acc);
-            }
-            os[e] = acc / den;
-        }
+        os[e] = acc / den;
     }
     __syncthreads();
     const int half = p.n_rot / 2;
     if (!sliced || e_hi == dh) /* the RoPE dims (n_rot <= 128): all in the last slice */
         for (int j = threadIdx.x; j < half; j += blockDim.x) cu_rope_pair(os + dh - p.n_rot, j, p.inv_freq, ar.P, true);
     __syncthreads();
-    const int lo = sliced ? e_lo : 0, hi = sliced ? e_hi : dh;
     for (int e = lo + threadIdx.x; e < hi; e += blockDim.x) p.o[((int64_t)t * p.H + h) * dh + e] = os[e];
     if (p.oq) { /* the Q8_0 codes of o for the output projection (rows of H*dh) */
         const int64_t o0 = ((int64_t)t * p.H + h) * dh;

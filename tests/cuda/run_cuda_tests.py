@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from run import junit_counts  # noqa: E402
 
 
 def main():
@@ -43,15 +45,8 @@ def main():
               [os.path.join(ROOT, "tests/cuda", f) for f in files] + sys.argv[1:]
         r = subprocess.run(cmd, cwd=ROOT)
         if os.path.exists(junit):
-            import xml.etree.ElementTree as ET
-            for tc in ET.parse(junit).getroot().iter("testcase"):
-                kids = {c.tag for c in tc}
-                if "failure" in kids or "error" in kids:
-                    pf += 1
-                elif "skipped" in kids:
-                    ps += 1
-                else:
-                    pp += 1
+            a, b, c = junit_counts(junit)
+            pp, pf, ps = pp + a, pf + b, ps + c
         elif r.returncode != 0:
             pf += 1
     print("stages: %d passed, %d failed; pytest: %d passed, %d failed, %d skipped" % (sp, sf, pp, pf, ps))

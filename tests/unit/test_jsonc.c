@@ -283,6 +283,24 @@ static char *draw(const char *schema, bool tool_alt, uint64_t seed, float temp, 
     return ds4_buf_detach(&out, NULL);
 }
 
+/* n seeded random replies (schema, or the tool-call alternative) that end
+ * are JSON objects; with the alternative, one that left the JSON opened a
+ * tool-call block */
+static void random_replies_are_objects(ds4_test_ctx *t, const char *schema, bool tool_alt, int n) {
+    for (int seed = 1; seed <= n; seed++) {
+        bool ended, freed;
+        char *text = draw(schema, tool_alt, (uint64_t)seed, 1.0f, &ended, &freed);
+        CHECK(text);
+        if (tool_alt && freed) CHECK_MSG(strstr(text, "tool_calls>"), "seed %d: %s", seed, text);
+        if (ended) {
+            json_t *jv = json_loads(text, 0, NULL);
+            CHECK_MSG(json_is_object(jv), "seed %d: %s", seed, text);
+            json_decref(jv);
+        }
+        free(text);
+    }
+}
+
 DS4_TEST(jsonc_random_replies_are_schema_values) {
     const char *s = "{\"type\":\"object\",\"properties\":{\"color\":{\"enum\":[\"red\",\"green\"]},\"ok\":{\"type\":"
                     "\"boolean\"},\"age\":{\"type\":\"integer\"},\"tags\":{\"type\":\"array\",\"items\":{\"enum\":[\"a\","
@@ -364,18 +382,7 @@ DS4_TEST(jsonc_tool_block_may_open_instead) {
     CHECK(!srv_jsonc_allows(j, ids_lt));
     srv_jsonc_free(j);
     /* random replies with the alternative: JSON, or a block that opened */
-    for (int seed = 1; seed <= 40; seed++) {
-        bool ended, freed;
-        char *text = draw(NULL, true, (uint64_t)seed, 1.0f, &ended, &freed);
-        CHECK(text);
-        if (freed) CHECK_MSG(strstr(text, "tool_calls>"), "seed %d: %s", seed, text);
-        if (ended) {
-            json_t *jv = json_loads(text, 0, NULL);
-            CHECK_MSG(json_is_object(jv), "seed %d: %s", seed, text);
-            json_decref(jv);
-        }
-        free(text);
-    }
+    random_replies_are_objects(t, NULL, true, 40);
 }
 
 DS4_TEST(jsonc_end_is_forced_and_nothing_fits_is_reported) {
@@ -510,17 +517,7 @@ DS4_TEST(jsonc_review_recursion_never_dead_ends) {
     strcat(t2, "{\"b\":1}");
     CHECK_EQ_INT(match(s, t2), 0);
     /* whole random replies on it always end */
-    for (int seed = 1; seed <= 30; seed++) {
-        bool ended, freed;
-        char *text = draw(s, false, (uint64_t)seed, 1.0f, &ended, &freed);
-        CHECK(text);
-        if (ended) {
-            json_t *v = json_loads(text, 0, NULL);
-            CHECK_MSG(json_is_object(v), "seed %d: %s", seed, text);
-            json_decref(v);
-        }
-        free(text);
-    }
+    random_replies_are_objects(t, s, false, 30);
 }
 
 DS4_TEST(jsonc_review_sizes_and_siblings) {
