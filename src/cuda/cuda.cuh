@@ -145,9 +145,9 @@ struct cu_ctx {
     int att_tc;            /* DS4_CUDA_ATT_TC=1: attention on TF32 tensor cores (k_attn_tc; opt-in) */
     int no_idx_tile;       /* DS4_CUDA_NO_IDX_TILE=1: plain-numerics indexer scores on k_idx_scores, not k_idx_scores_t */
     int no_topk_wide;      /* DS4_CUDA_NO_TOPK_WIDE=1: the indexer top-k in one block per token always */
-    int att_hb_hca;        /* DS4_CUDA_ATT_HB_HCA=1|2|4|8|16: heads per block of few-token HCA attention (A/B; same values) */
-    int merge_slices;      /* DS4_CUDA_MERGE_SLICES=1: k_attn_merge in dh/128 slices per head (same bits; opt-in until run) */
-    int topk_ilp;          /* DS4_CUDA_TOPK_ILP=1: the indexer top-k with 8 keys per thread and round (opt-in until run) */
+    int att_hb_hca;        /* DS4_CUDA_ATT_HB_HCA=1|2|4|8|16: heads per block of few-token HCA attention (unset: 16; 0: as ATT_HB) */
+    int no_merge_slices;   /* DS4_CUDA_NO_MERGE_SLICES=1: k_attn_merge in one block per head (same bits) */
+    int topk_ilp;          /* DS4_CUDA_TOPK_ILP=0|1: the indexer top-k with 8 keys per thread and round never|always (unset: -1, past TOPK_ILP_ROWS) */
     int no_idx_mma;        /* DS4_CUDA_NO_IDX_MMA=1: FP4 indexer scores on CUDA cores (float sums), not k_idx_scores_mma */
     int no_att_r4;         /* DS4_CUDA_NO_ATT_R4=1: k_attn_part's row-at-a-time loops (four rows per warp by default) */
     int att_tc_hb;         /* DS4_CUDA_ATT_TC_HB=16|32|64: tensor-core attention heads per block (0 = 16 for

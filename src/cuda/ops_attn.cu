@@ -1287,9 +1287,11 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
      * with 16: each staged row serves more heads); DS4_CUDA_ATT_HB
      * overrides it (A/B; the values are the same for any choice) */
     int hb = c->att_hb ? c->att_hb : n >= MM_MIN_N ? 16 : 4;
-    /* DS4_CUDA_ATT_HB_HCA: heads per block of a few tokens' HCA layers (at
-     * 1M context 16 head groups x 260 splits stage every compressed row 16
-     * times; A/B, the same values) */
+    /* heads per block of a few tokens' HCA layers: 16 (DS4_CUDA_ATT_HB_HCA
+     * overrides it; 0: as the other layers). At 1M context 4 heads per
+     * block made 16 head groups x 260 splits stage every compressed row 16
+     * times; H200 2026-12-05, q2 at 1M: attention 8.62 -> 7.06 ms per
+     * token, decode 53.9 -> 58.9 gen_ss; the same values for any choice */
     if (!c->att_hb && n < MM_MIN_N && p.kind == DS4_ATTN_HCA && c->att_hb_hca) hb = c->att_hb_hca;
     while (hb > 1 && p.H % hb) hb /= 2;
     const int S = cu_attn_splits(nr_cap);
@@ -1305,8 +1307,11 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
     const bool tc = c->att_tc && p.dh % 64 == 0;
     int tb = c->att_tc_hb ? c->att_tc_hb : n >= MM_MIN_N ? 64 : 16;
     while (tb > 16 && tb >= 2 * p.H) tb /= 2;
-    /* merge slices (opt-in): dh / 128 when the RoPE dims fit the last slice */
-    const int mz = c->merge_slices && p.dh % 128 == 0 && p.dh > 128 && p.n_rot <= 128 ? p.dh / 128 : 1;
+    /* merge slices: dh / 128 when the RoPE dims fit the last slice
+     * (DS4_CUDA_NO_MERGE_SLICES=1: one block per head; H200 2026-12-05, q2
+     * at 1M with 16 HCA heads per block: attention 7.06 -> 5.47 ms per
+     * token, decode 58.9 -> 65.1 gen_ss; the same bits) */
+    const int mz = !c->no_merge_slices && p.dh % 128 == 0 && p.dh > 128 && p.n_rot <= 128 ? p.dh / 128 : 1;
     const size_t smem = tc ? attn_tc_smem(tb, p.dh, sizeof(T)) : attn_part_smem(hb, p.dh),
                  msmem = ((size_t)p.dh + (mz > 1 ? 2 : 1) * (size_t)S) * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.att_tokens) {

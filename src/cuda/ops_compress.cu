@@ -964,9 +964,12 @@ __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *sco
     if (b == 0 && tid == 0) n_sel[t] = topk;
 }
 
+/* past this many compressed rows the top-k takes 8 keys per thread and round */
+#define TOPK_ILP_ROWS 4096
+
 /* The top-k of tokens t0..t0+nt-1: few tokens at long context over several
  * blocks each (k_idx_topk_wide), else one block per token. U: keys per
- * thread and round (DS4_CUDA_TOPK_ILP=1: 8, loads in flight; else 1). */
+ * thread and round (8: loads in flight, past TOPK_ILP_ROWS rows; else 1). */
 template <int U>
 static void launch_topk(cu_ctx *c, const ds4_indexer_args *a, int nt, int t0, int max_rows, int64_t ld, int K) {
     const int gw = cu_div_up(max_rows, TOPW_CHUNK) < TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS ? cu_div_up(max_rows, TOPW_CHUNK)
@@ -1072,7 +1075,12 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
                                                         sm_scale, w_scale, c->s.scores, ld, a->step);
         }
         CU_LAUNCH(c, "indexer_scores");
-        if (c->topk_ilp) launch_topk<8>(c, a, nt, t0, max_rows, ld, K);
+        /* 8 keys per thread and round past TOPK_ILP_ROWS rows (H200
+         * 2026-12-05, dev/idx_bench.cu: one block 0.94 -> 0.31 ms at 262,144
+         * rows, 0.021 -> 0.013 at 4,100; 32 blocks 0.052 -> 0.038; but
+         * 0.008 -> 0.013 at 600 rows, its block scans' fixed cost), or as
+         * DS4_CUDA_TOPK_ILP says; the same selection either way */
+        if (c->topk_ilp > 0 || (c->topk_ilp < 0 && max_rows > TOPK_ILP_ROWS)) launch_topk<8>(c, a, nt, t0, max_rows, ld, K);
         else launch_topk<1>(c, a, nt, t0, max_rows, ld, K);
         CU_LAUNCH(c, "indexer_topk");
     }

@@ -180,8 +180,9 @@ _AB_BASE = {}
                                      ("DS4_CUDA_NO_ATT_R4", "1"), ("q2:DS4_CUDA_NO_ATT_R4", "1"),
                                      ("DS4_CUDA_NO_IDX_MMA", "1"), ("q2:DS4_CUDA_NO_IDX_MMA", "1"),
                                      ("DS4_CUDA_NO_TOPK_WIDE", "1"), ("DS4_CUDA_TOPK_ILP", "1"),
-                                     ("q2:DS4_CUDA_TOPK_ILP", "1"), ("DS4_CUDA_MERGE_SLICES", "1"),
-                                     ("DS4_CUDA_ATT_HB_HCA", "16")])
+                                     ("q2:DS4_CUDA_TOPK_ILP", "1"), ("DS4_CUDA_NO_MERGE_SLICES", "1"),
+                                     ("DS4_CUDA_ATT_HB_HCA", "0"), ("q2:DS4_CUDA_ATT_HB_HCA", "0"),
+                                     ("DS4_CUDA_ATT_HB_HCA", "2")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
@@ -209,8 +210,9 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     """Past 4,096 compressed rows (16k tokens) the indexer top-k of 1-4 tokens runs over several blocks per token
     that meet through global memory (k_idx_topk_wide); prefill takes the one-block kernel. So prefill of a long
     prompt == chunks of 4 (the wide kernel, with its graph replays) == chunks of 3 under DS4_CUDA_NO_TOPK_WIDE=1
-    == both kernels with 8 keys per thread and round (DS4_CUDA_TOPK_ILP=1) == the sliced attention merge
-    (DS4_CUDA_MERGE_SLICES=1, many splits per head here), bit for bit, on a stage model (q2: 4 indexer heads, flash: 64; release numerics: the tensor-core scores)."""
+    == both kernels with 8 keys per thread and round always (DS4_CUDA_TOPK_ILP=1; by default past 4,096 rows) and
+    never (=0) == the attention merge in one block per head (DS4_CUDA_NO_MERGE_SLICES=1; by default dh / 128
+    slices, many splits per head here), bit for bit, on a stage model (q2: 4 indexer heads, flash: 64; release numerics: the tensor-core scores)."""
     model = _stage_model(name)
     n = 20000 if name == "q2" else 17000  # up to 5,000 rows: two blocks
     rng = np.random.default_rng(5)
@@ -219,9 +221,11 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill", "--ctx", "32768")
     env = dict(os.environ, DS4_CUDA_NO_TOPK_WIDE="1")
     ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="1")
-    merge = dict(os.environ, DS4_CUDA_MERGE_SLICES="1")  # flash: 4 slices, ~40 splits per HCA head
+    no_ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="0")
+    merge = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
     for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], env), (["--eval", "chunk:4"], ilp),
-                    (["--eval", "prefill"], ilp), (["--eval", "chunk:4"], merge)):
+                    (["--eval", "prefill"], ilp), (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_ilp),
+                    (["--eval", "chunk:4"], merge)):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{name} {' '.join(mode)}: max |d| vs prefill {d:.2e}")
