@@ -730,10 +730,26 @@ static int synth_block_attn(ds4_model *m, ds4_layer *l, const char *pre, int hc_
 
 int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *err) {
     memset(m, 0, sizeof *m);
-    bool q2 = recipe && !strcmp(recipe, "q2"), q4 = recipe && !strcmp(recipe, "q4");
-    if (!q2 && !q4) return ds4_err_set(err, DS4_E_ARG, "synthetic recipe '%s': expected q2 or q4", recipe ? recipe : "");
+    /* "q2" | "q4", optionally ":N": only the first N of the 43 blocks (the
+     * same layer pattern and shapes; a benchmark whose weights fit a
+     * smaller GPU, e.g. per-kernel timing on an 80 GB card) */
+    const char *colon = recipe ? strchr(recipe, ':') : NULL;
+    const size_t rl = recipe ? (colon ? (size_t)(colon - recipe) : strlen(recipe)) : 0;
+    bool q2 = rl == 2 && !strncmp(recipe, "q2", 2), q4 = rl == 2 && !strncmp(recipe, "q4", 2);
+    int n_layer = 43;
+    if (q2 || q4) {
+        if (colon) {
+            char *end = NULL;
+            long v = strtol(colon + 1, &end, 10);
+            if (colon[1] < '0' || colon[1] > '9' || *end || v < 1 || v > 43) q2 = q4 = false;
+            else n_layer = (int)v;
+        }
+    }
+    if (!q2 && !q4)
+        return ds4_err_set(err, DS4_E_ARG, "synthetic recipe '%s': expected q2 or q4, optionally :N blocks (1..43)",
+                           recipe ? recipe : "");
     ds4_hparams *hp = &m->hp;
-    *hp = (ds4_hparams){.n_layer = 43, .n_embd = 4096, .n_vocab = 129280, .n_head = 64, .n_head_kv = 1,
+    *hp = (ds4_hparams){.n_layer = n_layer, .n_embd = 4096, .n_vocab = 129280, .n_head = 64, .n_head_kv = 1,
                         .head_dim = 512, .n_rot = 64, .q_lora = 1024, .o_lora = 1024, .o_groups = 8,
                         .n_expert = 256, .n_expert_used = 6, .n_ff_exp = 2048, .n_expert_shared = 1,
                         .n_hash = 3, .window = 128, .idx_heads = 64, .idx_dim = 128, .idx_topk = 512,
@@ -742,6 +758,7 @@ int ds4_model_synth(ds4_model *m, const char *recipe, uint64_t seed, ds4_err *er
                         .compress_rope_base = 160000.0f, .yarn = true, .yarn_factor = 16.0f,
                         .yarn_beta_fast = 32.0f, .yarn_beta_slow = 1.0f, .yarn_orig_ctx = 65536,
                         .context_length = 1048576};
+    if (hp->n_hash > n_layer) hp->n_hash = n_layer;
     int rc = 0;
     uint64_t s = seed ^ 0x5eedull;
     m->owned_names = malloc((size_t)SYNTH_NAMES * SYNTH_NAME_LEN);

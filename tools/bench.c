@@ -53,7 +53,8 @@ static double now(void) {
 }
 
 static void usage(void) {
-    printf("usage: ds4-bench (-m MODEL.gguf | --synthetic q2|q4 [--seed N]) [options]\n"
+    printf("usage: ds4-bench (-m MODEL.gguf | --synthetic q2|q4[:N] [--seed N]) [options]\n"
+           "  --synthetic q2:N        only the first N of the 43 blocks (same shapes; fits a smaller GPU)\n"
            "  --cpu | --cuda          backend (default: CUDA when built with it and present)\n"
            "  --gpus N|LIST           split the layers over N GPUs (or the devices listed, e.g. 0,1 or 0,0)\n"
            "  --split LIST            blocks per part, e.g. 22,21 (default: parts of equal bytes)\n"

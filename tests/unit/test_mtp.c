@@ -511,6 +511,34 @@ DS4_TEST(mtp_synthetic_block_has_the_published_shapes) {
     ds4_model_free(&m);
 }
 
+/* --synthetic q2:N: the first N blocks of the published pattern (same
+ * shapes, the same weights as the full recipe's blocks 0..N-1); bad counts
+ * and suffixes are refused with the recipe named. */
+DS4_TEST(synthetic_recipe_takes_a_block_count) {
+    ds4_model full, part;
+    ds4_err err = {0};
+    CHECK_MSG(ds4_model_synth(&full, "q2", 1, &err) == 0, "%s", err.msg);
+    CHECK_MSG(ds4_model_synth(&part, "q2:5", 1, &err) == 0, "%s", err.msg);
+    CHECK(full.hp.n_layer == 43 && part.hp.n_layer == 5 && part.hp.n_hash == 3);
+    for (int il = 0; il < 5; il++) {
+        CHECK(part.layers[il].kind == full.layers[il].kind && part.layers[il].ratio == full.layers[il].ratio);
+        CHECK(part.layers[il].hash == full.layers[il].hash);
+        CHECK(part.layers[il].gate_exps.type == DS4_TYPE_IQ2_XXS && part.layers[il].gate_exps.n_mat == 256);
+        CHECK(!strcmp(part.layers[il].gate_exps.name, full.layers[il].gate_exps.name));
+    }
+    ds4_model_free(&part);
+    CHECK_MSG(ds4_model_synth(&part, "q4:1", 1, &err) == 0, "%s", err.msg);
+    CHECK(part.hp.n_layer == 1 && part.hp.n_hash == 1 && part.layers[0].gate_exps.type == DS4_TYPE_Q4_K);
+    ds4_model_free(&part);
+    ds4_model_free(&full);
+    const char *bad[] = {"q2:0", "q2:44", "q2:", "q2:x", "q2:5x", "q2:-3", "q3:5", "q2x", "q", ":5", "q2:+5"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ds4_err e2 = {0};
+        CHECK_MSG(ds4_model_synth(&part, bad[i], 1, &e2) == DS4_E_ARG, "recipe '%s' accepted", bad[i]);
+        CHECK_MSG(strstr(e2.msg, bad[i]) != NULL, "'%s': %s", bad[i], e2.msg);
+    }
+}
+
 /* The same with the MTP block drafting: drafts drawn from its own
  * distribution q (random block: q is far from the model's p, so most
  * places end in the residual draw max(0, p - q)). */
