@@ -467,6 +467,10 @@ int main(int argc, char **argv) {
         ds4_engine_close(e);
         return 1;
     }
+    /* the device after the session's state is reserved (caches for n_total
+     * positions): its free memory against the line above gives what the
+     * context costs beside the weights */
+    printf("ds4-bench: session of %d positions reserved: %s\n", n_total, ds4_debug_device(e));
     if (o.mtp) {
         ds4_spec_opts sop = {.n_draft = o.mtp_draft, .gate = 0};
         if (ds4_session_spec_enable(s, &sop, &err)) {

@@ -82,6 +82,9 @@ def test_bench_table_csv_and_profiles(model, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--bogus"], "unknown"),
     (["--synthetic", "q7"], "q7"),
+    (["--synthetic", "q2:0"], "q2:0"),
+    (["--synthetic", "q2:44"], "q2:44"),
+    (["--synthetic", "q4:3x"], "q4:3x"),
     (["-m", "/nonexistent/model.gguf", "--cpu"], "nonexistent"),
     (["--synthetic", "q2", "--ctx-start", "256", "--ctx-max", "64"], "below --ctx-start"),
     (["--synthetic", "q2", "--mtp-accept", "0.5"], "needs --mtp"),
@@ -97,6 +100,23 @@ def test_bench_bad_options(args, needle):
     r = subprocess.run([BENCH] + args, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert needle in (r.stderr + r.stdout)
+
+
+def test_bench_synthetic_block_count(tmp_path):
+    """--synthetic q2:1: the published shapes with only the first block (a benchmark that fits a smaller GPU);
+    the table reads a model of one block (its bytes per token far below the 43-block model's 9.56 GB), and the
+    device line after the session's reservation is printed."""
+    if not os.path.exists(BENCH):
+        pytest.fail("ds4-bench is not built (run make)")
+    out = tmp_path / "b.csv"
+    r = subprocess.run([BENCH, "--cpu", "-t", "2", "--synthetic", "q2:1", "--ctx-start", "16", "--ctx-max", "16",
+                        "--gen-tokens", "1", "--prefill-chunk", "16", "--csv", str(out)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "ds4-bench: q2:1 model" in r.stdout and "session of 25 positions reserved" in r.stdout, r.stdout
+    row = list(csv.DictReader(out.open()))[0]
+    wb = int(row["weight_bytes_per_token"])
+    assert 0.4e9 < wb < 2.0e9, wb  # embedding row + one block's dense and 6 + 1 experts + the 0.53 GB head
 
 
 def test_bench_over_a_layer_split(model, tmp_path):
