@@ -7,7 +7,7 @@
 # are made here by dev/device_prep.sh.
 # The device tool brings back at most 8 files from $OUT (each bench step
 # writes 2): plan a call's steps so that the logs that matter fit.
-# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -96,6 +96,22 @@ while [ $# -gt 0 ]; do
             --launch-count "${NCU_COUNT:-1200}" ./ds4-bench "${args[@]}" > "$OUT/ncu-$nn.csv" 2> "$OUT/ncu-$nn.err"
         echo "ncu: exit $?"; tail -3 "$OUT/ncu-$nn.err"
         python3 dev/ncu_sum.py "$OUT/ncu-$nn.csv" 2>/dev/null | head -50 ;;
+    ncus)
+        # ncus REGEX SKIP COUNT ARGS --: Nsight Compute sections (speed of light, occupancy, launch,
+        # warp states, compute and memory workload) of COUNT launches of the kernels matching REGEX after
+        # SKIP of them, in a run of ds4-bench ARGS; the report goes to $OUT/ncus-N.txt, key lines to stdout
+        rx=$1 sk=$2 ct=$3; shift 3
+        args=()
+        while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+        [ $# -gt 0 ] && shift
+        ns=$(( ${ns:-0} + 1 ))
+        timeout "${NCU_TIMEOUT:-180}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+            --section MemoryWorkloadAnalysis -k "regex:$rx" --launch-skip "$sk" --launch-count "$ct" \
+            ./ds4-bench "${args[@]}" > "$OUT/ncus-$ns.txt" 2>&1
+        echo "ncus $rx: exit $?"
+        grep -E "^  k_|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Th|Memory Throughput|DRAM Throughput|Grid Size|Block Size|Dynamic Shared|Warp Cycles Per Issued|Issued Ipc|L1/TEX Hit|L2 Hit" \
+            "$OUT/ncus-$ns.txt" | cut -c1-110 | head -${NCUS_LINES:-60} ;;
     bench)
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done

@@ -742,11 +742,11 @@ __device__ __forceinline__ int64_t attn_row_off(const attn_p &p, const attn_rows
  * split of a row depends only on its index, so a token's result is the same
  * in any batch (prefill == decode, bit for bit).
  * Shared: HB*dh (q) + ATT_R*dh (rows) floats, HB*ATT_R scores, ATT_R offsets. */
-template <typename T, int HB>
+template <typename T, int HB, int DHC>
 __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_p p) {
     cu_pdl_wait();
     extern __shared__ float sm[];
-    const int dh = p.dh;
+    const int dh = DHC ? DHC : p.dh; /* DHC: the head size as a constant (index arithmetic folded), 0 = p.dh */
     float *qs = sm;                       /* HB x dh */
     float *rs = qs + HB * dh;             /* ATT_R x dh */
     float *sc = rs + ATT_R * dh;          /* HB x ATT_R */
@@ -1337,10 +1337,16 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
             continue;
         }
         dim3 grid(p.H / hb, nt, S);
+#define AT1(HB, DHC)                                                                                            \
+    do {                                                                                                        \
+        cudaFuncSetAttribute(k_attn_part<T, HB, DHC>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024); \
+        cu_launch(c, k_attn_part<T, HB, DHC>, grid, 256, smem, p);                                              \
+    } while (0)
+/* the Flash head size (512) as a constant unless DS4_CUDA_ATT_DH_RT=1 (A/B; the same operations) */
 #define AT(HB)                                                                                                  \
     do {                                                                                                        \
-        cudaFuncSetAttribute(k_attn_part<T, HB>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);      \
-        cu_launch(c, k_attn_part<T, HB>, grid, 256, smem, p);                                                      \
+        if (p.dh == 512 && !c->att_dh_rt) AT1(HB, 512);                                                         \
+        else AT1(HB, 0);                                                                                        \
     } while (0)
         switch (hb) {
         case 16: AT(16); break;
@@ -1350,6 +1356,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         default: AT(1); break;
         }
 #undef AT
+#undef AT1
         if (!CU_LAUNCH(c, "attn_part")) return;
         if (mz > 1) cu_launch(c, k_attn_merge<true>, dim3(p.H, nt, mz), 128, msmem, p);
         else cu_launch(c, k_attn_merge<false>, dim3(p.H, nt), 256, msmem, p);

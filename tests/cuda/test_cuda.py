@@ -182,7 +182,7 @@ _AB_BASE = {}
                                      ("DS4_CUDA_NO_TOPK_WIDE", "1"), ("DS4_CUDA_TOPK_ILP", "1"),
                                      ("q2:DS4_CUDA_TOPK_ILP", "1"), ("DS4_CUDA_NO_MERGE_SLICES", "1"),
                                      ("DS4_CUDA_ATT_HB_HCA", "0"), ("q2:DS4_CUDA_ATT_HB_HCA", "0"),
-                                     ("DS4_CUDA_ATT_HB_HCA", "2")])
+                                     ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
