@@ -70,7 +70,7 @@ static void usage(void) {
            "                          has a tokenizer, else seeded random token ids)\n"
            "  --fast-forward          reach each frontier with synthetic caches instead of prefill\n"
            "  --profile               per-stage time of one decode step and of one prefill chunk at each\n"
-           "                          frontier\n"
+           "                          frontier (with --mtp also of one verify cycle of N+1 rows)\n"
            "  --repeat N              decode measurements per frontier; the median is reported (default 1)\n"
            "  --no-graphs             CUDA: eager decode (no CUDA graphs)\n"
            "  --plain-numerics        diagnostic numerics (no FP8/FP4/f16/int8 rounding)\n"
@@ -375,6 +375,56 @@ static int bench_mtp(ds4_engine *e, ds4_session *s, const opts *o, const int32_t
     return 0;
 }
 
+/* --profile with --mtp: the per-stage time of one verify cycle of N+1 rows
+ * (eager; the main model's pass over the rows, then the MTP window's update
+ * by the accepted row: the drafts are the prompt's next tokens, which a
+ * synthetic model rejects) next to one decode step's, stage by stage: where
+ * the cost of verifying rows beyond the first goes. dec: the decode step's
+ * per-stage ms summed over np_dec steps. */
+static void profile_verify(ds4_engine *e, ds4_session *s, const opts *o, const int32_t *tok, int f,
+                           const double *dec, int nk_dec, int np_dec) {
+    const int n = o->mtp_draft + 1, reps = 4;
+    double ms[64];
+    int32_t out[8], id;
+    int no, rc = 0;
+    ds4_err err = {0};
+    text_drafter td = {tok, n - 1};
+    ds4_debug_session_drafter(s, draft_text, &td);
+    /* one untimed cycle first: a backend may capture the step then */
+    if (!(rc = ds4_session_argmax(s, &id, &err)) && !(rc = ds4_session_spec_step(s, tok[f], n, NULL, NULL, out, &no, &id, &err)))
+        rc = ds4_session_rewind(s, f, &err);
+    ds4_debug_profile_read(e, ms, 64); /* reset */
+    double wall = 0;
+    for (int r = 0; r < reps && !rc; r++) {
+        if ((rc = ds4_session_argmax(s, &id, &err))) break;
+        ds4_debug_session_profile(s, true);
+        double t0 = now();
+        rc = ds4_session_spec_step(s, tok[f], n, NULL, NULL, out, &no, &id, &err);
+        wall += now() - t0;
+        ds4_debug_session_profile(s, false);
+        if (!rc) rc = ds4_session_rewind(s, f, &err);
+    }
+    ds4_debug_session_drafter(s, NULL, NULL);
+    int nk = ds4_debug_profile_read(e, ms, 64);
+    if (rc) {
+        fprintf(stderr, "ds4-bench: verify profile at %d: %s\n", f, err.msg);
+        return;
+    }
+    double tot = 0, tot_dec = 0;
+    for (int k = 0; k < nk; k++) tot += ms[k];
+    for (int k = 0; k < nk_dec; k++) tot_dec += dec[k];
+    printf("  per-stage time of one verify cycle of %d rows at %d (eager, %.3f ms wall; stages sum %.3f ms = %.2f x "
+           "the decode step's): verify ms, decode ms, ratio, share of the extra time\n",
+           n, f, wall / reps * 1e3, tot / reps, tot_dec > 0 ? (tot / reps) / (tot_dec / np_dec) : 0.0);
+    const double extra = tot / reps - tot_dec / np_dec;
+    for (int k = 0; k < nk; k++) {
+        const double v = ms[k] / reps, d = k < nk_dec ? dec[k] / np_dec : 0;
+        if (v > 0 || d > 0)
+            printf("    %-14s %8.3f ms %8.3f ms %6.2f x %6.1f%%\n", ds4_debug_profile_name(k), v, d, d > 0 ? v / d : 0.0,
+                   extra > 0 ? 100.0 * (v - d) / extra : 0.0);
+    }
+}
+
 static double datasheet_flops(const char *dev) {
     if (strstr(dev, "H200") || strstr(dev, "H100")) return 989e12;
     return 0;
@@ -620,6 +670,7 @@ int main(int argc, char **argv) {
                                fl * 1e3, t > 0 ? 100.0 * fl / t : 0.0);
                     }
             }
+            if (o.mtp && nk > 0) profile_verify(e, s, &o, tok, f, ms, nk, np);
             profile_prefill(e, &o, tok, f, fl_sheet);
         }
         prev = f;

@@ -365,6 +365,38 @@ def test_cli_generation_with_mtp_prints_the_same_text_and_counters(tmp_path):
     print(last)
 
 
+def test_bench_profile_with_mtp_breaks_down_a_verify_cycle(tmp_path):
+    """ds4-bench --profile --mtp: next to the decode step's stages, the per-stage time of one verify cycle of N+1
+    rows, each with the decode step's time, their ratio and its share of the extra time (the shares of the stages
+    that grew add up to about 100%)."""
+    import re
+    demo = ROOT / "build" / "demo.gguf"
+    if not demo.exists():
+        pytest.skip("build/demo.gguf is made by `make test`")
+    mtp = make_mtp(demo, tmp_path / "demo-mtp.gguf", seed=9)
+    r = subprocess.run([prog("ds4-bench"), "-m", str(demo), "--cpu", "-t", "2", "--mtp", str(mtp), "--mtp-draft", "3",
+                        "--ctx-start", "32", "--ctx-max", "32", "--gen-tokens", "2", "--prefill-chunk", "32",
+                        "--profile"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    head = [i for i, x in enumerate(lines) if x.startswith("  per-stage time of one verify cycle of 4 rows at 32 ")]
+    assert len(head) == 1, r.stdout
+    rows = {}
+    for x in lines[head[0] + 1:]:
+        m = re.match(r"    (\w+)\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+) x\s+(-?[0-9.]+)%$", x)
+        if not m:
+            break
+        rows[m.group(1)] = tuple(float(v) for v in m.groups()[1:])
+    for st in ("hc_pre", "attn_project", "attention", "moe_experts", "head"):
+        assert st in rows and rows[st][0] > 0 and rows[st][1] > 0, (st, rows)
+    for st, (v, d, ratio, share) in rows.items():
+        if d > 0.01:
+            assert abs(ratio - v / d) < 0.02 * ratio + 0.01, (st, v, d, ratio)
+    total = float(re.search(r"stages sum ([0-9.]+) ms = ([0-9.]+) x", lines[head[0]]).group(1))
+    assert abs(total - sum(v for v, *_ in rows.values())) < 0.01 * total + 0.01, (total, rows)
+    assert abs(sum(s for *_, s in rows.values()) - 100.0) < 1.0, rows
+
+
 def test_server_with_mtp_gives_the_same_greedy_text_and_logs_counters(tmp_path):
     from test_server import NO_THINK, Server, demo_model, user
     mtp = make_mtp(demo_model(), tmp_path / "demo-mtp.gguf", seed=9)
