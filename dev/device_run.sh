@@ -99,7 +99,8 @@ while [ $# -gt 0 ]; do
     ncus)
         # ncus REGEX SKIP COUNT ARGS --: Nsight Compute sections (speed of light, occupancy, launch,
         # warp states, compute and memory workload) of COUNT launches of the kernels matching REGEX after
-        # SKIP of them, in a run of ds4-bench ARGS; the report goes to $OUT/ncus-N.txt, key lines to stdout
+        # SKIP of them, in a run of ds4-bench ARGS (NCUS_PROG: another program, e.g. build/moe_bench after a
+        # moebench step); the report goes to $OUT/ncus-N.txt, key lines to stdout
         rx=$1 sk=$2 ct=$3; shift 3
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
@@ -108,7 +109,7 @@ while [ $# -gt 0 ]; do
         timeout "${NCU_TIMEOUT:-180}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
             --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
             --section MemoryWorkloadAnalysis -k "regex:$rx" --launch-skip "$sk" --launch-count "$ct" \
-            ./ds4-bench "${args[@]}" > "$OUT/ncus-$ns.txt" 2>&1
+            "${NCUS_PROG:-./ds4-bench}" "${args[@]}" > "$OUT/ncus-$ns.txt" 2>&1
         echo "ncus $rx: exit $?"
         grep -E "^  k_|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Th|Memory Throughput|DRAM Throughput|Grid Size|Block Size|Dynamic Shared|Warp Cycles Per Issued|Issued Ipc|L1/TEX Hit|L2 Hit" \
             "$OUT/ncus-$ns.txt" | cut -c1-110 | head -${NCUS_LINES:-60} ;;
