@@ -118,6 +118,13 @@ struct cu_graph {
     uint64_t used;
 };
 
+/* The kv rows the last attention stored into their ring (DS4_CUDA_KV_IN_MERGE) */
+struct cu_kv_fused {
+    const void *raw;
+    const float *kv;
+    int n, pos0;
+};
+
 struct cu_ctx {
     int device;
     int n_sm;
@@ -146,6 +153,8 @@ struct cu_ctx {
     int no_idx_tile;       /* DS4_CUDA_NO_IDX_TILE=1: plain-numerics indexer scores on k_idx_scores, not k_idx_scores_t */
     int no_topk_wide;      /* DS4_CUDA_NO_TOPK_WIDE=1: the indexer top-k in one block per token always */
     int att_hb_hca;        /* DS4_CUDA_ATT_HB_HCA=1|2|4|8|16: heads per block of few-token HCA attention (unset: 16; 0: as ATT_HB) */
+    cu_kv_fused kv_fused;  /* set by cu_attention when its merge stored the rows, consumed by cu_kv_store */
+    int kv_in_merge;       /* DS4_CUDA_KV_IN_MERGE=1: the attention merge stores the kv rows (kv_store launches nothing) */
     int att_dh_rt;         /* DS4_CUDA_ATT_DH_RT=1: k_attn_part with the head size read at run time (A/B; same bits) */
     int no_merge_slices;   /* DS4_CUDA_NO_MERGE_SLICES=1: k_attn_merge in one block per head (same bits) */
     int topk_ilp;          /* DS4_CUDA_TOPK_ILP=0|1: the indexer top-k with 8 keys per thread and round never|always (unset: -1, past TOPK_ILP_ROWS) */

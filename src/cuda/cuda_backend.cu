@@ -869,6 +869,7 @@ static int cu_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
     cu_preq_clear((cu_ctx *)ctx);
     cu_ctx *c = (cu_ctx *)ctx;
     c->moe_grouped = nullptr;
+    c->kv_fused = cu_kv_fused{};
     c->err = 0;
     c->capturing = false;
     if (c->no_graphs || !si->graph_key) return 0;
@@ -1149,6 +1150,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_IDX_MMA", &cu_ctx::no_idx_mma},       /* 1: FP4 indexer scores on CUDA cores (float sums) */
     {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */
     {"DS4_CUDA_ATT_HB_HCA", &cu_ctx::att_hb_hca},       /* 1|2|4|8|16: heads per block, few-token HCA layers (else 16) */
+    {"DS4_CUDA_KV_IN_MERGE", &cu_ctx::kv_in_merge},     /* 1: kv rows stored by the attention merge (same values) */
     {"DS4_CUDA_ATT_DH_RT", &cu_ctx::att_dh_rt},         /* 1: k_attn_part's head size at run time (same bits) */
     {"DS4_CUDA_NO_MERGE_SLICES", &cu_ctx::no_merge_slices}, /* 1: attention merge in one block per head (same bits) */
     {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp},           /* 0|1: indexer top-k with 8 keys per thread never|always */

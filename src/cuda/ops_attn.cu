@@ -659,6 +659,10 @@ __global__ void k_kv_store(const float *kv, T *raw, int n, int dh, int W, const 
 int cu_kv_store(void *ctx, const ds4_kv_store_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (c->err) return c->err;
+    /* stored by the attention's merge already (DS4_CUDA_KV_IN_MERGE=1) */
+    const cu_kv_fused kf = c->kv_fused;
+    c->kv_fused = cu_kv_fused{};
+    if (kf.raw && kf.raw == a->raw && kf.kv == a->kv && kf.n == a->n && kf.pos0 == a->pos0) return 0;
     const ds4_hparams *hp = &a->m->hp;
     const int n = a->n, W = hp->window, dh = hp->head_dim, nt = n > W ? W : n;
     int64_t items = (int64_t)nt * dh;
@@ -691,6 +695,10 @@ struct attn_p {
     int8_t *oq;              /* optional Q8_0 codes of o (n, H*dh), scales od */
     float *od;
     int att_r4;              /* k_attn_part's four-rows-per-warp phases (same bits; DS4_CUDA_NO_ATT_R4=1: off) */
+    void *st_raw;            /* DS4_CUDA_KV_IN_MERGE=1: the ring the merge stores the batch's kv rows into (the
+                              * kv_store stage then has nothing left to do), else NULL */
+    int st_f16;              /* its rows are half (else f32) */
+    int st_t0;               /* first token stored (n > W: only the last W) */
 };
 
 /* Rows a token attends: its raw window (ring rows, or this batch's kv for
@@ -1198,6 +1206,19 @@ __global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p 
 template <bool SL>
 __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_constant__ attn_p p) {
     cu_pdl_wait();
+    /* the kv row of token t into the ring (k_kv_store's values): every read
+     * of the ring in this layer (the partial kernel) has finished, and the
+     * slot (pos0 + t) % W held position pos0 + t - W, which no later token
+     * of the batch attends */
+    if (p.st_raw && blockIdx.x == 0 && blockIdx.z == 0 && p.t0 + (int)blockIdx.y >= p.st_t0) {
+        const int tt = p.t0 + blockIdx.y;
+        const float *src = p.kv + (int64_t)tt * p.dh;
+        const int64_t slot = (int64_t)((p.step->pos0 + tt) % p.W) * p.dh;
+        for (int e = threadIdx.x; e < p.dh; e += blockDim.x) {
+            if (p.st_f16) ((__half *)p.st_raw)[slot + e] = cu_to_row<__half>(src[e]);
+            else ((float *)p.st_raw)[slot + e] = cu_to_row<float>(src[e]);
+        }
+    }
     extern __shared__ float ms[];
     float *os = ms;            /* dh */
     float *wz = ms + p.dh;     /* S */
@@ -1407,8 +1428,16 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     p.oq = merge_q ? c->s.a1.q : nullptr;
     p.od = merge_q ? c->s.a1.d : nullptr;
     if (merge_q) cu_preq_set(c, c->s.o, n, (int64_t)H * dh, H * dh, DS4_TYPE_Q8_0, &c->s.a1);
+    /* DS4_CUDA_KV_IN_MERGE=1 (opt-in until run): the merge kernel also
+     * stores the kv rows into the ring, and the kv_store stage that follows
+     * (forward.c: the same ring and rows) launches nothing */
+    c->kv_fused = cu_kv_fused{};
+    p.st_raw = c->kv_in_merge && a->raw ? (void *)a->raw : nullptr;
+    p.st_f16 = a->row_type == DS4_TYPE_F16;
+    p.st_t0 = n > hp->window ? n - hp->window : 0;
     if (a->row_type == DS4_TYPE_F16) launch_attention<__half>(c, p, n, nr_cap);
     else launch_attention<float>(c, p, n, nr_cap);
+    if (p.st_raw && !c->err) c->kv_fused = cu_kv_fused{a->raw, a->kv, n, a->pos0};
     if (aq && !merge_q) cu_quantize(c, cu_act_type(l->o_a.type), c->s.o, (int64_t)H * dh, n, H * dh, &c->s.a1);
     for (int g0 = 0; g0 < G; g0 += CU_MAX_SEGS) {
         cu_seg segs[CU_MAX_SEGS];

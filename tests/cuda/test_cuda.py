@@ -182,7 +182,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_NO_TOPK_WIDE", "1"), ("DS4_CUDA_TOPK_ILP", "1"),
                                      ("q2:DS4_CUDA_TOPK_ILP", "1"), ("DS4_CUDA_NO_MERGE_SLICES", "1"),
                                      ("DS4_CUDA_ATT_HB_HCA", "0"), ("q2:DS4_CUDA_ATT_HB_HCA", "0"),
-                                     ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1")])
+                                     ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1"),
+                                     ("DS4_CUDA_KV_IN_MERGE", "1"), ("q2:DS4_CUDA_KV_IN_MERGE", "1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
@@ -223,9 +224,10 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="1")
     no_ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="0")
     merge = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
+    kvm = dict(os.environ, DS4_CUDA_KV_IN_MERGE="1")  # one batch of n > W tokens: the merge stores the last W rows
     for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], env), (["--eval", "chunk:4"], ilp),
                     (["--eval", "prefill"], ilp), (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_ilp),
-                    (["--eval", "chunk:4"], merge)):
+                    (["--eval", "chunk:4"], merge), (["--eval", "prefill"], kvm), (["--eval", "chunk:300"], kvm)):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{name} {' '.join(mode)}: max |d| vs prefill {d:.2e}")
