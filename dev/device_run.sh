@@ -62,7 +62,7 @@ while [ $# -gt 0 ]; do
         timeout 120 build/mv_bench > "$OUT/mv_bench.log" 2>&1; echo "mv_bench: exit $?"; cat "$OUT/mv_bench.log" ;;
     idxbench)
         # k_idx_scores_t against k_idx_scores, bits and time at 1M (dev/idx_bench.cu)
-        sed -n "/^#define IDX_ROWS 64/,/^\/\* The top-k of tokens t0/p" src/cuda/ops_compress.cu | sed '$d' > build/k.inc
+        sed -n "/^#define IDX_ROWS 64/,/^\/\* ---- the host launchers/p" src/cuda/ops_compress.cu | sed '$d' > build/k.inc
         nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Ibuild -Isrc dev/idx_bench.cu -o build/idx_bench > "$OUT/idxb-build.log" 2>&1 || tail "$OUT/idxb-build.log"
         timeout 120 build/idx_bench > "$OUT/idx_bench.log" 2>&1; echo "idx_bench: exit $?"; cat "$OUT/idx_bench.log" ;;
     moebench)

@@ -118,6 +118,12 @@ struct cu_graph {
     uint64_t used;
 };
 
+/* 16 heads per block in few-token HCA attention from this many rows of
+ * capacity (window + compressed rows: sessions of >= ~240k tokens); below
+ * it 4 (with 16, a short context's few splits leave a quarter of the
+ * blocks, each with 4x the work) */
+#define ATT_HB_HCA_MIN_ROWS 2048
+
 /* The kv rows the last attention stored into their ring (DS4_CUDA_KV_IN_MERGE) */
 struct cu_kv_fused {
     const void *raw;
@@ -152,12 +158,14 @@ struct cu_ctx {
     int att_tc;            /* DS4_CUDA_ATT_TC=1: attention on TF32 tensor cores (k_attn_tc; opt-in) */
     int no_idx_tile;       /* DS4_CUDA_NO_IDX_TILE=1: plain-numerics indexer scores on k_idx_scores, not k_idx_scores_t */
     int no_topk_wide;      /* DS4_CUDA_NO_TOPK_WIDE=1: the indexer top-k in one block per token always */
-    int att_hb_hca;        /* DS4_CUDA_ATT_HB_HCA=1|2|4|8|16: heads per block of few-token HCA attention (unset: 16; 0: as ATT_HB) */
+    int att_hb_hca;        /* DS4_CUDA_ATT_HB_HCA=1|2|4|8|16: heads per block of few-token HCA attention (unset: 16 from
+                            * att_hb_hca_min rows of capacity; 0 or another value: as the other layers) */
+    int att_hb_hca_min;
     cu_kv_fused kv_fused;  /* set by cu_attention when its merge stored the rows, consumed by cu_kv_store */
     int kv_in_merge;       /* DS4_CUDA_KV_IN_MERGE=1: the attention merge stores the kv rows (kv_store launches nothing) */
     int att_dh_rt;         /* DS4_CUDA_ATT_DH_RT=1: k_attn_part with the head size read at run time (A/B; same bits) */
     int no_merge_slices;   /* DS4_CUDA_NO_MERGE_SLICES=1: k_attn_merge in one block per head (same bits) */
-    int topk_ilp;          /* DS4_CUDA_TOPK_ILP=0|1: the indexer top-k with 8 keys per thread and round never|always (unset: -1, past TOPK_ILP_ROWS) */
+    int topk_ilp;          /* DS4_CUDA_TOPK_ILP=0|1|2: the indexer top-k with 8 keys per thread and round never|always|by each token's rows on the device (else -1: by the launch's rows) */
     int no_idx_mma;        /* DS4_CUDA_NO_IDX_MMA=1: FP4 indexer scores on CUDA cores (float sums), not k_idx_scores_mma */
     int no_att_r4;         /* DS4_CUDA_NO_ATT_R4=1: k_attn_part's row-at-a-time loops (four rows per warp by default) */
     int att_tc_hb;         /* DS4_CUDA_ATT_TC_HB=16|32|64: tensor-core attention heads per block (0 = 16 for

@@ -1149,11 +1149,11 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_IDX_TILE", &cu_ctx::no_idx_tile},     /* 1: indexer scores on k_idx_scores (same bits) */
     {"DS4_CUDA_NO_IDX_MMA", &cu_ctx::no_idx_mma},       /* 1: FP4 indexer scores on CUDA cores (float sums) */
     {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */
-    {"DS4_CUDA_ATT_HB_HCA", &cu_ctx::att_hb_hca},       /* 1|2|4|8|16: heads per block, few-token HCA layers (else 16) */
+    {"DS4_CUDA_ATT_HB_HCA", &cu_ctx::att_hb_hca},       /* 1|2|4|8|16: heads per block, few-token HCA layers (0: as others) */
     {"DS4_CUDA_KV_IN_MERGE", &cu_ctx::kv_in_merge},     /* 1: kv rows stored by the attention merge (same values) */
     {"DS4_CUDA_ATT_DH_RT", &cu_ctx::att_dh_rt},         /* 1: k_attn_part's head size at run time (same bits) */
     {"DS4_CUDA_NO_MERGE_SLICES", &cu_ctx::no_merge_slices}, /* 1: attention merge in one block per head (same bits) */
-    {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp},           /* 0|1: indexer top-k with 8 keys per thread never|always */
+    {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp},           /* 0|1|2: indexer top-k, 8 keys per thread never|always|by rows on device */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
@@ -1173,11 +1173,15 @@ static void cu_read_switches(cu_ctx *c) {
         c->*cu_switches[i].field = v && *v ? atoi(v) : 0;
     }
     /* two switches whose unset value is not 0: 16 heads per block in
-     * few-token HCA attention, the 8-key top-k chosen by size (-1) */
+     * few-token HCA attention over many rows (att_hb_hca_min: the rows'
+     * capacity from which it applies; an explicit value applies always),
+     * the 8-key top-k chosen by the launch's rows (-1; 0, 1, 2 are the
+     * other modes) */
     const char *v = getenv("DS4_CUDA_ATT_HB_HCA");
-    if (!v || !*v) c->att_hb_hca = 16;
+    c->att_hb_hca_min = 0;
+    if (!v || !*v) c->att_hb_hca = 16, c->att_hb_hca_min = ATT_HB_HCA_MIN_ROWS;
     v = getenv("DS4_CUDA_TOPK_ILP");
-    if (!v || !*v) c->topk_ilp = -1;
+    if (!v || (strcmp(v, "0") && strcmp(v, "1") && strcmp(v, "2"))) c->topk_ilp = -1;
     if (c->att_hb != 1 && c->att_hb != 2 && c->att_hb != 4 && c->att_hb != 8 && c->att_hb != 16) c->att_hb = 0;
     if (c->att_tc_hb != 16 && c->att_tc_hb != 32 && c->att_tc_hb != 64) c->att_tc_hb = 0;
     if (c->att_hb_hca != 1 && c->att_hb_hca != 2 && c->att_hb_hca != 4 && c->att_hb_hca != 8 && c->att_hb_hca != 16)

@@ -1193,7 +1193,7 @@ __global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p 
  * order: M = max(sink, m_z), w_z = exp(m_z - M), den = sum_z l_z w_z +
  * exp(sink - M), o = (sum_z w_z c_z) / den; then the inverse RoPE.
  * 256 threads; shared: dh floats + the split weights. */
-/* gridDim.z > 1 (DS4_CUDA_MERGE_SLICES=1, opt-in until run): block z merges
+/* gridDim.z > 1 (the default; DS4_CUDA_NO_MERGE_SLICES=1: one block per head): block z merges
  * dims [z * dh / gridDim.z, (z + 1) * dh / gridDim.z) of the head, with the
  * split maxima and sums read into shared memory first (every block computes
  * the same M and den, in the same order) and 16 split outputs in flight per
@@ -1206,10 +1206,11 @@ __global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p 
 template <bool SL>
 __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_constant__ attn_p p) {
     cu_pdl_wait();
-    /* the kv row of token t into the ring (k_kv_store's values): every read
-     * of the ring in this layer (the partial kernel) has finished, and the
-     * slot (pos0 + t) % W held position pos0 + t - W, which no later token
-     * of the batch attends */
+    /* the kv row of token t into the ring (k_kv_store's values): the
+     * partial kernel of this chunk of tokens, and of every earlier chunk,
+     * has finished reading the ring; later chunks read it after this store,
+     * but the slot (pos0 + t) % W held position pos0 + t - W, which no later
+     * token of the batch attends (its window starts above it) */
     if (p.st_raw && blockIdx.x == 0 && blockIdx.z == 0 && p.t0 + (int)blockIdx.y >= p.st_t0) {
         const int tt = p.t0 + blockIdx.y;
         const float *src = p.kv + (int64_t)tt * p.dh;
@@ -1308,12 +1309,14 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
      * with 16: each staged row serves more heads); DS4_CUDA_ATT_HB
      * overrides it (A/B; the values are the same for any choice) */
     int hb = c->att_hb ? c->att_hb : n >= MM_MIN_N ? 16 : 4;
-    /* heads per block of a few tokens' HCA layers: 16 (DS4_CUDA_ATT_HB_HCA
-     * overrides it; 0: as the other layers). At 1M context 4 heads per
+    /* heads per block of a few tokens' HCA layers: 16 when the rows'
+     * capacity reaches ATT_HB_HCA_MIN_ROWS (DS4_CUDA_ATT_HB_HCA sets it for
+     * any capacity; 0: as the other layers). At 1M context 4 heads per
      * block made 16 head groups x 260 splits stage every compressed row 16
      * times; H200 2026-12-05, q2 at 1M: attention 8.62 -> 7.06 ms per
      * token, decode 53.9 -> 58.9 gen_ss; the same values for any choice */
-    if (!c->att_hb && n < MM_MIN_N && p.kind == DS4_ATTN_HCA && c->att_hb_hca) hb = c->att_hb_hca;
+    if (!c->att_hb && n < MM_MIN_N && p.kind == DS4_ATTN_HCA && c->att_hb_hca && nr_cap >= c->att_hb_hca_min)
+        hb = c->att_hb_hca;
     while (hb > 1 && p.H % hb) hb /= 2;
     const int S = cu_attn_splits(nr_cap);
     if (S > c->s.att_splits) {

@@ -780,9 +780,39 @@ __device__ __forceinline__ void topk_compact(const float *s, const uint32_t *ks,
     }
 }
 
+/* past this many compressed rows the top-k takes 8 keys per thread and round */
+#define TOPK_ILP_ROWS 4096
+
+/* One block's radix select and compaction of the Nc scores s (U keys per
+ * thread and round). */
+template <int U>
+__device__ __forceinline__ void topk_block(const float *s, int Nc, int topk, int32_t *out, int *hist,
+                                           uint32_t *s_prefix, int *s_need, int *wsum) {
+    uint32_t prefix = 0, mask = 0;
+    int need = topk;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        topk_hist<U>(hist, s, nullptr, 0, Nc, mask, prefix, shift);
+        __syncthreads();
+        if (threadIdx.x < 32) topk_pick_bin(hist, need, prefix, shift, s_prefix, s_need);
+        __syncthreads();
+        prefix = *s_prefix;
+        need = *s_need;
+        mask |= 255u << shift;
+        __syncthreads();
+    }
+    /* prefix = key of the k-th largest; `need` of the keys equal to it are
+     * taken, lowest indices first. */
+    topk_compact<U>(s, nullptr, 0, Nc, prefix, need, 0, 0, out, topk, wsum);
+}
+
 /* Top-k of token t = t0 + blockIdx.x (1024 threads). Radix select of the
  * k-th largest key (4 passes of 8 bits), then an ordered compaction taking
- * every key above it and the lowest-index keys equal to it. */
+ * every key above it and the lowest-index keys equal to it. U: keys per
+ * thread and round, 1 or 8, or 0: 8 past TOPK_ILP_ROWS of the token's own
+ * rows, else 1 (decided here: a captured step's launch knows only the
+ * capacity). The same selection for any U. */
 template <int U>
 __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t ld_scores, int topk, int t0,
                                                   int32_t *sel, int32_t *n_sel, const ds4_step *step) {
@@ -800,23 +830,8 @@ __global__ void __launch_bounds__(1024) k_idx_topk(const float *scores, int64_t 
         return;
     }
     const float *s = scores + (int64_t)tl * ld_scores;
-    uint32_t prefix = 0, mask = 0;
-    int need = topk;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        topk_hist<U>(hist, s, nullptr, 0, Nc, mask, prefix, shift);
-        __syncthreads();
-        if (threadIdx.x < 32) topk_pick_bin(hist, need, prefix, shift, &s_prefix, &s_need);
-        __syncthreads();
-        prefix = s_prefix;
-        need = s_need;
-        mask |= 255u << shift;
-        __syncthreads();
-    }
-    /* prefix = key of the k-th largest; `need` of the keys equal to it are
-     * taken, lowest indices first. */
-    topk_compact<U>(s, nullptr, 0, Nc, prefix, need, 0, 0, out, topk, wsum);
+    if (U == 8 || (U == 0 && Nc > TOPK_ILP_ROWS)) topk_block<8>(s, Nc, topk, out, hist, &s_prefix, &s_need, wsum);
+    else topk_block<1>(s, Nc, topk, out, hist, &s_prefix, &s_need, wsum);
     if (threadIdx.x == 0) n_sel[t] = topk;
 }
 
@@ -964,38 +979,44 @@ __global__ void __launch_bounds__(TOPW_THREADS) k_idx_topk_wide(const float *sco
     if (b == 0 && tid == 0) n_sel[t] = topk;
 }
 
-/* past this many compressed rows the top-k takes 8 keys per thread and round */
-#define TOPK_ILP_ROWS 4096
+/* ---- the host launchers (dev/idx_bench.cu includes the kernels above, from IDX_ROWS on) */
+
+/* The wide top-k with WU keys per thread and round, if its blocks fit on
+ * the GPU at once (they wait for each other; a GPU shared through MPS or a
+ * MIG slice may have few SMs); false: nothing launched. */
+template <int WU>
+static bool launch_topk_wide(cu_ctx *c, const ds4_indexer_args *a, int nt, int t0, int gw, size_t wsm, int64_t ld,
+                             int K) {
+    /* the limit is a maximum: always the largest, so that no launch lowers
+     * it below what a captured graph's launch uses (per device: set on
+     * every call, as the other kernels do) */
+    cudaFuncSetAttribute(k_idx_topk_wide<WU>, cudaFuncAttributeMaxDynamicSharedMemorySize, TOPW_MAX_SMEM);
+    cudaFuncSetAttribute(k_idx_topk_wide<WU>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_idx_topk_wide<WU>, TOPW_THREADS, wsm) != cudaSuccess) {
+        cudaGetLastError();
+        per_sm = 0;
+    }
+    if ((int64_t)per_sm * c->n_sm < (int64_t)gw * nt) return false;
+    cu_launch(c, k_idx_topk_wide<WU>, dim3(gw, nt), TOPW_THREADS, wsm, (const float *)c->s.scores, ld, K, t0, a->sel,
+              a->n_sel, c->s.topw, c->dstatus, a->step);
+    return true;
+}
 
 /* The top-k of tokens t0..t0+nt-1: few tokens at long context over several
  * blocks each (k_idx_topk_wide), else one block per token. U: keys per
- * thread and round (8: loads in flight, past TOPK_ILP_ROWS rows; else 1). */
+ * thread and round, 1, 8 (loads in flight), or 0: by the rows (the one-block
+ * kernel decides per token on the device; the wide kernel, whose blocks
+ * hold a few thousand rows each, takes 8). max_rows: the largest row count
+ * of these tokens, or the capacity when capturing. */
 template <int U>
 static void launch_topk(cu_ctx *c, const ds4_indexer_args *a, int nt, int t0, int max_rows, int64_t ld, int K) {
     const int gw = cu_div_up(max_rows, TOPW_CHUNK) < TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS ? cu_div_up(max_rows, TOPW_CHUNK)
                                                                                        : TOPW_MAX_BLOCKS / TOPW_MAX_TOKENS;
     const size_t wsm = (size_t)(cu_div_up(max_rows, gw) > TOPW_CHUNK ? cu_div_up(max_rows, gw) : TOPW_CHUNK) * 4;
-    /* its blocks wait for each other: all of them must fit on the GPU at
-     * once (a GPU shared through MPS or a MIG slice may have few SMs) */
-    bool wide = !c->no_topk_wide && nt <= TOPW_MAX_TOKENS && gw > 1 && wsm <= TOPW_MAX_SMEM;
-    if (wide) {
-        /* the limit is a maximum: always the largest, so that no launch
-         * lowers it below what a captured graph's launch uses (per device:
-         * set on every call, as the other kernels do) */
-        cudaFuncSetAttribute(k_idx_topk_wide<U>, cudaFuncAttributeMaxDynamicSharedMemorySize, TOPW_MAX_SMEM);
-        cudaFuncSetAttribute(k_idx_topk_wide<U>, cudaFuncAttributePreferredSharedMemoryCarveout, 100);
-        int per_sm = 0;
-        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_idx_topk_wide<U>, TOPW_THREADS, wsm) != cudaSuccess) {
-            cudaGetLastError();
-            per_sm = 0;
-        }
-        wide = (int64_t)per_sm * c->n_sm >= (int64_t)gw * nt;
-    }
-    if (wide)
-        cu_launch(c, k_idx_topk_wide<U>, dim3(gw, nt), TOPW_THREADS, wsm, (const float *)c->s.scores, ld, K, t0, a->sel,
-                  a->n_sel, c->s.topw, c->dstatus, a->step);
-    else
-        cu_launch(c, k_idx_topk<U>, nt, 1024, 0, (const float *)c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
+    const bool wide = !c->no_topk_wide && nt <= TOPW_MAX_TOKENS && gw > 1 && wsm <= TOPW_MAX_SMEM;
+    if (wide && launch_topk_wide<U == 1 ? 1 : 8>(c, a, nt, t0, gw, wsm, ld, K)) return;
+    cu_launch(c, k_idx_topk<U>, nt, 1024, 0, (const float *)c->s.scores, ld, K, t0, a->sel, a->n_sel, a->step);
 }
 
 int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
@@ -1079,8 +1100,12 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
          * 2026-12-05, dev/idx_bench.cu: one block 0.94 -> 0.31 ms at 262,144
          * rows, 0.021 -> 0.013 at 4,100; 32 blocks 0.052 -> 0.038; but
          * 0.008 -> 0.013 at 600 rows, its block scans' fixed cost), or as
-         * DS4_CUDA_TOPK_ILP says; the same selection either way */
-        if (c->topk_ilp > 0 || (c->topk_ilp < 0 && max_rows > TOPK_ILP_ROWS)) launch_topk<8>(c, a, nt, t0, max_rows, ld, K);
+         * DS4_CUDA_TOPK_ILP says (1 always, 0 never, 2 by each token's own
+         * rows on the device: a captured step's max_rows is the capacity,
+         * so by default its one-block launches take 8 from 4,097 rows of
+         * capacity on; opt-in until run); the same selection */
+        if (c->topk_ilp == 2) launch_topk<0>(c, a, nt, t0, max_rows, ld, K); /* decided on the device (opt-in) */
+        else if (c->topk_ilp == 1 || (c->topk_ilp < 0 && max_rows > TOPK_ILP_ROWS)) launch_topk<8>(c, a, nt, t0, max_rows, ld, K);
         else launch_topk<1>(c, a, nt, t0, max_rows, ld, K);
         CU_LAUNCH(c, "indexer_topk");
     }

@@ -180,6 +180,7 @@ _AB_BASE = {}
                                      ("DS4_CUDA_NO_ATT_R4", "1"), ("q2:DS4_CUDA_NO_ATT_R4", "1"),
                                      ("DS4_CUDA_NO_IDX_MMA", "1"), ("q2:DS4_CUDA_NO_IDX_MMA", "1"),
                                      ("DS4_CUDA_NO_TOPK_WIDE", "1"), ("DS4_CUDA_TOPK_ILP", "1"),
+                                     ("DS4_CUDA_TOPK_ILP", "0"), ("DS4_CUDA_TOPK_ILP", "2"),
                                      ("q2:DS4_CUDA_TOPK_ILP", "1"), ("DS4_CUDA_NO_MERGE_SLICES", "1"),
                                      ("DS4_CUDA_ATT_HB_HCA", "0"), ("q2:DS4_CUDA_ATT_HB_HCA", "0"),
                                      ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1"),
@@ -209,25 +210,31 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
 @pytest.mark.parametrize("name", ["q2", "flash"])
 def test_cuda_long_context_topk_bitwise(name, tmp_path):
     """Past 4,096 compressed rows (16k tokens) the indexer top-k of 1-4 tokens runs over several blocks per token
-    that meet through global memory (k_idx_topk_wide); prefill takes the one-block kernel. So prefill of a long
+    that meet through global memory (k_idx_topk_wide); prefill takes the one-block kernel. So, bit for bit, on a
+    stage model (q2: 4 indexer heads, flash: 64; release numerics: the tensor-core scores): prefill of a long
     prompt == chunks of 4 (the wide kernel, with its graph replays) == chunks of 3 under DS4_CUDA_NO_TOPK_WIDE=1
-    == both kernels with 8 keys per thread and round always (DS4_CUDA_TOPK_ILP=1; by default past 4,096 rows) and
-    never (=0) == the attention merge in one block per head (DS4_CUDA_NO_MERGE_SLICES=1; by default dh / 128
-    slices, many splits per head here), bit for bit, on a stage model (q2: 4 indexer heads, flash: 64; release numerics: the tensor-core scores)."""
+    (the one-block kernel, 8 keys per thread: the capacity is past 4,096 rows), also with 1 key always
+    (DS4_CUDA_TOPK_ILP=0) or chosen per token on the device (=2) == the wide kernel with 1 key == prefill with 8 /
+    1 keys always == the attention merge in one block per head (DS4_CUDA_NO_MERGE_SLICES=1; by default dh / 128
+    slices, many splits per head here) == the kv rows stored by the merge (DS4_CUDA_KV_IN_MERGE=1: one batch of
+    n > W, chunks of 300 at pos0 > 0)."""
     model = _stage_model(name)
     n = 20000 if name == "q2" else 17000  # up to 5,000 rows: two blocks
     rng = np.random.default_rng(5)
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, n)))
     base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill", "--ctx", "32768")
-    env = dict(os.environ, DS4_CUDA_NO_TOPK_WIDE="1")
+    one = dict(os.environ, DS4_CUDA_NO_TOPK_WIDE="1")  # one block per token (8 keys: the capacity is > 4,096 rows)
+    one_u1 = dict(one, DS4_CUDA_TOPK_ILP="0")
+    one_dev = dict(one, DS4_CUDA_TOPK_ILP="2")  # 8 keys past 4,096 of the token's own rows, decided on the device
     ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="1")
     no_ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="0")
-    merge = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
+    no_slices = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
     kvm = dict(os.environ, DS4_CUDA_KV_IN_MERGE="1")  # one batch of n > W tokens: the merge stores the last W rows
-    for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], env), (["--eval", "chunk:4"], ilp),
-                    (["--eval", "prefill"], ilp), (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_ilp),
-                    (["--eval", "chunk:4"], merge), (["--eval", "prefill"], kvm), (["--eval", "chunk:300"], kvm)):
+    for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], one), (["--eval", "chunk:3"], one_u1),
+                    (["--eval", "chunk:3"], one_dev), (["--eval", "chunk:4"], no_ilp), (["--eval", "prefill"], ilp),
+                    (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_slices), (["--eval", "prefill"], kvm),
+                    (["--eval", "chunk:300"], kvm)):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{name} {' '.join(mode)}: max |d| vs prefill {d:.2e}")
