@@ -162,6 +162,7 @@ struct cu_ctx {
                             * att_hb_hca_min rows of capacity; 0 or another value: as the other layers) */
     int att_hb_hca_min;
     cu_kv_fused kv_fused;  /* set by cu_attention when its merge stored the rows, consumed by cu_kv_store */
+    int att_zb;            /* DS4_CUDA_ATT_ZB=N: k_attn_part takes N splits per block in batches (same bits) */
     int kv_in_merge;       /* DS4_CUDA_KV_IN_MERGE=1: the attention merge stores the kv rows (kv_store launches nothing) */
     int att_dh_rt;         /* DS4_CUDA_ATT_DH_RT=1: k_attn_part with the head size read at run time (A/B; same bits) */
     int no_merge_slices;   /* DS4_CUDA_NO_MERGE_SLICES=1: k_attn_merge in one block per head (same bits) */

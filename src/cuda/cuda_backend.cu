@@ -1150,6 +1150,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_IDX_MMA", &cu_ctx::no_idx_mma},       /* 1: FP4 indexer scores on CUDA cores (float sums) */
     {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */
     {"DS4_CUDA_ATT_HB_HCA", &cu_ctx::att_hb_hca},       /* 1|2|4|8|16: heads per block, few-token HCA layers (0: as others) */
+    {"DS4_CUDA_ATT_ZB", &cu_ctx::att_zb},               /* N: attention splits per block in batches (same bits) */
     {"DS4_CUDA_KV_IN_MERGE", &cu_ctx::kv_in_merge},     /* 1: kv rows stored by the attention merge (same values) */
     {"DS4_CUDA_ATT_DH_RT", &cu_ctx::att_dh_rt},         /* 1: k_attn_part's head size at run time (same bits) */
     {"DS4_CUDA_NO_MERGE_SLICES", &cu_ctx::no_merge_slices}, /* 1: attention merge in one block per head (same bits) */
@@ -1184,6 +1185,7 @@ static void cu_read_switches(cu_ctx *c) {
     if (!v || (strcmp(v, "0") && strcmp(v, "1") && strcmp(v, "2"))) c->topk_ilp = -1;
     if (c->att_hb != 1 && c->att_hb != 2 && c->att_hb != 4 && c->att_hb != 8 && c->att_hb != 16) c->att_hb = 0;
     if (c->att_tc_hb != 16 && c->att_tc_hb != 32 && c->att_tc_hb != 64) c->att_tc_hb = 0;
+    if (c->att_zb < 1 || c->att_zb > 64) c->att_zb = 1;
     if (c->att_hb_hca != 1 && c->att_hb_hca != 2 && c->att_hb_hca != 4 && c->att_hb_hca != 8 && c->att_hb_hca != 16)
         c->att_hb_hca = 0;
 }

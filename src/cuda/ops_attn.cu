@@ -699,6 +699,7 @@ struct attn_p {
                               * kv_store stage then has nothing left to do), else NULL */
     int st_f16;              /* its rows are half (else f32) */
     int st_t0;               /* first token stored (n > W: only the last W) */
+    int zb;                  /* k_attn_part: splits per block (DS4_CUDA_ATT_ZB, batches; else 1) */
 };
 
 /* Rows a token attends: its raw window (ring rows, or this batch's kv for
@@ -750,8 +751,8 @@ __device__ __forceinline__ int64_t attn_row_off(const attn_p &p, const attn_rows
  * split of a row depends only on its index, so a token's result is the same
  * in any batch (prefill == decode, bit for bit).
  * Shared: HB*dh (q) + ATT_R*dh (rows) floats, HB*ATT_R scores, ATT_R offsets. */
-template <typename T, int HB, int DHC>
-__global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_p p) {
+template <typename T, int HB, int DHC, bool MZ>
+__global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_constant__ attn_p p) {
     cu_pdl_wait();
     extern __shared__ float sm[];
     const int dh = DHC ? DHC : p.dh; /* DHC: the head size as a constant (index arithmetic folded), 0 = p.dh */
@@ -759,12 +760,16 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
     float *rs = qs + HB * dh;             /* ATT_R x dh */
     float *sc = rs + ATT_R * dh;          /* HB x ATT_R */
     int64_t *ro = (int64_t *)(sc + HB * ATT_R);
-    const int tl = blockIdx.y, t = p.t0 + tl, h0 = blockIdx.x * HB, z = blockIdx.z;
+    const int tl = blockIdx.y, t = p.t0 + tl, h0 = blockIdx.x * HB;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const attn_rows ar = attn_rows_of(p, t);
-    const int r0 = z * ATT_R;
+    /* MZ: splits blockIdx.z * zb .. + zb - 1 in turn (DS4_CUDA_ATT_ZB: the
+     * queries staged once for zb splits; each split computed and written
+     * exactly as alone); else split blockIdx.z alone, as before */
+    const int zb = MZ && p.zb > 1 ? p.zb : 1;
+    int z = (int)blockIdx.z * zb, r0 = z * ATT_R;
     if (r0 >= ar.n) return;
-    const int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
+    int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
     const int pos0 = p.step->pos0;
     if (threadIdx.x < nr) ro[threadIdx.x] = attn_row_off(p, ar, r0 + threadIdx.x, pos0);
     /* the HB heads' queries are contiguous: float4 loads, LB in flight per
@@ -785,8 +790,9 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
         }
     }
     __syncthreads();
-    /* phase 0: rows -> shared, 4 values per load, LB loads in flight */
     const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
+    for (int zz = 0;;) {
+    /* phase 0: rows -> shared, 4 values per load, LB loads in flight */
     const int d4 = dh / 4, n_u = nr * d4;
     for (int u0 = threadIdx.x; u0 < n_u; u0 += LB * blockDim.x) {
         float4 v[LB];
@@ -937,6 +943,16 @@ __global__ void __launch_bounds__(256) k_attn_part(const __grid_constant__ attn_
 #pragma unroll
             for (int h = 0; h < HB; h++) p.part_o[(((int64_t)tl * p.S + z) * p.H + h0 + h) * dh + e] = acc[h][k];
     }
+    /* the next split of this block (MZ), the same for all its threads */
+    if (!MZ || ++zz >= zb) break;
+    z++;
+    r0 += ATT_R;
+    if (r0 >= ar.n) break;
+    nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
+    __syncthreads(); /* this split's reads of ro, rs and sc are done */
+    if (threadIdx.x < nr) ro[threadIdx.x] = attn_row_off(p, ar, r0 + threadIdx.x, pos0);
+    __syncthreads();
+    } /* splits */
 }
 
 /* ------------------------------------------- attention on tensor cores */
@@ -1325,6 +1341,11 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         return;
     }
     p.S = S;
+    /* splits per block of the CUDA-core kernel: 1, or for batches
+     * DS4_CUDA_ATT_ZB (opt-in until run: a batch's blocks each stage their
+     * token's HB queries, 32 KB with 16 heads, for 32 rows; with zb splits
+     * per block once for 32 zb rows) */
+    p.zb = n >= MM_MIN_N && c->att_zb > 1 ? c->att_zb : 1;
     /* tensor cores when switched on (dh a multiple of 64: the shared
      * layouts); 16 heads per block for a few tokens (more blocks), 64 for
      * batches (the rows staged once per token and split) */
@@ -1360,11 +1381,19 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
             if (!CU_LAUNCH(c, "attn_merge")) return;
             continue;
         }
-        dim3 grid(p.H / hb, nt, S);
+        if (hb != 16) p.zb = 1;
+        dim3 grid(p.H / hb, nt, cu_div_up(S, p.zb));
+#define AT2(HB, DHC, MZ)                                                                                        \
+    do {                                                                                                        \
+        cudaFuncSetAttribute(k_attn_part<T, HB, DHC, MZ>, cudaFuncAttributeMaxDynamicSharedMemorySize,          \
+                             200 * 1024);                                                                       \
+        cu_launch(c, k_attn_part<T, HB, DHC, MZ>, grid, 256, smem, p);                                          \
+    } while (0)
+/* several splits per block only with 16 heads per block (the batches' choice) */
 #define AT1(HB, DHC)                                                                                            \
     do {                                                                                                        \
-        cudaFuncSetAttribute(k_attn_part<T, HB, DHC>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024); \
-        cu_launch(c, k_attn_part<T, HB, DHC>, grid, 256, smem, p);                                              \
+        if (HB == 16 && p.zb > 1) AT2(HB, DHC, HB == 16);                                                       \
+        else AT2(HB, DHC, false);                                                                               \
     } while (0)
 /* the Flash head size (512) as a constant unless DS4_CUDA_ATT_DH_RT=1 (A/B; the same operations) */
 #define AT(HB)                                                                                                  \
@@ -1381,6 +1410,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         }
 #undef AT
 #undef AT1
+#undef AT2
         if (!CU_LAUNCH(c, "attn_part")) return;
         if (mz > 1) cu_launch(c, k_attn_merge<true>, dim3(p.H, nt, mz), 128, msmem, p);
         else cu_launch(c, k_attn_merge<false>, dim3(p.H, nt), 256, msmem, p);
@@ -1394,7 +1424,7 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
     const int n = a->n, H = hp->n_head, dh = hp->head_dim, G = hp->o_groups, ol = hp->o_lora;
-    attn_p p;
+    attn_p p{};
     p.q = a->q;
     p.kv = a->kv;
     p.raw = a->raw;

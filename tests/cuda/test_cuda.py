@@ -184,7 +184,8 @@ _AB_BASE = {}
                                      ("q2:DS4_CUDA_TOPK_ILP", "1"), ("DS4_CUDA_NO_MERGE_SLICES", "1"),
                                      ("DS4_CUDA_ATT_HB_HCA", "0"), ("q2:DS4_CUDA_ATT_HB_HCA", "0"),
                                      ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1"),
-                                     ("DS4_CUDA_KV_IN_MERGE", "1"), ("q2:DS4_CUDA_KV_IN_MERGE", "1")])
+                                     ("DS4_CUDA_KV_IN_MERGE", "1"), ("q2:DS4_CUDA_KV_IN_MERGE", "1"),
+                                     ("DS4_CUDA_ATT_ZB", "4"), ("q2:DS4_CUDA_ATT_ZB", "3")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
@@ -217,7 +218,7 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     (DS4_CUDA_TOPK_ILP=0) or chosen per token on the device (=2) == the wide kernel with 1 key == prefill with 8 /
     1 keys always == the attention merge in one block per head (DS4_CUDA_NO_MERGE_SLICES=1; by default dh / 128
     slices, many splits per head here) == the kv rows stored by the merge (DS4_CUDA_KV_IN_MERGE=1: one batch of
-    n > W, chunks of 300 at pos0 > 0)."""
+    n > W, chunks of 300 at pos0 > 0) == 4 attention splits per block in the batch (DS4_CUDA_ATT_ZB=4)."""
     model = _stage_model(name)
     n = 20000 if name == "q2" else 17000  # up to 5,000 rows: two blocks
     rng = np.random.default_rng(5)
@@ -231,10 +232,11 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     no_ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="0")
     no_slices = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
     kvm = dict(os.environ, DS4_CUDA_KV_IN_MERGE="1")  # one batch of n > W tokens: the merge stores the last W rows
+    zb = dict(os.environ, DS4_CUDA_ATT_ZB="4")  # batches: 4 attention splits per block
     for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], one), (["--eval", "chunk:3"], one_u1),
                     (["--eval", "chunk:3"], one_dev), (["--eval", "chunk:4"], no_ilp), (["--eval", "prefill"], ilp),
                     (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_slices), (["--eval", "prefill"], kvm),
-                    (["--eval", "chunk:300"], kvm)):
+                    (["--eval", "chunk:300"], kvm), (["--eval", "prefill"], zb)):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{name} {' '.join(mode)}: max |d| vs prefill {d:.2e}")
