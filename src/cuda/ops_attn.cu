@@ -1341,11 +1341,12 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         return;
     }
     p.S = S;
-    /* splits per block of the CUDA-core kernel: 1, or for batches
-     * DS4_CUDA_ATT_ZB (opt-in until run: a batch's blocks each stage their
-     * token's HB queries, 32 KB with 16 heads, for 32 rows; with zb splits
-     * per block once for 32 zb rows) */
-    p.zb = n >= MM_MIN_N && c->att_zb > 1 ? c->att_zb : 1;
+    /* splits per block of the CUDA-core kernel with 16 heads per block
+     * (batches; few tokens in HCA layers of long sessions): 1, or
+     * DS4_CUDA_ATT_ZB (opt-in until run: each block stages its token's 16
+     * queries, 32 KB, for 32 rows; with zb splits per block once for 32 zb
+     * rows) */
+    p.zb = c->att_zb > 1 ? c->att_zb : 1;
     /* tensor cores when switched on (dh a multiple of 64: the shared
      * layouts); 16 heads per block for a few tokens (more blocks), 64 for
      * batches (the rows staged once per token and split) */
