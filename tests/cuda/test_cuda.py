@@ -218,7 +218,8 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     (DS4_CUDA_TOPK_ILP=0) or chosen per token on the device (=2) == the wide kernel with 1 key == prefill with 8 /
     1 keys always == the attention merge in one block per head (DS4_CUDA_NO_MERGE_SLICES=1; by default dh / 128
     slices, many splits per head here) == the kv rows stored by the merge (DS4_CUDA_KV_IN_MERGE=1: one batch of
-    n > W, chunks of 300 at pos0 > 0) == 4 attention splits per block in the batch (DS4_CUDA_ATT_ZB=4)."""
+    n > W, chunks of 300 at pos0 > 0) == 4 attention splits per block (DS4_CUDA_ATT_ZB=4: the batch, and chunks of 4
+    in the HCA layers, 16 heads per block from 2,048 rows of capacity)."""
     model = _stage_model(name)
     n = 20000 if name == "q2" else 17000  # up to 5,000 rows: two blocks
     rng = np.random.default_rng(5)
@@ -236,7 +237,7 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], one), (["--eval", "chunk:3"], one_u1),
                     (["--eval", "chunk:3"], one_dev), (["--eval", "chunk:4"], no_ilp), (["--eval", "prefill"], ilp),
                     (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_slices), (["--eval", "prefill"], kvm),
-                    (["--eval", "chunk:300"], kvm), (["--eval", "prefill"], zb)):
+                    (["--eval", "chunk:300"], kvm), (["--eval", "prefill"], zb), (["--eval", "chunk:4"], zb)):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{name} {' '.join(mode)}: max |d| vs prefill {d:.2e}")
