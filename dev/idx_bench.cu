@@ -104,6 +104,7 @@ printf("topk Nc %d x%d k %d%s: d=%d/%d/%d/%d/%d status %d|one block %.3f ms, ilp
 F(ds);F(dsel);F(dn);F(st);F(sy);F(dst);return diff[0]||diff[1]||diff[2]||diff[3]||diff[4]||hst;}
 int main(){int bad=0;
 bad|=test_topk(262144,1,512,false,20);bad|=test_topk(262144,1,512,true,20);bad|=test_topk(262144,4,512,false,5);
+bad|=test_topk(4097,4,512,true,20); /* tokens of 4,094-4,097 rows: the device choice (by rows) on both sides */
 bad|=test_topk(16384,1,512,false,20);bad|=test_topk(16384,3,512,true,20);bad|=test_topk(5000,2,512,true,20);bad|=test_topk(4100,1,512,false,20);bad|=test_topk(600,1,512,true,5);
 bad|=test<__half>(128,2048-3,37,512,2); bad|=test<float>(128,2048-3,37,512,2);
 bad|=test<__half>(128,4*777+1,5,100,2); bad|=test<float>(64,4*777+1,5,100,2);

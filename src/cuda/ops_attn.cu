@@ -699,7 +699,7 @@ struct attn_p {
                               * kv_store stage then has nothing left to do), else NULL */
     int st_f16;              /* its rows are half (else f32) */
     int st_t0;               /* first token stored (n > W: only the last W) */
-    int zb;                  /* k_attn_part: splits per block (DS4_CUDA_ATT_ZB, batches; else 1) */
+    int zb;                  /* k_attn_part: splits per block (DS4_CUDA_ATT_ZB with 16 heads per block; else 1) */
 };
 
 /* Rows a token attends: its raw window (ring rows, or this batch's kv for
@@ -1383,6 +1383,9 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
             continue;
         }
         if (hb != 16) p.zb = 1;
+        /* no fewer blocks than 2 per SM for it (HCA decode at 1M: 4 head
+         * groups x 260 splits) */
+        while (p.zb > 1 && (int64_t)(p.H / hb) * nt * cu_div_up(S, p.zb) < 2 * (int64_t)c->n_sm) p.zb /= 2;
         dim3 grid(p.H / hb, nt, cu_div_up(S, p.zb));
 #define AT2(HB, DHC, MZ)                                                                                        \
     do {                                                                                                        \
@@ -1390,7 +1393,9 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
                              200 * 1024);                                                                       \
         cu_launch(c, k_attn_part<T, HB, DHC, MZ>, grid, 256, smem, p);                                          \
     } while (0)
-/* several splits per block only with 16 heads per block (the batches' choice) */
+/* several splits per block only with 16 heads per block (batches, long HCA
+ * layers): AT2(HB, DHC, HB == 16) instantiates the looping kernel for 16
+ * heads only (the branch is dead for the others) */
 #define AT1(HB, DHC)                                                                                            \
     do {                                                                                                        \
         if (HB == 16 && p.zb > 1) AT2(HB, DHC, HB == 16);                                                       \
