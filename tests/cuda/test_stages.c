@@ -715,6 +715,46 @@ static void t_head(tctx *t, int n) {
 
 /* ---------------------------------------------------------------- recipes */
 
+/* The models built in this run: a recipe whose configuration an earlier one
+ * had (the numerics differ, not the weights: tm_build is deterministic in
+ * its configuration) links that file instead of building it again (~30 s
+ * per Flash-shape model on the GPU machine; the pytest stage models keep
+ * their names). */
+static struct {
+    tm_cfg c;
+    char path[512];
+} built[16];
+static int n_built;
+
+static bool same_str(const char *a, const char *b) { return a == b || (a && b && !strcmp(a, b)); }
+
+static bool cfg_same(const tm_cfg *a, const tm_cfg *b) {
+    return a->n_layer == b->n_layer && a->D == b->D && a->V == b->V && a->H == b->H && a->dh == b->dh &&
+           a->n_rot == b->n_rot && a->q_lora == b->q_lora && a->o_lora == b->o_lora && a->G == b->G && a->E == b->E &&
+           a->K == b->K && a->F == b->F && a->n_hash == b->n_hash && a->window == b->window && a->IH == b->IH &&
+           a->ID == b->ID && a->topk == b->topk && a->n_hc == b->n_hc && !memcmp(a->ratios, b->ratios, sizeof a->ratios) &&
+           a->clamp == b->clamp && a->yarn == b->yarn && a->type_mat == b->type_mat && a->type_gate == b->type_gate &&
+           a->type_down == b->type_down && a->type_small == b->type_small && a->seed == b->seed &&
+           a->mixed_last == b->mixed_last && same_str(a->skip_tensor, b->skip_tensor) &&
+           same_str(a->bad_shape_tensor, b->bad_shape_tensor) && same_str(a->bad_type_tensor, b->bad_type_tensor) &&
+           same_str(a->drop_key, b->drop_key) && a->head_count_kv == b->head_count_kv &&
+           a->short_ratios == b->short_ratios && a->bad_expert_id == b->bad_expert_id;
+}
+
+static void build_model(const tm_cfg *c, const char *path) {
+    for (int i = 0; i < n_built; i++)
+        if (cfg_same(&built[i].c, c) && strcmp(built[i].path, path)) {
+            unlink(path);
+            if (link(built[i].path, path) == 0) return;
+        }
+    if (tm_build(c, path)) die("tm_build", NULL);
+    if (n_built < (int)(sizeof built / sizeof built[0])) {
+        built[n_built].c = *c;
+        snprintf(built[n_built].path, sizeof built[n_built].path, "%s", path);
+        n_built++;
+    }
+}
+
 static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const char *dir);
 static void run_recipe(const char *name, tm_cfg c, bool plain, const char *dir) {
     ds4_numerics num = {.fp8_kv = !plain, .fp4_indexer = !plain, .f16_cache = !plain, .act_quant = !plain};
@@ -740,7 +780,7 @@ static void run_recipe_num(const char *name, tm_cfg c, ds4_numerics num, const c
     tctx T = {.recipe = name}, *t = &T;
     char path[512];
     snprintf(path, sizeof path, "%s/stages_%s.gguf", dir, name);
-    if (tm_build(&c, path)) die("tm_build", NULL);
+    build_model(&c, path);
     ds4_err e = {0};
     if (ds4_gguf_open(&t->g, path, &e) || ds4_model_load(&t->m, t->g, &e)) die("load", &e);
     t->num = num;
