@@ -7,7 +7,7 @@
 # are made here by dev/device_prep.sh.
 # The device tool brings back at most 8 files from $OUT (each bench step
 # writes 2): plan a call's steps so that the logs that matter fit.
-# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [attbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -65,6 +65,11 @@ while [ $# -gt 0 ]; do
         sed -n "/^#define IDX_ROWS 64/,/^\/\* ---- the host launchers/p" src/cuda/ops_compress.cu | sed '$d' > build/k.inc
         nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Ibuild -Isrc dev/idx_bench.cu -o build/idx_bench > "$OUT/idxb-build.log" 2>&1 || tail "$OUT/idxb-build.log"
         timeout 120 build/idx_bench > "$OUT/idx_bench.log" 2>&1; echo "idx_bench: exit $?"; cat "$OUT/idx_bench.log" ;;
+    attbench)
+        # the CUDA-core attention kernels alone at Flash shapes, variants bit for bit and timed (dev/att_bench.cu)
+        sed -n "/^struct attn_p {/,/^static size_t attn_part_smem/p" src/cuda/ops_attn.cu | sed '$d' > build/k_att.inc
+        nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Ibuild -Isrc dev/att_bench.cu -o build/att_bench > "$OUT/attb-build.log" 2>&1 || tail "$OUT/attb-build.log"
+        timeout 180 build/att_bench > "$OUT/att_bench.log" 2>&1; echo "att_bench: exit $?"; cut -c1-400 "$OUT/att_bench.log" ;;
     moebench)
         # decode routed-expert kernel variants (dev/moe_bench.cu)
         nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Isrc dev/moe_bench.cu -o build/moe_bench > "$OUT/moeb-build.log" 2>&1 || tail "$OUT/moeb-build.log"

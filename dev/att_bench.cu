@@ -1,0 +1,187 @@
+/* dev/att_bench.cu - the CUDA-core attention kernels (k_attn_part + k_attn_merge,
+ * src/cuda/ops_attn.cu) alone at Flash's shapes (64 heads x 512, RoPE 64,
+ * window 128, f16 rows as in release numerics): each variant's output
+ * checked bit for bit against the first (heads per block, splits per block,
+ * the head size as a constant or not, sliced merge), and its time. Cases:
+ * a prefill chunk of an HCA and a CSA layer at 2k and 64k, and one decode
+ * token of an HCA layer at 1M (8,192 compressed rows). Nothing else of the
+ * engine runs, so it fits any GPU (an H100 when no H200 is lent).
+ *
+ *   sed -n "/^struct attn_p {/,/^static size_t attn_part_smem/p" src/cuda/ops_attn.cu | sed '$d' > /tmp/k_att.inc
+ *   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I/tmp -Isrc dev/att_bench.cu -o /tmp/att_bench
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+
+#include "cuda/cuda.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/rowops.cuh"
+
+/* the definitions cuda.cuh declares but this tool does not link */
+void cu_fail(cu_ctx *, int, const char *, ...) {}
+
+#include "k_att.inc"
+
+#define CK(x)                                                                                   \
+    do {                                                                                        \
+        cudaError_t e_ = (x);                                                                   \
+        if (e_ != cudaSuccess) {                                                                \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            exit(1);                                                                            \
+        }                                                                                       \
+    } while (0)
+
+static uint64_t rs = 0x9e3779b97f4a7c15ull;
+static float rnd() { /* uniform in [-1, 1) */
+    rs ^= rs << 13, rs ^= rs >> 7, rs ^= rs << 17;
+    return (float)((rs >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+template <typename T> static T *dev_copy(const std::vector<T> &h) {
+    T *d;
+    CK(cudaMalloc(&d, h.size() * sizeof(T) + 16));
+    CK(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+}
+
+struct variant {
+    const char *name;
+    int hb, zb, dhc, mz;
+};
+
+/* One launch of the partial kernel for the variant (the host choices of
+ * launch_attention, without its heuristics) */
+template <int HB, int DHC, bool MZ> static void part(const attn_p &p, dim3 grid, size_t smem) {
+    CK(cudaFuncSetAttribute(k_attn_part<__half, HB, DHC, MZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    k_attn_part<__half, HB, DHC, MZ><<<grid, 256, smem>>>(p);
+}
+
+static void run_variant(attn_p p, int n, const variant &v) {
+    const int S = p.S;
+    p.zb = v.zb;
+    const dim3 grid(p.H / v.hb, n, (S + v.zb - 1) / v.zb);
+    const size_t smem = ((size_t)v.hb * p.dh + (size_t)ATT_R * p.dh + (size_t)v.hb * ATT_R) * 4 + ATT_R * 8;
+    const bool mz = v.zb > 1;
+    if (v.hb == 16) {
+        if (v.dhc) { if (mz) part<16, 512, true>(p, grid, smem); else part<16, 512, false>(p, grid, smem); }
+        else { if (mz) part<16, 0, true>(p, grid, smem); else part<16, 0, false>(p, grid, smem); }
+    } else if (v.hb == 8) {
+        if (v.dhc) part<8, 512, false>(p, grid, smem); else part<8, 0, false>(p, grid, smem);
+    } else {
+        if (v.dhc) part<4, 512, false>(p, grid, smem); else part<4, 0, false>(p, grid, smem);
+    }
+    const size_t msm = ((size_t)p.dh + (v.mz > 1 ? 2 : 1) * (size_t)S) * 4;
+    if (v.mz > 1) {
+        CK(cudaFuncSetAttribute(k_attn_merge<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm));
+        k_attn_merge<true><<<dim3(p.H, n, v.mz), 128, msm>>>(p);
+    } else {
+        CK(cudaFuncSetAttribute(k_attn_merge<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm));
+        k_attn_merge<false><<<dim3(p.H, n), 256, msm>>>(p);
+    }
+}
+
+/* n tokens at positions pos0..pos0+n-1 of a layer of kind (ratio 128 HCA,
+ * 4 CSA with a random selection of up to topk rows); returns nonzero when a
+ * variant's output differs from the first's */
+static int bench_case(const char *label, int kind, int pos0, int n, int reps) {
+    const int H = 64, dh = 512, W = 128, n_rot = 64, topk = 512, ratio = kind == DS4_ATTN_HCA ? 128 : 4;
+    const int n_comp_max = kind == DS4_ATTN_HCA ? (pos0 + n) / ratio : kind == DS4_ATTN_CSA ? topk : 0;
+    const int comp_cap = kind == DS4_ATTN_HCA ? (pos0 + n) / ratio + 1 : (pos0 + n) / 4 + 1;
+    const int S = (W + n_comp_max + ATT_R - 1) / ATT_R;
+    /* f16-representable rows (release numerics round them so) */
+    std::vector<float> q((size_t)n * H * dh), kv((size_t)n * dh);
+    for (auto &x : q) x = rnd() * 0.5f;
+    for (auto &x : kv) x = __half2float(__float2half(rnd()));
+    std::vector<__half> raw((size_t)W * dh), comp((size_t)comp_cap * dh);
+    for (auto &x : raw) x = __float2half(rnd());
+    for (auto &x : comp) x = __float2half(rnd());
+    std::vector<float> sinks(H), inv(n_rot / 2);
+    for (auto &x : sinks) x = rnd();
+    for (int i = 0; i < n_rot / 2; i++) inv[i] = powf(10000.0f, -2.0f * i / n_rot);
+    std::vector<int32_t> sel((size_t)n * topk), nsel(n);
+    for (int t = 0; t < n; t++) {
+        const int nc = (pos0 + t + 1) / 4, k = nc < topk ? nc : topk;
+        nsel[t] = k;
+        for (int i = 0; i < k; i++) sel[(size_t)t * topk + i] = (int)(((uint64_t)i * nc) / k); /* ascending, distinct */
+    }
+    ds4_step st;
+    memset(&st, 0, sizeof st);
+    st.pos0 = pos0;
+    attn_p p{};
+    p.q = dev_copy(q);
+    p.kv = dev_copy(kv);
+    p.raw = dev_copy(raw);
+    p.comp = dev_copy(comp);
+    p.sel = kind == DS4_ATTN_CSA ? dev_copy(sel) : nullptr;
+    p.n_sel = kind == DS4_ATTN_CSA ? dev_copy(nsel) : nullptr;
+    p.sinks = dev_copy(sinks);
+    p.inv_freq = dev_copy(inv);
+    std::vector<ds4_step> hs(1, st);
+    p.step = dev_copy(hs);
+    float *o, *po, *pm, *pl;
+    CK(cudaMalloc(&o, (size_t)n * H * dh * 4));
+    CK(cudaMalloc(&po, (size_t)n * S * H * dh * 4));
+    CK(cudaMalloc(&pm, (size_t)n * S * H * 4));
+    CK(cudaMalloc(&pl, (size_t)n * S * H * 4));
+    p.o = o, p.part_o = po, p.part_m = pm, p.part_l = pl;
+    p.t0 = 0, p.S = S, p.H = H, p.dh = dh, p.W = W, p.n_rot = n_rot, p.kind = kind, p.ratio = ratio, p.topk = topk;
+    p.scale = 1.0f / sqrtf((float)dh);
+    p.att_r4 = 1;
+    const variant vs[] = {{"hb4", 4, 1, 0, 1},       {"hb4 dh512", 4, 1, 512, 1},  {"hb16 dh512", 16, 1, 512, 1},
+                          {"hb16 mz4", 16, 1, 512, 4}, {"hb16 zb2", 16, 2, 512, 4}, {"hb16 zb4", 16, 4, 512, 4},
+                          {"hb16 zb4 rt", 16, 4, 0, 4}, {"hb8 dh512", 8, 1, 512, 4}};
+    std::vector<float> ref((size_t)n * H * dh), got(ref.size());
+    printf("%s (n %d at %d, %d splits):", label, n, pos0, S);
+    int bad = 0;
+    for (const variant &v : vs) {
+        CK(cudaMemset(o, 0xff, (size_t)n * H * dh * 4));
+        run_variant(p, n, v);
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(got.data(), o, got.size() * 4, cudaMemcpyDeviceToHost));
+        const bool first = &v == &vs[0];
+        if (first) ref = got;
+        const bool same = !memcmp(ref.data(), got.data(), got.size() * 4);
+        cudaEvent_t e0, e1;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        CK(cudaEventRecord(e0));
+        for (int r = 0; r < reps; r++) run_variant(p, n, v);
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        printf(" | %s %.3f ms%s", v.name, ms / reps, same ? "" : " DIFFERS");
+        bad |= !same;
+    }
+    printf("\n");
+    CK(cudaFree((void *)p.q));
+    CK(cudaFree((void *)p.kv));
+    CK(cudaFree((void *)p.raw));
+    CK(cudaFree((void *)p.comp));
+    if (p.sel) CK(cudaFree((void *)p.sel));
+    if (p.n_sel) CK(cudaFree((void *)p.n_sel));
+    CK(cudaFree((void *)p.sinks));
+    CK(cudaFree((void *)p.inv_freq));
+    CK(cudaFree((void *)p.step));
+    CK(cudaFree(o));
+    CK(cudaFree(po));
+    CK(cudaFree(pm));
+    CK(cudaFree(pl));
+    return bad;
+}
+
+int main() {
+    int bad = 0;
+    bad |= bench_case("prefill HCA 2k", DS4_ATTN_HCA, 2048, 256, 5);
+    bad |= bench_case("prefill CSA 2k", DS4_ATTN_CSA, 2048, 256, 5);
+    bad |= bench_case("prefill HCA 64k", DS4_ATTN_HCA, 65536, 256, 5);
+    bad |= bench_case("prefill CSA 64k", DS4_ATTN_CSA, 65536, 256, 5);
+    bad |= bench_case("decode HCA 1M", DS4_ATTN_HCA, 1048575, 1, 50);
+    bad |= bench_case("decode HCA 64k", DS4_ATTN_HCA, 65535, 1, 50);
+    bad |= bench_case("decode CSA 64k", DS4_ATTN_CSA, 65535, 1, 50);
+    printf(bad ? "BAD\n" : "OK\n");
+    return bad;
+}
