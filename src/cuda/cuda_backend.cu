@@ -17,6 +17,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <limits.h>
 #include <string.h>
 
 #include "cuda/cuda.cuh"
@@ -1129,11 +1130,13 @@ static void cu_destroy(void *ctx) {
 
 /* Debug and A/B switches, read from the environment once per backend (none
  * is needed in normal use; documented in docs/ARCHITECTURE.md section 7).
- * Each sets one int of cu_ctx; unset or empty = 0. */
+ * Each sets one int of cu_ctx to its decimal value; unset, empty or not a
+ * number: the entry's `unset` value (0 unless given). */
 typedef int cu_ctx::*cu_int_field;
 static const struct cu_switch {
     const char *name;
     cu_int_field field;
+    int unset;
 } cu_switches[] = {
     {"DS4_CUDA_KPROF", &cu_ctx::kprof},                 /* 1: per-kernel times in ds4-bench --profile */
     {"DS4_CUDA_NO_PDL", &cu_ctx::no_pdl},               /* 1: no programmatic dependent launch */
@@ -1149,12 +1152,12 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_IDX_TILE", &cu_ctx::no_idx_tile},     /* 1: indexer scores on k_idx_scores (same bits) */
     {"DS4_CUDA_NO_IDX_MMA", &cu_ctx::no_idx_mma},       /* 1: FP4 indexer scores on CUDA cores (float sums) */
     {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */
-    {"DS4_CUDA_ATT_HB_HCA", &cu_ctx::att_hb_hca},       /* 1|2|4|8|16: heads per block, few-token HCA layers (0: as others) */
+    {"DS4_CUDA_ATT_HB_HCA", &cu_ctx::att_hb_hca, -1},   /* 1|2|4|8|16: heads per block, few-token HCA layers (0: as others) */
     {"DS4_CUDA_ATT_ZB", &cu_ctx::att_zb},               /* N: attention splits per block in batches (same bits) */
     {"DS4_CUDA_KV_IN_MERGE", &cu_ctx::kv_in_merge},     /* 1: kv rows stored by the attention merge (same values) */
     {"DS4_CUDA_ATT_DH_RT", &cu_ctx::att_dh_rt},         /* 1: k_attn_part's head size at run time (same bits) */
     {"DS4_CUDA_NO_MERGE_SLICES", &cu_ctx::no_merge_slices}, /* 1: attention merge in one block per head (same bits) */
-    {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp},           /* 0|1|2: indexer top-k, 8 keys per thread never|always|by rows on device */
+    {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp, -1},       /* 0|1|2: indexer top-k, 8 keys per thread never|always|by rows on device */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
@@ -1171,18 +1174,17 @@ static const struct cu_switch {
 static void cu_read_switches(cu_ctx *c) {
     for (size_t i = 0; i < sizeof cu_switches / sizeof cu_switches[0]; i++) {
         const char *v = getenv(cu_switches[i].name);
-        c->*cu_switches[i].field = v && *v ? atoi(v) : 0;
+        char *end = nullptr;
+        const long x = v && *v ? strtol(v, &end, 10) : 0;
+        c->*cu_switches[i].field = v && *v && !*end && x >= INT_MIN && x <= INT_MAX ? (int)x : cu_switches[i].unset;
     }
-    /* two switches whose unset value is not 0: 16 heads per block in
-     * few-token HCA attention over many rows (att_hb_hca_min: the rows'
-     * capacity from which it applies; an explicit value applies always),
-     * the 8-key top-k chosen by the launch's rows (-1; 0, 1, 2 are the
-     * other modes) */
-    const char *v = getenv("DS4_CUDA_ATT_HB_HCA");
-    c->att_hb_hca_min = 0;
-    if (!v || !*v) c->att_hb_hca = 16, c->att_hb_hca_min = ATT_HB_HCA_MIN_ROWS;
-    v = getenv("DS4_CUDA_TOPK_ILP");
-    if (!v || (strcmp(v, "0") && strcmp(v, "1") && strcmp(v, "2"))) c->topk_ilp = -1;
+    /* unset: 16 heads per block in few-token HCA attention over many rows
+     * (att_hb_hca_min: the rows' capacity from which it applies; an
+     * explicit value applies always); the 8-key top-k chosen by the
+     * launch's rows (-1; 0, 1, 2 are the other modes) */
+    c->att_hb_hca_min = c->att_hb_hca == -1 ? ATT_HB_HCA_MIN_ROWS : 0;
+    if (c->att_hb_hca == -1) c->att_hb_hca = 16;
+    if (c->topk_ilp < 0 || c->topk_ilp > 2) c->topk_ilp = -1;
     if (c->att_hb != 1 && c->att_hb != 2 && c->att_hb != 4 && c->att_hb != 8 && c->att_hb != 16) c->att_hb = 0;
     if (c->att_tc_hb != 16 && c->att_tc_hb != 32 && c->att_tc_hb != 64) c->att_tc_hb = 0;
     if (c->att_zb < 1 || c->att_zb > 64) c->att_zb = 1;
