@@ -25,14 +25,7 @@ void cu_fail(cu_ctx *, int, const char *, ...) {}
 
 #include "k_att.inc"
 
-#define CK(x)                                                                                   \
-    do {                                                                                        \
-        cudaError_t e_ = (x);                                                                   \
-        if (e_ != cudaSuccess) {                                                                \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                            \
-        }                                                                                       \
-    } while (0)
+#include "dev_cuda.cuh"
 
 static uint64_t rs = 0x9e3779b97f4a7c15ull;
 static float rnd() { /* uniform in [-1, 1) */

@@ -20,14 +20,7 @@
 #include "cuda/cuda.cuh"
 #include "cuda/quant.cuh"
 
-#define CK(x)                                                                                   \
-    do {                                                                                        \
-        cudaError_t e_ = (x);                                                                   \
-        if (e_ != cudaSuccess) {                                                                \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                            \
-        }                                                                                       \
-    } while (0)
+#include "dev_cuda.cuh"
 
 /* the definitions cuda.cuh declares but this tool does not link */
 void cu_fail(cu_ctx *, int, const char *, ...) {}
