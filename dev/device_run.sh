@@ -7,7 +7,7 @@
 # are made here by dev/device_prep.sh.
 # The device tool brings back at most 8 files from $OUT (each bench step
 # writes 2): plan a call's steps so that the logs that matter fit.
-# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [attbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [bench ARGS -- ] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [attbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [rebuild VAR=VALUE] [bench ARGS -- ] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -53,6 +53,12 @@ while [ $# -gt 0 ]; do
         [ "${PYTEST_JOBS:-4}" -gt 1 ] && python3 -c "import xdist" 2>/dev/null && par=(-n "${PYTEST_JOBS:-4}")
         timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -rfEs -p no:cacheprovider "${par[@]}" "${args[@]}" > "$OUT/pytest.log" 2>&1
         echo "pytest: exit $?"; tail -25 "$OUT/pytest.log" ;;
+    rebuild)
+        # rebuild VAR=VALUE: make cuda again with a make variable (e.g. NVDEFS=-DCU_IQ2_SIGNS=0, a build-time
+        # kernel variant) for the steps after it; the Makefile rebuilds what the flags changed
+        t0=$(date +%s)
+        make -j16 cuda "$1" >> "$OUT/build.log" 2>&1 || tail -20 "$OUT/build.log"
+        echo "== rebuild $1: $(( $(date +%s) - t0 )) s"; shift ;;
     env)
         # env VAR=VALUE: set a variable for the steps after it (e.g. an A/B switch)
         export "$1"; echo "== env $1"; shift ;;

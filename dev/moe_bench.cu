@@ -262,7 +262,11 @@ int main() {
         for (auto &b : gb) b = (uint8_t)(rand() % 3 == 0 ? 8 : rand() % 2 ? 25 : 43);
         CK(cudaMemcpy(grid, gb.data(), 2048, cudaMemcpyHostToDevice));
     }
-    CK(cudaMemcpy(ks, rnd.data() + 4096, 128, cudaMemcpyHostToDevice));
+    { /* the real sign table: 7 sign bits and their parity (src/quant_tables.c ds4_ksigns_iq2xs) */
+        uint8_t k[128];
+        for (int i = 0; i < 128; i++) k[i] = (uint8_t)(i | (__builtin_popcount(i) & 1) << 7);
+        CK(cudaMemcpy(ks, k, 128, cudaMemcpyHostToDevice));
+    }
     auto fill = [&](uint8_t *p, size_t n) {
         for (size_t o = 0; o < n; o += rnd.size()) CK(cudaMemcpy(p + o, rnd.data(), n - o < rnd.size() ? n - o : rnd.size(), cudaMemcpyHostToDevice));
     };

@@ -83,6 +83,7 @@ struct cu_scratch {
     unsigned *rcc;             /* (1) k_route1 blocks done (0 between launches) */
     unsigned *mcc;             /* ((4K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
+    float *cin;                /* (min(B, 8), 32) deferred comb inputs (k_hc -> k_hc_comb on the side stream) */
     float *hn;                 /* (B, D) head input */
     float *rl;                 /* (B, E) router logits */
     int32_t *items;            /* (B*K) expert-major item ids */
@@ -163,7 +164,7 @@ struct cu_ctx {
     int att_hb_hca_min;
     cu_kv_fused kv_fused;  /* set by cu_attention when its merge stored the rows, consumed by cu_kv_store */
     int att_zb;            /* DS4_CUDA_ATT_ZB=N: k_attn_part takes N splits per block in batches (same bits) */
-    int kv_in_merge;       /* DS4_CUDA_KV_IN_MERGE=1: the attention merge stores the kv rows (kv_store launches nothing) */
+    int kv_in_merge;       /* the attention merge stores the kv rows, kv_store launches nothing (DS4_CUDA_KV_IN_MERGE=0: off) */
     int att_dh_rt;         /* DS4_CUDA_ATT_DH_RT=1: k_attn_part with the head size read at run time (A/B; same bits) */
     int no_merge_slices;   /* DS4_CUDA_NO_MERGE_SLICES=1: k_attn_merge in one block per head (same bits) */
     int topk_ilp;          /* DS4_CUDA_TOPK_ILP=0|1|2: the indexer top-k with 8 keys per thread and round never|always|by each token's rows on the device (else -1: by the launch's rows) */
@@ -194,7 +195,15 @@ struct cu_ctx {
     bool comm_owner;
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
-    bool side_live;        /* work queued on st2 that st has not joined yet */
+    bool side_live;        /* compressor work queued on st2 that st has not joined yet */
+    int comb_side;         /* DS4_CUDA_COMB_SIDE=1: HC-pre's comb (softmax + Sinkhorn) by k_hc_comb on st2 */
+    bool comb_defer;       /* set around cu_hc_pre by its side-stream wrapper: HC-pre may defer its comb */
+    struct {
+        float *cin, *comb;
+        int n, hc, iters;
+        float e;
+    } comb_job;            /* the comb HC-pre deferred (n = 0: none), launched on st2 after its fork */
+    bool comb_live;        /* a deferred comb queued on st2 that st has not joined yet (only HC-post reads it) */
     cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */
     cudaEvent_t ev_af, ev_aj;
     bool ahead_live;       /* prefetches queued on st3 that st has not joined yet */
@@ -386,6 +395,7 @@ void cu_dequant_rows(cu_ctx *c, const ds4_weight *w, const int32_t *ids, int n, 
 /* ops_attn.cu */
 int cu_embed(void *ctx, const ds4_embed_args *a);
 int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a);
+void cu_hc_comb_launch(cu_ctx *c, cudaStream_t st);
 int cu_hc_post(void *ctx, const ds4_hc_post_args *a);
 int cu_attn_project(void *ctx, const ds4_attn_project_args *a);
 int cu_attention(void *ctx, const ds4_attention_args *a);

@@ -156,10 +156,18 @@ static int report(cu_ctx *c, ds4_err *err) {
 static bool side_on(const cu_ctx *c) { return !c->no_side_stream && c->st2 && !c->profile && !c->kprof && !c->sync_debug; }
 
 static void cu_join(cu_ctx *c) {
-    if (!c->side_live) return;
-    c->side_live = false;
+    if (!c->side_live && !c->comb_live) return;
+    c->side_live = c->comb_live = false;
     cu_ok(c, cudaEventRecord(c->ev_join, c->st2), "side stream join") &&
         cu_ok(c, cudaStreamWaitEvent(c->st, c->ev_join, 0), "side stream join");
+}
+
+/* The operations that read neither the compressors' state nor HC-pre's
+ * comb (the router and the experts, after the FFN's HC-pre) join the side
+ * stream only for the compressors: a deferred comb (DS4_CUDA_COMB_SIDE=1,
+ * k_hc_comb) stays off the critical path until its HC-post. */
+static void cu_join_side(cu_ctx *c) {
+    if (c->side_live) cu_join(c);
 }
 
 /* ---------------------------------------------------------------- L2 ahead (cuda.cuh cu_ahead) */
@@ -229,10 +237,14 @@ CU_JOINED(cu_embed, ds4_embed_args)
 CU_JOINED(cu_indexer_select, ds4_indexer_args)
 CU_JOINED(cu_kv_store, ds4_kv_store_args)
 CU_JOINED(cu_hc_post, ds4_hc_post_args)
-CU_JOINED(cu_moe_route, ds4_moe_route_args)
 CU_JOINED(cu_head, ds4_head_args)
 CU_JOINED(cu_mtp_embed, ds4_mtp_embed_args)
 #undef CU_JOINED
+
+static int cu_moe_route_j(void *ctx, const ds4_moe_route_args *a) {
+    cu_join_side((cu_ctx *)ctx);
+    return cu_moe_route(ctx, a);
+}
 
 /* Attention: o_a into L2 while the attention core runs; afterwards the
  * FFN's shared expert and router while HC-pre and the router run. */
@@ -251,7 +263,7 @@ static int cu_attention_j(void *ctx, const ds4_attention_args *a) {
  * HC-pre runs. */
 static int cu_moe_experts_j(void *ctx, const ds4_moe_experts_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
-    cu_join(c);
+    cu_join_side(c);
     const int rc = cu_moe_experts(ctx, a);
     if (!rc && a->il + 1 < a->m->hp.n_layer) {
         const ds4_layer *nl = &a->m->layers[a->il + 1];
@@ -262,12 +274,21 @@ static int cu_moe_experts_j(void *ctx, const ds4_moe_experts_args *a) {
     return rc ? rc : c->err;
 }
 
-/* HC-pre, then the fork point of the compressors that may follow */
+/* HC-pre, then the fork point of the compressors that may follow, and with
+ * DS4_CUDA_COMB_SIDE=1 of its deferred comb (k_hc_comb) */
 static int cu_hc_pre_j(void *ctx, const ds4_hc_pre_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     cu_join(c);
+    c->comb_defer = c->comb_side && side_on(c);
+    c->comb_job.n = 0;
     const int rc = cu_hc_pre(ctx, a);
-    if (!rc && side_on(c)) cu_ok(c, cudaEventRecord(c->ev_fork, c->st), "side stream fork");
+    c->comb_defer = false;
+    if (!rc && side_on(c) && cu_ok(c, cudaEventRecord(c->ev_fork, c->st), "side stream fork") && c->comb_job.n &&
+        cu_ok(c, cudaStreamWaitEvent(c->st2, c->ev_fork, 0), "side stream fork")) {
+        cu_hc_comb_launch(c, c->st2);
+        c->comb_live = !c->err;
+    }
+    c->comb_job.n = 0;
     return rc ? rc : c->err;
 }
 
@@ -812,6 +833,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->rcc = (unsigned *)take(sizeof(unsigned));
     s->mcc = (unsigned *)take((4 * K + 1) * (F / 256 + 1) * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
+    s->cin = (float *)take((B < 8 ? B : 8) * 32 * 4);
     s->hn = (float *)take(B * D * 4);
     s->rl = (float *)take(B * E * 4);
     s->items = (int32_t *)take(B * K * 4);
@@ -1154,7 +1176,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_TOPK_WIDE", &cu_ctx::no_topk_wide},   /* 1: the indexer top-k in one block per token */
     {"DS4_CUDA_ATT_HB_HCA", &cu_ctx::att_hb_hca, -1},   /* 1|2|4|8|16: heads per block, few-token HCA layers (0: as others) */
     {"DS4_CUDA_ATT_ZB", &cu_ctx::att_zb},               /* N: attention splits per block in batches (same bits) */
-    {"DS4_CUDA_KV_IN_MERGE", &cu_ctx::kv_in_merge},     /* 1: kv rows stored by the attention merge (same values) */
+    {"DS4_CUDA_KV_IN_MERGE", &cu_ctx::kv_in_merge, 1},  /* 0: kv rows stored by kv_store, not the attention merge */
     {"DS4_CUDA_ATT_DH_RT", &cu_ctx::att_dh_rt},         /* 1: k_attn_part's head size at run time (same bits) */
     {"DS4_CUDA_NO_MERGE_SLICES", &cu_ctx::no_merge_slices}, /* 1: attention merge in one block per head (same bits) */
     {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp, -1},       /* 0|1|2: indexer top-k, 8 keys per thread never|always|by rows on device */
@@ -1168,6 +1190,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
+    {"DS4_CUDA_COMB_SIDE", &cu_ctx::comb_side},         /* 1: HC-pre's Sinkhorn on the side stream (same bits) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
 };
 

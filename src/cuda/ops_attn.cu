@@ -48,6 +48,8 @@ struct hc_fin {
     const float *scale, *base, *norm_w;
     float *out;              /* (n, D) */
     float *post, *comb;      /* HC-pre outputs (NULL for the head) */
+    float *cin;              /* deferred comb (few tokens, side stream on): warp 0 leaves the (n, hc*hc) Sinkhorn
+                              * inputs here and k_hc_comb, on the side stream, finishes them into comb */
     bool head;
     int diag;                /* DS4_CUDA_HC_DIAG bits (timing diagnostics) */
     int n;                   /* tokens (the batch kernels) */
@@ -60,6 +62,60 @@ struct hc_fin {
 };
 
 #define HC_THREADS 512
+
+/* The comb of one token from its inputs c (lane l < hc*hc: element
+ * (l/hc, l%hc) = cu_lin(mix * rsq, scale[2], base)): row softmax, then
+ * Sinkhorn, every sum gathered by shuffles and added in cpu_ops.c's order
+ * (hc <= 4: 16 lanes); one warp, written to comb (hc*hc). */
+template <int HCN>
+__device__ __forceinline__ void hc_comb_warp(float c, int hc, float e, int iters, float *comb) {
+    const int lane = threadIdx.x & 31, r = lane / hc, b = lane % hc;
+    const bool on = lane < hc * hc;
+    float g[HCN ? HCN : 8];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < (HCN ? HCN : 8); k++)
+        if (k < hc) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, r * hc + k));
+    c = on ? expf(c - mx) : 0.0f;
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < (HCN ? HCN : 8); k++)
+        if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
+#pragma unroll
+    for (int k = 0; k < (HCN ? HCN : 8); k++)
+        if (k < hc) sum += g[k];
+    c = c / sum + e;
+    for (int it = 0; it < iters; it++) {
+        if (it > 0) { /* row normalisation */
+#pragma unroll
+            for (int k = 0; k < (HCN ? HCN : 8); k++)
+                if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
+            float rsum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < (HCN ? HCN : 8); k++)
+                if (k < hc) rsum += g[k];
+            c /= (rsum + e);
+        }
+#pragma unroll
+        for (int k = 0; k < (HCN ? HCN : 8); k++) /* column normalisation */
+            if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, k * hc + b);
+        float csum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < (HCN ? HCN : 8); k++)
+            if (k < hc) csum += g[k];
+        c /= (csum + e);
+    }
+    if (on) comb[lane] = c;
+}
+
+/* k_hc_comb: the deferred comb of token blockIdx.x (one warp), on the side
+ * stream, off the step's critical path (HC-post is its only reader). */
+template <int HCN>
+__global__ void k_hc_comb(const float *cin, float *comb, int hc, float e, int iters) {
+    const int lane = threadIdx.x & 31, t = blockIdx.x;
+    const float c = lane < hc * hc ? cin[(int64_t)t * hc * hc + lane] : 0.0f;
+    hc_comb_warp<HCN>(c, hc, e, iters, comb + (int64_t)t * hc * hc);
+}
 
 /* Finishes HC-pre (mixer split, Sinkhorn, weighted sum, RMSNorm) or the
  * head's stream weighting for token t, run by the last block of k_hc to
@@ -83,6 +139,27 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
     const int n_mix = p.head ? hc : (2 + hc) * hc;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     __shared__ float rsq;
+    /* the small parameters now (first use after two dependent loads and
+     * three barriers): the mixer's scales and biases on warp 0, the norm
+     * weights of each warp's 32-value blocks (warps 1..) in registers */
+    const int nb = D / 32, wk = w - 1, nwk = nw - 1;
+    constexpr int NWR = 12;
+    const bool nreg = w > 0 && nb <= NWR * nwk;
+    float nwr[NWR];
+#pragma unroll
+    for (int j = 0; j < NWR; j++)
+        nwr[j] = nreg && p.norm_w && wk + j * nwk < nb ? p.norm_w[32 * (wk + j * nwk) + lane] : 0.0f;
+    float sc0 = 0.0f, sc1 = 0.0f, sc2 = 0.0f, bs0 = 0.0f, bs1 = 0.0f, bs2 = 0.0f;
+    if (w == 0) {
+        sc0 = p.scale[0];
+        bs0 = lane < hc ? p.base[lane] : 0.0f;
+        if (!p.head) {
+            sc1 = p.scale[1];
+            sc2 = p.scale[2];
+            bs1 = lane < hc ? p.base[hc + lane] : 0.0f;
+            bs2 = lane < hc * hc ? p.base[2 * hc + lane] : 0.0f;
+        }
+    }
     /* this thread's values of X (dims tid + k*blockDim of every stream),
      * loaded now so that their latency hides behind the mixer math */
     const float *X = p.X + (int64_t)t * nflat;
@@ -115,6 +192,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
                 xr[k][s] = d < D && s < hc ? X[(int64_t)s * D + d] : 0.0f;
             }
     }
+    if (p.diag & 32) return; /* timing: the finish up to here */
     /* the split partials: loaded at once, then summed in split order, one
      * thread per mix value */
     for (int i = threadIdx.x; i < p.n_split * HC_MAX_MIX; i += blockDim.x)
@@ -131,13 +209,14 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
         rsq = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
     }
     __syncthreads();
+    if (p.diag & 64) return;
     if (threadIdx.x < hc) {
-        pre[lane] = cu_sigmoid(cu_lin(__fmul_rn(mix[lane], rsq), p.scale[0], p.base[lane])) + p.hc_eps;
+        pre[lane] = cu_sigmoid(cu_lin(__fmul_rn(mix[lane], rsq), sc0, bs0)) + p.hc_eps;
         if (!p.head)
-            p.post[(int64_t)t * hc + lane] =
-                2.0f * cu_sigmoid(cu_lin(__fmul_rn(mix[hc + lane], rsq), p.scale[1], p.base[hc + lane]));
+            p.post[(int64_t)t * hc + lane] = 2.0f * cu_sigmoid(cu_lin(__fmul_rn(mix[hc + lane], rsq), sc1, bs1));
     }
     __syncthreads();
+    if (p.diag & 128) return;
     /* weighted sum of the streams and this thread's sum of squares */
     double ss = 0.0;
     if (!(p.diag & 8)) {
@@ -170,49 +249,15 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
         /* release warps 1.. (they wait for all nw warps' partials) */
         asm volatile("bar.arrive 1, %0;" ::"r"(blockDim.x) : "memory");
         if (p.head) return;
-        /* comb: row softmax, then Sinkhorn; lane l holds element (l/hc, l%hc),
-         * every sum gathers its terms by shuffles and adds them in cpu_ops.c's
-         * order (hc <= 4: 16 lanes) */
-        const int r = lane / hc, b = lane % hc;
+        /* comb: its inputs here, the row softmax and Sinkhorn in hc_comb_warp,
+         * now or (p.cin) by k_hc_comb on the side stream */
         const bool on = lane < hc * hc;
-        const float e = p.hc_eps;
-        float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rsq), p.scale[2], p.base[2 * hc + lane]) : 0.0f;
-        float g[HCN ? HCN : 8];
-        float mx = -INFINITY;
-#pragma unroll
-        for (int k = 0; k < (HCN ? HCN : 8); k++)
-            if (k < hc) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, r * hc + k));
-        c = on ? expf(c - mx) : 0.0f;
-        float sum = 0.0f;
-#pragma unroll
-        for (int k = 0; k < (HCN ? HCN : 8); k++)
-            if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
-#pragma unroll
-        for (int k = 0; k < (HCN ? HCN : 8); k++)
-            if (k < hc) sum += g[k];
-        c = c / sum + e;
-        const int iters = (p.diag & 1) ? 0 : p.sinkhorn;
-        for (int it = 0; it < iters; it++) {
-            if (it > 0) { /* row normalisation */
-#pragma unroll
-                for (int k = 0; k < (HCN ? HCN : 8); k++)
-                    if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
-                float rsum = 0.0f;
-#pragma unroll
-                for (int k = 0; k < (HCN ? HCN : 8); k++)
-                    if (k < hc) rsum += g[k];
-                c /= (rsum + e);
-            }
-#pragma unroll
-            for (int k = 0; k < (HCN ? HCN : 8); k++) /* column normalisation */
-                if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, k * hc + b);
-            float csum = 0.0f;
-#pragma unroll
-            for (int k = 0; k < (HCN ? HCN : 8); k++)
-                if (k < hc) csum += g[k];
-            c /= (csum + e);
+        const float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rsq), sc2, bs2) : 0.0f;
+        if (p.cin) {
+            if (on) p.cin[(int64_t)t * hc * hc + lane] = c;
+            return;
         }
-        if (on) p.comb[(int64_t)t * hc * hc + lane] = c;
+        hc_comb_warp<HCN>(c, hc, p.hc_eps, (p.diag & 1) ? 0 : p.sinkhorn, p.comb + (int64_t)t * hc * hc);
         return;
     }
     asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x) : "memory");
@@ -224,14 +269,20 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
     const float rn = 1.0f / sqrtf((float)(tot / D) + p.rms_eps);
     /* normalise by 32-value blocks (cu_row_rmsnorm's expressions), write,
      * and quantize to Q8_0 */
-    const int nb = D / 32, wk = w - 1, nwk = nw - 1;
-    for (int blk = wk; blk < nb; blk += nwk) {
+    auto norm_blk = [&](int blk, float wv) {
         const int d = 32 * blk + lane;
         float v = __fmul_rn(xs[d], rn);
-        v = p.norm_w ? __fmul_rn(p.norm_w[d], v) : v;
+        v = p.norm_w ? __fmul_rn(wv, v) : v;
         xs[d] = v;
         p.out[(int64_t)t * D + d] = v;
         if (p.q0) cu_warp_q8_0(v, p.q0 + (int64_t)t * D + 32 * blk, p.d0 + (int64_t)t * nb + blk);
+    };
+    if (nreg) {
+#pragma unroll
+        for (int j = 0; j < NWR; j++)
+            if (wk + j * nwk < nb) norm_blk(wk + j * nwk, nwr[j]);
+    } else {
+        for (int blk = wk; blk < nb; blk += nwk) norm_blk(blk, p.norm_w ? p.norm_w[32 * blk + lane] : 0.0f);
     }
     if (p.qk) {
         asm volatile("bar.sync 2, %0;" ::"r"(blockDim.x - 32) : "memory");
@@ -471,9 +522,20 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     const size_t sm = (size_t)D * sizeof(float);
     /* batches: partials of HCB_TT tokens per block, then the finishes (same bits) */
     const bool batch = n >= HCB_MIN_N && !c->no_hc_batch && !p.diag && (nflat + split - 1) / split <= HC_THREADS;
+    /* the comb deferred to k_hc_comb (few tokens; cu_hc_pre_j launches it on
+     * the side stream): the same inputs and code, off the critical path */
+    if (c->comb_defer && comb && !head && !batch && !p.diag && n <= 8 && hp->n_hc * hp->n_hc <= 32) {
+        p.cin = c->s.cin;
+        c->comb_job.cin = c->s.cin;
+        c->comb_job.comb = comb;
+        c->comb_job.n = n;
+        c->comb_job.hc = hp->n_hc;
+        c->comb_job.iters = hp->sinkhorn_iters;
+        c->comb_job.e = hp->hc_eps;
+    }
     /* the previous HC-post inside k_hc (few tokens), else its own kernel first */
     if (py) {
-        if (!batch && !p.diag && !c->no_hc_fuse && hp->n_hc <= 4 && hp->n_embd <= 8 * HC_THREADS &&
+        if (!batch && !(p.diag & 6) && !c->no_hc_fuse && hp->n_hc <= 4 && hp->n_embd <= 8 * HC_THREADS &&
             (size_t)n * nflat <= c->s.xn_cap) {
             p.py = py;
             p.ppost = ppost;
@@ -510,6 +572,13 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
      * quantizing it again (cu_mv_pair, cu_moe_experts) */
     if (p.q0) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_0, q0);
     if (p.qk) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_K, qk);
+}
+
+void cu_hc_comb_launch(cu_ctx *c, cudaStream_t st) {
+    const auto &j = c->comb_job;
+    if (j.hc == 4) k_hc_comb<4><<<j.n, 32, 0, st>>>(j.cin, j.comb, j.hc, j.e, j.iters);
+    else k_hc_comb<0><<<j.n, 32, 0, st>>>(j.cin, j.comb, j.hc, j.e, j.iters);
+    cu_ok(c, cudaGetLastError(), "hc_comb launch");
 }
 
 int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
@@ -659,7 +728,7 @@ __global__ void k_kv_store(const float *kv, T *raw, int n, int dh, int W, const 
 int cu_kv_store(void *ctx, const ds4_kv_store_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (c->err) return c->err;
-    /* stored by the attention's merge already (DS4_CUDA_KV_IN_MERGE=1) */
+    /* stored by the attention's merge already (the default; DS4_CUDA_KV_IN_MERGE=0: not) */
     const cu_kv_fused kf = c->kv_fused;
     c->kv_fused = cu_kv_fused{};
     if (kf.raw && kf.raw == a->raw && kf.kv == a->kv && kf.n == a->n && kf.pos0 == a->pos0) return 0;
@@ -695,7 +764,7 @@ struct attn_p {
     int8_t *oq;              /* optional Q8_0 codes of o (n, H*dh), scales od */
     float *od;
     int att_r4;              /* k_attn_part's four-rows-per-warp phases (same bits; DS4_CUDA_NO_ATT_R4=1: off) */
-    void *st_raw;            /* DS4_CUDA_KV_IN_MERGE=1: the ring the merge stores the batch's kv rows into (the
+    void *st_raw;            /* by default the ring the merge stores the batch's kv rows into (the
                               * kv_store stage then has nothing left to do), else NULL */
     int st_f16;              /* its rows are half (else f32) */
     int st_t0;               /* first token stored (n > W: only the last W) */
@@ -1467,9 +1536,9 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     p.oq = merge_q ? c->s.a1.q : nullptr;
     p.od = merge_q ? c->s.a1.d : nullptr;
     if (merge_q) cu_preq_set(c, c->s.o, n, (int64_t)H * dh, H * dh, DS4_TYPE_Q8_0, &c->s.a1);
-    /* DS4_CUDA_KV_IN_MERGE=1 (opt-in until run): the merge kernel also
-     * stores the kv rows into the ring, and the kv_store stage that follows
-     * (forward.c: the same ring and rows) launches nothing */
+    /* the merge kernel also stores the kv rows into the ring, and the
+     * kv_store stage that follows (forward.c: the same ring and rows)
+     * launches nothing (DS4_CUDA_KV_IN_MERGE=0: kv_store stores them) */
     c->kv_fused = cu_kv_fused{};
     p.st_raw = c->kv_in_merge && a->raw ? (void *)a->raw : nullptr;
     p.st_f16 = a->row_type == DS4_TYPE_F16;

@@ -25,15 +25,21 @@ __device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return *(const u
  * quant_iq2xxs_signed_bytes_by_xor_add_are_exact):
  *   0  the ksigns byte spread to byte masks by shifts (cu_sign_mask4), then
  *      __vsub4(g ^ m, m): the form measured and tested on the H200 through
- *      the ninth session (the default until the others are measured);
+ *      the ninth session;
  *   1  the masks read from a 128-entry table of 64-bit masks (smask), applied
  *      as (g ^ m) + (m & 0x01010101): fewer integer operations, but 64-bit
  *      shared loads at data-dependent indices (~5.5 passes per warp load);
  *   2  the ksigns byte spread in registers, ((s & 15) * 0x00204081) &
- *      0x01010101 (bit j to bit 8j, no carries), applied as in 1.
- * dev/moe_bench.cu times the three in the routed gate/up kernel. */
+ *      0x01010101 (bit j to bit 8j, no carries), applied as in 1;
+ *   3  as 2 with the sign byte computed instead of read from the table:
+ *      ksigns[i] = i | parity(i) << 7 (the 8th sign makes the count of
+ *      negatives even; unit test quant_iq2xxs_signed_bytes_by_xor_add_are_exact
+ *      checks the identity for all 128 entries): no shared load; the
+ *      default (dev/moe_bench.cu, H100 2026-12-05: routed gate/up 29.4 ->
+ *      27.1 us per call, same output bits as 0).
+ * dev/moe_bench.cu times them in the routed gate/up kernel. */
 #ifndef CU_IQ2_SIGNS
-#define CU_IQ2_SIGNS 0
+#define CU_IQ2_SIGNS 3
 #endif
 
 /* The IQ2_XXS tables, loaded into shared memory by kernels that need them:
@@ -82,8 +88,12 @@ __device__ __forceinline__ void cu_iq2_signed8(const cu_iq2_tab *t, uint64_t gri
     const uint64_t m = t->smask[i];
     *v0 = cu_iq2_signed4(g0, (uint32_t)m);
     *v1 = cu_iq2_signed4(g1, (uint32_t)(m >> 32));
-#elif CU_IQ2_SIGNS == 2
+#elif CU_IQ2_SIGNS == 2 || CU_IQ2_SIGNS == 3
+#if CU_IQ2_SIGNS == 2
     const uint32_t s = t->ksigns[i];
+#else
+    const uint32_t s = i | (__popc(i) & 1u) << 7;
+#endif
     const uint32_t b0 = (s & 15u) * 0x00204081u & 0x01010101u, b1 = ((s >> 4) & 15u) * 0x00204081u & 0x01010101u;
     *v0 = (g0 ^ (b0 * 0xffu)) + b0;
     *v1 = (g1 ^ (b1 * 0xffu)) + b1;

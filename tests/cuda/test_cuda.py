@@ -191,8 +191,9 @@ _AB_BASE = {}
                                      ("q2:DS4_CUDA_TOPK_ILP", "1"), ("DS4_CUDA_NO_MERGE_SLICES", "1"),
                                      ("DS4_CUDA_ATT_HB_HCA", "0"), ("q2:DS4_CUDA_ATT_HB_HCA", "0"),
                                      ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1"),
-                                     ("DS4_CUDA_KV_IN_MERGE", "1"), ("q2:DS4_CUDA_KV_IN_MERGE", "1"),
-                                     ("DS4_CUDA_ATT_ZB", "4"), ("DS4_CUDA_ATT_ZB", "2")])
+                                     ("DS4_CUDA_KV_IN_MERGE", "0"), ("q2:DS4_CUDA_KV_IN_MERGE", "0"),
+                                     ("DS4_CUDA_ATT_ZB", "4"), ("DS4_CUDA_ATT_ZB", "2"),
+                                     ("DS4_CUDA_COMB_SIDE", "1"), ("q2:DS4_CUDA_COMB_SIDE", "1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
@@ -224,8 +225,8 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     (the one-block kernel, 8 keys per thread: the capacity is past 4,096 rows), also with 1 key always
     (DS4_CUDA_TOPK_ILP=0) or chosen per token on the device (=2) == the wide kernel with 1 key == prefill with 8 /
     1 keys always == the attention merge in one block per head (DS4_CUDA_NO_MERGE_SLICES=1; by default dh / 128
-    slices, many splits per head here) == the kv rows stored by the merge (DS4_CUDA_KV_IN_MERGE=1: one batch of
-    n > W, chunks of 300 at pos0 > 0) == 4 attention splits per block (DS4_CUDA_ATT_ZB=4: the batch, and chunks of 4
+    slices, many splits per head here) == the kv rows stored by kv_store (DS4_CUDA_KV_IN_MERGE=0; by default the merge
+    stores them: one batch of n > W, chunks of 300 at pos0 > 0) == 4 attention splits per block (DS4_CUDA_ATT_ZB=4: the batch, and chunks of 4
     in the HCA layers, 16 heads per block from 2,048 rows of capacity)."""
     model = _stage_model(name)
     n = 20000 if name == "q2" else 17000  # up to 5,000 rows: two blocks
@@ -239,7 +240,7 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="1")
     no_ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="0")
     no_slices = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
-    kvm = dict(os.environ, DS4_CUDA_KV_IN_MERGE="1")  # one batch of n > W tokens: the merge stores the last W rows
+    kvm = dict(os.environ, DS4_CUDA_KV_IN_MERGE="0")  # kv_store, not the merge (which stores the last W of n > W rows)
     zb = dict(os.environ, DS4_CUDA_ATT_ZB="4")  # batches: 4 attention splits per block
     for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], one), (["--eval", "chunk:3"], one_u1),
                     (["--eval", "chunk:3"], one_dev), (["--eval", "chunk:4"], no_ilp), (["--eval", "prefill"], ilp),

@@ -968,6 +968,9 @@ DS4_TEST(quant_iq2xxs_signed_bytes_by_xor_add_are_exact) {
         const uint64_t g = ds4_iq2xxs_grid[gi];
         for (int si = 0; si < 128; si++) {
             const uint32_t signs = ds4_ksigns_iq2xs[si];
+            /* the computed form of the sign byte (quant.cuh CU_IQ2_SIGNS 3):
+             * the 7 bits and their parity, so that the negatives are even */
+            CHECK_EQ_INT((int64_t)(si | (__builtin_popcount((unsigned)si) & 1) << 7), (int64_t)signs);
             uint64_t m = 0;
             for (int b = 0; b < 8; b++)
                 if ((signs >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
