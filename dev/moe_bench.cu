@@ -10,7 +10,8 @@
  * and P: blocks loop over row groups (grid = SMs x P) so the IQ2 table is
  * loaded once per block; the IQ2_XXS sign forms of quant.cuh CU_IQ2_SIGNS
  * in one loop each (bitwise equal to R1): "vsub" (0, the default), "smask"
- * (1), "regm" (2), "regp" (2 with the sign byte computed, no table).
+ * (1), "regm" (2), "regp" (3: 2 with the sign byte computed, no table), "prmt" (4: level codes and sign
+ * nibbles into byte-permute selectors) and "prmtc" (5: 4 with the sign nibbles computed).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,7 +87,8 @@ __global__ void __launch_bounds__(256) k_exp(const __grid_constant__ B p) {
 __device__ __forceinline__ uint32_t spread4(uint32_t s) { return ((s & 15u) * 0x00204081u) & 0x01010101u; }
 template <int MODE>
 __device__ __forceinline__ float row_dot_iq2_vsub(const uint8_t *qrow, const uint8_t *srow, int nch, const int8_t *aq,
-                                                  const float *ad, const cu_iq2_tab *tab, const uint64_t *smask) {
+                                                  const float *ad, const cu_iq2_tab *tab, const uint64_t *smask,
+                                                  const uint32_t *gcode, const uint32_t *snib) {
     const int lane = threadIdx.x & 31;
     float acc = 0.0f;
 #pragma unroll 4
@@ -103,8 +105,18 @@ __device__ __forceinline__ float row_dot_iq2_vsub(const uint8_t *qrow, const uin
             int s = 0;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
                 int v0, v1;
+                if constexpr (MODE >= 4) { /* quant.cuh CU_IQ2_SIGNS 4 (table) / 5 (computed sign nibbles) */
+                    const uint32_t i7 = (a1 >> (7 * k)) & 127;
+                    const uint32_t sn = MODE == 4 ? snib[i7] : cu_iq2_snib(i7 | (__popc(i7) & 1u) << 7);
+                    const uint32_t sel = gcode[(a0 >> (8 * k)) & 0xff] | sn;
+                    v0 = (int)__byte_perm(CU_IQ2_LUT_LO, CU_IQ2_LUT_HI, sel);
+                    v1 = (int)__byte_perm(CU_IQ2_LUT_LO, CU_IQ2_LUT_HI, sel >> 16);
+                    s = __dp4a(v0, a[2 * k], s);
+                    s = __dp4a(v1, a[2 * k + 1], s);
+                    continue;
+                }
+                uint64_t grid = tab->grid[(a0 >> (8 * k)) & 0xff];
                 if constexpr (MODE == 0) {
                     uint32_t signs = tab->ksigns[(a1 >> (7 * k)) & 127];
                     uint32_t m0 = cu_sign_mask4(signs), m1 = cu_sign_mask4(signs >> 4);
@@ -151,6 +163,7 @@ template <int MODE>
 __global__ void __launch_bounds__(256) k_gu_vsub(const __grid_constant__ B p) {
     __shared__ cu_iq2_tab tab;
     __shared__ uint64_t smask[MODE == 3 ? 128 : 1];
+    __shared__ uint32_t gcode[MODE >= 4 ? 256 : 1], snib[MODE == 4 ? 128 : 1];
     if constexpr (MODE == 3)
         for (int i = threadIdx.x; i < 128; i += blockDim.x) {
             uint64_t m = 0;
@@ -158,12 +171,26 @@ __global__ void __launch_bounds__(256) k_gu_vsub(const __grid_constant__ B p) {
                 if ((p.ksigns[i] >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
             smask[i] = m;
         }
+    if constexpr (MODE >= 4) /* as cu_iq2_tab_load in those modes */
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            uint32_t m = 0;
+            for (int b = 0; b < 8; b++) {
+                const uint32_t v = (uint32_t)(p.grid[i] >> (8 * b)) & 0xffu;
+                m |= ((v > 8u) + (v > 25u)) << (4 * b);
+            }
+            gcode[i] = m;
+            if (MODE == 4 && i < 128) {
+                uint32_t n = 0;
+                for (int b = 0; b < 8; b++) n |= ((p.ksigns[i] >> b) & 1u) << (4 * b + 2);
+                snib[i] = n;
+            }
+        }
     int slot, row;
     const int e = gu_block(p, &tab, &slot, &row), lane = threadIdx.x & 31;
     float g = row_dot_iq2_vsub<MODE>(p.qa + e * p.q_mat + (size_t)row * p.q_row,
-                                     p.sa + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab, smask);
+                                     p.sa + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab, smask, gcode, snib);
     float u = row_dot_iq2_vsub<MODE>(p.qb + e * p.q_mat + (size_t)row * p.q_row,
-                                     p.sb + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab, smask);
+                                     p.sb + e * p.s_mat + (size_t)row * p.s_row, p.nch, p.aq, p.ad, &tab, smask, gcode, snib);
     g = cu_warp_sum(g);
     u = cu_warp_sum(u);
     if (lane == 0) p.out[slot * p.rows + row] = g * 0.5f + u;
@@ -339,7 +366,8 @@ int main() {
                       {"R2p4", launch<DS4_TYPE_IQ2_XXS, 2, true>, 4}, {"R2p8", launch<DS4_TYPE_IQ2_XXS, 2, true>, 8},
                       {"R4p2", launch<DS4_TYPE_IQ2_XXS, 4, true>, 2}, {"R4p4", launch<DS4_TYPE_IQ2_XXS, 4, true>, 4},
                       {"pair", launch_pair, 0}, {"vsub", launch_vsub<0>, 0},
-                      {"regm", launch_vsub<1>, 0}, {"regp", launch_vsub<2>, 0}, {"smask", launch_vsub<3>, 0}};
+                      {"regm", launch_vsub<1>, 0}, {"regp", launch_vsub<2>, 0}, {"smask", launch_vsub<3>, 0},
+                      {"prmt", launch_vsub<4>, 0}, {"prmtc", launch_vsub<5>, 0}};
         else vs = {{"R1", launch<DS4_TYPE_Q2_K, 1, false>, 0}, {"R2", launch<DS4_TYPE_Q2_K, 2, false>, 0},
                    {"R4", launch<DS4_TYPE_Q2_K, 4, false>, 0}, {"R1p4", launch<DS4_TYPE_Q2_K, 1, false>, 4},
                    {"R2p4", launch<DS4_TYPE_Q2_K, 2, false>, 4}, {"R2p8", launch<DS4_TYPE_Q2_K, 2, false>, 8},

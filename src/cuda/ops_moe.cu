@@ -506,7 +506,7 @@ __global__ void __launch_bounds__(256) k_moe_mm(const __grid_constant__ moe_p p)
                 const uint32_t a0 = R.w[u][0], a1 = R.w[u][1];
 #pragma unroll
                 for (int k = 0; k < 4; k++) {
-                    cu_iq2_signed8(&sm.tab, sm.tab.grid[(a0 >> (8 * k)) & 0xff], (a1 >> (7 * k)) & 127, &wv[2 * k],
+                    cu_iq2_signed8_i(&sm.tab, (a0 >> (8 * k)) & 0xff, (a1 >> (7 * k)) & 127, &wv[2 * k],
                                    &wv[2 * k + 1]);
                 }
                 sm.ls[buf][mt][rr][ch] = 2 * (int)(a1 >> 28) + 1;

@@ -37,6 +37,18 @@ __device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return *(const u
  *      checks the identity for all 128 entries): no shared load; the
  *      default (dev/moe_bench.cu, H100 2026-12-05: routed gate/up 29.4 ->
  *      27.1 us per call, same output bits as 0).
+ *   4  no sign masks at all: the grid as 2-bit level codes (8, 25, 43 ->
+ *      0, 1, 2; one nibble per value, a 32-bit word per entry) and the 8
+ *      signs as bit 2 of the same nibbles (a 128-entry word table), OR-ed
+ *      into 8 selectors of a byte permute over the signed levels
+ *      {8, 25, 43, 0, -8, -25, -43, 0}: two __byte_perm give the 8 signed
+ *      bytes (~10 integer operations per 8 values instead of ~22, but two
+ *      32-bit table loads instead of one 64-bit; the tables are made from
+ *      grid and ksigns by each block's table load);
+ *   5  as 4 with the sign nibbles computed from the sign byte (no second
+ *      table load; ~7 more operations).
+ *   (unit test quant_iq2xxs_signed_bytes_by_byte_permute_are_exact checks
+ *   4 and 5 against the byte-wise definition for every entry and sign.)
  * dev/moe_bench.cu times them in the routed gate/up kernel. */
 #ifndef CU_IQ2_SIGNS
 #define CU_IQ2_SIGNS 3
@@ -50,8 +62,29 @@ struct cu_iq2_tab {
 #if CU_IQ2_SIGNS == 1
     uint64_t smask[128];
 #endif
+#if CU_IQ2_SIGNS >= 4
+    uint32_t gcode[256]; /* level code (0, 1, 2 for 8, 25, 43) of value j in nibble j */
+#endif
+#if CU_IQ2_SIGNS == 4
+    uint32_t snib[128]; /* sign j (ksigns) as bit 4j + 2 */
+#endif
     uint8_t ksigns[128];
 };
+
+/* The byte permute's signed levels (mode 4, 5): bytes 0..2 the magnitudes,
+ * 4..6 their negations; selector nibble = code | sign << 2. */
+#define CU_IQ2_LUT_LO 0x002B1908u
+#define CU_IQ2_LUT_HI 0x00D5E7F8u
+
+/* sign bits s (8) spread to bit 4j + 2 (mode 5): bits to nibbles in three
+ * carry-free steps, then up by 2 */
+__device__ __forceinline__ uint32_t cu_iq2_snib(uint32_t s) {
+    uint32_t x = s & 0xffu;
+    x = (x | (x << 12)) & 0x000f000fu;
+    x = (x | (x << 6)) & 0x03030303u;
+    x = (x | (x << 3)) & 0x11111111u;
+    return x << 2;
+}
 
 __device__ __forceinline__ void cu_iq2_tab_load(cu_iq2_tab *t, const uint64_t *grid, const uint8_t *ksigns) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) t->grid[i] = grid[i];
@@ -65,7 +98,23 @@ __device__ __forceinline__ void cu_iq2_tab_load(cu_iq2_tab *t, const uint64_t *g
             if ((k >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
         t->smask[i] = m;
 #endif
+#if CU_IQ2_SIGNS == 4
+        uint32_t m = 0;
+        for (int b = 0; b < 8; b++) m |= ((k >> b) & 1u) << (4 * b + 2);
+        t->snib[i] = m;
+#endif
     }
+#if CU_IQ2_SIGNS >= 4
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        const uint64_t g = grid[i];
+        uint32_t m = 0;
+        for (int b = 0; b < 8; b++) {
+            const uint32_t v = (uint32_t)(g >> (8 * b)) & 0xffu;
+            m |= ((v > 8u) + (v > 25u)) << (4 * b);
+        }
+        t->gcode[i] = m;
+    }
+#endif
 }
 
 /* byte mask (0x00 / 0xff per byte) of the low 4 bits of s */
@@ -101,6 +150,23 @@ __device__ __forceinline__ void cu_iq2_signed8(const cu_iq2_tab *t, uint64_t gri
     const uint32_t s = t->ksigns[i], m0 = cu_sign_mask4(s), m1 = cu_sign_mask4(s >> 4);
     *v0 = __vsub4(g0 ^ m0, m0);
     *v1 = __vsub4(g1 ^ m1, m1);
+#endif
+}
+
+/* The 8 signed bytes of grid entry gi under sign index si (7 bits): the
+ * IQ2_XXS value bytes of every int8 kernel, in the build's form. */
+__device__ __forceinline__ void cu_iq2_signed8_i(const cu_iq2_tab *t, uint32_t gi, uint32_t si, uint32_t *v0,
+                                                 uint32_t *v1) {
+#if CU_IQ2_SIGNS >= 4
+#if CU_IQ2_SIGNS == 4
+    const uint32_t sel = t->gcode[gi] | t->snib[si];
+#else
+    const uint32_t sel = t->gcode[gi] | cu_iq2_snib(si | (__popc(si) & 1u) << 7);
+#endif
+    *v0 = __byte_perm(CU_IQ2_LUT_LO, CU_IQ2_LUT_HI, sel);
+    *v1 = __byte_perm(CU_IQ2_LUT_LO, CU_IQ2_LUT_HI, sel >> 16);
+#else
+    cu_iq2_signed8(t, t->grid[gi], si, v0, v1);
 #endif
 }
 
@@ -271,7 +337,7 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             uint32_t v0, v1;
-            cu_iq2_signed8(tab, tab->grid[(a0 >> (8 * k)) & 0xff], (a1 >> (7 * k)) & 127, &v0, &v1);
+            cu_iq2_signed8_i(tab, (a0 >> (8 * k)) & 0xff, (a1 >> (7 * k)) & 127, &v0, &v1);
             s = __dp4a((int)v0, a[2 * k], s);
             s = __dp4a((int)v1, a[2 * k + 1], s);
         }
