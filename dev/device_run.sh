@@ -111,7 +111,9 @@ while [ $# -gt 0 ]; do
         # ncus REGEX SKIP COUNT ARGS --: Nsight Compute sections (speed of light, occupancy, launch,
         # warp states, compute and memory workload) of COUNT launches of the kernels matching REGEX after
         # SKIP of them, in a run of ds4-bench ARGS (NCUS_PROG: another program, e.g. build/moe_bench after a
-        # moebench step); the report goes to $OUT/ncus-N.txt, key lines to stdout
+        # moebench step); the report goes to $OUT/ncus-N.txt, key lines to stdout. NCUS_EXTRA adds ncu
+        # options, e.g. "--section SourceCounters --section WarpStateStats" for the stall reasons by source
+        # line (the objects carry -lineinfo); its top lines are in the report file
         rx=$1 sk=$2 ct=$3; shift 3
         args=()
         while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
@@ -119,7 +121,7 @@ while [ $# -gt 0 ]; do
         ns=$(( ${ns:-0} + 1 ))
         timeout "${NCU_TIMEOUT:-180}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
             --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
-            --section MemoryWorkloadAnalysis -k "regex:$rx" --launch-skip "$sk" --launch-count "$ct" \
+            --section MemoryWorkloadAnalysis ${NCUS_EXTRA:-} -k "regex:$rx" --launch-skip "$sk" --launch-count "$ct" \
             "${NCUS_PROG:-./ds4-bench}" "${args[@]}" > "$OUT/ncus-$ns.txt" 2>&1
         echo "ncus $rx: exit $?"
         grep -E "^  k_|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Th|Memory Throughput|DRAM Throughput|Grid Size|Block Size|Dynamic Shared|Warp Cycles Per Issued|Issued Ipc|L1/TEX Hit|L2 Hit" \
