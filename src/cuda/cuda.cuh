@@ -83,7 +83,7 @@ struct cu_scratch {
     unsigned *rcc;             /* (1) k_route1 blocks done (0 between launches) */
     unsigned *mcc;             /* ((4K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
-    float *cin;                /* (min(B, 8), 32) deferred comb inputs (k_hc -> k_hc_comb on the side stream) */
+    float *cin;                /* (min(B, 8), 32) the inputs of a comb HC-pre left for later (cu_comb_job) */
     float *hn;                 /* (B, D) head input */
     float *rl;                 /* (B, E) router logits */
     int32_t *items;            /* (B*K) expert-major item ids */
@@ -124,6 +124,71 @@ struct cu_graph {
  * it 4 (with 16, a short context's few splits leave a quarter of the
  * blocks, each with 4x the work) */
 #define ATT_HB_HCA_MIN_ROWS 2048
+
+/* A comb of HC-pre left for later (DS4_CUDA_COMB_HOST=1): its inputs cin
+ * (n, hc*hc) and where it goes. Only HC-post reads comb, at the end of the
+ * sublayer, so a kernel in between with a spare block finishes it
+ * (hc_comb_run, the same code as HC-pre's warp 0 otherwise runs). */
+struct cu_comb_job {
+    const float *cin;
+    float *comb;
+    int n, hc, iters;
+    float e;
+};
+
+/* The comb of one token from its inputs c (lane l < hc*hc: element
+ * (l/hc, l%hc) = cu_lin(mix * rsq, scale[2], base)): row softmax, then
+ * Sinkhorn, every sum gathered by shuffles and added in cpu_ops.c's order
+ * (hc <= 4: 16 lanes); one warp, written to comb (hc*hc). */
+template <int HCN>
+__device__ __forceinline__ void hc_comb_warp(float c, int hc, float e, int iters, float *comb) {
+    const int lane = threadIdx.x & 31, r = lane / hc, b = lane % hc;
+    const bool on = lane < hc * hc;
+    float g[HCN ? HCN : 8];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int k = 0; k < (HCN ? HCN : 8); k++)
+        if (k < hc) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, r * hc + k));
+    c = on ? expf(c - mx) : 0.0f;
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < (HCN ? HCN : 8); k++)
+        if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
+#pragma unroll
+    for (int k = 0; k < (HCN ? HCN : 8); k++)
+        if (k < hc) sum += g[k];
+    c = c / sum + e;
+    for (int it = 0; it < iters; it++) {
+        if (it > 0) { /* row normalisation */
+#pragma unroll
+            for (int k = 0; k < (HCN ? HCN : 8); k++)
+                if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
+            float rsum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < (HCN ? HCN : 8); k++)
+                if (k < hc) rsum += g[k];
+            c /= (rsum + e);
+        }
+#pragma unroll
+        for (int k = 0; k < (HCN ? HCN : 8); k++) /* column normalisation */
+            if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, k * hc + b);
+        float csum = 0.0f;
+#pragma unroll
+        for (int k = 0; k < (HCN ? HCN : 8); k++)
+            if (k < hc) csum += g[k];
+        c /= (csum + e);
+    }
+    if (on) comb[lane] = c;
+}
+
+/* token t's comb of job j by the calling warp (all its lanes) */
+__device__ __forceinline__ void hc_comb_run(const cu_comb_job &j, int t) {
+    if (t >= j.n) return;
+    const int lane = threadIdx.x & 31;
+    const float c = lane < j.hc * j.hc ? j.cin[(int64_t)t * j.hc * j.hc + lane] : 0.0f;
+    if (j.hc == 4) hc_comb_warp<4>(c, 4, j.e, j.iters, j.comb + (int64_t)t * 16);
+    else hc_comb_warp<0>(c, j.hc, j.e, j.iters, j.comb + (int64_t)t * j.hc * j.hc);
+}
 
 /* The kv rows the last attention stored into their ring (DS4_CUDA_KV_IN_MERGE) */
 struct cu_kv_fused {
@@ -195,15 +260,10 @@ struct cu_ctx {
     bool comm_owner;
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
-    bool side_live;        /* compressor work queued on st2 that st has not joined yet */
-    int comb_side;         /* DS4_CUDA_COMB_SIDE=1: HC-pre's comb (softmax + Sinkhorn) by k_hc_comb on st2 */
-    bool comb_defer;       /* set around cu_hc_pre by its side-stream wrapper: HC-pre may defer its comb */
-    struct {
-        float *cin, *comb;
-        int n, hc, iters;
-        float e;
-    } comb_job;            /* the comb HC-pre deferred (n = 0: none), launched on st2 after its fork */
-    bool comb_live;        /* a deferred comb queued on st2 that st has not joined yet (only HC-post reads it) */
+    bool side_live;        /* work queued on st2 that st has not joined yet */
+    int comb_host;         /* DS4_CUDA_COMB_HOST=1: HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
+    cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
+                            * launch, else launched on its own (cu_comb_flush) before anything that may read it */
     cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */
     cudaEvent_t ev_af, ev_aj;
     bool ahead_live;       /* prefetches queued on st3 that st has not joined yet */
@@ -395,7 +455,10 @@ void cu_dequant_rows(cu_ctx *c, const ds4_weight *w, const int32_t *ids, int n, 
 /* ops_attn.cu */
 int cu_embed(void *ctx, const ds4_embed_args *a);
 int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a);
-void cu_hc_comb_launch(cu_ctx *c, cudaStream_t st);
+/* the pending comb job: handed to the kernel about to launch (cleared), or
+ * launched on its own now (k_hc_comb) */
+cu_comb_job cu_comb_take(cu_ctx *c);
+void cu_comb_flush(cu_ctx *c);
 int cu_hc_post(void *ctx, const ds4_hc_post_args *a);
 int cu_attn_project(void *ctx, const ds4_attn_project_args *a);
 int cu_attention(void *ctx, const ds4_attention_args *a);

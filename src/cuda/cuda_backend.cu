@@ -156,18 +156,13 @@ static int report(cu_ctx *c, ds4_err *err) {
 static bool side_on(const cu_ctx *c) { return !c->no_side_stream && c->st2 && !c->profile && !c->kprof && !c->sync_debug; }
 
 static void cu_join(cu_ctx *c) {
-    if (!c->side_live && !c->comb_live) return;
-    c->side_live = c->comb_live = false;
+    /* a comb HC-pre left for later, before anything that may read it
+     * (DS4_CUDA_COMB_HOST=1; the q/kv finish and the router take it) */
+    cu_comb_flush(c);
+    if (!c->side_live) return;
+    c->side_live = false;
     cu_ok(c, cudaEventRecord(c->ev_join, c->st2), "side stream join") &&
         cu_ok(c, cudaStreamWaitEvent(c->st, c->ev_join, 0), "side stream join");
-}
-
-/* The operations that read neither the compressors' state nor HC-pre's
- * comb (the router and the experts, after the FFN's HC-pre) join the side
- * stream only for the compressors: a deferred comb (DS4_CUDA_COMB_SIDE=1,
- * k_hc_comb) stays off the critical path until its HC-post. */
-static void cu_join_side(cu_ctx *c) {
-    if (c->side_live) cu_join(c);
 }
 
 /* ---------------------------------------------------------------- L2 ahead (cuda.cuh cu_ahead) */
@@ -241,8 +236,13 @@ CU_JOINED(cu_head, ds4_head_args)
 CU_JOINED(cu_mtp_embed, ds4_mtp_embed_args)
 #undef CU_JOINED
 
+/* the router joins the side stream but leaves a pending comb to its own
+ * launch (k_route's spare block) */
 static int cu_moe_route_j(void *ctx, const ds4_moe_route_args *a) {
-    cu_join_side((cu_ctx *)ctx);
+    cu_ctx *c = (cu_ctx *)ctx;
+    const cu_comb_job j = cu_comb_take(c);
+    cu_join(c);
+    c->comb_job = j;
     return cu_moe_route(ctx, a);
 }
 
@@ -263,7 +263,7 @@ static int cu_attention_j(void *ctx, const ds4_attention_args *a) {
  * HC-pre runs. */
 static int cu_moe_experts_j(void *ctx, const ds4_moe_experts_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
-    cu_join_side(c);
+    cu_join(c);
     const int rc = cu_moe_experts(ctx, a);
     if (!rc && a->il + 1 < a->m->hp.n_layer) {
         const ds4_layer *nl = &a->m->layers[a->il + 1];
@@ -274,21 +274,12 @@ static int cu_moe_experts_j(void *ctx, const ds4_moe_experts_args *a) {
     return rc ? rc : c->err;
 }
 
-/* HC-pre, then the fork point of the compressors that may follow, and with
- * DS4_CUDA_COMB_SIDE=1 of its deferred comb (k_hc_comb) */
+/* HC-pre, then the fork point of the compressors that may follow */
 static int cu_hc_pre_j(void *ctx, const ds4_hc_pre_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     cu_join(c);
-    c->comb_defer = c->comb_side && side_on(c);
-    c->comb_job.n = 0;
     const int rc = cu_hc_pre(ctx, a);
-    c->comb_defer = false;
-    if (!rc && side_on(c) && cu_ok(c, cudaEventRecord(c->ev_fork, c->st), "side stream fork") && c->comb_job.n &&
-        cu_ok(c, cudaStreamWaitEvent(c->st2, c->ev_fork, 0), "side stream fork")) {
-        cu_hc_comb_launch(c, c->st2);
-        c->comb_live = !c->err;
-    }
-    c->comb_job.n = 0;
+    if (!rc && side_on(c)) cu_ok(c, cudaEventRecord(c->ev_fork, c->st), "side stream fork");
     return rc ? rc : c->err;
 }
 
@@ -833,7 +824,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->rcc = (unsigned *)take(sizeof(unsigned));
     s->mcc = (unsigned *)take((4 * K + 1) * (F / 256 + 1) * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
-    s->cin = (float *)take((B < 8 ? B : 8) * 32 * 4);
+    s->cin = (float *)take((B < 8 ? B : 8) * 32 * 4); /* a comb HC-pre left for later (cu_comb_job) */
     s->hn = (float *)take(B * D * 4);
     s->rl = (float *)take(B * E * 4);
     s->items = (int32_t *)take(B * K * 4);
@@ -1190,7 +1181,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
-    {"DS4_CUDA_COMB_SIDE", &cu_ctx::comb_side},         /* 1: HC-pre's Sinkhorn on the side stream (same bits) */
+    {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host},         /* 1: HC-pre's Sinkhorn in a later kernel's spare block */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
 };
 

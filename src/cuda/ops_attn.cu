@@ -48,8 +48,8 @@ struct hc_fin {
     const float *scale, *base, *norm_w;
     float *out;              /* (n, D) */
     float *post, *comb;      /* HC-pre outputs (NULL for the head) */
-    float *cin;              /* deferred comb (few tokens, side stream on): warp 0 leaves the (n, hc*hc) Sinkhorn
-                              * inputs here and k_hc_comb, on the side stream, finishes them into comb */
+    float *cin;              /* deferred comb (DS4_CUDA_COMB_HOST=1, few tokens): warp 0 leaves the (n, hc*hc)
+                              * Sinkhorn inputs here, a later kernel finishes them into comb (cu_comb_job) */
     bool head;
     int diag;                /* DS4_CUDA_HC_DIAG bits (timing diagnostics) */
     int n;                   /* tokens (the batch kernels) */
@@ -63,58 +63,10 @@ struct hc_fin {
 
 #define HC_THREADS 512
 
-/* The comb of one token from its inputs c (lane l < hc*hc: element
- * (l/hc, l%hc) = cu_lin(mix * rsq, scale[2], base)): row softmax, then
- * Sinkhorn, every sum gathered by shuffles and added in cpu_ops.c's order
- * (hc <= 4: 16 lanes); one warp, written to comb (hc*hc). */
-template <int HCN>
-__device__ __forceinline__ void hc_comb_warp(float c, int hc, float e, int iters, float *comb) {
-    const int lane = threadIdx.x & 31, r = lane / hc, b = lane % hc;
-    const bool on = lane < hc * hc;
-    float g[HCN ? HCN : 8];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < (HCN ? HCN : 8); k++)
-        if (k < hc) mx = fmaxf(mx, __shfl_sync(0xffffffffu, c, r * hc + k));
-    c = on ? expf(c - mx) : 0.0f;
-    float sum = 0.0f;
-#pragma unroll
-    for (int k = 0; k < (HCN ? HCN : 8); k++)
-        if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
-#pragma unroll
-    for (int k = 0; k < (HCN ? HCN : 8); k++)
-        if (k < hc) sum += g[k];
-    c = c / sum + e;
-    for (int it = 0; it < iters; it++) {
-        if (it > 0) { /* row normalisation */
-#pragma unroll
-            for (int k = 0; k < (HCN ? HCN : 8); k++)
-                if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
-            float rsum = 0.0f;
-#pragma unroll
-            for (int k = 0; k < (HCN ? HCN : 8); k++)
-                if (k < hc) rsum += g[k];
-            c /= (rsum + e);
-        }
-#pragma unroll
-        for (int k = 0; k < (HCN ? HCN : 8); k++) /* column normalisation */
-            if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, k * hc + b);
-        float csum = 0.0f;
-#pragma unroll
-        for (int k = 0; k < (HCN ? HCN : 8); k++)
-            if (k < hc) csum += g[k];
-        c /= (csum + e);
-    }
-    if (on) comb[lane] = c;
-}
-
-/* k_hc_comb: the deferred comb of token blockIdx.x (one warp), on the side
- * stream, off the step's critical path (HC-post is its only reader). */
-template <int HCN>
-__global__ void k_hc_comb(const float *cin, float *comb, int hc, float e, int iters) {
-    const int lane = threadIdx.x & 31, t = blockIdx.x;
-    const float c = lane < hc * hc ? cin[(int64_t)t * hc * hc + lane] : 0.0f;
-    hc_comb_warp<HCN>(c, hc, e, iters, comb + (int64_t)t * hc * hc);
+/* k_hc_comb: a comb HC-pre left for later that no kernel took (cu_comb_flush) */
+__global__ void k_hc_comb(const __grid_constant__ cu_comb_job j) {
+    cu_pdl_wait();
+    hc_comb_run(j, blockIdx.x); /* 32 threads */
 }
 
 /* Finishes HC-pre (mixer split, Sinkhorn, weighted sum, RMSNorm) or the
@@ -250,7 +202,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
         asm volatile("bar.arrive 1, %0;" ::"r"(blockDim.x) : "memory");
         if (p.head) return;
         /* comb: its inputs here, the row softmax and Sinkhorn in hc_comb_warp,
-         * now or (p.cin) by k_hc_comb on the side stream */
+         * now or (p.cin) by a later kernel (cu_comb_job) */
         const bool on = lane < hc * hc;
         const float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rsq), sc2, bs2) : 0.0f;
         if (p.cin) {
@@ -522,16 +474,14 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     const size_t sm = (size_t)D * sizeof(float);
     /* batches: partials of HCB_TT tokens per block, then the finishes (same bits) */
     const bool batch = n >= HCB_MIN_N && !c->no_hc_batch && !p.diag && (nflat + split - 1) / split <= HC_THREADS;
-    /* the comb deferred to k_hc_comb (few tokens; cu_hc_pre_j launches it on
-     * the side stream): the same inputs and code, off the critical path */
-    if (c->comb_defer && comb && !head && !batch && !p.diag && n <= 8 && hp->n_hc * hp->n_hc <= 32) {
+    /* the comb left to a later kernel (DS4_CUDA_COMB_HOST=1, few tokens): the
+     * next q/kv finish or router launch takes it (a spare block runs
+     * hc_comb_run), else cu_comb_flush launches it before its first
+     * possible reader; the same inputs and code, off the critical path */
+    cu_comb_flush(c); /* (none is pending here: every vtable entry to HC-pre flushed) */
+    if (c->comb_host && comb && !head && !batch && !p.diag && n <= 8 && hp->n_hc * hp->n_hc <= 32) {
         p.cin = c->s.cin;
-        c->comb_job.cin = c->s.cin;
-        c->comb_job.comb = comb;
-        c->comb_job.n = n;
-        c->comb_job.hc = hp->n_hc;
-        c->comb_job.iters = hp->sinkhorn_iters;
-        c->comb_job.e = hp->hc_eps;
+        c->comb_job = cu_comb_job{c->s.cin, comb, n, hp->n_hc, hp->sinkhorn_iters, hp->hc_eps};
     }
     /* the previous HC-post inside k_hc (few tokens), else its own kernel first */
     if (py) {
@@ -574,11 +524,17 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     if (p.qk) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_K, qk);
 }
 
-void cu_hc_comb_launch(cu_ctx *c, cudaStream_t st) {
-    const auto &j = c->comb_job;
-    if (j.hc == 4) k_hc_comb<4><<<j.n, 32, 0, st>>>(j.cin, j.comb, j.hc, j.e, j.iters);
-    else k_hc_comb<0><<<j.n, 32, 0, st>>>(j.cin, j.comb, j.hc, j.e, j.iters);
-    cu_ok(c, cudaGetLastError(), "hc_comb launch");
+cu_comb_job cu_comb_take(cu_ctx *c) {
+    const cu_comb_job j = c->comb_job;
+    c->comb_job.n = 0;
+    return j;
+}
+
+void cu_comb_flush(cu_ctx *c) {
+    if (!c->comb_job.n) return;
+    const cu_comb_job j = cu_comb_take(c);
+    cu_launch(c, k_hc_comb, j.n, 32, 0, j);
+    CU_LAUNCH(c, "hc_comb");
 }
 
 int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a) {
@@ -682,10 +638,11 @@ __device__ __forceinline__ void kv_finish_body(int t, float *kv, int dh, int n_r
  * Shared: 2*dh floats (kv rows). */
 __global__ void __launch_bounds__(256) k_q_kv_finish(float *q, int n, int H, float eps, int qb, float *kv, int dh,
                                                      int n_rot, const float *norm_w, const float *inv_freq, bool fp8,
-                                                     bool f16, const ds4_step *step) {
+                                                     bool f16, const ds4_step *step, const __grid_constant__ cu_comb_job cj) {
     cu_pdl_wait();
     if ((int)blockIdx.x < qb) q_heads_body(blockIdx.x, q, n, H, dh, n_rot, inv_freq, eps, step);
-    else kv_finish_body(blockIdx.x - qb, kv, dh, n_rot, norm_w, eps, inv_freq, fp8, f16, step);
+    else if ((int)blockIdx.x < qb + n) kv_finish_body(blockIdx.x - qb, kv, dh, n_rot, norm_w, eps, inv_freq, fp8, f16, step);
+    else if (threadIdx.x < 32) hc_comb_run(cj, blockIdx.x - qb - n); /* HC-pre's comb (DS4_CUDA_COMB_HOST=1) */
 }
 
 int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
@@ -707,8 +664,9 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     /* the query heads and the kv rows finish in one launch: blocks [0, qb)
      * take 8 (token, head) warps each, the next n blocks one kv row each */
     const int qb = cu_div_up((int64_t)n * H * 32, 256);
-    cu_launch(c, k_q_kv_finish, qb + n, 256, (size_t)2 * dh * sizeof(float), a->q, n, H, hp->rms_eps, qb, a->kv, dh,
-              hp->n_rot, l->kv_norm, a->rope->inv_freq, a->num.fp8_kv, a->num.f16_cache, a->step);
+    const cu_comb_job cj = cu_comb_take(c); /* the attention's HC-pre comb, if left for later */
+    cu_launch(c, k_q_kv_finish, qb + n + cj.n, 256, (size_t)2 * dh * sizeof(float), a->q, n, H, hp->rms_eps, qb, a->kv,
+              dh, hp->n_rot, l->kv_norm, a->rope->inv_freq, a->num.fp8_kv, a->num.f16_cache, a->step, cj);
     CU_LAUNCH(c, "q_kv_finish");
     return c->err;
 }

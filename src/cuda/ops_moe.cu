@@ -38,6 +38,7 @@ struct route_p {
     const float *x;
     int wpr;
     unsigned *cnt;
+    cu_comb_job cj;          /* k_route: the FFN HC-pre's comb, if left for later (one block past the tokens') */
 };
 
 /* Token t's routing by one warp (all lanes calling). s: E floats of shared
@@ -128,6 +129,10 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
 __global__ void __launch_bounds__(256) k_route(const __grid_constant__ route_p p) {
     cu_pdl_wait();
     extern __shared__ float sm[];
+    if (p.cj.n && blockIdx.x == gridDim.x - 1) { /* DS4_CUDA_COMB_HOST=1: warp t, token t's comb (n <= 8) */
+        hc_comb_run(p.cj, threadIdx.x >> 5);
+        return;
+    }
     const int w = threadIdx.x >> 5, t = blockIdx.x * 8 + w;
     if (t >= p.n) return;
     route_token(p, t, sm + w * p.E);
@@ -189,6 +194,7 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     const int wt = l->gate_inp.type;
     if (c->route_fuse && a->n == 1 && E <= MOE_MAX_E && l->gate_inp.n_in % 32 == 0 &&
         (wt == DS4_TYPE_F16 || wt == DS4_TYPE_BF16 || wt == DS4_TYPE_F32)) {
+        cu_comb_flush(c); /* k_route1 hosts no comb */
         p.w = cu_weight_view(&l->gate_inp);
         p.x = a->v;
         p.wpr = cu_mv_wpr(E, (int)l->gate_inp.n_in / 32);
@@ -200,7 +206,8 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     } else {
         cu_mv_pair(c, &l->gate_inp, c->s.rl, E, nullptr, nullptr, 0, a->v, hp->n_embd, a->n, false, &c->s.a1, a->step,
                    0);
-        cu_launch(c, k_route, cu_div_up(a->n, 8), 256, (size_t)8 * E * sizeof(float), p);
+        p.cj = cu_comb_take(c); /* the FFN's HC-pre comb, if left for later: one more block */
+        cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, (size_t)8 * E * sizeof(float), p);
     }
     c->moe_grouped = group ? a->ids : nullptr;
     CU_LAUNCH(c, "route");

@@ -193,7 +193,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1"),
                                      ("DS4_CUDA_KV_IN_MERGE", "0"), ("q2:DS4_CUDA_KV_IN_MERGE", "0"),
                                      ("DS4_CUDA_ATT_ZB", "4"), ("DS4_CUDA_ATT_ZB", "2"),
-                                     ("DS4_CUDA_COMB_SIDE", "1"), ("q2:DS4_CUDA_COMB_SIDE", "1")])
+                                     ("DS4_CUDA_COMB_HOST", "1"), ("q2:DS4_CUDA_COMB_HOST", "1"),
+                                     ("DS4_CUDA_COMB_HOST", "1,DS4_CUDA_ROUTE_FUSE=1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
@@ -201,6 +202,7 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     the fused few-token experts). Written after
     DS4_CUDA_ATT_HB=16 turned out to leave 8 of a block's 16 heads without their softmax."""
     name, _, var = var.rpartition(":")
+    val, *more = val.split(",")  # VALUE,VAR2=VALUE2: switches that act together
     model = _stage_model(name or "flash")
     rng = np.random.default_rng(12)
     toks = tmp_path / "t.txt"
@@ -208,7 +210,7 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     if model not in _AB_BASE:  # the default run's prefill, once per model
         _AB_BASE[model], _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill")
     base = _AB_BASE[model]
-    env = dict(os.environ, **{var: val})
+    env = dict(os.environ, **{var: val}, **dict(m.split("=", 1) for m in more))
     for mode in (["--eval", "prefill"], ["--eval", "decode"], ["--eval", "chunk:3"], ["--eval", "chunk:4"]):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, env=env)
         d = float(np.abs(got.astype(np.float64) - base).max())
