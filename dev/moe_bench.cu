@@ -9,8 +9,8 @@
  * Variants: R rows per warp (1 = production: one row per warp, 8 per block),
  * and P: blocks loop over row groups (grid = SMs x P) so the IQ2 table is
  * loaded once per block; the IQ2_XXS sign forms of quant.cuh CU_IQ2_SIGNS
- * in one loop each (bitwise equal to R1): "vsub" (0, the default), "smask"
- * (1), "regm" (2), "regp" (3: 2 with the sign byte computed, no table), "prmt" (4: level codes and sign
+ * in one loop each (bitwise equal to R1): "vsub" (0, the default until the fifteenth session), "smask"
+ * (1), "regm" (2), "regp" (3: 2 with the sign byte computed, no table; now the default), "prmt" (4: level codes and sign
  * nibbles into byte-permute selectors) and "prmtc" (5: 4 with the sign nibbles computed).
  */
 #include <stdio.h>

@@ -130,9 +130,12 @@ static void *cu_alloc_op(void *ctx, size_t bytes) {
     return p;
 }
 
+static void cu_join(cu_ctx *c);
+
 static void cu_free_op(void *ctx, void *p) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (!p) return;
+    cu_join(c); /* pending work (a deferred comb, the side stream) may write it */
     cudaStreamSynchronize(c->st);
     cudaFree(p);
 }

@@ -479,10 +479,8 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
      * hc_comb_run), else cu_comb_flush launches it before its first
      * possible reader; the same inputs and code, off the critical path */
     cu_comb_flush(c); /* (none is pending here: every vtable entry to HC-pre flushed) */
-    if (c->comb_host && comb && !head && !batch && !p.diag && n <= 8 && hp->n_hc * hp->n_hc <= 32) {
-        p.cin = c->s.cin;
-        c->comb_job = cu_comb_job{c->s.cin, comb, n, hp->n_hc, hp->sinkhorn_iters, hp->hc_eps};
-    }
+    if (c->comb_host && comb && !head && !batch && !p.diag && n <= 8 && hp->n_hc * hp->n_hc <= 32)
+        p.cin = c->s.cin; /* the job is recorded once k_hc is launched */
     /* the previous HC-post inside k_hc (few tokens), else its own kernel first */
     if (py) {
         if (!batch && !(p.diag & 6) && !c->no_hc_fuse && hp->n_hc <= 4 && hp->n_embd <= 8 * HC_THREADS &&
@@ -518,6 +516,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     }
 #undef HC_LAUNCH
     CU_LAUNCH(c, batch ? "hc_fin" : "hc");
+    if (p.cin && !c->err) c->comb_job = cu_comb_job{c->s.cin, comb, n, hp->n_hc, hp->sinkhorn_iters, hp->hc_eps};
     /* the projections that read `out` take these codes instead of
      * quantizing it again (cu_mv_pair, cu_moe_experts) */
     if (p.q0) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_0, q0);
@@ -533,6 +532,7 @@ cu_comb_job cu_comb_take(cu_ctx *c) {
 void cu_comb_flush(cu_ctx *c) {
     if (!c->comb_job.n) return;
     const cu_comb_job j = cu_comb_take(c);
+    if (c->err) return; /* a failed step: nothing more runs */
     cu_launch(c, k_hc_comb, j.n, 32, 0, j);
     CU_LAUNCH(c, "hc_comb");
 }
