@@ -40,7 +40,7 @@ bool cu_launched(cu_ctx *c, const char *kernel);
 #define CU_LAUNCH(c, name) cu_launched((c), name)
 
 /* Device-side status bits (ctx->dstatus), set by kernels, read at step_end. */
-enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2, CU_ST_TOPK_SYNC = 4 };
+enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2, CU_ST_TOPK_SYNC = 4, CU_ST_MOE_SYNC = 8 };
 
 enum { CU_KPROF_BASE = 1000 };
 
@@ -82,6 +82,7 @@ struct cu_scratch {
     size_t xn_cap;
     unsigned *rcc;             /* (1) k_route1 blocks done (0 between launches) */
     unsigned *mcc;             /* ((4K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
+    unsigned *ms;              /* (2) the persistent experts kernel's meeting: arrivals, generation */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
     float *cin;                /* (min(B, 8), 32) the inputs of a comb HC-pre left for later (cu_comb_job) */
     float *hn;                 /* (B, D) head input */
@@ -261,6 +262,7 @@ struct cu_ctx {
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
     bool side_live;        /* work queued on st2 that st has not joined yet */
+    int moe1_persist;      /* DS4_CUDA_MOE1_PERSIST=1: the fused experts in one launch (k_moe1_persist) */
     int comb_host;         /* DS4_CUDA_COMB_HOST=1: HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */

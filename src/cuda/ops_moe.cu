@@ -813,17 +813,13 @@ __device__ __forceinline__ void moe1_prefetch_rows(RowOf row_of, int n, size_t r
     }
 }
 
-/* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
- * token, block (x, 1 + i) item i's rows; then the codes of each finished
- * super-block. */
+/* Gate + up + SwiGLU of unit (x, y): warp w takes row 8x + w of the shared
+ * expert (y = 0, every token) or of item y - 1 (tab: the IQ2 tables, loaded
+ * by the caller for IQ2_XXS). */
 template <int WG>
-__global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ moe1_p p) {
-    if (p.pf && blockIdx.y == 0 && threadIdx.x < 2) moe1_prefetch(threadIdx.x ? p.us : p.gs, blockIdx.x * 8, 8);
-    cu_pdl_wait();
-    __shared__ cu_iq2_tab tab;
-    __shared__ bool last;
-    const int y = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int r = blockIdx.x * 8 + w, F = p.F, D = p.D, nch = D / 32;
+__device__ __forceinline__ void moe1_gu_rows(const moe1_p &p, int x, int y, const cu_iq2_tab *tab) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int r = x * 8 + w, F = p.F, D = p.D, nch = D / 32;
     if (y == 0) {
         float g[MOE1_MAX_N], u[MOE1_MAX_N];
         moe1_q8_row(p.gs, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, g);
@@ -840,33 +836,24 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
         const uint8_t *const qr[2] = {p.g.q + (size_t)row * p.g.q_row, p.u.q + (size_t)row * p.u.q_row};
         const uint8_t *const sr[2] = {p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr,
                                       p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr};
-        if (p.xpf) { /* their DRAM latency behind the table load (and the scale rows of planar types) */
-            moe1_prefetch_rows([&](int k) { return k ? qr[1] : qr[0]; }, 2, p.g.q_row);
-            if (p.g.s) moe1_prefetch_rows([&](int k) { return k ? sr[1] : sr[0]; }, 2, p.g.s_row);
-        }
-        if constexpr (WG == DS4_TYPE_IQ2_XXS) {
-            cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-            __syncthreads();
-        }
         const int64_t xo[2] = {(int64_t)t * D, (int64_t)t * D};
         float gu[2] = {0.0f, 0.0f};
         if (p.seq) { /* DS4_CUDA_MOE1_SEQ=1: one row after the other (A/B) */
-            cu_row_dot<WG, true, 1>(qr[0], sr[0], nch, 1, nullptr, p.aq, p.ad, p.abs, xo, gu, &tab);
-            cu_row_dot<WG, true, 1>(qr[1], sr[1], nch, 1, nullptr, p.aq, p.ad, p.abs, xo, gu + 1, &tab);
+            cu_row_dot<WG, true, 1>(qr[0], sr[0], nch, 1, nullptr, p.aq, p.ad, p.abs, xo, gu, tab);
+            cu_row_dot<WG, true, 1>(qr[1], sr[1], nch, 1, nullptr, p.aq, p.ad, p.abs, xo, gu + 1, tab);
         } else {
-            cu_row_dot_multi<WG, 2>(qr, sr, 2, nch, p.aq, p.ad, p.abs, xo, gu, &tab);
+            cu_row_dot_multi<WG, 2>(qr, sr, 2, nch, p.aq, p.ad, p.abs, xo, gu, tab);
         }
         const float g = cu_warp_sum(gu[0]), u = cu_warp_sum(gu[1]);
         if (lane == 0) p.gu[(int64_t)i * F + r] = moe_act(g, u, p.lim, p.wts[i]);
     }
-    /* the last of a super-block's 32 blocks quantizes it */
-    const int sb = blockIdx.x / 32;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicInc(p.cnt + y * (F / 256) + sb, 31u) == 31u;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+}
+
+/* The int8 codes of super-block sb of unit row y (0: the shared hidden,
+ * Q8_0 per warp; else item y - 1's, Q8_K by warp 0 or Q8_0 per warp), read
+ * from L2 once its 32 row groups are written. */
+__device__ __forceinline__ void moe1_gu_codes(const moe1_p &p, int y, int sb) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, F = p.F;
     if (y == 0) {
         for (int t = 0; t < p.n; t++) {
             const int64_t i = (int64_t)t * F + 256 * sb + 32 * w;
@@ -888,18 +875,47 @@ __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ mo
     }
 }
 
+/* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
+ * token, block (x, 1 + i) item i's rows; then the codes of each finished
+ * super-block. */
+template <int WG>
+__global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ moe1_p p) {
+    if (p.pf && blockIdx.y == 0 && threadIdx.x < 2) moe1_prefetch(threadIdx.x ? p.us : p.gs, blockIdx.x * 8, 8);
+    cu_pdl_wait();
+    __shared__ cu_iq2_tab tab;
+    __shared__ bool last;
+    const int y = blockIdx.y;
+    if (y != 0) {
+        if (p.xpf) { /* their DRAM latency behind the table load (and the scale rows of planar types) */
+            const int64_t row = (int64_t)p.ids[y - 1] * p.F + blockIdx.x * 8 + (threadIdx.x >> 5);
+            const uint8_t *const qr[2] = {p.g.q + (size_t)row * p.g.q_row, p.u.q + (size_t)row * p.u.q_row};
+            const uint8_t *const sr[2] = {p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr,
+                                          p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr};
+            moe1_prefetch_rows([&](int k) { return k ? qr[1] : qr[0]; }, 2, p.g.q_row);
+            if (p.g.s) moe1_prefetch_rows([&](int k) { return k ? sr[1] : sr[0]; }, 2, p.g.s_row);
+        }
+        if constexpr (WG == DS4_TYPE_IQ2_XXS) {
+            cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+            __syncthreads();
+        }
+    }
+    moe1_gu_rows<WG>(p, blockIdx.x, y, &tab);
+    /* the last of a super-block's 32 blocks quantizes it */
+    const int sb = blockIdx.x / 32;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicInc(p.cnt + y * (p.F / 256) + sb, 31u) == 31u;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    moe1_gu_codes(p, y, sb);
+}
+
 /* Down of every item and the shared expert, summed per token: one warp per
  * output row. */
 template <int WD>
-__global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_p p) {
-    if (p.pf && threadIdx.x == 0) moe1_prefetch(p.ds, blockIdx.x * 8, 8);
-    cu_pdl_wait();
-    __shared__ cu_iq2_tab tab;
-    if constexpr (WD == DS4_TYPE_IQ2_XXS) {
-        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-        __syncthreads();
-    }
-    const int lane = threadIdx.x & 31, r = blockIdx.x * 8 + (threadIdx.x >> 5), F = p.F, nch = F / 32;
+__device__ __forceinline__ void moe1_down_rows(const moe1_p &p, int x, const cu_iq2_tab *tab) {
+    const int lane = threadIdx.x & 31, r = x * 8 + (threadIdx.x >> 5), F = p.F, nch = F / 32;
     if (p.xpf) { /* the routed rows' DRAM latency behind the shared row */
         moe1_prefetch_rows([&](int i) { return p.d.q + (size_t)((int64_t)p.ids[i] * p.D + r) * p.d.q_row; },
                            p.n * p.K, p.d.q_row);
@@ -931,13 +947,13 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
                 const int64_t row = (int64_t)p.ids[t * p.K + k] * p.D + r;
                 cu_row_dot<WD, true, 1>(p.d.q + (size_t)row * p.d.q_row,
                                         p.d.s ? p.d.s + (size_t)row * p.d.s_row : nullptr, nch, 1, nullptr, p.hq, p.hd,
-                                        p.hbs, xk, ak, &tab);
+                                        p.hbs, xk, ak, tab);
 #pragma unroll
                 for (int m = 0; m < MOE1_MAX_K; m++)
                     if (m == k) a[m] = ak[0];
             }
         } else {
-            cu_row_dot_multi<WD, MOE1_MAX_K>(qr, sr, p.K, nch, p.hq, p.hd, p.hbs, xo, a, &tab);
+            cu_row_dot_multi<WD, MOE1_MAX_K>(qr, sr, p.K, nch, p.hq, p.hd, p.hbs, xo, a, tab);
         }
         float acc = 0.0f;
 #pragma unroll
@@ -949,6 +965,75 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
             if (m == t) v = sh[m];
         if (lane == 0) p.y[(int64_t)t * p.D + r] = acc + v;
     }
+}
+
+template <int WD>
+__global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_p p) {
+    if (p.pf && threadIdx.x == 0) moe1_prefetch(p.ds, blockIdx.x * 8, 8);
+    cu_pdl_wait();
+    __shared__ cu_iq2_tab tab;
+    if constexpr (WD == DS4_TYPE_IQ2_XXS) {
+        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+        __syncthreads();
+    }
+    moe1_down_rows<WD>(p, blockIdx.x, &tab);
+}
+
+/* DS4_CUDA_MOE1_PERSIST=1 (opt-in): both fused kernels in one launch of
+ * blocks that are all resident at once (the launcher sizes the grid from
+ * the occupancy), meeting twice through global memory: the gate/up units
+ * (x, y) of k_moe1_gate_up spread over the blocks, a meeting, the codes of
+ * every super-block, a meeting, the down units of k_moe1_down. Each unit
+ * runs the same device code as in the two kernels, so the same values; no
+ * second launch, no last-block counters. A meeting that waits longer than
+ * 2 s sets CU_ST_MOE_SYNC and the step fails instead of hanging. */
+__device__ __forceinline__ bool moe1_meet(unsigned *ms, int *status) {
+    __shared__ unsigned s_gen;
+    __shared__ int s_ok;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_ok = 1;
+        s_gen = *(volatile unsigned *)&ms[1];
+        __threadfence(); /* this block's writes before its arrival */
+        if (atomicInc(&ms[0], gridDim.x - 1) == gridDim.x - 1) {
+            __threadfence();
+            atomicAdd(&ms[1], 1u); /* every block arrived: a new generation */
+        } else {
+            unsigned long long t0;
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+            while (*(volatile unsigned *)&ms[1] == s_gen) {
+                unsigned long long t1;
+                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
+                if (t1 - t0 > 2000000000ull) {
+                    atomicOr(status, CU_ST_MOE_SYNC);
+                    s_ok = 0;
+                    break;
+                }
+                __nanosleep(64);
+            }
+        }
+        __threadfence(); /* the others' writes before this block's reads */
+    }
+    __syncthreads();
+    return s_ok;
+}
+
+template <int WG, int WD>
+__global__ void __launch_bounds__(256) k_moe1_persist(const __grid_constant__ moe1_p p, unsigned *ms, int *status) {
+    cu_pdl_wait_only(); /* never an early trigger: the next kernel's blocks must not take this grid's places */
+    if (*(volatile int *)status & CU_ST_MOE_SYNC) return; /* an earlier meeting of this step failed */
+    __shared__ cu_iq2_tab tab;
+    if constexpr (WG == DS4_TYPE_IQ2_XXS || WD == DS4_TYPE_IQ2_XXS) {
+        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
+        __syncthreads();
+    }
+    const int nx = p.F / 8, units = nx * (1 + p.n * p.K);
+    for (int u = blockIdx.x; u < units; u += gridDim.x) moe1_gu_rows<WG>(p, u % nx, u / nx, &tab);
+    if (!moe1_meet(ms, status)) return;
+    const int nsb = p.F / 256, sbs = nsb * (1 + p.n * p.K);
+    for (int u = blockIdx.x; u < sbs; u += gridDim.x) moe1_gu_codes(p, u / nsb, u % nsb);
+    if (!moe1_meet(ms, status)) return;
+    for (int x = blockIdx.x; x < p.D / 8; x += gridDim.x) moe1_down_rows<WD>(p, x, &tab);
 }
 
 /* The fused path when the model's types allow it: K-quant or Q8_0 routed
@@ -1010,6 +1095,24 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     p.seq = c->moe1_seq;
     p.xpf = c->xpf;
+    /* DS4_CUDA_MOE1_PERSIST=1: one launch of resident blocks (the published
+     * type pairs and the flash stage recipe's; others take the two kernels) */
+    if (c->moe1_persist) {
+        void (*k)(moe1_p, unsigned *, int *) = nullptr;
+        if (tg == DS4_TYPE_IQ2_XXS && td == DS4_TYPE_Q2_K) k = k_moe1_persist<DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K>;
+        else if (tg == DS4_TYPE_Q4_K && td == DS4_TYPE_Q4_K) k = k_moe1_persist<DS4_TYPE_Q4_K, DS4_TYPE_Q4_K>;
+        else if (tg == DS4_TYPE_Q8_0 && td == DS4_TYPE_Q8_0) k = k_moe1_persist<DS4_TYPE_Q8_0, DS4_TYPE_Q8_0>;
+        int per_sm = 0;
+        if (k && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, 256, 0) == cudaSuccess && per_sm > 0) {
+            const int units = F / 8 * (1 + n * K);
+            const int g = per_sm * c->n_sm < units ? per_sm * c->n_sm : units;
+            cu_launch(c, k, g, 256, 0, p, s.ms, c->dstatus);
+            CU_LAUNCH(c, "moe1_persist");
+            c->moe_grouped = nullptr;
+            return true;
+        }
+        cudaGetLastError();
+    }
     const dim3 g1(F / 8, 1 + n * K);
     switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
