@@ -394,7 +394,13 @@ def test_bench_profile_with_mtp_breaks_down_a_verify_cycle(tmp_path):
             assert abs(ratio - v / d) < 0.02 * ratio + 0.01, (st, v, d, ratio)
     total = float(re.search(r"stages sum ([0-9.]+) ms = ([0-9.]+) x", lines[head[0]]).group(1))
     assert abs(total - sum(v for v, *_ in rows.values())) < 0.01 * total + 0.01, (total, rows)
-    assert abs(sum(s for *_, s in rows.values()) - 100.0) < 1.0, rows
+    # the shares are of the verify cycle's extra time over the decode step's; on a loaded 2-core machine a slow
+    # decode step can leave no extra (the demo model's stages take ~0.1 ms), and then every share is 0 by definition
+    dec_total = sum(d for _, d, *_ in rows.values())
+    if all(s == 0.0 for *_, s in rows.values()):
+        assert total <= dec_total + 0.01 * total + 0.01, (total, dec_total, rows)
+    else:
+        assert abs(sum(s for *_, s in rows.values()) - 100.0) < 1.0, rows
 
 
 def test_server_with_mtp_gives_the_same_greedy_text_and_logs_counters(tmp_path):
