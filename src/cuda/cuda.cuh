@@ -263,6 +263,7 @@ struct cu_ctx {
     cudaEvent_t ev_fork, ev_join;
     bool side_live;        /* work queued on st2 that st has not joined yet */
     int moe1_persist;      /* DS4_CUDA_MOE1_PERSIST=1: the fused experts in one launch (k_moe1_persist) */
+    int moe1_occ[3];       /* k_moe1_persist blocks per SM of each type pair (0: not queried yet) */
     int comb_host;         /* DS4_CUDA_COMB_HOST=1: HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */
@@ -371,6 +372,26 @@ static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 blo
     cfg.numAttrs = c->no_pdl ? 0 : 1;
     cudaError_t e = cudaLaunchKernelEx(&cfg, k, static_cast<KArgs>(args)...);
     if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
+}
+
+/* Launches a kernel whose blocks meet through global memory: a cooperative
+ * launch (the runtime guarantees every block resident at once, or fails the
+ * launch), without programmatic serialization (the kernel then starts after
+ * its predecessor completes). grid must not exceed the occupancy x SMs. */
+template <typename... KArgs, typename... Args>
+static inline cudaError_t cu_launch_coop(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                         Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c->st;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeCooperative;
+    at[0].val.cooperative = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, k, static_cast<KArgs>(args)...);
 }
 
 /* ---------------------------------------------------------------- weights */

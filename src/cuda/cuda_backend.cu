@@ -1078,7 +1078,11 @@ static int cu_step_end(void *ctx, ds4_err *err) {
          * failed, so that the next step starts clean */
         cudaMemsetAsync(c->dstatus, 0, sizeof(int), c->st);
         if (st & CU_ST_TOPK_SYNC) cudaMemsetAsync(c->s.topw, 0, 4 * 1024 * sizeof(unsigned), c->st);
-        if (st & CU_ST_MOE_SYNC) cudaMemsetAsync(c->s.ms, 0, 2 * sizeof(unsigned), c->st);
+        if (st & CU_ST_MOE_SYNC) {
+            cudaMemsetAsync(c->s.ms, 0, 2 * sizeof(unsigned), c->st);
+            c->moe1_persist = 0; /* the two kernels from now on (the captured steps held the persistent one) */
+            drop_graphs(c);
+        }
         cudaStreamSynchronize(c->st);
         if (!c->err && (st & CU_ST_TOPK_SYNC))
             cu_fail(c, DS4_E_BACKEND, "cuda: the indexer top-k blocks did not meet within 2 s");

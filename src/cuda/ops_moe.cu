@@ -979,9 +979,9 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
     moe1_down_rows<WD>(p, blockIdx.x, &tab);
 }
 
-/* DS4_CUDA_MOE1_PERSIST=1 (opt-in): both fused kernels in one launch of
- * blocks that are all resident at once (the launcher sizes the grid from
- * the occupancy), meeting twice through global memory: the gate/up units
+/* DS4_CUDA_MOE1_PERSIST=1 (opt-in): both fused kernels in one cooperative
+ * launch (every block resident at once; the grid at most the occupancy x
+ * SMs), meeting twice through global memory: the gate/up units
  * (x, y) of k_moe1_gate_up spread over the blocks, a meeting, the codes of
  * every super-block, a meeting, the down units of k_moe1_down. Each unit
  * runs the same device code as in the two kernels, so the same values; no
@@ -1020,7 +1020,7 @@ __device__ __forceinline__ bool moe1_meet(unsigned *ms, int *status) {
 
 template <int WG, int WD>
 __global__ void __launch_bounds__(256) k_moe1_persist(const __grid_constant__ moe1_p p, unsigned *ms, int *status) {
-    cu_pdl_wait_only(); /* never an early trigger: the next kernel's blocks must not take this grid's places */
+    cu_pdl_wait_only(); /* (no PDL for this launch; never an early trigger) */
     if (*(volatile int *)status & CU_ST_MOE_SYNC) return; /* an earlier meeting of this step failed */
     __shared__ cu_iq2_tab tab;
     if constexpr (WG == DS4_TYPE_IQ2_XXS || WD == DS4_TYPE_IQ2_XXS) {
@@ -1099,19 +1099,25 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
      * type pairs and the flash stage recipe's; others take the two kernels) */
     if (c->moe1_persist) {
         void (*k)(moe1_p, unsigned *, int *) = nullptr;
-        if (tg == DS4_TYPE_IQ2_XXS && td == DS4_TYPE_Q2_K) k = k_moe1_persist<DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K>;
-        else if (tg == DS4_TYPE_Q4_K && td == DS4_TYPE_Q4_K) k = k_moe1_persist<DS4_TYPE_Q4_K, DS4_TYPE_Q4_K>;
-        else if (tg == DS4_TYPE_Q8_0 && td == DS4_TYPE_Q8_0) k = k_moe1_persist<DS4_TYPE_Q8_0, DS4_TYPE_Q8_0>;
-        int per_sm = 0;
-        if (k && cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, 256, 0) == cudaSuccess && per_sm > 0) {
-            const int units = F / 8 * (1 + n * K);
-            const int g = per_sm * c->n_sm < units ? per_sm * c->n_sm : units;
-            cu_launch(c, k, g, 256, 0, p, s.ms, c->dstatus);
-            CU_LAUNCH(c, "moe1_persist");
-            c->moe_grouped = nullptr;
-            return true;
+        int pair = -1;
+        if (tg == DS4_TYPE_IQ2_XXS && td == DS4_TYPE_Q2_K) k = k_moe1_persist<DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K>, pair = 0;
+        else if (tg == DS4_TYPE_Q4_K && td == DS4_TYPE_Q4_K) k = k_moe1_persist<DS4_TYPE_Q4_K, DS4_TYPE_Q4_K>, pair = 1;
+        else if (tg == DS4_TYPE_Q8_0 && td == DS4_TYPE_Q8_0) k = k_moe1_persist<DS4_TYPE_Q8_0, DS4_TYPE_Q8_0>, pair = 2;
+        if (k && !c->moe1_occ[pair] &&
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c->moe1_occ[pair], k, 256, 0) != cudaSuccess) {
+            cudaGetLastError();
+            c->moe1_occ[pair] = -1; /* never: the two kernels */
         }
-        cudaGetLastError();
+        if (k && c->moe1_occ[pair] > 0) {
+            const int units = F / 8 * (1 + n * K), most = c->moe1_occ[pair] * c->n_sm;
+            if (cu_ok(c, cu_launch_coop(c, k, most < units ? most : units, 256, 0, p, s.ms, c->dstatus),
+                      "persistent experts launch")) {
+                CU_LAUNCH(c, "moe1_persist");
+                c->moe_grouped = nullptr;
+                return true;
+            }
+            return true; /* the step failed (c->err) */
+        }
     }
     const dim3 g1(F / 8, 1 + n * K);
     switch (tg) {
