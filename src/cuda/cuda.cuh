@@ -354,23 +354,33 @@ __device__ __forceinline__ void cu_prefetch_l2(const void *p, size_t bytes) {
     }
 }
 
-/* Launches a step kernel on the context's stream; unless ctx->no_pdl, as a
- * programmatic dependent launch (PERFORMANCE.md A.8: its launch and block
- * scheduling overlap the previous kernel's tail; cu_pdl_wait() keeps the
- * data dependency). */
+/* cudaLaunchKernelEx on the context's stream with at most one launch
+ * attribute (a: NULL for none) */
 template <typename... KArgs, typename... Args>
-static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+static inline cudaError_t cu_launch_with(cu_ctx *c, const cudaLaunchAttribute *a, void (*k)(KArgs...), dim3 grid,
+                                         dim3 block, size_t smem, Args... args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = c->st;
     cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
+    if (a) at[0] = *a;
     cfg.attrs = at;
-    cfg.numAttrs = c->no_pdl ? 0 : 1;
-    cudaError_t e = cudaLaunchKernelEx(&cfg, k, static_cast<KArgs>(args)...);
+    cfg.numAttrs = a ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, k, static_cast<KArgs>(args)...);
+}
+
+/* Launches a step kernel on the context's stream; unless ctx->no_pdl, as a
+ * programmatic dependent launch (PERFORMANCE.md A.8: its launch and block
+ * scheduling overlap the previous kernel's tail; cu_pdl_wait() keeps the
+ * data dependency). */
+template <typename... KArgs, typename... Args>
+static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
+    cudaLaunchAttribute a;
+    a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    a.val.programmaticStreamSerializationAllowed = 1;
+    cudaError_t e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k, grid, block, smem, args...);
     if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
 }
 
@@ -381,17 +391,10 @@ static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 blo
 template <typename... KArgs, typename... Args>
 static inline cudaError_t cu_launch_coop(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem,
                                          Args... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = c->st;
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeCooperative;
-    at[0].val.cooperative = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    return cudaLaunchKernelEx(&cfg, k, static_cast<KArgs>(args)...);
+    cudaLaunchAttribute a;
+    a.id = cudaLaunchAttributeCooperative;
+    a.val.cooperative = 1;
+    return cu_launch_with(c, &a, k, grid, block, smem, args...);
 }
 
 /* ---------------------------------------------------------------- weights */
