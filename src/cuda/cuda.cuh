@@ -485,6 +485,7 @@ int cu_hc_pre(void *ctx, const ds4_hc_pre_args *a);
  * launched on its own now (k_hc_comb) */
 cu_comb_job cu_comb_take(cu_ctx *c);
 void cu_comb_flush(cu_ctx *c);
+void cu_hc_clk_print(cu_ctx *c); /* DS4_CUDA_HC_DIAG bit 256 */
 int cu_hc_post(void *ctx, const ds4_hc_post_args *a);
 int cu_attn_project(void *ctx, const ds4_attn_project_args *a);
 int cu_attention(void *ctx, const ds4_attention_args *a);

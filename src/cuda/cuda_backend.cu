@@ -1131,6 +1131,7 @@ static void cu_destroy(void *ctx) {
     cudaStreamSynchronize(c->st);
     if (c->st3) cudaStreamSynchronize(c->st3);
     if (c->kprof) kprof_print(c);
+    if (c->hc_diag & 256) cu_hc_clk_print(c);
     drop_graphs(c);
     free_binding(c);
     if (c->scratch_mem) cudaFree(c->scratch_mem);

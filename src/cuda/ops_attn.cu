@@ -11,6 +11,8 @@
 #include "cuda/mma.cuh"
 #include "cuda/rowops.cuh"
 
+#include <stdio.h>
+
 /* ---------------------------------------------------------------- embed */
 
 int cu_embed(void *ctx, const ds4_embed_args *a) {
@@ -63,6 +65,14 @@ struct hc_fin {
 
 #define HC_THREADS 512
 
+/* DS4_CUDA_HC_DIAG bit 256 (results unchanged): SM clocks of the phases of
+ * k_hc's last block for token 0, summed over calls (cu_hc_clk_print) */
+#define HC_CLK_N 16
+__device__ unsigned long long cu_hc_clk[HC_CLK_N];
+__device__ __forceinline__ void hc_stamp(const hc_fin &p, int t, long long ck0, int i) {
+    if ((p.diag & 256) && t == 0) atomicAdd(&cu_hc_clk[i], (unsigned long long)(clock64() - ck0));
+}
+
 /* k_hc_comb: a comb HC-pre left for later that no kernel took (cu_comb_flush) */
 __global__ void k_hc_comb(const __grid_constant__ cu_comb_job j) {
     cu_pdl_wait();
@@ -82,7 +92,7 @@ __global__ void k_hc_comb(const __grid_constant__ cu_comb_job j) {
  * reduction's tree, replayed by each of them), write the output and, when
  * asked, its Q8_0 and Q8_K quantizations for the projections that read it. */
 template <int HCN>
-__device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
+__device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, long long ck0 = 0) {
     __shared__ double red[32];
     __shared__ float mix[HC_MAX_MIX], pre[8];
     __shared__ float part[HC_MAX_SPLIT * HC_MAX_MIX];
@@ -144,6 +154,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
                 xr[k][s] = d < D && s < hc ? X[(int64_t)s * D + d] : 0.0f;
             }
     }
+    if (threadIdx.x == 0) hc_stamp(p, t, ck0, 2);
     if (p.diag & 32) return; /* timing: the finish up to here */
     /* the split partials: loaded at once, then summed in split order, one
      * thread per mix value */
@@ -161,6 +172,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
         rsq = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
     }
     __syncthreads();
+    if (threadIdx.x == 0) hc_stamp(p, t, ck0, 3);
     if (p.diag & 64) return;
     if (threadIdx.x < hc) {
         pre[lane] = cu_sigmoid(cu_lin(__fmul_rn(mix[lane], rsq), sc0, bs0)) + p.hc_eps;
@@ -168,6 +180,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
             p.post[(int64_t)t * hc + lane] = 2.0f * cu_sigmoid(cu_lin(__fmul_rn(mix[hc + lane], rsq), sc1, bs1));
     }
     __syncthreads();
+    if (threadIdx.x == 0) hc_stamp(p, t, ck0, 4);
     if (p.diag & 128) return;
     /* weighted sum of the streams and this thread's sum of squares */
     double ss = 0.0;
@@ -200,6 +213,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
     if (w == 0) {
         /* release warps 1.. (they wait for all nw warps' partials) */
         asm volatile("bar.arrive 1, %0;" ::"r"(blockDim.x) : "memory");
+        if (lane == 0) hc_stamp(p, t, ck0, 5);
         if (p.head) return;
         /* comb: its inputs here, the row softmax and Sinkhorn in hc_comb_warp,
          * now or (p.cin) by a later kernel (cu_comb_job) */
@@ -210,15 +224,19 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
             return;
         }
         hc_comb_warp<HCN>(c, hc, p.hc_eps, (p.diag & 1) ? 0 : p.sinkhorn, p.comb + (int64_t)t * hc * hc);
+        if (lane == 0) hc_stamp(p, t, ck0, 6);
         return;
     }
     asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x) : "memory");
+    const bool stw = lane == 0 && (w == 1 || w == nw - 1); /* phase clocks: the first and last norm warps */
+    if (stw) hc_stamp(p, t, ck0, w == 1 ? 7 : 11);
     if (p.diag & 8) return;
     /* the block reduction's final tree (cu_block_reduce), in every warp */
     double tot = lane < nw ? red[lane] : 0.0;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
     const float rn = 1.0f / sqrtf((float)(tot / D) + p.rms_eps);
+    if (stw && w == 1) hc_stamp(p, t, ck0, 8);
     /* normalise by 32-value blocks (cu_row_rmsnorm's expressions), write,
      * and quantize to Q8_0 */
     auto norm_blk = [&](int blk, float wv) {
@@ -236,6 +254,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
     } else {
         for (int blk = wk; blk < nb; blk += nwk) norm_blk(blk, p.norm_w ? p.norm_w[32 * blk + lane] : 0.0f);
     }
+    if (stw) hc_stamp(p, t, ck0, w == 1 ? 9 : 12);
     if (p.qk) {
         asm volatile("bar.sync 2, %0;" ::"r"(blockDim.x - 32) : "memory");
         for (int sb = wk; sb < D / 256; sb += nwk) {
@@ -245,6 +264,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs) {
             cu_warp_q8_k(v, p.qk + (int64_t)t * D + 256 * sb, p.dk + (int64_t)t * (D / 256) + sb,
                          p.bsk + (int64_t)t * (D / 16) + 16 * sb);
         }
+        if (stw) hc_stamp(p, t, ck0, w == 1 ? 10 : 13);
     }
 }
 
@@ -264,11 +284,13 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     const int s = blockIdx.x, t = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int nflat = p.n_hc * p.D, n_split = p.n_split, n_mix = p.n_mix;
     const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
+    const long long ck0 = (p.diag & 256) ? clock64() : 0;
     if (p.pf && t == 0 && (int)threadIdx.x < n_mix) { /* the weights do not depend on the previous kernel */
         constexpr int es = WT == DS4_TYPE_F32 ? 4 : 2;
         cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
     }
     cu_pdl_wait();
+    const long long ck1 = (p.diag & 256) ? clock64() : 0;
     const float *x = p.X + (int64_t)t * nflat;
     float dot[HC_MAX_MIX];
 #pragma unroll
@@ -325,7 +347,12 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     __syncthreads();
     if (!last || (p.diag & 2)) return;
     __threadfence();
-    hc_finish<HCN>(p, t, xs);
+    if (threadIdx.x == 0) {
+        hc_stamp(p, t, ck0, 1);
+        if ((p.diag & 256) && t == 0) atomicAdd(&cu_hc_clk[0], (unsigned long long)(ck1 - ck0));
+        if ((p.diag & 256) && t == 0) atomicAdd(&cu_hc_clk[HC_CLK_N - 1], 1ull);
+    }
+    hc_finish<HCN>(p, t, xs, ck0);
 }
 
 /* ---- HC for batches: the partials of many tokens per block, then the finishes.
@@ -521,6 +548,24 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
      * quantizing it again (cu_mv_pair, cu_moe_experts) */
     if (p.q0) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_0, q0);
     if (p.qk) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_K, qk);
+}
+
+/* DS4_CUDA_HC_DIAG bit 256: the phase clocks of k_hc's last block, token 0,
+ * mean over the calls (stderr, at backend close) */
+void cu_hc_clk_print(cu_ctx *c) {
+    unsigned long long v[HC_CLK_N];
+    if (cudaMemcpyFromSymbol(v, cu_hc_clk, sizeof v) != cudaSuccess || !v[HC_CLK_N - 1]) return;
+    int khz = 0;
+    cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, c->device);
+    static const char *const name[HC_CLK_N - 1] = {
+        "pdl wait done", "last block known", "streams loaded", "split sums", "stream weights",
+        "w0 weighted sum", "w0 comb done", "w1 norm start", "w1 rn", "w1 normed+q8_0", "w1 q8_k",
+        "wN norm start", "wN normed+q8_0", "wN q8_k", ""};
+    const double n = (double)v[HC_CLK_N - 1];
+    fprintf(stderr, "ds4: HC-pre phase clocks (k_hc's last block, token 0, %.0f calls; cycles since the block's "
+                    "start, us at %d MHz):\n", n, khz / 1000);
+    for (int i = 0; i < HC_CLK_N - 1; i++)
+        if (v[i]) fprintf(stderr, "  %-18s %9.0f %7.2f\n", name[i], v[i] / n, khz ? v[i] / n / (khz / 1000.0) : 0.0);
 }
 
 cu_comb_job cu_comb_take(cu_ctx *c) {
