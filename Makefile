@@ -125,7 +125,7 @@ NCCL_INC ?= $(firstword $(foreach d,$(CUDA_HOME)/include /usr/include \
               $(if $(wildcard $(d)/nccl.h),$(d))))
 NVFLAGS ?= -O3 -std=c++17 -gencode=arch=compute_$(subst sm_,,$(CUDA_ARCH)),code=$(CUDA_ARCH) -Isrc \
            -Xcompiler -fPIC -Xcompiler -Wall -lineinfo $(if $(NCCL_INC),-I$(NCCL_INC))
-# extra nvcc defines for kernel variants, e.g. NVDEFS=-DCU_IQ2_SIGNS=2; the
+# extra nvcc defines for kernel variants, e.g. NVDEFS=-DCU_IQ2_SIGNS=0; the
 # objects depend on a stamp of the flags, so changing them rebuilds
 NVDEFS ?=
 $(BUILD)/nvflags.stamp: nvflags-force

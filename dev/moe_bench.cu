@@ -8,8 +8,8 @@
  *
  * Variants: R rows per warp (1 = production: one row per warp, 8 per block),
  * and P: blocks loop over row groups (grid = SMs x P) so the IQ2 table is
- * loaded once per block; the IQ2_XXS sign forms of quant.cuh CU_IQ2_SIGNS
- * in one loop each (bitwise equal to R1): "vsub" (0, the default until the fifteenth session), "smask"
+ * loaded once per block; the IQ2_XXS sign forms (quant.cuh's CU_IQ2_SIGNS, 1, 2, 4 and 5
+ * since dropped) in one loop each (bitwise equal to R1): "vsub" (0, the default until the fifteenth session), "smask"
  * (1), "regm" (2), "regp" (3: 2 with the sign byte computed, no table; now the default), "prmt" (4: level codes and sign
  * nibbles into byte-permute selectors) and "prmtc" (5: 4 with the sign nibbles computed).
  */
@@ -22,6 +22,22 @@
 #include "cuda/quant.cuh"
 
 #include "dev_cuda.cuh"
+
+/* The byte permute's signed levels ("prmt", "prmtc", once quant.cuh's
+ * modes 4 and 5): bytes 0..2 the magnitudes 8, 25, 43, 4..6 their
+ * negations; selector nibble = level code | sign << 2. */
+#define CU_IQ2_LUT_LO 0x002B1908u
+#define CU_IQ2_LUT_HI 0x00D5E7F8u
+
+/* sign bits s (8) spread to bit 4j + 2 ("prmtc"): bits to nibbles in three
+ * carry-free steps, then up by 2 */
+__device__ __forceinline__ uint32_t cu_iq2_snib(uint32_t s) {
+    uint32_t x = s & 0xffu;
+    x = (x | (x << 12)) & 0x000f000fu;
+    x = (x | (x << 6)) & 0x03030303u;
+    x = (x | (x << 3)) & 0x11111111u;
+    return x << 2;
+}
 
 /* the definitions cuda.cuh declares but this tool does not link */
 void cu_fail(cu_ctx *, int, const char *, ...) {}

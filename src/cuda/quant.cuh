@@ -21,100 +21,41 @@ __device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return *(const u
 
 /* How the signs of an IQ2_XXS group are applied to its 8 grid bytes (every
  * grid byte is 8, 25 or 43), a build option (make cuda NVDEFS=-DCU_IQ2_SIGNS=N),
- * each giving the same signed bytes (unit test
+ * both giving the same signed bytes (unit test
  * quant_iq2xxs_signed_bytes_by_xor_add_are_exact):
  *   0  the ksigns byte spread to byte masks by shifts (cu_sign_mask4), then
  *      __vsub4(g ^ m, m): the form measured and tested on the H200 through
  *      the ninth session;
- *   1  the masks read from a 128-entry table of 64-bit masks (smask), applied
- *      as (g ^ m) + (m & 0x01010101): fewer integer operations, but 64-bit
- *      shared loads at data-dependent indices (~5.5 passes per warp load);
- *   2  the ksigns byte spread in registers, ((s & 15) * 0x00204081) &
- *      0x01010101 (bit j to bit 8j, no carries), applied as in 1;
- *   3  as 2 with the sign byte computed instead of read from the table:
- *      ksigns[i] = i | parity(i) << 7 (the 8th sign makes the count of
- *      negatives even; unit test quant_iq2xxs_signed_bytes_by_xor_add_are_exact
- *      checks the identity for all 128 entries): no shared load; the
- *      default (dev/moe_bench.cu, H100 2026-12-05: routed gate/up 29.4 ->
- *      27.1 us per call, same output bits as 0).
- *   4  no sign masks at all: the grid as 2-bit level codes (8, 25, 43 ->
- *      0, 1, 2; one nibble per value, a 32-bit word per entry) and the 8
- *      signs as bit 2 of the same nibbles (a 128-entry word table), OR-ed
- *      into 8 selectors of a byte permute over the signed levels
- *      {8, 25, 43, 0, -8, -25, -43, 0}: two __byte_perm give the 8 signed
- *      bytes (~10 integer operations per 8 values instead of ~22, but two
- *      32-bit table loads instead of one 64-bit; the tables are made from
- *      grid and ksigns by each block's table load);
- *   5  as 4 with the sign nibbles computed from the sign byte (no second
- *      table load; ~7 more operations).
- *   (unit test quant_iq2xxs_signed_bytes_by_byte_permute_are_exact checks
- *   4 and 5 against the byte-wise definition for every entry and sign.)
- * dev/moe_bench.cu times them in the routed gate/up kernel. */
+ *   3  the sign byte computed instead of read from the table, ksigns[i] =
+ *      i | parity(i) << 7 (the 8th sign makes the count of negatives even;
+ *      the unit test checks the identity for all 128 entries), spread in
+ *      registers, ((s & 15) * 0x00204081) & 0x01010101 (bit j to bit 8j, no
+ *      carries), and applied as (g ^ m) + (m & 0x01010101): the default
+ *      (H100, q2:20 at 2k: routed experts 1.379 -> 1.306 ms per token,
+ *      decode 203.4 -> 207.3 tok/s).
+ * Tried and dropped (dev/cuda_notes.md, fifteenth and sixteenth sessions):
+ * a 64-bit mask table in shared memory (1), the table's sign byte spread in
+ * registers (2: mode 3 without the computed byte), and the grid as 2-bit level
+ * codes with the signs OR-ed into byte-permute selectors over the signed
+ * levels (4, 5: 1.10x in dev/moe_bench.cu's kernel alone, no change in the
+ * decode step: H100 q2:20 204.6 / 204.2 vs 204.8 tok/s). */
 #ifndef CU_IQ2_SIGNS
 #define CU_IQ2_SIGNS 3
 #endif
+#if CU_IQ2_SIGNS != 0 && CU_IQ2_SIGNS != 3
+#error "CU_IQ2_SIGNS: 0 or 3"
+#endif
 
 /* The IQ2_XXS tables, loaded into shared memory by kernels that need them:
- * the grid, the 7-bit -> 8-sign table (and with CU_IQ2_SIGNS 1 the same
- * signs as byte masks, 0xff where the value is negative). */
+ * the grid and the 7-bit -> 8-sign table. */
 struct cu_iq2_tab {
     uint64_t grid[256];
-#if CU_IQ2_SIGNS == 1
-    uint64_t smask[128];
-#endif
-#if CU_IQ2_SIGNS >= 4
-    uint32_t gcode[256]; /* level code (0, 1, 2 for 8, 25, 43) of value j in nibble j */
-#endif
-#if CU_IQ2_SIGNS == 4
-    uint32_t snib[128]; /* sign j (ksigns) as bit 4j + 2 */
-#endif
     uint8_t ksigns[128];
 };
 
-/* The byte permute's signed levels (mode 4, 5): bytes 0..2 the magnitudes,
- * 4..6 their negations; selector nibble = code | sign << 2. */
-#define CU_IQ2_LUT_LO 0x002B1908u
-#define CU_IQ2_LUT_HI 0x00D5E7F8u
-
-/* sign bits s (8) spread to bit 4j + 2 (mode 5): bits to nibbles in three
- * carry-free steps, then up by 2 */
-__device__ __forceinline__ uint32_t cu_iq2_snib(uint32_t s) {
-    uint32_t x = s & 0xffu;
-    x = (x | (x << 12)) & 0x000f000fu;
-    x = (x | (x << 6)) & 0x03030303u;
-    x = (x | (x << 3)) & 0x11111111u;
-    return x << 2;
-}
-
 __device__ __forceinline__ void cu_iq2_tab_load(cu_iq2_tab *t, const uint64_t *grid, const uint8_t *ksigns) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) t->grid[i] = grid[i];
-    for (int i = threadIdx.x; i < 128; i += blockDim.x) {
-        const uint32_t k = ksigns[i];
-        t->ksigns[i] = (uint8_t)k;
-#if CU_IQ2_SIGNS == 1
-        uint64_t m = 0;
-#pragma unroll
-        for (int b = 0; b < 8; b++)
-            if ((k >> b) & 1u) m |= (uint64_t)0xff << (8 * b);
-        t->smask[i] = m;
-#endif
-#if CU_IQ2_SIGNS == 4
-        uint32_t m = 0;
-        for (int b = 0; b < 8; b++) m |= ((k >> b) & 1u) << (4 * b + 2);
-        t->snib[i] = m;
-#endif
-    }
-#if CU_IQ2_SIGNS >= 4
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        const uint64_t g = grid[i];
-        uint32_t m = 0;
-        for (int b = 0; b < 8; b++) {
-            const uint32_t v = (uint32_t)(g >> (8 * b)) & 0xffu;
-            m |= ((v > 8u) + (v > 25u)) << (4 * b);
-        }
-        t->gcode[i] = m;
-    }
-#endif
+    for (int i = threadIdx.x; i < 128; i += blockDim.x) t->ksigns[i] = ksigns[i];
 }
 
 /* byte mask (0x00 / 0xff per byte) of the low 4 bits of s */
@@ -133,16 +74,8 @@ __device__ __forceinline__ uint32_t cu_iq2_signed4(uint32_t g, uint32_t m) { ret
 __device__ __forceinline__ void cu_iq2_signed8(const cu_iq2_tab *t, uint64_t grid, uint32_t i, uint32_t *v0,
                                                uint32_t *v1) {
     const uint32_t g0 = (uint32_t)grid, g1 = (uint32_t)(grid >> 32);
-#if CU_IQ2_SIGNS == 1
-    const uint64_t m = t->smask[i];
-    *v0 = cu_iq2_signed4(g0, (uint32_t)m);
-    *v1 = cu_iq2_signed4(g1, (uint32_t)(m >> 32));
-#elif CU_IQ2_SIGNS == 2 || CU_IQ2_SIGNS == 3
-#if CU_IQ2_SIGNS == 2
-    const uint32_t s = t->ksigns[i];
-#else
+#if CU_IQ2_SIGNS == 3
     const uint32_t s = i | (__popc(i) & 1u) << 7;
-#endif
     const uint32_t b0 = (s & 15u) * 0x00204081u & 0x01010101u, b1 = ((s >> 4) & 15u) * 0x00204081u & 0x01010101u;
     *v0 = (g0 ^ (b0 * 0xffu)) + b0;
     *v1 = (g1 ^ (b1 * 0xffu)) + b1;
@@ -154,20 +87,10 @@ __device__ __forceinline__ void cu_iq2_signed8(const cu_iq2_tab *t, uint64_t gri
 }
 
 /* The 8 signed bytes of grid entry gi under sign index si (7 bits): the
- * IQ2_XXS value bytes of every int8 kernel, in the build's form. */
+ * IQ2_XXS value bytes of every int8 kernel. */
 __device__ __forceinline__ void cu_iq2_signed8_i(const cu_iq2_tab *t, uint32_t gi, uint32_t si, uint32_t *v0,
                                                  uint32_t *v1) {
-#if CU_IQ2_SIGNS >= 4
-#if CU_IQ2_SIGNS == 4
-    const uint32_t sel = t->gcode[gi] | t->snib[si];
-#else
-    const uint32_t sel = t->gcode[gi] | cu_iq2_snib(si | (__popc(si) & 1u) << 7);
-#endif
-    *v0 = __byte_perm(CU_IQ2_LUT_LO, CU_IQ2_LUT_HI, sel);
-    *v1 = __byte_perm(CU_IQ2_LUT_LO, CU_IQ2_LUT_HI, sel >> 16);
-#else
     cu_iq2_signed8(t, t->grid[gi], si, v0, v1);
-#endif
 }
 
 __device__ __forceinline__ void cu_q4k_scale_min(const uint8_t *s, int j, int *sc, int *m) {

@@ -958,52 +958,6 @@ DS4_TEST(quant_quantizers_match_ggml_golden_bytes) {
     free(q);
 }
 
-/* quant.cuh CU_IQ2_SIGNS 4 and 5: each value's selector nibble (its level
- * code 0, 1, 2 for 8, 25, 43, and its sign as bit 2) picks its signed byte
- * out of {8, 25, 43, 0, -8, -25, -43, 0} in a byte permute (PTX prmt, the
- * default mode: bit 3 of a nibble would replicate a sign, so it must stay
- * clear). Emulated here for every grid entry and sign pattern, with the
- * sign nibbles from the table form (4) and the carry-free spread (5). */
-static uint32_t prmt_emul(uint32_t lo, uint32_t hi, uint32_t sel) {
-    const uint64_t b = (uint64_t)hi << 32 | lo;
-    uint32_t r = 0;
-    for (int n = 0; n < 4; n++) {
-        const uint32_t k = (sel >> (4 * n)) & 15u;
-        r |= (uint32_t)((b >> (8 * (k & 7))) & 0xff) << (8 * n);
-    }
-    return r;
-}
-
-DS4_TEST(quant_iq2xxs_signed_bytes_by_byte_permute_are_exact) {
-    for (int gi = 0; gi < 256; gi++) {
-        const uint64_t g = ds4_iq2xxs_grid[gi];
-        uint32_t code = 0; /* cu_iq2_tab_load's gcode */
-        for (int b = 0; b < 8; b++) {
-            const uint32_t v = (uint32_t)(g >> (8 * b)) & 0xffu;
-            CHECK(v == 8 || v == 25 || v == 43);
-            code |= (uint32_t)((v > 8u) + (v > 25u)) << (4 * b);
-        }
-        for (int si = 0; si < 128; si++) {
-            const uint32_t s = ds4_ksigns_iq2xs[si];
-            uint32_t tab = 0; /* cu_iq2_tab_load's snib */
-            for (int b = 0; b < 8; b++) tab |= ((s >> b) & 1u) << (4 * b + 2);
-            uint32_t x = s & 0xffu; /* cu_iq2_snib */
-            x = (x | (x << 12)) & 0x000f000fu;
-            x = (x | (x << 6)) & 0x03030303u;
-            x = (x | (x << 3)) & 0x11111111u;
-            CHECK_EQ_INT((int64_t)(x << 2), (int64_t)tab);
-            const uint32_t sel = code | tab;
-            CHECK_EQ_INT((int64_t)(sel & 0x88888888u), 0);
-            const uint32_t v[2] = {prmt_emul(0x002B1908u, 0x00D5E7F8u, sel), prmt_emul(0x002B1908u, 0x00D5E7F8u, sel >> 16)};
-            for (int j = 0; j < 8; j++) {
-                const int mag = (int)((g >> (8 * j)) & 0xff);
-                const int want = (s >> j) & 1u ? -mag : mag;
-                CHECK_EQ_INT((int)(int8_t)(uint8_t)(v[j / 4] >> (8 * (j % 4))), want);
-            }
-        }
-    }
-}
-
 /* The CUDA int8 path (src/cuda/quant.cuh cu_iq2_signed4) signs IQ2_XXS grid
  * bytes as (g ^ m) + (m & 0x01010101) with a plain 32-bit add, m the byte
  * masks of ksigns: exact only because no grid byte is 0 (no carry crosses a
