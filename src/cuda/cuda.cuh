@@ -40,7 +40,7 @@ bool cu_launched(cu_ctx *c, const char *kernel);
 #define CU_LAUNCH(c, name) cu_launched((c), name)
 
 /* Device-side status bits (ctx->dstatus), set by kernels, read at step_end. */
-enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2, CU_ST_TOPK_SYNC = 4, CU_ST_MOE_SYNC = 8 };
+enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2, CU_ST_TOPK_SYNC = 4 };
 
 enum { CU_KPROF_BASE = 1000 };
 
@@ -82,7 +82,6 @@ struct cu_scratch {
     size_t xn_cap;
     unsigned *rcc;             /* (1) k_route1 blocks done (0 between launches) */
     unsigned *mcc;             /* ((4K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
-    unsigned *ms;              /* (2) the persistent experts kernel's meeting: arrivals, generation */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
     float *cin;                /* (min(B, 8), 32) the inputs of a comb HC-pre left for later (cu_comb_job) */
     float *hn;                 /* (B, D) head input */
@@ -262,8 +261,6 @@ struct cu_ctx {
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
     bool side_live;        /* work queued on st2 that st has not joined yet */
-    int moe1_persist;      /* DS4_CUDA_MOE1_PERSIST=1: the fused experts in one launch (k_moe1_persist) */
-    int moe1_occ[3];       /* k_moe1_persist blocks per SM of each type pair (0: not queried yet) */
     int comb_host;         /* DS4_CUDA_COMB_HOST=1: HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */
@@ -382,19 +379,6 @@ static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 blo
     a.val.programmaticStreamSerializationAllowed = 1;
     cudaError_t e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k, grid, block, smem, args...);
     if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
-}
-
-/* Launches a kernel whose blocks meet through global memory: a cooperative
- * launch (the runtime guarantees every block resident at once, or fails the
- * launch), without programmatic serialization (the kernel then starts after
- * its predecessor completes). grid must not exceed the occupancy x SMs. */
-template <typename... KArgs, typename... Args>
-static inline cudaError_t cu_launch_coop(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                                         Args... args) {
-    cudaLaunchAttribute a;
-    a.id = cudaLaunchAttributeCooperative;
-    a.val.cooperative = 1;
-    return cu_launch_with(c, &a, k, grid, block, smem, args...);
 }
 
 /* ---------------------------------------------------------------- weights */

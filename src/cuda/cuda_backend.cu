@@ -826,7 +826,6 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->xn = (float *)take(s->xn_cap * 4);
     s->rcc = (unsigned *)take(sizeof(unsigned));
     s->mcc = (unsigned *)take((4 * K + 1) * (F / 256 + 1) * sizeof(unsigned));
-    s->ms = (unsigned *)take(2 * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
     s->cin = (float *)take((B < 8 ? B : 8) * 32 * 4); /* a comb HC-pre left for later (cu_comb_job) */
     s->hn = (float *)take(B * D * 4);
@@ -874,7 +873,6 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.rcc, 0, sizeof(unsigned)) != cudaSuccess ||
-        cudaMemset(c->s.ms, 0, 2 * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.topw, 0, 4 * 1024 * sizeof(unsigned)) != cudaSuccess) {
         cudaGetLastError();
         return ds4_err_set(err, DS4_E_BACKEND, "cuda: scratch initialisation failed");
@@ -1078,17 +1076,9 @@ static int cu_step_end(void *ctx, ds4_err *err) {
          * failed, so that the next step starts clean */
         cudaMemsetAsync(c->dstatus, 0, sizeof(int), c->st);
         if (st & CU_ST_TOPK_SYNC) cudaMemsetAsync(c->s.topw, 0, 4 * 1024 * sizeof(unsigned), c->st);
-        if (st & CU_ST_MOE_SYNC) {
-            cudaMemsetAsync(c->s.ms, 0, 2 * sizeof(unsigned), c->st);
-            c->moe1_persist = 0; /* the two kernels from now on (the captured steps held the persistent one) */
-            drop_graphs(c);
-        }
         cudaStreamSynchronize(c->st);
         if (!c->err && (st & CU_ST_TOPK_SYNC))
             cu_fail(c, DS4_E_BACKEND, "cuda: the indexer top-k blocks did not meet within 2 s");
-        else if (!c->err && (st & CU_ST_MOE_SYNC))
-            cu_fail(c, DS4_E_BACKEND, "cuda: the persistent experts kernel's blocks did not meet within 2 s "
-                                      "(DS4_CUDA_MOE1_PERSIST=1; another process on the GPU?)");
         else if (!c->err)
             cu_fail(c, DS4_E_RANGE, "cuda: %s", st & CU_ST_COMP_RANGE ? "compressed rows exceed the session capacity"
                                                                        : "indexer rows exceed the session capacity");
@@ -1196,7 +1186,6 @@ static const struct cu_switch {
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
     {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host},         /* 1: HC-pre's Sinkhorn in a later kernel's spare block */
-    {"DS4_CUDA_MOE1_PERSIST", &cu_ctx::moe1_persist},   /* 1: the fused experts in one persistent launch (same bits) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
 };
 

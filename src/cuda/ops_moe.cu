@@ -979,63 +979,6 @@ __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_
     moe1_down_rows<WD>(p, blockIdx.x, &tab);
 }
 
-/* DS4_CUDA_MOE1_PERSIST=1 (opt-in): both fused kernels in one cooperative
- * launch (every block resident at once; the grid at most the occupancy x
- * SMs), meeting twice through global memory: the gate/up units
- * (x, y) of k_moe1_gate_up spread over the blocks, a meeting, the codes of
- * every super-block, a meeting, the down units of k_moe1_down. Each unit
- * runs the same device code as in the two kernels, so the same values; no
- * second launch, no last-block counters. A meeting that waits longer than
- * 2 s sets CU_ST_MOE_SYNC and the step fails instead of hanging. */
-__device__ __forceinline__ bool moe1_meet(unsigned *ms, int *status) {
-    __shared__ unsigned s_gen;
-    __shared__ int s_ok;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        s_ok = 1;
-        s_gen = *(volatile unsigned *)&ms[1];
-        __threadfence(); /* this block's writes before its arrival */
-        if (atomicInc(&ms[0], gridDim.x - 1) == gridDim.x - 1) {
-            __threadfence();
-            atomicAdd(&ms[1], 1u); /* every block arrived: a new generation */
-        } else {
-            unsigned long long t0;
-            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-            while (*(volatile unsigned *)&ms[1] == s_gen) {
-                unsigned long long t1;
-                asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
-                if (t1 - t0 > 2000000000ull) {
-                    atomicOr(status, CU_ST_MOE_SYNC);
-                    s_ok = 0;
-                    break;
-                }
-                __nanosleep(64);
-            }
-        }
-        __threadfence(); /* the others' writes before this block's reads */
-    }
-    __syncthreads();
-    return s_ok;
-}
-
-template <int WG, int WD>
-__global__ void __launch_bounds__(256) k_moe1_persist(const __grid_constant__ moe1_p p, unsigned *ms, int *status) {
-    cu_pdl_wait_only(); /* (no PDL for this launch; never an early trigger) */
-    if (*(volatile int *)status & CU_ST_MOE_SYNC) return; /* an earlier meeting of this step failed */
-    __shared__ cu_iq2_tab tab;
-    if constexpr (WG == DS4_TYPE_IQ2_XXS || WD == DS4_TYPE_IQ2_XXS) {
-        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-        __syncthreads();
-    }
-    const int nx = p.F / 8, units = nx * (1 + p.n * p.K);
-    for (int u = blockIdx.x; u < units; u += gridDim.x) moe1_gu_rows<WG>(p, u % nx, u / nx, &tab);
-    if (!moe1_meet(ms, status)) return;
-    const int nsb = p.F / 256, sbs = nsb * (1 + p.n * p.K);
-    for (int u = blockIdx.x; u < sbs; u += gridDim.x) moe1_gu_codes(p, u / nsb, u % nsb);
-    if (!moe1_meet(ms, status)) return;
-    for (int x = blockIdx.x; x < p.D / 8; x += gridDim.x) moe1_down_rows<WD>(p, x, &tab);
-}
-
 /* The fused path when the model's types allow it: K-quant or Q8_0 routed
  * experts with int8 activations, Q8_0 shared expert, whole super-blocks,
  * at most MOE1_MAX_N tokens. Returns false (nothing launched) otherwise. */
@@ -1095,30 +1038,6 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     p.seq = c->moe1_seq;
     p.xpf = c->xpf;
-    /* DS4_CUDA_MOE1_PERSIST=1: one launch of resident blocks (the published
-     * type pairs and the flash stage recipe's; others take the two kernels) */
-    if (c->moe1_persist) {
-        void (*k)(moe1_p, unsigned *, int *) = nullptr;
-        int pair = -1;
-        if (tg == DS4_TYPE_IQ2_XXS && td == DS4_TYPE_Q2_K) k = k_moe1_persist<DS4_TYPE_IQ2_XXS, DS4_TYPE_Q2_K>, pair = 0;
-        else if (tg == DS4_TYPE_Q4_K && td == DS4_TYPE_Q4_K) k = k_moe1_persist<DS4_TYPE_Q4_K, DS4_TYPE_Q4_K>, pair = 1;
-        else if (tg == DS4_TYPE_Q8_0 && td == DS4_TYPE_Q8_0) k = k_moe1_persist<DS4_TYPE_Q8_0, DS4_TYPE_Q8_0>, pair = 2;
-        if (k && !c->moe1_occ[pair] &&
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c->moe1_occ[pair], k, 256, 0) != cudaSuccess) {
-            cudaGetLastError();
-            c->moe1_occ[pair] = -1; /* never: the two kernels */
-        }
-        if (k && c->moe1_occ[pair] > 0) {
-            const int units = F / 8 * (1 + n * K), most = c->moe1_occ[pair] * c->n_sm;
-            if (cu_ok(c, cu_launch_coop(c, k, most < units ? most : units, 256, 0, p, s.ms, c->dstatus),
-                      "persistent experts launch")) {
-                CU_LAUNCH(c, "moe1_persist");
-                c->moe_grouped = nullptr;
-                return true;
-            }
-            return true; /* the step failed (c->err) */
-        }
-    }
     const dim3 g1(F / 8, 1 + n * K);
     switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
