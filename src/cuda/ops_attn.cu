@@ -66,11 +66,12 @@ struct hc_fin {
 #define HC_THREADS 512
 
 /* DS4_CUDA_HC_DIAG bit 256 (results unchanged): SM clocks of the phases of
- * k_hc's last block for token 0, summed over calls (cu_hc_clk_print) */
+ * k_hc's last block in one-token calls (decode), summed over the calls
+ * (cu_hc_clk_print) */
 #define HC_CLK_N 16
 __device__ unsigned long long cu_hc_clk[HC_CLK_N];
 __device__ __forceinline__ void hc_stamp(const hc_fin &p, int t, long long ck0, int i) {
-    if ((p.diag & 256) && t == 0) atomicAdd(&cu_hc_clk[i], (unsigned long long)(clock64() - ck0));
+    if ((p.diag & 256) && t == 0 && p.n == 1) atomicAdd(&cu_hc_clk[i], (unsigned long long)(clock64() - ck0));
 }
 
 /* k_hc_comb: a comb HC-pre left for later that no kernel took (cu_comb_flush) */
@@ -349,8 +350,10 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     __threadfence();
     if (threadIdx.x == 0) {
         hc_stamp(p, t, ck0, 1);
-        if ((p.diag & 256) && t == 0) atomicAdd(&cu_hc_clk[0], (unsigned long long)(ck1 - ck0));
-        if ((p.diag & 256) && t == 0) atomicAdd(&cu_hc_clk[HC_CLK_N - 1], 1ull);
+        if ((p.diag & 256) && t == 0 && p.n == 1) {
+            atomicAdd(&cu_hc_clk[0], (unsigned long long)(ck1 - ck0));
+            atomicAdd(&cu_hc_clk[HC_CLK_N - 1], 1ull);
+        }
     }
     hc_finish<HCN>(p, t, xs, ck0);
 }
@@ -562,7 +565,7 @@ void cu_hc_clk_print(cu_ctx *c) {
         "w0 weighted sum", "w0 comb done", "w1 norm start", "w1 rn", "w1 normed+q8_0", "w1 q8_k",
         "wN norm start", "wN normed+q8_0", "wN q8_k", ""};
     const double n = (double)v[HC_CLK_N - 1];
-    fprintf(stderr, "ds4: HC-pre phase clocks (k_hc's last block, token 0, %.0f calls; cycles since the block's "
+    fprintf(stderr, "ds4: HC-pre phase clocks (k_hc's last block, one-token calls: %.0f; cycles since the block's "
                     "start, us at %d MHz):\n", n, khz / 1000);
     for (int i = 0; i < HC_CLK_N - 1; i++)
         if (v[i]) fprintf(stderr, "  %-18s %9.0f %7.2f\n", name[i], v[i] / n, khz ? v[i] / n / (khz / 1000.0) : 0.0);
