@@ -56,6 +56,7 @@ struct hc_fin {
     int diag;                /* DS4_CUDA_HC_DIAG bits (timing diagnostics) */
     int n;                   /* tokens (the batch kernels) */
     int pf;                  /* k_hc: prefetch the block's slices of fn to L2 before cu_pdl_wait */
+    int bfly;                /* k_hc: the warp sums of the mix dots by recursive halving (DS4_CUDA_HC_BFLY) */
     int8_t *q0;              /* optional (n, D) Q8_0 codes of out, scales d0 (n, D/32) */
     float *d0;
     int8_t *qk;              /* optional (n, D) Q8_K codes of out, scales dk (n, D/256), sums bsk (n, D/16) */
@@ -321,11 +322,37 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
             }
         }
     }
+    if (p.bfly && n_mix > 8) {
+        /* DS4_CUDA_HC_BFLY=1: the 32 warp sums (n_mix real, the rest 0) by
+         * recursive halving: at offset 16 a lane keeps the half of the values
+         * its bit 4 names and adds its partner's copy, and so on down to
+         * offset 1, where lane o holds value o's sum. Each value is added in
+         * the pairs of cu_warp_sum's xor tree (own + partner at offset 16, 8,
+         * ..., 1), so the same bits, with 31 shuffles instead of 5 per value. */
+        static_assert(HC_MAX_MIX == 32, "the halving reduces 32 values");
+        const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4, b1 = lane & 2, b0 = lane & 1;
+        float a16[16], a8[8], a4[4], a2[2];
 #pragma unroll
-    for (int o = 0; o < HC_MAX_MIX; o++) {
-        if (o < n_mix) {
-            float v = cu_warp_sum(dot[o]);
-            if (lane == 0) red[w][o] = v;
+        for (int i = 0; i < 16; i++)
+            a16[i] = (b4 ? dot[16 + i] : dot[i]) + __shfl_xor_sync(0xffffffffu, b4 ? dot[i] : dot[16 + i], 16);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            a8[i] = (b3 ? a16[8 + i] : a16[i]) + __shfl_xor_sync(0xffffffffu, b3 ? a16[i] : a16[8 + i], 8);
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            a4[i] = (b2 ? a8[4 + i] : a8[i]) + __shfl_xor_sync(0xffffffffu, b2 ? a8[i] : a8[4 + i], 4);
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+            a2[i] = (b1 ? a4[2 + i] : a4[i]) + __shfl_xor_sync(0xffffffffu, b1 ? a4[i] : a4[2 + i], 2);
+        const float a1 = (b0 ? a2[1] : a2[0]) + __shfl_xor_sync(0xffffffffu, b0 ? a2[0] : a2[1], 1);
+        if (lane < n_mix) red[w][lane] = a1;
+    } else {
+#pragma unroll
+        for (int o = 0; o < HC_MAX_MIX; o++) {
+            if (o < n_mix) {
+                float v = cu_warp_sum(dot[o]);
+                if (lane == 0) red[w][o] = v;
+            }
         }
     }
     ss = cu_warp_sumd(ss);
@@ -492,6 +519,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.head = head;
     p.diag = c->hc_diag;
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
+    p.bfly = c->hc_bfly;
     const int D = hp->n_embd;
     const bool qok = D % 256 == 0 && (size_t)n * D <= c->s.h0.cap;
     p.q0 = q0 && qok ? q0->q : nullptr;
