@@ -39,6 +39,7 @@ struct route_p {
     int wpr;
     unsigned *cnt;
     cu_comb_job cj;          /* k_route: the FFN HC-pre's comb, if left for later (one block past the tokens') */
+    bool reg;                /* DS4_CUDA_ROUTE_REG=1: the chosen ids kept in registers for the tail */
 };
 
 /* Token t's routing by one warp (all lanes calling). s: E floats of shared
@@ -63,8 +64,20 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
     }
     __syncwarp();
     int32_t *id = p.ids + (int64_t)t * K;
+    /* the chosen ids also in every lane's registers (K <= MOE_MAX_K), so the
+     * weights and the grouping below need no read back of id[] from global
+     * memory (a round trip to L2 per item; DS4_CUDA_ROUTE_REG=1, opt-in until
+     * measured: the same values) */
+    const bool reg = p.reg && K <= MOE_MAX_K;
+    int sel[MOE_MAX_K];
+#pragma unroll
+    for (int k = 0; k < MOE_MAX_K; k++) sel[k] = 0;
     if (p.hash) {
-        if (lane < K) id[lane] = p.tid2eid[(int64_t)p.tokens[t] * K + lane];
+        const int my = lane < K ? p.tid2eid[(int64_t)p.tokens[t] * K + lane] : 0;
+        if (lane < K) id[lane] = my;
+        if (reg)
+#pragma unroll
+            for (int k = 0; k < MOE_MAX_K; k++) sel[k] = __shfl_sync(0xffffffffu, my, k);
     } else {
         unsigned taken = 0; /* bit k: expert lane + 32k */
         for (int i = 0; i < K; i++) {
@@ -89,27 +102,46 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
             }
             if ((be & 31) == lane) taken |= 1u << (be >> 5);
             if (lane == 0) id[i] = be;
+#pragma unroll
+            for (int k = 0; k < MOE_MAX_K; k++)
+                if (k == i) sel[k] = be; /* the same in every lane after the butterfly */
         }
     }
     __syncwarp();
     if (lane == 0) {
         float sum = 0.0f;
-        for (int i = 0; i < K; i++) sum += s[id[i]];
-        for (int i = 0; i < K; i++) {
-            float g = p.norm ? s[id[i]] / (sum + 1e-20f) : s[id[i]];
-            p.wts[(int64_t)t * K + i] = g * p.scale;
-        }
-        if (p.items) { /* one token: k_moe_group's output, by a stable insertion sort of the K items */
-            int es[MOE_MAX_K], is[MOE_MAX_K];
-            for (int i = 0; i < K; i++) {
-                const int e = id[i];
-                int j = i;
-                for (; j > 0 && es[j - 1] > e; j--) {
-                    es[j] = es[j - 1];
-                    is[j] = is[j - 1];
+        if (reg) {
+#pragma unroll
+            for (int i = 0; i < MOE_MAX_K; i++)
+                if (i < K) sum += s[sel[i]];
+#pragma unroll
+            for (int i = 0; i < MOE_MAX_K; i++) {
+                if (i < K) {
+                    float g = p.norm ? s[sel[i]] / (sum + 1e-20f) : s[sel[i]];
+                    p.wts[(int64_t)t * K + i] = g * p.scale;
                 }
-                es[j] = e;
-                is[j] = i;
+            }
+        } else {
+            for (int i = 0; i < K; i++) sum += s[id[i]];
+            for (int i = 0; i < K; i++) {
+                float g = p.norm ? s[id[i]] / (sum + 1e-20f) : s[id[i]];
+                p.wts[(int64_t)t * K + i] = g * p.scale;
+            }
+        }
+        if (p.items) { /* one token (K <= MOE_MAX_K): k_moe_group's output, by a stable insertion sort of the K items */
+            int es[MOE_MAX_K], is[MOE_MAX_K];
+#pragma unroll
+            for (int i = 0; i < MOE_MAX_K; i++) {
+                if (i < K) {
+                    const int e = reg ? sel[i] : id[i];
+                    int j = i;
+                    for (; j > 0 && es[j - 1] > e; j--) {
+                        es[j] = es[j - 1];
+                        is[j] = is[j - 1];
+                    }
+                    es[j] = e;
+                    is[j] = i;
+                }
             }
             int na = 0;
             for (int j = 0; j < K; j++) {
@@ -191,6 +223,7 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     p.items = group ? c->s.items : nullptr;
     p.off = group ? c->s.off : nullptr;
     p.act = group ? c->s.act : nullptr;
+    p.reg = c->route_reg;
     const int wt = l->gate_inp.type;
     if (c->route_fuse && a->n == 1 && E <= MOE_MAX_E && l->gate_inp.n_in % 32 == 0 &&
         (wt == DS4_TYPE_F16 || wt == DS4_TYPE_BF16 || wt == DS4_TYPE_F32)) {
