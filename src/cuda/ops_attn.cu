@@ -1613,16 +1613,44 @@ int cu_head(void *ctx, const ds4_head_args *a) {
 
 /* One block per row: the lowest index of the largest finite value, 0 when
  * none is finite (ds4_argmax). */
-__global__ void __launch_bounds__(1024) k_argmax(const float *logits, int n_vocab, int32_t *ids) {
+__global__ void __launch_bounds__(1024) k_argmax(const float *logits, int n_vocab, int32_t *ids, int vec) {
     cu_pdl_wait();
     const float *x = logits + (int64_t)blockIdx.x * n_vocab;
     float bv = 0.0f;
     int bi = -1;
-    for (int i = threadIdx.x; i < n_vocab; i += blockDim.x) {
-        float v = x[i];
-        if (isfinite(v) && (bi < 0 || v > bv)) {
-            bv = v;
-            bi = i;
+    /* the largest finite value, the lowest index on ties: the same answer in
+     * any order of the comparisons (each thread scans its indices upwards) */
+    if (vec && n_vocab % 4 == 0 && ((uintptr_t)x & 15) == 0) {
+        /* DS4_CUDA_ARGMAX_VEC=1: 8 float4 loads in flight per thread (a
+         * row of 129,280 logits: 4 round trips instead of 127) */
+        const float4 *x4 = (const float4 *)x;
+        const int n4 = n_vocab / 4;
+        for (int base = 0; base < n4; base += 8 * blockDim.x) {
+            float4 v[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const int j = base + threadIdx.x + k * blockDim.x;
+                v[k] = j < n4 ? x4[j] : make_float4(NAN, NAN, NAN, NAN);
+            }
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const int i = 4 * (base + threadIdx.x + k * blockDim.x);
+                const float e[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+                for (int u = 0; u < 4; u++)
+                    if (isfinite(e[u]) && (bi < 0 || e[u] > bv)) {
+                        bv = e[u];
+                        bi = i + u;
+                    }
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < n_vocab; i += blockDim.x) {
+            float v = x[i];
+            if (isfinite(v) && (bi < 0 || v > bv)) {
+                bv = v;
+                bi = i;
+            }
         }
     }
     __shared__ float sv[1024];
@@ -1646,7 +1674,7 @@ __global__ void __launch_bounds__(1024) k_argmax(const float *logits, int n_voca
 }
 
 void cu_argmax_rows(cu_ctx *c, const float *logits, int n_rows, int n_vocab, int32_t *ids_dev) {
-    cu_launch(c, k_argmax, n_rows, 1024, 0, logits, n_vocab, ids_dev);
+    cu_launch(c, k_argmax, n_rows, 1024, 0, logits, n_vocab, ids_dev, c->argmax_vec);
     CU_LAUNCH(c, "argmax");
 }
 

@@ -324,7 +324,8 @@ def test_cuda_runs_are_bitwise_repeatable(ggufs, tmp_path):
 def test_cuda_demo_model_full_vocabulary(tmp_path):
     """The demo model (129,280-token head): plain numerics equal the CPU (1e-4, same greedy ids); release
     numerics: the GPU's first greedy id is the argmax of its own last prompt row (the GPU argmax kernel, the
-    logits copy and the decode graphs agree), CPU differences printed (see test_cuda_quant_models_match_cpu)."""
+    logits copy and the decode graphs agree), also with DS4_CUDA_ARGMAX_VEC=1; CPU differences printed (see
+    test_cuda_quant_models_match_cpu)."""
     demo = ROOT / "build" / "demo.gguf"
     if not demo.exists():
         pytest.skip("build/demo.gguf missing")
@@ -341,6 +342,10 @@ def test_cuda_demo_model_full_vocabulary(tmp_path):
     print(f"release: per position rel diff {' '.join(f'{x:.1e}' for x in d)}\ncpu {c_out.strip()}\ngpu {g_out.strip()}")
     ids = g_out.split()[1:]
     assert len(ids) == 32 and int(ids[0]) == int(g[-1].argmax())
+    # the argmax with 8 float4 loads in flight per thread picks the same ids
+    v, v_out = run(demo, toks, tmp_path / "v.f32", "--cuda", True, "--dump-greedy", "32",
+                   env=dict(os.environ, DS4_CUDA_ARGMAX_VEC="1"))
+    assert v_out == g_out, f"DS4_CUDA_ARGMAX_VEC=1 changed the greedy ids\n{g_out}\n{v_out}"
 
 
 def test_cuda_cli_generates_text(tmp_path):
