@@ -658,16 +658,53 @@ int cu_hc_post(void *ctx, const ds4_hc_post_args *a) {
  * also the Q8_0 codes of the normalised rows (n % 32 == 0, scales d) for
  * the next projection. */
 __global__ void __launch_bounds__(256) k_rows_rmsnorm(float *x, int64_t ld, int n, const float *w, float eps,
-                                                      int8_t *q, float *d) {
-    cu_pdl_wait();
+                                                      int8_t *q, float *d, int reg) {
     extern __shared__ float row[];
     __shared__ double red[32];
     float *xr = x + (int64_t)blockIdx.x * ld;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = xr[i];
-    __syncthreads();
-    cu_row_rmsnorm(row, n, w, eps, red);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = row[i];
-    if (!q) return;
+    constexpr int RK = 16;
+    if (reg && n <= RK * (int)blockDim.x) {
+        /* DS4_CUDA_ROWNORM_REG=1: cu_row_rmsnorm's operations on values held
+         * in registers, every load issued at once (the weights before the
+         * wait for the previous kernel), not one round trip per loop step */
+        float xv[RK], wv[RK];
+#pragma unroll
+        for (int k = 0; k < RK; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            wv[k] = w && i < n ? w[i] : 1.0f;
+        }
+        cu_pdl_wait();
+#pragma unroll
+        for (int k = 0; k < RK; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            xv[k] = i < n ? xr[i] : 0.0f;
+        }
+        double ss = 0.0;
+#pragma unroll
+        for (int k = 0; k < RK; k++)
+            if (threadIdx.x + k * blockDim.x < n) ss += (double)xv[k] * (double)xv[k];
+        ss = cu_block_sumd(ss, red);
+        const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+#pragma unroll
+        for (int k = 0; k < RK; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            if (i < n) {
+                float v = __fmul_rn(xv[k], r);
+                v = w ? __fmul_rn(wv[k], v) : v;
+                xr[i] = v;
+                row[i] = v;
+            }
+        }
+        if (!q) return;
+        __syncthreads();
+    } else {
+        cu_pdl_wait();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = xr[i];
+        __syncthreads();
+        cu_row_rmsnorm(row, n, w, eps, red);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = row[i];
+        if (!q) return;
+    }
     const int lane = threadIdx.x & 31, nb = n / 32;
     for (int b = threadIdx.x >> 5; b < nb; b += blockDim.x >> 5)
         cu_warp_q8_0(row[32 * b + lane], q + (int64_t)blockIdx.x * n + 32 * b, d + (int64_t)blockIdx.x * nb + b);
@@ -733,7 +770,7 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     const bool qa_codes = aq && !c->no_preq && cu_act_type(l->q_b.type) == DS4_TYPE_Q8_0 && ql % 32 == 0 &&
                           (size_t)n * ql <= c->s.a1.cap;
     cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps,
-              qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr);
+              qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr, c->rownorm_reg);
     if (qa_codes) cu_preq_set(c, a->cq, n, ql, ql, DS4_TYPE_Q8_0, &c->s.a1);
     CU_LAUNCH(c, "q_a_norm");
     cu_mv_pair(c, &l->q_b, a->q, (int64_t)H * dh, nullptr, nullptr, 0, a->cq, ql, n, aq, &c->s.a1, a->step, 0);
@@ -1702,11 +1739,11 @@ int cu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a) {
     float *en = c->s.hn, *hn = c->s.out, *ep = c->s.sd;
     cu_dequant_rows(c, &m->tok_embd, a->tokens, n, en, D, 1, 0);
     cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)D * sizeof(float), en, (int64_t)D, D, (const float *)m->mtp_enorm,
-              hp->rms_eps, (int8_t *)nullptr, (float *)nullptr);
+              hp->rms_eps, (int8_t *)nullptr, (float *)nullptr, c->rownorm_reg);
     CU_LAUNCH(c, "mtp_enorm");
     cu_ok(c, cudaMemcpyAsync(hn, a->hc, (size_t)n * hc * D * sizeof(float), cudaMemcpyDeviceToDevice, c->st), "mtp copy");
     cu_launch(c, k_rows_rmsnorm, n * hc, 256, (size_t)D * sizeof(float), hn, (int64_t)D, D,
-              (const float *)m->mtp_hnorm, hp->rms_eps, (int8_t *)nullptr, (float *)nullptr);
+              (const float *)m->mtp_hnorm, hp->rms_eps, (int8_t *)nullptr, (float *)nullptr, c->rownorm_reg);
     CU_LAUNCH(c, "mtp_hnorm");
     cu_mv_pair(c, &m->mtp_e_proj, ep, D, nullptr, nullptr, 0, en, D, n, a->num.act_quant, &c->s.a1, a->step, 0);
     cu_mv_pair(c, &m->mtp_h_proj, a->X, D, nullptr, nullptr, 0, hn, D, n * hc, a->num.act_quant, &c->s.a1, a->step, 0);
