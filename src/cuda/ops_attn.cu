@@ -57,6 +57,7 @@ struct hc_fin {
     int n;                   /* tokens (the batch kernels) */
     int pf;                  /* k_hc: prefetch the block's slices of fn to L2 before cu_pdl_wait */
     int bfly;                /* k_hc: the warp sums of the mix dots by recursive halving (DS4_CUDA_HC_BFLY) */
+    int fin2;                /* hc_finish: loads at once, the warp's Q8_0 maxima together (DS4_CUDA_HC_FIN2) */
     int8_t *q0;              /* optional (n, D) Q8_0 codes of out, scales d0 (n, D/32) */
     float *d0;
     int8_t *qk;              /* optional (n, D) Q8_K codes of out, scales dk (n, D/256), sums bsk (n, D/16) */
@@ -160,9 +161,28 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
     if (p.diag & 32) return; /* timing: the finish up to here */
     /* the split partials: loaded at once, then summed in split order, one
      * thread per mix value */
-    for (int i = threadIdx.x; i < p.n_split * HC_MAX_MIX; i += blockDim.x)
-        part[i] = __ldcg(p.hcp + (int64_t)t * p.n_split * HC_MAX_MIX + i);
-    for (int i = threadIdx.x; i < p.n_split; i += blockDim.x) parts[i] = __ldcg(p.hcs + (int64_t)t * p.n_split + i);
+    if (p.fin2 && blockDim.x == HC_THREADS) {
+        /* DS4_CUDA_HC_FIN2=1: every thread's loads issued together (one
+         * round trip instead of three); the same values */
+        constexpr int PK = HC_MAX_SPLIT * HC_MAX_MIX / HC_THREADS;
+        const int np = p.n_split * HC_MAX_MIX;
+        float pv[PK];
+        double sv = 0.0;
+#pragma unroll
+        for (int k = 0; k < PK; k++) {
+            const int i = threadIdx.x + k * HC_THREADS;
+            pv[k] = i < np ? __ldcg(p.hcp + (int64_t)t * np + i) : 0.0f;
+        }
+        if ((int)threadIdx.x < p.n_split) sv = __ldcg(p.hcs + (int64_t)t * p.n_split + threadIdx.x);
+#pragma unroll
+        for (int k = 0; k < PK; k++)
+            if (threadIdx.x + k * HC_THREADS < np) part[threadIdx.x + k * HC_THREADS] = pv[k];
+        if ((int)threadIdx.x < p.n_split) parts[threadIdx.x] = sv;
+    } else {
+        for (int i = threadIdx.x; i < p.n_split * HC_MAX_MIX; i += blockDim.x)
+            part[i] = __ldcg(p.hcp + (int64_t)t * p.n_split * HC_MAX_MIX + i);
+        for (int i = threadIdx.x; i < p.n_split; i += blockDim.x) parts[i] = __ldcg(p.hcs + (int64_t)t * p.n_split + i);
+    }
     __syncthreads();
     if (threadIdx.x < n_mix) {
         float v = 0.0f;
@@ -249,7 +269,35 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
         p.out[(int64_t)t * D + d] = v;
         if (p.q0) cu_warp_q8_0(v, p.q0 + (int64_t)t * D + 32 * blk, p.d0 + (int64_t)t * nb + blk);
     };
-    if (nreg) {
+    if (nreg && p.fin2) {
+        /* DS4_CUDA_HC_FIN2=1: the warp's blocks normalised first, their Q8_0
+         * maxima by one interleaved shuffle tree (cu_warp_max's pairs for
+         * each), then the codes: norm_blk's values, in parallel chains */
+        float v[NWR], am[NWR];
+#pragma unroll
+        for (int j = 0; j < NWR; j++) {
+            const int blk = wk + j * nwk, d = 32 * blk + lane;
+            v[j] = 0.0f;
+            if (blk < nb) {
+                v[j] = __fmul_rn(xs[d], rn);
+                v[j] = p.norm_w ? __fmul_rn(nwr[j], v[j]) : v[j];
+                xs[d] = v[j];
+                p.out[(int64_t)t * D + d] = v[j];
+            }
+            am[j] = fabsf(v[j]);
+        }
+        if (p.q0) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+                for (int j = 0; j < NWR; j++) am[j] = fmaxf(am[j], __shfl_xor_sync(0xffffffffu, am[j], o));
+#pragma unroll
+            for (int j = 0; j < NWR; j++) {
+                const int blk = wk + j * nwk;
+                if (blk < nb) cu_warp_q8_0_am(v[j], am[j], p.q0 + (int64_t)t * D + 32 * blk, p.d0 + (int64_t)t * nb + blk);
+            }
+        }
+    } else if (nreg) {
 #pragma unroll
         for (int j = 0; j < NWR; j++)
             if (wk + j * nwk < nb) norm_blk(wk + j * nwk, nwr[j]);
@@ -520,6 +568,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.diag = c->hc_diag;
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     p.bfly = c->hc_bfly;
+    p.fin2 = c->hc_fin2;
     const int D = hp->n_embd;
     const bool qok = D % 256 == 0 && (size_t)n * D <= c->s.h0.cap;
     p.q0 = q0 && qok ? q0->q : nullptr;

@@ -309,14 +309,17 @@ __device__ __forceinline__ float cu_warp_max(float v) {
 /* Activation quantizers (quant.c's ds4_quantize_act, byte-exact), one warp
  * per block, all lanes calling. Q8_0: lane i holds value i of a 32-value
  * block; d = f16(amax/127), q = rne(x * (127/amax)) clamped to +-127. */
-__device__ __forceinline__ void cu_warp_q8_0(float v, int8_t *q, float *d) {
+__device__ __forceinline__ void cu_warp_q8_0_am(float v, float amax, int8_t *q, float *d) {
     const int lane = threadIdx.x & 31;
-    float amax = cu_warp_max(fabsf(v));
     float iscale = amax > 0.0f ? 127.0f / amax : 0.0f;
     int qi = __float2int_rn(v * iscale);
     qi = qi > 127 ? 127 : qi < -127 ? -127 : qi;
     q[lane] = (int8_t)qi;
     if (lane == 0) *d = __half2float(__float2half_rn(amax / 127.0f));
+}
+/* (cu_warp_q8_0_am: the same with the block's amax = cu_warp_max(|v|) given) */
+__device__ __forceinline__ void cu_warp_q8_0(float v, int8_t *q, float *d) {
+    cu_warp_q8_0_am(v, cu_warp_max(fabsf(v)), q, d);
 }
 /* Q8_K: lane i holds values 8i..8i+7 of a 256-value block; d = amax/127
  * (f32); bs[0..16) the sums of 16 consecutive codes. */
