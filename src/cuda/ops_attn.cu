@@ -795,13 +795,117 @@ __device__ __forceinline__ void kv_finish_body(int t, float *kv, int dh, int n_r
     for (int i = threadIdx.x; i < dh; i += blockDim.x) x[i] = row[i];
 }
 
+/* DS4_CUDA_ROWNORM_REG=1 forms of the two bodies above: the same operations
+ * in the same order, with each thread's values (and the norm weights) loaded
+ * at once into registers and the RoPE angles of the rotated pairs (pos0,
+ * inv_freq, cos, sin) taken while the loads are in flight, instead of one
+ * round trip per loop step. Need dh <= 32 * QRK (q heads), dh <= 256 * KRK
+ * (kv row, 256 threads), n_rot / 2 <= 32 (q) or <= blockDim (kv). */
+#define QRK 16
+#define KRK 4
+__device__ __forceinline__ void q_heads_body_reg(int blk, float *q, int n, int H, int dh, int n_rot,
+                                                 const float *inv_freq, float eps, const ds4_step *step) {
+    const int64_t wid = ((int64_t)blk * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x & 31;
+    if (wid >= (int64_t)n * H) return;
+    const int t = (int)(wid / H);
+    float *qh = q + wid * dh;
+    float v[QRK];
+#pragma unroll
+    for (int k = 0; k < QRK; k++) {
+        const int i = lane + 32 * k;
+        v[k] = i < dh ? qh[i] : 0.0f;
+    }
+    const bool rp = lane < n_rot / 2;
+    float cs = 0.0f, sn = 0.0f;
+    if (rp) { /* cu_rope_pair's angle of pair `lane` */
+        const float th = __fmul_rn((float)(step->pos0 + t), inv_freq[lane]);
+        cs = cosf(th);
+        sn = sinf(th);
+    }
+    double ss = 0.0;
+#pragma unroll
+    for (int k = 0; k < QRK; k++)
+        if (lane + 32 * k < dh) ss += (double)v[k] * (double)v[k];
+    ss = cu_warp_sumd(ss);
+    float r = 1.0f / sqrtf((float)(ss / dh) + eps);
+#pragma unroll
+    for (int k = 0; k < QRK; k++)
+        if (lane + 32 * k < dh) qh[lane + 32 * k] = __fmul_rn(v[k], r);
+    __syncwarp();
+    if (rp) {
+        float *z = qh + dh - n_rot;
+        const float x0 = z[2 * lane], x1 = z[2 * lane + 1];
+        z[2 * lane] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
+        z[2 * lane + 1] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
+    }
+}
+
+__device__ __forceinline__ void kv_finish_body_reg(int t, float *kv, int dh, int n_rot, const float *norm_w, float eps,
+                                                   const float *inv_freq, bool fp8, bool f16, const ds4_step *step) {
+    extern __shared__ float sm[];
+    __shared__ double red[32];
+    float *row = sm, *fred = sm + dh;
+    float *x = kv + (int64_t)t * dh;
+    float xv[KRK], wv[KRK];
+#pragma unroll
+    for (int k = 0; k < KRK; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        xv[k] = i < dh ? x[i] : 0.0f;
+        wv[k] = norm_w && i < dh ? norm_w[i] : 1.0f;
+    }
+    const bool rp = (int)threadIdx.x < n_rot / 2;
+    float cs = 0.0f, sn = 0.0f;
+    if (rp) {
+        const float th = __fmul_rn((float)(step->pos0 + t), inv_freq[threadIdx.x]);
+        cs = cosf(th);
+        sn = sinf(th);
+    }
+    /* cu_row_rmsnorm */
+    double ss = 0.0;
+#pragma unroll
+    for (int k = 0; k < KRK; k++)
+        if (threadIdx.x + k * blockDim.x < dh) ss += (double)xv[k] * (double)xv[k];
+    ss = cu_block_sumd(ss, red);
+    float r = 1.0f / sqrtf((float)(ss / dh) + eps);
+#pragma unroll
+    for (int k = 0; k < KRK; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < dh) {
+            const float v = __fmul_rn(xv[k], r);
+            row[i] = norm_w ? __fmul_rn(wv[k], v) : v;
+        }
+    }
+    __syncthreads();
+    /* cu_row_rope */
+    if (rp) {
+        float *z = row + dh - n_rot;
+        const int i = threadIdx.x;
+        const float x0 = z[2 * i], x1 = z[2 * i + 1];
+        z[2 * i] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
+        z[2 * i + 1] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
+    }
+    __syncthreads();
+    if (fp8) cu_row_fp8(row, dh - n_rot, 64, fred);
+    if (f16) cu_row_f16(row, dh);
+    for (int i = threadIdx.x; i < dh; i += blockDim.x) x[i] = row[i];
+}
+
 /* q heads (blocks < qb; rows of H heads of dh values) and kv rows (block
  * qb + t); both read the kv/q projections only, so they share a launch.
  * Shared: 2*dh floats (kv rows). */
 __global__ void __launch_bounds__(256) k_q_kv_finish(float *q, int n, int H, float eps, int qb, float *kv, int dh,
                                                      int n_rot, const float *norm_w, const float *inv_freq, bool fp8,
-                                                     bool f16, const ds4_step *step, const __grid_constant__ cu_comb_job cj) {
+                                                     bool f16, const ds4_step *step, const __grid_constant__ cu_comb_job cj,
+                                                     int reg) {
     cu_pdl_wait();
+    if (reg) {
+        if ((int)blockIdx.x < qb) q_heads_body_reg(blockIdx.x, q, n, H, dh, n_rot, inv_freq, eps, step);
+        else if ((int)blockIdx.x < qb + n)
+            kv_finish_body_reg(blockIdx.x - qb, kv, dh, n_rot, norm_w, eps, inv_freq, fp8, f16, step);
+        else if (threadIdx.x < 32) hc_comb_run(cj, blockIdx.x - qb - n);
+        return;
+    }
     if ((int)blockIdx.x < qb) q_heads_body(blockIdx.x, q, n, H, dh, n_rot, inv_freq, eps, step);
     else if ((int)blockIdx.x < qb + n) kv_finish_body(blockIdx.x - qb, kv, dh, n_rot, norm_w, eps, inv_freq, fp8, f16, step);
     else if (threadIdx.x < 32) hc_comb_run(cj, blockIdx.x - qb - n); /* HC-pre's comb (DS4_CUDA_COMB_HOST=1) */
@@ -828,7 +932,8 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     const int qb = cu_div_up((int64_t)n * H * 32, 256);
     const cu_comb_job cj = cu_comb_take(c); /* the attention's HC-pre comb, if left for later */
     cu_launch(c, k_q_kv_finish, qb + n + cj.n, 256, (size_t)2 * dh * sizeof(float), a->q, n, H, hp->rms_eps, qb, a->kv,
-              dh, hp->n_rot, l->kv_norm, a->rope->inv_freq, a->num.fp8_kv, a->num.f16_cache, a->step, cj);
+              dh, hp->n_rot, l->kv_norm, a->rope->inv_freq, a->num.fp8_kv, a->num.f16_cache, a->step, cj,
+              (int)(c->rownorm_reg && dh <= 32 * QRK && dh <= 256 * KRK && hp->n_rot / 2 <= 32));
     CU_LAUNCH(c, "q_kv_finish");
     return c->err;
 }
