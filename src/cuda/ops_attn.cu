@@ -994,6 +994,7 @@ struct attn_p {
     int st_f16;              /* its rows are half (else f32) */
     int st_t0;               /* first token stored (n > W: only the last W) */
     int zb;                  /* k_attn_part: splits per block (DS4_CUDA_ATT_ZB with 16 heads per block; else 1) */
+    int mreg;                /* k_attn_merge: loads at once (DS4_CUDA_MERGE_REG=1, same values) */
 };
 
 /* Rows a token attends: its raw window (ring rows, or this batch's kv for
@@ -1521,13 +1522,36 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
      * has finished reading the ring; later chunks read it after this store,
      * but the slot (pos0 + t) % W held position pos0 + t - W, which no later
      * token of the batch attends (its window starts above it) */
+    /* DS4_CUDA_MERGE_REG=1: the RoPE threads' inverse frequencies now (they
+     * do not depend on the previous kernel), the kv row's values all loaded
+     * before they are stored */
+    const int half = p.n_rot / 2;
+    const float ifq = p.mreg && (int)threadIdx.x < half ? p.inv_freq[threadIdx.x] : 0.0f;
     if (p.st_raw && blockIdx.x == 0 && blockIdx.z == 0 && p.t0 + (int)blockIdx.y >= p.st_t0) {
         const int tt = p.t0 + blockIdx.y;
         const float *src = p.kv + (int64_t)tt * p.dh;
         const int64_t slot = (int64_t)((p.step->pos0 + tt) % p.W) * p.dh;
-        for (int e = threadIdx.x; e < p.dh; e += blockDim.x) {
-            if (p.st_f16) ((__half *)p.st_raw)[slot + e] = cu_to_row<__half>(src[e]);
-            else ((float *)p.st_raw)[slot + e] = cu_to_row<float>(src[e]);
+        constexpr int SK = 8;
+        if (p.mreg && p.dh <= SK * (int)blockDim.x) {
+            float v[SK];
+#pragma unroll
+            for (int k = 0; k < SK; k++) {
+                const int e = threadIdx.x + k * blockDim.x;
+                v[k] = e < p.dh ? src[e] : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < SK; k++) {
+                const int e = threadIdx.x + k * blockDim.x;
+                if (e < p.dh) {
+                    if (p.st_f16) ((__half *)p.st_raw)[slot + e] = cu_to_row<__half>(v[k]);
+                    else ((float *)p.st_raw)[slot + e] = cu_to_row<float>(v[k]);
+                }
+            }
+        } else {
+            for (int e = threadIdx.x; e < p.dh; e += blockDim.x) {
+                if (p.st_f16) ((__half *)p.st_raw)[slot + e] = cu_to_row<__half>(src[e]);
+                else ((float *)p.st_raw)[slot + e] = cu_to_row<float>(src[e]);
+            }
         }
     }
     extern __shared__ float ms[];
@@ -1591,9 +1615,21 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
         os[e] = acc / den;
     }
     __syncthreads();
-    const int half = p.n_rot / 2;
-    if (!sliced || e_hi == dh) /* the RoPE dims (n_rot <= 128): all in the last slice */
-        for (int j = threadIdx.x; j < half; j += blockDim.x) cu_rope_pair(os + dh - p.n_rot, j, p.inv_freq, ar.P, true);
+    if (!sliced || e_hi == dh) { /* the RoPE dims (n_rot <= 128): all in the last slice */
+        if (p.mreg && half <= (int)blockDim.x) {
+            if ((int)threadIdx.x < half) { /* cu_rope_pair(.., inverse) with the frequency loaded early */
+                const int j = threadIdx.x;
+                float *z = os + dh - p.n_rot;
+                const float th = __fmul_rn((float)ar.P, ifq);
+                const float cs = cosf(th), sn = -sinf(th);
+                const float x0 = z[2 * j], x1 = z[2 * j + 1];
+                z[2 * j] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
+                z[2 * j + 1] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
+            }
+        } else {
+            for (int j = threadIdx.x; j < half; j += blockDim.x) cu_rope_pair(os + dh - p.n_rot, j, p.inv_freq, ar.P, true);
+        }
+    }
     __syncthreads();
     for (int e = lo + threadIdx.x; e < hi; e += blockDim.x) p.o[((int64_t)t * p.H + h) * dh + e] = os[e];
     if (p.oq) { /* the Q8_0 codes of o for the output projection (rows of H*dh) */
@@ -1768,6 +1804,7 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     p.st_raw = c->kv_in_merge && a->raw ? (void *)a->raw : nullptr;
     p.st_f16 = a->row_type == DS4_TYPE_F16;
     p.st_t0 = n > hp->window ? n - hp->window : 0;
+    p.mreg = c->merge_reg;
     if (a->row_type == DS4_TYPE_F16) launch_attention<__half>(c, p, n, nr_cap);
     else launch_attention<float>(c, p, n, nr_cap);
     if (p.st_raw && !c->err) c->kv_fused = cu_kv_fused{a->raw, a->kv, n, a->pos0};
