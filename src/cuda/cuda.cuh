@@ -248,6 +248,7 @@ struct cu_ctx {
     int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
     int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: with early_trigger, no L2 prefetch of weights (A/B switch) */
     int early_trigger;     /* DS4_CUDA_EARLY_TRIGGER=1: kernels let the next one launch at their start (A/B switch) */
+    int ring_in_emit;      /* DS4_CUDA_RING_IN_EMIT=1: one token's compressor frontier written by k_comp_emit */
     int merge_reg;         /* DS4_CUDA_MERGE_REG=1: the attention merge's loads at once (same values) */
     int rownorm_reg;       /* DS4_CUDA_ROWNORM_REG=1: k_rows_rmsnorm on values in registers, loads at once */
     int argmax_vec;        /* DS4_CUDA_ARGMAX_VEC=1: greedy argmax with 8 float4 loads in flight per thread */

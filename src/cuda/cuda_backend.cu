@@ -1182,6 +1182,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
     {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: with EARLY_TRIGGER, no L2 prefetch of weights */
     {"DS4_CUDA_EARLY_TRIGGER", &cu_ctx::early_trigger}, /* 1: kernels let the next one launch at their start */
+    {"DS4_CUDA_RING_IN_EMIT", &cu_ctx::ring_in_emit},   /* 1: one token's frontier by k_comp_emit (one launch less) */
     {"DS4_CUDA_MERGE_REG", &cu_ctx::merge_reg},         /* 1: the attention merge's loads at once (same bits) */
     {"DS4_CUDA_ROWNORM_REG", &cu_ctx::rownorm_reg},     /* 1: row norms on registers, loads at once (same bits) */
     {"DS4_CUDA_ARGMAX_VEC", &cu_ctx::argmax_vec},       /* 1: argmax with float4 loads, 8 in flight (same ids) */

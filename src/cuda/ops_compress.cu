@@ -38,6 +38,7 @@ struct comp_p {
     float eps;
     const ds4_step *step;
     int *status;
+    int ring1;                /* k_comp_emit also writes the one token's frontier (DS4_CUDA_RING_IN_EMIT=1, n = 1) */
 };
 
 /* One block per window k completed by the batch (k = k_lo + blockIdx.x);
@@ -49,6 +50,19 @@ __global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_
     __shared__ double red[32];
     float *row = sm, *fred = sm + p.d;
     const int pos0 = p.step->pos0, R = p.R;
+    if (p.ring1 && blockIdx.x == 0) {
+        /* DS4_CUDA_RING_IN_EMIT=1, one token (n = 1): k_comp_ring's stores of
+         * token 0 here. No candidate below reads slot pos0 % ring: the window
+         * completes at pos0 = R k + R - 1, and the candidates from the ring are
+         * q in [R (k - 1), pos0) (overlap, ring 2R: pos0 - q < 2R) or [R k,
+         * pos0) (ring R: q % R < R - 1 = pos0 % R) */
+        const int slot = pos0 % p.ring;
+        for (int col = threadIdx.x; col < p.w; col += blockDim.x) {
+            p.fa[(int64_t)slot * p.w + col] = p.A[col];
+            p.fg[(int64_t)slot * p.w + col] =
+                __fadd_rn(p.G[col], cu_plain(p.ape_type, p.ape, (int64_t)(pos0 % R) * p.w + col));
+        }
+    }
     const int k = (pos0 + R) / R - 1 + blockIdx.x, k_hi = (pos0 + p.n) / R - 1;
     if (k > k_hi) return;
     /* candidate q at column offset off: g (with ape) and a */
@@ -160,11 +174,13 @@ int cu_compress_update(void *ctx, const ds4_compress_args *a) {
     p.eps = hp->rms_eps;
     p.step = a->step;
     p.status = c->dstatus;
+    p.ring1 = c->ring_in_emit && n == 1;
     const int blocks = cu_div_up(n, a->ratio);
     const size_t smem = (size_t)2 * a->d * sizeof(float);
     if (a->row_type == DS4_TYPE_F16) cu_launch(c, k_comp_emit<__half>, blocks, 256, smem, p);
     else cu_launch(c, k_comp_emit<float>, blocks, 256, smem, p);
     CU_LAUNCH(c, "compress_emit");
+    if (p.ring1) return c->err;
     const int nt = n > p.ring ? p.ring : n;
     cu_launch(c, k_comp_ring, cu_div_up((int64_t)nt * w, 256), 256, 0, p);
     CU_LAUNCH(c, "compress_ring");

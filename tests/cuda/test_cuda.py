@@ -202,7 +202,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_HC_FIN2", "1"), ("q2:DS4_CUDA_HC_FIN2", "1"),
                                      ("DS4_CUDA_HC_FIN2", "1,DS4_CUDA_NO_HC_BATCH=1"),
                                      ("DS4_CUDA_MERGE_REG", "1"), ("q2:DS4_CUDA_MERGE_REG", "1"),
-                                     ("DS4_CUDA_MERGE_REG", "1,DS4_CUDA_NO_MERGE_SLICES=1")])
+                                     ("DS4_CUDA_MERGE_REG", "1,DS4_CUDA_NO_MERGE_SLICES=1"),
+                                     ("DS4_CUDA_RING_IN_EMIT", "1"), ("q2:DS4_CUDA_RING_IN_EMIT", "1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
