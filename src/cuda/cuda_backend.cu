@@ -1187,8 +1187,8 @@ static const struct cu_switch {
     {"DS4_CUDA_ROWNORM_REG", &cu_ctx::rownorm_reg},     /* 1: row norms on registers, loads at once (same bits) */
     {"DS4_CUDA_ARGMAX_VEC", &cu_ctx::argmax_vec},       /* 1: argmax with float4 loads, 8 in flight (same ids) */
     {"DS4_CUDA_ROUTE_REG", &cu_ctx::route_reg},         /* 1: the router's ids in registers, no read back */
-    {"DS4_CUDA_HC_BFLY", &cu_ctx::hc_bfly},
-    {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2},             /* 1: HC-pre's finish: loads at once, Q8_0 maxima together */             /* 1: k_hc's warp sums by recursive halving */
+    {"DS4_CUDA_HC_BFLY", &cu_ctx::hc_bfly},             /* 1: k_hc's warp sums by recursive halving */
+    {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2},             /* 1: HC-pre's finish: loads at once, Q8_0 maxima together */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */

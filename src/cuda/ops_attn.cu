@@ -68,12 +68,13 @@ struct hc_fin {
 #define HC_THREADS 512
 
 /* DS4_CUDA_HC_DIAG bit 256 (results unchanged): SM clocks of the phases of
- * k_hc's last block in one-token calls (decode), summed over the calls
- * (cu_hc_clk_print) */
+ * k_hc's last block in one-token HC-pre calls (decode; not the head's),
+ * summed over the calls (cu_hc_clk_print; "w0 comb done" stays 0 with
+ * DS4_CUDA_COMB_HOST=1, whose comb runs elsewhere) */
 #define HC_CLK_N 16
 __device__ unsigned long long cu_hc_clk[HC_CLK_N];
 __device__ __forceinline__ void hc_stamp(const hc_fin &p, int t, long long ck0, int i) {
-    if ((p.diag & 256) && t == 0 && p.n == 1) atomicAdd(&cu_hc_clk[i], (unsigned long long)(clock64() - ck0));
+    if ((p.diag & 256) && t == 0 && p.n == 1 && !p.head) atomicAdd(&cu_hc_clk[i], (unsigned long long)(clock64() - ck0));
 }
 
 /* k_hc_comb: a comb HC-pre left for later that no kernel took (cu_comb_flush) */
@@ -165,6 +166,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
         /* DS4_CUDA_HC_FIN2=1: every thread's loads issued together (one
          * round trip instead of three); the same values */
         constexpr int PK = HC_MAX_SPLIT * HC_MAX_MIX / HC_THREADS;
+        static_assert(HC_MAX_SPLIT * HC_MAX_MIX % HC_THREADS == 0 && HC_MAX_SPLIT <= HC_THREADS, "PK loads cover the partials");
         const int np = p.n_split * HC_MAX_MIX;
         float pv[PK];
         double sv = 0.0;
@@ -425,7 +427,7 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     __threadfence();
     if (threadIdx.x == 0) {
         hc_stamp(p, t, ck0, 1);
-        if ((p.diag & 256) && t == 0 && p.n == 1) {
+        if ((p.diag & 256) && t == 0 && p.n == 1 && !p.head) {
             atomicAdd(&cu_hc_clk[0], (unsigned long long)(ck1 - ck0));
             atomicAdd(&cu_hc_clk[HC_CLK_N - 1], 1ull);
         }
@@ -580,13 +582,13 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     dim3 g(split, n);
     const size_t sm = (size_t)D * sizeof(float);
     /* batches: partials of HCB_TT tokens per block, then the finishes (same bits) */
-    const bool batch = n >= HCB_MIN_N && !c->no_hc_batch && !p.diag && (nflat + split - 1) / split <= HC_THREADS;
+    const bool batch = n >= HCB_MIN_N && !c->no_hc_batch && !(p.diag & ~256) && (nflat + split - 1) / split <= HC_THREADS;
     /* the comb left to a later kernel (DS4_CUDA_COMB_HOST=1, few tokens): the
      * next q/kv finish or router launch takes it (a spare block runs
      * hc_comb_run), else cu_comb_flush launches it before its first
      * possible reader; the same inputs and code, off the critical path */
     cu_comb_flush(c); /* (none is pending here: every vtable entry to HC-pre flushed) */
-    if (c->comb_host && comb && !head && !batch && !p.diag && n <= 8 && hp->n_hc * hp->n_hc <= 32)
+    if (c->comb_host && comb && !head && !batch && !(p.diag & ~256) && n <= 8 && hp->n_hc * hp->n_hc <= 32)
         p.cin = c->s.cin; /* the job is recorded once k_hc is launched */
     /* the previous HC-post inside k_hc (few tokens), else its own kernel first */
     if (py) {
@@ -1516,17 +1518,17 @@ __global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p 
  * RoPE dims and the Q8_0 blocks of o lie inside one slice each. */
 template <bool SL>
 __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_constant__ attn_p p) {
+    /* DS4_CUDA_MERGE_REG=1: the RoPE threads' inverse frequencies first (they
+     * do not depend on the previous kernel); below, the kv row's values all
+     * loaded before they are stored */
+    const int half = p.n_rot / 2;
+    const float ifq = p.mreg && (int)threadIdx.x < half ? p.inv_freq[threadIdx.x] : 0.0f;
     cu_pdl_wait();
     /* the kv row of token t into the ring (k_kv_store's values): the
      * partial kernel of this chunk of tokens, and of every earlier chunk,
      * has finished reading the ring; later chunks read it after this store,
      * but the slot (pos0 + t) % W held position pos0 + t - W, which no later
      * token of the batch attends (its window starts above it) */
-    /* DS4_CUDA_MERGE_REG=1: the RoPE threads' inverse frequencies now (they
-     * do not depend on the previous kernel), the kv row's values all loaded
-     * before they are stored */
-    const int half = p.n_rot / 2;
-    const float ifq = p.mreg && (int)threadIdx.x < half ? p.inv_freq[threadIdx.x] : 0.0f;
     if (p.st_raw && blockIdx.x == 0 && blockIdx.z == 0 && p.t0 + (int)blockIdx.y >= p.st_t0) {
         const int tt = p.t0 + blockIdx.y;
         const float *src = p.kv + (int64_t)tt * p.dh;

@@ -102,9 +102,10 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
             }
             if ((be & 31) == lane) taken |= 1u << (be >> 5);
             if (lane == 0) id[i] = be;
+            if (reg)
 #pragma unroll
-            for (int k = 0; k < MOE_MAX_K; k++)
-                if (k == i) sel[k] = be; /* the same in every lane after the butterfly */
+                for (int k = 0; k < MOE_MAX_K; k++)
+                    if (k == i) sel[k] = be; /* (lane 0's copy is the one used: its own id[i]) */
         }
     }
     __syncwarp();
@@ -130,18 +131,21 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
         }
         if (p.items) { /* one token (K <= MOE_MAX_K): k_moe_group's output, by a stable insertion sort of the K items */
             int es[MOE_MAX_K], is[MOE_MAX_K];
-#pragma unroll
-            for (int i = 0; i < MOE_MAX_K; i++) {
-                if (i < K) {
-                    const int e = reg ? sel[i] : id[i];
-                    int j = i;
-                    for (; j > 0 && es[j - 1] > e; j--) {
-                        es[j] = es[j - 1];
-                        is[j] = is[j - 1];
-                    }
-                    es[j] = e;
-                    is[j] = i;
+            auto insert = [&](int i, int e) {
+                int j = i;
+                for (; j > 0 && es[j - 1] > e; j--) {
+                    es[j] = es[j - 1];
+                    is[j] = is[j - 1];
                 }
+                es[j] = e;
+                is[j] = i;
+            };
+            if (reg) {
+#pragma unroll
+                for (int i = 0; i < MOE_MAX_K; i++)
+                    if (i < K) insert(i, sel[i]);
+            } else {
+                for (int i = 0; i < K; i++) insert(i, id[i]);
             }
             int na = 0;
             for (int j = 0; j < K; j++) {

@@ -203,7 +203,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_HC_FIN2", "1,DS4_CUDA_NO_HC_BATCH=1"),
                                      ("DS4_CUDA_MERGE_REG", "1"), ("q2:DS4_CUDA_MERGE_REG", "1"),
                                      ("DS4_CUDA_MERGE_REG", "1,DS4_CUDA_NO_MERGE_SLICES=1"),
-                                     ("DS4_CUDA_RING_IN_EMIT", "1"), ("q2:DS4_CUDA_RING_IN_EMIT", "1")])
+                                     ("DS4_CUDA_RING_IN_EMIT", "1"), ("q2:DS4_CUDA_RING_IN_EMIT", "1"),
+                                     ("DS4_CUDA_HC_DIAG", "256"), ("DS4_CUDA_HC_DIAG", "256,DS4_CUDA_COMB_HOST=1")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
@@ -352,6 +353,7 @@ def test_cuda_demo_model_full_vocabulary(tmp_path):
     v, v_out = run(demo, toks, tmp_path / "v.f32", "--cuda", True, "--dump-greedy", "32",
                    env=dict(os.environ, DS4_CUDA_ARGMAX_VEC="1"))
     assert v_out == g_out, f"DS4_CUDA_ARGMAX_VEC=1 changed the greedy ids\n{g_out}\n{v_out}"
+    assert np.array_equal(v.view(np.uint32), g.view(np.uint32))
 
 
 def test_cuda_cli_generates_text(tmp_path):
