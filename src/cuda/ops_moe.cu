@@ -131,7 +131,16 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
         }
         if (p.items) { /* one token (K <= MOE_MAX_K): k_moe_group's output, by a stable insertion sort of the K items */
             int es[MOE_MAX_K], is[MOE_MAX_K];
-            auto insert = [&](int i, int e) {
+            for (int i = 0; i < K; i++) {
+                int e;
+                if (reg) { /* sel[i] with i a register index: a select chain, no local memory */
+                    e = sel[0];
+#pragma unroll
+                    for (int k = 1; k < MOE_MAX_K; k++)
+                        if (k == i) e = sel[k];
+                } else {
+                    e = id[i];
+                }
                 int j = i;
                 for (; j > 0 && es[j - 1] > e; j--) {
                     es[j] = es[j - 1];
@@ -139,13 +148,6 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
                 }
                 es[j] = e;
                 is[j] = i;
-            };
-            if (reg) {
-#pragma unroll
-                for (int i = 0; i < MOE_MAX_K; i++)
-                    if (i < K) insert(i, sel[i]);
-            } else {
-                for (int i = 0; i < K; i++) insert(i, id[i]);
             }
             int na = 0;
             for (int j = 0; j < K; j++) {
