@@ -158,25 +158,20 @@ __device__ __forceinline__ void hc_comb_warp(float c, int hc, float e, int iters
     for (int k = 0; k < (HCN ? HCN : 8); k++)
         if (k < hc) sum += g[k];
     c = c / sum + e;
-    for (int it = 0; it < iters; it++) {
-        if (it > 0) { /* row normalisation */
-#pragma unroll
-            for (int k = 0; k < (HCN ? HCN : 8); k++)
-                if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, r * hc + k);
-            float rsum = 0.0f;
-#pragma unroll
-            for (int k = 0; k < (HCN ? HCN : 8); k++)
-                if (k < hc) rsum += g[k];
-            c /= (rsum + e);
-        }
-#pragma unroll
-        for (int k = 0; k < (HCN ? HCN : 8); k++) /* column normalisation */
-            if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, k * hc + b);
-        float csum = 0.0f;
+    /* the sum of the hc elements at lanes l0, l0 + step, ... (all gathered, then added in k order) */
+    auto gsum = [&](int l0, int step) {
 #pragma unroll
         for (int k = 0; k < (HCN ? HCN : 8); k++)
-            if (k < hc) csum += g[k];
-        c /= (csum + e);
+            if (k < hc) g[k] = __shfl_sync(0xffffffffu, c, l0 + k * step);
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < (HCN ? HCN : 8); k++)
+            if (k < hc) s += g[k];
+        return s;
+    };
+    for (int it = 0; it < iters; it++) {
+        if (it > 0) c /= (gsum(r * hc, 1) + e); /* row normalisation (the softmax was the first) */
+        c /= (gsum(b, hc) + e);                 /* column normalisation */
     }
     if (on) comb[lane] = c;
 }

@@ -380,6 +380,8 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
          * the pairs of cu_warp_sum's xor tree (own + partner at offset 16, 8,
          * ..., 1), so the same bits, with 31 shuffles instead of 5 per value. */
         static_assert(HC_MAX_MIX == 32, "the halving reduces 32 values");
+        /* (one array per width: an in-place loop over the widths puts dot[]
+         * in local memory, nvcc 13.0) */
         const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4, b1 = lane & 2, b0 = lane & 1;
         float a16[16], a8[8], a4[4], a2[2];
 #pragma unroll
