@@ -877,7 +877,8 @@ __device__ __forceinline__ void kv_finish_body_reg(int t, float *kv, int dh, int
         const int i = threadIdx.x + k * blockDim.x;
         if (i < dh) {
             const float v = __fmul_rn(xv[k], r);
-            row[i] = norm_w ? __fmul_rn(wv[k], v) : v;
+            xv[k] = norm_w ? __fmul_rn(wv[k], v) : v;
+            row[i] = xv[k];
         }
     }
     __syncthreads();
@@ -889,10 +890,48 @@ __device__ __forceinline__ void kv_finish_body_reg(int t, float *kv, int dh, int
         z[2 * i] = __fsub_rn(__fmul_rn(x0, cs), __fmul_rn(x1, sn));
         z[2 * i + 1] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(x0, sn));
     }
-    __syncthreads();
-    if (fp8) cu_row_fp8(row, dh - n_rot, 64, fred);
-    if (f16) cu_row_f16(row, dh);
-    for (int i = threadIdx.x; i < dh; i += blockDim.x) x[i] = row[i];
+    const int nn = dh - n_rot;
+    if (!(fp8 && nn % 64 == 0 && blockDim.x % 64 == 0)) {
+        __syncthreads();
+        if (fp8) cu_row_fp8(row, nn, 64, fred);
+        if (f16) cu_row_f16(row, dh);
+        for (int i = threadIdx.x; i < dh; i += blockDim.x) x[i] = row[i];
+        return;
+    }
+    /* cu_row_fp8 of the nope dims (untouched by the RoPE) from the registers:
+     * a 64-value block is warps 2j and 2j+1 of one k, so its amax is two warp
+     * maxima (max is exact in any order; fabsf leaves no -0 and fmaxf skips
+     * NaN as the shared-memory tree does) joined through shared memory */
+    __shared__ float g32[KRK][32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    float am[KRK];
+#pragma unroll
+    for (int k = 0; k < KRK; k++) am[k] = threadIdx.x + k * blockDim.x < nn ? fabsf(xv[k]) : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+        for (int k = 0; k < KRK; k++) am[k] = fmaxf(am[k], __shfl_xor_sync(0xffffffffu, am[k], o));
+    if (lane == 0)
+#pragma unroll
+        for (int k = 0; k < KRK; k++) g32[k][w] = am[k];
+    __syncthreads(); /* also the RoPE's */
+#pragma unroll
+    for (int k = 0; k < KRK; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < nn) {
+            float amax = fmaxf(g32[k][w & ~1], g32[k][w | 1]);
+            if (amax < 1e-4f) amax = 1e-4f;
+            const float scale = ldexpf(1.0f, cu_ceil_log2(amax / 448.0f));
+            float v = xv[k] / scale;
+            if (v > 448.0f) v = 448.0f;
+            if (v < -448.0f) v = -448.0f;
+            v = __fmul_rn(cu_e4m3_round(v), scale);
+            x[i] = f16 ? __half2float(__float2half_rn(v)) : v;
+        } else if (i < dh) {
+            const float v = row[i];
+            x[i] = f16 ? __half2float(__float2half_rn(v)) : v;
+        }
+    }
 }
 
 /* q heads (blocks < qb; rows of H heads of dh values) and kv rows (block
