@@ -191,14 +191,73 @@ int cu_compress_update(void *ctx, const ds4_compress_args *a) {
 
 /* Indexer query finish for (t, h) = (blockIdx.y, blockIdx.x): RoPE at
  * pos0 + t, Hadamard + FP4 when on. Skipped below top_k. Shared: 2*ID. */
+/* DS4_CUDA_ROWNORM_REG=1 form of k_idx_q's body for one (token, head) when
+ * blockDim == ID (a multiple of 32): thread i holds value i in a register
+ * through the RoPE (its pair partner by a shuffle), the Hadamard stages
+ * (h < 32 by shuffles, 32 and up through shared memory, one barrier each),
+ * the FP4 rounding (a block of 32 is one warp: its amax by shuffles) and
+ * the codes: cu_rope_pair's, cu_row_hadamard's, cu_row_fp4's expressions,
+ * so the same bits. sm: 2 * ID floats. */
+__device__ __forceinline__ void idx_q_reg(float *q, int ID, int n_rot, const float *inv_freq, bool fp4, int pos,
+                                          int8_t *qc, float *qp, float *sm) {
+    const int i = threadIdx.x, r0 = ID - n_rot;
+    float v = q[i];
+    const float o1 = __shfl_xor_sync(0xffffffffu, v, 1); /* the RoPE pair's other value (r0 is even) */
+    if (i >= r0) { /* pair j = (i - r0) / 2 of the rotated dims, x0 at even offsets */
+        const float th = __fmul_rn((float)pos, inv_freq[(i - r0) >> 1]);
+        const float c = cosf(th), s = sinf(th);
+        v = ((i - r0) & 1) ? __fadd_rn(__fmul_rn(v, c), __fmul_rn(o1, s)) : __fsub_rn(__fmul_rn(v, c), __fmul_rn(o1, s));
+    }
+    if (fp4) {
+#pragma unroll
+        for (int h = 1; h < 32; h *= 2) {
+            const float o = __shfl_xor_sync(0xffffffffu, v, h);
+            v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
+        }
+        for (int h = 32, b = 0; h < ID; h *= 2, b ^= 1) {
+            float *buf = sm + b * ID;
+            buf[i] = v;
+            __syncthreads();
+            const float o = buf[i ^ h];
+            v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
+        }
+        v = __fmul_rn(v, ID == 128 ? 0.08838834764831845f : 1.0f / sqrtf((float)ID));
+        /* cu_row_fp4 */
+        float am = fabsf(v);
+#pragma unroll
+        for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+        const float floor_amax = 6.0f * 0x1p-126f;
+        if (am < floor_amax) am = floor_amax;
+        const float scale = ldexpf(1.0f, cu_ceil_log2(am / 6.0f));
+        float u = v / scale;
+        if (u > 6.0f) u = 6.0f;
+        if (u < -6.0f) u = -6.0f;
+        v = __fmul_rn(cu_e2m1_round(u), scale);
+    }
+    q[i] = v;
+    if (qc) {
+        float am = fabsf(v);
+#pragma unroll
+        for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+        const float p = ds4_num_i4_pow(am);
+        qc[i] = (int8_t)ds4_num_i4_code_r(v, p, ds4_num_i4_recip(p));
+        if ((i & 31) == 0) qp[i / 32] = p;
+    }
+}
+
 __global__ void __launch_bounds__(128) k_idx_q(float *qi, int IH, int ID, int n_rot, const float *inv_freq, bool fp4,
-                                              int topk, int n, int8_t *qc, float *qp, const ds4_step *step) {
+                                              int topk, int n, int8_t *qc, float *qp, const ds4_step *step, int reg) {
     cu_pdl_wait();
     extern __shared__ float sm[];
     const int pos0 = step->pos0;
     if ((pos0 + n) / 4 <= topk) return;
     const int t = blockIdx.y, h = blockIdx.x;
     float *q = qi + ((int64_t)t * IH + h) * ID, *row = sm, *fred = sm + ID;
+    if (reg && (int)blockDim.x == ID) {
+        idx_q_reg(q, ID, n_rot, inv_freq, fp4, pos0 + t, qc ? qc + ((int64_t)t * IH + h) * ID : nullptr,
+                  qp ? qp + ((int64_t)t * IH + h) * (ID / 32) : nullptr, row);
+        return;
+    }
     for (int i = threadIdx.x; i < ID; i += blockDim.x) row[i] = q[i];
     __syncthreads();
     cu_row_rope(row + ID - n_rot, n_rot, inv_freq, pos0 + t, false);
@@ -1051,7 +1110,8 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     dim3 gq(IH, n);
     cu_launch(c, k_idx_q, gq, 128, (size_t)2 * ID * sizeof(float), c->s.qi, IH, ID, hp->n_rot, a->rope->inv_freq,
                                                                  a->num.fp4_indexer, K, n, mma ? c->s.qc : nullptr,
-              mma ? c->s.qp : nullptr, a->step);
+              mma ? c->s.qp : nullptr, a->step,
+              (int)(c->rownorm_reg && ID == 128 && hp->n_rot % 2 == 0 && hp->n_rot <= ID));
     CU_LAUNCH(c, "indexer_q");
     const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
     const int64_t ld = (int64_t)(c->s.n_ctx / 4 + 1);
