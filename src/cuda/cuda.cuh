@@ -239,6 +239,7 @@ struct cu_ctx {
     int mv_no_few;         /* DS4_CUDA_NO_MV_FEW=1: 2..4 tokens on the generic k_matvec (A/B switch) */
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
+    int floor_diag;        /* DS4_CUDA_FLOOR=1: every cu_launch kernel empty (timing only, wrong results) */
     int no_hc_batch;       /* DS4_CUDA_NO_HC_BATCH=1: batches on the per-token HC kernel (A/B switch) */
     int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
     int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: with early_trigger, no L2 prefetch of weights (A/B switch) */
@@ -374,11 +375,22 @@ static inline cudaError_t cu_launch_with(cu_ctx *c, const cudaLaunchAttribute *a
  * programmatic dependent launch (PERFORMANCE.md A.8: its launch and block
  * scheduling overlap the previous kernel's tail; cu_pdl_wait() keeps the
  * data dependency). */
+/* DS4_CUDA_FLOOR=1 (timing only, wrong results): every step kernel that
+ * cu_launch would start is this empty one with the same grid and block, so a
+ * decode step's graph keeps its nodes, its dependencies and their launch
+ * cost and does no work: the latency floor of the kernel sequence. */
+template <int N = 0> __global__ void k_floor() { cu_pdl_wait(); }
+
 template <typename... KArgs, typename... Args>
 static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
     cudaLaunchAttribute a;
     a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     a.val.programmaticStreamSerializationAllowed = 1;
+    if (c->floor_diag) {
+        const cudaError_t e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k_floor<0>, grid, block, 0);
+        if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
+        return;
+    }
     cudaError_t e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k, grid, block, smem, args...);
     if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
 }

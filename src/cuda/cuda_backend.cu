@@ -1178,6 +1178,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
+    {"DS4_CUDA_FLOOR", &cu_ctx::floor_diag},            /* 1: timing only, wrong results: every step kernel empty */
     {"DS4_CUDA_NO_HC_BATCH", &cu_ctx::no_hc_batch},     /* 1: batches on the per-token HC kernel */
     {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
     {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: with EARLY_TRIGGER, no L2 prefetch of weights */
