@@ -511,17 +511,22 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
     }
     /* seed: every API (an extension for Anthropic and Responses, whose
      * clients send it as an extra member): seeded replies are reproducible */
-    /* the whole positive 64-bit range (a client's random 32/64-bit seeds
-     * must not collapse onto one value); 0 and negative: a random stream (0
-     * as in the CLI, negative as llama.cpp's -1) */
+    /* every integer is its own stream (0 too: evaluation harnesses send
+     * seed 0 and expect the same reply twice; a client's random 32/64-bit
+     * seeds must not collapse onto one value: negatives are their 64-bit
+     * two's complement), except -1, llama.cpp's "random"; reals (integers
+     * past 64 bits) are cut to an integer and clamped to the 64-bit range */
     json_t *sv = json_object_get(root, "seed");
     if (sv && !json_is_null(sv)) {
         if (json_is_integer(sv)) {
             json_int_t v = json_integer_value(sv);
-            rq->seed = v > 0 ? (uint64_t)v : 0;
+            rq->seeded = v != -1;
+            rq->seed = (uint64_t)v;
         } else if (json_is_real(sv)) {
             double d = json_real_value(sv);
-            rq->seed = d >= 1.0 ? (d < 18446744073709551615.0 ? (uint64_t)d : UINT64_MAX) : 0;
+            rq->seeded = d != -1.0;
+            rq->seed = d >= 0.0 ? (d < 18446744073709551615.0 ? (uint64_t)d : UINT64_MAX)
+                                : (uint64_t)(d > -9223372036854775808.0 ? (int64_t)d : INT64_MIN);
         } else {
             return bad_type(e);
         }

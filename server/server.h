@@ -90,7 +90,8 @@ typedef struct srv_request {
     int32_t *bias_ids;     /* (n_bias) */
     float *bias_vals;
     int n_bias;
-    uint64_t seed;         /* 0: random */
+    uint64_t seed;         /* the request's seed (when seeded) */
+    bool seeded;           /* a seed was given (any integer but -1): reproducible */
     char **stops;          /* (n_stops) non-empty stop strings */
     int n_stops;
     ds4_think think;       /* requested mode after aliases (gate applied at render) */

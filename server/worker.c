@@ -682,7 +682,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
     cp.min_p = rq->min_p;
     cp.seed = rq->seed;
     ds4_rng rng;
-    ds4_rng_seed(&rng, rq->seed ? rq->seed : ds4_rng_entropy_seed() ^ (j->serial << 1));
+    ds4_rng_seed(&rng, rq->seeded ? rq->seed : ds4_rng_entropy_seed() ^ (j->serial << 1));
     int32_t eos = ds4_token_special(s->engine, DS4_TOK_EOS);
     const int32_t think_close = ds4_token_special(s->engine, DS4_TOK_THINK_CLOSE);
     srv_forced *fz = srv_forced_new(s->engine, rq, g->thinking);
