@@ -15,6 +15,7 @@
  *   -> srv_emitter callbacks (SSE bytes into the job's stream)
  */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <signal.h>
@@ -83,13 +84,23 @@ static bool job_gone(srv_job *j) {
 /* ---- preparation in the client thread -------------------------------------- */
 
 /* Tokenizes text with the rendered-chat tokenizer into a malloc'ed array. */
+/* Texts from this size tokenize one at a time: the BPE of one long piece
+ * (a run of letters) holds ~60 bytes of scratch per byte, so concurrent
+ * tens-of-MB prompts (an outside pass sent six 60 MiB ones: 11.5 GiB at
+ * once) would otherwise add up to the machine's memory. */
+#define SRV_BIG_TEXT ((size_t)1 << 20)
+static pthread_mutex_t g_big_tok_mu = PTHREAD_MUTEX_INITIALIZER;
+
 int srv_tokenize(ds4_engine *e, const char *text, size_t len, int32_t **out, int *n,
                  ds4_err *err) {
     size_t cap = len + 16;
     if (cap > (size_t)1 << 30) return ds4_err_set(err, DS4_E_RANGE, "prompt too large");
     int32_t *ids = malloc(cap * sizeof *ids);
     if (!ids) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    const bool big = len >= SRV_BIG_TEXT;
+    if (big) pthread_mutex_lock(&g_big_tok_mu);
     int r = ds4_tokenize(e, text, len, true, ids, (int)cap, err);
+    if (big) pthread_mutex_unlock(&g_big_tok_mu);
     if (r > (int)cap) { /* cannot happen (a token covers >= 1 byte), but be safe */
         int32_t *big = realloc(ids, (size_t)r * sizeof *ids);
         if (!big) {
@@ -132,15 +143,23 @@ static int prepare(srv_server *s, srv_request *rq, srv_error *e) {
             return srv_fail_param(e, "logit_bias", "invalid_value",
                                   "logit_bias: token %d is not in the vocabulary (ids 0..%d)", (int)rq->bias_ids[i],
                                   n_vocab - 1);
-    if (srv_tokenize(s->engine, rq->text, rq->text_len, &rq->tokens, &rq->n_tokens, &err))
+    /* a text that cannot fit whatever its tokens is refused before the
+     * tokenizer runs (every token covers at most max_bytes bytes) */
+    const size_t maxb = ds4_token_max_bytes(s->engine);
+    const size_t at_least = maxb ? rq->text_len / maxb : 0;
+    if (at_least >= (size_t)n_ctx) {
+        rq->n_tokens = at_least > INT_MAX ? INT_MAX : (int)at_least;
+    } else if (srv_tokenize(s->engine, rq->text, rq->text_len, &rq->tokens, &rq->n_tokens, &err)) {
         return srv_fail(e, 500, "tokenization failed: %s", err.msg);
+    }
     if (rq->n_tokens >= n_ctx) {
         /* Anthropic's own wording: Claude Code compacts the conversation on it */
-        if (rq->api == SRV_API_ANTHROPIC)
+        const char *bound = rq->tokens ? "" : "at least "; /* refused before tokenizing */
+        if (rq->api == SRV_API_ANTHROPIC) /* (the exact wording clients parse; the count may be the lower bound) */
             srv_fail(e, 400, "prompt is too long: %d tokens > %d maximum", rq->n_tokens, n_ctx - 1);
         else
-            srv_fail(e, 400, "Prompt has %d tokens, but the configured context size is %d tokens", rq->n_tokens,
-                     n_ctx);
+            srv_fail(e, 400, "Prompt has %s%d tokens, but the configured context size is %d tokens", bound,
+                     rq->n_tokens, n_ctx);
         e->context = true;
         e->n_prompt = rq->n_tokens;
         e->n_ctx = n_ctx;

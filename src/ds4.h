@@ -144,6 +144,11 @@ int32_t ds4_token_special(const ds4_engine *e, ds4_special_token which);
 int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendered,
                  int32_t *out, int cap, ds4_err *err);
 
+/* The longest byte string one token stands for (0 without a tokenizer): a
+ * text of len bytes has at least len / ds4_token_max_bytes() tokens, a
+ * bound a server can check before it tokenizes. */
+size_t ds4_token_max_bytes(const ds4_engine *e);
+
 /* Raw bytes a token decodes to (byte-level symbols mapped back); *len set.
  * The pointer is owned by the engine. NULL for an invalid id. */
 const char *ds4_token_bytes(const ds4_engine *e, int32_t id, size_t *len);

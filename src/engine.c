@@ -592,6 +592,8 @@ int ds4_tokenize(const ds4_engine *e, const char *text, size_t len, bool rendere
     return ds4_tokenizer_encode(e->tok, text, len, rendered, out, cap, err);
 }
 
+size_t ds4_token_max_bytes(const ds4_engine *e) { return e->tok ? ds4_tokenizer_max_token_bytes(e->tok) : 0; }
+
 const char *ds4_token_bytes(const ds4_engine *e, int32_t id, size_t *len) {
     if (!e->tok) {
         if (len) *len = 0;

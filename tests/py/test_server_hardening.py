@@ -29,10 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_server import Server, user  # noqa: E402
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -452,6 +452,34 @@ def test_server_differing_content_lengths_get_400():
         st, resp = raw_request(s.port, post_bytes(s.port, b"/v1/chat/completions", body,
                                                   b"Content-Length: %d\r\n" % n))
         assert st == 200, resp
+        assert s.alive()
+
+
+def test_server_huge_prompts_are_refused_before_tokenizing():
+    """A prompt that cannot fit whatever its tokens (each covers at most the vocabulary's longest byte string) is
+    the context error at once, not after the tokenizer's ~60 bytes of scratch per byte: an outside pass sent six
+    60 MiB prompts of one letter at once and the server held 11.5 GiB for 84 s. The error says the count is a bound;
+    Anthropic's wording stays the one Claude Code parses; the server's memory stays small; a prompt near the
+    context is still counted exactly."""
+    with Server(ctx=512) as s:
+        big = "x" * (24 << 20)
+        hwm0 = rss_kib(s.proc.pid, "VmHWM")
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user(big), "max_tokens": 2}, timeout=120)
+        err = json.loads(data)["error"]
+        assert st == 400 and err["code"] == "context_length_exceeded", data[:300]
+        assert re.fullmatch(r"Prompt has at least \d+ tokens, but the configured context size is 512 tokens",
+                            err["message"]), err
+        st, _, data = s.raw("POST", "/v1/messages", {"model": "m", "max_tokens": 2, "messages": user(big)},
+                            timeout=120)
+        msg = json.loads(data)["error"]["message"]
+        assert st == 400 and re.fullmatch(r"prompt is too long: \d+ tokens > 511 maximum", msg), msg
+        # the peak: the body itself (24 MiB, parsed and rendered); tokenizing it would take over 1 GiB
+        assert rss_kib(s.proc.pid, "VmHWM") - hwm0 < 400 * 1024, (hwm0, rss_kib(s.proc.pid, "VmHWM"))
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user("hello " * 600), "max_tokens": 2})
+        err = json.loads(data)["error"]
+        assert st == 400 and re.fullmatch(r"Prompt has \d+ tokens, .*", err["message"]), err
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": user("hello"), "max_tokens": 2})
+        assert st == 200, data
         assert s.alive()
 
 
