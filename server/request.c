@@ -134,27 +134,46 @@ static char *widen_big_ints(const char *s, size_t n, size_t *out_n) {
     return ds4_buf_detach(&b, out_n);
 }
 
-json_t *srv_json_loadb(const char *buf, size_t n, size_t flags, bool *widened) {
+/* srv_json_loadb with jansson's error of a failed parse in *je */
+static json_t *json_loadb_e(const char *buf, size_t n, size_t flags, bool *widened, json_error_t *je) {
     if (widened) *widened = false;
-    json_error_t je;
-    json_t *v = json_loadb(buf, n, flags, &je);
-    if (v || !strstr(je.text, "too big")) return v;
+    json_t *v = json_loadb(buf, n, flags, je);
+    if (v || !strstr(je->text, "too big")) return v;
     size_t wn = 0;
     char *w = widen_big_ints(buf, n, &wn);
     if (!w) return NULL;
-    v = json_loadb(w, wn, flags, &je);
+    v = json_loadb(w, wn, flags, je);
     free(w);
     if (v && widened) *widened = true;
     return v;
 }
 
+json_t *srv_json_loadb(const char *buf, size_t n, size_t flags, bool *widened) {
+    json_error_t je;
+    return json_loadb_e(buf, n, flags, widened, &je);
+}
+
+/* The body as one JSON object; else a 400 "invalid JSON request: why" (why
+ * and where it failed: a client that sent valid JSON with a string jansson
+ * cannot hold, \u0000 or an unpaired surrogate, learns which). */
 json_t *srv_load_object(const char *body, size_t n, srv_error *e) {
-    json_t *root = srv_json_loadb(body, n, 0, NULL);
+    json_error_t je;
+    json_t *root = json_loadb_e(body, n, 0, NULL, &je);
     if (root && !json_is_object(root)) {
         json_decref(root);
-        root = NULL;
+        srv_fail(e, 400, "invalid JSON request: the body is not a JSON object");
+        return NULL;
     }
-    if (!root) srv_fail(e, 400, "invalid JSON request");
+    if (!root) {
+        if (strstr(je.text, "\\u0000"))
+            srv_fail(e, 400, "invalid JSON request: a string holds \\u0000 (NUL), which is not supported (line %d, "
+                     "column %d)", je.line, je.column);
+        else if (strstr(je.text, "invalid Unicode"))
+            srv_fail(e, 400, "invalid JSON request: a string holds an unpaired UTF-16 surrogate escape, which is not "
+                     "valid Unicode (line %d, column %d)", je.line, je.column);
+        else
+            srv_fail(e, 400, "invalid JSON request: %s (line %d, column %d)", je.text, je.line, je.column);
+    }
     return root;
 }
 
