@@ -58,6 +58,10 @@ static int parse_system(json_t *v, srv_request *rq, srv_error *e) {
     size_t i;
     json_t *p;
     json_array_foreach(v, i, p) {
+        if (!json_is_string(p) && !json_is_object(p)) { /* a part of the wrong type (an outside pass sent 7) */
+            ds4_buf_free(&b);
+            return srv_invalid(e);
+        }
         const char *s = json_is_string(p) ? json_string_value(p)
                                           : json_string_value(json_object_get(p, "text"));
         if (!s || !strncmp(s, "x-anthropic-", 12)) continue;
@@ -99,7 +103,10 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
                 ds4_buf_puts(&text, json_string_value(bl));
                 continue;
             }
-            if (!json_is_object(bl)) continue;
+            if (!json_is_object(bl)) { /* a block of the wrong type (a number, an array): not silently dropped */
+                srv_invalid(e);
+                goto out;
+            }
             const char *type = json_string_value(json_object_get(bl, "type"));
             const char *t = json_string_value(json_object_get(bl, "text"));
             const char *th = json_string_value(json_object_get(bl, "thinking"));

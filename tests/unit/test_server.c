@@ -110,6 +110,12 @@ DS4_TEST(server_parse_errors_documented) {
     CHECK(fails_with(SRV_API_COMPLETIONS, "{}", 400, "missing prompt"));
     CHECK(fails_with(SRV_API_RESPONSES, "{}", 400, "missing input"));
     CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5}", 400, "missing messages"));
+    /* Anthropic content and system parts of the wrong type are the documented 400, not dropped */
+    CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5,\"messages\":[{\"role\":\"user\",\"content\":[5]}]}", 400, inv));
+    CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5,\"messages\":[{\"role\":\"user\",\"content\":[\"a\",[1]]}]}", 400,
+                     inv));
+    CHECK(fails_with(SRV_API_ANTHROPIC, "{\"max_tokens\":5,\"system\":[{\"type\":\"text\",\"text\":\"s\"},7],"
+                     "\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", 400, inv));
     /* out-of-range knobs and limits name their field (they used to be clamped or dropped) */
 #define M1 "\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]"
     CHECK(fails_with(SRV_API_CHAT, "{" M1 ",\"max_tokens\":-5}", 400, "max_tokens must be >= 0 (or -1: no limit)"));
