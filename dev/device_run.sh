@@ -7,7 +7,7 @@
 # are made here by dev/device_prep.sh.
 # The device tool brings back at most 8 files from $OUT (each bench step
 # writes 2): plan a call's steps so that the logs that matter fit.
-# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [attbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [rebuild VAR=VALUE] [bench ARGS -- ] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [attbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [clearenv] [rebuild VAR=VALUE] [bench ARGS -- ] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -53,6 +53,10 @@ while [ $# -gt 0 ]; do
         [ "${PYTEST_JOBS:-4}" -gt 1 ] && python3 -c "import xdist" 2>/dev/null && par=(-n "${PYTEST_JOBS:-4}")
         timeout ${TESTS_TIMEOUT:-480} python3 -m pytest -q -rfEs -p no:cacheprovider "${par[@]}" "${args[@]}" > "$OUT/pytest.log" 2>&1
         echo "pytest: exit $?"; tail -25 "$OUT/pytest.log" ;;
+    clearenv)
+        # clearenv: unset every DS4_CUDA_* switch an earlier env step set (back to the defaults)
+        for v in $(env | grep -o '^DS4_CUDA_[A-Z0-9_]*'); do unset "$v"; done
+        echo "clearenv: DS4_CUDA_* unset" ;;
     rebuild)
         # rebuild VAR=VALUE: make cuda again with a make variable (e.g. NVDEFS=-DCU_IQ2_SIGNS=0, a build-time
         # kernel variant) for the steps after it; the Makefile rebuilds what the flags changed
