@@ -48,7 +48,7 @@
  * before it closes the descriptor, so fd is valid while linked. */
 typedef struct conn_rec {
     int fd;
-    uint32_t client;        /* IPv4 address of the peer (network order) */
+    uint64_t client;        /* the peer (client_key): an IPv4 address or an IPv6 /64 */
     double t_open;          /* monotonic seconds at accept */
     bool request_in;        /* the whole request (headers and body) arrived */
     bool cut;               /* shut down by the deadline sweeper */
@@ -67,6 +67,7 @@ struct srv_http {
     bool sweeper_started, stop;
     long n_cut;             /* connections cut by the deadline since the last log line */
     long n_capped;          /* connections cut or refused by the per-client cap, same */
+    long n_full;            /* connections cut or refused at the server's limit, same */
     long n_mhd_quiet;       /* libmicrohttpd messages dropped in this window */
     int n_mhd_logged;       /* libmicrohttpd messages logged in this window */
     double t_mhd_window;
@@ -567,6 +568,28 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls,
 
 /* ---- connections: request deadline -------------------------------------------- */
 
+/* The key a peer's connections are counted under: its IPv4 address (an
+ * IPv4-mapped IPv6 one too), or the /64 prefix of an IPv6 address (one host
+ * commonly holds a whole /64, so counting full addresses would cap nothing);
+ * 0 for other families. The top bit tells the two apart. */
+static uint64_t client_key(const struct sockaddr *a) {
+    if (!a) return 0;
+    if (a->sa_family == AF_INET) return ((const struct sockaddr_in *)a)->sin_addr.s_addr | (1ull << 63);
+    if (a->sa_family == AF_INET6) {
+        const uint8_t *b = ((const struct sockaddr_in6 *)a)->sin6_addr.s6_addr;
+        static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        uint32_t v4;
+        if (!memcmp(b, mapped, 12)) {
+            memcpy(&v4, b + 12, 4);
+            return v4 | (1ull << 63);
+        }
+        uint64_t k = 0;
+        for (int i = 0; i < 8; i++) k = k << 8 | b[i];
+        return (k >> 1) | 1; /* top bit clear, never 0 */
+    }
+    return 0;
+}
+
 static void notify_conn(void *cls, struct MHD_Connection *c, void **socket_context,
                         enum MHD_ConnectionNotificationCode code) {
     srv_http *h = ((srv_server *)cls)->http;
@@ -575,8 +598,7 @@ static void notify_conn(void *cls, struct MHD_Connection *c, void **socket_conte
         const union MHD_ConnectionInfo *ca = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
         conn_rec *r = xcalloc(1, sizeof *r);
         r->fd = ci ? ci->connect_fd : -1;
-        if (ca && ca->client_addr && ca->client_addr->sa_family == AF_INET)
-            r->client = ((const struct sockaddr_in *)ca->client_addr)->sin_addr.s_addr;
+        r->client = ca ? client_key(ca->client_addr) : 0;
         r->t_open = srv_now_mono();
         pthread_mutex_lock(&h->mu);
         r->next = h->conns;
@@ -630,30 +652,59 @@ static void mhd_log(void *cls, const char *fmt, va_list ap) {
  * headers; when all of them are younger (a burst), the new one is refused.
  * Connections whose request is in (queued, streaming) never count. */
 #define SRV_CAP_GRACE_S 0.5
+/* The whole server's connections (the same rule across clients): at
+ * SRV_CONN_LIMIT open ones the oldest still sending its request (past the
+ * grace) is shut down for the new one; libmicrohttpd's own limit sits a
+ * little above, for the connections being cut. An outside pass filled the
+ * old hard limit with idle sockets from 9 addresses (under the per-client
+ * cap) and locked every other client out. */
+#define SRV_CONN_LIMIT 512u
+#define SRV_CONN_LIMIT_MHD (SRV_CONN_LIMIT + 64u)
+
+/* shuts down r's socket (its thread then ends the connection) */
+static void cut_conn(conn_rec *r, long *count) {
+    shutdown(r->fd, SHUT_RDWR);
+    r->cut = true;
+    (*count)++;
+}
+
 static enum MHD_Result accept_policy(void *cls, const struct sockaddr *addr, socklen_t len) {
     srv_server *s = cls;
     srv_http *h = s->http;
-    int cap = s->cfg.max_conn_per_client;
-    if (cap <= 0 || !addr || addr->sa_family != AF_INET || len < (socklen_t)sizeof(struct sockaddr_in))
-        return MHD_YES;
-    uint32_t client = ((const struct sockaddr_in *)addr)->sin_addr.s_addr;
+    const int cap = s->cfg.max_conn_per_client;
+    const bool sized = addr && ((addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) ||
+                                (addr->sa_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)));
+    const uint64_t client = sized ? client_key(addr) : 0;
     double now = srv_now_mono();
     enum MHD_Result ok = MHD_YES;
     pthread_mutex_lock(&h->mu);
+    unsigned open = 0;
     int pending = 0;
-    conn_rec *oldest = NULL;
+    conn_rec *oldest = NULL, *oldest_any = NULL;
     for (conn_rec *r = h->conns; r; r = r->next) {
-        if (r->client != client || r->request_in || r->cut) continue;
+        if (r->cut) continue;
+        open++;
+        if (r->request_in || r->fd < 0) continue;
+        if (!oldest_any || r->t_open < oldest_any->t_open) oldest_any = r;
+        if (!client || r->client != client) continue;
         pending++;
         if (!oldest || r->t_open < oldest->t_open) oldest = r;
     }
-    if (pending >= cap) {
-        if (oldest && now - oldest->t_open >= SRV_CAP_GRACE_S && oldest->fd >= 0) {
-            shutdown(oldest->fd, SHUT_RDWR);
-            oldest->cut = true;
-            h->n_capped++;
+    if (cap > 0 && client && pending >= cap) {
+        if (oldest && now - oldest->t_open >= SRV_CAP_GRACE_S) {
+            cut_conn(oldest, &h->n_capped);
+            open--;
+            if (oldest_any == oldest) oldest_any = NULL;
         } else {
             h->n_capped++;
+            ok = MHD_NO;
+        }
+    }
+    if (ok == MHD_YES && open >= SRV_CONN_LIMIT) {
+        if (oldest_any && now - oldest_any->t_open >= SRV_CAP_GRACE_S) {
+            cut_conn(oldest_any, &h->n_full);
+        } else {
+            h->n_full++;
             ok = MHD_NO;
         }
     }
@@ -686,14 +737,17 @@ static void *sweeper_main(void *arg) {
             h->n_cut++;
         }
         /* one line per 10 s at most: an attack must not flood the log */
-        if ((h->n_cut || h->n_capped) && now - h->t_cut_log >= 10.0) {
+        if ((h->n_cut || h->n_capped || h->n_full) && now - h->t_cut_log >= 10.0) {
             if (h->n_cut)
                 srv_log("http: closed %ld connection(s) that did not send a complete request "
                         "within %d s", h->n_cut, s->cfg.request_timeout_s);
             if (h->n_capped)
                 srv_log("http: closed or refused %ld connection(s) over the cap of %d per client "
                         "still sending a request", h->n_capped, s->cfg.max_conn_per_client);
-            h->n_cut = h->n_capped = 0;
+            if (h->n_full)
+                srv_log("http: closed or refused %ld connection(s) at the server's limit of %u connections "
+                        "(the oldest still sending a request makes room)", h->n_full, SRV_CONN_LIMIT);
+            h->n_cut = h->n_capped = h->n_full = 0;
             h->t_cut_log = now;
         }
     }
@@ -764,7 +818,7 @@ int srv_http_start(srv_server *s, ds4_err *err) {
         0, accept_policy, s, handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
         MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd,
         MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_NOTIFY_CONNECTION, notify_conn, s,
-        MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_CONNECTION_LIMIT, 512u,
+        MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_CONNECTION_LIMIT, SRV_CONN_LIMIT_MHD,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024), MHD_OPTION_END);
     if (!h->d)
         return ds4_err_set(err, DS4_E_IO, "cannot start the HTTP daemon on %s:%d: %s",

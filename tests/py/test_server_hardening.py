@@ -245,6 +245,40 @@ def test_server_slow_header_clients_do_not_lock_out_others():
         assert st == 200
 
 
+def test_server_idle_sockets_from_many_addresses_do_not_lock_out_others():
+    """60 idle sockets from each of 9 addresses (540, each address under its cap of 64, together over the server's
+    512): a normal request from a tenth address is served, the oldest idle socket making room (an outside pass
+    found every new client reset for as long as the attacker reconnected every 10 s)."""
+    with Server() as s:
+        held = []
+        try:
+            for a in range(2, 11):
+                for _ in range(60):
+                    c = socket.socket()
+                    c.bind(("127.0.0.%d" % a, 0))
+                    c.settimeout(5)
+                    try:
+                        c.connect(("127.0.0.1", s.port))
+                    except OSError:
+                        c.close()
+                        continue
+                    held.append(c)
+            time.sleep(1.0)  # past the grace: every idle socket may now be cut for a newcomer
+            body = json.dumps({"messages": user("hi"), "max_tokens": 2, "think": False}).encode()
+            c = socket.socket()
+            c.bind(("127.0.0.99", 0))
+            c.connect(("127.0.0.1", s.port))
+            c.sendall(post_bytes(s.port, b"/v1/chat/completions", body))
+            resp = read_all(c, 30)
+            c.close()
+            assert status_of(resp) == 200, resp[:300]
+            assert s.wait_log(r"at the server's limit of 512 connections", timeout=15)
+        finally:
+            for c in held:
+                c.close()
+        assert s.alive()
+
+
 def test_server_request_deadline_is_absolute():
     """--request-timeout counts from the accept: a client trickling header
     lines, or a body, every 0.5 s is cut at the deadline although each byte
