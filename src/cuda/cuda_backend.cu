@@ -1183,13 +1183,13 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
     {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: with EARLY_TRIGGER, no L2 prefetch of weights */
     {"DS4_CUDA_EARLY_TRIGGER", &cu_ctx::early_trigger}, /* 1: kernels let the next one launch at their start */
-    {"DS4_CUDA_RING_IN_EMIT", &cu_ctx::ring_in_emit},   /* 1: one token's frontier by k_comp_emit (one launch less) */
-    {"DS4_CUDA_MERGE_REG", &cu_ctx::merge_reg},         /* 1: the attention merge's loads at once (same bits) */
-    {"DS4_CUDA_ROWNORM_REG", &cu_ctx::rownorm_reg},     /* 1: row norms on registers, loads at once (same bits) */
-    {"DS4_CUDA_ARGMAX_VEC", &cu_ctx::argmax_vec},       /* 1: argmax with float4 loads, 8 in flight (same ids) */
-    {"DS4_CUDA_ROUTE_REG", &cu_ctx::route_reg},         /* 1: the router's ids in registers, no read back */
-    {"DS4_CUDA_HC_BFLY", &cu_ctx::hc_bfly},             /* 1: k_hc's warp sums by recursive halving */
-    {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2},             /* 1: HC-pre's finish: loads at once, Q8_0 maxima together */
+    {"DS4_CUDA_RING_IN_EMIT", &cu_ctx::ring_in_emit, 1}, /* 0: one token's frontier by k_comp_ring (one launch more) */
+    {"DS4_CUDA_MERGE_REG", &cu_ctx::merge_reg, 1},      /* 0: the attention merge's loads one per loop step (same bits) */
+    {"DS4_CUDA_ROWNORM_REG", &cu_ctx::rownorm_reg, 1},  /* 0: row norms through shared memory, loop loads (same bits) */
+    {"DS4_CUDA_ARGMAX_VEC", &cu_ctx::argmax_vec, 1},    /* 0: argmax with one float load per step (same ids) */
+    {"DS4_CUDA_ROUTE_REG", &cu_ctx::route_reg, 1},      /* 0: the router's ids read back from global memory */
+    {"DS4_CUDA_HC_BFLY", &cu_ctx::hc_bfly, 1},          /* 0: k_hc's warp sums one xor tree per value */
+    {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2, 1},          /* 0: HC-pre's finish: loop loads, Q8_0 maxima per block */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
