@@ -919,13 +919,7 @@ __device__ __forceinline__ void kv_finish_body_reg(int t, float *kv, int dh, int
     for (int k = 0; k < KRK; k++) {
         const int i = threadIdx.x + k * blockDim.x;
         if (i < nn) {
-            float amax = fmaxf(g32[k][w & ~1], g32[k][w | 1]);
-            if (amax < 1e-4f) amax = 1e-4f;
-            const float scale = ldexpf(1.0f, cu_ceil_log2(amax / 448.0f));
-            float v = xv[k] / scale;
-            if (v > 448.0f) v = 448.0f;
-            if (v < -448.0f) v = -448.0f;
-            v = __fmul_rn(cu_e4m3_round(v), scale);
+            const float v = cu_fp8_value(xv[k], fmaxf(g32[k][w & ~1], g32[k][w | 1]));
             x[i] = f16 ? __half2float(__float2half_rn(v)) : v;
         } else if (i < dh) {
             const float v = row[i];

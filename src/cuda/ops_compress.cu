@@ -226,13 +226,7 @@ __device__ __forceinline__ void idx_q_reg(float *q, int ID, int n_rot, const flo
         float am = fabsf(v);
 #pragma unroll
         for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
-        const float floor_amax = 6.0f * 0x1p-126f;
-        if (am < floor_amax) am = floor_amax;
-        const float scale = ldexpf(1.0f, cu_ceil_log2(am / 6.0f));
-        float u = v / scale;
-        if (u > 6.0f) u = 6.0f;
-        if (u < -6.0f) u = -6.0f;
-        v = __fmul_rn(cu_e2m1_round(u), scale);
+        v = cu_fp4_value(v, am);
     }
     q[i] = v;
     if (qc) {

@@ -94,19 +94,21 @@ __device__ __forceinline__ void cu_row_block_amax(const float *x, int n, int blo
     }
 }
 
+/* E.2: one value's FP8 rounding, its block's largest magnitude amax given */
+__device__ __forceinline__ float cu_fp8_value(float x, float amax) {
+    if (amax < 1e-4f) amax = 1e-4f;
+    float scale = ldexpf(1.0f, cu_ceil_log2(amax / 448.0f));
+    float v = x / scale;
+    if (v > 448.0f) v = 448.0f;
+    if (v < -448.0f) v = -448.0f;
+    return __fmul_rn(cu_e4m3_round(v), scale);
+}
+
 /* E.2: FP8 rounding of x[0..n) in blocks of `block` values, each with its
  * power-of-two scale from the block's amax. fred: >= n floats of scratch. */
 __device__ __forceinline__ void cu_row_fp8(float *x, int n, int block, float *fred) {
     cu_row_block_amax(x, n, block, fred);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float amax = fred[(i / block) * block];
-        if (amax < 1e-4f) amax = 1e-4f;
-        float scale = ldexpf(1.0f, cu_ceil_log2(amax / 448.0f));
-        float v = x[i] / scale;
-        if (v > 448.0f) v = 448.0f;
-        if (v < -448.0f) v = -448.0f;
-        x[i] = __fmul_rn(cu_e4m3_round(v), scale);
-    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = cu_fp8_value(x[i], fred[(i / block) * block]);
     __syncthreads();
 }
 
@@ -127,19 +129,21 @@ __device__ __forceinline__ void cu_row_hadamard(float *x, int n) {
     __syncthreads();
 }
 
+/* E.3: one value's FP4 rounding, its block's largest magnitude amax given */
+__device__ __forceinline__ float cu_fp4_value(float x, float amax) {
+    const float floor_amax = 6.0f * 0x1p-126f;
+    if (amax < floor_amax) amax = floor_amax;
+    float scale = ldexpf(1.0f, cu_ceil_log2(amax / 6.0f));
+    float v = x / scale;
+    if (v > 6.0f) v = 6.0f;
+    if (v < -6.0f) v = -6.0f;
+    return __fmul_rn(cu_e2m1_round(v), scale);
+}
+
 /* E.3: FP4 rounding in blocks of 32 (n a multiple of 32). */
 __device__ __forceinline__ void cu_row_fp4(float *x, int n, float *fred) {
     cu_row_block_amax(x, n, 32, fred);
-    const float floor_amax = 6.0f * 0x1p-126f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float amax = fred[i & ~31];
-        if (amax < floor_amax) amax = floor_amax;
-        float scale = ldexpf(1.0f, cu_ceil_log2(amax / 6.0f));
-        float v = x[i] / scale;
-        if (v > 6.0f) v = 6.0f;
-        if (v < -6.0f) v = -6.0f;
-        x[i] = __fmul_rn(cu_e2m1_round(v), scale);
-    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = cu_fp4_value(x[i], fred[i & ~31]);
     __syncthreads();
 }
 
