@@ -58,6 +58,7 @@ struct hc_fin {
     int pf;                  /* k_hc: prefetch the block's slices of fn to L2 before cu_pdl_wait */
     int bfly;                /* k_hc: the warp sums of the mix dots by recursive halving (DS4_CUDA_HC_BFLY) */
     int fin2;                /* hc_finish: loads at once, the warp's Q8_0 maxima together (DS4_CUDA_HC_FIN2) */
+    int fin3;                /* hc_finish: norm weights staged in shared memory, the norm loop rolled (DS4_CUDA_HC_FIN3) */
     int8_t *q0;              /* optional (n, D) Q8_0 codes of out, scales d0 (n, D/32) */
     float *d0;
     int8_t *qk;              /* optional (n, D) Q8_K codes of out, scales dk (n, D/256), sums bsk (n, D/16) */
@@ -70,8 +71,12 @@ struct hc_fin {
 /* DS4_CUDA_HC_DIAG bit 256 (results unchanged): SM clocks of the phases of
  * k_hc's last block in one-token HC-pre calls (decode; not the head's),
  * summed over the calls (cu_hc_clk_print; "w0 comb done" stays 0 with
- * DS4_CUDA_COMB_HOST=1, whose comb runs elsewhere) */
-#define HC_CLK_N 16
+ * DS4_CUDA_COMB_HOST=1, whose comb runs elsewhere). Bits 512 / 1024 (timing
+ * only, wrong results): the norm warps' normalise + Q8_0 section / warp 0's
+ * comb run twice, the same code, with a clock after the first pass: a
+ * second pass much faster than the first names instruction fetch (the
+ * finish runs once per call on one SM, its code cold there) */
+#define HC_CLK_N 20
 __device__ unsigned long long cu_hc_clk[HC_CLK_N];
 __device__ __forceinline__ void hc_stamp(const hc_fin &p, int t, long long ck0, int i) {
     if ((p.diag & 256) && t == 0 && p.n == 1 && !p.head) atomicAdd(&cu_hc_clk[i], (unsigned long long)(clock64() - ck0));
@@ -110,7 +115,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
      * weights of each warp's 32-value blocks (warps 1..) in registers */
     const int nb = D / 32, wk = w - 1, nwk = nw - 1;
     constexpr int NWR = 12;
-    const bool nreg = w > 0 && nb <= NWR * nwk;
+    const bool nreg = !p.fin3 && w > 0 && nb <= NWR * nwk;
     float nwr[NWR];
 #pragma unroll
     for (int j = 0; j < NWR; j++)
@@ -157,6 +162,22 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
                 const int d = threadIdx.x + k * blockDim.x;
                 xr[k][s] = d < D && s < hc ? X[(int64_t)s * D + d] : 0.0f;
             }
+    }
+    /* DS4_CUDA_HC_FIN3=1: the norm weights into shared memory (xs + D; the
+     * barriers below order these stores before the norm warps' reads) */
+    float *nws = xs + D;
+    if (p.fin3 && p.norm_w) {
+        constexpr int NK = 8;
+        float nv[NK];
+#pragma unroll
+        for (int k = 0; k < NK; k++) {
+            const int d = threadIdx.x + k * blockDim.x;
+            nv[k] = d < D ? p.norm_w[d] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < NK; k++)
+            if (threadIdx.x + k * blockDim.x < D) nws[threadIdx.x + k * blockDim.x] = nv[k];
+        for (int d = threadIdx.x + NK * blockDim.x; d < D; d += blockDim.x) nws[d] = p.norm_w[d];
     }
     if (threadIdx.x == 0) hc_stamp(p, t, ck0, 2);
     if (p.diag & 32) return; /* timing: the finish up to here */
@@ -247,8 +268,11 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
             if (on) p.cin[(int64_t)t * hc * hc + lane] = c;
             return;
         }
-        hc_comb_warp<HCN>(c, hc, p.hc_eps, (p.diag & 1) ? 0 : p.sinkhorn, p.comb + (int64_t)t * hc * hc);
-        if (lane == 0) hc_stamp(p, t, ck0, 6);
+#pragma unroll 1
+        for (int pass = (p.diag & 1024) ? 0 : 1; pass < 2; pass++) {
+            hc_comb_warp<HCN>(c, hc, p.hc_eps, (p.diag & 1) ? 0 : p.sinkhorn, p.comb + (int64_t)t * hc * hc);
+            if (lane == 0) hc_stamp(p, t, ck0, pass ? 6 : 14);
+        }
         return;
     }
     asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x) : "memory");
@@ -261,6 +285,9 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
     for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
     const float rn = 1.0f / sqrtf((float)(tot / D) + p.rms_eps);
     if (stw && w == 1) hc_stamp(p, t, ck0, 8);
+#pragma unroll 1
+    for (int pass = (p.diag & 512) ? 0 : 1; pass < 2; pass++) {
+    if (pass == 1 && (p.diag & 512) && stw && w == 1) hc_stamp(p, t, ck0, 15);
     /* normalise by 32-value blocks (cu_row_rmsnorm's expressions), write,
      * and quantize to Q8_0 */
     auto norm_blk = [&](int blk, float wv) {
@@ -303,8 +330,15 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
 #pragma unroll
         for (int j = 0; j < NWR; j++)
             if (wk + j * nwk < nb) norm_blk(wk + j * nwk, nwr[j]);
+    } else if (p.fin3) {
+        /* DS4_CUDA_HC_FIN3=1: one block per iteration, the loop kept rolled
+         * (this code runs once per call on one SM, cold in its instruction
+         * cache: a short body fetched once beats unrolled straight code) */
+#pragma unroll 1
+        for (int blk = wk; blk < nb; blk += nwk) norm_blk(blk, p.norm_w ? nws[32 * blk + lane] : 0.0f);
     } else {
         for (int blk = wk; blk < nb; blk += nwk) norm_blk(blk, p.norm_w ? p.norm_w[32 * blk + lane] : 0.0f);
+    }
     }
     if (stw) hc_stamp(p, t, ck0, w == 1 ? 9 : 12);
     if (p.qk) {
@@ -573,6 +607,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     p.bfly = c->hc_bfly;
     p.fin2 = c->hc_fin2;
+    p.fin3 = c->hc_fin3;
     const int D = hp->n_embd;
     const bool qok = D % 256 == 0 && (size_t)n * D <= c->s.h0.cap;
     p.q0 = q0 && qok ? q0->q : nullptr;
@@ -582,7 +617,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.bsk = qk && qok ? qk->bs : nullptr;
     p.n = n;
     dim3 g(split, n);
-    const size_t sm = (size_t)D * sizeof(float);
+    const size_t sm = (size_t)D * sizeof(float) * (p.fin3 ? 2 : 1); /* xs (+ the staged norm weights) */
     /* batches: partials of HCB_TT tokens per block, then the finishes (same bits) */
     const bool batch = n >= HCB_MIN_N && !c->no_hc_batch && !(p.diag & ~256) && (nflat + split - 1) / split <= HC_THREADS;
     /* the comb left to a later kernel (DS4_CUDA_COMB_HOST=1, few tokens): the
@@ -644,7 +679,7 @@ void cu_hc_clk_print(cu_ctx *c) {
     static const char *const name[HC_CLK_N - 1] = {
         "pdl wait done", "last block known", "streams loaded", "split sums", "stream weights",
         "w0 weighted sum", "w0 comb done", "w1 norm start", "w1 rn", "w1 normed+q8_0", "w1 q8_k",
-        "wN norm start", "wN normed+q8_0", "wN q8_k", ""};
+        "wN norm start", "wN normed+q8_0", "wN q8_k", "w0 comb pass 1", "w1 norm pass 1", "", "", ""};
     const double n = (double)v[HC_CLK_N - 1];
     fprintf(stderr, "ds4: HC-pre phase clocks (k_hc's last block, one-token calls: %.0f; cycles since the block's "
                     "start, us at %d MHz):\n", n, khz / 1000);
