@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_p
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     const int4 *w = (const int4 *)(g.w.q + (size_t)(r0 + r) * g.w.q_row + (size_t)c * 32);
-                    const int4 w0 = w[0], w1 = w[1];
+                    const int4 w0 = cu_wld(w), w1 = cu_wld(w + 1);
                     int sum = 0;
                     sum = __dp4a(w0.x, a0.x, sum); sum = __dp4a(w0.y, a0.y, sum);
                     sum = __dp4a(w0.z, a0.z, sum); sum = __dp4a(w0.w, a0.w, sum);
@@ -242,8 +242,8 @@ __global__ void __launch_bounds__(256) k_matvec_q8rt(const __grid_constant__ mv_
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     const int4 *w = (const int4 *)(g.w.q + (size_t)(r0 + r) * g.w.q_row + (size_t)c * 32);
-                    w0[r] = w[0];
-                    w1[r] = w[1];
+                    w0[r] = cu_wld(w);
+                    w1[r] = cu_wld(w + 1);
                     d[r] = cu_h2f(cu_ld16(g.w.s + (size_t)(r0 + r) * g.w.s_row + 2 * (size_t)c));
                 }
 #pragma unroll

@@ -15,9 +15,26 @@
 
 #include "cuda/cuda.cuh"
 
+/* Weight loads. CU_WEIGHT_CS=1 (make cuda NVDEFS=-DCU_WEIGHT_CS=1) reads
+ * them with ld.global.cs (evict-first in L1 and L2): a decode step streams
+ * ~9.6 GB of weights through the 50-60 MB L2, so by default every line of
+ * kernel code and every small table is evicted between two calls of the
+ * same kernel (one layer later); with the weights first to go, the code of
+ * the serial tails (HC-pre's finish, the router, the finishes of q/kv) may
+ * stay in L2. The same values either way. */
+#ifndef CU_WEIGHT_CS
+#define CU_WEIGHT_CS 0
+#endif
+template <class T> __device__ __forceinline__ T cu_wld(const T *p) {
+#if CU_WEIGHT_CS
+    return __ldcs(p);
+#else
+    return *p;
+#endif
+}
 __device__ __forceinline__ float cu_h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
-__device__ __forceinline__ uint16_t cu_ld16(const uint8_t *p) { return *(const uint16_t *)p; }
-__device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return *(const uint32_t *)p; }
+__device__ __forceinline__ uint16_t cu_ld16(const uint8_t *p) { return cu_wld((const unsigned short *)p); }
+__device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return cu_wld((const unsigned int *)p); }
 
 /* How the signs of an IQ2_XXS group are applied to its 8 grid bytes (every
  * grid byte is 8, 25 or 43), a build option (make cuda NVDEFS=-DCU_IQ2_SIGNS=N),
@@ -120,7 +137,7 @@ __device__ __forceinline__ void cu_dq_chunk(const uint8_t *qrow, const uint8_t *
         const uint4 *p = (const uint4 *)(qrow + (size_t)c * 64);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            uint4 u = p[i];
+            uint4 u = cu_wld(p + i);
             uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
             for (int k = 0; k < 4; k++) {
@@ -139,7 +156,7 @@ __device__ __forceinline__ void cu_dq_chunk(const uint8_t *qrow, const uint8_t *
         float d = cu_h2f(cu_ld16(srow + 2 * (size_t)c));
 #pragma unroll
         for (int i = 0; i < 2; i++) {
-            uint4 u = p[i];
+            uint4 u = cu_wld(p + i);
             uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
             for (int k = 0; k < 16; k++) v[16 * i + k] = d * (float)(int8_t)(w[k / 4] >> (8 * (k % 4)));
@@ -209,7 +226,7 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
     const int a[8] = {a01.x, a01.y, a01.z, a01.w, a23.x, a23.y, a23.z, a23.w};
     if constexpr (WT == DS4_TYPE_Q8_0) {
         const int4 *p = (const int4 *)(qrow + (size_t)c * 32);
-        int4 w0 = p[0], w1 = p[1];
+        int4 w0 = cu_wld(p), w1 = cu_wld(p + 1);
         int s = 0;
         s = __dp4a(w0.x, a[0], s); s = __dp4a(w0.y, a[1], s); s = __dp4a(w0.z, a[2], s); s = __dp4a(w0.w, a[3], s);
         s = __dp4a(w1.x, a[4], s); s = __dp4a(w1.y, a[5], s); s = __dp4a(w1.z, a[6], s); s = __dp4a(w1.w, a[7], s);
@@ -223,7 +240,7 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
         int sc, m;
         cu_q4k_scale_min(b + 4, j, &sc, &m);
         const int4 *p = (const int4 *)(b + 16 + 32 * (j >> 1));
-        int4 u0 = p[0], u1 = p[1];
+        int4 u0 = cu_wld(p), u1 = cu_wld(p + 1);
         const uint32_t w[8] = {(uint32_t)u0.x, (uint32_t)u0.y, (uint32_t)u0.z, (uint32_t)u0.w,
                                (uint32_t)u1.x, (uint32_t)u1.y, (uint32_t)u1.z, (uint32_t)u1.w};
         int sh = (j & 1) * 4, s = 0;
@@ -236,7 +253,7 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
     } else if constexpr (WT == DS4_TYPE_Q2_K) {
         const uint8_t *b = qrow + (size_t)(c >> 3) * 84;
         int j = c & 7, h = j >> 2, k2 = 2 * (j & 3);
-        int sc0 = b[8 * h + (j & 3) * 2], sc1 = b[8 * h + (j & 3) * 2 + 1];
+        int sc0 = cu_wld(b + 8 * h + (j & 3) * 2), sc1 = cu_wld(b + 8 * h + (j & 3) * 2 + 1);
         int s0 = 0, s1 = 0;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -254,7 +271,7 @@ __device__ __forceinline__ void cu_dotq_chunk(const uint8_t *qrow, const uint8_t
         *dmin = cu_h2f(cu_ld16(b + 82));
     } else if constexpr (WT == DS4_TYPE_IQ2_XXS) {
         /* the chunk's 8 bytes in one load (rows are 16-byte aligned, cuda.cuh) */
-        const uint2 q = *(const uint2 *)(qrow + (size_t)(c >> 3) * 64 + 8 * (c & 7));
+        const uint2 q = cu_wld((const uint2 *)(qrow + (size_t)(c >> 3) * 64 + 8 * (c & 7)));
         const uint32_t a0 = q.x, a1 = q.y;
         int s = 0;
 #pragma unroll
