@@ -250,7 +250,7 @@ struct cu_ctx {
     int argmax_vec;        /* DS4_CUDA_ARGMAX_VEC=1: greedy argmax with 8 float4 loads in flight per thread */
     int route_reg;         /* DS4_CUDA_ROUTE_REG=1: the router keeps the chosen ids in registers (same bits) */
     int hc_fin2;           /* DS4_CUDA_HC_FIN2=1: HC-pre's finish with its loads at once, Q8_0 maxima together */
-    int hc_fin3;           /* DS4_CUDA_HC_FIN3=1: HC-pre's finish: norm weights in shared memory, norm loop rolled */
+    int hc_fin3;           /* DS4_CUDA_HC_FIN3 (default 1): HC-pre's finish: norm weights in shared memory, norm loop rolled */
     int hc_bfly;           /* DS4_CUDA_HC_BFLY=1: k_hc's warp sums by recursive halving (same bits) */
     int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
     int route_fuse;        /* DS4_CUDA_ROUTE_FUSE=1: one token's router logits + top-k in one launch (opt-in) */
@@ -265,7 +265,7 @@ struct cu_ctx {
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
     bool side_live;        /* work queued on st2 that st has not joined yet */
-    int comb_host;         /* DS4_CUDA_COMB_HOST=1: HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
+    int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */
     cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */

@@ -1190,11 +1190,11 @@ static const struct cu_switch {
     {"DS4_CUDA_ROUTE_REG", &cu_ctx::route_reg, 1},      /* 0: the router's ids read back from global memory */
     {"DS4_CUDA_HC_BFLY", &cu_ctx::hc_bfly, 1},          /* 0: k_hc's warp sums one xor tree per value */
     {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2, 1},          /* 0: HC-pre's finish: loop loads, Q8_0 maxima per block */
-    {"DS4_CUDA_HC_FIN3", &cu_ctx::hc_fin3},             /* 1: HC-pre's finish: norm weights in shared, rolled norm loop */
+    {"DS4_CUDA_HC_FIN3", &cu_ctx::hc_fin3, 1},          /* 0: HC-pre's finish: norm loop unrolled (FIN2), weights in registers */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
-    {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host},         /* 1: HC-pre's Sinkhorn in a later kernel's spare block */
+    {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host, 1},      /* 0: HC-pre's Sinkhorn inside HC-pre (not a later kernel's spare block) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
 };
 

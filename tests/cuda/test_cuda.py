@@ -193,20 +193,20 @@ _AB_BASE = {}
                                      ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1"),
                                      ("DS4_CUDA_KV_IN_MERGE", "0"), ("q2:DS4_CUDA_KV_IN_MERGE", "0"),
                                      ("DS4_CUDA_ATT_ZB", "4"), ("DS4_CUDA_ATT_ZB", "2"),
-                                     ("DS4_CUDA_COMB_HOST", "1"), ("q2:DS4_CUDA_COMB_HOST", "1"),
-                                     ("DS4_CUDA_COMB_HOST", "1,DS4_CUDA_ROUTE_FUSE=1"),
+                                     ("DS4_CUDA_COMB_HOST", "0"), ("q2:DS4_CUDA_COMB_HOST", "0"),
+                                     ("DS4_CUDA_COMB_HOST", "0,DS4_CUDA_ROUTE_FUSE=1"),
                                      ("DS4_CUDA_HC_BFLY", "0"), ("q2:DS4_CUDA_HC_BFLY", "0"),
                                      ("DS4_CUDA_ROUTE_REG", "0"), ("q2:DS4_CUDA_ROUTE_REG", "0"),
                                      ("DS4_CUDA_ROUTE_REG", "0,DS4_CUDA_ROUTE_FUSE=1"),
                                      ("DS4_CUDA_ROWNORM_REG", "0"), ("q2:DS4_CUDA_ROWNORM_REG", "0"),
                                      ("DS4_CUDA_HC_FIN2", "0"), ("q2:DS4_CUDA_HC_FIN2", "0"),
                                      ("DS4_CUDA_HC_FIN2", "0,DS4_CUDA_NO_HC_BATCH=1"),
-                                     ("DS4_CUDA_HC_FIN3", "1"), ("q2:DS4_CUDA_HC_FIN3", "1"),
-                                     ("DS4_CUDA_HC_FIN3", "1,DS4_CUDA_NO_HC_BATCH=1"),
+                                     ("DS4_CUDA_HC_FIN3", "0"), ("q2:DS4_CUDA_HC_FIN3", "0"),
+                                     ("DS4_CUDA_HC_FIN3", "0,DS4_CUDA_NO_HC_BATCH=1"),
                                      ("DS4_CUDA_MERGE_REG", "0"), ("q2:DS4_CUDA_MERGE_REG", "0"),
                                      ("DS4_CUDA_MERGE_REG", "0,DS4_CUDA_NO_MERGE_SLICES=1"),
                                      ("DS4_CUDA_RING_IN_EMIT", "0"), ("q2:DS4_CUDA_RING_IN_EMIT", "0"),
-                                     ("DS4_CUDA_HC_DIAG", "256"), ("DS4_CUDA_HC_DIAG", "256,DS4_CUDA_COMB_HOST=1")])
+                                     ("DS4_CUDA_HC_DIAG", "256"), ("DS4_CUDA_HC_DIAG", "256,DS4_CUDA_COMB_HOST=0")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
     prefill of 80 tokens, token-by-token decode and chunks of 3 (the few-token kernels of MTP verify rows) on the
