@@ -266,6 +266,8 @@ struct cu_ctx {
     cudaEvent_t ev_fork, ev_join;
     bool side_live;        /* work queued on st2 that st has not joined yet */
     int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
+    int comb_big;          /* DS4_CUDA_COMB_BIG=1: that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
+    cu_comb_job mv_cj;     /* DS4_CUDA_COMB_BIG: a comb offered to the next one-token Q8_0 matvec launch (k_matvec_q8r) */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */
     cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */

@@ -266,7 +266,11 @@ static int cu_attention_j(void *ctx, const ds4_attention_args *a) {
  * HC-pre runs. */
 static int cu_moe_experts_j(void *ctx, const ds4_moe_experts_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
+    /* a comb the router left pending (DS4_CUDA_COMB_BIG) goes to the fused
+     * gate/up launch; not taken there, the next join launches it */
+    const cu_comb_job j = cu_comb_take(c);
     cu_join(c);
+    c->comb_job = j;
     const int rc = cu_moe_experts(ctx, a);
     if (!rc && a->il + 1 < a->m->hp.n_layer) {
         const ds4_layer *nl = &a->m->layers[a->il + 1];
@@ -1194,6 +1198,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
+    {"DS4_CUDA_COMB_BIG", &cu_ctx::comb_big},           /* 1: that comb in the q_b matvec / fused experts' gate/up */
     {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host, 1},      /* 0: HC-pre's Sinkhorn inside HC-pre (not a later kernel's spare block) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
 };

@@ -169,11 +169,19 @@ __device__ __forceinline__ void mv_rows_store_nt(const float (&acc)[R][NT], floa
  * R = 1 path bit for bit (dev/mv_bench.cu checks it). */
 template <int WPR, int R>
 __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_params p) {
-    mv_prefetch(p, 8 / WPR * R);
+    /* DS4_CUDA_COMB_BIG: block 0 runs a pending HC-pre comb (warp t: token
+     * t), the rows' blocks follow (block b takes the rows of b - 1) */
+    const int cb = p.cj.n ? 1 : 0, bx = (int)blockIdx.x - cb;
+    if (bx < 0) {
+        cu_pdl_wait();
+        hc_comb_run(p.cj, threadIdx.x >> 5);
+        return;
+    }
+    mv_prefetch(p, 8 / WPR * R, bx, (int)gridDim.x - cb);
     cu_pdl_wait();
     __shared__ float part[8][R];
     const int warp = threadIdx.x / 32, j = warp % WPR, lane = threadIdx.x & 31;
-    const int row0 = (blockIdx.x * (8 / WPR) + warp / WPR) * R;
+    const int row0 = (bx * (8 / WPR) + warp / WPR) * R;
     int s = 0;
     while (s < p.n_seg && row0 >= p.seg_end[s]) s++;
     /* R divides every segment's rows (checked by the launcher): a warp's rows share a segment */
@@ -483,7 +491,12 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     if constexpr (WT == DS4_TYPE_Q8_0 && AQ) {
         if (cu_mm_q8(c, p, rows, WPR)) return;
         if (!c->mv_no_r2 && mv_two_rows(p, WPR)) {
-            cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
+            /* a comb offered by the caller (DS4_CUDA_COMB_BIG, one token): one more block, the first */
+            if (c->mv_cj.n && p.n == 1) {
+                p.cj = c->mv_cj;
+                c->mv_cj = cu_comb_job{};
+            }
+            cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2) + (p.cj.n ? 1 : 0)), 256, 0, p);
             return;
         }
     }

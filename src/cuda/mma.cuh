@@ -90,6 +90,7 @@ struct mv_params {
     const uint64_t *grid;
     const uint8_t *ksigns;
     int pf;                   /* > 0: blocks below pf prefetch the weight rows of blocks b, b + pf, ... to L2 */
+    cu_comb_job cj;           /* DS4_CUDA_COMB_BIG: an HC-pre comb run by block 0 (k_matvec_q8r; the rows' blocks follow) */
 };
 
 /* The L2 prefetch of a matvec block's weights, before its cu_pdl_wait (the
@@ -99,11 +100,12 @@ struct mv_params {
  * rows of blocks b, b + pf, ... (rpb rows each; pf about the blocks that
  * are resident at once, so the first wave covers the whole weight), one
  * thread per segment. */
-__device__ __forceinline__ void mv_prefetch(const mv_params &p, int rpb) {
-    if (p.pf <= 0 || (int)blockIdx.x >= p.pf || (int)threadIdx.x >= p.n_seg) return;
+__device__ __forceinline__ void mv_prefetch(const mv_params &p, int rpb, int bx = -1, int nbx = -1) {
+    if (bx < 0) bx = blockIdx.x, nbx = gridDim.x;
+    if (p.pf <= 0 || bx >= p.pf || (int)threadIdx.x >= p.n_seg) return;
     const int s = threadIdx.x, start = s ? p.seg_end[s - 1] : 0, end = p.seg_end[s];
     const cu_w &w = p.seg[s].w;
-    for (int b = blockIdx.x; b < (int)gridDim.x; b += p.pf) {
+    for (int b = bx; b < nbx; b += p.pf) {
         const int r0 = b * rpb > start ? b * rpb : start, r1 = (b + 1) * rpb < end ? (b + 1) * rpb : end;
         if (r0 >= r1) continue;
         cu_prefetch_l2(w.q + (size_t)(r0 - start) * w.q_row, (size_t)(r1 - r0) * w.q_row);

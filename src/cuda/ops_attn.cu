@@ -998,7 +998,16 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
               qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr, c->rownorm_reg);
     if (qa_codes) cu_preq_set(c, a->cq, n, ql, ql, DS4_TYPE_Q8_0, &c->s.a1);
     CU_LAUNCH(c, "q_a_norm");
+    /* DS4_CUDA_COMB_BIG=1: the attention's HC-pre comb, if left for later, is
+     * offered to the q_b matvec (one token: k_matvec_q8r's block 0, ~13 us of
+     * weight streaming to hide the ~7 us Sinkhorn behind); not taken, it
+     * falls to the q/kv finish below as by default */
+    if (c->comb_big && n == 1) c->mv_cj = cu_comb_take(c);
     cu_mv_pair(c, &l->q_b, a->q, (int64_t)H * dh, nullptr, nullptr, 0, a->cq, ql, n, aq, &c->s.a1, a->step, 0);
+    if (c->mv_cj.n) {
+        c->comb_job = c->mv_cj;
+        c->mv_cj = cu_comb_job{};
+    }
     /* the query heads and the kv rows finish in one launch: blocks [0, qb)
      * take 8 (token, head) warps each, the next n blocks one kv row each */
     const int qb = cu_div_up((int64_t)n * H * 32, 256);

@@ -203,6 +203,9 @@ __global__ void __launch_bounds__(256) k_route1(const __grid_constant__ route_p 
     route_token(p, 0, sm);
 }
 
+/* the fused few-token experts take at most this many tokens (moe1_try) */
+#define MOE1_MAX_N 4
+
 int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (c->err) return c->err;
@@ -245,7 +248,10 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     } else {
         cu_mv_pair(c, &l->gate_inp, c->s.rl, E, nullptr, nullptr, 0, a->v, hp->n_embd, a->n, false, &c->s.a1, a->step,
                    0);
-        p.cj = cu_comb_take(c); /* the FFN's HC-pre comb, if left for later: one more block */
+        /* the FFN's HC-pre comb, if left for later: one more block; with
+         * DS4_CUDA_COMB_BIG=1 and at most MOE1_MAX_N tokens it stays pending
+         * for the fused experts' gate/up launch (moe1_try) */
+        if (!(c->comb_big && a->n <= MOE1_MAX_N)) p.cj = cu_comb_take(c);
         cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, (size_t)8 * E * sizeof(float), p);
     }
     c->moe_grouped = group ? a->ids : nullptr;
@@ -789,7 +795,7 @@ __global__ void k_moe_sum(const float *out, const float *sh, float *y, int n, in
  *    back to 0), with cu_quantize's per-block code;
  *  - the down kernel sums an output row as k_moe_sum: 0 + item t*K + ... +
  *    item t*K + K-1, then + shared. */
-#define MOE1_MAX_N 4
+/* (MOE1_MAX_N: at the top, the router reads it) */
 #define MOE1_MAX_K 6 /* experts per token of the fused path (Flash: 6) */
 struct moe1_p {
     cu_w g, u, d;            /* routed stacks (rows_per_mat F, F, D) */
@@ -815,6 +821,7 @@ struct moe1_p {
     int pf;                  /* prefetch the shared expert's rows to L2 before cu_pdl_wait */
     int seq;                 /* DS4_CUDA_MOE1_SEQ=1: the items' rows one after the other (A/B) */
     int xpf;                 /* L2 prefetch of the routed rows once the ids are known (DS4_CUDA_XPF=1) */
+    cu_comb_job cj;          /* DS4_CUDA_COMB_BIG: an HC-pre comb run by the extra block (F/8, 0) of the gate/up launch */
     const uint64_t *grid;
     const uint8_t *ksigns;
 };
@@ -919,6 +926,13 @@ __device__ __forceinline__ void moe1_gu_codes(const moe1_p &p, int y, int sb) {
  * super-block. */
 template <int WG>
 __global__ void __launch_bounds__(256) k_moe1_gate_up(const __grid_constant__ moe1_p p) {
+    if (p.cj.n && blockIdx.x == gridDim.x - 1) { /* DS4_CUDA_COMB_BIG: the extra column, its row 0 the comb */
+        if (blockIdx.y == 0) {
+            cu_pdl_wait();
+            hc_comb_run(p.cj, threadIdx.x >> 5);
+        }
+        return;
+    }
     if (p.pf && blockIdx.y == 0 && threadIdx.x < 2) moe1_prefetch(threadIdx.x ? p.us : p.gs, blockIdx.x * 8, 8);
     cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
@@ -1077,7 +1091,8 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     p.seq = c->moe1_seq;
     p.xpf = c->xpf;
-    const dim3 g1(F / 8, 1 + n * K);
+    if (c->comb_big) p.cj = cu_comb_take(c); /* a comb the router left (DS4_CUDA_COMB_BIG) */
+    const dim3 g1(F / 8 + (p.cj.n ? 1 : 0), 1 + n * K);
     switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
     case DS4_TYPE_Q2_K: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q2_K>, g1, 256, 0, p); break;
