@@ -240,6 +240,7 @@ struct cu_ctx {
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     int floor_diag;        /* DS4_CUDA_FLOOR=1: every cu_launch kernel empty (timing only, wrong results) */
+    int twice_diag;        /* DS4_CUDA_TWICE=1: eager launches run twice, the first timed apart (timing only, wrong results) */
     int no_hc_batch;       /* DS4_CUDA_NO_HC_BATCH=1: batches on the per-token HC kernel (A/B switch) */
     int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
     int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: with early_trigger, no L2 prefetch of weights (A/B switch) */
@@ -384,6 +385,9 @@ static inline cudaError_t cu_launch_with(cu_ctx *c, const cudaLaunchAttribute *a
  * cost and does no work: the latency floor of the kernel sequence. */
 template <int N = 0> __global__ void k_floor() { cu_pdl_wait(); }
 
+/* DS4_CUDA_TWICE: the profile mark after a first launch (cuda_backend.cu) */
+void cu_twice_mark(cu_ctx *c);
+
 template <typename... KArgs, typename... Args>
 static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args... args) {
     cudaLaunchAttribute a;
@@ -396,6 +400,16 @@ static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 blo
     }
     cudaError_t e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k, grid, block, smem, args...);
     if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
+    if (c->twice_diag && !c->capturing && e == cudaSuccess) {
+        /* DS4_CUDA_TWICE=1 with DS4_CUDA_KPROF=1 (timing only, wrong
+         * results: a kernel may read what it wrote): the first launch's time
+         * goes to one "(first launches)" row, the second, with its code and
+         * data just used, to the kernel's own row; a KPROF run without it
+         * gives each kernel's first-launch time */
+        cu_twice_mark(c);
+        e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k, grid, block, smem, args...);
+        if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
+    }
 }
 
 /* ---------------------------------------------------------------- weights */

@@ -57,6 +57,12 @@ static int kprof_index(cu_ctx *c, const char *name) {
     return c->n_kp++;
 }
 
+void cu_twice_mark(cu_ctx *c) {
+    if (!c->kprof || c->n_prof <= 0) return;
+    const int i = kprof_index(c, "(first launches)");
+    if (i >= 0) prof_mark(c, CU_KPROF_BASE + i);
+}
+
 bool cu_launched(cu_ctx *c, const char *kernel) {
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return cu_ok(c, e, kernel);
@@ -1182,6 +1188,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
+    {"DS4_CUDA_TWICE", &cu_ctx::twice_diag},            /* 1: timing only, wrong results: eager launches twice (KPROF) */
     {"DS4_CUDA_FLOOR", &cu_ctx::floor_diag},            /* 1: timing only, wrong results: every step kernel empty */
     {"DS4_CUDA_NO_HC_BATCH", &cu_ctx::no_hc_batch},     /* 1: batches on the per-token HC kernel */
     {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
