@@ -651,7 +651,9 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
     p.bfly = c->hc_bfly;
     p.fin2 = c->hc_fin2;
-    p.fin3 = c->hc_fin3;
+    /* (the staged norm weights double the dynamic shared memory: up to 32 KB,
+     * beside k_hc's ~11 KB static, within the 48 KB of a plain launch) */
+    p.fin3 = (size_t)2 * hp->n_embd * sizeof(float) <= 32 * 1024 ? c->hc_fin3 : 0;
     const int D = hp->n_embd;
     const bool qok = D % 256 == 0 && (size_t)n * D <= c->s.h0.cap;
     p.q0 = q0 && qok ? q0->q : nullptr;
