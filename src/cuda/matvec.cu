@@ -167,17 +167,23 @@ __device__ __forceinline__ void mv_rows_store_nt(const float (&acc)[R][NT], floa
  * row's sum has exactly the order of cu_row_dot (chunks 32*(j + WPR*k) +
  * lane in k order, warp sum, warps in j order), so values equal k_matvec's
  * R = 1 path bit for bit (dev/mv_bench.cu checks it). */
-template <int WPR, int R>
+template <int WPR, int R, bool CB = false>
 __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_params p) {
-    /* DS4_CUDA_COMB_BIG: block 0 runs a pending HC-pre comb (warp t: token
-     * t), the rows' blocks follow (block b takes the rows of b - 1) */
-    const int cb = p.cj.n ? 1 : 0, bx = (int)blockIdx.x - cb;
-    if (bx < 0) {
-        cu_pdl_wait();
-        hc_comb_run(p.cj, threadIdx.x >> 5);
-        return;
+    /* CB (DS4_CUDA_COMB_BIG): block 0 runs a pending HC-pre comb (warp t:
+     * token t), the rows' blocks follow (block b takes the rows of b - 1);
+     * a template flag, so that the comb's code costs the plain kernel no
+     * registers */
+    const int bx = (int)blockIdx.x - (CB ? 1 : 0);
+    if constexpr (CB) {
+        if (bx < 0) {
+            cu_pdl_wait();
+            hc_comb_run(p.cj, threadIdx.x >> 5);
+            return;
+        }
+        mv_prefetch(p, 8 / WPR * R, bx, (int)gridDim.x - 1);
+    } else {
+        mv_prefetch(p, 8 / WPR * R);
     }
-    mv_prefetch(p, 8 / WPR * R, bx, (int)gridDim.x - cb);
     cu_pdl_wait();
     __shared__ float part[8][R];
     const int warp = threadIdx.x / 32, j = warp % WPR, lane = threadIdx.x & 31;
@@ -496,7 +502,8 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
                 p.cj = c->mv_cj;
                 c->mv_cj = cu_comb_job{};
             }
-            cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2) + (p.cj.n ? 1 : 0)), 256, 0, p);
+            if (p.cj.n) cu_launch(c, k_matvec_q8r<WPR, 2, true>, dim3(cu_div_up(rows, 8 / WPR * 2) + 1), 256, 0, p);
+            else cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
             return;
         }
     }

@@ -251,7 +251,7 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
         /* the FFN's HC-pre comb, if left for later: one more block; with
          * DS4_CUDA_COMB_BIG=1 and at most MOE1_MAX_N tokens it stays pending
          * for the fused experts' gate/up launch (moe1_try) */
-        if (!(c->comb_big && a->n <= MOE1_MAX_N)) p.cj = cu_comb_take(c);
+        if (!(c->comb_big && a->n <= MOE1_MAX_N && !c->no_moe_fuse)) p.cj = cu_comb_take(c);
         cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, (size_t)8 * E * sizeof(float), p);
     }
     c->moe_grouped = group ? a->ids : nullptr;

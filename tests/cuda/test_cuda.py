@@ -205,6 +205,7 @@ _AB_BASE = {}
                                      ("DS4_CUDA_HC_FIN2", "0,DS4_CUDA_NO_HC_BATCH=1"),
                                      ("DS4_CUDA_HC_FIN3", "0"), ("q2:DS4_CUDA_HC_FIN3", "0"),
                                      ("DS4_CUDA_HC_FIN3", "0,DS4_CUDA_NO_HC_BATCH=1"),
+                                     ("DS4_CUDA_HC_FIN2", "0,DS4_CUDA_HC_FIN3=0"), ("q2:DS4_CUDA_HC_FIN2", "0,DS4_CUDA_HC_FIN3=0"),
                                      ("DS4_CUDA_HC_FIN3", "2"), ("q2:DS4_CUDA_HC_FIN3", "4"),
                                      ("DS4_CUDA_HC_FIN3", "4,DS4_CUDA_NO_HC_BATCH=1"),
                                      ("DS4_CUDA_MERGE_REG", "0"), ("q2:DS4_CUDA_MERGE_REG", "0"),
