@@ -325,6 +325,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
     for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
     const float rn = 1.0f / sqrtf((float)(tot / D) + p.rms_eps);
     if (stw && w == 1) hc_stamp(p, t, ck0, 8);
+    /* one pass (HC_DIAG bit 512: two, the second clocked apart) */
 #pragma unroll 1
     for (int pass = (p.diag & 512) ? 0 : 1; pass < 2; pass++) {
     if (pass == 1 && (p.diag & 512) && stw && w == 1) hc_stamp(p, t, ck0, 15);
@@ -383,7 +384,7 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
     } else {
         for (int blk = wk; blk < nb; blk += nwk) norm_blk(blk, p.norm_w ? p.norm_w[32 * blk + lane] : 0.0f);
     }
-    }
+    } /* pass (one, or two with HC_DIAG bit 512; the section above is not re-indented) */
     if (stw) hc_stamp(p, t, ck0, w == 1 ? 9 : 12);
     if (p.qk) {
         asm volatile("bar.sync 2, %0;" ::"r"(blockDim.x - 32) : "memory");
