@@ -245,6 +245,8 @@ struct cu_ctx {
     int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
     int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: with early_trigger, no L2 prefetch of weights (A/B switch) */
     int early_trigger;     /* DS4_CUDA_EARLY_TRIGGER=1: kernels let the next one launch at their start (A/B switch) */
+    int tail_trig;         /* DS4_CUDA_TAIL_TRIGGER=1: k_hc's last block and k_route let the next kernel launch early */
+    int pf_next;           /* set after such a launch: the next matvec / fused experts prefetch their weights to L2 */
     int ring_in_emit;      /* DS4_CUDA_RING_IN_EMIT=1: one token's compressor frontier written by k_comp_emit */
     int merge_reg;         /* DS4_CUDA_MERGE_REG=1: the attention merge's loads at once (same values) */
     int rownorm_reg;       /* DS4_CUDA_ROWNORM_REG=1: k_rows_rmsnorm on values in registers, loads at once */
@@ -400,6 +402,7 @@ static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 blo
     }
     cudaError_t e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k, grid, block, smem, args...);
     if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
+    c->pf_next = 0; /* (an early-launched kernel's prefetch: only the launch right after the trigger's) */
     if (c->twice_diag && !c->capturing && e == cudaSuccess) {
         /* DS4_CUDA_TWICE=1 with DS4_CUDA_KPROF=1 (timing only, wrong
          * results: a kernel may read what it wrote): the first launch's time

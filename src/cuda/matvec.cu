@@ -589,7 +589,7 @@ void cu_matvec(cu_ctx *c, const cu_seg *segs, int n_seg, int n, const float *x, 
     p.skip_le = skip_le;
     p.grid = c->grid;
     p.ksigns = c->ksigns;
-    p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl ? 4 * c->n_sm : 0;
+    p.pf = (c->early_trigger || c->pf_next) && !c->no_prefetch && !c->no_pdl ? 4 * c->n_sm : 0;
     if (aq) { /* int8 rows of ldx values (quantized by cu_quantize) */
         p.aq = aq->q;
         p.ad = aq->d;

@@ -59,6 +59,7 @@ struct hc_fin {
     int bfly;                /* k_hc: the warp sums of the mix dots by recursive halving (DS4_CUDA_HC_BFLY) */
     int fin2;                /* hc_finish: loads at once, the warp's Q8_0 maxima together (DS4_CUDA_HC_FIN2) */
     int fin3;                /* hc_finish: norm weights staged in shared memory, the norm loop rolled (DS4_CUDA_HC_FIN3) */
+    int trig;                /* k_hc: the last block lets the next kernel launch (DS4_CUDA_TAIL_TRIGGER) */
     int8_t *q0;              /* optional (n, D) Q8_0 codes of out, scales d0 (n, D/32) */
     float *d0;
     int8_t *qk;              /* optional (n, D) Q8_K codes of out, scales dk (n, D/256), sums bsk (n, D/16) */
@@ -505,6 +506,10 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     if (threadIdx.x == 0) last = atomicInc(p.cnt + t, (unsigned)(n_split - 1)) == (unsigned)(n_split - 1);
     __syncthreads();
     if (!last || (p.diag & 2)) return;
+    /* DS4_CUDA_TAIL_TRIGGER=1: the other blocks have finished their part;
+     * the next kernel's blocks may now be placed and prefetch their weights
+     * to L2 while this block finishes (they wait in cu_pdl_wait for it) */
+    if (p.trig) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     __threadfence();
     if (threadIdx.x == 0) {
         hc_stamp(p, t, ck0, 1);
@@ -655,6 +660,7 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     /* (the staged norm weights double the dynamic shared memory: up to 32 KB,
      * beside k_hc's ~11 KB static, within the 48 KB of a plain launch) */
     p.fin3 = (size_t)2 * hp->n_embd * sizeof(float) <= 32 * 1024 ? c->hc_fin3 : 0;
+    p.trig = c->tail_trig && !c->no_pdl && !c->early_trigger && !head; /* (not before the 0.5 GB vocabulary head) */
     const int D = hp->n_embd;
     const bool qok = D % 256 == 0 && (size_t)n * D <= c->s.h0.cap;
     p.q0 = q0 && qok ? q0->q : nullptr;
@@ -708,8 +714,10 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     default: cu_fail(c, DS4_E_INTERNAL, "cuda: HC weight '%s' of type %s", fn->name, ds4_type_name(fn->type)); return;
     }
 #undef HC_LAUNCH
+    const bool trig_pf = p.trig && !batch && !c->err; /* (cu_launch cleared pf_next) */
     CU_LAUNCH(c, batch ? "hc_fin" : "hc");
     if (p.cin && !c->err) c->comb_job = cu_comb_job{c->s.cin, comb, n, hp->n_hc, hp->sinkhorn_iters, hp->hc_eps};
+    if (trig_pf) c->pf_next = 1; /* the next matvec prefetches its weights before its wait */
     /* the projections that read `out` take these codes instead of
      * quantizing it again (cu_mv_pair, cu_moe_experts) */
     if (p.q0) cu_preq_set(c, out, n, D, D, DS4_TYPE_Q8_0, q0);

@@ -40,6 +40,7 @@ struct route_p {
     unsigned *cnt;
     cu_comb_job cj;          /* k_route: the FFN HC-pre's comb, if left for later (one block past the tokens') */
     bool reg;                /* DS4_CUDA_ROUTE_REG=1: the chosen ids kept in registers for the tail */
+    bool trig;               /* k_route: let the next kernel launch at once (DS4_CUDA_TAIL_TRIGGER) */
 };
 
 /* Token t's routing by one warp (all lanes calling). s: E floats of shared
@@ -165,6 +166,9 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
 
 /* One warp per token (8 per block). Shared: 8 x E scores. */
 __global__ void __launch_bounds__(256) k_route(const __grid_constant__ route_p p) {
+    /* DS4_CUDA_TAIL_TRIGGER=1: the experts' blocks placed now (a block or
+     * two here), prefetching the shared expert's rows while this routes */
+    if (p.trig) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     cu_pdl_wait();
     extern __shared__ float sm[];
     if (p.cj.n && blockIdx.x == gridDim.x - 1) { /* DS4_CUDA_COMB_HOST=1: warp t, token t's comb (n <= 8) */
@@ -252,7 +256,9 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
          * DS4_CUDA_COMB_BIG=1 and at most MOE1_MAX_N tokens it stays pending
          * for the fused experts' gate/up launch (moe1_try) */
         if (!(c->comb_big && a->n <= MOE1_MAX_N && !c->no_moe_fuse)) p.cj = cu_comb_take(c);
+        p.trig = c->tail_trig && !c->no_pdl && !c->early_trigger && a->n <= 8;
         cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, (size_t)8 * E * sizeof(float), p);
+        if (p.trig && !c->err) c->pf_next = 1; /* (after cu_launch, which clears it) */
     }
     c->moe_grouped = group ? a->ids : nullptr;
     CU_LAUNCH(c, "route");
@@ -818,7 +824,8 @@ struct moe1_p {
     unsigned *cnt;           /* ((1 + n*K) * F/256) */
     float *y;                /* (n, D) */
     float lim;
-    int pf;                  /* prefetch the shared expert's rows to L2 before cu_pdl_wait */
+    int pf;                  /* gate/up: prefetch the shared expert's rows to L2 before cu_pdl_wait */
+    int pfd;                 /* down: the same for its shared rows (DS4_CUDA_EARLY_TRIGGER only) */
     int seq;                 /* DS4_CUDA_MOE1_SEQ=1: the items' rows one after the other (A/B) */
     int xpf;                 /* L2 prefetch of the routed rows once the ids are known (DS4_CUDA_XPF=1) */
     cu_comb_job cj;          /* DS4_CUDA_COMB_BIG: an HC-pre comb run by the extra block (F/8, 0) of the gate/up launch */
@@ -1022,7 +1029,7 @@ __device__ __forceinline__ void moe1_down_rows(const moe1_p &p, int x, const cu_
 
 template <int WD>
 __global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_p p) {
-    if (p.pf && threadIdx.x == 0) moe1_prefetch(p.ds, blockIdx.x * 8, 8);
+    if (p.pfd && threadIdx.x == 0) moe1_prefetch(p.ds, blockIdx.x * 8, 8);
     cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
     if constexpr (WD == DS4_TYPE_IQ2_XXS) {
@@ -1088,7 +1095,8 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.y = a->y;
     p.grid = c->grid;
     p.ksigns = c->ksigns;
-    p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
+    p.pfd = c->early_trigger && !c->no_prefetch && !c->no_pdl;
+    p.pf = (c->early_trigger || c->pf_next) && !c->no_prefetch && !c->no_pdl;
     p.seq = c->moe1_seq;
     p.xpf = c->xpf;
     if (c->comb_big) p.cj = cu_comb_take(c); /* a comb the router left (DS4_CUDA_COMB_BIG) */
