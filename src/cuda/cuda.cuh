@@ -243,7 +243,7 @@ struct cu_ctx {
     int twice_diag;        /* DS4_CUDA_TWICE=1: eager launches run twice, the first timed apart (timing only, wrong results) */
     int no_hc_batch;       /* DS4_CUDA_NO_HC_BATCH=1: batches on the per-token HC kernel (A/B switch) */
     int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
-    int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: with early_trigger, no L2 prefetch of weights (A/B switch) */
+    int no_prefetch;       /* DS4_CUDA_NO_PREFETCH=1: with early_trigger or tail_trig, no L2 prefetch of weights (A/B switch) */
     int early_trigger;     /* DS4_CUDA_EARLY_TRIGGER=1: kernels let the next one launch at their start (A/B switch) */
     int tail_trig;         /* DS4_CUDA_TAIL_TRIGGER=1: k_hc's last block and k_route let the next kernel launch early */
     int pf_next;           /* set after such a launch: the next matvec / fused experts prefetch their weights to L2 */
@@ -395,6 +395,9 @@ static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 blo
     cudaLaunchAttribute a;
     a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     a.val.programmaticStreamSerializationAllowed = 1;
+    /* (its launcher read pf_next before this call: the prefetch of an
+     * early-launched kernel is for the launch right after the trigger's) */
+    c->pf_next = 0;
     if (c->floor_diag) {
         const cudaError_t e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k_floor<0>, grid, block, 0);
         if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
@@ -402,7 +405,6 @@ static inline void cu_launch(cu_ctx *c, void (*k)(KArgs...), dim3 grid, dim3 blo
     }
     cudaError_t e = cu_launch_with(c, c->no_pdl ? nullptr : &a, k, grid, block, smem, args...);
     if (e != cudaSuccess) cu_ok(c, e, "kernel launch");
-    c->pf_next = 0; /* (an early-launched kernel's prefetch: only the launch right after the trigger's) */
     if (c->twice_diag && !c->capturing && e == cudaSuccess) {
         /* DS4_CUDA_TWICE=1 with DS4_CUDA_KPROF=1 (timing only, wrong
          * results: a kernel may read what it wrote): the first launch's time

@@ -1192,7 +1192,7 @@ static const struct cu_switch {
     {"DS4_CUDA_FLOOR", &cu_ctx::floor_diag},            /* 1: timing only, wrong results: every step kernel empty */
     {"DS4_CUDA_NO_HC_BATCH", &cu_ctx::no_hc_batch},     /* 1: batches on the per-token HC kernel */
     {"DS4_CUDA_NO_MOE_FUSE", &cu_ctx::no_moe_fuse},     /* 1: one-token experts in 7 launches, not 2 */
-    {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: with EARLY_TRIGGER, no L2 prefetch of weights */
+    {"DS4_CUDA_NO_PREFETCH", &cu_ctx::no_prefetch},     /* 1: with EARLY_ or TAIL_TRIGGER, no L2 prefetch of weights */
     {"DS4_CUDA_TAIL_TRIGGER", &cu_ctx::tail_trig},      /* 1: HC-pre's finish and the router launch the next kernel early */
     {"DS4_CUDA_EARLY_TRIGGER", &cu_ctx::early_trigger}, /* 1: kernels let the next one launch at their start */
     {"DS4_CUDA_RING_IN_EMIT", &cu_ctx::ring_in_emit, 1}, /* 0: one token's frontier by k_comp_ring (one launch more) */

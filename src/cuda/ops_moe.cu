@@ -256,7 +256,7 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
          * DS4_CUDA_COMB_BIG=1 and at most MOE1_MAX_N tokens it stays pending
          * for the fused experts' gate/up launch (moe1_try) */
         if (!(c->comb_big && a->n <= MOE1_MAX_N && !c->no_moe_fuse)) p.cj = cu_comb_take(c);
-        p.trig = c->tail_trig && !c->no_pdl && !c->early_trigger && a->n <= 8;
+        p.trig = c->tail_trig && !c->no_pdl && !c->early_trigger && a->n <= MOE1_MAX_N; /* (the fused experts prefetch) */
         cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, (size_t)8 * E * sizeof(float), p);
         if (p.trig && !c->err) c->pf_next = 1; /* (after cu_launch, which clears it) */
     }

@@ -199,6 +199,7 @@ _AB_BASE = {}
                                      ("DS4_CUDA_COMB_BIG", "1,DS4_CUDA_ROUTE_FUSE=1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1"), ("q2:DS4_CUDA_TAIL_TRIGGER", "1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1,DS4_CUDA_COMB_BIG=1"),
+                                     ("DS4_CUDA_TAIL_TRIGGER", "1,DS4_CUDA_ROUTE_FUSE=1"),
                                      ("DS4_CUDA_HC_BFLY", "0"), ("q2:DS4_CUDA_HC_BFLY", "0"),
                                      ("DS4_CUDA_ROUTE_REG", "0"), ("q2:DS4_CUDA_ROUTE_REG", "0"),
                                      ("DS4_CUDA_ROUTE_REG", "0,DS4_CUDA_ROUTE_FUSE=1"),
