@@ -89,42 +89,41 @@ __global__ void k_hc_comb(const __grid_constant__ cu_comb_job j) {
     hc_comb_run(j, blockIdx.x); /* 32 threads */
 }
 
-/* DS4_CUDA_HC_FIN3=2 or 4 (opt-in until measured): the norm warp's blocks
- * in a rolled loop of U blocks per iteration, each group as FIN2 does all
- * of a warp's blocks (normalised first, their Q8_0 maxima by one
- * interleaved shuffle tree, then the codes): U chains in flight for U times
- * the code of FIN3=1's one-block body, still fetched once. The norm
- * weights from shared memory (nws, staged by hc_finish). Same values as
- * norm_blk. */
-template <int U>
-__device__ __forceinline__ void hc_norm_grp(const hc_fin &p, int t, float *xs, const float *nws, float rn, int wk,
-                                            int nwk, int nb, int D) {
+/* One group of a norm warp's 32-value blocks, b0, b0 + nwk, ...,
+ * b0 + (U-1)*nwk (those below nb): normalised first (norm_blk's
+ * expressions; wv(u, d) the norm weight of value d of the group's u-th
+ * block), their Q8_0 maxima by one interleaved shuffle tree (cu_warp_max's
+ * pairs for each), then the codes: U chains in flight. FIN2 takes all of
+ * a warp's blocks as one group (weights in registers); FIN3=2|4 (opt-in
+ * until measured) a rolled loop of groups of 2 or 4 (weights from shared
+ * memory): U chains for U times FIN3=1's one-block body, still fetched
+ * once. */
+template <int U, class WV>
+__device__ __forceinline__ void hc_norm_grp(const hc_fin &p, int t, float *xs, float rn, int b0, int nwk, int nb,
+                                            int D, WV wv) {
     const int lane = threadIdx.x & 31;
-#pragma unroll 1
-    for (int b0 = wk; b0 < nb; b0 += U * nwk) {
-        float v[U], am[U];
+    float v[U], am[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int blk = b0 + u * nwk, d = 32 * blk + lane;
+        v[u] = 0.0f;
+        if (blk < nb) {
+            v[u] = __fmul_rn(xs[d], rn);
+            v[u] = p.norm_w ? __fmul_rn(wv(u, d), v[u]) : v[u];
+            xs[d] = v[u];
+            p.out[(int64_t)t * D + d] = v[u];
+        }
+        am[u] = fabsf(v[u]);
+    }
+    if (p.q0) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < U; u++) am[u] = fmaxf(am[u], __shfl_xor_sync(0xffffffffu, am[u], o));
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int blk = b0 + u * nwk, d = 32 * blk + lane;
-            v[u] = 0.0f;
-            if (blk < nb) {
-                v[u] = __fmul_rn(xs[d], rn);
-                v[u] = p.norm_w ? __fmul_rn(nws[d], v[u]) : v[u];
-                xs[d] = v[u];
-                p.out[(int64_t)t * D + d] = v[u];
-            }
-            am[u] = fabsf(v[u]);
-        }
-        if (p.q0) {
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-                for (int u = 0; u < U; u++) am[u] = fmaxf(am[u], __shfl_xor_sync(0xffffffffu, am[u], o));
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int blk = b0 + u * nwk;
-                if (blk < nb) cu_warp_q8_0_am(v[u], am[u], p.q0 + (int64_t)t * D + 32 * blk, p.d0 + (int64_t)t * nb + blk);
-            }
+            const int blk = b0 + u * nwk;
+            if (blk < nb) cu_warp_q8_0_am(v[u], am[u], p.q0 + (int64_t)t * D + 32 * blk, p.d0 + (int64_t)t * nb + blk);
         }
     }
 }
@@ -341,41 +340,20 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
         if (p.q0) cu_warp_q8_0(v, p.q0 + (int64_t)t * D + 32 * blk, p.d0 + (int64_t)t * nb + blk);
     };
     if (nreg && p.fin2) {
-        /* DS4_CUDA_HC_FIN2=1: the warp's blocks normalised first, their Q8_0
-         * maxima by one interleaved shuffle tree (cu_warp_max's pairs for
-         * each), then the codes: norm_blk's values, in parallel chains */
-        float v[NWR], am[NWR];
-#pragma unroll
-        for (int j = 0; j < NWR; j++) {
-            const int blk = wk + j * nwk, d = 32 * blk + lane;
-            v[j] = 0.0f;
-            if (blk < nb) {
-                v[j] = __fmul_rn(xs[d], rn);
-                v[j] = p.norm_w ? __fmul_rn(nwr[j], v[j]) : v[j];
-                xs[d] = v[j];
-                p.out[(int64_t)t * D + d] = v[j];
-            }
-            am[j] = fabsf(v[j]);
-        }
-        if (p.q0) {
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-                for (int j = 0; j < NWR; j++) am[j] = fmaxf(am[j], __shfl_xor_sync(0xffffffffu, am[j], o));
-#pragma unroll
-            for (int j = 0; j < NWR; j++) {
-                const int blk = wk + j * nwk;
-                if (blk < nb) cu_warp_q8_0_am(v[j], am[j], p.q0 + (int64_t)t * D + 32 * blk, p.d0 + (int64_t)t * nb + blk);
-            }
-        }
+        /* DS4_CUDA_HC_FIN2=1: all of the warp's blocks as one group */
+        hc_norm_grp<NWR>(p, t, xs, rn, wk, nwk, nb, D, [&](int u, int) { return nwr[u]; });
     } else if (nreg) {
 #pragma unroll
         for (int j = 0; j < NWR; j++)
             if (wk + j * nwk < nb) norm_blk(wk + j * nwk, nwr[j]);
-    } else if (p.fin3 >= 4) {
-        hc_norm_grp<4>(p, t, xs, nws, rn, wk, nwk, nb, D);
     } else if (p.fin3 >= 2) {
-        hc_norm_grp<2>(p, t, xs, nws, rn, wk, nwk, nb, D);
+        /* DS4_CUDA_HC_FIN3=2|4: groups of 2 or 4 blocks, the loop rolled */
+        auto wsh = [&](int, int d) { return nws[d]; };
+#pragma unroll 1
+        for (int b0 = wk; b0 < nb; b0 += (p.fin3 >= 4 ? 4 : 2) * nwk) {
+            if (p.fin3 >= 4) hc_norm_grp<4>(p, t, xs, rn, b0, nwk, nb, D, wsh);
+            else hc_norm_grp<2>(p, t, xs, rn, b0, nwk, nb, D, wsh);
+        }
     } else if (p.fin3) {
         /* DS4_CUDA_HC_FIN3=1: one block per iteration, the loop kept rolled
          * (this code runs once per call on one SM, cold in its instruction
