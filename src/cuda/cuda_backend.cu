@@ -245,13 +245,17 @@ CU_JOINED(cu_head, ds4_head_args)
 CU_JOINED(cu_mtp_embed, ds4_mtp_embed_args)
 #undef CU_JOINED
 
-/* the router joins the side stream but leaves a pending comb to its own
- * launch (k_route's spare block) */
-static int cu_moe_route_j(void *ctx, const ds4_moe_route_args *a) {
-    cu_ctx *c = (cu_ctx *)ctx;
+/* cu_join, but a pending comb stays pending (for a kernel of this op to host) */
+static void cu_join_keep_comb(cu_ctx *c) {
     const cu_comb_job j = cu_comb_take(c);
     cu_join(c);
     c->comb_job = j;
+}
+
+/* the router joins the side stream but leaves a pending comb to its own
+ * launch (k_route's spare block) */
+static int cu_moe_route_j(void *ctx, const ds4_moe_route_args *a) {
+    cu_join_keep_comb((cu_ctx *)ctx);
     return cu_moe_route(ctx, a);
 }
 
@@ -274,9 +278,7 @@ static int cu_moe_experts_j(void *ctx, const ds4_moe_experts_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     /* a comb the router left pending (DS4_CUDA_COMB_BIG) goes to the fused
      * gate/up launch; not taken there, the next join launches it */
-    const cu_comb_job j = cu_comb_take(c);
-    cu_join(c);
-    c->comb_job = j;
+    cu_join_keep_comb(c);
     const int rc = cu_moe_experts(ctx, a);
     if (!rc && a->il + 1 < a->m->hp.n_layer) {
         const ds4_layer *nl = &a->m->layers[a->il + 1];
