@@ -15,15 +15,16 @@
 
 #include "cuda/cuda.cuh"
 
-/* Weight loads. CU_WEIGHT_CS=1 (make cuda NVDEFS=-DCU_WEIGHT_CS=1) reads
- * them with ld.global.cs (evict-first in L1 and L2): a decode step streams
- * ~9.6 GB of weights through the 50-60 MB L2, so by default every line of
- * kernel code and every small table is evicted between two calls of the
- * same kernel (one layer later); with the weights first to go, the code of
- * the serial tails (HC-pre's finish, the router, the finishes of q/kv) may
- * stay in L2. The same values either way. */
+/* Weight loads, with ld.global.cs (evict-first in L1 and L2) by default:
+ * a decode step streams ~9.6 GB of weights through the 50-60 MB L2, so with
+ * plain loads every line of kernel code and every small table is evicted
+ * between two calls of the same kernel (one layer later) and the serial
+ * tails (HC-pre's finish, the router, the finishes of q/kv) run cold code.
+ * With the weights first to go, more of the rest stays in L2 (H100, q2:20 at
+ * 2k: decode 207.4-208.3 -> 217.4-217.9 tok/s). CU_WEIGHT_CS=0 (make cuda
+ * NVDEFS=-DCU_WEIGHT_CS=0) gives plain loads. The same values either way. */
 #ifndef CU_WEIGHT_CS
-#define CU_WEIGHT_CS 0
+#define CU_WEIGHT_CS 1
 #endif
 template <class T> __device__ __forceinline__ T cu_wld(const T *p) {
 #if CU_WEIGHT_CS
