@@ -39,6 +39,7 @@ struct comp_p {
     const ds4_step *step;
     int *status;
     int ring1;                /* k_comp_emit also writes the one token's frontier (DS4_CUDA_RING_IN_EMIT=1, n = 1) */
+    int emit_reg;             /* DS4_CUDA_EMIT_REG=1: ratio-4 candidates loaded at once, FP8 block maxima by warps */
 };
 
 /* One block per window k completed by the batch (k = k_lo + blockIdx.x);
@@ -79,6 +80,39 @@ __global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_
     };
     const int off = p.overlap ? p.d : 0;
     const bool prev = p.overlap && k > 0;
+    if (p.emit_reg && R == 4) {
+        /* DS4_CUDA_EMIT_REG=1, ratio 4 (the CSA compressor and the indexer's):
+         * a channel's <= 8 candidates loaded at once into registers (the
+         * loops below wait for one load per candidate and pass, 24 round
+         * trips), then the same expressions in the same order, each
+         * candidate's expf(g - mx) computed once for the sum and the
+         * weighted sum (the same value both times): the same bits */
+        for (int ch = threadIdx.x; ch < p.d; ch += blockDim.x) {
+            float g[8], a[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                g[i] = -INFINITY, a[i] = 0.0f;
+                if (i < 4 && !prev) continue;
+                if (i < 4) cand(4 * (k - 1) + i, ch, &g[i], &a[i]);
+                else cand(4 * k + i - 4, off + ch, &g[i], &a[i]);
+            }
+            const int i0 = prev ? 0 : 4;
+            float mx = -INFINITY, sum = 0.0f, acc = 0.0f, e[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (i >= i0) mx = fmaxf(mx, g[i]);
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (i >= i0) {
+                    e[i] = expf(g[i] - mx);
+                    sum = __fadd_rn(sum, e[i]);
+                }
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (i >= i0) acc = __fadd_rn(acc, __fmul_rn(a[i], e[i] / sum));
+            row[ch] = acc;
+        }
+    } else
     for (int ch = threadIdx.x; ch < p.d; ch += blockDim.x) {
         float g, a, mx = -INFINITY, sum = 0.0f, acc = 0.0f;
         if (prev)
@@ -119,7 +153,22 @@ __global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_
             cu_row_fp4(row, p.d, fred);
         }
     } else if (p.fp8) {
-        cu_row_fp8(row, p.d - p.n_rot, 64, fred);
+        if (p.emit_reg && (p.d - p.n_rot) % 64 == 0 && (p.d - p.n_rot) / 64 <= (int)blockDim.x / 32) {
+            /* EMIT_REG: block b's amax by warp b (two values per lane, then
+             * a shuffle tree; maxima are exact in any order), one barrier
+             * instead of cu_row_block_amax's tree of seven */
+            const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+            if (w < (p.d - p.n_rot) / 64) {
+                float am = fmaxf(fabsf(row[64 * w + lane]), fabsf(row[64 * w + 32 + lane]));
+#pragma unroll
+                for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+                if (lane == 0) fred[64 * w] = am;
+            }
+            __syncthreads();
+            for (int i = threadIdx.x; i < p.d - p.n_rot; i += blockDim.x) row[i] = cu_fp8_value(row[i], fred[i & ~63]);
+            __syncthreads();
+        } else
+            cu_row_fp8(row, p.d - p.n_rot, 64, fred);
     }
     if (p.f16) cu_row_f16(row, p.d);
     if (k >= p.cap) {
@@ -175,6 +224,7 @@ int cu_compress_update(void *ctx, const ds4_compress_args *a) {
     p.step = a->step;
     p.status = c->dstatus;
     p.ring1 = c->ring_in_emit && n == 1;
+    p.emit_reg = c->emit_reg;
     const int blocks = cu_div_up(n, a->ratio);
     const size_t smem = (size_t)2 * a->d * sizeof(float);
     if (a->row_type == DS4_TYPE_F16) cu_launch(c, k_comp_emit<__half>, blocks, 256, smem, p);

@@ -197,6 +197,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_COMB_HOST", "0,DS4_CUDA_ROUTE_FUSE=1"),
                                      ("DS4_CUDA_COMB_BIG", "1"), ("q2:DS4_CUDA_COMB_BIG", "1"),
                                      ("DS4_CUDA_COMB_BIG", "1,DS4_CUDA_ROUTE_FUSE=1"),
+                                     ("DS4_CUDA_EMIT_REG", "1"), ("q2:DS4_CUDA_EMIT_REG", "1"),
+                                     ("DS4_CUDA_EMIT_REG", "1,DS4_CUDA_RING_IN_EMIT=0"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1"), ("q2:DS4_CUDA_TAIL_TRIGGER", "1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1,DS4_CUDA_COMB_BIG=1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1,DS4_CUDA_ROUTE_FUSE=1"),
