@@ -148,7 +148,36 @@ __global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_
     cu_row_rmsnorm(row, p.d, p.norm_w, p.eps, red);
     cu_row_rope(row + p.d - p.n_rot, p.n_rot, p.inv_freq, k * R, false);
     if (p.indexer) {
-        if (p.fp4) {
+        if (p.fp4 && p.emit_reg && p.d % 64 == 0 && p.d <= (int)blockDim.x) {
+            /* EMIT_REG: thread i holds value i (whole warps beyond d idle
+             * along): the Hadamard stages below 32 by shuffles, 32 and up
+             * through row / fred in turn (one barrier each), the FP4 block
+             * amax by shuffles (a block of 32 is a warp): cu_row_hadamard's
+             * and cu_row_fp4's expressions, as idx_q_reg */
+            const int i = threadIdx.x, d = p.d;
+            float v = i < d ? row[i] : 0.0f;
+#pragma unroll
+            for (int h = 1; h < 32; h *= 2) {
+                const float o = __shfl_xor_sync(0xffffffffu, v, h);
+                v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
+            }
+            __syncthreads(); /* every thread has read row */
+            for (int h = 32, b = 0; h < d; h *= 2, b ^= 1) {
+                float *buf = b ? fred : row;
+                if (i < d) buf[i] = v;
+                __syncthreads();
+                const float o = i < d ? buf[i ^ h] : 0.0f;
+                v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
+            }
+            v = __fmul_rn(v, d == 128 ? 0.08838834764831845f : 1.0f / sqrtf((float)d));
+            float am = fabsf(v);
+#pragma unroll
+            for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+            v = cu_fp4_value(v, am);
+            __syncthreads(); /* the last stage's buffer read */
+            if (i < d) row[i] = v;
+            __syncthreads();
+        } else if (p.fp4) {
             cu_row_hadamard(row, p.d);
             cu_row_fp4(row, p.d, fred);
         }
