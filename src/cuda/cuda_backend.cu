@@ -1198,7 +1198,7 @@ static const struct cu_switch {
     {"DS4_CUDA_TAIL_TRIGGER", &cu_ctx::tail_trig},      /* 1: HC-pre's finish and the router launch the next kernel early */
     {"DS4_CUDA_EARLY_TRIGGER", &cu_ctx::early_trigger}, /* 1: kernels let the next one launch at their start */
     {"DS4_CUDA_RING_IN_EMIT", &cu_ctx::ring_in_emit, 1}, /* 0: one token's frontier by k_comp_ring (one launch more) */
-    {"DS4_CUDA_EMIT_REG", &cu_ctx::emit_reg},           /* 1: compressor emit: ratio-4 candidates at once, FP8 maxima by warps */
+    {"DS4_CUDA_EMIT_REG", &cu_ctx::emit_reg, 1},        /* 0: compressor emit: candidates one load per loop step, block-tree maxima */
     {"DS4_CUDA_MERGE_REG", &cu_ctx::merge_reg, 1},      /* 0: the attention merge's loads one per loop step (same bits) */
     {"DS4_CUDA_ROWNORM_REG", &cu_ctx::rownorm_reg, 1},  /* 0: row norms through shared memory, loop loads (same bits) */
     {"DS4_CUDA_ARGMAX_VEC", &cu_ctx::argmax_vec, 1},    /* 0: argmax with one float load per step (same ids) */

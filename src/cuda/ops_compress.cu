@@ -39,7 +39,7 @@ struct comp_p {
     const ds4_step *step;
     int *status;
     int ring1;                /* k_comp_emit also writes the one token's frontier (DS4_CUDA_RING_IN_EMIT=1, n = 1) */
-    int emit_reg;             /* DS4_CUDA_EMIT_REG=1: ratio-4 candidates loaded at once, FP8 block maxima by warps */
+    int emit_reg;             /* DS4_CUDA_EMIT_REG (default 1): ratio-4 candidates loaded at once, FP8 block maxima by warps */
 };
 
 /* One block per window k completed by the batch (k = k_lo + blockIdx.x);
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_
     const int off = p.overlap ? p.d : 0;
     const bool prev = p.overlap && k > 0;
     if (p.emit_reg && R == 4) {
-        /* DS4_CUDA_EMIT_REG=1, ratio 4 (the CSA compressor and the indexer's):
+        /* DS4_CUDA_EMIT_REG (default; 0: the loops below), ratio 4 (the CSA compressor and the indexer's):
          * a channel's <= 8 candidates loaded at once into registers (the
          * loops below wait for one load per candidate and pass, 24 round
          * trips), then the same expressions in the same order, each
