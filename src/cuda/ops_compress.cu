@@ -619,6 +619,7 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
     }
     const int tb = t0 + blockIdx.y * tpb, te = min(tb + tpb, t0 + nt);
     const int r0 = blockIdx.x * IDXM_KEYS, nc_max = (pos0 + te) / 4;
+    const bool rcs = nt == 1; /* one token: each row read once per step (cu_kvld) */
     if (nc_max <= topk || r0 >= nc_max) return;
     /* the rows' codes: thread (row, block), consecutive threads on
      * consecutive 32-value blocks of consecutive rows */
@@ -630,7 +631,7 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
             if constexpr (sizeof(T) == 2) {
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    const uint4 u = ((const uint4 *)src)[i];
+                    const uint4 u = cu_kvld((const uint4 *)src + i, rcs);
                     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
                     for (int j = 0; j < 4; j++) {
@@ -641,7 +642,7 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
             } else {
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
-                    const float4 f = ((const float4 *)src)[i];
+                    const float4 f = cu_kvld((const float4 *)src + i, rcs);
                     v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
                 }
             }

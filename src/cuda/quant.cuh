@@ -33,6 +33,23 @@ template <class T> __device__ __forceinline__ T cu_wld(const T *p) {
     return *p;
 #endif
 }
+/* Cache-row loads of one-token attention and indexer scoring (decode),
+ * evict-first when built with CU_KV_CS=1 (make cuda NVDEFS=-DCU_KV_CS=1;
+ * default 0, not yet measured): at long context a decode step reads each
+ * compressed and indexer row once (~1.4 GB per token at 1M), which, like
+ * the weights, would push kernel code out of L2. cs: the caller's decode
+ * condition (batches reuse rows across blocks). The same values either way. */
+#ifndef CU_KV_CS
+#define CU_KV_CS 0
+#endif
+template <class T> __device__ __forceinline__ T cu_kvld(const T *p, bool cs) {
+#if CU_KV_CS
+    return cs ? __ldcs(p) : *p;
+#else
+    (void)cs;
+    return *p;
+#endif
+}
 __device__ __forceinline__ float cu_h2f(uint16_t h) { return __half2float(__ushort_as_half(h)); }
 __device__ __forceinline__ uint16_t cu_ld16(const uint8_t *p) { return cu_wld((const unsigned short *)p); }
 __device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return cu_wld((const unsigned int *)p); }
