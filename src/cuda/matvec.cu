@@ -16,6 +16,7 @@
 #include "cuda/cuda.cuh"
 #include "cuda/quant.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/rowops.cuh"
 
 /* ---------------------------------------------------------------- quantize */
 
@@ -387,6 +388,23 @@ __global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_pa
     mv_rows_store<WPR, R>(acc, part, warp, j, lane, live, g.y + r0);
 }
 
+/* DS4_CUDA_QA_TAIL: the launch's blocks count themselves in once their rows
+ * are stored (each thread's stores made visible first); the last one
+ * normalises the row p.tn names (the q_a norm: k_rows_rmsnorm's body, no
+ * launch of its own). Every thread of every block calls it. */
+__device__ __forceinline__ void mv_tail_norm(const mv_params &p) {
+    extern __shared__ float mv_tail_row[];
+    __shared__ double red[32];
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicInc(p.tn.cnt, gridDim.x - 1) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    rows_rmsnorm_body<true>(0, p.tn.x, p.tn.n, p.tn.n, p.tn.w, p.tn.eps, p.tn.q, p.tn.d, p.tn.reg, mv_tail_row, red);
+}
+
 template <int WT, bool AQ, int NT, int WPR>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
     mv_prefetch(p, 8 / WPR);
@@ -440,6 +458,10 @@ __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_param
             __syncthreads();
         }
     }
+    /* (the launcher gives a tail only to one token with WPR > 1 and no
+     * skip_le: no block has returned early, every thread is here) */
+    if constexpr (NT == 1 && WPR > 1)
+        if (p.tn.cnt) mv_tail_norm(p);
 }
 
 /* Warps per row from the weight's shape: short, wide matrices split their
@@ -544,7 +566,12 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
             return;
         }
     }
-    if (p.n == 1) cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, 0, p);
+    if (p.n == 1 && WPR > 1 && c->mv_tn.cnt && p.skip_le == 0) {
+        /* DS4_CUDA_QA_TAIL: the row norm offered by the caller, in the last block */
+        p.tn = c->mv_tn;
+        c->mv_tn = cu_tail_norm{};
+        cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, (size_t)p.tn.n * sizeof(float), p);
+    } else if (p.n == 1) cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, 0, p);
     else if (p.n <= 4) cu_launch(c, k_matvec<WT, AQ, 4, WPR>, grid, 256, 0, p);
     else cu_launch(c, k_matvec<WT, AQ, 8, WPR>, grid, 256, 0, p);
 }

@@ -777,58 +777,12 @@ int cu_hc_post(void *ctx, const ds4_hc_post_args *a) {
 
 /* RMSNorm of rows of n values in place (one block per row); with q != NULL
  * also the Q8_0 codes of the normalised rows (n % 32 == 0, scales d) for
- * the next projection. */
+ * the next projection (rows_rmsnorm_body, rowops.cuh). */
 __global__ void __launch_bounds__(256) k_rows_rmsnorm(float *x, int64_t ld, int n, const float *w, float eps,
                                                       int8_t *q, float *d, int reg) {
     extern __shared__ float row[];
     __shared__ double red[32];
-    float *xr = x + (int64_t)blockIdx.x * ld;
-    constexpr int RK = 16;
-    if (reg && n <= RK * (int)blockDim.x) {
-        /* DS4_CUDA_ROWNORM_REG=1: cu_row_rmsnorm's operations on values held
-         * in registers, every load issued at once (the weights before the
-         * wait for the previous kernel), not one round trip per loop step */
-        float xv[RK], wv[RK];
-#pragma unroll
-        for (int k = 0; k < RK; k++) {
-            const int i = threadIdx.x + k * blockDim.x;
-            wv[k] = w && i < n ? w[i] : 1.0f;
-        }
-        cu_pdl_wait();
-#pragma unroll
-        for (int k = 0; k < RK; k++) {
-            const int i = threadIdx.x + k * blockDim.x;
-            xv[k] = i < n ? xr[i] : 0.0f;
-        }
-        double ss = 0.0;
-#pragma unroll
-        for (int k = 0; k < RK; k++)
-            if (threadIdx.x + k * blockDim.x < n) ss += (double)xv[k] * (double)xv[k];
-        ss = cu_block_sumd(ss, red);
-        const float r = 1.0f / sqrtf((float)(ss / n) + eps);
-#pragma unroll
-        for (int k = 0; k < RK; k++) {
-            const int i = threadIdx.x + k * blockDim.x;
-            if (i < n) {
-                float v = __fmul_rn(xv[k], r);
-                v = w ? __fmul_rn(wv[k], v) : v;
-                xr[i] = v;
-                row[i] = v;
-            }
-        }
-        if (!q) return;
-        __syncthreads();
-    } else {
-        cu_pdl_wait();
-        for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = xr[i];
-        __syncthreads();
-        cu_row_rmsnorm(row, n, w, eps, red);
-        for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = row[i];
-        if (!q) return;
-    }
-    const int lane = threadIdx.x & 31, nb = n / 32;
-    for (int b = threadIdx.x >> 5; b < nb; b += blockDim.x >> 5)
-        cu_warp_q8_0(row[32 * b + lane], q + (int64_t)blockIdx.x * n + 32 * b, d + (int64_t)blockIdx.x * nb + b);
+    rows_rmsnorm_body<false>(blockIdx.x, x, ld, n, w, eps, q, d, reg, row, red);
 }
 
 /* Per-head query finish: unweighted RMSNorm + RoPE on the last n_rot dims
@@ -1023,14 +977,24 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     const ds4_layer *l = a->l;
     const int n = a->n, D = hp->n_embd, dh = hp->head_dim, H = hp->n_head, ql = hp->q_lora;
     const bool aq = a->num.act_quant;
-    /* q_a and kv read the same normed input */
-    cu_mv_pair(c, &l->q_a, a->cq, ql, &l->kv, a->kv, dh, a->u, D, n, aq, &c->s.a1, a->step, 0);
     const bool qa_codes = aq && !c->no_preq && cu_act_type(l->q_b.type) == DS4_TYPE_Q8_0 && ql % 32 == 0 &&
                           (size_t)n * ql <= c->s.a1.cap;
-    cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps,
-              qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr, c->rownorm_reg);
+    /* DS4_CUDA_QA_TAIL=1, one token: the q_a norm (and its codes) offered to
+     * the q_a + kv matvec's last block; not taken (another matvec kernel),
+     * it is launched here as by default */
+    if (c->qa_tail && n == 1)
+        c->mv_tn = cu_tail_norm{a->cq, l->q_a_norm, qa_codes ? c->s.a1.q : (int8_t *)nullptr,
+                                qa_codes ? c->s.a1.d : (float *)nullptr, c->s.qnc, ql, c->rownorm_reg, hp->rms_eps};
+    /* q_a and kv read the same normed input */
+    cu_mv_pair(c, &l->q_a, a->cq, ql, &l->kv, a->kv, dh, a->u, D, n, aq, &c->s.a1, a->step, 0);
+    const bool tail_taken = c->qa_tail && n == 1 && !c->mv_tn.cnt;
+    c->mv_tn = cu_tail_norm{};
+    if (!tail_taken) {
+        cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps,
+                  qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr, c->rownorm_reg);
+        CU_LAUNCH(c, "q_a_norm");
+    }
     if (qa_codes) cu_preq_set(c, a->cq, n, ql, ql, DS4_TYPE_Q8_0, &c->s.a1);
-    CU_LAUNCH(c, "q_a_norm");
     /* DS4_CUDA_COMB_BIG=1: the attention's HC-pre comb, if left for later, is
      * offered to the q_b matvec (one token: k_matvec_q8r's block 0, ~13 us of
      * weight streaming to hide the ~7 us Sinkhorn behind); not taken, it

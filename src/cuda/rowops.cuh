@@ -160,4 +160,62 @@ template <> __device__ __forceinline__ __half cu_to_row<__half>(float v) { retur
 __device__ __forceinline__ float cu_from_row(float v) { return v; }
 __device__ __forceinline__ float cu_from_row(__half v) { return __half2float(v); }
 
+/* Row `ri` of rows of n values (ld apart) RMSNorm-ed in place by the block,
+ * with q != NULL also the Q8_0 codes of the normalised row (n % 32 == 0,
+ * scales d) for the next projection: k_rows_rmsnorm's body, and (TAIL)
+ * the q_a norm in the last block of the q_a + kv matvec (DS4_CUDA_QA_TAIL):
+ * then no PDL wait (the kernel has waited) and the row read from L2
+ * (__ldcg: other blocks of the launch wrote it). row: n floats of shared
+ * memory, red: 32 doubles. With reg (DS4_CUDA_ROWNORM_REG) cu_row_rmsnorm's
+ * operations on values held in registers, every load issued at once (the
+ * weights before the wait for the previous kernel); else through row. */
+template <bool TAIL>
+__device__ __forceinline__ void rows_rmsnorm_body(int ri, float *x, int64_t ld, int n, const float *w, float eps,
+                                                  int8_t *q, float *d, int reg, float *row, double *red) {
+    float *xr = x + (int64_t)ri * ld;
+    constexpr int RK = 16;
+    if (reg && n <= RK * (int)blockDim.x) {
+        float xv[RK], wv[RK];
+#pragma unroll
+        for (int k = 0; k < RK; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            wv[k] = w && i < n ? w[i] : 1.0f;
+        }
+        if (!TAIL) cu_pdl_wait();
+#pragma unroll
+        for (int k = 0; k < RK; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            xv[k] = i < n ? (TAIL ? __ldcg(xr + i) : xr[i]) : 0.0f;
+        }
+        double ss = 0.0;
+#pragma unroll
+        for (int k = 0; k < RK; k++)
+            if (threadIdx.x + k * blockDim.x < n) ss += (double)xv[k] * (double)xv[k];
+        ss = cu_block_sumd(ss, red);
+        const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+#pragma unroll
+        for (int k = 0; k < RK; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            if (i < n) {
+                float v = __fmul_rn(xv[k], r);
+                v = w ? __fmul_rn(wv[k], v) : v;
+                xr[i] = v;
+                row[i] = v;
+            }
+        }
+        if (!q) return;
+        __syncthreads();
+    } else {
+        if (!TAIL) cu_pdl_wait();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = TAIL ? __ldcg(xr + i) : xr[i];
+        __syncthreads();
+        cu_row_rmsnorm(row, n, w, eps, red);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = row[i];
+        if (!q) return;
+    }
+    const int lane = threadIdx.x & 31, nb = n / 32;
+    for (int b = threadIdx.x >> 5; b < nb; b += blockDim.x >> 5)
+        cu_warp_q8_0(row[32 * b + lane], q + (int64_t)ri * n + 32 * b, d + (int64_t)ri * nb + b);
+}
+
 #endif
