@@ -405,7 +405,7 @@ __device__ __forceinline__ void mv_tail_norm(const mv_params &p) {
     rows_rmsnorm_body<true>(0, p.tn.x, p.tn.n, p.tn.n, p.tn.w, p.tn.eps, p.tn.q, p.tn.d, p.tn.reg, mv_tail_row, red);
 }
 
-template <int WT, bool AQ, int NT, int WPR>
+template <int WT, bool AQ, int NT, int WPR, bool TN = false>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
     mv_prefetch(p, 8 / WPR);
     cu_pdl_wait();
@@ -460,8 +460,7 @@ __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_param
     }
     /* (the launcher gives a tail only to one token with WPR > 1 and no
      * skip_le: no block has returned early, every thread is here) */
-    if constexpr (NT == 1 && WPR > 1)
-        if (p.tn.cnt) mv_tail_norm(p);
+    if constexpr (TN && NT == 1 && WPR > 1) mv_tail_norm(p); /* (a template flag: the plain kernel's code as before) */
 }
 
 /* Warps per row from the weight's shape: short, wide matrices split their
@@ -570,7 +569,7 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
         /* DS4_CUDA_QA_TAIL: the row norm offered by the caller, in the last block */
         p.tn = c->mv_tn;
         c->mv_tn = cu_tail_norm{};
-        cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, (size_t)p.tn.n * sizeof(float), p);
+        cu_launch(c, k_matvec<WT, AQ, 1, WPR, true>, grid, 256, (size_t)p.tn.n * sizeof(float), p);
     } else if (p.n == 1) cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, 0, p);
     else if (p.n <= 4) cu_launch(c, k_matvec<WT, AQ, 4, WPR>, grid, 256, 0, p);
     else cu_launch(c, k_matvec<WT, AQ, 8, WPR>, grid, 256, 0, p);
@@ -709,6 +708,11 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
     bool fuse = nw == 2 && w1->type == w2->type && w1->n_in == w2->n_in;
     int quantized_for = -1;
     const cu_act *use = buf;
+    /* a tail norm offered by the caller (DS4_CUDA_QA_TAIL) goes to the last
+     * launch only: an earlier one's tail could write codes that the next
+     * launch's quantization overwrites, or overwrite its input codes */
+    const cu_tail_norm tn = c->mv_tn;
+    c->mv_tn = cu_tail_norm{};
     for (int i = 0; i < nw; i++) {
         int at = act_quant ? cu_act_type(ws[i]->type) : -1;
         if (at >= 0 && at != quantized_for) {
@@ -719,6 +723,7 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
         int ns = 0;
         seg[ns++] = cu_seg{cu_weight_view(ws[i]), (int)ws[i]->n_out, ys[i], lds[i], 0};
         if (fuse) seg[ns++] = cu_seg{cu_weight_view(ws[1]), (int)ws[1]->n_out, ys[1], lds[1], 0};
+        if (fuse || i == nw - 1) c->mv_tn = tn;
         cu_matvec(c, seg, ns, n, x, at >= 0 ? ws[i]->n_in : ldx, at >= 0 ? use : nullptr, step, skip_le);
         if (fuse) break;
     }

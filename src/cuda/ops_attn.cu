@@ -1164,7 +1164,6 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
     }
     __syncthreads();
     const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
-    const bool kcs = gridDim.y == 1; /* one token: each row read once per step (cu_kvld) */
     for (int zz = 0;;) {
     /* phase 0: rows -> shared, 4 values per load, LB loads in flight */
     const int d4 = dh / 4, n_u = nr * d4;
@@ -1180,12 +1179,12 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
                 else {
                     const T *src = o < p.W ? raw + o * dh + e : comp + (o - p.W) * dh + e;
                     if constexpr (sizeof(T) == 2) {
-                        uint2 b = cu_kvld((const uint2 *)src, kcs);
+                        uint2 b = *(const uint2 *)src;
                         __half2 a0 = *(__half2 *)&b.x, a1 = *(__half2 *)&b.y;
                         float2 f0 = __half22float2(a0), f1 = __half22float2(a1);
                         v[k] = make_float4(f0.x, f0.y, f1.x, f1.y);
                     } else
-                        v[k] = cu_kvld((const float4 *)src, kcs);
+                        v[k] = *(const float4 *)src;
                 }
             }
         }

@@ -33,12 +33,13 @@ template <class T> __device__ __forceinline__ T cu_wld(const T *p) {
     return *p;
 #endif
 }
-/* Cache-row loads of one-token attention and indexer scoring (decode),
- * evict-first when built with CU_KV_CS=1 (make cuda NVDEFS=-DCU_KV_CS=1;
- * default 0, not yet measured): at long context a decode step reads each
- * compressed and indexer row once (~1.4 GB per token at 1M), which, like
- * the weights, would push kernel code out of L2. cs: the caller's decode
- * condition (batches reuse rows across blocks). The same values either way. */
+/* Cache-row loads of one-token indexer scoring (k_idx_scores_mma in decode,
+ * where each indexer row is read exactly once per step: ~1.4 GB per token at
+ * 1M), evict-first when built with CU_KV_CS=1 (make cuda NVDEFS=-DCU_KV_CS=1;
+ * default 0, not yet measured), so that, like the weights, they do not push
+ * kernel code out of L2. (Not for k_attn_part: its head-group blocks read
+ * each row 4 or 16 times per step.) cs: the caller's one-token condition.
+ * The same values either way. */
 #ifndef CU_KV_CS
 #define CU_KV_CS 0
 #endif

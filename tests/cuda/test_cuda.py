@@ -201,6 +201,7 @@ _AB_BASE = {}
                                      ("DS4_CUDA_QA_TAIL", "1,DS4_CUDA_ROWNORM_REG=0"),
                                      ("DS4_CUDA_QA_TAIL", "1,DS4_CUDA_NO_PREQ=1"),
                                      ("DS4_CUDA_QA_TAIL", "1,DS4_CUDA_EARLY_TRIGGER=1"),
+                                     ("DS4_CUDA_QA_TAIL", "1,DS4_CUDA_NO_PDL=1"), ("DS4_CUDA_QA_TAIL", "1,DS4_CUDA_TAIL_TRIGGER=1"),
                                      ("DS4_CUDA_EMIT_REG", "0"), ("q2:DS4_CUDA_EMIT_REG", "0"),
                                      ("DS4_CUDA_EMIT_REG", "0,DS4_CUDA_RING_IN_EMIT=0"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1"), ("q2:DS4_CUDA_TAIL_TRIGGER", "1"),
