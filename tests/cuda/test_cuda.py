@@ -11,6 +11,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT / "tests" / "py"))
 from oracle_util import ORACLE, convert, gguf_cache  # noqa: E402
 
 DS4 = str(ROOT / "ds4")
+BENCH = str(ROOT / "ds4-bench")
 STAGE_MODELS = pathlib.Path(os.environ.get("DS4_STAGE_MODELS", "/tmp/ds4-stages"))
 FIXTURES = sorted(p.parent.name for p in ORACLE.glob("*/meta.json"))
 
@@ -243,6 +245,28 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{var}={val} {' '.join(mode)}: max |d| vs default prefill {d:.2e}")
         assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{var}={val} {mode} differs: {d:.2e}"
+
+
+def test_cuda_qa_tail_is_taken(tmp_path):
+    """DS4_CUDA_QA_TAIL=1 leaves a decode token's q_a norm to the last block of the q_a + kv matvec: in the
+    per-kernel profile of ds4-bench --profile (DS4_CUDA_KPROF=1: one eager decode step and one prefill chunk) the
+    flash stage model's q_a_norm launches drop by the decode step's (one per layer; the prefill chunk keeps its
+    own), so the switch's bitwise A/B test compares the tail and not the fallback."""
+    model = _stage_model("flash")
+
+    def qa_norm_calls(extra):
+        env = dict(os.environ, DS4_CUDA_KPROF="1", **extra)
+        cmd = [BENCH, "-m", str(model), "--cuda", "--ctx-start", "64", "--ctx-max", "64", "--gen-tokens", "2",
+               "--prefill-chunk", "64", "--profile", "--csv", str(tmp_path / "b.csv")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
+        assert re.search(r"^\s*mv_q8_0_i8\s+\d+ calls", r.stderr, re.M), r.stderr  # the profile is there
+        m = re.search(r"^\s*q_a_norm\s+(\d+) calls", r.stderr, re.M)
+        return int(m.group(1)) if m else 0
+
+    base, tail = qa_norm_calls({}), qa_norm_calls({"DS4_CUDA_QA_TAIL": "1"})
+    print(f"\nq_a_norm launches: {base} by default, {tail} with DS4_CUDA_QA_TAIL=1")
+    assert base > 0 and tail < base
 
 
 @pytest.mark.parametrize("name", ["q2", "flash"])
