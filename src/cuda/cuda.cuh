@@ -137,9 +137,11 @@ struct cu_comb_job {
     float e;
 };
 
-/* DS4_CUDA_QA_TAIL: a row norm (+ Q8_0 codes) left to the last block of
- * the next one-token matvec (k_matvec, rows_rmsnorm_body<true>); cnt counts
- * the launch's blocks (0 between launches) */
+/* DS4_CUDA_QA_TAIL / O_TAIL: a row norm (+ Q8_0 codes; codes 0) or only
+ * the Q8_0 codes of a row (codes 1) left to the last block of the next
+ * one-token matvec (k_matvec's TN instances: rows_rmsnorm_body<true>,
+ * mv_tail_codes); cnt counts the launch's blocks (0 between launches) */
+#define CU_TAIL_CODES_MAX 8192 /* values a codes tail takes (mv_tail_norm<2>: 32 blocks of 32 per warp, 8 warps) */
 struct cu_tail_norm {
     float *x;
     const float *w;
@@ -148,6 +150,7 @@ struct cu_tail_norm {
     unsigned *cnt;
     int n, reg;
     float eps;
+    int codes;
 };
 
 /* The comb of one token from its inputs c (lane l < hc*hc: element
@@ -288,6 +291,7 @@ struct cu_ctx {
     cu_comb_job mv_cj;     /* DS4_CUDA_COMB_BIG: a comb offered to the next one-token Q8_0 matvec launch (k_matvec_q8r) */
     cu_tail_norm mv_tn;    /* DS4_CUDA_QA_TAIL: the q_a norm offered to the next one-token matvec launch (k_matvec) */
     int qa_tail;           /* DS4_CUDA_QA_TAIL=1: the q_a norm in the q_a + kv matvec's last block (one launch less per layer) */
+    int o_tail;            /* DS4_CUDA_O_TAIL=1: o_b's Q8_0 input codes by the o_a matvec's last block (no k_quant_q8_0) */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */
     cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */

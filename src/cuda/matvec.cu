@@ -392,9 +392,9 @@ __global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_pa
  * are stored (each thread's stores made visible first); the last one
  * normalises the row p.tn names (the q_a norm: k_rows_rmsnorm's body, no
  * launch of its own). Every thread of every block calls it. */
+#define MV_TAIL_CB (CU_TAIL_CODES_MAX / 32 / 8) /* code blocks per warp of the codes tail (256 threads) */
+template <int TN>
 __device__ __forceinline__ void mv_tail_norm(const mv_params &p) {
-    extern __shared__ float mv_tail_row[];
-    __shared__ double red[32];
     __shared__ bool last;
     __threadfence();
     __syncthreads();
@@ -402,10 +402,36 @@ __device__ __forceinline__ void mv_tail_norm(const mv_params &p) {
     __syncthreads();
     if (!last) return;
     __threadfence();
-    rows_rmsnorm_body<true>(0, p.tn.x, p.tn.n, p.tn.n, p.tn.w, p.tn.eps, p.tn.q, p.tn.d, p.tn.reg, mv_tail_row, red);
+    if constexpr (TN == 2) {
+        /* DS4_CUDA_O_TAIL: the Q8_0 codes of the row (k_quant_q8_0's
+         * cu_warp_q8_0 per 32-value block): warp w takes blocks w, w + 8,
+         * ..., in rounds of 8 blocks, each round's values loaded (from L2)
+         * before its first block's codes (ptxas: 72 registers, no more than
+         * the plain Q8_0 instance's 74; 16 or 32 per round took 96 / 80) */
+        const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5, nb = p.tn.n / 32;
+#pragma unroll 1
+        for (int k0 = 0; k0 < MV_TAIL_CB; k0 += 8) {
+            float v[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const int b = w + (k0 + k) * nw;
+                v[k] = b < nb ? __ldcg(p.tn.x + 32 * b + lane) : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const int b = w + (k0 + k) * nw;
+                if (b < nb) cu_warp_q8_0(v[k], p.tn.q + 32 * b, p.tn.d + b);
+            }
+        }
+    } else {
+        extern __shared__ float mv_tail_row[];
+        __shared__ double red[32];
+        rows_rmsnorm_body<true>(0, p.tn.x, p.tn.n, p.tn.n, p.tn.w, p.tn.eps, p.tn.q, p.tn.d, p.tn.reg, mv_tail_row,
+                                red);
+    }
 }
 
-template <int WT, bool AQ, int NT, int WPR, bool TN = false>
+template <int WT, bool AQ, int NT, int WPR, int TN = 0>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
     mv_prefetch(p, 8 / WPR);
     cu_pdl_wait();
@@ -460,7 +486,7 @@ __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_param
     }
     /* (the launcher gives a tail only to one token with WPR > 1 and no
      * skip_le: no block has returned early, every thread is here) */
-    if constexpr (TN && NT == 1 && WPR > 1) mv_tail_norm(p); /* (a template flag: the plain kernel's code as before) */
+    if constexpr (TN && NT == 1 && WPR > 1) mv_tail_norm<TN>(p); /* (a template flag: the plain kernel's code as before) */
 }
 
 /* Warps per row from the weight's shape: short, wide matrices split their
@@ -569,7 +595,8 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
         /* DS4_CUDA_QA_TAIL: the row norm offered by the caller, in the last block */
         p.tn = c->mv_tn;
         c->mv_tn = cu_tail_norm{};
-        cu_launch(c, k_matvec<WT, AQ, 1, WPR, true>, grid, 256, (size_t)p.tn.n * sizeof(float), p);
+        if (p.tn.codes) cu_launch(c, k_matvec<WT, AQ, 1, WPR, 2>, grid, 256, 0, p);
+        else cu_launch(c, k_matvec<WT, AQ, 1, WPR, 1>, grid, 256, (size_t)p.tn.n * sizeof(float), p);
     } else if (p.n == 1) cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, 0, p);
     else if (p.n <= 4) cu_launch(c, k_matvec<WT, AQ, 4, WPR>, grid, 256, 0, p);
     else cu_launch(c, k_matvec<WT, AQ, 8, WPR>, grid, 256, 0, p);

@@ -984,7 +984,7 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
      * it is launched here as by default */
     if (c->qa_tail && n == 1)
         c->mv_tn = cu_tail_norm{a->cq, l->q_a_norm, qa_codes ? c->s.a1.q : (int8_t *)nullptr,
-                                qa_codes ? c->s.a1.d : (float *)nullptr, c->s.qnc, ql, c->rownorm_reg, hp->rms_eps};
+                                qa_codes ? c->s.a1.d : (float *)nullptr, c->s.qnc, ql, c->rownorm_reg, hp->rms_eps, 0};
     /* q_a and kv read the same normed input */
     cu_mv_pair(c, &l->q_a, a->cq, ql, &l->kv, a->kv, dh, a->u, D, n, aq, &c->s.a1, a->step, 0);
     const bool tail_taken = c->qa_tail && n == 1 && !c->mv_tn.cnt;
@@ -1887,6 +1887,15 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     else launch_attention<float>(c, p, n, nr_cap);
     if (p.st_raw && !c->err) c->kv_fused = cu_kv_fused{a->raw, a->kv, n, a->pos0};
     if (aq && !merge_q) cu_quantize(c, cu_act_type(l->o_a.type), c->s.o, (int64_t)H * dh, n, H * dh, &c->s.a1);
+    /* DS4_CUDA_O_TAIL=1, one token: o_b's Q8_0 input codes (z, G*ol values)
+     * by the o_a matvec's last block (one launch), once every block has read
+     * its input codes from s.a1; not taken (another matvec kernel), o_b's
+     * cu_mv_pair quantizes z as by default */
+    const int zn = G * ol;
+    const bool o_tail = c->o_tail && n == 1 && G <= CU_MAX_SEGS && a->num.act_quant && !c->no_preq &&
+                        cu_act_type(l->o_b.type) == DS4_TYPE_Q8_0 && (int)l->o_b.n_in == zn && zn % 32 == 0 &&
+                        zn <= CU_TAIL_CODES_MAX && (size_t)zn <= c->s.a1.cap;
+    if (o_tail) c->mv_tn = cu_tail_norm{c->s.z, nullptr, c->s.a1.q, c->s.a1.d, c->s.qnc, zn, 0, 0.0f, 1};
     for (int g0 = 0; g0 < G; g0 += CU_MAX_SEGS) {
         cu_seg segs[CU_MAX_SEGS];
         int ns = 0;
@@ -1895,6 +1904,9 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
                                 (int64_t)G * ol, g * gd};
         cu_matvec(c, segs, ns, n, c->s.o, (int64_t)H * dh, aq ? &c->s.a1 : nullptr, a->step, 0);
     }
+    const bool o_tail_taken = o_tail && !c->mv_tn.cnt;
+    c->mv_tn = cu_tail_norm{};
+    if (o_tail_taken) cu_preq_set(c, c->s.z, n, zn, zn, DS4_TYPE_Q8_0, &c->s.a1);
     cu_mv_pair(c, &l->o_b, a->y, hp->n_embd, nullptr, nullptr, 0, c->s.z, (int64_t)G * ol, n, a->num.act_quant,
                &c->s.a1, a->step, 0);
     return c->err;
