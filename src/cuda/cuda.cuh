@@ -141,7 +141,7 @@ struct cu_comb_job {
  * the Q8_0 codes of a row (codes 1) left to the last block of the next
  * one-token matvec (k_matvec's TN instances: rows_rmsnorm_body<true>,
  * mv_tail_codes); cnt counts the launch's blocks (0 between launches) */
-#define CU_TAIL_CODES_MAX 8192 /* values a codes tail takes (mv_tail_norm<2>: 32 blocks of 32 per warp, 8 warps) */
+#define CU_TAIL_CODES_MAX 8192 /* values a codes tail is offered (one block does them all: 32 blocks of 32 per warp at 256 threads) */
 struct cu_tail_norm {
     float *x;
     const float *w;
@@ -289,7 +289,7 @@ struct cu_ctx {
     int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     int comb_big;          /* DS4_CUDA_COMB_BIG=1: that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
     cu_comb_job mv_cj;     /* DS4_CUDA_COMB_BIG: a comb offered to the next one-token Q8_0 matvec launch (k_matvec_q8r) */
-    cu_tail_norm mv_tn;    /* DS4_CUDA_QA_TAIL: the q_a norm offered to the next one-token matvec launch (k_matvec) */
+    cu_tail_norm mv_tn;    /* DS4_CUDA_QA_TAIL / O_TAIL: a row norm or row codes offered to the next one-token matvec launch (k_matvec) */
     int qa_tail;           /* DS4_CUDA_QA_TAIL=1: the q_a norm in the q_a + kv matvec's last block (one launch less per layer) */
     int o_tail;            /* DS4_CUDA_O_TAIL=1: o_b's Q8_0 input codes by the o_a matvec's last block (no k_quant_q8_0) */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router

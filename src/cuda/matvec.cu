@@ -388,11 +388,11 @@ __global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_pa
     mv_rows_store<WPR, R>(acc, part, warp, j, lane, live, g.y + r0);
 }
 
-/* DS4_CUDA_QA_TAIL: the launch's blocks count themselves in once their rows
- * are stored (each thread's stores made visible first); the last one
- * normalises the row p.tn names (the q_a norm: k_rows_rmsnorm's body, no
- * launch of its own). Every thread of every block calls it. */
-#define MV_TAIL_CB (CU_TAIL_CODES_MAX / 32 / 8) /* code blocks per warp of the codes tail (256 threads) */
+/* DS4_CUDA_QA_TAIL / O_TAIL: the launch's blocks count themselves in once
+ * their rows are stored (each thread's stores made visible first); the last
+ * one normalises the row p.tn names (TN 1, the q_a norm: k_rows_rmsnorm's
+ * body) or writes its Q8_0 codes (TN 2, o_b's input: k_quant_q8_0's), with
+ * no launch of its own. Every thread of every block calls it. */
 template <int TN>
 __device__ __forceinline__ void mv_tail_norm(const mv_params &p) {
     __shared__ bool last;
@@ -410,7 +410,7 @@ __device__ __forceinline__ void mv_tail_norm(const mv_params &p) {
          * the plain Q8_0 instance's 74; 16 or 32 per round took 96 / 80) */
         const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5, nb = p.tn.n / 32;
 #pragma unroll 1
-        for (int k0 = 0; k0 < MV_TAIL_CB; k0 += 8) {
+        for (int k0 = 0; w + k0 * nw < nb; k0 += 8) {
             float v[8];
 #pragma unroll
             for (int k = 0; k < 8; k++) {
@@ -592,7 +592,7 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
         }
     }
     if (p.n == 1 && WPR > 1 && c->mv_tn.cnt && p.skip_le == 0) {
-        /* DS4_CUDA_QA_TAIL: the row norm offered by the caller, in the last block */
+        /* DS4_CUDA_QA_TAIL / O_TAIL: the row norm or codes offered by the caller, in the last block */
         p.tn = c->mv_tn;
         c->mv_tn = cu_tail_norm{};
         if (p.tn.codes) cu_launch(c, k_matvec<WT, AQ, 1, WPR, 2>, grid, 256, 0, p);
