@@ -156,24 +156,8 @@ __global__ void __launch_bounds__(256) k_comp_emit(const __grid_constant__ comp_
              * and cu_row_fp4's expressions, as idx_q_reg */
             const int i = threadIdx.x, d = p.d;
             float v = i < d ? row[i] : 0.0f;
-#pragma unroll
-            for (int h = 1; h < 32; h *= 2) {
-                const float o = __shfl_xor_sync(0xffffffffu, v, h);
-                v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
-            }
             __syncthreads(); /* every thread has read row */
-            for (int h = 32, b = 0; h < d; h *= 2, b ^= 1) {
-                float *buf = b ? fred : row;
-                if (i < d) buf[i] = v;
-                __syncthreads();
-                const float o = i < d ? buf[i ^ h] : 0.0f;
-                v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
-            }
-            v = __fmul_rn(v, d == 128 ? 0.08838834764831845f : 1.0f / sqrtf((float)d));
-            float am = fabsf(v);
-#pragma unroll
-            for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
-            v = cu_fp4_value(v, am);
+            v = cu_reg_hadamard_fp4(v, d, i < d, row, fred);
             __syncthreads(); /* the last stage's buffer read */
             if (i < d) row[i] = v;
             __syncthreads();
@@ -287,26 +271,7 @@ __device__ __forceinline__ void idx_q_reg(float *q, int ID, int n_rot, const flo
         const float c = cosf(th), s = sinf(th);
         v = ((i - r0) & 1) ? __fadd_rn(__fmul_rn(v, c), __fmul_rn(o1, s)) : __fsub_rn(__fmul_rn(v, c), __fmul_rn(o1, s));
     }
-    if (fp4) {
-#pragma unroll
-        for (int h = 1; h < 32; h *= 2) {
-            const float o = __shfl_xor_sync(0xffffffffu, v, h);
-            v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
-        }
-        for (int h = 32, b = 0; h < ID; h *= 2, b ^= 1) {
-            float *buf = sm + b * ID;
-            buf[i] = v;
-            __syncthreads();
-            const float o = buf[i ^ h];
-            v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
-        }
-        v = __fmul_rn(v, ID == 128 ? 0.08838834764831845f : 1.0f / sqrtf((float)ID));
-        /* cu_row_fp4 */
-        float am = fabsf(v);
-#pragma unroll
-        for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
-        v = cu_fp4_value(v, am);
-    }
+    if (fp4) v = cu_reg_hadamard_fp4(v, ID, true, sm, sm + ID);
     q[i] = v;
     if (qc) {
         float am = fabsf(v);

@@ -147,6 +147,33 @@ __device__ __forceinline__ void cu_row_fp4(float *x, int n, float *fred) {
     __syncthreads();
 }
 
+/* The same two steps (cu_row_hadamard, then cu_row_fp4) on a row held one
+ * value per thread: thread i holds value i of n (a power of two, a multiple
+ * of 32; whole warps with on == false carry 0s along). The stages below 32
+ * by shuffles, 32 and up through b0 / b1 in turn (n floats each, one
+ * barrier per stage), the FP4 block amax by shuffles (a block of 32 is one
+ * warp): the same expressions, so the same bits. All threads call it. */
+__device__ __forceinline__ float cu_reg_hadamard_fp4(float v, int n, bool on, float *b0, float *b1) {
+    const int i = threadIdx.x;
+#pragma unroll
+    for (int h = 1; h < 32; h *= 2) {
+        const float o = __shfl_xor_sync(0xffffffffu, v, h);
+        v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
+    }
+    for (int h = 32, b = 0; h < n; h *= 2, b ^= 1) {
+        float *buf = b ? b1 : b0;
+        if (on) buf[i] = v;
+        __syncthreads();
+        const float o = on ? buf[i ^ h] : 0.0f;
+        v = (i & h) ? __fsub_rn(o, v) : __fadd_rn(v, o);
+    }
+    v = __fmul_rn(v, n == 128 ? 0.08838834764831845f : 1.0f / sqrtf((float)n));
+    float am = fabsf(v);
+#pragma unroll
+    for (int o = 16; o; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+    return cu_fp4_value(v, am);
+}
+
 __device__ __forceinline__ void cu_row_f16(float *x, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = __half2float(__float2half_rn(x[i]));
     __syncthreads();
