@@ -22,6 +22,7 @@
 struct ds4_step{int pos0;};
 enum { CU_ST_TOPK_SYNC = 4 };
 __device__ __forceinline__ void cu_pdl_wait(){}
+template <class T> __device__ __forceinline__ T cu_kvld(const T *p, bool) { return *p; }
 __device__ __forceinline__ void cu_pdl_wait_only(){}
 __device__ __forceinline__ void mm_mma(const unsigned (&a)[4], unsigned b0, unsigned b1, int (&c)[4]) {
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -30,6 +31,115 @@ __device__ __forceinline__ void mm_mma(const unsigned (&a)[4], unsigned b0, unsi
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
 }
 #include "k.inc"
+
+/* An experiment, not in the engine: the scores from rows stored as their int8 codes (ID per row) and block
+ * powers (ID/32 floats per row), as an emit could write them beside the f16 rows; one token (decode) only.
+ * The mma and the head sums are k_idx_scores_mma's, so the same bits. */
+__global__ void __launch_bounds__(256) k_idx_scores_mmc(const int8_t *qc, const float *qp, const float *wt,
+    const int8_t *kc, const float *kp, int IH, int ID, int topk, int t, float sm_scale, float w_scale, float *scores,
+    const ds4_step *step) {
+    extern __shared__ __align__(16) unsigned char idxm_sm[];
+    const int RS = ID + 16, nb = ID / 32;
+    int8_t *kcs = (int8_t *)idxm_sm, *qcs = kcs + IDXM_KEYS * RS;
+    float *kps = (float *)(qcs + 64 * RS), *qps = kps + IDXM_KEYS * 4, *whs = qps + 64 * 4, *terms = whs + 64;
+    const int pos0 = step->pos0, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int r0 = blockIdx.x * IDXM_KEYS, Nc = (pos0 + t + 1) / 4;
+    if (Nc <= topk || r0 >= Nc) return;
+    const int n16 = IDXM_KEYS * ID / 16; /* 16-byte pieces of the block's codes */
+    uint4 u[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        const int i = tid + k * 256, kl = i / (ID / 16), c = i % (ID / 16);
+        u[k] = i < n16 && r0 + kl < Nc ? *(const uint4 *)(kc + (int64_t)(r0 + kl) * ID + 16 * c) : make_uint4(0, 0, 0, 0);
+    }
+    float pv[2];
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        const int i = tid + k * 256, kl = i / nb;
+        pv[k] = i < IDXM_KEYS * nb && r0 + kl < Nc ? kp[(int64_t)(r0 + kl) * nb + i % nb] : 0.0f;
+    }
+    for (int i = tid; i < 64 * (ID / 16); i += blockDim.x) {
+        const int h = i / (ID / 16), cch = i % (ID / 16);
+        uint4 q = make_uint4(0u, 0u, 0u, 0u);
+        if (h < IH) q = *(const uint4 *)(qc + ((int64_t)t * IH + h) * ID + 16 * cch);
+        *(uint4 *)(qcs + h * RS + 16 * cch) = q;
+    }
+    for (int i = tid; i < 64 * nb; i += blockDim.x) {
+        const int h = i / nb, b = i % nb;
+        qps[h * 4 + b] = h < IH ? qp[((int64_t)t * IH + h) * nb + b] : 0.0f;
+    }
+    if (tid < 64) whs[tid] = tid < IH ? __fmul_rn(wt[(int64_t)t * IH + tid], w_scale) : 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        const int i = tid + k * 256, kl = i / (ID / 16), c = i % (ID / 16);
+        if (i < n16) *(uint4 *)(kcs + kl * RS + 16 * c) = u[k];
+    }
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+        const int i = tid + k * 256;
+        if (i < IDXM_KEYS * nb) kps[(i / nb) * 4 + i % nb] = pv[k];
+    }
+    __syncthreads();
+    const int g = lane >> 2, tq = lane & 3, nht = (IH + 15) / 16;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int kn = warp * 16 + half * 8;
+        unsigned bf[4][2];
+        float pk0[4], pk1[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++)
+            if (b < nb) {
+                bf[b][0] = *(const unsigned *)(kcs + (kn + g) * RS + 32 * b + 4 * tq);
+                bf[b][1] = *(const unsigned *)(kcs + (kn + g) * RS + 32 * b + 16 + 4 * tq);
+                pk0[b] = kps[(kn + 2 * tq) * 4 + b];
+                pk1[b] = kps[(kn + 2 * tq + 1) * 4 + b];
+            }
+        for (int ht = 0; ht < nht; ht++) {
+            const int ha = ht * 16 + g;
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int b = 0; b < 4; b++)
+                if (b < nb) {
+                    unsigned af[4];
+                    af[0] = *(const unsigned *)(qcs + ha * RS + 32 * b + 4 * tq);
+                    af[1] = *(const unsigned *)(qcs + (ha + 8) * RS + 32 * b + 4 * tq);
+                    af[2] = *(const unsigned *)(qcs + ha * RS + 32 * b + 16 + 4 * tq);
+                    af[3] = *(const unsigned *)(qcs + (ha + 8) * RS + 32 * b + 16 + 4 * tq);
+                    int ci[4];
+                    mm_mma(af, bf[b][0], bf[b][1], ci);
+                    const float pa = qps[ha * 4 + b], pb = qps[(ha + 8) * 4 + b];
+                    const float pp[4] = {__fmul_rn(pa, pk0[b]), __fmul_rn(pa, pk1[b]), __fmul_rn(pb, pk0[b]), __fmul_rn(pb, pk1[b])};
+#pragma unroll
+                    for (int e = 0; e < 4; e++) d[e] = b ? __fmaf_rn((float)ci[e], pp[e], d[e]) : __fmul_rn((float)ci[e], pp[e]);
+                }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int h = ha + (e >> 1) * 8, key = kn + 2 * tq + (e & 1);
+                const float v = __fmul_rn(d[e] > 0.0f ? d[e] : 0.0f, sm_scale);
+                terms[key * 65 + h] = __fmul_rn(v, whs[h]);
+            }
+        }
+    }
+    __syncthreads();
+    if (tid < IDXM_KEYS && r0 + tid < Nc) {
+        float tv[64], tot = 0.0f;
+#pragma unroll
+        for (int h = 0; h < 64; h++) tv[h] = h < IH ? terms[tid * 65 + h] : 0.0f;
+#pragma unroll
+        for (int h = 0; h < 64; h++) if (h < IH) tot = __fadd_rn(tot, tv[h]);
+        scores[r0 + tid] = tot;
+    }
+}
+/* the codes and powers k_idx_scores_mma derives from each row (one thread per (row, block)) */
+template <class T> __global__ void k_row_codes(const T *k, int n, int ID, int8_t *kc, float *kp) {
+    const int nb = ID / 32, i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * nb) return;
+    float v[32], am = 0.0f;
+    for (int j = 0; j < 32; j++) v[j] = (float)k[(int64_t)i * 32 + j], am = fmaxf(am, fabsf(v[j]));
+    const float p = ds4_num_i4_pow(am), ip = ds4_num_i4_recip(p);
+    for (int j = 0; j < 32; j++) kc[(int64_t)i * 32 + j] = (int8_t)ds4_num_i4_code_r(v[j], p, ip);
+    kp[i] = p;
+}
 /* x[0..n) onto the FP4 grid: per block of 32 a scale 2^(-2..1), values code * scale */
 static void fp4_grid(float *x,size_t n){static const float g[8]={0,.5f,1,1.5f,2,3,4,6};
 for(size_t b=0;b<n;b+=32){float sc=ldexpf(1.f,(int)((b/32*7)%4)-2);for(size_t i=b;i<b+32&&i<n;i++){
@@ -55,6 +165,7 @@ size_t qsm=((size_t)IH*ID+16+(size_t)IDX_ROWS*(IH+1))*4, tsm=(size_t)ID*64*4+(si
 cudaFuncSetAttribute(k_idx_scores<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)qsm);
 cudaFuncSetAttribute(k_idx_scores_t<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)tsm);
 size_t msm=idxm_smem(ID);cudaFuncSetAttribute(k_idx_scores_mma<T>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)msm);
+cudaFuncSetAttribute(k_idx_scores_mma<T,2>,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)msm);float*s5;M(&s5,sb);cudaMemset(s5,0xAB,sb);
 const int tpb=nt<=IDXM_TOK?1:IDXM_TOK;dim3 gm((Nmax+IDXM_KEYS-1)/IDXM_KEYS,(nt+tpb-1)/tpb);
 dim3 gs((Nmax+IDX_ROWS-1)/IDX_ROWS,nt),gt((Nmax+IDXT_ROWS-1)/IDXT_ROWS,nt);
 cudaEvent_t e0,e1,e2,e3;cudaEventCreate(&e0);cudaEventCreate(&e1);cudaEventCreate(&e2);cudaEventCreate(&e3);
@@ -62,18 +173,28 @@ k_idx_scores<T><<<gs,IDX_ROWS*4,qsm>>>(dq,dw,dk,IH,ID,topk,0,sm,ws,s1,ld,st);
 k_idx_scores_t<T><<<gt,256,tsm>>>(dq,dw,dk,ID,topk,0,sm,ws,s2,ld,st);
 k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,tpb,sm,ws,s3,ld,st);
 k_idx_scores_mma<T><<<dim3(gm.x,nt),256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,0,sm,ws,s4,ld,st); /* tpb decided on the device */
+k_idx_scores_mma<T,2><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,tpb,sm,ws,s5,ld,st); /* PP 2 */
 cudaError_t er=cudaDeviceSynchronize();if(er){printf("err %s\n",cudaGetErrorString(er));return 1;}
 std::vector<uint32_t>a(sb/4),b(sb/4),c3(sb/4);C(a.data(),s1,sb,D);C(b.data(),s2,sb,D);C(c3.data(),s3,sb,D);
 long diff=0,diff3=0,wr=0;for(size_t i=0;i<a.size();i++){if(a[i]!=b[i])diff++;if(a[i]!=c3[i])diff3++;if(a[i]!=0xABABABABu)wr++;}
-{std::vector<uint32_t>c4(sb/4);C(c4.data(),s4,sb,D);for(size_t i=0;i<c4.size();i++)if(c4[i]!=c3[i]){printf("tpb 0 differs at %zu\n",i);diff3++;break;}}
+{std::vector<uint32_t>c4(sb/4);C(c4.data(),s4,sb,D);for(size_t i=0;i<c4.size();i++)if(c4[i]!=c3[i]){printf("tpb 0 differs at %zu\n",i);diff3++;break;}
+C(c4.data(),s5,sb,D);for(size_t i=0;i<c4.size();i++)if(c4[i]!=c3[i]){printf("PP 2 differs at %zu\n",i);diff3++;break;}}
 R(e0);for(int i=0;i<reps;i++)k_idx_scores<T><<<gs,IDX_ROWS*4,qsm>>>(dq,dw,dk,IH,ID,topk,0,sm,ws,s1,ld,st);
 R(e1);for(int i=0;i<reps;i++)k_idx_scores_t<T><<<gt,256,tsm>>>(dq,dw,dk,ID,topk,0,sm,ws,s2,ld,st);
 R(e2);for(int i=0;i<reps;i++)k_idx_scores_mma<T><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,tpb,sm,ws,s3,ld,st);
-R(e3);cudaEventSynchronize(e3);float m1,m2,m3;cudaEventElapsedTime(&m1,e0,e1);cudaEventElapsedTime(&m2,e1,e2);cudaEventElapsedTime(&m3,e2,e3);
+float mc=-1;if(nt==1&&IH==64){int8_t*kc;float*kp;M(&kc,(size_t)Nmax*ID);M(&kp,(size_t)Nmax*(ID/32)*4);
+k_row_codes<T><<<(Nmax*(ID/32)+255)/256,256>>>(dk,Nmax,ID,kc,kp);float*s6;M(&s6,sb);cudaMemset(s6,0xAB,sb);
+cudaFuncSetAttribute(k_idx_scores_mmc,cudaFuncAttributeMaxDynamicSharedMemorySize,(int)msm);
+k_idx_scores_mmc<<<gm.x,256,msm>>>(dqc,dqp,dw,kc,kp,IH,ID,topk,0,sm,ws,s6,st);cudaDeviceSynchronize();
+{std::vector<uint32_t>c6(sb/4);C(c6.data(),s6,sb,D);for(size_t i=0;i<c6.size();i++)if(c6[i]!=c3[i]){printf("codes differ at %zu\n",i);diff3++;break;}}
+cudaEvent_t f0,f1;cudaEventCreate(&f0);cudaEventCreate(&f1);R(f0);for(int i=0;i<reps;i++)k_idx_scores_mmc<<<gm.x,256,msm>>>(dqc,dqp,dw,kc,kp,IH,ID,topk,0,sm,ws,s6,st);
+R(f1);cudaEventSynchronize(f1);cudaEventElapsedTime(&mc,f0,f1);mc/=reps;F(kc);F(kp);F(s6);}
+R(e3);for(int i=0;i<reps;i++)k_idx_scores_mma<T,2><<<gm,256,msm>>>(dqc,dqp,dw,dk,IH,ID,topk,0,nt,tpb,sm,ws,s5,ld,st);
+cudaEvent_t e4;cudaEventCreate(&e4);R(e4);cudaEventSynchronize(e4);float m1,m2,m3,m4;cudaEventElapsedTime(&m1,e0,e1);cudaEventElapsedTime(&m2,e1,e2);cudaEventElapsedTime(&m3,e2,e3);cudaEventElapsedTime(&m4,e3,e4);
 double fl=0;for(int t=0;t<nt;t++){int Nc=(pos0+t+1)/4;if(Nc>topk)fl+=2.0*Nc*64*ID;}
-printf("%s %d %d %d:d=%ld/%ld w=%ld|base %.3f ms %.2f TF|tile %.3f ms %.2f TF|mma %.3f ms %.2f TF\n",sizeof(T)==2?"h":"f",ID,pos0,nt,diff,diff3,wr,
-m1/reps,fl/(m1/reps)/1e9,m2/reps,fl/(m2/reps)/1e9,m3/reps,fl/(m3/reps)/1e9);
-F(dq);F(dw);F(dk);F(s1);F(s2);F(s3);F(s4);F(st);F(dqc);F(dqp);return diff!=0||diff3!=0;}
+printf("%s %d %d %d:d=%ld/%ld w=%ld|base %.3f ms %.2f TF|tile %.3f ms %.2f TF|mma %.3f ms %.2f TF|mma PP2 %.3f ms|codes %.3f ms\n",sizeof(T)==2?"h":"f",ID,pos0,nt,diff,diff3,wr,
+m1/reps,fl/(m1/reps)/1e9,m2/reps,fl/(m2/reps)/1e9,m3/reps,fl/(m3/reps)/1e9,m4/reps,mc);
+F(dq);F(dw);F(dk);F(s1);F(s2);F(s3);F(s4);F(s5);F(st);F(dqc);F(dqp);return diff!=0||diff3!=0;}
 /* k_idx_topk and k_idx_topk_wide (gw blocks per token) for nt tokens whose last one has Nc rows: their
  * selections against a host sort (score descending, ties to the lower index, then ascending indices) and
  * their times; scores drawn from few distinct values when ties */

@@ -266,6 +266,7 @@ struct cu_ctx {
     int pf_next;           /* set after such a launch: the next matvec / fused experts prefetch their weights to L2 */
     int ring_in_emit;      /* DS4_CUDA_RING_IN_EMIT=1: one token's compressor frontier written by k_comp_emit */
     int emit_reg;          /* DS4_CUDA_EMIT_REG (default 1): k_comp_emit's ratio-4 candidates loaded at once, FP8 maxima by warps */
+    int idx_pp;            /* DS4_CUDA_IDX_PP (default 2): (row, block) pairs per thread loaded at once in k_idx_scores_mma */
     int merge_reg;         /* DS4_CUDA_MERGE_REG=1: the attention merge's loads at once (same values) */
     int rownorm_reg;       /* DS4_CUDA_ROWNORM_REG=1: k_rows_rmsnorm on values in registers, loads at once */
     int argmax_vec;        /* DS4_CUDA_ARGMAX_VEC=1: greedy argmax with 8 float4 loads in flight per thread */

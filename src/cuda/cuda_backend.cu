@@ -1203,6 +1203,7 @@ static const struct cu_switch {
     {"DS4_CUDA_QA_TAIL", &cu_ctx::qa_tail},             /* 1: the q_a norm in the q_a + kv matvec's last block */
     {"DS4_CUDA_O_TAIL", &cu_ctx::o_tail},               /* 1: o_b's input codes by the o_a matvec's last block */
     {"DS4_CUDA_EMIT_REG", &cu_ctx::emit_reg, 1},        /* 0: compressor emit: candidates one load per loop step, block-tree maxima */
+    {"DS4_CUDA_IDX_PP", &cu_ctx::idx_pp, 2},            /* 1: indexer scores (FP4, mma): one row block's loads, then its codes */
     {"DS4_CUDA_MERGE_REG", &cu_ctx::merge_reg, 1},      /* 0: the attention merge's loads one per loop step (same bits) */
     {"DS4_CUDA_ROWNORM_REG", &cu_ctx::rownorm_reg, 1},  /* 0: row norms through shared memory, loop loads (same bits) */
     {"DS4_CUDA_ARGMAX_VEC", &cu_ctx::argmax_vec, 1},    /* 0: argmax with one float load per step (same ids) */

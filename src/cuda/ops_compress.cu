@@ -562,7 +562,7 @@ static size_t idxm_smem(int ID) {
     return (size_t)(IDXM_KEYS + 64) * (ID + 16) + (size_t)(IDXM_KEYS + 64) * 4 * sizeof(float) + 64 * sizeof(float) +
            (size_t)IDXM_KEYS * 65 * sizeof(float);
 }
-template <typename T>
+template <typename T, int PP = 1>
 __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const float *qp, const float *wt,
                                                        const T *krows, int IH, int ID, int topk, int t0, int nt,
                                                        int tpb, float sm_scale, float w_scale, float *scores,
@@ -587,57 +587,14 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
     const bool rcs = nt == 1; /* one token: each row read once per step (cu_kvld) */
     if (nc_max <= topk || r0 >= nc_max) return;
     /* the rows' codes: thread (row, block), consecutive threads on
-     * consecutive 32-value blocks of consecutive rows */
-    for (int pi = tid; pi < IDXM_KEYS * nb; pi += blockDim.x) {
-        const int kl = pi / nb, b = pi % nb, r = r0 + kl;
-        float v[32];
-        if (r < nc_max) {
-            const T *src = krows + (int64_t)r * ID + 32 * b;
-            if constexpr (sizeof(T) == 2) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const uint4 u = cu_kvld((const uint4 *)src + i, rcs);
-                    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        const float2 f = __half22float2(*(const __half2 *)&w[j]);
-                        v[8 * i + 2 * j] = f.x, v[8 * i + 2 * j + 1] = f.y;
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    const float4 f = cu_kvld((const float4 *)src + i, rcs);
-                    v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
-                }
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 32; i++) v[i] = 0.0f;
-        }
-        float am = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 32; i++) am = fmaxf(am, fabsf(v[i]));
-        const float p = ds4_num_i4_pow(am), ip = ds4_num_i4_recip(p);
-        uint32_t w[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            uint32_t x = 0;
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-                x |= ((uint32_t)(uint8_t)(int8_t)ds4_num_i4_code_r(v[4 * i + j], p, ip)) << (8 * j);
-            w[i] = x;
-        }
-        uint4 *dst = (uint4 *)(kcs + kl * RS + 32 * b);
-        dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-        dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
-        kps[kl * 4 + b] = p;
-    }
-    const int g = lane >> 2, tq = lane & 3, nht = (IH + 15) / 16;
-    for (int t = tb; t < te; t++) {
-        const int Nc = (pos0 + t + 1) / 4;
-        __syncthreads(); /* the rows' codes; the previous token's terms read */
-        if (Nc <= topk) continue;
+     * consecutive 32-value blocks of consecutive rows; PP (row, block)
+     * pairs per thread loaded before the first one's codes (PP = 1: one
+     * pair's loads, then its codes, then the next pair's loads) */
+    constexpr int NU = sizeof(T) == 2 ? 4 : 8; /* 16-byte loads per pair */
+    const int npair = IDXM_KEYS * nb;
+    /* the first token's query codes, powers and head weights (PP > 1):
+     * staged now, their loads in flight with the rows' */
+    auto stage_q = [&](int t) {
         for (int i = tid; i < 64 * (ID / 16); i += blockDim.x) {
             const int h = i / (ID / 16), cch = i % (ID / 16);
             uint4 u = make_uint4(0u, 0u, 0u, 0u);
@@ -649,7 +606,68 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
             qps[h * 4 + b] = h < IH ? qp[((int64_t)t * IH + h) * nb + b] : 0.0f;
         }
         if (tid < 64) whs[tid] = tid < IH ? __fmul_rn(wt[(int64_t)t * IH + tid], w_scale) : 0.0f;
-        __syncthreads();
+    };
+    if constexpr (PP > 1) stage_q(tb);
+    for (int p0 = tid; p0 < npair; p0 += PP * blockDim.x) {
+        uint4 raw[PP][NU];
+#pragma unroll
+        for (int k = 0; k < PP; k++) {
+            const int pi = p0 + k * blockDim.x, kl = pi / nb, b = pi % nb, r = r0 + kl;
+            if (pi < npair && r < nc_max) {
+                const uint4 *src = (const uint4 *)(krows + (int64_t)r * ID + 32 * b);
+#pragma unroll
+                for (int i = 0; i < NU; i++) raw[k][i] = cu_kvld(src + i, rcs);
+            } else {
+#pragma unroll
+                for (int i = 0; i < NU; i++) raw[k][i] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < PP; k++) {
+            const int pi = p0 + k * blockDim.x, kl = pi / nb, b = pi % nb;
+            if (pi >= npair) break;
+            float v[32];
+#pragma unroll
+            for (int i = 0; i < NU; i++) {
+                const uint32_t w[4] = {raw[k][i].x, raw[k][i].y, raw[k][i].z, raw[k][i].w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    if constexpr (sizeof(T) == 2) {
+                        const float2 f = __half22float2(*(const __half2 *)&w[j]);
+                        v[8 * i + 2 * j] = f.x, v[8 * i + 2 * j + 1] = f.y;
+                    } else {
+                        v[4 * i + j] = __uint_as_float(w[j]);
+                    }
+                }
+            }
+            float am = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 32; i++) am = fmaxf(am, fabsf(v[i]));
+            const float p = ds4_num_i4_pow(am), ip = ds4_num_i4_recip(p);
+            uint32_t w[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                uint32_t x = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+                    x |= ((uint32_t)(uint8_t)(int8_t)ds4_num_i4_code_r(v[4 * i + j], p, ip)) << (8 * j);
+                w[i] = x;
+            }
+            uint4 *dst = (uint4 *)(kcs + kl * RS + 32 * b);
+            dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+            dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+            kps[kl * 4 + b] = p;
+        }
+    }
+    const int g = lane >> 2, tq = lane & 3, nht = (IH + 15) / 16;
+    for (int t = tb; t < te; t++) {
+        const int Nc = (pos0 + t + 1) / 4;
+        __syncthreads(); /* the rows' codes; the previous token's terms read */
+        if (Nc <= topk) continue;
+        if (PP == 1 || t != tb) {
+            stage_q(t);
+            __syncthreads();
+        }
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int kn = warp * 16 + half * 8; /* this mma's 8 keys */
@@ -696,7 +714,16 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
         __syncthreads();
         if (tid < IDXM_KEYS && r0 + tid < Nc) {
             float tot = 0.0f;
-            for (int h = 0; h < IH; h++) tot = __fadd_rn(tot, terms[tid * 65 + h]);
+            if (PP > 1 && IH == 64) {
+                /* the 64 terms loaded at once, then added in head order */
+                float tv[64];
+#pragma unroll
+                for (int h = 0; h < 64; h++) tv[h] = terms[tid * 65 + h];
+#pragma unroll
+                for (int h = 0; h < 64; h++) tot = __fadd_rn(tot, tv[h]);
+            } else {
+                for (int h = 0; h < IH; h++) tot = __fadd_rn(tot, terms[tid * 65 + h]);
+            }
             scores[(int64_t)(t - t0) * ld_scores + r0 + tid] = tot;
         }
     }
@@ -1179,16 +1206,23 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
             const int tpb = c->capturing ? (nt == 1 ? 1 : 0) : (int64_t)cu_div_up(max_rows, IDXM_KEYS) * nt <= 1024 ? 1 : IDXM_TOK;
             dim3 gm(cu_div_up(max_rows, IDXM_KEYS), tpb ? cu_div_up(nt, tpb) : nt);
             const size_t msm = idxm_smem(ID);
+            /* PP 2 (DS4_CUDA_IDX_PP, the default): two (row, block) pairs'
+             * loads per thread in flight, the first token's query staged
+             * with them, the head sums from registers; the same bits
+             * (dev/idx_bench.cu, H100: one token at 1M 0.179 -> 0.070 ms) */
+            const bool pp2 = c->idx_pp != 1;
             if (a->row_type == DS4_TYPE_F16) {
-                cudaFuncSetAttribute(k_idx_scores_mma<__half>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
-                cu_launch(c, k_idx_scores_mma<__half>, gm, 256, msm, (const int8_t *)c->s.qc, (const float *)c->s.qp,
-                          (const float *)c->s.wt, (const __half *)a->idx_rows, IH, ID, K, t0, nt, tpb, sm_scale, w_scale,
-                          c->s.scores, ld, a->step);
+                auto k = pp2 ? k_idx_scores_mma<__half, 2> : k_idx_scores_mma<__half, 1>;
+                cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
+                cu_launch(c, k, gm, 256, msm, (const int8_t *)c->s.qc, (const float *)c->s.qp, (const float *)c->s.wt,
+                          (const __half *)a->idx_rows, IH, ID, K, t0, nt, tpb, sm_scale, w_scale, c->s.scores, ld,
+                          a->step);
             } else {
-                cudaFuncSetAttribute(k_idx_scores_mma<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
-                cu_launch(c, k_idx_scores_mma<float>, gm, 256, msm, (const int8_t *)c->s.qc, (const float *)c->s.qp,
-                          (const float *)c->s.wt, (const float *)a->idx_rows, IH, ID, K, t0, nt, tpb, sm_scale, w_scale,
-                          c->s.scores, ld, a->step);
+                auto k = pp2 ? k_idx_scores_mma<float, 2> : k_idx_scores_mma<float, 1>;
+                cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm);
+                cu_launch(c, k, gm, 256, msm, (const int8_t *)c->s.qc, (const float *)c->s.qp, (const float *)c->s.wt,
+                          (const float *)a->idx_rows, IH, ID, K, t0, nt, tpb, sm_scale, w_scale, c->s.scores, ld,
+                          a->step);
             }
         } else if (tile) {
             dim3 gt(cu_div_up(max_rows, IDXT_ROWS), nt);

@@ -209,6 +209,7 @@ _AB_BASE = {}
                                      ("DS4_CUDA_O_TAIL", "1,DS4_CUDA_EARLY_TRIGGER=1"),
                                      ("DS4_CUDA_EMIT_REG", "0"), ("q2:DS4_CUDA_EMIT_REG", "0"),
                                      ("DS4_CUDA_EMIT_REG", "0,DS4_CUDA_RING_IN_EMIT=0"),
+                                     ("DS4_CUDA_IDX_PP", "1"), ("q2:DS4_CUDA_IDX_PP", "1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1"), ("q2:DS4_CUDA_TAIL_TRIGGER", "1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1,DS4_CUDA_COMB_BIG=1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1,DS4_CUDA_ROUTE_FUSE=1"),
