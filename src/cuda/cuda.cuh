@@ -81,7 +81,6 @@ struct cu_scratch {
     float *xn;                 /* (xn_cap) streams updated by the HC-post inside k_hc */
     size_t xn_cap;
     unsigned *rcc;             /* (1) k_route1 blocks done (0 between launches) */
-    unsigned *qnc;             /* (1) blocks done of a matvec with a tail norm (DS4_CUDA_QA_TAIL; 0 between launches) */
     unsigned *mcc;             /* ((4K+1) * F/256) fused-expert blocks done per hidden super-block (0 between) */
     float *mix;                /* (B, 32) HC mixes (or head weights) */
     float *cin;                /* (min(B, 8), 32) the inputs of a comb HC-pre left for later (cu_comb_job) */
@@ -135,22 +134,6 @@ struct cu_comb_job {
     float *comb;
     int n, hc, iters;
     float e;
-};
-
-/* DS4_CUDA_QA_TAIL / O_TAIL: a row norm (+ Q8_0 codes; codes 0) or only
- * the Q8_0 codes of a row (codes 1) left to the last block of the next
- * one-token matvec (k_matvec's TN instances: rows_rmsnorm_body<true>,
- * mv_tail_codes); cnt counts the launch's blocks (0 between launches) */
-#define CU_TAIL_CODES_MAX 8192 /* values a codes tail is offered (one block does them all: 32 blocks of 32 per warp at 256 threads) */
-struct cu_tail_norm {
-    float *x;
-    const float *w;
-    int8_t *q;
-    float *d;
-    unsigned *cnt;
-    int n, reg;
-    float eps;
-    int codes;
 };
 
 /* The comb of one token from its inputs c (lane l < hc*hc: element
@@ -290,9 +273,6 @@ struct cu_ctx {
     int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     int comb_big;          /* DS4_CUDA_COMB_BIG=1: that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
     cu_comb_job mv_cj;     /* DS4_CUDA_COMB_BIG: a comb offered to the next one-token Q8_0 matvec launch (k_matvec_q8r) */
-    cu_tail_norm mv_tn;    /* DS4_CUDA_QA_TAIL / O_TAIL: a row norm or row codes offered to the next one-token matvec launch (k_matvec) */
-    int qa_tail;           /* DS4_CUDA_QA_TAIL=1: the q_a norm in the q_a + kv matvec's last block (one launch less per layer) */
-    int o_tail;            /* DS4_CUDA_O_TAIL=1: o_b's Q8_0 input codes by the o_a matvec's last block (no k_quant_q8_0) */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */
     cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */

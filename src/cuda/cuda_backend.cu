@@ -837,7 +837,6 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->xn_cap = (B < 8 ? B : 8) * (size_t)hp->n_hc * D; /* k_hc takes fewer than HCB_MIN_N = 8 tokens */
     s->xn = (float *)take(s->xn_cap * 4);
     s->rcc = (unsigned *)take(sizeof(unsigned));
-    s->qnc = (unsigned *)take(sizeof(unsigned));
     s->mcc = (unsigned *)take((4 * K + 1) * (F / 256 + 1) * sizeof(unsigned));
     s->mix = (float *)take(B * 32 * 4);
     s->cin = (float *)take((B < 8 ? B : 8) * 32 * 4); /* a comb HC-pre left for later (cu_comb_job) */
@@ -886,7 +885,6 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.rcc, 0, sizeof(unsigned)) != cudaSuccess ||
-        cudaMemset(c->s.qnc, 0, sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.topw, 0, 4 * 1024 * sizeof(unsigned)) != cudaSuccess) {
         cudaGetLastError();
         return ds4_err_set(err, DS4_E_BACKEND, "cuda: scratch initialisation failed");
@@ -1200,8 +1198,6 @@ static const struct cu_switch {
     {"DS4_CUDA_TAIL_TRIGGER", &cu_ctx::tail_trig},      /* 1: HC-pre's finish and the router launch the next kernel early */
     {"DS4_CUDA_EARLY_TRIGGER", &cu_ctx::early_trigger}, /* 1: kernels let the next one launch at their start */
     {"DS4_CUDA_RING_IN_EMIT", &cu_ctx::ring_in_emit, 1}, /* 0: one token's frontier by k_comp_ring (one launch more) */
-    {"DS4_CUDA_QA_TAIL", &cu_ctx::qa_tail},             /* 1: the q_a norm in the q_a + kv matvec's last block */
-    {"DS4_CUDA_O_TAIL", &cu_ctx::o_tail},               /* 1: o_b's input codes by the o_a matvec's last block */
     {"DS4_CUDA_EMIT_REG", &cu_ctx::emit_reg, 1},        /* 0: compressor emit: candidates one load per loop step, block-tree maxima */
     {"DS4_CUDA_IDX_PP", &cu_ctx::idx_pp, 2},            /* 1: indexer scores (FP4, mma): one row block's loads, then its codes */
     {"DS4_CUDA_MERGE_REG", &cu_ctx::merge_reg, 1},      /* 0: the attention merge's loads one per loop step (same bits) */

@@ -16,7 +16,6 @@
 #include "cuda/cuda.cuh"
 #include "cuda/quant.cuh"
 #include "cuda/mma.cuh"
-#include "cuda/rowops.cuh"
 
 /* ---------------------------------------------------------------- quantize */
 
@@ -388,50 +387,7 @@ __global__ void __launch_bounds__(256) k_matvec_fr(const __grid_constant__ mv_pa
     mv_rows_store<WPR, R>(acc, part, warp, j, lane, live, g.y + r0);
 }
 
-/* DS4_CUDA_QA_TAIL / O_TAIL: the launch's blocks count themselves in once
- * their rows are stored (each thread's stores made visible first); the last
- * one normalises the row p.tn names (TN 1, the q_a norm: k_rows_rmsnorm's
- * body) or writes its Q8_0 codes (TN 2, o_b's input: k_quant_q8_0's), with
- * no launch of its own. Every thread of every block calls it. */
-template <int TN>
-__device__ __forceinline__ void mv_tail_norm(const mv_params &p) {
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicInc(p.tn.cnt, gridDim.x - 1) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if constexpr (TN == 2) {
-        /* DS4_CUDA_O_TAIL: the Q8_0 codes of the row (k_quant_q8_0's
-         * cu_warp_q8_0 per 32-value block): warp w takes blocks w, w + 8,
-         * ..., in rounds of 8 blocks, each round's values loaded (from L2)
-         * before its first block's codes (ptxas: 72 registers, no more than
-         * the plain Q8_0 instance's 74; 16 or 32 per round took 96 / 80) */
-        const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5, nb = p.tn.n / 32;
-#pragma unroll 1
-        for (int k0 = 0; w + k0 * nw < nb; k0 += 8) {
-            float v[8];
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const int b = w + (k0 + k) * nw;
-                v[k] = b < nb ? __ldcg(p.tn.x + 32 * b + lane) : 0.0f;
-            }
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const int b = w + (k0 + k) * nw;
-                if (b < nb) cu_warp_q8_0(v[k], p.tn.q + 32 * b, p.tn.d + b);
-            }
-        }
-    } else {
-        extern __shared__ float mv_tail_row[];
-        __shared__ double red[32];
-        rows_rmsnorm_body<true>(0, p.tn.x, p.tn.n, p.tn.n, p.tn.w, p.tn.eps, p.tn.q, p.tn.d, p.tn.reg, mv_tail_row,
-                                red);
-    }
-}
-
-template <int WT, bool AQ, int NT, int WPR, int TN = 0>
+template <int WT, bool AQ, int NT, int WPR>
 __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_params p) {
     mv_prefetch(p, 8 / WPR);
     cu_pdl_wait();
@@ -484,9 +440,6 @@ __global__ void __launch_bounds__(256) k_matvec(const __grid_constant__ mv_param
             __syncthreads();
         }
     }
-    /* (the launcher gives a tail only to one token with WPR > 1 and no
-     * skip_le: no block has returned early, every thread is here) */
-    if constexpr (TN && NT == 1 && WPR > 1) mv_tail_norm<TN>(p); /* (a template flag: the plain kernel's code as before) */
 }
 
 /* Warps per row from the weight's shape: short, wide matrices split their
@@ -591,13 +544,7 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
             return;
         }
     }
-    if (p.n == 1 && WPR > 1 && c->mv_tn.cnt && p.skip_le == 0) {
-        /* DS4_CUDA_QA_TAIL / O_TAIL: the row norm or codes offered by the caller, in the last block */
-        p.tn = c->mv_tn;
-        c->mv_tn = cu_tail_norm{};
-        if (p.tn.codes) cu_launch(c, k_matvec<WT, AQ, 1, WPR, 2>, grid, 256, 0, p);
-        else cu_launch(c, k_matvec<WT, AQ, 1, WPR, 1>, grid, 256, (size_t)p.tn.n * sizeof(float), p);
-    } else if (p.n == 1) cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, 0, p);
+    if (p.n == 1) cu_launch(c, k_matvec<WT, AQ, 1, WPR>, grid, 256, 0, p);
     else if (p.n <= 4) cu_launch(c, k_matvec<WT, AQ, 4, WPR>, grid, 256, 0, p);
     else cu_launch(c, k_matvec<WT, AQ, 8, WPR>, grid, 256, 0, p);
 }
@@ -735,11 +682,6 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
     bool fuse = nw == 2 && w1->type == w2->type && w1->n_in == w2->n_in;
     int quantized_for = -1;
     const cu_act *use = buf;
-    /* a tail norm offered by the caller (DS4_CUDA_QA_TAIL) goes to the last
-     * launch only: an earlier one's tail could write codes that the next
-     * launch's quantization overwrites, or overwrite its input codes */
-    const cu_tail_norm tn = c->mv_tn;
-    c->mv_tn = cu_tail_norm{};
     for (int i = 0; i < nw; i++) {
         int at = act_quant ? cu_act_type(ws[i]->type) : -1;
         if (at >= 0 && at != quantized_for) {
@@ -750,7 +692,6 @@ void cu_mv_pair(cu_ctx *c, const ds4_weight *w1, float *y1, int64_t ld1, const d
         int ns = 0;
         seg[ns++] = cu_seg{cu_weight_view(ws[i]), (int)ws[i]->n_out, ys[i], lds[i], 0};
         if (fuse) seg[ns++] = cu_seg{cu_weight_view(ws[1]), (int)ws[1]->n_out, ys[1], lds[1], 0};
-        if (fuse || i == nw - 1) c->mv_tn = tn;
         cu_matvec(c, seg, ns, n, x, at >= 0 ? ws[i]->n_in : ldx, at >= 0 ? use : nullptr, step, skip_le);
         if (fuse) break;
     }

@@ -91,7 +91,6 @@ struct mv_params {
     const uint8_t *ksigns;
     int pf;                   /* > 0: blocks below pf prefetch the weight rows of blocks b, b + pf, ... to L2 */
     cu_comb_job cj;           /* DS4_CUDA_COMB_BIG: an HC-pre comb run by block 0 (k_matvec_q8r; the rows' blocks follow) */
-    cu_tail_norm tn;          /* DS4_CUDA_QA_TAIL / O_TAIL: a row norm or row codes by the last block to finish (k_matvec, one token) */
 };
 
 /* The L2 prefetch of a matvec block's weights, before its cu_pdl_wait (the

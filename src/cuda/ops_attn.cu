@@ -782,7 +782,7 @@ __global__ void __launch_bounds__(256) k_rows_rmsnorm(float *x, int64_t ld, int 
                                                       int8_t *q, float *d, int reg) {
     extern __shared__ float row[];
     __shared__ double red[32];
-    rows_rmsnorm_body<false>(blockIdx.x, x, ld, n, w, eps, q, d, reg, row, red);
+    rows_rmsnorm_body(blockIdx.x, x, ld, n, w, eps, q, d, reg, row, red);
 }
 
 /* Per-head query finish: unweighted RMSNorm + RoPE on the last n_rot dims
@@ -979,21 +979,11 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     const bool aq = a->num.act_quant;
     const bool qa_codes = aq && !c->no_preq && cu_act_type(l->q_b.type) == DS4_TYPE_Q8_0 && ql % 32 == 0 &&
                           (size_t)n * ql <= c->s.a1.cap;
-    /* DS4_CUDA_QA_TAIL=1, one token: the q_a norm (and its codes) offered to
-     * the q_a + kv matvec's last block; not taken (another matvec kernel),
-     * it is launched here as by default */
-    if (c->qa_tail && n == 1)
-        c->mv_tn = cu_tail_norm{a->cq, l->q_a_norm, qa_codes ? c->s.a1.q : (int8_t *)nullptr,
-                                qa_codes ? c->s.a1.d : (float *)nullptr, c->s.qnc, ql, c->rownorm_reg, hp->rms_eps, 0};
     /* q_a and kv read the same normed input */
     cu_mv_pair(c, &l->q_a, a->cq, ql, &l->kv, a->kv, dh, a->u, D, n, aq, &c->s.a1, a->step, 0);
-    const bool tail_taken = c->qa_tail && n == 1 && !c->mv_tn.cnt;
-    c->mv_tn = cu_tail_norm{};
-    if (!tail_taken) {
-        cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps,
-                  qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr, c->rownorm_reg);
-        CU_LAUNCH(c, "q_a_norm");
-    }
+    cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps,
+              qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr, c->rownorm_reg);
+    CU_LAUNCH(c, "q_a_norm");
     if (qa_codes) cu_preq_set(c, a->cq, n, ql, ql, DS4_TYPE_Q8_0, &c->s.a1);
     /* DS4_CUDA_COMB_BIG=1: the attention's HC-pre comb, if left for later, is
      * offered to the q_b matvec (one token: k_matvec_q8r's block 0, ~13 us of
@@ -1887,15 +1877,6 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     else launch_attention<float>(c, p, n, nr_cap);
     if (p.st_raw && !c->err) c->kv_fused = cu_kv_fused{a->raw, a->kv, n, a->pos0};
     if (aq && !merge_q) cu_quantize(c, cu_act_type(l->o_a.type), c->s.o, (int64_t)H * dh, n, H * dh, &c->s.a1);
-    /* DS4_CUDA_O_TAIL=1, one token: o_b's Q8_0 input codes (z, G*ol values)
-     * by the o_a matvec's last block (one launch), once every block has read
-     * its input codes from s.a1; not taken (another matvec kernel), o_b's
-     * cu_mv_pair quantizes z as by default */
-    const int zn = G * ol;
-    const bool o_tail = c->o_tail && n == 1 && G <= CU_MAX_SEGS && a->num.act_quant && !c->no_preq &&
-                        cu_act_type(l->o_b.type) == DS4_TYPE_Q8_0 && (int)l->o_b.n_in == zn && zn % 32 == 0 &&
-                        zn <= CU_TAIL_CODES_MAX && (size_t)zn <= c->s.a1.cap;
-    if (o_tail) c->mv_tn = cu_tail_norm{c->s.z, nullptr, c->s.a1.q, c->s.a1.d, c->s.qnc, zn, 0, 0.0f, 1};
     for (int g0 = 0; g0 < G; g0 += CU_MAX_SEGS) {
         cu_seg segs[CU_MAX_SEGS];
         int ns = 0;
@@ -1904,9 +1885,6 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
                                 (int64_t)G * ol, g * gd};
         cu_matvec(c, segs, ns, n, c->s.o, (int64_t)H * dh, aq ? &c->s.a1 : nullptr, a->step, 0);
     }
-    const bool o_tail_taken = o_tail && !c->mv_tn.cnt;
-    c->mv_tn = cu_tail_norm{};
-    if (o_tail_taken) cu_preq_set(c, c->s.z, n, zn, zn, DS4_TYPE_Q8_0, &c->s.a1);
     cu_mv_pair(c, &l->o_b, a->y, hp->n_embd, nullptr, nullptr, 0, c->s.z, (int64_t)G * ol, n, a->num.act_quant,
                &c->s.a1, a->step, 0);
     return c->err;

@@ -189,14 +189,11 @@ __device__ __forceinline__ float cu_from_row(__half v) { return __half2float(v);
 
 /* Row `ri` of rows of n values (ld apart) RMSNorm-ed in place by the block,
  * with q != NULL also the Q8_0 codes of the normalised row (n % 32 == 0,
- * scales d) for the next projection: k_rows_rmsnorm's body, and (TAIL)
- * the q_a norm in the last block of the q_a + kv matvec (DS4_CUDA_QA_TAIL):
- * then no PDL wait (the kernel has waited) and the row read from L2
- * (__ldcg: other blocks of the launch wrote it). row: n floats of shared
- * memory, red: 32 doubles. With reg (DS4_CUDA_ROWNORM_REG) cu_row_rmsnorm's
- * operations on values held in registers, every load issued at once (the
- * weights before the wait for the previous kernel); else through row. */
-template <bool TAIL>
+ * scales d) for the next projection: k_rows_rmsnorm's body. row: n floats
+ * of shared memory, red: 32 doubles. With reg (DS4_CUDA_ROWNORM_REG)
+ * cu_row_rmsnorm's operations on values held in registers, every load
+ * issued at once (the weights before the wait for the previous kernel);
+ * else through row. */
 __device__ __forceinline__ void rows_rmsnorm_body(int ri, float *x, int64_t ld, int n, const float *w, float eps,
                                                   int8_t *q, float *d, int reg, float *row, double *red) {
     float *xr = x + (int64_t)ri * ld;
@@ -208,11 +205,11 @@ __device__ __forceinline__ void rows_rmsnorm_body(int ri, float *x, int64_t ld, 
             const int i = threadIdx.x + k * blockDim.x;
             wv[k] = w && i < n ? w[i] : 1.0f;
         }
-        if (!TAIL) cu_pdl_wait();
+        cu_pdl_wait();
 #pragma unroll
         for (int k = 0; k < RK; k++) {
             const int i = threadIdx.x + k * blockDim.x;
-            xv[k] = i < n ? (TAIL ? __ldcg(xr + i) : xr[i]) : 0.0f;
+            xv[k] = i < n ? xr[i] : 0.0f;
         }
         double ss = 0.0;
 #pragma unroll
@@ -233,8 +230,8 @@ __device__ __forceinline__ void rows_rmsnorm_body(int ri, float *x, int64_t ld, 
         if (!q) return;
         __syncthreads();
     } else {
-        if (!TAIL) cu_pdl_wait();
-        for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = TAIL ? __ldcg(xr + i) : xr[i];
+        cu_pdl_wait();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = xr[i];
         __syncthreads();
         cu_row_rmsnorm(row, n, w, eps, red);
         for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] = row[i];
