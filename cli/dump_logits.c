@@ -2,7 +2,8 @@
  * evaluates the token ids of F and writes the float32 logits after every
  * position (n_tokens x n_vocab, little-endian) to OUT.f32. --eval chooses
  * one batched prefill, token-by-token decode or prefill in chunks of N; the
- * three must agree (tests compare them). Exit 0 ok, 1 runtime error.
+ * three must agree (tests compare them). Exit 0 ok, 1 runtime error, 2 an
+ * output path that is not a regular file.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -11,11 +12,19 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "util/file.h"
 
 int ds4_cli_dump_logits(const ds4_cli_opts *o) {
     if (!o->prompt_tokens_file) {
         fprintf(stderr, "ds4: --dump-logits needs --prompt-tokens-file F\n");
         return 1;
+    }
+    /* the output: a regular file or a new one (a failed write removes it,
+     * which must never be a device or another kind of file) */
+    ds4_err pe = {0};
+    if (ds4_output_path_ok(o->dump_logits, &pe)) {
+        fprintf(stderr, "ds4: --dump-logits %s\n", pe.msg);
+        return 2;
     }
     /* read before the model loads (a bad file fails at once); the range
      * is checked against the vocabulary once it is known */
@@ -63,8 +72,9 @@ int ds4_cli_dump_logits(const ds4_cli_opts *o) {
     int we = w != (size_t)n * V ? errno : 0;
     if (fclose(f) != 0 && !we) we = errno ? errno : EIO;
     if (we || w != (size_t)n * V) { /* no partial file left looking like a result */
-        unlink(o->dump_logits);
-        fprintf(stderr, "ds4: cannot write %s: %s (removed)\n", o->dump_logits, strerror(we ? we : EIO));
+        const bool removed = ds4_unlink_regular(o->dump_logits);
+        fprintf(stderr, "ds4: cannot write %s: %s%s\n", o->dump_logits, strerror(we ? we : EIO),
+                removed ? " (removed)" : "");
         goto out_logits;
     }
     /* --dump-greedy N: N greedy decode steps after the prompt (argmax on the

@@ -7,6 +7,7 @@
  * --perplexity-file: teacher-forced scoring of raw text (plain BPE, no BOS).
  */
 #include "cli.h"
+#include "util/file.h"
 
 #include <errno.h>
 #include <math.h>
@@ -72,6 +73,13 @@ static void json_token(FILE *f, const ds4_engine *e, int32_t id) {
 int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     ds4_engine *e = NULL;
     ds4_session *s = NULL;
+    /* the output: a regular file or a new one (a failed run removes it,
+     * which must never be a device or another kind of file) */
+    ds4_err pe = {0};
+    if (ds4_output_path_ok(o->dump_logprobs, &pe)) {
+        fprintf(stderr, "ds4: --dump-logprobs %s\n", pe.msg);
+        return 2;
+    }
     ds4_think mode = ds4_cli_think_mode(o->think, o->n_ctx, true);
     if (ds4_cli_open_session(o, o->n_ctx, &e, &s)) return 1;
     int status = 1, k = o->logprobs_top_k;
@@ -143,7 +151,9 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     if (ferror(f) || fclose(f) != 0) {
         const int we = errno ? errno : EIO;
         f = NULL;
-        fprintf(stderr, "ds4: error writing %s: %s (removed)\n", o->dump_logprobs, strerror(we));
+        fprintf(stderr, "ds4: error writing %s: %s%s\n", o->dump_logprobs, strerror(we),
+                ds4_unlink_regular(o->dump_logprobs) ? " (removed)" : "");
+        opened = false; /* (removed above, or not a file to remove) */
         goto out;
     }
     f = NULL;
@@ -156,7 +166,7 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     status = ds4_cli_interrupted ? ds4_cli_signal_status() : 0;
 out:
     if (f) fclose(f);
-    if (opened && status != 0 && !ds4_cli_interrupted) unlink(o->dump_logprobs);
+    if (opened && status != 0 && !ds4_cli_interrupted) ds4_unlink_regular(o->dump_logprobs);
     free(ids);
     free(lps);
     if (smp) ds4_sampler_free(smp);

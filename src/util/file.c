@@ -78,6 +78,11 @@ int ds4_output_path_ok(const char *path, ds4_err *err) {
     return rc;
 }
 
+bool ds4_unlink_regular(const char *path) {
+    struct stat sb;
+    return path && lstat(path, &sb) == 0 && S_ISREG(sb.st_mode) && unlink(path) == 0;
+}
+
 int ds4_same_file(const char *a, const char *b) {
     struct stat sa, sb;
     return a && b && stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;

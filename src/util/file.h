@@ -10,6 +10,7 @@
 #ifndef DS4_UTIL_FILE_H
 #define DS4_UTIL_FILE_H
 
+#include <stdbool.h>
 #include <sys/stat.h>
 
 #include "util/err.h"
@@ -30,6 +31,10 @@ int ds4_open_regular(const char *path, int flags, struct stat *st, ds4_err *err)
  * device), and its directory exists. 0, or DS4_E_IO / DS4_E_ARG with err set
  * to "PATH: REASON". Meant to be called before any long work. */
 int ds4_output_path_ok(const char *path, ds4_err *err);
+
+/* Removes path only when it is a regular file (a failed output's cleanup:
+ * never a device, FIFO or directory given as the output); true when removed. */
+bool ds4_unlink_regular(const char *path);
 
 /* a and b are the same existing file (same device and inode). */
 int ds4_same_file(const char *a, const char *b);

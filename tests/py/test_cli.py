@@ -690,3 +690,19 @@ def test_cli_dump_that_cannot_be_written_leaves_no_partial_file(model, tmp_path)
     r = subprocess.run([DS4, "-m", model, "--cpu", "--prompt-tokens-file", str(toks), "--dump-logits", str(out)],
                        capture_output=True, timeout=300, preexec_fn=limit)
     assert r.returncode == 1 and b"File too large" in r.stderr and not out.exists(), r.stderr
+
+
+def test_cli_dump_to_a_non_regular_path_is_refused_and_left_alone(model, tmp_path):
+    """--dump-logits / --dump-logprobs given a FIFO or a directory refuse it before the run (exit 2, saying what
+    it is) and leave it in place: a failed write used to unlink the path, whatever it was (a device node such
+    as /dev/full included)."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    toks = tmp_path / "t.txt"
+    toks.write_text("1 2 3")
+    for target, kind in ((fifo, b"a FIFO"), (tmp_path, b"a directory")):
+        r = run(["-m", model, "--cpu", "--prompt-tokens-file", str(toks), "--dump-logits", str(target)], timeout=60)
+        assert r.returncode == 2 and kind in r.stderr and b"not a regular file" in r.stderr, r.stderr
+        r = run(base(model, "--nothink", "-n", "2", "-p", "hi", "--dump-logprobs", str(target)), timeout=60)
+        assert r.returncode == 2 and kind in r.stderr and b"not a regular file" in r.stderr, r.stderr
+    assert fifo.exists() and not fifo.is_file() and tmp_path.is_dir()
