@@ -202,6 +202,7 @@ int main(int argc, char **argv) {
     bool mtp_opts_given = false, eval_given = false, topk_given = false;
     /* a file-size limit (ulimit -f) fails a write with EFBIG, reported, instead of killing ds4 */
     signal(SIGXFSZ, SIG_IGN);
+    ds4_sigbus_message("ds4"); /* the model file truncated while mapped: say so, not a bare "Bus error" */
 #define NEED_ARG()                                                              \
     do { if (i + 1 >= argc) {                                                   \
         fprintf(stderr, "ds4: %s needs an argument\n", a); return 2; } } while (0)

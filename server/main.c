@@ -24,6 +24,7 @@
 #include "ds4_debug.h"
 #include "server.h"
 #include "util/xalloc.h"
+#include "util/file.h"
 
 static volatile sig_atomic_t g_signals;
 static void on_signal(int sig) {
@@ -320,6 +321,7 @@ int main(int argc, char **argv) {
     /* a file-size limit (ulimit -f) fails a disk-cache write with EFBIG,
      * reported and survived, instead of killing the server */
     signal(SIGXFSZ, SIG_IGN);
+    ds4_sigbus_message("ds4-server"); /* the model file truncated while mapped: say so */
 
     ds4_err err = {0};
     if (srv_http_listen(&s, &err)) {

@@ -31,6 +31,7 @@
 #include "ds4.h"
 #include "ds4_debug.h"
 #include "util/num.h"
+#include "util/file.h"
 
 typedef struct opts {
     const char *model, *synthetic, *prompt_file, *csv, *mtp;
@@ -482,6 +483,7 @@ static void profile_prefill(ds4_engine *e, const opts *o, const int32_t *tok, in
 }
 
 int main(int argc, char **argv) {
+    ds4_sigbus_message("ds4-bench"); /* the model file truncated while mapped: say so */
     opts o;
     int rc = parse(argc, argv, &o);
     if (rc) return rc;

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "gguf.h"
+#include "util/file.h"
 
 #define ARRAY_SHOW 8 /* array elements shown in text mode */
 
@@ -225,6 +226,7 @@ static json_t *dump_json(const char *path, const ds4_gguf *g, bool hash) {
 }
 
 int main(int argc, char **argv) {
+    ds4_sigbus_message("ds4-gguf"); /* the file truncated while mapped: say so */
     const char *path = NULL;
     bool json = false, hash = false;
     for (int i = 1; i < argc; i++) {

@@ -141,3 +141,13 @@ void ds4_tmp_fatal_signals(const char *prog) {
         sigaction(sigs[i], &sa, NULL);
     }
 }
+
+void ds4_sigbus_message(const char *prog) {
+    tmp_prog = prog;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_fatal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    sigaction(SIGBUS, &sa, NULL);
+}

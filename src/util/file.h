@@ -50,6 +50,11 @@ void ds4_tmp_untrack(void);
  * is removed and a line naming the signal is written to stderr, then the
  * signal takes its default action. */
 void ds4_tmp_fatal_signals(const char *prog);
+/* SIGBUS alone (a mapped input file, such as the model, truncated while the
+ * program reads it): "PROG: an input file shrank while being read (SIGBUS)"
+ * on stderr, then the default action. For programs that handle SIGPIPE and
+ * the others themselves. */
+void ds4_sigbus_message(const char *prog);
 
 /* a and b name the same file, existing or not: the same existing file, or
  * the same name in the same directory ("x.gguf" and "./x.gguf"). */

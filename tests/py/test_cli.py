@@ -706,3 +706,24 @@ def test_cli_dump_to_a_non_regular_path_is_refused_and_left_alone(model, tmp_pat
         r = run(base(model, "--nothink", "-n", "2", "-p", "hi", "--dump-logprobs", str(target)), timeout=60)
         assert r.returncode == 2 and kind in r.stderr and b"not a regular file" in r.stderr, r.stderr
     assert fifo.exists() and not fifo.is_file() and tmp_path.is_dir()
+
+
+def test_cli_model_file_truncated_while_mapped_says_so(model, tmp_path):
+    """The model file cut short while ds4 has it mapped (another program rewriting it) kills ds4 with SIGBUS, as
+    any reader of a mapping; it now says why on stderr instead of a bare "Bus error"."""
+    import shutil
+    import signal
+    live = tmp_path / "live.gguf"
+    shutil.copy(model, live)
+    p = subprocess.Popen([DS4, "-m", str(live), "--cpu", "-t", "2", "-n", "4", "-c", "512"], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        first = p.stderr.readline()  # "ds4: ctx=..., backend=...": the model is loaded and mapped
+        assert b"backend=" in first, first
+        os.truncate(live, 1 << 20)
+        _, err = p.communicate(b"Hello\n/quit\n", timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -signal.SIGBUS, (p.returncode, err)
+    assert b"ds4: an input file shrank while being read (SIGBUS)" in err, err
