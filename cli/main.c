@@ -83,6 +83,11 @@ static int parse_float(const char *opt, const char *s, double lo, double hi, flo
     return 0;
 }
 
+/* Prompt, token and text files larger than this are refused: a million-token
+ * context holds far less text, and an endless input (/dev/zero, a stream
+ * that never ends) would otherwise grow until the system kills ds4. */
+#define CLI_MAX_INPUT ((size_t)256 << 20)
+
 char *ds4_cli_read_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
     if (!f) {
@@ -95,6 +100,13 @@ char *ds4_cli_read_file(const char *path, size_t *len) {
         if (!buf) break;
         n += fread(buf + n, 1, cap - n - 1, f);
         if (n < cap - 1) break;
+        if (n >= CLI_MAX_INPUT) {
+            fclose(f);
+            free(buf);
+            fprintf(stderr, "ds4: %s: more than %zu MiB (no context holds that much text; an endless stream?)\n",
+                    path, CLI_MAX_INPUT >> 20);
+            return NULL;
+        }
         char *nb = realloc(buf, cap * 2);
         if (!nb) { free(buf); buf = NULL; break; }
         buf = nb;

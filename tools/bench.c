@@ -23,6 +23,7 @@
  */
 #include <errno.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -223,6 +224,12 @@ static int32_t *make_tokens(ds4_engine *e, const opts *o, int n) {
     const char *pf = o->prompt_file ? o->prompt_file : "tests/data/promessi_sposi.txt";
     int m = 0;
     if (ds4_has_tokenizer(e)) {
+        struct stat sb;
+        if (o->prompt_file && stat(pf, &sb) == 0 && !S_ISREG(sb.st_mode)) { /* /dev/zero, a directory: say so */
+            fprintf(stderr, "ds4-bench: --prompt-file %s: not a regular file\n", pf);
+            free(t);
+            return NULL;
+        }
         FILE *f = fopen(pf, "rb");
         if (f) {
             fseek(f, 0, SEEK_END);

@@ -727,3 +727,17 @@ def test_cli_model_file_truncated_while_mapped_says_so(model, tmp_path):
             p.kill()
     assert p.returncode == -signal.SIGBUS, (p.returncode, err)
     assert b"ds4: an input file shrank while being read (SIGBUS)" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--prompt-file", "--prompt-tokens-file", "--perplexity-file"])
+def test_cli_endless_input_file_is_refused(model, flag, tmp_path):
+    """An input that never ends (/dev/zero) is refused past 256 MiB, saying so; it used to be read until the
+    system killed ds4 (24 GB). Run under an address-space limit so that a regression fails instead."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    extra = ["--dump-logits", str(tmp_path / "x.f32")] if flag == "--prompt-tokens-file" else ["-n", "1"]
+    r = subprocess.run([DS4] + base(model, flag, "/dev/zero", *extra), capture_output=True, timeout=120,
+                       preexec_fn=limit)
+    assert r.returncode == 1 and b"/dev/zero: more than 256 MiB" in r.stderr, r.stderr[-500:]
