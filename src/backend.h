@@ -333,7 +333,8 @@ typedef struct ds4_backend_ops {
      * buffers are going away): keys k with DS4_GRAPH_SESSION(k) == graph_key. */
     void (*forget)(void *ctx, uint64_t graph_key);
     /* ids[r] = argmax of logits row r (n_vocab floats, backend memory): the
-     * lowest index of the largest finite value, 0 when none is finite.
+     * lowest index of the largest finite value, -1 when none is finite (a
+     * broken model: the forward layer reports it).
      * ids is host memory; complete on return. */
     int (*argmax)(void *ctx, const float *logits, int n_rows, int n_vocab, int32_t *ids, ds4_err *err);
     /* Optional (NULL when unsupported), for benchmarks and tests:

@@ -688,8 +688,14 @@ const int32_t *ds4_session_tokens(const ds4_session *s) { return s->tokens; }
 static int logits_to_host(ds4_session *s, ds4_err *err) {
     if (s->logits_host) return 0;
     int rc = ds4_fwd_logits(s->f, s->logits, err);
-    if (!rc) s->logits_host = true;
-    return rc;
+    if (rc) return rc;
+    /* at least one finite logit (the first one, in any working model) */
+    const int V = s->e->hp.n_vocab;
+    int i = 0;
+    while (i < V && !isfinite(s->logits[i])) i++;
+    if (i == V) return ds4_fwd_nonfinite_error(err);
+    s->logits_host = true;
+    return 0;
 }
 
 const float *ds4_session_logits(const ds4_session *s) { return ds4_session_logits_err(s, NULL); }

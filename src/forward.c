@@ -537,11 +537,21 @@ int ds4_fwd_logits(ds4_fwd *f, float *dst, ds4_err *err) {
     return be->ops->download(be->ctx, dst, f->logits + (size_t)(f->n_logits - 1) * V, V * sizeof(float), err);
 }
 
+/* A row of logits with no finite value (NaN or infinity everywhere): the
+ * weights or the metadata broke the forward pass. Greedy decoding would
+ * otherwise pick token 0 every step and look like a normal run. */
+int ds4_fwd_nonfinite_error(ds4_err *err) {
+    return ds4_err_set(err, DS4_E_MODEL, "the model produced no finite logit (NaN or infinity everywhere): its "
+                                         "weights or metadata break the forward pass");
+}
+
 int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err) {
     const size_t V = (size_t)f->m->hp.n_vocab;
     if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
     const ds4_backend *be = last_part(f)->be;
-    return be->ops->argmax(be->ctx, f->logits + (size_t)(f->n_logits - 1) * V, 1, (int)V, id, err);
+    int rc = be->ops->argmax(be->ctx, f->logits + (size_t)(f->n_logits - 1) * V, 1, (int)V, id, err);
+    if (!rc && *id < 0) rc = ds4_fwd_nonfinite_error(err);
+    return rc;
 }
 
 /* ------------------------------------------------------------ MTP and speculation */
@@ -558,7 +568,10 @@ int ds4_fwd_logits_row(ds4_fwd *f, int row, float *dst, ds4_err *err) {
 int ds4_fwd_argmax_rows(ds4_fwd *f, int32_t *ids, ds4_err *err) {
     if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
     const ds4_backend *be = last_part(f)->be;
-    return be->ops->argmax(be->ctx, f->logits, f->n_logits, f->m->hp.n_vocab, ids, err);
+    int rc = be->ops->argmax(be->ctx, f->logits, f->n_logits, f->m->hp.n_vocab, ids, err);
+    for (int r = 0; !rc && r < f->n_logits; r++)
+        if (ids[r] < 0) rc = ds4_fwd_nonfinite_error(err);
+    return rc;
 }
 
 static size_t state_floats(const ds4_fwd *f) { return (size_t)f->m->hp.n_hc * f->m->hp.n_embd; }

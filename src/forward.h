@@ -67,6 +67,9 @@ int ds4_fwd_eval_states(ds4_fwd *f, const int32_t *tokens, int n, ds4_err *err);
 int ds4_fwd_logits(ds4_fwd *f, float *dst, ds4_err *err);
 /* Greedy token of that row, computed by the backend (ds4_argmax rules). */
 int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err);
+/* The error of a logits row with no finite value (DS4_E_MODEL): the argmax
+ * calls return it, and the engine when host logits have none. */
+int ds4_fwd_nonfinite_error(ds4_err *err);
 
 /* Observer of the routed experts (imatrix collection, host-memory backends
  * only): after each layer's moe_experts stage, fn gets the layer, the batch

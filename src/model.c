@@ -199,6 +199,34 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
     if ((rc = get_float(g, K("rope.freq_base"), true, 0, &hp->rope_base, err))) goto fail;
     if ((rc = get_float(g, K("attention.compress_rope_freq_base"), true, 0, &hp->compress_rope_base, err)))
         goto fail;
+    /* finite is not enough: a scale of 3e38 or an epsilon of 0 loads and
+     * then turns every logit into NaN (or divides by zero) */
+    {
+        const struct { const char *key; double v, lo, hi; } fr[] = {
+            {K("hyper_connection.epsilon"), hp->hc_eps, 0.0, 0.5},
+            {K("attention.layer_norm_rms_epsilon"), hp->rms_eps, 0.0, 0.5},
+            {K("expert_weights_scale"), hp->expert_weights_scale, 0.0, 1e4},
+            {K("rope.freq_base"), hp->rope_base, 1.0, 1e12},
+            {K("attention.compress_rope_freq_base"), hp->compress_rope_base, 1.0, 1e12},
+        };
+        for (size_t i = 0; i < sizeof fr / sizeof fr[0]; i++)
+            if (!(fr[i].v > fr[i].lo && fr[i].v <= fr[i].hi)) {
+                rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is %g, expected a value in (%g, %g]",
+                                 fr[i].key, fr[i].v, fr[i].lo, fr[i].hi);
+                goto fail;
+            }
+    }
+    /* the router's scoring: DeepSeek V4's sqrt(softplus) is 4 (1 softmax,
+     * 2 sigmoid, 3 softmax_weight, which this engine does not compute);
+     * absent in older files: the model's own */
+    int64_t gating;
+    if ((rc = get_int(g, K("expert_gating_func"), false, 0, INT64_MAX, 4, &gating, err))) goto fail;
+    if (gating != 4) {
+        rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is %lld: this engine computes only DeepSeek V4's "
+                                           "sqrt(softplus) router scoring (4)",
+                         K("expert_gating_func"), (long long)gating);
+        goto fail;
+    }
     int64_t ctx;
     if ((rc = get_int(g, K("context_length"), false, 0, INT64_MAX, 0, &ctx, err))) goto fail;
     hp->context_length = (uint64_t)ctx;

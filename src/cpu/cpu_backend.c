@@ -520,8 +520,8 @@ static void cpu_forget(void *ctx, uint64_t key) {
     (void)ctx;
     (void)key;
 }
-/* The lowest index of the largest finite value; 0 when none is finite (the
- * sampler's ds4_argmax rule). */
+/* The lowest index of the largest finite value (the sampler's ds4_argmax
+ * rule); -1 when none is finite (the backend contract). */
 static int32_t argmax_row(const float *x, int n) {
     int32_t best = -1;
     float bv = 0.0f;
@@ -530,7 +530,7 @@ static int32_t argmax_row(const float *x, int n) {
             best = i;
             bv = x[i];
         }
-    return best < 0 ? 0 : best;
+    return best;
 }
 static int cpu_argmax(void *ctx, const float *logits, int n_rows, int n_vocab, int32_t *ids, ds4_err *err) {
     (void)ctx;

@@ -1907,8 +1907,8 @@ int cu_head(void *ctx, const ds4_head_args *a) {
 
 /* ---------------------------------------------------------------- argmax */
 
-/* One block per row: the lowest index of the largest finite value, 0 when
- * none is finite (ds4_argmax). */
+/* One block per row: the lowest index of the largest finite value (the rule
+ * of ds4_argmax), -1 when none is finite (the backend contract). */
 __global__ void __launch_bounds__(1024) k_argmax(const float *logits, int n_vocab, int32_t *ids, int vec) {
     cu_pdl_wait();
     const float *x = logits + (int64_t)blockIdx.x * n_vocab;
@@ -1966,7 +1966,7 @@ __global__ void __launch_bounds__(1024) k_argmax(const float *logits, int n_voca
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) ids[blockIdx.x] = si[0] < 0 ? 0 : si[0];
+    if (threadIdx.x == 0) ids[blockIdx.x] = si[0]; /* -1: no finite value */
 }
 
 void cu_argmax_rows(cu_ctx *c, const float *logits, int n_rows, int n_vocab, int32_t *ids_dev) {

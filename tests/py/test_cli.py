@@ -741,3 +741,50 @@ def test_cli_endless_input_file_is_refused(model, flag, tmp_path):
     r = subprocess.run([DS4] + base(model, flag, "/dev/zero", *extra), capture_output=True, timeout=120,
                        preexec_fn=limit)
     assert r.returncode == 1 and b"/dev/zero: more than 256 MiB" in r.stderr, r.stderr[-500:]
+
+
+def _patched_demo(model, tmp_path, name, key=None, value=None, fmt="<f", inf_embedding=False):
+    """A copy of the demo model with one metadata value rewritten in place (same type, same size) or with every
+    value of token_embd.weight (F16) set to +inf."""
+    import struct
+    b = bytearray(open(model, "rb").read())
+    if key is not None:
+        k = key.encode()
+        i = b.find(k)
+        assert i > 0, key
+        struct.pack_into(fmt, b, i + len(k) + 4, value)  # after the key: u32 type, then the value
+    if inf_embedding:
+        import gguf
+        t = next(t for t in gguf.GGUFReader(model).tensors if t.name == "token_embd.weight")
+        assert t.tensor_type == gguf.GGMLQuantizationType.F16
+        b[t.data_offset:t.data_offset + t.n_bytes] = b"\x00\x7c" * (t.n_bytes // 2)
+    out = tmp_path / name
+    out.write_bytes(bytes(b))
+    return str(out)
+
+
+@pytest.mark.parametrize("key,value,fmt,needle", [
+    ("deepseek4.expert_weights_scale", 3e38, "<f", b"'deepseek4.expert_weights_scale' is 3e+38"),
+    ("deepseek4.attention.layer_norm_rms_epsilon", 0.0, "<f", b"'deepseek4.attention.layer_norm_rms_epsilon' is 0"),
+    ("deepseek4.rope.freq_base", 3e38, "<f", b"'deepseek4.rope.freq_base' is 3e+38"),
+    ("deepseek4.expert_gating_func", 2, "<I", b"'deepseek4.expert_gating_func' is 2"),
+])
+def test_cli_refuses_metadata_that_loads_but_breaks_the_model(model, tmp_path, key, value, fmt, needle):
+    """Finite but absurd metadata (a routed scale of 3e38 made every logit NaN; a zero epsilon divides by zero),
+    and a router scoring function this engine does not compute (2 = sigmoid ran silently as sqrt-softplus), are
+    refused at load naming the key."""
+    bad = _patched_demo(model, tmp_path, "bad.gguf", key, value, fmt)
+    r = run(["-m", bad, "--cpu", "-c", "256", "-n", "2", "-p", "hi"], timeout=60)
+    assert r.returncode == 1 and needle in r.stderr, r.stderr[-600:]
+
+
+def test_cli_nonfinite_logits_are_an_error_not_token_0(model, tmp_path):
+    """A model whose forward pass yields no finite logit (here: an embedding of +inf) stops with an error, greedy
+    or sampled, instead of emitting token 0 at every step with exit 0."""
+    bad = _patched_demo(model, tmp_path, "inf.gguf", inf_embedding=True)
+    for extra in ([], ["--temp", "0.8", "--seed", "3"]):
+        r = run(["-m", bad, "--cpu", "-c", "256", "-n", "3", "-p", "hi", *extra], timeout=60)
+        assert r.returncode == 1 and b"no finite logit" in r.stderr and b"generated 0" in r.stderr, r.stderr[-600:]
+    lp = tmp_path / "lp.json"
+    r = run(["-m", bad, "--cpu", "-c", "256", "-n", "3", "-p", "hi", "--dump-logprobs", str(lp)], timeout=60)
+    assert r.returncode == 1 and b"no finite logit" in r.stderr and not lp.exists(), r.stderr[-600:]

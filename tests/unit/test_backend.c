@@ -3,7 +3,7 @@
  * memory (naming the stage and the argument) and accepts the same call with
  * backend memory; its bound weights are copies, not the mapping; the CPU
  * argmax follows the sampler's rule (lowest index of the largest finite
- * value); f16 session payloads are half the size of f32 ones and load back
+ * value; -1 when none is finite); f16 session payloads are half the size of f32 ones and load back
  * to the same logits. */
 #include <math.h>
 #include <stdio.h>
@@ -101,7 +101,7 @@ DS4_TEST(backend_cpu_argmax_rule) {
     float c[2] = {-5.0f, -5.0f};
     int32_t id = -1;
     CHECK(be.ops->argmax(be.ctx, a, 1, 6, &id, &e) == 0 && id == 1);
-    CHECK(be.ops->argmax(be.ctx, b, 1, 3, &id, &e) == 0 && id == 0);
+    CHECK(be.ops->argmax(be.ctx, b, 1, 3, &id, &e) == 0 && id == -1); /* none finite: -1 (the contract) */
     CHECK(be.ops->argmax(be.ctx, c, 1, 2, &id, &e) == 0 && id == 0);
     float rows[4] = {0.0f, 1.0f, 2.0f, -1.0f};
     int32_t ids[2];
