@@ -664,6 +664,15 @@ int ds4_model_load_mtp(ds4_model *m, const ds4_model *main, const ds4_gguf *g, d
     m->tok_embd = main->tok_embd;
     m->output = main->output;
     const int64_t D = hp->n_embd;
+    /* every tensor of the file must be one the block binds (the published
+     * file has exactly those 32): a foreign or misnamed tensor means the
+     * file is not the MTP block this engine reads */
+    free(tl_used);
+    tl_used = calloc((size_t)ds4_gguf_n_tensors(g) + 1, 1);
+    if (!tl_used) {
+        rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        goto fail;
+    }
     if ((rc = bind_mat(&m->mtp_e_proj, g, "mtp.0.e_proj.weight", D, D, 1, true, err))) goto fail;
     if ((rc = bind_mat(&m->mtp_h_proj, g, "mtp.0.h_proj.weight", D, D, 1, true, err))) goto fail;
     if ((rc = bind_vec(&m->mtp_enorm, g, "mtp.0.enorm.weight", D, true, err))) goto fail;
@@ -673,9 +682,23 @@ int ds4_model_load_mtp(ds4_model *m, const ds4_model *main, const ds4_gguf *g, d
     if ((rc = bind_vec(&m->out_hc_base, g, "mtp.0.hc_head_base.weight", hp->n_hc, true, err))) goto fail;
     if ((rc = bind_vec(&m->out_hc_scale, g, "mtp.0.hc_head_scale.weight", 1, true, err))) goto fail;
     if ((rc = bind_layer(m, g, 0, "mtp.0.", err))) goto fail;
+    for (int64_t i = 0, n = ds4_gguf_n_tensors(g); i < n; i++)
+        if (!tl_used[i]) {
+            const char *nm = ds4_gguf_tensor_at(g, i)->name;
+            rc = ds4_err_set(err, DS4_E_MODEL,
+                             "MTP file: tensor '%s' is not part of the MTP block (%s)", nm,
+                             !strncmp(nm, "mtp.", 4) && strncmp(nm, "mtp.0.", 6)
+                                 ? "one block, mtp.0, is supported"
+                                 : "the block's tensors are the 32 mtp.0.* of FORMATS.md D.3");
+            goto fail;
+        }
+    free(tl_used);
+    tl_used = NULL;
     m->weights_loaded = true;
     return 0;
 fail:
+    free(tl_used);
+    tl_used = NULL;
     ds4_model_free(m);
     return rc;
 }

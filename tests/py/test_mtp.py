@@ -50,7 +50,7 @@ def read_gguf(path):
     return fields, tens
 
 
-def make_mtp(main, out, seed=1, drop=(), bad_shape=None, arch="deepseek4"):
+def make_mtp(main, out, seed=1, drop=(), bad_shape=None, arch="deepseek4", extra=()):
     """A random MTP GGUF for the model in `main` (all F32), shapes from main's last block."""
     import gguf
     fields, t = read_gguf(main)
@@ -86,6 +86,8 @@ def make_mtp(main, out, seed=1, drop=(), bad_shape=None, arch="deepseek4"):
     arrays["mtp.0.hc_head_base.weight"] = rng.normal(0, 0.5, (n_hc,))
     arrays["mtp.0.hc_head_scale.weight"] = 1 + rng.uniform(-0.2, 0.2, (1,))
     assert len(arrays) == 32
+    for name in extra:  # tensors that are not the block's
+        arrays[name] = np.ones(8)
     for name, a in arrays.items():
         if name in drop:
             continue
@@ -328,6 +330,9 @@ def test_mtp_bad_files_and_options_are_refused(models, tmp_path):
         (tmp_path / "missing.gguf", "MTP"),
         ("", "empty"),
     ]
+    # tensors beyond the block's 32 (a main layer's, a second block's, an unknown one)
+    for i, name in enumerate(("blk.0.attn_norm.weight", "mtp.1.attn_norm.weight", "mtp.0.foo.weight")):
+        cases.append((make_mtp(main, tmp_path / f"x{i}.gguf", extra=(name,)), f"tensor '{name}' is not part of"))
     # a GGUF of another architecture, although its tensors fit
     cases.append((make_mtp(main, tmp_path / "m4.gguf", arch="llama"), "general.architecture is 'llama'"))
     other, _ = models("h256")  # an MTP block of another model
