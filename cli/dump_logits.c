@@ -17,7 +17,7 @@
 int ds4_cli_dump_logits(const ds4_cli_opts *o) {
     if (!o->prompt_tokens_file) {
         fprintf(stderr, "ds4: --dump-logits needs --prompt-tokens-file F\n");
-        return 1;
+        return 2;
     }
     /* the output: a regular file or a new one (a failed write removes it,
      * which must never be a device or another kind of file) */

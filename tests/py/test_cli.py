@@ -788,3 +788,16 @@ def test_cli_nonfinite_logits_are_an_error_not_token_0(model, tmp_path):
     lp = tmp_path / "lp.json"
     r = run(["-m", bad, "--cpu", "-c", "256", "-n", "3", "-p", "hi", "--dump-logprobs", str(lp)], timeout=60)
     assert r.returncode == 1 and b"no finite logit" in r.stderr and not lp.exists(), r.stderr[-600:]
+
+
+def test_cli_small_usage_edges(model, tmp_path):
+    """--help into a full device is an error (the help was lost); --dump-logits without its token file is a usage
+    error (2, as the other usage errors); ds4-convert --seed past 2^64 - 1 is refused (strtoull saturated it)."""
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([DS4, "--help"], stdout=full, stderr=subprocess.PIPE, timeout=30)
+    assert r.returncode == 1 and b"writing the help failed" in r.stderr, r.stderr
+    r = run(["-m", model, "--cpu", "--dump-logits", str(tmp_path / "a.f32"), "-p", "hi"], timeout=60)
+    assert r.returncode == 2 and b"needs --prompt-tokens-file" in r.stderr, r.stderr
+    r = subprocess.run([str(ROOT / "ds4-convert"), "--demo", "-o", str(tmp_path / "x.gguf"), "--seed",
+                        "99999999999999999999999"], capture_output=True, timeout=60)
+    assert r.returncode == 2 and b"--seed wants an integer" in r.stderr and not (tmp_path / "x.gguf").exists()

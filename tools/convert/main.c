@@ -15,6 +15,7 @@
  */
 #include <dirent.h>
 #include <signal.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -260,9 +261,12 @@ int main(int argc, char **argv) {
             name = argv[++i];
         } else if (has_val && !strcmp(a, "--seed")) {
             char *end;
+            errno = 0;
             seed = strtoull(argv[++i], &end, 10);
-            if (*end || !*argv[i] || argv[i][0] == '-') { /* strtoull takes "-5" as 2^64 - 5 */
-                fprintf(stderr, "ds4-convert: --seed wants a non-negative integer, got '%s'\n", argv[i]);
+            /* strtoull takes "-5" as 2^64 - 5, and saturates past 2^64 - 1 (ERANGE) */
+            if (*end || !*argv[i] || argv[i][0] == '-' || errno == ERANGE) {
+                fprintf(stderr, "ds4-convert: --seed wants an integer in 0..18446744073709551615, got '%s'\n",
+                        argv[i]);
                 return 2;
             }
         } else if (has_val && (!strcmp(a, "--outtype") || !strcmp(a, "--recipe"))) {
