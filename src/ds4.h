@@ -240,8 +240,11 @@ const float *ds4_session_logits(const ds4_session *s);
 const float *ds4_session_logits_err(const ds4_session *s, ds4_err *err);
 
 /* The greedy token after the last evaluated token: the lowest id of the
- * largest finite logit (0 when none is finite), computed where the logits
- * are (only the id crosses to the host). DS4_E_ARG on an empty session. */
+ * largest finite logit, computed where the logits are (only the id
+ * crosses to the host). DS4_E_ARG on an empty session; DS4_E_MODEL when no
+ * logit is finite (a broken model: greedy decoding would otherwise repeat
+ * token 0). ds4_session_logits_err says the same when it fetches a row with
+ * no finite value. */
 int ds4_session_argmax(ds4_session *s, int32_t *id, ds4_err *err);
 
 /* Drops tokens so that n_tokens remain (n_tokens <= current count). The
