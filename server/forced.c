@@ -25,7 +25,9 @@
  * type (a list of types or anyOf/oneOf: the first that is not null). A "choice" step masks the
  * logits to tokens whose bytes continue some candidate string and samples
  * greedily (structure is greedy, TEXT C.9); once one candidate is left its
- * rest is written with the longest fitting tokens. The output is therefore always a
+ * rest is written as the tokenizer writes that text (the next turn's prompt
+ * holds the same tokens, so KV reuse meets the tokens a fresh server would
+ * read; the longest fitting tokens only when it cannot tokenize). The output is therefore always a
  * well-formed block that the normal DSML parser reads as one call, provided
  * max_tokens leaves room for the tags (about 40 tokens).
  *
@@ -80,6 +82,10 @@ struct srv_forced {
     int num_state;           /* PH_VALUE_NUM: position in -?(0|[1-9][0-9]*)(.[0-9]+)? (num_step) */
     bool num_frac;           /* the number may have a fraction (type number) */
     int max_required;        /* most required properties of any allowed tool (the thinking reserve) */
+    /* the rest of the one candidate left, as the tokenizer writes it (pick_choice) */
+    int32_t *lit;
+    int lit_n, lit_i;
+    size_t lit_pos;          /* f->pos where lit[lit_i] starts */
 };
 
 static void cands_clear(srv_forced *f) {
@@ -88,6 +94,7 @@ static void cands_clear(srv_forced *f) {
     f->cands = NULL;
     f->n_cands = 0;
     f->pos = 0;
+    f->lit_n = f->lit_i = 0;
 }
 
 static void cand_take(srv_forced *f, char *text, int action) {
@@ -155,6 +162,7 @@ srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) 
 void srv_forced_free(srv_forced *f) {
     if (!f) return;
     cands_clear(f);
+    free(f->lit);
     for (int i = 0; i < f->n_used; i++) free(f->used[i]);
     free(f->used);
     free(f->scratch);
@@ -414,10 +422,41 @@ static bool token_fits(srv_forced *f, int32_t t) {
     return false;
 }
 
+/* The next token of the one candidate left: its rest (from f->pos) as the
+ * tokenizer writes it (rendered, as the prompt of the next turn will be),
+ * tokenized once and emitted in turn, so that a conversation continued on
+ * this server holds the tokens a fresh server reads from the same text (the
+ * KV reuse rules compare tokens). -1 when it cannot (no tokenizer, a first
+ * token that does not fit). */
+static int32_t literal_next(srv_forced *f) {
+    if (f->lit_i >= f->lit_n || f->lit_pos != f->pos) {
+        const char *rest = f->cands[0].text + f->pos;
+        const size_t len = strlen(rest);
+        free(f->lit);
+        f->lit = NULL;
+        f->lit_n = f->lit_i = 0;
+        ds4_err err = {0};
+        const int n = len ? ds4_tokenize(f->e, rest, len, true, NULL, 0, &err) : 0;
+        if (n <= 0) return -1;
+        f->lit = malloc((size_t)n * sizeof *f->lit);
+        if (!f->lit || ds4_tokenize(f->e, rest, len, true, f->lit, n, &err) != n) return -1;
+        f->lit_n = n;
+        f->lit_pos = f->pos;
+    }
+    const int32_t t = f->lit[f->lit_i];
+    if (!token_fits(f, t)) return -1;
+    size_t nb = 0;
+    ds4_token_bytes(f->e, t, &nb);
+    f->lit_i++;
+    f->lit_pos += nb;
+    return t;
+}
+
 static int32_t pick_choice(srv_forced *f, const float *logits, ds4_sampler *smp, ds4_rng *rng) {
     if (f->n_cands == 1) {
-        /* no choice left: the longest token that continues the literal, so
-         * the tags cost as few tokens as their usual tokenization */
+        const int32_t t = literal_next(f);
+        if (t >= 0) return t;
+        /* (cannot tokenize it: the longest token that continues the literal) */
         int32_t best = -1;
         size_t best_len = 0;
         for (int t = 0; t < f->n_vocab; t++) {

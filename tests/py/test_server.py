@@ -571,6 +571,30 @@ def test_server_tool_loop_reuses_live_kv_with_exact_dsml_replay():
         assert "kv reuse text-prefix" in s.log_text() or "kv reuse token-prefix" in s.log_text()
 
 
+def test_server_forced_call_next_turn_equals_a_fresh_server():
+    """A forced call's fixed DSML (the tags, the chosen name's rest) is written as the tokenizer writes that text,
+    so the next turn reuses tokens a fresh server would read from the same conversation, and its reply is the
+    fresh server's. The longest-match tokens used before ('tool' '_call' 's' for the tokenizer's 'tool' '_c'
+    'alls') kept the token count, so the text-prefix rule reused them and the reply differed."""
+    kw = dict(model="m", tools=[BASH_TOOL], temperature=0, seed=5, extra_body=NO_THINK)
+    msgs = user("Hi, who are you?")
+    with Server() as s:
+        c = s.openai()
+        a = c.chat.completions.create(messages=msgs, tool_choice="required", max_tokens=60, **kw)
+        call = a.choices[0].message.tool_calls[0]
+        msgs = msgs + [
+            {"role": "assistant", "content": "", "tool_calls": [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": call.function.arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": "file.txt"}]
+        live = c.chat.completions.create(messages=msgs, max_tokens=12, **kw)
+        assert live.usage.prompt_tokens_details.cached_tokens > 0, live.usage
+        assert "kv reuse token-prefix" in s.log_text(), s.log_text()[-2000:]
+    with Server() as s:
+        fresh = s.openai().chat.completions.create(messages=msgs, max_tokens=12, **kw)
+    assert live.choices[0].message.content == fresh.choices[0].message.content
+    assert live.usage.prompt_tokens == fresh.usage.prompt_tokens
+
+
 def test_server_sse_headers_and_keepalive_during_long_prefill():
     """A streaming request with a long prompt gets its SSE headers at the
     first prefill progress event and ': prefill' comments every >= 5 s, so
