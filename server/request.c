@@ -9,6 +9,7 @@
  * type makes the request invalid (400 "invalid JSON request", docs/SERVING.md B.4);
  * unknown fields are ignored. Nothing here touches the engine or a socket.
  */
+#include <float.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -522,6 +523,10 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
      * APIs stop at 1 or 2), probabilities in [0, 1], top_k >= 0 (0: off) */
     if (get_ranged(root, "temperature", 0.0f, 100.0f, &rq->temperature, e)) return -1;
     if (get_ranged(root, "top_p", 0.0f, 1.0f, &rq->top_p, e)) return -1;
+    /* top_p 0 asks for the smallest nucleus (the OpenAI and Anthropic
+     * meaning: the top token); the sampler reads p <= 0 as "no top-p"
+     * (TEXT D.3), so it gets the smallest positive p instead */
+    if (rq->top_p == 0.0f) rq->top_p = FLT_MIN;
     if (api != SRV_API_RESPONSES) {
         json_t *k = json_object_get(root, "top_k");
         if (k && json_is_number(k) && json_number_value(k) < 0)

@@ -595,6 +595,24 @@ def test_server_forced_call_next_turn_equals_a_fresh_server():
     assert live.usage.prompt_tokens == fresh.usage.prompt_tokens
 
 
+def test_server_top_p_0_keeps_only_the_top_token():
+    """top_p 0 at temperature 1 is the greedy text (the smallest nucleus, as the OpenAI and Anthropic APIs mean
+    it), not the unrestricted sample (the sampler's own rule reads p <= 0 as no top-p)."""
+    kw = dict(model="m", messages=user("hi"), max_tokens=8, seed=1, extra_body=NO_THINK)
+    with Server() as s:
+        c = s.openai()
+        greedy = c.chat.completions.create(temperature=0, **kw).choices[0].message.content
+        p0 = c.chat.completions.create(temperature=1, top_p=0, **kw).choices[0].message.content
+        free = c.chat.completions.create(temperature=1, top_p=1, **kw).choices[0].message.content
+        ak = dict(model="m", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        a_greedy = s.anthropic().messages.create(
+            **ak, extra_body={"thinking": {"type": "disabled"}, "temperature": 0}).content[0].text
+        a_p0 = s.anthropic().messages.create(
+            **ak, extra_body={"thinking": {"type": "disabled"}, "temperature": 1, "top_p": 0}).content[0].text
+    assert p0 == greedy and free != greedy, (greedy, p0, free)
+    assert a_p0 == a_greedy
+
+
 def test_server_sse_headers_and_keepalive_during_long_prefill():
     """A streaming request with a long prompt gets its SSE headers at the
     first prefill progress event and ': prefill' comments every >= 5 s, so
