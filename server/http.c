@@ -445,6 +445,14 @@ static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, co
         return reply_simple_error(s, c, url, MHD_HTTP_FORBIDDEN, NULL,
                                   "Host header not allowed (DNS-rebinding protection; see "
                                   "--allow-host)");
+    /* a transfer coding other than chunked (gzip, "gzip, chunked"): the body
+     * cannot be read as sent (RFC 9112 6.1: 501) */
+    const char *te = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    if (te && strcasecmp(te, "chunked")) {
+        char m[160];
+        snprintf(m, sizeof m, "Transfer-Encoding %.64s is not supported (only chunked)", te);
+        return reply_simple_error(s, c, url, MHD_HTTP_NOT_IMPLEMENTED, NULL, m);
+    }
     bool options = !strcmp(method, "OPTIONS");
     if (!options && !api_key_ok(s, c))
         return reply_simple_error(s, c, url, MHD_HTTP_UNAUTHORIZED, "invalid_api_key",

@@ -613,6 +613,20 @@ def test_server_top_p_0_keeps_only_the_top_token():
     assert a_p0 == a_greedy
 
 
+def test_server_unknown_transfer_coding_is_501_at_once():
+    """A body in a transfer coding other than chunked (gzip, "gzip, chunked") is answered 501 as soon as the
+    headers arrive; it used to get no byte back until the 10 s idle timeout closed the connection."""
+    body = json.dumps({"messages": user("hi"), "max_tokens": 1}).encode()
+    with Server() as s:
+        for te in (b"gzip", b"gzip, chunked"):
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json"
+                         b"\r\nTransfer-Encoding: %s\r\n\r\n" % (s.port, te) + body)
+            reply = sock.recv(65536)
+            sock.close()
+            assert reply.startswith(b"HTTP/1.1 501") and b"Transfer-Encoding " + te + b" is not supported" in reply, reply
+
+
 def test_server_sse_headers_and_keepalive_during_long_prefill():
     """A streaming request with a long prompt gets its SSE headers at the
     first prefill progress event and ': prefill' comments every >= 5 s, so
