@@ -395,7 +395,11 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
         rule = "cold";
     }
     if (!E && !token_prefix) {
-        if (L > 0) srv_log("live kv cache miss (live=%d prompt=%d) reason=token-mismatch", L, rq->n_tokens);
+        if (L > 0)
+            srv_log("live kv cache miss (live=%d prompt=%d) reason=%s", L, rq->n_tokens,
+                    L > rq->n_tokens && !memcmp(live, rq->tokens, (size_t)rq->n_tokens * sizeof *live)
+                        ? "prompt-is-a-shorter-prefix" /* the live state runs past it: not rewound */
+                        : "token-mismatch");
         if (c->kv) {
             save_live(s, DS4_KV_REASON_EVICT);
             if (disk_restore(s, j, &E, &nE)) rule = "disk";
