@@ -551,6 +551,9 @@ int ds4_fwd_argmax(ds4_fwd *f, int32_t *id, ds4_err *err) {
     const ds4_backend *be = last_part(f)->be;
     int rc = be->ops->argmax(be->ctx, f->logits + (size_t)(f->n_logits - 1) * V, 1, (int)V, id, err);
     if (!rc && *id < 0) rc = ds4_fwd_nonfinite_error(err);
+    if (!rc && *id >= (int32_t)V) /* (a remote worker's answer) */
+        rc = ds4_err_set(err, DS4_E_BACKEND, "the %s backend answered token id %d (the vocabulary has %zu)",
+                         be->ops->name, *id, V);
     return rc;
 }
 
@@ -569,8 +572,12 @@ int ds4_fwd_argmax_rows(ds4_fwd *f, int32_t *ids, ds4_err *err) {
     if (f->n_logits < 1) return ds4_err_set(err, DS4_E_ARG, "no logits: nothing evaluated yet");
     const ds4_backend *be = last_part(f)->be;
     int rc = be->ops->argmax(be->ctx, f->logits, f->n_logits, f->m->hp.n_vocab, ids, err);
-    for (int r = 0; !rc && r < f->n_logits; r++)
+    for (int r = 0; !rc && r < f->n_logits; r++) {
         if (ids[r] < 0) rc = ds4_fwd_nonfinite_error(err);
+        else if (ids[r] >= f->m->hp.n_vocab) /* (a remote worker's answer) */
+            rc = ds4_err_set(err, DS4_E_BACKEND, "the %s backend answered token id %d (the vocabulary has %d)",
+                             be->ops->name, ids[r], f->m->hp.n_vocab);
+    }
     return rc;
 }
 

@@ -215,7 +215,7 @@ int ds4_chan_connect(const char *hostport, int rank, int timeout_s, ds4_chan **o
             tune(fd);
             hello h = {HELLO_MAGIC, PROTO_VERSION, rank, 0}, ack = {0};
             if (io_all(fd, &h, sizeof h, true) || io_until(fd, &ack, sizeof ack, false, now_s() + 60) ||
-                ack.magic != HELLO_MAGIC || ack.rank != 0) {
+                ack.magic != HELLO_MAGIC || ack.rank != 0 || ack.version != PROTO_VERSION) {
                 close(fd);
                 return ds4_err_set(err, DS4_E_IO, "rendezvous %s: rank 0 refused rank %d (%s)", hostport, rank,
                                    ack.magic == HELLO_MAGIC && ack.version != PROTO_VERSION
@@ -422,6 +422,10 @@ static int rp_call(rp_ctx *r, req q, const void *payload, rep *reply, void *out,
         RECV(&c, 1);
     }
     msg[ml] = 0;
+    /* a worker's text goes into logs and API errors: no control bytes (a
+     * newline would forge a log line, an escape drive the terminal) */
+    for (size_t i = 0; i < ml; i++)
+        if ((unsigned char)msg[i] < 0x20 || msg[i] == 0x7f) msg[i] = '?';
     RECV(out, reply->len);
 #undef RECV
     if (reply->rc) return ds4_err_set(err, reply->rc, "rank %d: %s", r->ch->rank, msg);
@@ -944,6 +948,21 @@ int ds4_worker_serve(ds4_chan *ch, const char *path, ds4_backend_factory make_ba
             rc = ds4_err_set(err, DS4_E_IO, "rank 0 closed the connection");
             break;
         }
+        /* what the header says is checked before its payload is read or
+         * any memory is reserved for it: a known op, a model bound first,
+         * and a payload only where the op carries one (uploads, bind, stage
+         * descriptors, copy lists, the step key) */
+        const bool payload = q.op == OP_BIND || q.op == OP_UPLOAD || q.op == OP_STAGE || q.op == OP_COPY_MANY ||
+                             q.op == OP_STEP_BEGIN;
+        if (q.op < OP_BIND || q.op > OP_BYE || (!payload && q.len) ||
+            (q.op != OP_BIND && q.op != OP_BYE && !w.have_be)) {
+            rc = ds4_err_set(err, DS4_E_IO, "rank 0 sent %s (op %u, %llu bytes)",
+                             q.op < OP_BIND || q.op > OP_BYE ? "an unknown request"
+                             : !w.have_be && q.op != OP_BIND ? "a request before binding a model"
+                                                               : "a payload with a request that has none",
+                             q.op, (unsigned long long)q.len);
+            break;
+        }
         if (q.len > ((uint64_t)1 << 34) || wk_grow(&w, (size_t)q.len + 1)) {
             rc = ds4_err_set(err, DS4_E_IO, "a request of %llu bytes could not be held", (unsigned long long)q.len);
             break;
@@ -966,6 +985,12 @@ int ds4_worker_serve(ds4_chan *ch, const char *path, ds4_backend_factory make_ba
         switch (q.op) {
         case OP_BIND: io = wk_bind_model(&w, w.buf, (size_t)q.len, path, make_backend, user, &e); break;
         case OP_UNBIND:
+            /* an MTP block borrows the main model's embedding and head: the
+             * main model goes only after it (rank 0 unbinds in that order) */
+            if (!q.k && w.b[1].bound) {
+                io = wk_reply(&w, DS4_E_ARG, "the MTP block is still bound: unbind it first", 0, NULL, 0);
+                break;
+            }
             wk_unbind(&w, q.k ? 1 : 0);
             io = wk_reply(&w, 0, NULL, 0, NULL, 0);
             break;

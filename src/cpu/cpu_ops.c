@@ -42,6 +42,10 @@ int cpu_embed(void *ctx, const ds4_embed_args *a) {
     const ds4_hparams *hp = &a->m->hp;
     const int D = hp->n_embd, hc = hp->n_hc;
     const ds4_weight *w = &a->m->tok_embd;
+    /* the ids come from the step (a worker's from the network): in range
+     * before any row is read (the engine checks them first too) */
+    for (int t = 0; t < a->n; t++)
+        if (a->tokens[t] < 0 || a->tokens[t] >= hp->n_vocab) return DS4_E_ARG;
     for (int t = 0; t < a->n; t++) {
         float *X = a->X + (size_t)t * hc * D;
         ds4_dequant_row(w->type, (const char *)w->data + (size_t)a->tokens[t] * w->row_bytes, X, D);
@@ -66,6 +70,8 @@ int cpu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a) {
     float *ep = cpu_scratch(c, 2, (size_t)n * D * sizeof(float));
     float *hp_out = cpu_scratch(c, 3, (size_t)n * hc * D * sizeof(float));
     if (!en || !hn || !ep || !hp_out) return DS4_E_NOMEM;
+    for (int t = 0; t < n; t++)
+        if (a->tokens[t] < 0 || a->tokens[t] >= hp->n_vocab) return DS4_E_ARG; /* (as cpu_embed) */
     for (int t = 0; t < n; t++) {
         float *e = en + (size_t)t * D;
         ds4_dequant_row(w->type, (const char *)w->data + (size_t)a->tokens[t] * w->row_bytes, e, D);
@@ -759,6 +765,7 @@ int cpu_moe_route(void *ctx, const ds4_moe_route_args *a) {
         float *w = a->w + (size_t)t * K;
         for (int e = 0; e < E; e++) s[e] = sqrtf(softplusf(s[e]));
         if (l->hash) {
+            if (a->tokens[t] < 0 || a->tokens[t] >= hp->n_vocab) return DS4_E_ARG; /* (as cpu_embed) */
             for (int i = 0; i < K; i++) ids[i] = l->tid2eid[(size_t)a->tokens[t] * K + i];
         } else {
             /* biased top-k; strict '>' keeps the lower index on ties */

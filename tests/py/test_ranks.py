@@ -425,3 +425,45 @@ def test_a_worker_with_other_weights_under_the_same_header_is_refused(tmp_path):
                         f"127.0.0.1:{port}", "-p", "hi", "-n", "1"], capture_output=True, text=True, timeout=120)
     finish([w])
     assert r.returncode == 1 and "the worker's model is not rank 0's" in r.stderr, r.stderr
+
+
+def _hostile_rank0(port, ack_version=None):
+    """Listens as rank 0, takes one worker's hello and acks it (its own version unless told otherwise); returns
+    (socket, the worker's protocol version)."""
+    import struct
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(1)
+    ls.settimeout(60)
+    c, _ = ls.accept()
+    ls.close()
+    c.settimeout(60)
+    magic, ver, rank, _ = struct.unpack("<IIii", c.recv(16, socket.MSG_WAITALL))
+    c.sendall(struct.pack("<IIii", magic, ver if ack_version is None else ack_version, 0, 0))
+    return c, ver
+
+
+def test_worker_refuses_what_no_rank_0_sends():
+    """A worker checks a request's header before reading or reserving its payload: an op that carries no payload
+    announcing 16 GiB (it reserved that much first), an unknown op and any op before the bind end the worker with
+    a message, at once and without the memory. A rank 0 acking another protocol version is refused."""
+    import struct
+    REQ = struct.Struct("<IIQQQQ")
+    OP_DESCRIBE, OP_STAGE = 18, 19
+    for op, ln, want in ((OP_DESCRIBE, 1 << 34, "a request before binding a model"),
+                         (99, 0, "an unknown request"),
+                         (OP_STAGE, 64, "a request before binding a model")):
+        port = free_port()
+        w = workers(2, port, backend="--cpu")[0]
+        c, _ = _hostile_rank0(port)
+        c.sendall(REQ.pack(op, 0, 0, 0, 0, ln))
+        out, err = w.communicate(timeout=30)
+        c.close()
+        assert w.returncode == 1 and want in err, (op, w.returncode, err)
+    port = free_port()
+    w = workers(2, port, backend="--cpu")[0]
+    c, ver = _hostile_rank0(port, ack_version=12345)
+    out, err = w.communicate(timeout=30)
+    c.close()
+    assert w.returncode == 1 and "a different ds4 build" in err, err
