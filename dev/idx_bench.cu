@@ -39,11 +39,9 @@ __global__ void __launch_bounds__(256) k_idx_scores_mmc(const int8_t *qc, const 
     const int8_t *kc, const float *kp, int IH, int ID, int topk, int t, float sm_scale, float w_scale, float *scores,
     const ds4_step *step) {
     extern __shared__ __align__(16) unsigned char idxm_sm[];
-    const int RS = ID + 16, nb = ID / 32;
-    int8_t *kcs = (int8_t *)idxm_sm, *qcs = kcs + IDXM_KEYS * RS;
-    float *kps = (float *)(qcs + 64 * RS), *qps = kps + IDXM_KEYS * 4, *whs = qps + 64 * 4, *terms = whs + 64;
-    const int pos0 = step->pos0, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int r0 = blockIdx.x * IDXM_KEYS, Nc = (pos0 + t + 1) / 4;
+    const idxm_sh m = idxm_layout(idxm_sm, ID);
+    const int nb = ID / 32, tid = threadIdx.x;
+    const int r0 = blockIdx.x * IDXM_KEYS, Nc = (step->pos0 + t + 1) / 4;
     if (Nc <= topk || r0 >= Nc) return;
     const int n16 = IDXM_KEYS * ID / 16; /* 16-byte pieces of the block's codes */
     uint4 u[8];
@@ -58,77 +56,21 @@ __global__ void __launch_bounds__(256) k_idx_scores_mmc(const int8_t *qc, const 
         const int i = tid + k * 256, kl = i / nb;
         pv[k] = i < IDXM_KEYS * nb && r0 + kl < Nc ? kp[(int64_t)(r0 + kl) * nb + i % nb] : 0.0f;
     }
-    for (int i = tid; i < 64 * (ID / 16); i += blockDim.x) {
-        const int h = i / (ID / 16), cch = i % (ID / 16);
-        uint4 q = make_uint4(0u, 0u, 0u, 0u);
-        if (h < IH) q = *(const uint4 *)(qc + ((int64_t)t * IH + h) * ID + 16 * cch);
-        *(uint4 *)(qcs + h * RS + 16 * cch) = q;
-    }
-    for (int i = tid; i < 64 * nb; i += blockDim.x) {
-        const int h = i / nb, b = i % nb;
-        qps[h * 4 + b] = h < IH ? qp[((int64_t)t * IH + h) * nb + b] : 0.0f;
-    }
-    if (tid < 64) whs[tid] = tid < IH ? __fmul_rn(wt[(int64_t)t * IH + tid], w_scale) : 0.0f;
+    idxm_stage_q(m, qc, qp, wt, IH, ID, w_scale, t);
 #pragma unroll
     for (int k = 0; k < 8; k++) {
         const int i = tid + k * 256, kl = i / (ID / 16), c = i % (ID / 16);
-        if (i < n16) *(uint4 *)(kcs + kl * RS + 16 * c) = u[k];
+        if (i < n16) *(uint4 *)(m.kcs + kl * m.RS + 16 * c) = u[k];
     }
 #pragma unroll
     for (int k = 0; k < 2; k++) {
         const int i = tid + k * 256;
-        if (i < IDXM_KEYS * nb) kps[(i / nb) * 4 + i % nb] = pv[k];
+        if (i < IDXM_KEYS * nb) m.kps[(i / nb) * 4 + i % nb] = pv[k];
     }
     __syncthreads();
-    const int g = lane >> 2, tq = lane & 3, nht = (IH + 15) / 16;
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int kn = warp * 16 + half * 8;
-        unsigned bf[4][2];
-        float pk0[4], pk1[4];
-#pragma unroll
-        for (int b = 0; b < 4; b++)
-            if (b < nb) {
-                bf[b][0] = *(const unsigned *)(kcs + (kn + g) * RS + 32 * b + 4 * tq);
-                bf[b][1] = *(const unsigned *)(kcs + (kn + g) * RS + 32 * b + 16 + 4 * tq);
-                pk0[b] = kps[(kn + 2 * tq) * 4 + b];
-                pk1[b] = kps[(kn + 2 * tq + 1) * 4 + b];
-            }
-        for (int ht = 0; ht < nht; ht++) {
-            const int ha = ht * 16 + g;
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int b = 0; b < 4; b++)
-                if (b < nb) {
-                    unsigned af[4];
-                    af[0] = *(const unsigned *)(qcs + ha * RS + 32 * b + 4 * tq);
-                    af[1] = *(const unsigned *)(qcs + (ha + 8) * RS + 32 * b + 4 * tq);
-                    af[2] = *(const unsigned *)(qcs + ha * RS + 32 * b + 16 + 4 * tq);
-                    af[3] = *(const unsigned *)(qcs + (ha + 8) * RS + 32 * b + 16 + 4 * tq);
-                    int ci[4];
-                    mm_mma(af, bf[b][0], bf[b][1], ci);
-                    const float pa = qps[ha * 4 + b], pb = qps[(ha + 8) * 4 + b];
-                    const float pp[4] = {__fmul_rn(pa, pk0[b]), __fmul_rn(pa, pk1[b]), __fmul_rn(pb, pk0[b]), __fmul_rn(pb, pk1[b])};
-#pragma unroll
-                    for (int e = 0; e < 4; e++) d[e] = b ? __fmaf_rn((float)ci[e], pp[e], d[e]) : __fmul_rn((float)ci[e], pp[e]);
-                }
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int h = ha + (e >> 1) * 8, key = kn + 2 * tq + (e & 1);
-                const float v = __fmul_rn(d[e] > 0.0f ? d[e] : 0.0f, sm_scale);
-                terms[key * 65 + h] = __fmul_rn(v, whs[h]);
-            }
-        }
-    }
+    idxm_terms(m, IH, ID, sm_scale);
     __syncthreads();
-    if (tid < IDXM_KEYS && r0 + tid < Nc) {
-        float tv[64], tot = 0.0f;
-#pragma unroll
-        for (int h = 0; h < 64; h++) tv[h] = h < IH ? terms[tid * 65 + h] : 0.0f;
-#pragma unroll
-        for (int h = 0; h < 64; h++) if (h < IH) tot = __fadd_rn(tot, tv[h]);
-        scores[r0 + tid] = tot;
-    }
+    if (tid < IDXM_KEYS && r0 + tid < Nc) scores[r0 + tid] = idxm_sum<true>(m, IH, tid);
 }
 /* the codes and powers k_idx_scores_mma derives from each row (one thread per (row, block)) */
 template <class T> __global__ void k_row_codes(const T *k, int n, int ID, int8_t *kc, float *kp) {

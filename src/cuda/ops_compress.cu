@@ -562,6 +562,111 @@ static size_t idxm_smem(int ID) {
     return (size_t)(IDXM_KEYS + 64) * (ID + 16) + (size_t)(IDXM_KEYS + 64) * 4 * sizeof(float) + 64 * sizeof(float) +
            (size_t)IDXM_KEYS * 65 * sizeof(float);
 }
+/* The shared-memory layout of k_idx_scores_mma (idxm_smem) */
+struct idxm_sh {
+    int8_t *kcs, *qcs;  /* IDXM_KEYS and 64 rows of RS = ID + 16 code bytes */
+    float *kps, *qps;   /* their block powers, 4 per row */
+    float *whs, *terms; /* 64 head weights; IDXM_KEYS x 65 terms */
+    int RS;
+};
+__device__ __forceinline__ idxm_sh idxm_layout(unsigned char *sm, int ID) {
+    idxm_sh m;
+    m.RS = ID + 16;
+    m.kcs = (int8_t *)sm;
+    m.qcs = m.kcs + IDXM_KEYS * m.RS;
+    m.kps = (float *)(m.qcs + 64 * m.RS);
+    m.qps = m.kps + IDXM_KEYS * 4;
+    m.whs = m.qps + 64 * 4;
+    m.terms = m.whs + 64;
+    return m;
+}
+
+/* token t's query codes, powers and head weights into shared memory
+ * (heads past IH as zeros); every thread of the block calls it */
+__device__ __forceinline__ void idxm_stage_q(const idxm_sh &m, const int8_t *qc, const float *qp, const float *wt,
+                                             int IH, int ID, float w_scale, int t) {
+    const int tid = threadIdx.x, nb = ID / 32;
+    for (int i = tid; i < 64 * (ID / 16); i += blockDim.x) {
+        const int h = i / (ID / 16), cch = i % (ID / 16);
+        uint4 u = make_uint4(0u, 0u, 0u, 0u);
+        if (h < IH) u = *(const uint4 *)(qc + ((int64_t)t * IH + h) * ID + 16 * cch);
+        *(uint4 *)(m.qcs + h * m.RS + 16 * cch) = u;
+    }
+    for (int i = tid; i < 64 * nb; i += blockDim.x) {
+        const int h = i / nb, b = i % nb;
+        m.qps[h * 4 + b] = h < IH ? qp[((int64_t)t * IH + h) * nb + b] : 0.0f;
+    }
+    if (tid < 64) m.whs[tid] = tid < IH ? __fmul_rn(wt[(int64_t)t * IH + tid], w_scale) : 0.0f;
+}
+
+/* The staged token's terms of the block's keys and heads: warp w's keys
+ * 16w..16w+15, one m16n8k32 mma per 32-value block (exact integer sums),
+ * then ds4_num_fp4_dot's float steps, relu, scale and head weight */
+__device__ __forceinline__ void idxm_terms(const idxm_sh &m, int IH, int ID, float sm_scale) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+    const int nb = ID / 32, nht = (IH + 15) / 16, RS = m.RS;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int kn = warp * 16 + half * 8; /* this mma's 8 keys */
+        unsigned bf[4][2];
+        float pk0[4], pk1[4];
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            if (b < nb) {
+                bf[b][0] = *(const unsigned *)(m.kcs + (kn + g) * RS + 32 * b + 4 * tq);
+                bf[b][1] = *(const unsigned *)(m.kcs + (kn + g) * RS + 32 * b + 16 + 4 * tq);
+                pk0[b] = m.kps[(kn + 2 * tq) * 4 + b];
+                pk1[b] = m.kps[(kn + 2 * tq + 1) * 4 + b];
+            }
+        }
+        for (int ht = 0; ht < nht; ht++) {
+            const int ha = ht * 16 + g; /* heads ha, ha + 8 */
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                if (b < nb) {
+                    unsigned af[4];
+                    af[0] = *(const unsigned *)(m.qcs + ha * RS + 32 * b + 4 * tq);
+                    af[1] = *(const unsigned *)(m.qcs + (ha + 8) * RS + 32 * b + 4 * tq);
+                    af[2] = *(const unsigned *)(m.qcs + ha * RS + 32 * b + 16 + 4 * tq);
+                    af[3] = *(const unsigned *)(m.qcs + (ha + 8) * RS + 32 * b + 16 + 4 * tq);
+                    int ci[4];
+                    mm_mma(af, bf[b][0], bf[b][1], ci);
+                    const float pa = m.qps[ha * 4 + b], pb = m.qps[(ha + 8) * 4 + b];
+                    const float pp[4] = {__fmul_rn(pa, pk0[b]), __fmul_rn(pa, pk1[b]), __fmul_rn(pb, pk0[b]),
+                                         __fmul_rn(pb, pk1[b])};
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        d[e] = b ? __fmaf_rn((float)ci[e], pp[e], d[e]) : __fmul_rn((float)ci[e], pp[e]);
+                }
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int h = ha + (e >> 1) * 8, key = kn + 2 * tq + (e & 1);
+                const float v = __fmul_rn(d[e] > 0.0f ? d[e] : 0.0f, sm_scale);
+                m.terms[key * 65 + h] = __fmul_rn(v, m.whs[h]);
+            }
+        }
+    }
+}
+
+/* Key `tid`'s score: its terms added in head order (REG: the 64 terms
+ * loaded at once first; IH 64 only) */
+template <bool REG>
+__device__ __forceinline__ float idxm_sum(const idxm_sh &m, int IH, int tid) {
+    float tot = 0.0f;
+    if (REG && IH == 64) {
+        float tv[64];
+#pragma unroll
+        for (int h = 0; h < 64; h++) tv[h] = m.terms[tid * 65 + h];
+#pragma unroll
+        for (int h = 0; h < 64; h++) tot = __fadd_rn(tot, tv[h]);
+    } else {
+        for (int h = 0; h < IH; h++) tot = __fadd_rn(tot, m.terms[tid * 65 + h]);
+    }
+    return tot;
+}
+
 template <typename T, int PP = 1>
 __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const float *qp, const float *wt,
                                                        const T *krows, int IH, int ID, int topk, int t0, int nt,
@@ -569,14 +674,9 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
                                                        int64_t ld_scores, const ds4_step *step) {
     cu_pdl_wait();
     extern __shared__ __align__(16) unsigned char idxm_sm[];
-    const int RS = ID + 16, nb = ID / 32;
-    int8_t *kcs = (int8_t *)idxm_sm;                     /* IDXM_KEYS x RS */
-    int8_t *qcs = kcs + IDXM_KEYS * RS;                  /* 64 x RS */
-    float *kps = (float *)(qcs + 64 * RS);               /* IDXM_KEYS x 4 */
-    float *qps = kps + IDXM_KEYS * 4;                    /* 64 x 4 */
-    float *whs = qps + 64 * 4;                           /* 64 */
-    float *terms = whs + 64;                             /* IDXM_KEYS x 65 */
-    const int pos0 = step->pos0, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const idxm_sh m = idxm_layout(idxm_sm, ID);
+    const int RS = m.RS, nb = ID / 32;
+    const int pos0 = step->pos0, tid = threadIdx.x;
     if (tpb == 0) { /* a captured step: decided from the rows of this replay, the grid has nt rows of blocks */
         const int rows = (pos0 + t0 + nt) / 4 + 1;
         tpb = (int64_t)((rows + IDXM_KEYS - 1) / IDXM_KEYS) * nt <= 1024 ? 1 : IDXM_TOK;
@@ -594,20 +694,7 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
     const int npair = IDXM_KEYS * nb;
     /* the first token's query codes, powers and head weights (PP > 1):
      * staged now, their loads in flight with the rows' */
-    auto stage_q = [&](int t) {
-        for (int i = tid; i < 64 * (ID / 16); i += blockDim.x) {
-            const int h = i / (ID / 16), cch = i % (ID / 16);
-            uint4 u = make_uint4(0u, 0u, 0u, 0u);
-            if (h < IH) u = *(const uint4 *)(qc + ((int64_t)t * IH + h) * ID + 16 * cch);
-            *(uint4 *)(qcs + h * RS + 16 * cch) = u;
-        }
-        for (int i = tid; i < 64 * nb; i += blockDim.x) {
-            const int h = i / nb, b = i % nb;
-            qps[h * 4 + b] = h < IH ? qp[((int64_t)t * IH + h) * nb + b] : 0.0f;
-        }
-        if (tid < 64) whs[tid] = tid < IH ? __fmul_rn(wt[(int64_t)t * IH + tid], w_scale) : 0.0f;
-    };
-    if constexpr (PP > 1) stage_q(tb);
+    if constexpr (PP > 1) idxm_stage_q(m, qc, qp, wt, IH, ID, w_scale, tb);
     for (int p0 = tid; p0 < npair; p0 += PP * blockDim.x) {
         uint4 raw[PP][NU];
 #pragma unroll
@@ -653,79 +740,23 @@ __global__ void __launch_bounds__(256) k_idx_scores_mma(const int8_t *qc, const 
                     x |= ((uint32_t)(uint8_t)(int8_t)ds4_num_i4_code_r(v[4 * i + j], p, ip)) << (8 * j);
                 w[i] = x;
             }
-            uint4 *dst = (uint4 *)(kcs + kl * RS + 32 * b);
+            uint4 *dst = (uint4 *)(m.kcs + kl * RS + 32 * b);
             dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
             dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
-            kps[kl * 4 + b] = p;
+            m.kps[kl * 4 + b] = p;
         }
     }
-    const int g = lane >> 2, tq = lane & 3, nht = (IH + 15) / 16;
     for (int t = tb; t < te; t++) {
         const int Nc = (pos0 + t + 1) / 4;
         __syncthreads(); /* the rows' codes; the previous token's terms read */
         if (Nc <= topk) continue;
         if (PP == 1 || t != tb) {
-            stage_q(t);
+            idxm_stage_q(m, qc, qp, wt, IH, ID, w_scale, t);
             __syncthreads();
         }
-#pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int kn = warp * 16 + half * 8; /* this mma's 8 keys */
-            unsigned bf[4][2];
-            float pk0[4], pk1[4];
-#pragma unroll
-            for (int b = 0; b < 4; b++) {
-                if (b < nb) {
-                    bf[b][0] = *(const unsigned *)(kcs + (kn + g) * RS + 32 * b + 4 * tq);
-                    bf[b][1] = *(const unsigned *)(kcs + (kn + g) * RS + 32 * b + 16 + 4 * tq);
-                    pk0[b] = kps[(kn + 2 * tq) * 4 + b];
-                    pk1[b] = kps[(kn + 2 * tq + 1) * 4 + b];
-                }
-            }
-            for (int ht = 0; ht < nht; ht++) {
-                const int ha = ht * 16 + g; /* heads ha, ha + 8 */
-                float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int b = 0; b < 4; b++) {
-                    if (b < nb) {
-                        unsigned af[4];
-                        af[0] = *(const unsigned *)(qcs + ha * RS + 32 * b + 4 * tq);
-                        af[1] = *(const unsigned *)(qcs + (ha + 8) * RS + 32 * b + 4 * tq);
-                        af[2] = *(const unsigned *)(qcs + ha * RS + 32 * b + 16 + 4 * tq);
-                        af[3] = *(const unsigned *)(qcs + (ha + 8) * RS + 32 * b + 16 + 4 * tq);
-                        int ci[4];
-                        mm_mma(af, bf[b][0], bf[b][1], ci);
-                        const float pa = qps[ha * 4 + b], pb = qps[(ha + 8) * 4 + b];
-                        const float pp[4] = {__fmul_rn(pa, pk0[b]), __fmul_rn(pa, pk1[b]), __fmul_rn(pb, pk0[b]),
-                                             __fmul_rn(pb, pk1[b])};
-#pragma unroll
-                        for (int e = 0; e < 4; e++)
-                            d[e] = b ? __fmaf_rn((float)ci[e], pp[e], d[e]) : __fmul_rn((float)ci[e], pp[e]);
-                    }
-                }
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int h = ha + (e >> 1) * 8, key = kn + 2 * tq + (e & 1);
-                    const float v = __fmul_rn(d[e] > 0.0f ? d[e] : 0.0f, sm_scale);
-                    terms[key * 65 + h] = __fmul_rn(v, whs[h]);
-                }
-            }
-        }
+        idxm_terms(m, IH, ID, sm_scale);
         __syncthreads();
-        if (tid < IDXM_KEYS && r0 + tid < Nc) {
-            float tot = 0.0f;
-            if (PP > 1 && IH == 64) {
-                /* the 64 terms loaded at once, then added in head order */
-                float tv[64];
-#pragma unroll
-                for (int h = 0; h < 64; h++) tv[h] = terms[tid * 65 + h];
-#pragma unroll
-                for (int h = 0; h < 64; h++) tot = __fadd_rn(tot, tv[h]);
-            } else {
-                for (int h = 0; h < IH; h++) tot = __fadd_rn(tot, terms[tid * 65 + h]);
-            }
-            scores[(int64_t)(t - t0) * ld_scores + r0 + tid] = tot;
-        }
+        if (tid < IDXM_KEYS && r0 + tid < Nc) scores[(int64_t)(t - t0) * ld_scores + r0 + tid] = idxm_sum<(PP > 1)>(m, IH, tid);
     }
 }
 

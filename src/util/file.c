@@ -129,25 +129,22 @@ static void on_fatal(int sig) {
     raise(sig);
 }
 
-void ds4_tmp_fatal_signals(const char *prog) {
-    tmp_prog = prog;
-    static const int sigs[] = {SIGBUS, SIGPIPE, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU};
-    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) {
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_handler = on_fatal;
-        sigemptyset(&sa.sa_mask);
-        sa.sa_flags = SA_RESETHAND;
-        sigaction(sigs[i], &sa, NULL);
-    }
-}
-
-void ds4_sigbus_message(const char *prog) {
-    tmp_prog = prog;
+static void on_fatal_for(int sig) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_fatal;
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = SA_RESETHAND;
-    sigaction(SIGBUS, &sa, NULL);
+    sigaction(sig, &sa, NULL);
+}
+
+void ds4_tmp_fatal_signals(const char *prog) {
+    tmp_prog = prog;
+    static const int sigs[] = {SIGBUS, SIGPIPE, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU};
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) on_fatal_for(sigs[i]);
+}
+
+void ds4_sigbus_message(const char *prog) {
+    tmp_prog = prog;
+    on_fatal_for(SIGBUS);
 }
