@@ -43,22 +43,47 @@ template <typename T> static T *dev_copy(const std::vector<T> &h) {
 struct variant {
     const char *name;
     int hb, zb, dhc, mz;
+    int tc; /* k_attn_tc with hb heads per block (TF32 tensor cores: other bits, compared by max |diff|) */
 };
+
+/* registers per thread and resident blocks per SM of a kernel at 256 threads and smem bytes */
+template <class K> static void occ(K k, size_t smem, int *regs, int *per_sm) {
+    cudaFuncAttributes fa;
+    CK(cudaFuncGetAttributes(&fa, k));
+    *regs = fa.numRegs;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, k, 256, smem));
+}
 
 /* One launch of the partial kernel for the variant (the host choices of
  * launch_attention, without its heuristics) */
+static int g_regs, g_occ; /* the last variant's partial kernel: registers, blocks per SM */
+
 template <int HB, int DHC, bool MZ> static void part(const attn_p &p, dim3 grid, size_t smem) {
     CK(cudaFuncSetAttribute(k_attn_part<__half, HB, DHC, MZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    occ(k_attn_part<__half, HB, DHC, MZ>, smem, &g_regs, &g_occ);
     k_attn_part<__half, HB, DHC, MZ><<<grid, 256, smem>>>(p);
 }
 
-static void run_variant(attn_p p, int n, const variant &v) {
+template <int HB> static void part_tc(const attn_p &p, dim3 grid, size_t smem) {
+    CK(cudaFuncSetAttribute(k_attn_tc<__half, HB>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    occ(k_attn_tc<__half, HB>, smem, &g_regs, &g_occ);
+    k_attn_tc<__half, HB><<<grid, 256, smem>>>(p);
+}
+
+/* merge: false times the partial kernel alone */
+static void run_variant(attn_p p, int n, const variant &v, bool merge = true) {
     const int S = p.S;
     p.zb = v.zb;
     const dim3 grid(p.H / v.hb, n, (S + v.zb - 1) / v.zb);
     const size_t smem = ((size_t)v.hb * p.dh + (size_t)ATT_R * p.dh + (size_t)v.hb * ATT_R) * 4 + ATT_R * 8;
     const bool mz = v.zb > 1;
-    if (v.hb == 16) {
+    if (v.tc) {
+        const size_t tsm = attn_tc_smem(v.hb, p.dh, sizeof(__half));
+        const dim3 tg((p.H + v.hb - 1) / v.hb, n, S);
+        if (v.hb == 64) part_tc<64>(p, tg, tsm);
+        else if (v.hb == 32) part_tc<32>(p, tg, tsm);
+        else part_tc<16>(p, tg, tsm);
+    } else if (v.hb == 16) {
         if (v.dhc) { if (mz) part<16, 512, true>(p, grid, smem); else part<16, 512, false>(p, grid, smem); }
         else { if (mz) part<16, 0, true>(p, grid, smem); else part<16, 0, false>(p, grid, smem); }
     } else if (v.hb == 8) {
@@ -66,6 +91,7 @@ static void run_variant(attn_p p, int n, const variant &v) {
     } else {
         if (v.dhc) part<4, 512, false>(p, grid, smem); else part<4, 0, false>(p, grid, smem);
     }
+    if (!merge) return;
     const size_t msm = ((size_t)p.dh + (v.mz > 1 ? 2 : 1) * (size_t)S) * 4;
     if (v.mz > 1) {
         CK(cudaFuncSetAttribute(k_attn_merge<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm));
@@ -125,9 +151,11 @@ static int bench_case(const char *label, int kind, int pos0, int n, int reps) {
     p.att_r4 = 1;
     const variant vs[] = {{"hb4", 4, 1, 0, 1},       {"hb4 dh512", 4, 1, 512, 1},  {"hb16 dh512", 16, 1, 512, 1},
                           {"hb16 mz4", 16, 1, 512, 4}, {"hb16 zb2", 16, 2, 512, 4}, {"hb16 zb4", 16, 4, 512, 4},
-                          {"hb16 zb4 rt", 16, 4, 0, 4}, {"hb8 dh512", 8, 1, 512, 4}};
+                          {"hb16 zb4 rt", 16, 4, 0, 4}, {"hb8 dh512", 8, 1, 512, 4}, {"tc16", 16, 1, 0, 4, 1},
+                          {"tc64", 64, 1, 0, 4, 1}};
     std::vector<float> ref((size_t)n * H * dh), got(ref.size());
     printf("%s (n %d at %d, %d splits):", label, n, pos0, S);
+    fflush(stdout);
     int bad = 0;
     for (const variant &v : vs) {
         CK(cudaMemset(o, 0xff, (size_t)n * H * dh * 4));
@@ -137,17 +165,26 @@ static int bench_case(const char *label, int kind, int pos0, int n, int reps) {
         const bool first = &v == &vs[0];
         if (first) ref = got;
         const bool same = !memcmp(ref.data(), got.data(), got.size() * 4);
-        cudaEvent_t e0, e1;
+        double md = 0; /* largest |difference| to the first variant (tensor-core variants) */
+        for (size_t i = 0; i < got.size(); i++) md = fmax(md, fabs((double)got[i] - ref[i]));
+        cudaEvent_t e0, e1, e2;
         CK(cudaEventCreate(&e0));
         CK(cudaEventCreate(&e1));
+        CK(cudaEventCreate(&e2));
+        for (int r = 0; r < 2; r++) run_variant(p, n, v); /* warm */
         CK(cudaEventRecord(e0));
         for (int r = 0; r < reps; r++) run_variant(p, n, v);
         CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms;
+        for (int r = 0; r < reps; r++) run_variant(p, n, v, false);
+        CK(cudaEventRecord(e2));
+        CK(cudaEventSynchronize(e2));
+        float ms, mp;
         CK(cudaEventElapsedTime(&ms, e0, e1));
-        printf(" | %s %.3f ms%s", v.name, ms / reps, same ? "" : " DIFFERS");
-        bad |= !same;
+        CK(cudaEventElapsedTime(&mp, e1, e2));
+        printf(" | %s %.3f ms (part %.3f, %d regs, %d/SM)", v.name, ms / reps, mp / reps, g_regs, g_occ);
+        if (v.tc) printf(" maxdiff %.2e", md);
+        else if (!same) printf(" DIFFERS");
+        bad |= !same && !v.tc;
     }
     printf("\n");
     CK(cudaFree((void *)p.q));
