@@ -270,12 +270,6 @@ struct cu_ctx {
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
     bool side_live;        /* work queued on st2 that st has not joined yet */
-    int idx_side;          /* DS4_CUDA_IDX_SIDE=1: a CSA layer's indexer on st2 after its compressors, forked at the
-                            * q_a norm (ev_cq) so that it overlaps q_b and the q/kv finish (opt-in until measured) */
-    cudaEvent_t ev_cq;     /* recorded on st after the q_a norm when cq_mark is set */
-    bool cq_mark;          /* set around attn_project by the backend wrapper: record ev_cq */
-    bool cq_live;          /* ev_cq recorded for the indexer that follows */
-    cu_act *idx_act;       /* the indexer's activation codes buffer: s.ac on st2 (the compressors' one, same stream), else null */
     int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     int comb_big;          /* DS4_CUDA_COMB_BIG=1: that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
     cu_comb_job mv_cj;     /* DS4_CUDA_COMB_BIG: a comb offered to the next one-token Q8_0 matvec launch (k_matvec_q8r) */

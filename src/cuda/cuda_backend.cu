@@ -238,6 +238,7 @@ void cu_ahead(cu_ctx *c, int bit, const ds4_weight *const *ws, int nw, int n_tok
         return op(ctx, a);                                                                              \
     }
 CU_JOINED(cu_embed, ds4_embed_args)
+CU_JOINED(cu_indexer_select, ds4_indexer_args)
 CU_JOINED(cu_kv_store, ds4_kv_store_args)
 CU_JOINED(cu_hc_post, ds4_hc_post_args)
 CU_JOINED(cu_head, ds4_head_args)
@@ -308,44 +309,6 @@ static int cu_compress_update_s(void *ctx, const ds4_compress_args *a) {
     cudaStream_t main_st = c->st;
     c->st = c->st2;
     const int rc = cu_compress_update(ctx, a);
-    c->st = main_st;
-    return rc;
-}
-
-/* The q/kv projections; with DS4_CUDA_IDX_SIDE in a CSA layer they record
- * ev_cq after the q_a norm, where the indexer that follows may start. */
-static int cu_attn_project_s(void *ctx, const ds4_attn_project_args *a) {
-    cu_ctx *c = (cu_ctx *)ctx;
-    c->cq_live = false;
-    c->cq_mark = c->idx_side && side_on(c) && c->ev_cq && a->l->kind == DS4_ATTN_CSA;
-    const int rc = cu_attn_project(ctx, a);
-    c->cq_mark = false;
-    return rc;
-}
-
-/* The indexer: on the side stream after the compressors once attn_project
- * has marked ev_cq (its inputs cq, cq's codes and u are ready there; it
- * writes only the indexer's scratch and the selection, which the attention
- * reads after its join), else in order after a join. The same kernels. */
-static int cu_indexer_select_s(void *ctx, const ds4_indexer_args *a) {
-    cu_ctx *c = (cu_ctx *)ctx;
-    if (!c->cq_live || !side_on(c)) {
-        c->cq_live = false;
-        cu_join(c);
-        return cu_indexer_select(ctx, a);
-    }
-    c->cq_live = false;
-    cu_comb_flush(c); /* a pending comb stays on the main stream */
-    if (!c->side_live) {
-        if (!cu_ok(c, cudaStreamWaitEvent(c->st2, c->ev_fork, 0), "side stream fork")) return c->err;
-        c->side_live = true;
-    }
-    if (!cu_ok(c, cudaStreamWaitEvent(c->st2, c->ev_cq, 0), "indexer fork")) return c->err;
-    cudaStream_t main_st = c->st;
-    c->st = c->st2;
-    c->idx_act = &c->s.ac;
-    const int rc = cu_indexer_select(ctx, a);
-    c->idx_act = nullptr;
     c->st = main_st;
     return rc;
 }
@@ -1187,7 +1150,6 @@ static void cu_destroy(void *ctx) {
     if (c->st2) cudaStreamDestroy(c->st2);
     if (c->ev_fork) cudaEventDestroy(c->ev_fork);
     if (c->ev_join) cudaEventDestroy(c->ev_join);
-    if (c->ev_cq) cudaEventDestroy(c->ev_cq);
     if (c->st3) cudaStreamDestroy(c->st3);
     if (c->ev_af) cudaEventDestroy(c->ev_af);
     if (c->ev_aj) cudaEventDestroy(c->ev_aj);
@@ -1248,7 +1210,6 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
-    {"DS4_CUDA_IDX_SIDE", &cu_ctx::idx_side},           /* 1: the indexer on the side stream from the q_a norm (opt-in) */
     {"DS4_CUDA_COMB_BIG", &cu_ctx::comb_big},           /* 1: that comb in the q_b matvec / fused experts' gate/up */
     {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host, 1},      /* 0: HC-pre's Sinkhorn inside HC-pre (not a later kernel's spare block) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
@@ -1301,9 +1262,9 @@ static const ds4_backend_ops cuda_ops = {
     describe,
     cu_embed_j,
     cu_hc_pre_j,
-    cu_attn_project_s,
+    cu_attn_project,
     cu_compress_update_s,
-    cu_indexer_select_s,
+    cu_indexer_select_j,
     cu_attention_j,
     cu_kv_store_j,
     cu_hc_post_j,
@@ -1349,9 +1310,9 @@ static const ds4_backend_ops cuda_ops_multi = {
     OD(describe),
     OD(cu_embed_j),
     OD(cu_hc_pre_j),
-    OD(cu_attn_project_s),
+    OD(cu_attn_project),
     OD(cu_compress_update_s),
-    OD(cu_indexer_select_s),
+    OD(cu_indexer_select_j),
     OD(cu_attention_j),
     OD(cu_kv_store_j),
     OD(cu_hc_post_j),
@@ -1390,8 +1351,7 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
              (c->no_side_stream ||
               (cu_ok(c, cudaStreamCreateWithFlags(&c->st2, cudaStreamNonBlocking), "stream") &&
                cu_ok(c, cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming), "event") &&
-               cu_ok(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming), "event") &&
-               cu_ok(c, cudaEventCreateWithFlags(&c->ev_cq, cudaEventDisableTiming), "event"))) &&
+               cu_ok(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming), "event"))) &&
              (!c->l2ahead ||
               (cu_ok(c, cudaStreamCreateWithFlags(&c->st3, cudaStreamNonBlocking), "stream") &&
                cu_ok(c, cudaEventCreateWithFlags(&c->ev_af, cudaEventDisableTiming), "event") &&

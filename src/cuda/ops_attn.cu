@@ -985,8 +985,6 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
               qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr, c->rownorm_reg);
     CU_LAUNCH(c, "q_a_norm");
     if (qa_codes) cu_preq_set(c, a->cq, n, ql, ql, DS4_TYPE_Q8_0, &c->s.a1);
-    /* DS4_CUDA_IDX_SIDE: the indexer may start here (it reads cq, its codes and u), beside q_b and the finish */
-    if (c->cq_mark) c->cq_live = cu_ok(c, cudaEventRecord(c->ev_cq, c->st), "indexer fork");
     /* DS4_CUDA_COMB_BIG=1: the attention's HC-pre comb, if left for later, is
      * offered to the q_b matvec (one token: k_matvec_q8r's block 0, ~13 us of
      * weight streaming to hide the ~7 us Sinkhorn behind); not taken, it

@@ -1198,12 +1198,10 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     const ds4_layer *l = a->l;
     const int n = a->n, IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
     /* projections, skipped on the device while no token has > top_k rows */
-    /* on the side stream (DS4_CUDA_IDX_SIDE) codes it must make go to the
-     * compressors' buffer: the main stream's q_b may still read s.a1 */
     cu_mv_pair(c, &l->idx_q_b, c->s.qi, (int64_t)IH * ID, nullptr, nullptr, 0, a->cq, hp->q_lora, n, a->num.act_quant,
-               c->idx_act ? c->idx_act : &c->s.a1, a->step, K);
-    cu_mv_pair(c, &l->idx_proj, c->s.wt, IH, nullptr, nullptr, 0, a->u, hp->n_embd, n, a->num.act_quant,
-               c->idx_act ? c->idx_act : &c->s.a2, a->step, K);
+               &c->s.a1, a->step, K);
+    cu_mv_pair(c, &l->idx_proj, c->s.wt, IH, nullptr, nullptr, 0, a->u, hp->n_embd, n, a->num.act_quant, &c->s.a2,
+               a->step, K);
     /* FP4 numerics on int8 tensor cores: k_idx_q writes the codes */
     const bool mma = !c->no_idx_mma && a->num.fp4_indexer && IH <= 64 && ID <= 128 && ID % 32 == 0;
     dim3 gq(IH, n);

@@ -200,8 +200,6 @@ _AB_BASE = {}
                                      ("DS4_CUDA_EMIT_REG", "0"), ("q2:DS4_CUDA_EMIT_REG", "0"),
                                      ("DS4_CUDA_EMIT_REG", "0,DS4_CUDA_RING_IN_EMIT=0"),
                                      ("DS4_CUDA_IDX_PP", "1"), ("q2:DS4_CUDA_IDX_PP", "1"),
-                                     ("DS4_CUDA_IDX_SIDE", "1"), ("q2:DS4_CUDA_IDX_SIDE", "1"),
-                                     ("DS4_CUDA_IDX_SIDE", "1,DS4_CUDA_NO_PREQ=1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1"), ("q2:DS4_CUDA_TAIL_TRIGGER", "1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1,DS4_CUDA_COMB_BIG=1"),
                                      ("DS4_CUDA_TAIL_TRIGGER", "1,DS4_CUDA_ROUTE_FUSE=1"),
@@ -269,11 +267,10 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     no_slices = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
     kvm = dict(os.environ, DS4_CUDA_KV_IN_MERGE="0")  # kv_store, not the merge (which stores the last W of n > W rows)
     zb = dict(os.environ, DS4_CUDA_ATT_ZB="4")  # batches: 4 attention splits per block
-    side = dict(os.environ, DS4_CUDA_IDX_SIDE="1")  # the indexer (wide top-k) on the side stream beside q_b
     for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], one), (["--eval", "chunk:3"], one_u1),
                     (["--eval", "chunk:3"], one_dev), (["--eval", "chunk:4"], no_ilp), (["--eval", "prefill"], ilp),
                     (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_slices), (["--eval", "prefill"], kvm),
-                    (["--eval", "chunk:300"], kvm), (["--eval", "chunk:4"], side)) + (
+                    (["--eval", "chunk:300"], kvm)) + (
                    # q2's stage model has 8 heads: no block of 16 heads, so no looping kernel there
                    ((["--eval", "prefill"], zb), (["--eval", "chunk:4"], zb)) if name == "flash" else ()):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
