@@ -106,6 +106,9 @@ static void run_variant(attn_p p, int n, const variant &v, bool merge = true) {
  * 4 CSA with a random selection of up to topk rows); returns nonzero when a
  * variant's output differs from the first's */
 static int bench_case(const char *label, int kind, int pos0, int n, int reps) {
+    /* ATT_ONLY=text: only the cases whose label contains it; ATT_VAR=name: only that variant (for ncu) */
+    const char *only = getenv("ATT_ONLY"), *vname = getenv("ATT_VAR");
+    if (only && *only && !strstr(label, only)) return 0;
     const int H = 64, dh = 512, W = 128, n_rot = 64, topk = 512, ratio = kind == DS4_ATTN_HCA ? 128 : 4;
     const int n_comp_max = kind == DS4_ATTN_HCA ? (pos0 + n) / ratio : kind == DS4_ATTN_CSA ? topk : 0;
     const int comp_cap = kind == DS4_ATTN_HCA ? (pos0 + n) / ratio + 1 : (pos0 + n) / 4 + 1;
@@ -158,6 +161,7 @@ static int bench_case(const char *label, int kind, int pos0, int n, int reps) {
     fflush(stdout);
     int bad = 0;
     for (const variant &v : vs) {
+        if (vname && *vname && strcmp(vname, v.name) && &v != &vs[0]) continue;
         CK(cudaMemset(o, 0xff, (size_t)n * H * dh * 4));
         run_variant(p, n, v);
         CK(cudaDeviceSynchronize());
