@@ -159,6 +159,14 @@ json_t *srv_json_loadb(const char *buf, size_t n, size_t flags, bool *widened) {
  * cannot hold, \u0000 or an unpaired surrogate, learns which). */
 json_t *srv_load_object(const char *body, size_t n, srv_error *e) {
     json_error_t je;
+    /* a raw NUL is never JSON (outside strings only whitespace, inside only
+     * escaped); jansson passes over one right after a number, so a body
+     * such as {"a":5<NUL>,"b":true} was read as if it were not there */
+    const char *nul = memchr(body, '\0', n);
+    if (nul) {
+        srv_fail(e, 400, "invalid JSON request: a NUL byte at offset %zu (JSON text holds none)", (size_t)(nul - body));
+        return NULL;
+    }
     json_t *root = json_loadb_e(body, n, 0, NULL, &je);
     if (root && !json_is_object(root)) {
         json_decref(root);

@@ -101,6 +101,14 @@ DS4_TEST(server_parse_errors_documented) {
     /* valid JSON whose strings jansson cannot hold: named (an outside pass met a bare "invalid JSON request") */
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"a\\u0000b\"}]}", 400,
                      "invalid JSON request: a string holds \\u0000 (NUL), which is not supported (line 1, column 48)"));
+    { /* a raw NUL byte: jansson skipped it after a number and took the body */
+        const char b[] = "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":5\0,\"stream\":true}";
+        srv_request rq;
+        srv_error e;
+        CHECK(srv_parse_request(SRV_API_CHAT, b, sizeof b - 1, DS4_THINK_HIGH, &rq, &e) != 0);
+        CHECK_EQ_INT(e.status, 400);
+        CHECK_STR(e.msg, "invalid JSON request: a NUL byte at offset 58 (JSON text holds none)");
+    }
     CHECK(fails_starting(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\\ud800y\"}]}", 400,
                          "invalid JSON request: a string holds an unpaired UTF-16 surrogate escape"));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"reasoning_effort\":\"bogus\"}", 400, inv));
