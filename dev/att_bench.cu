@@ -7,7 +7,7 @@
  * token of an HCA layer at 1M (8,192 compressed rows). Nothing else of the
  * engine runs, so it fits any GPU (an H100 when no H200 is lent).
  *
- *   sed -n "/^struct attn_p {/,/^static size_t attn_part_smem/p" src/cuda/ops_attn.cu | sed '$d' > /tmp/k_att.inc
+ *   sed -n "/^struct attn_p {/,/^int cu_attn_splits/p" src/cuda/ops_attn.cu | sed '$d' > /tmp/k_att.inc
  *   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I/tmp -Isrc dev/att_bench.cu -o /tmp/att_bench
  */
 #include <math.h>
@@ -44,6 +44,7 @@ struct variant {
     const char *name;
     int hb, zb, dhc, mz;
     int tc; /* k_attn_tc with hb heads per block (TF32 tensor cores: other bits, compared by max |diff|) */
+    int rh; /* k_attn_part's staged rows as half (DS4_CUDA_ATT_RH) */
 };
 
 /* registers per thread and resident blocks per SM of a kernel at 256 threads and smem bytes */
@@ -58,10 +59,10 @@ template <class K> static void occ(K k, size_t smem, int *regs, int *per_sm) {
  * launch_attention, without its heuristics) */
 static int g_regs, g_occ; /* the last variant's partial kernel: registers, blocks per SM */
 
-template <int HB, int DHC, bool MZ> static void part(const attn_p &p, dim3 grid, size_t smem) {
-    CK(cudaFuncSetAttribute(k_attn_part<__half, HB, DHC, MZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-    occ(k_attn_part<__half, HB, DHC, MZ>, smem, &g_regs, &g_occ);
-    k_attn_part<__half, HB, DHC, MZ><<<grid, 256, smem>>>(p);
+template <int HB, int DHC, bool MZ, bool RH = false> static void part(const attn_p &p, dim3 grid, size_t smem) {
+    CK(cudaFuncSetAttribute(k_attn_part<__half, HB, DHC, MZ, RH>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    occ(k_attn_part<__half, HB, DHC, MZ, RH>, smem, &g_regs, &g_occ);
+    k_attn_part<__half, HB, DHC, MZ, RH><<<grid, 256, smem>>>(p);
 }
 
 template <int HB> static void part_tc(const attn_p &p, dim3 grid, size_t smem) {
@@ -75,9 +76,13 @@ static void run_variant(attn_p p, int n, const variant &v, bool merge = true) {
     const int S = p.S;
     p.zb = v.zb;
     const dim3 grid(p.H / v.hb, n, (S + v.zb - 1) / v.zb);
-    const size_t smem = ((size_t)v.hb * p.dh + (size_t)ATT_R * p.dh + (size_t)v.hb * ATT_R) * 4 + ATT_R * 8;
+    const size_t smem = attn_part_smem(v.hb, p.dh, v.rh);
     const bool mz = v.zb > 1;
-    if (v.tc) {
+    if (v.rh) {
+        if (v.hb == 16) part<16, 512, false, true>(p, grid, smem);
+        else if (v.hb == 8) part<8, 512, false, true>(p, grid, smem);
+        else part<4, 512, false, true>(p, grid, smem);
+    } else if (v.tc) {
         const size_t tsm = attn_tc_smem(v.hb, p.dh, sizeof(__half));
         const dim3 tg((p.H + v.hb - 1) / v.hb, n, S);
         if (v.hb == 64) part_tc<64>(p, tg, tsm);
@@ -154,7 +159,8 @@ static int bench_case(const char *label, int kind, int pos0, int n, int reps) {
     p.att_r4 = 1;
     const variant vs[] = {{"hb4", 4, 1, 0, 1},       {"hb4 dh512", 4, 1, 512, 1},  {"hb16 dh512", 16, 1, 512, 1},
                           {"hb16 mz4", 16, 1, 512, 4}, {"hb16 zb2", 16, 2, 512, 4}, {"hb16 zb4", 16, 4, 512, 4},
-                          {"hb16 zb4 rt", 16, 4, 0, 4}, {"hb8 dh512", 8, 1, 512, 4}, {"tc16", 16, 1, 0, 4, 1},
+                          {"hb16 zb4 rt", 16, 4, 0, 4}, {"hb8 dh512", 8, 1, 512, 4}, {"hb4 rh", 4, 1, 512, 4, 0, 1},
+                          {"hb8 rh", 8, 1, 512, 4, 0, 1}, {"hb16 rh", 16, 1, 512, 4, 0, 1}, {"tc16", 16, 1, 0, 4, 1},
                           {"tc64", 64, 1, 0, 4, 1}};
     std::vector<float> ref((size_t)n * H * dh), got(ref.size());
     printf("%s (n %d at %d, %d splits):", label, n, pos0, S);

@@ -7,7 +7,7 @@
 # are made here by dev/device_prep.sh.
 # The device tool brings back at most 8 files from $OUT (each bench step
 # writes 2): plan a call's steps so that the logs that matter fit.
-# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [attbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [clearenv] [rebuild VAR=VALUE] [bench ARGS -- ] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
+# usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [attbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [clearenv] [rebuild VAR=VALUE] [bench ARGS -- ] [ablogits VAR=VALUE.. --] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
 set -uo pipefail
 OUT=${OUT:-/tmp/ds4-out}
 mkdir -p "$OUT"
@@ -77,7 +77,7 @@ while [ $# -gt 0 ]; do
         timeout 120 build/idx_bench > "$OUT/idx_bench.log" 2>&1; echo "idx_bench: exit $?"; cat "$OUT/idx_bench.log" ;;
     attbench)
         # the CUDA-core attention kernels alone at Flash shapes, variants bit for bit and timed (dev/att_bench.cu)
-        sed -n "/^struct attn_p {/,/^static size_t attn_part_smem/p" src/cuda/ops_attn.cu | sed '$d' > build/k_att.inc
+        sed -n "/^struct attn_p {/,/^int cu_attn_splits/p" src/cuda/ops_attn.cu | sed '$d' > build/k_att.inc
         nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Ibuild -Isrc dev/att_bench.cu -o build/att_bench > "$OUT/attb-build.log" 2>&1 || tail "$OUT/attb-build.log"
         timeout 180 build/att_bench > "$OUT/att_bench.log" 2>&1; echo "att_bench: exit $?"; cut -c1-400 "$OUT/att_bench.log" ;;
     moebench)
@@ -87,6 +87,12 @@ while [ $# -gt 0 ]; do
     stages)
         timeout ${STAGES_TIMEOUT:-420} build/cuda/test_stages /tmp > "$OUT/stages.log" 2>&1; echo "stages: exit $?"
         grep -E "^FAIL|passed|==|failed" "$OUT/stages.log" | tail -60 ;;
+    ablogits)
+        # ablogits VAR=VALUE... --: dev/ab_logits.sh on build/demo.gguf (the switch's logits vs the default's, bit for bit)
+        args=()
+        while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+        [ $# -gt 0 ] && shift
+        bash dev/ab_logits.sh build/demo.gguf "${args[@]}" ;;
     synthfile)
         # the published q2 tensor table at full size, experts as file holes
         t0=$(date +%s)
