@@ -1185,6 +1185,7 @@ static const struct cu_switch {
     {"DS4_CUDA_ATT_ZB", &cu_ctx::att_zb},               /* N: attention splits per block in batches (same bits) */
     {"DS4_CUDA_KV_IN_MERGE", &cu_ctx::kv_in_merge, 1},  /* 0: kv rows stored by kv_store, not the attention merge */
     {"DS4_CUDA_ATT_DH_RT", &cu_ctx::att_dh_rt},         /* 1: k_attn_part's head size at run time (same bits) */
+    {"DS4_CUDA_ATT_RH", &cu_ctx::att_rh, 1},            /* 0: k_attn_part stages f16 rows as f32 (same bits), 16 heads per block in batches */
     {"DS4_CUDA_NO_MERGE_SLICES", &cu_ctx::no_merge_slices}, /* 1: attention merge in one block per head (same bits) */
     {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp, -1},       /* 0|1|2: indexer top-k, 8 keys per thread never|always|by rows on device */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */

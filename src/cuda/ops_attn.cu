@@ -1114,14 +1114,39 @@ __device__ __forceinline__ int64_t attn_row_off(const attn_p &p, const attn_rows
  * split of a row depends only on its index, so a token's result is the same
  * in any batch (prefill == decode, bit for bit).
  * Shared: HB*dh (q) + ATT_R*dh (rows) floats, HB*ATT_R scores, ATT_R offsets. */
-template <typename T, int HB, int DHC, bool MZ>
+/* RH: the staged rows kept as half in shared memory (f16 rows only: the
+ * ring and compressed rows are half, and this batch's kv rows are
+ * f16-exact, as prefill == decode needs), read back as the same floats:
+ * half the rows' shared memory, so more blocks fit on an SM (default;
+ * DS4_CUDA_ATT_RH=0 stages f32) */
+template <bool RH> struct ap_rows {
+    float *f;
+    __device__ __forceinline__ float get(int i) const {
+        if constexpr (RH) return __half2float(((const __half *)f)[i]);
+        else return f[i];
+    }
+    __device__ __forceinline__ void put4(int i, float4 v) const {
+        if constexpr (RH) {
+            __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
+            uint2 u;
+            u.x = *(unsigned *)&a;
+            u.y = *(unsigned *)&b;
+            *(uint2 *)((__half *)f + i) = u;
+        } else
+            *(float4 *)(f + i) = v;
+    }
+    __device__ __forceinline__ float *end(int n) const { return RH ? (float *)((__half *)f + n) : f + n; }
+};
+
+template <typename T, int HB, int DHC, bool MZ, bool RH = false>
 __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_constant__ attn_p p) {
+    static_assert(!RH || sizeof(T) == 2, "k_attn_part: half staged rows for half rows only");
     cu_pdl_wait();
     extern __shared__ float sm[];
     const int dh = DHC ? DHC : p.dh; /* DHC: the head size as a constant (index arithmetic folded), 0 = p.dh */
     float *qs = sm;                       /* HB x dh */
-    float *rs = qs + HB * dh;             /* ATT_R x dh */
-    float *sc = rs + ATT_R * dh;          /* HB x ATT_R */
+    const ap_rows<RH> rs{qs + HB * dh};   /* ATT_R x dh */
+    float *sc = rs.end(ATT_R * dh);       /* HB x ATT_R */
     int64_t *ro = (int64_t *)(sc + HB * ATT_R);
     const int tl = blockIdx.y, t = p.t0 + tl, h0 = blockIdx.x * HB;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -1181,7 +1206,7 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
 #pragma unroll
         for (int k = 0; k < LB; k++) {
             const int u = u0 + k * blockDim.x;
-            if (u < n_u) *(float4 *)(rs + (u / d4) * dh + (u % d4) * 4) = v[k];
+            if (u < n_u) rs.put4((u / d4) * dh + (u % d4) * 4, v[k]);
         }
     }
     __syncthreads();
@@ -1199,7 +1224,7 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
             for (int h = 0; h < HB; h++) part[h] = 0.0f;
             for (int k = 0; k < per; k++) {
                 const int e = lane + 32 * k;
-                const float v = rs[r * dh + e];
+                const float v = rs.get(r * dh + e);
 #pragma unroll
                 for (int h = 0; h < HB; h++) part[h] = fmaf(qs[h * dh + e], v, part[h]);
             }
@@ -1225,7 +1250,7 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
             for (int j = 0; j < 4; j++) {
                 const int r = w + 8 * j;
                 if (r < nr) {
-                    const float v = rs[r * dh + e];
+                    const float v = rs.get(r * dh + e);
 #pragma unroll
                     for (int h = 0; h < HB; h++) part[j][h] = fmaf(qv[h], v, part[j][h]);
                 }
@@ -1276,8 +1301,8 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
             for (int k = 0; k < ATT_MAXK; k++) {
                 const int e = threadIdx.x + 256 * k;
                 if (e < dh) {
-                    const float v0 = rs[r * dh + e], v1 = rs[(r + 1) * dh + e], v2 = rs[(r + 2) * dh + e],
-                                v3 = rs[(r + 3) * dh + e];
+                    const float v0 = rs.get(r * dh + e), v1 = rs.get((r + 1) * dh + e), v2 = rs.get((r + 2) * dh + e),
+                                v3 = rs.get((r + 3) * dh + e);
 #pragma unroll
                     for (int h = 0; h < HB; h++) {
                         float a = fmaf(e4[h].x, v0, acc[h][k]);
@@ -1293,7 +1318,7 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
         for (int k = 0; k < ATT_MAXK; k++) {
             const int e = threadIdx.x + 256 * k;
             if (e < dh) {
-                const float v = rs[r * dh + e];
+                const float v = rs.get(r * dh + e);
 #pragma unroll
                 for (int h = 0; h < HB; h++) acc[h][k] = fmaf(sc[h * ATT_R + r], v, acc[h][k]);
             }
@@ -1707,8 +1732,9 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
     }
 }
 
-static size_t attn_part_smem(int hb, int dh) {
-    return ((size_t)hb * dh + (size_t)ATT_R * dh + (size_t)hb * ATT_R) * sizeof(float) + ATT_R * sizeof(int64_t);
+static size_t attn_part_smem(int hb, int dh, bool rh = false) {
+    return ((size_t)hb * dh + (size_t)hb * ATT_R) * sizeof(float) + (size_t)ATT_R * dh * (rh ? 2 : 4) +
+           ATT_R * sizeof(int64_t);
 }
 
 /* Splits and tokens per launch for rows of up to nr_cap (the scratch holds
@@ -1722,7 +1748,14 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
      * batches (2048-token prefill: 1,494 tok/s with 4, 1,616 with 8, 1,735
      * with 16: each staged row serves more heads); DS4_CUDA_ATT_HB
      * overrides it (A/B; the values are the same for any choice) */
-    int hb = c->att_hb ? c->att_hb : n >= MM_MIN_N ? 16 : 4;
+    /* half staged rows (DS4_CUDA_ATT_RH, default on; f16 rows, one split
+     * per block): 64 registers and ~50 KB of shared memory give 8 heads
+     * per block 4 blocks per SM (16 heads: 2, at 128 registers); H100
+     * dev/att_bench.cu, the partial kernel of a 256-token prefill chunk of a
+     * CSA layer 1.539 ms (16 heads, f32 rows) -> 1.421 (8, half), one 1M HCA
+     * decode token 0.098 -> 0.090; the same bits */
+    const bool rh_ok = c->att_rh && sizeof(T) == 2 && !c->att_tc;
+    int hb = c->att_hb ? c->att_hb : n >= MM_MIN_N ? (rh_ok ? 8 : 16) : 4;
     /* heads per block of a few tokens' HCA layers: 16 when the rows'
      * capacity reaches ATT_HB_HCA_MIN_ROWS (DS4_CUDA_ATT_HB_HCA sets it for
      * any capacity; 0: as the other layers). At 1M context 4 heads per
@@ -1730,7 +1763,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
      * times; H200 2026-12-05, q2 at 1M: attention 8.62 -> 7.06 ms per
      * token, decode 53.9 -> 58.9 gen_ss; the same values for any choice */
     if (!c->att_hb && n < MM_MIN_N && p.kind == DS4_ATTN_HCA && c->att_hb_hca && nr_cap >= c->att_hb_hca_min)
-        hb = c->att_hb_hca;
+        hb = c->att_hb_hca == 16 && c->att_hb_hca_min && rh_ok ? 8 : c->att_hb_hca; /* unset: 8 with half rows */
     while (hb > 1 && p.H % hb) hb /= 2;
     const int S = cu_attn_splits(nr_cap);
     if (S > c->s.att_splits) {
@@ -1756,7 +1789,8 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
      * at 1M with 16 HCA heads per block: attention 7.06 -> 5.47 ms per
      * token, decode 58.9 -> 65.1 gen_ss; the same bits) */
     const int mz = !c->no_merge_slices && p.dh % 128 == 0 && p.dh > 128 && p.n_rot <= 128 ? p.dh / 128 : 1;
-    const size_t smem = tc ? attn_tc_smem(tb, p.dh, sizeof(T)) : attn_part_smem(hb, p.dh),
+    const bool rh = rh_ok && !(hb == 16 && p.zb > 1);
+    const size_t smem = tc ? attn_tc_smem(tb, p.dh, sizeof(T)) : attn_part_smem(hb, p.dh, rh),
                  msmem = ((size_t)p.dh + (mz > 1 ? 2 : 1) * (size_t)S) * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.att_tokens) {
         const int nt = n - t0 < c->s.att_tokens ? n - t0 : c->s.att_tokens;
@@ -1785,19 +1819,21 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
          * groups x 260 splits) */
         while (p.zb > 1 && (int64_t)(p.H / hb) * nt * cu_div_up(S, p.zb) < 2 * (int64_t)c->n_sm) p.zb /= 2;
         dim3 grid(p.H / hb, nt, cu_div_up(S, p.zb));
-#define AT2(HB, DHC, MZ)                                                                                        \
+#define AT2(HB, DHC, MZ, RH)                                                                                    \
     do {                                                                                                        \
-        cudaFuncSetAttribute(k_attn_part<T, HB, DHC, MZ>, cudaFuncAttributeMaxDynamicSharedMemorySize,          \
+        cudaFuncSetAttribute(k_attn_part<T, HB, DHC, MZ, RH>, cudaFuncAttributeMaxDynamicSharedMemorySize,      \
                              200 * 1024);                                                                       \
-        cu_launch(c, k_attn_part<T, HB, DHC, MZ>, grid, 256, smem, p);                                          \
+        cu_launch(c, k_attn_part<T, HB, DHC, MZ, RH>, grid, 256, smem, p);                                      \
     } while (0)
 /* several splits per block only with 16 heads per block (batches, long HCA
  * layers): AT2(HB, DHC, HB == 16) instantiates the looping kernel for 16
- * heads only (the branch is dead for the others) */
+ * heads only (the branch is dead for the others); half staged rows
+ * (ATT_RH) only for half rows */
 #define AT1(HB, DHC)                                                                                            \
     do {                                                                                                        \
-        if (HB == 16 && p.zb > 1) AT2(HB, DHC, HB == 16);                                                       \
-        else AT2(HB, DHC, false);                                                                               \
+        if (HB == 16 && p.zb > 1) AT2(HB, DHC, HB == 16, false);                                                \
+        else if (rh) AT2(HB, DHC, false, sizeof(T) == 2);                                                       \
+        else AT2(HB, DHC, false, false);                                                                        \
     } while (0)
 /* the Flash head size (512) as a constant unless DS4_CUDA_ATT_DH_RT=1 (A/B; the same operations) */
 #define AT(HB)                                                                                                  \

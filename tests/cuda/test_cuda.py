@@ -159,8 +159,12 @@ def test_cuda_tensor_core_batches_bitwise(name, release, att_tc, tmp_path):
     modes = [(["--eval", "decode"], tc), (["--eval", "chunk:16"], tc), (["--eval", "chunk:48"], tc),
              (["--eval", "prefill"], no_mma)]
     if not att_tc:
-        modes += [(["--eval", "prefill"], dict(os.environ, DS4_CUDA_ATT_ZB="2")),
-                  (["--eval", "prefill"], dict(os.environ, DS4_CUDA_ATT_ZB="2", DS4_CUDA_ATT_DH_RT="1"))]
+        # (the looping kernel takes 16 heads per block: with f32 staged rows, ATT_RH=0; half rows take 8)
+        modes += [(["--eval", "prefill"], dict(os.environ, DS4_CUDA_ATT_ZB="2", DS4_CUDA_ATT_RH="0")),
+                  (["--eval", "prefill"], dict(os.environ, DS4_CUDA_ATT_ZB="2", DS4_CUDA_ATT_DH_RT="1",
+                                               DS4_CUDA_ATT_RH="0")),
+                  (["--eval", "prefill"], dict(os.environ, DS4_CUDA_ATT_RH="0")),
+                  (["--eval", "decode"], dict(os.environ, DS4_CUDA_ATT_RH="0"))]
     for mode, env in modes:
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", release, *mode, env=env)
         d = float(np.abs(got.astype(np.float64) - base).max())
@@ -192,7 +196,9 @@ _AB_BASE = {}
                                      ("DS4_CUDA_ATT_HB_HCA", "0"), ("q2:DS4_CUDA_ATT_HB_HCA", "0"),
                                      ("DS4_CUDA_ATT_HB_HCA", "2"), ("DS4_CUDA_ATT_DH_RT", "1"),
                                      ("DS4_CUDA_KV_IN_MERGE", "0"), ("q2:DS4_CUDA_KV_IN_MERGE", "0"),
-                                     ("DS4_CUDA_ATT_ZB", "4"), ("DS4_CUDA_ATT_ZB", "2"),
+                                     ("DS4_CUDA_ATT_ZB", "4,DS4_CUDA_ATT_RH=0"), ("DS4_CUDA_ATT_ZB", "2,DS4_CUDA_ATT_RH=0"),
+                                     ("DS4_CUDA_ATT_RH", "0"), ("q2:DS4_CUDA_ATT_RH", "0"),
+                                     ("DS4_CUDA_ATT_RH", "0,DS4_CUDA_ATT_HB_HCA=16"), ("DS4_CUDA_ATT_HB", "8"),
                                      ("DS4_CUDA_COMB_HOST", "0"), ("q2:DS4_CUDA_COMB_HOST", "0"),
                                      ("DS4_CUDA_COMB_HOST", "0,DS4_CUDA_ROUTE_FUSE=1"),
                                      ("DS4_CUDA_COMB_BIG", "1"), ("q2:DS4_CUDA_COMB_BIG", "1"),
@@ -266,11 +272,13 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     no_ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="0")
     no_slices = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
     kvm = dict(os.environ, DS4_CUDA_KV_IN_MERGE="0")  # kv_store, not the merge (which stores the last W of n > W rows)
-    zb = dict(os.environ, DS4_CUDA_ATT_ZB="4")  # batches: 4 attention splits per block
+    zb = dict(os.environ, DS4_CUDA_ATT_ZB="4", DS4_CUDA_ATT_RH="0")  # batches: 4 attention splits per block
+    f32rows = dict(os.environ, DS4_CUDA_ATT_RH="0")  # staged rows as f32, 16 heads per block in batches
     for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], one), (["--eval", "chunk:3"], one_u1),
                     (["--eval", "chunk:3"], one_dev), (["--eval", "chunk:4"], no_ilp), (["--eval", "prefill"], ilp),
                     (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_slices), (["--eval", "prefill"], kvm),
-                    (["--eval", "chunk:300"], kvm)) + (
+                    (["--eval", "chunk:300"], kvm), (["--eval", "chunk:4"], f32rows),
+                    (["--eval", "prefill"], f32rows)) + (
                    # q2's stage model has 8 heads: no block of 16 heads, so no looping kernel there
                    ((["--eval", "prefill"], zb), (["--eval", "chunk:4"], zb)) if name == "flash" else ()):
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
