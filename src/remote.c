@@ -109,6 +109,67 @@ static bool chan_hung_up(const ds4_chan *c) {
     return recv(c->fd, &x, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
 }
 
+/* A connection of the rendezvous that has not sent its whole hello yet. */
+typedef struct {
+    int fd;
+    double deadline; /* a hello is 16 bytes: one that takes longer is not from a worker */
+    size_t got;
+    hello h;
+} pending_hello;
+
+#define PENDING_MAX 32
+
+/* A complete hello on connection c: registers the worker (1), refuses it
+ * (0: closed), or fails the rendezvous (-1: out of memory). */
+static int take_hello(int c, const hello *hp, int n_workers, ds4_chan **chans, int *got, ds4_err *err) {
+    const hello h = *hp;
+    if (h.magic != HELLO_MAGIC) { /* not a worker: ignore it */
+        close(c);
+        return 0;
+    }
+    hello ack = {HELLO_MAGIC, PROTO_VERSION, 0, 0};
+    if (h.version == PROTO_VERSION && h.rank >= 1 && h.rank <= n_workers && chans[h.rank - 1] &&
+        chan_hung_up(chans[h.rank - 1])) { /* that rank's worker went away (restarted): the new one takes over */
+        fprintf(stderr, "ds4: rendezvous: rank %d connected again (its first connection closed)\n", h.rank);
+        ds4_chan_close(chans[h.rank - 1]);
+        chans[h.rank - 1] = NULL;
+        (*got)--;
+    }
+    if (h.version != PROTO_VERSION || h.rank < 1 || h.rank > n_workers || chans[h.rank - 1]) {
+        ack.rank = -1;
+        io_until(c, &ack, sizeof ack, true, now_s() + 5);
+        close(c);
+        if (h.version != PROTO_VERSION)
+            fprintf(stderr, "ds4: rendezvous: refused a worker of another ds4 build (protocol %u, expected %u)\n",
+                    h.version, PROTO_VERSION);
+        else if (h.rank < 1 || h.rank > n_workers)
+            fprintf(stderr, "ds4: rendezvous: refused a worker of rank %d (ranks 1..%d)\n", h.rank, n_workers);
+        else
+            fprintf(stderr, "ds4: rendezvous: refused a second worker of rank %d\n", h.rank);
+        return 0;
+    }
+    if (io_until(c, &ack, sizeof ack, true, now_s() + 5)) {
+        close(c);
+        return 0;
+    }
+    ds4_chan *ch = calloc(1, sizeof *ch);
+    if (!ch) {
+        close(c);
+        ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        return -1;
+    }
+    ch->fd = c;
+    ch->rank = h.rank;
+    chans[h.rank - 1] = ch;
+    (*got)++;
+    return 1;
+}
+
+/* Rank 0's side: listens on hostport until n_workers workers of distinct
+ * ranks have said hello. Connections are served side by side (up to
+ * PENDING_MAX waiting for their hello at once, the oldest dropped past
+ * that), so idle or slow connections to the port cannot hold up the
+ * workers behind them. */
 int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan **chans, ds4_err *err) {
     char host[256];
     const char *port;
@@ -119,7 +180,7 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
     if (gr) return ds4_err_set(err, DS4_E_ARG, "rendezvous %s: %s", hostport, gai_strerror(gr));
     int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
     if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen) || listen(fd, n_workers + 4)) {
+    if (fd < 0 || bind(fd, ai->ai_addr, ai->ai_addrlen) || listen(fd, n_workers + PENDING_MAX)) {
         rc = ds4_err_set(err, DS4_E_IO, "rendezvous %s: cannot listen: %s", hostport, strerror(errno));
         freeaddrinfo(ai);
         if (fd >= 0) close(fd);
@@ -128,61 +189,66 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
     freeaddrinfo(ai);
     for (int i = 0; i < n_workers; i++) chans[i] = NULL;
     const double t_end = now_s() + timeout_s;
-    int got = 0;
-    while (got < n_workers) {
-        int left = (int)((t_end - now_s()) * 1000);
-        struct pollfd pf = {.fd = fd, .events = POLLIN};
-        if (left <= 0 || poll(&pf, 1, left) <= 0) {
+    pending_hello pd[PENDING_MAX];
+    int np = 0, got = 0;
+    while (got < n_workers && !rc) {
+        const double now = now_s();
+        if (now >= t_end) {
             rc = ds4_err_set(err, DS4_E_IO, "rendezvous %s: %d of %d workers connected within %d s", hostport, got,
                              n_workers, timeout_s);
             break;
         }
-        int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
-        if (c < 0) continue;
-        tune(c);
-        hello h;
-        double hd = now_s() + 5; /* a hello is 16 bytes: a slow one is not a worker */
-        if (hd > t_end) hd = t_end;
-        if (io_until(c, &h, sizeof h, false, hd) || h.magic != HELLO_MAGIC) {
-            close(c); /* not a worker: ignore it */
-            continue;
+        double next = t_end;
+        for (int i = np - 1; i >= 0; i--) {
+            if (pd[i].deadline <= now) { /* too slow for a hello */
+                close(pd[i].fd);
+                pd[i] = pd[--np];
+            } else if (pd[i].deadline < next)
+                next = pd[i].deadline;
         }
-        hello ack = {HELLO_MAGIC, PROTO_VERSION, 0, 0};
-        if (h.version == PROTO_VERSION && h.rank >= 1 && h.rank <= n_workers && chans[h.rank - 1] &&
-            chan_hung_up(chans[h.rank - 1])) { /* that rank's worker went away (restarted): the new one takes over */
-            fprintf(stderr, "ds4: rendezvous: rank %d connected again (its first connection closed)\n", h.rank);
-            ds4_chan_close(chans[h.rank - 1]);
-            chans[h.rank - 1] = NULL;
-            got--;
-        }
-        if (h.version != PROTO_VERSION || h.rank < 1 || h.rank > n_workers || chans[h.rank - 1]) {
-            ack.rank = -1;
-            io_all(c, &ack, sizeof ack, true);
-            close(c);
-            if (h.version != PROTO_VERSION)
-                fprintf(stderr, "ds4: rendezvous: refused a worker of another ds4 build (protocol %u, expected %u)\n",
-                        h.version, PROTO_VERSION);
-            else if (h.rank < 1 || h.rank > n_workers)
-                fprintf(stderr, "ds4: rendezvous: refused a worker of rank %d (ranks 1..%d)\n", h.rank, n_workers);
-            else
-                fprintf(stderr, "ds4: rendezvous: refused a second worker of rank %d\n", h.rank);
-            continue;
-        }
-        if (io_all(c, &ack, sizeof ack, true)) {
-            close(c);
-            continue;
-        }
-        ds4_chan *ch = calloc(1, sizeof *ch);
-        if (!ch) {
-            close(c);
-            rc = ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+        struct pollfd pf[1 + PENDING_MAX];
+        pf[0] = (struct pollfd){.fd = fd, .events = POLLIN};
+        for (int i = 0; i < np; i++) pf[1 + i] = (struct pollfd){.fd = pd[i].fd, .events = POLLIN};
+        const int n_pf = 1 + np;
+        const int pr = poll(pf, (nfds_t)n_pf, (int)((next - now) * 1000) + 1);
+        if (pr < 0 && errno != EINTR) {
+            rc = ds4_err_set(err, DS4_E_IO, "rendezvous %s: poll: %s", hostport, strerror(errno));
             break;
         }
-        ch->fd = c;
-        ch->rank = h.rank;
-        chans[h.rank - 1] = ch;
-        got++;
+        if (pr <= 0) continue;
+        /* from the last: a finished or closed entry takes the last one's place, already served */
+        for (int i = n_pf - 2; i >= 0 && !rc; i--) {
+            if (!pf[1 + i].revents) continue;
+            const ssize_t k = recv(pd[i].fd, (char *)&pd[i].h + pd[i].got, sizeof(hello) - pd[i].got, MSG_DONTWAIT);
+            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
+            if (k <= 0) { /* closed or failed before its hello */
+                close(pd[i].fd);
+                pd[i] = pd[--np];
+                continue;
+            }
+            pd[i].got += (size_t)k;
+            if (pd[i].got < sizeof(hello)) continue;
+            const int c = pd[i].fd;
+            const hello h = pd[i].h;
+            pd[i] = pd[--np];
+            if (take_hello(c, &h, n_workers, chans, &got, err) < 0) rc = DS4_E_NOMEM;
+        }
+        if (!rc && (pf[0].revents & POLLIN)) {
+            const int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+            if (c >= 0) {
+                tune(c);
+                if (np == PENDING_MAX) { /* a flood of idle connections: the oldest goes */
+                    int old = 0;
+                    for (int i = 1; i < np; i++)
+                        if (pd[i].deadline < pd[old].deadline) old = i;
+                    close(pd[old].fd);
+                    pd[old] = pd[--np];
+                }
+                pd[np++] = (pending_hello){.fd = c, .deadline = now + 5 < t_end ? now + 5 : t_end};
+            }
+        }
     }
+    for (int i = 0; i < np; i++) close(pd[i].fd);
     close(fd);
     if (got < n_workers) {
         for (int i = 0; i < n_workers; i++) ds4_chan_close(chans[i]), chans[i] = NULL;

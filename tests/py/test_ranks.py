@@ -409,6 +409,45 @@ def test_a_worker_that_restarts_during_the_rendezvous_takes_its_rank_back(tmp_pa
     assert all(rc == 0 for rc, _ in res), res
 
 
+def test_idle_connections_to_the_rendezvous_do_not_hold_up_the_workers(tmp_path):
+    """Connections that never say hello (a port scanner, a stuck client, a slowloris) are served beside the
+    workers: the rendezvous used to read one connection's hello at a time with 5 s for each, so 8 idle
+    connections ahead of the workers delayed the run by ~40 s. Now it completes in about the time a plain run
+    takes, and the idle connections are closed."""
+    from test_server import demo_model
+    port = free_port()
+    p = subprocess.Popen([prog("ds4"), "-m", str(demo_model()), "--cpu", "--ranks", "3", "--rendezvous",
+                          f"127.0.0.1:{port}", "--rank-timeout", "30", "-p", "hi", "-n", "2", "--temp", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    idle = []
+    t_end = time.time() + 20
+    while not idle and time.time() < t_end:
+        try:
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except OSError:
+            time.sleep(0.1)
+    assert idle, "rank 0 never listened"
+    idle += [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(7)]
+    idle[0].sendall(b"DS4")  # part of a hello, never finished
+    t0 = time.time()
+    ws = workers(3, port, backend="--cpu")
+    try:
+        _, err = p.communicate(timeout=120)
+    finally:
+        res = finish(ws)
+    took = time.time() - t0
+    assert p.returncode == 0, err
+    assert all(rc == 0 for rc, _ in res), res
+    assert took < 15, f"the rendezvous waited on the idle connections: {took:.1f} s"
+    for s in idle:  # rank 0 closed them (or exited): reads end
+        s.settimeout(10)
+        try:
+            assert s.recv(16) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+
+
 def test_a_worker_with_other_weights_under_the_same_header_is_refused(tmp_path):
     """Two demo models of other seeds have byte-identical headers and tensor tables; the worker's identity samples
     every tensor's data too, so the one with other weights is refused (it computed its blocks with them)."""
