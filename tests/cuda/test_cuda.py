@@ -247,8 +247,32 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
         assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{var}={val} {mode} differs: {d:.2e}"
 
 
-@pytest.mark.parametrize("name", ["q2", "flash"])
-def test_cuda_long_context_topk_bitwise(name, tmp_path):
+# The modes of test_cuda_long_context_topk_bitwise: (eval, switches); each is its own test so that pytest-xdist
+# spreads them over its workers (as one test the pair took ~100 s on one worker, the longest of make test-cuda)
+_LONG_MODES = [
+    ("chunk:4", {}),
+    ("chunk:3", {"DS4_CUDA_NO_TOPK_WIDE": "1"}),  # one block per token (8 keys: the capacity is > 4,096 rows)
+    ("chunk:3", {"DS4_CUDA_NO_TOPK_WIDE": "1", "DS4_CUDA_TOPK_ILP": "0"}),
+    ("chunk:3", {"DS4_CUDA_NO_TOPK_WIDE": "1", "DS4_CUDA_TOPK_ILP": "2"}),  # 8 keys past 4,096 of the token's rows
+    ("chunk:4", {"DS4_CUDA_TOPK_ILP": "0"}),
+    ("prefill", {"DS4_CUDA_TOPK_ILP": "1"}),
+    ("prefill", {"DS4_CUDA_TOPK_ILP": "0"}),
+    ("chunk:4", {"DS4_CUDA_NO_MERGE_SLICES": "1"}),  # flash: 4 slices by default, ~40 splits per HCA head
+    ("prefill", {"DS4_CUDA_KV_IN_MERGE": "0"}),  # kv_store, not the merge (which stores the last W of n > W rows)
+    ("chunk:300", {"DS4_CUDA_KV_IN_MERGE": "0"}),
+    ("chunk:4", {"DS4_CUDA_ATT_RH": "0"}),  # staged rows as f32, 16 heads per block in batches
+    ("prefill", {"DS4_CUDA_ATT_RH": "0"}),
+    # batches: 4 attention splits per block (16 heads per block: f32 staged rows); q2's stage model has 8 heads,
+    # so no block of 16 heads and no looping kernel there
+    ("prefill", {"DS4_CUDA_ATT_ZB": "4", "DS4_CUDA_ATT_RH": "0"}, "flash"),
+    ("chunk:4", {"DS4_CUDA_ATT_ZB": "4", "DS4_CUDA_ATT_RH": "0"}, "flash"),
+]
+_LONG_BASE = {}
+
+
+@pytest.mark.parametrize("name,mi", [(nm, i) for nm in ("q2", "flash") for i, m in enumerate(_LONG_MODES)
+                                     if len(m) < 3 or m[2] == nm])
+def test_cuda_long_context_topk_bitwise(name, mi, tmp_path):
     """Past 4,096 compressed rows (16k tokens) the indexer top-k of 1-4 tokens runs over several blocks per token
     that meet through global memory (k_idx_topk_wide); prefill takes the one-block kernel. So, bit for bit, on a
     stage model (q2: 4 indexer heads, flash: 64; release numerics: the tensor-core scores): prefill of a long
@@ -264,27 +288,16 @@ def test_cuda_long_context_topk_bitwise(name, tmp_path):
     rng = np.random.default_rng(5)
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, n)))
-    base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill", "--ctx", "32768")
-    one = dict(os.environ, DS4_CUDA_NO_TOPK_WIDE="1")  # one block per token (8 keys: the capacity is > 4,096 rows)
-    one_u1 = dict(one, DS4_CUDA_TOPK_ILP="0")
-    one_dev = dict(one, DS4_CUDA_TOPK_ILP="2")  # 8 keys past 4,096 of the token's own rows, decided on the device
-    ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="1")
-    no_ilp = dict(os.environ, DS4_CUDA_TOPK_ILP="0")
-    no_slices = dict(os.environ, DS4_CUDA_NO_MERGE_SLICES="1")  # flash: 4 slices by default, ~40 splits per HCA head
-    kvm = dict(os.environ, DS4_CUDA_KV_IN_MERGE="0")  # kv_store, not the merge (which stores the last W of n > W rows)
-    zb = dict(os.environ, DS4_CUDA_ATT_ZB="4", DS4_CUDA_ATT_RH="0")  # batches: 4 attention splits per block
-    f32rows = dict(os.environ, DS4_CUDA_ATT_RH="0")  # staged rows as f32, 16 heads per block in batches
-    for mode, e in ((["--eval", "chunk:4"], None), (["--eval", "chunk:3"], one), (["--eval", "chunk:3"], one_u1),
-                    (["--eval", "chunk:3"], one_dev), (["--eval", "chunk:4"], no_ilp), (["--eval", "prefill"], ilp),
-                    (["--eval", "prefill"], no_ilp), (["--eval", "chunk:4"], no_slices), (["--eval", "prefill"], kvm),
-                    (["--eval", "chunk:300"], kvm), (["--eval", "chunk:4"], f32rows),
-                    (["--eval", "prefill"], f32rows)) + (
-                   # q2's stage model has 8 heads: no block of 16 heads, so no looping kernel there
-                   ((["--eval", "prefill"], zb), (["--eval", "chunk:4"], zb)) if name == "flash" else ()):
-        got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, *mode, "--ctx", "32768", env=e)
-        d = float(np.abs(got.astype(np.float64) - base).max())
-        print(f"\n{name} {' '.join(mode)}: max |d| vs prefill {d:.2e}")
-        assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{mode} differs: {d:.2e}"
+    if name not in _LONG_BASE:  # the default prefill, once per model and worker
+        _LONG_BASE[name], _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill", "--ctx",
+                                  "32768")
+    base = _LONG_BASE[name]
+    mode, sw = _LONG_MODES[mi][:2]
+    got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, "--eval", mode, "--ctx", "32768",
+                 env=dict(os.environ, **sw))
+    d = float(np.abs(got.astype(np.float64) - base).max())
+    print(f"\n{name} --eval {mode} {sw}: max |d| vs prefill {d:.2e}")
+    assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{mode} {sw} differs: {d:.2e}"
 
 
 @pytest.mark.parametrize("name,release,off", [("q2-plain", False, ""), ("f32", False, ""), ("bf16", False, ""),
