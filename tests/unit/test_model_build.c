@@ -5,9 +5,11 @@
  * seed hold the same float weights whatever their storage types.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "gguf.h"
 #include "quant.h"
@@ -49,6 +51,52 @@ static void *keep(tm_ctx *t, void *p) {
     return p;
 }
 
+/* ds4_quantize_rows over row ranges on up to 16 threads (the stage models
+ * of make test-cuda hold ~1 GB of quantized experts: their IQ2_XXS search
+ * took most of a minute on one core). The rows are independent, and the
+ * importance IQ2_XXS derives from all rows when given none is made here
+ * first, as ds4_quantize_rows makes it, so the bytes are the same as one
+ * call's. */
+typedef struct qjob {
+    int type;
+    const float *src, *imp;
+    unsigned char *dst;
+    int64_t r0, r1, n_cols;
+    size_t rb;
+} qjob;
+
+static void *qjob_run(void *p) {
+    const qjob *j = p;
+    ds4_quantize_rows(j->type, j->src + j->r0 * j->n_cols, j->dst + (size_t)j->r0 * j->rb, j->r1 - j->r0, j->n_cols,
+                      j->imp, NULL);
+    return NULL;
+}
+
+static void quantize_par(int type, const float *src, unsigned char *dst, int64_t rows, int64_t n_cols, size_t rb) {
+    long nc = sysconf(_SC_NPROCESSORS_ONLN);
+    int nt = nc < 1 ? 1 : nc > 16 ? 16 : (int)nc;
+    if (rows < 4 * nt || rows * n_cols < (1 << 16)) nt = 1;
+    float *imp = NULL;
+    if (type == DS4_TYPE_IQ2_XXS && n_cols > 0 && nt > 1) { /* ds4_quantize_rows' synthetic importance */
+        imp = calloc((size_t)n_cols, sizeof *imp);
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < n_cols; c++) imp[c] += src[r * n_cols + c] * src[r * n_cols + c];
+    }
+    qjob jobs[16];
+    pthread_t th[16];
+    int started = 0;
+    for (int i = 0; i < nt; i++) {
+        jobs[i] = (qjob){type, src, imp, dst, rows * i / nt, rows * (i + 1) / nt, n_cols, rb};
+        if (i > 0 && pthread_create(&th[i], NULL, qjob_run, &jobs[i]) == 0) started |= 1 << i;
+    }
+    qjob_run(&jobs[0]);
+    for (int i = 1; i < nt; i++) {
+        if (started & (1 << i)) pthread_join(th[i], NULL);
+        else qjob_run(&jobs[i]); /* no thread: here */
+    }
+    free(imp);
+}
+
 /* Adds tensor `name` of ne [n0, n1, n2] (n_dims) with values from gen
  * (0: N(0, sd); 1: 1 + U(-0.2, 0.2) (norm weights)), stored as `type`. */
 static void add(tm_ctx *t, const char *name, int type, int n_dims, int64_t n0, int64_t n1, int64_t n2, int gen,
@@ -75,7 +123,7 @@ static void add(tm_ctx *t, const char *name, int type, int n_dims, int64_t n0, i
         q = (unsigned char *)src;
         rb = (size_t)ne[0] * 4;
     } else {
-        ds4_quantize_rows(type, src, q, rows, ne[0], NULL, NULL);
+        quantize_par(type, src, q, rows, ne[0], rb);
         free(src);
     }
     free(x);
