@@ -1027,8 +1027,16 @@ __device__ __forceinline__ void moe1_down_rows(const moe1_p &p, int x, const cu_
     }
 }
 
+/* CU_MOE1_DOWN_MINB (build option, default 0: no bound): blocks per SM the
+ * down kernel's registers must allow. Unbounded, the Q2_K and Q4_K
+ * instances take 128 registers, so 2 blocks of 256 per SM and the 512
+ * blocks of a 4,096-row layer run in two waves; 4 bounds them to 64 (one
+ * wave on 132 SMs). Register allocation only: the same arithmetic. */
+#ifndef CU_MOE1_DOWN_MINB
+#define CU_MOE1_DOWN_MINB 0
+#endif
 template <int WD>
-__global__ void __launch_bounds__(256) k_moe1_down(const __grid_constant__ moe1_p p) {
+__global__ void __launch_bounds__(256, CU_MOE1_DOWN_MINB) k_moe1_down(const __grid_constant__ moe1_p p) {
     if (p.pfd && threadIdx.x == 0) moe1_prefetch(p.ds, blockIdx.x * 8, 8);
     cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
