@@ -115,6 +115,7 @@ typedef struct {
     double deadline; /* a hello is 16 bytes: one that takes longer is not from a worker */
     size_t got;
     hello h;
+    uint64_t seq; /* accept order: complete hellos are taken in it, the oldest goes first in a flood */
 } pending_hello;
 
 #define PENDING_MAX 32
@@ -191,6 +192,7 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
     const double t_end = now_s() + timeout_s;
     pending_hello pd[PENDING_MAX];
     int np = 0, got = 0;
+    uint64_t seq = 0;
     while (got < n_workers && !rc) {
         const double now = now_s();
         if (now >= t_end) {
@@ -216,8 +218,8 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
             break;
         }
         if (pr <= 0) continue;
-        /* from the last: a finished or closed entry takes the last one's place, already served */
-        for (int i = n_pf - 2; i >= 0 && !rc; i--) {
+        /* from the last: a closed entry takes the last one's place, already served */
+        for (int i = n_pf - 2; i >= 0; i--) {
             if (!pf[1 + i].revents) continue;
             const ssize_t k = recv(pd[i].fd, (char *)&pd[i].h + pd[i].got, sizeof(hello) - pd[i].got, MSG_DONTWAIT);
             if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
@@ -227,10 +229,17 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
                 continue;
             }
             pd[i].got += (size_t)k;
-            if (pd[i].got < sizeof(hello)) continue;
-            const int c = pd[i].fd;
-            const hello h = pd[i].h;
-            pd[i] = pd[--np];
+        }
+        /* the complete hellos in accept order (of two workers claiming one
+         * rank the first to connect keeps it, as before) */
+        for (;;) {
+            int first = -1;
+            for (int i = 0; i < np; i++)
+                if (pd[i].got == sizeof(hello) && (first < 0 || pd[i].seq < pd[first].seq)) first = i;
+            if (first < 0 || rc) break;
+            const int c = pd[first].fd;
+            const hello h = pd[first].h;
+            pd[first] = pd[--np];
             if (take_hello(c, &h, n_workers, chans, &got, err) < 0) rc = DS4_E_NOMEM;
         }
         if (!rc && (pf[0].revents & POLLIN)) {
@@ -240,11 +249,12 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
                 if (np == PENDING_MAX) { /* a flood of idle connections: the oldest goes */
                     int old = 0;
                     for (int i = 1; i < np; i++)
-                        if (pd[i].deadline < pd[old].deadline) old = i;
+                        if (pd[i].seq < pd[old].seq) old = i;
                     close(pd[old].fd);
                     pd[old] = pd[--np];
                 }
-                pd[np++] = (pending_hello){.fd = c, .deadline = now + 5 < t_end ? now + 5 : t_end};
+                const double t = now_s(); /* poll may have slept long since `now` */
+                pd[np++] = (pending_hello){.fd = c, .deadline = t + 5 < t_end ? t + 5 : t_end, .seq = seq++};
             }
         }
     }

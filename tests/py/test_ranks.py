@@ -448,6 +448,25 @@ def test_idle_connections_to_the_rendezvous_do_not_hold_up_the_workers(tmp_path)
         s.close()
 
 
+def test_a_worker_that_comes_after_a_quiet_spell_is_taken(tmp_path):
+    """A worker that connects more than 5 s after rank 0 began waiting is taken (a review found the concurrent
+    rendezvous timing its hello from before the long poll: such a worker was closed unanswered and exited with
+    'rank 0 refused')."""
+    from test_server import demo_model
+    port = free_port()
+    p = subprocess.Popen([prog("ds4"), "-m", str(demo_model()), "--cpu", "--ranks", "2", "--rendezvous",
+                          f"127.0.0.1:{port}", "--rank-timeout", "40", "-p", "hi", "-n", "2", "--temp", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(7)
+    ws = workers(2, port, backend="--cpu")
+    try:
+        _, err = p.communicate(timeout=120)
+    finally:
+        res = finish(ws)
+    assert p.returncode == 0, err
+    assert all(rc == 0 for rc, _ in res), res
+
+
 def test_a_worker_with_other_weights_under_the_same_header_is_refused(tmp_path):
     """Two demo models of other seeds have byte-identical headers and tensor tables; the worker's identity samples
     every tensor's data too, so the one with other weights is refused (it computed its blocks with them)."""

@@ -79,7 +79,8 @@ static void quantize_par(int type, const float *src, unsigned char *dst, int64_t
     float *imp = NULL;
     if (type == DS4_TYPE_IQ2_XXS && n_cols > 0 && nt > 1) { /* ds4_quantize_rows' synthetic importance */
         imp = calloc((size_t)n_cols, sizeof *imp);
-        for (int64_t r = 0; r < rows; r++)
+        if (!imp) nt = 1; /* one call, which makes its own */
+        for (int64_t r = 0; imp && r < rows; r++)
             for (int64_t c = 0; c < n_cols; c++) imp[c] += src[r * n_cols + c] * src[r * n_cols + c];
     }
     qjob jobs[16];
