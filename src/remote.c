@@ -122,8 +122,7 @@ typedef struct {
 
 /* A complete hello on connection c: registers the worker (1), refuses it
  * (0: closed), or fails the rendezvous (-1: out of memory). */
-static int take_hello(int c, const hello *hp, int n_workers, ds4_chan **chans, int *got, ds4_err *err) {
-    const hello h = *hp;
+static int take_hello(int c, hello h, int n_workers, ds4_chan **chans, int *got, ds4_err *err) {
     if (h.magic != HELLO_MAGIC) { /* not a worker: ignore it */
         close(c);
         return 0;
@@ -237,10 +236,9 @@ int ds4_chan_listen(const char *hostport, int n_workers, int timeout_s, ds4_chan
             for (int i = 0; i < np; i++)
                 if (pd[i].got == sizeof(hello) && (first < 0 || pd[i].seq < pd[first].seq)) first = i;
             if (first < 0 || rc) break;
-            const int c = pd[first].fd;
-            const hello h = pd[first].h;
+            const pending_hello done = pd[first];
             pd[first] = pd[--np];
-            if (take_hello(c, &h, n_workers, chans, &got, err) < 0) rc = DS4_E_NOMEM;
+            if (take_hello(done.fd, done.h, n_workers, chans, &got, err) < 0) rc = DS4_E_NOMEM;
         }
         if (!rc && (pf[0].revents & POLLIN)) {
             const int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);

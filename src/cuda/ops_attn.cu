@@ -1104,16 +1104,6 @@ __device__ __forceinline__ int64_t attn_row_off(const attn_p &p, const attn_rows
 #define ATT_R 32    /* rows per split: one split per block, one lane per row */
 #define ATT_MAXK 2  /* head_dim <= 256 * ATT_MAXK */
 
-/* Split attention (flash-decoding): block (head group x, token y, split z)
- * takes rows [z*ATT_R, z*ATT_R + ATT_R) of the token's rows for HB heads.
- * Phase 0 stages the rows in shared memory as f32 (all loads in flight);
- * phase 1: warps take rows, lanes dims, HB scores per row; phase 2: warp h
- * the local maximum m and e = exp(s - m), l = sum e over the split; phase 3:
- * thread dims tid, tid+256: c = sum e * v in row order. (m, l, c) go to the
- * partial buffers; k_attn_merge combines the splits in split order. The
- * split of a row depends only on its index, so a token's result is the same
- * in any batch (prefill == decode, bit for bit).
- * Shared: HB*dh (q) + ATT_R*dh (rows) floats, HB*ATT_R scores, ATT_R offsets. */
 /* RH: the staged rows kept as half in shared memory (f16 rows only: the
  * ring and compressed rows are half, and this batch's kv rows are
  * f16-exact, as prefill == decode needs), read back as the same floats:
@@ -1138,6 +1128,18 @@ template <bool RH> struct ap_rows {
     __device__ __forceinline__ float *end(int n) const { return RH ? (float *)((__half *)f + n) : f + n; }
 };
 
+/* Split attention (flash-decoding): block (head group x, token y, split z)
+ * takes rows [z*ATT_R, z*ATT_R + ATT_R) of the token's rows for HB heads.
+ * Phase 0 stages the rows in shared memory as f32, or as half with RH
+ * (all loads in flight);
+ * phase 1: warps take rows, lanes dims, HB scores per row; phase 2: warp h
+ * the local maximum m and e = exp(s - m), l = sum e over the split; phase 3:
+ * thread dims tid, tid+256: c = sum e * v in row order. (m, l, c) go to the
+ * partial buffers; k_attn_merge combines the splits in split order. The
+ * split of a row depends only on its index, so a token's result is the same
+ * in any batch (prefill == decode, bit for bit).
+ * Shared: HB*dh (q) floats, ATT_R*dh rows (floats, halves with RH), HB*ATT_R
+ * scores, ATT_R offsets (attn_part_smem). */
 template <typename T, int HB, int DHC, bool MZ, bool RH = false>
 __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_constant__ attn_p p) {
     static_assert(!RH || sizeof(T) == 2, "k_attn_part: half staged rows for half rows only");
