@@ -496,8 +496,14 @@ struct mg_raw {
     uint32_t dd;      /* f16 d (IQ2_XXS) or d | dmin << 16 (Q2_K) */
 };
 
+/* CU_MOE_MM_MINB (build option, default 0: no bound): blocks per SM the
+ * kernel's registers must allow (unbounded: 240 registers for IQ2_XXS, 177
+ * for Q2_K, so one block of 8 warps per SM). Register allocation only. */
+#ifndef CU_MOE_MM_MINB
+#define CU_MOE_MM_MINB 0
+#endif
 template <int WT>
-__global__ void __launch_bounds__(256) k_moe_mm(const __grid_constant__ moe_p p) {
+__global__ void __launch_bounds__(256, CU_MOE_MM_MINB) k_moe_mm(const __grid_constant__ moe_p p) {
     constexpr bool DN = WT == DS4_TYPE_Q2_K; /* down projection (else gate + up) */
     extern __shared__ __align__(16) unsigned char mg_sm[];
     mg_smem &sm = *reinterpret_cast<mg_smem *>(mg_sm);
