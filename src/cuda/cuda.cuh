@@ -236,7 +236,6 @@ struct cu_ctx {
     int no_route_group;    /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
     int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int moe1_seq;          /* DS4_CUDA_MOE1_SEQ=1: fused experts' rows one after the other (A/B switch) */
-    int mg16;              /* DS4_CUDA_MG16=1: prefill expert GEMMs in blocks of 16 warps (same bits) */
     int xpf;               /* DS4_CUDA_XPF=1: L2 prefetch of the fused experts' routed rows (opt-in until measured) */
     int mv_no_few;         /* DS4_CUDA_NO_MV_FEW=1: 2..4 tokens on the generic k_matvec (A/B switch) */
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */

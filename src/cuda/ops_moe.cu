@@ -502,17 +502,9 @@ struct mg_raw {
 #ifndef CU_MOE_MM_MINB
 #define CU_MOE_MM_MINB 0
 #endif
-/* NW: warps per block. 8: each warp 16 rows x 16 items (two n-subtiles of
- * 8); 16 (DS4_CUDA_MG16=1): each warp 16 rows x 8 items, half the
- * accumulators per thread, so a block of 16 warps fits in the registers of
- * one SM: twice the warps per SM of the 8-warp kernel (one block per SM).
- * Every output has the same operations in the same order either way (the
- * integer chunk dots are exact; a row's float sums run per item as before). */
-template <int WT, int NW>
-__global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_mm(const __grid_constant__ moe_p p) {
+template <int WT>
+__global__ void __launch_bounds__(256, CU_MOE_MM_MINB) k_moe_mm(const __grid_constant__ moe_p p) {
     constexpr bool DN = WT == DS4_TYPE_Q2_K; /* down projection (else gate + up) */
-    constexpr int NT = 32 * NW, NA = 16 / NW; /* threads; n-subtiles of 8 items per warp */
-    constexpr int UD = 1024 / NT, UA = 512 / NT; /* decode units, activation pieces per thread */
     extern __shared__ __align__(16) unsigned char mg_sm[];
     mg_smem &sm = *reinterpret_cast<mg_smem *>(mg_sm);
     cu_pdl_wait();
@@ -522,15 +514,15 @@ __global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_m
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int wm = warp & 3, wn = warp >> 2, ra = wm * 16 + g;
     const int b0 = p.off[e], ne = p.off[e + 1] - b0, nsb = p.nch / 8, nsbr = p.ld / 256;
-    /* decode v = tid + NT u: matrix v >> 9, row (v >> 3) & 63, chunk v & 7 */
+    /* decode v = tid + 256u: matrix v >> 9, row (v >> 3) & 63, chunk v & 7 */
     auto wrow = [&](int mt, int rr) -> const uint8_t * {
         const cu_w &w = (DN || mt == 0) ? p.wa : p.wb;
         return w.q + (size_t)((int64_t)e * p.mat_rows + r0 + rr) * w.q_row;
     };
     auto raw_load = [&](int sb, mg_raw &R) {
 #pragma unroll
-        for (int u = 0; u < UD; u++) {
-            const int v = tid + NT * u, mt = v >> 9, rr = (v >> 3) & 63, ch = v & 7;
+        for (int u = 0; u < 4; u++) {
+            const int v = tid + 256 * u, mt = v >> 9, rr = (v >> 3) & 63, ch = v & 7;
             if constexpr (DN) {
                 const uint8_t *bk = wrow(0, rr) + (size_t)sb * 84;
                 const int h = ch >> 2;
@@ -559,8 +551,8 @@ __global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_m
     };
     auto raw_store = [&](int buf, const mg_raw &R) {
 #pragma unroll
-        for (int u = 0; u < UD; u++) {
-            const int v = tid + NT * u, mt = v >> 9, rr = (v >> 3) & 63, ch = v & 7;
+        for (int u = 0; u < 4; u++) {
+            const int v = tid + 256 * u, mt = v >> 9, rr = (v >> 3) & 63, ch = v & 7;
             uint32_t wv[8];
             if constexpr (DN) {
                 const uint32_t s0 = R.sc[u] & 0xff, s1 = R.sc[u] >> 8, k2 = 2 * (ch & 3);
@@ -598,8 +590,8 @@ __global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_m
     };
     auto act_issue = [&](int sb, int buf, int nt) {
 #pragma unroll
-        for (int u = 0; u < UA; u++) {
-            const int v = tid + NT * u, half = v & 1, it = (v >> 1) & 31, ch = v >> 6;
+        for (int u = 0; u < 2; u++) {
+            const int v = tid + 256 * u, half = v & 1, it = (v >> 1) & 31, ch = v >> 6;
             const bool ok = it < nt;
             const int8_t *src = p.aq + (ok ? (int64_t)sm.arow[it] * p.ld + (int64_t)sb * 256 + ch * 32 + 16 * half : 0);
             mm_cp16(sm.b[buf][ch] + mm_off(it, 4 * half), src, ok);
@@ -619,13 +611,13 @@ __global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_m
         mm_commit();
         raw_store(0, R);
         constexpr int NO = DN ? 1 : 2; /* outputs: down; gate and up */
-        float A[NO][4][NA][4];         /* [output][sb % 4][n-subtile][element] */
+        float A[NO][4][2][4];          /* [output][sb % 4][n-subtile][element] */
 #pragma unroll
         for (int o = 0; o < NO; o++)
 #pragma unroll
             for (int x = 0; x < 4; x++)
 #pragma unroll
-                for (int a = 0; a < NA; a++)
+                for (int a = 0; a < 2; a++)
 #pragma unroll
                     for (int el = 0; el < 4; el++) A[o][x][a][el] = 0.0f;
         mm_wait<0>();
@@ -640,20 +632,20 @@ __global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_m
                     act_issue(sb + 1, buf ^ 1, nt);
                 }
                 mm_commit();
-                int is[2][NA][4];
+                int is[2][2][4];
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                    for (int a = 0; a < NA; a++)
+                    for (int a = 0; a < 2; a++)
 #pragma unroll
                         for (int el = 0; el < 4; el++) is[mt][a][el] = 0;
 #pragma unroll
                 for (int ch = 0; ch < 8; ch++) {
                     const int8_t *B = sm.b[buf][ch];
-                    unsigned bf[NA][2];
+                    unsigned bf[2][2];
 #pragma unroll
-                    for (int a = 0; a < NA; a++) {
-                        const int it = wn * 8 * NA + a * 8 + g;
+                    for (int a = 0; a < 2; a++) {
+                        const int it = wn * 16 + a * 8 + g;
                         bf[a][0] = *(const unsigned *)(B + mm_off(it, tq));
                         bf[a][1] = *(const unsigned *)(B + mm_off(it, tq + 4));
                     }
@@ -667,7 +659,7 @@ __global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_m
                         af[3] = *(const unsigned *)(Am + mm_off(ra + 8, tq + 4));
                         const int l0 = DN ? 1 : sm.ls[buf][mt][ra][ch], l1 = DN ? 1 : sm.ls[buf][mt][ra + 8][ch];
 #pragma unroll
-                        for (int a = 0; a < NA; a++) {
+                        for (int a = 0; a < 2; a++) {
                             int ci[4];
                             mm_mma(af, bf[a][0], bf[a][1], ci);
                             is[mt][a][0] += l0 * ci[0];
@@ -682,8 +674,8 @@ __global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_m
                     const float d0 = sm.d[buf][o][ra], d1 = sm.d[buf][o][ra + 8];
                     const float m0 = DN ? sm.d[buf][1][ra] : 0.0f, m1 = DN ? sm.d[buf][1][ra + 8] : 0.0f;
 #pragma unroll
-                    for (int a = 0; a < NA; a++) {
-                        const int it = wn * 8 * NA + a * 8 + 2 * tq;
+                    for (int a = 0; a < 2; a++) {
+                        const int it = wn * 16 + a * 8 + 2 * tq;
                         const float a0 = sm.ad[buf][it], a1 = sm.ad[buf][it + 1];
                         const int mi = DN ? 1 : o; /* the msum's matrix (Q2_K) */
                         A[o][x][a][0] = __fadd_rn(A[o][x][a][0], cu_kblock<WT>(a0, d0, m0, is[o][a][0], DN ? is[mi][a][0] : 0));
@@ -698,10 +690,10 @@ __global__ void __launch_bounds__(32 * NW, NW == 8 ? CU_MOE_MM_MINB : 1) k_moe_m
             }
         }
 #pragma unroll
-        for (int a = 0; a < NA; a++)
+        for (int a = 0; a < 2; a++)
 #pragma unroll
             for (int el = 0; el < 4; el++) {
-                const int it = wn * 8 * NA + a * 8 + 2 * tq + (el & 1), rr = r0 + ra + (el >> 1) * 8;
+                const int it = wn * 16 + a * 8 + 2 * tq + (el & 1), rr = r0 + ra + (el >> 1) * 8;
                 if (it >= nt) continue;
                 const int pos = b0 + i0 + it;
                 const float s0 = __fadd_rn(__fadd_rn(A[0][0][a][el], A[0][2][a][el]), __fadd_rn(A[0][1][a][el], A[0][3][a][el]));
@@ -724,13 +716,8 @@ template <int WT> static bool moe_mm_try(cu_ctx *c, const moe_p &p, int n_slots,
         p.rows % MG_BM || p.nch % 32 || p.ld % 1024)
         return false;
     /* per device, so on every launch (a batch kernel launch, not a decode step) */
-    if (c->mg16) {
-        cudaFuncSetAttribute(k_moe_mm<WT, 16>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
-        cu_launch(c, k_moe_mm<WT, 16>, dim3(p.rows / MG_BM, n_slots), 512, sizeof(mg_smem), p);
-    } else {
-        cudaFuncSetAttribute(k_moe_mm<WT, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
-        cu_launch(c, k_moe_mm<WT, 8>, dim3(p.rows / MG_BM, n_slots), 256, sizeof(mg_smem), p);
-    }
+    cudaFuncSetAttribute(k_moe_mm<WT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
+    cu_launch(c, k_moe_mm<WT>, dim3(p.rows / MG_BM, n_slots), 256, sizeof(mg_smem), p);
     return true;
 }
 
