@@ -75,9 +75,6 @@ __device__ __forceinline__ uint32_t cu_ld32(const uint8_t *p) { return cu_wld((c
  * codes with the signs OR-ed into byte-permute selectors over the signed
  * levels (4, 5: 1.10x in dev/moe_bench.cu's kernel alone, no change in the
  * decode step: H100 q2:20 204.6 / 204.2 vs 204.8 tok/s). */
-#ifndef CU_MOE1_UNROLL
-#define CU_MOE1_UNROLL 2
-#endif
 #ifndef CU_IQ2_SIGNS
 #define CU_IQ2_SIGNS 3
 #endif
@@ -461,11 +458,7 @@ __device__ __forceinline__ void cu_row_dot_multi(const uint8_t *const (&qrow)[M]
                                                  int nch, const int8_t *aq, const float *ad, const int32_t *abs,
                                                  const int64_t (&xo)[M], float (&acc)[M], const cu_iq2_tab *tab) {
     const int lane = threadIdx.x & 31;
-    /* chunk rounds unrolled: 2, or CU_MOE1_UNROLL for M <= 2 (the fused
-     * experts' gate + up pair; a build option for an A/B of more loads in
-     * flight per warp: unrolling changes no operation or its order) */
-    constexpr int UR = M <= 2 ? CU_MOE1_UNROLL : 2;
-#pragma unroll UR
+#pragma unroll 2
     for (int base = 0; base < nch; base += 32) {
         const int c = base + lane;
         const bool on = c < nch;
