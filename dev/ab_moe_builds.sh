@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# dev/ab_moe_builds.sh - one device call: the experts kernels' register /
-# unroll build options against the default, H100-sized (q2:20 at 2k):
+# dev/ab_moe_builds.sh - one device call: build options or run-time
+# switches of the expert kernels against the default, H100-sized (q2:20 at 2k):
 # per build the graph decode figure and the eager per-kernel table
 # (DS4_CUDA_KPROF=1, --profile) whose moe rows separate the prefill kernel
 # (k_moe_mm) from the decode pair (k_moe1_gate_up / k_moe1_down).

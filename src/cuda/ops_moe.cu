@@ -939,16 +939,17 @@ __device__ __forceinline__ void moe1_gu_codes(const moe1_p &p, int y, int sb) {
     }
 }
 
-/* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
- * token, block (x, 1 + i) item i's rows; then the codes of each finished
- * super-block. */
-/* CU_MOE1_GU_MINB (build option, default 0: no bound): the same for the
- * gate/up kernel (its IQ2_XXS instance holds 60 registers: 4 blocks of 256
- * per SM, a 2,048-row layer's 256 x 7 blocks in ~3.4 waves; 5 bounds it to
- * 48). Register allocation only. */
+/* CU_MOE1_GU_MINB (build option, default 0: no bound): blocks per SM for
+ * the one-token gate/up kernel (its IQ2_XXS instance holds 60 registers:
+ * 4 blocks of 256 per SM, a 2,048-row layer's 256 x 7 blocks in ~3.4
+ * waves; 5 bounds it to 48). Register allocation only. */
 #ifndef CU_MOE1_GU_MINB
 #define CU_MOE1_GU_MINB 0
 #endif
+
+/* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
+ * token, block (x, 1 + i) item i's rows; then the codes of each finished
+ * super-block. */
 template <int WG>
 __global__ void __launch_bounds__(256, CU_MOE1_GU_MINB) k_moe1_gate_up(const __grid_constant__ moe1_p p) {
     if (p.cj.n && blockIdx.x == gridDim.x - 1) { /* DS4_CUDA_COMB_BIG: the extra column, its row 0 the comb */
