@@ -134,10 +134,10 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
                         int ci[4];
                         mm_mma(af, b0, b1, ci);
                         const float da0 = sm.da[sb][tb + 2 * tq][cl + 32 * k], da1 = sm.da[sb][tb + 2 * tq + 1][cl + 32 * k];
-                        acc[a][0] = __fadd_rn(acc[a][0], __fmul_rn(__fmul_rn(dw0, da0), (float)ci[0]));
-                        acc[a][1] = __fadd_rn(acc[a][1], __fmul_rn(__fmul_rn(dw0, da1), (float)ci[1]));
-                        acc[a][2] = __fadd_rn(acc[a][2], __fmul_rn(__fmul_rn(dw1, da0), (float)ci[2]));
-                        acc[a][3] = __fadd_rn(acc[a][3], __fmul_rn(__fmul_rn(dw1, da1), (float)ci[3]));
+                        acc[a][0] = __fadd_rn(acc[a][0], __fmul_rn(__fmul_rn(dw0, da0), mm_i2f(ci[0])));
+                        acc[a][1] = __fadd_rn(acc[a][1], __fmul_rn(__fmul_rn(dw0, da1), mm_i2f(ci[1])));
+                        acc[a][2] = __fadd_rn(acc[a][2], __fmul_rn(__fmul_rn(dw1, da0), mm_i2f(ci[2])));
+                        acc[a][3] = __fadd_rn(acc[a][3], __fmul_rn(__fmul_rn(dw1, da1), mm_i2f(ci[3])));
                     }
                 }
                 mm_counter_push(m, j, acc, lvl, total);

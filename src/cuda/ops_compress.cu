@@ -637,7 +637,7 @@ __device__ __forceinline__ void idxm_terms(const idxm_sh &m, int IH, int ID, flo
                                          __fmul_rn(pb, pk1[b])};
 #pragma unroll
                     for (int e = 0; e < 4; e++)
-                        d[e] = b ? __fmaf_rn((float)ci[e], pp[e], d[e]) : __fmul_rn((float)ci[e], pp[e]);
+                        d[e] = b ? __fmaf_rn(mm_i2f(ci[e]), pp[e], d[e]) : __fmul_rn(mm_i2f(ci[e]), pp[e]);
                 }
             }
 #pragma unroll
