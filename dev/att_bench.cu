@@ -2,7 +2,10 @@
  * src/cuda/ops_attn.cu) alone at Flash's shapes (64 heads x 512, RoPE 64,
  * window 128, f16 rows as in release numerics): each variant's output
  * checked bit for bit against the first (heads per block, splits per block,
- * the head size as a constant or not, sliced merge), and its time. Cases:
+ * the head size as a constant or not, sliced merge), and its time; the
+ * online merge (DS4_CUDA_ATT_ONLINE) and k_attn_fused checked bit for bit
+ * against the online merge's first variant, its distance from the default
+ * printed. Cases:
  * a prefill chunk of an HCA and a CSA layer at 2k and 64k, and one decode
  * token of an HCA layer at 1M (8,192 compressed rows). Nothing else of the
  * engine runs, so it fits any GPU (an H100 when no H200 is lent).
@@ -45,6 +48,8 @@ struct variant {
     int hb, zb, dhc, mz;
     int tc; /* k_attn_tc with hb heads per block (TF32 tensor cores: other bits, compared by max |diff|) */
     int rh; /* k_attn_part's staged rows as half (DS4_CUDA_ATT_RH) */
+    int on; /* DS4_CUDA_ATT_ONLINE: 1 the partial kernel + k_attn_merge<ON>, 2 k_attn_fused (hb heads, rh rows);
+             * both checked bit for bit against the first variant with on = 1 */
 };
 
 /* registers per thread and resident blocks per SM of a kernel at 256 threads and smem bytes */
@@ -71,9 +76,22 @@ template <int HB> static void part_tc(const attn_p &p, dim3 grid, size_t smem) {
     k_attn_tc<__half, HB><<<grid, 256, smem>>>(p);
 }
 
+template <int HB> static void fused(const attn_p &p, int n, size_t smem) {
+    CK(cudaFuncSetAttribute(k_attn_fused<__half, HB, 512, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    occ(k_attn_fused<__half, HB, 512, true>, smem, &g_regs, &g_occ);
+    k_attn_fused<__half, HB, 512, true><<<dim3(p.H / HB, n), 256, smem>>>(p);
+}
+
 /* merge: false times the partial kernel alone */
 static void run_variant(attn_p p, int n, const variant &v, bool merge = true) {
     const int S = p.S;
+    if (v.on == 2) { /* the whole attention in one kernel */
+        const size_t fsm = attn_part_smem(v.hb, p.dh, true) + 4 * (size_t)v.hb * sizeof(float);
+        if (v.hb == 16) fused<16>(p, n, fsm);
+        else if (v.hb == 8) fused<8>(p, n, fsm);
+        else fused<4>(p, n, fsm);
+        return;
+    }
     p.zb = v.zb;
     const dim3 grid(p.H / v.hb, n, (S + v.zb - 1) / v.zb);
     const size_t smem = attn_part_smem(v.hb, p.dh, v.rh);
@@ -97,8 +115,16 @@ static void run_variant(attn_p p, int n, const variant &v, bool merge = true) {
         if (v.dhc) part<4, 512, false>(p, grid, smem); else part<4, 0, false>(p, grid, smem);
     }
     if (!merge) return;
-    const size_t msm = ((size_t)p.dh + (v.mz > 1 ? 2 : 1) * (size_t)S) * 4;
-    if (v.mz > 1) {
+    const size_t msm = ((size_t)p.dh + (v.on ? 4 : v.mz > 1 ? 2 : 1) * (size_t)S) * 4;
+    if (v.on) {
+        if (v.mz > 1) {
+            CK(cudaFuncSetAttribute(k_attn_merge<true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm));
+            k_attn_merge<true, true><<<dim3(p.H, n, v.mz), 128, msm>>>(p);
+        } else {
+            CK(cudaFuncSetAttribute(k_attn_merge<false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm));
+            k_attn_merge<false, true><<<dim3(p.H, n), 256, msm>>>(p);
+        }
+    } else if (v.mz > 1) {
         CK(cudaFuncSetAttribute(k_attn_merge<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)msm));
         k_attn_merge<true><<<dim3(p.H, n, v.mz), 128, msm>>>(p);
     } else {
@@ -161,22 +187,28 @@ static int bench_case(const char *label, int kind, int pos0, int n, int reps) {
                           {"hb16 mz4", 16, 1, 512, 4}, {"hb16 zb2", 16, 2, 512, 4}, {"hb16 zb4", 16, 4, 512, 4},
                           {"hb16 zb4 rt", 16, 4, 0, 4}, {"hb8 dh512", 8, 1, 512, 4}, {"hb4 rh", 4, 1, 512, 4, 0, 1},
                           {"hb8 rh", 8, 1, 512, 4, 0, 1}, {"hb16 rh", 16, 1, 512, 4, 0, 1}, {"tc16", 16, 1, 0, 4, 1},
-                          {"tc64", 64, 1, 0, 4, 1}};
-    std::vector<float> ref((size_t)n * H * dh), got(ref.size());
+                          {"tc64", 64, 1, 0, 4, 1},
+                          {"on hb4 rh", 4, 1, 512, 4, 0, 1, 1}, {"on hb8 rh mz1", 8, 1, 512, 1, 0, 1, 1},
+                          {"fused4", 4, 1, 512, 1, 0, 1, 2}, {"fused8", 8, 1, 512, 1, 0, 1, 2},
+                          {"fused16", 16, 1, 512, 1, 0, 1, 2}};
+    std::vector<float> ref((size_t)n * H * dh), got(ref.size()), ref_on(ref.size());
     printf("%s (n %d at %d, %d splits):", label, n, pos0, S);
     fflush(stdout);
     int bad = 0;
     for (const variant &v : vs) {
-        if (vname && *vname && strcmp(vname, v.name) && &v != &vs[0]) continue;
+        if (vname && *vname && strcmp(vname, v.name) && &v != &vs[0] && strcmp(v.name, "on hb4 rh")) continue;
         CK(cudaMemset(o, 0xff, (size_t)n * H * dh * 4));
         run_variant(p, n, v);
         CK(cudaDeviceSynchronize());
         CK(cudaMemcpy(got.data(), o, got.size() * 4, cudaMemcpyDeviceToHost));
-        const bool first = &v == &vs[0];
+        const bool first = &v == &vs[0], first_on = !strcmp(v.name, "on hb4 rh");
         if (first) ref = got;
-        const bool same = !memcmp(ref.data(), got.data(), got.size() * 4);
+        if (first_on) ref_on = got;
+        const std::vector<float> &want = v.on ? ref_on : ref;
+        const bool same = !memcmp(want.data(), got.data(), got.size() * 4);
         double md = 0; /* largest |difference| to the first variant (tensor-core variants) */
         for (size_t i = 0; i < got.size(); i++) md = fmax(md, fabs((double)got[i] - ref[i]));
+        if (first_on) printf(" | (online merge vs default: max |d| %.2e)", md);
         cudaEvent_t e0, e1, e2;
         CK(cudaEventCreate(&e0));
         CK(cudaEventCreate(&e1));

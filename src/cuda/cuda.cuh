@@ -227,6 +227,8 @@ struct cu_ctx {
     int kv_in_merge;       /* the attention merge stores the kv rows, kv_store launches nothing (DS4_CUDA_KV_IN_MERGE=0: off) */
     int att_dh_rt;         /* DS4_CUDA_ATT_DH_RT=1: k_attn_part with the head size read at run time (A/B; same bits) */
     int att_rh;            /* DS4_CUDA_ATT_RH=1: k_attn_part keeps its staged f16 rows as half in shared memory */
+    int att_online;        /* DS4_CUDA_ATT_ONLINE=1: online split merge; batches merged in k_attn_fused (opt-in) */
+    int no_att_fused;      /* DS4_CUDA_NO_ATT_FUSED=1: with ATT_ONLINE, batches still by k_attn_part + k_attn_merge */
     int no_merge_slices;   /* DS4_CUDA_NO_MERGE_SLICES=1: k_attn_merge in one block per head (same bits) */
     int topk_ilp;          /* DS4_CUDA_TOPK_ILP=0|1|2: the indexer top-k with 8 keys per thread and round never|always|by each token's rows on the device (else -1: by the launch's rows) */
     int no_idx_mma;        /* DS4_CUDA_NO_IDX_MMA=1: FP4 indexer scores on CUDA cores (float sums), not k_idx_scores_mma */

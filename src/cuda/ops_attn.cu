@@ -1128,61 +1128,19 @@ template <bool RH> struct ap_rows {
     __device__ __forceinline__ float *end(int n) const { return RH ? (float *)((__half *)f + n) : f + n; }
 };
 
-/* Split attention (flash-decoding): block (head group x, token y, split z)
- * takes rows [z*ATT_R, z*ATT_R + ATT_R) of the token's rows for HB heads.
- * Phase 0 stages the rows in shared memory as f32, or as half with RH
- * (all loads in flight);
- * phase 1: warps take rows, lanes dims, HB scores per row; phase 2: warp h
- * the local maximum m and e = exp(s - m), l = sum e over the split; phase 3:
- * thread dims tid, tid+256: c = sum e * v in row order. (m, l, c) go to the
- * partial buffers; k_attn_merge combines the splits in split order. The
- * split of a row depends only on its index, so a token's result is the same
- * in any batch (prefill == decode, bit for bit).
- * Shared: HB*dh (q) floats, ATT_R*dh rows (floats, halves with RH), HB*ATT_R
- * scores, ATT_R offsets (attn_part_smem). */
-template <typename T, int HB, int DHC, bool MZ, bool RH = false>
-__global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_constant__ attn_p p) {
-    static_assert(!RH || sizeof(T) == 2, "k_attn_part: half staged rows for half rows only");
-    cu_pdl_wait();
-    extern __shared__ float sm[];
-    const int dh = DHC ? DHC : p.dh; /* DHC: the head size as a constant (index arithmetic folded), 0 = p.dh */
-    float *qs = sm;                       /* HB x dh */
-    const ap_rows<RH> rs{qs + HB * dh};   /* ATT_R x dh */
-    float *sc = rs.end(ATT_R * dh);       /* HB x ATT_R */
-    int64_t *ro = (int64_t *)(sc + HB * ATT_R);
-    const int tl = blockIdx.y, t = p.t0 + tl, h0 = blockIdx.x * HB;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const attn_rows ar = attn_rows_of(p, t);
-    /* MZ: splits blockIdx.z * zb .. + zb - 1 in turn (DS4_CUDA_ATT_ZB: the
-     * queries staged once for zb splits; each split computed and written
-     * exactly as alone); else split blockIdx.z alone, as before */
-    const int zb = MZ && p.zb > 1 ? p.zb : 1;
-    int z = (int)blockIdx.z * zb, r0 = z * ATT_R;
-    if (r0 >= ar.n) return;
-    int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
-    const int pos0 = p.step->pos0;
-    if (threadIdx.x < nr) ro[threadIdx.x] = attn_row_off(p, ar, r0 + threadIdx.x, pos0);
-    /* the HB heads' queries are contiguous: float4 loads, LB in flight per
-     * thread before the shared stores (a load -> store loop would wait for
-     * each load in turn) */
+/* The phases of one split (ATT_R rows of a token for HB heads), shared by
+ * k_attn_part and k_attn_fused so that both compute a split's (m, l, c)
+ * with the same operations. Phase 0 (ap_stage): the rows to shared memory
+ * as f32, or as half with RH (all loads in flight); phase 1 (ap_scores):
+ * warps take rows, lanes dims, HB scores per row; phase 2 (ap_softmax): warp
+ * h the local maximum m and e = exp(s - m), l = sum e over the split;
+ * phase 3 (ap_values): thread dims tid, tid+256: c = sum e * v in row order.
+ * Every thread of the block calls each phase; the caller syncs between. */
+template <typename T, bool RH>
+__device__ __forceinline__ void ap_stage(const attn_p &p, const ap_rows<RH> &rs, const int64_t *ro, int nr, int dh,
+                                         const T *raw, const T *comp) {
+    /* 4 values per load, LB loads in flight */
     constexpr int LB = 8;
-    {
-        const float4 *qg = (const float4 *)(p.q + ((int64_t)t * p.H + h0) * dh);
-        const int n4 = HB * dh / 4;
-        for (int i0 = threadIdx.x; i0 < n4; i0 += LB * blockDim.x) {
-            float4 v[LB];
-#pragma unroll
-            for (int k = 0; k < LB; k++)
-                if (i0 + k * (int)blockDim.x < n4) v[k] = qg[i0 + k * blockDim.x];
-#pragma unroll
-            for (int k = 0; k < LB; k++)
-                if (i0 + k * (int)blockDim.x < n4) ((float4 *)qs)[i0 + k * blockDim.x] = v[k];
-        }
-    }
-    __syncthreads();
-    const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
-    for (int zz = 0;;) {
-    /* phase 0: rows -> shared, 4 values per load, LB loads in flight */
     const int d4 = dh / 4, n_u = nr * d4;
     for (int u0 = threadIdx.x; u0 < n_u; u0 += LB * blockDim.x) {
         float4 v[LB];
@@ -1211,13 +1169,17 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
             if (u < n_u) rs.put4((u / d4) * dh + (u % d4) * 4, v[k]);
         }
     }
-    __syncthreads();
-    /* phase 1: scores. Warp w takes rows w, w + 8, w + 16, w + 24 at once:
-     * the HB query values of a dim are loaded once for the four rows (was
-     * once per row: ~1 shared load per fma), and each (row, head) sum still
-     * runs over its dims in the same order, so the bits do not change
-     * (default since measured: +3.9% prefill; DS4_CUDA_NO_ATT_R4=1 gives the
-     * row-at-a-time loop) */
+}
+
+/* phase 1: scores into sc (HB x ATT_R). Warp w takes rows w, w + 8, w + 16,
+ * w + 24 at once: the HB query values of a dim are loaded once for the four
+ * rows (was once per row: ~1 shared load per fma), and each (row, head) sum
+ * still runs over its dims in the same order, so the bits do not change
+ * (default since measured: +3.9% prefill; DS4_CUDA_NO_ATT_R4=1 gives the
+ * row-at-a-time loop) */
+template <int HB, bool RH>
+__device__ __forceinline__ void ap_scores(const attn_p &p, const float *qs, const ap_rows<RH> &rs, float *sc, int nr,
+                                          int dh, int lane, int w) {
     const int per = dh / 32;
     if (!p.att_r4) {
         for (int r = w; r < nr; r += 8) {
@@ -1269,26 +1231,25 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
                 }
         }
     }
-    __syncthreads();
-    /* phase 2: split maximum and sum, one warp per head (warp w takes heads
-     * w, w + 8, ...: with HB = 16 a block's 8 warps take two each) */
-    for (int hh = w; hh < HB; hh += (int)(blockDim.x >> 5)) {
-        const float s = lane < nr ? sc[hh * ATT_R + lane] : -INFINITY;
-        const float m = cu_warp_max(s);
-        const float e = lane < nr ? expf(s - m) : 0.0f;
-        if (lane < nr) sc[hh * ATT_R + lane] = e;
-        const float l = cu_warp_sum(e);
-        if (lane == 0) {
-            const int64_t i = ((int64_t)tl * p.S + z) * p.H + h0 + hh;
-            p.part_m[i] = m;
-            p.part_l[i] = l;
-        }
-    }
-    __syncthreads();
-    /* phase 3: c = sum over the split's rows of e * v, in row order; the
-     * weights of 4 rows of a head in one 16-byte shared load (was one load
-     * per row and head), the same fma order */
-    float acc[HB][ATT_MAXK];
+}
+
+/* phase 2 for head hh (one warp): its scores become e = exp(s - m) in
+ * place; m and l (the sum of e) in every lane */
+__device__ __forceinline__ void ap_softmax(float *sc, int hh, int nr, int lane, float *m_out, float *l_out) {
+    const float s = lane < nr ? sc[hh * ATT_R + lane] : -INFINITY;
+    const float m = cu_warp_max(s);
+    const float e = lane < nr ? expf(s - m) : 0.0f;
+    if (lane < nr) sc[hh * ATT_R + lane] = e;
+    *m_out = m;
+    *l_out = cu_warp_sum(e);
+}
+
+/* phase 3: acc = sum over the split's rows of e * v, in row order (acc
+ * starts at 0); the weights of 4 rows of a head in one 16-byte shared load
+ * (was one load per row and head), the same fma order */
+template <int HB, bool RH>
+__device__ __forceinline__ void ap_values(const attn_p &p, const ap_rows<RH> &rs, const float *sc, int nr, int dh,
+                                          float (&acc)[HB][ATT_MAXK]) {
 #pragma unroll
     for (int h = 0; h < HB; h++)
 #pragma unroll
@@ -1326,6 +1287,79 @@ __global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_cons
             }
         }
     }
+}
+
+/* the HB heads' queries of token t to shared memory: contiguous, float4
+ * loads, LB in flight per thread before the shared stores (a load -> store
+ * loop would wait for each load in turn) */
+template <int HB>
+__device__ __forceinline__ void ap_stage_q(const attn_p &p, float *qs, int t, int h0, int dh) {
+    constexpr int LB = 8;
+    const float4 *qg = (const float4 *)(p.q + ((int64_t)t * p.H + h0) * dh);
+    const int n4 = HB * dh / 4;
+    for (int i0 = threadIdx.x; i0 < n4; i0 += LB * blockDim.x) {
+        float4 v[LB];
+#pragma unroll
+        for (int k = 0; k < LB; k++)
+            if (i0 + k * (int)blockDim.x < n4) v[k] = qg[i0 + k * blockDim.x];
+#pragma unroll
+        for (int k = 0; k < LB; k++)
+            if (i0 + k * (int)blockDim.x < n4) ((float4 *)qs)[i0 + k * blockDim.x] = v[k];
+    }
+}
+
+/* Split attention (flash-decoding): block (head group x, token y, split z)
+ * takes rows [z*ATT_R, z*ATT_R + ATT_R) of the token's rows for HB heads
+ * (the phases above); (m, l, c) go to the partial buffers and k_attn_merge
+ * combines the splits in split order. The split of a row depends only on
+ * its index, so a token's result is the same in any batch (prefill ==
+ * decode, bit for bit).
+ * Shared: HB*dh (q) floats, ATT_R*dh rows (floats, halves with RH), HB*ATT_R
+ * scores, ATT_R offsets (attn_part_smem). */
+template <typename T, int HB, int DHC, bool MZ, bool RH = false>
+__global__ void __launch_bounds__(256, MZ ? 2 : 0) k_attn_part(const __grid_constant__ attn_p p) {
+    static_assert(!RH || sizeof(T) == 2, "k_attn_part: half staged rows for half rows only");
+    cu_pdl_wait();
+    extern __shared__ float sm[];
+    const int dh = DHC ? DHC : p.dh; /* DHC: the head size as a constant (index arithmetic folded), 0 = p.dh */
+    float *qs = sm;                       /* HB x dh */
+    const ap_rows<RH> rs{qs + HB * dh};   /* ATT_R x dh */
+    float *sc = rs.end(ATT_R * dh);       /* HB x ATT_R */
+    int64_t *ro = (int64_t *)(sc + HB * ATT_R);
+    const int tl = blockIdx.y, t = p.t0 + tl, h0 = blockIdx.x * HB;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const attn_rows ar = attn_rows_of(p, t);
+    /* MZ: splits blockIdx.z * zb .. + zb - 1 in turn (DS4_CUDA_ATT_ZB: the
+     * queries staged once for zb splits; each split computed and written
+     * exactly as alone); else split blockIdx.z alone, as before */
+    const int zb = MZ && p.zb > 1 ? p.zb : 1;
+    int z = (int)blockIdx.z * zb, r0 = z * ATT_R;
+    if (r0 >= ar.n) return;
+    int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
+    const int pos0 = p.step->pos0;
+    if (threadIdx.x < nr) ro[threadIdx.x] = attn_row_off(p, ar, r0 + threadIdx.x, pos0);
+    ap_stage_q<HB>(p, qs, t, h0, dh);
+    __syncthreads();
+    const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
+    for (int zz = 0;;) {
+    ap_stage<T, RH>(p, rs, ro, nr, dh, raw, comp);
+    __syncthreads();
+    ap_scores<HB, RH>(p, qs, rs, sc, nr, dh, lane, w);
+    __syncthreads();
+    /* one warp per head (warp w takes heads w, w + 8, ...: with HB = 16 a
+     * block's 8 warps take two each) */
+    for (int hh = w; hh < HB; hh += (int)(blockDim.x >> 5)) {
+        float m, l;
+        ap_softmax(sc, hh, nr, lane, &m, &l);
+        if (lane == 0) {
+            const int64_t i = ((int64_t)tl * p.S + z) * p.H + h0 + hh;
+            p.part_m[i] = m;
+            p.part_l[i] = l;
+        }
+    }
+    __syncthreads();
+    float acc[HB][ATT_MAXK];
+    ap_values<HB, RH>(p, rs, sc, nr, dh, acc);
 #pragma unroll
     for (int k = 0; k < ATT_MAXK; k++) {
         const int e = threadIdx.x + 256 * k;
@@ -1609,7 +1643,7 @@ __global__ void __launch_bounds__(256) k_attn_tc(const __grid_constant__ attn_p 
  * one thread's chain of dependent global loads per head walk all splits
  * (260 of them per HCA head at 1M context). The launcher slices only when the
  * RoPE dims and the Q8_0 blocks of o lie inside one slice each. */
-template <bool SL>
+template <bool SL, bool ON = false>
 __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_constant__ attn_p p) {
     /* DS4_CUDA_MERGE_REG=1: the RoPE threads' inverse frequencies first (they
      * do not depend on the previous kernel); below, the kv row's values all
@@ -1652,7 +1686,9 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
     extern __shared__ float ms[];
     float *os = ms;            /* dh */
     float *wz = ms + p.dh;     /* S */
-    float *lz = wz + p.S;      /* S (sliced) */
+    float *lz = wz + p.S;      /* S (sliced, or ON) */
+    float *wa = lz + p.S;      /* S (ON: a_z) */
+    float *wb = wa + p.S;      /* S (ON: b_z) */
     __shared__ float red[32];
     __shared__ float den_s;
     const int h = blockIdx.x, tl = blockIdx.y, t = p.t0 + tl, dh = p.dh;
@@ -1662,37 +1698,77 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
     const int nz = (ar.n + ATT_R - 1) / ATT_R;
     const int64_t b = (int64_t)tl * p.S * p.H + h;
     const float sink = p.sinks[h];
-    float mx = sink;
-    if (sliced) {
+    if constexpr (ON) {
+        /* the online merge (DS4_CUDA_ATT_ONLINE): with M_-1 = sink, D_-1 = 1
+         * and for z in order M_z = max(M_z-1, m_z), a_z = exp(M_z-1 - M_z),
+         * b_z = exp(m_z - M_z), D_z = b_z l_z + D_z-1 a_z (fmaf of b_z l_z onto
+         * the rounded product), and per dim A_z = b_z c_z + A_z-1 a_z alike;
+         * o = A / D. M_z is the prefix maximum (exact in any order: one warp
+         * scans, each lane a run of splits), a_z and b_z are then independent,
+         * D runs on thread 0, A per dim below: k_attn_fused's operations */
         for (int z = threadIdx.x; z < nz; z += blockDim.x) {
-            const float m = p.part_m[b + (int64_t)z * p.H];
-            wz[z] = m;
+            wz[z] = p.part_m[b + (int64_t)z * p.H];
             lz[z] = p.part_l[b + (int64_t)z * p.H];
-            mx = fmaxf(mx, m);
         }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            const int lane = threadIdx.x, per = (nz + 31) / 32, za = lane * per, zb = za + per < nz ? za + per : nz;
+            float run = -INFINITY;
+            for (int z = za; z < zb; z++) run = fmaxf(run, wz[z]);
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float u = __shfl_up_sync(0xffffffffu, run, o);
+                if (lane >= o) run = fmaxf(run, u);
+            }
+            const float before = __shfl_up_sync(0xffffffffu, run, 1);
+            float M = lane ? fmaxf(sink, before) : sink;
+            for (int z = za; z < zb; z++) {
+                const float m = wz[z], Mn = fmaxf(M, m);
+                wa[z] = expf(M - Mn);
+                wb[z] = expf(m - Mn);
+                M = Mn;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float d = 1.0f;
+            for (int z = 0; z < nz; z++) d = fmaf(wb[z], lz[z], __fmul_rn(d, wa[z]));
+            den_s = d;
+        }
+        __syncthreads();
     } else {
+        float mx = sink;
+        if (sliced) {
+            for (int z = threadIdx.x; z < nz; z += blockDim.x) {
+                const float m = p.part_m[b + (int64_t)z * p.H];
+                wz[z] = m;
+                lz[z] = p.part_l[b + (int64_t)z * p.H];
+                mx = fmaxf(mx, m);
+            }
+        } else {
 #pragma unroll 4
-        for (int z = threadIdx.x; z < nz; z += blockDim.x) mx = fmaxf(mx, p.part_m[b + (int64_t)z * p.H]);
-    }
-    mx = cu_warp_max(mx);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : -INFINITY;
-        v = cu_warp_max(v);
-        if (threadIdx.x == 0) red[0] = v;
-    }
-    __syncthreads();
-    const float M = red[0];
-    for (int z = threadIdx.x; z < nz; z += blockDim.x) wz[z] = expf((sliced ? wz[z] : p.part_m[b + (int64_t)z * p.H]) - M);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float d = 0.0f;
+            for (int z = threadIdx.x; z < nz; z += blockDim.x) mx = fmaxf(mx, p.part_m[b + (int64_t)z * p.H]);
+        }
+        mx = cu_warp_max(mx);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            float v = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : -INFINITY;
+            v = cu_warp_max(v);
+            if (threadIdx.x == 0) red[0] = v;
+        }
+        __syncthreads();
+        const float M = red[0];
+        for (int z = threadIdx.x; z < nz; z += blockDim.x) wz[z] = expf((sliced ? wz[z] : p.part_m[b + (int64_t)z * p.H]) - M);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float d = 0.0f;
 #pragma unroll 8
-        for (int z = 0; z < nz; z++) d = fmaf(sliced ? lz[z] : p.part_l[b + (int64_t)z * p.H], wz[z], d);
-        den_s = d + expf(sink - M);
+            for (int z = 0; z < nz; z++) d = fmaf(sliced ? lz[z] : p.part_l[b + (int64_t)z * p.H], wz[z], d);
+            den_s = d + expf(sink - M);
+        }
+        __syncthreads();
     }
-    __syncthreads();
     const float den = den_s;
     const int lo = sliced ? e_lo : 0, hi = sliced ? e_hi : dh;
     constexpr int NG = SL ? 16 : 8;
@@ -1705,7 +1781,10 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
             for (int k = 0; k < NG; k++) v[k] = z0 + k < nz ? p.part_o[(b + (int64_t)(z0 + k) * p.H) * dh + e] : 0.0f;
 #pragma unroll
             for (int k = 0; k < NG; k++)
-                if (z0 + k < nz) acc = fmaf(wz[z0 + k], v[k], acc);
+                if (z0 + k < nz) {
+                    if constexpr (ON) acc = fmaf(wb[z0 + k], v[k], __fmul_rn(acc, wa[z0 + k]));
+                    else acc = fmaf(wz[z0 + k], v[k], acc);
+                }
         }
         os[e] = acc / den;
     }
@@ -1734,9 +1813,116 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
     }
 }
 
+/* Attention of a batch with the splits merged inside the kernel
+ * (DS4_CUDA_ATT_ONLINE=1, batches on the CUDA-core path; opt-in until run
+ * on a GPU). Block (head group x, token y) walks the token's splits in
+ * order, each with k_attn_part's phases (the same (m, l, c) bits), and
+ * folds split z into its running state at once, as the online merge of
+ * k_attn_merge<ON> does with the partials of decode: M = max(M, m_z),
+ * a = exp(M_old - M), b = exp(m_z - M), D = fmaf(b, l_z, D * a), A_e =
+ * fmaf(b, c_z,e, A_e * a), from M = sink, D = 1, A = 0; then o = A / D, the
+ * inverse RoPE and the Q8_0 codes of o as the merge. Nothing goes through
+ * the partial buffers (a 2,048-token CSA chunk: ~5.4 GB written and read
+ * back per layer), and the queries are staged once per token, not once per
+ * split. The kv rows are left to the kv_store stage: a token's ring slot
+ * still holds a row that earlier tokens of the same launch attend.
+ * Shared: attn_part_smem's + 4 floats per head (M, D, a, b). */
+#ifndef CU_ATT_FUSED_MINB
+#define CU_ATT_FUSED_MINB 0 /* blocks per SM its registers must allow (build option) */
+#endif
+template <typename T, int HB, int DHC, bool RH>
+__global__ void __launch_bounds__(256, CU_ATT_FUSED_MINB) k_attn_fused(const __grid_constant__ attn_p p) {
+    static_assert(!RH || sizeof(T) == 2, "k_attn_fused: half staged rows for half rows only");
+    cu_pdl_wait();
+    extern __shared__ float sm[];
+    const int dh = DHC ? DHC : p.dh;
+    float *qs = sm;                       /* HB x dh; at the end o */
+    const ap_rows<RH> rs{qs + HB * dh};   /* ATT_R x dh */
+    float *sc = rs.end(ATT_R * dh);       /* HB x ATT_R */
+    int64_t *ro = (int64_t *)(sc + HB * ATT_R);
+    float *st = (float *)(ro + ATT_R);    /* HB x (M, D, a, b) */
+    const int tl = blockIdx.y, t = p.t0 + tl, h0 = blockIdx.x * HB;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const attn_rows ar = attn_rows_of(p, t);
+    const int pos0 = p.step->pos0;
+    const T *raw = (const T *)p.raw, *comp = (const T *)p.comp;
+    if ((int)threadIdx.x < HB) {
+        st[4 * threadIdx.x] = p.sinks[h0 + threadIdx.x];
+        st[4 * threadIdx.x + 1] = 1.0f;
+    }
+    ap_stage_q<HB>(p, qs, t, h0, dh);
+    float A[HB][ATT_MAXK];
+#pragma unroll
+    for (int h = 0; h < HB; h++)
+#pragma unroll
+        for (int k = 0; k < ATT_MAXK; k++) A[h][k] = 0.0f;
+    for (int r0 = 0; r0 < ar.n; r0 += ATT_R) {
+        const int nr = ar.n - r0 < ATT_R ? ar.n - r0 : ATT_R;
+        if ((int)threadIdx.x < nr) ro[threadIdx.x] = attn_row_off(p, ar, r0 + threadIdx.x, pos0);
+        __syncthreads();
+        ap_stage<T, RH>(p, rs, ro, nr, dh, raw, comp);
+        __syncthreads();
+        ap_scores<HB, RH>(p, qs, rs, sc, nr, dh, lane, w);
+        __syncthreads();
+        for (int hh = w; hh < HB; hh += (int)(blockDim.x >> 5)) {
+            float m, l;
+            ap_softmax(sc, hh, nr, lane, &m, &l);
+            if (lane == 0) {
+                float *x = st + 4 * hh;
+                const float M = x[0], Mn = fmaxf(M, m), a = expf(M - Mn), b = expf(m - Mn);
+                x[0] = Mn;
+                x[1] = fmaf(b, l, __fmul_rn(x[1], a));
+                x[2] = a;
+                x[3] = b;
+            }
+        }
+        __syncthreads();
+        float c[HB][ATT_MAXK];
+        ap_values<HB, RH>(p, rs, sc, nr, dh, c);
+#pragma unroll
+        for (int h = 0; h < HB; h++) {
+            const float a = st[4 * h + 2], b = st[4 * h + 3];
+#pragma unroll
+            for (int k = 0; k < ATT_MAXK; k++) A[h][k] = fmaf(b, c[h][k], __fmul_rn(A[h][k], a));
+        }
+        __syncthreads(); /* this split's reads of ro, rs, sc and st are done */
+    }
+    /* o = A / D into shared memory (over the queries), the inverse RoPE of
+     * each head's last n_rot dims, then o and its Q8_0 codes out */
+#pragma unroll
+    for (int k = 0; k < ATT_MAXK; k++) {
+        const int e = threadIdx.x + 256 * k;
+        if (e < dh)
+#pragma unroll
+            for (int h = 0; h < HB; h++) qs[h * dh + e] = A[h][k] / st[4 * h + 1];
+    }
+    __syncthreads();
+    const int half = p.n_rot / 2;
+    for (int i = threadIdx.x; i < HB * half; i += blockDim.x)
+        cu_rope_pair(qs + (i / half) * dh + dh - p.n_rot, i % half, p.inv_freq, ar.P, true);
+    __syncthreads();
+    const int64_t o0 = ((int64_t)t * p.H + h0) * dh; /* the HB heads' o are contiguous */
+    for (int i = threadIdx.x; i < HB * dh / 4; i += blockDim.x) ((float4 *)(p.o + o0))[i] = ((const float4 *)qs)[i];
+    if (p.oq)
+        for (int b = w; b < HB * dh / 32; b += blockDim.x >> 5)
+            cu_warp_q8_0(qs[32 * b + lane], p.oq + o0 + 32 * b, p.od + o0 / 32 + b);
+}
+
 static size_t attn_part_smem(int hb, int dh, bool rh = false) {
     return ((size_t)hb * dh + (size_t)hb * ATT_R) * sizeof(float) + (size_t)ATT_R * dh * (rh ? 2 : 4) +
            ATT_R * sizeof(int64_t);
+}
+
+/* k_attn_merge for nt tokens: mz slices of each head's dims (else one
+ * block per head), the online form with DS4_CUDA_ATT_ONLINE */
+static void merge_launch(cu_ctx *c, const attn_p &p, int nt, int mz, size_t msmem) {
+    if (c->att_online) {
+        if (mz > 1) cu_launch(c, k_attn_merge<true, true>, dim3(p.H, nt, mz), 128, msmem, p);
+        else cu_launch(c, k_attn_merge<false, true>, dim3(p.H, nt), 256, msmem, p);
+    } else {
+        if (mz > 1) cu_launch(c, k_attn_merge<true>, dim3(p.H, nt, mz), 128, msmem, p);
+        else cu_launch(c, k_attn_merge<false>, dim3(p.H, nt), 256, msmem, p);
+    }
 }
 
 /* Splits and tokens per launch for rows of up to nr_cap (the scratch holds
@@ -1767,6 +1953,48 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
     if (!c->att_hb && n < MM_MIN_N && p.kind == DS4_ATTN_HCA && c->att_hb_hca && nr_cap >= c->att_hb_hca_min)
         hb = c->att_hb_hca == 16 && c->att_hb_hca_min && rh_ok ? 8 : c->att_hb_hca; /* unset: 8 with half rows */
     while (hb > 1 && p.H % hb) hb /= 2;
+    /* DS4_CUDA_ATT_ONLINE=1 (opt-in until run): the online merge for every
+     * batch size, and batches on the CUDA-core path merged inside
+     * k_attn_fused (8 heads per block unless DS4_CUDA_ATT_HB: its running
+     * outputs take registers); the kv rows then go by the kv_store stage */
+    if (c->att_online && n >= MM_MIN_N && !c->att_tc && !c->no_att_fused) {
+        int fb = c->att_hb ? c->att_hb : 8;
+        while (fb > 1 && p.H % fb) fb /= 2;
+        const size_t fsm = attn_part_smem(fb, p.dh, rh_ok) + 4 * (size_t)fb * sizeof(float);
+        p.st_raw = nullptr;
+        p.t0 = 0;
+        for (int t0 = 0; t0 < n; t0 += 65535) {
+            p.t0 = t0;
+            dim3 grid(p.H / fb, n - t0 < 65535 ? n - t0 : 65535);
+#define AF2(HB, DHC, RH)                                                                                         \
+    do {                                                                                                         \
+        cudaFuncSetAttribute(k_attn_fused<T, HB, DHC, RH>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fsm); \
+        cu_launch(c, k_attn_fused<T, HB, DHC, RH>, grid, 256, fsm, p);                                           \
+    } while (0)
+#define AF1(HB, DHC)                                                                                             \
+    do {                                                                                                         \
+        if (rh_ok) AF2(HB, DHC, sizeof(T) == 2);                                                                 \
+        else AF2(HB, DHC, false);                                                                                \
+    } while (0)
+#define AF(HB)                                                                                                   \
+    do {                                                                                                         \
+        if (p.dh == 512 && !c->att_dh_rt) AF1(HB, 512);                                                          \
+        else AF1(HB, 0);                                                                                         \
+    } while (0)
+            switch (fb) {
+            case 16: AF(16); break;
+            case 8: AF(8); break;
+            case 4: AF(4); break;
+            case 2: AF(2); break;
+            default: AF(1); break;
+            }
+#undef AF
+#undef AF1
+#undef AF2
+            if (!CU_LAUNCH(c, "attn_fused")) return;
+        }
+        return;
+    }
     const int S = cu_attn_splits(nr_cap);
     if (S > c->s.att_splits) {
         cu_fail(c, DS4_E_RANGE, "cuda: attention over %d rows exceeds the reserved scratch (%d)", nr_cap,
@@ -1793,7 +2021,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
     const int mz = !c->no_merge_slices && p.dh % 128 == 0 && p.dh > 128 && p.n_rot <= 128 ? p.dh / 128 : 1;
     const bool rh = rh_ok && !(hb == 16 && p.zb > 1);
     const size_t smem = tc ? attn_tc_smem(tb, p.dh, sizeof(T)) : attn_part_smem(hb, p.dh, rh),
-                 msmem = ((size_t)p.dh + (mz > 1 ? 2 : 1) * (size_t)S) * sizeof(float);
+                 msmem = ((size_t)p.dh + (c->att_online ? 4 : mz > 1 ? 2 : 1) * (size_t)S) * sizeof(float);
     for (int t0 = 0; t0 < n; t0 += c->s.att_tokens) {
         const int nt = n - t0 < c->s.att_tokens ? n - t0 : c->s.att_tokens;
         p.t0 = t0;
@@ -1811,8 +2039,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
             }
 #undef AT
             if (!CU_LAUNCH(c, "attn_tc")) return;
-            if (mz > 1) cu_launch(c, k_attn_merge<true>, dim3(p.H, nt, mz), 128, msmem, p);
-            else cu_launch(c, k_attn_merge<false>, dim3(p.H, nt), 256, msmem, p);
+            merge_launch(c, p, nt, mz, msmem);
             if (!CU_LAUNCH(c, "attn_merge")) return;
             continue;
         }
@@ -1854,8 +2081,7 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
 #undef AT1
 #undef AT2
         if (!CU_LAUNCH(c, "attn_part")) return;
-        if (mz > 1) cu_launch(c, k_attn_merge<true>, dim3(p.H, nt, mz), 128, msmem, p);
-        else cu_launch(c, k_attn_merge<false>, dim3(p.H, nt), 256, msmem, p);
+        merge_launch(c, p, nt, mz, msmem);
         if (!CU_LAUNCH(c, "attn_merge")) return;
     }
 }

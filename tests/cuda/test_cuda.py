@@ -95,6 +95,50 @@ def test_cuda_oracle_fixture_attention_tc(fx, ggufs, tmp_path):
     check_fixture(fx + " DS4_CUDA_ATT_TC=1", m, release, gpu, cpu, ref)
 
 
+@pytest.mark.parametrize("fx", FIXTURES)
+def test_cuda_oracle_fixture_att_online(fx, ggufs, tmp_path):
+    """The opt-in online attention merge (DS4_CUDA_ATT_ONLINE=1: the splits folded in order with running rescales,
+    batches merged inside k_attn_fused) under the same bounds as the default, its difference from the default
+    merge printed: other roundings of the same softmax."""
+    m = meta(fx)
+    release = m["release"]
+    model = ggufs(m["model"])
+    toks = ORACLE / fx / "tokens.txt"
+    base, _ = run(model, toks, tmp_path / "s.f32", "--cuda", release)
+    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release, env=dict(os.environ, DS4_CUDA_ATT_ONLINE="1"))
+    cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
+    ref = np.fromfile(ORACLE / fx / "logits.f32", dtype="<f4").reshape(gpu.shape)
+    d = np.abs(gpu.astype(np.float64) - base).max(axis=1)
+    print(f"\n{fx}: online merge vs default merge max |dlogit| {d.max():.2e} p50 {np.median(d):.2e}, "
+          f"same argmax at {(gpu.argmax(1) == base.argmax(1)).mean():.1%}")
+    check_fixture(fx + " DS4_CUDA_ATT_ONLINE=1", m, release, gpu, cpu, ref)
+
+
+@pytest.mark.parametrize("name,release", [("flash", True), ("flash-plain", False), ("q2-wide", True)])
+def test_cuda_att_online_bitwise(name, release, tmp_path):
+    """DS4_CUDA_ATT_ONLINE=1: batches merge their attention splits inside k_attn_fused, and fewer tokens (decode,
+    MTP verify rows) fold the partials of k_attn_part in k_attn_merge<ON> with the same operations in the same order,
+    so prefill of 80 tokens == token-by-token decode == chunks of 3, 16 and 48 == prefill by k_attn_part + the online
+    merge (DS4_CUDA_NO_ATT_FUSED=1) == the fused kernel with 4 and 16 heads per block, f32 staged rows, the head size
+    at run time == decode with the merge in one block per head, bit for bit."""
+    model = _stage_model(name)
+    rng = np.random.default_rng(13)
+    toks = tmp_path / "t.txt"
+    toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
+    on = dict(os.environ, DS4_CUDA_ATT_ONLINE="1")
+    base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", release, "--eval", "prefill", env=on)
+    modes = [("decode", {}), ("chunk:3", {}), ("chunk:16", {}), ("chunk:48", {}),
+             ("prefill", {"DS4_CUDA_NO_ATT_FUSED": "1"}), ("prefill", {"DS4_CUDA_ATT_HB": "4"}),
+             ("prefill", {"DS4_CUDA_ATT_HB": "16"}), ("prefill", {"DS4_CUDA_ATT_RH": "0"}),
+             ("prefill", {"DS4_CUDA_ATT_DH_RT": "1"}), ("decode", {"DS4_CUDA_NO_MERGE_SLICES": "1"}),
+             ("prefill", {"DS4_CUDA_NO_MMA": "1"})]
+    for mode, sw in modes:
+        got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", release, "--eval", mode, env=dict(on, **sw))
+        d = float(np.abs(got.astype(np.float64) - base).max())
+        print(f"\n{name} --eval {mode} DS4_CUDA_ATT_ONLINE=1 {sw}: max |d| vs its prefill {d:.2e}")
+        assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{name} {mode} {sw} differs: {d:.2e}"
+
+
 def check_fixture(fx, m, release, gpu, cpu, ref):
     d_hf = np.abs(gpu.astype(np.float64) - ref).max(axis=1)
     d_cpu = np.abs(gpu.astype(np.float64) - cpu).max(axis=1)
@@ -297,6 +341,28 @@ def test_cuda_long_context_topk_bitwise(name, mi, tmp_path):
                  env=dict(os.environ, **sw))
     d = float(np.abs(got.astype(np.float64) - base).max())
     print(f"\n{name} --eval {mode} {sw}: max |d| vs prefill {d:.2e}")
+    assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{mode} {sw} differs: {d:.2e}"
+
+
+@pytest.mark.parametrize("mode,sw", [("chunk:4", {}), ("chunk:4", {"DS4_CUDA_NO_MERGE_SLICES": "1"}),
+                                     ("prefill", {"DS4_CUDA_NO_ATT_FUSED": "1"})])
+def test_cuda_long_context_att_online_bitwise(mode, sw, tmp_path):
+    """DS4_CUDA_ATT_ONLINE=1 with many splits per head (flash stage model, 17,000 tokens: ~40 splits per HCA
+    head, so the merge's one-warp prefix maximum takes runs of 2 splits per lane): prefill (k_attn_fused) == chunks
+    of 4 (k_attn_part + k_attn_merge<ON>, sliced and in one block per head) == prefill by k_attn_part + the online
+    merge, bit for bit."""
+    model = _stage_model("flash")
+    rng = np.random.default_rng(5)
+    toks = tmp_path / "t.txt"
+    toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 17000)))
+    on = dict(os.environ, DS4_CUDA_ATT_ONLINE="1")
+    if "online" not in _LONG_BASE:
+        _LONG_BASE["online"], _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill", "--ctx",
+                                      "32768", env=on)
+    base = _LONG_BASE["online"]
+    got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, "--eval", mode, "--ctx", "32768", env=dict(on, **sw))
+    d = float(np.abs(got.astype(np.float64) - base).max())
+    print(f"\nflash --eval {mode} DS4_CUDA_ATT_ONLINE=1 {sw}: max |d| vs its prefill {d:.2e}")
     assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{mode} {sw} differs: {d:.2e}"
 
 
