@@ -19,8 +19,8 @@ int ds4_cli_dump_logits(const ds4_cli_opts *o) {
         fprintf(stderr, "ds4: --dump-logits needs --prompt-tokens-file F\n");
         return 2;
     }
-    /* the output: a regular file or a new one (a failed write removes it,
-     * which must never be a device or another kind of file) */
+    /* the output: a regular file or a new one (never a device or another
+     * kind of file: the rename would replace it) */
     ds4_err pe = {0};
     if (ds4_output_path_ok(o->dump_logits, &pe)) {
         fprintf(stderr, "ds4: --dump-logits %s\n", pe.msg);
@@ -63,18 +63,11 @@ int ds4_cli_dump_logits(const ds4_cli_opts *o) {
         fprintf(stderr, "ds4: %s\n", err.msg);
         goto out_logits;
     }
-    FILE *f = fopen(o->dump_logits, "wb");
-    if (!f) {
-        fprintf(stderr, "ds4: cannot open %s: %s\n", o->dump_logits, strerror(errno));
-        goto out_logits;
-    }
-    size_t w = fwrite(logits, sizeof(float), (size_t)n * V, f);
-    int we = w != (size_t)n * V ? errno : 0;
-    if (fclose(f) != 0 && !we) we = errno ? errno : EIO;
-    if (we || w != (size_t)n * V) { /* no partial file left looking like a result */
-        const bool removed = ds4_unlink_regular(o->dump_logits);
-        fprintf(stderr, "ds4: cannot write %s: %s%s\n", o->dump_logits, strerror(we ? we : EIO),
-                removed ? " (removed)" : "");
+    /* replaced whole (ds4_out): a failed write leaves an earlier file as it was */
+    ds4_out out;
+    if (ds4_out_open(&out, o->dump_logits, "wb", &err) ||
+        (fwrite(logits, sizeof(float), (size_t)n * V, out.f), ds4_out_commit(&out, &err))) {
+        fprintf(stderr, "ds4: --dump-logits: %s\n", err.msg);
         goto out_logits;
     }
     /* --dump-greedy N: N greedy decode steps after the prompt (argmax on the

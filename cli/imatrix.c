@@ -108,47 +108,18 @@ static bool put_dat(FILE *f, const collector *c, const char *dataset) {
            fwrite(dataset, 1, (size_t)dlen, f) == (size_t)dlen;
 }
 
-/* Writes path through "path.tmp.XXXXXX" in the same directory (a fresh
- * name: no existing file is truncated), flushed, fsync'ed and closed, then
- * renamed over path: a failed run leaves path untouched and no temporary
- * file. The first failing call's errno is reported ("disk full" for ENOSPC,
- * "file too large" for EFBIG: SIGXFSZ is ignored so a file-size limit fails
- * the write instead of killing the process with the file half written). */
+/* Writes path whole or not at all (ds4_out: a fresh temporary file beside
+ * it, renamed over it once flushed and fsync'ed): a failed run leaves path
+ * untouched and no temporary file; "disk full" for ENOSPC, "file too large"
+ * for EFBIG (SIGXFSZ is ignored, so a file-size limit fails the write). */
 static int write_dat(const collector *c, const char *path, const char *dataset) {
-    size_t n = strlen(path) + 16;
-    char *tmp = malloc(n);
-    if (!tmp) {
-        fprintf(stderr, "ds4: out of memory writing %s\n", path);
+    ds4_out out;
+    ds4_err err = {0};
+    if (ds4_out_open(&out, path, "wb", &err) || (put_dat(out.f, c, dataset), ds4_out_commit(&out, &err))) {
+        fprintf(stderr, "ds4: %s\n", err.msg);
         return 1;
     }
-    snprintf(tmp, n, "%s.tmp.XXXXXX", path);
-    signal(SIGXFSZ, SIG_IGN);
-    int fd = mkstemp(tmp);
-    FILE *f = fd >= 0 ? fdopen(fd, "wb") : NULL;
-    if (!f) {
-        fprintf(stderr, "ds4: cannot create a temporary file next to %s: %s\n", path, strerror(errno));
-        if (fd >= 0) {
-            close(fd);
-            unlink(tmp);
-        }
-        free(tmp);
-        return 1;
-    }
-    fchmod(fd, 0644);                /* mkstemp's 0600 would make the .dat private */
-    int e = 0;
-    errno = 0;
-    if (!put_dat(f, c, dataset)) e = errno ? errno : EIO;
-    if (fflush(f) != 0 && !e) e = errno;
-    if (!e && fsync(fd) != 0) e = errno;
-    if (fclose(f) != 0 && !e) e = errno;
-    if (!e && rename(tmp, path) != 0) e = errno;
-    if (e) {
-        fprintf(stderr, "ds4: %s writing %s: %s (nothing written, temporary file removed)\n",
-                e == ENOSPC ? "disk full" : e == EFBIG ? "file too large" : "I/O error", path, strerror(e));
-        unlink(tmp);
-    }
-    free(tmp);
-    return e ? 1 : 0;
+    return 0;
 }
 
 /* Tokenizes one block (rendered chat) onto the list. */

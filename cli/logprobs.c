@@ -73,8 +73,10 @@ static void json_token(FILE *f, const ds4_engine *e, int32_t id) {
 int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     ds4_engine *e = NULL;
     ds4_session *s = NULL;
-    /* the output: a regular file or a new one (a failed run removes it,
-     * which must never be a device or another kind of file) */
+    /* the output: a regular file or a new one, replaced whole through a
+     * temporary file (ds4_out) when the run ends: a failed run leaves an
+     * earlier file as it was; one cut short by a signal during generation
+     * commits what it has, well-formed */
     ds4_err pe = {0};
     if (ds4_output_path_ok(o->dump_logprobs, &pe)) {
         fprintf(stderr, "ds4: --dump-logprobs %s\n", pe.msg);
@@ -85,8 +87,8 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     int status = 1, k = o->logprobs_top_k;
     ds4_cli_toks prompt = {0};
     ds4_sampler *smp = NULL;
+    ds4_out out = {0};
     FILE *f = NULL;
-    bool opened = false; /* the output exists: a failed run removes it (a cut-short one keeps it, valid) */
     int32_t *ids = malloc((size_t)k * sizeof *ids);
     double *lps = malloc((size_t)k * sizeof *lps);
     bool reasoning;
@@ -100,12 +102,11 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     }
     smp = ds4_sampler_new(ds4_engine_n_vocab(e), &err);
     if (!smp) { fprintf(stderr, "ds4: %s\n", err.msg); goto out; }
-    f = fopen(o->dump_logprobs, "w");
-    opened = f != NULL;
-    if (!f) {
-        fprintf(stderr, "ds4: cannot write %s: %s\n", o->dump_logprobs, strerror(errno));
+    if (ds4_out_open(&out, o->dump_logprobs, "w", &err)) {
+        fprintf(stderr, "ds4: --dump-logprobs: %s\n", err.msg);
         goto out;
     }
+    f = out.f;
     ds4_cli_install_stop_signals();
     ds4_sync_info info = {0};
     double prefill_s;
@@ -148,15 +149,11 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
         }
     }
     fprintf(f, "%s  ]\n}\n", done ? "\n" : "");
-    if (ferror(f) || fclose(f) != 0) {
-        const int we = errno ? errno : EIO;
-        f = NULL;
-        fprintf(stderr, "ds4: error writing %s: %s%s\n", o->dump_logprobs, strerror(we),
-                ds4_unlink_regular(o->dump_logprobs) ? " (removed)" : "");
-        opened = false; /* (removed above, or not a file to remove) */
+    f = NULL;
+    if (ds4_out_commit(&out, &err)) {
+        fprintf(stderr, "ds4: --dump-logprobs: %s\n", err.msg);
         goto out;
     }
-    f = NULL;
     double dt = ds4_cli_now() - t0;
     fprintf(stderr, "ds4: wrote %d steps to %s\n", done, o->dump_logprobs);
     if (ctx_cut && done == steps) fprintf(stderr, "ds4: stopped at the context size (--ctx %d)\n", o->n_ctx);
@@ -165,8 +162,7 @@ int ds4_cli_dump_logprobs(const ds4_cli_opts *o) {
     /* cut short by a signal: the file is well-formed but shorter; the shell's status says so */
     status = ds4_cli_interrupted ? ds4_cli_signal_status() : 0;
 out:
-    if (f) fclose(f);
-    if (opened && status != 0 && !ds4_cli_interrupted) ds4_unlink_regular(o->dump_logprobs);
+    ds4_out_abort(&out); /* (nothing left after a commit) */
     free(ids);
     free(lps);
     if (smp) ds4_sampler_free(smp);

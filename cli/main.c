@@ -220,15 +220,15 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ds4: %s needs an argument\n", a); return 2; } } while (0)
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
+        if (!strcmp(a, "-h") || !strcmp(a, "--help") || !strcmp(a, "--help-debug")) {
+            if (!strcmp(a, "--help-debug")) usage_debug();
+            else usage(stdout);
             if (fflush(stdout) != 0 || ferror(stdout)) { /* > /dev/full: the help was lost */
                 fprintf(stderr, "ds4: writing the help failed: %s\n", strerror(errno ? errno : EIO));
                 return 1;
             }
             return 0;
         }
-        else if (!strcmp(a, "--help-debug")) { usage_debug(); return 0; }
         else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEED_ARG(); o.model_path = argv[++i]; o.model_given = true; }
         else if (!strcmp(a, "--mtp")) { NEED_ARG(); o.mtp_path = argv[++i]; }
         else if (!strcmp(a, "--mtp-draft")) {

@@ -206,8 +206,8 @@ static void cmd_ctx(repl *r, const char *arg) {
  * File: "DS4REPL1", then little-endian u32 think mode, n_max_prefix, n (the
  * transcript's token count), the n tokens as u32, u64 payload bytes and the
  * session payload (ds4_session_save: KV and compressor state, fingerprinted
- * to the model, SHA-256 checked). Written to FILE.tmp.PID and renamed, so a
- * failed save leaves any earlier FILE whole. */
+ * to the model, SHA-256 checked). Written through a fresh temporary file and
+ * renamed (ds4_out), so a failed save leaves any earlier FILE whole. */
 #define REPL_MAGIC "DS4REPL1"
 
 static void put32(unsigned char *p, uint32_t v) {
@@ -253,16 +253,16 @@ static void cmd_save(repl *r, const char *path) {
     for (int i = 0; i < r->tr.n; i++) put32(h + 20 + 4 * (size_t)i, (uint32_t)r->tr.v[i]);
     put32(h + hn - 8, (uint32_t)pn);
     put32(h + hn - 4, (uint32_t)((uint64_t)pn >> 32));
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    FILE *f = fopen(tmp, "wb");
-    bool ok = f && fwrite(h, 1, hn, f) == hn && fwrite(pl, 1, pn, f) == pn;
-    if (f) ok = (fflush(f) == 0) & ok, ok = (fsync(fileno(f)) == 0) & ok, ok = (fclose(f) == 0) & ok;
-    int e = errno;
-    if (ok && rename(tmp, path) != 0) ok = false, e = errno;
-    if (!ok) {
-        if (f) unlink(tmp);
-        fprintf(stderr, "ds4: /save %s: %s (nothing written)\n", path, strerror(e ? e : EIO));
+    ds4_out out;
+    ds4_err we = {0};
+    int rc = ds4_out_open(&out, path, "wb", &we);
+    if (!rc) {
+        fwrite(h, 1, hn, out.f);
+        fwrite(pl, 1, pn, out.f);
+        rc = ds4_out_commit(&out, &we);
+    }
+    if (rc) {
+        fprintf(stderr, "ds4: /save: %s\n", we.msg);
     } else {
         printf("saved %d tokens of conversation to %s (%.1f MiB)\n", r->tr.n, path, (double)(hn + pn) / 1048576.0);
     }

@@ -170,13 +170,10 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         i++;                                                           \
         continue;                                                      \
     }
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
-            usage(stdout);
-            exit(0);
-        }
-        if (!strcmp(a, "--help-debug")) {
-            usage_debug();
-            exit(0);
+        if (!strcmp(a, "-h") || !strcmp(a, "--help") || !strcmp(a, "--help-debug")) {
+            if (!strcmp(a, "--help-debug")) usage_debug();
+            else usage(stdout);
+            exit(fflush(stdout) == 0 && !ferror(stdout) ? 0 : 1); /* > /dev/full: the help was lost */
         }
         if (!strcmp(a, "--cpu")) { c->backend = DS4_BACKEND_CPU; continue; }
         if (!strcmp(a, "--cuda")) { c->backend = DS4_BACKEND_CUDA; continue; }

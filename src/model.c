@@ -203,14 +203,14 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
      * then turns every logit into NaN (or divides by zero) */
     {
         const struct { const char *key; double v, lo, hi; } fr[] = {
-            {K("hyper_connection.epsilon"), hp->hc_eps, 0.0, 0.5},
-            {K("attention.layer_norm_rms_epsilon"), hp->rms_eps, 0.0, 0.5},
-            {K("expert_weights_scale"), hp->expert_weights_scale, 0.0, 1e4},
-            {K("rope.freq_base"), hp->rope_base, 1.0, 1e12},
-            {K("attention.compress_rope_freq_base"), hp->compress_rope_base, 1.0, 1e12},
+            {K("hyper_connection.epsilon"), hp->hc_eps, DS4_EPS_RANGE},
+            {K("attention.layer_norm_rms_epsilon"), hp->rms_eps, DS4_EPS_RANGE},
+            {K("expert_weights_scale"), hp->expert_weights_scale, DS4_EXPERT_SCALE_RANGE},
+            {K("rope.freq_base"), hp->rope_base, DS4_ROPE_BASE_RANGE},
+            {K("attention.compress_rope_freq_base"), hp->compress_rope_base, DS4_ROPE_BASE_RANGE},
         };
         for (size_t i = 0; i < sizeof fr / sizeof fr[0]; i++)
-            if (!(fr[i].v > fr[i].lo && fr[i].v <= fr[i].hi)) {
+            if (!ds4_in_range(fr[i].v, fr[i].lo, fr[i].hi)) {
                 rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is %g, expected a value in (%g, %g]",
                                  fr[i].key, fr[i].v, fr[i].lo, fr[i].hi);
                 goto fail;
@@ -259,10 +259,17 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
         hp->yarn_orig_ctx = (uint64_t)orig;
         if ((rc = get_float(g, K("rope.scaling.yarn_beta_fast"), false, 32.0, &hp->yarn_beta_fast, err))) goto fail;
         if ((rc = get_float(g, K("rope.scaling.yarn_beta_slow"), false, 1.0, &hp->yarn_beta_slow, err))) goto fail;
-        if (!(hp->yarn_factor > 0) || !(hp->yarn_beta_fast > 0) || !(hp->yarn_beta_slow > 0)) {
-            rc = ds4_err_set(err, DS4_E_MODEL, "YaRN parameters must be positive (rope.scaling.*)");
-            goto fail;
-        }
+        const struct { const char *key; double v, lo, hi; } yr[] = {
+            {K("rope.scaling.factor"), hp->yarn_factor, DS4_YARN_FACTOR_RANGE},
+            {K("rope.scaling.yarn_beta_fast"), hp->yarn_beta_fast, DS4_YARN_BETA_RANGE},
+            {K("rope.scaling.yarn_beta_slow"), hp->yarn_beta_slow, DS4_YARN_BETA_RANGE},
+        };
+        for (size_t i = 0; i < sizeof yr / sizeof yr[0]; i++)
+            if (!ds4_in_range(yr[i].v, yr[i].lo, yr[i].hi)) {
+                rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is %g, expected a value in (%g, %g]",
+                                 yr[i].key, yr[i].v, yr[i].lo, yr[i].hi);
+                goto fail;
+            }
     }
 
     hp->compress_ratio = calloc((size_t)hp->n_layer, sizeof(int));

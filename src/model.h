@@ -29,6 +29,17 @@
 /* One matrix or expert stack bound from the file: a typed handle. Rows are
  * n_in values (ne[0]) of `type`; n_out rows per matrix (ne[1]); n_mat
  * matrices (ne[2], experts) of mat_bytes each. */
+/* The ranges (lo, hi] the loader accepts for float hyperparameters that a
+ * finite but absurd value breaks (an epsilon of 0 divides by zero; a scale
+ * of 3e38 or a YaRN factor of 1e-45 turns every logit into NaN). ds4-convert
+ * checks config.json against the same ranges, so a file it writes loads. */
+#define DS4_EPS_RANGE 0.0, 0.5            /* hyper_connection.epsilon, layer_norm_rms_epsilon */
+#define DS4_EXPERT_SCALE_RANGE 0.0, 1e4   /* expert_weights_scale (routed_scaling_factor) */
+#define DS4_ROPE_BASE_RANGE 1.0, 1e12     /* rope.freq_base, compress_rope_freq_base */
+#define DS4_YARN_FACTOR_RANGE 1e-6, 1e6   /* rope.scaling.factor */
+#define DS4_YARN_BETA_RANGE 1e-6, 1e6     /* rope.scaling.yarn_beta_fast / _slow */
+static inline bool ds4_in_range(double v, double lo, double hi) { return v > lo && v <= hi; }
+
 typedef struct ds4_weight {
     const char *name;   /* GGUF tensor name (owned by the gguf handle) */
     int type;           /* ggml type id (quant.h DS4_TYPE_*) */

@@ -22,6 +22,8 @@
  * Only the public API (ds4.h) and the debug hooks (ds4_debug.h).
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <sys/stat.h>
 #include <stdlib.h>
@@ -106,7 +108,7 @@ static int parse(int argc, char **argv, opts *o) {
     } while (0)
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage();
-            exit(0);
+            exit(fflush(stdout) == 0 && !ferror(stdout) ? 0 : 1); /* > /dev/full: the help was lost */
         } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) {
             NEED();
             o->model = argv[++i];
@@ -197,6 +199,21 @@ static int parse(int argc, char **argv, opts *o) {
         return 2;
     }
     if (o->ctx_max < o->ctx_start) o->ctx_max = o->ctx_start; /* --ctx-start alone above the default --ctx-max */
+    /* the files, before the model loads: --csv is replaced whole at the end (ds4_out), so never a device,
+     * FIFO or directory; --prompt-file a readable regular file */
+    ds4_err pe = {0};
+    if (o->csv && ds4_output_path_ok(o->csv, &pe)) {
+        fprintf(stderr, "ds4-bench: --csv %s\n", pe.msg);
+        return 2;
+    }
+    if (o->prompt_file) {
+        const int fd = ds4_open_regular(o->prompt_file, O_RDONLY, NULL, &pe);
+        if (fd < 0) {
+            fprintf(stderr, "ds4-bench: --prompt-file %s\n", pe.msg);
+            return 2;
+        }
+        close(fd);
+    }
     return 0;
 }
 
@@ -491,6 +508,7 @@ static void profile_prefill(ds4_engine *e, const opts *o, const int32_t *tok, in
 
 int main(int argc, char **argv) {
     ds4_sigbus_message("ds4-bench"); /* the model file truncated while mapped: say so */
+    signal(SIGXFSZ, SIG_IGN);         /* a file-size limit fails the write (said below), not the process */
     opts o;
     int rc = parse(argc, argv, &o);
     if (rc) return rc;
@@ -541,11 +559,6 @@ int main(int argc, char **argv) {
     }
     int32_t *tok = make_tokens(e, &o, n_total); /* says why when it fails */
     if (!tok) return 1;
-    FILE *csv = o.csv ? fopen(o.csv, "w") : NULL;
-    if (o.csv && !csv) {
-        fprintf(stderr, "ds4-bench: cannot write %s: %s\n", o.csv, strerror(errno));
-        return 1;
-    }
     char *rows = calloc(64, 1024);
     size_t rows_len = 0;
     const char *hdr = "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,gen_tps_ss,first_token_sec,"
@@ -689,11 +702,11 @@ int main(int argc, char **argv) {
         frontier = next;
         if (f == o.ctx_max) break;
     }
-    if (csv) {
-        fputs(hdr, csv);
-        fputs(rows, csv);
-        if (ferror(csv) | (fclose(csv) != 0)) {
-            fprintf(stderr, "ds4-bench: writing %s failed: %s\n", o.csv, strerror(errno));
+    if (o.csv) { /* replaced whole: a failed write leaves an earlier file as it was */
+        ds4_out out;
+        ds4_err we = {0};
+        if (ds4_out_open(&out, o.csv, "w", &we) || (fputs(hdr, out.f), fputs(rows, out.f), ds4_out_commit(&out, &we))) {
+            fprintf(stderr, "ds4-bench: --csv: %s\n", we.msg);
             rc = 1;
         }
     } else {

@@ -10,10 +10,12 @@
  * whole file). A damaged file prints one line "ds4-gguf: FILE: <error>" on
  * stderr and exits 1; a usage error exits 2.
  */
+#include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <math.h>
 #include <openssl/evp.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -227,6 +229,7 @@ static json_t *dump_json(const char *path, const ds4_gguf *g, bool hash) {
 
 int main(int argc, char **argv) {
     ds4_sigbus_message("ds4-gguf"); /* the file truncated while mapped: say so */
+    signal(SIGXFSZ, SIG_IGN);        /* a file-size limit on stdout fails the writes (said at the end) */
     const char *path = NULL;
     bool json = false, hash = false;
     for (int i = 1; i < argc; i++) {
@@ -234,7 +237,7 @@ int main(int argc, char **argv) {
         else if (strcmp(argv[i], "--hash") == 0) hash = true;
         else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
             usage(stdout);
-            return 0;
+            return fflush(stdout) == 0 && !ferror(stdout) ? 0 : 1; /* > /dev/full: the help was lost */
         } else if (argv[i][0] == '-' && argv[i][1] != '\0') {
             fprintf(stderr, "ds4-gguf: unknown option %s\n", argv[i]);
             usage(stderr);
@@ -279,8 +282,8 @@ int main(int argc, char **argv) {
         }
     }
     ds4_gguf_close(g);
-    if (fflush(stdout) != 0) {
-        fprintf(stderr, "ds4-gguf: %s: cannot write output\n", path);
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "ds4-gguf: %s: cannot write output: %s\n", path, strerror(errno ? errno : EIO));
         return 1;
     }
     return 0;

@@ -1,9 +1,11 @@
-/* file.c - ds4_open_regular (see file.h). Thread-safe: no shared state. */
+/* file.c - regular input files, replaced outputs, temporary files under
+ * signals (see file.h). */
 #include "util/file.h"
 
 #include <errno.h>
 #include <signal.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -97,6 +99,93 @@ int ds4_same_path(const char *a, const char *b) {
     free(da);
     free(db);
     return same;
+}
+
+/* ---- outputs replaced whole: temporary file + rename ---- */
+
+/* o->f's writes: all of buf or the first failure's errno kept in o->werr
+ * (by the time stdio reports an error, errno may say something else) */
+static ssize_t out_write(void *cookie, const char *buf, size_t n) {
+    ds4_out *o = cookie;
+    size_t done = 0;
+    while (done < n) {
+        const ssize_t w = write(o->fd, buf + done, n - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            if (!o->werr) o->werr = w < 0 ? errno : EIO;
+            return 0; /* fopencookie: 0 is the error */
+        }
+        done += (size_t)w;
+    }
+    return (ssize_t)n;
+}
+
+static int out_close(void *cookie) {
+    ds4_out *o = cookie;
+    const int rc = close(o->fd);
+    o->fd = -1;
+    return rc;
+}
+
+int ds4_out_open(ds4_out *o, const char *path, const char *mode, ds4_err *err) {
+    memset(o, 0, sizeof *o);
+    const size_t n = strlen(path) + 16;
+    o->tmp = malloc(n);
+    if (!o->tmp) return ds4_err_set(err, DS4_E_NOMEM, "out of memory");
+    snprintf(o->tmp, n, "%s.tmp.XXXXXX", path);
+    signal(SIGXFSZ, SIG_IGN);
+    const int fd = mkstemp(o->tmp);
+    if (fd < 0) {
+        const int e = errno;
+        free(o->tmp);
+        o->tmp = NULL;
+        return ds4_err_set(err, DS4_E_IO, "cannot create a temporary file next to %s: %s", path, strerror(e));
+    }
+    const mode_t um = umask(0);
+    umask(um);
+    o->fd = fd;
+    const cookie_io_functions_t io = {.write = out_write, .close = out_close};
+    if (fchmod(fd, 0666 & ~um) != 0 || !(o->f = fopencookie(o, mode, io))) {
+        const int e = errno;
+        close(fd);
+        unlink(o->tmp);
+        free(o->tmp);
+        o->tmp = NULL;
+        return ds4_err_set(err, DS4_E_IO, "cannot create a temporary file next to %s: %s", path, strerror(e));
+    }
+    o->path = path;
+    ds4_tmp_track(o->tmp);
+    return 0;
+}
+
+int ds4_out_commit(ds4_out *o, ds4_err *err) {
+    if (!o->f) return ds4_err_set(err, DS4_E_IO, "error writing %s: not open", o->path ? o->path : "output");
+    errno = 0;
+    const bool flushed = fflush(o->f) == 0 && !ferror(o->f);
+    int e = o->werr ? o->werr : flushed ? 0 : errno ? errno : EIO;
+    if (!e && fsync(o->fd) != 0) e = errno;
+    if (fclose(o->f) != 0 && !e) e = errno ? errno : EIO;
+    o->f = NULL;
+    if (!e && rename(o->tmp, o->path) != 0) e = errno;
+    if (e) unlink(o->tmp);
+    ds4_tmp_untrack();
+    free(o->tmp);
+    o->tmp = NULL;
+    if (!e) return 0;
+    return ds4_err_set(err, DS4_E_IO, "%s %s: %s (nothing written)",
+                       e == ENOSPC ? "disk full writing" : e == EFBIG ? "file too large writing" : "error writing",
+                       o->path, strerror(e));
+}
+
+void ds4_out_abort(ds4_out *o) {
+    if (o->f) fclose(o->f);
+    o->f = NULL;
+    if (o->tmp) {
+        unlink(o->tmp);
+        ds4_tmp_untrack();
+        free(o->tmp);
+        o->tmp = NULL;
+    }
 }
 
 /* ---- temporary output files under fatal signals ---- */

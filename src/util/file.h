@@ -11,6 +11,7 @@
 #define DS4_UTIL_FILE_H
 
 #include <stdbool.h>
+#include <stdio.h>
 #include <sys/stat.h>
 
 #include "util/err.h"
@@ -55,6 +56,35 @@ void ds4_tmp_fatal_signals(const char *prog);
  * on stderr, then the default action. For programs that handle SIGPIPE and
  * the others themselves. */
 void ds4_sigbus_message(const char *prog);
+
+/* An output replaced whole or not at all. ds4_out_open creates a fresh
+ * temporary file beside path ("PATH.tmp.XXXXXX", mkstemp: never an existing
+ * file or a planted link), with the mode a new file would get (0666 less the
+ * umask); the caller writes o->f; ds4_out_commit flushes, fsyncs, closes and
+ * renames it over path. Until the rename path keeps its old contents, and a
+ * failed commit or ds4_out_abort removes the temporary file. SIGXFSZ is
+ * ignored from the open on, so a file-size limit fails a write (EFBIG)
+ * instead of killing the process with the file half written; the temporary
+ * file is tracked for ds4_tmp_fatal_signals. One at a time per process;
+ * o must stay where it is until the commit or abort (o->f writes through it). */
+typedef struct {
+    FILE *f;
+    char *tmp;
+    const char *path;
+    int fd;
+    int werr; /* the first failed write's errno (stdio's own error flag forgets it) */
+} ds4_out;
+/* mode: "w" or "wb". 0, or DS4_E_IO / DS4_E_NOMEM with err set to
+ * "cannot create a temporary file next to PATH: REASON". */
+int ds4_out_open(ds4_out *o, const char *path, const char *mode, ds4_err *err);
+/* 0, or DS4_E_IO with err set to "disk full writing PATH: ..." (ENOSPC),
+ * "file too large writing PATH: ..." (EFBIG) or "error writing PATH: ...":
+ * the first failing call's errno (a write error seen by ferror counts). o is
+ * released either way. */
+int ds4_out_commit(ds4_out *o, ds4_err *err);
+/* Closes and removes the temporary file; path is untouched. Safe on a zeroed
+ * or already released o. */
+void ds4_out_abort(ds4_out *o);
 
 /* a and b name the same file, existing or not: the same existing file, or
  * the same name in the same directory ("x.gguf" and "./x.gguf"). */

@@ -142,15 +142,25 @@ def test_bench_over_a_layer_split(model, tmp_path):
 
 
 def test_bench_lost_output_and_missing_prompt_file(model, tmp_path):
-    """A --csv (or stdout) write that fails is exit 1 naming it (it was 0); a missing --prompt-file is named,
-    with no false 'out of memory'."""
+    """A --csv that is not a regular file (/dev/full) or a --prompt-file that cannot be read is refused before the
+    model loads (exit 2, naming it; no false 'out of memory'); a --csv write that fails (a file-size limit: the
+    process was killed by SIGXFSZ and had already emptied the old file) is exit 1 naming it, and an earlier CSV
+    under that name is kept whole; a lost stdout table is exit 1 (it was 0)."""
+    import resource
     args = [BENCH, "-m", model, "--cpu", "--ctx-start", "64", "--ctx-max", "64", "--gen-tokens", "2",
             "--prefill-chunk", "64"]
     r = subprocess.run(args + ["--csv", "/dev/full"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "writing /dev/full failed" in r.stderr, r.stderr
+    assert r.returncode == 2 and "/dev/full" in r.stderr and "not a regular file" in r.stderr, r.stderr
+    old = tmp_path / "old.csv"
+    old.write_text("OLD\n")
+    r = subprocess.run(args + ["--csv", str(old)], capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    assert r.returncode == 1 and "file too large writing" in r.stderr and str(old) in r.stderr, r.stderr
+    assert old.read_text() == "OLD\n" and sorted(p.name for p in tmp_path.iterdir()) == ["old.csv"]
     with open("/dev/full", "w") as full:
         r = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
     assert r.returncode == 1 and "writing the output failed" in r.stderr, r.stderr
-    r = subprocess.run(args + ["--prompt-file", str(tmp_path / "none.txt")], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 1 and "cannot open" in r.stderr and "out of memory" not in r.stderr, r.stderr
+    for bad in (tmp_path / "none.txt", tmp_path, "/dev/null"):
+        r = subprocess.run(args + ["--prompt-file", str(bad)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "--prompt-file" in r.stderr and "out of memory" not in r.stderr, r.stderr
+        assert "model, backend" not in r.stdout, r.stdout  # before the model loads (its first line)

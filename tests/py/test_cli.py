@@ -600,8 +600,8 @@ def test_cli_repl_ctx_keeps_mtp_working(model, tmp_path):
 
 
 def test_cli_dump_logprobs_cut_by_a_signal_says_so(model, tmp_path):
-    """An interrupted --dump-logprobs keeps a well-formed but shorter file; the exit status (130, 143) tells a
-    script it was cut (it exited 0)."""
+    """An interrupted --dump-logprobs keeps a well-formed but shorter file (renamed into place: no temporary file
+    left); the exit status (130, 143) tells a script it was cut (it exited 0)."""
     import signal
     import time
     out = tmp_path / "lp.json"
@@ -609,7 +609,8 @@ def test_cli_dump_logprobs_cut_by_a_signal_says_so(model, tmp_path):
                                       "--dump-logprobs", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
-        while not (out.exists() and out.stat().st_size > 2000):
+        # the run writes a temporary file beside the output, renamed over it at the end
+        while not any(t.stat().st_size > 2000 for t in tmp_path.glob("lp.json.tmp.*")):
             assert p.poll() is None and time.time() < deadline, p.stderr.read()
             time.sleep(0.05)
         p.send_signal(signal.SIGTERM)
@@ -620,6 +621,7 @@ def test_cli_dump_logprobs_cut_by_a_signal_says_so(model, tmp_path):
     assert p.returncode == 143, err
     doc = json.loads(out.read_text())
     assert 0 < len(doc["steps"]) < 3000
+    assert [x.name for x in tmp_path.iterdir()] == ["lp.json"]
 
 
 def test_cli_repl_refuses_a_line_with_a_nul_byte_and_reports_input_errors(model, tmp_path):
@@ -674,8 +676,9 @@ def test_cli_output_hides_control_tokens_as_the_server_does(model, tmp_path):
 
 
 def test_cli_dump_that_cannot_be_written_leaves_no_partial_file(model, tmp_path):
-    """A --dump-logprobs / --dump-logits that fails to write (here a file-size limit) says why and removes the
-    partial file (one was left, looking like a result)."""
+    """A --dump-logprobs / --dump-logits that fails to write (here a file-size limit) says why and leaves no
+    partial file (one was left, looking like a result); an earlier result under the same name is kept whole (the
+    failed run removed it), and no temporary file is left."""
     import resource
 
     def limit():
@@ -684,12 +687,23 @@ def test_cli_dump_that_cannot_be_written_leaves_no_partial_file(model, tmp_path)
     r = subprocess.run([DS4] + base(model, "--nothink", "-n", "200", "-p", PROMPT, "--dump-logprobs", str(out)),
                        capture_output=True, timeout=300, preexec_fn=limit)
     assert r.returncode == 1 and b"File too large" in r.stderr and not out.exists(), r.stderr
+    r = run(base(model, "--nothink", "-n", "2", "-p", PROMPT, "--dump-logprobs", str(out)))
+    assert r.returncode == 0, r.stderr
+    good = out.read_bytes()
+    r = subprocess.run([DS4] + base(model, "--nothink", "-n", "200", "-p", PROMPT, "--dump-logprobs", str(out)),
+                       capture_output=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 1 and b"File too large" in r.stderr and out.read_bytes() == good, r.stderr
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(["5"] * 64))
     out = tmp_path / "x.f32"
     r = subprocess.run([DS4, "-m", model, "--cpu", "--prompt-tokens-file", str(toks), "--dump-logits", str(out)],
                        capture_output=True, timeout=300, preexec_fn=limit)
     assert r.returncode == 1 and b"File too large" in r.stderr and not out.exists(), r.stderr
+    out.write_bytes(b"earlier result")
+    r = subprocess.run([DS4, "-m", model, "--cpu", "--prompt-tokens-file", str(toks), "--dump-logits", str(out)],
+                       capture_output=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 1 and out.read_bytes() == b"earlier result", r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lp.json", "t.txt", "x.f32"]
 
 
 def test_cli_dump_to_a_non_regular_path_is_refused_and_left_alone(model, tmp_path):
@@ -768,6 +782,8 @@ def _patched_demo(model, tmp_path, name, key=None, value=None, fmt="<f", inf_emb
     ("deepseek4.attention.layer_norm_rms_epsilon", 0.0, "<f", b"'deepseek4.attention.layer_norm_rms_epsilon' is 0"),
     ("deepseek4.rope.freq_base", 3e38, "<f", b"'deepseek4.rope.freq_base' is 3e+38"),
     ("deepseek4.expert_gating_func", 2, "<I", b"'deepseek4.expert_gating_func' is 2"),
+    # a denormal YaRN factor loaded, then every generation failed ("no finite logit")
+    ("deepseek4.rope.scaling.factor", 1e-45, "<f", b"'deepseek4.rope.scaling.factor' is 1.4"),
 ])
 def test_cli_refuses_metadata_that_loads_but_breaks_the_model(model, tmp_path, key, value, fmt, needle):
     """Finite but absurd metadata (a routed scale of 3e38 made every logit NaN; a zero epsilon divides by zero),
@@ -788,6 +804,28 @@ def test_cli_nonfinite_logits_are_an_error_not_token_0(model, tmp_path):
     lp = tmp_path / "lp.json"
     r = run(["-m", bad, "--cpu", "-c", "256", "-n", "3", "-p", "hi", "--dump-logprobs", str(lp)], timeout=60)
     assert r.returncode == 1 and b"no finite logit" in r.stderr and not lp.exists(), r.stderr[-600:]
+
+
+def test_programs_report_output_lost_to_a_full_device(tmp_path):
+    """--help / --help-debug of every program, ds4-gguf's dump and ds4-convert --dry-run's table (its whole result)
+    into /dev/full exit 1: they exited 0 with the output lost. Under a file-size limit ds4-gguf and ds4-bench fail
+    the write and say so (they were killed by SIGXFSZ, status 153, no word)."""
+    import resource
+    cases = [[p, h] for p in ("ds4", "ds4-server", "ds4-convert", "ds4-bench", "ds4-gguf") for h in ("--help",)]
+    cases += [["ds4", "--help-debug"], ["ds4-server", "--help-debug"], ["ds4-convert", "--help-debug"],
+              ["ds4-gguf", os.path.join(ROOT, "build", "demo.gguf")],
+              ["ds4-convert", "--hf", os.path.join(ROOT, "tests/data/oracle/models/tiny_yarn"), "--dry-run"]]
+    for cmd in cases:
+        with open("/dev/full", "wb") as full:
+            r = subprocess.run([os.path.join(ROOT, cmd[0])] + cmd[1:], stdout=full, stderr=subprocess.PIPE,
+                               timeout=120)
+        assert r.returncode == 1, (cmd, r.returncode, r.stderr[-300:])
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    out = tmp_path / "g.txt"
+    with open(out, "wb") as f:
+        r = subprocess.run([os.path.join(ROOT, "ds4-gguf"), os.path.join(ROOT, "build", "demo.gguf")], stdout=f,
+                           stderr=subprocess.PIPE, timeout=120, preexec_fn=limit)
+    assert r.returncode == 1 and b"cannot write output" in r.stderr, (r.returncode, r.stderr[-300:])
 
 
 def test_cli_small_usage_edges(model, tmp_path):

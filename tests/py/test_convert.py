@@ -352,6 +352,11 @@ def test_convert_error_overlapping_data_ranges(tmp_path):
     ("rope_parameters", "yarn", "rope_parameters"),   # not an object: YaRN was silently off
     ("max_position_embeddings", 1.5, "max_position_embeddings"),
     ("max_position_embeddings", 2.0 ** 60, "max_position_embeddings"),  # a real beyond a double's exact integers
+    # finite values the engine refuses at load (model.h's ranges): the converter exited 0 and wrote a file that
+    # could not be used
+    ("hc_eps", 0, "hc_eps"), ("hc_eps", 2, "hc_eps"), ("rms_norm_eps", 0, "rms_norm_eps"),
+    ("rms_norm_eps", 7, "rms_norm_eps"), ("routed_scaling_factor", 0, "routed_scaling_factor"),
+    ("routed_scaling_factor", -1, "routed_scaling_factor"), ("routed_scaling_factor", 2 ** 31, "routed_scaling_factor"),
 ])
 def test_convert_refuses_config_values_the_engine_would_misread(tmp_path, key, value, needle):
     def edit(c):

@@ -36,6 +36,7 @@
 #include <sys/stat.h>
 
 #include "convert.h"
+#include "model.h"
 #include "quant.h"
 
 /* ------------------------------------------------------------ config.json */
@@ -149,8 +150,13 @@ static int rope_from_dict(ds4_conv_hparams *hp, json_t *d, const char *where, ds
         return ds4_err_set(err, DS4_E_FORMAT,
                            "config.json: %s attention_factor = %g is not supported (DeepSeek V4 applies no YaRN "
                            "magnitude scaling, docs/MODEL.md C.4)", where, af);
-    if (!(hp->yarn_factor > 0) || !(hp->yarn_beta_fast > 0) || !(hp->yarn_beta_slow > 0))
-        return ds4_err_set(err, DS4_E_FORMAT, "config.json: %s YaRN parameters must be positive", where);
+    const struct { const char *key; double v, lo, hi; } yr[] = {{"factor", hp->yarn_factor, DS4_YARN_FACTOR_RANGE},
+                                                                {"beta_fast", hp->yarn_beta_fast, DS4_YARN_BETA_RANGE},
+                                                                {"beta_slow", hp->yarn_beta_slow, DS4_YARN_BETA_RANGE}};
+    for (size_t i = 0; i < sizeof yr / sizeof yr[0]; i++)
+        if (!ds4_in_range(yr[i].v, yr[i].lo, yr[i].hi))
+            return ds4_err_set(err, DS4_E_FORMAT, "config.json: %s %s = %g, expected a value in (%g, %g] (the engine's range)",
+                               where, yr[i].key, yr[i].v, yr[i].lo, yr[i].hi);
     return 0;
 }
 
@@ -377,11 +383,23 @@ int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err) {
     REQUIRE(hp->n_rot % 2 == 0 && hp->n_rot <= hp->head_dim && hp->n_rot <= hp->idx_dim,
             "config.json: RoPE dims %d must be even and <= head_dim (%d) and index_head_dim (%d)", hp->n_rot,
             hp->head_dim, hp->idx_dim);
-    REQUIRE(hp->rope_base > 1 && hp->compress_rope_base > 1, "config.json: RoPE bases must be > 1");
+    /* the engine's ranges (model.h): a value it would refuse at load is refused here, before a long conversion */
+    {
+        const struct { const char *key; double v, lo, hi; } fr[] = {
+            {"hc_eps", hp->hc_eps, DS4_EPS_RANGE},
+            {"rms_norm_eps", hp->rms_eps, DS4_EPS_RANGE},
+            {"routed_scaling_factor", hp->routed_scale, DS4_EXPERT_SCALE_RANGE},
+            {"rope_theta", hp->rope_base, DS4_ROPE_BASE_RANGE},
+            {"compress_rope_theta", hp->compress_rope_base, DS4_ROPE_BASE_RANGE},
+        };
+        for (size_t i = 0; i < sizeof fr / sizeof fr[0]; i++)
+            REQUIRE(ds4_in_range(fr[i].v, fr[i].lo, fr[i].hi),
+                    "config.json: %s = %g, expected a value in (%g, %g] (the engine's range)", fr[i].key, fr[i].v,
+                    fr[i].lo, fr[i].hi);
+    }
     REQUIRE(hp->idx_dim >= 32 && (hp->idx_dim & (hp->idx_dim - 1)) == 0,
             "config.json: index_head_dim %d must be a power of two >= 32 (Hadamard + FP4 blocks)", hp->idx_dim);
     REQUIRE(hp->swiglu_limit > 0, "config.json: swiglu_limit must be positive");
-    REQUIRE(hp->rms_eps >= 0 && hp->hc_eps >= 0, "config.json: epsilons must be >= 0");
 #undef REQUIRE
 done:
     json_decref(root);

@@ -188,6 +188,12 @@ static int bind_mtp(const hf_opts *o, const ds4_conv_hparams *hp, const ds4_st *
     return rc;
 }
 
+/* stdout took everything written to it (a full disk or /dev/full: not) */
+static bool stdout_ok(void) {
+    errno = 0;
+    return fflush(stdout) == 0 && !ferror(stdout);
+}
+
 /* --dry-run: the tensor table a conversion would write, in file order, one
  * line per tensor: NAME, type, dims (GGUF ne, comma-separated). */
 static void print_plan(const ds4_conv_plan *p) {
@@ -233,10 +239,10 @@ int main(int argc, char **argv) {
         bool has_val = i + 1 < argc;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
-            return 0;
+            return stdout_ok() ? 0 : 1;
         } else if (!strcmp(a, "--help-debug")) {
             usage_debug();
-            return 0;
+            return stdout_ok() ? 0 : 1;
         } else if (has_val && !strcmp(a, "--debug-chunk-delay-ms")) {
             char *end;
             long n = strtol(argv[++i], &end, 10);
@@ -417,6 +423,9 @@ int main(int argc, char **argv) {
     if (dry_run) {                  /* the tables; with -o, the metadata alone (a GGUF without tensors) */
         if (!rc) print_plan(&plan);
         if (!rc) print_plan(&mplan);
+        if (!rc && !stdout_ok()) /* > /dev/full: the table, the dry run's whole result, was lost */
+            rc = ds4_err_set(&err, DS4_E_IO, "--dry-run: cannot write the table to stdout: %s",
+                             strerror(errno ? errno : EIO));
         if (!rc && out) out_done = !(rc = ds4_gguf_writer_write_file(w, out, &err));
     } else {
         if (!rc) out_done = !(rc = ds4_gguf_writer_write_file(w, out, &err));
