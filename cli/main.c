@@ -8,6 +8,7 @@
 #include "util/num.h"
 
 #include <errno.h>
+#include <float.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -256,12 +257,23 @@ int main(int argc, char **argv) {
         }
         else if (!strcmp(a, "--numerics-off")) {
             NEED_ARG();
+            /* a comma-separated list of exact names ("fp8,bogus" or "xfp8x" was read as fp8) */
             const char *l = argv[++i];
-            o.numerics_off = (strstr(l, "fp8") ? 1u : 0u) | (strstr(l, "fp4") ? 2u : 0u) | (strstr(l, "f16") ? 4u : 0u) |
-                             (strstr(l, "act") ? 8u : 0u);
-            if (!o.numerics_off) {
-                fprintf(stderr, "ds4: --numerics-off: expected a list of fp8, fp4, f16, act\n");
-                return 2;
+            static const char *const names[] = {"fp8", "fp4", "f16", "act"};
+            o.numerics_off = 0;
+            for (const char *p = l;;) {
+                const size_t n = strcspn(p, ",");
+                unsigned bit = 0;
+                for (unsigned k = 0; k < 4; k++)
+                    if (n == strlen(names[k]) && !strncmp(p, names[k], n)) bit = 1u << k;
+                if (!bit) {
+                    fprintf(stderr, "ds4: --numerics-off: '%.*s' is not one of fp8, fp4, f16, act (a comma-separated "
+                                    "list)\n", (int)n, p);
+                    return 2;
+                }
+                o.numerics_off |= bit;
+                if (!p[n]) break;
+                p += n + 1;
             }
         } else if (!strcmp(a, "--layers")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 20, &v)) return 2; o.layers = (int)v;
@@ -279,7 +291,12 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "-n") || !strcmp(a, "--tokens")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 30, &v)) return 2; o.n_predict = (int)v;
         } else if (!strcmp(a, "--temp")) { NEED_ARG(); if (parse_float(a, argv[++i], 0, 100, &o.temp)) return 2; }
-        else if (!strcmp(a, "--top-p")) { NEED_ARG(); if (parse_float(a, argv[++i], 0, 1, &o.top_p)) return 2; }
+        else if (!strcmp(a, "--top-p")) {
+            NEED_ARG(); if (parse_float(a, argv[++i], 0, 1, &o.top_p)) return 2;
+            /* 0: the smallest nucleus, the top token, as the server reads it (the sampler takes p <= 0 as
+             * "no top-p", TEXT D.3) */
+            if (o.top_p == 0.0f) o.top_p = FLT_MIN;
+        }
         else if (!strcmp(a, "--min-p")) { NEED_ARG(); if (parse_float(a, argv[++i], 0, 1, &o.min_p)) return 2; }
         else if (!strcmp(a, "--top-k")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 0, 1 << 20, &v)) return 2; o.top_k = (int)v;
@@ -379,6 +396,13 @@ int main(int argc, char **argv) {
     if (o.imatrix_dump && !o.imatrix_out) {
         fprintf(stderr, "ds4: --imatrix-dump needs --imatrix-out FILE.dat\n");
         return 2;
+    }
+    {
+        ds4_err se = {0};
+        if (ds4_opts_check_split(&o.split, &se)) {
+            fprintf(stderr, "ds4: %s\n", se.msg);
+            return 2;
+        }
     }
     /* the prompt's files before the model: a typo must not cost a load of tens of GB */
     {

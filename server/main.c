@@ -281,6 +281,11 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         fprintf(stderr, "ds4-server: --kv-cache-cold-max-tokens must be 0 or >= --kv-cache-min-tokens\n");
         return -1;
     }
+    ds4_err se = {0};
+    if (ds4_opts_check_split(&c->split, &se)) {
+        fprintf(stderr, "ds4-server: %s\n", se.msg);
+        return -1;
+    }
     return 0;
 }
 

@@ -96,6 +96,11 @@ typedef struct ds4_engine_opts {
 int ds4_opts_parse_flag(ds4_engine_opts *o, const char *flag, const char *value, ds4_err *err);
 int ds4_opts_parse_gpus(ds4_engine_opts *o, const char *arg, ds4_err *err);
 int ds4_opts_parse_split(ds4_engine_opts *o, const char *arg, ds4_err *err);
+/* The combinations of those flags that cannot work, known before the model
+ * loads (a usage error, exit 2): --ranks N > 1 without --rendezvous, --ranks
+ * with --gpus, a --split whose part count is not --ranks. 0, or DS4_E_ARG
+ * with the message ds4_engine_open would give. */
+int ds4_opts_check_split(const ds4_engine_opts *o, ds4_err *err);
 /* Copies the split fields of src (as parsed above) into dst. */
 void ds4_opts_copy_split(ds4_engine_opts *dst, const ds4_engine_opts *src);
 

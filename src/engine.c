@@ -436,6 +436,17 @@ int ds4_opts_parse_flag(ds4_engine_opts *o, const char *flag, const char *value,
     return 0;
 }
 
+int ds4_opts_check_split(const ds4_engine_opts *o, ds4_err *err) {
+    if (o->n_ranks <= 1) return 0;
+    if (!o->rendezvous) return ds4_err_set(err, DS4_E_ARG, "--ranks needs --rendezvous HOST:PORT");
+    if (o->n_devices > 0) return ds4_err_set(err, DS4_E_ARG, "--ranks and --gpus: one part per rank");
+    int given = 0;
+    while (given < DS4_FWD_MAX_PARTS && o->split_layers[given] > 0) given++;
+    if (given && given != o->n_ranks)
+        return ds4_err_set(err, DS4_E_ARG, "--split names %d parts, --ranks %d", given, o->n_ranks);
+    return 0;
+}
+
 void ds4_opts_copy_split(ds4_engine_opts *dst, const ds4_engine_opts *src) {
     dst->n_parts = src->n_parts;
     dst->n_devices = src->n_devices;
@@ -1228,7 +1239,7 @@ int ds4_session_load(ds4_session *s, const void *buf, size_t n_bytes, ds4_err *e
         if (!EVP_Digest(b, n_bytes - 32, md, &len, EVP_sha256(), NULL)) BAD("hash failed");
         if (memcmp(md, b + n_bytes - 32, 32) != 0) BAD("checksum mismatch (corrupted or truncated)");
     }
-    if (get32(b + 12) != numerics_flags(&e->num)) BAD("saved with other numerics (--plain-numerics differs)");
+    if (get32(b + 12) != numerics_flags(&e->num)) BAD("saved with other numerics (--plain-numerics or --numerics-off differs)");
     if (memcmp(b + 16, e->fp, 32) != 0) BAD("made by another model (fingerprint mismatch)");
     if (get32(b + 48) != V || get32(b + 52) != (uint32_t)e->hp.n_layer) BAD("model shape mismatch");
     uint32_t T = get32(b + 56);

@@ -199,9 +199,13 @@ static int parse(int argc, char **argv, opts *o) {
         return 2;
     }
     if (o->ctx_max < o->ctx_start) o->ctx_max = o->ctx_start; /* --ctx-start alone above the default --ctx-max */
+    ds4_err pe = {0};
+    if (ds4_opts_check_split(&o->split, &pe)) {
+        fprintf(stderr, "ds4-bench: %s\n", pe.msg);
+        return 2;
+    }
     /* the files, before the model loads: --csv is replaced whole at the end (ds4_out), so never a device,
      * FIFO or directory; --prompt-file a readable regular file */
-    ds4_err pe = {0};
     if (o->csv && ds4_output_path_ok(o->csv, &pe)) {
         fprintf(stderr, "ds4-bench: --csv %s\n", pe.msg);
         return 2;

@@ -828,6 +828,22 @@ def test_programs_report_output_lost_to_a_full_device(tmp_path):
     assert r.returncode == 1 and b"cannot write output" in r.stderr, (r.returncode, r.stderr[-300:])
 
 
+def test_cli_top_p_zero_and_numerics_off_names(model):
+    """--top-p 0 is the smallest nucleus, the top token, as the server reads it (it silently meant "top-p off", the
+    opposite); --numerics-off takes a list of exact names (junk beside a name, "fp8,bogus" or "xfp8x", was read as
+    fp8)."""
+    args = base(model, "--nothink", "-n", "8", "-p", PROMPT, "--seed", "7", "--min-p", "0")
+    greedy = run(args + ["--temp", "0"])
+    for tp in ("0", "1e-9"):
+        r = run(args + ["--temp", "1", "--top-p", tp])
+        assert r.returncode == 0 and r.stdout == greedy.stdout, (tp, r.stdout, greedy.stdout)
+    assert run(args + ["--temp", "1", "--top-p", "1"]).stdout != greedy.stdout  # the test can tell them apart
+    for bad in ("fp8,bogus", "xfp8x", "", "fp8,"):
+        r = run(base(model, "-p", "hi", "-n", "1", "--numerics-off", bad))
+        assert r.returncode == 2 and b"is not one of fp8, fp4, f16, act" in r.stderr, (bad, r.stderr)
+    assert run(base(model, "-p", "hi", "-n", "1", "--numerics-off", "fp8,act")).returncode == 0
+
+
 def test_cli_small_usage_edges(model, tmp_path):
     """--help into a full device is an error (the help was lost); --dump-logits without its token file is a usage
     error (2, as the other usage errors); ds4-convert --seed past 2^64 - 1 is refused (strtoull saturated it)."""
