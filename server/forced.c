@@ -312,8 +312,29 @@ static json_t *prop_enum(const srv_forced *f, json_t *pv) {
     return prop_enum_d(f, pv, &visits);
 }
 
-/* A value the block can carry as written: no markup characters */
-static bool writable(const char *s) { return !strchr(s, '<') && !strchr(s, '&'); }
+/* JSON text as a string="false" value carries it: every '<' and '&' as the
+ * escapes \u003c and \u0026 (JSON has them only inside strings, where the
+ * escapes mean the same characters), so no value can close the parameter
+ * tag or look like markup, and the client's arguments get the characters
+ * back ("R&D" was never offered: values with '<' or '&' were left out, and
+ * a one-value enum of such a value came out null). Takes and frees j. */
+static char *block_json(char *j) {
+    size_t extra = 0;
+    for (const char *p = j; *p; p++) extra += *p == '<' || *p == '&' ? 5 : 0;
+    if (!extra) return j;
+    char *o = xmalloc(strlen(j) + extra + 1), *q = o;
+    for (const char *p = j; *p; p++) {
+        if (*p == '<' || *p == '&') {
+            memcpy(q, *p == '<' ? "\\u003c" : "\\u0026", 6);
+            q += 6;
+        } else {
+            *q++ = *p;
+        }
+    }
+    *q = 0;
+    free(j);
+    return o;
+}
 
 /* The parameter tag of property `key`: string="true" for strings (written
  * freely), "false" for JSON values (enums as a choice among their values). */
@@ -346,8 +367,7 @@ static void param_cands(srv_forced *f, bool short_budget) {
 }
 
 /* Candidates for the values an enum or const schema lists, as JSON
- * (string="false"); values with markup characters cannot be written in the
- * block and are left out. */
+ * (string="false", block_json). */
 static void enum_cands(srv_forced *f, json_t *es) {
     json_t *en = json_object_get(es, "enum"), *cv = json_object_get(es, "const");
     json_t *one = cv ? json_pack("[O]", cv) : NULL;
@@ -355,7 +375,9 @@ static void enum_cands(srv_forced *f, json_t *es) {
     json_t *v;
     json_array_foreach(one ? one : en, i, v) {
         char *j = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
-        if (j && writable(j)) cand_take(f, cat3("", j, CLOSE_PARAM), 0);
+        if (!j) continue;
+        j = block_json(j);
+        cand_take(f, cat3("", j, CLOSE_PARAM), 0);
         free(j);
     }
     json_decref(one);

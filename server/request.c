@@ -22,7 +22,7 @@
 void srv_request_init(srv_request *rq, srv_api api) {
     memset(rq, 0, sizeof *rq);
     rq->api = api;
-    rq->max_tokens = -1;
+    rq->max_tokens = SRV_MAX_TOKENS_DEFAULT;
     /* API defaults of TEXT D.1 */
     rq->temperature = 1.0f;
     rq->top_p = 1.0f;

@@ -71,12 +71,14 @@ typedef struct srv_tool_alias {
     char *ns;        /* namespace */
 } srv_tool_alias;
 
+#define SRV_MAX_TOKENS_DEFAULT (-2) /* srv_request.max_tokens when the request names none */
+
 typedef struct srv_request {
     srv_api api;
     char *model;           /* echoed back (default SRV_MODEL_ID) */
     bool stream;
     bool include_usage;    /* stream_options.include_usage */
-    int max_tokens;        /* -1: server default */
+    int max_tokens;        /* SRV_MAX_TOKENS_DEFAULT (absent): the server's -n; -1: no limit but the context */
     bool max_tokens_set;   /* the request carried max_tokens */
     bool logprobs;         /* chat logprobs:true, completions logprobs:N */
     int top_logprobs;      /* alternatives per token (0..20) */

@@ -613,6 +613,26 @@ def test_server_top_p_0_keeps_only_the_top_token():
     assert a_p0 == a_greedy
 
 
+def test_server_max_tokens_minus_one_is_the_context_not_the_default():
+    """max_tokens -1 means no limit but the context (docs/SERVING.md B.4, llama.cpp's convention) on every API; an
+    absent max_tokens is the server's -n. -1 used to mean "absent" and gave -n tokens."""
+    with Server("-n", "4", ctx=64) as s:
+        c = s.openai()
+        kw = dict(model="m", messages=user("hi"), temperature=0, extra_body=NO_THINK)
+        absent = c.chat.completions.create(**kw)
+        assert absent.usage.completion_tokens == 4 and absent.choices[0].finish_reason == "length"
+        full = c.chat.completions.create(max_tokens=-1, **kw)
+        # (random weights: the text runs to the context unless an EOS comes first)
+        assert full.usage.completion_tokens > 4, full.usage
+        assert full.usage.prompt_tokens + full.usage.completion_tokens <= 64, full.usage
+        st, _, data = s.raw("POST", "/v1/completions", {"model": "m", "prompt": "hi", "max_tokens": -1,
+                                                         "temperature": 0})
+        assert st == 200 and json.loads(data)["usage"]["completion_tokens"] > 4, data
+        st, _, data = s.raw("POST", "/v1/messages", {"model": "m", "max_tokens": -1, "messages": user("hi"),
+                                                      "thinking": {"type": "disabled"}, "temperature": 0})
+        assert st == 200 and json.loads(data)["usage"]["output_tokens"] > 4, data
+
+
 def test_server_unknown_transfer_coding_is_501_at_once():
     """A body in a transfer coding other than chunked (gzip, "gzip, chunked") is answered 501 as soon as the
     headers arrive; it used to get no byte back until the 10 s idle timeout closed the connection."""

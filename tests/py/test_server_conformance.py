@@ -722,6 +722,37 @@ def test_forced_calls_follow_the_schema_types():
             assert isinstance(raw["ratio"], (int, float)), raw
 
 
+def test_forced_calls_write_enum_values_with_markup_characters():
+    """Enum and const values with '&' or '<' ("R&D", "a<b") are offered and come back exact, stream and not, on
+    chat and Anthropic: they were left out of the choice ('R&D' never came; a one-value enum of one came out
+    null, breaking the schema). The block carries them as JSON escapes."""
+    schema = {"type": "object", "properties": {"dept": {"type": "string", "enum": ["R&D"]},
+                                               "op": {"const": "a<b"},
+                                               "pick": {"enum": ["x&y", "<tag>", "plain"]}},
+              "required": ["dept", "op", "pick"]}
+    tool = {"type": "function", "function": {"name": "route", "parameters": schema}}
+    with Server() as s:
+        c, a = s.openai(), s.anthropic()
+        picks = set()
+        for seed in range(1, 7):
+            r = c.chat.completions.create(model="m", messages=user("route it"), tools=[tool], tool_choice="required",
+                                          max_tokens=200, temperature=1, extra_body=dict(NO_THINK, seed=seed))
+            args = json.loads(r.choices[0].message.tool_calls[0].function.arguments)
+            assert args["dept"] == "R&D" and args["op"] == "a<b" and args["pick"] in ("x&y", "<tag>", "plain"), args
+            picks.add(args["pick"])
+            st = c.chat.completions.create(model="m", messages=user("route it"), tools=[tool], tool_choice="required",
+                                           max_tokens=200, temperature=1, stream=True,
+                                           extra_body=dict(NO_THINK, seed=seed))
+            frag = "".join(ch.choices[0].delta.tool_calls[0].function.arguments or "" for ch in st
+                           if ch.choices and ch.choices[0].delta.tool_calls)
+            assert json.loads(frag) == args, (frag, args)
+        assert picks & {"x&y", "<tag>"}, picks  # the markup values are chosen too (6 seeds at temperature 1)
+        m = a.messages.create(model="m", max_tokens=200, messages=user("route it"), tool_choice={"type": "any"},
+                              tools=[{"name": "route", "input_schema": schema}], extra_body={"seed": 3})
+        block = next(b for b in m.content if b.type == "tool_use")
+        assert block.input["dept"] == "R&D" and block.input["op"] == "a<b", block.input
+
+
 def test_thinking_budget_closes_the_reasoning():
     """thinking.budget_tokens (Anthropic; also accepted on chat): the reasoning is closed with </think> once it
     has that many tokens, and the answer follows; without it the reasoning runs on (random demo weights)."""
