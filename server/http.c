@@ -4,14 +4,20 @@
  * shape, the others in OpenAI's), SSE responses and client-gone detection.
  *
  * Header-time checks (check_headers), made before any body byte is read:
- * differing duplicate Content-Length -> 400, a Host that is not the bound
- * address, localhost, 127.0.0.1 or --allow-host -> 403, a missing or wrong
- * API key -> 401 (not for OPTIONS), a POST to an unknown path -> 404, a POST
- * whose Content-Type is not application/json -> 415.
+ * differing duplicate Content-Length, two Host or Content-Type lines -> 400,
+ * a Host that is not the bound address, localhost, 127.0.0.1 or
+ * --allow-host -> 403, a transfer coding other than chunked -> 501, a
+ * missing or wrong API key -> 401 (not for OPTIONS), a POST to an unknown
+ * path -> 404 (a known one with the wrong method: 405), a POST whose
+ * Content-Type is not application/json or whose Content-Encoding is not
+ * identity -> 415, a Content-Length over the body limit with Expect:
+ * 100-continue or over twice the limit -> 413.
  *
  * Every response carries "Connection: close" (one request per connection,
  * B.2). Request bodies are accumulated here up to SRV_MAX_BODY_BYTES; a
- * larger body is drained and answered 413. While a connection thread waits
+ * larger one is answered 413: at once when its Content-Length says so and
+ * the client waits for 100 Continue or claims over twice the limit, else
+ * drained and then answered. While a connection thread waits
  * for its job it polls the socket, so a client that hangs up cancels its
  * job (queued jobs are skipped, running ones stop at the next token).
  *
@@ -400,20 +406,36 @@ static bool json_content_type(struct MHD_Connection *c) {
     return true;
 }
 
-/* Every Content-Length header carries the same value (RFC 9112 6.3: differing
- * ones make the message length unknowable; libmicrohttpd reads the first). */
-typedef struct cl_scan {
-    const char *first;
-    bool differ;
-} cl_scan;
+/* The header lines libmicrohttpd's lookup does not see past the first:
+ * every Content-Length line must carry the same value (RFC 9112 6.3:
+ * differing ones make the message length unknowable); Host must come once
+ * (RFC 9112 3.2: 400 otherwise); Transfer-Encoding and Content-Type once
+ * (a second line made the first one's check order-dependent: "chunked" then
+ * "gzip" passed, as did application/json then text/plain); every
+ * Content-Encoding line is checked, not just the first. */
+typedef struct hdr_scan {
+    const char *cl_first;
+    bool cl_differ;
+    int n_host, n_te, n_ct;
+    const char *ce_bad; /* a Content-Encoding line that is not identity */
+} hdr_scan;
 
-static enum MHD_Result cl_each(void *cls, enum MHD_ValueKind kind, const char *key,
-                               const char *value) {
-    cl_scan *x = cls;
+static enum MHD_Result hdr_each(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+    hdr_scan *x = cls;
     (void)kind;
-    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH)) return MHD_YES;
-    if (!x->first) x->first = value ? value : "";
-    else if (strcmp(x->first, value ? value : "")) x->differ = true;
+    const char *v = value ? value : "";
+    if (!strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH)) {
+        if (!x->cl_first) x->cl_first = v;
+        else if (strcmp(x->cl_first, v)) x->cl_differ = true;
+    } else if (!strcasecmp(key, MHD_HTTP_HEADER_HOST)) {
+        x->n_host++;
+    } else if (!strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING)) {
+        x->n_te++;
+    } else if (!strcasecmp(key, MHD_HTTP_HEADER_CONTENT_TYPE)) {
+        x->n_ct++;
+    } else if (!strcasecmp(key, MHD_HTTP_HEADER_CONTENT_ENCODING) && !x->ce_bad && *v && strcasecmp(v, "identity")) {
+        x->ce_bad = v;
+    }
     return MHD_YES;
 }
 
@@ -434,9 +456,14 @@ static const struct {
 static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, conn_ctx *cx,
                                      const char *url, const char *method, const char *version, bool *refused) {
     *refused = true;
-    cl_scan cl = {0};
-    MHD_get_connection_values(c, MHD_HEADER_KIND, cl_each, &cl);
-    if (cl.differ) return reply_simple_error(s, c, url, MHD_HTTP_BAD_REQUEST, NULL, "bad HTTP request");
+    hdr_scan hs = {0};
+    MHD_get_connection_values(c, MHD_HEADER_KIND, hdr_each, &hs);
+    if (hs.cl_differ) return reply_simple_error(s, c, url, MHD_HTTP_BAD_REQUEST, NULL, "bad HTTP request");
+    if (hs.n_host > 1)
+        return reply_simple_error(s, c, url, MHD_HTTP_BAD_REQUEST, NULL, "bad HTTP request: more than one Host header");
+    if (hs.n_ct > 1)
+        return reply_simple_error(s, c, url, MHD_HTTP_BAD_REQUEST, NULL,
+                                  "bad HTTP request: more than one Content-Type header");
     /* HTTP/1.1 requires a Host header (RFC 9112 3.2); HTTP/1.0 may omit it */
     if (version && strcmp(version, MHD_HTTP_VERSION_1_0) &&
         !MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_HOST))
@@ -448,9 +475,10 @@ static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, co
     /* a transfer coding other than chunked (gzip, "gzip, chunked"): the body
      * cannot be read as sent (RFC 9112 6.1: 501) */
     const char *te = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_TRANSFER_ENCODING);
-    if (te && strcasecmp(te, "chunked")) {
+    if (te && (strcasecmp(te, "chunked") || hs.n_te > 1)) { /* two lines: a list of codings, as "chunked, gzip" */
         char m[160];
-        snprintf(m, sizeof m, "Transfer-Encoding %.64s is not supported (only chunked)", te);
+        snprintf(m, sizeof m, "Transfer-Encoding %.64s%s is not supported (only chunked)", te,
+                 hs.n_te > 1 ? " (and more lines)" : "");
         return reply_simple_error(s, c, url, MHD_HTTP_NOT_IMPLEMENTED, NULL, m);
     }
     bool options = !strcmp(method, "OPTIONS");
@@ -468,8 +496,8 @@ static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, co
             return reply_simple_error(s, c, url, MHD_HTTP_UNSUPPORTED_MEDIA_TYPE, NULL,
                                       "Content-Type must be application/json (UTF-8)");
         /* a compressed body would be read as JSON text: refuse it by name (RFC 9110 8.4) */
-        const char *enc = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_ENCODING);
-        if (enc && *enc && strcasecmp(enc, "identity")) {
+        const char *enc = hs.ce_bad;
+        if (enc) {
             char m[160];
             snprintf(m, sizeof m, "Content-Encoding %.64s is not supported: send the request body uncompressed",
                      enc);
@@ -477,6 +505,23 @@ static enum MHD_Result check_headers(srv_server *s, struct MHD_Connection *c, co
         }
         cx->api = g_routes[i].api;
         cx->count = g_routes[i].count;
+        /* a body that cannot fit, known from its length. A client waiting for 100 Continue has sent none of
+         * it: answered now (the Continue invited the whole upload, then 413). One that claims more than twice
+         * the limit (a terabyte was read and dropped until the request deadline, with no reply) is answered
+         * now too and the connection closed, though a client still sending may then see a reset instead of
+         * the reply. Up to twice the limit the body is drained and then answered (run_post), so an ordinary
+         * client reads its 413. A chunked body is counted as it comes. */
+        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        const unsigned long long cln = cl ? strtoull(cl, NULL, 10) : 0;
+        if (cln > SRV_MAX_BODY_BYTES) {
+            const char *ex = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT);
+            if ((ex && strcasestr(ex, "100-continue")) || cln > 2ull * SRV_MAX_BODY_BYTES) {
+                srv_error e = {0};
+                srv_fail(&e, 413, "request body too large (limit %u bytes)", SRV_MAX_BODY_BYTES);
+                return reply_error(s, c, cx->api, &e);
+            }
+            cx->too_large = true;
+        }
     }
     *refused = false;
     return MHD_YES;
@@ -501,8 +546,6 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
             request_arrived(s, c);
             return r;
         }
-        const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-        if (cl && strtoull(cl, NULL, 10) > SRV_MAX_BODY_BYTES) cx->too_large = true;
         return MHD_YES;
     }
     if (cx->answered) { /* refused at the headers: nothing more to do */
@@ -550,7 +593,7 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     for (size_t i = 0; i < sizeof g_routes / sizeof g_routes[0]; i++)
         if (!strcmp(url, g_routes[i].path))
             return reply_405(s, c, url, true);
-    if (!strcmp(url, "/v1/models"))
+    if (!strcmp(url, "/v1/models") || !strcmp(url, "/v1/models/" SRV_MODEL_ID))
         return reply_405(s, c, url, false);
     return reply_simple_error(s, c, url, MHD_HTTP_NOT_FOUND, "unknown_url", "unknown endpoint");
 }

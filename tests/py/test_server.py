@@ -647,6 +647,60 @@ def test_server_unknown_transfer_coding_is_501_at_once():
             assert reply.startswith(b"HTTP/1.1 501") and b"Transfer-Encoding " + te + b" is not supported" in reply, reply
 
 
+def test_server_repeated_header_lines_and_oversized_bodies_are_refused_at_the_headers():
+    """libmicrohttpd's lookup sees only a header's first line: two Host lines (RFC 9112 3.2), two Content-Type
+    lines (json then text/plain passed, the reverse got 415), Content-Encoding identity then gzip (passed; one
+    line "identity, gzip" got 415) and Transfer-Encoding chunked then gzip (passed; one line got 501) are refused
+    as their one-line forms are. A body over the limit is answered 413 at once when the client waits for 100
+    Continue (it got "100 Continue", an invitation to upload 70 MB for nothing) or claims a terabyte (no reply
+    until the request deadline). PUT/DELETE/PATCH on the model's path are 405 with Allow (they were 404)."""
+    body = json.dumps({"messages": user("hi"), "max_tokens": 1, "think": False}).encode()
+
+    def send(req, timeout=10):
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=timeout)
+        sock.sendall(req)
+        out = b""
+        try:
+            while True:
+                d = sock.recv(65536)
+                if not d:
+                    break
+                out += d
+        except (socket.timeout, ConnectionResetError):
+            pass
+        sock.close()
+        return out
+
+    def post(extra, data=body):
+        return send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + extra +
+                    b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    with Server() as s:
+        r = send(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nHost: evil.com\r\n\r\n")
+        assert r.startswith(b"HTTP/1.1 400") and b"more than one Host" in r, r[:300]
+        for cts in ((b"application/json", b"text/plain"), (b"text/plain", b"application/json")):
+            r = post(b"".join(b"Content-Type: " + ct + b"\r\n" for ct in cts))
+            assert r.startswith(b"HTTP/1.1 400") and b"more than one Content-Type" in r, r[:300]
+        r = post(b"Content-Type: application/json\r\nContent-Encoding: identity\r\nContent-Encoding: gzip\r\n")
+        assert r.startswith(b"HTTP/1.1 415") and b"Content-Encoding gzip" in r, r[:300]
+        r = post(b"Content-Type: application/json\r\nContent-Encoding: identity\r\nContent-Encoding: identity\r\n")
+        assert r.startswith(b"HTTP/1.1 200"), r[:300]
+        r = send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        assert r.startswith(b"HTTP/1.1 501"), r[:300]
+        t0 = time.time()
+        r = send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Expect: 100-continue\r\nContent-Length: 70000000\r\n\r\n")
+        assert r.startswith(b"HTTP/1.1 413") and b"100 Continue" not in r and b"too large" in r, r[:300]
+        r = send(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000000000000\r\n\r\n{}")
+        assert r.startswith(b"HTTP/1.1 413") and b"request_too_large" in r, r[:300]  # Anthropic's error type
+        assert time.time() - t0 < 5
+        for m in (b"PUT", b"DELETE", b"PATCH"):
+            r = send(m + b" /v1/models/deepseek-v4-flash HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n")
+            assert r.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD, OPTIONS" in r, r[:300]
+        assert s.alive()
+
+
 def test_server_sse_headers_and_keepalive_during_long_prefill():
     """A streaming request with a long prompt gets its SSE headers at the
     first prefill progress event and ': prefill' comments every >= 5 s, so
