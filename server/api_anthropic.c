@@ -110,6 +110,13 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
             const char *type = json_string_value(json_object_get(bl, "type"));
             const char *t = json_string_value(json_object_get(bl, "text"));
             const char *th = json_string_value(json_object_get(bl, "thinking"));
+            /* a text or thinking of the wrong type, or a text block without its text: a 400 (the block was
+             * dropped, the user's text lost without a word) */
+            json_t *tv = json_object_get(bl, "text"), *hv = json_object_get(bl, "thinking");
+            if ((tv && !t) || (hv && !th) || (!tv && type && !strcmp(type, "text"))) {
+                srv_fail(e, 400, "messages: content block %zu: \"text\" and \"thinking\" must be strings", i);
+                goto out;
+            }
             if (type && !strcmp(type, "tool_use")) {
                 json_array_append(calls, bl);
             } else if (type && !strcmp(type, "tool_result")) {

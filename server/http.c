@@ -184,13 +184,22 @@ static enum MHD_Result reply_simple_error(srv_server *s, struct MHD_Connection *
 static char *model_json(srv_server *s) {
     int ctx = s->cfg.n_ctx;
     int maxc = s->cfg.default_tokens < ctx ? s->cfg.default_tokens : ctx;
+    /* OpenAI's model object (+ OpenRouter's context fields), and Anthropic's type, display_name,
+     * created_at (RFC 3339 of the same instant), lifecycle and token limits for clients of its models API
+     * (the anthropic SDK refuses a model object without them) */
+    char created_at[32];
+    const time_t ct = SRV_MODEL_CREATED;
+    struct tm tmv;
+    strftime(created_at, sizeof created_at, "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&ct, &tmv));
     json_t *m = json_pack(
-        "{s:s, s:s, s:i, s:s, s:s, s:i, s:{s:i, s:i, s:b}, s:[s,s,s,s,s,s,s,s,s,s,s]}", "id",
+        "{s:s, s:s, s:i, s:s, s:s, s:i, s:{s:i, s:i, s:b}, s:[s,s,s,s,s,s,s,s,s,s,s], s:s, s:s, s:s, s:s, s:i, s:i}",
+        "id",
         SRV_MODEL_ID, "object", "model", "created", SRV_MODEL_CREATED, "owned_by", "ds4.c", "name",
         "DeepSeek V4 Flash", "context_length", ctx, "top_provider", "context_length", ctx,
         "max_completion_tokens", maxc, "is_moderated", 0, "supported_parameters", "tools",
         "tool_choice", "max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "seed",
-        "stream", "reasoning_effort");
+        "stream", "reasoning_effort", "type", "model", "display_name", "DeepSeek V4 Flash", "created_at", created_at,
+        "lifecycle", "active", "max_input_tokens", ctx, "max_tokens", maxc);
     char *t = srv_json_text(m);
     json_decref(m);
     return t;
@@ -577,9 +586,10 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *c, const char *
     if (!strcmp(method, "GET") || !strcmp(method, "HEAD")) {
         if (!strcmp(url, "/v1/models")) {
             char *m = model_json(s);
-            size_t n = strlen(m) + 64;
+            size_t n = strlen(m) + 160;
             char *b = xmalloc(n);
-            snprintf(b, n, "{\"object\":\"list\",\"data\":[%s]}", m);
+            snprintf(b, n, "{\"object\":\"list\",\"data\":[%s],\"has_more\":false,\"first_id\":\"" SRV_MODEL_ID
+                           "\",\"last_id\":\"" SRV_MODEL_ID "\"}", m);
             free(m);
             return reply_json(s, c, MHD_HTTP_OK, b, true);
         }

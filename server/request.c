@@ -285,12 +285,22 @@ int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e) {
     int n = 0;
     json_array_foreach(v, i, p) {
         const char *s = NULL;
+        json_t *tx = json_is_object(p) ? json_object_get(p, "text") : NULL;
+        const char *ty = json_is_object(p) ? json_string_value(json_object_get(p, "type")) : NULL;
+        /* a part of the wrong type (a number; a text that is not a string; a text part without text) is a 400:
+         * it was dropped, and the user's text lost without a word */
+        if (!json_is_string(p) && (!json_is_object(p) || (tx && !json_is_string(tx)) ||
+                                   (!tx && ty && !strcmp(ty, "text")))) {
+            ds4_buf_free(&b);
+            return srv_fail(e, 400, "content part %zu: expected a string or an object with a string \"text\" "
+                                    "(or a media part)", i);
+        }
         if (json_is_string(p))
             s = json_string_value(p);
-        else if (json_is_object(p) && json_is_string(json_object_get(p, "text")))
-            s = json_string_value(json_object_get(p, "text"));
-        else if (json_is_object(p)) /* media: the model is told what it cannot see */
-            s = srv_media_placeholder(json_string_value(json_object_get(p, "type")));
+        else if (tx)
+            s = json_string_value(tx);
+        else /* media: the model is told what it cannot see */
+            s = srv_media_placeholder(ty);
         if (!s) continue; /* other parts carry no text */
         if (sep && n > 0) ds4_buf_puts(&b, sep);
         ds4_buf_puts(&b, s);

@@ -454,6 +454,7 @@ struct srv_server {
     pthread_mutex_t replay_mu;
     FILE *trace;
     pthread_mutex_t trace_mu;
+    bool trace_failing;    /* the last --trace write failed (logged once per failing run) */
     _Atomic int shutdown_flag;    /* set by the main thread, read by the worker */
     volatile int exit_code;     /* the process's status after shutdown (1: a worker rank was lost) */
 };

@@ -556,7 +556,15 @@ static void trace_job(srv_server *s, srv_job *j, const srv_result *r) {
     for (int i = 0; i < r->parsed.n_calls; i++)
         fprintf(f, "--- tool call %s %s %s\n", r->parsed.calls[i].id ? r->parsed.calls[i].id : "",
                 r->parsed.calls[i].name, r->parsed.calls[i].arguments);
-    fflush(f);
+    errno = 0;
+    const bool ok = fflush(f) == 0 && !ferror(f);
+    if (!ok && !s->trace_failing) /* a full disk: said once, not per request; the requests go on */
+        srv_log("--trace %s: writing failed (%s); requests are served, their traces lost until writes succeed",
+                s->cfg.trace_path, strerror(errno ? errno : EIO));
+    else if (ok && s->trace_failing)
+        srv_log("--trace %s: writing again", s->cfg.trace_path);
+    s->trace_failing = !ok;
+    clearerr(f);
     pthread_mutex_unlock(&s->trace_mu);
 }
 

@@ -14,6 +14,7 @@
  * the same sizes the bytes are written with.
  */
 #include "gguf.h"
+#include "util/utf8.h"
 
 #include <openssl/evp.h>
 
@@ -207,26 +208,12 @@ static int rd_str(cursor *c, const char **ptr, uint64_t *len, const char *what) 
     return 0;
 }
 
-/* Strict UTF-8: no overlongs, no surrogates, <= U+10FFFF, no NUL. */
+/* Strict UTF-8 (ds4_utf8_char), no NUL. */
 static bool utf8_valid(const unsigned char *s, uint64_t n) {
-    uint64_t i = 0;
-    while (i < n) {
-        unsigned char b = s[i];
-        if (b == 0) return false;
-        if (b < 0x80) { i++; continue; }
-        int len;
-        uint32_t cp, min;
-        if ((b & 0xe0) == 0xc0) { len = 2; cp = b & 0x1f; min = 0x80; }
-        else if ((b & 0xf0) == 0xe0) { len = 3; cp = b & 0x0f; min = 0x800; }
-        else if ((b & 0xf8) == 0xf0) { len = 4; cp = b & 0x07; min = 0x10000; }
-        else return false;
-        if ((uint64_t)len > n - i) return false;
-        for (int k = 1; k < len; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) return false;
-            cp = (cp << 6) | (s[i + k] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return false;
-        i += len;
+    for (uint64_t i = 0; i < n;) {
+        const int len = s[i] ? ds4_utf8_char(s + i, n - i) : 0;
+        if (!len) return false;
+        i += (uint64_t)len;
     }
     return true;
 }

@@ -8,6 +8,7 @@
  * agree with compress_ratios.
  */
 #include "model.h"
+#include "util/utf8.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -161,10 +162,11 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
     int64_t akv = ds4_gguf_find_key(g, "general.architecture");
     if (akv >= 0) {
         if (ds4_gguf_get_str(g, "general.architecture", &arch, err) != 0) return DS4_E_MODEL;
-        if (arch.len != 9 || memcmp(arch.ptr, "deepseek4", 9) != 0)
-            return ds4_err_set(err, DS4_E_MODEL,
-                               "general.architecture is '%.*s', expected 'deepseek4'",
-                               (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
+        if (arch.len != 9 || memcmp(arch.ptr, "deepseek4", 9) != 0) {
+            char esc[300];
+            return ds4_err_set(err, DS4_E_MODEL, "general.architecture is '%s', expected 'deepseek4'",
+                               ds4_escaped(esc, sizeof esc, arch.ptr, arch.len, 64));
+        }
     }
 #define DIM(key, lo, hi, field) \
     if ((rc = get_dim(g, K(key), lo, hi, &hp->field, err))) goto fail
@@ -245,8 +247,9 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
         if (s.len == 4 && !memcmp(s.ptr, "yarn", 4)) yarn = true;
         else if ((s.len == 4 && !memcmp(s.ptr, "none", 4)) || s.len == 0) yarn = false;
         else {
-            rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' = '%.*s' is not supported (yarn or none)",
-                             K("rope.scaling.type"), (int)(s.len > 32 ? 32 : s.len), s.ptr);
+            char esc[160];
+            rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' = '%s' is not supported (yarn or none)",
+                             K("rope.scaling.type"), ds4_escaped(esc, sizeof esc, s.ptr, s.len, 32));
             goto fail;
         }
     }
@@ -638,11 +641,13 @@ int ds4_model_load_mtp(ds4_model *m, const ds4_model *main, const ds4_gguf *g, d
         ds4_gguf_str arch;
         if (ds4_gguf_get_str(g, "general.architecture", &arch, err) != 0) return DS4_E_MODEL;
         if (!((arch.len == 9 && !memcmp(arch.ptr, "deepseek4", 9)) ||
-              (arch.len == 21 && !memcmp(arch.ptr, "deepseek4_mtp_support", 21))))
+              (arch.len == 21 && !memcmp(arch.ptr, "deepseek4_mtp_support", 21)))) {
+            char esc[300];
             return ds4_err_set(err, DS4_E_MODEL,
-                               "MTP file: general.architecture is '%.*s', expected 'deepseek4_mtp_support' or "
+                               "MTP file: general.architecture is '%s', expected 'deepseek4_mtp_support' or "
                                "'deepseek4'",
-                               (int)(arch.len > 64 ? 64 : arch.len), arch.ptr);
+                               ds4_escaped(esc, sizeof esc, arch.ptr, arch.len, 64));
+        }
     }
     const ds4_hparams *mh = &main->hp;
     ds4_hparams *hp = &m->hp;

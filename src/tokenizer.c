@@ -11,6 +11,7 @@
  *     const function is thread-safe. Scratch memory is per call.
  */
 #include "tokenizer.h"
+#include "util/utf8.h"
 
 #include <limits.h>
 #include <stdlib.h>
@@ -340,10 +341,12 @@ int ds4_tokenizer_from_gguf(const ds4_gguf *g, ds4_tokenizer **out, ds4_err *err
         ds4_gguf_str m;
         int rc = ds4_gguf_get_str(g, "tokenizer.ggml.model", &m, err);
         if (rc) return rc;
-        if (m.len != 4 || memcmp(m.ptr, "gpt2", 4) != 0)
+        if (m.len != 4 || memcmp(m.ptr, "gpt2", 4) != 0) {
+            char esc[300];
             return ds4_err_set(err, DS4_E_MODEL,
-                               "tokenizer.ggml.model is \"%.*s\", only \"gpt2\" (byte-level BPE) "
-                               "is supported", (int)(m.len > 64 ? 64 : m.len), m.ptr);
+                               "tokenizer.ggml.model is \"%s\", only \"gpt2\" (byte-level BPE) "
+                               "is supported", ds4_escaped(esc, sizeof esc, m.ptr, m.len, 64));
+        }
     }
     int64_t kv_tok, kv_merge;
     uint64_t n_tok, n_merge;

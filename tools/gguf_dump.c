@@ -22,6 +22,7 @@
 
 #include "gguf.h"
 #include "util/file.h"
+#include "util/utf8.h"
 
 #define ARRAY_SHOW 8 /* array elements shown in text mode */
 
@@ -33,7 +34,8 @@ static void usage(FILE *f) {
 }
 
 /* Prints s escaped as a double-quoted string: \" \\ \n \r \t, other control
- * bytes and invalid UTF-8 as \xNN; valid multi-byte UTF-8 as is. At most
+ * bytes and invalid UTF-8 (overlongs and surrogates included, as --json
+ * reads them) as \xNN; valid multi-byte UTF-8 as is. At most
  * max_bytes source bytes are shown (0 = all). */
 static void print_escaped(FILE *f, ds4_gguf_str s, uint64_t max_bytes) {
     fputc('"', f);
@@ -46,10 +48,8 @@ static void print_escaped(FILE *f, ds4_gguf_str s, uint64_t max_bytes) {
         if (c == '\r') { fputs("\\r", f); i++; continue; }
         if (c == '\t') { fputs("\\t", f); i++; continue; }
         if (c >= 0x20 && c < 0x7f) { fputc(c, f); i++; continue; }
-        int len = (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3 : (c & 0xf8) == 0xf0 ? 4 : 0;
-        bool ok = len > 0 && (uint64_t)len <= lim - i;
-        for (int k = 1; ok && k < len; k++) ok = (p[i + k] & 0xc0) == 0x80;
-        if (ok) {
+        const int len = c >= 0x80 ? ds4_utf8_char(p + i, (size_t)(lim - i)) : 0; /* strict: no overlongs, surrogates */
+        if (len) {
             fwrite(p + i, 1, (size_t)len, f);
             i += (uint64_t)len;
         } else {

@@ -844,6 +844,34 @@ def test_cli_top_p_zero_and_numerics_off_names(model):
     assert run(base(model, "-p", "hi", "-n", "1", "--numerics-off", "fp8,act")).returncode == 0
 
 
+def test_untrusted_bytes_are_escaped_in_messages_and_dumps(model, tmp_path):
+    """Bytes that are not valid UTF-8 text reach no message or dump raw: the loader's architecture message (it
+    printed the raw byte), ds4-gguf's text dump of overlong and surrogate sequences (printed raw, while --json
+    escaped them) and ds4-convert --name (wrote an invalid general.name, which the loader then refuses)."""
+    b = bytearray(open(model, "rb").read())
+    i = b.find(b"deepseek4", b.find(b"general.architecture"))
+    b[i + 1] = 0xFF
+    bad = tmp_path / "arch.gguf"
+    bad.write_bytes(bytes(b))
+    r = run(["-m", str(bad), "--cpu", "-p", "hi", "-n", "1"], timeout=60)
+    assert r.returncode == 1 and b"'d\\xffepseek4'" in r.stderr and b"\xff" not in r.stderr, r.stderr
+    # general.name with an overlong and a surrogate sequence, same length as the demo's name
+    b = bytearray(open(model, "rb").read())
+    k = b.find(b"general.name") + len(b"general.name")
+    n = int.from_bytes(b[k + 4:k + 12], "little")
+    assert n >= 6
+    b[k + 12:k + 12 + 6] = b"\xc0\x80\xed\xa0\x80|"
+    odd = tmp_path / "name.gguf"
+    odd.write_bytes(bytes(b))
+    r = subprocess.run([os.path.join(ROOT, "ds4-gguf"), str(odd)], capture_output=True, timeout=60)
+    line = next(x for x in r.stdout.split(b"\n") if b"general.name" in x)
+    assert b"\\xc0\\x80\\xed\\xa0\\x80|" in line and b"\xc0" not in line, line
+    r = subprocess.run([os.path.join(ROOT, "ds4-convert"), "--demo", "-o", str(tmp_path / "x.gguf"), "--name",
+                        b"\xff\xfe", "--tokenizer", os.path.join(ROOT, "tests/data/deepseek-v3-tokenizer.json")],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 2 and b"not valid UTF-8" in r.stderr and not (tmp_path / "x.gguf").exists(), r.stderr
+
+
 def test_cli_small_usage_edges(model, tmp_path):
     """--help into a full device is an error (the help was lost); --dump-logits without its token file is a usage
     error (2, as the other usage errors); ds4-convert --seed past 2^64 - 1 is refused (strtoull saturated it)."""

@@ -701,6 +701,48 @@ def test_server_repeated_header_lines_and_oversized_bodies_are_refused_at_the_he
         assert s.alive()
 
 
+def test_server_content_parts_of_the_wrong_type_are_400_and_models_carry_anthropic_fields():
+    """A chat content part that is a number, or whose text is not a string, and an Anthropic text block whose text
+    is not a string, are a 400 naming the part (they were dropped: 200 with the user's text silently gone);
+    media parts still become their placeholder. The model objects carry Anthropic's fields and the list its
+    paging fields, which the anthropic SDK's models API reads."""
+    with Server() as s:
+        for content in ([{"type": "text", "text": 5}], [1, 2], [{"type": "text"}], ["ok", {"type": "text", "text": None}]):
+            st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": content}],
+                                                                 "max_tokens": 1})
+            assert st == 400 and "content part" in err_of(data)["message"], (content, data)
+        for content in ([{"type": "text", "text": 5}], [{"type": "text"}],
+                        [{"type": "thinking", "thinking": 3, "signature": ""}]):
+            st, _, data = s.raw("POST", "/v1/messages", {"messages": [{"role": "user", "content": content}],
+                                                         "max_tokens": 1})
+            assert st == 400 and json.loads(data)["error"]["type"] == "invalid_request_error", (content, data)
+        st, _, data = s.raw("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}],
+            "max_tokens": 1, "think": False})
+        assert st == 200, data
+        lst = list(s.anthropic().models.list())
+        assert [m.id for m in lst] == ["deepseek-v4-flash"] and lst[0].type == "model", lst
+        assert lst[0].display_name == "DeepSeek V4 Flash" and lst[0].created_at.year == 2026, lst[0]
+        one = s.anthropic().models.retrieve("deepseek-v4-flash")
+        assert one.id == "deepseek-v4-flash" and one.type == "model"
+        st, _, data = s.raw("GET", "/v1/models")
+        doc = json.loads(data)
+        assert doc["has_more"] is False and doc["first_id"] == doc["last_id"] == "deepseek-v4-flash", doc
+        assert s.openai().models.retrieve("deepseek-v4-flash").owned_by == "ds4.c"
+
+
+def test_server_trace_write_failure_is_logged_once_and_requests_go_on():
+    """--trace to a full device (/dev/full): every trace write was dropped without a word. The first failure is
+    logged once, naming the file; the requests are served."""
+    with Server("--trace", "/dev/full") as s:
+        c = s.openai()
+        for _ in range(3):
+            r = c.chat.completions.create(model="m", messages=user("hi"), max_tokens=2, extra_body=NO_THINK)
+            assert r.choices[0].message.content is not None
+        lines = [x for x in s.log if "--trace /dev/full: writing failed" in x]
+        assert len(lines) == 1 and "No space left" in lines[0], s.log[-10:]
+
+
 def test_server_sse_headers_and_keepalive_during_long_prefill():
     """A streaming request with a long prompt gets its SSE headers at the
     first prefill progress event and ': prefill' comments every >= 5 s, so

@@ -23,6 +23,7 @@
 
 #include "convert.h"
 #include "util/file.h"
+#include "util/utf8.h"
 
 static volatile sig_atomic_t g_signal;  /* the first SIGINT / SIGTERM received, 0 while none */
 
@@ -318,6 +319,23 @@ int main(int argc, char **argv) {
     if (ho.imatrix_strict && !ho.imatrix) {
         fprintf(stderr, "ds4-convert: --imatrix-strict needs --imatrix FILE\n");
         return 2;
+    }
+    /* general.name is a GGUF string: valid UTF-8 without control characters (the loader refuses a file whose
+     * strings are not UTF-8); the default is the checkpoint directory's name */
+    {
+        const char *nm = name ? name : hf ? basename_of(hf) : NULL;
+        const size_t n = nm ? strlen(nm) : 0;
+        for (size_t k = 0; k < n;) {
+            const int len = (unsigned char)nm[k] >= 0x20 && nm[k] != 0x7f ? ds4_utf8_char((const unsigned char *)nm + k, n - k) : 0;
+            if (!len) {
+                char esc[200];
+                fprintf(stderr, "ds4-convert: %s '%s' is not valid UTF-8 text (general.name)%s\n",
+                        name ? "--name" : "the checkpoint directory's name", ds4_escaped(esc, sizeof esc, nm, n, 64),
+                        name ? "" : ": give --name NAME");
+                return 2;
+            }
+            k += (size_t)len;
+        }
     }
 
     /* the outputs before any work: a path a rename may replace (not a device, FIFO or directory, in a directory
