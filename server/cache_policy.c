@@ -201,9 +201,13 @@ static void save_live(srv_server *s, int reason) {
         if (trailer.len == 8 && !memcmp(trailer.data + 4, "\0\0\0\0", 4)) trailer.len = 0;
     }
     /* the same tokens and text are the same state (the engine is
-     * deterministic): an entry already on disk is not written again */
+     * deterministic): an entry already on disk is not written again, unless
+     * this server cannot use it (written at a larger --ctx: the lookup
+     * passes it over, so it would never be rewritten; C.4 "an incompatible
+     * one is deleted and rewritten") */
     ds4_kvstore_entry have;
-    if (!trailer.len && ds4_kvstore_has(c->kv, toks, (uint32_t)n, key, klen, &have) && !have.trailer_bytes) {
+    if (!trailer.len && ds4_kvstore_has(c->kv, toks, (uint32_t)n, key, klen, &have) && !have.trailer_bytes &&
+        have.ctx_size <= (uint32_t)s->cfg.n_ctx) {
         c->last_frontier = n;
         ds4_buf_free(&trailer);
         free(key);

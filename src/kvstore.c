@@ -507,13 +507,16 @@ static int scan_dir(ds4_kvstore *kv, ds4_err *err) {
     DIR *d = opendir(kv->dir);
     if (!d) return ds4_err_set(err, DS4_E_IO, "kvstore: cannot read %s: %s", kv->dir, strerror(errno));
     struct dirent *de;
-    int rc = 0;
+    int rc = 0, foreign_n = 0;
+    uint64_t foreign_bytes = 0;
     while (!rc && (de = readdir(d))) {
         const char *nm = de->d_name;
         long pid = tmp_name_pid(nm);
         if (pid > 0) {
-            /* A temp file of a crashed (or our own earlier) writer: never valid. */
-            if (pid == (long)getpid() || (kill((pid_t)pid, 0) != 0 && errno == ESRCH)) {
+            /* A temp file of a crashed (or our own earlier) writer: never valid. Holding the directory's lock,
+             * every temp file is one (the writer held the lock, so it is gone, whatever process now has its
+             * pid: pids are reused, routinely in containers); without the lock only a dead pid's. */
+            if (kv->lock_fd >= 0 || pid == (long)getpid() || (kill((pid_t)pid, 0) != 0 && errno == ESRCH)) {
                 char *p = join_path(kv->dir, nm);
                 if (p && unlink(p) == 0) logf_kv(kv, "kvstore: removed leftover temp file %s", nm);
                 free(p);
@@ -546,8 +549,10 @@ static int scan_dir(ds4_kvstore *kv, ds4_err *err) {
                 logf_kv(kv, "kvstore: invalid file cannot be removed (%s), ignored: %s",
                         strerror(errno), e2.msg);
         } else if (r == 0 && memcmp(h.fp, kv->fp, 32) != 0) {
-            free(tok); /* another model's file: leave it alone */
+            free(tok); /* another model's file: leave it alone (counted for the log line below) */
             free(key);
+            foreign_n++;
+            foreign_bytes += fsize;
         } else if (r == 0) {
             ds4_kvstore_entry e;
             fill_entry(&e, nm, &h, fsize);
@@ -562,6 +567,12 @@ static int scan_dir(ds4_kvstore *kv, ds4_err *err) {
     }
     closedir(d);
     if (rc) return ds4_err_set(err, rc, "kvstore: out of memory scanning %s", kv->dir);
+    /* they take disk space that the budget neither counts nor frees: say so (files of an older engine's
+     * fingerprint, e.g. after an upgrade, stay there otherwise unnoticed) */
+    if (foreign_n)
+        logf_kv(kv, "kvstore: %d file%s (%.1f MiB) of other models in %s: not counted against the budget and "
+                "never evicted by this server (remove them by hand if that model is gone)", foreign_n,
+                foreign_n == 1 ? "" : "s", (double)foreign_bytes / 1048576.0, kv->dir);
     return 0;
 }
 

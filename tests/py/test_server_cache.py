@@ -216,6 +216,10 @@ def test_server_disk_cache_not_used_by_a_model_with_other_weights(tmp_path):
     assert "kv cache hit" not in log and "kv reuse disk" not in log, log
     assert b.usage.prompt_tokens_details.cached_tokens == 0
     assert b.choices[0].message.content == cold.choices[0].message.content
+    # the first model's files stay (not ours to evict) and are said to, with their size: the budget does not
+    # count them, which went unnoticed (N models used up to N budgets)
+    assert re.search(r"kvstore: \d+ files? \([0-9.]+ MiB\) of other models in .*not counted against the budget",
+                     log), log
 
 
 def test_server_disk_cache_directory_is_one_servers(tmp_path):
@@ -330,3 +334,36 @@ def test_server_cold_save_still_happens_when_the_first_try_hung_up(tmp_path):
         log = s.log_text()
     assert "reason=cold" in log, log[-3000:]
     assert b.usage.prompt_tokens_details.cached_tokens > 0, b.usage
+
+
+def test_server_disk_cache_rewrites_an_entry_written_at_a_larger_ctx(tmp_path):
+    """An entry written at a larger --ctx is passed over by a server with a smaller one (it may not fit), and its
+    save of the same prefix was skipped as "already stored": after lowering --ctx that prefix was never cached
+    again. It is now rewritten at the smaller ctx and reused after the next restart."""
+    d = str(tmp_path / "kv")
+    with Server(*cache_args(d), ctx=8192) as s:
+        a = s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+        assert s.wait_log(r"kv cache stored tokens=\d+ reason=cold")
+    for _ in range(2):
+        with Server(*cache_args(d), ctx=2048) as s:
+            b = s.openai().chat.completions.create(messages=messages("What is ds4?"), **KW)
+            log = s.log_text()
+    assert b.usage.prompt_tokens_details.cached_tokens > 0, log  # the second run at 2048 reused its own save
+    assert b.choices[0].message.content == a.choices[0].message.content
+
+
+def test_server_disk_cache_removes_a_dead_writers_temp_file_even_if_its_pid_lives(tmp_path):
+    """A temp file left by a killed writer ("<name>.kv.tmp.<pid>.<n>") stayed forever when another process had
+    taken that pid (routine in containers). The store holds the directory's lock, so every temp file there is a
+    dead writer's: removed at start-up."""
+    d = tmp_path / "kv"
+    d.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        leftover = d / ("ab" * 20 + ".kv.tmp.%d.0" % sleeper.pid)
+        leftover.write_bytes(b"x" * 4096)
+        with Server(*cache_args(str(d))) as s:
+            assert s.wait_log(r"removed leftover temp file")
+        assert not leftover.exists()
+    finally:
+        sleeper.kill()
