@@ -467,12 +467,11 @@ static double ent_score(const ds4_kvstore_entry *e, uint64_t now) {
     return (eh + 1.0) * (double)e->n_tokens / (double)(e->file_bytes ? e->file_bytes : 1);
 }
 
-/* Deletes lowest-score files until total <= budget; `protect` (may be NULL)
- * is kept. */
-static void evict_locked(ds4_kvstore *kv, const char *protect) {
-    if (!kv->budget) return;
+/* Deletes lowest-score files until total <= target; `protect` (may be NULL)
+ * is kept; `why` ends the log line of each. */
+static void evict_down_to(ds4_kvstore *kv, const char *protect, uint64_t target, const char *why) {
     uint64_t now = (uint64_t)time(NULL);
-    while (kv->total > kv->budget) {
+    while (kv->total > target) {
         int worst = -1;
         double ws = 0;
         for (int i = 0; i < kv->n_ents; i++) {
@@ -490,15 +489,21 @@ static void evict_locked(ds4_kvstore *kv, const char *protect) {
         if (worst < 0) break;
         char name[DS4_KV_NAME_MAX];
         snprintf(name, sizeof name, "%s", kv->ents[worst].e.name);
-        logf_kv(kv, "kvstore: evicting %s (%u tokens, %llu bytes, score %.3g) to stay under %llu "
-                "bytes", name, kv->ents[worst].e.n_tokens,
-                (unsigned long long)kv->ents[worst].e.file_bytes, ws,
-                (unsigned long long)kv->budget);
+        logf_kv(kv, "kvstore: evicting %s (%u tokens, %llu bytes, score %.3g) %s", name, kv->ents[worst].e.n_tokens,
+                (unsigned long long)kv->ents[worst].e.file_bytes, ws, why);
         int e = remove_file_locked(kv, name, -1);
         if (e)
             logf_kv(kv, "kvstore: cannot remove %s: %s (dropped from the index; its space stays in "
                     "use)", name, strerror(e));
     }
+}
+
+/* Deletes lowest-score files until total <= budget (see evict_down_to). */
+static void evict_locked(ds4_kvstore *kv, const char *protect) {
+    if (!kv->budget) return;
+    char why[96];
+    snprintf(why, sizeof why, "to stay under %llu bytes", (unsigned long long)kv->budget);
+    evict_down_to(kv, protect, kv->budget, why);
 }
 
 /* ---- open / close ------------------------------------------------------------ */
@@ -714,8 +719,18 @@ int ds4_kvstore_put(ds4_kvstore *kv, const ds4_kvstore_put_args *a, char name_ou
         rc = ds4_err_set(err, DS4_E_IO, "kvstore: cannot create %s: %s", tmp, strerror(errno));
         goto out;
     }
-    /* Reserve the space first so a full disk fails before gigabytes are written. */
+    /* Reserve the space first so a full disk fails before gigabytes are written. A full disk then makes room
+     * from this store's own lowest-score entries, once (else a full disk stored nothing new ever again, the
+     * old entries kept however little they were worth) */
     int fr = posix_fallocate(fd, 0, (off_t)fsize);
+    if (fr == ENOSPC) {
+        pthread_mutex_lock(&kv->mu);
+        const uint64_t before = kv->total;
+        evict_down_to(kv, name, kv->total > fsize ? kv->total - fsize : 0, "to make room on a full disk");
+        const bool freed = kv->total < before;
+        pthread_mutex_unlock(&kv->mu);
+        if (freed) fr = posix_fallocate(fd, 0, (off_t)fsize);
+    }
     if (fr == ENOSPC || fr == EFBIG) {
         errno = fr;
         goto write_failed;

@@ -367,3 +367,38 @@ def test_server_disk_cache_removes_a_dead_writers_temp_file_even_if_its_pid_live
         assert not leftover.exists()
     finally:
         sleeper.kill()
+
+
+def test_server_disk_cache_makes_room_on_a_full_disk(tmp_path):
+    """A full disk (a 2 MiB tmpfs; a demo checkpoint is ~0.86 MB) made every later save fail with nothing stored
+    ever again, the old entries kept however little they were worth. The store now evicts its own lowest-score
+    entries to make room, once, and the new checkpoint is stored."""
+    import stat
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        import pytest
+        pytest.skip(f"no user/mount namespace for a small tmpfs: {probe.stderr.strip()}")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    wrap = tmp_path / "server.sh"
+    wrap.write_text("#!/bin/bash\nexec unshare -rm bash -c 'mount -t tmpfs -o size=2048k tmpfs \"$0\" || exit 99; "
+                    "exec \"$@\"' %s %s \"$@\"\n" % (fs, ROOT / "ds4-server"))
+    wrap.chmod(wrap.stat().st_mode | stat.S_IXUSR)
+    old = os.environ.get("DS4_TEST_SERVER_BIN")
+    os.environ["DS4_TEST_SERVER_BIN"] = str(wrap)
+    try:
+        with Server(*cache_args(str(fs))) as s:
+            for q in "abcd":
+                sysmsg = ("You are the demo assistant of the ds4 test suite %s. " % q) * 12
+                s.openai().chat.completions.create(
+                    messages=[{"role": "system", "content": sysmsg}, {"role": "user", "content": "hi " + q}], **KW)
+            log = s.log_text()
+    finally:
+        if old is None:
+            del os.environ["DS4_TEST_SERVER_BIN"]
+        else:
+            os.environ["DS4_TEST_SERVER_BIN"] = old
+    assert "to make room on a full disk" in log, log
+    last_evict = log.rindex("to make room on a full disk")
+    assert re.search(r"kv cache stored tokens=\d+ reason=cold", log[last_evict:]), log[last_evict:]
