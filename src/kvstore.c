@@ -518,10 +518,16 @@ static int scan_dir(ds4_kvstore *kv, ds4_err *err) {
         const char *nm = de->d_name;
         long pid = tmp_name_pid(nm);
         if (pid > 0) {
-            /* A temp file of a crashed (or our own earlier) writer: never valid. Holding the directory's lock,
-             * every temp file is one (the writer held the lock, so it is gone, whatever process now has its
-             * pid: pids are reused, routinely in containers); without the lock only a dead pid's. */
-            if (kv->lock_fd >= 0 || pid == (long)getpid() || (kill((pid_t)pid, 0) != 0 && errno == ESRCH)) {
+            /* A temp file of a crashed (or our own earlier) writer: never valid. A dead pid's goes; so does,
+             * while this store holds the directory's lock, one not written for 10 minutes whatever process
+             * has its pid now (pids are reused, routinely in containers: such a file stayed forever; a live
+             * writer without the lock, e.g. another user's server that could not open the lock file, keeps
+             * its file fresh). */
+            struct stat tst;
+            char *tp = join_path(kv->dir, nm);
+            const bool stale = kv->lock_fd >= 0 && tp && lstat(tp, &tst) == 0 && time(NULL) - tst.st_mtime > 600;
+            free(tp);
+            if (stale || pid == (long)getpid() || (kill((pid_t)pid, 0) != 0 && errno == ESRCH)) {
                 char *p = join_path(kv->dir, nm);
                 if (p && unlink(p) == 0) logf_kv(kv, "kvstore: removed leftover temp file %s", nm);
                 free(p);

@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import subprocess
+import time
 
 from test_server import NO_THINK, ROOT, Server
 
@@ -354,14 +355,16 @@ def test_server_disk_cache_rewrites_an_entry_written_at_a_larger_ctx(tmp_path):
 
 def test_server_disk_cache_removes_a_dead_writers_temp_file_even_if_its_pid_lives(tmp_path):
     """A temp file left by a killed writer ("<name>.kv.tmp.<pid>.<n>") stayed forever when another process had
-    taken that pid (routine in containers). The store holds the directory's lock, so every temp file there is a
-    dead writer's: removed at start-up."""
+    taken that pid (routine in containers). Holding the directory's lock, the store removes one not written for
+    10 minutes whatever its pid (a fresh one of a live pid stays: tests/unit/test_kvstore.c)."""
     d = tmp_path / "kv"
     d.mkdir()
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         leftover = d / ("ab" * 20 + ".kv.tmp.%d.0" % sleeper.pid)
         leftover.write_bytes(b"x" * 4096)
+        hour_ago = time.time() - 3600
+        os.utime(leftover, (hour_ago, hour_ago))
         with Server(*cache_args(str(d))) as s:
             assert s.wait_log(r"removed leftover temp file")
         assert not leftover.exists()

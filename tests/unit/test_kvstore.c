@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -487,8 +488,9 @@ DS4_TEST(kvstore_eviction_order_by_score) {
     ds4_kvstore_close(kv);
 }
 
-/* Temp files left by a crashed writer are removed at open; those of a live
- * process are left alone; neither is ever listed. */
+/* Temp files left by a crashed writer are removed at open, and those of a
+ * live pid not written for 10 minutes (the pid reused); a live process's
+ * fresh one is left alone; none is ever listed. */
 DS4_TEST(kvstore_leftover_temp_files_cleaned) {
     const char *dir = ds4_test_tmpdir();
     pid_t dead = fork();
@@ -502,6 +504,11 @@ DS4_TEST(kvstore_leftover_temp_files_cleaned) {
     spit(p, "KVC\002partial", 11);
     snprintf(p, sizeof p, "%s/%s.kv.tmp.%d.1", dir, hex, (int)getppid());
     spit(p, "KVC\002partial", 11);
+    /* a live pid's file not written for an hour: a dead writer's whose pid was reused (the store holds the lock) */
+    snprintf(p, sizeof p, "%s/%s.kv.tmp.%d.2", dir, hex, (int)getppid());
+    spit(p, "KVC\002partial", 11);
+    struct timeval old[2] = {{.tv_sec = time(NULL) - 3600}, {.tv_sec = time(NULL) - 3600}};
+    CHECK(utimes(p, old) == 0);
     snprintf(p, sizeof p, "%s/notes.txt", dir);
     spit(p, "unrelated", 9);
     ds4_kvstore *kv = open_store(dir, 0, 8);
