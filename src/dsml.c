@@ -718,6 +718,29 @@ static void put_leaf(ds4_buf *args, const char *v, size_t n, int is_string) {
     }
 }
 
+/* Whether the entity-decoded name t[0..n) is in keys (names, each followed
+ * by a NUL); adds it when not. 1 seen, 0 added, -1 no memory. */
+static int key_seen(ds4_buf *keys, const char *t, size_t n) {
+    ds4_buf k = DS4_BUF_INIT;
+    entity_decode(&k, t, n, 0);
+    ds4_buf_putc(&k, '\0');
+    if (!ds4_buf_ok(&k)) {
+        ds4_buf_free(&k);
+        return -1;
+    }
+    for (size_t i = 0; i < keys->len;) {
+        const size_t l = strlen(keys->data + i) + 1;
+        if (l == k.len && !memcmp(keys->data + i, k.data, l)) {
+            ds4_buf_free(&k);
+            return 1;
+        }
+        i += l;
+    }
+    ds4_buf_append(keys, k.data, k.len);
+    ds4_buf_free(&k);
+    return ds4_buf_ok(keys) ? 0 : -1;
+}
+
 /* One parameter at t[i] (its head already matched); appends the member to
  * args; *i ends after it. -1 on a violation. */
 static int parse_param(const char *t, size_t n, size_t *i, const family *f, ds4_buf *args) {
@@ -773,6 +796,7 @@ static int parse_block(const char *t, size_t n, size_t i, const family *f, call_
         ds4_buf_putc(&args, '{');
         i = ti.end;
         int m = 0, bad = 0;
+        ds4_buf keys = DS4_BUF_INIT;
         for (;;) {
             skip_ws(t, n, &i);
             if (has_prefix(t + i, n - i, f->invoke_end)) {
@@ -783,12 +807,20 @@ static int parse_block(const char *t, size_t n, size_t i, const family *f, call_
                 bad = 1;
                 break;
             }
-            if (m++) ds4_buf_puts(&args, ", ");
-            if (parse_param(t, n, &i, f, &args)) {
+            /* a repeated name: parsed (the grammar holds) and dropped, the first one wins (as the stream) */
+            tag_info pt;
+            const int seen = read_tag(t, n, i, f->param, &pt) ? 0 : key_seen(&keys, t + pt.name, pt.name_len);
+            if (seen < 0) args.oom = 1;
+            ds4_buf drop = DS4_BUF_INIT;
+            if (!seen && m++) ds4_buf_puts(&args, ", ");
+            const int pr = parse_param(t, n, &i, f, seen ? &drop : &args);
+            ds4_buf_free(&drop);
+            if (pr) {
                 bad = 1;
                 break;
             }
         }
+        ds4_buf_free(&keys);
         ds4_buf_putc(&args, '}');
         int oom = !ds4_buf_ok(&name) || !ds4_buf_ok(&args);
         if (bad || oom) {
@@ -960,6 +992,8 @@ struct ds4_dsml_stream {
     int n_calls, cap_calls;
     char **ids, **names; /* (n_calls) announced calls */
     int n_params;        /* parameters emitted in the current call */
+    ds4_buf keys;        /* the current call's parameter names, each decoded + NUL (a repeat is muted) */
+    int mute;            /* a repeated parameter: its argument deltas are not sent (the first one wins) */
     int nested, n_nested; /* inside a nested object; its members emitted */
     size_t block_at;     /* offset of the block's open tag (block_started) */
     ds4_buf acc_r, acc_c; /* every REASONING / CONTENT byte emitted: the result */
@@ -1000,6 +1034,7 @@ void ds4_dsml_stream_free(ds4_dsml_stream *s) {
     free(s->names);
     ds4_buf_free(&s->text);
     ds4_buf_free(&s->ev);
+    ds4_buf_free(&s->keys);
     ds4_buf_free(&s->acc_r);
     ds4_buf_free(&s->acc_c);
     free(s);
@@ -1010,6 +1045,7 @@ static void emit(ds4_dsml_stream *s, ds4_dsml_event_type type, int index, const 
     if ((type == DS4_DSML_EV_REASONING || type == DS4_DSML_EV_CONTENT ||
          type == DS4_DSML_EV_CALL_ARGS) && len == 0)
         return;
+    if (type == DS4_DSML_EV_CALL_ARGS && s->mute) return;
     /* the turn's result is exactly what was emitted, with or without a sink */
     if (type == DS4_DSML_EV_REASONING) ds4_buf_append(&s->acc_r, text, len);
     if (type == DS4_DSML_EV_CONTENT) ds4_buf_append(&s->acc_c, text, len);
@@ -1097,6 +1133,8 @@ static int start_call(ds4_dsml_stream *s, const char *t, const tag_info *ti) {
     s->names[s->n_calls] = nm;
     s->n_calls++;
     s->n_params = 0;
+    ds4_buf_reset(&s->keys);
+    s->mute = 0;
     emit(s, DS4_DSML_EV_CALL_START, s->n_calls - 1, NULL, 0);
     emit_args(s, "{");
     return 0;
@@ -1229,6 +1267,7 @@ static int step(ds4_dsml_stream *s, int final) {
             fail(s, "expected an invoke tag or the end of the tool_calls block");
             return 1;
         }
+        s->mute = 0; /* between parameters: a repeated one has ended */
         if (has_prefix(rem, rn, f->invoke_end)) {
             emit_args(s, "}");
             emit(s, DS4_DSML_EV_CALL_END, s->n_calls - 1, NULL, 0);
@@ -1244,7 +1283,12 @@ static int step(ds4_dsml_stream *s, int final) {
                 fail(s, "parameter without a name");
                 return 1;
             }
-            if (emit_key(s, &s->n_params, rem + ti.name, ti.name_len, ti.str_true)) return DS4_E_NOMEM;
+            /* a name this call already has: its value is consumed and not sent (parse_block drops it
+             * too), so the arguments are one JSON object without a repeated member on every API */
+            int seen = key_seen(&s->keys, rem + ti.name, ti.name_len);
+            if (seen < 0) return DS4_E_NOMEM;
+            s->mute = seen;
+            if (!seen && emit_key(s, &s->n_params, rem + ti.name, ti.name_len, ti.str_true)) return DS4_E_NOMEM;
             s->pos += ti.end;
             s->scan = s->pos;
             s->st = ti.str_true ? ST_VALUE_STR : ti.has_str ? ST_VALUE_JSON : ST_PARAM_UNTYPED;

@@ -782,6 +782,35 @@ TWO_CALLS = ("Sure.\n\n<{m}tool_calls>\n<{m}invoke name=\"bash\">\n<{m}parameter
              "string=\"true\">pwd</{m}parameter>\n</{m}invoke>\n</{m}tool_calls>").format(m=M)
 
 
+DUP_PARAM = ("ok\n\n<{m}tool_calls>\n<{m}invoke name=\"bash\">\n<{m}parameter name=\"command\" string=\"true\">ls"
+             "</{m}parameter>\n<{m}parameter name=\"command\" string=\"true\">rm -rf /</{m}parameter>\n</{m}invoke>\n"
+             "</{m}tool_calls>").format(m=M)
+
+
+def test_repeated_parameter_name_gives_the_same_arguments_on_every_api():
+    """A call that names one parameter twice (the reply scripted with --debug-reply): chat and Responses sent
+    {"command":"ls","command":"rm -rf /"} (both members; clients' JSON parsers keep the last) and Anthropic the
+    last one; now every API, streamed or not, has the first one only."""
+    tool_a = {"name": "bash", "input_schema": BASH_TOOL["function"]["parameters"]}
+    with Server("--debug-reply", DUP_PARAM) as s:
+        c, a = s.openai(), s.anthropic()
+        r = c.chat.completions.create(model="m", messages=user("go"), tools=[BASH_TOOL], max_tokens=200, extra_body=NO_THINK)
+        raw = r.choices[0].message.tool_calls[0].function.arguments
+        assert json.loads(raw) == {"command": "ls"} and raw.count("command") == 1, raw
+        st = c.chat.completions.create(model="m", messages=user("go"), tools=[BASH_TOOL], max_tokens=200, stream=True,
+                                      extra_body=NO_THINK)
+        frag = "".join(ch.choices[0].delta.tool_calls[0].function.arguments or "" for ch in st
+                       if ch.choices and ch.choices[0].delta.tool_calls)
+        assert frag.count("command") == 1 and json.loads(frag) == {"command": "ls"}, frag
+        m = a.messages.create(model="m", max_tokens=200, messages=user("go"), tools=[tool_a], extra_body=NO_THINK)
+        assert next(b for b in m.content if b.type == "tool_use").input == {"command": "ls"}
+        rr = c.responses.create(model="m", input="go", max_output_tokens=200, reasoning={"effort": "none"},
+                                tools=[{"type": "function", "name": "bash",
+                                        "parameters": BASH_TOOL["function"]["parameters"]}])
+        call = next(o for o in rr.output if o.type == "function_call")
+        assert json.loads(call.arguments) == {"command": "ls"} and call.arguments.count("command") == 1
+
+
 def test_parallel_tool_calls_off_keeps_the_first_call():
     """A block with two calls (the reply scripted with --debug-reply): both by default; with parallel_tool_calls
     false (chat, Responses) or disable_parallel_tool_use (Anthropic) only the first, streamed as not."""

@@ -640,6 +640,12 @@ DS4_TEST(dsml_stream_and_final_result_are_one_reply) {
         "r</think>bad <" M "tool_calls>\n<" M "invoke>oops</" M "invoke></" M "tool_calls>",
         "<think>r</think>two </think> closes",
         "plain text, no markup \xe4\xb8\xad",
+        /* repeated parameter names (a string, then JSON; a nested object): the first one wins in both */
+        "r</think>dup <" M "tool_calls>\n<" M "invoke name=\"f\">\n<" M "parameter name=\"a\" string=\"true\">1</" M
+        "parameter>\n<" M "parameter name=\"b\" string=\"false\">2</" M "parameter>\n<" M
+        "parameter name=\"a\" string=\"false\">{\"x\": 3}</" M "parameter>\n<" M "parameter name=\"o\">\n<" M
+        "parameter name=\"k\">v</" M "parameter></" M "parameter>\n<" M "parameter name=\"o\">\n<" M
+        "parameter name=\"k\">w</" M "parameter></" M "parameter>\n</" M "invoke></" M "tool_calls>",
     };
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
         for (int mode = 0; mode < 4; mode++) {
@@ -687,6 +693,29 @@ DS4_TEST(dsml_stream_and_final_result_are_one_reply) {
             for (int c = 0; c < 4; c++) ds4_buf_free(&a.args[c]);
         }
     }
+}
+
+/* A parameter name repeated in one call: the arguments were {"a":"1","a":{...}} on chat and Responses (both
+ * members) and the last one on Anthropic (its JSON parse); now the first one wins in the final result and in
+ * the stream, one JSON object without repeated members. Names are compared entity-decoded. */
+DS4_TEST(dsml_repeated_parameter_keeps_the_first) {
+    const char *txt = "</think><" M "tool_calls>\n<" M "invoke name=\"f\">\n<" M "parameter name=\"a\" string=\"true\">1</" M
+                    "parameter>\n<" M "parameter name=\"a&amp;\" string=\"true\">x</" M "parameter>\n<" M
+                    "parameter name=\"a\" string=\"true\">2</" M "parameter>\n<" M "parameter name=\"a&\" "
+                    "string=\"true\">y</" M "parameter>\n</" M "invoke>\n</" M "tool_calls>";
+    ds4_dsml_result r;
+    CHECK_EQ_INT(ds4_dsml_parse(txt, strlen(txt), 1, &r, NULL), 0);
+    CHECK_EQ_INT(r.n_calls, 1);
+    if (r.n_calls == 1) {
+        ds4_buf c = DS4_BUF_INIT;
+        ds4_dsml_args_compact(&c, r.calls[0].arguments, r.calls[0].arguments_len);
+        CHECK_MSG(c.data && !strcmp(c.data, "{\"a\":\"1\",\"a&\":\"x\"}"), "got %s", c.data ? c.data : "");
+        ds4_buf_free(&c);
+    }
+    ds4_dsml_result_free(&r);
+    char why[800];
+    ds4_dsml_stream_opts o = {.thinking = 1, .tools = 1, .id_seed = 3};
+    CHECK_MSG(split_invariant(txt, strlen(txt), &o, why, sizeof why), "%s", why);
 }
 
 DS4_TEST(dsml_stream_same_events_for_every_split) {
