@@ -60,6 +60,18 @@ range:
                        (long long)lo, (long long)hi);
 }
 
+/* A float hyperparameter and the range (lo, hi] the loader accepts (model.h) */
+typedef struct { const char *key; double v, lo, hi; } hp_range;
+
+/* 0, or DS4_E_MODEL naming the first value outside its range */
+static int check_ranges(const hp_range *r, size_t n, ds4_err *err) {
+    for (size_t i = 0; i < n; i++)
+        if (!ds4_in_range(r[i].v, r[i].lo, r[i].hi))
+            return ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is %g, expected a value in (%g, %g]", r[i].key,
+                               r[i].v, r[i].lo, r[i].hi);
+    return 0;
+}
+
 static int get_dim(const ds4_gguf *g, const char *key, int lo, int hi, int *out, ds4_err *err) {
     int64_t x;
     int rc = get_int(g, key, true, lo, hi, 0, &x, err);
@@ -204,19 +216,14 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
     /* finite is not enough: a scale of 3e38 or an epsilon of 0 loads and
      * then turns every logit into NaN (or divides by zero) */
     {
-        const struct { const char *key; double v, lo, hi; } fr[] = {
+        const hp_range fr[] = {
             {K("hyper_connection.epsilon"), hp->hc_eps, DS4_EPS_RANGE},
             {K("attention.layer_norm_rms_epsilon"), hp->rms_eps, DS4_EPS_RANGE},
             {K("expert_weights_scale"), hp->expert_weights_scale, DS4_EXPERT_SCALE_RANGE},
             {K("rope.freq_base"), hp->rope_base, DS4_ROPE_BASE_RANGE},
             {K("attention.compress_rope_freq_base"), hp->compress_rope_base, DS4_ROPE_BASE_RANGE},
         };
-        for (size_t i = 0; i < sizeof fr / sizeof fr[0]; i++)
-            if (!ds4_in_range(fr[i].v, fr[i].lo, fr[i].hi)) {
-                rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is %g, expected a value in (%g, %g]",
-                                 fr[i].key, fr[i].v, fr[i].lo, fr[i].hi);
-                goto fail;
-            }
+        if ((rc = check_ranges(fr, sizeof fr / sizeof fr[0], err))) goto fail;
     }
     /* the router's scoring: DeepSeek V4's sqrt(softplus) is 4 (1 softmax,
      * 2 sigmoid, 3 softmax_weight, which this engine does not compute);
@@ -262,17 +269,12 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
         hp->yarn_orig_ctx = (uint64_t)orig;
         if ((rc = get_float(g, K("rope.scaling.yarn_beta_fast"), false, 32.0, &hp->yarn_beta_fast, err))) goto fail;
         if ((rc = get_float(g, K("rope.scaling.yarn_beta_slow"), false, 1.0, &hp->yarn_beta_slow, err))) goto fail;
-        const struct { const char *key; double v, lo, hi; } yr[] = {
+        const hp_range yr[] = {
             {K("rope.scaling.factor"), hp->yarn_factor, DS4_YARN_FACTOR_RANGE},
             {K("rope.scaling.yarn_beta_fast"), hp->yarn_beta_fast, DS4_YARN_BETA_RANGE},
             {K("rope.scaling.yarn_beta_slow"), hp->yarn_beta_slow, DS4_YARN_BETA_RANGE},
         };
-        for (size_t i = 0; i < sizeof yr / sizeof yr[0]; i++)
-            if (!ds4_in_range(yr[i].v, yr[i].lo, yr[i].hi)) {
-                rc = ds4_err_set(err, DS4_E_MODEL, "metadata key '%s' is %g, expected a value in (%g, %g]",
-                                 yr[i].key, yr[i].v, yr[i].lo, yr[i].hi);
-                goto fail;
-            }
+        if ((rc = check_ranges(yr, sizeof yr / sizeof yr[0], err))) goto fail;
     }
 
     hp->compress_ratio = calloc((size_t)hp->n_layer, sizeof(int));

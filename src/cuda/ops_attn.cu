@@ -12,6 +12,7 @@
 #include "cuda/rowops.cuh"
 
 #include <stdio.h>
+#include <type_traits>
 
 /* ---------------------------------------------------------------- embed */
 
@@ -1913,6 +1914,31 @@ static size_t attn_part_smem(int hb, int dh, bool rh = false) {
            ATT_R * sizeof(int64_t);
 }
 
+/* f(integral_constant<int, HB>, integral_constant<int, DHC>) for HB = hb of
+ * 16, 8, 4, 2 (else 1) and DHC = 512 (dh512: the Flash head size as a
+ * constant) or 0 (the head size at run time): the instances of the
+ * CUDA-core attention kernels a launch picks from */
+template <class F> static void att_dispatch(int hb, bool dh512, F &&f) {
+    auto dh = [&](auto H) {
+        if (dh512) f(H, std::integral_constant<int, 512>{});
+        else f(H, std::integral_constant<int, 0>{});
+    };
+    switch (hb) {
+    case 16: dh(std::integral_constant<int, 16>{}); break;
+    case 8: dh(std::integral_constant<int, 8>{}); break;
+    case 4: dh(std::integral_constant<int, 4>{}); break;
+    case 2: dh(std::integral_constant<int, 2>{}); break;
+    default: dh(std::integral_constant<int, 1>{}); break;
+    }
+}
+
+/* kernel k on grid x 256 threads with smem bytes of dynamic shared memory
+ * (max_smem: the attribute it is allowed) */
+template <class K> static void launch_k(cu_ctx *c, K k, dim3 grid, size_t max_smem, size_t smem, const attn_p &p) {
+    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)max_smem);
+    cu_launch(c, k, grid, 256, smem, p);
+}
+
 /* k_attn_merge for nt tokens: mz slices of each head's dims (else one
  * block per head), the online form with DS4_CUDA_ATT_ONLINE */
 static void merge_launch(cu_ctx *c, const attn_p &p, int nt, int mz, size_t msmem) {
@@ -1966,31 +1992,11 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
         for (int t0 = 0; t0 < n; t0 += 65535) {
             p.t0 = t0;
             dim3 grid(p.H / fb, n - t0 < 65535 ? n - t0 : 65535);
-#define AF2(HB, DHC, RH)                                                                                         \
-    do {                                                                                                         \
-        cudaFuncSetAttribute(k_attn_fused<T, HB, DHC, RH>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fsm); \
-        cu_launch(c, k_attn_fused<T, HB, DHC, RH>, grid, 256, fsm, p);                                           \
-    } while (0)
-#define AF1(HB, DHC)                                                                                             \
-    do {                                                                                                         \
-        if (rh_ok) AF2(HB, DHC, sizeof(T) == 2);                                                                 \
-        else AF2(HB, DHC, false);                                                                                \
-    } while (0)
-#define AF(HB)                                                                                                   \
-    do {                                                                                                         \
-        if (p.dh == 512 && !c->att_dh_rt) AF1(HB, 512);                                                          \
-        else AF1(HB, 0);                                                                                         \
-    } while (0)
-            switch (fb) {
-            case 16: AF(16); break;
-            case 8: AF(8); break;
-            case 4: AF(4); break;
-            case 2: AF(2); break;
-            default: AF(1); break;
-            }
-#undef AF
-#undef AF1
-#undef AF2
+            att_dispatch(fb, p.dh == 512 && !c->att_dh_rt, [&](auto H, auto D) {
+                constexpr int HB = decltype(H)::value, DHC = decltype(D)::value;
+                if (rh_ok) launch_k(c, k_attn_fused<T, HB, DHC, sizeof(T) == 2>, grid, fsm, fsm, p);
+                else launch_k(c, k_attn_fused<T, HB, DHC, false>, grid, fsm, fsm, p);
+            });
             if (!CU_LAUNCH(c, "attn_fused")) return;
         }
         return;
@@ -2048,38 +2054,15 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
          * groups x 260 splits) */
         while (p.zb > 1 && (int64_t)(p.H / hb) * nt * cu_div_up(S, p.zb) < 2 * (int64_t)c->n_sm) p.zb /= 2;
         dim3 grid(p.H / hb, nt, cu_div_up(S, p.zb));
-#define AT2(HB, DHC, MZ, RH)                                                                                    \
-    do {                                                                                                        \
-        cudaFuncSetAttribute(k_attn_part<T, HB, DHC, MZ, RH>, cudaFuncAttributeMaxDynamicSharedMemorySize,      \
-                             200 * 1024);                                                                       \
-        cu_launch(c, k_attn_part<T, HB, DHC, MZ, RH>, grid, 256, smem, p);                                      \
-    } while (0)
-/* several splits per block only with 16 heads per block (batches, long HCA
- * layers): AT2(HB, DHC, HB == 16) instantiates the looping kernel for 16
- * heads only (the branch is dead for the others); half staged rows
- * (ATT_RH) only for half rows */
-#define AT1(HB, DHC)                                                                                            \
-    do {                                                                                                        \
-        if (HB == 16 && p.zb > 1) AT2(HB, DHC, HB == 16, false);                                                \
-        else if (rh) AT2(HB, DHC, false, sizeof(T) == 2);                                                       \
-        else AT2(HB, DHC, false, false);                                                                        \
-    } while (0)
-/* the Flash head size (512) as a constant unless DS4_CUDA_ATT_DH_RT=1 (A/B; the same operations) */
-#define AT(HB)                                                                                                  \
-    do {                                                                                                        \
-        if (p.dh == 512 && !c->att_dh_rt) AT1(HB, 512);                                                         \
-        else AT1(HB, 0);                                                                                        \
-    } while (0)
-        switch (hb) {
-        case 16: AT(16); break;
-        case 8: AT(8); break;
-        case 4: AT(4); break;
-        case 2: AT(2); break;
-        default: AT(1); break;
-        }
-#undef AT
-#undef AT1
-#undef AT2
+        /* several splits per block only with 16 heads per block (batches, long HCA layers): the looping kernel
+         * is instantiated for 16 heads only; half staged rows (ATT_RH) only for half rows; the Flash head size
+         * (512) as a constant unless DS4_CUDA_ATT_DH_RT=1 (A/B; the same operations) */
+        att_dispatch(hb, p.dh == 512 && !c->att_dh_rt, [&](auto H, auto D) {
+            constexpr int HB = decltype(H)::value, DHC = decltype(D)::value;
+            if (HB == 16 && p.zb > 1) launch_k(c, k_attn_part<T, HB, DHC, HB == 16, false>, grid, 200 * 1024, smem, p);
+            else if (rh) launch_k(c, k_attn_part<T, HB, DHC, false, sizeof(T) == 2>, grid, 200 * 1024, smem, p);
+            else launch_k(c, k_attn_part<T, HB, DHC, false, false>, grid, 200 * 1024, smem, p);
+        });
         if (!CU_LAUNCH(c, "attn_part")) return;
         merge_launch(c, p, nt, mz, msmem);
         if (!CU_LAUNCH(c, "attn_merge")) return;

@@ -81,18 +81,7 @@ def test_cuda_oracle_fixture_attention_tc(fx, ggufs, tmp_path):
     Run on the H200 (2026-12-04, as the default then): every plain fixture and h256_40_release /
     tiny_plain_37_release pass; tiny_yarn_48_release fails (a rounding/top-k flip from position ~39, max |d| 0.21
     vs the CPU), which is why the path is not the default."""
-    m = meta(fx)
-    release = m["release"]
-    model = ggufs(m["model"])
-    toks = ORACLE / fx / "tokens.txt"
-    base, _ = run(model, toks, tmp_path / "s.f32", "--cuda", release)
-    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release, env=dict(os.environ, DS4_CUDA_ATT_TC="1"))
-    cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
-    ref = np.fromfile(ORACLE / fx / "logits.f32", dtype="<f4").reshape(gpu.shape)
-    d = np.abs(gpu.astype(np.float64) - base).max(axis=1)
-    print(f"\n{fx}: attention on tensor cores vs CUDA cores max |dlogit| {d.max():.2e} p50 {np.median(d):.2e}, "
-          f"same argmax at {(gpu.argmax(1) == base.argmax(1)).mean():.1%}")
-    check_fixture(fx + " DS4_CUDA_ATT_TC=1", m, release, gpu, cpu, ref)
+    fixture_with_switch(fx, ggufs, tmp_path, "DS4_CUDA_ATT_TC", "attention on tensor cores vs CUDA cores")
 
 
 @pytest.mark.parametrize("fx", FIXTURES)
@@ -100,18 +89,7 @@ def test_cuda_oracle_fixture_att_online(fx, ggufs, tmp_path):
     """The opt-in online attention merge (DS4_CUDA_ATT_ONLINE=1: the splits folded in order with running rescales,
     batches merged inside k_attn_fused) under the same bounds as the default, its difference from the default
     merge printed: other roundings of the same softmax."""
-    m = meta(fx)
-    release = m["release"]
-    model = ggufs(m["model"])
-    toks = ORACLE / fx / "tokens.txt"
-    base, _ = run(model, toks, tmp_path / "s.f32", "--cuda", release)
-    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release, env=dict(os.environ, DS4_CUDA_ATT_ONLINE="1"))
-    cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
-    ref = np.fromfile(ORACLE / fx / "logits.f32", dtype="<f4").reshape(gpu.shape)
-    d = np.abs(gpu.astype(np.float64) - base).max(axis=1)
-    print(f"\n{fx}: online merge vs default merge max |dlogit| {d.max():.2e} p50 {np.median(d):.2e}, "
-          f"same argmax at {(gpu.argmax(1) == base.argmax(1)).mean():.1%}")
-    check_fixture(fx + " DS4_CUDA_ATT_ONLINE=1", m, release, gpu, cpu, ref)
+    fixture_with_switch(fx, ggufs, tmp_path, "DS4_CUDA_ATT_ONLINE", "online merge vs default merge")
 
 
 @pytest.mark.parametrize("name,release", [("flash", True), ("flash-plain", False), ("q2-wide", True)])
@@ -137,6 +115,23 @@ def test_cuda_att_online_bitwise(name, release, tmp_path):
         d = float(np.abs(got.astype(np.float64) - base).max())
         print(f"\n{name} --eval {mode} DS4_CUDA_ATT_ONLINE=1 {sw}: max |d| vs its prefill {d:.2e}")
         assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{name} {mode} {sw} differs: {d:.2e}"
+
+
+def fixture_with_switch(fx, ggufs, tmp_path, var, what):
+    """Fixture fx through the CUDA backend with switch var=1, checked as the default is (check_fixture), and its
+    distance from the default run printed."""
+    m = meta(fx)
+    release = m["release"]
+    model = ggufs(m["model"])
+    toks = ORACLE / fx / "tokens.txt"
+    base, _ = run(model, toks, tmp_path / "s.f32", "--cuda", release)
+    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release, env=dict(os.environ, **{var: "1"}))
+    cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
+    ref = np.fromfile(ORACLE / fx / "logits.f32", dtype="<f4").reshape(gpu.shape)
+    d = np.abs(gpu.astype(np.float64) - base).max(axis=1)
+    print(f"\n{fx}: {what} max |dlogit| {d.max():.2e} p50 {np.median(d):.2e}, "
+          f"same argmax at {(gpu.argmax(1) == base.argmax(1)).mean():.1%}")
+    check_fixture(f"{fx} {var}=1", m, release, gpu, cpu, ref)
 
 
 def check_fixture(fx, m, release, gpu, cpu, ref):

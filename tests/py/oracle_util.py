@@ -201,9 +201,9 @@ def gguf_rewrite(src, dst, drop=(), tensor_fn=None, kv=None, drop_kv=()):
     w.close()
 
 
-def in_small_tmpfs(tmp_path, kib, cmd):
-    """Runs the shell command cmd with $FS a fresh tmpfs of kib KiB (a user + mount namespace: unshare -rm), then
-    lists $FS (inside the namespace: the mount ends with it). Skips where namespaces are not allowed."""
+def small_tmpfs_dir(tmp_path):
+    """tmp_path/fs, a directory to mount a small tmpfs on in a user + mount namespace (unshare -rm); skips the
+    test where namespaces are not allowed."""
     import pytest
     probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
                            capture_output=True, text=True)
@@ -211,6 +211,13 @@ def in_small_tmpfs(tmp_path, kib, cmd):
         pytest.skip(f"no user/mount namespace for a small tmpfs: {probe.stderr.strip()}")
     fs = tmp_path / "fs"
     fs.mkdir()
+    return fs
+
+
+def in_small_tmpfs(tmp_path, kib, cmd):
+    """Runs the shell command cmd with $FS a fresh tmpfs of kib KiB (a user + mount namespace: unshare -rm), then
+    lists $FS (inside the namespace: the mount ends with it). Skips where namespaces are not allowed."""
+    fs = small_tmpfs_dir(tmp_path)
     script = (f"mount -t tmpfs -o size={kib}k tmpfs {fs} || exit 99; FS={fs}; {cmd}; rc=$?; "
               f"echo \"LISTING:$(ls -A {fs} | tr '\\n' ' ')\"; exit $rc")
     return subprocess.run(["unshare", "-rm", "bash", "-c", script], capture_output=True, text=True, timeout=300,

@@ -377,13 +377,8 @@ def test_server_disk_cache_makes_room_on_a_full_disk(tmp_path):
     ever again, the old entries kept however little they were worth. The store now evicts its own lowest-score
     entries to make room, once, and the new checkpoint is stored."""
     import stat
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        import pytest
-        pytest.skip(f"no user/mount namespace for a small tmpfs: {probe.stderr.strip()}")
-    fs = tmp_path / "fs"
-    fs.mkdir()
+    from oracle_util import small_tmpfs_dir
+    fs = small_tmpfs_dir(tmp_path)
     wrap = tmp_path / "server.sh"
     wrap.write_text("#!/bin/bash\nexec unshare -rm bash -c 'mount -t tmpfs -o size=2048k tmpfs \"$0\" || exit 99; "
                     "exec \"$@\"' %s %s \"$@\"\n" % (fs, ROOT / "ds4-server"))
