@@ -125,6 +125,15 @@ struct cu_graph {
  * blocks, each with 4x the work) */
 #define ATT_HB_HCA_MIN_ROWS 2048
 
+/* batches whose rows take at most this many splits of ATT_R (32) rows run
+ * the whole attention in k_attn_fused (DS4_CUDA_ATT_FUSED_MAX_S overrides
+ * it; the same bits either way). H100 2026-12-06, q2:20, one 2,048-token
+ * chunk: at 2k context (CSA layers 20 splits, HCA 5) fused 4,531-4,553
+ * tok/s against 4,374 by k_attn_part + the merge; at 1M (HCA 260 splits)
+ * 654 against 695: one block per token and 8 heads walking 260 splits at
+ * 2 blocks per SM loses to the split kernel's 4 per SM */
+#define ATT_FUSED_MAX_S 32
+
 /* A comb of HC-pre left for later (DS4_CUDA_COMB_HOST=1): its inputs cin
  * (n, hc*hc) and where it goes. Only HC-post reads comb, at the end of the
  * sublayer, so a kernel in between with a spare block finishes it
@@ -227,8 +236,9 @@ struct cu_ctx {
     int kv_in_merge;       /* the attention merge stores the kv rows, kv_store launches nothing (DS4_CUDA_KV_IN_MERGE=0: off) */
     int att_dh_rt;         /* DS4_CUDA_ATT_DH_RT=1: k_attn_part with the head size read at run time (A/B; same bits) */
     int att_rh;            /* DS4_CUDA_ATT_RH=1: k_attn_part keeps its staged f16 rows as half in shared memory */
-    int att_online;        /* DS4_CUDA_ATT_ONLINE=1: online split merge; batches merged in k_attn_fused (opt-in) */
-    int no_att_fused;      /* DS4_CUDA_NO_ATT_FUSED=1: with ATT_ONLINE, batches still by k_attn_part + k_attn_merge */
+    int att_online;        /* DS4_CUDA_ATT_ONLINE (default 1): online split merge; batches merged in k_attn_fused */
+    int no_att_fused;      /* DS4_CUDA_NO_ATT_FUSED=1: batches still by k_attn_part + k_attn_merge (same bits) */
+    int att_fused_max_s;   /* DS4_CUDA_ATT_FUSED_MAX_S: k_attn_fused only up to this many splits of rows */
     int no_merge_slices;   /* DS4_CUDA_NO_MERGE_SLICES=1: k_attn_merge in one block per head (same bits) */
     int topk_ilp;          /* DS4_CUDA_TOPK_ILP=0|1|2: the indexer top-k with 8 keys per thread and round never|always|by each token's rows on the device (else -1: by the launch's rows) */
     int no_idx_mma;        /* DS4_CUDA_NO_IDX_MMA=1: FP4 indexer scores on CUDA cores (float sums), not k_idx_scores_mma */

@@ -29,29 +29,12 @@ __device__ __forceinline__ void mm_mma(const unsigned (&a)[4], unsigned b0, unsi
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
 }
 
-/* CU_MM_I2F (build option, default 0): how the batch kernels turn an mma's
- * int32 dot into a float. 0: (float)x, the conversion instruction I2F, which
- * sm_90 runs at 16 per clock and SM (CUDA C Programming Guide, throughput
- * table: "all other type conversions"), a quarter of an integer add and an
- * eighth of a float add; k_mm_q8 converts each of its outputs once per mma,
- * so that is 4 conversions per thread per mma, ~32 clocks of one SM
- * quarter's conversion unit per m16n8k32 against its float work's ~12.
- * 1: the same float without the conversion unit: the bits 0x4B400000
- * (1.5 * 2^23, whose ulp is 1) plus x are the float 1.5 * 2^23 + x as long as
- * |x| < 2^22 (the 23-bit mantissa field stays in range), and subtracting
- * 1.5 * 2^23 back is exact (integers below 2^24); an integer add and a float
- * subtraction. Every caller's x is one m16n8k32 int8 dot, at most
- * 32 * 128 * 128 = 2^19 in magnitude. */
-#ifndef CU_MM_I2F
-#define CU_MM_I2F 0
-#endif
-__device__ __forceinline__ float mm_i2f(int x) {
-#if CU_MM_I2F
-    return __fsub_rn(__int_as_float(0x4B400000 + x), 12582912.0f);
-#else
-    return (float)x;
-#endif
-}
+/* an mma's int32 dot as a float: the conversion instruction I2F. Forming
+ * it from the bits 0x4B400000 + x minus 1.5 * 2^23 instead (an integer add
+ * and an exact float subtraction, no conversion unit) was measured slower:
+ * H100 2026-12-06, q2:20, 2,048-token prefill chunk, 4,411-4,421 -> 4,196-4,209
+ * tok/s (dev/cuda_notes.md, twenty-fourth session) */
+__device__ __forceinline__ float mm_i2f(int x) { return (float)x; }
 
 /* byte offset of 32-bit word w (0..7) of row r of a 32-byte-per-row slot:
  * the two 16-byte halves swap on rows 4..7 mod 8 (conflict-free fragments) */

@@ -85,53 +85,58 @@ def test_cuda_oracle_fixture_attention_tc(fx, ggufs, tmp_path):
 
 
 @pytest.mark.parametrize("fx", FIXTURES)
-def test_cuda_oracle_fixture_att_online(fx, ggufs, tmp_path):
-    """The opt-in online attention merge (DS4_CUDA_ATT_ONLINE=1: the splits folded in order with running rescales,
-    batches merged inside k_attn_fused) under the same bounds as the default, its difference from the default
-    merge printed: other roundings of the same softmax."""
-    fixture_with_switch(fx, ggufs, tmp_path, "DS4_CUDA_ATT_ONLINE", "online merge vs default merge")
+def test_cuda_oracle_fixture_att_two_pass(fx, ggufs, tmp_path):
+    """The two-pass attention merge (DS4_CUDA_ATT_ONLINE=0: every split's maximum first, then the rescaled sums;
+    the default before 2026-12-06) under the same bounds as the default online merge (the splits folded in order
+    with running rescales, batches merged inside k_attn_fused), its difference from the default printed: other
+    roundings of the same softmax."""
+    fixture_with_switch(fx, ggufs, tmp_path, "DS4_CUDA_ATT_ONLINE", "two-pass merge vs online merge", "0")
 
 
+@pytest.mark.parametrize("online", ["1", "0"])
 @pytest.mark.parametrize("name,release", [("flash", True), ("flash-plain", False), ("q2-wide", True)])
-def test_cuda_att_online_bitwise(name, release, tmp_path):
-    """DS4_CUDA_ATT_ONLINE=1: batches merge their attention splits inside k_attn_fused, and fewer tokens (decode,
-    MTP verify rows) fold the partials of k_attn_part in k_attn_merge<ON> with the same operations in the same order,
-    so prefill of 80 tokens == token-by-token decode == chunks of 3, 16 and 48 == prefill by k_attn_part + the online
-    merge (DS4_CUDA_NO_ATT_FUSED=1) == the fused kernel with 4 and 16 heads per block, f32 staged rows, the head size
-    at run time == decode with the merge in one block per head, bit for bit."""
+def test_cuda_att_online_bitwise(name, release, online, tmp_path):
+    """DS4_CUDA_ATT_ONLINE=1 (the default): batches merge their attention splits inside k_attn_fused, and fewer
+    tokens (decode, MTP verify rows) fold the partials of k_attn_part in k_attn_merge<ON> with the same operations
+    in the same order, so prefill of 80 tokens == token-by-token decode == chunks of 3, 16 and 48 == prefill by
+    k_attn_part + the online merge (DS4_CUDA_NO_ATT_FUSED=1, DS4_CUDA_ATT_FUSED_MAX_S=0) == the fused kernel with 4
+    and 16 heads per block, f32 staged rows, the head size at run time == decode with the merge in one block per
+    head, bit for bit. The same invariants with the two-pass merge (DS4_CUDA_ATT_ONLINE=0), where every batch takes
+    k_attn_part + k_attn_merge."""
     model = _stage_model(name)
     rng = np.random.default_rng(13)
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
-    on = dict(os.environ, DS4_CUDA_ATT_ONLINE="1")
+    on = dict(os.environ, DS4_CUDA_ATT_ONLINE=online)
     base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", release, "--eval", "prefill", env=on)
     modes = [("decode", {}), ("chunk:3", {}), ("chunk:16", {}), ("chunk:48", {}),
-             ("prefill", {"DS4_CUDA_NO_ATT_FUSED": "1"}), ("prefill", {"DS4_CUDA_ATT_HB": "4"}),
+             ("prefill", {"DS4_CUDA_NO_ATT_FUSED": "1"}), ("prefill", {"DS4_CUDA_ATT_FUSED_MAX_S": "0"}),
+             ("prefill", {"DS4_CUDA_ATT_HB": "4"}),
              ("prefill", {"DS4_CUDA_ATT_HB": "16"}), ("prefill", {"DS4_CUDA_ATT_RH": "0"}),
              ("prefill", {"DS4_CUDA_ATT_DH_RT": "1"}), ("decode", {"DS4_CUDA_NO_MERGE_SLICES": "1"}),
              ("prefill", {"DS4_CUDA_NO_MMA": "1"})]
     for mode, sw in modes:
         got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", release, "--eval", mode, env=dict(on, **sw))
         d = float(np.abs(got.astype(np.float64) - base).max())
-        print(f"\n{name} --eval {mode} DS4_CUDA_ATT_ONLINE=1 {sw}: max |d| vs its prefill {d:.2e}")
+        print(f"\n{name} --eval {mode} DS4_CUDA_ATT_ONLINE={online} {sw}: max |d| vs its prefill {d:.2e}")
         assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{name} {mode} {sw} differs: {d:.2e}"
 
 
-def fixture_with_switch(fx, ggufs, tmp_path, var, what):
-    """Fixture fx through the CUDA backend with switch var=1, checked as the default is (check_fixture), and its
+def fixture_with_switch(fx, ggufs, tmp_path, var, what, value="1"):
+    """Fixture fx through the CUDA backend with switch var=value, checked as the default is (check_fixture), and its
     distance from the default run printed."""
     m = meta(fx)
     release = m["release"]
     model = ggufs(m["model"])
     toks = ORACLE / fx / "tokens.txt"
     base, _ = run(model, toks, tmp_path / "s.f32", "--cuda", release)
-    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release, env=dict(os.environ, **{var: "1"}))
+    gpu, _ = run(model, toks, tmp_path / "g.f32", "--cuda", release, env=dict(os.environ, **{var: value}))
     cpu, _ = run(model, toks, tmp_path / "c.f32", "--cpu", release)
     ref = np.fromfile(ORACLE / fx / "logits.f32", dtype="<f4").reshape(gpu.shape)
     d = np.abs(gpu.astype(np.float64) - base).max(axis=1)
     print(f"\n{fx}: {what} max |dlogit| {d.max():.2e} p50 {np.median(d):.2e}, "
           f"same argmax at {(gpu.argmax(1) == base.argmax(1)).mean():.1%}")
-    check_fixture(f"{fx} {var}=1", m, release, gpu, cpu, ref)
+    check_fixture(f"{fx} {var}={value}", m, release, gpu, cpu, ref)
 
 
 def check_fixture(fx, m, release, gpu, cpu, ref):
@@ -340,20 +345,23 @@ def test_cuda_long_context_topk_bitwise(name, mi, tmp_path):
 
 
 @pytest.mark.parametrize("mode,sw", [("chunk:4", {}), ("chunk:4", {"DS4_CUDA_NO_MERGE_SLICES": "1"}),
-                                     ("prefill", {"DS4_CUDA_NO_ATT_FUSED": "1"})])
+                                     ("prefill", {"DS4_CUDA_NO_ATT_FUSED": "1"}), ("prefill", {}),
+                                     ("prefill", {"DS4_CUDA_ATT_FUSED_MAX_S": "16"})])
 def test_cuda_long_context_att_online_bitwise(mode, sw, tmp_path):
-    """DS4_CUDA_ATT_ONLINE=1 with many splits per head (flash stage model, 17,000 tokens: ~40 splits per HCA
-    head, so the merge's one-warp prefix maximum takes runs of 2 splits per lane): prefill (k_attn_fused) == chunks
-    of 4 (k_attn_part + k_attn_merge<ON>, sliced and in one block per head) == prefill by k_attn_part + the online
-    merge, bit for bit."""
+    """The online merge with many splits per head (flash stage model, 17,000 tokens: ~40 splits per HCA head, so
+    the merge's one-warp prefix maximum takes runs of 2 splits per lane): prefill all in k_attn_fused
+    (DS4_CUDA_ATT_FUSED_MAX_S=1000) == chunks of 4 (k_attn_part + k_attn_merge<ON>, sliced and in one block per
+    head) == prefill by k_attn_part + the online merge == prefill by the default threshold (fused where a layer's
+    rows take at most 32 splits) and by a lower one, bit for bit."""
     model = _stage_model("flash")
     rng = np.random.default_rng(5)
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 17000)))
     on = dict(os.environ, DS4_CUDA_ATT_ONLINE="1")
+    fused = dict(on, DS4_CUDA_ATT_FUSED_MAX_S="1000")
     if "online" not in _LONG_BASE:
         _LONG_BASE["online"], _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill", "--ctx",
-                                      "32768", env=on)
+                                      "32768", env=fused)
     base = _LONG_BASE["online"]
     got, _ = run(model, toks, tmp_path / "x.f32", "--cuda", True, "--eval", mode, "--ctx", "32768", env=dict(on, **sw))
     d = float(np.abs(got.astype(np.float64) - base).max())
