@@ -310,7 +310,10 @@ int ds4_session_spec_enable(ds4_session *s, const ds4_spec_opts *o, ds4_err *err
  * p NULL means greedy (rng may then be NULL too).
  * out[0..*n_out) receives the appended tokens (next first; at most max_new,
  * which must be >= 1; out has room for 5); *following the token after
- * them, chosen by the same rules (the next call's `next`). The session's
+ * them, chosen by the same rules (the next call's `next`); when sampling,
+ * -1 where plain sampling draws no further token (the appended tokens reach
+ * max_new, or a kept draft is the end of sequence), so that rng is advanced
+ * exactly as plain sampling advances it. The session's
  * logits are those after the last appended token. Everything the rejected
  * drafts touched is rolled back. On failure the session is left empty. */
 int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const struct ds4_sampler_params *p,

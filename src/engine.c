@@ -1125,8 +1125,17 @@ int ds4_session_spec_step(ds4_session *s, int32_t next, int max_new, const ds4_s
          * for bit, whatever was drafted (and whatever the MTP window held:
          * cold or cached prompts give the same text); the MTP drafts with the
          * same uniforms (mtp_draft), so it hits whenever its distribution
-         * puts the same token at that uniform. */
+         * puts the same token at that uniform. Nothing is drawn that plain
+         * sampling would not draw: no token past the caller's max_new, none
+         * after an accepted end of sequence (plain generation stops at the
+         * draw that gave it), so a generator kept across calls (the REPL's
+         * turns) stays in step; *following is then -1. */
+        const int32_t eos = ds4_token_special(s->e, DS4_TOK_EOS);
         for (;;) {
+            if (k + 1 >= max_new || (k > 0 && toks[k] == eos)) {
+                fol = -1;
+                break;
+            }
             if ((rc = ds4_fwd_logits_row(s->f, k, s->row, err))) goto fail;
             const int32_t t = ds4_sampler_sample(s->smp, s->row, p, rng);
             if (k < nd && t == toks[k + 1]) {

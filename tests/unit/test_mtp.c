@@ -375,6 +375,69 @@ DS4_TEST(mtp_sampling_matches_model_distribution) {
     ds4_engine_close(e);
 }
 
+/* A generator kept across calls (the REPL keeps one for all turns) is
+ * advanced by speculative sampling exactly as by plain sampling: with a
+ * drafter that proposes the sampled continuation itself (every draft kept),
+ * the last cycle reaches the token limit with its drafts, and no draw is
+ * made past it (there was one: every later turn of a sampled REPL session
+ * with --mtp then differed from the same seed without it). */
+DS4_TEST(mtp_sampling_draws_nothing_past_the_limit) {
+    tm_cfg c = tm_default();
+    ds4_engine *e = NULL;
+    ds4_err err = {0};
+    CHECK_MSG(open_pair(&c, NULL, "mtp_lim", true, &e, &err) == 0, "%s", err.msg);
+    const int V = ds4_engine_n_vocab(e);
+    enum { NP = 11, N = 40 };
+    int32_t prompt[NP], ref[N], got[N];
+    tokens(prompt, NP, V, 9);
+    ds4_sampler_params p = {.temperature = 0.8f, .top_k = 0, .top_p = 1.0f, .min_p = 0.0f};
+    ds4_sampler *smp = ds4_sampler_new(V, &err);
+    /* plain sampling as the CLI runs it: N draws for N tokens */
+    ds4_rng plain;
+    ds4_rng_seed(&plain, 777);
+    ds4_session *r = new_session(e, 128);
+    CHECK(ds4_session_sync(r, prompt, NP, NULL, NULL, NULL, &err) == 0);
+    for (int i = 0; i < N; i++) {
+        ref[i] = ds4_sampler_sample(smp, ds4_session_logits(r), &p, &plain);
+        if (i + 1 < N) CHECK(ds4_session_eval(r, ref[i], &err) == 0);
+    }
+    ds4_session_free(r);
+    for (int nd = 1; nd <= 4; nd++) {
+        drafter_ctx dc = {.ref = ref, .np = NP, .V = V, .wrong = false};
+        ds4_session *s = new_session(e, 128);
+        ds4_debug_session_drafter(s, ref_drafter, &dc);
+        ds4_spec_opts so = {.n_draft = nd};
+        CHECK(ds4_session_spec_enable(s, &so, &err) == 0);
+        CHECK(ds4_session_sync(s, prompt, NP, NULL, NULL, NULL, &err) == 0);
+        ds4_rng rng;
+        ds4_rng_seed(&rng, 777);
+        int32_t tok = ds4_sampler_sample(smp, ds4_session_logits(s), &p, &rng), next = -1;
+        int i = 0;
+        while (i < N) {
+            got[i] = tok;
+            if (i + 1 == N) break;
+            int32_t out[8];
+            int no = 0;
+            CHECK_MSG(ds4_session_spec_step(s, tok, N - i, &p, &rng, out, &no, &next, &err) == 0, "%s", err.msg);
+            for (int k = 1; k < no && i + k < N; k++) got[i + k] = out[k];
+            i += no;
+            if (i >= N) break;
+            CHECK_MSG(next >= 0, "n_draft %d: no following token at %d of %d", nd, i, N);
+            tok = next;
+        }
+        CHECK_MSG(memcmp(ref, got, sizeof ref) == 0, "n_draft %d: speculative sampling gave other tokens", nd);
+        CHECK_MSG(memcmp(&rng, &plain, sizeof rng) == 0,
+                  "n_draft %d: the generator is not where plain sampling leaves it (a draw past the limit)", nd);
+        ds4_spec_stats st;
+        ds4_session_spec_stats(s, &st);
+        CHECK_MSG(st.accepted == st.drafted && st.drafted > 0, "n_draft %d: %lld of %lld drafts kept", nd,
+                  (long long)st.accepted, (long long)st.drafted);
+        ds4_session_free(s);
+    }
+    ds4_sampler_free(smp);
+    ds4_engine_close(e);
+}
+
 /* The MTP window is fed during prefill, decode and speculation alike: a
  * session that prefilled the prompt and one that decoded it token by token
  * draft the same tokens (their MTP windows are equal), and the strict
