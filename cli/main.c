@@ -8,6 +8,7 @@
 #include "util/num.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <float.h>
 #include <signal.h>
 #include <stdio.h>
@@ -101,17 +102,20 @@ char *ds4_cli_read_file(const char *path, size_t *len) {
         if (!buf) break;
         n += fread(buf + n, 1, cap - n - 1, f);
         if (n < cap - 1) break;
-        if (n >= CLI_MAX_INPUT) {
+        /* full: past the limit is refused, exactly at it (one more byte
+         * read into the grown buffer) */
+        if (n > CLI_MAX_INPUT) {
             fclose(f);
             free(buf);
             fprintf(stderr, "ds4: %s: more than %zu MiB (no context holds that much text; an endless stream?)\n",
                     path, CLI_MAX_INPUT >> 20);
             return NULL;
         }
-        char *nb = realloc(buf, cap * 2);
+        const size_t ncap = cap * 2 > CLI_MAX_INPUT + 2 ? CLI_MAX_INPUT + 2 : cap * 2;
+        char *nb = realloc(buf, ncap);
         if (!nb) { free(buf); buf = NULL; break; }
         buf = nb;
-        cap *= 2;
+        cap = ncap;
     }
     int bad = ferror(f), e = errno;
     fclose(f);
@@ -122,6 +126,45 @@ char *ds4_cli_read_file(const char *path, size_t *len) {
     }
     buf[n] = '\0';
     if (len) *len = n;
+    return buf;
+}
+
+/* Reads a whole regular file (a saved conversation: its size is that of the
+ * state, no text limit applies); anything else (a FIFO, a device, a
+ * directory) is refused without blocking. */
+unsigned char *ds4_cli_read_regular(const char *path, size_t *len) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        fprintf(stderr, "ds4: cannot open %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        fprintf(stderr, "ds4: %s: not a regular file\n", path);
+        close(fd);
+        return NULL;
+    }
+    const size_t n = (size_t)st.st_size;
+    unsigned char *buf = malloc(n ? n : 1);
+    if (!buf) {
+        fprintf(stderr, "ds4: %s: out of memory (%zu bytes)\n", path, n);
+        close(fd);
+        return NULL;
+    }
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) {
+            fprintf(stderr, "ds4: cannot read %s: %s\n", path, r < 0 ? strerror(errno) : "it became shorter");
+            free(buf);
+            close(fd);
+            return NULL;
+        }
+        got += (size_t)r;
+    }
+    close(fd);
+    *len = n;
     return buf;
 }
 

@@ -273,7 +273,7 @@ static void cmd_save(repl *r, const char *path) {
 static void cmd_load(repl *r, const char *path) {
     if (!*path) { fprintf(stderr, "ds4: /load needs a file name\n"); return; }
     size_t n = 0;
-    unsigned char *b = (unsigned char *)ds4_cli_read_file(path, &n);
+    unsigned char *b = ds4_cli_read_regular(path, &n);
     if (!b) return; /* the reader said why */
     const char *bad = NULL;
     uint32_t think = 0, nmax = 0, nt = 0;

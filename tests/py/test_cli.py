@@ -471,6 +471,22 @@ def test_repl_load_refuses_bad_files_and_keeps_the_conversation(model, tmp_path)
     assert sorted(os.listdir(str(tmp_path))) == sorted(["conv.ds4", "junk", "trunc", "flip", "other.gguf"])
 
 
+def test_repl_load_reads_large_files_and_refuses_what_is_not_a_file(model, tmp_path):
+    """/load has no text-size limit (a conversation saved at a long context is GBs: it was refused past 512 MiB
+    with a message blaming "an endless stream", while /save wrote it); a file past 256 MiB is read whole and judged
+    by its content. A FIFO with no writer is refused at once (it blocked), /dev/zero too (it was read to 512 MiB)."""
+    big = tmp_path / "big.ds4"
+    with open(big, "wb") as f:
+        f.truncate((256 << 20) + 4096)  # sparse: zeros, not a conversation file
+    fifo = tmp_path / "conv.fifo"
+    os.mkfifo(fifo)
+    r = repl_run(model, ["/load " + str(big), "/load " + str(fifo), "/load /dev/zero", "Hi"])
+    assert r.returncode == 0 and b"loaded " not in r.stdout, r.stdout
+    assert b"not a ds4 conversation file" in r.stderr and b"MiB" not in r.stderr, r.stderr
+    assert r.stderr.count(b"not a regular file") == 2, r.stderr
+    assert re.search(rb"evaluated \d+", r.stderr), r.stderr  # the turn after them ran
+
+
 def test_cli_lost_output_is_an_error(model, tmp_path):
     """A failed write of stdout (/dev/full, a file-size limit) stops the generation and exits 1 saying so (it
     exited 0 after generating everything into the void); --inspect and --dump-tokens too."""
