@@ -975,8 +975,11 @@ static void run_job(srv_server *s, srv_job *j) {
     g.streaming = rq->stream;
     ds4_think eff = ds4_chat_effective_think(rq->think, s->cfg.n_ctx);
     /* a prefill (the conversation ends in an assistant message) continues
-     * that message's content: no reasoning comes first */
-    g.thinking = rq->api != SRV_API_COMPLETIONS && eff != DS4_THINK_NONE && !(rq->chat && ds4_chat_continues(rq->chat));
+     * that message's content: no reasoning comes first. Legacy completions
+     * think too (TEXT B.6): the sampling override, the reasoning count and
+     * the closing </think> apply, but their text is returned raw (the
+     * stream does not split it) */
+    g.thinking = eff != DS4_THINK_NONE && !(rq->chat && ds4_chat_continues(rq->chat));
     bool tools = rq->api != SRV_API_COMPLETIONS && srv_tools_active(rq);
     srv_result r = {0};
     double t0 = srv_now_mono();
@@ -984,7 +987,7 @@ static void run_job(srv_server *s, srv_job *j) {
     if (!run_prefill(&g, &r)) return;
     double t_gen0 = srv_now_mono();
     ds4_dsml_stream_opts so = {0};
-    so.thinking = g.thinking;
+    so.thinking = g.thinking && rq->api != SRV_API_COMPLETIONS;
     so.tools = tools;
     so.id_prefix = rq->api == SRV_API_ANTHROPIC ? "toolu_" : "call_";
     g.ds = ds4_dsml_stream_new(&so);

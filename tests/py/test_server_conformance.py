@@ -200,6 +200,27 @@ def test_completions_stream_and_plain_are_the_same_reply():
     assert streamed == a.choices[0].logprobs.tokens
 
 
+def test_completions_think_by_default_and_return_the_raw_text():
+    """Legacy completions think by default (TEXT B.6): the text is the raw reply, reasoning, </think> and answer
+    (the </think> was dropped), streamed or not; the reasoning tokens are counted (they were 0); and the client's
+    temperature is ignored while thinking (TEXT D.2: it was applied), so seeds matter; with thinking off it holds."""
+    import openai
+    with Server("--debug-reply", "my reasoning</think>the answer") as s:
+        c = s.openai()
+        a = c.completions.create(model="m", prompt="hi there", max_tokens=40)
+        assert a.choices[0].text == "my reasoning</think>the answer", a.choices[0].text
+        assert a.usage.completion_tokens_details.reasoning_tokens >= 3, a.usage
+        loose = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0)
+        parts = list(loose.completions.create(model="m", prompt="hi there", max_tokens=40, stream=True))
+        assert "".join(p.choices[0].text for p in parts) == a.choices[0].text
+    with Server() as s:
+        c = s.openai()
+        kw = dict(model="m", prompt="Once upon a time", max_tokens=16, temperature=0)
+        think = {c.completions.create(seed=k, **kw).choices[0].text for k in (1, 2, 3)}
+        plain = {c.completions.create(seed=k, extra_body={"thinking": False}, **kw).choices[0].text for k in (1, 2, 3)}
+        assert len(think) > 1 and len(plain) == 1, (think, plain)
+
+
 # ---- 2. and 3. Anthropic stop sequences and usage -----------------------------------
 
 def test_anthropic_stop_sequence_is_reported():
