@@ -1979,7 +1979,8 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
     if (!c->att_hb && n < MM_MIN_N && p.kind == DS4_ATTN_HCA && c->att_hb_hca && nr_cap >= c->att_hb_hca_min)
         hb = c->att_hb_hca == 16 && c->att_hb_hca_min && rh_ok ? 8 : c->att_hb_hca; /* unset: 8 with half rows */
     while (hb > 1 && p.H % hb) hb /= 2;
-    /* DS4_CUDA_ATT_ONLINE (default 1): the online merge for every batch
+    /* DS4_CUDA_ATT_ONLINE=1 (opt-in until make test-cuda runs whole with
+     * it): the online merge for every batch
      * size, and batches on the CUDA-core path with at most att_fused_max_s
      * splits merged inside k_attn_fused (8 heads per block unless
      * DS4_CUDA_ATT_HB: its running outputs take registers); the kv rows then
