@@ -1187,6 +1187,23 @@ json_t *srv_json_value_w(const char *text, bool *widened) {
 
 json_t *srv_json_value(const char *text) { return srv_json_value_w(text, NULL); }
 
+size_t srv_utf8_unit(const unsigned char *u, size_t n, bool *cut) {
+    *cut = false;
+    size_t k = u[0] ? utf8_seq(u, n) : 0; /* NUL is not allowed by jansson */
+    if (k) return k;
+    /* one U+FFFD per maximal subpart (Unicode 3.9): a lead byte and the
+     * continuation bytes that still fit it, e.g. a sequence cut by the end
+     * of the reply */
+    unsigned c0 = u[0];
+    size_t want = c0 >= 0xC2 && c0 <= 0xDF ? 2 : c0 >= 0xE0 && c0 <= 0xEF ? 3 : c0 >= 0xF0 && c0 <= 0xF4 ? 4 : 1;
+    unsigned lo = c0 == 0xE0 ? 0xA0 : c0 == 0xF0 ? 0x90 : 0x80;
+    unsigned hi = c0 == 0xED ? 0x9F : c0 == 0xF4 ? 0x8F : 0xBF;
+    k = 1;
+    while (k < want && k < n && u[k] >= (k == 1 ? lo : 0x80) && u[k] <= (k == 1 ? hi : 0xBF)) k++;
+    *cut = k < want && k == n;
+    return k;
+}
+
 json_t *srv_jstr(const char *s, size_t n) {
     if (!s) return json_string("");
     const unsigned char *u = (const unsigned char *)s;
@@ -1203,23 +1220,11 @@ json_t *srv_jstr(const char *s, size_t n) {
     if (clean) return json_stringn(s, n);
     ds4_buf b = DS4_BUF_INIT;
     for (i = 0; i < n;) {
-        size_t k = u[i] ? utf8_seq(u + i, n - i) : 0;
-        if (k) {
-            ds4_buf_append(&b, s + i, k);
-            i += k;
-        } else {
-            /* one U+FFFD per maximal subpart (Unicode 3.9): a lead byte and
-             * the continuation bytes that still fit it, e.g. a sequence cut
-             * by the end of the reply */
-            ds4_buf_puts(&b, "\xEF\xBF\xBD");
-            unsigned c0 = u[i];
-            size_t want = c0 >= 0xC2 && c0 <= 0xDF ? 2 : c0 >= 0xE0 && c0 <= 0xEF ? 3 : c0 >= 0xF0 && c0 <= 0xF4 ? 4 : 1;
-            unsigned lo = c0 == 0xE0 ? 0xA0 : c0 == 0xF0 ? 0x90 : 0x80;
-            unsigned hi = c0 == 0xED ? 0x9F : c0 == 0xF4 ? 0x8F : 0xBF;
-            size_t k = 1;
-            while (k < want && i + k < n && u[i + k] >= (k == 1 ? lo : 0x80) && u[i + k] <= (k == 1 ? hi : 0xBF)) k++;
-            i += k;
-        }
+        bool cut;
+        const size_t k = srv_utf8_unit(u + i, n - i, &cut);
+        if (u[i] && utf8_seq(u + i, n - i)) ds4_buf_append(&b, s + i, k);
+        else ds4_buf_puts(&b, "\xEF\xBF\xBD");
+        i += k;
     }
     json_t *v = b.data ? json_stringn(b.data, b.len) : json_string("");
     ds4_buf_free(&b);

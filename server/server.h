@@ -403,6 +403,11 @@ int srv_fail_param(srv_error *e, const char *param, const char *code, const char
 /* JSON string from bytes; invalid UTF-8 sequences become U+FFFD, so model
  * output of any kind serializes (NULL s gives ""). New reference. */
 json_t *srv_jstr(const char *s, size_t n);
+/* The next character of u[0..n) as srv_jstr sends it: the length of a valid
+ * UTF-8 character, or of the maximal invalid subpart it sends as one U+FFFD
+ * (*cut: that subpart is a character cut short by n, which more bytes may
+ * complete). n >= 1. */
+size_t srv_utf8_unit(const unsigned char *u, size_t n, bool *cut);
 /* Parses JSON text produced by the server from model output (compact tool
  * arguments), repairing invalid UTF-8 to U+FFFD first; NULL if it is not
  * JSON. New reference. */

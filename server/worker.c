@@ -309,7 +309,7 @@ typedef struct gen_ctx {
      * lp_next is the first one not yet given to a content event */
     srv_logprob *lp;
     int n_lp, cap_lp, lp_next;
-    size_t cc_at, cc_n;      /* gen[0, cc_at) holds cc_n characters (UTF-8 lead bytes) */
+    size_t cc_at, cc_n;      /* gen[0, cc_at) holds cc_n characters (as srv_jstr sends them) */
     srv_logprob *lp_content; /* (n_content) the content tokens, in order */
     int n_content, cap_content;
     /* tool-call events of the open block, sent when it closes: a block that
@@ -476,8 +476,26 @@ static void record_logprob(gen_ctx *g, const float *logits, int32_t tok, size_t 
     t->tok.n = b ? blen : 0;
     t->tok.logprob = (float)all[tok];
     t->at = at;
-    for (; g->cc_at < at && g->cc_at < g->gen.len; g->cc_at++)
-        if (((unsigned char)g->gen.data[g->cc_at] & 0xc0) != 0x80) g->cc_n++;
+    /* characters of the text as sent (srv_jstr: each invalid subpart one
+     * U+FFFD) before this token's bytes; a character cut at the end of the
+     * text so far is decided by the token's first bytes: one the token
+     * completes is not counted before it, one it does not is a U+FFFD */
+    const size_t lim = at < g->gen.len ? at : g->gen.len;
+    while (g->cc_at < lim) {
+        bool cut;
+        const unsigned char *u = (const unsigned char *)g->gen.data + g->cc_at;
+        size_t k = srv_utf8_unit(u, lim - g->cc_at, &cut);
+        if (cut) {
+            unsigned char tmp[8];
+            const size_t m = lim - g->cc_at, e = t->tok.n < 4 ? t->tok.n : 4; /* m <= 3: a cut character */
+            memcpy(tmp, u, m);
+            if (e) memcpy(tmp + m, t->tok.bytes, e);
+            k = srv_utf8_unit(tmp, m + e, &cut);
+            if (k > m) break; /* the token continues it */
+        }
+        g->cc_at += k;
+        g->cc_n++;
+    }
     t->at_char = g->cc_n;
     t->n_top = n;
     t->top = n ? xcalloc((size_t)n, sizeof *t->top) : NULL;

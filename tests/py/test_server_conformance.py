@@ -346,13 +346,18 @@ def test_openai_required_members_and_logprobs():
         assert len(clp.token_logprobs) == len(clp.tokens) == len(clp.top_logprobs)
         assert all(len(t) <= 2 for t in clp.top_logprobs)
         assert clp.text_offset == sorted(clp.text_offset) and clp.text_offset[0] == 0
-        # offsets count characters (the random demo model emits CJK tokens): each token sits at its offset
-        cr = c.completions.create(model="m", prompt="hello", max_tokens=30, temperature=0, logprobs=1,
-                                  extra_body={"think": False})
-        clp, text = cr.choices[0].logprobs, cr.choices[0].text
-        assert "".join(clp.tokens) == text and len(clp.text_offset) == len(clp.tokens)
-        for tok, off in zip(clp.tokens, clp.text_offset):
-            assert text[off:off + len(tok)] == tok, (tok, off, text)
+        # offsets count characters (the random demo model emits CJK tokens): each token sits at its offset, also
+        # after a token that ends in a lone lead byte (one U+FFFD in the text: the offsets after it were 1 short)
+        invalid = 0
+        for prompt in ("hello", "Once upon", "Tell me a story"):
+            cr = c.completions.create(model="m", prompt=prompt, max_tokens=120, temperature=0, logprobs=1,
+                                      extra_body={"think": False})
+            clp, text = cr.choices[0].logprobs, cr.choices[0].text
+            assert "".join(clp.tokens) == text and len(clp.text_offset) == len(clp.tokens)
+            for tok, off in zip(clp.tokens, clp.text_offset):
+                assert text[off:off + len(tok)] == tok, (prompt, tok, off, text)
+            invalid += "\ufffd" in text
+        assert invalid, "no reply with invalid UTF-8: the case is not covered"
 
 
 def test_openai_error_objects_and_n():
