@@ -489,6 +489,8 @@ typedef struct responses_state {
     int n_fc_ids;
     int out_index;                     /* next output_index */
     int msg_index, rs_index;           /* -1 until the item is added */
+    ds4_buf rs_text;                   /* the reasoning streamed so far */
+    bool rs_done;                      /* its item is done (the reply went on past it) */
 } responses_state;
 
 static responses_state *resp_st(srv_job *j) { return j->api_state; }
@@ -497,6 +499,7 @@ static void resp_state_free(void *p) {
     responses_state *st = p;
     for (int i = 0; i < st->n_fc_ids; i++) free(st->fc_ids[i]);
     free(st->fc_ids);
+    ds4_buf_free(&st->rs_text);
 }
 
 static const char *item_status(const srv_result *r) {
@@ -735,6 +738,34 @@ static void resp_reasoning(srv_job *j, const char *s, size_t n) {
     ev(j, "response.reasoning_summary_text.delta",
        json_pack("{s:s, s:i, s:i, s:o}", "item_id", st->reason_id, "output_index", st->rs_index,
                  "summary_index", 0, "delta", srv_jstr(s, n)));
+    ds4_buf_append(&st->rs_text, s, n);
+}
+
+/* The reasoning item's done events: text, part, item (status completed, or
+ * incomplete when the reply ended inside the reasoning). */
+static void reasoning_done(srv_job *j, const char *text, size_t n, bool closed) {
+    responses_state *st = resp_st(j);
+    json_t *rt = srv_jstr(text, n);
+    ev(j, "response.reasoning_summary_text.done",
+       json_pack("{s:s, s:i, s:i, s:O}", "item_id", st->reason_id, "output_index", st->rs_index, "summary_index", 0,
+                 "text", rt));
+    ev(j, "response.reasoning_summary_part.done",
+       json_pack("{s:s, s:i, s:i, s:{s:s, s:O}}", "item_id", st->reason_id, "output_index", st->rs_index,
+                 "summary_index", 0, "part", "type", "summary_text", "text", rt));
+    ev(j, "response.output_item.done",
+       json_pack("{s:i, s:{s:s, s:s, s:s, s:[{s:s, s:O}]}}", "output_index", st->rs_index, "item", "id",
+                 st->reason_id, "type", "reasoning", "status", closed ? "completed" : "incomplete", "summary",
+                 "type", "summary_text", "text", rt));
+    json_decref(rt);
+    st->rs_done = true;
+}
+
+/* The reasoning ended and the reply goes on: its item is done before the
+ * next item is added (output items one after another, as OpenAI streams
+ * them; it stayed open until the end of the reply) */
+static void resp_reasoning_end(srv_job *j) {
+    responses_state *st = resp_st(j);
+    if (st->rs_index >= 0 && !st->rs_done) reasoning_done(j, st->rs_text.data, st->rs_text.len, true);
 }
 
 static void resp_content(srv_job *j, const char *s, size_t n, const srv_logprob *lp, int n_lp) {
@@ -761,18 +792,7 @@ static void resp_finish(srv_job *j, const srv_result *r) {
     ensure_ids(j, r);
     const char *is = item_status(r);
     const ds4_dsml_result *p = &r->parsed;
-    if (st->rs_index >= 0) {
-        json_t *rt = srv_jstr(p->reasoning, p->reasoning_len);
-        ev(j, "response.reasoning_summary_text.done",
-           json_pack("{s:s, s:i, s:i, s:O}", "item_id", st->reason_id, "output_index",
-                     st->rs_index, "summary_index", 0, "text", rt));
-        ev(j, "response.reasoning_summary_part.done",
-           json_pack("{s:s, s:i, s:i, s:{s:s, s:O}}", "item_id", st->reason_id, "output_index",
-                     st->rs_index, "summary_index", 0, "part", "type", "summary_text", "text", rt));
-        ev(j, "response.output_item.done",
-           json_pack("{s:i, s:o}", "output_index", st->rs_index, "item", reasoning_item(j, r)));
-        json_decref(rt);
-    }
+    if (st->rs_index >= 0 && !st->rs_done) reasoning_done(j, p->reasoning, p->reasoning_len, r->think_closed);
     if (st->msg_index >= 0) {
         json_t *ct = srv_jstr(p->content, p->content_len);
         ev(j, "response.output_text.done",
@@ -827,6 +847,7 @@ const srv_emitter srv_emitter_responses = {
     .state_free = resp_state_free,
     .begin = resp_begin,
     .reasoning = resp_reasoning,
+    .reasoning_end = resp_reasoning_end,
     .content = resp_content,
     .finish = resp_finish,
     .body = responses_body,

@@ -277,6 +277,8 @@ typedef struct srv_emitter {
     void (*tool_begin)(srv_job *j, int index, const char *id, const char *name);
     void (*tool_args)(srv_job *j, int index, const char *s, size_t n);
     void (*tool_end)(srv_job *j, int index);
+    /* the reasoning ended and other output follows (before its first event);
+     * not called when the reply ends inside the reasoning (finish has it) */
     void (*reasoning_end)(srv_job *j);
     void (*finish)(srv_job *j, const srv_result *r);        /* last event */
     /* Non-streaming body (NUL-terminated, malloc'ed). */

@@ -1035,7 +1035,6 @@ static void run_job(srv_server *s, srv_job *j) {
      * send back) */
     if (tools && finish == SRV_FINISH_LENGTH) ds4_dsml_stream_drop_open_block(g.ds);
     ds4_dsml_stream_finish(g.ds, on_event, &g, &r.parsed, NULL);
-    if (g.in_reasoning && g.em->reasoning_end && g.streaming) g.em->reasoning_end(j);
     r.think_closed = g.gen.data && memmem(g.gen.data, g.gen.len, DS4_THINK_CLOSE, 8) != NULL;
     if (rq->api == SRV_API_COMPLETIONS) { /* raw text, not parsed */
         r.text = ds4_buf_detach(&g.gen, &r.text_len);

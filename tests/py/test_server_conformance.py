@@ -187,6 +187,26 @@ def test_responses_stream_and_plain_are_the_same_reply(case):
     assert text == "".join(t for k, _, t in b["items"] if k == "message")
 
 
+def test_responses_stream_closes_the_reasoning_item_before_the_message():
+    """Output items stream one after another: the reasoning item's done events (text, part, item: completed) come
+    before the message item is added; it stayed open until the end of the reply, so a client tracking the current
+    item showed the reasoning as running while the answer streamed. Its done text is the streamed deltas'."""
+    with Server("--debug-reply", "let me think</think>Hello there") as s:
+        events = list(s.openai().responses.create(model="m", input="hi", max_output_tokens=100, stream=True,
+                                                  reasoning={"effort": "high", "summary": "auto"}))
+    seq = [(e.type, getattr(e, "output_index", None)) for e in events]
+    done0 = seq.index(("response.output_item.done", 0))
+    added1 = seq.index(("response.output_item.added", 1))
+    assert done0 < added1, seq
+    assert seq.index(("response.reasoning_summary_text.done", 0)) < done0
+    item = events[done0].item
+    assert item.type == "reasoning" and item.status == "completed" and item.summary[0].text == "let me think"
+    summ = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")
+    assert summ == "let me think" and seq.count(("response.output_item.done", 0)) == 1
+    final = events[-1].response
+    assert [o.type for o in final.output] == ["reasoning", "message"] and final.output[1].content[0].text == "Hello there"
+
+
 def test_completions_stream_and_plain_are_the_same_reply():
     import openai
     kw = dict(model="m", prompt="Once upon a time", max_tokens=16, seed=7, logprobs=2)
