@@ -866,6 +866,31 @@ int srv_http_listen(srv_server *s, ds4_err *err) {
     return 0;
 }
 
+/* URL unescaping (%XX) for libmicrohttpd, except that %00 stays as it is:
+ * the endpoints compare the path as a C string, so a decoded NUL cut
+ * "/v1/chat/completions%00junk" to an endpoint's path (a proxy's path rules
+ * would see another path than ds4 serves); with it kept, that path is a 404. */
+static int hexval(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+static size_t unescape(void *cls, struct MHD_Connection *c, char *str) {
+    (void)cls, (void)c;
+    char *w = str;
+    for (const char *r = str; *r;) {
+        int hi, lo;
+        if (r[0] == '%' && (hi = hexval((unsigned char)r[1])) >= 0 && (lo = hexval((unsigned char)r[2])) >= 0 &&
+            (hi | lo)) {
+            *w++ = (char)(hi * 16 + lo);
+            r += 3;
+        } else {
+            *w++ = *r++;
+        }
+    }
+    *w = '\0';
+    return (size_t)(w - str);
+}
+
 int srv_http_start(srv_server *s, ds4_err *err) {
     srv_http *h = s->http;
     if (!h) return ds4_err_set(err, DS4_E_INTERNAL, "srv_http_start before srv_http_listen");
@@ -877,7 +902,7 @@ int srv_http_start(srv_server *s, ds4_err *err) {
         MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL |
             MHD_USE_ITC | MHD_USE_ERROR_LOG,
         0, accept_policy, s, handler, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
-        MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd,
+        MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd, MHD_OPTION_UNESCAPE_CALLBACK, unescape, NULL,
         MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_NOTIFY_CONNECTION, notify_conn, s,
         MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_CONNECTION_LIMIT, SRV_CONN_LIMIT_MHD,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(128 * 1024), MHD_OPTION_END);

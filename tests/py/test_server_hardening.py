@@ -489,6 +489,23 @@ def test_server_differing_content_lengths_get_400():
         assert s.alive()
 
 
+def test_server_encoded_nul_in_the_path_is_not_cut_off():
+    """A path with %00 (libmicrohttpd decodes it to a NUL) was served as the path before it
+    (/v1/chat/completions%00junk ran a completion), though a proxy's path rules saw another path: now a 404.
+    Other escapes still decode (/v1/model%73 is /v1/models)."""
+    body = json.dumps({"messages": user("x"), "max_tokens": 1, "think": False}).encode()
+    with Server() as s:
+        for path in (b"/v1/chat/completions%00junk", b"/v1/messages%00.json"):
+            st, resp = raw_request(s.port, post_bytes(s.port, path, body), 10)
+            assert st == 404, (path, resp)
+        st, resp = raw_request(s.port, b"GET /v1/models/deepseek-v4-flash%00x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                        b"Connection: close\r\n\r\n", 10)
+        assert st == 404, resp
+        st, resp = raw_request(s.port, b"GET /v1/model%73 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", 10)
+        assert st == 200 and b"deepseek" in resp, resp
+        assert "prefill" not in s.log_text()
+
+
 def test_server_huge_prompts_are_refused_before_tokenizing():
     """A prompt that cannot fit whatever its tokens (each covers at most the vocabulary's longest byte string) is
     the context error at once, not after the tokenizer's ~60 bytes of scratch per byte: an outside pass sent six
