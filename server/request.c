@@ -243,6 +243,21 @@ int srv_get_int(json_t *obj, const char *key, int *out, srv_error *e) {
     return 0;
 }
 
+/* A count given as an integer or a whole-number real (2.0: JSON does not
+ * tell them apart, and n / max_tokens / top_k take both); false for anything
+ * else, fractions and values past 2^53 included. */
+static bool whole_number(json_t *v, json_int_t *out) {
+    if (json_is_integer(v)) {
+        *out = json_integer_value(v);
+        return true;
+    }
+    if (!json_is_real(v)) return false;
+    const double d = json_real_value(v);
+    if (!(d == floor(d)) || fabs(d) > 9007199254740992.0) return false;
+    *out = (json_int_t)d;
+    return true;
+}
+
 int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return 0;
@@ -362,12 +377,13 @@ int srv_parse_thinking(json_t *root, srv_request *rq, const char *effort, bool e
             /* Anthropic's budget_tokens: the reasoning is closed once it has
              * written that many tokens (a target, as Anthropic says) */
             json_t *bt = json_object_get(t, "budget_tokens");
+            json_int_t btv;
             if (bt && !json_is_null(bt)) {
-                if (!json_is_integer(bt)) return bad_type(e);
-                if (json_integer_value(bt) < 1)
+                if (!whole_number(bt, &btv)) return bad_type(e);
+                if (btv < 1)
                     return srv_fail_param(e, "thinking.budget_tokens", "invalid_value",
                                           "thinking.budget_tokens must be at least 1");
-                rq->think_budget = json_integer_value(bt) > INT32_MAX ? INT32_MAX : (int)json_integer_value(bt);
+                rq->think_budget = btv > INT32_MAX ? INT32_MAX : (int)btv;
             }
         } else {
             return bad_type(e);
@@ -504,8 +520,8 @@ static int parse_choices_and_logprobs(json_t *root, srv_request *rq, srv_error *
             rq->logprobs = json_is_true(lp);
         }
         if (tl && !json_is_null(tl)) {
-            if (!json_is_integer(tl)) return bad_type(e);
-            json_int_t k = json_integer_value(tl);
+            json_int_t k;
+            if (!whole_number(tl, &k)) return bad_type(e);
             if (k < 0 || k > 20)
                 return srv_fail_param(e, "top_logprobs", "invalid_value",
                                       "top_logprobs must be between 0 and 20");
@@ -515,8 +531,8 @@ static int parse_choices_and_logprobs(json_t *root, srv_request *rq, srv_error *
             rq->top_logprobs = (int)k;
         }
     } else if (lp && !json_is_null(lp)) {
-        if (!json_is_integer(lp)) return bad_type(e);
-        json_int_t k = json_integer_value(lp);
+        json_int_t k;
+        if (!whole_number(lp, &k)) return bad_type(e);
         if (k < 0 || k > 5)
             return srv_fail_param(e, "logprobs", "invalid_value", "logprobs must be between 0 and 5");
         rq->logprobs = true;

@@ -1181,3 +1181,22 @@ def test_logit_bias_and_penalties_change_the_reply():
         st, _, body = s.raw("POST", "/v1/chat/completions", {"model": "m", "max_tokens": 2, "messages": user("x"),
                                                              "logit_bias": {"129280": 1}})
         assert st == 400 and b"not in the vocabulary" in body, body
+
+
+def test_counts_take_whole_number_reals_everywhere():
+    """top_logprobs, completions' logprobs and thinking.budget_tokens take 2.0 as n, max_tokens and top_k do
+    (JSON does not tell 2 from 2.0; they were a 400 "wrong type"); a fraction is still refused."""
+    with Server() as s:
+        chat = {"model": "m", "messages": user("hi"), "max_tokens": 2, "think": False, "logprobs": True}
+        r = raw_json(s, "/v1/chat/completions", json.dumps(dict(chat, top_logprobs=2.0)))
+        assert len(r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+        r = raw_json(s, "/v1/completions", json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2, "logprobs": 3.0,
+                                                       "think": False}))
+        assert len(r["choices"][0]["logprobs"]["top_logprobs"][0]) == 3
+        raw_json(s, "/v1/messages", json.dumps({"model": "m", "max_tokens": 4, "messages": user("hi"),
+                                               "thinking": {"type": "enabled", "budget_tokens": 2.0}}))
+        for path, body in (("/v1/chat/completions", dict(chat, top_logprobs=2.5)),
+                           ("/v1/messages", {"model": "m", "max_tokens": 4, "messages": user("hi"),
+                                             "thinking": {"type": "enabled", "budget_tokens": 2.5}})):
+            st, _, data = s.raw("POST", path, json.dumps(body))
+            assert st == 400, (path, data)
