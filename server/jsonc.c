@@ -224,7 +224,13 @@ static void alt_add(jc_node *a, jc_node *n) {
     a->alts[a->n_alts++] = n;
 }
 
-/* JSON pointer "#/a/b~1c" inside the document. */
+static int hexdig(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* JSON pointer "#/a/b~1c" inside the document, in its URI fragment form
+ * (RFC 6901 section 6: "#/$defs/a%20b" is the member "a b"; percent-decoded
+ * first, then ~1 and ~0). */
 static json_t *resolve(json_t *doc, const char *ref) {
     if (ref[0] != '#') return NULL;
     json_t *cur = doc;
@@ -234,17 +240,32 @@ static json_t *resolve(json_t *doc, const char *ref) {
         p++;
         const char *end = strchr(p, '/');
         size_t n = end ? (size_t)(end - p) : strlen(p);
-        char *tok = xmalloc(n + 1);
-        size_t k = 0;
+        char *raw = xmalloc(n + 1), *tok = xmalloc(n + 1);
+        size_t m = 0, k = 0;
         for (size_t i = 0; i < n; i++) {
-            if (p[i] == '~' && i + 1 < n && (p[i + 1] == '0' || p[i + 1] == '1')) {
-                tok[k++] = p[i + 1] == '0' ? '~' : '/';
+            int hi, lo;
+            if (p[i] == '%' && i + 2 < n && (hi = hexdig((unsigned char)p[i + 1])) >= 0 &&
+                (lo = hexdig((unsigned char)p[i + 2])) >= 0) {
+                raw[m++] = (char)(hi * 16 + lo);
+                i += 2;
+            } else {
+                raw[m++] = p[i];
+            }
+        }
+        for (size_t i = 0; i < m; i++) {
+            if (raw[i] == '~' && i + 1 < m && (raw[i + 1] == '0' || raw[i + 1] == '1')) {
+                tok[k++] = raw[i + 1] == '0' ? '~' : '/';
                 i++;
             } else {
-                tok[k++] = p[i];
+                tok[k++] = raw[i];
             }
         }
         tok[k] = 0;
+        free(raw);
+        if (memchr(tok, 0, k)) { /* %00: no member name holds a NUL here */
+            free(tok);
+            return NULL;
+        }
         if (json_is_object(cur)) {
             cur = json_object_get(cur, tok);
         } else if (json_is_array(cur)) {

@@ -97,6 +97,26 @@ def test_responses_and_anthropic_parse():
         Pick.model_validate_json(json.loads(body)["content"][0]["text"])
 
 
+def test_ref_in_uri_fragment_form_resolves():
+    """A $ref is a JSON pointer in URI fragment form (RFC 6901 section 6): "#/$defs/a%20b" names the member "a b"
+    and "#/$defs/c~1d" the member "c/d" (the first was a 400 "does not resolve"); %00 names nothing."""
+    schema = {"type": "object", "$defs": {"a b": {"type": "integer"}, "c/d": {"enum": ["x"]}},
+              "properties": {"n": {"$ref": "#/$defs/a%20b"}, "m": {"$ref": "#/$defs/c~1d"}},
+              "required": ["n", "m"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    with Server() as s:
+        r = s.openai().chat.completions.create(model="m", messages=user("hi"), response_format=fmt, max_tokens=300,
+                                               temperature=0, extra_body=NO_THINK)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        v = json.loads(r.choices[0].message.content)
+        assert isinstance(v["n"], int) and v["m"] == "x", v
+        bad = dict(schema, properties={"n": {"$ref": "#/$defs/a%00b"}}, required=["n"])
+        st, _, data = s.raw("POST", "/v1/chat/completions", json.dumps(
+            {"model": "m", "messages": user("hi"), "max_tokens": 4, "think": False,
+             "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": bad}}}))
+        assert st == 400 and b"does not resolve" in data, data
+
+
 def test_json_object_mode_and_the_prompt_line(tmp_path):
     """json_object: an object (the reply may run to max_tokens: nothing bounds
     an object's size); the system block ends with a line saying what the reply
