@@ -32,7 +32,7 @@ typedef struct ds4_cli_opts {
     int n_predict;                 /* -n */
     float temp, top_p, min_p;      /* --temp --top-p --min-p */
     int top_k;                     /* --top-k (0 = off) */
-    uint64_t seed;                 /* --seed (0 = time-based) */
+    uint64_t seed;                 /* --seed 1..2^31-1 (0: not given, time-based) */
     int think;                     /* 0 none, 1 high, 2 max */
     bool dump_tokens;              /* --dump-tokens */
     const char *dump_logits;       /* --dump-logits OUT.f32 */
