@@ -608,15 +608,46 @@ void ds4_quantize_act(int act_type, const float *x, void *dst, int64_t n) {
 
 /* ---- quantization entry points -------------------------------------------- */
 
+/* The f16 scales of the blocks just written are finite: values of normal
+ * size can still need a block scale past F16's 65504 (Q8_0: d = amax / 127,
+ * so amax > ~8.3e6), which would decode as inf or NaN. */
+static int scales_finite(int type, const uint8_t *o, int64_t n) {
+    const int64_t nb = n / ds4_type_get(type)->block_elems;
+    for (int64_t b = 0; b < nb; b++) {
+        uint16_t h[2];
+        int k = 1;
+        switch (type) {
+        case DS4_TYPE_Q8_0: memcpy(h, &((const ds4_block_q8_0 *)o)[b].d, 2); break;
+        case DS4_TYPE_IQ2_XXS: memcpy(h, &((const ds4_block_iq2_xxs *)o)[b].d, 2); break;
+        case DS4_TYPE_Q4_K:
+            memcpy(&h[0], &((const ds4_block_q4_k *)o)[b].d, 2);
+            memcpy(&h[1], &((const ds4_block_q4_k *)o)[b].dmin, 2);
+            k = 2;
+            break;
+        case DS4_TYPE_Q2_K:
+            memcpy(&h[0], &((const ds4_block_q2_k *)o)[b].d, 2);
+            memcpy(&h[1], &((const ds4_block_q2_k *)o)[b].dmin, 2);
+            k = 2;
+            break;
+        default: return 1;
+        }
+        for (int i = 0; i < k; i++)
+            if ((h[i] & 0x7c00) == 0x7c00) return 0;
+    }
+    return 1;
+}
+
 size_t ds4_quantize_row(int type, const float *src, void *dst, int64_t n, const float *imatrix) {
     const ds4_type_traits *t = ds4_type_get(type);
     if (!t || !t->can_quantize || !ds4_type_row_ok(type, n)) return 0;
     uint8_t *o = dst;
     if (type == DS4_TYPE_IQ2_XXS && !imatrix) return 0;
     if (type != DS4_TYPE_F32 && type != DS4_TYPE_F16 && type != DS4_TYPE_BF16) {
-        /* the block quantizers' searches assume finite values */
+        /* the block quantizers' searches assume finite values, and squares
+         * that do not overflow (|x| < ~1.8e19); no block type here can
+         * represent |x| past ~1e8 anyway (F16 block scales: Q8_0 ~8.3e6) */
         for (int64_t i = 0; i < n; i++)
-            if (!isfinite(src[i])) return 0;
+            if (!(fabsf(src[i]) <= 1e9f)) return 0;
         if (imatrix && type != DS4_TYPE_Q8_0)
             for (int64_t i = 0; i < n; i++)
                 if (!isfinite(imatrix[i]) || imatrix[i] < 0) return 0;
@@ -652,6 +683,7 @@ size_t ds4_quantize_row(int type, const float *src, void *dst, int64_t n, const 
     default:
         return 0;
     }
+    if (!scales_finite(type, o, n)) return 0;
     return ds4_type_row_bytes(type, n);
 }
 
@@ -677,8 +709,9 @@ int ds4_quantize_rows(int type, const float *src, void *dst, int64_t n_rows, int
         if (n_cols > 0 &&
             !ds4_quantize_row(type, src + r * n_cols, (uint8_t *)dst + (size_t)r * row_bytes, n_cols, imatrix)) {
             free(imp);
-            return ds4_err_set(err, DS4_E_ARG, "quantize %s: row %lld has a non-finite value or importance",
-                               t->name, (long long)r);
+            return ds4_err_set(err, DS4_E_ARG,
+                               "quantize %s: row %lld has a non-finite value or importance, or values too large "
+                               "for its F16 block scales", t->name, (long long)r);
         }
     }
     free(imp);

@@ -34,6 +34,9 @@ void ds4_quant_ref_q8_0(const float *x, void *dst, int64_t n) {
             amax = amax > v ? amax : v;
         }
         float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        /* d below ~2.9e-39 (its f16 is 0: the block decodes to zeros): 1/d is
+         * inf and x*id inf or NaN, whose int8 conversion is undefined */
+        if (!isfinite(id)) id = 0.0f;
         o.d = ds4_f32_to_f16(d);
         for (int i = 0; i < DS4_QK8_0; i++) o.qs[i] = (int8_t)roundf(xb[i] * id);
         memcpy((uint8_t *)dst + (size_t)b * sizeof o, &o, sizeof o);

@@ -219,7 +219,10 @@ static void on_fatal(int sig) {
 }
 
 static void on_fatal_for(int sig) {
-    struct sigaction sa;
+    struct sigaction sa, old;
+    /* a signal the parent set to be ignored (SIGQUIT for a job started with
+     * & by a script) stays ignored */
+    if (sig != SIGBUS && sigaction(sig, NULL, &old) == 0 && old.sa_handler == SIG_IGN) return;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_fatal;
     sigemptyset(&sa.sa_mask);
@@ -229,7 +232,7 @@ static void on_fatal_for(int sig) {
 
 void ds4_tmp_fatal_signals(const char *prog) {
     tmp_prog = prog;
-    static const int sigs[] = {SIGBUS, SIGPIPE, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU};
+    static const int sigs[] = {SIGBUS, SIGPIPE, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM, SIGXCPU};
     for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) on_fatal_for(sigs[i]);
 }
 

@@ -272,7 +272,8 @@ def write_dat(path, entries, chunks=3, dataset="calib.txt", ncall=1):
         nb = name.encode()
         b += struct.pack("<i", len(nb)) + nb + struct.pack("<ii", ncall, len(vals))
         b += np.asarray(vals, dtype="<f4").tobytes()
-    b += struct.pack("<i", chunks) + struct.pack("<i", len(dataset)) + dataset.encode()
+    ds = dataset if isinstance(dataset, bytes) else dataset.encode()
+    b += struct.pack("<i", chunks) + struct.pack("<i", len(ds)) + ds
     path.write_bytes(b)
 
 
@@ -895,3 +896,124 @@ def test_signal_during_the_mtp_file_keeps_the_complete_main_file(official, tmp_p
     assert "x.gguf is complete; --mtp-out" in err and "mtp.gguf not written" in err, err
     assert sorted(p.name for p in outdir.iterdir()) == ["x.gguf"]
     assert (outdir / "x.gguf").read_bytes() == ref.read_bytes()
+
+
+# --- values and configs the engine cannot use ------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe", ["q8_0", "q4", "q2"])
+def test_values_past_the_f16_block_scales_are_refused(recipe, official, tmp_path):
+    """Finite expert weights of ~5e10 (a ue8m0 scale of 2^33) need a block scale past F16's 65504: the file had
+    inf / NaN blocks that ds4 loaded into NaN logits (exit 0); now an error naming the tensor, matrix and row."""
+    d = _copy(official, tmp_path)
+    name = "layers.2.ffn.experts.0.w1.scale"
+    _rewrite_shard(d, name, lambda t: t.__setitem__(name, ("F8_E8M0", np.full_like(t[name][1], 160))))
+    out = tmp_path / "x.gguf"
+    r = convert(d, out, recipe, asan=True)
+    assert r.returncode == 1 and "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
+    assert "blk.2.ffn_gate_exps.weight" in r.stderr and "matrix 0" in r.stderr, r.stderr
+    assert "too large for the type's F16 block scales" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("rms_norm_eps", 1e-50, "rms_norm_eps"),            # 0 as F32
+    ("hc_eps", 1e-46, "hc_eps"),
+    ("routed_scaling_factor", 1e-47, "routed_scaling_factor"),
+    ("rope_theta", 1.00000001, "rope_theta"),           # 1 as F32: outside (1, 1e12]
+    ("swiglu_limit", 1e-50, "swiglu_limit"),
+    ("partial_rotary_factor", -0.5, "partial_rotary_factor"),
+    ("partial_rotary_factor", 1e30, "partial_rotary_factor"),
+])
+def test_config_values_are_checked_as_the_file_stores_them(key, value, needle, official, tmp_path):
+    """The file stores these as F32: a value in range as a double but not as F32 was written, and ds4 refused the
+    file it got (exit 0 from the converter); a partial_rotary_factor outside [0, 1] wrote a wrapped RoPE size."""
+    d = _copy(official, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    if key == "partial_rotary_factor":
+        cfg.pop("qk_rope_head_dim", None)
+    (d / "config.json").write_text(json.dumps(cfg))
+    _refused(d, tmp_path, needle)
+
+
+def test_mtp_out_refuses_two_mtp_blocks(official, tmp_path):
+    """num_nextn_predict_layers = 2 with --mtp-out wrote mtp.0 and mtp.1, a file the engine refuses (it runs one
+    block): refused before any output."""
+    d = _copy(official, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    r = convert(d, tmp_path / "m.gguf", "q8_0", extra=["--mtp-out", str(tmp_path / "mtp.gguf")], asan=True)
+    assert r.returncode == 1 and "one MTP block" in r.stderr, r.stderr
+    assert not (tmp_path / "mtp.gguf").exists() and not (tmp_path / "m.gguf").exists()
+
+
+def test_index_naming_a_tensor_twice_and_a_dangling_tokenizer_are_refused(official, tmp_path):
+    """An index whose weight_map names a tensor twice (it went by the last entry) and a tokenizer.json that is a
+    link to nothing (the file was written with no tokenizer, silently) are errors."""
+    import os
+    d = _copy(official, tmp_path)
+    ix = d / "model.safetensors.index.json"
+    text = ix.read_text()
+    wm = _index(d)
+    first = next(iter(wm))
+    ix.write_text(text.replace('"weight_map": {', '"weight_map": {"%s": "%s", ' % (first, wm[first]), 1))
+    assert text != ix.read_text()
+    _refused(d, tmp_path, "model.safetensors.index.json")
+    ix.write_text(text)
+    os.symlink("/nonexistent/tokenizer.json", d / "tokenizer.json")
+    out = tmp_path / "t.gguf"
+    r = convert(d, out, "q8_0")
+    assert r.returncode == 1 and "tokenizer.json" in r.stderr and "link to nothing" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_imatrix_strings_that_are_not_utf8_are_written_escaped(official, tmp_path):
+    """A GGUF string is UTF-8 (FORMATS A.1): an imatrix path or dataset name with other bytes went in raw (gguf-py
+    then failed to read the key); now each such byte is written as \\xNN."""
+    d, deq = official["h256"]
+    dat = tmp_path / "im_\udcff.dat"  # the file name's byte 0xff
+    write_dat(dat, _imatrix_entries(expected_main(deq)), dataset=b"caf\xe9\xff.txt")
+    out = tmp_path / "x.gguf"
+    import subprocess
+    r = subprocess.run([prog("ds4-convert"), "--hf", str(d), "-o", str(out), "--outtype", "q4", "--imatrix", str(dat)],
+                       capture_output=True, timeout=600)  # bytes: the messages name the path as it is
+    assert r.returncode == 0, r.stderr
+    rd, _ = gguf_tensors(out)
+    assert rd.fields["quantize.imatrix.file"].contents().endswith("im_\\xff.dat")
+    assert rd.fields["quantize.imatrix.dataset"].contents() == "caf\\xe9\\xff.txt"
+
+
+def test_tokenizer_with_a_huge_id_is_refused_before_allocating(tmp_path):
+    """An added token with id 2,000,000,000 made the converter allocate and pad two billion entries (5 GB and
+    38 s for 10^8) before the vocabulary check; now refused at once, under a 2 GB address-space limit."""
+    import resource
+    import subprocess
+    tj = json.loads((ROOT / "tests/data/deepseek-v3-tokenizer.json").read_text())
+    tj["added_tokens"].append({"id": 2000000000, "content": "<evil>", "special": True})
+    tok = tmp_path / "tok.json"
+    tok.write_text(json.dumps(tj))
+    out = tmp_path / "t.gguf"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+    r = subprocess.run([str(ROOT / "ds4-convert"), "--demo", "-o", str(out), "--tokenizer", str(tok)],
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert r.returncode != 0 and "2000000000" in r.stderr and "past the largest id" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_sigquit_during_conversion_leaves_no_temporary_file(official, tmp_path):
+    """SIGQUIT (Ctrl+\\) left OUT.tmp.*: it is now among the signals that remove it first."""
+    import resource
+    import signal as sg
+    d, _ = official["h256"]
+    core = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, core[1]))  # no core file from the child (inherited)
+    try:
+        rc, err, outdir = _interrupt_when(tmp_path, d, "SIGQUIT", "x.gguf.tmp.*")
+    finally:
+        resource.setrlimit(resource.RLIMIT_CORE, core)
+    assert rc == -sg.SIGQUIT, (rc, err)
+    assert "the unfinished output was removed" in err, err
+    assert list(outdir.iterdir()) == []

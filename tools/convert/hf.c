@@ -153,8 +153,9 @@ static int rope_from_dict(ds4_conv_hparams *hp, json_t *d, const char *where, ds
     const struct { const char *key; double v, lo, hi; } yr[] = {{"factor", hp->yarn_factor, DS4_YARN_FACTOR_RANGE},
                                                                 {"beta_fast", hp->yarn_beta_fast, DS4_YARN_BETA_RANGE},
                                                                 {"beta_slow", hp->yarn_beta_slow, DS4_YARN_BETA_RANGE}};
+    /* checked as the file stores them: F32 (1.00000001e-6 is 9.99999997e-7 there) */
     for (size_t i = 0; i < sizeof yr / sizeof yr[0]; i++)
-        if (!ds4_in_range(yr[i].v, yr[i].lo, yr[i].hi))
+        if (!ds4_in_range((double)(float)yr[i].v, yr[i].lo, yr[i].hi))
             return ds4_err_set(err, DS4_E_FORMAT, "config.json: %s %s = %g, expected a value in (%g, %g] (the engine's range)",
                                where, yr[i].key, yr[i].v, yr[i].lo, yr[i].hi);
     return 0;
@@ -362,6 +363,11 @@ int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err) {
     } else {
         double prf;
         if ((rc = cfg_num(root, KEYS("partial_rotary_factor"), true, 0, &prf, err))) goto done;
+        if (!(prf >= 0 && prf <= 1)) {
+            rc = ds4_err_set(err, DS4_E_FORMAT, "config.json: partial_rotary_factor = %g, expected a value in [0, 1]",
+                             prf);
+            goto done;
+        }
         hp->n_rot = (int)(hp->head_dim * prf);
     }
     if ((rc = cfg_expect(root, "scoring_func", "sqrtsoftplus", -1, err)) ||
@@ -392,14 +398,15 @@ int ds4_conv_read_config(ds4_conv_hparams *hp, const char *path, ds4_err *err) {
             {"rope_theta", hp->rope_base, DS4_ROPE_BASE_RANGE},
             {"compress_rope_theta", hp->compress_rope_base, DS4_ROPE_BASE_RANGE},
         };
+        /* checked as the file stores them: F32 (1e-50 is 0 there, 1.00000001 is 1) */
         for (size_t i = 0; i < sizeof fr / sizeof fr[0]; i++)
-            REQUIRE(ds4_in_range(fr[i].v, fr[i].lo, fr[i].hi),
-                    "config.json: %s = %g, expected a value in (%g, %g] (the engine's range)", fr[i].key, fr[i].v,
-                    fr[i].lo, fr[i].hi);
+            REQUIRE(ds4_in_range((double)(float)fr[i].v, fr[i].lo, fr[i].hi),
+                    "config.json: %s = %.9g, expected a value in (%g, %g] as F32 (the engine's range)", fr[i].key,
+                    fr[i].v, fr[i].lo, fr[i].hi);
     }
     REQUIRE(hp->idx_dim >= 32 && (hp->idx_dim & (hp->idx_dim - 1)) == 0,
             "config.json: index_head_dim %d must be a power of two >= 32 (Hadamard + FP4 blocks)", hp->idx_dim);
-    REQUIRE(hp->swiglu_limit > 0, "config.json: swiglu_limit must be positive");
+    REQUIRE((float)hp->swiglu_limit > 0, "config.json: swiglu_limit must be positive (as F32: %g)", hp->swiglu_limit);
 #undef REQUIRE
 done:
     json_decref(root);
@@ -556,6 +563,10 @@ int ds4_conv_plan_mtp(ds4_conv_plan *p, const ds4_conv_hparams *hp, ds4_conv_out
     memset(p, 0, sizeof *p);
     if (hp->nextn < 1)
         return ds4_err_set(err, DS4_E_MODEL, "--mtp-out: config.json has num_nextn_predict_layers = 0 (no MTP block)");
+    if (hp->nextn > 1) /* the engine loads one block (model.c ds4_model_load_mtp): a file it would refuse */
+        return ds4_err_set(err, DS4_E_MODEL,
+                           "--mtp-out: config.json has num_nextn_predict_layers = %d; the engine runs one MTP block",
+                           hp->nextn);
     int cap = 0, rc = 0;
     const int64_t D = hp->n_embd, hc = hp->n_hc;
     char pre[32], nm[64];

@@ -23,12 +23,14 @@
  * Entries are kept sorted by name (binary search; a name twice is an error).
  */
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "convert.h"
 #include "util/file.h"
+#include "util/utf8.h"
 
 void ds4_conv_imatrix_free(ds4_conv_imatrix *im) {
     for (int i = 0; i < im->n; i++) {
@@ -394,10 +396,29 @@ int ds4_conv_imatrix_apply(ds4_conv_imatrix *im, ds4_conv_plan *const *plans, in
     return 0;
 }
 
+/* A GGUF string is UTF-8 (FORMATS A.1): a path or dataset name with other
+ * bytes (or control characters) goes in escaped, \xNN for each such byte. */
+static int add_text(ds4_gguf_writer *w, const char *key, const char *s) {
+    const size_t n = strlen(s), cap = 4 * n + 8;
+    bool clean = true;
+    for (size_t k = 0; k < n && clean;) {
+        const int len = (unsigned char)s[k] >= 0x20 && s[k] != 0x7f ? ds4_utf8_char((const unsigned char *)s + k, n - k) : 0;
+        clean = len > 0;
+        k += len > 0 ? (size_t)len : 1;
+    }
+    if (clean) return ds4_gguf_writer_add_str(w, key, s, n);
+    char *esc = malloc(cap);
+    if (!esc) return DS4_E_NOMEM;
+    ds4_escaped(esc, cap, s, n, 0);
+    int rc = ds4_gguf_writer_add_str(w, key, esc, strlen(esc));
+    free(esc);
+    return rc;
+}
+
 int ds4_conv_imatrix_add_metadata(ds4_gguf_writer *w, const ds4_conv_imatrix *im, ds4_err *err) {
-    int rc = ds4_gguf_writer_add_str(w, "quantize.imatrix.file", im->path, strlen(im->path));
+    int rc = add_text(w, "quantize.imatrix.file", im->path);
     if (!rc) rc = ds4_gguf_writer_add_u64(w, "quantize.imatrix.entries_count", (uint64_t)im->n);
-    if (!rc && im->dataset) rc = ds4_gguf_writer_add_str(w, "quantize.imatrix.dataset", im->dataset, strlen(im->dataset));
+    if (!rc && im->dataset) rc = add_text(w, "quantize.imatrix.dataset", im->dataset);
     if (!rc && im->chunks > 0) rc = ds4_gguf_writer_add_u64(w, "quantize.imatrix.chunks_count", (uint64_t)im->chunks);
     if (rc) return ds4_err_set(err, rc, "adding the quantize.imatrix.* keys failed");
     return 0;

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "convert.h"
@@ -392,7 +393,15 @@ int main(int argc, char **argv) {
     int rc = 0;
     if (hf && !tok) {                       /* the checkpoint's own tokenizer.json, when it has one */
         snprintf(tok_default, sizeof tok_default, "%s/tokenizer.json", hf);
+        /* present but unreadable (a dangling link, no permission): an error, not a file without a tokenizer */
+        struct stat tst;
         if (access(tok_default, R_OK) == 0) tok = tok_default;
+        else if (lstat(tok_default, &tst) == 0) {
+            fprintf(stderr, "ds4-convert: %s: %s (give --tokenizer FILE, or fix it)\n", tok_default,
+                    errno == ENOENT ? "a link to nothing" : strerror(errno));
+            ds4_gguf_writer_free(w);
+            return 1;
+        }
     }
     if (vocab_only) {
         ds4_gguf_writer_add_str(w, "general.architecture", "deepseek4", 9);

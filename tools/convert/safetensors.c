@@ -235,7 +235,7 @@ static bool ends_with(const char *s, const char *suffix) {
 /* Files named by the index's weight_map (unique, sorted), or an error. */
 static int index_files(const char *dir, const char *index_path, json_t **root_out, char ***files_out,
                        int *n_out, ds4_err *err) {
-    json_t *root = ds4_conv_load_json(index_path, 0, err);
+    json_t *root = ds4_conv_load_json(index_path, JSON_REJECT_DUPLICATES, err); /* one shard per tensor */
     if (!root) return err ? err->code : DS4_E_IO;
     json_t *wm = json_object_get(root, "weight_map");
     if (!json_is_object(wm)) {

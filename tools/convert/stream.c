@@ -245,9 +245,13 @@ static int encode_rows(chunk *c, int64_t i0, int64_t i1, ds4_err *err) {
                 memcpy(dst + 2 * k, &h, 2);
             }
         } else if (ds4_quantize_row((int)t->type, row, dst, n, c->imp) != c->row_bytes) {
+            float amax = 0;
+            for (int64_t k = 0; k < n; k++)
+                if (fabsf(row[k]) > amax) amax = fabsf(row[k]);
             return ds4_err_set(err, DS4_E_MODEL, "tensor '%s': %s quantization of matrix %lld row %lld failed "
-                               "(non-finite value or importance)", t->name, ds4_ggml_type_name(t->type),
-                               (long long)c->m, (long long)i);
+                               "(a non-finite value or importance, or values too large for the type's F16 block "
+                               "scales: largest |value| %g)", t->name, ds4_ggml_type_name(t->type),
+                               (long long)c->m, (long long)i, (double)amax);
         }
     }
     return 0;

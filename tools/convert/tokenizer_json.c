@@ -125,6 +125,11 @@ static int load_merges(ds4_tokjson *tj, json_t *merges, ds4_err *err) {
     return 0;
 }
 
+/* Ids past this are refused before the tables are allocated (an id of 2^31
+ * made the loader allocate and pad ~10^9 entries before any size check; V4's
+ * vocabulary has 129,280 ids). */
+#define TOKJSON_MAX_ID (1 << 20)
+
 /* Highest id used by model.vocab and added_tokens; fails on a bad entry. */
 static int max_id(json_t *vocab, json_t *added, int *out, ds4_err *err) {
     json_int_t hi = -1;
@@ -134,6 +139,10 @@ static int max_id(json_t *vocab, json_t *added, int *out, ds4_err *err) {
         if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= INT32_MAX)
             return ds4_err_set(err, DS4_E_FORMAT, "tokenizer.json: model.vocab[\"%.80s\"] is not an id",
                                key);
+        if (json_integer_value(v) >= TOKJSON_MAX_ID)
+            return ds4_err_set(err, DS4_E_FORMAT, "tokenizer.json: model.vocab[\"%.80s\"] = %lld, past the largest "
+                               "id a tokenizer here may use (%d)", key, (long long)json_integer_value(v),
+                               TOKJSON_MAX_ID - 1);
         if (json_integer_value(v) > hi) hi = json_integer_value(v);
     }
     size_t i;
@@ -143,6 +152,10 @@ static int max_id(json_t *vocab, json_t *added, int *out, ds4_err *err) {
             json_integer_value(id) >= INT32_MAX || !json_is_string(c))
             return ds4_err_set(err, DS4_E_FORMAT,
                                "tokenizer.json: added_tokens[%zu] lacks an id or content", i);
+        if (json_integer_value(id) >= TOKJSON_MAX_ID)
+            return ds4_err_set(err, DS4_E_FORMAT, "tokenizer.json: added_tokens[%zu] has id %lld, past the largest "
+                               "id a tokenizer here may use (%d)", i, (long long)json_integer_value(id),
+                               TOKJSON_MAX_ID - 1);
         if (json_integer_value(id) > hi) hi = json_integer_value(id);
     }
     *out = (int)hi;
