@@ -56,7 +56,15 @@ struct srv_cache {
     int tool_pos;          /* live length it belongs to */
     char **tool_ids;       /* (n_tool_ids) call ids of the turn */
     int n_tool_ids;
+    size_t tool_head_len;  /* the turn's request text up to its assistant message, */
+    uint64_t tool_head_hash; /* by length and FNV-1a: a later request must begin with it */
 };
+
+static uint64_t fnv1a(const char *p, size_t n) {
+    uint64_t h = 14695981039346656037ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)p[i]) * 1099511628211ull;
+    return h;
+}
 
 /* Forgets the tool binding (worker thread). */
 static void tool_clear(struct srv_cache *c) {
@@ -84,6 +92,11 @@ bool srv_cache_live_call(srv_server *s, srv_api api, const char *id) {
  * set at live length L (worker thread: no lock needed for reads). */
 static bool tool_binding_matches(const struct srv_cache *c, const srv_request *rq, int L) {
     if (!rq->tail_text || c->tool_api != (int)rq->api || c->tool_pos != L || !c->n_tool_ids)
+        return false;
+    /* the rest of the request is the turn's: the same system block, tools and
+     * history before the assistant message (a new system prompt or tool list
+     * with the same tool outputs continued the old state) */
+    if (!rq->text || rq->text_len < c->tool_head_len || fnv1a(rq->text, c->tool_head_len) != c->tool_head_hash)
         return false;
     for (int i = 0; i < rq->n_tail_ids; i++) {
         bool in = false;
@@ -518,7 +531,7 @@ void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hi
     c->bind_text = NULL;
     c->bind_kind = srv_binding_kind(&j->rq, r, s->cfg.n_ctx, stop_hit);
     tool_clear(c);
-    bool tool_turn = !stop_hit && r->parsed.n_calls &&
+    bool tool_turn = !stop_hit && r->parsed.n_calls && !r->calls_dropped &&
                      ((j->rq.api == SRV_API_RESPONSES &&
                        (r->finish == SRV_FINISH_STOP || r->finish == SRV_FINISH_TOOL_CALLS)) ||
                       (j->rq.api == SRV_API_ANTHROPIC && r->finish == SRV_FINISH_TOOL_CALLS));
@@ -532,6 +545,22 @@ void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hi
         c->n_tool_ids = n;
         c->tool_api = (int)j->rq.api;
         c->tool_pos = ds4_session_n_tokens(s->session);
+        /* the request's text without its generation prefix (Assistant +
+         * think marker): the next request renders this turn's assistant
+         * message there, or (rule 3) only the tool outputs */
+        size_t hl = j->rq.text ? j->rq.text_len : 0;
+        const char *marks[] = {DS4_THINK_OPEN, DS4_THINK_CLOSE};
+        for (int k = 0; k < 2; k++) {
+            const size_t ml = strlen(marks[k]);
+            if (hl >= ml && !memcmp(j->rq.text + hl - ml, marks[k], ml)) {
+                hl -= ml;
+                break;
+            }
+        }
+        const size_t al = strlen(DS4_ASSISTANT);
+        if (hl >= al && !memcmp(j->rq.text + hl - al, DS4_ASSISTANT, al)) hl -= al;
+        c->tool_head_len = hl;
+        c->tool_head_hash = fnv1a(j->rq.text ? j->rq.text : "", hl);
         pthread_mutex_unlock(&c->tool_mu);
     }
     if (!c->bind_kind) return;

@@ -252,6 +252,7 @@ typedef struct srv_result {
     char *text;             /* completions: raw generated text (else NULL) */
     size_t text_len;
     bool think_closed;      /* </think> was generated */
+    bool calls_dropped;     /* parallel calls off: calls after the first were dropped (the live state holds them) */
     const char *stop;       /* the rq->stops string that ended the turn, or NULL */
     srv_logprob *lp;        /* (n_lp) logprobs of the content tokens, if asked */
     int n_lp;

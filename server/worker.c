@@ -1064,6 +1064,7 @@ static void run_job(srv_server *s, srv_job *j) {
             free(r.parsed.calls[i].arguments);
         }
         r.parsed.n_calls = 1;
+        r.calls_dropped = true;
         free(r.parsed.raw_dsml);
         r.parsed.raw_dsml = NULL;
         r.parsed.raw_dsml_len = 0;

@@ -1819,7 +1819,13 @@ const char *ds4_dsml_replay_lookup(ds4_dsml_replay *m, const char *const *ids, i
         rentry *e = *slot_of(m, ids[i]);
         if (!e || (first && e->blk != first)) return NULL;
         first = e->blk;
+        for (int k = 0; k < i; k++)
+            if (!strcmp(ids[k], ids[i])) return NULL; /* an id twice: not the turn's set */
     }
+    /* the message carries all of the block's calls: a turn's parallel calls
+     * replayed one per message would each bring the whole block (every call
+     * twice); each live entry of the block holds one reference */
+    if (first->refs != (size_t)n) return NULL;
     for (int i = 0; i < n; i++) ds4_dsml_replay_get(m, ids[i], NULL);
     if (len) *len = first->len;
     return first->data;

@@ -274,7 +274,9 @@ int ds4_dsml_replay_put(ds4_dsml_replay *m, const char *const *ids, int n_ids,
 const char *ds4_dsml_replay_get(ds4_dsml_replay *m, const char *id, size_t *len);
 
 /* C.8 rule for one assistant message: returns the block if all n ids are
- * known and map to the same block, else NULL (n == 0 gives NULL). */
+ * known, distinct, map to the same block and are all of its ids (a turn's
+ * calls split over several messages are rendered canonically), else NULL
+ * (n == 0 gives NULL). */
 const char *ds4_dsml_replay_lookup(ds4_dsml_replay *m, const char *const *ids, int n,
                                    size_t *len);
 

@@ -929,6 +929,34 @@ def test_server_anthropic_tool_output_only_continues_live_binding_like_full_repl
         assert f.usage.output_tokens == b.usage.output_tokens and f.stop_reason == b.stop_reason
 
 
+def test_server_tool_output_shortcut_needs_the_same_system_and_tools():
+    """C.2 rules 2/3 continue the live state with only the tool outputs: a follow-up whose system prompt or tool
+    list changed (Claude Code adding an MCP tool) continued the old state, so the model never saw the change. Now
+    such a request takes another rule (a full replay: its own prompt, the same reply as a fresh server gives) or,
+    carrying only the outputs, a 409; parallel calls cut to one (disable_parallel_tool_use) leave no binding."""
+    import anthropic
+    read = dict(ANTH_BASH, name="Read", description="Read a file")
+    with Server() as s:
+        c = s.anthropic()
+        a, use = anthropic_tool_turn(c)
+        full = user("List files") + [{"role": "assistant", "content": [b.to_dict() for b in a.content]},
+                                     tool_result(use.id, "a.txt\n")]
+        kw = dict(model="m", max_tokens=12, messages=full, tools=[ANTH_BASH, read], **NO_THINK_ANTH)
+        b = c.messages.create(**kw)
+        assert "kv reuse tool-output" not in s.log_text(), s.log_text()[-2000:]
+        _, use2 = anthropic_tool_turn(c)
+        with pytest.raises(anthropic.ConflictError):
+            c.messages.create(model="m", max_tokens=4, system="Another system prompt", tools=[ANTH_BASH],
+                              messages=user("List files") + [tool_result(use2.id, "a.txt\n")], **NO_THINK_ANTH)
+        # the same outputs with the turn's own system and tools still continue the live state
+        ok = c.messages.create(model="m", max_tokens=4, tools=[ANTH_BASH],
+                               messages=user("List files") + [tool_result(use2.id, "a.txt\n")], **NO_THINK_ANTH)
+        assert ok.usage.cache_read_input_tokens > 0 and s.log_text().count("kv reuse tool-output") == 1
+    with Server() as s2:
+        fresh = s2.anthropic().messages.create(**kw)
+    assert [x.to_dict() for x in fresh.content] == [x.to_dict() for x in b.content]
+
+
 def test_server_tool_output_without_call_or_live_binding_gets_400():
     """B.4: an output whose call is neither in the request nor in the live
     binding is a 400 naming the id (Anthropic and Responses); a binding of
@@ -955,7 +983,7 @@ def test_server_tool_output_without_call_or_live_binding_gets_400():
             "type": "invalid_request_error", "param": "input", "code": None}
         # the binding survived the rejected requests
         b = c.messages.create(model="m", max_tokens=4, messages=user("List files") + [
-            tool_result(use.id, "ok")], **NO_THINK_ANTH)
+            tool_result(use.id, "ok")], tools=[ANTH_BASH], **NO_THINK_ANTH)
         assert b.usage.cache_read_input_tokens > 0
 
 
@@ -972,7 +1000,7 @@ def test_server_tool_output_for_binding_gone_at_execution_gets_409_and_server_st
         # binding is still in place (cleared after a successful prefill)
         big = "".join("file_%04d.txt\n" % i for i in range(560))
         body = {"model": "m", "max_tokens": 2, "stream": True, "temperature": 0,
-                "thinking": {"type": "disabled"},
+                "thinking": {"type": "disabled"}, "tools": [ANTH_BASH],
                 "messages": user("List files") + [tool_result(use.id, big)]}
         conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=300)
         conn.request("POST", "/v1/messages", body=json.dumps(body),
@@ -982,7 +1010,7 @@ def test_server_tool_output_for_binding_gone_at_execution_gets_409_and_server_st
         # B2 (only the tool output) is validated now, runs after B1 -> 409
         with pytest.raises(anthropic.ConflictError) as ei:
             c.messages.create(model="m", max_tokens=4, messages=user("List files") + [
-                tool_result(use.id, "small")], **NO_THINK_ANTH)
+                tool_result(use.id, "small")], tools=[ANTH_BASH], **NO_THINK_ANTH)
         stream1 = r1.read().decode()
         conn.close()
         assert "message_stop" in stream1

@@ -980,6 +980,12 @@ DS4_TEST(dsml_replay_put_get_lookup) {
     CHECK(ds4_dsml_replay_lookup(m, ac, 2, &len) == NULL);
     CHECK(ds4_dsml_replay_lookup(m, ax, 2, &len) == NULL);
     CHECK(ds4_dsml_replay_lookup(m, ab, 0, &len) == NULL);
+    /* part of a turn's calls (replayed one per message) or an id twice: not the block (each message
+     * brought the whole block, so every call twice) */
+    const char *a1[] = {"call_a"}, *aa[] = {"call_a", "call_a"};
+    CHECK(ds4_dsml_replay_lookup(m, a1, 1, &len) == NULL);
+    CHECK(ds4_dsml_replay_lookup(m, aa, 2, &len) == NULL);
+    CHECK(ds4_dsml_replay_lookup(m, c, 1, &len) != NULL);
     CHECK_STR(ds4_dsml_replay_get(m, "call_c", NULL), "BLOCK2");
     CHECK_EQ_INT(ds4_dsml_replay_from_disk(m, "call_c"), 0);
     CHECK_EQ_INT(ds4_dsml_replay_from_disk(m, "zz"), -1);
