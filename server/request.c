@@ -329,8 +329,86 @@ int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e) {
     return 0;
 }
 
+#define DUMP_FLAGS (JSON_COMPACT | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER)
+
+static bool has_real(json_t *v, int depth) {
+    if (depth > 4096) return false;
+    const char *k;
+    json_t *x;
+    size_t i;
+    switch (json_typeof(v)) {
+    case JSON_REAL: return true;
+    case JSON_OBJECT:
+        json_object_foreach(v, k, x) if (has_real(x, depth + 1)) return true;
+        return false;
+    case JSON_ARRAY:
+        json_array_foreach(v, i, x) if (has_real(x, depth + 1)) return true;
+        return false;
+    default: return false;
+    }
+}
+
+/* v as compact JSON with each real in its shortest form that reads back as
+ * the same double ("0.1", not json_dumps's 17 digits "0.10000000000000001":
+ * tool schemas and arguments reach the prompt as the client wrote them);
+ * strings, integers and literals exactly as json_dumps writes them. */
+static void dump_shortest(ds4_buf *b, json_t *v) {
+    const char *k;
+    json_t *x;
+    size_t i;
+    char num[40];
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: {
+        ds4_buf_puts(b, "{");
+        bool first = true;
+        json_object_foreach(v, k, x) {
+            if (!first) ds4_buf_puts(b, ",");
+            first = false;
+            json_t *ks = json_string(k);
+            char *kt = ks ? json_dumps(ks, DUMP_FLAGS) : NULL;
+            ds4_buf_puts(b, kt ? kt : "\"\"");
+            free(kt);
+            json_decref(ks);
+            ds4_buf_puts(b, ":");
+            dump_shortest(b, x);
+        }
+        ds4_buf_puts(b, "}");
+        break;
+    }
+    case JSON_ARRAY:
+        ds4_buf_puts(b, "[");
+        json_array_foreach(v, i, x) {
+            if (i) ds4_buf_puts(b, ",");
+            dump_shortest(b, x);
+        }
+        ds4_buf_puts(b, "]");
+        break;
+    case JSON_REAL: {
+        const double d = json_real_value(v);
+        for (int p = 1; p <= 17; p++) {
+            snprintf(num, sizeof num, "%.*g", p, d);
+            if (strtod(num, NULL) == d) break;
+        }
+        ds4_buf_puts(b, num);
+        if (!strpbrk(num, ".eEnN")) ds4_buf_puts(b, ".0"); /* still a real, as json_dumps writes one */
+        break;
+    }
+    default: {
+        char *t = json_dumps(v, DUMP_FLAGS);
+        ds4_buf_puts(b, t ? t : "null");
+        free(t);
+    }
+    }
+}
+
 char *srv_json_text(json_t *v) {
-    char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY | JSON_PRESERVE_ORDER);
+    if (v && has_real(v, 0)) {
+        ds4_buf b = DS4_BUF_INIT;
+        dump_shortest(&b, v);
+        if (ds4_buf_ok(&b)) return ds4_buf_detach(&b, NULL);
+        ds4_buf_free(&b);
+    }
+    char *s = json_dumps(v, DUMP_FLAGS);
     return s ? s : xstrdup("{}");
 }
 
