@@ -1466,9 +1466,17 @@ static int stream_result(ds4_dsml_stream *s, const ds4_buf *suffix, ds4_dsml_res
     size_t end = 0;
     int rc = parse_block(all.data, all.len, s->block_at + strlen(s->f->open), s->f, &cv, &end);
     if (rc == 0) {
-        /* the raw block keeps a blank line right before the tag (C.6 needle) */
+        /* the raw block starts where the content ends: the whitespace held
+         * back before the tag (a blank line, the C.6 needle, or any other:
+         * "\n", "  \n\n\n") is the block's, so content + block re-renders
+         * the sampled bytes (with only "\n\n" kept, "Sure.\n<tag>" came back
+         * as "Sure.<tag>" and the turn's KV was not reused) */
         size_t bs = s->block_at;
-        if (bs - s->flush_from >= 2 && all.data[bs - 1] == '\n' && all.data[bs - 2] == '\n') bs -= 2;
+        int ws = s->flush_from <= bs;
+        for (size_t i = s->flush_from; ws && i < bs; i++)
+            ws = all.data[i] == ' ' || all.data[i] == '\t' || all.data[i] == '\n' || all.data[i] == '\r';
+        if (ws) bs = s->flush_from;
+        else if (bs - s->flush_from >= 2 && all.data[bs - 1] == '\n' && all.data[bs - 2] == '\n') bs -= 2;
         out->calls = cv.v;
         out->n_calls = cv.n;
         ds4_buf raw = DS4_BUF_INIT;

@@ -1219,3 +1219,25 @@ def test_numbers_in_tool_schemas_and_arguments_keep_their_digits(tmp_path):
     assert '"minimum":0.1,"maximum":1e-07,"default":3.14159' in t, t[-3000:]
     assert "0.10000000000000001" not in t and "9.9999999999999995e-08" not in t
     assert ">0.1<" in t and ">2.5e-3<" in t, t[-3000:]  # OpenAI arguments are text: kept as written
+
+
+@pytest.mark.parametrize("gap", ["\n", "  \n\n\n"])
+def test_whitespace_before_a_tool_call_block_is_replayed(gap):
+    """The content is trimmed and the remembered block kept only a blank line before its tag: a reply with "\\n" or
+    "  \\n\\n\\n" there re-rendered otherwise than sampled, so the next turn re-prefilled the tool-call turn. Now the
+    block starts where the content ends, and the next turn reuses the whole previous prompt + reply."""
+    reply = ("Sure." + gap + "<{m}tool_calls>\n<{m}invoke name=\"bash\">\n<{m}parameter name=\"command\" string=\"true\">"
+             "ls</{m}parameter>\n</{m}invoke>\n</{m}tool_calls>").format(m=M)
+    with Server("--debug-reply", reply) as s:
+        c = s.openai()
+        r = c.chat.completions.create(model="m", messages=user("go"), tools=[BASH_TOOL], max_tokens=200,
+                                      extra_body=NO_THINK)
+        msg = r.choices[0].message
+        assert msg.content == "Sure." and msg.tool_calls[0].function.name == "bash", msg
+        live = r.usage.prompt_tokens + r.usage.completion_tokens
+        hist = user("go") + [msg.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "a.txt"}]
+        r2 = c.chat.completions.create(model="m", messages=hist, tools=[BASH_TOOL], max_tokens=1, extra_body=NO_THINK)
+        log = s.log_text()
+        assert "kv reuse token-prefix" in log, log[-2000:]
+        assert r2.usage.prompt_tokens_details.cached_tokens >= live - 1, (r2.usage, live)

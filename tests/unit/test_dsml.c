@@ -307,7 +307,8 @@ DS4_TEST(dsml_parse_thinking_turn_with_two_calls) {
               "{\"command\": \"ls -la && echo </x> &foo;\", \"n\": {\"a\":[1,2]}}");
     CHECK_STR(r.calls[1].name, "read");
     CHECK_STR(r.calls[1].arguments, "{\"path\": \"a.txt\"}");
-    const char *bs = strstr(TURN, "\n\n<" M "tool_calls>");
+    /* the raw block starts where the trimmed content ends: content + block = the sampled bytes */
+    const char *bs = strstr(TURN, " \n\n<" M "tool_calls>");
     const char *be = strstr(TURN, "trailing");
     CHECK_EQ_INT(r.raw_dsml_len, (size_t)(be - bs));
     CHECK(memcmp(r.raw_dsml, bs, r.raw_dsml_len) == 0);
@@ -349,7 +350,7 @@ DS4_TEST(dsml_parse_families_and_needle_order) {
     CHECK_EQ_INT(r.n_calls, 1);
     CHECK_STR(r.content, "a");
     CHECK_STR(r.calls[0].arguments, "{\"k\": \"v\"}");
-    CHECK(r.raw_dsml[0] == '<');
+    CHECK(r.raw_dsml[0] == '\n' && r.raw_dsml[1] == '<'); /* the newline the content lost is the block's */
     ds4_dsml_result_free(&r);
     parse_s("x\n\n<tool_calls>\n<invoke name=\"p\">\n<parameter name=\"n\" string=\"false\">5"
             "</parameter>\n</invoke>\n</tool_calls>", 0, &r);
