@@ -698,7 +698,17 @@ static void add_alias(srv_request *rq, const char *rendered, const char *name, c
  * is the compact re-serialization of the client's JSON (jansson keeps member
  * order; whitespace of the original bytes is not kept). */
 static void add_schema(srv_request *rq, ds4_buf *lines, json_t *schema) {
-    char *s = srv_json_text(schema);
+    /* an Anthropic cache breakpoint is transport, not the tool: clients move
+     * it between requests (Claude Code marks the last tool), which changed
+     * the system block and re-prefilled the whole conversation */
+    json_t *shown = schema;
+    if (json_is_object(schema) && json_object_get(schema, "cache_control")) {
+        shown = json_copy(schema);
+        if (shown) json_object_del(shown, "cache_control");
+        else shown = schema;
+    }
+    char *s = srv_json_text(shown);
+    if (shown != schema) json_decref(shown);
     if (lines->len) ds4_buf_putc(lines, '\n');
     ds4_buf_puts(lines, s);
     free(s);

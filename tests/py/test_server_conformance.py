@@ -1241,3 +1241,20 @@ def test_whitespace_before_a_tool_call_block_is_replayed(gap):
         log = s.log_text()
         assert "kv reuse token-prefix" in log, log[-2000:]
         assert r2.usage.prompt_tokens_details.cached_tokens >= live - 1, (r2.usage, live)
+
+
+def test_anthropic_cache_control_on_a_tool_is_not_in_the_prompt(tmp_path):
+    """A cache breakpoint on a tool (Claude Code marks the last one, and moves it) is not part of the tool the model
+    reads: it was written into the system block, so moving it changed the prompt and re-prefilled everything."""
+    trace = tmp_path / "t.txt"
+    bash = {"name": "Bash", "description": "Run", "input_schema": {"type": "object", "properties": {}}}
+    with Server("--trace", trace) as s:
+        c = s.anthropic()
+        c.messages.create(model="m", max_tokens=1, messages=user("hi"), thinking={"type": "disabled"},
+                          tools=[dict(bash, cache_control={"type": "ephemeral"})])
+        c.messages.create(model="m", max_tokens=1, messages=user("hi"), thinking={"type": "disabled"}, tools=[bash])
+        log = s.log_text()
+    t = trace.read_text(errors="replace")
+    assert "cache_control" not in t.split("--- rendered prompt")[1], t[-2000:]
+    prompts = re.findall(r"prompt=(\d+) cached=(\d+)", log)
+    assert len(prompts) == 2 and prompts[1][0] == prompts[1][1] == prompts[0][0], log[-2000:]  # all reused
