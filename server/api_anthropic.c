@@ -136,7 +136,7 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
                 result_id = xstrdup(id);
             } else {
                 if (t) ds4_buf_puts(&text, t); /* text and unknown blocks with text */
-                else if (srv_media_placeholder(type)) ds4_buf_puts(&text, srv_media_placeholder(type));
+                else if (srv_media_text(bl, type)) ds4_buf_puts(&text, srv_media_text(bl, type));
                 if (th) ds4_buf_puts(&reasoning, th);
             }
         }

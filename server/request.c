@@ -284,6 +284,14 @@ const char *srv_media_placeholder(const char *type) {
     return NULL;
 }
 
+const char *srv_media_text(json_t *part, const char *type) {
+    json_t *src = type && !strcmp(type, "document") ? json_object_get(part, "source") : NULL;
+    const char *st = json_string_value(json_object_get(src, "type"));
+    const char *data = json_string_value(json_object_get(src, "data"));
+    if (st && data && !strcmp(st, "text")) return data; /* an Anthropic plain-text document: its text */
+    return srv_media_placeholder(type);
+}
+
 int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e) {
     ds4_buf b = DS4_BUF_INIT;
     if (!v || json_is_null(v)) {
@@ -315,7 +323,7 @@ int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e) {
         else if (tx)
             s = json_string_value(tx);
         else /* media: the model is told what it cannot see */
-            s = srv_media_placeholder(ty);
+            s = srv_media_text(p, ty);
         if (!s) continue; /* other parts carry no text */
         if (sep && n > 0) ds4_buf_puts(&b, sep);
         ds4_buf_puts(&b, s);

@@ -160,6 +160,9 @@ int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e);
  * type `type`, or NULL for other types: ds4 reads text only and says so to
  * the model instead of dropping the part silently. */
 const char *srv_media_placeholder(const char *type);
+/* A media part's text: an Anthropic document with a plain-text source gives
+ * that text, other media srv_media_placeholder's line (NULL: not media). */
+const char *srv_media_text(json_t *part, const char *type);
 int srv_text_of(json_t *v, const char *sep, char **out, srv_error *e);
 /* Thinking controls (docs/SERVING.md B.5) common to chat/completions/anthropic. */
 int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e);

@@ -1258,3 +1258,17 @@ def test_anthropic_cache_control_on_a_tool_is_not_in_the_prompt(tmp_path):
     assert "cache_control" not in t.split("--- rendered prompt")[1], t[-2000:]
     prompts = re.findall(r"prompt=(\d+) cached=(\d+)", log)
     assert len(prompts) == 2 and prompts[1][0] == prompts[1][1] == prompts[0][0], log[-2000:]  # all reused
+
+
+def test_anthropic_plain_text_document_is_read(tmp_path):
+    """An Anthropic document whose source is plain text ({"type": "text", "data": ...}) reaches the prompt as its
+    text; it was replaced by "[document omitted: this model reads text only]". A PDF still is."""
+    trace = tmp_path / "t.txt"
+    with Server("--trace", trace) as s:
+        s.anthropic().messages.create(model="m", max_tokens=1, thinking={"type": "disabled"}, messages=[
+            {"role": "user", "content": [
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "DOC-TEXT-42"}},
+                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERg=="}},
+                {"type": "text", "text": "Summarize."}]}])
+    t = trace.read_text(errors="replace").split("--- rendered prompt")[1]
+    assert "DOC-TEXT-42" in t and t.count("[document omitted") == 1, t[-1500:]
