@@ -229,43 +229,28 @@ static int hexdig(int c) {
 }
 
 /* JSON pointer "#/a/b~1c" inside the document, in its URI fragment form
- * (RFC 6901 section 6: "#/$defs/a%20b" is the member "a b"; percent-decoded
- * first, then ~1 and ~0). */
-static json_t *resolve(json_t *doc, const char *ref) {
-    if (ref[0] != '#') return NULL;
+ * (RFC 6901 section 6): the fragment is percent-decoded first ("#/$defs/a%20b"
+ * is the member "a b"; "%2F" is a separator), then split at '/', then ~1 and
+ * ~0 unescaped in each token. */
+static json_t *resolve_pointer(json_t *doc, const char *p, size_t n) {
     json_t *cur = doc;
-    const char *p = ref + 1;
-    while (*p) {
-        if (*p != '/') return NULL;
-        p++;
-        const char *end = strchr(p, '/');
-        size_t n = end ? (size_t)(end - p) : strlen(p);
-        char *raw = xmalloc(n + 1), *tok = xmalloc(n + 1);
-        size_t m = 0, k = 0;
-        for (size_t i = 0; i < n; i++) {
-            int hi, lo;
-            if (p[i] == '%' && i + 2 < n && (hi = hexdig((unsigned char)p[i + 1])) >= 0 &&
-                (lo = hexdig((unsigned char)p[i + 2])) >= 0) {
-                raw[m++] = (char)(hi * 16 + lo);
-                i += 2;
-            } else {
-                raw[m++] = p[i];
-            }
-        }
-        for (size_t i = 0; i < m; i++) {
-            if (raw[i] == '~' && i + 1 < m && (raw[i + 1] == '0' || raw[i + 1] == '1')) {
-                tok[k++] = raw[i + 1] == '0' ? '~' : '/';
+    size_t at = 0;
+    while (at < n) {
+        if (p[at] != '/') return NULL;
+        at++;
+        const char *end = memchr(p + at, '/', n - at);
+        const size_t len = end ? (size_t)(end - (p + at)) : n - at;
+        char *tok = xmalloc(len + 1);
+        size_t k = 0;
+        for (size_t i = at; i < at + len; i++) {
+            if (p[i] == '~' && i + 1 < at + len && (p[i + 1] == '0' || p[i + 1] == '1')) {
+                tok[k++] = p[i + 1] == '0' ? '~' : '/';
                 i++;
             } else {
-                tok[k++] = raw[i];
+                tok[k++] = p[i];
             }
         }
         tok[k] = 0;
-        free(raw);
-        if (memchr(tok, 0, k)) { /* %00: no member name holds a NUL here */
-            free(tok);
-            return NULL;
-        }
         if (json_is_object(cur)) {
             cur = json_object_get(cur, tok);
         } else if (json_is_array(cur)) {
@@ -277,9 +262,30 @@ static json_t *resolve(json_t *doc, const char *ref) {
         }
         free(tok);
         if (!cur) return NULL;
-        p += n;
+        at += len;
     }
     return cur;
+}
+
+static json_t *resolve(json_t *doc, const char *ref) {
+    if (ref[0] != '#') return NULL;
+    const char *p = ref + 1;
+    const size_t n = strlen(p);
+    char *dec = xmalloc(n + 1);
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        int hi, lo;
+        if (p[i] == '%' && i + 2 < n && (hi = hexdig((unsigned char)p[i + 1])) >= 0 &&
+            (lo = hexdig((unsigned char)p[i + 2])) >= 0) {
+            dec[m++] = (char)(hi * 16 + lo);
+            i += 2;
+        } else {
+            dec[m++] = p[i];
+        }
+    }
+    json_t *r = memchr(dec, 0, m) ? NULL : resolve_pointer(doc, dec, m); /* %00: no member name holds a NUL */
+    free(dec);
+    return r;
 }
 
 static jc_node *compile(srv_jsonc_schema *s, json_t *v, int depth);

@@ -392,11 +392,20 @@ static void dump_shortest(ds4_buf *b, json_t *v) {
         ds4_buf_puts(b, "]");
         break;
     case JSON_REAL: {
+        /* the fewest significant digits that read back as d, laid out as
+         * json_dumps's "%.17g" lays it out: plain digits for exponents
+         * -4..16 (100.0, not 1e+02), else an exponent (1e-07) */
         const double d = json_real_value(v);
-        for (int p = 1; p <= 17; p++) {
-            snprintf(num, sizeof num, "%.*g", p, d);
+        int p = 1;
+        for (; p <= 17; p++) {
+            snprintf(num, sizeof num, "%.*e", p - 1, d);
             if (strtod(num, NULL) == d) break;
         }
+        if (p > 17) p = 17;
+        const char *ex = strchr(num, 'e');
+        const int x = ex ? atoi(ex + 1) : 0;
+        if (x >= -4 && x < 17) snprintf(num, sizeof num, "%.*f", p - 1 - x > 0 ? p - 1 - x : 0, d);
+        else snprintf(num, sizeof num, "%.*g", p, d);
         ds4_buf_puts(b, num);
         if (!strpbrk(num, ".eEnN")) ds4_buf_puts(b, ".0"); /* still a real, as json_dumps writes one */
         break;

@@ -1637,6 +1637,7 @@ const char *ds4_dsml_stream_text(const ds4_dsml_stream *s, size_t *len) {
  * block bytes + 1 + block overhead per distinct block. */
 typedef struct rblock {
     size_t refs;
+    int n_calls; /* calls in the block (parsed at its first lookup), -1 until then */
     size_t len;
     char data[]; /* (len + 1), NUL-terminated */
 } rblock;
@@ -1780,6 +1781,7 @@ static rblock *block_new(ds4_dsml_replay *m, const char *p, size_t len) {
     rblock *b = malloc(sizeof *b + len + 1);
     if (!b) return NULL;
     b->refs = 1; /* held by the caller until put_block is done */
+    b->n_calls = -1;
     b->len = len;
     memcpy(b->data, p, len);
     b->data[len] = '\0';
@@ -1832,8 +1834,15 @@ const char *ds4_dsml_replay_lookup(ds4_dsml_replay *m, const char *const *ids, i
     }
     /* the message carries all of the block's calls: a turn's parallel calls
      * replayed one per message would each bring the whole block (every call
-     * twice); each live entry of the block holds one reference */
-    if (first->refs != (size_t)n) return NULL;
+     * twice). Counted from the block itself, not its live ids (one may have
+     * been evicted, or not loaded from disk) */
+    rblock *fb = (rblock *)first;
+    if (fb->n_calls < 0) {
+        ds4_dsml_result r;
+        fb->n_calls = ds4_dsml_parse(fb->data, fb->len, 0, &r, NULL) == 0 && !r.parse_failed ? r.n_calls : 0;
+        ds4_dsml_result_free(&r);
+    }
+    if (fb->n_calls != n) return NULL;
     for (int i = 0; i < n; i++) ds4_dsml_replay_get(m, ids[i], NULL);
     if (len) *len = first->len;
     return first->data;

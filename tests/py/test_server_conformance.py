@@ -1208,7 +1208,7 @@ def test_numbers_in_tool_schemas_and_arguments_keep_their_digits(tmp_path):
     trace = tmp_path / "t.txt"
     tool = {"type": "function", "function": {"name": "set", "description": "d", "parameters": {
         "type": "object", "properties": {"x": {"type": "number", "minimum": 0.1, "maximum": 1e-7,
-                                               "default": 3.14159}}}}}
+                                               "default": 3.14159, "examples": [100.0, 1500.0, 1e17]}}}}}
     hist = user("go") + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_z", "type": "function", "function": {
             "name": "set", "arguments": "{\"x\": 0.1, \"y\": 2.5e-3}"}}]},
@@ -1216,7 +1216,7 @@ def test_numbers_in_tool_schemas_and_arguments_keep_their_digits(tmp_path):
     with Server("--trace", trace) as s:
         s.openai().chat.completions.create(model="m", messages=hist, tools=[tool], max_tokens=1, extra_body=NO_THINK)
     t = trace.read_text(errors="replace")
-    assert '"minimum":0.1,"maximum":1e-07,"default":3.14159' in t, t[-3000:]
+    assert '"minimum":0.1,"maximum":1e-07,"default":3.14159,"examples":[100.0,1500.0,1e+17]' in t, t[-3000:]
     assert "0.10000000000000001" not in t and "9.9999999999999995e-08" not in t
     assert ">0.1<" in t and ">2.5e-3<" in t, t[-3000:]  # OpenAI arguments are text: kept as written
 

@@ -968,15 +968,20 @@ DS4_TEST(dsml_tracker_is_split_invariant_and_in_stream) {
 
 /* -------------------------------------------------------- replay map */
 
+/* replayed blocks of two calls and of one (lookup counts a block's calls) */
+#define RB_CALL(fn) "<" M "invoke name=\"" fn "\">\n<" M "parameter name=\"k\" string=\"true\">v</" M "parameter>\n</" M "invoke>\n"
+#define RB_TWO "\n\n<" M "tool_calls>\n" RB_CALL("f") RB_CALL("g") "</" M "tool_calls>"
+#define RB_ONE "\n\n<" M "tool_calls>\n" RB_CALL("h") "</" M "tool_calls>"
+
 DS4_TEST(dsml_replay_put_get_lookup) {
     ds4_dsml_replay *m = ds4_dsml_replay_new(0, 0);
     const char *ab[] = {"call_a", "call_b"}, *c[] = {"call_c"};
-    CHECK_EQ_INT(ds4_dsml_replay_put(m, ab, 2, "BLOCK1", 6, NULL), 0);
-    CHECK_EQ_INT(ds4_dsml_replay_put(m, c, 1, "BLOCK2", 6, NULL), 0);
+    CHECK_EQ_INT(ds4_dsml_replay_put(m, ab, 2, RB_TWO, strlen(RB_TWO), NULL), 0);
+    CHECK_EQ_INT(ds4_dsml_replay_put(m, c, 1, RB_ONE, strlen(RB_ONE), NULL), 0);
     CHECK_EQ_INT(ds4_dsml_replay_count(m), 3);
     size_t len = 0;
     const char *p = ds4_dsml_replay_lookup(m, ab, 2, &len);
-    CHECK(p && len == 6 && memcmp(p, "BLOCK1", 6) == 0);
+    CHECK(p && len == strlen(RB_TWO) && memcmp(p, RB_TWO, len) == 0);
     const char *ac[] = {"call_a", "call_c"}, *ax[] = {"call_a", "nope"};
     CHECK(ds4_dsml_replay_lookup(m, ac, 2, &len) == NULL);
     CHECK(ds4_dsml_replay_lookup(m, ax, 2, &len) == NULL);
@@ -987,7 +992,15 @@ DS4_TEST(dsml_replay_put_get_lookup) {
     CHECK(ds4_dsml_replay_lookup(m, a1, 1, &len) == NULL);
     CHECK(ds4_dsml_replay_lookup(m, aa, 2, &len) == NULL);
     CHECK(ds4_dsml_replay_lookup(m, c, 1, &len) != NULL);
-    CHECK_STR(ds4_dsml_replay_get(m, "call_c", NULL), "BLOCK2");
+    /* one of a block's ids gone (evicted, re-put, not loaded): the other alone still is not the block */
+    ds4_dsml_replay *m2 = ds4_dsml_replay_new(0, 0);
+    const char *b1[] = {"call_b"};
+    CHECK_EQ_INT(ds4_dsml_replay_put(m2, ab, 2, RB_TWO, strlen(RB_TWO), NULL), 0);
+    CHECK_EQ_INT(ds4_dsml_replay_put(m2, a1, 1, RB_ONE, strlen(RB_ONE), NULL), 0);
+    CHECK(ds4_dsml_replay_lookup(m2, b1, 1, &len) == NULL);
+    CHECK(ds4_dsml_replay_lookup(m2, a1, 1, &len) != NULL);
+    ds4_dsml_replay_free(m2);
+    CHECK_STR(ds4_dsml_replay_get(m, "call_c", NULL), RB_ONE);
     CHECK_EQ_INT(ds4_dsml_replay_from_disk(m, "call_c"), 0);
     CHECK_EQ_INT(ds4_dsml_replay_from_disk(m, "zz"), -1);
     /* re-putting an id moves it */
@@ -1038,7 +1051,7 @@ static uint32_t le32(const uint8_t *p) { return p[0] | p[1] << 8 | p[2] << 16 | 
 DS4_TEST(dsml_replay_save_load_round_trip_and_layout) {
     ds4_dsml_replay *m = ds4_dsml_replay_new(0, 0);
     const char *ab[] = {"call_a", "call_b"}, *c[] = {"call_c"};
-    const char *b1 = "\n\n<" M "tool_calls>ONE</" M "tool_calls>", *b2 = "TWO-block";
+    const char *b1 = RB_TWO, *b2 = "TWO-block";
     ds4_dsml_replay_put(m, ab, 2, b1, strlen(b1), NULL);
     ds4_dsml_replay_put(m, c, 1, b2, strlen(b2), NULL);
     ds4_buf key = DS4_BUF_INIT, tr = DS4_BUF_INIT;
