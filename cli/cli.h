@@ -58,7 +58,7 @@ typedef struct ds4_cli_opts {
 
 /* Reads the whole file at path into a NUL-terminated malloc'ed buffer. */
 char *ds4_cli_read_file(const char *path, size_t *len);
-/* Reads a whole regular file (no size limit: /load); NULL (message printed)
+/* Reads a whole regular file for /load (no size limit); NULL (message printed)
  * for anything else, without blocking on a FIFO. */
 unsigned char *ds4_cli_read_regular(const char *path, size_t *len);
 /* Opens the engine with the CLI options; prints the error and returns NULL. */

@@ -133,15 +133,11 @@ char *ds4_cli_read_file(const char *path, size_t *len) {
  * state, no text limit applies); anything else (a FIFO, a device, a
  * directory) is refused without blocking. */
 unsigned char *ds4_cli_read_regular(const char *path, size_t *len) {
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) {
-        fprintf(stderr, "ds4: cannot open %s: %s\n", path, strerror(errno));
-        return NULL;
-    }
     struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        fprintf(stderr, "ds4: %s: not a regular file\n", path);
-        close(fd);
+    ds4_err err = {0};
+    int fd = ds4_open_regular(path, O_RDONLY, &st, &err);
+    if (fd < 0) {
+        fprintf(stderr, "ds4: /load %s\n", err.msg);
         return NULL;
     }
     const size_t n = (size_t)st.st_size;

@@ -44,6 +44,7 @@
 #include <microhttpd.h>
 
 #include "server.h"
+#include "util/num.h"
 #include "util/xalloc.h"
 
 /* Longest wait for open requests to finish at shutdown. */
@@ -870,25 +871,11 @@ int srv_http_listen(srv_server *s, ds4_err *err) {
  * the endpoints compare the path as a C string, so a decoded NUL cut
  * "/v1/chat/completions%00junk" to an endpoint's path (a proxy's path rules
  * would see another path than ds4 serves); with it kept, that path is a 404. */
-static int hexval(int c) {
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-}
-
 static size_t unescape(void *cls, struct MHD_Connection *c, char *str) {
     (void)cls, (void)c;
-    char *w = str;
-    for (const char *r = str; *r;) {
-        int hi, lo;
-        if (r[0] == '%' && (hi = hexval((unsigned char)r[1])) >= 0 && (lo = hexval((unsigned char)r[2])) >= 0 &&
-            (hi | lo)) {
-            *w++ = (char)(hi * 16 + lo);
-            r += 3;
-        } else {
-            *w++ = *r++;
-        }
-    }
-    *w = '\0';
-    return (size_t)(w - str);
+    const size_t n = ds4_percent_decode(str, str, strlen(str), 1);
+    str[n] = '\0';
+    return n;
 }
 
 int srv_http_start(srv_server *s, ds4_err *err) {

@@ -35,6 +35,7 @@
 
 #include "sampler.h"
 #include "server.h"
+#include "util/num.h"
 #include "util/xalloc.h"
 
 #define JC_MAX_DEPTH 24
@@ -224,10 +225,6 @@ static void alt_add(jc_node *a, jc_node *n) {
     a->alts[a->n_alts++] = n;
 }
 
-static int hexdig(int c) {
-    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-}
-
 /* JSON pointer "#/a/b~1c" inside the document, in its URI fragment form
  * (RFC 6901 section 6): the fragment is percent-decoded first ("#/$defs/a%20b"
  * is the member "a b"; "%2F" is a separator), then split at '/', then ~1 and
@@ -272,17 +269,7 @@ static json_t *resolve(json_t *doc, const char *ref) {
     const char *p = ref + 1;
     const size_t n = strlen(p);
     char *dec = xmalloc(n + 1);
-    size_t m = 0;
-    for (size_t i = 0; i < n; i++) {
-        int hi, lo;
-        if (p[i] == '%' && i + 2 < n && (hi = hexdig((unsigned char)p[i + 1])) >= 0 &&
-            (lo = hexdig((unsigned char)p[i + 2])) >= 0) {
-            dec[m++] = (char)(hi * 16 + lo);
-            i += 2;
-        } else {
-            dec[m++] = p[i];
-        }
-    }
+    const size_t m = ds4_percent_decode(dec, p, n, 0);
     json_t *r = memchr(dec, 0, m) ? NULL : resolve_pointer(doc, dec, m); /* %00: no member name holds a NUL */
     free(dec);
     return r;

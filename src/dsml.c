@@ -17,6 +17,7 @@
  * was split into chunks.
  */
 #include "dsml.h"
+#include "util/num.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -145,13 +146,6 @@ static void skip_ws_json(const char *p, size_t n, size_t *i) {
     while (*i < n && (p[*i] == ' ' || p[*i] == '\t' || p[*i] == '\n' || p[*i] == '\r')) (*i)++;
 }
 
-static int hexval(char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    return -1;
-}
-
 /* Scans a string literal starting at p[*i] == '"'; *i ends after it. */
 static int scan_string(const char *p, size_t n, size_t *i) {
     size_t k = *i + 1;
@@ -168,7 +162,7 @@ static int scan_string(const char *p, size_t n, size_t *i) {
             if (e == 'u') {
                 if (k + 6 > n) return -1;
                 for (int h = 2; h < 6; h++)
-                    if (hexval(p[k + h]) < 0) return -1;
+                    if (ds4_hex_digit(p[k + h]) < 0) return -1;
                 k += 6;
                 continue;
             }
@@ -309,7 +303,7 @@ static void put_utf8(ds4_buf *out, uint32_t cp) {
 }
 
 static uint32_t hex4(const char *p) {
-    return (uint32_t)(hexval(p[0]) << 12 | hexval(p[1]) << 8 | hexval(p[2]) << 4 | hexval(p[3]));
+    return (uint32_t)(ds4_hex_digit(p[0]) << 12 | ds4_hex_digit(p[1]) << 8 | ds4_hex_digit(p[2]) << 4 | ds4_hex_digit(p[3]));
 }
 
 /* Decodes a validated string literal p[0..n) (quotes included). Surrogate

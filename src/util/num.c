@@ -48,3 +48,22 @@ int ds4_parse_double(const char *s, double lo, double hi, double *out) {
     *out = v;
     return 0;
 }
+
+int ds4_hex_digit(int c) {
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+size_t ds4_percent_decode(char *dst, const char *src, size_t n, int keep_nul) {
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        int hi, lo;
+        if (src[i] == '%' && i + 2 < n && (hi = ds4_hex_digit((unsigned char)src[i + 1])) >= 0 &&
+            (lo = ds4_hex_digit((unsigned char)src[i + 2])) >= 0 && (!keep_nul || hi | lo)) {
+            dst[m++] = (char)(hi * 16 + lo);
+            i += 2;
+        } else {
+            dst[m++] = src[i];
+        }
+    }
+    return m;
+}

@@ -11,7 +11,18 @@
 #ifndef DS4_UTIL_NUM_H
 #define DS4_UTIL_NUM_H
 
+#include <stddef.h>
+
 int ds4_parse_long(const char *s, long lo, long hi, long *out);
 int ds4_parse_double(const char *s, double lo, double hi, double *out);
+
+/* The value 0..15 of hexadecimal digit c, or -1. */
+int ds4_hex_digit(int c);
+
+/* src[0..n) with each %XX (two hex digits) decoded into dst, which may be
+ * src (decoding never lengthens); "%00" stays as it is when keep_nul (a C
+ * string cut at a decoded NUL would read as another). Returns the decoded
+ * length; dst is not NUL-terminated. */
+size_t ds4_percent_decode(char *dst, const char *src, size_t n, int keep_nul);
 
 #endif

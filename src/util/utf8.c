@@ -42,3 +42,13 @@ const char *ds4_escaped(char *buf, size_t cap, const char *s, size_t n, size_t m
     buf[o] = 0;
     return buf;
 }
+
+int ds4_utf8_text(const char *s, size_t n) {
+    const unsigned char *p = (const unsigned char *)s;
+    for (size_t k = 0; k < n;) {
+        const int len = p[k] >= 0x20 && p[k] != 0x7f ? ds4_utf8_char(p + k, n - k) : 0;
+        if (!len) return 0;
+        k += (size_t)len;
+    }
+    return 1;
+}

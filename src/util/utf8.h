@@ -17,6 +17,10 @@
  * short by n. NUL is a valid character (length 1). */
 int ds4_utf8_char(const unsigned char *p, size_t n);
 
+/* Whether s[0..n) is text a GGUF string may hold as written: valid UTF-8
+ * (ds4_utf8_char) with no C0 control character or DEL. */
+int ds4_utf8_text(const char *s, size_t n);
+
 /* s[0..n) escaped into buf (cap bytes, always NUL-terminated): printable
  * ASCII and valid multi-byte UTF-8 as they are, a backslash as \\, every
  * other byte (controls, DEL, invalid UTF-8) as \xNN; at most max source

@@ -400,13 +400,7 @@ int ds4_conv_imatrix_apply(ds4_conv_imatrix *im, ds4_conv_plan *const *plans, in
  * bytes (or control characters) goes in escaped, \xNN for each such byte. */
 static int add_text(ds4_gguf_writer *w, const char *key, const char *s) {
     const size_t n = strlen(s), cap = 4 * n + 8;
-    bool clean = true;
-    for (size_t k = 0; k < n && clean;) {
-        const int len = (unsigned char)s[k] >= 0x20 && s[k] != 0x7f ? ds4_utf8_char((const unsigned char *)s + k, n - k) : 0;
-        clean = len > 0;
-        k += len > 0 ? (size_t)len : 1;
-    }
-    if (clean) return ds4_gguf_writer_add_str(w, key, s, n);
+    if (ds4_utf8_text(s, n)) return ds4_gguf_writer_add_str(w, key, s, n);
     char *esc = malloc(cap);
     if (!esc) return DS4_E_NOMEM;
     ds4_escaped(esc, cap, s, n, 0);

@@ -326,16 +326,12 @@ int main(int argc, char **argv) {
     {
         const char *nm = name ? name : hf ? basename_of(hf) : NULL;
         const size_t n = nm ? strlen(nm) : 0;
-        for (size_t k = 0; k < n;) {
-            const int len = (unsigned char)nm[k] >= 0x20 && nm[k] != 0x7f ? ds4_utf8_char((const unsigned char *)nm + k, n - k) : 0;
-            if (!len) {
-                char esc[200];
-                fprintf(stderr, "ds4-convert: %s '%s' is not valid UTF-8 text (general.name)%s\n",
-                        name ? "--name" : "the checkpoint directory's name", ds4_escaped(esc, sizeof esc, nm, n, 64),
-                        name ? "" : ": give --name NAME");
-                return 2;
-            }
-            k += (size_t)len;
+        if (!ds4_utf8_text(nm ? nm : "", n)) {
+            char esc[200];
+            fprintf(stderr, "ds4-convert: %s '%s' is not valid UTF-8 text (general.name)%s\n",
+                    name ? "--name" : "the checkpoint directory's name", ds4_escaped(esc, sizeof esc, nm, n, 64),
+                    name ? "" : ": give --name NAME");
+            return 2;
         }
     }
 
