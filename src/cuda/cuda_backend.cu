@@ -1187,7 +1187,7 @@ static const struct cu_switch {
     {"DS4_CUDA_ATT_DH_RT", &cu_ctx::att_dh_rt},         /* 1: k_attn_part's head size at run time (same bits) */
     {"DS4_CUDA_ATT_RH", &cu_ctx::att_rh, 1},            /* 0: k_attn_part stages f16 rows as f32 (same bits), 16 heads per block in batches */
     {"DS4_CUDA_NO_MERGE_SLICES", &cu_ctx::no_merge_slices}, /* 1: attention merge in one block per head (same bits) */
-    {"DS4_CUDA_ATT_ONLINE", &cu_ctx::att_online},       /* 1: online split merge, batches in k_attn_fused (other bits; opt-in) */
+    {"DS4_CUDA_ATT_ONLINE", &cu_ctx::att_online, 1},    /* 0: two-pass split merge, batches by k_attn_part + k_attn_merge (other bits) */
     {"DS4_CUDA_NO_ATT_FUSED", &cu_ctx::no_att_fused},   /* 1: batches by k_attn_part + the online merge (same bits) */
     {"DS4_CUDA_ATT_FUSED_MAX_S", &cu_ctx::att_fused_max_s, ATT_FUSED_MAX_S}, /* N: k_attn_fused up to N splits (same bits) */
     {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp, -1},       /* 0|1|2: indexer top-k, 8 keys per thread never|always|by rows on device */

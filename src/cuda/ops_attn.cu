@@ -1815,8 +1815,8 @@ __global__ void __launch_bounds__(256, SL ? 1 : 0) k_attn_merge(const __grid_con
 }
 
 /* Attention of a batch with the splits merged inside the kernel
- * (DS4_CUDA_ATT_ONLINE=1, batches on the CUDA-core path; opt-in until run
- * on a GPU). Block (head group x, token y) walks the token's splits in
+ * (the default online merge, batches on the CUDA-core path;
+ * DS4_CUDA_ATT_ONLINE=0 keeps the two-pass merge). Block (head group x, token y) walks the token's splits in
  * order, each with k_attn_part's phases (the same (m, l, c) bits), and
  * folds split z into its running state at once, as the online merge of
  * k_attn_merge<ON> does with the partials of decode: M = max(M, m_z),
@@ -1940,7 +1940,7 @@ template <class K> static void launch_k(cu_ctx *c, K k, dim3 grid, size_t max_sm
 }
 
 /* k_attn_merge for nt tokens: mz slices of each head's dims (else one
- * block per head), the online form with DS4_CUDA_ATT_ONLINE */
+ * block per head), the online form unless DS4_CUDA_ATT_ONLINE=0 */
 static void merge_launch(cu_ctx *c, const attn_p &p, int nt, int mz, size_t msmem) {
     if (c->att_online) {
         if (mz > 1) cu_launch(c, k_attn_merge<true, true>, dim3(p.H, nt, mz), 128, msmem, p);
@@ -1979,9 +1979,8 @@ static void launch_attention(cu_ctx *c, attn_p &p, int n, int nr_cap) {
     if (!c->att_hb && n < MM_MIN_N && p.kind == DS4_ATTN_HCA && c->att_hb_hca && nr_cap >= c->att_hb_hca_min)
         hb = c->att_hb_hca == 16 && c->att_hb_hca_min && rh_ok ? 8 : c->att_hb_hca; /* unset: 8 with half rows */
     while (hb > 1 && p.H % hb) hb /= 2;
-    /* DS4_CUDA_ATT_ONLINE=1 (opt-in until make test-cuda runs whole with
-     * it): the online merge for every batch
-     * size, and batches on the CUDA-core path with at most att_fused_max_s
+    /* the online merge (default; DS4_CUDA_ATT_ONLINE=0: two-pass) for every
+     * batch size, and batches on the CUDA-core path with at most att_fused_max_s
      * splits merged inside k_attn_fused (8 heads per block unless
      * DS4_CUDA_ATT_HB: its running outputs take registers); the kv rows then
      * go by the kv_store stage */

@@ -85,17 +85,18 @@ def test_cuda_oracle_fixture_attention_tc(fx, ggufs, tmp_path):
 
 
 @pytest.mark.parametrize("fx", FIXTURES)
-def test_cuda_oracle_fixture_att_online(fx, ggufs, tmp_path):
-    """The opt-in online attention merge (DS4_CUDA_ATT_ONLINE=1: the splits folded in order with running rescales,
-    batches merged inside k_attn_fused) under the same bounds as the default two-pass merge, its difference from
-    the default printed: other roundings of the same softmax."""
-    fixture_with_switch(fx, ggufs, tmp_path, "DS4_CUDA_ATT_ONLINE", "online merge vs default merge")
+def test_cuda_oracle_fixture_att_two_pass(fx, ggufs, tmp_path):
+    """The two-pass attention merge (DS4_CUDA_ATT_ONLINE=0: every split's partial written, then merged against the
+    maximum over all splits) under the same bounds as the default online merge (the splits folded in order with
+    running rescales, batches merged inside k_attn_fused), its difference from the default printed: other
+    roundings of the same softmax."""
+    fixture_with_switch(fx, ggufs, tmp_path, "DS4_CUDA_ATT_ONLINE", "two-pass merge vs online merge", "0")
 
 
 @pytest.mark.parametrize("online", ["1", "0"])
 @pytest.mark.parametrize("name,release", [("flash", True), ("flash-plain", False), ("q2-wide", True)])
 def test_cuda_att_online_bitwise(name, release, online, tmp_path):
-    """DS4_CUDA_ATT_ONLINE=1 (opt-in): batches merge their attention splits inside k_attn_fused, and fewer
+    """DS4_CUDA_ATT_ONLINE=1 (the default): batches merge their attention splits inside k_attn_fused, and fewer
     tokens (decode, MTP verify rows) fold the partials of k_attn_part in k_attn_merge<ON> with the same operations
     in the same order, so prefill of 80 tokens == token-by-token decode == chunks of 3, 16 and 48 == prefill by
     k_attn_part + the online merge (DS4_CUDA_NO_ATT_FUSED=1, DS4_CUDA_ATT_FUSED_MAX_S=0) == the fused kernel with 4
