@@ -986,6 +986,64 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
     return 0;
 }
 
+/* One argument text as a JSON value to compare (NULL where it is not one:
+ * a bare string the client sent, an integer past 64 bits). */
+static json_t *args_value(const char *a, size_t n) {
+    return json_loadb(a, n, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
+}
+
+/* Whether a client's call (name, arguments text) is the parsed block's call:
+ * the same name and the same arguments as JSON values (member order,
+ * whitespace and escapes aside: a client may re-serialize what it was sent),
+ * or the same minified text where either is not JSON. */
+static bool same_call(const ds4_tool_call *sent, const ds4_tool_call *blk) {
+    if (strcmp(sent->name, blk->name)) return false;
+    json_t *a = args_value(sent->arguments, sent->arguments_len);
+    json_t *b = args_value(blk->arguments, blk->arguments_len);
+    bool same;
+    if (a && b) {
+        same = json_equal(a, b);
+    } else {
+        ds4_buf x = DS4_BUF_INIT, y = DS4_BUF_INIT;
+        same = !a && !b && !ds4_dsml_args_compact(&x, sent->arguments, sent->arguments_len) &&
+               !ds4_dsml_args_compact(&y, blk->arguments, blk->arguments_len) && ds4_buf_ok(&x) &&
+               ds4_buf_ok(&y) && x.len == y.len && !memcmp(x.data, y.data, x.len);
+        ds4_buf_free(&x);
+        ds4_buf_free(&y);
+    }
+    json_decref(a);
+    json_decref(b);
+    return same;
+}
+
+/* Exact replay (TEXT C.8) emits the remembered block for a message whose
+ * call ids name it; a client that edited a call's arguments or name before
+ * sending it back would have the model read the calls it sampled, not the
+ * ones the client says were made. Such a message is rendered canonically
+ * (C.4) from what the client sent. */
+static int mark_edited_calls(srv_request *rq, ds4_dsml_replay *replay, ds4_err *err) {
+    ds4_chat *c = rq->chat;
+    for (int i = 0; i < c->n_msgs; i++) {
+        const ds4_chat_msg *m = &c->msgs[i];
+        if (m->role != DS4_ROLE_ASSISTANT || m->n_calls == 0) continue;
+        const char **ids = malloc((size_t)m->n_calls * sizeof *ids);
+        if (!ids) return ds4_err_set(err, DS4_E_NOMEM, "tool calls");
+        for (int j = 0; j < m->n_calls; j++) ids[j] = m->calls[j].id;
+        size_t len = 0;
+        const char *blk = ds4_dsml_replay_lookup(replay, ids, m->n_calls, &len);
+        free(ids);
+        if (!blk) continue;
+        ds4_dsml_result r;
+        int rc = ds4_dsml_parse(blk, len, 0, &r, err);
+        if (rc) return rc;
+        bool same = !r.parse_failed && r.n_calls == m->n_calls;
+        for (int j = 0; same && j < m->n_calls; j++) same = same_call(&m->calls[j], &r.calls[j]);
+        ds4_dsml_result_free(&r);
+        if (!same && (rc = ds4_chat_set_canonical_calls(c, i, err))) return rc;
+    }
+    return 0;
+}
+
 int srv_render(srv_request *rq, int n_ctx, ds4_dsml_replay *replay, srv_error *e) {
     ds4_buf out = DS4_BUF_INIT;
     ds4_err err = {0};
@@ -998,6 +1056,7 @@ int srv_render(srv_request *rq, int n_ctx, ds4_dsml_replay *replay, srv_error *e
         rc = 0;
         if (srv_tools_active(rq))
             rc = ds4_chat_set_tools(rq->chat, rq->tools_text, strlen(rq->tools_text), &err);
+        if (!rc && replay) rc = mark_edited_calls(rq, replay, &err);
         if (!rc) rc = ds4_chat_render(rq->chat, replay, &out, &err);
     }
     if (rc || !ds4_buf_ok(&out)) {

@@ -178,6 +178,12 @@ int ds4_chat_add_call(ds4_chat *c, int i, const char *id, const char *name,
     return 0;
 }
 
+int ds4_chat_set_canonical_calls(ds4_chat *c, int i, ds4_err *err) {
+    if (check_index(c, i, err)) return DS4_E_ARG;
+    c->msgs[i].canonical_calls = 1;
+    return 0;
+}
+
 int ds4_chat_set_tool_call_id(ds4_chat *c, int i, const char *id, ds4_err *err) {
     if (check_index(c, i, err)) return DS4_E_ARG;
     char *s = id ? dup_n(id, strlen(id)) : NULL;
@@ -203,7 +209,7 @@ int ds4_chat_tool_context(const ds4_chat *c) {
  * one remembered block (C.8), else the canonical rendering (C.4). */
 static int render_calls(ds4_buf *out, const ds4_chat_msg *m, ds4_dsml_replay *replay) {
     if (m->n_calls == 0) return 0;
-    if (replay) {
+    if (replay && !m->canonical_calls) {
         const char *ids[64] = {0};
         const char **v = m->n_calls <= 64 ? ids : malloc((size_t)m->n_calls * sizeof *v);
         if (!v) return DS4_E_NOMEM;

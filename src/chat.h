@@ -73,6 +73,8 @@ typedef struct ds4_chat_msg {
     ds4_tool_call *calls;   /* (n_calls), assistant only */
     int n_calls;
     char *tool_call_id;     /* tool result: the call it answers, or NULL */
+    int canonical_calls;    /* render the calls canonically even where the replay map knows
+                               their ids (ds4_chat_set_canonical_calls) */
 } ds4_chat_msg;
 
 typedef struct ds4_chat {
@@ -111,6 +113,10 @@ int ds4_chat_add_reasoning(ds4_chat *c, int i, const char *text, size_t len, ds4
  * (an object normally; anything else renders as a string parameter, C.4). */
 int ds4_chat_add_call(ds4_chat *c, int i, const char *id, const char *name,
                       const char *arguments, size_t args_len, ds4_err *err);
+/* Message i's calls are rendered canonically (C.4), never from the replay
+ * map: the server sets it when the calls a client sent back differ from the
+ * block their ids name (edited arguments or names). */
+int ds4_chat_set_canonical_calls(ds4_chat *c, int i, ds4_err *err);
 /* Sets the call id answered by tool message i. */
 int ds4_chat_set_tool_call_id(ds4_chat *c, int i, const char *id, ds4_err *err);
 
@@ -120,7 +126,8 @@ int ds4_chat_tool_context(const ds4_chat *c);
 
 /* Renders the prompt text of B.4 (appended to out). replay, if non-NULL,
  * supplies exact DSML blocks for assistant messages whose call ids are all
- * known and share one block (C.8; lookups refresh recency); otherwise the
+ * known and share one block (C.8; lookups refresh recency) and which are not
+ * marked canonical_calls; otherwise the
  * canonical rendering (C.4) is used. Returns 0 or DS4_E_NOMEM. */
 int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds4_err *err);
 /* 1 when the conversation ends with an assistant message without tool calls

@@ -720,6 +720,62 @@ DS4_TEST(server_responses_binding_visible_text_prefixes_tool_output_turn) {
     }
 }
 
+/* Exact replay (TEXT C.8) brings the remembered block only for the calls it
+ * holds: a client that re-serializes the arguments (member order, spaces,
+ * escapes) still gets it, one that edited an argument or the name gets the
+ * canonical rendering of what it sent (the model reads the calls the client
+ * says were made). */
+DS4_TEST(server_exact_replay_only_for_the_calls_the_block_holds) {
+    ds4_tool_call blk_calls[1] = {{NULL, "bash", "{\"n\": 2, \"command\": \"ls\"}", 0}};
+    blk_calls[0].arguments_len = strlen(blk_calls[0].arguments);
+    ds4_buf blk = DS4_BUF_INIT;
+    CHECK_EQ_INT(ds4_dsml_render_calls(&blk, blk_calls, 1), 0);
+    CHECK(ds4_buf_ok(&blk));
+    ds4_dsml_replay *rp = ds4_dsml_replay_new(0, 0);
+    const char *id = "call_00000000000000000000000000000007";
+    CHECK_EQ_INT(ds4_dsml_replay_put(rp, &id, 1, blk.data, blk.len, NULL), 0);
+    static const struct {
+        const char *name, *args; /* the args as a JSON string literal's body */
+        int replayed;
+    } cases[] = {
+        {"bash", "{\\\"n\\\":2,\\\"command\\\":\\\"ls\\\"}", 1},           /* as sent to the client */
+        {"bash", "{\\\"command\\\": \\\"ls\\\", \\\"n\\\": 2}", 1},        /* members reordered, spaced */
+        {"bash", "{\\\"n\\\":2,\\\"command\\\":\\\"\\\\u006cs\\\"}", 1},    /* an escape for l */
+        {"bash", "{\\\"n\\\":2,\\\"command\\\":\\\"rm -rf /\\\"}", 0},     /* an edited argument */
+        {"bash", "{\\\"n\\\":3,\\\"command\\\":\\\"ls\\\"}", 0},
+        {"bash", "{\\\"n\\\":2,\\\"command\\\":\\\"ls\\\",\\\"x\\\":1}", 0}, /* one more */
+        {"bash", "{\\\"n\\\":2}", 0},                                       /* one fewer */
+        {"sh", "{\\\"n\\\":2,\\\"command\\\":\\\"ls\\\"}", 0},             /* another tool */
+        {"bash", "not json", 0},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        char body[1024];
+        snprintf(body, sizeof body,
+                 "{\"messages\":[{\"role\":\"user\",\"content\":\"list\"},"
+                 "{\"role\":\"assistant\",\"content\":\"\",\"tool_calls\":[{\"id\":\"%s\",\"type\":\"function\","
+                 "\"function\":{\"name\":\"%s\",\"arguments\":\"%s\"}}]},"
+                 "{\"role\":\"tool\",\"tool_call_id\":\"%s\",\"content\":\"a.txt\"}],"
+                 "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"bash\",\"parameters\":{\"type\":\"object\"}}}]}",
+                 id, cases[k].name, cases[k].args, id);
+        srv_request rq;
+        const char *txt = render_rq(SRV_API_CHAT, body, rp, &rq);
+        CHECK_MSG(txt, "case %zu", k);
+        if (!txt) continue;
+        const bool has_blk = strstr(txt, blk.data) != NULL;
+        CHECK_MSG(has_blk == (cases[k].replayed != 0), "case %zu (%s): block %s in\n%s", k, cases[k].args,
+                  has_blk ? "replayed" : "not replayed", txt);
+        if (!cases[k].replayed) { /* the canonical rendering of what the client sent */
+            srv_request rq0;
+            const char *canon = render_rq(SRV_API_CHAT, body, NULL, &rq0);
+            CHECK_MSG(canon && !strcmp(canon, txt), "case %zu:\n%s\nvs\n%s", k, txt, canon ? canon : "(null)");
+            srv_request_free(&rq0);
+        }
+        srv_request_free(&rq);
+    }
+    ds4_dsml_replay_free(rp);
+    ds4_buf_free(&blk);
+}
+
 /* ---- logit_bias and penalties ------------------------------------------- */
 
 DS4_TEST(server_logit_bias_and_penalties) {
