@@ -986,31 +986,43 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
     return 0;
 }
 
-/* One argument text as a JSON value to compare (NULL where it is not one:
- * a bare string the client sent, an integer past 64 bits). */
-static json_t *args_value(const char *a, size_t n) {
-    return json_loadb(a, n, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
+/* Two JSON values as a client may send the same arguments back: numbers
+ * equal by value (a client may write the model's 2.0 as 2, or read an
+ * integer beyond 64 bits as a real, B.4), objects whatever their member
+ * order, everything else as json_equal. */
+static bool json_same(json_t *a, json_t *b) {
+    if (json_is_number(a) && json_is_number(b)) {
+        if (json_is_integer(a) && json_is_integer(b)) return json_integer_value(a) == json_integer_value(b);
+        return json_number_value(a) == json_number_value(b);
+    }
+    if (json_is_object(a) && json_is_object(b)) {
+        if (json_object_size(a) != json_object_size(b)) return false;
+        const char *k;
+        json_t *v;
+        json_object_foreach(a, k, v) {
+            json_t *w = json_object_get(b, k);
+            if (!w || !json_same(v, w)) return false;
+        }
+        return true;
+    }
+    if (json_is_array(a) && json_is_array(b)) {
+        if (json_array_size(a) != json_array_size(b)) return false;
+        for (size_t i = 0; i < json_array_size(a); i++)
+            if (!json_same(json_array_get(a, i), json_array_get(b, i))) return false;
+        return true;
+    }
+    return json_equal(a, b);
 }
 
 /* Whether a client's call (name, arguments text) is the parsed block's call:
- * the same name and the same arguments as JSON values (member order,
- * whitespace and escapes aside: a client may re-serialize what it was sent),
- * or the same minified text where either is not JSON. */
+ * the same name and the same arguments as JSON values (json_same: member
+ * order, whitespace, escapes and number spelling aside), the block's read as
+ * the client received them (invalid UTF-8 as U+FFFD, srv_json_value). */
 static bool same_call(const ds4_tool_call *sent, const ds4_tool_call *blk) {
     if (strcmp(sent->name, blk->name)) return false;
-    json_t *a = args_value(sent->arguments, sent->arguments_len);
-    json_t *b = args_value(blk->arguments, blk->arguments_len);
-    bool same;
-    if (a && b) {
-        same = json_equal(a, b);
-    } else {
-        ds4_buf x = DS4_BUF_INIT, y = DS4_BUF_INIT;
-        same = !a && !b && !ds4_dsml_args_compact(&x, sent->arguments, sent->arguments_len) &&
-               !ds4_dsml_args_compact(&y, blk->arguments, blk->arguments_len) && ds4_buf_ok(&x) &&
-               ds4_buf_ok(&y) && x.len == y.len && !memcmp(x.data, y.data, x.len);
-        ds4_buf_free(&x);
-        ds4_buf_free(&y);
-    }
+    json_t *a = srv_json_loadb(sent->arguments, sent->arguments_len, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
+    json_t *b = srv_json_value(blk->arguments);
+    const bool same = a && b && json_same(a, b);
     json_decref(a);
     json_decref(b);
     return same;

@@ -957,6 +957,47 @@ def test_server_tool_output_shortcut_needs_the_same_system_and_tools():
     assert [x.to_dict() for x in fresh.content] == [x.to_dict() for x in b.content]
 
 
+def test_server_tool_output_shortcut_needs_the_turn_as_sampled():
+    """C.2 rule 2 continues the live state with only the tool outputs when the request replays the turn: it took
+    any request that began with the turn's head and ended with the bound outputs, so an edited tool_use input, a
+    renamed call or a message inserted before the outputs never reached the model (the reply was the unedited
+    one). Now what lies between the head and the outputs must be the turn's own assistant message (with or
+    without its reasoning, the calls as sampled or canonical); otherwise another rule serves the request, and the
+    reply equals a fresh server's."""
+    def follow(a, how):
+        content = [b.to_dict() for b in a.content]
+        use = [b for b in content if b["type"] == "tool_use"][0]
+        if how == "edit":
+            use["input"] = {"command": "rm -rf / --no-preserve-root"}
+        if how == "rename":
+            use["name"] = "Bash2"
+        msgs = user("List files") + [{"role": "assistant", "content": content}]
+        if how == "insert":
+            msgs.append({"role": "user", "content": "Also mind the hidden files."})
+        msgs.append(tool_result(use["id"], "a.txt"))
+        return msgs
+    kw = dict(model="m", max_tokens=8, tools=[ANTH_BASH, dict(ANTH_BASH, name="Bash2")], **NO_THINK_ANTH)
+    got = {}
+    with Server() as s:
+        c = s.anthropic()
+        for how in ("same", "edit", "rename", "insert"):
+            a = c.messages.create(model="m", max_tokens=80, messages=user("List files"), tools=kw["tools"],
+                                  tool_choice={"type": "tool", "name": "Bash"}, **NO_THINK_ANTH)
+            assert a.stop_reason == "tool_use", a
+            n0 = s.log_text().count("kv reuse tool-output")
+            msgs = follow(a, how)
+            b = c.messages.create(messages=msgs, **kw)
+            took = s.log_text().count("kv reuse tool-output") - n0
+            assert took == (how == "same"), (how, s.log_text()[-1500:])
+            got[how] = (msgs, [x.to_dict() for x in b.content], prompt_tokens(b.usage))
+    with Server() as s2:
+        c = s2.anthropic()
+        for how in ("edit", "rename", "insert"):
+            msgs, content, n = got[how]
+            f = c.messages.create(messages=msgs, **kw)
+            assert [x.to_dict() for x in f.content] == content and prompt_tokens(f.usage) == n, how
+
+
 def test_server_tool_output_without_call_or_live_binding_gets_400():
     """B.4: an output whose call is neither in the request nor in the live
     binding is a 400 naming the id (Anthropic and Responses); a binding of

@@ -722,7 +722,7 @@ DS4_TEST(server_responses_binding_visible_text_prefixes_tool_output_turn) {
 
 /* Exact replay (TEXT C.8) brings the remembered block only for the calls it
  * holds: a client that re-serializes the arguments (member order, spaces,
- * escapes) still gets it, one that edited an argument or the name gets the
+ * escapes, 2 as 2.0) still gets it, one that edited an argument or the name gets the
  * canonical rendering of what it sent (the model reads the calls the client
  * says were made). */
 DS4_TEST(server_exact_replay_only_for_the_calls_the_block_holds) {
@@ -741,6 +741,8 @@ DS4_TEST(server_exact_replay_only_for_the_calls_the_block_holds) {
         {"bash", "{\\\"n\\\":2,\\\"command\\\":\\\"ls\\\"}", 1},           /* as sent to the client */
         {"bash", "{\\\"command\\\": \\\"ls\\\", \\\"n\\\": 2}", 1},        /* members reordered, spaced */
         {"bash", "{\\\"n\\\":2,\\\"command\\\":\\\"\\\\u006cs\\\"}", 1},    /* an escape for l */
+        {"bash", "{\\\"n\\\":2.0,\\\"command\\\":\\\"ls\\\"}", 1},          /* 2 written as a real */
+        {"bash", "{\\\"n\\\":2e0,\\\"command\\\":\\\"ls\\\"}", 1},
         {"bash", "{\\\"n\\\":2,\\\"command\\\":\\\"rm -rf /\\\"}", 0},     /* an edited argument */
         {"bash", "{\\\"n\\\":3,\\\"command\\\":\\\"ls\\\"}", 0},
         {"bash", "{\\\"n\\\":2,\\\"command\\\":\\\"ls\\\",\\\"x\\\":1}", 0}, /* one more */
