@@ -177,8 +177,10 @@ char *srv_count_tokens(srv_server *s, const char *body, size_t n, srv_error *e) 
     if (!srv_parse_request(SRV_API_ANTHROPIC, body, n, s->cfg.default_think[SRV_API_ANTHROPIC],
                            &rq, e)) {
         /* counting needs no continuation state: tool outputs are rendered
-         * as sent, whatever the live binding */
+         * as sent, whatever the live binding; the calls as the request will
+         * render them (tool memory from the disk cache too, as prepare) */
         int n_ctx = s->cfg.n_ctx;
+        srv_cache_restore_tool_memory(s, &rq);
         pthread_mutex_lock(&s->replay_mu);
         int rc = srv_render(&rq, n_ctx, s->cfg.disable_exact_dsml_replay ? NULL : s->replay, e);
         pthread_mutex_unlock(&s->replay_mu);

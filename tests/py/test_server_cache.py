@@ -109,6 +109,29 @@ def test_server_disk_cache_tool_loop_after_restart_restores_exact_dsml(tmp_path)
     assert b.usage.prompt_tokens_details.cached_tokens >= live - 1, (b.usage, live)
 
 
+def test_server_count_tokens_after_restart_renders_the_restored_exact_dsml(tmp_path):
+    """count_tokens rendered a replayed tool_use from the in-memory tool map only: after a restart it counted the
+    canonical rendering while the request itself loads the exact block from the disk cache. It now restores the
+    ids the request names first, as a request does, and counts what the request will prefill."""
+    from test_server import ANTH_BASH, NO_THINK_ANTH, tool_result, user
+    d = str(tmp_path / "kv")
+    kw = dict(model="m", tools=[ANTH_BASH], **NO_THINK_ANTH)
+    with Server(*cache_args(d)) as s:
+        a = s.anthropic().messages.create(messages=user("List the files " * 8), max_tokens=80,
+                                          tool_choice={"type": "any"}, **kw)
+    assert a.stop_reason == "tool_use", a
+    use = [b for b in a.content if b.type == "tool_use"][0]
+    msgs = user("List the files " * 8) + [{"role": "assistant", "content": [b.to_dict() for b in a.content]},
+                                           tool_result(use.id, "a.txt")]
+    with Server(*cache_args(d)) as s:
+        c = s.anthropic()
+        n = c.messages.count_tokens(model="m", messages=msgs, tools=[ANTH_BASH], thinking={"type": "disabled"})
+        log = s.log_text()
+        assert "tool memory: restored 1 of 1 ids from disk" in log, log
+        b = c.messages.create(messages=msgs, max_tokens=2, **kw)
+    assert n.input_tokens == b.usage.input_tokens + b.usage.cache_read_input_tokens, (n, b.usage)
+
+
 def test_server_disk_cache_continued_saves_during_prefill_and_decode(tmp_path):
     d = str(tmp_path / "kv")
     args = ["--kv-disk-dir", d, "--kv-cache-min-tokens", "32", "--kv-cache-cold-max-tokens", "0",
