@@ -94,7 +94,7 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
     char *result_id = NULL;
     if (json_is_string(content)) ds4_buf_puts(&text, json_string_value(content));
     /* calls are attached after the message exists; collect them first */
-    json_t *calls = json_array();
+    json_t *calls = json_array(), *more_ids = json_array();
     if (json_is_array(content)) {
         size_t i;
         json_t *bl;
@@ -132,7 +132,10 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
                 if (srv_text_of(json_object_get(bl, "content"), NULL, &rt, e)) goto out;
                 ds4_dsml_tool_result(&text, rt, strlen(rt));
                 free(rt);
-                free(result_id);
+                if (result_id) { /* an earlier result of the message (parallel calls), after it is added */
+                    json_array_append_new(more_ids, json_string(result_id));
+                    free(result_id);
+                }
                 result_id = xstrdup(id);
             } else {
                 if (t) ds4_buf_puts(&text, t); /* text and unknown blocks with text */
@@ -156,6 +159,16 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
         srv_fail(e, 500, "%s", err.msg);
         goto out;
     }
+    size_t mi;
+    json_t *mv;
+    json_array_foreach(more_ids, mi, mv) {
+        const int n = rq->n_more_result_ids;
+        rq->more_result_ids = xrealloc(rq->more_result_ids, sizeof *rq->more_result_ids * (size_t)(n + 1));
+        rq->more_result_msg = xrealloc(rq->more_result_msg, sizeof *rq->more_result_msg * (size_t)(n + 1));
+        rq->more_result_ids[n] = xstrdup(json_string_value(mv));
+        rq->more_result_msg[n] = idx;
+        rq->n_more_result_ids = n + 1;
+    }
     size_t i;
     json_t *c;
     json_array_foreach(calls, i, c) {
@@ -174,6 +187,7 @@ static int parse_message(json_t *m, srv_request *rq, srv_error *e) {
     rc = 0;
 out:
     json_decref(calls);
+    json_decref(more_ids);
     free(result_id);
     ds4_buf_free(&text);
     ds4_buf_free(&reasoning);

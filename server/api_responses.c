@@ -554,41 +554,12 @@ static json_t *message_item(srv_job *j, const char *status, const char *text, si
 
 /* A custom tool's input from the call's arguments (JSON text): the string
  * parameter `input`, else the one string parameter, else the arguments. */
-/* The undecoded text of parameter `param` of call `k` of a raw DSML block
- * (the model's bytes: the parser entity-decodes string values, which would
- * turn a patch's literal "&amp;" into "&"), or NULL when not found. */
-static char *raw_param(const char *raw, size_t n, int k, const char *param) {
-    if (!raw) return NULL;
-    static const char inv[] = "<" DS4_DSML_MARK "invoke name=\"";
-    static const char close[] = "</" DS4_DSML_MARK "parameter>";
-    const char *end = raw + n, *p = raw;
-    for (int i = 0; p && i <= k; i++) {
-        p = memmem(p, (size_t)(end - p), inv, sizeof inv - 1);
-        if (p && i < k) p += sizeof inv - 1;
-    }
-    if (!p) return NULL;
-    const char *next = memmem(p + 1, (size_t)(end - p - 1), inv, sizeof inv - 1);
-    const char *lim = next ? next : end;
-    char want[300];
-    int w = snprintf(want, sizeof want, "<" DS4_DSML_MARK "parameter name=\"%s\"", param);
-    if (w < 0 || (size_t)w >= sizeof want) return NULL;
-    const char *q = memmem(p, (size_t)(lim - p), want, (size_t)w);
-    if (!q || !(q = memchr(q, '>', (size_t)(lim - q)))) return NULL;
-    q++;
-    const char *e = memmem(q, (size_t)(lim - q), close, sizeof close - 1);
-    if (!e) return NULL;
-    char *out = xmalloc((size_t)(e - q) + 1);
-    memcpy(out, q, (size_t)(e - q));
-    out[e - q] = 0;
-    return out;
-}
-
 /* A custom tool's input: the raw text of its `input` parameter in the
  * block; else from the call's arguments (JSON text): `input` as a string,
  * or the JSON text of a non-string `input`, else the one member, else the
  * arguments. */
 static char *custom_input(const srv_result *r, int i, const char *args) {
-    char *raw = raw_param(r->parsed.raw_dsml, r->parsed.raw_dsml_len, i, "input");
+    char *raw = srv_raw_param(r->parsed.raw_dsml, r->parsed.raw_dsml_len, i, "input");
     json_t *a = srv_json_value(args);
     json_t *iv = json_object_get(a, "input");
     if (raw && json_is_string(iv)) { /* a string value: the model's bytes, not entity-decoded */

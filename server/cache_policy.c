@@ -24,7 +24,8 @@
  * calls, at the live position) equals, as a set, the ids of the request's
  * trailing tool outputs, the request begins with the turn's head and holds
  * between it and the outputs nothing (rule 3) or the turn's assistant
- * message as sampled (rule 2) -> E = live + tokenize(EOS + tail rendered
+ * message as the client received it (rule 2: content, reasoning or none, the
+ * same calls, srv_calls_match) -> E = live + tokenize(EOS + tail rendered
  * alone). Rule 4: a request whose
  * outputs have no call in it (requires_live) and matched none of 1-3 gets
  * SRV_CACHE_CONFLICT (409) without touching the session or the bindings.
@@ -60,11 +61,13 @@ struct srv_cache {
     int n_tool_ids;
     size_t tool_head_len;  /* the turn's request text up to its assistant message, */
     uint64_t tool_head_hash; /* by length and FNV-1a: a later request must begin with it */
-    char *tool_mid[4];     /* (tool_mid_len) the renderings of the turn's assistant message a
-                            * later request may carry between that head and its tool outputs:
-                            * with or without the turn's reasoning, the calls as sampled or
-                            * canonical (NULL: unused) */
-    size_t tool_mid_len[4];
+    /* the turn as the client received it (rule 2 compares the assistant
+     * message a request carries between that head and its outputs) */
+    char *turn_content, *turn_reasoning; /* invalid UTF-8 as U+FFFD; reasoning NULL when none */
+    ds4_tool_call *turn_calls;           /* (n_turn_calls) names and internal arguments */
+    int n_turn_calls;
+    char *turn_raw;                      /* (turn_raw_len) the sampled block */
+    size_t turn_raw_len;
 };
 
 static uint64_t fnv1a(const char *p, size_t n) {
@@ -81,10 +84,18 @@ static void tool_clear(struct srv_cache *c) {
     c->tool_ids = NULL;
     c->n_tool_ids = 0;
     c->tool_api = -1;
-    for (int k = 0; k < 4; k++) {
-        free(c->tool_mid[k]);
-        c->tool_mid[k] = NULL;
+    free(c->turn_content);
+    free(c->turn_reasoning);
+    for (int k = 0; k < c->n_turn_calls; k++) {
+        free(c->turn_calls[k].name);
+        free(c->turn_calls[k].arguments);
     }
+    free(c->turn_calls);
+    free(c->turn_raw);
+    c->turn_content = c->turn_reasoning = c->turn_raw = NULL;
+    c->turn_calls = NULL;
+    c->n_turn_calls = 0;
+    c->turn_raw_len = 0;
     pthread_mutex_unlock(&c->tool_mu);
 }
 
@@ -114,17 +125,27 @@ static bool tool_binding_matches(const struct srv_cache *c, const srv_request *r
      * inserted message or other content there never reached the model when
      * only the outputs were appended to the live state */
     const size_t eos = strlen(DS4_EOS);
-    if (rq->tail_len < eos) return false;
+    if (rq->tail_len < eos || !rq->chat || !rq->msg_off) return false;
     const size_t body = rq->tail_len - eos; /* the outputs as the request renders them */
     if (rq->text_len - c->tool_head_len < body ||
         memcmp(rq->text + rq->text_len - body, rq->tail_text + eos, body))
         return false;
-    const char *mid = rq->text + c->tool_head_len;
-    const size_t ml = rq->text_len - body - c->tool_head_len;
-    bool mid_ok = ml == 0;
-    for (int k = 0; k < 4 && !mid_ok; k++)
-        mid_ok = c->tool_mid[k] && c->tool_mid_len[k] == ml && !memcmp(c->tool_mid[k], mid, ml);
-    if (!mid_ok) return false;
+    const size_t tail_at = rq->text_len - body;
+    if (tail_at != c->tool_head_len) {
+        /* rule 2: one message, the assistant's, spans the whole gap */
+        const int k = rq->tail_first - 1;
+        if (k < 0 || k >= rq->chat->n_msgs) return false;
+        const ds4_chat_msg *m = &rq->chat->msgs[k];
+        if (m->role != DS4_ROLE_ASSISTANT || rq->msg_off[k] != c->tool_head_len || rq->msg_off[k + 1] != tail_at)
+            return false;
+        if (!c->turn_content || strlen(c->turn_content) != m->content_len ||
+            memcmp(c->turn_content, m->content, m->content_len))
+            return false;
+        if (m->reasoning_len && (!c->turn_reasoning || strlen(c->turn_reasoning) != m->reasoning_len ||
+                                 memcmp(c->turn_reasoning, m->reasoning, m->reasoning_len)))
+            return false;
+        if (!srv_calls_match(m, c->turn_calls, c->n_turn_calls, c->turn_raw, c->turn_raw_len)) return false;
+    }
     for (int i = 0; i < rq->n_tail_ids; i++) {
         bool in = false;
         for (int k = 0; k < c->n_tool_ids && !in; k++) in = !strcmp(rq->tail_ids[i], c->tool_ids[k]);
@@ -552,40 +573,34 @@ char *srv_visible_text(const srv_request *rq, const srv_result *r, int kind, int
     return ds4_buf_detach(&b, len);
 }
 
-/* The renderings (TEXT B.4, tool context) of a tool turn's assistant
- * message that rule 2 accepts between the turn's head and its outputs: the
- * client sends back its reasoning or not (the live state holds it either
- * way), and its calls come back as the sampled block (exact replay) or, with
- * replay off or the ids unknown, canonically. */
-static void tool_middles(struct srv_cache *c, const srv_request *rq, const ds4_dsml_result *p, int n_ctx) {
-    const bool thinking = ds4_chat_effective_think(rq->think, n_ctx) != DS4_THINK_NONE;
-    ds4_buf canon = DS4_BUF_INIT;
-    if (ds4_dsml_render_calls(&canon, p->calls, p->n_calls) || !ds4_buf_ok(&canon)) ds4_buf_free(&canon);
-    const char *blocks[2] = {p->raw_dsml, canon.data};
-    const size_t blens[2] = {p->raw_dsml_len, canon.len};
-    int n = 0;
-    for (int wr = 0; wr < 2; wr++) {
-        if (wr && (!thinking || !p->reasoning || !p->reasoning_len)) continue;
-        for (int k = 0; k < 2; k++) {
-            if (!blocks[k] || (k && blocks[0] && blens[0] == blens[1] && !memcmp(blocks[0], blocks[1], blens[0])))
-                continue;
-            ds4_buf b = DS4_BUF_INIT;
-            ds4_buf_puts(&b, DS4_ASSISTANT);
-            if (thinking) ds4_buf_puts(&b, DS4_THINK_OPEN);
-            if (wr) ds4_buf_append(&b, p->reasoning, p->reasoning_len);
-            ds4_buf_puts(&b, DS4_THINK_CLOSE);
-            ds4_buf_append(&b, p->content, p->content_len);
-            ds4_buf_append(&b, blocks[k], blens[k]);
-            ds4_buf_puts(&b, DS4_EOS);
-            if (!ds4_buf_ok(&b)) {
-                ds4_buf_free(&b);
-                continue;
-            }
-            c->tool_mid[n] = ds4_buf_detach(&b, &c->tool_mid_len[n]);
-            n++;
-        }
+/* Bytes as the client received them (srv_jstr: invalid UTF-8 as U+FFFD). */
+static char *as_sent(const char *p, size_t n) {
+    json_t *v = srv_jstr(p, n);
+    char *out = xmalloc(json_string_length(v) + 1);
+    memcpy(out, json_string_value(v), json_string_length(v) + 1);
+    json_decref(v);
+    return out;
+}
+
+/* Keeps the tool turn as the client received it, for rule 2. */
+static void tool_turn_keep(struct srv_cache *c, const ds4_dsml_result *p) {
+    c->turn_content = as_sent(p->content, p->content_len);
+    c->turn_reasoning = p->reasoning && p->reasoning_len ? as_sent(p->reasoning, p->reasoning_len) : NULL;
+    c->turn_calls = xcalloc((size_t)p->n_calls + 1, sizeof *c->turn_calls);
+    for (int k = 0; k < p->n_calls; k++) {
+        c->turn_calls[k].name = xstrdup(p->calls[k].name ? p->calls[k].name : "");
+        c->turn_calls[k].arguments = xmalloc(p->calls[k].arguments_len + 1);
+        memcpy(c->turn_calls[k].arguments, p->calls[k].arguments, p->calls[k].arguments_len);
+        c->turn_calls[k].arguments[p->calls[k].arguments_len] = 0;
+        c->turn_calls[k].arguments_len = p->calls[k].arguments_len;
     }
-    ds4_buf_free(&canon);
+    c->n_turn_calls = p->n_calls;
+    if (p->raw_dsml) {
+        c->turn_raw = xmalloc(p->raw_dsml_len + 1);
+        memcpy(c->turn_raw, p->raw_dsml, p->raw_dsml_len);
+        c->turn_raw[p->raw_dsml_len] = 0;
+        c->turn_raw_len = p->raw_dsml_len;
+    }
 }
 
 void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hit) {
@@ -624,7 +639,7 @@ void srv_cache_bind(srv_server *s, srv_job *j, const srv_result *r, bool stop_hi
         if (hl >= al && !memcmp(j->rq.text + hl - al, DS4_ASSISTANT, al)) hl -= al;
         c->tool_head_len = hl;
         c->tool_head_hash = fnv1a(j->rq.text ? j->rq.text : "", hl);
-        tool_middles(c, &j->rq, &r->parsed, s->cfg.n_ctx);
+        tool_turn_keep(c, &r->parsed);
         pthread_mutex_unlock(&c->tool_mu);
     }
     if (!c->bind_kind) return;

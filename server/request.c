@@ -39,6 +39,10 @@ void srv_request_free(srv_request *rq) {
     free(rq->tail_text);
     for (int i = 0; i < rq->n_tail_ids; i++) free(rq->tail_ids[i]);
     free(rq->tail_ids);
+    free(rq->msg_off);
+    for (int i = 0; i < rq->n_more_result_ids; i++) free(rq->more_result_ids[i]);
+    free(rq->more_result_ids);
+    free(rq->more_result_msg);
     ds4_chat_free(rq->chat);
     free(rq->prompt);
     free(rq->tools_text);
@@ -1014,18 +1018,96 @@ static bool json_same(json_t *a, json_t *b) {
     return json_equal(a, b);
 }
 
-/* Whether a client's call (name, arguments text) is the parsed block's call:
- * the same name and the same arguments as JSON values (json_same: member
- * order, whitespace, escapes and number spelling aside), the block's read as
- * the client received them (invalid UTF-8 as U+FFFD, srv_json_value). */
+/* (the parser entity-decoding string values would turn a patch's literal
+ * "&amp;" into "&") */
+char *srv_raw_param(const char *raw, size_t n, int k, const char *param) {
+    if (!raw) return NULL;
+    static const char inv[] = "<" DS4_DSML_MARK "invoke name=\"";
+    static const char close[] = "</" DS4_DSML_MARK "parameter>";
+    const char *end = raw + n, *p = raw;
+    for (int i = 0; p && i <= k; i++) {
+        p = memmem(p, (size_t)(end - p), inv, sizeof inv - 1);
+        if (p && i < k) p += sizeof inv - 1;
+    }
+    if (!p) return NULL;
+    const char *next = memmem(p + 1, (size_t)(end - p - 1), inv, sizeof inv - 1);
+    const char *lim = next ? next : end;
+    char want[300];
+    int w = snprintf(want, sizeof want, "<" DS4_DSML_MARK "parameter name=\"%s\"", param);
+    if (w < 0 || (size_t)w >= sizeof want) return NULL;
+    const char *q = memmem(p, (size_t)(lim - p), want, (size_t)w);
+    if (!q || !(q = memchr(q, '>', (size_t)(lim - q)))) return NULL;
+    q++;
+    const char *e = memmem(q, (size_t)(lim - q), close, sizeof close - 1);
+    if (!e) return NULL;
+    char *out = xmalloc((size_t)(e - q) + 1);
+    memcpy(out, q, (size_t)(e - q));
+    out[e - q] = 0;
+    return out;
+}
+
+/* JSON text the server produced from model output, read as the client
+ * received it: invalid UTF-8 as U+FFFD (srv_jstr), NUL escapes allowed;
+ * *widened: an integer beyond 64 bits read as a real. NULL if not JSON. */
+static json_t *model_json(const char *text, size_t n, bool *widened) {
+    json_t *fixed = srv_jstr(text, n);
+    json_t *v = srv_json_loadb(json_string_value(fixed), json_string_length(fixed), JSON_DECODE_ANY | JSON_ALLOW_NUL,
+                               widened);
+    json_decref(fixed);
+    return v;
+}
+
+/* Whether a client's call (name, arguments text) is the sampled call blk:
+ * the same name and the same arguments as JSON values (json_same). An
+ * integer beyond 64 bits in the client's text (chat and Responses keep its
+ * digits) is compared by its digits: the compact texts must be equal. */
 static bool same_call(const ds4_tool_call *sent, const ds4_tool_call *blk) {
     if (strcmp(sent->name, blk->name)) return false;
-    json_t *a = srv_json_loadb(sent->arguments, sent->arguments_len, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
-    json_t *b = srv_json_value(blk->arguments);
-    const bool same = a && b && json_same(a, b);
+    bool wa = false, wb = false;
+    json_t *a = srv_json_loadb(sent->arguments, sent->arguments_len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &wa);
+    json_t *b = model_json(blk->arguments, blk->arguments_len, &wb);
+    bool same = a && b && json_same(a, b);
     json_decref(a);
     json_decref(b);
+    if (same && wa) {
+        ds4_buf x = DS4_BUF_INIT, y = DS4_BUF_INIT;
+        same = !ds4_dsml_args_compact(&x, sent->arguments, sent->arguments_len) &&
+               !ds4_dsml_args_compact(&y, blk->arguments, blk->arguments_len) && ds4_buf_ok(&x) &&
+               ds4_buf_ok(&y) && x.len == y.len && !memcmp(x.data, y.data, x.len);
+        ds4_buf_free(&x);
+        ds4_buf_free(&y);
+    }
     return same;
+}
+
+/* A custom tool's call as Responses sends it: {"input": the model's
+ * undecoded text of parameter `input`} (api_responses.c custom_input). */
+static bool same_custom_input(const ds4_tool_call *sent, const ds4_tool_call *blk, const char *raw, size_t raw_len,
+                              int k) {
+    if (strcmp(sent->name, blk->name)) return false;
+    json_t *a = srv_json_loadb(sent->arguments, sent->arguments_len, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
+    json_t *in = json_object_get(a, "input");
+    char *rp = json_is_object(a) && json_object_size(a) == 1 && json_is_string(in)
+                   ? srv_raw_param(raw, raw_len, k, "input")
+                   : NULL;
+    bool same = false;
+    if (rp) {
+        json_t *fixed = srv_jstr(rp, strlen(rp));
+        same = json_string_length(fixed) == json_string_length(in) &&
+               !memcmp(json_string_value(fixed), json_string_value(in), json_string_length(in));
+        json_decref(fixed);
+        free(rp);
+    }
+    json_decref(a);
+    return same;
+}
+
+bool srv_calls_match(const ds4_chat_msg *m, const ds4_tool_call *calls, int n, const char *raw, size_t raw_len) {
+    if (m->n_calls != n) return false;
+    for (int j = 0; j < n; j++)
+        if (!same_call(&m->calls[j], &calls[j]) && !same_custom_input(&m->calls[j], &calls[j], raw, raw_len, j))
+            return false;
+    return true;
 }
 
 /* Exact replay (TEXT C.8) emits the remembered block for a message whose
@@ -1048,8 +1130,7 @@ static int mark_edited_calls(srv_request *rq, ds4_dsml_replay *replay, ds4_err *
         ds4_dsml_result r;
         int rc = ds4_dsml_parse(blk, len, 0, &r, err);
         if (rc) return rc;
-        bool same = !r.parse_failed && r.n_calls == m->n_calls;
-        for (int j = 0; same && j < m->n_calls; j++) same = same_call(&m->calls[j], &r.calls[j]);
+        const bool same = !r.parse_failed && srv_calls_match(m, r.calls, r.n_calls, blk, len);
         ds4_dsml_result_free(&r);
         if (!same && (rc = ds4_chat_set_canonical_calls(c, i, err))) return rc;
     }
@@ -1069,7 +1150,11 @@ int srv_render(srv_request *rq, int n_ctx, ds4_dsml_replay *replay, srv_error *e
         if (srv_tools_active(rq))
             rc = ds4_chat_set_tools(rq->chat, rq->tools_text, strlen(rq->tools_text), &err);
         if (!rc && replay) rc = mark_edited_calls(rq, replay, &err);
-        if (!rc) rc = ds4_chat_render(rq->chat, replay, &out, &err);
+        if (!rc) {
+            free(rq->msg_off);
+            rq->msg_off = xcalloc((size_t)rq->chat->n_msgs + 1, sizeof *rq->msg_off);
+            rc = ds4_chat_render_at(rq->chat, replay, &out, rq->msg_off, &err);
+        }
     }
     if (rc || !ds4_buf_ok(&out)) {
         ds4_buf_free(&out);
@@ -1133,8 +1218,14 @@ int srv_render_tail(srv_request *rq, int n_ctx, srv_error *e) {
         return srv_fail(e, 500, "out of memory");
     }
     rq->tail_text = ds4_buf_detach(&t, &rq->tail_len);
-    rq->tail_ids = xcalloc((size_t)(last - first + 1), sizeof *rq->tail_ids);
-    for (int i = first; i <= last; i++) rq->tail_ids[rq->n_tail_ids++] = xstrdup(c->msgs[i].tool_call_id);
+    rq->tail_first = first;
+    rq->tail_ids = xcalloc((size_t)(last - first + 1) + (size_t)rq->n_more_result_ids, sizeof *rq->tail_ids);
+    for (int i = first; i <= last; i++) {
+        /* an Anthropic user message answers every call of its tool_result blocks (parallel calls) */
+        for (int k = 0; k < rq->n_more_result_ids; k++)
+            if (rq->more_result_msg[k] == i) rq->tail_ids[rq->n_tail_ids++] = xstrdup(rq->more_result_ids[k]);
+        rq->tail_ids[rq->n_tail_ids++] = xstrdup(c->msgs[i].tool_call_id);
+    }
     return 0;
 }
 

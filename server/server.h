@@ -110,6 +110,11 @@ typedef struct srv_request {
     size_t tail_len;
     char **tail_ids;       /* (n_tail_ids) ids those outputs answer */
     int n_tail_ids;
+    int tail_first;        /* message index of the first of those outputs */
+    char **more_result_ids; /* (n_more_result_ids) Anthropic: the ids of a user message's tool_result */
+    int *more_result_msg;  /* blocks before its last (whose id is the message's tool_call_id), and */
+    int n_more_result_ids; /* the message index of each */
+    size_t *msg_off;       /* (chat n_msgs + 1) where each message starts in text (srv_render) */
 
     ds4_chat *chat;        /* chat-type conversation (NULL for completions) */
     char *prompt;          /* completions prompt text */
@@ -414,6 +419,17 @@ json_t *srv_jstr(const char *s, size_t n);
  * (*cut: that subpart is a character cut short by n, which more bytes may
  * complete). n >= 1. */
 size_t srv_utf8_unit(const unsigned char *u, size_t n, bool *cut);
+/* The undecoded text of parameter `param` of call k of a raw DSML block (the
+ * model's bytes; the parser entity-decodes string values), or NULL when not
+ * found. malloc'ed. */
+char *srv_raw_param(const char *raw, size_t n, int k, const char *param);
+/* Whether assistant message m carries the calls calls[0..n) of a sampled
+ * turn (raw: its DSML block, may be NULL) as the client received them: the
+ * same names in order and the same arguments as JSON values (member order,
+ * spacing, escapes and the spelling of numbers aside; the block's text read
+ * with invalid UTF-8 as U+FFFD), or for a custom tool's `input` the model's
+ * undecoded text (the Responses custom_tool_call input). */
+bool srv_calls_match(const ds4_chat_msg *m, const ds4_tool_call *calls, int n, const char *raw, size_t raw_len);
 /* Parses JSON text produced by the server from model output (compact tool
  * arguments), repairing invalid UTF-8 to U+FFFD first; NULL if it is not
  * JSON. New reference. */

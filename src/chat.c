@@ -238,6 +238,10 @@ int ds4_chat_continues(const ds4_chat *c) {
 }
 
 int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds4_err *err) {
+    return ds4_chat_render_at(c, replay, out, NULL, err);
+}
+
+int ds4_chat_render_at(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, size_t *offs, ds4_err *err) {
     ds4_think mode = ds4_chat_effective_think(c->think, c->n_ctx);
     int tool_ctx = ds4_chat_tool_context(c);
     int last_input = -1; /* index of the last user/tool/function message */
@@ -264,6 +268,7 @@ int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds
     const int cont = ds4_chat_continues(c);
     for (int i = 0; i < c->n_msgs; i++) {
         const ds4_chat_msg *m = &c->msgs[i];
+        if (offs) offs[i] = out->len;
         switch (m->role) {
         case DS4_ROLE_USER:
             ds4_buf_puts(out, DS4_USER);
@@ -298,6 +303,7 @@ int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds
         }
         if (m->role == DS4_ROLE_USER || m->role == DS4_ROLE_TOOL || m->role == DS4_ROLE_FUNCTION) turns++;
     }
+    if (offs) offs[c->n_msgs] = out->len;
     if (!turns) { /* only system text: answer it after an empty user turn */
         ds4_buf_puts(out, DS4_USER);
         a_pending = 1;

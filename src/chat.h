@@ -130,6 +130,11 @@ int ds4_chat_tool_context(const ds4_chat *c);
  * marked canonical_calls; otherwise the
  * canonical rendering (C.4) is used. Returns 0 or DS4_E_NOMEM. */
 int ds4_chat_render(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, ds4_err *err);
+/* The same; offs (n_msgs + 1 entries, may be NULL) gets where each message's
+ * rendering starts in out (system texts, rendered in the system block, and
+ * dropped roles render nothing there) and, last, where the generation prefix
+ * would start. */
+int ds4_chat_render_at(const ds4_chat *c, ds4_dsml_replay *replay, ds4_buf *out, size_t *offs, ds4_err *err);
 /* 1 when the conversation ends with an assistant message without tool calls
  * (a prefill): ds4_chat_render then leaves that turn open (no end-of-sentence,
  * no generation prefix) so the reply continues its content, as Anthropic's

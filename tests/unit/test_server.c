@@ -778,6 +778,90 @@ DS4_TEST(server_exact_replay_only_for_the_calls_the_block_holds) {
     ds4_buf_free(&blk);
 }
 
+/* The same rule for arguments the comparison must read as the client got
+ * them: a custom tool's input is the model's undecoded text (Responses
+ * custom_tool_call), a NUL escape, integers beyond 64 bits by their digits. */
+DS4_TEST(server_exact_replay_reads_arguments_as_sent) {
+    static const char custom_blk[] = "\n\n<" DS4_DSML_MARK "tool_calls>\n<" DS4_DSML_MARK "invoke name=\"apply_patch\">\n<"
+                                     DS4_DSML_MARK "parameter name=\"input\" string=\"true\">a &amp; b</" DS4_DSML_MARK
+                                     "parameter>\n</" DS4_DSML_MARK "invoke>\n</" DS4_DSML_MARK "tool_calls>";
+    static const struct {
+        srv_api api;
+        const char *blk_args; /* NULL: custom_blk */
+        const char *call;     /* the request's call (Responses, %s = id) or arguments (chat, escaped) */
+        int replayed;
+    } cases[] = {
+        {SRV_API_RESPONSES, NULL, "{\"type\":\"custom_tool_call\",\"call_id\":\"%s\",\"name\":\"apply_patch\",\"input\":\"a &amp; b\"}", 1},
+        {SRV_API_RESPONSES, NULL, "{\"type\":\"custom_tool_call\",\"call_id\":\"%s\",\"name\":\"apply_patch\",\"input\":\"a &amp; c\"}", 0},
+        {SRV_API_CHAT, "{\"x\": \"a\\u0000b\"}", "{\\\"x\\\":\\\"a\\\\u0000b\\\"}", 1},
+        {SRV_API_CHAT, "{\"x\": \"a\\u0000b\"}", "{\\\"x\\\":\\\"a\\\\u0000c\\\"}", 0},
+        {SRV_API_CHAT, "{\"n\": 12345678901234567890}", "{\\\"n\\\":12345678901234567890}", 1},
+        {SRV_API_CHAT, "{\"n\": 12345678901234567890}", "{\\\"n\\\":12345678901234567891}", 0},
+        {SRV_API_CHAT, "{\"n\": 9007199254740993}", "{\\\"n\\\":9007199254740992}", 0},
+    };
+    const char *id = "call_00000000000000000000000000000009";
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        ds4_buf blk = DS4_BUF_INIT;
+        if (cases[k].blk_args) {
+            ds4_tool_call bc = {NULL, "f", (char *)cases[k].blk_args, strlen(cases[k].blk_args)};
+            CHECK_EQ_INT(ds4_dsml_render_calls(&blk, &bc, 1), 0);
+        } else {
+            ds4_buf_append(&blk, custom_blk, sizeof custom_blk - 1);
+        }
+        CHECK(ds4_buf_ok(&blk));
+        ds4_dsml_replay *rp = ds4_dsml_replay_new(0, 0);
+        CHECK_EQ_INT(ds4_dsml_replay_put(rp, &id, 1, blk.data, blk.len, NULL), 0);
+        char call[512], body[2048];
+        if (cases[k].api == SRV_API_RESPONSES) {
+            snprintf(call, sizeof call, cases[k].call, id);
+            snprintf(body, sizeof body,
+                     "{\"input\":[{\"role\":\"user\",\"content\":\"patch\"},%s,"
+                     "{\"type\":\"custom_tool_call_output\",\"call_id\":\"%s\",\"output\":\"ok\"}],"
+                     "\"tools\":[{\"type\":\"custom\",\"name\":\"apply_patch\"}]}", call, id);
+        } else {
+            snprintf(body, sizeof body,
+                     "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"},"
+                     "{\"role\":\"assistant\",\"content\":\"\",\"tool_calls\":[{\"id\":\"%s\",\"type\":\"function\","
+                     "\"function\":{\"name\":\"f\",\"arguments\":\"%s\"}}]},"
+                     "{\"role\":\"tool\",\"tool_call_id\":\"%s\",\"content\":\"ok\"}],"
+                     "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":{\"type\":\"object\"}}}]}",
+                     id, cases[k].call, id);
+        }
+        srv_request rq;
+        srv_error e;
+        const int prc = parse(cases[k].api, body, &rq, &e);
+        CHECK_MSG(!prc && !srv_render(&rq, 32768, rp, &e), "case %zu: %s", k, e.msg);
+        const char *txt = rq.text;
+        const bool has_blk = txt && memmem(txt, rq.text_len, blk.data, blk.len) != NULL; /* may hold a NUL */
+        CHECK_MSG(has_blk == (cases[k].replayed != 0), "case %zu: block %s in\n%s", k,
+                  has_blk ? "replayed" : "not replayed", txt);
+        srv_request_free(&rq);
+        ds4_dsml_replay_free(rp);
+        ds4_buf_free(&blk);
+    }
+}
+
+/* Claude Code answers parallel calls with one user message of several
+ * tool_result blocks: the tail (C.2 rules 2-3) answers all of their ids, not
+ * only the last block's, so the live binding of the turn's calls matches. */
+DS4_TEST(server_anthropic_tail_answers_every_tool_result_of_a_message) {
+    const char *body =
+        "{\"max_tokens\":8,\"messages\":[{\"role\":\"user\",\"content\":\"go\"},"
+        "{\"role\":\"assistant\",\"content\":[{\"type\":\"tool_use\",\"id\":\"toolu_a\",\"name\":\"f\",\"input\":{}},"
+        "{\"type\":\"tool_use\",\"id\":\"toolu_b\",\"name\":\"f\",\"input\":{\"x\":1}}]},"
+        "{\"role\":\"user\",\"content\":[{\"type\":\"tool_result\",\"tool_use_id\":\"toolu_a\",\"content\":\"A\"},"
+        "{\"type\":\"tool_result\",\"tool_use_id\":\"toolu_b\",\"content\":\"B\"}]}],"
+        "\"tools\":[{\"name\":\"f\",\"input_schema\":{\"type\":\"object\"}}]}";
+    srv_request rq;
+    srv_error e;
+    CHECK_MSG(!parse(SRV_API_ANTHROPIC, body, &rq, &e) && !srv_render(&rq, 32768, NULL, &e) &&
+                  !srv_render_tail(&rq, 32768, &e), "%s", e.msg);
+    CHECK_EQ_INT(rq.n_tail_ids, 2);
+    CHECK(!strcmp(rq.tail_ids[0], "toolu_a") && !strcmp(rq.tail_ids[1], "toolu_b"));
+    CHECK(strstr(rq.tail_text, DS4_TOOL_RESULT_OPEN "A" DS4_TOOL_RESULT_CLOSE DS4_TOOL_RESULT_OPEN "B"));
+    srv_request_free(&rq);
+}
+
 /* ---- logit_bias and penalties ------------------------------------------- */
 
 DS4_TEST(server_logit_bias_and_penalties) {
