@@ -16,9 +16,16 @@
  *    the lanes in bit-reversed order (0, 16, 8, 24, ...) turns that
  *    butterfly into a binary counter, so partial sums stay in registers;
  *  - the WPR warp sums are added in j order (mv_rows_store).
- * Block tile 64 rows x 64 tokens, 8 warps (16 rows x 32 tokens each), the
- * chunks staged through shared memory by cp.async in three stages of 8
- * chunk slots (AP lane positions x NK chunks each). */
+ * Block tile 64 rows x 64 tokens, 4 x TW warps (16 rows x 64/TW tokens
+ * each), the chunks staged through shared memory by cp.async in three
+ * stages of 8 chunk slots (AP lane positions x NK chunks each).
+ *
+ * TW (DS4_CUDA_MM_TW=4, else 2): TW = 2 gives 8 warps of 16 x 32,
+ * 228 registers (the counter's 5 levels x 16 values), one block and 8 warps
+ * per SM (H100 Nsight, a 2,048-token chunk: 12.5% occupancy, 5.5 cycles per
+ * issued instruction, latency-bound); TW = 4, 16 warps of 16 x 16: half the
+ * registers per thread, twice the warps per SM; each warp's outputs have the
+ * same operations in the same order, so the same bits. */
 #define MM_STAGES 3
 #define MM_SLOTS 8
 
@@ -30,8 +37,11 @@ template <int NK> struct mm_smem {
     float da[2][MM_BN][32 * NK + 4];
 };
 
-template <int WPR, int NK>
-__global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_params p) {
+template <int WPR, int NK, int TW>
+__global__ void __launch_bounds__(128 * TW, 1) k_mm_q8(const __grid_constant__ mv_params p) {
+    constexpr int NT = 128 * TW;           /* threads */
+    constexpr int TPW = MM_BN / TW;        /* tokens per warp */
+    constexpr int NA = TPW / 8;            /* mma token tiles per warp */
     constexpr int AP = MM_SLOTS / NK;      /* lane positions per stage */
     constexpr int QS = 32 / AP;            /* stages per stripe */
     constexpr int KL = 32 * WPR;
@@ -55,16 +65,16 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
     auto issue = [&](int st) {
         const int j = st / QS, q = st % QS, buf = st % MM_STAGES;
 #pragma unroll
-        for (int u = 0; u < (MM_SLOTS * MM_BM * 2) / 256; u++) {
-            const int v = tid + 256 * u, half = v & 1, rr = (v >> 1) % MM_BM, slot = (v >> 1) / MM_BM;
+        for (int u = 0; u < (MM_SLOTS * MM_BM * 2) / NT; u++) {
+            const int v = tid + NT * u, half = v & 1, rr = (v >> 1) % MM_BM, slot = (v >> 1) / MM_BM;
             const int c = 32 * j + mm_br5(AP * q + slot / NK) + KL * (slot % NK);
             const bool ok = c < p.nch;
             const uint8_t *src = sg.w.q + (size_t)(r0 + rr) * sg.w.q_row + (size_t)(ok ? c : 0) * 32 + 16 * half;
             mm_cp16(sm.a[buf][slot] + mm_off(rr, 4 * half), src, ok);
         }
 #pragma unroll
-        for (int u = 0; u < (MM_SLOTS * MM_BN * 2) / 256; u++) {
-            const int v = tid + 256 * u, half = v & 1, tt = (v >> 1) % MM_BN, slot = (v >> 1) / MM_BN;
+        for (int u = 0; u < (MM_SLOTS * MM_BN * 2) / NT; u++) {
+            const int v = tid + NT * u, half = v & 1, tt = (v >> 1) % MM_BN, slot = (v >> 1) / MM_BN;
             const int c = 32 * j + mm_br5(AP * q + slot / NK) + KL * (slot % NK);
             const bool ok = c < p.nch && t0 + tt < p.n;
             const int8_t *src = aq + (ok ? (int64_t)(t0 + tt) * p.ldq + (int64_t)c * 32 + 16 * half : 0);
@@ -73,7 +83,7 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
         if (q == 0) {
             const int sb = j & 1;
             /* weight scales: 64 bytes (32 halves) per row per k */
-            for (int v = tid; v < MM_BM * NK * 4; v += 256) {
+            for (int v = tid; v < MM_BM * NK * 4; v += NT) {
                 const int piece = v & 3, k = (v >> 2) % NK, rr = (v >> 2) / NK;
                 const int c = 32 * j + KL * k;
                 const bool ok = c < p.nch;
@@ -81,7 +91,7 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
                 mm_cp16(&sm.dw[sb][rr][32 * k + 8 * piece], src, ok);
             }
             /* activation scales: 128 bytes (32 floats) per token per k */
-            for (int v = tid; v < MM_BN * NK * 8; v += 256) {
+            for (int v = tid; v < MM_BN * NK * 8; v += NT) {
                 const int piece = v & 7, k = (v >> 3) % NK, tt = (v >> 3) / NK;
                 const int c = 32 * j + KL * k;
                 const bool ok = c < p.nch && t0 + tt < p.n;
@@ -91,9 +101,9 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
         }
     };
 
-    float total[4][4], lvl[5][4][4], acc[4][4];
+    float total[NA][4], lvl[5][NA][4], acc[NA][4];
 #pragma unroll
-    for (int a = 0; a < 4; a++)
+    for (int a = 0; a < NA; a++)
 #pragma unroll
         for (int e = 0; e < 4; e++) total[a][e] = 0.0f;
     issue(0);
@@ -114,7 +124,7 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
             for (int i = 0; i < AP; i++) {
                 const int m = AP * q + i, cl = mm_br5(m);
 #pragma unroll
-                for (int a = 0; a < 4; a++)
+                for (int a = 0; a < NA; a++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) acc[a][e] = 0.0f;
 #pragma unroll
@@ -127,8 +137,8 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
                     af[3] = *(const unsigned *)(A + mm_off(ra + 8, tq + 4));
                     const float dw0 = cu_h2f(sm.dw[sb][ra][cl + 32 * k]), dw1 = cu_h2f(sm.dw[sb][ra + 8][cl + 32 * k]);
 #pragma unroll
-                    for (int a = 0; a < 4; a++) {
-                        const int tb = wn * 32 + a * 8;
+                    for (int a = 0; a < NA; a++) {
+                        const int tb = wn * TPW + a * 8;
                         const unsigned b0 = *(const unsigned *)(B + mm_off(tb + g, tq));
                         const unsigned b1 = *(const unsigned *)(B + mm_off(tb + g, tq + 4));
                         int ci[4];
@@ -146,8 +156,8 @@ __global__ void __launch_bounds__(256, 1) k_mm_q8(const __grid_constant__ mv_par
     }
     mm_wait<0>();
 #pragma unroll
-    for (int a = 0; a < 4; a++) {
-        const int t = t0 + wn * 32 + a * 8 + 2 * tq;
+    for (int a = 0; a < NA; a++) {
+        const int t = t0 + wn * TPW + a * 8 + 2 * tq;
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int tt = t + (e & 1), rr = r0 + ra + (e >> 1) * 8;
@@ -174,11 +184,16 @@ static int mm_nk(const mv_params &p, int wpr) {
     return nk <= 2 ? nk : 0;
 }
 
-template <int WPR, int NK> static void launch_mm(cu_ctx *c, const mv_params &p, int rows) {
+template <int WPR, int NK, int TW> static void launch_mm_tw(cu_ctx *c, const mv_params &p, int rows) {
     const size_t smem = sizeof(mm_smem<NK>);
     /* per device, so on every launch (a batch kernel launch, not a decode step) */
-    cudaFuncSetAttribute(k_mm_q8<WPR, NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    cu_launch(c, k_mm_q8<WPR, NK>, dim3(rows / MM_BM, cu_div_up(p.n, MM_BN)), 256, smem, p);
+    cudaFuncSetAttribute(k_mm_q8<WPR, NK, TW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cu_launch(c, k_mm_q8<WPR, NK, TW>, dim3(rows / MM_BM, cu_div_up(p.n, MM_BN)), 128 * TW, smem, p);
+}
+
+template <int WPR, int NK> static void launch_mm(cu_ctx *c, const mv_params &p, int rows) {
+    if (c->mm_tw == 4) launch_mm_tw<WPR, NK, 4>(c, p, rows);
+    else launch_mm_tw<WPR, NK, 2>(c, p, rows);
 }
 
 template <int WPR> static bool try_mm(cu_ctx *c, const mv_params &p, int rows) {

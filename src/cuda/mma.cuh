@@ -66,14 +66,16 @@ __device__ __forceinline__ void cu_bfly_push(int m, T (&a)[N], T (&lvl)[5][N]) {
     }
 }
 
-/* The counter for a 4 x 4 thread tile: acc holds the sums of arrival m of
+/* The counter for an NA x 4 thread tile: acc holds the sums of arrival m of
  * stripe j; at m = 31 the warp sum is added to total in stripe (warp) order. */
-__device__ __forceinline__ void mm_counter_push(int m, int j, float (&acc)[4][4], float (&lvl)[5][4][4],
-                                                float (&total)[4][4]) {
-    cu_bfly_push<16, float>(m, reinterpret_cast<float(&)[16]>(acc), reinterpret_cast<float(&)[5][16]>(lvl));
+template <int NA>
+__device__ __forceinline__ void mm_counter_push(int m, int j, float (&acc)[NA][4], float (&lvl)[5][NA][4],
+                                                float (&total)[NA][4]) {
+    cu_bfly_push<4 * NA, float>(m, reinterpret_cast<float(&)[4 * NA]>(acc),
+                                reinterpret_cast<float(&)[5][4 * NA]>(lvl));
     if (m == 31) {
 #pragma unroll
-        for (int a = 0; a < 4; a++)
+        for (int a = 0; a < NA; a++)
 #pragma unroll
             for (int e = 0; e < 4; e++) total[a][e] = j ? __fadd_rn(total[a][e], acc[a][e]) : acc[a][e];
     }

@@ -223,6 +223,8 @@ _AB_BASE = {}
 @pytest.mark.parametrize("var,val", [("DS4_CUDA_ATT_HB", "1"), ("DS4_CUDA_ATT_HB", "4"), ("DS4_CUDA_ATT_HB", "8"),
                                      ("DS4_CUDA_ATT_HB", "16"), ("DS4_CUDA_NO_MOE_FUSE", "1"),
                                      ("DS4_CUDA_NO_HC_BATCH", "1"), ("DS4_CUDA_NO_PREQ", "1"), ("DS4_CUDA_MV_R1", "1"),
+                                     ("DS4_CUDA_MM_TW", "4"), ("q2:DS4_CUDA_MM_TW", "4"),
+                                     ("DS4_CUDA_MM_TW", "4,DS4_CUDA_NO_PREQ=1"),
                                      ("DS4_CUDA_NO_ROUTE_GROUP", "1"), ("DS4_CUDA_NO_PDL", "1"), ("DS4_CUDA_NO_PREFETCH", "1"),
                                      ("DS4_CUDA_EARLY_TRIGGER", "1"), ("DS4_CUDA_NO_HC_FUSE", "1"),
                                      ("q2:DS4_CUDA_NO_MOE_FUSE", "1"), ("q4:DS4_CUDA_NO_MOE_FUSE", "1"),
