@@ -237,6 +237,14 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max) {
     debug_slow(x->s);
     pthread_mutex_lock(&st->mu);
     for (;;) {
+        /* a client given up on (it stopped reading: the worker's write gave
+         * up, and the generation ended with finish error) gets no more bytes
+         * and no end of stream: what it has left to read would end as a
+         * complete 200 without the finish, which SDKs take as a whole reply */
+        if (st->client_gone) {
+            pthread_mutex_unlock(&st->mu);
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+        }
         if (st->pending.len) {
             size_t n = st->pending.len < max ? st->pending.len : max;
             memcpy(buf, st->pending.data, n);
@@ -249,10 +257,6 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max) {
         if (st->done) {
             pthread_mutex_unlock(&st->mu);
             return MHD_CONTENT_READER_END_OF_STREAM;
-        }
-        if (st->client_gone) {
-            pthread_mutex_unlock(&st->mu);
-            return MHD_CONTENT_READER_END_WITH_ERROR;
         }
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);

@@ -32,6 +32,23 @@ static void on_signal(int sig) {
     if (++g_signals >= 2) _exit(130);
 }
 
+/* While the server starts (model load and upload: minutes for the real
+ * model) nothing runs that a shutdown would drain or save: a signal then
+ * exits at once, status 128 + signal, as the default action would. The
+ * thread is cancelled (sigwait is a cancellation point) before the main
+ * thread takes the signals with its own sigwait. */
+static void *startup_signals(void *arg) {
+    const sigset_t *sigs = arg;
+    int sig = 0;
+    if (sigwait(sigs, &sig) == 0) {
+        static const char msg[] = "ds4-server: interrupted while starting\n";
+        ssize_t w = write(2, msg, sizeof msg - 1);
+        (void)w;
+        _exit(128 + sig);
+    }
+    return NULL;
+}
+
 static void usage(FILE *f) {
     fprintf(f,
             "usage: ds4-server -m MODEL.gguf [options]\n"
@@ -324,6 +341,8 @@ int main(int argc, char **argv) {
      * reported and survived, instead of killing the server */
     signal(SIGXFSZ, SIG_IGN);
     ds4_sigbus_message("ds4-server"); /* the model file truncated while mapped: say so */
+    pthread_t sig_thread;
+    const bool sig_thread_on = pthread_create(&sig_thread, NULL, startup_signals, &sigs) == 0;
 
     ds4_err err = {0};
     if (srv_http_listen(&s, &err)) {
@@ -392,6 +411,10 @@ int main(int argc, char **argv) {
     if (ds4_engine_has_mtp(s.engine))
         srv_log("ds4-server: MTP speculative decoding on: %s, %d drafts per cycle, gate %g", s.cfg.mtp_path,
                 s.cfg.mtp_draft, (double)s.cfg.mtp_gate);
+    if (sig_thread_on) { /* from here a signal is an orderly shutdown */
+        pthread_cancel(sig_thread);
+        pthread_join(sig_thread, NULL);
+    }
     srv_log("ds4-server: listening on http://%s:%d", s.cfg.host, s.cfg.port);
     int sig = 0;
     sigwait(&sigs, &sig);

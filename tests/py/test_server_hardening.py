@@ -78,6 +78,59 @@ def stop_load(procs):
         p.wait()
 
 
+def test_server_signal_while_starting_exits_at_once():
+    """Signals were blocked from the first line of main until the server listened: Ctrl-C (twice) during a model
+    load waited for the whole load (minutes for the real model), then shut down with status 0, the second signal
+    lost. Now a signal while starting exits at once with 128 + the signal; once listening, the first is an orderly
+    shutdown and the second exits 130, so two SIGINTs 10 ms apart give 130 either way."""
+    from test_server import demo_model, prog
+    for _ in range(3):
+        p = subprocess.Popen([prog("ds4-server"), "-m", demo_model(), "--cpu", "--port", "0", "--ctx", "4096"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+        assert p.returncode == 130, (p.returncode, err[-2000:])
+
+
+def test_server_stalled_reader_does_not_get_a_complete_stream():
+    """A streaming client that stops reading makes the worker give up its writes (finish error, logged); what the
+    client had not yet read then ended as a complete chunked 200 without a finish or [DONE] when it read again,
+    which the openai SDK takes as a whole reply. Now the connection is cut there: no end-of-stream chunk, so a
+    client sees the stream broken."""
+    body = json.dumps({"messages": user("Tell me about cats."), "max_tokens": 3500, "temperature": 0,
+                       "think": False, "stream": True, "logprobs": True, "top_logprobs": 20}).encode()
+    with Server() as s:
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        c.connect(("127.0.0.1", s.port))
+        c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.time() + 150
+        while "finish=error client stream write failed" not in s.log_text():
+            assert time.time() < deadline, s.log_text()[-2000:]
+            time.sleep(0.5)
+        raw = b""
+        c.settimeout(30)
+        while True:
+            try:
+                d = c.recv(1 << 20)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not d:
+                break
+            raw += d
+        c.close()
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert not raw.endswith(b"\r\n0\r\n\r\n") and b"[DONE]" not in raw, raw[-300:]
+
+
 # ---- 1. SIGTERM drains connections -------------------------------------------
 
 def sigterm_round(server_args=(), n_queued=6, timeout=60):
