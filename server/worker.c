@@ -620,6 +620,8 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
             srv_log("request %s: client went away during prefill", j->id);
             return false;
         }
+        /* the prefill cancelled by a shutdown says so, as a generation's end does */
+        if (prc == DS4_E_CANCEL && s->shutdown_flag) ds4_err_set(&err, DS4_E_CANCEL, "shutdown requested");
         srv_log("request %s: prefill failed: %s", j->id, err.msg);
         if (g->streaming && j->st.headers) {
             /* headers are out: the failure travels as an SSE error event */

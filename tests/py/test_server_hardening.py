@@ -131,6 +131,23 @@ def test_server_stalled_reader_does_not_get_a_complete_stream():
     assert not raw.endswith(b"\r\n0\r\n\r\n") and b"[DONE]" not in raw, raw[-300:]
 
 
+def test_server_sigterm_during_a_streamed_prefill_says_shutdown():
+    """A stream whose prompt is still being prefilled when SIGTERM comes ends with an error event; its message was
+    the engine's "cancelled" where a generation stopped by the same signal says "shutdown requested" (spec
+    SERVING B.1). Both say the same now."""
+    body = json.dumps({"messages": user("The quick brown fox jumps over the lazy dog. " * 1500), "max_tokens": 8,
+                       "temperature": 0, "think": False, "stream": True})
+    with Server(ctx=32768) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()  # the SSE headers come after the first prefill chunk
+        assert resp.status == 200
+        s.proc.send_signal(signal.SIGTERM)
+        data = resp.read()
+        conn.close()
+    assert b"shutdown requested" in data and b"cancelled" not in data, data[-500:]
+
+
 # ---- 1. SIGTERM drains connections -------------------------------------------
 
 def sigterm_round(server_args=(), n_queued=6, timeout=60):
