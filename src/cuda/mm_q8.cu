@@ -20,7 +20,7 @@
  * each), the chunks staged through shared memory by cp.async in three
  * stages of 8 chunk slots (AP lane positions x NK chunks each).
  *
- * TW (DS4_CUDA_MM_TW=4, else 2): TW = 2 gives 8 warps of 16 x 32,
+ * TW (DS4_CUDA_MM_TW, default 4; 2 on request): TW = 2 gives 8 warps of 16 x 32,
  * 228 registers (the counter's 5 levels x 16 values), one block and 8 warps
  * per SM (H100 Nsight, a 2,048-token chunk: 12.5% occupancy, 5.5 cycles per
  * issued instruction, latency-bound); TW = 4, 16 warps of 16 x 16: half the
@@ -192,8 +192,8 @@ template <int WPR, int NK, int TW> static void launch_mm_tw(cu_ctx *c, const mv_
 }
 
 template <int WPR, int NK> static void launch_mm(cu_ctx *c, const mv_params &p, int rows) {
-    if (c->mm_tw == 4) launch_mm_tw<WPR, NK, 4>(c, p, rows);
-    else launch_mm_tw<WPR, NK, 2>(c, p, rows);
+    if (c->mm_tw == 2) launch_mm_tw<WPR, NK, 2>(c, p, rows);
+    else launch_mm_tw<WPR, NK, 4>(c, p, rows);
 }
 
 template <int WPR> static bool try_mm(cu_ctx *c, const mv_params &p, int rows) {
