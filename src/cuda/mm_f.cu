@@ -13,7 +13,12 @@
  * order. The many independent chains of a tile run side by side: block
  * 64 rows x 64 tokens, each thread 4 rows x 4 tokens (rows rg + 8q, tokens
  * tg + 4q of its warp's 32 x 16), weights converted to f32 once into shared
- * memory. Stage: 4 chunk slots (AP lane positions x NK chunks). */
+ * memory. Stage: 4 chunk slots (AP lane positions x NK chunks).
+ * TW (DS4_CUDA_MF_TW=2, else 1): TW = 1 gives 8 warps of 32 rows x 16
+ * tokens (255 registers, one block and 8 warps per SM); TW = 2, 16 warps
+ * of 32 x 8 (each thread 4 rows x 2 tokens): about half the registers,
+ * twice the warps per SM; each output's operations are unchanged, so the
+ * same bits. */
 #define MF_SLOTS 4
 #define MF_LD 36 /* floats per row of a slot (32 + 4: conflict-free float4 reads) */
 struct mf_smem {
@@ -21,9 +26,11 @@ struct mf_smem {
     float x[2][MF_SLOTS][MM_BN * MF_LD];
 };
 
-template <int WT, int WPR, int NK>
-__global__ void __launch_bounds__(256, 1) k_mm_f(const __grid_constant__ mv_params p) {
+template <int WT, int WPR, int NK, int TW>
+__global__ void __launch_bounds__(256 * TW, 1) k_mm_f(const __grid_constant__ mv_params p) {
     constexpr int AP = MF_SLOTS / NK, QS = 32 / AP, KL = 32 * WPR, NS = WPR * QS;
+    constexpr int NT = 256 * TW, TB = 4 / TW, TPW = 16 / TW; /* threads, tokens per thread, per warp */
+    constexpr int WU = MF_SLOTS * MM_BM * 4 / NT, XU = MF_SLOTS * MM_BN * 8 / NT;
     extern __shared__ __align__(16) unsigned char mf_raw[];
     mf_smem &sm = *reinterpret_cast<mf_smem *>(mf_raw);
     cu_pdl_wait();
@@ -37,21 +44,21 @@ __global__ void __launch_bounds__(256, 1) k_mm_f(const __grid_constant__ mv_para
     const cu_seg &sg = p.seg[s];
     const int r0 = row0 - (s ? p.seg_end[s - 1] : 0);
     const float *xb = p.x + sg.xoff;
-    /* weights: 64 rows x 4 slots x 4 pieces of 8 values, 4 per thread */
-    auto w_load = [&](int st, uint4 (&raw)[4]) {
+    /* weights: 64 rows x 4 slots x 4 pieces of 8 values, WU per thread */
+    auto w_load = [&](int st, uint4 (&raw)[WU]) {
         const int j = st / QS, q = st % QS;
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int v = tid + 256 * u, piece = v & 3, rr = (v >> 2) & 63, slot = v >> 8;
+        for (int u = 0; u < WU; u++) {
+            const int v = tid + NT * u, piece = v & 3, rr = (v >> 2) & 63, slot = v >> 8;
             const int c = 32 * j + mm_br5(AP * q + slot / NK) + KL * (slot % NK);
             raw[u] = c < p.nch ? *(const uint4 *)(sg.w.q + (size_t)(r0 + rr) * sg.w.q_row + (size_t)c * 64 + 16 * piece)
                                : make_uint4(0, 0, 0, 0);
         }
     };
-    auto w_store = [&](int buf, const uint4 (&raw)[4]) {
+    auto w_store = [&](int buf, const uint4 (&raw)[WU]) {
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int v = tid + 256 * u, piece = v & 3, rr = (v >> 2) & 63, slot = v >> 8;
+        for (int u = 0; u < WU; u++) {
+            const int v = tid + NT * u, piece = v & 3, rr = (v >> 2) & 63, slot = v >> 8;
             const uint32_t wv[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
             float f[8];
 #pragma unroll
@@ -74,8 +81,8 @@ __global__ void __launch_bounds__(256, 1) k_mm_f(const __grid_constant__ mv_para
     auto x_issue = [&](int st, int buf) {
         const int j = st / QS, q = st % QS;
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int v = tid + 256 * u, piece = v & 7, tt = (v >> 3) & 63, slot = v >> 9;
+        for (int u = 0; u < XU; u++) {
+            const int v = tid + NT * u, piece = v & 7, tt = (v >> 3) & 63, slot = v >> 9;
             const int c = 32 * j + mm_br5(AP * q + slot / NK) + KL * (slot % NK);
             const bool ok = c < p.nch && t0 + tt < p.n;
             const float *src = xb + (ok ? (int64_t)(t0 + tt) * p.ldx + (int64_t)c * 32 + 4 * piece : 0);
@@ -83,12 +90,13 @@ __global__ void __launch_bounds__(256, 1) k_mm_f(const __grid_constant__ mv_para
         }
     };
 
-    float total[4][4], lvl[5][4][4], acc[4][4];
+    /* [token b][row a]: the counter works on each value alone */
+    float total[TB][4], lvl[5][TB][4], acc[TB][4];
 #pragma unroll
-    for (int a = 0; a < 4; a++)
+    for (int b = 0; b < TB; b++)
 #pragma unroll
-        for (int b = 0; b < 4; b++) total[a][b] = 0.0f;
-    uint4 raw[4];
+        for (int a = 0; a < 4; a++) total[b][a] = 0.0f;
+    uint4 raw[WU];
     w_load(0, raw);
     x_issue(0, 0);
     mm_commit();
@@ -109,39 +117,39 @@ __global__ void __launch_bounds__(256, 1) k_mm_f(const __grid_constant__ mv_para
             for (int i = 0; i < AP; i++) {
                 const int m = AP * q + i;
 #pragma unroll
-                for (int a = 0; a < 4; a++)
+                for (int b = 0; b < TB; b++)
 #pragma unroll
-                    for (int b = 0; b < 4; b++) acc[a][b] = 0.0f;
+                    for (int a = 0; a < 4; a++) acc[b][a] = 0.0f;
 #pragma unroll
                 for (int k = 0; k < NK; k++) {
                     const float *W = sm.w[buf][i * NK + k] + (wr * 32 + rg) * MF_LD;
-                    const float *X = sm.x[buf][i * NK + k] + (wt * 16 + tg) * MF_LD;
-                    float sum[4][4];
+                    const float *X = sm.x[buf][i * NK + k] + (wt * TPW + tg) * MF_LD;
+                    float sum[TB][4];
 #pragma unroll
-                    for (int a = 0; a < 4; a++)
+                    for (int b = 0; b < TB; b++)
 #pragma unroll
-                        for (int b = 0; b < 4; b++) sum[a][b] = 0.0f;
+                        for (int a = 0; a < 4; a++) sum[b][a] = 0.0f;
 #pragma unroll
                     for (int v4 = 0; v4 < 8; v4++) {
-                        float4 wv[4], xv[4];
+                        float4 wv[4], xv[TB];
 #pragma unroll
                         for (int a = 0; a < 4; a++) wv[a] = *(const float4 *)(W + 8 * a * MF_LD + 4 * v4);
 #pragma unroll
-                        for (int b = 0; b < 4; b++) xv[b] = *(const float4 *)(X + 4 * b * MF_LD + 4 * v4);
+                        for (int b = 0; b < TB; b++) xv[b] = *(const float4 *)(X + 4 * b * MF_LD + 4 * v4);
 #pragma unroll
                         for (int a = 0; a < 4; a++)
 #pragma unroll
-                            for (int b = 0; b < 4; b++) {
-                                sum[a][b] = __fmaf_rn(wv[a].x, xv[b].x, sum[a][b]);
-                                sum[a][b] = __fmaf_rn(wv[a].y, xv[b].y, sum[a][b]);
-                                sum[a][b] = __fmaf_rn(wv[a].z, xv[b].z, sum[a][b]);
-                                sum[a][b] = __fmaf_rn(wv[a].w, xv[b].w, sum[a][b]);
+                            for (int b = 0; b < TB; b++) {
+                                sum[b][a] = __fmaf_rn(wv[a].x, xv[b].x, sum[b][a]);
+                                sum[b][a] = __fmaf_rn(wv[a].y, xv[b].y, sum[b][a]);
+                                sum[b][a] = __fmaf_rn(wv[a].z, xv[b].z, sum[b][a]);
+                                sum[b][a] = __fmaf_rn(wv[a].w, xv[b].w, sum[b][a]);
                             }
                     }
 #pragma unroll
-                    for (int a = 0; a < 4; a++)
+                    for (int b = 0; b < TB; b++)
 #pragma unroll
-                        for (int b = 0; b < 4; b++) acc[a][b] = __fadd_rn(acc[a][b], sum[a][b]);
+                        for (int a = 0; a < 4; a++) acc[b][a] = __fadd_rn(acc[b][a], sum[b][a]);
                 }
                 mm_counter_push(m, j, acc, lvl, total);
             }
@@ -151,18 +159,23 @@ __global__ void __launch_bounds__(256, 1) k_mm_f(const __grid_constant__ mv_para
         }
     }
 #pragma unroll
-    for (int b = 0; b < 4; b++) {
-        const int t = t0 + wt * 16 + tg + 4 * b;
+    for (int b = 0; b < TB; b++) {
+        const int t = t0 + wt * TPW + tg + 4 * b;
         if (t >= p.n) continue;
 #pragma unroll
-        for (int a = 0; a < 4; a++) sg.y[(int64_t)t * sg.ldy + r0 + wr * 32 + rg + 8 * a] = total[a][b];
+        for (int a = 0; a < 4; a++) sg.y[(int64_t)t * sg.ldy + r0 + wr * 32 + rg + 8 * a] = total[b][a];
     }
 }
 
-template <int WT, int WPR, int NK> static void launch_mf(cu_ctx *c, const mv_params &p, int rows) {
+template <int WT, int WPR, int NK, int TW> static void launch_mf_tw(cu_ctx *c, const mv_params &p, int rows) {
     /* per device, so on every launch (a batch kernel launch, not a decode step) */
-    cudaFuncSetAttribute(k_mm_f<WT, WPR, NK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mf_smem));
-    cu_launch(c, k_mm_f<WT, WPR, NK>, dim3(rows / MM_BM, cu_div_up(p.n, MM_BN)), 256, sizeof(mf_smem), p);
+    cudaFuncSetAttribute(k_mm_f<WT, WPR, NK, TW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mf_smem));
+    cu_launch(c, k_mm_f<WT, WPR, NK, TW>, dim3(rows / MM_BM, cu_div_up(p.n, MM_BN)), 256 * TW, sizeof(mf_smem), p);
+}
+
+template <int WT, int WPR, int NK> static void launch_mf(cu_ctx *c, const mv_params &p, int rows) {
+    if (c->mf_tw == 2) launch_mf_tw<WT, WPR, NK, 2>(c, p, rows);
+    else launch_mf_tw<WT, WPR, NK, 1>(c, p, rows);
 }
 
 /* F16/BF16 batches of at least MM_MIN_N tokens: whole 64-row tiles, rows
