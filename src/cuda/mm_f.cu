@@ -14,7 +14,7 @@
  * 64 rows x 64 tokens, each thread 4 rows x 4 tokens (rows rg + 8q, tokens
  * tg + 4q of its warp's 32 x 16), weights converted to f32 once into shared
  * memory. Stage: 4 chunk slots (AP lane positions x NK chunks).
- * TW (DS4_CUDA_MF_TW=2, else 1): TW = 1 gives 8 warps of 32 rows x 16
+ * TW (DS4_CUDA_MF_TW, default 2; 1 on request): TW = 1 gives 8 warps of 32 rows x 16
  * tokens (255 registers, one block and 8 warps per SM); TW = 2, 16 warps
  * of 32 x 8 (each thread 4 rows x 2 tokens): about half the registers,
  * twice the warps per SM; each output's operations are unchanged, so the
@@ -174,8 +174,8 @@ template <int WT, int WPR, int NK, int TW> static void launch_mf_tw(cu_ctx *c, c
 }
 
 template <int WT, int WPR, int NK> static void launch_mf(cu_ctx *c, const mv_params &p, int rows) {
-    if (c->mf_tw == 2) launch_mf_tw<WT, WPR, NK, 2>(c, p, rows);
-    else launch_mf_tw<WT, WPR, NK, 1>(c, p, rows);
+    if (c->mf_tw == 1) launch_mf_tw<WT, WPR, NK, 1>(c, p, rows);
+    else launch_mf_tw<WT, WPR, NK, 2>(c, p, rows);
 }
 
 /* F16/BF16 batches of at least MM_MIN_N tokens: whole 64-row tiles, rows
