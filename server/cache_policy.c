@@ -178,7 +178,9 @@ int srv_cache_open(srv_server *s, ds4_err *err) {
     ds4_kvstore_opts o = {0};
     o.dir = cfg->kv_disk_dir;
     o.budget_bytes = cfg->kv_disk_space_mb << 20;
-    ds4_engine_fingerprint(s->engine, o.fingerprint);
+    /* the model and the numerics: a server with other numerics switches keeps its own files (their payloads
+     * would be refused, and an entry of the same tokens was then never written again) */
+    ds4_engine_state_id(s->engine, o.fingerprint);
     o.log = kv_log;
     ds4_err e2 = {0};
     if (ds4_kvstore_open(&c->kv, &o, &e2)) {
@@ -326,7 +328,7 @@ static int cold_store_len(srv_server *s, const int32_t *E, int n) {
             break;
         }
     if (anchor >= cfg->kv_min_tokens) return anchor;
-    if (n > cfg->kv_min_tokens + cfg->kv_boundary_trim) {
+    if ((int64_t)n > (int64_t)cfg->kv_min_tokens + cfg->kv_boundary_trim) { /* both options reach INT_MAX */
         int st = n - cfg->kv_boundary_trim;
         if (cfg->kv_boundary_align > 0) st = st / cfg->kv_boundary_align * cfg->kv_boundary_align;
         if (st >= cfg->kv_min_tokens) return st;
@@ -336,7 +338,7 @@ static int cold_store_len(srv_server *s, const int32_t *E, int n) {
 
 /* Tries a disk restore for text; on success the session holds the stored
  * checkpoint and E, nE hold the effective prompt. */
-static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
+static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE, bool *retry) {
     struct srv_cache *c = s->cache;
     srv_request *rq = &j->rq;
     ds4_kvstore_filter f = {0};
@@ -359,6 +361,7 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
     ds4_err err = {0};
     if (ds4_kvstore_load(c->kv, ent.name, &it, &err)) {
         srv_log("kv cache: rejected %s: %s", ent.name, err.msg);
+        *retry = err.code == DS4_E_FORMAT; /* removed as invalid: the next best may serve */
         return false;
     }
     bool ok = false;
@@ -369,15 +372,25 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE) {
                   : it.meta.key_text_bytes > rq->text_len || memcmp(it.key_text, rq->text, it.meta.key_text_bytes) != 0) {
         srv_log("kv cache: %s key is not a prefix of the prompt; not used", ent.name);
     } else if (ds4_session_load(s->session, it.payload, it.meta.payload_bytes, &err)) {
-        srv_log("kv cache: payload of %s rejected: %s", ent.name, err.msg);
+        /* The file passed the store's checks (digests, name, the state id) but the engine refuses its payload:
+         * it can never load here. Kept, it was refused on every request and, its name taken, the same prefix
+         * was never stored again; so it goes, and the caller looks again (a shorter entry may serve). */
+        ds4_err rm = {0};
+        if (ds4_kvstore_remove(c->kv, ent.name, &rm))
+            srv_log("kv cache: payload of %s rejected: %s; not removed: %s", ent.name, err.msg, rm.msg);
+        else
+            srv_log("kv cache: payload of %s rejected: %s; removed", ent.name, err.msg);
+        *retry = true; /* gone from the index either way */
     } else if (ds4_session_n_tokens(s->session) != (int)it.meta.n_tokens) {
         ds4_err rm = {0};
         if (ds4_kvstore_remove(c->kv, ent.name, &rm))
             srv_log("kv cache: %s holds %d tokens, header says %u: corrupt, not used; %s",
                     ent.name, ds4_session_n_tokens(s->session), it.meta.n_tokens, rm.msg);
-        else
+        else {
             srv_log("kv cache: %s holds %d tokens, header says %u: discarded corrupt", ent.name,
                     ds4_session_n_tokens(s->session), it.meta.n_tokens);
+            *retry = true;
+        }
         ds4_session_rewind(s->session, 0, NULL);
     } else if (exact ? !extend_with_text(s->engine, rq->tokens, rq->n_tokens, NULL, 0, 0, E, nE, &err)
                      : !extend_with_text(s->engine, it.tokens, (int)it.meta.n_tokens, rq->text,
@@ -467,7 +480,13 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
                         : "token-mismatch");
         if (c->kv) {
             save_live(s, DS4_KV_REASON_EVICT);
-            if (disk_restore(s, j, &E, &nE)) rule = "disk";
+            /* an entry removed as unusable makes way for the next best (a few at most) */
+            bool retry = true, hit = false;
+            for (int k = 0; k < 4 && retry && !hit; k++) {
+                retry = false;
+                hit = disk_restore(s, j, &E, &nE, &retry);
+            }
+            if (hit) rule = "disk";
         }
         if (!E) {
             cold = true;
@@ -522,8 +541,13 @@ void srv_cache_step(srv_server *s, bool in_tool_call) {
     struct srv_cache *c = s->cache;
     if (!c->kv || c->step <= 0 || in_tool_call) return;
     int n = ds4_session_n_tokens(s->session);
-    if (n > 0 && n % c->step == 0 && n >= s->cfg.kv_min_tokens && n > c->last_frontier)
+    /* at the first boundary (prefill batch, decode or MTP cycle) at or past each multiple of the interval: an
+     * MTP cycle advances several tokens and stepped over most multiples (a long generation then kept one
+     * continued save in four or so) */
+    if (n > 0 && n / c->step > c->last_frontier / c->step && n >= s->cfg.kv_min_tokens) {
         save_live(s, DS4_KV_REASON_CONTINUED);
+        c->last_frontier = n; /* also after a failed save: tried again at the next multiple, not every token */
+    }
 }
 
 void srv_cache_invalidate(srv_server *s) {

@@ -183,6 +183,10 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
             fprintf(stderr, "ds4-server: %s needs a value\n", a);      \
             return -1;                                                 \
         }                                                              \
+        if (!*v) { /* --api-key "$UNSET" is not "no key", nor "" a dir */ \
+            fprintf(stderr, "ds4-server: %s must not be empty\n", a);  \
+            return -1;                                                 \
+        }                                                              \
         c->field = v;                                                  \
         i++;                                                           \
         continue;                                                      \
@@ -280,11 +284,6 @@ static int parse_args(int argc, char **argv, srv_config *c, const char **chdir_t
         return -1;
 #undef INTOPT
 #undef STROPT
-    }
-    if (c->api_key && !c->api_key[0]) {
-        /* an empty key would silently turn authentication off */
-        fprintf(stderr, "ds4-server: --api-key must not be empty\n");
-        return -1;
     }
     if (!c->model_path) {
         fprintf(stderr, "ds4-server: -m MODEL.gguf is required\n");

@@ -323,5 +323,10 @@ void ds4_session_spec_stats(const ds4_session *s, ds4_spec_stats *st);
 /* 32-byte fingerprint of the loaded model (hash of metadata and tensor
  * table), used to key disk caches. */
 void ds4_engine_fingerprint(const ds4_engine *e, uint8_t out[32]);
+/* 32 bytes naming the states this engine saves and loads: the fingerprint
+ * with the release numerics, else a hash of it and the numerics switches
+ * (a payload made with other numerics is refused by ds4_session_load, so a
+ * disk cache keys its files by this). */
+void ds4_engine_state_id(const ds4_engine *e, uint8_t out[32]);
 
 #endif

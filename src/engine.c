@@ -588,6 +588,18 @@ const char *ds4_engine_backend_name(const ds4_engine *e) { return e->have_be ? e
 const char *ds4_engine_describe(const ds4_engine *e) { return e->describe; }
 bool ds4_engine_has_mtp(const ds4_engine *e) { return e->bmtp != NULL; }
 void ds4_engine_fingerprint(const ds4_engine *e, uint8_t out[32]) { memcpy(out, e->fp, 32); }
+static uint32_t numerics_flags(const ds4_numerics *n);
+void ds4_engine_state_id(const ds4_engine *e, uint8_t out[32]) {
+    const uint32_t fl = numerics_flags(&e->num);
+    unsigned char b[16 + 32 + 4];
+    unsigned int len = 0;
+    memcpy(out, e->fp, 32);
+    if (!fl) return; /* the release path keeps the plain fingerprint (files of earlier versions stay usable) */
+    memcpy(b, "ds4 state id v1\0", 16);
+    memcpy(b + 16, e->fp, 32);
+    memcpy(b + 48, &fl, 4);
+    if (!EVP_Digest(b, sizeof b, out, &len, EVP_sha256(), NULL) || len != 32) out[0] ^= 0xff; /* never the plain one */
+}
 
 /* ------------------------------------------------------------ tokenizer */
 

@@ -62,6 +62,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -170,10 +171,13 @@ static int make_name(const uint8_t fp[32], const uint8_t *tok_le, uint32_t n, co
     return 0;
 }
 
+/* lower-case only, as make_name writes them: "ABC...kv" is not this store's
+ * name (it would open the same entry under a second name: counted once, on
+ * disk twice, never evicted) and is left alone like any other file */
 static int is_hex40(const char *s) {
     for (int i = 0; i < 40; i++) {
         char c = s[i];
-        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')))
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
             return 0;
     }
     return 1;
@@ -344,6 +348,10 @@ static int read_meta(int fd, const char *name, hdr *h, uint8_t raw[HDR_BYTES], i
         return ds4_err_set(err, DS4_E_FORMAT, "%s: key text of %u bytes is too large", name,
                            h->key_bytes);
     uint64_t want = file_size_of(h->n_tokens, h->key_bytes, h->payload_bytes, h->trailer_bytes);
+    if (!want)
+        return ds4_err_set(err, DS4_E_FORMAT, "%s: header declares sizes beyond any file (payload %llu, trailer %llu "
+                           "bytes): corrupt", name, (unsigned long long)h->payload_bytes,
+                           (unsigned long long)h->trailer_bytes);
     if (want != size)
         return ds4_err_set(err, DS4_E_FORMAT,
                            "%s: size mismatch: file has %llu bytes, header declares %llu "
@@ -371,7 +379,7 @@ static int read_meta(int fd, const char *name, hdr *h, uint8_t raw[HDR_BYTES], i
                          "or key)", name);
     } else if (make_name(h->fp, tok_le, h->n_tokens, k, h->key_bytes, expect)) {
         rc = ds4_err_set(err, DS4_E_INTERNAL, "%s: SHA-256 failed", name);
-    } else if (strncasecmp(expect, name, 40)) {
+    } else if (strncmp(expect, name, 40)) {
         rc = ds4_err_set(err, DS4_E_FORMAT, "%s: content does not match the file name "
                          "(renamed or copied file)", name);
     }
@@ -408,7 +416,7 @@ static void fill_entry(ds4_kvstore_entry *e, const char *name, const hdr *h, uin
 
 static int find_ent(ds4_kvstore *kv, const char *name) {
     for (int i = 0; i < kv->n_ents; i++)
-        if (!strcasecmp(kv->ents[i].e.name, name)) return i;
+        if (!strcmp(kv->ents[i].e.name, name)) return i;
     return -1;
 }
 
@@ -476,7 +484,7 @@ static void evict_down_to(ds4_kvstore *kv, const char *protect, uint64_t target,
         double ws = 0;
         for (int i = 0; i < kv->n_ents; i++) {
             const ds4_kvstore_entry *e = &kv->ents[i].e;
-            if (protect && !strcasecmp(e->name, protect)) continue;
+            if (protect && !strcmp(e->name, protect)) continue;
             double s = ent_score(e, now);
             uint64_t lu = e->last_used ? e->last_used : e->created;
             const ds4_kvstore_entry *w = worst >= 0 ? &kv->ents[worst].e : NULL;
@@ -664,8 +672,10 @@ int ds4_kvstore_put(ds4_kvstore *kv, const ds4_kvstore_put_args *a, char name_ou
                            (unsigned)a->n_tokens, (unsigned)KV_MAX_TOKENS);
     uint64_t fsize = file_size_of(a->n_tokens, a->key_text_bytes, a->payload_bytes, a->trailer_bytes);
     if (!fsize) return ds4_err_set(err, DS4_E_ARG, "kvstore: put: size overflow");
-    if (kv->budget && fsize > kv->budget)
-        return ds4_err_set(err, DS4_E_RANGE, "kvstore: checkpoint of %llu bytes exceeds the disk "
+    /* a file that would take the whole budget with less than 1% to spare is refused (it would evict
+     * everything else, every time) */
+    if (kv->budget && fsize + fsize / 100 > kv->budget)
+        return ds4_err_set(err, DS4_E_RANGE, "kvstore: checkpoint of %llu bytes (+1%%) exceeds the disk "
                            "budget of %llu bytes", (unsigned long long)fsize,
                            (unsigned long long)kv->budget);
 
@@ -721,6 +731,11 @@ int ds4_kvstore_put(ds4_kvstore *kv, const ds4_kvstore_put_args *a, char name_ou
         goto out;
     }
     fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0 && errno == ENOENT && mkdir(kv->dir, 0700) == 0) {
+        /* the directory was removed while the server ran: made again (every save failed until a restart) */
+        logf_kv(kv, "kvstore: %s was gone: created it again", kv->dir);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    }
     if (fd < 0) {
         rc = ds4_err_set(err, DS4_E_IO, "kvstore: cannot create %s: %s", tmp, strerror(errno));
         goto out;
@@ -730,12 +745,28 @@ int ds4_kvstore_put(ds4_kvstore *kv, const ds4_kvstore_put_args *a, char name_ou
      * old entries kept however little they were worth) */
     int fr = posix_fallocate(fd, 0, (off_t)fsize);
     if (fr == ENOSPC) {
-        pthread_mutex_lock(&kv->mu);
-        const uint64_t before = kv->total;
-        evict_down_to(kv, name, kv->total > fsize ? kv->total - fsize : 0, "to make room on a full disk");
-        const bool freed = kv->total < before;
-        pthread_mutex_unlock(&kv->mu);
-        if (freed) fr = posix_fallocate(fd, 0, (off_t)fsize);
+        /* Only as much as is missing, and only when this store's other files can free it: a disk filled by
+         * something else would otherwise lose every good entry on each save and still store nothing. */
+        struct statvfs vs;
+        if (ftruncate(fd, 0) == 0 && fstatvfs(fd, &vs) == 0) { /* a partial reservation freed first */
+            const uint64_t avail = (uint64_t)vs.f_bavail * (uint64_t)vs.f_frsize;
+            uint64_t need = fsize > avail ? fsize - avail : 0;
+            if (need) need += fsize / 64 + (64u << 10); /* blocks and metadata beyond the byte count */
+            pthread_mutex_lock(&kv->mu);
+            uint64_t others = kv->total;
+            int self = find_ent(kv, name);
+            if (self >= 0) others -= kv->ents[self].e.file_bytes;
+            const uint64_t before = kv->total;
+            if (others >= need)
+                evict_down_to(kv, name, kv->total - need, "to make room on a full disk");
+            else
+                logf_kv(kv, "kvstore: disk full: %llu bytes needed, %llu free, this store's other files hold %llu: "
+                        "nothing evicted", (unsigned long long)fsize, (unsigned long long)avail,
+                        (unsigned long long)others);
+            const bool freed = kv->total < before;
+            pthread_mutex_unlock(&kv->mu);
+            if (freed) fr = posix_fallocate(fd, 0, (off_t)fsize);
+        }
     }
     if (fr == ENOSPC || fr == EFBIG) {
         errno = fr;

@@ -60,7 +60,7 @@ typedef void (*ds4_kvstore_log_fn)(void *user, const char *line);
 typedef struct ds4_kvstore_opts {
     const char *dir;          /* created (one level) when missing */
     uint64_t budget_bytes;    /* total size of this model's files; 0 = unlimited */
-    uint8_t fingerprint[32];  /* model fingerprint (ds4_engine_fingerprint) */
+    uint8_t fingerprint[32];  /* whose files these are (the server: ds4_engine_state_id) */
     ds4_kvstore_log_fn log;   /* may be NULL */
     void *log_user;
 } ds4_kvstore_opts;

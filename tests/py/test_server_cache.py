@@ -4,6 +4,7 @@ recomputed, gives the same greedy output as a cold run, and damaged cache
 files are rejected, removed and logged, never loaded.
 """
 import os
+import pathlib
 import re
 import resource
 import subprocess
@@ -423,3 +424,163 @@ def test_server_disk_cache_makes_room_on_a_full_disk(tmp_path):
     assert "to make room on a full disk" in log, log
     last_evict = log.rindex("to make room on a full disk")
     assert re.search(r"kv cache stored tokens=\d+ reason=cold", log[last_evict:]), log[last_evict:]
+
+
+def test_server_full_disk_filled_by_another_file_keeps_the_entries(tmp_path):
+    """A disk filled by something else: evicting this store's entries could not make room, yet the store
+    deleted its best entries on every save and still stored nothing (the cache emptied itself). It now evicts
+    only when its own files can free what is missing, so the entry stays and still serves."""
+    import stat
+    from oracle_util import small_tmpfs_dir
+    fs = small_tmpfs_dir(tmp_path)
+    trigger = tmp_path / "fill-now"
+    wrap = tmp_path / "server.sh"
+    # the tmpfs lives in the server's mount namespace: a watcher there fills it when the test asks
+    wrap.write_text("#!/bin/bash\nexec unshare -rm bash -c 'mount -t tmpfs -o size=2048k tmpfs \"$0\" || exit 99; "
+                    "(while [ ! -e %s ]; do sleep 0.05; done; dd if=/dev/zero of=\"$0/filler\" bs=4k "
+                    "2>/dev/null; touch %s.done) & exec \"$@\"' %s %s \"$@\"\n" % (trigger, trigger, fs,
+                                                                                 ROOT / "ds4-server"))
+    wrap.chmod(wrap.stat().st_mode | stat.S_IXUSR)
+    old = os.environ.get("DS4_TEST_SERVER_BIN")
+    os.environ["DS4_TEST_SERVER_BIN"] = str(wrap)
+
+    def ask(s, q):
+        sysmsg = ("You are the demo assistant of the ds4 test suite %s. " % q) * 12
+        return s.openai().chat.completions.create(
+            messages=[{"role": "system", "content": sysmsg}, {"role": "user", "content": "hi " + q}], **KW)
+
+    try:
+        with Server(*cache_args(str(fs))) as s:
+            first = ask(s, "a").choices[0].message.content
+            assert re.search(r"kv cache stored tokens=\d+ reason=cold", s.log_text()), s.log_text()
+            trigger.write_text("")
+            done = pathlib.Path(str(trigger) + ".done")
+            t0 = time.time()
+            while not done.exists() and time.time() - t0 < 30:
+                time.sleep(0.05)
+            assert done.exists()
+            mark = len(s.log_text())
+            ask(s, "b")  # its save finds the disk full
+            again = ask(s, "a")  # a live miss: served from the entry that must still be there
+            log = s.log_text()[mark:]
+    finally:
+        if old is None:
+            del os.environ["DS4_TEST_SERVER_BIN"]
+        else:
+            os.environ["DS4_TEST_SERVER_BIN"] = old
+    assert "to make room on a full disk" not in log, log
+    assert "nothing evicted" in log, log
+    assert re.search(r"kv cache hit tokens tokens=\d+", log), log
+    assert again.choices[0].message.content == first
+
+
+def test_server_continued_saves_with_mtp_cycles_stepping_over_the_multiples(tmp_path):
+    """A continued save was taken only when a cycle ended exactly on a multiple of the interval; an MTP cycle
+    advances 2-4 tokens and stepped over most of them (a long generation kept about one save in four). Now one
+    save at the first cycle end at or past each multiple, and none in between."""
+    from test_mtp import make_mtp
+    from test_server import demo_model
+    mtp = make_mtp(demo_model(), tmp_path / "mtp.gguf", seed=3, arch="deepseek4_mtp_support")
+    d = str(tmp_path / "kv")
+    step = 32
+    args = ["--kv-disk-dir", d, "--kv-cache-min-tokens", "32", "--kv-cache-cold-max-tokens", "0",
+            "--kv-cache-continued-interval-tokens", str(step), "--kv-cache-boundary-align-tokens", "0",
+            "--mtp", mtp, "--mtp-gate", "0", "--debug-mtp-accept", "0.9"]
+    with Server(*args) as s:
+        r = s.openai().chat.completions.create(messages=messages("Tell me a long story"), model="m",
+                                               max_tokens=300, temperature=0, extra_body=NO_THINK)
+        log = s.log_text()
+    n_prompt, n_gen = r.usage.prompt_tokens, r.usage.completion_tokens
+    assert n_gen >= 8 * step, n_gen
+    saved = sorted(int(m) for m in re.findall(r"kv cache stored tokens=(\d+) reason=continued", log))
+    # never two saves between two multiples (prefill batches may step over several: one save then)
+    got = [t // step for t in saved]
+    assert got == sorted(set(got)), saved
+    # in the generation every multiple passed has its save within the cycle that passed it (at most 4 tokens)
+    for m in range(step, n_prompt + n_gen - 3, step):
+        if m > n_prompt:
+            assert any(m <= t <= m + 3 for t in saved), (m, saved, n_prompt)
+    assert sum(t % step != 0 for t in saved if t > n_prompt) > 0, saved  # cycles did step over multiples
+
+
+def _rewrite_kv_payload(path, edit):
+    """Rewrites a cache file (kvstore.c layout) with its session payload edited by edit(bytes) -> bytes; the
+    payload's own SHA-256 (its last 32 bytes) and the file's digests are made valid again, so only the engine's
+    payload checks can refuse it. Returns the new file's path (the name follows the content)."""
+    import hashlib
+    import struct
+    b = open(path, "rb").read()
+    n, _, _, klen = struct.unpack_from("<IIII", b, 8)
+    pb, tb = struct.unpack_from("<QQ", b, 40)
+    o = 184
+    tok = b[o:o + 4 * n]
+    key = b[o + 4 * n:o + 4 * n + klen]
+    o += 4 * n + klen
+    pl = bytearray(edit(bytes(b[o:o + pb])))
+    tr = b[o + pb:o + pb + tb]
+    pl[-32:] = hashlib.sha256(bytes(pl[:-32])).digest()
+    raw = bytearray(b[:184])
+    struct.pack_into("<Q", raw, 40, len(pl))
+    raw[88:120] = hashlib.sha256(bytes(pl)).digest()
+    m = bytearray(raw[:152])
+    m[12:16] = b"\0" * 4
+    m[32:40] = b"\0" * 8
+    raw[152:184] = hashlib.sha256(bytes(m) + tok + key).digest()
+    os.unlink(path)
+    name = hashlib.sha256(bytes(raw[56:88]) + struct.pack("<I", n) + tok + key).hexdigest()[:40] + ".kv"
+    out = os.path.join(os.path.dirname(path), name)
+    open(out, "wb").write(bytes(raw) + tok + key + bytes(pl) + tr)
+    return out
+
+
+def test_server_entry_whose_payload_is_refused_is_removed_and_the_next_serves(tmp_path):
+    """A file that passes the store's checks but whose payload the engine refuses (here: written with other
+    numerics) was kept: refused on every request, it hid the shorter entries behind it, and its name being
+    taken, that prefix was never stored again. It is now removed and the next best entry serves the request."""
+    d = str(tmp_path / "kv")
+    q = messages("What is ds4?")
+    with Server(*cache_args(d)) as s:
+        first = s.openai().chat.completions.create(messages=q, **KW).choices[0].message.content
+    log = s.log_text()  # with the shutdown save
+    stored = {m.group(2): int(m.group(1)) for m in re.finditer(r"kv cache stored tokens=(\d+) reason=\w+ file=(\S+)", log)}
+    assert len(stored) >= 2, log  # the cold prefix and the shutdown save of the whole turn
+    longest = max(stored, key=stored.get)
+    bad = _rewrite_kv_payload(os.path.join(d, longest), lambda p: p[:12] + (15).to_bytes(4, "little") + p[16:])
+    # the next turn: the whole first turn (the shutdown save, by its text) is the best entry, then the prefix
+    q2 = q + [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+    with Server() as s:
+        want = s.openai().chat.completions.create(messages=q2, **KW).choices[0].message.content
+    with Server(*cache_args(d)) as s:
+        got = s.openai().chat.completions.create(messages=q2, **KW).choices[0].message.content
+        log = s.log_text()
+    assert re.search(r"payload of %s rejected: .*numerics.*; removed" % os.path.basename(bad), log), log
+    assert re.search(r"kv cache hit tokens tokens=%d " % min(stored.values()), log), log
+    assert not os.path.exists(bad)
+    assert got == want
+
+
+def test_server_boundary_trim_at_its_largest_does_not_overflow(tmp_path):
+    """--kv-cache-boundary-trim-tokens accepts up to INT_MAX; the cold save's length added it to the minimum in
+    int (signed overflow: the sanitized server stopped, the request failed). Now compared in 64 bits: the cold
+    save takes the whole prompt, as for any trim longer than the prompt."""
+    asan = ROOT / "build" / "asan" / "ds4-server"
+    if not asan.exists():
+        import pytest
+        pytest.skip("build/asan/ds4-server not built")
+    d = str(tmp_path / "kv")
+    old = os.environ.get("DS4_TEST_SERVER_BIN")
+    os.environ["DS4_TEST_SERVER_BIN"] = str(asan)
+    try:
+        with Server("--kv-disk-dir", d, "--kv-cache-min-tokens", "32", "--kv-cache-boundary-align-tokens", "0",
+                    "--kv-cache-boundary-trim-tokens", "2147483647") as s:
+            # no user turn in the prompt: the cold save falls back to the trim rule
+            r = s.openai().completions.create(model="m", prompt="x " * 200, max_tokens=2, temperature=0)
+            log = s.log_text()
+    finally:
+        if old is None:
+            del os.environ["DS4_TEST_SERVER_BIN"]
+        else:
+            os.environ["DS4_TEST_SERVER_BIN"] = old
+    assert r.choices[0].finish_reason == "length"
+    assert "runtime error" not in log, log
+    assert re.search(r"kv cache stored tokens=\d+ reason=cold", log), log

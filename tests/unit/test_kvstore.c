@@ -3,6 +3,7 @@
  * safety (leftover temp files, a writer killed at random moments), write
  * failures, concurrent readers.
  */
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -421,6 +422,70 @@ DS4_TEST(kvstore_renamed_file_and_other_model) {
     CHECK_EQ_INT(ds4_kvstore_list(kv, &list), 0);
     free(list);
     CHECK_EQ_INT(count_files(dir), 0);
+    ds4_kvstore_close(kv);
+}
+
+/* A copy of an entry under its name in upper case is not this store's file: it was
+ * loaded (names compared without case), then a save wrote the lower-case name beside
+ * it and a restart indexed one of the two: the other was on disk, never counted or
+ * evicted. It is now left alone like any foreign file, and the entry is written again. */
+DS4_TEST(kvstore_upper_case_name_is_not_an_entry) {
+    const char *dir = ds4_test_tmpdir();
+    ds4_kvstore *kv = open_store(dir, 0, 5);
+    small_ckpt c;
+    small_init(&c);
+    char name[DS4_KV_NAME_MAX], up[DS4_KV_NAME_MAX];
+    CHECK_EQ_INT(small_put(kv, &c, name), 0);
+    ds4_kvstore_close(kv);
+    snprintf(up, sizeof up, "%s", name);
+    for (char *p = up; *p && *p != '.'; p++) *p = (char)toupper((unsigned char)*p);
+    CHECK(strcmp(up, name) != 0);
+    char a[600], b[600];
+    snprintf(a, sizeof a, "%s/%s", dir, name);
+    snprintf(b, sizeof b, "%s/%s", dir, up);
+    CHECK_EQ_INT(rename(a, b), 0);
+    kv = open_store(dir, 0, 5);
+    CHECK_EQ_INT(ds4_kvstore_total_bytes(kv), 0);
+    CHECK(!ds4_kvstore_has(kv, c.tok, 8, c.key, 16, NULL));
+    ds4_kvstore_item it = {0};
+    ds4_err err = {0};
+    CHECK(ds4_kvstore_load(kv, up, &it, &err) != 0);
+    char again[DS4_KV_NAME_MAX];
+    CHECK_EQ_INT(small_put(kv, &c, again), 0);
+    CHECK_STR(again, name);
+    const uint64_t one = ds4_kvstore_total_bytes(kv);
+    ds4_kvstore_close(kv);
+    kv = open_store(dir, 0, 5);
+    CHECK_EQ_INT(ds4_kvstore_total_bytes(kv), one); /* the lower-case file, once */
+    CHECK(ds4_kvstore_has(kv, c.tok, 8, c.key, 16, NULL));
+    ds4_kvstore_close(kv);
+    CHECK_EQ_INT(count_files(dir), 2);
+    struct stat st;
+    CHECK_EQ_INT(stat(b, &st), 0); /* left alone */
+}
+
+/* The directory removed while the store is open: the next put makes it again
+ * (every save failed until a restart). */
+DS4_TEST(kvstore_directory_removed_while_open_is_made_again) {
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/sub", ds4_test_tmpdir());
+    ds4_kvstore *kv = open_store(dir, 0, 5);
+    CHECK(kv != NULL);
+    char cmd[700];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    CHECK_EQ_INT(system(cmd), 0);
+    small_ckpt c;
+    small_init(&c);
+    char name[DS4_KV_NAME_MAX];
+    CHECK_EQ_INT(small_put(kv, &c, name), 0);
+    ds4_kvstore_item it = {0};
+    ds4_err err = {0};
+    CHECK_EQ_INT(ds4_kvstore_load(kv, name, &it, &err), 0);
+    CHECK(small_matches(&it, &c));
+    ds4_kvstore_item_free(&it);
+    struct stat st;
+    CHECK_EQ_INT(stat(dir, &st), 0);
+    CHECK_EQ_INT((int)(st.st_mode & 0777), 0700);
     ds4_kvstore_close(kv);
 }
 
