@@ -457,6 +457,17 @@ def test_server_empty_api_key_refused_at_startup():
     assert r.returncode == 2 and "--api-key must not be empty" in r.stderr, r.stderr
 
 
+def test_server_empty_string_options_refused_at_startup():
+    """`--kv-disk-dir ""` (e.g. an unset variable) ran with the disk cache silently off; every string option
+    now refuses an empty value."""
+    from test_server import demo_model, prog
+    binary = os.environ.get("DS4_TEST_SERVER_BIN") or prog("ds4-server")
+    for opt in ("--kv-disk-dir", "--host", "--mtp", "--trace", "-m"):
+        args = [binary, "--cpu", "--port", "0", opt, ""] + ([] if opt == "-m" else ["-m", demo_model()])
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "%s must not be empty" % opt in r.stderr, (opt, r.stderr)
+
+
 # ---- 5. requests a browser page can send -------------------------------------------
 
 def raw_request(port, data, timeout=30):
