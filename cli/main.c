@@ -397,15 +397,34 @@ int main(int argc, char **argv) {
             first = modes[k];
         }
     }
-    /* an output that is the model (or MTP) file would destroy it */
+    /* an output that is an input (the model, the MTP file, a prompt) would destroy it; two outputs on one
+     * path would lose one of them */
     {
         const char *outs[][2] = {{"--dump-logits", o.dump_logits}, {"--dump-logprobs", o.dump_logprobs},
                                  {"--imatrix-out", o.imatrix_out}, {"--imatrix-dump", o.imatrix_dump}};
-        for (size_t k = 0; k < sizeof outs / sizeof outs[0]; k++)
-            if (outs[k][1] && (ds4_same_file(outs[k][1], o.model_path) || ds4_same_file(outs[k][1], o.mtp_path))) {
-                fprintf(stderr, "ds4: %s %s is the model file: it would be overwritten\n", outs[k][0], outs[k][1]);
-                return 2;
-            }
+        const char *ins[][2] = {{"-m", o.model_path}, {"--mtp", o.mtp_path}, {"--prompt-file", o.prompt_file},
+                                {"--prompt-tokens-file", o.prompt_tokens_file},
+                                {"--perplexity-file", o.perplexity_file}};
+        const size_t n_outs = sizeof outs / sizeof outs[0], n_ins = sizeof ins / sizeof ins[0];
+        for (size_t k = 0; k < n_outs; k++) {
+            if (!outs[k][1]) continue;
+            for (size_t i = 0; i < n_ins; i++)
+                if (ins[i][1] && ds4_same_file(outs[k][1], ins[i][1])) {
+                    if (i < 2)
+                        fprintf(stderr, "ds4: %s %s is the model file: it would be overwritten\n", outs[k][0],
+                                outs[k][1]);
+                    else
+                        fprintf(stderr, "ds4: %s %s is the %s input: it would be overwritten\n", outs[k][0],
+                                outs[k][1], ins[i][0]);
+                    return 2;
+                }
+            for (size_t j = k + 1; j < n_outs; j++)
+                if (outs[j][1] && (!strcmp(outs[k][1], outs[j][1]) || ds4_same_file(outs[k][1], outs[j][1]))) {
+                    fprintf(stderr, "ds4: %s and %s name one file (%s): one would be lost\n", outs[k][0],
+                            outs[j][0], outs[k][1]);
+                    return 2;
+                }
+        }
     }
     if (o.perplexity_file && (o.prompt || o.prompt_file || o.prompt_tokens_file)) {
         fprintf(stderr, "ds4: --perplexity-file cannot be combined with a prompt\n");

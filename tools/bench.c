@@ -131,9 +131,9 @@ static int parse(int argc, char **argv, opts *o) {
             }
         }
         else if (!strcmp(a, "-t")) INT(o->threads, 1, 1024);
-        else if (!strcmp(a, "--ctx-start")) INT(o->ctx_start, 1, 1 << 22);
+        else if (!strcmp(a, "--ctx-start")) INT(o->ctx_start, 1, 1 << 20); /* the model's context, as ds4 -c */
         else if (!strcmp(a, "--ctx-max")) {
-            INT(o->ctx_max, 1, 1 << 22);
+            INT(o->ctx_max, 1, 1 << 20);
             o->ctx_max_set = true;
         }
         else if (!strcmp(a, "--step-incr")) INT(o->step_incr, 1, 1 << 22);
@@ -210,6 +210,15 @@ static int parse(int argc, char **argv, opts *o) {
         fprintf(stderr, "ds4-bench: --csv %s\n", pe.msg);
         return 2;
     }
+    /* --csv naming the model or the prompt replaced it with the CSV (an 81 GB download gone with a typo) */
+    if (o->csv) {
+        const char *ins[][2] = {{"-m", o->model}, {"--mtp", o->mtp}, {"--prompt-file", o->prompt_file}};
+        for (size_t k = 0; k < sizeof ins / sizeof ins[0]; k++)
+            if (ins[k][1] && ds4_same_file(o->csv, ins[k][1])) {
+                fprintf(stderr, "ds4-bench: --csv %s is the %s file: it would be overwritten\n", o->csv, ins[k][0]);
+                return 2;
+            }
+    }
     if (o->prompt_file) {
         const int fd = ds4_open_regular(o->prompt_file, O_RDONLY, NULL, &pe);
         if (fd < 0) {
@@ -242,7 +251,22 @@ static int32_t *make_tokens(ds4_engine *e, const opts *o, int n) {
         fprintf(stderr, "ds4-bench: out of memory\n");
         return NULL;
     }
-    const char *pf = o->prompt_file ? o->prompt_file : "tests/data/promessi_sposi.txt";
+    /* the default text: beside the program's repo checkout, wherever it runs from (from another directory it
+     * fell back to random ids without a word, and random ids route the experts otherwise) */
+    char def[4096] = "tests/data/promessi_sposi.txt";
+    if (!o->prompt_file && access(def, R_OK) != 0) {
+        char exe[4000];
+        ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        if (k > 0) {
+            exe[k] = 0;
+            char *slash = strrchr(exe, '/');
+            if (slash) {
+                *slash = 0;
+                snprintf(def, sizeof def, "%s/tests/data/promessi_sposi.txt", exe);
+            }
+        }
+    }
+    const char *pf = o->prompt_file ? o->prompt_file : def;
     int m = 0;
     if (ds4_has_tokenizer(e)) {
         struct stat sb;
@@ -278,6 +302,10 @@ static int32_t *make_tokens(ds4_engine *e, const opts *o, int n) {
     if (m > 0) {
         for (int i = m; i < n; i++) t[i] = t[i % m];
     } else {
+        fprintf(stderr, "ds4-bench: %s: random token ids (seed %llu) as the prompt\n",
+                ds4_has_tokenizer(e) ? "no tests/data/promessi_sposi.txt here or beside the program"
+                                     : "the model has no tokenizer",
+                (unsigned long long)o->seed);
         uint64_t x = 0x2545F4914F6CDD1Dull ^ o->seed;
         int V = ds4_engine_n_vocab(e);
         for (int i = 0; i < n; i++) {
@@ -562,7 +590,11 @@ int main(int argc, char **argv) {
         }
     }
     int32_t *tok = make_tokens(e, &o, n_total); /* says why when it fails */
-    if (!tok) return 1;
+    if (!tok) {
+        ds4_session_free(s);
+        ds4_engine_close(e);
+        return 1;
+    }
     char *rows = calloc(64, 1024);
     size_t rows_len = 0;
     const char *hdr = "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,gen_tps_ss,first_token_sec,"

@@ -90,6 +90,8 @@ def test_bench_table_csv_and_profiles(model, tmp_path):
     (["--synthetic", "q2", "--mtp-accept", "0.5"], "needs --mtp"),
     (["--synthetic", "q2", "--seed", ""], "--seed"),
     (["--synthetic", "q2", "--ctx-start", "+64"], "--ctx-start"),
+    (["--synthetic", "q2", "--ctx-start", "4194304"], "1..1048576"),  # beyond the model: ran a 4M-token prefill
+    (["--synthetic", "q2", "--ctx-max", "2097152"], "1..1048576"),
     (["--synthetic", "q2", "--step-mul", "0x2"], "--step-mul"),
     (["--synthetic", "q2", "--mtp", "synthetic", "--mtp-accept", "0.5,0x1p-1"], "--mtp-accept"),
     (["--synthetic", "q2", "--mtp", "synthetic", "--mtp-accept", "1,1,1,1,1"], "--mtp-accept"),
@@ -164,3 +166,38 @@ def test_bench_lost_output_and_missing_prompt_file(model, tmp_path):
         r = subprocess.run(args + ["--prompt-file", str(bad)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "--prompt-file" in r.stderr and "out of memory" not in r.stderr, r.stderr
         assert "model, backend" not in r.stdout, r.stdout  # before the model loads (its first line)
+
+
+def test_bench_csv_never_overwrites_an_input(model, tmp_path):
+    """--csv naming the model or the prompt file replaced it with the CSV (exit 0: the model became 442 bytes);
+    refused with exit 2 before the model loads, the files intact."""
+    import shutil
+    m = tmp_path / "m.gguf"
+    shutil.copy(model, m)
+    p = tmp_path / "p.txt"
+    p.write_text("a prompt of a few words " * 8)
+    before = m.read_bytes()
+    base = [BENCH, "-m", str(m), "--cpu", "--ctx-start", "64", "--ctx-max", "64", "--gen-tokens", "2"]
+    for target, name in ((m, "-m"), (p, "--prompt-file")):
+        r = subprocess.run(base + ["--prompt-file", str(p), "--csv", str(target)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and "is the %s file" % name in r.stderr, r.stderr
+    assert m.read_bytes() == before and p.read_text() == "a prompt of a few words " * 8
+
+
+def test_bench_default_text_from_any_directory(model, tmp_path):
+    """Run from another directory the default prompt (tests/data/promessi_sposi.txt, relative) was not found
+    and random token ids were used without a word (they route the experts otherwise); the text beside the
+    program is used now, and a fallback to random ids says so."""
+    args = [BENCH, "-m", model, "--cpu", "--ctx-start", "64", "--ctx-max", "64", "--gen-tokens", "2"]
+    r = subprocess.run(args + ["--csv", str(tmp_path / "a.csv")], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and "random token ids" not in r.stderr, r.stderr
+    here = subprocess.run(args + ["--csv", str(tmp_path / "b.csv")], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert here.returncode == 0 and "random token ids" not in here.stderr, here.stderr
+    # a model without a tokenizer has no text to use: said
+    syn = subprocess.run([BENCH, "--synthetic", "q2:1", "--cpu", "--ctx-start", "8", "--ctx-max", "8",
+                          "--gen-tokens", "1", "--csv", str(tmp_path / "c.csv")], capture_output=True, text=True,
+                         timeout=600)
+    assert syn.returncode == 0 and "random token ids" in syn.stderr, syn.stderr

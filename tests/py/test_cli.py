@@ -593,6 +593,24 @@ def test_cli_outputs_never_overwrite_the_model(model, tmp_path):
     assert m.read_bytes() == before
 
 
+def test_cli_outputs_never_overwrite_a_prompt_input(model, tmp_path):
+    """An output naming the prompt, token or calibration file replaced it (exit 0: the prompt became JSON or
+    float32); two outputs on one path lost one. Both refused with exit 2, the inputs intact."""
+    p = tmp_path / "p.txt"
+    t = tmp_path / "t.txt"
+    for args, want in ((["--prompt-file", str(p), "-n", "3", "--dump-logprobs", str(p)], b"is the --prompt-file input"),
+                       (["--prompt-tokens-file", str(t), "--dump-logits", str(t)], b"is the --prompt-tokens-file input"),
+                       (["--prompt-file", str(p), "--imatrix-out", str(p)], b"is the --prompt-file input"),
+                       (["--prompt-file", str(p), "--imatrix-out", str(tmp_path / "x.dat"), "--imatrix-dump",
+                         str(tmp_path / "x.dat")], b"name one file")):
+        p.write_text("a calibration text of a few words")
+        t.write_text("1 2 3")
+        r = run(["-m", model, "--cpu"] + args)
+        assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
+        assert p.read_text() == "a calibration text of a few words" and t.read_text() == "1 2 3"
+        assert not (tmp_path / "x.dat").exists()
+
+
 def test_cli_repl_save_after_clear_loads_back(model, tmp_path):
     """/save right after /clear wrote the old conversation's state under an empty transcript, which /load then
     refused ('state and transcript disagree')."""
