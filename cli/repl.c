@@ -34,6 +34,7 @@
 #include <langinfo.h>
 #include <limits.h>
 #include <locale.h>
+#include <openssl/evp.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -203,12 +204,16 @@ static void cmd_ctx(repl *r, const char *arg) {
 
 /* ---- /save, /load: the conversation on disk ---------------------------------
  *
- * File: "DS4REPL1", then little-endian u32 think mode, n_max_prefix, n (the
- * transcript's token count), the n tokens as u32, u64 payload bytes and the
- * session payload (ds4_session_save: KV and compressor state, fingerprinted
- * to the model, SHA-256 checked). Written through a fresh temporary file and
- * renamed (ds4_out), so a failed save leaves any earlier FILE whole. */
-#define REPL_MAGIC "DS4REPL1"
+ * File: "DS4REPL2", then little-endian u32 think mode, n_max_prefix, n (the
+ * transcript's token count), the n tokens as u32, u64 payload bytes, the
+ * SHA-256 of all that, and the session payload (ds4_session_save: KV and
+ * compressor state, fingerprinted to the model, SHA-256 checked). Written
+ * through a fresh temporary file and renamed (ds4_out), so a failed save
+ * leaves any earlier FILE whole. "DS4REPL1" files (before 2026-12-07: no
+ * digest, so a flipped header bit or the unevaluated last token loaded
+ * without a word) still load, with the checks a header allows. */
+#define REPL_MAGIC "DS4REPL2"
+#define REPL_MAGIC_V1 "DS4REPL1"
 
 static void put32(unsigned char *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> 8 * i);
@@ -253,18 +258,27 @@ static void cmd_save(repl *r, const char *path) {
     for (int i = 0; i < r->tr.n; i++) put32(h + 20 + 4 * (size_t)i, (uint32_t)r->tr.v[i]);
     put32(h + hn - 8, (uint32_t)pn);
     put32(h + hn - 4, (uint32_t)((uint64_t)pn >> 32));
+    unsigned char md[32];
+    unsigned int mdn = 0;
+    if (!EVP_Digest(h, hn, md, &mdn, EVP_sha256(), NULL) || mdn != 32) {
+        free(h);
+        free(pl);
+        fprintf(stderr, "ds4: /save: SHA-256 failed (nothing written)\n");
+        return;
+    }
     ds4_out out;
     ds4_err we = {0};
     int rc = ds4_out_open(&out, path, "wb", &we);
     if (!rc) {
         fwrite(h, 1, hn, out.f);
+        fwrite(md, 1, 32, out.f);
         fwrite(pl, 1, pn, out.f);
         rc = ds4_out_commit(&out, &we);
     }
     if (rc) {
         fprintf(stderr, "ds4: /save: %s\n", we.msg);
     } else {
-        printf("saved %d tokens of conversation to %s (%.1f MiB)\n", r->tr.n, path, (double)(hn + pn) / 1048576.0);
+        printf("saved %d tokens of conversation to %s (%.1f MiB)\n", r->tr.n, path, (double)(hn + 32 + pn) / 1048576.0);
     }
     free(h);
     free(pl);
@@ -278,17 +292,33 @@ static void cmd_load(repl *r, const char *path) {
     const char *bad = NULL;
     uint32_t think = 0, nmax = 0, nt = 0;
     uint64_t pn = 0;
-    if (n < 28 || memcmp(b, REPL_MAGIC, 8)) bad = "not a ds4 conversation file";
+    const bool v1 = n >= 8 && !memcmp(b, REPL_MAGIC_V1, 8);
+    const size_t dg = v1 ? 0 : 32; /* the digest after the header */
+    if (n < 28 + dg || (memcmp(b, REPL_MAGIC, 8) && !v1)) bad = "not a ds4 conversation file";
     if (!bad) {
         think = get32(b + 8), nmax = get32(b + 12), nt = get32(b + 16);
-        if (think > 2 || nt < 1 || nt > (n - 28) / 4 || nmax >= nt) bad = "damaged header";
+        if (think > 2 || nt < 1 || nt > (n - 28 - dg) / 4 || nmax >= nt) bad = "damaged header";
     }
+    size_t at = 0;
     if (!bad) {
-        size_t at = 20 + 4 * (size_t)nt;
+        at = 20 + 4 * (size_t)nt;
         pn = (uint64_t)get32(b + at) | (uint64_t)get32(b + at + 4) << 32;
-        if (pn != n - at - 8) bad = "truncated or damaged (sizes disagree)";
-        for (uint32_t i = 0; !bad && i < nt; i++)
-            if (get32(b + 20 + 4 * (size_t)i) >= (uint32_t)ds4_engine_n_vocab(r->e)) bad = "damaged transcript";
+        if (pn != n - at - 8 - dg) bad = "truncated or damaged (sizes disagree)";
+    }
+    if (!bad && !v1) {
+        unsigned char md[32];
+        unsigned int mdn = 0;
+        if (!EVP_Digest(b, at + 8, md, &mdn, EVP_sha256(), NULL) || mdn != 32 || memcmp(md, b + at + 8, 32))
+            bad = "damaged header or transcript (checksum mismatch)";
+    }
+    for (uint32_t i = 0; !bad && i < nt; i++)
+        if (get32(b + 20 + 4 * (size_t)i) >= (uint32_t)ds4_engine_n_vocab(r->e)) bad = "damaged transcript";
+    /* a Think-Max prefix is this model's prefix, right after BOS, in that mode only (a flipped count dropped
+     * conversation tokens as if they were one) */
+    if (!bad && nmax) {
+        if (think != 2 || nmax != (uint32_t)r->max_prefix.n) bad = "damaged header (Think-Max prefix)";
+        for (uint32_t i = 0; !bad && i < nmax; i++)
+            if ((int32_t)get32(b + 24 + 4 * (size_t)i) != r->max_prefix.v[i]) bad = "damaged transcript (Think-Max prefix)";
     }
     if (!bad && (int)nt >= r->n_ctx) {
         fprintf(stderr, "ds4: /load %s: the conversation has %u tokens; the context holds %d (use /ctx N first)\n",
@@ -297,7 +327,7 @@ static void cmd_load(repl *r, const char *path) {
         return;
     }
     ds4_err err = {0};
-    if (!bad && ds4_session_load(r->s, b + 28 + 4 * (size_t)nt, (size_t)pn, &err)) {
+    if (!bad && ds4_session_load(r->s, b + 28 + dg + 4 * (size_t)nt, (size_t)pn, &err)) {
         fprintf(stderr, "ds4: /load %s: %s (the current conversation is kept)\n", path, err.msg);
         free(b);
         return;

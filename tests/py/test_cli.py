@@ -471,6 +471,34 @@ def test_repl_load_refuses_bad_files_and_keeps_the_conversation(model, tmp_path)
     assert sorted(os.listdir(str(tmp_path))) == sorted(["conv.ds4", "junk", "trunc", "flip", "other.gguf"])
 
 
+def test_repl_load_refuses_a_damaged_header_or_transcript(model, tmp_path):
+    """Only the session payload was checksummed: a flipped bit of the Think-Max prefix count loaded and dropped the
+    token after BOS as if it were that prefix, and another id for the unevaluated last token loaded as is. The
+    header and transcript now carry a SHA-256; a file of the earlier format (no digest) still loads."""
+    import struct
+    f = tmp_path / "conv.ds4"
+    assert repl_run(model, ["Hi", "/save %s" % f]).returncode == 0
+    data = f.read_bytes()
+    assert data[:8] == b"DS4REPL2"
+    nt = struct.unpack_from("<I", data, 16)[0]
+    at = 20 + 4 * nt
+    last = 20 + 4 * (nt - 1)
+    cases = {"nmax": data[:12] + struct.pack("<I", 1) + data[16:],
+             "last": data[:last] + struct.pack("<I", (struct.unpack_from("<I", data, last)[0] + 1) % 1000) +
+             data[last + 4:]}
+    v1 = b"DS4REPL1" + data[8:at + 8] + data[at + 8 + 32:]  # the earlier format: no digest
+    cases["v1-nmax"] = v1[:12] + struct.pack("<I", 1) + v1[16:]
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        r = repl_run(model, ["/load %s" % (tmp_path / name), "Hi"])
+        assert b"loaded " not in r.stdout, (name, r.stdout)
+        assert b"damaged" in r.stderr, (name, r.stderr)
+    (tmp_path / "v1").write_bytes(v1)
+    want = repl_run(model, ["/load %s" % f, "And then?"]).stdout.split(b"\n")
+    got = repl_run(model, ["/load %s" % (tmp_path / "v1"), "And then?"]).stdout.split(b"\n")
+    assert got[0].startswith(b"loaded ") and got[1] == want[1], (got, want)
+
+
 def test_repl_load_reads_large_files_and_refuses_what_is_not_a_file(model, tmp_path):
     """/load has no text-size limit (a conversation saved at a long context is GBs: it was refused past 512 MiB
     with a message blaming "an endless stream", while /save wrote it); a file past 256 MiB is read whole and judged
