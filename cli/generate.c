@@ -282,12 +282,13 @@ int ds4_cli_read_token_file(const char *path, int n_vocab, ds4_cli_toks *out) {
         char *end;
         errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || errno || v < 0 || v > (n_vocab > 0 ? n_vocab - 1L : 0x7fffffffL) ||
+        const bool digits = *p >= '0' && *p <= '9'; /* strtol also takes "+3" and "-0" */
+        if (end == p || !digits || errno || v < 0 || v > (n_vocab > 0 ? n_vocab - 1L : 0x7fffffffL) ||
             (*end && *end != ' ' && *end != '\t' && *end != '\n' && *end != '\r')) {
             int k = 0;
             while (p[k] && p[k] != ' ' && p[k] != '\t' && p[k] != '\n' && p[k] != '\r' && k < 32) k++;
-            bool number = end != p && !errno && v >= 0 && (!*end || *end == ' ' || *end == '\t' ||
-                                                           *end == '\n' || *end == '\r');
+            bool number = end != p && digits && !errno && v >= 0 && (!*end || *end == ' ' || *end == '\t' ||
+                                                                     *end == '\n' || *end == '\r');
             if (number)
                 fprintf(stderr, "ds4: %s: token id %.*s is out of range (ids are 0..%ld)\n", path, k,
                         p, n_vocab > 0 ? n_vocab - 1L : 0x7fffffffL);

@@ -28,6 +28,7 @@
  */
 #include "cli.h"
 #include "util/file.h"
+#include "util/num.h"
 
 #include <editline/readline.h>
 #include <errno.h>
@@ -179,11 +180,11 @@ static void run_turn(repl *r, const char *text, size_t len) {
 }
 
 static void cmd_ctx(repl *r, const char *arg) {
-    char *end;
-    errno = 0;
-    long v = strtol(arg, &end, 10);
-    while (*end == ' ' || *end == '\t') end++;
-    if (!*arg || errno || *end || v < 2 || v > (1 << 20)) {
+    char num[32];
+    size_t k = strlen(arg);
+    while (k && (arg[k - 1] == ' ' || arg[k - 1] == '\t')) k--;
+    long v = 0;
+    if (k >= sizeof num || (memcpy(num, arg, k), num[k] = 0, ds4_parse_long(num, 2, 1 << 20, &v))) {
         fprintf(stderr, "ds4: /ctx needs a context size in 2..%d\n", 1 << 20);
         return;
     }

@@ -404,7 +404,9 @@ def test_cli_oneshot_prerendered_prompt_used_as_is(model, tmp_path):
 
 @pytest.mark.parametrize("content,why", [("1 2 x3\n", "'x3' is not a token id"),
                                          ("5 999999", "token id 999999 is out of range"),
-                                         (" \n", "holds no token ids")])
+                                         (" \n", "holds no token ids"),
+                                         ("1 +3", "'+3' is not a token id"),
+                                         ("-0 1", "'-0' is not a token id")])
 def test_cli_token_file_errors_are_the_same_for_every_mode(model, tmp_path, content, why):
     f = tmp_path / "ids.txt"
     f.write_text(content)
@@ -419,6 +421,13 @@ def test_cli_token_file_errors_are_the_same_for_every_mode(model, tmp_path, cont
 
 def repl_run(model, lines, *extra):
     return run(base(model, "--nothink", "-n", "8", "--temp", "0", *extra), input="\n".join(lines + ["/quit"]).encode())
+
+
+def test_repl_ctx_takes_digits_only(model):
+    """/ctx took strtol's forms ('+300', ' 300'); now digits as every number option, trailing blanks allowed."""
+    r = repl_run(model, ["/ctx +300", "/ctx 0x200", "/ctx 300 "])
+    assert r.stderr.count(b"/ctx needs a context size") == 2, r.stderr
+    assert r.stdout.count(b"context: 300 tokens") == 1, r.stdout
 
 
 def test_repl_save_load_continues_the_conversation(model, tmp_path):

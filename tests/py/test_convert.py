@@ -499,3 +499,17 @@ def test_convert_tokenizer_vocab_mismatch_is_an_error(tmp_path):
     r = convert(ORACLE / "models" / "tiny_yarn", tmp_path / "x.gguf", extra=["--tokenizer",
                 str(ROOT / "tests/data/deepseek-v3-tokenizer.json")])
     assert r.returncode == 1 and "vocab_size is 256" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [(["--seed", " +5"], "--seed"), (["--seed", "+5"], "--seed"),
+                                         (["--threads", " 2"], "--threads"), (["--threads", "+2"], "--threads"),
+                                         (["--name", ""], "--name must not be empty")])
+def test_convert_numbers_are_digits_and_names_not_empty(tmp_path, args, needle):
+    """strtol/strtoull skip blanks and take '+': ' +5' was a seed; an empty --name wrote an empty general.name.
+    Digits only, as every other number option; refused with exit 2 and no output."""
+    out = tmp_path / "d.gguf"
+    r = subprocess.run([prog("ds4-convert"), "--demo", "-o", str(out), "--tokenizer",
+                        str(ROOT / "tests/data/deepseek-v3-tokenizer.json")] + args, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert not out.exists()

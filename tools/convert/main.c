@@ -248,7 +248,7 @@ int main(int argc, char **argv) {
         } else if (has_val && !strcmp(a, "--debug-chunk-delay-ms")) {
             char *end;
             long n = strtol(argv[++i], &end, 10);
-            if (*end || !*argv[i] || n < 0 || n > 60000) {
+            if (*end || !(argv[i][0] >= '0' && argv[i][0] <= '9') || n < 0 || n > 60000) {
                 fprintf(stderr, "ds4-convert: --debug-chunk-delay-ms wants 0..60000, got '%s'\n", argv[i]);
                 return 2;
             }
@@ -267,12 +267,17 @@ int main(int argc, char **argv) {
             tok = argv[++i];
         } else if (has_val && !strcmp(a, "--name")) {
             name = argv[++i];
+            if (!*name) {
+                fprintf(stderr, "ds4-convert: --name must not be empty\n");
+                return 2;
+            }
         } else if (has_val && !strcmp(a, "--seed")) {
             char *end;
             errno = 0;
             seed = strtoull(argv[++i], &end, 10);
             /* strtoull takes "-5" as 2^64 - 5, and saturates past 2^64 - 1 (ERANGE) */
-            if (*end || !*argv[i] || argv[i][0] == '-' || errno == ERANGE) {
+            /* and skips leading blanks and a '+': digits only, as every other number */
+            if (*end || !(argv[i][0] >= '0' && argv[i][0] <= '9') || errno == ERANGE) {
                 fprintf(stderr, "ds4-convert: --seed wants an integer in 0..18446744073709551615, got '%s'\n",
                         argv[i]);
                 return 2;
@@ -297,7 +302,7 @@ int main(int argc, char **argv) {
         } else if (has_val && !strcmp(a, "--threads")) {
             char *end;
             long n = strtol(argv[++i], &end, 10);
-            if (*end || !*argv[i] || n < 1 || n > 256) {
+            if (*end || !(argv[i][0] >= '0' && argv[i][0] <= '9') || n < 1 || n > 256) {
                 fprintf(stderr, "ds4-convert: --threads wants 1..256, got '%s'\n", argv[i]);
                 return 2;
             }
