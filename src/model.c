@@ -190,7 +190,7 @@ int ds4_model_read_hparams(ds4_hparams *hp, const ds4_gguf *g, ds4_err *err) {
     DIM("attention.key_length", 1, 65536, head_dim);
     int vlen;
     if ((rc = get_dim(g, K("attention.value_length"), 1, 65536, &vlen, err))) goto fail;
-    DIM("rope.dimension_count", 0, 65536, n_rot);
+    DIM("rope.dimension_count", 2, 65536, n_rot); /* 0 would be a model without positions: output changed silently */
     DIM("attention.q_lora_rank", 1, BIG, q_lora);
     DIM("attention.output_lora_rank", 1, BIG, o_lora);
     DIM("attention.output_group_count", 1, 65536, o_groups);

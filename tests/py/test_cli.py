@@ -855,6 +855,8 @@ def _patched_demo(model, tmp_path, name, key=None, value=None, fmt="<f", inf_emb
     ("deepseek4.expert_gating_func", 2, "<I", b"'deepseek4.expert_gating_func' is 2"),
     # a denormal YaRN factor loaded, then every generation failed ("no finite logit")
     ("deepseek4.rope.scaling.factor", 1e-45, "<f", b"'deepseek4.rope.scaling.factor' is 1.4"),
+    # no rotary dimensions: a model without positions ran, its output changed silently
+    ("deepseek4.rope.dimension_count", 0, "<I", b"rope.dimension_count"),
 ])
 def test_cli_refuses_metadata_that_loads_but_breaks_the_model(model, tmp_path, key, value, fmt, needle):
     """Finite but absurd metadata (a routed scale of 3e38 made every logit NaN; a zero epsilon divides by zero),
