@@ -464,6 +464,31 @@ DS4_TEST(kvstore_upper_case_name_is_not_an_entry) {
     CHECK_EQ_INT(stat(b, &st), 0); /* left alone */
 }
 
+/* SERVING C.4: a file is refused when its size plus 1% exceeds the budget (it would
+ * evict everything else, every time); at the edge it is stored. */
+DS4_TEST(kvstore_budget_keeps_one_percent_slack) {
+    const char *dir = ds4_test_tmpdir();
+    small_ckpt c;
+    small_init(&c);
+    const uint64_t fsz = 520; /* small_ckpt's file (comment above small_ckpt) */
+    ds4_kvstore *kv = open_store(dir, fsz + fsz / 100 - 1, 5);
+    char name[DS4_KV_NAME_MAX];
+    ds4_kvstore_put_args a = {
+        .tokens = c.tok, .n_tokens = 8, .key_text = c.key, .key_text_bytes = 16,
+        .payload = c.payload, .payload_bytes = sizeof c.payload,
+        .trailer = c.trailer, .trailer_bytes = sizeof c.trailer,
+    };
+    ds4_err err = {0};
+    CHECK_EQ_INT(ds4_kvstore_put(kv, &a, name, &err), DS4_E_RANGE);
+    CHECK(strstr(err.msg, "budget") != NULL);
+    CHECK_EQ_INT(count_files(dir), 0);
+    ds4_kvstore_close(kv);
+    kv = open_store(dir, fsz + fsz / 100, 5);
+    CHECK_EQ_INT(ds4_kvstore_put(kv, &a, name, &err), 0);
+    CHECK_EQ_INT(ds4_kvstore_total_bytes(kv), fsz);
+    ds4_kvstore_close(kv);
+}
+
 /* The directory removed while the store is open: the next put makes it again
  * (every save failed until a restart). */
 DS4_TEST(kvstore_directory_removed_while_open_is_made_again) {
