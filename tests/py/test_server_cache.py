@@ -396,78 +396,64 @@ def test_server_disk_cache_removes_a_dead_writers_temp_file_even_if_its_pid_live
         sleeper.kill()
 
 
-def test_server_disk_cache_makes_room_on_a_full_disk(tmp_path):
-    """A full disk (a 2 MiB tmpfs; a demo checkpoint is ~0.86 MB) made every later save fail with nothing stored
-    ever again, the old entries kept however little they were worth. The store now evicts its own lowest-score
-    entries to make room, once, and the new checkpoint is stored."""
+def _server_on_small_tmpfs(tmp_path, monkeypatch, before=""):
+    """tmp_path/fs, on which the servers of the test (DS4_TEST_SERVER_BIN, a wrapper) see a 2 MiB tmpfs of their
+    own mount namespace (a demo checkpoint is ~0.86 MB); `before` is shell run there first."""
     import stat
     from oracle_util import small_tmpfs_dir
     fs = small_tmpfs_dir(tmp_path)
     wrap = tmp_path / "server.sh"
     wrap.write_text("#!/bin/bash\nexec unshare -rm bash -c 'mount -t tmpfs -o size=2048k tmpfs \"$0\" || exit 99; "
-                    "exec \"$@\"' %s %s \"$@\"\n" % (fs, ROOT / "ds4-server"))
+                    "%sexec \"$@\"' %s %s \"$@\"\n" % (before, fs, ROOT / "ds4-server"))
     wrap.chmod(wrap.stat().st_mode | stat.S_IXUSR)
-    old = os.environ.get("DS4_TEST_SERVER_BIN")
-    os.environ["DS4_TEST_SERVER_BIN"] = str(wrap)
-    try:
-        with Server(*cache_args(str(fs))) as s:
-            for q in "abcd":
-                sysmsg = ("You are the demo assistant of the ds4 test suite %s. " % q) * 12
-                s.openai().chat.completions.create(
-                    messages=[{"role": "system", "content": sysmsg}, {"role": "user", "content": "hi " + q}], **KW)
-            log = s.log_text()
-    finally:
-        if old is None:
-            del os.environ["DS4_TEST_SERVER_BIN"]
-        else:
-            os.environ["DS4_TEST_SERVER_BIN"] = old
+    monkeypatch.setenv("DS4_TEST_SERVER_BIN", str(wrap))
+    return fs
+
+
+def _ask_system(s, q):
+    """A short chat under a system prompt of its own (q names it): a cold save of ~230 tokens each."""
+    sysmsg = ("You are the demo assistant of the ds4 test suite %s. " % q) * 12
+    return s.openai().chat.completions.create(
+        messages=[{"role": "system", "content": sysmsg}, {"role": "user", "content": "hi " + q}], **KW)
+
+
+def test_server_disk_cache_makes_room_on_a_full_disk(tmp_path, monkeypatch):
+    """A full disk (a 2 MiB tmpfs; a demo checkpoint is ~0.86 MB) made every later save fail with nothing stored
+    ever again, the old entries kept however little they were worth. The store now evicts its own lowest-score
+    entries to make room, once, and the new checkpoint is stored."""
+    fs = _server_on_small_tmpfs(tmp_path, monkeypatch)
+    with Server(*cache_args(str(fs))) as s:
+        for q in "abcd":
+            _ask_system(s, q)
+        log = s.log_text()
     assert "to make room on a full disk" in log, log
     last_evict = log.rindex("to make room on a full disk")
     assert re.search(r"kv cache stored tokens=\d+ reason=cold", log[last_evict:]), log[last_evict:]
 
 
-def test_server_full_disk_filled_by_another_file_keeps_the_entries(tmp_path):
+def test_server_full_disk_filled_by_another_file_keeps_the_entries(tmp_path, monkeypatch):
     """A disk filled by something else: evicting this store's entries could not make room, yet the store
     deleted its best entries on every save and still stored nothing (the cache emptied itself). It now evicts
     only when its own files can free what is missing, so the entry stays and still serves."""
-    import stat
-    from oracle_util import small_tmpfs_dir
-    fs = small_tmpfs_dir(tmp_path)
     trigger = tmp_path / "fill-now"
-    wrap = tmp_path / "server.sh"
     # the tmpfs lives in the server's mount namespace: a watcher there fills it when the test asks
-    wrap.write_text("#!/bin/bash\nexec unshare -rm bash -c 'mount -t tmpfs -o size=2048k tmpfs \"$0\" || exit 99; "
-                    "(while [ ! -e %s ]; do sleep 0.05; done; dd if=/dev/zero of=\"$0/filler\" bs=4k "
-                    "2>/dev/null; touch %s.done) & exec \"$@\"' %s %s \"$@\"\n" % (trigger, trigger, fs,
-                                                                                 ROOT / "ds4-server"))
-    wrap.chmod(wrap.stat().st_mode | stat.S_IXUSR)
-    old = os.environ.get("DS4_TEST_SERVER_BIN")
-    os.environ["DS4_TEST_SERVER_BIN"] = str(wrap)
-
-    def ask(s, q):
-        sysmsg = ("You are the demo assistant of the ds4 test suite %s. " % q) * 12
-        return s.openai().chat.completions.create(
-            messages=[{"role": "system", "content": sysmsg}, {"role": "user", "content": "hi " + q}], **KW)
-
-    try:
-        with Server(*cache_args(str(fs))) as s:
-            first = ask(s, "a").choices[0].message.content
-            assert re.search(r"kv cache stored tokens=\d+ reason=cold", s.log_text()), s.log_text()
-            trigger.write_text("")
-            done = pathlib.Path(str(trigger) + ".done")
-            t0 = time.time()
-            while not done.exists() and time.time() - t0 < 30:
-                time.sleep(0.05)
-            assert done.exists()
-            mark = len(s.log_text())
-            ask(s, "b")  # its save finds the disk full
-            again = ask(s, "a")  # a live miss: served from the entry that must still be there
-            log = s.log_text()[mark:]
-    finally:
-        if old is None:
-            del os.environ["DS4_TEST_SERVER_BIN"]
-        else:
-            os.environ["DS4_TEST_SERVER_BIN"] = old
+    fs = _server_on_small_tmpfs(tmp_path, monkeypatch,
+                                "(while [ ! -e %s ]; do sleep 0.05; done; dd if=/dev/zero of=\"$0/filler\" bs=4k "
+                                "2>/dev/null; touch %s.done) & " % (trigger, trigger))
+    ask = _ask_system
+    with Server(*cache_args(str(fs))) as s:
+        first = ask(s, "a").choices[0].message.content
+        assert re.search(r"kv cache stored tokens=\d+ reason=cold", s.log_text()), s.log_text()
+        trigger.write_text("")
+        done = pathlib.Path(str(trigger) + ".done")
+        t0 = time.time()
+        while not done.exists() and time.time() - t0 < 30:
+            time.sleep(0.05)
+        assert done.exists()
+        mark = len(s.log_text())
+        ask(s, "b")  # its save finds the disk full
+        again = ask(s, "a")  # a live miss: served from the entry that must still be there
+        log = s.log_text()[mark:]
     assert "to make room on a full disk" not in log, log
     assert "nothing evicted" in log, log
     assert re.search(r"kv cache hit tokens tokens=\d+", log), log
@@ -559,7 +545,7 @@ def test_server_entry_whose_payload_is_refused_is_removed_and_the_next_serves(tm
     assert got == want
 
 
-def test_server_boundary_trim_at_its_largest_does_not_overflow(tmp_path):
+def test_server_boundary_trim_at_its_largest_does_not_overflow(tmp_path, monkeypatch):
     """--kv-cache-boundary-trim-tokens accepts up to INT_MAX; the cold save's length added it to the minimum in
     int (signed overflow: the sanitized server stopped, the request failed). Now compared in 64 bits: the cold
     save takes the whole prompt, as for any trim longer than the prompt."""
@@ -568,19 +554,12 @@ def test_server_boundary_trim_at_its_largest_does_not_overflow(tmp_path):
         import pytest
         pytest.skip("build/asan/ds4-server not built")
     d = str(tmp_path / "kv")
-    old = os.environ.get("DS4_TEST_SERVER_BIN")
-    os.environ["DS4_TEST_SERVER_BIN"] = str(asan)
-    try:
-        with Server("--kv-disk-dir", d, "--kv-cache-min-tokens", "32", "--kv-cache-boundary-align-tokens", "0",
-                    "--kv-cache-boundary-trim-tokens", "2147483647") as s:
-            # no user turn in the prompt: the cold save falls back to the trim rule
-            r = s.openai().completions.create(model="m", prompt="x " * 200, max_tokens=2, temperature=0)
-            log = s.log_text()
-    finally:
-        if old is None:
-            del os.environ["DS4_TEST_SERVER_BIN"]
-        else:
-            os.environ["DS4_TEST_SERVER_BIN"] = old
+    monkeypatch.setenv("DS4_TEST_SERVER_BIN", str(asan))
+    with Server("--kv-disk-dir", d, "--kv-cache-min-tokens", "32", "--kv-cache-boundary-align-tokens", "0",
+                "--kv-cache-boundary-trim-tokens", "2147483647") as s:
+        # no user turn in the prompt: the cold save falls back to the trim rule
+        r = s.openai().completions.create(model="m", prompt="x " * 200, max_tokens=2, temperature=0)
+        log = s.log_text()
     assert r.choices[0].finish_reason == "length"
     assert "runtime error" not in log, log
     assert re.search(r"kv cache stored tokens=\d+ reason=cold", log), log
