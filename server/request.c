@@ -906,10 +906,20 @@ int srv_parse_tools(json_t *tools, srv_request *rq, srv_error *e) {
          * Responses: name); hosted tools without a name stay as they are */
         json_t *own = fn && json_is_object(fn) ? fn : t;
         json_t *nmv = json_object_get(own, "name");
-        bool is_fn = own == fn || json_object_get(t, "input_schema") || json_object_get(t, "parameters");
+        /* a function by its fields, or by its type (none means a function: {} and {"type":"function"} were
+         * shown to the model as schemas named by nothing) */
+        bool is_fn = own == fn || json_object_get(t, "input_schema") || json_object_get(t, "parameters") || !type ||
+                     !strcmp(type, "function");
         if ((nmv || is_fn) && !(type && !strcmp(type, "namespace")) && !tool_name_ok(json_string_value(nmv))) {
             ds4_buf_free(&lines);
             return bad_tool_name(e, i, nmv);
+        }
+        json_t *params = json_object_get(own, "parameters");
+        if (!params) params = json_object_get(t, "input_schema");
+        if (params && !json_is_object(params) && !json_is_null(params)) {
+            ds4_buf_free(&lines);
+            return srv_fail_param(e, "tools", "invalid_type", "tools[%zu]: the parameters schema must be a JSON object",
+                                  i);
         }
         if (fn && json_is_object(fn)) {
             add_schema(rq, &lines, fn);

@@ -1072,7 +1072,11 @@ def test_server_rejects_unusable_tool_names_and_endless_stop_lists():
     stop strings is a 400."""
     fn = lambda f: {"type": "function", "function": dict({"parameters": {"type": "object"}}, **f)}
     bad = [fn({}), fn({"name": ""}), fn({"name": 7}), fn({"name": 'a"b'}), fn({"name": "a\nb"}),
-           fn({"name": "<x>"}), fn({"name": "a\uff5cDSML\uff5cb"})]
+           fn({"name": "<x>"}), fn({"name": "a\uff5cDSML\uff5cb"}),
+           # a function by its type alone: shown to the model as a schema named by nothing (an outside pass)
+           {}, {"type": "function"},
+           # a parameters schema that is no object
+           fn({"name": "f", "parameters": "x"}), fn({"name": "f", "parameters": []})]
     with Server(ctx=512) as s:
         for t in bad:
             st, _, data = s.raw("POST", "/v1/chat/completions",
@@ -1081,10 +1085,9 @@ def test_server_rejects_unusable_tool_names_and_endless_stop_lists():
         st, _, data = s.raw("POST", "/v1/messages", {"max_tokens": 1, "messages": user("x"),
                                                      "tools": [{"input_schema": {"type": "object"}}]})
         assert st == 400 and "tools[0]" in json.loads(data)["error"]["message"], data
-        st, _, data = s.raw("POST", "/v1/responses", {"input": "x", "max_output_tokens": 1,
-                                                      "tools": [{"type": "function", "name": "",
-                                                                 "parameters": {"type": "object"}}]})
-        assert st == 400 and "tools[0]" in err_of(data)["message"], data
+        for t in ({"type": "function", "name": "", "parameters": {"type": "object"}}, {"type": "function"}, {}):
+            st, _, data = s.raw("POST", "/v1/responses", {"input": "x", "max_output_tokens": 1, "tools": [t]})
+            assert st == 400 and "tools[0]" in err_of(data)["message"], (t, data)
         # good names, and a hosted tool without one, are served
         st, _, data = s.raw("POST", "/v1/responses", {"input": "x", "max_output_tokens": 1,
                                                       "tools": [{"type": "web_search"},
