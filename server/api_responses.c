@@ -122,6 +122,10 @@ static int add_call_item(items_ctx *x, const char *id, const char *name, json_t 
 }
 
 static int add_output_item(items_ctx *x, const char *id, char *text, srv_error *e) {
+    /* an output answers a call: without its id it was rendered as a result of nothing (B.4) */
+    if (!id)
+        return srv_fail_param(e, "input", "missing_required_parameter",
+                              "input: a tool output item needs the call_id of the call it answers");
     if (flush_pending(x, e)) return -1;
     /* no call in the request: it must answer the live binding (checked
      * before queueing, srv_submit) */
@@ -202,6 +206,9 @@ static int parse_item(items_ctx *x, json_t *it, srv_error *e) {
     if (!strcmp(type, "function_call") || !strcmp(type, "custom_tool_call")) {
         const char *name = str_of(it, "name");
         if (!name) return srv_invalid(e);
+        if (!call_id)
+            return srv_fail_param(e, "input", "missing_required_parameter",
+                                  "input: a '%s' item needs a call_id (its output names it)", type);
         const char *ns = str_of(it, "namespace");
         char *full = NULL;
         if (ns && !strcmp(type, "function_call")) {

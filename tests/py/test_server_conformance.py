@@ -517,6 +517,13 @@ def test_prefill_continues_the_assistant_message_and_roles_are_checked(tmp_path)
                             {"model": "m", "max_tokens": 2, "messages": user("x") + [
                                 {"role": "tool", "tool_call_id": "call_nope", "content": "y"}]})
         assert st == 400 and b"matches none" in body, body
+        # Responses items without the call_id that ties an output to its call (an outside pass: the output was
+        # rendered as a result of nothing, the call as one that no output could answer)
+        for items in ([{"type": "function_call_output", "output": "y"}],
+                      [{"type": "function_call", "name": "f", "arguments": "{}"}]):
+            st, _, body = s.raw("POST", "/v1/responses", {"model": "m", "max_output_tokens": 2,
+                                                          "input": [{"role": "user", "content": "x"}] + items})
+            assert st == 400 and b"call_id" in body, (items, body)
     t = trace.read_text(errors="replace")
     assert "<｜User｜>hi<｜Assistant｜><think></think>Sure, here\n" in t or \
         "<｜User｜>hi<｜Assistant｜></think>Sure, here\n" in t, t[:3000]
