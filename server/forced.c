@@ -14,11 +14,19 @@
  *     </｜DSML｜parameter>\n )*        required property is present
  *   </｜DSML｜invoke>\n</｜DSML｜tool_calls>               literal
  *
- * String values are sampled freely from tokens without '<'; the value ends
- * when the model picks a token with '<' (or EOS), after 64 tokens, or when
- * the budget left only fits the closing tags and the required properties
- * not yet written (PARAM_MIN_TOKENS each; when little is left only those are
- * offered), so a long optional value cannot crowd a required one out. Integers and numbers are
+ * String values are sampled freely (any text, '<' included: DSML string
+ * values are raw); the value ends where the model writes the closing tag
+ * `</｜DSML｜parameter>` itself (a token that holds the tag and more is not
+ * taken: the tag's rest is written as the tokenizer writes it), on EOS, or
+ * when the budget left only fits the closing tags and the required
+ * properties not yet written (PARAM_MIN_TOKENS each; when little is left
+ * only those are offered), so a long optional value cannot crowd a required
+ * one out. There is no other length limit: a value was once cut at 64
+ * tokens or at its first '<', and a forced write_file call lost most of its
+ * content without a word. A call the budget shaped (a value, a number or
+ * the choice of properties cut short) is reported as cut by the token limit
+ * (srv_forced_cut: OpenAI "length", Anthropic "max_tokens", Responses
+ * "incomplete"), the call still well formed. Integers and numbers are
  * sampled the same way among tokens that keep them valid JSON numbers (up
  * to 12 tokens); enums (also string enums) are a choice among their values;
  * other non-string values a choice among JSON literals of the property's
@@ -44,9 +52,9 @@
 
 #define DSML DS4_DSML_MARK
 #define RESERVE_TOKENS 32 /* enough for "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" */
-#define MAX_VALUE_TOKENS 64
 #define MAX_NUM_TOKENS 12
-#define PARAM_MIN_TOKENS 24 /* one more parameter: its tag, a short value and its close */
+#define PARAM_MIN_TOKENS 24
+#define HEADER "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\"" /* one more parameter: its tag, a short value and its close */
 
 enum { PH_THINK, PH_HEADER, PH_NAME, PH_PARAMS, PH_VALUE_STR, PH_VALUE_LIT, PH_VALUE_NUM, PH_CLOSE_VALUE, PH_DONE };
 
@@ -77,6 +85,9 @@ struct srv_forced {
     char **used;             /* (n_used) property names already written */
     int n_used;
     int value_tokens;
+    char vtail[32];          /* PH_VALUE_STR: the value's last bytes (a closing tag begun) */
+    size_t vtail_len;
+    bool cut;                /* the budget shaped the call (srv_forced_cut) */
     int think_budget;        /* thinking.budget_tokens (0: none) */
     int think_tokens;        /* reasoning tokens sampled so far */
     int num_state;           /* PH_VALUE_NUM: position in -?(0|[1-9][0-9]*)(.[0-9]+)? (num_step) */
@@ -147,7 +158,7 @@ srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) 
     f->think_budget = rq->think_budget;
     f->forced_name = rq->tool_choice == SRV_TOOL_NAMED ? rq->tool_choice_name : NULL;
     f->phase = thinking ? PH_THINK : PH_HEADER;
-    if (!thinking) cand_add(f, "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\"", 0);
+    if (!thinking) cand_add(f, HEADER, 0);
     size_t i;
     json_t *t;
     json_array_foreach(f->tools, i, t) {
@@ -170,6 +181,8 @@ void srv_forced_free(srv_forced *f) {
 }
 
 bool srv_forced_done(const srv_forced *f) { return f && f->phase == PH_DONE; }
+
+bool srv_forced_cut(const srv_forced *f) { return f && f->cut; }
 
 /* Candidates for the tool name. */
 static void name_cands(srv_forced *f) {
@@ -503,6 +516,63 @@ static bool has_lt(srv_forced *f, int32_t t) {
     return !b || n == 0 || memchr(b, '<', n) != NULL;
 }
 
+#define PARAM_TAG "</" DSML "parameter>"
+enum { TAG_NONE, TAG_CLOSES, TAG_SPLIT };
+
+/* The value's held bytes + a token's bytes in buf (at most the held tail and
+ * the token); the length, or 0 when the token has no bytes. */
+static size_t value_join(const srv_forced *f, int32_t t, char **buf) {
+    size_t n = 0;
+    const char *b = ds4_token_bytes(f->e, t, &n);
+    if (!b) n = 0;
+    *buf = xmalloc(f->vtail_len + n + 1);
+    memcpy(*buf, f->vtail, f->vtail_len);
+    if (n) memcpy(*buf + f->vtail_len, b, n);
+    return f->vtail_len + n;
+}
+
+/* Whether token t, appended to the string value, writes the closing tag:
+ * TAG_NONE (value text), TAG_CLOSES (the tag ends in it, at most the "\n"
+ * of CLOSE_PARAM after), TAG_SPLIT (more follows the tag inside the token:
+ * not taken; *held = the tag's bytes already written before it). */
+static int value_tag(const srv_forced *f, int32_t t, size_t *held) {
+    char *buf;
+    const size_t n = value_join(f, t, &buf);
+    const size_t tl = strlen(PARAM_TAG);
+    const char *at = n >= tl ? memmem(buf, n, PARAM_TAG, tl) : NULL;
+    int r = TAG_NONE;
+    if (at) {
+        const size_t p = (size_t)(at - buf), rest = n - p - tl;
+        if (rest == 0 || (rest == 1 && buf[p + tl] == '\n')) {
+            r = TAG_CLOSES;
+        } else {
+            r = TAG_SPLIT;
+            *held = p < f->vtail_len ? f->vtail_len - p : 0;
+        }
+    }
+    free(buf);
+    return r;
+}
+
+/* A reasoning token that ends "</think>" (with the bytes before it) may hold
+ * only the start of the call's header after the tag (">\n\n" is one token):
+ * the header is then continued from there; other text after the tag is not
+ * taken (the reasoning is closed by the literal instead). */
+static bool think_tag_ok(const srv_forced *f, int32_t t) {
+    size_t n = 0;
+    const char *b = ds4_token_bytes(f->e, t, &n);
+    if (!b || !n) return true;
+    char buf[sizeof f->win + 256];
+    if (n > 256) return memmem(b, n, "</think>", 8) == NULL; /* (no token is this long) */
+    memcpy(buf, f->win, f->win_len);
+    memcpy(buf + f->win_len, b, n);
+    const size_t m = f->win_len + n;
+    const char *at = memmem(buf, m, "</think>", 8);
+    if (!at) return true;
+    const size_t rest = m - (size_t)(at - buf) - 8;
+    return rest <= strlen(HEADER) && !memcmp(at + 8, HEADER, rest);
+}
+
 int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                         const ds4_sampler_params *p, ds4_rng *rng, int remaining) {
     bool short_budget = remaining <= RESERVE_TOKENS;
@@ -512,6 +582,7 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         int32_t tok = remaining <= 3 * RESERVE_TOKENS + PARAM_MIN_TOKENS * f->max_required || spent
                           ? f->eos
                           : ds4_sampler_sample(smp, logits, p, rng);
+        if (tok != f->eos && !think_tag_ok(f, tok)) tok = f->eos; /* "</think>" with other text after it */
         if (tok != f->eos) {
             f->think_tokens++;
             return tok;
@@ -520,15 +591,20 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         cand_add(f, "</think>", 0);
     }
     if (f->phase == PH_VALUE_STR) {
-        int32_t tok = remaining <= reserve(f) || f->value_tokens >= MAX_VALUE_TOKENS
-                          ? f->eos
-                          : ds4_sampler_sample(smp, logits, p, rng);
-        if (tok != f->eos && !has_lt(f, tok)) {
-            f->value_tokens++;
-            return tok;
+        const bool tight = remaining <= reserve(f);
+        int32_t tok = tight ? f->eos : ds4_sampler_sample(smp, logits, p, rng);
+        size_t held = 0; /* bytes of a closing tag the value already holds */
+        if (tok != f->eos) {
+            const int v = value_tag(f, tok, &held);
+            if (v != TAG_SPLIT) {
+                f->value_tokens++;
+                return tok; /* value text, or the model's own close (srv_forced_feed) */
+            }
         }
+        if (tight) f->cut = true;
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
+        f->pos = held;
     }
     if (f->phase == PH_VALUE_NUM) {
         /* digits sampled by the model within the number grammar; the value
@@ -557,6 +633,7 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
             f->value_tokens++;
             return tok;
         }
+        if (tight) f->cut = true; /* (closed or finished by the budget, perhaps before the model would) */
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
     }
@@ -579,6 +656,7 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                 if (req) f->cands[keep++] = f->cands[i];
                 else free(f->cands[i].text);
             }
+            if (keep < f->n_cands) f->cut = true; /* optional properties (or the close) no longer offered */
             if (keep) f->n_cands = keep;
             else { /* cannot happen: the missing ones are candidates */
                 f->n_cands = 0;
@@ -593,6 +671,7 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         for (int i = 0; i < f->n_cands; i++)
             if (f->cands[i].action == 2) has_close = true;
         if (f->pos == 0) {
+            if (f->n_cands > 1) f->cut = true; /* properties the model could still have written */
             cands_clear(f);
             cand_add(f, CLOSE_CALL, 2);
         } else if (has_close) {
@@ -615,7 +694,7 @@ static void choice_done(srv_forced *f, const cand *c) {
     switch (f->phase) {
     case PH_THINK:
         f->phase = PH_HEADER;
-        cand_add(f, "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\"", 0);
+        cand_add(f, HEADER, 0);
         break;
     case PH_HEADER:
         f->phase = PH_NAME;
@@ -661,6 +740,7 @@ static void choice_done(srv_forced *f, const cand *c) {
             const char *type = prop_type(f, pv);
             if (is_str) {
                 f->phase = PH_VALUE_STR;
+                f->vtail_len = 0;
             } else if (prop_enum(f, pv)) {
                 f->phase = PH_VALUE_LIT;
                 enum_cands(f, prop_enum(f, pv));
@@ -697,12 +777,41 @@ void srv_forced_feed(srv_forced *f, const char *bytes, size_t n) {
             if (f->win_len >= 8 && !memcmp(f->win + f->win_len - 8, "</think>", 8)) {
                 cand t = {(char *)"</think>", 0};
                 choice_done(f, &t);
+                /* what the token holds after the tag begins the header (think_tag_ok) */
+                if (i + 1 < n) srv_forced_feed(f, bytes + i + 1, n - i - 1);
                 return;
             }
         }
         return;
     }
-    if (f->phase == PH_VALUE_STR || f->phase == PH_VALUE_NUM) return;
+    if (f->phase == PH_VALUE_STR) {
+        /* the value's text until the model writes the closing tag; what the
+         * token holds after it (at most "\n", value_tag) goes to the close */
+        const size_t m = f->vtail_len + n;
+        char *buf = xmalloc(m + 1);
+        memcpy(buf, f->vtail, f->vtail_len);
+        memcpy(buf + f->vtail_len, bytes, n);
+        const size_t tl = strlen(PARAM_TAG);
+        const char *at = m >= tl ? memmem(buf, m, PARAM_TAG, tl) : NULL;
+        if (at) {
+            const size_t rest = m - (size_t)(at - buf) - tl;
+            char *after = xmalloc(rest + 1);
+            memcpy(after, at + tl, rest);
+            free(buf);
+            f->phase = PH_CLOSE_VALUE;
+            cand_add(f, CLOSE_PARAM, 0);
+            f->pos = tl;
+            if (rest) srv_forced_feed(f, after, rest);
+            free(after);
+            return;
+        }
+        const size_t keep = m < tl - 1 ? m : tl - 1; /* a tag begun fits */
+        memcpy(f->vtail, buf + m - keep, keep);
+        f->vtail_len = keep;
+        free(buf);
+        return;
+    }
+    if (f->phase == PH_VALUE_NUM) return;
     if (!f->n_cands) return;
     /* advance the choice and drop candidates that no longer match */
     int keep = 0;

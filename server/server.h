@@ -260,6 +260,7 @@ typedef struct srv_result {
     char *text;             /* completions: raw generated text (else NULL) */
     size_t text_len;
     bool think_closed;      /* </think> was generated */
+    bool forced_cut;        /* a forced call the budget cut short (srv_forced_cut): finish length */
     bool calls_dropped;     /* parallel calls off: calls after the first were dropped (the live state holds them) */
     const char *stop;       /* the rq->stops string that ended the turn, or NULL */
     srv_logprob *lp;        /* (n_lp) logprobs of the content tokens, if asked */
@@ -507,6 +508,8 @@ struct ds4_rng;
 srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking);
 void srv_forced_free(srv_forced *f);
 bool srv_forced_done(const srv_forced *f);
+/* the budget shaped the call: a value, a number or the choice of properties cut short */
+bool srv_forced_cut(const srv_forced *f);
 /* Next token under the constraint (remaining = tokens left in the budget);
  * -1 when no token fits. */
 int32_t srv_forced_pick(srv_forced *f, struct ds4_sampler *smp, const float *logits,

@@ -827,7 +827,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         int32_t tok;
         const float *logits = NULL;
         bool evaluated = false;
-        if (s->debug_tokens) { /* --debug-reply: the given output, then EOS */
+        if (s->debug_tokens && !forced) { /* --debug-reply: the given output, then EOS */
             tok = n_gen < s->n_debug_tokens ? s->debug_tokens[n_gen] : eos;
         } else if (forced_tok >= 0) {
             tok = forced_tok;
@@ -860,6 +860,27 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
                 tok = srv_jsonc_pick(jc, s->sampler, logits, &p, &rng, false);
                 if (tok < 0) FAIL("JSON reply: no token fits the schema here")
             }
+        } else if (s->debug_tokens) {
+            /* --debug-reply under a forced call: the given text is what the
+             * model prefers (the longest token that continues it from the
+             * bytes written so far, far above the rest; EOS once written or
+             * left), and the forced call's rules still decide (tests of
+             * forced.c; by bytes, as the forced literals tokenize alone) */
+            const int nv = ds4_engine_n_vocab(s->engine);
+            for (int t = 0; t < nv; t++) s->adj_scratch[t] = 0.0f;
+            const char *dr = s->cfg.debug_reply;
+            const size_t dl = strlen(dr), at = g->gen.len;
+            int32_t want = eos;
+            if (at < dl && (at == 0 || !memcmp(g->gen.data, dr, at))) {
+                size_t best = 0;
+                for (int t = 0; t < nv; t++) {
+                    size_t nb = 0;
+                    const char *b = ds4_token_bytes(s->engine, t, &nb);
+                    if (b && nb > best && nb <= dl - at && !memcmp(b, dr + at, nb)) want = t, best = nb;
+                }
+            }
+            if (want >= 0 && want < nv) s->adj_scratch[want] = 100.0f;
+            tok = srv_forced_pick(fz, s->sampler, s->adj_scratch, &p, &rng, max_tokens - n_gen);
         } else {
             logits = ds4_session_logits_err(s->session, &err);
             if (!logits) FAIL("%s", err.msg[0] ? err.msg : "no logits")
@@ -980,6 +1001,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
                     (long long)(st.gated - st0.gated));
     }
     feed_to(g, g->gen.len);
+    r->forced_cut = srv_forced_cut(fz);
     srv_forced_free(fz);
     srv_jsonc_free(jc);
     free(counts);
@@ -1073,7 +1095,10 @@ static void run_job(srv_server *s, srv_job *j) {
         r.parsed.raw_dsml = NULL;
         r.parsed.raw_dsml_len = 0;
     }
-    if (r.parsed.n_calls && finish != SRV_FINISH_ERROR) finish = SRV_FINISH_TOOL_CALLS;
+    /* a forced call the budget cut short (forced.c) is whole markup but not
+     * what the model would have written: the limit's finish, as any cut call */
+    if (r.parsed.n_calls && finish != SRV_FINISH_ERROR)
+        finish = r.forced_cut ? SRV_FINISH_LENGTH : SRV_FINISH_TOOL_CALLS;
     if (finish == SRV_FINISH_TOOL_CALLS && !r.parsed.n_calls) finish = SRV_FINISH_STOP;
     if (finish != SRV_FINISH_STOP) r.stop = NULL; /* the reply did not end at the stop */
     if (r.parsed.parse_failed) srv_log("tool: DSML block did not parse; returned as text");

@@ -140,6 +140,23 @@ class Server:
         return r.status, dict(r.getheaders()), data
 
 
+DSML_M = "\uff5cDSML\uff5c"
+
+
+def dsml_call(name, lead="\n\n", **args):
+    """The DSML block of one call with string arguments, as the model writes it. Given to --debug-reply, it plays
+    a model that calls the tool: a forced call's rules still decide each token (worker.c), and unlike the random
+    demo model it closes its string values itself."""
+    ps = "".join('<{m}parameter name="%s" string="true">%s</{m}parameter>\n' % (k, v) for k, v in args.items())
+    return (lead + '<{m}tool_calls>\n<{m}invoke name="%s">\n' % name + ps +
+            "</{m}invoke>\n</{m}tool_calls>").replace("{m}", DSML_M)
+
+
+BASH_CALL = dsml_call("bash", command="ls -la /tmp && echo done")
+# the same call after a short reasoning (thinking on)
+BASH_CALL_THINK = "Listing the files.</think>" + BASH_CALL
+
+
 BASH_TOOL = {
     "type": "function",
     "function": {
@@ -210,7 +227,7 @@ def test_server_chat_openai_sdk_plain_and_stream_give_same_greedy_text():
 
 
 def test_server_chat_forced_tool_call_openai_sdk():
-    with Server() as s:
+    with Server("--debug-reply", BASH_CALL) as s:
         c = s.openai()
         r = c.chat.completions.create(
             model="deepseek-v4-flash", messages=user("List the files"), tools=[BASH_TOOL],
@@ -223,16 +240,20 @@ def test_server_chat_forced_tool_call_openai_sdk():
         assert call.type == "function" and call.function.name == "bash"
         assert re.fullmatch(r"call_[0-9a-f]{32}", call.id)
         args = json.loads(call.function.arguments)
-        assert isinstance(args, dict) and isinstance(args.get("command"), str)
-        # thinking mode: the reasoning is closed, then the call follows
-        r2 = c.chat.completions.create(model="deepseek-v4-flash", messages=user("List the files"),
-                                       tools=[BASH_TOOL], tool_choice="required", max_tokens=120)
+        assert args == {"command": "ls -la /tmp && echo done"}
+    # thinking mode: the reasoning is closed, then the call follows
+    with Server("--debug-reply", BASH_CALL_THINK) as s:
+        r2 = s.openai().chat.completions.create(model="deepseek-v4-flash", messages=user("List the files"),
+                                                tools=[BASH_TOOL], tool_choice="required", max_tokens=400)
         assert r2.choices[0].finish_reason == "tool_calls"
+        assert r2.choices[0].message.model_extra.get("reasoning_content") == "Listing the files.", r2
         assert r2.choices[0].message.tool_calls[0].function.name == "bash"
+        assert json.loads(r2.choices[0].message.tool_calls[0].function.arguments) == {
+            "command": "ls -la /tmp && echo done"}
 
 
 def test_server_chat_stream_tool_call_deltas_openai_sdk():
-    with Server() as s:
+    with Server("--debug-reply", BASH_CALL) as s:
         c = s.openai()
         stream = c.chat.completions.create(
             model="deepseek-v4-flash", messages=user("List the files"), tools=[BASH_TOOL],
@@ -253,7 +274,7 @@ def test_server_chat_stream_tool_call_deltas_openai_sdk():
         assert len(starts) == 1 and starts[0][0] == 0 and starts[0][2] == "bash"
         assert len(frags) >= 2, "arguments should arrive in several deltas"
         args = json.loads("".join(frags))
-        assert isinstance(args["command"], str)
+        assert args == {"command": "ls -la /tmp && echo done"}
 
 
 def test_server_completions_openai_sdk():
@@ -311,9 +332,7 @@ def test_server_messages_anthropic_sdk_plain_stream_and_tool_use():
         assert [b.type for b in final.content] == [b.type for b in m.content]
         assert final.content[0].text == m.content[0].text
         assert prompt_tokens(final.usage) == prompt_tokens(m.usage) > 0
-        tool = {"name": "Bash", "description": "Run a command",
-                "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
-                                 "required": ["command"]}}
+        tool = ANTH_BASH  # (an integer argument the random model closes: a call it ended itself)
         kinds = []
         with c.messages.stream(model="deepseek-v4-flash", max_tokens=80, extra_body=T0,
                                messages=user("List files"), tools=[tool],
@@ -328,7 +347,7 @@ def test_server_messages_anthropic_sdk_plain_stream_and_tool_use():
         uses = [b for b in final.content if b.type == "tool_use"]
         assert len(uses) == 1 and uses[0].name == "Bash"
         assert re.fullmatch(r"toolu_[0-9a-f]{32}", uses[0].id)
-        assert isinstance(uses[0].input["command"], str)
+        assert isinstance(uses[0].input["lines"], int)
 
 
 # ---- KV reuse -----------------------------------------------------------------------
@@ -782,9 +801,7 @@ def test_server_sse_headers_and_keepalive_during_long_prefill():
 
 
 def test_server_anthropic_tool_loop_reuses_live_kv_and_thinking_precedes_tool_use():
-    tool = {"name": "Bash", "description": "Run a command",
-            "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
-                             "required": ["command"]}}
+    tool = ANTH_BASH  # (an integer argument the random model closes: a call it ended itself)
     with Server() as s:
         c = s.anthropic()
         msgs = user("List files")
@@ -805,6 +822,7 @@ def test_server_anthropic_tool_loop_reuses_live_kv_and_thinking_precedes_tool_us
         kinds = [blk.type for blk in t.content]
         assert kinds[0] == "thinking" and kinds[-1] == "tool_use", kinds
         assert t.content[0].signature == t.id and t.stop_reason == "tool_use"
+        assert a.stop_reason == "tool_use" and isinstance(use.input["lines"], int), a
 
 
 def stream_then_sigterm(s, path, body, marker):
@@ -857,7 +875,7 @@ def test_server_sigterm_ends_an_anthropic_stream_with_an_error_event():
 def test_server_stop_strings_do_not_cut_a_tool_call():
     """A stop string that occurs in the DSML markup (here the invoke tag) does not cut the forced call: stops
     end the reply's text, and a tool-call block is markup."""
-    with Server() as s:
+    with Server("--debug-reply", BASH_CALL) as s:
         c = s.openai()
         for stops in (["invoke", "tool_calls>"], ["a"], ["tool"], ["DSML"], ["<"], ["\n"]):
             # the last four match the block's opening tag or the blank line before it: such a stop waits until
@@ -867,6 +885,8 @@ def test_server_stop_strings_do_not_cut_a_tool_call():
                                           extra_body={"think": False})  # (stops also cut reasoning text)
             assert r.choices[0].finish_reason == "tool_calls", (stops, r)
             assert r.choices[0].message.tool_calls and "DSML" not in (r.choices[0].message.content or ""), stops
+            assert json.loads(r.choices[0].message.tool_calls[0].function.arguments)["command"] == \
+                "ls -la /tmp && echo done", stops
         # with tools offered but plain text generated, a stop still cuts the text
         r = c.chat.completions.create(model="m", messages=user("Tell me a story"), tools=[BASH_TOOL], max_tokens=60,
                                       temperature=0, stop=["e"], extra_body={"think": False})
@@ -880,9 +900,11 @@ def test_server_stop_strings_do_not_cut_a_tool_call():
         assert m.stop_reason == "tool_use" and m.content[-1].type == "tool_use", m
 
 
+# (an integer argument: the random demo model closes no free string value, so a forced call with one runs to
+# the limit and ends as cut (forced.c); the tool-loop tests need calls the model closed)
 ANTH_BASH = {"name": "Bash", "description": "Run a command",
-             "input_schema": {"type": "object", "properties": {"command": {"type": "string"}},
-                              "required": ["command"]}}
+             "input_schema": {"type": "object", "properties": {"lines": {"type": "integer"}},
+                              "required": ["lines"]}}
 NO_THINK_ANTH = dict(thinking={"type": "disabled"}, extra_body=T0)
 
 

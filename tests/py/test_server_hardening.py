@@ -536,14 +536,16 @@ def test_server_forced_tool_choice_unknown_or_long_name():
                               tool_choice={"type": "tool", "name": "rm"})
         assert "generated" not in s.log_text()
         long_name = "tool_" + "abcdefghij" * 70  # 705 bytes
-        long_tool = {"type": "function", "function": dict(tool["function"], name=long_name)}
+        # (an integer argument: the random demo model closes no string value by itself)
+        long_tool = {"type": "function", "function": {"name": long_name, "parameters": {
+            "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}
         r = o.chat.completions.create(model="m", messages=user("x"), tools=[tool, long_tool],
                                       tool_choice={"type": "function", "function": {"name": long_name}},
                                       max_tokens=600, temperature=0, extra_body={"think": False})
         assert r.choices[0].finish_reason == "tool_calls", r
         calls = r.choices[0].message.tool_calls
         assert len(calls) == 1 and calls[0].function.name == long_name
-        json.loads(calls[0].function.arguments)
+        assert isinstance(json.loads(calls[0].function.arguments)["n"], int)
 
 
 # ---- 9. request framing ------------------------------------------------------------

@@ -159,7 +159,9 @@ def test_tools_with_a_json_format():
         r = c.chat.completions.create(model="m", messages=user("ls"), tools=[BASH_TOOL], tool_choice="required",
                                       response_format=CHAT_FORMAT, max_tokens=200, temperature=0,
                                       extra_body=NO_THINK)
-        assert r.choices[0].finish_reason == "tool_calls", r
+        # (the call is the forced one; the random model never closes its string value: cut by the limit)
+        assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls[0].function.name == "bash", r
+        assert not r.choices[0].message.content
 
 
 @pytest.mark.parametrize("path,body,word", [
