@@ -25,7 +25,13 @@
  * per SM (H100 Nsight, a 2,048-token chunk: 12.5% occupancy, 5.5 cycles per
  * issued instruction, latency-bound); TW = 4, 16 warps of 16 x 16: half the
  * registers per thread, twice the warps per SM; each warp's outputs have the
- * same operations in the same order, so the same bits. */
+ * same operations in the same order, so the same bits.
+ *
+ * LDM (DS4_CUDA_MM_LDM=1, opt-in until measured): the A fragment of a chunk
+ * and the B fragments of two token tiles by ldmatrix .x4 (mm_ldsm4) instead
+ * of four and two 32-bit shared loads: the same words in the same
+ * registers (mm_off keeps each 16-byte half of a row contiguous), fewer
+ * instructions for an issue-bound kernel; the same bits by construction. */
 #define MM_STAGES 3
 #define MM_SLOTS 8
 
@@ -37,7 +43,7 @@ template <int NK> struct mm_smem {
     float da[2][MM_BN][32 * NK + 4];
 };
 
-template <int WPR, int NK, int TW>
+template <int WPR, int NK, int TW, bool LDM>
 __global__ void __launch_bounds__(128 * TW, 1) k_mm_q8(const __grid_constant__ mv_params p) {
     constexpr int NT = 128 * TW;           /* threads */
     constexpr int TPW = MM_BN / TW;        /* tokens per warp */
@@ -130,19 +136,38 @@ __global__ void __launch_bounds__(128 * TW, 1) k_mm_q8(const __grid_constant__ m
 #pragma unroll
                 for (int k = 0; k < NK; k++) {
                     const int8_t *A = sm.a[buf][i * NK + k], *B = sm.b[buf][i * NK + k];
-                    unsigned af[4];
-                    af[0] = *(const unsigned *)(A + mm_off(ra, tq));
-                    af[1] = *(const unsigned *)(A + mm_off(ra + 8, tq));
-                    af[2] = *(const unsigned *)(A + mm_off(ra, tq + 4));
-                    af[3] = *(const unsigned *)(A + mm_off(ra + 8, tq + 4));
+                    unsigned af[4], bf[NA][2];
+                    if (LDM) {
+                        /* matrix lane >> 3: rows +8 (bit 0), the second 16 bytes (bit 1) */
+                        const int mr = wm * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+                        mm_ldsm4(af, A + mm_off(mr, (lane >> 4) * 4));
+#pragma unroll
+                        for (int a = 0; a < NA; a += 2) {
+                            /* matrix lane >> 3: the second 16 bytes (bit 0), tile a + 1 (bit 1) */
+                            const int tr = wn * TPW + a * 8 + (lane >> 4) * 8 + (lane & 7);
+                            unsigned r4[4];
+                            mm_ldsm4(r4, B + mm_off(tr, ((lane >> 3) & 1) * 4));
+                            bf[a][0] = r4[0], bf[a][1] = r4[1];
+                            if (a + 1 < NA) bf[a + 1][0] = r4[2], bf[a + 1][1] = r4[3];
+                        }
+                    } else {
+                        af[0] = *(const unsigned *)(A + mm_off(ra, tq));
+                        af[1] = *(const unsigned *)(A + mm_off(ra + 8, tq));
+                        af[2] = *(const unsigned *)(A + mm_off(ra, tq + 4));
+                        af[3] = *(const unsigned *)(A + mm_off(ra + 8, tq + 4));
+#pragma unroll
+                        for (int a = 0; a < NA; a++) {
+                            const int tb = wn * TPW + a * 8;
+                            bf[a][0] = *(const unsigned *)(B + mm_off(tb + g, tq));
+                            bf[a][1] = *(const unsigned *)(B + mm_off(tb + g, tq + 4));
+                        }
+                    }
                     const float dw0 = cu_h2f(sm.dw[sb][ra][cl + 32 * k]), dw1 = cu_h2f(sm.dw[sb][ra + 8][cl + 32 * k]);
 #pragma unroll
                     for (int a = 0; a < NA; a++) {
                         const int tb = wn * TPW + a * 8;
-                        const unsigned b0 = *(const unsigned *)(B + mm_off(tb + g, tq));
-                        const unsigned b1 = *(const unsigned *)(B + mm_off(tb + g, tq + 4));
                         int ci[4];
-                        mm_mma(af, b0, b1, ci);
+                        mm_mma(af, bf[a][0], bf[a][1], ci);
                         const float da0 = sm.da[sb][tb + 2 * tq][cl + 32 * k], da1 = sm.da[sb][tb + 2 * tq + 1][cl + 32 * k];
                         acc[a][0] = __fadd_rn(acc[a][0], __fmul_rn(__fmul_rn(dw0, da0), mm_i2f(ci[0])));
                         acc[a][1] = __fadd_rn(acc[a][1], __fmul_rn(__fmul_rn(dw0, da1), mm_i2f(ci[1])));
@@ -184,16 +209,22 @@ static int mm_nk(const mv_params &p, int wpr) {
     return nk <= 2 ? nk : 0;
 }
 
-template <int WPR, int NK, int TW> static void launch_mm_tw(cu_ctx *c, const mv_params &p, int rows) {
+template <int WPR, int NK, int TW, bool LDM> static void launch_mm_tw(cu_ctx *c, const mv_params &p, int rows) {
     const size_t smem = sizeof(mm_smem<NK>);
     /* per device, so on every launch (a batch kernel launch, not a decode step) */
-    cudaFuncSetAttribute(k_mm_q8<WPR, NK, TW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    cu_launch(c, k_mm_q8<WPR, NK, TW>, dim3(rows / MM_BM, cu_div_up(p.n, MM_BN)), 128 * TW, smem, p);
+    cudaFuncSetAttribute(k_mm_q8<WPR, NK, TW, LDM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cu_launch(c, k_mm_q8<WPR, NK, TW, LDM>, dim3(rows / MM_BM, cu_div_up(p.n, MM_BN)), 128 * TW, smem, p);
 }
 
 template <int WPR, int NK> static void launch_mm(cu_ctx *c, const mv_params &p, int rows) {
-    if (c->mm_tw == 2) launch_mm_tw<WPR, NK, 2>(c, p, rows);
-    else launch_mm_tw<WPR, NK, 4>(c, p, rows);
+    if (c->mm_tw == 2) {
+        if (c->mm_ldm) launch_mm_tw<WPR, NK, 2, true>(c, p, rows);
+        else launch_mm_tw<WPR, NK, 2, false>(c, p, rows);
+    } else if (c->mm_ldm) {
+        launch_mm_tw<WPR, NK, 4, true>(c, p, rows);
+    } else {
+        launch_mm_tw<WPR, NK, 4, false>(c, p, rows);
+    }
 }
 
 template <int WPR> static bool try_mm(cu_ctx *c, const mv_params &p, int rows) {

@@ -29,6 +29,17 @@ __device__ __forceinline__ void mm_mma(const unsigned (&a)[4], unsigned b0, unsi
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(0));
 }
 
+/* ldmatrix .x4: four 8 x 16-byte matrices from shared memory, lane l giving
+ * the address of row (l & 7) of matrix (l >> 3); register i of lane l is
+ * word (l & 3) of row (l >> 2) of matrix i -- the int8 m16n8k32 fragment
+ * words, loaded by one instruction instead of four (the same bytes) */
+__device__ __forceinline__ void mm_ldsm4(unsigned (&r)[4], const void *row) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 /* an mma's int32 dot as a float: the conversion instruction I2F. Forming
  * it from the bits 0x4B400000 + x minus 1.5 * 2^23 instead (an integer add
  * and an exact float subtraction, no conversion unit) was measured slower:

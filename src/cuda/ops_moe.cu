@@ -507,7 +507,9 @@ struct mg_raw {
 #ifndef CU_MOE_MM_MINB
 #define CU_MOE_MM_MINB 2
 #endif
-template <int WT>
+/* LDM (DS4_CUDA_MM_LDM=1, as k_mm_q8): the fragments by ldmatrix .x4, the
+ * same words in the same registers (same bits by construction). */
+template <int WT, bool LDM>
 __global__ void __launch_bounds__(256, CU_MOE_MM_MINB) k_moe_mm(const __grid_constant__ moe_p p) {
     constexpr bool DN = WT == DS4_TYPE_Q2_K; /* down projection (else gate + up) */
     extern __shared__ __align__(16) unsigned char mg_sm[];
@@ -648,20 +650,32 @@ __global__ void __launch_bounds__(256, CU_MOE_MM_MINB) k_moe_mm(const __grid_con
                 for (int ch = 0; ch < 8; ch++) {
                     const int8_t *B = sm.b[buf][ch];
                     unsigned bf[2][2];
+                    if (LDM) {
+                        /* matrix lane >> 3: the second 16 bytes (bit 0), tile a = 1 (bit 1) */
+                        unsigned r4[4];
+                        mm_ldsm4(r4, B + mm_off(wn * 16 + (lane >> 4) * 8 + (lane & 7), ((lane >> 3) & 1) * 4));
+                        bf[0][0] = r4[0], bf[0][1] = r4[1], bf[1][0] = r4[2], bf[1][1] = r4[3];
+                    } else {
 #pragma unroll
-                    for (int a = 0; a < 2; a++) {
-                        const int it = wn * 16 + a * 8 + g;
-                        bf[a][0] = *(const unsigned *)(B + mm_off(it, tq));
-                        bf[a][1] = *(const unsigned *)(B + mm_off(it, tq + 4));
+                        for (int a = 0; a < 2; a++) {
+                            const int it = wn * 16 + a * 8 + g;
+                            bf[a][0] = *(const unsigned *)(B + mm_off(it, tq));
+                            bf[a][1] = *(const unsigned *)(B + mm_off(it, tq + 4));
+                        }
                     }
 #pragma unroll
                     for (int mt = 0; mt < 2; mt++) {
                         const int8_t *Am = sm.a[buf][mt][ch];
                         unsigned af[4];
-                        af[0] = *(const unsigned *)(Am + mm_off(ra, tq));
-                        af[1] = *(const unsigned *)(Am + mm_off(ra + 8, tq));
-                        af[2] = *(const unsigned *)(Am + mm_off(ra, tq + 4));
-                        af[3] = *(const unsigned *)(Am + mm_off(ra + 8, tq + 4));
+                        if (LDM) {
+                            /* matrix lane >> 3: rows +8 (bit 0), the second 16 bytes (bit 1) */
+                            mm_ldsm4(af, Am + mm_off(wm * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), (lane >> 4) * 4));
+                        } else {
+                            af[0] = *(const unsigned *)(Am + mm_off(ra, tq));
+                            af[1] = *(const unsigned *)(Am + mm_off(ra + 8, tq));
+                            af[2] = *(const unsigned *)(Am + mm_off(ra, tq + 4));
+                            af[3] = *(const unsigned *)(Am + mm_off(ra + 8, tq + 4));
+                        }
                         const int l0 = DN ? 1 : sm.ls[buf][mt][ra][ch], l1 = DN ? 1 : sm.ls[buf][mt][ra + 8][ch];
 #pragma unroll
                         for (int a = 0; a < 2; a++) {
@@ -721,8 +735,13 @@ template <int WT> static bool moe_mm_try(cu_ctx *c, const moe_p &p, int n_slots,
         p.rows % MG_BM || p.nch % 32 || p.ld % 1024)
         return false;
     /* per device, so on every launch (a batch kernel launch, not a decode step) */
-    cudaFuncSetAttribute(k_moe_mm<WT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
-    cu_launch(c, k_moe_mm<WT>, dim3(p.rows / MG_BM, n_slots), 256, sizeof(mg_smem), p);
+    if (c->mm_ldm) {
+        cudaFuncSetAttribute(k_moe_mm<WT, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
+        cu_launch(c, k_moe_mm<WT, true>, dim3(p.rows / MG_BM, n_slots), 256, sizeof(mg_smem), p);
+    } else {
+        cudaFuncSetAttribute(k_moe_mm<WT, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(mg_smem));
+        cu_launch(c, k_moe_mm<WT, false>, dim3(p.rows / MG_BM, n_slots), 256, sizeof(mg_smem), p);
+    }
     return true;
 }
 

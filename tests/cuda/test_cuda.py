@@ -226,6 +226,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_MM_TW", "2"), ("q2:DS4_CUDA_MM_TW", "2"),
                                      ("DS4_CUDA_MM_TW", "2,DS4_CUDA_NO_PREQ=1"),
                                      ("DS4_CUDA_MF_TW", "1"), ("q2:DS4_CUDA_MF_TW", "1"), ("bf16:DS4_CUDA_MF_TW", "1"),
+                                     ("DS4_CUDA_MM_LDM", "1"), ("q2:DS4_CUDA_MM_LDM", "1"),
+                                     ("DS4_CUDA_MM_LDM", "1,DS4_CUDA_MM_TW=2"),
                                      ("DS4_CUDA_NO_ROUTE_GROUP", "1"), ("DS4_CUDA_NO_PDL", "1"), ("DS4_CUDA_NO_PREFETCH", "1"),
                                      ("DS4_CUDA_EARLY_TRIGGER", "1"), ("DS4_CUDA_NO_HC_FUSE", "1"),
                                      ("q2:DS4_CUDA_NO_MOE_FUSE", "1"), ("q4:DS4_CUDA_NO_MOE_FUSE", "1"),
