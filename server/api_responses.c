@@ -420,6 +420,12 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
         const char *s = json_string_value(sm);
         rq->reasoning_summary =
             s && (!strcmp(s, "auto") || !strcmp(s, "concise") || !strcmp(s, "detailed"));
+        if (s && !rq->reasoning_summary) {
+            /* (an unknown value was read as no summary: the reasoning silently left out) */
+            srv_fail_param(e, "reasoning.summary", "invalid_value",
+                           "reasoning.summary must be auto, concise or detailed (got '%.32s')", s);
+            goto out;
+        }
     }
     if (srv_parse_thinking(root, rq, effort, effort != NULL, e)) goto out;
     json_t *ins = json_object_get(root, "instructions");
@@ -471,7 +477,13 @@ int srv_parse_responses(json_t *root, srv_request *rq, srv_error *e) {
         srv_invalid(e);
         goto out;
     }
-    if (srv_parse_json_format(json_object_get(json_object_get(root, "text"), "format"), false, rq, "text.format", e))
+    json_t *txt = json_object_get(root, "text");
+    if (txt && !json_is_null(txt) && !json_is_object(txt)) {
+        /* (a string here was read as no text options: the format asked for was lost) */
+        srv_fail_param(e, "text", "invalid_type", "text must be an object ({\"format\": ..., \"verbosity\": ...})");
+        goto out;
+    }
+    if (srv_parse_json_format(json_object_get(txt, "format"), false, rq, "text.format", e))
         goto out;
     json_t *ptc = json_object_get(root, "parallel_tool_calls");
     if (ptc && !json_is_null(ptc) && !json_is_boolean(ptc)) {

@@ -664,6 +664,9 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
         json_t *k = json_object_get(root, "top_k");
         if (k && json_is_number(k) && json_number_value(k) < 0)
             return srv_fail_param(e, "top_k", "invalid_value", "top_k must be >= 0 (0: no top-k)");
+        json_int_t kv;
+        if (k && json_is_real(k) && !whole_number(k, &kv))
+            return srv_fail_param(e, "top_k", "invalid_value", "top_k must be a whole number (a count of tokens)");
         if (srv_get_int(root, "top_k", &rq->top_k, e)) return -1;
     }
     /* seed: every API (an extension for Anthropic and Responses, whose

@@ -1370,3 +1370,29 @@ def test_anthropic_plain_text_document_is_read(tmp_path):
                 {"type": "text", "text": "Summarize."}]}])
     t = trace.read_text(errors="replace").split("--- rendered prompt")[1]
     assert "DOC-TEXT-42" in t and t.count("[document omitted") == 1, t[-1500:]
+
+
+@pytest.mark.parametrize("path,body,word", [
+    ("/v1/responses", {"input": "x", "text": "abc"}, "text must be an object"),
+    ("/v1/responses", {"input": "x", "text": ["json"]}, "text must be an object"),
+    ("/v1/responses", {"input": "x", "reasoning": {"summary": "bogus"}},
+     "reasoning.summary must be auto, concise or detailed (got 'bogus')"),
+    ("/v1/messages", {"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "top_k": 1.5},
+     "top_k must be a whole number"),
+    ("/v1/chat/completions", {"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "top_k": 0.5},
+     "top_k must be a whole number"),
+])
+def test_wrong_typed_options_are_a_400_not_ignored(path, body, word):
+    """Options of the wrong type or value were read as absent: `text: "abc"` dropped the text options, an unknown
+    reasoning.summary left the summary out, top_k 1.5 ran as 1. Each is now a 400 that names it; the right forms
+    (text object, summary auto, top_k 2.0 as a whole number) still serve."""
+    with Server() as s:
+        st, _, data = s.raw("POST", path, body)
+        assert st == 400 and word in json.loads(data)["error"]["message"], (st, data)
+        ok = {"/v1/responses": {"input": "x", "max_output_tokens": 4, "text": {"format": {"type": "text"}},
+                                "reasoning": {"effort": "none", "summary": "auto"}},
+              "/v1/messages": {"max_tokens": 4, "messages": [{"role": "user", "content": "x"}], "top_k": 2.0},
+              "/v1/chat/completions": {"max_tokens": 4, "messages": [{"role": "user", "content": "x"}],
+                                       "top_k": 2.0}}[path]
+        st, _, data = s.raw("POST", path, ok)
+        assert st == 200, data
