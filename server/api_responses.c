@@ -651,7 +651,11 @@ static json_t *response_object(srv_job *j, const srv_result *r) {
         if (p->reasoning_len && j->rq.reasoning_summary)
             json_array_append_new(out, reasoning_item(j, r));
         if (p->content_len) json_array_append_new(out, message_item(j, st, p->content, p->content_len));
-        for (int i = 0; i < p->n_calls; i++) json_array_append_new(out, call_item(j, r, i, st));
+        /* a call in a reply cut by the limit is one the budget shaped (forced.c:
+         * whole markup, the others are dropped): completed, as the stream's
+         * output_item.done says, so the client can send it back with its output */
+        const char *cst = r->finish == SRV_FINISH_LENGTH ? "completed" : st;
+        for (int i = 0; i < p->n_calls; i++) json_array_append_new(out, call_item(j, r, i, cst));
         status = r->finish == SRV_FINISH_LENGTH  ? "incomplete"
                  : r->finish == SRV_FINISH_ERROR ? "failed"
                                                  : "completed";

@@ -53,8 +53,8 @@
 #define DSML DS4_DSML_MARK
 #define RESERVE_TOKENS 32 /* enough for "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" */
 #define MAX_NUM_TOKENS 12
-#define PARAM_MIN_TOKENS 24
-#define HEADER "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\"" /* one more parameter: its tag, a short value and its close */
+#define PARAM_MIN_TOKENS 24 /* one more parameter: its tag, a short value and its close */
+#define HEADER "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\""
 
 enum { PH_THINK, PH_HEADER, PH_NAME, PH_PARAMS, PH_VALUE_STR, PH_VALUE_LIT, PH_VALUE_NUM, PH_CLOSE_VALUE, PH_DONE };
 
@@ -88,6 +88,8 @@ struct srv_forced {
     char vtail[32];          /* PH_VALUE_STR: the value's last bytes (a closing tag begun) */
     size_t vtail_len;
     bool cut;                /* the budget shaped the call (srv_forced_cut) */
+    cand *off;               /* (n_off) candidates the budget no longer offers, watched: the model's */
+    int n_off;               /* greedy choice of one of them is what sets cut (pick_choice) */
     int think_budget;        /* thinking.budget_tokens (0: none) */
     int think_tokens;        /* reasoning tokens sampled so far */
     int num_state;           /* PH_VALUE_NUM: position in -?(0|[1-9][0-9]*)(.[0-9]+)? (num_step) */
@@ -99,7 +101,21 @@ struct srv_forced {
     size_t lit_pos;          /* f->pos where lit[lit_i] starts */
 };
 
+static void watch_clear(srv_forced *f) {
+    for (int i = 0; i < f->n_off; i++) free(f->off[i].text);
+    free(f->off);
+    f->off = NULL;
+    f->n_off = 0;
+}
+
+/* candidate c is no longer offered (the budget): watched instead of freed */
+static void watch(srv_forced *f, cand c) {
+    f->off = xrealloc(f->off, sizeof *f->off * (size_t)(f->n_off + 1));
+    f->off[f->n_off++] = c;
+}
+
 static void cands_clear(srv_forced *f) {
+    watch_clear(f);
     for (int i = 0; i < f->n_cands; i++) free(f->cands[i].text);
     free(f->cands);
     f->cands = NULL;
@@ -444,18 +460,21 @@ static void literal_cands(srv_forced *f, const char *type) {
     }
 }
 
-/* Token t continues some candidate from f->pos. */
-static bool token_fits(srv_forced *f, int32_t t) {
+/* Token t continues one of the n candidates cs from f->pos. */
+static bool fits_in(const srv_forced *f, const cand *cs, int n_cs, int32_t t) {
     size_t n = 0;
     const char *b = ds4_token_bytes(f->e, t, &n);
     if (!b || n == 0 || t == f->eos) return false;
-    for (int i = 0; i < f->n_cands; i++) {
-        const char *c = f->cands[i].text + f->pos;
+    for (int i = 0; i < n_cs; i++) {
+        const char *c = cs[i].text + f->pos;
         size_t rem = strlen(c);
         if (n <= rem && !memcmp(c, b, n)) return true;
     }
     return false;
 }
+
+/* Token t continues some candidate from f->pos. */
+static bool token_fits(srv_forced *f, int32_t t) { return fits_in(f, f->cands, f->n_cands, t); }
 
 /* The next token of the one candidate left: its rest (from f->pos) as the
  * tokenizer writes it (rendered, as the prompt of the next turn will be),
@@ -488,6 +507,18 @@ static int32_t literal_next(srv_forced *f) {
 }
 
 static int32_t pick_choice(srv_forced *f, const float *logits, ds4_sampler *smp, ds4_rng *rng) {
+    if (f->n_off) {
+        /* the model's greedy pick among all candidates, the withdrawn ones
+         * too: if only a withdrawn one takes it, the budget shaped the call */
+        int32_t best = -1;
+        float bv = -INFINITY;
+        for (int t = 0; t < f->n_vocab; t++)
+            if (logits[t] > bv && (token_fits(f, t) || fits_in(f, f->off, f->n_off, t))) best = t, bv = logits[t];
+        if (best >= 0 && !token_fits(f, best)) {
+            f->cut = true;
+            watch_clear(f);
+        }
+    }
     if (f->n_cands == 1) {
         const int32_t t = literal_next(f);
         if (t >= 0) return t;
@@ -517,6 +548,15 @@ static bool has_lt(srv_forced *f, int32_t t) {
 }
 
 #define PARAM_TAG "</" DSML "parameter>"
+
+/* The longest k < strlen(tag) such that b[0..n) ends with the first k bytes
+ * of tag: the part of a closing tag already written. */
+static size_t held_prefix(const char *b, size_t n, const char *tag) {
+    const size_t tl = strlen(tag);
+    for (size_t k = n < tl - 1 ? n : tl - 1; k > 0; k--)
+        if (!memcmp(b + n - k, tag, k)) return k;
+    return 0;
+}
 enum { TAG_NONE, TAG_CLOSES, TAG_SPLIT };
 
 /* The value's held bytes + a token's bytes in buf (at most the held tail and
@@ -573,6 +613,16 @@ static bool think_tag_ok(const srv_forced *f, int32_t t) {
     return rest <= strlen(HEADER) && !memcmp(at + 8, HEADER, rest);
 }
 
+/* The budget closes a string value: whether the model was closing it too
+ * (its greedy pick EOS or a token that writes the closing tag, or the tag
+ * already begun) -- else the value is cut. */
+static bool value_closing(srv_forced *f, const float *logits) {
+    if (held_prefix(f->vtail, f->vtail_len, PARAM_TAG) >= 2) return true;
+    const int32_t g = ds4_argmax(logits, f->n_vocab);
+    size_t h = 0;
+    return g == f->eos || value_tag(f, g, &h) != TAG_NONE;
+}
+
 int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                         const ds4_sampler_params *p, ds4_rng *rng, int remaining) {
     bool short_budget = remaining <= RESERVE_TOKENS;
@@ -589,6 +639,7 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         }
         f->think_literal = true; /* close the reasoning instead of ending */
         cand_add(f, "</think>", 0);
+        f->pos = held_prefix(f->win, f->win_len, "</think>"); /* a tag begun is finished, not begun again */
     }
     if (f->phase == PH_VALUE_STR) {
         const bool tight = remaining <= reserve(f);
@@ -601,7 +652,10 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                 return tok; /* value text, or the model's own close (srv_forced_feed) */
             }
         }
-        if (tight) f->cut = true;
+        if (tight && !value_closing(f, logits)) f->cut = true;
+        /* closed by the budget or EOS: a tag the value ends with the start
+         * of (the model was closing it) is finished, not left in the value */
+        if (tok == f->eos) held = held_prefix(f->vtail, f->vtail_len, PARAM_TAG);
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
         f->pos = held;
@@ -633,7 +687,10 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
             f->value_tokens++;
             return tok;
         }
-        if (tight) f->cut = true; /* (closed or finished by the budget, perhaps before the model would) */
+        if (tight) { /* closed by the budget: cut unless the model's own pick closes it too */
+            const int32_t g = ds4_argmax(logits, f->n_vocab);
+            if (g != f->eos && !has_lt(f, g)) f->cut = true;
+        }
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
     }
@@ -654,12 +711,12 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                     free(key);
                 }
                 if (req) f->cands[keep++] = f->cands[i];
-                else free(f->cands[i].text);
+                else watch(f, f->cands[i]); /* optional properties (or the close) no longer offered */
             }
-            if (keep < f->n_cands) f->cut = true; /* optional properties (or the close) no longer offered */
             if (keep) f->n_cands = keep;
             else { /* cannot happen: the missing ones are candidates */
                 f->n_cands = 0;
+                watch_clear(f);
                 param_cands(f, false);
             }
         }
@@ -671,14 +728,19 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         for (int i = 0; i < f->n_cands; i++)
             if (f->cands[i].action == 2) has_close = true;
         if (f->pos == 0) {
-            if (f->n_cands > 1) f->cut = true; /* properties the model could still have written */
-            cands_clear(f);
-            cand_add(f, CLOSE_CALL, 2);
+            /* properties the model could still have written: watched */
+            int keep = 0;
+            for (int i = 0; i < f->n_cands; i++) {
+                if (f->cands[i].action == 2) f->cands[keep++] = f->cands[i];
+                else watch(f, f->cands[i]);
+            }
+            f->n_cands = keep;
+            if (!keep) cand_add(f, CLOSE_CALL, 2);
         } else if (has_close) {
             int keep = 0;
             for (int i = 0; i < f->n_cands; i++) {
                 if (f->cands[i].action == 2) f->cands[keep++] = f->cands[i];
-                else free(f->cands[i].text);
+                else watch(f, f->cands[i]);
             }
             f->n_cands = keep;
         }
@@ -813,7 +875,14 @@ void srv_forced_feed(srv_forced *f, const char *bytes, size_t n) {
     }
     if (f->phase == PH_VALUE_NUM) return;
     if (!f->n_cands) return;
-    /* advance the choice and drop candidates that no longer match */
+    /* advance the choice and drop candidates that no longer match (the watched ones too) */
+    int kept_off = 0;
+    for (int i = 0; i < f->n_off; i++) {
+        const char *c = f->off[i].text + f->pos;
+        if (strlen(c) >= n && !memcmp(c, bytes, n)) f->off[kept_off++] = f->off[i];
+        else free(f->off[i].text);
+    }
+    f->n_off = kept_off;
     int keep = 0;
     for (int i = 0; i < f->n_cands; i++) {
         const char *c = f->cands[i].text + f->pos;

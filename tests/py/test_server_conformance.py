@@ -1396,3 +1396,90 @@ def test_wrong_typed_options_are_a_400_not_ignored(path, body, word):
                                        "top_k": 2.0}}[path]
         st, _, data = s.raw("POST", path, ok)
         assert st == 200, data
+
+
+def test_forced_call_closed_by_the_budget_leaves_no_tag_in_a_value():
+    """A forced call the budget closes while the model is writing its closing tag: the tag begun is finished,
+    not left in the value (an outside pass saw path "a.c</", "a.c</｜DSML｜" and a content ending in
+    "</｜DSML｜parameter" at max_tokens 86-89 -- markup written into the user's file). EOS inside the tag: the
+    same. The reasoning's "</think>" begun and then closed by the budget is finished likewise."""
+    content = "abc def ghi jkl mno pqr stu"
+    tool = {"type": "function", "function": {"name": "write_file", "parameters": WRITE}}
+    with Server("--debug-reply", write_call(content), ctx=4096) as s:
+        c = s.openai()
+        seen = 0
+        for mt in range(70, 112, 2):
+            r = c.chat.completions.create(model="m", messages=user("x"), max_tokens=mt, tools=[tool],
+                                          tool_choice="required", extra_body=NO_THINK)
+            for tc in r.choices[0].message.tool_calls or []:
+                a = json.loads(tc.function.arguments)
+                seen += 1
+                assert "a.c".startswith(a.get("path", "")) and content.startswith(a.get("content", "")), (mt, a)
+        assert seen > 10
+    for tail in ("</" + M, "</" + M + "param", "</"):
+        with Server("--debug-reply", write_call("hello" + tail, close=False), ctx=4096) as s:
+            r = s.openai().chat.completions.create(model="m", messages=user("x"), max_tokens=400, tools=[tool],
+                                                   tool_choice="required", extra_body=NO_THINK)
+            assert r.choices[0].finish_reason == "tool_calls", (tail, r)
+            assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {
+                "path": "a.c", "content": "hello"}, tail
+    # thinking: the reasoning's tag begun ("</think" as plain text), then EOS (the budget takes the same path)
+    with Server("--debug-reply", "Plan: write it.</think", ctx=4096) as s:
+        r = s.openai().chat.completions.create(model="m", messages=user("x"), max_tokens=400, tools=[tool],
+                                               tool_choice="required")
+        assert r.choices[0].message.model_extra.get("reasoning_content") == "Plan: write it.", r
+
+
+def test_forced_call_the_model_completes_within_the_budget_is_not_reported_cut():
+    """A forced call the model wrote whole, with room to spare, ends with tool_calls even when the budget had
+    stopped offering its optional properties (the model did not want them): an outside pass saw
+    {"command": "ls -la"} in 44 of 90 tokens reported as "length". Only a choice the budget actually changed
+    makes the call "cut"."""
+    tool = {"type": "function", "function": {"name": "bash", "parameters": {
+        "type": "object", "properties": {"description": {"type": "string"}, "command": {"type": "string"}},
+        "required": ["command"]}}}
+    from test_server import dsml_call
+    with Server("--debug-reply", dsml_call("bash", command="ls -la"), ctx=4096) as s:
+        c = s.openai()
+        whole = 0
+        for mt in range(66, 104, 4):
+            r = c.chat.completions.create(model="m", messages=user("x"), max_tokens=mt, tools=[tool],
+                                          tool_choice="required", extra_body=NO_THINK)
+            calls = r.choices[0].message.tool_calls or []
+            if calls and json.loads(calls[0].function.arguments) == {"command": "ls -la"}:
+                whole += 1
+                assert r.choices[0].finish_reason == "tool_calls", (mt, r)
+        assert whole >= 6, whole
+    # a budget that does change the model's choice (it wanted the description first): cut
+    with Server("--debug-reply", dsml_call("bash", description="list the files in the temporary folder",
+                                           command="ls -la"), ctx=4096) as s:
+        r = s.openai().chat.completions.create(model="m", messages=user("x"), max_tokens=60, tools=[tool],
+                                               tool_choice="required", extra_body=NO_THINK)
+        if r.choices[0].message.tool_calls:
+            assert r.choices[0].finish_reason == "length", r
+
+
+def test_responses_call_cut_by_the_budget_is_completed_and_can_be_sent_back():
+    """Responses: a forced call the budget cut (status incomplete) lists its function_call item as completed
+    in the reply and in the stream alike (the stream's output_item.done said completed, the reply incomplete),
+    and the usual loop -- the output items sent back with the call's output -- is accepted (it was a 400)."""
+    body = dict(model="m", input="write it", max_output_tokens=150, tool_choice="required",
+                tools=[{"type": "function", "name": "write_file", "parameters": WRITE}],
+                reasoning={"effort": "none"})
+    with Server("--debug-reply", write_call(CODE), ctx=8192) as s:
+        c = s.openai()
+        r = c.responses.create(**body)
+        assert r.status == "incomplete"
+        calls = [o for o in r.output if o.type == "function_call"]
+        assert len(calls) == 1 and calls[0].status == "completed", r.output
+        events = list(c.responses.create(stream=True, **body))
+        final = events[-1].response
+        assert final.status == "incomplete"
+        assert [o.status for o in final.output if o.type == "function_call"] == ["completed"]
+        assert [(o.name, o.arguments) for o in final.output if o.type == "function_call"] == \
+            [(calls[0].name, calls[0].arguments)]
+        nxt = dict(body, input=[{"role": "user", "content": "write it"}] + [o.model_dump(exclude_none=True)
+                                                                            for o in r.output] +
+                   [{"type": "function_call_output", "call_id": calls[0].call_id, "output": "written"}])
+        r2 = c.responses.create(**nxt)
+        assert r2.status in ("completed", "incomplete"), r2
