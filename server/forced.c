@@ -506,19 +506,31 @@ static int32_t literal_next(srv_forced *f) {
     return t;
 }
 
+static int32_t pick_offered(srv_forced *f, const float *logits, ds4_sampler *smp, ds4_rng *rng);
+
+/* The choice's next token; while the budget withholds candidates (f->off),
+ * the model's own greedy pick among all of them is compared: a pick that
+ * continues a withheld candidate and is not the token written means the
+ * budget changed the model's choice (cut). A pick the offered ones share
+ * with a withheld one ("<" begins a parameter tag and the close alike) is
+ * told apart by the token written ("</" for the close): the model's choice
+ * of the close writes that token itself. */
 static int32_t pick_choice(srv_forced *f, const float *logits, ds4_sampler *smp, ds4_rng *rng) {
-    if (f->n_off) {
-        /* the model's greedy pick among all candidates, the withdrawn ones
-         * too: if only a withdrawn one takes it, the budget shaped the call */
+    const int32_t tok = pick_offered(f, logits, smp, rng);
+    if (f->n_off && tok >= 0) {
         int32_t best = -1;
         float bv = -INFINITY;
         for (int t = 0; t < f->n_vocab; t++)
             if (logits[t] > bv && (token_fits(f, t) || fits_in(f, f->off, f->n_off, t))) best = t, bv = logits[t];
-        if (best >= 0 && !token_fits(f, best)) {
+        if (best >= 0 && best != tok && fits_in(f, f->off, f->n_off, best)) {
             f->cut = true;
             watch_clear(f);
         }
     }
+    return tok;
+}
+
+static int32_t pick_offered(srv_forced *f, const float *logits, ds4_sampler *smp, ds4_rng *rng) {
     if (f->n_cands == 1) {
         const int32_t t = literal_next(f);
         if (t >= 0) return t;
@@ -617,10 +629,16 @@ static bool think_tag_ok(const srv_forced *f, int32_t t) {
  * (its greedy pick EOS or a token that writes the closing tag, or the tag
  * already begun) -- else the value is cut. */
 static bool value_closing(srv_forced *f, const float *logits) {
-    if (held_prefix(f->vtail, f->vtail_len, PARAM_TAG) >= 2) return true;
     const int32_t g = ds4_argmax(logits, f->n_vocab);
     size_t h = 0;
-    return g == f->eos || value_tag(f, g, &h) != TAG_NONE;
+    if (g == f->eos || value_tag(f, g, &h) != TAG_NONE) return true;
+    /* its pick continues a tag begun (or begins one): all of its bytes are
+     * the tag's ("</" of "x </b>" then is not: its pick is "b") */
+    char *buf;
+    const size_t n = value_join(f, g, &buf);
+    const size_t k = held_prefix(buf, n, PARAM_TAG);
+    free(buf);
+    return k > 0 && k >= n - f->vtail_len;
 }
 
 int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
@@ -652,10 +670,19 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                 return tok; /* value text, or the model's own close (srv_forced_feed) */
             }
         }
-        if (tight && !value_closing(f, logits)) f->cut = true;
         /* closed by the budget or EOS: a tag the value ends with the start
-         * of (the model was closing it) is finished, not left in the value */
-        if (tok == f->eos) held = held_prefix(f->vtail, f->vtail_len, PARAM_TAG);
+         * of is finished, not left in the value, when the model was closing
+         * it (by the budget: its own pick continues the tag; by EOS: at least
+         * "</" and the DSML bar written); else the bytes stay value text
+         * ("x </" of "x </b>") */
+        if (tight) {
+            const bool closing = value_closing(f, logits);
+            if (!closing) f->cut = true;
+            else held = held_prefix(f->vtail, f->vtail_len, PARAM_TAG);
+        } else if (tok == f->eos) {
+            held = held_prefix(f->vtail, f->vtail_len, PARAM_TAG);
+            if (held < 5) held = 0; /* strlen("</｜") */
+        }
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
         f->pos = held;

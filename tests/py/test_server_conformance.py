@@ -1416,13 +1416,14 @@ def test_forced_call_closed_by_the_budget_leaves_no_tag_in_a_value():
                 seen += 1
                 assert "a.c".startswith(a.get("path", "")) and content.startswith(a.get("content", "")), (mt, a)
         assert seen > 10
-    for tail in ("</" + M, "</" + M + "param", "</"):
+    # (a bare "</" then EOS stays text: "x </" of "x </b>" is as likely)
+    for tail, value in (("</" + M, "hello"), ("</" + M + "param", "hello"), ("</", "hello</")):
         with Server("--debug-reply", write_call("hello" + tail, close=False), ctx=4096) as s:
             r = s.openai().chat.completions.create(model="m", messages=user("x"), max_tokens=400, tools=[tool],
                                                    tool_choice="required", extra_body=NO_THINK)
             assert r.choices[0].finish_reason == "tool_calls", (tail, r)
             assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {
-                "path": "a.c", "content": "hello"}, tail
+                "path": "a.c", "content": value}, tail
     # thinking: the reasoning's tag begun ("</think" as plain text), then EOS (the budget takes the same path)
     with Server("--debug-reply", "Plan: write it.</think", ctx=4096) as s:
         r = s.openai().chat.completions.create(model="m", messages=user("x"), max_tokens=400, tools=[tool],
@@ -1483,3 +1484,40 @@ def test_responses_call_cut_by_the_budget_is_completed_and_can_be_sent_back():
                    [{"type": "function_call_output", "call_id": calls[0].call_id, "output": "written"}])
         r2 = c.responses.create(**nxt)
         assert r2.status in ("completed", "incomplete"), r2
+
+
+@pytest.mark.parametrize("which", ["optional_after", "markup_value"])
+def test_forced_call_finish_says_whether_the_call_is_the_models(which):
+    """Swept over max_tokens, a forced call ends with tool_calls exactly when its arguments are the ones the model
+    wrote, and with length otherwise -- never a shortened call called complete (an outside pass saw {} and
+    {"command": "ls -la"} without the description the model wrote, with tool_calls), and never a value that
+    really holds "</" (HTML) cut silently at it, nor a whole call reported cut because the budget ran out just
+    where the model began its own closing tag."""
+    from test_server import dsml_call
+    if which == "optional_after":
+        schema = {"type": "object", "properties": {"description": {"type": "string"}, "command": {"type": "string"}},
+                  "required": ["command"]}
+        want = {"command": "ls -la", "description": "list files"}
+        reply = dsml_call("bash", command="ls -la", description="list files")
+        name = "bash"
+    else:
+        schema = WRITE
+        want = {"path": "a.c", "content": "p q r s t u v w x </b> y z"}
+        reply = write_call(want["content"])
+        name = "write_file"
+    tool = {"type": "function", "function": {"name": name, "parameters": schema}}
+    with Server("--debug-reply", reply, ctx=4096) as s:
+        c = s.openai()
+        whole = cut = 0
+        for mt in range(40, 131, 3):
+            r = c.chat.completions.create(model="m", messages=user("x"), max_tokens=mt, tools=[tool],
+                                          tool_choice="required", extra_body=NO_THINK)
+            calls = r.choices[0].message.tool_calls or []
+            args = json.loads(calls[0].function.arguments) if calls else None
+            fin = r.choices[0].finish_reason
+            assert (fin == "tool_calls") == (args == want), (mt, fin, args)
+            for k, v in (args or {}).items():
+                assert want[k].startswith(v), (mt, k, v)
+            whole += fin == "tool_calls"
+            cut += fin == "length"
+        assert whole >= 5 and cut >= 5, (whole, cut)
