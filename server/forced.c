@@ -853,6 +853,18 @@ static void choice_done(srv_forced *f, const cand *c) {
     free(text);
 }
 
+/* Keeps the candidates whose text continues with bytes at pos (frees the
+ * others); the count kept. */
+static int cands_matching(cand *cs, int n_cs, size_t pos, const char *bytes, size_t n) {
+    int keep = 0;
+    for (int i = 0; i < n_cs; i++) {
+        const char *c = cs[i].text + pos;
+        if (strlen(c) >= n && !memcmp(c, bytes, n)) cs[keep++] = cs[i];
+        else free(cs[i].text);
+    }
+    return keep;
+}
+
 void srv_forced_feed(srv_forced *f, const char *bytes, size_t n) {
     if (!f || f->phase == PH_DONE) return;
     if (f->phase == PH_THINK && !f->think_literal) {
@@ -903,20 +915,8 @@ void srv_forced_feed(srv_forced *f, const char *bytes, size_t n) {
     if (f->phase == PH_VALUE_NUM) return;
     if (!f->n_cands) return;
     /* advance the choice and drop candidates that no longer match (the watched ones too) */
-    int kept_off = 0;
-    for (int i = 0; i < f->n_off; i++) {
-        const char *c = f->off[i].text + f->pos;
-        if (strlen(c) >= n && !memcmp(c, bytes, n)) f->off[kept_off++] = f->off[i];
-        else free(f->off[i].text);
-    }
-    f->n_off = kept_off;
-    int keep = 0;
-    for (int i = 0; i < f->n_cands; i++) {
-        const char *c = f->cands[i].text + f->pos;
-        if (strlen(c) >= n && !memcmp(c, bytes, n)) f->cands[keep++] = f->cands[i];
-        else free(f->cands[i].text);
-    }
-    f->n_cands = keep;
+    f->n_off = cands_matching(f->off, f->n_off, f->pos, bytes, n);
+    f->n_cands = cands_matching(f->cands, f->n_cands, f->pos, bytes, n);
     f->pos += n;
     for (int i = 0; i < f->n_cands; i++) {
         if (strlen(f->cands[i].text) == f->pos) {
