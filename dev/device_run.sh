@@ -85,7 +85,7 @@ while [ $# -gt 0 ]; do
         nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -Isrc dev/moe_bench.cu -o build/moe_bench > "$OUT/moeb-build.log" 2>&1 || tail "$OUT/moeb-build.log"
         timeout 120 build/moe_bench > "$OUT/moe_bench.log" 2>&1; echo "moe_bench: exit $?"; cat "$OUT/moe_bench.log" ;;
     stages)
-        timeout ${STAGES_TIMEOUT:-420} build/cuda/test_stages "${DS4_STAGE_MODELS:-/tmp/ds4-stages}" > "$OUT/stages.log" 2>&1; echo "stages: exit $?"
+        mkdir -p "${DS4_STAGE_MODELS:-/tmp/ds4-stages}"; timeout ${STAGES_TIMEOUT:-420} build/cuda/test_stages "${DS4_STAGE_MODELS:-/tmp/ds4-stages}" > "$OUT/stages.log" 2>&1; echo "stages: exit $?"
         grep -E "^FAIL|passed|==|failed" "$OUT/stages.log" | tail -60 ;;
     ablogits)
         # ablogits VAR=VALUE... --: dev/ab_logits.sh on build/demo.gguf (the switch's logits vs the default's, bit for bit)

@@ -237,7 +237,7 @@ struct cu_ctx {
     int att_dh_rt;         /* DS4_CUDA_ATT_DH_RT=1: k_attn_part with the head size read at run time (A/B; same bits) */
     int att_rh;            /* DS4_CUDA_ATT_RH=1: k_attn_part keeps its staged f16 rows as half in shared memory */
     int mm_tw;             /* DS4_CUDA_MM_TW: 4 (default) k_mm_q8 in 16 warps of 16 x 16 outputs; 2: 8 of 16 x 32 (same bits) */
-    int mm_ldm;            /* DS4_CUDA_MM_LDM=1: k_mm_q8's fragments by ldmatrix .x4 (same bits; opt-in) */
+    int mm_ldm;            /* DS4_CUDA_MM_LDM (default 1): k_mm_q8/k_moe_mm fragments by ldmatrix .x4 (0: 32-bit loads; same bits) */
     int mf_tw;             /* DS4_CUDA_MF_TW: 2 (default) k_mm_f in 16 warps of 32 x 8 outputs; 1: 8 of 32 x 16 (same bits) */
     int att_online;        /* online split merge, batches merged in k_attn_fused (DS4_CUDA_ATT_ONLINE=0: two-pass merge) */
     int no_att_fused;      /* DS4_CUDA_NO_ATT_FUSED=1: batches still by k_attn_part + k_attn_merge (same bits) */

@@ -1177,7 +1177,7 @@ static const struct cu_switch {
     {"DS4_CUDA_XPF", &cu_ctx::xpf},                     /* 1: L2 prefetch of the fused experts' routed rows */
     {"DS4_CUDA_NO_MMA", &cu_ctx::no_mma},               /* 1: batches on the CUDA-core kernels only */
     {"DS4_CUDA_MM_TW", &cu_ctx::mm_tw, 4},              /* 2: Q8_0 batch GEMM in 8 warps of 16 x 32, 228 registers (same bits) */
-    {"DS4_CUDA_MM_LDM", &cu_ctx::mm_ldm},               /* 1: k_mm_q8 fragments by ldmatrix (same bits) */
+    {"DS4_CUDA_MM_LDM", &cu_ctx::mm_ldm, 1},            /* 0: k_mm_q8/k_moe_mm fragments by 32-bit shared loads (same bits) */
     {"DS4_CUDA_MF_TW", &cu_ctx::mf_tw, 2},              /* 1: F16/BF16 batch GEMM in 8 warps of 32 x 16 (same bits) */
     {"DS4_CUDA_ATT_HB", &cu_ctx::att_hb},               /* 1|2|4|8|16: CUDA-core attention heads per block (else 4) */
     {"DS4_CUDA_ATT_TC", &cu_ctx::att_tc},               /* 1: attention on TF32 tensor cores (k_attn_tc) */

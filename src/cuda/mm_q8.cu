@@ -27,11 +27,13 @@
  * registers per thread, twice the warps per SM; each warp's outputs have the
  * same operations in the same order, so the same bits.
  *
- * LDM (DS4_CUDA_MM_LDM=1, opt-in until measured): the A fragment of a chunk
+ * LDM (default; DS4_CUDA_MM_LDM=0 for the 32-bit loads): the A fragment of a chunk
  * and the B fragments of two token tiles by ldmatrix .x4 (mm_ldsm4) instead
  * of four and two 32-bit shared loads: the same words in the same
  * registers (mm_off keeps each 16-byte half of a row contiguous), fewer
- * instructions for an issue-bound kernel; the same bits by construction. */
+ * instructions for an issue-bound kernel; the same bits by construction.
+ * H100, q2:20, one 2,048-token chunk: mv_q8_0_i8 99.4 -> 98.7 ms (with
+ * k_moe_mm's LDM: prefill 4,887-4,893 -> 4,943 tok/s). */
 #define MM_STAGES 3
 #define MM_SLOTS 8
 

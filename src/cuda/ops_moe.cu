@@ -507,8 +507,10 @@ struct mg_raw {
 #ifndef CU_MOE_MM_MINB
 #define CU_MOE_MM_MINB 2
 #endif
-/* LDM (DS4_CUDA_MM_LDM=1, as k_mm_q8): the fragments by ldmatrix .x4, the
- * same words in the same registers (same bits by construction). */
+/* LDM (default, DS4_CUDA_MM_LDM=0 for 32-bit loads; as k_mm_q8): the
+ * fragments by ldmatrix .x4, the same words in the same registers (same
+ * bits by construction). H100, q2:20, a 2,048-token chunk: moe_gate_up
+ * 70.1 -> 67.9 ms, moe_down 59.5 -> 58.1 ms. */
 template <int WT, bool LDM>
 __global__ void __launch_bounds__(256, CU_MOE_MM_MINB) k_moe_mm(const __grid_constant__ moe_p p) {
     constexpr bool DN = WT == DS4_TYPE_Q2_K; /* down projection (else gate + up) */
