@@ -285,8 +285,12 @@ static json_t *completion_logprobs(const srv_logprob *lp, int n, size_t base) {
 }
 
 static char *chat_body(srv_job *j, const srv_result *r) {
+    /* a reply of calls only has no content (null, as OpenAI answers) */
     json_t *msg = json_pack("{s:s, s:o, s:n}", "role", "assistant", "content",
-                            srv_jstr(r->parsed.content, r->parsed.content_len), "refusal");
+                            r->parsed.n_calls && !r->parsed.content_len
+                                ? json_null()
+                                : srv_jstr(r->parsed.content, r->parsed.content_len),
+                            "refusal");
     if (r->parsed.reasoning && r->parsed.reasoning_len)
         json_object_set_new(msg, "reasoning_content",
                             srv_jstr(r->parsed.reasoning, r->parsed.reasoning_len));

@@ -147,13 +147,16 @@ static int parse_item(items_ctx *x, json_t *it, srv_error *e) {
     json_t *tv = json_object_get(it, "type");
     if (tv && !json_is_string(tv)) return srv_invalid(e);
     if (!type) type = "message";
+    /* the statuses an output item carries (the OpenAI schema allows them on
+     * input): an item cut by max_output_tokens ("incomplete") is sent back
+     * as it is, as the SDKs' to_input_list() does; the text is what it is */
     const char *status = str_of(it, "status");
     if (json_object_get(it, "status") && !json_is_null(json_object_get(it, "status")) &&
-        (!status || strcmp(status, "completed"))) {
+        (!status || (strcmp(status, "completed") && strcmp(status, "incomplete") && strcmp(status, "in_progress")))) {
         if (!status) return srv_invalid(e);
         return srv_fail_param(e, "input", "invalid_value",
-                              "input: a '%.64s' item with status '%.32s' cannot be replayed (only completed items; "
-                              "drop the status or the item)", type, status);
+                              "input: a '%.64s' item with status '%.32s' cannot be replayed (completed, incomplete "
+                              "or in_progress; drop the status or the item)", type, status);
     }
     const char *call_id = str_of(it, "call_id");
     if (!call_id) call_id = str_of(it, "id");

@@ -337,8 +337,10 @@ static int cold_store_len(srv_server *s, const int32_t *E, int n) {
 }
 
 /* Tries a disk restore for text; on success the session holds the stored
- * checkpoint and E, nE hold the effective prompt. */
-static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE, bool *retry) {
+ * checkpoint and E, nE hold the effective prompt. An entry of no more than
+ * `keep` tokens (what the session's own checkpoints reuse for the request:
+ * a regenerated reply) is not loaded: the sync then rewinds in memory. */
+static bool disk_restore(srv_server *s, srv_job *j, int keep, int32_t **E, int *nE, bool *retry) {
     struct srv_cache *c = s->cache;
     srv_request *rq = &j->rq;
     ds4_kvstore_filter f = {0};
@@ -357,6 +359,11 @@ static bool disk_restore(srv_server *s, srv_job *j, int32_t **E, int *nE, bool *
                            (!by_text || et.n_tokens >= ent.n_tokens);
     if (by_tokens) ent = et;
     else if (!by_text) return false;
+    if ((int)ent.n_tokens <= keep) {
+        srv_log("kv cache: %s holds %u tokens, the session's checkpoint keeps %d: not loaded", ent.name,
+                ent.n_tokens, keep);
+        return false;
+    }
     ds4_kvstore_item it = {0};
     ds4_err err = {0};
     if (ds4_kvstore_load(c->kv, ent.name, &it, &err)) {
@@ -481,10 +488,11 @@ int srv_cache_prepare(srv_server *s, srv_job *j, int *cached, int *n_prompt,
         if (c->kv) {
             save_live(s, DS4_KV_REASON_EVICT);
             /* an entry removed as unusable makes way for the next best (a few at most) */
+            const int keep = ds4_session_reusable(s->session, rq->tokens, rq->n_tokens);
             bool retry = true, hit = false;
             for (int k = 0; k < 4 && retry && !hit; k++) {
                 retry = false;
-                hit = disk_restore(s, j, &E, &nE, &retry);
+                hit = disk_restore(s, j, keep, &E, &nE, &retry);
             }
             if (hit) rule = "disk";
         }

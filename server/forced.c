@@ -18,10 +18,19 @@
  * values are raw); the value ends where the model writes the closing tag
  * `</｜DSML｜parameter>` itself (a token that holds the tag and more is not
  * taken: the tag's rest is written as the tokenizer writes it), on EOS, or
- * when the budget left only fits the closing tags and the required
- * properties not yet written (PARAM_MIN_TOKENS each; when little is left
- * only those are offered), so a long optional value cannot crowd a required
- * one out. There is no other length limit: a value was once cut at 64
+ * when the budget left only fits the rest of the call. The budget is
+ * counted in the tokens the tokenizer writes for the markup still to come
+ * (need): the closing tags, and each required property not written yet with
+ * its tag, its shortest value and VALUE_ROOM tokens of room. Every step
+ * keeps the call finishable in the tokens left: a property, name or value
+ * whose shortest completion does not fit is withheld (an optional property
+ * is offered only if the required ones keep their room), and a pick that
+ * would leave too few tokens is replaced by the cheapest candidate's next
+ * token. So a call is always whole and has every required property when
+ * max_tokens holds the shortest call at all (about 30 tokens for a small
+ * tool; below that no call comes, and the reply says "length"), and a long
+ * optional value cannot crowd a required one out. There is no other length
+ * limit: a value was once cut at 64
  * tokens or at its first '<', and a forced write_file call lost most of its
  * content without a word. A call the budget shaped (a value, a number or
  * the choice of properties cut short) is reported as cut by the token limit
@@ -37,10 +46,11 @@
  * holds the same tokens, so KV reuse meets the tokens a fresh server would
  * read; the longest fitting tokens only when it cannot tokenize). The output is therefore always a
  * well-formed block that the normal DSML parser reads as one call, provided
- * max_tokens leaves room for the tags (about 40 tokens).
+ * max_tokens leaves room for the shortest call.
  *
  * Worker thread only; one srv_forced per generation.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,9 +61,9 @@
 #include "util/xalloc.h"
 
 #define DSML DS4_DSML_MARK
-#define RESERVE_TOKENS 32 /* enough for "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" */
 #define MAX_NUM_TOKENS 12
-#define PARAM_MIN_TOKENS 24 /* one more parameter: its tag, a short value and its close */
+#define VALUE_ROOM 8   /* tokens kept for the value of each required string property not written yet */
+#define THINK_ROOM 48  /* reasoning closes this many tokens before the shortest call would no longer fit */
 #define HEADER "\n\n<" DSML "tool_calls>\n<" DSML "invoke name=\""
 
 enum { PH_THINK, PH_HEADER, PH_NAME, PH_PARAMS, PH_VALUE_STR, PH_VALUE_LIT, PH_VALUE_NUM, PH_CLOSE_VALUE, PH_DONE };
@@ -61,6 +71,7 @@ enum { PH_THINK, PH_HEADER, PH_NAME, PH_PARAMS, PH_VALUE_STR, PH_VALUE_LIT, PH_V
 typedef struct cand {
     char *text;
     int action; /* what completing it means (phase-specific) */
+    int after;  /* tokens the call needs once this candidate is written (need) */
 } cand;
 
 struct srv_forced {
@@ -94,7 +105,14 @@ struct srv_forced {
     int think_tokens;        /* reasoning tokens sampled so far */
     int num_state;           /* PH_VALUE_NUM: position in -?(0|[1-9][0-9]*)(.[0-9]+)? (num_step) */
     bool num_frac;           /* the number may have a fraction (type number) */
-    int max_required;        /* most required properties of any allowed tool (the thinking reserve) */
+    int think_need;          /* tokens the call needs once the reasoning is closed (with room) */
+    int n_close_param, n_close_call, n_header; /* tokens of CLOSE_PARAM, CLOSE_CALL and HEADER */
+    /* the chosen tool's required properties not in props or not key_ok are
+     * left out; per property: its tag's tokens + its shortest value's */
+    int n_req;
+    char **req_key;
+    int *req_cost;
+    bool *req_str;
     /* the rest of the one candidate left, as the tokenizer writes it (pick_choice) */
     int32_t *lit;
     int lit_n, lit_i;
@@ -128,6 +146,7 @@ static void cand_take(srv_forced *f, char *text, int action) {
     f->cands = xrealloc(f->cands, sizeof *f->cands * (size_t)(f->n_cands + 1));
     f->cands[f->n_cands].text = text;
     f->cands[f->n_cands].action = action;
+    f->cands[f->n_cands].after = 0; /* (price) */
     f->n_cands++;
 }
 
@@ -158,6 +177,14 @@ static json_t *schema_params(json_t *t) {
     return json_is_object(p) ? p : NULL;
 }
 
+static int tok_count(const srv_forced *f, const char *text);
+static int names_need(srv_forced *f, int room);
+static void price(srv_forced *f);
+static void req_free(srv_forced *f);
+
+#define CLOSE_CALL "</" DSML "invoke>\n</" DSML "tool_calls>"
+#define CLOSE_PARAM "</" DSML "parameter>\n"
+
 srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) {
     if (rq->api == SRV_API_COMPLETIONS || !srv_tools_active(rq)) return NULL;
     if (rq->tool_choice != SRV_TOOL_REQUIRED && rq->tool_choice != SRV_TOOL_NAMED) return NULL;
@@ -173,15 +200,15 @@ srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) 
     f->tools = rq->tools_json;
     f->think_budget = rq->think_budget;
     f->forced_name = rq->tool_choice == SRV_TOOL_NAMED ? rq->tool_choice_name : NULL;
+    f->n_close_param = tok_count(f, CLOSE_PARAM);
+    f->n_close_call = tok_count(f, CLOSE_CALL);
+    f->n_header = tok_count(f, HEADER);
     f->phase = thinking ? PH_THINK : PH_HEADER;
-    if (!thinking) cand_add(f, HEADER, 0);
-    size_t i;
-    json_t *t;
-    json_array_foreach(f->tools, i, t) {
-        const char *n = schema_name(t);
-        if (f->forced_name && (!n || strcmp(n, f->forced_name))) continue;
-        json_t *params = schema_params(t), *req = params ? json_object_get(params, "required") : NULL;
-        if (json_is_array(req) && (int)json_array_size(req) > f->max_required) f->max_required = (int)json_array_size(req);
+    if (thinking) {
+        f->think_need = tok_count(f, "</think>") + f->n_header + names_need(f, VALUE_ROOM);
+    } else {
+        cand_add(f, HEADER, 0);
+        price(f);
     }
     return f;
 }
@@ -189,6 +216,7 @@ srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) 
 void srv_forced_free(srv_forced *f) {
     if (!f) return;
     cands_clear(f);
+    req_free(f);
     free(f->lit);
     for (int i = 0; i < f->n_used; i++) free(f->used[i]);
     free(f->used);
@@ -242,25 +270,34 @@ static bool is_required(const srv_forced *f, const char *name) {
     return false;
 }
 
-/* Required properties of the chosen tool not written yet. */
+/* Required properties of the chosen tool not written yet (those it can
+ * carry: in properties, key_ok). */
 static int missing_required(const srv_forced *f) {
     int k = 0;
-    size_t i;
-    json_t *r;
-    json_array_foreach(f->required, i, r) {
-        if (json_is_string(r) && key_ok(json_string_value(r)) && !used(f, json_string_value(r))) k++;
-    }
+    for (int i = 0; i < f->n_req; i++) k += !used(f, f->req_key[i]);
     return k;
 }
 
-/* Tokens a value must leave: the closing tags and room for each required
- * property still missing, so that a long optional value cannot crowd a
- * required one out of the call (SERVING B.4: every required property is
- * written). */
-static int reserve(const srv_forced *f) { return RESERVE_TOKENS + PARAM_MIN_TOKENS * missing_required(f); }
+/* Tokens the tokenizer writes for text: what the literal writer spends on
+ * it (a byte each when it cannot tokenize, as pick_offered then writes). */
+static int tok_count(const srv_forced *f, const char *text) {
+    const size_t n = strlen(text);
+    if (!n) return 0;
+    ds4_err err = {0};
+    const int k = ds4_tokenize(f->e, text, n, true, NULL, 0, &err);
+    return k > 0 ? k : (int)n;
+}
 
-#define CLOSE_CALL "</" DSML "invoke>\n</" DSML "tool_calls>"
-#define CLOSE_PARAM "</" DSML "parameter>\n"
+/* Tokens the chosen tool's call still needs after the property being
+ * written (or excl, about to be): each required one missing (its tag and
+ * shortest value, plus `room` for a string's value) and the closing tags. */
+static int params_need(const srv_forced *f, const char *excl, int room) {
+    int k = f->n_close_call;
+    for (int i = 0; i < f->n_req; i++)
+        if (!used(f, f->req_key[i]) && (!excl || strcmp(excl, f->req_key[i])))
+            k += f->req_cost[i] + (f->req_str[i] ? room : 0);
+    return k;
+}
 
 /* A property's schema with "$ref" (to "#/$defs/NAME" or
  * "#/definitions/NAME" of the tool's parameters) and a one-member "allOf"
@@ -374,25 +411,18 @@ static bool prop_is_str(const srv_forced *f, json_t *pv) {
 }
 
 /* Candidates after the invoke header or a parameter: another property, or
- * the close when every required property is present (or budget is short). */
-static void param_cands(srv_forced *f, bool short_budget) {
-    bool missing_required = false;
-    size_t i;
-    json_t *r;
-    json_array_foreach(f->required, i, r) {
-        if (json_is_string(r) && key_ok(json_string_value(r)) && !used(f, json_string_value(r))) missing_required = true;
+ * the close once every required property is present (the budget withholds
+ * what does not fit: cands_fit). */
+static void param_cands(srv_forced *f) {
+    const char *key;
+    json_t *v;
+    json_object_foreach(f->props, key, v) {
+        if (used(f, key) || !key_ok(key)) continue;
+        bool is_str = prop_is_str(f, v);
+        cand_take(f, cat3("<" DSML "parameter name=\"", key,
+                          is_str ? "\" string=\"true\">" : "\" string=\"false\">"), 1);
     }
-    if (!short_budget) {
-        const char *key;
-        json_t *v;
-        json_object_foreach(f->props, key, v) {
-            if (used(f, key) || !key_ok(key)) continue;
-            bool is_str = prop_is_str(f, v);
-            cand_take(f, cat3("<" DSML "parameter name=\"", key,
-                              is_str ? "\" string=\"true\">" : "\" string=\"false\">"), 1);
-        }
-    }
-    if (!missing_required || short_budget || f->n_cands == 0) cand_add(f, CLOSE_CALL, 2);
+    if (!missing_required(f) || f->n_cands == 0) cand_add(f, CLOSE_CALL, 2);
 }
 
 /* Candidates for the values an enum or const schema lists, as JSON
@@ -457,6 +487,156 @@ static void literal_cands(srv_forced *f, const char *type) {
         cand_add(f, "{}" CLOSE_PARAM, 0);
     } else {
         cand_add(f, "null" CLOSE_PARAM, 0);
+    }
+}
+
+/* Tokens of property pv's shortest value with its CLOSE_PARAM: a string
+ * may be empty, a number is one digit, an enum or literal its shortest
+ * candidate. */
+static int value_min(srv_forced *f, json_t *pv) {
+    if (prop_is_str(f, pv)) return f->n_close_param;
+    json_t *es = prop_enum(f, pv);
+    const char *type = prop_type(f, pv);
+    if (!es && type && (!strcmp(type, "integer") || !strcmp(type, "number"))) return 1 + f->n_close_param;
+    cand *save = f->cands;
+    const int n_save = f->n_cands;
+    f->cands = NULL;
+    f->n_cands = 0;
+    if (es) enum_cands(f, es);
+    else literal_cands(f, type);
+    int best = INT_MAX;
+    for (int i = 0; i < f->n_cands; i++) {
+        const int k = tok_count(f, f->cands[i].text);
+        if (k < best) best = k;
+        free(f->cands[i].text);
+    }
+    free(f->cands);
+    f->cands = save;
+    f->n_cands = n_save;
+    return best == INT_MAX ? f->n_close_param : best;
+}
+
+static void req_free(srv_forced *f) {
+    for (int i = 0; i < f->n_req; i++) free(f->req_key[i]);
+    free(f->req_key);
+    free(f->req_cost);
+    free(f->req_str);
+    f->req_key = NULL;
+    f->req_cost = NULL;
+    f->req_str = NULL;
+    f->n_req = 0;
+}
+
+/* The required properties of the tool in f->params/props/required that a
+ * call can write (in properties, key_ok; each once), with their costs. */
+static void req_build(srv_forced *f) {
+    req_free(f);
+    const size_t n = json_array_size(f->required);
+    if (!n || !f->props) return;
+    f->req_key = xmalloc(n * sizeof *f->req_key);
+    f->req_cost = xmalloc(n * sizeof *f->req_cost);
+    f->req_str = xmalloc(n * sizeof *f->req_str);
+    size_t i;
+    json_t *r;
+    json_array_foreach(f->required, i, r) {
+        const char *key = json_string_value(r);
+        json_t *pv = key ? json_object_get(f->props, key) : NULL;
+        if (!pv || !key_ok(key)) continue;
+        bool dup = false;
+        for (int j = 0; j < f->n_req; j++) dup = dup || !strcmp(f->req_key[j], key);
+        if (dup) continue;
+        const bool is_str = prop_is_str(f, pv);
+        char *tag = cat3("<" DSML "parameter name=\"", key, is_str ? "\" string=\"true\">" : "\" string=\"false\">");
+        f->req_key[f->n_req] = xstrdup(key);
+        f->req_cost[f->n_req] = tok_count(f, tag) + value_min(f, pv);
+        f->req_str[f->n_req] = is_str;
+        f->n_req++;
+        free(tag);
+    }
+}
+
+/* Sets the chosen tool's schema (NULL: none) and its required costs. */
+static void tool_set(srv_forced *f, json_t *schema) {
+    json_t *params = schema ? schema_params(schema) : NULL;
+    f->params = params;
+    f->props = params ? json_object_get(params, "properties") : NULL;
+    if (!json_is_object(f->props)) f->props = NULL;
+    f->required = params ? json_object_get(params, "required") : NULL;
+    if (!json_is_array(f->required)) f->required = NULL;
+    req_build(f);
+}
+
+/* Tokens a call of tool `schema` needs after its name (used: none yet). */
+static int tool_need(srv_forced *f, json_t *schema, int room) {
+    json_t *params = f->params, *props = f->props, *required = f->required;
+    char **key = f->req_key;
+    int *cost = f->req_cost, n = f->n_req;
+    bool *str = f->req_str;
+    f->n_req = 0;
+    f->req_key = NULL, f->req_cost = NULL, f->req_str = NULL;
+    tool_set(f, schema);
+    const int k = params_need(f, NULL, room);
+    req_free(f);
+    f->params = params, f->props = props, f->required = required;
+    f->req_key = key, f->req_cost = cost, f->req_str = str, f->n_req = n;
+    return k;
+}
+
+/* The tool a name candidate stands for (NULL: no schema). */
+static json_t *cand_tool(const srv_forced *f, const cand *c) {
+    json_t *schema = c->action >= 0 && !f->forced_name ? json_array_get(f->tools, (size_t)c->action) : NULL;
+    if (f->forced_name) {
+        size_t i;
+        json_t *t;
+        json_array_foreach(f->tools, i, t) {
+            const char *n = schema_name(t);
+            if (n && !strcmp(n, f->forced_name)) schema = t;
+        }
+    }
+    return schema;
+}
+
+/* Tokens of the shortest call from the tool name on. */
+static int names_need(srv_forced *f, int room) {
+    int best = INT_MAX;
+    size_t i;
+    json_t *t;
+    json_array_foreach(f->tools, i, t) {
+        const char *n = schema_name(t);
+        if (!n || strchr(n, '"') || (f->forced_name && strcmp(n, f->forced_name))) continue;
+        char *text = cat3("", n, "\">\n");
+        const int k = tok_count(f, text) + tool_need(f, t, room);
+        free(text);
+        if (k < best) best = k;
+    }
+    return best == INT_MAX ? tok_count(f, "tool\">\n") + f->n_close_call : best;
+}
+
+/* Fills in what each candidate of the choice just made leaves to write
+ * (cand.after): an optional property is priced with VALUE_ROOM kept for
+ * each required one, so that it is offered only when they keep theirs. */
+static void price(srv_forced *f) {
+    for (int i = 0; i < f->n_cands; i++) {
+        cand *c = &f->cands[i];
+        switch (f->phase) {
+        case PH_THINK: c->after = f->n_header + names_need(f, 0); break;
+        case PH_HEADER: c->after = names_need(f, 0); break;
+        case PH_NAME: c->after = tool_need(f, cand_tool(f, c), 0); break;
+        case PH_PARAMS:
+            if (c->action == 2) {
+                c->after = 0;
+            } else {
+                const char *k = strstr(c->text, "name=\"") + 6, *q = strchr(k, '"');
+                char *key = xmalloc((size_t)(q - k) + 1);
+                memcpy(key, k, (size_t)(q - k));
+                key[q - k] = 0;
+                const bool req = is_required(f, key);
+                c->after = value_min(f, json_object_get(f->props, key)) + params_need(f, key, req ? 0 : VALUE_ROOM);
+                free(key);
+            }
+            break;
+        default: c->after = params_need(f, NULL, 0); break;
+        }
     }
 }
 
@@ -641,15 +821,80 @@ static bool value_closing(srv_forced *f, const float *logits) {
     return k > 0 && k >= n - f->vtail_len;
 }
 
+/* Tokens the call needs after candidate c is chosen from f->pos (its rest
+ * as the literal writer spends it, then c.after); skip: bytes of a token
+ * about to be written. */
+static int cand_cost(srv_forced *f, const cand *c, size_t skip) {
+    const char *rest = c->text + f->pos + skip;
+    if (!skip && f->n_cands == 1 && c == f->cands && f->lit_i < f->lit_n && f->lit_pos == f->pos)
+        return f->lit_n - f->lit_i + c->after;
+    return tok_count(f, rest) + c->after;
+}
+
+/* Withholds (watches) the candidates that cannot be finished in the
+ * `remaining` tokens; when none can (max_tokens below the shortest call)
+ * the cheapest is kept, and the call will be cut short. */
+static void cands_fit(srv_forced *f, int remaining) {
+    if (f->n_cands < 2) return;
+    int *cost = xmalloc((size_t)f->n_cands * sizeof *cost), best = 0, fit = 0;
+    for (int i = 0; i < f->n_cands; i++) {
+        cost[i] = cand_cost(f, &f->cands[i], 0);
+        if (cost[i] < cost[best]) best = i;
+        fit += cost[i] <= remaining;
+    }
+    int keep = 0;
+    for (int i = 0; i < f->n_cands; i++) {
+        if (fit ? cost[i] <= remaining : i == best) f->cands[keep++] = f->cands[i];
+        else watch(f, f->cands[i]);
+    }
+    f->n_cands = keep;
+    free(cost);
+}
+
+/* The cheapest finish of the call after token t is written, among the
+ * candidates t continues (INT_MAX: none). */
+static int need_after(srv_forced *f, int32_t t) {
+    size_t n = 0;
+    const char *b = ds4_token_bytes(f->e, t, &n);
+    int best = INT_MAX;
+    for (int i = 0; b && i < f->n_cands; i++) {
+        const char *c = f->cands[i].text + f->pos;
+        if (strlen(c) < n || memcmp(c, b, n)) continue;
+        const int k = cand_cost(f, &f->cands[i], n);
+        if (k < best) best = k;
+    }
+    return best;
+}
+
+/* A choice step within the budget: the model's pick among the candidates
+ * that fit; a pick that would leave too few tokens for any candidate it
+ * continues (a short token where the tokenizer writes a long one) gives
+ * way to the cheapest candidate, written as the tokenizer writes it. */
+static int32_t pick_budget(srv_forced *f, const float *logits, ds4_sampler *smp, ds4_rng *rng, int remaining) {
+    cands_fit(f, remaining);
+    int32_t tok = pick_choice(f, logits, smp, rng);
+    if (tok < 0 || f->n_cands < 2 || need_after(f, tok) <= remaining - 1) return tok;
+    int best = 0, bc = INT_MAX;
+    for (int i = 0; i < f->n_cands; i++) {
+        const int k = cand_cost(f, &f->cands[i], 0);
+        if (k < bc) best = i, bc = k;
+    }
+    const cand keep = f->cands[best];
+    for (int i = 0; i < f->n_cands; i++)
+        if (i != best) watch(f, f->cands[i]);
+    f->cands[0] = keep;
+    f->n_cands = 1;
+    return pick_choice(f, logits, smp, rng);
+}
+
 int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
                         const ds4_sampler_params *p, ds4_rng *rng, int remaining) {
-    bool short_budget = remaining <= RESERVE_TOKENS;
     if (f->phase == PH_THINK && !f->think_literal) {
-        /* leave room for the header, one short value and the closing tags; the thinking budget closes it too */
+        /* close the reasoning while the shortest call, with room for its
+         * values, still fits; the thinking budget closes it too */
         bool spent = f->think_budget > 0 && f->think_tokens >= f->think_budget;
-        int32_t tok = remaining <= 3 * RESERVE_TOKENS + PARAM_MIN_TOKENS * f->max_required || spent
-                          ? f->eos
-                          : ds4_sampler_sample(smp, logits, p, rng);
+        const bool tight = remaining <= f->think_need + THINK_ROOM;
+        int32_t tok = tight || spent ? f->eos : ds4_sampler_sample(smp, logits, p, rng);
         if (tok != f->eos && !think_tag_ok(f, tok)) tok = f->eos; /* "</think>" with other text after it */
         if (tok != f->eos) {
             f->think_tokens++;
@@ -657,11 +902,23 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         }
         f->think_literal = true; /* close the reasoning instead of ending */
         cand_add(f, "</think>", 0);
+        price(f);
         f->pos = held_prefix(f->win, f->win_len, "</think>"); /* a tag begun is finished, not begun again */
     }
     if (f->phase == PH_VALUE_STR) {
-        const bool tight = remaining <= reserve(f);
-        int32_t tok = tight ? f->eos : ds4_sampler_sample(smp, logits, p, rng);
+        /* one more value token only if the close and the required properties still fit after it */
+        const bool tight = remaining <= f->n_close_param + params_need(f, NULL, VALUE_ROOM);
+        int32_t tok = f->eos;
+        if (!tight) {
+            /* text tokens only: a control token (a placeholder, a chat
+             * marker) is no text, so the reply would lose it while the KV
+             * and the call's raw block kept it; the DSML bar writes the
+             * closing tag */
+            const int32_t bar = ds4_token_special(f->e, DS4_TOK_DSML);
+            for (int t = 0; t < f->n_vocab; t++)
+                f->scratch[t] = t != f->eos && t != bar && ds4_token_is_control(f->e, t) ? -INFINITY : logits[t];
+            tok = ds4_sampler_sample(smp, f->scratch, p, rng);
+        }
         size_t held = 0; /* bytes of a closing tag the value already holds */
         if (tok != f->eos) {
             const int v = value_tag(f, tok, &held);
@@ -685,6 +942,7 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         }
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
+        price(f);
         f->pos = held;
     }
     if (f->phase == PH_VALUE_NUM) {
@@ -692,7 +950,8 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
          * closes when the model picks a '<' or EOS (once the number is
          * whole), at MAX_NUM_TOKENS or when the budget is short */
         bool whole = num_accepting(f->num_state);
-        const bool tight = remaining <= reserve(f);
+        /* (a token after which one more digit may be needed: 1) */
+        const bool tight = remaining <= 1 + f->n_close_param + params_need(f, NULL, VALUE_ROOM);
         bool must_close = whole && (tight || f->value_tokens >= MAX_NUM_TOKENS);
         int32_t tok = -1;
         if (!must_close) {
@@ -720,59 +979,9 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
         }
         f->phase = PH_CLOSE_VALUE;
         cand_add(f, CLOSE_PARAM, 0);
+        price(f);
     }
-    if (f->phase == PH_PARAMS && !short_budget && f->pos == 0) {
-        /* little room left and required properties missing: only those */
-        const int miss = missing_required(f);
-        if (miss > 0 && remaining <= RESERVE_TOKENS + PARAM_MIN_TOKENS * (miss + 1)) {
-            int keep = 0;
-            for (int i = 0; i < f->n_cands; i++) {
-                const char *k = strstr(f->cands[i].text, "name=\"");
-                const char *q = k ? strchr(k + 6, '"') : NULL;
-                bool req = false;
-                if (f->cands[i].action == 1 && q) {
-                    char *key = xmalloc((size_t)(q - k - 6) + 1);
-                    memcpy(key, k + 6, (size_t)(q - k - 6));
-                    key[q - k - 6] = 0;
-                    req = is_required(f, key);
-                    free(key);
-                }
-                if (req) f->cands[keep++] = f->cands[i];
-                else watch(f, f->cands[i]); /* optional properties (or the close) no longer offered */
-            }
-            if (keep) f->n_cands = keep;
-            else { /* cannot happen: the missing ones are candidates */
-                f->n_cands = 0;
-                watch_clear(f);
-                param_cands(f, false);
-            }
-        }
-    }
-    if (f->phase == PH_PARAMS && short_budget) {
-        /* only the close is left; a parameter tag already begun is finished
-         * and its value then closes at once */
-        bool has_close = false;
-        for (int i = 0; i < f->n_cands; i++)
-            if (f->cands[i].action == 2) has_close = true;
-        if (f->pos == 0) {
-            /* properties the model could still have written: watched */
-            int keep = 0;
-            for (int i = 0; i < f->n_cands; i++) {
-                if (f->cands[i].action == 2) f->cands[keep++] = f->cands[i];
-                else watch(f, f->cands[i]);
-            }
-            f->n_cands = keep;
-            if (!keep) cand_add(f, CLOSE_CALL, 2);
-        } else if (has_close) {
-            int keep = 0;
-            for (int i = 0; i < f->n_cands; i++) {
-                if (f->cands[i].action == 2) f->cands[keep++] = f->cands[i];
-                else watch(f, f->cands[i]);
-            }
-            f->n_cands = keep;
-        }
-    }
-    return pick_choice(f, logits, smp, rng);
+    return pick_budget(f, logits, smp, rng, remaining);
 }
 
 /* Called when the only remaining candidate text is complete. */
@@ -790,23 +999,10 @@ static void choice_done(srv_forced *f, const cand *c) {
         name_cands(f);
         break;
     case PH_NAME: {
-        json_t *schema = action >= 0 ? json_array_get(f->tools, (size_t)action) : NULL;
-        if (f->forced_name) {
-            size_t i;
-            json_t *t;
-            json_array_foreach(f->tools, i, t) {
-                const char *n = schema_name(t);
-                if (n && !strcmp(n, f->forced_name)) schema = t;
-            }
-        }
-        json_t *params = schema ? schema_params(schema) : NULL;
-        f->params = params;
-        f->props = params ? json_object_get(params, "properties") : NULL;
-        if (!json_is_object(f->props)) f->props = NULL;
-        f->required = params ? json_object_get(params, "required") : NULL;
-        if (!json_is_array(f->required)) f->required = NULL;
+        const cand chosen = {text, action, 0};
+        tool_set(f, cand_tool(f, &chosen));
         f->phase = PH_PARAMS;
-        param_cands(f, false);
+        param_cands(f);
         break;
     }
     case PH_PARAMS:
@@ -846,10 +1042,11 @@ static void choice_done(srv_forced *f, const cand *c) {
     case PH_VALUE_LIT:
     case PH_CLOSE_VALUE:
         f->phase = PH_PARAMS;
-        param_cands(f, false);
+        param_cands(f);
         break;
     default: break;
     }
+    price(f);
     free(text);
 }
 
@@ -876,7 +1073,7 @@ void srv_forced_feed(srv_forced *f, const char *bytes, size_t n) {
             }
             f->win[f->win_len++] = bytes[i];
             if (f->win_len >= 8 && !memcmp(f->win + f->win_len - 8, "</think>", 8)) {
-                cand t = {(char *)"</think>", 0};
+                cand t = {(char *)"</think>", 0, 0};
                 choice_done(f, &t);
                 /* what the token holds after the tag begins the header (think_tag_ok) */
                 if (i + 1 < n) srv_forced_feed(f, bytes + i + 1, n - i - 1);

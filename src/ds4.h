@@ -218,6 +218,12 @@ typedef struct ds4_sync_info {
 int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info *info,
                      ds4_progress_fn progress, void *progress_user, ds4_err *err);
 
+/* The tokens a ds4_session_sync to tokens[0..n) would keep without
+ * evaluating them (its info.n_reused): the common prefix when the session's
+ * timeline only grows, else the latest in-memory checkpoint inside it (0:
+ * none). Changes nothing. */
+int ds4_session_reusable(const ds4_session *s, const int32_t *tokens, int n);
+
 /* How ds4_session_extend evaluates a batch: one prefill, token-by-token
  * decode, or prefill in chunks of `chunk` tokens. All three must agree. */
 typedef enum {

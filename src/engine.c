@@ -900,6 +900,17 @@ int ds4_session_rewind(ds4_session *s, int n_tokens, ds4_err *err) {
     return rc;
 }
 
+int ds4_session_reusable(const ds4_session *s, const int32_t *tokens, int n) {
+    if (n < 1 || !tokens) return 0;
+    int lcp = 0;
+    while (lcp < n && lcp < s->n_tokens && s->tokens[lcp] == tokens[lcp]) lcp++;
+    if (lcp == s->n_tokens) return lcp;
+    int best = 0; /* as ckpt_restore_upto would pick */
+    for (int i = 0; i < N_CKPT; i++)
+        if (s->ck[i].pos > 0 && s->ck[i].pos <= lcp && s->ck[i].pos > best) best = s->ck[i].pos;
+    return best;
+}
+
 int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info *info,
                      ds4_progress_fn progress, void *progress_user, ds4_err *err) {
     ds4_sync_info dummy;

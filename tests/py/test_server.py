@@ -599,7 +599,7 @@ def test_server_forced_call_next_turn_equals_a_fresh_server():
     msgs = user("Hi, who are you?")
     with Server() as s:
         c = s.openai()
-        a = c.chat.completions.create(messages=msgs, tool_choice="required", max_tokens=60, **kw)
+        a = c.chat.completions.create(messages=msgs, tool_choice="required", max_tokens=44, **kw)
         call = a.choices[0].message.tool_calls[0]
         msgs = msgs + [
             {"role": "assistant", "content": "", "tool_calls": [{"id": call.id, "type": "function", "function": {

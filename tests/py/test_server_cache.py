@@ -563,3 +563,25 @@ def test_server_boundary_trim_at_its_largest_does_not_overflow(tmp_path, monkeyp
     assert r.choices[0].finish_reason == "length"
     assert "runtime error" not in log, log
     assert re.search(r"kv cache stored tokens=\d+ reason=cold", log), log
+
+
+def test_server_regenerated_reply_rewinds_in_memory_not_from_disk(tmp_path):
+    """The same request twice (a client's "regenerate"): the prompt is a shorter prefix of the live session, a
+    live miss; the session's own checkpoint at the prompt's end serves it, as without a disk cache. With
+    --kv-disk-dir the second request read a checkpoint back from disk (after writing the live session) although
+    memory held as much; now the disk entry is not loaded, and the reply is the same (the cold-save path may
+    rewind to its aligned prefix a few tokens before the prompt's end)."""
+    d = str(tmp_path / "kv")
+    replies = {}
+    for disk in (False, True):
+        with Server(*(cache_args(d) if disk else [])) as s:
+            c = s.openai()
+            a = c.chat.completions.create(messages=messages("Fix the build"), **KW)
+            n0 = len(s.log)
+            b = c.chat.completions.create(messages=messages("Fix the build"), **KW)
+            log = "\n".join(s.log[n0:])
+        assert b.choices[0].message.content == a.choices[0].message.content
+        assert b.usage.prompt_tokens_details.cached_tokens >= b.usage.prompt_tokens - 8, (disk, b.usage, log)
+        assert "kv reuse disk" not in log and "kv cache hit" not in log, log
+        replies[disk] = b.choices[0].message.content
+    assert replies[True] == replies[False]

@@ -656,7 +656,7 @@ def test_responses_custom_tools_come_back_as_custom_tool_calls():
     with Server() as s:
         c = s.openai()
         kw = dict(model="m", input="Fix the bug", tools=[APPLY_PATCH] + FG, max_output_tokens=60, temperature=0,
-                  tool_choice={"type": "custom", "name": "apply_patch"}, extra_body=NO_THINK)
+                  tool_choice={"type": "custom", "name": "apply_patch"}, reasoning={"effort": "none"})
         r = c.responses.create(**kw)
         calls = [o for o in r.output if o.type == "custom_tool_call"]
         assert len(calls) == 1 and calls[0].name == "apply_patch" and isinstance(calls[0].input, str), r.output
@@ -1216,14 +1216,14 @@ def test_integers_beyond_64_bits_in_tool_calls_and_requests():
 
 def test_unsupported_inputs_are_named_in_the_error():
     """What the server cannot take says which item or tool and why (an outside pass met a bare 'invalid JSON
-    request' for a replayed Responses item with status 'incomplete', an item_reference item and a refusal
+    request' for a replayed Responses item with an unknown status, an item_reference item and a refusal
     part); Anthropic server tools (web_search_20250305, as Claude Code's WebSearch sends) were shown to the
     model as plain client tools, so it could call `web_search` as one: now a 400 naming the type; an
     Anthropic tool of type 'custom' (a client tool with an input_schema) is an ordinary tool (it was a 400)."""
     with Server() as s:
         base = {"model": "m", "max_output_tokens": 5, "reasoning": {"effort": "none"}}
-        cases = [({"type": "message", "role": "assistant", "status": "incomplete",
-                   "content": [{"type": "output_text", "text": "cut"}]}, "status 'incomplete'"),
+        cases = [({"type": "message", "role": "assistant", "status": "cut",
+                   "content": [{"type": "output_text", "text": "cut"}]}, "status 'cut'"),
                  ({"type": "item_reference", "id": "msg_1"}, "'item_reference'"),
                  ({"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]},
                   "'refusal'")]
@@ -1232,10 +1232,11 @@ def test_unsupported_inputs_are_named_in_the_error():
             assert st == 400, data
             err = json.loads(data)["error"]
             assert want in err["message"] and err["param"] == "input", err
-        st, _, data = s.raw("POST", "/v1/responses", dict(base, input=[
-            {"type": "message", "role": "assistant", "status": "completed", "content": [{"type": "output_text",
-                                                                                      "text": "ok"}]}]))
-        assert st == 200, data
+        for status in ("completed", "incomplete", "in_progress"):
+            st, _, data = s.raw("POST", "/v1/responses", dict(base, input=[
+                {"type": "message", "role": "assistant", "status": status, "content": [{"type": "output_text",
+                                                                                     "text": "ok"}]}]))
+            assert st == 200, (status, data)
         a = {"model": "m", "max_tokens": 5, "messages": user("search"), "thinking": {"type": "disabled"}}
         for t in ({"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
                   {"type": "bash_20250124", "name": "bash"}):
@@ -1521,3 +1522,69 @@ def test_forced_call_finish_says_whether_the_call_is_the_models(which):
             whole += fin == "tool_calls"
             cut += fin == "length"
         assert whole >= 5 and cut >= 5, (whole, cut)
+
+
+TIGHT = {"type": "object",
+         "properties": {"note": {"type": "string"}, "a_rather_long_property_name_one": {"type": "string"},
+                        "count": {"type": "integer"}, "mode": {"enum": ["alpha", "beta"]}},
+         "required": ["a_rather_long_property_name_one", "count", "mode"]}
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_forced_calls_at_tight_budgets_are_whole_or_absent(thinking):
+    """Swept over small max_tokens, a forced call comes back with every required property (a string, an integer,
+    an enum) or, when max_tokens cannot hold the shortest call, not at all and with finish "length"; once one
+    comes back, every larger max_tokens gives one too. A call was "{}" with finish tool_calls at 26-44 tokens (the
+    required properties dropped, the call called complete), and at some budgets above one that gave a call no
+    call came (a property tag opened with too few tokens left to close it)."""
+    tool = {"type": "function", "function": {"name": "some_tool_with_a_long_name", "parameters": TIGHT}}
+    with Server(ctx=4096) as s:
+        c = s.openai()
+        first = None
+        for mt in range(20, 161, 4):
+            r = c.chat.completions.create(model="m", messages=user("x"), max_tokens=mt, tools=[tool],
+                                          tool_choice="required", extra_body={} if thinking else NO_THINK, seed=1)
+            calls = r.choices[0].message.tool_calls or []
+            fin = r.choices[0].finish_reason
+            if not calls:
+                assert first is None and fin == "length", (mt, first, fin)
+                continue
+            first = first or mt
+            args = json.loads(calls[0].function.arguments)
+            assert set(TIGHT["required"]) <= set(args), (mt, fin, args)
+            assert isinstance(args["count"], int) and args["mode"] in ("alpha", "beta"), (mt, args)
+        assert first is not None, "no call up to max_tokens 160"
+
+
+def test_responses_output_cut_by_max_output_tokens_can_be_sent_back():
+    """A Responses turn cut by max_output_tokens has incomplete items (the reasoning, the message); clients that
+    keep the conversation send the output back as it is (the SDKs' to_input_list() keeps the status): that is
+    accepted (it was a 400 naming the status) and the next turn runs."""
+    with Server() as s:
+        c = s.openai()
+        for reasoning in ({"effort": "none"}, {"effort": "high", "summary": "auto"}):
+            r = c.responses.create(model="m", input="Tell me a story", max_output_tokens=12, reasoning=reasoning)
+            assert r.status == "incomplete" and any(o.status == "incomplete" for o in r.output), r.output
+            nxt = [{"role": "user", "content": "Tell me a story"}] + \
+                [o.model_dump(exclude_none=True) for o in r.output] + [{"role": "user", "content": "go on"}]
+            r2 = c.responses.create(model="m", input=nxt, max_output_tokens=12, reasoning=reasoning)
+            assert r2.status in ("completed", "incomplete") and r2.usage.input_tokens > r.usage.input_tokens, r2
+
+
+def test_chat_reply_of_calls_only_has_null_content():
+    """A chat reply that is only tool calls has "content": null (OpenAI's shape; it was ""), a reply with text keeps
+    its text; the stream and the plain reply agree."""
+    from test_server import BASH_CALL
+    with Server("--debug-reply", BASH_CALL) as s:
+        body = {"model": "m", "messages": user("List the files"), "tools": [BASH_TOOL], "max_tokens": 200,
+                "think": False}
+        st, _, data = s.raw("POST", "/v1/chat/completions", body)
+        msg = json.loads(data)["choices"][0]["message"]
+        assert st == 200 and msg["tool_calls"] and msg["content"] is None, msg
+        chunks = [c for _, c in sse(s.raw("POST", "/v1/chat/completions", dict(body, stream=True))[2]) if c]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+        assert text == "", chunks
+    with Server("--debug-reply", "Sure." + BASH_CALL) as s:
+        st, _, data = s.raw("POST", "/v1/chat/completions", body)
+        msg = json.loads(data)["choices"][0]["message"]
+        assert msg["tool_calls"] and msg["content"] == "Sure.", msg

@@ -177,9 +177,9 @@ DS4_TEST(server_parse_errors_documented) {
     /* B.4 asks for a 400 without a text: the item is named */
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"mystery\"}]}", 400,
                      "input: items of type 'mystery' are not supported"));
-    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"message\",\"status\":\"in_progress\"}]}",
-                     400, "input: a 'message' item with status 'in_progress' cannot be replayed (only completed "
-                          "items; drop the status or the item)"));
+    CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"message\",\"status\":\"cut\"}]}",
+                     400, "input: a 'message' item with status 'cut' cannot be replayed (completed, incomplete "
+                          "or in_progress; drop the status or the item)"));
     CHECK(fails_with(SRV_API_RESPONSES, "{\"input\":[{\"type\":\"message\",\"status\":7}]}", 400, inv));
     /* a tool output whose call is not in the request parses; its id is
      * recorded for the live-binding check before queueing (the 400 of B.4
@@ -317,7 +317,7 @@ DS4_TEST(server_forced_long_names_are_not_truncated) {
     /* a long property key */
     f.props = json_object();
     json_object_set_new(f.props, name, json_pack("{s:s}", "type", "integer"));
-    param_cands(&f, false);
+    param_cands(&f);
     CHECK_EQ_INT(f.n_cands, 2); /* the key, and the close (nothing required) */
     const char *want_head = "<" DSML "parameter name=\"";
     const char *tag = f.cands[0].text;
