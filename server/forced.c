@@ -52,6 +52,7 @@
  */
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,6 +107,9 @@ struct srv_forced {
     int num_state;           /* PH_VALUE_NUM: position in -?(0|[1-9][0-9]*)(.[0-9]+)? (num_step) */
     bool num_frac;           /* the number may have a fraction (type number) */
     int think_need;          /* tokens the call needs once the reasoning is closed (with room) */
+    int names_bare, names_room; /* names_need(f, 0), names_need(f, VALUE_ROOM) once known (-1 before):
+                                 * they depend on the tools alone, as nothing is used before a name */
+    uint8_t *ctl;            /* (n_vocab, made at the first string value) 1: a control token */
     int n_close_param, n_close_call, n_header; /* tokens of CLOSE_PARAM, CLOSE_CALL and HEADER */
     /* the chosen tool's required properties not in props or not key_ok are
      * left out; per property: its tag's tokens + its shortest value's */
@@ -142,13 +146,16 @@ static void cands_clear(srv_forced *f) {
     f->lit_n = f->lit_i = 0;
 }
 
-static void cand_take(srv_forced *f, char *text, int action) {
-    f->cands = xrealloc(f->cands, sizeof *f->cands * (size_t)(f->n_cands + 1));
-    f->cands[f->n_cands].text = text;
-    f->cands[f->n_cands].action = action;
-    f->cands[f->n_cands].after = 0; /* (price) */
-    f->n_cands++;
+/* appends a candidate (owning text) to the list cs of n */
+static void list_take(cand **cs, int *n, char *text, int action) {
+    *cs = xrealloc(*cs, sizeof **cs * (size_t)(*n + 1));
+    (*cs)[*n].text = text;
+    (*cs)[*n].action = action;
+    (*cs)[*n].after = 0; /* (price) */
+    (*n)++;
 }
+
+static void cand_take(srv_forced *f, char *text, int action) { list_take(&f->cands, &f->n_cands, text, action); }
 
 static void cand_add(srv_forced *f, const char *text, int action) {
     cand_take(f, xstrdup(text), action);
@@ -198,6 +205,7 @@ srv_forced *srv_forced_new(ds4_engine *e, const srv_request *rq, bool thinking) 
         return NULL;
     }
     f->tools = rq->tools_json;
+    f->names_bare = f->names_room = -1;
     f->think_budget = rq->think_budget;
     f->forced_name = rq->tool_choice == SRV_TOOL_NAMED ? rq->tool_choice_name : NULL;
     f->n_close_param = tok_count(f, CLOSE_PARAM);
@@ -221,6 +229,7 @@ void srv_forced_free(srv_forced *f) {
     for (int i = 0; i < f->n_used; i++) free(f->used[i]);
     free(f->used);
     free(f->scratch);
+    free(f->ctl);
     free(f);
 }
 
@@ -427,7 +436,7 @@ static void param_cands(srv_forced *f) {
 
 /* Candidates for the values an enum or const schema lists, as JSON
  * (string="false", block_json). */
-static void enum_cands(srv_forced *f, json_t *es) {
+static void enum_cands(cand **cs, int *n, json_t *es) {
     json_t *en = json_object_get(es, "enum"), *cv = json_object_get(es, "const");
     json_t *one = cv ? json_pack("[O]", cv) : NULL;
     size_t i;
@@ -436,11 +445,11 @@ static void enum_cands(srv_forced *f, json_t *es) {
         char *j = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
         if (!j) continue;
         j = block_json(j);
-        cand_take(f, cat3("", j, CLOSE_PARAM), 0);
+        list_take(cs, n, cat3("", j, CLOSE_PARAM), 0);
         free(j);
     }
     json_decref(one);
-    if (!f->n_cands) cand_add(f, "null" CLOSE_PARAM, 0);
+    if (!*n) list_take(cs, n, xstrdup("null" CLOSE_PARAM), 0);
 }
 
 /* A number's bytes one at a time through -?(0|[1-9][0-9]*)(.[0-9]+)?:
@@ -471,22 +480,22 @@ static int num_after(srv_forced *f, int32_t t) {
 }
 
 /* Candidates for a non-string value of the property's type. */
-static void literal_cands(srv_forced *f, const char *type) {
+static void literal_cands(cand **cs, int *n, const char *type) {
     if (type && !strcmp(type, "boolean")) {
-        cand_add(f, "true" CLOSE_PARAM, 0);
-        cand_add(f, "false" CLOSE_PARAM, 0);
+        list_take(cs, n, xstrdup("true" CLOSE_PARAM), 0);
+        list_take(cs, n, xstrdup("false" CLOSE_PARAM), 0);
     } else if (type && (!strcmp(type, "integer") || !strcmp(type, "number"))) {
         for (char d = '0'; d <= '9'; d++) {
             char b[64];
             snprintf(b, sizeof b, "%c" CLOSE_PARAM, d);
-            cand_add(f, b, 0);
+            list_take(cs, n, xstrdup(b), 0);
         }
     } else if (type && !strcmp(type, "array")) {
-        cand_add(f, "[]" CLOSE_PARAM, 0);
+        list_take(cs, n, xstrdup("[]" CLOSE_PARAM), 0);
     } else if (type && !strcmp(type, "object")) {
-        cand_add(f, "{}" CLOSE_PARAM, 0);
+        list_take(cs, n, xstrdup("{}" CLOSE_PARAM), 0);
     } else {
-        cand_add(f, "null" CLOSE_PARAM, 0);
+        list_take(cs, n, xstrdup("null" CLOSE_PARAM), 0);
     }
 }
 
@@ -498,21 +507,17 @@ static int value_min(srv_forced *f, json_t *pv) {
     json_t *es = prop_enum(f, pv);
     const char *type = prop_type(f, pv);
     if (!es && type && (!strcmp(type, "integer") || !strcmp(type, "number"))) return 1 + f->n_close_param;
-    cand *save = f->cands;
-    const int n_save = f->n_cands;
-    f->cands = NULL;
-    f->n_cands = 0;
-    if (es) enum_cands(f, es);
-    else literal_cands(f, type);
+    cand *cs = NULL;
+    int n = 0;
+    if (es) enum_cands(&cs, &n, es);
+    else literal_cands(&cs, &n, type);
     int best = INT_MAX;
-    for (int i = 0; i < f->n_cands; i++) {
-        const int k = tok_count(f, f->cands[i].text);
+    for (int i = 0; i < n; i++) {
+        const int k = tok_count(f, cs[i].text);
         if (k < best) best = k;
-        free(f->cands[i].text);
+        free(cs[i].text);
     }
-    free(f->cands);
-    f->cands = save;
-    f->n_cands = n_save;
+    free(cs);
     return best == INT_MAX ? f->n_close_param : best;
 }
 
@@ -598,6 +603,8 @@ static json_t *cand_tool(const srv_forced *f, const cand *c) {
 
 /* Tokens of the shortest call from the tool name on. */
 static int names_need(srv_forced *f, int room) {
+    int *memo = room ? &f->names_room : &f->names_bare;
+    if (*memo >= 0) return *memo;
     int best = INT_MAX;
     size_t i;
     json_t *t;
@@ -609,7 +616,8 @@ static int names_need(srv_forced *f, int room) {
         free(text);
         if (k < best) best = k;
     }
-    return best == INT_MAX ? tok_count(f, "tool\">\n") + f->n_close_call : best;
+    *memo = best == INT_MAX ? tok_count(f, "tool\">\n") + f->n_close_call : best;
+    return *memo;
 }
 
 /* Fills in what each candidate of the choice just made leaves to write
@@ -833,9 +841,10 @@ static int cand_cost(srv_forced *f, const cand *c, size_t skip) {
 
 /* Withholds (watches) the candidates that cannot be finished in the
  * `remaining` tokens; when none can (max_tokens below the shortest call)
- * the cheapest is kept, and the call will be cut short. */
-static void cands_fit(srv_forced *f, int remaining) {
-    if (f->n_cands < 2) return;
+ * the cheapest is kept, and the call will be cut short. Returns the kept
+ * candidates' costs (the caller frees them; NULL when fewer than two). */
+static int *cands_fit(srv_forced *f, int remaining) {
+    if (f->n_cands < 2) return NULL;
     int *cost = xmalloc((size_t)f->n_cands * sizeof *cost), best = 0, fit = 0;
     for (int i = 0; i < f->n_cands; i++) {
         cost[i] = cand_cost(f, &f->cands[i], 0);
@@ -844,11 +853,11 @@ static void cands_fit(srv_forced *f, int remaining) {
     }
     int keep = 0;
     for (int i = 0; i < f->n_cands; i++) {
-        if (fit ? cost[i] <= remaining : i == best) f->cands[keep++] = f->cands[i];
+        if (fit ? cost[i] <= remaining : i == best) cost[keep] = cost[i], f->cands[keep++] = f->cands[i];
         else watch(f, f->cands[i]);
     }
     f->n_cands = keep;
-    free(cost);
+    return cost;
 }
 
 /* The cheapest finish of the call after token t is written, among the
@@ -871,14 +880,16 @@ static int need_after(srv_forced *f, int32_t t) {
  * continues (a short token where the tokenizer writes a long one) gives
  * way to the cheapest candidate, written as the tokenizer writes it. */
 static int32_t pick_budget(srv_forced *f, const float *logits, ds4_sampler *smp, ds4_rng *rng, int remaining) {
-    cands_fit(f, remaining);
+    int *cost = cands_fit(f, remaining); /* (pick_choice leaves two or more candidates as they are) */
     int32_t tok = pick_choice(f, logits, smp, rng);
-    if (tok < 0 || f->n_cands < 2 || need_after(f, tok) <= remaining - 1) return tok;
-    int best = 0, bc = INT_MAX;
-    for (int i = 0; i < f->n_cands; i++) {
-        const int k = cand_cost(f, &f->cands[i], 0);
-        if (k < bc) best = i, bc = k;
+    if (tok < 0 || f->n_cands < 2 || need_after(f, tok) <= remaining - 1) {
+        free(cost);
+        return tok;
     }
+    int best = 0;
+    for (int i = 1; i < f->n_cands; i++)
+        if (cost[i] < cost[best]) best = i;
+    free(cost);
     const cand keep = f->cands[best];
     for (int i = 0; i < f->n_cands; i++)
         if (i != best) watch(f, f->cands[i]);
@@ -914,9 +925,13 @@ int32_t srv_forced_pick(srv_forced *f, ds4_sampler *smp, const float *logits,
              * marker) is no text, so the reply would lose it while the KV
              * and the call's raw block kept it; the DSML bar writes the
              * closing tag */
-            const int32_t bar = ds4_token_special(f->e, DS4_TOK_DSML);
-            for (int t = 0; t < f->n_vocab; t++)
-                f->scratch[t] = t != f->eos && t != bar && ds4_token_is_control(f->e, t) ? -INFINITY : logits[t];
+            if (!f->ctl) {
+                const int32_t bar = ds4_token_special(f->e, DS4_TOK_DSML);
+                f->ctl = xmalloc((size_t)f->n_vocab);
+                for (int t = 0; t < f->n_vocab; t++)
+                    f->ctl[t] = t != f->eos && t != bar && ds4_token_is_control(f->e, t);
+            }
+            for (int t = 0; t < f->n_vocab; t++) f->scratch[t] = f->ctl[t] ? -INFINITY : logits[t];
             tok = ds4_sampler_sample(smp, f->scratch, p, rng);
         }
         size_t held = 0; /* bytes of a closing tag the value already holds */
@@ -1028,14 +1043,14 @@ static void choice_done(srv_forced *f, const cand *c) {
                 f->vtail_len = 0;
             } else if (prop_enum(f, pv)) {
                 f->phase = PH_VALUE_LIT;
-                enum_cands(f, prop_enum(f, pv));
+                enum_cands(&f->cands, &f->n_cands, prop_enum(f, pv));
             } else if (type && (!strcmp(type, "integer") || !strcmp(type, "number"))) {
                 f->phase = PH_VALUE_NUM;
                 f->num_state = 0;
                 f->num_frac = !strcmp(type, "number");
             } else {
                 f->phase = PH_VALUE_LIT;
-                literal_cands(f, type);
+                literal_cands(&f->cands, &f->n_cands, type);
             }
         }
         break;
