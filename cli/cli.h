@@ -44,6 +44,7 @@ typedef struct ds4_cli_opts {
     bool plain_numerics;           /* --plain-numerics (diagnostic) */
     bool cuda_sync_debug;          /* --cuda-sync-debug (diagnostic) */
     bool no_graphs;                /* --no-graphs (diagnostic) */
+    bool ignore_eos;               /* --ignore-eos (diagnostic): EOS is never sampled */
     ds4_engine_opts split;         /* --gpus / --split / --ranks: only the layer-split fields are used */
     const char *worker;            /* --worker HOST:PORT: serve rank 0 there */
     int rank;                      /* --rank R of a worker */
@@ -173,6 +174,7 @@ typedef struct ds4_cli_gen_args {
     ds4_cli_printer *printer;  /* may be NULL */
     ds4_cli_toks *transcript;  /* sampled tokens appended; may be NULL */
     int max_new;
+    bool ignore_eos;           /* EOS is never sampled: the reply runs to max_new or Ctrl+C */
 } ds4_cli_gen_args;
 typedef struct ds4_cli_gen_result {
     int n_generated;  /* tokens sampled and printed (EOS excluded) */

@@ -415,6 +415,12 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
     const bool spec = ds4_engine_has_mtp(e);
     int32_t queue[8], next = -1;
     int nq = 0, qi = 0;
+    float *masked = NULL; /* (n_vocab) the logits with EOS removed: --ignore-eos */
+    if (g->ignore_eos && !(masked = malloc((size_t)n_vocab * sizeof *masked))) {
+        fprintf(stderr, "ds4: out of memory\n");
+        r->failed = true;
+        return -1;
+    }
     double t0 = ds4_cli_now();
     for (int i = 0; i < g->max_new; i++) {
         if (ds4_cli_interrupted) { r->interrupted = true; break; }
@@ -426,7 +432,7 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
         } else if (next >= 0) {
             tok = next;
             next = -1;
-        } else if (!(g->params.temperature > 0.0f)) {
+        } else if (!(g->params.temperature > 0.0f) && !masked) {
             /* greedy: the backend picks the id, the logits stay where they are */
             if (ds4_session_argmax(g->s, &tok, &err) != 0) {
                 fprintf(stderr, "ds4: %s\n", err.msg);
@@ -436,6 +442,11 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
         } else {
             const float *logits = ds4_session_logits_err(g->s, &err);
             if (!logits) { fprintf(stderr, "ds4: %s\n", err.msg); r->failed = true; break; }
+            if (masked) {
+                memcpy(masked, logits, (size_t)n_vocab * sizeof *masked);
+                masked[eos] = -INFINITY;
+                logits = masked;
+            }
             tok = ds4_sampler_sample(g->sampler, logits, &g->params, g->rng);
         }
         if (tok < 0 || tok >= n_vocab) { fprintf(stderr, "ds4: sampler returned %d\n", tok); r->failed = true; break; }
@@ -492,6 +503,7 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
             r->spec_st.pos_accepted[k] -= st0.pos_accepted[k];
         }
     }
+    free(masked);
     return r->failed ? -1 : 0;
 }
 
@@ -550,7 +562,7 @@ int ds4_cli_generate(const ds4_cli_opts *o) {
     const bool ctx_cut = max_new > o->n_ctx - prompt.n;
     if (ctx_cut) max_new = o->n_ctx - prompt.n;
     ds4_cli_gen_args g = {.e = e, .s = s, .sampler = smp, .params = sp, .rng = &rng,
-                          .printer = &pr, .max_new = max_new};
+                          .printer = &pr, .max_new = max_new, .ignore_eos = o->ignore_eos};
     ds4_cli_gen_result r;
     rc = ds4_cli_generate_loop(&g, &r);
     ds4_cli_printer_finish(&pr);

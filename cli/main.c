@@ -60,6 +60,8 @@ static void usage_debug(void) {
            "                     pointer must be backend memory; tests)\n"
            "  --cuda-sync-debug  CUDA: synchronise and check after every kernel launch\n"
            "  --no-graphs        CUDA: never capture decode steps into CUDA graphs\n"
+           "  --ignore-eos       never sample the end token: a reply runs to -n, the context or\n"
+           "                     Ctrl+C (throughput runs, tests; not with --mtp)\n"
            "  --dump-greedy N    with --dump-logits: then N greedy decode steps, ids on stdout\n"
            "                     (speculative cycles when --mtp is given; MTP counters on stderr)\n"
            "  --layers N         evaluate only the first N blocks, then the head (compare backends)\n"
@@ -281,6 +283,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--strict-backend")) o.backend = DS4_BACKEND_STRICT;
         else if (!strcmp(a, "--cuda-sync-debug")) o.cuda_sync_debug = true;
         else if (!strcmp(a, "--no-graphs")) o.no_graphs = true;
+        else if (!strcmp(a, "--ignore-eos")) o.ignore_eos = true;
         else if (!strcmp(a, "--worker")) { NEED_ARG(); o.worker = argv[++i]; }
         else if (!strcmp(a, "--rank")) {
             NEED_ARG(); if (parse_int(a, argv[++i], 1, 7, &v)) return 2; o.rank = (int)v;
@@ -437,6 +440,10 @@ int main(int argc, char **argv) {
     /* switches that mean nothing without their partner: a usage error, not silence */
     if (o.dump_greedy && !o.dump_logits) {
         fprintf(stderr, "ds4: --dump-greedy needs --dump-logits OUT.f32\n");
+        return 2;
+    }
+    if (o.ignore_eos && o.mtp_path) {
+        fprintf(stderr, "ds4: --ignore-eos cannot be combined with --mtp (drafts are verified against the model's own picks)\n");
         return 2;
     }
     if (eval_given && !o.dump_logits) {

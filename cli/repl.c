@@ -162,7 +162,8 @@ static void run_turn(repl *r, const char *text, size_t len) {
     ds4_cli_printer_init(&pr, r->e, stdout, mode != DS4_THINK_NONE);
     ds4_cli_gen_args g = {.e = r->e, .s = r->s, .sampler = r->smp,
                           .params = ds4_cli_sampler_params(r->o), .rng = &r->rng,
-                          .printer = &pr, .transcript = &r->tr, .max_new = max_new};
+                          .printer = &pr, .transcript = &r->tr, .max_new = max_new,
+                          .ignore_eos = r->o->ignore_eos};
     ds4_cli_gen_result res;
     ds4_cli_generate_loop(&g, &res);
     ds4_cli_printer_finish(&pr);

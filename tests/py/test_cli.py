@@ -77,6 +77,7 @@ def base(model, *extra):
     (["--inspect", "--perplexity-file", "x.txt"], "two modes"),
     (["--eval", "decode", "-p", "hi"], "--eval needs --dump-logits"),
     (["--logprobs-top-k", "3", "-p", "hi"], "--logprobs-top-k needs --dump-logprobs"),
+    (["--ignore-eos", "--mtp", "m.gguf", "-p", "hi"], "--ignore-eos cannot be combined with --mtp"),
     # numbers are plain decimals: no sign '+', hexadecimal, blanks, inf/nan or empty strings
     (["-n", "+2", "-p", "hi"], "-n"),
     (["-n", "0x10", "-p", "hi"], "-n"),
@@ -560,6 +561,19 @@ def test_cli_model_without_tokenizer_prints_ids(tmp_path):
     steps = json.loads(lp.read_text())
     got = [str(st["selected"]["id"]).encode() for st in steps["steps"]]
     assert got[:5] == ids, (got, ids)
+
+
+def test_cli_ignore_eos_runs_to_n_and_keeps_the_greedy_tokens(model):
+    """--ignore-eos: the reply is exactly -n tokens, and greedy picks through
+    the masked host logits are the backend argmax's picks (no EOS among them)."""
+    plain = run(base(model, "-p", "Hello", "--nothink", "-n", "48", "--temp", "0"))
+    masked = run(base(model, "-p", "Hello", "--nothink", "-n", "48", "--temp", "0", "--ignore-eos"))
+    assert plain.returncode == 0 and masked.returncode == 0, (plain.stderr, masked.stderr)
+    assert STATS_RE.search(plain.stderr.decode()).group(4) == "48", plain.stderr
+    assert STATS_RE.search(masked.stderr.decode()).group(4) == "48", masked.stderr
+    assert masked.stdout == plain.stdout and plain.stdout, (plain.stdout, masked.stdout)
+    sampled = run(base(model, "-p", "Hello", "--nothink", "-n", "300", "--seed", "7", "--ignore-eos"))
+    assert sampled.returncode == 0 and STATS_RE.search(sampled.stderr.decode()).group(4) == "300", sampled.stderr
 
 
 def test_cli_imatrix_out_must_be_replaceable(model, tmp_path):
