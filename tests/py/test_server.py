@@ -8,13 +8,17 @@ server logs the port it bound) and stops it. Clients are created with
 _strict_response_validation=True so every response and stream event is
 validated against the SDK's own types.
 """
+import fcntl
 import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import threading
 import time
 
@@ -43,10 +47,13 @@ def demo_model():
 
 class Server:
     """A ds4-server child process on 127.0.0.1:<free port>; its stderr log is
-    collected line by line in self.log."""
+    collected line by line in self.log. log_text() holds every line the server
+    wrote before it was called (a line logged just before a reply is there
+    when the reply is)."""
 
     def __init__(self, *args, ctx=4096, wait=120, model=None, preexec_fn=None):
         self.log = []
+        self.eof = False
         self.cond = threading.Condition()
         self.port = None
         # DS4_TEST_SERVER_BIN runs the suite against another build (e.g. one
@@ -55,8 +62,7 @@ class Server:
         cmd = [binary, "-m", model or demo_model(), "--cpu", "--port", "0",
                "--ctx", str(ctx)] + [str(a) for a in args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, errors="replace",
-                                     preexec_fn=preexec_fn)
+                                     stderr=subprocess.PIPE, preexec_fn=preexec_fn)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         deadline = time.time() + wait
@@ -69,17 +75,43 @@ class Server:
         self.url = "http://127.0.0.1:%d" % self.port
 
     def _read(self):
-        for line in self.proc.stderr:
-            line = line.rstrip("\n")
+        # each chunk is read from the pipe and its lines appended under the
+        # lock, so no byte is ever out of the pipe and not yet in self.log
+        # while log_text() holds the lock (see _caught_up)
+        fd = self.proc.stderr.fileno()
+        part = b""
+        while True:
+            select.select([fd], [], [])
             with self.cond:
-                self.log.append(line)
-                m = re.search(r"listening on http://[\d.]+:(\d+)", line)
-                if m:
-                    self.port = int(m.group(1))
+                chunk = os.read(fd, 65536)
+                part += chunk
+                lines = part.split(b"\n")
+                part = lines.pop() if chunk else b""
+                for raw in lines + ([part] if not chunk and part else []):
+                    line = raw.decode("utf-8", "replace")
+                    self.log.append(line)
+                    m = re.search(r"listening on http://[\d.]+:(\d+)", line)
+                    if m:
+                        self.port = int(m.group(1))
+                self.eof = not chunk
                 self.cond.notify_all()
+                if not chunk:
+                    return
+
+    def _caught_up(self, timeout=10):
+        """With self.cond held: waits until the reader has taken in every byte
+        the server has written so far (the stderr pipe is empty)."""
+        deadline = time.time() + timeout
+        fd = self.proc.stderr.fileno()
+        while not self.eof and time.time() < deadline:
+            n = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            if n == 0:
+                return
+            self.cond.wait(0.05)
 
     def log_text(self):
         with self.cond:
+            self._caught_up()
             return "\n".join(self.log)
 
     def wait_log(self, pattern, timeout=30):

@@ -104,9 +104,12 @@ def test_server_stalled_reader_does_not_get_a_complete_stream():
     client had not yet read then ended as a complete chunked 200 without a finish or [DONE] when it read again,
     which the openai SDK takes as a whole reply. Now the connection is cut there: no end-of-stream chunk, so a
     client sees the stream broken."""
-    body = json.dumps({"messages": user("Tell me about cats."), "max_tokens": 3500, "temperature": 0,
+    # the reply must outlast the kernel's socket buffers by more than the server's 10 s stall limit however
+    # fast the machine decodes: at 277 tok/s the limit fired at token 3,736, so a 3,500-token reply was whole
+    # in the server's queue by then and no write ever failed (the test waited out its 150 s)
+    body = json.dumps({"messages": user("Tell me about cats."), "max_tokens": 30000, "temperature": 0,
                        "think": False, "stream": True, "logprobs": True, "top_logprobs": 20}).encode()
-    with Server() as s:
+    with Server(ctx=32768) as s:
         c = socket.socket()
         c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         c.connect(("127.0.0.1", s.port))
