@@ -218,10 +218,15 @@ bool srv_chat_call_known(const ds4_chat *c, const char *id) {
     return false;
 }
 
+/* a member of the wrong type, named (key: a string literal of the caller) */
+static int bad_member(srv_error *e, const char *key, const char *want) {
+    return srv_fail_param(e, key, "invalid_type", "invalid JSON request: %s must be %s", key, want);
+}
+
 int srv_get_string(json_t *obj, const char *key, char **out, srv_error *e) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return 0;
-    if (!json_is_string(v)) return bad_type(e);
+    if (!json_is_string(v)) return bad_member(e, key, "a string");
     free(*out);
     *out = xstrdup(json_string_value(v));
     return 0;
@@ -230,7 +235,7 @@ int srv_get_string(json_t *obj, const char *key, char **out, srv_error *e) {
 int srv_get_bool(json_t *obj, const char *key, bool *out, srv_error *e) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return 0;
-    if (!json_is_boolean(v)) return bad_type(e);
+    if (!json_is_boolean(v)) return bad_member(e, key, "true or false");
     *out = json_is_true(v);
     return 0;
 }
@@ -239,7 +244,7 @@ int srv_get_bool(json_t *obj, const char *key, bool *out, srv_error *e) {
 int srv_get_int(json_t *obj, const char *key, int *out, srv_error *e) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return 0;
-    if (!json_is_number(v)) return bad_type(e);
+    if (!json_is_number(v)) return bad_member(e, key, "a number");
     double d = json_number_value(v);
     if (!(d > 0)) d = 0; /* also NaN */
     if (d > 2147483647.0) d = 2147483647.0;
@@ -265,9 +270,9 @@ static bool whole_number(json_t *v, json_int_t *out) {
 int srv_get_float(json_t *obj, const char *key, float *out, srv_error *e) {
     json_t *v = json_object_get(obj, key);
     if (!v || json_is_null(v)) return 0;
-    if (!json_is_number(v)) return bad_type(e);
+    if (!json_is_number(v)) return bad_member(e, key, "a number");
     double d = json_number_value(v);
-    if (!isfinite(d)) return bad_type(e);
+    if (!isfinite(d)) return bad_member(e, key, "a finite number");
     *out = (float)d;
     return 0;
 }
@@ -546,7 +551,7 @@ static int parse_stops(json_t *v, srv_request *rq, srv_error *e) {
 static int get_limit(json_t *root, const char *key, int *out, srv_error *e) {
     json_t *v = json_object_get(root, key);
     if (!v || json_is_null(v)) return 0;
-    if (!json_is_number(v)) return bad_type(e);
+    if (!json_is_number(v)) return bad_member(e, key, "a number");
     double d = json_number_value(v);
     if (d != floor(d)) return srv_fail_param(e, key, "invalid_value", "%s must be a whole number", key);
     if (d == -1) {
@@ -648,6 +653,9 @@ int srv_parse_sampling(json_t *root, srv_request *rq, srv_error *e) {
     if (strlen(rq->model) > 256) /* echoed in every stream chunk */
         return srv_fail_param(e, "model", "invalid_value", "model: at most 256 bytes");
     if (srv_get_bool(root, "stream", &rq->stream, e)) return -1;
+    /* ignore_eos: every API (the extension vLLM and llama.cpp take; load
+     * generators send it to get replies of exactly max_tokens) */
+    if (srv_get_bool(root, "ignore_eos", &rq->ignore_eos, e)) return -1;
     if (get_limit(root, "max_tokens", &rq->max_tokens, e)) return -1;
     rq->max_tokens_set = json_object_get(root, "max_tokens") && !json_is_null(json_object_get(root, "max_tokens"));
     if (api == SRV_API_CHAT && get_limit(root, "max_completion_tokens", &rq->max_tokens, e)) return -1;

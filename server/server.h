@@ -92,6 +92,7 @@ typedef struct srv_request {
     int32_t *bias_ids;     /* (n_bias) */
     float *bias_vals;
     int n_bias;
+    bool ignore_eos;       /* ignore_eos (vLLM, llama.cpp): the end token is never sampled */
     uint64_t seed;         /* the request's seed (when seeded) */
     bool seeded;           /* a seed was given (any integer but -1): reproducible */
     char **stops;          /* (n_stops) non-empty stop strings */

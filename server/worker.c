@@ -651,12 +651,13 @@ static bool run_prefill(gen_ctx *g, srv_result *r) {
  * penalties: l[j] + bias[j] - count[j] * frequency - (count[j] > 0) *
  * presence, counts over the tokens generated so far (reasoning included). */
 static const float *adjust_logits(float *a, int nv, const srv_request *rq, const float *logits,
-                                  const int32_t *counts) {
+                                  const int32_t *counts, int32_t eos) {
     memcpy(a, logits, (size_t)nv * sizeof *a);
     for (int i = 0; i < rq->n_bias; i++) a[rq->bias_ids[i]] += rq->bias_vals[i];
     if (counts)
         for (int j = 0; j < nv; j++)
             if (counts[j]) a[j] -= (float)counts[j] * rq->frequency_penalty + rq->presence_penalty;
+    if (rq->ignore_eos && eos >= 0 && eos < nv) a[eos] = -INFINITY;
     return a;
 }
 
@@ -748,10 +749,10 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
      * tool call, no logprobs, and no greedy-structure switching (no tools,
      * or greedy anyway). A cycle appends the chosen token and the accepted
      * drafts; those are then taken from the queue without evaluation. */
-    /* logit_bias / penalties: the logits of every step are adjusted (no
+    /* logit_bias / penalties / ignore_eos: the logits of every step are adjusted (no
      * backend argmax, no MTP) */
     const bool penal = rq->presence_penalty != 0.0f || rq->frequency_penalty != 0.0f;
-    const bool adjust = penal || rq->n_bias > 0;
+    const bool adjust = penal || rq->n_bias > 0 || rq->ignore_eos;
     int32_t *counts = penal ? calloc((size_t)ds4_engine_n_vocab(s->engine), sizeof *counts) : NULL;
     if (penal && !counts) {
         srv_forced_free(fz);
@@ -884,7 +885,7 @@ static srv_finish run_generation(gen_ctx *g, srv_result *r, bool tools) {
         } else {
             logits = ds4_session_logits_err(s->session, &err);
             if (!logits) FAIL("%s", err.msg[0] ? err.msg : "no logits")
-            if (adjust) logits = adjust_logits(s->adj_scratch, ds4_engine_n_vocab(s->engine), rq, logits, counts);
+            if (adjust) logits = adjust_logits(s->adj_scratch, ds4_engine_n_vocab(s->engine), rq, logits, counts, eos);
             tok = forced  ? srv_forced_pick(fz, s->sampler, logits, &p, &rng, max_tokens - n_gen)
                   : jsonc ? srv_jsonc_pick(jc, s->sampler, logits, &p, &rng, refused)
                   : p.temperature > 0.0f ? ds4_sampler_sample(s->sampler, logits, &p, &rng)

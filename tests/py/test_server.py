@@ -457,9 +457,13 @@ def test_server_bad_input_gets_documented_status_and_server_stays_up():
         cases = [
             ("POST", "/v1/chat/completions", b"{not json", 400, "invalid JSON request: "),  # + jansson's why, where
             ("POST", "/v1/chat/completions", {"messages": user("x"), "stream": "true"}, 400,
-             "invalid JSON request"),
+             "invalid JSON request: stream must be true or false"),
             ("POST", "/v1/chat/completions", {"messages": user("x"), "max_tokens": "5"}, 400,
-             "invalid JSON request"),
+             "invalid JSON request: max_tokens must be a number"),
+            ("POST", "/v1/chat/completions", {"messages": user("x"), "temperature": [1]}, 400,
+             "invalid JSON request: temperature must be a number"),
+            ("POST", "/v1/chat/completions", {"messages": user("x"), "model": 7}, 400,
+             "invalid JSON request: model must be a string"),
             ("POST", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"\xff"}]}',
              400, "invalid JSON request: unable to decode byte 0xff near '\"' (line 1, column 39)"),
             ("POST", "/v1/chat/completions", {"model": "x"}, 400, "missing messages"),

@@ -1282,6 +1282,36 @@ def test_logit_bias_and_penalties_change_the_reply():
         assert st == 400 and b"not in the vocabulary" in body, body
 
 
+def test_ignore_eos_runs_to_max_tokens():
+    """ignore_eos (the vLLM / llama.cpp extension load generators send): the end token is never sampled,
+    even when logit_bias makes it every pick, so the reply is max_tokens long (finish length), streamed or
+    not, on every API; a non-boolean is a 400."""
+    with Server() as s:
+        c = s.openai()
+        kw = dict(model="m", messages=user("hi"), max_tokens=24, temperature=0, extra_body=NO_THINK)
+        # id 1 is <｜end▁of▁sentence｜>: +100 ends the reply at once
+        ended = c.chat.completions.create(logit_bias={"1": 100}, **kw)
+        assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 0, ended
+        for extra in ({"ignore_eos": True}, {"ignore_eos": True, "temperature": 0.8, "seed": 3}):
+            r = c.chat.completions.create(**dict(kw, logit_bias={"1": 100}, extra_body=dict(NO_THINK, **extra)))
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 24, r
+            assert r.choices[0].message.content, r
+        r = c.chat.completions.create(**dict(kw, logit_bias={"1": 100}, extra_body=dict(NO_THINK, ignore_eos=True)))
+        chunks = list(c.chat.completions.create(**dict(kw, logit_bias={"1": 100}, stream=True,
+                                                       extra_body=dict(NO_THINK, ignore_eos=True))))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["length"]
+        comp = c.completions.create(model="m", prompt="hi", max_tokens=9, temperature=0, logit_bias={"1": 100},
+                                    extra_body={"ignore_eos": True})
+        assert comp.choices[0].finish_reason == "length" and comp.usage.completion_tokens == 9, comp
+        m = s.anthropic().messages.create(model="m", max_tokens=12, messages=user("hi"),
+                                          extra_body=dict(NO_THINK, ignore_eos=True))
+        assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 12, m
+        st, _, body = s.raw("POST", "/v1/chat/completions", {"model": "m", "max_tokens": 2, "messages": user("x"),
+                                                             "ignore_eos": "yes"})
+        assert st == 400, body
+
+
 def test_counts_take_whole_number_reals_everywhere():
     """top_logprobs, completions' logprobs and thinking.budget_tokens take 2.0 as n, max_tokens and top_k do
     (JSON does not tell 2 from 2.0; they were a 400 "wrong type"); a fraction is still refused."""

@@ -92,8 +92,10 @@ DS4_TEST(server_parse_errors_documented) {
     const char *inv = "invalid JSON request";
     CHECK(fails_starting(SRV_API_CHAT, "{\"messages\":[", 400, "invalid JSON request: "));
     CHECK(fails_with(SRV_API_CHAT, "[1,2]", 400, "invalid JSON request: the body is not a JSON object"));
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"stream\":\"true\"}", 400, inv));
-    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":\"5\"}", 400, inv));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"stream\":\"true\"}", 400,
+                     "invalid JSON request: stream must be true or false"));
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"max_tokens\":\"5\"}", 400,
+                     "invalid JSON request: max_tokens must be a number"));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":{}}", 400, inv));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[\"hi\"]}", 400, inv));
     CHECK(fails_starting(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}", 400,
@@ -874,15 +876,25 @@ DS4_TEST(server_logit_bias_and_penalties) {
     CHECK_EQ_INT(rq.n_bias, 2);
     float logits[4] = {1.0f, 2.0f, 3.0f, 4.0f}, out[4];
     int32_t counts[4] = {0, 2, 1, 0};
-    const float *a = adjust_logits(out, 4, &rq, logits, counts);
+    const float *a = adjust_logits(out, 4, &rq, logits, counts, 3);
     /* l + bias - count * frequency - (count > 0) * presence, in float */
     CHECK(a[0] == 1.0f + 5.5f);
     CHECK(a[1] == 2.0f - (2.0f * -1.25f + 0.5f));
     CHECK(a[2] == (3.0f - 100.0f) - (1.0f * -1.25f + 0.5f));
     CHECK(a[3] == 4.0f);
-    a = adjust_logits(out, 4, &rq, logits, NULL); /* no penalties: the bias only */
+    a = adjust_logits(out, 4, &rq, logits, NULL, 3); /* no penalties: the bias only */
     CHECK(a[1] == 2.0f && a[2] == 3.0f - 100.0f);
+    CHECK(a[3] == 4.0f); /* EOS (3) kept without ignore_eos */
     srv_request_free(&rq);
+    /* ignore_eos: the end token is never sampled, whatever its bias */
+    CHECK(!parse(SRV_API_CHAT, "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"logit_bias\":{\"3\":100},"
+                 "\"ignore_eos\":true}", &rq, &e));
+    CHECK(rq.ignore_eos);
+    a = adjust_logits(out, 4, &rq, logits, NULL, 3);
+    CHECK(a[3] == -INFINITY && a[0] == 1.0f && a[2] == 3.0f);
+    srv_request_free(&rq);
+    CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"ignore_eos\":1}", 400,
+                     "invalid JSON request: ignore_eos must be true or false"));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"-1\":1}}", 400, "logit_bias: '-1' is not a token id"));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"05\":1}}", 400, "logit_bias: '05' is not a token id"));
     CHECK(fails_with(SRV_API_CHAT, "{\"messages\":[],\"logit_bias\":{\"12345678901\":1}}", 400,
