@@ -788,10 +788,24 @@ static void ckpt_take(ds4_session *s) {
 
 /* Restores the latest checkpoint at or before k (tokens[0..k) must be
  * unchanged); returns its position, or 0 after a reset when none. */
-static int ckpt_restore_upto(ds4_session *s, int k) {
-    ckpt *best = NULL;
+/* The index of the latest checkpoint at or before position k (-1: none). */
+static int ckpt_best_upto(const ds4_session *s, int k) {
+    int best = -1;
     for (int i = 0; i < N_CKPT; i++)
-        if (s->ck[i].pos > 0 && s->ck[i].pos <= k && (!best || s->ck[i].pos > best->pos)) best = &s->ck[i];
+        if (s->ck[i].pos > 0 && s->ck[i].pos <= k && (best < 0 || s->ck[i].pos > s->ck[best].pos)) best = i;
+    return best;
+}
+
+/* Tokens tokens[0..n) shares with the session's timeline from the start. */
+static int common_prefix(const ds4_session *s, const int32_t *tokens, int n) {
+    int lcp = 0;
+    while (lcp < n && lcp < s->n_tokens && s->tokens[lcp] == tokens[lcp]) lcp++;
+    return lcp;
+}
+
+static int ckpt_restore_upto(ds4_session *s, int k) {
+    const int bi = ckpt_best_upto(s, k);
+    ckpt *best = bi < 0 ? NULL : &s->ck[bi];
     s->hc_pos = -1; /* the MTP's kept state belongs to the old position */
     if (!best || ds4_fwd_ckpt_restore(s->f, best->pos, best->state, NULL)) {
         s->n_tokens = 0;
@@ -902,13 +916,10 @@ int ds4_session_rewind(ds4_session *s, int n_tokens, ds4_err *err) {
 
 int ds4_session_reusable(const ds4_session *s, const int32_t *tokens, int n) {
     if (n < 1 || !tokens) return 0;
-    int lcp = 0;
-    while (lcp < n && lcp < s->n_tokens && s->tokens[lcp] == tokens[lcp]) lcp++;
+    const int lcp = common_prefix(s, tokens, n);
     if (lcp == s->n_tokens) return lcp;
-    int best = 0; /* as ckpt_restore_upto would pick */
-    for (int i = 0; i < N_CKPT; i++)
-        if (s->ck[i].pos > 0 && s->ck[i].pos <= lcp && s->ck[i].pos > best) best = s->ck[i].pos;
-    return best;
+    const int best = ckpt_best_upto(s, lcp); /* what ckpt_restore_upto restores */
+    return best < 0 ? 0 : s->ck[best].pos;
 }
 
 int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info *info,
@@ -920,8 +931,7 @@ int ds4_session_sync(ds4_session *s, const int32_t *tokens, int n, ds4_sync_info
         session_clear(s);
         return ds4_err_set(err, DS4_E_RANGE, "sync needs 1..%d tokens, got %d", s->n_ctx, n);
     }
-    int lcp = 0;
-    while (lcp < n && lcp < s->n_tokens && s->tokens[lcp] == tokens[lcp]) lcp++;
+    int lcp = common_prefix(s, tokens, n);
     if (lcp == n && n == s->n_tokens) { /* nothing to do: logits are current */
         info->n_reused = n;
         return 0;
