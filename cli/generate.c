@@ -452,7 +452,17 @@ int ds4_cli_generate_loop(const ds4_cli_gen_args *g, ds4_cli_gen_result *r) {
         if (tok < 0 || tok >= n_vocab) { fprintf(stderr, "ds4: sampler returned %d\n", tok); r->failed = true; break; }
         if (tok == eos) { r->eos = true; break; }
         if (g->printer) ds4_cli_printer_token(g->printer, tok);
-        if (g->printer && ferror(stdout)) { r->failed = true; break; } /* the output is lost: stop (main says why) */
+        if (g->printer && ferror(stdout)) {
+            /* the Ctrl+C's signal cut the write (the handler has no
+             * SA_RESTART): an interrupt, not lost output */
+            if (ds4_cli_interrupted) {
+                clearerr(stdout);
+                r->interrupted = true;
+                break;
+            }
+            r->failed = true; /* the output is lost: stop (main says why) */
+            break;
+        }
         if (g->transcript && ds4_cli_toks_push(g->transcript, &tok, 1)) {
             fprintf(stderr, "ds4: out of memory\n");
             r->failed = true;
