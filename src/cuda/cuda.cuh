@@ -256,6 +256,11 @@ struct cu_ctx {
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     int floor_diag;        /* DS4_CUDA_FLOOR=1: every cu_launch kernel empty (timing only, wrong results) */
+    int gtrace;            /* DS4_CUDA_GTRACE=N: timeline of the N-th step graph replay (CU_GTRACE builds) */
+    long gt_replays;       /* step graph replays so far */
+    bool gt_on;            /* this step is the traced one */
+    unsigned *gt_ctr;      /* device: records taken (CU_GTRACE) */
+    void *gt_buf;          /* device: the records */
     int twice_diag;        /* DS4_CUDA_TWICE=1: eager launches run twice, the first timed apart (timing only, wrong results) */
     int no_hc_batch;       /* DS4_CUDA_NO_HC_BATCH=1: batches on the per-token HC kernel (A/B switch) */
     int no_moe_fuse;       /* DS4_CUDA_NO_MOE_FUSE=1: experts of 1-4 tokens in 7 launches, not 2 (A/B switch) */
@@ -358,12 +363,104 @@ __device__ __forceinline__ void cu_pdl_wait() {
  * other (k_idx_topk_wide): the next kernel's blocks must not take the SMs
  * its later blocks need. */
 __device__ __forceinline__ void cu_pdl_wait_only() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+/* In-graph timeline (diagnostic build `make cuda NVDEFS=-DCU_GTRACE=1`, run
+ * with DS4_CUDA_GTRACE=N): in the N-th replay of a step graph, the first
+ * and the last block of every kernel log, at the kernel's cu_pdl_wait, the
+ * %globaltimer before and after the wait and when the block leaves the
+ * scope of the wait (for a wait at the top of a kernel: the block's end),
+ * with the wait's source file and line. The records go to
+ * DS4_CUDA_GTRACE_FILE (default ds4-gtrace.txt) after that step;
+ * dev/gtrace.py names the kernels and sums the timeline. The default
+ * build has none of this code. */
+#ifndef CU_GTRACE
+#define CU_GTRACE 0
+#endif
+#if CU_GTRACE
+struct cu_gt_rec {
+    char file[16];
+    int line, last;            /* last: the grid's last block (else its first) */
+    unsigned nblk, smid;
+    unsigned long long t_pre, t_post, t_exit;
+};
+enum { CU_GT_CAP = 1 << 16 };
+static __constant__ unsigned *cu_gt_ctr; /* records taken; >= CU_GT_CAP: off */
+static __constant__ cu_gt_rec *cu_gt_buf;
+__device__ __forceinline__ unsigned long long cu_gt_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+struct cu_gt_guard {
+    const char *file;
+    int line, who; /* 0: not logged, 1: first block, 2: last block */
+    unsigned long long t_pre, t_post;
+    __device__ cu_gt_guard(const char *f, int l) : file(f), line(l), who(0), t_pre(0), t_post(0) {
+        const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        const unsigned nb = gridDim.x * gridDim.y * gridDim.z;
+        if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0 && (b == 0 || b == nb - 1))
+            who = b == 0 ? 1 : 2;
+        if (who) t_pre = cu_gt_now();
+    }
+    __device__ void waited() {
+        if (who) t_post = cu_gt_now();
+    }
+    __device__ ~cu_gt_guard() {
+        if (!who || *(volatile unsigned *)cu_gt_ctr >= CU_GT_CAP) return;
+        const unsigned long long t_exit = cu_gt_now();
+        const unsigned i = atomicAdd(cu_gt_ctr, 1u);
+        if (i >= CU_GT_CAP) return;
+        cu_gt_rec *r = cu_gt_buf + i;
+        const char *base = file;
+        for (const char *q = file; *q; q++)
+            if (*q == '/') base = q + 1;
+        int k = 0;
+        for (; k < 15 && base[k]; k++) r->file[k] = base[k];
+        for (; k < 16; k++) r->file[k] = 0;
+        unsigned sm;
+        asm("mov.u32 %0, %%smid;" : "=r"(sm));
+        r->line = line;
+        r->last = who == 2;
+        r->nblk = gridDim.x * gridDim.y * gridDim.z;
+        r->smid = sm;
+        r->t_pre = t_pre;
+        r->t_post = t_post;
+        r->t_exit = t_exit;
+    }
+};
+#define cu_pdl_wait()                                \
+    cu_gt_guard cu_gt_g_(__FILE__, __LINE__);        \
+    cu_pdl_wait_fn();                                \
+    cu_gt_g_.waited()
+#define cu_pdl_wait_only()                           \
+    cu_gt_guard cu_gt_g_(__FILE__, __LINE__);        \
+    cu_pdl_wait_only_fn();                           \
+    cu_gt_g_.waited()
+__device__ __forceinline__ void cu_pdl_wait_fn() {
+    if (cu_early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+__device__ __forceinline__ void cu_pdl_wait_only_fn() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+#define CU_TU_GTRACE(name)                                                                                 \
+    bool name##_gt(unsigned *ctr, cu_gt_rec *buf) {                                                        \
+        return cudaMemcpyToSymbol(cu_gt_ctr, &ctr, sizeof ctr) == cudaSuccess &&                           \
+               cudaMemcpyToSymbol(cu_gt_buf, &buf, sizeof buf) == cudaSuccess;                             \
+    }
+bool cu_sw_matvec_gt(unsigned *, cu_gt_rec *), cu_sw_mm_f_gt(unsigned *, cu_gt_rec *),
+    cu_sw_mm_q8_gt(unsigned *, cu_gt_rec *), cu_sw_attn_gt(unsigned *, cu_gt_rec *),
+    cu_sw_compress_gt(unsigned *, cu_gt_rec *), cu_sw_moe_gt(unsigned *, cu_gt_rec *),
+    cu_sw_backend_gt(unsigned *, cu_gt_rec *);
+#else
+#define CU_TU_GTRACE(name)
+#endif
+
 /* Each .cu file with kernels defines its setter of the device-side switches
  * (CU_TU_SWITCHES(name)); cu_create calls them all. */
 #define CU_TU_SWITCHES(name)                                                                            \
     bool name(int early_trigger) {                                                                      \
         return cudaMemcpyToSymbol(cu_early_trigger, &early_trigger, sizeof early_trigger) == cudaSuccess; \
-    }
+    }                                                                                                   \
+    CU_TU_GTRACE(name)
 bool cu_sw_matvec(int), cu_sw_mm_f(int), cu_sw_mm_q8(int), cu_sw_attn(int), cu_sw_compress(int), cu_sw_moe(int),
     cu_sw_backend(int);
 

@@ -894,6 +894,45 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
 
 /* ---------------------------------------------------------------- steps */
 
+/* DS4_CUDA_GTRACE=N in a CU_GTRACE build (cuda.cuh): the N-th replay of a
+ * step graph logs its kernels' first and last blocks; gt_end writes them. */
+static void gt_begin(cu_ctx *c) {
+    c->gt_on = false;
+    if (!CU_GTRACE || !c->gtrace || !c->gt_ctr || ++c->gt_replays != c->gtrace) return;
+    c->gt_on = cu_ok(c, cudaMemsetAsync(c->gt_ctr, 0, sizeof(unsigned), c->st), "gtrace");
+}
+
+static void gt_end(cu_ctx *c) {
+#if CU_GTRACE
+    if (!c->gt_on) return;
+    c->gt_on = false;
+    unsigned n = 0, off = CU_GT_CAP;
+    if (cudaMemcpy(&n, c->gt_ctr, sizeof n, cudaMemcpyDeviceToHost) != cudaSuccess ||
+        cudaMemcpy(c->gt_ctr, &off, sizeof off, cudaMemcpyHostToDevice) != cudaSuccess)
+        return;
+    if (n > CU_GT_CAP) n = CU_GT_CAP;
+    cu_gt_rec *r = (cu_gt_rec *)malloc((size_t)n * sizeof *r + 1);
+    if (!r || cudaMemcpy(r, c->gt_buf, (size_t)n * sizeof *r, cudaMemcpyDeviceToHost) != cudaSuccess) {
+        free(r);
+        return;
+    }
+    const char *path = getenv("DS4_CUDA_GTRACE_FILE");
+    if (!path || !*path) path = "ds4-gtrace.txt";
+    FILE *f = fopen(path, "w");
+    if (f) {
+        fprintf(f, "# file line last nblk smid t_pre t_post t_exit (ns, %%globaltimer)\n");
+        for (unsigned i = 0; i < n; i++)
+            fprintf(f, "%.16s %d %d %u %u %llu %llu %llu\n", r[i].file, r[i].line, r[i].last, r[i].nblk, r[i].smid,
+                    r[i].t_pre, r[i].t_post, r[i].t_exit);
+        fclose(f);
+        fprintf(stderr, "ds4: cuda: %u timeline records of graph replay %ld written to %s\n", n, c->gt_replays, path);
+    }
+    free(r);
+#else
+    (void)c;
+#endif
+}
+
 static int cu_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
     cu_preq_clear((cu_ctx *)ctx);
     cu_ctx *c = (cu_ctx *)ctx;
@@ -905,6 +944,7 @@ static int cu_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
     for (int i = 0; i < CU_MAX_GRAPHS; i++)
         if (c->graphs[i].key == si->graph_key) {
             c->graphs[i].used = ++c->graph_clock;
+            gt_begin(c);
             if (!cu_ok(c, cudaGraphLaunch(c->graphs[i].exec, c->st), "graph launch")) return report(c, err);
             return 1;
         }
@@ -1081,6 +1121,7 @@ static int cu_step_end(void *ctx, ds4_err *err) {
     if (c->capturing) finish_capture(c);
     cu_ok(c, cudaMemcpyAsync(c->hstatus, c->dstatus, sizeof(int), cudaMemcpyDeviceToHost, c->st), "status");
     cu_ok(c, cudaStreamSynchronize(c->st), "step");
+    gt_end(c);
     if (c->n_prof) prof_collect(c);
     if (*c->hstatus) {
         int st = *c->hstatus;
@@ -1139,6 +1180,8 @@ static void cu_destroy(void *ctx) {
     if (c->scratch_mem) cudaFree(c->scratch_mem);
     if (c->dstatus) cudaFree(c->dstatus);
     if (c->dids) cudaFree(c->dids);
+    if (c->gt_ctr) cudaFree(c->gt_ctr);
+    if (c->gt_buf) cudaFree(c->gt_buf);
     if (c->hstatus) cudaFreeHost(c->hstatus);
     if (c->hids) cudaFreeHost(c->hids);
     if (c->grid) cudaFree((void *)c->grid);
@@ -1220,6 +1263,7 @@ static const struct cu_switch {
     {"DS4_CUDA_COMB_BIG", &cu_ctx::comb_big},           /* 1: that comb in the q_b matvec / fused experts' gate/up */
     {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host, 1},      /* 0: HC-pre's Sinkhorn inside HC-pre (not a later kernel's spare block) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
+    {"DS4_CUDA_GTRACE", &cu_ctx::gtrace},               /* N: timeline of the N-th step graph replay (CU_GTRACE builds) */
 };
 
 static void cu_read_switches(cu_ctx *c) {
@@ -1377,6 +1421,22 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
         if (ok && !(cu_sw_matvec(lt) && cu_sw_mm_f(lt) && cu_sw_mm_q8(lt) && cu_sw_attn(lt) && cu_sw_compress(lt) &&
                     cu_sw_moe(lt) && cu_sw_backend(lt)))
             ok = cu_ok(c, cudaErrorInvalidValue, "device switches");
+#if CU_GTRACE
+        if (ok && c->gtrace) {
+            const unsigned off = CU_GT_CAP;
+            cu_gt_rec *b = nullptr;
+            ok = cu_ok(c, cudaMalloc((void **)&c->gt_ctr, sizeof(unsigned)), "gtrace") &&
+                 cu_ok(c, cudaMemcpy(c->gt_ctr, &off, sizeof off, cudaMemcpyHostToDevice), "gtrace") &&
+                 cu_ok(c, cudaMalloc((void **)&b, (size_t)CU_GT_CAP * sizeof(cu_gt_rec)), "gtrace");
+            c->gt_buf = b;
+            if (ok && !(cu_sw_matvec_gt(c->gt_ctr, b) && cu_sw_mm_f_gt(c->gt_ctr, b) && cu_sw_mm_q8_gt(c->gt_ctr, b) &&
+                        cu_sw_attn_gt(c->gt_ctr, b) && cu_sw_compress_gt(c->gt_ctr, b) && cu_sw_moe_gt(c->gt_ctr, b) &&
+                        cu_sw_backend_gt(c->gt_ctr, b)))
+                ok = cu_ok(c, cudaErrorInvalidValue, "gtrace switches");
+        }
+#else
+        if (c->gtrace) fprintf(stderr, "ds4: cuda: DS4_CUDA_GTRACE needs a build with NVDEFS=-DCU_GTRACE=1; ignored\n");
+#endif
     }
     if (!ok) {
         int rc = ds4_err_set(err, c->err ? c->err : DS4_E_BACKEND, "%s", c->msg);
