@@ -1058,6 +1058,7 @@ struct attn_p {
     int8_t *oq;              /* optional Q8_0 codes of o (n, H*dh), scales od */
     float *od;
     int att_r4;              /* k_attn_part's four-rows-per-warp phases (same bits; DS4_CUDA_NO_ATT_R4=1: off) */
+    int att_bfly;            /* the four rows' score sums by recursive halving (same bits; DS4_CUDA_ATT_BFLY) */
     void *st_raw;            /* by default the ring the merge stores the batch's kv rows into (the
                               * kv_store stage then has nothing left to do), else NULL */
     int st_f16;              /* its rows are half (else f32) */
@@ -1220,6 +1221,25 @@ __device__ __forceinline__ void ap_scores(const attn_p &p, const float *qs, cons
                     for (int h = 0; h < HB; h++) part[j][h] = fmaf(qv[h], v, part[j][h]);
                 }
             }
+        }
+        if (p.att_bfly) {
+            /* DS4_CUDA_ATT_BFLY=1: the 4 x HB warp sums by recursive halving
+             * (cu_warp_sums_halving: the same pairs, so the same bits), in
+             * sets of at most 32 values (value v = 4-row index j * HB + h);
+             * lane l ends with value l >> (5 - log2 N) of its set and the
+             * first lane of each value stores it */
+            constexpr int N = 4 * HB > 32 ? 32 : 4 * HB, NS = 4 * HB / N, SH = N == 32 ? 0 : N == 16 ? 1 : N == 8 ? 2 : 3;
+            static_assert(4 * HB % N == 0 && (N >> (5 - SH)) == 1, "ap_scores: HB a power of two from 1 to 16");
+#pragma unroll
+            for (int q = 0; q < NS; q++) {
+                float a[N];
+#pragma unroll
+                for (int i = 0; i < N; i++) a[i] = part[(q * N + i) / HB][(q * N + i) % HB];
+                const float s = cu_warp_sums_halving<N>(a, lane);
+                const int v = q * N + (lane >> SH), j = v / HB, h = v % HB, r = w + 8 * j;
+                if ((lane & ((1 << SH) - 1)) == 0 && r < nr) sc[h * ATT_R + r] = s * p.scale;
+            }
+            return;
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -2101,6 +2121,7 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     const int nr_cap = hp->window + (l->kind == DS4_ATTN_CSA ? hp->idx_topk : l->kind == DS4_ATTN_HCA ? a->comp_cap : 0);
     p.scale = 1.0f / sqrtf((float)dh);
     p.att_r4 = !c->no_att_r4;
+    p.att_bfly = c->att_bfly;
     if (dh % 32 || dh > 256 * ATT_MAXK) {
         cu_fail(c, DS4_E_INTERNAL, "cuda: attention head_dim %d (needs a multiple of 32, at most %d)", dh, 256 * ATT_MAXK);
         return c->err;

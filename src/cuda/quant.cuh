@@ -331,6 +331,30 @@ __device__ __forceinline__ float cu_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+/* The warp sums of N values per lane (N a power of two <= 32) by
+ * recursive halving: at offset O a lane keeps the half of its values that
+ * its lane bit O names and adds its partner's copy of each (own + partner,
+ * as cu_warp_sum), then the next offset; once one value is left, the rest
+ * of cu_warp_sum's offsets. Every value is added in cu_warp_sum's pairs and
+ * order, so the same bits, with N - 1 shuffles for all N values instead of
+ * 5 each. Lane l returns the sum of value l >> (5 - log2 N). */
+template <int N, int O = 16>
+__device__ __forceinline__ float cu_warp_sums_halving(const float (&a)[N], int lane) {
+    static_assert(N == 1 || N <= 2 * O, "cu_warp_sums_halving: at most 32 values");
+    if constexpr (N == 1) {
+        float v = a[0];
+#pragma unroll
+        for (int o = O; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        return v;
+    } else {
+        const bool bit = lane & O;
+        float b[N / 2];
+#pragma unroll
+        for (int i = 0; i < N / 2; i++)
+            b[i] = (bit ? a[N / 2 + i] : a[i]) + __shfl_xor_sync(0xffffffffu, bit ? a[i] : a[N / 2 + i], O);
+        return cu_warp_sums_halving<N / 2, O / 2>(b, lane);
+    }
+}
 __device__ __forceinline__ double cu_warp_sumd(double v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
