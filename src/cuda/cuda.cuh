@@ -407,7 +407,7 @@ struct cu_gt_guard {
         if (who) t_post = cu_gt_now();
     }
     __device__ ~cu_gt_guard() {
-        if (!who || *(volatile unsigned *)cu_gt_ctr >= CU_GT_CAP) return;
+        if (!who || !cu_gt_ctr || *(volatile unsigned *)cu_gt_ctr >= CU_GT_CAP) return;
         const unsigned long long t_exit = cu_gt_now();
         const unsigned i = atomicAdd(cu_gt_ctr, 1u);
         if (i >= CU_GT_CAP) return;
