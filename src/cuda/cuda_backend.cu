@@ -1239,6 +1239,7 @@ static const struct cu_switch {
     {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp, -1},       /* 0|1|2: indexer top-k, 8 keys per thread never|always|by rows on device */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
     {"DS4_CUDA_ATT_BFLY", &cu_ctx::att_bfly},           /* 1: attention score sums by recursive halving (same bits) */
+    {"DS4_CUDA_ATT_QT", &cu_ctx::att_qt},               /* 1: attention queries staged dim-major (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
     {"DS4_CUDA_TWICE", &cu_ctx::twice_diag},            /* 1: timing only, wrong results: eager launches twice (KPROF) */
