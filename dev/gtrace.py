@@ -69,21 +69,29 @@ def main():
     lasts = [r for r in recs if r["last"]]
     # pair each first block with the last block of the same launch: the
     # same site and grid, the nearest last-block record that started after it
-    used = set()
+    # (a last block that returns before its wait logs nothing: a launch
+    # without one keeps its first block's exit as its end)
     by_site = defaultdict(list)
-    for i, r in enumerate(lasts):
-        by_site[(r["site"], r["nblk"])].append(i)
-    insts = []
+    for r in lasts:
+        by_site[(r["site"], r["nblk"])].append(r)
+    firsts_of = defaultdict(list)
     for r in firsts:
-        cand = [i for i in by_site[(r["site"], r["nblk"])] if i not in used and lasts[i]["pre"] >= r["pre"]]
-        end = r["exit"]
-        lpre = None
-        if r["nblk"] > 1 and cand:
-            i = min(cand, key=lambda i: lasts[i]["pre"])
-            used.add(i)
-            end = max(end, lasts[i]["exit"])
-            lpre = lasts[i]["pre"]
-        insts.append(dict(name=r["name"], nblk=r["nblk"], pre=r["pre"], post=r["post"], end=end, lpre=lpre))
+        firsts_of[(r["site"], r["nblk"])].append(r)
+    insts = []
+    for key, fs in firsts_of.items():
+        ls = sorted(by_site[key], key=lambda r: r["pre"])
+        for k, r in enumerate(fs):
+            # the last block of the same launch: the nearest one in time (it
+            # may start before the first block), nearer than the neighbour launches
+            prv = fs[k - 1]["pre"] if k else -float("inf")
+            nxt = fs[k + 1]["pre"] if k + 1 < len(fs) else float("inf")
+            lo, hi = (prv + r["pre"]) / 2, (r["pre"] + nxt) / 2
+            cand = sorted((l for l in ls if lo <= l["pre"] < hi), key=lambda l: abs(l["pre"] - r["pre"])) if r["nblk"] > 1 else []
+            end, lpre = r["exit"], None
+            if cand:
+                end = max(end, cand[0]["exit"])
+                lpre = cand[0]["pre"]
+            insts.append(dict(name=r["name"], nblk=r["nblk"], pre=r["pre"], post=r["post"], end=end, lpre=lpre))
     insts.sort(key=lambda x: x["post"])
     span = max(x["end"] for x in insts) - t0
     # idle: time covered by no kernel's [post, end]
@@ -120,7 +128,7 @@ def main():
     if a.timeline:
         print("\n%10s %8s %8s %8s %7s  %s" % ("post us", "run", "resid", "tail", "blocks", "kernel"))
         for x in insts:
-            tail = (x["end"] - x["lpre"]) / 1e3 if x["lpre"] else 0.0
+            tail = (x["end"] - x["lpre"]) / 1e3 if x["lpre"] is not None else 0.0
             print("%10.2f %8.2f %8.2f %8.2f %7d  %s" % ((x["post"] - t0) / 1e3, (x["end"] - x["post"]) / 1e3,
                                                      (x["post"] - x["pre"]) / 1e3, tail, x["nblk"], x["name"]))
 
