@@ -51,7 +51,6 @@ struct variant {
     int on; /* DS4_CUDA_ATT_ONLINE: 1 the partial kernel + k_attn_merge<ON>, 2 k_attn_fused (hb heads, rh rows);
              * both checked bit for bit against the first variant with on = 1 */
     int bf; /* DS4_CUDA_ATT_BFLY: the score sums by recursive halving (same bits) */
-    int qt; /* DS4_CUDA_ATT_QT: queries staged dim-major (same bits) */
 };
 
 /* registers per thread and resident blocks per SM of a kernel at 256 threads and smem bytes */
@@ -88,7 +87,6 @@ template <int HB> static void fused(const attn_p &p, int n, size_t smem) {
 static void run_variant(attn_p p, int n, const variant &v, bool merge = true) {
     const int S = p.S;
     p.att_bfly = v.bf;
-    p.att_qt = v.qt;
     if (v.on == 2) { /* the whole attention in one kernel */
         const size_t fsm = attn_part_smem(v.hb, p.dh, true) + 4 * (size_t)v.hb * sizeof(float);
         if (v.hb == 16) fused<16>(p, n, fsm);
@@ -197,10 +195,7 @@ static int bench_case(const char *label, int kind, int pos0, int n, int reps) {
                           {"fused16", 16, 1, 512, 1, 0, 1, 2},
                           {"hb4 rh bf", 4, 1, 512, 4, 0, 1, 0, 1}, {"hb8 rh bf", 8, 1, 512, 4, 0, 1, 0, 1},
                           {"hb16 mz4 bf", 16, 1, 512, 4, 0, 0, 0, 1}, {"fused8 bf", 8, 1, 512, 1, 0, 1, 2, 1},
-                          {"fused16 bf", 16, 1, 512, 1, 0, 1, 2, 1},
-                          {"hb4 rh bf qt", 4, 1, 512, 4, 0, 1, 0, 1, 1}, {"hb8 rh bf qt", 8, 1, 512, 4, 0, 1, 0, 1, 1},
-                          {"hb16 mz4 bf qt", 16, 1, 512, 4, 0, 0, 0, 1, 1}, {"fused8 bf qt", 8, 1, 512, 1, 0, 1, 2, 1, 1},
-                          {"fused8 qt", 8, 1, 512, 1, 0, 1, 2, 0, 1}};
+                          {"fused16 bf", 16, 1, 512, 1, 0, 1, 2, 1}};
     std::vector<float> ref((size_t)n * H * dh), got(ref.size()), ref_on(ref.size());
     printf("%s (n %d at %d, %d splits):", label, n, pos0, S);
     fflush(stdout);

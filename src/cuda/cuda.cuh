@@ -247,11 +247,12 @@ struct cu_ctx {
     int no_idx_mma;        /* DS4_CUDA_NO_IDX_MMA=1: FP4 indexer scores on CUDA cores (float sums), not k_idx_scores_mma */
     int no_att_r4;         /* DS4_CUDA_NO_ATT_R4=1: k_attn_part's row-at-a-time loops (four rows per warp by default) */
     int att_bfly;          /* DS4_CUDA_ATT_BFLY=1: the attention's score warp sums by recursive halving (same bits) */
-    int att_qt;            /* DS4_CUDA_ATT_QT=1: the attention's queries staged dim-major, 4 heads per shared load (same bits) */
     int att_tc_hb;         /* DS4_CUDA_ATT_TC_HB=16|32|64: tensor-core attention heads per block (0 = 16 for
                             * fewer than 32 tokens, else 64) */
     int no_route_group;    /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
     int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
+    int mv_tall;           /* DS4_CUDA_MV_TALL=2|4: one-token Q8_0 launches of many rows in all at 2 or 4 rows per warp */
+    int mv_tall_min;       /* DS4_CUDA_MV_TALL_MIN: from how many rows (default 8192) */
     int moe1_seq;          /* DS4_CUDA_MOE1_SEQ=1: fused experts' rows one after the other (A/B switch) */
     int xpf;               /* DS4_CUDA_XPF=1: L2 prefetch of the fused experts' routed rows (opt-in until measured) */
     int mv_no_few;         /* DS4_CUDA_NO_MV_FEW=1: 2..4 tokens on the generic k_matvec (A/B switch) */

@@ -1215,6 +1215,8 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_PREQ", &cu_ctx::no_preq},             /* 1: quantize activations at every consumer */
     {"DS4_CUDA_NO_ROUTE_GROUP", &cu_ctx::no_route_group}, /* 1: one-token expert grouping by moe_group */
     {"DS4_CUDA_MV_R1", &cu_ctx::mv_no_r2},              /* 1: one row per warp in every matvec */
+    {"DS4_CUDA_MV_TALL", &cu_ctx::mv_tall},             /* 2|4: many-row one-token Q8_0 launches at 2 or 4 rows per warp (same bits) */
+    {"DS4_CUDA_MV_TALL_MIN", &cu_ctx::mv_tall_min},     /* N: MV_TALL from N rows per launch (default 8192) */
     {"DS4_CUDA_NO_MV_FEW", &cu_ctx::mv_no_few},         /* 1: 2..4-token matvecs on the generic kernel */
     {"DS4_CUDA_MOE1_SEQ", &cu_ctx::moe1_seq},           /* 1: fused experts' rows one after the other */
     {"DS4_CUDA_XPF", &cu_ctx::xpf},                     /* 1: L2 prefetch of the fused experts' routed rows */
@@ -1238,8 +1240,7 @@ static const struct cu_switch {
     {"DS4_CUDA_ATT_FUSED_MAX_S", &cu_ctx::att_fused_max_s, ATT_FUSED_MAX_S}, /* N: k_attn_fused up to N splits (same bits) */
     {"DS4_CUDA_TOPK_ILP", &cu_ctx::topk_ilp, -1},       /* 0|1|2: indexer top-k, 8 keys per thread never|always|by rows on device */
     {"DS4_CUDA_NO_ATT_R4", &cu_ctx::no_att_r4},         /* 1: k_attn_part's row-at-a-time loops (same bits) */
-    {"DS4_CUDA_ATT_BFLY", &cu_ctx::att_bfly},           /* 1: attention score sums by recursive halving (same bits) */
-    {"DS4_CUDA_ATT_QT", &cu_ctx::att_qt},               /* 1: attention queries staged dim-major (same bits) */
+    {"DS4_CUDA_ATT_BFLY", &cu_ctx::att_bfly, 1},        /* 0: attention score sums one xor tree per score (same bits) */
     {"DS4_CUDA_ATT_TC_HB", &cu_ctx::att_tc_hb},         /* 16|32|64: tensor-core attention heads per block */
     {"DS4_CUDA_HC_DIAG", &cu_ctx::hc_diag},             /* timing only, wrong results: HC-pre bits */
     {"DS4_CUDA_TWICE", &cu_ctx::twice_diag},            /* 1: timing only, wrong results: eager launches twice (KPROF) */

@@ -491,6 +491,24 @@ static int mv_f_rows(const mv_params &p, int rows, int max_n = 1) {
     return R;
 }
 
+/* DS4_CUDA_MV_TALL=R (2 or 4; opt-in until measured): one token, a Q8_0
+ * launch that mv_two_rows leaves at one row per warp but whose rows in all
+ * reach DS4_CUDA_MV_TALL_MIN (default 8192; at most 32768, so not the head)
+ * takes R rows per warp. The case: the grouped o_a (8 segments of 1,024 rows
+ * x 128 chunks: WPR 4 from the segment's shape, one chunk round per warp,
+ * 4,096 blocks) measured 25.8 us in a graph replay on an H100 (thirtieth
+ * session's timeline) against 12.7-13.9 us for o_b and q_b, which move the
+ * same 35.6 MB at two rows per warp. R never changes a value (each row keeps
+ * k_matvec's order), so the same bits. Returns R, or 0. */
+static int mv_tall_rows(const cu_ctx *c, const mv_params &p, int rows) {
+    if (c->mv_no_r2 || (c->mv_tall != 2 && c->mv_tall != 4) || p.n != 1 || p.skip_le > 0 || !p.aq) return 0;
+    const int lo = c->mv_tall_min > 0 ? c->mv_tall_min : 8192;
+    if (rows < lo || rows > 32768) return 0;
+    for (int i = 0; i < p.n_seg; i++)
+        if (p.seg[i].rows % c->mv_tall) return 0;
+    return c->mv_tall;
+}
+
 template <int WT, bool AQ, int WPR>
 static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     dim3 grid(cu_div_up(rows, 8 / WPR));
@@ -504,6 +522,15 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
             }
             if (p.cj.n) cu_launch(c, k_matvec_q8r<WPR, 2, true>, dim3(cu_div_up(rows, 8 / WPR * 2) + 1), 256, 0, p);
             else cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
+            return;
+        }
+        const int rt = mv_tall_rows(c, p, rows);
+        if (rt == 2) {
+            cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
+            return;
+        }
+        if (rt == 4) {
+            cu_launch(c, k_matvec_q8r<WPR, 4>, dim3(cu_div_up(rows, 8 / WPR * 4)), 256, 0, p);
             return;
         }
     }

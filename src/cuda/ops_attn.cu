@@ -1059,7 +1059,6 @@ struct attn_p {
     float *od;
     int att_r4;              /* k_attn_part's four-rows-per-warp phases (same bits; DS4_CUDA_NO_ATT_R4=1: off) */
     int att_bfly;            /* the four rows' score sums by recursive halving (same bits; DS4_CUDA_ATT_BFLY) */
-    int att_qt;              /* queries staged dim-major (q[e][h]) for the four-row scores (same bits; DS4_CUDA_ATT_QT) */
     void *st_raw;            /* by default the ring the merge stores the batch's kv rows into (the
                               * kv_store stage then has nothing left to do), else NULL */
     int st_f16;              /* its rows are half (else f32) */
@@ -1211,16 +1210,8 @@ __device__ __forceinline__ void ap_scores(const attn_p &p, const float *qs, cons
         for (int k = 0; k < per; k++) {
             const int e = lane + 32 * k;
             float qv[HB];
-            if (p.att_qt && HB % 4 == 0) { /* dim-major queries (ap_stage_q): the HB values of dim e in HB / 4 loads */
 #pragma unroll
-                for (int h = 0; h < HB; h += 4) {
-                    const float4 q4 = *(const float4 *)(qs + e * HB + h);
-                    qv[h] = q4.x, qv[h + 1] = q4.y, qv[h + 2] = q4.z, qv[h + 3] = q4.w;
-                }
-            } else {
-#pragma unroll
-                for (int h = 0; h < HB; h++) qv[h] = qs[h * dh + e];
-            }
+            for (int h = 0; h < HB; h++) qv[h] = qs[h * dh + e];
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const int r = w + 8 * j;
@@ -1332,20 +1323,6 @@ __device__ __forceinline__ void ap_stage_q(const attn_p &p, float *qs, int t, in
 #pragma unroll
         for (int k = 0; k < LB; k++)
             if (i0 + k * (int)blockDim.x < n4) v[k] = qg[i0 + k * blockDim.x];
-        if (p.att_qt && HB % 4 == 0) { /* DS4_CUDA_ATT_QT: dim-major, q[e][h] at qs[e * HB + h] */
-#pragma unroll
-            for (int k = 0; k < LB; k++) {
-                const int i = i0 + k * (int)blockDim.x;
-                if (i < n4) {
-                    const int h = i / (dh / 4), e = (i % (dh / 4)) * 4;
-                    qs[e * HB + h] = v[k].x;
-                    qs[(e + 1) * HB + h] = v[k].y;
-                    qs[(e + 2) * HB + h] = v[k].z;
-                    qs[(e + 3) * HB + h] = v[k].w;
-                }
-            }
-            continue;
-        }
 #pragma unroll
         for (int k = 0; k < LB; k++)
             if (i0 + k * (int)blockDim.x < n4) ((float4 *)qs)[i0 + k * blockDim.x] = v[k];
@@ -2145,7 +2122,6 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     p.scale = 1.0f / sqrtf((float)dh);
     p.att_r4 = !c->no_att_r4;
     p.att_bfly = c->att_bfly;
-    p.att_qt = c->att_qt && p.att_r4; /* the row-at-a-time loop reads head-major queries */
     if (dh % 32 || dh > 256 * ATT_MAXK) {
         cu_fail(c, DS4_E_INTERNAL, "cuda: attention head_dim %d (needs a multiple of 32, at most %d)", dh, 256 * ATT_MAXK);
         return c->err;
