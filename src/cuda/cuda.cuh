@@ -293,6 +293,13 @@ struct cu_ctx {
     bool comm_owner;
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
+    /* DS4_CUDA_IDX_FORK=1: the indexer's query path on its own stream,
+     * forked after the q_a norm (ev_qa, recorded while qa_live) and joined
+     * before the scores (ev_iq) */
+    int idx_fork;
+    cudaStream_t st4;
+    cudaEvent_t ev_qa, ev_iq;
+    bool qa_live;
     bool side_live;        /* work queued on st2 that st has not joined yet */
     int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     int comb_big;          /* DS4_CUDA_COMB_BIG=1: that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
@@ -634,6 +641,10 @@ int cu_mtp_embed(void *ctx, const ds4_mtp_embed_args *a);
 /* ops_compress.cu */
 int cu_compress_update(void *ctx, const ds4_compress_args *a);
 int cu_indexer_select(void *ctx, const ds4_indexer_args *a);
+/* its two halves: the query path (projections, k_idx_q: reads the q_a
+ * norm's output and HC-pre's only) and the scores + top-k */
+int cu_indexer_q(cu_ctx *c, const ds4_indexer_args *a);
+int cu_indexer_scores(cu_ctx *c, const ds4_indexer_args *a);
 /* ops_moe.cu */
 int cu_moe_route(void *ctx, const ds4_moe_route_args *a);
 int cu_moe_experts(void *ctx, const ds4_moe_experts_args *a);

@@ -238,12 +238,45 @@ void cu_ahead(cu_ctx *c, int bit, const ds4_weight *const *ws, int nw, int n_tok
         return op(ctx, a);                                                                              \
     }
 CU_JOINED(cu_embed, ds4_embed_args)
-CU_JOINED(cu_indexer_select, ds4_indexer_args)
 CU_JOINED(cu_kv_store, ds4_kv_store_args)
 CU_JOINED(cu_hc_post, ds4_hc_post_args)
 CU_JOINED(cu_head, ds4_head_args)
 CU_JOINED(cu_mtp_embed, ds4_mtp_embed_args)
 #undef CU_JOINED
+
+/* The indexer. DS4_CUDA_IDX_FORK=1 (opt-in until measured): for up to 4
+ * tokens, its query path (the q and weights projections and k_idx_q, which
+ * read only the q_a norm's output and HC-pre's) runs on a stream of its own
+ * forked after the q_a norm (ev_qa, cu_attn_project), so that it overlaps
+ * q_b, the q/kv finish and the compressors; the scores and the top-k then
+ * wait for it (ev_iq) and for the compressors (cu_join) on the main stream.
+ * The H100 timeline of a CSA layer (thirtieth session) had the query path
+ * start after the q/kv finish and the compressors: ~14 us of it, and the
+ * ~15 us of scores + top-k, before the attention. Only with float indexer
+ * weights: their matvecs quantize nothing, so the path writes only the
+ * indexer's own scratch (s.qi, s.wt, s.qc, s.qp). The same kernels with the
+ * same inputs: the same bits. */
+static int cu_indexer_select_j(void *ctx, const ds4_indexer_args *a) {
+    cu_ctx *c = (cu_ctx *)ctx;
+    const bool fork = c->idx_fork && c->qa_live && c->st4 && side_on(c) && a->n <= 4 &&
+                      cu_act_type(a->l->idx_q_b.type) < 0 && cu_act_type(a->l->idx_proj.type) < 0;
+    c->qa_live = false;
+    if (!fork) {
+        cu_join(c);
+        return cu_indexer_select(ctx, a);
+    }
+    if (c->err) return c->err;
+    if (!cu_ok(c, cudaStreamWaitEvent(c->st4, c->ev_qa, 0), "indexer fork")) return c->err;
+    cudaStream_t main_st = c->st;
+    c->st = c->st4;
+    cu_indexer_q(c, a);
+    c->st = main_st;
+    /* joined whatever happened, so that a capture never ends with the stream open */
+    cu_ok(c, cudaEventRecord(c->ev_iq, c->st4), "indexer join");
+    cu_ok(c, cudaStreamWaitEvent(c->st, c->ev_iq, 0), "indexer join");
+    cu_join(c);
+    return cu_indexer_scores(c, a);
+}
 
 /* cu_join, but a pending comb stays pending (for a kernel of this op to host) */
 static void cu_join_keep_comb(cu_ctx *c) {
@@ -940,6 +973,7 @@ static int cu_step_begin(void *ctx, const ds4_step_info *si, ds4_err *err) {
     c->kv_fused = cu_kv_fused{};
     c->err = 0;
     c->capturing = false;
+    c->qa_live = false;
     if (c->no_graphs || !si->graph_key) return 0;
     for (int i = 0; i < CU_MAX_GRAPHS; i++)
         if (c->graphs[i].key == si->graph_key) {
@@ -1193,6 +1227,9 @@ static void cu_destroy(void *ctx) {
     if (c->st2) cudaStreamDestroy(c->st2);
     if (c->ev_fork) cudaEventDestroy(c->ev_fork);
     if (c->ev_join) cudaEventDestroy(c->ev_join);
+    if (c->st4) cudaStreamDestroy(c->st4);
+    if (c->ev_qa) cudaEventDestroy(c->ev_qa);
+    if (c->ev_iq) cudaEventDestroy(c->ev_iq);
     if (c->st3) cudaStreamDestroy(c->st3);
     if (c->ev_af) cudaEventDestroy(c->ev_af);
     if (c->ev_aj) cudaEventDestroy(c->ev_aj);
@@ -1266,6 +1303,7 @@ static const struct cu_switch {
     {"DS4_CUDA_COMB_BIG", &cu_ctx::comb_big},           /* 1: that comb in the q_b matvec / fused experts' gate/up */
     {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host, 1},      /* 0: HC-pre's Sinkhorn inside HC-pre (not a later kernel's spare block) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
+    {"DS4_CUDA_IDX_FORK", &cu_ctx::idx_fork},           /* 1: the indexer's query path on its own stream (same bits) */
     {"DS4_CUDA_GTRACE", &cu_ctx::gtrace},               /* N: timeline of the N-th step graph replay (CU_GTRACE builds) */
 };
 
@@ -1406,6 +1444,10 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
               (cu_ok(c, cudaStreamCreateWithFlags(&c->st2, cudaStreamNonBlocking), "stream") &&
                cu_ok(c, cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming), "event") &&
                cu_ok(c, cudaEventCreateWithFlags(&c->ev_join, cudaEventDisableTiming), "event"))) &&
+             (!c->idx_fork || c->no_side_stream ||
+              (cu_ok(c, cudaStreamCreateWithFlags(&c->st4, cudaStreamNonBlocking), "stream") &&
+               cu_ok(c, cudaEventCreateWithFlags(&c->ev_qa, cudaEventDisableTiming), "event") &&
+               cu_ok(c, cudaEventCreateWithFlags(&c->ev_iq, cudaEventDisableTiming), "event"))) &&
              (!c->l2ahead ||
               (cu_ok(c, cudaStreamCreateWithFlags(&c->st3, cudaStreamNonBlocking), "stream") &&
                cu_ok(c, cudaEventCreateWithFlags(&c->ev_af, cudaEventDisableTiming), "event") &&

@@ -1194,6 +1194,19 @@ static void launch_topk(cu_ctx *c, const ds4_indexer_args *a, int nt, int t0, in
 int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     cu_ctx *c = (cu_ctx *)ctx;
     if (c->err) return c->err;
+    cu_indexer_q(c, a);
+    return cu_indexer_scores(c, a);
+}
+
+/* whether the FP4 scores run on int8 tensor cores (k_idx_q then writes the codes) */
+static bool idx_mma(const cu_ctx *c, const ds4_indexer_args *a) {
+    const ds4_hparams *hp = &a->m->hp;
+    const int IH = hp->idx_heads, ID = hp->idx_dim;
+    return !c->no_idx_mma && a->num.fp4_indexer && IH <= 64 && ID <= 128 && ID % 32 == 0;
+}
+
+int cu_indexer_q(cu_ctx *c, const ds4_indexer_args *a) {
+    if (c->err) return c->err;
     const ds4_hparams *hp = &a->m->hp;
     const ds4_layer *l = a->l;
     const int n = a->n, IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
@@ -1203,13 +1216,21 @@ int cu_indexer_select(void *ctx, const ds4_indexer_args *a) {
     cu_mv_pair(c, &l->idx_proj, c->s.wt, IH, nullptr, nullptr, 0, a->u, hp->n_embd, n, a->num.act_quant, &c->s.a2,
                a->step, K);
     /* FP4 numerics on int8 tensor cores: k_idx_q writes the codes */
-    const bool mma = !c->no_idx_mma && a->num.fp4_indexer && IH <= 64 && ID <= 128 && ID % 32 == 0;
+    const bool mma = idx_mma(c, a);
     dim3 gq(IH, n);
     cu_launch(c, k_idx_q, gq, 128, (size_t)2 * ID * sizeof(float), c->s.qi, IH, ID, hp->n_rot, a->rope->inv_freq,
                                                                  a->num.fp4_indexer, K, n, mma ? c->s.qc : nullptr,
               mma ? c->s.qp : nullptr, a->step,
               (int)(c->rownorm_reg && ID == 128 && hp->n_rot % 2 == 0 && hp->n_rot <= ID));
     CU_LAUNCH(c, "indexer_q");
+    return c->err;
+}
+
+int cu_indexer_scores(cu_ctx *c, const ds4_indexer_args *a) {
+    if (c->err) return c->err;
+    const ds4_hparams *hp = &a->m->hp;
+    const int n = a->n, IH = hp->idx_heads, ID = hp->idx_dim, K = hp->idx_topk;
+    const bool mma = idx_mma(c, a);
     const float sm_scale = 1.0f / sqrtf((float)ID), w_scale = 1.0f / sqrtf((float)IH);
     const int64_t ld = (int64_t)(c->s.n_ctx / 4 + 1);
     /* The grid covers the rows visible to the batch's last token. A step

@@ -241,6 +241,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_ATT_BFLY", "0"), ("q2:DS4_CUDA_ATT_BFLY", "0"),
                                      ("DS4_CUDA_ATT_BFLY", "0,DS4_CUDA_ATT_HB=1"), ("DS4_CUDA_ATT_BFLY", "0,DS4_CUDA_ATT_HB=2"),
                                      ("DS4_CUDA_ATT_BFLY", "0,DS4_CUDA_ATT_HB=16"),
+                                     ("DS4_CUDA_IDX_FORK", "1"), ("q2:DS4_CUDA_IDX_FORK", "1"),
+                                     ("DS4_CUDA_IDX_FORK", "1,DS4_CUDA_NO_SIDE_STREAM=1"),
                                      ("DS4_CUDA_MV_TALL", "2,DS4_CUDA_MV_TALL_MIN=1"),
                                      ("DS4_CUDA_MV_TALL", "4,DS4_CUDA_MV_TALL_MIN=1"),
                                      ("q2:DS4_CUDA_MV_TALL", "4,DS4_CUDA_MV_TALL_MIN=1"),
