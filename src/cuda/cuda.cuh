@@ -2,8 +2,11 @@
  * error handling, the scratch layout, the weight layout on the device and
  * the launchers each op file provides.
  *
- * One context = one device, one stream: every kernel and copy of the
- * backend is ordered on ctx->st, so stages never need events between them.
+ * One context = one device, one main stream: every kernel and copy of the
+ * backend is ordered on ctx->st, except the work forked onto side streams
+ * with events and joined back before anything reads it (the compressors
+ * on st2 after HC-pre, cuda_backend.cu; L2 prefetches on st3,
+ * DS4_CUDA_L2AHEAD; the indexer's query path on st4, DS4_CUDA_IDX_FORK).
  * The first error (a CUDA call, a launch, or a device-side range check) is
  * kept in the context and reported by step_end; after it every stage is a
  * no-op until step_end clears it.

@@ -985,8 +985,10 @@ int cu_attn_project(void *ctx, const ds4_attn_project_args *a) {
     cu_launch(c, k_rows_rmsnorm, n, 256, (size_t)ql * sizeof(float), a->cq, ql, ql, l->q_a_norm, hp->rms_eps,
               qa_codes ? c->s.a1.q : (int8_t *)nullptr, qa_codes ? c->s.a1.d : (float *)nullptr, c->rownorm_reg);
     CU_LAUNCH(c, "q_a_norm");
-    /* DS4_CUDA_IDX_FORK=1: the indexer's query path may start here (cu_indexer_select_j) */
-    if (c->st4 && n <= 4) c->qa_live = cu_ok(c, cudaEventRecord(c->ev_qa, c->st), "indexer fork");
+    /* DS4_CUDA_IDX_FORK=1: the indexer's query path may start here
+     * (cu_indexer_select_j); only this layer's event is ever waited on */
+    c->qa_live = false;
+    if (c->idx_fork && c->st4 && n <= 4) c->qa_live = cu_ok(c, cudaEventRecord(c->ev_qa, c->st), "indexer fork");
     if (qa_codes) cu_preq_set(c, a->cq, n, ql, ql, DS4_TYPE_Q8_0, &c->s.a1);
     /* DS4_CUDA_COMB_BIG=1: the attention's HC-pre comb, if left for later, is
      * offered to the q_b matvec (one token: k_matvec_q8r's block 0, ~13 us of
