@@ -142,11 +142,11 @@ while [ $# -gt 0 ]; do
         [ $# -gt 0 ] && shift
         nb=$(( ${nb:-0} + 1 ))
         echo "== ds4-bench ${args[*]}"
-        # DS4_CUDA_GTRACE=N (a CU_GTRACE build): the timeline file goes to $OUT
-        gtf=()
-        [ -n "${DS4_CUDA_GTRACE:-}" ] && gtf=(env "DS4_CUDA_GTRACE_FILE=$OUT/gtrace-$nb.txt")
-        timeout "${BENCH_TIMEOUT:-240}" "${gtf[@]}" ./ds4-bench "${args[@]}" --csv "$OUT/bench-$nb.csv" > "$OUT/bench-$nb.log" 2>&1
+        rm -f ds4-gtrace.txt
+        timeout "${BENCH_TIMEOUT:-240}" ./ds4-bench "${args[@]}" --csv "$OUT/bench-$nb.csv" > "$OUT/bench-$nb.log" 2>&1
         echo "bench: exit $?"
+        # DS4_CUDA_GTRACE=N in a CU_GTRACE build writes the timeline to ds4-gtrace.txt: kept in $OUT
+        [ -f ds4-gtrace.txt ] && mv ds4-gtrace.txt "$OUT/gtrace-$nb.txt"
         cut -c1-160 "$OUT/bench-$nb.log" | tail -"${BENCH_TAIL:-40}" ;;
     esac
 done

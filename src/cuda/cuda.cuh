@@ -382,8 +382,8 @@ __device__ __forceinline__ void cu_pdl_wait_only() { asm volatile("griddepcontro
  * and the last block of every kernel log, at the kernel's cu_pdl_wait, the
  * %globaltimer before and after the wait and when the block leaves the
  * scope of the wait (for a wait at the top of a kernel: the block's end),
- * with the wait's source file and line. The records go to
- * DS4_CUDA_GTRACE_FILE (default ds4-gtrace.txt) after that step;
+ * with the wait's source file and line. The records go to ds4-gtrace.txt
+ * in the working directory after that step;
  * dev/gtrace.py names the kernels and sums the timeline. The default
  * build has none of this code. */
 #ifndef CU_GTRACE

@@ -949,8 +949,7 @@ static void gt_end(cu_ctx *c) {
         free(r);
         return;
     }
-    const char *path = getenv("DS4_CUDA_GTRACE_FILE");
-    if (!path || !*path) path = "ds4-gtrace.txt";
+    const char *path = "ds4-gtrace.txt";
     FILE *f = fopen(path, "w");
     if (f) {
         fprintf(f, "# file line last nblk smid t_pre t_post t_exit (ns, %%globaltimer)\n");

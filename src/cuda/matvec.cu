@@ -514,7 +514,8 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     dim3 grid(cu_div_up(rows, 8 / WPR));
     if constexpr (WT == DS4_TYPE_Q8_0 && AQ) {
         if (cu_mm_q8(c, p, rows, WPR)) return;
-        if (!c->mv_no_r2 && mv_two_rows(p, WPR)) {
+        const int rt = !c->mv_no_r2 && mv_two_rows(p, WPR) ? 2 : mv_tall_rows(c, p, rows);
+        if (rt == 2) {
             /* a comb offered by the caller (DS4_CUDA_COMB_BIG, one token): one more block, the first */
             if (c->mv_cj.n && p.n == 1) {
                 p.cj = c->mv_cj;
@@ -522,11 +523,6 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
             }
             if (p.cj.n) cu_launch(c, k_matvec_q8r<WPR, 2, true>, dim3(cu_div_up(rows, 8 / WPR * 2) + 1), 256, 0, p);
             else cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
-            return;
-        }
-        const int rt = mv_tall_rows(c, p, rows);
-        if (rt == 2) {
-            cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
             return;
         }
         if (rt == 4) {
