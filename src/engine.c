@@ -786,8 +786,6 @@ static void ckpt_take(ds4_session *s) {
     slot->seq = ++s->ck_seq;
 }
 
-/* Restores the latest checkpoint at or before k (tokens[0..k) must be
- * unchanged); returns its position, or 0 after a reset when none. */
 /* The index of the latest checkpoint at or before position k (-1: none). */
 static int ckpt_best_upto(const ds4_session *s, int k) {
     int best = -1;
@@ -803,6 +801,8 @@ static int common_prefix(const ds4_session *s, const int32_t *tokens, int n) {
     return lcp;
 }
 
+/* Restores the latest checkpoint at or before k (tokens[0..k) must be
+ * unchanged); returns its position, or 0 after a reset when none. */
 static int ckpt_restore_upto(ds4_session *s, int k) {
     const int bi = ckpt_best_upto(s, k);
     ckpt *best = bi < 0 ? NULL : &s->ck[bi];
