@@ -254,7 +254,7 @@ struct cu_ctx {
                             * fewer than 32 tokens, else 64) */
     int no_route_group;    /* DS4_CUDA_NO_ROUTE_GROUP=1: one-token expert grouping by moe_group (A/B switch) */
     int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
-    int mv_tall;           /* DS4_CUDA_MV_TALL=2|4: one-token Q8_0 launches of many rows in all at 2 or 4 rows per warp */
+    int mv_tall;           /* DS4_CUDA_MV_TALL=2|4 (default 2, 0 off): one-token Q8_0 launches of many rows in all at 2 or 4 rows per warp */
     int mv_tall_min;       /* DS4_CUDA_MV_TALL_MIN: from how many rows (default 8192) */
     int moe1_seq;          /* DS4_CUDA_MOE1_SEQ=1: fused experts' rows one after the other (A/B switch) */
     int xpf;               /* DS4_CUDA_XPF=1: L2 prefetch of the fused experts' routed rows (opt-in until measured) */
@@ -296,7 +296,7 @@ struct cu_ctx {
     bool comm_owner;
     cudaStream_t st2;      /* the side stream, its fork (after HC-pre) and join events */
     cudaEvent_t ev_fork, ev_join;
-    /* DS4_CUDA_IDX_FORK=1: the indexer's query path on its own stream,
+    /* DS4_CUDA_IDX_FORK (default 1): the indexer's query path on its own stream,
      * forked after the q_a norm (ev_qa, recorded while qa_live) and joined
      * before the scores (ev_iq) */
     int idx_fork;

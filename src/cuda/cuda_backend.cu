@@ -244,7 +244,7 @@ CU_JOINED(cu_head, ds4_head_args)
 CU_JOINED(cu_mtp_embed, ds4_mtp_embed_args)
 #undef CU_JOINED
 
-/* The indexer. DS4_CUDA_IDX_FORK=1 (opt-in until measured): for up to 4
+/* The indexer. DS4_CUDA_IDX_FORK (default 1; 0 turns it off): for up to 4
  * tokens, its query path (the q and weights projections and k_idx_q, which
  * read only the q_a norm's output and HC-pre's) runs on a stream of its own
  * forked after the q_a norm (ev_qa, cu_attn_project), so that it overlaps
@@ -1251,7 +1251,7 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_PREQ", &cu_ctx::no_preq},             /* 1: quantize activations at every consumer */
     {"DS4_CUDA_NO_ROUTE_GROUP", &cu_ctx::no_route_group}, /* 1: one-token expert grouping by moe_group */
     {"DS4_CUDA_MV_R1", &cu_ctx::mv_no_r2},              /* 1: one row per warp in every matvec */
-    {"DS4_CUDA_MV_TALL", &cu_ctx::mv_tall},             /* 2|4: many-row one-token Q8_0 launches at 2 or 4 rows per warp (same bits) */
+    {"DS4_CUDA_MV_TALL", &cu_ctx::mv_tall, 2},          /* 0|4: many-row one-token Q8_0 launches at 1 or 4 rows per warp, not 2 (same bits) */
     {"DS4_CUDA_MV_TALL_MIN", &cu_ctx::mv_tall_min},     /* N: MV_TALL from N rows per launch (default 8192) */
     {"DS4_CUDA_NO_MV_FEW", &cu_ctx::mv_no_few},         /* 1: 2..4-token matvecs on the generic kernel */
     {"DS4_CUDA_MOE1_SEQ", &cu_ctx::moe1_seq},           /* 1: fused experts' rows one after the other */
@@ -1302,7 +1302,7 @@ static const struct cu_switch {
     {"DS4_CUDA_COMB_BIG", &cu_ctx::comb_big},           /* 1: that comb in the q_b matvec / fused experts' gate/up */
     {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host, 1},      /* 0: HC-pre's Sinkhorn inside HC-pre (not a later kernel's spare block) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
-    {"DS4_CUDA_IDX_FORK", &cu_ctx::idx_fork},           /* 1: the indexer's query path on its own stream (same bits) */
+    {"DS4_CUDA_IDX_FORK", &cu_ctx::idx_fork, 1},        /* 0: the indexer's query path on the main stream (same bits) */
     {"DS4_CUDA_GTRACE", &cu_ctx::gtrace},               /* N: timeline of the N-th step graph replay (CU_GTRACE builds) */
 };
 

@@ -491,7 +491,7 @@ static int mv_f_rows(const mv_params &p, int rows, int max_n = 1) {
     return R;
 }
 
-/* DS4_CUDA_MV_TALL=R (2 or 4; opt-in until measured): one token, a Q8_0
+/* DS4_CUDA_MV_TALL=R (default 2; 4, or 0 for off): one token, a Q8_0
  * launch that mv_two_rows leaves at one row per warp but whose rows in all
  * reach DS4_CUDA_MV_TALL_MIN (default 8192; at most 32768, so not the head)
  * takes R rows per warp. The case: the grouped o_a (8 segments of 1,024 rows
