@@ -14,6 +14,9 @@
 #include <stdio.h>
 #include <type_traits>
 
+#include <cooperative_groups.h>
+namespace cg = cooperative_groups;
+
 /* ---------------------------------------------------------------- embed */
 
 int cu_embed(void *ctx, const ds4_embed_args *a) {
@@ -379,29 +382,18 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
     }
 }
 
-/* HC-pre (or the head's stream weighting) in one launch: block (s, t) takes
- * slice s of the flat (n_hc*D) state of token t and writes its sum of
- * squares (double) and its dot with each of the n_mix rows of fn to
- * hcs[t][s], hcp[t][s][o] (warp partials added in warp order); the last of
- * the token's blocks to finish (a counter that wraps back to 0) sums the
- * splits in split order and finishes (hc_finish). HC_THREADS threads;
- * dynamic shared: D floats. */
-template <int WT, int HCN>
-__global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fin p) {
-    extern __shared__ float xs[];
-    __shared__ float red[HC_THREADS / 32][HC_MAX_MIX + 1];
-    __shared__ double redd[HC_THREADS / 32];
-    __shared__ bool last;
-    const int s = blockIdx.x, t = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+/* The partials of split s of token t, k_hc's per-block work (every thread
+ * of a HC_THREADS block calls it): thread o < n_mix stores the split's dot
+ * with mixer row o to mix_out[o] (warp sums added in warp order), thread
+ * 32 its sum of squares (double) to *ss_out; with py, the split's updated
+ * stream values go to xn. red / redd: the block's scratch (reused after a
+ * __syncthreads). */
+template <int WT>
+__device__ __forceinline__ void hc_part(const hc_fin &p, int t, int s, float (*red)[HC_MAX_MIX + 1], double *redd,
+                                        float *mix_out, double *ss_out) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int nflat = p.n_hc * p.D, n_split = p.n_split, n_mix = p.n_mix;
     const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
-    const long long ck0 = (p.diag & 256) ? clock64() : 0;
-    if (p.pf && t == 0 && (int)threadIdx.x < n_mix) { /* the weights do not depend on the previous kernel */
-        constexpr int es = WT == DS4_TYPE_F32 ? 4 : 2;
-        cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
-    }
-    cu_pdl_wait();
-    const long long ck1 = (p.diag & 256) ? clock64() : 0;
     const float *x = p.X + (int64_t)t * nflat;
     float dot[HC_MAX_MIX];
 #pragma unroll
@@ -472,13 +464,39 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
     if (threadIdx.x < n_mix) {
         float v = 0.0f;
         for (int k = 0; k < nw; k++) v += red[k][threadIdx.x];
-        p.hcp[((int64_t)t * n_split + s) * HC_MAX_MIX + threadIdx.x] = v;
+        mix_out[threadIdx.x] = v;
     }
     if (threadIdx.x == 32) {
         double v = 0.0;
         for (int k = 0; k < nw; k++) v += redd[k];
-        p.hcs[(int64_t)t * n_split + s] = v;
+        *ss_out = v;
     }
+}
+
+/* HC-pre (or the head's stream weighting) in one launch: block (s, t) takes
+ * slice s of the flat (n_hc*D) state of token t and writes its sum of
+ * squares (double) and its dot with each of the n_mix rows of fn to
+ * hcs[t][s], hcp[t][s][o] (warp partials added in warp order); the last of
+ * the token's blocks to finish (a counter that wraps back to 0) sums the
+ * splits in split order and finishes (hc_finish). HC_THREADS threads;
+ * dynamic shared: D floats. */
+template <int WT, int HCN>
+__global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fin p) {
+    extern __shared__ float xs[];
+    __shared__ float red[HC_THREADS / 32][HC_MAX_MIX + 1];
+    __shared__ double redd[HC_THREADS / 32];
+    __shared__ bool last;
+    const int s = blockIdx.x, t = blockIdx.y;
+    const int nflat = p.n_hc * p.D, n_split = p.n_split, n_mix = p.n_mix;
+    const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
+    const long long ck0 = (p.diag & 256) ? clock64() : 0;
+    if (p.pf && t == 0 && (int)threadIdx.x < n_mix) { /* the weights do not depend on the previous kernel */
+        constexpr int es = WT == DS4_TYPE_F32 ? 4 : 2;
+        cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
+    }
+    cu_pdl_wait();
+    const long long ck1 = (p.diag & 256) ? clock64() : 0;
+    hc_part<WT>(p, t, s, red, redd, p.hcp + ((int64_t)t * n_split + s) * HC_MAX_MIX, p.hcs + (int64_t)t * n_split + s);
     /* make the partials visible, then count this block in */
     __threadfence();
     __syncthreads();
@@ -498,6 +516,178 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
         }
     }
     hc_finish<HCN>(p, t, xs, ck0);
+}
+
+/* DS4_CUDA_HC_CL=8|16 (opt-in until measured): one-token HC-pre (n_hc 4,
+ * not the head) as one thread-block cluster of CL blocks, finished by all
+ * of them instead of k_hc's last-arriving block. The in-graph timeline of
+ * the thirtieth session put k_hc at ~17.4 us per call on an H100, ~10 of
+ * them the one block's serial finish after the 32 blocks' partials.
+ *
+ * The same operations in the same order as k_hc + hc_finish, so the same
+ * bits: block b computes splits b*spb .. b*spb + spb - 1 with hc_part (each
+ * k_hc's block's work, kept in its shared memory); after a cluster barrier
+ * every block sums the splits' partials in split order from the others'
+ * shared memory (DSMEM) and computes pre; block b then plays hc_finish's
+ * norm warps b*VW .. b*VW + VW - 1 (VW = 16 / CL; hc_finish's thread tid
+ * holds dims tid + 512k, so the per-thread and warp sums of squares are
+ * hc_finish's); a second barrier gives every block the 16 warp sums, whose
+ * final tree (cu_block_reduce's) each block replays for rn; norm warp w's
+ * dims are exactly the 32-value blocks w + 16k, which it normalises and
+ * quantizes to Q8_0 as hc_finish does. Q8_K's 256-value blocks span 8 norm
+ * warps: a third barrier, then each is read from its owners' shared
+ * memory. The comb (or its inputs, COMB_HOST) is block 0's last warp's, off
+ * every barrier. Needs D a multiple of 512 and at most 4,096 (hc_finish's
+ * xreg path), n_split a multiple of CL, 512 threads. */
+template <int WT, int CL>
+__global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc_fin p) {
+    constexpr int NW = HC_THREADS / 32, VW = NW / CL, SPB = HC_MAX_SPLIT / CL;
+    static_assert(NW % CL == 0, "whole norm warps per block");
+    extern __shared__ float xs[]; /* D floats: this block's dims of the weighted sum, then normalised */
+    __shared__ float red[NW][HC_MAX_MIX + 1];
+    __shared__ double redd[NW];
+    __shared__ float part[SPB][HC_MAX_MIX];
+    __shared__ double parts[SPB];
+    __shared__ double wss[VW];
+    __shared__ float mix[HC_MAX_MIX], pre[4];
+    __shared__ float rsq;
+    cg::cluster_group cl = cg::this_cluster();
+    const int b = (int)cl.block_rank(), lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    constexpr int hc = 4;
+    const int D = p.D, nflat = hc * D, n_split = p.n_split, spb = n_split / CL, n_mix = p.n_mix;
+    if (p.pf && (int)threadIdx.x < n_mix) { /* the block's mixer slices (they do not depend on the previous kernel) */
+        constexpr int es = WT == DS4_TYPE_F32 ? 4 : 2;
+        const int e0 = (int)((int64_t)nflat * (b * spb) / n_split), e1 = (int)((int64_t)nflat * ((b + 1) * spb) / n_split);
+        cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
+    }
+    cu_pdl_wait();
+    for (int j = 0; j < spb; j++) {
+        hc_part<WT>(p, 0, b * spb + j, red, redd, part[j], &parts[j]);
+        __syncthreads(); /* (red is reused) */
+    }
+    cl.sync(); /* 1: every split's partials (and, with py, the updated streams in xn) */
+    if ((int)threadIdx.x < n_mix) {
+        float v = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < n_split; s++) v += cl.map_shared_rank(&part[0][0], s / spb)[(s % spb) * HC_MAX_MIX + threadIdx.x];
+        mix[threadIdx.x] = v;
+    } else if (threadIdx.x == 32) {
+        double ss = 0.0;
+#pragma unroll 8
+        for (int s = 0; s < n_split; s++) ss += cl.map_shared_rank(parts, s / spb)[s % spb];
+        rsq = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
+    }
+    __syncthreads();
+    if (threadIdx.x < hc) {
+        pre[lane] = cu_sigmoid(cu_lin(__fmul_rn(mix[lane], rsq), p.scale[0], p.base[lane])) + p.hc_eps;
+        if (b == 0) p.post[lane] = 2.0f * cu_sigmoid(cu_lin(__fmul_rn(mix[hc + lane], rsq), p.scale[1], p.base[hc + lane]));
+    }
+    __syncthreads();
+    /* hc_finish's weighted sum and sums of squares for norm warps b*VW.. */
+    const int vw = b * VW + w;
+    if (w < VW) {
+        double ss = 0.0;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const int d = 32 * vw + lane + k * HC_THREADS;
+            if (d < D) {
+                float x[hc];
+#pragma unroll
+                for (int s = 0; s < hc; s++) x[s] = p.py ? __ldcg(p.xn + (int64_t)s * D + d) : p.X[(int64_t)s * D + d];
+                float acc = 0.0f;
+#pragma unroll
+                for (int s = 0; s < hc; s++) {
+                    if (p.py) p.Xw[(int64_t)s * D + d] = x[s]; /* (every block read the old X before barrier 1) */
+                    acc = __fadd_rn(acc, __fmul_rn(pre[s], x[s]));
+                }
+                xs[d] = acc;
+                ss += (double)acc * (double)acc;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) wss[w] = ss;
+    }
+    cl.sync(); /* 2: the 16 warp sums */
+    if (w < VW) {
+        double tot = lane < NW ? cl.map_shared_rank(wss, lane / VW)[lane % VW] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
+        const float rn = 1.0f / sqrtf((float)(tot / D) + p.rms_eps);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const int blk = vw + NW * k, d = 32 * blk + lane;
+            if (32 * blk < D) {
+                float v = __fmul_rn(xs[d], rn);
+                v = p.norm_w ? __fmul_rn(p.norm_w[d], v) : v;
+                xs[d] = v;
+                p.out[d] = v;
+                if (p.q0) cu_warp_q8_0(v, p.q0 + 32 * blk, p.d0 + blk);
+            }
+        }
+    }
+    if (p.qk) {
+        cl.sync(); /* 3: the normalised values */
+        for (int sb = b + CL * w; sb < D / 256; sb += CL * NW) {
+            const int d0 = 256 * sb + 8 * lane, owner = ((d0 / 32) % NW) / VW;
+            const float *rx = cl.map_shared_rank(xs, owner);
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[i] = rx[d0 + i];
+            cu_warp_q8_k(v, p.qk + 256 * sb, p.dk + sb, p.bsk + 16 * sb);
+        }
+    }
+    /* no block leaves while another may still read its shared memory; the
+     * comb in between */
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    if (b == 0 && w == NW - 1) {
+        const bool on = lane < hc * hc;
+        const float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rsq), p.scale[2], p.base[2 * hc + lane]) : 0.0f;
+        if (p.cin) {
+            if (on) p.cin[lane] = c;
+        } else {
+            hc_comb_warp<hc>(c, hc, p.hc_eps, p.sinkhorn, p.comb);
+        }
+    }
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+}
+
+/* k_hc_cl's launch (a cluster of CL blocks, with PDL unless NO_PDL); a
+ * device that cannot place such a cluster fails the step */
+template <int WT, int CL>
+static bool hc_cl_launch(cu_ctx *c, const hc_fin &p, size_t smem) {
+    static int ok = -1; /* (per instance; the devices of one process are alike) */
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(CL);
+    cfg.blockDim = dim3(HC_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = c->st;
+    cudaLaunchAttribute at[2];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = CL;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    if (ok < 0) {
+        if (CL > 8) cudaFuncSetAttribute(k_hc_cl<WT, CL>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+        int nc = 0;
+        ok = cudaOccupancyMaxActiveClusters(&nc, k_hc_cl<WT, CL>, &cfg) == cudaSuccess && nc > 0;
+        if (!ok) cudaGetLastError();
+    }
+    if (!ok) { /* (an A/B switch: it fails rather than run something else) */
+        cu_fail(c, DS4_E_BACKEND, "cuda: DS4_CUDA_HC_CL=%d: the device cannot place a cluster of %d blocks of k_hc_cl",
+                CL, CL);
+        return true;
+    }
+    if (!c->no_pdl) {
+        at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[1].val.programmaticStreamSerializationAllowed = 1;
+        cfg.numAttrs = 2;
+    }
+    c->pf_next = 0;
+    cu_ok(c, cudaLaunchKernelEx(&cfg, k_hc_cl<WT, CL>, p), "kernel launch");
+    return true;
 }
 
 /* ---- HC for batches: the partials of many tokens per block, then the finishes.
@@ -674,8 +864,23 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
             CU_LAUNCH(c, "hc_post");
         }
     }
+    /* DS4_CUDA_HC_CL=8|16: one token's HC-pre as one cluster (k_hc_cl) */
+    const int ncl = c->hc_cl;
+    const bool cl = (ncl == 8 || ncl == 16) && n == 1 && !head && comb && hp->n_hc == 4 && !batch && !p.diag &&
+                    !c->floor_diag && !c->twice_diag && D % HC_THREADS == 0 && D <= 8 * HC_THREADS && split % ncl == 0 &&
+                    (fn->type == DS4_TYPE_F32 || fn->type == DS4_TYPE_F16 || fn->type == DS4_TYPE_BF16);
+    bool cl_done = false;
+    if (cl) {
+        hc_fin q = p;
+        q.trig = 0;
+#define HC_CL(T) (ncl == 8 ? hc_cl_launch<T, 8>(c, q, (size_t)D * sizeof(float)) : hc_cl_launch<T, 16>(c, q, (size_t)D * sizeof(float)))
+        cl_done = fn->type == DS4_TYPE_F32 ? HC_CL(DS4_TYPE_F32) : fn->type == DS4_TYPE_F16 ? HC_CL(DS4_TYPE_F16) : HC_CL(DS4_TYPE_BF16);
+#undef HC_CL
+        if (cl_done) p.trig = 0;
+    }
 #define HC_LAUNCH(T)                                                                                    \
-    if (batch) {                                                                                        \
+    if (cl_done) {                                                                                      \
+    } else if (batch) {                                                                                        \
         cudaFuncSetAttribute(k_hc_part<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)hcb_smem(n_mix)); \
         cu_launch(c, k_hc_part<T>, dim3(split, cu_div_up(n, HCB_TT)), 256, hcb_smem(n_mix), p);      \
         CU_LAUNCH(c, "hc_part");                                                                        \
