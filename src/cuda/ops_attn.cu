@@ -538,7 +538,8 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
  * warps: a third barrier, then each is read from its owners' shared
  * memory. The comb (or its inputs, COMB_HOST) is block 0's last warp's, off
  * every barrier. Needs D a multiple of 512 and at most 4,096 (hc_finish's
- * xreg path), n_split a multiple of CL, 512 threads. */
+ * xreg path), n_split a multiple of CL, 512 threads; elsewhere (batches,
+ * the head, other shapes) k_hc runs. */
 template <int WT, int CL>
 __global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc_fin p) {
     constexpr int NW = HC_THREADS / 32, VW = NW / CL, SPB = HC_MAX_SPLIT / CL;
@@ -639,7 +640,7 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc
     }
     /* no block leaves while another may still read its shared memory; the
      * comb in between */
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
     if (b == 0 && w == NW - 1) {
         const bool on = lane < hc * hc;
         const float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rsq), p.scale[2], p.base[2 * hc + lane]) : 0.0f;
@@ -656,7 +657,7 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc
  * device that cannot place such a cluster fails the step */
 template <int WT, int CL>
 static bool hc_cl_launch(cu_ctx *c, const hc_fin &p, size_t smem) {
-    static int ok = -1; /* (per instance; the devices of one process are alike) */
+    int &ok = c->hc_cl_ok; /* (per context, i.e. per device: 0 not known yet, 1 yes, -1 no) */
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(CL);
     cfg.blockDim = dim3(HC_THREADS);
@@ -669,13 +670,14 @@ static bool hc_cl_launch(cu_ctx *c, const hc_fin &p, size_t smem) {
     at[0].val.clusterDim.z = 1;
     cfg.attrs = at;
     cfg.numAttrs = 1;
-    if (ok < 0) {
-        if (CL > 8) cudaFuncSetAttribute(k_hc_cl<WT, CL>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    /* (a function attribute of the current device: set at every launch, cheap) */
+    if (CL > 8) cudaFuncSetAttribute(k_hc_cl<WT, CL>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (!ok) {
         int nc = 0;
-        ok = cudaOccupancyMaxActiveClusters(&nc, k_hc_cl<WT, CL>, &cfg) == cudaSuccess && nc > 0;
-        if (!ok) cudaGetLastError();
+        ok = cudaOccupancyMaxActiveClusters(&nc, k_hc_cl<WT, CL>, &cfg) == cudaSuccess && nc > 0 ? 1 : -1;
+        if (ok < 0) cudaGetLastError();
     }
-    if (!ok) { /* (an A/B switch: it fails rather than run something else) */
+    if (ok < 0) { /* (an A/B switch: it fails rather than run something else) */
         cu_fail(c, DS4_E_BACKEND, "cuda: DS4_CUDA_HC_CL=%d: the device cannot place a cluster of %d blocks of k_hc_cl",
                 CL, CL);
         return true;
