@@ -283,6 +283,7 @@ struct cu_ctx {
     int route_reg;         /* DS4_CUDA_ROUTE_REG=1: the router keeps the chosen ids in registers (same bits) */
     int hc_fin2;           /* DS4_CUDA_HC_FIN2=1: HC-pre's finish with its loads at once, Q8_0 maxima together */
     int hc_cl;             /* DS4_CUDA_HC_CL=8|16: one-token HC-pre as one thread-block cluster (k_hc_cl) */
+    int hc_cl_wide;        /* DS4_CUDA_HC_CL_WIDE=1: k_hc_cl in blocks of 1,024 threads, two splits at once */
     int hc_cl_ok;          /* can this device place that cluster: 0 not known yet, 1 yes, -1 no */
     int hc_fin3;           /* DS4_CUDA_HC_FIN3 (default 1): HC-pre's finish: norm weights in shared memory, norm loop rolled */
     int hc_bfly;           /* DS4_CUDA_HC_BFLY=1: k_hc's warp sums by recursive halving (same bits) */

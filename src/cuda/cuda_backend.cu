@@ -1297,6 +1297,7 @@ static const struct cu_switch {
     {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2, 1},          /* 0: HC-pre's finish: loop loads, Q8_0 maxima per block */
     {"DS4_CUDA_HC_FIN3", &cu_ctx::hc_fin3, 1},          /* 0: HC-pre's finish: norm loop unrolled (FIN2), weights in registers */
     {"DS4_CUDA_HC_CL", &cu_ctx::hc_cl},                 /* 8|16: one-token HC-pre as one cluster of 8 or 16 blocks (same bits) */
+    {"DS4_CUDA_HC_CL_WIDE", &cu_ctx::hc_cl_wide},       /* 1: HC_CL's blocks of 1,024 threads, two splits at once (same bits) */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */

@@ -383,15 +383,22 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
 }
 
 /* The partials of split s of token t, k_hc's per-block work (every thread
- * of a HC_THREADS block calls it): thread o < n_mix stores the split's dot
+ * of a HC_THREADS block calls it, or of each HC_THREADS part of a block of VB): thread o < n_mix stores the split's dot
  * with mixer row o to mix_out[o] (warp sums added in warp order), thread
  * 32 its sum of squares (double) to *ss_out; with py, the split's updated
  * stream values go to xn. red / redd: the block's scratch (reused after a
  * __syncthreads). */
-template <int WT>
+template <int WT, int VB = 1>
 __device__ __forceinline__ void hc_part(const hc_fin &p, int t, int s, float (*red)[HC_MAX_MIX + 1], double *redd,
                                         float *mix_out, double *ss_out) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    /* VB > 1 (k_hc_cl's wide blocks): each HC_THREADS-thread part of the
+     * block is a k_hc block of its own, synchronised by named barrier 1 + h */
+    const int tid = VB > 1 ? threadIdx.x % HC_THREADS : threadIdx.x, nthr = VB > 1 ? HC_THREADS : blockDim.x;
+    auto sync = [&] {
+        if constexpr (VB > 1) asm volatile("bar.sync %0, %1;" ::"r"(1 + (int)threadIdx.x / HC_THREADS), "r"(HC_THREADS) : "memory");
+        else __syncthreads();
+    };
+    const int lane = tid & 31, w = tid >> 5, nw = nthr >> 5;
     const int nflat = p.n_hc * p.D, n_split = p.n_split, n_mix = p.n_mix;
     const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
     const float *x = p.X + (int64_t)t * nflat;
@@ -399,7 +406,7 @@ __device__ __forceinline__ void hc_part(const hc_fin &p, int t, int s, float (*r
 #pragma unroll
     for (int o = 0; o < HC_MAX_MIX; o++) dot[o] = 0.0f;
     double ss = 0.0;
-    for (int e = e0 + threadIdx.x; e < ((p.diag & 4) ? e0 : e1); e += blockDim.x) {
+    for (int e = e0 + tid; e < ((p.diag & 4) ? e0 : e1); e += nthr) {
         float v;
         if (p.py) { /* k_hc_post's expressions for element e = (stream b, dim d) */
             const int D = p.D, hc = p.n_hc, b = e / D, d = e % D;
@@ -460,13 +467,13 @@ __device__ __forceinline__ void hc_part(const hc_fin &p, int t, int s, float (*r
     }
     ss = cu_warp_sumd(ss);
     if (lane == 0) redd[w] = ss;
-    __syncthreads();
-    if (threadIdx.x < n_mix) {
+    sync();
+    if (tid < n_mix) {
         float v = 0.0f;
-        for (int k = 0; k < nw; k++) v += red[k][threadIdx.x];
-        mix_out[threadIdx.x] = v;
+        for (int k = 0; k < nw; k++) v += red[k][tid];
+        mix_out[tid] = v;
     }
-    if (threadIdx.x == 32) {
+    if (tid == 32) {
         double v = 0.0;
         for (int k = 0; k < nw; k++) v += redd[k];
         *ss_out = v;
@@ -538,15 +545,19 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
  * warps: a third barrier, then each is read from its owners' shared
  * memory. The comb (or its inputs, COMB_HOST) is block 0's last warp's, off
  * every barrier. Needs D a multiple of 512 and at most 4,096 (hc_finish's
- * xreg path), n_split a multiple of CL, 512 threads; elsewhere (batches,
- * the head, other shapes) k_hc runs. */
-template <int WT, int CL>
-__global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc_fin p) {
-    constexpr int NW = HC_THREADS / 32, VW = NW / CL, SPB = HC_MAX_SPLIT / CL;
+ * xreg path), n_split a multiple of CL; elsewhere (batches, the head, other
+ * shapes) k_hc runs. VB = 1: blocks of 512 threads, which compute their
+ * n_split / CL splits one after the other; VB = 2 (DS4_CUDA_HC_CL_WIDE=1):
+ * blocks of 1,024 threads whose halves compute two splits at once (each
+ * half k_hc's block, synchronised by its own named barrier), so a cluster
+ * of 16 computes all 32 splits of D = 4,096 in one round as k_hc does. */
+template <int WT, int CL, int VB>
+__global__ void __launch_bounds__(HC_THREADS * VB) k_hc_cl(const __grid_constant__ hc_fin p) {
+    constexpr int NW = HC_THREADS / 32, VW = NW / CL, SPB = HC_MAX_SPLIT / CL, NWR = VB * NW;
     static_assert(NW % CL == 0, "whole norm warps per block");
     extern __shared__ float xs[]; /* D floats: this block's dims of the weighted sum, then normalised */
-    __shared__ float red[NW][HC_MAX_MIX + 1];
-    __shared__ double redd[NW];
+    __shared__ float red[VB][NW][HC_MAX_MIX + 1];
+    __shared__ double redd[VB][NW];
     __shared__ float part[SPB][HC_MAX_MIX];
     __shared__ double parts[SPB];
     __shared__ double wss[VW];
@@ -562,9 +573,18 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc
         cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
     }
     cu_pdl_wait();
-    for (int j = 0; j < spb; j++) {
-        hc_part<WT>(p, 0, b * spb + j, red, redd, part[j], &parts[j]);
-        __syncthreads(); /* (red is reused) */
+    /* VB splits at once (DS4_CUDA_HC_CL_WIDE: each 512-thread half of the block a k_hc block of its own) */
+    if constexpr (VB == 1) {
+        for (int j = 0; j < spb; j++) {
+            hc_part<WT>(p, 0, b * spb + j, red[0], redd[0], part[j], &parts[j]);
+            __syncthreads(); /* (red is reused) */
+        }
+    } else {
+        const int h = threadIdx.x / HC_THREADS;
+        for (int j0 = 0; j0 < spb; j0 += VB) {
+            if (j0 + h < spb) hc_part<WT, VB>(p, 0, b * spb + j0 + h, red[h], redd[h], part[j0 + h], &parts[j0 + h]);
+            __syncthreads(); /* (red is reused) */
+        }
     }
     cl.sync(); /* 1: every split's partials (and, with py, the updated streams in xn) */
     if ((int)threadIdx.x < n_mix) {
@@ -629,7 +649,7 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc
     }
     if (p.qk) {
         cl.sync(); /* 3: the normalised values */
-        for (int sb = b + CL * w; sb < D / 256; sb += CL * NW) {
+        for (int sb = b + CL * w; sb < D / 256; sb += CL * NWR) {
             const int d0 = 256 * sb + 8 * lane, owner = ((d0 / 32) % NW) / VW;
             const float *rx = cl.map_shared_rank(xs, owner);
             float v[8];
@@ -641,7 +661,7 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc
     /* no block leaves while another may still read its shared memory; the
      * comb in between */
     asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
-    if (b == 0 && w == NW - 1) {
+    if (b == 0 && w == NWR - 1) {
         const bool on = lane < hc * hc;
         const float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rsq), p.scale[2], p.base[2 * hc + lane]) : 0.0f;
         if (p.cin) {
@@ -655,12 +675,12 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc_cl(const __grid_constant__ hc
 
 /* k_hc_cl's launch (a cluster of CL blocks, with PDL unless NO_PDL); a
  * device that cannot place such a cluster fails the step */
-template <int WT, int CL>
+template <int WT, int CL, int VB>
 static bool hc_cl_launch(cu_ctx *c, const hc_fin &p, size_t smem) {
     int &ok = c->hc_cl_ok; /* (per context, i.e. per device: 0 not known yet, 1 yes, -1 no) */
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(CL);
-    cfg.blockDim = dim3(HC_THREADS);
+    cfg.blockDim = dim3(HC_THREADS * VB);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = c->st;
     cudaLaunchAttribute at[2];
@@ -671,10 +691,10 @@ static bool hc_cl_launch(cu_ctx *c, const hc_fin &p, size_t smem) {
     cfg.attrs = at;
     cfg.numAttrs = 1;
     /* (a function attribute of the current device: set at every launch, cheap) */
-    if (CL > 8) cudaFuncSetAttribute(k_hc_cl<WT, CL>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (CL > 8) cudaFuncSetAttribute(k_hc_cl<WT, CL, VB>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (!ok) {
         int nc = 0;
-        ok = cudaOccupancyMaxActiveClusters(&nc, k_hc_cl<WT, CL>, &cfg) == cudaSuccess && nc > 0 ? 1 : -1;
+        ok = cudaOccupancyMaxActiveClusters(&nc, k_hc_cl<WT, CL, VB>, &cfg) == cudaSuccess && nc > 0 ? 1 : -1;
         if (ok < 0) cudaGetLastError();
     }
     if (ok < 0) { /* (an A/B switch: it fails rather than run something else) */
@@ -688,7 +708,7 @@ static bool hc_cl_launch(cu_ctx *c, const hc_fin &p, size_t smem) {
         cfg.numAttrs = 2;
     }
     c->pf_next = 0;
-    cu_ok(c, cudaLaunchKernelEx(&cfg, k_hc_cl<WT, CL>, p), "kernel launch");
+    cu_ok(c, cudaLaunchKernelEx(&cfg, k_hc_cl<WT, CL, VB>, p), "kernel launch");
     return true;
 }
 
@@ -875,7 +895,11 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     if (cl) {
         hc_fin q = p;
         q.trig = 0;
-#define HC_CL(T) (ncl == 8 ? hc_cl_launch<T, 8>(c, q, (size_t)D * sizeof(float)) : hc_cl_launch<T, 16>(c, q, (size_t)D * sizeof(float)))
+#define HC_CL(T)                                                                                        \
+    (c->hc_cl_wide ? (ncl == 8 ? hc_cl_launch<T, 8, 2>(c, q, (size_t)D * sizeof(float))                 \
+                               : hc_cl_launch<T, 16, 2>(c, q, (size_t)D * sizeof(float)))               \
+                   : (ncl == 8 ? hc_cl_launch<T, 8, 1>(c, q, (size_t)D * sizeof(float))                 \
+                               : hc_cl_launch<T, 16, 1>(c, q, (size_t)D * sizeof(float))))
         cl_done = fn->type == DS4_TYPE_F32 ? HC_CL(DS4_TYPE_F32) : fn->type == DS4_TYPE_F16 ? HC_CL(DS4_TYPE_F16) : HC_CL(DS4_TYPE_BF16);
 #undef HC_CL
         if (cl_done) p.trig = 0;
