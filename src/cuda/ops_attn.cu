@@ -383,11 +383,12 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
 }
 
 /* The partials of split s of token t, k_hc's per-block work (every thread
- * of a HC_THREADS block calls it, or of each HC_THREADS part of a block of VB): thread o < n_mix stores the split's dot
- * with mixer row o to mix_out[o] (warp sums added in warp order), thread
- * 32 its sum of squares (double) to *ss_out; with py, the split's updated
- * stream values go to xn. red / redd: the block's scratch (reused after a
- * __syncthreads). */
+ * of a HC_THREADS block calls it; with VB > 1, every thread of one
+ * HC_THREADS part of a wider block): thread o < n_mix stores the split's
+ * dot with mixer row o to mix_out[o] (warp sums added in warp order),
+ * thread 32 its sum of squares (double) to *ss_out; with py, the split's
+ * updated stream values go to xn. red / redd: the part's scratch (reused
+ * after a barrier). */
 template <int WT, int VB = 1>
 __device__ __forceinline__ void hc_part(const hc_fin &p, int t, int s, float (*red)[HC_MAX_MIX + 1], double *redd,
                                         float *mix_out, double *ss_out) {
