@@ -65,6 +65,8 @@ struct cu_scratch {
     cu_act h0, hk;             /* Q8_0 / Q8_K codes of the HC-pre (or head) output, written by k_hc */
     cu_act a4;                 /* shared expert hidden codes (fused experts of up to 4 tokens) */
     cu_act ac;                 /* the compressors' input codes (their own: they may run on the side stream) */
+    cu_act zq;                 /* (1, G*o_lora) Q8_0 codes of o_a's output written by o_a itself (DS4_CUDA_OA_QF) */
+    unsigned *zqc;             /* (G*o_lora/32) o_a blocks done per 32-row group (0 between launches) */
     float *o;                  /* (B, H*dh) attention output */
     float *att_o;              /* (att_tokens, att_splits, H, dh) split attention outputs */
     float *att_m, *att_l;      /* (att_tokens, att_splits, H) split maxima / sums */
@@ -204,6 +206,17 @@ struct cu_kv_fused {
     int n, pos0;
 };
 
+/* DS4_CUDA_OA_QF: a one-token Q8_0 matvec (k_matvec_q8r) that also writes
+ * the Q8_0 codes of its output: its rows are the values y0[0 .. rows) (the
+ * segments' outputs side by side), grouped by 32; cnt: one counter per
+ * group, 0 between launches */
+struct cu_qf {
+    int8_t *q;
+    float *d;
+    unsigned *cnt;
+    const float *y0;
+};
+
 struct cu_ctx {
     int device;
     int n_sm;
@@ -256,6 +269,7 @@ struct cu_ctx {
     int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int mv_tall;           /* DS4_CUDA_MV_TALL=2|4 (default 2, 0 off): one-token Q8_0 launches of many rows in all at 2 or 4 rows per warp */
     int mv_tall_min;       /* DS4_CUDA_MV_TALL_MIN: from how many rows (default 8192) */
+    int oa_qf;             /* DS4_CUDA_OA_QF=1: one token's o_a writes o_b's Q8_0 codes itself (no k_quant_q8_0) */
     int moe1_seq;          /* DS4_CUDA_MOE1_SEQ=1: fused experts' rows one after the other (A/B switch) */
     int xpf;               /* DS4_CUDA_XPF=1: L2 prefetch of the fused experts' routed rows (opt-in until measured) */
     int mv_no_few;         /* DS4_CUDA_NO_MV_FEW=1: 2..4 tokens on the generic k_matvec (A/B switch) */
@@ -310,6 +324,7 @@ struct cu_ctx {
     int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     int comb_big;          /* DS4_CUDA_COMB_BIG=1: that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
     cu_comb_job mv_cj;     /* DS4_CUDA_COMB_BIG: a comb offered to the next one-token Q8_0 matvec launch (k_matvec_q8r) */
+    cu_qf mv_qf;           /* DS4_CUDA_OA_QF: the output codes asked of the next one-token Q8_0 matvec launch */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */
     cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */

@@ -836,6 +836,8 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     act(&s->hk, B * D);
     act(&s->a4, 4 * F); /* MOE1_MAX_N tokens */
     act(&s->ac, B * D);
+    act(&s->zq, G * hp->o_lora);
+    s->zqc = (unsigned *)take((G * hp->o_lora / 32 + 1) * sizeof(unsigned));
     s->o = (float *)take(B * H * dh * 4);
     { /* split attention partials: splits for the longest row list of any
        * layer, tokens per launch within ~256 MiB */
@@ -918,6 +920,7 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.rcc, 0, sizeof(unsigned)) != cudaSuccess ||
+        cudaMemset(c->s.zqc, 0, (m->hp.o_groups * m->hp.o_lora / 32 + 1) * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.topw, 0, 4 * 1024 * sizeof(unsigned)) != cudaSuccess) {
         cudaGetLastError();
         return ds4_err_set(err, DS4_E_BACKEND, "cuda: scratch initialisation failed");
@@ -1253,6 +1256,7 @@ static const struct cu_switch {
     {"DS4_CUDA_MV_R1", &cu_ctx::mv_no_r2},              /* 1: one row per warp in every matvec */
     {"DS4_CUDA_MV_TALL", &cu_ctx::mv_tall, 2},          /* 0|4: many-row one-token Q8_0 launches at 1 or 4 rows per warp, not 2 (same bits) */
     {"DS4_CUDA_MV_TALL_MIN", &cu_ctx::mv_tall_min},     /* N: MV_TALL from N rows per launch (default 8192) */
+    {"DS4_CUDA_OA_QF", &cu_ctx::oa_qf},                 /* 1: one token's o_a writes o_b's Q8_0 codes itself (same bits) */
     {"DS4_CUDA_NO_MV_FEW", &cu_ctx::mv_no_few},         /* 1: 2..4-token matvecs on the generic kernel */
     {"DS4_CUDA_MOE1_SEQ", &cu_ctx::moe1_seq},           /* 1: fused experts' rows one after the other */
     {"DS4_CUDA_XPF", &cu_ctx::xpf},                     /* 1: L2 prefetch of the fused experts' routed rows */

@@ -2383,6 +2383,16 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     else launch_attention<float>(c, p, n, nr_cap);
     if (p.st_raw && !c->err) c->kv_fused = cu_kv_fused{a->raw, a->kv, n, a->pos0};
     if (aq && !merge_q) cu_quantize(c, cu_act_type(l->o_a.type), c->s.o, (int64_t)H * dh, n, H * dh, &c->s.a1);
+    /* DS4_CUDA_OA_QF=1 (opt-in until measured): one token's o_a also
+     * writes the Q8_0 codes of z that o_b reads (the last of a 32-row
+     * group's blocks quantizes it, k_matvec_q8r), instead of a k_quant_q8_0
+     * launch between the two: one dependent kernel less per layer (the
+     * thirty-first session's timeline: ~3.3 us from o_a's end to o_b's
+     * start with the quantization, ~1.3 us between two matvecs). The same
+     * warp code on the same values: the same codes. */
+    const bool oqf = c->oa_qf && n == 1 && G <= CU_MAX_SEGS && a->num.act_quant && !c->no_preq &&
+                     cu_act_type(l->o_b.type) == DS4_TYPE_Q8_0 && (int64_t)G * ol <= (int64_t)c->s.zq.cap;
+    if (oqf) c->mv_qf = cu_qf{c->s.zq.q, c->s.zq.d, c->s.zqc, c->s.z};
     for (int g0 = 0; g0 < G; g0 += CU_MAX_SEGS) {
         cu_seg segs[CU_MAX_SEGS];
         int ns = 0;
@@ -2391,6 +2401,9 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
                                 (int64_t)G * ol, g * gd};
         cu_matvec(c, segs, ns, n, c->s.o, (int64_t)H * dh, aq ? &c->s.a1 : nullptr, a->step, 0);
     }
+    /* (taken by the launch when its kernel could write them) */
+    if (oqf && !c->mv_qf.q && !c->err) cu_preq_set(c, c->s.z, n, (int64_t)G * ol, G * ol, DS4_TYPE_Q8_0, &c->s.zq);
+    c->mv_qf = cu_qf{};
     cu_mv_pair(c, &l->o_b, a->y, hp->n_embd, nullptr, nullptr, 0, c->s.z, (int64_t)G * ol, n, a->num.act_quant,
                &c->s.a1, a->step, 0);
     return c->err;
