@@ -271,6 +271,7 @@ struct cu_ctx {
     int mv_tall_min;       /* DS4_CUDA_MV_TALL_MIN: from how many rows (default 8192) */
     int oa_qf;             /* DS4_CUDA_OA_QF=1: one token's o_a writes o_b's Q8_0 codes itself (no k_quant_q8_0) */
     int moe1_seq;          /* DS4_CUDA_MOE1_SEQ=1: fused experts' rows one after the other (A/B switch) */
+    int moe1_gs;           /* DS4_CUDA_MOE1_GS=N: the one-token gate/up as N blocks per SM looping over its units */
     int xpf;               /* DS4_CUDA_XPF=1: L2 prefetch of the fused experts' routed rows (opt-in until measured) */
     int mv_no_few;         /* DS4_CUDA_NO_MV_FEW=1: 2..4 tokens on the generic k_matvec (A/B switch) */
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */

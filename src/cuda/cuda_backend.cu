@@ -1259,6 +1259,7 @@ static const struct cu_switch {
     {"DS4_CUDA_OA_QF", &cu_ctx::oa_qf},                 /* 1: one token's o_a writes o_b's Q8_0 codes itself (same bits) */
     {"DS4_CUDA_NO_MV_FEW", &cu_ctx::mv_no_few},         /* 1: 2..4-token matvecs on the generic kernel */
     {"DS4_CUDA_MOE1_SEQ", &cu_ctx::moe1_seq},           /* 1: fused experts' rows one after the other */
+    {"DS4_CUDA_MOE1_GS", &cu_ctx::moe1_gs},             /* N: one-token gate/up as N blocks per SM looping over its units (same bits) */
     {"DS4_CUDA_XPF", &cu_ctx::xpf},                     /* 1: L2 prefetch of the fused experts' routed rows */
     {"DS4_CUDA_NO_MMA", &cu_ctx::no_mma},               /* 1: batches on the CUDA-core kernels only */
     {"DS4_CUDA_MM_TW", &cu_ctx::mm_tw, 4},              /* 2: Q8_0 batch GEMM in 8 warps of 16 x 32, 228 registers (same bits) */
