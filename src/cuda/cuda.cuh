@@ -65,8 +65,6 @@ struct cu_scratch {
     cu_act h0, hk;             /* Q8_0 / Q8_K codes of the HC-pre (or head) output, written by k_hc */
     cu_act a4;                 /* shared expert hidden codes (fused experts of up to 4 tokens) */
     cu_act ac;                 /* the compressors' input codes (their own: they may run on the side stream) */
-    cu_act zq;                 /* (1, G*o_lora) Q8_0 codes of o_a's output written by o_a itself (DS4_CUDA_OA_QF) */
-    unsigned *zqc;             /* (G*o_lora/32) o_a blocks done per 32-row group (0 between launches) */
     float *o;                  /* (B, H*dh) attention output */
     float *att_o;              /* (att_tokens, att_splits, H, dh) split attention outputs */
     float *att_m, *att_l;      /* (att_tokens, att_splits, H) split maxima / sums */
@@ -206,17 +204,6 @@ struct cu_kv_fused {
     int n, pos0;
 };
 
-/* DS4_CUDA_OA_QF: a one-token Q8_0 matvec (k_matvec_q8r) that also writes
- * the Q8_0 codes of its output: its rows are the values y0[0 .. rows) (the
- * segments' outputs side by side), grouped by 32; cnt: one counter per
- * group, 0 between launches */
-struct cu_qf {
-    int8_t *q;
-    float *d;
-    unsigned *cnt;
-    const float *y0;
-};
-
 struct cu_ctx {
     int device;
     int n_sm;
@@ -269,9 +256,7 @@ struct cu_ctx {
     int mv_no_r2;          /* DS4_CUDA_MV_R1=1: one row per warp everywhere (A/B switch) */
     int mv_tall;           /* DS4_CUDA_MV_TALL=2|4 (default 2, 0 off): one-token Q8_0 launches of many rows in all at 2 or 4 rows per warp */
     int mv_tall_min;       /* DS4_CUDA_MV_TALL_MIN: from how many rows (default 8192) */
-    int oa_qf;             /* DS4_CUDA_OA_QF=1: one token's o_a writes o_b's Q8_0 codes itself (no k_quant_q8_0) */
     int moe1_seq;          /* DS4_CUDA_MOE1_SEQ=1: fused experts' rows one after the other (A/B switch) */
-    int moe1_gs;           /* DS4_CUDA_MOE1_GS=N: the one-token gate/up as N blocks per SM looping over its units */
     int xpf;               /* DS4_CUDA_XPF=1: L2 prefetch of the fused experts' routed rows (opt-in until measured) */
     int mv_no_few;         /* DS4_CUDA_NO_MV_FEW=1: 2..4 tokens on the generic k_matvec (A/B switch) */
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
@@ -297,9 +282,6 @@ struct cu_ctx {
     int argmax_vec;        /* DS4_CUDA_ARGMAX_VEC=1: greedy argmax with 8 float4 loads in flight per thread */
     int route_reg;         /* DS4_CUDA_ROUTE_REG=1: the router keeps the chosen ids in registers (same bits) */
     int hc_fin2;           /* DS4_CUDA_HC_FIN2=1: HC-pre's finish with its loads at once, Q8_0 maxima together */
-    int hc_cl;             /* DS4_CUDA_HC_CL=8|16: one-token HC-pre as one thread-block cluster (k_hc_cl) */
-    int hc_cl_wide;        /* DS4_CUDA_HC_CL_WIDE=1: k_hc_cl in blocks of 1,024 threads, two splits at once */
-    int hc_cl_ok;          /* can this device place that cluster: 0 not known yet, 1 yes, -1 no */
     int hc_fin3;           /* DS4_CUDA_HC_FIN3 (default 1): HC-pre's finish: norm weights in shared memory, norm loop rolled */
     int hc_bfly;           /* DS4_CUDA_HC_BFLY=1: k_hc's warp sums by recursive halving (same bits) */
     int no_hc_fuse;        /* DS4_CUDA_NO_HC_FUSE=1: HC-post in its own kernel before HC-pre (A/B switch) */
@@ -325,7 +307,6 @@ struct cu_ctx {
     int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
     int comb_big;          /* DS4_CUDA_COMB_BIG=1: that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
     cu_comb_job mv_cj;     /* DS4_CUDA_COMB_BIG: a comb offered to the next one-token Q8_0 matvec launch (k_matvec_q8r) */
-    cu_qf mv_qf;           /* DS4_CUDA_OA_QF: the output codes asked of the next one-token Q8_0 matvec launch */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */
     cudaStream_t st3;      /* the L2-ahead stream (cu_ahead), its fork and join events */

@@ -836,8 +836,6 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     act(&s->hk, B * D);
     act(&s->a4, 4 * F); /* MOE1_MAX_N tokens */
     act(&s->ac, B * D);
-    act(&s->zq, G * hp->o_lora);
-    s->zqc = (unsigned *)take((G * hp->o_lora / 32 + 1) * sizeof(unsigned));
     s->o = (float *)take(B * H * dh * 4);
     { /* split attention partials: splits for the longest row list of any
        * layer, tokens per launch within ~256 MiB */
@@ -920,7 +918,6 @@ static int cu_reserve(void *ctx, const ds4_model *m, int n_batch, int n_ctx, ds4
     if (cudaMemset(c->s.hcc, 0, B * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.mcc, 0, nmcc * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.rcc, 0, sizeof(unsigned)) != cudaSuccess ||
-        cudaMemset(c->s.zqc, 0, (m->hp.o_groups * m->hp.o_lora / 32 + 1) * sizeof(unsigned)) != cudaSuccess ||
         cudaMemset(c->s.topw, 0, 4 * 1024 * sizeof(unsigned)) != cudaSuccess) {
         cudaGetLastError();
         return ds4_err_set(err, DS4_E_BACKEND, "cuda: scratch initialisation failed");
@@ -1256,10 +1253,8 @@ static const struct cu_switch {
     {"DS4_CUDA_MV_R1", &cu_ctx::mv_no_r2},              /* 1: one row per warp in every matvec */
     {"DS4_CUDA_MV_TALL", &cu_ctx::mv_tall, 2},          /* 0|4: many-row one-token Q8_0 launches at 1 or 4 rows per warp, not 2 (same bits) */
     {"DS4_CUDA_MV_TALL_MIN", &cu_ctx::mv_tall_min},     /* N: MV_TALL from N rows per launch (default 8192) */
-    {"DS4_CUDA_OA_QF", &cu_ctx::oa_qf},                 /* 1: one token's o_a writes o_b's Q8_0 codes itself (same bits) */
     {"DS4_CUDA_NO_MV_FEW", &cu_ctx::mv_no_few},         /* 1: 2..4-token matvecs on the generic kernel */
     {"DS4_CUDA_MOE1_SEQ", &cu_ctx::moe1_seq},           /* 1: fused experts' rows one after the other */
-    {"DS4_CUDA_MOE1_GS", &cu_ctx::moe1_gs},             /* N: one-token gate/up as N blocks per SM looping over its units (same bits) */
     {"DS4_CUDA_XPF", &cu_ctx::xpf},                     /* 1: L2 prefetch of the fused experts' routed rows */
     {"DS4_CUDA_NO_MMA", &cu_ctx::no_mma},               /* 1: batches on the CUDA-core kernels only */
     {"DS4_CUDA_MM_TW", &cu_ctx::mm_tw, 4},              /* 2: Q8_0 batch GEMM in 8 warps of 16 x 32, 228 registers (same bits) */
@@ -1301,8 +1296,6 @@ static const struct cu_switch {
     {"DS4_CUDA_HC_BFLY", &cu_ctx::hc_bfly, 1},          /* 0: k_hc's warp sums one xor tree per value */
     {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2, 1},          /* 0: HC-pre's finish: loop loads, Q8_0 maxima per block */
     {"DS4_CUDA_HC_FIN3", &cu_ctx::hc_fin3, 1},          /* 0: HC-pre's finish: norm loop unrolled (FIN2), weights in registers */
-    {"DS4_CUDA_HC_CL", &cu_ctx::hc_cl},                 /* 8|16: one-token HC-pre as one cluster of 8 or 16 blocks (same bits) */
-    {"DS4_CUDA_HC_CL_WIDE", &cu_ctx::hc_cl_wide},       /* 1: HC_CL's blocks of 1,024 threads, two splits at once (same bits) */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */

@@ -167,7 +167,7 @@ __device__ __forceinline__ void mv_rows_store_nt(const float (&acc)[R][NT], floa
  * row's sum has exactly the order of cu_row_dot (chunks 32*(j + WPR*k) +
  * lane in k order, warp sum, warps in j order), so values equal k_matvec's
  * R = 1 path bit for bit (dev/mv_bench.cu checks it). */
-template <int WPR, int R, bool CB = false, bool QF = false>
+template <int WPR, int R, bool CB = false>
 __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_params p) {
     /* CB (DS4_CUDA_COMB_BIG): block 0 runs a pending HC-pre comb (warp t:
      * token t), the rows' blocks follow (block b takes the rows of b - 1);
@@ -222,25 +222,6 @@ __global__ void __launch_bounds__(256) k_matvec_q8r(const __grid_constant__ mv_p
         }
     }
     mv_rows_store<WPR, R>(acc, part, warp, j, lane, live, g.y + r0);
-    if constexpr (QF) {
-        /* DS4_CUDA_OA_QF: the block's 8/WPR*R rows lie in one 32-row group
-         * of y0 (checked by the launcher); the last of the group's blocks to
-         * finish quantizes it, k_quant_q8_0's warp on the same 32 values */
-        __shared__ bool qlast;
-        constexpr int RB = 8 / WPR * R;
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            const int grp = (int)((g.y + r0 - p.qf.y0) / 32);
-            qlast = live && atomicInc(p.qf.cnt + grp, 32 / RB - 1) == 32 / RB - 1;
-        }
-        __syncthreads();
-        if (qlast && warp == 0) {
-            __threadfence();
-            const int grp = (int)((g.y + r0 - p.qf.y0) / 32);
-            cu_warp_q8_0(__ldcg(p.qf.y0 + 32 * grp + lane), p.qf.q + 32 * grp, p.qf.d + grp);
-        }
-    }
 }
 
 /* Q8_0 x int8 for 2..NT tokens (MTP verify rows, small chunks), R rows per
@@ -528,19 +509,6 @@ static int mv_tall_rows(const cu_ctx *c, const mv_params &p, int rows) {
     return c->mv_tall;
 }
 
-/* DS4_CUDA_OA_QF: takes the codes the caller asked for (c->mv_qf) into p
- * when this one-token launch of rb rows per block can write them: every
- * segment's rows a multiple of 32 starting at a multiple of 32 of y0, rb
- * dividing 32, so that a block's rows lie in one group. */
-static bool mv_qf_take(cu_ctx *c, mv_params &p, int rb) {
-    if (!c->mv_qf.q || p.n != 1 || 32 % rb) return false;
-    for (int i = 0; i < p.n_seg; i++)
-        if (p.seg[i].rows % 32 || (p.seg[i].y - c->mv_qf.y0) % 32) return false;
-    p.qf = c->mv_qf;
-    c->mv_qf = cu_qf{};
-    return true;
-}
-
 template <int WT, bool AQ, int WPR>
 static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     dim3 grid(cu_div_up(rows, 8 / WPR));
@@ -554,13 +522,11 @@ static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
                 c->mv_cj = cu_comb_job{};
             }
             if (p.cj.n) cu_launch(c, k_matvec_q8r<WPR, 2, true>, dim3(cu_div_up(rows, 8 / WPR * 2) + 1), 256, 0, p);
-            else if (mv_qf_take(c, p, 8 / WPR * 2)) cu_launch(c, k_matvec_q8r<WPR, 2, false, true>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
             else cu_launch(c, k_matvec_q8r<WPR, 2>, dim3(cu_div_up(rows, 8 / WPR * 2)), 256, 0, p);
             return;
         }
         if (rt == 4) {
-            if (mv_qf_take(c, p, 8 / WPR * 4)) cu_launch(c, k_matvec_q8r<WPR, 4, false, true>, dim3(cu_div_up(rows, 8 / WPR * 4)), 256, 0, p);
-            else cu_launch(c, k_matvec_q8r<WPR, 4>, dim3(cu_div_up(rows, 8 / WPR * 4)), 256, 0, p);
+            cu_launch(c, k_matvec_q8r<WPR, 4>, dim3(cu_div_up(rows, 8 / WPR * 4)), 256, 0, p);
             return;
         }
     }

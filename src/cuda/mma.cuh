@@ -111,7 +111,6 @@ struct mv_params {
     const uint8_t *ksigns;
     int pf;                   /* > 0: blocks below pf prefetch the weight rows of blocks b, b + pf, ... to L2 */
     cu_comb_job cj;           /* DS4_CUDA_COMB_BIG: an HC-pre comb run by block 0 (k_matvec_q8r; the rows' blocks follow) */
-    cu_qf qf;                 /* DS4_CUDA_OA_QF: the output's Q8_0 codes (k_matvec_q8r) */
 };
 
 /* The L2 prefetch of a matvec block's weights, before its cu_pdl_wait (the

@@ -14,9 +14,6 @@
 #include <stdio.h>
 #include <type_traits>
 
-#include <cooperative_groups.h>
-namespace cg = cooperative_groups;
-
 /* ---------------------------------------------------------------- embed */
 
 int cu_embed(void *ctx, const ds4_embed_args *a) {
@@ -382,32 +379,35 @@ __device__ __forceinline__ void hc_finish(const hc_fin &p, int t, float *xs, lon
     }
 }
 
-/* The partials of split s of token t, k_hc's per-block work (every thread
- * of a HC_THREADS block calls it; with VB > 1, every thread of one
- * HC_THREADS part of a wider block): thread o < n_mix stores the split's
- * dot with mixer row o to mix_out[o] (warp sums added in warp order),
- * thread 32 its sum of squares (double) to *ss_out; with py, the split's
- * updated stream values go to xn. red / redd: the part's scratch (reused
- * after a barrier). */
-template <int WT, int VB = 1>
-__device__ __forceinline__ void hc_part(const hc_fin &p, int t, int s, float (*red)[HC_MAX_MIX + 1], double *redd,
-                                        float *mix_out, double *ss_out) {
-    /* VB > 1 (k_hc_cl's wide blocks): each HC_THREADS-thread part of the
-     * block is a k_hc block of its own, synchronised by named barrier 1 + h */
-    const int tid = VB > 1 ? threadIdx.x % HC_THREADS : threadIdx.x, nthr = VB > 1 ? HC_THREADS : blockDim.x;
-    auto sync = [&] {
-        if constexpr (VB > 1) asm volatile("bar.sync %0, %1;" ::"r"(1 + (int)threadIdx.x / HC_THREADS), "r"(HC_THREADS) : "memory");
-        else __syncthreads();
-    };
-    const int lane = tid & 31, w = tid >> 5, nw = nthr >> 5;
+/* HC-pre (or the head's stream weighting) in one launch: block (s, t) takes
+ * slice s of the flat (n_hc*D) state of token t and writes its sum of
+ * squares (double) and its dot with each of the n_mix rows of fn to
+ * hcs[t][s], hcp[t][s][o] (warp partials added in warp order); the last of
+ * the token's blocks to finish (a counter that wraps back to 0) sums the
+ * splits in split order and finishes (hc_finish). HC_THREADS threads;
+ * dynamic shared: D floats. */
+template <int WT, int HCN>
+__global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fin p) {
+    extern __shared__ float xs[];
+    __shared__ float red[HC_THREADS / 32][HC_MAX_MIX + 1];
+    __shared__ double redd[HC_THREADS / 32];
+    __shared__ bool last;
+    const int s = blockIdx.x, t = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int nflat = p.n_hc * p.D, n_split = p.n_split, n_mix = p.n_mix;
     const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
+    const long long ck0 = (p.diag & 256) ? clock64() : 0;
+    if (p.pf && t == 0 && (int)threadIdx.x < n_mix) { /* the weights do not depend on the previous kernel */
+        constexpr int es = WT == DS4_TYPE_F32 ? 4 : 2;
+        cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
+    }
+    cu_pdl_wait();
+    const long long ck1 = (p.diag & 256) ? clock64() : 0;
     const float *x = p.X + (int64_t)t * nflat;
     float dot[HC_MAX_MIX];
 #pragma unroll
     for (int o = 0; o < HC_MAX_MIX; o++) dot[o] = 0.0f;
     double ss = 0.0;
-    for (int e = e0 + tid; e < ((p.diag & 4) ? e0 : e1); e += nthr) {
+    for (int e = e0 + threadIdx.x; e < ((p.diag & 4) ? e0 : e1); e += blockDim.x) {
         float v;
         if (p.py) { /* k_hc_post's expressions for element e = (stream b, dim d) */
             const int D = p.D, hc = p.n_hc, b = e / D, d = e % D;
@@ -468,43 +468,17 @@ __device__ __forceinline__ void hc_part(const hc_fin &p, int t, int s, float (*r
     }
     ss = cu_warp_sumd(ss);
     if (lane == 0) redd[w] = ss;
-    sync();
-    if (tid < n_mix) {
+    __syncthreads();
+    if (threadIdx.x < n_mix) {
         float v = 0.0f;
-        for (int k = 0; k < nw; k++) v += red[k][tid];
-        mix_out[tid] = v;
+        for (int k = 0; k < nw; k++) v += red[k][threadIdx.x];
+        p.hcp[((int64_t)t * n_split + s) * HC_MAX_MIX + threadIdx.x] = v;
     }
-    if (tid == 32) {
+    if (threadIdx.x == 32) {
         double v = 0.0;
         for (int k = 0; k < nw; k++) v += redd[k];
-        *ss_out = v;
+        p.hcs[(int64_t)t * n_split + s] = v;
     }
-}
-
-/* HC-pre (or the head's stream weighting) in one launch: block (s, t) takes
- * slice s of the flat (n_hc*D) state of token t and writes its sum of
- * squares (double) and its dot with each of the n_mix rows of fn to
- * hcs[t][s], hcp[t][s][o] (warp partials added in warp order); the last of
- * the token's blocks to finish (a counter that wraps back to 0) sums the
- * splits in split order and finishes (hc_finish). HC_THREADS threads;
- * dynamic shared: D floats. */
-template <int WT, int HCN>
-__global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fin p) {
-    extern __shared__ float xs[];
-    __shared__ float red[HC_THREADS / 32][HC_MAX_MIX + 1];
-    __shared__ double redd[HC_THREADS / 32];
-    __shared__ bool last;
-    const int s = blockIdx.x, t = blockIdx.y;
-    const int nflat = p.n_hc * p.D, n_split = p.n_split, n_mix = p.n_mix;
-    const int e0 = (int)((int64_t)nflat * s / n_split), e1 = (int)((int64_t)nflat * (s + 1) / n_split);
-    const long long ck0 = (p.diag & 256) ? clock64() : 0;
-    if (p.pf && t == 0 && (int)threadIdx.x < n_mix) { /* the weights do not depend on the previous kernel */
-        constexpr int es = WT == DS4_TYPE_F32 ? 4 : 2;
-        cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
-    }
-    cu_pdl_wait();
-    const long long ck1 = (p.diag & 256) ? clock64() : 0;
-    hc_part<WT>(p, t, s, red, redd, p.hcp + ((int64_t)t * n_split + s) * HC_MAX_MIX, p.hcs + (int64_t)t * n_split + s);
     /* make the partials visible, then count this block in */
     __threadfence();
     __syncthreads();
@@ -524,193 +498,6 @@ __global__ void __launch_bounds__(HC_THREADS) k_hc(const __grid_constant__ hc_fi
         }
     }
     hc_finish<HCN>(p, t, xs, ck0);
-}
-
-/* DS4_CUDA_HC_CL=8|16 (opt-in until measured): one-token HC-pre (n_hc 4,
- * not the head) as one thread-block cluster of CL blocks, finished by all
- * of them instead of k_hc's last-arriving block. The in-graph timeline of
- * the thirtieth session put k_hc at ~17.4 us per call on an H100, ~10 of
- * them the one block's serial finish after the 32 blocks' partials.
- *
- * The same operations in the same order as k_hc + hc_finish, so the same
- * bits: block b computes splits b*spb .. b*spb + spb - 1 with hc_part (each
- * k_hc's block's work, kept in its shared memory); after a cluster barrier
- * every block sums the splits' partials in split order from the others'
- * shared memory (DSMEM) and computes pre; block b then plays hc_finish's
- * norm warps b*VW .. b*VW + VW - 1 (VW = 16 / CL; hc_finish's thread tid
- * holds dims tid + 512k, so the per-thread and warp sums of squares are
- * hc_finish's); a second barrier gives every block the 16 warp sums, whose
- * final tree (cu_block_reduce's) each block replays for rn; norm warp w's
- * dims are exactly the 32-value blocks w + 16k, which it normalises and
- * quantizes to Q8_0 as hc_finish does. Q8_K's 256-value blocks span 8 norm
- * warps: a third barrier, then each is read from its owners' shared
- * memory. The comb (or its inputs, COMB_HOST) is block 0's last warp's, off
- * every barrier. Needs D a multiple of 512 and at most 4,096 (hc_finish's
- * xreg path), n_split a multiple of CL; elsewhere (batches, the head, other
- * shapes) k_hc runs. VB = 1: blocks of 512 threads, which compute their
- * n_split / CL splits one after the other; VB = 2 (DS4_CUDA_HC_CL_WIDE=1):
- * blocks of 1,024 threads whose halves compute two splits at once (each
- * half k_hc's block, synchronised by its own named barrier), so a cluster
- * of 16 computes all 32 splits of D = 4,096 in one round as k_hc does. */
-template <int WT, int CL, int VB>
-__global__ void __launch_bounds__(HC_THREADS * VB) k_hc_cl(const __grid_constant__ hc_fin p) {
-    constexpr int NW = HC_THREADS / 32, VW = NW / CL, SPB = HC_MAX_SPLIT / CL, NWR = VB * NW;
-    static_assert(NW % CL == 0, "whole norm warps per block");
-    extern __shared__ float xs[]; /* D floats: this block's dims of the weighted sum, then normalised */
-    __shared__ float red[VB][NW][HC_MAX_MIX + 1];
-    __shared__ double redd[VB][NW];
-    __shared__ float part[SPB][HC_MAX_MIX];
-    __shared__ double parts[SPB];
-    __shared__ double wss[VW];
-    __shared__ float mix[HC_MAX_MIX], pre[4];
-    __shared__ float rsq;
-    cg::cluster_group cl = cg::this_cluster();
-    const int b = (int)cl.block_rank(), lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    constexpr int hc = 4;
-    const int D = p.D, nflat = hc * D, n_split = p.n_split, spb = n_split / CL, n_mix = p.n_mix;
-    if (p.pf && (int)threadIdx.x < n_mix) { /* the block's mixer slices (they do not depend on the previous kernel) */
-        constexpr int es = WT == DS4_TYPE_F32 ? 4 : 2;
-        const int e0 = (int)((int64_t)nflat * (b * spb) / n_split), e1 = (int)((int64_t)nflat * ((b + 1) * spb) / n_split);
-        cu_prefetch_l2(p.fn + ((int64_t)threadIdx.x * nflat + e0) * es, (size_t)(e1 - e0) * es);
-    }
-    cu_pdl_wait();
-    /* VB splits at once (DS4_CUDA_HC_CL_WIDE: each 512-thread half of the block a k_hc block of its own) */
-    if constexpr (VB == 1) {
-        for (int j = 0; j < spb; j++) {
-            hc_part<WT>(p, 0, b * spb + j, red[0], redd[0], part[j], &parts[j]);
-            __syncthreads(); /* (red is reused) */
-        }
-    } else {
-        const int h = threadIdx.x / HC_THREADS;
-        for (int j0 = 0; j0 < spb; j0 += VB) {
-            if (j0 + h < spb) hc_part<WT, VB>(p, 0, b * spb + j0 + h, red[h], redd[h], part[j0 + h], &parts[j0 + h]);
-            __syncthreads(); /* (red is reused) */
-        }
-    }
-    cl.sync(); /* 1: every split's partials (and, with py, the updated streams in xn) */
-    if ((int)threadIdx.x < n_mix) {
-        float v = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < n_split; s++) v += cl.map_shared_rank(&part[0][0], s / spb)[(s % spb) * HC_MAX_MIX + threadIdx.x];
-        mix[threadIdx.x] = v;
-    } else if (threadIdx.x == 32) {
-        double ss = 0.0;
-#pragma unroll 8
-        for (int s = 0; s < n_split; s++) ss += cl.map_shared_rank(parts, s / spb)[s % spb];
-        rsq = 1.0f / sqrtf((float)(ss / nflat) + p.rms_eps);
-    }
-    __syncthreads();
-    if (threadIdx.x < hc) {
-        pre[lane] = cu_sigmoid(cu_lin(__fmul_rn(mix[lane], rsq), p.scale[0], p.base[lane])) + p.hc_eps;
-        if (b == 0) p.post[lane] = 2.0f * cu_sigmoid(cu_lin(__fmul_rn(mix[hc + lane], rsq), p.scale[1], p.base[hc + lane]));
-    }
-    __syncthreads();
-    /* hc_finish's weighted sum and sums of squares for norm warps b*VW.. */
-    const int vw = b * VW + w;
-    if (w < VW) {
-        double ss = 0.0;
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            const int d = 32 * vw + lane + k * HC_THREADS;
-            if (d < D) {
-                float x[hc];
-#pragma unroll
-                for (int s = 0; s < hc; s++) x[s] = p.py ? __ldcg(p.xn + (int64_t)s * D + d) : p.X[(int64_t)s * D + d];
-                float acc = 0.0f;
-#pragma unroll
-                for (int s = 0; s < hc; s++) {
-                    if (p.py) p.Xw[(int64_t)s * D + d] = x[s]; /* (every block read the old X before barrier 1) */
-                    acc = __fadd_rn(acc, __fmul_rn(pre[s], x[s]));
-                }
-                xs[d] = acc;
-                ss += (double)acc * (double)acc;
-            }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) wss[w] = ss;
-    }
-    cl.sync(); /* 2: the 16 warp sums */
-    if (w < VW) {
-        double tot = lane < NW ? cl.map_shared_rank(wss, lane / VW)[lane % VW] : 0.0;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) tot += __shfl_xor_sync(0xffffffffu, tot, o);
-        const float rn = 1.0f / sqrtf((float)(tot / D) + p.rms_eps);
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            const int blk = vw + NW * k, d = 32 * blk + lane;
-            if (32 * blk < D) {
-                float v = __fmul_rn(xs[d], rn);
-                v = p.norm_w ? __fmul_rn(p.norm_w[d], v) : v;
-                xs[d] = v;
-                p.out[d] = v;
-                if (p.q0) cu_warp_q8_0(v, p.q0 + 32 * blk, p.d0 + blk);
-            }
-        }
-    }
-    if (p.qk) {
-        cl.sync(); /* 3: the normalised values */
-        for (int sb = b + CL * w; sb < D / 256; sb += CL * NWR) {
-            const int d0 = 256 * sb + 8 * lane, owner = ((d0 / 32) % NW) / VW;
-            const float *rx = cl.map_shared_rank(xs, owner);
-            float v[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) v[i] = rx[d0 + i];
-            cu_warp_q8_k(v, p.qk + 256 * sb, p.dk + sb, p.bsk + 16 * sb);
-        }
-    }
-    /* no block leaves while another may still read its shared memory; the
-     * comb in between */
-    asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
-    if (b == 0 && w == NWR - 1) {
-        const bool on = lane < hc * hc;
-        const float c = on ? cu_lin(__fmul_rn(mix[2 * hc + lane], rsq), p.scale[2], p.base[2 * hc + lane]) : 0.0f;
-        if (p.cin) {
-            if (on) p.cin[lane] = c;
-        } else {
-            hc_comb_warp<hc>(c, hc, p.hc_eps, p.sinkhorn, p.comb);
-        }
-    }
-    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-}
-
-/* k_hc_cl's launch (a cluster of CL blocks, with PDL unless NO_PDL); a
- * device that cannot place such a cluster fails the step */
-template <int WT, int CL, int VB>
-static bool hc_cl_launch(cu_ctx *c, const hc_fin &p, size_t smem) {
-    int &ok = c->hc_cl_ok; /* (per context, i.e. per device: 0 not known yet, 1 yes, -1 no) */
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(CL);
-    cfg.blockDim = dim3(HC_THREADS * VB);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = c->st;
-    cudaLaunchAttribute at[2];
-    at[0].id = cudaLaunchAttributeClusterDimension;
-    at[0].val.clusterDim.x = CL;
-    at[0].val.clusterDim.y = 1;
-    at[0].val.clusterDim.z = 1;
-    cfg.attrs = at;
-    cfg.numAttrs = 1;
-    /* (a function attribute of the current device: set at every launch, cheap) */
-    if (CL > 8) cudaFuncSetAttribute(k_hc_cl<WT, CL, VB>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    if (!ok) {
-        int nc = 0;
-        ok = cudaOccupancyMaxActiveClusters(&nc, k_hc_cl<WT, CL, VB>, &cfg) == cudaSuccess && nc > 0 ? 1 : -1;
-        if (ok < 0) cudaGetLastError();
-    }
-    if (ok < 0) { /* (an A/B switch: it fails rather than run something else) */
-        cu_fail(c, DS4_E_BACKEND, "cuda: DS4_CUDA_HC_CL=%d: the device cannot place a cluster of %d blocks of k_hc_cl",
-                CL, CL);
-        return true;
-    }
-    if (!c->no_pdl) {
-        at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        at[1].val.programmaticStreamSerializationAllowed = 1;
-        cfg.numAttrs = 2;
-    }
-    c->pf_next = 0;
-    cu_ok(c, cudaLaunchKernelEx(&cfg, k_hc_cl<WT, CL, VB>, p), "kernel launch");
-    return true;
 }
 
 /* ---- HC for batches: the partials of many tokens per block, then the finishes.
@@ -887,27 +674,8 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
             CU_LAUNCH(c, "hc_post");
         }
     }
-    /* DS4_CUDA_HC_CL=8|16: one token's HC-pre as one cluster (k_hc_cl) */
-    const int ncl = c->hc_cl;
-    const bool cl = (ncl == 8 || ncl == 16) && n == 1 && !head && comb && hp->n_hc == 4 && !batch && !p.diag &&
-                    !c->floor_diag && !c->twice_diag && D % HC_THREADS == 0 && D <= 8 * HC_THREADS && split % ncl == 0 &&
-                    (fn->type == DS4_TYPE_F32 || fn->type == DS4_TYPE_F16 || fn->type == DS4_TYPE_BF16);
-    bool cl_done = false;
-    if (cl) {
-        hc_fin q = p;
-        q.trig = 0;
-#define HC_CL(T)                                                                                        \
-    (c->hc_cl_wide ? (ncl == 8 ? hc_cl_launch<T, 8, 2>(c, q, (size_t)D * sizeof(float))                 \
-                               : hc_cl_launch<T, 16, 2>(c, q, (size_t)D * sizeof(float)))               \
-                   : (ncl == 8 ? hc_cl_launch<T, 8, 1>(c, q, (size_t)D * sizeof(float))                 \
-                               : hc_cl_launch<T, 16, 1>(c, q, (size_t)D * sizeof(float))))
-        cl_done = fn->type == DS4_TYPE_F32 ? HC_CL(DS4_TYPE_F32) : fn->type == DS4_TYPE_F16 ? HC_CL(DS4_TYPE_F16) : HC_CL(DS4_TYPE_BF16);
-#undef HC_CL
-        if (cl_done) p.trig = 0;
-    }
 #define HC_LAUNCH(T)                                                                                    \
-    if (cl_done) {                                                                                      \
-    } else if (batch) {                                                                                        \
+    if (batch) {                                                                                        \
         cudaFuncSetAttribute(k_hc_part<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)hcb_smem(n_mix)); \
         cu_launch(c, k_hc_part<T>, dim3(split, cu_div_up(n, HCB_TT)), 256, hcb_smem(n_mix), p);      \
         CU_LAUNCH(c, "hc_part");                                                                        \
@@ -2383,16 +2151,6 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
     else launch_attention<float>(c, p, n, nr_cap);
     if (p.st_raw && !c->err) c->kv_fused = cu_kv_fused{a->raw, a->kv, n, a->pos0};
     if (aq && !merge_q) cu_quantize(c, cu_act_type(l->o_a.type), c->s.o, (int64_t)H * dh, n, H * dh, &c->s.a1);
-    /* DS4_CUDA_OA_QF=1 (opt-in until measured): one token's o_a also
-     * writes the Q8_0 codes of z that o_b reads (the last of a 32-row
-     * group's blocks quantizes it, k_matvec_q8r), instead of a k_quant_q8_0
-     * launch between the two: one dependent kernel less per layer (the
-     * thirty-first session's timeline: ~3.3 us from o_a's end to o_b's
-     * start with the quantization, ~1.3 us between two matvecs). The same
-     * warp code on the same values: the same codes. */
-    const bool oqf = c->oa_qf && n == 1 && G <= CU_MAX_SEGS && a->num.act_quant && !c->no_preq &&
-                     cu_act_type(l->o_b.type) == DS4_TYPE_Q8_0 && (int64_t)G * ol <= (int64_t)c->s.zq.cap;
-    if (oqf) c->mv_qf = cu_qf{c->s.zq.q, c->s.zq.d, c->s.zqc, c->s.z};
     for (int g0 = 0; g0 < G; g0 += CU_MAX_SEGS) {
         cu_seg segs[CU_MAX_SEGS];
         int ns = 0;
@@ -2401,9 +2159,6 @@ int cu_attention(void *ctx, const ds4_attention_args *a) {
                                 (int64_t)G * ol, g * gd};
         cu_matvec(c, segs, ns, n, c->s.o, (int64_t)H * dh, aq ? &c->s.a1 : nullptr, a->step, 0);
     }
-    /* (taken by the launch when its kernel could write them) */
-    if (oqf && !c->mv_qf.q && !c->err) cu_preq_set(c, c->s.z, n, (int64_t)G * ol, G * ol, DS4_TYPE_Q8_0, &c->s.zq);
-    c->mv_qf = cu_qf{};
     cu_mv_pair(c, &l->o_b, a->y, hp->n_embd, nullptr, nullptr, 0, c->s.z, (int64_t)G * ol, n, a->num.act_quant,
                &c->s.a1, a->step, 0);
     return c->err;

@@ -960,21 +960,6 @@ __device__ __forceinline__ void moe1_gu_codes(const moe1_p &p, int y, int sb) {
     }
 }
 
-/* Unit (x, y) of the gate/up (every thread of the block): its rows
- * (moe1_gu_rows), then the last of a super-block's 32 units quantizes it */
-template <int WG>
-__device__ __forceinline__ void moe1_gu_unit(const moe1_p &p, int x, int y, const cu_iq2_tab *tab, bool *last) {
-    moe1_gu_rows<WG>(p, x, y, tab);
-    const int sb = (int)((unsigned)x / 32u); /* (x >= 0: k_moe1_gate_up's unsigned blockIdx.x / 32, the same code) */
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) *last = atomicInc(p.cnt + y * (p.F / 256) + sb, 31u) == 31u;
-    __syncthreads();
-    if (!*last) return;
-    __threadfence();
-    moe1_gu_codes(p, y, sb);
-}
-
 /* CU_MOE1_GU_MINB (build option, default 0: no bound): blocks per SM for
  * the one-token gate/up kernel (its IQ2_XXS instance holds 60 registers:
  * 4 blocks of 256 per SM, a 2,048-row layer's 256 x 7 blocks in ~3.4
@@ -1014,30 +999,16 @@ __global__ void __launch_bounds__(256, CU_MOE1_GU_MINB) k_moe1_gate_up(const __g
             __syncthreads();
         }
     }
-    moe1_gu_unit<WG>(p, blockIdx.x, y, &tab, &last);
-}
-
-/* DS4_CUDA_MOE1_GS=N (opt-in until measured): the one-token gate/up as a
- * grid-stride loop of N blocks per SM over k_moe1_gate_up's units (x, y),
- * y-major: the IQ2 tables loaded once per block instead of once per unit
- * (1,792 units on Flash: ~3.4 waves of 4 blocks per SM, each paying the
- * table's L2 round trip and a block launch). Each unit's rows and codes are
- * k_moe1_gate_up's (moe1_gu_unit): the same bits. No COMB_BIG column, no
- * prefetches (the launcher falls back to k_moe1_gate_up for those). */
-template <int WG>
-__global__ void __launch_bounds__(256, CU_MOE1_GU_MINB) k_moe1_gate_up_gs(const __grid_constant__ moe1_p p) {
-    cu_pdl_wait();
-    __shared__ cu_iq2_tab tab;
-    __shared__ bool last;
-    if constexpr (WG == DS4_TYPE_IQ2_XXS) {
-        cu_iq2_tab_load(&tab, p.grid, p.ksigns);
-        __syncthreads();
-    }
-    const int gx = p.F / 8, nu = gx * (1 + p.n * p.K);
-    for (int u = blockIdx.x; u < nu; u += gridDim.x) {
-        moe1_gu_unit<WG>(p, u % gx, u / gx, &tab, &last);
-        __syncthreads(); /* (last is reused) */
-    }
+    moe1_gu_rows<WG>(p, blockIdx.x, y, &tab);
+    /* the last of a super-block's 32 blocks quantizes it */
+    const int sb = blockIdx.x / 32;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicInc(p.cnt + y * (p.F / 256) + sb, 31u) == 31u;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    moe1_gu_codes(p, y, sb);
 }
 
 /* Down of every item and the shared expert, summed per token: one warp per
@@ -1178,18 +1149,7 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.xpf = c->xpf;
     if (c->comb_big) p.cj = cu_comb_take(c); /* a comb the router left (DS4_CUDA_COMB_BIG) */
     const dim3 g1(F / 8 + (p.cj.n ? 1 : 0), 1 + n * K);
-    /* DS4_CUDA_MOE1_GS=N: N blocks per SM looping over the units */
-    const int gsb = c->moe1_gs > 0 && !p.cj.n && !p.pf && !p.xpf ? c->moe1_gs * c->n_sm : 0;
-    const int nu = F / 8 * (1 + n * K);
-    if (gsb > 0) {
-        const dim3 gg(gsb < nu ? gsb : nu);
-        switch (tg) {
-        case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up_gs<DS4_TYPE_IQ2_XXS>, gg, 256, 0, p); break;
-        case DS4_TYPE_Q2_K: cu_launch(c, k_moe1_gate_up_gs<DS4_TYPE_Q2_K>, gg, 256, 0, p); break;
-        case DS4_TYPE_Q4_K: cu_launch(c, k_moe1_gate_up_gs<DS4_TYPE_Q4_K>, gg, 256, 0, p); break;
-        default: cu_launch(c, k_moe1_gate_up_gs<DS4_TYPE_Q8_0>, gg, 256, 0, p); break;
-        }
-    } else switch (tg) {
+    switch (tg) {
     case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
     case DS4_TYPE_Q2_K: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q2_K>, g1, 256, 0, p); break;
     case DS4_TYPE_Q4_K: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q4_K>, g1, 256, 0, p); break;

@@ -281,15 +281,6 @@ _AB_BASE = {}
                                      ("DS4_CUDA_MERGE_REG", "0"), ("q2:DS4_CUDA_MERGE_REG", "0"),
                                      ("DS4_CUDA_MERGE_REG", "0,DS4_CUDA_NO_MERGE_SLICES=1"),
                                      ("DS4_CUDA_RING_IN_EMIT", "0"), ("q2:DS4_CUDA_RING_IN_EMIT", "0"),
-                                     ("DS4_CUDA_HC_CL", "8"), ("DS4_CUDA_HC_CL", "16"), ("q2-wide:DS4_CUDA_HC_CL", "8"),
-                                     ("DS4_CUDA_HC_CL", "8,DS4_CUDA_COMB_HOST=0"), ("DS4_CUDA_HC_CL", "16,DS4_CUDA_NO_HC_FUSE=1"),
-                                     ("DS4_CUDA_HC_CL", "8,DS4_CUDA_NO_PDL=1"), ("q2-wide:DS4_CUDA_HC_CL", "8,DS4_CUDA_COMB_HOST=0"),
-                                     ("DS4_CUDA_HC_CL", "16,DS4_CUDA_HC_CL_WIDE=1"), ("DS4_CUDA_HC_CL", "8,DS4_CUDA_HC_CL_WIDE=1"),
-                                     ("q2-wide:DS4_CUDA_HC_CL", "8,DS4_CUDA_HC_CL_WIDE=1"),
-                                     ("DS4_CUDA_OA_QF", "1"), ("q2:DS4_CUDA_OA_QF", "1,DS4_CUDA_MV_TALL_MIN=1"),
-                                     ("DS4_CUDA_OA_QF", "1,DS4_CUDA_MV_TALL=4"), ("DS4_CUDA_OA_QF", "1,DS4_CUDA_MV_TALL=0"),
-                                     ("DS4_CUDA_MOE1_GS", "4"), ("DS4_CUDA_MOE1_GS", "1"), ("q2:DS4_CUDA_MOE1_GS", "1"),
-                                     ("q4:DS4_CUDA_MOE1_GS", "1"), ("q2-wide:DS4_CUDA_MOE1_GS", "1"),
                                      ("DS4_CUDA_HC_DIAG", "256"), ("DS4_CUDA_HC_DIAG", "256,DS4_CUDA_COMB_HOST=0")])
 def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
     """The A/B switches that docs/ARCHITECTURE.md section 7 says keep the results give the default run's bits:
