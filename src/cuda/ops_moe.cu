@@ -174,31 +174,41 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
  * weights (the K scores summed in slot order), the ids and the grouping
  * (the chosen experts are distinct: item slot at the position of its
  * expert among them) are route_token's values. A NaN biased score (whose
- * compares make no order) takes route_token on warp 0. s: 2 E floats of
- * shared memory. Needs E <= 256 = blockDim.x, K <= 32, grouping on. */
+ * compares make no order) takes route_token on warp 0. s: E + 256 floats
+ * of shared memory. Needs E <= 256 = blockDim.x, K <= 32, grouping on. */
 __device__ __forceinline__ void route_token_par(const route_p &p, float *s) {
     __shared__ float ssel[32];
     __shared__ unsigned msk[8];
     const int e = threadIdx.x, lane = e & 31, w = e >> 5, E = p.E, K = p.K;
-    float *bs = s + E;
+    float *bs = s + ((E + 3) & ~3); /* (16-byte aligned; E rounded up to 16 floats of it are read) */
     float v = 0.0f, b = 0.0f;
     if (e < E) {
         v = sqrtf(cu_softplus(__ldcg(p.logits + e)));
         b = __fadd_rn(v, p.bias[e]);
         s[e] = v;
-        bs[e] = b;
     }
+    bs[e] = b; /* (every thread: the rounded-up tail read by the last step is defined) */
     if (__syncthreads_or(e < E && b != b)) { /* NaN: route_token's own order */
         if (w == 0) route_token(p, 0, s);
         return;
     }
-    int r = K; /* the rank, counted up to K */
+    int r = K; /* the rank, counted up to K: 16 experts per step, their loads issued together */
     if (e < E) {
         r = 0;
 #pragma unroll 1
-        for (int j = 0; j < E && r < K; j++) {
-            const float o = bs[j];
-            r += o > b || (o == b && j < e);
+        for (int j0 = 0; j0 < E && r < K; j0 += 16) {
+            float4 o[4];
+#pragma unroll
+            for (int q = 0; q < 4; q++) o[q] = *(const float4 *)(bs + j0 + 4 * q);
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const float ov[4] = {o[q].x, o[q].y, o[q].z, o[q].w};
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const int j = j0 + 4 * q + k;
+                    r += j < E && (ov[k] > b || (ov[k] == b && j < e));
+                }
+            }
         }
     }
     const bool on = r < K;
@@ -329,7 +339,8 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
          * for the fused experts' gate/up launch (moe1_try) */
         if (!(c->comb_big && a->n <= MOE1_MAX_N && !c->no_moe_fuse)) p.cj = cu_comb_take(c);
         p.trig = c->tail_trig && !c->no_pdl && !c->early_trigger && a->n <= MOE1_MAX_N; /* (the fused experts prefetch) */
-        cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, (size_t)8 * E * sizeof(float), p);
+        const size_t rsm = (size_t)(p.par && E + 260 > 8 * E ? E + 260 : 8 * E) * sizeof(float); /* (route_token_par: E + 256 + 3) */
+        cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, rsm, p);
         if (p.trig && !c->err) c->pf_next = 1; /* (after cu_launch, which clears it) */
     }
     c->moe_grouped = group ? a->ids : nullptr;
