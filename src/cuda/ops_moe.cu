@@ -54,14 +54,22 @@ struct route_p {
 __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
     const int lane = threadIdx.x & 31, E = p.E, K = p.K;
     constexpr int PER = MOE_MAX_E / 32;
-    float bvv[PER];
+    float bvv[PER], lg[PER], bi[PER];
+    /* every logit and bias load first (one round trip instead of one per
+     * expert: the loop below branches, so its loads would not be hoisted) */
+#pragma unroll
+    for (int k = 0; k < PER; k++) {
+        const int e = lane + 32 * k;
+        lg[k] = e < E ? __ldcg(p.logits + (int64_t)t * E + e) : 0.0f;
+        bi[k] = e < E && !p.hash ? p.bias[e] : 0.0f;
+    }
 #pragma unroll
     for (int k = 0; k < PER; k++) {
         const int e = lane + 32 * k;
         if (e < E) {
-            const float v = sqrtf(cu_softplus(__ldcg(p.logits + (int64_t)t * E + e)));
+            const float v = sqrtf(cu_softplus(lg[k]));
             s[e] = v;
-            if (!p.hash) bvv[k] = __fadd_rn(v, p.bias[e]);
+            if (!p.hash) bvv[k] = __fadd_rn(v, bi[k]);
         }
     }
     __syncwarp();
@@ -111,6 +119,33 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
         }
     }
     __syncwarp();
+    if (reg && !p.hash && p.items) {
+        /* one token's top-k (distinct experts, every lane holding the K
+         * ids): lane i < K forms item i's weight and its place among the
+         * chosen experts in id order (the stable sort's). The sum in slot
+         * order in every lane: the values of lane 0's loops below */
+        float sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < MOE_MAX_K; i++)
+            if (i < K) sum += s[sel[i]];
+        int e = sel[0];
+#pragma unroll
+        for (int k = 1; k < MOE_MAX_K; k++)
+            if (k == lane) e = sel[k];
+        if (lane < K) {
+            const float g = p.norm ? s[e] / (sum + 1e-20f) : s[e];
+            p.wts[(int64_t)t * K + lane] = g * p.scale;
+            int pos = 0;
+#pragma unroll
+            for (int j = 0; j < MOE_MAX_K; j++) pos += j < K && sel[j] < e;
+            p.items[pos] = lane;
+            p.act[pos] = e;
+            p.off[e] = pos;
+            p.off[e + 1] = pos + 1; /* (the start of e + 1 when it is chosen too: the same value) */
+        }
+        if (lane == 0) p.act[E] = K;
+        return;
+    }
     if (lane == 0) {
         float sum = 0.0f;
         if (reg) {
