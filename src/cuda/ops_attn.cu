@@ -633,7 +633,8 @@ static void hc_mix(cu_ctx *c, const ds4_model *m, const ds4_weight *fn, int n_mi
     p.comb = comb;
     p.head = head;
     p.diag = c->hc_diag;
-    p.pf = c->early_trigger && !c->no_prefetch && !c->no_pdl;
+    /* DS4_CUDA_HC_WPRE=1: that prefetch without the early trigger */
+    p.pf = (c->early_trigger || c->hc_wpre) && !c->no_prefetch && !c->no_pdl;
     p.bfly = c->hc_bfly;
     p.fin2 = c->hc_fin2;
     /* (the staged norm weights double the dynamic shared memory: up to 32 KB,
