@@ -282,6 +282,7 @@ struct cu_ctx {
     int argmax_vec;        /* DS4_CUDA_ARGMAX_VEC=1: greedy argmax with 8 float4 loads in flight per thread */
     int route_reg;         /* DS4_CUDA_ROUTE_REG=1: the router keeps the chosen ids in registers (same bits) */
     int route_par;         /* DS4_CUDA_ROUTE_PAR=1: one token's biased top-k by a whole block (same ids) */
+    int route_lanes;       /* DS4_CUDA_ROUTE_LANES=1: route_token's loads at once, one token's top-k tail on K lanes (same values) */
     int hc_wpre;           /* DS4_CUDA_HC_WPRE=1: k_hc's first mixer weights loaded before the PDL wait (same bits) */
     int hc_fin2;           /* DS4_CUDA_HC_FIN2=1: HC-pre's finish with its loads at once, Q8_0 maxima together */
     int hc_fin3;           /* DS4_CUDA_HC_FIN3 (default 1): HC-pre's finish: norm weights in shared memory, norm loop rolled */

@@ -1294,6 +1294,7 @@ static const struct cu_switch {
     {"DS4_CUDA_ARGMAX_VEC", &cu_ctx::argmax_vec, 1},    /* 0: argmax with one float load per step (same ids) */
     {"DS4_CUDA_ROUTE_REG", &cu_ctx::route_reg, 1},      /* 0: the router's ids read back from global memory */
     {"DS4_CUDA_ROUTE_PAR", &cu_ctx::route_par},         /* 1: one token's biased top-k by a whole block, ranks (same ids) */
+    {"DS4_CUDA_ROUTE_LANES", &cu_ctx::route_lanes},     /* 1: route_token's loads at once, one token's top-k tail on K lanes (same values) */
     {"DS4_CUDA_HC_WPRE", &cu_ctx::hc_wpre},             /* 1: k_hc's first mixer weights into registers before the PDL wait (same bits) */
     {"DS4_CUDA_HC_BFLY", &cu_ctx::hc_bfly, 1},          /* 0: k_hc's warp sums one xor tree per value */
     {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2, 1},          /* 0: HC-pre's finish: loop loads, Q8_0 maxima per block */

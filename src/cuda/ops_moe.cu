@@ -41,6 +41,7 @@ struct route_p {
     cu_comb_job cj;          /* k_route: the FFN HC-pre's comb, if left for later (one block past the tokens') */
     bool reg;                /* DS4_CUDA_ROUTE_REG=1: the chosen ids kept in registers for the tail */
     bool par;                /* k_route, one token, biased top-k with grouping: route_token_par (DS4_CUDA_ROUTE_PAR) */
+    bool lanes;              /* route_token: loads at once, one token's top-k tail on K lanes (DS4_CUDA_ROUTE_LANES) */
     bool trig;               /* k_route: let the next kernel launch at once (DS4_CUDA_TAIL_TRIGGER) */
 };
 
@@ -54,22 +55,36 @@ struct route_p {
 __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
     const int lane = threadIdx.x & 31, E = p.E, K = p.K;
     constexpr int PER = MOE_MAX_E / 32;
-    float bvv[PER], lg[PER], bi[PER];
-    /* every logit and bias load first (one round trip instead of one per
-     * expert: the loop below branches, so its loads would not be hoisted) */
+    float bvv[PER];
+    if (p.lanes) {
+        /* DS4_CUDA_ROUTE_LANES=1: every logit and bias load first (one round
+         * trip instead of one per expert: the loop below branches, so its
+         * loads are not hoisted); the same values */
+        float lg[PER], bi[PER];
 #pragma unroll
-    for (int k = 0; k < PER; k++) {
-        const int e = lane + 32 * k;
-        lg[k] = e < E ? __ldcg(p.logits + (int64_t)t * E + e) : 0.0f;
-        bi[k] = e < E && !p.hash ? p.bias[e] : 0.0f;
-    }
+        for (int k = 0; k < PER; k++) {
+            const int e = lane + 32 * k;
+            lg[k] = e < E ? __ldcg(p.logits + (int64_t)t * E + e) : 0.0f;
+            bi[k] = e < E && !p.hash ? p.bias[e] : 0.0f;
+        }
 #pragma unroll
-    for (int k = 0; k < PER; k++) {
-        const int e = lane + 32 * k;
-        if (e < E) {
-            const float v = sqrtf(cu_softplus(lg[k]));
-            s[e] = v;
-            if (!p.hash) bvv[k] = __fadd_rn(v, bi[k]);
+        for (int k = 0; k < PER; k++) {
+            const int e = lane + 32 * k;
+            if (e < E) {
+                const float v = sqrtf(cu_softplus(lg[k]));
+                s[e] = v;
+                if (!p.hash) bvv[k] = __fadd_rn(v, bi[k]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < PER; k++) {
+            const int e = lane + 32 * k;
+            if (e < E) {
+                const float v = sqrtf(cu_softplus(__ldcg(p.logits + (int64_t)t * E + e)));
+                s[e] = v;
+                if (!p.hash) bvv[k] = __fadd_rn(v, p.bias[e]);
+            }
         }
     }
     __syncwarp();
@@ -119,9 +134,9 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
         }
     }
     __syncwarp();
-    if (reg && !p.hash && p.items) {
-        /* one token's top-k (distinct experts, every lane holding the K
-         * ids): lane i < K forms item i's weight and its place among the
+    if (p.lanes && reg && !p.hash && p.items) {
+        /* DS4_CUDA_ROUTE_LANES=1, one token's top-k (distinct experts, every
+         * lane holding the K ids): lane i < K forms item i's weight and its place among the
          * chosen experts in id order (the stable sort's). The sum in slot
          * order in every lane: the values of lane 0's loops below */
         float sum = 0.0f;
@@ -353,6 +368,7 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     p.act = group ? c->s.act : nullptr;
     p.reg = c->route_reg;
     /* DS4_CUDA_ROUTE_PAR=1: one token's biased top-k by the whole block */
+    p.lanes = c->route_lanes;
     p.par = c->route_par && a->n == 1 && group && !l->hash && E <= 256 && K <= 32;
     const int wt = l->gate_inp.type;
     if (c->route_fuse && a->n == 1 && E <= MOE_MAX_E && l->gate_inp.n_in % 32 == 0 &&

@@ -272,6 +272,8 @@ _AB_BASE = {}
                                      ("DS4_CUDA_ROUTE_REG", "0,DS4_CUDA_ROUTE_FUSE=1"),
                                      ("DS4_CUDA_ROUTE_PAR", "1"), ("q2:DS4_CUDA_ROUTE_PAR", "1"),
                                      ("DS4_CUDA_ROUTE_PAR", "1,DS4_CUDA_COMB_BIG=1"), ("q4:DS4_CUDA_ROUTE_PAR", "1"),
+                                     ("DS4_CUDA_ROUTE_LANES", "1"), ("q2:DS4_CUDA_ROUTE_LANES", "1"),
+                                     ("DS4_CUDA_ROUTE_LANES", "1,DS4_CUDA_ROUTE_FUSE=1"),
                                      ("DS4_CUDA_HC_WPRE", "1"), ("q2:DS4_CUDA_HC_WPRE", "1"),
                                      ("DS4_CUDA_HC_WPRE", "1,DS4_CUDA_NO_HC_FUSE=1"),
                                      ("DS4_CUDA_ROWNORM_REG", "0"), ("q2:DS4_CUDA_ROWNORM_REG", "0"),
