@@ -367,9 +367,9 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     p.off = group ? c->s.off : nullptr;
     p.act = group ? c->s.act : nullptr;
     p.reg = c->route_reg;
-    /* DS4_CUDA_ROUTE_PAR=1: one token's biased top-k by the whole block */
     p.lanes = c->route_lanes;
-    p.par = c->route_par && a->n == 1 && group && !l->hash && E <= 256 && K <= 32;
+    /* DS4_CUDA_ROUTE_PAR=1: one token's biased top-k by the whole block */
+    p.par = c->route_par && a->n == 1 && group && !l->hash && E <= 256 && K <= 32 && K <= E;
     const int wt = l->gate_inp.type;
     if (c->route_fuse && a->n == 1 && E <= MOE_MAX_E && l->gate_inp.n_in % 32 == 0 &&
         (wt == DS4_TYPE_F16 || wt == DS4_TYPE_BF16 || wt == DS4_TYPE_F32)) {
