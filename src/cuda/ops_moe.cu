@@ -45,6 +45,18 @@ struct route_p {
     bool trig;               /* k_route: let the next kernel launch at once (DS4_CUDA_TAIL_TRIGGER) */
 };
 
+/* Item `slot` of one token's top-k (expert e, score v; sum: the K scores
+ * summed in slot order) at position pos of the grouping: its weight as
+ * route_token's lane-0 loop forms it, and k_moe_group's entries */
+__device__ __forceinline__ void route_item(const route_p &p, int t, int slot, int e, float v, float sum, int pos) {
+    const float g = p.norm ? v / (sum + 1e-20f) : v;
+    p.wts[(int64_t)t * p.K + slot] = g * p.scale;
+    p.items[pos] = slot;
+    p.act[pos] = e;
+    p.off[e] = pos;
+    p.off[e + 1] = pos + 1; /* (the start of e + 1 when it is chosen too: the same value) */
+}
+
 /* Token t's routing by one warp (all lanes calling). s: E floats of shared
  * memory. Lane l holds the biased scores of experts l, l+32, ... in
  * registers (E <= MOE_MAX_E) and a bit per taken one; each of the K rounds
@@ -148,15 +160,10 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
         for (int k = 1; k < MOE_MAX_K; k++)
             if (k == lane) e = sel[k];
         if (lane < K) {
-            const float g = p.norm ? s[e] / (sum + 1e-20f) : s[e];
-            p.wts[(int64_t)t * K + lane] = g * p.scale;
             int pos = 0;
 #pragma unroll
             for (int j = 0; j < MOE_MAX_K; j++) pos += j < K && sel[j] < e;
-            p.items[pos] = lane;
-            p.act[pos] = e;
-            p.off[e] = pos;
-            p.off[e + 1] = pos + 1; /* (the start of e + 1 when it is chosen too: the same value) */
+            route_item(p, t, lane, e, s[e], sum, pos);
         }
         if (lane == 0) p.act[E] = K;
         return;
@@ -273,21 +280,12 @@ __device__ __forceinline__ void route_token_par(const route_p &p, float *s) {
         int pos = __popc(m & ((1u << lane) - 1u));
 #pragma unroll 1
         for (int k = 0; k < w; k++) pos += __popc(msk[k]);
-        p.items[pos] = r;
-        p.act[pos] = e;
-        p.off[e] = pos;
-        p.off[e + 1] = pos + 1; /* (the start of e + 1 when it is chosen too: the same value) */
-    }
-    if (w == 0) {
         float sum = 0.0f;
 #pragma unroll 1
         for (int i = 0; i < K; i++) sum += ssel[i];
-        if (lane < K) {
-            const float g = p.norm ? ssel[lane] / (sum + 1e-20f) : ssel[lane];
-            p.wts[lane] = g * p.scale;
-        }
-        if (lane == 0) p.act[E] = K;
+        route_item(p, 0, r, e, v, sum, pos);
     }
+    if (threadIdx.x == 0) p.act[E] = K;
 }
 
 /* One warp per token (8 per block). Shared: 8 x E scores. */
