@@ -281,9 +281,8 @@ struct cu_ctx {
     int rownorm_reg;       /* DS4_CUDA_ROWNORM_REG=1: k_rows_rmsnorm on values in registers, loads at once */
     int argmax_vec;        /* DS4_CUDA_ARGMAX_VEC=1: greedy argmax with 8 float4 loads in flight per thread */
     int route_reg;         /* DS4_CUDA_ROUTE_REG=1: the router keeps the chosen ids in registers (same bits) */
-    int route_par;         /* DS4_CUDA_ROUTE_PAR=1: one token's biased top-k by a whole block (same ids) */
-    int route_lanes;       /* DS4_CUDA_ROUTE_LANES=1: route_token's loads at once, one token's top-k tail on K lanes (same values) */
-    int hc_wpre;           /* DS4_CUDA_HC_WPRE=1: k_hc's first mixer weights loaded before the PDL wait (same bits) */
+    int route_lanes;       /* DS4_CUDA_ROUTE_LANES (default 1): route_token's loads at once, one token's top-k tail on K lanes (same values) */
+    int hc_wpre;           /* DS4_CUDA_HC_WPRE (default 1): k_hc's mixer slices prefetched to L2 before the PDL wait (same bits) */
     int hc_fin2;           /* DS4_CUDA_HC_FIN2=1: HC-pre's finish with its loads at once, Q8_0 maxima together */
     int hc_fin3;           /* DS4_CUDA_HC_FIN3 (default 1): HC-pre's finish: norm weights in shared memory, norm loop rolled */
     int hc_bfly;           /* DS4_CUDA_HC_BFLY=1: k_hc's warp sums by recursive halving (same bits) */
@@ -308,7 +307,7 @@ struct cu_ctx {
     bool qa_live;
     bool side_live;        /* work queued on st2 that st has not joined yet */
     int comb_host;         /* DS4_CUDA_COMB_HOST (default 1): HC-pre's comb (softmax + Sinkhorn) by a later kernel's spare block */
-    int comb_big;          /* DS4_CUDA_COMB_BIG=1: that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
+    int comb_big;          /* DS4_CUDA_COMB_BIG (default 1): that comb hosted by a long kernel instead (one-token q_b matvec, fused experts' gate/up) */
     cu_comb_job mv_cj;     /* DS4_CUDA_COMB_BIG: a comb offered to the next one-token Q8_0 matvec launch (k_matvec_q8r) */
     cu_comb_job comb_job;  /* the comb the last HC-pre left (n = 0: none): taken by the next q/kv finish or router
                             * launch, else launched on its own (cu_comb_flush) before anything that may read it */

@@ -1293,16 +1293,15 @@ static const struct cu_switch {
     {"DS4_CUDA_ROWNORM_REG", &cu_ctx::rownorm_reg, 1},  /* 0: row norms through shared memory, loop loads (same bits) */
     {"DS4_CUDA_ARGMAX_VEC", &cu_ctx::argmax_vec, 1},    /* 0: argmax with one float load per step (same ids) */
     {"DS4_CUDA_ROUTE_REG", &cu_ctx::route_reg, 1},      /* 0: the router's ids read back from global memory */
-    {"DS4_CUDA_ROUTE_PAR", &cu_ctx::route_par},         /* 1: one token's biased top-k by a whole block, ranks (same ids) */
-    {"DS4_CUDA_ROUTE_LANES", &cu_ctx::route_lanes},     /* 1: route_token's loads at once, one token's top-k tail on K lanes (same values) */
-    {"DS4_CUDA_HC_WPRE", &cu_ctx::hc_wpre},             /* 1: k_hc's first mixer weights into registers before the PDL wait (same bits) */
+    {"DS4_CUDA_ROUTE_LANES", &cu_ctx::route_lanes, 1}, /* 0: route_token's loads in its scoring loop, one token's top-k tail on lane 0 (same values) */
+    {"DS4_CUDA_HC_WPRE", &cu_ctx::hc_wpre, 1},          /* 0: no L2 prefetch of k_hc's mixer slices before its PDL wait (same bits) */
     {"DS4_CUDA_HC_BFLY", &cu_ctx::hc_bfly, 1},          /* 0: k_hc's warp sums one xor tree per value */
     {"DS4_CUDA_HC_FIN2", &cu_ctx::hc_fin2, 1},          /* 0: HC-pre's finish: loop loads, Q8_0 maxima per block */
     {"DS4_CUDA_HC_FIN3", &cu_ctx::hc_fin3, 1},          /* 0: HC-pre's finish: norm loop unrolled (FIN2), weights in registers */
     {"DS4_CUDA_NO_HC_FUSE", &cu_ctx::no_hc_fuse},       /* 1: HC-post in its own kernel before HC-pre */
     {"DS4_CUDA_ROUTE_FUSE", &cu_ctx::route_fuse},       /* 1: one token's router in one launch (opt-in) */
     {"DS4_CUDA_NO_SIDE_STREAM", &cu_ctx::no_side_stream}, /* 1: the compressors on the main stream */
-    {"DS4_CUDA_COMB_BIG", &cu_ctx::comb_big},           /* 1: that comb in the q_b matvec / fused experts' gate/up */
+    {"DS4_CUDA_COMB_BIG", &cu_ctx::comb_big, 1},        /* 0: that comb not in the q_b matvec / fused experts' gate/up (same bits) */
     {"DS4_CUDA_COMB_HOST", &cu_ctx::comb_host, 1},      /* 0: HC-pre's Sinkhorn inside HC-pre (not a later kernel's spare block) */
     {"DS4_CUDA_L2AHEAD", &cu_ctx::l2ahead},             /* bits: weights prefetched to L2 ahead (cu_ahead) */
     {"DS4_CUDA_IDX_FORK", &cu_ctx::idx_fork, 1},        /* 0: the indexer's query path on the main stream (same bits) */

@@ -40,8 +40,7 @@ struct route_p {
     unsigned *cnt;
     cu_comb_job cj;          /* k_route: the FFN HC-pre's comb, if left for later (one block past the tokens') */
     bool reg;                /* DS4_CUDA_ROUTE_REG=1: the chosen ids kept in registers for the tail */
-    bool par;                /* k_route, one token, biased top-k with grouping: route_token_par (DS4_CUDA_ROUTE_PAR) */
-    bool lanes;              /* route_token: loads at once, one token's top-k tail on K lanes (DS4_CUDA_ROUTE_LANES) */
+    bool lanes;              /* route_token: loads at once, one token's top-k tail on K lanes (DS4_CUDA_ROUTE_LANES=0: not) */
     bool trig;               /* k_route: let the next kernel launch at once (DS4_CUDA_TAIL_TRIGGER) */
 };
 
@@ -222,72 +221,6 @@ __device__ __forceinline__ void route_token(const route_p &p, int t, float *s) {
     }
 }
 
-/* One token's biased top-k routing by a whole block of 256 threads
- * (DS4_CUDA_ROUTE_PAR=1, opt-in until measured), thread e for expert e:
- * route_token's scores and biased scores, then each expert's rank in the
- * order its K rounds take them (larger biased score first, the lower id on
- * ties) counted against every other expert (a rolled loop over shared
- * memory); the experts of rank < K are the chosen ones, rank = slot. The
- * weights (the K scores summed in slot order), the ids and the grouping
- * (the chosen experts are distinct: item slot at the position of its
- * expert among them) are route_token's values. A NaN biased score (whose
- * compares make no order) takes route_token on warp 0. s: E + 256 floats
- * of shared memory. Needs E <= 256 = blockDim.x, K <= 32, grouping on. */
-__device__ __forceinline__ void route_token_par(const route_p &p, float *s) {
-    __shared__ float ssel[32];
-    __shared__ unsigned msk[8];
-    const int e = threadIdx.x, lane = e & 31, w = e >> 5, E = p.E, K = p.K;
-    float *bs = s + ((E + 3) & ~3); /* (16-byte aligned; E rounded up to 16 floats of it are read) */
-    float v = 0.0f, b = 0.0f;
-    if (e < E) {
-        v = sqrtf(cu_softplus(__ldcg(p.logits + e)));
-        b = __fadd_rn(v, p.bias[e]);
-        s[e] = v;
-    }
-    bs[e] = b; /* (every thread: the rounded-up tail read by the last step is defined) */
-    if (__syncthreads_or(e < E && b != b)) { /* NaN: route_token's own order */
-        if (w == 0) route_token(p, 0, s);
-        return;
-    }
-    int r = K; /* the rank, counted up to K: 16 experts per step, their loads issued together */
-    if (e < E) {
-        r = 0;
-#pragma unroll 1
-        for (int j0 = 0; j0 < E && r < K; j0 += 16) {
-            float4 o[4];
-#pragma unroll
-            for (int q = 0; q < 4; q++) o[q] = *(const float4 *)(bs + j0 + 4 * q);
-#pragma unroll
-            for (int q = 0; q < 4; q++) {
-                const float ov[4] = {o[q].x, o[q].y, o[q].z, o[q].w};
-#pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    const int j = j0 + 4 * q + k;
-                    r += j < E && (ov[k] > b || (ov[k] == b && j < e));
-                }
-            }
-        }
-    }
-    const bool on = r < K;
-    if (on) {
-        p.ids[r] = e;
-        ssel[r] = v;
-    }
-    const unsigned m = __ballot_sync(0xffffffffu, on);
-    if (lane == 0) msk[w] = m;
-    __syncthreads();
-    if (on) { /* the position of expert e among the chosen ones, in id order */
-        int pos = __popc(m & ((1u << lane) - 1u));
-#pragma unroll 1
-        for (int k = 0; k < w; k++) pos += __popc(msk[k]);
-        float sum = 0.0f;
-#pragma unroll 1
-        for (int i = 0; i < K; i++) sum += ssel[i];
-        route_item(p, 0, r, e, v, sum, pos);
-    }
-    if (threadIdx.x == 0) p.act[E] = K;
-}
-
 /* One warp per token (8 per block). Shared: 8 x E scores. */
 __global__ void __launch_bounds__(256) k_route(const __grid_constant__ route_p p) {
     /* DS4_CUDA_TAIL_TRIGGER=1: the experts' blocks placed now (a block or
@@ -297,10 +230,6 @@ __global__ void __launch_bounds__(256) k_route(const __grid_constant__ route_p p
     extern __shared__ float sm[];
     if (p.cj.n && blockIdx.x == gridDim.x - 1) { /* DS4_CUDA_COMB_HOST=1: warp t, token t's comb (n <= 8) */
         hc_comb_run(p.cj, threadIdx.x >> 5);
-        return;
-    }
-    if (p.par) { /* one token, the whole block (DS4_CUDA_ROUTE_PAR) */
-        route_token_par(p, sm);
         return;
     }
     const int w = threadIdx.x >> 5, t = blockIdx.x * 8 + w;
@@ -366,8 +295,6 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
     p.act = group ? c->s.act : nullptr;
     p.reg = c->route_reg;
     p.lanes = c->route_lanes;
-    /* DS4_CUDA_ROUTE_PAR=1: one token's biased top-k by the whole block */
-    p.par = c->route_par && a->n == 1 && group && !l->hash && E <= 256 && K <= 32 && K <= E;
     const int wt = l->gate_inp.type;
     if (c->route_fuse && a->n == 1 && E <= MOE_MAX_E && l->gate_inp.n_in % 32 == 0 &&
         (wt == DS4_TYPE_F16 || wt == DS4_TYPE_BF16 || wt == DS4_TYPE_F32)) {
@@ -388,8 +315,7 @@ int cu_moe_route(void *ctx, const ds4_moe_route_args *a) {
          * for the fused experts' gate/up launch (moe1_try) */
         if (!(c->comb_big && a->n <= MOE1_MAX_N && !c->no_moe_fuse)) p.cj = cu_comb_take(c);
         p.trig = c->tail_trig && !c->no_pdl && !c->early_trigger && a->n <= MOE1_MAX_N; /* (the fused experts prefetch) */
-        const size_t rsm = (size_t)(p.par && E + 260 > 8 * E ? E + 260 : 8 * E) * sizeof(float); /* (route_token_par: E + 256 + 3) */
-        cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, rsm, p);
+        cu_launch(c, k_route, cu_div_up(a->n, 8) + (p.cj.n ? 1 : 0), 256, (size_t)8 * E * sizeof(float), p);
         if (p.trig && !c->err) c->pf_next = 1; /* (after cu_launch, which clears it) */
     }
     c->moe_grouped = group ? a->ids : nullptr;
