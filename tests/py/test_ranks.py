@@ -181,8 +181,10 @@ def test_rank0_that_dies_ends_its_workers(tmp_path):
     p = subprocess.Popen([prog("ds4"), "-m", str(model), "--cpu", "--ranks", "2", "--rendezvous", f"127.0.0.1:{port}",
                           "-p", "hi", "-n", "1000000", "--temp", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    time.sleep(1.5)
-    assert p.poll() is None, p.communicate()
+    # killed as soon as its first generated text arrives: mid-generation, workers attached (a fixed sleep lost the
+    # race on a fast machine: the demo model's whole context, ~200 tokens, took about a second)
+    first = p.stdout.read(1)
+    assert first and p.poll() is None, (first, p.communicate())
     p.kill()
     p.communicate()
     (rc, err), = finish(ws)
@@ -216,7 +218,8 @@ def test_a_worker_that_stops_answering_is_lost_after_the_rank_timeout(tmp_path):
     p = subprocess.Popen([prog("ds4"), "-m", str(demo_model()), "--cpu", "--ranks", "2", "--rendezvous",
                           f"127.0.0.1:{port}", "--rank-timeout", "3", "-p", "hi", "-n", "100000", "--temp", "1"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    first = p.stdout.read(1)  # generating (a fixed sleep could outlast the demo model's ~200-token context)
+    assert first, p.communicate()
     ws[0].send_signal(signal.SIGSTOP)
     try:
         _, err = p.communicate(timeout=60)
