@@ -956,6 +956,17 @@ __device__ __forceinline__ void moe1_prefetch_rows(RowOf row_of, int n, size_t r
     }
 }
 
+/* The shared expert's row r (gate + up + SwiGLU) for every token. */
+__device__ __forceinline__ void moe1_gu_shared_row(const moe1_p &p, int r, int F, int D, int nch, int lane) {
+    float g[MOE1_MAX_N], u[MOE1_MAX_N];
+    moe1_q8_row(p.gs, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, g);
+    moe1_q8_row(p.us, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, u);
+    if (lane == 0)
+#pragma unroll
+        for (int t = 0; t < MOE1_MAX_N; t++)
+            if (t < p.n) p.sh[(int64_t)t * F + r] = moe_act(g[t], u[t], p.lim, 1.0f);
+}
+
 /* Gate + up + SwiGLU of unit (x, y): warp w takes row 8x + w of the shared
  * expert (y = 0, every token) or of item y - 1 (tab: the IQ2 tables, loaded
  * by the caller for IQ2_XXS). */
@@ -964,13 +975,7 @@ __device__ __forceinline__ void moe1_gu_rows(const moe1_p &p, int x, int y, cons
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int r = x * 8 + w, F = p.F, D = p.D, nch = D / 32;
     if (y == 0) {
-        float g[MOE1_MAX_N], u[MOE1_MAX_N];
-        moe1_q8_row(p.gs, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, g);
-        moe1_q8_row(p.us, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, u);
-        if (lane == 0)
-#pragma unroll
-            for (int t = 0; t < MOE1_MAX_N; t++)
-                if (t < p.n) p.sh[(int64_t)t * F + r] = moe_act(g[t], u[t], p.lim, 1.0f);
+        moe1_gu_shared_row(p, r, F, D, nch, lane);
     } else {
         const int i = y - 1, t = i / p.K;
         const int64_t row = (int64_t)p.ids[i] * F + r;
@@ -1003,16 +1008,7 @@ __device__ __forceinline__ void moe1_gu_rows_rw(const moe1_p &p, int x, int y, c
     const int F = p.F, D = p.D, nch = D / 32;
     if (y == 0) {
 #pragma unroll
-        for (int k = 0; k < RW; k++) {
-            const int r = x * 8 * RW + w + 8 * k;
-            float g[MOE1_MAX_N], u[MOE1_MAX_N];
-            moe1_q8_row(p.gs, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, g);
-            moe1_q8_row(p.us, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, u);
-            if (lane == 0)
-#pragma unroll
-                for (int t = 0; t < MOE1_MAX_N; t++)
-                    if (t < p.n) p.sh[(int64_t)t * F + r] = moe_act(g[t], u[t], p.lim, 1.0f);
-        }
+        for (int k = 0; k < RW; k++) moe1_gu_shared_row(p, x * 8 * RW + w + 8 * k, F, D, nch, lane);
     } else {
         const int i = y - 1, t = i / p.K;
         const int64_t row0 = (int64_t)p.ids[i] * F + x * 8 * RW + w;
