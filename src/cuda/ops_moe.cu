@@ -1076,9 +1076,9 @@ __device__ __forceinline__ void moe1_gu_codes(const moe1_p &p, int y, int sb) {
 #define CU_MOE1_GU_MINB 0
 #endif
 
-/* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
- * token, block (x, 1 + i) item i's rows; then the codes of each finished
- * super-block. */
+/* Gate + up + SwiGLU: block (x, 0) the shared rows 8 RW x .. 8 RW x +
+ * 8 RW - 1 of every token, block (x, 1 + i) item i's rows (RW = 2:
+ * DS4_CUDA_MOE1_GU2=1); then the codes of each finished super-block. */
 template <int WG, int RW = 1>
 __global__ void __launch_bounds__(256, CU_MOE1_GU_MINB) k_moe1_gate_up(const __grid_constant__ moe1_p p) {
     if (p.cj.n && blockIdx.x == gridDim.x - 1) { /* DS4_CUDA_COMB_BIG: the extra column, its row 0 the comb */
