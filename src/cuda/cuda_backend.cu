@@ -1256,7 +1256,6 @@ static const struct cu_switch {
     {"DS4_CUDA_NO_MV_FEW", &cu_ctx::mv_no_few},         /* 1: 2..4-token matvecs on the generic kernel */
     {"DS4_CUDA_MOE1_SEQ", &cu_ctx::moe1_seq},           /* 1: fused experts' rows one after the other */
     {"DS4_CUDA_XPF", &cu_ctx::xpf},                     /* 1: L2 prefetch of the fused experts' routed rows */
-    {"DS4_CUDA_MOE1_GU2", &cu_ctx::moe1_gu2},           /* 1: one-token gate/up, two row pairs per warp (same bits) */
     {"DS4_CUDA_NO_MMA", &cu_ctx::no_mma},               /* 1: batches on the CUDA-core kernels only */
     {"DS4_CUDA_MM_TW", &cu_ctx::mm_tw, 4},              /* 2: Q8_0 batch GEMM in 8 warps of 16 x 32, 228 registers (same bits) */
     {"DS4_CUDA_MM_LDM", &cu_ctx::mm_ldm, 1},            /* 0: k_mm_q8/k_moe_mm fragments by 32-bit shared loads (same bits) */

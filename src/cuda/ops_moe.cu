@@ -956,17 +956,6 @@ __device__ __forceinline__ void moe1_prefetch_rows(RowOf row_of, int n, size_t r
     }
 }
 
-/* The shared expert's row r (gate + up + SwiGLU) for every token. */
-__device__ __forceinline__ void moe1_gu_shared_row(const moe1_p &p, int r, int F, int D, int nch, int lane) {
-    float g[MOE1_MAX_N], u[MOE1_MAX_N];
-    moe1_q8_row(p.gs, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, g);
-    moe1_q8_row(p.us, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, u);
-    if (lane == 0)
-#pragma unroll
-        for (int t = 0; t < MOE1_MAX_N; t++)
-            if (t < p.n) p.sh[(int64_t)t * F + r] = moe_act(g[t], u[t], p.lim, 1.0f);
-}
-
 /* Gate + up + SwiGLU of unit (x, y): warp w takes row 8x + w of the shared
  * expert (y = 0, every token) or of item y - 1 (tab: the IQ2 tables, loaded
  * by the caller for IQ2_XXS). */
@@ -975,7 +964,13 @@ __device__ __forceinline__ void moe1_gu_rows(const moe1_p &p, int x, int y, cons
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int r = x * 8 + w, F = p.F, D = p.D, nch = D / 32;
     if (y == 0) {
-        moe1_gu_shared_row(p, r, F, D, nch, lane);
+        float g[MOE1_MAX_N], u[MOE1_MAX_N];
+        moe1_q8_row(p.gs, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, g);
+        moe1_q8_row(p.us, r, nch, p.wpr_gu, p.n, D, p.sq, p.sd, u);
+        if (lane == 0)
+#pragma unroll
+            for (int t = 0; t < MOE1_MAX_N; t++)
+                if (t < p.n) p.sh[(int64_t)t * F + r] = moe_act(g[t], u[t], p.lim, 1.0f);
     } else {
         const int i = y - 1, t = i / p.K;
         const int64_t row = (int64_t)p.ids[i] * F + r;
@@ -994,51 +989,6 @@ __device__ __forceinline__ void moe1_gu_rows(const moe1_p &p, int x, int y, cons
         }
         const float g = cu_warp_sum(gu[0]), u = cu_warp_sum(gu[1]);
         if (lane == 0) p.gu[(int64_t)i * F + r] = moe_act(g, u, p.lim, p.wts[i]);
-    }
-}
-
-/* moe1_gu_rows at RW row pairs per warp (DS4_CUDA_MOE1_GU2=1: RW = 2, 16
- * rows per block): warp w takes rows 8 RW x + w + 8 k (k < RW); a routed
- * warp's RW row pairs have their loads in flight together. Every row keeps
- * cu_row_dot's operations (the shared expert's moe1_q8_row's), so the same
- * values as moe1_gu_rows. */
-template <int WG, int RW>
-__device__ __forceinline__ void moe1_gu_rows_rw(const moe1_p &p, int x, int y, const cu_iq2_tab *tab) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int F = p.F, D = p.D, nch = D / 32;
-    if (y == 0) {
-#pragma unroll
-        for (int k = 0; k < RW; k++) moe1_gu_shared_row(p, x * 8 * RW + w + 8 * k, F, D, nch, lane);
-    } else {
-        const int i = y - 1, t = i / p.K;
-        const int64_t row0 = (int64_t)p.ids[i] * F + x * 8 * RW + w;
-        /* gate and up rows together (their loads in flight at once), each
-         * with cu_row_dot's operations: row pair k at qr[2k], qr[2k + 1] */
-        const uint8_t *qr[2 * RW], *sr[2 * RW];
-        int64_t xo[2 * RW];
-        float gu[2 * RW];
-#pragma unroll
-        for (int k = 0; k < RW; k++) {
-            const int64_t row = row0 + 8 * k;
-            qr[2 * k] = p.g.q + (size_t)row * p.g.q_row;
-            qr[2 * k + 1] = p.u.q + (size_t)row * p.u.q_row;
-            sr[2 * k] = p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr;
-            sr[2 * k + 1] = p.u.s ? p.u.s + (size_t)row * p.u.s_row : nullptr;
-            xo[2 * k] = xo[2 * k + 1] = (int64_t)t * D;
-            gu[2 * k] = gu[2 * k + 1] = 0.0f;
-        }
-        if (p.seq) { /* DS4_CUDA_MOE1_SEQ=1: one row after the other (A/B) */
-#pragma unroll
-            for (int k = 0; k < 2 * RW; k++)
-                cu_row_dot<WG, true, 1>(qr[k], sr[k], nch, 1, nullptr, p.aq, p.ad, p.abs, xo + k, gu + k, tab);
-        } else {
-            cu_row_dot_multi<WG, 2 * RW>(qr, sr, 2 * RW, nch, p.aq, p.ad, p.abs, xo, gu, tab);
-        }
-#pragma unroll
-        for (int k = 0; k < RW; k++) {
-            const float g = cu_warp_sum(gu[2 * k]), u = cu_warp_sum(gu[2 * k + 1]);
-            if (lane == 0) p.gu[(int64_t)i * F + x * 8 * RW + w + 8 * k] = moe_act(g, u, p.lim, p.wts[i]);
-        }
     }
 }
 
@@ -1076,10 +1026,10 @@ __device__ __forceinline__ void moe1_gu_codes(const moe1_p &p, int y, int sb) {
 #define CU_MOE1_GU_MINB 0
 #endif
 
-/* Gate + up + SwiGLU: block (x, 0) the shared rows 8 RW x .. 8 RW x +
- * 8 RW - 1 of every token, block (x, 1 + i) item i's rows (RW = 2:
- * DS4_CUDA_MOE1_GU2=1); then the codes of each finished super-block. */
-template <int WG, int RW = 1>
+/* Gate + up + SwiGLU: block (x, 0) the shared rows 8x..8x+7 of every
+ * token, block (x, 1 + i) item i's rows; then the codes of each finished
+ * super-block. */
+template <int WG>
 __global__ void __launch_bounds__(256, CU_MOE1_GU_MINB) k_moe1_gate_up(const __grid_constant__ moe1_p p) {
     if (p.cj.n && blockIdx.x == gridDim.x - 1) { /* DS4_CUDA_COMB_BIG: the extra column, its row 0 the comb */
         if (blockIdx.y == 0) {
@@ -1088,13 +1038,13 @@ __global__ void __launch_bounds__(256, CU_MOE1_GU_MINB) k_moe1_gate_up(const __g
         }
         return;
     }
-    if (p.pf && blockIdx.y == 0 && threadIdx.x < 2) moe1_prefetch(threadIdx.x ? p.us : p.gs, blockIdx.x * 8 * RW, 8 * RW);
+    if (p.pf && blockIdx.y == 0 && threadIdx.x < 2) moe1_prefetch(threadIdx.x ? p.us : p.gs, blockIdx.x * 8, 8);
     cu_pdl_wait();
     __shared__ cu_iq2_tab tab;
     __shared__ bool last;
     const int y = blockIdx.y;
     if (y != 0) {
-        if (RW == 1 && p.xpf) { /* their DRAM latency behind the table load (and the scale rows of planar types) */
+        if (p.xpf) { /* their DRAM latency behind the table load (and the scale rows of planar types) */
             const int64_t row = (int64_t)p.ids[y - 1] * p.F + blockIdx.x * 8 + (threadIdx.x >> 5);
             const uint8_t *const qr[2] = {p.g.q + (size_t)row * p.g.q_row, p.u.q + (size_t)row * p.u.q_row};
             const uint8_t *const sr[2] = {p.g.s ? p.g.s + (size_t)row * p.g.s_row : nullptr,
@@ -1102,32 +1052,17 @@ __global__ void __launch_bounds__(256, CU_MOE1_GU_MINB) k_moe1_gate_up(const __g
             moe1_prefetch_rows([&](int k) { return k ? qr[1] : qr[0]; }, 2, p.g.q_row);
             if (p.g.s) moe1_prefetch_rows([&](int k) { return k ? sr[1] : sr[0]; }, 2, p.g.s_row);
         }
-        if (RW > 1 && p.xpf) { /* the same for RW row pairs: row k the gate (k even) or up row of row0 + 8 (k / 2) */
-            const int64_t row0 = (int64_t)p.ids[y - 1] * p.F + blockIdx.x * 8 * RW + (threadIdx.x >> 5);
-            auto qr = [&](int k) {
-                const cu_w &m = k & 1 ? p.u : p.g;
-                return m.q + (size_t)(row0 + 8 * (k >> 1)) * m.q_row;
-            };
-            auto sr = [&](int k) {
-                const cu_w &m = k & 1 ? p.u : p.g;
-                return m.s + (size_t)(row0 + 8 * (k >> 1)) * m.s_row;
-            };
-            moe1_prefetch_rows(qr, 2 * RW, p.g.q_row);
-            if (p.g.s) moe1_prefetch_rows(sr, 2 * RW, p.g.s_row);
-        }
         if constexpr (WG == DS4_TYPE_IQ2_XXS) {
             cu_iq2_tab_load(&tab, p.grid, p.ksigns);
             __syncthreads();
         }
     }
-    if constexpr (RW == 1) moe1_gu_rows<WG>(p, blockIdx.x, y, &tab);
-    else moe1_gu_rows_rw<WG, RW>(p, blockIdx.x, y, &tab);
-    /* the last of a super-block's 32 / RW blocks quantizes it */
-    constexpr unsigned NB = 32 / RW;
-    const int sb = blockIdx.x / NB;
+    moe1_gu_rows<WG>(p, blockIdx.x, y, &tab);
+    /* the last of a super-block's 32 blocks quantizes it */
+    const int sb = blockIdx.x / 32;
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicInc(p.cnt + y * (p.F / 256) + sb, NB - 1) == NB - 1;
+    if (threadIdx.x == 0) last = atomicInc(p.cnt + y * (p.F / 256) + sb, 31u) == 31u;
     __syncthreads();
     if (!last) return;
     __threadfence();
@@ -1271,17 +1206,11 @@ static bool moe1_try(cu_ctx *c, const ds4_moe_experts_args *a) {
     p.seq = c->moe1_seq;
     p.xpf = c->xpf;
     if (c->comb_big) p.cj = cu_comb_take(c); /* a comb the router left (DS4_CUDA_COMB_BIG) */
-    /* DS4_CUDA_MOE1_GU2=1: two row pairs per warp (16 rows per block) */
-    const int rw = c->moe1_gu2 ? 2 : 1;
-    const dim3 g1(F / (8 * rw) + (p.cj.n ? 1 : 0), 1 + n * K);
-    switch (tg * 2 + rw - 1) {
-    case DS4_TYPE_IQ2_XXS * 2: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
-    case DS4_TYPE_IQ2_XXS * 2 + 1: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS, 2>, g1, 256, 0, p); break;
-    case DS4_TYPE_Q2_K * 2: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q2_K>, g1, 256, 0, p); break;
-    case DS4_TYPE_Q2_K * 2 + 1: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q2_K, 2>, g1, 256, 0, p); break;
-    case DS4_TYPE_Q4_K * 2: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q4_K>, g1, 256, 0, p); break;
-    case DS4_TYPE_Q4_K * 2 + 1: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q4_K, 2>, g1, 256, 0, p); break;
-    case DS4_TYPE_Q8_0 * 2 + 1: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q8_0, 2>, g1, 256, 0, p); break;
+    const dim3 g1(F / 8 + (p.cj.n ? 1 : 0), 1 + n * K);
+    switch (tg) {
+    case DS4_TYPE_IQ2_XXS: cu_launch(c, k_moe1_gate_up<DS4_TYPE_IQ2_XXS>, g1, 256, 0, p); break;
+    case DS4_TYPE_Q2_K: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q2_K>, g1, 256, 0, p); break;
+    case DS4_TYPE_Q4_K: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q4_K>, g1, 256, 0, p); break;
     default: cu_launch(c, k_moe1_gate_up<DS4_TYPE_Q8_0>, g1, 256, 0, p); break;
     }
     CU_LAUNCH(c, "moe1_gate_up");
