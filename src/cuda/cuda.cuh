@@ -43,7 +43,10 @@ bool cu_launched(cu_ctx *c, const char *kernel);
 #define CU_LAUNCH(c, name) cu_launched((c), name)
 
 /* Device-side status bits (ctx->dstatus), set by kernels, read at step_end. */
-enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2, CU_ST_TOPK_SYNC = 4 };
+enum { CU_ST_COMP_RANGE = 1, CU_ST_IDX_RANGE = 2, CU_ST_TOPK_SYNC = 4, CU_ST_F16_RANGE = 8 };
+
+/* DS4_CUDA_BLAS: the FP16 weight segment's capacity (values: q_b, o_b) */
+#define CU_BLAS_WH ((size_t)32 << 20)
 
 enum { CU_KPROF_BASE = 1000 };
 
@@ -97,6 +100,9 @@ struct cu_scratch {
     float *sg, *su;            /* (B, F) shared gate / up (then hidden) */
     float *sd;                 /* (B, D) shared down */
     float *tmp;                /* (B, max(D, q_lora)) */
+    __half *xh;                /* DS4_CUDA_BLAS=1 only: FP16 activations (B, row_max) and */
+    __half *wh;                /* one weight segment in FP16 (CU_BLAS_WH values) */
+    size_t xh_cap;             /* values of xh */
 };
 
 /* A producer kernel that also wrote the int8 codes of its output records
@@ -260,6 +266,10 @@ struct cu_ctx {
     int xpf;               /* DS4_CUDA_XPF=1: L2 prefetch of the fused experts' routed rows (opt-in until measured) */
     int mv_no_few;         /* DS4_CUDA_NO_MV_FEW=1: 2..4 tokens on the generic k_matvec (A/B switch) */
     int no_mma;            /* DS4_CUDA_NO_MMA=1: batches without the tensor-core kernels (A/B switch) */
+    int blas;              /* DS4_CUDA_BLAS=1: batch Q8_0 projections as cuBLAS FP16 GEMMs (opt-in, other bits) */
+    int blas_min;          /* DS4_CUDA_BLAS_MIN: from how many tokens (default 128) */
+    void *blas_h;          /* its cublasHandle_t (mm_blas.cu) */
+    void *blas_ws;         /* and the handle's workspace */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     int floor_diag;        /* DS4_CUDA_FLOOR=1: every cu_launch kernel empty (timing only, wrong results) */
     int gtrace;            /* DS4_CUDA_GTRACE=N: timeline of the N-th step graph replay (CU_GTRACE builds) */
@@ -464,7 +474,7 @@ __device__ __forceinline__ void cu_pdl_wait_only_fn() { asm volatile("griddepcon
 bool cu_sw_matvec_gt(unsigned *, cu_gt_rec *), cu_sw_mm_f_gt(unsigned *, cu_gt_rec *),
     cu_sw_mm_q8_gt(unsigned *, cu_gt_rec *), cu_sw_attn_gt(unsigned *, cu_gt_rec *),
     cu_sw_compress_gt(unsigned *, cu_gt_rec *), cu_sw_moe_gt(unsigned *, cu_gt_rec *),
-    cu_sw_backend_gt(unsigned *, cu_gt_rec *);
+    cu_sw_backend_gt(unsigned *, cu_gt_rec *), cu_sw_blas_gt(unsigned *, cu_gt_rec *);
 #else
 #define CU_TU_GTRACE(name)
 #endif
@@ -477,7 +487,7 @@ bool cu_sw_matvec_gt(unsigned *, cu_gt_rec *), cu_sw_mm_f_gt(unsigned *, cu_gt_r
     }                                                                                                   \
     CU_TU_GTRACE(name)
 bool cu_sw_matvec(int), cu_sw_mm_f(int), cu_sw_mm_q8(int), cu_sw_attn(int), cu_sw_compress(int), cu_sw_moe(int),
-    cu_sw_backend(int);
+    cu_sw_backend(int), cu_sw_blas(int);
 
 /* A hint: bring [p, p + bytes) into L2 (bulk prefetches of at most 1 MiB,
  * the range shrunk to whole 16-byte units inside it). One thread calls it. */
@@ -620,6 +630,9 @@ const cu_act *cu_preq_find(cu_ctx *c, const float *x, int n, int64_t ldx, int n_
  * quantized into buf now. */
 const cu_act *cu_act_codes(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *buf);
 void cu_preq_clear(cu_ctx *c);
+/* DS4_CUDA_BLAS=1: cuBLAS loaded (dlopen) and a handle on the context's stream; close frees it */
+bool cu_blas_open(cu_ctx *c);
+void cu_blas_close(cu_ctx *c);
 /* Warps per row of the one-token matvec for a weight of `rows` rows (the
  * largest of a launch's segments) and nch 32-value chunks per row. */
 int cu_mv_wpr(int rows, int nch);

@@ -885,6 +885,11 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->su = (float *)take(B * F * 4);
     s->sd = (float *)take(B * D * 4);
     s->tmp = (float *)take(B * (D > (size_t)hp->q_lora ? D : hp->q_lora) * 4);
+    if (c->blas && B >= (size_t)(c->blas_min > 0 ? c->blas_min : 128)) { /* DS4_CUDA_BLAS=1 (mm_blas.cu) */
+        s->xh_cap = B * row_max;
+        s->xh = (__half *)take(s->xh_cap * 2);
+        s->wh = (__half *)take(CU_BLAS_WH * 2);
+    }
     s->n_batch = B;
     s->n_ctx = C;
     return off;
@@ -1165,6 +1170,8 @@ static int cu_step_end(void *ctx, ds4_err *err) {
         cudaStreamSynchronize(c->st);
         if (!c->err && (st & CU_ST_TOPK_SYNC))
             cu_fail(c, DS4_E_BACKEND, "cuda: the indexer top-k blocks did not meet within 2 s");
+        else if (!c->err && (st & CU_ST_F16_RANGE))
+            cu_fail(c, DS4_E_RANGE, "cuda: an activation exceeds the FP16 range of DS4_CUDA_BLAS=1 (unset it)");
         else if (!c->err)
             cu_fail(c, DS4_E_RANGE, "cuda: %s", st & CU_ST_COMP_RANGE ? "compressed rows exceed the session capacity"
                                                                        : "indexer rows exceed the session capacity");
@@ -1222,6 +1229,7 @@ static void cu_destroy(void *ctx) {
     for (int i = 0; i < c->cap_prof; i++) cudaEventDestroy(c->prof_ev[i]);
     free(c->prof_ev);
     free(c->prof_kind);
+    cu_blas_close(c);
     if (c->st) cudaStreamDestroy(c->st);
     if (c->st2) cudaStreamDestroy(c->st2);
     if (c->ev_fork) cudaEventDestroy(c->ev_fork);
@@ -1257,6 +1265,8 @@ static const struct cu_switch {
     {"DS4_CUDA_MOE1_SEQ", &cu_ctx::moe1_seq},           /* 1: fused experts' rows one after the other */
     {"DS4_CUDA_XPF", &cu_ctx::xpf},                     /* 1: L2 prefetch of the fused experts' routed rows */
     {"DS4_CUDA_NO_MMA", &cu_ctx::no_mma},               /* 1: batches on the CUDA-core kernels only */
+    {"DS4_CUDA_BLAS", &cu_ctx::blas},                   /* 1: batch Q8_0 projections as cuBLAS FP16 GEMMs (other bits) */
+    {"DS4_CUDA_BLAS_MIN", &cu_ctx::blas_min},           /* N: DS4_CUDA_BLAS from N tokens per launch (default 128) */
     {"DS4_CUDA_MM_TW", &cu_ctx::mm_tw, 4},              /* 2: Q8_0 batch GEMM in 8 warps of 16 x 32, 228 registers (same bits) */
     {"DS4_CUDA_MM_LDM", &cu_ctx::mm_ldm, 1},            /* 0: k_mm_q8/k_moe_mm fragments by 32-bit shared loads (same bits) */
     {"DS4_CUDA_MF_TW", &cu_ctx::mf_tw, 2},              /* 1: F16/BF16 batch GEMM in 8 warps of 32 x 16 (same bits) */
@@ -1465,9 +1475,10 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
              cu_ok(c, cudaMemcpy((void *)c->ksigns, ds4_ksigns_iq2xs, 128, cudaMemcpyHostToDevice), "tables");
         const int lt = c->early_trigger;
         if (ok && !(cu_sw_matvec(lt) && cu_sw_mm_f(lt) && cu_sw_mm_q8(lt) && cu_sw_attn(lt) && cu_sw_compress(lt) &&
-                    cu_sw_moe(lt) && cu_sw_backend(lt)))
+                    cu_sw_moe(lt) && cu_sw_backend(lt) && cu_sw_blas(lt)))
             ok = cu_ok(c, cudaErrorInvalidValue, "device switches");
 #if CU_GTRACE
+        if (ok && c->blas) ok = cu_blas_open(c);
         if (ok && c->gtrace) {
             const unsigned off = CU_GT_CAP;
             cu_gt_rec *b = nullptr;
@@ -1477,7 +1488,7 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
             c->gt_buf = b;
             if (ok && !(cu_sw_matvec_gt(c->gt_ctr, b) && cu_sw_mm_f_gt(c->gt_ctr, b) && cu_sw_mm_q8_gt(c->gt_ctr, b) &&
                         cu_sw_attn_gt(c->gt_ctr, b) && cu_sw_compress_gt(c->gt_ctr, b) && cu_sw_moe_gt(c->gt_ctr, b) &&
-                        cu_sw_backend_gt(c->gt_ctr, b)))
+                        cu_sw_backend_gt(c->gt_ctr, b) && cu_sw_blas_gt(c->gt_ctr, b)))
                 ok = cu_ok(c, cudaErrorInvalidValue, "gtrace switches");
         }
 #else

@@ -513,7 +513,7 @@ template <int WT, bool AQ, int WPR>
 static void launch_mv_w(cu_ctx *c, mv_params &p, int rows) {
     dim3 grid(cu_div_up(rows, 8 / WPR));
     if constexpr (WT == DS4_TYPE_Q8_0 && AQ) {
-        if (cu_mm_q8(c, p, rows, WPR)) return;
+        if (cu_blas_q8(c, p) || cu_mm_q8(c, p, rows, WPR)) return;
         const int rt = !c->mv_no_r2 && mv_two_rows(p, WPR) ? 2 : mv_tall_rows(c, p, rows);
         if (rt == 2) {
             /* a comb offered by the caller (DS4_CUDA_COMB_BIG, one token): one more block, the first */

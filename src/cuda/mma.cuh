@@ -137,6 +137,8 @@ __device__ __forceinline__ void mv_prefetch(const mv_params &p, int rpb, int bx 
  * the matvec kernels. Q8_0 x Q8_0 on int8 tensor cores (mm_q8.cu); F16 and
  * BF16 x f32 register-tiled (mm_f.cu). */
 bool cu_mm_q8(cu_ctx *c, const mv_params &p, int rows, int wpr);
+/* DS4_CUDA_BLAS=1 (mm_blas.cu): the batch as cuBLAS FP16 GEMMs (other bits) */
+bool cu_blas_q8(cu_ctx *c, const mv_params &p);
 bool cu_mm_f(cu_ctx *c, const mv_params &p, int rows, int wpr, int type);
 
 #endif

@@ -309,6 +309,43 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
         assert np.array_equal(got.view(np.uint32), base.view(np.uint32)), f"{var}={val} {mode} differs: {d:.2e}"
 
 
+@pytest.mark.parametrize("name", ["flash", "q2"])
+def test_cuda_blas_prefill_close(name, tmp_path):
+    """DS4_CUDA_BLAS=1 (opt-in, other bits than the exact path): a batch's Q8_0 projections as cuBLAS FP16 GEMMs
+    (src/cuda/mm_blas.cu). On a stage model (release numerics), prefill of 80 tokens with DS4_CUDA_BLAS_MIN=16:
+    two runs give the same bits; the logits stay near the exact path's (max |d| below 2% of the largest logit;
+    printed with the mean KL of the two softmaxes); every position whose exact top-1 leads its runner-up by more
+    than twice that distance keeps its top-1; token-by-token decode (one token per launch: the exact kernels) is
+    untouched, bit for bit."""
+    model = _stage_model(name)
+    rng = np.random.default_rng(13)
+    toks = tmp_path / "t.txt"
+    toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
+    base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill")
+    env = dict(os.environ, DS4_CUDA_BLAS="1", DS4_CUDA_BLAS_MIN="16")
+    a, _ = run(model, toks, tmp_path / "a.f32", "--cuda", True, "--eval", "prefill", env=env)
+    b, _ = run(model, toks, tmp_path / "b.f32", "--cuda", True, "--eval", "prefill", env=env)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), "DS4_CUDA_BLAS=1: two runs differ"
+    dec, _ = run(model, toks, tmp_path / "d.f32", "--cuda", True, "--eval", "decode", env=env)
+    assert np.array_equal(dec.view(np.uint32), base.view(np.uint32)), "DS4_CUDA_BLAS=1 changed one-token decode"
+    a64, b64 = a.astype(np.float64), base.astype(np.float64)
+    d = np.abs(a64 - b64).max(axis=1)
+    scale = float(np.abs(b64).max())
+    lp = b64 - b64.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
+    lq = a64 - a64.max(1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(1, keepdims=True))
+    kl = float((np.exp(lp) * (lp - lq)).sum(1).mean())
+    top2 = np.sort(b64, axis=1)[:, -2:]
+    sure = (top2[:, 1] - top2[:, 0]) > 2 * d
+    same = a64.argmax(1) == b64.argmax(1)
+    print(f"\n{name}: DS4_CUDA_BLAS=1 vs exact prefill: max |d| {d.max():.3e} (largest logit {scale:.2f}), "
+          f"p50 {np.median(d):.2e}, mean KL {kl:.2e}, same top-1 at {same.mean():.1%} "
+          f"({int(sure.sum())} positions with a clear lead)")
+    assert d.max() <= 0.02 * scale, f"DS4_CUDA_BLAS=1 logits differ by {d.max():.3e} (scale {scale:.2f})"
+    assert same[sure].all(), f"DS4_CUDA_BLAS=1 changed a clear top-1 at {np.nonzero(sure & ~same)[0].tolist()}"
+
+
 # The modes of test_cuda_long_context_topk_bitwise: (eval, switches); each is its own test so that pytest-xdist
 # spreads them over its workers (as one test the pair took ~100 s on one worker, the longest of make test-cuda)
 _LONG_MODES = [
