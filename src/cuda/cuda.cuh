@@ -630,6 +630,8 @@ const cu_act *cu_preq_find(cu_ctx *c, const float *x, int n, int64_t ldx, int n_
  * quantized into buf now. */
 const cu_act *cu_act_codes(cu_ctx *c, int act_type, const float *x, int64_t ldx, int n, int n_in, cu_act *buf);
 void cu_preq_clear(cu_ctx *c);
+void *cu_dl_load(const char *what, const char *env, const char *name, const char *fallback, const char *const *syms,
+                 void **const *slots, int n, char *why, size_t cap);
 /* DS4_CUDA_BLAS=1: cuBLAS loaded (dlopen) and a handle on the context's stream; close frees it */
 bool cu_blas_open(cu_ctx *c);
 void cu_blas_close(cu_ctx *c);

@@ -13,6 +13,7 @@
  * all scratch is reserved before any step (reserve). Growing the scratch
  * drops every graph.
  */
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1505,6 +1506,24 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
     return 0;
 }
 
+/* A library loaded at run time (NCCL, cuBLAS): the file named by the
+ * environment variable env, else name, else fallback; slots[i] takes the
+ * address of syms[i]. NULL or a missing symbol: why says what failed. */
+void *cu_dl_load(const char *what, const char *env, const char *name, const char *fallback, const char *const *syms,
+                 void **const *slots, int n, char *why, size_t cap) {
+    const char *e = getenv(env);
+    const char *names[] = {e && *e ? e : name, fallback};
+    void *lib = nullptr;
+    for (int i = 0; i < 2 && !lib; i++) lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        snprintf(why, cap, "cannot load %s (%s; set %s to %s)", what, dlerror(), env, name);
+        return nullptr;
+    }
+    for (int i = 0; i < n; i++)
+        if (!(*slots[i] = dlsym(lib, syms[i])) && !why[0]) snprintf(why, cap, "the %s library lacks %s", what, syms[i]);
+    return lib;
+}
+
 /* ---------------------------------------------------------------- NCCL link
  *
  * The HC states of a layer split pass between parts through NCCL, loaded
@@ -1512,7 +1531,6 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
  * communicator per split, one rank per distinct device (ncclCommInitAll);
  * two parts on one device share its rank and send to themselves. */
 #if __has_include(<nccl.h>)
-#include <dlfcn.h>
 #include <nccl.h>
 #define CU_NCCL 1
 static struct {
@@ -1534,25 +1552,13 @@ static bool nccl_load(void) {
     pthread_mutex_lock(&nccl.mu);
     if (!nccl.tried) {
         nccl.tried = true;
-        const char *env = getenv("DS4_NCCL_LIB");
-        const char *names[] = {env && *env ? env : "libnccl.so.2", "libnccl.so"};
-        for (int i = 0; i < 2 && !nccl.lib; i++) nccl.lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-        if (!nccl.lib) {
-            snprintf(nccl.why, sizeof nccl.why, "cannot load NCCL (%s; set DS4_NCCL_LIB to libnccl.so.2)", dlerror());
-        } else {
-#define SYM(field, name)                                                                                      \
-    if (!(*(void **)&nccl.field = dlsym(nccl.lib, name)) && !nccl.why[0])                                    \
-        snprintf(nccl.why, sizeof nccl.why, "NCCL library lacks %s", name);
-            SYM(init_all, "ncclCommInitAll")
-            SYM(destroy, "ncclCommDestroy")
-            SYM(group_start, "ncclGroupStart")
-            SYM(group_end, "ncclGroupEnd")
-            SYM(send, "ncclSend")
-            SYM(recv, "ncclRecv")
-            SYM(error_string, "ncclGetErrorString")
-            SYM(version, "ncclGetVersion")
-#undef SYM
-        }
+        const char *syms[] = {"ncclCommInitAll", "ncclCommDestroy", "ncclGroupStart", "ncclGroupEnd",
+                              "ncclSend", "ncclRecv", "ncclGetErrorString", "ncclGetVersion"};
+        void **slots[] = {(void **)&nccl.init_all, (void **)&nccl.destroy, (void **)&nccl.group_start,
+                          (void **)&nccl.group_end, (void **)&nccl.send, (void **)&nccl.recv,
+                          (void **)&nccl.error_string, (void **)&nccl.version};
+        nccl.lib = cu_dl_load("NCCL", "DS4_NCCL_LIB", "libnccl.so.2", "libnccl.so", syms, slots, 8, nccl.why,
+                              sizeof nccl.why);
     }
     bool ok = nccl.lib && !nccl.why[0];
     pthread_mutex_unlock(&nccl.mu);

@@ -22,7 +22,6 @@
 #include "cuda/quant.cuh"
 
 #include <cublas_v2.h>
-#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,24 +45,12 @@ static bool blas_load(void) {
     pthread_mutex_lock(&blas.mu);
     if (!blas.tried) {
         blas.tried = true;
-        const char *env = getenv("DS4_CUBLAS_LIB");
-        const char *names[] = {env && *env ? env : "libcublas.so.13", "libcublas.so"};
-        for (int i = 0; i < 2 && !blas.lib; i++) blas.lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
-        if (!blas.lib) {
-            snprintf(blas.why, sizeof blas.why, "cannot load cuBLAS (%s; set DS4_CUBLAS_LIB to libcublas.so.13)",
-                     dlerror());
-        } else {
-#define SYM(field, name)                                                                                     \
-    if (!(*(void **)&blas.field = dlsym(blas.lib, name)) && !blas.why[0])                                   \
-        snprintf(blas.why, sizeof blas.why, "the cuBLAS library lacks %s", name);
-            SYM(create, "cublasCreate_v2")
-            SYM(destroy, "cublasDestroy_v2")
-            SYM(set_stream, "cublasSetStream_v2")
-            SYM(set_workspace, "cublasSetWorkspace_v2")
-            SYM(gemm, "cublasGemmEx")
-            SYM(status_string, "cublasGetStatusString")
-#undef SYM
-        }
+        const char *syms[] = {"cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSetWorkspace_v2",
+                              "cublasGemmEx", "cublasGetStatusString"};
+        void **slots[] = {(void **)&blas.create, (void **)&blas.destroy, (void **)&blas.set_stream,
+                          (void **)&blas.set_workspace, (void **)&blas.gemm, (void **)&blas.status_string};
+        blas.lib = cu_dl_load("cuBLAS", "DS4_CUBLAS_LIB", "libcublas.so.13", "libcublas.so", syms, slots, 6, blas.why,
+                              sizeof blas.why);
     }
     bool ok = blas.lib && !blas.why[0];
     pthread_mutex_unlock(&blas.mu);
