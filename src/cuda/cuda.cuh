@@ -270,6 +270,7 @@ struct cu_ctx {
     int blas_min;          /* DS4_CUDA_BLAS_MIN: from how many tokens (default 128) */
     void *blas_h;          /* its cublasHandle_t (mm_blas.cu) */
     void *blas_ws;         /* and the handle's workspace */
+    cudaStream_t blas_st;  /* the stream the handle is bound to (the main one) */
     int hc_diag;           /* DS4_CUDA_HC_DIAG (diagnostic timing switch, wrong results) */
     int floor_diag;        /* DS4_CUDA_FLOOR=1: every cu_launch kernel empty (timing only, wrong results) */
     int gtrace;            /* DS4_CUDA_GTRACE=N: timeline of the N-th step graph replay (CU_GTRACE builds) */

@@ -72,6 +72,7 @@ bool cu_blas_open(cu_ctx *c) {
     }
     c->blas_h = h;
     if (!cu_ok(c, cudaMalloc(&c->blas_ws, BLAS_WS), "cuBLAS workspace")) return false;
+    c->blas_st = c->st;
     st = blas.set_stream(h, c->st);
     if (st == CUBLAS_STATUS_SUCCESS) st = blas.set_workspace(h, c->blas_ws, BLAS_WS);
     if (st != CUBLAS_STATUS_SUCCESS) {
@@ -131,7 +132,10 @@ __global__ void k_blas_w(cu_w w, int rows, int n_in, __half *wh) {
 }
 
 bool cu_blas_q8(cu_ctx *c, const mv_params &p) {
-    if (!c->blas_h || !c->s.xh || !c->s.wh || p.n < (c->blas_min > 0 ? c->blas_min : 128) || p.skip_le > 0 || !p.aq ||
+    /* the main stream only: the handle is bound to it, and xh / wh are one
+     * scratch (a side stream's compressors must not share them) */
+    if (!c->blas_h || c->st != c->blas_st || !c->s.xh || !c->s.wh || p.n < (c->blas_min > 0 ? c->blas_min : 128) ||
+        p.skip_le > 0 || !p.aq ||
         p.ldq % 32 || (size_t)p.n * (size_t)p.ldq > c->s.xh_cap)
         return false;
     const int n_in = p.nch * 32;
