@@ -1172,7 +1172,7 @@ static int cu_step_end(void *ctx, ds4_err *err) {
         if (!c->err && (st & CU_ST_TOPK_SYNC))
             cu_fail(c, DS4_E_BACKEND, "cuda: the indexer top-k blocks did not meet within 2 s");
         else if (!c->err && (st & CU_ST_F16_RANGE))
-            cu_fail(c, DS4_E_RANGE, "cuda: an activation exceeds the FP16 range of DS4_CUDA_BLAS=1 (unset it)");
+            cu_fail(c, DS4_E_RANGE, "cuda: a value is beyond the FP16 range of DS4_CUDA_BLAS=1 (or not a number); unset it");
         else if (!c->err)
             cu_fail(c, DS4_E_RANGE, "cuda: %s", st & CU_ST_COMP_RANGE ? "compressed rows exceed the session capacity"
                                                                        : "indexer rows exceed the session capacity");
@@ -1478,8 +1478,8 @@ extern "C" int ds4_cuda_backend_new(const ds4_cuda_opts *o, ds4_backend *out, ds
         if (ok && !(cu_sw_matvec(lt) && cu_sw_mm_f(lt) && cu_sw_mm_q8(lt) && cu_sw_attn(lt) && cu_sw_compress(lt) &&
                     cu_sw_moe(lt) && cu_sw_backend(lt) && cu_sw_blas(lt)))
             ok = cu_ok(c, cudaErrorInvalidValue, "device switches");
-#if CU_GTRACE
         if (ok && c->blas) ok = cu_blas_open(c);
+#if CU_GTRACE
         if (ok && c->gtrace) {
             const unsigned off = CU_GT_CAP;
             cu_gt_rec *b = nullptr;
@@ -1513,11 +1513,13 @@ void *cu_dl_load(const char *what, const char *env, const char *name, const char
                  void **const *slots, int n, char *why, size_t cap) {
     const char *e = getenv(env);
     const char *names[] = {e && *e ? e : name, fallback};
-    void *lib = nullptr;
-    for (int i = 0; i < 2 && !lib; i++) lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    void *lib = dlopen(names[0], RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
-        snprintf(why, cap, "cannot load %s (%s; set %s to %s)", what, dlerror(), env, name);
-        return nullptr;
+        const char *first = dlerror();
+        snprintf(why, cap, "cannot load %s (%s; set %s to %s)", what, first ? first : names[0], env, name);
+        lib = dlopen(names[1], RTLD_NOW | RTLD_LOCAL);
+        if (!lib) return nullptr;
+        why[0] = 0;
     }
     for (int i = 0; i < n; i++)
         if (!(*slots[i] = dlsym(lib, syms[i])) && !why[0]) snprintf(why, cap, "the %s library lacks %s", what, syms[i]);

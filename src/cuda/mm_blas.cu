@@ -10,10 +10,13 @@
  * expanded to FP16 the same way into a scratch of CU_BLAS_WH values, and
  * cublasGemmEx multiplies them. So the products differ from the exact path
  * by the FP16 rounding of both factors (relative 2^-11 each) and the sums
- * by their order; a token's values may depend on the batch around it.
- * cuBLAS picks the same algorithm for the same shapes on the same GPU, so
- * a run is bit-identical to the next. An activation beyond FP16's range
- * fails the step (CU_ST_F16_RANGE) instead of giving infinities.
+ * by their order (values below 2^-14 lose more: FP16 subnormals); a
+ * token's values may depend on the batch around it. cuBLAS picks the same
+ * algorithm for the same shapes on the same GPU, so a run is bit-identical
+ * to the next. A value beyond FP16's range (activation or weight) fails the
+ * step (CU_ST_F16_RANGE) instead of giving infinities. A launch with a
+ * weight segment above CU_BLAS_WH values (e.g. the vocabulary head) keeps
+ * the exact kernels.
  *
  * cuBLAS is loaded at run time (libcublas.so.13, or DS4_CUBLAS_LIB) only
  * when the switch is on, so that the default build needs no cuBLAS. */
@@ -79,6 +82,8 @@ bool cu_blas_open(cu_ctx *c) {
         cu_fail(c, DS4_E_BACKEND, "cuda: cuBLAS stream/workspace: %s", blas.status_string(st));
         return false;
     }
+    fprintf(stderr, "ds4: cuda: DS4_CUDA_BLAS=1: Q8_0 projections of batches of %d+ tokens on cuBLAS FP16 GEMMs\n",
+            c->blas_min > 0 ? c->blas_min : 128);
     return true;
 }
 
@@ -116,7 +121,7 @@ __global__ void k_blas_act(const int8_t *q, const float *d, int64_t ldq, int n, 
 /* FP16 values of rows of a Q8_0 weight (codes and f16 scales in their
  * planes, cu_w): wh[r * n_in + k] = q * d. One thread per 8 values. The
  * wait also orders the write after the GEMM that read the last segment. */
-__global__ void k_blas_w(cu_w w, int rows, int n_in, __half *wh) {
+__global__ void k_blas_w(cu_w w, int rows, int n_in, __half *wh, int *status) {
     cu_pdl_wait();
     const int per = n_in / 8;
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -126,15 +131,22 @@ __global__ void k_blas_w(cu_w w, int rows, int n_in, __half *wh) {
     const float s = cu_h2f(cu_ld16(w.s + (size_t)r * w.s_row + 2 * (size_t)(k / 32)));
     const int8_t *b = (const int8_t *)&v;
     __align__(16) __half h[8];
+    bool big = false;
 #pragma unroll
-    for (int j = 0; j < 8; j++) h[j] = __float2half_rn(__fmul_rn((float)b[j], s));
+    for (int j = 0; j < 8; j++) {
+        const float f = __fmul_rn((float)b[j], s);
+        big |= !(fabsf(f) <= 65504.0f);
+        h[j] = __float2half_rn(f);
+    }
     *(int4 *)(wh + (size_t)r * n_in + k) = *(const int4 *)h;
+    if (big) atomicOr(status, CU_ST_F16_RANGE);
 }
 
 bool cu_blas_q8(cu_ctx *c, const mv_params &p) {
     /* the main stream only: the handle is bound to it, and xh / wh are one
-     * scratch (a side stream's compressors must not share them) */
-    if (!c->blas_h || c->st != c->blas_st || !c->s.xh || !c->s.wh || p.n < (c->blas_min > 0 ? c->blas_min : 128) ||
+     * scratch (a side stream's compressors must not share them); never in a
+     * captured step (MTP verify rows: with a low BLAS_MIN, h_proj's n * n_hc) */
+    if (!c->blas_h || c->st != c->blas_st || c->capturing || !c->s.xh || !c->s.wh || p.n < (c->blas_min > 0 ? c->blas_min : 128) ||
         p.skip_le > 0 || !p.aq ||
         p.ldq % 32 || (size_t)p.n * (size_t)p.ldq > c->s.xh_cap)
         return false;
@@ -153,7 +165,8 @@ bool cu_blas_q8(cu_ctx *c, const mv_params &p) {
     const float one = 1.0f, zero = 0.0f;
     for (int i = 0; i < p.n_seg && !c->err; i++) {
         const cu_seg &g = p.seg[i];
-        cu_launch(c, k_blas_w, cu_div_up((int64_t)g.rows * (n_in / 8), 256), 256, 0, g.w, g.rows, n_in, c->s.wh);
+        cu_launch(c, k_blas_w, cu_div_up((int64_t)g.rows * (n_in / 8), 256), 256, 0, g.w, g.rows, n_in, c->s.wh,
+                  c->dstatus);
         CU_LAUNCH(c, "blas_w");
         /* column-major view: y (rows x n, ld ldy) = wh^T (rows x n_in) . xh (n_in x n, ld ncols) */
         const cublasStatus_t st = blas.gemm((cublasHandle_t)c->blas_h, CUBLAS_OP_T, CUBLAS_OP_N, g.rows, p.n, n_in, &one,

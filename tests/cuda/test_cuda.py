@@ -313,17 +313,23 @@ def test_cuda_ab_switches_keep_bits(var, val, tmp_path):
 def test_cuda_blas_prefill_close(name, tmp_path):
     """DS4_CUDA_BLAS=1 (opt-in, other bits than the exact path): a batch's Q8_0 projections as cuBLAS FP16 GEMMs
     (src/cuda/mm_blas.cu). On a stage model (release numerics), prefill of 80 tokens with DS4_CUDA_BLAS_MIN=16:
-    two runs give the same bits; the logits stay near the exact path's (max |d| below 2% of the largest logit;
-    printed with the mean KL of the two softmaxes); every position whose exact top-1 leads its runner-up by more
-    than twice that distance keeps its top-1; token-by-token decode (one token per launch: the exact kernels) is
-    untouched, bit for bit."""
+    the path is taken (its stderr line; the logits differ from the exact path's); two runs give the same bits; the
+    logits stay near the exact path's (max |d| below 2% of the largest logit; printed with the mean KL of the two
+    softmaxes); every position whose exact top-1 leads its runner-up by more than 4x the median distance keeps its
+    top-1; token-by-token decode (one token per launch: the exact kernels) is untouched, bit for bit."""
     model = _stage_model(name)
     rng = np.random.default_rng(13)
     toks = tmp_path / "t.txt"
     toks.write_text(" ".join(str(x) for x in rng.integers(0, 300, 80)))
     base, _ = run(model, toks, tmp_path / "p.f32", "--cuda", True, "--eval", "prefill")
     env = dict(os.environ, DS4_CUDA_BLAS="1", DS4_CUDA_BLAS_MIN="16")
-    a, _ = run(model, toks, tmp_path / "a.f32", "--cuda", True, "--eval", "prefill", env=env)
+    cmd = [DS4, "-m", str(model), "--cuda", "--prompt-tokens-file", str(toks), "--dump-logits", str(tmp_path / "a.f32"),
+           "--eval", "prefill"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "DS4_CUDA_BLAS=1: Q8_0 projections" in r.stderr, f"the cuBLAS path did not open:\n{r.stderr}"
+    a = np.fromfile(tmp_path / "a.f32", dtype="<f4").reshape(base.shape)
+    assert not np.array_equal(a.view(np.uint32), base.view(np.uint32)), "DS4_CUDA_BLAS=1 took the exact path"
     b, _ = run(model, toks, tmp_path / "b.f32", "--cuda", True, "--eval", "prefill", env=env)
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), "DS4_CUDA_BLAS=1: two runs differ"
     dec, _ = run(model, toks, tmp_path / "d.f32", "--cuda", True, "--eval", "decode", env=env)
@@ -337,7 +343,7 @@ def test_cuda_blas_prefill_close(name, tmp_path):
     lq -= np.log(np.exp(lq).sum(1, keepdims=True))
     kl = float((np.exp(lp) * (lp - lq)).sum(1).mean())
     top2 = np.sort(b64, axis=1)[:, -2:]
-    sure = (top2[:, 1] - top2[:, 0]) > 2 * d
+    sure = (top2[:, 1] - top2[:, 0]) > 4 * np.median(d)
     same = a64.argmax(1) == b64.argmax(1)
     print(f"\n{name}: DS4_CUDA_BLAS=1 vs exact prefill: max |d| {d.max():.3e} (largest logit {scale:.2f}), "
           f"p50 {np.median(d):.2e}, mean KL {kl:.2e}, same top-1 at {same.mean():.1%} "
