@@ -4,7 +4,8 @@
 # with ../shared/tools/device-deps.sh), build with CUDA, run `make test-cuda`,
 # then the steps named on the command line (bench, ...). Logs go to $OUT.
 # The carried folders (build/device-deps, build/shared-tools, build/pydeps)
-# are made here by dev/device_prep.sh.
+# are made here by dev/device_prep.sh; build/cuda-prebuilt (optional, the
+# CUDA objects) by dev/device_prebuilt.sh.
 # The device tool brings back at most 8 files from $OUT (each bench step
 # writes 2): plan a call's steps so that the logs that matter fit.
 # usage: bash dev/device_run.sh [tests] [stages] [mvbench] [idxbench] [attbench] [moebench] [synthfile] [fullshape] [pytest ARGS --] [env VAR=VALUE] [clearenv] [rebuild VAR=VALUE] [bench ARGS -- ] [ablogits VAR=VALUE.. --] [ncu ARGS --] [ncus REGEX SKIP COUNT ARGS --]
@@ -31,6 +32,19 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 t0=$(date +%s)
 # NOBUILD=1: only the microbenchmark steps (idxbench, moebench, mvbench) follow, which build themselves
 if [ -z "${NOBUILD:-}" ]; then
+    # a fresh machine: the CUDA objects compiled here by dev/device_prebuilt.sh, when
+    # they were made from these very sources with this nvcc (dev/cuda_srchash.sh)
+    if [ ! -f build/cuda/nvflags.stamp ] && [ -f build/cuda-prebuilt/SRCHASH ]; then
+        if [ "$(cat build/cuda-prebuilt/SRCHASH)" = "$(bash dev/cuda_srchash.sh)" ]; then
+            mkdir -p build/cuda/src/cuda
+            make -s BUILD=build/cuda WITH_CUDA=1 build/cuda/nvflags.stamp
+            cp build/cuda-prebuilt/*.o build/cuda/src/cuda/
+            touch build/cuda/src/cuda/*.o
+            echo "build: the carried CUDA objects (build/cuda-prebuilt: same sources and nvcc)"
+        else
+            echo "build: build/cuda-prebuilt is stale (other sources or nvcc): compiling"
+        fi
+    fi
     if ! make -j16 cuda > "$OUT/build.log" 2>&1; then tail -40 "$OUT/build.log"; exit 1; fi
     make -j16 build/demo.gguf build/cuda/test_stages >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
     echo "build: $(( $(date +%s) - t0 )) s"
