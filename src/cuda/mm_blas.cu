@@ -146,9 +146,9 @@ bool cu_blas_q8(cu_ctx *c, const mv_params &p) {
     /* the main stream only: the handle is bound to it, and xh / wh are one
      * scratch (a side stream's compressors must not share them); never in a
      * captured step (MTP verify rows: with a low BLAS_MIN, h_proj's n * n_hc) */
-    if (!c->blas_h || c->st != c->blas_st || c->capturing || !c->s.xh || !c->s.wh || p.n < (c->blas_min > 0 ? c->blas_min : 128) ||
-        p.skip_le > 0 || !p.aq ||
-        p.ldq % 32 || (size_t)p.n * (size_t)p.ldq > c->s.xh_cap)
+    const int lo = c->blas_min > 0 ? c->blas_min : 128;
+    if (!c->blas_h || c->st != c->blas_st || c->capturing || !c->s.xh || !c->s.wh || p.n < lo || p.skip_le > 0 ||
+        !p.aq || p.ldq % 32 || (size_t)p.n * (size_t)p.ldq > c->s.xh_cap)
         return false;
     const int n_in = p.nch * 32;
     for (int i = 0; i < p.n_seg; i++) {
