@@ -158,6 +158,27 @@ json_t *srv_json_loadb(const char *buf, size_t n, size_t flags, bool *widened) {
     return json_loadb_e(buf, n, flags, widened, &je);
 }
 
+/* The values a body may hold, counted as its brackets and commas outside
+ * strings (an upper bound of arrays, objects and their members): jansson
+ * spends ~50-100 bytes on each, so a 45 MB body of nested empty arrays took
+ * 2 GB of memory to parse. 2^21 leaves room for a 1M-token prompt sent as
+ * token ids. */
+#define SRV_MAX_JSON_VALUES ((size_t)1 << 21)
+
+static size_t json_value_count(const char *s, size_t n, size_t cap) {
+    size_t k = 0;
+    for (size_t i = 0; i < n && k <= cap; i++) {
+        const char c = s[i];
+        if (c == '"') { /* the string, escapes included; the loop steps over its closing quote */
+            i++;
+            while (i < n && s[i] != '"') i += s[i] == '\\' ? 2 : 1;
+        } else if (c == '[' || c == '{' || c == ',') {
+            k++;
+        }
+    }
+    return k;
+}
+
 /* The body as one JSON object; else a 400 "invalid JSON request: why" (why
  * and where it failed: a client that sent valid JSON with a string jansson
  * cannot hold, \u0000 or an unpaired surrogate, learns which). */
@@ -169,6 +190,11 @@ json_t *srv_load_object(const char *body, size_t n, srv_error *e) {
     const char *nul = memchr(body, '\0', n);
     if (nul) {
         srv_fail(e, 400, "invalid JSON request: a NUL byte at offset %zu (JSON text holds none)", (size_t)(nul - body));
+        return NULL;
+    }
+    if (json_value_count(body, n, SRV_MAX_JSON_VALUES) > SRV_MAX_JSON_VALUES) {
+        srv_fail(e, 413, "request too large: the JSON body holds more than %zu values (arrays, objects and their "
+                 "members)", SRV_MAX_JSON_VALUES);
         return NULL;
     }
     json_t *root = json_loadb_e(body, n, 0, NULL, &je);
