@@ -1364,6 +1364,38 @@ static int check_forced_name(const srv_request *rq, srv_error *e) {
                     strlen(want) > 200 ? "..." : "");
 }
 
+/* A forced call (tool_choice required or named) is built from the tool's
+ * parameter schema (forced.c): that schema must compile as a response_format
+ * schema does, or a call could come without a required property or with a
+ * value of the wrong type and still be reported as finished (an adversarial
+ * pass got {"x":1} for a string enum [1,2], and no "y" for required ["x",
+ * "y"] with no property y). Tools that cannot be forced are not checked:
+ * under tool_choice auto the model reads their schemas, nothing enforces
+ * them. */
+static int check_forced_schemas(const srv_request *rq, srv_error *e) {
+    if (rq->api == SRV_API_COMPLETIONS || !srv_tools_active(rq) ||
+        (rq->tool_choice != SRV_TOOL_REQUIRED && rq->tool_choice != SRV_TOOL_NAMED))
+        return 0;
+    size_t i;
+    json_t *t;
+    json_array_foreach(rq->tools_json, i, t) {
+        const char *name = json_string_value(json_object_get(t, "name"));
+        if (rq->tool_choice == SRV_TOOL_NAMED && (!name || !rq->tool_choice_name || strcmp(name, rq->tool_choice_name)))
+            continue;
+        json_t *p = json_object_get(t, "parameters");
+        if (!p) p = json_object_get(t, "input_schema");
+        if (!json_is_object(p)) continue;
+        char msg[256];
+        srv_jsonc_schema *c = srv_jsonc_compile(p, msg, sizeof msg);
+        if (!c)
+            return srv_fail_param(e, "tools", "invalid_value",
+                                  "tool '%.100s' cannot be forced (tool_choice): its parameter schema: %s",
+                                  name ? name : "", msg);
+        srv_jsonc_schema_free(c);
+    }
+    return 0;
+}
+
 /* The prologue every API shares: one JSON object, the request record, the
  * conversation (chat-type APIs), model/stream/limits/sampling/stops. */
 static json_t *prologue(srv_api api, const char *body, size_t n, ds4_think think_default,
@@ -1400,7 +1432,7 @@ int srv_parse_request(srv_api api, const char *body, size_t n, ds4_think think_d
     if (!root) return -1;
     int rc = parse[api](root, rq, e);
     json_decref(root);
-    return rc ? rc : check_forced_name(rq, e);
+    return rc ? rc : check_forced_name(rq, e) ? -1 : check_forced_schemas(rq, e);
 }
 
 /* ---- shared response pieces ---------------------------------------------- */

@@ -635,6 +635,37 @@ def test_server_tool_loop_reuses_live_kv_with_exact_dsml_replay():
         assert "kv reuse text-prefix" in s.log_text() or "kv reuse token-prefix" in s.log_text()
 
 
+def test_server_forced_call_refuses_a_schema_it_cannot_keep():
+    """A forced call is built from the tool's parameter schema, so a schema that cannot be kept is a 400 naming
+    the tool (an adversarial pass got {"x": 374} without the required "y", and {"x": 1} for a string enum of
+    numbers, both reported as finished calls); the same tools under tool_choice auto, where nothing enforces the
+    schema, still run, and a named choice checks only the named tool."""
+    def tool(name, params):
+        return {"type": "function", "function": {"name": name, "parameters": params}}
+    bad = [{"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x", "y"]},
+           {"type": "object", "properties": {"x": {"type": "string", "enum": [1, 2]}}, "required": ["x"]},
+           {"type": "object", "properties": {"x": {"type": "integer", "enum": ["a", "b"]}}}]
+    with Server() as s:
+        for params in bad:
+            body = {"messages": user("go"), "max_tokens": 60, "temperature": 0, "think": False,
+                    "tools": [tool("f", params)], "tool_choice": "required"}
+            st, _, data = s.raw("POST", "/v1/chat/completions", body)
+            e = err_of(data)
+            assert st == 400 and e["param"] == "tools" and "tool 'f' cannot be forced" in e["message"], data
+            st, _, data = s.raw("POST", "/v1/chat/completions", dict(body, tool_choice="auto"))
+            assert st == 200, data
+            named = dict(body, tools=[tool("f", params), BASH_TOOL],
+                         tool_choice={"type": "function", "function": {"name": "bash"}})
+            st, _, data = s.raw("POST", "/v1/chat/completions", named)
+            assert st == 200, data
+        # Anthropic: the same rule on input_schema
+        st, _, data = s.raw("POST", "/v1/messages", {
+            "max_tokens": 60, "messages": [{"role": "user", "content": "go"}], "tool_choice": {"type": "any"},
+            "tools": [{"name": "f", "input_schema": bad[0]}]})
+        assert st == 400 and "tool 'f' cannot be forced" in json.loads(data)["error"]["message"], data
+        assert s.alive()
+
+
 def test_server_forced_call_next_turn_equals_a_fresh_server():
     """A forced call's fixed DSML (the tags, the chosen name's rest) is written as the tokenizer writes that text,
     so the next turn reuses tokens a fresh server would read from the same conversation, and its reply is the

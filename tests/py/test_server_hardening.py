@@ -766,8 +766,9 @@ def test_forced_call_schemas_that_loop_or_name_markup():
     until the stack overflowed (one request killed the server, every API); property names with markup ('a>b',
     '<think>', the DSML bar, control-token texts) made the forced decoder loop on a token it could not write
     until max_tokens (no call); a tool named 'a&amp;b' came back as 'a&b' (entities are decoded): now the cycle
-    ends (a visit budget), such properties are never offered (the call still comes), and '&' in a tool name is
-    a 400 (OpenAI and Anthropic allow only [a-zA-Z0-9_-])."""
+    ends (a visit budget; and since a forced tool's schema must compile, such a schema is a 400 before any
+    decoding), such properties are never offered (the call still comes), and '&' in a tool name is a 400 (OpenAI
+    and Anthropic allow only [a-zA-Z0-9_-])."""
     loop = {"type": "object", "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/A"}]}},
             "properties": {"x": {"$ref": "#/$defs/A"}}, "required": ["x"]}
     with Server() as s:
@@ -783,7 +784,9 @@ def test_forced_call_schemas_that_loop_or_name_markup():
                                    "tools": [{"type": "function", "name": "f", "parameters": loop}],
                                    "tool_choice": "required"})]:
             st, _, data = s.raw("POST", path, body)
-            assert st == 200, (path, data)
+            # no value satisfies the cycle, so no forced call can keep it: a 400 naming the tool (it was a 200
+            # with a call the schema cannot hold before forced schemas were checked as response_format's are)
+            assert st == 400 and b"tool 'f' cannot be forced" in data, (path, data)
         for key in ("a>b", "<think>", "</think>", "<\uff5cUser\uff5c>", "x\uff5cy", "a&amp;b"):
             schema = {"type": "object", "properties": {key: {"type": "string"}, "ok": {"type": "string"}},
                       "required": [key, "ok"]}
