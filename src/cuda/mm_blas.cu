@@ -94,17 +94,10 @@ void cu_blas_close(cu_ctx *c) {
     c->blas_ws = nullptr;
 }
 
-/* FP16 values of Q8_0 activation codes: xh[t * ncols + k] = q * d for the
- * n rows of ncols values (ldq apart; ld / 32 scales per row). One thread
- * per 8 values. */
-__global__ void k_blas_act(const int8_t *q, const float *d, int64_t ldq, int n, int ncols, __half *xh, int *status) {
-    cu_pdl_wait();
-    const int per = ncols / 8;
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (int64_t)n * per) return;
-    const int t = (int)(i / per), k = (int)(i % per) * 8;
-    const int2 v = *(const int2 *)(q + (int64_t)t * ldq + k);
-    const float s = d[(int64_t)t * (ldq / 32) + k / 32];
+/* 8 int8 codes times their scale as FP16 (one rounding of the exact
+ * product) at out (16-byte aligned); a value beyond FP16's range (or not a
+ * number) sets CU_ST_F16_RANGE */
+__device__ __forceinline__ void blas_h8(int2 v, float s, __half *out, int *status) {
     const int8_t *b = (const int8_t *)&v;
     __align__(16) __half h[8];
     bool big = false;
@@ -114,8 +107,21 @@ __global__ void k_blas_act(const int8_t *q, const float *d, int64_t ldq, int n, 
         big |= !(fabsf(f) <= 65504.0f);
         h[j] = __float2half_rn(f);
     }
-    *(int4 *)(xh + (int64_t)t * ncols + k) = *(const int4 *)h;
+    *(int4 *)out = *(const int4 *)h;
     if (big) atomicOr(status, CU_ST_F16_RANGE);
+}
+
+/* FP16 values of Q8_0 activation codes: xh[t * ncols + k] = q * d for the
+ * n rows of ncols values (ldq apart; ld / 32 scales per row). One thread
+ * per 8 values. */
+__global__ void k_blas_act(const int8_t *q, const float *d, int64_t ldq, int n, int ncols, __half *xh, int *status) {
+    cu_pdl_wait();
+    const int per = ncols / 8;
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (int64_t)n * per) return;
+    const int t = (int)(i / per), k = (int)(i % per) * 8;
+    blas_h8(*(const int2 *)(q + (int64_t)t * ldq + k), d[(int64_t)t * (ldq / 32) + k / 32],
+            xh + (int64_t)t * ncols + k, status);
 }
 
 /* FP16 values of rows of a Q8_0 weight (codes and f16 scales in their
@@ -127,19 +133,8 @@ __global__ void k_blas_w(cu_w w, int rows, int n_in, __half *wh, int *status) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (int64_t)rows * per) return;
     const int r = (int)(i / per), k = (int)(i % per) * 8;
-    const int2 v = *(const int2 *)(w.q + (size_t)r * w.q_row + k);
-    const float s = cu_h2f(cu_ld16(w.s + (size_t)r * w.s_row + 2 * (size_t)(k / 32)));
-    const int8_t *b = (const int8_t *)&v;
-    __align__(16) __half h[8];
-    bool big = false;
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const float f = __fmul_rn((float)b[j], s);
-        big |= !(fabsf(f) <= 65504.0f);
-        h[j] = __float2half_rn(f);
-    }
-    *(int4 *)(wh + (size_t)r * n_in + k) = *(const int4 *)h;
-    if (big) atomicOr(status, CU_ST_F16_RANGE);
+    blas_h8(*(const int2 *)(w.q + (size_t)r * w.q_row + k),
+            cu_h2f(cu_ld16(w.s + (size_t)r * w.s_row + 2 * (size_t)(k / 32))), wh + (size_t)r * n_in + k, status);
 }
 
 bool cu_blas_q8(cu_ctx *c, const mv_params &p) {
