@@ -635,6 +635,8 @@ void *cu_dl_load(const char *what, const char *env, const char *name, const char
                  void **const *slots, int n, char *why, size_t cap);
 /* DS4_CUDA_BLAS=1: cuBLAS loaded (dlopen) and a handle on the context's stream; close frees it */
 bool cu_blas_open(cu_ctx *c);
+/* DS4_CUDA_BLAS_MIN, or its default 128 */
+static inline int cu_blas_min(const cu_ctx *c) { return c->blas_min > 0 ? c->blas_min : 128; }
 void cu_blas_close(cu_ctx *c);
 /* Warps per row of the one-token matvec for a weight of `rows` rows (the
  * largest of a launch's segments) and nch 32-value chunks per row. */

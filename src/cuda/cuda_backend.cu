@@ -886,7 +886,7 @@ static size_t layout_scratch(cu_ctx *c, const ds4_model *m, size_t B, size_t C, 
     s->su = (float *)take(B * F * 4);
     s->sd = (float *)take(B * D * 4);
     s->tmp = (float *)take(B * (D > (size_t)hp->q_lora ? D : hp->q_lora) * 4);
-    if (c->blas && B >= (size_t)(c->blas_min > 0 ? c->blas_min : 128)) { /* DS4_CUDA_BLAS=1 (mm_blas.cu) */
+    if (c->blas && B >= (size_t)cu_blas_min(c)) { /* DS4_CUDA_BLAS=1 (mm_blas.cu) */
         s->xh_cap = B * row_max;
         s->xh = (__half *)take(s->xh_cap * 2);
         s->wh = (__half *)take(CU_BLAS_WH * 2);

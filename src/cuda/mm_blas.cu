@@ -83,7 +83,7 @@ bool cu_blas_open(cu_ctx *c) {
         return false;
     }
     fprintf(stderr, "ds4: cuda: DS4_CUDA_BLAS=1: Q8_0 projections of batches of %d+ tokens on cuBLAS FP16 GEMMs\n",
-            c->blas_min > 0 ? c->blas_min : 128);
+            cu_blas_min(c));
     return true;
 }
 
@@ -141,9 +141,8 @@ bool cu_blas_q8(cu_ctx *c, const mv_params &p) {
     /* the main stream only: the handle is bound to it, and xh / wh are one
      * scratch (a side stream's compressors must not share them); never in a
      * captured step (MTP verify rows: with a low BLAS_MIN, h_proj's n * n_hc) */
-    const int lo = c->blas_min > 0 ? c->blas_min : 128;
-    if (!c->blas_h || c->st != c->blas_st || c->capturing || !c->s.xh || !c->s.wh || p.n < lo || p.skip_le > 0 ||
-        !p.aq || p.ldq % 32 || (size_t)p.n * (size_t)p.ldq > c->s.xh_cap)
+    if (!c->blas_h || c->st != c->blas_st || c->capturing || !c->s.xh || !c->s.wh || p.n < cu_blas_min(c) ||
+        p.skip_le > 0 || !p.aq || p.ldq % 32 || (size_t)p.n * (size_t)p.ldq > c->s.xh_cap)
         return false;
     const int n_in = p.nch * 32;
     for (int i = 0; i < p.n_seg; i++) {
